@@ -1,0 +1,50 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * ktel: what every probe shares: its ring buffer, drop counters and sampling
+ * knob. The agent prepends this text to each probe's source instead of the
+ * probe #including it, because BCC rewrites map calls (counters.lookup())
+ * only in the main file it compiles, not in included headers.
+ */
+#ifndef KTEL_COMMON_BPF_H
+#define KTEL_COMMON_BPF_H
+
+#include "ktel_common.h"
+
+/* Ring buffer size in pages; the agent passes -DKTEL_RINGBUF_PAGES from its config. */
+#ifndef KTEL_RINGBUF_PAGES
+#define KTEL_RINGBUF_PAGES 256
+#endif
+
+BPF_RINGBUF_OUTPUT(events, KTEL_RINGBUF_PAGES);
+
+/*
+ * Per-CPU so the hot path never contends on a cache line; the agent sums the
+ * CPUs. Indexed by enum ktel_counter.
+ */
+BPF_PERCPU_ARRAY(counters, u64, KTEL_COUNTER_MAX);
+
+/* knobs[KTEL_KNOB_SAMPLE_EVERY]: keep 1 event in N (0 or 1 keeps all). */
+BPF_ARRAY(knobs, u32, KTEL_KNOB_MAX);
+
+static __always_inline void ktel_count(u32 idx)
+{
+	u64 *v = counters.lookup(&idx);
+
+	if (v)
+		(*v)++;
+}
+
+/* Returns 1 when the sampling knob says this event is to be dropped. */
+static __always_inline int ktel_sampled_out(void)
+{
+	u32 idx = KTEL_KNOB_SAMPLE_EVERY;
+	u32 *every = knobs.lookup(&idx);
+
+	if (every && *every > 1 && bpf_get_prandom_u32() % *every) {
+		ktel_count(KTEL_COUNTER_SAMPLED_OUT);
+		return 1;
+	}
+	return 0;
+}
+
+#endif

@@ -1,0 +1,18 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* ktel: indices shared by every probe's counter and knob maps and the agent. */
+#ifndef KTEL_COMMON_H
+#define KTEL_COMMON_H
+
+/* Mirrored in edge_agent/probes.py (checked by tests/unit/test_probe_layout.py). */
+enum ktel_counter {
+	KTEL_COUNTER_RINGBUF_DROPS = 0, /* ringbuf_reserve failed: buffer full */
+	KTEL_COUNTER_SAMPLED_OUT = 1, /* dropped on purpose by the sampling knob */
+	KTEL_COUNTER_MAX = 2,
+};
+
+enum ktel_knob {
+	KTEL_KNOB_SAMPLE_EVERY = 0,
+	KTEL_KNOB_MAX = 1,
+};
+
+#endif

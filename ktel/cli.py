@@ -1,0 +1,115 @@
+"""The ``ktel`` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+
+from ktel import config as config_mod
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
+def _run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Run ``main(stop)``; SIGINT/SIGTERM set ``stop`` so it can flush and return."""
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await main(stop)
+
+    asyncio.run(runner())
+
+
+def cmd_agent(cfg: config_mod.Config, _args: argparse.Namespace) -> None:
+    from edge_agent.agent import Agent
+
+    _run_until_signal(Agent(cfg).run)
+
+
+def cmd_process(cfg: config_mod.Config, args: argparse.Namespace) -> None:
+    from processors import aggregate
+
+    aggregate.run(cfg, args.log_level)
+
+
+def cmd_export(cfg: config_mod.Config, args: argparse.Namespace) -> None:
+    if args.exporter == "remote-write":
+        from exporters import remote_write
+
+        _run_until_signal(lambda stop: remote_write.run(cfg, stop))
+    else:
+        from exporters import pull
+
+        _run_until_signal(lambda stop: pull.run(cfg, stop))
+
+
+def cmd_topics(cfg: config_mod.Config, _args: argparse.Namespace) -> None:
+    from ktel import topics
+    from ktel.stack.kafka import create_topics
+
+    asyncio.run(create_topics(cfg.kafka.bootstrap, topics.specs(cfg)))
+    for s in topics.specs(cfg):
+        print(f"{s.name}: {s.partitions} partitions, retention {s.retention_ms} ms")
+
+
+def cmd_up(cfg: config_mod.Config, args: argparse.Namespace) -> None:
+    from ktel import up
+
+    if args.config:  # the children load the same file
+        os.environ["KTEL_CONFIG"] = os.path.abspath(args.config)
+    sys.exit(up.run(cfg))
+
+
+def cmd_config(cfg: config_mod.Config, _args: argparse.Namespace) -> None:
+    print(cfg.model_dump_json(indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="ktel", description="Fleet-wide Linux kernel telemetry.")
+    parser.add_argument("--config", help="TOML config file (default: $KTEL_CONFIG; KTEL_* env overrides)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("up", help="run the whole pipeline on this host with a local Kafka and Prometheus")
+    p.set_defaults(fn=cmd_up)
+    p = sub.add_parser("agent", help="the edge agent: BPF ring buffers -> Kafka ktel.raw")
+    p.set_defaults(fn=cmd_agent)
+    p = sub.add_parser("process", help="a Faust processing worker (start more to scale out)")
+    p.add_argument("stage", choices=["aggregate"], help="aggregate: dedupe and count into metric snapshots")
+    p.set_defaults(fn=cmd_process)
+    p = sub.add_parser("export", help="an exporter worker reading ktel.metrics")
+    p.add_argument(
+        "exporter",
+        choices=["remote-write", "pull"],
+        help="remote-write: Prometheus remote-write 1.0; pull: a /metrics endpoint",
+    )
+    p.set_defaults(fn=cmd_export)
+    p = sub.add_parser("topics", help="create ktel's topics on the configured Kafka (idempotent)")
+    p.set_defaults(fn=cmd_topics)
+    p = sub.add_parser("config", help="print the effective configuration")
+    p.set_defaults(fn=cmd_config)
+
+    args = parser.parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        cfg = config_mod.load(args.config)
+    except config_mod.ConfigError as err:
+        print(f"ktel: {err}", file=sys.stderr)
+        sys.exit(2)
+    args.fn(cfg, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""ktel's one typed configuration.
+
+Sources, later ones winning: the defaults below, a TOML file (``--config`` or
+``KTEL_CONFIG``), then environment variables ``KTEL_<SECTION>__<FIELD>``, e.g.
+``KTEL_KAFKA__BOOTSTRAP=10.0.0.5:9092`` or ``KTEL_AGGREGATE__WINDOW_SECONDS=2``.
+
+Every field says its default and meaning in its description; ``ktel config``
+prints the effective configuration. Validation runs at start and an error
+names the field, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ConfigError(Exception):
+    pass
+
+
+def _read_id(path: str) -> str:
+    try:
+        return Path(path).read_text().strip().replace("-", "")
+    except OSError:
+        return ""
+
+
+class KafkaConfig(BaseModel):
+    bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, host:port[,host:port]")
+    raw_partitions: int = Field(6, ge=1, description="partitions of ktel.raw (the unit of processor scaling)")
+    raw_retention_hours: float = Field(
+        168, gt=0, description="how long ktel.raw keeps raw events for replay (default 7 days)"
+    )
+    metrics_partitions: int = Field(6, ge=1, description="partitions of ktel.metrics")
+    metrics_retention_hours: float = Field(
+        1, gt=0, description="retention of ktel.metrics; the pull endpoint rebuilds its view from it"
+    )
+    dlq_retention_hours: float = Field(168, gt=0, description="retention of ktel.dlq")
+
+    @field_validator("bootstrap")
+    @classmethod
+    def _hostports(cls, v: str) -> str:
+        for hp in v.split(","):
+            host, _, port = hp.strip().rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"{hp!r} is not host:port")
+        return v
+
+
+class AgentConfig(BaseModel):
+    host_id: str = Field(
+        default_factory=lambda: _read_id("/etc/machine-id"),
+        description="host.id; default /etc/machine-id",
+    )
+    state_dir: Path = Field(
+        Path("/var/lib/ktel/agent"), description="where the agent keeps its sequence numbers"
+    )
+    probes: list[Literal["file_created"]] = Field(
+        ["file_created"], description="probes to load; a probe this kernel cannot attach is skipped and reported"
+    )
+    ringbuf_pages: int = Field(
+        256, description="BPF ring buffer size in 4 KiB pages (a power of two)"
+    )
+    batch_max_events: int = Field(2000, ge=1, description="seal a batch at this many events")
+    batch_max_ms: int = Field(50, ge=1, description="seal a non-empty batch after this many ms")
+    metrics_port: int = Field(9465, ge=0, le=65535, description="agent self-metrics /metrics port (0: off)")
+
+    @field_validator("ringbuf_pages")
+    @classmethod
+    def _pow2(cls, v: int) -> int:
+        if v < 1 or v & (v - 1):
+            raise ValueError(f"{v} is not a power of two (try 64, 256 or 1024)")
+        return v
+
+    @field_validator("host_id")
+    @classmethod
+    def _nonempty(cls, v: str) -> str:
+        if not v:
+            raise ValueError("empty: /etc/machine-id is unreadable; set agent.host_id")
+        return v
+
+
+class AggregateConfig(BaseModel):
+    window_seconds: float = Field(10, gt=0, description="how often metric snapshots are emitted")
+    directory_depth: int = Field(
+        3, ge=1, le=16, description="path components kept in the `directory` label of file_created_total"
+    )
+    include_filename: bool = Field(
+        False, description="add a `file` label to file_created_total (unbounded; only for small setups)"
+    )
+    metrics_port: int = Field(9466, ge=0, le=65535, description="processor self-metrics port (0: off)")
+
+
+class RemoteWriteConfig(BaseModel):
+    url: str = Field("http://127.0.0.1:9090/api/v1/write", description="Prometheus remote-write endpoint")
+    timeout_seconds: float = Field(10, gt=0, description="per-request timeout")
+    metrics_port: int = Field(9467, ge=0, le=65535, description="exporter self-metrics port (0: off)")
+
+
+class PullConfig(BaseModel):
+    host: str = Field("127.0.0.1", description="address of the pull endpoint")
+    port: int = Field(9464, ge=1, le=65535, description="port of the pull endpoint (/metrics)")
+
+
+class StackConfig(BaseModel):
+    data_dir: Path = Field(Path("/var/lib/ktel/local"), description="Kafka and Prometheus data of `ktel up`")
+    kafka_port: int = Field(9092, ge=1, le=65535, description="local broker port")
+    kafka_controller_port: int = Field(9093, ge=1, le=65535, description="local KRaft controller port")
+    prometheus_port: int = Field(9090, ge=1, le=65535, description="local Prometheus port")
+
+
+class Config(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KTEL_", env_nested_delimiter="__", extra="forbid")
+
+    kafka: KafkaConfig = KafkaConfig()
+    agent: AgentConfig = AgentConfig()
+    aggregate: AggregateConfig = AggregateConfig()
+    remote_write: RemoteWriteConfig = RemoteWriteConfig()
+    pull: PullConfig = PullConfig()
+    stack: StackConfig = StackConfig()
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, **_):  # type: ignore[override]
+        # The file is passed as init kwargs; the environment overrides it.
+        return (env_settings, init_settings)
+
+
+def _explain(err: ValidationError, source: str) -> str:
+    lines = [f"invalid ktel configuration ({source}):"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"])
+        env = "KTEL_" + "__".join(str(p).upper() for p in e["loc"])
+        lines.append(f"  {field} = {e.get('input')!r}: {e['msg']} (set it in the file or with {env})")
+    return "\n".join(lines)
+
+
+def load(path: str | Path | None = None) -> Config:
+    """Load and validate; raises ConfigError with one line per bad field."""
+    path = path or os.environ.get("KTEL_CONFIG")
+    data: dict[str, Any] = {}
+    source = "defaults and KTEL_* environment"
+    if path:
+        source = f"{path} and KTEL_* environment"
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except OSError as err:
+            raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+    try:
+        return Config(**data)
+    except ValidationError as err:
+        raise ConfigError(_explain(err, source)) from None

@@ -1,0 +1,173 @@
+"""``ktel up``: the whole pipeline on this host, with live counters.
+
+Starts, in order: a local Kafka (KRaft) and ktel's topics, a local Prometheus
+with its remote-write receiver, then the ktel processes (agent, aggregate
+worker, remote-write exporter, pull endpoint), each a child process with its
+own log under ``<stack.data_dir>/logs``. Ctrl-C (or SIGTERM) stops them in the
+reverse order of the data flow's start: the agent first, so what it drained is
+flushed to Kafka, then the processor and exporters, then Prometheus and
+Kafka. If any child dies, everything is stopped and the exit code says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from ktel import topics
+from ktel.config import Config
+from ktel.stack import proc
+from ktel.stack.kafka import LocalKafka, create_topics, ensure_kafka
+from ktel.stack.prometheus import LocalPrometheus
+
+# (column title, process, self-metric name summed over its labels)
+COUNTERS = [
+    ("read", "agent", "ktel_agent_events_read_total"),
+    ("published", "agent", "ktel_agent_events_published_total"),
+    ("batches", "agent", "ktel_agent_batches_published_total"),
+    ("processed", "aggregate", "ktel_processor_events_total"),
+    ("samples", "remote-write", "ktel_exporter_samples_total"),
+    ("rb drops", "agent", "ktel_agent_ringbuf_drops_total"),
+    ("sampled out", "agent", "ktel_agent_sampled_out_total"),
+    ("dup batches", "aggregate", "ktel_processor_duplicate_batches_total"),
+    ("dead letters", "aggregate", "ktel_processor_dead_letters_total"),
+]
+READY_LINE = "ktel is up"
+
+
+class Stack:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        data = cfg.stack.data_dir
+        self.logs = data / "logs"
+        self.kafka = LocalKafka(data / "kafka", cfg.stack.kafka_port, cfg.stack.kafka_controller_port)
+        self.prometheus = LocalPrometheus(data / "prometheus", cfg.stack.prometheus_port)
+        self.children: dict[str, subprocess.Popen[bytes]] = {}
+        self.metric_ports = {
+            "agent": cfg.agent.metrics_port,
+            "aggregate": cfg.aggregate.metrics_port,
+            "remote-write": cfg.remote_write.metrics_port,
+        }
+
+    def child_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["KTEL_KAFKA__BOOTSTRAP"] = self.kafka.bootstrap
+        env["KTEL_REMOTE_WRITE__URL"] = self.prometheus.remote_write_url
+        return env  # the rest comes from the same KTEL_CONFIG file and KTEL_* variables
+
+    def start(self) -> None:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        say("fetching Kafka (cached after the first run)")
+        ensure_kafka()
+        say(f"starting Kafka on {self.kafka.bootstrap}")
+        self.kafka.start()
+        asyncio.run(create_topics(self.kafka.bootstrap, topics.specs(self.cfg)))
+        say(f"starting Prometheus on {self.prometheus.url}")
+        self.prometheus.start()
+        env = self.child_env()
+        for name, argv in [
+            ("aggregate", ["process", "aggregate"]),
+            ("remote-write", ["export", "remote-write"]),
+            ("pull", ["export", "pull"]),
+            ("agent", ["agent"]),
+        ]:
+            say(f"starting {name} (log: {self.logs / name}.log)")
+            self.children[name] = proc.spawn(
+                [sys.executable, "-m", "ktel.cli", *argv], self.logs / f"{name}.log", Path.cwd(), env
+            )
+
+    def stop(self) -> None:
+        for name in ["agent", "aggregate", "remote-write", "pull"]:
+            if name in self.children:
+                say(f"stopping {name}")
+                proc.stop(self.children[name], timeout=30, sig=signal.SIGINT)
+        say("stopping Prometheus")
+        self.prometheus.stop()
+        say("stopping Kafka")
+        self.kafka.stop()
+
+    def dead_child(self) -> str | None:
+        for name, p in self.children.items():
+            if p.poll() is not None:
+                return name
+        return None
+
+    def read_counters(self, client: httpx.Client) -> dict[str, float | None]:
+        scraped: dict[str, dict[str, float]] = {}
+        for name, port in self.metric_ports.items():
+            if not port:
+                continue
+            try:
+                text = client.get(f"http://127.0.0.1:{port}/metrics").text
+            except httpx.HTTPError:
+                continue
+            sums: dict[str, float] = {}
+            for fam in text_string_to_metric_families(text):
+                for s in fam.samples:
+                    sums[s.name] = sums.get(s.name, 0.0) + s.value
+            scraped[name] = sums
+        return {title: scraped.get(p, {}).get(m) for title, p, m in COUNTERS}
+
+
+def say(msg: str) -> None:
+    print(f"ktel up: {msg}", flush=True)
+
+
+def render(counters: dict[str, float | None], elapsed: float) -> str:
+    cells = [f"{t} {'-' if v is None else int(v)}" for t, v in counters.items()]
+    return f"[{elapsed:6.0f}s] " + " | ".join(cells)
+
+
+def run(cfg: Config) -> int:
+    stack = Stack(cfg)
+    stopping = False
+
+    def on_signal(_sig: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    code = 0
+    try:
+        stack.start()
+        say(
+            f"{READY_LINE}: pull endpoint http://{cfg.pull.host}:{cfg.pull.port}/metrics, "
+            f"Prometheus {stack.prometheus.url}; try `touch /tmp/somewhere/riptides-demo`; Ctrl-C stops"
+        )
+        interactive = sys.stdout.isatty()
+        started = time.monotonic()
+        last_line = 0.0
+        with httpx.Client(timeout=2) as client:
+            while not stopping:
+                dead = stack.dead_child()
+                if dead:
+                    say(f"{dead} exited with code {stack.children[dead].returncode}; stopping everything")
+                    print(proc.tail(stack.logs / f"{dead}.log"), flush=True)
+                    code = 1
+                    break
+                now = time.monotonic()
+                if interactive or now - last_line >= 5:
+                    line = render(stack.read_counters(client), now - started)
+                    print(("\r\033[K" + line) if interactive else line, end="" if interactive else "\n", flush=True)
+                    last_line = now
+                time.sleep(1)
+        if interactive:
+            print()
+    except Exception as err:
+        say(f"failed: {err}")
+        code = 1
+    finally:
+        # A second Ctrl-C during shutdown must not leave half the stack running.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        stack.stop()
+        say("stopped")
+    return code

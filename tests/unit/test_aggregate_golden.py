@@ -1,0 +1,43 @@
+"""Golden in/out files of the aggregate core (see tests/golden/aggregate/README.md)."""
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from ktel.wire import RawBatch
+from processors import aggregate_core
+
+GOLDEN = Path(__file__).parent.parent / "golden" / "aggregate"
+CASES = sorted(p.name.removesuffix(".in.json") for p in GOLDEN.glob("*.in.json"))
+
+
+def run_case(case: dict) -> dict:
+    opts = aggregate_core.Options(**case["options"])
+    states: dict[str, dict] = {}
+    outcomes = []
+    for b in case["batches"]:
+        batch = RawBatch(b["host"], b["boot"], b["seq"], 0, b["events"])
+        outcomes.append(dataclasses.asdict(aggregate_core.apply(states.setdefault(b["host"], {}), batch, opts)))
+    snapshots = {h: sorted(aggregate_core.snapshot(h, s), key=json.dumps) for h, s in sorted(states.items())}
+    return {"outcomes": outcomes, "snapshots": snapshots}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_golden(name):
+    got = run_case(json.loads((GOLDEN / f"{name}.in.json").read_text()))
+    out = GOLDEN / f"{name}.out.json"
+    if os.environ.get("KTEL_UPDATE_GOLDEN"):
+        out.write_text(json.dumps(got, indent=1) + "\n")
+    assert got == json.loads(out.read_text())
+
+
+def test_directory_label():
+    d = aggregate_core.directory_label
+    assert d("/tmp/somewhere/riptides-demo", 3) == "/tmp/somewhere"
+    assert d("/a/b/c/d/e", 2) == "/a/b"
+    assert d("/file-at-root", 3) == "/"
+    assert d("rel/x/y", 3) == "rel"
+    assert d("y", 3) == "."

@@ -1,0 +1,44 @@
+import pytest
+
+from ktel import config
+
+
+def test_defaults_are_valid(monkeypatch):
+    monkeypatch.setenv("KTEL_AGENT__HOST_ID", "abc")
+    cfg = config.load()
+    assert cfg.kafka.raw_retention_hours == 168
+    assert cfg.aggregate.window_seconds == 10
+
+
+def test_env_overrides_file(tmp_path, monkeypatch):
+    f = tmp_path / "k.toml"
+    f.write_text("[aggregate]\nwindow_seconds = 5\ndirectory_depth = 4\n")
+    monkeypatch.setenv("KTEL_AGGREGATE__WINDOW_SECONDS", "2")
+    cfg = config.load(f)
+    assert cfg.aggregate.window_seconds == 2
+    assert cfg.aggregate.directory_depth == 4
+
+
+@pytest.mark.parametrize(
+    ("toml", "expected"),
+    [
+        ("[agent]\nringbuf_pages = 100\n", "agent.ringbuf_pages = 100: Value error, 100 is not a power of two"),
+        ("[kafka]\nbootstrap = 'nohost'\n", "kafka.bootstrap = 'nohost'"),
+        ("[aggregate]\nwindow_seconds = 0\n", "KTEL_AGGREGATE__WINDOW_SECONDS"),
+        ("[agent]\nprobes = ['nope']\n", "agent.probes.0 = 'nope'"),
+        ("[nosuchsection]\nx = 1\n", "nosuchsection"),
+    ],
+)
+def test_bad_config_names_field_and_fix(tmp_path, toml, expected):
+    f = tmp_path / "bad.toml"
+    f.write_text(toml)
+    with pytest.raises(config.ConfigError) as err:
+        config.load(f)
+    assert expected in str(err.value)
+
+
+def test_unparseable_file(tmp_path):
+    f = tmp_path / "bad.toml"
+    f.write_text("[agent\n")
+    with pytest.raises(config.ConfigError, match="not valid TOML"):
+        config.load(f)

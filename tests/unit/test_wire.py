@@ -1,0 +1,94 @@
+import msgpack
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ktel import wire
+
+text = st.text(max_size=40)
+file_event = st.tuples(
+    st.just(wire.FILE_CREATED.id),
+    st.integers(0, 2**63 - 1),  # ts_ns
+    st.integers(0, 2**32 - 1),  # pid
+    st.integers(0, 2**32 - 1),  # tid
+    st.integers(0, 2**32 - 1),  # uid
+    text,  # comm
+    text,  # path
+    st.integers(0, 2**32 - 1),  # flags
+    st.booleans(),  # certain
+).map(list)
+batches = st.builds(
+    wire.RawBatch,
+    host_id=text,
+    boot_id=text,
+    seq=st.integers(0, 2**63 - 1),
+    sent_ns=st.integers(0, 2**63 - 1),
+    events=st.lists(file_event, max_size=20),
+)
+
+
+@given(batches)
+def test_batch_round_trips(batch):
+    assert wire.decode_batch(wire.encode_batch(batch)) == batch
+
+
+@given(st.binary(max_size=200))
+def test_garbage_is_rejected_with_a_reason_not_a_crash(data):
+    try:
+        wire.decode_batch(data)
+    except wire.WireError as err:
+        assert str(err).startswith("raw batch: ")
+
+
+def test_unknown_schema_version_is_named():
+    good = wire.encode_batch(wire.RawBatch("h", "b", 1, 2, []))
+    obj = msgpack.unpackb(good)
+    obj["v"] = 99
+    with pytest.raises(wire.WireError, match="unknown schema version 99"):
+        wire.decode_batch(msgpack.packb(obj))
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda o: o.update(events=[[999, 1]]), "unknown kind id 999"),
+        (lambda o: o.update(events=[[1, 2, 3]]), "has 2 fields, expected 8"),
+        (lambda o: o.update(seq=-1), "negative sequence number"),
+        (lambda o: o.update(seq="7"), "field 'seq'"),
+        (lambda o: o.pop("host"), "field 'host'"),
+    ],
+)
+def test_broken_invariants_are_named(mutate, reason):
+    obj = msgpack.unpackb(wire.encode_batch(wire.RawBatch("h", "b", 1, 2, [])))
+    mutate(obj)
+    with pytest.raises(wire.WireError, match=reason):
+        wire.decode_batch(msgpack.packb(obj))
+
+
+def test_not_a_map_and_truncated():
+    with pytest.raises(wire.WireError, match="expected a map"):
+        wire.decode_batch(msgpack.packb([1, 2]))
+    with pytest.raises(wire.WireError, match="not msgpack"):
+        wire.decode_batch(wire.encode_batch(wire.RawBatch("h", "b", 1, 2, []))[:-3])
+
+
+@given(
+    st.lists(
+        st.tuples(
+            text,
+            st.sampled_from(["counter", "gauge"]),
+            st.dictionaries(text, text, max_size=3),
+            st.integers(0, 2**53) | st.floats(allow_nan=False),
+        ).map(list),
+        max_size=10,
+    ),
+    st.integers(0, 2**62),
+)
+def test_snapshot_round_trips(series, ts):
+    snap = wire.MetricSnapshot(ts, series)
+    assert wire.decode_snapshot(wire.encode_snapshot(snap)) == snap
+
+
+def test_dead_letter_round_trips():
+    dl = wire.DeadLetter("aggregate", "raw batch: not msgpack", wire.RAW_TOPIC, 3, 42, b"\xc1junk")
+    assert wire.decode_dead_letter(wire.encode_dead_letter(dl)) == dl
