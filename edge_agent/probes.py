@@ -86,11 +86,11 @@ class LoadedProbe:
         cflags = [f"-I{BPF_DIR}", f"-DKTEL_RINGBUF_PAGES={ringbuf_pages}"]
         cflags += [f"-D{d}" for tp, d in spec.optional_tracepoints.items() if _has_tracepoint(tp)]
         self.spec = spec
-        self.bpf = BPF(text=bpf_source(spec.name), cflags=cflags)
+        self.bpf = BPF(text=bpf_source(spec.name).encode(), cflags=cflags)
         # deque: append (drain thread) and popleft (agent loop) are thread-safe.
         self._records: collections.deque[bytes] = collections.deque()
         self._stop = threading.Event()
-        self.bpf["events"].open_ring_buffer(self._on_record)
+        self.bpf[b"events"].open_ring_buffer(self._on_record)
         self._thread = threading.Thread(target=self._drain, name=f"drain-{spec.name}", daemon=True)
         self._thread.start()
 
@@ -113,14 +113,14 @@ class LoadedProbe:
         return [decode(r, offset) for r in records]
 
     def counters(self) -> dict[str, int]:
-        table = self.bpf["counters"]
+        table = self.bpf[b"counters"]
         return {
             "ringbuf_drops": sum(table[ctypes.c_int(COUNTER_RINGBUF_DROPS)]),
             "sampled_out": sum(table[ctypes.c_int(COUNTER_SAMPLED_OUT)]),
         }
 
     def set_sample_every(self, n: int) -> None:
-        self.bpf["knobs"][ctypes.c_int(KNOB_SAMPLE_EVERY)] = ctypes.c_uint32(n)
+        self.bpf[b"knobs"][ctypes.c_int(KNOB_SAMPLE_EVERY)] = ctypes.c_uint32(n)
 
     def close(self) -> None:
         """Stop draining, drain what is left, detach."""

@@ -1,0 +1,1 @@
+"""Local single-node services (Kafka, Prometheus) for tests and development."""

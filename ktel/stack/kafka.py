@@ -1,0 +1,319 @@
+"""A throwaway single-node Kafka (KRaft, combined broker+controller) for tests and dev.
+
+The broker's jars come from Maven Central through ``deploy/kafka/pom.xml`` rather
+than the Apache release tarball, so a machine that reaches only package registries
+can run it. They are cached per version: only the first start needs the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import concurrent.futures
+import contextlib
+import dataclasses
+import fcntl
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from types import TracebackType
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
+
+from ktel.stack import proc
+
+KAFKA_VERSION = "3.9.1"
+
+_POM = Path(__file__).resolve().parents[2] / "deploy" / "kafka" / "pom.xml"
+_MARKER = ".complete"
+
+
+# --------------------------------------------------------------------------- jars
+
+
+def ensure_kafka(cache_dir: Path | None = None) -> Path:
+    """Return a directory holding the complete broker classpath, fetching it once.
+
+    ``cache_dir`` is the cache root (default ``$KTEL_CACHE_DIR`` or ``~/.cache/ktel``);
+    the jars land in ``<root>/kafka-<version>/libs``.
+    """
+    root = cache_dir or Path(os.environ.get("KTEL_CACHE_DIR") or Path.home() / ".cache" / "ktel")
+    home = Path(root) / f"kafka-{KAFKA_VERSION}"
+    libs = home / "libs"
+    home.mkdir(parents=True, exist_ok=True)
+    # A lock, so two test processes starting at once don't run mvn into the same dir.
+    with open(home / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _libs_complete(home, libs):
+            return libs
+        if not _POM.is_file():
+            raise RuntimeError(f"cannot fetch Kafka: {_POM} is missing")
+        mvn = shutil.which("mvn")
+        if mvn is None:
+            raise RuntimeError("cannot fetch Kafka: `mvn` is not on PATH")
+        # Marker first: a run that dies half-way must leave the cache visibly incomplete.
+        (home / _MARKER).unlink(missing_ok=True)
+        shutil.rmtree(libs, ignore_errors=True)
+        argv = [
+            mvn, "-B", "-q", "-f", str(_POM),
+            f"-Dkafka.version={KAFKA_VERSION}",  # this module is the one place the version lives
+            "dependency:copy-dependencies", f"-DoutputDirectory={libs}",
+        ]  # fmt: skip
+        try:
+            res = subprocess.run(argv, capture_output=True, text=True, timeout=900)
+        except subprocess.TimeoutExpired as e:
+            raise RuntimeError(f"mvn timed out fetching Kafka {KAFKA_VERSION}") from e
+        jars = sorted(p.name for p in libs.glob("*.jar")) if libs.is_dir() else []
+        if res.returncode != 0 or not any(j.startswith("kafka_2.13-") for j in jars):
+            # Maven 3.8 emits colour resets even in batch mode.
+            out = re.sub(r"\x1b\[[0-9;]*m", "", res.stdout + res.stderr).strip()[-4000:]
+            raise RuntimeError(
+                f"mvn failed to fetch Kafka {KAFKA_VERSION} (exit {res.returncode}):\n{out}"
+            )
+        # Written last: its presence means the jar set is whole.
+        (home / _MARKER).write_text("\n".join(jars) + "\n")
+        return libs
+
+
+def _libs_complete(home: Path, libs: Path) -> bool:
+    marker = home / _MARKER
+    if not marker.is_file():
+        return False
+    return all((libs / name).is_file() for name in marker.read_text().split())
+
+
+# ---------------------------------------------------------------- process helpers
+# Shared with ktel.stack.prometheus.
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 right now (another process could still take it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _java() -> str:
+    java_home = os.environ.get("JAVA_HOME")
+    if java_home and (Path(java_home) / "bin" / "java").is_file():
+        return str(Path(java_home) / "bin" / "java")
+    java = shutil.which("java")
+    if java is None:
+        raise RuntimeError("cannot start Kafka: `java` is not on PATH and JAVA_HOME is unset")
+    return java
+
+
+# ------------------------------------------------------------------------- broker
+
+_LOG4J = """\
+# Console -> stdout, which LocalKafka redirects to kafka.log: one file then holds both
+# the broker's log and anything the JVM itself prints (bad flags, OOM, crashes).
+log4j.rootLogger=INFO, stdout
+log4j.appender.stdout=org.apache.log4j.ConsoleAppender
+log4j.appender.stdout.layout=org.apache.log4j.PatternLayout
+log4j.appender.stdout.layout.ConversionPattern=[%d] %p %m (%c)%n
+log4j.logger.kafka.request.logger=WARN
+log4j.logger.org.apache.kafka.common.utils.AppInfoParser=WARN
+"""
+
+
+class LocalKafka:
+    """One KRaft node acting as both broker and controller, listening on 127.0.0.1."""
+
+    def __init__(self, data_dir: Path, port: int = 9092, controller_port: int = 9093) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.port = port
+        self.controller_port = controller_port
+        self.log_path = self.data_dir / "kafka.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self, timeout: float = 90) -> None:
+        """Start the broker (formatting data_dir on first use) and wait until it answers."""
+        if self.running:
+            return
+        for p in (self.port, self.controller_port):
+            # Otherwise the readiness probe could be answered by some other broker.
+            if proc.port_in_use(p):
+                raise RuntimeError(f"cannot start Kafka: 127.0.0.1:{p} is already in use")
+        libs = ensure_kafka()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        props = self._write_config()
+        classpath = ["-cp", f"{libs}/*"]  # the JVM expands the '*', not a shell
+        log4j = f"-Dlog4j.configuration=file:{self.data_dir / 'log4j.properties'}"
+        if not (self.data_dir / "logs" / "meta.properties").exists():
+            self._format([_java(), log4j, *classpath, "kafka.tools.StorageTool"], props)
+        argv = [_java(), "-Xmx512m", "-Djava.awt.headless=true", log4j, *classpath,
+                "kafka.Kafka", str(props)]  # fmt: skip
+        self._proc = proc.spawn(argv, self.log_path, self.data_dir)
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.kill()
+            raise
+
+    def stop(self, timeout: float = 30) -> None:
+        """SIGTERM (Kafka then shuts down cleanly), SIGKILL if it takes over `timeout`."""
+        proc.stop(self._proc, timeout)
+        self._proc = None
+
+    def kill(self) -> None:
+        """SIGKILL: an unclean crash, for tests of recovery."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self._proc = None
+
+    def __enter__(self) -> LocalKafka:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _write_config(self) -> Path:
+        (self.data_dir / "log4j.properties").write_text(_LOG4J)
+        props = self.data_dir / "server.properties"
+        props.write_text(
+            f"""\
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:{self.controller_port}
+listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}
+advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+controller.listener.names=CONTROLLER
+log.dirs={self.data_dir / "logs"}
+# One node: every internal topic must make do with one replica.
+default.replication.factor=1
+min.insync.replicas=1
+offsets.topic.replication.factor=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+# After a SIGKILL the restarted controller keeps the dead broker's registration until
+# its session expires, and refuses the new one till then (DUPLICATE_BROKER_REGISTRATION):
+# with the 9 s default a crash-restart takes ~14 s. Heartbeats here never leave the
+# process, so a short session is safe.
+broker.session.timeout.ms=3000
+broker.heartbeat.interval.ms=1000
+# Tests start consumers right away; the default 3 s delay only slows the first join.
+group.initial.rebalance.delay.ms=0
+# Topics are created explicitly (create_topics), so a typo fails instead of creating one.
+auto.create.topics.enable=false
+"""
+        )
+        return props
+
+    def _format(self, storage_tool: list[str], props: Path) -> None:
+        res = subprocess.run(
+            [*storage_tool, "format", "-t", _new_cluster_id(), "-c", str(props)],
+            capture_output=True, text=True, cwd=self.data_dir, timeout=120,
+        )  # fmt: skip
+        if res.returncode != 0:
+            raise RuntimeError(
+                f"kafka StorageTool format failed (exit {res.returncode}):\n"
+                f"{(res.stdout + res.stderr).strip()[-4000:]}"
+            )
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._proc is None or self._proc.poll() is not None:
+                code = None if self._proc is None else self._proc.returncode
+                raise RuntimeError(
+                    f"Kafka exited during startup (exit {code}); tail of {self.log_path}:\n"
+                    + proc.tail(self.log_path)
+                )
+            # A plain connect first: cheap, and spares aiokafka's error logs while the
+            # port is still closed.
+            if proc.port_in_use(self.port) and _run_async(_broker_ready(self.bootstrap)):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"Kafka not ready after {timeout}s; tail of {self.log_path}:\n"
+                    + proc.tail(self.log_path)
+                )
+            time.sleep(0.25)
+
+
+def _new_cluster_id() -> str:
+    # Kafka's Uuid.toString: URL-safe base64 of 16 random bytes, unpadded; Kafka never
+    # hands out one that starts with '-' (it would read as a command-line flag).
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cid.startswith("-"):
+            return cid
+
+
+async def _broker_ready(bootstrap: str) -> bool:
+    """The broker answers metadata, lists itself, and knows the active controller."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+    try:
+        await admin.start()
+        cluster = await admin.describe_cluster()
+        return bool(cluster["brokers"]) and cluster.get("controller_id", -1) >= 0
+    except (KafkaError, OSError):  # OSError covers TimeoutError and refused connections
+        return False
+    finally:
+        with contextlib.suppress(Exception):
+            await admin.close()
+
+
+def _run_async(coro):  # type: ignore[no-untyped-def]
+    # start() is synchronous but may be called from inside a running event loop
+    # (an async fixture), where asyncio.run() is refused: use a fresh loop on a thread.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+# ------------------------------------------------------------------------- topics
+
+
+@dataclasses.dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    retention_ms: int | None = None
+    extra_config: dict[str, str] = dataclasses.field(default_factory=dict)
+    # The aiokafka admin speaks CreateTopics v3 at most, which cannot ask for the
+    # broker's default (-1), so the factor is explicit; 1 suits the local broker.
+    replication_factor: int = 1
+
+
+async def create_topics(bootstrap: str, specs: list[TopicSpec]) -> None:
+    """Create the topics; one that already exists is left as it is (not reconfigured)."""
+    if not specs:
+        return
+    new = []
+    for s in specs:
+        config = {k: str(v) for k, v in s.extra_config.items()}
+        if s.retention_ms is not None:
+            config["retention.ms"] = str(s.retention_ms)
+        new.append(NewTopic(s.name, s.partitions, s.replication_factor, topic_configs=config))
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        resp = await admin.create_topics(new)
+    finally:
+        await admin.close()
+    for topic, code, message in resp.topic_errors:
+        if code not in (0, TopicAlreadyExistsError.errno):
+            raise for_code(code)(f"creating topic {topic!r}: {message}")

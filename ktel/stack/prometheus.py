@@ -1,0 +1,117 @@
+"""A throwaway local Prometheus (Debian's /usr/bin/prometheus) that accepts remote write."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from ktel.stack import proc
+
+PROMETHEUS_BIN = "/usr/bin/prometheus"
+
+# No scrape targets: samples arrive by remote write from the exporters.
+_CONFIG = """\
+global:
+  scrape_interval: 15s
+  evaluation_interval: 15s
+"""
+
+
+# The server is local: an HTTP(S)_PROXY in the environment must not be used to reach it.
+_HTTP: dict[str, Any] = {"timeout": 30, "trust_env": False}
+
+
+class LocalPrometheus:
+    def __init__(self, data_dir: Path, port: int = 9090) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.port = port
+        self.log_path = self.data_dir / "prometheus.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def remote_write_url(self) -> str:
+        return f"{self.url}/api/v1/write"
+
+    def start(self, timeout: float = 60) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            return
+        if proc.port_in_use(self.port):
+            # Otherwise /-/ready could be answered by some other Prometheus.
+            raise RuntimeError(f"cannot start Prometheus: 127.0.0.1:{self.port} is in use")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        config = self.data_dir / "prometheus.yml"
+        config.write_text(_CONFIG)
+        argv = [
+            PROMETHEUS_BIN,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={self.data_dir / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+            "--web.enable-remote-write-receiver",
+        ]
+        self._proc = proc.spawn(argv, self.log_path, self.data_dir)
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.stop(timeout=5)
+            raise
+
+    def stop(self, timeout: float = 30) -> None:
+        proc.stop(self._proc, timeout)
+        self._proc = None
+
+    def __enter__(self) -> LocalPrometheus:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        """Instant query; returns ``data.result`` (a list for vector results)."""
+        resp = httpx.get(f"{self.url}/api/v1/query", params={"query": expr}, **_HTTP)
+        try:
+            body = resp.json()
+        except ValueError:
+            body = {}
+        if resp.status_code != 200 or body.get("status") != "success":
+            raise RuntimeError(
+                f"Prometheus query {expr!r} failed (HTTP {resp.status_code}): "
+                f"{body.get('errorType', '')} {body.get('error', resp.text[:500])}"
+            )
+        return body["data"]["result"]
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._proc is None or self._proc.poll() is not None:
+                code = None if self._proc is None else self._proc.returncode
+                raise RuntimeError(
+                    f"Prometheus exited during startup (exit {code}); tail of "
+                    f"{self.log_path}:\n{proc.tail(self.log_path)}"
+                )
+            try:
+                resp = httpx.get(f"{self.url}/-/ready", timeout=2, trust_env=False)
+                if resp.status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass  # not listening yet
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"Prometheus not ready after {timeout}s; tail of {self.log_path}:\n"
+                    + proc.tail(self.log_path)
+                )
+            time.sleep(0.2)

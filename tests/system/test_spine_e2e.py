@@ -1,0 +1,132 @@
+"""End to end: `ktel up` as a user runs it, real kernel to real Prometheus.
+
+23 files created in a fresh directory must show up as exactly 23 in
+file_created_total for that directory, both in Prometheus (through its HTTP
+query API, after remote-write) and at ktel's pull endpoint; Ctrl-C must stop
+everything that `ktel up` started.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from ktel.stack.kafka import free_port
+from ktel.up import READY_LINE
+from tests.conftest import need_bpf
+
+pytestmark = pytest.mark.system
+N = 23
+
+
+def wait_for(what, fn, timeout):
+    """Poll fn() until it returns a truthy value; the last value is returned either way."""
+    deadline = time.monotonic() + timeout
+    value = fn()
+    while not value and time.monotonic() < deadline:
+        time.sleep(0.5)
+        value = fn()
+    return value
+
+
+def port_open(port):
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture
+def stack(tmp_path):
+    need_bpf()
+    ports = {k: free_port() for k in ("kafka", "ctrl", "prom", "pull", "agent", "agg", "rw")}
+    env = dict(
+        os.environ,
+        KTEL_STACK__DATA_DIR=str(tmp_path / "stack"),
+        KTEL_STACK__KAFKA_PORT=str(ports["kafka"]),
+        KTEL_STACK__KAFKA_CONTROLLER_PORT=str(ports["ctrl"]),
+        KTEL_STACK__PROMETHEUS_PORT=str(ports["prom"]),
+        KTEL_PULL__PORT=str(ports["pull"]),
+        KTEL_AGENT__METRICS_PORT=str(ports["agent"]),
+        KTEL_AGENT__STATE_DIR=str(tmp_path / "agent-state"),
+        KTEL_AGGREGATE__METRICS_PORT=str(ports["agg"]),
+        KTEL_AGGREGATE__WINDOW_SECONDS="1",
+        KTEL_REMOTE_WRITE__METRICS_PORT=str(ports["rw"]),
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ktel.cli", "up"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    ready = wait_for("ktel up", lambda: any(READY_LINE in ln for ln in lines) or proc.poll() is not None, 300)
+    assert ready and proc.poll() is None, "ktel up did not come up:\n" + "".join(lines)
+    yield proc, ports, lines
+    if proc.poll() is None:
+        proc.kill()
+
+
+def prom_value(port, directory):
+    r = httpx.get(
+        f"http://127.0.0.1:{port}/api/v1/query",
+        params={"query": f'sum(file_created_total{{directory="{directory}"}})'},
+    )
+    r.raise_for_status()
+    result = r.json()["data"]["result"]
+    return float(result[0]["value"][1]) if result else None
+
+
+def pull_value(port, directory):
+    try:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    except httpx.HTTPError:
+        return None
+    total = None
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == "file_created_total" and s.labels.get("directory") == directory:
+                total = (total or 0) + s.value
+    return total
+
+
+def test_23_files_reach_prometheus_and_the_pull_endpoint_then_ctrl_c_stops_all(stack):
+    proc, ports, lines = stack
+    target = Path(tempfile.mkdtemp(prefix="ktel-e2e-", dir="/tmp"))
+    other = Path(f"{target}-other")
+    other.mkdir()
+    try:
+        subprocess.run(["touch", *(str(target / f"f{i}") for i in range(N))], check=True)
+        subprocess.run(["touch", *(str(other / f"f{i}") for i in range(5))], check=True)
+
+        got = wait_for("prometheus", lambda: prom_value(ports["prom"], str(target)) == N, 120)
+        assert prom_value(ports["prom"], str(target)) == N, "".join(lines[-20:])
+        assert wait_for("pull", lambda: pull_value(ports["pull"], str(target)) == N, 60)
+        assert prom_value(ports["prom"], str(other)) == 5
+        # Later windows re-send the cumulative value; it must not grow by itself.
+        time.sleep(3)
+        assert got and prom_value(ports["prom"], str(target)) == N
+        assert pull_value(ports["pull"], str(target)) == N
+        assert pull_value(ports["pull"], str(other)) == 5
+    finally:
+        for d in (target, other):
+            for f in d.iterdir():
+                f.unlink()
+            d.rmdir()
+
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=180) == 0, "".join(lines[-30:])
+    out = "".join(lines)
+    assert "ktel up: stopped" in out
+    for name, port in ports.items():
+        assert not port_open(port), f"{name} still listening on {port} after Ctrl-C"
