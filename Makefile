@@ -1,5 +1,5 @@
 # The two commands the README opens with. Both set up what they need first.
-.PHONY: run test setup lint bench
+.PHONY: run test setup lint
 
 setup:
 	bash deploy/setup.sh
@@ -7,8 +7,10 @@ setup:
 run: setup
 	.venv/bin/ktel --config deploy/local.toml up
 
-test: setup
+test: setup lint
 	.venv/bin/python -m pytest
 
-lint: setup
-	.venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/mypy ktel edge_agent processors exporters
+lint:
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+	.venv/bin/mypy ktel edge_agent processors exporters

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 
@@ -55,10 +56,14 @@ class KernelCounters(Collector):
 
     def collect(self):
         drops = CounterMetricFamily(
-            "ktel_agent_ringbuf_drops", "events the kernel could not reserve in a full ring buffer", labels=["probe"]
+            "ktel_agent_ringbuf_drops",
+            "events the kernel could not reserve in a full ring buffer",
+            labels=["probe"],
         )
         sampled = CounterMetricFamily(
-            "ktel_agent_sampled_out", "events dropped in the kernel by the sampling knob", labels=["probe"]
+            "ktel_agent_sampled_out",
+            "events dropped in the kernel by the sampling knob",
+            labels=["probe"],
         )
         for name, probe in self.loaded.items():
             c = probe.counters()
@@ -109,10 +114,8 @@ class Agent:
             QUEUED.set(self.queue.qsize())
             if stopping:
                 return
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), acfg.batch_max_ms / 1000)
-            except TimeoutError:
-                pass
 
     async def publish(self, producer: AIOKafkaProducer) -> None:
         """Send queued batches in a pipeline; re-send any that failed."""
@@ -168,7 +171,11 @@ class Agent:
         await retry(producer.start, what=f"connect to Kafka at {self.cfg.kafka.bootstrap}")
         log.info(
             "agent host.id=%s boot=%s publishing to %s (probes: %s; skipped: %s)",
-            self.host_id, self.boot_id, RAW_TOPIC, ", ".join(self.loaded), self.skipped or "none",
+            self.host_id,
+            self.boot_id,
+            RAW_TOPIC,
+            ", ".join(self.loaded),
+            self.skipped or "none",
         )
         publisher = asyncio.create_task(self.publish(producer))
         try:

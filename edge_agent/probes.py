@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from edge_agent import file_created
@@ -77,9 +77,7 @@ class LoadedProbe:
         from bcc import BPF  # imported here: only the agent needs BCC, not its tests of logic
 
         if not (TRACEFS / "events").is_dir():
-            raise ProbeUnavailable(
-                f"tracefs is not mounted at {TRACEFS} (mount -t tracefs nodev {TRACEFS})"
-            )
+            raise ProbeUnavailable(f"tracefs is not mounted at {TRACEFS} (mount -t tracefs nodev {TRACEFS})")
         missing = [tp for tp in spec.required_tracepoints if not _has_tracepoint(tp)]
         if missing:
             raise ProbeUnavailable(f"this kernel lacks tracepoint(s) {', '.join(missing)}")
@@ -130,7 +128,7 @@ class LoadedProbe:
         self.bpf.cleanup()
 
 
-def load(names: list[str], ringbuf_pages: int) -> tuple[dict[str, LoadedProbe], dict[str, str]]:
+def load(names: Sequence[str], ringbuf_pages: int) -> tuple[dict[str, LoadedProbe], dict[str, str]]:
     """Load the named probes; returns (loaded, skipped name -> reason)."""
     loaded: dict[str, LoadedProbe] = {}
     skipped: dict[str, str] = {}

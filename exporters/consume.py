@@ -11,11 +11,19 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from prometheus_client import Counter
 
 from ktel.retry import retry
-from ktel.wire import DLQ_TOPIC, METRICS_TOPIC, DeadLetter, MetricSnapshot, WireError, decode_snapshot, encode_dead_letter
+from ktel.wire import (
+    DLQ_TOPIC,
+    METRICS_TOPIC,
+    DeadLetter,
+    MetricSnapshot,
+    WireError,
+    decode_snapshot,
+    encode_dead_letter,
+)
 
 log = logging.getLogger("ktel.export")
 
@@ -52,9 +60,7 @@ async def run(
     await retry(producer.start, what=f"connect producer to {bootstrap}")
     try:
         if group_id is None:
-            parts = await retry(
-                lambda: _partitions(consumer), what=f"find the partitions of {METRICS_TOPIC}"
-            )
+            parts = await retry(lambda: _partitions(producer), what=f"find the partitions of {METRICS_TOPIC}")
             consumer.assign(parts)
             await consumer.seek_to_beginning(*parts)
         else:
@@ -69,7 +75,9 @@ async def run(
                     except WireError as err:
                         log.warning("dead letter %s[%d]@%d: %s", tp.topic, tp.partition, rec.offset, err)
                         await dead_letter(
-                            producer, DeadLetter(stage, str(err), tp.topic, tp.partition, rec.offset, rec.value), rec.key
+                            producer,
+                            DeadLetter(stage, str(err), tp.topic, tp.partition, rec.offset, rec.value),
+                            rec.key,
                         )
             if snaps:
                 await deliver(snaps, producer)
@@ -80,11 +88,7 @@ async def run(
         await producer.stop()
 
 
-async def _partitions(consumer: AIOKafkaConsumer):
-    from aiokafka import TopicPartition
-
-    await consumer.topics()  # refreshes metadata: the topic may be created after we start
-    parts = consumer.partitions_for_topic(METRICS_TOPIC)
-    if not parts:
-        raise RuntimeError(f"topic {METRICS_TOPIC} not found")
+async def _partitions(producer: AIOKafkaProducer) -> list[TopicPartition]:
+    # The producer fetches metadata for a topic on demand; a group-less consumer does not.
+    parts = await producer.partitions_for(METRICS_TOPIC)
     return [TopicPartition(METRICS_TOPIC, p) for p in sorted(parts)]

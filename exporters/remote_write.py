@@ -14,6 +14,7 @@ committed after that (exporters/consume.py).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections import defaultdict
 from collections.abc import Iterable
@@ -36,7 +37,11 @@ log = logging.getLogger("ktel.export.remote_write")
 
 STAGE = "remote-write"
 SAMPLES = Counter("ktel_exporter_samples", "samples acknowledged by the backend", ["exporter"])
-REQUESTS_FAILED = Counter("ktel_exporter_failed_requests", "requests that failed (retried or dead-lettered)", ["exporter", "status"])
+REQUESTS_FAILED = Counter(
+    "ktel_exporter_failed_requests",
+    "requests that failed (retried or dead-lettered)",
+    ["exporter", "status"],
+)
 
 HEADERS = {
     "Content-Encoding": "snappy",
@@ -90,7 +95,7 @@ async def deliver(
 ) -> None:
     for body, n in encode(snapshots):
         try:
-            await retry(lambda b=body: post(client, url, b), what=f"remote-write to {url}")
+            await retry(functools.partial(post, client, url, body), what=f"remote-write to {url}")
             SAMPLES.labels(STAGE).inc(n)
         except Permanent as err:
             log.error("remote-write refused %d samples, dead-lettering them: %s", n, err)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -15,19 +16,37 @@ from ktel import config as config_mod
 
 def _setup_logging(level: str) -> None:
     logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
     )
+    # One line per HTTP request would drown ktel's own messages.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
-def _run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
-    """Run ``main(stop)``; SIGINT/SIGTERM set ``stop`` so it can flush and return."""
+def _run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]], *, graceful: bool) -> None:
+    """Run ``main(stop)`` until SIGINT/SIGTERM.
+
+    graceful: the first signal sets ``stop`` so ``main`` can flush and return;
+    a second one cancels it. Otherwise the signal cancels ``main`` at once, for
+    workers that hold nothing unacknowledged (offsets follow acknowledgements).
+    """
 
     async def runner() -> None:
         stop = asyncio.Event()
+        task = asyncio.ensure_future(main(stop))
+
+        def on_signal() -> None:
+            if graceful and not stop.is_set():
+                stop.set()
+            else:
+                task.cancel()
+
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await main(stop)
+            loop.add_signal_handler(sig, on_signal)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
     asyncio.run(runner())
 
@@ -35,7 +54,7 @@ def _run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
 def cmd_agent(cfg: config_mod.Config, _args: argparse.Namespace) -> None:
     from edge_agent.agent import Agent
 
-    _run_until_signal(Agent(cfg).run)
+    _run_until_signal(Agent(cfg).run, graceful=True)
 
 
 def cmd_process(cfg: config_mod.Config, args: argparse.Namespace) -> None:
@@ -48,11 +67,11 @@ def cmd_export(cfg: config_mod.Config, args: argparse.Namespace) -> None:
     if args.exporter == "remote-write":
         from exporters import remote_write
 
-        _run_until_signal(lambda stop: remote_write.run(cfg, stop))
+        _run_until_signal(lambda stop: remote_write.run(cfg, stop), graceful=False)
     else:
         from exporters import pull
 
-        _run_until_signal(lambda stop: pull.run(cfg, stop))
+        _run_until_signal(lambda stop: pull.run(cfg, stop), graceful=False)
 
 
 def cmd_topics(cfg: config_mod.Config, _args: argparse.Namespace) -> None:

@@ -39,7 +39,9 @@ class KafkaConfig(BaseModel):
     )
     metrics_partitions: int = Field(6, ge=1, description="partitions of ktel.metrics")
     metrics_retention_hours: float = Field(
-        1, gt=0, description="retention of ktel.metrics; the pull endpoint rebuilds its view from it"
+        1,
+        gt=0,
+        description="retention of ktel.metrics; the pull endpoint rebuilds its view from it",
     )
     dlq_retention_hours: float = Field(168, gt=0, description="retention of ktel.dlq")
 
@@ -62,11 +64,10 @@ class AgentConfig(BaseModel):
         Path("/var/lib/ktel/agent"), description="where the agent keeps its sequence numbers"
     )
     probes: list[Literal["file_created"]] = Field(
-        ["file_created"], description="probes to load; a probe this kernel cannot attach is skipped and reported"
+        ["file_created"],
+        description="probes to load; a probe this kernel cannot attach is skipped and reported",
     )
-    ringbuf_pages: int = Field(
-        256, description="BPF ring buffer size in 4 KiB pages (a power of two)"
-    )
+    ringbuf_pages: int = Field(256, description="BPF ring buffer size in 4 KiB pages (a power of two)")
     batch_max_events: int = Field(2000, ge=1, description="seal a batch at this many events")
     batch_max_ms: int = Field(50, ge=1, description="seal a non-empty batch after this many ms")
     metrics_port: int = Field(9465, ge=0, le=65535, description="agent self-metrics /metrics port (0: off)")
@@ -89,10 +90,14 @@ class AgentConfig(BaseModel):
 class AggregateConfig(BaseModel):
     window_seconds: float = Field(10, gt=0, description="how often metric snapshots are emitted")
     directory_depth: int = Field(
-        3, ge=1, le=16, description="path components kept in the `directory` label of file_created_total"
+        3,
+        ge=1,
+        le=16,
+        description="path components kept in the `directory` label of file_created_total",
     )
     include_filename: bool = Field(
-        False, description="add a `file` label to file_created_total (unbounded; only for small setups)"
+        False,
+        description="add a `file` label to file_created_total (unbounded; only for small setups)",
     )
     metrics_port: int = Field(9466, ge=0, le=65535, description="processor self-metrics port (0: off)")
 

@@ -81,8 +81,30 @@ class Stack:
         ]:
             say(f"starting {name} (log: {self.logs / name}.log)")
             self.children[name] = proc.spawn(
-                [sys.executable, "-m", "ktel.cli", *argv], self.logs / f"{name}.log", Path.cwd(), env
+                [sys.executable, "-m", "ktel.cli", *argv],
+                self.logs / f"{name}.log",
+                Path.cwd(),
+                env,
             )
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        """Wait until every child serves its port.
+
+        The agent serves its /metrics only once its probes are attached, so
+        after this a file created on the host is counted.
+        """
+        ports = {**self.metric_ports, "pull": self.cfg.pull.port}
+        deadline = time.monotonic() + timeout
+        for name, port in ports.items():
+            while port and not proc.port_in_use(port):
+                if self.children[name].poll() is not None:
+                    raise RuntimeError(
+                        f"{name} exited with code {self.children[name].returncode}:\n"
+                        + proc.tail(self.logs / f"{name}.log")
+                    )
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{name} did not open port {port} within {timeout:.0f}s")
+                time.sleep(0.2)
 
     def stop(self) -> None:
         for name in ["agent", "aggregate", "remote-write", "pull"]:
@@ -139,6 +161,7 @@ def run(cfg: Config) -> int:
     code = 0
     try:
         stack.start()
+        stack.wait_ready()
         say(
             f"{READY_LINE}: pull endpoint http://{cfg.pull.host}:{cfg.pull.port}/metrics, "
             f"Prometheus {stack.prometheus.url}; try `touch /tmp/somewhere/riptides-demo`; Ctrl-C stops"
@@ -157,7 +180,11 @@ def run(cfg: Config) -> int:
                 now = time.monotonic()
                 if interactive or now - last_line >= 5:
                     line = render(stack.read_counters(client), now - started)
-                    print(("\r\033[K" + line) if interactive else line, end="" if interactive else "\n", flush=True)
+                    print(
+                        ("\r\033[K" + line) if interactive else line,
+                        end="" if interactive else "\n",
+                        flush=True,
+                    )
                     last_line = now
                 time.sleep(1)
         if interactive:

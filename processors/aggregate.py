@@ -44,6 +44,7 @@ OVERFLOW = Counter("ktel_processor_series_overflow", "events folded into an over
 SNAPSHOTS = Counter("ktel_processor_snapshots", "metric snapshot records produced")
 
 STAGE = "aggregate"
+DEAD_LETTERS.labels(STAGE)  # exported as 0 from the start, so a dashboard shows it
 
 
 def make_app(cfg: Config) -> faust.App:
@@ -81,7 +82,14 @@ def make_app(cfg: Config) -> faust.App:
                 await dlq.send(
                     key=event.key,
                     value=encode_dead_letter(
-                        DeadLetter(STAGE, str(err), msg.topic, msg.partition, msg.offset, bytes(event.value))
+                        DeadLetter(
+                            STAGE,
+                            str(err),
+                            msg.topic,
+                            msg.partition,
+                            msg.offset,
+                            bytes(event.value),
+                        )
                     ),
                 )
                 continue

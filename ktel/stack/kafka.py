@@ -73,9 +73,7 @@ def ensure_kafka(cache_dir: Path | None = None) -> Path:
         if res.returncode != 0 or not any(j.startswith("kafka_2.13-") for j in jars):
             # Maven 3.8 emits colour resets even in batch mode.
             out = re.sub(r"\x1b\[[0-9;]*m", "", res.stdout + res.stderr).strip()[-4000:]
-            raise RuntimeError(
-                f"mvn failed to fetch Kafka {KAFKA_VERSION} (exit {res.returncode}):\n{out}"
-            )
+            raise RuntimeError(f"mvn failed to fetch Kafka {KAFKA_VERSION} (exit {res.returncode}):\n{out}")
         # Written last: its presence means the jar set is whole.
         (home / _MARKER).write_text("\n".join(jars) + "\n")
         return libs
@@ -90,6 +88,7 @@ def _libs_complete(home: Path, libs: Path) -> bool:
 
 # ---------------------------------------------------------------- process helpers
 # Shared with ktel.stack.prometheus.
+
 
 def free_port() -> int:
     """A port free on 127.0.0.1 right now (another process could still take it)."""
@@ -248,8 +247,7 @@ auto.create.topics.enable=false
                 return
             if time.monotonic() > deadline:
                 raise TimeoutError(
-                    f"Kafka not ready after {timeout}s; tail of {self.log_path}:\n"
-                    + proc.tail(self.log_path)
+                    f"Kafka not ready after {timeout}s; tail of {self.log_path}:\n" + proc.tail(self.log_path)
                 )
             time.sleep(0.25)
 

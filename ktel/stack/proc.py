@@ -83,5 +83,3 @@ def tail(path: Path, lines: int = 40) -> str:
 def port_in_use(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
-
-

@@ -49,7 +49,8 @@ def test_23_files_give_exactly_23_events_with_paths_and_pids(probe, tmp_path):
     # A relative path, resolved by the agent from the creating process's cwd
     # (while it lives: a process already gone leaves the path relative).
     rel = subprocess.Popen(
-        ["python3", "-c", "import time; open('relative-one', 'w').close(); time.sleep(3)"], cwd=other
+        ["python3", "-c", "import time; open('relative-one', 'w').close(); time.sleep(3)"],
+        cwd=other,
     )
     # Opening existing files without O_CREAT must not count.
     for n in names:
@@ -58,8 +59,10 @@ def test_23_files_give_exactly_23_events_with_paths_and_pids(probe, tmp_path):
     prefix = f"{target}/"
     events = drain_until(
         probe,
-        lambda evs: sum(e["path"].startswith(prefix) for e in evs) >= N
-        and any(e["path"].endswith("relative-one") for e in evs),
+        lambda evs: (
+            sum(e["path"].startswith(prefix) for e in evs) >= N
+            and any(e["path"].endswith("relative-one") for e in evs)
+        ),
     )
     ours = [e for e in events if e["path"].startswith(prefix)]
     assert sorted(e["path"] for e in ours) == [str(target / n) for n in names]
@@ -94,4 +97,7 @@ def test_o_excl_creations_are_certain_and_failed_opens_are_not_events(probe, tmp
     # 'last' is created after the failing opens, so once it is seen they were too.
     events = drain_until(probe, lambda evs: any(e["path"] == str(tmp_path / "last") for e in evs))
     mine = [e for e in events if e["path"].startswith(f"{tmp_path}/")]
-    assert [(e["path"], e["certain"]) for e in mine] == [(str(path), True), (str(tmp_path / "last"), False)]
+    assert [(e["path"], e["certain"]) for e in mine] == [
+        (str(path), True),
+        (str(tmp_path / "last"), False),
+    ]

@@ -22,9 +22,7 @@ WEEK_MS = 7 * 24 * 3600 * 1000
 
 @pytest.fixture(scope="module")
 def kafka(tmp_path_factory: pytest.TempPathFactory):
-    broker = LocalKafka(
-        tmp_path_factory.mktemp("kafka"), port=free_port(), controller_port=free_port()
-    )
+    broker = LocalKafka(tmp_path_factory.mktemp("kafka"), port=free_port(), controller_port=free_port())
     with broker:
         yield broker
 
@@ -83,16 +81,12 @@ async def test_topic_created_with_partitions_and_retention(kafka: LocalKafka) ->
 async def test_record_survives_clean_restart(kafka: LocalKafka) -> None:
     await create_topics(kafka.bootstrap, [TopicSpec("ktel.test.restart", 3, WEEK_MS)])
     await produce(kafka.bootstrap, "ktel.test.restart", b"host-1", b"\x00payload\xff")
-    assert await read_all(kafka.bootstrap, "ktel.test.restart", 1) == [
-        (b"host-1", b"\x00payload\xff")
-    ]
+    assert await read_all(kafka.bootstrap, "ktel.test.restart", 1) == [(b"host-1", b"\x00payload\xff")]
 
     kafka.stop()
     assert not kafka.running
     kafka.start()
-    assert await read_all(kafka.bootstrap, "ktel.test.restart", 1) == [
-        (b"host-1", b"\x00payload\xff")
-    ]
+    assert await read_all(kafka.bootstrap, "ktel.test.restart", 1) == [(b"host-1", b"\x00payload\xff")]
 
 
 @pytest.mark.kafka

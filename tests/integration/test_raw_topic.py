@@ -22,7 +22,9 @@ def make_cfg(kafka, tmp_path, host_id):
 
 
 async def consume_all(bootstrap, n, timeout=30):
-    consumer = AIOKafkaConsumer(RAW_TOPIC, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None)
+    consumer = AIOKafkaConsumer(
+        RAW_TOPIC, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None
+    )
     await consumer.start()
     got = []
     try:

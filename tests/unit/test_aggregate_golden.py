@@ -20,7 +20,9 @@ def run_case(case: dict) -> dict:
     outcomes = []
     for b in case["batches"]:
         batch = RawBatch(b["host"], b["boot"], b["seq"], 0, b["events"])
-        outcomes.append(dataclasses.asdict(aggregate_core.apply(states.setdefault(b["host"], {}), batch, opts)))
+        outcomes.append(
+            dataclasses.asdict(aggregate_core.apply(states.setdefault(b["host"], {}), batch, opts))
+        )
     snapshots = {h: sorted(aggregate_core.snapshot(h, s), key=json.dumps) for h, s in sorted(states.items())}
     return {"outcomes": outcomes, "snapshots": snapshots}
 

@@ -22,7 +22,10 @@ def test_env_overrides_file(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     ("toml", "expected"),
     [
-        ("[agent]\nringbuf_pages = 100\n", "agent.ringbuf_pages = 100: Value error, 100 is not a power of two"),
+        (
+            "[agent]\nringbuf_pages = 100\n",
+            "agent.ringbuf_pages = 100: Value error, 100 is not a power of two",
+        ),
         ("[kafka]\nbootstrap = 'nohost'\n", "kafka.bootstrap = 'nohost'"),
         ("[aggregate]\nwindow_seconds = 0\n", "KTEL_AGGREGATE__WINDOW_SECONDS"),
         ("[agent]\nprobes = ['nope']\n", "agent.probes.0 = 'nope'"),

@@ -14,7 +14,12 @@ def decode(body: bytes) -> WriteRequest:
 
 def test_labels_sorted_sanitised_without_empty_values():
     labels = prom_labels("file_created_total", {"host.id": "h", "directory": "/tmp", "empty": "", "9x": "v"})
-    assert labels == [("_9x", "v"), ("__name__", "file_created_total"), ("directory", "/tmp"), ("host_id", "h")]
+    assert labels == [
+        ("_9x", "v"),
+        ("__name__", "file_created_total"),
+        ("directory", "/tmp"),
+        ("host_id", "h"),
+    ]
     assert label_name("otel.metric.overflow") == "otel_metric_overflow"
 
 
