@@ -37,11 +37,11 @@ class KafkaConfig(BaseModel):
     raw_retention_hours: float = Field(
         168, gt=0, description="how long ktel.raw keeps raw events for replay (default 7 days)"
     )
-    metrics_partitions: int = Field(6, ge=1, description="partitions of ktel.metrics")
-    metrics_retention_hours: float = Field(
-        1,
-        gt=0,
-        description="retention of ktel.metrics; the pull endpoint rebuilds its view from it",
+    output_partitions: int = Field(
+        6, ge=1, description="partitions of ktel.metrics, ktel.spans and ktel.logs (exporter scaling)"
+    )
+    output_retention_hours: float = Field(
+        24, gt=0, description="retention of ktel.metrics, ktel.spans and ktel.logs"
     )
     dlq_retention_hours: float = Field(168, gt=0, description="retention of ktel.dlq")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ktel.config import Config
 from ktel.stack.kafka import TopicSpec
-from ktel.wire import DLQ_TOPIC, METRICS_TOPIC, RAW_TOPIC
+from ktel.wire import DLQ_TOPIC, LOGS_TOPIC, METRICS_TOPIC, RAW_TOPIC, SPANS_TOPIC
 
 HOUR_MS = 3_600_000
 
@@ -14,6 +14,9 @@ def specs(cfg: Config) -> list[TopicSpec]:
     return [
         # Raw batches are the forensic record: kept by time, compressed by the producer.
         TopicSpec(RAW_TOPIC, k.raw_partitions, int(k.raw_retention_hours * HOUR_MS)),
-        TopicSpec(METRICS_TOPIC, k.metrics_partitions, int(k.metrics_retention_hours * HOUR_MS)),
+        *(
+            TopicSpec(t, k.output_partitions, int(k.output_retention_hours * HOUR_MS))
+            for t in (METRICS_TOPIC, SPANS_TOPIC, LOGS_TOPIC)
+        ),
         TopicSpec(DLQ_TOPIC, 1, int(k.dlq_retention_hours * HOUR_MS)),
     ]

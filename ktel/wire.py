@@ -8,6 +8,8 @@ Topics
 ``ktel.raw``       raw event batches from the agents, keyed by host id, kept for
                    forensics (retention configurable, 7 days by default).
 ``ktel.metrics``   metric snapshots produced by the aggregate stage.
+``ktel.spans``     kernel spans, for the OTLP traces exporter.
+``ktel.logs``      kernel logs and notable events (OOM kills, ...), for OTLP logs.
 ``ktel.dlq``       records a stage could not use, with the reason and the bytes.
 
 Records are msgpack maps with short keys; every record carries ``v`` (the
@@ -34,7 +36,36 @@ Metric snapshot record (topic ``ktel.metrics``, key = host id)::
      "ts": int,          # sample timestamp, ms since epoch
      "series": [[name, type, {label: value}, value], ...]}
 
-``type`` is ``"counter"`` (cumulative since the series began) or ``"gauge"``.
+``type`` is ``"counter"`` (cumulative since the series began; value a number),
+``"gauge"`` (value a number) or ``"histogram"`` (cumulative since the series
+began; value ``{"count": int, "sum": float, "bounds": [float, ...],
+"counts": [int, ...]}`` with ``len(counts) == len(bounds) + 1``: bucket i counts
+values in ``(bounds[i-1], bounds[i]]``, the last bucket is ``(bounds[-1], +inf)``,
+the layout of an OTLP explicit-bucket histogram).
+
+Label names follow OpenTelemetry semantic conventions (``host.id``,
+``process.pid``, ...); the Prometheus exporters translate them.
+
+Span record (topic ``ktel.spans``, key = host id)::
+
+    {"v": 1,
+     "resource": {attr: value},    # host.id, host.name, ... (OTel resource)
+     "spans": [[trace_id,          # 16 bytes
+                span_id,           # 8 bytes
+                parent_span_id,    # 8 bytes, or b"" for a root span
+                name, start_ns, end_ns,   # wall clock, ns since epoch
+                status,            # 0 unset, 1 ok, 2 error (OTLP StatusCode)
+                status_message, {attr: value}], ...]}
+
+Log record (topic ``ktel.logs``, key = host id)::
+
+    {"v": 1,
+     "resource": {attr: value},
+     "logs": [[ts_ns,              # wall clock, ns since epoch
+               severity_number,    # OTLP SeverityNumber, 1..24
+               severity_text, body, {attr: value},
+               trace_id,           # 16 bytes or b""
+               span_id], ...]}     # 8 bytes or b""
 
 Dead-letter record (topic ``ktel.dlq``, key = the original key)::
 
@@ -54,6 +85,8 @@ SCHEMA_VERSION = 1
 
 RAW_TOPIC = "ktel.raw"
 METRICS_TOPIC = "ktel.metrics"
+SPANS_TOPIC = "ktel.spans"
+LOGS_TOPIC = "ktel.logs"
 DLQ_TOPIC = "ktel.dlq"
 
 
@@ -105,6 +138,18 @@ class RawBatch:
 class MetricSnapshot:
     ts_ms: int
     series: Sequence[Sequence[Any]]  # [name, type, labels, value]
+
+
+@dataclasses.dataclass(frozen=True)
+class SpanBatch:
+    resource: dict[str, Any]
+    spans: Sequence[Sequence[Any]]  # see the module docstring for the fields
+
+
+@dataclasses.dataclass(frozen=True)
+class LogBatch:
+    resource: dict[str, Any]
+    logs: Sequence[Sequence[Any]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,21 +238,85 @@ def encode_snapshot(snap: MetricSnapshot) -> bytes:
     return _pack({"v": SCHEMA_VERSION, "ts": snap.ts_ms, "series": snap.series})
 
 
+def _valid_histogram(h: Any) -> bool:
+    return (
+        isinstance(h, dict)
+        and isinstance(h.get("count"), int)
+        and isinstance(h.get("sum"), int | float)
+        and isinstance(h.get("bounds"), list)
+        and isinstance(h.get("counts"), list)
+        and len(h["counts"]) == len(h["bounds"]) + 1
+    )
+
+
 def decode_snapshot(data: bytes) -> MetricSnapshot:
     what = "metric snapshot"
     obj = _unpack(data, what)
     series = _field(obj, "series", list, what)
     for i, s in enumerate(series):
-        if (
-            not isinstance(s, list)
-            or len(s) != 4
-            or not isinstance(s[0], str)
-            or s[1] not in ("counter", "gauge")
-            or not isinstance(s[2], dict)
-            or not isinstance(s[3], int | float)
+        if not (
+            isinstance(s, list)
+            and len(s) == 4
+            and isinstance(s[0], str)
+            and isinstance(s[2], dict)
+            and (
+                (s[1] in ("counter", "gauge") and isinstance(s[3], int | float))
+                or (s[1] == "histogram" and _valid_histogram(s[3]))
+            )
         ):
-            raise WireError(f"{what}: series {i} is not [name, counter|gauge, labels, number]")
+            raise WireError(f"{what}: series {i} is not [name, counter|gauge|histogram, labels, value]")
     return MetricSnapshot(ts_ms=_field(obj, "ts", int, what), series=series)
+
+
+def encode_spans(batch: SpanBatch) -> bytes:
+    return _pack({"v": SCHEMA_VERSION, "resource": batch.resource, "spans": batch.spans})
+
+
+def decode_spans(data: bytes) -> SpanBatch:
+    what = "span batch"
+    obj = _unpack(data, what)
+    spans = _field(obj, "spans", list, what)
+    for i, sp in enumerate(spans):
+        if not (
+            isinstance(sp, list)
+            and len(sp) == 9
+            and isinstance(sp[0], bytes)
+            and len(sp[0]) == 16
+            and isinstance(sp[1], bytes)
+            and len(sp[1]) == 8
+            and isinstance(sp[2], bytes)
+            and len(sp[2]) in (0, 8)
+            and isinstance(sp[3], str)
+            and isinstance(sp[4], int)
+            and isinstance(sp[5], int)
+            and sp[6] in (0, 1, 2)
+            and isinstance(sp[8], dict)
+        ):
+            raise WireError(f"{what}: span {i} does not have the documented fields")
+    return SpanBatch(_field(obj, "resource", dict, what), spans)
+
+
+def encode_logs(batch: LogBatch) -> bytes:
+    return _pack({"v": SCHEMA_VERSION, "resource": batch.resource, "logs": batch.logs})
+
+
+def decode_logs(data: bytes) -> LogBatch:
+    what = "log batch"
+    obj = _unpack(data, what)
+    logs = _field(obj, "logs", list, what)
+    for i, lg in enumerate(logs):
+        if not (
+            isinstance(lg, list)
+            and len(lg) == 7
+            and isinstance(lg[0], int)
+            and isinstance(lg[1], int)
+            and 0 <= lg[1] <= 24
+            and isinstance(lg[4], dict)
+            and isinstance(lg[5], bytes)
+            and isinstance(lg[6], bytes)
+        ):
+            raise WireError(f"{what}: log {i} does not have the documented fields")
+    return LogBatch(_field(obj, "resource", dict, what), logs)
 
 
 def encode_dead_letter(dl: DeadLetter) -> bytes:

@@ -92,3 +92,38 @@ def test_snapshot_round_trips(series, ts):
 def test_dead_letter_round_trips():
     dl = wire.DeadLetter("aggregate", "raw batch: not msgpack", wire.RAW_TOPIC, 3, 42, b"\xc1junk")
     assert wire.decode_dead_letter(wire.encode_dead_letter(dl)) == dl
+
+
+def test_histogram_series_round_trip_and_bad_layout_is_rejected():
+    h = {"count": 3, "sum": 7.5, "bounds": [1.0, 5.0], "counts": [1, 1, 1]}
+    snap = wire.MetricSnapshot(1, [["lat_seconds", "histogram", {"host.id": "h"}, h]])
+    assert wire.decode_snapshot(wire.encode_snapshot(snap)) == snap
+    bad = wire.MetricSnapshot(1, [["lat_seconds", "histogram", {}, {**h, "counts": [1, 1]}]])
+    with pytest.raises(wire.WireError, match="series 0"):
+        wire.decode_snapshot(wire.encode_snapshot(bad))
+
+
+ids = st.tuples(st.binary(min_size=16, max_size=16), st.binary(min_size=8, max_size=8))
+
+
+@given(ids, st.sampled_from([b"", b"\x01" * 8]), text, st.integers(0, 2**63), st.sampled_from([0, 1, 2]))
+def test_spans_round_trip(tid_sid, parent, name, ts, status):
+    tid, sid = tid_sid
+    batch = wire.SpanBatch({"host.id": "h"}, [[tid, sid, parent, name, ts, ts + 5, status, "", {"a": 1}]])
+    assert wire.decode_spans(wire.encode_spans(batch)) == batch
+
+
+def test_bad_span_and_log_are_named():
+    with pytest.raises(wire.WireError, match="span 0"):
+        wire.decode_spans(
+            wire.encode_spans(wire.SpanBatch({}, [[b"short", b"x" * 8, b"", "n", 1, 2, 0, "", {}]]))
+        )
+    with pytest.raises(wire.WireError, match="log 0"):
+        wire.decode_logs(wire.encode_logs(wire.LogBatch({}, [[1, 99, "X", "body", {}, b"", b""]])))
+
+
+def test_logs_round_trip():
+    batch = wire.LogBatch(
+        {"host.id": "h"}, [[5, 13, "WARN", "disk slow", {"k": "v"}, b"\x02" * 16, b"\x03" * 8]]
+    )
+    assert wire.decode_logs(wire.encode_logs(batch)) == batch
