@@ -1,15 +1,21 @@
-"""The edge agent: ring buffers -> msgpack batch records -> Kafka ``ktel.raw``.
+"""The edge agent: ring buffers -> msgpack batch records -> spool -> Kafka ``ktel.raw``.
 
 Per event, Python does two things: copy the record out of the ring buffer (in
 the drain thread) and decode it into a wire event (here). Everything else is
-per batch: sealing, numbering, encoding, publishing.
+per batch: sealing, numbering, encoding, spooling, publishing.
 
-Delivery: batches are published in a pipeline with aiokafka's idempotent
-producer (acks=all). A batch whose delivery fails is re-sent with the shared
-retry helper until the broker takes it, under the same sequence number, so the
-processors drop the copy if the first attempt did land. While the publish
-queue is full the agent stops draining; the kernel then counts what the full
-ring buffer refuses (ktel_agent_ringbuf_drops_total).
+Delivery: every sealed batch is first written to the on-disk spool
+(edge_agent/spool.py), then published from it in order, pipelined, with
+aiokafka's idempotent producer (acks=all, lz4). The spool's cursor advances
+only on Kafka's acknowledgement; a batch whose delivery failed is re-sent with
+the shared retry helper under the same sequence number, so the processors
+drop the copy if the first attempt did land. While Kafka is away batches pile
+up in the spool (bounded; what a full spool drops is counted) and are sent in
+order when it returns. What a SIGKILL can lose: events still in the ring
+buffer or decoded but not yet sealed (at most ``agent.batch_max_ms`` of them).
+
+Alongside: heartbeats on ``ktel.heartbeats`` every ``heartbeat_seconds`` and
+fidelity commands from ``ktel.control`` (edge_agent/control.py).
 """
 
 from __future__ import annotations
@@ -18,139 +24,289 @@ import asyncio
 import collections
 import contextlib
 import logging
+import os
+import platform
+import socket
+import statistics
 import time
+from importlib.metadata import version
 
 from aiokafka import AIOKafkaProducer
 from prometheus_client import Counter, Gauge
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
 from edge_agent import probes as probes_mod
+from edge_agent.control import Control
 from edge_agent.identity import boot_id
+from edge_agent.redact import Redactor
 from edge_agent.seqstore import SeqStore
+from edge_agent.spool import Record, Spool
 from ktel import selfmetrics
 from ktel.config import Config
 from ktel.retry import retry
-from ktel.wire import RAW_TOPIC, RawBatch, encode_batch
+from ktel.wire import HEARTBEATS_TOPIC, RAW_TOPIC, RawBatch, encode_batch, encode_heartbeat
 
 log = logging.getLogger("ktel.agent")
 
 EVENTS_READ = Counter("ktel_agent_events_read", "events read from the ring buffers", ["probe"])
+DECODE_ERRORS = Counter("ktel_agent_decode_errors", "ring-buffer records that did not decode", ["probe"])
 EVENTS_PUBLISHED = Counter("ktel_agent_events_published", "events acknowledged by Kafka")
 BATCHES_PUBLISHED = Counter("ktel_agent_batches_published", "batch records acknowledged by Kafka")
 PUBLISH_RETRIES = Counter("ktel_agent_publish_retries", "failed publish attempts, retried")
-QUEUED = Gauge("ktel_agent_queued_batches", "sealed batches waiting for Kafka")
+HEARTBEATS = Counter("ktel_agent_heartbeats", "heartbeats acknowledged by Kafka")
 PROBES_LOADED = Gauge("ktel_agent_probe_loaded", "1 per loaded probe, 0 per skipped one", ["probe"])
 
-# Batches sealed but not yet acknowledged; past this the agent stops draining.
-MAX_QUEUED_BATCHES = 256
-# Batches sent to the producer before the oldest is awaited.
-MAX_IN_FLIGHT = 16
+# Records sent to the producer before the oldest is awaited.
+MAX_IN_FLIGHT = 32
+# How long a stopping agent keeps publishing its spool; the rest waits on disk for the next start.
+FLUSH_TIMEOUT_S = 10.0
 
 
-class KernelCounters(Collector):
-    """Exports the probes' in-kernel per-CPU counters at scrape time."""
+class AgentCollector(Collector):
+    """Exports, at scrape time, the counters that live elsewhere: the probes'
+    in-kernel per-CPU counters, the spool's, and the sampling in force."""
 
-    def __init__(self, loaded: dict[str, probes_mod.LoadedProbe]):
-        self.loaded = loaded
+    def __init__(self, agent: Agent):
+        self.agent = agent
 
     def collect(self):
+        a = self.agent
         drops = CounterMetricFamily(
             "ktel_agent_ringbuf_drops",
             "events the kernel could not reserve in a full ring buffer",
             labels=["probe"],
         )
         sampled = CounterMetricFamily(
-            "ktel_agent_sampled_out",
-            "events dropped in the kernel by the sampling knob",
-            labels=["probe"],
+            "ktel_agent_sampled_out", "events dropped in the kernel by the sampling knob", labels=["probe"]
         )
-        for name, probe in self.loaded.items():
+        every = GaugeMetricFamily("ktel_agent_sample_every", "sampling in force: 1 in N", labels=["probe"])
+        for name, probe in a.loaded.items():
             c = probe.counters()
             drops.add_metric([name], c["ringbuf_drops"])
             sampled.add_metric([name], c["sampled_out"])
+            every.add_metric([name], a.control.sample_every(name))
         yield drops
         yield sampled
+        yield every
+        yield CounterMetricFamily(
+            "ktel_agent_spool_dropped_events", "events a full spool dropped", a.spool.dropped_events
+        )
+        yield CounterMetricFamily(
+            "ktel_agent_spool_corrupt_bytes", "damaged spool bytes skipped", a.spool.corrupt_bytes
+        )
+        yield GaugeMetricFamily(
+            "ktel_agent_spool_bytes", "spooled bytes not yet acknowledged", a.spool.depth_bytes()
+        )
 
 
 class Agent:
     def __init__(self, cfg: Config):
+        acfg = cfg.agent
         self.cfg = cfg
-        self.host_id = cfg.agent.host_id
+        self.host_id = acfg.host_id
         self.boot_id = boot_id()
-        self.seqs = SeqStore(cfg.agent.state_dir)
-        self.queue: asyncio.Queue[RawBatch] = asyncio.Queue(MAX_QUEUED_BATCHES)
+        self.key = self.host_id.encode()
+        self.seqs = SeqStore(acfg.state_dir)
+        self.redactor = Redactor(acfg.redact)
+        self.spool = Spool(
+            acfg.state_dir / "spool",
+            max_bytes=acfg.spool_max_mb << 20,
+            full_policy=acfg.spool_full_policy,
+            fsync=acfg.spool_fsync,
+        )
+        self.spooled = asyncio.Event()
         self.loaded: dict[str, probes_mod.LoadedProbe] = {}
         self.skipped: dict[str, str] = {}
+        self.control = Control(self.host_id, acfg.sample_every, self.apply_rate)
+        self.latencies_ms: list[float] = []
+
+    # ------------------------------------------------------------ collecting
 
     def seal(self, events: list) -> RawBatch:
         return RawBatch(self.host_id, self.boot_id, self.seqs.next(), time.time_ns(), events)
 
+    def spool_batch(self, events: list) -> None:
+        if self.redactor:
+            self.redactor.apply(events)
+        batch = self.seal(events)
+        if not self.spool.append(encode_batch(batch), len(events)):
+            log.error("spool full (policy drop_newest): dropped batch %d (%d events)", batch.seq, len(events))
+        self.spooled.set()
+
+    def drain_once(self, pending: list) -> None:
+        for name, p in self.loaded.items():
+            records = p.take()
+            if not records:
+                continue
+            EVENTS_READ.labels(name).inc(len(records))
+            try:
+                pending.extend(p.decode(records))
+            except Exception:
+                # A decoder bug must not take the node's telemetry down: decode one by one,
+                # count the bad ones.
+                offset = time.time_ns() - time.monotonic_ns()
+                for r in records:
+                    try:
+                        pending.append(p.spec.decode(r, offset))
+                    except Exception as err:
+                        DECODE_ERRORS.labels(name).inc()
+                        log.warning("probe %s: undecodable record of %d bytes: %s", name, len(r), err)
+
     async def collect(self, stop: asyncio.Event) -> None:
-        """Drain the probes every batch_max_ms and seal batches."""
+        """Drain the probes every batch_max_ms and seal batches into the spool."""
         acfg = self.cfg.agent
         pending: list = []
         sealed_at = time.monotonic()
         while True:
             stopping = stop.is_set()
             if stopping:
-                # Close detaches and drains what the ring buffer still holds.
                 for p in self.loaded.values():
-                    p.close()
-            for name, p in self.loaded.items():
-                records = p.take()
-                if records:
-                    EVENTS_READ.labels(name).inc(len(records))
-                    pending.extend(p.decode(records))
+                    p.close()  # detaches, then drains what the ring buffer still holds
+            self.drain_once(pending)
+            self.control.expire()
             now = time.monotonic()
-            while len(pending) >= acfg.batch_max_events:
-                await self.queue.put(self.seal(pending[: acfg.batch_max_events]))
-                del pending[: acfg.batch_max_events]
+            # Bytes are bounded through the event count: a decoded event is at most
+            # its ring-buffer record's size, so max_bytes / record size events fit.
+            limit = min(acfg.batch_max_events, max(1, acfg.batch_max_bytes // 320))
+            while len(pending) >= limit:
+                self.spool_batch(pending[:limit])
+                del pending[:limit]
                 sealed_at = now
             if pending and (stopping or (now - sealed_at) * 1000 >= acfg.batch_max_ms):
-                await self.queue.put(self.seal(pending))
+                self.spool_batch(pending)
                 pending = []
                 sealed_at = now
-            QUEUED.set(self.queue.qsize())
             if stopping:
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), acfg.batch_max_ms / 1000)
 
-    async def publish(self, producer: AIOKafkaProducer) -> None:
-        """Send queued batches in a pipeline; re-send any that failed."""
-        in_flight: collections.deque[tuple[RawBatch, bytes, asyncio.Future]] = collections.deque()
+    # ------------------------------------------------------------ publishing
 
-        async def send_one(batch: RawBatch, data: bytes) -> None:
-            await producer.send_and_wait(RAW_TOPIC, data, key=batch.key)
+    async def publish(self, producer: AIOKafkaProducer) -> None:
+        """Send spooled records in order, pipelined; advance the spool on acknowledgement."""
+        in_flight: collections.deque[tuple[Record, float, asyncio.Future]] = collections.deque()
+        cursor = self.spool.ack_cursor
 
         async def settle_oldest() -> None:
-            batch, data, fut = in_flight.popleft()
+            rec, sent_at, fut = in_flight.popleft()
             try:
                 await fut
             except Exception as err:
                 PUBLISH_RETRIES.inc()
-                log.warning("batch %d not acknowledged (%s); re-sending", batch.seq, err)
+                log.warning("batch at %s not acknowledged (%s); re-sending", rec.start, err)
                 await retry(
-                    lambda: send_one(batch, data),
-                    what=f"publish batch {batch.seq}",
+                    lambda: producer.send_and_wait(RAW_TOPIC, rec.payload, key=self.key),
+                    what="publish a spooled batch",
                     on_retry=lambda _e: PUBLISH_RETRIES.inc(),
                 )
+            self.latencies_ms.append((time.monotonic() - sent_at) * 1000)
+            self.spool.ack(rec.next)
             BATCHES_PUBLISHED.inc()
-            EVENTS_PUBLISHED.inc(len(batch.events))
-            self.queue.task_done()
+            EVENTS_PUBLISHED.inc(rec.n_events)
 
         while True:
-            batch = await self.queue.get()
-            data = encode_batch(batch)
+            records = self.spool.read(cursor, limit=MAX_IN_FLIGHT)
+            if not records:
+                while in_flight:
+                    await settle_oldest()
+                self.spooled.clear()
+                if self.spool.read(cursor, limit=1):  # appended between read and clear
+                    continue
+                await self.spooled.wait()
+                continue
+            for rec in records:
+                try:
+                    fut = await producer.send(RAW_TOPIC, rec.payload, key=self.key)
+                except Exception as err:  # e.g. metadata unavailable while the broker is away
+                    fut = asyncio.get_running_loop().create_future()
+                    fut.set_exception(err)
+                in_flight.append((rec, time.monotonic(), fut))
+                cursor = rec.next
+                while len(in_flight) >= MAX_IN_FLIGHT:
+                    await settle_oldest()
+
+    # ------------------------------------------------------------ heartbeats
+
+    def heartbeat(self, interval: float, previous: dict[str, int]) -> tuple[dict, dict[str, int]]:
+        def value(name: str, probe: str | None = None) -> int:
+            labels = {"probe": probe} if probe else {}
+            return int(REGISTRY.get_sample_value(f"ktel_agent_{name}_total", labels) or 0)
+
+        counters: dict[str, int] = {
+            "events_read": sum(value("events_read", n) for n in self.loaded),
+            "events_published": value("events_published"),
+            "batches_published": value("batches_published"),
+            "publish_retries": value("publish_retries"),
+            "decode_errors": sum(value("decode_errors", n) for n in self.loaded),
+            "spool_dropped_events": self.spool.dropped_events,
+            "spool_corrupt_bytes": self.spool.corrupt_bytes,
+        }
+        probes: dict[str, dict] = {}
+        for name in self.cfg.agent.probes:
+            p = self.loaded.get(name)
+            if p is not None:
+                c = p.counters()
+                counters[f"ringbuf_drops.{name}"] = c["ringbuf_drops"]
+                counters[f"sampled_out.{name}"] = c["sampled_out"]
+            cmd = self.control.command(name)
+            probes[name] = {
+                "loaded": p is not None,
+                "reason": self.skipped.get(name, ""),
+                "sample_every": self.control.sample_every(name),
+                "command": cmd.id if cmd else None,
+            }
+        lat, self.latencies_ms = self.latencies_ms, []
+        uname = os.uname()
+        hb = {
+            "ts": time.time_ns() // 1_000_000,
+            "host": {
+                "host.id": self.host_id,
+                "host.name": socket.gethostname(),
+                "host.arch": platform.machine(),
+                "os.type": "linux",
+                "os.version": uname.release,
+                "boot.id": self.boot_id,
+                "ktel.agent.version": version("ktel"),
+            },
+            "interval_s": interval,
+            "probes": probes,
+            "counters": counters,
+            "rates": {k: (v - previous.get(k, 0)) / interval for k, v in counters.items()},
+            "spool": {"depth_bytes": self.spool.depth_bytes()},
+            "send_latency_ms": {
+                "p50": statistics.median(lat) if lat else 0.0,
+                "max": max(lat) if lat else 0.0,
+            },
+            "acked_commands": self.control.take_acks(),
+        }
+        return hb, counters
+
+    async def send_heartbeats(self, producer: AIOKafkaProducer) -> None:
+        interval = self.cfg.agent.heartbeat_seconds
+        previous: dict[str, int] = {}
+        while True:
+            await asyncio.sleep(interval)
+            hb, previous = self.heartbeat(interval, previous)
             try:
-                fut = await producer.send(RAW_TOPIC, data, key=batch.key)
-            except Exception as err:  # e.g. the producer's buffer is full while the broker is away
-                fut = asyncio.get_running_loop().create_future()
-                fut.set_exception(err)
-            in_flight.append((batch, data, fut))
-            while in_flight and (len(in_flight) >= MAX_IN_FLIGHT or self.queue.empty()):
-                await settle_oldest()
+                # Only the latest heartbeat matters: one that cannot be sent in time is skipped, not queued.
+                await asyncio.wait_for(
+                    producer.send_and_wait(HEARTBEATS_TOPIC, encode_heartbeat(hb), key=self.key), interval
+                )
+                HEARTBEATS.inc()
+            except Exception as err:
+                self.control.unack(hb["acked_commands"])
+                log.warning("heartbeat not sent: %s", err)
+
+    # ---------------------------------------------------------------- control
+
+    def apply_rate(self, probe: str, every: int) -> None:
+        p = self.loaded.get(probe)
+        if p is not None:
+            p.set_sample_every(every)
+
+    # -------------------------------------------------------------------- run
 
     async def run(self, stop: asyncio.Event) -> None:
         acfg = self.cfg.agent
@@ -159,7 +315,9 @@ class Agent:
             PROBES_LOADED.labels(name).set(1 if name in self.loaded else 0)
         if not self.loaded:
             raise RuntimeError(f"no probe could be loaded: {self.skipped}")
-        REGISTRY.register(KernelCounters(self.loaded))
+        for probe in self.loaded:
+            self.apply_rate(probe, self.control.sample_every(probe))
+        REGISTRY.register(AgentCollector(self))
         selfmetrics.serve(acfg.metrics_port)
         producer = AIOKafkaProducer(
             bootstrap_servers=self.cfg.kafka.bootstrap,
@@ -168,21 +326,36 @@ class Agent:
             linger_ms=5,
             max_request_size=4 * 1024 * 1024,
         )
-        await retry(producer.start, what=f"connect to Kafka at {self.cfg.kafka.bootstrap}")
         log.info(
-            "agent host.id=%s boot=%s publishing to %s (probes: %s; skipped: %s)",
+            "agent host.id=%s boot=%s (probes: %s; skipped: %s; spool backlog %d bytes)",
             self.host_id,
             self.boot_id,
-            RAW_TOPIC,
             ", ".join(self.loaded),
             self.skipped or "none",
+            self.spool.depth_bytes(),
         )
-        publisher = asyncio.create_task(self.publish(producer))
+        collector = asyncio.create_task(self.collect(stop))
+        connected = asyncio.Event()
+
+        async def deliver() -> None:
+            # Collecting runs meanwhile: a broker that is away at start only means spooling.
+            await retry(producer.start, what=f"connect to Kafka at {self.cfg.kafka.bootstrap}")
+            connected.set()
+            await asyncio.gather(
+                self.publish(producer),
+                self.send_heartbeats(producer),
+                self.control.follow(self.cfg.kafka.bootstrap),
+            )
+
+        delivery = asyncio.create_task(deliver())
         try:
-            await self.collect(stop)
-            # Flush: everything sealed is published before the producer stops.
-            await self.queue.join()
+            await collector
+            deadline = time.monotonic() + FLUSH_TIMEOUT_S
+            while connected.is_set() and not self.spool.empty() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
         finally:
-            publisher.cancel()
+            delivery.cancel()
+            await asyncio.gather(delivery, return_exceptions=True)
             await producer.stop()
-            log.info("agent stopped; all sealed batches acknowledged")
+            self.spool.close()
+            log.info("agent stopped; %d spooled bytes not yet acknowledged", self.spool.depth_bytes())

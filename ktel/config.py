@@ -12,6 +12,7 @@ names the field, the bad value and what is allowed.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -55,6 +56,24 @@ class KafkaConfig(BaseModel):
         return v
 
 
+class RedactRule(BaseModel):
+    """Replace matches of ``pattern`` in a string field of an event kind."""
+
+    kind: str = Field(description="event kind, e.g. file_created")
+    field: str = Field(description="string field of that kind, e.g. path")
+    pattern: str = Field(description="Python regular expression")
+    replacement: str = Field("***", description="what a match becomes (may use \\1 groups)")
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as err:
+            raise ValueError(f"not a valid regular expression: {err}") from None
+        return v
+
+
 class AgentConfig(BaseModel):
     host_id: str = Field(
         default_factory=lambda: _read_id("/etc/machine-id"),
@@ -69,8 +88,34 @@ class AgentConfig(BaseModel):
     )
     ringbuf_pages: int = Field(256, description="BPF ring buffer size in 4 KiB pages (a power of two)")
     batch_max_events: int = Field(2000, ge=1, description="seal a batch at this many events")
+    batch_max_bytes: int = Field(
+        1 << 20, ge=4096, description="seal a batch when its events' raw size reaches this many bytes"
+    )
     batch_max_ms: int = Field(50, ge=1, description="seal a non-empty batch after this many ms")
     metrics_port: int = Field(9465, ge=0, le=65535, description="agent self-metrics /metrics port (0: off)")
+    spool_max_mb: int = Field(1024, ge=1, description="on-disk spool bound (<state_dir>/spool), MiB")
+    spool_full_policy: Literal["drop_oldest", "drop_newest"] = Field(
+        "drop_oldest", description="what a full spool drops; either way the events are counted"
+    )
+    spool_fsync: Literal["always", "interval", "never"] = Field(
+        "interval", description="fsync of the spool: every batch, at most once a second, or never"
+    )
+    heartbeat_seconds: float = Field(10, gt=0, description="interval of heartbeats on ktel.heartbeats")
+    sample_every: dict[str, int] = Field(
+        {},
+        description="sampling per probe, 1 in N (default 1: keep all); control commands override it",
+    )
+    redact: list[RedactRule] = Field(
+        [], description="rules masking sensitive values before anything leaves the node"
+    )
+
+    @field_validator("sample_every")
+    @classmethod
+    def _rates(cls, v: dict[str, int]) -> dict[str, int]:
+        for probe, n in v.items():
+            if n < 1:
+                raise ValueError(f"{probe} = {n}: a rate is 1 in N with N >= 1")
+        return v
 
     @field_validator("ringbuf_pages")
     @classmethod

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from ktel.config import Config
 from ktel.stack.kafka import TopicSpec
-from ktel.wire import DLQ_TOPIC, LOGS_TOPIC, METRICS_TOPIC, RAW_TOPIC, SPANS_TOPIC
+from ktel.wire import (
+    CONTROL_TOPIC,
+    DLQ_TOPIC,
+    HEARTBEATS_TOPIC,
+    LOGS_TOPIC,
+    METRICS_TOPIC,
+    RAW_TOPIC,
+    SPANS_TOPIC,
+)
 
 HOUR_MS = 3_600_000
 
@@ -19,4 +27,7 @@ def specs(cfg: Config) -> list[TopicSpec]:
             for t in (METRICS_TOPIC, SPANS_TOPIC, LOGS_TOPIC)
         ),
         TopicSpec(DLQ_TOPIC, 1, int(k.dlq_retention_hours * HOUR_MS)),
+        TopicSpec(HEARTBEATS_TOPIC, k.output_partitions, int(k.output_retention_hours * HOUR_MS)),
+        # One partition: every agent reads all commands, in the order they were given.
+        TopicSpec(CONTROL_TOPIC, 1, int(k.output_retention_hours * HOUR_MS)),
     ]

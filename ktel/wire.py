@@ -11,6 +11,8 @@ Topics
 ``ktel.spans``     kernel spans, for the OTLP traces exporter.
 ``ktel.logs``      kernel logs and notable events (OOM kills, ...), for OTLP logs.
 ``ktel.dlq``       records a stage could not use, with the reason and the bytes.
+``ktel.heartbeats`` agent heartbeats: identity, probes, drops, spool, latency.
+``ktel.control``   fidelity commands for the agents (one host or the fleet).
 
 Records are msgpack maps with short keys; every record carries ``v`` (the
 schema version). A reader rejects a version it does not know rather than
@@ -67,6 +69,28 @@ Log record (topic ``ktel.logs``, key = host id)::
                trace_id,           # 16 bytes or b""
                span_id], ...]}     # 8 bytes or b""
 
+Heartbeat record (topic ``ktel.heartbeats``, key = host id)::
+
+    {"v": 1, "ts": int (ms),
+     "host": {"host.id", "host.name", "host.arch", "os.type", "os.version" (kernel
+              release), "boot.id", "ktel.agent.version"},
+     "interval_s": float,
+     "probes": {name: {"loaded": bool, "reason": str, "sample_every": int,
+                       "command": command id in force or None}},
+     "counters": {name: int},     # cumulative since the agent started (see edge_agent/agent.py)
+     "rates": {name: float},      # per second over the last interval
+     "spool": {"depth_bytes": int},
+     "send_latency_ms": {"p50": float, "max": float},
+     "acked_commands": [command id, ...]}
+
+Control command (topic ``ktel.control``, key = target)::
+
+    {"v": 1, "id": str, "target": host id or "*" (the whole fleet),
+     "probe": str, "sample_every": int >= 1, "until_ms": int}
+
+sets a probe's sampling to 1 in ``sample_every`` until ``until_ms`` (wall clock);
+afterwards the agent's configured rate comes back.
+
 Dead-letter record (topic ``ktel.dlq``, key = the original key)::
 
     {"v": 1, "stage": str, "reason": str, "topic": str, "partition": int,
@@ -88,6 +112,8 @@ METRICS_TOPIC = "ktel.metrics"
 SPANS_TOPIC = "ktel.spans"
 LOGS_TOPIC = "ktel.logs"
 DLQ_TOPIC = "ktel.dlq"
+HEARTBEATS_TOPIC = "ktel.heartbeats"
+CONTROL_TOPIC = "ktel.control"
 
 
 class WireError(ValueError):
@@ -150,6 +176,19 @@ class SpanBatch:
 class LogBatch:
     resource: dict[str, Any]
     logs: Sequence[Sequence[Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlCommand:
+    id: str
+    target: str  # host id, or "*" for every host
+    probe: str
+    sample_every: int
+    until_ms: int
+
+    @property
+    def key(self) -> bytes:
+        return self.target.encode()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -330,3 +369,38 @@ def decode_dead_letter(data: bytes) -> DeadLetter:
         return DeadLetter(**obj)
     except TypeError as err:
         raise WireError(f"dead letter: {err}") from None
+
+
+def encode_heartbeat(hb: dict[str, Any]) -> bytes:
+    return _pack({"v": SCHEMA_VERSION, **hb})
+
+
+def decode_heartbeat(data: bytes) -> dict[str, Any]:
+    what = "heartbeat"
+    obj = _unpack(data, what)
+    host = _field(obj, "host", dict, what)
+    if not isinstance(host.get("host.id"), str):
+        raise WireError(f"{what}: host has no host.id")
+    for name in ("probes", "counters"):
+        _field(obj, name, dict, what)
+    _field(obj, "ts", int, what)
+    return obj
+
+
+def encode_command(cmd: ControlCommand) -> bytes:
+    return _pack({"v": SCHEMA_VERSION, **dataclasses.asdict(cmd)})
+
+
+def decode_command(data: bytes) -> ControlCommand:
+    what = "control command"
+    obj = _unpack(data, what)
+    every = _field(obj, "sample_every", int, what)
+    if every < 1:
+        raise WireError(f"{what}: sample_every must be >= 1, got {every}")
+    return ControlCommand(
+        id=_field(obj, "id", str, what),
+        target=_field(obj, "target", str, what),
+        probe=_field(obj, "probe", str, what),
+        sample_every=every,
+        until_ms=_field(obj, "until_ms", int, what),
+    )

@@ -48,8 +48,10 @@ async def test_batches_are_keyed_by_host_numbered_and_ordered(kafka, tmp_path):
         await producer.start()
         publisher = asyncio.create_task(agent.publish(producer))
         for i in range(n):
-            await agent.queue.put(agent.seal([ev] * (i + 1)))
-        await agent.queue.join()  # returns once every batch is acknowledged
+            agent.spool_batch([list(ev) for _ in range(i + 1)])
+        async with asyncio.timeout(30):
+            while not agent.spool.empty():  # the spool's cursor advances on acknowledgement
+                await asyncio.sleep(0.05)
         publisher.cancel()
         await producer.stop()
 

@@ -1,0 +1,324 @@
+"""The agent's on-disk spool: every sealed batch is written here before it is sent.
+
+Write-ahead, so that neither a broker outage nor an agent crash loses a sealed
+batch. The publisher reads the spool in order and advances an acknowledged
+cursor as Kafka acknowledges; fully acknowledged segments are deleted.
+
+Layout: a directory of segment files ``<n>.seg`` (n increasing), each a
+sequence of records::
+
+    offset  size  field
+    0       4     magic 0x4B54454C ("KTEL"), little endian
+    4       4     payload length
+    8       4     number of events in the payload (for drop accounting)
+    12      4     CRC-32 of bytes 4..12 and the payload
+    16      len   payload: the encoded raw batch (ktel.wire), as sent to Kafka
+
+and ``ack``, the acknowledged cursor ``<segment> <offset>``, written after
+acknowledgements (atomically, not fsynced: losing it re-sends batches, which
+the processors drop by sequence number).
+
+Durability (``fsync``): ``always`` fsyncs every record before it counts as
+spooled; ``interval`` (default) fsyncs at most every ``fsync_interval``
+seconds; ``never`` leaves it to the kernel. A SIGKILL of the agent loses no
+spooled record under any policy (the page cache outlives the process): it
+loses only events still in the BPF ring buffer or decoded but not yet sealed,
+at most ``agent.batch_max_ms`` of events. A power loss can also lose what was
+written since the last fsync.
+
+Damage: a record whose magic, length or CRC is wrong is skipped by scanning
+forward for the next valid record; the skipped bytes are logged and counted
+(``corrupt_bytes``). A torn tail (a crash mid-write) is the same case at the
+end of a segment. The writer never appends to a segment it did not create, so
+a damaged segment is only ever read.
+
+Bound: at most ``max_bytes`` on disk. When full, ``drop_newest`` refuses new
+batches and ``drop_oldest`` deletes the oldest unacknowledged segment; either
+way the events lost are counted (``dropped_events``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import struct
+import time
+import zlib
+from pathlib import Path
+from typing import Literal
+
+log = logging.getLogger("ktel.spool")
+
+MAGIC = 0x4B54454C
+HEADER = struct.Struct("<IIII")
+MAX_RECORD = 64 * 1024 * 1024  # a length beyond this is damage, not a record
+READ_CHUNK = 1 << 20
+_MAGIC_BYTES = struct.pack("<I", MAGIC)
+
+FullPolicy = Literal["drop_newest", "drop_oldest"]
+FsyncPolicy = Literal["always", "interval", "never"]
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Cursor:
+    segment: int
+    offset: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    start: Cursor
+    next: Cursor
+    n_events: int
+    payload: bytes
+
+
+def _crc(length: int, n_events: int, payload: bytes) -> int:
+    return zlib.crc32(payload, zlib.crc32(struct.pack("<II", length, n_events)))
+
+
+class Spool:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        max_bytes: int = 1 << 30,
+        segment_bytes: int = 16 << 20,
+        full_policy: FullPolicy = "drop_oldest",
+        fsync: FsyncPolicy = "interval",
+        fsync_interval: float = 1.0,
+    ):
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_bytes
+        self.segment_bytes = segment_bytes
+        self.full_policy = full_policy
+        self.fsync = fsync
+        self.fsync_interval = fsync_interval
+        self.dropped_events = 0
+        self.dropped_batches = 0
+        self.corrupt_bytes = 0
+        self._damaged: set[tuple[int, int]] = set()
+        self._last_fsync = time.monotonic()
+        self._ack = self._load_ack()
+        segs = self._segments()
+        # Forget segments wholly before the acknowledged cursor (a crash between ack and delete).
+        for s in segs:
+            if s < self._ack.segment:
+                self._path(s).unlink()
+        segs = [s for s in segs if s >= self._ack.segment]
+        if not segs or self._ack.segment < segs[0]:
+            self._ack = Cursor(segs[0] if segs else 0, 0)
+        # Always a fresh segment for writing: never append after a possibly torn tail.
+        self._wseg = (segs[-1] + 1) if segs else self._ack.segment
+        self._wfile = open(self._path(self._wseg), "ab")  # noqa: SIM115 - lives as long as the spool
+        self._wsize = 0
+        self._sizes = {s: self._path(s).stat().st_size for s in segs}
+        self._sizes[self._wseg] = 0
+        self._rfile: tuple[int, object] | None = None
+
+    # ----------------------------------------------------------------- paths
+
+    def _path(self, seg: int) -> Path:
+        return self.dir / f"{seg:016d}.seg"
+
+    def _segments(self) -> list[int]:
+        return sorted(int(p.stem) for p in self.dir.glob("*.seg") if p.stem.isdigit())
+
+    def _load_ack(self) -> Cursor:
+        try:
+            seg, off = (self.dir / "ack").read_text().split()
+            return Cursor(int(seg), int(off))
+        except (FileNotFoundError, ValueError):
+            return Cursor(0, 0)
+
+    # ----------------------------------------------------------------- state
+
+    @property
+    def ack_cursor(self) -> Cursor:
+        return self._ack
+
+    @property
+    def end(self) -> Cursor:
+        return Cursor(self._wseg, self._wsize)
+
+    def depth_bytes(self) -> int:
+        return sum(self._sizes.values()) - self._ack.offset
+
+    def empty(self) -> bool:
+        return self._ack >= self.end or self.depth_bytes() <= 0
+
+    # ----------------------------------------------------------------- write
+
+    def append(self, payload: bytes, n_events: int) -> bool:
+        """Spool one sealed batch; False if it was dropped (spool full, drop_newest)."""
+        size = HEADER.size + len(payload)
+        while self.depth_bytes() + size > self.max_bytes:
+            if self.full_policy == "drop_newest" or not self._drop_oldest_segment():
+                self.dropped_events += n_events
+                self.dropped_batches += 1
+                return False
+        if self._wsize and self._wsize + size > self.segment_bytes:
+            self._rotate()
+        header = HEADER.pack(MAGIC, len(payload), n_events, _crc(len(payload), n_events, payload))
+        self._wfile.write(header + payload)
+        self._wfile.flush()  # to the page cache: from here a SIGKILL cannot lose it
+        self._wsize += size
+        self._sizes[self._wseg] = self._wsize
+        now = time.monotonic()
+        if self.fsync == "always" or (
+            self.fsync == "interval" and now - self._last_fsync >= self.fsync_interval
+        ):
+            os.fsync(self._wfile.fileno())
+            self._last_fsync = now
+        return True
+
+    def _rotate(self) -> None:
+        if self.fsync != "never":
+            os.fsync(self._wfile.fileno())
+        self._wfile.close()
+        self._wseg += 1
+        self._wsize = 0
+        self._sizes[self._wseg] = 0
+        self._wfile = open(self._path(self._wseg), "ab")  # noqa: SIM115
+
+    def _drop_oldest_segment(self) -> bool:
+        oldest = self._ack.segment
+        if oldest == self._wseg:
+            return False  # only the segment being written is left: nothing to evict
+        events, batches = 0, 0
+        for rec in self._scan(oldest, self._ack.offset, count_damage=False):
+            events += rec.n_events
+            batches += 1
+        self.dropped_events += events
+        self.dropped_batches += batches
+        log.error(
+            "spool full (%d bytes): dropped its oldest %d batches (%d events)",
+            self.max_bytes,
+            batches,
+            events,
+        )
+        self._delete_through(oldest)
+        self._set_ack(Cursor(oldest + 1, 0))
+        return True
+
+    # ------------------------------------------------------------------ read
+
+    def _open_read(self, seg: int):
+        if self._rfile is None or self._rfile[0] != seg:
+            if self._rfile is not None:
+                self._rfile[1].close()  # type: ignore[attr-defined]
+            self._rfile = (seg, open(self._path(seg), "rb"))  # noqa: SIM115
+        return self._rfile[1]
+
+    def _scan(self, seg: int, offset: int, count_damage: bool = True):
+        """Valid records of one segment from offset, skipping (and counting) damage.
+
+        Reads in chunks, so a long backlog costs one pass over the file.
+        """
+        f = self._open_read(seg)
+        f.seek(offset)  # type: ignore[attr-defined]
+        buf, pos, base, eof = b"", 0, offset, False
+
+        def fill(n: int) -> bool:
+            """Make n bytes available at pos if the file has them."""
+            nonlocal buf, pos, base, eof
+            while len(buf) - pos < n and not eof:
+                more = f.read(max(READ_CHUNK, n - (len(buf) - pos)))  # type: ignore[attr-defined]
+                eof = not more
+                buf, base, pos = buf[pos:] + more, base + pos, 0
+            return len(buf) - pos >= n
+
+        while fill(HEADER.size):
+            magic, length, n_events, crc = HEADER.unpack_from(buf, pos)
+            if magic == MAGIC and length <= MAX_RECORD and fill(HEADER.size + length):
+                end = pos + HEADER.size + length
+                payload = buf[pos + HEADER.size : end]
+                if _crc(length, n_events, payload) == crc:
+                    yield Record(Cursor(seg, base + pos), Cursor(seg, base + end), n_events, payload)
+                    pos = end
+                    continue
+            # Damage: resynchronise on the next magic number.
+            start = base + pos
+            skipped = 0
+            while True:
+                nxt = buf.find(_MAGIC_BYTES, pos + 1)
+                if nxt >= 0:
+                    skipped += nxt - pos
+                    pos = nxt
+                    break
+                keep = max(pos + 1, len(buf) - 3)  # a magic may straddle the chunk edge
+                skipped += keep - pos
+                pos = keep
+                if not fill(len(buf) - pos + 1):
+                    skipped += len(buf) - pos
+                    pos = len(buf)
+                    break
+            if count_damage:
+                self._damage(seg, start, skipped)
+        if count_damage and len(buf) - pos > 0:
+            self._damage(seg, base + pos, len(buf) - pos)
+
+    def _damage(self, seg: int, at: int, nbytes: int) -> None:
+        # A damaged range is met again each time a read passes it: count it once.
+        if (seg, at) in self._damaged:
+            return
+        self._damaged.add((seg, at))
+        self.corrupt_bytes += nbytes
+        log.error(
+            "spool segment %s is damaged at byte %d: skipped %d bytes to the next intact record",
+            self._path(seg), at, nbytes,
+        )  # fmt: skip
+
+    def read(self, cursor: Cursor, limit: int = 64) -> list[Record]:
+        """Up to ``limit`` records at or after ``cursor``, in order ([] if caught up)."""
+        out: list[Record] = []
+        seg, off = cursor.segment, cursor.offset
+        if seg < self._ack.segment:  # the segment was dropped while we were reading it
+            seg, off = self._ack.segment, self._ack.offset
+        while len(out) < limit:
+            if seg == self._wseg:
+                if off >= self._wsize:
+                    break
+                self._wfile.flush()
+            for rec in self._scan(seg, off):
+                out.append(rec)
+                off = rec.next.offset
+                if len(out) == limit:
+                    return out
+            if seg == self._wseg:
+                break
+            seg, off = seg + 1, 0
+        return out
+
+    # ------------------------------------------------------------------- ack
+
+    def ack(self, upto: Cursor) -> None:
+        """Everything before ``upto`` is acknowledged."""
+        if upto <= self._ack:
+            return
+        if upto.segment > self._ack.segment:
+            self._delete_through(upto.segment - 1)
+        self._set_ack(upto)
+
+    def _delete_through(self, seg: int) -> None:
+        for s in [s for s in self._sizes if s <= seg and s != self._wseg]:
+            if self._rfile is not None and self._rfile[0] == s:
+                self._rfile[1].close()  # type: ignore[attr-defined]
+                self._rfile = None
+            self._path(s).unlink(missing_ok=True)
+            del self._sizes[s]
+
+    def _set_ack(self, cur: Cursor) -> None:
+        self._ack = cur
+        tmp = self.dir / "ack.tmp"
+        tmp.write_text(f"{cur.segment} {cur.offset}\n")
+        os.replace(tmp, self.dir / "ack")
+
+    def close(self) -> None:
+        if self.fsync != "never":
+            os.fsync(self._wfile.fileno())
+        self._wfile.close()
+        if self._rfile is not None:
+            self._rfile[1].close()  # type: ignore[attr-defined]
