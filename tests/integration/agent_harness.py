@@ -1,0 +1,122 @@
+"""Run the real agent (`ktel agent`) as a child process and read what it published."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from aiokafka import AIOKafkaConsumer
+from prometheus_client.parser import text_string_to_metric_families
+
+from ktel.stack.kafka import free_port
+from ktel.wire import RAW_TOPIC, decode_batch, event_dict
+
+
+class AgentProcess:
+    def __init__(self, tmp_path: Path, bootstrap: str, **settings: str):
+        self.port = free_port()
+        self.state_dir = tmp_path / "agent-state"
+        self.log_path = tmp_path / "agent.log"
+        self.env = dict(
+            os.environ,
+            KTEL_KAFKA__BOOTSTRAP=bootstrap,
+            KTEL_AGENT__STATE_DIR=str(self.state_dir),
+            KTEL_AGENT__METRICS_PORT=str(self.port),
+            KTEL_AGENT__HEARTBEAT_SECONDS="1",
+            **{f"KTEL_AGENT__{k.upper()}": v for k, v in settings.items()},
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60) -> AgentProcess:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "ktel.cli", "agent"],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + timeout
+        while not _port_open(self.port):
+            assert self.proc.poll() is None, f"agent exited:\n{self.log()}"
+            assert time.monotonic() < deadline, f"agent not ready:\n{self.log()}"
+            time.sleep(0.1)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def metrics(self) -> dict[tuple[str, tuple], float]:
+        text = httpx.get(f"http://127.0.0.1:{self.port}/metrics").text
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text)
+            for s in fam.samples
+        }
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
+
+    def wait_until_spool_empty(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while self.metric("ktel_agent_spool_bytes") > 0:
+            assert time.monotonic() < deadline, f"spool not drained:\n{self.log()[-3000:]}"
+            time.sleep(0.2)
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait()
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+async def read_topic(bootstrap: str, topic: str, idle_s: float = 3.0, timeout: float = 120) -> list:
+    """Every record of ``topic`` from the beginning, until nothing new for idle_s."""
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None
+    )
+    await consumer.start()
+    records: list = []
+    try:
+        last = time.monotonic()
+        deadline = last + timeout
+        while time.monotonic() - last < idle_s and time.monotonic() < deadline:
+            got = await consumer.getmany(timeout_ms=500)
+            for recs in got.values():
+                records.extend(recs)
+            if got:
+                last = time.monotonic()
+    finally:
+        await consumer.stop()
+    return records
+
+
+def raw_events_under(bootstrap: str, prefix: str) -> tuple[list[dict], int]:
+    """Events whose path starts with prefix, deduplicated by (host, boot, seq); and the duplicate count."""
+    seen: set[tuple[str, str, int]] = set()
+    dups = 0
+    events: list[dict] = []
+    for rec in asyncio.run(read_topic(bootstrap, RAW_TOPIC)):
+        batch = decode_batch(rec.value)
+        ident = (batch.host_id, batch.boot_id, batch.seq)
+        if ident in seen:
+            dups += 1
+            continue
+        seen.add(ident)
+        events.extend(e for e in map(event_dict, batch.events) if e.get("path", "").startswith(prefix))
+    return events, dups

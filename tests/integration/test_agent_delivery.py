@@ -1,0 +1,160 @@
+"""The real agent against the real kernel and a real broker that goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from edge_agent.spool import HEADER, Spool
+from ktel import config, topics
+from ktel.stack.kafka import LocalKafka, create_topics, free_port
+from ktel.wire import (
+    CONTROL_TOPIC,
+    FILE_CREATED,
+    HEARTBEATS_TOPIC,
+    ControlCommand,
+    RawBatch,
+    decode_heartbeat,
+    encode_batch,
+    encode_command,
+)
+from tests.conftest import need_bpf
+from tests.integration.agent_harness import AgentProcess, raw_events_under, read_topic
+
+pytestmark = [pytest.mark.kafka, pytest.mark.bpf]
+
+
+def make_topics(bootstrap: str) -> None:
+    cfg = config.Config(kafka=config.KafkaConfig(bootstrap=bootstrap), agent=config.AgentConfig(host_id="t"))
+    asyncio.run(create_topics(bootstrap, topics.specs(cfg)))
+
+
+@pytest.fixture
+def own_broker(tmp_path):
+    """A broker this test may stop and start."""
+    broker = LocalKafka(tmp_path / "kafka", free_port(), free_port())
+    broker.start()
+    make_topics(broker.bootstrap)
+    yield broker
+    broker.stop()
+
+
+def create_files(directory, n, rate_per_s, stop_at=None):
+    directory.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    for i in range(n):
+        (directory / f"f{i:05d}").touch()
+        delay = start + (i + 1) / rate_per_s - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+
+
+def test_broker_down_30s_loses_nothing(own_broker, tmp_path):
+    need_bpf()
+    agent = AgentProcess(tmp_path, own_broker.bootstrap).start()
+    target = tmp_path / "workload"
+    n, rate = 1000, 25.0  # 40 s of steady file creation
+    worker = threading.Thread(target=create_files, args=(target, n, rate))
+    worker.start()
+    time.sleep(5)
+    own_broker.stop()
+    time.sleep(15)
+    spooled_during_outage = agent.metric("ktel_agent_spool_bytes")
+    time.sleep(15)
+    own_broker.start()
+    worker.join()
+    agent.wait_until_spool_empty()
+    drops = agent.metric("ktel_agent_ringbuf_drops_total", probe="file_created") + agent.metric(
+        "ktel_agent_spool_dropped_events_total"
+    )
+    assert agent.stop() == 0
+
+    events, _dups = raw_events_under(own_broker.bootstrap, f"{target}/")
+    assert spooled_during_outage > 0  # the outage really happened and the spool took the batches
+    assert drops == 0
+    assert sorted(e["path"] for e in events) == [str(target / f"f{i:05d}") for i in range(n)]
+
+
+def test_damaged_spool_is_recovered_and_the_damage_counted(kafka, tmp_path):
+    need_bpf()
+    make_topics(kafka.bootstrap)
+    host = f"spool-{uuid.uuid4().hex[:8]}"
+    # A spool left by a previous run: 12 batches, one damaged, the last torn.
+    spool = Spool(tmp_path / "agent-state" / "spool")
+    sizes = []
+    for seq in range(12):
+        ev = [FILE_CREATED.id, 1, 2, 2, 0, "old", f"/spooled/{seq}", 0o101, False]
+        payload = encode_batch(RawBatch(host, "boot-before", seq, 1, [ev]))
+        spool.append(payload, 1)
+        sizes.append(HEADER.size + len(payload))
+    spool.close()
+    [seg] = (tmp_path / "agent-state" / "spool").glob("*.seg")
+    data = bytearray(seg.read_bytes())
+    data[sum(sizes[:4]) + HEADER.size + 5] ^= 0xFF  # batch 4's payload
+    seg.write_bytes(bytes(data[: len(data) - 7]))  # batch 11 torn
+
+    agent = AgentProcess(tmp_path, kafka.bootstrap, host_id=host).start()
+    agent.wait_until_spool_empty()
+    corrupt = agent.metric("ktel_agent_spool_corrupt_bytes_total")
+    assert agent.stop() == 0
+    events, _ = raw_events_under(kafka.bootstrap, "/spooled/")
+    assert sorted(int(e["path"].rsplit("/", 1)[1]) for e in events) == [0, 1, 2, 3, 5, 6, 7, 8, 9, 10]
+    assert corrupt == sizes[4] + sizes[11] - 7
+    assert "is damaged at byte" in agent.log()
+
+
+def test_control_command_lowers_rate_then_deadline_restores_it(kafka, tmp_path):
+    need_bpf()
+    make_topics(kafka.bootstrap)
+    host = f"ctl-{uuid.uuid4().hex[:8]}"
+    agent = AgentProcess(tmp_path, kafka.bootstrap, host_id=host).start()
+    n = 3000
+
+    create_files(tmp_path / "before", n, rate_per_s=5000)
+    cmd = ControlCommand(
+        f"cmd-{uuid.uuid4().hex[:6]}", host, "file_created", 10, time.time_ns() // 10**6 + 15_000
+    )
+
+    async def send():
+        producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap)
+        await producer.start()
+        await producer.send_and_wait(CONTROL_TOPIC, encode_command(cmd), key=cmd.key)
+        await producer.stop()
+
+    asyncio.run(send())
+    deadline = time.monotonic() + 10
+    while agent.metric("ktel_agent_sample_every", probe="file_created") != 10:
+        assert time.monotonic() < deadline, agent.log()
+        time.sleep(0.1)
+    create_files(tmp_path / "during", n, rate_per_s=5000)
+    while agent.metric("ktel_agent_sample_every", probe="file_created") != 1:
+        assert time.monotonic() < deadline + 30, agent.log()
+        time.sleep(0.2)
+    create_files(tmp_path / "after", n, rate_per_s=5000)
+    agent.wait_until_spool_empty()
+    time.sleep(1.5)  # one more heartbeat
+    assert agent.stop() == 0
+
+    counts = {
+        p: len(raw_events_under(kafka.bootstrap, f"{tmp_path / p}/")[0])
+        for p in ("before", "during", "after")
+    }
+    assert counts["before"] == n and counts["after"] == n
+    # 1 in 10 of 3000 is binomial(3000, 0.1): mean 300, sd 16.4; +-6 sd.
+    assert 200 <= counts["during"] <= 400, counts
+    beats = [decode_heartbeat(r.value) for r in asyncio.run(read_topic(kafka.bootstrap, HEARTBEATS_TOPIC))]
+    mine = [b for b in beats if b["host"]["host.id"] == host]
+    assert any(cmd.id in b["acked_commands"] for b in mine)
+    assert any(b["probes"]["file_created"]["command"] == cmd.id for b in mine)
+    assert mine[-1]["probes"]["file_created"] == {
+        "loaded": True,
+        "reason": "",
+        "sample_every": 1,
+        "command": None,
+    }
+    assert mine[-1]["host"]["os.version"] and mine[-1]["counters"]["events_published"] > 0
