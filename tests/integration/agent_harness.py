@@ -20,7 +20,11 @@ from ktel.wire import RAW_TOPIC, decode_batch, event_dict
 
 
 class AgentProcess:
-    def __init__(self, tmp_path: Path, bootstrap: str, **settings: str):
+    # Every agent a test started, so a fixture can kill what a failed test left running.
+    started: list[AgentProcess] = []
+
+    def __init__(self, tmp_path: Path, bootstrap: str, wrapper: list[str] | None = None, **settings: str):
+        self.wrapper = wrapper or []
         self.port = free_port()
         self.state_dir = tmp_path / "agent-state"
         self.log_path = tmp_path / "agent.log"
@@ -37,11 +41,12 @@ class AgentProcess:
     def start(self, timeout: float = 60) -> AgentProcess:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "ktel.cli", "agent"],
+                [*self.wrapper, sys.executable, "-m", "ktel.cli", "agent"],
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
+        AgentProcess.started.append(self)
         deadline = time.monotonic() + timeout
         while not _port_open(self.port):
             assert self.proc.poll() is None, f"agent exited:\n{self.log()}"
@@ -78,6 +83,14 @@ class AgentProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         return self.proc.wait()
+
+
+def kill_leftovers() -> None:
+    for agent in AgentProcess.started:
+        if agent.proc is not None and agent.proc.poll() is None:
+            agent.proc.kill()
+            agent.proc.wait()
+    AgentProcess.started.clear()
 
 
 def _port_open(port: int) -> bool:

@@ -24,9 +24,15 @@ from ktel.wire import (
     encode_command,
 )
 from tests.conftest import need_bpf
-from tests.integration.agent_harness import AgentProcess, raw_events_under, read_topic
+from tests.integration.agent_harness import AgentProcess, kill_leftovers, raw_events_under, read_topic
 
 pytestmark = [pytest.mark.kafka, pytest.mark.bpf]
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_agents():
+    yield
+    kill_leftovers()
 
 
 def make_topics(bootstrap: str) -> None:
@@ -158,3 +164,35 @@ def test_control_command_lowers_rate_then_deadline_restores_it(kafka, tmp_path):
         "command": None,
     }
     assert mine[-1]["host"]["os.version"] and mine[-1]["counters"]["events_published"] > 0
+
+
+# The capabilities the README documents for running the agent without full root.
+AGENT_CAPS = "+bpf,+perfmon"
+
+
+def test_agent_with_only_its_documented_capabilities_publishes(kafka, tmp_path):
+    need_bpf()
+    make_topics(kafka.bootstrap)
+    host = f"caps-{uuid.uuid4().hex[:8]}"
+    # uid 0 stays the owner of the agent's files, but securebits noroot makes it
+    # get no capability from being root: only the ambient set below.
+    wrapper = [
+        "setpriv",
+        f"--inh-caps=-all,{AGENT_CAPS}",
+        f"--ambient-caps=-all,{AGENT_CAPS}",
+        f"--bounding-set=-all,{AGENT_CAPS}",
+        "--securebits=+noroot,+noroot_locked,+no_setuid_fixup,+no_setuid_fixup_locked",
+    ]
+    agent = AgentProcess(tmp_path, kafka.bootstrap, wrapper=wrapper, host_id=host).start()
+    status = open(f"/proc/{agent.proc.pid}/status").read()
+    cap_eff = int(status.split("CapEff:")[1].split()[0], 16)
+    assert cap_eff == (1 << 38) | (1 << 39)  # CAP_PERFMON (38) and CAP_BPF (39), nothing else
+    create_files(tmp_path / "capped", 23, rate_per_s=1000)
+    deadline = time.monotonic() + 30
+    while agent.metric("ktel_agent_events_published_total") < 23:
+        assert time.monotonic() < deadline, agent.log()
+        time.sleep(0.2)
+    agent.wait_until_spool_empty()
+    assert agent.stop() == 0
+    events, _ = raw_events_under(kafka.bootstrap, f"{tmp_path / 'capped'}/")
+    assert len(events) == 23
