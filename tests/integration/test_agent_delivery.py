@@ -6,6 +6,7 @@ import asyncio
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -184,7 +185,7 @@ def test_agent_with_only_its_documented_capabilities_publishes(kafka, tmp_path):
         "--securebits=+noroot,+noroot_locked,+no_setuid_fixup,+no_setuid_fixup_locked",
     ]
     agent = AgentProcess(tmp_path, kafka.bootstrap, wrapper=wrapper, host_id=host).start()
-    status = open(f"/proc/{agent.proc.pid}/status").read()
+    status = Path(f"/proc/{agent.proc.pid}/status").read_text()
     cap_eff = int(status.split("CapEff:")[1].split()[0], 16)
     assert cap_eff == (1 << 38) | (1 << 39)  # CAP_PERFMON (38) and CAP_BPF (39), nothing else
     create_files(tmp_path / "capped", 23, rate_per_s=1000)
