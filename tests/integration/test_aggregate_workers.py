@@ -1,0 +1,195 @@
+"""The aggregate stage on the real broker: scaling, a SIGKILL, and garbage input."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from ktel import config, topics
+from ktel.stack.kafka import LocalKafka, create_topics, free_port
+from ktel.wire import (
+    DLQ_TOPIC,
+    FILE_CREATED,
+    METRICS_TOPIC,
+    RawBatch,
+    decode_dead_letter,
+    decode_snapshot,
+    encode_batch,
+)
+from tests.integration.agent_harness import read_topic
+
+pytestmark = pytest.mark.kafka
+
+
+@pytest.fixture
+def broker(tmp_path):
+    """A broker of this test's own: the workers' consumer group and tables start empty."""
+    b = LocalKafka(tmp_path / "kafka", free_port(), free_port())
+    b.start()
+    cfg = config.Config(
+        kafka=config.KafkaConfig(bootstrap=b.bootstrap), agent=config.AgentConfig(host_id="t")
+    )
+    asyncio.run(create_topics(b.bootstrap, topics.specs(cfg)))
+    yield b
+    b.stop()
+
+
+class Worker:
+    def __init__(self, tmp_path, bootstrap, name):
+        self.log = tmp_path / f"{name}.log"
+        self.env = dict(
+            os.environ,
+            KTEL_KAFKA__BOOTSTRAP=bootstrap,
+            KTEL_AGGREGATE__WINDOW_SECONDS="1",
+            KTEL_AGGREGATE__METRICS_PORT="0",
+            KTEL_AGENT__HOST_ID="unused",
+        )
+        self.proc: subprocess.Popen | None = None
+
+    def start(self):
+        with open(self.log, "ab") as f:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "ktel.cli", "process", "aggregate"], env=self.env, stdout=f, stderr=f
+            )
+        return self
+
+    def kill(self):
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def batches(hosts: int, per_host: int, events: int):
+    """Synthetic agent traffic: per host, numbered batches of file_created events."""
+    for seq in range(per_host):
+        for h in range(hosts):
+            ev = [FILE_CREATED.id, 1, 2, 2, 0, "w", f"/data/h{h}/d{seq % 3}/f", 0o101, False]
+            yield RawBatch(f"host-{h:02d}", "boot", seq, 1, [list(ev) for _ in range(events)])
+
+
+async def produce(bootstrap, records, pace_s=0.0):
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True)
+    await producer.start()
+    try:
+        for key, value in records:
+            await producer.send("ktel.raw", value, key=key)
+            if pace_s:
+                await asyncio.sleep(pace_s)
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+def latest_totals(bootstrap) -> dict[tuple[str, str], float]:
+    """The latest value of every file_created_total series in ktel.metrics."""
+    latest: dict[tuple[str, str], tuple[int, float]] = {}
+    for rec in asyncio.run(read_topic(bootstrap, METRICS_TOPIC, idle_s=2)):
+        snap = decode_snapshot(rec.value)
+        for name, _t, labels, value in snap.series:
+            if name == "file_created_total":
+                key = (labels["host.id"], labels["directory"])
+                if key not in latest or latest[key][0] <= snap.ts_ms:
+                    latest[key] = (snap.ts_ms, value)
+    return {k: v for k, (_ts, v) in latest.items()}
+
+
+def wait_for_totals(bootstrap, expected: dict, timeout=120) -> dict:
+    deadline = time.monotonic() + timeout
+    got = latest_totals(bootstrap)
+    while got != expected and time.monotonic() < deadline:
+        time.sleep(2)
+        got = latest_totals(bootstrap)
+    return got
+
+
+def test_two_workers_and_a_sigkill_count_every_event_once(broker, tmp_path):
+    hosts, per_host, events = 12, 60, 50
+    a = Worker(tmp_path, broker.bootstrap, "a").start()
+    b = Worker(tmp_path, broker.bootstrap, "b").start()
+    try:
+        traffic = [(bt.key, encode_batch(bt)) for bt in batches(hosts, per_host, events)]
+        # Re-sent batches (an agent retrying) must not count twice.
+        traffic += random.Random(7).sample(traffic, 40)
+        half = len(traffic) // 2
+        asyncio.run(produce(broker.bootstrap, traffic[:half], pace_s=0.01))
+        a.kill()  # mid-stream, without any chance to commit or flush
+        asyncio.run(produce(broker.bootstrap, traffic[half : half + 200], pace_s=0.01))
+        a = Worker(tmp_path, broker.bootstrap, "a2").start()
+        asyncio.run(produce(broker.bootstrap, traffic[half + 200 :], pace_s=0.005))
+
+        expected = {
+            (f"host-{h:02d}", f"/data/h{h}/d{d}"): float(events * len(range(d, per_host, 3)))
+            for h in range(hosts)
+            for d in range(3)
+        }
+        got = wait_for_totals(broker.bootstrap, expected)
+        assert got == expected
+        assert sum(got.values()) == hosts * per_host * events
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_garbage_and_wrong_versions_go_to_the_dlq_and_good_counts_stay_exact(broker, tmp_path):
+    import msgpack
+
+    w = Worker(tmp_path, broker.bootstrap, "w").start()
+    try:
+        rng = random.Random(11)
+        good = [(bt.key, encode_batch(bt)) for bt in batches(4, 25, 10)]
+        bad = []
+        for i in range(10_000):
+            if i % 3 == 0:
+                bad.append((b"host-00", rng.randbytes(rng.randint(0, 64))))
+            elif i % 3 == 1:
+                bad.append((b"host-01", msgpack.packb({"v": 2, "host": "host-01", "events": []})))
+            else:
+                bad.append(
+                    (
+                        b"host-02",
+                        msgpack.packb(
+                            {"v": 1, "host": "host-02", "boot": "b", "seq": i, "sent": 1, "events": [[99]]}
+                        ),
+                    )
+                )
+        mixed = good + bad
+        rng.shuffle(mixed)
+        # Keep each host's good batches in order relative to each other (shuffle moved them).
+        asyncio.run(produce(broker.bootstrap, mixed))
+
+        expected = {
+            (f"host-{h:02d}", f"/data/h{h}/d{d}"): float(10 * len(range(d, 25, 3)))
+            for h in range(4)
+            for d in range(3)
+        }
+        got = wait_for_totals(broker.bootstrap, expected)
+        assert got == expected
+        dead = [
+            decode_dead_letter(r.value)
+            for r in asyncio.run(read_topic(broker.bootstrap, DLQ_TOPIC, idle_s=2))
+        ]
+        assert len(dead) == 10_000
+        reasons = {d.reason.split(":")[1].strip().split(" ")[0] for d in dead}
+        assert any("unknown schema version 2" in d.reason for d in dead)
+        assert any("unknown kind id 99" in d.reason for d in dead)
+        assert reasons  # every dead letter carries a reason
+        assert sorted(d.payload for d in dead) == sorted(v for _k, v in bad)
+        assert w.proc.poll() is None  # the worker kept running
+    finally:
+        w.stop()
