@@ -123,23 +123,35 @@ class Agent:
 
     # ------------------------------------------------------------ collecting
 
-    def seal(self, events: list) -> RawBatch:
-        return RawBatch(self.host_id, self.boot_id, self.seqs.next(), time.time_ns(), events)
+    def seal(self, events: list, weights: list[float] | None = None) -> RawBatch:
+        return RawBatch(self.host_id, self.boot_id, self.seqs.next(), time.time_ns(), events, weights)
 
-    def spool_batch(self, events: list) -> None:
+    def spool_batch(self, events: list, weights: list[float]) -> None:
         if self.redactor:
             self.redactor.apply(events)
-        batch = self.seal(events)
+        uniform = weights.count(1.0) == len(weights)
+        batch = self.seal(events, None if uniform else weights)
         if not self.spool.append(encode_batch(batch), len(events)):
             log.error("spool full (policy drop_newest): dropped batch %d (%d events)", batch.seq, len(events))
         self.spooled.set()
 
-    def drain_once(self, pending: list) -> None:
+    def drain_once(self, pending: list, weights: list[float]) -> None:
+        """Decode what the ring buffers hold into ``pending``, and each event's
+        sampling weight into ``weights``: the probe's 1-in-N rate in force now.
+        (Events sampled just before a rate change and drained after it carry
+        the new rate: the error lasts one drain interval.)"""
         for name, p in self.loaded.items():
+            # Histogram probes: their in-kernel histograms as HISTOGRAM_DELTA events every
+            # probes.SNAPSHOT_SECONDS, and the last deltas after close() (edge_agent/probes.py).
+            # Weight 1: the counts are of sampled values and each event carries sample_every.
+            snap = p.maybe_snapshot()
+            pending += snap
+            weights += [1.0] * len(snap)
             records = p.take()
             if not records:
                 continue
             EVENTS_READ.labels(name).inc(len(records))
+            before = len(pending)
             try:
                 pending.extend(p.decode(records))
             except Exception:
@@ -152,30 +164,32 @@ class Agent:
                     except Exception as err:
                         DECODE_ERRORS.labels(name).inc()
                         log.warning("probe %s: undecodable record of %d bytes: %s", name, len(r), err)
+            weights.extend([float(self.control.sample_every(name))] * (len(pending) - before))
 
     async def collect(self, stop: asyncio.Event) -> None:
         """Drain the probes every batch_max_ms and seal batches into the spool."""
         acfg = self.cfg.agent
         pending: list = []
+        weights: list[float] = []
         sealed_at = time.monotonic()
         while True:
             stopping = stop.is_set()
             if stopping:
                 for p in self.loaded.values():
                     p.close()  # detaches, then drains what the ring buffer still holds
-            self.drain_once(pending)
+            self.drain_once(pending, weights)
             self.control.expire()
             now = time.monotonic()
             # Bytes are bounded through the event count: a decoded event is at most
             # its ring-buffer record's size, so max_bytes / record size events fit.
             limit = min(acfg.batch_max_events, max(1, acfg.batch_max_bytes // 320))
             while len(pending) >= limit:
-                self.spool_batch(pending[:limit])
-                del pending[:limit]
+                self.spool_batch(pending[:limit], weights[:limit])
+                del pending[:limit], weights[:limit]
                 sealed_at = now
             if pending and (stopping or (now - sealed_at) * 1000 >= acfg.batch_max_ms):
-                self.spool_batch(pending)
-                pending = []
+                self.spool_batch(pending, weights)
+                pending, weights = [], []
                 sealed_at = now
             if stopping:
                 return

@@ -58,9 +58,9 @@ def cmd_agent(cfg: config_mod.Config, _args: argparse.Namespace) -> None:
 
 
 def cmd_process(cfg: config_mod.Config, args: argparse.Namespace) -> None:
-    from processors import aggregate
+    from processors import stages
 
-    aggregate.run(cfg, args.log_level)
+    stages.run(cfg, args.stage, args.log_level)
 
 
 def cmd_export(cfg: config_mod.Config, args: argparse.Namespace) -> None:
@@ -68,6 +68,10 @@ def cmd_export(cfg: config_mod.Config, args: argparse.Namespace) -> None:
         from exporters import remote_write
 
         _run_until_signal(lambda stop: remote_write.run(cfg, stop), graceful=False)
+    elif args.exporter == "otlp":
+        from exporters import otlp
+
+        _run_until_signal(lambda stop: otlp.run(cfg, stop), graceful=False)
     else:
         from exporters import pull
 
@@ -105,14 +109,20 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(fn=cmd_up)
     p = sub.add_parser("agent", help="the edge agent: BPF ring buffers -> Kafka ktel.raw")
     p.set_defaults(fn=cmd_agent)
-    p = sub.add_parser("process", help="a Faust processing worker (start more to scale out)")
-    p.add_argument("stage", choices=["aggregate"], help="aggregate: dedupe and count into metric snapshots")
+    p = sub.add_parser("process", help="a Faust processing worker (start more of a stage to scale it out)")
+    p.add_argument(
+        "stage",
+        choices=["dedupe", "sample", "aggregate", "all"],
+        help="dedupe: drop re-sent batches; sample: adaptive sampling and anomaly-driven fidelity; "
+        "aggregate: windowed metric snapshots; all: the three in one worker",
+    )
     p.set_defaults(fn=cmd_process)
-    p = sub.add_parser("export", help="an exporter worker reading ktel.metrics")
+    p = sub.add_parser("export", help="an exporter worker reading ktel's output topics")
     p.add_argument(
         "exporter",
-        choices=["remote-write", "pull"],
-        help="remote-write: Prometheus remote-write 1.0; pull: a /metrics endpoint",
+        choices=["remote-write", "pull", "otlp"],
+        help="remote-write: Prometheus remote-write 1.0; pull: a /metrics endpoint; "
+        "otlp: spans, logs and metrics over OTLP (gRPC or HTTP)",
     )
     p.set_defaults(fn=cmd_export)
     p = sub.add_parser("topics", help="create ktel's topics on the configured Kafka (idempotent)")

@@ -82,7 +82,19 @@ class AgentConfig(BaseModel):
     state_dir: Path = Field(
         Path("/var/lib/ktel/agent"), description="where the agent keeps its sequence numbers"
     )
-    probes: list[Literal["file_created"]] = Field(
+    probes: list[
+        Literal[
+            "file_created",
+            "tcp_retransmit",
+            "oom_kill",
+            "process",
+            "skb_drop",
+            "syscall_latency",
+            "runq_latency",
+            "block_latency",
+            "dns_latency",
+        ]
+    ] = Field(
         ["file_created"],
         description="probes to load; a probe this kernel cannot attach is skipped and reported",
     )
@@ -145,12 +157,67 @@ class AggregateConfig(BaseModel):
         description="add a `file` label to file_created_total (unbounded; only for small setups)",
     )
     metrics_port: int = Field(9466, ge=0, le=65535, description="processor self-metrics port (0: off)")
+    data_dir: Path = Field(Path("/var/lib/ktel/processor"), description="Faust's data directory (per stage)")
+
+
+class SampleConfig(BaseModel):
+    """The sample stage (processors/sample_core.py says what each policy does)."""
+
+    baseline: float = Field(1.0, gt=0, le=1, description="probability of keeping an event no policy keeps")
+    keep_kinds: list[str] = Field(
+        ["oom_kill", "tcp_retransmit", "skb_drop"], description="event kinds always kept (rare or errors)"
+    )
+    budget_per_s: dict[str, float] = Field(
+        {}, description="fleet-wide events/s per kind; above it the kind is sampled down"
+    )
+    window_seconds: float = Field(10, gt=0, description="window of rates, budgets and anomaly detection")
+    spike_factor: float = Field(
+        3.0, gt=1, description="a host is anomalous above this many times its EWMA rate"
+    )
+    min_rate: float = Field(10.0, ge=0, description="events/s below which no host is anomalous")
+    ewma_alpha: float = Field(0.3, gt=0, le=1, description="weight of the newest window in the EWMA")
+    raised_sample_every: int = Field(1, ge=1, description="probe sampling (1 in N) during an anomaly")
+    normal_sample_every: int = Field(1, ge=1, description="probe sampling restored when the anomaly passes")
+    command_ttl_seconds: float = Field(300, gt=0, description="how long a fidelity command holds")
 
 
 class RemoteWriteConfig(BaseModel):
     url: str = Field("http://127.0.0.1:9090/api/v1/write", description="Prometheus remote-write endpoint")
     timeout_seconds: float = Field(10, gt=0, description="per-request timeout")
     metrics_port: int = Field(9467, ge=0, le=65535, description="exporter self-metrics port (0: off)")
+
+
+class OtlpConfig(BaseModel):
+    """``ktel export otlp``. A field left unset (None) falls back to the OpenTelemetry SDK's
+    own environment variable, which the SDK exporters read, then to the SDK's default:
+    endpoint OTEL_EXPORTER_OTLP_ENDPOINT, headers OTEL_EXPORTER_OTLP_HEADERS, insecure
+    OTEL_EXPORTER_OTLP_INSECURE, certificate_file OTEL_EXPORTER_OTLP_CERTIFICATE,
+    client_key_file OTEL_EXPORTER_OTLP_CLIENT_KEY, client_certificate_file
+    OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE, compression OTEL_EXPORTER_OTLP_COMPRESSION,
+    timeout_seconds OTEL_EXPORTER_OTLP_TIMEOUT (and their per-signal _TRACES_/_METRICS_/_LOGS_
+    forms), protocol OTEL_EXPORTER_OTLP_PROTOCOL."""
+
+    protocol: Literal["grpc", "http/protobuf"] | None = Field(
+        None, description="OTLP transport; unset: OTEL_EXPORTER_OTLP_PROTOCOL, else grpc"
+    )
+    endpoint: str | None = Field(
+        None,
+        description="base URL, e.g. http://collector:4317 (grpc) or http://collector:4318 (http; "
+        "/v1/traces, /v1/metrics, /v1/logs are appended); https:// means TLS",
+    )
+    headers: dict[str, str] | None = Field(None, description="headers sent with every request")
+    insecure: bool | None = Field(None, description="grpc only: plaintext even without an http:// scheme")
+    certificate_file: str | None = Field(None, description="CA bundle (PEM) to verify the backend")
+    client_key_file: str | None = Field(None, description="client private key (PEM) for mTLS")
+    client_certificate_file: str | None = Field(None, description="client certificate (PEM) for mTLS")
+    compression: Literal["none", "gzip", "deflate"] | None = Field(
+        None, description="request compression (deflate only over http)"
+    )
+    timeout_seconds: float | None = Field(None, gt=0, description="per-request timeout (SDK default 10)")
+    max_export_batch_size: int = Field(
+        2048, ge=1, description="spans, log records or data points per request at most"
+    )
+    metrics_port: int = Field(9468, ge=0, le=65535, description="exporter self-metrics port (0: off)")
 
 
 class PullConfig(BaseModel):
@@ -171,7 +238,9 @@ class Config(BaseSettings):
     kafka: KafkaConfig = KafkaConfig()
     agent: AgentConfig = AgentConfig()
     aggregate: AggregateConfig = AggregateConfig()
+    sample: SampleConfig = SampleConfig()
     remote_write: RemoteWriteConfig = RemoteWriteConfig()
+    otlp: OtlpConfig = OtlpConfig()
     pull: PullConfig = PullConfig()
     stack: StackConfig = StackConfig()
 

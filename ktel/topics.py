@@ -6,11 +6,13 @@ from ktel.config import Config
 from ktel.stack.kafka import TopicSpec
 from ktel.wire import (
     CONTROL_TOPIC,
+    DEDUPED_TOPIC,
     DLQ_TOPIC,
     HEARTBEATS_TOPIC,
     LOGS_TOPIC,
     METRICS_TOPIC,
     RAW_TOPIC,
+    SAMPLED_TOPIC,
     SPANS_TOPIC,
 )
 
@@ -22,6 +24,12 @@ def specs(cfg: Config) -> list[TopicSpec]:
     return [
         # Raw batches are the forensic record: kept by time, compressed by the producer.
         TopicSpec(RAW_TOPIC, k.raw_partitions, int(k.raw_retention_hours * HOUR_MS)),
+        # Between stages in split mode: keyed and partitioned like ktel.raw, so
+        # each stage's per-host table stays co-partitioned with its input.
+        *(
+            TopicSpec(t, k.raw_partitions, int(k.output_retention_hours * HOUR_MS))
+            for t in (DEDUPED_TOPIC, SAMPLED_TOPIC)
+        ),
         *(
             TopicSpec(t, k.output_partitions, int(k.output_retention_hours * HOUR_MS))
             for t in (METRICS_TOPIC, SPANS_TOPIC, LOGS_TOPIC)

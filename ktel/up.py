@@ -74,7 +74,7 @@ class Stack:
         self.prometheus.start()
         env = self.child_env()
         for name, argv in [
-            ("aggregate", ["process", "aggregate"]),
+            ("aggregate", ["process", "all"]),
             ("remote-write", ["export", "remote-write"]),
             ("pull", ["export", "pull"]),
             ("agent", ["agent"]),

@@ -7,6 +7,8 @@ Topics
 ------
 ``ktel.raw``       raw event batches from the agents, keyed by host id, kept for
                    forensics (retention configurable, 7 days by default).
+``ktel.deduped``   raw batches after the dedupe stage (split mode only).
+``ktel.sampled``   raw batches after the sample stage, with weights (split mode only).
 ``ktel.metrics``   metric snapshots produced by the aggregate stage.
 ``ktel.spans``     kernel spans, for the OTLP traces exporter.
 ``ktel.logs``      kernel logs and notable events (OOM kills, ...), for OTLP logs.
@@ -26,7 +28,9 @@ Raw batch record (topic ``ktel.raw``, key = host id as UTF-8)::
      "seq": int,         # batch sequence number, strictly increasing per host
                          # across agent restarts; (host, boot, seq) is unique
      "sent": int,        # wall clock (ns since epoch) when the batch was sealed
-     "events": [[kind_id, field, ...], ...]}
+     "events": [[kind_id, field, ...], ...],
+     "w": [float, ...]}  # optional: each event's sampling weight (how many events
+                         # it stands for); absent means every weight is 1
 
 An event is an array, not a map: its first element is the kind id and the rest
 are the kind's fields in the order ``EventKind.fields`` gives. Arrays keep
@@ -108,6 +112,8 @@ import msgpack
 SCHEMA_VERSION = 1
 
 RAW_TOPIC = "ktel.raw"
+DEDUPED_TOPIC = "ktel.deduped"
+SAMPLED_TOPIC = "ktel.sampled"
 METRICS_TOPIC = "ktel.metrics"
 SPANS_TOPIC = "ktel.spans"
 LOGS_TOPIC = "ktel.logs"
@@ -144,7 +150,134 @@ FILE_CREATED = EventKind(
     ),
 )
 
-KINDS: dict[int, EventKind] = {k.id: k for k in (FILE_CREATED,)}
+# The standard probe library (bpf/<probe>.bpf.c, edge_agent/<probe>.py). Timestamps
+# are wall clock, ns since epoch (the probe's CLOCK_MONOTONIC plus the agent's offset).
+TCP_RETRANSMIT = EventKind(
+    2,
+    "tcp_retransmit",
+    (
+        "ts_ns",
+        "family",  # "ipv4" or "ipv6"
+        "saddr",  # local address, text form
+        "sport",  # local port
+        "daddr",  # remote address, text form
+        "dport",  # remote port
+        "state",  # TCP state name without TCP_, e.g. "ESTABLISHED", "SYN_SENT"
+        "err",  # the retransmission's result (0 or -errno); None where the kernel does not say
+    ),
+)
+
+OOM_KILL = EventKind(
+    3,
+    "oom_kill",
+    (
+        "ts_ns",
+        "pid",  # the victim, as the kernel gave it (task pid)
+        "comm",  # the victim's name; "" where the tracepoint lacks it
+        "uid",  # the victim's uid (None where the tracepoint lacks it)
+        "total_vm_kb",  # the victim's memory, kB (None where the tracepoint lacks them)
+        "anon_rss_kb",
+        "file_rss_kb",
+        "shmem_rss_kb",
+        "pgtables_kb",
+        "oom_score_adj",
+        "trigger_pid",  # the process whose allocation ran into the limit (tgid)
+        "trigger_comm",
+    ),
+)
+
+PROCESS_EXEC = EventKind(
+    4,
+    "process_exec",
+    (
+        "ts_ns",
+        "pid",  # tgid after the exec
+        "tid",  # the thread that called execve (differs from pid when a non-leader thread exec'd)
+        "ppid",  # tgid of the process that forked it; 0 when unknown (forked before the probe)
+        "uid",
+        "cgroup_id",  # cgroup v2 id (inode of its directory in the cgroup2 mount)
+        "comm",  # the new comm
+        "filename",  # as passed to execve (resolved by the kernel, not by the agent)
+    ),
+)
+
+PROCESS_EXIT = EventKind(
+    5,
+    "process_exit",
+    (
+        "ts_ns",
+        "pid",  # tgid
+        "tid",  # the last thread to exit
+        "ppid",  # as for process_exec
+        "uid",
+        "cgroup_id",
+        "comm",
+        "exit_code",  # the status passed to exit_group/exit (0-255); None when it died of a signal
+        "signal",  # the fatal signal when exit_code is None (0: unknown)
+    ),
+)
+
+SKB_DROP = EventKind(
+    6,
+    "skb_drop",
+    (
+        "ts_ns",
+        "pid",  # task on CPU when the packet was dropped (often the sender, or a softirq thread)
+        "comm",
+        "protocol",  # ethertype, host order (0x0800 IPv4, 0x86dd IPv6)
+        "reason",  # enum skb_drop_reason value
+        "reason_name",  # its name from the running kernel's tracepoint format, e.g. "NO_SOCKET"
+        "location",  # kernel address of the freeing code
+    ),
+)
+
+DNS_SLOW = EventKind(
+    7,
+    "dns_slow",
+    (
+        "ts_ns",
+        "pid",
+        "tid",
+        "comm",
+        "host",  # the name passed to getaddrinfo (truncated at 255 bytes)
+        "latency_ns",  # getaddrinfo's duration
+        "ret",  # getaddrinfo's return value (0 ok, EAI_* < 0)
+    ),
+)
+
+HISTOGRAM_DELTA = EventKind(
+    8,
+    "histogram_delta",
+    (
+        "ts_ns",  # end of the interval: when the agent read the BPF map
+        "start_ns",  # start of the interval: the previous read (or the probe's load)
+        "metric",  # e.g. "syscall_latency"
+        "unit",  # unit of the values counted, e.g. "ns"
+        "labels",  # {label: str | int}, e.g. {"syscall.id": 110, "cgroup.id": 1234}
+        "count",  # values counted in the interval (== sum(buckets))
+        "sum",  # their sum, in unit
+        "buckets",  # log2 bucket counts for the interval (a delta, not cumulative):
+        #            buckets[i] counts values v with 2**i <= v < 2**(i+1), except that
+        #            buckets[0] counts 0 <= v < 2 and the last bucket counts every
+        #            v >= 2**(len(buckets)-1); len(buckets) is 40 (KTEL_HIST_SLOTS)
+        "sample_every",  # the probe's in-kernel sampling (1 in N) when read; counts are of
+        #                  sampled values (multiply by it to estimate all)
+    ),
+)
+
+KINDS: dict[int, EventKind] = {
+    k.id: k
+    for k in (
+        FILE_CREATED,
+        TCP_RETRANSMIT,
+        OOM_KILL,
+        PROCESS_EXEC,
+        PROCESS_EXIT,
+        SKB_DROP,
+        DNS_SLOW,
+        HISTOGRAM_DELTA,
+    )
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +287,8 @@ class RawBatch:
     seq: int
     sent_ns: int
     events: Sequence[Sequence[Any]]
+    # Sampling weights, parallel to events; None when every event weighs 1.
+    weights: Sequence[float] | None = None
 
     @property
     def key(self) -> bytes:
@@ -228,16 +363,17 @@ def _field(obj: dict[str, Any], name: str, typ: type | tuple[type, ...], what: s
 
 
 def encode_batch(batch: RawBatch) -> bytes:
-    return _pack(
-        {
-            "v": SCHEMA_VERSION,
-            "host": batch.host_id,
-            "boot": batch.boot_id,
-            "seq": batch.seq,
-            "sent": batch.sent_ns,
-            "events": batch.events,
-        }
-    )
+    obj = {
+        "v": SCHEMA_VERSION,
+        "host": batch.host_id,
+        "boot": batch.boot_id,
+        "seq": batch.seq,
+        "sent": batch.sent_ns,
+        "events": batch.events,
+    }
+    if batch.weights is not None:
+        obj["w"] = batch.weights
+    return _pack(obj)
 
 
 def decode_batch(data: bytes) -> RawBatch:
@@ -258,12 +394,20 @@ def decode_batch(data: bytes) -> RawBatch:
     seq = _field(obj, "seq", int, what)
     if seq < 0:
         raise WireError(f"{what}: negative sequence number {seq}")
+    weights = obj.get("w")
+    if weights is not None and (
+        not isinstance(weights, list)
+        or len(weights) != len(events)
+        or not all(isinstance(w, int | float) and w > 0 for w in weights)
+    ):
+        raise WireError(f"{what}: 'w' must be one positive weight per event")
     return RawBatch(
         host_id=_field(obj, "host", str, what),
         boot_id=_field(obj, "boot", str, what),
         seq=seq,
         sent_ns=_field(obj, "sent", int, what),
         events=events,
+        weights=weights,
     )
 
 

@@ -3,8 +3,11 @@
 State per host (one JSON-able dict, stored as one Faust table value so that the
 dedupe record and the counts change together in one changelog message)::
 
-    {"seen": {boot_id: [[lo, hi], ...]},       # processors/seen.py
+    {"seen": {boot_id: [[lo, hi], ...]},       # processors/dedupe_core.py
      "series": {series_key: cumulative_value}}
+
+Counts are weighted: an event that stands for w events (sampled 1 in w, in the
+kernel or by the sample stage) adds w, so counts stay unbiased.
 
 A series key is ``json.dumps([name, sorted label items])``. The ``host.id``
 label is added at snapshot time, not stored per series.
@@ -18,16 +21,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections import Counter
+from collections import defaultdict
 from typing import Any
 
 from ktel.wire import FILE_CREATED, RawBatch
-from processors import seen
+from processors import dedupe_core
 
 FILE_CREATED_TOTAL = "file_created_total"
 OVERFLOW_LABELS: tuple[tuple[str, str], ...] = (("otel.metric.overflow", "true"),)
-# Old boots of a host are forgotten beyond this many (their batches are long done).
-MAX_BOOTS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,8 +41,8 @@ class Options:
 @dataclasses.dataclass
 class Outcome:
     duplicate: bool = False
-    counted: int = 0
-    overflowed: int = 0
+    counted: float = 0
+    overflowed: float = 0
 
 
 def directory_label(path: str, depth: int) -> str:
@@ -62,30 +63,32 @@ def parse_key(key: str) -> tuple[str, dict[str, str]]:
     return name, dict(labels)
 
 
-def count_events(batch: RawBatch, opts: Options) -> Counter:
+def count_events(batch: RawBatch, opts: Options) -> dict[str, float]:
     """Series increments for one batch (the only per-event loop of the stage)."""
-    counts: Counter = Counter()
+    counts: dict[str, float] = defaultdict(float)
     depth = opts.directory_depth
     fid = FILE_CREATED.id
-    for ev in batch.events:
+    weights = batch.weights or [1] * len(batch.events)
+    for ev, w in zip(batch.events, weights, strict=True):
         if ev[0] != fid:
             continue
         path = ev[6]
         labels: tuple[tuple[str, str], ...] = (("directory", directory_label(path, depth)),)
         if opts.include_filename:
             labels += (("file", path.rsplit("/", 1)[-1]),)
-        counts[series_key(FILE_CREATED_TOTAL, labels)] += 1
+        counts[series_key(FILE_CREATED_TOTAL, labels)] += w
     return counts
 
 
 def apply(state: dict[str, Any], batch: RawBatch, opts: Options) -> Outcome:
-    """Fold one batch into its host's state (mutated in place)."""
-    seen_by_boot = state.setdefault("seen", {})
-    intervals = seen_by_boot.setdefault(batch.boot_id, [])
-    if not seen.add(intervals, batch.seq):
+    """Fold one batch into its host's state (mutated in place), unless it is a duplicate."""
+    if not dedupe_core.first_time(state, batch):
         return Outcome(duplicate=True)
-    while len(seen_by_boot) > MAX_BOOTS:
-        del seen_by_boot[next(iter(seen_by_boot))]  # dicts keep insertion order: oldest first
+    return add(state, batch, opts)
+
+
+def add(state: dict[str, Any], batch: RawBatch, opts: Options) -> Outcome:
+    """Fold one batch known to be new into its host's state."""
     series = state.setdefault("series", {})
     out = Outcome()
     for key, n in count_events(batch, opts).items():

@@ -48,7 +48,7 @@ async def test_batches_are_keyed_by_host_numbered_and_ordered(kafka, tmp_path):
         await producer.start()
         publisher = asyncio.create_task(agent.publish(producer))
         for i in range(n):
-            agent.spool_batch([list(ev) for _ in range(i + 1)])
+            agent.spool_batch([list(ev) for _ in range(i + 1)], [1.0] * (i + 1))
         async with asyncio.timeout(30):
             while not agent.spool.empty():  # the spool's cursor advances on acknowledgement
                 await asyncio.sleep(0.05)

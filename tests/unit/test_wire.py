@@ -25,11 +25,34 @@ batches = st.builds(
     sent_ns=st.integers(0, 2**63 - 1),
     events=st.lists(file_event, max_size=20),
 )
+weighted = batches.flatmap(
+    lambda b: st.lists(st.floats(0.001, 1e6), min_size=len(b.events), max_size=len(b.events)).map(
+        lambda w: RawBatchW(b, w)
+    )
+)
+
+
+def RawBatchW(b, w):  # noqa: N802 - a constructor in all but name
+    return wire.RawBatch(b.host_id, b.boot_id, b.seq, b.sent_ns, b.events, w)
 
 
 @given(batches)
 def test_batch_round_trips(batch):
     assert wire.decode_batch(wire.encode_batch(batch)) == batch
+
+
+@given(weighted)
+def test_weighted_batch_round_trips(batch):
+    assert wire.decode_batch(wire.encode_batch(batch)) == batch
+
+
+def test_bad_weights_are_rejected():
+    ev = [wire.FILE_CREATED.id, 1, 2, 2, 0, "c", "/p", 0, False]
+    for w in ([1.0, 2.0], [0], ["x"]):
+        obj = msgpack.unpackb(wire.encode_batch(wire.RawBatch("h", "b", 1, 2, [ev])))
+        obj["w"] = w
+        with pytest.raises(wire.WireError, match="one positive weight per event"):
+            wire.decode_batch(msgpack.packb(obj))
 
 
 @given(st.binary(max_size=200))

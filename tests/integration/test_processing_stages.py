@@ -1,4 +1,5 @@
-"""The aggregate stage on the real broker: scaling, a SIGKILL, and garbage input."""
+"""The processing stages on the real broker: scaling, a SIGKILL, garbage input,
+split mode, and anomaly-driven fidelity commands."""
 
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ from aiokafka import AIOKafkaProducer
 from ktel import config, topics
 from ktel.stack.kafka import LocalKafka, create_topics, free_port
 from ktel.wire import (
+    CONTROL_TOPIC,
     DLQ_TOPIC,
     FILE_CREATED,
     METRICS_TOPIC,
     RawBatch,
+    decode_command,
     decode_dead_letter,
     decode_snapshot,
     encode_batch,
@@ -43,7 +46,8 @@ def broker(tmp_path):
 
 
 class Worker:
-    def __init__(self, tmp_path, bootstrap, name):
+    def __init__(self, tmp_path, bootstrap, name, stage="all", **settings):
+        self.stage = stage
         self.log = tmp_path / f"{name}.log"
         self.env = dict(
             os.environ,
@@ -51,13 +55,15 @@ class Worker:
             KTEL_AGGREGATE__WINDOW_SECONDS="1",
             KTEL_AGGREGATE__METRICS_PORT="0",
             KTEL_AGENT__HOST_ID="unused",
+            KTEL_AGGREGATE__DATA_DIR=str(tmp_path / f"{name}-data"),
+            **settings,
         )
         self.proc: subprocess.Popen | None = None
 
     def start(self):
         with open(self.log, "ab") as f:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "ktel.cli", "process", "aggregate"], env=self.env, stdout=f, stderr=f
+                [sys.executable, "-m", "ktel.cli", "process", self.stage], env=self.env, stdout=f, stderr=f
             )
         return self
 
@@ -191,5 +197,64 @@ def test_garbage_and_wrong_versions_go_to_the_dlq_and_good_counts_stay_exact(bro
         assert reasons  # every dead letter carries a reason
         assert sorted(d.payload for d in dead) == sorted(v for _k, v in bad)
         assert w.proc.poll() is None  # the worker kept running
+    finally:
+        w.stop()
+
+
+def test_split_stages_chain_to_exact_counts(broker, tmp_path):
+    workers = [
+        Worker(tmp_path, broker.bootstrap, st, stage=st).start() for st in ("dedupe", "sample", "aggregate")
+    ]
+    try:
+        traffic = [(bt.key, encode_batch(bt)) for bt in batches(3, 20, 10)]
+        traffic += traffic[:15]  # re-sent batches
+        asyncio.run(produce(broker.bootstrap, traffic))
+        expected = {
+            (f"host-{h:02d}", f"/data/h{h}/d{d}"): float(10 * len(range(d, 20, 3)))
+            for h in range(3)
+            for d in range(3)
+        }
+        assert wait_for_totals(broker.bootstrap, expected) == expected
+    finally:
+        for w in workers:
+            w.stop()
+
+
+def test_a_rate_spike_raises_the_hosts_fidelity_and_the_calm_restores_it(broker, tmp_path):
+    w = Worker(
+        tmp_path,
+        broker.bootstrap,
+        "w",
+        KTEL_SAMPLE__WINDOW_SECONDS="1",
+        KTEL_SAMPLE__NORMAL_SAMPLE_EVERY="10",
+        KTEL_SAMPLE__MIN_RATE="5",
+    ).start()
+    try:
+
+        async def traffic():
+            producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap)
+            await producer.start()
+            seq = 0
+            # Steady 100 events/s from two hosts, then host-01 jumps to 2000/s for 4 s, then calms down.
+            for second in range(22):
+                for h in (0, 1):
+                    n = 2000 if h == 1 and 10 <= second < 14 else 100
+                    ev = [FILE_CREATED.id, 1, 2, 2, 0, "w", "/x/f", 0o101, False]
+                    b = RawBatch(f"host-{h:02d}", "boot", seq, 1, [list(ev) for _ in range(n)])
+                    await producer.send("ktel.raw", encode_batch(b), key=b.key)
+                    seq += 1
+                await asyncio.sleep(1)
+            await producer.stop()
+
+        asyncio.run(traffic())
+        time.sleep(3)
+        cmds = [
+            decode_command(r.value)
+            for r in asyncio.run(read_topic(broker.bootstrap, CONTROL_TOPIC, idle_s=2))
+        ]
+        assert cmds, w.log.read_text()[-3000:]
+        assert {c.target for c in cmds} == {"host-01"}  # the steady host is left alone
+        assert [(c.probe, c.sample_every) for c in cmds] == [("file_created", 1), ("file_created", 10)]
+        assert cmds[0].until_ms > time.time_ns() // 1_000_000  # the raise is still in force when read
     finally:
         w.stop()

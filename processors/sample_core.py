@@ -1,0 +1,148 @@
+"""Pure core of the sample stage: adaptive sampling with weights, and anomaly
+detection that turns a host's probe fidelity up and down through ktel.control.
+
+Keep policies, in order (the first that applies decides):
+
+1. ``keep_kinds``: rare or error kinds (OOM kills, retransmits, drops) are
+   always kept, with their weight unchanged.
+2. ``keep_slow``: an event whose field is at or above a threshold (a slow DNS
+   lookup, a long span) is kept, weight unchanged.
+3. Everything else is kept with probability ``p = baseline``, lowered further
+   for a kind whose rate in the last window exceeded its budget
+   (``budget_per_s``, this worker's share of the fleet-wide budget:
+   p = min(baseline, budget / rate)). A kept event's weight is divided by p,
+   so a weighted count stays an unbiased estimate of the true count.
+
+Decisions are deterministic per batch (the random stream is seeded with the
+batch's host, boot and sequence number), so a batch re-processed after a crash
+is sampled the same way.
+
+Anomaly detection, per host: an EWMA of the host's (weighted) event rate per
+window. A window whose rate exceeds ``spike_factor`` times the EWMA (and
+``min_rate``) marks the host anomalous and yields a command raising its probes
+to ``raised_sample_every`` for ``command_ttl_s``; the EWMA does not learn from
+anomalous windows. The first window back under the threshold yields a command
+restoring ``normal_sample_every``. A raise about to expire while the anomaly
+lasts is renewed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import random
+from collections import defaultdict
+from typing import Any
+
+from ktel.wire import KINDS, ControlCommand, RawBatch
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    keep_kinds: frozenset[str] = frozenset({"oom_kill", "tcp_retransmit", "skb_drop"})
+    keep_slow: dict[str, tuple[str, float]] = dataclasses.field(default_factory=dict)
+    baseline: float = 1.0
+    budget_per_s: dict[str, float] = dataclasses.field(default_factory=dict)
+    window_s: float = 10.0
+    ewma_alpha: float = 0.3
+    spike_factor: float = 3.0
+    min_rate: float = 10.0
+    raised_sample_every: int = 1
+    normal_sample_every: int = 1
+    command_ttl_s: float = 300.0
+
+
+class Sampler:
+    """Per-worker sampling state: the per-kind rates of the last window."""
+
+    def __init__(self, opts: Options):
+        self.opts = opts
+        self.kind_p: dict[int, float] = {}
+        self.window_counts: dict[int, float] = defaultdict(float)
+        self.kept = 0
+        self.sampled_out = 0
+        self.keep_ids = {k.id for k in KINDS.values() if k.name in opts.keep_kinds}
+        # kind id -> (index of the field in the event array, threshold)
+        self.slow = {
+            k.id: (k.fields.index(field) + 1, threshold)
+            for k in KINDS.values()
+            if k.name in opts.keep_slow
+            for field, threshold in [opts.keep_slow[k.name]]
+        }
+
+    def sample(self, batch: RawBatch) -> RawBatch:
+        """The kept events of a batch, with their weights."""
+        opts = self.opts
+        rng = random.Random(hashlib.blake2b(f"{batch.host_id}/{batch.boot_id}/{batch.seq}".encode()).digest())
+        weights_in = batch.weights or [1.0] * len(batch.events)
+        keep_ids, slow = self.keep_ids, self.slow
+        events, weights = [], []
+        for ev, w in zip(batch.events, weights_in, strict=True):
+            kind = ev[0]
+            self.window_counts[kind] += w
+            if kind in keep_ids or (kind in slow and ev[slow[kind][0]] >= slow[kind][1]):
+                p = 1.0
+            else:
+                p = self.kind_p.get(kind, opts.baseline)
+                if p < 1.0 and rng.random() >= p:
+                    self.sampled_out += 1
+                    continue
+            events.append(ev)
+            weights.append(w / p)
+        self.kept += len(events)
+        uniform = weights.count(1.0) == len(weights)
+        return dataclasses.replace(batch, events=events, weights=None if uniform else weights)
+
+    def end_window(self, share: float = 1.0) -> None:
+        """Recompute per-kind keep probabilities from the window's rates.
+
+        ``share``: the fraction of the fleet's partitions this worker holds, so
+        the workers together spend the fleet-wide budget.
+        """
+        opts = self.opts
+        self.kind_p = {}
+        for kind_id, count in self.window_counts.items():
+            kind = KINDS.get(kind_id)
+            budget = opts.budget_per_s.get(kind.name) if kind else None
+            rate = count / opts.window_s
+            if budget is not None and rate > budget * share:
+                self.kind_p[kind_id] = min(opts.baseline, budget * share / rate)
+        self.window_counts.clear()
+
+
+def observe_host(
+    state: dict[str, Any], host_id: str, probes: list[str], now_ms: int, opts: Options
+) -> list[ControlCommand]:
+    """Close one window of a host's anomaly state; returns the commands to send.
+
+    ``state`` (mutated) holds ``count`` (weighted events this window), ``ewma``,
+    ``anomalous`` and ``raised_until`` (ms).
+    """
+    rate = state.get("count", 0.0) / opts.window_s
+    state["count"] = 0.0
+    ewma = state.get("ewma")
+    commands: list[ControlCommand] = []
+    ttl_ms = int(opts.command_ttl_s * 1000)
+
+    def command(every: int, what: str) -> list[ControlCommand]:
+        return [
+            ControlCommand(f"ktel-sample-{what}-{host_id}-{p}-{now_ms}", host_id, p, every, now_ms + ttl_ms)
+            for p in probes
+        ]
+
+    if ewma is None:
+        state["ewma"] = rate
+        return commands
+    spike = rate > opts.spike_factor * ewma and rate > opts.min_rate
+    if spike:
+        if not state.get("anomalous") or state.get("raised_until", 0) - now_ms < opts.window_s * 1000 * 2:
+            commands = command(opts.raised_sample_every, "raise")
+            state["raised_until"] = now_ms + ttl_ms
+        state["anomalous"] = True
+        return commands
+    if state.get("anomalous"):
+        commands = command(opts.normal_sample_every, "restore")
+        state["anomalous"] = False
+        state["raised_until"] = 0
+    state["ewma"] = opts.ewma_alpha * rate + (1 - opts.ewma_alpha) * ewma
+    return commands

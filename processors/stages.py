@@ -1,0 +1,228 @@
+"""The processing stages' Faust shell: ``ktel process <stage>``.
+
+Split mode, each stage its own Faust app and consumer group, scaled by
+starting more workers of it::
+
+    ktel.raw --dedupe--> ktel.deduped --sample--> ktel.sampled --aggregate--> ktel.metrics
+                                          |
+                                          +--> ktel.control (fidelity commands)
+
+Fused mode (``ktel process all``, for small setups and ``ktel up``) runs the
+three cores in one worker from ``ktel.raw``. Records stay batches all the way.
+
+Every topic is keyed by host id, so a host's batches stay in one partition and
+one worker, and each stage keeps its per-host state in a changelog-backed
+Faust table co-partitioned with its input (the sample stage's anomaly
+detector keeps its per-host rates in the worker; see ``activity`` below). A stage that keeps counts dedupes
+its own input in the same table value as the counts, so redelivery after a
+crash (its input is at-least-once) neither loses nor doubles anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import faust
+from prometheus_client import Counter
+
+from ktel import selfmetrics
+from ktel.config import Config
+from ktel.retry import retry
+from ktel.stack.kafka import TopicSpec, create_topics
+from ktel.wire import (
+    CONTROL_TOPIC,
+    DEDUPED_TOPIC,
+    DLQ_TOPIC,
+    KINDS,
+    METRICS_TOPIC,
+    RAW_TOPIC,
+    SAMPLED_TOPIC,
+    DeadLetter,
+    MetricSnapshot,
+    WireError,
+    decode_batch,
+    encode_batch,
+    encode_command,
+    encode_dead_letter,
+    encode_snapshot,
+)
+from processors import aggregate_core, dedupe_core, sample_core
+
+log = logging.getLogger("ktel.process")
+
+STAGES = ("dedupe", "sample", "aggregate", "all")
+# A host silent for this many sample windows is forgotten by the anomaly detector.
+IDLE_WINDOWS = 30
+SOURCE = {"dedupe": RAW_TOPIC, "sample": DEDUPED_TOPIC, "aggregate": SAMPLED_TOPIC, "all": RAW_TOPIC}
+
+BATCHES = Counter("ktel_processor_batches", "batches a stage processed", ["stage"])
+EVENTS = Counter("ktel_processor_events", "events counted into the aggregates (weighted)", ["stage"])
+DUPLICATES = Counter(
+    "ktel_processor_duplicate_batches", "re-sent batches dropped by (host, boot, seq)", ["stage"]
+)
+SAMPLED_OUT = Counter("ktel_processor_sampled_out", "events the sample stage dropped", ["stage"])
+COMMANDS = Counter("ktel_processor_commands", "fidelity commands sent to ktel.control", ["stage"])
+DEAD_LETTERS = Counter("ktel_processor_dead_letters", "records sent to ktel.dlq", ["stage"])
+OVERFLOW = Counter("ktel_processor_series_overflow", "events folded into an overflow series", ["stage"])
+SNAPSHOTS = Counter("ktel_processor_snapshots", "metric snapshot records produced", ["stage"])
+
+
+def make_app(cfg: Config, stage: str) -> faust.App:
+    agg_opts = aggregate_core.Options(
+        directory_depth=cfg.aggregate.directory_depth, include_filename=cfg.aggregate.include_filename
+    )
+    s = cfg.sample
+    sampler = sample_core.Sampler(
+        sample_core.Options(
+            keep_kinds=frozenset(s.keep_kinds),
+            baseline=s.baseline,
+            budget_per_s=s.budget_per_s,
+            window_s=s.window_seconds,
+            ewma_alpha=s.ewma_alpha,
+            spike_factor=s.spike_factor,
+            min_rate=s.min_rate,
+            raised_sample_every=s.raised_sample_every,
+            normal_sample_every=s.normal_sample_every,
+            command_ttl_s=s.command_ttl_seconds,
+        )
+    )
+    does = {
+        "dedupe": stage == "dedupe",
+        "sample": stage in ("sample", "all"),
+        "aggregate": stage in ("aggregate", "all"),
+    }
+    for name in ("batches", "events", "duplicates", "dead letters"):  # exported as 0 from the start
+        {"batches": BATCHES, "events": EVENTS, "duplicates": DUPLICATES, "dead letters": DEAD_LETTERS}[
+            name
+        ].labels(stage)
+
+    datadir = cfg.aggregate.data_dir / stage
+    datadir.mkdir(parents=True, exist_ok=True)
+    app = faust.App(
+        f"ktel-{stage}",
+        broker=f"kafka://{cfg.kafka.bootstrap}",
+        store="memory://",
+        datadir=str(datadir),
+        web_enabled=False,
+        # Standbys would put other workers' hosts into this worker's timers.
+        table_standby_replicas=0,
+        topic_replication_factor=1,
+        topic_partitions=cfg.kafka.raw_partitions,
+        producer_acks=-1,
+        consumer_auto_offset_reset="earliest",
+    )
+
+    def raw_topic(name: str) -> Any:
+        return app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+
+    source = raw_topic(SOURCE[stage])
+    sink = raw_topic({"dedupe": DEDUPED_TOPIC, "sample": SAMPLED_TOPIC}.get(stage, METRICS_TOPIC))
+    control, dlq = raw_topic(CONTROL_TOPIC), raw_topic(DLQ_TOPIC)
+    # The sample stage alone keeps no table: a table it never writes would still
+    # need its changelog topic at start.
+    keeps_state = does["dedupe"] or does["aggregate"]
+    hosts = app.Table("host-state", default=dict, partitions=cfg.kafka.raw_partitions) if keeps_state else {}
+    # Per-host rates for anomaly detection live in the worker, not the table:
+    # Faust only lets a stream modify a table, and timers close the windows. A
+    # restart or rebalance relearns a host's baseline in a few windows.
+    activity: dict[str, dict[str, Any]] = {}
+
+    @app.agent(source)
+    async def process(stream):
+        async for event in stream.events():
+            msg = event.message
+            try:
+                batch = decode_batch(event.value)
+            except WireError as err:
+                DEAD_LETTERS.labels(stage).inc()
+                log.warning("dead letter %s[%d]@%d: %s", msg.topic, msg.partition, msg.offset, err)
+                dl = DeadLetter(stage, str(err), msg.topic, msg.partition, msg.offset, bytes(event.value))
+                await dlq.send(key=event.key, value=encode_dead_letter(dl))
+                continue
+            state = hosts[batch.host_id] if keeps_state else {}
+            # The dedupe record lives where the stage's output state lives (see the module doc).
+            dedupe_state = state.setdefault("aggregate" if does["aggregate"] else "dedupe", {})
+            if keeps_state and not dedupe_core.first_time(dedupe_state, batch):
+                DUPLICATES.labels(stage).inc()
+                hosts[batch.host_id] = state  # the dedupe record may have been trimmed
+                continue
+            BATCHES.labels(stage).inc()
+            if does["sample"]:
+                hs = activity.setdefault(batch.host_id, {})
+                hs["count"] = hs.get("count", 0.0) + (
+                    sum(batch.weights) if batch.weights else len(batch.events)
+                )
+                hs["probes"] = sorted(set(hs.get("probes", [])) | {KINDS[ev[0]].name for ev in batch.events})
+                hs["seen_ms"] = time.time_ns() // 1_000_000
+                before = len(batch.events)
+                batch = sampler.sample(batch)
+                SAMPLED_OUT.labels(stage).inc(before - len(batch.events))
+            if does["aggregate"]:
+                out = aggregate_core.add(state["aggregate"], batch, agg_opts)
+                EVENTS.labels(stage).inc(out.counted)
+                OVERFLOW.labels(stage).inc(out.overflowed)
+            if keeps_state:
+                hosts[batch.host_id] = state  # reassign: writes the changelog
+            if not does["aggregate"]:
+                await sink.send(key=event.key, value=encode_batch(batch))
+
+    if does["sample"]:
+
+        @app.timer(s.window_seconds)
+        async def close_sample_window():
+            assigned = [tp for tp in app.assignor.assigned_actives() if tp.topic == SOURCE[stage]]
+            sampler.end_window(share=len(assigned) / cfg.kafka.raw_partitions)
+            now_ms = time.time_ns() // 1_000_000
+            for host_id, hs in list(activity.items()):
+                if now_ms - hs["seen_ms"] > IDLE_WINDOWS * s.window_seconds * 1000:
+                    del activity[host_id]  # gone quiet, or its partition moved to another worker
+                    continue
+                for cmd in sample_core.observe_host(hs, host_id, hs["probes"], now_ms, sampler.opts):
+                    log.info(
+                        "host %s: %s sampled 1 in %d (command %s)",
+                        host_id,
+                        cmd.probe,
+                        cmd.sample_every,
+                        cmd.id,
+                    )
+                    await control.send(key=cmd.key, value=encode_command(cmd))
+                    COMMANDS.labels(stage).inc()
+
+    if does["aggregate"]:
+
+        @app.timer(cfg.aggregate.window_seconds)
+        async def emit_snapshots():
+            ts_ms = time.time_ns() // 1_000_000
+            for host_id, state in list(hosts.items()):
+                rows = aggregate_core.snapshot(host_id, state.get("aggregate", {}))
+                if rows:
+                    await sink.send(key=host_id.encode(), value=encode_snapshot(MetricSnapshot(ts_ms, rows)))
+                    SNAPSHOTS.labels(stage).inc()
+
+    @app.task
+    async def serve_metrics():
+        selfmetrics.serve(cfg.aggregate.metrics_port)
+
+    return app
+
+
+def changelog_topic(stage: str) -> str:
+    return f"ktel-{stage}-host-state-changelog"  # Faust's name for the "host-state" table of app ktel-<stage>
+
+
+def run(cfg: Config, stage: str, log_level: str = "info") -> None:
+    if stage != "sample":
+        # Created before Faust starts: when Faust creates it itself, a worker that
+        # reads metadata a moment too early crashes with PartitionsMismatch and
+        # never recovers (seen with Kafka 3.9 and faust-streaming 0.15).
+        spec = TopicSpec(
+            changelog_topic(stage), cfg.kafka.raw_partitions, extra_config={"cleanup.policy": "compact"}
+        )
+        asyncio.run(
+            retry(lambda: create_topics(cfg.kafka.bootstrap, [spec]), what="create the changelog topic")
+        )
+    worker = faust.Worker(make_app(cfg, stage), loglevel=log_level.upper(), quiet=True)
+    worker.execute_from_commandline()

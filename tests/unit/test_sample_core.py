@@ -1,0 +1,71 @@
+import dataclasses
+
+from ktel.wire import FILE_CREATED, RawBatch
+from processors.sample_core import Options, Sampler, observe_host
+
+
+def stream(batches: int, per_batch: int, flags=0o101, host="h"):
+    ev = [FILE_CREATED.id, 1, 2, 2, 0, "c", "/d/f", flags, False]
+    return [RawBatch(host, "b", s, 1, [list(ev) for _ in range(per_batch)]) for s in range(batches)]
+
+
+def weighted(batches) -> float:
+    return sum(sum(b.weights) if b.weights else len(b.events) for b in batches)
+
+
+def test_baseline_sampling_keeps_a_tenth_and_weighted_count_is_within_2_percent():
+    s = Sampler(Options(baseline=0.1))
+    out = [s.sample(b) for b in stream(100, 1000)]
+    kept = sum(len(b.events) for b in out)
+    assert 9_000 < kept < 11_000
+    assert abs(weighted(out) - 100_000) / 100_000 < 0.02
+    assert s.sampled_out == 100_000 - kept
+
+
+def test_incoming_weights_are_honoured():
+    s = Sampler(Options(baseline=0.5))
+    src = [dataclasses.replace(b, weights=[10.0] * len(b.events)) for b in stream(50, 1000)]
+    assert abs(weighted([s.sample(b) for b in src]) - 500_000) / 500_000 < 0.02
+
+
+def test_rare_kinds_and_slow_events_are_always_kept_with_their_weight():
+    s = Sampler(Options(baseline=0.01, keep_kinds=frozenset({"file_created"})))
+    out = [s.sample(b) for b in stream(10, 100)]
+    assert sum(len(b.events) for b in out) == 1000 and all(b.weights is None for b in out)
+    slow = Sampler(Options(baseline=0.01, keep_slow={"file_created": ("flags", 0o200)}))
+    out = [slow.sample(b) for b in stream(10, 100, flags=0o301)]  # O_EXCL set: "slow"
+    assert sum(len(b.events) for b in out) == 1000
+
+
+def test_sampling_is_deterministic_per_batch():
+    b = stream(1, 1000)[0]
+    assert Sampler(Options(baseline=0.3)).sample(b) == Sampler(Options(baseline=0.3)).sample(b)
+
+
+def test_budget_lowers_a_kinds_rate_and_keeps_counts_unbiased():
+    opts = Options(budget_per_s={"file_created": 100.0}, window_s=10.0)
+    s = Sampler(opts)
+    first = [s.sample(b) for b in stream(10, 1000)]  # 10 000 events in a 10 s window: 1000/s
+    s.end_window()
+    second = [s.sample(b) for b in stream(10, 1000, host="h2")]
+    assert weighted(first) == 10_000
+    kept = sum(len(b.events) for b in second)
+    assert 800 < kept < 1200  # budget 100/s over 10 s
+    assert abs(weighted(second) - 10_000) / 10_000 < 0.1  # unbiased (fewer samples: wider bound)
+    s.end_window(share=0.5)  # half the partitions: half the budget; input still 1000/s
+    assert abs(s.kind_p[FILE_CREATED.id] - 0.05) < 1e-9
+
+
+def test_a_spike_raises_the_hosts_fidelity_and_its_end_restores_it():
+    opts = Options(window_s=1.0, spike_factor=3.0, min_rate=10, raised_sample_every=1, normal_sample_every=10)
+    st: dict = {}
+    cmds = []
+    for window, rate in enumerate([100, 110, 90, 100, 1000, 1200, 100, 100]):
+        st["count"] = float(rate)
+        cmds.append(observe_host(st, "h1", ["file_created"], 1000 * window, opts))
+    assert [len(c) for c in cmds] == [0, 0, 0, 0, 1, 0, 1, 0]
+    raise_, restore = cmds[4][0], cmds[6][0]
+    assert (raise_.target, raise_.probe, raise_.sample_every) == ("h1", "file_created", 1)
+    assert raise_.until_ms == 4000 + 300_000
+    assert (restore.target, restore.sample_every) == ("h1", 10)
+    assert 95 < st["ewma"] < 105  # the spike did not leak into the baseline
