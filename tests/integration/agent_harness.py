@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from ktel.stack.kafka import free_port
@@ -99,21 +99,35 @@ def _port_open(port: int) -> bool:
 
 
 async def read_topic(bootstrap: str, topic: str, idle_s: float = 3.0, timeout: float = 120) -> list:
-    """Every record of ``topic`` from the beginning, until nothing new for idle_s."""
-    consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None
-    )
+    """Every record of ``topic`` from the beginning up to its end when called,
+    then until nothing new arrives for idle_s (a topic written every second,
+    like ktel.metrics, is read to its end at the call, not forever)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None)
     await consumer.start()
     records: list = []
     try:
+        # A producer fetches a topic's metadata on demand; a group-less consumer does not.
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+        await producer.start()
+        try:
+            parts = [TopicPartition(topic, p) for p in sorted(await producer.partitions_for(topic))]
+        finally:
+            await producer.stop()
+        consumer.assign(parts)
+        await consumer.seek_to_beginning(*parts)
+        ends = await consumer.end_offsets(parts)
         last = time.monotonic()
         deadline = last + timeout
-        while time.monotonic() - last < idle_s and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
             got = await consumer.getmany(timeout_ms=500)
             for recs in got.values():
                 records.extend(recs)
             if got:
                 last = time.monotonic()
+            positions = [await consumer.position(tp) for tp in parts]
+            caught_up = all(pos >= ends[tp] for pos, tp in zip(positions, parts, strict=True))
+            if caught_up and (time.monotonic() - last >= idle_s or any(ends.values())):
+                break
     finally:
         await consumer.stop()
     return records
@@ -131,5 +145,9 @@ def raw_events_under(bootstrap: str, prefix: str) -> tuple[list[dict], int]:
             dups += 1
             continue
         seen.add(ident)
-        events.extend(e for e in map(event_dict, batch.events) if e.get("path", "").startswith(prefix))
+        weights = batch.weights or [1.0] * len(batch.events)
+        for ev, w in zip(batch.events, weights, strict=True):
+            e = event_dict(ev)
+            if e.get("path", "").startswith(prefix):
+                events.append({**e, "weight": w})
     return events, dups

@@ -147,13 +147,16 @@ def test_control_command_lowers_rate_then_deadline_restores_it(kafka, tmp_path):
     time.sleep(1.5)  # one more heartbeat
     assert agent.stop() == 0
 
-    counts = {
-        p: len(raw_events_under(kafka.bootstrap, f"{tmp_path / p}/")[0])
-        for p in ("before", "during", "after")
+    phases = {
+        p: raw_events_under(kafka.bootstrap, f"{tmp_path / p}/")[0] for p in ("before", "during", "after")
     }
+    counts = {p: len(evs) for p, evs in phases.items()}
     assert counts["before"] == n and counts["after"] == n
     # 1 in 10 of 3000 is binomial(3000, 0.1): mean 300, sd 16.4; +-6 sd.
     assert 200 <= counts["during"] <= 400, counts
+    # Each kept event stands for 10, so weighted counts estimate the true count.
+    assert {e["weight"] for e in phases["during"]} == {10.0}
+    assert {e["weight"] for e in phases["before"] + phases["after"]} == {1.0}
     beats = [decode_heartbeat(r.value) for r in asyncio.run(read_topic(kafka.bootstrap, HEARTBEATS_TOPIC))]
     mine = [b for b in beats if b["host"]["host.id"] == host]
     assert any(cmd.id in b["acked_commands"] for b in mine)
