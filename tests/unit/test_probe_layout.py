@@ -1,4 +1,5 @@
-"""The C event structs and the Python decoders agree (design principle 9).
+"""The C event structs and the Python decoders agree (design principle 9),
+and the decoders turn known bytes into known wire events.
 
 Compiles a tiny program against the probe headers with the host's gcc and
 compares sizeof/offsetof with the decoder's struct layout.
@@ -9,7 +10,18 @@ import subprocess
 
 import pytest
 
-from edge_agent import file_created, probes
+from edge_agent import (
+    block_latency,
+    dns_latency,
+    file_created,
+    oom_kill,
+    probes,
+    process,
+    skb_drop,
+    syscall_latency,
+    tcp_retransmit,
+)
+from ktel.wire import event_dict
 
 FIELDS = ["ts_ns", "pid", "tid", "uid", "dirfd", "flags", "certain", "comm", "path"]
 
@@ -40,3 +52,176 @@ def test_counter_and_knob_indices_match_header():
     assert f"KTEL_COUNTER_RINGBUF_DROPS = {probes.COUNTER_RINGBUF_DROPS}," in text
     assert f"KTEL_COUNTER_SAMPLED_OUT = {probes.COUNTER_SAMPLED_OUT}," in text
     assert f"KTEL_KNOB_SAMPLE_EVERY = {probes.KNOB_SAMPLE_EVERY}," in text
+
+
+# The standard probe library: each struct's offsets as its header documents them
+# and as its decoder's struct format implies them.
+LAYOUTS = [
+    (
+        "tcp_retransmit.h",
+        "tcp_retransmit_event",
+        tcp_retransmit.LAYOUT,
+        {"ts_ns": 0, "state": 8, "err": 12, "family": 16, "sport": 18, "dport": 20, "has_err": 22},
+        {"saddr": 24, "daddr": 40},
+    ),
+    (
+        "oom_kill.h",
+        "oom_kill_event",
+        oom_kill.LAYOUT,
+        {"ts_ns": 0, "total_vm_kb": 8, "anon_rss_kb": 16, "file_rss_kb": 24, "shmem_rss_kb": 32},
+        {"pgtables_kb": 40, "pid": 48, "uid": 52, "trigger_pid": 56, "oom_score_adj": 60},
+    ),
+    (
+        "skb_drop.h",
+        "skb_drop_event",
+        skb_drop.LAYOUT,
+        {"ts_ns": 0, "location": 8, "pid": 16, "reason": 20, "protocol": 24, "comm": 32},
+        {},
+    ),
+    (
+        "syscall_latency.h",
+        "syscall_latency_key",
+        syscall_latency.KEY,
+        {"cgroup_id": 0, "syscall_id": 8, "pad": 12},
+        {},
+    ),
+    ("block_latency.h", "block_latency_key", block_latency.KEY, {"dev": 0, "op": 4, "pad": 5}, {}),
+    ("dns_latency.h", "dns_latency_key", dns_latency.KEY, {"tgid": 0, "failed": 4, "comm": 8}, {}),
+    (
+        "dns_latency.h",
+        "dns_slow_event",
+        dns_latency.SLOW,
+        {"ts_ns": 0, "latency_ns": 8, "pid": 16, "tid": 20, "ret": 24, "comm": 32, "host": 48},
+        {},
+    ),
+]
+
+
+@pytest.mark.parametrize(("header", "struct", "layout", "head", "tail"), LAYOUTS, ids=lambda x: str(x)[:24])
+def test_probe_struct_layout_matches_decoder(tmp_path, header, struct, layout, head, tail):
+    offsets = {**head, **tail}
+    size, *got = c_layout(tmp_path, header, struct, list(offsets))
+    assert size == layout.size
+    assert dict(zip(offsets, got, strict=True)) == offsets
+
+
+def test_oom_kill_names_after_the_counters(tmp_path):
+    _size, *got = c_layout(tmp_path, "oom_kill.h", "oom_kill_event", ["has_detail", "comm", "trigger_comm"])
+    assert got == [62, 64, 80]
+
+
+def test_process_layout_matches_decoder(tmp_path):
+    fields = ["ts_ns", "cgroup_id", "type", "pid", "tid", "ppid", "uid", "exit_code", "signal", "comm"]
+    size, *offsets = c_layout(tmp_path, "process.h", "process_event", [*fields, "filename"])
+    # "<QQIIIIIii4x16s": the 64-byte head an exit record has, then the exec's filename.
+    assert offsets == [0, 8, 16, 20, 24, 28, 32, 36, 40, 48, process.LAYOUT.size]
+    assert size == process.EXEC_SIZE
+    text = (probes.BPF_DIR / "process.h").read_text()
+    assert f"#define KTEL_PROCESS_EXIT_SIZE {process.LAYOUT.size}" in text
+    assert "KTEL_PROCESS_EXEC = 1," in text and "KTEL_PROCESS_EXIT = 2," in text
+    assert (process.TYPE_EXEC, process.TYPE_EXIT) == (1, 2)
+
+
+def test_histogram_value_layout_matches_agent(tmp_path):
+    size, slots, total = c_layout(tmp_path, "ktel_hist.h", "ktel_hist", ["slots", "sum"])
+    assert (size, slots, total) == (8 * probes.HIST_WORDS, 0, 8 * probes.HIST_SLOTS)
+    assert f"#define KTEL_HIST_SLOTS {probes.HIST_SLOTS}" in (probes.BPF_DIR / "ktel_hist.h").read_text()
+
+
+def test_histogram_buckets_are_log2_of_the_value(tmp_path):
+    """ktel_hist_slot() as compiled: bucket i holds [2^i, 2^(i+1)), 0 and 1 in
+    bucket 0, everything from 2^39 in the last one."""
+    if not shutil.which("gcc"):
+        pytest.skip("gcc is not installed")
+    values = [0, 1, 2, 3, 4, 7, 8, 1023, 1024, 10**6, 2**32 - 1, 2**32, 2**39 - 1, 2**39, 2**63, 2**64 - 1]
+    src = tmp_path / "slot.c"
+    src.write_text(
+        '#include <stdio.h>\n#include "ktel_hist.h"\nint main(void) {\n'
+        + "".join(f'printf("%u\\n", ktel_hist_slot({v}ULL));\n' for v in values)
+        + "return 0; }\n"
+    )
+    exe = tmp_path / "slot"
+    subprocess.run(["gcc", f"-I{probes.BPF_DIR}", "-o", exe, src], check=True)
+    got = [int(x) for x in subprocess.run([exe], capture_output=True, text=True, check=True).stdout.split()]
+    assert got == [min(max(v.bit_length() - 1, 0), probes.HIST_SLOTS - 1) for v in values]
+
+
+# Test vectors: known bytes -> known wire events.
+
+
+def test_decoders_turn_known_bytes_into_wire_events():
+    raw = tcp_retransmit.LAYOUT.pack(
+        5, 1, -11, 2, 40000, 8080, 1, bytes([10, 0, 0, 1]) + bytes(12), bytes([10, 0, 0, 2]) + bytes(12)
+    )
+    assert event_dict(tcp_retransmit.decode(raw, 100)) == {
+        "kind": "tcp_retransmit",
+        "ts_ns": 105,
+        "family": "ipv4",
+        "saddr": "10.0.0.1",
+        "sport": 40000,
+        "daddr": "10.0.0.2",
+        "dport": 8080,
+        "state": "ESTABLISHED",
+        "err": -11,
+    }
+    v6 = tcp_retransmit.LAYOUT.pack(5, 2, 0, 10, 1, 2, 0, bytes(15) + b"\1", bytes(15) + b"\1")
+    assert tcp_retransmit.decode(v6, 0)[2:] == ["ipv6", "::1", 1, "::1", 2, "SYN_SENT", None]
+
+    head = process.LAYOUT.pack(7, 99, 1, 10, 11, 1, 0, -1, 0, b"true")
+    assert event_dict(process.decode(head + b"/usr/bin/true\0".ljust(256, b"x"), 0)) == {
+        "kind": "process_exec",
+        "ts_ns": 7,
+        "pid": 10,
+        "tid": 11,
+        "ppid": 1,
+        "uid": 0,
+        "cgroup_id": 99,
+        "comm": "true",
+        "filename": "/usr/bin/true",
+    }
+    exited = process.LAYOUT.pack(7, 99, 2, 10, 10, 1, 0, 3, 0, b"sh")
+    killed = process.LAYOUT.pack(7, 99, 2, 10, 10, 1, 0, -1, 15, b"sleep")
+    assert process.decode(exited, 0)[-2:] == [3, 0]
+    assert process.decode(killed, 0)[-2:] == [None, 15]
+
+    drop = skb_drop.LAYOUT.pack(1, 0xFFFF, 42, 3, 0x0800, b"nc")
+    ev = event_dict(skb_drop.decode(drop, 0))
+    assert (ev["pid"], ev["comm"], ev["protocol"], ev["reason"], ev["location"]) == (
+        42,
+        "nc",
+        0x0800,
+        3,
+        0xFFFF,
+    )
+
+    slow = dns_latency.SLOW.pack(3, 250_000_000, 8, 9, -2, b"curl", b"example.org")
+    assert dns_latency.decode(slow, 1)[1:] == [4, 8, 9, "curl", "example.org", 250_000_000, -2]
+    assert dns_latency.labels(dns_latency.KEY.pack(8, 1, b"curl")) == {
+        "process.pid": 8,
+        "process.executable.name": "curl",
+        "status": "error",
+    }
+    assert block_latency.labels(block_latency.KEY.pack((259 << 20) | 3, ord("W"))) == {
+        "device": block_latency.device_name(259, 3),
+        "device.major": 259,
+        "device.minor": 3,
+        "op": "write",
+    }
+    assert syscall_latency.labels(syscall_latency.KEY.pack(1234, 0))["cgroup.id"] == 1234
+
+    oom = oom_kill.LAYOUT.pack(1, 2, 3, 4, 5, 6, 77, 1000, 88, -500, 1, b"hog", b"hog")
+    assert oom_kill.decode(oom, 0)[2:] == [77, "hog", 1000, 2, 3, 4, 5, 6, -500, 88, "hog"]
+    bare = oom_kill.LAYOUT.pack(1, 0, 0, 0, 0, 0, 77, 0, 88, 0, 0, b"", b"hog")
+    assert oom_kill.decode(bare, 0)[2:] == [77, "", None, None, None, None, None, None, None, 88, "hog"]
+
+
+def test_skb_drop_reason_names_come_from_the_print_fmt():
+    # As v6.18 writes it (TRACE_DEFINE_ENUM resolves the names to numbers) ...
+    fmt = (
+        'print fmt: "... reason: %s", REC->skbaddr, __print_symbolic(REC->reason, '
+        '{ 2, "NOT_SPECIFIED" }, { 3, "NO_SOCKET" }, { 0x4, "SOCKET_CLOSE" })'
+    )
+    assert skb_drop.reason_names(fmt) == {2: "NOT_SPECIFIED", 3: "NO_SOCKET", 4: "SOCKET_CLOSE"}
+    # ... and a kernel that left a symbol unresolved: that pair is skipped.
+    assert skb_drop.reason_names('__print_symbolic(REC->reason, { SKB_X, "X" }, { 1, "Y" })') == {1: "Y"}
+    assert skb_drop.reason_names("no reason here") == {}

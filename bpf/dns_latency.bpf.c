@@ -1,0 +1,102 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * ktel probe dns_latency: log2 histograms of getaddrinfo() durations in ns
+ * per process, from a uprobe and a uretprobe on libc's getaddrinfo (found
+ * with BCC's library name resolution, "c"), and a slow-lookup event through
+ * the ring buffer for every call of KTEL_DNS_SLOW_NS or more.
+ *
+ * Only processes using that libc are seen (not static binaries, not a
+ * container's own libc, not resolvers that bypass getaddrinfo such as Go's).
+ */
+/* Compiled after bpf/ktel_common.bpf.h (prepended by the agent). */
+#include <uapi/linux/ptrace.h>
+#include "ktel_hist.h"
+#include "dns_latency.h"
+
+/* Slow-lookup threshold, ns; the agent may pass another with -D. */
+#ifndef KTEL_DNS_SLOW_NS
+#define KTEL_DNS_SLOW_NS 100000000ULL
+#endif
+
+struct dns_start {
+	u64 ts;
+	const char *host;
+};
+
+/* Thread -> call in flight; a thread killed inside getaddrinfo ages out of the LRU. */
+BPF_TABLE("lru_hash", u64, struct dns_start, start, 10240);
+BPF_PERCPU_HASH(hist, struct dns_latency_key, struct ktel_hist, 4096);
+/* hist_lost[0]: values not counted because a map was full. */
+BPF_PERCPU_ARRAY(hist_lost, u64, 1);
+
+static __always_inline void count_lost(void)
+{
+	u32 zero = 0;
+	u64 *v = hist_lost.lookup(&zero);
+
+	if (v)
+		(*v)++;
+}
+
+int getaddrinfo_entry(struct pt_regs *ctx)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	struct dns_start s = {};
+
+	if (ktel_sampled_out())
+		return 0;
+	s.ts = bpf_ktime_get_ns();
+	s.host = (const char *)PT_REGS_PARM1(ctx);
+	if (start.update(&id, &s))
+		count_lost();
+	return 0;
+}
+
+static __always_inline void slow_event(struct dns_start *s, u64 id, u64 now, int ret)
+{
+	struct dns_slow_event *ev = events.ringbuf_reserve(sizeof(*ev));
+
+	if (!ev) {
+		ktel_count(KTEL_COUNTER_RINGBUF_DROPS);
+		return;
+	}
+	ev->ts_ns = now;
+	ev->latency_ns = now - s->ts;
+	ev->pid = id >> 32;
+	ev->tid = (u32)id;
+	ev->ret = ret;
+	ev->pad = 0;
+	bpf_get_current_comm(ev->comm, sizeof(ev->comm));
+	if (!s->host || bpf_probe_read_user_str(ev->host, sizeof(ev->host), s->host) < 0)
+		ev->host[0] = 0;
+	events.ringbuf_submit(ev, 0);
+}
+
+int getaddrinfo_return(struct pt_regs *ctx)
+{
+	struct dns_latency_key key = {};
+	struct ktel_hist zero = {}, *h;
+	struct dns_start *s;
+	u64 id = bpf_get_current_pid_tgid(), now, delta;
+	int ret = PT_REGS_RC(ctx);
+
+	s = start.lookup(&id);
+	if (!s)
+		return 0;
+	now = bpf_ktime_get_ns();
+	delta = now - s->ts;
+	key.tgid = id >> 32;
+	key.failed = ret != 0;
+	bpf_get_current_comm(key.comm, sizeof(key.comm));
+	h = hist.lookup_or_try_init(&key, &zero);
+	if (h) {
+		h->slots[ktel_hist_slot(delta)]++;
+		h->sum += delta;
+	} else {
+		count_lost();
+	}
+	if (delta >= KTEL_DNS_SLOW_NS)
+		slow_event(s, id, now, ret);
+	start.delete(&id);
+	return 0;
+}

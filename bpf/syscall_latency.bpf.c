@@ -1,0 +1,72 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * ktel probe syscall_latency: log2 histograms of syscall durations in ns,
+ * per syscall number and cgroup v2 id, from raw_syscalls:sys_enter/sys_exit.
+ * Kept in the kernel (design principle 6); the agent reads deltas.
+ */
+/* Compiled after bpf/ktel_common.bpf.h (prepended by the agent). */
+#include "ktel_hist.h"
+#include "syscall_latency.h"
+
+/* Thread id -> sys_enter time; every thread blocked in a syscall holds one. */
+BPF_HASH(start, u32, u64, 65536);
+BPF_PERCPU_HASH(hist, struct syscall_latency_key, struct ktel_hist, 8192);
+/* hist_lost[0]: values not counted because a map was full. */
+BPF_PERCPU_ARRAY(hist_lost, u64, 1);
+
+static __always_inline void count_lost(void)
+{
+	u32 zero = 0;
+	u64 *v = hist_lost.lookup(&zero);
+
+	if (v)
+		(*v)++;
+}
+
+TRACEPOINT_PROBE(raw_syscalls, sys_enter)
+{
+	u32 tid = (u32)bpf_get_current_pid_tgid();
+	u64 ts;
+
+	if (ktel_sampled_out())
+		return 0;
+	ts = bpf_ktime_get_ns();
+	if (start.update(&tid, &ts))
+		count_lost();
+	return 0;
+}
+
+TRACEPOINT_PROBE(raw_syscalls, sys_exit)
+{
+	struct syscall_latency_key key = {};
+	struct ktel_hist zero = {}, *h;
+	u32 tid = (u32)bpf_get_current_pid_tgid();
+	u64 *tsp, delta;
+
+	tsp = start.lookup(&tid);
+	if (!tsp)
+		return 0;
+	delta = bpf_ktime_get_ns() - *tsp;
+	start.delete(&tid);
+	if (args->id < 0)
+		return 0;
+	key.cgroup_id = bpf_get_current_cgroup_id();
+	key.syscall_id = args->id;
+	h = hist.lookup_or_try_init(&key, &zero);
+	if (!h) {
+		count_lost();
+		return 0;
+	}
+	h->slots[ktel_hist_slot(delta)]++;
+	h->sum += delta;
+	return 0;
+}
+
+/* A thread that exits in exit/exit_group never reaches sys_exit. */
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+	u32 tid = args->pid;
+
+	start.delete(&tid);
+	return 0;
+}

@@ -1,0 +1,67 @@
+"""Decoder of the skb_drop probe (bpf/skb_drop.{h,bpf.c}).
+
+The layout mirrors ``struct skb_drop_event`` in bpf/skb_drop.h;
+tests/unit/test_probe_layout.py compiles the header and checks they agree.
+
+Drop reason names come from the running kernel, not from a table here: the
+values of ``enum skb_drop_reason`` move between kernel versions (NO_SOCKET is
+2 in v6.1, Debian 12's headers, and 3 in v6.18, this host's kernel). The
+tracepoint's print fmt lists every value with its name (the kernel resolves
+the enum through TRACE_DEFINE_ENUM), so the agent reads the format file when
+the probe loads (``load_reasons``).
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from pathlib import Path
+
+from ktel.wire import SKB_DROP
+
+LAYOUT = struct.Struct("<QQIIH6x16s")
+FORMAT_FILE = Path("/sys/kernel/tracing/events/skb/kfree_skb/format")
+
+_PAIR = re.compile(r'\{\s*(0x[0-9a-fA-F]+|\d+)\s*,\s*"([^"]*)"\s*\}')
+_reasons: dict[int, str] | None = None
+
+
+def reason_names(format_text: str) -> dict[int, str]:
+    """{value: name} from the __print_symbolic(REC->reason, ...) of a kfree_skb format file.
+
+    Pairs whose value the kernel left as a symbol (no TRACE_DEFINE_ENUM) are
+    skipped; those reasons decode as "reason_<n>".
+    """
+    start = format_text.find("__print_symbolic(REC->reason")
+    if start < 0:
+        return {}
+    return {int(v, 0): name for v, name in _PAIR.findall(format_text, start)}
+
+
+def load_reasons(path: Path = FORMAT_FILE) -> dict[int, str]:
+    global _reasons
+    try:
+        _reasons = reason_names(path.read_text())
+    except OSError:
+        _reasons = {}
+    return _reasons
+
+
+def reason_name(reason: int) -> str:
+    names = _reasons if _reasons is not None else load_reasons()
+    return names.get(reason, f"reason_{reason}")
+
+
+def decode(raw: bytes, wall_offset_ns: int) -> list:
+    """One ring-buffer record -> one wire event (see ktel.wire.SKB_DROP)."""
+    ts, location, pid, reason, protocol, comm = LAYOUT.unpack_from(raw)
+    return [
+        SKB_DROP.id,
+        ts + wall_offset_ns,
+        pid,
+        comm.split(b"\0", 1)[0].decode("utf-8", "backslashreplace"),
+        protocol,
+        reason,
+        reason_name(reason),
+        location,
+    ]
