@@ -22,9 +22,19 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections import defaultdict
+from collections.abc import Sequence
 from typing import Any
 
-from ktel.wire import FILE_CREATED, RawBatch
+from ktel.wire import (
+    DNS_SLOW,
+    FILE_CREATED,
+    HISTOGRAM_DELTA,
+    OOM_KILL,
+    PROCESS_EXEC,
+    SKB_DROP,
+    TCP_RETRANSMIT,
+    RawBatch,
+)
 from processors import dedupe_core
 
 FILE_CREATED_TOTAL = "file_created_total"
@@ -63,21 +73,58 @@ def parse_key(key: str) -> tuple[str, dict[str, str]]:
     return name, dict(labels)
 
 
-def count_events(batch: RawBatch, opts: Options) -> dict[str, float]:
-    """Series increments for one batch (the only per-event loop of the stage)."""
-    counts: dict[str, float] = defaultdict(float)
-    depth = opts.directory_depth
-    fid = FILE_CREATED.id
-    weights = batch.weights or [1] * len(batch.events)
-    for ev, w in zip(batch.events, weights, strict=True):
-        if ev[0] != fid:
-            continue
+def _counter_labels(ev: Sequence[Any], opts: Options) -> tuple[str, tuple[tuple[str, str], ...]] | None:
+    """The counter series an event adds to, or None (a kind no counter follows)."""
+    kind = ev[0]
+    if kind == FILE_CREATED.id:
         path = ev[6]
-        labels: tuple[tuple[str, str], ...] = (("directory", directory_label(path, depth)),)
+        labels: tuple[tuple[str, str], ...] = (("directory", directory_label(path, opts.directory_depth)),)
         if opts.include_filename:
             labels += (("file", path.rsplit("/", 1)[-1]),)
-        counts[series_key(FILE_CREATED_TOTAL, labels)] += w
-    return counts
+        return FILE_CREATED_TOTAL, labels
+    if kind == TCP_RETRANSMIT.id:
+        return "tcp_retransmits_total", (("state", str(ev[7])),)
+    if kind == OOM_KILL.id:
+        return "oom_kills_total", ()
+    if kind == SKB_DROP.id:
+        return "skb_drops_total", (("reason", str(ev[6])),)
+    if kind == PROCESS_EXEC.id:
+        return "process_execs_total", ()
+    if kind == DNS_SLOW.id:
+        return "dns_slow_lookups_total", ()
+    return None
+
+
+def histogram_name(metric: str, unit: str) -> str:
+    return f"{metric}_seconds" if unit == "ns" else f"{metric}_{unit}"
+
+
+def count_events(batch: RawBatch, opts: Options) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:
+    """Counter increments and histogram deltas of one batch (the stage's only per-event loop).
+
+    Counter increments are weighted (see the module doc). A histogram delta is
+    scaled by the probe's in-kernel sampling and the event's weight.
+    """
+    counts: dict[str, float] = defaultdict(float)
+    hists: dict[str, dict[str, Any]] = {}
+    weights = batch.weights or [1] * len(batch.events)
+    hid = HISTOGRAM_DELTA.id
+    for ev, w in zip(batch.events, weights, strict=True):
+        if ev[0] == hid:
+            _ts, _start, metric, unit, labels, count, total, buckets, every = ev[1:]
+            scale = w * every
+            key = series_key(
+                histogram_name(metric, unit), tuple(sorted((k, str(v)) for k, v in labels.items()))
+            )
+            h = hists.setdefault(key, {"count": 0.0, "sum": 0.0, "buckets": [0.0] * len(buckets)})
+            h["count"] += count * scale
+            h["sum"] += total * scale
+            h["buckets"] = [a + b * scale for a, b in zip(h["buckets"], buckets, strict=True)]
+            continue
+        found = _counter_labels(ev, opts)
+        if found is not None:
+            counts[series_key(*found)] += w
+    return counts, hists
 
 
 def apply(state: dict[str, Any], batch: RawBatch, opts: Options) -> Outcome:
@@ -91,14 +138,42 @@ def add(state: dict[str, Any], batch: RawBatch, opts: Options) -> Outcome:
     """Fold one batch known to be new into its host's state."""
     series = state.setdefault("series", {})
     out = Outcome()
-    for key, n in count_events(batch, opts).items():
-        if key not in series and len(series) >= opts.max_series:
-            name, _ = parse_key(key)
-            key = series_key(name, OVERFLOW_LABELS)
-            out.overflowed += n
+    counts, hists = count_events(batch, opts)
+    for key, n in counts.items():
+        key = _admit(series, key, opts, out, n)
         series[key] = series.get(key, 0) + n
         out.counted += n
+    for key, delta in hists.items():
+        key = _admit(series, key, opts, out, delta["count"])
+        h = series.get(key)
+        if h is None:
+            series[key] = delta
+        else:
+            h["count"] += delta["count"]
+            h["sum"] += delta["sum"]
+            h["buckets"] = [a + b for a, b in zip(h["buckets"], delta["buckets"], strict=True)]
+        out.counted += delta["count"]
     return out
+
+
+def _admit(series: dict[str, Any], key: str, opts: Options, out: Outcome, n: float) -> str:
+    """The key to add to: ``key``, or its metric's overflow series past the cardinality limit."""
+    if key in series or len(series) < opts.max_series:
+        return key
+    name, _ = parse_key(key)
+    out.overflowed += n
+    return series_key(name, OVERFLOW_LABELS)
+
+
+def log2_bounds_seconds(slots: int) -> list[float]:
+    """Explicit upper bounds of the kernel's log2 ns buckets, in seconds.
+
+    Bucket i holds [2^i, 2^(i+1)) ns (bucket 0: [0, 2)); the last is unbounded.
+    The wire's explicit buckets are upper-inclusive, so a value of exactly
+    2^(i+1) ns lands one bucket lower than the kernel put it: negligible at
+    nanosecond resolution.
+    """
+    return [2.0 ** (i + 1) / 1e9 for i in range(slots - 1)]
 
 
 def snapshot(host_id: str, state: dict[str, Any]) -> list[list]:
@@ -106,5 +181,15 @@ def snapshot(host_id: str, state: dict[str, Any]) -> list[list]:
     rows = []
     for key, value in state.get("series", {}).items():
         name, labels = parse_key(key)
-        rows.append([name, "counter", {"host.id": host_id, **labels}, value])
+        labels = {"host.id": host_id, **labels}
+        if isinstance(value, dict):
+            hist = {
+                "count": round(value["count"]),
+                "sum": value["sum"] / 1e9 if name.endswith("_seconds") else value["sum"],
+                "bounds": log2_bounds_seconds(len(value["buckets"])),
+                "counts": [round(c) for c in value["buckets"]],
+            }
+            rows.append([name, "histogram", labels, hist])
+        else:
+            rows.append([name, "counter", labels, value])
     return rows

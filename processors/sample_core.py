@@ -34,7 +34,16 @@ import random
 from collections import defaultdict
 from typing import Any
 
-from ktel.wire import KINDS, ControlCommand, RawBatch
+from ktel.wire import HISTOGRAM_DELTA, KINDS, ControlCommand, RawBatch
+
+# The probe that emits each event kind, where the names differ (fidelity
+# commands name probes). Histogram deltas are summaries, not events: they are
+# never sampled and do not count toward a host's event rate.
+PROBE_OF_KIND = {"process_exec": "process", "process_exit": "process", "dns_slow": "dns_latency"}
+
+
+def probes_of(kind_ids: set[int]) -> set[str]:
+    return {PROBE_OF_KIND.get(KINDS[k].name, KINDS[k].name) for k in kind_ids if k != HISTOGRAM_DELTA.id}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +70,7 @@ class Sampler:
         self.window_counts: dict[int, float] = defaultdict(float)
         self.kept = 0
         self.sampled_out = 0
-        self.keep_ids = {k.id for k in KINDS.values() if k.name in opts.keep_kinds}
+        self.keep_ids = {k.id for k in KINDS.values() if k.name in opts.keep_kinds} | {HISTOGRAM_DELTA.id}
         # kind id -> (index of the field in the event array, threshold)
         self.slow = {
             k.id: (k.fields.index(field) + 1, threshold)

@@ -36,7 +36,6 @@ from ktel.wire import (
     CONTROL_TOPIC,
     DEDUPED_TOPIC,
     DLQ_TOPIC,
-    KINDS,
     METRICS_TOPIC,
     RAW_TOPIC,
     SAMPLED_TOPIC,
@@ -155,7 +154,9 @@ def make_app(cfg: Config, stage: str) -> faust.App:
                 hs["count"] = hs.get("count", 0.0) + (
                     sum(batch.weights) if batch.weights else len(batch.events)
                 )
-                hs["probes"] = sorted(set(hs.get("probes", [])) | {KINDS[ev[0]].name for ev in batch.events})
+                hs["probes"] = sorted(
+                    set(hs.get("probes", [])) | sample_core.probes_of({ev[0] for ev in batch.events})
+                )
                 hs["seen_ms"] = time.time_ns() // 1_000_000
                 before = len(batch.events)
                 batch = sampler.sample(batch)

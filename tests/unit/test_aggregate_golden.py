@@ -19,7 +19,7 @@ def run_case(case: dict) -> dict:
     states: dict[str, dict] = {}
     outcomes = []
     for b in case["batches"]:
-        batch = RawBatch(b["host"], b["boot"], b["seq"], 0, b["events"])
+        batch = RawBatch(b["host"], b["boot"], b["seq"], 0, b["events"], b.get("w"))
         outcomes.append(
             dataclasses.asdict(aggregate_core.apply(states.setdefault(b["host"], {}), batch, opts))
         )
