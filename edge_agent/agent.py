@@ -81,14 +81,22 @@ class AgentCollector(Collector):
             "ktel_agent_sampled_out", "events dropped in the kernel by the sampling knob", labels=["probe"]
         )
         every = GaugeMetricFamily("ktel_agent_sample_every", "sampling in force: 1 in N", labels=["probe"])
+        lost = CounterMetricFamily(
+            "ktel_agent_histogram_lost",
+            "values an in-kernel histogram could not count (map full)",
+            labels=["probe"],
+        )
         for name, probe in a.loaded.items():
             c = probe.counters()
             drops.add_metric([name], c["ringbuf_drops"])
             sampled.add_metric([name], c["sampled_out"])
             every.add_metric([name], a.control.sample_every(name))
+            if "hist_lost" in c:
+                lost.add_metric([name], c["hist_lost"])
         yield drops
         yield sampled
         yield every
+        yield lost
         yield CounterMetricFamily(
             "ktel_agent_spool_dropped_events", "events a full spool dropped", a.spool.dropped_events
         )
@@ -264,6 +272,8 @@ class Agent:
                 c = p.counters()
                 counters[f"ringbuf_drops.{name}"] = c["ringbuf_drops"]
                 counters[f"sampled_out.{name}"] = c["sampled_out"]
+                if "hist_lost" in c:
+                    counters[f"histogram_lost.{name}"] = c["hist_lost"]
             cmd = self.control.command(name)
             probes[name] = {
                 "loaded": p is not None,
