@@ -15,7 +15,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # --- Debian packages --------------------------------------------------------
-PKGS=(python3-bpfcc linux-headers-amd64 prometheus openjdk-17-jre-headless maven make)
+PKGS=(python3-bpfcc linux-headers-amd64 prometheus openjdk-17-jre-headless maven make qemu-system-x86 busybox-static libc6-dev clang libbpf-dev libelf-dev zlib1g-dev libzstd-dev)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -47,6 +47,20 @@ if [ ! -d /sys/kernel/tracing/events ]; then
   mount -t tracefs nodev /sys/kernel/tracing
 fi
 
+# --- kernel image for the kernel-module VM test (tests/vm) -------------------
+# tests/vm boots, in qemu, the Debian kernel that matches the newest headers
+# (the ones kmod/ is built against): package linux-image-<ver>, whose name
+# depends on the headers' ABI version, hence not in PKGS.
+kmod_hdr=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n 1)
+if [ -n "$kmod_hdr" ]; then
+  kmod_img=linux-image-${kmod_hdr#/usr/src/linux-headers-}
+  if ! dpkg-query -W -f='${Status}' "$kmod_img" 2>/dev/null | grep -q "install ok installed"; then
+    log "installing $kmod_img (the kernel tests/vm boots in qemu)"
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$kmod_img"
+  fi
+fi
+
 # --- Python environment -----------------------------------------------------
 PY=${KTEL_PYTHON:-python3.11}
 if [ ! -x .venv/bin/python ]; then
@@ -64,6 +78,14 @@ fi
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 ln -sfn /usr/lib/python3/dist-packages/bcc "$site/bcc"
 .venv/bin/python -c 'import bcc' || { echo "ktel setup: BCC does not import in .venv" >&2; exit 1; }
+
+# --- OpenTelemetry Collector (for the OTLP tests) ----------------------------
+# Built once with the official builder from the Go module proxy, from
+# deploy/otelcol/builder-config.yaml, into ~/.cache/ktel/otelcol-<version>
+# (a few CPU minutes the first time; cached, so later runs return at once).
+# Needs Go >= 1.26 (the Collector modules require it): /usr/local/go/bin/go or `go` on
+# PATH; Debian 12's golang is too old.
+.venv/bin/python -c 'from ktel.stack.otelcol import ensure_collector; print("ktel setup: OpenTelemetry Collector at", ensure_collector())'
 
 # --- Kafka ------------------------------------------------------------------
 .venv/bin/python -c 'from ktel.stack.kafka import ensure_kafka; print("ktel setup: Kafka jars in", ensure_kafka())'

@@ -1,0 +1,411 @@
+"""ktel's kernel modules in Debian's kernel under qemu: load, events, ABI, BPF, reloads, kernel log.
+
+One VM run (module-scoped fixture) executes tests/vm/guest_kmod_test.sh in the
+guest; each test below judges one part of its output (kmod/README.md, "The VM
+test", lists what). The known workload is N = 23 (a prime, so a doubled or
+halved count cannot pass by accident): 23 sample operations and 23 created
+files, once read through ftrace and once through BPF programs.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import IN_CI
+from tests.vm import qemu_harness as vmh
+
+pytestmark = pytest.mark.vm
+
+N = 23
+RELOADS = 50
+VM_TIMEOUT = 240.0  # seconds for the whole guest run; it takes about 25 s on 2 cores
+SMP = 2  # two vCPUs: kretprobe and tracepoint teardown cross CPUs, as on real machines
+README = vmh.KMOD / "README.md"
+
+O_CREAT = 0o100
+# include/linux/panic.h: TAINT_OOT_MODULE (O) and TAINT_UNSIGNED_MODULE (E), the only
+# taints an unsigned out-of-tree module may cause.
+EXPECTED_TAINT = (1 << 12) | (1 << 13)
+EXPECTED_TAINT_LINES = (
+    re.compile(r"\] ktel: loading out-of-tree module taints kernel\.$"),
+    re.compile(
+        r"\] ktel: module verification failed: signature and/or required key missing - tainting kernel"
+    ),
+)
+BAD_LOG = (re.compile(r"BUG|WARNING|Oops|Call Trace|RIP:"), re.compile(r"leak|taint", re.IGNORECASE))
+
+
+@dataclass
+class Event:
+    task: str
+    event: str
+    fields: dict[str, str]
+
+
+@dataclass
+class GuestRun:
+    run: vmh.VmRun
+    sections: dict[str, list[str]]
+    log: Path
+
+    def why(self) -> str:
+        return f"serial log: {self.log}\n--- last lines ---\n{self.run.tail()}"
+
+
+def _missing(reason: str, optional_outside_ci: bool) -> None:
+    if optional_outside_ci and not IN_CI:
+        pytest.skip(reason)
+    pytest.fail(f"{reason} (run deploy/setup.sh)")
+
+
+@pytest.fixture(scope="module")
+def guest(tmp_path_factory) -> GuestRun:
+    """Build everything, boot the VM once, return its serial output."""
+    qemu, why = vmh.find_qemu()
+    if qemu is None:
+        _missing(why, optional_outside_ci=True)
+    headers = vmh.newest_headers()
+    if headers is None:
+        _missing("no /usr/src/linux-headers-*-amd64 (package linux-headers-amd64)", optional_outside_ci=False)
+    kernel = vmh.kernel_for(headers)
+    if not kernel.image.is_file():
+        _missing(f"no {kernel.image} (package linux-image-{kernel.version})", optional_outside_ci=True)
+    busybox, why = vmh.find_busybox()
+    if busybox is None:
+        _missing(why, optional_outside_ci=False)
+    if shutil.which("make") is None:
+        _missing("make not installed", optional_outside_ci=False)
+
+    work = tmp_path_factory.mktemp("kmod-vm")
+    modules = vmh.build_modules(kernel, work)
+    helper = vmh.build_static_helper(vmh.HERE / "guest_open.c", work / "guest_open")
+    bpf_obj, bpf_loader = vmh.build_bpf(work)
+    initrd = vmh.build_initramfs(
+        work / "initrd.gz",
+        busybox,
+        modules,
+        vmh.HERE / "guest_kmod_test.sh",
+        {"N": str(N), "RELOADS": str(RELOADS)},
+        {"guest_open": helper, "ktel_bpf": bpf_loader},
+        {"ktel_events.bpf.o": bpf_obj},
+    )
+    run = vmh.run_vm(qemu, kernel, initrd, timeout=VM_TIMEOUT, smp=SMP)
+    log = work / "serial.log"
+    log.write_text(run.output)
+    g = GuestRun(run, run.sections(), log)
+    assert run.returncode is not None, f"the VM did not finish within {VM_TIMEOUT:.0f} s\n{g.why()}"
+    assert run.finished, f"the guest script did not finish (qemu exit {run.returncode})\n{g.why()}"
+    return g
+
+
+def _rcs(g: GuestRun) -> dict[str, int]:
+    return {m[1]: int(m[2]) for m in re.finditer(r"KTEL RC (\S+) (-?\d+)", g.run.output)}
+
+
+# "<task>-<pid> [cpu] <flags> <timestamp>: <event>: <TP_printk output>"
+TRACE_LINE = re.compile(r"^\s*(?P<task>.+)-\d+\s+\[\d+\]\s+\S+\s+[\d.]+: (?P<event>\w+): (?P<rest>.*)$")
+FREE_TEXT_LAST = ("message", "path")  # printed last by TP_printk because they may hold spaces
+
+
+def _parse_fields(rest: str) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    for last in FREE_TEXT_LAST:
+        head, sep, tail = rest.partition(f" {last}=")
+        if not sep and rest.startswith(f"{last}="):
+            head, tail, sep = "", rest[len(last) + 1 :], "="
+        if sep:
+            fields[last] = tail
+            rest = head
+    for tok in rest.split():
+        k, _, v = tok.partition("=")
+        fields[k] = v
+    return fields
+
+
+def _events(lines: list[str]) -> list[Event]:
+    out = []
+    for line in lines:
+        if line.startswith("#") or not line.strip():
+            continue
+        m = TRACE_LINE.match(line)
+        assert m, f"unparsed trace line: {line!r}"
+        out.append(Event(m["task"].strip(), m["event"], _parse_fields(m["rest"])))
+    return out
+
+
+def _entries(lines: list[str]) -> tuple[int, int]:
+    for line in lines:
+        m = re.search(r"entries-in-buffer/entries-written: (\d+)/(\d+)", line)
+        if m:
+            return int(m[1]), int(m[2])
+    raise AssertionError("no entries-in-buffer line in the trace header")
+
+
+def _counters(events: list[Event], prefix: str) -> list[dict[str, str]]:
+    return [e.fields for e in events if e.event == "ktel_counter" and e.fields["name"].startswith(prefix)]
+
+
+def _kv(s: str) -> dict[str, str]:
+    assert s.startswith("{") and s.endswith("}"), s
+    return dict(p.split("=", 1) for p in s[1:-1].split(",") if p)
+
+
+# --- documented ABI ------------------------------------------------------------
+
+
+def documented_fields(readme: Path = README) -> dict[str, list[tuple[str, str, int, int]]]:
+    """{"sys/event": [(type, name, offset, size), ...]} from kmod/README.md's tables."""
+    out: dict[str, list[tuple[str, str, int, int]]] = {}
+    current: list[str] = []
+    for line in readme.read_text().splitlines():
+        if line.startswith("#"):
+            events = re.findall(r"`(\w+):(\w+)`", line) if line.startswith("### ") else []
+            current = [f"{sys}/{ev}" for sys, ev in events]
+            for ev in current:
+                out[ev] = []
+            continue
+        row = re.match(r"^\| `(\w+)` \| `([^`]+)` \| (\d+) \| (\d+) \|", line)
+        if row and current:
+            for ev in current:
+                out[ev].append((row[2], row[1], int(row[3]), int(row[4])))
+    return out
+
+
+FORMAT_FIELD = re.compile(r"^\s*field:(?P<decl>.+?);\s*offset:(?P<off>\d+);\s*size:(?P<size>\d+);")
+
+
+def format_fields(lines: list[str]) -> list[tuple[str, str, int, int]]:
+    """(type, name, offset, size) of an event's own fields, from its format file."""
+    out = []
+    for line in lines:
+        m = FORMAT_FIELD.match(line)
+        if not m:
+            continue
+        decl = m["decl"].strip()
+        arr = re.match(r"^(.*\S)\s+(\w+)\[(\d+)\]$", decl)
+        if arr:
+            typ, name = f"{arr[1]}[{arr[3]}]", arr[2]
+        else:
+            typ, _, name = decl.rpartition(" ")
+        if not name.startswith("common_"):
+            out.append((typ, name, int(m["off"]), int(m["size"])))
+    return out
+
+
+def test_readme_documents_every_event():
+    doc = documented_fields()
+    assert set(doc) == {
+        "ktel/ktel_counter",
+        "ktel/ktel_gauge",
+        "ktel/ktel_histogram",
+        "ktel/ktel_span_begin",
+        "ktel/ktel_span_end",
+        "ktel/ktel_log",
+        "filewatcher/file_created",
+    }
+    assert all(doc.values()), doc
+
+
+# --- the guest run -------------------------------------------------------------------
+
+
+def test_modules_load(guest):
+    rcs = _rcs(guest)
+    for step in ("insmod_ktel", "insmod_ktel_sample", "insmod_filewatcher"):
+        assert rcs.get(step) == 0, f"{step}: {rcs.get(step)}\n{guest.why()}"
+    loaded = {line.split()[0] for line in guest.sections["modules"] if line.strip()}
+    assert {"ktel", "ktel_sample", "filewatcher"} <= loaded, loaded
+
+
+def test_format_files_have_exactly_the_documented_fields(guest):
+    doc = documented_fields()
+    seen = {n.removeprefix("format "): body for n, body in guest.sections.items() if n.startswith("format ")}
+    assert set(seen) == set(doc), f"events in the kernel {sorted(seen)} != documented {sorted(doc)}"
+    for ev, body in seen.items():
+        text = "\n".join(body)
+        assert format_fields(body) == doc[ev], f"{ev}: kernel format file != kmod/README.md\n{text}"
+
+
+@pytest.fixture(scope="module")
+def traced(guest) -> list[Event]:
+    rcs = _rcs(guest)
+    for step in ("enable_ktel", "enable_filewatcher", "fire", "create_files", "open_existing"):
+        assert rcs.get(step) == 0, f"{step}: {rcs.get(step)}\n{guest.why()}"
+    body = guest.sections["trace"]
+    in_buffer, written = _entries(body)
+    assert in_buffer == written, f"the trace buffer lost events: {in_buffer}/{written}"
+    return _events(body)
+
+
+def test_trace_holds_exactly_the_expected_events(traced):
+    kinds = Counter(e.event for e in traced)
+    assert kinds == {
+        "ktel_span_begin": 2 * N,
+        "ktel_span_end": 2 * N,
+        "ktel_counter": 2 * N,  # N from ktel_sample, N from filewatcher
+        "ktel_histogram": N,
+        "ktel_log": N,
+        "file_created": N,
+    }, kinds
+
+
+def test_sample_module_spans_metrics_and_logs(traced):
+    begins = [e.fields for e in traced if e.event == "ktel_span_begin"]
+    ends = [e.fields for e in traced if e.event == "ktel_span_end"]
+    logs = [e.fields for e in traced if e.event == "ktel_log"]
+    roots = [f for f in ends if f["name"] == "ktel_sample.operation"]
+    children = [f for f in ends if f["name"] == "ktel_sample.checksum"]
+    assert len(roots) == N and len(children) == N
+    assert len({f["trace_id"] for f in roots}) == N, "each operation starts its own trace"
+    assert {f["span_id"] for f in begins} == {f["span_id"] for f in ends}, "every span begun is ended"
+    by_trace = {f["trace_id"]: f for f in roots}
+    for c in children:
+        root = by_trace[c["trace_id"]]
+        assert c["parent_span_id"] == root["span_id"], "the checksum span is the operation's child"
+        assert int(root["start_ns"]) <= int(c["start_ns"]) <= int(c["end_ns"]) <= int(root["end_ns"])
+    for f in roots:
+        assert f["parent_span_id"] == "0" * 16 and f["status"] == "OK"
+        assert int(f["end_ns"]) >= int(f["start_ns"]) > 0
+    for f in begins:
+        assert f["end_ns"] == "0" and f["status"] == "UNSET"
+        attrs = _kv(f["attrs"])
+        if f["name"] == "ktel_sample.operation":
+            assert attrs == {"code.namespace": "ktel_sample", "ktel_sample.trigger": "debugfs"}
+        else:
+            assert attrs == {"ktel_sample.algorithm": "jhash"}
+    seqs = set()
+    for f in logs:
+        root = by_trace[f["trace_id"]]
+        assert f["span_id"] == root["span_id"], "the log belongs to the operation's span"
+        assert f["severity"] == "WARN"
+        m = re.fullmatch(r"operation (\d+) took (\d+) ns \(warn_over_ns 0\)", f["message"])
+        assert m, f["message"]
+        seqs.add(int(m[1]))
+    assert seqs == set(range(N))
+
+    counters = _counters(traced, "ktel_sample")
+    assert len(counters) == N
+    assert all(f["name"] == "ktel_sample_operations_total" and f["value"] == "1" for f in counters)
+    assert all(_kv(f["labels"]) == {"result": "ok"} for f in counters)
+    hists = [e.fields for e in traced if e.event == "ktel_histogram"]
+    assert all(f["name"] == "ktel_sample_operation_duration_ns" and int(f["value"]) > 0 for f in hists)
+    assert all(_kv(f["labels"]) == {} for f in hists)
+
+
+def test_filewatcher_reports_exactly_the_created_files(traced):
+    created = [e for e in traced if e.event == "file_created"]
+    paths = [e.fields["path"] for e in created]
+    assert sorted(paths) == sorted(f"/tmp/fw/created/file-{i}" for i in range(1, N + 1)), paths
+    for e in created:
+        f = e.fields
+        assert int(f["flags"], 16) & O_CREAT, f
+        assert f["comm"] in ("sh", "guest_open") and f["comm"] == e.task, f
+        assert int(f["pid"]) > 1
+        assert f["mode"] == ("0666" if f["comm"] == "sh" else "0640"), f
+    counters = _counters(traced, "filewatcher")
+    assert len(counters) == N
+    assert all(f["name"] == "filewatcher_files_created_total" and f["value"] == "1" for f in counters)
+    assert all(_kv(f["labels"]) == {"fs": "tmpfs"} for f in counters)
+
+
+def test_filewatcher_missed_nothing(guest):
+    assert [s.strip() for s in guest.sections["filewatcher_missed"]] == ["0"]
+
+
+def test_disabled_events_emit_nothing(guest):
+    rcs = _rcs(guest)
+    assert rcs.get("fire_disabled") == 0 and rcs.get("create_disabled") == 0, rcs
+    body = guest.sections["trace_disabled"]
+    assert _entries(body) == (0, 0)
+    assert _events(body) == []
+
+
+BPF_LINE = re.compile(r"^KTEL BPF (?P<event>\w+) (?P<rest>.*)$")
+
+
+def test_bpf_programs_receive_every_event(guest):
+    """tests/vm/bpf: BPF programs written from the README's offsets, fed through a ring buffer."""
+    rcs = _rcs(guest)
+    assert rcs.get("bpf_fire") == 0 and rcs.get("bpf_create_files") == 0, rcs
+    body = [line.strip() for line in guest.sections["bpf"]]
+    assert "KTEL BPF READY 7 programs" in body, "\n".join(body)
+    assert rcs.get("bpf_loader") == 0, "\n".join(body)
+    assert "KTEL BPF DROPS 0" in body and body[-1] == "KTEL BPF STOP", "\n".join(body[-5:])
+    events = []
+    for line in body:
+        m = BPF_LINE.match(line)
+        if m and m["event"] not in ("READY", "DROPS", "STOP"):
+            events.append(Event("", m["event"], _parse_fields(m["rest"])))
+    kinds = Counter(e.event for e in events)
+    assert kinds == {
+        "ktel_span_begin": 2 * N,
+        "ktel_span_end": 2 * N,
+        "ktel_counter": 2 * N,
+        "ktel_histogram": N,
+        "ktel_log": N,
+        "file_created": N,
+    }, kinds
+
+    paths = sorted(e.fields["path"] for e in events if e.event == "file_created")
+    assert paths == sorted(f"/tmp/fw/bpf/file-{i}" for i in range(1, N + 1)), paths
+    assert all(
+        e.fields["comm"] == "sh" and int(e.fields["flags"], 16) & O_CREAT
+        for e in events
+        if e.event == "file_created"
+    )
+    assert {e.fields["kv0"] for e in events if e.event == "ktel_counter"} == {"result=ok", "fs=tmpfs"}
+    assert all(
+        e.fields["nr"] == "1" and e.fields["value"] == "1" for e in events if e.event == "ktel_counter"
+    )
+
+    ends = [e.fields for e in events if e.event == "ktel_span_end"]
+    roots = {f["trace_id"]: f for f in ends if f["name"] == "ktel_sample.operation"}
+    assert len(roots) == N
+    for f in ends:
+        assert f["status"] == "1" and int(f["end_ns"]) >= int(f["start_ns"]) > 0
+        assert f["nr"] == "0", "ktel_sample ends its spans without attributes"
+        if f["name"] == "ktel_sample.checksum":
+            assert f["parent_span_id"] == roots[f["trace_id"]]["span_id"]
+    begins = {e.fields["span_id"]: e.fields for e in events if e.event == "ktel_span_begin"}
+    assert set(begins) == {f["span_id"] for f in ends}
+    for f in begins.values():
+        assert f["status"] == "0" and f["end_ns"] == "0"
+        if f["name"] == "ktel_sample.checksum":
+            assert f["nr"] == "1" and f["kv0"] == "ktel_sample.algorithm=jhash"
+        else:
+            assert f["nr"] == "2" and f["kv0"] == "code.namespace=ktel_sample"
+    logs = [e.fields for e in events if e.event == "ktel_log"]
+    assert all(f["span_id"] == roots[f["trace_id"]]["span_id"] and f["severity"] == "13" for f in logs)
+    assert sorted(int(f["message"].split()[1]) for f in logs) == list(range(N))
+    assert all(f["kv0"] == "code.namespace=ktel_sample" for f in logs)
+
+
+def test_50_reloads_leave_nothing_behind(guest):
+    m = re.search(r"KTEL RELOADS (\d+) (\d+)", guest.run.output)
+    assert m and int(m[2]) == RELOADS, guest.why()
+    assert int(m[1]) == RELOADS, f"only {m[1]} of {RELOADS} unload/reload cycles succeeded\n{guest.why()}"
+    assert _rcs(guest).get("final_unload") == 0
+    left = [line.split()[0] for line in guest.sections["modules_after"] if line.strip()]
+    assert not {"ktel", "ktel_sample", "filewatcher"} & set(left), left
+    assert [line for line in guest.sections["leftovers"] if line.strip()] == []
+
+
+def test_kernel_log_is_clean(guest):
+    dmesg = guest.sections["dmesg"]
+    assert any("ktel-vm-test: start" in line for line in dmesg), "dmesg section incomplete"
+    bad = [
+        line
+        for line in dmesg
+        if any(p.search(line) for p in BAD_LOG) and not any(p.search(line) for p in EXPECTED_TAINT_LINES)
+    ]
+    assert bad == [], "unexpected kernel messages:\n" + "\n".join(bad)
+    for p in EXPECTED_TAINT_LINES:
+        assert sum(1 for line in dmesg if p.search(line)) == 1, p.pattern
+    tainted = int(guest.sections["tainted"][0].strip())
+    assert tainted == EXPECTED_TAINT, f"taint flags {tainted:#x}, expected only O and E ({EXPECTED_TAINT:#x})"
