@@ -95,6 +95,12 @@ def cmd_up(cfg: config_mod.Config, args: argparse.Namespace) -> None:
     sys.exit(up.run(cfg))
 
 
+def cmd_down(cfg: config_mod.Config, _args: argparse.Namespace) -> None:
+    from ktel import up
+
+    sys.exit(up.down(cfg))
+
+
 def cmd_config(cfg: config_mod.Config, _args: argparse.Namespace) -> None:
     print(cfg.model_dump_json(indent=2))
 
@@ -107,6 +113,8 @@ def main(argv: list[str] | None = None) -> None:
 
     p = sub.add_parser("up", help="run the whole pipeline on this host with a local Kafka and Prometheus")
     p.set_defaults(fn=cmd_up)
+    p = sub.add_parser("down", help="stop the `ktel up` running from the same config, in order")
+    p.set_defaults(fn=cmd_down)
     p = sub.add_parser("agent", help="the edge agent: BPF ring buffers -> Kafka ktel.raw")
     p.set_defaults(fn=cmd_agent)
     p = sub.add_parser("process", help="a Faust processing worker (start more of a stage to scale it out)")

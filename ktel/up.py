@@ -148,9 +148,47 @@ def render(counters: dict[str, float | None], elapsed: float) -> str:
     return f"[{elapsed:6.0f}s] " + " | ".join(cells)
 
 
+def pidfile(cfg: Config) -> Path:
+    return cfg.stack.data_dir / "ktel-up.pid"
+
+
+def down(cfg: Config, timeout: float = 180) -> int:
+    """Stop the `ktel up` of this data dir (from another terminal) and wait for it."""
+    try:
+        pid = int(pidfile(cfg).read_text())
+    except (FileNotFoundError, ValueError):
+        say(f"no ktel up is running for {cfg.stack.data_dir}")
+        return 1
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        say(f"ktel up (pid {pid}) is not running; removing its stale pid file")
+        pidfile(cfg).unlink(missing_ok=True)
+        return 1
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        # `ktel up` removes its pid file once everything it started has stopped.
+        if not pidfile(cfg).exists() or not _alive(pid):
+            say(f"ktel up (pid {pid}) stopped")
+            return 0
+        time.sleep(0.2)
+    say(f"ktel up (pid {pid}) still running after {timeout:.0f}s")
+    return 1
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"  # a zombie has exited; its parent has not collected it yet
+
+
 def run(cfg: Config) -> int:
     stack = Stack(cfg)
     stopping = False
+    cfg.stack.data_dir.mkdir(parents=True, exist_ok=True)
+    pidfile(cfg).write_text(str(os.getpid()))
 
     def on_signal(_sig: int, _frame: object) -> None:
         nonlocal stopping
@@ -196,5 +234,6 @@ def run(cfg: Config) -> int:
         # A second Ctrl-C during shutdown must not leave half the stack running.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         stack.stop()
+        pidfile(cfg).unlink(missing_ok=True)
         say("stopped")
     return code

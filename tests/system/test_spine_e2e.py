@@ -72,7 +72,7 @@ def stack(tmp_path):
     reader.start()
     ready = wait_for("ktel up", lambda: any(READY_LINE in ln for ln in lines) or proc.poll() is not None, 300)
     assert ready and proc.poll() is None, "ktel up did not come up:\n" + "".join(lines)
-    yield proc, ports, lines
+    yield proc, ports, lines, env
     if proc.poll() is None:
         proc.kill()
 
@@ -100,8 +100,9 @@ def pull_value(port, directory):
     return total
 
 
-def test_23_files_reach_prometheus_and_the_pull_endpoint_then_ctrl_c_stops_all(stack):
-    proc, ports, lines = stack
+@pytest.mark.parametrize("stop_with", ["ctrl-c", "ktel down"])
+def test_23_files_reach_prometheus_and_the_pull_endpoint_then_everything_stops(stack, stop_with):
+    proc, ports, lines, env = stack
     target = Path(tempfile.mkdtemp(prefix="ktel-e2e-", dir="/tmp"))
     other = Path(f"{target}-other")
     other.mkdir()
@@ -124,7 +125,11 @@ def test_23_files_reach_prometheus_and_the_pull_endpoint_then_ctrl_c_stops_all(s
                 f.unlink()
             d.rmdir()
 
-    proc.send_signal(signal.SIGINT)
+    if stop_with == "ctrl-c":
+        proc.send_signal(signal.SIGINT)
+    else:
+        down = subprocess.run([sys.executable, "-m", "ktel.cli", "down"], env=env, capture_output=True, text=True)
+        assert down.returncode == 0, down.stdout + down.stderr
     assert proc.wait(timeout=180) == 0, "".join(lines[-30:])
     out = "".join(lines)
     assert "ktel up: stopped" in out
