@@ -7,11 +7,14 @@ starting with a digit gets a leading ``_``.
 
 from __future__ import annotations
 
+import functools
 import re
 
 _INVALID = re.compile(r"[^a-zA-Z0-9_]")
 
 
+# Names repeat in every snapshot; the regex per label was most of the exporters' label cost.
+@functools.lru_cache(maxsize=4096)
 def label_name(name: str) -> str:
     out = _INVALID.sub("_", name)
     return "_" + out if out[:1].isdigit() else out

@@ -1,27 +1,35 @@
 """The pull endpoint: ``ktel export pull`` serves the current aggregates at
 ``/metrics`` in the Prometheus text format, as the Riptides demo does.
 
-Each instance reads every partition of ``ktel.metrics`` from the beginning (no
-consumer group: every instance needs the whole picture) and keeps the latest
-value of each series.
+Each instance reads every partition of ``ktel.metrics`` (no consumer group:
+every instance needs the whole picture) and keeps the latest value of each
+series. It starts ``LOOKBACK_WINDOWS`` aggregation windows back in time
+(``offsets_for_times``), not at the beginning of the topic: the aggregate stage
+emits every series of every host once a window, so a few windows hold the whole
+current picture, and a start no longer reads a day of retained snapshots.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from exporters import consume
 from exporters.prom_names import label_name, prom_labels
+from exporters.remote_write import histogram_series
 from ktel.config import Config
-from ktel.wire import MetricSnapshot
+from ktel.wire import METRICS_TOPIC, MetricSnapshot, decode_snapshot
 
 log = logging.getLogger("ktel.export.pull")
+
+# More than one window, so a snapshot delayed by a slow worker or a rebalance is still read.
+LOOKBACK_WINDOWS = 3
 
 
 class LatestValues(Collector):
@@ -41,10 +49,17 @@ class LatestValues(Collector):
     def collect(self):
         for (name, typ), by_labels in list(self.series.items()):
             pname = label_name(name)
+            fam: Metric
+            if typ == "histogram":
+                fam = HistogramMetricFamily(pname, f"ktel aggregate {name}")
+                for key, (_ts, value) in by_labels.items():
+                    for labels, v in histogram_series(name, dict(key), value):
+                        sample = dict(labels)
+                        fam.add_sample(sample.pop("__name__"), sample, v)
+                yield fam
+                continue
             if typ == "counter":
-                fam: CounterMetricFamily | GaugeMetricFamily = CounterMetricFamily(
-                    pname.removesuffix("_total"), f"ktel aggregate {name}"
-                )
+                fam = CounterMetricFamily(pname.removesuffix("_total"), f"ktel aggregate {name}")
             else:
                 fam = GaugeMetricFamily(pname, f"ktel aggregate {name}")
             for key, (_ts, value) in by_labels.items():
@@ -62,4 +77,13 @@ async def run(cfg: Config, stop: asyncio.Event) -> None:
     async def deliver(snaps: list[MetricSnapshot], _producer: AIOKafkaProducer) -> None:
         latest.update(snaps)
 
-    await consume.run(bootstrap=cfg.kafka.bootstrap, group_id=None, stage="pull", deliver=deliver, stop=stop)
+    start_ms = time.time_ns() // 1_000_000 - int(LOOKBACK_WINDOWS * cfg.aggregate.window_seconds * 1000)
+    await consume.run(
+        bootstrap=cfg.kafka.bootstrap,
+        group_id=None,
+        stage="pull",
+        topics={METRICS_TOPIC: decode_snapshot},
+        deliver=deliver,
+        stop=stop,
+        start_ms=start_ms,
+    )

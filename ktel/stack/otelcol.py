@@ -1,0 +1,257 @@
+"""A throwaway local OpenTelemetry Collector (OTLP receiver -> file exporter) for tests.
+
+The Collector is built from the Go module proxy with the official builder (ocb)
+and the manifest ``deploy/otelcol/builder-config.yaml``, once: the binary is
+cached in ``<cache>/otelcol-<version>/`` (``$KTEL_CACHE_DIR`` or ``~/.cache/ktel``)
+with a marker naming the manifest it was built from, so a second call is instant
+and a changed manifest is rebuilt. Its file exporter writes every request it
+received as one OTLP/JSON line, which :meth:`LocalCollector.received` reads back.
+"""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from ktel.stack import proc
+
+MANIFEST = Path(__file__).resolve().parents[2] / "deploy" / "otelcol" / "builder-config.yaml"
+# The manifest is the one place the version lives (dist.version, the core version).
+OTELCOL_VERSION = re.search(r"^  version: (\S+)$", MANIFEST.read_text(), re.M).group(1)  # type: ignore[union-attr]
+BINARY_NAME = "otelcol-ktel"  # dist.name in the manifest
+_MARKER = ".complete"
+
+
+def _go() -> str:
+    go = shutil.which("go") or "/usr/local/go/bin/go"
+    if not Path(go).is_file():
+        raise RuntimeError(
+            "cannot build the OpenTelemetry Collector: `go` is not on PATH or in /usr/local/go/bin"
+        )
+    return go
+
+
+def ensure_collector(cache_dir: Path | None = None) -> Path:
+    """Return the path of the Collector binary, building it on first use (a few CPU minutes)."""
+    root = cache_dir or Path(os.environ.get("KTEL_CACHE_DIR") or Path.home() / ".cache" / "ktel")
+    home = Path(root) / f"otelcol-{OTELCOL_VERSION}"
+    binary = home / "build" / BINARY_NAME
+    manifest = MANIFEST.read_bytes()
+    stamp = hashlib.sha256(manifest).hexdigest()
+    home.mkdir(parents=True, exist_ok=True)
+    # A lock, so two test processes starting at once don't build into the same dir.
+    with open(home / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        marker = home / _MARKER
+        if binary.is_file() and marker.is_file() and marker.read_text().strip() == stamp:
+            return binary
+        # Marker first: a build that dies half-way must leave the cache visibly incomplete.
+        marker.unlink(missing_ok=True)
+        shutil.rmtree(home / "build", ignore_errors=True)
+        go = _go()
+        env = {
+            **os.environ,
+            "PATH": f"{Path(go).parent}:{os.environ.get('PATH', '')}",  # the builder runs `go` itself
+            "GOBIN": str(home / "bin"),
+            "GOTOOLCHAIN": "local",  # never try to download another toolchain
+        }
+        (home / "builder-config.yaml").write_bytes(manifest)
+        steps = [
+            [go, "install", f"go.opentelemetry.io/collector/cmd/builder@v{OTELCOL_VERSION}"],
+            # output_path in the manifest is relative to the working directory: home.
+            [str(home / "bin" / "builder"), "--config", str(home / "builder-config.yaml")],
+        ]
+        for argv in steps:
+            try:
+                res = subprocess.run(argv, cwd=home, env=env, capture_output=True, text=True, timeout=1800)
+            except subprocess.TimeoutExpired as e:
+                raise RuntimeError(f"building the OpenTelemetry Collector timed out: {argv[:3]}") from e
+            if res.returncode != 0:
+                out = "\n".join(
+                    ln
+                    for ln in (res.stdout + res.stderr).splitlines()
+                    if not ln.startswith("go: downloading")
+                )
+                raise RuntimeError(
+                    f"building the OpenTelemetry Collector failed (exit {res.returncode}) at {argv[:3]}:\n"
+                    + out[-4000:]
+                )
+        if not binary.is_file():
+            raise RuntimeError(f"the Collector builder succeeded but left no {binary}")
+        marker.write_text(stamp + "\n")  # written last: its presence means the build is whole
+        return binary
+
+
+class LocalCollector:
+    """A Collector with the otlp receiver on 127.0.0.1 (gRPC and HTTP) and a file exporter."""
+
+    def __init__(self, data_dir: Path, grpc_port: int = 4317, http_port: int = 4318) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.grpc_port = grpc_port
+        self.http_port = http_port
+        self.out_path = self.data_dir / "out.json"
+        self.log_path = self.data_dir / "otelcol.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def grpc_endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self, timeout: float = 60) -> None:
+        if self.running:
+            return
+        for p in (self.grpc_port, self.http_port):
+            if proc.port_in_use(p):
+                raise RuntimeError(f"cannot start the Collector: 127.0.0.1:{p} is already in use")
+        binary = ensure_collector()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        config = self.data_dir / "otelcol.json"  # JSON is YAML, and needs no YAML library
+        config.write_text(json.dumps(self._config(), indent=2))
+        log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self._proc = proc.spawn([str(binary), f"--config=file:{config}"], self.log_path, self.data_dir)
+        try:
+            self._wait_ready(timeout, log_start)
+        except BaseException:
+            self.stop(timeout=5)
+            raise
+
+    def stop(self, timeout: float = 30) -> None:
+        """SIGTERM: the Collector drains its pipelines and closes the file."""
+        proc.stop(self._proc, timeout)
+        self._proc = None
+
+    def __enter__(self) -> LocalCollector:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _config(self) -> dict[str, Any]:
+        pipeline = {"receivers": ["otlp"], "exporters": ["file", "debug"]}
+        return {
+            "receivers": {
+                "otlp": {
+                    "protocols": {
+                        "grpc": {"endpoint": f"127.0.0.1:{self.grpc_port}"},
+                        "http": {"endpoint": f"127.0.0.1:{self.http_port}"},
+                    }
+                }
+            },
+            "exporters": {
+                # The default rotation settings make the file exporter write through at once
+                # (no flush interval) and append across restarts of the Collector.
+                "file": {"path": str(self.out_path)},
+                "debug": {"verbosity": "basic"},
+            },
+            "service": {
+                # Its own metrics would listen on :8888, which two Collectors (or a busy
+                # machine) cannot share.
+                "telemetry": {"metrics": {"level": "none"}},
+                "pipelines": {"traces": pipeline, "metrics": pipeline, "logs": pipeline},
+            },
+        }
+
+    def _wait_ready(self, timeout: float, log_start: int) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._proc is None or self._proc.poll() is not None:
+                code = None if self._proc is None else self._proc.returncode
+                raise RuntimeError(
+                    f"the Collector exited during startup (exit {code}); tail of {self.log_path}:\n"
+                    + proc.tail(self.log_path)
+                )
+            with open(self.log_path, "rb") as f:
+                f.seek(log_start)
+                ready = b"Everything is ready" in f.read()
+            if ready and proc.port_in_use(self.grpc_port) and proc.port_in_use(self.http_port):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"the Collector not ready after {timeout}s; tail of {self.log_path}:\n"
+                    + proc.tail(self.log_path)
+                )
+            time.sleep(0.1)
+
+    # ------------------------------------------------------------- what arrived
+
+    def received(self) -> list[dict[str, Any]]:
+        """Every request the file exporter wrote so far, as parsed OTLP/JSON."""
+        if not self.out_path.exists():
+            return []
+        lines = self.out_path.read_text().splitlines()
+        # The last line may be half-written while a request is being written.
+        out = []
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return out
+
+    def spans(self) -> list[dict[str, Any]]:
+        """Flattened spans: each OTLP/JSON span plus ``resource`` and ``scope`` (attributes as dicts)."""
+        return self._flatten("resourceSpans", "scopeSpans", "spans")
+
+    def logs(self) -> list[dict[str, Any]]:
+        return self._flatten("resourceLogs", "scopeLogs", "logRecords")
+
+    def metrics(self) -> list[dict[str, Any]]:
+        """Flattened metrics: one entry per OTLP metric (its data points inside)."""
+        return self._flatten("resourceMetrics", "scopeMetrics", "metrics")
+
+    def _flatten(self, rkey: str, skey: str, ikey: str) -> list[dict[str, Any]]:
+        out = []
+        for req in self.received():
+            for rs in req.get(rkey, []):
+                resource = attributes(rs.get("resource", {}).get("attributes", []))
+                for ss in rs.get(skey, []):
+                    for item in ss.get(ikey, []):
+                        out.append({**item, "resource": resource, "scope": ss.get("scope", {})})
+        return out
+
+
+def any_value(v: dict[str, Any]) -> Any:
+    """An OTLP/JSON AnyValue as a Python value (int64 arrives as a string in OTLP/JSON)."""
+    if "stringValue" in v:
+        return v["stringValue"]
+    if "intValue" in v:
+        return int(v["intValue"])
+    if "doubleValue" in v:
+        return float(v["doubleValue"])
+    if "boolValue" in v:
+        return v["boolValue"]
+    if "bytesValue" in v:
+        return base64.b64decode(v["bytesValue"])
+    if "arrayValue" in v:
+        return [any_value(x) for x in v["arrayValue"].get("values", [])]
+    if "kvlistValue" in v:
+        return attributes(v["kvlistValue"].get("values", []))
+    return None
+
+
+def attributes(kvs: list[dict[str, Any]]) -> dict[str, Any]:
+    return {kv["key"]: any_value(kv.get("value", {})) for kv in kvs}

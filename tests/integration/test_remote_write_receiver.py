@@ -1,0 +1,134 @@
+"""Remote-write delivery rules against a scripted receiver on loopback: 5xx and 429
+are retried until the receiver recovers; a 400 is not retried, and its samples go to
+the real ``ktel.dlq`` with the receiver's answer."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import pytest
+import snappy
+from aiohttp import web
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from opentelemetry.exporter.prometheus_remote_write.gen.remote_pb2 import WriteRequest
+
+from exporters import remote_write
+from ktel import config, topics
+from ktel.stack.kafka import create_topics
+from ktel.wire import DLQ_TOPIC, METRICS_TOPIC, MetricSnapshot, decode_dead_letter, encode_snapshot
+
+pytestmark = pytest.mark.kafka
+
+
+def names_in(body: bytes, run: str) -> set[str]:
+    """The metric names of this run's series in a remote-write body."""
+    req = WriteRequest()
+    req.ParseFromString(snappy.uncompress(body))
+    out = set()
+    for ts in req.timeseries:
+        labels = {lb.name: lb.value for lb in ts.labels}
+        if labels.get("ktel_run") == run:
+            out.add(labels["__name__"])
+    return out
+
+
+class Receiver:
+    """Answers by content: ``flaky`` gets 500, then 429, then 200; ``refused`` always 400."""
+
+    def __init__(self, run: str) -> None:
+        self.run = run
+        self.seen: list[tuple[str, int, bytes]] = []  # (name, status answered, body)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        assert request.headers["Content-Encoding"] == "snappy"
+        assert request.headers["Content-Type"] == "application/x-protobuf"
+        assert request.headers["X-Prometheus-Remote-Write-Version"] == "0.1.0"
+        body = await request.read()
+        names = names_in(body, self.run)
+        status, text = 200, ""
+        if "flaky" in names:
+            tries = sum(1 for n, _, _ in self.seen if n == "flaky")
+            status = [500, 429, 200][min(tries, 2)]
+            text = "try again"
+        elif "refused" in names:
+            status, text = 400, f"out of order sample (run {self.run})"
+        for name in names:
+            self.seen.append((name, status, body))
+        return web.Response(status=status, text=text)
+
+    def answers(self, name: str) -> list[int]:
+        return [s for n, s, _ in self.seen if n == name]
+
+
+async def wait_for(predicate, timeout: float = 60) -> None:
+    async with asyncio.timeout(timeout):  # a guard against hanging, not a timing assertion
+        while not predicate():
+            await asyncio.sleep(0.1)
+
+
+async def test_retries_5xx_and_429_dead_letters_400(kafka):
+    run = uuid.uuid4().hex[:12]
+    receiver = Receiver(run)
+    app = web.Application()
+    app.router.add_post("/api/v1/write", receiver.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    cfg = config.Config(
+        kafka=config.KafkaConfig(bootstrap=kafka.bootstrap),
+        remote_write=config.RemoteWriteConfig(url=f"http://127.0.0.1:{port}/api/v1/write", metrics_port=0),
+    )
+    await create_topics(kafka.bootstrap, topics.specs(cfg))
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all")
+    await producer.start()
+
+    async def send(name: str, value: float) -> None:
+        snap = MetricSnapshot(time.time_ns() // 1_000_000, [[name, "gauge", {"ktel.run": run}, value]])
+        await producer.send_and_wait(METRICS_TOPIC, encode_snapshot(snap), key=run.encode())
+
+    stop = asyncio.Event()
+    exporter = asyncio.create_task(remote_write.run(cfg, stop, group_id=f"test-rw-recv-{run}"))
+    try:
+        await send("flaky", 1.0)
+        await wait_for(lambda: 200 in receiver.answers("flaky"))
+        # One at a time, so each request holds one of them.
+        await send("refused", 2.0)
+        await wait_for(lambda: receiver.answers("refused"))
+        await send("after", 3.0)
+        await wait_for(lambda: receiver.answers("after"))
+    finally:
+        stop.set()
+        await asyncio.wait_for(exporter, 30)
+        await producer.stop()
+        await runner.cleanup()
+
+    assert receiver.answers("flaky") == [500, 429, 200]
+    flaky_bodies = {b for n, _, b in receiver.seen if n == "flaky"}
+    assert len(flaky_bodies) == 1  # the same request, re-sent
+    # Not retried: the exporter went on to the next record after one 400.
+    assert receiver.answers("refused") == [400]
+    assert receiver.answers("after") == [200]
+
+    consumer = AIOKafkaConsumer(DLQ_TOPIC, bootstrap_servers=kafka.bootstrap, auto_offset_reset="earliest")
+    await consumer.start()
+    mine = []
+    try:
+        async with asyncio.timeout(30):
+            while not mine:
+                for recs in (await consumer.getmany(timeout_ms=500)).values():
+                    letters = [decode_dead_letter(r.value) for r in recs]
+                    mine += [dl for dl in letters if run in dl.reason]
+    finally:
+        await consumer.stop()
+    [dl] = mine
+    assert dl.stage == "remote-write"
+    assert dl.topic == METRICS_TOPIC
+    assert dl.reason == f"HTTP 400: out of order sample (run {run})"
+    [refused_body] = [b for n, _, b in receiver.seen if n == "refused"]
+    assert dl.payload == refused_body  # the refused WriteRequest itself, as sent
+    assert names_in(dl.payload, run) == {"refused"}

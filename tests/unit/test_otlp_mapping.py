@@ -1,0 +1,174 @@
+"""Wire records -> OTLP, through the SDK's own encoders (what its exporters send)."""
+
+from opentelemetry.exporter.otlp.proto.common._log_encoder import encode_logs
+from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality
+from opentelemetry.proto.trace.v1.trace_pb2 import Status
+
+from exporters import otlp
+from ktel.config import OtlpConfig
+from ktel.wire import LogBatch, MetricSnapshot, SpanBatch, decode_logs, decode_spans
+from ktel.wire import encode_logs as wire_logs
+from ktel.wire import encode_spans as wire_spans
+
+TRACE = bytes(range(16))
+ROOT, CHILD = b"\x01" * 8, b"\x02" * 8
+RESOURCE = {"host.id": "h1", "host.name": "node-1"}
+
+
+def attrs(kvs: list[KeyValue]) -> dict:
+    def value(v: AnyValue):
+        kind = v.WhichOneof("value")
+        if kind == "array_value":
+            return [value(x) for x in v.array_value.values]
+        return getattr(v, kind)
+
+    return {kv.key: value(kv.value) for kv in kvs}
+
+
+def test_spans_keep_ids_parents_status_attributes_and_resource():
+    batch = SpanBatch(
+        RESOURCE,
+        [
+            [TRACE, ROOT, b"", "syscall", 1000, 5000, 1, "", {"pid": 7, "comm": "touch"}],
+            [TRACE, CHILD, ROOT, "vfs_open", 2000, 3000, 2, "ENOENT", {"path": "/x", "flags": [1, 2]}],
+            [TRACE, b"\x03" * 8, ROOT, "unset", 2000, 2500, 0, "ignored", {}],
+        ],
+    )
+    batch = decode_spans(wire_spans(batch))  # exactly what the exporter reads from Kafka
+    resource = otlp.KtelResource(batch.resource)
+    req = encode_spans(otlp.to_spans([(resource, row) for row in batch.spans]))
+    [rs] = req.resource_spans
+    assert attrs(rs.resource.attributes) == RESOURCE
+    [ss] = rs.scope_spans
+    assert ss.scope.name == "ktel"
+    root, child, unset = ss.spans
+    assert (root.trace_id, root.span_id, root.parent_span_id) == (TRACE, ROOT, b"")
+    assert (child.trace_id, child.span_id, child.parent_span_id) == (TRACE, CHILD, ROOT)
+    assert (root.name, root.start_time_unix_nano, root.end_time_unix_nano) == ("syscall", 1000, 5000)
+    assert (root.status.code, root.status.message) == (Status.STATUS_CODE_OK, "")
+    assert (child.status.code, child.status.message) == (Status.STATUS_CODE_ERROR, "ENOENT")
+    assert (unset.status.code, unset.status.message) == (Status.STATUS_CODE_UNSET, "")
+    assert attrs(root.attributes) == {"pid": 7, "comm": "touch"}
+    assert attrs(child.attributes) == {"path": "/x", "flags": [1, 2]}
+
+
+def test_logs_keep_time_severity_body_attributes_trace_context_and_resource():
+    batch = LogBatch(
+        RESOURCE,
+        [
+            [10, 17, "ERROR", "oom-kill: killed process 42", {"process.pid": 42}, TRACE, CHILD],
+            [20, 9, "INFO", "plain", {}, b"", b""],
+        ],
+    )
+    batch = decode_logs(wire_logs(batch))
+    resource = otlp.KtelResource(batch.resource)
+    req = encode_logs(otlp.to_logs([(resource, row) for row in batch.logs]))
+    [rl] = req.resource_logs
+    assert attrs(rl.resource.attributes) == RESOURCE
+    oom, plain = rl.scope_logs[0].log_records
+    assert (oom.time_unix_nano, oom.observed_time_unix_nano) == (10, 10)
+    assert (oom.severity_number, oom.severity_text) == (17, "ERROR")
+    assert oom.body.string_value == "oom-kill: killed process 42"
+    assert attrs(oom.attributes) == {"process.pid": 42}
+    assert (oom.trace_id, oom.span_id) == (TRACE, CHILD)
+    assert (plain.trace_id, plain.span_id) == (b"", b"")
+
+
+def test_metrics_become_sums_gauges_histograms_with_host_id_as_resource():
+    hist = {"count": 6, "sum": 21.5, "bounds": [1.0, 10.0], "counts": [1, 3, 2]}
+    snaps = [
+        MetricSnapshot(
+            1000,
+            [
+                ["file_created_total", "counter", {"host.id": "a", "directory": "/tmp"}, 5],
+                ["runq_latency_seconds", "histogram", {"host.id": "a"}, hist],
+                ["spool_bytes", "gauge", {"host.id": "b"}, 1.5],
+            ],
+        ),
+        MetricSnapshot(2000, [["file_created_total", "counter", {"host.id": "a", "directory": "/tmp"}, 7]]),
+    ]
+    rows = [(s.ts_ms, row) for s in snaps for row in s.series]
+    req = encode_metrics(otlp.to_metrics(rows))
+    by_host = {attrs(rm.resource.attributes)["host.id"]: rm for rm in req.resource_metrics}
+    assert set(by_host) == {"a", "b"}
+    metrics_a = {m.name: m for m in by_host["a"].scope_metrics[0].metrics}
+    counter = metrics_a["file_created_total"].sum
+    assert counter.is_monotonic
+    assert counter.aggregation_temporality == AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE
+    assert [(p.time_unix_nano, p.as_int) for p in counter.data_points] == [
+        (1000 * 10**6, 5),
+        (2000 * 10**6, 7),
+    ]
+    assert [attrs(p.attributes) for p in counter.data_points] == [{"directory": "/tmp"}] * 2
+    h = metrics_a["runq_latency_seconds"].histogram
+    assert h.aggregation_temporality == AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE
+    [hp] = h.data_points
+    assert (hp.count, hp.sum, list(hp.explicit_bounds), list(hp.bucket_counts)) == (
+        6,
+        21.5,
+        [1.0, 10.0],
+        [1, 3, 2],
+    )
+    assert not hp.HasField("min") and not hp.HasField("max")
+    [gauge] = by_host["b"].scope_metrics[0].metrics
+    assert (gauge.name, gauge.gauge.data_points[0].as_double) == ("spool_bytes", 1.5)
+
+
+async def test_failure_is_retried_until_acknowledged():
+    class Flaky:
+        """Fails the first two requests, whichever they are."""
+
+        def __init__(self):
+            self.calls: list[tuple[int, str]] = []
+
+        def export(self, data):
+            result = "FAILURE" if len(self.calls) < 2 else "SUCCESS"
+            self.calls.append((len(data), result))
+            return type("R", (), {"name": result})
+
+        def shutdown(self):
+            pass
+
+    spans = Flaky()
+    sender = otlp.Sender(OtlpConfig(max_export_batch_size=2), (spans, Flaky(), Flaky()))
+    batch = SpanBatch(RESOURCE, [[TRACE, bytes([i]) * 8, b"", "s", 1, 2, 0, "", {}] for i in range(1, 4)])
+    await sender.deliver([batch])
+    # Two requests (batch size 2); deliver returned only once both were acknowledged.
+    assert sorted(n for n, r in spans.calls if r == "SUCCESS") == [1, 2]
+    assert len(spans.calls) == 4
+
+
+def test_config_fields_reach_the_sdk_exporters_and_unset_ones_fall_back_to_otel_env(monkeypatch):
+    cfg = OtlpConfig(
+        protocol="http/protobuf",
+        endpoint="http://collector:4318/",
+        headers={"Authorization": "Bearer x"},
+        compression="gzip",
+        timeout_seconds=3,
+    )
+    spans, metrics, logs = otlp.make_exporters(cfg)
+    assert [e._endpoint for e in (spans, metrics, logs)] == [
+        "http://collector:4318/v1/traces",
+        "http://collector:4318/v1/metrics",
+        "http://collector:4318/v1/logs",
+    ]
+    assert spans._client._headers["authorization"] == "Bearer x"
+    assert spans._compression.value == "gzip"
+
+    spans, _, _ = otlp.make_exporters(OtlpConfig(protocol="grpc", endpoint="http://collector:4317"))
+    assert (type(spans).__module__.split(".")[-2], spans._endpoint, spans._insecure) == (
+        "grpc", "collector:4317", True
+    )  # fmt: skip
+
+    # Unset fields: the SDK reads the standard variables itself.
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "https://otel.example:4318")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "x-tenant=ktel")
+    spans, _, logs = otlp.make_exporters(OtlpConfig())
+    assert (spans._endpoint, logs._endpoint) == (
+        "https://otel.example:4318/v1/traces", "https://otel.example:4318/v1/logs"
+    )  # fmt: skip
+    assert spans._client._headers["x-tenant"] == "ktel"
