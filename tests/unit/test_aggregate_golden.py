@@ -43,3 +43,18 @@ def test_directory_label():
     assert d("/file-at-root", 3) == "/"
     assert d("rel/x/y", 3) == "rel"
     assert d("y", 3) == "."
+
+
+def test_100_000_distinct_label_values_stay_within_the_limit_plus_overflow():
+    opts = aggregate_core.Options(directory_depth=3, max_series=500)
+    state: dict = {}
+    ev = lambda i: [1, 1, 2, 2, 0, "c", f"/d/{i}/f", 0o101, False]  # noqa: E731
+    for seq in range(100):
+        aggregate_core.apply(
+            state, RawBatch("h", "b", seq, 0, [ev(seq * 1000 + i) for i in range(1000)]), opts
+        )
+    rows = aggregate_core.snapshot("h", state)
+    assert len(rows) == 501
+    overflow = [r for r in rows if r[2].get("otel.metric.overflow") == "true"]
+    assert len(overflow) == 1 and overflow[0][3] == 100_000 - 500
+    assert sum(r[3] for r in rows) == 100_000
