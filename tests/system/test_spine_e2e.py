@@ -128,7 +128,9 @@ def test_23_files_reach_prometheus_and_the_pull_endpoint_then_everything_stops(s
     if stop_with == "ctrl-c":
         proc.send_signal(signal.SIGINT)
     else:
-        down = subprocess.run([sys.executable, "-m", "ktel.cli", "down"], env=env, capture_output=True, text=True)
+        down = subprocess.run(
+            [sys.executable, "-m", "ktel.cli", "down"], env=env, capture_output=True, text=True
+        )
         assert down.returncode == 0, down.stdout + down.stderr
     assert proc.wait(timeout=180) == 0, "".join(lines[-30:])
     out = "".join(lines)
