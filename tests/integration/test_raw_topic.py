@@ -1,14 +1,16 @@
 """The agent's publish path against the real local broker."""
 
 import asyncio
+import uuid
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 
 from edge_agent.agent import Agent
 from ktel import config, topics
 from ktel.stack.kafka import create_topics
 from ktel.wire import FILE_CREATED, RAW_TOPIC, decode_batch
+from tests.integration.agent_harness import read_topic
 
 pytestmark = pytest.mark.kafka
 
@@ -21,25 +23,12 @@ def make_cfg(kafka, tmp_path, host_id):
     return cfg
 
 
-async def consume_all(bootstrap, n, timeout=30):
-    consumer = AIOKafkaConsumer(
-        RAW_TOPIC, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None
-    )
-    await consumer.start()
-    got = []
-    try:
-        async with asyncio.timeout(timeout):
-            while len(got) < n:
-                for _tp, recs in (await consumer.getmany(timeout_ms=500)).items():
-                    got.extend(recs)
-    finally:
-        await consumer.stop()
-    return got
-
-
 async def test_batches_are_keyed_by_host_numbered_and_ordered(kafka, tmp_path):
-    cfg_a = make_cfg(kafka, tmp_path, "host-a")
-    cfg_b = make_cfg(kafka, tmp_path, "host-b")
+    # Unique host ids: the session's broker holds other tests' batches too.
+    run = uuid.uuid4().hex[:8]
+    host_a, host_b = f"host-a-{run}".encode(), f"host-b-{run}".encode()
+    cfg_a = make_cfg(kafka, tmp_path, host_a.decode())
+    cfg_b = make_cfg(kafka, tmp_path, host_b.decode())
     await create_topics(kafka.bootstrap, topics.specs(cfg_a))
     ev = [FILE_CREATED.id, 1, 2, 2, 0, "touch", "/tmp/x", 0o101, False]
     for cfg, n in ((cfg_a, 5), (cfg_b, 3)):
@@ -55,14 +44,15 @@ async def test_batches_are_keyed_by_host_numbered_and_ordered(kafka, tmp_path):
         publisher.cancel()
         await producer.stop()
 
-    records = await consume_all(kafka.bootstrap, 8)
+    records = [r for r in await read_topic(kafka.bootstrap, RAW_TOPIC) if r.key in (host_a, host_b)]
+    assert len(records) == 8
     by_host: dict[bytes, list] = {}
     for rec in records:
         batch = decode_batch(rec.value)
         assert rec.key == batch.host_id.encode()
         by_host.setdefault(rec.key, []).append((rec.partition, batch))
-    assert set(by_host) == {b"host-a", b"host-b"}
-    for key, n in ((b"host-a", 5), (b"host-b", 3)):
+    assert set(by_host) == {host_a, host_b}
+    for key, n in ((host_a, 5), (host_b, 3)):
         parts = {p for p, _ in by_host[key]}
         assert len(parts) == 1  # one host's batches stay in one partition, in order
         assert [b.seq for _, b in by_host[key]] == list(range(n))
