@@ -123,6 +123,10 @@ def test_control_command_lowers_rate_then_deadline_restores_it(kafka, tmp_path):
     n = 3000
 
     create_files(tmp_path / "before", n, rate_per_s=5000)
+    # Let the agent drain "before" first: an event is weighted with the rate in
+    # force when the agent drains it (edge_agent/agent.py, drain_once).
+    time.sleep(0.5)
+    agent.wait_until_spool_empty()
     cmd = ControlCommand(
         f"cmd-{uuid.uuid4().hex[:6]}", host, "file_created", 10, time.time_ns() // 10**6 + 15_000
     )
