@@ -61,6 +61,7 @@ PROBES_LOADED = Gauge("ktel_agent_probe_loaded", "1 per loaded probe, 0 per skip
 MAX_IN_FLIGHT = 32
 # How long a stopping agent keeps publishing its spool; the rest waits on disk for the next start.
 FLUSH_TIMEOUT_S = 10.0
+PRODUCER_STOP_TIMEOUT_S = 5.0
 
 
 class AgentCollector(Collector):
@@ -380,6 +381,9 @@ class Agent:
         finally:
             delivery.cancel()
             await asyncio.gather(delivery, return_exceptions=True)
-            await producer.stop()
+            # stop() flushes the producer's buffer and would wait forever for a broker
+            # that is gone; what it holds is still in the spool for the next start.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(producer.stop(), PRODUCER_STOP_TIMEOUT_S)
             self.spool.close()
             log.info("agent stopped; %d spooled bytes not yet acknowledged", self.spool.depth_bytes())
