@@ -29,8 +29,15 @@ Raw batch record (topic ``ktel.raw``, key = host id as UTF-8)::
                          # across agent restarts; (host, boot, seq) is unique
      "sent": int,        # wall clock (ns since epoch) when the batch was sealed
      "events": [[kind_id, field, ...], ...],
-     "w": [float, ...]}  # optional: each event's sampling weight (how many events
+     "w": [float, ...],  # optional: each event's sampling weight (how many events
                          # it stands for); absent means every weight is 1
+     "res": {attr: value},              # optional, added by the enrich stage: the
+                         # host's OpenTelemetry resource attributes (host.id,
+                         # host.name, host.arch, os.type, os.version, ...)
+     "proc": {str(pid): {attr: value}}} # optional, added by the enrich stage: what is
+                         # known of the processes this batch's events name
+                         # (process.executable.name, process.parent_pid,
+                         # container.id, k8s.pod.name, ...); unknown stays absent
 
 An event is an array, not a map: its first element is the kind id and the rest
 are the kind's fields in the order ``EventKind.fields`` gives. Arrays keep
@@ -289,6 +296,9 @@ class RawBatch:
     events: Sequence[Sequence[Any]]
     # Sampling weights, parallel to events; None when every event weighs 1.
     weights: Sequence[float] | None = None
+    # Added by the enrich stage (see the module docstring); None before it.
+    resource: dict[str, Any] | None = None
+    processes: dict[str, dict[str, Any]] | None = None
 
     @property
     def key(self) -> bytes:
@@ -373,6 +383,10 @@ def encode_batch(batch: RawBatch) -> bytes:
     }
     if batch.weights is not None:
         obj["w"] = batch.weights
+    if batch.resource is not None:
+        obj["res"] = batch.resource
+    if batch.processes is not None:
+        obj["proc"] = batch.processes
     return _pack(obj)
 
 
@@ -401,6 +415,14 @@ def decode_batch(data: bytes) -> RawBatch:
         or not all(isinstance(w, int | float) and w > 0 for w in weights)
     ):
         raise WireError(f"{what}: 'w' must be one positive weight per event")
+    resource = obj.get("res")
+    if resource is not None and not isinstance(resource, dict):
+        raise WireError(f"{what}: 'res' must be a map of resource attributes")
+    processes = obj.get("proc")
+    if processes is not None and not (
+        isinstance(processes, dict) and all(isinstance(a, dict) for a in processes.values())
+    ):
+        raise WireError(f"{what}: 'proc' must map a pid to a map of process attributes")
     return RawBatch(
         host_id=_field(obj, "host", str, what),
         boot_id=_field(obj, "boot", str, what),
@@ -408,6 +430,8 @@ def decode_batch(data: bytes) -> RawBatch:
         sent_ns=_field(obj, "sent", int, what),
         events=events,
         weights=weights,
+        resource=resource,
+        processes=processes,
     )
 
 

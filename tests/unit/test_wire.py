@@ -150,3 +150,32 @@ def test_logs_round_trip():
         {"host.id": "h"}, [[5, 13, "WARN", "disk slow", {"k": "v"}, b"\x02" * 16, b"\x03" * 8]]
     )
     assert wire.decode_logs(wire.encode_logs(batch)) == batch
+
+
+attr_value = st.one_of(text, st.integers(-(2**63), 2**63 - 1))
+enriched = st.builds(
+    lambda b, res, proc: wire.RawBatch(
+        b.host_id, b.boot_id, b.seq, b.sent_ns, b.events, resource=res, processes=proc
+    ),
+    batches,
+    st.dictionaries(text, attr_value, max_size=5),
+    st.dictionaries(
+        st.integers(0, 2**22).map(str), st.dictionaries(text, attr_value, max_size=4), max_size=5
+    ),
+)
+
+
+@given(enriched)
+def test_enriched_batch_round_trips(batch):
+    assert wire.decode_batch(wire.encode_batch(batch)) == batch
+
+
+def test_bad_enrichment_is_rejected():
+    for field, value, reason in (
+        ("res", ["host.name"], "'res' must be a map"),
+        ("proc", {"12": "bash"}, "'proc' must map a pid"),
+    ):
+        obj = msgpack.unpackb(wire.encode_batch(wire.RawBatch("h", "b", 1, 2, [])))
+        obj[field] = value
+        with pytest.raises(wire.WireError, match=reason):
+            wire.decode_batch(msgpack.packb(obj))
