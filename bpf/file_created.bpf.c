@@ -10,6 +10,32 @@
 /* Compiled after bpf/ktel_common.bpf.h (the agent prepends it: BCC rewrites
  * map calls such as counters.lookup() only in the main file, not in headers). */
 #include "file_created.h"
+#include "ktel_tracepoints.bpf.h"
+
+/*
+ * filewatcher:file_created (the ktel filewatcher module, kmod/filewatcher.c)
+ * reports only files an open really created. Always compiled, so the verifier
+ * checks it on every host; attached by the agent where the tracepoint exists
+ * (edge_agent/probes.py), and then KTEL_HAVE_FILEWATCHER leaves the syscall
+ * fallback below out.
+ */
+int file_created_filewatcher(struct filewatcher_ctx *ctx)
+{
+	struct file_created_event *ev;
+
+	if (ktel_sampled_out())
+		return 0;
+	ev = events.ringbuf_reserve(sizeof(*ev));
+	if (!ev) {
+		ktel_count(KTEL_COUNTER_RINGBUF_DROPS);
+		return 0;
+	}
+	ktel_tp_file_created(ev, ctx);
+	events.ringbuf_submit(ev, 0);
+	return 0;
+}
+
+#ifndef KTEL_HAVE_FILEWATCHER
 
 /* asm-generic/fcntl.h values; identical on x86_64 and arm64. */
 #define KTEL_O_CREAT 00000100
@@ -125,3 +151,4 @@ TRACEPOINT_PROBE(syscalls, sys_exit_open)
 	return open_exit(args->ret);
 }
 #endif
+#endif /* KTEL_HAVE_FILEWATCHER */

@@ -38,6 +38,7 @@ from edge_agent import (
     block_latency,
     dns_latency,
     file_created,
+    ktel_api,
     oom_kill,
     process,
     runq_latency,
@@ -112,6 +113,10 @@ class ProbeSpec:
     ringbuf: bool = True
     # Run once when the probe loads (e.g. reading enum names from a format file).
     prepare: Callable[[], Any] | None = None
+    # Tracepoint -> BPF function for programs that take a context declared in
+    # bpf/ktel_tracepoints.bpf.h instead of BCC's TRACEPOINT_PROBE (which BCC
+    # attaches by itself). Each is attached where its tracepoint exists.
+    programs: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 SPECS: dict[str, ProbeSpec] = {
@@ -126,7 +131,19 @@ SPECS: dict[str, ProbeSpec] = {
             "syscalls/sys_enter_creat",
             "syscalls/sys_exit_creat",
         ),
-        optional_tracepoints={"syscalls/sys_enter_open": "KTEL_HAVE_SYS_OPEN"},
+        # With the filewatcher module loaded, its tracepoint (which sees the create
+        # itself) replaces the syscall tracepoints, which the source then leaves out.
+        optional_tracepoints={
+            "syscalls/sys_enter_open": "KTEL_HAVE_SYS_OPEN",
+            "filewatcher/file_created": "KTEL_HAVE_FILEWATCHER",
+        },
+        programs={"filewatcher/file_created": "file_created_filewatcher"},
+    ),
+    "ktel_api": ProbeSpec(
+        name="ktel_api",
+        decode=ktel_api.decode,
+        required_tracepoints=tuple(ktel_api.PROGRAMS),
+        programs=ktel_api.PROGRAMS,
     ),
     "tcp_retransmit": ProbeSpec(
         name="tcp_retransmit",
@@ -285,6 +302,13 @@ class LoadedProbe:
                 raise ProbeUnavailable(f"library {u.library!r} not found (ldconfig -p)")
             libs[u.library] = path
         self.bpf = BPF(text=bpf_source(spec.name).encode(), cflags=cflags_for(spec, ringbuf_pages, defines))
+        try:
+            for tp, fn in spec.programs.items():
+                if _has_tracepoint(tp):
+                    self.bpf.attach_tracepoint(tp=tp.replace("/", ":").encode(), fn_name=fn.encode())
+        except Exception as err:
+            self.bpf.cleanup()
+            raise ProbeUnavailable(f"cannot attach {fn} to tracepoint {tp}: {err}") from None
         try:
             for u in spec.uprobes:
                 lib, sym = libs[u.library], u.symbol.encode()

@@ -93,9 +93,11 @@ class AgentConfig(BaseModel):
             "runq_latency",
             "block_latency",
             "dns_latency",
+            "ktel_api",
         ]
     ] = Field(
-        ["file_created"],
+        # ktel_api needs ktel's kernel module (kmod/); without it, it is skipped and reported.
+        ["file_created", "ktel_api"],
         description="probes to load; a probe this kernel cannot attach is skipped and reported",
     )
     ringbuf_pages: int = Field(256, description="BPF ring buffer size in 4 KiB pages (a power of two)")

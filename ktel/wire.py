@@ -272,6 +272,57 @@ HISTOGRAM_DELTA = EventKind(
     ),
 )
 
+# Events of kernel code that uses ktel's telemetry API (kmod/include/ktel/ktel.h),
+# from the ktel:* tracepoints (probe ktel_api). Timestamps are wall clock, ns since
+# epoch; ids are bytes in OTLP order (a kernel u64 span id as 8 bytes big-endian, so
+# its hex is the %016llx the kernel prints).
+KTEL_METRIC = EventKind(
+    9,
+    "ktel_metric",
+    (
+        "ts_ns",
+        "pid",  # tgid of the task on the CPU when the kernel code emitted it
+        "type",  # "counter" (value is an increment), "gauge" (the new value) or
+        #          "histogram" (one observation)
+        "name",  # as the kernel code named it (Prometheus style, unit suffix)
+        "labels",  # {label: str}, at most 4 (KTEL_MAX_KV)
+        "value",  # int
+    ),
+)
+
+KTEL_SPAN = EventKind(
+    10,
+    "ktel_span",
+    (
+        "ts_ns",  # when the span ended
+        "pid",
+        "tid",
+        "trace_id",  # 16 bytes
+        "span_id",  # 8 bytes
+        "parent_span_id",  # 8 bytes, b"" for a root span
+        "name",
+        "start_ns",
+        "end_ns",
+        "status",  # 0 unset, 1 ok, 2 error (OTLP StatusCode)
+        "attrs",  # {key: str}, at most 4
+    ),
+)
+
+KTEL_LOG = EventKind(
+    11,
+    "ktel_log",
+    (
+        "ts_ns",
+        "pid",
+        "tid",
+        "severity",  # OTLP SeverityNumber: 1 TRACE, 5 DEBUG, 9 INFO, 13 WARN, 17 ERROR, 21 FATAL
+        "message",  # at most 255 bytes
+        "attrs",  # {key: str}, at most 4
+        "trace_id",  # 16 bytes, b"" when the log is in no span
+        "span_id",  # 8 bytes, b"" when the log is in no span
+    ),
+)
+
 KINDS: dict[int, EventKind] = {
     k.id: k
     for k in (
@@ -283,6 +334,9 @@ KINDS: dict[int, EventKind] = {
         SKB_DROP,
         DNS_SLOW,
         HISTOGRAM_DELTA,
+        KTEL_METRIC,
+        KTEL_SPAN,
+        KTEL_LOG,
     )
 }
 

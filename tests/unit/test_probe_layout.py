@@ -14,6 +14,7 @@ from edge_agent import (
     block_latency,
     dns_latency,
     file_created,
+    ktel_api,
     oom_kill,
     probes,
     process,
@@ -84,6 +85,23 @@ LAYOUTS = [
         syscall_latency.KEY,
         {"cgroup_id": 0, "syscall_id": 8, "pad": 12},
         {},
+    ),
+    (
+        "ktel_api.h",
+        "ktel_api_event",
+        ktel_api.LAYOUT,
+        {"ts_ns": 0, "value": 8, "span_id": 16, "parent_span_id": 24, "start_ns": 32, "end_ns": 40},
+        {
+            "pid": 48,
+            "tid": 52,
+            "kind": 56,
+            "level": 57,
+            "nr_kv": 58,
+            "trace_id": 64,
+            "name": 80,
+            "kv": 144,
+            "text": 656,
+        },
     ),
     ("block_latency.h", "block_latency_key", block_latency.KEY, {"dev": 0, "op": 4, "pad": 5}, {}),
     ("dns_latency.h", "dns_latency_key", dns_latency.KEY, {"tgid": 0, "failed": 4, "comm": 8}, {}),
@@ -213,6 +231,73 @@ def test_decoders_turn_known_bytes_into_wire_events():
     assert oom_kill.decode(oom, 0)[2:] == [77, "hog", 1000, 2, 3, 4, 5, 6, -500, 88, "hog"]
     bare = oom_kill.LAYOUT.pack(1, 0, 0, 0, 0, 0, 77, 0, 88, 0, 0, b"", b"hog")
     assert oom_kill.decode(bare, 0)[2:] == [77, "", None, None, None, None, None, None, None, 88, "hog"]
+
+
+def _kv(*pairs: str) -> bytes:
+    return b"".join(p.encode().ljust(ktel_api.STR, b"\0") for p in pairs).ljust(512, b"\0")
+
+
+def test_ktel_api_records_decode_to_metric_span_and_log_events():
+    text = (probes.BPF_DIR / "ktel_api.h").read_text()
+    for name, value in (("COUNTER", 1), ("GAUGE", 2), ("HISTOGRAM", 3), ("SPAN_END", 4), ("LOG", 5)):
+        assert f"KTEL_API_{name} = {value}," in text
+        assert getattr(ktel_api, name) == value
+    tid = bytes(range(1, 17))
+
+    def rec(
+        kind,
+        value=0,
+        span=0,
+        parent=0,
+        start=0,
+        end=0,
+        level=0,
+        nr=0,
+        trace=bytes(16),
+        name=b"",
+        kv=b"",
+        msg=b"",
+    ):
+        return ktel_api.LAYOUT.pack(
+            1000, value, span, parent, start, end, 7, 8, kind, level, nr, trace, name, kv or _kv(), msg
+        )
+
+    counter = rec(ktel_api.COUNTER, 3, nr=1, name=b"x_total", kv=_kv("result", "ok", "ignored", "slot"))
+    assert event_dict(ktel_api.decode(counter, 5)) == {
+        "kind": "ktel_metric",
+        "ts_ns": 1005,
+        "pid": 7,
+        "type": "counter",
+        "name": "x_total",
+        "labels": {"result": "ok"},
+        "value": 3,
+    }
+    gauge = rec(ktel_api.GAUGE, -4, name=b"g")
+    assert ktel_api.decode(gauge, 0)[3:] == ["gauge", "g", {}, -4]
+    span = rec(ktel_api.SPAN_END, span=0x0102030405060708, parent=0, start=10, end=30, level=2, nr=2,
+               trace=tid, name=b"op", kv=_kv("a", "1", "b", "2"))  # fmt: skip
+    assert event_dict(ktel_api.decode(span, 100)) == {
+        "kind": "ktel_span",
+        "ts_ns": 1100,
+        "pid": 7,
+        "tid": 8,
+        "trace_id": tid,
+        "span_id": bytes([1, 2, 3, 4, 5, 6, 7, 8]),
+        "parent_span_id": b"",
+        "name": "op",
+        "start_ns": 110,
+        "end_ns": 130,
+        "status": 2,
+        "attrs": {"a": "1", "b": "2"},
+    }
+    child = rec(ktel_api.SPAN_END, span=9, parent=0xABCDEF, trace=tid, name=b"c")
+    assert ktel_api.decode(child, 0)[6] == (0xABCDEF).to_bytes(8, "big")
+    log = rec(ktel_api.LOG, span=9, level=13, nr=1, trace=tid, kv=_kv("k", "v"), msg=b"took 5 ns")
+    assert ktel_api.decode(log, 0)[4:] == [13, "took 5 ns", {"k": "v"}, tid, (9).to_bytes(8, "big")]
+    bare = rec(ktel_api.LOG, level=9, msg=b"no span")
+    assert ktel_api.decode(bare, 0)[-2:] == [b"", b""]
+    with pytest.raises(ValueError, match="unknown kind 6"):
+        ktel_api.decode(rec(ktel_api.SPAN_BEGIN), 0)
 
 
 def test_skb_drop_reason_names_come_from_the_print_fmt():

@@ -124,8 +124,9 @@ def build_bpf_object(source: Path, out: Path, timeout: float = 120) -> Path:
     if clang is None:
         raise RuntimeError("clang not installed (package clang)")
     multiarch = "/usr/include/x86_64-linux-gnu"  # asm/types.h, which -target bpf does not search
-    _run([clang, "-O2", "-g", "-target", "bpf", "-Wall", "-Werror", f"-I{multiarch}", "-c", str(source),
-          "-o", str(out)], timeout)  # fmt: skip
+    bpf_dir = REPO / "bpf"  # the agent's headers (bpf/ktel_tracepoints.bpf.h)
+    _run([clang, "-O2", "-g", "-target", "bpf", "-Wall", "-Werror", f"-I{multiarch}", f"-I{bpf_dir}",
+          "-c", str(source), "-o", str(out)], timeout)  # fmt: skip
     return out
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from edge_agent import file_created, ktel_api
+from ktel.wire import event_dict
 from tests.conftest import IN_CI
 from tests.vm import qemu_harness as vmh
 
@@ -326,64 +328,73 @@ def test_disabled_events_emit_nothing(guest):
     assert _events(body) == []
 
 
-BPF_LINE = re.compile(r"^KTEL BPF (?P<event>\w+) (?P<rest>.*)$")
+BPF_REC = re.compile(r"^KTEL BPF REC (?P<size>\d+) (?P<hex>[0-9a-f]*)$")
 
 
-def test_bpf_programs_receive_every_event(guest):
-    """tests/vm/bpf: BPF programs written from the README's offsets, fed through a ring buffer."""
+def _bpf_records(guest: GuestRun) -> list[bytes]:
+    """The guest's ring-buffer records, their trailing zeros (left out by the loader) put back."""
+    out = []
+    for line in guest.sections["bpf"]:
+        m = BPF_REC.match(line.strip())
+        if m:
+            out.append(bytes.fromhex(m["hex"]).ljust(int(m["size"]), b"\0"))
+    return out
+
+
+def test_bpf_programs_deliver_every_event_to_the_agents_decoders(guest):
+    """The agent's tracepoint code (bpf/ktel_tracepoints.bpf.h) on the real module's events,
+    through a ring buffer, decoded by the agent's decoders into wire events."""
     rcs = _rcs(guest)
     assert rcs.get("bpf_fire") == 0 and rcs.get("bpf_create_files") == 0, rcs
     body = [line.strip() for line in guest.sections["bpf"]]
     assert "KTEL BPF READY 7 programs" in body, "\n".join(body)
     assert rcs.get("bpf_loader") == 0, "\n".join(body)
     assert "KTEL BPF DROPS 0" in body and body[-1] == "KTEL BPF STOP", "\n".join(body[-5:])
-    events = []
-    for line in body:
-        m = BPF_LINE.match(line)
-        if m and m["event"] not in ("READY", "DROPS", "STOP"):
-            events.append(Event("", m["event"], _parse_fields(m["rest"])))
-    kinds = Counter(e.event for e in events)
-    assert kinds == {
-        "ktel_span_begin": 2 * N,
-        "ktel_span_end": 2 * N,
-        "ktel_counter": 2 * N,
-        "ktel_histogram": N,
-        "ktel_log": N,
-        "file_created": N,
-    }, kinds
+    records = _bpf_records(guest)
+    files = [file_created.decode(r, 0) for r in records if len(r) == file_created.LAYOUT.size]
+    api = [r for r in records if len(r) == ktel_api.LAYOUT.size]
+    begins = [ktel_api.LAYOUT.unpack_from(r) for r in api if r[56] == ktel_api.SPAN_BEGIN]
+    events = [event_dict(ktel_api.decode(r, 0)) for r in api if r[56] != ktel_api.SPAN_BEGIN]
+    kinds = Counter(e.get("type", e["kind"]) for e in events)
+    assert len(files) == N and len(begins) == 2 * N and len(records) == len(files) + len(api)
+    assert kinds == {"ktel_span": 2 * N, "counter": 2 * N, "histogram": N, "ktel_log": N}, kinds
 
-    paths = sorted(e.fields["path"] for e in events if e.event == "file_created")
-    assert paths == sorted(f"/tmp/fw/bpf/file-{i}" for i in range(1, N + 1)), paths
-    assert all(
-        e.fields["comm"] == "sh" and int(e.fields["flags"], 16) & O_CREAT
-        for e in events
-        if e.event == "file_created"
-    )
-    assert {e.fields["kv0"] for e in events if e.event == "ktel_counter"} == {"result=ok", "fs=tmpfs"}
-    assert all(
-        e.fields["nr"] == "1" and e.fields["value"] == "1" for e in events if e.event == "ktel_counter"
-    )
+    created = [event_dict(f) for f in files]
+    assert sorted(f["path"] for f in created) == sorted(f"/tmp/fw/bpf/file-{i}" for i in range(1, N + 1))
+    assert all(f["comm"] == "sh" and f["flags"] & O_CREAT and f["certain"] for f in created), created[:3]
 
-    ends = [e.fields for e in events if e.event == "ktel_span_end"]
-    roots = {f["trace_id"]: f for f in ends if f["name"] == "ktel_sample.operation"}
-    assert len(roots) == N
-    for f in ends:
-        assert f["status"] == "1" and int(f["end_ns"]) >= int(f["start_ns"]) > 0
-        assert f["nr"] == "0", "ktel_sample ends its spans without attributes"
-        if f["name"] == "ktel_sample.checksum":
-            assert f["parent_span_id"] == roots[f["trace_id"]]["span_id"]
-    begins = {e.fields["span_id"]: e.fields for e in events if e.event == "ktel_span_begin"}
-    assert set(begins) == {f["span_id"] for f in ends}
-    for f in begins.values():
-        assert f["status"] == "0" and f["end_ns"] == "0"
-        if f["name"] == "ktel_sample.checksum":
-            assert f["nr"] == "1" and f["kv0"] == "ktel_sample.algorithm=jhash"
+    counters = [e for e in events if e.get("type") == "counter"]
+    assert {tuple(e["labels"].items()) for e in counters} == {(("result", "ok"),), (("fs", "tmpfs"),)}
+    names = Counter(e["name"] for e in counters)
+    assert names == {"ktel_sample_operations_total": N, "filewatcher_files_created_total": N}, names
+    assert all(e["value"] == 1 for e in counters)
+    hists = [e for e in events if e.get("type") == "histogram"]
+    assert all(e["name"] == "ktel_sample_operation_duration_ns" and e["value"] > 0 for e in hists)
+
+    spans = [e for e in events if e["kind"] == "ktel_span"]
+    roots = {s["trace_id"]: s for s in spans if s["name"] == "ktel_sample.operation"}
+    assert len(roots) == N and all(s["parent_span_id"] == b"" for s in roots.values())
+    for s in spans:
+        assert len(s["trace_id"]) == 16 and len(s["span_id"]) == 8
+        assert s["status"] == 1 and s["end_ns"] >= s["start_ns"] > 0
+        assert s["attrs"] == {}, "ktel_sample ends its spans without attributes"
+        if s["name"] == "ktel_sample.checksum":
+            assert s["parent_span_id"] == roots[s["trace_id"]]["span_id"]
+    # ktel_span_begin (not the agent's): ids match the ends, attributes as the README says.
+    ends = {s["span_id"]: s for s in spans}
+    for b in begins:
+        span_id, status, end_ns, nr_kv, name, kv = b[2].to_bytes(8, "big"), b[9], b[5], b[10], b[12], b[13]
+        assert span_id in ends and status == 0 and end_ns == 0
+        assert name.rstrip(b"\0").decode() == ends[span_id]["name"]
+        attrs = ktel_api._kv(kv, nr_kv)
+        if ends[span_id]["name"] == "ktel_sample.checksum":
+            assert attrs == {"ktel_sample.algorithm": "jhash"}
         else:
-            assert f["nr"] == "2" and f["kv0"] == "code.namespace=ktel_sample"
-    logs = [e.fields for e in events if e.event == "ktel_log"]
-    assert all(f["span_id"] == roots[f["trace_id"]]["span_id"] and f["severity"] == "13" for f in logs)
-    assert sorted(int(f["message"].split()[1]) for f in logs) == list(range(N))
-    assert all(f["kv0"] == "code.namespace=ktel_sample" for f in logs)
+            assert attrs == {"code.namespace": "ktel_sample", "ktel_sample.trigger": "debugfs"}
+    logs = [e for e in events if e["kind"] == "ktel_log"]
+    assert all(lg["span_id"] == roots[lg["trace_id"]]["span_id"] and lg["severity"] == 13 for lg in logs)
+    assert sorted(int(lg["message"].split()[1]) for lg in logs) == list(range(N))
+    assert all(lg["attrs"] == {"code.namespace": "ktel_sample"} for lg in logs)
 
 
 def test_50_reloads_leave_nothing_behind(guest):

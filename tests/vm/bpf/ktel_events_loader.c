@@ -1,15 +1,14 @@
 // SPDX-License-Identifier: GPL-2.0
-/* ktel_events_loader.c - loads ktel_events.bpf.o in the guest, prints its ring-buffer records. */
+/* ktel_events_loader.c - loads ktel_events.bpf.o in the guest, prints its ring-buffer records as hex. */
 
 /*
  *   ktel_bpf OBJECT.bpf.o
  *
  * Loads the object with libbpf (linked statically, so it runs in the busybox
  * initramfs), attaches every program to its tracepoint, prints
- * "KTEL BPF READY", then one "KTEL BPF <kind> key=value ..." line per record
- * until SIGINT or SIGTERM, then drains the ring buffer and prints
- * "KTEL BPF DROPS <n>" and "KTEL BPF STOP". Exit status 0 only if all of that
- * worked. Strings are printed last in a line, as in the trace output.
+ * "KTEL BPF READY", then one "KTEL BPF REC <size> <hex>" line per record until
+ * SIGINT or SIGTERM, then drains the ring buffer and prints "KTEL BPF DROPS <n>"
+ * and "KTEL BPF STOP". Exit status 0 only if all of that worked.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -19,7 +18,6 @@
 #include <linux/types.h>
 #include <bpf/libbpf.h>
 #include <bpf/bpf.h>
-#include "ktel_events.h"
 
 #define MAX_LINKS 16
 
@@ -31,66 +29,22 @@ static void on_signal(int sig)
 	stop = 1;
 }
 
-static const char *kind_name(__u32 kind)
-{
-	static const char *const names[] = {
-		"ktel_counter",	 "ktel_gauge", "ktel_histogram", "ktel_span_begin",
-		"ktel_span_end", "ktel_log",   "file_created",
-	};
-
-	return kind < sizeof(names) / sizeof(names[0]) ? names[kind] : "unknown";
-}
-
-static void hex(char *out, const __u8 *b, size_t n)
-{
-	size_t i;
-
-	for (i = 0; i < n; i++)
-		sprintf(out + 2 * i, "%02x", b[i]);
-}
-
+/*
+ * One "KTEL BPF REC <size> <hex>" line per record, trailing zero bytes left out
+ * (the host pads them back): the host decodes the records with the agent's decoders.
+ */
 static int on_event(void *ctx, void *data, size_t len)
 {
-	const struct ktel_vm_event *e = data;
-	char tid[33];
+	const unsigned char *b = data;
+	size_t i;
 
 	(void)ctx;
-	if (len < sizeof(*e)) {
-		printf("KTEL BPF short record %zu\n", len);
-		return 0;
-	}
-	hex(tid, e->trace_id, sizeof(e->trace_id));
-	switch (e->kind) {
-	case KTEL_VM_COUNTER:
-	case KTEL_VM_GAUGE:
-	case KTEL_VM_HISTOGRAM:
-		printf("KTEL BPF %s value=%" PRId64 " nr=%u name=%s kv0=%s=%s\n",
-		       kind_name(e->kind), (int64_t)e->value, e->nr_kv, e->name, e->kv0_key,
-		       e->kv0_value);
-		break;
-	case KTEL_VM_SPAN_BEGIN:
-	case KTEL_VM_SPAN_END:
-		printf("KTEL BPF %s trace_id=%s span_id=%016" PRIx64 " parent_span_id=%016" PRIx64
-		       " start_ns=%" PRIu64 " end_ns=%" PRIu64 " status=%" PRId64
-		       " nr=%u name=%s kv0=%s=%s\n",
-		       kind_name(e->kind), tid, (uint64_t)e->span_id, (uint64_t)e->parent_span_id,
-		       (uint64_t)e->start_ns, (uint64_t)e->end_ns, (int64_t)e->value, e->nr_kv,
-		       e->name, e->kv0_key, e->kv0_value);
-		break;
-	case KTEL_VM_LOG:
-		printf("KTEL BPF %s trace_id=%s span_id=%016" PRIx64 " severity=%" PRId64
-		       " nr=%u kv0=%s=%s message=%s\n",
-		       kind_name(e->kind), tid, (uint64_t)e->span_id, (int64_t)e->value, e->nr_kv,
-		       e->kv0_key, e->kv0_value, e->text);
-		break;
-	case KTEL_VM_FILE_CREATED:
-		printf("KTEL BPF %s pid=%u flags=0x%" PRIx64 " mode=0%" PRIo64 " comm=%s path=%s\n",
-		       kind_name(e->kind), e->nr_kv, (uint64_t)e->value, (uint64_t)e->start_ns,
-		       e->name, e->text);
-		break;
-	default:
-		printf("KTEL BPF unknown kind %u\n", e->kind);
-	}
+	printf("KTEL BPF REC %zu ", len);
+	while (len && !b[len - 1])
+		len--;
+	for (i = 0; i < len; i++)
+		printf("%02x", b[i]);
+	putchar('\n');
 	return 0;
 }
 
