@@ -167,7 +167,8 @@ class SampleConfig(BaseModel):
 
     baseline: float = Field(1.0, gt=0, le=1, description="probability of keeping an event no policy keeps")
     keep_kinds: list[str] = Field(
-        ["oom_kill", "tcp_retransmit", "skb_drop"], description="event kinds always kept (rare or errors)"
+        ["oom_kill", "tcp_retransmit", "skb_drop", "ktel_log"],
+        description="event kinds always kept (rare or errors; kernel spans with status ERROR always are)",
     )
     budget_per_s: dict[str, float] = Field(
         {}, description="fleet-wide events/s per kind; above it the kind is sampled down"

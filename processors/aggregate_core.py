@@ -15,6 +15,14 @@ label is added at snapshot time, not stored per series.
 Cardinality: each host keeps at most ``max_series`` series; events that would
 create more are counted in one overflow series per metric carrying the label
 ``otel.metric.overflow="true"``, as the OpenTelemetry metrics SDK does.
+
+Kernel code's own metrics (``ktel_metric`` events of the ktel_api probe) become
+series too: counters add their increments, gauges keep the last value (stored
+as ``{"gauge": value}``), histogram observations fill log2 buckets like the
+kernel's histograms (a name ending in ``_ns`` is exported as ``_seconds``).
+
+``signals()`` turns kernel spans into span records and kernel logs and OOM kills
+into log records, for ``ktel.spans`` and ``ktel.logs``.
 """
 
 from __future__ import annotations
@@ -29,11 +37,16 @@ from ktel.wire import (
     DNS_SLOW,
     FILE_CREATED,
     HISTOGRAM_DELTA,
+    KTEL_LOG,
+    KTEL_METRIC,
+    KTEL_SPAN,
     OOM_KILL,
     PROCESS_EXEC,
     SKB_DROP,
     TCP_RETRANSMIT,
+    LogBatch,
     RawBatch,
+    SpanBatch,
 )
 from processors import dedupe_core
 
@@ -99,32 +112,64 @@ def histogram_name(metric: str, unit: str) -> str:
     return f"{metric}_seconds" if unit == "ns" else f"{metric}_{unit}"
 
 
-def count_events(batch: RawBatch, opts: Options) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:
-    """Counter increments and histogram deltas of one batch (the stage's only per-event loop).
+# Mirrors KTEL_HIST_SLOTS (bpf/ktel_hist.h): kernel code's histogram observations
+# get the buckets the in-kernel histograms have, so the two merge and export alike.
+HIST_SLOTS = 40
+
+
+def log2_slot(value: int) -> int:
+    """ktel_hist_slot() of bpf/ktel_hist.h: bucket i holds [2^i, 2^(i+1)), 0 and 1 in bucket 0."""
+    return min(max(int(value).bit_length() - 1, 0), HIST_SLOTS - 1)
+
+
+def _labels(labels: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((k, str(v)) for k, v in labels.items()))
+
+
+def count_events(
+    batch: RawBatch, opts: Options
+) -> tuple[dict[str, float], dict[str, dict[str, Any]], dict[str, float]]:
+    """Counter increments, histogram deltas and gauge values of one batch (the
+    stage's only per-event loop over every event).
 
     Counter increments are weighted (see the module doc). A histogram delta is
-    scaled by the probe's in-kernel sampling and the event's weight.
+    scaled by the probe's in-kernel sampling and the event's weight. A gauge is
+    a value, not a count: weights do not apply.
     """
     counts: dict[str, float] = defaultdict(float)
     hists: dict[str, dict[str, Any]] = {}
+    gauges: dict[str, float] = {}
     weights = batch.weights or [1] * len(batch.events)
-    hid = HISTOGRAM_DELTA.id
+    hid, mid = HISTOGRAM_DELTA.id, KTEL_METRIC.id
     for ev, w in zip(batch.events, weights, strict=True):
         if ev[0] == hid:
             _ts, _start, metric, unit, labels, count, total, buckets, every = ev[1:]
             scale = w * every
-            key = series_key(
-                histogram_name(metric, unit), tuple(sorted((k, str(v)) for k, v in labels.items()))
-            )
+            key = series_key(histogram_name(metric, unit), _labels(labels))
             h = hists.setdefault(key, {"count": 0.0, "sum": 0.0, "buckets": [0.0] * len(buckets)})
             h["count"] += count * scale
             h["sum"] += total * scale
             h["buckets"] = [a + b * scale for a, b in zip(h["buckets"], buckets, strict=True)]
             continue
+        if ev[0] == mid:
+            _ts, _pid, mtype, name, labels, value = ev[1:]
+            if mtype == "counter":
+                counts[series_key(name, _labels(labels))] += value * w
+            elif mtype == "gauge":
+                gauges[series_key(name, _labels(labels))] = value  # the batch's last value wins
+            else:
+                if name.endswith("_ns"):
+                    name = name[: -len("_ns")] + "_seconds"
+                key = series_key(name, _labels(labels))
+                h = hists.setdefault(key, {"count": 0.0, "sum": 0.0, "buckets": [0.0] * HIST_SLOTS})
+                h["count"] += w
+                h["sum"] += value * w
+                h["buckets"][log2_slot(value)] += w
+            continue
         found = _counter_labels(ev, opts)
         if found is not None:
             counts[series_key(*found)] += w
-    return counts, hists
+    return counts, hists, gauges
 
 
 def apply(state: dict[str, Any], batch: RawBatch, opts: Options) -> Outcome:
@@ -138,7 +183,9 @@ def add(state: dict[str, Any], batch: RawBatch, opts: Options) -> Outcome:
     """Fold one batch known to be new into its host's state."""
     series = state.setdefault("series", {})
     out = Outcome()
-    counts, hists = count_events(batch, opts)
+    counts, hists, gauges = count_events(batch, opts)
+    for key, value in gauges.items():
+        series[_admit(series, key, opts, out, 0)] = {"gauge": value}
     for key, n in counts.items():
         key = _admit(series, key, opts, out, n)
         series[key] = series.get(key, 0) + n
@@ -165,15 +212,16 @@ def _admit(series: dict[str, Any], key: str, opts: Options, out: Outcome, n: flo
     return series_key(name, OVERFLOW_LABELS)
 
 
-def log2_bounds_seconds(slots: int) -> list[float]:
-    """Explicit upper bounds of the kernel's log2 ns buckets, in seconds.
+def log2_bounds(slots: int, scale: float = 1.0) -> list[float]:
+    """Explicit upper bounds of the kernel's log2 buckets, times ``scale``
+    (1e-9: nanoseconds counted, seconds exported).
 
-    Bucket i holds [2^i, 2^(i+1)) ns (bucket 0: [0, 2)); the last is unbounded.
+    Bucket i holds [2^i, 2^(i+1)) (bucket 0: [0, 2)); the last is unbounded.
     The wire's explicit buckets are upper-inclusive, so a value of exactly
-    2^(i+1) ns lands one bucket lower than the kernel put it: negligible at
+    2^(i+1) lands one bucket lower than the kernel put it: negligible at
     nanosecond resolution.
     """
-    return [2.0 ** (i + 1) / 1e9 for i in range(slots - 1)]
+    return [2.0 ** (i + 1) * scale for i in range(slots - 1)]
 
 
 def snapshot(host_id: str, state: dict[str, Any]) -> list[list]:
@@ -182,14 +230,82 @@ def snapshot(host_id: str, state: dict[str, Any]) -> list[list]:
     for key, value in state.get("series", {}).items():
         name, labels = parse_key(key)
         labels = {"host.id": host_id, **labels}
-        if isinstance(value, dict):
+        if isinstance(value, dict) and "gauge" in value:
+            rows.append([name, "gauge", labels, value["gauge"]])
+        elif isinstance(value, dict):
+            scale = 1e-9 if name.endswith("_seconds") else 1.0  # counted in ns (see count_events)
             hist = {
                 "count": round(value["count"]),
-                "sum": value["sum"] / 1e9 if name.endswith("_seconds") else value["sum"],
-                "bounds": log2_bounds_seconds(len(value["buckets"])),
+                "sum": value["sum"] * scale,
+                "bounds": log2_bounds(len(value["buckets"]), scale),
                 "counts": [round(c) for c in value["buckets"]],
             }
             rows.append([name, "histogram", labels, hist])
         else:
             rows.append([name, "counter", labels, value])
     return rows
+
+
+# OTLP SeverityText of each SeverityNumber range (1-4 TRACE ... 21-24 FATAL).
+SEVERITY_TEXT = ("TRACE", "DEBUG", "INFO", "WARN", "ERROR", "FATAL")
+SEVERITY_ERROR = 17
+
+
+def severity_text(number: int) -> str:
+    return SEVERITY_TEXT[min(max(number - 1, 0) // 4, 5)] if number > 0 else ""
+
+
+def _resource(batch: RawBatch, pid: int | None) -> dict[str, Any]:
+    """The host's resource attributes (from the enrich stage, else the host id alone),
+    plus what is known of the process: never more than what was told."""
+    res = dict(batch.resource or {"host.id": batch.host_id})
+    if pid:
+        res["process.pid"] = pid
+        res.update((batch.processes or {}).get(str(pid), {}))
+    return res
+
+
+def signals(batch: RawBatch) -> tuple[list[SpanBatch], list[LogBatch]]:
+    """The batch's kernel spans as span records and its kernel logs and OOM kills as
+    log records, one record per process (its resource) that has any.
+
+    A kept event that stands for several (sampled) carries ``ktel.sample_weight``.
+    """
+    spans: dict[int, list[list]] = defaultdict(list)
+    logs: dict[int | None, list[list]] = defaultdict(list)
+    weights = batch.weights or [1] * len(batch.events)
+    sid, lid, oid = KTEL_SPAN.id, KTEL_LOG.id, OOM_KILL.id
+    for ev, w in zip(batch.events, weights, strict=True):
+        kind = ev[0]
+        if kind == sid:
+            _ts, pid, _tid, trace_id, span_id, parent, name, start, end, status, attrs = ev[1:]
+            attrs = {**attrs, "ktel.sample_weight": w} if w != 1 else attrs
+            spans[pid].append([trace_id, span_id, parent, name, start, end, status, "", attrs])
+        elif kind == lid:
+            ts, pid, _tid, severity, message, attrs, trace_id, span_id = ev[1:]
+            attrs = {**attrs, "ktel.sample_weight": w} if w != 1 else attrs
+            logs[pid].append([ts, severity, severity_text(severity), message, attrs, trace_id, span_id])
+        elif kind == oid:
+            ts, pid, comm, uid, total_vm, anon, file, shmem, pgtables, adj, trigger_pid, trigger_comm = ev[1:]
+            attrs = {
+                "event.name": "oom_kill",
+                "process.pid": pid,
+                "process.executable.name": comm,
+                "process.owner.uid": uid,
+                "oom.total_vm_kb": total_vm,
+                "oom.anon_rss_kb": anon,
+                "oom.file_rss_kb": file,
+                "oom.shmem_rss_kb": shmem,
+                "oom.pgtables_kb": pgtables,
+                "oom.score_adj": adj,
+                "oom.trigger.pid": trigger_pid,
+                "oom.trigger.executable.name": trigger_comm,
+            }
+            body = f"OOM killer killed process {pid} ({comm or '?'})"
+            # Values a kernel did not give (None) stay out: unknown is not zero.
+            row_attrs = {k: v for k, v in attrs.items() if v is not None and v != ""}
+            logs[None].append([ts, SEVERITY_ERROR, "ERROR", body, row_attrs, b"", b""])
+    return (
+        [SpanBatch(_resource(batch, pid), rows) for pid, rows in spans.items()],
+        [LogBatch(_resource(batch, pid), rows) for pid, rows in logs.items()],
+    )

@@ -39,7 +39,14 @@ from ktel.wire import HISTOGRAM_DELTA, KINDS, ControlCommand, RawBatch
 # The probe that emits each event kind, where the names differ (fidelity
 # commands name probes). Histogram deltas are summaries, not events: they are
 # never sampled and do not count toward a host's event rate.
-PROBE_OF_KIND = {"process_exec": "process", "process_exit": "process", "dns_slow": "dns_latency"}
+PROBE_OF_KIND = {
+    "process_exec": "process",
+    "process_exit": "process",
+    "dns_slow": "dns_latency",
+    "ktel_metric": "ktel_api",
+    "ktel_span": "ktel_api",
+    "ktel_log": "ktel_api",
+}
 
 
 def probes_of(kind_ids: set[int]) -> set[str]:
@@ -48,8 +55,11 @@ def probes_of(kind_ids: set[int]) -> set[str]:
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    keep_kinds: frozenset[str] = frozenset({"oom_kill", "tcp_retransmit", "skb_drop"})
-    keep_slow: dict[str, tuple[str, float]] = dataclasses.field(default_factory=dict)
+    keep_kinds: frozenset[str] = frozenset({"oom_kill", "tcp_retransmit", "skb_drop", "ktel_log"})
+    # Kernel spans with status ERROR (2) are always kept, as tail samplers keep errors.
+    keep_slow: dict[str, tuple[str, float]] = dataclasses.field(
+        default_factory=lambda: {"ktel_span": ("status", 2)}
+    )
     baseline: float = 1.0
     budget_per_s: dict[str, float] = dataclasses.field(default_factory=dict)
     window_s: float = 10.0

@@ -4,7 +4,7 @@ Split mode, each stage its own Faust app and consumer group, scaled by
 starting more workers of it::
 
     ktel.raw --dedupe--> ktel.deduped --sample--> ktel.sampled --aggregate--> ktel.metrics
-                                          |
+                                          |                                ktel.spans, ktel.logs
                                           +--> ktel.control (fidelity commands)
 
 Fused mode (``ktel process all``, for small setups and ``ktel up``) runs the
@@ -36,9 +36,11 @@ from ktel.wire import (
     CONTROL_TOPIC,
     DEDUPED_TOPIC,
     DLQ_TOPIC,
+    LOGS_TOPIC,
     METRICS_TOPIC,
     RAW_TOPIC,
     SAMPLED_TOPIC,
+    SPANS_TOPIC,
     DeadLetter,
     MetricSnapshot,
     WireError,
@@ -46,7 +48,9 @@ from ktel.wire import (
     encode_batch,
     encode_command,
     encode_dead_letter,
+    encode_logs,
     encode_snapshot,
+    encode_spans,
 )
 from processors import aggregate_core, dedupe_core, sample_core
 
@@ -67,6 +71,8 @@ COMMANDS = Counter("ktel_processor_commands", "fidelity commands sent to ktel.co
 DEAD_LETTERS = Counter("ktel_processor_dead_letters", "records sent to ktel.dlq", ["stage"])
 OVERFLOW = Counter("ktel_processor_series_overflow", "events folded into an overflow series", ["stage"])
 SNAPSHOTS = Counter("ktel_processor_snapshots", "metric snapshot records produced", ["stage"])
+SPANS = Counter("ktel_processor_spans", "kernel spans sent to ktel.spans", ["stage"])
+LOGS = Counter("ktel_processor_logs", "kernel logs and OOM kills sent to ktel.logs", ["stage"])
 
 
 def make_app(cfg: Config, stage: str) -> faust.App:
@@ -120,6 +126,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
     source = raw_topic(SOURCE[stage])
     sink = raw_topic({"dedupe": DEDUPED_TOPIC, "sample": SAMPLED_TOPIC}.get(stage, METRICS_TOPIC))
     control, dlq = raw_topic(CONTROL_TOPIC), raw_topic(DLQ_TOPIC)
+    spans_topic, logs_topic = raw_topic(SPANS_TOPIC), raw_topic(LOGS_TOPIC)
     # The sample stage alone keeps no table: a table it never writes would still
     # need its changelog topic at start.
     keeps_state = does["dedupe"] or does["aggregate"]
@@ -165,6 +172,13 @@ def make_app(cfg: Config, stage: str) -> faust.App:
                 out = aggregate_core.add(state["aggregate"], batch, agg_opts)
                 EVENTS.labels(stage).inc(out.counted)
                 OVERFLOW.labels(stage).inc(out.overflowed)
+                span_records, log_records = aggregate_core.signals(batch)
+                for sb in span_records:
+                    await spans_topic.send(key=event.key, value=encode_spans(sb))
+                    SPANS.labels(stage).inc(len(sb.spans))
+                for lb in log_records:
+                    await logs_topic.send(key=event.key, value=encode_logs(lb))
+                    LOGS.labels(stage).inc(len(lb.logs))
             if keeps_state:
                 hosts[batch.host_id] = state  # reassign: writes the changelog
             if not does["aggregate"]:
