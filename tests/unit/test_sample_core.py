@@ -1,6 +1,6 @@
 import dataclasses
 
-from ktel.wire import FILE_CREATED, RawBatch
+from ktel.wire import FILE_CREATED, KTEL_LOG, KTEL_SPAN, RawBatch
 from processors.sample_core import Options, Sampler, observe_host
 
 
@@ -69,3 +69,23 @@ def test_a_spike_raises_the_hosts_fidelity_and_its_end_restores_it():
     assert raise_.until_ms == 4000 + 300_000
     assert (restore.target, restore.sample_every) == ("h1", 10)
     assert 95 < st["ewma"] < 105  # the spike did not leak into the baseline
+
+
+def test_by_default_kernel_error_spans_and_kernel_logs_are_all_kept():
+    def span(status: int) -> list:
+        return [KTEL_SPAN.id, 1, 2, 2, bytes(16), bytes(8), b"", "op", 0, 1, status, {}]
+
+    log = [KTEL_LOG.id, 1, 2, 2, 13, "slow", {}, b"", b""]
+    events = [span(2)] * 300 + [span(1)] * 3000 + [log] * 200
+    s = Sampler(Options(baseline=0.1))
+    out = [s.sample(RawBatch("h", "b", seq, 1, events)) for seq in range(10)]
+    kept = [ev for b in out for ev in b.events]
+    assert sum(1 for ev in kept if ev[0] == KTEL_SPAN.id and ev[10] == 2) == 3000
+    assert sum(1 for ev in kept if ev[0] == KTEL_LOG.id) == 2000
+    ok = [
+        w
+        for b in out
+        for ev, w in zip(b.events, b.weights, strict=True)
+        if ev[0] == KTEL_SPAN.id and ev[10] == 1
+    ]
+    assert 0 < len(ok) < 30_000 * 0.2 and abs(sum(ok) - 30_000) / 30_000 < 0.05
