@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TextIO
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
@@ -187,7 +187,8 @@ _TS_INDEX = {k.id: k.fields.index("ts_ns") + 1 for k in KINDS.values() if "ts_ns
 
 def read_bounds(flt: Filter, margin_ns: int) -> tuple[int, int]:
     """Record timestamps (ms) to read from, and past which to stop (rules 1 and 3)."""
-    return flt.from_ns // 1_000_000, (flt.to_ns + margin_ns) // 1_000_000
+    # offsets_for_times refuses a negative time (a --from before 1970).
+    return max(0, flt.from_ns // 1_000_000), (flt.to_ns + margin_ns) // 1_000_000
 
 
 # --------------------------------------------------------------------- output
@@ -241,18 +242,21 @@ class Summary:
     decode_failures: int = 0
     dead_lettered: int = 0
     republished: int = 0
+    output_closed: bool = False  # stdout's reader went away; the window was not read to its end
     failures: list[str] = dataclasses.field(default_factory=list)
 
     def line(self, opts: Options) -> str:
         parts = [
             f"read {self.records} records from {self.partitions} partitions of {opts.topic}",
-            f"{self.batches} batches and {self.events} events matched",
-            f"{self.decode_failures} records did not decode",
+            f"matched {self.batches} batches, {self.events} events",
+            f"decode failures {self.decode_failures}",
         ]
         if opts.dlq:
-            parts.append(f"{self.dead_lettered} sent to the dead-letter topic")
+            parts.append(f"dead-lettered {self.dead_lettered} to {DLQ_TOPIC}")
         if opts.to_topic:
-            parts.append(f"{self.republished} batches re-published to {opts.to_topic}")
+            parts.append(f"re-published {self.republished} batches to {opts.to_topic}")
+        if self.output_closed:
+            parts.append("stopped early: the reader of stdout went away")
         return "; ".join(parts)
 
 
@@ -286,6 +290,40 @@ async def replay(opts: Options, write: Callable[[str], None], report: Callable[[
         else None
     )
     in_flight: list[asyncio.Future[Any]] = []
+
+    async def handle(tp: TopicPartition, rec: ConsumerRecord) -> None:
+        summary.records += 1
+        if not opts.filter.wants_key(rec.key):
+            return
+        payload = rec.value or b""  # a tombstone (None) is a record that does not decode
+        try:
+            batch = decode_batch(payload)
+        except WireError as err:
+            summary.decode_failures += 1
+            if len(summary.failures) < FAILURES_SHOWN:
+                summary.failures.append(f"{tp.topic}[{tp.partition}]@{rec.offset}: {err}")
+                report(f"ktel replay: {summary.failures[-1]}")
+            if dlq is not None:
+                dl = DeadLetter(STAGE, str(err), tp.topic, tp.partition, rec.offset, payload)
+                await dlq.send_and_wait(DLQ_TOPIC, encode_dead_letter(dl), key=rec.key)
+                summary.dead_lettered += 1
+            return
+        kept = opts.filter.select(batch)
+        if kept is None:
+            return
+        summary.batches += 1
+        summary.events += len(kept.events)
+        if opts.jsonl:
+            for line in event_lines(kept):
+                write(line)
+        if out is not None and opts.to_topic is not None:
+            # Same key (same host, same partitioning) and same timestamp, so the new
+            # topic can itself be replayed by time.
+            fut = await out.send(opts.to_topic, encode_batch(kept), key=rec.key, timestamp_ms=rec.timestamp)
+            in_flight.append(fut)
+            if len(in_flight) >= MAX_IN_FLIGHT:
+                summary.republished += await _settle(in_flight)
+
     started: list[AIOKafkaConsumer | AIOKafkaProducer] = []
     try:
         for client in (consumer, dlq, out):
@@ -312,62 +350,30 @@ async def replay(opts: Options, write: Callable[[str], None], report: Callable[[
             consumer.pause(tp)  # no more prefetching of a finished partition
 
         progress_at = time.monotonic()
-        while active:
-            fetched = await consumer.getmany(*active, timeout_ms=500)
-            if fetched:
-                progress_at = time.monotonic()
-            for tp, records in fetched.items():
-                for rec in records:
-                    if tp not in active:
-                        break
-                    if rec.offset >= active[tp] or rec.timestamp > stop_ms:
+        try:
+            while active:
+                fetched = await consumer.getmany(*active, timeout_ms=500)
+                if fetched:
+                    progress_at = time.monotonic()
+                for tp, records in fetched.items():
+                    for rec in records:
+                        if rec.offset >= active[tp] or rec.timestamp > stop_ms:
+                            done(tp)
+                            break
+                        await handle(tp, rec)
+                for tp in list(active):
+                    # Compacted or transactional gaps can carry the position past the last record.
+                    if await consumer.position(tp) >= active[tp]:
                         done(tp)
-                        break
-                    summary.records += 1
-                    if not opts.filter.wants_key(rec.key):
-                        continue
-                    try:
-                        batch = decode_batch(rec.value)
-                    except WireError as err:
-                        summary.decode_failures += 1
-                        if len(summary.failures) < FAILURES_SHOWN:
-                            summary.failures.append(f"{tp.topic}[{tp.partition}]@{rec.offset}: {err}")
-                            report(f"ktel replay: {summary.failures[-1]}")
-                        if dlq is not None:
-                            dl = DeadLetter(STAGE, str(err), tp.topic, tp.partition, rec.offset, rec.value)
-                            await dlq.send_and_wait(DLQ_TOPIC, encode_dead_letter(dl), key=rec.key)
-                            summary.dead_lettered += 1
-                        continue
-                    kept = opts.filter.select(batch)
-                    if kept is None:
-                        continue
-                    summary.batches += 1
-                    summary.events += len(kept.events)
-                    if opts.jsonl:
-                        for line in event_lines(kept):
-                            write(line)
-                    if out is not None and opts.to_topic is not None:
-                        # Same key (same host, same partitioning) and same timestamp, so the
-                        # new topic can itself be replayed by time.
-                        in_flight.append(
-                            await out.send(
-                                opts.to_topic, encode_batch(kept), key=rec.key, timestamp_ms=rec.timestamp
-                            )
-                        )
-                        if len(in_flight) >= MAX_IN_FLIGHT:
-                            summary.republished += await _settle(in_flight)
-            for tp in list(active):
-                # Compacted or transactional gaps can carry the position past the last record.
-                if await consumer.position(tp) >= active[tp]:
-                    done(tp)
-            if active and time.monotonic() - progress_at > STALL_S:
-                raise ReplayError(
-                    f"no record from {opts.bootstrap} for {STALL_S:.0f} s while partitions "
-                    f"{sorted(tp.partition for tp in active)} of {opts.topic} were unfinished"
-                )
+                if active and time.monotonic() - progress_at > STALL_S:
+                    raise ReplayError(
+                        f"no record from {opts.bootstrap} for {STALL_S:.0f} s while partitions "
+                        f"{sorted(tp.partition for tp in active)} of {opts.topic} were unfinished"
+                    )
+        except _OutputClosed:
+            summary.output_closed = True
+        # What was re-published is acknowledged before the summary counts it.
         summary.republished += await _settle(in_flight)
-    except _OutputClosed:
-        pass
     except KafkaError as err:
         raise ReplayError(f"Kafka failed: {type(err).__name__}: {err}") from None
     finally:
