@@ -19,9 +19,9 @@ read, and each event is judged by its own ``ts_ns``. For every partition:
    margin (``--margin``, default 5 minutes). The margin covers batches that reached
    Kafka after ``--to`` with events from before it (sealing, spooling during an
    outage) and clock skew between hosts sharing a partition. A batch that reached
-   Kafka more than the margin after ``--to``, behind a later record, is not read:
-   widen ``--margin`` to read it (a margin past the end of the topic reads to the
-   end offsets of step 2).
+   Kafka more than the margin after ``--to`` is not read, nor is anything behind it in
+   its partition: widen ``--margin`` to read it (a margin reaching past the newest
+   record reads to the end offsets of step 2).
 4. Keep an event when ``--from <= ts_ns < --to`` (wall clock, ns since epoch; a kind
    without ``ts_ns`` is judged by its batch's ``sent`` time), its host is one of
    ``--host`` (the record key; the batch's own host id for a record without a key)
@@ -38,6 +38,7 @@ import asyncio
 import dataclasses
 import datetime as dt
 import json
+import logging
 import os
 import re
 import sys
@@ -427,8 +428,8 @@ def options(cfg: Config, args: Any, now_ns: int | None = None) -> Options:
         raise ReplayError("--to-bootstrap needs --to-topic")
     to_bootstrap = args.to_bootstrap or cfg.kafka.bootstrap
     if args.to_topic in (args.topic, RAW_TOPIC) and to_bootstrap == cfg.kafka.bootstrap:
-        # Into the live ktel.raw, the processors would count the batches a second time
-        # once dedupe has forgotten them.
+        # In the live ktel.raw the stages would drop the batches as duplicates (same host,
+        # boot and seq), or count them twice where dedupe has forgotten their boot.
         raise ReplayError(
             f"--to-topic {args.to_topic} on the Kafka replay reads from: name another topic, "
             "or another Kafka with --to-bootstrap"
@@ -457,6 +458,9 @@ def main(cfg: Config, args: Any, stdout: TextIO | None = None, stderr: TextIO | 
     bad argument or an unusable source."""
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        # aiokafka's INFO lines (assignments, topic updates) would bury the summary on stderr.
+        logging.getLogger("aiokafka").setLevel(logging.WARNING)
 
     def report(msg: str) -> None:
         print(msg, file=stderr, flush=True)
