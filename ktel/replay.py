@@ -376,7 +376,7 @@ async def replay(opts: Options, write: Callable[[str], None], report: Callable[[
         # What was re-published is acknowledged before the summary counts it.
         summary.republished += await _settle(in_flight)
     except KafkaError as err:
-        raise ReplayError(f"Kafka failed: {type(err).__name__}: {err}") from None
+        raise ReplayError(f"Kafka failed: {err}") from None
     finally:
         for f in in_flight:
             f.cancel()
@@ -401,8 +401,7 @@ async def _partitions(bootstrap: str, topic: str) -> list[TopicPartition]:
         [desc] = await admin.describe_topics([topic])
     except (KafkaError, OSError) as err:
         raise ReplayError(
-            f"cannot reach Kafka at {bootstrap} ({type(err).__name__}: {err}); "
-            "set kafka.bootstrap or KTEL_KAFKA__BOOTSTRAP"
+            f"cannot reach Kafka at {bootstrap} ({err}); set kafka.bootstrap or KTEL_KAFKA__BOOTSTRAP"
         ) from None
     finally:
         await admin.close()

@@ -227,3 +227,17 @@ def test_the_command_rejects_bad_arguments_before_touching_kafka(argv, message, 
     assert f"ktel replay: {message}" in err
     assert "must be before --to" in err or "--to" not in argv
     assert "Kafka" not in err
+
+
+def test_an_unreachable_kafka_is_named_with_the_setting_to_fix(monkeypatch, capsys):
+    from ktel.stack.kafka import free_port
+
+    bootstrap = f"127.0.0.1:{free_port()}"  # nothing listens there: refused at once
+    monkeypatch.setenv("KTEL_AGENT__HOST_ID", "h")
+    monkeypatch.setenv("KTEL_KAFKA__BOOTSTRAP", bootstrap)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["replay", "--from", "-1h"])
+    assert exit_.value.code == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith(f"ktel replay: cannot reach Kafka at {bootstrap} (")
+    assert last.endswith("set kafka.bootstrap or KTEL_KAFKA__BOOTSTRAP")
