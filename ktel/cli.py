@@ -7,11 +7,13 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Awaitable, Callable
 
 from ktel import config as config_mod
+from ktel.wire import RAW_TOPIC
 
 
 def _setup_logging(level: str) -> None:
@@ -105,6 +107,24 @@ def cmd_config(cfg: config_mod.Config, _args: argparse.Namespace) -> None:
     print(cfg.model_dump_json(indent=2))
 
 
+def cmd_replay(cfg: config_mod.Config, args: argparse.Namespace) -> None:
+    from ktel import replay
+
+    sys.exit(replay.main(cfg, args))
+
+
+def _relative_times(argv: list[str]) -> list[str]:
+    """``--from -15m`` -> ``--from=-15m``: argparse takes a value starting with "-"
+    for an option, and relative times are what an operator types most."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] in ("--from", "--to") and re.fullmatch(r"-[\d.]+[smhd]", arg):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="ktel", description="Fleet-wide Linux kernel telemetry.")
     parser.add_argument("--config", help="TOML config file (default: $KTEL_CONFIG; KTEL_* env overrides)")
@@ -137,8 +157,39 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(fn=cmd_topics)
     p = sub.add_parser("config", help="print the effective configuration")
     p.set_defaults(fn=cmd_config)
+    p = sub.add_parser(
+        "replay",
+        help="print or re-publish the raw events of a time window (forensics)",
+        description="Read a time window of ktel.raw with a group-less consumer (live consumer groups "
+        "are untouched). Times: ISO-8601 (UTC unless a zone is given), relative like -15m or -2h, or now. "
+        "Which records are read and which events kept: ktel/replay.py.",
+    )
+    p.add_argument("--from", dest="from_", required=True, metavar="TIME", help="start of the window (kept)")
+    p.add_argument("--to", default="now", metavar="TIME", help="end of the window (excluded; default now)")
+    p.add_argument("--host", action="append", metavar="HOST_ID", help="only this host id (repeatable)")
+    p.add_argument("--kind", action="append", metavar="KIND", help="only this event kind (repeatable)")
+    p.add_argument(
+        "--margin",
+        default="5m",
+        metavar="DURATION",
+        help="also read records up to this long after --to, for batches that reached Kafka late (default 5m)",
+    )
+    p.add_argument("--topic", default=RAW_TOPIC, help=f"topic of raw batches to read (default {RAW_TOPIC})")
+    p.add_argument(
+        "--format",
+        choices=["jsonl", "none"],
+        help="jsonl: one JSON object per event on stdout (default without --to-topic); none: no output",
+    )
+    p.add_argument("--to-topic", metavar="TOPIC", help="re-publish the matching batches, filtered, to TOPIC")
+    p.add_argument(
+        "--to-bootstrap",
+        metavar="HOST:PORT",
+        help="the Kafka of --to-topic (default: the configured one)",
+    )
+    p.add_argument("--dlq", action="store_true", help="send records that do not decode to ktel.dlq")
+    p.set_defaults(fn=cmd_replay)
 
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_relative_times(sys.argv[1:] if argv is None else argv))
     _setup_logging(args.log_level)
     try:
         cfg = config_mod.load(args.config)

@@ -1,0 +1,504 @@
+"""Forensic replay of ``ktel.raw``: one time window of some hosts and kinds (``ktel replay``).
+
+Which records are read, and which events are kept
+--------------------------------------------------
+Kafka gives each record a timestamp: for ktel's topics (Kafka's default
+``CreateTime``) the producing agent's wall clock when it sent the batch. A batch's
+events are older than that: they were drained, sealed and possibly held in the
+agent's spool while Kafka was away. So the record timestamp only bounds what to
+read, and each event is judged by its own ``ts_ns``. For every partition:
+
+1. Start at the first record whose timestamp is >= ``--from`` (Kafka's
+   ``offsets_for_times``). Nothing earlier can hold a matching event: an event's
+   ``ts_ns`` and its record's timestamp come from the same host's clock, the event's
+   first, so a record older than ``--from`` holds only events older than ``--from``
+   (unless that clock was stepped back in between).
+2. Stop before the partition's end offset as it was when the replay started, so a
+   replay always ends however fast agents keep writing.
+3. Stop earlier, at the first record whose timestamp is later than ``--to`` plus the
+   margin (``--margin``, default 5 minutes). The margin covers batches that reached
+   Kafka after ``--to`` with events from before it (sealing, spooling during an
+   outage) and clock skew between hosts sharing a partition. A batch that reached
+   Kafka more than the margin after ``--to`` is not read, nor is anything behind it in
+   its partition: widen ``--margin`` to read it (a margin reaching past the newest
+   record reads to the end offsets of step 2).
+4. Keep an event when ``--from <= ts_ns < --to`` (wall clock, ns since epoch; a kind
+   without ``ts_ns`` is judged by its batch's ``sent`` time), its host is one of
+   ``--host`` (the record key; the batch's own host id for a record without a key)
+   and its kind one of ``--kind``. A batch is matched when it keeps an event.
+
+A record that does not decode is counted and reported, optionally dead-lettered
+(``--dlq``), and skipped. The consumer has no group and commits nothing, so a replay
+never moves the offsets of a live consumer group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import json
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TextIO
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
+
+from ktel import topics as topics_mod
+from ktel.config import Config
+from ktel.stack.kafka import TopicSpec, create_topics
+from ktel.wire import (
+    DLQ_TOPIC,
+    KINDS,
+    RAW_TOPIC,
+    DeadLetter,
+    RawBatch,
+    WireError,
+    decode_batch,
+    encode_batch,
+    encode_dead_letter,
+    event_dict,
+)
+
+STAGE = "replay"  # the DeadLetter stage of records replay could not decode
+NS = 1_000_000_000
+# Without a fetch that moves any partition for this long, the broker is taken to be
+# gone: a replay reports it and ends rather than waiting forever.
+STALL_S = 60.0
+# Decode failures reported one by one on stderr; beyond that only counted.
+FAILURES_SHOWN = 20
+# Re-published batches in flight before waiting for their acknowledgements.
+MAX_IN_FLIGHT = 1000
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([smhd])")
+TIME_EXAMPLES = (
+    "ISO-8601 like 2025-06-01T12:00:00Z (UTC unless it names a zone), relative like -15m or -2h, or now"
+)
+
+
+class ReplayError(Exception):
+    """Bad arguments or an unusable source; ``str(err)`` is the message for the user."""
+
+
+# ------------------------------------------------------------------ arguments
+
+
+def parse_duration(text: str) -> int:
+    """``90s``, ``15m``, ``2h``, ``7d``, ``1.5h`` or ``0`` -> ns."""
+    if text == "0":
+        return 0
+    m = _DURATION.fullmatch(text)
+    if m is None:
+        raise ReplayError(f"bad duration {text!r}: use a number and a unit s, m, h or d, like 90s or 15m")
+    return int(float(m[1]) * _UNITS[m[2]] * NS)
+
+
+def parse_time(text: str, now_ns: int) -> int:
+    """A point in time for ``--from``/``--to`` -> ns since epoch."""
+    text = text.strip()
+    if text == "now":
+        return now_ns
+    if text.startswith("-"):
+        try:
+            return now_ns - parse_duration(text[1:])
+        except ReplayError:
+            raise ReplayError(f"bad time {text!r}: use {TIME_EXAMPLES}") from None
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise ReplayError(f"bad time {text!r}: use {TIME_EXAMPLES}") from None
+    if when.tzinfo is None:
+        # A fleet spans time zones; the replaying machine's own zone would be a guess.
+        when = when.replace(tzinfo=dt.UTC)
+    # Integer arithmetic: a float timestamp would lose the microseconds at ns scale.
+    return (when - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)) // dt.timedelta(microseconds=1) * 1000
+
+
+def parse_kinds(names: Sequence[str]) -> frozenset[int] | None:
+    """Kind names -> kind ids; None (every kind) when no name is given."""
+    if not names:
+        return None
+    by_name = {k.name: k.id for k in KINDS.values()}
+    unknown = sorted(set(names) - by_name.keys())
+    if unknown:
+        raise ReplayError(f"unknown kind {', '.join(unknown)}; the kinds are: {', '.join(sorted(by_name))}")
+    return frozenset(by_name[n] for n in names)
+
+
+def format_ns(ns: int) -> str:
+    return dt.datetime.fromtimestamp(ns / NS, dt.UTC).isoformat(timespec="milliseconds")
+
+
+# --------------------------------------------------------------------- filter
+
+
+@dataclasses.dataclass(frozen=True)
+class Filter:
+    """What a replay keeps (rule 4 of the module docstring)."""
+
+    from_ns: int
+    to_ns: int
+    hosts: frozenset[str] | None = None  # None: every host
+    kinds: frozenset[int] | None = None  # None: every kind
+
+    def __post_init__(self) -> None:
+        if self.from_ns >= self.to_ns:
+            raise ReplayError(
+                f"--from ({format_ns(self.from_ns)}) must be before --to ({format_ns(self.to_ns)})"
+            )
+
+    def wants_key(self, key: bytes | None) -> bool:
+        """Whether a record is worth decoding: its key names a wanted host, or it has none."""
+        return self.hosts is None or key is None or key.decode(errors="replace") in self.hosts
+
+    def select(self, batch: RawBatch) -> RawBatch | None:
+        """The batch with only the events kept (weights alongside), or None when none is."""
+        if self.hosts is not None and batch.host_id not in self.hosts:
+            return None
+        keep = [i for i, ev in enumerate(batch.events) if self._wants(ev, batch.sent_ns)]
+        if not keep:
+            return None
+        if len(keep) == len(batch.events):
+            return batch
+        return dataclasses.replace(
+            batch,
+            events=[batch.events[i] for i in keep],
+            weights=None if batch.weights is None else [batch.weights[i] for i in keep],
+        )
+
+    def _wants(self, event: Sequence[Any], sent_ns: int) -> bool:
+        kind = event[0]
+        if self.kinds is not None and kind not in self.kinds:
+            return False
+        at = _TS_INDEX.get(kind)
+        ts = event[at] if at is not None else sent_ns
+        return isinstance(ts, int) and self.from_ns <= ts < self.to_ns
+
+
+# Position of ts_ns in each kind's event array (after the kind id).
+_TS_INDEX = {k.id: k.fields.index("ts_ns") + 1 for k in KINDS.values() if "ts_ns" in k.fields}
+
+
+def read_bounds(flt: Filter, margin_ns: int) -> tuple[int, int]:
+    """Record timestamps (ms) to read from, and past which to stop (rules 1 and 3)."""
+    # offsets_for_times refuses a negative time (a --from before 1970).
+    return max(0, flt.from_ns // 1_000_000), (flt.to_ns + margin_ns) // 1_000_000
+
+
+# --------------------------------------------------------------------- output
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, dict):
+        return {str(_jsonable(k)): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def event_lines(batch: RawBatch) -> Iterator[str]:
+    """One JSON object per event: the batch's identity, then the event's named fields.
+
+    The batch's fields have dotted names so that no event field (dns_slow has a
+    ``host``) can shadow them."""
+    ident: dict[str, Any] = {"host.id": batch.host_id, "boot.id": batch.boot_id, "batch.seq": batch.seq}
+    for i, ev in enumerate(batch.events):
+        obj = {**ident, **event_dict(ev)}
+        if batch.weights is not None:
+            obj["sample.weight"] = batch.weights[i]
+        yield json.dumps(_jsonable(obj))
+
+
+# ----------------------------------------------------------------------- run
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    bootstrap: str
+    filter: Filter
+    margin_ns: int = 5 * 60 * NS
+    topic: str = RAW_TOPIC
+    to_topic: str | None = None
+    to_bootstrap: str | None = None  # None: the source's
+    to_topic_spec: TopicSpec | None = None  # how to create to_topic when it does not exist
+    dlq: bool = False
+    jsonl: bool = True
+
+
+@dataclasses.dataclass
+class Summary:
+    partitions: int = 0
+    records: int = 0
+    batches: int = 0
+    events: int = 0
+    decode_failures: int = 0
+    dead_lettered: int = 0
+    republished: int = 0
+    output_closed: bool = False  # stdout's reader went away; the window was not read to its end
+    failures: list[str] = dataclasses.field(default_factory=list)
+
+    def line(self, opts: Options) -> str:
+        parts = [
+            f"read {self.records} records from {self.partitions} partitions of {opts.topic}",
+            f"matched {self.batches} batches, {self.events} events",
+            f"decode failures {self.decode_failures}",
+        ]
+        if opts.dlq:
+            parts.append(f"dead-lettered {self.dead_lettered} to {DLQ_TOPIC}")
+        if opts.to_topic:
+            parts.append(f"re-published {self.republished} batches to {opts.to_topic}")
+        if self.output_closed:
+            parts.append("stopped early: the reader of stdout went away")
+        return "; ".join(parts)
+
+
+class _OutputClosed(Exception):
+    """stdout's reader went away (``ktel replay ... | head``): stop quietly."""
+
+
+async def replay(opts: Options, write: Callable[[str], None], report: Callable[[str], None]) -> Summary:
+    """Read the window (see the module docstring), hand each kept event's JSON line to
+    ``write`` (when ``opts.jsonl``), re-publish kept batches to ``opts.to_topic`` and
+    report decode failures to ``report``."""
+    summary = Summary()
+    start_ms, stop_ms = read_bounds(opts.filter, opts.margin_ns)
+    parts = await _partitions(opts.bootstrap, opts.topic)
+    summary.partitions = len(parts)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=opts.bootstrap,
+        group_id=None,  # no group, no commits: live consumer groups are untouched
+        enable_auto_commit=False,
+        # A start offset that retention deleted meanwhile: the oldest record left.
+        auto_offset_reset="earliest",
+    )
+    dlq = AIOKafkaProducer(bootstrap_servers=opts.bootstrap, acks="all") if opts.dlq else None
+    out = (
+        AIOKafkaProducer(
+            bootstrap_servers=opts.to_bootstrap or opts.bootstrap,
+            enable_idempotence=True,  # a retried send must not duplicate a batch
+            compression_type="lz4",  # as the agent writes ktel.raw
+        )
+        if opts.to_topic
+        else None
+    )
+    in_flight: list[asyncio.Future[Any]] = []
+
+    async def handle(tp: TopicPartition, rec: ConsumerRecord) -> None:
+        summary.records += 1
+        if not opts.filter.wants_key(rec.key):
+            return
+        payload = rec.value or b""  # a tombstone (None) is a record that does not decode
+        try:
+            batch = decode_batch(payload)
+        except WireError as err:
+            summary.decode_failures += 1
+            if len(summary.failures) < FAILURES_SHOWN:
+                summary.failures.append(f"{tp.topic}[{tp.partition}]@{rec.offset}: {err}")
+                report(f"ktel replay: {summary.failures[-1]}")
+            if dlq is not None:
+                dl = DeadLetter(STAGE, str(err), tp.topic, tp.partition, rec.offset, payload)
+                await dlq.send_and_wait(DLQ_TOPIC, encode_dead_letter(dl), key=rec.key)
+                summary.dead_lettered += 1
+            return
+        kept = opts.filter.select(batch)
+        if kept is None:
+            return
+        summary.batches += 1
+        summary.events += len(kept.events)
+        if opts.jsonl:
+            for line in event_lines(kept):
+                write(line)
+        if out is not None and opts.to_topic is not None:
+            # Same key (same host, same partitioning) and same timestamp, so the new
+            # topic can itself be replayed by time.
+            fut = await out.send(opts.to_topic, encode_batch(kept), key=rec.key, timestamp_ms=rec.timestamp)
+            in_flight.append(fut)
+            if len(in_flight) >= MAX_IN_FLIGHT:
+                summary.republished += await _settle(in_flight)
+
+    started: list[AIOKafkaConsumer | AIOKafkaProducer] = []
+    try:
+        for client in (consumer, dlq, out):
+            if client is not None:
+                await client.start()
+                started.append(client)
+        if out is not None and opts.to_topic_spec is not None:
+            await create_topics(opts.to_bootstrap or opts.bootstrap, [opts.to_topic_spec])
+
+        ends = await consumer.end_offsets(parts)
+        starts = await consumer.offsets_for_times({tp: start_ms for tp in parts})
+        # Partition -> the end offset to read up to; a partition is dropped when done.
+        active: dict[TopicPartition, int] = {}
+        for tp in parts:
+            hit = starts.get(tp)
+            if hit is not None and hit.offset < ends[tp]:
+                active[tp] = ends[tp]
+        consumer.assign(list(active))
+        for tp in active:
+            consumer.seek(tp, starts[tp].offset)
+
+        def done(tp: TopicPartition) -> None:
+            del active[tp]
+            consumer.pause(tp)  # no more prefetching of a finished partition
+
+        progress_at = time.monotonic()
+        try:
+            while active:
+                fetched = await consumer.getmany(*active, timeout_ms=500)
+                if fetched:
+                    progress_at = time.monotonic()
+                for tp, records in fetched.items():
+                    for rec in records:
+                        if rec.offset >= active[tp] or rec.timestamp > stop_ms:
+                            done(tp)
+                            break
+                        await handle(tp, rec)
+                for tp in list(active):
+                    # Compacted or transactional gaps can carry the position past the last record.
+                    if await consumer.position(tp) >= active[tp]:
+                        done(tp)
+                if active and time.monotonic() - progress_at > STALL_S:
+                    raise ReplayError(
+                        f"no record from {opts.bootstrap} for {STALL_S:.0f} s while partitions "
+                        f"{sorted(tp.partition for tp in active)} of {opts.topic} were unfinished"
+                    )
+        except _OutputClosed:
+            summary.output_closed = True
+        # What was re-published is acknowledged before the summary counts it.
+        summary.republished += await _settle(in_flight)
+    except KafkaError as err:
+        raise ReplayError(f"Kafka failed: {err}") from None
+    finally:
+        for f in in_flight:
+            f.cancel()
+        for client in reversed(started):
+            await client.stop()
+    return summary
+
+
+async def _settle(in_flight: list[asyncio.Future[Any]]) -> int:
+    n = len(in_flight)
+    await asyncio.gather(*in_flight)
+    in_flight.clear()
+    return n
+
+
+async def _partitions(bootstrap: str, topic: str) -> list[TopicPartition]:
+    # The admin client answers for a missing topic at once (a producer would wait
+    # for its metadata until a timeout, and a group-less consumer does not fetch it).
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    try:
+        await admin.start()
+        [desc] = await admin.describe_topics([topic])
+    except (KafkaError, OSError) as err:
+        raise ReplayError(
+            f"cannot reach Kafka at {bootstrap} ({err}); set kafka.bootstrap or KTEL_KAFKA__BOOTSTRAP"
+        ) from None
+    finally:
+        await admin.close()
+    if desc["error_code"] != 0 or not desc["partitions"]:
+        raise ReplayError(f"topic {topic} is not on {bootstrap} (Kafka error code {desc['error_code']})")
+    return [TopicPartition(topic, p) for p in sorted(p["partition"] for p in desc["partitions"])]
+
+
+# ------------------------------------------------------------------------ cli
+
+
+def options(cfg: Config, args: Any, now_ns: int | None = None) -> Options:
+    """Options from ``ktel replay``'s arguments; raises ReplayError naming what is wrong."""
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    flt = Filter(
+        from_ns=parse_time(args.from_, now_ns),
+        to_ns=parse_time(args.to, now_ns),
+        hosts=frozenset(args.host) if args.host else None,
+        kinds=parse_kinds(args.kind or []),
+    )
+    margin_ns = parse_duration(args.margin)
+    if args.to_topic is None and args.to_bootstrap is not None:
+        raise ReplayError("--to-bootstrap needs --to-topic")
+    to_bootstrap = args.to_bootstrap or cfg.kafka.bootstrap
+    if args.to_topic in (args.topic, RAW_TOPIC) and to_bootstrap == cfg.kafka.bootstrap:
+        # In the live ktel.raw the stages would drop the batches as duplicates (same host,
+        # boot and seq), or count them twice where dedupe has forgotten their boot.
+        raise ReplayError(
+            f"--to-topic {args.to_topic} on the Kafka replay reads from: name another topic, "
+            "or another Kafka with --to-bootstrap"
+        )
+    spec = None
+    if args.to_topic is not None:
+        known = {s.name: s for s in topics_mod.specs(cfg)}
+        # A new topic is laid out like ktel.raw: keyed by host, as many partitions, kept as long.
+        spec = dataclasses.replace(known.get(args.to_topic, known[RAW_TOPIC]), name=args.to_topic)
+    fmt = args.format or ("none" if args.to_topic else "jsonl")
+    return Options(
+        bootstrap=cfg.kafka.bootstrap,
+        filter=flt,
+        margin_ns=margin_ns,
+        topic=args.topic,
+        to_topic=args.to_topic,
+        to_bootstrap=to_bootstrap if args.to_topic else None,
+        to_topic_spec=spec,
+        dlq=args.dlq,
+        jsonl=fmt == "jsonl",
+    )
+
+
+def main(cfg: Config, args: Any, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
+    """``ktel replay``: 0 when the window was read (decode failures included), 2 on a
+    bad argument or an unusable source."""
+    stdout = stdout or sys.stdout
+    stderr = stderr or sys.stderr
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        # aiokafka's INFO lines (assignments, topic updates) would bury the summary on stderr.
+        logging.getLogger("aiokafka").setLevel(logging.WARNING)
+
+    def report(msg: str) -> None:
+        print(msg, file=stderr, flush=True)
+
+    try:
+        opts = options(cfg, args)
+    except ReplayError as err:
+        report(f"ktel replay: {err}")
+        return 2
+    retention_ns = int(cfg.kafka.raw_retention_hours * 3600 * NS)
+    if opts.topic == RAW_TOPIC and opts.filter.from_ns < time.time_ns() - retention_ns:
+        report(
+            f"ktel replay: note: --from is older than {opts.topic}'s retention "
+            f"({cfg.kafka.raw_retention_hours:g} h, kafka.raw_retention_hours): older events may be gone"
+        )
+
+    closed = False
+
+    def write(line: str) -> None:
+        nonlocal closed
+        try:
+            print(line, file=stdout)
+        except BrokenPipeError:
+            closed = True
+            raise _OutputClosed from None
+
+    try:
+        summary = asyncio.run(replay(opts, write, report))
+    except ReplayError as err:
+        report(f"ktel replay: {err}")
+        return 2
+    try:
+        stdout.flush()
+    except BrokenPipeError:
+        closed = True
+    if closed and stdout is sys.stdout:
+        # Python's own flush of stdout at exit would fail again and print a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    if summary.decode_failures > len(summary.failures):
+        report(f"ktel replay: ... and {summary.decode_failures - len(summary.failures)} more decode failures")
+    report(f"ktel replay: {summary.line(opts)}")
+    return 0

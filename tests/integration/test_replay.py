@@ -1,0 +1,259 @@
+"""`ktel replay` against the real broker: a window of ktel.raw for one host and kind.
+
+Batches of two hosts are produced into ktel.raw with explicit record timestamps in
+three windows, W1 = base+[0, 10) s, W2 = base+[60, 70) s, W3 = base+[120, 130) s,
+plus a garbage record. base is the present (all timestamps are at or after every
+record already in the session broker's ktel.raw): offsets_for_times looks for the
+first record at or after a time, and replay stops at the first one past the window,
+so an earlier test's newer record ahead of ours would end the read before it.
+Host ids are unique to the run because other tests' batches share the topic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from ktel import cli, config, replay, topics
+from ktel.replay import NS, Filter, Options
+from ktel.stack.kafka import TopicSpec, create_topics
+from ktel.wire import (
+    DLQ_TOPIC,
+    FILE_CREATED,
+    RAW_TOPIC,
+    TCP_RETRANSMIT,
+    RawBatch,
+    decode_batch,
+    decode_dead_letter,
+    encode_batch,
+)
+from tests.integration.agent_harness import read_topic
+
+pytestmark = pytest.mark.kafka
+
+MS = 1_000_000
+GARBAGE = b"\xc1 not a raw batch"
+
+
+@dataclass(frozen=True)
+class Data:
+    base_ms: int
+    host_a: str
+    host_b: str
+    run: str
+    garbage_offset: int
+    garbage_partition: int
+
+    def ns(self, seconds: float) -> int:
+        return self.base_ms * MS + int(seconds * NS)
+
+    def path(self, name: str) -> str:
+        return f"/tmp/{self.run}/{name}"
+
+
+def created(ts_ns: int, path: str) -> list:
+    return [FILE_CREATED.id, ts_ns, 42, 42, 0, "touch", path, 0o101, True]
+
+
+def retransmit(ts_ns: int) -> list:
+    return [TCP_RETRANSMIT.id, ts_ns, "ipv4", "10.0.0.1", 1234, "10.0.0.2", 80, "ESTABLISHED", 0]
+
+
+@pytest.fixture(scope="module")
+def data(kafka) -> Data:
+    run = uuid.uuid4().hex[:8]
+    d = Data(
+        base_ms=time.time_ns() // MS + 1000,
+        host_a=f"replay-a-{run}",
+        host_b=f"replay-b-{run}",
+        run=run,
+        garbage_offset=-1,
+        garbage_partition=-1,
+    )
+    a, b, t, p = d.host_a, d.host_b, d.ns, d.path
+    # (host, record time s after base, events); produced in this order, which is also
+    # record-time order, as an agent's records are.
+    records: list[tuple[str, float, list | bytes]] = [
+        (a, 1, [created(t(0.5), p("a-w1"))]),
+        (b, 2, [created(t(1.5), p("b-w1"))]),
+        # In W2, with a retransmit (another kind) and an event older than the window.
+        (a, 61, [created(t(60.5), p("a-w2-0")), retransmit(t(60.6)), created(t(59), p("a-old"))]),
+        (b, 62, [created(t(61), p("b-w2"))]),
+        (a, 65, [created(t(64), p("a-w2-1")), created(t(64.5), p("a-w2-2"))]),
+        (a, 66, GARBAGE),
+        # Reached Kafka after W2 but within a 10 s margin: its W2 event counts, the later one not.
+        (a, 75, [created(t(69.9), p("a-w2-late")), created(t(71), p("a-after"))]),
+        (a, 121, [created(t(120.5), p("a-w3"))]),
+        (b, 122, [created(t(121), p("b-w3"))]),
+        # A W2 event that reached Kafka long after W2 (a spool drained after an outage).
+        (a, 125, [created(t(68), p("a-w2-very-late"))]),
+    ]
+
+    async def produce() -> tuple[int, int]:
+        cfg = config.Config(
+            kafka=config.KafkaConfig(bootstrap=kafka.bootstrap), agent=config.AgentConfig(host_id=a)
+        )
+        await create_topics(kafka.bootstrap, topics.specs(cfg))
+        producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, enable_idempotence=True)
+        await producer.start()
+        seqs = {a: 0, b: 0}
+        try:
+            for host, at, events in records:
+                if isinstance(events, bytes):
+                    value = events
+                else:
+                    value = encode_batch(RawBatch(host, "boot-1", seqs[host], t(at), events))
+                    seqs[host] += 1
+                meta = await producer.send_and_wait(
+                    RAW_TOPIC, value, key=host.encode(), timestamp_ms=d.base_ms + int(at * 1000)
+                )
+                if value is GARBAGE:
+                    garbage = (meta.partition, meta.offset)
+        finally:
+            await producer.stop()
+        return garbage
+
+    partition, offset = asyncio.run(produce())
+    return Data(**{**d.__dict__, "garbage_partition": partition, "garbage_offset": offset})
+
+
+def w2(d: Data, **kw) -> Filter:
+    return Filter(d.ns(60), d.ns(70), **kw)
+
+
+async def run(opts: Options) -> tuple[list[dict], list[str], replay.Summary]:
+    lines: list[str] = []
+    reports: list[str] = []
+    summary = await replay.replay(opts, lines.append, reports.append)
+    return [json.loads(line) for line in lines], reports, summary
+
+
+async def test_a_window_of_one_host_and_kind_with_garbage_counted_and_dead_lettered(kafka, data):
+    flt = w2(data, hosts=frozenset({data.host_a}), kinds=frozenset({FILE_CREATED.id}))
+    events, reports, summary = await run(Options(kafka.bootstrap, flt, margin_ns=10 * NS, dlq=True))
+
+    assert [e["path"] for e in events] == [data.path(n) for n in ("a-w2-0", "a-w2-1", "a-w2-2", "a-w2-late")]
+    identities = {(e["host.id"], e["boot.id"], e["kind"]) for e in events}
+    assert identities == {(data.host_a, "boot-1", "file_created")}
+    assert [e["batch.seq"] for e in events] == [1, 2, 2, 3]
+    assert (summary.batches, summary.events, summary.decode_failures) == (3, 4, 1)
+    assert summary.records >= 5  # a-w2-0 .. a-w2-late, b-w2 and the garbage; other tests' too
+    where = f"{RAW_TOPIC}[{data.garbage_partition}]@{data.garbage_offset}: raw batch: not msgpack"
+    assert len(reports) == 1 and reports[0].startswith(f"ktel replay: {where}")
+
+    dead = [
+        decode_dead_letter(r.value)
+        for r in await read_topic(kafka.bootstrap, DLQ_TOPIC)
+        if r.key == data.host_a.encode()
+    ]
+    assert [(dl.stage, dl.topic, dl.partition, dl.offset, dl.payload) for dl in dead] == [
+        ("replay", RAW_TOPIC, data.garbage_partition, data.garbage_offset, GARBAGE)
+    ]
+    assert summary.dead_lettered == 1
+
+
+async def test_a_wider_margin_reads_the_batch_that_reached_kafka_long_after_the_window(kafka, data):
+    flt = w2(data, hosts=frozenset({data.host_a}), kinds=frozenset({FILE_CREATED.id}))
+    events, _, summary = await run(Options(kafka.bootstrap, flt, margin_ns=200 * NS))
+    assert [e["path"] for e in events][-2:] == [data.path("a-w2-late"), data.path("a-w2-very-late")]
+    assert (summary.batches, summary.events) == (4, 5)
+
+
+async def test_every_host_and_kind_of_the_window(kafka, data):
+    flt = w2(data, hosts=frozenset({data.host_a, data.host_b}))
+    events, _, _ = await run(Options(kafka.bootstrap, flt, margin_ns=10 * NS))
+    paths = sorted(e.get("path", e["kind"]) for e in events)
+    names = ["a-w2-0", "a-w2-1", "a-w2-2", "a-w2-late", "b-w2"]
+    assert paths == sorted([data.path(n) for n in names] + ["tcp_retransmit"])
+
+
+async def test_to_topic_republishes_exactly_the_matching_batches_filtered_with_their_keys(kafka, data):
+    out = f"ktel.replay-test-{data.run}"
+    flt = w2(data, hosts=frozenset({data.host_a}), kinds=frozenset({FILE_CREATED.id}))
+    opts = Options(
+        kafka.bootstrap,
+        flt,
+        margin_ns=10 * NS,
+        to_topic=out,
+        to_topic_spec=TopicSpec(out, 3),  # replay creates it
+        jsonl=False,
+    )
+    lines, _, summary = await run(opts)
+    assert lines == []
+    assert summary.republished == 3
+
+    records = await read_topic(kafka.bootstrap, out)
+    got = sorted(
+        (r.key, r.timestamp, b.host_id, b.seq, [ev[6] for ev in b.events])
+        for r in records
+        for b in [decode_batch(r.value)]
+    )
+    key = data.host_a.encode()
+    ms = data.base_ms
+    assert got == [
+        (key, ms + 61_000, data.host_a, 1, [data.path("a-w2-0")]),
+        (key, ms + 65_000, data.host_a, 2, [data.path("a-w2-1"), data.path("a-w2-2")]),
+        (key, ms + 75_000, data.host_a, 3, [data.path("a-w2-late")]),
+    ]
+    assert len({r.partition for r in records}) == 1  # one host, one partition, as in ktel.raw
+
+    # The copy keeps the record timestamps, so it can be replayed by time itself.
+    again, _, summary = await run(Options(kafka.bootstrap, w2(data), margin_ns=10 * NS, topic=out))
+    assert len(again) == 4 and summary.decode_failures == 0
+
+
+def iso(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat(timespec="milliseconds")
+
+
+def test_the_command_prints_json_lines_and_a_summary(kafka, data, monkeypatch, capsys):
+    monkeypatch.setenv("KTEL_KAFKA__BOOTSTRAP", kafka.bootstrap)
+    monkeypatch.setenv("KTEL_AGENT__HOST_ID", "replay-test")
+    argv = ["replay", "--from", "-15m", "--to", iso(data.base_ms + 70_000), "--margin", "10s"]
+    argv += ["--host", data.host_a, "--kind", "file_created"]
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 0
+    out, err = capsys.readouterr()
+    paths = [json.loads(line)["path"] for line in out.splitlines()]
+    names = ["a-w1", "a-w2-0", "a-old", "a-w2-1", "a-w2-2", "a-w2-late"]
+    assert paths == [data.path(n) for n in names]
+    assert "raw batch: not msgpack" in err
+    summary = err.splitlines()[-1]
+    assert summary.startswith("ktel replay: read ")
+    assert summary.endswith("partitions of ktel.raw; matched 4 batches, 6 events; decode failures 1")
+
+
+def test_the_command_names_a_missing_topic(kafka, monkeypatch, capsys):
+    monkeypatch.setenv("KTEL_KAFKA__BOOTSTRAP", kafka.bootstrap)
+    monkeypatch.setenv("KTEL_AGENT__HOST_ID", "replay-test")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["replay", "--from", "-1h", "--topic", "ktel.no-such-topic"])
+    assert exit_.value.code == 2
+    assert f"ktel replay: topic ktel.no-such-topic is not on {kafka.bootstrap}" in capsys.readouterr().err
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(kafka, data):
+    # `ktel replay ... | head`: the pipe's reader is gone before anything is written.
+    env = dict(os.environ, KTEL_KAFKA__BOOTSTRAP=kafka.bootstrap, KTEL_AGENT__HOST_ID="replay-test")
+    argv = [sys.executable, "-m", "ktel.cli", "replay", "--from", iso(data.base_ms)]
+    argv += ["--to", iso(data.base_ms + 130_000), "--host", data.host_a]
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        res = subprocess.run(argv, env=env, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr
+    assert "ktel replay: read " in res.stderr.splitlines()[-1]

@@ -1,0 +1,243 @@
+"""The pure parts of `ktel replay`: times, the filter and its window rule, the output."""
+
+import argparse
+import json
+
+import pytest
+
+from ktel import cli, config, replay
+from ktel.replay import NS, Filter, ReplayError, parse_duration, parse_kinds, parse_time
+from ktel.wire import DNS_SLOW, FILE_CREATED, KINDS, RAW_TOPIC, TCP_RETRANSMIT, RawBatch
+
+NOW = 1_750_000_000 * NS  # 2025-06-15T15:06:40Z
+
+
+def created(ts_ns, path="/tmp/x"):
+    return [FILE_CREATED.id, ts_ns, 10, 10, 0, "touch", path, 0o101, True]
+
+
+def retransmit(ts_ns):
+    return [TCP_RETRANSMIT.id, ts_ns, "ipv4", "10.0.0.1", 1234, "10.0.0.2", 80, "ESTABLISHED", 0]
+
+
+def batch(events, host="host-a", weights=None, sent_ns=NOW):
+    return RawBatch(host, "boot-1", 7, sent_ns, events, weights)
+
+
+# ----------------------------------------------------------------------- times
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2025-06-15T15:06:40Z", NOW),
+        ("2025-06-15T17:06:40+02:00", NOW),
+        ("2025-06-15T15:06:40", NOW),  # no zone: UTC, not the replaying machine's zone
+        ("2025-06-15 15:06:40.123456Z", NOW + 123_456_000),  # exact to the microsecond
+        ("now", NOW),
+        ("-15m", NOW - 15 * 60 * NS),
+        ("-2h", NOW - 2 * 3600 * NS),
+        ("-1.5h", NOW - 5400 * NS),
+        ("-90s", NOW - 90 * NS),
+        ("-7d", NOW - 7 * 86400 * NS),
+    ],
+)
+def test_times_absolute_and_relative(text, expected):
+    assert parse_time(text, NOW) == expected
+
+
+@pytest.mark.parametrize("text", ["yesterday", "-15", "-15x", "15m", "2025-13-01T00:00:00Z", ""])
+def test_a_bad_time_says_what_would_do_with_an_example(text):
+    with pytest.raises(ReplayError, match=r"bad time .*2025-06-01T12:00:00Z.*-15m"):
+        parse_time(text, NOW)
+
+
+def test_durations():
+    assert parse_duration("0") == 0
+    assert parse_duration("5m") == 300 * NS
+    assert parse_duration("0.5s") == NS // 2
+    with pytest.raises(ReplayError, match="like 90s or 15m"):
+        parse_duration("5 minutes")
+
+
+# ----------------------------------------------------------------------- kinds
+
+
+def test_kind_names_become_ids_and_an_unknown_one_lists_the_valid_ones():
+    assert parse_kinds([]) is None
+    assert parse_kinds(["file_created", "tcp_retransmit"]) == {FILE_CREATED.id, TCP_RETRANSMIT.id}
+    with pytest.raises(ReplayError) as err:
+        parse_kinds(["file_created", "file_deleted"])
+    msg = str(err.value)
+    assert "unknown kind file_deleted" in msg
+    assert all(k.name in msg for k in KINDS.values())
+
+
+# ---------------------------------------------------------------------- filter
+
+
+def test_from_must_be_before_to():
+    with pytest.raises(ReplayError, match=r"--from \(2025-06-15T15:06:40.000\+00:00\) must be before --to"):
+        Filter(NOW, NOW)
+    with pytest.raises(ReplayError, match="must be before"):
+        Filter(NOW, NOW - 1)
+
+
+def test_events_are_judged_by_their_own_time_from_kept_to_excluded():
+    flt = Filter(NOW, NOW + 10 * NS)
+    events = [created(NOW - 1), created(NOW), created(NOW + 10 * NS - 1), created(NOW + 10 * NS)]
+    kept = flt.select(batch(events, weights=[1.0, 2.0, 3.0, 4.0]))
+    assert kept is not None
+    assert [e[1] for e in kept.events] == [NOW, NOW + 10 * NS - 1]
+    assert kept.weights == [2.0, 3.0]  # weights stay with their events
+    assert (kept.host_id, kept.boot_id, kept.seq, kept.sent_ns) == ("host-a", "boot-1", 7, NOW)
+
+
+def test_a_batch_sent_inside_the_window_with_older_events_keeps_none():
+    # The record timestamp only bounds the read; the events' own ts_ns decide.
+    flt = Filter(NOW, NOW + 10 * NS)
+    assert flt.select(batch([created(NOW - NS)], sent_ns=NOW + NS)) is None
+
+
+def test_kinds_and_hosts_filter():
+    flt = Filter(NOW, NOW + NS, hosts=frozenset({"host-a"}), kinds=frozenset({FILE_CREATED.id}))
+    whole = batch([created(NOW), retransmit(NOW), created(NOW + 1)])
+    kept = flt.select(whole)
+    assert kept is not None and [e[0] for e in kept.events] == [FILE_CREATED.id, FILE_CREATED.id]
+    assert kept.weights is None
+    assert flt.select(batch([created(NOW)], host="host-b")) is None
+    assert flt.select(batch([retransmit(NOW)])) is None
+    everything = Filter(NOW, NOW + NS)
+    assert everything.select(whole) is whole  # nothing dropped: the batch as it was
+
+
+def test_keys_worth_decoding():
+    flt = Filter(NOW, NOW + NS, hosts=frozenset({"host-a"}))
+    assert flt.wants_key(b"host-a")
+    assert not flt.wants_key(b"host-b")
+    assert flt.wants_key(None)  # no key: its batch says which host it is from
+    assert not flt.wants_key(b"\xff\xfe")
+    assert Filter(NOW, NOW + NS).wants_key(b"anything")
+
+
+def test_read_bounds_start_at_from_and_stop_a_margin_after_to():
+    flt = Filter(NOW, NOW + 10 * NS)
+    assert replay.read_bounds(flt, 60 * NS) == (NOW // 1_000_000, (NOW + 70 * NS) // 1_000_000)
+
+
+# ---------------------------------------------------------------------- output
+
+
+def test_event_lines_name_fields_and_hex_bytes_and_the_batch_is_not_shadowed():
+    dns = [DNS_SLOW.id, NOW, 5, 5, "curl", "example.org", 2_000_000, 0]
+    b = RawBatch("host-a", "boot-1", 3, NOW, [created(NOW, "/tmp/a"), dns], [1.0, 4.0])
+    first, second = (json.loads(line) for line in replay.event_lines(b))
+    assert first == {
+        "host.id": "host-a",
+        "boot.id": "boot-1",
+        "batch.seq": 3,
+        "kind": "file_created",
+        "ts_ns": NOW,
+        "pid": 10,
+        "tid": 10,
+        "uid": 0,
+        "comm": "touch",
+        "path": "/tmp/a",
+        "flags": 0o101,
+        "certain": True,
+        "sample.weight": 1.0,
+    }
+    assert (second["host.id"], second["host"], second["sample.weight"]) == ("host-a", "example.org", 4.0)
+    assert replay._jsonable({"id": b"\x01\xab", "nested": [b"\xff"]}) == {"id": "01ab", "nested": ["ff"]}
+
+
+# ------------------------------------------------------------------- arguments
+
+
+def args(**kw):
+    base = dict(
+        from_="-15m",
+        to="now",
+        host=None,
+        kind=None,
+        margin="5m",
+        topic=RAW_TOPIC,
+        format=None,
+        to_topic=None,
+        to_bootstrap=None,
+        dlq=False,
+    )
+    return argparse.Namespace(**{**base, **kw})
+
+
+CFG = config.Config(agent=config.AgentConfig(host_id="h"), kafka=config.KafkaConfig(bootstrap="k1:9092"))
+
+
+def test_options_from_arguments():
+    opts = replay.options(CFG, args(host=["a", "b"], kind=["oom_kill"]), now_ns=NOW)
+    assert (opts.filter.from_ns, opts.filter.to_ns) == (NOW - 900 * NS, NOW)
+    assert opts.filter.hosts == {"a", "b"}
+    assert opts.jsonl and opts.to_topic is None and opts.bootstrap == "k1:9092"
+    # Re-publishing: no stdout by default, and a new topic is laid out like ktel.raw.
+    opts = replay.options(CFG, args(to_topic="incident-42"), now_ns=NOW)
+    assert not opts.jsonl
+    spec = opts.to_topic_spec
+    assert spec is not None
+    assert (spec.name, spec.partitions) == ("incident-42", CFG.kafka.raw_partitions)
+    assert spec.retention_ms == int(CFG.kafka.raw_retention_hours * 3_600_000)
+    assert opts.to_bootstrap == "k1:9092"
+    assert replay.options(CFG, args(to_topic="x", format="jsonl"), now_ns=NOW).jsonl
+
+
+def test_replaying_into_the_live_raw_topic_is_refused_but_another_kafka_is_fine():
+    with pytest.raises(ReplayError, match="--to-bootstrap"):
+        replay.options(CFG, args(to_topic=RAW_TOPIC), now_ns=NOW)
+    opts = replay.options(CFG, args(to_topic=RAW_TOPIC, to_bootstrap="scratch:9092"), now_ns=NOW)
+    assert opts.to_bootstrap == "scratch:9092"
+    with pytest.raises(ReplayError, match="--to-bootstrap needs --to-topic"):
+        replay.options(CFG, args(to_bootstrap="scratch:9092"), now_ns=NOW)
+
+
+def test_relative_times_on_the_command_line_are_values_not_options():
+    assert cli._relative_times(["replay", "--from", "-15m", "--to", "-1.5h", "--host", "-x"]) == [
+        "replay",
+        "--from=-15m",
+        "--to=-1.5h",
+        "--host",
+        "-x",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--from", "yesterday"], "bad time 'yesterday': use ISO-8601 like 2025-06-01T12:00:00Z"),
+        (["--from", "-1h", "--to", "-2h"], "--from ("),
+        (["--from", "-1h", "--kind", "file_made"], "unknown kind file_made; the kinds are: "),
+        (["--from", "-1h", "--margin", "lots"], "bad duration 'lots'"),
+    ],
+)
+def test_the_command_rejects_bad_arguments_before_touching_kafka(argv, message, monkeypatch, capsys):
+    monkeypatch.setenv("KTEL_AGENT__HOST_ID", "h")
+    monkeypatch.setenv("KTEL_KAFKA__BOOTSTRAP", "127.0.0.1:1")  # nothing listens: must not be reached
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["replay", *argv])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"ktel replay: {message}" in err
+    assert "must be before --to" in err or "--to" not in argv
+    assert "Kafka" not in err
+
+
+def test_an_unreachable_kafka_is_named_with_the_setting_to_fix(monkeypatch, capsys):
+    from ktel.stack.kafka import free_port
+
+    bootstrap = f"127.0.0.1:{free_port()}"  # nothing listens there: refused at once
+    monkeypatch.setenv("KTEL_AGENT__HOST_ID", "h")
+    monkeypatch.setenv("KTEL_KAFKA__BOOTSTRAP", bootstrap)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["replay", "--from", "-1h"])
+    assert exit_.value.code == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith(f"ktel replay: cannot reach Kafka at {bootstrap} (")
+    assert last.endswith("set kafka.bootstrap or KTEL_KAFKA__BOOTSTRAP")
