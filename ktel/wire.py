@@ -145,7 +145,7 @@ FILE_CREATED = EventKind(
     1,
     "file_created",
     (
-        "ts_ns",  # CLOCK_MONOTONIC of the creating syscall's return (bpf_ktime_get_ns)
+        "ts_ns",  # wall clock (ns since epoch) of the creating syscall's return
         "pid",  # thread group id (process.pid)
         "tid",  # thread id
         "uid",
