@@ -12,21 +12,7 @@ M=/lib/ktel
 DBG=/sys/kernel/debug
 W=/tmp/fw
 
-begin() { echo "=====KTEL BEGIN $1====="; }
-end() { echo "=====KTEL END $1====="; }
-rc() { echo "KTEL RC $1 $2"; }
-step() {
-	name=$1
-	shift
-	"$@"
-	rc "$name" $?
-}
-stamp() { echo "KTEL TIME $1 $(cut -d' ' -f1 /proc/uptime)"; }
-dump() {
-	begin "$1"
-	cat "$2"
-	end "$1"
-}
+. /lib/ktel/guest_lib.sh
 load_all() { insmod $M/ktel.ko && insmod $M/ktel_sample.ko && insmod $M/filewatcher.ko; }
 unload_all() { rmmod filewatcher && rmmod ktel_sample && rmmod ktel; }
 

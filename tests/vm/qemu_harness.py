@@ -5,7 +5,8 @@ matches the newest installed headers (/boot/vmlinuz-<ver>, package
 linux-image-<ver>) in qemu-system-x86_64 without KVM, with a busybox initramfs
 that holds the .ko files, a test script and static helpers (tests/vm/guest_open.c,
 and the libbpf loader of tests/vm/bpf/ with its BPF object), and reads the
-serial console.
+serial console. The host's root is shared read-only over virtio-9p, so the guest
+can also run the real agent (BCC and Python from the host, chrooted).
 
 The initramfs is written here in the kernel's "newc" cpio format
 (Documentation/driver-api/early-userspace/buffer-format.rst), so building it
@@ -271,6 +272,26 @@ class VmRun:
 APPEND = "console=ttyS0 panic=-1 quiet clocksource=hpet log_buf_len=4M"
 
 
+# The guest's virtio-9p client, in load order (modules in Debian's kernel), for the
+# host's root that run_vm(share_host_root=True) exports with this tag.
+NINEP_MODULES = (
+    "drivers/virtio/virtio_ring", "drivers/virtio/virtio", "drivers/virtio/virtio_pci_legacy_dev",
+    "drivers/virtio/virtio_pci_modern_dev", "drivers/virtio/virtio_pci", "fs/netfs/netfs",
+    "fs/fscache/fscache", "net/9p/9pnet", "net/9p/9pnet_virtio", "fs/9p/9p",
+)  # fmt: skip
+HOST_ROOT_TAG = "hostroot"
+
+
+def ninep_modules(kernel: Kernel) -> dict[str, Path]:
+    """The guest's 9p client modules: name -> .ko of the booted kernel's package."""
+    base = Path("/lib/modules") / kernel.version / "kernel"
+    mods = {rel.rsplit("/", 1)[1]: base / f"{rel}.ko" for rel in NINEP_MODULES}
+    missing = [str(p) for p in mods.values() if not p.is_file()]
+    if missing:
+        raise RuntimeError(f"missing 9p modules {missing} (package linux-image-{kernel.version})")
+    return mods
+
+
 def run_vm(
     qemu: str,
     kernel: Kernel,
@@ -279,12 +300,23 @@ def run_vm(
     memory: str = "512M",
     smp: int = 1,
     append: str = APPEND,
+    share_host_root: bool = False,
 ) -> VmRun:
-    """Boot the kernel with the initramfs; returns when the guest powers off or at the timeout."""
+    """Boot the kernel with the initramfs; returns when the guest powers off or at the timeout.
+
+    ``share_host_root`` exports this host's / read-only over virtio-9p (tag
+    HOST_ROOT_TAG), so the guest can run the host's Python, BCC and ktel.
+    """
     cmd = [
         qemu, "-kernel", str(kernel.image), "-initrd", str(initrd), "-append", append,
         "-m", memory, "-smp", str(smp), "-nographic", "-no-reboot", "-nic", "none",
     ]  # fmt: skip
+    if share_host_root:
+        # multidevs=remap: / spans several host filesystems, whose inode numbers may collide.
+        cmd += [
+            "-virtfs",
+            f"local,path=/,mount_tag={HOST_ROOT_TAG},security_model=none,readonly=on,multidevs=remap",
+        ]
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
