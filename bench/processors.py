@@ -545,15 +545,17 @@ def report(args: argparse.Namespace, info: dict[str, Any], runs: list[tuple[Meas
     return "\n".join(lines)
 
 
+BEGIN, END = "<!-- written by bench/processors.py --write -->", "<!-- end of what it writes -->"
+
+
 def write_results(body: str) -> None:
+    """Replace the measured part of the section (the text around it is kept), or add the section."""
     text = RESULTS.read_text()
-    section = f"{SECTION}\n\n{body}\n"
-    if SECTION in text:
-        start = text.index(SECTION)
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + (text[nxt:] if nxt != -1 else "")
+    if SECTION in text and BEGIN in text and END in text:
+        start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+        text = f"{text[:start]}\n{body}\n{text[end:]}"
     else:
-        text = text.rstrip("\n") + "\n\n" + section
+        text = f"{text.rstrip()}\n\n{SECTION}\n\n{BEGIN}\n{body}\n{END}\n"
     RESULTS.write_text(text)
 
 
