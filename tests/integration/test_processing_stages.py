@@ -213,7 +213,8 @@ def test_garbage_and_wrong_versions_go_to_the_dlq_and_good_counts_stay_exact(bro
 
 def test_split_stages_chain_to_exact_counts(broker, tmp_path):
     workers = [
-        Worker(tmp_path, broker.bootstrap, st, stage=st).start() for st in ("dedupe", "sample", "aggregate")
+        Worker(tmp_path, broker.bootstrap, st, stage=st).start()
+        for st in ("dedupe", "enrich", "sample", "aggregate")
     ]
     try:
         traffic = [(bt.key, encode_batch(bt)) for bt in batches(3, 20, 10)]
