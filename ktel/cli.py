@@ -140,9 +140,10 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("process", help="a Faust processing worker (start more of a stage to scale it out)")
     p.add_argument(
         "stage",
-        choices=["dedupe", "sample", "aggregate", "all"],
-        help="dedupe: drop re-sent batches; sample: adaptive sampling and anomaly-driven fidelity; "
-        "aggregate: windowed metric snapshots; all: the three in one worker",
+        choices=["dedupe", "enrich", "sample", "aggregate", "all"],
+        help="dedupe: drop re-sent batches; enrich: host, process, container and pod attributes; "
+        "sample: adaptive sampling and anomaly-driven fidelity; "
+        "aggregate: windowed metric snapshots; all: the four in one worker",
     )
     p.set_defaults(fn=cmd_process)
     p = sub.add_parser("export", help="an exporter worker reading ktel's output topics")

@@ -162,6 +162,36 @@ class AggregateConfig(BaseModel):
     data_dir: Path = Field(Path("/var/lib/ktel/processor"), description="Faust's data directory (per stage)")
 
 
+class EnrichConfig(BaseModel):
+    """The enrich stage (processors/enrich_core.py says what it adds and when)."""
+
+    max_processes: int = Field(
+        2048,
+        ge=1,
+        le=4096,
+        description="processes remembered per host (least recently named go first); each adds "
+        "100-300 bytes to the host's table value, one changelog record, which Kafka caps at 1 MiB",
+    )
+    exit_grace_seconds: float = Field(
+        5,
+        ge=0,
+        description="how long an exited process stays known, for its events that arrive after its exit",
+    )
+    metadata_file: Path | None = Field(
+        None,
+        description="JSON-lines file mapping a host's cgroup.id to container.* and k8s.* attributes, "
+        "reloaded when it changes (format: processors/enrich_core.py load_metadata); unset: none",
+    )
+
+    @field_validator("metadata_file")
+    @classmethod
+    def _not_a_directory(cls, v: Path | None) -> Path | None:
+        # A missing file is allowed: whatever writes it may start after the worker.
+        if v is not None and v.is_dir():
+            raise ValueError("is a directory; name the JSON-lines file itself")
+        return v
+
+
 class SampleConfig(BaseModel):
     """The sample stage (processors/sample_core.py says what each policy does)."""
 
@@ -241,6 +271,7 @@ class Config(BaseSettings):
     kafka: KafkaConfig = KafkaConfig()
     agent: AgentConfig = AgentConfig()
     aggregate: AggregateConfig = AggregateConfig()
+    enrich: EnrichConfig = EnrichConfig()
     sample: SampleConfig = SampleConfig()
     remote_write: RemoteWriteConfig = RemoteWriteConfig()
     otlp: OtlpConfig = OtlpConfig()

@@ -8,6 +8,7 @@ from ktel.wire import (
     CONTROL_TOPIC,
     DEDUPED_TOPIC,
     DLQ_TOPIC,
+    ENRICHED_TOPIC,
     HEARTBEATS_TOPIC,
     LOGS_TOPIC,
     METRICS_TOPIC,
@@ -28,14 +29,17 @@ def specs(cfg: Config) -> list[TopicSpec]:
         # each stage's per-host table stays co-partitioned with its input.
         *(
             TopicSpec(t, k.raw_partitions, int(k.output_retention_hours * HOUR_MS))
-            for t in (DEDUPED_TOPIC, SAMPLED_TOPIC)
+            for t in (DEDUPED_TOPIC, ENRICHED_TOPIC, SAMPLED_TOPIC)
         ),
         *(
             TopicSpec(t, k.output_partitions, int(k.output_retention_hours * HOUR_MS))
             for t in (METRICS_TOPIC, SPANS_TOPIC, LOGS_TOPIC)
         ),
         TopicSpec(DLQ_TOPIC, 1, int(k.dlq_retention_hours * HOUR_MS)),
-        TopicSpec(HEARTBEATS_TOPIC, k.output_partitions, int(k.output_retention_hours * HOUR_MS)),
+        # Partitioned like ktel.raw: the enrich stage keeps a host's heartbeat in the
+        # same table partition as its batches (Faust refuses a table write from a
+        # topic whose partition count differs from the table's changelog).
+        TopicSpec(HEARTBEATS_TOPIC, k.raw_partitions, int(k.output_retention_hours * HOUR_MS)),
         # One partition: every agent reads all commands, in the order they were given.
         TopicSpec(CONTROL_TOPIC, 1, int(k.output_retention_hours * HOUR_MS)),
     ]

@@ -8,6 +8,8 @@ Topics
 ``ktel.raw``       raw event batches from the agents, keyed by host id, kept for
                    forensics (retention configurable, 7 days by default).
 ``ktel.deduped``   raw batches after the dedupe stage (split mode only).
+``ktel.enriched``  raw batches after the enrich stage, with resource and process
+                   attributes (split mode only).
 ``ktel.sampled``   raw batches after the sample stage, with weights (split mode only).
 ``ktel.metrics``   metric snapshots produced by the aggregate stage.
 ``ktel.spans``     kernel spans, for the OTLP traces exporter.
@@ -120,6 +122,7 @@ SCHEMA_VERSION = 1
 
 RAW_TOPIC = "ktel.raw"
 DEDUPED_TOPIC = "ktel.deduped"
+ENRICHED_TOPIC = "ktel.enriched"
 SAMPLED_TOPIC = "ktel.sampled"
 METRICS_TOPIC = "ktel.metrics"
 SPANS_TOPIC = "ktel.spans"

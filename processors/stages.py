@@ -3,12 +3,15 @@
 Split mode, each stage its own Faust app and consumer group, scaled by
 starting more workers of it::
 
-    ktel.raw --dedupe--> ktel.deduped --sample--> ktel.sampled --aggregate--> ktel.metrics
-                                          |                                ktel.spans, ktel.logs
-                                          +--> ktel.control (fidelity commands)
+    ktel.raw --dedupe--> ktel.deduped --enrich--> ktel.enriched --sample--> ktel.sampled
+                                        ^                             |
+                      ktel.heartbeats --+                             +--> ktel.control (fidelity commands)
+
+    ktel.sampled --aggregate--> ktel.metrics, ktel.spans, ktel.logs
 
 Fused mode (``ktel process all``, for small setups and ``ktel up``) runs the
-three cores in one worker from ``ktel.raw``. Records stay batches all the way.
+four cores in one worker from ``ktel.raw`` (and ``ktel.heartbeats``). Records
+stay batches all the way.
 
 Every topic is keyed by host id, so a host's batches stay in one partition and
 one worker, and each stage keeps its per-host state in a changelog-backed
@@ -16,6 +19,9 @@ Faust table co-partitioned with its input (the sample stage's anomaly
 detector keeps its per-host rates in the worker; see ``activity`` below). A stage that keeps counts dedupes
 its own input in the same table value as the counts, so redelivery after a
 crash (its input is at-least-once) neither loses nor doubles anything.
+The enrich stage keeps no counts and passes a redelivered batch on (the
+aggregate stage drops it); it takes heartbeats into the same table, which is
+why ``ktel.heartbeats`` is partitioned like ``ktel.raw``.
 """
 
 from __future__ import annotations
@@ -26,16 +32,18 @@ import time
 from typing import Any
 
 import faust
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from ktel import selfmetrics
 from ktel.config import Config
 from ktel.retry import retry
-from ktel.stack.kafka import TopicSpec, create_topics
+from ktel.stack.kafka import TopicSpec, create_topics, topic_partitions
 from ktel.wire import (
     CONTROL_TOPIC,
     DEDUPED_TOPIC,
     DLQ_TOPIC,
+    ENRICHED_TOPIC,
+    HEARTBEATS_TOPIC,
     LOGS_TOPIC,
     METRICS_TOPIC,
     RAW_TOPIC,
@@ -45,6 +53,7 @@ from ktel.wire import (
     MetricSnapshot,
     WireError,
     decode_batch,
+    decode_heartbeat,
     encode_batch,
     encode_command,
     encode_dead_letter,
@@ -52,14 +61,23 @@ from ktel.wire import (
     encode_snapshot,
     encode_spans,
 )
-from processors import aggregate_core, dedupe_core, sample_core
+from processors import aggregate_core, dedupe_core, enrich_core, sample_core
 
 log = logging.getLogger("ktel.process")
 
-STAGES = ("dedupe", "sample", "aggregate", "all")
+STAGES = ("dedupe", "enrich", "sample", "aggregate", "all")
 # A host silent for this many sample windows is forgotten by the anomaly detector.
 IDLE_WINDOWS = 30
-SOURCE = {"dedupe": RAW_TOPIC, "sample": DEDUPED_TOPIC, "aggregate": SAMPLED_TOPIC, "all": RAW_TOPIC}
+# How often the enrich stage looks whether its metadata file changed (a stat).
+FEED_CHECK_SECONDS = 5.0
+SOURCE = {
+    "dedupe": RAW_TOPIC,
+    "enrich": DEDUPED_TOPIC,
+    "sample": ENRICHED_TOPIC,
+    "aggregate": SAMPLED_TOPIC,
+    "all": RAW_TOPIC,
+}
+SINK = {"dedupe": DEDUPED_TOPIC, "enrich": ENRICHED_TOPIC, "sample": SAMPLED_TOPIC}  # the rest: METRICS_TOPIC
 
 BATCHES = Counter("ktel_processor_batches", "batches a stage processed", ["stage"])
 EVENTS = Counter("ktel_processor_events", "events counted into the aggregates (weighted)", ["stage"])
@@ -73,6 +91,14 @@ OVERFLOW = Counter("ktel_processor_series_overflow", "events folded into an over
 SNAPSHOTS = Counter("ktel_processor_snapshots", "metric snapshot records produced", ["stage"])
 SPANS = Counter("ktel_processor_spans", "kernel spans sent to ktel.spans", ["stage"])
 LOGS = Counter("ktel_processor_logs", "kernel logs and OOM kills sent to ktel.logs", ["stage"])
+ENRICHED = Counter("ktel_processor_enriched_batches", "batches the enrich stage gave attributes", ["stage"])
+HEARTBEATS = Counter("ktel_processor_heartbeats", "agent heartbeats the enrich stage read", ["stage"])
+EVICTIONS = Counter(
+    "ktel_processor_process_evictions", "processes dropped by enrich.max_processes, not by exit", ["stage"]
+)
+PROCESSES = Gauge(
+    "ktel_processor_processes_known", "processes the enrich stage knows, over the hosts it served", ["stage"]
+)
 
 
 def make_app(cfg: Config, stage: str) -> faust.App:
@@ -94,8 +120,12 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             command_ttl_s=s.command_ttl_seconds,
         )
     )
+    enrich_opts = enrich_core.Options(
+        max_processes=cfg.enrich.max_processes, exit_grace_ns=int(cfg.enrich.exit_grace_seconds * 1e9)
+    )
     does = {
         "dedupe": stage == "dedupe",
+        "enrich": stage in ("enrich", "all"),
         "sample": stage in ("sample", "all"),
         "aggregate": stage in ("aggregate", "all"),
     }
@@ -103,6 +133,9 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         {"batches": BATCHES, "events": EVENTS, "duplicates": DUPLICATES, "dead letters": DEAD_LETTERS}[
             name
         ].labels(stage)
+    if does["enrich"]:
+        for metric in (ENRICHED, HEARTBEATS, EVICTIONS, PROCESSES):
+            metric.labels(stage)
 
     datadir = cfg.aggregate.data_dir / stage
     datadir.mkdir(parents=True, exist_ok=True)
@@ -124,13 +157,34 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         return app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
 
     source = raw_topic(SOURCE[stage])
-    sink = raw_topic({"dedupe": DEDUPED_TOPIC, "sample": SAMPLED_TOPIC}.get(stage, METRICS_TOPIC))
+    sink = raw_topic(SINK.get(stage, METRICS_TOPIC))
     control, dlq = raw_topic(CONTROL_TOPIC), raw_topic(DLQ_TOPIC)
     spans_topic, logs_topic = raw_topic(SPANS_TOPIC), raw_topic(LOGS_TOPIC)
     # The sample stage alone keeps no table: a table it never writes would still
     # need its changelog topic at start.
-    keeps_state = does["dedupe"] or does["aggregate"]
+    keeps_state = does["dedupe"] or does["enrich"] or does["aggregate"]
+    # Stages that keep counts (or are the dedupe stage) drop duplicates; see the module doc.
+    dedupes = does["dedupe"] or does["aggregate"]
     hosts = app.Table("host-state", default=dict, partitions=cfg.kafka.raw_partitions) if keeps_state else {}
+    feed = enrich_core.MetadataFile(cfg.enrich.metadata_file)
+    # Processes known per host, for the gauge (the table is not safe to walk from
+    # the metrics server's thread).
+    known: dict[str, int] = {}
+
+    def reload_feed() -> None:
+        errors = feed.refresh()
+        if errors is not None:
+            for err in errors:
+                log.warning("metadata feed: %s", err)
+            log.info("metadata feed %s: %d cgroups", feed.path, feed.entries)
+
+    async def dead_letter(event: Any, err: WireError) -> None:
+        msg = event.message
+        DEAD_LETTERS.labels(stage).inc()
+        log.warning("dead letter %s[%d]@%d: %s", msg.topic, msg.partition, msg.offset, err)
+        dl = DeadLetter(stage, str(err), msg.topic, msg.partition, msg.offset, bytes(event.value))
+        await dlq.send(key=event.key, value=encode_dead_letter(dl))
+
     # Per-host rates for anomaly detection live in the worker, not the table:
     # Faust only lets a stream modify a table, and timers close the windows. A
     # restart or rebalance relearns a host's baseline in a few windows.
@@ -139,23 +193,31 @@ def make_app(cfg: Config, stage: str) -> faust.App:
     @app.agent(source)
     async def process(stream):
         async for event in stream.events():
-            msg = event.message
             try:
                 batch = decode_batch(event.value)
             except WireError as err:
-                DEAD_LETTERS.labels(stage).inc()
-                log.warning("dead letter %s[%d]@%d: %s", msg.topic, msg.partition, msg.offset, err)
-                dl = DeadLetter(stage, str(err), msg.topic, msg.partition, msg.offset, bytes(event.value))
-                await dlq.send(key=event.key, value=encode_dead_letter(dl))
+                await dead_letter(event, err)
                 continue
             state = hosts[batch.host_id] if keeps_state else {}
-            # The dedupe record lives where the stage's output state lives (see the module doc).
-            dedupe_state = state.setdefault("aggregate" if does["aggregate"] else "dedupe", {})
-            if keeps_state and not dedupe_core.first_time(dedupe_state, batch):
-                DUPLICATES.labels(stage).inc()
-                hosts[batch.host_id] = state  # the dedupe record may have been trimmed
-                continue
+            # Whether the table value must be written back (to the changelog).
+            changed = dedupes
+            if dedupes:
+                # The dedupe record lives where the stage's output state lives (see the module doc).
+                dedupe_state = state.setdefault("aggregate" if does["aggregate"] else "dedupe", {})
+                if not dedupe_core.first_time(dedupe_state, batch):
+                    DUPLICATES.labels(stage).inc()
+                    hosts[batch.host_id] = state  # the dedupe record may have been trimmed
+                    continue
             BATCHES.labels(stage).inc()
+            if does["enrich"]:
+                enriched = enrich_core.enrich(state.setdefault("enrich", {}), batch, feed.feed, enrich_opts)
+                batch = enriched.batch
+                # Only the LRU order changed otherwise: not worth a changelog record.
+                changed |= enriched.changed
+                ENRICHED.labels(stage).inc()
+                EVICTIONS.labels(stage).inc(enriched.evicted)
+                PROCESSES.labels(stage).inc(enriched.processes - known.get(batch.host_id, 0))
+                known[batch.host_id] = enriched.processes
             if does["sample"]:
                 hs = activity.setdefault(batch.host_id, {})
                 hs["count"] = hs.get("count", 0.0) + (
@@ -179,10 +241,38 @@ def make_app(cfg: Config, stage: str) -> faust.App:
                 for lb in log_records:
                     await logs_topic.send(key=event.key, value=encode_logs(lb))
                     LOGS.labels(stage).inc(len(lb.logs))
-            if keeps_state:
+            if keeps_state and changed:
                 hosts[batch.host_id] = state  # reassign: writes the changelog
             if not does["aggregate"]:
                 await sink.send(key=event.key, value=encode_batch(batch))
+
+    if does["enrich"]:
+
+        @app.agent(raw_topic(HEARTBEATS_TOPIC))
+        async def take_heartbeats(stream):
+            async for event in stream.events():
+                try:
+                    hb = decode_heartbeat(event.value)
+                    host_id = hb["host"]["host.id"]
+                    if event.key != host_id.encode():
+                        # The table key must hash to the partition the record came from.
+                        raise WireError(
+                            f"heartbeat: key {event.key!r:.60} is not its host.id {host_id!r:.60}"
+                        )
+                except WireError as err:
+                    await dead_letter(event, err)
+                    continue
+                HEARTBEATS.labels(stage).inc()
+                state = hosts[host_id]
+                if enrich_core.observe_heartbeat(state.setdefault("enrich", {}), hb):
+                    hosts[host_id] = state
+
+        reload_feed()  # before the first batch, so a configured feed applies from the start
+        if feed.path is not None:
+
+            @app.timer(FEED_CHECK_SECONDS)
+            async def check_feed():
+                reload_feed()
 
     if does["sample"]:
 
@@ -228,7 +318,26 @@ def changelog_topic(stage: str) -> str:
     return f"ktel-{stage}-host-state-changelog"  # Faust's name for the "host-state" table of app ktel-<stage>
 
 
+def check_heartbeat_partitions(cfg: Config) -> None:
+    """Refuse to start the enrich stage where its table write of a heartbeat would fail.
+
+    ``ktel topics`` creates ktel.heartbeats partitioned like ktel.raw; one made
+    before the enrich stage existed may follow ``kafka.output_partitions``.
+    """
+    n = asyncio.run(
+        retry(lambda: topic_partitions(cfg.kafka.bootstrap, HEARTBEATS_TOPIC), what="describe the topics")
+    )
+    if n is not None and n != cfg.kafka.raw_partitions:
+        raise SystemExit(
+            f"ktel process: {HEARTBEATS_TOPIC} has {n} partitions but the enrich stage needs "
+            f"kafka.raw_partitions = {cfg.kafka.raw_partitions}, like ktel.raw: delete {HEARTBEATS_TOPIC} "
+            "(it holds only recent heartbeats) and run `ktel topics` to create it again"
+        )
+
+
 def run(cfg: Config, stage: str, log_level: str = "info") -> None:
+    if stage in ("enrich", "all"):
+        check_heartbeat_partitions(cfg)
     if stage != "sample":
         # Created before Faust starts: when Faust creates it itself, a worker that
         # reads metadata a moment too early crashes with PartitionsMismatch and

@@ -315,3 +315,19 @@ async def create_topics(bootstrap: str, specs: list[TopicSpec]) -> None:
     for topic, code, message in resp.topic_errors:
         if code not in (0, TopicAlreadyExistsError.errno):
             raise for_code(code)(f"creating topic {topic!r}: {message}")
+
+
+async def topic_partitions(bootstrap: str, topic: str) -> int | None:
+    """How many partitions ``topic`` has; None if it does not exist."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        # Every topic, not just this one: asking for a missing topic by name can
+        # make the broker auto-create it with its default partition count.
+        described = await admin.describe_topics()
+    finally:
+        await admin.close()
+    for t in described:
+        if t["topic"] == topic and t["error_code"] == 0:
+            return len(t["partitions"])
+    return None

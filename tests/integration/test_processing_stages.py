@@ -1,9 +1,10 @@
 """The processing stages on the real broker: scaling, a SIGKILL, garbage input,
-split mode, and anomaly-driven fidelity commands."""
+split mode, enrichment, and anomaly-driven fidelity commands."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import signal
@@ -19,13 +20,19 @@ from ktel.stack.kafka import LocalKafka, create_topics, free_port
 from ktel.wire import (
     CONTROL_TOPIC,
     DLQ_TOPIC,
+    ENRICHED_TOPIC,
     FILE_CREATED,
+    HEARTBEATS_TOPIC,
     METRICS_TOPIC,
+    PROCESS_EXEC,
+    RAW_TOPIC,
     RawBatch,
+    decode_batch,
     decode_command,
     decode_dead_letter,
     decode_snapshot,
     encode_batch,
+    encode_heartbeat,
 )
 from tests.integration.agent_harness import read_topic
 
@@ -102,10 +109,13 @@ async def produce(bootstrap, records, pace_s=0.0):
         await producer.stop()
 
 
-def latest_totals(bootstrap) -> dict[tuple[str, str], float]:
-    """The latest value of every file_created_total series in ktel.metrics."""
+def latest_totals(bootstrap, idle_s=2.0) -> dict[tuple[str, str], float]:
+    """The latest value of every file_created_total series in ktel.metrics.
+
+    A read of a topic empty when it starts ends only after ``idle_s`` without a
+    record: below the workers' 1 s snapshot window when ktel.metrics may be empty."""
     latest: dict[tuple[str, str], tuple[int, float]] = {}
-    for rec in asyncio.run(read_topic(bootstrap, METRICS_TOPIC, idle_s=2)):
+    for rec in asyncio.run(read_topic(bootstrap, METRICS_TOPIC, idle_s=idle_s)):
         snap = decode_snapshot(rec.value)
         for name, _t, labels, value in snap.series:
             if name == "file_created_total":
@@ -115,12 +125,12 @@ def latest_totals(bootstrap) -> dict[tuple[str, str], float]:
     return {k: v for k, (_ts, v) in latest.items()}
 
 
-def wait_for_totals(bootstrap, expected: dict, timeout=120) -> dict:
+def wait_for_totals(bootstrap, expected: dict, timeout=120, idle_s=2.0) -> dict:
     deadline = time.monotonic() + timeout
-    got = latest_totals(bootstrap)
+    got = latest_totals(bootstrap, idle_s)
     while got != expected and time.monotonic() < deadline:
         time.sleep(2)
-        got = latest_totals(bootstrap)
+        got = latest_totals(bootstrap, idle_s)
     return got
 
 
@@ -203,7 +213,8 @@ def test_garbage_and_wrong_versions_go_to_the_dlq_and_good_counts_stay_exact(bro
 
 def test_split_stages_chain_to_exact_counts(broker, tmp_path):
     workers = [
-        Worker(tmp_path, broker.bootstrap, st, stage=st).start() for st in ("dedupe", "sample", "aggregate")
+        Worker(tmp_path, broker.bootstrap, st, stage=st).start()
+        for st in ("dedupe", "enrich", "sample", "aggregate")
     ]
     try:
         traffic = [(bt.key, encode_batch(bt)) for bt in batches(3, 20, 10)]
@@ -215,6 +226,80 @@ def test_split_stages_chain_to_exact_counts(broker, tmp_path):
             for d in range(3)
         }
         assert wait_for_totals(broker.bootstrap, expected) == expected
+    finally:
+        for w in workers:
+            w.stop()
+
+
+def test_split_stages_enrich_batches_with_exactly_what_is_known(broker, tmp_path):
+    host = "host-enrich"
+    feed = tmp_path / "pods.jsonl"
+    pod = {"container.id": "9f86d081884c", "k8s.pod.name": "web-0", "k8s.namespace.name": "shop"}
+    feed.write_text(json.dumps({"host.id": host, "cgroup.id": 4242, **pod}) + "\n")
+    workers = [
+        Worker(tmp_path, broker.bootstrap, st, stage=st, KTEL_ENRICH__METADATA_FILE=str(feed)).start()
+        for st in ("dedupe", "enrich", "sample", "aggregate")
+    ]
+    host_attrs = {"host.id": host, "host.name": "node-7", "host.arch": "x86_64", "os.type": "linux"}
+    host_attrs |= {"os.version": "6.1.0-28-amd64", "boot.id": "boot", "ktel.agent.version": "0.1.0"}
+
+    async def send(topic, *values):
+        producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, enable_idempotence=True)
+        await producer.start()
+        try:
+            for v in values:
+                await producer.send_and_wait(topic, v, key=host.encode())
+        finally:
+            await producer.stop()
+
+    def enriched() -> list[RawBatch]:
+        recs = asyncio.run(read_topic(broker.bootstrap, ENRICHED_TOPIC, idle_s=1))
+        return [b for b in (decode_batch(r.value) for r in recs) if b.host_id == host]
+
+    try:
+        hb = {"ts": 1, "host": host_attrs, "probes": {}, "counters": {}}
+        asyncio.run(send(HEARTBEATS_TOPIC, encode_heartbeat(hb)))
+        # Heartbeats and batches are separate topics, read in no set order: send
+        # empty batches until one comes out with the heartbeat's host.name.
+        seq, deadline = 0, time.monotonic() + 90
+        while time.monotonic() < deadline:
+            asyncio.run(send(RAW_TOPIC, encode_batch(RawBatch(host, "boot", seq, 1, []))))
+            seq += 1
+            if any(b.resource and "host.name" in b.resource for b in enriched()):
+                break
+        else:
+            pytest.fail("no enriched batch carried the heartbeat's host attributes")
+        exec_ev = [PROCESS_EXEC.id, 1, 4321, 4321, 1, 1000, 4242, "ktel-demo", "/usr/bin/ktel-demo"]
+        files = [
+            [FILE_CREATED.id, 2, 4321, 4321, 1000, "ktel-demo", "/tmp/enrich/a", 0o101, True],
+            [FILE_CREATED.id, 2, 777, 777, 0, "never-seen", "/tmp/enrich/b", 0o101, True],
+        ]
+        first = seq
+        asyncio.run(
+            send(
+                RAW_TOPIC,
+                encode_batch(RawBatch(host, "boot", first, 1, [exec_ev])),
+                encode_batch(RawBatch(host, "boot", first + 1, 1, files)),
+            )
+        )
+        # Through sample and aggregate too: the enriched batches are counted. This
+        # test's broker has no other snapshots, so ktel.metrics starts empty.
+        expected = {(host, "/tmp/enrich"): 2.0}
+        assert wait_for_totals(broker.bootstrap, expected, idle_s=0.5) == expected
+        out = {b.seq: b for b in enriched()}
+        demo = {
+            "process.pid": 4321,
+            "process.parent_pid": 1,
+            "process.executable.name": "ktel-demo",
+            "process.executable.path": "/usr/bin/ktel-demo",
+            "process.real_user.id": 1000,
+            "cgroup.id": 4242,
+            **pod,
+        }
+        assert (out[first].resource, out[first].processes) == (host_attrs, {"4321": demo})
+        # pid 777 was never exec'd: no process attributes at all.
+        assert (out[first + 1].resource, out[first + 1].processes) == (host_attrs, {"4321": demo})
+        assert out[first + 1].events == files
     finally:
         for w in workers:
             w.stop()

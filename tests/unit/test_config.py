@@ -30,6 +30,8 @@ def test_env_overrides_file(tmp_path, monkeypatch):
         ("[aggregate]\nwindow_seconds = 0\n", "KTEL_AGGREGATE__WINDOW_SECONDS"),
         ("[agent]\nprobes = ['nope']\n", "agent.probes.0 = 'nope'"),
         ("[nosuchsection]\nx = 1\n", "nosuchsection"),
+        ("[enrich]\nmax_processes = 100000\n", "KTEL_ENRICH__MAX_PROCESSES"),
+        ("[enrich]\nmetadata_file = '/tmp'\n", "enrich.metadata_file = '/tmp': Value error, is a directory"),
     ],
 )
 def test_bad_config_names_field_and_fix(tmp_path, toml, expected):

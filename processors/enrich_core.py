@@ -1,0 +1,318 @@
+"""Pure core of the enrich stage: OpenTelemetry resource attributes on raw batches.
+
+A batch leaves this stage with the wire's ``res`` and ``proc`` fields set
+(ktel/wire.py): ``res`` is the host's resource from its agent's latest
+heartbeat, ``proc`` what is known of each process the batch's events name,
+from the process probe's exec and exit events and from the metadata feed.
+What is not known is absent: nothing is guessed, and a pid never seen gets no
+entry at all.
+
+State per host (JSON-able, one value of the stage's Faust table)::
+
+    {"boots": {boot_id: {                # at most dedupe_core.MAX_BOOTS, oldest first
+        "hb": int,                       # ts (ms) of the heartbeat "host" came from
+        "host": {attr: value},           # that heartbeat's "host" map
+        "procs": {str(pid): {            # least recently named first
+            "ppid": int, "comm": str, "exe": str, "uid": int, "cg": int,
+            "exit": int}}}},             # sent_ns of the batch that carried its exit
+     "exits": [[boot_id, str(pid), sent_ns], ...]}   # exits awaiting their grace, oldest first
+
+Host attributes and processes are kept per boot: pids start again at every
+boot and a reboot may change the kernel (``os.version``), so a batch an agent
+spooled before a reboot and sends after it must not get the new boot's
+attributes. A process entry's fields are each present only when known.
+
+An exit does not remove its process at once: the agent drains each probe's
+ring buffer on its own, so a file created just before the exit can arrive in
+a later batch than the exit. A batch sealed up to ``exit_grace_ns`` after the
+exit's batch still sees the process; a batch sealed later does not (with a
+grace of 0: only the exit's own batch sees it). Time here is the batches'
+``sent_ns``, not the worker's clock, so the same input always gives the same
+output.
+
+The process table is bounded (``max_processes`` per host, over all boots):
+past it the least recently named process of the oldest boot goes, and is
+counted as an eviction. An evicted process that is named again is unknown.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from ktel.wire import KINDS, PROCESS_EXEC, PROCESS_EXIT, RawBatch
+from processors.dedupe_core import MAX_BOOTS
+
+# (host.id, cgroup.id) -> container and pod attributes; see load_metadata.
+Metadata = dict[str, dict[int, dict[str, str]]]
+
+# Fields of an event that name a process whose attributes the batch should carry.
+PID_FIELDS = ("pid", "trigger_pid")
+# Attribute namespaces the metadata feed may set (OpenTelemetry semantic conventions).
+FEED_NAMESPACES = ("container.", "k8s.")
+
+
+def _pid_indexes() -> dict[int, tuple[int, ...]]:
+    """kind id -> indexes in the event array of its PID_FIELDS (index 0 is the kind id)."""
+    return {
+        k.id: idx
+        for k in KINDS.values()
+        if (idx := tuple(i + 1 for i, f in enumerate(k.fields) if f in PID_FIELDS))
+    }
+
+
+PID_INDEXES = _pid_indexes()
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    max_processes: int = 2048
+    exit_grace_ns: int = 5_000_000_000
+
+
+@dataclasses.dataclass
+class Outcome:
+    batch: RawBatch
+    changed: bool = False  # the state changed in a way worth persisting (not just LRU order)
+    evicted: int = 0  # processes dropped by the bound, not by their exit
+    processes: int = 0  # processes known for this host after the batch
+
+
+def observe_heartbeat(state: dict[str, Any], heartbeat: dict[str, Any]) -> bool:
+    """Take a decoded heartbeat's host attributes; False if it changed nothing.
+
+    A heartbeat older than the one already taken for its boot (redelivered, or
+    overtaken) is ignored, so the latest always wins. One without ``boot.id``
+    cannot be matched to batches, so it is ignored too.
+    """
+    host = heartbeat["host"]
+    boot_id = host.get("boot.id")
+    if not isinstance(boot_id, str):
+        return False
+    boot = _boot(state, boot_id)
+    if boot.get("hb", -1) > heartbeat["ts"]:
+        return False
+    attrs = {k: v for k, v in host.items() if isinstance(v, str | int | float | bool)}
+    if boot.get("hb") == heartbeat["ts"] and boot.get("host") == attrs:
+        return False
+    boot["hb"], boot["host"] = heartbeat["ts"], attrs
+    return True
+
+
+def enrich(state: dict[str, Any], batch: RawBatch, feed: Metadata, opts: Options) -> Outcome:
+    """The batch with ``resource`` and ``processes`` set; ``state`` is updated in place.
+
+    Exec and exit events of the batch are applied before its attributes are
+    looked up, so every event of the batch sees its processes' attributes.
+    """
+    out = Outcome(batch)
+    out.changed = _expire_exits(state, batch.sent_ns, opts)
+    boot = _boot(state, batch.boot_id)
+    procs: dict[str, dict[str, Any]] = boot.setdefault("procs", {})
+    named: set[int] = set()
+    exec_id, exit_id = PROCESS_EXEC.id, PROCESS_EXIT.id
+    for ev in batch.events:
+        kind = ev[0]
+        for i in PID_INDEXES.get(kind, ()):
+            named.add(ev[i])
+        if kind == exec_id:
+            _ts, pid, _tid, ppid, uid, cg, comm, filename = ev[1:]
+            procs.pop(str(pid), None)  # a new program (or a reused pid): nothing of the old one holds
+            procs[str(pid)] = _known(ppid=ppid, comm=comm, exe=filename, uid=uid, cg=cg)
+            out.changed = True
+        elif kind == exit_id:
+            _ts, pid, _tid, ppid, uid, cg, _comm = ev[1:8]
+            # The exit's comm is its last thread's, which may not be the program's name.
+            entry = procs.setdefault(str(pid), {})
+            for name, value in _known(ppid=ppid, uid=uid, cg=cg).items():
+                entry.setdefault(name, value)  # what the exec said stays
+            entry["exit"] = batch.sent_ns
+            state.setdefault("exits", []).append([batch.boot_id, str(pid), batch.sent_ns])
+            out.changed = True
+
+    host_feed = feed.get(batch.host_id, {})
+    processes: dict[str, dict[str, Any]] = {}
+    for pid in sorted(p for p in named if isinstance(p, int)):
+        known = procs.pop(str(pid), None)
+        if known is None:
+            continue
+        procs[str(pid)] = known  # re-inserted last: the most recently named
+        processes[str(pid)] = _attributes(pid, known, host_feed)
+    resource = {**boot.get("host", {}), "host.id": batch.host_id}
+    out.batch = dataclasses.replace(batch, resource=resource, processes=processes)
+
+    out.evicted = _bound(state, opts.max_processes)
+    out.changed |= out.evicted > 0
+    out.processes = known_processes(state)
+    return out
+
+
+def known_processes(state: dict[str, Any]) -> int:
+    return sum(len(b.get("procs", {})) for b in state.get("boots", {}).values())
+
+
+def _boot(state: dict[str, Any], boot_id: str) -> dict[str, Any]:
+    boots = state.setdefault("boots", {})
+    boot = boots.get(boot_id)
+    if boot is None:
+        boot = boots[boot_id] = {}
+        while len(boots) > MAX_BOOTS:
+            del boots[next(iter(boots))]  # dicts keep insertion order: oldest first
+    return boot
+
+
+def _known(**fields: Any) -> dict[str, Any]:
+    """The fields the kernel really told: 0 is the probe's "unknown" for ppid and
+    cgroup, "" for names, and only an absolute exec filename is a path."""
+    out = {}
+    for name, value in fields.items():
+        if name == "exe" and not (isinstance(value, str) and value.startswith("/")):
+            continue
+        if value is None or value == "" or (name in ("ppid", "cg") and value == 0):
+            continue
+        out[name] = value
+    return out
+
+
+def _attributes(pid: int, entry: dict[str, Any], host_feed: dict[int, dict[str, str]]) -> dict[str, Any]:
+    """A process entry as OpenTelemetry process attributes, with the feed's container and pod."""
+    attrs: dict[str, Any] = {"process.pid": pid}
+    for field, attr in (
+        ("ppid", "process.parent_pid"),
+        ("comm", "process.executable.name"),
+        ("exe", "process.executable.path"),
+        # bpf_get_current_uid_gid() gives the real uid (cred->uid).
+        ("uid", "process.real_user.id"),
+        # Not a semantic convention; the same name as the histograms' cgroup label.
+        ("cg", "cgroup.id"),
+    ):
+        if field in entry:
+            attrs[attr] = entry[field]
+    if "cg" in entry:
+        attrs.update(host_feed.get(entry["cg"], {}))
+    return attrs
+
+
+def _expire_exits(state: dict[str, Any], now_ns: int, opts: Options) -> bool:
+    exits = state.get("exits", [])
+    boots = state.get("boots", {})
+    n = 0
+    # Over the bound, the oldest exits go before their grace: a burst of short
+    # processes must not grow the state past what max_processes allows.
+    while n < len(exits) and (
+        exits[n][2] + opts.exit_grace_ns < now_ns or len(exits) - n > opts.max_processes
+    ):
+        boot_id, pid, exit_ns = exits[n]
+        procs = boots.get(boot_id, {}).get("procs", {})
+        # Only if this exit is still the entry's: an exec may have reused the pid since.
+        if procs.get(pid, {}).get("exit") == exit_ns:
+            del procs[pid]
+        n += 1
+    if n:
+        del exits[:n]
+    return n > 0
+
+
+def _bound(state: dict[str, Any], max_processes: int) -> int:
+    boots = state.get("boots", {})
+    excess = known_processes(state) - max_processes
+    evicted = 0
+    for boot in boots.values():  # oldest boot first
+        procs = boot.get("procs", {})
+        while excess > 0 and procs:
+            del procs[next(iter(procs))]
+            excess -= 1
+            evicted += 1
+    return evicted
+
+
+# ----------------------------------------------------------------- metadata feed
+#
+# The feed is a file rather than a Kafka topic: whatever knows the containers
+# (a DaemonSet listing pods through the CRI, a cron job, a config manager) can
+# write it without a Kafka client, every worker of the stage reads all of it
+# whatever partitions it holds (a topic would need a global table), and it is
+# small (one line per container cgroup). It is reloaded when it changes, so
+# the writer should replace it atomically (write a temporary file, rename).
+
+
+def load_metadata(text: str) -> tuple[Metadata, list[str]]:
+    """Parse the feed: JSON lines, each one cgroup of one host::
+
+        {"host.id": "4c1f...", "cgroup.id": 12345, "container.id": "9f86d0...",
+         "k8s.pod.name": "web-0", "k8s.namespace.name": "shop", "k8s.pod.uid": "..."}
+
+    cgroup ids (cgroup v2 directory inodes) are only unique within one host,
+    hence ``host.id`` on every line. Attributes other than ``container.*`` and
+    ``k8s.*`` strings are refused. Blank lines and lines starting with ``#``
+    are skipped. Returns the mapping and one message per refused line (the
+    other lines still apply).
+    """
+    feed: Metadata = {}
+    errors: list[str] = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            errors.append(f"line {n}: not JSON ({err})")
+            continue
+        if not isinstance(obj, dict):
+            errors.append(f"line {n}: not a JSON object")
+            continue
+        host, cg = obj.pop("host.id", None), obj.pop("cgroup.id", None)
+        if not isinstance(host, str) or not host:
+            errors.append(f"line {n}: no host.id string")
+            continue
+        if not isinstance(cg, int) or isinstance(cg, bool) or cg <= 0:
+            errors.append(f"line {n}: no positive integer cgroup.id")
+            continue
+        bad = [k for k, v in obj.items() if not (k.startswith(FEED_NAMESPACES) and isinstance(v, str))]
+        if bad:
+            errors.append(f"line {n}: {', '.join(bad)}: only container.* and k8s.* strings are taken")
+            continue
+        feed.setdefault(host, {})[cg] = obj
+    return feed, errors
+
+
+class MetadataFile:
+    """The feed file, re-read when its identity or size or mtime changes."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.feed: Metadata = {}
+        self._stamp: tuple[int, int, int] | None = None
+
+    def refresh(self) -> list[str] | None:
+        """Reload if the file changed: None if it did not, else the refused lines.
+
+        A missing file is an empty feed (it may not be written yet); an
+        unreadable one keeps the previous feed.
+        """
+        if self.path is None:
+            return None
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            if self._stamp is None and not self.feed:
+                return None
+            self.feed, self._stamp = {}, None
+            return [f"{self.path}: missing, the feed is empty until it appears"]
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if stamp == self._stamp:
+            return None
+        try:
+            text = self.path.read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            return [f"{self.path}: unreadable, keeping the previous feed ({err})"]
+        self.feed, errors = load_metadata(text)
+        self._stamp = stamp
+        return errors
+
+    @property
+    def entries(self) -> int:
+        return sum(len(h) for h in self.feed.values())

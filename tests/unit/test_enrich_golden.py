@@ -1,0 +1,77 @@
+"""Golden in/out files of the enrich core (see tests/golden/enrich/README.md), and its feed file."""
+
+import os
+
+import pytest
+
+from ktel.wire import RawBatch
+from processors import enrich_core
+from tests.unit import golden
+
+CASES = golden.cases("enrich")
+
+
+def run_case(case: dict) -> dict:
+    opts = enrich_core.Options(**case["options"])
+    feed, feed_errors = enrich_core.load_metadata("\n".join(case["feed"]))
+    states: dict[str, dict] = {}
+    steps = []
+    for step in case["steps"]:
+        if "heartbeat" in step:
+            hb = step["heartbeat"]
+            state = states.setdefault(hb["host"]["host.id"], {})
+            steps.append({"heartbeat_taken": enrich_core.observe_heartbeat(state, hb)})
+            continue
+        b = step["batch"]
+        batch = RawBatch(b["host"], b["boot"], b["seq"], b["sent"], b["events"])
+        out = enrich_core.enrich(states.setdefault(b["host"], {}), batch, feed, opts)
+        steps.append(
+            {
+                "res": out.batch.resource,
+                "proc": out.batch.processes,
+                "changed": out.changed,
+                "evicted": out.evicted,
+                "processes": out.processes,
+            }
+        )
+        # Enrich adds attributes, and nothing else of the batch changes.
+        assert (out.batch.events, out.batch.seq, out.batch.weights) == (b["events"], b["seq"], None)
+    return {"feed_errors": feed_errors, "steps": steps, "states": states}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_golden(name):
+    golden.check("enrich", name, run_case(golden.load("enrich", name)))
+
+
+def test_every_case_of_the_issue_has_a_golden_file():
+    assert set(CASES) >= {
+        "unknown_pid",
+        "exec_then_exit",
+        "heartbeat_updates_host_name",
+        "metadata_feed",
+        "table_bound",
+    }
+
+
+def test_the_feed_file_is_reloaded_when_it_changes_and_emptied_when_it_goes(tmp_path):
+    path = tmp_path / "pods.jsonl"
+    f = enrich_core.MetadataFile(path)
+    assert f.refresh() is None  # not written yet: nothing to say
+    path.write_text('{"host.id": "h1", "cgroup.id": 7, "k8s.pod.name": "a"}\n')
+    assert f.refresh() == []
+    assert f.feed == {"h1": {7: {"k8s.pod.name": "a"}}}
+    assert f.refresh() is None  # unchanged: not read again
+    tmp = tmp_path / "pods.tmp"
+    tmp.write_text('{"host.id": "h1", "cgroup.id": 7, "k8s.pod.name": "b"}\nbad\n')
+    os.replace(tmp, path)  # how a writer should replace it
+    assert f.refresh() == ["line 2: not JSON (Expecting value: line 1 column 1 (char 0))"]
+    assert f.feed == {"h1": {7: {"k8s.pod.name": "b"}}}
+    path.unlink()
+    assert f.refresh() is not None
+    assert f.feed == {} and f.entries == 0
+
+
+def test_no_feed_configured_is_an_empty_feed():
+    f = enrich_core.MetadataFile(None)
+    assert f.refresh() is None and f.feed == {}

@@ -1,0 +1,38 @@
+"""Golden in/out files of the sample core (see tests/golden/sample/README.md)."""
+
+import pytest
+
+from ktel.wire import RawBatch
+from processors import sample_core
+from tests.unit import golden
+
+
+def options(o: dict) -> sample_core.Options:
+    o = dict(o)
+    if "keep_kinds" in o:
+        o["keep_kinds"] = frozenset(o["keep_kinds"])
+    if "keep_slow" in o:
+        o["keep_slow"] = {kind: tuple(rule) for kind, rule in o["keep_slow"].items()}
+    return sample_core.Options(**o)
+
+
+def run_case(case: dict) -> dict:
+    sampler = sample_core.Sampler(options(case["options"]))
+    steps: list[dict] = []
+    for step in case["steps"]:
+        if "end_window" in step:
+            sampler.end_window(share=step["end_window"])
+            steps.append({"keep_p": {str(k): p for k, p in sorted(sampler.kind_p.items())}})
+            continue
+        b = step["batch"]
+        batch = RawBatch(
+            b["host"], b["boot"], b["seq"], 0, b["events"], b.get("w"), b.get("res"), b.get("proc")
+        )
+        out = sampler.sample(batch)
+        steps.append({"events": out.events, "w": out.weights, "res": out.resource, "proc": out.processes})
+    return {"steps": steps, "kept": sampler.kept, "sampled_out": sampler.sampled_out}
+
+
+@pytest.mark.parametrize("name", golden.cases("sample"))
+def test_golden(name):
+    golden.check("sample", name, run_case(golden.load("sample", name)))

@@ -1,0 +1,235 @@
+"""The stages' Faust shells (processors/stages.py), each driven through
+``agent.test_context()``: records go into the agent, and what it sends to its
+sink and to ktel.dlq is recorded instead of produced (the timers, which send
+snapshots and fidelity commands, do not run here). The pure
+cores have their golden tests; these check the wiring around them (which
+topics, which table, what is dropped, what is counted). The real-broker tests
+are in tests/integration/test_processing_stages.py."""
+
+from __future__ import annotations
+
+import json
+from contextlib import AsyncExitStack
+from unittest import mock
+
+import faust
+from prometheus_client import REGISTRY
+
+from ktel import config
+from ktel.wire import (
+    DEDUPED_TOPIC,
+    DLQ_TOPIC,
+    ENRICHED_TOPIC,
+    FILE_CREATED,
+    HEARTBEATS_TOPIC,
+    PROCESS_EXEC,
+    RAW_TOPIC,
+    SAMPLED_TOPIC,
+    RawBatch,
+    decode_batch,
+    decode_dead_letter,
+    encode_batch,
+    encode_heartbeat,
+)
+from processors import sample_core, stages
+
+T = 1_700_000_000_000_000_000
+FLUSH_KEY = b"-flush-"
+
+
+def file_created(pid: int, path: str) -> list:
+    return [FILE_CREATED.id, T, pid, pid, 0, "touch", path, 0o101, False]
+
+
+def exec_event(pid: int, comm: str, exe: str, cg: int = 4242) -> list:
+    return [PROCESS_EXEC.id, T, pid, pid, 1, 1000, cg, comm, exe]
+
+
+def heartbeat(host: str, boot: str, ts: int, name: str) -> bytes:
+    return encode_heartbeat(
+        {
+            "ts": ts,
+            "host": {"host.id": host, "host.name": name, "os.type": "linux", "boot.id": boot},
+            "probes": {},
+            "counters": {},
+        }
+    )
+
+
+def batch(seq: int, events: list, host: str = "h1", boot: str = "b1") -> RawBatch:
+    return RawBatch(host, boot, seq, T + seq, events)
+
+
+def metric(name: str, stage: str) -> float:
+    return REGISTRY.get_sample_value(name, {"stage": stage}) or 0.0
+
+
+class Shell:
+    """One stage's app with its agents under test_context and its sends recorded."""
+
+    def __init__(self, tmp_path, stage: str, **sections):
+        cfg = config.Config(
+            agent=config.AgentConfig(host_id="t"),
+            aggregate=config.AggregateConfig(data_dir=tmp_path / "data", metrics_port=0),
+            **sections,
+        )
+        self.stage = stage
+        self.app = stages.make_app(cfg, stage)
+        self.sent: list[tuple[str, bytes, bytes]] = []
+        self._stack = AsyncExitStack()
+
+    async def __aenter__(self) -> Shell:
+        sent = self.sent
+
+        async def record(topic, key=None, value=None, **_kw):
+            if key != FLUSH_KEY:
+                sent.append((topic.get_topic_name(), key, value))
+
+        self._stack.enter_context(mock.patch.object(faust.topics.Topic, "send", record))
+        self.batches = await self._stack.enter_async_context(self.agent("process").test_context())
+        if "processors.stages.take_heartbeats" in self.app.agents:
+            self.heartbeats = await self._stack.enter_async_context(
+                self.agent("take_heartbeats").test_context()
+            )
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self._stack.aclose()
+
+    def agent(self, name: str):
+        return self.app.agents[f"processors.stages.{name}"]
+
+    async def put(self, *records: RawBatch | bytes, key: bytes = b"h1") -> None:
+        for r in records:
+            if isinstance(r, RawBatch):
+                await self.batches.put(encode_batch(r), key=r.key)
+            else:
+                await self.batches.put(r, key=key)
+        # The agent takes a record only once it is done with the one before, and
+        # put() returns once the record was taken: after this one, every record
+        # above has been handled completely.
+        await self.batches.put(b"flush", key=FLUSH_KEY)
+
+    def to(self, topic: str) -> list[bytes]:
+        return [value for t, _key, value in self.sent if t == topic]
+
+    def table(self, host: str) -> dict:
+        return self.app.tables["host-state"][host]
+
+
+def subscribed(shell: Shell, agent: str) -> set[str]:
+    return set(shell.agent(agent).channel.topics)
+
+
+async def test_dedupe_passes_each_batch_once_and_dead_letters_garbage(tmp_path):
+    b0, b1 = batch(0, [file_created(1, "/a")]), batch(1, [file_created(1, "/b")])
+    async with Shell(tmp_path, "dedupe") as shell:
+        assert subscribed(shell, "process") == {RAW_TOPIC}
+        await shell.put(b0, b1, b0, b"\x92garbage")
+        assert [decode_batch(v) for v in shell.to(DEDUPED_TOPIC)] == [b0, b1]
+        [dl] = [decode_dead_letter(v) for v in shell.to(DLQ_TOPIC)]
+        assert (dl.stage, dl.topic, dl.payload) == ("dedupe", RAW_TOPIC, b"\x92garbage")
+        assert shell.table("h1")["dedupe"]["seen"] == {"b1": [[0, 1]]}
+
+
+async def test_enrich_adds_host_and_process_attributes_and_the_feed_pod(tmp_path):
+    feed = tmp_path / "pods.jsonl"
+    pod = {"container.id": "9f86d0", "k8s.pod.name": "web-0", "k8s.namespace.name": "shop"}
+    feed.write_text(json.dumps({"host.id": "h1", "cgroup.id": 4242, **pod}) + "\n")
+    before = {m: metric(m, "enrich") for m in ("ktel_processor_heartbeats_total",)}
+    async with Shell(tmp_path, "enrich", enrich=config.EnrichConfig(metadata_file=feed)) as shell:
+        assert subscribed(shell, "process") == {DEDUPED_TOPIC}
+        assert subscribed(shell, "take_heartbeats") == {HEARTBEATS_TOPIC}
+        await shell.heartbeats.put(heartbeat("h1", "b1", 1000, "node-1"), key=b"h1")
+        # A heartbeat keyed by another host would land in the wrong table partition.
+        await shell.heartbeats.put(heartbeat("h1", "b1", 2000, "impostor"), key=b"h2")
+        b0 = batch(0, [exec_event(10, "nginx", "/usr/sbin/nginx")])
+        b1 = batch(1, [file_created(10, "/var/www/a"), file_created(99, "/tmp/b")])
+        await shell.put(b0, b1, b1)
+
+        out = [decode_batch(v) for v in shell.to(ENRICHED_TOPIC)]
+        host = {"host.id": "h1", "host.name": "node-1", "os.type": "linux", "boot.id": "b1"}
+        nginx = {
+            "process.pid": 10,
+            "process.parent_pid": 1,
+            "process.executable.name": "nginx",
+            "process.executable.path": "/usr/sbin/nginx",
+            "process.real_user.id": 1000,
+            "cgroup.id": 4242,
+            **pod,
+        }
+        # pid 99 was never exec'd: no entry. The re-sent batch is passed on (aggregate drops it).
+        assert [(b.seq, b.resource, b.processes) for b in out] == [
+            (0, host, {"10": nginx}),
+            (1, host, {"10": nginx}),
+            (1, host, {"10": nginx}),
+        ]
+        assert [b.events for b in out] == [b0.events, b1.events, b1.events]
+        [dl] = [decode_dead_letter(v) for v in shell.to(DLQ_TOPIC)]
+        assert (dl.stage, dl.topic) == ("enrich", HEARTBEATS_TOPIC) and "not its host.id" in dl.reason
+        # What is in the table is what a restarted worker recovers from the changelog.
+        assert shell.table("h1")["enrich"]["boots"]["b1"]["procs"] == {
+            "10": {"ppid": 1, "comm": "nginx", "exe": "/usr/sbin/nginx", "uid": 1000, "cg": 4242}
+        }
+    assert (
+        metric("ktel_processor_heartbeats_total", "enrich") == before["ktel_processor_heartbeats_total"] + 1
+    )
+
+
+async def test_enrich_counts_evictions_past_the_table_bound(tmp_path):
+    before = metric("ktel_processor_process_evictions_total", "enrich")
+    async with Shell(tmp_path, "enrich", enrich=config.EnrichConfig(max_processes=2)) as shell:
+        await shell.put(batch(0, [exec_event(pid, f"p{pid}", f"/bin/p{pid}") for pid in (1, 2, 3, 4)]))
+        await shell.put(batch(1, [file_created(pid, "/x") for pid in (1, 2, 3, 4)]))
+        last = decode_batch(shell.to(ENRICHED_TOPIC)[-1])
+        assert sorted(last.processes) == ["3", "4"]
+    assert metric("ktel_processor_process_evictions_total", "enrich") == before + 2
+
+
+async def test_sample_reads_the_enriched_topic_and_keeps_the_attributes(tmp_path):
+    sample = config.SampleConfig(baseline=0.5)
+    attrs = {"res": {"host.id": "h1"}, "proc": {"1": {"process.pid": 1}}}
+    b = RawBatch(
+        "h1", "b1", 7, T, [file_created(1, f"/d/{i}") for i in range(50)], None, attrs["res"], attrs["proc"]
+    )
+    async with Shell(tmp_path, "sample", sample=sample) as shell:
+        assert subscribed(shell, "process") == {ENRICHED_TOPIC}
+        await shell.put(b, b"not a batch")
+        [out] = [decode_batch(v) for v in shell.to(SAMPLED_TOPIC)]
+        # The core's decision for this batch (seeded by host, boot and seq), not another.
+        expected = sample_core.Sampler(sample_core.Options(baseline=0.5)).sample(b)
+        assert 0 < len(out.events) < 50
+        assert (out.events, out.weights) == (expected.events, expected.weights)
+        assert (out.resource, out.processes) == (attrs["res"], attrs["proc"])
+        [dl] = [decode_dead_letter(v) for v in shell.to(DLQ_TOPIC)]
+        assert (dl.stage, dl.topic) == ("sample", ENRICHED_TOPIC)
+
+
+async def test_aggregate_folds_batches_into_the_table_once_each(tmp_path):
+    async with Shell(tmp_path, "aggregate") as shell:
+        assert subscribed(shell, "process") == {SAMPLED_TOPIC}
+        b0 = batch(0, [file_created(1, "/data/x/f")] * 3)
+        b1 = RawBatch("h1", "b1", 1, T, [file_created(1, "/data/x/g")], [10.0])
+        await shell.put(b0, b1, b0, b"\x00")
+        # Snapshots leave on the stage's timer; a batch sends nothing by itself.
+        assert [t for t, _k, _v in shell.sent] == [DLQ_TOPIC]
+        series = shell.table("h1")["aggregate"]["series"]
+        assert series == {'["file_created_total", [["directory", "/data/x"]]]': 13.0}
+
+
+async def test_all_runs_the_four_cores_with_heartbeats_in_one_worker(tmp_path):
+    async with Shell(tmp_path, "all") as shell:
+        assert subscribed(shell, "process") == {RAW_TOPIC}
+        assert subscribed(shell, "take_heartbeats") == {HEARTBEATS_TOPIC}
+        await shell.heartbeats.put(heartbeat("h1", "b1", 1000, "node-1"), key=b"h1")
+        b0 = batch(0, [exec_event(10, "make", "/usr/bin/make"), file_created(10, "/src/a/x.o")])
+        await shell.put(b0, b0)
+        assert shell.sent == []  # fused: nothing between the stages goes to Kafka
+        state = shell.table("h1")
+        assert state["aggregate"]["series"] == {
+            '["process_execs_total", []]': 1.0,
+            '["file_created_total", [["directory", "/src/a"]]]': 1.0,
+        }
+        boot = state["enrich"]["boots"]["b1"]
+        assert boot["host"]["host.name"] == "node-1"
+        assert boot["procs"]["10"]["exe"] == "/usr/bin/make"
