@@ -3,19 +3,25 @@ the bare BCC drain loop, measured in the same run on the same probe and load.
 
 Load: bench/create_loop.c opens an existing file with O_CREAT in a tight loop
 (every open is a file_created event of the stable-tracepoint probe), pinned to
-CPU 1. Both consumers are pinned to CPU 0, so "one core" is literal:
+CPU 1. Every consumer is pinned to CPU 0, so "one core" is literal:
 
-  bare   BCC's ring_buffer_poll with a Python callback that copies each record
-         (what any BCC program pays; design notes section 2 measured ~0.87 M/s)
-  agent  `ktel agent` publishing to a local Kafka: events acknowledged by Kafka
-         per second (ktel_agent_events_published_total), and its peak RSS
+  bare BCC     BCC's ring_buffer_poll with a Python callback that copies each record
+               (what any BCC program pays; design notes section 2 measured ~0.87 M/s):
+               the baseline
+  bare bulk    the agent's ring-buffer reader (edge_agent/ringbuf.py) with the drain
+               thread's pacing, counting records and nothing else
+  bulk+decode  the same, plus decoding every record into its wire event
+  agent        `ktel agent` publishing to a local Kafka: events acknowledged by Kafka
+               per second (ktel_agent_events_published_total); its RSS sampled
+               while the load runs (max), after it, and its lifetime peak (VmHWM,
+               which includes compiling the probe at start)
 
 The load generator tops out near 200 k opens/s on these machines, below what
 either consumer can take, so wall-clock rates only show that both keep up.
 Capacity is therefore measured as events per CPU-second of the consumer
 (user + system time of its process while it drains): what one core sustains.
 
-Run as root: .venv/bin/python bench/agent_throughput.py [--seconds 10]
+Run as root: .venv/bin/python bench/agent_throughput.py [--seconds 10] [--rounds 3]
 Results go to bench/RESULTS.md by hand, with the date and the machine.
 """
 
@@ -23,7 +29,9 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,7 +41,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from edge_agent import probes  # noqa: E402
+from edge_agent import file_created, probes, ringbuf  # noqa: E402
 from ktel.stack.kafka import LocalKafka, create_topics, ensure_kafka, free_port  # noqa: E402
 from tests.integration.agent_harness import AgentProcess  # noqa: E402
 
@@ -52,7 +60,8 @@ def start_load(exe: Path, target: Path, seconds: float) -> subprocess.Popen:
     )
 
 
-def bare(exe: Path, target: Path, seconds: float) -> dict:
+def bare(exe: Path, target: Path, seconds: float, how: str) -> dict:
+    """how: "bcc" (BCC's callback), "bulk" (ringbuf.RingReader) or "decode" (bulk + decode)."""
     os.sched_setaffinity(0, {0})
     from bcc import BPF
 
@@ -68,13 +77,38 @@ def bare(exe: Path, target: Path, seconds: float) -> dict:
         ctypes.string_at(data, size)
         n += 1
 
-    bpf[b"events"].open_ring_buffer(cb)
+    table = bpf[b"events"]
+    reader = None
+    if how == "bcc":
+        table.open_ring_buffer(cb)
+    else:
+        reader = ringbuf.RingReader(table.map_fd, table.max_entries)
+    offset = time.time_ns() - time.monotonic_ns()
+
+    def read() -> int:
+        # As the agent's drain thread (edge_agent/probes.py, LoadedProbe._drain) reads.
+        nonlocal n
+        assert reader is not None
+        runs = reader.read()
+        n += ringbuf.count(runs)
+        if how == "decode":
+            for size, data in runs:
+                file_created.decode_run(size, data, offset)
+        return sum(len(data) for _, data in runs)
+
     load = start_load(exe, target, seconds)
     t0 = time.monotonic()
     cpu0 = os.times()
     while load.poll() is None:
-        bpf.ring_buffer_poll(100)
-    bpf.ring_buffer_consume()
+        if reader is None:
+            bpf.ring_buffer_poll(100)
+        elif reader.wait(0.1) and read() < reader.size * probes.DRAIN_PAUSE_BELOW:
+            time.sleep(probes.DRAIN_PAUSE_S)
+    if reader is None:
+        bpf.ring_buffer_consume()
+    else:
+        read()
+        reader.close()
     cpu1 = os.times()
     elapsed = time.monotonic() - t0
     cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
@@ -87,6 +121,7 @@ def bare(exe: Path, target: Path, seconds: float) -> dict:
 
 def agent(exe: Path, target: Path, seconds: float, tmp: Path) -> dict:
     ensure_kafka()
+    tmp.mkdir(parents=True, exist_ok=True)
     with LocalKafka(tmp / "kafka", free_port(), free_port()) as kafka:
         import asyncio
 
@@ -101,10 +136,15 @@ def agent(exe: Path, target: Path, seconds: float, tmp: Path) -> dict:
         )
         a.start()
         before = a.metric("ktel_agent_events_published_total")
+        status = Path(f"/proc/{a.proc.pid}/status")
+        idle_rss = rss_mib(status)
         cpu0 = proc_cpu(a.proc.pid)
         load = start_load(exe, target, seconds)
         t0 = time.monotonic()
-        load.wait()
+        load_rss = 0.0
+        while load.poll() is None:
+            load_rss = max(load_rss, rss_mib(status))
+            time.sleep(0.1)
         generated = int(load.stdout.read())
         # Until the agent has published everything it read (or gives up after a while).
         deadline = time.monotonic() + 120
@@ -120,8 +160,7 @@ def agent(exe: Path, target: Path, seconds: float, tmp: Path) -> dict:
         cpu = proc_cpu(a.proc.pid) - cpu0
         published = a.metric("ktel_agent_events_published_total") - before
         drops = a.metric("ktel_agent_ringbuf_drops_total", probe="file_created")
-        status = Path(f"/proc/{a.proc.pid}/status").read_text()
-        hwm, rss = (int(status.split(f"{k}:")[1].split()[0]) / 1024 for k in ("VmHWM", "VmRSS"))
+        rss, hwm = rss_mib(status), rss_mib(status, "VmHWM")
         a.stop()
     return {
         "generated": generated,
@@ -129,9 +168,15 @@ def agent(exe: Path, target: Path, seconds: float, tmp: Path) -> dict:
         "drops": drops,
         "rate": published / elapsed,
         "per_cpu_s": published / cpu,
-        "rss_mib": rss,
-        "peak_rss_mib": hwm,
+        "rss_idle_mib": idle_rss,
+        "rss_under_load_max_mib": load_rss,
+        "rss_after_mib": rss,
+        "vmhwm_mib": hwm,
     }
+
+
+def rss_mib(status: Path, key: str = "VmRSS") -> float:
+    return int(status.read_text().split(f"{key}:")[1].split()[0]) / 1024
 
 
 def proc_cpu(pid: int) -> float:
@@ -139,20 +184,75 @@ def proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
+def bare_in_child(exe: Path, target: Path, seconds: float, how: str) -> dict:
+    """bare() in a process of its own: the agent's measurements must not share
+    pages with it (the agent pages out BCC's compiler after loading; pages another
+    process maps stay resident), and each loop starts from a fresh interpreter."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--bare",
+            how,
+            "--seconds",
+            str(seconds),
+            "--exe",
+            exe,
+            "--target",
+            target,
+        ],
+        check=True,
+        stdout=subprocess.PIPE,
+        text=True,
+    ).stdout
+    return json.loads(out.splitlines()[-1])
+
+
+def median_of(rounds: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in rounds)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=10)
+    ap.add_argument("--rounds", type=int, default=1, help="repeat every measurement; medians are reported")
+    ap.add_argument("--bare", choices=["bcc", "bulk", "decode"], help=argparse.SUPPRESS)
+    ap.add_argument("--exe", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--target", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.bare:
+        print(json.dumps(bare(args.exe, args.target, args.seconds, args.bare)))
+        return
+    names = {
+        "bcc": "bare BCC loop",
+        "bulk": "bare bulk loop",
+        "decode": "bulk + decode",
+        "agent": "ktel agent",
+    }
+    results: dict[str, list[dict]] = {k: [] for k in names}
     with tempfile.TemporaryDirectory(prefix="ktel-bench-") as d:
         tmp = Path(d)
         exe = build_load(tmp)
         target = tmp / "target"
         target.touch()
-        b = bare(exe, target, args.seconds)
-        print(f"bare BCC loop : {b}")
-        g = agent(exe, target, args.seconds, tmp)
-        print(f"ktel agent    : {g}")
-        print(f"agent / bare, events per CPU-second: {g['per_cpu_s'] / b['per_cpu_s']:.2f}")
+        for i in range(args.rounds):
+            for how in ("bcc", "bulk", "decode"):
+                results[how].append(bare_in_child(exe, target, args.seconds, how))
+                print(f"round {i + 1} {names[how]:14}: {results[how][-1]}", flush=True)
+            results["agent"].append(agent(exe, target, args.seconds, tmp / f"agent-{i}"))
+            print(f"round {i + 1} {names['agent']:14}: {results['agent'][-1]}", flush=True)
+            base = results["bcc"][-1]["per_cpu_s"]
+            ratios = ", ".join(
+                f"{names[k]} {results[k][-1]['per_cpu_s'] / base:.2f}" for k in ("bulk", "decode", "agent")
+            )
+            print(f"round {i + 1} events per CPU-second / bare BCC loop: {ratios}", flush=True)
+    print("medians:")
+    for k, name in names.items():
+        print(f"  {name:14}: {median_of(results[k], 'per_cpu_s'):,.0f} events per CPU-second")
+    ratios = [a["per_cpu_s"] / b["per_cpu_s"] for a, b in zip(results["agent"], results["bcc"], strict=True)]
+    print(f"  agent / bare BCC loop (median of the rounds' ratios): {statistics.median(ratios):.2f}")
+    for key in ("rss_idle_mib", "rss_under_load_max_mib", "rss_after_mib", "vmhwm_mib"):
+        print(f"  agent {key}: {max(r[key] for r in results['agent']):.0f} (max of the rounds)")
 
 
 if __name__ == "__main__":

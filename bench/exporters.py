@@ -43,7 +43,8 @@ sys.path.insert(0, str(HERE.parent))
 
 import httpx  # noqa: E402
 
-from exporters import consume, otlp, remote_write  # noqa: E402
+from exporters import otlp, remote_write  # noqa: E402
+from ktel import runtime  # noqa: E402
 from ktel.config import OtlpConfig  # noqa: E402
 from ktel.stack import proc  # noqa: E402
 from ktel.stack.kafka import free_port  # noqa: E402
@@ -219,7 +220,7 @@ def main() -> None:
     ap.add_argument("--spans", type=int, default=100_000)
     ap.add_argument("--runs", type=int, default=3, help="best of this many runs of each")
     args = ap.parse_args()
-    consume.tune_gc()  # as every exporter process does (exporters/consume.py); baselines too
+    runtime.tune_gc()  # as every exporter process does (exporters/consume.py); baselines too
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

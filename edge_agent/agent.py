@@ -1,8 +1,9 @@
 """The edge agent: ring buffers -> msgpack batch records -> spool -> Kafka ``ktel.raw``.
 
-Per event, Python does two things: copy the record out of the ring buffer (in
-the drain thread) and decode it into a wire event (here). Everything else is
-per batch: sealing, numbering, encoding, spooling, publishing.
+Per event, Python does one thing: decode the record into a wire event (here,
+in bulk where the probe has a bulk decoder). The drain thread takes the ring
+buffer's records a run at a time, one copy per run (edge_agent/ringbuf.py).
+Everything else is per batch: sealing, numbering, encoding, spooling, publishing.
 
 Delivery: every sealed batch is first written to the on-disk spool
 (edge_agent/spool.py), then published from it in order, pipelined, with
@@ -12,7 +13,9 @@ the shared retry helper under the same sequence number, so the processors
 drop the copy if the first attempt did land. While Kafka is away batches pile
 up in the spool (bounded; what a full spool drops is counted) and are sent in
 order when it returns. What a SIGKILL can lose: events still in the ring
-buffer or decoded but not yet sealed (at most ``agent.batch_max_ms`` of them).
+buffer or drained but not yet sealed (at most ``agent.batch_max_ms`` of them
+while the agent keeps up; at most probes.QUEUE_MAX_BYTES of records per probe
+when it does not).
 
 Alongside: heartbeats on ``ktel.heartbeats`` every ``heartbeat_seconds`` and
 fidelity commands from ``ktel.control`` (edge_agent/control.py).
@@ -37,12 +40,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
 from edge_agent import probes as probes_mod
+from edge_agent import ringbuf
 from edge_agent.control import Control
 from edge_agent.identity import boot_id
 from edge_agent.redact import Redactor
 from edge_agent.seqstore import SeqStore
 from edge_agent.spool import Record, Spool
-from ktel import selfmetrics
+from ktel import runtime, selfmetrics
 from ktel.config import Config
 from ktel.retry import retry
 from ktel.wire import HEARTBEATS_TOPIC, RAW_TOPIC, RawBatch, encode_batch, encode_heartbeat
@@ -156,18 +160,18 @@ class Agent:
             snap = p.maybe_snapshot()
             pending += snap
             weights += [1.0] * len(snap)
-            records = p.take()
-            if not records:
+            runs = p.take()
+            if not runs:
                 continue
-            EVENTS_READ.labels(name).inc(len(records))
+            EVENTS_READ.labels(name).inc(ringbuf.count(runs))
             before = len(pending)
             try:
-                pending.extend(p.decode(records))
+                pending.extend(p.decode(runs))
             except Exception:
                 # A decoder bug must not take the node's telemetry down: decode one by one,
                 # count the bad ones.
                 offset = time.time_ns() - time.monotonic_ns()
-                for r in records:
+                for r in (r for run in runs for r in ringbuf.records(run)):
                     try:
                         pending.append(p.spec.decode(r, offset))
                     except Exception as err:
@@ -176,7 +180,10 @@ class Agent:
             weights.extend([float(self.control.sample_every(name))] * (len(pending) - before))
 
     async def collect(self, stop: asyncio.Event) -> None:
-        """Drain the probes every batch_max_ms and seal batches into the spool."""
+        """Drain the probes every batch_max_ms and seal batches into the spool; after
+        a pass that sealed a full batch, again at once (after the publisher's turn):
+        the probes' queues are bounded (probes.QUEUE_MAX_BYTES), so a busy agent
+        keeps taking from them rather than letting records wait there."""
         acfg = self.cfg.agent
         pending: list = []
         weights: list[float] = []
@@ -192,6 +199,7 @@ class Agent:
             # Bytes are bounded through the event count: a decoded event is at most
             # its ring-buffer record's size, so max_bytes / record size events fit.
             limit = min(acfg.batch_max_events, max(1, acfg.batch_max_bytes // 320))
+            busy = len(pending) >= limit
             while len(pending) >= limit:
                 self.spool_batch(pending[:limit], weights[:limit])
                 del pending[:limit], weights[:limit]
@@ -202,6 +210,9 @@ class Agent:
                 sealed_at = now
             if stopping:
                 return
+            if busy:
+                await asyncio.sleep(0)
+                continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), acfg.batch_max_ms / 1000)
 
@@ -335,7 +346,10 @@ class Agent:
 
     async def run(self, stop: asyncio.Event) -> None:
         acfg = self.cfg.agent
+        runtime.tune_gc()
         self.loaded, self.skipped = probes_mod.load(acfg.probes, acfg.ringbuf_pages)
+        # BCC compiled the probes in this process; its compiler is not needed again.
+        runtime.release_memory(probes_mod.COMPILER_LIBRARIES)
         for name in acfg.probes:
             PROBES_LOADED.labels(name).set(1 if name in self.loaded else 0)
         if not self.loaded:
@@ -347,6 +361,8 @@ class Agent:
         producer = AIOKafkaProducer(
             bootstrap_servers=self.cfg.kafka.bootstrap,
             enable_idempotence=True,  # implies acks=all
+            # aiokafka compresses lz4 at level 9, about a fifth of the agent's time at
+            # full rate; zstd is cheaper and smaller but not adopted yet: see bench/RESULTS.md.
             compression_type="lz4",
             linger_ms=5,
             max_request_size=4 * 1024 * 1024,

@@ -8,8 +8,9 @@ reason, not fatal.
 
 Two kinds of probes (design principle 6):
 
-- event probes send discrete events through their ring buffer; ``take()`` and
-  ``decode()`` turn them into wire events;
+- event probes send discrete events through their ring buffer; a thread reads
+  it in bulk (edge_agent/ringbuf.py) into runs of records, and ``take()`` and
+  ``decode()`` turn those into wire events;
 - histogram probes keep log2 histograms (``struct ktel_hist``, bpf/ktel_hist.h)
   in per-CPU BPF maps; ``snapshot()`` reads them and returns one
   ``HISTOGRAM_DELTA`` wire event per key that changed since the previous read.
@@ -46,6 +47,7 @@ from edge_agent import (
     syscall_latency,
     tcp_retransmit,
 )
+from edge_agent import ringbuf as rb
 from ktel.wire import HISTOGRAM_DELTA
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,20 @@ SNAPSHOT_SECONDS = 10.0
 # it. An increment landing between the last read and the delete is lost: the key
 # was idle for EVICT_IDLE_SNAPSHOTS * SNAPSHOT_SECONDS before, so it rarely is.
 EVICT_IDLE_SNAPSHOTS = 30
+# The shared libraries of BCC's in-process compiler: resident after the probes
+# are compiled, not needed afterwards (ktel.runtime.release_memory).
+COMPILER_LIBRARIES = ("libLLVM", "libclang")
+# After a drain pass that took less than this share of the ring buffer, the drain
+# thread lets records gather for DRAIN_PAUSE_S before the next pass: a pass costs a
+# few µs whatever it takes, and the kernel wakes the reader on the first record
+# after each pass. A fuller ring buffer is drained again at once.
+DRAIN_PAUSE_S = 0.002
+DRAIN_PAUSE_BELOW = 0.25
+# At most this many bytes of records wait in a probe's queue for the agent to take
+# them. When the agent falls behind, records stay in the ring buffer instead (and
+# what does not fit there is dropped and counted by the kernel), so the agent's
+# memory stays bounded under any load.
+QUEUE_MAX_BYTES = 8 << 20
 
 
 def no_events(raw: bytes, wall_offset_ns: int) -> list:
@@ -117,12 +133,18 @@ class ProbeSpec:
     # bpf/ktel_tracepoints.bpf.h instead of BCC's TRACEPOINT_PROBE (which BCC
     # attaches by itself). Each is attached where its tracepoint exists.
     programs: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Optional bulk form of ``decode``: (record size, run of framed records, wall
+    # offset) -> events, the same events ``decode`` gives record by record
+    # (edge_agent/ringbuf.py). For high-rate probes: per-record work is then the
+    # decoder's loop body only.
+    decode_run: Callable[[int, bytes, int], list] | None = None
 
 
 SPECS: dict[str, ProbeSpec] = {
     "file_created": ProbeSpec(
         name="file_created",
         decode=file_created.decode,
+        decode_run=file_created.decode_run,
         required_tracepoints=(
             "syscalls/sys_enter_openat",
             "syscalls/sys_exit_openat",
@@ -271,8 +293,8 @@ def check_available(spec: ProbeSpec) -> None:
 
 
 class LoadedProbe:
-    """A probe in the kernel, a thread draining its ring buffer into a list,
-    and the agent's side of its histograms.
+    """A probe in the kernel, a thread draining its ring buffer into a queue of
+    runs of records (edge_agent/ringbuf.py), and the agent's side of its histograms.
 
     ``defines`` adds -D flags (e.g. KTEL_DNS_SLOW_NS); ``uprobe_pid`` attaches
     the probe's uprobes to one process only (-1: every process); with
@@ -319,12 +341,22 @@ class LoadedProbe:
             where = libs.get(u.library, b"?").decode()
             raise ProbeUnavailable(f"cannot attach a uprobe to {u.symbol} in {where}: {err}") from None
         # deque: append (drain thread) and popleft (agent loop) are thread-safe.
-        self._records: collections.deque[bytes] = collections.deque()
+        self._runs: collections.deque[rb.Run] = collections.deque()
+        # Bytes queued and taken so far: each written by one thread only.
+        self._queued = self._taken = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._reader: rb.RingReader | None = None
         if spec.ringbuf:
-            self.bpf[b"events"].open_ring_buffer(self._on_record)
+            table = self.bpf[b"events"]
+            if rb.BULK_READ:
+                try:
+                    self._reader = rb.RingReader(table.map_fd, table.max_entries)
+                except (OSError, ValueError) as err:
+                    log.warning("probe %s: ring buffer not mappable (%s), read by BCC", spec.name, err)
+            if self._reader is None:
+                table.open_ring_buffer(self._on_record)
             if drain:
                 self._thread = threading.Thread(target=self._drain, name=f"drain-{spec.name}", daemon=True)
                 self._thread.start()
@@ -337,31 +369,60 @@ class LoadedProbe:
         self._final: list[list] = []
 
     def _on_record(self, _ctx, data, size) -> None:
-        # The only per-event Python work in the drain thread: copy the bytes out.
-        self._records.append(ctypes.string_at(data, size))
+        # BCC's callback reader (where ringbuf.BULK_READ is False): one run per record.
+        self._runs.append(rb.frame(ctypes.string_at(data, size)))
+
+    def _read(self, max_bytes: int | None = None) -> int:
+        """One pass over the ring buffer into take()'s queue; returns the bytes queued."""
+        if self._reader is None:
+            self.bpf.ring_buffer_consume()
+            return 0
+        runs = self._reader.read(max_bytes)
+        n = sum(len(data) for _, data in runs)
+        self._runs.extend(runs)
+        self._queued += n
+        return n
 
     def _drain(self) -> None:
+        reader = self._reader
+        if reader is None:
+            while not self._stop.is_set():
+                self.bpf.ring_buffer_poll(100)
+            return
         while not self._stop.is_set():
-            self.bpf.ring_buffer_poll(100)
+            room = QUEUE_MAX_BYTES - (self._queued - self._taken)
+            if room <= 0:
+                self._stop.wait(DRAIN_PAUSE_S)  # the agent is behind: see QUEUE_MAX_BYTES
+            elif reader.wait(0.1) and self._read(room) < reader.size * DRAIN_PAUSE_BELOW:
+                self._stop.wait(DRAIN_PAUSE_S)
 
     def consume(self) -> None:
-        """Move what the ring buffer holds into take()'s list, without waiting.
+        """Move what the ring buffer holds into take()'s queue, without waiting.
 
-        For drain=False only; with the drain thread running it does nothing: two
-        consumers of one libbpf ring buffer at once can each deliver the same record.
+        For drain=False only; with the drain thread running it does nothing: one
+        ring buffer has one consumer position, so it has one reader.
         """
         if self.spec.ringbuf and not self._closed and self._thread is None:
-            self.bpf.ring_buffer_consume()
+            self._read()
 
-    def take(self) -> list[bytes]:
-        """Records drained since the last call."""
-        popleft = self._records.popleft
-        return [popleft() for _ in range(len(self._records))]
+    def take(self) -> list[rb.Run]:
+        """Runs of records drained since the last call (``ringbuf.count`` counts the records)."""
+        popleft = self._runs.popleft
+        runs = [popleft() for _ in range(len(self._runs))]
+        self._taken += sum(len(data) for _, data in runs)
+        return runs
 
-    def decode(self, records: list[bytes]) -> list[list]:
+    def decode(self, runs: list[rb.Run]) -> list[list]:
+        """The wire events of ``runs``, in order (raises on a record that does not decode)."""
         offset = time.time_ns() - time.monotonic_ns()
-        decode = self.spec.decode
-        return [decode(r, offset) for r in records]
+        decode, decode_run = self.spec.decode, self.spec.decode_run
+        events: list[list] = []
+        for run in runs:
+            if decode_run is not None:
+                events += decode_run(run[0], run[1], offset)
+            else:
+                events += [decode(r, offset) for r in rb.records(run)]
+        return events
 
     def counters(self) -> dict[str, int]:
         table = self.bpf[b"counters"]
@@ -452,7 +513,9 @@ class LoadedProbe:
         if self._thread is not None:
             self._thread.join()
         if self.spec.ringbuf:
-            self.bpf.ring_buffer_consume()
+            self._read()
+        if self._reader is not None:
+            self._reader.close()
         final = self.snapshot() if self.spec.histograms else []
         self.bpf.cleanup()
         self._closed = True

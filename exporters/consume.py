@@ -14,7 +14,6 @@ and the calls keep the consumer in its group: aiokafka leaves the group when
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -24,6 +23,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError
 from prometheus_client import Counter
 
 from ktel.retry import retry
+from ktel.runtime import tune_gc
 from ktel.wire import DLQ_TOPIC, DeadLetter, WireError, encode_dead_letter
 
 log = logging.getLogger("ktel.export")
@@ -35,18 +35,6 @@ POLL_WHILE_PAUSED_S = 1.0
 
 Decoder = Callable[[bytes], Any]
 Deliver = Callable[[list[Any], AIOKafkaProducer], Awaitable[None]]
-
-
-def tune_gc() -> None:
-    """Run Python's cyclic garbage collector far less often in an exporter process.
-
-    Records decode to acyclic lists, maps and tuples, which reference counting frees at
-    once; but each decoded batch is tens of thousands of containers, and with the default
-    thresholds (700, 10, 10) the collector re-scanned the live batch again and again:
-    measured at over half the remote-write exporter's CPU (bench/exporters.py). The rare
-    cycle is still collected, later.
-    """
-    gc.set_threshold(50_000, 20, 100)
 
 
 async def dead_letter(producer: AIOKafkaProducer, dl: DeadLetter, key: bytes | None = None) -> None:

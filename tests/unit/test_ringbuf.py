@@ -1,0 +1,65 @@
+"""Runs of ring-buffer records (edge_agent/ringbuf.py) and the bulk decoder that
+reads them: the same events as the per-record decoder, record for record."""
+
+import struct
+
+import pytest
+
+from edge_agent import file_created, ringbuf
+from ktel.wire import event_dict
+
+
+def fc_record(i: int, path: bytes, comm: bytes = b"touch") -> bytes:
+    # Bytes after the path's NUL are whatever the ring buffer held: not zeros.
+    raw_path = (path + b"\0").ljust(256, b"\xaa")
+    comm = comm.ljust(16, b"\0")
+    return file_created.LAYOUT.pack(1000 + i, 40 + i, 41 + i, 0, -100, 0o101, i % 2, comm, raw_path)
+
+
+def run_of(records: list[bytes]) -> ringbuf.Run:
+    runs = [ringbuf.frame(r) for r in records]
+    assert {size for size, _ in runs} == {len(records[0])}
+    return len(records[0]), b"".join(data for _, data in runs)
+
+
+def test_a_run_frames_records_as_the_ring_buffer_does():
+    size, data = ringbuf.frame(b"abc")
+    assert size == 3 and len(data) == ringbuf.stride(3) == 16
+    assert struct.unpack_from("<II", data) == (3, 0)
+    assert ringbuf.records((size, data)) == [b"abc"]
+    run = run_of([b"x" * 13, b"y" * 13, b"z" * 13])
+    assert ringbuf.records(run) == [b"x" * 13, b"y" * 13, b"z" * 13]
+    assert ringbuf.count([run, ringbuf.frame(b"abc")]) == 4
+
+
+def test_bulk_decoder_gives_the_per_record_decoders_events():
+    recs = [fc_record(i, f"/tmp/d{i}/file-é".encode()) for i in range(5)]
+    recs.append(fc_record(5, b"/bad/\xff\xfe", comm=b"a-comm-of-16-byt"))
+    recs.append(fc_record(6, b"/" + b"p" * 254))  # the longest path: no room for padding
+    size, data = run_of(recs)
+    bulk = file_created.decode_run(size, data, 7)
+    assert bulk == [file_created.decode(r, 7) for r in recs]
+    assert event_dict(bulk[0]) == {
+        "kind": "file_created",
+        "ts_ns": 1007,
+        "pid": 40,
+        "tid": 41,
+        "uid": 0,
+        "comm": "touch",
+        "path": "/tmp/d0/file-é",
+        "flags": 0o101,
+        "certain": False,
+    }
+    assert bulk[5][6] == "/bad/\\xff\\xfe" and bulk[5][5] == "a-comm-of-16-byt"
+
+
+def test_bulk_decoder_refuses_records_of_another_size():
+    with pytest.raises(ValueError):
+        file_created.decode_run(8, ringbuf.frame(b"12345678")[1], 0)
+
+
+def test_common_prefix_of_header_words():
+    want = struct.pack("<I", 304) * 6
+    got = struct.pack("<I", 304) * 4 + struct.pack("<I", 304 | ringbuf.BUSY_BIT) + struct.pack("<I", 304)
+    assert ringbuf._common_prefix(got, want) // 4 == 4
+    assert ringbuf._common_prefix(want, want) == len(want)
