@@ -35,6 +35,7 @@ import time
 from importlib.metadata import version
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import OutOfOrderSequenceNumber, UnknownProducerId
 from prometheus_client import Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
@@ -58,6 +59,9 @@ DECODE_ERRORS = Counter("ktel_agent_decode_errors", "ring-buffer records that di
 EVENTS_PUBLISHED = Counter("ktel_agent_events_published", "events acknowledged by Kafka")
 BATCHES_PUBLISHED = Counter("ktel_agent_batches_published", "batch records acknowledged by Kafka")
 PUBLISH_RETRIES = Counter("ktel_agent_publish_retries", "failed publish attempts, retried")
+PRODUCER_RENEWALS = Counter("ktel_agent_producer_renewals", "Kafka producers replaced after a fatal error")
+# Errors after which aiokafka's idempotent producer fails every send (see _renew_producer).
+BROKEN_PRODUCER = (OutOfOrderSequenceNumber, UnknownProducerId)
 HEARTBEATS = Counter("ktel_agent_heartbeats", "heartbeats acknowledged by Kafka")
 PROBES_LOADED = Gauge("ktel_agent_probe_loaded", "1 per loaded probe, 0 per skipped one", ["probe"])
 
@@ -114,6 +118,8 @@ class AgentCollector(Collector):
 
 
 class Agent:
+    producer: AIOKafkaProducer  # made in run(), renewed by _renew_producer()
+
     def __init__(self, cfg: Config):
         acfg = cfg.agent
         self.cfg = cfg
@@ -129,6 +135,7 @@ class Agent:
             fsync=acfg.spool_fsync,
         )
         self.spooled = asyncio.Event()
+        self._renewing = asyncio.Lock()
         self.loaded: dict[str, probes_mod.LoadedProbe] = {}
         self.skipped: dict[str, str] = {}
         self.control = Control(self.host_id, acfg.sample_every, self.apply_rate)
@@ -218,20 +225,63 @@ class Agent:
 
     # ------------------------------------------------------------ publishing
 
-    async def publish(self, producer: AIOKafkaProducer) -> None:
+    def _new_producer(self) -> AIOKafkaProducer:
+        return AIOKafkaProducer(
+            bootstrap_servers=self.cfg.kafka.bootstrap,
+            enable_idempotence=True,  # implies acks=all
+            # aiokafka compresses lz4 at level 9, about a fifth of the agent's time at
+            # full rate; zstd is cheaper and smaller but not adopted yet: see bench/RESULTS.md.
+            compression_type="lz4",
+            linger_ms=5,
+            max_request_size=4 * 1024 * 1024,
+        )
+
+    async def _renew_producer(self, broken: AIOKafkaProducer, err: Exception) -> None:
+        """Replace a producer whose idempotence state is broken.
+
+        After a broker restart, aiokafka's idempotent producer can fail every send
+        with OutOfOrderSequenceNumber (or UnknownProducerId) and never recover
+        (aio-libs/aiokafka#1017). A new producer gets a new producer id; the
+        batches it re-sends from the spool keep their ktel sequence numbers, so
+        the processors drop any copy that had landed.
+        """
+        async with self._renewing:
+            if self.producer is not broken:
+                return  # another sender renewed it already
+            PRODUCER_RENEWALS.inc()
+            log.warning("Kafka producer broken (%s): starting a new one", err)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(broken.stop(), PRODUCER_STOP_TIMEOUT_S)
+            fresh = self._new_producer()
+            await retry(fresh.start, what=f"connect to Kafka at {self.cfg.kafka.bootstrap}")
+            self.producer = fresh
+
+    async def _send_and_wait(self, topic: str, payload: bytes) -> None:
+        producer = self.producer
+        try:
+            await producer.send_and_wait(topic, payload, key=self.key)
+        except BROKEN_PRODUCER as err:
+            await self._renew_producer(producer, err)
+            raise
+
+    async def publish(self) -> None:
         """Send spooled records in order, pipelined; advance the spool on acknowledgement."""
-        in_flight: collections.deque[tuple[Record, float, asyncio.Future]] = collections.deque()
+        in_flight: collections.deque[tuple[Record, float, asyncio.Future, AIOKafkaProducer]] = (
+            collections.deque()
+        )
         cursor = self.spool.ack_cursor
 
         async def settle_oldest() -> None:
-            rec, sent_at, fut = in_flight.popleft()
+            rec, sent_at, fut, sent_by = in_flight.popleft()
             try:
                 await fut
             except Exception as err:
                 PUBLISH_RETRIES.inc()
                 log.warning("batch at %s not acknowledged (%s); re-sending", rec.start, err)
+                if isinstance(err, BROKEN_PRODUCER):
+                    await self._renew_producer(sent_by, err)
                 await retry(
-                    lambda: producer.send_and_wait(RAW_TOPIC, rec.payload, key=self.key),
+                    lambda: self._send_and_wait(RAW_TOPIC, rec.payload),
                     what="publish a spooled batch",
                     on_retry=lambda _e: PUBLISH_RETRIES.inc(),
                 )
@@ -251,12 +301,13 @@ class Agent:
                 await self.spooled.wait()
                 continue
             for rec in records:
+                producer = self.producer
                 try:
                     fut = await producer.send(RAW_TOPIC, rec.payload, key=self.key)
                 except Exception as err:  # e.g. metadata unavailable while the broker is away
                     fut = asyncio.get_running_loop().create_future()
                     fut.set_exception(err)
-                in_flight.append((rec, time.monotonic(), fut))
+                in_flight.append((rec, time.monotonic(), fut, producer))
                 cursor = rec.next
                 while len(in_flight) >= MAX_IN_FLIGHT:
                     await settle_oldest()
@@ -319,7 +370,7 @@ class Agent:
         }
         return hb, counters
 
-    async def send_heartbeats(self, producer: AIOKafkaProducer) -> None:
+    async def send_heartbeats(self) -> None:
         interval = self.cfg.agent.heartbeat_seconds
         previous: dict[str, int] = {}
         while True:
@@ -327,9 +378,7 @@ class Agent:
             hb, previous = self.heartbeat(interval, previous)
             try:
                 # Only the latest heartbeat matters: one that cannot be sent in time is skipped, not queued.
-                await asyncio.wait_for(
-                    producer.send_and_wait(HEARTBEATS_TOPIC, encode_heartbeat(hb), key=self.key), interval
-                )
+                await asyncio.wait_for(self._send_and_wait(HEARTBEATS_TOPIC, encode_heartbeat(hb)), interval)
                 HEARTBEATS.inc()
             except Exception as err:
                 self.control.unack(hb["acked_commands"])
@@ -358,15 +407,7 @@ class Agent:
             self.apply_rate(probe, self.control.sample_every(probe))
         REGISTRY.register(AgentCollector(self))
         selfmetrics.serve(acfg.metrics_port)
-        producer = AIOKafkaProducer(
-            bootstrap_servers=self.cfg.kafka.bootstrap,
-            enable_idempotence=True,  # implies acks=all
-            # aiokafka compresses lz4 at level 9, about a fifth of the agent's time at
-            # full rate; zstd is cheaper and smaller but not adopted yet: see bench/RESULTS.md.
-            compression_type="lz4",
-            linger_ms=5,
-            max_request_size=4 * 1024 * 1024,
-        )
+        self.producer = self._new_producer()
         log.info(
             "agent host.id=%s boot=%s (probes: %s; skipped: %s; spool backlog %d bytes)",
             self.host_id,
@@ -380,11 +421,11 @@ class Agent:
 
         async def deliver() -> None:
             # Collecting runs meanwhile: a broker that is away at start only means spooling.
-            await retry(producer.start, what=f"connect to Kafka at {self.cfg.kafka.bootstrap}")
+            await retry(self.producer.start, what=f"connect to Kafka at {self.cfg.kafka.bootstrap}")
             connected.set()
             await asyncio.gather(
-                self.publish(producer),
-                self.send_heartbeats(producer),
+                self.publish(),
+                self.send_heartbeats(),
                 self.control.follow(self.cfg.kafka.bootstrap),
             )
 
@@ -400,6 +441,6 @@ class Agent:
             # stop() flushes the producer's buffer and would wait forever for a broker
             # that is gone; what it holds is still in the spool for the next start.
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(producer.stop(), PRODUCER_STOP_TIMEOUT_S)
+                await asyncio.wait_for(self.producer.stop(), PRODUCER_STOP_TIMEOUT_S)
             self.spool.close()
             log.info("agent stopped; %d spooled bytes not yet acknowledged", self.spool.depth_bytes())
