@@ -4,7 +4,6 @@ import asyncio
 import uuid
 
 import pytest
-from aiokafka import AIOKafkaProducer
 
 from edge_agent.agent import Agent
 from ktel import config, topics
@@ -33,16 +32,16 @@ async def test_batches_are_keyed_by_host_numbered_and_ordered(kafka, tmp_path):
     ev = [FILE_CREATED.id, 1, 2, 2, 0, "touch", "/tmp/x", 0o101, False]
     for cfg, n in ((cfg_a, 5), (cfg_b, 3)):
         agent = Agent(cfg)
-        producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, enable_idempotence=True)
-        await producer.start()
-        publisher = asyncio.create_task(agent.publish(producer))
+        agent.producer = agent._new_producer()  # the one the agent makes in run()
+        await agent.producer.start()
+        publisher = asyncio.create_task(agent.publish())
         for i in range(n):
             agent.spool_batch([list(ev) for _ in range(i + 1)], [1.0] * (i + 1))
         async with asyncio.timeout(30):
             while not agent.spool.empty():  # the spool's cursor advances on acknowledgement
                 await asyncio.sleep(0.05)
         publisher.cancel()
-        await producer.stop()
+        await agent.producer.stop()
 
     records = [r for r in await read_topic(kafka.bootstrap, RAW_TOPIC) if r.key in (host_a, host_b)]
     assert len(records) == 8
@@ -68,3 +67,37 @@ def test_sequence_numbers_continue_across_restarts(tmp_path):
     # A new store on the same dir (a restart, even after SIGKILL) never reuses a number.
     s2 = SeqStore(tmp_path, block=10)
     assert s2.next() == 20
+
+
+async def test_a_producer_broken_for_good_is_replaced_and_the_batch_still_arrives(kafka, tmp_path):
+    """aiokafka's idempotent producer can fail every send with OutOfOrderSequenceNumber
+    after a broker restart (aio-libs/aiokafka#1017); the agent starts a new one."""
+    from aiokafka.errors import OutOfOrderSequenceNumber
+
+    from edge_agent import agent as agent_mod
+    from ktel.retry import retry
+
+    class BrokenForGood:  # what such a producer does: every send fails, and keeps failing
+        stopped = False
+
+        async def send_and_wait(self, *_a, **_k):
+            raise OutOfOrderSequenceNumber()
+
+        async def stop(self):
+            self.stopped = True
+
+    host = f"host-renew-{uuid.uuid4().hex[:8]}"
+    cfg = make_cfg(kafka, tmp_path, host)
+    await create_topics(kafka.bootstrap, topics.specs(cfg))
+    agent = Agent(cfg)
+    broken = agent.producer = BrokenForGood()  # type: ignore[assignment]
+    renewals = agent_mod.PRODUCER_RENEWALS._value.get()
+    async with asyncio.timeout(60):  # without a renewal, the retries would go on for ever
+        await retry(lambda: agent._send_and_wait(RAW_TOPIC, b"payload"), what="test send")
+    try:
+        assert broken.stopped and agent.producer is not broken
+        assert agent_mod.PRODUCER_RENEWALS._value.get() == renewals + 1
+        records = [r for r in await read_topic(kafka.bootstrap, RAW_TOPIC) if r.key == host.encode()]
+        assert [r.value for r in records] == [b"payload"]
+    finally:
+        await agent.producer.stop()
