@@ -21,15 +21,10 @@
  */
 int file_created_filewatcher(struct filewatcher_ctx *ctx)
 {
-	struct file_created_event *ev;
+	struct file_created_event *ev = ktel_reserve(sizeof(*ev));
 
-	if (ktel_sampled_out())
+	if (!ev)
 		return 0;
-	ev = events.ringbuf_reserve(sizeof(*ev));
-	if (!ev) {
-		ktel_count(KTEL_COUNTER_RINGBUF_DROPS);
-		return 0;
-	}
 	ktel_tp_file_created(ev, ctx);
 	events.ringbuf_submit(ev, 0);
 	return 0;

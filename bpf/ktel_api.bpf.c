@@ -12,21 +12,9 @@
 /* Compiled after bpf/ktel_common.bpf.h (prepended by the agent). */
 #include "ktel_tracepoints.bpf.h"
 
-static __always_inline struct ktel_api_event *ktel_api_reserve(void)
-{
-	struct ktel_api_event *e;
-
-	if (ktel_sampled_out())
-		return NULL;
-	e = events.ringbuf_reserve(sizeof(*e));
-	if (!e)
-		ktel_count(KTEL_COUNTER_RINGBUF_DROPS);
-	return e;
-}
-
 static __always_inline int ktel_api_metric(struct ktel_metric_ctx *ctx, __u8 kind)
 {
-	struct ktel_api_event *e = ktel_api_reserve();
+	struct ktel_api_event *e = ktel_reserve(sizeof(*e));
 
 	if (!e)
 		return 0;
@@ -52,7 +40,7 @@ int ktel_api_histogram(struct ktel_metric_ctx *ctx)
 
 int ktel_api_span_end(struct ktel_span_ctx *ctx)
 {
-	struct ktel_api_event *e = ktel_api_reserve();
+	struct ktel_api_event *e = ktel_reserve(sizeof(*e));
 
 	if (!e)
 		return 0;
@@ -63,7 +51,7 @@ int ktel_api_span_end(struct ktel_span_ctx *ctx)
 
 int ktel_api_log(struct ktel_log_ctx *ctx)
 {
-	struct ktel_api_event *e = ktel_api_reserve();
+	struct ktel_api_event *e = ktel_reserve(sizeof(*e));
 
 	if (!e)
 		return 0;
