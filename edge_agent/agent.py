@@ -125,6 +125,7 @@ class Agent:
         self.cfg = cfg
         self.host_id = acfg.host_id
         self.boot_id = boot_id()
+        self.started = time.monotonic()
         self.key = self.host_id.encode()
         self.seqs = SeqStore(acfg.state_dir)
         self.redactor = Redactor(acfg.redact)
@@ -315,6 +316,9 @@ class Agent:
     # ------------------------------------------------------------ heartbeats
 
     def heartbeat(self, interval: float, previous: dict[str, int]) -> tuple[dict, dict[str, int]]:
+        """The heartbeat record; ``rates`` are the counters' increase over the last
+        ``interval`` seconds (since start, in the first)."""
+
         def value(name: str, probe: str | None = None) -> int:
             labels = {"probe": probe} if probe else {}
             return int(REGISTRY.get_sample_value(f"ktel_agent_{name}_total", labels) or 0)
@@ -371,11 +375,16 @@ class Agent:
         return hb, counters
 
     async def send_heartbeats(self) -> None:
+        # The first goes out as soon as Kafka is reached, not an interval later: the
+        # enrich stage takes a boot's host attributes from it, and batches it has not
+        # seen a heartbeat of carry only host.id.
         interval = self.cfg.agent.heartbeat_seconds
         previous: dict[str, int] = {}
+        last = self.started
         while True:
-            await asyncio.sleep(interval)
-            hb, previous = self.heartbeat(interval, previous)
+            now = time.monotonic()
+            hb, previous = self.heartbeat(max(now - last, 1e-3), previous)
+            last = now
             try:
                 # Only the latest heartbeat matters: one that cannot be sent in time is skipped, not queued.
                 await asyncio.wait_for(self._send_and_wait(HEARTBEATS_TOPIC, encode_heartbeat(hb)), interval)
@@ -383,6 +392,7 @@ class Agent:
             except Exception as err:
                 self.control.unack(hb["acked_commands"])
                 log.warning("heartbeat not sent: %s", err)
+            await asyncio.sleep(interval)
 
     # ---------------------------------------------------------------- control
 

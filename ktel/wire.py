@@ -87,7 +87,7 @@ Heartbeat record (topic ``ktel.heartbeats``, key = host id)::
     {"v": 1, "ts": int (ms),
      "host": {"host.id", "host.name", "host.arch", "os.type", "os.version" (kernel
               release), "boot.id", "ktel.agent.version"},
-     "interval_s": float,
+     "interval_s": float,         # seconds since the previous heartbeat (since start in the first)
      "probes": {name: {"loaded": bool, "reason": str, "sample_every": int,
                        "command": command id in force or None}},
      "counters": {name: int},     # cumulative since the agent started (see edge_agent/agent.py)

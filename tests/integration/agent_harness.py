@@ -34,8 +34,8 @@ class AgentProcess:
             KTEL_AGENT__STATE_DIR=str(self.state_dir),
             KTEL_AGENT__METRICS_PORT=str(self.port),
             KTEL_AGENT__HEARTBEAT_SECONDS="1",
-            **{f"KTEL_AGENT__{k.upper()}": v for k, v in settings.items()},
         )
+        self.env.update({f"KTEL_AGENT__{k.upper()}": v for k, v in settings.items()})
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60) -> AgentProcess:

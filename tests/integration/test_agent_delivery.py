@@ -191,7 +191,9 @@ def test_agent_with_only_its_documented_capabilities_publishes(kafka, tmp_path):
         f"--bounding-set=-all,{AGENT_CAPS}",
         "--securebits=+noroot,+noroot_locked,+no_setuid_fixup,+no_setuid_fixup_locked",
     ]
-    agent = AgentProcess(tmp_path, kafka.bootstrap, wrapper=wrapper, host_id=host).start()
+    # Heartbeats an hour apart: the one this test sees is the first, sent on connecting.
+    agent = AgentProcess(tmp_path, kafka.bootstrap, wrapper=wrapper, host_id=host, heartbeat_seconds="3600")
+    agent.start()
     status = Path(f"/proc/{agent.proc.pid}/status").read_text()
     cap_eff = int(status.split("CapEff:")[1].split()[0], 16)
     assert cap_eff == (1 << 38) | (1 << 39)  # CAP_PERFMON (38) and CAP_BPF (39), nothing else
@@ -204,3 +206,6 @@ def test_agent_with_only_its_documented_capabilities_publishes(kafka, tmp_path):
     assert agent.stop() == 0
     events, _ = raw_events_under(kafka.bootstrap, f"{tmp_path / 'capped'}/")
     assert len(events) == 23
+    beats = [decode_heartbeat(r.value) for r in asyncio.run(read_topic(kafka.bootstrap, HEARTBEATS_TOPIC))]
+    [first] = [b for b in beats if b["host"]["host.id"] == host]
+    assert first["probes"]["file_created"]["loaded"] and first["host"]["boot.id"]
