@@ -101,6 +101,28 @@ PROCESSES = Gauge(
 )
 
 
+async def persist(table: Any, key: str, value: dict[str, Any]) -> None:
+    """``table[key] = value``, with the changelog record handed to the Kafka producer
+    before the stream moves on, so before the source offset can be committed.
+
+    Faust's own ``table[key] = value`` queues the record in its ProducerBuffer,
+    and the producer flush that precedes every offset commit can return while the
+    buffer's sender still holds a record (faust-streaming 0.15.3,
+    ``ProducerBuffer.flush_atmost``). Seen here: a commit went through with a host's
+    last changelog record unsent, and a worker SIGKILLed right then lost that
+    batch's counts. Records sent this way are in aiokafka's accumulator, whose
+    flush waits for the broker's acknowledgement (acks=all).
+    """
+    table.data[key] = value
+    await table.changelog_topic.send(
+        key=key,
+        value=value,
+        partition=table.partition_for_key(key),  # the event's partition: the table is co-partitioned
+        key_serializer=table.key_serializer,
+        value_serializer=table.value_serializer,
+    )
+
+
 def make_app(cfg: Config, stage: str) -> faust.App:
     agg_opts = aggregate_core.Options(
         directory_depth=cfg.aggregate.directory_depth, include_filename=cfg.aggregate.include_filename
@@ -206,7 +228,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
                 dedupe_state = state.setdefault("aggregate" if does["aggregate"] else "dedupe", {})
                 if not dedupe_core.first_time(dedupe_state, batch):
                     DUPLICATES.labels(stage).inc()
-                    hosts[batch.host_id] = state  # the dedupe record may have been trimmed
+                    await persist(hosts, batch.host_id, state)  # the dedupe record may have been trimmed
                     continue
             BATCHES.labels(stage).inc()
             if does["enrich"]:
@@ -242,7 +264,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
                     await logs_topic.send(key=event.key, value=encode_logs(lb))
                     LOGS.labels(stage).inc(len(lb.logs))
             if keeps_state and changed:
-                hosts[batch.host_id] = state  # reassign: writes the changelog
+                await persist(hosts, batch.host_id, state)
             if not does["aggregate"]:
                 await sink.send(key=event.key, value=encode_batch(batch))
 
@@ -265,7 +287,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
                 HEARTBEATS.labels(stage).inc()
                 state = hosts[host_id]
                 if enrich_core.observe_heartbeat(state.setdefault("enrich", {}), hb):
-                    hosts[host_id] = state
+                    await persist(hosts, host_id, state)
 
         reload_feed()  # before the first batch, so a configured feed applies from the start
         if feed.path is not None:

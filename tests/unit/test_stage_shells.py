@@ -8,6 +8,7 @@ are in tests/integration/test_processing_stages.py."""
 
 from __future__ import annotations
 
+import copy
 import json
 from contextlib import AsyncExitStack
 from unittest import mock
@@ -76,13 +77,18 @@ class Shell:
         self.stage = stage
         self.app = stages.make_app(cfg, stage)
         self.sent: list[tuple[str, bytes, bytes]] = []
+        # The table's changelog records (key, value at the time of sending).
+        self.changelog: list[tuple[str, dict]] = []
         self._stack = AsyncExitStack()
 
     async def __aenter__(self) -> Shell:
-        sent = self.sent
+        sent, changelog = self.sent, self.changelog
+        changelog_topic = stages.changelog_topic(self.stage)
 
         async def record(topic, key=None, value=None, **_kw):
-            if key != FLUSH_KEY:
+            if topic.get_topic_name() == changelog_topic:
+                changelog.append((key, copy.deepcopy(value)))
+            elif key != FLUSH_KEY:
                 sent.append((topic.get_topic_name(), key, value))
 
         self._stack.enter_context(mock.patch.object(faust.topics.Topic, "send", record))
@@ -214,7 +220,16 @@ async def test_aggregate_folds_batches_into_the_table_once_each(tmp_path):
         # Snapshots leave on the stage's timer; a batch sends nothing by itself.
         assert [t for t, _k, _v in shell.sent] == [DLQ_TOPIC]
         series = shell.table("h1")["aggregate"]["series"]
-        assert series == {'["file_created_total", [["directory", "/data/x"]]]': 13.0}
+        key = '["file_created_total", [["directory", "/data/x"]]]'
+        assert series == {key: 13.0}
+        # Each batch's state went to the changelog as the agent handled it (the
+        # re-sent one too: its dedupe record may be trimmed), so a worker
+        # restarted after any batch recovers exactly the counts up to it.
+        assert [(k, v["aggregate"]["series"]) for k, v in shell.changelog] == [
+            ("h1", {key: 3.0}),
+            ("h1", {key: 13.0}),
+            ("h1", {key: 13.0}),
+        ]
 
 
 async def test_all_runs_the_four_cores_with_heartbeats_in_one_worker(tmp_path):
