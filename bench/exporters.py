@@ -10,7 +10,8 @@ path measured in the same run, against the same local receiver.
                 receiver: a minimal HTTP server in its own process that reads the body
                 and answers 204, so the exporter, not the receiver, is measured
   otlp spans    ktel: wire span records -> decode -> exporters.otlp.Sender.deliver
-                (SDK ReadableSpans, the SDK's OTLP exporter, gRPC and HTTP)
+                (the OTLP request built by exporters/otlp_spans.py, sent by the
+                SDK's OTLP exporters, gRPC and HTTP)
                 library: the SDK's own path, tracer spans (same names, ids' parents,
                 attributes, times) through BatchSpanProcessor into the same OTLP
                 exporter, timed until force_flush returned; its queue is made large
@@ -179,6 +180,17 @@ async def ktel_spans(protocol: str, endpoint: str, records: list[bytes]) -> tupl
         sender.shutdown()
 
 
+def sdk_span_exporter(protocol: str, endpoint: str) -> Any:
+    """The SDK's own OTLP span exporter, configured as ktel's (exporters/otlp.py)."""
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter(endpoint=endpoint)
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpSpanExporter
+
+    return HttpSpanExporter(endpoint=f"{endpoint.rstrip('/')}/v1/traces")
+
+
 def library_spans(protocol: str, endpoint: str, records: list[bytes]) -> tuple[float, float]:
     from opentelemetry import trace
     from opentelemetry.sdk.resources import Resource
@@ -186,7 +198,16 @@ def library_spans(protocol: str, endpoint: str, records: list[bytes]) -> tuple[f
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
     from opentelemetry.trace import NonRecordingSpan, SpanContext, Status, StatusCode, TraceFlags
 
-    exporter = otlp.make_exporters(OtlpConfig(protocol=protocol, endpoint=endpoint))[0]  # type: ignore[arg-type]
+    exporter = sdk_span_exporter(protocol, endpoint)
+    exported = [0]  # spans the receiver acknowledged: a failing baseline must not look fast
+    plain_export = exporter.export
+
+    def export(spans: Any) -> Any:
+        result = plain_export(spans)
+        exported[0] += len(spans) if result.name == "SUCCESS" else 0
+        return result
+
+    exporter.export = export
     batches = [decode_spans(r) for r in records]
     n = sum(len(b.spans) for b in batches)
     provider = TracerProvider(resource=Resource(batches[0].resource))
@@ -208,6 +229,8 @@ def library_spans(protocol: str, endpoint: str, records: list[bytes]) -> tuple[f
         raise RuntimeError("BatchSpanProcessor did not flush")
     elapsed = clock.stop()
     provider.shutdown()
+    if exported[0] != n:
+        raise RuntimeError(f"the SDK exported {exported[0]} of {n} spans")
     return elapsed
 
 

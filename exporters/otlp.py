@@ -5,11 +5,8 @@ over gRPC or HTTP/protobuf.
 The sending is the OpenTelemetry SDK's own OTLP exporters; ktel only builds the SDK
 data objects they take from the wire records (the pure core below):
 
-- span row -> ``ReadableSpan``: trace and span ids as given; a non-empty
-  ``parent_span_id`` becomes the parent (same trace, not remote); status code and,
-  for errors only, its message (the SDK drops a message on other codes); attributes
-  as given; kind INTERNAL (the wire has none); the batch's ``resource`` map is the
-  resource.
+- span row -> an OTLP span, built straight into the protobuf request
+  (exporters/otlp_spans.py says why and how).
 - log row -> ``ReadableLogRecord``: timestamp (also the observed time: the agent
   saw the event when it happened), severity number and text, body, attributes, and
   the trace and span ids when both are present; the batch's ``resource`` map is the
@@ -61,12 +58,11 @@ from opentelemetry.sdk.metrics.export import (
     Sum,
 )
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import SpanContext, Status, StatusCode, TraceFlags
+from opentelemetry.trace import SpanContext, TraceFlags
 from prometheus_client import Counter
 
-from exporters import consume
+from exporters import consume, otlp_spans
 from ktel import selfmetrics
 from ktel.config import Config, OtlpConfig
 from ktel.retry import retry
@@ -103,7 +99,7 @@ FAILED = Counter(
 
 class KtelResource(Resource):
     """A Resource that hashes once: the SDK's encoders look the resource of every
-    span up in a dict, and Resource.__hash__ serialises all attributes to JSON."""
+    log record up in a dict, and Resource.__hash__ serialises all attributes to JSON."""
 
     def __init__(self, attributes: dict[str, Any]) -> None:
         super().__init__(attributes)
@@ -111,33 +107,6 @@ class KtelResource(Resource):
 
     def __hash__(self) -> int:
         return self._hash
-
-
-# Unset and OK carry no message (the SDK would drop one with a warning): shared objects.
-_STATUS = {0: Status(StatusCode.UNSET), 1: Status(StatusCode.OK)}
-
-
-def to_spans(rows: Sequence[tuple[Resource, Sequence[Any]]]) -> list[ReadableSpan]:
-    """(resource, wire span row) pairs -> SDK spans."""
-    out = []
-    for resource, (trace_id, span_id, parent_id, name, start, end, status, message, attrs) in rows:
-        tid = int.from_bytes(trace_id, "big")
-        out.append(
-            ReadableSpan(
-                name=name,
-                context=SpanContext(tid, int.from_bytes(span_id, "big"), False, SAMPLED),
-                parent=SpanContext(tid, int.from_bytes(parent_id, "big"), False, SAMPLED)
-                if parent_id
-                else None,
-                resource=resource,
-                attributes=attrs,
-                status=Status(StatusCode.ERROR, message or None) if status == 2 else _STATUS[status],
-                start_time=start,
-                end_time=end,
-                instrumentation_scope=SCOPE,
-            )
-        )
-    return out
 
 
 def to_logs(rows: Sequence[tuple[Resource, Sequence[Any]]]) -> list[ReadableLogRecord]:
@@ -214,7 +183,6 @@ def make_exporters(c: OtlpConfig) -> tuple[Any, Any, Any]:
     if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
         if c.compression == "deflate":
             raise ValueError("otlp.compression = 'deflate' is not available over grpc (use gzip)")
@@ -231,12 +199,11 @@ def make_exporters(c: OtlpConfig) -> tuple[Any, Any, Any]:
             "timeout": c.timeout_seconds,
             "compression": None if c.compression is None else _GRPC_COMPRESSION[c.compression],
         }
-        return OTLPSpanExporter(**kw), OTLPMetricExporter(**kw), OTLPLogExporter(**kw)
+        return otlp_spans.GrpcRequestExporter(**kw), OTLPMetricExporter(**kw), OTLPLogExporter(**kw)
     if protocol == "http/protobuf":
         from opentelemetry.exporter.otlp.proto.http import Compression
         from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter as HttpLog
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpMetric
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpSpan
 
         def kwargs(path: str) -> dict[str, Any]:
             # Like OTEL_EXPORTER_OTLP_ENDPOINT: a base URL to which the signal's path is
@@ -252,7 +219,7 @@ def make_exporters(c: OtlpConfig) -> tuple[Any, Any, Any]:
             }
 
         return (
-            HttpSpan(**kwargs("v1/traces")),
+            otlp_spans.HttpRequestExporter(**kwargs("v1/traces")),
             HttpMetric(**kwargs("v1/metrics")),
             HttpLog(**kwargs("v1/logs")),
         )
@@ -281,13 +248,12 @@ class Sender:
         self.spans, self.metrics, self.logs = exporters or make_exporters(cfg)
 
     async def deliver(self, items: list[Any], _producer: AIOKafkaProducer | None = None) -> None:
-        spans: list[tuple[Resource, Sequence[Any]]] = []
+        spans: list[tuple[dict[str, Any], Sequence[Any]]] = []
         logs: list[tuple[Resource, Sequence[Any]]] = []
         points: list[tuple[int, Sequence[Any]]] = []
         for item in items:
             if isinstance(item, SpanBatch):
-                resource = KtelResource(item.resource)
-                spans += [(resource, row) for row in item.spans]
+                spans += [(item.resource, row) for row in item.spans]
             elif isinstance(item, LogBatch):
                 resource = KtelResource(item.resource)
                 logs += [(resource, row) for row in item.logs]
@@ -297,7 +263,7 @@ class Sender:
         # together (one converts while another waits for the backend). A cumulative
         # metric's points must reach the backend in order: one request at a time.
         await asyncio.gather(
-            self._send("spans", spans, to_spans, self.spans.export, IN_FLIGHT),
+            self._send("spans", spans, _span_request, self.spans.export, IN_FLIGHT),
             self._send("logs", logs, to_logs, self.logs.export, IN_FLIGHT),
         )
         await self._send("metrics", points, to_metrics, self.metrics.export, 1)
@@ -334,6 +300,10 @@ class Sender:
     def shutdown(self) -> None:
         for exporter in (self.spans, self.metrics, self.logs):
             exporter.shutdown()
+
+
+def _span_request(rows: list[tuple[dict[str, Any], Sequence[Any]]]) -> Any:
+    return otlp_spans.span_request(rows, SCOPE)
 
 
 TOPICS = {SPANS_TOPIC: decode_spans, LOGS_TOPIC: decode_logs, METRICS_TOPIC: decode_snapshot}

@@ -554,6 +554,7 @@ def decode_spans(data: bytes) -> SpanBatch:
             and isinstance(sp[4], int)
             and isinstance(sp[5], int)
             and sp[6] in (0, 1, 2)
+            and isinstance(sp[7], str)
             and isinstance(sp[8], dict)
         ):
             raise WireError(f"{what}: span {i} does not have the documented fields")

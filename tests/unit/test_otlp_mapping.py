@@ -1,13 +1,17 @@
-"""Wire records -> OTLP, through the SDK's own encoders (what its exporters send)."""
+"""Wire records -> OTLP: spans by ktel's request builder, checked against the SDK's own
+encoder; logs and metrics through the SDK's encoders (what its exporters send)."""
 
+from opentelemetry import trace as sdk_trace
 from opentelemetry.exporter.otlp.proto.common._log_encoder import encode_logs
 from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality
 from opentelemetry.proto.trace.v1.trace_pb2 import Status
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.trace import SpanContext, TraceFlags
 
-from exporters import otlp
+from exporters import otlp, otlp_spans
 from ktel.config import OtlpConfig
 from ktel.wire import LogBatch, MetricSnapshot, SpanBatch, decode_logs, decode_spans
 from ktel.wire import encode_logs as wire_logs
@@ -28,22 +32,44 @@ def attrs(kvs: list[KeyValue]) -> dict:
     return {kv.key: value(kv.value) for kv in kvs}
 
 
+def sdk_spans(rows: list[tuple[otlp.Resource, list]]) -> list[ReadableSpan]:
+    """The same rows as the SDK's own spans: what ktel's request must equal."""
+    sampled = TraceFlags(TraceFlags.SAMPLED)
+    out = []
+    for resource, (trace_id, span_id, parent_id, name, start, end, status, message, attributes) in rows:
+        tid = int.from_bytes(trace_id, "big")
+        parent = SpanContext(tid, int.from_bytes(parent_id, "big"), False, sampled) if parent_id else None
+        out.append(
+            ReadableSpan(
+                name=name,
+                context=SpanContext(tid, int.from_bytes(span_id, "big"), False, sampled),
+                parent=parent,
+                resource=resource,
+                attributes=attributes,
+                status=sdk_trace.Status(sdk_trace.StatusCode(status), message if status == 2 else None),
+                start_time=start,
+                end_time=end,
+                instrumentation_scope=otlp.SCOPE,
+            )
+        )
+    return out
+
+
 def test_spans_keep_ids_parents_status_attributes_and_resource():
     batch = SpanBatch(
         RESOURCE,
         [
             [TRACE, ROOT, b"", "syscall", 1000, 5000, 1, "", {"pid": 7, "comm": "touch"}],
             [TRACE, CHILD, ROOT, "vfs_open", 2000, 3000, 2, "ENOENT", {"path": "/x", "flags": [1, 2]}],
-            [TRACE, b"\x03" * 8, ROOT, "unset", 2000, 2500, 0, "ignored", {}],
+            [TRACE, b"\x03" * 8, ROOT, "unset", 2000, 2500, 0, "ignored", {"ok": True, "pid": 1}],
         ],
     )
     batch = decode_spans(wire_spans(batch))  # exactly what the exporter reads from Kafka
-    resource = otlp.KtelResource(batch.resource)
-    req = encode_spans(otlp.to_spans([(resource, row) for row in batch.spans]))
+    req = otlp_spans.span_request([(batch.resource, row) for row in batch.spans], otlp.SCOPE)
     [rs] = req.resource_spans
     assert attrs(rs.resource.attributes) == RESOURCE
     [ss] = rs.scope_spans
-    assert ss.scope.name == "ktel"
+    assert (ss.scope.name, ss.scope.version) == ("ktel", otlp.SCOPE.version)
     root, child, unset = ss.spans
     assert (root.trace_id, root.span_id, root.parent_span_id) == (TRACE, ROOT, b"")
     assert (child.trace_id, child.span_id, child.parent_span_id) == (TRACE, CHILD, ROOT)
@@ -53,6 +79,25 @@ def test_spans_keep_ids_parents_status_attributes_and_resource():
     assert (unset.status.code, unset.status.message) == (Status.STATUS_CODE_UNSET, "")
     assert attrs(root.attributes) == {"pid": 7, "comm": "touch"}
     assert attrs(child.attributes) == {"path": "/x", "flags": [1, 2]}
+    # True and 1 are different attribute values (the encoded-attribute cache keeps them apart).
+    assert unset.attributes[0].value.bool_value is True and unset.attributes[1].value.int_value == 1
+    resource = otlp.Resource(batch.resource)
+    assert req == encode_spans(sdk_spans([(resource, row) for row in batch.spans]))
+
+
+def test_span_request_merges_equal_resources_as_the_sdk_does():
+    host_a = [
+        {"host.id": "a", "process.pid": 1},
+        {"process.pid": 1, "host.id": "a"},
+    ]  # two batches, one resource
+    rows = [
+        (res, [TRACE, bytes([i + 1]) * 8, b"", f"s{i}", i, i + 1, 0, "", {"n": i}])
+        for i, res in enumerate(host_a + [{"host.id": "b"}])
+    ]
+    req = otlp_spans.span_request(rows, otlp.SCOPE)
+    assert [[s.name for s in rs.scope_spans[0].spans] for rs in req.resource_spans] == [["s0", "s1"], ["s2"]]
+    sdk_rows = [(otlp.Resource(res), row) for res, row in rows]
+    assert req == encode_spans(sdk_spans(sdk_rows))
 
 
 def test_logs_keep_time_severity_body_attributes_trace_context_and_resource():
@@ -119,14 +164,14 @@ def test_metrics_become_sums_gauges_histograms_with_host_id_as_resource():
 
 async def test_failure_is_retried_until_acknowledged():
     class Flaky:
-        """Fails the first two requests, whichever they are."""
+        """A span exporter failing the first two requests, whichever they are."""
 
         def __init__(self):
             self.calls: list[tuple[int, str]] = []
 
         def export(self, data):
             result = "FAILURE" if len(self.calls) < 2 else "SUCCESS"
-            self.calls.append((len(data), result))
+            self.calls.append((otlp_spans.count(data), result))
             return type("R", (), {"name": result})
 
         def shutdown(self):
@@ -158,8 +203,11 @@ def test_config_fields_reach_the_sdk_exporters_and_unset_ones_fall_back_to_otel_
     assert spans._client._headers["authorization"] == "Bearer x"
     assert spans._compression.value == "gzip"
 
-    spans, _, _ = otlp.make_exporters(OtlpConfig(protocol="grpc", endpoint="http://collector:4317"))
-    assert (type(spans).__module__.split(".")[-2], spans._endpoint, spans._insecure) == (
+    assert isinstance(spans, otlp_spans.HttpRequestExporter)
+
+    spans, metrics, _ = otlp.make_exporters(OtlpConfig(protocol="grpc", endpoint="http://collector:4317"))
+    assert isinstance(spans, otlp_spans.GrpcRequestExporter)
+    assert (type(metrics).__module__.split(".")[-2], spans._endpoint, spans._insecure) == (
         "grpc", "collector:4317", True
     )  # fmt: skip
 

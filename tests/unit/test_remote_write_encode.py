@@ -49,3 +49,42 @@ def test_large_snapshots_are_split_into_requests():
     reqs = remote_write.encode([MetricSnapshot(1, rows)])
     assert [n for _, n in reqs] == [remote_write.MAX_SERIES_PER_REQUEST, 5]
     assert sum(len(decode(b).timeseries) for b, _ in reqs) == len(rows)
+
+
+def test_requests_equal_what_the_generated_types_encode():
+    """ktel frames samples itself (see exporters/remote_write.py): the receiver must
+    read exactly what the generated WriteRequest types would have written."""
+    hist = {"count": 3, "sum": 0.5, "bounds": [0.1, 1.0], "counts": [1, 2, 0]}
+    snaps = [
+        MetricSnapshot(
+            1_700_000_000_000,
+            [
+                ["c_total", "counter", {"host.id": "h"}, 0],  # 0.0: a field protobuf would leave out
+                ["g", "gauge", {"host.id": "h", "x": "é"}, -2.5],
+                ["g_inf", "gauge", {}, float("inf")],
+                ["lat_seconds", "histogram", {"host.id": "h"}, hist],
+            ],
+        ),
+        MetricSnapshot(5, [["c_total", "counter", {"host.id": "h"}, 7]]),  # an earlier sample
+        MetricSnapshot(2**40, [["c_total", "counter", {"host.id": "h"}, 9]]),
+    ]
+    [(body, n)] = remote_write.encode(snaps)
+
+    expected = WriteRequest()
+    series: dict[tuple, list[tuple[int, float]]] = {}
+    for snap in snaps:
+        for name, typ, labels, value in snap.series:
+            if typ == "histogram":
+                rows = remote_write.histogram_series(name, labels, value)
+            else:
+                rows = [(tuple(prom_labels(name, labels)), float(value))]
+            for key, v in rows:
+                series.setdefault(key, []).append((snap.ts_ms, v))
+    for key, samples in series.items():
+        ts = expected.timeseries.add()
+        for name, value in key:
+            ts.labels.add(name=name, value=value)
+        for t, v in sorted(samples):
+            ts.samples.add(value=v, timestamp=t)
+    assert n == sum(len(s) for s in series.values()) == 3 + 5 + 2
+    assert decode(body) == expected

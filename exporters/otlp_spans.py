@@ -1,0 +1,141 @@
+"""Kernel spans -> an OTLP ``ExportTraceServiceRequest``, and the SDK's span
+exporters taking that request as it is.
+
+Why not the SDK's path (wire row -> ``ReadableSpan`` -> ``encode_spans``): the
+SDK builds a protobuf message per attribute, value and span in Python, and that
+was the OTLP exporter's ceiling at about 40 k spans per CPU-second (bench/RESULTS.md).
+Building the request from the wire rows directly, with each distinct attribute
+(key, value) encoded once and copied into the spans that carry it, is about three
+times faster. The messages are the generated ``opentelemetry-proto`` ones and
+attribute values are encoded by the SDK's own helper, so the request is the one
+the SDK would send (tests/unit/test_otlp_mapping.py compares them).
+
+The mapping, as the SDK's: trace and span ids as given; a non-empty parent id is
+the parent (same trace, not remote, so the flags say "parent is local"); kind
+INTERNAL (the wire has none); status code, and its message for errors only;
+attributes as given; one ``ResourceSpans`` per distinct resource map, under the
+instrumentation scope ``ktel``.
+
+Sending goes through the SDK's exporters (channel or session, TLS, headers,
+compression, timeouts, the OTEL_EXPORTER_OTLP_* variables), through the two hooks
+where they turn spans into a request. Those hooks are the SDK's internals, pinned
+with it in pyproject.toml; the Collector tests (tests/integration/test_otlp_collector.py)
+send through both protocols.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from opentelemetry.exporter.otlp.proto.common._internal import (
+    _encode_attributes,
+    _encode_instrumentation_scope,
+    _encode_key_value,
+)
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcSpanExporter
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpSpanExporter
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import KeyValue
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, SpanFlags, Status
+from opentelemetry.sdk.trace.export import SpanExportResult
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+# The wire's status codes are OTLP's (0 unset, 1 ok, 2 error).
+_STATUS = {0: Status(), 1: Status(code=Status.STATUS_CODE_OK)}
+_FLAGS = SpanFlags.SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK  # and not IS_REMOTE: parents are local
+_INTERNAL = Span.SPAN_KIND_INTERNAL
+# Distinct attribute (key, value) pairs kept encoded. Kernel spans repeat a few keys
+# with few values (pids, comms, paths of one workload); past this many it starts over.
+_CACHE_SIZE = 65_536
+_cache: dict[tuple[str, type, Any], KeyValue] = {}
+
+
+def _key_value(key: str, value: Any) -> KeyValue:
+    try:
+        cache_key = (key, type(value), value)  # the type keeps True apart from 1
+        kv = _cache.get(cache_key)
+    except TypeError:  # a list or map: not hashable, encoded each time
+        return _encode_key_value(key, value)
+    if kv is None:
+        if len(_cache) >= _CACHE_SIZE:
+            _cache.clear()
+        kv = _cache[cache_key] = _encode_key_value(key, value)
+    return kv
+
+
+def span_request(
+    rows: Sequence[tuple[dict[str, Any], Sequence[Any]]], scope: InstrumentationScope
+) -> ExportTraceServiceRequest:
+    """(resource map, wire span row) pairs -> the OTLP request for them.
+
+    Rows whose resource maps are equal go into one ``ResourceSpans``; a map is
+    looked at once per object (every row of a wire batch shares its batch's map).
+    """
+    by_object: dict[int, list[Span]] = {}
+    resources: dict[int, dict[str, Any]] = {}
+    for resource, (trace_id, span_id, parent_id, name, start, end, status, message, attrs) in rows:
+        spans = by_object.get(id(resource))
+        if spans is None:
+            spans = by_object[id(resource)] = []
+            resources[id(resource)] = resource
+        spans.append(
+            Span(
+                trace_id=trace_id,
+                span_id=span_id,
+                parent_span_id=parent_id,
+                name=name,
+                kind=_INTERNAL,
+                start_time_unix_nano=start,
+                end_time_unix_nano=end,
+                attributes=[_key_value(k, v) for k, v in attrs.items()],
+                status=Status(code=status, message=message) if status == 2 else _STATUS[status],
+                flags=_FLAGS,
+            )
+        )
+    # Equal maps from different batches (one host's records) share one ResourceSpans.
+    merged: dict[str, tuple[dict[str, Any], list[Span]]] = {}
+    for oid, spans in by_object.items():
+        resource = resources[oid]
+        entry = merged.setdefault(repr(sorted(resource.items())), (resource, []))
+        entry[1].extend(spans)
+    pb_scope = _encode_instrumentation_scope(scope)
+    return ExportTraceServiceRequest(
+        resource_spans=[
+            ResourceSpans(
+                resource=Resource(attributes=_encode_attributes(resource)),
+                scope_spans=[ScopeSpans(scope=pb_scope, spans=spans)],
+            )
+            for resource, spans in merged.values()
+        ]
+    )
+
+
+def count(request: ExportTraceServiceRequest) -> int:
+    return sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
+
+
+class GrpcRequestExporter(GrpcSpanExporter):
+    """The SDK's OTLP/gRPC span exporter, exporting a request built by ``span_request``."""
+
+    def _translate_data(self, data: Any) -> ExportTraceServiceRequest:
+        return data  # type: ignore[no-any-return]
+
+    def _count_data(self, data: Any) -> int:
+        return count(data)
+
+
+class HttpRequestExporter(HttpSpanExporter):
+    """The SDK's OTLP/HTTP span exporter, exporting a request built by ``span_request``."""
+
+    def export(self, request: Any) -> SpanExportResult:
+        # The SDK's own export() with its first line (encode_spans) left out.
+        if self._shutdown:
+            return SpanExportResult.FAILURE
+        with self._metrics.export_operation(count(request)) as result:
+            reply = self._client.export(request.SerializePartialToString())
+            if not reply.success:
+                result.error = reply.error
+                return SpanExportResult.FAILURE
+        return SpanExportResult.SUCCESS
