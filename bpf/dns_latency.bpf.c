@@ -54,6 +54,7 @@ int getaddrinfo_entry(struct pt_regs *ctx)
 
 static __always_inline void slow_event(struct dns_start *s, u64 id, u64 now, int ret)
 {
+	/* Not ktel_reserve(): the lookup was sampled when it started. */
 	struct dns_slow_event *ev = events.ringbuf_reserve(sizeof(*ev));
 
 	if (!ev) {

@@ -71,13 +71,11 @@ static __always_inline int open_exit(long ret)
 
 	if (!p)
 		return 0;
-	if (ret < 0 || ktel_sampled_out())
+	if (ret < 0)
 		goto out;
-	ev = events.ringbuf_reserve(sizeof(*ev));
-	if (!ev) {
-		ktel_count(KTEL_COUNTER_RINGBUF_DROPS);
+	ev = ktel_reserve(sizeof(*ev));
+	if (!ev)
 		goto out;
-	}
 	ev->ts_ns = bpf_ktime_get_ns();
 	ev->pid = id >> 32;
 	ev->tid = (u32)id;

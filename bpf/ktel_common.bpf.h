@@ -13,22 +13,6 @@
 /* Ring buffer size in pages; the agent passes -DKTEL_RINGBUF_PAGES from its config. */
 #ifndef KTEL_RINGBUF_PAGES
 #define KTEL_RINGBUF_PAGES 256
-/*
- * An event record in the ring buffer, or NULL when the sampling knob drops the
- * event or the buffer is full (each counted).
- */
-static __always_inline void *ktel_reserve(u32 size)
-{
-	void *e;
-
-	if (ktel_sampled_out())
-		return NULL;
-	e = events.ringbuf_reserve(size);
-	if (!e)
-		ktel_count(KTEL_COUNTER_RINGBUF_DROPS);
-	return e;
-}
-
 #endif
 
 BPF_RINGBUF_OUTPUT(events, KTEL_RINGBUF_PAGES);

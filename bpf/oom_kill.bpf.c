@@ -10,13 +10,9 @@ TRACEPOINT_PROBE(oom, mark_victim)
 {
 	struct oom_kill_event *ev;
 
-	if (ktel_sampled_out())
+	ev = ktel_reserve(sizeof(*ev));
+	if (!ev)
 		return 0;
-	ev = events.ringbuf_reserve(sizeof(*ev));
-	if (!ev) {
-		ktel_count(KTEL_COUNTER_RINGBUF_DROPS);
-		return 0;
-	}
 	ev->ts_ns = bpf_ktime_get_ns();
 	ev->pid = args->pid;
 	ev->trigger_pid = bpf_get_current_pid_tgid() >> 32;

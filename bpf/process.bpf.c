@@ -31,15 +31,6 @@ BPF_HASH(parents, u32, u32, 65536);
 /* tgid (or tid, for a signal sent to one thread) -> how it is exiting. */
 BPF_HASH(statuses, u32, struct exit_status, 16384);
 
-static __always_inline struct process_event *reserve(u32 size)
-{
-	struct process_event *ev = events.ringbuf_reserve(size);
-
-	if (!ev)
-		ktel_count(KTEL_COUNTER_RINGBUF_DROPS);
-	return ev;
-}
-
 static __always_inline void fill_common(struct process_event *ev, u32 type, u64 id)
 {
 	u32 tgid = id >> 32;
@@ -73,9 +64,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	u64 id = bpf_get_current_pid_tgid();
 	u16 off;
 
-	if (ktel_sampled_out())
-		return 0;
-	ev = reserve(sizeof(*ev));
+	ev = ktel_reserve(sizeof(*ev));
 	if (!ev)
 		return 0;
 	fill_common(ev, KTEL_PROCESS_EXEC, id);
@@ -109,9 +98,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 #endif
 	if (!last)
 		goto out;
-	if (ktel_sampled_out())
-		goto done;
-	ev = reserve(KTEL_PROCESS_EXIT_SIZE);
+	ev = ktel_reserve(KTEL_PROCESS_EXIT_SIZE);
 	if (!ev)
 		goto done;
 	fill_common(ev, KTEL_PROCESS_EXIT, id);

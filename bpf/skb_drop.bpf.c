@@ -27,13 +27,9 @@ TRACEPOINT_PROBE(skb, kfree_skb)
 {
 	struct skb_drop_event *ev;
 
-	if (ktel_sampled_out())
+	ev = ktel_reserve(sizeof(*ev));
+	if (!ev)
 		return 0;
-	ev = events.ringbuf_reserve(sizeof(*ev));
-	if (!ev) {
-		ktel_count(KTEL_COUNTER_RINGBUF_DROPS);
-		return 0;
-	}
 	ev->ts_ns = bpf_ktime_get_ns();
 	ev->location = (u64)args->location;
 	ev->pid = bpf_get_current_pid_tgid() >> 32;

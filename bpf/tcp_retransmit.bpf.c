@@ -15,13 +15,9 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
 {
 	struct tcp_retransmit_event *ev;
 
-	if (ktel_sampled_out())
+	ev = ktel_reserve(sizeof(*ev));
+	if (!ev)
 		return 0;
-	ev = events.ringbuf_reserve(sizeof(*ev));
-	if (!ev) {
-		ktel_count(KTEL_COUNTER_RINGBUF_DROPS);
-		return 0;
-	}
 	ev->ts_ns = bpf_ktime_get_ns();
 	ev->state = args->state;
 	/*
