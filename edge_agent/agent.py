@@ -407,6 +407,7 @@ class Agent:
         acfg = self.cfg.agent
         runtime.tune_gc()
         self.loaded, self.skipped = probes_mod.load(acfg.probes, acfg.ringbuf_pages)
+        self.started = time.monotonic()  # counting starts now, not before BCC's compile
         # BCC compiled the probes in this process; its compiler is not needed again.
         runtime.release_memory(probes_mod.COMPILER_LIBRARIES)
         for name in acfg.probes:

@@ -2,8 +2,8 @@
 ``ktel.metrics`` to an OTLP backend (an OpenTelemetry Collector, Jaeger, Tempo, ...)
 over gRPC or HTTP/protobuf.
 
-The sending is the OpenTelemetry SDK's own OTLP exporters; ktel only builds the SDK
-data objects they take from the wire records (the pure core below):
+The sending is the OpenTelemetry SDK's own OTLP exporters; ktel builds what they
+take from the wire records (the pure core below and exporters/otlp_spans.py):
 
 - span row -> an OTLP span, built straight into the protobuf request
   (exporters/otlp_spans.py says why and how).
@@ -99,7 +99,8 @@ FAILED = Counter(
 
 class KtelResource(Resource):
     """A Resource that hashes once: the SDK's encoders look the resource of every
-    log record up in a dict, and Resource.__hash__ serialises all attributes to JSON."""
+    log record and metric up in a dict, and Resource.__hash__ serialises all
+    attributes to JSON."""
 
     def __init__(self, attributes: dict[str, Any]) -> None:
         super().__init__(attributes)

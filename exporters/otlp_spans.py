@@ -16,15 +16,21 @@ INTERNAL (the wire has none); status code, and its message for errors only;
 attributes as given; one ``ResourceSpans`` per distinct resource map, under the
 instrumentation scope ``ktel``.
 
+An attribute OTLP cannot carry (an int beyond int64, a key that is not a string,
+a value of another type) is left out of its span, logged and counted, as the
+SDK's encoder does; the rest of the span goes.
+
 Sending goes through the SDK's exporters (channel or session, TLS, headers,
-compression, timeouts, the OTEL_EXPORTER_OTLP_* variables), through the two hooks
-where they turn spans into a request. Those hooks are the SDK's internals, pinned
-with it in pyproject.toml; the Collector tests (tests/integration/test_otlp_collector.py)
+compression, timeouts, retries, the OTEL_EXPORTER_OTLP_* variables): the gRPC one
+with its request-building hooks overridden, the HTTP one with its ``export()``
+copied minus the encoding. Both lean on the SDK's internals, pinned with it in
+pyproject.toml; the Collector tests (tests/integration/test_otlp_collector.py)
 send through both protocols.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,6 +40,7 @@ from opentelemetry.exporter.otlp.proto.common._internal import (
     _encode_key_value,
 )
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcSpanExporter
+from opentelemetry.exporter.otlp.proto.http._common import RequestPayloadTooLargeError, _is_request_too_large
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpSpanExporter
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import KeyValue
@@ -41,6 +48,10 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, SpanFlags, Status
 from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.semconv.attributes.http_attributes import HTTP_RESPONSE_STATUS_CODE
+from prometheus_client import Counter
+
+log = logging.getLogger("ktel.export.otlp")
 
 # The wire's status codes are OTLP's (0 unset, 1 ok, 2 error).
 _STATUS = {0: Status(), 1: Status(code=Status.STATUS_CODE_OK)}
@@ -48,21 +59,42 @@ _FLAGS = SpanFlags.SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK  # and not IS_REMOTE: p
 _INTERNAL = Span.SPAN_KIND_INTERNAL
 # Distinct attribute (key, value) pairs kept encoded. Kernel spans repeat a few keys
 # with few values (pids, comms, paths of one workload); past this many it starts over.
+# Floats are not kept: -0.0 == 0.0 and NaN != NaN would make wrong or useless entries.
 _CACHE_SIZE = 65_536
+_CACHED_TYPES = frozenset({str, int, bool, bytes})
 _cache: dict[tuple[str, type, Any], KeyValue] = {}
+
+DROPPED_ATTRIBUTES = Counter(
+    "ktel_exporter_otlp_dropped_attributes",
+    "span attributes left out because OTLP cannot carry them (an int beyond int64, a non-string key)",
+)
 
 
 def _key_value(key: str, value: Any) -> KeyValue:
-    try:
-        cache_key = (key, type(value), value)  # the type keeps True apart from 1
-        kv = _cache.get(cache_key)
-    except TypeError:  # a list or map: not hashable, encoded each time
+    t = type(value)
+    if t not in _CACHED_TYPES:
         return _encode_key_value(key, value)
+    cache_key = (key, t, value)  # the type keeps True apart from 1
+    kv = _cache.get(cache_key)
     if kv is None:
         if len(_cache) >= _CACHE_SIZE:
             _cache.clear()
         kv = _cache[cache_key] = _encode_key_value(key, value)
     return kv
+
+
+def _attributes(attrs: dict[Any, Any]) -> list[KeyValue]:
+    try:
+        return [_key_value(k, v) for k, v in attrs.items()]
+    except Exception:  # noqa: BLE001 -- any attribute the encoder refuses: the slow path sorts them out
+        out = []
+        for k, v in attrs.items():
+            try:
+                out.append(_key_value(k, v))
+            except Exception as err:  # noqa: BLE001
+                DROPPED_ATTRIBUTES.inc()
+                log.warning("span attribute %.60r = %.60r left out: %s", k, v, err)
+        return out
 
 
 def span_request(
@@ -89,7 +121,7 @@ def span_request(
                 kind=_INTERNAL,
                 start_time_unix_nano=start,
                 end_time_unix_nano=end,
-                attributes=[_key_value(k, v) for k, v in attrs.items()],
+                attributes=_attributes(attrs),
                 status=Status(code=status, message=message) if status == 2 else _STATUS[status],
                 flags=_FLAGS,
             )
@@ -98,7 +130,7 @@ def span_request(
     merged: dict[str, tuple[dict[str, Any], list[Span]]] = {}
     for oid, spans in by_object.items():
         resource = resources[oid]
-        entry = merged.setdefault(repr(sorted(resource.items())), (resource, []))
+        entry = merged.setdefault(repr(sorted(resource.items(), key=_first_str)), (resource, []))
         entry[1].extend(spans)
     pb_scope = _encode_instrumentation_scope(scope)
     return ExportTraceServiceRequest(
@@ -110,6 +142,10 @@ def span_request(
             for resource, spans in merged.values()
         ]
     )
+
+
+def _first_str(item: tuple[Any, Any]) -> str:
+    return str(item[0])  # resource keys are strings; a wire record's may not be
 
 
 def count(request: ExportTraceServiceRequest) -> int:
@@ -130,12 +166,23 @@ class HttpRequestExporter(HttpSpanExporter):
     """The SDK's OTLP/HTTP span exporter, exporting a request built by ``span_request``."""
 
     def export(self, request: Any) -> SpanExportResult:
-        # The SDK's own export() with its first line (encode_spans) left out.
+        # The SDK's own export() (opentelemetry-exporter-otlp-proto-http 1.45.2) with its
+        # encode_spans() call left out.
         if self._shutdown:
+            log.warning("OTLP/HTTP span exporter already shut down, ignoring a request")
             return SpanExportResult.FAILURE
         with self._metrics.export_operation(count(request)) as result:
-            reply = self._client.export(request.SerializePartialToString())
+            data = request.SerializePartialToString()
+            if _is_request_too_large(data, self._max_request_size):
+                log.warning(
+                    "span request of %d bytes exceeds max_request_size %d", len(data), self._max_request_size
+                )
+                result.error = RequestPayloadTooLargeError(f"span request of {len(data)} bytes")
+                return SpanExportResult.FAILURE
+            reply = self._client.export(data)
             if not reply.success:
                 result.error = reply.error
+                if reply.status_code is not None:
+                    result.error_attrs = {HTTP_RESPONSE_STATUS_CODE: reply.status_code}
                 return SpanExportResult.FAILURE
         return SpanExportResult.SUCCESS

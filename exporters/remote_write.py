@@ -12,8 +12,9 @@ frames around each series are written here: ``Sample`` is two fixed fields and
 every sample of a snapshot shares its timestamp, so this is a few byte
 concatenations, where the generated types cost a message per sample. That took
 the exporter from about 190 k to about 250 k samples per CPU-second (bench/RESULTS.md);
-tests/unit/test_remote_write_encode.py checks the bytes against the generated
-types' encoding.
+tests/unit/test_remote_write_encode.py checks that the requests parse to exactly
+what the generated types encode (the bytes differ only where ktel writes a zero
+field that protobuf may leave out).
 
 Delivery: 2xx is success; 5xx and 429 are retried with backoff (the shared
 retry helper) until the receiver takes them; any other 4xx will never succeed,

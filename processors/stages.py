@@ -111,7 +111,12 @@ async def persist(table: Any, key: str, value: dict[str, Any]) -> None:
     ``ProducerBuffer.flush_atmost``). Seen here: a commit went through with a host's
     last changelog record unsent, and a worker SIGKILLed right then lost that
     batch's counts. Records sent this way are in aiokafka's accumulator, whose
-    flush waits for the broker's acknowledgement (acks=all).
+    flush waits for the broker's acknowledgement (acks=all). That holds while
+    ``stream_publish_on_commit`` is off (Faust's default, not changed here): on, it
+    would hold the record back until the commit.
+
+    Otherwise this is Faust's own write (``Table.on_key_set``), minus the key TTL of
+    windowed tables, which this one is not.
     """
     table.data[key] = value
     await table.changelog_topic.send(
@@ -120,7 +125,9 @@ async def persist(table: Any, key: str, value: dict[str, Any]) -> None:
         partition=table.partition_for_key(key),  # the event's partition: the table is co-partitioned
         key_serializer=table.key_serializer,
         value_serializer=table.value_serializer,
+        callback=table._on_changelog_sent,  # the store's persisted offset (a no-op for memory://)
     )
+    table._sensor_on_set(table, key, value)
 
 
 def make_app(cfg: Config, stage: str) -> faust.App:

@@ -1,15 +1,19 @@
 """Wire records -> OTLP: spans by ktel's request builder, checked against the SDK's own
 encoder; logs and metrics through the SDK's encoders (what its exporters send)."""
 
+import math
+
 from opentelemetry import trace as sdk_trace
 from opentelemetry.exporter.otlp.proto.common._log_encoder import encode_logs
 from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality
 from opentelemetry.proto.trace.v1.trace_pb2 import Status
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanContext, TraceFlags
+from prometheus_client import REGISTRY
 
 from exporters import otlp, otlp_spans
 from ktel.config import OtlpConfig
@@ -61,7 +65,8 @@ def test_spans_keep_ids_parents_status_attributes_and_resource():
         [
             [TRACE, ROOT, b"", "syscall", 1000, 5000, 1, "", {"pid": 7, "comm": "touch"}],
             [TRACE, CHILD, ROOT, "vfs_open", 2000, 3000, 2, "ENOENT", {"path": "/x", "flags": [1, 2]}],
-            [TRACE, b"\x03" * 8, ROOT, "unset", 2000, 2500, 0, "ignored", {"ok": True, "pid": 1}],
+            [TRACE, b"\x03" * 8, ROOT, "unset", 2000, 2500, 0, "ignored", {"pid": True, "z": -0.0}],
+            [TRACE, b"\x04" * 8, ROOT, "after", 2500, 2600, 0, "", {"pid": 1, "z": 0.0}],
         ],
     )
     batch = decode_spans(wire_spans(batch))  # exactly what the exporter reads from Kafka
@@ -70,7 +75,7 @@ def test_spans_keep_ids_parents_status_attributes_and_resource():
     assert attrs(rs.resource.attributes) == RESOURCE
     [ss] = rs.scope_spans
     assert (ss.scope.name, ss.scope.version) == ("ktel", otlp.SCOPE.version)
-    root, child, unset = ss.spans
+    root, child, unset, after = ss.spans
     assert (root.trace_id, root.span_id, root.parent_span_id) == (TRACE, ROOT, b"")
     assert (child.trace_id, child.span_id, child.parent_span_id) == (TRACE, CHILD, ROOT)
     assert (root.name, root.start_time_unix_nano, root.end_time_unix_nano) == ("syscall", 1000, 5000)
@@ -79,8 +84,12 @@ def test_spans_keep_ids_parents_status_attributes_and_resource():
     assert (unset.status.code, unset.status.message) == (Status.STATUS_CODE_UNSET, "")
     assert attrs(root.attributes) == {"pid": 7, "comm": "touch"}
     assert attrs(child.attributes) == {"path": "/x", "flags": [1, 2]}
-    # True and 1 are different attribute values (the encoded-attribute cache keeps them apart).
-    assert unset.attributes[0].value.bool_value is True and unset.attributes[1].value.int_value == 1
+    # True and 1, -0.0 and 0.0 are different values (the encoded-attribute cache keeps them apart).
+    u, a = attrs(unset.attributes), attrs(after.attributes)
+    assert [kv.value.WhichOneof("value") for kv in unset.attributes] == ["bool_value", "double_value"]
+    assert [kv.value.WhichOneof("value") for kv in after.attributes] == ["int_value", "double_value"]
+    assert (u["pid"], math.copysign(1, u["z"])) == (True, -1.0)
+    assert (a["pid"], math.copysign(1, a["z"])) == (1, 1.0)
     resource = otlp.Resource(batch.resource)
     assert req == encode_spans(sdk_spans([(resource, row) for row in batch.spans]))
 
@@ -98,6 +107,43 @@ def test_span_request_merges_equal_resources_as_the_sdk_does():
     assert [[s.name for s in rs.scope_spans[0].spans] for rs in req.resource_spans] == [["s0", "s1"], ["s2"]]
     sdk_rows = [(otlp.Resource(res), row) for res, row in rows]
     assert req == encode_spans(sdk_spans(sdk_rows))
+
+
+def test_an_attribute_otlp_cannot_carry_is_left_out_and_counted():
+    dropped = REGISTRY.get_sample_value("ktel_exporter_otlp_dropped_attributes_total") or 0.0
+    row = [TRACE, ROOT, b"", "s", 1, 2, 0, "", {"addr": 2**64 - 1, 7: "x", "comm": "touch"}]
+    req = otlp_spans.span_request([({"host.id": "h"}, row)], otlp.SCOPE)
+    [span] = req.resource_spans[0].scope_spans[0].spans
+    assert attrs(span.attributes) == {"comm": "touch"}
+    assert REGISTRY.get_sample_value("ktel_exporter_otlp_dropped_attributes_total") == dropped + 2
+
+
+def test_the_sdk_exporters_send_the_request_as_built():
+    req = otlp_spans.span_request([(RESOURCE, [TRACE, ROOT, b"", "s", 1, 2, 1, "", {"a": 1}])], otlp.SCOPE)
+
+    grpc_exporter, _, _ = otlp.make_exporters(OtlpConfig(protocol="grpc", endpoint="http://127.0.0.1:1"))
+    sent = []
+    grpc_exporter._client = type("Stub", (), {"Export": lambda self, request, **_kw: sent.append(request)})()
+    assert grpc_exporter.export(req).name == "SUCCESS"
+    assert sent == [req]
+
+    http_exporter, _, _ = otlp.make_exporters(
+        OtlpConfig(protocol="http/protobuf", endpoint="http://127.0.0.1:1")
+    )
+    bodies = []
+
+    class Client:
+        def export(self, data):
+            bodies.append(data)
+            ok = len(bodies) == 1
+            return type("Reply", (), {"success": ok, "error": None, "status_code": None if ok else 503})()
+
+    http_exporter._client = Client()
+    assert http_exporter.export(req).name == "SUCCESS"
+    assert http_exporter.export(req).name == "FAILURE"  # the backend's 503
+    assert ExportTraceServiceRequest.FromString(bodies[0]) == req
+    http_exporter._max_request_size = 10
+    assert http_exporter.export(req).name == "FAILURE" and len(bodies) == 2  # too large: not sent
 
 
 def test_logs_keep_time_severity_body_attributes_trace_context_and_resource():
