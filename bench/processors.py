@@ -62,6 +62,7 @@ sys.path.insert(0, str(ROOT))
 import msgpack  # noqa: E402
 
 from ktel import config, topics  # noqa: E402
+from ktel.stack import proc as proc_mod  # noqa: E402
 from ktel.stack.kafka import LocalKafka, TopicSpec, create_topics, ensure_kafka, free_port  # noqa: E402
 from ktel.wire import (  # noqa: E402
     FILE_CREATED,
@@ -259,16 +260,6 @@ def measure(proc: subprocess.Popen, progress: Any, timeout: float) -> Measured:
     raise RuntimeError(f"the worker did not finish within {timeout:.0f} s")
 
 
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 # --------------------------------------------------------------------- the runs
 
 
@@ -354,7 +345,7 @@ def run_ktel(
         if sampler:
             sampler.send_signal(signal.SIGINT)
             sampler.wait(30)
-        stop(proc)
+        proc_mod.stop(proc, 30)
     return m, (spy_summary(raw.read_text()) if sampler and raw.exists() else "")
 
 
@@ -405,7 +396,7 @@ def run_naive(tmp: Path, bootstrap: str, n: int, timeout: float) -> Measured:
 
         return measure(proc, progress, timeout)
     finally:
-        stop(proc)
+        proc_mod.stop(proc, 30)
 
 
 # ------------------------------------------------------------ the naive agent

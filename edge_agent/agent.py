@@ -125,7 +125,7 @@ class Agent:
         self.cfg = cfg
         self.host_id = acfg.host_id
         self.boot_id = boot_id()
-        self.started = time.monotonic()
+        self.started = 0.0  # time.monotonic() once the probes are loaded (run)
         self.key = self.host_id.encode()
         self.seqs = SeqStore(acfg.state_dir)
         self.redactor = Redactor(acfg.redact)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import struct
 from typing import Any
 
+from edge_agent.ringbuf import c_string
 from ktel.wire import DNS_SLOW
 
 KEY = struct.Struct("<II16s")
@@ -18,15 +19,11 @@ SLOW = struct.Struct("<QQIIi4x16s256s")
 METRIC = "dns_latency"
 
 
-def _str(b: bytes) -> str:
-    return b.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
-
-
 def labels(key: bytes) -> dict[str, Any]:
     tgid, failed, comm = KEY.unpack(key)
     return {
         "process.pid": tgid,
-        "process.executable.name": _str(comm),
+        "process.executable.name": c_string(comm),
         "status": "error" if failed else "ok",
     }
 
@@ -34,4 +31,4 @@ def labels(key: bytes) -> dict[str, Any]:
 def decode(raw: bytes, wall_offset_ns: int) -> list:
     """One slow-lookup record -> one wire event (see ktel.wire.DNS_SLOW)."""
     ts, latency, pid, tid, ret, comm, host = SLOW.unpack_from(raw)
-    return [DNS_SLOW.id, ts + wall_offset_ns, pid, tid, _str(comm), _str(host), latency, ret]
+    return [DNS_SLOW.id, ts + wall_offset_ns, pid, tid, c_string(comm), c_string(host), latency, ret]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import struct
 
-from edge_agent.ringbuf import HEADER_SIZE, stride
+from edge_agent.ringbuf import HEADER_SIZE, c_string, frame, stride
 from ktel.wire import FILE_CREATED
 
 LAYOUT = struct.Struct("<QIIIiIB3x16s256s")
@@ -41,21 +41,7 @@ def decode(raw: bytes, wall_offset_ns: int) -> list:
 
     ``wall_offset_ns`` turns the kernel's CLOCK_MONOTONIC into wall-clock time.
     """
-    ts, pid, tid, uid, dirfd, flags, certain, comm, path = LAYOUT.unpack_from(raw)
-    p = path.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
-    if not p.startswith("/"):
-        p = _resolve(p, pid, dirfd)
-    return [
-        FILE_CREATED.id,
-        ts + wall_offset_ns,
-        pid,
-        tid,
-        uid,
-        comm.split(b"\0", 1)[0].decode("utf-8", "backslashreplace"),
-        p,
-        flags,
-        bool(certain),
-    ]
+    return decode_run(*frame(raw), wall_offset_ns)[0]
 
 
 def decode_run(size: int, data: bytes, wall_offset_ns: int) -> list:
@@ -75,10 +61,7 @@ def decode_run(size: int, data: bytes, wall_offset_ns: int) -> list:
     for ts, pid, tid, uid, dirfd, flags, certain, comm, path in FRAMED.iter_unpack(data):
         c = comms.get(comm)
         if c is None:
-            c = comms[comm] = comm.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
-        if path[0] == SLASH:
-            p = path.partition(b"\0")[0].decode("utf-8", "backslashreplace")
-        else:
-            p = _resolve(path.partition(b"\0")[0].decode("utf-8", "backslashreplace"), pid, dirfd)
+            c = comms[comm] = c_string(comm)
+        p = c_string(path) if path[0] == SLASH else _resolve(c_string(path), pid, dirfd)
         append([kind, ts + wall_offset_ns, pid, tid, uid, c, p, flags, certain != 0])
     return events

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 
+from edge_agent.ringbuf import c_string
 from ktel.wire import KTEL_LOG, KTEL_METRIC, KTEL_SPAN
 
 LAYOUT = struct.Struct("<QqQQQQIIBBB5x16s64s512s256s")
@@ -29,14 +30,10 @@ PROGRAMS = {
 }
 
 
-def _str(b: bytes) -> str:
-    return b.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
-
-
 def _kv(raw: bytes, n: int) -> dict[str, str]:
     n = min(n, MAX_KV)
     return {
-        _str(raw[2 * i * STR : (2 * i + 1) * STR]): _str(raw[(2 * i + 1) * STR : (2 * i + 2) * STR])
+        c_string(raw[2 * i * STR : (2 * i + 1) * STR]): c_string(raw[(2 * i + 1) * STR : (2 * i + 2) * STR])
         for i in range(n)
     }
 
@@ -56,7 +53,7 @@ def decode(raw: bytes, wall_offset_ns: int) -> list:
     )
     ts += wall_offset_ns
     if kind in METRIC_TYPE:
-        return [KTEL_METRIC.id, ts, pid, METRIC_TYPE[kind], _str(name), _kv(kv, nr_kv), value]
+        return [KTEL_METRIC.id, ts, pid, METRIC_TYPE[kind], c_string(name), _kv(kv, nr_kv), value]
     if kind == SPAN_END:
         return [
             KTEL_SPAN.id,
@@ -66,7 +63,7 @@ def decode(raw: bytes, wall_offset_ns: int) -> list:
             trace_id,
             _id(span_id),
             _id(parent),
-            _str(name),
+            c_string(name),
             start + wall_offset_ns,
             end + wall_offset_ns,
             level,
@@ -80,7 +77,7 @@ def decode(raw: bytes, wall_offset_ns: int) -> list:
             pid,
             tid,
             level,
-            _str(text),
+            c_string(text),
             _kv(kv, nr_kv),
             trace_id if in_span else b"",
             _id(span_id) if in_span else b"",

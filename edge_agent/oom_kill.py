@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import struct
 
+from edge_agent.ringbuf import c_string
 from ktel.wire import OOM_KILL
 
 LAYOUT = struct.Struct("<QQQQQQIIIhBx16s16s")
-
-
-def _str(b: bytes) -> str:
-    return b.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
 
 
 def decode(raw: bytes, wall_offset_ns: int) -> list:
@@ -28,7 +25,7 @@ def decode(raw: bytes, wall_offset_ns: int) -> list:
         OOM_KILL.id,
         ts + wall_offset_ns,
         pid,
-        _str(comm),
+        c_string(comm),
         uid,
         total_vm,
         anon,
@@ -37,5 +34,5 @@ def decode(raw: bytes, wall_offset_ns: int) -> list:
         pgtables,
         adj,
         trigger_pid,
-        _str(tcomm),
+        c_string(tcomm),
     ]

@@ -48,7 +48,7 @@ from edge_agent import (
     tcp_retransmit,
 )
 from edge_agent import ringbuf as rb
-from ktel.wire import HISTOGRAM_DELTA
+from ktel.wire import HIST_SLOTS, HISTOGRAM_DELTA
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +60,7 @@ COUNTER_RINGBUF_DROPS = 0
 COUNTER_SAMPLED_OUT = 1
 KNOB_SAMPLE_EVERY = 0
 
-# Mirrors KTEL_HIST_SLOTS in bpf/ktel_hist.h: struct ktel_hist is HIST_SLOTS
-# u64 bucket counts then a u64 sum (checked by tests/unit/test_probe_layout.py).
-HIST_SLOTS = 40
+# struct ktel_hist (bpf/ktel_hist.h): HIST_SLOTS u64 bucket counts then a u64 sum.
 HIST_WORDS = HIST_SLOTS + 1
 # How often the agent reads the histogram maps (maybe_snapshot's default).
 SNAPSHOT_SECONDS = 10.0

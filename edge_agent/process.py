@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import struct
 
+from edge_agent.ringbuf import c_string
 from ktel.wire import PROCESS_EXEC, PROCESS_EXIT
 
 LAYOUT = struct.Struct("<QQIIIIIii4x16s")  # the 64-byte head, all an exit record has
@@ -15,10 +16,6 @@ PATH_LEN = 256
 EXEC_SIZE = LAYOUT.size + PATH_LEN
 TYPE_EXEC = 1
 TYPE_EXIT = 2
-
-
-def _str(b: bytes) -> str:
-    return b.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
 
 
 def _proc_ppid(pid: int) -> int:
@@ -39,8 +36,9 @@ def decode(raw: bytes, wall_offset_ns: int) -> list:
     if not ppid:
         ppid = _proc_ppid(pid)
     if typ == TYPE_EXEC:
-        filename = _str(raw[LAYOUT.size : LAYOUT.size + PATH_LEN])
-        return [PROCESS_EXEC.id, ts + wall_offset_ns, pid, tid, ppid, uid, cgroup_id, _str(comm), filename]
+        filename = c_string(raw[LAYOUT.size : LAYOUT.size + PATH_LEN])
+        comm_s = c_string(comm)
+        return [PROCESS_EXEC.id, ts + wall_offset_ns, pid, tid, ppid, uid, cgroup_id, comm_s, filename]
     if typ == TYPE_EXIT:
         return [
             PROCESS_EXIT.id,
@@ -50,7 +48,7 @@ def decode(raw: bytes, wall_offset_ns: int) -> list:
             ppid,
             uid,
             cgroup_id,
-            _str(comm),
+            c_string(comm),
             exit_code if exit_code >= 0 else None,
             signal if exit_code < 0 else 0,
         ]

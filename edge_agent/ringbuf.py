@@ -17,9 +17,11 @@ A pass reads producer_pos, walks the record headers from consumer_pos up to the
 first busy record, copies each run of committed records of one size as one
 ``bytes`` (headers included: a decoder skips them with its struct format), then
 stores the new consumer_pos. The header walk is done a run at a time: the len
-words of the records a run could hold are read with one strided memoryview copy
+words of the records that may follow are read with one strided memoryview copy
 and compared with the expected words in one bytes comparison, so the per-record
-cost is a few bytes of memcmp, not a Python step.
+cost is a few bytes of memcmp, not a Python step. The look-ahead starts small and
+doubles while the words match, so records of alternating sizes (the process
+probe's exec and exit) cost a short look each, not a look to the end of the backlog.
 
 Memory order: libbpf reads producer_pos and each len with acquire loads and
 stores consumer_pos with a release store. On x86-64 (TSO) plain loads and stores
@@ -42,6 +44,7 @@ HEADER = struct.Struct("<II")  # len (with the BUSY and DISCARD bits), pgoff
 HEADER_SIZE = HEADER.size
 _LEN = struct.Struct("<I")
 _POS = struct.Struct("<Q")
+_FIRST_LOOK = 16  # records looked ahead first, doubled while they match
 
 # Where plain loads and stores order as the ring buffer's ABI needs.
 BULK_READ = platform.machine() in ("x86_64", "AMD64")
@@ -49,6 +52,12 @@ BULK_READ = platform.machine() in ("x86_64", "AMD64")
 # A run: (size, data). ``data`` holds records of ``size`` bytes each, as the ring
 # buffer frames them: an 8-byte header, the record, padding to a multiple of 8.
 Run = tuple[int, bytes]
+
+
+def c_string(field: bytes) -> str:
+    """A NUL-terminated char array of a record as text (what follows the NUL is
+    not the record's: the kernel may leave it uninitialised)."""
+    return field.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
 
 
 def stride(size: int) -> int:
@@ -81,7 +90,6 @@ class RingReader:
         page = mmap.PAGESIZE
         if max_entries <= 0 or max_entries & (max_entries - 1) or max_entries % page:
             raise ValueError(f"a ring buffer's size is a power-of-two number of pages, not {max_entries}")
-        self.fd = map_fd
         self.size = max_entries
         self._mask = max_entries - 1
         rw, ro = mmap.PROT_READ | mmap.PROT_WRITE, mmap.PROT_READ
@@ -97,9 +105,6 @@ class RingReader:
     def wait(self, timeout_s: float) -> bool:
         """Wait until the kernel says there is data (or the time is up); True if it did."""
         return bool(self._epoll.poll(timeout_s))
-
-    def pending_bytes(self) -> int:
-        return _POS.unpack_from(self._prod_map, 0)[0] - self._cons.value
 
     def read(self, max_bytes: int | None = None) -> list[Run]:
         """Take the committed records, as runs of records of one size, in order: all
@@ -121,14 +126,18 @@ class RingReader:
                 continue
             # How many records of this size follow, committed, up to producer_pos
             # (and within max_bytes, but at least this one).
-            n = max((end - pos) // step, 1)
-            if n > 1:  # (a stride is a multiple of 8: the len words are a strided u32 view)
-                want = _LEN.pack(size) * n
-                got = view[start : start + n * step].cast("I")[:: step // 4].tobytes()
+            most = max((end - pos) // step, 1)
+            n, look = 1, _FIRST_LOOK
+            while n < most:
+                k = min(look, most - n)
+                at = start + n * step  # (a stride is a multiple of 8: the len words are a strided u32 view)
+                got = view[at : at + k * step].cast("I")[:: step // 4].tobytes()
+                want = _LEN.pack(size) * k
                 if got != want:
-                    n = _common_prefix(got, want) // 4
-            else:
-                n = 1
+                    n += _common_prefix(got, want) // 4
+                    break
+                n += k
+                look *= 2
             runs.append((size, mm[start : start + n * step]))
             pos += n * step
         if pos != cons:
@@ -144,8 +153,8 @@ class RingReader:
 
 
 def _common_prefix(a: bytes, b: bytes) -> int:
-    """Length of the longest common prefix of two equally long bytes (a[:4] == b[:4])."""
-    lo, hi = 4, len(a)
+    """Length of the longest common prefix of two equally long bytes."""
+    lo, hi = 0, len(a)
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if a[:mid] == b[:mid]:

@@ -17,6 +17,7 @@ import re
 import struct
 from pathlib import Path
 
+from edge_agent.ringbuf import c_string
 from ktel.wire import SKB_DROP
 
 LAYOUT = struct.Struct("<QQIIH6x16s")
@@ -59,7 +60,7 @@ def decode(raw: bytes, wall_offset_ns: int) -> list:
         SKB_DROP.id,
         ts + wall_offset_ns,
         pid,
-        comm.split(b"\0", 1)[0].decode("utf-8", "backslashreplace"),
+        c_string(comm),
         protocol,
         reason,
         reason_name(reason),

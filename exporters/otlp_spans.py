@@ -105,14 +105,12 @@ def span_request(
     Rows whose resource maps are equal go into one ``ResourceSpans``; a map is
     looked at once per object (every row of a wire batch shares its batch's map).
     """
-    by_object: dict[int, list[Span]] = {}
-    resources: dict[int, dict[str, Any]] = {}
+    by_object: dict[int, tuple[dict[str, Any], list[Span]]] = {}  # id(resource) -> it, its spans
     for resource, (trace_id, span_id, parent_id, name, start, end, status, message, attrs) in rows:
-        spans = by_object.get(id(resource))
-        if spans is None:
-            spans = by_object[id(resource)] = []
-            resources[id(resource)] = resource
-        spans.append(
+        entry = by_object.get(id(resource))
+        if entry is None:
+            entry = by_object[id(resource)] = (resource, [])
+        entry[1].append(
             Span(
                 trace_id=trace_id,
                 span_id=span_id,
@@ -128,10 +126,8 @@ def span_request(
         )
     # Equal maps from different batches (one host's records) share one ResourceSpans.
     merged: dict[str, tuple[dict[str, Any], list[Span]]] = {}
-    for oid, spans in by_object.items():
-        resource = resources[oid]
-        entry = merged.setdefault(repr(sorted(resource.items(), key=_first_str)), (resource, []))
-        entry[1].extend(spans)
+    for resource, spans in by_object.values():
+        merged.setdefault(repr(sorted(resource.items(), key=_first_str)), (resource, []))[1].extend(spans)
     pb_scope = _encode_instrumentation_scope(scope)
     return ExportTraceServiceRequest(
         resource_spans=[

@@ -47,12 +47,11 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TextIO
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from ktel import topics as topics_mod
 from ktel.config import Config
-from ktel.stack.kafka import TopicSpec, create_topics
+from ktel.stack.kafka import TopicSpec, create_topics, topic_partitions
 from ktel.wire import (
     DLQ_TOPIC,
     KINDS,
@@ -395,19 +394,15 @@ async def _settle(in_flight: list[asyncio.Future[Any]]) -> int:
 async def _partitions(bootstrap: str, topic: str) -> list[TopicPartition]:
     # The admin client answers for a missing topic at once (a producer would wait
     # for its metadata until a timeout, and a group-less consumer does not fetch it).
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
     try:
-        await admin.start()
-        [desc] = await admin.describe_topics([topic])
+        n = await topic_partitions(bootstrap, topic)
     except (KafkaError, OSError) as err:
         raise ReplayError(
             f"cannot reach Kafka at {bootstrap} ({err}); set kafka.bootstrap or KTEL_KAFKA__BOOTSTRAP"
         ) from None
-    finally:
-        await admin.close()
-    if desc["error_code"] != 0 or not desc["partitions"]:
-        raise ReplayError(f"topic {topic} is not on {bootstrap} (Kafka error code {desc['error_code']})")
-    return [TopicPartition(topic, p) for p in sorted(p["partition"] for p in desc["partitions"])]
+    if not n:
+        raise ReplayError(f"topic {topic} is not on {bootstrap}")
+    return [TopicPartition(topic, p) for p in range(n)]
 
 
 # ------------------------------------------------------------------------ cli

@@ -326,6 +326,11 @@ KTEL_LOG = EventKind(
     ),
 )
 
+# Buckets of a log2 histogram: KTEL_HIST_SLOTS in bpf/ktel_hist.h (checked by
+# tests/unit/test_probe_layout.py). The agent's histogram deltas and the aggregate
+# stage's histograms of kernel code's observations have these, so they merge.
+HIST_SLOTS = 40
+
 KINDS: dict[int, EventKind] = {
     k.id: k
     for k in (
@@ -341,6 +346,15 @@ KINDS: dict[int, EventKind] = {
         KTEL_SPAN,
         KTEL_LOG,
     )
+}
+
+# Fields of an event that name a process (whose attributes enrich attaches).
+PID_FIELDS = ("pid", "trigger_pid")
+# kind id -> indexes in the event array of its PID_FIELDS (index 0 is the kind id).
+PID_INDEXES: dict[int, tuple[int, ...]] = {
+    k.id: idx
+    for k in KINDS.values()
+    if (idx := tuple(i + 1 for i, f in enumerate(k.fields) if f in PID_FIELDS))
 }
 
 

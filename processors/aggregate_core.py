@@ -36,6 +36,7 @@ from typing import Any
 from ktel.wire import (
     DNS_SLOW,
     FILE_CREATED,
+    HIST_SLOTS,
     HISTOGRAM_DELTA,
     KTEL_LOG,
     KTEL_METRIC,
@@ -110,11 +111,6 @@ def _counter_labels(ev: Sequence[Any], opts: Options) -> tuple[str, tuple[tuple[
 
 def histogram_name(metric: str, unit: str) -> str:
     return f"{metric}_seconds" if unit == "ns" else f"{metric}_{unit}"
-
-
-# Mirrors KTEL_HIST_SLOTS (bpf/ktel_hist.h): kernel code's histogram observations
-# get the buckets the in-kernel histograms have, so the two merge and export alike.
-HIST_SLOTS = 40
 
 
 def log2_slot(value: int) -> int:

@@ -42,28 +42,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ktel.wire import KINDS, PROCESS_EXEC, PROCESS_EXIT, RawBatch
+from ktel.wire import PID_INDEXES, PROCESS_EXEC, PROCESS_EXIT, RawBatch
 from processors.dedupe_core import MAX_BOOTS
 
 # (host.id, cgroup.id) -> container and pod attributes; see load_metadata.
 Metadata = dict[str, dict[int, dict[str, str]]]
 
-# Fields of an event that name a process whose attributes the batch should carry.
-PID_FIELDS = ("pid", "trigger_pid")
 # Attribute namespaces the metadata feed may set (OpenTelemetry semantic conventions).
 FEED_NAMESPACES = ("container.", "k8s.")
-
-
-def _pid_indexes() -> dict[int, tuple[int, ...]]:
-    """kind id -> indexes in the event array of its PID_FIELDS (index 0 is the kind id)."""
-    return {
-        k.id: idx
-        for k in KINDS.values()
-        if (idx := tuple(i + 1 for i, f in enumerate(k.fields) if f in PID_FIELDS))
-    }
-
-
-PID_INDEXES = _pid_indexes()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,8 +34,7 @@ import random
 from collections import defaultdict
 from typing import Any
 
-from ktel.wire import HISTOGRAM_DELTA, KINDS, ControlCommand, RawBatch
-from processors.enrich_core import PID_INDEXES
+from ktel.wire import HISTOGRAM_DELTA, KINDS, PID_INDEXES, ControlCommand, RawBatch
 
 # The probe that emits each event kind, where the names differ (fidelity
 # commands name probes). Histogram deltas are summaries, not events: they are

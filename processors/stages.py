@@ -91,7 +91,6 @@ OVERFLOW = Counter("ktel_processor_series_overflow", "events folded into an over
 SNAPSHOTS = Counter("ktel_processor_snapshots", "metric snapshot records produced", ["stage"])
 SPANS = Counter("ktel_processor_spans", "kernel spans sent to ktel.spans", ["stage"])
 LOGS = Counter("ktel_processor_logs", "kernel logs and OOM kills sent to ktel.logs", ["stage"])
-ENRICHED = Counter("ktel_processor_enriched_batches", "batches the enrich stage gave attributes", ["stage"])
 HEARTBEATS = Counter("ktel_processor_heartbeats", "agent heartbeats the enrich stage read", ["stage"])
 EVICTIONS = Counter(
     "ktel_processor_process_evictions", "processes dropped by enrich.max_processes, not by exit", ["stage"]
@@ -163,7 +162,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             name
         ].labels(stage)
     if does["enrich"]:
-        for metric in (ENRICHED, HEARTBEATS, EVICTIONS, PROCESSES):
+        for metric in (HEARTBEATS, EVICTIONS, PROCESSES):
             metric.labels(stage)
 
     datadir = cfg.aggregate.data_dir / stage
@@ -243,7 +242,6 @@ def make_app(cfg: Config, stage: str) -> faust.App:
                 batch = enriched.batch
                 # Only the LRU order changed otherwise: not worth a changelog record.
                 changed |= enriched.changed
-                ENRICHED.labels(stage).inc()
                 EVICTIONS.labels(stage).inc(enriched.evicted)
                 PROCESSES.labels(stage).inc(enriched.processes - known.get(batch.host_id, 0))
                 known[batch.host_id] = enriched.processes
@@ -270,7 +268,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
                 for lb in log_records:
                     await logs_topic.send(key=event.key, value=encode_logs(lb))
                     LOGS.labels(stage).inc(len(lb.logs))
-            if keeps_state and changed:
+            if changed:  # (only stages that keep state change it)
                 await persist(hosts, batch.host_id, state)
             if not does["aggregate"]:
                 await sink.send(key=event.key, value=encode_batch(batch))

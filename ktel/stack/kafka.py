@@ -320,8 +320,8 @@ async def create_topics(bootstrap: str, specs: list[TopicSpec]) -> None:
 async def topic_partitions(bootstrap: str, topic: str) -> int | None:
     """How many partitions ``topic`` has; None if it does not exist."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
     try:
+        await admin.start()
         # Every topic, not just this one: asking for a missing topic by name can
         # make the broker auto-create it with its default partition count.
         described = await admin.describe_topics()

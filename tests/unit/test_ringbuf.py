@@ -51,6 +51,8 @@ def test_bulk_decoder_gives_the_per_record_decoders_events():
         "certain": False,
     }
     assert bulk[5][6] == "/bad/\\xff\\xfe" and bulk[5][5] == "a-comm-of-16-byt"
+    assert [(e[6], e[8]) for e in bulk[:5]] == [(f"/tmp/d{i}/file-é", i % 2 == 1) for i in range(5)]
+    assert bulk[6][6] == "/" + "p" * 254
 
 
 def test_bulk_decoder_refuses_records_of_another_size():
@@ -63,3 +65,4 @@ def test_common_prefix_of_header_words():
     got = struct.pack("<I", 304) * 4 + struct.pack("<I", 304 | ringbuf.BUSY_BIT) + struct.pack("<I", 304)
     assert ringbuf._common_prefix(got, want) // 4 == 4
     assert ringbuf._common_prefix(want, want) == len(want)
+    assert ringbuf._common_prefix(got[16:], want[:8]) // 4 == 0  # a look-ahead whose first record differs
