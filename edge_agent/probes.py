@@ -266,11 +266,25 @@ def bpf_source(name: str) -> str:
     return common + "\n" + (BPF_DIR / f"{name}.bpf.c").read_text()
 
 
-def cflags_for(spec: ProbeSpec, ringbuf_pages: int, defines: Mapping[str, int] | None = None) -> list[str]:
-    """The compiler flags the loader gives a probe on this kernel."""
+def present_tracepoints(spec: ProbeSpec) -> frozenset[str]:
+    """The probe's optional and by-name tracepoints this kernel has, looked at once per
+    load: the source compiled for them and the programs attached must agree, though a
+    module may be loaded or unloaded during BCC's compile."""
+    return frozenset(tp for tp in (*spec.optional_tracepoints, *spec.programs) if _has_tracepoint(tp))
+
+
+def cflags_for(
+    spec: ProbeSpec,
+    ringbuf_pages: int,
+    defines: Mapping[str, int] | None = None,
+    present: frozenset[str] | None = None,
+) -> list[str]:
+    """The compiler flags the loader gives a probe on this kernel (``present``: see
+    present_tracepoints, which it defaults to)."""
+    present = present_tracepoints(spec) if present is None else present
     pages = ringbuf_pages if spec.ringbuf else 1
     cflags = [f"-I{BPF_DIR}", f"-DKTEL_RINGBUF_PAGES={pages}"]
-    cflags += [f"-D{d}" for tp, d in spec.optional_tracepoints.items() if _has_tracepoint(tp)]
+    cflags += [f"-D{d}" for tp, d in spec.optional_tracepoints.items() if tp in present]
     cflags += [f"-D{d}" for f, d in spec.optional_fields.items() if _has_field(f)]
     cflags += [f"-D{k}={v}" for k, v in (defines or {}).items()]
     return cflags
@@ -321,10 +335,12 @@ class LoadedProbe:
             if path is None:
                 raise ProbeUnavailable(f"library {u.library!r} not found (ldconfig -p)")
             libs[u.library] = path
-        self.bpf = BPF(text=bpf_source(spec.name).encode(), cflags=cflags_for(spec, ringbuf_pages, defines))
+        present = present_tracepoints(spec)
+        cflags = cflags_for(spec, ringbuf_pages, defines, present)
+        self.bpf = BPF(text=bpf_source(spec.name).encode(), cflags=cflags)
         try:
             for tp, fn in spec.programs.items():
-                if _has_tracepoint(tp):
+                if tp in present:  # gone since: attaching fails and says so
                     self.bpf.attach_tracepoint(tp=tp.replace("/", ":").encode(), fn_name=fn.encode())
         except Exception as err:
             self.bpf.cleanup()
@@ -368,7 +384,9 @@ class LoadedProbe:
 
     def _on_record(self, _ctx, data, size) -> None:
         # BCC's callback reader (where ringbuf.BULK_READ is False): one run per record.
-        self._runs.append(rb.frame(ctypes.string_at(data, size)))
+        run = rb.frame(ctypes.string_at(data, size))
+        self._runs.append(run)
+        self._queued += len(run[1])
 
     def _read(self, max_bytes: int | None = None) -> int:
         """One pass over the ring buffer into take()'s queue; returns the bytes queued."""
@@ -383,14 +401,12 @@ class LoadedProbe:
 
     def _drain(self) -> None:
         reader = self._reader
-        if reader is None:
-            while not self._stop.is_set():
-                self.bpf.ring_buffer_poll(100)
-            return
         while not self._stop.is_set():
             room = QUEUE_MAX_BYTES - (self._queued - self._taken)
             if room <= 0:
                 self._stop.wait(DRAIN_PAUSE_S)  # the agent is behind: see QUEUE_MAX_BYTES
+            elif reader is None:
+                self.bpf.ring_buffer_poll(100)  # BCC's callback reader (not x86-64)
             elif reader.wait(0.1) and self._read(room) < reader.size * DRAIN_PAUSE_BELOW:
                 self._stop.wait(DRAIN_PAUSE_S)
 

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from edge_agent import probes
+from edge_agent import probes, ringbuf
 from ktel.wire import event_dict
 from tests.conftest import need_bpf
 
@@ -101,3 +101,26 @@ def test_o_excl_creations_are_certain_and_failed_opens_are_not_events(probe, tmp
         (str(path), True),
         (str(tmp_path / "last"), False),
     ]
+
+
+def test_bccs_callback_reader_gives_the_same_events_within_the_queue_bound(monkeypatch, tmp_path):
+    """Off x86-64 the agent reads the ring buffer through BCC's callback (see
+    edge_agent/ringbuf.py); forced here, where the bulk reader would be used."""
+    need_bpf()
+    monkeypatch.setattr(ringbuf, "BULK_READ", False)
+    loaded, skipped = probes.load(["file_created"], ringbuf_pages=64)
+    assert not skipped, skipped
+    p = loaded["file_created"]
+    try:
+        assert p._reader is None
+        target = tmp_path / "callback"
+        target.mkdir()
+        names = [str(target / f"f{i:02d}") for i in range(N)]
+        subprocess.run(["touch", *names], check=True)
+        prefix = f"{target}/"
+        events = drain_until(p, lambda evs: sum(e["path"].startswith(prefix) for e in evs) >= N)
+        assert sorted(e["path"] for e in events if e["path"].startswith(prefix)) == names
+        # What this reader queued counts against the drain queue's bound too.
+        assert p._queued >= p._taken > 0
+    finally:
+        p.close()
