@@ -166,10 +166,9 @@ class Filter:
             return None
         if len(keep) == len(batch.events):
             return batch
-        return dataclasses.replace(
-            batch,
-            events=[batch.events[i] for i in keep],
-            weights=None if batch.weights is None else [batch.weights[i] for i in keep],
+        return batch.keeping(
+            [batch.events[i] for i in keep],
+            None if batch.weights is None else [batch.weights[i] for i in keep],
         )
 
     def _wants(self, event: Sequence[Any], sent_ns: int) -> bool:

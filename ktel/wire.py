@@ -375,6 +375,16 @@ class RawBatch:
     def key(self) -> bytes:
         return self.host_id.encode()
 
+    def keeping(self, events: Sequence[Sequence[Any]], weights: Sequence[float] | None) -> RawBatch:
+        """This batch with only ``events`` (some of its own) and their weights.
+
+        The attributes of processes that only the dropped events named go with them."""
+        processes = self.processes
+        if processes and len(events) < len(self.events):
+            named = {str(ev[i]) for ev in events for i in PID_INDEXES.get(ev[0], ())}
+            processes = {pid: attrs for pid, attrs in processes.items() if pid in named}
+        return dataclasses.replace(self, events=events, weights=weights, processes=processes)
+
 
 @dataclasses.dataclass(frozen=True)
 class MetricSnapshot:

@@ -34,7 +34,7 @@ import random
 from collections import defaultdict
 from typing import Any
 
-from ktel.wire import HISTOGRAM_DELTA, KINDS, PID_INDEXES, ControlCommand, RawBatch
+from ktel.wire import HISTOGRAM_DELTA, KINDS, ControlCommand, RawBatch
 
 # The probe that emits each event kind, where the names differ (fidelity
 # commands name probes). Histogram deltas are summaries, not events: they are
@@ -110,14 +110,7 @@ class Sampler:
             weights.append(w / p)
         self.kept += len(events)
         uniform = weights.count(1.0) == len(weights)
-        processes = batch.processes
-        if processes and len(events) < len(batch.events):
-            # The attributes of processes that only dropped events named go with them.
-            named = {str(ev[i]) for ev in events for i in PID_INDEXES.get(ev[0], ())}
-            processes = {pid: attrs for pid, attrs in processes.items() if pid in named}
-        return dataclasses.replace(
-            batch, events=events, weights=None if uniform else weights, processes=processes
-        )
+        return batch.keeping(events, None if uniform else weights)
 
     def end_window(self, share: float = 1.0) -> None:
         """Recompute per-kind keep probabilities from the window's rates.

@@ -1,13 +1,14 @@
 """The pure parts of `ktel replay`: times, the filter and its window rule, the output."""
 
 import argparse
+import dataclasses
 import json
 
 import pytest
 
 from ktel import cli, config, replay
 from ktel.replay import NS, Filter, ReplayError, parse_duration, parse_kinds, parse_time
-from ktel.wire import DNS_SLOW, FILE_CREATED, KINDS, RAW_TOPIC, TCP_RETRANSMIT, RawBatch
+from ktel.wire import DNS_SLOW, FILE_CREATED, KINDS, PID_INDEXES, RAW_TOPIC, TCP_RETRANSMIT, RawBatch
 
 NOW = 1_750_000_000 * NS  # 2025-06-15T15:06:40Z
 
@@ -109,6 +110,18 @@ def test_kinds_and_hosts_filter():
     assert flt.select(batch([retransmit(NOW)])) is None
     everything = Filter(NOW, NOW + NS)
     assert everything.select(whole) is whole  # nothing dropped: the batch as it was
+
+
+def test_a_kept_batch_names_only_the_processes_its_kept_events_name():
+    [pid_at] = PID_INDEXES[FILE_CREATED.id]
+    early, late = created(NOW - NS), created(NOW)
+    early[pid_at], late[pid_at] = 11, 22
+    enriched = dataclasses.replace(
+        batch([early, late]), processes={"11": {"process.command": "a"}, "22": {"process.command": "b"}}
+    )
+    kept = Filter(NOW, NOW + NS).select(enriched)
+    assert kept is not None and kept.events == [late]
+    assert kept.processes == {"22": {"process.command": "b"}}
 
 
 def test_keys_worth_decoding():
