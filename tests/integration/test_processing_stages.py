@@ -12,8 +12,12 @@ import subprocess
 import sys
 import time
 
+import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
+from prometheus_client.parser import text_string_to_metric_families
 
 from ktel import config, topics
 from ktel.stack.kafka import LocalKafka, create_topics, free_port
@@ -56,11 +60,12 @@ class Worker:
     def __init__(self, tmp_path, bootstrap, name, stage="all", **settings):
         self.stage = stage
         self.log = tmp_path / f"{name}.log"
+        self.port = free_port()
         self.env = dict(
             os.environ,
             KTEL_KAFKA__BOOTSTRAP=bootstrap,
             KTEL_AGGREGATE__WINDOW_SECONDS="1",
-            KTEL_AGGREGATE__METRICS_PORT="0",
+            KTEL_AGGREGATE__METRICS_PORT=str(self.port),
             KTEL_AGENT__HOST_ID="unused",
             KTEL_AGGREGATE__DATA_DIR=str(tmp_path / f"{name}-data"),
             **settings,
@@ -77,6 +82,19 @@ class Worker:
     def kill(self):
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
+
+    def batches_done(self) -> float:
+        """The worker's ktel_processor_batches (0 before its metrics endpoint is up)."""
+        try:
+            text = httpx.get(f"http://127.0.0.1:{self.port}/metrics").text
+        except httpx.TransportError:
+            return 0.0
+        return sum(
+            s.value
+            for fam in text_string_to_metric_families(text)
+            for s in fam.samples
+            if s.name == "ktel_processor_batches_total"
+        )
 
     def stop(self):
         if self.proc and self.proc.poll() is None:
@@ -134,16 +152,51 @@ def wait_for_totals(bootstrap, expected: dict, timeout=120, idle_s=2.0) -> dict:
     return got
 
 
+def group_members(bootstrap: str, group: str) -> tuple[str, int]:
+    """The consumer group's state and how many members have an assignment."""
+
+    async def describe():
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            return await admin.describe_consumer_groups([group])
+        finally:
+            await admin.close()
+
+    try:
+        [response] = asyncio.run(describe())
+    except KafkaError as err:
+        if not err.retriable:  # e.g. no coordinator while __consumer_offsets is being made
+            raise
+        return type(err).__name__, 0
+    [(_err, _group, state, _ptype, _protocol, members)] = response.groups
+    return state, sum(1 for m in members if m[4])
+
+
+def wait_for_group(bootstrap: str, group: str, members: int, timeout=120) -> None:
+    deadline = time.monotonic() + timeout
+    while (got := group_members(bootstrap, group)) != ("Stable", members):
+        assert time.monotonic() < deadline, f"group {group}: {got}, not {members} stable members"
+        time.sleep(0.5)
+
+
 def test_two_workers_and_a_sigkill_count_every_event_once(broker, tmp_path):
     hosts, per_host, events = 12, 60, 50
     a = Worker(tmp_path, broker.bootstrap, "a").start()
     b = Worker(tmp_path, broker.bootstrap, "b").start()
     try:
+        # Both must share the partitions before the traffic starts: on a slow machine
+        # a worker killed before it joined would leave b alone, and nothing to test.
+        wait_for_group(broker.bootstrap, "ktel-all", members=2)
         traffic = [(bt.key, encode_batch(bt)) for bt in batches(hosts, per_host, events)]
         # Re-sent batches (an agent retrying) must not count twice.
         traffic += random.Random(7).sample(traffic, 40)
         half = len(traffic) // 2
         asyncio.run(produce(broker.bootstrap, traffic[:half], pace_s=0.01))
+        deadline = time.monotonic() + 60
+        while not (a.batches_done() and b.batches_done()):
+            assert time.monotonic() < deadline, "both workers should be processing their partitions"
+            time.sleep(0.2)
         a.kill()  # mid-stream, without any chance to commit or flush
         asyncio.run(produce(broker.bootstrap, traffic[half : half + 200], pace_s=0.01))
         a = Worker(tmp_path, broker.bootstrap, "a2").start()
