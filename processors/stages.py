@@ -62,6 +62,7 @@ from ktel.wire import (
     encode_spans,
 )
 from processors import aggregate_core, dedupe_core, enrich_core, sample_core
+from processors.faust_app import App
 
 log = logging.getLogger("ktel.process")
 
@@ -167,7 +168,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
 
     datadir = cfg.aggregate.data_dir / stage
     datadir.mkdir(parents=True, exist_ok=True)
-    app = faust.App(
+    app = App(
         f"ktel-{stage}",
         broker=f"kafka://{cfg.kafka.bootstrap}",
         store="memory://",

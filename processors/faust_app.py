@@ -1,0 +1,73 @@
+"""The Faust app the stages run on: ``faust.App`` with two rebalance holes closed.
+
+Both holes lose records after a rebalance, silently: the records are fetched but
+never reach the stage, and no later fetch brings them back. Both were found with
+the SIGKILL conservation test (tests/integration/test_processing_stages.py) on a
+loaded machine, in faust-streaming 0.15.3.
+
+1. **Clearing the stream queues twice.** Faust clears every stream queue when
+   flow control resumes, to drop records fetched before the rebalance; it then
+   fetches them again from the committed offset. A worker that restores a table
+   resumes flow twice: once to read the changelogs, and again at the end of
+   ``Recovery.on_recovery_completed``, after it resumed the stream partitions and
+   sought them to their committed offsets. The fetcher runs between the two, so
+   records fetched *after* the seek sit in the queues when the second resume
+   clears them. Seen: raw offset 128 of a partition was fetched 1 ms before the
+   clear and never counted; offsets 48-59 of another, in a run where that worker
+   had just taken over the partition. Here a resume clears only when flow was
+   suspended, which is the only time the queues can hold records from before the
+   rebalance.
+
+2. **No seek where nothing was committed.** Faust's answer to every record it
+   drops on the way (a fetch cut short by a rebalance, a record from an older
+   generation, the clear above) is "seek to the committed offset". Where the group
+   has not committed yet (a worker dies in its first commit interval, or a new
+   group's first rebalance) there is nothing to seek to, aiokafka leaves the
+   position where the dropped records already moved it, and they are skipped.
+   Here such partitions are sought to their beginning, as
+   ``consumer_auto_offset_reset="earliest"`` would do for a new group. The stages
+   dedupe their input, so what is read twice is counted once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import faust
+from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types import TP
+from mode.utils.objects import cached_property
+from mode.utils.queues import FlowControlEvent
+
+
+class FlowControl(FlowControlEvent):
+    def resume(self) -> None:
+        """Resume, clearing the stream queues only if flow was suspended (hole 1)."""
+        if self.is_active():
+            return  # the queues hold only records fetched since the last resume
+        super().resume()
+
+
+class Consumer(faust_aiokafka.Consumer):
+    async def seek_to_committed(self) -> Mapping[TP, int]:
+        """Seek to the committed offsets, and to the beginning where there are none (hole 2)."""
+        committed = await super().seek_to_committed()
+        # aiokafka seeks only to offsets above 0; changelogs are Faust's recovery's own business.
+        fresh = [tp for tp, offset in committed.items() if not offset and not self._is_changelog_tp(tp)]
+        if fresh:
+            await self._thread.seek_to_beginning(*fresh)
+        return committed
+
+
+class Transport(faust_aiokafka.Transport):
+    Consumer = Consumer
+
+
+class App(faust.App):
+    @cached_property
+    def flow_control(self) -> FlowControlEvent:
+        return FlowControl(loop=self.loop)
+
+    def _new_transport(self) -> Any:
+        return Transport(self.conf.broker_consumer, self)
