@@ -27,6 +27,7 @@ why ``ktel.heartbeats`` is partitioned like ``ktel.raw``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from typing import Any
@@ -346,26 +347,40 @@ def changelog_topic(stage: str) -> str:
     return f"ktel-{stage}-host-state-changelog"  # Faust's name for the "host-state" table of app ktel-<stage>
 
 
-def check_heartbeat_partitions(cfg: Config) -> None:
-    """Refuse to start the enrich stage where its table write of a heartbeat would fail.
+def check_partitions(cfg: Config, stage: str) -> None:
+    """Refuse to start a stage whose table would not be co-partitioned with its input.
 
-    ``ktel topics`` creates ktel.heartbeats partitioned like ktel.raw; one made
-    before the enrich stage existed may follow ``kafka.output_partitions``.
+    The table (and its changelog) has ``kafka.raw_partitions`` partitions; Faust
+    refuses a table write from a record of a topic partitioned otherwise, and a
+    worker would crash on its first batch. That happens after ``kafka.raw_partitions``
+    is changed once the topics exist, and with a ktel.heartbeats made before the
+    enrich stage existed (then it followed ``kafka.output_partitions``).
     """
-    n = asyncio.run(
-        retry(lambda: topic_partitions(cfg.kafka.bootstrap, HEARTBEATS_TOPIC), what="describe the topics")
-    )
-    if n is not None and n != cfg.kafka.raw_partitions:
-        raise SystemExit(
-            f"ktel process: {HEARTBEATS_TOPIC} has {n} partitions but the enrich stage needs "
-            f"kafka.raw_partitions = {cfg.kafka.raw_partitions}, like ktel.raw: delete {HEARTBEATS_TOPIC} "
-            "(it holds only recent heartbeats) and run `ktel topics` to create it again"
+    if stage == "sample":
+        return  # it keeps no table
+    want = cfg.kafka.raw_partitions
+    # What to do about each topic, by the partition count it has ({n}).
+    remake = "delete it with the stages stopped and run `ktel topics`, or set kafka.raw_partitions = {n}"
+    fixes = {
+        SOURCE[stage]: remake,
+        changelog_topic(stage): "delete it with the stage stopped (the stage makes it again, empty)",
+    }
+    if stage in ("enrich", "all"):
+        fixes[HEARTBEATS_TOPIC] = "delete it (it holds only recent heartbeats) and run `ktel topics`"
+    fixes[RAW_TOPIC] = "set kafka.raw_partitions = {n}: the partitions of a topic cannot be reduced"
+    for topic, fix in fixes.items():
+        n = asyncio.run(
+            retry(functools.partial(topic_partitions, cfg.kafka.bootstrap, topic), what="describe the topics")
         )
+        if n is not None and n != want:
+            raise SystemExit(
+                f"ktel process {stage}: {topic} has {n} partitions but kafka.raw_partitions = {want}, "
+                f"and the stage's table must be partitioned like its input: {fix.format(n=n)}"
+            )
 
 
 def run(cfg: Config, stage: str, log_level: str = "info") -> None:
-    if stage in ("enrich", "all"):
-        check_heartbeat_partitions(cfg)
+    check_partitions(cfg, stage)
     if stage != "sample":
         # Created before Faust starts: when Faust creates it itself, a worker that
         # reads metadata a moment too early crashes with PartitionsMismatch and

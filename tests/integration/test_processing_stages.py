@@ -20,7 +20,7 @@ from aiokafka.errors import KafkaError
 from prometheus_client.parser import text_string_to_metric_families
 
 from ktel import config, topics
-from ktel.stack.kafka import LocalKafka, create_topics, free_port
+from ktel.stack.kafka import LocalKafka, TopicSpec, create_topics, free_port, topic_partitions
 from ktel.wire import (
     CONTROL_TOPIC,
     DLQ_TOPIC,
@@ -396,3 +396,45 @@ def test_a_rate_spike_raises_the_hosts_fidelity_and_the_calm_restores_it(broker,
         assert cmds[0].until_ms > time.time_ns() // 1_000_000  # the raise is still in force when read
     finally:
         w.stop()
+
+
+def test_a_stage_refuses_topics_its_table_cannot_be_partitioned_like(broker, tmp_path):
+    def start(stage, **settings):
+        env = Worker(tmp_path, broker.bootstrap, stage, stage, **settings).env
+        return subprocess.run(
+            [sys.executable, "-m", "ktel.cli", "process", stage],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    # The topics were made with kafka.raw_partitions = 6; the config now says 4.
+    done = start("dedupe", KTEL_KAFKA__RAW_PARTITIONS="4")
+    assert done.returncode != 0
+    assert "ktel.raw has 6 partitions but kafka.raw_partitions = 4" in done.stderr
+    assert "set kafka.raw_partitions = 6" in done.stderr
+
+    # A ktel.heartbeats made before the enrich stage existed (output_partitions).
+    async def remake_heartbeats():
+        admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap)
+        await admin.start()
+        try:
+            await admin.delete_topics([HEARTBEATS_TOPIC])
+        finally:
+            await admin.close()
+        for _ in range(50):  # deletion completes asynchronously
+            try:
+                await create_topics(broker.bootstrap, [TopicSpec(HEARTBEATS_TOPIC, 2)])
+                if await topic_partitions(broker.bootstrap, HEARTBEATS_TOPIC) == 2:
+                    return
+            except KafkaError:
+                pass
+            await asyncio.sleep(0.2)
+        raise AssertionError("ktel.heartbeats was not made again with 2 partitions")
+
+    asyncio.run(remake_heartbeats())
+    done = start("enrich")
+    assert done.returncode != 0
+    assert "ktel.heartbeats has 2 partitions but kafka.raw_partitions = 6" in done.stderr
+    assert "run `ktel topics`" in done.stderr
