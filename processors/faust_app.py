@@ -25,8 +25,9 @@ loaded machine, in faust-streaming 0.15.3.
    group's first rebalance) there is nothing to seek to, aiokafka leaves the
    position where the dropped records already moved it, and they are skipped.
    Here such partitions are sought to their beginning, as
-   ``consumer_auto_offset_reset="earliest"`` would do for a new group. The stages
-   dedupe their input, so what is read twice is counted once.
+   ``consumer_auto_offset_reset="earliest"`` would do for a new group. What is
+   read twice is counted once: the dedupe and aggregate stages drop a batch they
+   have seen (see processors/stages.py).
 """
 
 from __future__ import annotations
@@ -53,8 +54,13 @@ class Consumer(faust_aiokafka.Consumer):
     async def seek_to_committed(self) -> Mapping[TP, int]:
         """Seek to the committed offsets, and to the beginning where there are none (hole 2)."""
         committed = await super().seek_to_committed()
-        # aiokafka seeks only to offsets above 0; changelogs are Faust's recovery's own business.
-        fresh = [tp for tp, offset in committed.items() if not offset and not self._is_changelog_tp(tp)]
+        # aiokafka seeks only to offsets above 0. Only the partitions Faust acks and
+        # commits (the agents' topics) are ours to move: changelogs are recovery's.
+        fresh = [
+            tp
+            for tp, offset in committed.items()
+            if not offset and self.app.topics.acks_enabled_for(tp.topic) and not self._is_changelog_tp(tp)
+        ]
         if fresh:
             await self._thread.seek_to_beginning(*fresh)
         return committed

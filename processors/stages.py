@@ -359,15 +359,14 @@ def check_partitions(cfg: Config, stage: str) -> None:
     if stage == "sample":
         return  # it keeps no table
     want = cfg.kafka.raw_partitions
-    # What to do about each topic, by the partition count it has ({n}).
+    # What to do about each topic, by the partition count it has ({n}). ktel.raw
+    # comes first: when it is the one that differs, the others follow from it.
     remake = "delete it with the stages stopped and run `ktel topics`, or set kafka.raw_partitions = {n}"
-    fixes = {
-        SOURCE[stage]: remake,
-        changelog_topic(stage): "delete it with the stage stopped (the stage makes it again, empty)",
-    }
+    fixes = {RAW_TOPIC: "set kafka.raw_partitions = {n}"}
+    fixes.setdefault(SOURCE[stage], remake)  # never "delete ktel.raw"
+    fixes[changelog_topic(stage)] = "delete it with the stage stopped (the stage makes it again, empty)"
     if stage in ("enrich", "all"):
         fixes[HEARTBEATS_TOPIC] = "delete it (it holds only recent heartbeats) and run `ktel topics`"
-    fixes[RAW_TOPIC] = "set kafka.raw_partitions = {n}: the partitions of a topic cannot be reduced"
     for topic, fix in fixes.items():
         n = asyncio.run(
             retry(functools.partial(topic_partitions, cfg.kafka.bootstrap, topic), what="describe the topics")
@@ -375,7 +374,7 @@ def check_partitions(cfg: Config, stage: str) -> None:
         if n is not None and n != want:
             raise SystemExit(
                 f"ktel process {stage}: {topic} has {n} partitions but kafka.raw_partitions = {want}, "
-                f"and the stage's table must be partitioned like its input: {fix.format(n=n)}"
+                f"which the stage's table has and must share with {topic}: {fix.format(n=n)}"
             )
 
 
