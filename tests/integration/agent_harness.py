@@ -16,7 +16,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from ktel.stack.kafka import free_port
-from ktel.wire import RAW_TOPIC, decode_batch, event_dict
+from ktel.wire import RAW_TOPIC, WireError, decode_batch, event_dict
 
 
 class AgentProcess:
@@ -139,7 +139,12 @@ def raw_events_under(bootstrap: str, prefix: str) -> tuple[list[dict], int]:
     dups = 0
     events: list[dict] = []
     for rec in asyncio.run(read_topic(bootstrap, RAW_TOPIC)):
-        batch = decode_batch(rec.value)
+        try:
+            batch = decode_batch(rec.value)
+        except WireError:
+            # Not an agent's: the shared broker's ktel.raw also holds test_replay's
+            # garbage record. An agent that wrote one would miss events under prefix.
+            continue
         ident = (batch.host_id, batch.boot_id, batch.seq)
         if ident in seen:
             dups += 1
