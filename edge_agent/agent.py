@@ -42,6 +42,7 @@ from prometheus_client.registry import REGISTRY, Collector
 
 from edge_agent import probes as probes_mod
 from edge_agent import ringbuf
+from edge_agent.containers import Containers
 from edge_agent.control import Control
 from edge_agent.identity import boot_id
 from edge_agent.redact import Redactor
@@ -64,6 +65,10 @@ PRODUCER_RENEWALS = Counter("ktel_agent_producer_renewals", "Kafka producers rep
 BROKEN_PRODUCER = (OutOfOrderSequenceNumber, UnknownProducerId)
 HEARTBEATS = Counter("ktel_agent_heartbeats", "heartbeats acknowledged by Kafka")
 PROBES_LOADED = Gauge("ktel_agent_probe_loaded", "1 per loaded probe, 0 per skipped one", ["probe"])
+CONTAINERS = Gauge("ktel_agent_containers", "container and pod cgroups the last heartbeat listed")
+CONTAINERS_UNLISTED = Gauge(
+    "ktel_agent_containers_unlisted", "container and pod cgroups over the heartbeat's bound, not listed"
+)
 
 # Records sent to the producer before the oldest is awaited.
 MAX_IN_FLIGHT = 32
@@ -141,6 +146,7 @@ class Agent:
         self.skipped: dict[str, str] = {}
         self.control = Control(self.host_id, acfg.sample_every, self.apply_rate)
         self.latencies_ms: list[float] = []
+        self.containers = Containers.of_host(acfg.cgroup_root)
 
     # ------------------------------------------------------------ collecting
 
@@ -315,7 +321,9 @@ class Agent:
 
     # ------------------------------------------------------------ heartbeats
 
-    def heartbeat(self, interval: float, previous: dict[str, int]) -> tuple[dict, dict[str, int]]:
+    def heartbeat(
+        self, interval: float, previous: dict[str, int], containers: list[list]
+    ) -> tuple[dict, dict[str, int]]:
         """The heartbeat record; ``rates`` are the counters' increase over the last
         ``interval`` seconds (since start, in the first)."""
 
@@ -371,6 +379,7 @@ class Agent:
                 "max": max(lat) if lat else 0.0,
             },
             "acked_commands": self.control.take_acks(),
+            "containers": containers,
         }
         return hb, counters
 
@@ -382,8 +391,11 @@ class Agent:
         previous: dict[str, int] = {}
         last = self.started
         while True:
+            containers = await asyncio.to_thread(self.containers.scan)
+            CONTAINERS.set(len(containers))
+            CONTAINERS_UNLISTED.set(self.containers.unlisted)
             now = time.monotonic()
-            hb, previous = self.heartbeat(max(now - last, 1e-3), previous)
+            hb, previous = self.heartbeat(max(now - last, 1e-3), previous, containers)
             last = now
             try:
                 # Only the latest heartbeat matters: one that cannot be sent in time is skipped, not queued.

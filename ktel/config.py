@@ -115,6 +115,11 @@ class AgentConfig(BaseModel):
         "interval", description="fsync of the spool: every batch, at most once a second, or never"
     )
     heartbeat_seconds: float = Field(10, gt=0, description="interval of heartbeats on ktel.heartbeats")
+    cgroup_root: Path | None = Field(
+        None,
+        description="the cgroup v2 mount whose container and pod cgroups each heartbeat lists "
+        "(edge_agent/containers.py); unset: found in /proc/self/mountinfo",
+    )
     sample_every: dict[str, int] = Field(
         {},
         description="sampling per probe, 1 in N (default 1: keep all); control commands override it",

@@ -94,7 +94,12 @@ Heartbeat record (topic ``ktel.heartbeats``, key = host id)::
      "rates": {name: float},      # per second over the last interval
      "spool": {"depth_bytes": int},
      "send_latency_ms": {"p50": float, "max": float},
-     "acked_commands": [command id, ...]}
+     "acked_commands": [command id, ...],
+     "containers": [[cgroup_id, {attr: str}], ...]}   # optional
+
+``containers`` lists the cgroups the agent knows to be a container's or a pod's
+(edge_agent/containers.py), each with its ``container.*`` and ``k8s.*``
+attributes.
 
 Control command (topic ``ktel.control``, key = target)::
 
@@ -634,6 +639,19 @@ def decode_heartbeat(data: bytes) -> dict[str, Any]:
     for name in ("probes", "counters"):
         _field(obj, name, dict, what)
     _field(obj, "ts", int, what)
+    containers = obj.get("containers", [])  # absent from agents older than the field
+    if not isinstance(containers, list):
+        raise WireError(f"{what}: containers is not an array")
+    for i, entry in enumerate(containers):
+        if not (
+            isinstance(entry, list)
+            and len(entry) == 2
+            and type(entry[0]) is int
+            and entry[0] > 0
+            and isinstance(entry[1], dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in entry[1].items())
+        ):
+            raise WireError(f"{what}: containers entry {i} is not [cgroup id, {{attribute: string}}]")
     return obj
 
 

@@ -3,7 +3,9 @@
 A batch leaves this stage with the wire's ``res`` and ``proc`` fields set
 (ktel/wire.py): ``res`` is the host's resource from its agent's latest
 heartbeat, ``proc`` what is known of each process the batch's events name,
-from the process probe's exec and exit events and from the metadata feed.
+from the process probe's exec and exit events, and of its cgroup's container
+and pod from the agent's latest heartbeat and from the metadata feed (which
+wins where both name an attribute: it is the operator's).
 What is not known is absent: nothing is guessed, and a pid never seen gets no
 entry at all.
 
@@ -12,6 +14,7 @@ State per host (JSON-able, one value of the stage's Faust table)::
     {"boots": {boot_id: {                # at most dedupe_core.MAX_BOOTS, oldest first
         "hb": int,                       # ts (ms) of the heartbeat "host" came from
         "host": {attr: value},           # that heartbeat's "host" map
+        "containers": {str(cgroup id): {attr: value}},   # and its "containers"
         "procs": {str(pid): {            # least recently named first
             "ppid": int, "comm": str, "exe": str, "uid": int, "cg": int,
             "exit": int}}}},             # sent_ns of the batch that carried its exit
@@ -67,7 +70,8 @@ class Outcome:
 
 
 def observe_heartbeat(state: dict[str, Any], heartbeat: dict[str, Any]) -> bool:
-    """Take a decoded heartbeat's host attributes; False if it changed nothing.
+    """Take a decoded heartbeat's host, container and pod attributes; False if
+    it changed nothing.
 
     A heartbeat older than the one already taken for its boot (redelivered, or
     overtaken) is ignored, so the latest always wins. One without ``boot.id``
@@ -81,9 +85,18 @@ def observe_heartbeat(state: dict[str, Any], heartbeat: dict[str, Any]) -> bool:
     if boot.get("hb", -1) > heartbeat["ts"]:
         return False
     attrs = {k: v for k, v in host.items() if isinstance(v, str | int | float | bool)}
-    if boot.get("hb") == heartbeat["ts"] and boot.get("host") == attrs:
+    containers = {
+        str(cg): {k: v for k, v in ca.items() if k.startswith(FEED_NAMESPACES)}
+        for cg, ca in heartbeat.get("containers", [])
+    }
+    known = (boot.get("hb"), boot.get("host"), boot.get("containers", {}))
+    if known == (heartbeat["ts"], attrs, containers):
         return False
     boot["hb"], boot["host"] = heartbeat["ts"], attrs
+    if containers:
+        boot["containers"] = containers
+    else:
+        boot.pop("containers", None)
     return True
 
 
@@ -119,13 +132,14 @@ def enrich(state: dict[str, Any], batch: RawBatch, feed: Metadata, opts: Options
             out.changed = True
 
     host_feed = feed.get(batch.host_id, {})
+    host_containers = boot.get("containers", {})
     processes: dict[str, dict[str, Any]] = {}
     for pid in sorted(p for p in named if isinstance(p, int)):
         known = procs.pop(str(pid), None)
         if known is None:
             continue
         procs[str(pid)] = known  # re-inserted last: the most recently named
-        processes[str(pid)] = _attributes(pid, known, host_feed)
+        processes[str(pid)] = _attributes(pid, known, host_containers, host_feed)
     resource = {**boot.get("host", {}), "host.id": batch.host_id}
     out.batch = dataclasses.replace(batch, resource=resource, processes=processes)
 
@@ -162,8 +176,13 @@ def _known(**fields: Any) -> dict[str, Any]:
     return out
 
 
-def _attributes(pid: int, entry: dict[str, Any], host_feed: dict[int, dict[str, str]]) -> dict[str, Any]:
-    """A process entry as OpenTelemetry process attributes, with the feed's container and pod."""
+def _attributes(
+    pid: int,
+    entry: dict[str, Any],
+    host_containers: dict[str, dict[str, str]],
+    host_feed: dict[int, dict[str, str]],
+) -> dict[str, Any]:
+    """A process entry as OpenTelemetry process attributes, with its container and pod."""
     attrs: dict[str, Any] = {"process.pid": pid}
     for field, attr in (
         ("ppid", "process.parent_pid"),
@@ -177,6 +196,7 @@ def _attributes(pid: int, entry: dict[str, Any], host_feed: dict[int, dict[str, 
         if field in entry:
             attrs[attr] = entry[field]
     if "cg" in entry:
+        attrs.update(host_containers.get(str(entry["cg"]), {}))
         attrs.update(host_feed.get(entry["cg"], {}))
     return attrs
 

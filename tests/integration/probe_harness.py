@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from edge_agent import probes
+from edge_agent.containers import find_cgroup2_root
 from ktel.wire import event_dict
 from tests.conftest import need_bpf
 
@@ -91,28 +92,32 @@ def netns() -> Iterator[str]:
 
 
 def cgroup2_mount() -> Path:
-    for line in Path("/proc/self/mounts").read_text().splitlines():
-        dev, mnt, fstype, *_ = line.split()
-        if fstype == "cgroup2":
-            return Path(mnt)
-    pytest.skip("no cgroup2 hierarchy is mounted")
+    root = find_cgroup2_root(Path("/proc/self/mountinfo").read_text())
+    if root is None:
+        pytest.skip("no cgroup2 hierarchy is mounted")
+    return root
 
 
 @contextlib.contextmanager
-def cgroup2_child() -> Iterator[Path]:
-    """A cgroup v2 directory of this test's own; its inode number is the cgroup
-    id that bpf_get_current_cgroup_id() returns for a process inside it."""
-    path = cgroup2_mount() / f"ktel-t{os.getpid()}-{next(_seq)}"
-    path.mkdir()
+def cgroup2_child(*names: str) -> Iterator[Path]:
+    """A cgroup v2 directory of this test's own (with ``names`` nested in it,
+    innermost last: a container's, say); its inode number is the cgroup id
+    that bpf_get_current_cgroup_id() returns for a process inside it."""
+    paths = [cgroup2_mount() / f"ktel-t{os.getpid()}-{next(_seq)}"]
+    paths += [paths[0].joinpath(*names[: i + 1]) for i in range(len(names))]
     try:
-        yield path
+        for path in paths:
+            path.mkdir()
+        yield paths[-1]
     finally:
-        for _ in range(50):  # a process just reaped may still hold it for a moment
-            try:
-                path.rmdir()
-                break
-            except OSError:
-                time.sleep(0.1)
+        for path in reversed(paths):
+            # A process just reaped may still hold it for a moment.
+            for _ in range(50 if path.exists() else 0):
+                try:
+                    path.rmdir()
+                    break
+                except OSError:
+                    time.sleep(0.1)
 
 
 def build_c(tmp_path: Path, name: str, source: str) -> Path:

@@ -2,13 +2,15 @@
 exits with their exit code, and a death by signal."""
 
 import os
+import secrets
 import signal
 import subprocess
 import time
 
 import pytest
 
-from tests.integration.probe_harness import drain_until, loaded
+from edge_agent.containers import Containers
+from tests.integration.probe_harness import cgroup2_child, cgroup2_mount, drain_until, loaded
 
 pytestmark = pytest.mark.bpf
 
@@ -71,3 +73,21 @@ def test_a_threaded_process_exits_once_with_its_status():
         events += drain_until(probe, lambda evs: False, timeout=0.2)
     exits = [e for e in events if e["kind"] == "process_exit" and e["pid"] == child.pid]
     assert [(e["exit_code"], e["signal"], e["ppid"]) for e in exits] == [(3, 0, os.getpid())]
+
+
+def test_a_process_in_a_container_cgroup_has_the_cgroup_id_the_agent_lists_for_it():
+    cid = secrets.token_hex(32)
+    with cgroup2_child("system.slice", f"docker-{cid}.scope") as cgroup, loaded("process") as probe:
+        # The shell moves itself into the container's cgroup, then execs: that exec
+        # and its exit happen inside it.
+        child = subprocess.Popen([SH, "-c", f'echo $$ > {cgroup}/cgroup.procs && exec {SH} -c "exit 3"'])
+        assert child.wait() == 3
+        listed = dict(Containers(cgroup2_mount()).scan())
+        cgroup_id = os.stat(cgroup).st_ino
+        events = drain_until(
+            probe, lambda evs: any(e["kind"] == "process_exit" and e["pid"] == child.pid for e in evs)
+        )
+    [_, inner] = [e for e in events if e["kind"] == "process_exec" and e["pid"] == child.pid]
+    [exit_] = [e for e in events if e["kind"] == "process_exit" and e["pid"] == child.pid]
+    assert inner["cgroup_id"] == exit_["cgroup_id"] == cgroup_id
+    assert listed[inner["cgroup_id"]] == {"container.id": cid, "container.runtime.name": "docker"}

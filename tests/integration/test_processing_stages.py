@@ -7,10 +7,12 @@ import asyncio
 import json
 import os
 import random
+import secrets
 import signal
 import subprocess
 import sys
 import time
+import uuid
 
 import httpx
 import pytest
@@ -38,7 +40,9 @@ from ktel.wire import (
     encode_batch,
     encode_heartbeat,
 )
-from tests.integration.agent_harness import read_topic
+from tests.conftest import need_bpf
+from tests.integration.agent_harness import AgentProcess, read_topic
+from tests.integration.probe_harness import cgroup2_child
 
 pytestmark = pytest.mark.kafka
 
@@ -356,6 +360,56 @@ def test_split_stages_enrich_batches_with_exactly_what_is_known(broker, tmp_path
     finally:
         for w in workers:
             w.stop()
+
+
+@pytest.mark.bpf
+def test_the_agent_names_a_process_container_and_pod_and_enrich_attaches_them(broker, tmp_path):
+    need_bpf()
+    host, cid, pod_uid = "host-containers", secrets.token_hex(32), str(uuid.uuid4())
+    pod_slice = f"kubepods-besteffort-pod{pod_uid.replace('-', '_')}.slice"
+    out_dir = tmp_path / "in-container"
+    out_dir.mkdir()
+    workers = [Worker(tmp_path, broker.bootstrap, st, stage=st).start() for st in ("dedupe", "enrich")]
+    with cgroup2_child(pod_slice, f"cri-containerd-{cid}.scope") as cgroup:
+        cgroup_id = os.stat(cgroup).st_ino
+        agent = AgentProcess(tmp_path, broker.bootstrap, host_id=host, probes='["process", "file_created"]')
+        try:
+            agent.start()
+            # Heartbeats and batches are separate topics, read in no set order, and
+            # a file's exec may be drained into a later batch than the file: create
+            # files in the container until one comes out with its container.
+            deadline, n = time.monotonic() + 90, 0
+            while time.monotonic() < deadline:
+                subprocess.run(
+                    ["sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && exec touch "$0"', out_dir / f"f{n}"],
+                    check=True,
+                )
+                n += 1
+                time.sleep(0.5)
+                found = [
+                    b.processes[str(ev[2])]
+                    for r in asyncio.run(read_topic(broker.bootstrap, ENRICHED_TOPIC, idle_s=0.5))
+                    if (b := decode_batch(r.value)).host_id == host
+                    for ev in b.events
+                    if ev[0] == FILE_CREATED.id
+                    and ev[6].startswith(str(out_dir))
+                    and str(ev[2]) in b.processes
+                ]
+                if any("container.id" in attrs for attrs in found):
+                    break
+            else:
+                pytest.fail(f"no enriched batch named the container behind a file in {out_dir}")
+            assert agent.metric("ktel_agent_containers") >= 2  # the pod's cgroup and the container's
+        finally:
+            agent.stop()
+            for w in workers:
+                w.stop()
+    named = [a for a in found if "container.id" in a]
+    assert {a["process.executable.name"] for a in found} == {"touch"}
+    assert {a["cgroup.id"] for a in found} == {cgroup_id}
+    assert {(a["container.id"], a["container.runtime.name"], a["k8s.pod.uid"]) for a in named} == {
+        (cid, "containerd", pod_uid)
+    }
 
 
 def test_a_rate_spike_raises_the_hosts_fidelity_and_the_calm_restores_it(broker, tmp_path):

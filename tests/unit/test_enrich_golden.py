@@ -51,6 +51,7 @@ def test_every_case_of_the_issue_has_a_golden_file():
         "heartbeat_updates_host_name",
         "metadata_feed",
         "table_bound",
+        "agent_containers",
     }
 
 

@@ -179,3 +179,13 @@ def test_bad_enrichment_is_rejected():
         obj[field] = value
         with pytest.raises(wire.WireError, match=reason):
             wire.decode_batch(msgpack.packb(obj))
+
+
+def test_a_heartbeat_lists_containers_as_cgroup_id_and_string_attributes():
+    hb = {"ts": 1, "host": {"host.id": "h"}, "probes": {}, "counters": {}}
+    assert "containers" not in wire.decode_heartbeat(wire.encode_heartbeat(hb))  # optional
+    good = [[4242, {"container.id": "a" * 64}]]
+    assert wire.decode_heartbeat(wire.encode_heartbeat({**hb, "containers": good}))["containers"] == good
+    for bad in ({"4242": {}}, [[0, {}]], [[True, {}]], [[4242]], [[4242, {"container.id": 7}]]):
+        with pytest.raises(wire.WireError, match="containers"):
+            wire.decode_heartbeat(wire.encode_heartbeat({**hb, "containers": bad}))
