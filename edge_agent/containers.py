@@ -8,19 +8,26 @@ cgroup v2 tree maps cgroup ids to ``container.id``, ``container.runtime.name``
 and ``k8s.pod.uid`` (OpenTelemetry semantic conventions) without asking any
 runtime. The names the walk understands::
 
-    .../docker-<id>.scope              docker (systemd cgroup driver)
-    .../docker/<id>                    docker (cgroupfs driver)
-    .../cri-containerd-<id>.scope      containerd
-    .../crio-<id>.scope, .../crio-<id> CRI-O
-    .../libpod-<id>.scope              podman
-    .../pod<uid>/<id>                  a Kubernetes container, runtime not named
-    .../kubepods-<qos>-pod<uid>.slice  a Kubernetes pod (systemd driver)
-    .../pod<uid>                       a Kubernetes pod (cgroupfs driver)
+    .../docker-<id>.scope                  docker (systemd cgroup driver)
+    .../docker/<id>                        docker (cgroupfs driver)
+    .../cri-containerd-<id>.scope          containerd
+    .../crio-<id>.scope, .../crio-<id>     CRI-O
+    .../libpod-<id>.scope, .../libpod-<id> podman
+    .../<id>                               a container, runtime not named (the
+                                           kubelet's cgroupfs driver: .../pod<uid>/<id>)
+    .../kubepods[-<qos>]-pod<uid>.slice    a Kubernetes pod (systemd driver; kind's
+                                           kubelet-kubepods-... too)
+    .../pod<uid>                           a Kubernetes pod (cgroupfs driver)
 
-where <id> is 64 hex digits. A cgroup below a container's (a container may make
-its own) belongs to that container. A cgroup no name says anything about is
-left out: what the walk cannot tell is unknown, never guessed. Pod names and
-namespaces are not in cgroup paths; the enrich stage's metadata feed adds them.
+where <id> is 64 hex digits and <uid> a pod's uid (a static pod's cgroup is
+named after its config hash, which is not the uid the API server knows: left
+out). A cgroup below a container's (crun's ``container``, systemd in a
+container) belongs to that container; a container in a pod's cgroup is in
+that pod; a pod or a container inside another container (a kind node, docker
+in docker) is itself and nothing of the outer one. A cgroup no name says
+anything about is left out: what the walk cannot tell is unknown, never
+guessed. Pod names and namespaces are not in cgroup paths; the enrich stage's
+metadata feed adds them.
 
 The walk runs once per heartbeat, and the heartbeat carries its result
 (ktel/wire.py), so a container started since the last heartbeat is unknown
@@ -32,13 +39,15 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 from pathlib import Path
 
 log = logging.getLogger("ktel.agent")
 
-# A heartbeat must stay well under Kafka's default 1 MiB record limit; at about
-# 150 bytes an entry this is some 600 KiB. Nodes run far fewer containers.
-MAX_CONTAINERS = 4096
+# A heartbeat must stay well under Kafka's default 1 MiB record limit: an entry
+# is about 175 bytes of msgpack, so this is some 350 KiB. A node with the
+# kubelet's default of 110 pods has a few hundred container and pod cgroups.
+MAX_CONTAINERS = 2048
 
 _ID = r"[0-9a-f]{64}"
 _SCOPE = re.compile(rf"(docker|cri-containerd|crio|libpod)-({_ID})(?:\.scope)?")
@@ -46,7 +55,7 @@ _RUNTIMES = {"docker": "docker", "cri-containerd": "containerd", "crio": "cri-o"
 _BARE_ID = re.compile(_ID)
 # The systemd driver writes the uid's dashes as underscores.
 _UID = r"[0-9a-f]{8}(?:[-_][0-9a-f]{4}){3}[-_][0-9a-f]{12}"
-_POD = re.compile(rf"(?:kubepods(?:-[a-z]+)*-)?pod({_UID})(?:\.slice)?")
+_POD = re.compile(rf"(?:[\w.-]+-)?pod({_UID})(?:\.slice)?")
 
 Attributes = dict[str, str]
 
@@ -66,13 +75,12 @@ def name_attributes(name: str, parent: str) -> Attributes:
 
 
 def inherit(outer: Attributes, own: Attributes) -> Attributes:
-    """A directory's attributes given its parent's: a container inside another
-    (docker in docker, a kind node) is the inner one, with no runtime from the outer."""
+    """A directory's attributes given its parent's ``outer`` and its own name's ``own``."""
     if not own:
-        return outer
-    if "container.id" in own:
-        outer = {k: v for k, v in outer.items() if not k.startswith("container.")}
-    return {**outer, **own}
+        return outer  # a sub-cgroup of a container or pod
+    if "container.id" in own and "container.id" not in outer:
+        return {**outer, **own}  # a container in its pod
+    return own  # a pod or a container inside a container: nothing of the outer one holds
 
 
 def find_cgroup2_root(mountinfo: str) -> Path | None:
@@ -94,6 +102,7 @@ class Containers:
 
     @classmethod
     def of_host(cls, root: Path | None) -> Containers:
+        """The host's tree: ``root`` (``agent.cgroup_root``), else the cgroup2 mount."""
         if root is None:
             try:
                 root = find_cgroup2_root(Path("/proc/self/mountinfo").read_text())
@@ -102,6 +111,14 @@ class Containers:
                 return cls(None)
             if root is None:
                 log.warning("no cgroup2 mount: container and pod attributes are unknown")
+                return cls(None)
+        if not (root / "cgroup.controllers").is_file():
+            log.warning(
+                "agent.cgroup_root %s is not a cgroup v2 tree (no cgroup.controllers): container and "
+                "pod attributes are unknown; set it to the host's cgroup2 mount",
+                root,
+            )
+            return cls(None)
         return cls(root)
 
     def scan(self) -> list[list]:
@@ -110,24 +127,31 @@ class Containers:
             return []
         found: list[list] = []
         self.unlisted = 0
+        try:
+            dev = os.stat(self.root).st_dev
+        except OSError:
+            return []
         stack: list[tuple[str, str, Attributes]] = [(str(self.root), "", {})]
         while stack:
             path, name, outer = stack.pop()
             try:
                 entries = list(os.scandir(path))
-            except OSError:  # removed while walking, or not a cgroup: nothing to tell
+            except OSError:  # removed while walking: nothing to tell
                 continue
             for entry in entries:
                 try:
-                    if not entry.is_dir(follow_symlinks=False):
-                        continue
-                    attrs = inherit(outer, name_attributes(entry.name, name))
-                    if attrs:
-                        if len(found) < MAX_CONTAINERS:
-                            found.append([entry.inode(), attrs])
-                        else:
-                            self.unlisted += 1
-                    stack.append((entry.path, entry.name, attrs))
+                    st = entry.stat(follow_symlinks=False)
                 except OSError:
                     continue
+                # Another file system mounted in the tree (a v1 hierarchy under a
+                # hybrid host's /sys/fs/cgroup) numbers its inodes on its own.
+                if not stat.S_ISDIR(st.st_mode) or st.st_dev != dev:
+                    continue
+                attrs = inherit(outer, name_attributes(entry.name, name))
+                if attrs:
+                    if len(found) < MAX_CONTAINERS:
+                        found.append([st.st_ino, attrs])
+                    else:
+                        self.unlisted += 1
+                stack.append((entry.path, entry.name, attrs))
         return found

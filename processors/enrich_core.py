@@ -14,7 +14,8 @@ State per host (JSON-able, one value of the stage's Faust table)::
     {"boots": {boot_id: {                # at most dedupe_core.MAX_BOOTS, oldest first
         "hb": int,                       # ts (ms) of the heartbeat "host" came from
         "host": {attr: value},           # that heartbeat's "host" map
-        "containers": {str(cgroup id): {attr: value}},   # and its "containers"
+        "containers": {str(cgroup id): {attr: value}},   # what its heartbeats listed,
+                                         # those no longer listed first
         "procs": {str(pid): {            # least recently named first
             "ppid": int, "comm": str, "exe": str, "uid": int, "cg": int,
             "exit": int}}}},             # sent_ns of the batch that carried its exit
@@ -53,6 +54,9 @@ Metadata = dict[str, dict[int, dict[str, str]]]
 
 # Attribute namespaces the metadata feed may set (OpenTelemetry semantic conventions).
 FEED_NAMESPACES = ("container.", "k8s.")
+# Container and pod cgroups kept per host, over all boots: with max_processes
+# processes, a host's state stays well under Kafka's 1 MiB record limit.
+MAX_CONTAINERS = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,18 +89,22 @@ def observe_heartbeat(state: dict[str, Any], heartbeat: dict[str, Any]) -> bool:
     if boot.get("hb", -1) > heartbeat["ts"]:
         return False
     attrs = {k: v for k, v in host.items() if isinstance(v, str | int | float | bool)}
-    containers = {
+    listed = {
         str(cg): {k: v for k, v in ca.items() if k.startswith(FEED_NAMESPACES)}
         for cg, ca in heartbeat.get("containers", [])
     }
-    known = (boot.get("hb"), boot.get("host"), boot.get("containers", {}))
-    if known == (heartbeat["ts"], attrs, containers):
+    kept = boot.get("containers", {})
+    # A cgroup the heartbeat no longer lists is gone, but its last events may
+    # still be on their way (ktel.raw can lag the heartbeats; a spool can hold
+    # hours), so it stays, first in line for the bound. A cgroup id is not
+    # reused within a boot, so a kept entry cannot name another cgroup.
+    merged = {cg: a for cg, a in kept.items() if cg not in listed} | listed
+    if (boot.get("hb"), boot.get("host"), kept) == (heartbeat["ts"], attrs, merged):
         return False
     boot["hb"], boot["host"] = heartbeat["ts"], attrs
-    if containers:
-        boot["containers"] = containers
-    else:
-        boot.pop("containers", None)
+    if merged:
+        boot["containers"] = merged
+    _bound_containers(state)
     return True
 
 
@@ -196,9 +204,27 @@ def _attributes(
         if field in entry:
             attrs[attr] = entry[field]
     if "cg" in entry:
-        attrs.update(host_containers.get(str(entry["cg"]), {}))
-        attrs.update(host_feed.get(entry["cg"], {}))
+        told = host_containers.get(str(entry["cg"]), {})
+        fed = host_feed.get(entry["cg"], {})
+        # The feed names another container or pod: nothing the agent told of its own holds.
+        for key, namespace in (("container.id", "container."), ("k8s.pod.uid", "k8s.")):
+            if key in fed and fed[key] != told.get(key):
+                told = {k: v for k, v in told.items() if not k.startswith(namespace)}
+        attrs.update(told)
+        attrs.update(fed)
     return attrs
+
+
+def _bound_containers(state: dict[str, Any]) -> None:
+    """At most MAX_CONTAINERS per host: the oldest boot's go first, and within a
+    boot those no longer listed (oldest first), then the listed in their order."""
+    boots = state.get("boots", {})
+    excess = sum(len(b.get("containers", {})) for b in boots.values()) - MAX_CONTAINERS
+    for boot in boots.values():  # oldest boot first
+        containers = boot.get("containers", {})
+        while excess > 0 and containers:
+            del containers[next(iter(containers))]
+            excess -= 1
 
 
 def _expire_exits(state: dict[str, Any], now_ns: int, opts: Options) -> bool:

@@ -36,6 +36,7 @@ from ktel.wire import (
     decode_batch,
     decode_command,
     decode_dead_letter,
+    decode_heartbeat,
     decode_snapshot,
     encode_batch,
     encode_heartbeat,
@@ -399,7 +400,12 @@ def test_the_agent_names_a_process_container_and_pod_and_enrich_attaches_them(br
                     break
             else:
                 pytest.fail(f"no enriched batch named the container behind a file in {out_dir}")
-            assert agent.metric("ktel_agent_containers") >= 2  # the pod's cgroup and the container's
+            heartbeats = [
+                decode_heartbeat(r.value)
+                for r in asyncio.run(read_topic(broker.bootstrap, HEARTBEATS_TOPIC, idle_s=0.5))
+                if r.key == host.encode()
+            ]
+            pod_id = os.stat(cgroup.parent).st_ino
         finally:
             agent.stop()
             for w in workers:
@@ -410,6 +416,12 @@ def test_the_agent_names_a_process_container_and_pod_and_enrich_attaches_them(br
     assert {(a["container.id"], a["container.runtime.name"], a["k8s.pod.uid"]) for a in named} == {
         (cid, "containerd", pod_uid)
     }
+    # What the agent listed: the pod's cgroup and the container's, each exactly once.
+    ours = [(cg, a) for cg, a in heartbeats[-1]["containers"] if cg in (pod_id, cgroup_id)]
+    assert sorted(ours) == [
+        (pod_id, {"k8s.pod.uid": pod_uid}),
+        (cgroup_id, {"k8s.pod.uid": pod_uid, "container.id": cid, "container.runtime.name": "containerd"}),
+    ]
 
 
 def test_a_rate_spike_raises_the_hosts_fidelity_and_the_calm_restores_it(broker, tmp_path):

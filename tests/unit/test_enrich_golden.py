@@ -76,3 +76,24 @@ def test_the_feed_file_is_reloaded_when_it_changes_and_emptied_when_it_goes(tmp_
 def test_no_feed_configured_is_an_empty_feed():
     f = enrich_core.MetadataFile(None)
     assert f.refresh() is None and f.feed == {}
+
+
+def test_a_hosts_containers_are_bounded_dropping_the_unlisted_and_old_boots_first(monkeypatch):
+    monkeypatch.setattr(enrich_core, "MAX_CONTAINERS", 3)
+    state: dict = {}
+
+    def heartbeat(ts, boot, *cgroups):
+        host = {"host.id": "h", "boot.id": boot}
+        hb = {"ts": ts, "host": host, "containers": [[cg, {"container.id": f"{cg:064x}"}] for cg in cgroups]}
+        assert enrich_core.observe_heartbeat(state, hb)
+
+    def kept():
+        return {b: list(v.get("containers", {})) for b, v in state["boots"].items()}
+
+    heartbeat(1, "old", 1, 2)
+    heartbeat(2, "new", 10)
+    assert kept() == {"old": ["1", "2"], "new": ["10"]}
+    heartbeat(3, "new", 11)  # 10 stopped: still known, but the old boot's go first
+    assert kept() == {"old": ["2"], "new": ["10", "11"]}
+    heartbeat(4, "new", 11, 12, 13)
+    assert kept() == {"old": [], "new": ["11", "12", "13"]}
