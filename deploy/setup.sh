@@ -79,7 +79,7 @@ site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purel
 ln -sfn /usr/lib/python3/dist-packages/bcc "$site/bcc"
 .venv/bin/python -c 'import bcc' || { echo "ktel setup: BCC does not import in .venv" >&2; exit 1; }
 
-# --- OpenTelemetry Collector (for the OTLP tests) ----------------------------
+# --- OpenTelemetry Collector (for `make run` and the OTLP tests) -------------
 # Built once with the official builder from the Go module proxy, from
 # deploy/otelcol/builder-config.yaml, into ~/.cache/ktel/otelcol-<version>
 # (a few CPU minutes the first time; cached, so later runs return at once).

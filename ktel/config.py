@@ -264,10 +264,18 @@ class PullConfig(BaseModel):
 
 
 class StackConfig(BaseModel):
-    data_dir: Path = Field(Path("/var/lib/ktel/local"), description="Kafka and Prometheus data of `ktel up`")
+    data_dir: Path = Field(
+        Path("/var/lib/ktel/local"), description="Kafka, Prometheus and Collector data of `ktel up`"
+    )
     kafka_port: int = Field(9092, ge=1, le=65535, description="local broker port")
     kafka_controller_port: int = Field(9093, ge=1, le=65535, description="local KRaft controller port")
     prometheus_port: int = Field(9090, ge=1, le=65535, description="local Prometheus port")
+    collector_grpc_port: int = Field(
+        4317, ge=1, le=65535, description="local OpenTelemetry Collector's OTLP/gRPC port"
+    )
+    collector_http_port: int = Field(
+        4318, ge=1, le=65535, description="local OpenTelemetry Collector's OTLP/HTTP port"
+    )
 
 
 class Config(BaseSettings):

@@ -1,11 +1,13 @@
 """``ktel up``: the whole pipeline on this host, with live counters.
 
 Starts, in order: a local Kafka (KRaft) and ktel's topics, a local Prometheus
-with its remote-write receiver, then the ktel processes (agent, aggregate
-worker, remote-write exporter, pull endpoint), each a child process with its
-own log under ``<stack.data_dir>/logs``. Ctrl-C (or SIGTERM) stops them in the
-reverse order of the data flow's start: the agent first, so what it drained is
-flushed to Kafka, then the processor and exporters, then Prometheus and
+with its remote-write receiver, a local OpenTelemetry Collector that writes
+what it receives to ``<stack.data_dir>/otelcol/out.json``, then the ktel
+processes (agent, the fused processing worker, remote-write exporter, pull
+endpoint, OTLP exporter), each a child process with its own log under
+``<stack.data_dir>/logs``. Ctrl-C (or SIGTERM) stops them in the reverse order
+of the data flow's start: the agent first, so what it drained is flushed to
+Kafka, then the processor and exporters, then the Collector, Prometheus and
 Kafka. If any child dies, everything is stopped and the exit code says so.
 """
 
@@ -26,6 +28,7 @@ from ktel import topics
 from ktel.config import Config
 from ktel.stack import proc
 from ktel.stack.kafka import LocalKafka, create_topics, ensure_kafka
+from ktel.stack.otelcol import LocalCollector, ensure_collector
 from ktel.stack.prometheus import LocalPrometheus
 
 # (column title, process, self-metric name summed over its labels)
@@ -35,6 +38,7 @@ COUNTERS = [
     ("batches", "agent", "ktel_agent_batches_published_total"),
     ("processed", "aggregate", "ktel_processor_events_total"),
     ("samples", "remote-write", "ktel_exporter_samples_total"),
+    ("otlp items", "otlp", "ktel_exporter_otlp_items_total"),
     ("rb drops", "agent", "ktel_agent_ringbuf_drops_total"),
     ("sampled out", "agent", "ktel_agent_sampled_out_total"),
     ("dup batches", "aggregate", "ktel_processor_duplicate_batches_total"),
@@ -50,17 +54,23 @@ class Stack:
         self.logs = data / "logs"
         self.kafka = LocalKafka(data / "kafka", cfg.stack.kafka_port, cfg.stack.kafka_controller_port)
         self.prometheus = LocalPrometheus(data / "prometheus", cfg.stack.prometheus_port)
+        self.collector = LocalCollector(
+            data / "otelcol", cfg.stack.collector_grpc_port, cfg.stack.collector_http_port, rotate_mb=100
+        )
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.metric_ports = {
             "agent": cfg.agent.metrics_port,
             "aggregate": cfg.aggregate.metrics_port,
             "remote-write": cfg.remote_write.metrics_port,
+            "otlp": cfg.otlp.metrics_port,
         }
 
     def child_env(self) -> dict[str, str]:
         env = dict(os.environ)
         env["KTEL_KAFKA__BOOTSTRAP"] = self.kafka.bootstrap
         env["KTEL_REMOTE_WRITE__URL"] = self.prometheus.remote_write_url
+        env["KTEL_OTLP__ENDPOINT"] = self.collector.grpc_endpoint
+        env["KTEL_OTLP__PROTOCOL"] = "grpc"
         return env  # the rest comes from the same KTEL_CONFIG file and KTEL_* variables
 
     def start(self) -> None:
@@ -72,11 +82,16 @@ class Stack:
         asyncio.run(create_topics(self.kafka.bootstrap, topics.specs(self.cfg)))
         say(f"starting Prometheus on {self.prometheus.url}")
         self.prometheus.start()
+        say("building the OpenTelemetry Collector (cached after the first run)")
+        ensure_collector()
+        say(f"starting the OpenTelemetry Collector on {self.collector.grpc_endpoint}")
+        self.collector.start()
         env = self.child_env()
         for name, argv in [
             ("aggregate", ["process", "all"]),
             ("remote-write", ["export", "remote-write"]),
             ("pull", ["export", "pull"]),
+            ("otlp", ["export", "otlp"]),
             ("agent", ["agent"]),
         ]:
             say(f"starting {name} (log: {self.logs / name}.log)")
@@ -107,10 +122,12 @@ class Stack:
                 time.sleep(0.2)
 
     def stop(self) -> None:
-        for name in ["agent", "aggregate", "remote-write", "pull"]:
+        for name in ["agent", "aggregate", "remote-write", "pull", "otlp"]:
             if name in self.children:
                 say(f"stopping {name}")
                 proc.stop(self.children[name], timeout=30, sig=signal.SIGINT)
+        say("stopping the OpenTelemetry Collector")
+        self.collector.stop()
         say("stopping Prometheus")
         self.prometheus.stop()
         say("stopping Kafka")
@@ -202,7 +219,9 @@ def run(cfg: Config) -> int:
         stack.wait_ready()
         say(
             f"{READY_LINE}: pull endpoint http://{cfg.pull.host}:{cfg.pull.port}/metrics, "
-            f"Prometheus {stack.prometheus.url}; try `touch /tmp/somewhere/riptides-demo`; Ctrl-C stops"
+            f"Prometheus {stack.prometheus.url}, "
+            f"OTLP as the Collector received it {stack.collector.out_path}; "
+            "try `touch /tmp/somewhere/riptides-demo`; Ctrl-C stops"
         )
         interactive = sys.stdout.isatty()
         started = time.monotonic()

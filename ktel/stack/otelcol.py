@@ -1,4 +1,4 @@
-"""A throwaway local OpenTelemetry Collector (OTLP receiver -> file exporter) for tests.
+"""A local OpenTelemetry Collector (OTLP receiver -> file exporter) for tests and `ktel up`.
 
 The Collector is built from the Go module proxy with the official builder (ocb)
 and the manifest ``deploy/otelcol/builder-config.yaml``, once: the binary is
@@ -95,10 +95,15 @@ def ensure_collector(cache_dir: Path | None = None) -> Path:
 class LocalCollector:
     """A Collector with the otlp receiver on 127.0.0.1 (gRPC and HTTP) and a file exporter."""
 
-    def __init__(self, data_dir: Path, grpc_port: int = 4317, http_port: int = 4318) -> None:
+    def __init__(
+        self, data_dir: Path, grpc_port: int = 4317, http_port: int = 4318, rotate_mb: int | None = None
+    ) -> None:
+        """``rotate_mb``: keep the file under that size (and one rotated-out file), for
+        a Collector that runs for long; a test's reads the whole file, so none."""
         self.data_dir = Path(data_dir).resolve()
         self.grpc_port = grpc_port
         self.http_port = http_port
+        self.rotate_mb = rotate_mb
         self.out_path = self.data_dir / "out.json"
         self.log_path = self.data_dir / "otelcol.log"
         self._proc: subprocess.Popen[bytes] | None = None
@@ -152,6 +157,11 @@ class LocalCollector:
 
     def _config(self) -> dict[str, Any]:
         pipeline = {"receivers": ["otlp"], "exporters": ["file", "debug"]}
+        # Without rotation settings the file exporter writes through at once (no flush
+        # interval) and appends across restarts of the Collector: what tests need.
+        file: dict[str, Any] = {"path": str(self.out_path)}
+        if self.rotate_mb:
+            file["rotation"] = {"max_megabytes": self.rotate_mb, "max_backups": 1}
         return {
             "receivers": {
                 "otlp": {
@@ -162,9 +172,7 @@ class LocalCollector:
                 }
             },
             "exporters": {
-                # The default rotation settings make the file exporter write through at once
-                # (no flush interval) and append across restarts of the Collector.
-                "file": {"path": str(self.out_path)},
+                "file": file,
                 "debug": {"verbosity": "basic"},
             },
             "service": {

@@ -1,9 +1,10 @@
-"""End to end: `ktel up` as a user runs it, real kernel to real Prometheus.
+"""End to end: `ktel up` as a user runs it, real kernel to real Prometheus and
+a real OpenTelemetry Collector.
 
 23 files created in a fresh directory must show up as exactly 23 in
-file_created_total for that directory, both in Prometheus (through its HTTP
-query API, after remote-write) and at ktel's pull endpoint; Ctrl-C must stop
-everything that `ktel up` started.
+file_created_total for that directory, in Prometheus (through its HTTP query
+API, after remote-write), at ktel's pull endpoint and in what the Collector
+received over OTLP; Ctrl-C must stop everything that `ktel up` started.
 """
 
 import os
@@ -21,6 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ktel.stack.kafka import free_port
+from ktel.stack.otelcol import LocalCollector, attributes
 from ktel.up import READY_LINE
 from tests.conftest import need_bpf
 
@@ -46,7 +48,8 @@ def port_open(port):
 @pytest.fixture
 def stack(tmp_path):
     need_bpf()
-    ports = {k: free_port() for k in ("kafka", "ctrl", "prom", "pull", "agent", "agg", "rw")}
+    ports = {k: free_port() for k in ("kafka", "ctrl", "prom", "pull", "agent", "agg", "rw", "otlp")}
+    ports |= {k: free_port() for k in ("otelcol-grpc", "otelcol-http")}
     env = dict(
         os.environ,
         KTEL_STACK__DATA_DIR=str(tmp_path / "stack"),
@@ -59,6 +62,9 @@ def stack(tmp_path):
         KTEL_AGGREGATE__METRICS_PORT=str(ports["agg"]),
         KTEL_AGGREGATE__WINDOW_SECONDS="1",
         KTEL_REMOTE_WRITE__METRICS_PORT=str(ports["rw"]),
+        KTEL_OTLP__METRICS_PORT=str(ports["otlp"]),
+        KTEL_STACK__COLLECTOR_GRPC_PORT=str(ports["otelcol-grpc"]),
+        KTEL_STACK__COLLECTOR_HTTP_PORT=str(ports["otelcol-http"]),
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "ktel.cli", "up"],
@@ -100,9 +106,21 @@ def pull_value(port, directory):
     return total
 
 
+def otlp_value(collector, directory):
+    """The latest file_created_total point for the directory the Collector received."""
+    value = None
+    for m in collector.metrics():
+        if m["name"] == "file_created_total":
+            for p in m["sum"]["dataPoints"]:
+                if attributes(p.get("attributes", [])).get("directory") == directory:
+                    value = float(p["asInt"]) if "asInt" in p else p.get("asDouble")
+    return value
+
+
 @pytest.mark.parametrize("stop_with", ["ctrl-c", "ktel down"])
 def test_23_files_reach_prometheus_and_the_pull_endpoint_then_everything_stops(stack, stop_with):
     proc, ports, lines, env = stack
+    collector = LocalCollector(Path(env["KTEL_STACK__DATA_DIR"]) / "otelcol")  # to read what it received
     target = Path(tempfile.mkdtemp(prefix="ktel-e2e-", dir="/tmp"))
     other = Path(f"{target}-other")
     other.mkdir()
@@ -113,12 +131,14 @@ def test_23_files_reach_prometheus_and_the_pull_endpoint_then_everything_stops(s
         got = wait_for("prometheus", lambda: prom_value(ports["prom"], str(target)) == N, 120)
         assert prom_value(ports["prom"], str(target)) == N, "".join(lines[-20:])
         assert wait_for("pull", lambda: pull_value(ports["pull"], str(target)) == N, 60)
+        assert wait_for("otlp", lambda: otlp_value(collector, str(target)) == N, 60)
         assert prom_value(ports["prom"], str(other)) == 5
         # Later windows re-send the cumulative value; it must not grow by itself.
         time.sleep(3)
         assert got and prom_value(ports["prom"], str(target)) == N
         assert pull_value(ports["pull"], str(target)) == N
         assert pull_value(ports["pull"], str(other)) == 5
+        assert (otlp_value(collector, str(target)), otlp_value(collector, str(other))) == (N, 5)
     finally:
         for d in (target, other):
             for f in d.iterdir():
