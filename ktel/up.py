@@ -66,24 +66,48 @@ class Stack:
         }
 
     def child_env(self) -> dict[str, str]:
-        env = dict(os.environ)
+        # The OTLP exporter talks to the local Collector only: settings meant for
+        # another backend (TLS, compression, headers with tokens) must not apply.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_EXPORTER_OTLP_")}
         env["KTEL_KAFKA__BOOTSTRAP"] = self.kafka.bootstrap
         env["KTEL_REMOTE_WRITE__URL"] = self.prometheus.remote_write_url
         env["KTEL_OTLP__ENDPOINT"] = self.collector.grpc_endpoint
         env["KTEL_OTLP__PROTOCOL"] = "grpc"
+        env["KTEL_OTLP__INSECURE"] = "true"
+        env["KTEL_OTLP__COMPRESSION"] = "none"
+        env["KTEL_OTLP__HEADERS"] = "{}"
         return env  # the rest comes from the same KTEL_CONFIG file and KTEL_* variables
+
+    def check_ports(self) -> None:
+        """Before anything starts: a port of the local stack that is taken (4317 and
+        4318 often are, by another OTLP agent) is named with its setting."""
+        stack = self.cfg.stack
+        busy = [
+            f"127.0.0.1:{port} (stack.{field}, KTEL_STACK__{field.upper()})"
+            for field in (
+                "kafka_port",
+                "kafka_controller_port",
+                "prometheus_port",
+                "collector_grpc_port",
+                "collector_http_port",
+            )
+            if proc.port_in_use(port := getattr(stack, field))
+        ]
+        if busy:
+            raise RuntimeError(f"already in use: {', '.join(busy)}; set free ports in the config")
 
     def start(self) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
+        self.check_ports()
         say("fetching Kafka (cached after the first run)")
         ensure_kafka()
+        say("building the OpenTelemetry Collector (cached after the first run)")
+        ensure_collector()
         say(f"starting Kafka on {self.kafka.bootstrap}")
         self.kafka.start()
         asyncio.run(create_topics(self.kafka.bootstrap, topics.specs(self.cfg)))
         say(f"starting Prometheus on {self.prometheus.url}")
         self.prometheus.start()
-        say("building the OpenTelemetry Collector (cached after the first run)")
-        ensure_collector()
         say(f"starting the OpenTelemetry Collector on {self.collector.grpc_endpoint}")
         self.collector.start()
         env = self.child_env()

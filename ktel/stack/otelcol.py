@@ -99,7 +99,7 @@ class LocalCollector:
         self, data_dir: Path, grpc_port: int = 4317, http_port: int = 4318, rotate_mb: int | None = None
     ) -> None:
         """``rotate_mb``: keep the file under that size (and one rotated-out file), for
-        a Collector that runs for long; a test's reads the whole file, so none."""
+        a Collector that runs for long; a test reads the whole file, so it sets none."""
         self.data_dir = Path(data_dir).resolve()
         self.grpc_port = grpc_port
         self.http_port = http_port
@@ -157,8 +157,9 @@ class LocalCollector:
 
     def _config(self) -> dict[str, Any]:
         pipeline = {"receivers": ["otlp"], "exporters": ["file", "debug"]}
-        # Without rotation settings the file exporter writes through at once (no flush
-        # interval) and appends across restarts of the Collector: what tests need.
+        # Without rotation the file exporter empties the file when the Collector starts
+        # and flushes it every second; with rotation it appends across restarts and
+        # writes through, keeping one rotated-out file besides.
         file: dict[str, Any] = {"path": str(self.out_path)}
         if self.rotate_mb:
             file["rotation"] = {"max_megabytes": self.rotate_mb, "max_backups": 1}

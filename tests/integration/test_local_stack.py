@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import stat
 from pathlib import Path
 
@@ -12,9 +13,11 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
+from ktel import config
 from ktel.stack import kafka as stack_kafka
 from ktel.stack.kafka import LocalKafka, TopicSpec, create_topics, ensure_kafka, free_port
 from ktel.stack.prometheus import LocalPrometheus
+from ktel.up import Stack
 from ktel.wire import RAW_TOPIC
 
 WEEK_MS = 7 * 24 * 3600 * 1000
@@ -153,3 +156,20 @@ def test_prometheus_starts_and_answers_queries(tmp_path) -> None:
         assert sample["value"][1] == "1"
         with pytest.raises(RuntimeError, match="bad_data"):
             prom.query("vector(")
+
+
+def test_ktel_up_names_a_taken_stack_port_and_its_setting_before_starting_anything(tmp_path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = config.Config(
+            stack=config.StackConfig(data_dir=tmp_path, collector_grpc_port=port, kafka_port=free_port())
+        )
+        stack = Stack(cfg)
+        with pytest.raises(
+            RuntimeError,
+            match=rf"127\.0\.0\.1:{port} \(stack\.collector_grpc_port, KTEL_STACK__COLLECTOR_GRPC_PORT\)",
+        ):
+            stack.start()
+    assert not stack.kafka.running and not (tmp_path / "kafka").exists()  # nothing was started

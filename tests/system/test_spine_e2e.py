@@ -8,6 +8,7 @@ received over OTLP; Ctrl-C must stop everything that `ktel up` started.
 """
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -139,6 +140,8 @@ def test_23_files_reach_prometheus_and_the_pull_endpoint_then_everything_stops(s
         assert pull_value(ports["pull"], str(target)) == N
         assert pull_value(ports["pull"], str(other)) == 5
         assert (otlp_value(collector, str(target)), otlp_value(collector, str(other))) == (N, 5)
+        # The live line shows what the Collector acknowledged (printed every 5 s without a tty).
+        assert wait_for("live line", lambda: any(re.search(r"\| otlp items [1-9]", ln) for ln in lines), 30)
     finally:
         for d in (target, other):
             for f in d.iterdir():

@@ -310,6 +310,11 @@ def run_vm(
     cmd = [
         qemu, "-kernel", str(kernel.image), "-initrd", str(initrd), "-append", append,
         "-m", memory, "-smp", str(smp), "-nographic", "-no-reboot", "-nic", "none",
+        # One host thread runs every vCPU in turn. With a thread per vCPU (TCG's
+        # default), 2 vCPUs now and then froze for good while the module reloads
+        # rewrote kernel text (text_poke_bp: int3 on one vCPU, the IPI wait on the
+        # other), even with the HPET clocksource below: 1 CI run in 4.
+        "-accel", "tcg,thread=single",
     ]  # fmt: skip
     if share_host_root:
         # multidevs=remap: / spans several host filesystems, whose inode numbers may collide.
