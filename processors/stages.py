@@ -38,7 +38,7 @@ from prometheus_client import Counter, Gauge
 from ktel import selfmetrics
 from ktel.config import Config
 from ktel.retry import retry
-from ktel.stack.kafka import TopicSpec, create_topics, topic_partitions
+from ktel.stack.kafka import TopicSpec, create_topics, partition_counts
 from ktel.wire import (
     CONTROL_TOPIC,
     DEDUPED_TOPIC,
@@ -367,10 +367,11 @@ def check_partitions(cfg: Config, stage: str) -> None:
     fixes[changelog_topic(stage)] = "delete it with the stage stopped (the stage makes it again, empty)"
     if stage in ("enrich", "all"):
         fixes[HEARTBEATS_TOPIC] = "delete it (it holds only recent heartbeats) and run `ktel topics`"
+    counts = asyncio.run(
+        retry(functools.partial(partition_counts, cfg.kafka.bootstrap), what="describe the topics")
+    )
     for topic, fix in fixes.items():
-        n = asyncio.run(
-            retry(functools.partial(topic_partitions, cfg.kafka.bootstrap, topic), what="describe the topics")
-        )
+        n = counts.get(topic)
         if n is not None and n != want:
             raise SystemExit(
                 f"ktel process {stage}: {topic} has {n} partitions but kafka.raw_partitions = {want}, "

@@ -317,17 +317,19 @@ async def create_topics(bootstrap: str, specs: list[TopicSpec]) -> None:
             raise for_code(code)(f"creating topic {topic!r}: {message}")
 
 
-async def topic_partitions(bootstrap: str, topic: str) -> int | None:
-    """How many partitions ``topic`` has; None if it does not exist."""
+async def partition_counts(bootstrap: str) -> dict[str, int]:
+    """How many partitions each existing topic has."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     try:
         await admin.start()
-        # Every topic, not just this one: asking for a missing topic by name can
+        # Every topic, not just some: asking for a missing topic by name can
         # make the broker auto-create it with its default partition count.
         described = await admin.describe_topics()
     finally:
         await admin.close()
-    for t in described:
-        if t["topic"] == topic and t["error_code"] == 0:
-            return len(t["partitions"])
-    return None
+    return {t["topic"]: len(t["partitions"]) for t in described if t["error_code"] == 0}
+
+
+async def topic_partitions(bootstrap: str, topic: str) -> int | None:
+    """How many partitions ``topic`` has; None if it does not exist."""
+    return (await partition_counts(bootstrap)).get(topic)
