@@ -48,8 +48,8 @@ from exporters import otlp, remote_write  # noqa: E402
 from ktel import runtime  # noqa: E402
 from ktel.config import OtlpConfig  # noqa: E402
 from ktel.stack import proc  # noqa: E402
-from ktel.stack.kafka import free_port  # noqa: E402
 from ktel.stack.otelcol import LocalCollector  # noqa: E402
+from ktel.stack.proc import free_port  # noqa: E402
 from ktel.wire import MetricSnapshot, SpanBatch, decode_snapshot, decode_spans, encode_snapshot, encode_spans  # noqa: E402
 
 SERIES_PER_RECORD = 1000  # one aggregate snapshot: a host's series

@@ -57,6 +57,11 @@ class Stack:
         self.collector = LocalCollector(
             data / "otelcol", cfg.stack.collector_grpc_port, cfg.stack.collector_http_port, rotate_mb=100
         )
+        self.servers: dict[str, proc.Server] = {
+            "Kafka": self.kafka,
+            "Prometheus": self.prometheus,
+            "the OpenTelemetry Collector": self.collector,
+        }
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.metric_ports = {
             "agent": cfg.agent.metrics_port,
@@ -136,11 +141,8 @@ class Stack:
         deadline = time.monotonic() + timeout
         for name, port in ports.items():
             while port and not proc.port_in_use(port):
-                if self.children[name].poll() is not None:
-                    raise RuntimeError(
-                        f"{name} exited with code {self.children[name].returncode}:\n"
-                        + proc.tail(self.logs / f"{name}.log")
-                    )
+                if dead := self.dead():
+                    raise RuntimeError(dead)
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{name} did not open port {port} within {timeout:.0f}s")
                 time.sleep(0.2)
@@ -157,10 +159,15 @@ class Stack:
         say("stopping Kafka")
         self.kafka.stop()
 
-    def dead_child(self) -> str | None:
-        for name, p in self.children.items():
-            if p.poll() is not None:
-                return name
+    def dead(self) -> str | None:
+        """What has exited, of all `ktel up` started, with the tail of its log; None if
+        everything runs. A server is watched like a child: without Prometheus or
+        the Collector the counters would go nowhere while the live line looked fine."""
+        watched = [(name, p.poll(), self.logs / f"{name}.log") for name, p in self.children.items()]
+        watched += [(name, s.exit_code, s.log_path) for name, s in self.servers.items()]
+        for name, code, log in watched:
+            if code is not None:
+                return f"{name} exited with code {code}; the end of {log}:\n{proc.tail(log)}"
         return None
 
     def read_counters(self, client: httpx.Client) -> dict[str, float | None]:
@@ -252,10 +259,9 @@ def run(cfg: Config) -> int:
         last_line = 0.0
         with httpx.Client(timeout=2) as client:
             while not stopping:
-                dead = stack.dead_child()
+                dead = stack.dead()
                 if dead:
-                    say(f"{dead} exited with code {stack.children[dead].returncode}; stopping everything")
-                    print(proc.tail(stack.logs / f"{dead}.log"), flush=True)
+                    say(f"stopping everything: {dead}")
                     code = 1
                     break
                 now = time.monotonic()

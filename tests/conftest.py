@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from ktel.stack.kafka import LocalKafka, ensure_kafka, free_port
+from ktel.stack.kafka import LocalKafka, ensure_kafka
+from ktel.stack.proc import free_port
 from ktel.stack.prometheus import LocalPrometheus
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")

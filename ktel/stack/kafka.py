@@ -16,7 +16,6 @@ import fcntl
 import os
 import re
 import shutil
-import socket
 import subprocess
 import time
 import uuid
@@ -90,13 +89,6 @@ def _libs_complete(home: Path, libs: Path) -> bool:
 # Shared with ktel.stack.prometheus.
 
 
-def free_port() -> int:
-    """A port free on 127.0.0.1 right now (another process could still take it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _java() -> str:
     java_home = os.environ.get("JAVA_HOME")
     if java_home and (Path(java_home) / "bin" / "java").is_file():
@@ -121,7 +113,7 @@ log4j.logger.org.apache.kafka.common.utils.AppInfoParser=WARN
 """
 
 
-class LocalKafka:
+class LocalKafka(proc.Server):
     """One KRaft node acting as both broker and controller, listening on 127.0.0.1."""
 
     def __init__(self, data_dir: Path, port: int = 9092, controller_port: int = 9093) -> None:
@@ -129,15 +121,10 @@ class LocalKafka:
         self.port = port
         self.controller_port = controller_port
         self.log_path = self.data_dir / "kafka.log"
-        self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
 
     def start(self, timeout: float = 90) -> None:
         """Start the broker (formatting data_dir on first use) and wait until it answers."""

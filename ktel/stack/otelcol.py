@@ -92,7 +92,7 @@ def ensure_collector(cache_dir: Path | None = None) -> Path:
         return binary
 
 
-class LocalCollector:
+class LocalCollector(proc.Server):
     """A Collector with the otlp receiver on 127.0.0.1 (gRPC and HTTP) and a file exporter."""
 
     def __init__(
@@ -106,7 +106,6 @@ class LocalCollector:
         self.rotate_mb = rotate_mb
         self.out_path = self.data_dir / "out.json"
         self.log_path = self.data_dir / "otelcol.log"
-        self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def grpc_endpoint(self) -> str:
@@ -115,10 +114,6 @@ class LocalCollector:
     @property
     def http_endpoint(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
 
     def start(self, timeout: float = 60) -> None:
         if self.running:

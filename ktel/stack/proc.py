@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -14,6 +15,24 @@ from collections.abc import Callable
 from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
+
+
+class Server:
+    """A server of the local stack (Kafka, Prometheus, the Collector): its process
+    and its log, so `ktel up` can tell when one has died and show why."""
+
+    log_path: Path
+    _proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def exit_code(self) -> int | None:
+        """The code it exited with after it was started; None while it runs, or when
+        it was never started or has been stopped."""
+        return None if self._proc is None else self._proc.poll()
 
 
 def spawn(
@@ -81,5 +100,37 @@ def tail(path: Path, lines: int = 40) -> str:
 
 
 def port_in_use(port: int) -> bool:
+    """Whether something listens on 127.0.0.1:port."""
     with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
+        if s.connect_ex(("127.0.0.1", port)) != 0:
+            return False
+        # A connect to a port nobody listens on can be given that same port as its
+        # own and connect to itself (TCP simultaneous open): that is no listener.
+        return s.getsockname() != s.getpeername()
+
+
+_handed_out: set[int] = set()
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 now, for a server started soon after; never the
+    same one twice in this process.
+
+    It comes from below the kernel's ephemeral range, where connect() picks local
+    ports: there, any outgoing connection made before the server binds (Kafka
+    clients make many) could take it, and the server would fail to start."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(1000):
+        port = random.randrange(max(1024, low - 12000), low) if low > 2048 else 0
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # taken, or lingering in TIME_WAIT
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise RuntimeError("no free port on 127.0.0.1")

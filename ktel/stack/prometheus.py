@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import time
 from pathlib import Path
 from types import TracebackType
@@ -26,12 +25,11 @@ global:
 _HTTP: dict[str, Any] = {"timeout": 30, "trust_env": False}
 
 
-class LocalPrometheus:
+class LocalPrometheus(proc.Server):
     def __init__(self, data_dir: Path, port: int = 9090) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.port = port
         self.log_path = self.data_dir / "prometheus.log"
-        self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:

@@ -15,7 +15,7 @@ import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
-from ktel.stack.kafka import free_port
+from ktel.stack.proc import free_port
 from ktel.wire import RAW_TOPIC, WireError, decode_batch, event_dict
 
 

@@ -13,7 +13,8 @@ from aiokafka import AIOKafkaProducer
 
 from edge_agent.spool import HEADER, Spool
 from ktel import config, topics
-from ktel.stack.kafka import LocalKafka, create_topics, free_port
+from ktel.stack.kafka import LocalKafka, create_topics
+from ktel.stack.proc import free_port
 from ktel.wire import (
     CONTROL_TOPIC,
     FILE_CREATED,

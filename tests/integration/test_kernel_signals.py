@@ -16,8 +16,8 @@ import pytest
 
 from exporters import otlp
 from ktel import config
-from ktel.stack.kafka import free_port
 from ktel.stack.otelcol import LocalCollector, attributes
+from ktel.stack.proc import free_port
 from ktel.wire import KTEL_LOG, KTEL_METRIC, KTEL_SPAN, OOM_KILL, RawBatch, encode_batch
 from tests.integration.test_otlp_collector import point_value, wait_for
 from tests.integration.test_processing_stages import Worker, broker, produce  # noqa: F401

@@ -15,7 +15,8 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from ktel import config
 from ktel.stack import kafka as stack_kafka
-from ktel.stack.kafka import LocalKafka, TopicSpec, create_topics, ensure_kafka, free_port
+from ktel.stack.kafka import LocalKafka, TopicSpec, create_topics, ensure_kafka
+from ktel.stack.proc import free_port
 from ktel.stack.prometheus import LocalPrometheus
 from ktel.up import Stack
 from ktel.wire import RAW_TOPIC
@@ -173,3 +174,20 @@ def test_ktel_up_names_a_taken_stack_port_and_its_setting_before_starting_anythi
         ):
             stack.start()
     assert not stack.kafka.running and not (tmp_path / "kafka").exists()  # nothing was started
+
+
+def test_ktel_up_names_a_server_that_died_with_its_exit_code_and_log(tmp_path) -> None:
+    stack = Stack(config.Config(stack=config.StackConfig(data_dir=tmp_path, prometheus_port=free_port())))
+    assert stack.dead() is None  # nothing started: nothing died
+    stack.prometheus.start()
+    try:
+        assert stack.dead() is None
+        stack.prometheus._proc.kill()  # a crash, as the OOM killer would do it
+        stack.prometheus._proc.wait()
+        dead = stack.dead()
+    finally:
+        stack.prometheus.stop()
+    assert dead is not None
+    log = tmp_path / "prometheus" / "prometheus.log"
+    assert dead.startswith(f"Prometheus exited with code -9; the end of {log}:")
+    assert "Server is ready to receive web requests" in dead  # its own last words

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from ktel.stack.kafka import free_port
+from ktel.stack.proc import free_port
 from tests.integration.probe_harness import Workload, drain_until, loaded, netns, run
 
 pytestmark = pytest.mark.bpf

@@ -17,7 +17,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from exporters import remote_write
 from ktel import config, topics
 from ktel.stack import proc
-from ktel.stack.kafka import create_topics, free_port
+from ktel.stack.kafka import create_topics
+from ktel.stack.proc import free_port
 from ktel.stack.prometheus import LocalPrometheus
 from ktel.wire import METRICS_TOPIC, MetricSnapshot, encode_snapshot
 

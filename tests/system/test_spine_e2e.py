@@ -22,8 +22,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ktel.stack.kafka import free_port
 from ktel.stack.otelcol import LocalCollector, attributes
+from ktel.stack.proc import free_port
 from ktel.up import READY_LINE
 from tests.conftest import need_bpf
 
@@ -84,11 +84,25 @@ def stack(tmp_path):
         proc.kill()
 
 
+def pids_with_arg(arg):
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if arg.encode() in cmdline.read_bytes().split(b"\0"):
+                pids.append(int(cmdline.parent.name))
+        except OSError:
+            pass  # gone while we looked
+    return pids
+
+
 def prom_value(port, directory):
-    r = httpx.get(
-        f"http://127.0.0.1:{port}/api/v1/query",
-        params={"query": f'sum(file_created_total{{directory="{directory}"}})'},
-    )
+    try:
+        r = httpx.get(
+            f"http://127.0.0.1:{port}/api/v1/query",
+            params={"query": f'sum(file_created_total{{directory="{directory}"}})'},
+        )
+    except httpx.TransportError:
+        return None  # not listening: `ktel up` says why, in the output the asserts show
     r.raise_for_status()
     result = r.json()["data"]["result"]
     return float(result[0]["value"][1]) if result else None
@@ -130,7 +144,7 @@ def test_23_files_reach_prometheus_and_the_pull_endpoint_then_everything_stops(s
         subprocess.run(["touch", *(str(other / f"f{i}") for i in range(5))], check=True)
 
         got = wait_for("prometheus", lambda: prom_value(ports["prom"], str(target)) == N, 120)
-        assert prom_value(ports["prom"], str(target)) == N, "".join(lines[-20:])
+        assert prom_value(ports["prom"], str(target)) == N, "".join(lines[-60:])
         assert wait_for("pull", lambda: pull_value(ports["pull"], str(target)) == N, 60)
         assert wait_for("otlp", lambda: otlp_value(collector, str(target)) == N, 60)
         assert prom_value(ports["prom"], str(other)) == 5
@@ -160,3 +174,17 @@ def test_23_files_reach_prometheus_and_the_pull_endpoint_then_everything_stops(s
     assert "ktel up: stopped" in out
     for name, port in ports.items():
         assert not port_open(port), f"{name} still listening on {port} after Ctrl-C"
+
+
+def test_a_server_that_dies_stops_ktel_up_with_the_reason(stack):
+    """Prometheus killed (as the OOM killer would) under a running `ktel up`: it
+    stops everything, exits 1 and names what died, rather than counting on."""
+    proc, ports, lines, env = stack
+    [pid] = pids_with_arg(f"--web.listen-address=127.0.0.1:{ports['prom']}")
+    os.kill(pid, signal.SIGKILL)
+    assert proc.wait(timeout=180) == 1, "".join(lines[-30:])
+    out = "".join(lines)
+    assert "ktel up: stopping everything: Prometheus exited with code -9; the end of " in out
+    assert "ktel up: stopped" in out
+    for name, port in ports.items():
+        assert not port_open(port), f"{name} still listening on {port} after Prometheus died"

@@ -243,7 +243,7 @@ def test_the_command_rejects_bad_arguments_before_touching_kafka(argv, message, 
 
 
 def test_an_unreachable_kafka_is_named_with_the_setting_to_fix(monkeypatch, capsys):
-    from ktel.stack.kafka import free_port
+    from ktel.stack.proc import free_port
 
     bootstrap = f"127.0.0.1:{free_port()}"  # nothing listens there: refused at once
     monkeypatch.setenv("KTEL_AGENT__HOST_ID", "h")

@@ -1,0 +1,26 @@
+"""The local stack's port helpers, against this machine's real sockets."""
+
+import socket
+from pathlib import Path
+
+from ktel.stack.proc import free_port, port_in_use
+
+
+def test_free_ports_are_distinct_bindable_and_below_the_ephemeral_range() -> None:
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = [free_port() for _ in range(200)]
+    assert len(set(ports)) == len(ports)
+    assert all(p < low for p in ports)  # where connect() never picks a local port
+    for p in ports[:20]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", p))
+
+
+def test_port_in_use_sees_a_listener_and_nothing_else() -> None:
+    port = free_port()
+    assert not port_in_use(port)
+    with socket.socket() as bound:
+        bound.bind(("127.0.0.1", port))
+        assert not port_in_use(port)  # bound is not listening
+        bound.listen()
+        assert port_in_use(port)
