@@ -83,12 +83,11 @@ class Stack:
         env["KTEL_OTLP__HEADERS"] = "{}"
         return env  # the rest comes from the same KTEL_CONFIG file and KTEL_* variables
 
-    def check_ports(self) -> None:
-        """Before anything starts: a port of the local stack that is taken (4317 and
-        4318 often are, by another OTLP agent) is named with its setting."""
-        stack = self.cfg.stack
-        busy = [
-            f"127.0.0.1:{port} (stack.{field}, KTEL_STACK__{field.upper()})"
+    def ports(self) -> dict[str, int]:
+        """Every port `ktel up` serves, by its setting; 0 is a server turned off."""
+        cfg = self.cfg
+        stack = {
+            f"stack.{field}": getattr(cfg.stack, field)
             for field in (
                 "kafka_port",
                 "kafka_controller_port",
@@ -96,7 +95,31 @@ class Stack:
                 "collector_grpc_port",
                 "collector_http_port",
             )
-            if proc.port_in_use(port := getattr(stack, field))
+        }
+        return stack | {
+            "pull.port": cfg.pull.port,
+            "agent.metrics_port": cfg.agent.metrics_port,
+            "aggregate.metrics_port": cfg.aggregate.metrics_port,
+            "remote_write.metrics_port": cfg.remote_write.metrics_port,
+            "otlp.metrics_port": cfg.otlp.metrics_port,
+        }
+
+    def check_ports(self) -> None:
+        """Before anything starts: a port given to two servers, or taken already (4317
+        and 4318 often are, by another OTLP agent), is named with its settings.
+        Found later, a server that cannot listen dies after another has answered on
+        its port, and the whole stack stops just as it looked ready."""
+        settings: dict[int, list[str]] = {}
+        for setting, port in self.ports().items():
+            if port:
+                settings.setdefault(port, []).append(setting)
+        shared = [f"{port} ({' and '.join(names)})" for port, names in settings.items() if len(names) > 1]
+        if shared:
+            raise RuntimeError(f"one port for two servers: {', '.join(shared)}; give each its own port")
+        busy = [
+            f"127.0.0.1:{port} ({setting}, KTEL_{setting.upper().replace('.', '__')})"
+            for port, (setting,) in settings.items()
+            if proc.port_in_use(port)
         ]
         if busy:
             raise RuntimeError(f"already in use: {', '.join(busy)}; set free ports in the config")

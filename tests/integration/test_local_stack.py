@@ -176,6 +176,35 @@ def test_ktel_up_names_a_taken_stack_port_and_its_setting_before_starting_anythi
     assert not stack.kafka.running and not (tmp_path / "kafka").exists()  # nothing was started
 
 
+def test_ktel_up_names_a_taken_child_port_before_starting_anything(tmp_path) -> None:
+    """The agent could not listen, and ktel up would wait on whatever holds its port."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = config.Config(stack=config.StackConfig(data_dir=tmp_path), agent={"metrics_port": port})
+        stack = Stack(cfg)
+        with pytest.raises(RuntimeError, match=rf":{port} \(agent\.metrics_port, KTEL_AGENT__METRICS_PORT\)"):
+            stack.start()
+    assert not (tmp_path / "kafka").exists()
+
+
+def test_ktel_up_refuses_one_port_for_two_servers_before_starting_anything(tmp_path) -> None:
+    port = free_port()
+    cfg = config.Config(
+        stack=config.StackConfig(data_dir=tmp_path, prometheus_port=port),
+        otlp={"metrics_port": port},
+        aggregate={"metrics_port": 0},  # off: 0 is no port, however many say it
+        remote_write={"metrics_port": 0},
+    )
+    with pytest.raises(
+        RuntimeError,
+        match=rf"one port for two servers: {port} \(stack\.prometheus_port and otlp\.metrics_port\); ",
+    ):
+        Stack(cfg).start()
+    assert not (tmp_path / "kafka").exists()
+
+
 def test_ktel_up_names_a_server_that_died_with_its_exit_code_and_log(tmp_path) -> None:
     stack = Stack(config.Config(stack=config.StackConfig(data_dir=tmp_path, prometheus_port=free_port())))
     assert stack.dead() is None  # nothing started: nothing died
