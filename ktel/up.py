@@ -8,7 +8,8 @@ endpoint, OTLP exporter), each a child process with its own log under
 ``<stack.data_dir>/logs``. Ctrl-C (or SIGTERM) stops them in the reverse order
 of the data flow's start: the agent first, so what it drained is flushed to
 Kafka, then the processor and exporters, then the Collector, Prometheus and
-Kafka. If any child dies, everything is stopped and the exit code says so.
+Kafka. If anything it started exits on its own, everything is stopped and the
+exit code says so.
 """
 
 from __future__ import annotations
@@ -46,6 +47,31 @@ COUNTERS = [
 ]
 READY_LINE = "ktel is up"
 
+# ktel's own processes in the order they start: name, `ktel` arguments, and the
+# setting of the port each serves once it is ready. The agent comes last, so what
+# it publishes finds the worker and the exporters running.
+CHILDREN = [
+    ("aggregate", ["process", "all"], "aggregate.metrics_port"),
+    ("remote-write", ["export", "remote-write"], "remote_write.metrics_port"),
+    ("pull", ["export", "pull"], "pull.port"),
+    ("otlp", ["export", "otlp"], "otlp.metrics_port"),
+    ("agent", ["agent"], "agent.metrics_port"),
+]
+SERVER_PORTS = [
+    "stack.kafka_port",
+    "stack.kafka_controller_port",
+    "stack.prometheus_port",
+    "stack.collector_grpc_port",
+    "stack.collector_http_port",
+]
+
+
+def setting(cfg: Config, name: str) -> int:
+    """The value of a port setting such as ``pull.port``."""
+    section, field = name.split(".")
+    value: int = getattr(getattr(cfg, section), field)
+    return value
+
 
 class Stack:
     def __init__(self, cfg: Config):
@@ -63,12 +89,7 @@ class Stack:
             "the OpenTelemetry Collector": self.collector,
         }
         self.children: dict[str, subprocess.Popen[bytes]] = {}
-        self.metric_ports = {
-            "agent": cfg.agent.metrics_port,
-            "aggregate": cfg.aggregate.metrics_port,
-            "remote-write": cfg.remote_write.metrics_port,
-            "otlp": cfg.otlp.metrics_port,
-        }
+        self.child_ports = {name: setting(cfg, port) for name, _, port in CHILDREN}
 
     def child_env(self) -> dict[str, str]:
         # The OTLP exporter talks to the local Collector only: settings meant for
@@ -85,41 +106,26 @@ class Stack:
 
     def ports(self) -> dict[str, int]:
         """Every port `ktel up` serves, by its setting; 0 is a server turned off."""
-        cfg = self.cfg
-        stack = {
-            f"stack.{field}": getattr(cfg.stack, field)
-            for field in (
-                "kafka_port",
-                "kafka_controller_port",
-                "prometheus_port",
-                "collector_grpc_port",
-                "collector_http_port",
-            )
-        }
-        return stack | {
-            "pull.port": cfg.pull.port,
-            "agent.metrics_port": cfg.agent.metrics_port,
-            "aggregate.metrics_port": cfg.aggregate.metrics_port,
-            "remote_write.metrics_port": cfg.remote_write.metrics_port,
-            "otlp.metrics_port": cfg.otlp.metrics_port,
-        }
+        return {name: setting(self.cfg, name) for name in SERVER_PORTS + [p for _, _, p in CHILDREN]}
 
     def check_ports(self) -> None:
         """Before anything starts: a port given to two servers, or taken already (4317
-        and 4318 often are, by another OTLP agent), is named with its settings.
-        Found later, a server that cannot listen dies after another has answered on
-        its port, and the whole stack stops just as it looked ready."""
+        and 4318 often are, by another OTLP agent), is named with its settings."""
+
+        def named(name: str) -> str:
+            return f"{name}, KTEL_{name.upper().replace('.', '__')}"
+
         settings: dict[int, list[str]] = {}
-        for setting, port in self.ports().items():
+        for name, port in self.ports().items():
             if port:
-                settings.setdefault(port, []).append(setting)
-        shared = [f"{port} ({' and '.join(names)})" for port, names in settings.items() if len(names) > 1]
+                settings.setdefault(port, []).append(name)
+        shared = [f"{port} ({'; '.join(map(named, s))})" for port, s in settings.items() if len(s) > 1]
         if shared:
             raise RuntimeError(f"one port for two servers: {', '.join(shared)}; give each its own port")
         busy = [
-            f"127.0.0.1:{port} ({setting}, KTEL_{setting.upper().replace('.', '__')})"
-            for port, (setting,) in settings.items()
-            if proc.port_in_use(port)
+            f"{host}:{port} ({named(name)})"
+            for port, (name,) in settings.items()
+            if proc.port_in_use(port, host := self.cfg.pull.host if name == "pull.port" else "127.0.0.1")
         ]
         if busy:
             raise RuntimeError(f"already in use: {', '.join(busy)}; set free ports in the config")
@@ -139,13 +145,7 @@ class Stack:
         say(f"starting the OpenTelemetry Collector on {self.collector.grpc_endpoint}")
         self.collector.start()
         env = self.child_env()
-        for name, argv in [
-            ("aggregate", ["process", "all"]),
-            ("remote-write", ["export", "remote-write"]),
-            ("pull", ["export", "pull"]),
-            ("otlp", ["export", "otlp"]),
-            ("agent", ["agent"]),
-        ]:
+        for name, argv, _ in CHILDREN:
             say(f"starting {name} (log: {self.logs / name}.log)")
             self.children[name] = proc.spawn(
                 [sys.executable, "-m", "ktel.cli", *argv],
@@ -155,19 +155,19 @@ class Stack:
             )
 
     def wait_ready(self, timeout: float = 180) -> None:
-        """Wait until every child serves its port.
+        """Wait until every child listens on its port itself: a port answered by
+        some other process would make a child that cannot listen look ready.
 
         The agent serves its /metrics only once its probes are attached, so
         after this a file created on the host is counted.
         """
-        ports = {**self.metric_ports, "pull": self.cfg.pull.port}
         deadline = time.monotonic() + timeout
-        for name, port in ports.items():
-            while port and not proc.port_in_use(port):
+        for name, port in self.child_ports.items():
+            while port and not proc.listening(self.children[name].pid, port):
                 if dead := self.dead():
                     raise RuntimeError(dead)
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"{name} did not open port {port} within {timeout:.0f}s")
+                    raise TimeoutError(f"{name} did not listen on port {port} within {timeout:.0f}s")
                 time.sleep(0.2)
 
     def stop(self) -> None:
@@ -186,8 +186,10 @@ class Stack:
         """What has exited, of all `ktel up` started, with the tail of its log; None if
         everything runs. A server is watched like a child: without Prometheus or
         the Collector the counters would go nowhere while the live line looked fine."""
-        watched = [(name, p.poll(), self.logs / f"{name}.log") for name, p in self.children.items()]
-        watched += [(name, s.exit_code, s.log_path) for name, s in self.servers.items()]
+        # Servers first: a child whose server has died soon exits too, and the
+        # server is the one to name.
+        watched = [(name, s.exit_code, s.log_path) for name, s in self.servers.items()]
+        watched += [(name, p.poll(), self.logs / f"{name}.log") for name, p in self.children.items()]
         for name, code, log in watched:
             if code is not None:
                 return f"{name} exited with code {code}; the end of {log}:\n{proc.tail(log)}"
@@ -195,8 +197,8 @@ class Stack:
 
     def read_counters(self, client: httpx.Client) -> dict[str, float | None]:
         scraped: dict[str, dict[str, float]] = {}
-        for name, port in self.metric_ports.items():
-            if not port:
+        for name in {process for _, process, _ in COUNTERS}:
+            if not (port := self.child_ports[name]):
                 continue
             try:
                 text = client.get(f"http://127.0.0.1:{port}/metrics").text

@@ -20,7 +20,6 @@ import subprocess
 import time
 import uuid
 from pathlib import Path
-from types import TracebackType
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
@@ -86,7 +85,6 @@ def _libs_complete(home: Path, libs: Path) -> bool:
 
 
 # ---------------------------------------------------------------- process helpers
-# Shared with ktel.stack.prometheus.
 
 
 def _java() -> str:
@@ -150,29 +148,12 @@ class LocalKafka(proc.Server):
             self.kill()
             raise
 
-    def stop(self, timeout: float = 30) -> None:
-        """SIGTERM (Kafka then shuts down cleanly), SIGKILL if it takes over `timeout`."""
-        proc.stop(self._proc, timeout)
-        self._proc = None
-
     def kill(self) -> None:
         """SIGKILL: an unclean crash, for tests of recovery."""
         if self._proc is not None and self._proc.poll() is None:
             self._proc.kill()
             self._proc.wait()
         self._proc = None
-
-    def __enter__(self) -> LocalKafka:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def _write_config(self) -> Path:
         (self.data_dir / "log4j.properties").write_text(_LOG4J)
@@ -222,12 +203,7 @@ auto.create.topics.enable=false
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while True:
-            if self._proc is None or self._proc.poll() is not None:
-                code = None if self._proc is None else self._proc.returncode
-                raise RuntimeError(
-                    f"Kafka exited during startup (exit {code}); tail of {self.log_path}:\n"
-                    + proc.tail(self.log_path)
-                )
+            self._check_started("Kafka")
             # A plain connect first: cheap, and spares aiokafka's error logs while the
             # port is still closed.
             if proc.port_in_use(self.port) and _run_async(_broker_ready(self.bootstrap)):

@@ -20,7 +20,6 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from ktel.stack import proc
@@ -133,23 +132,6 @@ class LocalCollector(proc.Server):
             self.stop(timeout=5)
             raise
 
-    def stop(self, timeout: float = 30) -> None:
-        """SIGTERM: the Collector drains its pipelines and closes the file."""
-        proc.stop(self._proc, timeout)
-        self._proc = None
-
-    def __enter__(self) -> LocalCollector:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
     def _config(self) -> dict[str, Any]:
         pipeline = {"receivers": ["otlp"], "exporters": ["file", "debug"]}
         # Without rotation the file exporter empties the file when the Collector starts
@@ -182,12 +164,7 @@ class LocalCollector(proc.Server):
     def _wait_ready(self, timeout: float, log_start: int) -> None:
         deadline = time.monotonic() + timeout
         while True:
-            if self._proc is None or self._proc.poll() is not None:
-                code = None if self._proc is None else self._proc.returncode
-                raise RuntimeError(
-                    f"the Collector exited during startup (exit {code}); tail of {self.log_path}:\n"
-                    + proc.tail(self.log_path)
-                )
+            self._check_started("the Collector")
             with open(self.log_path, "rb") as f:
                 f.seek(log_start)
                 ready = b"Everything is ready" in f.read()

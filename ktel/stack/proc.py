@@ -1,5 +1,6 @@
-"""Child processes of ktel's local stack: started in their own session, tied to
-the parent's life, stopped gently then firmly, their logs tailed on failure."""
+"""Processes of ktel's local stack: started in their own session, tied to the
+parent's life, stopped gently then firmly, their logs tailed on failure; and
+their ports: free ones to give them, and who listens where."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Self
+
+import psutil
 
 _PR_SET_PDEATHSIG = 1
 
@@ -33,6 +37,29 @@ class Server:
         """The code it exited with after it was started; None while it runs, or when
         it was never started or has been stopped."""
         return None if self._proc is None else self._proc.poll()
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self, timeout: float = 30) -> None:
+        """SIGTERM, on which each server shuts down cleanly; SIGKILL after ``timeout`` s."""
+        stop(self._proc, timeout)
+        self._proc = None
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def _check_started(self, name: str) -> None:
+        """While waiting for it to be ready: it must not have exited."""
+        if self._proc is None or self._proc.poll() is not None:
+            code = None if self._proc is None else self._proc.returncode
+            raise RuntimeError(
+                f"{name} exited during startup (exit {code}); tail of {self.log_path}:\n{tail(self.log_path)}"
+            )
 
 
 def spawn(
@@ -99,17 +126,29 @@ def tail(path: Path, lines: int = 40) -> str:
     return "\n".join(data.splitlines()[-lines:])
 
 
-def port_in_use(port: int) -> bool:
-    """Whether something listens on 127.0.0.1:port."""
-    with socket.socket() as s:
-        if s.connect_ex(("127.0.0.1", port)) != 0:
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something listens on host:port (a wildcard host: on its loopback)."""
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        if s.connect_ex((host, port)) != 0:
             return False
         # A connect to a port nobody listens on can be given that same port as its
         # own and connect to itself (TCP simultaneous open): that is no listener.
-        return s.getsockname() != s.getpeername()
+        return bool(s.getsockname()[1] != port)
+
+
+def listening(pid: int, port: int) -> bool:
+    """Whether process ``pid`` itself listens on TCP ``port``, on any address."""
+    try:
+        conns = psutil.Process(pid).net_connections(kind="tcp")
+    except psutil.Error:
+        return False  # gone, or not yet readable
+    return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in conns)
 
 
 _handed_out: set[int] = set()
+_handing_out = threading.Lock()
+_random = random.Random()
 
 
 def free_port() -> int:
@@ -118,19 +157,24 @@ def free_port() -> int:
 
     It comes from below the kernel's ephemeral range, where connect() picks local
     ports: there, any outgoing connection made before the server binds (Kafka
-    clients make many) could take it, and the server would fail to start."""
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    for _ in range(1000):
-        port = random.randrange(max(1024, low - 12000), low) if low > 2048 else 0
-        if port in _handed_out:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue  # taken, or lingering in TIME_WAIT
-            port = s.getsockname()[1]
-        if port not in _handed_out:
-            _handed_out.add(port)
-            return port
+    clients make many) could take it, and the server would fail to start. Where
+    that range starts too low to leave room below it, the kernel picks one."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 0
+    with _handing_out:
+        for _ in range(1000):
+            port = _random.randrange(max(1024, low - 12000), low) if low > 2048 else 0
+            if port in _handed_out:
+                continue
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue  # taken, or lingering in TIME_WAIT
+                port = s.getsockname()[1]
+            if port not in _handed_out:
+                _handed_out.add(port)
+                return port
     raise RuntimeError("no free port on 127.0.0.1")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import httpx
@@ -40,7 +39,7 @@ class LocalPrometheus(proc.Server):
         return f"{self.url}/api/v1/write"
 
     def start(self, timeout: float = 60) -> None:
-        if self._proc is not None and self._proc.poll() is None:
+        if self.running:
             return
         if proc.port_in_use(self.port):
             # Otherwise /-/ready could be answered by some other Prometheus.
@@ -62,22 +61,6 @@ class LocalPrometheus(proc.Server):
             self.stop(timeout=5)
             raise
 
-    def stop(self, timeout: float = 30) -> None:
-        proc.stop(self._proc, timeout)
-        self._proc = None
-
-    def __enter__(self) -> LocalPrometheus:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
     def query(self, expr: str) -> list[dict[str, Any]]:
         """Instant query; returns ``data.result`` (a list for vector results)."""
         resp = httpx.get(f"{self.url}/api/v1/query", params={"query": expr}, **_HTTP)
@@ -95,12 +78,7 @@ class LocalPrometheus(proc.Server):
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while True:
-            if self._proc is None or self._proc.poll() is not None:
-                code = None if self._proc is None else self._proc.returncode
-                raise RuntimeError(
-                    f"Prometheus exited during startup (exit {code}); tail of "
-                    f"{self.log_path}:\n{proc.tail(self.log_path)}"
-                )
+            self._check_started("Prometheus")
             try:
                 resp = httpx.get(f"{self.url}/-/ready", timeout=2, trust_env=False)
                 if resp.status_code == 200:

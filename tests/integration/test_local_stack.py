@@ -6,6 +6,8 @@ import asyncio
 import os
 import socket
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from ktel import config
 from ktel.stack import kafka as stack_kafka
+from ktel.stack import proc
 from ktel.stack.kafka import LocalKafka, TopicSpec, create_topics, ensure_kafka
 from ktel.stack.proc import free_port
 from ktel.stack.prometheus import LocalPrometheus
@@ -159,54 +162,114 @@ def test_prometheus_starts_and_answers_queries(tmp_path) -> None:
             prom.query("vector(")
 
 
-def test_ktel_up_names_a_taken_stack_port_and_its_setting_before_starting_anything(tmp_path) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        cfg = config.Config(
-            stack=config.StackConfig(data_dir=tmp_path, collector_grpc_port=port, kafka_port=free_port())
-        )
-        stack = Stack(cfg)
-        with pytest.raises(
-            RuntimeError,
-            match=rf"127\.0\.0\.1:{port} \(stack\.collector_grpc_port, KTEL_STACK__COLLECTOR_GRPC_PORT\)",
-        ):
-            stack.start()
-    assert not stack.kafka.running and not (tmp_path / "kafka").exists()  # nothing was started
+def up_config(tmp_path: Path, **ports: int) -> config.Config:
+    """A `ktel up` config with a free port for everything, but ``ports`` (by setting)."""
+    values = {name: free_port() for name in Stack(config.Config()).ports()} | {
+        name.replace("__", "."): port for name, port in ports.items()
+    }
+    sections: dict[str, dict[str, object]] = {"stack": {"data_dir": tmp_path}}
+    for name, port in values.items():
+        section, field = name.split(".")
+        sections.setdefault(section, {})[field] = port
+    return config.Config(**sections)
 
 
-def test_ktel_up_names_a_taken_child_port_before_starting_anything(tmp_path) -> None:
-    """The agent could not listen, and ktel up would wait on whatever holds its port."""
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        cfg = config.Config(stack=config.StackConfig(data_dir=tmp_path), agent={"metrics_port": port})
-        stack = Stack(cfg)
-        with pytest.raises(RuntimeError, match=rf":{port} \(agent\.metrics_port, KTEL_AGENT__METRICS_PORT\)"):
+def start_refused(stack: Stack, match: str) -> None:
+    """start() must refuse before it starts anything (stopped, should it not)."""
+    try:
+        with pytest.raises(RuntimeError, match=match):
             stack.start()
-    assert not (tmp_path / "kafka").exists()
+    finally:
+        stack.stop()
+    assert not (stack.cfg.stack.data_dir / "kafka").exists()
+
+
+@pytest.fixture
+def listener():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", free_port()))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+def test_ktel_up_names_a_taken_stack_port_and_its_setting_before_starting_anything(
+    tmp_path, listener
+) -> None:
+    start_refused(
+        Stack(up_config(tmp_path, stack__collector_grpc_port=listener)),
+        rf"127\.0\.0\.1:{listener} \(stack\.collector_grpc_port, KTEL_STACK__COLLECTOR_GRPC_PORT\)",
+    )
+
+
+def test_ktel_up_names_a_taken_child_port_before_starting_anything(tmp_path, listener) -> None:
+    """Else the agent could not listen, and ktel up would wait on whatever holds its port."""
+    start_refused(
+        Stack(up_config(tmp_path, agent__metrics_port=listener)),
+        rf"127\.0\.0\.1:{listener} \(agent\.metrics_port, KTEL_AGENT__METRICS_PORT\)",
+    )
 
 
 def test_ktel_up_refuses_one_port_for_two_servers_before_starting_anything(tmp_path) -> None:
     port = free_port()
-    cfg = config.Config(
-        stack=config.StackConfig(data_dir=tmp_path, prometheus_port=port),
-        otlp={"metrics_port": port},
-        aggregate={"metrics_port": 0},  # off: 0 is no port, however many say it
-        remote_write={"metrics_port": 0},
+    cfg = up_config(
+        tmp_path,
+        stack__prometheus_port=port,
+        otlp__metrics_port=port,
+        aggregate__metrics_port=0,  # off: 0 is no port, however many say it
+        remote_write__metrics_port=0,
     )
-    with pytest.raises(
-        RuntimeError,
-        match=rf"one port for two servers: {port} \(stack\.prometheus_port and otlp\.metrics_port\); ",
-    ):
-        Stack(cfg).start()
-    assert not (tmp_path / "kafka").exists()
+    start_refused(
+        Stack(cfg),
+        rf"one port for two servers: {port} \(stack\.prometheus_port, KTEL_STACK__PROMETHEUS_PORT; "
+        rf"otlp\.metrics_port, KTEL_OTLP__METRICS_PORT\); ",
+    )
+
+
+def only_pull(tmp_path: Path, port: int) -> Stack:
+    """A stack whose one child with a port is the pull endpoint, on ``port``."""
+    off = {f"{name}__metrics_port": 0 for name in ("agent", "aggregate", "remote_write", "otlp")}
+    return Stack(up_config(tmp_path, pull__port=port, **off))
+
+
+def test_ktel_up_waits_for_the_child_itself_to_listen_on_its_port(tmp_path, listener) -> None:
+    """Another process answering on a child's port does not make the child ready."""
+    stack = only_pull(tmp_path, listener)
+    stack.children["pull"] = subprocess.Popen(["sleep", "60"])  # alive, listening on nothing
+    try:
+        with pytest.raises(TimeoutError, match=f"pull did not listen on port {listener} within 1s"):
+            stack.wait_ready(timeout=1)
+    finally:
+        stack.children["pull"].kill()
+        stack.children["pull"].wait()
+
+
+def test_ktel_up_is_ready_once_the_child_listens(tmp_path) -> None:
+    port = free_port()
+    stack = only_pull(tmp_path, port)
+    listen = (
+        f"import socket, time; s = socket.socket(); s.bind(('127.0.0.1', {port})); s.listen(); time.sleep(60)"
+    )
+    stack.children["pull"] = subprocess.Popen([sys.executable, "-c", listen])
+    try:
+        stack.wait_ready(timeout=30)
+        assert proc.listening(stack.children["pull"].pid, port)
+        assert not proc.listening(os.getpid(), port)
+    finally:
+        stack.children["pull"].kill()
+        stack.children["pull"].wait()
+
+
+def test_ktel_up_names_a_child_that_exits_while_it_waits(tmp_path) -> None:
+    stack = only_pull(tmp_path, free_port())
+    stack.logs.mkdir(parents=True)
+    (stack.logs / "pull.log").write_text("OSError: [Errno 98] Address already in use\n")
+    stack.children["pull"] = subprocess.Popen(["sh", "-c", "exit 3"])
+    with pytest.raises(RuntimeError, match=r"(?s)^pull exited with code 3; the end of .*pull\.log:\nOSError"):
+        stack.wait_ready(timeout=30)
 
 
 def test_ktel_up_names_a_server_that_died_with_its_exit_code_and_log(tmp_path) -> None:
-    stack = Stack(config.Config(stack=config.StackConfig(data_dir=tmp_path, prometheus_port=free_port())))
+    stack = Stack(up_config(tmp_path))
     assert stack.dead() is None  # nothing started: nothing died
     stack.prometheus.start()
     try:
@@ -216,6 +279,7 @@ def test_ktel_up_names_a_server_that_died_with_its_exit_code_and_log(tmp_path) -
         dead = stack.dead()
     finally:
         stack.prometheus.stop()
+    assert stack.dead() is None  # stopped on purpose is not dead
     assert dead is not None
     log = tmp_path / "prometheus" / "prometheus.log"
     assert dead.startswith(f"Prometheus exited with code -9; the end of {log}:")

@@ -102,7 +102,7 @@ def prom_value(port, directory):
             params={"query": f'sum(file_created_total{{directory="{directory}"}})'},
         )
     except httpx.TransportError:
-        return None  # not listening: `ktel up` says why, in the output the asserts show
+        return None  # not listening
     r.raise_for_status()
     result = r.json()["data"]["result"]
     return float(result[0]["value"][1]) if result else None
@@ -143,7 +143,10 @@ def test_23_files_reach_prometheus_and_the_pull_endpoint_then_everything_stops(s
         subprocess.run(["touch", *(str(target / f"f{i}") for i in range(N))], check=True)
         subprocess.run(["touch", *(str(other / f"f{i}") for i in range(5))], check=True)
 
-        got = wait_for("prometheus", lambda: prom_value(ports["prom"], str(target)) == N, 120)
+        def counted_or_stopped():  # should `ktel up` stop, its output (in the assert) says why
+            return proc.poll() is not None or prom_value(ports["prom"], str(target)) == N
+
+        got = wait_for("prometheus", counted_or_stopped, 120)
         assert prom_value(ports["prom"], str(target)) == N, "".join(lines[-60:])
         assert wait_for("pull", lambda: pull_value(ports["pull"], str(target)) == N, 60)
         assert wait_for("otlp", lambda: otlp_value(collector, str(target)) == N, 60)

@@ -3,6 +3,7 @@
 import socket
 from pathlib import Path
 
+from ktel.stack import proc
 from ktel.stack.proc import free_port, port_in_use
 
 
@@ -10,7 +11,8 @@ def test_free_ports_are_distinct_bindable_and_below_the_ephemeral_range() -> Non
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     ports = [free_port() for _ in range(200)]
     assert len(set(ports)) == len(ports)
-    assert all(p < low for p in ports)  # where connect() never picks a local port
+    if low > 2048:  # else there is no room below it, and the kernel picks
+        assert all(p < low for p in ports)  # where connect() never picks a local port
     for p in ports[:20]:
         with socket.socket() as s:
             s.bind(("127.0.0.1", p))
@@ -24,3 +26,19 @@ def test_port_in_use_sees_a_listener_and_nothing_else() -> None:
         assert not port_in_use(port)  # bound is not listening
         bound.listen()
         assert port_in_use(port)
+        assert port_in_use(port, "0.0.0.0")  # a wildcard is probed on loopback
+
+
+def test_a_connection_to_itself_is_no_listener(monkeypatch) -> None:
+    """connect() can be given the very port it connects to as its own; with nobody
+    listening, the socket then connects to itself, and that must not count."""
+    port = free_port()
+    plain = socket.socket
+
+    def given_that_port(*args, **kwargs):
+        s = plain(*args, **kwargs)
+        s.bind(("127.0.0.1", port))
+        return s
+
+    monkeypatch.setattr(proc.socket, "socket", given_that_port)
+    assert not port_in_use(port)
