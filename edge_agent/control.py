@@ -79,11 +79,11 @@ class Control:
         tp = TopicPartition(CONTROL_TOPIC, 0)  # ktel.control has one partition (ktel/topics.py)
         try:
             consumer.assign([tp])
+            # The end as it is now, not seek_to_end(): that one is resolved at the
+            # first fetch and would skip a command sent in between.
+            end = (await consumer.end_offsets([tp]))[tp]
             found = await consumer.offsets_for_times({tp: now_ms() - LOOKBACK_MS})
-            if found.get(tp) is not None:
-                consumer.seek(tp, found[tp].offset)
-            else:
-                await consumer.seek_to_end(tp)
+            consumer.seek(tp, found[tp].offset if found.get(tp) is not None else end)
             while True:
                 for recs in (await consumer.getmany(timeout_ms=1000)).values():
                     for rec in recs:

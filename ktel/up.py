@@ -282,7 +282,7 @@ def run(cfg: Config) -> int:
         interactive = sys.stdout.isatty()
         started = time.monotonic()
         last_line = 0.0
-        with httpx.Client(timeout=2) as client:
+        with httpx.Client(timeout=2, trust_env=False) as client:
             while not stopping:
                 dead = stack.dead()
                 if dead:

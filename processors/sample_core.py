@@ -134,8 +134,9 @@ def observe_host(
 ) -> list[ControlCommand]:
     """Close one window of a host's anomaly state; returns the commands to send.
 
-    ``state`` (mutated) holds ``count`` (weighted events this window), ``ewma``,
-    ``anomalous`` and ``raised_until`` (ms).
+    ``state`` (mutated) holds ``count`` (weighted events this window), ``full``
+    (past the host's first, partial window), ``ewma``, ``anomalous`` and
+    ``raised_until`` (ms).
     """
     rate = state.get("count", 0.0) / opts.window_s
     state["count"] = 0.0
@@ -149,6 +150,12 @@ def observe_host(
             for p in probes
         ]
 
+    if not state.get("full"):
+        # The window a host shows up in (first seen, or again after a restart or a
+        # rebalance) holds its traffic only from its first batch on: a baseline
+        # learnt from it would make the next, full window look like a spike.
+        state["full"] = True
+        return commands
     if ewma is None:
         state["ewma"] = rate
         return commands

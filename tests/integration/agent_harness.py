@@ -58,7 +58,7 @@ class AgentProcess:
         return self.log_path.read_text(errors="replace")
 
     def metrics(self) -> dict[tuple[str, tuple], float]:
-        text = httpx.get(f"http://127.0.0.1:{self.port}/metrics").text
+        text = httpx.get(f"http://127.0.0.1:{self.port}/metrics", trust_env=False).text
         return {
             (s.name, tuple(sorted(s.labels.items()))): s.value
             for fam in text_string_to_metric_families(text)

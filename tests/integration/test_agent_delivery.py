@@ -124,10 +124,12 @@ def test_control_command_lowers_rate_then_deadline_restores_it(kafka, tmp_path):
     n = 3000
 
     create_files(tmp_path / "before", n, rate_per_s=5000)
-    # Let the agent drain "before" first: an event is weighted with the rate in
-    # force when the agent drains it (edge_agent/agent.py, drain_once).
-    time.sleep(0.5)
-    agent.wait_until_spool_empty()
+    # Let the agent publish all of "before" first: an event is weighted with the
+    # rate in force when the agent drains it (edge_agent/agent.py, drain_once).
+    deadline = time.monotonic() + 60
+    while len(raw_events_under(kafka.bootstrap, f"{tmp_path / 'before'}/")[0]) < n:
+        assert time.monotonic() < deadline, agent.log()
+        time.sleep(0.5)
     cmd = ControlCommand(
         f"cmd-{uuid.uuid4().hex[:6]}", host, "file_created", 10, time.time_ns() // 10**6 + 15_000
     )
@@ -204,6 +206,9 @@ def test_agent_with_only_its_documented_capabilities_publishes(kafka, tmp_path):
         assert time.monotonic() < deadline, agent.log()
         time.sleep(0.2)
     agent.wait_until_spool_empty()
+    while agent.metric("ktel_agent_heartbeats_total") < 1:  # the one sent on connecting
+        assert time.monotonic() < deadline, agent.log()
+        time.sleep(0.2)
     assert agent.stop() == 0
     events, _ = raw_events_under(kafka.bootstrap, f"{tmp_path / 'capped'}/")
     assert len(events) == 23

@@ -49,6 +49,11 @@ def memory_cgroup():
     path.mkdir()
     try:
         (path / limit).write_text(str(LIMIT))
+        for no_swap in ("memory.swap.max", "memory.memsw.limit_in_bytes"):
+            # On a host with swap the hog would swap rather than be killed. (v1's
+            # memsw limit counts memory too, hence the same LIMIT.)
+            if (path / no_swap).exists():
+                (path / no_swap).write_text("0" if no_swap == "memory.swap.max" else str(LIMIT))
         yield path, procs
     finally:
         path.rmdir()

@@ -60,13 +60,14 @@ def test_a_spike_raises_the_hosts_fidelity_and_its_end_restores_it():
     opts = Options(window_s=1.0, spike_factor=3.0, min_rate=10, raised_sample_every=1, normal_sample_every=10)
     st: dict = {}
     cmds = []
-    for window, rate in enumerate([100, 110, 90, 100, 1000, 1200, 100, 100]):
+    # The first window is the host's partial one: only from its first batch on.
+    for window, rate in enumerate([30, 100, 110, 90, 100, 1000, 1200, 100, 100]):
         st["count"] = float(rate)
         cmds.append(observe_host(st, "h1", ["file_created"], 1000 * window, opts))
-    assert [len(c) for c in cmds] == [0, 0, 0, 0, 1, 0, 1, 0]
-    raise_, restore = cmds[4][0], cmds[6][0]
+    assert [len(c) for c in cmds] == [0, 0, 0, 0, 0, 1, 0, 1, 0]
+    raise_, restore = cmds[5][0], cmds[7][0]
     assert (raise_.target, raise_.probe, raise_.sample_every) == ("h1", "file_created", 1)
-    assert raise_.until_ms == 4000 + 300_000
+    assert raise_.until_ms == 5000 + 300_000
     assert (restore.target, restore.sample_every) == ("h1", 10)
     assert 95 < st["ewma"] < 105  # the spike did not leak into the baseline
 
@@ -89,3 +90,14 @@ def test_by_default_kernel_error_spans_and_kernel_logs_are_all_kept():
         if ev[0] == KTEL_SPAN.id and ev[10] == 1
     ]
     assert 0 < len(ok) < 30_000 * 0.2 and abs(sum(ok) - 30_000) / 30_000 < 0.05
+
+
+def test_a_hosts_first_partial_window_is_no_baseline():
+    """A host first seen late in a window (or again after a restart or a rebalance)
+    shows few events in it; the steady rate after that is no spike."""
+    opts = Options(window_s=1.0, spike_factor=3.0, min_rate=10)
+    st: dict = {}
+    for window, rate in enumerate([5, 100, 100, 100]):
+        st["count"] = float(rate)
+        assert observe_host(st, "h1", ["file_created"], 1000 * window, opts) == []
+    assert st["ewma"] == 100
