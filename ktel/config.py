@@ -165,6 +165,13 @@ class AggregateConfig(BaseModel):
     )
     metrics_port: int = Field(9466, ge=0, le=65535, description="processor self-metrics port (0: off)")
     data_dir: Path = Field(Path("/var/lib/ktel/processor"), description="Faust's data directory (per stage)")
+    session_timeout_seconds: float = Field(
+        60,
+        ge=6,  # the least a broker accepts by default (group.min.session.timeout.ms)
+        le=1800,  # the most (group.max.session.timeout.ms)
+        description="how long a processing worker that stopped answering keeps its partitions, "
+        "which the other workers then take over (the Kafka consumer group's session timeout)",
+    )
 
 
 class EnrichConfig(BaseModel):

@@ -167,6 +167,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         for metric in (HEARTBEATS, EVICTIONS, PROCESSES):
             metric.labels(stage)
 
+    session = cfg.aggregate.session_timeout_seconds
     datadir = cfg.aggregate.data_dir / stage
     datadir.mkdir(parents=True, exist_ok=True)
     app = App(
@@ -181,6 +182,10 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         topic_partitions=cfg.kafka.raw_partitions,
         producer_acks=-1,
         consumer_auto_offset_reset="earliest",
+        broker_session_timeout=session,
+        # A few heartbeats per session, as Kafka advises; Faust's 3 s past 30 s.
+        broker_heartbeat_interval=min(3.0, session / 10),
+        broker_request_timeout=max(90.0, session + 30),  # Faust: never below the session
     )
 
     def raw_topic(name: str) -> Any:

@@ -189,8 +189,10 @@ def wait_for_group(bootstrap: str, group: str, members: int, timeout=120) -> Non
 
 def test_two_workers_and_a_sigkill_count_every_event_once(broker, tmp_path):
     hosts, per_host, events = 12, 60, 50
-    a = Worker(tmp_path, broker.bootstrap, "a").start()
-    b = Worker(tmp_path, broker.bootstrap, "b").start()
+    # The killed worker's partitions move once its session times out.
+    fast = {"KTEL_AGGREGATE__SESSION_TIMEOUT_SECONDS": "10"}
+    a = Worker(tmp_path, broker.bootstrap, "a", **fast).start()
+    b = Worker(tmp_path, broker.bootstrap, "b", **fast).start()
     try:
         # Both must share the partitions before the traffic starts: on a slow machine
         # a worker killed before it joined would leave b alone, and nothing to test.
@@ -206,7 +208,7 @@ def test_two_workers_and_a_sigkill_count_every_event_once(broker, tmp_path):
             time.sleep(0.2)
         a.kill()  # mid-stream, without any chance to commit or flush
         asyncio.run(produce(broker.bootstrap, traffic[half : half + 200], pace_s=0.01))
-        a = Worker(tmp_path, broker.bootstrap, "a2").start()
+        a = Worker(tmp_path, broker.bootstrap, "a2", **fast).start()
         asyncio.run(produce(broker.bootstrap, traffic[half + 200 :], pace_s=0.005))
 
         expected = {
@@ -214,7 +216,6 @@ def test_two_workers_and_a_sigkill_count_every_event_once(broker, tmp_path):
             for h in range(hosts)
             for d in range(3)
         }
-        # A killed worker's partitions wait for its session to time out (Faust's 60 s).
         got = wait_for_totals(broker.bootstrap, expected, timeout=300)
         assert got == expected
         assert sum(got.values()) == hosts * per_host * events

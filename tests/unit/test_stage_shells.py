@@ -248,3 +248,14 @@ async def test_all_runs_the_four_cores_with_heartbeats_in_one_worker(tmp_path):
         boot = state["enrich"]["boots"]["b1"]
         assert boot["host"]["host.name"] == "node-1"
         assert boot["procs"]["10"]["exe"] == "/usr/bin/make"
+
+
+def test_the_session_timeout_reaches_the_consumer_with_heartbeats_to_match(tmp_path):
+    for session, heartbeat, request in [(60, 3.0, 90.0), (10, 1.0, 90.0), (600, 3.0, 630.0)]:
+        cfg = config.Config(
+            agent=config.AgentConfig(host_id="t"),
+            aggregate=config.AggregateConfig(data_dir=tmp_path / "data", session_timeout_seconds=session),
+        )
+        conf = stages.make_app(cfg, "all").conf
+        got = (conf.broker_session_timeout, conf.broker_heartbeat_interval, conf.broker_request_timeout)
+        assert got == (session, heartbeat, request)
