@@ -79,11 +79,17 @@ class Control:
         tp = TopicPartition(CONTROL_TOPIC, 0)  # ktel.control has one partition (ktel/topics.py)
         try:
             consumer.assign([tp])
-            # The end as it is now, not seek_to_end(): that one is resolved at the
-            # first fetch and would skip a command sent in between.
-            end = (await consumer.end_offsets([tp]))[tp]
-            found = await consumer.offsets_for_times({tp: now_ms() - LOOKBACK_MS})
-            consumer.seek(tp, found[tp].offset if found.get(tp) is not None else end)
+
+            async def start_position() -> int:
+                # The end is read before the lookup: a command sent after a lookup
+                # that found nothing comes at or after it, and is read.
+                end = (await consumer.end_offsets([tp]))[tp]
+                found = await consumer.offsets_for_times({tp: now_ms() - LOOKBACK_MS})
+                return found[tp].offset if found.get(tp) is not None else end
+
+            # Retried like the connection: a broker away for long at the agent's
+            # start must not leave it deaf to commands for good.
+            consumer.seek(tp, await retry(start_position, what="find where to read ktel.control from"))
             while True:
                 for recs in (await consumer.getmany(timeout_ms=1000)).values():
                     for rec in recs:

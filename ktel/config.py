@@ -168,7 +168,7 @@ class AggregateConfig(BaseModel):
     session_timeout_seconds: float = Field(
         60,
         ge=6,  # the least a broker accepts by default (group.min.session.timeout.ms)
-        le=1800,  # the most (group.max.session.timeout.ms)
+        le=300,  # Faust keeps its request timeout above it: longer would hide a hung broker
         description="how long a processing worker that stopped answering keeps its partitions, "
         "which the other workers then take over (the Kafka consumer group's session timeout)",
     )

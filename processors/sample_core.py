@@ -18,12 +18,17 @@ batch's host, boot and sequence number), so a batch re-processed after a crash
 is sampled the same way.
 
 Anomaly detection, per host: an EWMA of the host's (weighted) event rate per
-window. A window whose rate exceeds ``spike_factor`` times the EWMA (and
-``min_rate``) marks the host anomalous and yields a command raising its probes
-to ``raised_sample_every`` for ``command_ttl_s``; the EWMA does not learn from
+window, over the time the window really took. Only full windows count: not
+the one a host shows up in (first seen, back after a pause, or after a restart
+or a rebalance of the worker), which holds its traffic only from its first
+batch on, nor one without any batch (a pause, or its partition moved away),
+which would drag the baseline down and make its return look like a spike.
+A window whose rate exceeds ``spike_factor`` times the EWMA (and ``min_rate``)
+marks the host anomalous and yields a command raising its probes to
+``raised_sample_every`` for ``command_ttl_s``; the EWMA does not learn from
 anomalous windows. The first window back under the threshold yields a command
-restoring ``normal_sample_every``. A raise about to expire while the anomaly
-lasts is renewed.
+restoring ``normal_sample_every``. A spike that lasts as long as the raise
+holds is the host's rate now: it becomes the baseline, with a restore.
 """
 
 from __future__ import annotations
@@ -134,14 +139,20 @@ def observe_host(
 ) -> list[ControlCommand]:
     """Close one window of a host's anomaly state; returns the commands to send.
 
-    ``state`` (mutated) holds ``count`` (weighted events this window), ``full``
-    (past the host's first, partial window), ``ewma``, ``anomalous`` and
+    ``state`` (mutated) holds ``count`` (weighted events since the last close),
+    ``closed_ms`` (that close), ``sending`` (the host sent in that window, so
+    was sending when this one began), ``ewma``, ``anomalous`` and
     ``raised_until`` (ms).
     """
-    rate = state.get("count", 0.0) / opts.window_s
-    state["count"] = 0.0
+    count, state["count"] = state.get("count", 0.0), 0.0
+    closed_ms, state["closed_ms"] = state.get("closed_ms"), now_ms
+    was_sending, state["sending"] = state.get("sending", False), count > 0
+    if closed_ms is None or not was_sending or count == 0 or now_ms <= closed_ms:
+        return []  # not a full window (see the module doc)
+    # Over the time that passed: a timer that fires late (a busy worker) puts
+    # more than one window's events into this one.
+    rate = count / ((now_ms - closed_ms) / 1000)
     ewma = state.get("ewma")
-    commands: list[ControlCommand] = []
     ttl_ms = int(opts.command_ttl_s * 1000)
 
     def command(every: int, what: str) -> list[ControlCommand]:
@@ -150,25 +161,19 @@ def observe_host(
             for p in probes
         ]
 
-    if not state.get("full"):
-        # The window a host shows up in (first seen, or again after a restart or a
-        # rebalance) holds its traffic only from its first batch on: a baseline
-        # learnt from it would make the next, full window look like a spike.
-        state["full"] = True
-        return commands
     if ewma is None:
         state["ewma"] = rate
-        return commands
+        return []
     spike = rate > opts.spike_factor * ewma and rate > opts.min_rate
-    if spike:
-        if not state.get("anomalous") or state.get("raised_until", 0) - now_ms < opts.window_s * 1000 * 2:
-            commands = command(opts.raised_sample_every, "raise")
-            state["raised_until"] = now_ms + ttl_ms
-        state["anomalous"] = True
-        return commands
-    if state.get("anomalous"):
-        commands = command(opts.normal_sample_every, "restore")
-        state["anomalous"] = False
-        state["raised_until"] = 0
-    state["ewma"] = opts.ewma_alpha * rate + (1 - opts.ewma_alpha) * ewma
+    if spike and not state.get("anomalous"):
+        state["anomalous"], state["raised_until"] = True, now_ms + ttl_ms
+        return command(opts.raised_sample_every, "raise")
+    if spike and state["raised_until"] - now_ms > opts.window_s * 1000 * 2:
+        return []  # still raised
+    # Back under the threshold; or spiking as long as the raise holds, which makes
+    # it the host's rate now (else the baseline would never learn it, nor the
+    # raise end).
+    commands = command(opts.normal_sample_every, "restore") if state.get("anomalous") else []
+    state["anomalous"], state["raised_until"] = False, 0
+    state["ewma"] = rate if spike else opts.ewma_alpha * rate + (1 - opts.ewma_alpha) * ewma
     return commands

@@ -185,7 +185,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         broker_session_timeout=session,
         # A few heartbeats per session, as Kafka advises; Faust's 3 s past 30 s.
         broker_heartbeat_interval=min(3.0, session / 10),
-        broker_request_timeout=max(90.0, session + 30),  # Faust: never below the session
+        broker_request_timeout=max(90.0, session),  # Faust: never below the session
     )
 
     def raw_topic(name: str) -> Any:

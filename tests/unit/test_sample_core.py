@@ -101,3 +101,39 @@ def test_a_hosts_first_partial_window_is_no_baseline():
         st["count"] = float(rate)
         assert observe_host(st, "h1", ["file_created"], 1000 * window, opts) == []
     assert st["ewma"] == 100
+
+
+def closes(opts, windows, st=None):
+    """observe_host over (seconds since start, events since the last close) pairs;
+    the commands as (window index, sample_every)."""
+    st = {} if st is None else st
+    out = []
+    for i, (t, count) in enumerate(windows):
+        st["count"] = float(count)
+        out += [(i, c.sample_every) for c in observe_host(st, "h1", ["file_created"], int(t * 1000), opts)]
+    return out
+
+
+def test_a_pause_does_not_lower_the_baseline_and_the_return_is_no_spike():
+    opts = Options(window_s=1.0, spike_factor=3.0, min_rate=10)
+    steady = [(t, 100) for t in range(10)]
+    paused = [(t, 0) for t in range(10, 20)]  # the agent away, or the partition elsewhere
+    back = [(t, 100) for t in range(20, 30)]
+    st: dict = {}
+    assert closes(opts, steady + paused + back, st) == []
+    assert st["ewma"] == 100
+
+
+def test_a_late_window_close_is_no_spike():
+    """A busy worker's timer fires 3 s late: 4 s of a steady 100/s in one window."""
+    opts = Options(window_s=1.0, spike_factor=3.0, min_rate=10)
+    assert closes(opts, [(t, 100) for t in range(10)] + [(13, 400), (14, 100), (15, 100)]) == []
+
+
+def test_a_spike_that_lasts_as_long_as_the_raise_becomes_the_baseline():
+    opts = Options(window_s=1.0, spike_factor=3.0, min_rate=10, command_ttl_s=30, normal_sample_every=10)
+    st: dict = {}
+    cmds = closes(opts, [(t, 100) for t in range(10)] + [(t, 1000) for t in range(10, 100)], st)
+    # Raised when it began; restored, and learnt, when the raise was about to end.
+    assert cmds == [(10, 1), (38, 10)]
+    assert st["ewma"] == 1000 and not st["anomalous"]

@@ -251,7 +251,7 @@ async def test_all_runs_the_four_cores_with_heartbeats_in_one_worker(tmp_path):
 
 
 def test_the_session_timeout_reaches_the_consumer_with_heartbeats_to_match(tmp_path):
-    for session, heartbeat, request in [(60, 3.0, 90.0), (10, 1.0, 90.0), (600, 3.0, 630.0)]:
+    for session, heartbeat, request in [(60, 3.0, 90.0), (10, 1.0, 90.0), (300, 3.0, 300.0)]:
         cfg = config.Config(
             agent=config.AgentConfig(host_id="t"),
             aggregate=config.AggregateConfig(data_dir=tmp_path / "data", session_timeout_seconds=session),
