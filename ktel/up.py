@@ -115,6 +115,9 @@ class Stack:
         def named(name: str) -> str:
             return f"{name}, KTEL_{name.upper().replace('.', '__')}"
 
+        def host(name: str) -> str:
+            return self.cfg.pull.host if name == "pull.port" else "127.0.0.1"
+
         settings: dict[int, list[str]] = {}
         for name, port in self.ports().items():
             if port:
@@ -123,9 +126,9 @@ class Stack:
         if shared:
             raise RuntimeError(f"one port for two servers: {', '.join(shared)}; give each its own port")
         busy = [
-            f"{host}:{port} ({named(name)})"
+            f"{host(name)}:{port} ({named(name)})"
             for port, (name,) in settings.items()
-            if proc.port_in_use(port, host := self.cfg.pull.host if name == "pull.port" else "127.0.0.1")
+            if proc.port_in_use(port, host(name))
         ]
         if busy:
             raise RuntimeError(f"already in use: {', '.join(busy)}; set free ports in the config")
