@@ -178,12 +178,10 @@ class Stack:
             if name in self.children:
                 say(f"stopping {name}")
                 proc.stop(self.children[name], timeout=30, sig=signal.SIGINT)
-        say("stopping the OpenTelemetry Collector")
-        self.collector.stop()
-        say("stopping Prometheus")
-        self.prometheus.stop()
-        say("stopping Kafka")
-        self.kafka.stop()
+        for name, server in reversed(self.servers.items()):  # Kafka last
+            if server.running:
+                say(f"stopping {name}")
+                server.stop()
 
     def dead(self) -> str | None:
         """What has exited, of all `ktel up` started, with the tail of its log; None if
