@@ -41,7 +41,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from edge_agent import file_created, probes, ringbuf  # noqa: E402
+from edge_agent import probes, ringbuf  # noqa: E402
+from ktel.probes import file_created  # noqa: E402
+from ktel.probes.decode import count  # noqa: E402
 from ktel.stack.kafka import LocalKafka, create_topics, ensure_kafka  # noqa: E402
 from ktel.stack.proc import free_port  # noqa: E402
 from tests.integration.agent_harness import AgentProcess  # noqa: E402
@@ -91,7 +93,7 @@ def bare(exe: Path, target: Path, seconds: float, how: str) -> dict:
         nonlocal n
         assert reader is not None
         runs = reader.read()
-        n += ringbuf.count(runs)
+        n += count(runs)
         if how == "decode":
             for size, data in runs:
                 file_created.decode_run(size, data, offset)

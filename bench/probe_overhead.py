@@ -44,6 +44,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from edge_agent import probes  # noqa: E402
+from ktel.probes import PROBES  # noqa: E402
 
 WARMUP = 10_000  # calls before the timed ones (events too)
 
@@ -286,7 +287,7 @@ class SyscallLatency(Config):
     name = "syscall_latency probe"
 
     def attach(self) -> None:
-        self.probe = probes.LoadedProbe(probes.SPECS["syscall_latency"], 1)
+        self.probe = probes.LoadedProbe(PROBES["syscall_latency"], 1)
 
     def collect(self) -> None:
         self.probe.snapshot()  # what the agent does every SNAPSHOT_SECONDS

@@ -41,7 +41,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
 from edge_agent import probes as probes_mod
-from edge_agent import ringbuf
 from edge_agent.containers import Containers
 from edge_agent.control import Control
 from edge_agent.identity import boot_id
@@ -50,8 +49,9 @@ from edge_agent.seqstore import SeqStore
 from edge_agent.spool import Record, Spool
 from ktel import runtime, selfmetrics
 from ktel.config import Config
+from ktel.probes.decode import count, records
 from ktel.retry import retry
-from ktel.wire import HEARTBEATS_TOPIC, RAW_TOPIC, RawBatch, encode_batch, encode_heartbeat
+from ktel.wire import HEARTBEATS_TOPIC, RAW_TOPIC, Heartbeat, RawBatch, encode_batch, encode_heartbeat
 
 log = logging.getLogger("ktel.agent")
 
@@ -177,7 +177,7 @@ class Agent:
             runs = p.take()
             if not runs:
                 continue
-            EVENTS_READ.labels(name).inc(ringbuf.count(runs))
+            EVENTS_READ.labels(name).inc(count(runs))
             before = len(pending)
             try:
                 pending.extend(p.decode(runs))
@@ -185,7 +185,7 @@ class Agent:
                 # A decoder bug must not take the node's telemetry down: decode one by one,
                 # count the bad ones.
                 offset = time.time_ns() - time.monotonic_ns()
-                for r in (r for run in runs for r in ringbuf.records(run)):
+                for r in (r for run in runs for r in records(run)):
                     try:
                         pending.append(p.spec.decode(r, offset))
                     except Exception as err:
@@ -323,7 +323,7 @@ class Agent:
 
     def heartbeat(
         self, interval: float, previous: dict[str, int], containers: list[list]
-    ) -> tuple[dict, dict[str, int]]:
+    ) -> tuple[Heartbeat, dict[str, int]]:
         """The heartbeat record; ``rates`` are the counters' increase over the last
         ``interval`` seconds (since start, in the first)."""
 
@@ -358,7 +358,7 @@ class Agent:
             }
         lat, self.latencies_ms = self.latencies_ms, []
         uname = os.uname()
-        hb = {
+        hb: Heartbeat = {
             "ts": time.time_ns() // 1_000_000,
             "host": {
                 "host.id": self.host_id,

@@ -1,12 +1,11 @@
 """Loading the BPF probes, draining their ring buffers, reading their histograms.
 
-One probe = one set of files found by name: ``bpf/<probe>.bpf.c`` (compiled
-after ``bpf/ktel_common.bpf.h``), its event or key header ``bpf/<probe>.h`` and
-its decoder ``edge_agent/<probe>.py``. A probe whose attach points (tracepoints,
-tracepoint fields, uprobe targets) this kernel or host lacks is skipped with the
-reason, not fatal.
+What each probe is (its BPF source, tracepoints, maps, kinds and decoder) is
+declared in the probe registry (ktel/probes/); this module puts a probe into
+the kernel. A probe whose attach points (tracepoints, tracepoint fields, uprobe
+targets) this kernel or host lacks is skipped with the reason, not fatal.
 
-Two kinds of probes (design principle 6):
+Two kinds of probes (docs/design.md, principle 6):
 
 - event probes send discrete events through their ring buffer; a thread reads
   it in bulk (edge_agent/ringbuf.py) into runs of records, and ``take()`` and
@@ -24,36 +23,22 @@ from __future__ import annotations
 
 import collections
 import ctypes
-import dataclasses
 import logging
 import os
 import re
 import struct
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
-from edge_agent import (
-    block_latency,
-    dns_latency,
-    file_created,
-    ktel_api,
-    oom_kill,
-    process,
-    runq_latency,
-    skb_drop,
-    syscall_latency,
-    tcp_retransmit,
-)
 from edge_agent import ringbuf as rb
-from ktel.wire import HIST_SLOTS, HISTOGRAM_DELTA
+from ktel.probes import HIST_SLOTS, HISTOGRAM_DELTA, PROBES, TRACEFS, Probe
+from ktel.probes.decode import Run, frame, records
 
 log = logging.getLogger(__name__)
 
 BPF_DIR = Path(os.environ.get("KTEL_BPF_DIR", Path(__file__).resolve().parent.parent / "bpf"))
-TRACEFS = Path("/sys/kernel/tracing")
 
 # Mirrors enum ktel_counter / enum ktel_knob in bpf/ktel_common.h.
 COUNTER_RINGBUF_DROPS = 0
@@ -83,153 +68,6 @@ DRAIN_PAUSE_BELOW = 0.25
 # what does not fit there is dropped and counted by the kernel), so the agent's
 # memory stays bounded under any load.
 QUEUE_MAX_BYTES = 8 << 20
-
-
-def no_events(raw: bytes, wall_offset_ns: int) -> list:
-    raise ValueError(f"this probe sends no ring-buffer events (got a record of {len(raw)} bytes)")
-
-
-@dataclasses.dataclass(frozen=True)
-class Uprobe:
-    """A uprobe (and its uretprobe) on a library function."""
-
-    library: str  # as BCC's attach_uprobe(name=...) resolves it: "c" is libc (ld.so.cache)
-    symbol: str
-    entry_fn: str  # BPF function run at entry
-    return_fn: str  # BPF function run at return
-
-
-@dataclasses.dataclass(frozen=True)
-class Histogram:
-    """A BPF map of struct ktel_hist values, published as HISTOGRAM_DELTA events."""
-
-    map: str  # the map's name in the probe's source
-    metric: str  # the wire metric name
-    labels: Callable[[bytes], dict[str, Any]]  # the map key's bytes -> labels
-    unit: str = "ns"
-    evict: bool = True  # a hash map whose idle keys are deleted (arrays cannot be)
-
-
-@dataclasses.dataclass(frozen=True)
-class ProbeSpec:
-    name: str
-    decode: Callable[[bytes, int], list]
-    required_tracepoints: tuple[str, ...]
-    # Tracepoint -> -D flag for attach points that exist on some kernels only.
-    optional_tracepoints: dict[str, str] = dataclasses.field(default_factory=dict)
-    # "system/event:field" that the probe cannot do without (skipped otherwise, with the reason).
-    required_fields: tuple[str, ...] = ()
-    # "system/event:field" -> -D flag, for tracepoint fields some kernels lack.
-    optional_fields: dict[str, str] = dataclasses.field(default_factory=dict)
-    uprobes: tuple[Uprobe, ...] = ()
-    histograms: tuple[Histogram, ...] = ()
-    # False: the probe sends no events; its ring buffer is one page and not drained.
-    ringbuf: bool = True
-    # Run once when the probe loads (e.g. reading enum names from a format file).
-    prepare: Callable[[], Any] | None = None
-    # Tracepoint -> BPF function for programs that take a context declared in
-    # bpf/ktel_tracepoints.bpf.h instead of BCC's TRACEPOINT_PROBE (which BCC
-    # attaches by itself). Each is attached where its tracepoint exists.
-    programs: dict[str, str] = dataclasses.field(default_factory=dict)
-    # Optional bulk form of ``decode``: (record size, run of framed records, wall
-    # offset) -> events, the same events ``decode`` gives record by record
-    # (edge_agent/ringbuf.py). For high-rate probes: per-record work is then the
-    # decoder's loop body only.
-    decode_run: Callable[[int, bytes, int], list] | None = None
-
-
-SPECS: dict[str, ProbeSpec] = {
-    "file_created": ProbeSpec(
-        name="file_created",
-        decode=file_created.decode,
-        decode_run=file_created.decode_run,
-        required_tracepoints=(
-            "syscalls/sys_enter_openat",
-            "syscalls/sys_exit_openat",
-            "syscalls/sys_enter_openat2",
-            "syscalls/sys_exit_openat2",
-            "syscalls/sys_enter_creat",
-            "syscalls/sys_exit_creat",
-        ),
-        # With the filewatcher module loaded, its tracepoint (which sees the create
-        # itself) replaces the syscall tracepoints, which the source then leaves out.
-        optional_tracepoints={
-            "syscalls/sys_enter_open": "KTEL_HAVE_SYS_OPEN",
-            "filewatcher/file_created": "KTEL_HAVE_FILEWATCHER",
-        },
-        programs={"filewatcher/file_created": "file_created_filewatcher"},
-    ),
-    "ktel_api": ProbeSpec(
-        name="ktel_api",
-        decode=ktel_api.decode,
-        required_tracepoints=tuple(ktel_api.PROGRAMS),
-        programs=ktel_api.PROGRAMS,
-    ),
-    "tcp_retransmit": ProbeSpec(
-        name="tcp_retransmit",
-        decode=tcp_retransmit.decode,
-        required_tracepoints=("tcp/tcp_retransmit_skb",),
-        required_fields=("tcp/tcp_retransmit_skb:state", "tcp/tcp_retransmit_skb:family"),
-        optional_fields={"tcp/tcp_retransmit_skb:err": "KTEL_TCP_RETRANSMIT_ERR"},
-    ),
-    "oom_kill": ProbeSpec(
-        name="oom_kill",
-        decode=oom_kill.decode,
-        required_tracepoints=("oom/mark_victim",),
-        optional_fields={"oom/mark_victim:comm": "KTEL_OOM_DETAIL"},
-    ),
-    "process": ProbeSpec(
-        name="process",
-        decode=process.decode,
-        required_tracepoints=(
-            "sched/sched_process_exec",
-            "sched/sched_process_exit",
-            "sched/sched_process_fork",
-        ),
-        optional_tracepoints={
-            "syscalls/sys_enter_exit_group": "KTEL_HAVE_SYS_EXIT_GROUP",
-            "syscalls/sys_enter_exit": "KTEL_HAVE_SYS_EXIT",
-            "signal/signal_generate": "KTEL_HAVE_SIGNAL_GENERATE",
-        },
-        optional_fields={"sched/sched_process_exit:group_dead": "KTEL_HAVE_GROUP_DEAD"},
-    ),
-    "skb_drop": ProbeSpec(
-        name="skb_drop",
-        decode=skb_drop.decode,
-        required_tracepoints=("skb/kfree_skb",),
-        required_fields=("skb/kfree_skb:reason",),
-        prepare=lambda: skb_drop.load_reasons(TRACEFS / "events/skb/kfree_skb/format"),
-    ),
-    "syscall_latency": ProbeSpec(
-        name="syscall_latency",
-        decode=no_events,
-        required_tracepoints=("raw_syscalls/sys_enter", "raw_syscalls/sys_exit", "sched/sched_process_exit"),
-        histograms=(Histogram("hist", syscall_latency.METRIC, syscall_latency.labels),),
-        ringbuf=False,
-    ),
-    "runq_latency": ProbeSpec(
-        name="runq_latency",
-        decode=no_events,
-        required_tracepoints=("sched/sched_wakeup", "sched/sched_wakeup_new", "sched/sched_switch"),
-        required_fields=("sched/sched_switch:prev_state",),
-        histograms=(Histogram("hist", runq_latency.METRIC, runq_latency.labels, evict=False),),
-        ringbuf=False,
-    ),
-    "block_latency": ProbeSpec(
-        name="block_latency",
-        decode=no_events,
-        required_tracepoints=("block/block_rq_issue", "block/block_rq_complete"),
-        histograms=(Histogram("hist", block_latency.METRIC, block_latency.labels),),
-        ringbuf=False,
-    ),
-    "dns_latency": ProbeSpec(
-        name="dns_latency",
-        decode=dns_latency.decode,
-        required_tracepoints=(),
-        uprobes=(Uprobe("c", "getaddrinfo", "getaddrinfo_entry", "getaddrinfo_return"),),
-        histograms=(Histogram("hist", dns_latency.METRIC, dns_latency.labels),),
-    ),
-}
 
 
 class ProbeUnavailable(Exception):
@@ -266,7 +104,7 @@ def bpf_source(name: str) -> str:
     return common + "\n" + (BPF_DIR / f"{name}.bpf.c").read_text()
 
 
-def present_tracepoints(spec: ProbeSpec) -> frozenset[str]:
+def present_tracepoints(spec: Probe) -> frozenset[str]:
     """The probe's optional and by-name tracepoints this kernel has, looked at once per
     load: the source compiled for them and the programs attached must agree, though a
     module may be loaded or unloaded during BCC's compile."""
@@ -274,7 +112,7 @@ def present_tracepoints(spec: ProbeSpec) -> frozenset[str]:
 
 
 def cflags_for(
-    spec: ProbeSpec,
+    spec: Probe,
     ringbuf_pages: int,
     defines: Mapping[str, int] | None = None,
     present: frozenset[str] | None = None,
@@ -290,11 +128,11 @@ def cflags_for(
     return cflags
 
 
-def check_available(spec: ProbeSpec) -> None:
+def check_available(spec: Probe) -> None:
     """Raise ProbeUnavailable, naming what is missing, if the probe cannot attach here."""
     if not (TRACEFS / "events").is_dir():
         raise ProbeUnavailable(f"tracefs is not mounted at {TRACEFS} (mount -t tracefs nodev {TRACEFS})")
-    missing = [tp for tp in spec.required_tracepoints if not _has_tracepoint(tp)]
+    missing = [tp for tp in spec.tracepoints if not _has_tracepoint(tp)]
     if missing:
         raise ProbeUnavailable(f"this kernel lacks tracepoint(s) {', '.join(missing)}")
     missing = [f for f in spec.required_fields if not _has_field(f)]
@@ -316,7 +154,7 @@ class LoadedProbe:
 
     def __init__(
         self,
-        spec: ProbeSpec,
+        spec: Probe,
         ringbuf_pages: int,
         *,
         defines: Mapping[str, int] | None = None,
@@ -355,7 +193,7 @@ class LoadedProbe:
             where = libs.get(u.library, b"?").decode()
             raise ProbeUnavailable(f"cannot attach a uprobe to {u.symbol} in {where}: {err}") from None
         # deque: append (drain thread) and popleft (agent loop) are thread-safe.
-        self._runs: collections.deque[rb.Run] = collections.deque()
+        self._runs: collections.deque[Run] = collections.deque()
         # Bytes queued and taken so far: each written by one thread only.
         self._queued = self._taken = 0
         self._stop = threading.Event()
@@ -384,7 +222,7 @@ class LoadedProbe:
 
     def _on_record(self, _ctx, data, size) -> None:
         # BCC's callback reader (where ringbuf.BULK_READ is False): one run per record.
-        run = rb.frame(ctypes.string_at(data, size))
+        run = frame(ctypes.string_at(data, size))
         self._runs.append(run)
         self._queued += len(run[1])
 
@@ -419,14 +257,14 @@ class LoadedProbe:
         if self.spec.ringbuf and not self._closed and self._thread is None:
             self._read()
 
-    def take(self) -> list[rb.Run]:
+    def take(self) -> list[Run]:
         """Runs of records drained since the last call (``ringbuf.count`` counts the records)."""
         popleft = self._runs.popleft
         runs = [popleft() for _ in range(len(self._runs))]
         self._taken += sum(len(data) for _, data in runs)
         return runs
 
-    def decode(self, runs: list[rb.Run]) -> list[list]:
+    def decode(self, runs: list[Run]) -> list[list]:
         """The wire events of ``runs``, in order (raises on a record that does not decode)."""
         offset = time.time_ns() - time.monotonic_ns()
         decode, decode_run = self.spec.decode, self.spec.decode_run
@@ -435,7 +273,7 @@ class LoadedProbe:
             if decode_run is not None:
                 events += decode_run(run[0], run[1], offset)
             else:
-                events += [decode(r, offset) for r in rb.records(run)]
+                events += [decode(r, offset) for r in records(run)]
         return events
 
     def counters(self) -> dict[str, int]:
@@ -549,7 +387,7 @@ def load(
     skipped: dict[str, str] = {}
     for name in names:
         try:
-            loaded[name] = LoadedProbe(SPECS[name], ringbuf_pages, defines=(defines or {}).get(name))
+            loaded[name] = LoadedProbe(PROBES[name], ringbuf_pages, defines=(defines or {}).get(name))
             log.info("probe %s loaded", name)
         except ProbeUnavailable as err:
             skipped[name] = str(err)

@@ -7,27 +7,26 @@ import re
 from collections.abc import Sequence
 
 from ktel.config import ConfigError, RedactRule
-from ktel.wire import KINDS
+from ktel.probes import KIND_BY_NAME
 
 
 class Redactor:
     def __init__(self, rules: Sequence[RedactRule]):
-        by_name = {k.name: k for k in KINDS.values()}
         self.by_kind: dict[int, list[tuple[int, re.Pattern[str], str]]] = {}
         for i, r in enumerate(rules):
-            kind = by_name.get(r.kind)
+            kind = KIND_BY_NAME.get(r.kind)
             if kind is None:
                 raise ConfigError(
-                    f"agent.redact[{i}].kind = {r.kind!r}: unknown event kind (known: {', '.join(by_name)})"
+                    f"agent.redact[{i}].kind = {r.kind!r}: unknown event kind "
+                    f"(known: {', '.join(KIND_BY_NAME)})"
                 )
-            if r.field not in kind.fields:
+            if r.field not in kind.field_names:
                 raise ConfigError(
                     f"agent.redact[{i}].field = {r.field!r}: {r.kind} has no such field "
-                    f"(fields: {', '.join(kind.fields)})"
+                    f"(fields: {', '.join(kind.field_names)})"
                 )
-            # +1: an event array starts with its kind id.
             self.by_kind.setdefault(kind.id, []).append(
-                (kind.fields.index(r.field) + 1, re.compile(r.pattern), r.replacement)
+                (kind.index(r.field), re.compile(r.pattern), r.replacement)
             )
 
     def __bool__(self) -> bool:

@@ -38,49 +38,16 @@ import platform
 import select
 import struct
 
+from ktel.probes.decode import Run, stride
+
 BUSY_BIT = 1 << 31
 DISCARD_BIT = 1 << 30
-HEADER = struct.Struct("<II")  # len (with the BUSY and DISCARD bits), pgoff
-HEADER_SIZE = HEADER.size
 _LEN = struct.Struct("<I")
 _POS = struct.Struct("<Q")
 _FIRST_LOOK = 16  # records looked ahead first, doubled while they match
 
 # Where plain loads and stores order as the ring buffer's ABI needs.
 BULK_READ = platform.machine() in ("x86_64", "AMD64")
-
-# A run: (size, data). ``data`` holds records of ``size`` bytes each, as the ring
-# buffer frames them: an 8-byte header, the record, padding to a multiple of 8.
-Run = tuple[int, bytes]
-
-
-def c_string(field: bytes) -> str:
-    """A NUL-terminated char array of a record as text (what follows the NUL is
-    not the record's: the kernel may leave it uninitialised)."""
-    return field.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
-
-
-def stride(size: int) -> int:
-    """Bytes one record of ``size`` bytes takes in the ring buffer (and in a run)."""
-    return (size + HEADER_SIZE + 7) & ~7
-
-
-def frame(record: bytes) -> Run:
-    """One record (e.g. from BCC's callback) as a run of one."""
-    size = len(record)
-    return size, HEADER.pack(size, 0) + record + bytes(stride(size) - HEADER_SIZE - size)
-
-
-def count(runs: list[Run]) -> int:
-    """Records in ``runs``."""
-    return sum(len(data) // stride(size) for size, data in runs)
-
-
-def records(run: Run) -> list[bytes]:
-    """A run's records, one bytes each (the slow path: decoders without a bulk form)."""
-    size, data = run
-    step = stride(size)
-    return [data[o + HEADER_SIZE : o + HEADER_SIZE + size] for o in range(0, len(data), step)]
 
 
 class RingReader:

@@ -20,6 +20,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ktel.probes import KIND_BY_NAME, KINDS, PROBES
+
 
 class ConfigError(Exception):
     pass
@@ -30,6 +32,14 @@ def _read_id(path: str) -> str:
         return Path(path).read_text().strip().replace("-", "")
     except OSError:
         return ""
+
+
+def _known(names: Any, known: Any, what: str, hint: str) -> Any:
+    """``names`` (a list, or a dict's keys) if each is in ``known``; else a ValueError naming it."""
+    for name in names:
+        if name not in known:
+            raise ValueError(f"unknown {what} {name!r} ({hint}: {', '.join(known)})")
+    return names
 
 
 class KafkaConfig(BaseModel):
@@ -82,23 +92,11 @@ class AgentConfig(BaseModel):
     state_dir: Path = Field(
         Path("/var/lib/ktel/agent"), description="where the agent keeps its sequence numbers"
     )
-    probes: list[
-        Literal[
-            "file_created",
-            "tcp_retransmit",
-            "oom_kill",
-            "process",
-            "skb_drop",
-            "syscall_latency",
-            "runq_latency",
-            "block_latency",
-            "dns_latency",
-            "ktel_api",
-        ]
-    ] = Field(
+    probes: list[str] = Field(
         # ktel_api needs ktel's kernel module (kmod/); without it, it is skipped and reported.
         ["file_created", "ktel_api"],
-        description="probes to load; a probe this kernel cannot attach is skipped and reported",
+        description="probes to load (`ktel probes` lists them); a probe this kernel cannot attach "
+        "is skipped and reported",
     )
     ringbuf_pages: int = Field(256, description="BPF ring buffer size in 4 KiB pages (a power of two)")
     batch_max_events: int = Field(2000, ge=1, description="seal a batch at this many events")
@@ -128,9 +126,15 @@ class AgentConfig(BaseModel):
         [], description="rules masking sensitive values before anything leaves the node"
     )
 
+    @field_validator("probes")
+    @classmethod
+    def _known_probes(cls, v: list[str]) -> list[str]:
+        return _known(v, PROBES, "probe", "`ktel probes` lists them")
+
     @field_validator("sample_every")
     @classmethod
     def _rates(cls, v: dict[str, int]) -> dict[str, int]:
+        _known(v, PROBES, "probe", "`ktel probes` lists them")
         for probe, n in v.items():
             if n < 1:
                 raise ValueError(f"{probe} = {n}: a rate is 1 in N with N >= 1")
@@ -207,10 +211,16 @@ class EnrichConfig(BaseModel):
 class SampleConfig(BaseModel):
     """The sample stage (processors/sample_core.py says what each policy does)."""
 
+    @field_validator("keep_kinds", "budget_per_s")
+    @classmethod
+    def _known_kinds(cls, v: Any) -> Any:
+        return _known(v, KIND_BY_NAME, "event kind", "`ktel probes --kinds` lists them")
+
     baseline: float = Field(1.0, gt=0, le=1, description="probability of keeping an event no policy keeps")
     keep_kinds: list[str] = Field(
-        ["oom_kill", "tcp_retransmit", "skb_drop", "ktel_log"],
-        description="event kinds always kept (rare or errors; kernel spans with status ERROR always are)",
+        sorted(k.name for k in KINDS.values() if k.keep),
+        description="event kinds always kept (default: the rare and error kinds, as their probes "
+        "declare them; kernel spans with status ERROR always are)",
     )
     budget_per_s: dict[str, float] = Field(
         {}, description="fleet-wide events/s per kind; above it the kind is sampled down"

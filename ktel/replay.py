@@ -181,7 +181,7 @@ class Filter:
 
 
 # Position of ts_ns in each kind's event array (after the kind id).
-_TS_INDEX = {k.id: k.fields.index("ts_ns") + 1 for k in KINDS.values() if "ts_ns" in k.fields}
+_TS_INDEX = {k.id: k.index("ts_ns") for k in KINDS.values() if "ts_ns" in k.field_names}
 
 
 def read_bounds(flt: Filter, margin_ns: int) -> tuple[int, int]:

@@ -39,28 +39,23 @@ import random
 from collections import defaultdict
 from typing import Any
 
-from ktel.wire import HISTOGRAM_DELTA, KINDS, ControlCommand, RawBatch
+from ktel.probes import HISTOGRAM_DELTA, KINDS, PROBE_OF_KIND
+from ktel.wire import ControlCommand, RawBatch
 
-# The probe that emits each event kind, where the names differ (fidelity
-# commands name probes). Histogram deltas are summaries, not events: they are
-# never sampled and do not count toward a host's event rate.
-PROBE_OF_KIND = {
-    "process_exec": "process",
-    "process_exit": "process",
-    "dns_slow": "dns_latency",
-    "ktel_metric": "ktel_api",
-    "ktel_span": "ktel_api",
-    "ktel_log": "ktel_api",
-}
+# Kinds the sampler always keeps, as their probes declare them (rare, or errors).
+KEEP_KINDS = frozenset(k.name for k in KINDS.values() if k.keep)
 
 
 def probes_of(kind_ids: set[int]) -> set[str]:
-    return {PROBE_OF_KIND.get(KINDS[k].name, KINDS[k].name) for k in kind_ids if k != HISTOGRAM_DELTA.id}
+    """The probes that sent these kinds (fidelity commands name probes). Histogram
+    deltas are summaries, not events: they are never sampled and do not count
+    toward a host's event rate."""
+    return {PROBE_OF_KIND[k] for k in kind_ids if k in PROBE_OF_KIND}
 
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    keep_kinds: frozenset[str] = frozenset({"oom_kill", "tcp_retransmit", "skb_drop", "ktel_log"})
+    keep_kinds: frozenset[str] = KEEP_KINDS
     # Kernel spans with status ERROR (2) are always kept, as tail samplers keep errors.
     keep_slow: dict[str, tuple[str, float]] = dataclasses.field(
         default_factory=lambda: {"ktel_span": ("status", 2)}
@@ -88,7 +83,7 @@ class Sampler:
         self.keep_ids = {k.id for k in KINDS.values() if k.name in opts.keep_kinds} | {HISTOGRAM_DELTA.id}
         # kind id -> (index of the field in the event array, threshold)
         self.slow = {
-            k.id: (k.fields.index(field) + 1, threshold)
+            k.id: (k.index(field), threshold)
             for k in KINDS.values()
             if k.name in opts.keep_slow
             for field, threshold in [opts.keep_slow[k.name]]

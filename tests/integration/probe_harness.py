@@ -21,6 +21,7 @@ import pytest
 
 from edge_agent import probes
 from edge_agent.containers import find_cgroup2_root
+from ktel.probes import PROBES
 from ktel.wire import event_dict
 from tests.conftest import need_bpf
 
@@ -33,7 +34,7 @@ def loaded(name: str, ringbuf_pages: int = 64, **kwargs: Any) -> Iterator[probes
     kernel or host lacks its attach points."""
     need_bpf()
     try:
-        p = probes.LoadedProbe(probes.SPECS[name], ringbuf_pages, **kwargs)
+        p = probes.LoadedProbe(PROBES[name], ringbuf_pages, **kwargs)
     except probes.ProbeUnavailable as err:
         pytest.skip(f"probe {name} cannot load here: {err}")
     try:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.block_latency import device_name
+from ktel.probes.decode import block_device_name as device_name
 from tests.integration.probe_harness import histogram_total, loaded
 
 pytestmark = pytest.mark.bpf

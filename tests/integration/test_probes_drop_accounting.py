@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from edge_agent import ringbuf
+from ktel.probes.decode import Run, count
 from tests.integration.probe_harness import histogram_total, loaded, python_workload
 
 pytestmark = pytest.mark.bpf
@@ -55,11 +55,11 @@ def test_the_books_balance_while_the_drain_thread_runs():
             "dns_latency", ringbuf_pages=1, defines={"KTEL_DNS_SLOW_NS": 0}, uprobe_pid=w.pid
         ) as probe:
             assert w.go() == "done"
-            delivered: list[ringbuf.Run] = []
+            delivered: list[Run] = []
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
                 delivered += probe.take()
-                if ringbuf.count(delivered) + probe.counters()["ringbuf_drops"] >= N:
+                if count(delivered) + probe.counters()["ringbuf_drops"] >= N:
                     break
                 time.sleep(0.05)
             time.sleep(0.2)  # anything beyond N would show up now
@@ -67,5 +67,5 @@ def test_the_books_balance_while_the_drain_thread_runs():
             drops = probe.counters()["ringbuf_drops"]
     finally:
         w.finish()
-    assert ringbuf.count(delivered) + drops == N
-    assert len(probe.decode(delivered)) == ringbuf.count(delivered)
+    assert count(delivered) + drops == N
+    assert len(probe.decode(delivered)) == count(delivered)

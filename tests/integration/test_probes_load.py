@@ -6,6 +6,7 @@ import dataclasses
 import pytest
 
 from edge_agent import probes
+from ktel.probes import PROBES, Uprobe
 from tests.conftest import need_bpf
 from tests.integration.probe_harness import loaded
 
@@ -16,7 +17,7 @@ pytestmark = pytest.mark.bpf
 ON_MODULE = {"ktel_api"}
 
 
-@pytest.mark.parametrize("name", sorted(set(probes.SPECS) - ON_MODULE))
+@pytest.mark.parametrize("name", sorted(set(PROBES) - ON_MODULE))
 def test_probe_loads_and_passes_the_verifier(name):
     with loaded(name) as p:
         # Attached and reading its maps: every counter starts at zero or counts.
@@ -28,14 +29,14 @@ def test_probe_loads_and_passes_the_verifier(name):
             assert isinstance(p.snapshot(), list)
 
 
-@pytest.mark.parametrize("name", sorted(n for n, s in probes.SPECS.items() if s.programs))
+@pytest.mark.parametrize("name", sorted(n for n, s in PROBES.items() if s.programs))
 def test_programs_on_module_tracepoints_pass_the_verifier_on_any_kernel(name):
     """They take hand-written contexts (bpf/ktel_tracepoints.bpf.h), so they compile and
     load here even where the tracepoints are missing; only attaching needs the module."""
     from bcc import BPF
 
     need_bpf()
-    spec = probes.SPECS[name]
+    spec = PROBES[name]
     bpf = BPF(text=probes.bpf_source(name).encode(), cflags=probes.cflags_for(spec, 1))
     try:
         fds = [bpf.load_func(fn.encode(), BPF.TRACEPOINT).fd for fn in spec.programs.values()]
@@ -59,12 +60,12 @@ def test_ktel_api_is_skipped_with_the_reason_where_the_module_is_not_loaded():
 def test_the_agent_config_accepts_every_probe():
     from ktel.config import AgentConfig
 
-    assert AgentConfig(probes=sorted(probes.SPECS)).probes == sorted(probes.SPECS)
+    assert AgentConfig(probes=sorted(PROBES)).probes == sorted(PROBES)
 
 
 def test_missing_tracepoint_field_or_library_is_a_reason_not_a_crash(monkeypatch, tmp_path):
-    base = probes.SPECS["tcp_retransmit"]
-    no_tp = dataclasses.replace(base, required_tracepoints=("nope/no_such_event",))
+    base = PROBES["tcp_retransmit"]
+    no_tp = dataclasses.replace(base, tracepoints=("nope/no_such_event",))
     with pytest.raises(probes.ProbeUnavailable, match="lacks tracepoint.*nope/no_such_event"):
         probes.check_available(no_tp)
     no_field = dataclasses.replace(base, required_fields=("tcp/tcp_retransmit_skb:no_such_field",))
@@ -77,9 +78,9 @@ def test_missing_tracepoint_field_or_library_is_a_reason_not_a_crash(monkeypatch
 
 
 def test_missing_uprobe_library_is_skipped_with_the_reason(monkeypatch):
-    spec = probes.SPECS["dns_latency"]
-    bad = dataclasses.replace(spec, uprobes=(probes.Uprobe("ktel-no-such-lib", "f", "a", "b"),))
-    monkeypatch.setitem(probes.SPECS, "dns_latency", bad)
+    spec = PROBES["dns_latency"]
+    bad = dataclasses.replace(spec, uprobes=(Uprobe("ktel-no-such-lib", "f", "a", "b"),))
+    monkeypatch.setitem(PROBES, "dns_latency", bad)
     need_bpf()
     loaded_, skipped = probes.load(["dns_latency"], ringbuf_pages=1)
     assert not loaded_

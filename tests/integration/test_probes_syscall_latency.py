@@ -4,7 +4,8 @@ histogram, read as deltas."""
 
 import pytest
 
-from edge_agent import probes, syscall_latency
+from edge_agent import probes
+from ktel.probes import syscall_latency
 from tests.integration.probe_harness import Workload, build_c, cgroup2_child, histogram_total, loaded
 
 pytestmark = pytest.mark.bpf

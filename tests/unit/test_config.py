@@ -29,7 +29,7 @@ def test_env_overrides_file(tmp_path, monkeypatch):
         ("[kafka]\nbootstrap = 'nohost'\n", "kafka.bootstrap = 'nohost'"),
         ("[aggregate]\nwindow_seconds = 0\n", "KTEL_AGGREGATE__WINDOW_SECONDS"),
         ("[aggregate]\nsession_timeout_seconds = 3\n", "aggregate.session_timeout_seconds = 3"),
-        ("[agent]\nprobes = ['nope']\n", "agent.probes.0 = 'nope'"),
+        ("[agent]\nprobes = ['nope']\n", "agent.probes = ['nope']: Value error, unknown probe 'nope'"),
         ("[nosuchsection]\nx = 1\n", "nosuchsection"),
         ("[enrich]\nmax_processes = 100000\n", "KTEL_ENRICH__MAX_PROCESSES"),
         ("[enrich]\nmetadata_file = '/tmp'\n", "enrich.metadata_file = '/tmp': Value error, is a directory"),

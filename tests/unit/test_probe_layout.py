@@ -10,21 +10,23 @@ import subprocess
 
 import pytest
 
-from edge_agent import (
+from edge_agent import probes
+from ktel.probes import (
+    HIST_SLOTS,
+    PROBES,
+    Layout,
     block_latency,
     dns_latency,
-    file_created,
     ktel_api,
     oom_kill,
-    probes,
     process,
     skb_drop,
     syscall_latency,
     tcp_retransmit,
 )
+from ktel.probes import file_created as file_created  # noqa: F401 (its layout is in the registry)
+from ktel.probes.decode import block_device_name
 from ktel.wire import event_dict
-
-FIELDS = ["ts_ns", "pid", "tid", "uid", "dirfd", "flags", "certain", "comm", "path"]
 
 
 def c_layout(tmp_path, header: str, struct: str, fields: list[str]) -> list[int]:
@@ -41,13 +43,6 @@ def c_layout(tmp_path, header: str, struct: str, fields: list[str]) -> list[int]
     return [int(x) for x in subprocess.run([exe], capture_output=True, text=True, check=True).stdout.split()]
 
 
-def test_file_created_layout_matches_decoder(tmp_path):
-    size, *offsets = c_layout(tmp_path, "file_created.h", "file_created_event", FIELDS)
-    assert size == file_created.LAYOUT.size
-    # Offsets implied by the struct format "<QIIIiIB3x16s256s".
-    assert offsets == [0, 8, 12, 16, 20, 24, 28, 32, 48]
-
-
 def test_counter_and_knob_indices_match_header():
     text = (probes.BPF_DIR / "ktel_common.h").read_text()
     assert f"KTEL_COUNTER_RINGBUF_DROPS = {probes.COUNTER_RINGBUF_DROPS}," in text
@@ -55,72 +50,45 @@ def test_counter_and_knob_indices_match_header():
     assert f"KTEL_KNOB_SAMPLE_EVERY = {probes.KNOB_SAMPLE_EVERY}," in text
 
 
-# The standard probe library: each struct's offsets as its header documents them
-# and as its decoder's struct format implies them.
-LAYOUTS = [
-    (
-        "tcp_retransmit.h",
-        "tcp_retransmit_event",
-        tcp_retransmit.LAYOUT,
-        {"ts_ns": 0, "state": 8, "err": 12, "family": 16, "sport": 18, "dport": 20, "has_err": 22},
-        {"saddr": 24, "daddr": 40},
-    ),
-    (
-        "oom_kill.h",
-        "oom_kill_event",
-        oom_kill.LAYOUT,
-        {"ts_ns": 0, "total_vm_kb": 8, "anon_rss_kb": 16, "file_rss_kb": 24, "shmem_rss_kb": 32},
-        {"pgtables_kb": 40, "pid": 48, "uid": 52, "trigger_pid": 56, "oom_score_adj": 60},
-    ),
-    (
-        "skb_drop.h",
-        "skb_drop_event",
-        skb_drop.LAYOUT,
-        {"ts_ns": 0, "location": 8, "pid": 16, "reason": 20, "protocol": 24, "comm": 32},
-        {},
-    ),
-    (
-        "syscall_latency.h",
-        "syscall_latency_key",
-        syscall_latency.KEY,
-        {"cgroup_id": 0, "syscall_id": 8, "pad": 12},
-        {},
-    ),
-    (
-        "ktel_api.h",
-        "ktel_api_event",
-        ktel_api.LAYOUT,
-        {"ts_ns": 0, "value": 8, "span_id": 16, "parent_span_id": 24, "start_ns": 32, "end_ns": 40},
-        {
-            "pid": 48,
-            "tid": 52,
-            "kind": 56,
-            "level": 57,
-            "nr_kv": 58,
-            "trace_id": 64,
-            "name": 80,
-            "kv": 144,
-            "text": 656,
-        },
-    ),
-    ("block_latency.h", "block_latency_key", block_latency.KEY, {"dev": 0, "op": 4, "pad": 5}, {}),
-    ("dns_latency.h", "dns_latency_key", dns_latency.KEY, {"tgid": 0, "failed": 4, "comm": 8}, {}),
-    (
-        "dns_latency.h",
-        "dns_slow_event",
-        dns_latency.SLOW,
-        {"ts_ns": 0, "latency_ns": 8, "pid": 16, "tid": 20, "ret": 24, "comm": 32, "host": 48},
-        {},
-    ),
-]
+# Every struct every registered probe declares: a probe added to ktel/probes/ is
+# checked here without a line of this file changing.
+LAYOUTS = [(name, layout) for name, p in PROBES.items() for layout in p.layouts]
 
 
-@pytest.mark.parametrize(("header", "struct", "layout", "head", "tail"), LAYOUTS, ids=lambda x: str(x)[:24])
-def test_probe_struct_layout_matches_decoder(tmp_path, header, struct, layout, head, tail):
-    offsets = {**head, **tail}
-    size, *got = c_layout(tmp_path, header, struct, list(offsets))
-    assert size == layout.size
+@pytest.mark.parametrize(("probe", "layout"), LAYOUTS, ids=[f"{n}-{la.c_struct}" for n, la in LAYOUTS])
+def test_probe_struct_layout_matches_decoder(tmp_path, probe: str, layout: Layout):
+    offsets = layout.offsets()
+    size, *got = c_layout(tmp_path, layout.header, layout.c_struct, list(offsets))
+    assert size == layout.struct.size
     assert dict(zip(offsets, got, strict=True)) == offsets
+
+
+def test_every_probe_with_events_declares_its_layout_and_source():
+    for name, p in PROBES.items():
+        assert (probes.BPF_DIR / f"{name}.bpf.c").is_file(), name
+        if p.ringbuf:
+            assert p.layouts, f"probe {name} sends events but declares no C layout to check"
+
+
+def test_layout_offsets_follow_the_struct_format():
+    import struct
+
+    layout = Layout("x.h", "x", struct.Struct("<QIB3x16s2H"), ("a", "b", "c", "d", "e", "f"))
+    assert layout.offsets() == {"a": 0, "b": 8, "c": 12, "d": 16, "e": 32, "f": 34}
+
+
+def test_file_created_offsets_are_the_documented_ones():
+    assert PROBES["file_created"].layouts[0].offsets() == {
+        "ts_ns": 0,
+        "pid": 8,
+        "tid": 12,
+        "uid": 16,
+        "dirfd": 20,
+        "flags": 24,
+        "certain": 28,
+        "comm": 32,
+        "path": 48,
+    }
 
 
 def test_oom_kill_names_after_the_counters(tmp_path):
@@ -128,12 +96,10 @@ def test_oom_kill_names_after_the_counters(tmp_path):
     assert got == [62, 64, 80]
 
 
-def test_process_layout_matches_decoder(tmp_path):
-    fields = ["ts_ns", "cgroup_id", "type", "pid", "tid", "ppid", "uid", "exit_code", "signal", "comm"]
-    size, *offsets = c_layout(tmp_path, "process.h", "process_event", [*fields, "filename"])
+def test_process_exit_records_are_the_head_of_an_exec_record():
     # "<QQIIIIIii4x16s": the 64-byte head an exit record has, then the exec's filename.
-    assert offsets == [0, 8, 16, 20, 24, 28, 32, 36, 40, 48, process.LAYOUT.size]
-    assert size == process.EXEC_SIZE
+    assert PROBES["process"].layouts[0].offsets()["filename"] == process.LAYOUT.size == 64
+    assert PROBES["process"].layouts[0].struct.size == process.EXEC_SIZE
     text = (probes.BPF_DIR / "process.h").read_text()
     assert f"#define KTEL_PROCESS_EXIT_SIZE {process.LAYOUT.size}" in text
     assert "KTEL_PROCESS_EXEC = 1," in text and "KTEL_PROCESS_EXIT = 2," in text
@@ -142,8 +108,8 @@ def test_process_layout_matches_decoder(tmp_path):
 
 def test_histogram_value_layout_matches_agent(tmp_path):
     size, slots, total = c_layout(tmp_path, "ktel_hist.h", "ktel_hist", ["slots", "sum"])
-    assert (size, slots, total) == (8 * probes.HIST_WORDS, 0, 8 * probes.HIST_SLOTS)
-    assert f"#define KTEL_HIST_SLOTS {probes.HIST_SLOTS}" in (probes.BPF_DIR / "ktel_hist.h").read_text()
+    assert (size, slots, total) == (8 * probes.HIST_WORDS, 0, 8 * HIST_SLOTS)
+    assert f"#define KTEL_HIST_SLOTS {HIST_SLOTS}" in (probes.BPF_DIR / "ktel_hist.h").read_text()
 
 
 def test_histogram_buckets_are_log2_of_the_value(tmp_path):
@@ -161,7 +127,7 @@ def test_histogram_buckets_are_log2_of_the_value(tmp_path):
     exe = tmp_path / "slot"
     subprocess.run(["gcc", f"-I{probes.BPF_DIR}", "-o", exe, src], check=True)
     got = [int(x) for x in subprocess.run([exe], capture_output=True, text=True, check=True).stdout.split()]
-    assert got == [min(max(v.bit_length() - 1, 0), probes.HIST_SLOTS - 1) for v in values]
+    assert got == [min(max(v.bit_length() - 1, 0), HIST_SLOTS - 1) for v in values]
 
 
 # Test vectors: known bytes -> known wire events.
@@ -220,7 +186,7 @@ def test_decoders_turn_known_bytes_into_wire_events():
         "status": "error",
     }
     assert block_latency.labels(block_latency.KEY.pack((259 << 20) | 3, ord("W"))) == {
-        "device": block_latency.device_name(259, 3),
+        "device": block_device_name(259, 3),
         "device.major": 259,
         "device.minor": 3,
         "op": "write",

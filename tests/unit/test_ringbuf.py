@@ -5,7 +5,9 @@ import struct
 
 import pytest
 
-from edge_agent import file_created, ringbuf
+from edge_agent import ringbuf
+from ktel.probes import decode as framing
+from ktel.probes import file_created
 from ktel.wire import event_dict
 
 
@@ -16,20 +18,20 @@ def fc_record(i: int, path: bytes, comm: bytes = b"touch") -> bytes:
     return file_created.LAYOUT.pack(1000 + i, 40 + i, 41 + i, 0, -100, 0o101, i % 2, comm, raw_path)
 
 
-def run_of(records: list[bytes]) -> ringbuf.Run:
-    runs = [ringbuf.frame(r) for r in records]
+def run_of(records: list[bytes]) -> framing.Run:
+    runs = [framing.frame(r) for r in records]
     assert {size for size, _ in runs} == {len(records[0])}
     return len(records[0]), b"".join(data for _, data in runs)
 
 
 def test_a_run_frames_records_as_the_ring_buffer_does():
-    size, data = ringbuf.frame(b"abc")
-    assert size == 3 and len(data) == ringbuf.stride(3) == 16
+    size, data = framing.frame(b"abc")
+    assert size == 3 and len(data) == framing.stride(3) == 16
     assert struct.unpack_from("<II", data) == (3, 0)
-    assert ringbuf.records((size, data)) == [b"abc"]
+    assert framing.records((size, data)) == [b"abc"]
     run = run_of([b"x" * 13, b"y" * 13, b"z" * 13])
-    assert ringbuf.records(run) == [b"x" * 13, b"y" * 13, b"z" * 13]
-    assert ringbuf.count([run, ringbuf.frame(b"abc")]) == 4
+    assert framing.records(run) == [b"x" * 13, b"y" * 13, b"z" * 13]
+    assert framing.count([run, framing.frame(b"abc")]) == 4
 
 
 def test_bulk_decoder_gives_the_per_record_decoders_events():
@@ -57,7 +59,7 @@ def test_bulk_decoder_gives_the_per_record_decoders_events():
 
 def test_bulk_decoder_refuses_records_of_another_size():
     with pytest.raises(ValueError):
-        file_created.decode_run(8, ringbuf.frame(b"12345678")[1], 0)
+        file_created.decode_run(8, framing.frame(b"12345678")[1], 0)
 
 
 def test_common_prefix_of_header_words():

@@ -51,7 +51,7 @@ def test_bad_weights_are_rejected():
     for w in ([1.0, 2.0], [0], ["x"]):
         obj = msgpack.unpackb(wire.encode_batch(wire.RawBatch("h", "b", 1, 2, [ev])))
         obj["w"] = w
-        with pytest.raises(wire.WireError, match="one positive weight per event"):
+        with pytest.raises(wire.WireError, match="one positive weight .* per event"):
             wire.decode_batch(msgpack.packb(obj))
 
 
@@ -76,7 +76,7 @@ def test_unknown_schema_version_is_named():
     [
         (lambda o: o.update(events=[[999, 1]]), "unknown kind id 999"),
         (lambda o: o.update(events=[[1, 2, 3]]), "has 2 fields, expected 8"),
-        (lambda o: o.update(seq=-1), "negative sequence number"),
+        (lambda o: o.update(seq=-1), r"field 'seq' must be within \[0, "),
         (lambda o: o.update(seq="7"), "field 'seq'"),
         (lambda o: o.pop("host"), "field 'host'"),
     ],
@@ -101,7 +101,7 @@ def test_not_a_map_and_truncated():
             text,
             st.sampled_from(["counter", "gauge"]),
             st.dictionaries(text, text, max_size=3),
-            st.integers(0, 2**53) | st.floats(allow_nan=False),
+            st.integers(0, 2**53) | st.floats(allow_nan=False, allow_infinity=False),
         ).map(list),
         max_size=10,
     ),
@@ -122,14 +122,14 @@ def test_histogram_series_round_trip_and_bad_layout_is_rejected():
     snap = wire.MetricSnapshot(1, [["lat_seconds", "histogram", {"host.id": "h"}, h]])
     assert wire.decode_snapshot(wire.encode_snapshot(snap)) == snap
     bad = wire.MetricSnapshot(1, [["lat_seconds", "histogram", {}, {**h, "counts": [1, 1]}]])
-    with pytest.raises(wire.WireError, match="series 0"):
+    with pytest.raises(wire.WireError, match="item 0 field 'value' histogram must have one count more"):
         wire.decode_snapshot(wire.encode_snapshot(bad))
 
 
 ids = st.tuples(st.binary(min_size=16, max_size=16), st.binary(min_size=8, max_size=8))
 
 
-@given(ids, st.sampled_from([b"", b"\x01" * 8]), text, st.integers(0, 2**63), st.sampled_from([0, 1, 2]))
+@given(ids, st.sampled_from([b"", b"\x01" * 8]), text, st.integers(0, 2**63 - 6), st.sampled_from([0, 1, 2]))
 def test_spans_round_trip(tid_sid, parent, name, ts, status):
     tid, sid = tid_sid
     batch = wire.SpanBatch({"host.id": "h"}, [[tid, sid, parent, name, ts, ts + 5, status, "", {"a": 1}]])
@@ -137,11 +137,11 @@ def test_spans_round_trip(tid_sid, parent, name, ts, status):
 
 
 def test_bad_span_and_log_are_named():
-    with pytest.raises(wire.WireError, match="span 0"):
+    with pytest.raises(wire.WireError, match="'spans' item 0 field 'trace_id' must be 16 bytes"):
         wire.decode_spans(
             wire.encode_spans(wire.SpanBatch({}, [[b"short", b"x" * 8, b"", "n", 1, 2, 0, "", {}]]))
         )
-    with pytest.raises(wire.WireError, match="log 0"):
+    with pytest.raises(wire.WireError, match="'logs' item 0 field 'severity_number' must be within"):
         wire.decode_logs(wire.encode_logs(wire.LogBatch({}, [[1, 99, "X", "body", {}, b"", b""]])))
 
 
@@ -173,7 +173,7 @@ def test_enriched_batch_round_trips(batch):
 def test_bad_enrichment_is_rejected():
     for field, value, reason in (
         ("res", ["host.name"], "'res' must be a map"),
-        ("proc", {"12": "bash"}, "'proc' must map a pid"),
+        ("proc", {"12": "bash"}, "field 'proc' entry '12' must be a map"),
     ):
         obj = msgpack.unpackb(wire.encode_batch(wire.RawBatch("h", "b", 1, 2, [])))
         obj[field] = value

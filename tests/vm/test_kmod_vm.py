@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent import file_created, ktel_api
+from ktel.probes import file_created, ktel_api
 from ktel.wire import event_dict
 from tests.conftest import IN_CI
 from tests.vm import qemu_harness as vmh

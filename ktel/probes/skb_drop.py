@@ -1,7 +1,6 @@
-"""Decoder of the skb_drop probe (bpf/skb_drop.{h,bpf.c}).
+"""Probe skb_drop: one event per packet the kernel drops with a reason (skb:kfree_skb).
 
-The layout mirrors ``struct skb_drop_event`` in bpf/skb_drop.h;
-tests/unit/test_probe_layout.py compiles the header and checks they agree.
+``LAYOUT`` reads ``struct skb_drop_event`` of bpf/skb_drop.h.
 
 Drop reason names come from the running kernel, not from a table here: the
 values of ``enum skb_drop_reason`` move between kernel versions (NO_SOCKET is
@@ -17,11 +16,28 @@ import re
 import struct
 from pathlib import Path
 
-from edge_agent.ringbuf import c_string
-from ktel.wire import SKB_DROP
+from ktel.probes import TRACEFS, Layout, Probe
+from ktel.probes.decode import c_string
+from ktel.schema import COMM, PID, TS_NS, U64, EventKind, Field, Int, Metric, Str
 
 LAYOUT = struct.Struct("<QQIIH6x16s")
-FORMAT_FILE = Path("/sys/kernel/tracing/events/skb/kfree_skb/format")
+FORMAT_FILE = TRACEFS / "events/skb/kfree_skb/format"
+
+SKB_DROP = EventKind(
+    6,
+    "skb_drop",
+    (
+        Field("ts_ns", TS_NS),
+        Field("pid", PID, "task on CPU at the drop (often the sender, or a softirq thread)"),
+        Field("comm", COMM),
+        Field("protocol", Int(0, (1 << 16) - 1), "ethertype, host order (0x0800 IPv4, 0x86dd IPv6)"),
+        Field("reason", Int(0, (1 << 32) - 1), "enum skb_drop_reason value"),
+        Field("reason_name", Str(128), 'its name from the running kernel, e.g. "NO_SOCKET"'),
+        Field("location", Int(0, U64), "kernel address of the freeing code"),
+    ),
+    keep=True,
+    metric=Metric("skb_drops_total", (("reason", "reason_name"),)),
+)
 
 _PAIR = re.compile(r'\{\s*(0x[0-9a-fA-F]+|\d+)\s*,\s*"([^"]*)"\s*\}')
 _reasons: dict[int, str] | None = None
@@ -54,7 +70,7 @@ def reason_name(reason: int) -> str:
 
 
 def decode(raw: bytes, wall_offset_ns: int) -> list:
-    """One ring-buffer record -> one wire event (see ktel.wire.SKB_DROP)."""
+    """One ring-buffer record -> one SKB_DROP event."""
     ts, location, pid, reason, protocol, comm = LAYOUT.unpack_from(raw)
     return [
         SKB_DROP.id,
@@ -66,3 +82,22 @@ def decode(raw: bytes, wall_offset_ns: int) -> list:
         reason_name(reason),
         location,
     ]
+
+
+PROBE = Probe(
+    name="skb_drop",
+    summary="packets the kernel dropped, by drop reason",
+    tracepoints=("skb/kfree_skb",),
+    kinds=(SKB_DROP,),
+    decode=decode,
+    required_fields=("skb/kfree_skb:reason",),
+    prepare=load_reasons,
+    layouts=(
+        Layout(
+            "skb_drop.h",
+            "skb_drop_event",
+            LAYOUT,
+            ("ts_ns", "location", "pid", "reason", "protocol", "comm"),
+        ),
+    ),
+)

@@ -1,0 +1,189 @@
+"""The pipeline's own records: agent heartbeats (``ktel.heartbeats``), fidelity commands
+(``ktel.control``) and dead letters (``ktel.dlq``).
+
+Heartbeat (key = host id)::
+
+    {"v": 1, "ts": int (ms),
+     "host": {"host.id", "host.name", "host.arch", "os.type", "os.version" (kernel
+              release), "boot.id", "ktel.agent.version"},
+     "interval_s": float,         # seconds since the previous heartbeat (since start in the first)
+     "probes": {name: {"loaded": bool, "reason": str, "sample_every": int,
+                       "command": command id in force or None}},
+     "counters": {name: int},     # cumulative since the agent started (see edge_agent/agent.py)
+     "rates": {name: float},      # per second over the last interval
+     "spool": {"depth_bytes": int},
+     "send_latency_ms": {"p50": float, "max": float},
+     "acked_commands": [command id, ...],
+     "containers": [[cgroup_id, {attr: str}], ...]}   # optional
+
+``containers`` lists the cgroups the agent knows to be a container's or a pod's
+(edge_agent/containers.py), each with its ``container.*`` and ``k8s.*``
+attributes. Only ``ts``, ``host`` (with ``host.id``), ``probes`` and ``counters``
+must be there; what is there must have its type.
+
+Control command (key = target)::
+
+    {"v": 1, "id": str, "target": host id or "*" (the whole fleet),
+     "probe": str, "sample_every": int >= 1, "until_ms": int}
+
+sets a probe's sampling to 1 in ``sample_every`` until ``until_ms`` (wall clock);
+afterwards the agent's configured rate comes back.
+
+Dead letter (key = the original key)::
+
+    {"v": 1, "stage": str, "reason": str, "topic": str, "partition": int,
+     "offset": int, "payload": bytes}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NotRequired, TypedDict
+
+from ktel.schema import (
+    U32,
+    U63,
+    U64,
+    Blob,
+    Bool,
+    Field,
+    Float,
+    Int,
+    Key,
+    ListOf,
+    MapOf,
+    Row,
+    Shape,
+    Str,
+)
+from ktel.wire.codec import MAX_RECORD_BYTES, WireError, pack, unpack
+
+ID = Str(256)
+# A command id names the host, probe and time it was made for (processors/sample_core.py).
+COMMAND_ID = Str(512)
+MAX_CONTAINERS = 4096  # the agent lists at most 2048 (edge_agent/containers.py)
+
+
+class Heartbeat(TypedDict):
+    ts: int
+    host: dict[str, str]
+    probes: dict[str, dict[str, Any]]
+    counters: dict[str, int]
+    interval_s: NotRequired[float]
+    rates: NotRequired[dict[str, float]]
+    spool: NotRequired[dict[str, int]]
+    send_latency_ms: NotRequired[dict[str, float]]
+    acked_commands: NotRequired[list[str]]
+    containers: NotRequired[list[list[Any]]]
+
+
+PROBE_STATE = Shape(
+    (
+        Key("loaded", Bool()),
+        Key("reason", Str(4096), required=False),
+        Key("sample_every", Int(1, U32), required=False),
+        Key("command", Str(512, optional=True), required=False),
+    )
+)
+HEARTBEAT_SHAPE = Shape(
+    (
+        Key("ts", Int(0, U63)),
+        Key("host", Shape((Key("host.id", ID),))),
+        Key("probes", MapOf(PROBE_STATE, 256, key_len=64)),
+        Key("counters", MapOf(Int(0, U64), 1024)),
+        Key("interval_s", Float(0), required=False),
+        Key("rates", MapOf(Float(), 1024), required=False),
+        Key("spool", MapOf(Int(0, U64), 16), required=False),
+        Key("send_latency_ms", MapOf(Float(0), 16), required=False),
+        Key("acked_commands", ListOf(COMMAND_ID, 1024), required=False),
+        Key(
+            "containers",
+            ListOf(
+                Row((Field("cgroup_id", Int(1, U64)), Field("attrs", MapOf(Str(1024), 16)))),
+                MAX_CONTAINERS,
+            ),
+            required=False,
+        ),
+    )
+)
+# host's other attributes are strings too.
+HOST_ATTRS = MapOf(Str(1024), 32)
+
+
+def encode_heartbeat(hb: Heartbeat) -> bytes:
+    return pack(dict(hb))
+
+
+def decode_heartbeat(data: bytes) -> Heartbeat:
+    what = "heartbeat"
+    obj = unpack(data, what, HEARTBEAT_SHAPE)
+    if not HOST_ATTRS.check(obj["host"]):
+        raise WireError(f"{what}: field 'host' {HOST_ATTRS.why(obj['host'])}")
+    obj.pop("v")
+    return obj  # type: ignore[return-value]  # its shape is HEARTBEAT_SHAPE's
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlCommand:
+    id: str
+    target: str  # host id, or "*" for every host
+    probe: str
+    sample_every: int
+    until_ms: int
+
+    @property
+    def key(self) -> bytes:
+        return self.target.encode()
+
+
+COMMAND_SHAPE = Shape(
+    (
+        Key("id", COMMAND_ID),
+        Key("target", ID),
+        Key("probe", Str(64)),
+        Key("sample_every", Int(1, U63)),
+        Key("until_ms", Int(0, U63)),
+    )
+)
+
+
+def encode_command(cmd: ControlCommand) -> bytes:
+    return pack(dataclasses.asdict(cmd))
+
+
+def decode_command(data: bytes) -> ControlCommand:
+    obj = unpack(data, "control command", COMMAND_SHAPE)
+    return ControlCommand(obj["id"], obj["target"], obj["probe"], obj["sample_every"], obj["until_ms"])
+
+
+@dataclasses.dataclass(frozen=True)
+class DeadLetter:
+    stage: str
+    reason: str
+    topic: str
+    partition: int
+    offset: int
+    payload: bytes
+
+
+DEAD_LETTER_SHAPE = Shape(
+    (
+        Key("stage", Str(64)),
+        Key("reason", Str(4096)),
+        Key("topic", Str(256)),
+        Key("partition", Int(0, U32)),
+        Key("offset", Int(-1, U63)),
+        Key("payload", Blob(MAX_RECORD_BYTES)),
+    )
+)
+
+
+def encode_dead_letter(dl: DeadLetter) -> bytes:
+    return pack(dataclasses.asdict(dl))
+
+
+def decode_dead_letter(data: bytes) -> DeadLetter:
+    obj = unpack(data, "dead letter", DEAD_LETTER_SHAPE)
+    return DeadLetter(
+        obj["stage"], obj["reason"], obj["topic"], obj["partition"], obj["offset"], obj["payload"]
+    )

@@ -1,0 +1,165 @@
+"""Raw batches (topics ``ktel.raw``, ``ktel.deduped``, ``ktel.enriched``, ``ktel.sampled``;
+key = host id as UTF-8) and the event kinds they carry.
+
+Record::
+
+    {"v": 1,
+     "host": str,        # host id (/etc/machine-id)
+     "boot": str,        # boot id (/proc/sys/kernel/random/boot_id)
+     "seq": int,         # batch sequence number, strictly increasing per host
+                         # across agent restarts; (host, boot, seq) is unique
+     "sent": int,        # wall clock (ns since epoch) when the batch was sealed
+     "events": [[kind_id, field, ...], ...],
+     "w": [float, ...],  # optional: each event's sampling weight (how many events
+                         # it stands for); absent means every weight is 1
+     "res": {attr: value},              # optional, added by the enrich stage: the
+                         # host's OpenTelemetry resource attributes (host.id,
+                         # host.name, host.arch, os.type, os.version, ...)
+     "proc": {str(pid): {attr: value}}} # optional, added by the enrich stage: what is
+                         # known of the processes this batch's events name
+                         # (process.executable.name, process.parent_pid,
+                         # container.id, k8s.pod.name, ...); unknown stays absent
+
+An event is an array, not a map: its first element is the kind id and the rest
+are the kind's fields in order. Arrays keep per-event encode/decode cost near
+zero, which is the agent's ceiling. The kinds, their fields, types and ranges
+are declared by the probes that send them (ktel/probes/); ``ktel probes --kinds``
+lists them. Every event of a batch is checked against its kind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from ktel.probes import KINDS
+from ktel.schema import ATTR_VALUE, TS_NS, U63, Array, Int, Key, MapOf, Shape, Str
+from ktel.wire.codec import WireError, pack, unpack
+
+# A batch holds at most this many events (the agent seals at agent.batch_max_events).
+MAX_EVENTS = 100_000
+# A weight stands for at most this many events: integers up to 2**53 are exact floats.
+MAX_WEIGHT = float(1 << 53)
+# What enrich adds: the host's resource, and the processes a batch names (enrich.max_processes).
+RESOURCE = MapOf(ATTR_VALUE, 256)
+PROCESSES = MapOf(MapOf(ATTR_VALUE, 256), 8192, key_len=10)
+
+SHAPE = Shape(
+    (
+        Key("host", Str(256)),
+        Key("boot", Str(256)),
+        Key("seq", Int(0, U63)),
+        Key("sent", TS_NS),
+        Key("events", Array(MAX_EVENTS)),  # each event checked against its kind
+        Key("w", Array(MAX_EVENTS), required=False),  # checked with the events
+        Key("res", RESOURCE, required=False),
+        Key("proc", PROCESSES, required=False),
+    )
+)
+
+# kind id -> the kind's validator (one lookup per event on the hot path).
+_VALID = {k.id: k.valid for k in KINDS.values()}
+
+# Fields of an event that name a process (whose attributes enrich attaches).
+PID_FIELDS = ("pid", "trigger_pid")
+# kind id -> indexes in the event array of its PID_FIELDS (index 0 is the kind id).
+PID_INDEXES: dict[int, tuple[int, ...]] = {
+    k.id: idx for k in KINDS.values() if (idx := tuple(k.index(f) for f in k.field_names if f in PID_FIELDS))
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RawBatch:
+    host_id: str
+    boot_id: str
+    seq: int
+    sent_ns: int
+    events: Sequence[Sequence[Any]]
+    # Sampling weights, parallel to events; None when every event weighs 1.
+    weights: Sequence[float] | None = None
+    # Added by the enrich stage (see the module docstring); None before it.
+    resource: dict[str, Any] | None = None
+    processes: dict[str, dict[str, Any]] | None = None
+
+    @property
+    def key(self) -> bytes:
+        return self.host_id.encode()
+
+    def keeping(self, events: Sequence[Sequence[Any]], weights: Sequence[float] | None) -> RawBatch:
+        """This batch with only ``events`` (some of its own) and their weights.
+
+        The attributes of processes that only the dropped events named go with them."""
+        processes = self.processes
+        if processes and len(events) < len(self.events):
+            named = {str(ev[i]) for ev in events for i in PID_INDEXES.get(ev[0], ())}
+            processes = {pid: attrs for pid, attrs in processes.items() if pid in named}
+        return dataclasses.replace(self, events=events, weights=weights, processes=processes)
+
+
+def encode_batch(batch: RawBatch) -> bytes:
+    obj = {
+        "host": batch.host_id,
+        "boot": batch.boot_id,
+        "seq": batch.seq,
+        "sent": batch.sent_ns,
+        "events": batch.events,
+    }
+    if batch.weights is not None:
+        obj["w"] = batch.weights
+    if batch.resource is not None:
+        obj["res"] = batch.resource
+    if batch.processes is not None:
+        obj["proc"] = batch.processes
+    return pack(obj)
+
+
+def _bad_event(events: list, what: str) -> WireError:
+    """The first event that fails its kind, named (the slow path, after a failed check)."""
+    for i, ev in enumerate(events):
+        if not isinstance(ev, list) or not ev:
+            return WireError(f"{what}: event {i} is not a non-empty array")
+        kind = KINDS.get(ev[0]) if type(ev[0]) is int else None
+        if kind is None:
+            return WireError(f"{what}: event {i} has unknown kind id {ev[0]!r:.40}")
+        if not kind.valid(ev):
+            return WireError(f"{what}: event {i} ({kind.name}) {kind.why(ev)}")
+    return WireError(f"{what}: an event failed its check")  # not reached
+
+
+def decode_batch(data: bytes) -> RawBatch:
+    """Decode a raw batch and check every event against its kind; raises WireError
+    naming what is wrong."""
+    what = "raw batch"
+    obj = unpack(data, what, SHAPE)
+    events = obj["events"]
+    valid = _VALID
+    try:
+        ok = all(valid[ev[0]](ev) for ev in events)
+    except (KeyError, TypeError, IndexError):  # no kind id, or an unknown one
+        ok = False
+    if not ok:
+        raise _bad_event(events, what)
+    weights = obj.get("w")
+    if weights is not None and (
+        len(weights) != len(events)
+        # NaN fails both comparisons; a bool is not a weight.
+        or not all(type(w) in (int, float) and 0 < w <= MAX_WEIGHT for w in weights)
+    ):
+        raise WireError(f"{what}: 'w' must be one positive weight (at most 2**53) per event")
+    return RawBatch(
+        host_id=obj["host"],
+        boot_id=obj["boot"],
+        seq=obj["seq"],
+        sent_ns=obj["sent"],
+        events=events,
+        weights=weights,
+        resource=obj.get("res"),
+        processes=obj.get("proc"),
+    )
+
+
+def event_dict(event: Sequence[Any]) -> dict[str, Any]:
+    """Name an event's fields; for tests, replay and logs, not hot paths."""
+    kind = KINDS[event[0]]
+    return {"kind": kind.name, **dict(zip(kind.field_names, event[1:], strict=True))}

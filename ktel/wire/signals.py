@@ -1,0 +1,187 @@
+"""Output signals: metric snapshots (``ktel.metrics``), kernel spans (``ktel.spans``) and
+kernel logs (``ktel.logs``), made by the aggregate stage; key = host id.
+
+Metric snapshot::
+
+    {"v": 1,
+     "ts": int,          # sample timestamp, ms since epoch
+     "series": [[name, type, {label: value}, value], ...]}
+
+``type`` is ``"counter"`` (cumulative since the series began; value a number),
+``"gauge"`` (value a number) or ``"histogram"`` (cumulative since the series
+began; value ``{"count": int, "sum": float, "bounds": [float, ...],
+"counts": [int, ...]}`` with ``len(counts) == len(bounds) + 1``: bucket i counts
+values in ``(bounds[i-1], bounds[i]]``, the last bucket is ``(bounds[-1], +inf)``,
+the layout of an OTLP explicit-bucket histogram).
+
+Label names follow OpenTelemetry semantic conventions (``host.id``,
+``process.pid``, ...); the Prometheus exporters translate them.
+
+Span batch::
+
+    {"v": 1,
+     "resource": {attr: value},    # host.id, host.name, ... (OTel resource)
+     "spans": [[trace_id,          # 16 bytes
+                span_id,           # 8 bytes
+                parent_span_id,    # 8 bytes, or b"" for a root span
+                name, start_ns, end_ns,   # wall clock, ns since epoch
+                status,            # 0 unset, 1 ok, 2 error (OTLP StatusCode)
+                status_message, {attr: value}], ...]}
+
+Log batch::
+
+    {"v": 1,
+     "resource": {attr: value},
+     "logs": [[ts_ns,              # wall clock, ns since epoch
+               severity_number,    # OTLP SeverityNumber, 0..24
+               severity_text, body, {attr: value},
+               trace_id,           # 16 bytes or b""
+               span_id], ...]}     # 8 bytes or b""
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from ktel.schema import (
+    ATTR_VALUE,
+    TS_NS,
+    U63,
+    U64,
+    Bytes,
+    Field,
+    Float,
+    Int,
+    Key,
+    ListOf,
+    MapOf,
+    Row,
+    Shape,
+    Str,
+    Type,
+)
+from ktel.wire.codec import WireError, pack, unpack
+
+# Rows per record at most: the aggregate's series per host (aggregate max_series) and
+# a batch's spans and logs fit well below.
+MAX_ROWS = 100_000
+ATTRS = MapOf(ATTR_VALUE, 128)
+LABELS = MapOf(Str(4096), 64)
+NAME = Str(256)
+COUNT = Int(0, U64)
+# Histogram buckets: the kernel's log2 histograms have 40.
+HISTOGRAM = Shape(
+    (
+        Key("count", COUNT),
+        Key("sum", Float()),
+        Key("bounds", ListOf(Float(), 256)),
+        Key("counts", ListOf(COUNT, 257)),
+    )
+)
+
+
+class _SeriesValue(Type):
+    """A series' value: a finite number, or a histogram whose counts have one more
+    bucket than its bounds (checked with the series' type in decode_snapshot)."""
+
+    number = Float()
+
+    def expr(self, x: str, names: dict[str, Any]) -> str:
+        n = self.number.expr(x, names)
+        h = HISTOGRAM.expr(x, names)
+        return f"({n} or ({h} and len({x}['counts']) == len({x}['bounds']) + 1))"
+
+    def why(self, value: Any) -> str:
+        if type(value) is dict:
+            problem = HISTOGRAM.problem(value)
+            return f"histogram {problem}" if problem else "histogram must have one count more than bounds"
+        return self.number.why(value)
+
+
+SERIES = Row(
+    (
+        Field("name", NAME),
+        Field("type", Str(choices=frozenset({"counter", "gauge", "histogram"}))),
+        Field("labels", LABELS),
+        Field("value", _SeriesValue()),
+    )
+)
+SNAPSHOT_SHAPE = Shape((Key("ts", Int(0, U63)), Key("series", ListOf(SERIES, MAX_ROWS))))
+
+SPAN = Row(
+    (
+        Field("trace_id", Bytes((16,))),
+        Field("span_id", Bytes((8,))),
+        Field("parent_span_id", Bytes((0, 8))),
+        Field("name", NAME),
+        Field("start_ns", TS_NS),
+        Field("end_ns", TS_NS),
+        Field("status", Int(0, 2)),
+        Field("status_message", Str(1024)),
+        Field("attrs", ATTRS),
+    )
+)
+SPANS_SHAPE = Shape((Key("resource", ATTRS), Key("spans", ListOf(SPAN, MAX_ROWS))))
+
+LOG = Row(
+    (
+        Field("ts_ns", TS_NS),
+        Field("severity_number", Int(0, 24)),
+        Field("severity_text", Str(16)),
+        Field("body", Str(4096)),
+        Field("attrs", ATTRS),
+        Field("trace_id", Bytes((0, 16))),
+        Field("span_id", Bytes((0, 8))),
+    )
+)
+LOGS_SHAPE = Shape((Key("resource", ATTRS), Key("logs", ListOf(LOG, MAX_ROWS))))
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricSnapshot:
+    ts_ms: int
+    series: Sequence[Sequence[Any]]  # [name, type, labels, value]
+
+
+@dataclasses.dataclass(frozen=True)
+class SpanBatch:
+    resource: dict[str, Any]
+    spans: Sequence[Sequence[Any]]  # see the module docstring for the fields
+
+
+@dataclasses.dataclass(frozen=True)
+class LogBatch:
+    resource: dict[str, Any]
+    logs: Sequence[Sequence[Any]]
+
+
+def encode_snapshot(snap: MetricSnapshot) -> bytes:
+    return pack({"ts": snap.ts_ms, "series": snap.series})
+
+
+def decode_snapshot(data: bytes) -> MetricSnapshot:
+    obj = unpack(data, "metric snapshot", SNAPSHOT_SHAPE)
+    for i, (_name, typ, _labels, value) in enumerate(obj["series"]):
+        if (typ == "histogram") != (type(value) is dict):
+            raise WireError(f"metric snapshot: series {i} is a {typ} with a value {value!r:.60}")
+    return MetricSnapshot(ts_ms=obj["ts"], series=obj["series"])
+
+
+def encode_spans(batch: SpanBatch) -> bytes:
+    return pack({"resource": batch.resource, "spans": batch.spans})
+
+
+def decode_spans(data: bytes) -> SpanBatch:
+    obj = unpack(data, "span batch", SPANS_SHAPE)
+    return SpanBatch(obj["resource"], obj["spans"])
+
+
+def encode_logs(batch: LogBatch) -> bytes:
+    return pack({"resource": batch.resource, "logs": batch.logs})
+
+
+def decode_logs(data: bytes) -> LogBatch:
+    obj = unpack(data, "log batch", LOGS_SHAPE)
+    return LogBatch(obj["resource"], obj["logs"])
