@@ -82,9 +82,8 @@ def cmd_export(cfg: config_mod.Config, args: argparse.Namespace) -> None:
 
 def cmd_topics(cfg: config_mod.Config, _args: argparse.Namespace) -> None:
     from ktel import topics
-    from ktel.stack.kafka import create_topics
 
-    asyncio.run(create_topics(cfg.kafka.bootstrap, topics.specs(cfg)))
+    asyncio.run(topics.create_topics(cfg.kafka.bootstrap, topics.specs(cfg)))
     for s in topics.specs(cfg):
         print(f"{s.name}: {s.partitions} partitions, retention {s.retention_ms} ms")
 
