@@ -18,10 +18,11 @@ import struct
 from pathlib import Path
 
 from edge_agent.ringbuf import c_string
+from ktel.paths import TRACEFS
 from ktel.wire import SKB_DROP
 
 LAYOUT = struct.Struct("<QQIIH6x16s")
-FORMAT_FILE = Path("/sys/kernel/tracing/events/skb/kfree_skb/format")
+FORMAT_FILE = TRACEFS / "events/skb/kfree_skb/format"
 
 _PAIR = re.compile(r'\{\s*(0x[0-9a-fA-F]+|\d+)\s*,\s*"([^"]*)"\s*\}')
 _reasons: dict[int, str] | None = None
