@@ -48,12 +48,12 @@ from edge_agent import (
     tcp_retransmit,
 )
 from edge_agent import ringbuf as rb
-from ktel.paths import TRACEFS
+from ktel.paths import DATA_DIR, TRACEFS
 from ktel.wire import HIST_SLOTS, HISTOGRAM_DELTA
 
 log = logging.getLogger(__name__)
 
-BPF_DIR = Path(os.environ.get("KTEL_BPF_DIR", Path(__file__).resolve().parent.parent / "bpf"))
+BPF_DIR = Path(os.environ.get("KTEL_BPF_DIR", DATA_DIR / "bpf"))
 
 # Mirrors enum ktel_counter / enum ktel_knob in bpf/ktel_common.h.
 COUNTER_RINGBUF_DROPS = 0

@@ -23,11 +23,12 @@ from pathlib import Path
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
+from ktel.paths import DATA_DIR
 from ktel.stack import proc
 
 KAFKA_VERSION = "3.9.1"
 
-_POM = Path(__file__).resolve().parents[2] / "deploy" / "kafka" / "pom.xml"
+_POM = DATA_DIR / "deploy" / "kafka" / "pom.xml"
 _MARKER = ".complete"
 
 
