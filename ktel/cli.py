@@ -59,6 +59,14 @@ def cmd_agent(cfg: config_mod.Config, _args: argparse.Namespace) -> None:
     _run_until_signal(Agent(cfg).run, graceful=True)
 
 
+def cmd_probes(_cfg: config_mod.Config, _args: argparse.Namespace) -> None:
+    # The registry only: BCC is imported when a probe loads, so this runs without it.
+    from edge_agent.probes import SPECS
+
+    for name, spec in SPECS.items():
+        print(" ".join([f"{name}:", *spec.required_tracepoints]))
+
+
 def cmd_process(cfg: config_mod.Config, args: argparse.Namespace) -> None:
     from processors import stages
 
@@ -136,6 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(fn=cmd_down)
     p = sub.add_parser("agent", help="the edge agent: BPF ring buffers -> Kafka ktel.raw")
     p.set_defaults(fn=cmd_agent)
+    p = sub.add_parser("probes", help="list the agent's probes, each with the tracepoints it requires")
+    p.set_defaults(fn=cmd_probes)
     p = sub.add_parser("process", help="a Faust processing worker (start more of a stage to scale it out)")
     p.add_argument(
         "stage",
