@@ -44,8 +44,9 @@ sys.path.insert(0, str(HERE.parent))
 from edge_agent import probes, ringbuf  # noqa: E402
 from ktel.probes import file_created  # noqa: E402
 from ktel.probes.decode import count  # noqa: E402
-from ktel.stack.kafka import LocalKafka, create_topics, ensure_kafka  # noqa: E402
+from ktel.stack.kafka import LocalKafka, ensure_kafka  # noqa: E402
 from ktel.stack.proc import free_port  # noqa: E402
+from ktel.topics import create_topics  # noqa: E402
 from tests.integration.agent_harness import AgentProcess  # noqa: E402
 
 RINGBUF_PAGES = 4096  # 16 MiB, the size the design notes measured with

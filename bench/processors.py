@@ -63,8 +63,9 @@ import msgpack  # noqa: E402
 
 from ktel import config, topics  # noqa: E402
 from ktel.stack import proc as proc_mod  # noqa: E402
-from ktel.stack.kafka import LocalKafka, TopicSpec, create_topics, ensure_kafka  # noqa: E402
+from ktel.stack.kafka import LocalKafka, ensure_kafka  # noqa: E402
 from ktel.stack.proc import free_port  # noqa: E402
+from ktel.topics import TopicSpec, create_topics  # noqa: E402
 from ktel.wire import (  # noqa: E402
     FILE_CREATED,
     HISTOGRAM_DELTA,

@@ -33,12 +33,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from edge_agent import ringbuf as rb
-from ktel.probes import HIST_SLOTS, HISTOGRAM_DELTA, PROBES, TRACEFS, Probe
+from ktel.paths import DATA_DIR, TRACEFS
+from ktel.probes import HIST_SLOTS, HISTOGRAM_DELTA, PROBES, Probe
 from ktel.probes.decode import Run, frame, records
 
 log = logging.getLogger(__name__)
 
-BPF_DIR = Path(os.environ.get("KTEL_BPF_DIR", Path(__file__).resolve().parent.parent / "bpf"))
+BPF_DIR = Path(os.environ.get("KTEL_BPF_DIR", DATA_DIR / "bpf"))
 
 # Mirrors enum ktel_counter / enum ktel_knob in bpf/ktel_common.h.
 COUNTER_RINGBUF_DROPS = 0

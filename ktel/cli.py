@@ -59,6 +59,27 @@ def cmd_agent(cfg: config_mod.Config, _args: argparse.Namespace) -> None:
     _run_until_signal(Agent(cfg).run, graceful=True)
 
 
+def cmd_probes(_cfg: config_mod.Config, args: argparse.Namespace) -> None:
+    # The registry only: BCC is imported when a probe loads, so this runs without it.
+    from ktel.probes import KINDS, PROBE_OF_KIND, PROBES
+
+    if args.kinds:
+        for kind in sorted(KINDS.values(), key=lambda k: k.id):
+            probe = PROBE_OF_KIND.get(kind.id, "every histogram probe")
+            keep = ", always kept" if kind.keep else ""
+            print(f"{kind.id} {kind.name} (from {probe}{keep}): {' '.join(kind.field_names)}")
+        return
+    for name, p in PROBES.items():
+        print(f"{name}: {p.summary}")
+        if args.verbose:
+            needs = [*p.tracepoints, *(f"uprobe {u.library}:{u.symbol}" for u in p.uprobes)]
+            print(f"    needs: {', '.join(needs)}")
+            if p.kinds:
+                print(f"    sends: {', '.join(k.name for k in p.kinds)}")
+            if p.histograms:
+                print(f"    histograms: {', '.join(h.metric for h in p.histograms)}")
+
+
 def cmd_process(cfg: config_mod.Config, args: argparse.Namespace) -> None:
     from processors import stages
 
@@ -82,9 +103,8 @@ def cmd_export(cfg: config_mod.Config, args: argparse.Namespace) -> None:
 
 def cmd_topics(cfg: config_mod.Config, _args: argparse.Namespace) -> None:
     from ktel import topics
-    from ktel.stack.kafka import create_topics
 
-    asyncio.run(create_topics(cfg.kafka.bootstrap, topics.specs(cfg)))
+    asyncio.run(topics.create_topics(cfg.kafka.bootstrap, topics.specs(cfg)))
     for s in topics.specs(cfg):
         print(f"{s.name}: {s.partitions} partitions, retention {s.retention_ms} ms")
 
@@ -137,6 +157,10 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(fn=cmd_down)
     p = sub.add_parser("agent", help="the edge agent: BPF ring buffers -> Kafka ktel.raw")
     p.set_defaults(fn=cmd_agent)
+    p = sub.add_parser("probes", help="list the probes the agent can load (agent.probes names them)")
+    p.add_argument("-v", "--verbose", action="store_true", help="with what each needs and sends")
+    p.add_argument("--kinds", action="store_true", help="list the event kinds instead, with their fields")
+    p.set_defaults(fn=cmd_probes)
     p = sub.add_parser("process", help="a Faust processing worker (start more of a stage to scale it out)")
     p.add_argument(
         "stage",

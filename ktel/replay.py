@@ -51,7 +51,7 @@ from aiokafka.errors import KafkaError
 
 from ktel import topics as topics_mod
 from ktel.config import Config
-from ktel.stack.kafka import TopicSpec, create_topics, topic_partitions
+from ktel.topics import TopicSpec, create_topics, topic_partitions
 from ktel.wire import (
     DLQ_TOPIC,
     KINDS,

@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ktel import topics
 from ktel.config import Config
 from ktel.stack import proc
-from ktel.stack.kafka import LocalKafka, create_topics, ensure_kafka
+from ktel.stack.kafka import LocalKafka, ensure_kafka
 from ktel.stack.otelcol import LocalCollector, ensure_collector
 from ktel.stack.prometheus import LocalPrometheus
 
@@ -142,7 +142,7 @@ class Stack:
         ensure_collector()
         say(f"starting Kafka on {self.kafka.bootstrap}")
         self.kafka.start()
-        asyncio.run(create_topics(self.kafka.bootstrap, topics.specs(self.cfg)))
+        asyncio.run(topics.create_topics(self.kafka.bootstrap, topics.specs(self.cfg)))
         say(f"starting Prometheus on {self.prometheus.url}")
         self.prometheus.start()
         say(f"starting the OpenTelemetry Collector on {self.collector.grpc_endpoint}")

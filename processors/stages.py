@@ -38,7 +38,7 @@ from prometheus_client import Counter, Gauge
 from ktel import selfmetrics
 from ktel.config import Config
 from ktel.retry import retry
-from ktel.stack.kafka import TopicSpec, create_topics, partition_counts
+from ktel.topics import TopicSpec, create_topics, partition_counts
 from ktel.wire import (
     CONTROL_TOPIC,
     DEDUPED_TOPIC,

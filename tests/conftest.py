@@ -7,10 +7,10 @@ capability (real Kafka, real BPF, real Prometheus) that the machine should have.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
+from ktel.paths import TRACEFS
 from ktel.stack.kafka import LocalKafka, ensure_kafka
 from ktel.stack.proc import free_port
 from ktel.stack.prometheus import LocalPrometheus
@@ -32,8 +32,8 @@ def need_bpf() -> None:
     """Skip (fail under CI) unless this process can load BPF programs."""
     if os.geteuid() != 0:
         pytest.skip("loading BPF programs needs root")
-    if not Path("/sys/kernel/tracing/events/syscalls").is_dir():
-        pytest.skip("tracefs with syscall tracepoints is not mounted at /sys/kernel/tracing")
+    if not (TRACEFS / "events/syscalls").is_dir():
+        pytest.skip(f"tracefs with syscall tracepoints is not mounted at {TRACEFS}")
     try:
         import bcc  # noqa: F401
     except ImportError:

@@ -24,13 +24,9 @@ import importlib
 import pkgutil
 import struct
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from ktel.schema import TS_NS, U64, EventKind, Field, Int, IntList, Map, Str
-
-# Where the running kernel describes its tracepoints (events/<system>/<event>/format).
-TRACEFS = Path("/sys/kernel/tracing")
 
 # Buckets of a log2 histogram: KTEL_HIST_SLOTS in bpf/ktel_hist.h (checked by
 # tests/unit/test_probe_layout.py). The agent's histogram deltas and the aggregate

@@ -16,7 +16,8 @@ import re
 import struct
 from pathlib import Path
 
-from ktel.probes import TRACEFS, Layout, Probe
+from ktel.paths import TRACEFS
+from ktel.probes import Layout, Probe
 from ktel.probes.decode import c_string
 from ktel.schema import COMM, PID, TS_NS, U64, EventKind, Field, Int, Metric, Str
 

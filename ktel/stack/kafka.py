@@ -11,7 +11,6 @@ import asyncio
 import base64
 import concurrent.futures
 import contextlib
-import dataclasses
 import fcntl
 import os
 import re
@@ -21,14 +20,15 @@ import time
 import uuid
 from pathlib import Path
 
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
 
+from ktel.paths import DATA_DIR
 from ktel.stack import proc
 
 KAFKA_VERSION = "3.9.1"
 
-_POM = Path(__file__).resolve().parents[2] / "deploy" / "kafka" / "pom.xml"
+_POM = DATA_DIR / "deploy" / "kafka" / "pom.xml"
 _MARKER = ".complete"
 
 
@@ -243,56 +243,3 @@ def _run_async(coro):  # type: ignore[no-untyped-def]
     # (an async fixture), where asyncio.run() is refused: use a fresh loop on a thread.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         return pool.submit(asyncio.run, coro).result()
-
-
-# ------------------------------------------------------------------------- topics
-
-
-@dataclasses.dataclass(frozen=True)
-class TopicSpec:
-    name: str
-    partitions: int
-    retention_ms: int | None = None
-    extra_config: dict[str, str] = dataclasses.field(default_factory=dict)
-    # The aiokafka admin speaks CreateTopics v3 at most, which cannot ask for the
-    # broker's default (-1), so the factor is explicit; 1 suits the local broker.
-    replication_factor: int = 1
-
-
-async def create_topics(bootstrap: str, specs: list[TopicSpec]) -> None:
-    """Create the topics; one that already exists is left as it is (not reconfigured)."""
-    if not specs:
-        return
-    new = []
-    for s in specs:
-        config = {k: str(v) for k, v in s.extra_config.items()}
-        if s.retention_ms is not None:
-            config["retention.ms"] = str(s.retention_ms)
-        new.append(NewTopic(s.name, s.partitions, s.replication_factor, topic_configs=config))
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        resp = await admin.create_topics(new)
-    finally:
-        await admin.close()
-    for topic, code, message in resp.topic_errors:
-        if code not in (0, TopicAlreadyExistsError.errno):
-            raise for_code(code)(f"creating topic {topic!r}: {message}")
-
-
-async def partition_counts(bootstrap: str) -> dict[str, int]:
-    """How many partitions each existing topic has."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        await admin.start()
-        # Every topic, not just some: asking for a missing topic by name can
-        # make the broker auto-create it with its default partition count.
-        described = await admin.describe_topics()
-    finally:
-        await admin.close()
-    return {t["topic"]: len(t["partitions"]) for t in described if t["error_code"] == 0}
-
-
-async def topic_partitions(bootstrap: str, topic: str) -> int | None:
-    """How many partitions ``topic`` has; None if it does not exist."""
-    return (await partition_counts(bootstrap)).get(topic)

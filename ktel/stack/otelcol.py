@@ -22,11 +22,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ktel.paths import DATA_DIR
 from ktel.stack import proc
 
-MANIFEST = Path(__file__).resolve().parents[2] / "deploy" / "otelcol" / "builder-config.yaml"
-# The manifest is the one place the version lives (dist.version, the core version).
-OTELCOL_VERSION = re.search(r"^  version: (\S+)$", MANIFEST.read_text(), re.M).group(1)  # type: ignore[union-attr]
+MANIFEST = DATA_DIR / "deploy" / "otelcol" / "builder-config.yaml"
 BINARY_NAME = "otelcol-ktel"  # dist.name in the manifest
 _MARKER = ".complete"
 
@@ -43,9 +42,14 @@ def _go() -> str:
 def ensure_collector(cache_dir: Path | None = None) -> Path:
     """Return the path of the Collector binary, building it on first use (a few CPU minutes)."""
     root = cache_dir or Path(os.environ.get("KTEL_CACHE_DIR") or Path.home() / ".cache" / "ktel")
-    home = Path(root) / f"otelcol-{OTELCOL_VERSION}"
-    binary = home / "build" / BINARY_NAME
     manifest = MANIFEST.read_bytes()
+    # The manifest is the one place the version lives (dist.version, the core version).
+    found = re.search(rb"^  version: (\S+)$", manifest, re.M)
+    if found is None:
+        raise RuntimeError(f"{MANIFEST} names no dist.version")
+    version = found.group(1).decode()
+    home = Path(root) / f"otelcol-{version}"
+    binary = home / "build" / BINARY_NAME
     stamp = hashlib.sha256(manifest).hexdigest()
     home.mkdir(parents=True, exist_ok=True)
     # A lock, so two test processes starting at once don't build into the same dir.
@@ -66,7 +70,7 @@ def ensure_collector(cache_dir: Path | None = None) -> Path:
         }
         (home / "builder-config.yaml").write_bytes(manifest)
         steps = [
-            [go, "install", f"go.opentelemetry.io/collector/cmd/builder@v{OTELCOL_VERSION}"],
+            [go, "install", f"go.opentelemetry.io/collector/cmd/builder@v{version}"],
             # output_path in the manifest is relative to the working directory: home.
             [str(home / "bin" / "builder"), "--config", str(home / "builder-config.yaml")],
         ]

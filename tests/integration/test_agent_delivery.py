@@ -13,8 +13,9 @@ from aiokafka import AIOKafkaProducer
 
 from edge_agent.spool import HEADER, Spool
 from ktel import config, topics
-from ktel.stack.kafka import LocalKafka, create_topics
+from ktel.stack.kafka import LocalKafka
 from ktel.stack.proc import free_port
+from ktel.topics import create_topics
 from ktel.wire import (
     CONTROL_TOPIC,
     FILE_CREATED,

@@ -18,9 +18,10 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from ktel import config
 from ktel.stack import kafka as stack_kafka
 from ktel.stack import proc
-from ktel.stack.kafka import LocalKafka, TopicSpec, create_topics, ensure_kafka
+from ktel.stack.kafka import LocalKafka, ensure_kafka
 from ktel.stack.proc import free_port
 from ktel.stack.prometheus import LocalPrometheus
+from ktel.topics import TopicSpec, create_topics
 from ktel.up import Stack
 from ktel.wire import RAW_TOPIC
 

@@ -14,9 +14,9 @@ from aiokafka import AIOKafkaProducer
 
 from exporters import otlp
 from ktel import config, topics
-from ktel.stack.kafka import create_topics
 from ktel.stack.otelcol import LocalCollector, attributes
 from ktel.stack.proc import free_port
+from ktel.topics import create_topics
 from ktel.wire import (
     LOGS_TOPIC,
     METRICS_TOPIC,

@@ -22,8 +22,9 @@ from aiokafka.errors import KafkaError
 from prometheus_client.parser import text_string_to_metric_families
 
 from ktel import config, topics
-from ktel.stack.kafka import LocalKafka, TopicSpec, create_topics, topic_partitions
+from ktel.stack.kafka import LocalKafka
 from ktel.stack.proc import free_port
+from ktel.topics import TopicSpec, create_topics, topic_partitions
 from ktel.wire import (
     CONTROL_TOPIC,
     DLQ_TOPIC,

@@ -7,7 +7,7 @@ import pytest
 
 from edge_agent.agent import Agent
 from ktel import config, topics
-from ktel.stack.kafka import create_topics
+from ktel.topics import create_topics
 from ktel.wire import FILE_CREATED, RAW_TOPIC, decode_batch
 from tests.integration.agent_harness import read_topic
 

@@ -17,9 +17,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from exporters import remote_write
 from ktel import config, topics
 from ktel.stack import proc
-from ktel.stack.kafka import create_topics
 from ktel.stack.proc import free_port
 from ktel.stack.prometheus import LocalPrometheus
+from ktel.topics import create_topics
 from ktel.wire import METRICS_TOPIC, MetricSnapshot, encode_snapshot
 
 pytestmark = pytest.mark.kafka

@@ -12,7 +12,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from exporters import remote_write
 from ktel import config, topics
-from ktel.stack.kafka import create_topics
+from ktel.topics import create_topics
 from ktel.wire import METRICS_TOPIC, MetricSnapshot, encode_snapshot
 
 pytestmark = pytest.mark.kafka

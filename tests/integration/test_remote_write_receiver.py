@@ -16,7 +16,7 @@ from opentelemetry.exporter.prometheus_remote_write.gen.remote_pb2 import WriteR
 
 from exporters import remote_write
 from ktel import config, topics
-from ktel.stack.kafka import create_topics
+from ktel.topics import create_topics
 from ktel.wire import DLQ_TOPIC, METRICS_TOPIC, MetricSnapshot, decode_dead_letter, encode_snapshot
 
 pytestmark = pytest.mark.kafka

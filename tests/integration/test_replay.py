@@ -26,7 +26,7 @@ from aiokafka import AIOKafkaProducer
 
 from ktel import cli, config, replay, topics
 from ktel.replay import NS, Filter, Options
-from ktel.stack.kafka import TopicSpec, create_topics
+from ktel.topics import TopicSpec, create_topics
 from ktel.wire import (
     DLQ_TOPIC,
     FILE_CREATED,
