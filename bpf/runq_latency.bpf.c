@@ -20,18 +20,6 @@
 BPF_HASH(start, u32, u64, 32768);
 /* One node-wide histogram (index 0). */
 BPF_PERCPU_ARRAY(hist, struct ktel_hist, 1);
-/* hist_lost[0]: values not counted because a map was full. */
-BPF_PERCPU_ARRAY(hist_lost, u64, 1);
-
-static __always_inline void count_lost(void)
-{
-	u32 zero = 0;
-	u64 *v = hist_lost.lookup(&zero);
-
-	if (v)
-		(*v)++;
-}
-
 static __always_inline int enqueued(u32 pid)
 {
 	u64 ts;

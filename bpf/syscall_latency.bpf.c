@@ -11,18 +11,6 @@
 /* Thread id -> sys_enter time; every thread blocked in a syscall holds one. */
 BPF_HASH(start, u32, u64, 65536);
 BPF_PERCPU_HASH(hist, struct syscall_latency_key, struct ktel_hist, 8192);
-/* hist_lost[0]: values not counted because a map was full. */
-BPF_PERCPU_ARRAY(hist_lost, u64, 1);
-
-static __always_inline void count_lost(void)
-{
-	u32 zero = 0;
-	u64 *v = hist_lost.lookup(&zero);
-
-	if (v)
-		(*v)++;
-}
-
 TRACEPOINT_PROBE(raw_syscalls, sys_enter)
 {
 	u32 tid = (u32)bpf_get_current_pid_tgid();
