@@ -2,7 +2,7 @@
 /*
  * ktel probe syscall_latency: log2 histograms of syscall durations in ns,
  * per syscall number and cgroup v2 id, from raw_syscalls:sys_enter/sys_exit.
- * Kept in the kernel (design principle 6); the agent reads deltas.
+ * Kept in the kernel (docs/design.md, principle 6); the agent reads deltas.
  */
 /* Compiled after bpf/ktel_common.bpf.h (prepended by the agent). */
 #include "ktel_hist.h"

@@ -6,7 +6,7 @@ its decoder ``edge_agent/<probe>.py``. A probe whose attach points (tracepoints,
 tracepoint fields, uprobe targets) this kernel or host lacks is skipped with the
 reason, not fatal.
 
-Two kinds of probes (design principle 6):
+Two kinds of probes (docs/design.md, principle 6):
 
 - event probes send discrete events through their ring buffer; a thread reads
   it in bulk (edge_agent/ringbuf.py) into runs of records, and ``take()`` and
