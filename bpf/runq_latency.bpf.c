@@ -26,8 +26,8 @@ static __always_inline int enqueued(u32 pid)
 
 	if (!pid) /* the idle task */
 		return 0;
-	/* KTEL_FILTER_PID: one thread only (tests and debugging; runqlat -p). */
 #ifdef KTEL_FILTER_PID
+	/* KTEL_FILTER_PID: one thread only (tests and debugging; runqlat -p). */
 	if (pid != KTEL_FILTER_PID)
 		return 0;
 #endif
