@@ -1,5 +1,10 @@
 # The two commands the README opens with. Both set up what they need first.
-.PHONY: run test setup lint
+.PHONY: run test setup lint unit fmt
+# A recipe that fails leaves no half-made target (a .venv without its packages).
+.DELETE_ON_ERROR:
+
+# The C sources, formatted by the root .clang-format.
+C_SOURCES = bpf/*.c bpf/*.h kmod/*.c kmod/*.h kmod/include/ktel/*.h
 
 setup:
 	bash deploy/setup.sh
@@ -14,3 +19,19 @@ lint:
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy ktel edge_agent processors exporters
+	clang-format --dry-run --Werror $(C_SOURCES)
+
+# The developer loop: no deploy/setup.sh, no servers, only the unit tests.
+unit: .venv/bin/python
+	.venv/bin/python -m pytest tests/unit -q
+
+fmt: .venv/bin/python
+	.venv/bin/ruff check --fix .
+	.venv/bin/ruff format .
+	clang-format -i $(C_SOURCES)
+
+# Only when .venv is missing: the Python packages, nothing from apt (deploy/setup.sh
+# adds Debian's BCC, which the unit tests do not need).
+.venv/bin/python:
+	python3.11 -m venv .venv
+	.venv/bin/pip install -q -e '.[dev]'

@@ -6,7 +6,7 @@ Load: bench/create_loop.c opens an existing file with O_CREAT in a tight loop
 CPU 1. Every consumer is pinned to CPU 0, so "one core" is literal:
 
   bare BCC     BCC's ring_buffer_poll with a Python callback that copies each record
-               (what any BCC program pays; design notes section 2 measured ~0.87 M/s):
+               (what any BCC program pays; ~0.87 M/s in docs/design.md, "Measured figures"):
                the baseline
   bare bulk    the agent's ring-buffer reader (edge_agent/ringbuf.py) with the drain
                thread's pacing, counting records and nothing else
@@ -49,7 +49,7 @@ from ktel.stack.proc import free_port  # noqa: E402
 from ktel.topics import create_topics  # noqa: E402
 from tests.integration.agent_harness import AgentProcess  # noqa: E402
 
-RINGBUF_PAGES = 4096  # 16 MiB, the size the design notes measured with
+RINGBUF_PAGES = 4096  # 16 MiB, the size of the drop figure in docs/design.md, "Measured figures"
 
 
 def build_load(tmp: Path) -> Path:

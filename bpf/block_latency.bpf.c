@@ -23,18 +23,6 @@ struct start_val {
 /* A request that never completes (a requeue, a dead disk) ages out of the LRU. */
 BPF_TABLE("lru_hash", struct start_key, struct start_val, start, 16384);
 BPF_PERCPU_HASH(hist, struct block_latency_key, struct ktel_hist, 1024);
-/* hist_lost[0]: values not counted because a map was full. */
-BPF_PERCPU_ARRAY(hist_lost, u64, 1);
-
-static __always_inline void count_lost(void)
-{
-	u32 zero = 0;
-	u64 *v = hist_lost.lookup(&zero);
-
-	if (v)
-		(*v)++;
-}
-
 TRACEPOINT_PROBE(block, block_rq_issue)
 {
 	struct start_key key = {};

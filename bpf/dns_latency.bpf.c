@@ -26,18 +26,6 @@ struct dns_start {
 /* Thread -> call in flight; a thread killed inside getaddrinfo ages out of the LRU. */
 BPF_TABLE("lru_hash", u64, struct dns_start, start, 10240);
 BPF_PERCPU_HASH(hist, struct dns_latency_key, struct ktel_hist, 4096);
-/* hist_lost[0]: values not counted because a map was full. */
-BPF_PERCPU_ARRAY(hist_lost, u64, 1);
-
-static __always_inline void count_lost(void)
-{
-	u32 zero = 0;
-	u64 *v = hist_lost.lookup(&zero);
-
-	if (v)
-		(*v)++;
-}
-
 int getaddrinfo_entry(struct pt_regs *ctx)
 {
 	u64 id = bpf_get_current_pid_tgid();

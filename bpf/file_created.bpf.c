@@ -121,7 +121,8 @@ TRACEPOINT_PROBE(syscalls, sys_exit_openat2)
 TRACEPOINT_PROBE(syscalls, sys_enter_creat)
 {
 	/* creat(2) is open(O_CREAT|O_WRONLY|O_TRUNC). */
-	return open_enter(args->pathname, KTEL_O_CREAT | KTEL_O_WRONLY | KTEL_O_TRUNC, KTEL_AT_FDCWD);
+	return open_enter(args->pathname, KTEL_O_CREAT | KTEL_O_WRONLY | KTEL_O_TRUNC,
+			  KTEL_AT_FDCWD);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_exit_creat)

@@ -1,9 +1,10 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
  * ktel: what every probe shares: its ring buffer, drop counters and sampling
- * knob. The agent prepends this text to each probe's source instead of the
- * probe #including it, because BCC rewrites map calls (counters.lookup())
- * only in the main file it compiles, not in included headers.
+ * knob, and the histogram probes' count of values lost. The agent prepends
+ * this text to each probe's source instead of the probe #including it,
+ * because BCC rewrites map calls (counters.lookup()) only in the main file it
+ * compiles, not in included headers.
  */
 #ifndef KTEL_COMMON_BPF_H
 #define KTEL_COMMON_BPF_H
@@ -61,6 +62,22 @@ static __always_inline void *ktel_reserve(u32 size)
 	if (!e)
 		ktel_count(KTEL_COUNTER_RINGBUF_DROPS);
 	return e;
+}
+
+/*
+ * hist_lost[0]: values a histogram probe (bpf/ktel_hist.h) did not count
+ * because a map was full. Here, not in ktel_hist.h, because count_lost()
+ * calls a map (see above); a probe without histograms leaves it at zero.
+ */
+BPF_PERCPU_ARRAY(hist_lost, u64, 1);
+
+static __always_inline void count_lost(void)
+{
+	u32 zero = 0;
+	u64 *v = hist_lost.lookup(&zero);
+
+	if (v)
+		(*v)++;
 }
 
 #endif

@@ -132,8 +132,8 @@ static __always_inline void ktel_tp_head(struct ktel_api_event *e, __u8 kind)
 	e->kind = kind;
 }
 
-static __always_inline void ktel_tp_metric(struct ktel_api_event *e, const struct ktel_metric_ctx *ctx,
-					   __u8 kind)
+static __always_inline void ktel_tp_metric(struct ktel_api_event *e,
+					   const struct ktel_metric_ctx *ctx, __u8 kind)
 {
 	ktel_tp_head(e, kind);
 	e->value = ctx->value;

@@ -12,11 +12,10 @@
 #include "process.h"
 
 /* Signals whose default action terminates (man 7 signal: Term and Core). */
-#define KTEL_FATAL_SIGNALS                                                     \
-	((1u << 1) | (1u << 2) | (1u << 3) | (1u << 4) | (1u << 5) |          \
-	 (1u << 6) | (1u << 7) | (1u << 8) | (1u << 9) | (1u << 10) |         \
-	 (1u << 11) | (1u << 12) | (1u << 13) | (1u << 14) | (1u << 15) |     \
-	 (1u << 16) | (1u << 24) | (1u << 25) | (1u << 26) | (1u << 27) |     \
+#define KTEL_FATAL_SIGNALS                                                                        \
+	((1u << 1) | (1u << 2) | (1u << 3) | (1u << 4) | (1u << 5) | (1u << 6) | (1u << 7) |      \
+	 (1u << 8) | (1u << 9) | (1u << 10) | (1u << 11) | (1u << 12) | (1u << 13) | (1u << 14) | \
+	 (1u << 15) | (1u << 16) | (1u << 24) | (1u << 25) | (1u << 26) | (1u << 27) |            \
 	 (1u << 29) | (1u << 30) | (1u << 31))
 /* include/trace/events/signal.h, enum TRACE_SIGNAL_DELIVERED. */
 #define KTEL_TRACE_SIGNAL_DELIVERED 0

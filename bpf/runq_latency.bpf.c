@@ -20,26 +20,14 @@
 BPF_HASH(start, u32, u64, 32768);
 /* One node-wide histogram (index 0). */
 BPF_PERCPU_ARRAY(hist, struct ktel_hist, 1);
-/* hist_lost[0]: values not counted because a map was full. */
-BPF_PERCPU_ARRAY(hist_lost, u64, 1);
-
-static __always_inline void count_lost(void)
-{
-	u32 zero = 0;
-	u64 *v = hist_lost.lookup(&zero);
-
-	if (v)
-		(*v)++;
-}
-
 static __always_inline int enqueued(u32 pid)
 {
 	u64 ts;
 
 	if (!pid) /* the idle task */
 		return 0;
-	/* KTEL_FILTER_PID: one thread only (tests and debugging; runqlat -p). */
 #ifdef KTEL_FILTER_PID
+	/* KTEL_FILTER_PID: one thread only (tests and debugging; runqlat -p). */
 	if (pid != KTEL_FILTER_PID)
 		return 0;
 #endif

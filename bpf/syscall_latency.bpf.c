@@ -2,7 +2,7 @@
 /*
  * ktel probe syscall_latency: log2 histograms of syscall durations in ns,
  * per syscall number and cgroup v2 id, from raw_syscalls:sys_enter/sys_exit.
- * Kept in the kernel (design principle 6); the agent reads deltas.
+ * Kept in the kernel (docs/design.md, principle 6); the agent reads deltas.
  */
 /* Compiled after bpf/ktel_common.bpf.h (prepended by the agent). */
 #include "ktel_hist.h"
@@ -11,18 +11,6 @@
 /* Thread id -> sys_enter time; every thread blocked in a syscall holds one. */
 BPF_HASH(start, u32, u64, 65536);
 BPF_PERCPU_HASH(hist, struct syscall_latency_key, struct ktel_hist, 8192);
-/* hist_lost[0]: values not counted because a map was full. */
-BPF_PERCPU_ARRAY(hist_lost, u64, 1);
-
-static __always_inline void count_lost(void)
-{
-	u32 zero = 0;
-	u64 *v = hist_lost.lookup(&zero);
-
-	if (v)
-		(*v)++;
-}
-
 TRACEPOINT_PROBE(raw_syscalls, sys_enter)
 {
 	u32 tid = (u32)bpf_get_current_pid_tgid();

@@ -1,7 +1,7 @@
 """The exporters' shared Kafka loop: at-least-once from ktel's output topics.
 
 An offset is committed only after ``deliver`` returned, i.e. after the backend
-acknowledged everything made from the records up to it (design principle 4).
+acknowledged everything made from the records up to it (docs/design.md, principle 4).
 Records that do not decode go to ``ktel.dlq`` with the reason.
 
 While ``deliver`` waits for a backend (which may be down for minutes: the retry

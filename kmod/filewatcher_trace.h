@@ -32,6 +32,8 @@
  */
 #define FILEWATCHER_PATH_MAX_LEN 2047
 
+/* Laid out by hand, as TRACE_EVENT() blocks are: clang-format would run it together. */
+/* clang-format off */
 TRACE_EVENT(file_created,
 
 	TP_PROTO(pid_t pid, const char *comm, unsigned int flags, umode_t mode,
@@ -59,6 +61,7 @@ TRACE_EVENT(file_created,
 	TP_printk("pid=%d comm=%s flags=0x%x mode=0%o path=%s",
 		  __entry->pid, __entry->comm, __entry->flags, __entry->mode, __get_str(path))
 );
+/* clang-format on */
 
 #endif /* _FILEWATCHER_TRACE_H */
 

@@ -42,6 +42,12 @@ static inline const char *ktel_tp_val(const struct ktel_kv *kv, unsigned int n, 
 }
 
 /*
+ * The macros from here to the end of the events are laid out by hand, the
+ * way TRACE_EVENT() blocks are: clang-format would run their field lists
+ * and statements together.
+ */
+/* clang-format off */
+/*
  * A bounded string field: __string_len() reserves @len + 1 bytes and
  * __assign_str_len() copies @len bytes and a NUL (both in 6.1's
  * include/trace/stages/). The length is computed twice (size, then copy),
@@ -82,7 +88,6 @@ static inline const char *ktel_tp_val(const struct ktel_kv *kv, unsigned int n, 
 	KTEL_KV_SLOT_ARGS(p, 0), KTEL_KV_SLOT_ARGS(p, 1), KTEL_KV_SLOT_ARGS(p, 2),         \
 		KTEL_KV_SLOT_ARGS(p, 3)
 
-/* clang-format off */
 #define KTEL_SPAN_STATUS_SYMBOLS						\
 	{ KTEL_SPAN_STATUS_UNSET, "UNSET" },					\
 	{ KTEL_SPAN_STATUS_OK, "OK" },						\
@@ -91,7 +96,6 @@ static inline const char *ktel_tp_val(const struct ktel_kv *kv, unsigned int n, 
 	{ KTEL_SEV_TRACE, "TRACE" }, { KTEL_SEV_DEBUG, "DEBUG" },		\
 	{ KTEL_SEV_INFO, "INFO" }, { KTEL_SEV_WARN, "WARN" },			\
 	{ KTEL_SEV_ERROR, "ERROR" }, { KTEL_SEV_FATAL, "FATAL" }
-/* clang-format on */
 #endif /* _KTEL_TRACE_HELPERS */
 
 /* So that user space sees the numbers, not the names, in the print fmt. */
@@ -257,6 +261,7 @@ TRACE_EVENT(ktel_log,
 		  __print_hex_str(__entry->trace_id, KTEL_TRACE_ID_LEN),
 		  __entry->span_id, KTEL_KV_ARGS(attr), __get_str(message))
 );
+/* clang-format on */
 
 #endif /* _KTEL_TRACE_H */
 

@@ -98,6 +98,32 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+async def topic_partitions(bootstrap: str, topic: str) -> list[TopicPartition]:
+    """The topic's partitions, in order."""
+    # A producer fetches a topic's metadata on demand; a group-less consumer does not.
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        return [TopicPartition(topic, p) for p in sorted(await producer.partitions_for(topic))]
+    finally:
+        await producer.stop()
+
+
+async def start_group_at_end(bootstrap: str, group_id: str, topic: str) -> None:
+    """Commit the topic's current end offsets for the group: its consumer then reads only
+    what a test produces next, not the other tests' records on the session's topic (for an
+    exporter: a sample Prometheus refuses, e.g. one too old, would make it refuse a whole
+    request)."""
+    parts = await topic_partitions(bootstrap, topic)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group_id, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        consumer.assign(parts)
+        await consumer.commit(await consumer.end_offsets(parts))
+    finally:
+        await consumer.stop()
+
+
 async def read_topic(bootstrap: str, topic: str, idle_s: float = 3.0, timeout: float = 120) -> list:
     """Every record of ``topic`` from the beginning up to its end when called,
     then until nothing new arrives for idle_s (a topic written every second,
@@ -106,13 +132,7 @@ async def read_topic(bootstrap: str, topic: str, idle_s: float = 3.0, timeout: f
     await consumer.start()
     records: list = []
     try:
-        # A producer fetches a topic's metadata on demand; a group-less consumer does not.
-        producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
-        await producer.start()
-        try:
-            parts = [TopicPartition(topic, p) for p in sorted(await producer.partitions_for(topic))]
-        finally:
-            await producer.stop()
+        parts = await topic_partitions(bootstrap, topic)
         consumer.assign(parts)
         await consumer.seek_to_beginning(*parts)
         ends = await consumer.end_offsets(parts)

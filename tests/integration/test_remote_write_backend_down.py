@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 
 from exporters import remote_write
 from ktel import config, topics
@@ -21,6 +21,7 @@ from ktel.stack.proc import free_port
 from ktel.stack.prometheus import LocalPrometheus
 from ktel.topics import create_topics
 from ktel.wire import METRICS_TOPIC, MetricSnapshot, encode_snapshot
+from tests.integration.agent_harness import start_group_at_end
 
 pytestmark = pytest.mark.kafka
 
@@ -32,25 +33,6 @@ RATE_HZ = 10  # snapshots per second per host
 # once decoded, so an exporter that kept reading would exceed this many times over.
 RSS_GROWTH_BOUND_MB = 40
 METRIC = "ktel_backend_down_files_total"
-
-
-async def start_group_at_end(bootstrap: str, group_id: str, topic: str) -> None:
-    """Commit the topic's current end offsets for the group: its exporter then reads only
-    what this test produces next, not the other tests' records on the session's topic (a
-    sample Prometheus refuses, e.g. one too old, would make it refuse a whole request)."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)  # it fetches topic metadata on demand
-    await producer.start()
-    try:
-        parts = [TopicPartition(topic, p) for p in sorted(await producer.partitions_for(topic))]
-    finally:
-        await producer.stop()
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group_id, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        consumer.assign(parts)
-        await consumer.commit(await consumer.end_offsets(parts))
-    finally:
-        await consumer.stop()
 
 
 def rss_mb(pid: int) -> float:

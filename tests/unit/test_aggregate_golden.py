@@ -2,16 +2,12 @@
 
 import dataclasses
 import json
-import os
-from pathlib import Path
 
 import pytest
 
 from ktel.wire import RawBatch
 from processors import aggregate_core
-
-GOLDEN = Path(__file__).parent.parent / "golden" / "aggregate"
-CASES = sorted(p.name.removesuffix(".in.json") for p in GOLDEN.glob("*.in.json"))
+from tests.unit import golden
 
 
 def run_case(case: dict) -> dict:
@@ -27,13 +23,9 @@ def run_case(case: dict) -> dict:
     return {"outcomes": outcomes, "snapshots": snapshots}
 
 
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", golden.cases("aggregate"))
 def test_golden(name):
-    got = run_case(json.loads((GOLDEN / f"{name}.in.json").read_text()))
-    out = GOLDEN / f"{name}.out.json"
-    if os.environ.get("KTEL_UPDATE_GOLDEN"):
-        out.write_text(json.dumps(got, indent=1) + "\n")
-    assert got == json.loads(out.read_text())
+    golden.check("aggregate", name, run_case(golden.load("aggregate", name)))
 
 
 def test_directory_label():

@@ -1,4 +1,4 @@
-"""The C event structs and the Python decoders agree (design principle 9),
+"""The C event structs and the Python decoders agree (docs/design.md, principle 9),
 and the decoders turn known bytes into known wire events.
 
 Compiles a tiny program against the probe headers with the host's gcc and

@@ -23,7 +23,7 @@ Everything runs in this one process except the receivers (the second core). Rate
 given per wall second and per CPU second of this process (all its threads): the
 second is what one core sustains, and is less disturbed by other load on the machine.
 
-Run: .venv/bin/python bench/exporters.py [--samples 400000] [--spans 100000]
+Run: .venv/bin/python bench/exporter_throughput.py [--samples 400000] [--spans 100000]
 Results go to bench/RESULTS.md by hand, with the date and the machine.
 """
 

@@ -8,7 +8,7 @@ naive one-event-per-record Faust agent measured in the same run, on the same bro
   naive  a minimal Faust agent (this file, `--naive-worker`, its own process and
          consumer group) reading the same events one per Kafka record: msgpack-decode
          each record, count it into a dict by (host, directory) -- the per-event shape
-         design notes section 2 measured at about 10 k records/s
+         docs/design.md ("Measured figures") puts at about 10 k records/s
 
 Both are measured the same way, from outside: their /metrics endpoint is polled, and the
 clock (wall and the process's CPU seconds, utime + stime from /proc/<pid>/stat) starts at
@@ -27,7 +27,7 @@ other load than the wall rate.
 decode and the table's changelog value) in this process under cProfile over a sample
 of the same records, to name where the time goes.
 
-Run: PYTHONPATH=. .venv/bin/python bench/processors.py [--runs 3] [--profile] [--write]
+Run: PYTHONPATH=. .venv/bin/python bench/processing_throughput.py [--runs 3] [--profile] [--write]
 `--write` puts the table into bench/RESULTS.md (section "Processing stages").
 """
 
@@ -81,7 +81,7 @@ NAIVE_TOPIC = "ktel.bench.naive"
 AIMS = {"rate": 300_000, "ratio": 30}
 POLL_S = 0.2  # each poll is a /metrics scrape the worker serves
 RESULTS = HERE / "RESULTS.md"
-SECTION = "## Processing stages (`bench/processors.py`)"
+SECTION = "## Processing stages (`bench/processing_throughput.py`)"
 
 # ------------------------------------------------------------------ traffic
 
@@ -538,7 +538,7 @@ def report(args: argparse.Namespace, info: dict[str, Any], runs: list[tuple[Meas
     return "\n".join(lines)
 
 
-BEGIN, END = "<!-- written by bench/processors.py --write -->", "<!-- end of what it writes -->"
+BEGIN, END = "<!-- written by bench/processing_throughput.py --write -->", "<!-- end of what it writes -->"
 
 
 def write_results(body: str) -> None:
