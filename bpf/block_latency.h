@@ -7,7 +7,7 @@
 
 /*
  * Key of map "hist" (value: struct ktel_hist, bpf/ktel_hist.h). Layout (no
- * implicit padding; read by edge_agent/block_latency.py, checked by a test):
+ * implicit padding; read by ktel/probes/block_latency.py, checked by a test):
  *   0 dev  u32  the disk's dev_t as the kernel keeps it: major << 20 | minor
  *   4 op   u8   the request's operation letter from rwbs: 'R' read, 'W' write,
  *               'D' discard, 'F' flush, 'N' other

@@ -10,7 +10,7 @@
 
 /*
  * Key of map "hist" (value: struct ktel_hist, bpf/ktel_hist.h). Layout (no
- * implicit padding; read by edge_agent/dns_latency.py, checked by a test):
+ * implicit padding; read by ktel/probes/dns_latency.py, checked by a test):
  *   0 tgid    u32
  *   4 failed  u32  1 when getaddrinfo returned non-zero (an EAI_* error)
  *   8 comm    char[16] of the calling thread

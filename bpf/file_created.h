@@ -9,7 +9,7 @@
 #define KTEL_PATH_LEN 256
 
 /*
- * Layout (no implicit padding; the decoder in edge_agent/file_created.py reads
+ * Layout (no implicit padding; the decoder in ktel/probes/file_created.py reads
  * it with struct format "<QIIIiIB3x16s256s", 304 bytes, checked by a test):
  *   0 ts_ns    u64  bpf_ktime_get_ns() at the syscall's return
  *   8 pid      u32  tgid

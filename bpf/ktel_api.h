@@ -20,7 +20,7 @@ enum ktel_api_kind {
 };
 
 /*
- * Layout (no implicit padding; edge_agent/ktel_api.py reads it with struct
+ * Layout (no implicit padding; ktel/probes/ktel_api.py reads it with struct
  * format "<QqQQQQIIBBB5x16s64s512s256s", 912 bytes, checked by a test):
  *   0 ts_ns          u64  bpf_ktime_get_ns() when the tracepoint fired
  *   8 value          s64  metric value (counter increment, gauge value, observation)

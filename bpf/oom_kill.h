@@ -8,7 +8,7 @@
 #define KTEL_COMM_LEN 16
 
 /*
- * Layout (no implicit padding; edge_agent/oom_kill.py reads it with struct
+ * Layout (no implicit padding; ktel/probes/oom_kill.py reads it with struct
  * format "<QQQQQQIIIhBx16s16s", 96 bytes, checked by a test):
  *   0 ts_ns         u64  bpf_ktime_get_ns() when the victim was marked
  *   8 total_vm_kb   u64  the victim's memory, kB, as the tracepoint gives it

@@ -14,7 +14,7 @@ enum ktel_process_type {
 };
 
 /*
- * Layout (no implicit padding; edge_agent/process.py reads it with struct
+ * Layout (no implicit padding; ktel/probes/process.py reads it with struct
  * format "<QQIIIIIii4x16s", 64 bytes, then the filename for an exec; checked
  * by a test). An exit record is the first KTEL_PROCESS_EXIT_SIZE bytes only.
  *   0 ts_ns      u64  bpf_ktime_get_ns() at the exec / at the last thread's exit

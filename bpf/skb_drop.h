@@ -8,7 +8,7 @@
 #define KTEL_COMM_LEN 16
 
 /*
- * Layout (no implicit padding; edge_agent/skb_drop.py reads it with struct
+ * Layout (no implicit padding; ktel/probes/skb_drop.py reads it with struct
  * format "<QQIIH6x16s", 48 bytes, checked by a test):
  *   0 ts_ns     u64  bpf_ktime_get_ns() at the drop
  *   8 location  u64  kernel address of the code that freed the packet

@@ -7,7 +7,7 @@
 
 /*
  * Key of map "hist" (value: struct ktel_hist, bpf/ktel_hist.h). Layout (no
- * implicit padding; read by edge_agent/syscall_latency.py, checked by a test):
+ * implicit padding; read by ktel/probes/syscall_latency.py, checked by a test):
  *   0 cgroup_id   u64  cgroup v2 id of the caller (bpf_get_current_cgroup_id())
  *   8 syscall_id  u32  syscall number of this architecture
  *  12 pad         u32  zero

@@ -6,7 +6,7 @@
 #include <linux/types.h>
 
 /*
- * Layout (no implicit padding; edge_agent/tcp_retransmit.py reads it with
+ * Layout (no implicit padding; ktel/probes/tcp_retransmit.py reads it with
  * struct format "<QiiHHHBx16s16s", 56 bytes, checked by a test):
  *   0 ts_ns    u64  bpf_ktime_get_ns() at the retransmission
  *   8 state    s32  TCP state (include/net/tcp_states.h: 1 ESTABLISHED ...)

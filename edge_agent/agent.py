@@ -49,6 +49,7 @@ from edge_agent.seqstore import SeqStore
 from edge_agent.spool import Record, Spool
 from ktel import runtime, selfmetrics
 from ktel.config import Config
+from ktel.probes import PROBES
 from ktel.probes.decode import count, records
 from ktel.retry import retry
 from ktel.wire import HEARTBEATS_TOPIC, RAW_TOPIC, Heartbeat, RawBatch, encode_batch, encode_heartbeat
@@ -122,6 +123,13 @@ class AgentCollector(Collector):
         )
 
 
+def batch_limit(max_events: int, max_bytes: int, probes: list[str]) -> int:
+    """Events per batch: ``max_events``, fewer where the probes' largest events would
+    take the batch past ``max_bytes`` (a decoded event is at most its record's size)."""
+    largest = max((PROBES[name].event_bytes for name in probes), default=1)
+    return max(1, min(max_events, max_bytes // max(largest, 1)))
+
+
 class Agent:
     producer: AIOKafkaProducer  # made in run(), renewed by _renew_producer()
 
@@ -144,6 +152,7 @@ class Agent:
         self._renewing = asyncio.Lock()
         self.loaded: dict[str, probes_mod.LoadedProbe] = {}
         self.skipped: dict[str, str] = {}
+        self.batch_limit = batch_limit(acfg.batch_max_events, acfg.batch_max_bytes, acfg.probes)
         self.control = Control(self.host_id, acfg.sample_every, self.apply_rate)
         self.latencies_ms: list[float] = []
         self.containers = Containers.of_host(acfg.cgroup_root)
@@ -210,9 +219,7 @@ class Agent:
             self.drain_once(pending, weights)
             self.control.expire()
             now = time.monotonic()
-            # Bytes are bounded through the event count: a decoded event is at most
-            # its ring-buffer record's size, so max_bytes / record size events fit.
-            limit = min(acfg.batch_max_events, max(1, acfg.batch_max_bytes // 320))
+            limit = self.batch_limit
             busy = len(pending) >= limit
             while len(pending) >= limit:
                 self.spool_batch(pending[:limit], weights[:limit])

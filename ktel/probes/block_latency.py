@@ -33,5 +33,5 @@ PROBE = Probe(
     summary="histograms of block I/O latency per device and operation, kept in the kernel",
     tracepoints=("block/block_rq_issue", "block/block_rq_complete"),
     histograms=(Histogram("hist", METRIC, labels),),
-    layouts=(Layout("block_latency.h", "block_latency_key", KEY, ("dev", "op")),),
+    layouts=(Layout("block_latency.h", "block_latency_key", KEY, ("dev", "op"), event=False),),
 )

@@ -57,7 +57,7 @@ PROBE = Probe(
     uprobes=(Uprobe("c", "getaddrinfo", "getaddrinfo_entry", "getaddrinfo_return"),),
     histograms=(Histogram("hist", METRIC, labels),),
     layouts=(
-        Layout("dns_latency.h", "dns_latency_key", KEY, ("tgid", "failed", "comm")),
+        Layout("dns_latency.h", "dns_latency_key", KEY, ("tgid", "failed", "comm"), event=False),
         Layout(
             "dns_latency.h",
             "dns_slow_event",

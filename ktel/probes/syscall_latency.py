@@ -26,5 +26,7 @@ PROBE = Probe(
     summary="histograms of syscall duration per cgroup and syscall, kept in the kernel",
     tracepoints=("raw_syscalls/sys_enter", "raw_syscalls/sys_exit", "sched/sched_process_exit"),
     histograms=(Histogram("hist", METRIC, labels),),
-    layouts=(Layout("syscall_latency.h", "syscall_latency_key", KEY, ("cgroup_id", "syscall_id")),),
+    layouts=(
+        Layout("syscall_latency.h", "syscall_latency_key", KEY, ("cgroup_id", "syscall_id"), event=False),
+    ),
 )

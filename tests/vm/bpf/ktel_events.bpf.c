@@ -6,7 +6,7 @@
  * BCC probes (bpf/ktel_api.bpf.c, bpf/file_created.bpf.c) run, in libbpf
  * sections. They emit the agent's own records (struct ktel_api_event, struct
  * file_created_event), which the loader prints as hex and the host test decodes
- * with the agent's decoders (edge_agent/ktel_api.py, edge_agent/file_created.py).
+ * with the agent's decoders (ktel/probes/ktel_api.py, ktel/probes/file_created.py).
  * ktel_span_begin is attached too, though the agent does not attach it, to check
  * its fields. The two record types differ in size, which tells them apart.
  */

@@ -1,0 +1,23 @@
+"""The agent seals batches small enough for Kafka's default 1 MiB record limit."""
+
+from edge_agent.agent import batch_limit
+from ktel.probes import PROBES, ktel_api
+from ktel.wire import RawBatch, encode_batch
+
+
+def test_the_largest_events_of_the_loaded_probes_bound_a_batch():
+    mib = 1 << 20
+    assert PROBES["ktel_api"].event_bytes == ktel_api.LAYOUT.size == 912
+    assert batch_limit(2000, mib, ["file_created"]) == 2000  # 304-byte records: the count binds
+    assert batch_limit(2000, mib, ["file_created", "ktel_api"]) == mib // 912
+    assert batch_limit(10, mib, ["ktel_api"]) == 10
+    assert batch_limit(2000, 4096, ["syscall_latency"]) == 4096 // PROBES["syscall_latency"].event_bytes
+
+
+def test_a_full_batch_of_the_largest_kernel_logs_fits_in_a_mebibyte():
+    full = ktel_api.LAYOUT.pack(
+        1, 0, 7, 0, 0, 0, 1, 1, ktel_api.LOG, 13, 4, bytes(range(1, 17)), b"n" * 64, b"k" * 512, b"m" * 256
+    )
+    event = ktel_api.decode(full, 0)
+    n = batch_limit(2000, 1 << 20, ["ktel_api"])
+    assert len(encode_batch(RawBatch("h" * 32, "b" * 32, 1, 1, [event] * n, [1.5] * n))) <= 1 << 20
