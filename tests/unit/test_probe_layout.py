@@ -18,15 +18,15 @@ from ktel.probes import (
     block_latency,
     dns_latency,
     ktel_api,
+    module_load,
     oom_kill,
     process,
     skb_drop,
     syscall_latency,
     tcp_retransmit,
 )
-from ktel.probes import file_created as file_created  # noqa: F401 (its layout is in the registry)
-from ktel.probes.decode import block_device_name
-from ktel.wire import event_dict
+from ktel.probes.decode import block_device_name, taint_letters
+from ktel.wire import KINDS, event_dict
 
 
 def c_layout(tmp_path, header: str, struct: str, fields: list[str]) -> list[int]:
@@ -197,6 +197,22 @@ def test_decoders_turn_known_bytes_into_wire_events():
     assert oom_kill.decode(oom, 0)[2:] == [77, "hog", 1000, 2, 3, 4, 5, 6, -500, 88, "hog"]
     bare = oom_kill.LAYOUT.pack(1, 0, 0, 0, 0, 0, 77, 0, 88, 0, 0, b"", b"hog")
     assert oom_kill.decode(bare, 0)[2:] == [77, "", None, None, None, None, None, None, None, 88, "hog"]
+
+
+def test_module_load_names_the_module_and_its_taint_flags():
+    raw = module_load.LAYOUT.pack(5, 42, 1 << 12 | 1 << 13, b"insmod", b"ktel_sample")
+    ev = module_load.decode(raw, 10)
+    assert event_dict(ev) == {
+        "kind": "module_load",
+        "ts_ns": 15,
+        "pid": 42,
+        "comm": "insmod",
+        "name": "ktel_sample",
+        "taints": 0x3000,
+        "taint_flags": "OE",
+    }
+    assert KINDS[ev[0]].valid(ev)
+    assert taint_letters(0) == "" and taint_letters(1) == "P" and taint_letters(1 << 18) == "N"
 
 
 def _kv(*pairs: str) -> bytes:

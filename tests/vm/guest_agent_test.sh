@@ -18,7 +18,6 @@ W=/tmp/fw
 
 stamp start
 step insmod_ktel insmod $M/ktel.ko
-step insmod_ktel_sample insmod $M/ktel_sample.ko
 step insmod_filewatcher insmod $M/filewatcher.ko
 stamp agent
 for m in $NINEP_MODULES; do insmod $M/$m.ko || echo "insmod $m failed"; done
@@ -35,7 +34,7 @@ mount -t tmpfs tmpfs $H/run
 # exec all the way down: the backgrounded agent's $! is the agent itself, for kill -TERM.
 in_host() {
 	exec chroot $H /bin/sh -c "cd $REPO && exec env PYTHONDONTWRITEBYTECODE=1 KTEL_AGENT__HOST_ID=ktel-vm \
-		TMPDIR=/run KTEL_AGENT__STATE_DIR=/run/ktel-agent KTEL_AGENT__METRICS_PORT=0 KTEL_AGENT__PROBES='[\"ktel_api\", \"file_created\"]' \
+		TMPDIR=/run KTEL_AGENT__STATE_DIR=/run/ktel-agent KTEL_AGENT__METRICS_PORT=0 KTEL_AGENT__PROBES='[\"ktel_api\", \"file_created\", \"module_load\"]' \
 		KTEL_KAFKA__BOOTSTRAP=127.0.0.1:9 $PYTHON $*"
 }
 in_host -m ktel.cli agent >$H/run/agent.log 2>&1 &
@@ -46,6 +45,8 @@ while ! grep -q "agent host.id=" $H/run/agent.log && kill -0 $agent_pid 2>/dev/n
 	n=$((n + 1))
 done
 stamp agent_ready
+# Loaded with the agent running, for the module_load probe to see.
+step insmod_ktel_sample insmod $M/ktel_sample.ko
 mkdir -p $W/agent
 step agent_fire sh -c "echo $N >$DBG/ktel_sample/fire"
 failed=0

@@ -440,13 +440,15 @@ def test_bpf_programs_deliver_every_event_to_the_agents_decoders(guest):
 
 def test_the_agent_in_the_guest_spools_exactly_the_modules_events(agent_guest):
     """The whole kernel side: the module's tracepoints -> the agent's BCC probes
-    (ktel_api, and file_created on filewatcher) -> ring buffer -> the real agent ->
+    (ktel_api, file_created on filewatcher, and module_load on a module loaded while the
+    agent runs) -> ring buffer -> the real agent ->
     batches in its spool (Kafka is unreachable in the guest), decoded correctly."""
     rcs = _rcs(agent_guest)
     log = "\n".join(agent_guest.sections["agent_log"])
     assert rcs.get("host_mount") == 0, agent_guest.why()
-    assert "probes: ktel_api, file_created; skipped: none" in log, log
-    assert rcs.get("agent_fire") == 0 and rcs.get("agent_create_files") == 0, rcs
+    assert "probes: ktel_api, file_created, module_load; skipped: none" in log, log
+    assert rcs.get("insmod_ktel_sample") == 0 and rcs.get("agent_fire") == 0, rcs
+    assert rcs.get("agent_create_files") == 0, rcs
     assert rcs.get("agent") == 0, f"the agent did not stop cleanly\n{log}"
     assert rcs.get("spool_dump") == 0, "\n".join(agent_guest.sections["spool_err"])
     rows = [json.loads(line) for line in agent_guest.sections["agent_spool"] if line.strip()]
@@ -476,6 +478,10 @@ def test_the_agent_in_the_guest_spools_exactly_the_modules_events(agent_guest):
             assert s["parent_span_id"] == roots[s["trace_id"]]["span_id"]
         else:
             assert s["parent_span_id"] == ""
+    # ktel_sample, built outside the kernel tree and unsigned, loaded by busybox's insmod.
+    loads = [r for r in rows if r["kind"] == "module_load"]
+    assert [(r["name"], r["comm"]) for r in loads] == [("ktel_sample", "insmod")], loads
+    assert {"O", "E"} <= set(loads[0]["taint_flags"]) and loads[0]["taints"] & (1 << 12 | 1 << 13), loads
     logs = [r for r in rows if r["kind"] == "ktel_log"]
     assert len(logs) == N
     assert all(lg["span_id"] == roots[lg["trace_id"]]["span_id"] and lg["severity"] == 13 for lg in logs)
