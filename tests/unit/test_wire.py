@@ -189,3 +189,89 @@ def test_a_heartbeat_lists_containers_as_cgroup_id_and_string_attributes():
     for bad in ({"4242": {}}, [[0, {}]], [[True, {}]], [[4242]], [[4242, {"container.id": 7}]]):
         with pytest.raises(wire.WireError, match="containers"):
             wire.decode_heartbeat(wire.encode_heartbeat({**hb, "containers": bad}))
+
+
+def _wrong_values(t) -> list:
+    """Values a field of type ``t`` must refuse: the wrong type, and out of range or too big."""
+    from ktel import schema
+
+    if isinstance(t, schema.Int):
+        # Out of range, where msgpack can carry the number at all.
+        out = [n for n in (t.lo - 1, t.hi + 1) if -(2**63) <= n < 2**64]
+        return ["7", True, 1.5, *([None] if not t.optional else []), *out]
+    if isinstance(t, schema.Str):
+        return [
+            7,
+            b"x",
+            *([None] if not t.optional else []),
+            "x" * (t.max_len + 1) if t.choices is None else "?",
+        ]
+    if isinstance(t, schema.Bool):
+        return [1, "true", None]
+    if isinstance(t, schema.Bytes):
+        return ["x", b"x" * (max(t.lengths) + 1)]
+    if isinstance(t, schema.Map):
+        return [[], {"k": [1]}, {str(i): "v" for i in range(t.max_items + 1)}, {"k": float("nan")}]
+    if isinstance(t, schema.IntList):
+        return [[0] * (t.length - 1), [-1] * t.length, ["1"] * t.length, {}]
+    raise AssertionError(f"no wrong values for {t}")
+
+
+# Every field of every kind, as the registry declares them.
+FIELD_CASES = [
+    (kind, i, value)
+    for kind in wire.KINDS.values()
+    for i, f in enumerate(kind.fields)
+    for value in _wrong_values(f.type)
+]
+
+
+@pytest.mark.parametrize(("kind", "i", "value"), FIELD_CASES, ids=lambda x: getattr(x, "name", repr(x)[:20]))
+def test_every_field_of_every_kind_refuses_a_wrong_value_and_names_it(kind, i, value):
+    from tests.unit.test_wire_golden import EVENTS
+
+    event = list(next(ev for ev in EVENTS if ev[0] == kind.id))
+    assert kind.valid(event)
+    event[i + 1] = value
+    with pytest.raises(wire.WireError, match=rf"event 0 \({kind.name}\) field '{kind.fields[i].name}' "):
+        wire.decode_batch(wire.encode_batch(wire.RawBatch("h", "b", 1, 2, [event])))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0, 0.0, 2.0**60, True, "1"])
+def test_weights_must_be_finite_positive_and_bounded(value):
+    ev = [wire.FILE_CREATED.id, 1, 2, 2, 0, "c", "/p", 0, False]
+    obj = msgpack.unpackb(wire.encode_batch(wire.RawBatch("h", "b", 1, 2, [ev])))
+    obj["w"] = [value]
+    with pytest.raises(wire.WireError, match="one positive weight"):
+        wire.decode_batch(msgpack.packb(obj))
+
+
+HIST_1 = {"count": 1, "sum": 1.0, "counts": [1]}
+
+
+@pytest.mark.parametrize(
+    ("record", "reason"),
+    [
+        (wire.MetricSnapshot(1, [["x", "counter", {}, float("nan")]]), "field 'value' must be finite"),
+        (
+            wire.MetricSnapshot(1, [["x", "gauge", {"l": ["a"]}, 1]]),
+            "field 'labels' entry 'l' must be a string",
+        ),
+        (wire.MetricSnapshot(2**63, []), "field 'ts' must be within"),
+        (
+            wire.MetricSnapshot(
+                1, [["x", "counter", {}, {"count": 1, "sum": 1.0, "bounds": [], "counts": [1]}]]
+            ),
+            "is a counter with a value",
+        ),
+        (wire.MetricSnapshot(1, [["x", "histogram", {}, 3]]), "is a histogram with a value"),
+    ],
+)
+def test_snapshots_refuse_non_finite_values_wrong_labels_and_mixed_types(record, reason):
+    with pytest.raises(wire.WireError, match=reason):
+        wire.decode_snapshot(wire.encode_snapshot(record))
+
+
+def test_a_record_too_big_to_be_ktels_is_refused_before_it_is_unpacked():
+    with pytest.raises(wire.WireError, match="more than"):
+        wire.decode_batch(b"\x00" * (wire.codec.MAX_RECORD_BYTES + 1))
