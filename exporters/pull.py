@@ -1,5 +1,5 @@
 """The pull endpoint: ``ktel export pull`` serves the current aggregates at
-``/metrics`` in the Prometheus text format, as the Riptides demo does.
+``/metrics`` in the Prometheus text format, for Prometheus (or anything) to scrape.
 
 Each instance reads every partition of ``ktel.metrics`` (no consumer group:
 every instance needs the whole picture) and keeps the latest value of each

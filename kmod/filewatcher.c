@@ -2,8 +2,8 @@
 /* filewatcher.c - emits filewatcher:file_created for each file an open really created. */
 
 /*
- * The Riptides demo module (seed article 001), done so that it reports only
- * what happened:
+ * A file-creation watcher that reports only what happened (not every open
+ * that asked for O_CREAT):
  *
  * - A kretprobe on do_filp_open(), which every open(2)-family syscall and
  *   filp_open() go through. Its entry handler reads the third argument,

@@ -13,8 +13,8 @@
  *   mode   the mode it asked for, before the umask
  *   path   the created file's absolute path (d_path), cut at
  *          FILEWATCHER_PATH_MAX_LEN bytes
- * The same names the Riptides demo used for the path; pid, comm, flags and
- * mode are additions.
+ * path is the field a minimal file-creation watcher would have; pid, comm,
+ * flags and mode say who created it and how.
  */
 #undef TRACE_SYSTEM
 #define TRACE_SYSTEM filewatcher

@@ -20,7 +20,7 @@ def tune_gc() -> None:
     counting frees at once; but a batch is tens of thousands of containers, and with
     the default thresholds (700, 10, 10) the collector re-scanned the live batches
     again and again: measured at over half the remote-write exporter's CPU
-    (bench/exporters.py) and about a sixth of the agent's (bench/agent_throughput.py).
+    (bench/exporter_throughput.py) and about a sixth of the agent's (bench/agent_throughput.py).
     The rare cycle is still collected, later.
     """
     gc.set_threshold(50_000, 20, 100)

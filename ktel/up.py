@@ -278,7 +278,7 @@ def run(cfg: Config) -> int:
             f"{READY_LINE}: pull endpoint http://{cfg.pull.host}:{cfg.pull.port}/metrics, "
             f"Prometheus {stack.prometheus.url}, "
             f"OTLP as the Collector received it {stack.collector.out_path}; "
-            "try `touch /tmp/somewhere/riptides-demo`; Ctrl-C stops"
+            "try `touch /tmp/somewhere/ktel-demo`; Ctrl-C stops"
         )
         interactive = sys.stdout.isatty()
         started = time.monotonic()

@@ -30,7 +30,7 @@ def test_golden(name):
 
 def test_directory_label():
     d = aggregate_core.directory_label
-    assert d("/tmp/somewhere/riptides-demo", 3) == "/tmp/somewhere"
+    assert d("/tmp/somewhere/ktel-demo", 3) == "/tmp/somewhere"
     assert d("/a/b/c/d/e", 2) == "/a/b"
     assert d("/file-at-root", 3) == "/"
     assert d("rel/x/y", 3) == "rel"
