@@ -316,8 +316,8 @@ def run_ktel(
         PYTHONPATH=str(ROOT),
         KTEL_KAFKA__BOOTSTRAP=bootstrap,
         KTEL_AGENT__HOST_ID="bench",
-        KTEL_AGGREGATE__METRICS_PORT=str(port),
-        KTEL_AGGREGATE__DATA_DIR=str(tmp / "ktel-data"),
+        KTEL_PROCESS__METRICS_PORT=str(port),
+        KTEL_PROCESS__DATA_DIR=str(tmp / "ktel-data"),
     )
     env.pop("KTEL_CONFIG", None)
     per_batch = info["events"] / info["batches"]

@@ -167,8 +167,8 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         for metric in (HEARTBEATS, EVICTIONS, PROCESSES):
             metric.labels(stage)
 
-    session = cfg.aggregate.session_timeout_seconds
-    datadir = cfg.aggregate.data_dir / stage
+    session = cfg.process.session_timeout_seconds
+    datadir = cfg.process.data_dir / stage
     datadir.mkdir(parents=True, exist_ok=True)
     app = App(
         f"ktel-{stage}",
@@ -343,7 +343,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
 
     @app.task
     async def serve_metrics():
-        selfmetrics.serve(cfg.aggregate.metrics_port)
+        selfmetrics.serve(cfg.process.metrics_port)
 
     return app
 

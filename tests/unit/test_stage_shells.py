@@ -71,7 +71,7 @@ class Shell:
     def __init__(self, tmp_path, stage: str, **sections):
         cfg = config.Config(
             agent=config.AgentConfig(host_id="t"),
-            aggregate=config.AggregateConfig(data_dir=tmp_path / "data", metrics_port=0),
+            process=config.ProcessConfig(data_dir=tmp_path / "data", metrics_port=0),
             **sections,
         )
         self.stage = stage
@@ -254,7 +254,7 @@ def test_the_session_timeout_reaches_the_consumer_with_heartbeats_to_match(tmp_p
     for session, heartbeat, request in [(60, 3.0, 90.0), (10, 1.0, 90.0), (300, 3.0, 300.0)]:
         cfg = config.Config(
             agent=config.AgentConfig(host_id="t"),
-            aggregate=config.AggregateConfig(data_dir=tmp_path / "data", session_timeout_seconds=session),
+            process=config.ProcessConfig(data_dir=tmp_path / "data", session_timeout_seconds=session),
         )
         conf = stages.make_app(cfg, "all").conf
         got = (conf.broker_session_timeout, conf.broker_heartbeat_interval, conf.broker_request_timeout)
