@@ -175,17 +175,8 @@ class Cores:
 
     def __init__(self, cfg: Any) -> None:
         s = cfg.sample
-        self.opts = aggregate_core.Options(
-            directory_depth=cfg.aggregate.directory_depth, include_filename=cfg.aggregate.include_filename
-        )
-        self.sampler = sample_core.Sampler(
-            sample_core.Options(
-                keep_kinds=frozenset(s.keep_kinds),
-                baseline=s.baseline,
-                budget_per_s=s.budget_per_s,
-                window_s=s.window_seconds,
-            )
-        )
+        self.opts = aggregate_core.Options.from_config(cfg.aggregate)
+        self.sampler = sample_core.Sampler(sample_core.Options.from_config(s))
         self.hosts: dict[str, dict[str, Any]] = {}
         self.activity: dict[str, dict[str, Any]] = {}
         self.counted = 0.0

@@ -50,13 +50,14 @@ from ktel.wire import (
     SpanBatch,
 )
 from processors import dedupe_core
+from processors.stage import FromConfig
 
 FILE_CREATED_TOTAL = "file_created_total"
 OVERFLOW_LABELS: tuple[tuple[str, str], ...] = (("otel.metric.overflow", "true"),)
 
 
 @dataclasses.dataclass(frozen=True)
-class Options:
+class Options(FromConfig):
     directory_depth: int = 3
     include_filename: bool = False
     max_series: int = 2000

@@ -28,7 +28,7 @@ attributes. A process entry's fields are each present only when known.
 
 An exit does not remove its process at once: the agent drains each probe's
 ring buffer on its own, so a file created just before the exit can arrive in
-a later batch than the exit. A batch sealed up to ``exit_grace_ns`` after the
+a later batch than the exit. A batch sealed up to ``exit_grace_seconds`` after the
 exit's batch still sees the process; a batch sealed later does not (with a
 grace of 0: only the exit's own batch sees it). Time here is the batches'
 ``sent_ns``, not the worker's clock, so the same input always gives the same
@@ -48,6 +48,7 @@ from typing import Any
 
 from ktel.wire import PID_INDEXES, PROCESS_EXEC, PROCESS_EXIT, RawBatch
 from processors.dedupe_core import MAX_BOOTS
+from processors.stage import FromConfig
 
 # (host.id, cgroup.id) -> container and pod attributes; see load_metadata.
 Metadata = dict[str, dict[int, dict[str, str]]]
@@ -60,9 +61,9 @@ MAX_CONTAINERS = 1024
 
 
 @dataclasses.dataclass(frozen=True)
-class Options:
+class Options(FromConfig):
     max_processes: int = 2048
-    exit_grace_ns: int = 5_000_000_000
+    exit_grace_seconds: float = 5.0
 
 
 @dataclasses.dataclass
@@ -229,13 +230,12 @@ def _bound_containers(state: dict[str, Any]) -> None:
 
 def _expire_exits(state: dict[str, Any], now_ns: int, opts: Options) -> bool:
     exits = state.get("exits", [])
+    grace_ns = int(opts.exit_grace_seconds * 1e9)
     boots = state.get("boots", {})
     n = 0
     # Over the bound, the oldest exits go before their grace: a burst of short
     # processes must not grow the state past what max_processes allows.
-    while n < len(exits) and (
-        exits[n][2] + opts.exit_grace_ns < now_ns or len(exits) - n > opts.max_processes
-    ):
+    while n < len(exits) and (exits[n][2] + grace_ns < now_ns or len(exits) - n > opts.max_processes):
         boot_id, pid, exit_ns = exits[n]
         procs = boots.get(boot_id, {}).get("procs", {})
         # Only if this exit is still the entry's: an exec may have reused the pid since.

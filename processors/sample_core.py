@@ -25,7 +25,7 @@ batch on, nor one without any batch (a pause, or its partition moved away),
 which would drag the baseline down and make its return look like a spike.
 A window whose rate exceeds ``spike_factor`` times the EWMA (and ``min_rate``)
 marks the host anomalous and yields a command raising its probes to
-``raised_sample_every`` for ``command_ttl_s``; the EWMA does not learn from
+``raised_sample_every`` for ``command_ttl_seconds``; the EWMA does not learn from
 anomalous windows. The first window back under the threshold yields a command
 restoring ``normal_sample_every``. A spike that lasts as long as the raise
 holds is the host's rate now: it becomes the baseline, with a restore.
@@ -40,6 +40,7 @@ from collections import defaultdict
 from typing import Any
 
 from ktel.wire import HISTOGRAM_DELTA, KINDS, ControlCommand, RawBatch
+from processors.stage import FromConfig
 
 # The probe that emits each event kind, where the names differ (fidelity
 # commands name probes). Histogram deltas are summaries, not events: they are
@@ -59,7 +60,7 @@ def probes_of(kind_ids: set[int]) -> set[str]:
 
 
 @dataclasses.dataclass(frozen=True)
-class Options:
+class Options(FromConfig):
     keep_kinds: frozenset[str] = frozenset({"oom_kill", "tcp_retransmit", "skb_drop", "ktel_log"})
     # Kernel spans with status ERROR (2) are always kept, as tail samplers keep errors.
     keep_slow: dict[str, tuple[str, float]] = dataclasses.field(
@@ -67,13 +68,18 @@ class Options:
     )
     baseline: float = 1.0
     budget_per_s: dict[str, float] = dataclasses.field(default_factory=dict)
-    window_s: float = 10.0
+    window_seconds: float = 10.0
     ewma_alpha: float = 0.3
     spike_factor: float = 3.0
     min_rate: float = 10.0
     raised_sample_every: int = 1
     normal_sample_every: int = 1
-    command_ttl_s: float = 300.0
+    command_ttl_seconds: float = 300.0
+
+    @classmethod
+    def from_config(cls, section: Any) -> Options:
+        opts = super().from_config(section)
+        return dataclasses.replace(opts, keep_kinds=frozenset(opts.keep_kinds))  # the config's is a list
 
 
 class Sampler:
@@ -128,7 +134,7 @@ class Sampler:
         for kind_id, count in self.window_counts.items():
             kind = KINDS.get(kind_id)
             budget = opts.budget_per_s.get(kind.name) if kind else None
-            rate = count / opts.window_s
+            rate = count / opts.window_seconds
             if budget is not None and rate > budget * share:
                 self.kind_p[kind_id] = min(opts.baseline, budget * share / rate)
         self.window_counts.clear()
@@ -153,7 +159,7 @@ def observe_host(
     # more than one window's events into this one.
     rate = count / ((now_ms - closed_ms) / 1000)
     ewma = state.get("ewma")
-    ttl_ms = int(opts.command_ttl_s * 1000)
+    ttl_ms = int(opts.command_ttl_seconds * 1000)
 
     def command(every: int, what: str) -> list[ControlCommand]:
         return [
@@ -168,7 +174,7 @@ def observe_host(
     if spike and not state.get("anomalous"):
         state["anomalous"], state["raised_until"] = True, now_ms + ttl_ms
         return command(opts.raised_sample_every, "raise")
-    if spike and state["raised_until"] - now_ms > opts.window_s * 1000 * 2:
+    if spike and state["raised_until"] - now_ms > opts.window_seconds * 1000 * 2:
         return []  # still raised
     # Back under the threshold; or spiking as long as the raise holds, which makes
     # it the host's rate now (else the baseline would never learn it, nor the

@@ -132,27 +132,10 @@ async def persist(table: Any, key: str, value: dict[str, Any]) -> None:
 
 
 def make_app(cfg: Config, stage: str) -> faust.App:
-    agg_opts = aggregate_core.Options(
-        directory_depth=cfg.aggregate.directory_depth, include_filename=cfg.aggregate.include_filename
-    )
+    agg_opts = aggregate_core.Options.from_config(cfg.aggregate)
     s = cfg.sample
-    sampler = sample_core.Sampler(
-        sample_core.Options(
-            keep_kinds=frozenset(s.keep_kinds),
-            baseline=s.baseline,
-            budget_per_s=s.budget_per_s,
-            window_s=s.window_seconds,
-            ewma_alpha=s.ewma_alpha,
-            spike_factor=s.spike_factor,
-            min_rate=s.min_rate,
-            raised_sample_every=s.raised_sample_every,
-            normal_sample_every=s.normal_sample_every,
-            command_ttl_s=s.command_ttl_seconds,
-        )
-    )
-    enrich_opts = enrich_core.Options(
-        max_processes=cfg.enrich.max_processes, exit_grace_ns=int(cfg.enrich.exit_grace_seconds * 1e9)
-    )
+    sampler = sample_core.Sampler(sample_core.Options.from_config(s))
+    enrich_opts = enrich_core.Options.from_config(cfg.enrich)
     does = {
         "dedupe": stage == "dedupe",
         "enrich": stage in ("enrich", "all"),
