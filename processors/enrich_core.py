@@ -43,12 +43,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ktel.wire import PID_INDEXES, PROCESS_EXEC, PROCESS_EXIT, RawBatch
 from processors.dedupe_core import MAX_BOOTS
-from processors.stage import FromConfig
+from processors.stage import FromConfig, Result, Stage, State
+
+if TYPE_CHECKING:
+    from ktel.config import EnrichConfig
+
+log = logging.getLogger("ktel.process")
 
 # (host.id, cgroup.id) -> container and pod attributes; see load_metadata.
 Metadata = dict[str, dict[int, dict[str, str]]]
@@ -58,6 +64,8 @@ FEED_NAMESPACES = ("container.", "k8s.")
 # Container and pod cgroups kept per host, over all boots: with max_processes
 # processes, a host's state stays well under Kafka's 1 MiB record limit.
 MAX_CONTAINERS = 1024
+# How often the stage looks whether its metadata file changed (a stat).
+FEED_CHECK_SECONDS = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +80,48 @@ class Outcome:
     changed: bool = False  # the state changed in a way worth persisting (not just LRU order)
     evicted: int = 0  # processes dropped by the bound, not by their exit
     processes: int = 0  # processes known for this host after the batch
+
+
+class Enrich(Stage):
+    """The stage: ``enrich`` on each batch, ``observe_heartbeat`` on each heartbeat,
+    and the metadata file looked at every FEED_CHECK_SECONDS."""
+
+    name = "enrich"
+    heartbeats = True
+
+    def __init__(self, opts: Options, feed: MetadataFile):
+        super().__init__()
+        self.opts, self.feed = opts, feed
+        self.window_s = FEED_CHECK_SECONDS if feed.path is not None else None
+        # Processes known per host, for the gauge (the table is not safe to walk from
+        # the metrics server's thread).
+        self.known: dict[str, int] = {}
+        self.reload_feed()  # before the first batch, so a configured feed applies from the start
+
+    @classmethod
+    def from_config(cls, section: EnrichConfig) -> Enrich:
+        return cls(Options.from_config(section), MetadataFile(section.metadata_file))
+
+    def on_batch(self, state: State, batch: RawBatch, now_ms: int) -> Result:
+        out = enrich(state, batch, self.feed.feed, self.opts)
+        more = out.processes - self.known.get(batch.host_id, 0)
+        self.known[batch.host_id] = out.processes
+        # Only the LRU order changed otherwise: not worth a changelog record.
+        return Result(out.batch, changed=out.changed, counts={"evictions": out.evicted, "processes": more})
+
+    def on_window(self, states: dict[str, State], now_ms: int, share: float) -> Result:
+        self.reload_feed()
+        return Result()
+
+    def on_heartbeat(self, state: State, heartbeat: dict[str, Any]) -> bool:
+        return observe_heartbeat(state, heartbeat)
+
+    def reload_feed(self) -> None:
+        errors = self.feed.refresh()
+        if errors is not None:
+            for err in errors:
+                log.warning("metadata feed: %s", err)
+            log.info("metadata feed %s: %d cgroups", self.feed.path, self.feed.entries)
 
 
 def observe_heartbeat(state: dict[str, Any], heartbeat: dict[str, Any]) -> bool:

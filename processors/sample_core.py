@@ -37,10 +37,16 @@ import dataclasses
 import hashlib
 import random
 from collections import defaultdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ktel.wire import HISTOGRAM_DELTA, KINDS, ControlCommand, RawBatch
-from processors.stage import FromConfig
+from processors.stage import FromConfig, Result, Stage, State
+
+if TYPE_CHECKING:
+    from ktel.config import SampleConfig
+
+# A host silent for this many windows is forgotten by the anomaly detector.
+IDLE_WINDOWS = 30
 
 # The probe that emits each event kind, where the names differ (fidelity
 # commands name probes). Histogram deltas are summaries, not events: they are
@@ -138,6 +144,49 @@ class Sampler:
             if budget is not None and rate > budget * share:
                 self.kind_p[kind_id] = min(opts.baseline, budget * share / rate)
         self.window_counts.clear()
+
+
+class Sample(Stage):
+    """The stage: the Sampler on each batch; each window, its per-kind rates and
+    every host's anomaly state (``observe_host``) closed.
+
+    Per host, in the worker (not durable: timers close the windows, and Faust
+    lets only a stream write to a table; a restart or a rebalance relearns a
+    host's baseline in a few windows): what ``observe_host`` keeps, and
+    ``probes`` (those the host's events came from, which its commands name)
+    and ``seen_ms`` (its last batch, by the worker's clock).
+    """
+
+    name = "sample"
+    durable = False
+
+    def __init__(self, opts: Options):
+        super().__init__()
+        self.sampler = Sampler(opts)
+        self.window_s = opts.window_seconds
+
+    @classmethod
+    def from_config(cls, section: SampleConfig) -> Sample:
+        return cls(Options.from_config(section))
+
+    def on_batch(self, state: State, batch: RawBatch, now_ms: int) -> Result:
+        events = sum(batch.weights) if batch.weights else len(batch.events)
+        state["count"] = state.get("count", 0.0) + events
+        state["probes"] = sorted(set(state.get("probes", [])) | probes_of({ev[0] for ev in batch.events}))
+        state["seen_ms"] = now_ms
+        kept = self.sampler.sample(batch)
+        return Result(kept, counts={"sampled_out": len(batch.events) - len(kept.events)})
+
+    def on_window(self, states: dict[str, State], now_ms: int, share: float) -> Result:
+        self.sampler.end_window(share=share)
+        out = Result()
+        opts = self.sampler.opts
+        for host_id, state in list(states.items()):
+            if now_ms - state["seen_ms"] > IDLE_WINDOWS * opts.window_seconds * 1000:
+                del states[host_id]  # gone quiet, or its partition moved to another worker
+                continue
+            out.commands += observe_host(state, host_id, state["probes"], now_ms, opts)
+        return out
 
 
 def observe_host(
