@@ -75,7 +75,7 @@ from ktel.wire import (  # noqa: E402
     decode_batch,
     encode_batch,
 )
-from processors import aggregate_core, dedupe_core, sample_core  # noqa: E402
+from processors import aggregate_core, chain  # noqa: E402
 
 NAIVE_TOPIC = "ktel.bench.naive"
 AIMS = {"rate": 300_000, "ratio": 30}
@@ -165,46 +165,25 @@ def default_config(bootstrap: str = "127.0.0.1:9", tmp: Path | None = None, metr
     return config.Config(
         kafka=config.KafkaConfig(bootstrap=bootstrap),
         agent=config.AgentConfig(host_id="bench"),
-        aggregate=config.AggregateConfig(metrics_port=metrics_port, data_dir=tmp or Path("/nonexistent")),
+        process=config.ProcessConfig(metrics_port=metrics_port, data_dir=tmp or Path("/nonexistent")),
     )
 
 
 class Cores:
     """What the fused worker does per record, minus Faust: used for the expected count
-    and for the profile. It follows processors/stages.py by hand (the cores it calls,
-    with the worker's config); the measured figure always comes from the real worker."""
+    and for the profile. It runs the worker's chain (processors/chain.py, with the
+    worker's config); the measured figure always comes from the real worker."""
 
     def __init__(self, cfg: Any) -> None:
-        s = cfg.sample
-        self.opts = aggregate_core.Options(
-            directory_depth=cfg.aggregate.directory_depth, include_filename=cfg.aggregate.include_filename
-        )
-        self.sampler = sample_core.Sampler(
-            sample_core.Options(
-                keep_kinds=frozenset(s.keep_kinds),
-                baseline=s.baseline,
-                budget_per_s=s.budget_per_s,
-                window_s=s.window_seconds,
-            )
-        )
+        self.chain = chain.build("all", cfg)
         self.hosts: dict[str, dict[str, Any]] = {}
-        self.activity: dict[str, dict[str, Any]] = {}
         self.counted = 0.0
 
     def process(self, record: bytes) -> None:
         batch = decode_batch(record)
-        state = self.hosts.setdefault(batch.host_id, {})
-        if not dedupe_core.first_time(state.setdefault("aggregate", {}), batch):
-            return
-        hs = self.activity.setdefault(batch.host_id, {})
-        hs["count"] = hs.get("count", 0.0) + len(batch.events)
-        hs["probes"] = sorted(
-            set(hs.get("probes", [])) | sample_core.probes_of({ev[0] for ev in batch.events})
-        )
-        batch = self.sampler.sample(batch)
-        self.counted += aggregate_core.add(state["aggregate"], batch, self.opts).counted
-        aggregate_core.signals(batch)
-        json.dumps(state)  # the table's changelog value (Faust's json serializer)
+        value = self.hosts.setdefault(batch.host_id, {})
+        self.counted += self.chain.on_batch(value, batch, time.time_ns() // 1_000_000).counts.get("events", 0)
+        json.dumps(value)  # the table's changelog value (Faust's json serializer)
 
 
 # ------------------------------------------------------------------- measuring
@@ -317,8 +296,8 @@ def run_ktel(
         PYTHONPATH=str(ROOT),
         KTEL_KAFKA__BOOTSTRAP=bootstrap,
         KTEL_AGENT__HOST_ID="bench",
-        KTEL_AGGREGATE__METRICS_PORT=str(port),
-        KTEL_AGGREGATE__DATA_DIR=str(tmp / "ktel-data"),
+        KTEL_PROCESS__METRICS_PORT=str(port),
+        KTEL_PROCESS__DATA_DIR=str(tmp / "ktel-data"),
     )
     env.pop("KTEL_CONFIG", None)
     per_batch = info["events"] / info["batches"]
@@ -372,7 +351,7 @@ def spy_summary(collapsed: str, top: int = 14) -> str:
         lines.append(f"  {100 * n / total:5.1f} %  {name}")
     lines.append("time under:")
     for name in (
-        "make_app.<locals>.process", "decode_batch", "first_time", "Sampler.sample", "add",
+        "make_app.<locals>.process", "decode_batch", "first_time", "enrich", "Sampler.sample", "add",
         "count_events", "signals", "series_key", "Table.__setitem__", "dumps", "Fetcher._fetch_task",
     ):  # fmt: skip
         if name in under:

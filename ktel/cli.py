@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 
 from ktel import config as config_mod
 from ktel.wire import RAW_TOPIC
+from processors.chain import PROCESSES
 
 
 def _setup_logging(level: str) -> None:
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("process", help="a Faust processing worker (start more of a stage to scale it out)")
     p.add_argument(
         "stage",
-        choices=["dedupe", "enrich", "sample", "aggregate", "all"],
+        choices=list(PROCESSES),
         help="dedupe: drop re-sent batches; enrich: host, process, container and pod attributes; "
         "sample: adaptive sampling and anomaly-driven fidelity; "
         "aggregate: windowed metric snapshots; all: the four in one worker",

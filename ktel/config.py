@@ -17,7 +17,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ktel.probes import KIND_BY_NAME, KINDS, PROBES
@@ -25,6 +25,10 @@ from ktel.probes import KIND_BY_NAME, KINDS, PROBES
 
 class ConfigError(Exception):
     pass
+
+
+class MovedSetting(ValueError):
+    """A setting given under the name it had before it moved; the message names the new one."""
 
 
 def _read_id(path: str) -> str:
@@ -167,6 +171,23 @@ class AggregateConfig(BaseModel):
         False,
         description="add a `file` label to file_created_total (unbounded; only for small setups)",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        # A section ignores fields it does not know: a setting left under its old
+        # name would silently stop applying.
+        if isinstance(data, dict):
+            moved = [f for f in ("metrics_port", "data_dir", "session_timeout_seconds") if f in data]
+            if moved:
+                where = [f"aggregate.{f} moved to process.{f} (KTEL_PROCESS__{f.upper()})" for f in moved]
+                raise MovedSetting("; ".join(where))
+        return data
+
+
+class ProcessConfig(BaseModel):
+    """What every processing worker (``ktel process <stage>``) shares, whichever stages it runs."""
+
     metrics_port: int = Field(9466, ge=0, le=65535, description="processor self-metrics port (0: off)")
     data_dir: Path = Field(Path("/var/lib/ktel/processor"), description="Faust's data directory (per stage)")
     session_timeout_seconds: float = Field(
@@ -300,6 +321,7 @@ class Config(BaseSettings):
 
     kafka: KafkaConfig = KafkaConfig()
     agent: AgentConfig = AgentConfig()
+    process: ProcessConfig = ProcessConfig()
     aggregate: AggregateConfig = AggregateConfig()
     enrich: EnrichConfig = EnrichConfig()
     sample: SampleConfig = SampleConfig()
@@ -317,6 +339,9 @@ class Config(BaseSettings):
 def _explain(err: ValidationError, source: str) -> str:
     lines = [f"invalid ktel configuration ({source}):"]
     for e in err.errors():
+        if isinstance(e.get("ctx", {}).get("error"), MovedSetting):
+            lines.append(f"  {e['ctx']['error']}")
+            continue
         field = ".".join(str(p) for p in e["loc"])
         env = "KTEL_" + "__".join(str(p).upper() for p in e["loc"])
         lines.append(f"  {field} = {e.get('input')!r}: {e['msg']} (set it in the file or with {env})")

@@ -51,7 +51,7 @@ READY_LINE = "ktel is up"
 # setting of the port each serves once it is ready. The agent comes last, so what
 # it publishes finds the worker and the exporters running.
 CHILDREN = [
-    ("aggregate", ["process", "all"], "aggregate.metrics_port"),
+    ("aggregate", ["process", "all"], "process.metrics_port"),
     ("remote-write", ["export", "remote-write"], "remote_write.metrics_port"),
     ("pull", ["export", "pull"], "pull.port"),
     ("otlp", ["export", "otlp"], "otlp.metrics_port"),

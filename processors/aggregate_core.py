@@ -3,7 +3,7 @@
 State per host (one JSON-able dict, stored as one Faust table value so that the
 dedupe record and the counts change together in one changelog message)::
 
-    {"seen": {boot_id: [[lo, hi], ...]},       # processors/dedupe_core.py
+    {"seen": {boot_id: [[lo, hi], ...]},       # processors/dedupe_core.py guarding this stage
      "series": {series_key: cumulative_value}}
 
 Counts are weighted: an event that stands for w events (sampled 1 in w, in the
@@ -31,7 +31,7 @@ import dataclasses
 import json
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ktel.wire import (
     DNS_SLOW,
@@ -46,17 +46,22 @@ from ktel.wire import (
     SKB_DROP,
     TCP_RETRANSMIT,
     LogBatch,
+    MetricSnapshot,
     RawBatch,
     SpanBatch,
 )
-from processors import dedupe_core
+from processors.stage import FromConfig, Result, Stage, State
+
+if TYPE_CHECKING:
+    from ktel.config import AggregateConfig
 
 FILE_CREATED_TOTAL = "file_created_total"
 OVERFLOW_LABELS: tuple[tuple[str, str], ...] = (("otel.metric.overflow", "true"),)
 
 
 @dataclasses.dataclass(frozen=True)
-class Options:
+class Options(FromConfig):
+    window_seconds: float = 10.0  # how often snapshots are emitted
     directory_depth: int = 3
     include_filename: bool = False
     max_series: int = 2000
@@ -64,9 +69,39 @@ class Options:
 
 @dataclasses.dataclass
 class Outcome:
-    duplicate: bool = False
     counted: float = 0
     overflowed: float = 0
+
+
+class Aggregate(Stage):
+    """The stage: each batch added to its host's series, its spans and logs passed
+    on; every window, each host's snapshot."""
+
+    name = "aggregate"
+    counts_batches = True
+
+    def __init__(self, opts: Options):
+        super().__init__()
+        self.opts = opts
+        self.window_s = opts.window_seconds
+
+    @classmethod
+    def from_config(cls, section: AggregateConfig) -> Aggregate:
+        return cls(Options.from_config(section))
+
+    def on_batch(self, state: State, batch: RawBatch, now_ms: int) -> Result:
+        out = add(state, batch, self.opts)
+        spans, logs = signals(batch)
+        counts = {"events": out.counted, "overflowed": out.overflowed}
+        return Result(batch, changed=True, spans=spans, logs=logs, counts=counts)
+
+    def on_window(self, states: dict[str, State], now_ms: int, share: float) -> Result:
+        out = Result()
+        for host_id, state in states.items():
+            rows = snapshot(host_id, state)
+            if rows:
+                out.snapshots.append((host_id, MetricSnapshot(now_ms, rows)))
+        return out
 
 
 def directory_label(path: str, depth: int) -> str:
@@ -186,15 +221,8 @@ def count_events(
     return counts, hists, gauges
 
 
-def apply(state: dict[str, Any], batch: RawBatch, opts: Options) -> Outcome:
-    """Fold one batch into its host's state (mutated in place), unless it is a duplicate."""
-    if not dedupe_core.first_time(state, batch):
-        return Outcome(duplicate=True)
-    return add(state, batch, opts)
-
-
 def add(state: dict[str, Any], batch: RawBatch, opts: Options) -> Outcome:
-    """Fold one batch known to be new into its host's state."""
+    """Fold one batch known to be new into its host's state (mutated in place)."""
     series = state.setdefault("series", {})
     out = Outcome()
     counts, hists, gauges = count_events(batch, opts)

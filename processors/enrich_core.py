@@ -28,7 +28,7 @@ attributes. A process entry's fields are each present only when known.
 
 An exit does not remove its process at once: the agent drains each probe's
 ring buffer on its own, so a file created just before the exit can arrive in
-a later batch than the exit. A batch sealed up to ``exit_grace_ns`` after the
+a later batch than the exit. A batch sealed up to ``exit_grace_seconds`` after the
 exit's batch still sees the process; a batch sealed later does not (with a
 grace of 0: only the exit's own batch sees it). Time here is the batches'
 ``sent_ns``, not the worker's clock, so the same input always gives the same
@@ -43,11 +43,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ktel.wire import PID_INDEXES, PROCESS_EXEC, PROCESS_EXIT, RawBatch
 from processors.dedupe_core import MAX_BOOTS
+from processors.stage import FromConfig, Result, Stage, State
+
+if TYPE_CHECKING:
+    from ktel.config import EnrichConfig
+
+log = logging.getLogger("ktel.process")
 
 # (host.id, cgroup.id) -> container and pod attributes; see load_metadata.
 Metadata = dict[str, dict[int, dict[str, str]]]
@@ -57,12 +64,14 @@ FEED_NAMESPACES = ("container.", "k8s.")
 # Container and pod cgroups kept per host, over all boots: with max_processes
 # processes, a host's state stays well under Kafka's 1 MiB record limit.
 MAX_CONTAINERS = 1024
+# How often the stage looks whether its metadata file changed (a stat).
+FEED_CHECK_SECONDS = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
-class Options:
+class Options(FromConfig):
     max_processes: int = 2048
-    exit_grace_ns: int = 5_000_000_000
+    exit_grace_seconds: float = 5.0
 
 
 @dataclasses.dataclass
@@ -71,6 +80,48 @@ class Outcome:
     changed: bool = False  # the state changed in a way worth persisting (not just LRU order)
     evicted: int = 0  # processes dropped by the bound, not by their exit
     processes: int = 0  # processes known for this host after the batch
+
+
+class Enrich(Stage):
+    """The stage: ``enrich`` on each batch, ``observe_heartbeat`` on each heartbeat,
+    and the metadata file looked at every FEED_CHECK_SECONDS."""
+
+    name = "enrich"
+    heartbeats = True
+
+    def __init__(self, opts: Options, feed: MetadataFile):
+        super().__init__()
+        self.opts, self.feed = opts, feed
+        self.window_s = FEED_CHECK_SECONDS if feed.path is not None else None
+        # Processes known per host, for the gauge (the table is not safe to walk from
+        # the metrics server's thread).
+        self.known: dict[str, int] = {}
+        self.reload_feed()  # before the first batch, so a configured feed applies from the start
+
+    @classmethod
+    def from_config(cls, section: EnrichConfig) -> Enrich:
+        return cls(Options.from_config(section), MetadataFile(section.metadata_file))
+
+    def on_batch(self, state: State, batch: RawBatch, now_ms: int) -> Result:
+        out = enrich(state, batch, self.feed.feed, self.opts)
+        more = out.processes - self.known.get(batch.host_id, 0)
+        self.known[batch.host_id] = out.processes
+        # Only the LRU order changed otherwise: not worth a changelog record.
+        return Result(out.batch, changed=out.changed, counts={"evictions": out.evicted, "processes": more})
+
+    def on_window(self, states: dict[str, State], now_ms: int, share: float) -> Result:
+        self.reload_feed()
+        return Result()
+
+    def on_heartbeat(self, state: State, heartbeat: dict[str, Any]) -> bool:
+        return observe_heartbeat(state, heartbeat)
+
+    def reload_feed(self) -> None:
+        errors = self.feed.refresh()
+        if errors is not None:
+            for err in errors:
+                log.warning("metadata feed: %s", err)
+            log.info("metadata feed %s: %d cgroups", self.feed.path, self.feed.entries)
 
 
 def observe_heartbeat(state: dict[str, Any], heartbeat: dict[str, Any]) -> bool:
@@ -229,13 +280,12 @@ def _bound_containers(state: dict[str, Any]) -> None:
 
 def _expire_exits(state: dict[str, Any], now_ns: int, opts: Options) -> bool:
     exits = state.get("exits", [])
+    grace_ns = int(opts.exit_grace_seconds * 1e9)
     boots = state.get("boots", {})
     n = 0
     # Over the bound, the oldest exits go before their grace: a burst of short
     # processes must not grow the state past what max_processes allows.
-    while n < len(exits) and (
-        exits[n][2] + opts.exit_grace_ns < now_ns or len(exits) - n > opts.max_processes
-    ):
+    while n < len(exits) and (exits[n][2] + grace_ns < now_ns or len(exits) - n > opts.max_processes):
         boot_id, pid, exit_ns = exits[n]
         procs = boots.get(boot_id, {}).get("procs", {})
         # Only if this exit is still the entry's: an exec may have reused the pid since.

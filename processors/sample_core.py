@@ -25,7 +25,7 @@ batch on, nor one without any batch (a pause, or its partition moved away),
 which would drag the baseline down and make its return look like a spike.
 A window whose rate exceeds ``spike_factor`` times the EWMA (and ``min_rate``)
 marks the host anomalous and yields a command raising its probes to
-``raised_sample_every`` for ``command_ttl_s``; the EWMA does not learn from
+``raised_sample_every`` for ``command_ttl_seconds``; the EWMA does not learn from
 anomalous windows. The first window back under the threshold yields a command
 restoring ``normal_sample_every``. A spike that lasts as long as the raise
 holds is the host's rate now: it becomes the baseline, with a restore.
@@ -37,10 +37,17 @@ import dataclasses
 import hashlib
 import random
 from collections import defaultdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ktel.probes import HISTOGRAM_DELTA, KINDS, PROBE_OF_KIND
 from ktel.wire import ControlCommand, RawBatch
+from processors.stage import FromConfig, Result, Stage, State
+
+if TYPE_CHECKING:
+    from ktel.config import SampleConfig
+
+# A host silent for this many windows is forgotten by the anomaly detector.
+IDLE_WINDOWS = 30
 
 # Kinds the sampler always keeps, as their probes declare them (rare, or errors).
 KEEP_KINDS = frozenset(k.name for k in KINDS.values() if k.keep)
@@ -54,7 +61,7 @@ def probes_of(kind_ids: set[int]) -> set[str]:
 
 
 @dataclasses.dataclass(frozen=True)
-class Options:
+class Options(FromConfig):
     keep_kinds: frozenset[str] = KEEP_KINDS
     # Kernel spans with status ERROR (2) are always kept, as tail samplers keep errors.
     keep_slow: dict[str, tuple[str, float]] = dataclasses.field(
@@ -62,13 +69,18 @@ class Options:
     )
     baseline: float = 1.0
     budget_per_s: dict[str, float] = dataclasses.field(default_factory=dict)
-    window_s: float = 10.0
+    window_seconds: float = 10.0
     ewma_alpha: float = 0.3
     spike_factor: float = 3.0
     min_rate: float = 10.0
     raised_sample_every: int = 1
     normal_sample_every: int = 1
-    command_ttl_s: float = 300.0
+    command_ttl_seconds: float = 300.0
+
+    @classmethod
+    def from_config(cls, section: Any) -> Options:
+        opts = super().from_config(section)
+        return dataclasses.replace(opts, keep_kinds=frozenset(opts.keep_kinds))  # the config's is a list
 
 
 class Sampler:
@@ -123,10 +135,53 @@ class Sampler:
         for kind_id, count in self.window_counts.items():
             kind = KINDS.get(kind_id)
             budget = opts.budget_per_s.get(kind.name) if kind else None
-            rate = count / opts.window_s
+            rate = count / opts.window_seconds
             if budget is not None and rate > budget * share:
                 self.kind_p[kind_id] = min(opts.baseline, budget * share / rate)
         self.window_counts.clear()
+
+
+class Sample(Stage):
+    """The stage: the Sampler on each batch; each window, its per-kind rates and
+    every host's anomaly state (``observe_host``) closed.
+
+    Per host, in the worker (not durable: timers close the windows, and Faust
+    lets only a stream write to a table; a restart or a rebalance relearns a
+    host's baseline in a few windows): what ``observe_host`` keeps, and
+    ``probes`` (those the host's events came from, which its commands name)
+    and ``seen_ms`` (its last batch, by the worker's clock).
+    """
+
+    name = "sample"
+    durable = False
+
+    def __init__(self, opts: Options):
+        super().__init__()
+        self.sampler = Sampler(opts)
+        self.window_s = opts.window_seconds
+
+    @classmethod
+    def from_config(cls, section: SampleConfig) -> Sample:
+        return cls(Options.from_config(section))
+
+    def on_batch(self, state: State, batch: RawBatch, now_ms: int) -> Result:
+        events = sum(batch.weights) if batch.weights else len(batch.events)
+        state["count"] = state.get("count", 0.0) + events
+        state["probes"] = sorted(set(state.get("probes", [])) | probes_of({ev[0] for ev in batch.events}))
+        state["seen_ms"] = now_ms
+        kept = self.sampler.sample(batch)
+        return Result(kept, counts={"sampled_out": len(batch.events) - len(kept.events)})
+
+    def on_window(self, states: dict[str, State], now_ms: int, share: float) -> Result:
+        self.sampler.end_window(share=share)
+        out = Result()
+        opts = self.sampler.opts
+        for host_id, state in list(states.items()):
+            if now_ms - state["seen_ms"] > IDLE_WINDOWS * opts.window_seconds * 1000:
+                del states[host_id]  # gone quiet, or its partition moved to another worker
+                continue
+            out.commands += observe_host(state, host_id, state["probes"], now_ms, opts)
+        return out
 
 
 def observe_host(
@@ -148,7 +203,7 @@ def observe_host(
     # more than one window's events into this one.
     rate = count / ((now_ms - closed_ms) / 1000)
     ewma = state.get("ewma")
-    ttl_ms = int(opts.command_ttl_s * 1000)
+    ttl_ms = int(opts.command_ttl_seconds * 1000)
 
     def command(every: int, what: str) -> list[ControlCommand]:
         return [
@@ -163,7 +218,7 @@ def observe_host(
     if spike and not state.get("anomalous"):
         state["anomalous"], state["raised_until"] = True, now_ms + ttl_ms
         return command(opts.raised_sample_every, "raise")
-    if spike and state["raised_until"] - now_ms > opts.window_s * 1000 * 2:
+    if spike and state["raised_until"] - now_ms > opts.window_seconds * 1000 * 2:
         return []  # still raised
     # Back under the threshold; or spiking as long as the raise holds, which makes
     # it the host's rate now (else the baseline would never learn it, nor the

@@ -1,4 +1,11 @@
-"""The processing stages' Faust shell: ``ktel process <stage>``.
+"""The processing stages' one Faust runner: ``ktel process <stage>``.
+
+Each worker runs one chain of stage cores (processors/chain.py; the shape
+they share: processors/stage.py): every record of its source topic decoded
+and given to the chain, the host's table value written to the changelog when
+the chain changed it, what the chain emitted sent to its topics, the batch it
+passed on sent to the next stage's topic, and each stage's window work on its
+timer.
 
 Split mode, each stage its own Faust app and consumer group, scaled by
 starting more workers of it::
@@ -9,16 +16,18 @@ starting more workers of it::
 
     ktel.sampled --aggregate--> ktel.metrics, ktel.spans, ktel.logs
 
-Fused mode (``ktel process all``, for small setups and ``ktel up``) runs the
-four cores in one worker from ``ktel.raw`` (and ``ktel.heartbeats``). Records
-stay batches all the way.
+Fused mode (``ktel process all``, for small setups and ``ktel up``) runs
+enrich, sample and aggregate (which drops re-sent batches itself, see below)
+in one worker from ``ktel.raw`` (and ``ktel.heartbeats``). Records stay
+batches all the way.
 
 Every topic is keyed by host id, so a host's batches stay in one partition and
 one worker, and each stage keeps its per-host state in a changelog-backed
 Faust table co-partitioned with its input (the sample stage's anomaly
-detector keeps its per-host rates in the worker; see ``activity`` below). A stage that keeps counts dedupes
-its own input in the same table value as the counts, so redelivery after a
-crash (its input is at-least-once) neither loses nor doubles anything.
+detector keeps its per-host rates in the worker; see processors/sample_core.py).
+A stage that keeps counts dedupes its own input in the same table value as the
+counts, so redelivery after a crash (its input is at-least-once) neither loses
+nor doubles anything.
 The enrich stage keeps no counts and passes a redelivered batch on (the
 aggregate stage drops it); it takes heartbeats into the same table, which is
 why ``ktel.heartbeats`` is partitioned like ``ktel.raw``.
@@ -51,7 +60,6 @@ from ktel.wire import (
     SAMPLED_TOPIC,
     SPANS_TOPIC,
     DeadLetter,
-    MetricSnapshot,
     WireError,
     decode_batch,
     decode_heartbeat,
@@ -62,16 +70,12 @@ from ktel.wire import (
     encode_snapshot,
     encode_spans,
 )
-from processors import aggregate_core, dedupe_core, enrich_core, sample_core
+from processors.chain import build
 from processors.faust_app import App
+from processors.stage import Result, Stage
 
 log = logging.getLogger("ktel.process")
 
-STAGES = ("dedupe", "enrich", "sample", "aggregate", "all")
-# A host silent for this many sample windows is forgotten by the anomaly detector.
-IDLE_WINDOWS = 30
-# How often the enrich stage looks whether its metadata file changed (a stat).
-FEED_CHECK_SECONDS = 5.0
 SOURCE = {
     "dedupe": RAW_TOPIC,
     "enrich": DEDUPED_TOPIC,
@@ -100,6 +104,15 @@ EVICTIONS = Counter(
 PROCESSES = Gauge(
     "ktel_processor_processes_known", "processes the enrich stage knows, over the hosts it served", ["stage"]
 )
+# The self-metric of each name a stage counts in Result.counts.
+COUNTED: dict[str, Counter | Gauge] = {
+    "duplicates": DUPLICATES,
+    "events": EVENTS,
+    "overflowed": OVERFLOW,
+    "sampled_out": SAMPLED_OUT,
+    "evictions": EVICTIONS,
+    "processes": PROCESSES,
+}
 
 
 async def persist(table: Any, key: str, value: dict[str, Any]) -> None:
@@ -132,43 +145,17 @@ async def persist(table: Any, key: str, value: dict[str, Any]) -> None:
 
 
 def make_app(cfg: Config, stage: str) -> faust.App:
-    agg_opts = aggregate_core.Options(
-        directory_depth=cfg.aggregate.directory_depth, include_filename=cfg.aggregate.include_filename
-    )
-    s = cfg.sample
-    sampler = sample_core.Sampler(
-        sample_core.Options(
-            keep_kinds=frozenset(s.keep_kinds),
-            baseline=s.baseline,
-            budget_per_s=s.budget_per_s,
-            window_s=s.window_seconds,
-            ewma_alpha=s.ewma_alpha,
-            spike_factor=s.spike_factor,
-            min_rate=s.min_rate,
-            raised_sample_every=s.raised_sample_every,
-            normal_sample_every=s.normal_sample_every,
-            command_ttl_s=s.command_ttl_seconds,
-        )
-    )
-    enrich_opts = enrich_core.Options(
-        max_processes=cfg.enrich.max_processes, exit_grace_ns=int(cfg.enrich.exit_grace_seconds * 1e9)
-    )
-    does = {
-        "dedupe": stage == "dedupe",
-        "enrich": stage in ("enrich", "all"),
-        "sample": stage in ("sample", "all"),
-        "aggregate": stage in ("aggregate", "all"),
-    }
-    for name in ("batches", "events", "duplicates", "dead letters"):  # exported as 0 from the start
-        {"batches": BATCHES, "events": EVENTS, "duplicates": DUPLICATES, "dead letters": DEAD_LETTERS}[
-            name
-        ].labels(stage)
-    if does["enrich"]:
-        for metric in (HEARTBEATS, EVICTIONS, PROCESSES):
-            metric.labels(stage)
+    """The Faust app of ``ktel process <stage>``: its chain (processors/chain.py)
+    on its source topic, and on ktel.heartbeats if the chain reads them."""
+    chain = build(stage, cfg)
+    exported: tuple[Counter | Gauge, ...] = (BATCHES, EVENTS, DUPLICATES, DEAD_LETTERS)
+    if chain.heartbeats:
+        exported += (HEARTBEATS, EVICTIONS, PROCESSES)
+    for metric in exported:  # as 0 from the start
+        metric.labels(stage)
 
-    session = cfg.aggregate.session_timeout_seconds
-    datadir = cfg.aggregate.data_dir / stage
+    session = cfg.process.session_timeout_seconds
+    datadir = cfg.process.data_dir / stage
     datadir.mkdir(parents=True, exist_ok=True)
     app = App(
         f"ktel-{stage}",
@@ -192,26 +179,14 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         return app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
 
     source = raw_topic(SOURCE[stage])
-    sink = raw_topic(SINK.get(stage, METRICS_TOPIC))
-    control, dlq = raw_topic(CONTROL_TOPIC), raw_topic(DLQ_TOPIC)
+    sink = raw_topic(SINK[stage]) if stage in SINK else None
+    metrics, control, dlq = raw_topic(METRICS_TOPIC), raw_topic(CONTROL_TOPIC), raw_topic(DLQ_TOPIC)
     spans_topic, logs_topic = raw_topic(SPANS_TOPIC), raw_topic(LOGS_TOPIC)
-    # The sample stage alone keeps no table: a table it never writes would still
-    # need its changelog topic at start.
-    keeps_state = does["dedupe"] or does["enrich"] or does["aggregate"]
-    # Stages that keep counts (or are the dedupe stage) drop duplicates; see the module doc.
-    dedupes = does["dedupe"] or does["aggregate"]
-    hosts = app.Table("host-state", default=dict, partitions=cfg.kafka.raw_partitions) if keeps_state else {}
-    feed = enrich_core.MetadataFile(cfg.enrich.metadata_file)
-    # Processes known per host, for the gauge (the table is not safe to walk from
-    # the metrics server's thread).
-    known: dict[str, int] = {}
-
-    def reload_feed() -> None:
-        errors = feed.refresh()
-        if errors is not None:
-            for err in errors:
-                log.warning("metadata feed: %s", err)
-            log.info("metadata feed %s: %d cgroups", feed.path, feed.entries)
+    # A chain whose stages all keep their state in the worker (sample) keeps no
+    # table: a table it never writes would still need its changelog topic at start.
+    hosts: Any = {}
+    if chain.durable:
+        hosts = app.Table("host-state", default=dict, partitions=cfg.kafka.raw_partitions)
 
     async def dead_letter(event: Any, err: WireError) -> None:
         msg = event.message
@@ -220,10 +195,25 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         dl = DeadLetter(stage, str(err), msg.topic, msg.partition, msg.offset, bytes(event.value))
         await dlq.send(key=event.key, value=encode_dead_letter(dl))
 
-    # Per-host rates for anomaly detection live in the worker, not the table:
-    # Faust only lets a stream modify a table, and timers close the windows. A
-    # restart or rebalance relearns a host's baseline in a few windows.
-    activity: dict[str, dict[str, Any]] = {}
+    async def emit(result: Result, key: bytes | None = None) -> None:
+        """What a stage made, but the batch it passes on; ``key``: that of the batch's record."""
+        for name, n in result.counts.items():
+            COUNTED[name].labels(stage).inc(n)
+        for sb in result.spans:
+            await spans_topic.send(key=key, value=encode_spans(sb))
+            SPANS.labels(stage).inc(len(sb.spans))
+        for lb in result.logs:
+            await logs_topic.send(key=key, value=encode_logs(lb))
+            LOGS.labels(stage).inc(len(lb.logs))
+        for host_id, snap in result.snapshots:
+            await metrics.send(key=host_id.encode(), value=encode_snapshot(snap))
+            SNAPSHOTS.labels(stage).inc()
+        for cmd in result.commands:
+            log.info(
+                "host %s: %s sampled 1 in %d (command %s)", cmd.target, cmd.probe, cmd.sample_every, cmd.id
+            )
+            await control.send(key=cmd.key, value=encode_command(cmd))
+            COMMANDS.labels(stage).inc()
 
     @app.agent(source)
     async def process(stream):
@@ -233,54 +223,17 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             except WireError as err:
                 await dead_letter(event, err)
                 continue
-            state = hosts[batch.host_id] if keeps_state else {}
-            # Whether the table value must be written back (to the changelog).
-            changed = dedupes
-            if dedupes:
-                # The dedupe record lives where the stage's output state lives (see the module doc).
-                dedupe_state = state.setdefault("aggregate" if does["aggregate"] else "dedupe", {})
-                if not dedupe_core.first_time(dedupe_state, batch):
-                    DUPLICATES.labels(stage).inc()
-                    await persist(hosts, batch.host_id, state)  # the dedupe record may have been trimmed
-                    continue
-            BATCHES.labels(stage).inc()
-            if does["enrich"]:
-                enriched = enrich_core.enrich(state.setdefault("enrich", {}), batch, feed.feed, enrich_opts)
-                batch = enriched.batch
-                # Only the LRU order changed otherwise: not worth a changelog record.
-                changed |= enriched.changed
-                EVICTIONS.labels(stage).inc(enriched.evicted)
-                PROCESSES.labels(stage).inc(enriched.processes - known.get(batch.host_id, 0))
-                known[batch.host_id] = enriched.processes
-            if does["sample"]:
-                hs = activity.setdefault(batch.host_id, {})
-                hs["count"] = hs.get("count", 0.0) + (
-                    sum(batch.weights) if batch.weights else len(batch.events)
-                )
-                hs["probes"] = sorted(
-                    set(hs.get("probes", [])) | sample_core.probes_of({ev[0] for ev in batch.events})
-                )
-                hs["seen_ms"] = time.time_ns() // 1_000_000
-                before = len(batch.events)
-                batch = sampler.sample(batch)
-                SAMPLED_OUT.labels(stage).inc(before - len(batch.events))
-            if does["aggregate"]:
-                out = aggregate_core.add(state["aggregate"], batch, agg_opts)
-                EVENTS.labels(stage).inc(out.counted)
-                OVERFLOW.labels(stage).inc(out.overflowed)
-                span_records, log_records = aggregate_core.signals(batch)
-                for sb in span_records:
-                    await spans_topic.send(key=event.key, value=encode_spans(sb))
-                    SPANS.labels(stage).inc(len(sb.spans))
-                for lb in log_records:
-                    await logs_topic.send(key=event.key, value=encode_logs(lb))
-                    LOGS.labels(stage).inc(len(lb.logs))
-            if changed:  # (only stages that keep state change it)
-                await persist(hosts, batch.host_id, state)
-            if not does["aggregate"]:
-                await sink.send(key=event.key, value=encode_batch(batch))
+            value = hosts[batch.host_id] if chain.durable else {}
+            result = chain.on_batch(value, batch, time.time_ns() // 1_000_000)
+            if result.batch is not None:  # (not a duplicate)
+                BATCHES.labels(stage).inc()
+            await emit(result, key=event.key)
+            if result.changed:  # (only stages that keep state change it)
+                await persist(hosts, batch.host_id, value)
+            if result.batch is not None and sink is not None:
+                await sink.send(key=event.key, value=encode_batch(result.batch))
 
-    if does["enrich"]:
+    if chain.heartbeats:
 
         @app.agent(raw_topic(HEARTBEATS_TOPIC))
         async def take_heartbeats(stream):
@@ -297,53 +250,23 @@ def make_app(cfg: Config, stage: str) -> faust.App:
                     await dead_letter(event, err)
                     continue
                 HEARTBEATS.labels(stage).inc()
-                state = hosts[host_id]
-                if enrich_core.observe_heartbeat(state.setdefault("enrich", {}), hb):
-                    await persist(hosts, host_id, state)
+                value = hosts[host_id]
+                if chain.on_heartbeat(value, host_id, hb):
+                    await persist(hosts, host_id, value)
 
-        reload_feed()  # before the first batch, so a configured feed applies from the start
-        if feed.path is not None:
-
-            @app.timer(FEED_CHECK_SECONDS)
-            async def check_feed():
-                reload_feed()
-
-    if does["sample"]:
-
-        @app.timer(s.window_seconds)
-        async def close_sample_window():
+    def every_window(timed: Stage) -> None:
+        @app.timer(timed.window_s, name=f"{timed.name}_window")
+        async def window() -> None:
             assigned = [tp for tp in app.assignor.assigned_actives() if tp.topic == SOURCE[stage]]
-            sampler.end_window(share=len(assigned) / cfg.kafka.raw_partitions)
-            now_ms = time.time_ns() // 1_000_000
-            for host_id, hs in list(activity.items()):
-                if now_ms - hs["seen_ms"] > IDLE_WINDOWS * s.window_seconds * 1000:
-                    del activity[host_id]  # gone quiet, or its partition moved to another worker
-                    continue
-                for cmd in sample_core.observe_host(hs, host_id, hs["probes"], now_ms, sampler.opts):
-                    log.info(
-                        "host %s: %s sampled 1 in %d (command %s)",
-                        host_id,
-                        cmd.probe,
-                        cmd.sample_every,
-                        cmd.id,
-                    )
-                    await control.send(key=cmd.key, value=encode_command(cmd))
-                    COMMANDS.labels(stage).inc()
+            share = len(assigned) / cfg.kafka.raw_partitions
+            await emit(chain.on_window(timed, hosts, time.time_ns() // 1_000_000, share))
 
-    if does["aggregate"]:
-
-        @app.timer(cfg.aggregate.window_seconds)
-        async def emit_snapshots():
-            ts_ms = time.time_ns() // 1_000_000
-            for host_id, state in list(hosts.items()):
-                rows = aggregate_core.snapshot(host_id, state.get("aggregate", {}))
-                if rows:
-                    await sink.send(key=host_id.encode(), value=encode_snapshot(MetricSnapshot(ts_ms, rows)))
-                    SNAPSHOTS.labels(stage).inc()
+    for timed in chain.timed():
+        every_window(timed)
 
     @app.task
     async def serve_metrics():
-        selfmetrics.serve(cfg.aggregate.metrics_port)
+        selfmetrics.serve(cfg.process.metrics_port)
 
     return app
 

@@ -72,9 +72,9 @@ class Worker:
             os.environ,
             KTEL_KAFKA__BOOTSTRAP=bootstrap,
             KTEL_AGGREGATE__WINDOW_SECONDS="1",
-            KTEL_AGGREGATE__METRICS_PORT=str(self.port),
+            KTEL_PROCESS__METRICS_PORT=str(self.port),
             KTEL_AGENT__HOST_ID="unused",
-            KTEL_AGGREGATE__DATA_DIR=str(tmp_path / f"{name}-data"),
+            KTEL_PROCESS__DATA_DIR=str(tmp_path / f"{name}-data"),
             **settings,
         )
         self.proc: subprocess.Popen | None = None
@@ -196,7 +196,7 @@ def wait_for_group(bootstrap: str, group: str, members: int, timeout=120) -> Non
 def test_two_workers_and_a_sigkill_count_every_event_once(broker, tmp_path):
     hosts, per_host, events = 12, 60, 50
     # The killed worker's partitions move once its session times out.
-    fast = {"KTEL_AGGREGATE__SESSION_TIMEOUT_SECONDS": "10"}
+    fast = {"KTEL_PROCESS__SESSION_TIMEOUT_SECONDS": "10"}
     a = Worker(tmp_path, broker.bootstrap, "a", **fast).start()
     b = Worker(tmp_path, broker.bootstrap, "b", **fast).start()
     try:

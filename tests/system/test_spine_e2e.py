@@ -60,7 +60,7 @@ def stack(tmp_path):
         KTEL_PULL__PORT=str(ports["pull"]),
         KTEL_AGENT__METRICS_PORT=str(ports["agent"]),
         KTEL_AGENT__STATE_DIR=str(tmp_path / "agent-state"),
-        KTEL_AGGREGATE__METRICS_PORT=str(ports["agg"]),
+        KTEL_PROCESS__METRICS_PORT=str(ports["agg"]),
         KTEL_AGGREGATE__WINDOW_SECONDS="1",
         KTEL_REMOTE_WRITE__METRICS_PORT=str(ports["rw"]),
         KTEL_OTLP__METRICS_PORT=str(ports["otlp"]),

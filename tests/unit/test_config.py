@@ -28,7 +28,7 @@ def test_env_overrides_file(tmp_path, monkeypatch):
         ),
         ("[kafka]\nbootstrap = 'nohost'\n", "kafka.bootstrap = 'nohost'"),
         ("[aggregate]\nwindow_seconds = 0\n", "KTEL_AGGREGATE__WINDOW_SECONDS"),
-        ("[aggregate]\nsession_timeout_seconds = 3\n", "aggregate.session_timeout_seconds = 3"),
+        ("[process]\nsession_timeout_seconds = 3\n", "process.session_timeout_seconds = 3"),
         ("[agent]\nprobes = ['nope']\n", "agent.probes = ['nope']: Value error, unknown probe 'nope'"),
         ("[nosuchsection]\nx = 1\n", "nosuchsection"),
         ("[enrich]\nmax_processes = 100000\n", "KTEL_ENRICH__MAX_PROCESSES"),
@@ -48,3 +48,30 @@ def test_unparseable_file(tmp_path):
     f.write_text("[agent\n")
     with pytest.raises(config.ConfigError, match="not valid TOML"):
         config.load(f)
+
+
+@pytest.mark.parametrize("field", ["metrics_port", "data_dir", "session_timeout_seconds"])
+def test_worker_settings_under_their_old_aggregate_names_are_refused_in_the_file(tmp_path, field):
+    f = tmp_path / "old.toml"
+    f.write_text(f"[aggregate]\nwindow_seconds = 5\n{field} = 30\n")
+    with pytest.raises(config.ConfigError) as err:
+        config.load(f)
+    assert f"aggregate.{field} moved to process.{field} (KTEL_PROCESS__{field.upper()})" in str(err.value)
+
+
+def test_worker_settings_under_their_old_aggregate_names_are_refused_in_the_environment(monkeypatch):
+    monkeypatch.setenv("KTEL_AGENT__HOST_ID", "abc")
+    monkeypatch.setenv("KTEL_AGGREGATE__METRICS_PORT", "0")
+    with pytest.raises(config.ConfigError) as err:
+        config.load()
+    moved = "aggregate.metrics_port moved to process.metrics_port (KTEL_PROCESS__METRICS_PORT)"
+    assert moved in str(err.value)
+
+
+def test_worker_settings_apply_from_the_process_section(tmp_path, monkeypatch):
+    f = tmp_path / "k.toml"
+    f.write_text("[process]\nmetrics_port = 0\nsession_timeout_seconds = 10\n")
+    monkeypatch.setenv("KTEL_PROCESS__DATA_DIR", str(tmp_path))
+    cfg = config.load(f)
+    assert (cfg.process.metrics_port, cfg.process.session_timeout_seconds) == (0, 10)
+    assert cfg.process.data_dir == tmp_path

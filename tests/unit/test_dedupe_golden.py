@@ -1,19 +1,24 @@
-"""Golden in/out files of the dedupe core (see tests/golden/dedupe/README.md)."""
+"""Golden in/out files of the dedupe stage (see tests/golden/dedupe/README.md), run
+through the chain `ktel process dedupe` runs."""
 
 import pytest
 
 from ktel.wire import RawBatch
-from processors import dedupe_core
+from processors.chain import Chain
+from processors.dedupe_core import Dedupe
 from tests.unit import golden
 
 
 def run_case(case: dict) -> dict:
-    states: dict[str, dict] = {}
+    chain = Chain([Dedupe()])
+    table: dict[str, dict] = {}
     first = []
     for b in case["batches"]:
         batch = RawBatch(b["host"], b["boot"], b["seq"], 0, [])
-        first.append(dedupe_core.first_time(states.setdefault(b["host"], {}), batch))
-    return {"first_time": first, "states": states}
+        result = chain.on_batch(table.setdefault(b["host"], {}), batch, 0)
+        assert result.batch in (batch, None)  # passed on as it came, or dropped
+        first.append(result.batch is not None)
+    return {"first_time": first, "states": {host: value["dedupe"] for host, value in table.items()}}
 
 
 @pytest.mark.parametrize("name", golden.cases("dedupe"))

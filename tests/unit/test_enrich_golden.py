@@ -1,4 +1,5 @@
-"""Golden in/out files of the enrich core (see tests/golden/enrich/README.md), and its feed file."""
+"""Golden in/out files of the enrich stage (see tests/golden/enrich/README.md), run
+through the chain `ktel process enrich` runs, and its feed file."""
 
 import os
 
@@ -6,42 +7,49 @@ import pytest
 
 from ktel.wire import RawBatch
 from processors import enrich_core
+from processors.chain import Chain
 from tests.unit import golden
 
 CASES = golden.cases("enrich")
 
 
-def run_case(case: dict) -> dict:
-    opts = enrich_core.Options(**case["options"])
-    feed, feed_errors = enrich_core.load_metadata("\n".join(case["feed"]))
-    states: dict[str, dict] = {}
+def run_case(case: dict, tmp_path) -> dict:
+    path = tmp_path / "feed.jsonl"
+    path.write_text("\n".join(case["feed"]))
+    feed = enrich_core.MetadataFile(path)
+    feed_errors = feed.refresh()
+    chain = Chain([enrich_core.Enrich(enrich_core.Options(**case["options"]), feed)])
+    table: dict[str, dict] = {}
     steps = []
     for step in case["steps"]:
         if "heartbeat" in step:
             hb = step["heartbeat"]
-            state = states.setdefault(hb["host"]["host.id"], {})
-            steps.append({"heartbeat_taken": enrich_core.observe_heartbeat(state, hb)})
+            host = hb["host"]["host.id"]
+            steps.append({"heartbeat_taken": chain.on_heartbeat(table.setdefault(host, {}), host, hb)})
             continue
         b = step["batch"]
         batch = RawBatch(b["host"], b["boot"], b["seq"], b["sent"], b["events"])
-        out = enrich_core.enrich(states.setdefault(b["host"], {}), batch, feed, opts)
+        value = table.setdefault(b["host"], {})
+        result = chain.on_batch(value, batch, 0)
+        out = result.batch
+        assert out is not None
         steps.append(
             {
-                "res": out.batch.resource,
-                "proc": out.batch.processes,
-                "changed": out.changed,
-                "evicted": out.evicted,
-                "processes": out.processes,
+                "res": out.resource,
+                "proc": out.processes,
+                "changed": result.changed,
+                "evicted": result.counts["evictions"],
+                "processes": enrich_core.known_processes(value["enrich"]),
             }
         )
         # Enrich adds attributes, and nothing else of the batch changes.
-        assert (out.batch.events, out.batch.seq, out.batch.weights) == (b["events"], b["seq"], None)
-    return {"feed_errors": feed_errors, "steps": steps, "states": states}
+        assert (out.events, out.seq, out.weights) == (b["events"], b["seq"], None)
+    return {"feed_errors": feed_errors, "steps": steps, "states": {h: v["enrich"] for h, v in table.items()}}
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_golden(name):
-    golden.check("enrich", name, run_case(golden.load("enrich", name)))
+def test_golden(name, tmp_path):
+    golden.check("enrich", name, run_case(golden.load("enrich", name), tmp_path))
 
 
 def test_every_case_of_the_issue_has_a_golden_file():

@@ -43,7 +43,7 @@ def test_sampling_is_deterministic_per_batch():
 
 
 def test_budget_lowers_a_kinds_rate_and_keeps_counts_unbiased():
-    opts = Options(budget_per_s={"file_created": 100.0}, window_s=10.0)
+    opts = Options(budget_per_s={"file_created": 100.0}, window_seconds=10.0)
     s = Sampler(opts)
     first = [s.sample(b) for b in stream(10, 1000)]  # 10 000 events in a 10 s window: 1000/s
     s.end_window()
@@ -57,7 +57,9 @@ def test_budget_lowers_a_kinds_rate_and_keeps_counts_unbiased():
 
 
 def test_a_spike_raises_the_hosts_fidelity_and_its_end_restores_it():
-    opts = Options(window_s=1.0, spike_factor=3.0, min_rate=10, raised_sample_every=1, normal_sample_every=10)
+    opts = Options(
+        window_seconds=1.0, spike_factor=3.0, min_rate=10, raised_sample_every=1, normal_sample_every=10
+    )
     st: dict = {}
     cmds = []
     # The first window is the host's partial one: only from its first batch on.
@@ -95,7 +97,7 @@ def test_by_default_kernel_error_spans_and_kernel_logs_are_all_kept():
 def test_a_hosts_first_partial_window_is_no_baseline():
     """A host first seen late in a window (or again after a restart or a rebalance)
     shows few events in it; the steady rate after that is no spike."""
-    opts = Options(window_s=1.0, spike_factor=3.0, min_rate=10)
+    opts = Options(window_seconds=1.0, spike_factor=3.0, min_rate=10)
     st: dict = {}
     for window, rate in enumerate([5, 100, 100, 100]):
         st["count"] = float(rate)
@@ -115,7 +117,7 @@ def closes(opts, windows, st=None):
 
 
 def test_a_pause_does_not_lower_the_baseline_and_the_return_is_no_spike():
-    opts = Options(window_s=1.0, spike_factor=3.0, min_rate=10)
+    opts = Options(window_seconds=1.0, spike_factor=3.0, min_rate=10)
     steady = [(t, 100) for t in range(10)]
     paused = [(t, 0) for t in range(10, 20)]  # the agent away, or the partition elsewhere
     back = [(t, 100) for t in range(20, 30)]
@@ -126,14 +128,25 @@ def test_a_pause_does_not_lower_the_baseline_and_the_return_is_no_spike():
 
 def test_a_late_window_close_is_no_spike():
     """A busy worker's timer fires 3 s late: 4 s of a steady 100/s in one window."""
-    opts = Options(window_s=1.0, spike_factor=3.0, min_rate=10)
+    opts = Options(window_seconds=1.0, spike_factor=3.0, min_rate=10)
     assert closes(opts, [(t, 100) for t in range(10)] + [(13, 400), (14, 100), (15, 100)]) == []
 
 
 def test_a_spike_that_lasts_as_long_as_the_raise_becomes_the_baseline():
-    opts = Options(window_s=1.0, spike_factor=3.0, min_rate=10, command_ttl_s=30, normal_sample_every=10)
+    opts = Options(
+        window_seconds=1.0, spike_factor=3.0, min_rate=10, command_ttl_seconds=30, normal_sample_every=10
+    )
     st: dict = {}
     cmds = closes(opts, [(t, 100) for t in range(10)] + [(t, 1000) for t in range(10, 100)], st)
     # Raised when it began; restored, and learnt, when the raise was about to end.
     assert cmds == [(10, 1), (38, 10)]
     assert st["ewma"] == 1000 and not st["anomalous"]
+
+
+def test_options_from_config_take_every_field_of_the_section_by_its_name():
+    from ktel.config import SampleConfig
+
+    section = SampleConfig(keep_kinds=["oom_kill"], window_seconds=2, command_ttl_seconds=7, baseline=0.5)
+    opts = Options.from_config(section)
+    assert (opts.keep_kinds, opts.window_seconds, opts.command_ttl_seconds) == (frozenset({"oom_kill"}), 2, 7)
+    assert opts.baseline == 0.5 and opts.keep_slow == Options().keep_slow  # no config sets keep_slow

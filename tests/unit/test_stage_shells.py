@@ -1,10 +1,10 @@
-"""The stages' Faust shells (processors/stages.py), each driven through
+"""The stages' Faust runner (processors/stages.py), each process driven through
 ``agent.test_context()``: records go into the agent, and what it sends to its
 sink and to ktel.dlq is recorded instead of produced (the timers, which send
-snapshots and fidelity commands, do not run here). The pure
-cores have their golden tests; these check the wiring around them (which
-topics, which table, what is dropped, what is counted). The real-broker tests
-are in tests/integration/test_processing_stages.py."""
+snapshots and fidelity commands, do not run here). The stages' chains have
+their golden tests; these check the wiring around them (which topics, which
+table, what is dropped, what is counted). The real-broker tests are in
+tests/integration/test_processing_stages.py."""
 
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ from ktel.wire import (
 from processors import sample_core, stages
 
 T = 1_700_000_000_000_000_000
+DUPLICATES = "ktel_processor_duplicate_batches_total"
 FLUSH_KEY = b"-flush-"
 
 
@@ -71,7 +72,7 @@ class Shell:
     def __init__(self, tmp_path, stage: str, **sections):
         cfg = config.Config(
             agent=config.AgentConfig(host_id="t"),
-            aggregate=config.AggregateConfig(data_dir=tmp_path / "data", metrics_port=0),
+            process=config.ProcessConfig(data_dir=tmp_path / "data", metrics_port=0),
             **sections,
         )
         self.stage = stage
@@ -133,6 +134,9 @@ async def test_dedupe_passes_each_batch_once_and_dead_letters_garbage(tmp_path):
         assert subscribed(shell, "process") == {RAW_TOPIC}
         await shell.put(b0, b1, b0, b"\x92garbage")
         assert [decode_batch(v) for v in shell.to(DEDUPED_TOPIC)] == [b0, b1]
+        # One changelog record per batch, the re-sent one's too.
+        seen = [v["dedupe"]["seen"] for _k, v in shell.changelog]
+        assert seen == [{"b1": [[0, 0]]}, {"b1": [[0, 1]]}, {"b1": [[0, 1]]}]
         [dl] = [decode_dead_letter(v) for v in shell.to(DLQ_TOPIC)]
         assert (dl.stage, dl.topic, dl.payload) == ("dedupe", RAW_TOPIC, b"\x92garbage")
         assert shell.table("h1")["dedupe"]["seen"] == {"b1": [[0, 1]]}
@@ -233,6 +237,7 @@ async def test_aggregate_folds_batches_into_the_table_once_each(tmp_path):
 
 
 async def test_all_runs_the_four_cores_with_heartbeats_in_one_worker(tmp_path):
+    before = {m: metric(m, "all") for m in ("ktel_processor_batches_total", DUPLICATES)}
     async with Shell(tmp_path, "all") as shell:
         assert subscribed(shell, "process") == {RAW_TOPIC}
         assert subscribed(shell, "take_heartbeats") == {HEARTBEATS_TOPIC}
@@ -240,6 +245,11 @@ async def test_all_runs_the_four_cores_with_heartbeats_in_one_worker(tmp_path):
         b0 = batch(0, [exec_event(10, "make", "/usr/bin/make"), file_created(10, "/src/a/x.o")])
         await shell.put(b0, b0)
         assert shell.sent == []  # fused: nothing between the stages goes to Kafka
+        # The heartbeat's and each batch's table value went to the changelog, the
+        # re-sent batch's too, with the dedupe record beside the counts it guards.
+        assert [k for k, _v in shell.changelog] == ["h1", "h1", "h1"]
+        assert shell.changelog[1][1] == shell.changelog[2][1] == shell.table("h1")
+        assert shell.table("h1")["aggregate"]["seen"] == {"b1": [[0, 0]]}
         state = shell.table("h1")
         assert state["aggregate"]["series"] == {
             '["process_execs_total", []]': 1.0,
@@ -248,13 +258,15 @@ async def test_all_runs_the_four_cores_with_heartbeats_in_one_worker(tmp_path):
         boot = state["enrich"]["boots"]["b1"]
         assert boot["host"]["host.name"] == "node-1"
         assert boot["procs"]["10"]["exe"] == "/usr/bin/make"
+    assert metric("ktel_processor_batches_total", "all") == before["ktel_processor_batches_total"] + 1
+    assert metric(DUPLICATES, "all") == before[DUPLICATES] + 1
 
 
 def test_the_session_timeout_reaches_the_consumer_with_heartbeats_to_match(tmp_path):
     for session, heartbeat, request in [(60, 3.0, 90.0), (10, 1.0, 90.0), (300, 3.0, 300.0)]:
         cfg = config.Config(
             agent=config.AgentConfig(host_id="t"),
-            aggregate=config.AggregateConfig(data_dir=tmp_path / "data", session_timeout_seconds=session),
+            process=config.ProcessConfig(data_dir=tmp_path / "data", session_timeout_seconds=session),
         )
         conf = stages.make_app(cfg, "all").conf
         got = (conf.broker_session_timeout, conf.broker_heartbeat_interval, conf.broker_request_timeout)

@@ -1,0 +1,106 @@
+"""The one shape of every processing stage core, which processors/chain.py
+composes and processors/stages.py runs on Faust.
+
+A stage is an object built from its config section (its ``Options``, named
+as the section names them, come from ``Options.from_config(section)``; tests
+build them directly, also with parameters no config sets). It keeps its
+per-host state in a JSON-able dict it is handed, and answers:
+
+- ``on_batch(state, batch, now_ms)``: one batch of a host, with that host's
+  state (mutated in place). The ``Result`` holds the batch it passes on (None:
+  dropped, e.g. a duplicate) and what it emits.
+- ``on_window(states, now_ms, share)``: timer work every ``window_s`` seconds
+  (None: no timer) over every host's state: the sample stage closes its rate
+  window and sends fidelity commands, the aggregate stage emits its snapshots.
+  ``share`` is the fraction of ktel.raw's partitions the worker holds. A
+  stage whose state is not durable forgets a host by deleting it from ``states``.
+- ``on_heartbeat(state, heartbeat)``, for a stage with ``heartbeats`` set (enrich):
+  whether the heartbeat changed the host's state.
+
+Where the state lives is the stage's ``durable``: True, in ``section`` of the
+host's table value, which goes to the changelog whenever a batch's ``changed``
+is set; False, in the worker's memory, relearnt after a restart or a
+rebalance (the sample stage's rates, which timers change and Faust lets only
+streams write to a table). ``now_ms`` is the worker's clock, for the stages
+that keep time by it (sample); the others go by the batches' own times so the
+same input always gives the same output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Self
+
+from pydantic import BaseModel
+
+from ktel.wire import ControlCommand, LogBatch, MetricSnapshot, RawBatch, SpanBatch
+
+State = dict[str, Any]
+
+
+@dataclasses.dataclass
+class Result:
+    """What a stage made of a batch or a window."""
+
+    batch: RawBatch | None = None  # passed on to the next stage or topic; None: dropped
+    changed: bool = False  # the host's state changed in a way worth a changelog record
+    snapshots: list[tuple[str, MetricSnapshot]] = dataclasses.field(default_factory=list)  # (host id, ...)
+    spans: list[SpanBatch] = dataclasses.field(default_factory=list)
+    logs: list[LogBatch] = dataclasses.field(default_factory=list)
+    commands: list[ControlCommand] = dataclasses.field(default_factory=list)
+    # Increments of the worker's self-metrics, by the names processors/stages.py
+    # maps to them: duplicates, events, overflowed, sampled_out, evictions,
+    # processes (a gauge: it may go down).
+    counts: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def then(self, later: Result) -> Result:
+        """This result followed by a later stage's (which got this one's batch)."""
+        self.batch = later.batch
+        self.changed |= later.changed
+        self.snapshots += later.snapshots
+        self.spans += later.spans
+        self.logs += later.logs
+        self.commands += later.commands
+        for name, n in later.counts.items():
+            self.counts[name] = self.counts.get(name, 0) + n
+        return self
+
+
+class Stage:
+    name: ClassVar[str]  # its `ktel process` name
+    durable: ClassVar[bool] = True
+    heartbeats: ClassVar[bool] = False
+    # It keeps counts, so a chain drops the batches it has seen before they reach
+    # it, with the record of them in its section (processors/chain.py).
+    counts_batches: ClassVar[bool] = False
+    # Where in the host's table value its state is (a durable stage's): its name,
+    # unless it guards another stage's state (processors/chain.py).
+    section: str
+    window_s: float | None = None
+
+    def __init__(self) -> None:
+        self.section = self.name
+
+    def on_batch(self, state: State, batch: RawBatch, now_ms: int) -> Result:
+        raise NotImplementedError
+
+    def on_window(self, states: dict[str, State], now_ms: int, share: float) -> Result:
+        return Result()
+
+    def on_heartbeat(self, state: State, heartbeat: dict[str, Any]) -> bool:
+        return False
+
+
+class FromConfig:
+    """Mixin of a core's Options dataclass: ``from_config`` takes every field the
+    config section has under the same name, and leaves the rest at their defaults."""
+
+    @classmethod
+    def from_config(cls, section: BaseModel) -> Self:
+        given = type(section).model_fields
+        shared: dict[str, Any] = {
+            f.name: getattr(section, f.name)
+            for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+            if f.name in given
+        }
+        return cls(**shared)
