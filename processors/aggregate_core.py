@@ -6,6 +6,10 @@ dedupe record and the counts change together in one changelog message)::
     {"seen": {boot_id: [[lo, hi], ...]},       # processors/dedupe_core.py guarding this stage
      "series": {series_key: cumulative_value}}
 
+Which counter an event adds to is what its kind declares (``EventKind.metric``,
+ktel/probes/): the counter's name and the fields its labels take their values
+from. ``file_created`` is labelled by its directory instead (``directory_label``).
+
 Counts are weighted: an event that stands for w events (sampled 1 in w, in the
 kernel or by the sample stage) adds w, so counts stay unbiased.
 
@@ -33,8 +37,8 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from ktel.probes import KINDS
 from ktel.wire import (
-    DNS_SLOW,
     FILE_CREATED,
     HIST_SLOTS,
     HISTOGRAM_DELTA,
@@ -42,9 +46,6 @@ from ktel.wire import (
     KTEL_METRIC,
     KTEL_SPAN,
     OOM_KILL,
-    PROCESS_EXEC,
-    SKB_DROP,
-    TCP_RETRANSMIT,
     LogBatch,
     MetricSnapshot,
     RawBatch,
@@ -55,7 +56,14 @@ from processors.stage import FromConfig, Result, Stage, State
 if TYPE_CHECKING:
     from ktel.config import AggregateConfig
 
-FILE_CREATED_TOTAL = "file_created_total"
+assert FILE_CREATED.metric is not None
+FILE_CREATED_TOTAL = FILE_CREATED.metric.name
+# kind id -> (counter name, ((label, index of its field in the event), ...)), as declared.
+COUNTERS: dict[int, tuple[str, tuple[tuple[str, int], ...]]] = {
+    k.id: (k.metric.name, tuple((label, k.index(field)) for label, field in k.metric.labels))
+    for k in KINDS.values()
+    if k.metric is not None
+}
 OVERFLOW_LABELS: tuple[tuple[str, str], ...] = (("otel.metric.overflow", "true"),)
 
 
@@ -131,17 +139,11 @@ def _counter_labels(ev: Sequence[Any], opts: Options) -> tuple[str, tuple[tuple[
         if opts.include_filename:
             labels += (("file", path.rsplit("/", 1)[-1]),)
         return FILE_CREATED_TOTAL, labels
-    if kind == TCP_RETRANSMIT.id:
-        return "tcp_retransmits_total", (("state", str(ev[7])),)
-    if kind == OOM_KILL.id:
-        return "oom_kills_total", ()
-    if kind == SKB_DROP.id:
-        return "skb_drops_total", (("reason", str(ev[6])),)
-    if kind == PROCESS_EXEC.id:
-        return "process_execs_total", ()
-    if kind == DNS_SLOW.id:
-        return "dns_slow_lookups_total", ()
-    return None
+    counter = COUNTERS.get(kind)
+    if counter is None:
+        return None
+    name, fields = counter
+    return name, tuple((label, str(ev[i])) for label, i in fields)
 
 
 def histogram_name(metric: str, unit: str) -> str:
@@ -169,7 +171,7 @@ def count_events(
     """
     # Counter increments are summed per (name, labels) and made series keys (JSON) once
     # per batch, not per event: that key and the directory label were most of the
-    # fused worker's CPU (bench/processors.py). First-seen order, which decides what
+    # fused worker's CPU (bench/processing_throughput.py). First-seen order, which decides what
     # overflows, and the order of the additions are those of the events, as before.
     pending: dict[tuple[str, tuple[tuple[str, str], ...]], float] = defaultdict(float)
     hists: dict[str, dict[str, Any]] = {}
