@@ -171,6 +171,13 @@ class AggregateConfig(BaseModel):
         False,
         description="add a `file` label to file_created_total (unbounded; only for small setups)",
     )
+    host_ttl_seconds: float = Field(
+        3600,
+        gt=0,
+        description="a host that sent no batch for this long has its series end: one last "
+        "snapshot marks them stale (Prometheus stale markers; the pull endpoint drops them) "
+        "and its state is deleted; it starts afresh if it comes back",
+    )
 
     @model_validator(mode="before")
     @classmethod

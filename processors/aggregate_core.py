@@ -73,6 +73,7 @@ class Options(FromConfig):
     directory_depth: int = 3
     include_filename: bool = False
     max_series: int = 2000
+    host_ttl_seconds: float = 3600.0  # see AggregateConfig.host_ttl_seconds
 
 
 @dataclasses.dataclass
@@ -98,17 +99,27 @@ class Aggregate(Stage):
         return cls(Options.from_config(section))
 
     def on_batch(self, state: State, batch: RawBatch, now_ms: int) -> Result:
+        state["last_ms"] = now_ms  # the worker's clock, as the window's now_ms: see on_window
         out = add(state, batch, self.opts)
         spans, logs = signals(batch)
         counts = {"events": out.counted, "overflowed": out.overflowed}
         return Result(batch, changed=True, spans=spans, logs=logs, counts=counts)
 
     def on_window(self, states: dict[str, State], now_ms: int, share: float) -> Result:
+        """Each host's snapshot; a host silent for ``host_ttl_seconds`` (by the worker's
+        clock, which also stamped its last batch) gets a last one, marked stale, and is
+        forgotten, so dead and forged hosts stop costing a snapshot every window."""
         out = Result()
+        ttl_ms = self.opts.host_ttl_seconds * 1000
         for host_id, state in states.items():
             rows = snapshot(host_id, state)
+            expired = now_ms - state.get("last_ms", now_ms) > ttl_ms
             if rows:
-                out.snapshots.append((host_id, MetricSnapshot(now_ms, rows)))
+                out.snapshots.append((host_id, MetricSnapshot(now_ms, rows, stale=expired)))
+            if expired:
+                out.forget.append(host_id)
+        if out.forget:
+            out.counts["expired_hosts"] = len(out.forget)
         return out
 
 

@@ -2,7 +2,16 @@
 
 State per host (a JSON-able dict in the stage's Faust table)::
 
-    {"seen": {boot_id: [[lo, hi], ...]}}    # processors/seen.py; bounded
+    {"seen": {boot_id: [[lo, hi], ...]}}    # processors/seen.py; bounded, newest boot last
+
+Batches are untrusted (docs/design.md, principle 11). One whose sequence number
+is more than ``MAX_SEQUENCE_GAP`` past the highest its boot has sent is refused:
+counted as seen, it would make every real batch up to it a "duplicate". An agent
+skips at most one block of numbers per restart (edge_agent/seqstore.py), so a
+real gap that large takes thousands of restarts that sent nothing. A batch of a
+boot that is not the host's newest, while that one is live, means two machines
+send under one host id (a cloned /etc/machine-id): counted as a host conflict;
+both keep their own dedupe record and both are counted.
 
 Every stage that keeps counts runs this check on its own input too, in the
 same table value as its counts, so that a batch re-delivered after a crash is
@@ -20,6 +29,8 @@ from processors.stage import Result, Stage, State
 
 # Old boots of a host are forgotten beyond this many (their batches are long done).
 MAX_BOOTS = 4
+# The most a boot's sequence may jump past its highest so far (see the module doc).
+MAX_SEQUENCE_GAP = 4096 << 12
 
 
 def first_time(state: dict[str, Any], batch: RawBatch) -> bool:
@@ -41,7 +52,21 @@ class Dedupe(Stage):
         self.section = guards
 
     def on_batch(self, state: State, batch: RawBatch, now_ms: int) -> Result:
+        by_boot = state.get("seen", {})
+        intervals = by_boot.get(batch.boot_id)
+        if intervals and batch.seq > intervals[-1][1] + MAX_SEQUENCE_GAP:
+            return Result(
+                None,
+                refused=f"raw batch: sequence {batch.seq} is more than {MAX_SEQUENCE_GAP} past the "
+                f"highest its host and boot sent ({intervals[-1][1]})",
+            )
+        newest = next(reversed(by_boot), None)
+        out_of_turn = intervals is not None and newest != batch.boot_id
         if first_time(state, batch):
+            if out_of_turn:
+                # Its boot becomes the newest: two live boots alternating count every switch.
+                state["seen"][batch.boot_id] = state["seen"].pop(batch.boot_id)
+                return Result(batch, changed=True, counts={"host_conflicts": 1})
             return Result(batch, changed=True)
         # Written back all the same: the dedupe record may have been trimmed.
         return Result(None, changed=True, counts={"duplicates": 1})

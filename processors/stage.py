@@ -44,19 +44,25 @@ class Result:
 
     batch: RawBatch | None = None  # passed on to the next stage or topic; None: dropped
     changed: bool = False  # the host's state changed in a way worth a changelog record
+    # Why a stage refuses the batch (its state unchanged): the runner dead-letters it.
+    refused: str | None = None
+    # Hosts a stage is done with (gone silent): the runner deletes their table values.
+    forget: list[str] = dataclasses.field(default_factory=list)
     snapshots: list[tuple[str, MetricSnapshot]] = dataclasses.field(default_factory=list)  # (host id, ...)
     spans: list[SpanBatch] = dataclasses.field(default_factory=list)
     logs: list[LogBatch] = dataclasses.field(default_factory=list)
     commands: list[ControlCommand] = dataclasses.field(default_factory=list)
     # Increments of the worker's self-metrics, by the names processors/stages.py
-    # maps to them: duplicates, events, overflowed, sampled_out, evictions,
-    # processes (a gauge: it may go down).
+    # maps to them: duplicates, host_conflicts, events, overflowed, sampled_out,
+    # evictions, expired_hosts, processes (a gauge: it may go down).
     counts: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def then(self, later: Result) -> Result:
         """This result followed by a later stage's (which got this one's batch)."""
         self.batch = later.batch
         self.changed |= later.changed
+        self.refused = self.refused or later.refused
+        self.forget += later.forget
         self.snapshots += later.snapshots
         self.spans += later.spans
         self.logs += later.logs

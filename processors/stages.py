@@ -28,6 +28,13 @@ detector keeps its per-host rates in the worker; see processors/sample_core.py).
 A stage that keeps counts dedupes its own input in the same table value as the
 counts, so redelivery after a crash (its input is at-least-once) neither loses
 nor doubles anything.
+
+Records are untrusted (docs/design.md, principle 11): one that does not decode,
+whose key is not its host id, or that a stage refuses (processors/dedupe_core.py)
+goes to ktel.dlq with the reason, and the host's state is left as it was. Window
+work sees only the hosts of the partitions this worker holds now, and a host a
+stage is done with (aggregate.host_ttl_seconds) has its table value deleted: a
+tombstone on the changelog, so a worker that recovers the table forgets it too.
 The enrich stage keeps no counts and passes a redelivered batch on (the
 aggregate stage drops it); it takes heartbeats into the same table, which is
 why ``ktel.heartbeats`` is partitioned like ``ktel.raw``.
@@ -42,6 +49,7 @@ import time
 from typing import Any
 
 import faust
+from aiokafka.partitioner import murmur2
 from prometheus_client import Counter, Gauge
 
 from ktel import selfmetrics
@@ -101,12 +109,22 @@ HEARTBEATS = Counter("ktel_processor_heartbeats", "agent heartbeats the enrich s
 EVICTIONS = Counter(
     "ktel_processor_process_evictions", "processes dropped by enrich.max_processes, not by exit", ["stage"]
 )
+HOST_CONFLICTS = Counter(
+    "ktel_processor_host_conflicts",
+    "batches of a host id's older boot while a newer one is live (two machines, one host id)",
+    ["stage"],
+)
+EXPIRED_HOSTS = Counter(
+    "ktel_processor_expired_hosts", "hosts forgotten after aggregate.host_ttl_seconds of silence", ["stage"]
+)
 PROCESSES = Gauge(
     "ktel_processor_processes_known", "processes the enrich stage knows, over the hosts it served", ["stage"]
 )
 # The self-metric of each name a stage counts in Result.counts.
 COUNTED: dict[str, Counter | Gauge] = {
     "duplicates": DUPLICATES,
+    "host_conflicts": HOST_CONFLICTS,
+    "expired_hosts": EXPIRED_HOSTS,
     "events": EVENTS,
     "overflowed": OVERFLOW,
     "sampled_out": SAMPLED_OUT,
@@ -144,11 +162,31 @@ async def persist(table: Any, key: str, value: dict[str, Any]) -> None:
     table._sensor_on_set(table, key, value)
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def partition_of(key: str, partitions: int) -> int:
+    """The partition Kafka's default partitioner (the agent's, and the table's changelog)
+    gives a host id."""
+    return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
+
+
+async def forget(table: Any, key: str, partitions: int) -> None:
+    """Delete a host's table value outside a stream: a tombstone to its changelog
+    partition, which ``persist`` cannot name without the record being processed."""
+    table.data.pop(key, None)
+    await table.changelog_topic.send(
+        key=key,
+        value=None,
+        partition=partition_of(key, partitions),
+        key_serializer=table.key_serializer,
+        value_serializer="raw",  # None as is: a tombstone (as Faust's own delete sends it)
+    )
+
+
 def make_app(cfg: Config, stage: str) -> faust.App:
     """The Faust app of ``ktel process <stage>``: its chain (processors/chain.py)
     on its source topic, and on ktel.heartbeats if the chain reads them."""
     chain = build(stage, cfg)
-    exported: tuple[Counter | Gauge, ...] = (BATCHES, EVENTS, DUPLICATES, DEAD_LETTERS)
+    exported: tuple[Counter | Gauge, ...] = (BATCHES, EVENTS, DUPLICATES, DEAD_LETTERS, HOST_CONFLICTS)
     if chain.heartbeats:
         exported += (HEARTBEATS, EVICTIONS, PROCESSES)
     for metric in exported:  # as 0 from the start
@@ -188,11 +226,11 @@ def make_app(cfg: Config, stage: str) -> faust.App:
     if chain.durable:
         hosts = app.Table("host-state", default=dict, partitions=cfg.kafka.raw_partitions)
 
-    async def dead_letter(event: Any, err: WireError) -> None:
+    async def dead_letter(event: Any, err: WireError | str) -> None:
         msg = event.message
         DEAD_LETTERS.labels(stage).inc()
         log.warning("dead letter %s[%d]@%d: %s", msg.topic, msg.partition, msg.offset, err)
-        dl = DeadLetter(stage, str(err), msg.topic, msg.partition, msg.offset, bytes(event.value))
+        dl = DeadLetter(stage, str(err)[:4096], msg.topic, msg.partition, msg.offset, bytes(event.value))
         await dlq.send(key=event.key, value=encode_dead_letter(dl))
 
     async def emit(result: Result, key: bytes | None = None) -> None:
@@ -220,11 +258,20 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         async for event in stream.events():
             try:
                 batch = decode_batch(event.value)
+                if event.key != batch.key:
+                    # Its key decides the partition, hence the worker and the table entry:
+                    # a batch keyed otherwise could write another host's state.
+                    raise WireError(
+                        f"raw batch: key {event.key!r:.60} is not its host id {batch.host_id!r:.60}"
+                    )
             except WireError as err:
                 await dead_letter(event, err)
                 continue
             value = hosts[batch.host_id] if chain.durable else {}
             result = chain.on_batch(value, batch, time.time_ns() // 1_000_000)
+            if result.refused is not None:  # (its state left as it was)
+                await dead_letter(event, result.refused)
+                continue
             if result.batch is not None:  # (not a duplicate)
                 BATCHES.labels(stage).inc()
             await emit(result, key=event.key)
@@ -257,9 +304,14 @@ def make_app(cfg: Config, stage: str) -> faust.App:
     def every_window(timed: Stage) -> None:
         @app.timer(timed.window_s, name=f"{timed.name}_window")
         async def window() -> None:
-            assigned = [tp for tp in app.assignor.assigned_actives() if tp.topic == SOURCE[stage]]
-            share = len(assigned) / cfg.kafka.raw_partitions
-            await emit(chain.on_window(timed, hosts, time.time_ns() // 1_000_000, share))
+            n = cfg.kafka.raw_partitions
+            assigned = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == SOURCE[stage]}
+            # Hosts of partitions another worker holds now are that worker's to report.
+            mine = {h: v for h, v in hosts.items() if partition_of(h, n) in assigned}
+            result = chain.on_window(timed, mine, time.time_ns() // 1_000_000, len(assigned) / n)
+            await emit(result)
+            for host_id in result.forget:
+                await forget(hosts, host_id, n)
 
     for timed in chain.timed():
         every_window(timed)

@@ -5,7 +5,10 @@ Metric snapshot::
 
     {"v": 1,
      "ts": int,          # sample timestamp, ms since epoch
-     "series": [[name, type, {label: value}, value], ...]}
+     "series": [[name, type, {label: value}, value], ...],
+     "stale": true}      # optional: these series end here (their host went silent);
+                         # exporters send Prometheus stale markers, the pull endpoint
+                         # drops them
 
 ``type`` is ``"counter"`` (cumulative since the series began; value a number),
 ``"gauge"`` (value a number) or ``"histogram"`` (cumulative since the series
@@ -50,6 +53,7 @@ from ktel.schema import (
     TS_NS,
     U63,
     U64,
+    Bool,
     Bytes,
     Field,
     Float,
@@ -108,7 +112,13 @@ SERIES = Row(
         Field("value", _SeriesValue()),
     )
 )
-SNAPSHOT_SHAPE = Shape((Key("ts", Int(0, U63)), Key("series", ListOf(SERIES, MAX_ROWS))))
+SNAPSHOT_SHAPE = Shape(
+    (
+        Key("ts", Int(0, U63)),
+        Key("series", ListOf(SERIES, MAX_ROWS)),
+        Key("stale", Bool(), required=False),
+    )
+)
 
 SPAN = Row(
     (
@@ -143,6 +153,7 @@ LOGS_SHAPE = Shape((Key("resource", ATTRS), Key("logs", ListOf(LOG, MAX_ROWS))))
 class MetricSnapshot:
     ts_ms: int
     series: Sequence[Sequence[Any]]  # [name, type, labels, value]
+    stale: bool = False  # the series end here (see the module docstring)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +169,10 @@ class LogBatch:
 
 
 def encode_snapshot(snap: MetricSnapshot) -> bytes:
-    return pack({"ts": snap.ts_ms, "series": snap.series})
+    obj: dict[str, Any] = {"ts": snap.ts_ms, "series": snap.series}
+    if snap.stale:
+        obj["stale"] = True
+    return pack(obj)
 
 
 def decode_snapshot(data: bytes) -> MetricSnapshot:
@@ -166,7 +180,7 @@ def decode_snapshot(data: bytes) -> MetricSnapshot:
     for i, (_name, typ, _labels, value) in enumerate(obj["series"]):
         if (typ == "histogram") != (type(value) is dict):
             raise WireError(f"metric snapshot: series {i} is a {typ} with a value {value!r:.60}")
-    return MetricSnapshot(ts_ms=obj["ts"], series=obj["series"])
+    return MetricSnapshot(ts_ms=obj["ts"], series=obj["series"], stale=obj.get("stale", False))
 
 
 def encode_spans(batch: SpanBatch) -> bytes:

@@ -92,15 +92,16 @@ class Worker:
 
     def batches_done(self) -> float:
         """The worker's ktel_processor_batches (0 before its metrics endpoint is up)."""
+        return self.metric("ktel_processor_batches_total")
+
+    def metric(self, name: str) -> float:
+        """A self-metric of the worker's, summed over its labels (0 before it is up)."""
         try:
             text = httpx.get(f"http://127.0.0.1:{self.port}/metrics", trust_env=False).text
         except httpx.TransportError:
             return 0.0
         return sum(
-            s.value
-            for fam in text_string_to_metric_families(text)
-            for s in fam.samples
-            if s.name == "ktel_processor_batches_total"
+            s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name
         )
 
     def stop(self):
@@ -284,6 +285,85 @@ def test_garbage_and_wrong_versions_go_to_the_dlq_and_good_counts_stay_exact(bro
         assert w.proc.poll() is None  # the worker kept running
     finally:
         w.stop()
+
+
+def dead_letters(bootstrap: str) -> list:
+    return [decode_dead_letter(r.value) for r in asyncio.run(read_topic(bootstrap, DLQ_TOPIC, idle_s=2))]
+
+
+def test_forged_batches_are_dead_lettered_and_cloned_hosts_counted_apart(broker, tmp_path):
+    """Batches keyed as another host, or far past their boot's sequence, go to the DLQ
+    and leave the real host's counts exact; two machines sharing one host id (a cloned
+    /etc/machine-id) are both counted, and every switch between them is a conflict."""
+    w = Worker(tmp_path, broker.bootstrap, "w").start()
+    try:
+        real = list(batches(1, 30, 10))  # host-00, seq 0..29
+        forged_key = RawBatch("host-00", "boot", 1000, 1, real[0].events)
+        forged_seq = RawBatch("host-00", "boot", 10**12, 1, real[0].events)
+        traffic = [(bt.key, encode_batch(bt)) for bt in real[:10]]
+        traffic += [(b"host-01", encode_batch(forged_key)), (b"host-00", encode_batch(forged_seq))]
+        traffic += [(bt.key, encode_batch(bt)) for bt in real[10:]]
+        ev = [FILE_CREATED.id, 1, 2, 2, 0, "w", "/clone/x/f", 0o101, False]
+        traffic += [
+            (b"clone", encode_batch(RawBatch("clone", boot, seq, 1, [list(ev)] * 5)))
+            for seq in range(10)
+            for boot in ("machine-a", "machine-b")
+        ]
+        asyncio.run(produce(broker.bootstrap, traffic))
+        expected = {("host-00", f"/data/h0/d{d}"): float(10 * len(range(d, 30, 3))) for d in range(3)}
+        expected[("clone", "/clone/x")] = 100.0
+        assert wait_for_totals(broker.bootstrap, expected) == expected
+        dead = dead_letters(broker.bootstrap)
+        assert sorted(d.reason for d in dead) == [
+            "raw batch: key b'host-01' is not its host id 'host-00'",
+            "raw batch: sequence 1000000000000 is more than 16777216 past the highest its host and boot "
+            "sent (9)",
+        ]
+        assert w.metric("ktel_processor_host_conflicts_total") == 18
+        assert w.metric("ktel_processor_dead_letters_total") == 2
+    finally:
+        w.stop()
+
+
+def test_a_silent_host_ends_its_series_stale_and_stays_forgotten_after_a_restart(broker, tmp_path):
+    ttl = {"KTEL_AGGREGATE__HOST_TTL_SECONDS": "3"}
+    w = Worker(tmp_path, broker.bootstrap, "w", **ttl).start()
+    w2 = None
+
+    def snapshots_of(host: str) -> list:
+        recs = asyncio.run(read_topic(broker.bootstrap, METRICS_TOPIC, idle_s=0.5, timeout=10))
+        return [s for s in map(decode_snapshot, (r.value for r in recs)) if s.series[0][2]["host.id"] == host]
+
+    try:
+        [first] = batches(1, 1, 7)
+        asyncio.run(produce(broker.bootstrap, [(first.key, encode_batch(first))]))
+        deadline = time.monotonic() + 60
+        while not any(s.stale for s in snapshots_of("host-00")):
+            assert time.monotonic() < deadline, "no stale snapshot for the silent host"
+            time.sleep(1)
+        assert w.metric("ktel_processor_expired_hosts_total") == 1
+        w.stop()
+        # A worker recovering the table from its changelog must not bring the host back.
+        w2 = Worker(tmp_path, broker.bootstrap, "w2", **ttl).start()
+        wait_for_group(broker.bootstrap, "ktel-all", members=1)
+        time.sleep(5)  # a few windows of the new worker, after it recovered the table
+        snaps = snapshots_of("host-00")
+        last_stale = len(snaps) - 1
+        # One stale snapshot, the last: the host was forgotten, by the new worker too.
+        assert [i for i, s in enumerate(snaps) if s.stale] == [last_stale], [s.stale for s in snaps]
+        assert snaps[last_stale].series[0][3] == 7.0
+        # Back again, it starts afresh.
+        again = RawBatch("host-00", "boot", 1, 1, first.events[:2])
+        asyncio.run(produce(broker.bootstrap, [(again.key, encode_batch(again))]))
+        deadline = time.monotonic() + 60
+        while not (snaps := [s for s in snapshots_of("host-00")[last_stale + 1 :] if not s.stale]):
+            assert time.monotonic() < deadline, "the returning host was not reported"
+            time.sleep(1)
+        assert snaps[0].series[0][3] == 2.0
+    finally:
+        w.stop()
+        if w2:
+            w2.stop()
 
 
 def test_split_stages_chain_to_exact_counts(broker, tmp_path):

@@ -94,6 +94,13 @@ RECORDS: dict[str, tuple[Callable[[Any], bytes], Callable[[bytes], Any], Any]] =
             ],
         ),
     ),
+    "metric_snapshot_stale": (
+        wire.encode_snapshot,
+        wire.decode_snapshot,
+        wire.MetricSnapshot(
+            TS // 10**6, [["file_created_total", "counter", {"host.id": "a" * 32}, 23]], stale=True
+        ),
+    ),
     "span_batch": (
         wire.encode_spans,
         wire.decode_spans,

@@ -1,0 +1,75 @@
+"""What the processing chains make of batches a buggy or hostile client wrote: a
+sequence jump refused with the state unchanged, two boots of one host id counted
+as a conflict with both counted, and a silent host's series ended and forgotten."""
+
+import copy
+
+from ktel.wire import FILE_CREATED, RawBatch
+from processors import aggregate_core
+from processors.chain import Chain
+from processors.dedupe_core import MAX_SEQUENCE_GAP
+
+NOW = 1_700_000_000_000
+
+
+def batch(seq: int, boot: str = "b", host: str = "h", n: int = 2) -> RawBatch:
+    ev = [FILE_CREATED.id, 1, 2, 2, 0, "c", "/d/f", 0o101, False]
+    return RawBatch(host, boot, seq, 1, [list(ev) for _ in range(n)])
+
+
+def chain(**opts) -> Chain:
+    return Chain([aggregate_core.Aggregate(aggregate_core.Options(**opts))])
+
+
+def test_a_sequence_far_past_its_boots_highest_is_refused_and_changes_nothing():
+    c, value = chain(), {}
+    assert c.on_batch(value, batch(5), NOW).counts["events"] == 2
+    before = copy.deepcopy(value)
+    result = c.on_batch(value, batch(5 + MAX_SEQUENCE_GAP + 1), NOW)
+    assert (
+        result.batch is None
+        and "more than" in result.refused
+        and "highest its host and boot sent (5)" in result.refused
+    )
+    assert value == before
+    # The real stream goes on, every batch counted; within the bound a gap is fine.
+    assert c.on_batch(value, batch(6), NOW).counts["events"] == 2
+    assert c.on_batch(value, batch(6 + MAX_SEQUENCE_GAP), NOW).refused is None
+    # A boot's first batch may start anywhere: numbering goes on across restarts and boots.
+    assert c.on_batch(value, batch(10**15, boot="new"), NOW).refused is None
+
+
+def test_two_live_boots_of_one_host_id_are_both_counted_and_each_switch_is_a_conflict():
+    c, value = chain(), {}
+    conflicts = events = 0
+    for seq in range(10):
+        for boot in ("A", "B"):
+            r = c.on_batch(value, batch(seq, boot=boot), NOW)
+            conflicts += r.counts.get("host_conflicts", 0)
+            events += r.counts.get("events", 0)
+    assert events == 40
+    assert conflicts == 18  # every batch but the first of each boot came out of turn
+    # A reboot (the old boot's batches all before the new one's) is no conflict.
+    c2, v2 = chain(), {}
+    results = [c2.on_batch(v2, batch(s, boot="old"), NOW) for s in range(3)]
+    results += [c2.on_batch(v2, batch(s, boot="new"), NOW) for s in range(3, 6)]
+    assert not any(r.counts.get("host_conflicts") for r in results)
+    # A re-sent batch of the old boot is a duplicate, not a conflict.
+    again = c2.on_batch(v2, batch(1, boot="old"), NOW)
+    assert again.counts == {"duplicates": 1}
+
+
+def test_a_host_silent_past_its_ttl_gets_a_last_stale_snapshot_and_is_forgotten():
+    c, table = chain(host_ttl_seconds=60), {"quiet": {}, "busy": {}}
+    c.on_batch(table["quiet"], batch(0, host="quiet"), NOW)
+    c.on_batch(table["busy"], batch(0, host="busy"), NOW)
+    [agg] = c.timed()
+    r = c.on_window(agg, table, NOW + 60_000, 1.0)  # exactly the TTL: not yet
+    assert not r.forget and all(not s.stale for _h, s in r.snapshots)
+    c.on_batch(table["busy"], batch(1, host="busy"), NOW + 50_000)
+    r = c.on_window(agg, table, NOW + 60_001, 1.0)
+    assert r.forget == ["quiet"] and r.counts == {"expired_hosts": 1}
+    stale = {h: s.stale for h, s in r.snapshots}
+    assert stale == {"quiet": True, "busy": False}
+    quiet_rows = dict((h, s.series) for h, s in r.snapshots)["quiet"]
+    assert quiet_rows[0][0] == "file_created_total" and quiet_rows[0][3] == 2
