@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ktel.probes import KINDS
+from ktel.schema import U64
 from ktel.wire import (
     FILE_CREATED,
     HIST_SLOTS,
@@ -279,6 +280,13 @@ def log2_bounds(slots: int, scale: float = 1.0) -> list[float]:
     return [2.0 ** (i + 1) * scale for i in range(slots - 1)]
 
 
+def _count(n: float) -> int:
+    """A histogram count as the wire carries it: weights and in-kernel sampling scale
+    counts up, and a (hostile) product past 2^64 - 1 stays there rather than making a
+    snapshot no one can encode."""
+    return min(round(n), U64)
+
+
 def snapshot(host_id: str, state: dict[str, Any]) -> list[list]:
     """The host's series as wire snapshot entries [name, type, labels, value]."""
     rows = []
@@ -290,10 +298,10 @@ def snapshot(host_id: str, state: dict[str, Any]) -> list[list]:
         elif isinstance(value, dict):
             scale = 1e-9 if name.endswith("_seconds") else 1.0  # counted in ns (see count_events)
             hist = {
-                "count": round(value["count"]),
+                "count": _count(value["count"]),
                 "sum": value["sum"] * scale,
                 "bounds": log2_bounds(len(value["buckets"]), scale),
-                "counts": [round(c) for c in value["buckets"]],
+                "counts": [_count(c) for c in value["buckets"]],
             }
             rows.append([name, "histogram", labels, hist])
         else:
