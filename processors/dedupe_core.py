@@ -1,8 +1,23 @@
-"""Pure core of the dedupe stage: drop a batch whose (host, boot, seq) was seen.
+"""Pure core of the dedupe stage: drop a batch whose (host, boot, incarnation, seq)
+was seen.
 
 State per host (a JSON-able dict in the stage's Faust table)::
 
-    {"seen": {boot_id: [[lo, hi], ...]}}    # processors/seen.py; bounded
+    {"seen": {stream: [[lo, hi], ...]},                 # processors/seen.py; bounded
+     "parts": {stream: {str(seq): [[lo, hi], ...]}}}    # events seen of split batches
+
+A stream is one numbering of one agent: its boot id, and its incarnation when the
+batch carries one (``boot/incarnation``). An agent whose state was lost numbers
+from 0 again under a new incarnation (edge_agent/seqstore.py): a new stream, not
+duplicates of the old one's batches. A batch without an incarnation (an agent
+from before them) is in the stream of its boot alone, as it always was.
+
+A part (``part``: a batch Kafka refused as too large, split by the agent,
+edge_agent/agent.py) keeps its batch's seq and says which of its events it holds.
+The events of a seq already seen are duplicates; otherwise the events seen of
+that seq are kept as closed intervals of event indexes, a part passes on only
+those it adds (a re-sent batch may be split otherwise the second time), and
+once every event of the batch was seen the seq joins the stream's intervals.
 
 Every stage that keeps counts runs this check on its own input too, in the
 same table value as its counts, so that a batch re-delivered after a crash is
@@ -18,19 +33,54 @@ from ktel.wire import RawBatch
 from processors import seen
 from processors.stage import Result, Stage, State
 
-# Old boots of a host are forgotten beyond this many (their batches are long done).
+# Old streams (boots, incarnations) of a host are forgotten beyond this many (their
+# batches are long done).
 MAX_BOOTS = 4
+# Split batches of a stream whose parts are still arriving; beyond it the oldest is
+# forgotten, and what of it arrives later counts again. Splits are rare (a batch
+# above the broker's message limit) and their parts are sent one after the other.
+MAX_SPLIT = 16
 
 
-def first_time(state: dict[str, Any], batch: RawBatch) -> bool:
-    """Record the batch; False if it is a duplicate (state mutated in place)."""
-    by_boot = state.setdefault("seen", {})
-    intervals = by_boot.setdefault(batch.boot_id, [])
-    if not seen.add(intervals, batch.seq):
-        return False
-    while len(by_boot) > MAX_BOOTS:
-        del by_boot[next(iter(by_boot))]  # dicts keep insertion order: oldest first
-    return True
+def stream(batch: RawBatch) -> str:
+    return batch.boot_id if batch.incarnation is None else f"{batch.boot_id}/{batch.incarnation}"
+
+
+def first_time(state: dict[str, Any], batch: RawBatch) -> RawBatch | None:
+    """Record the batch; what of it was not seen before (None: it is a duplicate).
+    ``state`` is mutated in place."""
+    key = stream(batch)
+    by_stream = state.setdefault("seen", {})
+    intervals = by_stream.setdefault(key, [])
+    while len(by_stream) > MAX_BOOTS:
+        old = next(iter(by_stream))  # dicts keep insertion order: oldest first
+        del by_stream[old]
+        state.get("parts", {}).pop(old, None)
+    if batch.part is None:
+        return batch if seen.add(intervals, batch.seq) else None
+    if seen.contains(intervals, batch.seq):
+        return None
+    first, total = batch.part
+    splits = state.setdefault("parts", {}).setdefault(key, {})
+    got = splits.setdefault(str(batch.seq), [])
+    new = [i for i in range(len(batch.events)) if not seen.contains(got, first + i)]
+    for i in new:
+        seen.add(got, first + i, max_intervals=total)  # never closes a hole: those events are unseen
+    if got == [[0, total - 1]]:
+        del splits[str(batch.seq)]
+        seen.add(intervals, batch.seq)
+    while len(splits) > MAX_SPLIT:
+        del splits[next(iter(splits))]
+    if not splits:
+        del state["parts"][key]
+    if not new:
+        return None
+    if len(new) == len(batch.events):
+        return batch
+    weights = batch.weights
+    return batch.keeping(
+        [batch.events[i] for i in new], None if weights is None else [weights[i] for i in new]
+    )
 
 
 class Dedupe(Stage):
@@ -41,7 +91,8 @@ class Dedupe(Stage):
         self.section = guards
 
     def on_batch(self, state: State, batch: RawBatch, now_ms: int) -> Result:
-        if first_time(state, batch):
-            return Result(batch, changed=True)
+        fresh = first_time(state, batch)
+        if fresh is not None:
+            return Result(fresh, changed=True)
         # Written back all the same: the dedupe record may have been trimmed.
         return Result(None, changed=True, counts={"duplicates": 1})
