@@ -12,10 +12,19 @@ only on Kafka's acknowledgement; a batch whose delivery failed is re-sent with
 the shared retry helper under the same sequence number, so the processors
 drop the copy if the first attempt did land. While Kafka is away batches pile
 up in the spool (bounded; what a full spool drops is counted) and are sent in
-order when it returns. What a SIGKILL can lose: events still in the ring
+order when it returns. A batch Kafka refuses as too large is sent in halves
+(see _deliver); while Kafka refuses this agent the write (authorization),
+batches wait in the spool. What a SIGKILL can lose: events still in the ring
 buffer or drained but not yet sealed (at most ``agent.batch_max_ms`` of them
 while the agent keeps up; at most probes.QUEUE_MAX_BYTES of records per probe
-when it does not).
+when it does not). A state directory that refuses writes (a full disk) costs
+the batches sealed meanwhile, counted; the agent goes on and spools again once
+it can.
+
+Every long-running task (collecting, publishing, heartbeats, following
+commands) lives as long as the agent: if one dies, the agent logs which and
+why and exits with status 1, for its supervisor to restart it, rather than
+running on without it.
 
 Alongside: heartbeats on ``ktel.heartbeats`` every ``heartbeat_seconds`` and
 fidelity commands from ``ktel.control`` (edge_agent/control.py).
@@ -26,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import os
 import platform
@@ -35,7 +45,13 @@ import time
 from importlib.metadata import version
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import OutOfOrderSequenceNumber, UnknownProducerId
+from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
+    MessageSizeTooLargeError,
+    OutOfOrderSequenceNumber,
+    TopicAuthorizationFailedError,
+    UnknownProducerId,
+)
 from prometheus_client import Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
@@ -51,8 +67,16 @@ from ktel import runtime, selfmetrics
 from ktel.config import Config
 from ktel.probes import PROBES
 from ktel.probes.decode import count, records
-from ktel.retry import retry
-from ktel.wire import HEARTBEATS_TOPIC, RAW_TOPIC, Heartbeat, RawBatch, encode_batch, encode_heartbeat
+from ktel.retry import Backoff, Permanent, retry
+from ktel.wire import (
+    HEARTBEATS_TOPIC,
+    RAW_TOPIC,
+    Heartbeat,
+    RawBatch,
+    decode_batch,
+    encode_batch,
+    encode_heartbeat,
+)
 
 log = logging.getLogger("ktel.agent")
 
@@ -64,6 +88,18 @@ PUBLISH_RETRIES = Counter("ktel_agent_publish_retries", "failed publish attempts
 PRODUCER_RENEWALS = Counter("ktel_agent_producer_renewals", "Kafka producers replaced after a fatal error")
 # Errors after which aiokafka's idempotent producer fails every send (see _renew_producer).
 BROKEN_PRODUCER = (OutOfOrderSequenceNumber, UnknownProducerId)
+# Errors after which resending the same bytes cannot succeed until someone changes Kafka's ACLs.
+UNAUTHORIZED = (TopicAuthorizationFailedError, ClusterAuthorizationFailedError)
+# How long a batch Kafka refuses this agent waits between tries, at most.
+UNAUTHORIZED_MAX_WAIT_S = 60.0
+DISK_DROPPED = Counter(
+    "ktel_agent_disk_dropped_events",
+    "events of batches the state directory refused to keep (a full disk, an I/O error)",
+)
+TOO_LARGE_DROPPED = Counter(
+    "ktel_agent_too_large_dropped_events", "events Kafka refused as too large even alone, dropped"
+)
+BATCHES_SPLIT = Counter("ktel_agent_batches_split", "batches Kafka refused as too large, sent in halves")
 HEARTBEATS = Counter("ktel_agent_heartbeats", "heartbeats acknowledged by Kafka")
 PROBES_LOADED = Gauge("ktel_agent_probe_loaded", "1 per loaded probe, 0 per skipped one", ["probe"])
 CONTAINERS = Gauge("ktel_agent_containers", "container and pod cgroups the last heartbeat listed")
@@ -76,6 +112,14 @@ MAX_IN_FLIGHT = 32
 # How long a stopping agent keeps publishing its spool; the rest waits on disk for the next start.
 FLUSH_TIMEOUT_S = 10.0
 PRODUCER_STOP_TIMEOUT_S = 5.0
+
+
+class TooLarge(Permanent):
+    """Kafka refused a batch as above its message size limit."""
+
+
+class Unauthorized(Permanent):
+    """Kafka refused this agent the write."""
 
 
 class AgentCollector(Collector):
@@ -156,18 +200,46 @@ class Agent:
         self.control = Control(self.host_id, acfg.sample_every, self.apply_rate)
         self.latencies_ms: list[float] = []
         self.containers = Containers.of_host(acfg.cgroup_root)
+        self.disk_failing = False  # the last spool write failed (spool_batch)
 
     # ------------------------------------------------------------ collecting
 
     def seal(self, events: list, weights: list[float] | None = None) -> RawBatch:
-        return RawBatch(self.host_id, self.boot_id, self.seqs.next(), time.time_ns(), events, weights)
+        return RawBatch(
+            self.host_id,
+            self.boot_id,
+            self.seqs.next(),
+            time.time_ns(),
+            events,
+            weights,
+            incarnation=self.seqs.incarnation,
+        )
 
     def spool_batch(self, events: list, weights: list[float]) -> None:
         if self.redactor:
             self.redactor.apply(events)
         uniform = weights.count(1.0) == len(weights)
-        batch = self.seal(events, None if uniform else weights)
-        if not self.spool.append(encode_batch(batch), len(events)):
+        try:
+            batch = self.seal(events, None if uniform else weights)
+            kept = self.spool.append(encode_batch(batch), len(events))
+        except OSError as err:
+            # The batch is lost, not the agent: it keeps draining the probes (their
+            # buffers stay bounded), counts what it cannot keep, and spools again as
+            # soon as the disk takes writes. One line per failing stretch.
+            DISK_DROPPED.inc(len(events))
+            if not self.disk_failing:
+                log.error(
+                    "state directory %s refuses writes (%s): batches are dropped and counted "
+                    "(ktel_agent_disk_dropped_events_total) until it takes them again",
+                    self.cfg.agent.state_dir,
+                    err,
+                )
+            self.disk_failing = True
+            return
+        if self.disk_failing:
+            log.warning("state directory %s takes writes again: spooling resumed", self.cfg.agent.state_dir)
+            self.disk_failing = False
+        if not kept:
             log.error("spool full (policy drop_newest): dropped batch %d (%d events)", batch.seq, len(events))
         self.spooled.set()
 
@@ -278,6 +350,92 @@ class Agent:
             await self._renew_producer(producer, err)
             raise
 
+    async def _deliver(self, payload: bytes) -> int:
+        """Send one spooled batch, alone, until Kafka acknowledges it; the number of
+        its events dropped because Kafka refuses them as too large even alone.
+
+        Too large (above the topic's or broker's message limit): the batch is sent
+        as two halves, each delivered the same way, down to single events. A half
+        keeps the batch's (boot, incarnation, seq) and says which of its events it
+        holds (``part``: first event, events in all), so no sequence number is
+        issued twice and dedupe (processors/dedupe_core.py) counts each event once,
+        also when a re-sent batch is split again after a crash. A split batch is
+        not pipelined: its parts go one at a time and are acknowledged before the
+        spool moves on.
+
+        Unauthorized: resending cannot help until the ACLs change; the batch stays
+        in the spool and is tried again after a wait that grows to a minute, with
+        one log line when the refusals start and one when they end.
+        """
+
+        async def attempt() -> None:
+            try:
+                await self._send_and_wait(RAW_TOPIC, payload)
+            except MessageSizeTooLargeError as err:
+                raise TooLarge(str(err)) from err
+            except UNAUTHORIZED as err:
+                raise Unauthorized(f"{type(err).__name__}: {err}") from err
+
+        waits = Backoff(maximum=UNAUTHORIZED_MAX_WAIT_S).delays()
+        refused = False
+        while True:
+            try:
+                await retry(
+                    attempt, what="publish a spooled batch", on_retry=lambda _e: PUBLISH_RETRIES.inc()
+                )
+                break
+            except Unauthorized as err:
+                PUBLISH_RETRIES.inc()
+                if not refused:
+                    log.error(
+                        "Kafka refuses this agent writes to %s (%s): batches wait in the spool; "
+                        "allow the agent's principal to write (and describe) %s and to write idempotently",
+                        RAW_TOPIC,
+                        err,
+                        RAW_TOPIC,
+                    )
+                    refused = True
+                await asyncio.sleep(next(waits))
+            except TooLarge as err:
+                return await self._split(payload, err)
+        if refused:
+            log.warning("Kafka accepts this agent's batches again")
+        return 0
+
+    async def _split(self, payload: bytes, err: TooLarge) -> int:
+        batch = decode_batch(payload)  # the agent's own bytes, from its spool
+        n = len(batch.events)
+        first, total = batch.part or [0, n]
+        if n == 1:
+            TOO_LARGE_DROPPED.inc()
+            log.error(
+                "Kafka refuses event %d of batch %d as too large even alone (%s, %d bytes): dropped and "
+                "counted (ktel_agent_too_large_dropped_events_total); raise the topic's max.message.bytes",
+                first,
+                batch.seq,
+                err,
+                len(payload),
+            )
+            return 1
+        BATCHES_SPLIT.inc()
+        log.warning(
+            "Kafka refuses batch %d (events %d..%d, %d bytes) as too large (%s): sending it in halves",
+            batch.seq,
+            first,
+            first + n - 1,
+            len(payload),
+            err,
+        )
+        mid = n // 2
+        dropped = 0
+        for lo, hi in ((0, mid), (mid, n)):
+            weights = None if batch.weights is None else batch.weights[lo:hi]
+            half = dataclasses.replace(
+                batch, events=batch.events[lo:hi], weights=weights, part=[first + lo, total]
+            )
+            dropped += await self._deliver(encode_batch(half))
+        return dropped
+
     async def publish(self) -> None:
         """Send spooled records in order, pipelined; advance the spool on acknowledgement."""
         in_flight: collections.deque[tuple[Record, float, asyncio.Future, AIOKafkaProducer]] = (
@@ -287,22 +445,19 @@ class Agent:
 
         async def settle_oldest() -> None:
             rec, sent_at, fut, sent_by = in_flight.popleft()
+            dropped = 0
             try:
                 await fut
             except Exception as err:
                 PUBLISH_RETRIES.inc()
-                log.warning("batch at %s not acknowledged (%s); re-sending", rec.start, err)
+                log.warning("batch at %s not acknowledged (%s); re-sending it alone", rec.start, err)
                 if isinstance(err, BROKEN_PRODUCER):
                     await self._renew_producer(sent_by, err)
-                await retry(
-                    lambda: self._send_and_wait(RAW_TOPIC, rec.payload),
-                    what="publish a spooled batch",
-                    on_retry=lambda _e: PUBLISH_RETRIES.inc(),
-                )
+                dropped = await self._deliver(rec.payload)
             self.latencies_ms.append((time.monotonic() - sent_at) * 1000)
             self.spool.ack(rec.next)
             BATCHES_PUBLISHED.inc()
-            EVENTS_PUBLISHED.inc(rec.n_events)
+            EVENTS_PUBLISHED.inc(rec.n_events - dropped)
 
         while True:
             records = self.spool.read(cursor, limit=MAX_IN_FLIGHT)
@@ -346,6 +501,9 @@ class Agent:
             "decode_errors": sum(value("decode_errors", n) for n in self.loaded),
             "spool_dropped_events": self.spool.dropped_events,
             "spool_corrupt_bytes": self.spool.corrupt_bytes,
+            "disk_dropped_events": value("disk_dropped_events"),
+            "too_large_dropped_events": value("too_large_dropped_events"),
+            "batches_split": value("batches_split"),
         }
         probes: dict[str, dict] = {}
         for name in self.cfg.agent.probes:
@@ -446,31 +604,51 @@ class Agent:
             self.skipped or "none",
             self.spool.depth_bytes(),
         )
-        collector = asyncio.create_task(self.collect(stop))
-        connected = asyncio.Event()
-
-        async def deliver() -> None:
-            # Collecting runs meanwhile: a broker that is away at start only means spooling.
-            await retry(self.producer.start, what=f"connect to Kafka at {self.cfg.kafka.bootstrap}")
-            connected.set()
-            await asyncio.gather(
-                self.publish(),
-                self.send_heartbeats(),
-                self.control.follow(self.cfg.kafka.bootstrap),
-            )
-
-        delivery = asyncio.create_task(deliver())
+        bootstrap = self.cfg.kafka.bootstrap
+        collector = asyncio.create_task(self.collect(stop), name="collect")
+        # Collecting runs meanwhile: a broker that is away at start only means spooling.
+        connector = asyncio.create_task(
+            retry(self.producer.start, what=f"connect to Kafka at {bootstrap}"), name="connect"
+        )
+        senders: list[asyncio.Task] = []
+        failed: asyncio.Task | None = None
         try:
-            await collector
-            deadline = time.monotonic() + FLUSH_TIMEOUT_S
-            while connected.is_set() and not self.spool.empty() and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
+            running: set[asyncio.Task] = {collector, connector}
+            while collector in running and failed is None:
+                done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if task.exception() is not None:
+                        failed = task
+                    elif task is connector:
+                        senders = [
+                            asyncio.create_task(self.publish(), name="publish"),
+                            asyncio.create_task(self.send_heartbeats(), name="heartbeats"),
+                            asyncio.create_task(
+                                self.control.follow(self.cfg.kafka.bootstrap), name="control"
+                            ),
+                        ]
+                        running.update(senders)
+                    elif task is not collector:
+                        failed = task  # runs until cancelled: ending is failing
+            if failed is None:
+                deadline = time.monotonic() + FLUSH_TIMEOUT_S
+                while senders and not self.spool.empty() and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+            elif failed is not collector:
+                stop.set()  # the collector seals what it holds into the spool, for the next start
+                await asyncio.wait({collector})
         finally:
-            delivery.cancel()
-            await asyncio.gather(delivery, return_exceptions=True)
+            for task in (connector, *senders):
+                task.cancel()
+            await asyncio.gather(connector, *senders, return_exceptions=True)
             # stop() flushes the producer's buffer and would wait forever for a broker
             # that is gone; what it holds is still in the spool for the next start.
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.producer.stop(), PRODUCER_STOP_TIMEOUT_S)
             self.spool.close()
             log.info("agent stopped; %d spooled bytes not yet acknowledged", self.spool.depth_bytes())
+        if failed is not None:
+            err = failed.exception()
+            why = f"failed: {type(err).__name__}: {err}" if err else "ended"
+            log.critical("agent task %s %s; exiting with status 1", failed.get_name(), why)
+            raise SystemExit(1)

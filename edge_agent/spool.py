@@ -33,6 +33,14 @@ forward for the next valid record; the skipped bytes are logged and counted
 end of a segment. The writer never appends to a segment it did not create, so
 a damaged segment is only ever read.
 
+Disk errors: a record the disk refuses (ENOSPC, EIO) is cut back off its
+segment and ``append`` raises, so the caller counts the batch as lost; the
+spool stays usable and takes records again once space returns. An ack file
+that cannot be written is logged and left behind: the cost is re-sending.
+
+Privacy: segments and the ack file are 0600 in a 0700 directory (existing ones
+are tightened at start); they hold what the events name.
+
 Bound: at most ``max_bytes`` on disk. When full, ``drop_newest`` refuses new
 batches and ``drop_oldest`` deletes the oldest unacknowledged segment; either
 way the events lost are counted (``dropped_events``).
@@ -48,6 +56,8 @@ import time
 import zlib
 from pathlib import Path
 from typing import Literal
+
+from edge_agent.seqstore import private_dir
 
 log = logging.getLogger("ktel.spool")
 
@@ -94,7 +104,9 @@ class Spool:
         fsync_interval: float = 1.0,
     ):
         self.dir = directory
-        self.dir.mkdir(parents=True, exist_ok=True)
+        private_dir(directory)
+        for p in directory.iterdir():
+            os.chmod(p, 0o600)
         self.max_bytes = max_bytes
         self.segment_bytes = segment_bytes
         self.full_policy = full_policy
@@ -108,6 +120,7 @@ class Spool:
         self._ack = self._load_ack()
         self._ack_on_disk = self._ack
         self._ack_written = 0.0
+        self._ack_failing = False
         segs = self._segments()
         # Forget segments wholly before the acknowledged cursor (a crash between ack and delete).
         for s in segs:
@@ -118,7 +131,7 @@ class Spool:
             self._ack = Cursor(segs[0] if segs else 0, 0)
         # Always a fresh segment for writing: never append after a possibly torn tail.
         self._wseg = (segs[-1] + 1) if segs else self._ack.segment
-        self._wfile = open(self._path(self._wseg), "ab")  # noqa: SIM115 - lives as long as the spool
+        self._wfile = self._open_write(self._wseg)
         self._wsize = 0
         self._sizes = {s: self._path(s).stat().st_size for s in segs}
         self._sizes[self._wseg] = 0
@@ -128,6 +141,12 @@ class Spool:
 
     def _path(self, seg: int) -> Path:
         return self.dir / f"{seg:016d}.seg"
+
+    def _open_write(self, seg: int):
+        # Unbuffered: a failed write leaves nothing queued in Python to be written later,
+        # so cutting the segment back to its last whole record really undoes it.
+        fd = os.open(self._path(seg), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        return open(fd, "ab", buffering=0)
 
     def _segments(self) -> list[int]:
         return sorted(int(p.stem) for p in self.dir.glob("*.seg") if p.stem.isdigit())
@@ -168,26 +187,38 @@ class Spool:
         if self._wsize and self._wsize + size > self.segment_bytes:
             self._rotate()
         header = HEADER.pack(MAGIC, len(payload), n_events, _crc(len(payload), n_events, payload))
-        self._wfile.write(header + payload)
-        self._wfile.flush()  # to the page cache: from here a SIGKILL cannot lose it
+        now = time.monotonic()
+        try:
+            # One write to the page cache: from here a SIGKILL cannot lose it.
+            written = self._wfile.write(header + payload)
+            if written != size:
+                raise OSError(f"short write to {self._path(self._wseg)}: {written} of {size} bytes")
+            if self.fsync == "always" or (
+                self.fsync == "interval" and now - self._last_fsync >= self.fsync_interval
+            ):
+                os.fsync(self._wfile.fileno())
+                self._last_fsync = now
+        except OSError:
+            # Undo the partial record (a full disk writes what fits): the segment ends
+            # with whole records, and the space is free for the next try.
+            os.ftruncate(self._wfile.fileno(), self._wsize)
+            raise
         self._wsize += size
         self._sizes[self._wseg] = self._wsize
-        now = time.monotonic()
-        if self.fsync == "always" or (
-            self.fsync == "interval" and now - self._last_fsync >= self.fsync_interval
-        ):
-            os.fsync(self._wfile.fileno())
-            self._last_fsync = now
         return True
 
     def _rotate(self) -> None:
         if self.fsync != "never":
             os.fsync(self._wfile.fileno())
+        # The next segment is opened before anything changes: if that fails the spool
+        # is as it was. The directory may have been removed under a running agent.
+        private_dir(self.dir)
+        nxt = self._open_write(self._wseg + 1)
         self._wfile.close()
+        self._wfile = nxt
         self._wseg += 1
         self._wsize = 0
         self._sizes[self._wseg] = 0
-        self._wfile = open(self._path(self._wseg), "ab")  # noqa: SIM115
 
     def _drop_oldest_segment(self) -> bool:
         oldest = self._ack.segment
@@ -285,10 +316,8 @@ class Spool:
         if seg < self._ack.segment:  # the segment was dropped while we were reading it
             seg, off = self._ack.segment, self._ack.offset
         while len(out) < limit:
-            if seg == self._wseg:
-                if off >= self._wsize:
-                    break
-                self._wfile.flush()
+            if seg == self._wseg and off >= self._wsize:
+                break
             for rec in self._scan(seg, off):
                 out.append(rec)
                 off = rec.next.offset
@@ -323,9 +352,22 @@ class Spool:
     def _write_ack(self) -> None:
         cur = self._ack
         tmp = self.dir / "ack.tmp"
-        tmp.write_text(f"{cur.segment} {cur.offset}\n")
-        os.replace(tmp, self.dir / "ack")
-        self._ack_on_disk, self._ack_written = cur, time.monotonic()
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with open(fd, "w") as f:
+                f.write(f"{cur.segment} {cur.offset}\n")
+            os.replace(tmp, self.dir / "ack")
+        except OSError as err:
+            # Only an older cursor stays on disk: a restart re-sends what it acknowledged
+            # since, and the processors drop those batches by their numbers. Logged once
+            # per failing stretch, not at every write.
+            if not self._ack_failing:
+                log.warning("spool ack cursor not written (%s): kept in memory until it can be", err)
+            self._ack_failing = True
+        else:
+            self._ack_failing = False
+            self._ack_on_disk = cur
+        self._ack_written = time.monotonic()
 
     def close(self) -> None:
         if self._ack != self._ack_on_disk:

@@ -1,15 +1,30 @@
-"""Pure core of the dedupe stage: drop a batch whose (host, boot, seq) was seen.
+"""Pure core of the dedupe stage: drop a batch whose (host, boot, incarnation, seq)
+was seen.
 
 State per host (a JSON-able dict in the stage's Faust table)::
 
-    {"seen": {boot_id: [[lo, hi], ...]}}    # processors/seen.py; bounded, newest boot last
+    {"seen": {stream: [[lo, hi], ...]},                 # processors/seen.py; bounded, newest last
+     "parts": {stream: {str(seq): [[lo, hi], ...]}}}    # events seen of split batches
+
+A stream is one numbering of one agent: its boot id, and its incarnation when the
+batch carries one (``boot/incarnation``). An agent whose state was lost numbers
+from 0 again under a new incarnation (edge_agent/seqstore.py): a new stream, not
+duplicates of the old one's batches. A batch without an incarnation (an agent
+from before them) is in the stream of its boot alone, as it always was.
+
+A part (``part``: a batch Kafka refused as too large, split by the agent,
+edge_agent/agent.py) keeps its batch's seq and says which of its events it holds.
+The events of a seq already seen are duplicates; otherwise the events seen of
+that seq are kept as closed intervals of event indexes, a part passes on only
+those it adds (a re-sent batch may be split otherwise the second time), and
+once every event of the batch was seen the seq joins the stream's intervals.
 
 Batches are untrusted (docs/design.md, principle 11). One whose sequence number
-is more than ``MAX_SEQUENCE_GAP`` past the highest its boot has sent is refused:
+is more than ``MAX_SEQUENCE_GAP`` past the highest its stream has sent is refused:
 counted as seen, it would make every real batch up to it a "duplicate". An agent
 skips at most one block of numbers per restart (edge_agent/seqstore.py), so a
 real gap that large takes thousands of restarts that sent nothing. A batch of a
-boot that is not the host's newest, while that one is live, means two machines
+stream that is not the host's newest, while that one is live, means two machines
 send under one host id (a cloned /etc/machine-id): counted as a host conflict;
 both keep their own dedupe record and both are counted.
 
@@ -27,21 +42,56 @@ from ktel.wire import RawBatch
 from processors import seen
 from processors.stage import Result, Stage, State
 
-# Old boots of a host are forgotten beyond this many (their batches are long done).
+# Old streams (boots, incarnations) of a host are forgotten beyond this many (their
+# batches are long done).
 MAX_BOOTS = 4
-# The most a boot's sequence may jump past its highest so far (see the module doc).
+# The most a stream's sequence may jump past its highest so far (see the module doc).
 MAX_SEQUENCE_GAP = 4096 << 12
+# Split batches of a stream whose parts are still arriving; beyond it the oldest is
+# forgotten, and what of it arrives later counts again. Splits are rare (a batch
+# above the broker's message limit) and their parts are sent one after the other.
+MAX_SPLIT = 16
 
 
-def first_time(state: dict[str, Any], batch: RawBatch) -> bool:
-    """Record the batch; False if it is a duplicate (state mutated in place)."""
-    by_boot = state.setdefault("seen", {})
-    intervals = by_boot.setdefault(batch.boot_id, [])
-    if not seen.add(intervals, batch.seq):
-        return False
-    while len(by_boot) > MAX_BOOTS:
-        del by_boot[next(iter(by_boot))]  # dicts keep insertion order: oldest first
-    return True
+def stream(batch: RawBatch) -> str:
+    return batch.boot_id if batch.incarnation is None else f"{batch.boot_id}/{batch.incarnation}"
+
+
+def first_time(state: dict[str, Any], batch: RawBatch) -> RawBatch | None:
+    """Record the batch; what of it was not seen before (None: it is a duplicate).
+    ``state`` is mutated in place."""
+    key = stream(batch)
+    by_stream = state.setdefault("seen", {})
+    intervals = by_stream.setdefault(key, [])
+    while len(by_stream) > MAX_BOOTS:
+        old = next(iter(by_stream))  # dicts keep insertion order: oldest first
+        del by_stream[old]
+        state.get("parts", {}).pop(old, None)
+    if batch.part is None:
+        return batch if seen.add(intervals, batch.seq) else None
+    if seen.contains(intervals, batch.seq):
+        return None
+    first, total = batch.part
+    splits = state.setdefault("parts", {}).setdefault(key, {})
+    got = splits.setdefault(str(batch.seq), [])
+    new = [i for i in range(len(batch.events)) if not seen.contains(got, first + i)]
+    for i in new:
+        seen.add(got, first + i, max_intervals=total)  # never closes a hole: those events are unseen
+    if got == [[0, total - 1]]:
+        del splits[str(batch.seq)]
+        seen.add(intervals, batch.seq)
+    while len(splits) > MAX_SPLIT:
+        del splits[next(iter(splits))]
+    if not splits:
+        del state["parts"][key]
+    if not new:
+        return None
+    if len(new) == len(batch.events):
+        return batch
+    weights = batch.weights
+    return batch.keeping(
+        [batch.events[i] for i in new], None if weights is None else [weights[i] for i in new]
+    )
 
 
 class Dedupe(Stage):
@@ -52,21 +102,22 @@ class Dedupe(Stage):
         self.section = guards
 
     def on_batch(self, state: State, batch: RawBatch, now_ms: int) -> Result:
-        by_boot = state.get("seen", {})
-        intervals = by_boot.get(batch.boot_id)
+        key = stream(batch)
+        by_stream = state.get("seen", {})
+        intervals = by_stream.get(key)
         if intervals and batch.seq > intervals[-1][1] + MAX_SEQUENCE_GAP:
             return Result(
                 None,
                 refused=f"raw batch: sequence {batch.seq} is more than {MAX_SEQUENCE_GAP} past the "
                 f"highest its host and boot sent ({intervals[-1][1]})",
             )
-        newest = next(reversed(by_boot), None)
-        out_of_turn = intervals is not None and newest != batch.boot_id
-        if first_time(state, batch):
+        out_of_turn = intervals is not None and next(reversed(by_stream)) != key
+        fresh = first_time(state, batch)
+        if fresh is not None:
             if out_of_turn:
-                # Its boot becomes the newest: two live boots alternating count every switch.
-                state["seen"][batch.boot_id] = state["seen"].pop(batch.boot_id)
-                return Result(batch, changed=True, counts={"host_conflicts": 1})
-            return Result(batch, changed=True)
+                # Its stream becomes the newest: two live ones alternating count every switch.
+                state["seen"][key] = state["seen"].pop(key)
+                return Result(fresh, changed=True, counts={"host_conflicts": 1})
+            return Result(fresh, changed=True)
         # Written back all the same: the dedupe record may have been trimmed.
         return Result(None, changed=True, counts={"duplicates": 1})

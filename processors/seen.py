@@ -45,3 +45,8 @@ def add(intervals: list[list[int]], seq: int, max_intervals: int = MAX_INTERVALS
             intervals[1][0] = intervals[0][0]
             del intervals[0]
     return True
+
+
+def contains(intervals: list[list[int]], seq: int) -> bool:
+    i = bisect.bisect_right(intervals, [seq, float("inf")])
+    return i > 0 and intervals[i - 1][1] >= seq

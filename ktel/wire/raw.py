@@ -6,8 +6,14 @@ Record::
     {"v": 1,
      "host": str,        # host id (/etc/machine-id)
      "boot": str,        # boot id (/proc/sys/kernel/random/boot_id)
+     "inc": str,         # optional: the agent's incarnation, a random id made when
+                         # its state (edge_agent/seqstore.py) was created; a new
+                         # one starts a new numbering. Absent: one numbering per boot
      "seq": int,         # batch sequence number, strictly increasing per host
-                         # across agent restarts; (host, boot, seq) is unique
+                         # across agent restarts; (host, boot, inc, seq) is unique
+     "part": [int, int], # optional: this batch is the part of batch ``seq`` that
+                         # starts at its event ``part[0]``, of ``part[1]`` events in
+                         # all (a batch Kafka refused as too large is split)
      "sent": int,        # wall clock (ns since epoch) when the batch was sealed
      "events": [[kind_id, field, ...], ...],
      "w": [float, ...],  # optional: each event's sampling weight (how many events
@@ -34,7 +40,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ktel.probes import KINDS
-from ktel.schema import ATTR_VALUE, TS_NS, U63, Array, Int, Key, MapOf, Shape, Str
+from ktel.schema import ATTR_VALUE, TS_NS, U63, Array, Int, IntList, Key, MapOf, Shape, Str
 from ktel.wire.codec import WireError, pack, unpack
 
 # A batch holds at most this many events (the agent seals at agent.batch_max_events).
@@ -49,7 +55,9 @@ SHAPE = Shape(
     (
         Key("host", Str(256)),
         Key("boot", Str(256)),
+        Key("inc", Str(64), required=False),
         Key("seq", Int(0, U63)),
+        Key("part", IntList(2, 0, MAX_EVENTS), required=False),
         Key("sent", TS_NS),
         Key("events", Array(MAX_EVENTS)),  # each event checked against its kind
         Key("w", Array(MAX_EVENTS), required=False),  # checked with the events
@@ -81,6 +89,10 @@ class RawBatch:
     # Added by the enrich stage (see the module docstring); None before it.
     resource: dict[str, Any] | None = None
     processes: dict[str, dict[str, Any]] | None = None
+    # The agent's incarnation; None from an agent that predates it (see the module docstring).
+    incarnation: str | None = None
+    # [first event, events in all] of the batch this one is a part of; None when whole.
+    part: list[int] | None = None
 
     @property
     def key(self) -> bytes:
@@ -98,10 +110,17 @@ class RawBatch:
 
 
 def encode_batch(batch: RawBatch) -> bytes:
-    obj = {
+    obj: dict[str, Any] = {
         "host": batch.host_id,
         "boot": batch.boot_id,
-        "seq": batch.seq,
+    }
+    # Written only when set, so that a batch without them keeps its v1 bytes.
+    if batch.incarnation is not None:
+        obj["inc"] = batch.incarnation
+    obj["seq"] = batch.seq
+    if batch.part is not None:
+        obj["part"] = batch.part
+    obj |= {
         "sent": batch.sent_ns,
         "events": batch.events,
     }
@@ -147,6 +166,9 @@ def decode_batch(data: bytes) -> RawBatch:
         or not all(type(w) in (int, float) and 0 < w <= MAX_WEIGHT for w in weights)
     ):
         raise WireError(f"{what}: 'w' must be one positive weight (at most 2**53) per event")
+    part = obj.get("part")
+    if part is not None and not (part[0] + len(events) <= part[1] and events):
+        raise WireError(f"{what}: 'part' must name where its events lie among the whole batch's")
     return RawBatch(
         host_id=obj["host"],
         boot_id=obj["boot"],
@@ -156,6 +178,8 @@ def decode_batch(data: bytes) -> RawBatch:
         weights=weights,
         resource=obj.get("res"),
         processes=obj.get("proc"),
+        incarnation=obj.get("inc"),
+        part=obj.get("part"),
     )
 
 

@@ -23,8 +23,18 @@ class AgentProcess:
     # Every agent a test started, so a fixture can kill what a failed test left running.
     started: list[AgentProcess] = []
 
-    def __init__(self, tmp_path: Path, bootstrap: str, wrapper: list[str] | None = None, **settings: str):
+    def __init__(
+        self,
+        tmp_path: Path,
+        bootstrap: str,
+        wrapper: list[str] | None = None,
+        module: str = "ktel.cli",
+        **settings: str,
+    ):
+        """``module``: what ``python -m`` runs with the argument ``agent``; another
+        than ktel's own CLI only to inject a fault into the real agent."""
         self.wrapper = wrapper or []
+        self.module = module
         self.port = free_port()
         self.state_dir = tmp_path / "agent-state"
         self.log_path = tmp_path / "agent.log"
@@ -41,7 +51,7 @@ class AgentProcess:
     def start(self, timeout: float = 60) -> AgentProcess:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [*self.wrapper, sys.executable, "-m", "ktel.cli", "agent"],
+                [*self.wrapper, sys.executable, "-m", self.module, "agent"],
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

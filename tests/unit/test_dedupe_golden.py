@@ -14,10 +14,17 @@ def run_case(case: dict) -> dict:
     table: dict[str, dict] = {}
     first = []
     for b in case["batches"]:
-        batch = RawBatch(b["host"], b["boot"], b["seq"], 0, [])
+        # A part's events are its indexes in the whole batch, to show which pass on.
+        first_event = b["part"][0] if "part" in b else 0
+        events = [[first_event + i] for i in range(b.get("events", 0))]
+        inc, part = b.get("inc"), b.get("part")
+        batch = RawBatch(b["host"], b["boot"], b["seq"], 0, events, incarnation=inc, part=part)
         result = chain.on_batch(table.setdefault(b["host"], {}), batch, 0)
-        assert result.batch in (batch, None)  # passed on as it came, or dropped
-        first.append(result.batch is not None)
+        if "part" in b:  # which of its events pass on
+            first.append([ev[0] for ev in result.batch.events] if result.batch else [])
+        else:
+            assert result.batch in (batch, None)  # passed on as it came, or dropped
+            first.append(result.batch is not None)
     return {"first_time": first, "states": {host: value["dedupe"] for host, value in table.items()}}
 
 

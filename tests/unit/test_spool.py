@@ -1,3 +1,6 @@
+import os
+import stat
+
 import pytest
 
 from edge_agent.spool import HEADER, Spool
@@ -86,3 +89,38 @@ def test_full_spool_drops_by_policy_and_counts_events(tmp_path, policy):
     assert sp.dropped_events == 7 * (15 - len(got))
     assert sp.dropped_batches == 15 - len(got)
     assert sp.depth_bytes() <= 10 * rec
+
+
+def test_spool_files_are_private_even_if_they_were_not(tmp_path):
+    d = tmp_path / "spool"
+    sp = Spool(d)
+    sp.append(b"x" * 10, 1)
+    sp.close()
+    os.chmod(d, 0o755)
+    for p in d.iterdir():
+        os.chmod(p, 0o644)
+    sp = Spool(d, segment_bytes=64)
+    for _ in range(4):  # new segments too
+        sp.append(b"y" * 40, 1)
+    sp.ack(sp.end)
+    sp.close()
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in d.iterdir()}
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    assert "ack" in modes and set(modes.values()) == {0o600}, modes
+
+
+def test_a_refused_write_leaves_no_partial_record_and_the_spool_goes_on(tmp_path, monkeypatch):
+    sp = Spool(tmp_path / "spool", fsync="always")
+    assert sp.append(b"first", 1)
+    real_fsync = os.fsync
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError):
+        sp.append(b"lost" * 100, 4)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert sp.append(b"second", 2)
+    assert [(r.payload, r.n_events) for r in sp.read(sp.ack_cursor)] == [(b"first", 1), (b"second", 2)]
+    assert sp.corrupt_bytes == 0

@@ -82,6 +82,12 @@ RECORDS: dict[str, tuple[Callable[[Any], bytes], Callable[[bytes], Any], Any]] =
             processes={"4242": {"process.executable.name": "touch", "process.parent_pid": 1}},
         ),
     ),
+    # From an agent that knows its incarnation, a part of a batch split for Kafka.
+    "raw_batch_part": (
+        wire.encode_batch,
+        wire.decode_batch,
+        wire.RawBatch("a" * 32, "b" * 32, 9, TS, EVENTS[2:4], incarnation="c" * 32, part=[2, 12]),
+    ),
     "metric_snapshot": (
         wire.encode_snapshot,
         wire.decode_snapshot,

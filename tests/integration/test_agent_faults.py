@@ -1,0 +1,197 @@
+"""The real agent against faults that used to wedge or silence it: lost state, a
+full disk, a dead task, batches above Kafka's message limit."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import threading
+import time
+import uuid
+
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+from ktel.stack.kafka import LocalKafka
+from ktel.stack.proc import free_port
+from ktel.wire import HEARTBEATS_TOPIC, RAW_TOPIC, WireError, decode_batch, decode_heartbeat, event_dict
+from processors.dedupe_core import Dedupe
+from tests.conftest import need_bpf
+from tests.integration.agent_harness import AgentProcess, kill_leftovers, read_topic
+from tests.integration.test_agent_delivery import create_files, make_topics
+
+pytestmark = [pytest.mark.kafka, pytest.mark.bpf]
+ONLY_FILES = '["file_created"]'  # one ring-buffer probe: no histogram events to account for
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_agents():
+    yield
+    kill_leftovers()
+
+
+@pytest.fixture
+def own_broker(tmp_path):
+    broker = LocalKafka(tmp_path / "kafka", free_port(), free_port())
+    broker.start()
+    make_topics(broker.bootstrap)
+    yield broker
+    broker.stop()
+
+
+def deduped_paths(bootstrap: str, host: str, prefix: str) -> list[str]:
+    """Paths under ``prefix`` in ``host``'s batches on ktel.raw, after the dedupe stage's core."""
+    dedupe, state, paths = Dedupe(), {}, []
+    for rec in asyncio.run(read_topic(bootstrap, RAW_TOPIC)):
+        try:
+            batch = decode_batch(rec.value)
+        except WireError:
+            continue  # another test's garbage on the shared broker
+        if batch.host_id != host:
+            continue
+        kept = dedupe.on_batch(state, batch, 0).batch
+        for ev in kept.events if kept else []:
+            path = event_dict(ev).get("path", "")
+            if path.startswith(prefix):
+                paths.append(path)
+    return sorted(paths)
+
+
+def expected(directory, n) -> list[str]:
+    return [str(directory / f"f{i:05d}") for i in range(n)]
+
+
+def wait_for(what, condition, agent, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert agent.proc.poll() is None, f"agent exited while waiting for {what}:\n{agent.log()[-3000:]}"
+        assert time.monotonic() < deadline, f"{what}:\n{agent.log()[-3000:]}"
+        time.sleep(0.2)
+
+
+def test_lost_state_starts_a_numbering_that_dedupe_counts(kafka, tmp_path):
+    need_bpf()
+    make_topics(kafka.bootstrap)
+    host = f"lost-{uuid.uuid4().hex[:8]}"
+    agent = AgentProcess(tmp_path, kafka.bootstrap, host_id=host, probes=ONLY_FILES).start()
+    # Slowly: many batches, so the first numbering gets well past what the second uses.
+    create_files(tmp_path / "before", 100, rate_per_s=40)
+    agent.wait_until_spool_empty()
+    shutil.rmtree(agent.state_dir)  # lost while it runs (an emptyDir, a reimage)
+    assert agent.stop() == 0
+    shutil.rmtree(agent.state_dir, ignore_errors=True)  # and between runs
+    agent = AgentProcess(tmp_path, kafka.bootstrap, host_id=host, probes=ONLY_FILES).start()
+    create_files(tmp_path / "after", 300, rate_per_s=5000)
+    agent.wait_until_spool_empty()
+    assert agent.stop() == 0
+    assert deduped_paths(kafka.bootstrap, host, f"{tmp_path / 'before'}/") == expected(
+        tmp_path / "before", 100
+    )
+    assert deduped_paths(kafka.bootstrap, host, f"{tmp_path / 'after'}/") == expected(tmp_path / "after", 300)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs for the agent's state, unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "small-disk"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True)
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def fill(directory) -> None:
+    with open(directory / "filler", "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+
+
+def test_a_full_disk_drops_and_counts_then_the_backlog_drains(own_broker, small_disk, tmp_path):
+    need_bpf()
+    host = f"full-{uuid.uuid4().hex[:8]}"
+    own_broker.stop()  # Kafka away: everything must be kept on the small disk
+    agent = AgentProcess(
+        tmp_path, own_broker.bootstrap, host_id=host, probes=ONLY_FILES, state_dir=str(small_disk / "state")
+    ).start()
+    fill(small_disk)
+    create_files(tmp_path / "full", 200, rate_per_s=2000)
+    wait_for("drops counted", lambda: agent.metric("ktel_agent_disk_dropped_events_total") >= 200, agent)
+    assert "refuses writes" in agent.log()
+    (small_disk / "filler").unlink()  # space returns; Kafka is still away
+    create_files(tmp_path / "kept", 300, rate_per_s=2000)
+    wait_for("backlog spooled", lambda: agent.metric("ktel_agent_spool_bytes") > 0, agent)
+    assert "takes writes again" in agent.log()
+    own_broker.start()
+    agent.wait_until_spool_empty()
+
+    def balanced() -> bool:
+        read = agent.metric("ktel_agent_events_read_total", probe="file_created")
+        published = agent.metric("ktel_agent_events_published_total")
+        dropped = agent.metric("ktel_agent_disk_dropped_events_total")
+        return read == published + dropped and agent.metric("ktel_agent_spool_bytes") == 0
+
+    # Every event the agent read is published or counted as dropped (other processes
+    # create files too, so the totals are the host's, not only the test's).
+    wait_for("read == published + dropped", balanced, agent)
+    assert agent.metric("ktel_agent_spool_dropped_events_total") == 0
+    time.sleep(1.5)  # one more heartbeat, sent now that Kafka is back
+    assert agent.stop() == 0
+    assert deduped_paths(own_broker.bootstrap, host, f"{tmp_path / 'kept'}/") == expected(
+        tmp_path / "kept", 300
+    )
+    assert deduped_paths(own_broker.bootstrap, host, f"{tmp_path / 'full'}/") == []
+    beats = [
+        decode_heartbeat(r.value) for r in asyncio.run(read_topic(own_broker.bootstrap, HEARTBEATS_TOPIC))
+    ]
+    assert max(b["counters"]["disk_dropped_events"] for b in beats if b["host"]["host.id"] == host) >= 200
+
+
+def test_a_dead_task_ends_the_agent_with_one_line(kafka, tmp_path):
+    need_bpf()
+    make_topics(kafka.bootstrap)
+    agent = AgentProcess(tmp_path, kafka.bootstrap, module="tests.integration.agent_with_fault")
+    agent.start()
+    try:
+        status = agent.proc.wait(120)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the agent runs on without its publish task:\n{agent.log()[-3000:]}")
+    assert status == 1
+    [line] = [ln for ln in agent.log().splitlines() if "exiting with status 1" in ln]
+    assert "agent task publish failed: OSError" in line and "Input/output error" in line
+    assert "Traceback" not in agent.log()
+
+
+def test_a_batch_above_the_topics_message_limit_is_split_and_counted_once(own_broker, tmp_path):
+    need_bpf()
+    host = f"split-{uuid.uuid4().hex[:8]}"
+
+    async def limit_topic():
+        admin = AIOKafkaAdminClient(bootstrap_servers=own_broker.bootstrap)
+        await admin.start()
+        try:
+            cfg = {"max.message.bytes": "1500"}
+            await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, RAW_TOPIC, cfg)])
+        finally:
+            await admin.close()
+
+    asyncio.run(limit_topic())
+    agent = AgentProcess(tmp_path, own_broker.bootstrap, host_id=host, probes=ONLY_FILES).start()
+    n = 4000
+    worker = threading.Thread(target=create_files, args=(tmp_path / "big", n, 20000))
+    worker.start()
+    worker.join()
+    agent.wait_until_spool_empty()
+    split = agent.metric("ktel_agent_batches_split_total")
+    dropped = agent.metric("ktel_agent_too_large_dropped_events_total")
+    assert agent.stop() == 0
+    assert split > 0 and dropped == 0
+    assert deduped_paths(own_broker.bootstrap, host, f"{tmp_path / 'big'}/") == expected(tmp_path / "big", n)

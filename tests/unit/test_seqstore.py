@@ -1,0 +1,70 @@
+"""The agent's numbering: an incarnation made with the state, sequence numbers
+never issued twice, private files."""
+
+import os
+import stat
+
+import pytest
+
+from edge_agent.seqstore import SeqStore
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_a_restart_keeps_the_incarnation_and_never_reuses_a_number(tmp_path):
+    s = SeqStore(tmp_path, block=10)
+    assert [s.next() for _ in range(15)] == list(range(15))
+    s2 = SeqStore(tmp_path, block=10)
+    assert (s2.incarnation, s2.next()) == (s.incarnation, 20)
+
+
+def test_lost_state_starts_a_new_incarnation(tmp_path):
+    s = SeqStore(tmp_path / "state")
+    s.next()
+    (tmp_path / "state" / "batch-seq").unlink()
+    s2 = SeqStore(tmp_path / "state")
+    assert s2.next() == 0
+    assert s2.incarnation != s.incarnation and len(s2.incarnation) == 32
+
+
+def test_a_file_from_before_incarnations_gets_one_and_keeps_its_numbers(tmp_path):
+    (tmp_path / "batch-seq").write_text("8192")
+    s = SeqStore(tmp_path)
+    assert s.next() == 8192
+    assert SeqStore(tmp_path).incarnation == s.incarnation
+
+
+def test_a_block_that_cannot_be_written_issues_no_number(tmp_path, monkeypatch):
+    s = SeqStore(tmp_path, block=10)
+    assert s.next() == 0
+    for _ in range(9):
+        s.next()
+
+    def full(*_a, **_k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError):
+        s.next()
+    with pytest.raises(OSError):  # still nothing on disk: still no number
+        s.next()
+    monkeypatch.undo()
+    assert s.next() == 10
+    assert SeqStore(tmp_path, block=10).next() == 20
+
+
+def test_the_state_is_private_even_if_it_was_not(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir(mode=0o755)
+    (state / "batch-seq").write_text("c" * 32 + " 5\n")
+    os.chmod(state, 0o755)
+    os.chmod(state / "batch-seq", 0o644)
+    s = SeqStore(state, block=10)
+    assert (mode(state), mode(state / "batch-seq")) == (0o700, 0o600)
+    s.next()
+    assert mode(state / "batch-seq") == 0o600
+    new = tmp_path / "new" / "state"
+    SeqStore(new).next()
+    assert (mode(new), mode(new / "batch-seq")) == (0o700, 0o600)
