@@ -125,6 +125,8 @@ def cflags_for(
     cflags = [f"-I{BPF_DIR}", f"-DKTEL_RINGBUF_PAGES={pages}"]
     cflags += [f"-D{d}" for tp, d in spec.optional_tracepoints.items() if tp in present]
     cflags += [f"-D{d}" for f, d in spec.optional_fields.items() if _has_field(f)]
+    if spec.kernel_defines is not None:
+        cflags += [f"-D{k}={v}" for k, v in spec.kernel_defines().items()]
     cflags += [f"-D{k}={v}" for k, v in (defines or {}).items()]
     return cflags
 
