@@ -45,32 +45,184 @@ struct pending_open {
 	__s32 dirfd;
 };
 
-/* Keyed by pid_tgid: one syscall in flight per thread. */
-BPF_HASH(pending, u64, struct pending_open, 10240);
+/*
+ * Keyed by pid_tgid: one syscall in flight per thread. An LRU hash, so that an
+ * entry whose sys_exit never ran (a thread that entered before the exit
+ * program was attached) cannot hold a slot for ever. The LRU evicts to make
+ * room, and not only when the map is full: a CPU whose local free list is
+ * empty evicts before it takes free slots from other CPUs' lists
+ * (kernel/bpf/bpf_lru_list.c, 6.1 and 6.18). An open whose entry was evicted
+ * is found by its mark in open_marks below and counted.
+ */
+#ifndef KTEL_PENDING_MAX
+#define KTEL_PENDING_MAX 10240
+#endif
+BPF_TABLE("lru_hash", u64, struct pending_open, pending, KTEL_PENDING_MAX);
+
+/*
+ * One mark per thread with an O_CREAT open in flight, in task-local storage:
+ * it lives and dies with the thread, never fills and is never evicted, so at
+ * sys_exit "marked but not in pending" means "evicted". Task storage is open
+ * to tracepoint programs since 5.12 (commit a10787e6d58c, "bpf: Enable task
+ * local storage for tracing programs"); the agent's tests load this on 6.1
+ * (the VM) and 6.18.
+ */
+BPF_TASK_STORAGE(open_marks, u64);
 
 static __always_inline int open_enter(const char *filename, u32 flags, s32 dirfd)
 {
 	struct pending_open p = {};
-	u64 id;
+	u64 id, *mark;
 
 	if (!(flags & KTEL_O_CREAT))
 		return 0;
 	id = bpf_get_current_pid_tgid();
+	mark = open_marks.task_storage_get(bpf_get_current_task_btf(), 0,
+					   BPF_LOCAL_STORAGE_GET_F_CREATE);
 	p.filename = filename;
 	p.flags = flags;
 	p.dirfd = dirfd;
-	pending.update(&id, &p);
+	if (pending.update(&id, &p)) {
+		/* Not tracked at all: lost, if it creates. Counted now, once. */
+		ktel_count(KTEL_COUNTER_INFLIGHT_LOST);
+		return 0;
+	}
+	if (mark)
+		*mark = 1;
+	else
+		ktel_count(KTEL_COUNTER_INFLIGHT_LOST); /* no mark: an eviction would go unseen */
 	return 0;
 }
+
+#ifdef KTEL_OFF_TASK_FS
+/*
+ * Resolving a relative path: the directory it was relative to, read from the
+ * kernel's dentries as d_path() would, without d_path(), which BPF may call
+ * only from fentry/fexit, LSM and iterator programs on an allow-list of
+ * functions (bpf_d_path, kernel/trace/bpf_trace.c), not from a tracepoint.
+ *
+ * The struct offsets are the running kernel's, from its BTF: the agent passes
+ * them as KTEL_OFF_* (ktel/probes/file_created.py), because BCC compiles
+ * against whatever headers the host has and relocates nothing. Pointers are
+ * read with bpf_probe_read_kernel(), so a dentry renamed or freed under the
+ * walk gives a wrong or truncated name, never a fault. Read at the syscall's
+ * return: a chdir() by another thread of the process in between is the one
+ * case where that differs from what the open used.
+ */
+#define KTEL_DIR_STEPS 64 /* components and mount crossings */
+
+static __always_inline void *ktel_kptr(const void *base, u32 off)
+{
+	void *p = NULL;
+
+	bpf_probe_read_kernel(&p, sizeof(p), (const char *)base + off);
+	return p;
+}
+
+/* The struct path at @base + @off: its mount (struct vfsmount *) and dentry. */
+static __always_inline void ktel_path_of(const void *base, u32 off, void **mnt, void **dentry)
+{
+	*mnt = ktel_kptr(base, off + KTEL_OFF_PATH_MNT);
+	*dentry = ktel_kptr(base, off + KTEL_OFF_PATH_DENTRY);
+}
+
+static __always_inline void file_created_dir(struct file_created_event *ev, s32 dirfd)
+{
+	void *task = (void *)bpf_get_current_task();
+	void *fs = ktel_kptr(task, KTEL_OFF_TASK_FS);
+	void *mnt, *dentry, *root_mnt, *root_dentry;
+	int i;
+
+	if (!fs)
+		return;
+	ktel_path_of(fs, KTEL_OFF_FS_ROOT, &root_mnt, &root_dentry);
+	if (dirfd == KTEL_AT_FDCWD) {
+		ktel_path_of(fs, KTEL_OFF_FS_PWD, &mnt, &dentry);
+	} else {
+		/* current->files->fdt->fd[dirfd]->f_path, as fdget() finds it. */
+		void *files = ktel_kptr(task, KTEL_OFF_TASK_FILES);
+		void *fdt = ktel_kptr(files, KTEL_OFF_FILES_FDT);
+		void *file;
+		u32 max_fds = 0;
+
+		bpf_probe_read_kernel(&max_fds, sizeof(max_fds),
+				      (char *)fdt + KTEL_OFF_FDT_MAX_FDS);
+		if (dirfd < 0 || (u32)dirfd >= max_fds)
+			return;
+		file = ktel_kptr(ktel_kptr(fdt, KTEL_OFF_FDT_FD), (u32)dirfd * sizeof(void *));
+		if (!file)
+			return;
+		ktel_path_of(file, KTEL_OFF_FILE_PATH, &mnt, &dentry);
+	}
+	ev->dir_len = 0;
+	for (i = 0; i < KTEL_DIR_STEPS; i++) {
+		void *mount, *parent, *up;
+		const char *name;
+		u32 off;
+		long n;
+
+		if (!dentry || !mnt)
+			return;
+		/* The task's root (a chroot's too) is where d_path() stops. */
+		if (dentry == root_dentry && mnt == root_mnt)
+			goto done;
+		if (dentry == ktel_kptr(mnt, KTEL_OFF_VFSMOUNT_ROOT)) {
+			/* The root of a mount: go on from where it is mounted. */
+			/* container_of(mnt, struct mount, mnt) */
+			mount = (char *)mnt - KTEL_OFF_MOUNT_MNT;
+			up = ktel_kptr(mount, KTEL_OFF_MOUNT_PARENT);
+			if (up == mount)
+				goto done; /* the top of the mount tree, outside the task's root */
+			dentry = ktel_kptr(mount, KTEL_OFF_MOUNT_MOUNTPOINT);
+			mnt = (char *)up + KTEL_OFF_MOUNT_MNT;
+			continue;
+		}
+		parent = ktel_kptr(dentry, KTEL_OFF_DENTRY_PARENT);
+		if (parent == dentry)
+			return; /* a root that is no mount's: unreachable, as d_path() says */
+		/*
+		 * The offset lives in the record, not in a register, and is read back
+		 * unknown to the verifier: a register's exact range, different after
+		 * every name, would keep it from merging the walk's paths, and it
+		 * refuses the program as too complex (E2BIG) long before 64 steps.
+		 */
+		off = *(volatile __u16 *)&ev->dir_len;
+		if (off >= KTEL_DIR_LEN / 2) {
+			ev->dir_state = KTEL_DIR_TRUNCATED;
+			return;
+		}
+		name = ktel_kptr(dentry, KTEL_OFF_DENTRY_NAME + KTEL_OFF_QSTR_NAME);
+		/* off < KTEL_DIR_LEN / 2 and a name is at most NAME_MAX + 1 bytes: in dir. */
+		n = bpf_probe_read_kernel_str(&ev->dir[off & (KTEL_DIR_LEN / 2 - 1)],
+					      KTEL_DIR_LEN / 2, name);
+		if (n <= 0)
+			return;
+		*(volatile __u16 *)&ev->dir_len = off + n;
+		dentry = parent;
+	}
+	ev->dir_state = KTEL_DIR_TRUNCATED;
+	return;
+done:
+	ev->dir_state = KTEL_DIR_OK;
+}
+#endif /* KTEL_OFF_TASK_FS */
 
 static __always_inline int open_exit(long ret)
 {
 	u64 id = bpf_get_current_pid_tgid();
 	struct pending_open *p = pending.lookup(&id);
 	struct file_created_event *ev;
+	u64 *mark = open_marks.task_storage_get(bpf_get_current_task_btf(), 0, 0);
+	int marked = mark && *mark;
 
-	if (!p)
+	if (marked)
+		*mark = 0;
+	if (!p) {
+		/* Marked at sys_enter, gone now: the LRU evicted it. A failed open was no event. */
+		if (marked && ret >= 0)
+			ktel_count(KTEL_COUNTER_INFLIGHT_LOST);
 		return 0;
+	}
 	if (ret < 0)
 		goto out;
 	ev = ktel_reserve(sizeof(*ev));
@@ -83,10 +235,15 @@ static __always_inline int open_exit(long ret)
 	ev->dirfd = p->dirfd;
 	ev->flags = p->flags;
 	ev->certain = !!(p->flags & KTEL_O_EXCL);
-	ev->pad[0] = ev->pad[1] = ev->pad[2] = 0;
+	ev->dir_state = KTEL_DIR_NONE;
+	ev->dir_len = 0;
 	bpf_get_current_comm(ev->comm, sizeof(ev->comm));
 	if (bpf_probe_read_user_str(ev->path, sizeof(ev->path), p->filename) < 0)
 		ev->path[0] = 0;
+#ifdef KTEL_OFF_TASK_FS
+	if (ev->path[0] != '/')
+		file_created_dir(ev, p->dirfd);
+#endif
 	events.ringbuf_submit(ev, 0);
 out:
 	pending.delete(&id);

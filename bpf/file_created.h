@@ -7,10 +7,17 @@
 
 #define KTEL_COMM_LEN 16
 #define KTEL_PATH_LEN 256
+/* Twice the longest name component (NAME_MAX 255 + NUL): see dir below. */
+#define KTEL_DIR_LEN 512
+
+/* dir_state */
+#define KTEL_DIR_NONE 0 /* dir unused: path is absolute, or not resolved in the kernel */
+#define KTEL_DIR_OK 1 /* dir holds the whole directory path was relative to */
+#define KTEL_DIR_TRUNCATED 2 /* that directory is deeper or longer than dir holds */
 
 /*
  * Layout (no implicit padding; the decoder in ktel/probes/file_created.py reads
- * it with struct format "<QIIIiIB3x16s256s", 304 bytes, checked by a test):
+ * it with struct format "<QIIIiIBBH16s256s512s", 816 bytes, checked by a test):
  *   0 ts_ns    u64  bpf_ktime_get_ns() at the syscall's return
  *   8 pid      u32  tgid
  *  12 tid      u32
@@ -18,8 +25,14 @@
  *  20 dirfd    s32  openat's dirfd (AT_FDCWD = -100), to resolve relative paths
  *  24 flags    u32  open flags
  *  28 certain  u8   1: the file was certainly created (O_EXCL); 0: O_CREAT alone
+ *  29 dir_state u8  KTEL_DIR_*
+ *  30 dir_len  u16  bytes of dir used
  *  32 comm     char[16]
  *  48 path     char[256] as the caller passed it, NUL-terminated
+ * 304 dir      char[512] for a relative path, the directory it is relative to (the
+ *              cwd, or openat's dirfd), read from the kernel's dentries when the
+ *              syscall returned: its components from the innermost up, each
+ *              NUL-terminated ("b\0a\0" is /a/b; none is /)
  */
 struct file_created_event {
 	__u64 ts_ns;
@@ -29,9 +42,11 @@ struct file_created_event {
 	__s32 dirfd;
 	__u32 flags;
 	__u8 certain;
-	__u8 pad[3];
+	__u8 dir_state;
+	__u16 dir_len;
 	char comm[KTEL_COMM_LEN];
 	char path[KTEL_PATH_LEN];
+	char dir[KTEL_DIR_LEN];
 };
 
 #endif

@@ -7,7 +7,9 @@
 enum ktel_counter {
 	KTEL_COUNTER_RINGBUF_DROPS = 0, /* ringbuf_reserve failed: buffer full */
 	KTEL_COUNTER_SAMPLED_OUT = 1, /* dropped on purpose by the sampling knob */
-	KTEL_COUNTER_MAX = 2,
+	/* lost because the probe's map of calls in flight had no room for one (full or evicted) */
+	KTEL_COUNTER_INFLIGHT_LOST = 2,
+	KTEL_COUNTER_MAX = 3,
 };
 
 enum ktel_knob {

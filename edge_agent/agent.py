@@ -140,6 +140,11 @@ class AgentCollector(Collector):
             "ktel_agent_sampled_out", "events dropped in the kernel by the sampling knob", labels=["probe"]
         )
         every = GaugeMetricFamily("ktel_agent_sample_every", "sampling in force: 1 in N", labels=["probe"])
+        inflight = CounterMetricFamily(
+            "ktel_agent_inflight_lost",
+            "events lost in the kernel because a map of calls in flight had no room (full or evicted)",
+            labels=["probe"],
+        )
         lost = CounterMetricFamily(
             "ktel_agent_histogram_lost",
             "values an in-kernel histogram could not count (map full)",
@@ -149,11 +154,13 @@ class AgentCollector(Collector):
             c = probe.counters()
             drops.add_metric([name], c["ringbuf_drops"])
             sampled.add_metric([name], c["sampled_out"])
+            inflight.add_metric([name], c["inflight_lost"])
             every.add_metric([name], a.control.sample_every(name))
             if "hist_lost" in c:
                 lost.add_metric([name], c["hist_lost"])
         yield drops
         yield sampled
+        yield inflight
         yield every
         yield lost
         yield CounterMetricFamily(
@@ -512,6 +519,7 @@ class Agent:
                 c = p.counters()
                 counters[f"ringbuf_drops.{name}"] = c["ringbuf_drops"]
                 counters[f"sampled_out.{name}"] = c["sampled_out"]
+                counters[f"inflight_lost.{name}"] = c["inflight_lost"]
                 if "hist_lost" in c:
                     counters[f"histogram_lost.{name}"] = c["hist_lost"]
             cmd = self.control.command(name)

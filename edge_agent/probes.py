@@ -44,6 +44,7 @@ BPF_DIR = Path(os.environ.get("KTEL_BPF_DIR", DATA_DIR / "bpf"))
 # Mirrors enum ktel_counter / enum ktel_knob in bpf/ktel_common.h.
 COUNTER_RINGBUF_DROPS = 0
 COUNTER_SAMPLED_OUT = 1
+COUNTER_INFLIGHT_LOST = 2
 KNOB_SAMPLE_EVERY = 0
 
 # struct ktel_hist (bpf/ktel_hist.h): HIST_SLOTS u64 bucket counts then a u64 sum.
@@ -125,6 +126,8 @@ def cflags_for(
     cflags = [f"-I{BPF_DIR}", f"-DKTEL_RINGBUF_PAGES={pages}"]
     cflags += [f"-D{d}" for tp, d in spec.optional_tracepoints.items() if tp in present]
     cflags += [f"-D{d}" for f, d in spec.optional_fields.items() if _has_field(f)]
+    if spec.kernel_defines is not None:
+        cflags += [f"-D{k}={v}" for k, v in spec.kernel_defines().items()]
     cflags += [f"-D{k}={v}" for k, v in (defines or {}).items()]
     return cflags
 
@@ -282,6 +285,8 @@ class LoadedProbe:
         c = {
             "ringbuf_drops": sum(table[ctypes.c_int(COUNTER_RINGBUF_DROPS)]),
             "sampled_out": sum(table[ctypes.c_int(COUNTER_SAMPLED_OUT)]),
+            # Events lost because a map of calls in flight (entry -> exit) had no room.
+            "inflight_lost": sum(table[ctypes.c_int(COUNTER_INFLIGHT_LOST)]),
         }
         if self.spec.histograms:
             # Values a histogram could not count because a map was full.

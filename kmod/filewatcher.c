@@ -42,11 +42,27 @@
 #include <linux/ptrace.h>
 #include <linux/sched.h>
 #include <linux/stat.h>
+#include <linux/version.h>
 #include <ktel/ktel.h>
 
 /* The one place that instantiates the filewatcher:* events. */
 #define CREATE_TRACE_POINTS
 #include "filewatcher_trace.h"
+
+/*
+ * The kretprobe reads do_filp_open()'s third argument as
+ *	struct file *do_filp_open(int dfd, struct filename *pathname, const struct open_flags *op);
+ * (fs/internal.h) and the head of struct open_flags below: a kernel-internal
+ * signature, checked where ktel relies on it. It holds in 6.1 (Debian's
+ * 6.1 kernel, where tests/vm builds and runs this module) and in 6.18 (that
+ * kernel's BTF gives the same prototype, with open_flag at offset 0 and mode at
+ * 4 in struct open_flags). Other kernels may pass other arguments: the entry
+ * handler would read a wrong pointer as struct open_flags, so the build stops
+ * until fs/internal.h of that kernel has been checked and the range widened.
+ */
+#if LINUX_VERSION_CODE < KERNEL_VERSION(6, 1, 0) || LINUX_VERSION_CODE >= KERNEL_VERSION(6, 19, 0)
+#error "filewatcher: do_filp_open(int dfd, struct filename *, const struct open_flags *) is checked for kernels 6.1 to 6.18 only: check fs/internal.h of this kernel, then widen the LINUX_VERSION_CODE range in filewatcher.c"
+#endif
 
 #if !defined(CONFIG_X86_64) && !defined(CONFIG_ARM64)
 #error "filewatcher reads do_filp_open() arguments from registers: only x86_64 and arm64 are supported"

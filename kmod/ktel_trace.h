@@ -48,14 +48,20 @@ static inline const char *ktel_tp_val(const struct ktel_kv *kv, unsigned int n, 
  */
 /* clang-format off */
 /*
- * A bounded string field: __string_len() reserves @len + 1 bytes and
- * __assign_str_len() copies @len bytes and a NUL (both in 6.1's
- * include/trace/stages/). The length is computed twice (size, then copy),
- * which is cheaper than a copy into a bounce buffer.
+ * A bounded string field, measured once. __string_len() reserves @len + 1
+ * bytes, @len measured when the event's size is computed (6.1's
+ * include/trace/stages/stage5_get_offsets.h), and records that size in the
+ * field's __data_loc, which the assign stage reads back with
+ * __get_dynamic_array_len() (stage3_trace_output.h; still defined in stage 6).
+ * The copy is bounded by that size: strscpy_pad() copies at most size - 1
+ * bytes, always ends with a NUL and zeroes the rest. Measuring again at the
+ * copy (__assign_str_len(item, src, strnlen(src, max))) would write past the
+ * reservation if the string grew in between, and leave bytes of the ring
+ * buffer unwritten if it shrank.
  */
 #define KTEL_STR_FIELD(item, src, max) __string_len(item, src, strnlen(ktel_tp_str(src), max))
-#define KTEL_STR_ASSIGN(item, src, max)                                                    \
-	__assign_str_len(item, ktel_tp_str(src), strnlen(ktel_tp_str(src), max))
+#define KTEL_STR_ASSIGN(item, src)                                                         \
+	strscpy_pad(__get_str(item), ktel_tp_str(src), __get_dynamic_array_len(item))
 
 /* Fields "<p>0_key", "<p>0_value" ... "<p>3_value" and "nr_<p>s", p = label or attr. */
 #define KTEL_KV_SLOT_FIELDS(p, i, kv, n)                                                   \
@@ -69,8 +75,8 @@ static inline const char *ktel_tp_val(const struct ktel_kv *kv, unsigned int n, 
 	KTEL_KV_SLOT_FIELDS(p, 3, kv, n)
 
 #define KTEL_KV_SLOT_ASSIGN(p, i, kv, n)                                                   \
-	KTEL_STR_ASSIGN(p##i##_key, ktel_tp_key(kv, n, i), KTEL_KV_MAX_LEN);               \
-	KTEL_STR_ASSIGN(p##i##_value, ktel_tp_val(kv, n, i), KTEL_KV_MAX_LEN);
+	KTEL_STR_ASSIGN(p##i##_key, ktel_tp_key(kv, n, i));                                \
+	KTEL_STR_ASSIGN(p##i##_value, ktel_tp_val(kv, n, i));
 #define KTEL_KV_ASSIGN(p, kv, n)                                                           \
 	__entry->nr_##p##s = (kv) ? min_t(unsigned int, n, KTEL_MAX_KV) : 0;               \
 	KTEL_KV_SLOT_ASSIGN(p, 0, kv, n)                                                   \
@@ -124,7 +130,7 @@ DECLARE_EVENT_CLASS(ktel_metric,
 	),
 
 	TP_fast_assign(
-		KTEL_STR_ASSIGN(name, name, KTEL_NAME_MAX_LEN);
+		KTEL_STR_ASSIGN(name, name);
 		__entry->value = value;
 		KTEL_KV_ASSIGN(label, labels, nr_labels)
 	),
@@ -162,7 +168,7 @@ TRACE_EVENT(ktel_histogram,
 	),
 
 	TP_fast_assign(
-		KTEL_STR_ASSIGN(name, name, KTEL_NAME_MAX_LEN);
+		KTEL_STR_ASSIGN(name, name);
 		__entry->value = value;
 		KTEL_KV_ASSIGN(label, labels, nr_labels)
 	),
@@ -202,7 +208,7 @@ DECLARE_EVENT_CLASS(ktel_span_class,
 		__entry->start_ns = span->start_ns;
 		__entry->end_ns = end_ns;
 		__entry->status = status;
-		KTEL_STR_ASSIGN(name, span->name, KTEL_NAME_MAX_LEN);
+		KTEL_STR_ASSIGN(name, span->name);
 		KTEL_KV_ASSIGN(attr, attrs, nr_attrs)
 	),
 

@@ -154,6 +154,9 @@ class Probe:
     programs: dict[str, str] = dataclasses.field(default_factory=dict)
     # Run once when the probe loads (e.g. reading enum names from a format file).
     prepare: Callable[[], Any] | None = None
+    # -D flags that depend on the running kernel beyond its tracepoints (e.g. struct
+    # offsets from its BTF, ktel/probes/btf.py), computed when the probe is compiled.
+    kernel_defines: Callable[[], dict[str, int]] | None = None
     # Its C structs and the formats that read them (checked by a test).
     layouts: tuple[Layout, ...] = ()
 

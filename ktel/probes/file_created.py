@@ -3,22 +3,34 @@ tracepoint where it is loaded (it sees the create itself), else from the open an
 creat syscall tracepoints (O_CREAT and a successful return).
 
 ``LAYOUT`` reads ``struct file_created_event`` of bpf/file_created.h.
+
+A relative path (the syscall fallback records what the process passed) is made
+absolute from the directory the kernel side read from the dentries of the
+process's cwd or openat dirfd at the syscall's return (``dir``), so it holds
+after the process has exited. That needs the running kernel's struct offsets
+(``kernel_defines``, from its BTF); without BTF, or for a directory deeper than
+the record holds, the agent falls back to /proc/<pid>/cwd or /proc/<pid>/fd,
+which works only while the process lives.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 
-from ktel.probes import Layout, Probe
+from ktel.probes import Layout, Probe, btf
 from ktel.probes.decode import HEADER_SIZE, c_string, frame, stride
 from ktel.schema import COMM, PID, TS_NS, Bool, EventKind, Field, Int, Metric, Str
 
-LAYOUT = struct.Struct("<QIIIiIB3x16s256s")
+log = logging.getLogger(__name__)
+
+LAYOUT = struct.Struct("<QIIIiIBBH16s256s512s")
 # A record as a run of the ring buffer holds it: its 8-byte header first (edge_agent/ringbuf.py).
 FRAMED = struct.Struct(f"<{HEADER_SIZE}x{LAYOUT.format[1:]}")
 assert FRAMED.size == stride(LAYOUT.size)
 AT_FDCWD = -100
+DIR_OK = 1  # KTEL_DIR_OK (bpf/file_created.h)
 SLASH = ord("/")
 FILE_CREATED = EventKind(
     1,
@@ -60,6 +72,47 @@ def _resolve(path: str, pid: int, dirfd: int) -> str:
         return path
 
 
+def _join(dir_bytes: bytes, path: str) -> str:
+    """The record's dir (components innermost first, each NUL-terminated) joined with path."""
+    parts = dir_bytes.split(b"\0")[:-1]
+    parts.reverse()
+    text = "/" + "/".join(p.decode("utf-8", "backslashreplace") for p in parts)
+    return os.path.normpath(os.path.join(text, path))
+
+
+# The members bpf/file_created.bpf.c reads (KTEL_OFF_<define> = offsetof(struct, member)).
+_OFFSETS = {
+    "TASK_FS": ("task_struct", "fs"),
+    "TASK_FILES": ("task_struct", "files"),
+    "FS_ROOT": ("fs_struct", "root"),
+    "FS_PWD": ("fs_struct", "pwd"),
+    "PATH_MNT": ("path", "mnt"),
+    "PATH_DENTRY": ("path", "dentry"),
+    "FILES_FDT": ("files_struct", "fdt"),
+    "FDT_MAX_FDS": ("fdtable", "max_fds"),
+    "FDT_FD": ("fdtable", "fd"),
+    "FILE_PATH": ("file", "f_path"),
+    "VFSMOUNT_ROOT": ("vfsmount", "mnt_root"),
+    "MOUNT_MNT": ("mount", "mnt"),
+    "MOUNT_PARENT": ("mount", "mnt_parent"),
+    "MOUNT_MOUNTPOINT": ("mount", "mnt_mountpoint"),
+    "DENTRY_PARENT": ("dentry", "d_parent"),
+    "DENTRY_NAME": ("dentry", "d_name"),
+    "QSTR_NAME": ("qstr", "name"),
+}
+
+
+def kernel_defines() -> dict[str, int]:
+    """KTEL_OFF_* for the in-kernel directory walk, from the running kernel's BTF;
+    none (the agent resolves from /proc instead) where it has no BTF or lacks one."""
+    try:
+        b = btf.vmlinux()
+        return {f"KTEL_OFF_{k}": b.offsetof(s, m) for k, (s, m) in _OFFSETS.items()}
+    except (OSError, btf.BTFError) as err:
+        log.warning("file_created: relative paths resolved from /proc only: %s", err)
+        return {}
+
+
 def decode(raw: bytes, wall_offset_ns: int) -> list:
     """One ring-buffer record -> one FILE_CREATED event.
 
@@ -82,11 +135,18 @@ def decode_run(size: int, data: bytes, wall_offset_ns: int) -> list:
     kind = FILE_CREATED.id
     events: list[list] = []
     append = events.append
-    for ts, pid, tid, uid, dirfd, flags, certain, comm, path in FRAMED.iter_unpack(data):
+    for ts, pid, tid, uid, dirfd, flags, certain, dir_state, dir_len, comm, path, dir_ in FRAMED.iter_unpack(
+        data
+    ):
         c = comms.get(comm)
         if c is None:
             c = comms[comm] = c_string(comm)
-        p = c_string(path) if path[0] == SLASH else _resolve(c_string(path), pid, dirfd)
+        if path[0] == SLASH:
+            p = c_string(path)
+        elif dir_state == DIR_OK:
+            p = _join(dir_[:dir_len], c_string(path))
+        else:
+            p = _resolve(c_string(path), pid, dirfd)
         append([kind, ts + wall_offset_ns, pid, tid, uid, c, p, flags, certain != 0])
     return events
 
@@ -112,12 +172,26 @@ PROBE = Probe(
         "filewatcher/file_created": "KTEL_HAVE_FILEWATCHER",
     },
     programs={"filewatcher/file_created": "file_created_filewatcher"},
+    kernel_defines=kernel_defines,
     layouts=(
         Layout(
             "file_created.h",
             "file_created_event",
             LAYOUT,
-            ("ts_ns", "pid", "tid", "uid", "dirfd", "flags", "certain", "comm", "path"),
+            (
+                "ts_ns",
+                "pid",
+                "tid",
+                "uid",
+                "dirfd",
+                "flags",
+                "certain",
+                "dir_state",
+                "dir_len",
+                "comm",
+                "path",
+                "dir",
+            ),
         ),
     ),
 )

@@ -1,12 +1,15 @@
 """The file_created probe against the real kernel: a known workload of 23 files."""
 
+import contextlib
 import os
+import platform
 import subprocess
 import time
 
 import pytest
 
 from edge_agent import probes, ringbuf
+from ktel.probes import file_created
 from ktel.wire import event_dict
 from tests.conftest import need_bpf
 
@@ -46,8 +49,7 @@ def test_23_files_give_exactly_23_events_with_paths_and_pids(probe, tmp_path):
     touch = subprocess.Popen(["touch", *(str(target / n) for n in names)])
     assert touch.wait() == 0
     noise.wait()
-    # A relative path, resolved by the agent from the creating process's cwd
-    # (while it lives: a process already gone leaves the path relative).
+    # A relative path, made absolute from the cwd the kernel side read.
     rel = subprocess.Popen(
         ["python3", "-c", "import time; open('relative-one', 'w').close(); time.sleep(3)"],
         cwd=other,
@@ -75,7 +77,7 @@ def test_23_files_give_exactly_23_events_with_paths_and_pids(probe, tmp_path):
     [relative] = [e for e in events if e["path"].endswith("relative-one")]
     assert relative["pid"] == rel.pid
     rel.kill()
-    assert probe.counters() == {"ringbuf_drops": 0, "sampled_out": 0}
+    assert probe.counters() == {"ringbuf_drops": 0, "sampled_out": 0, "inflight_lost": 0}
 
 
 def test_o_excl_creations_are_certain_and_failed_opens_are_not_events(probe, tmp_path):
@@ -124,3 +126,117 @@ def test_bccs_callback_reader_gives_the_same_events_within_the_queue_bound(monke
         assert p._queued >= p._taken > 0
     finally:
         p.close()
+
+
+def test_relative_and_dirfd_paths_are_absolute_after_the_process_has_exited(probe, tmp_path, monkeypatch):
+    """The kernel side reads the directory a relative path is relative to (the
+    cwd, or openat's dirfd) when the open returns, so the path is made absolute
+    though the process is gone before the agent reads the event and /proc has
+    nothing left to resolve it from."""
+    # Resolving from /proc would hide a kernel side that did not: the test makes it fail.
+    monkeypatch.setattr(file_created, "_resolve", lambda path, pid, dirfd: f"UNRESOLVED:{path}")
+    cwd = tmp_path / "a dir" / "deep"
+    other = tmp_path / "other"
+    cwd.mkdir(parents=True)
+    other.mkdir()
+    # /dev/shm: a directory on another mount, so the walk crosses a mount point.
+    shm = (
+        "/dev/shm"
+        if os.path.isdir("/dev/shm") and os.stat("/dev/shm").st_dev != os.stat(tmp_path).st_dev
+        else None
+    )
+    code = (
+        "import os\n"
+        "open('by-cwd', 'w').close()\n"
+        "open('../by-dotdot', 'w').close()\n"
+        f"d = os.open({str(other)!r}, os.O_RDONLY | os.O_DIRECTORY)\n"
+        "os.close(os.open('by-dirfd', os.O_CREAT | os.O_WRONLY, dir_fd=d))\n"
+        "os.close(os.open('by-dirfd-excl', os.O_CREAT | os.O_EXCL | os.O_WRONLY, dir_fd=d))\n"
+        "os.close(d)\n"
+    )
+    if shm:
+        code += f"os.chdir({shm!r}); open('ktel-test-{os.getpid()}', 'w').close()\n"
+    proc = subprocess.run(["python3", "-c", code], cwd=cwd, check=True)
+    assert proc.returncode == 0  # exited and reaped: /proc/<pid> is gone
+    want = {
+        str(cwd / "by-cwd"),
+        str(tmp_path / "a dir" / "by-dotdot"),
+        str(other / "by-dirfd"),
+        str(other / "by-dirfd-excl"),
+    }
+    if shm:
+        want.add(f"{shm}/ktel-test-{os.getpid()}")
+    try:
+        events = drain_until(probe, lambda evs: want <= {e["path"] for e in evs})
+    finally:
+        if shm:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{shm}/ktel-test-{os.getpid()}")
+    mine = {e["path"] for e in events if "by-" in e["path"] or "ktel-test-" in e["path"]}
+    assert mine == want
+
+
+def _threads_in_open(pid: int) -> int:
+    """Threads of pid sleeping inside openat(2) (/proc/<pid>/task/<tid>/syscall)."""
+    nr = {"x86_64": 257, "aarch64": 56}[platform.machine()]
+    n = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+                n += f.read().split()[0] == str(nr)
+        except (OSError, IndexError):
+            pass
+    return n
+
+
+M = 41  # opens in flight at once: a prime, against a map of KTEL_PENDING_MAX = 8
+
+
+def test_creates_evicted_from_a_full_map_of_opens_in_flight_are_counted(tmp_path):
+    """More O_CREAT opens in flight than the pending map holds: each one is either an
+    event or counted in inflight_lost, none lost uncounted."""
+    need_bpf()
+    loaded, skipped = probes.load(
+        ["file_created"], ringbuf_pages=64, defines={"file_created": {"KTEL_PENDING_MAX": 8}}
+    )
+    assert not skipped, skipped
+    probe = loaded["file_created"]
+    fifos = [tmp_path / f"fifo{i:02d}" for i in range(M)]
+    for f in fifos:
+        os.mkfifo(f)
+    # Opening a FIFO for writing sleeps until a reader opens it; O_CREAT on it (it exists)
+    # succeeds without creating: an event of the fallback (certain false), held in flight.
+    code = (
+        "import os, sys, threading\n"
+        "def w(p):\n"
+        "    os.close(os.open(p, os.O_CREAT | os.O_WRONLY))\n"
+        "ts = [threading.Thread(target=w, args=(p,)) for p in sys.argv[1:]]\n"
+        "[t.start() for t in ts]\n"
+        "[t.join() for t in ts]\n"
+    )
+    writer = subprocess.Popen(["python3", "-c", code, *map(str, fifos)])
+    readers: list[int] = []
+    try:
+        deadline = time.monotonic() + 30
+        while _threads_in_open(writer.pid) < M and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _threads_in_open(writer.pid) == M, "the writer's threads did not all block in open"
+        readers = [os.open(f, os.O_RDONLY | os.O_NONBLOCK) for f in fifos]
+        assert writer.wait() == 0
+        prefix = f"{tmp_path}/fifo"
+
+        def settled(evs):
+            return sum(e["path"].startswith(prefix) for e in evs) + probe.counters()["inflight_lost"] >= M
+
+        events = drain_until(probe, settled)
+        delivered = sorted(e["path"] for e in events if e["path"].startswith(prefix))
+        lost = probe.counters()["inflight_lost"]
+    finally:
+        for fd in readers:
+            os.close(fd)
+        writer.kill()
+        probe.close()
+    assert len(set(delivered)) == len(delivered)  # each at most once
+    assert len(delivered) < M  # the map of 8 could not hold them all...
+    # ...and each one it did not hold is counted (other processes' creates may add to it).
+    assert lost >= M - len(delivered)

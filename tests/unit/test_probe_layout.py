@@ -47,6 +47,7 @@ def test_counter_and_knob_indices_match_header():
     text = (probes.BPF_DIR / "ktel_common.h").read_text()
     assert f"KTEL_COUNTER_RINGBUF_DROPS = {probes.COUNTER_RINGBUF_DROPS}," in text
     assert f"KTEL_COUNTER_SAMPLED_OUT = {probes.COUNTER_SAMPLED_OUT}," in text
+    assert f"KTEL_COUNTER_INFLIGHT_LOST = {probes.COUNTER_INFLIGHT_LOST}," in text
     assert f"KTEL_KNOB_SAMPLE_EVERY = {probes.KNOB_SAMPLE_EVERY}," in text
 
 
@@ -86,8 +87,11 @@ def test_file_created_offsets_are_the_documented_ones():
         "dirfd": 20,
         "flags": 24,
         "certain": 28,
+        "dir_state": 29,
+        "dir_len": 30,
         "comm": 32,
         "path": 48,
+        "dir": 304,
     }
 
 
