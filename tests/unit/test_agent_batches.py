@@ -8,8 +8,10 @@ from ktel.wire import RawBatch, encode_batch
 def test_the_largest_events_of_the_loaded_probes_bound_a_batch():
     mib = 1 << 20
     assert PROBES["ktel_api"].event_bytes == ktel_api.LAYOUT.size == 912
-    assert batch_limit(2000, mib, ["file_created"]) == 2000  # 304-byte records: the count binds
-    assert batch_limit(2000, mib, ["file_created", "ktel_api"]) == mib // 912
+    assert batch_limit(2000, mib, ["tcp_retransmit"]) == 2000  # 56-byte records: the count binds
+    assert PROBES["file_created"].event_bytes == 816
+    assert batch_limit(2000, mib, ["file_created"]) == mib // 816
+    assert batch_limit(2000, mib, ["tcp_retransmit", "ktel_api"]) == mib // 912
     assert batch_limit(10, mib, ["ktel_api"]) == 10
     assert batch_limit(2000, 4096, ["syscall_latency"]) == 4096 // PROBES["syscall_latency"].event_bytes
 

@@ -15,7 +15,10 @@ def fc_record(i: int, path: bytes, comm: bytes = b"touch") -> bytes:
     # Bytes after the path's NUL are whatever the ring buffer held: not zeros.
     raw_path = (path + b"\0").ljust(256, b"\xaa")
     comm = comm.ljust(16, b"\0")
-    return file_created.LAYOUT.pack(1000 + i, 40 + i, 41 + i, 0, -100, 0o101, i % 2, comm, raw_path)
+    # dir_state 0: no directory from the kernel (an absolute path needs none).
+    return file_created.LAYOUT.pack(
+        1000 + i, 40 + i, 41 + i, 0, -100, 0o101, i % 2, 0, 0, comm, raw_path, b""
+    )
 
 
 def run_of(records: list[bytes]) -> framing.Run:

@@ -18,7 +18,6 @@ W=/tmp/fw
 
 stamp start
 step insmod_ktel insmod $M/ktel.ko
-step insmod_filewatcher insmod $M/filewatcher.ko
 stamp agent
 for m in $NINEP_MODULES; do insmod $M/$m.ko || echo "insmod $m failed"; done
 H=/host
@@ -37,6 +36,13 @@ in_host() {
 		TMPDIR=/run KTEL_AGENT__STATE_DIR=/run/ktel-agent KTEL_AGENT__METRICS_PORT=0 KTEL_AGENT__PROBES='[\"ktel_api\", \"file_created\", \"module_load\"]' \
 		KTEL_KAFKA__BOOTSTRAP=127.0.0.1:9 $PYTHON $*"
 }
+# Before filewatcher: file_created's syscall fallback on this kernel.
+mkdir -p $H/run/fb
+(in_host -m tests.vm.guest_fallback /run/fb >$H/run/fallback.jsonl 2>$H/run/fallback.err)
+rc fallback $?
+dump fallback $H/run/fallback.jsonl
+dump fallback_err $H/run/fallback.err
+step insmod_filewatcher insmod $M/filewatcher.ko
 in_host -m ktel.cli agent >$H/run/agent.log 2>&1 &
 agent_pid=$!
 n=0

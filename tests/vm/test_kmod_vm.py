@@ -488,6 +488,16 @@ def test_the_agent_in_the_guest_spools_exactly_the_modules_events(agent_guest):
     assert sorted(int(lg["message"].split()[1]) for lg in logs) == list(range(N))
 
 
+def test_file_created_falls_back_to_syscalls_and_resolves_relative_paths_in_this_kernel(agent_guest):
+    """Debian's kernel without the filewatcher module: the syscall fallback loads, and
+    its in-kernel walk makes relative creates absolute after their processes exited."""
+    rcs = _rcs(agent_guest)
+    assert rcs.get("fallback") == 0, "\n".join(agent_guest.sections["fallback_err"])
+    rows = [json.loads(line) for line in agent_guest.sections["fallback"] if line.strip()]
+    assert sorted(r["path"] for r in rows) == ["/run/fb/rel-a", "/run/fb/rel-b", "/run/fb/rel-c"], rows
+    assert all(r["comm"] == "touch" or r["comm"].startswith("python") for r in rows), rows
+
+
 def test_50_reloads_leave_nothing_behind(guest):
     m = re.search(r"KTEL RELOADS (\d+) (\d+)", guest.run.output)
     assert m and int(m[2]) == RELOADS, guest.why()
