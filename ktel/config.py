@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ktel.probes import KIND_BY_NAME, KINDS, PROBES
+from ktel.schema import U32
 
 
 class ConfigError(Exception):
@@ -128,6 +129,25 @@ class AgentConfig(BaseModel):
     )
     redact: list[RedactRule] = Field(
         [], description="rules masking sensitive values before anything leaves the node"
+    )
+
+    # Bounds on fidelity commands from ktel.control (edge_agent/control.py): one out
+    # of them is refused, counted and reported in the next heartbeat.
+    control_max_sample_every: int = Field(
+        1_000_000,
+        ge=1,
+        le=U32,  # the probes' in-kernel knob is a u32
+        description="the sparsest sampling (1 in N) a control command may set",
+    )
+    control_max_ttl_seconds: float = Field(
+        3600,
+        gt=0,
+        le=7 * 86400,
+        description="the longest a control command may hold; a restarted agent also reads "
+        "ktel.control back this far",
+    )
+    control_max_id_chars: int = Field(
+        512, ge=16, le=512, description="the longest control command id the agent accepts"
     )
 
     @field_validator("probes")
@@ -252,9 +272,15 @@ class SampleConfig(BaseModel):
     )
     min_rate: float = Field(10.0, ge=0, description="events/s below which no host is anomalous")
     ewma_alpha: float = Field(0.3, gt=0, le=1, description="weight of the newest window in the EWMA")
-    raised_sample_every: int = Field(1, ge=1, description="probe sampling (1 in N) during an anomaly")
-    normal_sample_every: int = Field(1, ge=1, description="probe sampling restored when the anomaly passes")
-    command_ttl_seconds: float = Field(300, gt=0, description="how long a fidelity command holds")
+    # Agents refuse a command over their agent.control_max_sample_every and
+    # agent.control_max_ttl_seconds (1000000 and 3600 by default).
+    raised_sample_every: int = Field(1, ge=1, le=U32, description="probe sampling (1 in N) during an anomaly")
+    normal_sample_every: int = Field(
+        1, ge=1, le=U32, description="probe sampling restored when the anomaly passes"
+    )
+    command_ttl_seconds: float = Field(
+        300, gt=0, description="how long a fidelity command holds, from when each agent applies it"
+    )
 
 
 class RemoteWriteConfig(BaseModel):
