@@ -28,16 +28,17 @@ def procs():
 
 
 def test_a_stale_pid_file_naming_another_process_signals_nothing(cfg, procs, capsys):
-    other = subprocess.Popen(["sleep", "600"])
+    # Another Python program, past its start: it says so once it runs its code.
+    code = "import time; print('ready', flush=True); time.sleep(600)"
+    other = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
     procs.append(other)
+    assert other.stdout is not None and other.stdout.readline() == b"ready\n"
     up.pidfile(cfg).write_text(str(other.pid))
     assert up.down(cfg, timeout=5) == 1
     assert other.poll() is None  # not signalled
     assert not up.pidfile(cfg).exists()
-    assert (
-        f"names pid {other.pid}, which is not ktel up (sleep 600): signalling nothing"
-        in capsys.readouterr().out
-    )
+    said = f"names pid {other.pid}, which is not ktel up ({sys.executable} -c {code}): signalling nothing"
+    assert said in capsys.readouterr().out
 
 
 def test_a_ktel_up_is_stopped(cfg, procs, tmp_path):
