@@ -204,7 +204,7 @@ class Agent:
         self.loaded: dict[str, probes_mod.LoadedProbe] = {}
         self.skipped: dict[str, str] = {}
         self.batch_limit = batch_limit(acfg.batch_max_events, acfg.batch_max_bytes, acfg.probes)
-        self.control = Control(self.host_id, acfg.sample_every, self.apply_rate)
+        self.control = Control.of(acfg, self.apply_rate)
         self.latencies_ms: list[float] = []
         self.containers = Containers.of_host(acfg.cgroup_root)
         self.disk_failing = False  # the last spool write failed (spool_batch)
@@ -511,6 +511,7 @@ class Agent:
             "disk_dropped_events": value("disk_dropped_events"),
             "too_large_dropped_events": value("too_large_dropped_events"),
             "batches_split": value("batches_split"),
+            **self.control.counts,
         }
         probes: dict[str, dict] = {}
         for name in self.cfg.agent.probes:
@@ -552,6 +553,7 @@ class Agent:
                 "max": max(lat) if lat else 0.0,
             },
             "acked_commands": self.control.take_acks(),
+            "refused_commands": self.control.take_refusals(),
             "containers": containers,
         }
         return hb, counters
@@ -575,7 +577,7 @@ class Agent:
                 await asyncio.wait_for(self._send_and_wait(HEARTBEATS_TOPIC, encode_heartbeat(hb)), interval)
                 HEARTBEATS.inc()
             except Exception as err:
-                self.control.unack(hb["acked_commands"])
+                self.control.unack(hb["acked_commands"], hb["refused_commands"])
                 log.warning("heartbeat not sent: %s", err)
             await asyncio.sleep(interval)
 

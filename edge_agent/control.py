@@ -1,77 +1,292 @@
 """Remote fidelity control: commands from ``ktel.control`` that set a probe's
-sampling (1 in N) until a deadline, applied to the probe's BPF knob map without
+sampling (1 in N) for a while, applied to the probe's BPF knob map without
 reloading anything, and acknowledged in the next heartbeat. When a command's
-deadline passes, the configured rate comes back.
+time is up, the configured rate comes back.
 
-Every agent reads the whole (single-partition) topic without a consumer group,
-starting ``LOOKBACK`` back in time, so a restarted agent re-applies commands
-that are still in force.
+Bounds (docs/design.md, principle 11). Anyone who can write ``ktel.control``
+changes hosts, so a command for this host (its target is this host id or "*";
+others' commands are not this agent's business) is applied only when its probe
+is one ktel knows (``ktel.probes.PROBES``), its ``sample_every`` is at most
+``agent.control_max_sample_every`` (the kernel's knob is a u32: a larger value
+would wrap around, and every event would carry a weight the kernel did not
+apply), it holds at most ``agent.control_max_ttl_seconds`` and its id has at most
+``agent.control_max_id_chars`` characters. Any other command is refused: counted
+(``ktel_agent_commands_refused_total`` by reason, ``commands_refused`` in the
+heartbeat's counters) and named with the reason in the next heartbeat's
+``refused_commands``. A record that does not decode is counted under reason
+``undecodable``; it has no id to acknowledge. At most ``MAX_PENDING_ACKS``
+acknowledgements of each sort wait for a heartbeat (the oldest go first,
+counted), so heartbeats stay far under Kafka's record limit whatever arrives.
+
+Durations, not deadlines. A command holds for ``ttl_ms`` from when this agent
+applies it, by this agent's clock, so a sender whose clock is ahead or behind
+stretches or shortens nothing. A command without ``ttl_ms`` (from a sender that
+predates it) holds ``until_ms`` minus its record's Kafka timestamp: both come
+from the sender's clock, so the difference is a duration too.
+
+Restarts. Every command this agent applied and that still holds is kept in
+``<state_dir>/control.json`` with its deadline by this agent's clock; a
+restarted agent re-applies them at once (Kafka may be away) and keeps their
+deadlines, so a restart neither ends nor extends a command. It then reads the
+whole (single-partition) topic, without a consumer group, from
+``agent.control_max_ttl_seconds`` back in time (no command holds longer): a
+command it had applied keeps its recorded deadline; one it had not (sent while
+it was down, or its state was lost) holds until the earlier of a full TTL from
+now and its record's timestamp plus the TTL, so it can end early if the
+sender's clock is behind, but never holds past a full TTL.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
 import logging
+import os
 import time
+from collections import deque
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client import Counter
 
+from ktel.probes import PROBES
 from ktel.retry import retry
 from ktel.wire import CONTROL_TOPIC, ControlCommand, WireError, decode_command
 
+if TYPE_CHECKING:
+    from ktel.config import AgentConfig
+
 log = logging.getLogger("ktel.control")
 
-BAD_COMMANDS = Counter("ktel_agent_bad_commands", "control records that did not decode")
-LOOKBACK_MS = 3_600_000
+APPLIED = Counter("ktel_agent_commands_applied", "control commands applied")
+REFUSED = Counter(
+    "ktel_agent_commands_refused",
+    "control commands refused: undecodable, or out of bounds (probe, sample_every, ttl, id)",
+    ["reason"],
+)
+ACKS_DROPPED = Counter(
+    "ktel_agent_command_acks_dropped",
+    "acknowledgements of commands dropped while heartbeats could not go out",
+)
+# Acknowledgements of each sort waiting for a heartbeat: 256 ids of 512 characters
+# are 128 KiB, an eighth of Kafka's default record limit.
+MAX_PENDING_ACKS = 256
+# Applied commands remembered across restarts; a flood beyond it forgets the oldest,
+# which after a restart are judged by their record's timestamp instead.
+MAX_REMEMBERED = 1024
+STATE_FILE = "control.json"
+
+
+def _requeue(pending: deque[Any], front: list[Any], *back: Any) -> None:
+    """``front`` before what is pending, ``back`` after it; then the oldest beyond
+    MAX_PENDING_ACKS go, counted."""
+    pending.extendleft(reversed(front))
+    pending.extend(back)
+    while len(pending) > MAX_PENDING_ACKS:
+        pending.popleft()
+        ACKS_DROPPED.inc()
 
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    max_sample_every: int
+    max_ttl_ms: int
+    max_id_chars: int
+
+    @classmethod
+    def of(cls, acfg: AgentConfig) -> Bounds:
+        return cls(
+            acfg.control_max_sample_every,
+            int(acfg.control_max_ttl_seconds * 1000),
+            acfg.control_max_id_chars,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class InForce:
+    """A command this agent applied: its deadline is by this agent's clock."""
+
+    id: str
+    probe: str
+    sample_every: int
+    deadline_ms: int
+
+
 class Control:
-    def __init__(self, host_id: str, configured: dict[str, int], apply: Callable[[str, int], None]):
+    def __init__(
+        self,
+        host_id: str,
+        configured: dict[str, int],
+        apply: Callable[[str, int], None],
+        bounds: Bounds,
+        state_dir: Path,
+    ):
         self.host_id = host_id
         self.configured = configured
         self.apply = apply
-        self.overrides: dict[str, ControlCommand] = {}
-        self._acks: list[str] = []
+        self.bounds = bounds
+        self.state_path = state_dir / STATE_FILE
+        self.overrides: dict[str, InForce] = {}
+        # Every command applied that may still hold, by id, in the order applied.
+        self.applied: dict[str, InForce] = {}
+        self._acks: deque[str] = deque()
+        self._refusals: deque[list[str]] = deque()
+        self.counts = {"commands_applied": 0, "commands_refused": 0}
+        self._load()
+
+    @classmethod
+    def of(cls, acfg: AgentConfig, apply: Callable[[str, int], None]) -> Control:
+        return cls(acfg.host_id, acfg.sample_every, apply, Bounds.of(acfg), acfg.state_dir)
 
     def sample_every(self, probe: str) -> int:
         cmd = self.overrides.get(probe)
         return cmd.sample_every if cmd else self.configured.get(probe, 1)
 
-    def command(self, probe: str) -> ControlCommand | None:
+    def command(self, probe: str) -> InForce | None:
         return self.overrides.get(probe)
 
-    def handle(self, cmd: ControlCommand, now: int | None = None) -> bool:
-        """Apply a command meant for this host; True if it took effect."""
+    def refusal(self, cmd_id: str, probe: str, sample_every: int, ttl_ms: int) -> tuple[str, str] | None:
+        """(reason label, reason text) when a command is out of bounds, else None."""
+        b = self.bounds
+        if probe not in PROBES:
+            return "probe", f"unknown probe {probe[:64]!r}"
+        if sample_every > b.max_sample_every:
+            return "sample_every", f"sample_every {sample_every} is over the agent's {b.max_sample_every}"
+        if ttl_ms > b.max_ttl_ms:
+            return "ttl", f"holds {ttl_ms} ms, over the agent's {b.max_ttl_ms}"
+        if len(cmd_id) > b.max_id_chars:
+            return "id", f"id of {len(cmd_id)} characters, over the agent's {b.max_id_chars}"
+        return None
+
+    def handle(
+        self, cmd: ControlCommand, sent_ms: int, now: int | None = None, replayed: bool = False
+    ) -> bool:
+        """Apply a command meant for this host; True if it took effect.
+
+        ``sent_ms``: its record's Kafka timestamp. ``replayed``: read back after a
+        start (it was in the topic before this agent began following it)."""
         if cmd.target not in (self.host_id, "*"):
             return False
-        if cmd.until_ms <= (now if now is not None else now_ms()):
-            return False  # already over (read back after a restart)
-        self.overrides[cmd.probe] = cmd
+        now = now if now is not None else now_ms()
+        ttl_ms = cmd.ttl_ms if cmd.ttl_ms is not None else cmd.until_ms - sent_ms
+        refused = self.refusal(cmd.id, cmd.probe, cmd.sample_every, ttl_ms)
+        if refused is not None:
+            self._refuse(cmd.id, *refused)
+            return False
+        known = self.applied.get(cmd.id)
+        if known is not None:
+            deadline = known.deadline_ms  # applied before a restart: neither ended nor extended
+        elif replayed:
+            deadline = min(now + ttl_ms, sent_ms + ttl_ms)
+        else:
+            deadline = now + ttl_ms
+        if deadline <= now:
+            return False  # over already (read back after a restart)
+        in_force = InForce(cmd.id, cmd.probe, cmd.sample_every, deadline)
+        self.overrides[cmd.probe] = in_force
         self.apply(cmd.probe, cmd.sample_every)
-        self._acks.append(cmd.id)
-        log.info("command %s: %s sampled 1 in %d until %d", cmd.id, cmd.probe, cmd.sample_every, cmd.until_ms)
+        if known is None:
+            self.applied[cmd.id] = in_force
+            self._save(now)
+            APPLIED.inc()
+            self.counts["commands_applied"] += 1
+            self._queue(self._acks, cmd.id)
+        log.info(
+            "command %s: %s sampled 1 in %d for %d ms more",
+            cmd.id,
+            cmd.probe,
+            cmd.sample_every,
+            deadline - now,
+        )
         return True
+
+    def refuse_undecodable(self, offset: int, err: WireError) -> None:
+        REFUSED.labels("undecodable").inc()
+        self.counts["commands_refused"] += 1
+        log.warning("refusing control record at offset %d: %s", offset, err)
+
+    def _refuse(self, cmd_id: str, label: str, reason: str) -> None:
+        REFUSED.labels(label).inc()
+        self.counts["commands_refused"] += 1
+        self._queue(self._refusals, [cmd_id[: self.bounds.max_id_chars], reason])
+        log.warning("refusing command %.80s: %s", cmd_id, reason)
+
+    def _queue(self, pending: deque[Any], item: Any) -> None:
+        _requeue(pending, [], item)
 
     def expire(self, now: int | None = None) -> None:
         now = now if now is not None else now_ms()
         for probe, cmd in list(self.overrides.items()):
-            if cmd.until_ms <= now:
+            if cmd.deadline_ms <= now:
                 del self.overrides[probe]
                 self.apply(probe, self.sample_every(probe))
                 log.info("command %s expired: %s back to 1 in %d", cmd.id, probe, self.sample_every(probe))
 
     def take_acks(self) -> list[str]:
-        acks, self._acks = self._acks, []
+        acks = list(self._acks)
+        self._acks.clear()
         return acks
 
-    def unack(self, ids: list[str]) -> None:
-        """A heartbeat carrying these acknowledgements was not sent: carry them in the next."""
-        self._acks[:0] = ids
+    def take_refusals(self) -> list[list[str]]:
+        refusals = list(self._refusals)
+        self._refusals.clear()
+        return refusals
+
+    def unack(self, ids: list[str], refusals: list[list[str]]) -> None:
+        """A heartbeat carrying these acknowledgements was not sent: carry them in the
+        next (within the bound, which drops the oldest)."""
+        _requeue(self._acks, ids)
+        _requeue(self._refusals, refusals)
+
+    # ------------------------------------------------------------ restarts
+
+    def _load(self) -> None:
+        """Re-apply what was in force at the last stop (see the module doc)."""
+        try:
+            rows = json.loads(self.state_path.read_text())
+            applied = [InForce(str(i), str(p), int(n), int(d)) for i, p, n, d in rows]
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, TypeError) as err:
+            # Kafka's look-back still brings the commands back, judged by their records' times.
+            log.warning("ignoring %s: %s", self.state_path, err)
+            return
+        now = now_ms()
+        for cmd in applied:
+            if (
+                cmd.deadline_ms > now
+                and cmd.probe in PROBES
+                and cmd.sample_every <= self.bounds.max_sample_every
+            ):
+                self.applied[cmd.id] = cmd
+                self.overrides[cmd.probe] = cmd  # in the order applied: the last one stands
+        for cmd in self.overrides.values():
+            log.info("command %s still in force: %s sampled 1 in %d", cmd.id, cmd.probe, cmd.sample_every)
+
+    def _save(self, now: int) -> None:
+        for cmd_id, cmd in list(self.applied.items()):
+            if cmd.deadline_ms <= now or len(self.applied) > MAX_REMEMBERED:
+                del self.applied[cmd_id]
+        rows = [[c.id, c.probe, c.sample_every, c.deadline_ms] for c in self.applied.values()]
+        tmp = self.state_path.with_suffix(".tmp")
+        try:
+            self.state_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(rows))
+            os.replace(tmp, self.state_path)
+        except OSError as err:
+            # The command is in force all the same; only a restart would judge it by its record's time.
+            log.warning("cannot record the commands in force in %s: %s", self.state_path, err)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+    # ------------------------------------------------------------- follow
 
     async def follow(self, bootstrap: str) -> None:
         consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
@@ -80,23 +295,25 @@ class Control:
         try:
             consumer.assign([tp])
 
-            async def start_position() -> int:
+            async def start_position() -> tuple[int, int]:
                 # The end is read before the lookup: a command sent after a lookup
                 # that found nothing comes at or after it, and is read.
                 end = (await consumer.end_offsets([tp]))[tp]
-                found = await consumer.offsets_for_times({tp: now_ms() - LOOKBACK_MS})
-                return found[tp].offset if found.get(tp) is not None else end
+                found = await consumer.offsets_for_times({tp: max(0, now_ms() - self.bounds.max_ttl_ms)})
+                return (found[tp].offset if found.get(tp) is not None else end), end
 
             # Retried like the connection: a broker away for long at the agent's
             # start must not leave it deaf to commands for good.
-            consumer.seek(tp, await retry(start_position, what="find where to read ktel.control from"))
+            start, end = await retry(start_position, what="find where to read ktel.control from")
+            consumer.seek(tp, start)
             while True:
                 for recs in (await consumer.getmany(timeout_ms=1000)).values():
                     for rec in recs:
                         try:
-                            self.handle(decode_command(rec.value))
+                            cmd = decode_command(rec.value)
                         except WireError as err:
-                            BAD_COMMANDS.inc()
-                            log.warning("ignoring control record at offset %d: %s", rec.offset, err)
+                            self.refuse_undecodable(rec.offset, err)
+                            continue
+                        self.handle(cmd, rec.timestamp, replayed=rec.offset < end)
         finally:
             await consumer.stop()

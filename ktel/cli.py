@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import re
@@ -125,7 +126,8 @@ def cmd_down(cfg: config_mod.Config, _args: argparse.Namespace) -> None:
 
 
 def cmd_config(cfg: config_mod.Config, _args: argparse.Namespace) -> None:
-    print(cfg.model_dump_json(indent=2))
+    # Secrets (e.g. otlp.headers' tokens) masked: this output ends up in tickets and chats.
+    print(json.dumps(config_mod.printable(cfg), indent=2))
 
 
 def cmd_replay(cfg: config_mod.Config, args: argparse.Namespace) -> None:

@@ -6,7 +6,9 @@ Sources, later ones winning: the defaults below, a TOML file (``--config`` or
 
 Every field says its default and meaning in its description; ``ktel config``
 prints the effective configuration. Validation runs at start and an error
-names the field, the bad value and what is allowed.
+names the field, the bad value and what is allowed. A field that holds a secret
+is marked ``SECRET`` (in its ``json_schema_extra``): what ktel prints of it, in
+``ktel config`` and in errors, is masked; the value itself is used as given.
 """
 
 from __future__ import annotations
@@ -21,10 +23,16 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ktel.probes import KIND_BY_NAME, KINDS, PROBES
+from ktel.schema import U32
 
 
 class ConfigError(Exception):
     pass
+
+
+# The marker of a field that holds a secret, and what is printed in its place.
+SECRET: dict[str, Any] = {"secret": True}
+MASK = "***"
 
 
 class MovedSetting(ValueError):
@@ -128,6 +136,24 @@ class AgentConfig(BaseModel):
     )
     redact: list[RedactRule] = Field(
         [], description="rules masking sensitive values before anything leaves the node"
+    )
+    # Bounds on fidelity commands from ktel.control (edge_agent/control.py): one out
+    # of them is refused, counted and reported in the next heartbeat.
+    control_max_sample_every: int = Field(
+        1_000_000,
+        ge=1,
+        le=U32,  # the probes' in-kernel knob is a u32
+        description="the sparsest sampling (1 in N) a control command may set",
+    )
+    control_max_ttl_seconds: float = Field(
+        3600,
+        gt=0,
+        le=7 * 86400,
+        description="the longest a control command may hold; a restarted agent also reads "
+        "ktel.control back this far",
+    )
+    control_max_id_chars: int = Field(
+        512, ge=16, le=512, description="the longest control command id the agent accepts"
     )
 
     @field_validator("probes")
@@ -259,9 +285,15 @@ class SampleConfig(BaseModel):
     )
     min_rate: float = Field(10.0, ge=0, description="events/s below which no host is anomalous")
     ewma_alpha: float = Field(0.3, gt=0, le=1, description="weight of the newest window in the EWMA")
-    raised_sample_every: int = Field(1, ge=1, description="probe sampling (1 in N) during an anomaly")
-    normal_sample_every: int = Field(1, ge=1, description="probe sampling restored when the anomaly passes")
-    command_ttl_seconds: float = Field(300, gt=0, description="how long a fidelity command holds")
+    # Agents refuse a command over their agent.control_max_sample_every and
+    # agent.control_max_ttl_seconds (1000000 and 3600 by default).
+    raised_sample_every: int = Field(1, ge=1, le=U32, description="probe sampling (1 in N) during an anomaly")
+    normal_sample_every: int = Field(
+        1, ge=1, le=U32, description="probe sampling restored when the anomaly passes"
+    )
+    command_ttl_seconds: float = Field(
+        300, gt=0, description="how long a fidelity command holds, from when each agent applies it"
+    )
 
 
 class RemoteWriteConfig(BaseModel):
@@ -288,7 +320,12 @@ class OtlpConfig(BaseModel):
         description="base URL, e.g. http://collector:4317 (grpc) or http://collector:4318 (http; "
         "/v1/traces, /v1/metrics, /v1/logs are appended); https:// means TLS",
     )
-    headers: dict[str, str] | None = Field(None, description="headers sent with every request")
+    headers: dict[str, str] | None = Field(
+        None,
+        description="headers sent with every request (printed with their values masked: they "
+        "often carry tokens)",
+        json_schema_extra=SECRET,
+    )
     insecure: bool | None = Field(None, description="grpc only: plaintext even without an http:// scheme")
     certificate_file: str | None = Field(None, description="CA bundle (PEM) to verify the backend")
     client_key_file: str | None = Field(None, description="client private key (PEM) for mTLS")
@@ -343,6 +380,51 @@ class Config(BaseSettings):
         return (env_settings, init_settings)
 
 
+def _is_secret(field: Any) -> bool:
+    extra = field.json_schema_extra
+    return isinstance(extra, dict) and bool(extra.get("secret"))
+
+
+def _masked(value: Any) -> Any:
+    """A secret's value as printed: a map keeps its keys (header names say what is
+    set), everything else is masked."""
+    if isinstance(value, dict):
+        return {k: MASK for k in value}
+    return None if value is None else MASK
+
+
+def printable(model: BaseModel) -> dict[str, Any]:
+    """``model`` as JSON-ready data, with its secret fields masked (``ktel config``)."""
+    data = model.model_dump(mode="json")
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        if _is_secret(field):
+            data[name] = _masked(data[name])
+        elif isinstance(value, BaseModel):
+            data[name] = printable(value)
+        elif isinstance(value, list):
+            data[name] = [
+                printable(v) if isinstance(v, BaseModel) else d
+                for v, d in zip(value, data[name], strict=True)
+            ]
+    return data
+
+
+def _secret_at(loc: tuple[int | str, ...]) -> bool:
+    """Whether a validation error's location is in a secret field."""
+    model: Any = Config
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return False
+        if _is_secret(field):
+            return True
+        model = field.annotation
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return False
+    return False
+
+
 def _explain(err: ValidationError, source: str) -> str:
     lines = [f"invalid ktel configuration ({source}):"]
     for e in err.errors():
@@ -351,7 +433,8 @@ def _explain(err: ValidationError, source: str) -> str:
             continue
         field = ".".join(str(p) for p in e["loc"])
         env = "KTEL_" + "__".join(str(p).upper() for p in e["loc"])
-        lines.append(f"  {field} = {e.get('input')!r}: {e['msg']} (set it in the file or with {env})")
+        shown = MASK if _secret_at(e["loc"]) else repr(e.get("input"))
+        lines.append(f"  {field} = {shown}: {e['msg']} (set it in the file or with {env})")
     return "\n".join(lines)
 
 

@@ -13,23 +13,30 @@ read, and each event is judged by its own ``ts_ns``. For every partition:
    ``ts_ns`` and its record's timestamp come from the same host's clock, the event's
    first, so a record older than ``--from`` holds only events older than ``--from``
    (unless that clock was stepped back in between).
-2. Stop before the partition's end offset as it was when the replay started, so a
-   replay always ends however fast agents keep writing.
-3. Stop earlier, at the first record whose timestamp is later than ``--to`` plus the
+2. Read up to the partition's end offset as it was when the replay started, so a
+   replay always ends however fast agents keep writing. Nothing else ends a
+   partition early: record timestamps come from many hosts' clocks, and a host
+   whose clock runs ahead would otherwise end the read before other hosts' events.
+3. Skip, without decoding, a record whose timestamp is later than ``--to`` plus the
    margin (``--margin``, default 5 minutes). The margin covers batches that reached
    Kafka after ``--to`` with events from before it (sealing, spooling during an
-   outage) and clock skew between hosts sharing a partition. A batch that reached
-   Kafka more than the margin after ``--to`` is not read, nor is anything behind it in
-   its partition: widen ``--margin`` to read it (a margin reaching past the newest
-   record reads to the end offsets of step 2).
+   outage). The record's timestamp and its events' come from the same host's
+   clock, so this judges each host by its own clock: a batch that reached Kafka
+   more than the margin after ``--to`` by its host's clock is not read (widen
+   ``--margin`` to read it), and no other host's records are affected.
 4. Keep an event when ``--from <= ts_ns < --to`` (wall clock, ns since epoch; a kind
    without ``ts_ns`` is judged by its batch's ``sent`` time), its host is one of
    ``--host`` (the record key; the batch's own host id for a record without a key)
    and its kind one of ``--kind``. A batch is matched when it keeps an event.
 
 A record that does not decode is counted and reported, optionally dead-lettered
-(``--dlq``), and skipped. The consumer has no group and commits nothing, so a replay
-never moves the offsets of a live consumer group.
+(``--dlq``), and skipped. The consumer has no group and commits nothing, so a
+replay never moves the offsets of a live consumer group.
+
+``--to-topic`` may not name one of ktel's own topics (``ktel topics`` lists them)
+or the topic being read on the Kafka cluster replay reads from: the live stages
+would take the copies for new data. Whether ``--to-bootstrap`` is that cluster is
+decided by the clusters' ids, not by how the two addresses are spelt.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TextIO
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from ktel import topics as topics_mod
@@ -185,7 +193,7 @@ _TS_INDEX = {k.id: k.index("ts_ns") for k in KINDS.values() if "ts_ns" in k.fiel
 
 
 def read_bounds(flt: Filter, margin_ns: int) -> tuple[int, int]:
-    """Record timestamps (ms) to read from, and past which to stop (rules 1 and 3)."""
+    """Record timestamps (ms) to read from, and past which to skip a record (rules 1 and 3)."""
     # offsets_for_times refuses a negative time (a --from before 1970).
     return max(0, flt.from_ns // 1_000_000), (flt.to_ns + margin_ns) // 1_000_000
 
@@ -228,6 +236,8 @@ class Options:
     to_topic: str | None = None
     to_bootstrap: str | None = None  # None: the source's
     to_topic_spec: TopicSpec | None = None  # how to create to_topic when it does not exist
+    # Topics --to-topic may not name on the cluster being read (see the module doc).
+    protected_topics: frozenset[str] = frozenset()
     dlq: bool = False
     jsonl: bool = True
 
@@ -236,6 +246,7 @@ class Options:
 class Summary:
     partitions: int = 0
     records: int = 0
+    late: int = 0  # skipped: sent more than the margin after --to (rule 3)
     batches: int = 0
     events: int = 0
     decode_failures: int = 0
@@ -247,6 +258,7 @@ class Summary:
     def line(self, opts: Options) -> str:
         parts = [
             f"read {self.records} records from {self.partitions} partitions of {opts.topic}",
+            *([f"skipped {self.late} sent more than --margin after --to"] if self.late else []),
             f"matched {self.batches} batches, {self.events} events",
             f"decode failures {self.decode_failures}",
         ]
@@ -271,6 +283,8 @@ async def replay(opts: Options, write: Callable[[str], None], report: Callable[[
     start_ms, stop_ms = read_bounds(opts.filter, opts.margin_ns)
     parts = await _partitions(opts.bootstrap, opts.topic)
     summary.partitions = len(parts)
+    if opts.to_topic is not None and opts.to_topic in opts.protected_topics:
+        await _refuse_the_live_cluster(opts.bootstrap, opts.to_bootstrap or opts.bootstrap, opts.to_topic)
     consumer = AIOKafkaConsumer(
         bootstrap_servers=opts.bootstrap,
         group_id=None,  # no group, no commits: live consumer groups are untouched
@@ -356,9 +370,13 @@ async def replay(opts: Options, write: Callable[[str], None], report: Callable[[
                     progress_at = time.monotonic()
                 for tp, records in fetched.items():
                     for rec in records:
-                        if rec.offset >= active[tp] or rec.timestamp > stop_ms:
+                        if rec.offset >= active[tp]:
                             done(tp)
                             break
+                        if rec.timestamp > stop_ms:
+                            summary.records += 1
+                            summary.late += 1
+                            continue
                         await handle(tp, rec)
                 for tp in list(active):
                     # Compacted or transactional gaps can carry the position past the last record.
@@ -381,6 +399,36 @@ async def replay(opts: Options, write: Callable[[str], None], report: Callable[[
         for client in reversed(started):
             await client.stop()
     return summary
+
+
+async def cluster_id(bootstrap: str, what: str) -> str | None:
+    """The Kafka cluster's id (None from a broker too old to tell); ``what`` names
+    the setting of ``bootstrap`` in the error."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        await admin.start()
+        found = (await admin.describe_cluster()).get("cluster_id")
+    except (KafkaError, OSError) as err:
+        raise ReplayError(f"cannot reach Kafka at {bootstrap} ({err}); check {what}") from None
+    finally:
+        await admin.close()
+    return found if isinstance(found, str) else None
+
+
+async def _refuse_the_live_cluster(bootstrap: str, to_bootstrap: str, to_topic: str) -> None:
+    """ReplayError unless ``to_bootstrap`` is known to be another cluster than ``bootstrap``."""
+    source = await cluster_id(bootstrap, "kafka.bootstrap")
+    dest = source if to_bootstrap == bootstrap else await cluster_id(to_bootstrap, "--to-bootstrap")
+    if source is None or dest is None or source == dest:
+        same = "cannot tell whether it is" if source is None or dest is None else "is"
+        # In the live ktel.raw the stages would drop the batches as duplicates (same host,
+        # boot and seq), or count them twice where dedupe has forgotten their boot; in a
+        # stage's topic or ktel.control they would be taken for live data.
+        raise ReplayError(
+            f"--to-topic {to_topic}: ktel's own topic, and {to_bootstrap} {same} the Kafka cluster "
+            f"replay reads from ({bootstrap}, cluster id {source}): name another topic, "
+            "or another Kafka with --to-bootstrap"
+        )
 
 
 async def _settle(in_flight: list[asyncio.Future[Any]]) -> int:
@@ -420,13 +468,6 @@ def options(cfg: Config, args: Any, now_ns: int | None = None) -> Options:
     if args.to_topic is None and args.to_bootstrap is not None:
         raise ReplayError("--to-bootstrap needs --to-topic")
     to_bootstrap = args.to_bootstrap or cfg.kafka.bootstrap
-    if args.to_topic in (args.topic, RAW_TOPIC) and to_bootstrap == cfg.kafka.bootstrap:
-        # In the live ktel.raw the stages would drop the batches as duplicates (same host,
-        # boot and seq), or count them twice where dedupe has forgotten their boot.
-        raise ReplayError(
-            f"--to-topic {args.to_topic} on the Kafka replay reads from: name another topic, "
-            "or another Kafka with --to-bootstrap"
-        )
     spec = None
     if args.to_topic is not None:
         known = {s.name: s for s in topics_mod.specs(cfg)}
@@ -441,6 +482,7 @@ def options(cfg: Config, args: Any, now_ns: int | None = None) -> Options:
         to_topic=args.to_topic,
         to_bootstrap=to_bootstrap if args.to_topic else None,
         to_topic_spec=spec,
+        protected_topics=frozenset(s.name for s in topics_mod.specs(cfg)) | {args.topic},
         dlq=args.dlq,
         jsonl=fmt == "jsonl",
     )

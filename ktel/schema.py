@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import reprlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -71,7 +72,7 @@ class Int(Type):
 
     def why(self, value: Any) -> str:
         if type(value) is not int:
-            return f"must be an integer{' or nil' if self.optional else ''}, got {_show(value)}"
+            return f"must be an integer{' or nil' if self.optional else ''}, got {show(value)}"
         return f"must be within [{self.lo}, {self.hi}], got {value}"
 
 
@@ -94,7 +95,7 @@ class Float(Type):
 
     def why(self, value: Any) -> str:
         if type(value) not in (int, float):
-            return f"must be a number, got {_show(value)}"
+            return f"must be a number, got {show(value)}"
         if not math.isfinite(value):
             return f"must be finite, got {value}"
         return f"must be within [{self.lo}, {self.hi}], got {value}"
@@ -106,7 +107,7 @@ class Bool(Type):
         return f"(type({x}) is bool)"
 
     def why(self, value: Any) -> str:
-        return f"must be true or false, got {_show(value)}"
+        return f"must be true or false, got {show(value)}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,9 +123,9 @@ class Str(Type):
 
     def why(self, value: Any) -> str:
         if type(value) is not str:
-            return f"must be a string, got {_show(value)}"
+            return f"must be a string, got {show(value)}"
         if self.choices is not None:
-            return f"must be one of {', '.join(sorted(self.choices))}, got {_show(value)}"
+            return f"must be one of {', '.join(sorted(self.choices))}, got {show(value)}"
         return f"must be at most {self.max_len} characters, got {len(value)}"
 
 
@@ -137,7 +138,7 @@ class Bytes(Type):
 
     def why(self, value: Any) -> str:
         if type(value) is not bytes:
-            return f"must be binary, got {_show(value)}"
+            return f"must be binary, got {show(value)}"
         return f"must be {' or '.join(map(str, self.lengths))} bytes long, got {len(value)}"
 
 
@@ -152,7 +153,7 @@ class Blob(Type):
 
     def why(self, value: Any) -> str:
         if type(value) is not bytes:
-            return f"must be binary, got {_show(value)}"
+            return f"must be binary, got {show(value)}"
         return f"must be at most {self.max_len} bytes long, got {len(value)}"
 
 
@@ -180,7 +181,7 @@ class Map(Type):
 
     def why(self, value: Any) -> str:
         if type(value) is not dict:
-            return f"must be a map, got {_show(value)}"
+            return f"must be a map, got {show(value)}"
         if len(value) > self.max_items:
             return f"must have at most {self.max_items} entries, got {len(value)}"
         what = "strings or integers" if self.ints else "strings"
@@ -201,7 +202,7 @@ class IntList(Type):
 
     def why(self, value: Any) -> str:
         if type(value) is not list or len(value) != self.length:
-            return f"must be an array of {self.length} integers, got {_show(value)}"
+            return f"must be an array of {self.length} integers, got {show(value)}"
         return f"must hold integers within [{self.lo}, {self.hi}]"
 
 
@@ -214,7 +215,7 @@ class OneOf(Type):
         return "(" + " or ".join(t.expr(x, names) for t in self.types) + ")"
 
     def why(self, value: Any) -> str:
-        return f"must be {self.label}, got {_show(value)}"
+        return f"must be {self.label}, got {show(value)}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,7 +229,7 @@ class Array(Type):
 
     def why(self, value: Any) -> str:
         if type(value) is not list:
-            return f"must be an array, got {_show(value)}"
+            return f"must be an array, got {show(value)}"
         return f"must have at most {self.max_items} items, got {len(value)}"
 
 
@@ -243,7 +244,7 @@ class ListOf(Type):
 
     def why(self, value: Any) -> str:
         if type(value) is not list:
-            return f"must be an array, got {_show(value)}"
+            return f"must be an array, got {show(value)}"
         if len(value) > self.max_items:
             return f"must have at most {self.max_items} items, got {len(value)}"
         i = next(i for i, v in enumerate(value) if not self.item.check(v))
@@ -270,12 +271,12 @@ class MapOf(Type):
 
     def why(self, value: Any) -> str:
         if type(value) is not dict:
-            return f"must be a map, got {_show(value)}"
+            return f"must be a map, got {show(value)}"
         if len(value) > self.max_items:
             return f"must have at most {self.max_items} entries, got {len(value)}"
         k, v = next((k, v) for k, v in value.items() if not self._ok(k, v))
         if type(k) is not str or len(k) > self.key_len:
-            return f"has a key that is not a string of at most {self.key_len} characters: {_show(k)}"
+            return f"has a key that is not a string of at most {self.key_len} characters: {show(k)}"
         return f"entry {k[:40]!r} {self.value.why(v)}"
 
 
@@ -327,13 +328,26 @@ class Shape(Type):
 
     def why(self, value: Any) -> str:
         if type(value) is not dict:
-            return f"must be a map, got {_show(value)}"
+            return f"must be a map, got {show(value)}"
         return self.problem(value) or "is valid"
 
 
-def _show(value: Any) -> str:
-    text = repr(value)
-    return f"{type(value).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"
+# What an error message shows of a bad value: a few levels and characters of it.
+# reprlib never descends past maxlevel, so a value nested thousands deep (msgpack
+# unpacks that) costs no recursion.
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict = 2, 40, 40, 4, 4
+
+
+def brief(value: Any) -> str:
+    """A bad value, short, for an error message, whatever its nesting or size."""
+    text = _REPR.repr(value)
+    return f"{text[:60]}{'...' if len(text) > 60 else ''}"
+
+
+def show(value: Any) -> str:
+    """``brief``, with the value's type."""
+    return f"{type(value).__name__} {brief(value)}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -368,7 +382,7 @@ def compile_fields(fields: Sequence[Field], offset: int, head: str = "") -> Call
 def explain(fields: Sequence[Field], offset: int, row: Any) -> str:
     """Why ``row`` fails ``compile_fields(fields, offset)``."""
     if type(row) is not list:
-        return f"is not an array ({_show(row)})"
+        return f"is not an array ({show(row)})"
     if len(row) != offset + len(fields):
         return f"has {len(row) - offset} fields, expected {len(fields)}"
     for i, f in enumerate(fields):

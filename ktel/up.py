@@ -227,27 +227,70 @@ def pidfile(cfg: Config) -> Path:
 
 
 def down(cfg: Config, timeout: float = 180) -> int:
-    """Stop the `ktel up` of this data dir (from another terminal) and wait for it."""
+    """Stop the `ktel up` of this data dir (from another terminal) and wait for it.
+
+    The pid file may be stale (a `ktel up` killed with SIGKILL, a reboot) and its pid
+    reused by any other process: only a `ktel up` is signalled (``is_ktel_up``), through
+    a pidfd, so the pid cannot change hands between the check and the signal.
+    """
+    path = pidfile(cfg)
     try:
-        pid = int(pidfile(cfg).read_text())
+        pid = int(path.read_text())
     except (FileNotFoundError, ValueError):
         say(f"no ktel up is running for {cfg.stack.data_dir}")
         return 1
     try:
-        os.kill(pid, signal.SIGTERM)
+        fd = os.pidfd_open(pid)
     except ProcessLookupError:
         say(f"ktel up (pid {pid}) is not running; removing its stale pid file")
-        pidfile(cfg).unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
         return 1
+    try:
+        if not is_ktel_up(pid):
+            say(
+                f"{path} names pid {pid}, which is not ktel up ({' '.join(_args(pid)) or 'exited'}): "
+                "signalling nothing; removing the stale pid file"
+            )
+            path.unlink(missing_ok=True)
+            return 1
+        signal.pidfd_send_signal(fd, signal.SIGTERM)
+    except ProcessLookupError:
+        say(f"ktel up (pid {pid}) is not running; removing its stale pid file")
+        path.unlink(missing_ok=True)
+        return 1
+    finally:
+        os.close(fd)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         # `ktel up` removes its pid file once everything it started has stopped.
-        if not pidfile(cfg).exists() or not _alive(pid):
+        if not path.exists() or not _alive(pid):
             say(f"ktel up (pid {pid}) stopped")
             return 0
         time.sleep(0.2)
     say(f"ktel up (pid {pid}) still running after {timeout:.0f}s")
     return 1
+
+
+def _args(pid: int) -> list[str]:
+    """The process's arguments (none once it has exited)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def is_ktel_up(pid: int) -> bool:
+    return runs_ktel_up(_args(pid))
+
+
+def runs_ktel_up(args: list[str]) -> bool:
+    """Whether a command line runs `ktel up`: the `ktel` script or `python -m ktel.cli`,
+    with the `up` command among the arguments that follow."""
+    for i, arg in enumerate(args):
+        if os.path.basename(arg) == "ktel" or (arg == "ktel.cli" and i > 0 and args[i - 1] == "-m"):
+            return "up" in args[i + 1 :]
+    return False
 
 
 def _alive(pid: int) -> bool:

@@ -25,10 +25,11 @@ batch on, nor one without any batch (a pause, or its partition moved away),
 which would drag the baseline down and make its return look like a spike.
 A window whose rate exceeds ``spike_factor`` times the EWMA (and ``min_rate``)
 marks the host anomalous and yields a command raising its probes to
-``raised_sample_every`` for ``command_ttl_seconds``; the EWMA does not learn from
-anomalous windows. The first window back under the threshold yields a command
-restoring ``normal_sample_every``. A spike that lasts as long as the raise
-holds is the host's rate now: it becomes the baseline, with a restore.
+``raised_sample_every`` for ``command_ttl_seconds`` (from when the agent applies
+it); the EWMA does not learn from anomalous windows. The first window back
+under the threshold yields a command restoring ``normal_sample_every``. A spike
+that lasts as long as the raise holds is the host's rate now: it becomes the
+baseline, with a restore.
 """
 
 from __future__ import annotations
@@ -206,8 +207,12 @@ def observe_host(
     ttl_ms = int(opts.command_ttl_seconds * 1000)
 
     def command(every: int, what: str) -> list[ControlCommand]:
+        # ttl_ms holds from when each agent applies the command, whatever its clock;
+        # until_ms is for agents that predate ttl_ms (ktel/wire/control.py).
         return [
-            ControlCommand(f"ktel-sample-{what}-{host_id}-{p}-{now_ms}", host_id, p, every, now_ms + ttl_ms)
+            ControlCommand(
+                f"ktel-sample-{what}-{host_id}-{p}-{now_ms}", host_id, p, every, now_ms + ttl_ms, ttl_ms
+            )
             for p in probes
         ]
 

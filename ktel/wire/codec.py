@@ -13,7 +13,7 @@ from typing import Any
 
 import msgpack
 
-from ktel.schema import Shape
+from ktel.schema import Shape, brief
 
 SCHEMA_VERSION = 1
 
@@ -45,7 +45,7 @@ def unpack(data: bytes, what: str, shape: Shape) -> dict[str, Any]:
     version = obj.get("v")
     if version != SCHEMA_VERSION:
         raise WireError(
-            f"{what}: unknown schema version {version!r:.40} (this reader knows {SCHEMA_VERSION})"
+            f"{what}: unknown schema version {brief(version)} (this reader knows {SCHEMA_VERSION})"
         )
     problem = shape.problem(obj)
     if problem is not None:

@@ -14,20 +14,30 @@ Heartbeat (key = host id)::
      "spool": {"depth_bytes": int},
      "send_latency_ms": {"p50": float, "max": float},
      "acked_commands": [command id, ...],
+     "refused_commands": [[command id, reason], ...],  # optional
      "containers": [[cgroup_id, {attr: str}], ...]}   # optional
 
 ``containers`` lists the cgroups the agent knows to be a container's or a pod's
 (edge_agent/containers.py), each with its ``container.*`` and ``k8s.*``
-attributes. Only ``ts``, ``host`` (with ``host.id``), ``probes`` and ``counters``
-must be there; what is there must have its type.
+attributes. ``acked_commands`` names the commands the agent applied since its
+previous heartbeat; ``refused_commands`` those it refused as out of bounds, each
+with the reason (edge_agent/control.py), its id cut to the agent's
+``agent.control_max_id_chars``. Only ``ts``, ``host`` (with ``host.id``),
+``probes`` and ``counters`` must be there; what is there must have its type.
 
 Control command (key = target)::
 
     {"v": 1, "id": str, "target": host id or "*" (the whole fleet),
-     "probe": str, "sample_every": int >= 1, "until_ms": int}
+     "probe": str, "sample_every": int >= 1, "until_ms": int,
+     "ttl_ms": int}               # optional
 
-sets a probe's sampling to 1 in ``sample_every`` until ``until_ms`` (wall clock);
-afterwards the agent's configured rate comes back.
+sets a probe's sampling to 1 in ``sample_every`` for ``ttl_ms`` from when the
+agent applies it; afterwards the agent's configured rate comes back. A duration,
+not a deadline, so that the sender's and the agent's clocks need not agree.
+``until_ms`` is the same deadline on the sender's wall clock, for agents that
+predate ``ttl_ms``; a command without ``ttl_ms`` (from such a sender) lasts
+``until_ms`` minus the record's Kafka timestamp, both from the sender's clock.
+The agent refuses a command out of its bounds (edge_agent/control.py).
 
 Dead letter (key = the original key)::
 
@@ -74,6 +84,7 @@ class Heartbeat(TypedDict):
     spool: NotRequired[dict[str, int]]
     send_latency_ms: NotRequired[dict[str, float]]
     acked_commands: NotRequired[list[str]]
+    refused_commands: NotRequired[list[list[str]]]
     containers: NotRequired[list[list[Any]]]
 
 
@@ -96,6 +107,11 @@ HEARTBEAT_SHAPE = Shape(
         Key("spool", MapOf(Int(0, U64), 16), required=False),
         Key("send_latency_ms", MapOf(Float(0), 16), required=False),
         Key("acked_commands", ListOf(COMMAND_ID, 1024), required=False),
+        Key(
+            "refused_commands",
+            ListOf(Row((Field("id", COMMAND_ID), Field("reason", Str(256)))), 1024),
+            required=False,
+        ),
         Key(
             "containers",
             ListOf(
@@ -129,7 +145,8 @@ class ControlCommand:
     target: str  # host id, or "*" for every host
     probe: str
     sample_every: int
-    until_ms: int
+    until_ms: int  # the deadline on the sender's clock, for agents without ttl_ms
+    ttl_ms: int | None = None  # how long it holds from when the agent applies it
 
     @property
     def key(self) -> bytes:
@@ -143,17 +160,23 @@ COMMAND_SHAPE = Shape(
         Key("probe", Str(64)),
         Key("sample_every", Int(1, U63)),
         Key("until_ms", Int(0, U63)),
+        Key("ttl_ms", Int(0, U63), required=False),
     )
 )
 
 
 def encode_command(cmd: ControlCommand) -> bytes:
-    return pack(dataclasses.asdict(cmd))
+    obj = dataclasses.asdict(cmd)
+    if cmd.ttl_ms is None:
+        del obj["ttl_ms"]  # the form without it keeps its v1 bytes
+    return pack(obj)
 
 
 def decode_command(data: bytes) -> ControlCommand:
     obj = unpack(data, "control command", COMMAND_SHAPE)
-    return ControlCommand(obj["id"], obj["target"], obj["probe"], obj["sample_every"], obj["until_ms"])
+    return ControlCommand(
+        obj["id"], obj["target"], obj["probe"], obj["sample_every"], obj["until_ms"], obj.get("ttl_ms")
+    )
 
 
 @dataclasses.dataclass(frozen=True)

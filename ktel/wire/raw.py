@@ -40,7 +40,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ktel.probes import KINDS
-from ktel.schema import ATTR_VALUE, TS_NS, U63, Array, Int, IntList, Key, MapOf, Shape, Str
+from ktel.schema import ATTR_VALUE, TS_NS, U63, Array, Int, IntList, Key, MapOf, Shape, Str, brief
 from ktel.wire.codec import WireError, pack, unpack
 
 # A batch holds at most this many events (the agent seals at agent.batch_max_events).
@@ -140,7 +140,7 @@ def _bad_event(events: list, what: str) -> WireError:
             return WireError(f"{what}: event {i} is not a non-empty array")
         kind = KINDS.get(ev[0]) if type(ev[0]) is int else None
         if kind is None:
-            return WireError(f"{what}: event {i} has unknown kind id {ev[0]!r:.40}")
+            return WireError(f"{what}: event {i} has unknown kind id {brief(ev[0])}")
         if not kind.valid(ev):
             return WireError(f"{what}: event {i} ({kind.name}) {kind.why(ev)}")
     return WireError(f"{what}: an event failed its check")  # not reached

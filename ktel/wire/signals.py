@@ -65,6 +65,7 @@ from ktel.schema import (
     Shape,
     Str,
     Type,
+    show,
 )
 from ktel.wire.codec import WireError, pack, unpack
 
@@ -179,7 +180,7 @@ def decode_snapshot(data: bytes) -> MetricSnapshot:
     obj = unpack(data, "metric snapshot", SNAPSHOT_SHAPE)
     for i, (_name, typ, _labels, value) in enumerate(obj["series"]):
         if (typ == "histogram") != (type(value) is dict):
-            raise WireError(f"metric snapshot: series {i} is a {typ} with a value {value!r:.60}")
+            raise WireError(f"metric snapshot: series {i} is a {typ} with a value {show(value)}")
     return MetricSnapshot(ts_ms=obj["ts"], series=obj["series"], stale=obj.get("stale", False))
 
 

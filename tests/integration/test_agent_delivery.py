@@ -216,3 +216,100 @@ def test_agent_with_only_its_documented_capabilities_publishes(kafka, tmp_path):
     beats = [decode_heartbeat(r.value) for r in asyncio.run(read_topic(kafka.bootstrap, HEARTBEATS_TOPIC))]
     [first] = [b for b in beats if b["host"]["host.id"] == host]
     assert first["probes"]["file_created"]["loaded"] and first["host"]["boot.id"]
+
+
+async def send_commands(bootstrap: str, cmds: list[ControlCommand]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        for c in cmds:
+            await producer.send_and_wait(CONTROL_TOPIC, encode_command(c), key=c.key)
+    finally:
+        await producer.stop()
+
+
+def heartbeats_of(bootstrap: str, host: str) -> list:
+    beats = [decode_heartbeat(r.value) for r in asyncio.run(read_topic(bootstrap, HEARTBEATS_TOPIC))]
+    return [b for b in beats if b["host"]["host.id"] == host]
+
+
+def test_out_of_bounds_commands_are_refused_counted_and_heartbeats_keep_flowing(kafka, tmp_path):
+    need_bpf()
+    make_topics(kafka.bootstrap)
+    host = f"bounds-{uuid.uuid4().hex[:8]}"
+    agent = AgentProcess(tmp_path, kafka.bootstrap, host_id=host, control_max_id_chars="64").start()
+    now = time.time_ns() // 10**6
+    run = uuid.uuid4().hex[:6]
+    bad = {
+        "sample_every": ControlCommand(f"big-{run}", host, "file_created", (1 << 63) - 1, now + 60_000),
+        "probe": ControlCommand(f"probe-{run}", "*", "no_such_probe", 10, now + 60_000, 60_000),
+        "ttl": ControlCommand(f"ttl-{run}", host, "file_created", 10, 1 << 62),
+        "id": ControlCommand("i" * 65, host, "file_created", 10, now + 60_000, 60_000),
+    }
+    asyncio.run(send_commands(kafka.bootstrap, list(bad.values())))
+    deadline = time.monotonic() + 30
+    while any(agent.metric("ktel_agent_commands_refused_total", reason=r) < 1 for r in bad):
+        assert time.monotonic() < deadline, agent.log()
+        time.sleep(0.2)
+    beats_then = agent.metric("ktel_agent_heartbeats_total")
+    while agent.metric("ktel_agent_heartbeats_total") < beats_then + 2:  # still flowing
+        assert time.monotonic() < deadline, agent.log()
+        time.sleep(0.2)
+    assert agent.metric("ktel_agent_sample_every", probe="file_created") == 1
+    assert agent.metric("ktel_agent_commands_applied_total") == 0
+    assert agent.stop() == 0
+
+    mine = heartbeats_of(kafka.bootstrap, host)
+    refused = {cmd_id: why for b in mine for cmd_id, why in b.get("refused_commands", [])}
+    assert refused.keys() == {c.id[:64] for c in bad.values()}, refused
+    assert (
+        "4294967295" not in refused[bad["sample_every"].id] and "1000000" in refused[bad["sample_every"].id]
+    )
+    assert mine[-1]["counters"]["commands_refused"] == 4
+    assert all(b["acked_commands"] == [] for b in mine)
+    assert mine[-1]["probes"]["file_created"]["sample_every"] == 1
+
+
+def test_a_command_in_force_survives_agent_restarts(kafka, tmp_path):
+    need_bpf()
+    make_topics(kafka.bootstrap)
+    host = f"restart-{uuid.uuid4().hex[:8]}"
+    agent = AgentProcess(tmp_path, kafka.bootstrap, host_id=host)
+    agent.start()
+    # Ten minutes from when the agent applies it: long enough for two restarts.
+    cmd = ControlCommand(f"keep-{uuid.uuid4().hex[:6]}", host, "file_created", 7, 0, 600_000)
+    asyncio.run(send_commands(kafka.bootstrap, [cmd]))
+    deadline = time.monotonic() + 30
+    while agent.metric("ktel_agent_sample_every", probe="file_created") != 7:
+        assert time.monotonic() < deadline, agent.log()
+        time.sleep(0.1)
+    assert agent.stop() == 0
+
+    # Restarted with its state: in force from the start, before Kafka is read.
+    agent.start()
+    assert agent.metric("ktel_agent_sample_every", probe="file_created") == 7
+    n = 1400
+    create_files(tmp_path / "after-restart", n, rate_per_s=5000)
+    agent.wait_until_spool_empty()
+    assert agent.stop() == 0
+    events, _ = raw_events_under(kafka.bootstrap, f"{tmp_path / 'after-restart'}/")
+    # The kernel keeps 1 in 7 of 1400: binomial mean 200, sd 13.1; +-6 sd.
+    assert 120 <= len(events) <= 280 and {e["weight"] for e in events} == {7.0}
+
+    # Restarted without its state (lost): ktel.control, read back, brings the command back.
+    (agent.state_dir / "control.json").unlink()
+    agent.start()
+    while agent.metric("ktel_agent_sample_every", probe="file_created") != 7:
+        assert time.monotonic() < deadline + 60, agent.log()
+        time.sleep(0.1)
+    beats_then = agent.metric("ktel_agent_heartbeats_total")
+    while agent.metric("ktel_agent_heartbeats_total") < beats_then + 2:  # one composed since
+        assert time.monotonic() < deadline + 60, agent.log()
+        time.sleep(0.2)
+    assert agent.stop() == 0
+    mine = heartbeats_of(kafka.bootstrap, host)
+    assert mine[-1]["probes"]["file_created"]["command"] == cmd.id
+    assert mine[-1]["probes"]["file_created"]["sample_every"] == 7
+    # Applied anew by the agent that had lost its state, and acknowledged.
+    assert mine[-1]["counters"]["commands_applied"] == 1
+    assert any(cmd.id in b["acked_commands"] for b in mine)

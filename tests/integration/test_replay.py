@@ -3,14 +3,14 @@
 Batches of two hosts are produced into ktel.raw with explicit record timestamps in
 three windows, W1 = base+[0, 10) s, W2 = base+[60, 70) s, W3 = base+[120, 130) s,
 plus a garbage record. base is the present (all timestamps are at or after every
-record already in the session broker's ktel.raw): offsets_for_times looks for the
-first record at or after a time, and replay stops at the first one past the window,
-so an earlier test's newer record ahead of ours would end the read before it.
-Host ids are unique to the run because other tests' batches share the topic.
+record already in the session broker's ktel.raw), so offsets_for_times, which
+looks for the first record at or after a time, starts every read at or before
+ours. Host ids are unique to the run because other tests' batches share the topic.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import datetime as dt
 import json
@@ -25,9 +25,11 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from ktel import cli, config, replay, topics
-from ktel.replay import NS, Filter, Options
+from ktel.replay import NS, Filter, Options, ReplayError
 from ktel.topics import TopicSpec, create_topics
 from ktel.wire import (
+    CONTROL_TOPIC,
+    DEDUPED_TOPIC,
     DLQ_TOPIC,
     FILE_CREATED,
     RAW_TOPIC,
@@ -38,6 +40,7 @@ from ktel.wire import (
     encode_batch,
 )
 from tests.integration.agent_harness import read_topic
+from tests.unit.test_replay import nested_too_deeply
 
 pytestmark = pytest.mark.kafka
 
@@ -231,7 +234,11 @@ def test_the_command_prints_json_lines_and_a_summary(kafka, data, monkeypatch, c
     assert "raw batch: not msgpack" in err
     summary = err.splitlines()[-1]
     assert summary.startswith("ktel replay: read ")
-    assert summary.endswith("partitions of ktel.raw; matched 4 batches, 6 events; decode failures 1")
+    # Skipped: W3's records and the one long after W2, sent more than the margin after --to.
+    assert summary.endswith(
+        "partitions of ktel.raw; skipped 3 sent more than --margin after --to; "
+        "matched 4 batches, 6 events; decode failures 1"
+    )
 
 
 def test_the_command_names_a_missing_topic(kafka, monkeypatch, capsys):
@@ -257,3 +264,53 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(kafka, data):
     assert res.returncode == 0, res.stderr
     assert "Traceback" not in res.stderr
     assert "ktel replay: read " in res.stderr.splitlines()[-1]
+
+
+@pytest.mark.parametrize("to_topic", [RAW_TOPIC, DEDUPED_TOPIC, CONTROL_TOPIC])
+async def test_ktel_topics_of_the_live_cluster_are_refused_however_it_is_spelt(kafka, data, to_topic):
+    same_cluster = f"{kafka.bootstrap},{kafka.bootstrap}"  # another string, the same cluster id
+    cfg = config.Config(
+        kafka=config.KafkaConfig(bootstrap=kafka.bootstrap), agent=config.AgentConfig(host_id="replay-test")
+    )
+    argv = dict(from_=iso(data.base_ms), to=iso(data.base_ms + 70_000), host=None, kind=None, margin="10s")
+    args = argparse.Namespace(**argv, topic=RAW_TOPIC, to_topic=to_topic, to_bootstrap=same_cluster)
+    args.format, args.dlq = None, False
+    before = await written(kafka.bootstrap, to_topic)
+    with pytest.raises(ReplayError, match=f"--to-topic {to_topic}: ktel's own topic, and .* is the Kafka"):
+        await run(replay.options(cfg, args))
+    assert await written(kafka.bootstrap, to_topic) == before  # nothing written
+
+
+async def written(bootstrap: str, topic: str) -> set[tuple[int, int]]:
+    records = await read_topic(bootstrap, topic, idle_s=0)
+    return {(r.partition, r.offset) for r in records}
+
+
+async def test_a_host_with_a_fast_clock_hides_no_other_hosts_events(kafka):
+    """One partition holds a batch from a host whose clock is a day ahead, then
+    another host's batch of the window, then a record nested too deeply to check."""
+    run_id = uuid.uuid4().hex[:8]
+    topic = f"ktel.replay-clocks-{run_id}"
+    await create_topics(kafka.bootstrap, [TopicSpec(topic, 1)])
+    now_ms = time.time_ns() // MS
+    fast, slow = f"fast-{run_id}", f"ok-{run_id}"
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap)
+    await producer.start()
+    try:
+        day_ahead = (now_ms + 86_400_000) * MS
+        ahead = RawBatch(fast, "b", 0, day_ahead, [created(day_ahead, "/fast")])
+        await producer.send_and_wait(
+            topic, encode_batch(ahead), key=fast.encode(), timestamp_ms=now_ms + 86_400_000
+        )
+        ok = RawBatch(slow, "b", 0, now_ms * MS, [created(now_ms * MS - NS, "/in-window")])
+        await producer.send_and_wait(topic, encode_batch(ok), key=slow.encode(), timestamp_ms=now_ms)
+        await producer.send_and_wait(topic, nested_too_deeply(), key=slow.encode(), timestamp_ms=now_ms)
+    finally:
+        await producer.stop()
+
+    flt = Filter((now_ms - 60_000) * MS, (now_ms + 1000) * MS)
+    events, reports, summary = await run(Options(kafka.bootstrap, flt, margin_ns=60 * NS, topic=topic))
+    assert [(e["host.id"], e["path"]) for e in events] == [(slow, "/in-window")]
+    assert (summary.records, summary.late, summary.decode_failures) == (3, 1, 1)
+    why = "raw batch: event 0 (file_created) field 'path' must be a string, got list [[[...]]]"
+    assert reports == [f"ktel replay: {topic}[0]@2: {why}"]

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from ktel import config
@@ -75,3 +77,43 @@ def test_worker_settings_apply_from_the_process_section(tmp_path, monkeypatch):
     cfg = config.load(f)
     assert (cfg.process.metrics_port, cfg.process.session_timeout_seconds) == (0, 10)
     assert cfg.process.data_dir == tmp_path
+
+
+TOKEN = "Bearer s3cret-t0ken"
+
+
+def test_ktel_config_masks_secrets_in_its_output_only(tmp_path, monkeypatch, capsys):
+    from ktel import cli
+
+    f = tmp_path / "k.toml"
+    f.write_text(f'[otlp]\nheaders = {{authorization = "{TOKEN}", "x-tenant" = "t1"}}\n')
+    monkeypatch.setenv("KTEL_AGENT__HOST_ID", "abc")
+    cli.main(["--config", str(f), "config"])
+    out = capsys.readouterr().out
+    assert TOKEN not in out and "t1" not in out
+    printed = json.loads(out)
+    assert printed["otlp"]["headers"] == {"authorization": "***", "x-tenant": "***"}
+    assert printed["agent"]["host_id"] == "abc"  # what is not a secret is printed as it is
+    assert config.load(f).otlp.headers == {"authorization": TOKEN, "x-tenant": "t1"}  # used as given
+
+
+def test_every_secret_field_is_masked_and_unset_ones_stay_null(monkeypatch):
+    monkeypatch.setenv("KTEL_AGENT__HOST_ID", "abc")
+    printed = config.printable(config.load())
+    assert printed["otlp"]["headers"] is None
+    secrets = [
+        f"{section}.{name}"
+        for section, model in config.Config.model_fields.items()
+        for name, field in (model.annotation.model_fields.items() if model.annotation else [])
+        if field.json_schema_extra == config.SECRET
+    ]
+    assert secrets == ["otlp.headers"]
+
+
+def test_a_bad_secret_is_not_shown_in_the_error(monkeypatch):
+    monkeypatch.setenv("KTEL_AGENT__HOST_ID", "abc")
+    monkeypatch.setenv("KTEL_OTLP__HEADERS", json.dumps({"authorization": [TOKEN]}))
+    with pytest.raises(config.ConfigError) as err:
+        config.load()
+    assert "otlp.headers.authorization = ***: Input should be a valid string" in str(err.value)
+    assert TOKEN not in str(err.value)

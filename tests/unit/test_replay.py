@@ -9,7 +9,18 @@ import pytest
 
 from ktel import cli, config, replay
 from ktel.replay import NS, Filter, ReplayError, parse_duration, parse_kinds, parse_time
-from ktel.wire import DNS_SLOW, FILE_CREATED, KINDS, PID_INDEXES, RAW_TOPIC, TCP_RETRANSMIT, RawBatch
+from ktel.wire import (
+    DNS_SLOW,
+    FILE_CREATED,
+    KINDS,
+    PID_INDEXES,
+    RAW_TOPIC,
+    TCP_RETRANSMIT,
+    RawBatch,
+    WireError,
+    decode_batch,
+    encode_batch,
+)
 
 NOW = 1_750_000_000 * NS  # 2025-06-15T15:06:40Z
 
@@ -203,11 +214,19 @@ def test_options_from_arguments():
     assert replay.options(CFG, args(to_topic="x", format="jsonl"), now_ns=NOW).jsonl
 
 
-def test_replaying_into_the_live_raw_topic_is_refused_but_another_kafka_is_fine():
-    with pytest.raises(ReplayError, match="--to-bootstrap"):
-        replay.options(CFG, args(to_topic=RAW_TOPIC), now_ns=NOW)
-    opts = replay.options(CFG, args(to_topic=RAW_TOPIC, to_bootstrap="scratch:9092"), now_ns=NOW)
+def test_every_ktel_topic_and_the_source_are_protected_on_the_cluster_replay_reads():
+    # Which cluster --to-bootstrap is, is asked of Kafka (tests/integration/test_replay.py).
+    opts = replay.options(CFG, args(to_topic=RAW_TOPIC, to_bootstrap="scratch:9092", topic="t"), now_ns=NOW)
     assert opts.to_bootstrap == "scratch:9092"
+    internal = {
+        "ktel.raw",
+        "ktel.deduped",
+        "ktel.enriched",
+        "ktel.sampled",
+        "ktel.control",
+        "ktel.heartbeats",
+    }
+    assert internal | {"ktel.metrics", "ktel.spans", "ktel.logs", "ktel.dlq", "t"} == opts.protected_topics
     with pytest.raises(ReplayError, match="--to-bootstrap needs --to-topic"):
         replay.options(CFG, args(to_bootstrap="scratch:9092"), now_ns=NOW)
 
@@ -263,3 +282,40 @@ def test_an_unreachable_kafka_is_named_with_the_setting_to_fix(monkeypatch, caps
     last = capsys.readouterr().err.splitlines()[-1]
     assert last.startswith(f"ktel replay: cannot reach Kafka at {bootstrap} (")
     assert last.endswith("set kafka.bootstrap or KTEL_KAFKA__BOOTSTRAP")
+
+
+def nested_too_deeply(depth: int = 1000) -> bytes:
+    """A raw batch whose file_created path is an array ``depth`` deep (msgpack's packer
+    refuses such a value, so its bytes are spliced in)."""
+    batch = RawBatch("h", "b", 1, 1, [[FILE_CREATED.id, 1, 2, 2, 0, "c", "PATH", 0o101, True]])
+    return encode_batch(batch).replace(b"\xa4PATH", b"\x91" * depth + b"\xa1x")
+
+
+def test_a_value_nested_deep_is_a_record_that_does_not_decode_with_a_short_reason():
+    # Deeper than Python's recursion limit: the reason shows a few levels of it.
+    with pytest.raises(WireError) as err:
+        decode_batch(nested_too_deeply())
+    assert (
+        str(err.value)
+        == "raw batch: event 0 (file_created) field 'path' must be a string, got list [[[...]]]"
+    )
+
+
+@pytest.mark.parametrize(
+    ("ids", "refused"),
+    [
+        ({"live:9092": "A", "scratch:9092": "B"}, False),
+        ({"live:9092": "A", "scratch:9092": "A"}, True),  # another address of the same cluster
+        ({"live:9092": "A", "scratch:9092": None}, True),  # a broker that cannot tell
+    ],
+)
+async def test_the_live_cluster_is_told_by_its_id(monkeypatch, ids, refused):
+    async def cluster_id(bootstrap: str, what: str) -> str | None:
+        return ids[bootstrap]
+
+    monkeypatch.setattr(replay, "cluster_id", cluster_id)
+    if refused:
+        with pytest.raises(ReplayError, match="--to-topic ktel.raw: ktel's own topic"):
+            await replay._refuse_the_live_cluster("live:9092", "scratch:9092", "ktel.raw")
+    else:
+        await replay._refuse_the_live_cluster("live:9092", "scratch:9092", "ktel.raw")

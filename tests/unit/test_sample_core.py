@@ -69,7 +69,8 @@ def test_a_spike_raises_the_hosts_fidelity_and_its_end_restores_it():
     assert [len(c) for c in cmds] == [0, 0, 0, 0, 0, 1, 0, 1, 0]
     raise_, restore = cmds[5][0], cmds[7][0]
     assert (raise_.target, raise_.probe, raise_.sample_every) == ("h1", "file_created", 1)
-    assert raise_.until_ms == 5000 + 300_000
+    # A duration for the agent's clock, and the deadline on this one's for older agents.
+    assert (raise_.ttl_ms, raise_.until_ms) == (300_000, 5000 + 300_000)
     assert (restore.target, restore.sample_every) == ("h1", 10)
     assert 95 < st["ewma"] < 105  # the spike did not leak into the baseline
 

@@ -275,3 +275,23 @@ def test_snapshots_refuse_non_finite_values_wrong_labels_and_mixed_types(record,
 def test_a_record_too_big_to_be_ktels_is_refused_before_it_is_unpacked():
     with pytest.raises(wire.WireError, match="more than"):
         wire.decode_batch(b"\x00" * (wire.codec.MAX_RECORD_BYTES + 1))
+
+
+def _nested_bytes(record: dict, depth: int) -> bytes:
+    """``record`` packed with its "@@@@" value nested ``depth`` arrays deep (more than
+    msgpack's packer nests, so the bytes are spliced)."""
+    return msgpack.packb(record).replace(b"\xa4@@@@", b"\x91" * depth + b"\xa1x")
+
+
+@pytest.mark.parametrize("depth", [600, 5000, 100_000])
+def test_a_value_nested_thousands_deep_is_refused_with_a_short_reason(depth):
+    """Where msgpack unpacks it, the reason shows a few levels of it and no recursion
+    happens; deeper, msgpack itself refuses it. Either way a WireError, never a crash."""
+    ev = [wire.FILE_CREATED.id, 1, 2, 2, 0, "c", "@@@@", 0, False]
+    batch = _nested_bytes({"v": 1, "host": "h", "boot": "b", "seq": 1, "sent": 1, "events": [ev]}, depth)
+    with pytest.raises(wire.WireError) as err:
+        wire.decode_batch(batch)
+    assert len(str(err.value)) < 300
+    snap = _nested_bytes({"v": 1, "ts": 1, "series": [["x", "gauge", {}, "@@@@"]]}, depth)
+    with pytest.raises(wire.WireError):
+        wire.decode_snapshot(snap)

@@ -128,6 +128,23 @@ RECORDS: dict[str, tuple[Callable[[Any], bytes], Callable[[bytes], Any], Any]] =
         wire.decode_command,
         wire.ControlCommand("ktel-sample-raise-a-file_created-1", "a" * 32, "file_created", 1, TS // 10**6),
     ),
+    # The form agents read since commands carry a duration (ttl_ms).
+    "control_command_ttl": (
+        wire.encode_command,
+        wire.decode_command,
+        wire.ControlCommand(
+            "ktel-sample-raise-a-file_created-2", "*", "file_created", 10, TS // 10**6 + 300_000, 300_000
+        ),
+    ),
+    # With the commands the agent refused (a later optional key).
+    "heartbeat_refused": (
+        wire.encode_heartbeat,
+        wire.decode_heartbeat,
+        {
+            **HEARTBEAT,
+            "refused_commands": [["ktel-bad-1", "sample_every 4294967296 is over the agent's 1000000"]],
+        },
+    ),
     "dead_letter": (
         wire.encode_dead_letter,
         wire.decode_dead_letter,

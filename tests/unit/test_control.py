@@ -1,0 +1,162 @@
+"""The agent's control follower (edge_agent/control.py) without Kafka: bounds,
+durations, acknowledgements and restarts."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import REGISTRY
+
+from edge_agent import control as control_mod
+from edge_agent.control import MAX_PENDING_ACKS, Bounds, Control, now_ms
+from ktel.config import AgentConfig
+from ktel.schema import U63
+from ktel.wire import ControlCommand, decode_heartbeat, encode_heartbeat
+from ktel.wire.codec import MAX_RECORD_BYTES
+
+HOST = "h1"
+BOUNDS = Bounds(max_sample_every=1000, max_ttl_ms=3_600_000, max_id_chars=64)
+T0 = 1_764_000_000_000  # ms
+
+
+def make(tmp_path, bounds: Bounds = BOUNDS) -> tuple[Control, list[tuple[str, int]]]:
+    applied: list[tuple[str, int]] = []
+    ctl = Control(HOST, {"file_created": 2}, lambda p, n: applied.append((p, n)), bounds, tmp_path)
+    return ctl, applied
+
+
+def cmd(
+    cmd_id: str = "c1",
+    target: str = HOST,
+    probe: str = "file_created",
+    every: int = 10,
+    until_ms: int = T0 + 60_000,
+    ttl_ms: int | None = 60_000,
+) -> ControlCommand:
+    return ControlCommand(cmd_id, target, probe, every, until_ms, ttl_ms)
+
+
+def refused(reason: str) -> float:
+    return REGISTRY.get_sample_value("ktel_agent_commands_refused_total", {"reason": reason}) or 0.0
+
+
+OUT_OF_BOUNDS = [
+    ("sample_every", cmd(every=U63)),  # the wire's largest: once a u32 knob of 0, keeping all
+    ("sample_every", cmd(every=1001)),
+    ("probe", cmd(probe="no_such_probe")),
+    ("ttl", cmd(ttl_ms=3_600_001)),
+    ("ttl", cmd(until_ms=1 << 62, ttl_ms=None)),  # an old-form deadline far away
+    ("id", cmd(cmd_id="x" * 65)),
+]
+
+
+@pytest.mark.parametrize(("reason", "command"), OUT_OF_BOUNDS)
+def test_a_command_out_of_bounds_is_refused_counted_and_reported(tmp_path, reason, command):
+    ctl, applied = make(tmp_path)
+    before = refused(reason)
+    assert not ctl.handle(command, sent_ms=T0, now=T0)
+    assert applied == [] and ctl.sample_every("file_created") == 2
+    assert refused(reason) == before + 1
+    assert ctl.counts == {"commands_applied": 0, "commands_refused": 1}
+    [(cmd_id, why)] = ctl.take_refusals()
+    assert cmd_id == command.id[:64] and why
+    assert ctl.take_acks() == []
+
+
+def test_the_largest_command_in_bounds_is_applied(tmp_path):
+    ctl, applied = make(tmp_path)
+    assert ctl.handle(cmd(cmd_id="x" * 64, every=1000, ttl_ms=3_600_000), sent_ms=T0, now=T0)
+    assert applied == [("file_created", 1000)]
+    assert ctl.take_acks() == ["x" * 64] and ctl.take_refusals() == []
+
+
+def test_another_hosts_command_is_ignored_not_refused(tmp_path):
+    ctl, applied = make(tmp_path)
+    assert not ctl.handle(cmd(target="h2", every=U63), sent_ms=T0, now=T0)
+    assert applied == [] and ctl.counts["commands_refused"] == 0 and ctl.take_refusals() == []
+    assert ctl.handle(cmd(target="*"), sent_ms=T0, now=T0)
+
+
+def test_a_command_holds_its_duration_from_when_the_agent_applies_it(tmp_path):
+    ctl, applied = make(tmp_path)
+    # The sender's clock is a day ahead: until_ms and the record time say so, the duration does not.
+    day = 86_400_000
+    assert ctl.handle(cmd(until_ms=T0 + day + 60_000), sent_ms=T0 + day, now=T0)
+    ctl.expire(now=T0 + 59_999)
+    assert ctl.sample_every("file_created") == 10
+    ctl.expire(now=T0 + 60_000)
+    assert ctl.sample_every("file_created") == 2  # the configured rate is back
+    assert applied == [("file_created", 10), ("file_created", 2)]
+
+
+def test_the_old_form_holds_until_ms_minus_its_record_time(tmp_path):
+    ctl, _ = make(tmp_path)
+    # Sender an hour behind: until_ms is in the agent's past, yet 30 s remain by the sender's clock.
+    hour = 3_600_000
+    assert ctl.handle(cmd(until_ms=T0 - hour + 30_000, ttl_ms=None), sent_ms=T0 - hour, now=T0)
+    assert ctl.command("file_created").deadline_ms == T0 + 30_000
+
+
+def test_acknowledgements_stay_bounded_and_fit_a_heartbeat(tmp_path):
+    ctl, _ = make(tmp_path, Bounds(1000, 3_600_000, 512))
+    dropped = REGISTRY.get_sample_value("ktel_agent_command_acks_dropped_total") or 0.0
+    for i in range(MAX_PENDING_ACKS + 10):
+        ctl.handle(cmd(cmd_id=f"{i:0512d}", every=1 << 40), sent_ms=T0, now=T0)
+    refusals = ctl.take_refusals()
+    assert len(refusals) == MAX_PENDING_ACKS and refusals[-1][0] == f"{MAX_PENDING_ACKS + 9:0512d}"
+    ctl.handle(cmd(cmd_id="new", every=1 << 40), sent_ms=T0, now=T0)
+    ctl.unack([], refusals)  # that heartbeat was not sent: still bounded, the oldest go
+    again = ctl.take_refusals()
+    assert len(again) == MAX_PENDING_ACKS and again[-1][0] == "new"
+    assert (REGISTRY.get_sample_value("ktel_agent_command_acks_dropped_total") or 0.0) == dropped + 11
+    hb = {"ts": 1, "host": {"host.id": HOST}, "probes": {}, "counters": {}, "refused_commands": again}
+    assert len(encode_heartbeat(hb)) < MAX_RECORD_BYTES // 8
+    assert decode_heartbeat(encode_heartbeat(hb))["refused_commands"] == again
+
+
+def test_a_command_in_force_survives_a_restart_neither_ended_nor_extended(tmp_path):
+    now = now_ms()
+    first, _ = make(tmp_path)
+    assert first.handle(cmd(ttl_ms=60_000), sent_ms=now, now=now)
+    assert first.take_acks() == ["c1"]
+
+    restarted, applied = make(tmp_path)
+    assert restarted.sample_every("file_created") == 10  # before Kafka is reached
+    assert restarted.command("file_created").deadline_ms == now + 60_000
+    # Read back from ktel.control later: the deadline stands, and it is not acknowledged again.
+    assert restarted.handle(cmd(ttl_ms=60_000), sent_ms=now, now=now + 20_000, replayed=True)
+    assert restarted.command("file_created").deadline_ms == now + 60_000
+    assert restarted.take_acks() == [] and restarted.counts["commands_applied"] == 0
+
+
+def test_a_command_sent_while_the_agent_was_down_holds_at_most_its_duration(tmp_path):
+    ctl, _ = make(tmp_path)
+    now = now_ms()
+    # Sent 20 s before the agent read it back: 40 s of its minute are left.
+    assert ctl.handle(cmd(ttl_ms=60_000), sent_ms=now - 20_000, now=now, replayed=True)
+    assert ctl.command("file_created").deadline_ms == now + 40_000
+    # From a sender whose clock is ahead: never more than the full duration.
+    assert ctl.handle(cmd(cmd_id="c2", ttl_ms=60_000), sent_ms=now + 86_400_000, now=now, replayed=True)
+    assert ctl.command("file_created").deadline_ms == now + 60_000
+    # Over before the agent came back.
+    assert not ctl.handle(cmd(cmd_id="c3", ttl_ms=60_000), sent_ms=now - 60_000, now=now, replayed=True)
+
+
+def test_what_a_restart_re_applies_is_bounded_like_a_command(tmp_path):
+    now = now_ms()
+    first, _ = make(tmp_path, Bounds(1000, 3_600_000, 64))
+    first.handle(cmd(every=1000), sent_ms=now, now=now)
+    lowered, _ = make(tmp_path, Bounds(100, 3_600_000, 64))
+    assert lowered.sample_every("file_created") == 2
+
+
+def test_a_damaged_state_file_is_ignored(tmp_path):
+    (tmp_path / control_mod.STATE_FILE).write_text("{not json")
+    ctl, _ = make(tmp_path)
+    assert ctl.overrides == {}
+
+
+def test_bounds_come_from_the_agent_config(tmp_path):
+    acfg = AgentConfig(host_id=HOST, state_dir=tmp_path, control_max_ttl_seconds=60)
+    assert Bounds.of(acfg) == Bounds(1_000_000, 60_000, 512)
+    with pytest.raises(ValueError, match="control_max_sample_every"):
+        AgentConfig(host_id=HOST, control_max_sample_every=1 << 32)

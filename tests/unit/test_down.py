@@ -1,0 +1,81 @@
+"""`ktel down` signals only a `ktel up`: a stale pid file naming another process is
+reported and removed, and that process is left alone. Real processes throughout."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from ktel import config, up
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    return config.Config(agent=config.AgentConfig(host_id="h"), stack=config.StackConfig(data_dir=tmp_path))
+
+
+@pytest.fixture
+def procs():
+    started: list[subprocess.Popen] = []
+    yield started
+    for p in started:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+
+
+def test_a_stale_pid_file_naming_another_process_signals_nothing(cfg, procs, capsys):
+    # Another Python program, past its start: it says so once it runs its code.
+    code = "import time; print('ready', flush=True); time.sleep(600)"
+    other = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    procs.append(other)
+    assert other.stdout is not None and other.stdout.readline() == b"ready\n"
+    up.pidfile(cfg).write_text(str(other.pid))
+    assert up.down(cfg, timeout=5) == 1
+    assert other.poll() is None  # not signalled
+    assert not up.pidfile(cfg).exists()
+    said = f"names pid {other.pid}, which is not ktel up ({sys.executable} -c {code}): signalling nothing"
+    assert said in capsys.readouterr().out
+
+
+def test_a_ktel_up_is_stopped(cfg, procs, tmp_path):
+    # A stand-in with the command line of the `ktel` script running `up` (python, the
+    # script, then the arguments), which SIGTERM ends.
+    script = tmp_path / "bin" / "ktel"
+    script.parent.mkdir()
+    script.write_text("import time\nprint('ready', flush=True)\ntime.sleep(600)\n")
+    fake = subprocess.Popen(
+        [sys.executable, str(script), "--log-level", "info", "up"], stdout=subprocess.PIPE
+    )
+    procs.append(fake)
+    assert fake.stdout is not None and fake.stdout.readline() == b"ready\n"
+    up.pidfile(cfg).write_text(str(fake.pid))
+    assert up.is_ktel_up(fake.pid)
+    assert up.down(cfg, timeout=30) == 0
+    assert fake.wait() == -signal.SIGTERM
+
+
+@pytest.mark.parametrize(
+    ("args", "is_up"),
+    [
+        (["/venv/bin/python", "/venv/bin/ktel", "up"], True),
+        (["python3", "-m", "ktel.cli", "--config", "k.toml", "up"], True),
+        (["python3", "-m", "ktel.cli", "down"], False),
+        (["python3", "-c", "...", "ktel.cli", "up"], False),  # not run as -m ktel.cli
+        (["sleep", "600"], False),
+        ([], False),  # exited
+    ],
+)
+def test_which_command_lines_run_ktel_up(args, is_up):
+    assert up.runs_ktel_up(args) is is_up
+
+
+def test_a_pid_that_is_gone_is_a_stale_pid_file(cfg, procs):
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    up.pidfile(cfg).write_text(str(gone.pid))
+    assert up.down(cfg, timeout=5) == 1
+    assert not up.pidfile(cfg).exists()
