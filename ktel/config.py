@@ -244,8 +244,8 @@ class RemoteWriteConfig(BaseModel):
         3600,
         gt=0,
         description="a snapshot older than this (by the exporter's clock) goes to ktel.dlq instead: "
-        "Prometheus refuses a sample more than an hour older than its newest, and with it the "
-        "whole request",
+        "Prometheus refuses a sample more than an hour older than its newest, answering 400 to the "
+        "whole request holding it",
     )
     max_future_seconds: float = Field(
         600,
