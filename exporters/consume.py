@@ -2,7 +2,9 @@
 
 An offset is committed only after ``deliver`` returned, i.e. after the backend
 acknowledged everything made from the records up to it (docs/design.md, principle 4).
-Records that do not decode go to ``ktel.dlq`` with the reason.
+Records that do not decode go to ``ktel.dlq`` with the reason; ``deliver`` gets
+each decoded record with where it came from (``Record``), so that what it cannot
+send is dead-lettered pointing back at its record.
 
 While ``deliver`` waits for a backend (which may be down for minutes: the retry
 helper keeps trying), the consumer's partitions are paused and ``getmany`` keeps
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -28,18 +31,58 @@ from ktel.wire import DLQ_TOPIC, DeadLetter, WireError, encode_dead_letter
 
 log = logging.getLogger("ktel.export")
 
-DEAD_LETTERS = Counter("ktel_exporter_dead_letters", "records or samples sent to ktel.dlq", ["exporter"])
+DEAD_LETTERS = Counter("ktel_exporter_dead_letters", "records sent to ktel.dlq", ["exporter"])
+DEAD_LETTERED_ITEMS = Counter(
+    "ktel_exporter_dead_lettered_items",
+    "samples, spans, log records or data points in the records sent to ktel.dlq",
+    ["exporter", "signal"],
+)
 
 # How often a paused consumer calls getmany while a delivery is in flight.
 POLL_WHILE_PAUSED_S = 1.0
 
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A decoded record (``item``) and the Kafka record it was read from."""
+
+    item: Any
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+
+
 Decoder = Callable[[bytes], Any]
-Deliver = Callable[[list[Any], AIOKafkaProducer], Awaitable[None]]
+Deliver = Callable[[list[Record], AIOKafkaProducer], Awaitable[None]]
 
 
 async def dead_letter(producer: AIOKafkaProducer, dl: DeadLetter, key: bytes | None = None) -> None:
     await producer.send_and_wait(DLQ_TOPIC, encode_dead_letter(dl), key=key)
     DEAD_LETTERS.labels(dl.stage).inc()
+
+
+async def refuse(
+    producer: AIOKafkaProducer,
+    stage: str,
+    rec: Record,
+    reason: str,
+    *,
+    signal: str,
+    items: int,
+    payload: bytes | None = None,
+) -> None:
+    """Dead-letter ``items`` of ``signal`` from ``rec``: ``payload`` (a wire record of
+    just those items) or, by default, the record's own bytes."""
+    log.warning(
+        "dead letter %s[%d]@%d (%d %s): %s", rec.topic, rec.partition, rec.offset, items, signal, reason
+    )
+    dl = DeadLetter(
+        stage, reason, rec.topic, rec.partition, rec.offset, rec.value if payload is None else payload
+    )
+    await dead_letter(producer, dl, rec.key)
+    DEAD_LETTERED_ITEMS.labels(stage, signal).inc(items)
 
 
 async def run(
@@ -83,12 +126,14 @@ async def run(
             fetched = await consumer.getmany(timeout_ms=500)
             if not fetched:
                 continue
-            items: list[Any] = []
+            items: list[Record] = []
             for tp, records in fetched.items():
                 decode = topics[tp.topic]
                 for rec in records:
                     try:
-                        items.append(decode(rec.value))
+                        items.append(
+                            Record(decode(rec.value), tp.topic, tp.partition, rec.offset, rec.key, rec.value)
+                        )
                     except WireError as err:
                         log.warning("dead letter %s[%d]@%d: %s", tp.topic, tp.partition, rec.offset, err)
                         await dead_letter(

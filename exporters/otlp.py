@@ -2,8 +2,10 @@
 ``ktel.metrics`` to an OTLP backend (an OpenTelemetry Collector, Jaeger, Tempo, ...)
 over gRPC or HTTP/protobuf.
 
-The sending is the OpenTelemetry SDK's own OTLP exporters; ktel builds what they
-take from the wire records (the pure core below and exporters/otlp_spans.py):
+The connection is the OpenTelemetry SDK's own OTLP exporters' (channel or session,
+TLS, headers, compression, timeouts, the OTEL_EXPORTER_OTLP_* variables); ktel
+builds the requests from the wire records (the pure core below, the SDK's encoders
+and exporters/otlp_spans.py):
 
 - span row -> an OTLP span, built straight into the protobuf request
   (exporters/otlp_spans.py says why and how).
@@ -20,11 +22,20 @@ take from the wire records (the pure core below and exporters/otlp_spans.py):
 
 Everything is under the instrumentation scope ``ktel``.
 
-Delivery: records are converted and sent in requests of at most
-``otlp.max_export_batch_size`` items. The SDK exporter retries transient errors
-itself within its timeout, then returns FAILURE; ktel then retries the request with
-the shared helper (``ktel/retry.py``) until the backend takes it, so the Kafka offset
-(exporters/consume.py) is committed only once everything read is acknowledged.
+Delivery (exporters/delivery.py has the rules): a span, log record or data point
+whose timestamp is outside ``otlp.max_age_seconds`` / ``max_future_seconds`` of the
+exporter's clock goes to ``ktel.dlq``, never to the backend. The rest are converted
+and sent in requests of at most ``otlp.max_export_batch_size`` items, one attempt at
+a time through the SDK exporter's own gRPC channel or HTTP client (``send_once``),
+and the answer is classified here: transient failures are retried with the shared
+helper (``ktel/retry.py``) until the backend takes the request; a refused request
+(a 4xx, INVALID_ARGUMENT, a message above the backend's size limit, ...) is split
+in halves and re-sent, down to single items, and an item refused alone goes to
+``ktel.dlq`` with the backend's answer, as a wire record of just that item. The
+SDK's ``export()`` is not used: it retries on its own and reports only SUCCESS or
+FAILURE, which says neither whether to retry nor why. The Kafka offset
+(exporters/consume.py) is committed only once everything read is acknowledged or
+dead-lettered.
 
 Configuration: ``[otlp]`` in the config file (see OtlpConfig in ktel/config.py for
 which OTEL_EXPORTER_OTLP_* variable each field stands for); an unset field is left
@@ -36,14 +47,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from importlib.metadata import version
 from typing import Any
 
 import grpc
 from aiokafka import AIOKafkaProducer
+from google.rpc.status_pb2 import Status as RpcStatus
 from opentelemetry import trace
 from opentelemetry._logs import LogRecord, SeverityNumber
+from opentelemetry.exporter.otlp.proto.common._log_encoder import encode_logs as encode_log_request
+from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
+from opentelemetry.exporter.otlp.proto.grpc.exporter import OTLPExporterMixin
 from opentelemetry.sdk._logs import ReadableLogRecord
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
@@ -63,9 +79,10 @@ from opentelemetry.trace import SpanContext, TraceFlags
 from prometheus_client import Counter
 
 from exporters import consume, otlp_spans
+from exporters.consume import Record
+from exporters.delivery import Transient, Window, grpc_answer, http_answer, send_split
 from ktel import selfmetrics
 from ktel.config import Config, OtlpConfig
-from ktel.retry import retry
 from ktel.wire import (
     LOGS_TOPIC,
     METRICS_TOPIC,
@@ -76,6 +93,9 @@ from ktel.wire import (
     decode_logs,
     decode_snapshot,
     decode_spans,
+    encode_logs,
+    encode_snapshot,
+    encode_spans,
 )
 
 log = logging.getLogger("ktel.export.otlp")
@@ -90,7 +110,9 @@ ITEMS = Counter(
     "ktel_exporter_otlp_items", "spans, log records and data points the OTLP backend acknowledged", ["signal"]
 )
 FAILED = Counter(
-    "ktel_exporter_otlp_failed_exports", "OTLP requests that failed and were retried", ["signal"]
+    "ktel_exporter_otlp_failed_exports",
+    "OTLP requests that failed (retried, or refused and split)",
+    ["signal"],
 )
 
 
@@ -184,6 +206,7 @@ def make_exporters(c: OtlpConfig) -> tuple[Any, Any, Any]:
     if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
         if c.compression == "deflate":
             raise ValueError("otlp.compression = 'deflate' is not available over grpc (use gzip)")
@@ -200,11 +223,12 @@ def make_exporters(c: OtlpConfig) -> tuple[Any, Any, Any]:
             "timeout": c.timeout_seconds,
             "compression": None if c.compression is None else _GRPC_COMPRESSION[c.compression],
         }
-        return otlp_spans.GrpcRequestExporter(**kw), OTLPMetricExporter(**kw), OTLPLogExporter(**kw)
+        return OTLPSpanExporter(**kw), OTLPMetricExporter(**kw), OTLPLogExporter(**kw)
     if protocol == "http/protobuf":
         from opentelemetry.exporter.otlp.proto.http import Compression
         from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter as HttpLog
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpMetric
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpSpan
 
         def kwargs(path: str) -> dict[str, Any]:
             # Like OTEL_EXPORTER_OTLP_ENDPOINT: a base URL to which the signal's path is
@@ -220,7 +244,7 @@ def make_exporters(c: OtlpConfig) -> tuple[Any, Any, Any]:
             }
 
         return (
-            otlp_spans.HttpRequestExporter(**kwargs("v1/traces")),
+            HttpSpan(**kwargs("v1/traces")),
             HttpMetric(**kwargs("v1/metrics")),
             HttpLog(**kwargs("v1/logs")),
         )
@@ -237,59 +261,141 @@ def _read(path: str | None) -> bytes | None:
         return f.read()
 
 
-class ExportFailed(Exception):
-    pass
+def send_once(exporter: Any, request: Any) -> None:
+    """One attempt to send an OTLP request through an SDK exporter's own gRPC stub or
+    HTTP client (opentelemetry-exporter-otlp-proto-* 1.45.2, pinned in pyproject.toml);
+    raises Transient or Permanent as exporters/delivery.py classifies the answer."""
+    if isinstance(exporter, OTLPExporterMixin):
+        stub: Any = exporter._client  # set by the exporter's constructor
+        try:
+            stub.Export(request=request, metadata=exporter._headers, timeout=exporter._timeout)
+        except grpc.RpcError as err:
+            grpc_answer(err.code(), err.details())
+        return
+    client = exporter._client
+    result = client._submit(client._compress(request.SerializePartialToString()), client._timeout)
+    if result.status_code is None:
+        raise Transient(f"no answer from {client._endpoint}: {result.error}")
+    http_answer(result.status_code, _http_message(result))
+
+
+def _http_message(result: Any) -> str:
+    """The message of an OTLP/HTTP error answer: a ``google.rpc.Status`` in the
+    request's encoding (protobuf), or whatever text a proxy in between sent."""
+    body = result.content()
+    try:
+        message = RpcStatus.FromString(body).message
+    except Exception:  # noqa: BLE001 -- not a Status: the body is the message
+        message = ""
+    return message or body.decode("utf-8", "replace")
+
+
+# What a signal's item is, for the counters and the dead letters.
+ITEM_NAMES = {"spans": "spans", "logs": "log records", "metrics": "data points"}
 
 
 class Sender:
-    """Sends converted chunks with the SDK exporters, retrying FAILURE until acknowledged."""
+    """Sends converted chunks through the SDK exporters' connections, one attempt at a
+    time, with delivery.send_split deciding what is retried, split or dead-lettered."""
 
     def __init__(self, cfg: OtlpConfig, exporters: tuple[Any, Any, Any] | None = None) -> None:
         self.batch = cfg.max_export_batch_size
+        self.window = Window(cfg.max_age_seconds, cfg.max_future_seconds, "otlp")
         self.spans, self.metrics, self.logs = exporters or make_exporters(cfg)
 
-    async def deliver(self, items: list[Any], _producer: AIOKafkaProducer | None = None) -> None:
-        spans: list[tuple[dict[str, Any], Sequence[Any]]] = []
-        logs: list[tuple[Resource, Sequence[Any]]] = []
-        points: list[tuple[int, Sequence[Any]]] = []
-        for item in items:
+    async def deliver(self, records: list[Record], producer: AIOKafkaProducer) -> None:
+        # Each item with the record it came from: (record, what its converter takes).
+        spans: list[tuple[Record, tuple[dict[str, Any], Sequence[Any]]]] = []
+        logs: list[tuple[Record, tuple[Resource, Sequence[Any]]]] = []
+        points: list[tuple[Record, tuple[int, Sequence[Any]]]] = []
+        now = time.time_ns()
+        problem = self.window.problem
+        for rec in records:
+            item = rec.item
             if isinstance(item, SpanBatch):
-                spans += [(item.resource, row) for row in item.spans]
+                late = []
+                for row in item.spans:
+                    why = problem(row[4], now) or problem(row[5], now)
+                    if why is None:
+                        spans.append((rec, (item.resource, row)))
+                    else:
+                        late.append((row, why))
+                if late:
+                    payload = encode_spans(SpanBatch(item.resource, [row for row, _ in late]))
+                    await self._refuse(producer, rec, "spans", [why for _, why in late], payload)
             elif isinstance(item, LogBatch):
                 resource = KtelResource(item.resource)
-                logs += [(resource, row) for row in item.logs]
+                late = []
+                for row in item.logs:
+                    why = problem(row[0], now)
+                    if why is None:
+                        logs.append((rec, (resource, row)))
+                    else:
+                        late.append((row, why))
+                if late:
+                    payload = encode_logs(LogBatch(item.resource, [row for row, _ in late]))
+                    await self._refuse(producer, rec, "logs", [why for _, why in late], payload)
             elif isinstance(item, MetricSnapshot):
-                points += [(item.ts_ms, row) for row in item.series]
+                why = problem(item.ts_ms * 1_000_000, now)
+                if why is None:
+                    points += [(rec, (item.ts_ms, row)) for row in item.series]
+                else:
+                    await self._refuse(producer, rec, "metrics", [why] * len(item.series), None)
         # Spans and logs carry their own times and ids, so their requests may be in flight
         # together (one converts while another waits for the backend). A cumulative
         # metric's points must reach the backend in order: one request at a time.
         await asyncio.gather(
-            self._send("spans", spans, _span_request, self.spans.export, IN_FLIGHT),
-            self._send("logs", logs, to_logs, self.logs.export, IN_FLIGHT),
+            self._send("spans", spans, _span_request, self.spans, IN_FLIGHT, producer),
+            self._send("logs", logs, _log_request, self.logs, IN_FLIGHT, producer),
         )
-        await self._send("metrics", points, to_metrics, self.metrics.export, 1)
+        await self._send("metrics", points, _metric_request, self.metrics, 1, producer)
+
+    async def _refuse(
+        self, producer: AIOKafkaProducer, rec: Record, signal: str, reasons: list[str], payload: bytes | None
+    ) -> None:
+        reason = (
+            reasons[0]
+            if len(reasons) == 1
+            else f"{len(reasons)} {ITEM_NAMES[signal]}, the first: {reasons[0]}"
+        )
+        await consume.refuse(producer, STAGE, rec, reason, signal=signal, items=len(reasons), payload=payload)
 
     async def _send(
-        self, signal: str, rows: list[Any], convert: Callable[[Any], Any], export: Any, in_flight: int
+        self,
+        signal: str,
+        rows: list[tuple[Record, Any]],
+        convert: Callable[[list[Any]], Any],
+        exporter: Any,
+        in_flight: int,
+        producer: AIOKafkaProducer,
     ) -> None:
         slots = asyncio.Semaphore(in_flight)
 
-        async def one(part: list[Any]) -> None:
+        async def send(part: Sequence[tuple[Record, Any]]) -> None:
+            # Converting and sending are CPU and blocking I/O: off the event loop, which
+            # keeps the Kafka consumer polling meanwhile.
+            request = await asyncio.to_thread(convert, [row for _, row in part])
+            try:
+                await asyncio.to_thread(send_once, exporter, request)
+            except Exception:
+                FAILED.labels(signal).inc()
+                raise
+            ITEMS.labels(signal).inc(len(part))
+
+        async def refused(entry: tuple[Record, Any], reason: str) -> None:
+            rec, (_, row) = entry
+            item = rec.item
+            if signal == "spans":
+                payload = encode_spans(SpanBatch(item.resource, [row]))
+            elif signal == "logs":
+                payload = encode_logs(LogBatch(item.resource, [row]))
+            else:
+                payload = encode_snapshot(MetricSnapshot(item.ts_ms, [row]))
+            await consume.refuse(producer, STAGE, rec, reason, signal=signal, items=1, payload=payload)
+
+        async def one(part: list[tuple[Record, Any]]) -> None:
             async with slots:
-                # Converting and sending are CPU and blocking I/O: off the event loop, which
-                # keeps the Kafka consumer polling meanwhile.
-                data = await asyncio.to_thread(convert, part)
-
-                async def attempt() -> None:
-                    result = await asyncio.to_thread(export, data)
-                    if result.name != "SUCCESS":
-                        FAILED.labels(signal).inc()
-                        raise ExportFailed(
-                            f"the backend did not acknowledge {len(part)} {signal} ({result.name})"
-                        )
-
-                await retry(attempt, what=f"OTLP export of {len(part)} {signal}")
-                ITEMS.labels(signal).inc(len(part))
+                await send_split(part, send, refused, what=f"OTLP export of {len(part)} {ITEM_NAMES[signal]}")
 
         parts = [rows[i : i + self.batch] for i in range(0, len(rows), self.batch)]
         if in_flight == 1:
@@ -305,6 +411,14 @@ class Sender:
 
 def _span_request(rows: list[tuple[dict[str, Any], Sequence[Any]]]) -> Any:
     return otlp_spans.span_request(rows, SCOPE)
+
+
+def _log_request(rows: list[tuple[Resource, Sequence[Any]]]) -> Any:
+    return encode_log_request(to_logs(rows))
+
+
+def _metric_request(rows: list[tuple[int, Sequence[Any]]]) -> Any:
+    return encode_metrics(to_metrics(rows))
 
 
 TOPICS = {SPANS_TOPIC: decode_spans, LOGS_TOPIC: decode_logs, METRICS_TOPIC: decode_snapshot}

@@ -1,5 +1,4 @@
-"""Kernel spans -> an OTLP ``ExportTraceServiceRequest``, and the SDK's span
-exporters taking that request as it is.
+"""Kernel spans -> an OTLP ``ExportTraceServiceRequest``.
 
 Why not the SDK's path (wire row -> ``ReadableSpan`` -> ``encode_spans``): the
 SDK builds a protobuf message per attribute, value and span in Python, and that
@@ -20,12 +19,8 @@ An attribute OTLP cannot carry (an int beyond int64, a key that is not a string,
 a value of another type) is left out of its span, logged and counted, as the
 SDK's encoder does; the rest of the span goes.
 
-Sending goes through the SDK's exporters (channel or session, TLS, headers,
-compression, timeouts, retries, the OTEL_EXPORTER_OTLP_* variables): the gRPC one
-with its request-building hooks overridden, the HTTP one with its ``export()``
-copied minus the encoding. Both lean on the SDK's internals, pinned with it in
-pyproject.toml; the Collector tests (tests/integration/test_otlp_collector.py)
-send through both protocols.
+The request is sent as it is (exporters/otlp.py, ``send_once``); the Collector
+tests (tests/integration/test_otlp_collector.py) send through both protocols.
 """
 
 from __future__ import annotations
@@ -39,16 +34,11 @@ from opentelemetry.exporter.otlp.proto.common._internal import (
     _encode_instrumentation_scope,
     _encode_key_value,
 )
-from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcSpanExporter
-from opentelemetry.exporter.otlp.proto.http._common import RequestPayloadTooLargeError, _is_request_too_large
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpSpanExporter
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import KeyValue
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, SpanFlags, Status
-from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.semconv.attributes.http_attributes import HTTP_RESPONSE_STATUS_CODE
 from prometheus_client import Counter
 
 log = logging.getLogger("ktel.export.otlp")
@@ -146,39 +136,3 @@ def _first_str(item: tuple[Any, Any]) -> str:
 
 def count(request: ExportTraceServiceRequest) -> int:
     return sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
-
-
-class GrpcRequestExporter(GrpcSpanExporter):
-    """The SDK's OTLP/gRPC span exporter, exporting a request built by ``span_request``."""
-
-    def _translate_data(self, data: Any) -> ExportTraceServiceRequest:
-        return data  # type: ignore[no-any-return]
-
-    def _count_data(self, data: Any) -> int:
-        return count(data)
-
-
-class HttpRequestExporter(HttpSpanExporter):
-    """The SDK's OTLP/HTTP span exporter, exporting a request built by ``span_request``."""
-
-    def export(self, request: Any) -> SpanExportResult:
-        # The SDK's own export() (opentelemetry-exporter-otlp-proto-http 1.45.2) with its
-        # encode_spans() call left out.
-        if self._shutdown:
-            log.warning("OTLP/HTTP span exporter already shut down, ignoring a request")
-            return SpanExportResult.FAILURE
-        with self._metrics.export_operation(count(request)) as result:
-            data = request.SerializePartialToString()
-            if _is_request_too_large(data, self._max_request_size):
-                log.warning(
-                    "span request of %d bytes exceeds max_request_size %d", len(data), self._max_request_size
-                )
-                result.error = RequestPayloadTooLargeError(f"span request of {len(data)} bytes")
-                return SpanExportResult.FAILURE
-            reply = self._client.export(data)
-            if not reply.success:
-                result.error = reply.error
-                if reply.status_code is not None:
-                    result.error_attrs = {HTTP_RESPONSE_STATUS_CODE: reply.status_code}
-                return SpanExportResult.FAILURE
-        return SpanExportResult.SUCCESS

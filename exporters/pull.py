@@ -7,12 +7,18 @@ series. It starts ``LOOKBACK_WINDOWS`` aggregation windows back in time
 (``offsets_for_times``), not at the beginning of the topic: the aggregate stage
 emits every series of every host once a window, so a few windows hold the whole
 current picture, and a start no longer reads a day of retained snapshots.
+
+A snapshot further ahead of the endpoint's clock than ``pull.max_future_seconds``
+goes to ``ktel.dlq`` instead: kept, its values would stand for their series until
+the clock caught up, since the newest value of a series is the one served. An old
+snapshot needs no bound: a newer one replaces it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 
 from aiokafka import AIOKafkaProducer
@@ -21,6 +27,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from exporters import consume
+from exporters.consume import Record
+from exporters.delivery import Window
 from exporters.prom_names import label_name, prom_labels
 from exporters.remote_write import histogram_series
 from ktel.config import Config
@@ -74,7 +82,18 @@ async def run(cfg: Config, stop: asyncio.Event) -> None:
     start_http_server(cfg.pull.port, addr=cfg.pull.host, registry=registry)
     log.info("pull endpoint on http://%s:%d/metrics", cfg.pull.host, cfg.pull.port)
 
-    async def deliver(snaps: list[MetricSnapshot], _producer: AIOKafkaProducer) -> None:
+    window = Window(math.inf, cfg.pull.max_future_seconds, "pull")
+
+    async def deliver(records: list[Record], producer: AIOKafkaProducer) -> None:
+        now = time.time_ns()
+        snaps = []
+        for rec in records:
+            problem = window.problem(rec.item.ts_ms * 1_000_000, now)
+            if problem is None:
+                snaps.append(rec.item)
+            else:
+                items = len(rec.item.series)
+                await consume.refuse(producer, "pull", rec, problem, signal="series", items=items)
         latest.update(snaps)
 
     start_ms = time.time_ns() // 1_000_000 - int(LOOKBACK_WINDOWS * cfg.aggregate.window_seconds * 1000)

@@ -16,10 +16,15 @@ tests/unit/test_remote_write_encode.py checks that the requests parse to exactly
 what the generated types encode (the bytes differ only where ktel writes a zero
 field that protobuf may leave out).
 
-Delivery: 2xx is success; 5xx and 429 are retried with backoff (the shared
-retry helper) until the receiver takes them; any other 4xx will never succeed,
-so those samples go to ``ktel.dlq`` with the receiver's answer. Offsets are
-committed after that (exporters/consume.py).
+Delivery (exporters/delivery.py has the rules): a snapshot whose timestamp is
+outside ``remote_write.max_age_seconds`` / ``max_future_seconds`` of the exporter's
+clock goes to ``ktel.dlq`` as it is, never to the receiver. 2xx is success; 408,
+429 and 5xx are retried with backoff (the shared retry helper) until the receiver
+takes them; any other 4xx will never succeed: the snapshots whose samples made up
+the refused request are re-sent in halves (the same series only), down to single
+snapshots, and a snapshot refused alone goes to ``ktel.dlq`` with the receiver's
+answer. Prometheus refuses a whole request for one bad sample, so the others still
+arrive. Offsets are committed after that (exporters/consume.py).
 """
 
 from __future__ import annotations
@@ -29,8 +34,9 @@ import functools
 import logging
 import math
 import struct
+import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 import httpx
@@ -41,11 +47,13 @@ from prometheus_client import Counter
 from prometheus_client.utils import floatToGoString
 
 from exporters import consume
+from exporters.consume import Record
+from exporters.delivery import Window, http_answer, send_split
 from exporters.prom_names import prom_labels
 from ktel import selfmetrics
 from ktel.config import Config
 from ktel.retry import Permanent, retry
-from ktel.wire import METRICS_TOPIC, DeadLetter, MetricSnapshot, decode_snapshot
+from ktel.wire import METRICS_TOPIC, MetricSnapshot, decode_snapshot
 
 log = logging.getLogger("ktel.export.remote_write")
 
@@ -68,8 +76,11 @@ HEADERS = {
 MAX_SERIES_PER_REQUEST = 2000
 
 
-def encode(snapshots: Iterable[MetricSnapshot]) -> list[tuple[bytes, int]]:
-    """Snapshots -> snappy-compressed WriteRequests, with their sample counts."""
+def encode(
+    snapshots: Iterable[MetricSnapshot], only: Collection[bytes] | None = None
+) -> list[tuple[bytes, int, list[bytes]]]:
+    """Snapshots -> snappy-compressed WriteRequests, each with its sample count and
+    its series (as ``series_labels`` keys them); ``only``: just those series."""
     # A series is known by its labels, serialised once (a TimeSeries holding only them).
     series: dict[bytes, list[tuple[int, float]]] = defaultdict(list)
     cached = _SERIES.get  # the per-sample path: one tuple, two dict lookups
@@ -86,11 +97,12 @@ def encode(snapshots: Iterable[MetricSnapshot]) -> list[tuple[bytes, int]]:
                 lb = cached((name, *labels.items())) or series_labels(name, labels)
                 series[lb].append((ts_ms, float(value)))
     requests = []
-    items = list(series.items())
+    items = list(series.items()) if only is None else [kv for kv in series.items() if kv[0] in only]
     for start in range(0, len(items), MAX_SERIES_PER_REQUEST):
         parts: list[bytes] = []
         n = 0
-        for labels, samples in items[start : start + MAX_SERIES_PER_REQUEST]:
+        chunk = items[start : start + MAX_SERIES_PER_REQUEST]
+        for labels, samples in chunk:
             if len(samples) == 1:  # the usual case: one snapshot of the series per delivery
                 t, v = samples[0]
                 head, tail = frames[t]
@@ -100,8 +112,19 @@ def encode(snapshots: Iterable[MetricSnapshot]) -> list[tuple[bytes, int]]:
                 ts = labels + b"".join(frames[t][0] + _DOUBLE(v) + frames[t][1] for t, v in samples)
             parts += (_TIMESERIES_TAG, _varint(len(ts)), ts)
             n += len(samples)
-        requests.append((snappy.compress(b"".join(parts)), n))
+        requests.append((snappy.compress(b"".join(parts)), n, [labels for labels, _ in chunk]))
     return requests
+
+
+def series_keys(snap: MetricSnapshot) -> list[bytes]:
+    """The keys of a snapshot's series, one per sample, as ``encode`` makes them."""
+    out = []
+    for name, typ, labels, value in snap.series:
+        if typ == "histogram":
+            out += [labels_bytes(key) for key, _ in histogram_series(name, labels, value)]
+        else:
+            out.append(series_labels(name, labels))
+    return out
 
 
 # Protobuf wire format (protobuf.dev/programming-guides/encoding) for
@@ -173,43 +196,77 @@ def histogram_series(
     return out
 
 
-class RetryableStatus(Exception):
-    pass
-
-
 async def post(client: httpx.AsyncClient, url: str, body: bytes) -> None:
-    """One attempt; raises Permanent for a 4xx other than 429."""
+    """One attempt; raises Transient or Permanent as exporters/delivery.py classifies the answer."""
     resp = await client.post(url, content=body, headers=HEADERS)
-    if resp.is_success:
-        return
-    REQUESTS_FAILED.labels(STAGE, str(resp.status_code)).inc()
-    answer = f"HTTP {resp.status_code}: {resp.text.strip()[:500]}"
-    if resp.status_code == 429 or resp.status_code >= 500:
-        raise RetryableStatus(answer)
-    raise Permanent(answer)
+    if not resp.is_success:
+        REQUESTS_FAILED.labels(STAGE, str(resp.status_code)).inc()
+    http_answer(resp.status_code, resp.text)
 
 
 async def deliver(
-    client: httpx.AsyncClient, url: str, snapshots: list[MetricSnapshot], producer: AIOKafkaProducer
+    client: httpx.AsyncClient,
+    url: str,
+    records: list[Record],
+    producer: AIOKafkaProducer,
+    window: Window,
 ) -> None:
-    for body, n in encode(snapshots):
+    now = time.time_ns()
+    snaps: list[Record] = []
+    for rec in records:
+        problem = window.problem(rec.item.ts_ms * 1_000_000, now)
+        if problem is None:
+            snaps.append(rec)
+        else:
+            await consume.refuse(
+                producer, STAGE, rec, problem, signal="samples", items=len(series_keys(rec.item))
+            )
+    what = f"remote-write to {url}"
+    for body, n, keys in encode(rec.item for rec in snaps):
         try:
-            await retry(functools.partial(post, client, url, body), what=f"remote-write to {url}")
+            await retry(functools.partial(post, client, url, body), what=what)
             SAMPLES.labels(STAGE).inc(n)
         except Permanent as err:
-            log.error("remote-write refused %d samples, dead-lettering them: %s", n, err)
-            await consume.dead_letter(producer, DeadLetter(STAGE, str(err), METRICS_TOPIC, -1, -1, body))
+            log.error("remote-write refused %d samples; sending them again by snapshot: %s", n, err)
+            await _resend_by_snapshot(client, url, snaps, set(keys), producer, str(err))
+
+
+async def _resend_by_snapshot(
+    client: httpx.AsyncClient,
+    url: str,
+    snaps: list[Record],
+    refused: set[bytes],
+    producer: AIOKafkaProducer,
+    answer: str,
+) -> None:
+    """Send the samples of a refused request again, split by the snapshots they came
+    from (only the refused request's series, so nothing acknowledged is sent twice);
+    a snapshot refused alone goes to ``ktel.dlq`` as it was read."""
+    owners = [rec for rec in snaps if not refused.isdisjoint(series_keys(rec.item))]
+
+    async def send(recs: Sequence[Record]) -> None:
+        # The refused request had at most MAX_SERIES_PER_REQUEST series: one request.
+        [(body, n, _)] = encode((rec.item for rec in recs), refused)
+        await post(client, url, body)
+        SAMPLES.labels(STAGE).inc(n)
+
+    async def dead(rec: Record, reason: str) -> None:
+        n = sum(1 for key in series_keys(rec.item) if key in refused)
+        await consume.refuse(producer, STAGE, rec, reason, signal="samples", items=n)
+
+    await send_split(owners, send, dead, what=f"remote-write to {url}", refusal=answer)
 
 
 async def run(cfg: Config, stop: asyncio.Event, *, group_id: str = GROUP) -> None:
     selfmetrics.serve(cfg.remote_write.metrics_port)
     url = cfg.remote_write.url
+    window = Window(cfg.remote_write.max_age_seconds, cfg.remote_write.max_future_seconds, "remote_write")
     async with httpx.AsyncClient(timeout=cfg.remote_write.timeout_seconds) as client:
         await consume.run(
             bootstrap=cfg.kafka.bootstrap,
             group_id=group_id,
             stage=STAGE,
             topics={METRICS_TOPIC: decode_snapshot},
-            deliver=lambda snaps, producer: deliver(client, url, snaps, producer),
+            deliver=lambda records, producer: deliver(client, url, records, producer, window),
             stop=stop,
         )

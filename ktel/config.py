@@ -300,6 +300,20 @@ class RemoteWriteConfig(BaseModel):
     url: str = Field("http://127.0.0.1:9090/api/v1/write", description="Prometheus remote-write endpoint")
     timeout_seconds: float = Field(10, gt=0, description="per-request timeout")
     metrics_port: int = Field(9467, ge=0, le=65535, description="exporter self-metrics port (0: off)")
+    max_age_seconds: float = Field(
+        3600,
+        gt=0,
+        description="a snapshot older than this (by the exporter's clock) goes to ktel.dlq instead: "
+        "Prometheus refuses a sample more than an hour older than its newest, answering 400 to the "
+        "whole request holding it",
+    )
+    max_future_seconds: float = Field(
+        600,
+        gt=0,
+        description="a snapshot further ahead of the exporter's clock than this goes to ktel.dlq "
+        "instead: once stored, a sample from the future makes Prometheus refuse every sample "
+        "more than an hour older than it",
+    )
 
 
 class OtlpConfig(BaseModel):
@@ -338,11 +352,29 @@ class OtlpConfig(BaseModel):
         2048, ge=1, description="spans, log records or data points per request at most"
     )
     metrics_port: int = Field(9468, ge=0, le=65535, description="exporter self-metrics port (0: off)")
+    max_age_seconds: float = Field(
+        86400,
+        gt=0,
+        description="a span, log record or data point older than this (by the exporter's clock) "
+        "goes to ktel.dlq instead (default a day, the default retention of ktel's output topics)",
+    )
+    max_future_seconds: float = Field(
+        600,
+        gt=0,
+        description="a span, log record or data point further ahead of the exporter's clock than "
+        "this goes to ktel.dlq instead (a host clock that far ahead, or a broken timestamp)",
+    )
 
 
 class PullConfig(BaseModel):
     host: str = Field("127.0.0.1", description="address of the pull endpoint")
     port: int = Field(9464, ge=1, le=65535, description="port of the pull endpoint (/metrics)")
+    max_future_seconds: float = Field(
+        600,
+        gt=0,
+        description="a snapshot further ahead of the endpoint's clock than this goes to ktel.dlq "
+        "instead: kept, it would hide every later value of its series (the newest one is served)",
+    )
 
 
 class StackConfig(BaseModel):

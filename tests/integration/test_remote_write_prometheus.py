@@ -1,19 +1,32 @@
 """Remote-write against the real Prometheus: what ktel writes, its query API returns
-with the exact values, timestamps and labels."""
+with the exact values, timestamps and labels; what it must not write never gets there."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 import uuid
+from typing import Any
 
+import httpx
+import msgpack
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from prometheus_client import REGISTRY
 
 from exporters import remote_write
 from ktel import config, topics
 from ktel.topics import create_topics
-from ktel.wire import METRICS_TOPIC, MetricSnapshot, encode_snapshot
+from ktel.wire import (
+    DLQ_TOPIC,
+    METRICS_TOPIC,
+    DeadLetter,
+    MetricSnapshot,
+    WireError,
+    decode_dead_letter,
+    decode_snapshot,
+    encode_snapshot,
+)
 from tests.integration.agent_harness import start_group_at_end
 
 pytestmark = pytest.mark.kafka
@@ -88,3 +101,117 @@ async def test_samples_arrive_with_exact_values_and_labels(kafka, prometheus):
         key("runq_latency_seconds_sum"): list(zip(ts, [0.5, 1.5, 2.5], strict=True)),
         key("runq_latency_seconds_count"): list(zip(ts, [6.0, 7.0, 8.0], strict=True)),
     }
+
+
+async def dead_letters_of(bootstrap: str, run: str, n: int) -> list[DeadLetter]:
+    """The first ``n`` dead letters whose payload names ``run`` (waits for them)."""
+    consumer = AIOKafkaConsumer(DLQ_TOPIC, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+    await consumer.start()
+    mine: list[DeadLetter] = []
+    try:
+        async with asyncio.timeout(60):  # a guard against hanging, not a timing assertion
+            while len(mine) < n:
+                for recs in (await consumer.getmany(timeout_ms=500)).values():
+                    mine += [
+                        dl
+                        for dl in map(decode_dead_letter, (r.value for r in recs))
+                        if run.encode() in dl.payload
+                    ]
+    finally:
+        await consumer.stop()
+    return mine
+
+
+async def test_future_old_and_malformed_snapshots_go_to_the_dlq_and_never_to_prometheus(kafka, prometheus):
+    """The operator's cases, published with a plain Kafka client between good snapshots:
+    a snapshot at 2^63-1 ms (Prometheus stores it, then refuses every later sample), one
+    two hours old, one with a list as a label value (once a TypeError that killed the
+    exporter) and a histogram with count -1. The exporter keeps going: the good samples
+    arrive, exactly, and each bad snapshot is in ktel.dlq, as read, with its reason."""
+    run = uuid.uuid4().hex[:12]
+    cfg = config.Config(
+        kafka=config.KafkaConfig(bootstrap=kafka.bootstrap),
+        remote_write=config.RemoteWriteConfig(url=prometheus.remote_write_url, metrics_port=0),
+    )
+    await create_topics(kafka.bootstrap, topics.specs(cfg))
+    group = f"test-rw-bad-{run}"
+    await start_group_at_end(kafka.bootstrap, group, METRICS_TOPIC)
+
+    now_ms = time.time_ns() // 1_000_000
+    t0 = now_ms - 60_000
+    labels = {"ktel.run": run}
+
+    def snapshot(ts: int, value: Any) -> bytes:
+        return encode_snapshot(MetricSnapshot(ts, [["ktel_guard", "gauge", labels, value]]))
+
+    def raw(ts: int, series: list) -> bytes:
+        return msgpack.packb({"v": 1, "ts": ts, "series": series})  # what encode_snapshot would not write
+
+    bad = {
+        "future": encode_snapshot(
+            MetricSnapshot(
+                2**63 - 1, [["ktel_guard", "gauge", labels, 99], ["ktel_future_only", "gauge", labels, 1]]
+            )
+        ),
+        "old": snapshot(now_ms - 2 * 3600_000, 98),
+        "list label": raw(t0 + 500, [["ktel_guard", "gauge", {**labels, "bad": ["a", "b"]}, 97]]),
+        "count -1": raw(
+            t0 + 500,
+            [["ktel_h", "histogram", labels, {"count": -1, "sum": 0.0, "bounds": [1.0], "counts": [0, 0]}]],
+        ),
+    }
+    records = [snapshot(t0, 1), bad["future"], bad["old"], bad["list label"], bad["count -1"]]
+    records += [snapshot(t0 + 1000, 2), snapshot(t0 + 2000, 3)]
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all")
+    await producer.start()
+    try:
+        for value in records:  # one key: one partition, in this order
+            await producer.send_and_wait(METRICS_TOPIC, value, key=run.encode())
+    finally:
+        await producer.stop()
+
+    def count(name: str, *labels: str) -> float:
+        return REGISTRY.get_sample_value(name, dict(zip(("exporter", "signal"), labels, strict=False))) or 0.0
+
+    letters_before = count("ktel_exporter_dead_letters_total", "remote-write")
+    samples_before = count("ktel_exporter_dead_lettered_items_total", "remote-write", "samples")
+    query = f'ktel_guard{{ktel_run="{run}"}}[1h]'
+    stop = asyncio.Event()
+    exporter = asyncio.create_task(remote_write.run(cfg, stop, group_id=group))
+    try:
+        letters = await dead_letters_of(kafka.bootstrap, run, len(bad))
+        async with asyncio.timeout(60):  # a guard against hanging, not a timing assertion
+            while sum(len(r["values"]) for r in await asyncio.to_thread(prometheus.query, query)) < 3:
+                assert not exporter.done(), exporter
+                await asyncio.sleep(0.3)
+        assert not exporter.done()  # still up after all of them
+    finally:
+        stop.set()
+        await asyncio.wait_for(exporter, 30)
+
+    [series] = prometheus.query(query)
+    assert [(round(ts * 1000), float(v)) for ts, v in series["values"]] == [
+        (t0, 1.0),
+        (t0 + 1000, 2.0),
+        (t0 + 2000, 3.0),
+    ]
+    assert prometheus.query(f'ktel_future_only{{ktel_run="{run}"}}') == []
+    # Nothing from the future in Prometheus' head block: the newest sample it holds is now-ish.
+    head = httpx.get(f"{prometheus.url}/api/v1/status/tsdb", trust_env=False).json()["data"]["headStats"]
+    assert int(head["maxTime"]) < time.time_ns() // 1_000_000 + 600_000
+
+    by_payload = {dl.payload: dl for dl in letters}
+    assert set(by_payload) == set(bad.values())  # each bad snapshot once, as it was read
+    reasons = {what: by_payload[value].reason for what, value in bad.items()}
+    assert (
+        "ahead of the exporter's clock (more than remote_write.max_future_seconds = 600)" in reasons["future"]
+    )
+    assert "s old by the exporter's clock (more than remote_write.max_age_seconds = 3600)" in reasons["old"]
+    for what in ("list label", "count -1"):
+        with pytest.raises(WireError) as err:
+            decode_snapshot(bad[what])
+        assert reasons[what] == str(err.value)
+    assert {(dl.stage, dl.topic) for dl in letters} == {("remote-write", METRICS_TOPIC)}
+    assert count("ktel_exporter_dead_letters_total", "remote-write") == letters_before + 4
+    # The samples of the two snapshots that decoded: 2 + 1.
+    assert count("ktel_exporter_dead_lettered_items_total", "remote-write", "samples") == samples_before + 3

@@ -1,6 +1,7 @@
 """Remote-write delivery rules against a scripted receiver on loopback: 5xx and 429
-are retried until the receiver recovers; a 400 is not retried, and its samples go to
-the real ``ktel.dlq`` with the receiver's answer."""
+are retried until the receiver recovers; a 400 is not retried, and the snapshot whose
+samples it refused goes to the real ``ktel.dlq`` as it was read, with the receiver's
+answer."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from exporters import remote_write
 from ktel import config, topics
 from ktel.topics import create_topics
 from ktel.wire import DLQ_TOPIC, METRICS_TOPIC, MetricSnapshot, decode_dead_letter, encode_snapshot
+from tests.integration.agent_harness import start_group_at_end
 
 pytestmark = pytest.mark.kafka
 
@@ -87,9 +89,13 @@ async def test_retries_5xx_and_429_dead_letters_400(kafka):
     producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all")
     await producer.start()
 
+    sent: dict[str, tuple[bytes, int, int]] = {}  # name -> the record's bytes, partition, offset
+
     async def send(name: str, value: float) -> None:
         snap = MetricSnapshot(time.time_ns() // 1_000_000, [[name, "gauge", {"ktel.run": run}, value]])
-        await producer.send_and_wait(METRICS_TOPIC, encode_snapshot(snap), key=run.encode())
+        record = encode_snapshot(snap)
+        meta = await producer.send_and_wait(METRICS_TOPIC, record, key=run.encode())
+        sent[name] = (record, meta.partition, meta.offset)
 
     stop = asyncio.Event()
     exporter = asyncio.create_task(remote_write.run(cfg, stop, group_id=f"test-rw-recv-{run}"))
@@ -127,8 +133,69 @@ async def test_retries_5xx_and_429_dead_letters_400(kafka):
         await consumer.stop()
     [dl] = mine
     assert dl.stage == "remote-write"
-    assert dl.topic == METRICS_TOPIC
     assert dl.reason == f"HTTP 400: out of order sample (run {run})"
-    [refused_body] = [b for n, _, b in receiver.seen if n == "refused"]
-    assert dl.payload == refused_body  # the refused WriteRequest itself, as sent
-    assert names_in(dl.payload, run) == {"refused"}
+    # The snapshot record the refused samples came from, as read, and where it was.
+    assert (dl.topic, dl.payload, dl.partition, dl.offset) == (METRICS_TOPIC, *sent["refused"])
+
+
+async def test_a_refused_request_is_sent_again_by_snapshot_and_only_the_refused_one_dead_lettered(kafka):
+    """Three snapshots read together make one request; the receiver refuses any request
+    holding ``refused``. The exporter sends the request's samples again in halves by
+    snapshot: the other two arrive once each, and only ``refused`` goes to ktel.dlq."""
+    run = uuid.uuid4().hex[:12]
+    receiver = Receiver(run)
+    app = web.Application()
+    app.router.add_post("/api/v1/write", receiver.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    cfg = config.Config(
+        kafka=config.KafkaConfig(bootstrap=kafka.bootstrap),
+        remote_write=config.RemoteWriteConfig(url=f"http://127.0.0.1:{port}/api/v1/write", metrics_port=0),
+    )
+    await create_topics(kafka.bootstrap, topics.specs(cfg))
+    group = f"test-rw-split-{run}"
+    await start_group_at_end(kafka.bootstrap, group, METRICS_TOPIC)
+    now = time.time_ns() // 1_000_000
+    records = {
+        name: encode_snapshot(MetricSnapshot(now + i, [[name, "gauge", {"ktel.run": run}, float(i)]]))
+        for i, name in enumerate(["first", "refused", "last"])
+    }
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all")
+    await producer.start()
+    try:
+        for value in records.values():  # one key: one partition, read in one fetch
+            await producer.send_and_wait(METRICS_TOPIC, value, key=run.encode())
+    finally:
+        await producer.stop()
+
+    stop = asyncio.Event()
+    exporter = asyncio.create_task(remote_write.run(cfg, stop, group_id=group))
+    try:
+        await wait_for(lambda: 200 in receiver.answers("last"))
+    finally:
+        stop.set()
+        await asyncio.wait_for(exporter, 30)
+        await runner.cleanup()
+
+    # [first refused last] -> [first] [refused last] -> [refused] [last]
+    assert receiver.answers("first") == [400, 200]
+    assert receiver.answers("refused") == [400, 400, 400]
+    assert receiver.answers("last") == [400, 400, 200]
+    consumer = AIOKafkaConsumer(DLQ_TOPIC, bootstrap_servers=kafka.bootstrap, auto_offset_reset="earliest")
+    await consumer.start()
+    mine = []
+    try:
+        async with asyncio.timeout(30):  # a guard against hanging, not a timing assertion
+            while not mine:
+                for recs in (await consumer.getmany(timeout_ms=500)).values():
+                    mine += [
+                        dl for dl in map(decode_dead_letter, (r.value for r in recs)) if run in dl.reason
+                    ]
+    finally:
+        await consumer.stop()
+    [dl] = mine
+    assert (dl.stage, dl.topic, dl.payload) == ("remote-write", METRICS_TOPIC, records["refused"])
+    assert dl.reason == f"HTTP 400: out of order sample (run {run})"

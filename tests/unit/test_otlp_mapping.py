@@ -2,11 +2,17 @@
 encoder; logs and metrics through the SDK's encoders (what its exporters send)."""
 
 import math
+import time
 
+import grpc
+import pytest
+from google.rpc.status_pb2 import Status as RpcStatus
 from opentelemetry import trace as sdk_trace
 from opentelemetry.exporter.otlp.proto.common._log_encoder import encode_logs
 from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcSpanExporter
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpSpanExporter
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality
@@ -16,7 +22,11 @@ from opentelemetry.trace import SpanContext, TraceFlags
 from prometheus_client import REGISTRY
 
 from exporters import otlp, otlp_spans
+from exporters.consume import Record
+from exporters.delivery import Transient
+from ktel import wire
 from ktel.config import OtlpConfig
+from ktel.retry import Permanent
 from ktel.wire import LogBatch, MetricSnapshot, SpanBatch, decode_logs, decode_spans
 from ktel.wire import encode_logs as wire_logs
 from ktel.wire import encode_spans as wire_spans
@@ -118,32 +128,72 @@ def test_an_attribute_otlp_cannot_carry_is_left_out_and_counted():
     assert REGISTRY.get_sample_value("ktel_exporter_otlp_dropped_attributes_total") == dropped + 2
 
 
-def test_the_sdk_exporters_send_the_request_as_built():
+class RpcError(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+def test_send_once_sends_the_request_as_built_and_classifies_the_answer():
     req = otlp_spans.span_request([(RESOURCE, [TRACE, ROOT, b"", "s", 1, 2, 1, "", {"a": 1}])], otlp.SCOPE)
 
     grpc_exporter, _, _ = otlp.make_exporters(OtlpConfig(protocol="grpc", endpoint="http://127.0.0.1:1"))
+    answers: list[Exception | None] = [
+        None,
+        RpcError(grpc.StatusCode.UNAVAILABLE, "connection refused"),
+        RpcError(grpc.StatusCode.INVALID_ARGUMENT, "bad span"),
+    ]
     sent = []
-    grpc_exporter._client = type("Stub", (), {"Export": lambda self, request, **_kw: sent.append(request)})()
-    assert grpc_exporter.export(req).name == "SUCCESS"
-    assert sent == [req]
+
+    class Stub:
+        def Export(self, request, **_kw):  # noqa: N802 -- the generated stub's name
+            sent.append(request)
+            answer = answers.pop(0)
+            if answer is not None:
+                raise answer
+
+    grpc_exporter._client = Stub()
+    otlp.send_once(grpc_exporter, req)
+    with pytest.raises(Transient, match="gRPC UNAVAILABLE: connection refused"):
+        otlp.send_once(grpc_exporter, req)
+    with pytest.raises(Permanent, match="gRPC INVALID_ARGUMENT: bad span"):
+        otlp.send_once(grpc_exporter, req)
+    assert sent == [req] * 3
 
     http_exporter, _, _ = otlp.make_exporters(
         OtlpConfig(protocol="http/protobuf", endpoint="http://127.0.0.1:1")
     )
+    status = RpcStatus(code=3, message="request body too large").SerializeToString()
+    replies = [(200, b""), (503, b"busy"), (400, status), (None, b"")]
     bodies = []
 
-    class Client:
-        def export(self, data):
-            bodies.append(data)
-            ok = len(bodies) == 1
-            return type("Reply", (), {"success": ok, "error": None, "status_code": None if ok else 503})()
+    class Result:
+        def __init__(self, code, body):
+            self.status_code, self.body = code, body
+            self.error = None if code else ConnectionRefusedError("refused")
 
-    http_exporter._client = Client()
-    assert http_exporter.export(req).name == "SUCCESS"
-    assert http_exporter.export(req).name == "FAILURE"  # the backend's 503
-    assert ExportTraceServiceRequest.FromString(bodies[0]) == req
-    http_exporter._max_request_size = 10
-    assert http_exporter.export(req).name == "FAILURE" and len(bodies) == 2  # too large: not sent
+        def content(self):
+            return self.body
+
+    def submit(data, _timeout):
+        bodies.append(data)
+        return Result(*replies.pop(0))
+
+    http_exporter._client._submit = submit
+    otlp.send_once(http_exporter, req)
+    with pytest.raises(Transient, match="HTTP 503: busy"):
+        otlp.send_once(http_exporter, req)
+    # The Collector's answer is a google.rpc.Status: its message is the reason.
+    with pytest.raises(Permanent, match="^HTTP 400: request body too large$"):
+        otlp.send_once(http_exporter, req)
+    with pytest.raises(Transient, match="no answer from .*: refused"):
+        otlp.send_once(http_exporter, req)
+    assert [ExportTraceServiceRequest.FromString(b) for b in bodies] == [req] * 4
 
 
 def test_logs_keep_time_severity_body_attributes_trace_context_and_resource():
@@ -208,28 +258,78 @@ def test_metrics_become_sums_gauges_histograms_with_host_id_as_resource():
     assert (gauge.name, gauge.gauge.data_points[0].as_double) == ("spool_bytes", 1.5)
 
 
-async def test_failure_is_retried_until_acknowledged():
-    class Flaky:
-        """A span exporter failing the first two requests, whichever they are."""
+class Backend:
+    """An OTLP/HTTP backend by content, behind the SDK exporter's own client: 503 for
+    the first request, 400 for any request holding a span named ``bad``, else 200."""
 
-        def __init__(self):
-            self.calls: list[tuple[int, str]] = []
+    def __init__(self) -> None:
+        self.answers: list[tuple[list[str], int]] = []
 
-        def export(self, data):
-            result = "FAILURE" if len(self.calls) < 2 else "SUCCESS"
-            self.calls.append((otlp_spans.count(data), result))
-            return type("R", (), {"name": result})
+    def submit(self, data: bytes, _timeout: float):
+        req = ExportTraceServiceRequest.FromString(data)
+        names = [sp.name for rs in req.resource_spans for ss in rs.scope_spans for sp in ss.spans]
+        code = 503 if not self.answers else 400 if "bad" in names else 200
+        self.answers.append((names, code))
+        body = RpcStatus(message=f"refused {names}").SerializeToString()
+        return type("Result", (), {"status_code": code, "error": None, "content": lambda _self: body})()
 
-        def shutdown(self):
-            pass
+    def delivered(self) -> list[str]:
+        return [n for names, code in self.answers if code == 200 for n in names]
 
-    spans = Flaky()
-    sender = otlp.Sender(OtlpConfig(max_export_batch_size=2), (spans, Flaky(), Flaky()))
-    batch = SpanBatch(RESOURCE, [[TRACE, bytes([i]) * 8, b"", "s", 1, 2, 0, "", {}] for i in range(1, 4)])
-    await sender.deliver([batch])
-    # Two requests (batch size 2); deliver returned only once both were acknowledged.
-    assert sorted(n for n, r in spans.calls if r == "SUCCESS") == [1, 2]
-    assert len(spans.calls) == 4
+
+class Producer:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes, bytes | None]] = []
+
+    async def send_and_wait(self, topic, value, key=None):
+        self.sent.append((topic, value, key))
+
+
+def sample(name: str, exporter: str, signal: str) -> float:
+    return REGISTRY.get_sample_value(name, {"exporter": exporter, "signal": signal}) or 0.0
+
+
+async def test_transient_failures_are_retried_refusals_split_and_late_items_dead_lettered():
+    backend = Backend()
+    spans, metrics, logs = otlp.make_exporters(
+        OtlpConfig(protocol="http/protobuf", endpoint="http://127.0.0.1:1")
+    )
+    spans._client._submit = backend.submit
+    sender = otlp.Sender(OtlpConfig(max_export_batch_size=8), (spans, metrics, logs))
+    now = time.time_ns()
+    future = now + 3600 * 10**9
+    names = ["a", "b", "bad", "c", "late", "d"]
+    rows = [
+        [TRACE, bytes([i + 1]) * 8, b"", name, future if name == "late" else now, now + 1, 0, "", {}]
+        for i, name in enumerate(names)
+    ]
+    value = wire_spans(SpanBatch(RESOURCE, rows))
+    rec = Record(decode_spans(value), "ktel.spans", 3, 41, b"h1", value)
+    producer = Producer()
+    dead = sample("ktel_exporter_dead_lettered_items_total", "otlp", "spans")
+    acked = REGISTRY.get_sample_value("ktel_exporter_otlp_items_total", {"signal": "spans"}) or 0.0
+
+    await sender.deliver([rec], producer)
+
+    # 503 retried; the 400 for the five isolated "bad" by halves: [a b] [bad c d] -> [bad] [c d].
+    assert backend.answers == [
+        (["a", "b", "bad", "c", "d"], 503),
+        (["a", "b", "bad", "c", "d"], 400),
+        (["a", "b"], 200),
+        (["bad", "c", "d"], 400),
+        (["bad"], 400),
+        (["c", "d"], 200),
+    ]
+    assert backend.delivered() == ["a", "b", "c", "d"]
+    letters = [wire.decode_dead_letter(v) for t, v, k in producer.sent if t == wire.DLQ_TOPIC and k == b"h1"]
+    assert [(d.stage, d.topic, d.partition, d.offset) for d in letters] == [("otlp", "ktel.spans", 3, 41)] * 2
+    late, bad = letters
+    assert "ahead of the exporter's clock (more than otlp.max_future_seconds = 600)" in late.reason
+    assert [r[3] for r in decode_spans(late.payload).spans] == ["late"]
+    assert bad.reason == "HTTP 400: refused ['bad']"
+    assert decode_spans(bad.payload) == SpanBatch(RESOURCE, [rows[2]])
+    assert sample("ktel_exporter_dead_lettered_items_total", "otlp", "spans") == dead + 2
+    assert REGISTRY.get_sample_value("ktel_exporter_otlp_items_total", {"signal": "spans"}) == acked + 4
 
 
 def test_config_fields_reach_the_sdk_exporters_and_unset_ones_fall_back_to_otel_env(monkeypatch):
@@ -249,10 +349,10 @@ def test_config_fields_reach_the_sdk_exporters_and_unset_ones_fall_back_to_otel_
     assert spans._client._headers["authorization"] == "Bearer x"
     assert spans._compression.value == "gzip"
 
-    assert isinstance(spans, otlp_spans.HttpRequestExporter)
+    assert isinstance(spans, HttpSpanExporter)
 
     spans, metrics, _ = otlp.make_exporters(OtlpConfig(protocol="grpc", endpoint="http://collector:4317"))
-    assert isinstance(spans, otlp_spans.GrpcRequestExporter)
+    assert isinstance(spans, GrpcSpanExporter)
     assert (type(metrics).__module__.split(".")[-2], spans._endpoint, spans._insecure) == (
         "grpc", "collector:4317", True
     )  # fmt: skip

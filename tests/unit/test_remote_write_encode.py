@@ -30,7 +30,7 @@ def test_samples_of_a_series_are_in_timestamp_order_and_values_exact():
         MetricSnapshot(1000, [["file_created_total", "counter", labels, 5], ["g", "gauge", {"a": "b"}, 1.5]]),
         MetricSnapshot(2000, [["file_created_total", "counter", labels, 7]]),
     ]
-    [(body, n)] = remote_write.encode(snaps)
+    [(body, n, _)] = remote_write.encode(snaps)
     assert n == 4
     req = decode(body)
     by_name = {next(lb.value for lb in ts.labels if lb.name == "__name__"): ts for ts in req.timeseries}
@@ -47,8 +47,29 @@ def test_samples_of_a_series_are_in_timestamp_order_and_values_exact():
 def test_large_snapshots_are_split_into_requests():
     rows = [["m", "gauge", {"i": str(i)}, i] for i in range(remote_write.MAX_SERIES_PER_REQUEST + 5)]
     reqs = remote_write.encode([MetricSnapshot(1, rows)])
-    assert [n for _, n in reqs] == [remote_write.MAX_SERIES_PER_REQUEST, 5]
-    assert sum(len(decode(b).timeseries) for b, _ in reqs) == len(rows)
+    assert [n for _, n, _ in reqs] == [remote_write.MAX_SERIES_PER_REQUEST, 5]
+    assert sum(len(decode(b).timeseries) for b, _, _ in reqs) == len(rows)
+    # Each request names its series, as series_keys names a snapshot's.
+    [snap_keys] = [remote_write.series_keys(MetricSnapshot(1, rows))]
+    assert [k for _, _, keys in reqs for k in keys] == snap_keys
+
+
+def test_only_keeps_the_named_series_with_all_their_samples():
+    hist = {"count": 3, "sum": 1.0, "bounds": [0.5], "counts": [1, 2]}
+    snaps = [
+        MetricSnapshot(1000, [["a", "gauge", {}, 1], ["h", "histogram", {}, hist]]),
+        MetricSnapshot(2000, [["a", "gauge", {}, 2], ["b", "gauge", {}, 3]]),
+    ]
+    keys = remote_write.series_keys(snaps[0])
+    assert len(keys) == 1 + 2 + 2  # a, h's two buckets, _sum and _count
+    only = {keys[0], keys[-1]}  # a and h_count
+    [(body, n, got)] = remote_write.encode(snaps, only)
+    assert (n, set(got)) == (3, only)
+    by_name = {
+        next(lb.value for lb in ts.labels if lb.name == "__name__"): ts for ts in decode(body).timeseries
+    }
+    assert set(by_name) == {"a", "h_count"}
+    assert [(s.timestamp, s.value) for s in by_name["a"].samples] == [(1000, 1.0), (2000, 2.0)]
 
 
 def test_requests_equal_what_the_generated_types_encode():
@@ -68,7 +89,7 @@ def test_requests_equal_what_the_generated_types_encode():
         MetricSnapshot(5, [["c_total", "counter", {"host.id": "h"}, 7]]),  # an earlier sample
         MetricSnapshot(2**40, [["c_total", "counter", {"host.id": "h"}, 9]]),
     ]
-    [(body, n)] = remote_write.encode(snaps)
+    [(body, n, _)] = remote_write.encode(snaps)
 
     expected = WriteRequest()
     series: dict[tuple, list[tuple[int, float]]] = {}

@@ -1,0 +1,128 @@
+"""What every exporter does with a backend's answer and with a timestamp it cannot
+trust: the pure rules, shared by remote-write, OTLP and the pull endpoint.
+
+Answers fall in three classes (docs/design.md, principle 11):
+
+- success: HTTP 2xx, gRPC OK;
+- transient: HTTP 408, 429 and 5xx, no answer at all (connection refused or reset,
+  timeout), gRPC UNAVAILABLE, RESOURCE_EXHAUSTED (unless it is about the message
+  size), DEADLINE_EXCEEDED, ABORTED, CANCELLED, INTERNAL, UNKNOWN and DATA_LOSS:
+  ``Transient`` is raised and the shared retry helper sends the same request again
+  until the backend takes it;
+- refused: any other 4xx (413 and the Collector's "request body too large"
+  included), gRPC INVALID_ARGUMENT, FAILED_PRECONDITION, OUT_OF_RANGE,
+  UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, ALREADY_EXISTS, UNIMPLEMENTED, and
+  RESOURCE_EXHAUSTED for a message larger than the backend's limit: ``Permanent``
+  is raised, since the same request can never succeed.
+
+A backend refuses a whole request for one item it cannot take (one bad sample, one
+span too large), so a refused request is split in halves and each half sent on its
+own (``send_split``), down to single items; only an item refused on its own is
+dead-lettered, with the backend's answer. One bad item among n costs about
+2·log2(n) extra requests, and nothing else is lost with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+
+from ktel.retry import Permanent, retry
+
+T = TypeVar("T")
+
+
+class Transient(Exception):
+    """A failure the backend may not repeat: retried with the shared helper."""
+
+
+def http_answer(status: int, message: str) -> None:
+    """Classify an HTTP answer: returns on 2xx, else raises Transient or Permanent."""
+    if 200 <= status < 300:
+        return
+    answer = f"HTTP {status}: {message.strip()[:500]}"
+    if status in (408, 429) or status >= 500:
+        raise Transient(answer)
+    raise Permanent(answer)
+
+
+_GRPC_TRANSIENT = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+
+
+def grpc_answer(code: grpc.StatusCode, details: str | None) -> None:
+    """Classify a failed gRPC call: raises Transient or Permanent."""
+    answer = f"gRPC {code.name}: {(details or '').strip()[:500]}"
+    # gRPC servers say RESOURCE_EXHAUSTED both for "slow down" and for a message above
+    # their size limit ("received message larger than max"): only the first passes.
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (details or ""):
+        raise Permanent(answer)
+    if code in _GRPC_TRANSIENT:
+        raise Transient(answer)
+    raise Permanent(answer)
+
+
+async def send_split(
+    items: Sequence[T],
+    send: Callable[[Sequence[T]], Awaitable[None]],
+    refused: Callable[[T, str], Awaitable[None]],
+    *,
+    what: str,
+    refusal: str | None = None,
+) -> None:
+    """Send ``items`` in one request (``send``), retrying transient failures; if the
+    backend refuses it, send each half the same way, in order; an item refused alone
+    goes to ``refused`` with the backend's answer. ``refusal``: that answer, when the
+    caller already sent these items together and was refused."""
+    if refusal is None:
+        try:
+            await retry(lambda: send(items), what=what)
+            return
+        except Permanent as err:
+            refusal = str(err)
+    if len(items) == 1:
+        await refused(items[0], refusal)
+        return
+    mid = len(items) // 2
+    await send_split(items[:mid], send, refused, what=what)
+    await send_split(items[mid:], send, refused, what=what)
+
+
+@dataclass(frozen=True)
+class Window:
+    """The timestamps an exporter sends on, relative to its own clock: a backend
+    stores a sample from the far future and then refuses everything older than it
+    (Prometheus: every sample more than an hour older), and refuses the far past;
+    either way one record must not decide what happens to the others."""
+
+    max_age_seconds: float
+    max_future_seconds: float
+    setting: str  # the config section, for the reason
+
+    def problem(self, ts_ns: int, now_ns: int) -> str | None:
+        """Why ``ts_ns`` (ns since the epoch) is outside the window, or None."""
+        ahead = (ts_ns - now_ns) / 1e9
+        if ahead > self.max_future_seconds:
+            return (
+                f"timestamp {ts_ns / 1e9:.3f} s since the epoch is {ahead:.0f} s ahead of the exporter's "
+                f"clock (more than {self.setting}.max_future_seconds = {self.max_future_seconds:g})"
+            )
+        if -ahead > self.max_age_seconds:
+            return (
+                f"timestamp {ts_ns / 1e9:.3f} s since the epoch is {-ahead:.0f} s old by the exporter's "
+                f"clock (more than {self.setting}.max_age_seconds = {self.max_age_seconds:g})"
+            )
+        return None

@@ -1,0 +1,138 @@
+"""The exporters' shared rules (exporters/delivery.py): which answers are retried and
+which refused, how a refused request is split, and the timestamp window."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from exporters.delivery import Transient, Window, grpc_answer, http_answer, send_split
+from ktel.retry import Permanent
+
+
+@pytest.mark.parametrize("status", [200, 204])
+def test_http_2xx_is_success(status):
+    http_answer(status, "")
+
+
+@pytest.mark.parametrize("status", [408, 429, 500, 502, 503, 504])
+def test_http_408_429_and_5xx_are_transient(status):
+    with pytest.raises(Transient, match=f"^HTTP {status}: busy$"):
+        http_answer(status, " busy\n")
+
+
+@pytest.mark.parametrize("status", [301, 400, 401, 403, 404, 413, 415])
+def test_http_other_answers_are_refusals(status):
+    with pytest.raises(Permanent, match=f"^HTTP {status}: no$"):
+        http_answer(status, "no")
+
+
+TRANSIENT = [
+    "UNAVAILABLE",
+    "RESOURCE_EXHAUSTED",
+    "DEADLINE_EXCEEDED",
+    "ABORTED",
+    "CANCELLED",
+    "INTERNAL",
+    "UNKNOWN",
+    "DATA_LOSS",
+]
+REFUSED = [
+    "INVALID_ARGUMENT",
+    "FAILED_PRECONDITION",
+    "OUT_OF_RANGE",
+    "UNAUTHENTICATED",
+    "PERMISSION_DENIED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "UNIMPLEMENTED",
+]
+
+
+@pytest.mark.parametrize("code", TRANSIENT)
+def test_grpc_transient_codes(code):
+    with pytest.raises(Transient, match=f"^gRPC {code}: x$"):
+        grpc_answer(grpc.StatusCode[code], "x")
+
+
+@pytest.mark.parametrize("code", REFUSED)
+def test_grpc_refused_codes(code):
+    with pytest.raises(Permanent, match=f"^gRPC {code}: x$"):
+        grpc_answer(grpc.StatusCode[code], "x")
+
+
+def test_grpc_message_too_large_is_a_refusal_not_throttling():
+    with pytest.raises(Permanent, match="larger than max"):
+        grpc_answer(grpc.StatusCode.RESOURCE_EXHAUSTED, "grpc: received message larger than max (5 vs. 4)")
+    with pytest.raises(Transient):
+        grpc_answer(grpc.StatusCode.RESOURCE_EXHAUSTED, None)
+
+
+class Backend:
+    """Refuses any request holding a refused item; fails the first request transiently."""
+
+    def __init__(self, refused: set[int]) -> None:
+        self.refused = refused
+        self.requests: list[list[int]] = []
+        self.dead: list[tuple[int, str]] = []
+
+    async def send(self, items):
+        self.requests.append(list(items))
+        if len(self.requests) == 1:
+            raise Transient("busy")
+        bad = self.refused.intersection(items)
+        if bad:
+            raise Permanent(f"refused {sorted(bad)}")
+
+    async def dead_letter(self, item, reason):
+        self.dead.append((item, reason))
+
+    def delivered(self) -> list[int]:
+        ok = [r for i, r in enumerate(self.requests) if i > 0 and not self.refused.intersection(r)]
+        return [x for r in ok for x in r]
+
+
+async def test_a_refused_request_is_split_until_only_the_refused_items_are_left():
+    backend = Backend({5, 6})
+    await send_split(list(range(8)), backend.send, backend.dead_letter, what="test")
+    assert backend.delivered() == [0, 1, 2, 3, 4, 7]  # in order, each once
+    assert backend.dead == [(5, "refused [5]"), (6, "refused [6]")]
+    assert backend.requests == [
+        [0, 1, 2, 3, 4, 5, 6, 7],  # transient: the same request again
+        [0, 1, 2, 3, 4, 5, 6, 7],
+        [0, 1, 2, 3],
+        [4, 5, 6, 7],
+        [4, 5],
+        [4],
+        [5],
+        [6, 7],
+        [6],
+        [7],
+    ]
+
+
+async def test_a_known_refusal_is_not_sent_again_whole():
+    backend = Backend({1})
+    backend.requests.append([])  # no transient failure this time
+    await send_split([0, 1], backend.send, backend.dead_letter, what="test", refusal="refused [1]")
+    assert backend.requests[1:] == [[0], [1]]
+    assert backend.dead == [(1, "refused [1]")]
+
+
+NOW = 1_700_000_000 * 10**9
+WINDOW = Window(max_age_seconds=3600, max_future_seconds=600, setting="remote_write")
+
+
+@pytest.mark.parametrize("offset_s", [-3600, -1, 0, 1, 600])
+def test_timestamps_inside_the_window_pass(offset_s):
+    assert WINDOW.problem(NOW + offset_s * 10**9, NOW) is None
+
+
+def test_far_future_and_old_timestamps_are_named_with_the_setting():
+    future = WINDOW.problem((2**63 - 1) * 10**6, NOW)  # the 2^63-1 ms snapshot
+    assert future is not None and "ahead of the exporter's clock" in future
+    assert "remote_write.max_future_seconds = 600" in future
+    assert "601 s ahead" in (WINDOW.problem(NOW + 601 * 10**9, NOW) or "")
+    old = WINDOW.problem(NOW - 3601 * 10**9, NOW)
+    assert old is not None and "3601 s old" in old and "remote_write.max_age_seconds = 3600" in old
+    assert WINDOW.problem(0, NOW) is not None
