@@ -11,7 +11,8 @@ current picture, and a start no longer reads a day of retained snapshots.
 A snapshot further ahead of the endpoint's clock than ``pull.max_future_seconds``
 goes to ``ktel.dlq`` instead: kept, its values would stand for their series until
 the clock caught up, since the newest value of a series is the one served. An old
-snapshot needs no bound: a newer one replaces it.
+snapshot needs no bound: a newer one replaces it. A snapshot marked stale (its
+host went silent) removes its series.
 """
 
 from __future__ import annotations
@@ -51,7 +52,10 @@ class LatestValues(Collector):
                 by_labels = self.series.setdefault((name, typ), {})
                 key = tuple(kv for kv in prom_labels(name, labels) if kv[0] != "__name__")
                 old = by_labels.get(key)
-                if old is None or old[0] <= snap.ts_ms:
+                if snap.stale:
+                    if old is not None and old[0] <= snap.ts_ms:
+                        del by_labels[key]
+                elif old is None or old[0] <= snap.ts_ms:
                     by_labels[key] = (snap.ts_ms, value)
 
     def collect(self):

@@ -61,9 +61,11 @@ class LocalPrometheus(proc.Server):
             self.stop(timeout=5)
             raise
 
-    def query(self, expr: str) -> list[dict[str, Any]]:
-        """Instant query; returns ``data.result`` (a list for vector results)."""
-        resp = httpx.get(f"{self.url}/api/v1/query", params={"query": expr}, **_HTTP)
+    def query(self, expr: str, at_s: float | None = None) -> list[dict[str, Any]]:
+        """Instant query (at ``at_s``, seconds since the epoch; default now); returns
+        ``data.result`` (a list for vector results)."""
+        params: dict[str, Any] = {"query": expr} if at_s is None else {"query": expr, "time": at_s}
+        resp = httpx.get(f"{self.url}/api/v1/query", params=params, **_HTTP)
         try:
             body = resp.json()
         except ValueError:

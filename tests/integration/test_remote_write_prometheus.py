@@ -215,3 +215,46 @@ async def test_future_old_and_malformed_snapshots_go_to_the_dlq_and_never_to_pro
     assert count("ktel_exporter_dead_letters_total", "remote-write") == letters_before + 4
     # The samples of the two snapshots that decoded: 2 + 1.
     assert count("ktel_exporter_dead_lettered_items_total", "remote-write", "samples") == samples_before + 3
+
+
+async def test_a_stale_snapshot_ends_its_series_in_prometheus_at_once(kafka, prometheus):
+    """A host gone silent (processors/aggregate_core.py) gets a last snapshot marked
+    stale: Prometheus must stop returning its series from then on, not five minutes later."""
+    run = uuid.uuid4().hex[:12]
+    host = f"host-{run}"
+    cfg = config.Config(
+        kafka=config.KafkaConfig(bootstrap=kafka.bootstrap),
+        remote_write=config.RemoteWriteConfig(url=prometheus.remote_write_url, metrics_port=0),
+    )
+    await create_topics(kafka.bootstrap, topics.specs(cfg))
+    group = f"test-rw-stale-{run}"
+    await start_group_at_end(kafka.bootstrap, group, METRICS_TOPIC)
+    t0 = (time.time_ns() // 1_000_000) - 60_000
+    series = [["file_created_total", "counter", {"host.id": host, "ktel.run": run}, 23]]
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all")
+    await producer.start()
+    try:
+        for snap in (MetricSnapshot(t0, series), MetricSnapshot(t0 + 10_000, series, stale=True)):
+            await producer.send_and_wait(METRICS_TOPIC, encode_snapshot(snap), key=host.encode())
+    finally:
+        await producer.stop()
+
+    query = f'file_created_total{{ktel_run="{run}"}}'
+
+    def acknowledged() -> float:
+        return REGISTRY.get_sample_value("ktel_exporter_samples_total", {"exporter": "remote-write"}) or 0.0
+
+    before_run = acknowledged()
+    stop = asyncio.Event()
+    exporter = asyncio.create_task(remote_write.run(cfg, stop, group_id=group))
+    try:
+        async with asyncio.timeout(60):  # a guard against hanging, not a timing assertion
+            while acknowledged() < before_run + 2:  # the value and the marker
+                await asyncio.sleep(0.3)
+    finally:
+        stop.set()
+        await asyncio.wait_for(exporter, 30)
+    [before] = prometheus.query(query, (t0 + 5_000) / 1000)
+    assert float(before["value"][1]) == 23.0
+    # Without the marker, the last value would still be returned up to five minutes on.
+    assert prometheus.query(query, (t0 + 20_000) / 1000) == []

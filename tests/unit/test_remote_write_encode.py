@@ -109,3 +109,37 @@ def test_requests_equal_what_the_generated_types_encode():
             ts.samples.add(value=v, timestamp=t)
     assert n == sum(len(s) for s in series.values()) == 3 + 5 + 2
     assert decode(body) == expected
+
+
+def test_a_stale_snapshot_sends_prometheus_stale_marker_for_each_of_its_series():
+    import struct
+
+    h = {"count": 2, "sum": 1.0, "bounds": [0.5], "counts": [1, 1]}
+    snap = MetricSnapshot(
+        7, [["c_total", "counter", {"host.id": "h"}, 3], ["l_seconds", "histogram", {}, h]], True
+    )
+    [(body, n, _keys)] = remote_write.encode([snap])
+    req = WriteRequest()
+    req.ParseFromString(snappy.decompress(body))
+    bits = {struct.unpack("<Q", struct.pack("<d", s.value))[0] for ts in req.timeseries for s in ts.samples}
+    assert n == 5 and bits == {remote_write.STALE_NAN_BITS}
+    assert {s.timestamp for ts in req.timeseries for s in ts.samples} == {7}
+
+
+def test_the_pull_endpoint_drops_the_series_of_a_stale_snapshot_and_only_those():
+    from exporters.pull import LatestValues
+
+    latest = LatestValues()
+    latest.update(
+        [
+            MetricSnapshot(
+                5, [["c_total", "counter", {"host.id": "a"}, 1], ["c_total", "counter", {"host.id": "b"}, 2]]
+            )
+        ]
+    )
+    latest.update(
+        [MetricSnapshot(4, [["c_total", "counter", {"host.id": "a"}, 1]], stale=True)]
+    )  # older: ignored
+    assert len(latest.series[("c_total", "counter")]) == 2
+    latest.update([MetricSnapshot(6, [["c_total", "counter", {"host.id": "a"}, 1]], stale=True)])
+    assert list(latest.series[("c_total", "counter")]) == [(("host_id", "b"),)]
