@@ -17,6 +17,7 @@ from collections.abc import Callable
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client import Counter
 
+from ktel.kafka_client import Kafka, client_kwargs, settings
 from ktel.retry import retry
 from ktel.wire import CONTROL_TOPIC, ControlCommand, WireError, decode_command
 
@@ -73,9 +74,9 @@ class Control:
         """A heartbeat carrying these acknowledgements was not sent: carry them in the next."""
         self._acks[:0] = ids
 
-    async def follow(self, bootstrap: str) -> None:
-        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
-        await retry(consumer.start, what=f"connect the control consumer to {bootstrap}")
+    async def follow(self, kafka: Kafka) -> None:
+        consumer = AIOKafkaConsumer(**client_kwargs(kafka), group_id=None, enable_auto_commit=False)
+        await retry(consumer.start, what=f"connect the control consumer to {settings(kafka).bootstrap}")
         tp = TopicPartition(CONTROL_TOPIC, 0)  # ktel.control has one partition (ktel/topics.py)
         try:
             consumer.assign([tp])

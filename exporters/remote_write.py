@@ -206,7 +206,7 @@ async def run(cfg: Config, stop: asyncio.Event, *, group_id: str = GROUP) -> Non
     url = cfg.remote_write.url
     async with httpx.AsyncClient(timeout=cfg.remote_write.timeout_seconds) as client:
         await consume.run(
-            bootstrap=cfg.kafka.bootstrap,
+            kafka=cfg.kafka,
             group_id=group_id,
             stage=STAGE,
             topics={METRICS_TOPIC: decode_snapshot},

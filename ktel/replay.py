@@ -50,7 +50,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.errors import KafkaError
 
 from ktel import topics as topics_mod
-from ktel.config import Config
+from ktel.config import Config, KafkaConfig
+from ktel.kafka_client import client_kwargs, settings
 from ktel.topics import TopicSpec, create_topics, topic_partitions
 from ktel.wire import (
     DLQ_TOPIC,
@@ -230,6 +231,8 @@ class Options:
     to_topic_spec: TopicSpec | None = None  # how to create to_topic when it does not exist
     dlq: bool = False
     jsonl: bool = True
+    # TLS and SASL (kafka.*) for both Kafkas; its bootstrap is not used, the fields above are.
+    client: KafkaConfig = dataclasses.field(default_factory=KafkaConfig)
 
 
 @dataclasses.dataclass
@@ -269,19 +272,19 @@ async def replay(opts: Options, write: Callable[[str], None], report: Callable[[
     report decode failures to ``report``."""
     summary = Summary()
     start_ms, stop_ms = read_bounds(opts.filter, opts.margin_ns)
-    parts = await _partitions(opts.bootstrap, opts.topic)
+    parts = await _partitions(settings(opts.client, opts.bootstrap), opts.topic)
     summary.partitions = len(parts)
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=opts.bootstrap,
+        **client_kwargs(opts.client, opts.bootstrap),
         group_id=None,  # no group, no commits: live consumer groups are untouched
         enable_auto_commit=False,
         # A start offset that retention deleted meanwhile: the oldest record left.
         auto_offset_reset="earliest",
     )
-    dlq = AIOKafkaProducer(bootstrap_servers=opts.bootstrap, acks="all") if opts.dlq else None
+    dlq = AIOKafkaProducer(**client_kwargs(opts.client, opts.bootstrap), acks="all") if opts.dlq else None
     out = (
         AIOKafkaProducer(
-            bootstrap_servers=opts.to_bootstrap or opts.bootstrap,
+            **client_kwargs(opts.client, opts.to_bootstrap or opts.bootstrap),
             enable_idempotence=True,  # a retried send must not duplicate a batch
             compression_type="lz4",  # as the agent writes ktel.raw
         )
@@ -330,7 +333,9 @@ async def replay(opts: Options, write: Callable[[str], None], report: Callable[[
                 await client.start()
                 started.append(client)
         if out is not None and opts.to_topic_spec is not None:
-            await create_topics(opts.to_bootstrap or opts.bootstrap, [opts.to_topic_spec])
+            await create_topics(
+                settings(opts.client, opts.to_bootstrap or opts.bootstrap), [opts.to_topic_spec]
+            )
 
         ends = await consumer.end_offsets(parts)
         starts = await consumer.offsets_for_times({tp: start_ms for tp in parts})
@@ -390,11 +395,12 @@ async def _settle(in_flight: list[asyncio.Future[Any]]) -> int:
     return n
 
 
-async def _partitions(bootstrap: str, topic: str) -> list[TopicPartition]:
+async def _partitions(kafka: KafkaConfig, topic: str) -> list[TopicPartition]:
     # The admin client answers for a missing topic at once (a producer would wait
     # for its metadata until a timeout, and a group-less consumer does not fetch it).
+    bootstrap = kafka.bootstrap
     try:
-        n = await topic_partitions(bootstrap, topic)
+        n = await topic_partitions(kafka, topic)
     except (KafkaError, OSError) as err:
         raise ReplayError(
             f"cannot reach Kafka at {bootstrap} ({err}); set kafka.bootstrap or KTEL_KAFKA__BOOTSTRAP"
@@ -443,6 +449,7 @@ def options(cfg: Config, args: Any, now_ns: int | None = None) -> Options:
         to_topic_spec=spec,
         dlq=args.dlq,
         jsonl=fmt == "jsonl",
+        client=cfg.kafka,
     )
 
 
