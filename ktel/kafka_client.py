@@ -15,6 +15,8 @@ import ssl
 from typing import Any
 
 import faust
+from aiokafka.conn import create_conn
+from aiokafka.errors import KafkaConnectionError, KafkaError, SaslAuthenticationFailed
 from aiokafka.helpers import create_ssl_context
 
 from ktel.config import KafkaConfig
@@ -77,11 +79,19 @@ def faust_settings(kafka: Kafka) -> dict[str, Any]:
     return out
 
 
-def explain(err: BaseException, kafka: Kafka) -> str:
-    """A connection failure, with the setting most likely at fault."""
+async def explain(err: BaseException, kafka: Kafka) -> str:
+    """A client's failure to connect, with the setting most likely at fault.
+
+    aiokafka reports only "Unable to bootstrap" when every broker refused (it logs
+    why, one line per broker), so on that the first broker is asked again, by hand.
+    """
     k = settings(kafka)
+    if isinstance(err, KafkaConnectionError):
+        err = await _connect_once(k) or err
     text = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
-    if k.security_protocol.startswith("SASL_") and "auth" in text.lower():
+    if isinstance(err, SaslAuthenticationFailed) or (
+        k.security_protocol.startswith("SASL_") and "auth" in text.lower()
+    ):
         return (
             f"Kafka at {k.bootstrap} refused SASL {k.sasl_mechanism} user {k.sasl_username!r} ({text}): "
             "check kafka.sasl_username and kafka.sasl_password (KTEL_KAFKA__SASL_PASSWORD) "
@@ -93,3 +103,15 @@ def explain(err: BaseException, kafka: Kafka) -> str:
             "kafka.ssl_certfile, kafka.ssl_keyfile and kafka.ssl_check_hostname"
         )
     return f"cannot reach Kafka at {k.bootstrap} ({text}): check kafka.bootstrap and kafka.security_protocol"
+
+
+async def _connect_once(k: KafkaConfig) -> BaseException | None:
+    """Why the first bootstrap server refuses a connection (None: it does not)."""
+    kwargs = client_kwargs(k)
+    host, _, port = kwargs.pop("bootstrap_servers")[0].rpartition(":")
+    try:
+        conn = await create_conn(host, int(port), request_timeout_ms=10_000, **kwargs)
+    except (OSError, KafkaError) as err:  # OSError covers TimeoutError
+        return err
+    conn.close()
+    return None

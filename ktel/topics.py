@@ -182,7 +182,7 @@ async def ensure(cfg: Config, say: Callable[[str], None]) -> int:
     try:
         wrong = await check_layout(k, wanted)
     except (KafkaError, OSError) as err:
-        say(f"ktel topics: {explain(err, k)}")
+        say(f"ktel topics: {await explain(err, k)}")
         return 1
     if wrong:
         for line in wrong:
