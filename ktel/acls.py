@@ -63,7 +63,7 @@ def grants(stages: Iterable[str], exporter_group_prefix: str = "ktel-export-") -
         Grant("processor", ("Read",), "group", tuple(f"ktel-{s}" for s in stages)),
         Grant(
             "processor",
-            ("Create", "Read", "Write", "DescribeConfigs"),
+            ("Create", "Read", "Write"),
             "topic",
             tuple(f"ktel-{s}-" for s in stages),
             prefixed=True,

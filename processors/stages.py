@@ -368,16 +368,21 @@ def replicas(kafka: KafkaConfig) -> int:
 
 def run(cfg: Config, stage: str, log_level: str = "info") -> None:
     check_partitions(cfg, stage)
-    # Faust's own topics get the replication the ktel topics get.
+    # Faust's topics get the replication ktel's own get: "auto" resolved once, here.
     rf_isr = asyncio.run(retry(lambda: replication(cfg.kafka), what="find the replication factor"))
     cfg = cfg.model_copy(update={"kafka": resolved(cfg.kafka, rf_isr)})
+    # Faust's assignor topic (unused by the stages, but Faust makes it at start), made
+    # here so that it gets kafka.min_insync_replicas too.
+    specs = [TopicSpec(f"ktel-{stage}-__assignor-__leader", 1)]
     if stage != "sample":
         # Created before Faust starts: when Faust creates it itself, a worker that
         # reads metadata a moment too early crashes with PartitionsMismatch and
         # never recovers (seen with Kafka 3.9 and faust-streaming 0.15).
-        spec = TopicSpec(
-            changelog_topic(stage), cfg.kafka.raw_partitions, extra_config={"cleanup.policy": "compact"}
+        specs.append(
+            TopicSpec(
+                changelog_topic(stage), cfg.kafka.raw_partitions, extra_config={"cleanup.policy": "compact"}
+            )
         )
-        asyncio.run(retry(lambda: create_topics(cfg.kafka, [spec]), what="create the changelog topic"))
+    asyncio.run(retry(lambda: create_topics(cfg.kafka, specs), what="create the stage's own topics"))
     worker = faust.Worker(make_app(cfg, stage), loglevel=log_level.upper(), quiet=True)
     worker.execute_from_commandline()
