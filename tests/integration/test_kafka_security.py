@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -22,10 +23,21 @@ from ktel import acls, config, topics
 from ktel.kafka_client import client_kwargs
 from ktel.stack.kafka import LocalKafka, SaslSsl, _java, ensure_kafka
 from ktel.stack.proc import free_port
-from ktel.wire import CONTROL_TOPIC, RAW_TOPIC
+from ktel.wire import (
+    CONTROL_TOPIC,
+    FILE_CREATED,
+    METRICS_TOPIC,
+    RAW_TOPIC,
+    RawBatch,
+    decode_snapshot,
+    encode_batch,
+)
 from processors.chain import PROCESSES
+from tests.integration.agent_harness import read_topic
+from tests.integration.test_processing_stages import Worker
 
-PASSWORDS = {name: uuid.uuid4().hex for name in ("ktel", "agent", "operator")}
+PASSWORDS = {name: uuid.uuid4().hex for name in ("ktel", "agent", "operator", "processor")}
+PRINCIPALS = config.KafkaPrincipals(agent="User:agent", operator="User:operator", processor="User:processor")
 
 
 def openssl(*args: str | Path) -> None:
@@ -148,16 +160,65 @@ def apply_acls(broker: LocalKafka, kafka: config.KafkaConfig) -> None:
         assert res.returncode == 0, res.stdout + res.stderr
 
 
-async def test_the_agent_principal_cannot_write_control(secure):
+@pytest.fixture(scope="module")
+def with_acls(secure):
+    """The broker with ktel's topics and the ACLs `ktel acls` prints applied."""
     broker, ca = secure
     admin_cfg = kafka_config(broker, ca)
-    cfg = config.Config(kafka=admin_cfg, agent=config.AgentConfig(host_id="t"))
-    assert await topics.ensure(cfg, lambda _: None) == 0
-    principals = config.KafkaPrincipals(agent="User:agent", operator="User:operator")
-    await asyncio.to_thread(apply_acls, broker, admin_cfg.model_copy(update={"principals": principals}))
+    assert asyncio.run(topics.ensure(config.Config(kafka=admin_cfg), lambda _: None)) == 0
+    apply_acls(broker, admin_cfg.model_copy(update={"principals": PRINCIPALS}))
+    return broker, ca
 
+
+async def test_the_agent_principal_cannot_write_control(with_acls):
+    broker, ca = with_acls
     agent = kafka_config(broker, ca, user="agent")
     await produce(agent, RAW_TOPIC, b"batch")  # allowed
     with pytest.raises(TopicAuthorizationFailedError):
         await produce(agent, CONTROL_TOPIC, b"command")
     await produce(kafka_config(broker, ca, user="operator"), CONTROL_TOPIC, b"command")
+
+
+def test_a_processing_worker_runs_on_its_principal_over_sasl_ssl(with_acls, tmp_path):
+    """Faust gets the same settings: it reads ktel.raw, makes its changelog and writes
+    ktel.metrics as the processor principal, with no more than `ktel acls` grants."""
+    broker, ca = with_acls
+    assert broker.sasl_ssl is not None
+    worker = Worker(
+        tmp_path,
+        f"127.0.0.1:{broker.sasl_ssl.port}",
+        "secure",
+        KTEL_KAFKA__SECURITY_PROTOCOL="SASL_SSL",
+        KTEL_KAFKA__SASL_USERNAME="processor",
+        KTEL_KAFKA__SASL_PASSWORD=PASSWORDS["processor"],
+        KTEL_KAFKA__SSL_CAFILE=str(ca),
+    ).start()
+    try:
+        batch = RawBatch(
+            "secure-host", "boot", 0, 1, [[FILE_CREATED.id, 1, 2, 2, 0, "w", "/d/f", 0o101, False]]
+        )
+        asyncio.run(produce_key(kafka_config(broker, ca, user="agent"), batch.key, encode_batch(batch)))
+        # A guard against waiting forever, not a measure: the worker takes seconds.
+        deadline = time.monotonic() + 300
+        while True:
+            assert worker.proc is not None and worker.proc.poll() is None, worker.log.read_text()[-4000:]
+            assert time.monotonic() < deadline, worker.log.read_text()[-4000:]
+            snaps = [
+                decode_snapshot(r.value)
+                for r in asyncio.run(read_topic(broker.bootstrap, METRICS_TOPIC, idle_s=1))
+                if r.key == b"secure-host"
+            ]
+            if snaps:
+                break
+    finally:
+        worker.stop()
+    assert "Authorization" not in worker.log.read_text()
+
+
+async def produce_key(kafka: config.KafkaConfig, key: bytes, value: bytes) -> None:
+    producer = AIOKafkaProducer(**client_kwargs(kafka), enable_idempotence=True)
+    await producer.start()
+    try:
+        await producer.send_and_wait(RAW_TOPIC, value, key=key)
+    finally:
+        await producer.stop()
