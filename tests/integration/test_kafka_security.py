@@ -106,8 +106,10 @@ async def test_ktel_topics_then_a_round_trip_over_sasl_ssl(secure):
         described = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, RAW_TOPIC)])
     finally:
         await admin.close()
-    entries = {e[0]: e[1] for e in described[0].resources[0][4]}
-    assert entries["min.insync.replicas"] == "1"
+    # (name, value, read only, config source, ...): source 1 is the topic's own
+    # setting, not the broker's (whose min.insync.replicas is 1 as well).
+    entries = {e[0]: e for e in described[0].resources[0][4]}
+    assert entries["min.insync.replicas"][1:4] == ("1", False, 1)
 
     value = uuid.uuid4().bytes
     await produce(kafka, RAW_TOPIC, value)

@@ -137,3 +137,27 @@ def test_no_role_but_the_processor_and_the_operator_may_write_control():
         if "Write" in argv and CONTROL_TOPIC in argv
     }
     assert writers == {k.principals.processor, k.principals.operator}
+
+
+def test_every_kafka_client_gets_its_settings_from_kafka_client():
+    """A client built from a bootstrap list alone would work against the local broker
+    and fail against a production one: every construction passes **client_kwargs(...)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    clients = {"AIOKafkaProducer", "AIOKafkaConsumer", "AIOKafkaAdminClient"}
+    found, bare = 0, []
+    for pkg in ("ktel", "edge_agent", "processors", "exporters"):
+        for path in sorted((root / pkg).rglob("*.py")):
+            if "stack" in path.relative_to(root).parts:  # the local development broker's own probe
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Call) and getattr(node.func, "id", None) in clients:
+                    found += 1
+                    spread = [k.value for k in node.keywords if k.arg is None]
+                    if not any(
+                        getattr(getattr(v, "func", None), "id", None) == "client_kwargs" for v in spread
+                    ):
+                        bare.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert found >= 10 and not bare, bare
