@@ -65,6 +65,7 @@ from edge_agent.seqstore import SeqStore
 from edge_agent.spool import Record, Spool
 from ktel import runtime, selfmetrics
 from ktel.config import Config
+from ktel.kafka_client import client_kwargs
 from ktel.probes import PROBES
 from ktel.probes.decode import count, records
 from ktel.retry import Backoff, Permanent, retry
@@ -320,7 +321,7 @@ class Agent:
 
     def _new_producer(self) -> AIOKafkaProducer:
         return AIOKafkaProducer(
-            bootstrap_servers=self.cfg.kafka.bootstrap,
+            **client_kwargs(self.cfg.kafka),
             enable_idempotence=True,  # implies acks=all
             # aiokafka compresses lz4 at level 9, about a fifth of the agent's time at
             # full rate; zstd is cheaper and smaller but not adopted yet: see bench/RESULTS.md.
@@ -633,9 +634,7 @@ class Agent:
                         senders = [
                             asyncio.create_task(self.publish(), name="publish"),
                             asyncio.create_task(self.send_heartbeats(), name="heartbeats"),
-                            asyncio.create_task(
-                                self.control.follow(self.cfg.kafka.bootstrap), name="control"
-                            ),
+                            asyncio.create_task(self.control.follow(self.cfg.kafka), name="control"),
                         ]
                         running.update(senders)
                     elif task is not collector:

@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client import Counter
 
+from ktel.kafka_client import Kafka, client_kwargs, settings
 from ktel.probes import PROBES
 from ktel.retry import retry
 from ktel.wire import CONTROL_TOPIC, ControlCommand, WireError, decode_command
@@ -288,9 +289,9 @@ class Control:
 
     # ------------------------------------------------------------- follow
 
-    async def follow(self, bootstrap: str) -> None:
-        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
-        await retry(consumer.start, what=f"connect the control consumer to {bootstrap}")
+    async def follow(self, kafka: Kafka) -> None:
+        consumer = AIOKafkaConsumer(**client_kwargs(kafka), group_id=None, enable_auto_commit=False)
+        await retry(consumer.start, what=f"connect the control consumer to {settings(kafka).bootstrap}")
         tp = TopicPartition(CONTROL_TOPIC, 0)  # ktel.control has one partition (ktel/topics.py)
         try:
             consumer.assign([tp])

@@ -25,6 +25,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
 from prometheus_client import Counter
 
+from ktel.kafka_client import Kafka, client_kwargs, settings
 from ktel.retry import retry
 from ktel.runtime import tune_gc
 from ktel.wire import DLQ_TOPIC, DeadLetter, WireError, encode_dead_letter
@@ -87,7 +88,7 @@ async def refuse(
 
 async def run(
     *,
-    bootstrap: str,
+    kafka: Kafka,
     group_id: str | None,
     stage: str,
     topics: Mapping[str, Decoder],
@@ -103,14 +104,15 @@ async def run(
     (ms since epoch), or from the beginning when it is None.
     """
     tune_gc()
+    bootstrap = settings(kafka).bootstrap
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
+        **client_kwargs(kafka),
         group_id=group_id,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         max_poll_records=500,
     )
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True)
+    producer = AIOKafkaProducer(**client_kwargs(kafka), enable_idempotence=True)
     await retry(consumer.start, what=f"connect consumer to {bootstrap}")
     await retry(producer.start, what=f"connect producer to {bootstrap}")
     try:

@@ -429,7 +429,7 @@ async def run(cfg: Config, stop: asyncio.Event, *, group_id: str = GROUP) -> Non
     sender = Sender(cfg.otlp)
     try:
         await consume.run(
-            bootstrap=cfg.kafka.bootstrap,
+            kafka=cfg.kafka,
             group_id=group_id,
             stage=STAGE,
             topics=TOPICS,

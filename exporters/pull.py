@@ -102,7 +102,7 @@ async def run(cfg: Config, stop: asyncio.Event) -> None:
 
     start_ms = time.time_ns() // 1_000_000 - int(LOOKBACK_WINDOWS * cfg.aggregate.window_seconds * 1000)
     await consume.run(
-        bootstrap=cfg.kafka.bootstrap,
+        kafka=cfg.kafka,
         group_id=None,
         stage="pull",
         topics={METRICS_TOPIC: decode_snapshot},

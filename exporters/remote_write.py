@@ -270,7 +270,7 @@ async def run(cfg: Config, stop: asyncio.Event, *, group_id: str = GROUP) -> Non
     window = Window(cfg.remote_write.max_age_seconds, cfg.remote_write.max_future_seconds, "remote_write")
     async with httpx.AsyncClient(timeout=cfg.remote_write.timeout_seconds) as client:
         await consume.run(
-            bootstrap=cfg.kafka.bootstrap,
+            kafka=cfg.kafka,
             group_id=group_id,
             stage=STAGE,
             topics={METRICS_TOPIC: decode_snapshot},

@@ -106,9 +106,13 @@ def cmd_export(cfg: config_mod.Config, args: argparse.Namespace) -> None:
 def cmd_topics(cfg: config_mod.Config, _args: argparse.Namespace) -> None:
     from ktel import topics
 
-    asyncio.run(topics.create_topics(cfg.kafka.bootstrap, topics.specs(cfg)))
-    for s in topics.specs(cfg):
-        print(f"{s.name}: {s.partitions} partitions, retention {s.retention_ms} ms")
+    sys.exit(asyncio.run(topics.ensure(cfg, print)))
+
+
+def cmd_acls(cfg: config_mod.Config, args: argparse.Namespace) -> None:
+    from ktel import acls
+
+    print(acls.script(cfg.kafka, PROCESSES, args.command_config))
 
 
 def cmd_up(cfg: config_mod.Config, args: argparse.Namespace) -> None:
@@ -181,8 +185,17 @@ def main(argv: list[str] | None = None) -> None:
         "otlp: spans, logs and metrics over OTLP (gRPC or HTTP)",
     )
     p.set_defaults(fn=cmd_export)
-    p = sub.add_parser("topics", help="create ktel's topics on the configured Kafka (idempotent)")
+    p = sub.add_parser(
+        "topics",
+        help="create ktel's topics on the configured Kafka (idempotent); refuses existing ones laid out "
+        "otherwise than the configuration says",
+    )
     p.set_defaults(fn=cmd_topics)
+    p = sub.add_parser("acls", help="print the kafka-acls.sh commands giving each ktel role least privilege")
+    p.add_argument(
+        "--command-config", metavar="FILE", help="kafka-acls.sh's client config (admin credentials)"
+    )
+    p.set_defaults(fn=cmd_acls)
     p = sub.add_parser("config", help="print the effective configuration")
     p.set_defaults(fn=cmd_config)
     p = sub.add_parser(

@@ -19,7 +19,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ktel.probes import KIND_BY_NAME, KINDS, PROBES
@@ -54,6 +54,23 @@ def _known(names: Any, known: Any, what: str, hint: str) -> Any:
     return names
 
 
+class KafkaPrincipals(BaseModel):
+    """One Kafka principal per role; `ktel acls` grants each only what its role needs."""
+
+    agent: str = Field("User:ktel-agent", description="the edge agents' principal")
+    processor: str = Field("User:ktel-processor", description="the processing workers' principal")
+    exporter: str = Field("User:ktel-exporter", description="the exporters' principal")
+    operator: str = Field("User:ktel-operator", description="who may send fidelity commands")
+
+    @field_validator("agent", "processor", "exporter", "operator")
+    @classmethod
+    def _typed(cls, v: str) -> str:
+        kind, _, name = v.partition(":")
+        if not kind or not name:
+            raise ValueError(f"{v!r} is not a principal like User:name")
+        return v
+
+
 class KafkaConfig(BaseModel):
     bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, host:port[,host:port]")
     raw_partitions: int = Field(6, ge=1, description="partitions of ktel.raw (the unit of processor scaling)")
@@ -67,6 +84,47 @@ class KafkaConfig(BaseModel):
         24, gt=0, description="retention of ktel.metrics, ktel.spans and ktel.logs"
     )
     dlq_retention_hours: float = Field(168, gt=0, description="retention of ktel.dlq")
+    replication_factor: int | Literal["auto"] = Field(
+        "auto",
+        description="replicas of every ktel topic and every processor changelog; auto: 3 on a "
+        "cluster of 3 or more brokers, else as many as there are",
+    )
+    min_insync_replicas: int | Literal["auto"] = Field(
+        "auto",
+        description="min.insync.replicas of those topics: how many replicas must have a record "
+        "before it is acknowledged; auto: 2 where the replication factor is 3 or more, else 1",
+    )
+    # Client settings: every ktel client (agent, control consumer, processors, exporters,
+    # replay, admin) gets them through ktel/kafka_client.py, so they never disagree.
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="PLAINTEXT, SSL (TLS), SASL_PLAINTEXT or SASL_SSL (SASL over TLS)"
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        "SCRAM-SHA-512", description="SASL mechanism, with a SASL_* security_protocol"
+    )
+    sasl_username: str | None = Field(None, description="SASL user, with a SASL_* security_protocol")
+    sasl_password: SecretStr | None = Field(
+        None,
+        description="SASL password; best given as KTEL_KAFKA__SASL_PASSWORD or sasl_password_file, "
+        "not in the file; never printed",
+        json_schema_extra=SECRET,
+    )
+    sasl_password_file: Path | None = Field(
+        None, description="file holding the SASL password (trailing newline ignored)"
+    )
+    ssl_cafile: Path | None = Field(
+        None, description="CA bundle (PEM) that signed the brokers' certificates; unset: the system's"
+    )
+    ssl_certfile: Path | None = Field(None, description="client certificate (PEM), for mutual TLS")
+    ssl_keyfile: Path | None = Field(
+        None, description="client private key (PEM, unencrypted), for mutual TLS"
+    )
+    ssl_check_hostname: bool = Field(
+        True, description="check that a broker's certificate names the host connected to"
+    )
+    principals: KafkaPrincipals = Field(
+        default_factory=KafkaPrincipals, description="Kafka principals of `ktel acls`"
+    )
 
     @field_validator("bootstrap")
     @classmethod
@@ -76,6 +134,48 @@ class KafkaConfig(BaseModel):
             if not host or not port.isdigit():
                 raise ValueError(f"{hp!r} is not host:port")
         return v
+
+    @field_validator("replication_factor", "min_insync_replicas")
+    @classmethod
+    def _positive(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"{v}: give 1 or more, or auto")
+        return v
+
+    @field_validator("sasl_password_file", "ssl_cafile", "ssl_certfile", "ssl_keyfile")
+    @classmethod
+    def _readable(cls, v: Path | None) -> Path | None:
+        if v is not None and not os.access(v, os.R_OK):
+            raise ValueError("cannot be read (missing or not permitted)")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> KafkaConfig:
+        rf, isr = self.replication_factor, self.min_insync_replicas
+        if isinstance(rf, int) and isinstance(isr, int) and isr > rf:
+            raise ValueError(
+                f"kafka.min_insync_replicas = {isr} is above kafka.replication_factor = {rf}: "
+                "no write could ever be acknowledged"
+            )
+        if self.security_protocol.startswith("SASL_"):
+            if not self.sasl_username:
+                raise ValueError(
+                    f"kafka.security_protocol = {self.security_protocol} needs kafka.sasl_username"
+                )
+            if (self.sasl_password is None) == (self.sasl_password_file is None):
+                raise ValueError(
+                    f"kafka.security_protocol = {self.security_protocol} needs one of kafka.sasl_password "
+                    "(KTEL_KAFKA__SASL_PASSWORD) and kafka.sasl_password_file"
+                )
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("kafka.ssl_certfile and kafka.ssl_keyfile go together (mutual TLS)")
+        return self
+
+    def password(self) -> str:
+        """The SASL password, from the environment, the file or sasl_password_file."""
+        if self.sasl_password_file is not None:
+            return self.sasl_password_file.read_text().rstrip("\r\n")
+        return self.sasl_password.get_secret_value() if self.sasl_password is not None else ""
 
 
 class RedactRule(BaseModel):
@@ -465,7 +565,13 @@ def _explain(err: ValidationError, source: str) -> str:
             continue
         field = ".".join(str(p) for p in e["loc"])
         env = "KTEL_" + "__".join(str(p).upper() for p in e["loc"])
-        shown = MASK if _secret_at(e["loc"]) else repr(e.get("input"))
+        value = e.get("input")
+        if isinstance(value, dict):
+            # A whole section failed a check across fields: the message names them,
+            # and the section may hold a secret.
+            lines.append(f"  {field}: {e['msg']}")
+            continue
+        shown = MASK if _secret_at(e["loc"]) else repr(value)
         lines.append(f"  {field} = {shown}: {e['msg']} (set it in the file or with {env})")
     return "\n".join(lines)
 

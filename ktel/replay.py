@@ -58,7 +58,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from ktel import topics as topics_mod
-from ktel.config import Config
+from ktel.config import Config, KafkaConfig
+from ktel.kafka_client import client_kwargs, settings
 from ktel.topics import TopicSpec, create_topics, topic_partitions
 from ktel.wire import (
     DLQ_TOPIC,
@@ -240,6 +241,8 @@ class Options:
     protected_topics: frozenset[str] = frozenset()
     dlq: bool = False
     jsonl: bool = True
+    # TLS and SASL (kafka.*) for both Kafkas; its bootstrap is not used, the fields above are.
+    client: KafkaConfig = dataclasses.field(default_factory=KafkaConfig)
 
 
 @dataclasses.dataclass
@@ -281,21 +284,23 @@ async def replay(opts: Options, write: Callable[[str], None], report: Callable[[
     report decode failures to ``report``."""
     summary = Summary()
     start_ms, stop_ms = read_bounds(opts.filter, opts.margin_ns)
-    parts = await _partitions(opts.bootstrap, opts.topic)
+    parts = await _partitions(settings(opts.client, opts.bootstrap), opts.topic)
     summary.partitions = len(parts)
     if opts.to_topic is not None and opts.to_topic in opts.protected_topics:
-        await _refuse_the_live_cluster(opts.bootstrap, opts.to_bootstrap or opts.bootstrap, opts.to_topic)
+        await _refuse_the_live_cluster(
+            opts.client, opts.bootstrap, opts.to_bootstrap or opts.bootstrap, opts.to_topic
+        )
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=opts.bootstrap,
+        **client_kwargs(opts.client, opts.bootstrap),
         group_id=None,  # no group, no commits: live consumer groups are untouched
         enable_auto_commit=False,
         # A start offset that retention deleted meanwhile: the oldest record left.
         auto_offset_reset="earliest",
     )
-    dlq = AIOKafkaProducer(bootstrap_servers=opts.bootstrap, acks="all") if opts.dlq else None
+    dlq = AIOKafkaProducer(**client_kwargs(opts.client, opts.bootstrap), acks="all") if opts.dlq else None
     out = (
         AIOKafkaProducer(
-            bootstrap_servers=opts.to_bootstrap or opts.bootstrap,
+            **client_kwargs(opts.client, opts.to_bootstrap or opts.bootstrap),
             enable_idempotence=True,  # a retried send must not duplicate a batch
             compression_type="lz4",  # as the agent writes ktel.raw
         )
@@ -344,7 +349,9 @@ async def replay(opts: Options, write: Callable[[str], None], report: Callable[[
                 await client.start()
                 started.append(client)
         if out is not None and opts.to_topic_spec is not None:
-            await create_topics(opts.to_bootstrap or opts.bootstrap, [opts.to_topic_spec])
+            await create_topics(
+                settings(opts.client, opts.to_bootstrap or opts.bootstrap), [opts.to_topic_spec]
+            )
 
         ends = await consumer.end_offsets(parts)
         starts = await consumer.offsets_for_times({tp: start_ms for tp in parts})
@@ -401,10 +408,10 @@ async def replay(opts: Options, write: Callable[[str], None], report: Callable[[
     return summary
 
 
-async def cluster_id(bootstrap: str, what: str) -> str | None:
+async def cluster_id(client: KafkaConfig, bootstrap: str, what: str) -> str | None:
     """The Kafka cluster's id (None from a broker too old to tell); ``what`` names
     the setting of ``bootstrap`` in the error."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(**client_kwargs(client, bootstrap))
     try:
         await admin.start()
         found = (await admin.describe_cluster()).get("cluster_id")
@@ -415,10 +422,12 @@ async def cluster_id(bootstrap: str, what: str) -> str | None:
     return found if isinstance(found, str) else None
 
 
-async def _refuse_the_live_cluster(bootstrap: str, to_bootstrap: str, to_topic: str) -> None:
+async def _refuse_the_live_cluster(
+    client: KafkaConfig, bootstrap: str, to_bootstrap: str, to_topic: str
+) -> None:
     """ReplayError unless ``to_bootstrap`` is known to be another cluster than ``bootstrap``."""
-    source = await cluster_id(bootstrap, "kafka.bootstrap")
-    dest = source if to_bootstrap == bootstrap else await cluster_id(to_bootstrap, "--to-bootstrap")
+    source = await cluster_id(client, bootstrap, "kafka.bootstrap")
+    dest = source if to_bootstrap == bootstrap else await cluster_id(client, to_bootstrap, "--to-bootstrap")
     if source is None or dest is None or source == dest:
         same = "cannot tell whether it is" if source is None or dest is None else "is"
         # In the live ktel.raw the stages would drop the batches as duplicates (same host,
@@ -438,11 +447,12 @@ async def _settle(in_flight: list[asyncio.Future[Any]]) -> int:
     return n
 
 
-async def _partitions(bootstrap: str, topic: str) -> list[TopicPartition]:
+async def _partitions(kafka: KafkaConfig, topic: str) -> list[TopicPartition]:
     # The admin client answers for a missing topic at once (a producer would wait
     # for its metadata until a timeout, and a group-less consumer does not fetch it).
+    bootstrap = kafka.bootstrap
     try:
-        n = await topic_partitions(bootstrap, topic)
+        n = await topic_partitions(kafka, topic)
     except (KafkaError, OSError) as err:
         raise ReplayError(
             f"cannot reach Kafka at {bootstrap} ({err}); set kafka.bootstrap or KTEL_KAFKA__BOOTSTRAP"
@@ -485,6 +495,7 @@ def options(cfg: Config, args: Any, now_ns: int | None = None) -> Options:
         protected_topics=frozenset(s.name for s in topics_mod.specs(cfg)) | {args.topic},
         dlq=args.dlq,
         jsonl=fmt == "jsonl",
+        client=cfg.kafka,
     )
 
 

@@ -1,14 +1,16 @@
-"""ktel's topics, with the partition counts and retention the config gives, and the
-Kafka admin calls that create and inspect topics."""
+"""ktel's topics, with the partition counts, retention and replication the config
+gives, and the Kafka admin calls that create and inspect topics."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError, for_code
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
-from ktel.config import Config
+from ktel.config import Config, KafkaConfig
+from ktel.kafka_client import Kafka, client_kwargs, explain, settings
 from ktel.wire import (
     CONTROL_TOPIC,
     DEDUPED_TOPIC,
@@ -23,6 +25,7 @@ from ktel.wire import (
 )
 
 HOUR_MS = 3_600_000
+RAW, OUTPUT = "kafka.raw_partitions", "kafka.output_partitions"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,47 +34,88 @@ class TopicSpec:
     partitions: int
     retention_ms: int | None = None
     extra_config: dict[str, str] = dataclasses.field(default_factory=dict)
-    # The aiokafka admin speaks CreateTopics v3 at most, which cannot ask for the
-    # broker's default (-1), so the factor is explicit; 1 suits the local broker.
-    replication_factor: int = 1
+    # The setting its partition count follows, named when an existing topic differs.
+    setting: str = "fixed"
 
 
 def specs(cfg: Config) -> list[TopicSpec]:
     k = cfg.kafka
     return [
         # Raw batches are the forensic record: kept by time, compressed by the producer.
-        TopicSpec(RAW_TOPIC, k.raw_partitions, int(k.raw_retention_hours * HOUR_MS)),
+        TopicSpec(RAW_TOPIC, k.raw_partitions, int(k.raw_retention_hours * HOUR_MS), setting=RAW),
         # Between stages in split mode: keyed and partitioned like ktel.raw, so
         # each stage's per-host table stays co-partitioned with its input.
         *(
-            TopicSpec(t, k.raw_partitions, int(k.output_retention_hours * HOUR_MS))
+            TopicSpec(t, k.raw_partitions, int(k.output_retention_hours * HOUR_MS), setting=RAW)
             for t in (DEDUPED_TOPIC, ENRICHED_TOPIC, SAMPLED_TOPIC)
         ),
         *(
-            TopicSpec(t, k.output_partitions, int(k.output_retention_hours * HOUR_MS))
+            TopicSpec(t, k.output_partitions, int(k.output_retention_hours * HOUR_MS), setting=OUTPUT)
             for t in (METRICS_TOPIC, SPANS_TOPIC, LOGS_TOPIC)
         ),
         TopicSpec(DLQ_TOPIC, 1, int(k.dlq_retention_hours * HOUR_MS)),
         # Partitioned like ktel.raw: the enrich stage keeps a host's heartbeat in the
         # same table partition as its batches (Faust refuses a table write from a
         # topic whose partition count differs from the table's changelog).
-        TopicSpec(HEARTBEATS_TOPIC, k.raw_partitions, int(k.output_retention_hours * HOUR_MS)),
+        TopicSpec(HEARTBEATS_TOPIC, k.raw_partitions, int(k.output_retention_hours * HOUR_MS), setting=RAW),
         # One partition: every agent reads all commands, in the order they were given.
         TopicSpec(CONTROL_TOPIC, 1, int(k.output_retention_hours * HOUR_MS)),
     ]
 
 
-async def create_topics(bootstrap: str, specs: list[TopicSpec]) -> None:
-    """Create the topics; one that already exists is left as it is (not reconfigured)."""
+class TopicMismatch(Exception):
+    """An existing topic laid out otherwise than the configuration says."""
+
+
+async def replication(kafka: Kafka) -> tuple[int, int]:
+    """``kafka.replication_factor`` and ``kafka.min_insync_replicas``, "auto" resolved
+    against the cluster: 3 replicas (at most as many as there are brokers) and 2 in
+    sync where there are 3, so a write survives one broker down and an acknowledged
+    record is on two brokers; on fewer brokers, 1 in sync, or a single broker down
+    would stop every write."""
+    k = settings(kafka)
+    rf, isr = k.replication_factor, k.min_insync_replicas
+    if rf == "auto" or isr == "auto":
+        # The aiokafka admin speaks CreateTopics v3 at most, which cannot ask for the
+        # broker's default (-1): the factor is always explicit, so it is found here.
+        admin = AIOKafkaAdminClient(**client_kwargs(k))
+        try:
+            await admin.start()
+            brokers = len((await admin.describe_cluster())["brokers"])
+        finally:
+            await admin.close()
+        if rf == "auto":
+            rf = max(1, min(3, brokers))
+        if isr == "auto":
+            isr = 2 if isinstance(rf, int) and rf >= 3 else 1
+    assert isinstance(rf, int) and isinstance(isr, int)
+    if isr > rf:
+        raise TopicMismatch(
+            f"kafka.min_insync_replicas = {isr} is above the replication factor {rf}: "
+            "no write could be acknowledged; lower it or set kafka.replication_factor"
+        )
+    return rf, isr
+
+
+def resolved(kafka: KafkaConfig, rf_isr: tuple[int, int]) -> KafkaConfig:
+    """``kafka`` with its replication settings as :func:`replication` found them."""
+    return kafka.model_copy(update={"replication_factor": rf_isr[0], "min_insync_replicas": rf_isr[1]})
+
+
+async def create_topics(kafka: Kafka, specs: list[TopicSpec]) -> None:
+    """Create the topics, replicated as ``kafka.replication_factor`` and
+    ``kafka.min_insync_replicas`` say; one that already exists is left as it is
+    (not reconfigured: :func:`check_layout` compares it)."""
     if not specs:
         return
+    rf, isr = await replication(kafka)
     new = []
     for s in specs:
-        config = {k: str(v) for k, v in s.extra_config.items()}
+        config = {"min.insync.replicas": str(isr), **{k: str(v) for k, v in s.extra_config.items()}}
         if s.retention_ms is not None:
             config["retention.ms"] = str(s.retention_ms)
-        new.append(NewTopic(s.name, s.partitions, s.replication_factor, topic_configs=config))
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        new.append(NewTopic(s.name, s.partitions, rf, topic_configs=config))
+    admin = AIOKafkaAdminClient(**client_kwargs(kafka))
     await admin.start()
     try:
         resp = await admin.create_topics(new)
@@ -82,9 +126,9 @@ async def create_topics(bootstrap: str, specs: list[TopicSpec]) -> None:
             raise for_code(code)(f"creating topic {topic!r}: {message}")
 
 
-async def partition_counts(bootstrap: str) -> dict[str, int]:
-    """How many partitions each existing topic has."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+async def layouts(kafka: Kafka) -> dict[str, tuple[int, int]]:
+    """(partitions, replication factor) of each existing topic."""
+    admin = AIOKafkaAdminClient(**client_kwargs(kafka))
     try:
         await admin.start()
         # Every topic, not just some: asking for a missing topic by name can
@@ -92,9 +136,68 @@ async def partition_counts(bootstrap: str) -> dict[str, int]:
         described = await admin.describe_topics()
     finally:
         await admin.close()
-    return {t["topic"]: len(t["partitions"]) for t in described if t["error_code"] == 0}
+    return {
+        t["topic"]: (len(t["partitions"]), min((len(p["replicas"]) for p in t["partitions"]), default=0))
+        for t in described
+        if t["error_code"] == 0
+    }
 
 
-async def topic_partitions(bootstrap: str, topic: str) -> int | None:
+async def check_layout(kafka: Kafka, specs: list[TopicSpec]) -> list[str]:
+    """How each existing topic of ``specs`` differs from the configuration (empty: none does)."""
+    k = settings(kafka)
+    rf, _ = await replication(k)
+    have = await layouts(k)
+    wanted_rf = f"{rf}" if k.replication_factor == rf else f"{k.replication_factor} ({rf} on this cluster)"
+    wrong = []
+    for s in specs:
+        if s.name not in have:
+            continue
+        partitions, replicas = have[s.name]
+        if partitions != s.partitions:
+            want = f"ktel needs {s.partitions}" if s.setting == "fixed" else f"{s.setting} = {s.partitions}"
+            wrong.append(f"{s.name} has {partitions} partitions but {want}")
+        if replicas != rf:
+            wrong.append(f"{s.name} has {replicas} replicas but kafka.replication_factor = {wanted_rf}")
+    return wrong
+
+
+async def partition_counts(kafka: Kafka) -> dict[str, int]:
+    """How many partitions each existing topic has."""
+    return {topic: n for topic, (n, _) in (await layouts(kafka)).items()}
+
+
+async def topic_partitions(kafka: Kafka, topic: str) -> int | None:
     """How many partitions ``topic`` has; None if it does not exist."""
-    return (await partition_counts(bootstrap)).get(topic)
+    return (await partition_counts(kafka)).get(topic)
+
+
+async def ensure(cfg: Config, say: Callable[[str], None]) -> int:
+    """``ktel topics``: refuse if an existing ktel topic is laid out otherwise than the
+    configuration says (exit status 1), else create the missing ones and say what
+    each is (0). Nothing is changed on a refusal: Kafka cannot lower a partition
+    count, and a topic's replicas are an operator's to move."""
+    wanted = specs(cfg)
+    k = cfg.kafka
+    try:
+        wrong = await check_layout(k, wanted)
+    except (KafkaError, OSError) as err:
+        say(f"ktel topics: {await explain(err, k)}")
+        return 1
+    if wrong:
+        for line in wrong:
+            say(f"ktel topics: {line}")
+        say(
+            "ktel topics: refusing to go on: change the setting named to match the topic, or "
+            "recreate (or reassign) the topic to match the setting"
+        )
+        return 1
+    rf, isr = await replication(k)
+    await create_topics(resolved(k, (rf, isr)), wanted)
+    for s in wanted:
+        retention = "unlimited" if s.retention_ms is None else f"{s.retention_ms} ms"
+        say(
+            f"{s.name}: {s.partitions} partitions, replication factor {rf}, "
+            f"min.insync.replicas {isr}, retention {retention}"
+        )
+    return 0

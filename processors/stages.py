@@ -53,9 +53,10 @@ from aiokafka.partitioner import murmur2
 from prometheus_client import Counter, Gauge
 
 from ktel import selfmetrics
-from ktel.config import Config
+from ktel.config import Config, KafkaConfig
+from ktel.kafka_client import faust_settings
 from ktel.retry import retry
-from ktel.topics import TopicSpec, create_topics, partition_counts
+from ktel.topics import TopicSpec, create_topics, partition_counts, replication, resolved
 from ktel.wire import (
     CONTROL_TOPIC,
     DEDUPED_TOPIC,
@@ -197,13 +198,13 @@ def make_app(cfg: Config, stage: str) -> faust.App:
     datadir.mkdir(parents=True, exist_ok=True)
     app = App(
         f"ktel-{stage}",
-        broker=f"kafka://{cfg.kafka.bootstrap}",
+        **faust_settings(cfg.kafka),
         store="memory://",
         datadir=str(datadir),
         web_enabled=False,
         # Standbys would put other workers' hosts into this worker's timers.
         table_standby_replicas=0,
-        topic_replication_factor=1,
+        topic_replication_factor=replicas(cfg.kafka),
         topic_partitions=cfg.kafka.raw_partitions,
         producer_acks=-1,
         consumer_auto_offset_reset="earliest",
@@ -347,9 +348,7 @@ def check_partitions(cfg: Config, stage: str) -> None:
     fixes[changelog_topic(stage)] = "delete it with the stage stopped (the stage makes it again, empty)"
     if stage in ("enrich", "all"):
         fixes[HEARTBEATS_TOPIC] = "delete it (it holds only recent heartbeats) and run `ktel topics`"
-    counts = asyncio.run(
-        retry(functools.partial(partition_counts, cfg.kafka.bootstrap), what="describe the topics")
-    )
+    counts = asyncio.run(retry(functools.partial(partition_counts, cfg.kafka), what="describe the topics"))
     for topic, fix in fixes.items():
         n = counts.get(topic)
         if n is not None and n != want:
@@ -359,17 +358,31 @@ def check_partitions(cfg: Config, stage: str) -> None:
             )
 
 
+def replicas(kafka: KafkaConfig) -> int:
+    """The replication factor of the topics Faust creates (make_app)."""
+    if kafka.replication_factor == "auto":
+        # Resolved against the cluster by run(), before the app is made.
+        raise ValueError("kafka.replication_factor 'auto' must be resolved (ktel.topics.replication) first")
+    return kafka.replication_factor
+
+
 def run(cfg: Config, stage: str, log_level: str = "info") -> None:
     check_partitions(cfg, stage)
+    # Faust's topics get the replication ktel's own get: "auto" resolved once, here.
+    rf_isr = asyncio.run(retry(lambda: replication(cfg.kafka), what="find the replication factor"))
+    cfg = cfg.model_copy(update={"kafka": resolved(cfg.kafka, rf_isr)})
+    # Faust's assignor topic (unused by the stages, but Faust makes it at start), made
+    # here so that it gets kafka.min_insync_replicas too.
+    specs = [TopicSpec(f"ktel-{stage}-__assignor-__leader", 1)]
     if stage != "sample":
         # Created before Faust starts: when Faust creates it itself, a worker that
         # reads metadata a moment too early crashes with PartitionsMismatch and
         # never recovers (seen with Kafka 3.9 and faust-streaming 0.15).
-        spec = TopicSpec(
-            changelog_topic(stage), cfg.kafka.raw_partitions, extra_config={"cleanup.policy": "compact"}
+        specs.append(
+            TopicSpec(
+                changelog_topic(stage), cfg.kafka.raw_partitions, extra_config={"cleanup.policy": "compact"}
+            )
         )
-        asyncio.run(
-            retry(lambda: create_topics(cfg.kafka.bootstrap, [spec]), what="create the changelog topic")
-        )
+    asyncio.run(retry(lambda: create_topics(cfg.kafka, specs), what="create the stage's own topics"))
     worker = faust.Worker(make_app(cfg, stage), loglevel=log_level.upper(), quiet=True)
     worker.execute_from_commandline()

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import concurrent.futures
 import contextlib
+import dataclasses
 import fcntl
 import os
 import re
@@ -111,13 +112,34 @@ log4j.logger.org.apache.kafka.common.utils.AppInfoParser=WARN
 """
 
 
+@dataclasses.dataclass(frozen=True)
+class SaslSsl:
+    """A second listener, SASL_SSL, for tests of ktel's client settings.
+
+    ``keystore``: PEM file with the broker's unencrypted private key and certificate
+    chain; ``users``: SCRAM-SHA-512 and SCRAM-SHA-256 credentials written into the
+    metadata when the storage is formatted; ``authorizer``: the StandardAuthorizer,
+    denying what no ACL allows (the PLAINTEXT listener, a loopback back door for
+    set-up and admin, is a super user).
+    """
+
+    port: int
+    keystore: Path
+    users: dict[str, str]
+    authorizer: bool = False
+    super_users: tuple[str, ...] = ()
+
+
 class LocalKafka(proc.Server):
     """One KRaft node acting as both broker and controller, listening on 127.0.0.1."""
 
-    def __init__(self, data_dir: Path, port: int = 9092, controller_port: int = 9093) -> None:
+    def __init__(
+        self, data_dir: Path, port: int = 9092, controller_port: int = 9093, sasl_ssl: SaslSsl | None = None
+    ) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.port = port
         self.controller_port = controller_port
+        self.sasl_ssl = sasl_ssl
         self.log_path = self.data_dir / "kafka.log"
 
     @property
@@ -128,7 +150,8 @@ class LocalKafka(proc.Server):
         """Start the broker (formatting data_dir on first use) and wait until it answers."""
         if self.running:
             return
-        for p in (self.port, self.controller_port):
+        ports = (self.port, self.controller_port, *((self.sasl_ssl.port,) if self.sasl_ssl else ()))
+        for p in ports:
             # Otherwise the readiness probe could be answered by some other broker.
             if proc.port_in_use(p):
                 raise RuntimeError(f"cannot start Kafka: 127.0.0.1:{p} is already in use")
@@ -158,14 +181,34 @@ class LocalKafka(proc.Server):
     def _write_config(self) -> Path:
         (self.data_dir / "log4j.properties").write_text(_LOG4J)
         props = self.data_dir / "server.properties"
+        listeners = f"PLAINTEXT://127.0.0.1:{self.port}"
+        protocols = "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
+        secured = ""
+        if self.sasl_ssl is not None:
+            listeners += f",SASL_SSL://127.0.0.1:{self.sasl_ssl.port}"
+            protocols += ",SASL_SSL:SASL_SSL"
+            scram = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+            secured = f"""\
+sasl.enabled.mechanisms=SCRAM-SHA-512,SCRAM-SHA-256
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config={scram}
+listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config={scram}
+ssl.keystore.type=PEM
+ssl.keystore.location={self.sasl_ssl.keystore}
+"""
+            if self.sasl_ssl.authorizer:
+                secured += f"""\
+authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
+# The PLAINTEXT and controller listeners' principal: the loopback back door.
+super.users={";".join(("User:ANONYMOUS", *self.sasl_ssl.super_users))}
+"""
         props.write_text(
             f"""\
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:{self.controller_port}
-listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}
-advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listeners={listeners},CONTROLLER://127.0.0.1:{self.controller_port}
+advertised.listeners={listeners}
+listener.security.protocol.map={protocols}
 inter.broker.listener.name=PLAINTEXT
 controller.listener.names=CONTROLLER
 log.dirs={self.data_dir / "logs"}
@@ -185,13 +228,17 @@ broker.heartbeat.interval.ms=1000
 group.initial.rebalance.delay.ms=0
 # Topics are created explicitly (create_topics), so a typo fails instead of creating one.
 auto.create.topics.enable=false
-"""
+{secured}"""
         )
         return props
 
     def _format(self, storage_tool: list[str], props: Path) -> None:
+        scram = []
+        for name, password in (self.sasl_ssl.users if self.sasl_ssl else {}).items():
+            for mechanism in ("SCRAM-SHA-512", "SCRAM-SHA-256"):
+                scram += ["--add-scram", f"{mechanism}=[name={name},password={password}]"]
         res = subprocess.run(
-            [*storage_tool, "format", "-t", _new_cluster_id(), "-c", str(props)],
+            [*storage_tool, "format", "-t", _new_cluster_id(), "-c", str(props), *scram],
             capture_output=True, text=True, cwd=self.data_dir, timeout=120,
         )  # fmt: skip
         if res.returncode != 0:

@@ -107,7 +107,7 @@ def test_every_secret_field_is_masked_and_unset_ones_stay_null(monkeypatch):
         for name, field in (model.annotation.model_fields.items() if model.annotation else [])
         if field.json_schema_extra == config.SECRET
     ]
-    assert secrets == ["otlp.headers"]
+    assert secrets == ["kafka.sasl_password", "otlp.headers"]
 
 
 def test_a_bad_secret_is_not_shown_in_the_error(monkeypatch):

@@ -310,12 +310,14 @@ def test_a_value_nested_deep_is_a_record_that_does_not_decode_with_a_short_reaso
     ],
 )
 async def test_the_live_cluster_is_told_by_its_id(monkeypatch, ids, refused):
-    async def cluster_id(bootstrap: str, what: str) -> str | None:
+    async def cluster_id(client, bootstrap: str, what: str) -> str | None:
         return ids[bootstrap]
 
     monkeypatch.setattr(replay, "cluster_id", cluster_id)
     if refused:
         with pytest.raises(ReplayError, match="--to-topic ktel.raw: ktel's own topic"):
-            await replay._refuse_the_live_cluster("live:9092", "scratch:9092", "ktel.raw")
+            await replay._refuse_the_live_cluster(
+                config.KafkaConfig(), "live:9092", "scratch:9092", "ktel.raw"
+            )
     else:
-        await replay._refuse_the_live_cluster("live:9092", "scratch:9092", "ktel.raw")
+        await replay._refuse_the_live_cluster(config.KafkaConfig(), "live:9092", "scratch:9092", "ktel.raw")

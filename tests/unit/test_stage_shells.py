@@ -66,10 +66,15 @@ def metric(name: str, stage: str) -> float:
     return REGISTRY.get_sample_value(name, {"stage": stage}) or 0.0
 
 
+# As stages.run() hands it to make_app: "auto" replication resolved against the cluster.
+RESOLVED = config.KafkaConfig(replication_factor=1, min_insync_replicas=1)
+
+
 class Shell:
     """One stage's app with its agents under test_context and its sends recorded."""
 
     def __init__(self, tmp_path, stage: str, **sections):
+        sections.setdefault("kafka", RESOLVED)
         cfg = config.Config(
             agent=config.AgentConfig(host_id="t"),
             process=config.ProcessConfig(data_dir=tmp_path / "data", metrics_port=0),
@@ -267,6 +272,7 @@ def test_the_session_timeout_reaches_the_consumer_with_heartbeats_to_match(tmp_p
         cfg = config.Config(
             agent=config.AgentConfig(host_id="t"),
             process=config.ProcessConfig(data_dir=tmp_path / "data", session_timeout_seconds=session),
+            kafka=RESOLVED,
         )
         conf = stages.make_app(cfg, "all").conf
         got = (conf.broker_session_timeout, conf.broker_heartbeat_interval, conf.broker_request_timeout)

@@ -1,0 +1,105 @@
+"""The Kafka ACLs that give each ktel role the least it needs (``ktel acls``).
+
+One principal per role (``kafka.principals.*``):
+
+agent      writes ktel.raw and ktel.heartbeats, reads ktel.control (without a group).
+           It cannot write ktel.control: a compromised host cannot change any host's
+           sampling (docs/design.md, principle 11).
+processor  reads the raw and intermediate topics and ktel.heartbeats; writes the
+           intermediate and output topics, ktel.control (fidelity commands) and
+           ktel.dlq; its consumer groups ``ktel-<stage>``; its own topics
+           ``ktel-<stage>-*`` (table changelogs, Faust's assignor topic), which it
+           creates.
+exporter   reads ktel.metrics, ktel.spans and ktel.logs in its groups
+           (``ktel-export-*``), writes ktel.dlq.
+operator   writes ktel.control (fidelity commands by hand).
+
+Read and Write imply Describe. The idempotent producers (agent, exporters) need no
+cluster ACL on Kafka 3 and later. Creating ktel's topics (``ktel topics``) is an
+administrator's job and not granted here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+from collections.abc import Iterable
+
+from ktel.config import KafkaConfig
+from ktel.wire import (
+    CONTROL_TOPIC,
+    DEDUPED_TOPIC,
+    DLQ_TOPIC,
+    ENRICHED_TOPIC,
+    HEARTBEATS_TOPIC,
+    LOGS_TOPIC,
+    METRICS_TOPIC,
+    RAW_TOPIC,
+    SAMPLED_TOPIC,
+    SPANS_TOPIC,
+)
+
+INTERMEDIATE = (DEDUPED_TOPIC, ENRICHED_TOPIC, SAMPLED_TOPIC)
+OUTPUTS = (METRICS_TOPIC, SPANS_TOPIC, LOGS_TOPIC)
+
+
+@dataclasses.dataclass(frozen=True)
+class Grant:
+    role: str
+    operations: tuple[str, ...]
+    resource: str  # kafka-acls' resource flag: topic or group
+    names: tuple[str, ...]
+    prefixed: bool = False
+
+
+def grants(stages: Iterable[str], exporter_group_prefix: str = "ktel-export-") -> list[Grant]:
+    """Every role's grants; ``stages``: the names of ``ktel process`` stages."""
+    stages = tuple(stages)
+    return [
+        Grant("agent", ("Write",), "topic", (RAW_TOPIC, HEARTBEATS_TOPIC)),
+        Grant("agent", ("Read",), "topic", (CONTROL_TOPIC,)),
+        Grant("processor", ("Read",), "topic", (RAW_TOPIC, *INTERMEDIATE, HEARTBEATS_TOPIC)),
+        Grant("processor", ("Write",), "topic", (*INTERMEDIATE, *OUTPUTS, CONTROL_TOPIC, DLQ_TOPIC)),
+        Grant("processor", ("Read",), "group", tuple(f"ktel-{s}" for s in stages)),
+        Grant(
+            "processor",
+            ("Create", "Read", "Write"),
+            "topic",
+            tuple(f"ktel-{s}-" for s in stages),
+            prefixed=True,
+        ),
+        Grant("exporter", ("Read",), "topic", OUTPUTS),
+        Grant("exporter", ("Read",), "group", (exporter_group_prefix,), prefixed=True),
+        Grant("exporter", ("Write",), "topic", (DLQ_TOPIC,)),
+        Grant("operator", ("Write",), "topic", (CONTROL_TOPIC,)),
+    ]
+
+
+def commands(kafka: KafkaConfig, stages: Iterable[str], command_config: str | None = None) -> list[list[str]]:
+    """``kafka-acls.sh`` argument lists adding every grant for the configured principals."""
+    out = []
+    for g in grants(stages):
+        argv = ["kafka-acls.sh", "--bootstrap-server", kafka.bootstrap]
+        if command_config:
+            argv += ["--command-config", command_config]
+        argv += ["--add", "--allow-principal", getattr(kafka.principals, g.role)]
+        for op in g.operations:
+            argv += ["--operation", op]
+        if g.prefixed:
+            argv += ["--resource-pattern-type", "prefixed"]
+        for name in g.names:
+            argv += [f"--{g.resource}", name]
+        out.append(argv)
+    return out
+
+
+def script(kafka: KafkaConfig, stages: Iterable[str], command_config: str | None = None) -> str:
+    stages = tuple(stages)
+    lines = []
+    role = None
+    for g, argv in zip(grants(stages), commands(kafka, stages, command_config), strict=True):
+        if g.role != role:
+            role = g.role
+            lines.append(f"# {role}: {getattr(kafka.principals, role)}")
+        lines.append(shlex.join(argv))
+    return "\n".join(lines)

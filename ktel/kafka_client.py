@@ -1,0 +1,117 @@
+"""The one translation of ``kafka.*`` (ktel/config.py) into Kafka client settings.
+
+Every ktel client gets its connection settings here, and nowhere else: the agent's
+producer and control consumer, the processors' Faust app, the exporters, replay and
+the admin calls of ktel/topics.py. A client built elsewhere from ``bootstrap`` alone
+would reach a plaintext broker in development and fail in production.
+
+Where a function takes ``KafkaConfig | str``, a string is a bootstrap list with every
+other setting at its default (plaintext): what tests and the local stack use.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+import faust
+from aiokafka.conn import create_conn
+from aiokafka.errors import KafkaConnectionError, KafkaError, SaslAuthenticationFailed
+from aiokafka.helpers import create_ssl_context
+
+from ktel.config import KafkaConfig
+
+Kafka = KafkaConfig | str
+
+
+def settings(kafka: Kafka, bootstrap: str | None = None) -> KafkaConfig:
+    """``kafka`` as a KafkaConfig; ``bootstrap``: another cluster, reached with the same settings."""
+    cfg = kafka if isinstance(kafka, KafkaConfig) else KafkaConfig(bootstrap=kafka)
+    return cfg.model_copy(update={"bootstrap": bootstrap}) if bootstrap else cfg
+
+
+def servers(kafka: Kafka) -> list[str]:
+    return [hp.strip() for hp in settings(kafka).bootstrap.split(",")]
+
+
+def ssl_context(kafka: Kafka) -> ssl.SSLContext | None:
+    """The TLS context of an SSL or SASL_SSL protocol; None otherwise."""
+    k = settings(kafka)
+    if k.security_protocol not in ("SSL", "SASL_SSL"):
+        return None
+    ctx = create_ssl_context(
+        cafile=str(k.ssl_cafile) if k.ssl_cafile else None,
+        certfile=str(k.ssl_certfile) if k.ssl_certfile else None,
+        keyfile=str(k.ssl_keyfile) if k.ssl_keyfile else None,
+    )
+    ctx.check_hostname = k.ssl_check_hostname
+    return ctx
+
+
+def client_kwargs(kafka: Kafka, bootstrap: str | None = None) -> dict[str, Any]:
+    """Keyword arguments for AIOKafkaProducer, AIOKafkaConsumer and AIOKafkaAdminClient."""
+    k = settings(kafka, bootstrap)
+    kwargs: dict[str, Any] = {"bootstrap_servers": servers(k), "security_protocol": k.security_protocol}
+    ctx = ssl_context(k)
+    if ctx is not None:
+        kwargs["ssl_context"] = ctx
+    if k.security_protocol.startswith("SASL_"):
+        kwargs |= {
+            "sasl_mechanism": k.sasl_mechanism,
+            "sasl_plain_username": k.sasl_username,
+            "sasl_plain_password": k.password(),
+        }
+    return kwargs
+
+
+def faust_settings(kafka: Kafka) -> dict[str, Any]:
+    """Keyword arguments for faust.App: the brokers and their credentials."""
+    k = settings(kafka)
+    # Faust splits a broker list on ";" (each entry a URL).
+    out: dict[str, Any] = {"broker": ";".join(f"kafka://{hp}" for hp in servers(k))}
+    ctx = ssl_context(k)
+    if k.security_protocol.startswith("SASL_"):
+        out["broker_credentials"] = faust.SASLCredentials(
+            username=k.sasl_username, password=k.password(), mechanism=k.sasl_mechanism, ssl_context=ctx
+        )
+    elif ctx is not None:
+        out["broker_credentials"] = faust.SSLCredentials(ctx)
+    return out
+
+
+async def explain(err: BaseException, kafka: Kafka) -> str:
+    """A client's failure to connect, with the setting most likely at fault.
+
+    aiokafka reports only "Unable to bootstrap" when every broker refused (it logs
+    why, one line per broker), so on that the first broker is asked again, by hand.
+    """
+    k = settings(kafka)
+    if isinstance(err, KafkaConnectionError):
+        err = await _connect_once(k) or err
+    text = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+    if isinstance(err, SaslAuthenticationFailed) or (
+        k.security_protocol.startswith("SASL_") and "auth" in text.lower()
+    ):
+        return (
+            f"Kafka at {k.bootstrap} refused SASL {k.sasl_mechanism} user {k.sasl_username!r} ({text}): "
+            "check kafka.sasl_username and kafka.sasl_password (KTEL_KAFKA__SASL_PASSWORD) "
+            "or kafka.sasl_password_file"
+        )
+    if isinstance(err, ssl.SSLError) or "ssl" in text.lower() or "certificate" in text.lower():
+        return (
+            f"TLS with Kafka at {k.bootstrap} failed ({text}): check kafka.ssl_cafile, "
+            "kafka.ssl_certfile, kafka.ssl_keyfile and kafka.ssl_check_hostname"
+        )
+    return f"cannot reach Kafka at {k.bootstrap} ({text}): check kafka.bootstrap and kafka.security_protocol"
+
+
+async def _connect_once(k: KafkaConfig) -> BaseException | None:
+    """Why the first bootstrap server refuses a connection (None: it does not)."""
+    kwargs = client_kwargs(k)
+    host, _, port = kwargs.pop("bootstrap_servers")[0].rpartition(":")
+    try:
+        conn = await create_conn(host, int(port), request_timeout_ms=10_000, **kwargs)
+    except (OSError, KafkaError) as err:  # OSError covers TimeoutError
+        return err
+    conn.close()
+    return None
