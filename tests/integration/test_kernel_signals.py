@@ -10,6 +10,7 @@ Collector's file exporter shows exactly what arrived.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import pytest
@@ -51,7 +52,8 @@ def kernel_batch(host: str, pid: int, t0: int) -> tuple[RawBatch, list[tuple[byt
 
 async def test_kernel_spans_logs_and_metrics_reach_the_collector(broker, tmp_path):  # noqa: F811
     run = uuid.uuid4().hex[:12]
-    host, pid, t0 = f"host-{run}", 777, 1_700_000_000_000_000_000
+    # Now: the OTLP exporter sends nothing older than otlp.max_age_seconds.
+    host, pid, t0 = f"host-{run}", 777, time.time_ns() - 60 * 10**9
     batch, ids = kernel_batch(host, pid, t0)
     worker = Worker(tmp_path, broker.bootstrap, "all").start()
     with LocalCollector(tmp_path / "otelcol", free_port(), free_port()) as collector:
