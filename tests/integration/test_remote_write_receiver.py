@@ -97,8 +97,12 @@ async def test_retries_5xx_and_429_dead_letters_400(kafka):
         meta = await producer.send_and_wait(METRICS_TOPIC, record, key=run.encode())
         sent[name] = (record, meta.partition, meta.offset)
 
+    # Only this test's records: the session's broker holds other tests' snapshots, which
+    # would share requests with these (a refused request is split, each part answered).
+    group = f"test-rw-recv-{run}"
+    await start_group_at_end(kafka.bootstrap, group, METRICS_TOPIC)
     stop = asyncio.Event()
-    exporter = asyncio.create_task(remote_write.run(cfg, stop, group_id=f"test-rw-recv-{run}"))
+    exporter = asyncio.create_task(remote_write.run(cfg, stop, group_id=group))
     try:
         await send("flaky", 1.0)
         await wait_for(lambda: 200 in receiver.answers("flaky"))
