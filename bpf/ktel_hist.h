@@ -11,7 +11,7 @@
  * v >= 2^(KTEL_HIST_SLOTS - 1). Latencies are in nanoseconds, so the last
  * bucket starts at 2^39 ns, about 550 s.
  *
- * Mirrored in ktel/wire.py (HIST_SLOTS); the layout, checked by
+ * Mirrored in ktel/probes/__init__.py (HIST_SLOTS); the layout, checked by
  * tests/unit/test_probe_layout.py, is slots at 0 (40 x u64), sum at 320,
  * 328 bytes. The maps holding it are per-CPU (the agent sums the CPUs), so
  * the increments need no atomics; the agent reads them as deltas.

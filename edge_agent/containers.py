@@ -30,7 +30,7 @@ guessed. Pod names and namespaces are not in cgroup paths; the enrich stage's
 metadata feed adds them.
 
 The walk runs once per heartbeat, and the heartbeat carries its result
-(ktel/wire.py), so a container started since the last heartbeat is unknown
+(ktel/wire/control.py), so a container started since the last heartbeat is unknown
 until the next one.
 """
 

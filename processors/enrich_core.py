@@ -1,7 +1,7 @@
 """Pure core of the enrich stage: OpenTelemetry resource attributes on raw batches.
 
 A batch leaves this stage with the wire's ``res`` and ``proc`` fields set
-(ktel/wire.py): ``res`` is the host's resource from its agent's latest
+(ktel/wire/raw.py): ``res`` is the host's resource from its agent's latest
 heartbeat, ``proc`` what is known of each process the batch's events name,
 from the process probe's exec and exit events, and of its cgroup's container
 and pod from the agent's latest heartbeat and from the metadata feed (which
