@@ -32,16 +32,24 @@ from tests.integration.agent_harness import start_group_at_end
 pytestmark = pytest.mark.kafka
 
 
-async def test_samples_arrive_with_exact_values_and_labels(kafka, prometheus):
+async def exporter_for(kafka, prometheus, name: str) -> tuple[str, config.Config, str]:
+    """A run id, a remote-write config for the real Prometheus, and a consumer group
+    ``<name>-<run>`` that starts at the end of ktel.metrics: the test sees only its
+    own snapshots, not those the session's other tests left there."""
     run = uuid.uuid4().hex[:12]
-    host = f"host-{run}"
     cfg = config.Config(
         kafka=config.KafkaConfig(bootstrap=kafka.bootstrap),
         remote_write=config.RemoteWriteConfig(url=prometheus.remote_write_url, metrics_port=0),
     )
     await create_topics(kafka.bootstrap, topics.specs(cfg))
-    group = f"test-rw-{run}"
+    group = f"{name}-{run}"
     await start_group_at_end(kafka.bootstrap, group, METRICS_TOPIC)
+    return run, cfg, group
+
+
+async def test_samples_arrive_with_exact_values_and_labels(kafka, prometheus):
+    run, cfg, group = await exporter_for(kafka, prometheus, "test-rw")
+    host = f"host-{run}"
 
     # Recent timestamps: Prometheus refuses samples far outside its head block.
     t0 = (time.time_ns() // 1_000_000) - 60_000
@@ -128,14 +136,7 @@ async def test_future_old_and_malformed_snapshots_go_to_the_dlq_and_never_to_pro
     two hours old, one with a list as a label value (once a TypeError that killed the
     exporter) and a histogram with count -1. The exporter keeps going: the good samples
     arrive, exactly, and each bad snapshot is in ktel.dlq, as read, with its reason."""
-    run = uuid.uuid4().hex[:12]
-    cfg = config.Config(
-        kafka=config.KafkaConfig(bootstrap=kafka.bootstrap),
-        remote_write=config.RemoteWriteConfig(url=prometheus.remote_write_url, metrics_port=0),
-    )
-    await create_topics(kafka.bootstrap, topics.specs(cfg))
-    group = f"test-rw-bad-{run}"
-    await start_group_at_end(kafka.bootstrap, group, METRICS_TOPIC)
+    run, cfg, group = await exporter_for(kafka, prometheus, "test-rw-bad")
 
     now_ms = time.time_ns() // 1_000_000
     t0 = now_ms - 60_000
@@ -220,15 +221,8 @@ async def test_future_old_and_malformed_snapshots_go_to_the_dlq_and_never_to_pro
 async def test_a_stale_snapshot_ends_its_series_in_prometheus_at_once(kafka, prometheus):
     """A host gone silent (processors/aggregate_core.py) gets a last snapshot marked
     stale: Prometheus must stop returning its series from then on, not five minutes later."""
-    run = uuid.uuid4().hex[:12]
+    run, cfg, group = await exporter_for(kafka, prometheus, "test-rw-stale")
     host = f"host-{run}"
-    cfg = config.Config(
-        kafka=config.KafkaConfig(bootstrap=kafka.bootstrap),
-        remote_write=config.RemoteWriteConfig(url=prometheus.remote_write_url, metrics_port=0),
-    )
-    await create_topics(kafka.bootstrap, topics.specs(cfg))
-    group = f"test-rw-stale-{run}"
-    await start_group_at_end(kafka.bootstrap, group, METRICS_TOPIC)
     t0 = (time.time_ns() // 1_000_000) - 60_000
     series = [["file_created_total", "counter", {"host.id": host, "ktel.run": run}, 23]]
     producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all")
