@@ -10,7 +10,7 @@ C_SOURCES = bpf/*.c bpf/*.h kmod/*.c kmod/*.h kmod/include/ktel/*.h
 setup:
 	bash deploy/setup.sh
 
-# Only what running needs: no qemu, clang, kernel image or dev packages.
+# Only what running needs: no qemu, clang, kernel image, helm or dev packages.
 setup-run:
 	bash deploy/setup.sh run
 

@@ -10,7 +10,7 @@
 #                         cached in ~/.cache/ktel, or $KTEL_CACHE_DIR)
 #   deploy/setup.sh       all of that, and what the tests need besides: the dev Python
 #                         packages, clang/libbpf, qemu, busybox and Debian's kernel image
-#                         (the kernel-module VM test)
+#                         (the kernel-module VM test), and helm (the chart's tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,6 +21,7 @@ case "${1:-all}" in
   all) TESTS=1 ;;
   *) echo "usage: deploy/setup.sh [run]  (no argument: also what the tests need)" >&2; exit 2 ;;
 esac
+CACHE=${KTEL_CACHE_DIR:-$HOME/.cache/ktel}
 
 if [ "$(id -u)" -ne 0 ]; then
   echo "ktel setup: run as root (BCC loads BPF programs and installs packages)" >&2
@@ -121,4 +122,14 @@ fi
 # --- Kafka ------------------------------------------------------------------
 .venv/bin/python -c 'from ktel.stack.kafka import ensure_kafka; print("ktel setup: Kafka jars in", ensure_kafka())'
 
+# --- helm, for the chart's tests (tests/integration/test_helm_chart.py) -------
+# Built once from the Go module proxy (about 80 s) into the cache, with the same Go as
+# the Collector.
+HELM_VERSION=3.22.0  # tests/integration/test_helm_chart.py names it too
+helm_bin="$CACHE/helm-$HELM_VERSION/bin"
+if [ "$TESTS" = 1 ] && [ ! -x "$helm_bin/helm" ]; then
+  go=$(.venv/bin/python -c 'from ktel.stack.gotoolchain import find_go; print(find_go())')
+  log "building helm $HELM_VERSION with $go"
+  GOBIN="$helm_bin" GOTOOLCHAIN=local "$go" install "helm.sh/helm/v3/cmd/helm@v$HELM_VERSION"
+fi
 log "ready"
