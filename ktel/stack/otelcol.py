@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ktel.paths import DATA_DIR, cache_dir
+from ktel import paths
+from ktel.paths import DATA_DIR
 from ktel.stack import proc
 from ktel.stack.gotoolchain import find_go
 
@@ -33,9 +34,9 @@ BINARY_NAME = "otelcol-ktel"  # dist.name in the manifest
 _MARKER = ".complete"
 
 
-def ensure_collector(cache: Path | None = None) -> Path:
+def ensure_collector(cache_dir: Path | None = None) -> Path:
     """Return the path of the Collector binary, building it on first use (a few CPU minutes)."""
-    root = cache or cache_dir()
+    root = cache_dir or paths.cache_dir()
     manifest = MANIFEST.read_bytes()
     # The manifest is the one place the version lives (dist.version, the core version).
     found = re.search(rb"^  version: (\S+)$", manifest, re.M)
