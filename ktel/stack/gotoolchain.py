@@ -15,6 +15,7 @@ import asyncio
 import fcntl
 import hashlib
 import os
+import platform
 import re
 import shutil
 import stat
@@ -69,6 +70,11 @@ def _new_enough(go: str) -> bool:
 
 def ensure_go(root: Path) -> Path:
     """Return the path of a ``go`` binary of GO_VERSION under the cache ``root``, fetching it once."""
+    if platform.machine() != "x86_64":  # the one toolchain pinned (Debian 12 on amd64)
+        raise RuntimeError(
+            f"no Go toolchain is pinned for {platform.machine()}: install Go {GO_VERSION} or later "
+            "(on PATH or in /usr/local/go), or set stack.collector_binary to a prebuilt Collector"
+        )
     home = root / f"go-{GO_VERSION}"
     go = home / "bin" / "go"
     home.mkdir(parents=True, exist_ok=True)
