@@ -204,6 +204,9 @@ def test_default_runs_the_fused_worker_and_every_exporter() -> None:
     )
     assert args == [("export", "otlp"), ("export", "pull"), ("export", "remote-write"), ("process", "all")]
     assert not of_kind(objs, "ServiceMonitor")
+    app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    images = {c["image"] for w in workloads(objs) for c in w["spec"]["template"]["spec"]["containers"]}
+    assert images == {f"ktel:{app_version}"}  # the tag defaults to the chart's appVersion
 
 
 def test_full_values_run_each_stage_with_its_replicas(full) -> None:
