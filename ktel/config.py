@@ -490,6 +490,19 @@ class StackConfig(BaseModel):
     collector_http_port: int = Field(
         4318, ge=1, le=65535, description="local OpenTelemetry Collector's OTLP/HTTP port"
     )
+    collector_binary: Path | None = Field(
+        None,
+        description="a prebuilt OpenTelemetry Collector to run (it needs the otlp receiver and the "
+        "file and debug exporters, as deploy/otelcol/builder-config.yaml lists); unset: built once "
+        "from the Go module proxy into the cache",
+    )
+
+    @field_validator("collector_binary")
+    @classmethod
+    def _executable(cls, v: Path | None) -> Path | None:
+        if v is not None and not (v.is_file() and os.access(v, os.X_OK)):
+            raise ValueError("is not an executable file; name the Collector binary, or unset it to build one")
+        return v
 
 
 class Config(BaseSettings):

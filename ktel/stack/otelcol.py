@@ -4,7 +4,9 @@ The Collector is built from the Go module proxy with the official builder (ocb)
 and the manifest ``deploy/otelcol/builder-config.yaml``, once: the binary is
 cached in ``<cache>/otelcol-<version>/`` (``$KTEL_CACHE_DIR`` or ``~/.cache/ktel``)
 with a marker naming the manifest it was built from, so a second call is instant
-and a changed manifest is rebuilt. Its file exporter writes every request it
+and a changed manifest is rebuilt. The build needs Go; a host without it gets a
+toolchain from the Go module proxy (ktel/stack/gotoolchain.py). A prebuilt Collector
+(stack.collector_binary) needs neither. Its file exporter writes every request it
 received as one OTLP/JSON line, which :meth:`LocalCollector.received` reads back.
 """
 
@@ -22,26 +24,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ktel import paths
 from ktel.paths import DATA_DIR
 from ktel.stack import proc
+from ktel.stack.gotoolchain import find_go
 
 MANIFEST = DATA_DIR / "deploy" / "otelcol" / "builder-config.yaml"
 BINARY_NAME = "otelcol-ktel"  # dist.name in the manifest
 _MARKER = ".complete"
 
 
-def _go() -> str:
-    go = shutil.which("go") or "/usr/local/go/bin/go"
-    if not Path(go).is_file():
-        raise RuntimeError(
-            "cannot build the OpenTelemetry Collector: `go` is not on PATH or in /usr/local/go/bin"
-        )
-    return go
-
-
 def ensure_collector(cache_dir: Path | None = None) -> Path:
     """Return the path of the Collector binary, building it on first use (a few CPU minutes)."""
-    root = cache_dir or Path(os.environ.get("KTEL_CACHE_DIR") or Path.home() / ".cache" / "ktel")
+    root = cache_dir or paths.cache_dir()
     manifest = MANIFEST.read_bytes()
     # The manifest is the one place the version lives (dist.version, the core version).
     found = re.search(rb"^  version: (\S+)$", manifest, re.M)
@@ -61,7 +56,7 @@ def ensure_collector(cache_dir: Path | None = None) -> Path:
         # Marker first: a build that dies half-way must leave the cache visibly incomplete.
         marker.unlink(missing_ok=True)
         shutil.rmtree(home / "build", ignore_errors=True)
-        go = _go()
+        go = find_go(Path(root))
         env = {
             **os.environ,
             "PATH": f"{Path(go).parent}:{os.environ.get('PATH', '')}",  # the builder runs `go` itself
@@ -99,10 +94,17 @@ class LocalCollector(proc.Server):
     """A Collector with the otlp receiver on 127.0.0.1 (gRPC and HTTP) and a file exporter."""
 
     def __init__(
-        self, data_dir: Path, grpc_port: int = 4317, http_port: int = 4318, rotate_mb: int | None = None
+        self,
+        data_dir: Path,
+        grpc_port: int = 4317,
+        http_port: int = 4318,
+        rotate_mb: int | None = None,
+        binary: Path | None = None,
     ) -> None:
         """``rotate_mb``: keep the file under that size (and one rotated-out file), for
-        a Collector that runs for long; a test reads the whole file, so it sets none."""
+        a Collector that runs for long; a test reads the whole file, so it sets none.
+        ``binary``: a prebuilt Collector to run (none: the one built from the manifest)."""
+        self.binary = binary
         self.data_dir = Path(data_dir).resolve()
         self.grpc_port = grpc_port
         self.http_port = http_port
@@ -124,7 +126,7 @@ class LocalCollector(proc.Server):
         for p in (self.grpc_port, self.http_port):
             if proc.port_in_use(p):
                 raise RuntimeError(f"cannot start the Collector: 127.0.0.1:{p} is already in use")
-        binary = ensure_collector()
+        binary = self.binary or ensure_collector()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         config = self.data_dir / "otelcol.json"  # JSON is YAML, and needs no YAML library
         config.write_text(json.dumps(self._config(), indent=2))
