@@ -186,3 +186,24 @@ def test_remote_write_password_comes_from_the_environment_or_a_file_read_each_ti
     assert rw.password() == "first"
     password.write_text("second\n")
     assert rw.password() == "second"
+
+
+def test_a_certificate_file_that_is_not_pem_stops_the_exporter_naming_the_settings(
+    tmp_path, monkeypatch, capsys
+):
+    from ktel import cli
+
+    cert = tmp_path / "exporter.crt"
+    cert.write_text("not a certificate\n")
+    f = tmp_path / "k.toml"
+    f.write_text(
+        "[remote_write]\nurl = 'https://r:9090/api/v1/write'\nmetrics_port = 0\n"
+        f"tls_cert_file = '{cert}'\ntls_key_file = '{cert}'\n"
+    )
+    monkeypatch.setenv("KTEL_AGENT__HOST_ID", "abc")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--config", str(f), "export", "remote-write"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "remote_write.tls_ca_file, tls_cert_file or tls_key_file is not usable PEM" in err
+    assert "Traceback" not in err
