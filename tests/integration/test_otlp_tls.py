@@ -169,9 +169,11 @@ async def group_offsets(bootstrap: str, group: str) -> dict[tuple[str, int], int
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 @pytest.mark.parametrize("mutual", [False, True], ids=["tls", "mtls"])
 async def test_spans_logs_and_metrics_reach_a_tls_collector(
-    kafka, pki, tls_collector, mtls_collector, protocol, mutual
+    kafka, pki, tls_collector, mtls_collector, protocol, mutual, monkeypatch
 ):
-    ca, _, client, _ = pki
+    ca, _, client, other_ca = pki
+    # Set on many hosts, and by requests' rules it would replace otlp.certificate_file.
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(other_ca.cert))
     collector = mtls_collector if mutual else tls_collector
     tls = {"certificate_file": str(ca.cert)}
     if mutual:
