@@ -31,7 +31,7 @@ fi
 # --- Debian packages --------------------------------------------------------
 PKGS=(python3-bpfcc python3-venv linux-headers-amd64 prometheus openjdk-17-jre-headless maven make)
 if [ "$TESTS" = 1 ]; then
-  PKGS+=(qemu-system-x86 busybox-static libc6-dev clang clang-format libbpf-dev libelf-dev zlib1g-dev libzstd-dev)
+  PKGS+=(qemu-system-x86 busybox-static libc6-dev clang clang-format libbpf-dev libelf-dev zlib1g-dev libzstd-dev openssl)
 fi
 missing=()
 for p in "${PKGS[@]}"; do

@@ -234,10 +234,12 @@ def main(argv: list[str] | None = None) -> None:
     _setup_logging(args.log_level)
     try:
         cfg = config_mod.load(args.config)
+        # A setting can also prove unusable when a command starts (a certificate file
+        # that is not PEM): the same message, not a traceback.
+        args.fn(cfg, args)
     except config_mod.ConfigError as err:
         print(f"ktel: {err}", file=sys.stderr)
         sys.exit(2)
-    args.fn(cfg, args)
 
 
 if __name__ == "__main__":

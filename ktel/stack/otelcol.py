@@ -1,4 +1,5 @@
-"""A local OpenTelemetry Collector (OTLP receiver -> file exporter) for tests and `ktel up`.
+"""A local OpenTelemetry Collector (OTLP receiver -> file exporter) for tests and `ktel up`,
+in the clear or over TLS, with or without client certificates.
 
 The Collector is built from the Go module proxy with the official builder (ocb)
 and the manifest ``deploy/otelcol/builder-config.yaml``, once: the binary is
@@ -27,6 +28,7 @@ from typing import Any
 from ktel import paths
 from ktel.paths import DATA_DIR
 from ktel.stack import proc
+from ktel.stack.certs import Pair
 from ktel.stack.gotoolchain import find_go
 
 MANIFEST = DATA_DIR / "deploy" / "otelcol" / "builder-config.yaml"
@@ -100,25 +102,37 @@ class LocalCollector(proc.Server):
         http_port: int = 4318,
         rotate_mb: int | None = None,
         binary: Path | None = None,
+        tls: Pair | None = None,
+        client_ca: Path | None = None,
     ) -> None:
         """``rotate_mb``: keep the file under that size (and one rotated-out file), for
         a Collector that runs for long; a test reads the whole file, so it sets none.
-        ``binary``: a prebuilt Collector to run (none: the one built from the manifest)."""
+        ``binary``: a prebuilt Collector to run (none: the one built from the manifest).
+        ``tls``: the receiver's certificate, both protocols then TLS only; ``client_ca``
+        (with ``tls``): it also requires a client certificate signed by that CA."""
+        if client_ca is not None and tls is None:
+            raise ValueError("a Collector's client_ca needs its tls certificate (mutual TLS is TLS)")
         self.binary = binary
         self.data_dir = Path(data_dir).resolve()
         self.grpc_port = grpc_port
         self.http_port = http_port
         self.rotate_mb = rotate_mb
+        self.tls = tls
+        self.client_ca = client_ca
         self.out_path = self.data_dir / "out.json"
         self.log_path = self.data_dir / "otelcol.log"
 
     @property
     def grpc_endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.grpc_port}"
+        return f"{self._scheme}://127.0.0.1:{self.grpc_port}"
 
     @property
     def http_endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"{self._scheme}://127.0.0.1:{self.http_port}"
+
+    @property
+    def _scheme(self) -> str:
+        return "https" if self.tls else "http"
 
     def start(self, timeout: float = 60) -> None:
         if self.running:
@@ -146,12 +160,17 @@ class LocalCollector(proc.Server):
         file: dict[str, Any] = {"path": str(self.out_path)}
         if self.rotate_mb:
             file["rotation"] = {"max_megabytes": self.rotate_mb, "max_backups": 1}
+        tls: dict[str, Any] = {}
+        if self.tls is not None:
+            tls = {"tls": {"cert_file": str(self.tls.cert), "key_file": str(self.tls.key)}}
+            if self.client_ca is not None:
+                tls["tls"]["client_ca_file"] = str(self.client_ca)  # a client certificate required
         return {
             "receivers": {
                 "otlp": {
                     "protocols": {
-                        "grpc": {"endpoint": f"127.0.0.1:{self.grpc_port}"},
-                        "http": {"endpoint": f"127.0.0.1:{self.http_port}"},
+                        "grpc": {"endpoint": f"127.0.0.1:{self.grpc_port}", **tls},
+                        "http": {"endpoint": f"127.0.0.1:{self.http_port}", **tls},
                     }
                 }
             },
