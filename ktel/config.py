@@ -330,6 +330,16 @@ class ProcessConfig(BaseModel):
         description="how long a processing worker that stopped answering keeps its partitions, "
         "which the other workers then take over (the Kafka consumer group's session timeout)",
     )
+    max_state_bytes: int = Field(
+        900_000,
+        ge=65_536,
+        # Kafka's default max.message.bytes (1 MiB) bounds every changelog record, and
+        # aiokafka's default max_request_size the request carrying it.
+        le=1_000_000,
+        description="the most one host's state (its table value, JSON-encoded as its changelog "
+        "record) may take: the aggregate's series get half of it, and a batch that would grow "
+        "the state past it is dead-lettered (README, Untrusted input)",
+    )
 
 
 class EnrichConfig(BaseModel):
