@@ -179,10 +179,14 @@ class KafkaConfig(BaseModel):
 
 
 class RedactRule(BaseModel):
-    """Replace matches of ``pattern`` in a string field of an event kind."""
+    """Replace matches of ``pattern`` in a field of an event kind or of the heartbeat,
+    whatever its type (edge_agent/redact.py)."""
 
-    kind: str = Field(description="event kind, e.g. file_created")
-    field: str = Field(description="string field of that kind, e.g. path")
+    kind: str = Field(description="event kind, e.g. file_created, or heartbeat")
+    field: str = Field(
+        description="field of that kind, e.g. path or labels; of a heartbeat, a host attribute "
+        "(e.g. host.name) or a container attribute (e.g. k8s.pod.name)"
+    )
     pattern: str = Field(description="Python regular expression")
     replacement: str = Field("***", description="what a match becomes (may use \\1 groups)")
 
