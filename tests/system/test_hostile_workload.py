@@ -496,8 +496,17 @@ def test_bad_records_on_every_topic_are_dead_lettered_and_the_good_ones_counted_
         # (the pull endpoint and the agent's control follower read without a group)
         assert {p.name: p.proc.poll() for p in procs} | {"agent": agent.proc.poll()} == dict.fromkeys(pids)
         assert {p.name: p.pid for p in procs} | {"agent": agent.proc.pid} == pids
-        # The worker took the good heartbeats (and the agent's own).
-        assert procs[0].metric("ktel_processor_heartbeats_total") >= len(hosts)
+        # Each counted what it dead-lettered (the pull endpoint serves only the aggregates),
+        # and the worker took the good heartbeats (and the agent's own).
+        process, remote_write, _pull, otlp = procs
+        assert process.metric("ktel_processor_dead_letters_total") == len(bad[RAW_TOPIC]) + len(
+            bad[HEARTBEATS_TOPIC]
+        )
+        assert process.metric("ktel_processor_heartbeats_total") >= len(hosts)
+        assert remote_write.metric("ktel_exporter_dead_letters_total") == len(bad[METRICS_TOPIC])
+        assert otlp.metric("ktel_exporter_dead_letters_total") == sum(
+            len(bad[t]) for t in (METRICS_TOPIC, SPANS_TOPIC, LOGS_TOPIC)
+        )
     finally:
         for p in procs:
             p.stop()
