@@ -252,8 +252,13 @@ def make_app(cfg: Config, stage: str) -> faust.App:
     # host id -> (its table value, that value as last persisted): what a record that
     # would grow the value past the limit leaves behind. Kept with the value object
     # itself, so a value recovered from the changelog since (a rebalance) is never
-    # mistaken for it.
+    # mistaken for it; emptied when partitions go, so hosts another worker took over
+    # cost nothing here.
     persisted: dict[str, tuple[dict[str, Any], bytes]] = {}
+
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # (mode types handlers narrower than it calls them)
+    def forget_persisted(_app: Any, *_revoked: Any, signal: Any, **_kwargs: Any) -> None:
+        persisted.clear()  # the hosts still here are encoded again at their next record
 
     def as_persisted(host_id: str, value: dict[str, Any]) -> bytes:
         kept = persisted.get(host_id)
@@ -364,8 +369,6 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             assigned = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == SOURCE[stage]}
             # Hosts of partitions another worker holds now are that worker's to report.
             mine = {h: v for h, v in hosts.items() if partition_of(h, n) in assigned}
-            for host_id in [h for h in persisted if partition_of(h, n) not in assigned]:
-                del persisted[host_id]  # another worker's now
             result = chain.on_window(timed, mine, time.time_ns() // 1_000_000, len(assigned) / n)
             await emit(result)
             for host_id in result.forget:
