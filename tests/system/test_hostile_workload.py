@@ -181,6 +181,7 @@ class Proc:
         return True
 
     def metric(self, name: str, **labels: str) -> float:
+        assert self.proc.poll() is None, f"{self.name} exited:\n{self.log.read_text()[-3000:]}"
         text = httpx.get(f"http://127.0.0.1:{self.port}/metrics", trust_env=False, timeout=5).text
         return sum(
             s.value
@@ -445,6 +446,9 @@ def test_bad_records_on_every_topic_are_dead_lettered_and_the_good_ones_counted_
 
         # --- the good workload, exactly: at the pull endpoint and in Prometheus
         def pulled() -> dict:
+            # Alive, so the port answering is its own (a process that lost a race for its
+            # port to another exits).
+            assert procs[2].proc.poll() is None, procs[2].log.read_text()[-3000:]
             text = httpx.get(f"http://127.0.0.1:{ports['pull']}/metrics", trust_env=False, timeout=5).text
             out = {}
             for fam in text_string_to_metric_families(text):
