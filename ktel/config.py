@@ -179,10 +179,14 @@ class KafkaConfig(BaseModel):
 
 
 class RedactRule(BaseModel):
-    """Replace matches of ``pattern`` in a string field of an event kind."""
+    """Replace matches of ``pattern`` in a field of an event kind or of the heartbeat,
+    whatever its type (edge_agent/redact.py)."""
 
-    kind: str = Field(description="event kind, e.g. file_created")
-    field: str = Field(description="string field of that kind, e.g. path")
+    kind: str = Field(description="event kind, e.g. file_created, or heartbeat")
+    field: str = Field(
+        description="field of that kind, e.g. path or labels; of a heartbeat, a host attribute "
+        "(e.g. host.name) or a container attribute (e.g. k8s.pod.name)"
+    )
     pattern: str = Field(description="Python regular expression")
     replacement: str = Field("***", description="what a match becomes (may use \\1 groups)")
 
@@ -329,6 +333,16 @@ class ProcessConfig(BaseModel):
         le=300,  # Faust keeps its request timeout above it: longer would hide a hung broker
         description="how long a processing worker that stopped answering keeps its partitions, "
         "which the other workers then take over (the Kafka consumer group's session timeout)",
+    )
+    max_state_bytes: int = Field(
+        900_000,
+        ge=65_536,
+        # Kafka's default max.message.bytes (1 MiB) bounds every changelog record, and
+        # aiokafka's default max_request_size the request carrying it.
+        le=1_000_000,
+        description="the most one host's state (its table value, JSON-encoded as its changelog "
+        "record) may take: the aggregate's series get half of it, and a batch that would grow "
+        "the state past it is dead-lettered (README, Untrusted input)",
     )
 
 

@@ -4,7 +4,8 @@ State per host (one JSON-able dict, stored as one Faust table value so that the
 dedupe record and the counts change together in one changelog message)::
 
     {"seen": {boot_id: [[lo, hi], ...]},       # processors/dedupe_core.py guarding this stage
-     "series": {series_key: cumulative_value}}
+     "series": {series_key: cumulative_value},
+     "series_bytes": int}                      # what the series may take encoded, see below
 
 Which counter an event adds to is what its kind declares (``EventKind.metric``,
 ktel/probes/): the counter's name and the fields its labels take their values
@@ -16,9 +17,16 @@ kernel or by the sample stage) adds w, so counts stay unbiased.
 A series key is ``json.dumps([name, sorted label items])``. The ``host.id``
 label is added at snapshot time, not stored per series.
 
-Cardinality: each host keeps at most ``max_series`` series; events that would
+Cardinality: each host keeps at most ``max_series`` series, taking at most
+``max_series_bytes`` JSON-encoded (half of ``process.max_state_bytes``: the host's
+whole table value is one changelog record, which Kafka bounds). Events that would
 create more are counted in one overflow series per metric carrying the label
-``otel.metric.overflow="true"``, as the OpenTelemetry metrics SDK does.
+``otel.metric.overflow="true"``, as the OpenTelemetry metrics SDK does; the
+overflow series have the last eighth of the bytes to themselves, and events of a
+metric whose overflow series finds no room either are counted as dropped
+(``Result.counts["series_dropped"]``). A series' bytes are reckoned when it is
+created, for the largest its numbers can grow (``series_bytes``), so its counts
+growing never pushes the host past the bound.
 
 Kernel code's own metrics (``ktel_metric`` events of the ktel_api probe) become
 series too: counters add their increments, gauges keep the last value (stored
@@ -74,6 +82,7 @@ class Options(FromConfig):
     directory_depth: int = 3
     include_filename: bool = False
     max_series: int = 2000
+    max_series_bytes: int = 450_000  # half of ProcessConfig.max_state_bytes (see processors/chain.py)
     host_ttl_seconds: float = 3600.0  # see AggregateConfig.host_ttl_seconds
 
 
@@ -81,6 +90,7 @@ class Options(FromConfig):
 class Outcome:
     counted: float = 0
     overflowed: float = 0
+    dropped: float = 0  # no room even in the overflow series
 
 
 class Aggregate(Stage):
@@ -96,14 +106,16 @@ class Aggregate(Stage):
         self.window_s = opts.window_seconds
 
     @classmethod
-    def from_config(cls, section: AggregateConfig) -> Aggregate:
-        return cls(Options.from_config(section))
+    def from_config(cls, section: AggregateConfig, max_state_bytes: int) -> Aggregate:
+        return cls(dataclasses.replace(Options.from_config(section), max_series_bytes=max_state_bytes // 2))
 
     def on_batch(self, state: State, batch: RawBatch, now_ms: int) -> Result:
         state["last_ms"] = now_ms  # the worker's clock, as the window's now_ms: see on_window
         out = add(state, batch, self.opts)
         spans, logs = signals(batch)
         counts = {"events": out.counted, "overflowed": out.overflowed}
+        if out.dropped:
+            counts["series_dropped"] = out.dropped
         return Result(batch, changed=True, spans=spans, logs=logs, counts=counts)
 
     def on_window(self, states: dict[str, State], now_ms: int, share: float) -> Result:
@@ -238,16 +250,23 @@ def count_events(
 def add(state: dict[str, Any], batch: RawBatch, opts: Options) -> Outcome:
     """Fold one batch known to be new into its host's state (mutated in place)."""
     series = state.setdefault("series", {})
+    if "series_bytes" not in state:  # a state from before the byte bound
+        state["series_bytes"] = sum(series_bytes(k, _numbers(v)) for k, v in series.items())
     out = Outcome()
     counts, hists, gauges = count_events(batch, opts)
     for key, value in gauges.items():
-        series[_admit(series, key, opts, out, 0)] = {"gauge": value}
+        key = _admit(state, key, 1, opts, out, 0)
+        if key:
+            series[key] = {"gauge": value}
     for key, n in counts.items():
-        key = _admit(series, key, opts, out, n)
-        series[key] = series.get(key, 0) + n
-        out.counted += n
+        key = _admit(state, key, 1, opts, out, n)
+        if key:
+            series[key] = series.get(key, 0) + n
+            out.counted += n
     for key, delta in hists.items():
-        key = _admit(series, key, opts, out, delta["count"])
+        key = _admit(state, key, 2 + len(delta["buckets"]), opts, out, delta["count"])
+        if not key:
+            continue
         h = series.get(key)
         if h is None:
             series[key] = delta
@@ -259,13 +278,46 @@ def add(state: dict[str, Any], batch: RawBatch, opts: Options) -> Outcome:
     return out
 
 
-def _admit(series: dict[str, Any], key: str, opts: Options, out: Outcome, n: float) -> str:
-    """The key to add to: ``key``, or its metric's overflow series past the cardinality limit."""
-    if key in series or len(series) < opts.max_series:
+# The longest a number of a series gets in JSON: a float's repr is at most 24
+# characters, and an integer count (events times integer weights) stays below 10^31.
+NUMBER_CHARS = 32
+# Quotes, colon, comma and a histogram's or gauge's field names around the numbers.
+SERIES_OVERHEAD = 48
+
+
+def series_bytes(key: str, numbers: int) -> int:
+    """The most a series of ``numbers`` numbers can take in its host's encoded state."""
+    return len(json.dumps(key)) + SERIES_OVERHEAD + numbers * (NUMBER_CHARS + 1)
+
+
+def _numbers(value: Any) -> int:
+    if isinstance(value, dict) and "buckets" in value:
+        return 2 + len(value["buckets"])
+    return 1
+
+
+def _admit(state: dict[str, Any], key: str, numbers: int, opts: Options, out: Outcome, n: float) -> str:
+    """The key to add to: ``key``; past the bounds its metric's overflow series; or ""
+    when even that has no room (the events are counted as dropped)."""
+    series = state["series"]
+    if key in series:
+        return key
+    # Ordinary series stop an eighth short of the bytes, which is the overflow series' room.
+    room = opts.max_series_bytes - opts.max_series_bytes // 8 - state["series_bytes"]
+    size = series_bytes(key, numbers)
+    if len(series) < opts.max_series and size <= room:
+        state["series_bytes"] += size
         return key
     name, _ = parse_key(key)
+    overflow = series_key(name, OVERFLOW_LABELS)
+    if overflow not in series:
+        size = series_bytes(overflow, numbers)
+        if state["series_bytes"] + size > opts.max_series_bytes:
+            out.dropped += n
+            return ""
+        state["series_bytes"] += size
     out.overflowed += n
-    return series_key(name, OVERFLOW_LABELS)
+    return overflow
 
 
 def log2_bounds(slots: int, scale: float = 1.0) -> list[float]:
