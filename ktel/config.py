@@ -398,6 +398,13 @@ class SampleConfig(BaseModel):
 
 class RemoteWriteConfig(BaseModel):
     url: str = Field("http://127.0.0.1:9090/api/v1/write", description="Prometheus remote-write endpoint")
+    histograms: Literal["native", "classic"] = Field(
+        "native",
+        description="the kernel's log2 histograms as native histograms (schema 0: one series, "
+        "exact buckets; Prometheus 2.40+ run with --enable-feature=native-histograms, or 3.x) or "
+        "as classic _bucket/_sum/_count series (one per bucket, for receivers without native "
+        "histograms)",
+    )
     timeout_seconds: float = Field(10, gt=0, description="per-request timeout")
     metrics_port: int = Field(9467, ge=0, le=65535, description="exporter self-metrics port (0: off)")
     max_age_seconds: float = Field(
@@ -450,6 +457,12 @@ class OtlpConfig(BaseModel):
     timeout_seconds: float | None = Field(None, gt=0, description="per-request timeout (SDK default 10)")
     max_export_batch_size: int = Field(
         2048, ge=1, description="spans, log records or data points per request at most"
+    )
+    histograms: Literal["exponential", "explicit"] = Field(
+        "exponential",
+        description="the kernel's log2 histograms as exponential histograms (scale 0: exact "
+        "buckets, in nanoseconds) or as explicit-bucket histograms (in seconds, for backends "
+        "without exponential histograms)",
     )
     metrics_port: int = Field(9468, ge=0, le=65535, description="exporter self-metrics port (0: off)")
     max_age_seconds: float = Field(

@@ -51,6 +51,7 @@ from ktel.wire import (
     MetricSnapshot,
     RawBatch,
     SpanBatch,
+    log2_bounds,
 )
 from processors.stage import FromConfig, Result, Stage, State
 
@@ -266,18 +267,6 @@ def _admit(series: dict[str, Any], key: str, opts: Options, out: Outcome, n: flo
     name, _ = parse_key(key)
     out.overflowed += n
     return series_key(name, OVERFLOW_LABELS)
-
-
-def log2_bounds(slots: int, scale: float = 1.0) -> list[float]:
-    """Explicit upper bounds of the kernel's log2 buckets, times ``scale``
-    (1e-9: nanoseconds counted, seconds exported).
-
-    Bucket i holds [2^i, 2^(i+1)) (bucket 0: [0, 2)); the last is unbounded.
-    The wire's explicit buckets are upper-inclusive, so a value of exactly
-    2^(i+1) lands one bucket lower than the kernel put it: negligible at
-    nanosecond resolution.
-    """
-    return [2.0 ** (i + 1) * scale for i in range(slots - 1)]
 
 
 def _count(n: float) -> int:

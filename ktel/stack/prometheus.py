@@ -25,9 +25,13 @@ _HTTP: dict[str, Any] = {"timeout": 30, "trust_env": False}
 
 
 class LocalPrometheus(proc.Server):
-    def __init__(self, data_dir: Path, port: int = 9090) -> None:
+    """``native_histograms``: accept native histograms (Prometheus 2.40 to 2.x keep them
+    behind a feature flag), which ktel's remote-write sends by default."""
+
+    def __init__(self, data_dir: Path, port: int = 9090, native_histograms: bool = True) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.port = port
+        self.native_histograms = native_histograms
         self.log_path = self.data_dir / "prometheus.log"
 
     @property
@@ -54,6 +58,8 @@ class LocalPrometheus(proc.Server):
             f"--web.listen-address=127.0.0.1:{self.port}",
             "--web.enable-remote-write-receiver",
         ]
+        if self.native_histograms:
+            argv.append("--enable-feature=native-histograms")
         self._proc = proc.spawn(argv, self.log_path, self.data_dir)
         try:
             self._wait_ready(timeout)
