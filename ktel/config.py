@@ -285,8 +285,19 @@ class AgentConfig(BaseModel):
         return v
 
 
+# Prometheus takes a series without a sample for this long as ended (its lookback delta).
+PROMETHEUS_STALENESS_SECONDS = 300
+
+
 class AggregateConfig(BaseModel):
     window_seconds: float = Field(10, gt=0, description="how often metric snapshots are emitted")
+    refresh_seconds: float = Field(
+        120,
+        gt=0,
+        description="a series whose value did not change is emitted again this long after it "
+        "last was (each window emits only what changed); with window_seconds, below Prometheus' "
+        "5 minutes, after which a series without a sample is taken as ended",
+    )
     directory_depth: int = Field(
         3,
         ge=1,
@@ -304,6 +315,17 @@ class AggregateConfig(BaseModel):
         "snapshot marks them stale (Prometheus stale markers; the pull endpoint drops them) "
         "and its state is deleted; it starts afresh if it comes back",
     )
+
+    @model_validator(mode="after")
+    def _refreshed_before_stale(self) -> AggregateConfig:
+        # A refresh goes out with the first window after it is due: up to a window late.
+        if self.refresh_seconds + self.window_seconds >= PROMETHEUS_STALENESS_SECONDS:
+            raise ValueError(
+                f"refresh_seconds ({self.refresh_seconds:g}) plus window_seconds ({self.window_seconds:g}) "
+                f"must be below {PROMETHEUS_STALENESS_SECONDS}: an unchanged series must be sent again "
+                "before Prometheus takes it as ended; lower KTEL_AGGREGATE__REFRESH_SECONDS"
+            )
+        return self
 
     @model_validator(mode="before")
     @classmethod
