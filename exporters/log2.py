@@ -19,8 +19,9 @@ The power-of-two bounds are the kernel's, in its unit. The aggregate exports lat
 in seconds (``*_seconds``, bounds 2^(i+1) * 1e-9), and no power of two in seconds
 falls on a power of two in nanoseconds, so those go out in nanoseconds, renamed
 ``*_nanoseconds``: re-bucketing into powers of two of a second would move counts
-between buckets. A histogram whose bounds are not log2 bounds (1 or 1e-9 apart from
-a power of two) has no exact exponential form and keeps its explicit buckets.
+between buckets. A histogram with other bounds than the kernel's (in its unit, or in
+seconds for a ``*_seconds`` name) has no exact exponential form and keeps its explicit
+buckets.
 """
 
 from __future__ import annotations
