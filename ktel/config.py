@@ -323,7 +323,8 @@ class AggregateConfig(BaseModel):
             raise ValueError(
                 f"refresh_seconds ({self.refresh_seconds:g}) plus window_seconds ({self.window_seconds:g}) "
                 f"must be below {PROMETHEUS_STALENESS_SECONDS}: an unchanged series must be sent again "
-                "before Prometheus takes it as ended; lower KTEL_AGGREGATE__REFRESH_SECONDS"
+                "before Prometheus takes it as ended; lower KTEL_AGGREGATE__REFRESH_SECONDS (or "
+                "KTEL_AGGREGATE__WINDOW_SECONDS)"
             )
         return self
 
