@@ -3,10 +3,11 @@
 
 Each instance reads every partition of ``ktel.metrics`` (no consumer group:
 every instance needs the whole picture) and keeps the latest value of each
-series. It starts ``LOOKBACK_WINDOWS`` aggregation windows back in time
-(``offsets_for_times``), not at the beginning of the topic: the aggregate stage
-emits every series of every host once a window, so a few windows hold the whole
-current picture, and a start no longer reads a day of retained snapshots.
+series. It starts ``aggregate.refresh_seconds`` plus ``LOOKBACK_WINDOWS`` aggregation
+windows back in time (``offsets_for_times``), not at the beginning of the topic: the
+aggregate stage emits a series when it changes and again at least every
+``refresh_seconds``, so that span holds the whole current picture, and a start no
+longer reads a day of retained snapshots.
 
 Which value of a series is the latest goes by the stream, not by clocks: a
 host's snapshots are keyed by its host id, so they are all in one partition of
@@ -111,7 +112,10 @@ async def run(cfg: Config, stop: asyncio.Event) -> None:
                 items = len(rec.item.series)
                 await consume.refuse(producer, "pull", rec, problem, signal="series", items=items)
 
-    start_ms = time.time_ns() // 1_000_000 - int(LOOKBACK_WINDOWS * cfg.aggregate.window_seconds * 1000)
+    agg = cfg.aggregate
+    start_ms = time.time_ns() // 1_000_000 - int(
+        (agg.refresh_seconds + LOOKBACK_WINDOWS * agg.window_seconds) * 1000
+    )
     await consume.run(
         kafka=cfg.kafka,
         group_id=None,

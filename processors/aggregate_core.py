@@ -17,6 +17,11 @@ kernel or by the sample stage) adds w, so counts stay unbiased.
 A series key is ``json.dumps([name, sorted label items])``. The ``host.id``
 label is added at snapshot time, not stored per series.
 
+Emission: each window, a host's snapshot holds only the series whose value changed
+since this worker last emitted them, plus those due for a refresh every
+``refresh_seconds`` (``Aggregate.on_window``), so the records, samples and backend
+writes follow activity rather than every series ever seen.
+
 Cardinality: each host keeps at most ``max_series`` series, taking at most
 ``max_series_bytes`` JSON-encoded (half of ``process.max_state_bytes``: the host's
 whole table value is one changelog record, which Kafka bounds). Events that would
@@ -41,8 +46,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ktel.probes import KINDS
@@ -59,6 +65,7 @@ from ktel.wire import (
     MetricSnapshot,
     RawBatch,
     SpanBatch,
+    log2_bounds,
 )
 from processors.stage import FromConfig, Result, Stage, State
 
@@ -79,6 +86,7 @@ OVERFLOW_LABELS: tuple[tuple[str, str], ...] = (("otel.metric.overflow", "true")
 @dataclasses.dataclass(frozen=True)
 class Options(FromConfig):
     window_seconds: float = 10.0  # how often snapshots are emitted
+    refresh_seconds: float = 120.0  # see AggregateConfig.refresh_seconds
     directory_depth: int = 3
     include_filename: bool = False
     max_series: int = 2000
@@ -93,9 +101,17 @@ class Outcome:
     dropped: float = 0  # no room even in the overflow series
 
 
+@dataclasses.dataclass
+class Emitted:
+    """What this worker last emitted of one host."""
+
+    due_ms: float  # when its first unchanged series is due for a refresh
+    series: dict[str, tuple[Any, int]]  # series key -> (value emitted, when)
+
+
 class Aggregate(Stage):
     """The stage: each batch added to its host's series, its spans and logs passed
-    on; every window, each host's snapshot."""
+    on; every window, each host's series that changed (see ``on_window``)."""
 
     name = "aggregate"
     counts_batches = True
@@ -104,6 +120,10 @@ class Aggregate(Stage):
         super().__init__()
         self.opts = opts
         self.window_s = opts.window_seconds
+        # The worker's memory, not the table: rebuilt by a full snapshot after a restart
+        # or a rebalance, which is what a new owner of a host must send anyway.
+        self.emitted: dict[str, Emitted] = {}
+        self.counted: set[str] = set()  # hosts with a batch counted since the last window
 
     @classmethod
     def from_config(cls, section: AggregateConfig, max_state_bytes: int) -> Aggregate:
@@ -111,6 +131,7 @@ class Aggregate(Stage):
 
     def on_batch(self, state: State, batch: RawBatch, now_ms: int) -> Result:
         state["last_ms"] = now_ms  # the worker's clock, as the window's now_ms: see on_window
+        self.counted.add(batch.host_id)
         out = add(state, batch, self.opts)
         spans, logs = signals(batch)
         counts = {"events": out.counted, "overflowed": out.overflowed}
@@ -119,21 +140,56 @@ class Aggregate(Stage):
         return Result(batch, changed=True, spans=spans, logs=logs, counts=counts)
 
     def on_window(self, states: dict[str, State], now_ms: int, share: float) -> Result:
-        """Each host's snapshot; a host silent for ``host_ttl_seconds`` (by the worker's
-        clock, which also stamped its last batch) gets a last one, marked stale, and is
-        forgotten, so dead and forged hosts stop costing a snapshot every window."""
+        """Each host's snapshot of the series whose value changed since this worker last
+        emitted them, and of those it last emitted ``refresh_seconds`` ago or more, so
+        that Prometheus does not mark them stale (after 5 minutes without a sample).
+        Values are cumulative, so a series left out of a window loses nothing. A host with
+        no batch since the previous window and no refresh due costs no snapshot at all.
+
+        A host silent for ``host_ttl_seconds`` (by the worker's clock, which also stamped
+        its last batch) gets a last snapshot of all its series, marked stale, and is
+        forgotten, so dead and forged hosts stop costing anything."""
         out = Result()
         ttl_ms = self.opts.host_ttl_seconds * 1000
+        for gone in self.emitted.keys() - states.keys():  # forgotten, or another worker's now
+            del self.emitted[gone]
+        unchanged = 0
         for host_id, state in states.items():
-            rows = snapshot(host_id, state)
-            expired = now_ms - state.get("last_ms", now_ms) > ttl_ms
-            if rows:
-                out.snapshots.append((host_id, MetricSnapshot(now_ms, rows, stale=expired)))
-            if expired:
+            if now_ms - state.get("last_ms", now_ms) > ttl_ms:
+                rows = snapshot(host_id, state)
+                if rows:
+                    out.snapshots.append((host_id, MetricSnapshot(now_ms, rows, stale=True)))
                 out.forget.append(host_id)
+                self.emitted.pop(host_id, None)
+                continue
+            rows, skipped = self._changed(host_id, state, now_ms)
+            unchanged += skipped
+            if rows:
+                out.snapshots.append((host_id, MetricSnapshot(now_ms, rows)))
+        self.counted.clear()
         if out.forget:
             out.counts["expired_hosts"] = len(out.forget)
+        if unchanged:
+            out.counts["unchanged_series"] = unchanged
         return out
+
+    def _changed(self, host_id: str, state: State, now_ms: int) -> tuple[list[list], int]:
+        """The host's rows to emit now, and how many series were left out as unchanged."""
+        seen = self.emitted.get(host_id)
+        if seen is not None and host_id not in self.counted and now_ms < seen.due_ms:
+            return [], len(seen.series)  # nothing counted since, nothing due
+        last = seen.series if seen is not None else {}
+        refresh_ms = self.opts.refresh_seconds * 1000
+        rows, series, due_ms = [], {}, math.inf
+        for key, row in keyed_rows(host_id, state):
+            before = last.get(key)
+            if before is None or before[0] != row[3] or now_ms - before[1] >= refresh_ms:
+                rows.append(row)
+                before = (row[3], now_ms)
+            series[key] = before
+            due_ms = min(due_ms, before[1] + refresh_ms)
+        self.emitted[host_id] = Emitted(due_ms, series)
+        return rows, len(series) - len(rows)
 
 
 def directory_label(path: str, depth: int) -> str:
@@ -320,18 +376,6 @@ def _admit(state: dict[str, Any], key: str, numbers: int, opts: Options, out: Ou
     return overflow
 
 
-def log2_bounds(slots: int, scale: float = 1.0) -> list[float]:
-    """Explicit upper bounds of the kernel's log2 buckets, times ``scale``
-    (1e-9: nanoseconds counted, seconds exported).
-
-    Bucket i holds [2^i, 2^(i+1)) (bucket 0: [0, 2)); the last is unbounded.
-    The wire's explicit buckets are upper-inclusive, so a value of exactly
-    2^(i+1) lands one bucket lower than the kernel put it: negligible at
-    nanosecond resolution.
-    """
-    return [2.0 ** (i + 1) * scale for i in range(slots - 1)]
-
-
 def _count(n: float) -> int:
     """A histogram count as the wire carries it: weights and in-kernel sampling scale
     counts up, and a (hostile) product past 2^64 - 1 stays there rather than making a
@@ -340,13 +384,17 @@ def _count(n: float) -> int:
 
 
 def snapshot(host_id: str, state: dict[str, Any]) -> list[list]:
-    """The host's series as wire snapshot entries [name, type, labels, value]."""
-    rows = []
+    """All the host's series as wire snapshot entries [name, type, labels, value]."""
+    return [row for _, row in keyed_rows(host_id, state)]
+
+
+def keyed_rows(host_id: str, state: dict[str, Any]) -> Iterator[tuple[str, list]]:
+    """Each of the host's series: its key and its snapshot entry."""
     for key, value in state.get("series", {}).items():
         name, labels = parse_key(key)
         labels = {"host.id": host_id, **labels}
         if isinstance(value, dict) and "gauge" in value:
-            rows.append([name, "gauge", labels, value["gauge"]])
+            yield key, [name, "gauge", labels, value["gauge"]]
         elif isinstance(value, dict):
             scale = 1e-9 if name.endswith("_seconds") else 1.0  # counted in ns (see count_events)
             hist = {
@@ -355,10 +403,9 @@ def snapshot(host_id: str, state: dict[str, Any]) -> list[list]:
                 "bounds": log2_bounds(len(value["buckets"]), scale),
                 "counts": [_count(c) for c in value["buckets"]],
             }
-            rows.append([name, "histogram", labels, hist])
+            yield key, [name, "histogram", labels, hist]
         else:
-            rows.append([name, "counter", labels, value])
-    return rows
+            yield key, [name, "counter", labels, value]
 
 
 # OTLP SeverityText of each SeverityNumber range (1-4 TRACE ... 21-24 FATAL).

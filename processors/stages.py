@@ -129,6 +129,12 @@ HOST_CONFLICTS = Counter(
 EXPIRED_HOSTS = Counter(
     "ktel_processor_expired_hosts", "hosts forgotten after aggregate.host_ttl_seconds of silence", ["stage"]
 )
+UNCHANGED_SERIES = Counter(
+    "ktel_processor_unchanged_series",
+    "series left out of a window's snapshot: unchanged since last emitted (refreshed every "
+    "aggregate.refresh_seconds)",
+    ["stage"],
+)
 PROCESSES = Gauge(
     "ktel_processor_processes_known", "processes the enrich stage knows, over the hosts it served", ["stage"]
 )
@@ -137,6 +143,7 @@ COUNTED: dict[str, Counter | Gauge] = {
     "duplicates": DUPLICATES,
     "host_conflicts": HOST_CONFLICTS,
     "expired_hosts": EXPIRED_HOSTS,
+    "unchanged_series": UNCHANGED_SERIES,
     "events": EVENTS,
     "overflowed": OVERFLOW,
     "series_dropped": SERIES_DROPPED,

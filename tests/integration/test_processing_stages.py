@@ -377,6 +377,28 @@ def test_a_host_past_its_state_bound_keeps_being_persisted_and_counted(broker, t
         w.stop()
 
 
+def test_a_window_emits_only_the_series_that_changed(broker, tmp_path):
+    """A real worker: once a host's two series are out, a batch adding to one of them
+    brings a snapshot of that one alone; the other waits for its refresh (250 s here,
+    longer than the test)."""
+    w = Worker(tmp_path, broker.bootstrap, "w", KTEL_AGGREGATE__REFRESH_SECONDS="250").start()
+    try:
+        first, second, _, third = batches(1, 4, 5)  # directories d0, d1, d2, d0
+        asyncio.run(produce(broker.bootstrap, [(b.key, encode_batch(b)) for b in (first, second)]))
+        both = {("host-00", "/data/h0/d0"): 5.0, ("host-00", "/data/h0/d1"): 5.0}
+        assert wait_for_totals(broker.bootstrap, both) == both
+        asyncio.run(produce(broker.bootstrap, [(third.key, encode_batch(third))]))
+        after = {**both, ("host-00", "/data/h0/d0"): 10.0}
+        assert wait_for_totals(broker.bootstrap, after) == after
+        recs = asyncio.run(read_topic(broker.bootstrap, METRICS_TOPIC, idle_s=0.5, timeout=10))
+        series = [[(r[2]["directory"], r[3]) for r in decode_snapshot(rec.value).series] for rec in recs]
+        [changed] = [s for s in series if ("/data/h0/d0", 10.0) in s]
+        assert changed == [("/data/h0/d0", 10.0)]
+        assert w.metric("ktel_processor_unchanged_series_total") > 0
+    finally:
+        w.stop()
+
+
 def test_a_silent_host_ends_its_series_stale_and_stays_forgotten_after_a_restart(broker, tmp_path):
     ttl = {"KTEL_AGGREGATE__HOST_TTL_SECONDS": "3"}
     w = Worker(tmp_path, broker.bootstrap, "w", **ttl).start()
