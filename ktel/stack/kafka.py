@@ -392,8 +392,10 @@ class LocalKafkaCluster:
             raise
 
     def stop(self) -> None:
-        for n in self.nodes:
-            n.stop()
+        # All at once: a node stopped alone waits for the quorum's answers to shut down
+        # cleanly, and the last ones would wait for nodes already gone.
+        with concurrent.futures.ThreadPoolExecutor(len(self.nodes)) as pool:
+            list(pool.map(lambda n: n.stop(), self.nodes))
 
     def __enter__(self) -> LocalKafkaCluster:
         self.start()

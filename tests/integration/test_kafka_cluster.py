@@ -1,15 +1,16 @@
-"""ktel on a local secured 3-broker Kafka (KRaft, every node a broker and a voter):
-SASL_SSL with SCRAM users, an mTLS listener, the StandardAuthorizer with the ACLs of
-`ktel acls`. Replication as in production (3 replicas, 2 in sync), and the broker
-leading most of ktel.raw SIGKILLed under the whole pipeline, which must lose and
-double nothing and need no restart by hand.
+"""ktel on the local secured 3-broker Kafka of ``ktel cluster`` (KRaft,
+every node a broker and a voter): SASL_SSL with SCRAM users, an mTLS listener, the
+StandardAuthorizer with the ACLs of `ktel acls`, each principal's config file.
+Replication as in production (3 replicas, 2 in sync), and the broker leading most
+of ktel.raw SIGKILLed under the whole pipeline, which must lose and double nothing
+and need no restart by hand.
 
 One cluster serves the module (mark ``cluster``): starting it takes a while."""
 
 from __future__ import annotations
 
 import asyncio
-import os
+import functools
 import subprocess
 import sys
 import uuid
@@ -20,9 +21,10 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaConnectionError, TopicAuthorizationFailedError
 
-from ktel import acls, config, topics
-from ktel.stack import certs
-from ktel.stack.kafka import LocalKafkaCluster, Security, ensure_kafka
+from ktel import config, topics
+from ktel.config import load
+from ktel.stack.cluster import ADMIN, SecuredCluster, start
+from ktel.stack.kafka import ensure_kafka
 from ktel.wire import CONTROL_TOPIC, RAW_TOPIC
 from processors.chain import PROCESSES
 from processors.stages import changelog_topic
@@ -33,65 +35,34 @@ from tests.integration.test_kafka_security import produce
 
 pytestmark = [pytest.mark.kafka, pytest.mark.cluster]
 
-ROLES = ("agent", "processor", "exporter", "operator")
-PASSWORDS = {name: uuid.uuid4().hex for name in ("ktel", *ROLES)}  # ktel: the administrator
-PRINCIPALS = config.KafkaPrincipals(**{role: f"User:{role}" for role in ROLES})
 
-
-class Secured:
-    """The running cluster, its CA, and the settings each principal connects with."""
-
-    def __init__(self, cluster: LocalKafkaCluster, ca):
-        self.cluster, self.ca = cluster, ca
-
-    def env(self, user: str) -> dict[str, str]:
-        """KTEL_KAFKA__* for ``user`` over SASL_SSL (SCRAM-SHA-512)."""
-        return {
-            "KTEL_KAFKA__BOOTSTRAP": self.cluster.sasl_ssl_bootstrap,
-            "KTEL_KAFKA__SECURITY_PROTOCOL": "SASL_SSL",
-            "KTEL_KAFKA__SASL_MECHANISM": "SCRAM-SHA-512",
-            "KTEL_KAFKA__SASL_USERNAME": user,
-            "KTEL_KAFKA__SASL_PASSWORD": PASSWORDS[user],
-            "KTEL_KAFKA__SSL_CAFILE": str(self.ca),
-        }
-
-    def kafka(self, user: str = "ktel") -> config.KafkaConfig:
-        return config.KafkaConfig(
-            bootstrap=self.cluster.sasl_ssl_bootstrap,
-            security_protocol="SASL_SSL",
-            sasl_mechanism="SCRAM-SHA-512",
-            sasl_username=user,
-            sasl_password=PASSWORDS[user],
-            ssl_cafile=self.ca,
-            principals=PRINCIPALS,
-        )
+def env(secured: SecuredCluster, user: str) -> dict[str, str]:
+    """How ``user``'s ktel process is configured: the file the cluster wrote for it."""
+    return {
+        "KTEL_CONFIG": str(secured.config_file(user)),
+        # The harnesses set it too; from the file, so the two agree.
+        "KTEL_KAFKA__BOOTSTRAP": secured.cluster.sasl_ssl_bootstrap,
+    }
 
 
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory):
-    """The cluster, with ktel's topics made by `ktel topics` and the ACLs `ktel acls` prints."""
+    """The cluster as `ktel cluster` starts it (ACLs applied), with
+    ktel's topics made by `ktel topics`, run as the administrator."""
     ensure_kafka()
-    ca = certs.make_ca(tmp_path_factory.mktemp("certs"))
-    security = Security(
-        certs.broker_keystore(ca), PASSWORDS, truststore=ca, authorizer=True, super_users=("User:ktel",)
-    )
-    cluster = LocalKafkaCluster(tmp_path_factory.mktemp("cluster"), 3, security)
-    cluster.start()
-    s = Secured(cluster, ca)
+    s = start(tmp_path_factory.mktemp("cluster"), 3, tuple(PROCESSES))
     try:
         res = subprocess.run(
-            [sys.executable, "-m", "ktel.cli", "topics"],
-            env=dict(os.environ, **s.env("ktel")),
+            [sys.executable, "-m", "ktel.cli", "--config", str(s.config_file(ADMIN)), "topics"],
             capture_output=True,
             text=True,
             timeout=300,
         )
         assert res.returncode == 0, res.stdout + res.stderr
         assert f"{RAW_TOPIC}: 6 partitions, replication factor 3, min.insync.replicas 2" in res.stdout
-        cluster.nodes[0].apply_acls(acls.commands(s.kafka(), PROCESSES))
         yield s
     finally:
-        cluster.stop()
+        s.stop()
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +71,10 @@ def pipeline(secured, prometheus, tmp_path_factory):
     test that uses it needs BPF)."""
     need_bpf()
     p = Pipeline(
-        tmp_path_factory.mktemp("pipeline"), prometheus, secured.env, f"cluster-{uuid.uuid4().hex[:8]}"
+        tmp_path_factory.mktemp("pipeline"),
+        prometheus,
+        functools.partial(env, secured),
+        f"cluster-{uuid.uuid4().hex[:8]}",
     )
     try:
         yield p.start()
@@ -158,20 +132,11 @@ def test_sigkill_of_the_broker_leading_most_of_ktel_raw_loses_and_doubles_nothin
 
 
 def test_an_mtls_client_gets_its_certificate_principals_acls(secured):
-    cert, key = certs.issue(secured.ca, "agent")
-    agent = config.KafkaConfig(
-        bootstrap=secured.cluster.mtls_bootstrap,
-        security_protocol="SSL",
-        ssl_cafile=secured.ca,
-        ssl_certfile=cert,
-        ssl_keyfile=key,
-    )
+    agent = load(secured.mtls_config_file("agent")).kafka
     asyncio.run(produce(agent, RAW_TOPIC, b"batch"))  # User:agent may write ktel.raw
     with pytest.raises(TopicAuthorizationFailedError):
         asyncio.run(produce(agent, CONTROL_TOPIC, b"command"))
-    cert, key = certs.issue(secured.ca, "operator")
-    operator = agent.model_copy(update={"ssl_certfile": cert, "ssl_keyfile": key})
-    asyncio.run(produce(operator, CONTROL_TOPIC, b"command"))
+    asyncio.run(produce(load(secured.mtls_config_file("operator")).kafka, CONTROL_TOPIC, b"command"))
     # Without a certificate the listener refuses the TLS handshake.
     anonymous = agent.model_copy(update={"ssl_certfile": None, "ssl_keyfile": None})
     with pytest.raises(KafkaConnectionError):
