@@ -114,10 +114,9 @@ def run(directory: Path, brokers: int, stages: tuple[str, ...]) -> int:
         for role in ROLES:
             print(f"{role}: ktel --config {s.config_file(role)} ... (or {s.mtls_config_file(role).name})")
         print("Ctrl-C stops it.", flush=True)
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        for sig in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a shell may start it ignoring that
+            signal.signal(sig, lambda *_: sys.exit(0))
         signal.pause()
-    except KeyboardInterrupt:
-        pass
     finally:
         s.stop()
     return 0

@@ -233,12 +233,18 @@ class LocalKafka(proc.Server):
         for argv in commands:
             if argv[:2] != ["kafka-acls.sh", "--bootstrap-server"]:
                 raise ValueError(f"not a kafka-acls.sh --bootstrap-server command line: {argv}")
+
+        def run(argv: list[str]) -> None:
             res = subprocess.run(
                 [*java, "--bootstrap-server", self.bootstrap, *argv[3:]],
-                capture_output=True, text=True, timeout=120,
+                capture_output=True, text=True, timeout=300,
             )  # fmt: skip
             if res.returncode != 0:
                 raise RuntimeError(f"kafka-acls {argv[3:]} failed:\n{(res.stdout + res.stderr)[-4000:]}")
+
+        # A few at a time: each is a JVM that takes seconds to start, and ACLs are independent.
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            list(pool.map(run, commands))
 
     def _write_config(self) -> Path:
         (self.data_dir / "log4j.properties").write_text(_LOG4J)
