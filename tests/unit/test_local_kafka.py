@@ -49,3 +49,12 @@ def test_listeners_and_their_material_go_together(tmp_path: Path) -> None:
         LocalKafka(tmp_path, security=security)
     with pytest.raises(ValueError, match="mTLS"):
         LocalKafka(tmp_path, security=security, sasl_ssl_port=1, mtls_port=2)
+
+
+def test_ktel_cluster_refuses_a_cluster_without_brokers(tmp_path: Path) -> None:
+    from ktel import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["cluster", str(tmp_path), "--brokers", "0"])
+    assert exit_.value.code == "ktel cluster: --brokers 0: a cluster needs at least one broker"
+    assert list(tmp_path.iterdir()) == []  # nothing made, nothing started
