@@ -56,12 +56,12 @@ from exporters.prom_names import prom_labels
 from ktel import selfmetrics
 from ktel.config import Config
 from ktel.retry import Permanent, retry
-from ktel.wire import METRICS_TOPIC, MetricSnapshot, decode_snapshot
+from ktel.wire import MetricSnapshot, decode_snapshot
 
 log = logging.getLogger("ktel.export.remote_write")
 
 STAGE = "remote-write"
-GROUP = "ktel-export-remote-write"
+GROUP = "export-remote-write"  # the consumer group, under kafka.prefix (Topics.group)
 SAMPLES = Counter("ktel_exporter_samples", "samples acknowledged by the backend", ["exporter"])
 REQUESTS_FAILED = Counter(
     "ktel_exporter_failed_requests",
@@ -264,16 +264,17 @@ async def _resend_by_snapshot(
     await send_split(owners, send, dead, what=f"remote-write to {url}", refusal=answer)
 
 
-async def run(cfg: Config, stop: asyncio.Event, *, group_id: str = GROUP) -> None:
+async def run(cfg: Config, stop: asyncio.Event, *, group_id: str | None = None) -> None:
+    """``group_id``: the consumer group, if not ktel-export-remote-write (under kafka.prefix)."""
     selfmetrics.serve(cfg.remote_write.metrics_port)
     url = cfg.remote_write.url
     window = Window(cfg.remote_write.max_age_seconds, cfg.remote_write.max_future_seconds, "remote_write")
     async with httpx.AsyncClient(timeout=cfg.remote_write.timeout_seconds) as client:
         await consume.run(
             kafka=cfg.kafka,
-            group_id=group_id,
+            group_id=group_id or cfg.kafka.topics.group(GROUP),
             stage=STAGE,
-            topics={METRICS_TOPIC: decode_snapshot},
+            topics={cfg.kafka.topics.metrics: decode_snapshot},
             deliver=lambda records, producer: deliver(client, url, records, producer, window),
             stop=stop,
         )

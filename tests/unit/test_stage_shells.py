@@ -81,6 +81,7 @@ class Shell:
             **sections,
         )
         self.stage = stage
+        self.names = cfg.kafka.topics
         self.app = stages.make_app(cfg, stage)
         self.sent: list[tuple[str, bytes, bytes]] = []
         # The table's changelog records (key, value at the time of sending).
@@ -89,7 +90,7 @@ class Shell:
 
     async def __aenter__(self) -> Shell:
         sent, changelog = self.sent, self.changelog
-        changelog_topic = stages.changelog_topic(self.stage)
+        changelog_topic = stages.changelog_topic(self.names, self.stage)
 
         async def record(topic, key=None, value=None, **_kw):
             if topic.get_topic_name() == changelog_topic:
