@@ -65,7 +65,7 @@ from edge_agent.seqstore import SeqStore
 from edge_agent.spool import Record, Spool
 from ktel import runtime, selfmetrics
 from ktel.config import Config
-from ktel.kafka_client import client_kwargs, start
+from ktel.kafka_client import client_kwargs, explained_by_ktel, start
 from ktel.probes import PROBES
 from ktel.probes.decode import count, records
 from ktel.retry import Backoff, Permanent, retry
@@ -91,6 +91,9 @@ BROKEN_PRODUCER = (OutOfOrderSequenceNumber, UnknownProducerId)
 UNAUTHORIZED = (TopicAuthorizationFailedError, ClusterAuthorizationFailedError)
 # How long a batch Kafka refuses this agent waits between tries, at most.
 UNAUTHORIZED_MAX_WAIT_S = 60.0
+# aiokafka's line at each metadata update while the refusal lasts (aiokafka/cluster.py):
+# _deliver says it once.
+explained_by_ktel("aiokafka.cluster", "Topic %s is not authorized for this client")
 DISK_DROPPED = Counter(
     "ktel_agent_disk_dropped_events",
     "events of batches the state directory refused to keep (a full disk, an I/O error)",
@@ -346,7 +349,7 @@ class Agent:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(broken.stop(), PRODUCER_STOP_TIMEOUT_S)
             fresh = self._new_producer()
-            await start(fresh, self.cfg.kafka, "agent")
+            await start(fresh, self.cfg.kafka, "ktel agent")
             self.producer = fresh
 
     async def _send_and_wait(self, topic: str, payload: bytes) -> None:
@@ -618,7 +621,7 @@ class Agent:
         )
         collector = asyncio.create_task(self.collect(stop), name="collect")
         # Collecting runs meanwhile: a broker that is away at start only means spooling.
-        connector = asyncio.create_task(start(self.producer, self.cfg.kafka, "agent"), name="connect")
+        connector = asyncio.create_task(start(self.producer, self.cfg.kafka, "ktel agent"), name="connect")
         senders: list[asyncio.Task] = []
         failed: asyncio.Task | None = None
         try:

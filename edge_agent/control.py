@@ -292,7 +292,7 @@ class Control:
 
     async def follow(self, kafka: Kafka) -> None:
         consumer = AIOKafkaConsumer(**client_kwargs(kafka), group_id=None, enable_auto_commit=False)
-        await kafka_client.start(consumer, kafka, "agent's ktel.control consumer")
+        await kafka_client.start(consumer, kafka, "ktel agent (ktel.control consumer)")
         # ktel.control has one partition (ktel/topics.py)
         tp = TopicPartition(settings(kafka).topics.control, 0)
         try:

@@ -115,8 +115,8 @@ async def run(
         max_poll_records=500,
     )
     producer = AIOKafkaProducer(**client_kwargs(kafka), enable_idempotence=True)
-    await start(consumer, kafka, f"exporter {stage}")
-    await start(producer, kafka, f"exporter {stage}")
+    await start(consumer, kafka, f"ktel export {stage}")
+    await start(producer, kafka, f"ktel export {stage}")
     try:
         if group_id is None:
             parts = await retry(

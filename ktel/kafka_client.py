@@ -36,17 +36,23 @@ class Client(Protocol):
     async def start(self) -> None: ...
 
 
-# aiokafka's line for each broker that refused a bootstrap attempt (aiokafka/client.py).
-# Every ktel client is started by start(), which explains the refusal once instead.
-_REFUSED = 'Unable connect to "%s:%s": %s'
-
-
 class _Explained(logging.Filter):
+    def __init__(self, template: str) -> None:
+        super().__init__()
+        self.template = template
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.msg != _REFUSED
+        return record.msg != self.template
 
 
-logging.getLogger("aiokafka.client").addFilter(_Explained())
+def explained_by_ktel(logger: str, template: str) -> None:
+    """Drop the lines of aiokafka's ``logger`` made from ``template``: ktel says once,
+    better, what aiokafka repeats at each attempt."""
+    logging.getLogger(logger).addFilter(_Explained(template))
+
+
+# A broker that refused a bootstrap attempt (aiokafka/client.py): start() explains it.
+explained_by_ktel("aiokafka", 'Unable connect to "%s:%s": %s')
 
 
 def settings(kafka: Kafka, bootstrap: str | None = None) -> KafkaConfig:
@@ -107,23 +113,22 @@ def faust_settings(kafka: Kafka) -> dict[str, Any]:
 async def start(client: Client, kafka: Kafka, who: str) -> None:
     """Start an aiokafka client, retrying with backoff (ktel/retry.py) until Kafka takes
     it. Why it cannot is logged once, as :func:`explain` words it, and again only if
-    the reason changes; after such a failure, one line says when it connected."""
+    the failure changes; after such a failure, one line says when it connected."""
     k = settings(kafka)
-    said: str | None = None
+    failed: str | None = None
 
     async def attempt() -> None:
-        nonlocal said
+        nonlocal failed
         try:
             await client.start()
         except (KafkaError, OSError) as err:  # OSError covers TimeoutError
-            why = await explain(err, k)
-            if why != said:
-                log.error("%s: %s; retrying until it can", who, why)
-                said = why
+            if f"{type(err).__name__}: {err}" != failed:
+                failed = f"{type(err).__name__}: {err}"
+                log.error("%s: %s; retrying until it can", who, await explain(err, k))
             raise
 
     await retry(attempt, what=f"{who}: connect to Kafka at {k.bootstrap}", quiet=True)
-    if said is not None:
+    if failed is not None:
         log.warning("%s: connected to Kafka at %s", who, k.bootstrap)
 
 

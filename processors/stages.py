@@ -361,7 +361,7 @@ def replicas(kafka: KafkaConfig) -> int:
 
 def run(cfg: Config, stage: str, log_level: str = "info") -> None:
     # Faust, left to find out, would log a traceback per attempt and no reason.
-    asyncio.run(reachable(cfg.kafka, f"process {stage}"))
+    asyncio.run(reachable(cfg.kafka, f"ktel process {stage}"))
     check_partitions(cfg, stage)
     # Faust's topics get the replication ktel's own get: "auto" resolved once, here.
     rf_isr = asyncio.run(retry(lambda: replication(cfg.kafka), what="find the replication factor"))
