@@ -59,7 +59,7 @@ from aiokafka.errors import KafkaError
 
 from ktel import topics as topics_mod
 from ktel.config import Config, KafkaConfig
-from ktel.kafka_client import client_kwargs, settings
+from ktel.kafka_client import client_kwargs, explain, settings
 from ktel.topics import TopicSpec, create_topics, topic_partitions
 from ktel.wire import (
     KINDS,
@@ -452,15 +452,12 @@ async def _settle(in_flight: list[asyncio.Future[Any]]) -> int:
 async def _partitions(kafka: KafkaConfig, topic: str) -> list[TopicPartition]:
     # The admin client answers for a missing topic at once (a producer would wait
     # for its metadata until a timeout, and a group-less consumer does not fetch it).
-    bootstrap = kafka.bootstrap
     try:
         n = await topic_partitions(kafka, topic)
     except (KafkaError, OSError) as err:
-        raise ReplayError(
-            f"cannot reach Kafka at {bootstrap} ({err}); set kafka.bootstrap or KTEL_KAFKA__BOOTSTRAP"
-        ) from None
+        raise ReplayError(await explain(err, kafka)) from None
     if not n:
-        raise ReplayError(f"topic {topic} is not on {bootstrap}")
+        raise ReplayError(f"topic {topic} is not on {kafka.bootstrap}")
     return [TopicPartition(topic, p) for p in range(n)]
 
 
