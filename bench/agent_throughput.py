@@ -21,7 +21,11 @@ either consumer can take, so wall-clock rates only show that both keep up.
 Capacity is therefore measured as events per CPU-second of the consumer
 (user + system time of its process while it drains): what one core sustains.
 
-Run as root: .venv/bin/python bench/agent_throughput.py [--seconds 10] [--rounds 3]
+With ``--security``, only the agent, publishing to one broker over PLAINTEXT and over
+SASL_SSL (SCRAM-SHA-512 over TLS), the two interleaved round by round: the cost of
+an encrypted, authenticated connection in events per CPU-second of the agent.
+
+Run as root: .venv/bin/python bench/agent_throughput.py [--seconds 10] [--rounds 3] [--security]
 Results go to bench/RESULTS.md by hand, with the date and the machine.
 """
 
@@ -44,7 +48,7 @@ sys.path.insert(0, str(HERE.parent))
 from edge_agent import probes, ringbuf  # noqa: E402
 from ktel.probes import file_created  # noqa: E402
 from ktel.probes.decode import count  # noqa: E402
-from ktel.stack.kafka import LocalKafka, ensure_kafka  # noqa: E402
+from ktel.stack.kafka import LocalKafka, SaslSsl, ensure_kafka  # noqa: E402
 from ktel.stack.proc import free_port  # noqa: E402
 from ktel.topics import create_topics  # noqa: E402
 from tests.integration.agent_harness import AgentProcess  # noqa: E402
@@ -127,45 +131,53 @@ def agent(exe: Path, target: Path, seconds: float, tmp: Path) -> dict:
     ensure_kafka()
     tmp.mkdir(parents=True, exist_ok=True)
     with LocalKafka(tmp / "kafka", free_port(), free_port()) as kafka:
-        import asyncio
+        make_topics(kafka.bootstrap)
+        return measure_agent(exe, target, seconds, tmp, {"KTEL_KAFKA__BOOTSTRAP": kafka.bootstrap})
 
-        from ktel import config, topics
 
-        cfg = config.Config(
-            kafka=config.KafkaConfig(bootstrap=kafka.bootstrap), agent=config.AgentConfig(host_id="bench")
-        )
-        asyncio.run(create_topics(kafka.bootstrap, topics.specs(cfg)))
-        a = AgentProcess(
-            tmp, kafka.bootstrap, wrapper=["taskset", "-c", "0"], ringbuf_pages=str(RINGBUF_PAGES)
-        )
-        a.start()
-        before = a.metric("ktel_agent_events_published_total")
-        status = Path(f"/proc/{a.proc.pid}/status")
-        idle_rss = rss_mib(status)
-        cpu0 = proc_cpu(a.proc.pid)
-        load = start_load(exe, target, seconds)
-        t0 = time.monotonic()
-        load_rss = 0.0
-        while load.poll() is None:
-            load_rss = max(load_rss, rss_mib(status))
-            time.sleep(0.1)
-        generated = int(load.stdout.read())
-        # Until the agent has published everything it read (or gives up after a while).
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            read = a.metric("ktel_agent_events_read_total", probe="file_created")
-            if (
-                a.metric("ktel_agent_events_published_total") >= read
-                and a.metric("ktel_agent_spool_bytes") == 0
-            ):
-                break
-            time.sleep(0.2)
-        elapsed = time.monotonic() - t0
-        cpu = proc_cpu(a.proc.pid) - cpu0
-        published = a.metric("ktel_agent_events_published_total") - before
-        drops = a.metric("ktel_agent_ringbuf_drops_total", probe="file_created")
-        rss, hwm = rss_mib(status), rss_mib(status, "VmHWM")
-        a.stop()
+def make_topics(bootstrap: str) -> None:
+    import asyncio
+
+    from ktel import config, topics
+
+    cfg = config.Config(
+        kafka=config.KafkaConfig(bootstrap=bootstrap), agent=config.AgentConfig(host_id="bench")
+    )
+    asyncio.run(create_topics(bootstrap, topics.specs(cfg)))
+
+
+def measure_agent(exe: Path, target: Path, seconds: float, tmp: Path, kafka: dict[str, str]) -> dict:
+    """``ktel agent`` with the ``kafka`` settings (KTEL_KAFKA__* variables) under the load."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    a = AgentProcess(
+        tmp, kafka["KTEL_KAFKA__BOOTSTRAP"], wrapper=["taskset", "-c", "0"], ringbuf_pages=str(RINGBUF_PAGES)
+    )
+    a.env.update(kafka)
+    a.start()
+    before = a.metric("ktel_agent_events_published_total")
+    status = Path(f"/proc/{a.proc.pid}/status")
+    idle_rss = rss_mib(status)
+    cpu0 = proc_cpu(a.proc.pid)
+    load = start_load(exe, target, seconds)
+    t0 = time.monotonic()
+    load_rss = 0.0
+    while load.poll() is None:
+        load_rss = max(load_rss, rss_mib(status))
+        time.sleep(0.1)
+    generated = int(load.stdout.read())
+    # Until the agent has published everything it read (or gives up after a while).
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        read = a.metric("ktel_agent_events_read_total", probe="file_created")
+        if a.metric("ktel_agent_events_published_total") >= read and a.metric("ktel_agent_spool_bytes") == 0:
+            break
+        time.sleep(0.2)
+    elapsed = time.monotonic() - t0
+    cpu = proc_cpu(a.proc.pid) - cpu0
+    published = a.metric("ktel_agent_events_published_total") - before
+    drops = a.metric("ktel_agent_ringbuf_drops_total", probe="file_created")
+    rss, hwm = rss_mib(status), rss_mib(status, "VmHWM")
+    a.stop()
     return {
         "generated": generated,
         "delivered": published,
@@ -177,6 +189,53 @@ def agent(exe: Path, target: Path, seconds: float, tmp: Path) -> dict:
         "rss_after_mib": rss,
         "vmhwm_mib": hwm,
     }
+
+
+def security(exe: Path, target: Path, seconds: float, tmp: Path, rounds: int) -> None:
+    """The agent over PLAINTEXT and over SASL_SSL (SCRAM-SHA-512, TLS), to one broker
+    with both listeners, interleaved round by round (the order swapped every round)
+    so that the machine's noise falls on both alike."""
+    from tests.integration.test_kafka_security import make_certs
+
+    ensure_kafka()
+    (tmp / "certs").mkdir(parents=True)
+    ca, keystore = make_certs(tmp / "certs")
+    password = os.urandom(16).hex()
+    sasl = SaslSsl(free_port(), keystore, {"bench": password})
+    variants = {
+        "PLAINTEXT": {},
+        "SASL_SSL": {
+            "KTEL_KAFKA__BOOTSTRAP": f"127.0.0.1:{sasl.port}",
+            "KTEL_KAFKA__SECURITY_PROTOCOL": "SASL_SSL",
+            "KTEL_KAFKA__SASL_MECHANISM": "SCRAM-SHA-512",
+            "KTEL_KAFKA__SASL_USERNAME": "bench",
+            "KTEL_KAFKA__SASL_PASSWORD": password,
+            "KTEL_KAFKA__SSL_CAFILE": str(ca),
+        },
+    }
+    results: dict[str, list[dict]] = {k: [] for k in variants}
+    with LocalKafka(tmp / "kafka", free_port(), free_port(), sasl_ssl=sasl) as kafka:
+        make_topics(kafka.bootstrap)
+        for i in range(rounds):
+            order = list(variants) if i % 2 == 0 else list(reversed(variants))
+            for name in order:
+                settings = {"KTEL_KAFKA__BOOTSTRAP": kafka.bootstrap, **variants[name]}
+                results[name].append(measure_agent(exe, target, seconds, tmp / f"agent-{name}-{i}", settings))
+                print(f"round {i + 1} {name:10}: {results[name][-1]}", flush=True)
+    print("medians:")
+    for name in variants:
+        print(
+            f"  ktel agent over {name:10}: {median_of(results[name], 'per_cpu_s'):,.0f} events per CPU-second"
+        )
+    ratio = median_of(results["SASL_SSL"], "per_cpu_s") / median_of(results["PLAINTEXT"], "per_cpu_s")
+    print(f"  SASL_SSL / PLAINTEXT (medians): {ratio:.3f}")
+    # Each round's pair ran back to back: its ratio is spared the drift between rounds.
+    paired = [
+        s["per_cpu_s"] / p["per_cpu_s"]
+        for s, p in zip(results["SASL_SSL"], results["PLAINTEXT"], strict=True)
+    ]
+    print(f"  SASL_SSL / PLAINTEXT, each round: {', '.join(f'{r:.2f}' for r in paired)}")
+    print(f"  SASL_SSL / PLAINTEXT (median of the rounds' ratios): {statistics.median(paired):.3f}")
 
 
 def rss_mib(status: Path, key: str = "VmRSS") -> float:
@@ -220,6 +279,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--rounds", type=int, default=1, help="repeat every measurement; medians are reported")
+    ap.add_argument(
+        "--security",
+        action="store_true",
+        help="only the agent, over PLAINTEXT and over SASL_SSL, interleaved",
+    )
     ap.add_argument("--bare", choices=["bcc", "bulk", "decode"], help=argparse.SUPPRESS)
     ap.add_argument("--exe", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--target", type=Path, help=argparse.SUPPRESS)
@@ -239,6 +303,9 @@ def main() -> None:
         exe = build_load(tmp)
         target = tmp / "target"
         target.touch()
+        if args.security:
+            security(exe, target, args.seconds, tmp, args.rounds)
+            return
         for i in range(args.rounds):
             for how in ("bcc", "bulk", "decode"):
                 results[how].append(bare_in_child(exe, target, args.seconds, how))

@@ -53,6 +53,7 @@ from ktel.stack import proc  # noqa: E402
 from ktel.stack.otelcol import LocalCollector  # noqa: E402
 from ktel.stack.proc import free_port  # noqa: E402
 from ktel.wire import (  # noqa: E402
+    DLQ_TOPIC,
     METRICS_TOPIC,
     SPANS_TOPIC,
     MetricSnapshot,
@@ -145,7 +146,10 @@ async def ktel_remote_write(url: str, records: list[bytes]) -> tuple[float, floa
     async with Receiver(RemoteWriteConfig(url=url, timeout_seconds=30)) as receiver:
         clock = Clock()
         for chunk in deliveries(records):
-            recs = [Record(decode_snapshot(r), METRICS_TOPIC, 0, i, None, r) for i, r in enumerate(chunk)]
+            recs = [
+                Record(decode_snapshot(r), METRICS_TOPIC, 0, i, None, r, DLQ_TOPIC)
+                for i, r in enumerate(chunk)
+            ]
             await remote_write.deliver(receiver, recs, None, WINDOW)  # type: ignore[arg-type]
         return clock.stop()
 
@@ -192,7 +196,9 @@ async def ktel_spans(protocol: str, endpoint: str, records: list[bytes]) -> tupl
         clock = Clock()
         for start in range(0, len(records), 10):
             chunk = records[start : start + 10]
-            recs = [Record(decode_spans(r), SPANS_TOPIC, 0, i, None, r) for i, r in enumerate(chunk)]
+            recs = [
+                Record(decode_spans(r), SPANS_TOPIC, 0, i, None, r, DLQ_TOPIC) for i, r in enumerate(chunk)
+            ]
             await sender.deliver(recs, None)  # type: ignore[arg-type]  # nothing is dead-lettered
         return clock.stop()
     finally:

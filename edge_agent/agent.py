@@ -65,13 +65,11 @@ from edge_agent.seqstore import SeqStore
 from edge_agent.spool import Record, Spool
 from ktel import runtime, selfmetrics
 from ktel.config import Config
-from ktel.kafka_client import client_kwargs
+from ktel.kafka_client import client_kwargs, explained_by_ktel, start
 from ktel.probes import PROBES
 from ktel.probes.decode import count, records
 from ktel.retry import Backoff, Permanent, retry
 from ktel.wire import (
-    HEARTBEATS_TOPIC,
-    RAW_TOPIC,
     Heartbeat,
     RawBatch,
     decode_batch,
@@ -93,6 +91,9 @@ BROKEN_PRODUCER = (OutOfOrderSequenceNumber, UnknownProducerId)
 UNAUTHORIZED = (TopicAuthorizationFailedError, ClusterAuthorizationFailedError)
 # How long a batch Kafka refuses this agent waits between tries, at most.
 UNAUTHORIZED_MAX_WAIT_S = 60.0
+# aiokafka's line at each metadata update while the refusal lasts (aiokafka/cluster.py):
+# _deliver says it once.
+explained_by_ktel("aiokafka.cluster", "Topic %s is not authorized for this client")
 DISK_DROPPED = Counter(
     "ktel_agent_disk_dropped_events",
     "events of batches the state directory refused to keep (a full disk, an I/O error)",
@@ -188,6 +189,7 @@ class Agent:
     def __init__(self, cfg: Config):
         acfg = cfg.agent
         self.cfg = cfg
+        self.topics = cfg.kafka.topics
         self.host_id = acfg.host_id
         self.boot_id = boot_id()
         self.started = 0.0  # time.monotonic() once the probes are loaded (run)
@@ -347,7 +349,7 @@ class Agent:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(broken.stop(), PRODUCER_STOP_TIMEOUT_S)
             fresh = self._new_producer()
-            await retry(fresh.start, what=f"connect to Kafka at {self.cfg.kafka.bootstrap}")
+            await start(fresh, self.cfg.kafka, "ktel agent")
             self.producer = fresh
 
     async def _send_and_wait(self, topic: str, payload: bytes) -> None:
@@ -378,7 +380,7 @@ class Agent:
 
         async def attempt() -> None:
             try:
-                await self._send_and_wait(RAW_TOPIC, payload)
+                await self._send_and_wait(self.topics.raw, payload)
             except MessageSizeTooLargeError as err:
                 raise TooLarge(str(err)) from err
             except UNAUTHORIZED as err:
@@ -398,9 +400,9 @@ class Agent:
                     log.error(
                         "Kafka refuses this agent writes to %s (%s): batches wait in the spool; "
                         "allow the agent's principal to write (and describe) %s and to write idempotently",
-                        RAW_TOPIC,
+                        self.topics.raw,
                         err,
-                        RAW_TOPIC,
+                        self.topics.raw,
                     )
                     refused = True
                 await asyncio.sleep(next(waits))
@@ -480,7 +482,7 @@ class Agent:
             for rec in records:
                 producer = self.producer
                 try:
-                    fut = await producer.send(RAW_TOPIC, rec.payload, key=self.key)
+                    fut = await producer.send(self.topics.raw, rec.payload, key=self.key)
                 except Exception as err:  # e.g. metadata unavailable while the broker is away
                     fut = asyncio.get_running_loop().create_future()
                     fut.set_exception(err)
@@ -576,7 +578,9 @@ class Agent:
             last = now
             try:
                 # Only the latest heartbeat matters: one that cannot be sent in time is skipped, not queued.
-                await asyncio.wait_for(self._send_and_wait(HEARTBEATS_TOPIC, encode_heartbeat(hb)), interval)
+                await asyncio.wait_for(
+                    self._send_and_wait(self.topics.heartbeats, encode_heartbeat(hb)), interval
+                )
                 HEARTBEATS.inc()
             except Exception as err:
                 self.control.unack(hb["acked_commands"], hb["refused_commands"])
@@ -616,12 +620,9 @@ class Agent:
             self.skipped or "none",
             self.spool.depth_bytes(),
         )
-        bootstrap = self.cfg.kafka.bootstrap
         collector = asyncio.create_task(self.collect(stop), name="collect")
         # Collecting runs meanwhile: a broker that is away at start only means spooling.
-        connector = asyncio.create_task(
-            retry(self.producer.start, what=f"connect to Kafka at {bootstrap}"), name="connect"
-        )
+        connector = asyncio.create_task(start(self.producer, self.cfg.kafka, "ktel agent"), name="connect")
         senders: list[asyncio.Task] = []
         failed: asyncio.Task | None = None
         try:

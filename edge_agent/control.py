@@ -52,10 +52,11 @@ from typing import TYPE_CHECKING, Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client import Counter
 
+from ktel import kafka_client
 from ktel.kafka_client import Kafka, client_kwargs, settings
 from ktel.probes import PROBES
 from ktel.retry import retry
-from ktel.wire import CONTROL_TOPIC, ControlCommand, WireError, decode_command
+from ktel.wire import ControlCommand, WireError, decode_command
 
 if TYPE_CHECKING:
     from ktel.config import AgentConfig
@@ -291,8 +292,9 @@ class Control:
 
     async def follow(self, kafka: Kafka) -> None:
         consumer = AIOKafkaConsumer(**client_kwargs(kafka), group_id=None, enable_auto_commit=False)
-        await retry(consumer.start, what=f"connect the control consumer to {settings(kafka).bootstrap}")
-        tp = TopicPartition(CONTROL_TOPIC, 0)  # ktel.control has one partition (ktel/topics.py)
+        await kafka_client.start(consumer, kafka, "ktel agent (ktel.control consumer)")
+        # ktel.control has one partition (ktel/topics.py)
+        tp = TopicPartition(settings(kafka).topics.control, 0)
         try:
             consumer.assign([tp])
 

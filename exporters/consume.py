@@ -25,10 +25,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
 from prometheus_client import Counter
 
-from ktel.kafka_client import Kafka, client_kwargs, settings
+from ktel.kafka_client import Kafka, client_kwargs, settings, start
 from ktel.retry import retry
 from ktel.runtime import tune_gc
-from ktel.wire import DLQ_TOPIC, DeadLetter, WireError, encode_dead_letter
+from ktel.wire import DeadLetter, WireError, encode_dead_letter
 
 log = logging.getLogger("ktel.export")
 
@@ -45,7 +45,8 @@ POLL_WHILE_PAUSED_S = 1.0
 
 @dataclass(frozen=True, slots=True)
 class Record:
-    """A decoded record (``item``) and the Kafka record it was read from."""
+    """A decoded record (``item``), the Kafka record it was read from, and the
+    dead-letter topic of what cannot be made of it (``dlq``)."""
 
     item: Any
     topic: str
@@ -53,14 +54,15 @@ class Record:
     offset: int
     key: bytes | None
     value: bytes
+    dlq: str
 
 
 Decoder = Callable[[bytes], Any]
 Deliver = Callable[[list[Record], AIOKafkaProducer], Awaitable[None]]
 
 
-async def dead_letter(producer: AIOKafkaProducer, dl: DeadLetter, key: bytes | None = None) -> None:
-    await producer.send_and_wait(DLQ_TOPIC, encode_dead_letter(dl), key=key)
+async def dead_letter(producer: AIOKafkaProducer, dlq: str, dl: DeadLetter, key: bytes | None = None) -> None:
+    await producer.send_and_wait(dlq, encode_dead_letter(dl), key=key)
     DEAD_LETTERS.labels(dl.stage).inc()
 
 
@@ -82,7 +84,7 @@ async def refuse(
     dl = DeadLetter(
         stage, reason, rec.topic, rec.partition, rec.offset, rec.value if payload is None else payload
     )
-    await dead_letter(producer, dl, rec.key)
+    await dead_letter(producer, rec.dlq, dl, rec.key)
     DEAD_LETTERED_ITEMS.labels(stage, signal).inc(items)
 
 
@@ -104,7 +106,7 @@ async def run(
     (ms since epoch), or from the beginning when it is None.
     """
     tune_gc()
-    bootstrap = settings(kafka).bootstrap
+    dlq = settings(kafka).topics.dlq
     consumer = AIOKafkaConsumer(
         **client_kwargs(kafka),
         group_id=group_id,
@@ -113,8 +115,8 @@ async def run(
         max_poll_records=500,
     )
     producer = AIOKafkaProducer(**client_kwargs(kafka), enable_idempotence=True)
-    await retry(consumer.start, what=f"connect consumer to {bootstrap}")
-    await retry(producer.start, what=f"connect producer to {bootstrap}")
+    await start(consumer, kafka, f"ktel export {stage}")
+    await start(producer, kafka, f"ktel export {stage}")
     try:
         if group_id is None:
             parts = await retry(
@@ -134,12 +136,15 @@ async def run(
                 for rec in records:
                     try:
                         items.append(
-                            Record(decode(rec.value), tp.topic, tp.partition, rec.offset, rec.key, rec.value)
+                            Record(
+                                decode(rec.value), tp.topic, tp.partition, rec.offset, rec.key, rec.value, dlq
+                            )
                         )
                     except WireError as err:
                         log.warning("dead letter %s[%d]@%d: %s", tp.topic, tp.partition, rec.offset, err)
                         await dead_letter(
                             producer,
+                            dlq,
                             DeadLetter(stage, str(err), tp.topic, tp.partition, rec.offset, rec.value),
                             rec.key,
                         )

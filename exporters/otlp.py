@@ -95,9 +95,6 @@ from exporters.log2 import ZERO_THRESHOLD, exponential
 from ktel import selfmetrics
 from ktel.config import Config, OtlpConfig
 from ktel.wire import (
-    LOGS_TOPIC,
-    METRICS_TOPIC,
-    SPANS_TOPIC,
     LogBatch,
     MetricSnapshot,
     SpanBatch,
@@ -112,7 +109,7 @@ from ktel.wire import (
 log = logging.getLogger("ktel.export.otlp")
 
 STAGE = "otlp"
-GROUP = "ktel-export-otlp"
+GROUP = "export-otlp"  # the consumer group, under kafka.prefix (Topics.group)
 SCOPE = InstrumentationScope("ktel", version("ktel"))
 SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 IN_FLIGHT = 2  # span or log requests awaiting the backend at once
@@ -490,18 +487,17 @@ def _log_request(rows: list[tuple[Resource, Sequence[Any]]]) -> Any:
     return encode_log_request(to_logs(rows))
 
 
-TOPICS = {SPANS_TOPIC: decode_spans, LOGS_TOPIC: decode_logs, METRICS_TOPIC: decode_snapshot}
-
-
-async def run(cfg: Config, stop: asyncio.Event, *, group_id: str = GROUP) -> None:
+async def run(cfg: Config, stop: asyncio.Event, *, group_id: str | None = None) -> None:
+    """``group_id``: the consumer group, if not ktel-export-otlp (under kafka.prefix)."""
     selfmetrics.serve(cfg.otlp.metrics_port)
     sender = Sender(cfg.otlp)
+    names = cfg.kafka.topics
     try:
         await consume.run(
             kafka=cfg.kafka,
-            group_id=group_id,
+            group_id=group_id or names.group(GROUP),
             stage=STAGE,
-            topics=TOPICS,
+            topics={names.spans: decode_spans, names.logs: decode_logs, names.metrics: decode_snapshot},
             deliver=sender.deliver,
             stop=stop,
         )

@@ -44,7 +44,7 @@ from exporters.delivery import Window
 from exporters.prom_names import label_name, prom_labels
 from exporters.remote_write import histogram_series
 from ktel.config import Config
-from ktel.wire import METRICS_TOPIC, MetricSnapshot, decode_snapshot
+from ktel.wire import MetricSnapshot, decode_snapshot
 
 log = logging.getLogger("ktel.export.pull")
 
@@ -120,7 +120,7 @@ async def run(cfg: Config, stop: asyncio.Event) -> None:
         kafka=cfg.kafka,
         group_id=None,
         stage="pull",
-        topics={METRICS_TOPIC: decode_snapshot},
+        topics={cfg.kafka.topics.metrics: decode_snapshot},
         deliver=deliver,
         stop=stop,
         start_ms=start_ms,

@@ -62,12 +62,12 @@ from exporters.remote_write_client import Receiver
 from ktel import selfmetrics
 from ktel.config import Config
 from ktel.retry import Permanent, retry
-from ktel.wire import METRICS_TOPIC, MetricSnapshot, decode_snapshot
+from ktel.wire import MetricSnapshot, decode_snapshot
 
 log = logging.getLogger("ktel.export.remote_write")
 
 STAGE = "remote-write"
-GROUP = "ktel-export-remote-write"
+GROUP = "export-remote-write"  # the consumer group, under kafka.prefix (Topics.group)
 SAMPLES = Counter("ktel_exporter_samples", "samples acknowledged by the backend", ["exporter"])
 REQUESTS_FAILED = Counter(
     "ktel_exporter_failed_requests",
@@ -340,15 +340,16 @@ async def _resend_by_snapshot(
     await send_split(owners, send, dead, what=f"remote-write to {receiver.url}", refusal=answer)
 
 
-async def run(cfg: Config, stop: asyncio.Event, *, group_id: str = GROUP) -> None:
+async def run(cfg: Config, stop: asyncio.Event, *, group_id: str | None = None) -> None:
+    """``group_id``: the consumer group, if not ktel-export-remote-write (under kafka.prefix)."""
     selfmetrics.serve(cfg.remote_write.metrics_port)
     window = Window(cfg.remote_write.max_age_seconds, cfg.remote_write.max_future_seconds, "remote_write")
     async with Receiver(cfg.remote_write) as receiver:
         await consume.run(
             kafka=cfg.kafka,
-            group_id=group_id,
+            group_id=group_id or cfg.kafka.topics.group(GROUP),
             stage=STAGE,
-            topics={METRICS_TOPIC: decode_snapshot},
+            topics={cfg.kafka.topics.metrics: decode_snapshot},
             deliver=lambda records, producer: deliver(
                 receiver, records, producer, window, cfg.remote_write.histograms
             ),

@@ -14,6 +14,8 @@ exporter   reads ktel.metrics, ktel.spans and ktel.logs in its groups
            (``ktel-export-*``), writes ktel.dlq.
 operator   writes ktel.control (fidelity commands by hand).
 
+Under ``kafka.prefix`` every topic and group named here starts with the prefix.
+
 Read and Write imply Describe. The idempotent producers (agent, exporters) need no
 cluster ACL on Kafka 3 and later. Creating ktel's topics (``ktel topics``) is an
 administrator's job and not granted here.
@@ -26,21 +28,7 @@ import shlex
 from collections.abc import Iterable
 
 from ktel.config import KafkaConfig
-from ktel.wire import (
-    CONTROL_TOPIC,
-    DEDUPED_TOPIC,
-    DLQ_TOPIC,
-    ENRICHED_TOPIC,
-    HEARTBEATS_TOPIC,
-    LOGS_TOPIC,
-    METRICS_TOPIC,
-    RAW_TOPIC,
-    SAMPLED_TOPIC,
-    SPANS_TOPIC,
-)
-
-INTERMEDIATE = (DEDUPED_TOPIC, ENRICHED_TOPIC, SAMPLED_TOPIC)
-OUTPUTS = (METRICS_TOPIC, SPANS_TOPIC, LOGS_TOPIC)
+from ktel.wire.topics import Topics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,33 +40,36 @@ class Grant:
     prefixed: bool = False
 
 
-def grants(stages: Iterable[str], exporter_group_prefix: str = "ktel-export-") -> list[Grant]:
-    """Every role's grants; ``stages``: the names of ``ktel process`` stages."""
+def grants(stages: Iterable[str], t: Topics) -> list[Grant]:
+    """Every role's grants; ``stages``: the names of ``ktel process`` stages; ``t``:
+    the topic and group names (under ``kafka.prefix``)."""
     stages = tuple(stages)
+    intermediate = (t.deduped, t.enriched, t.sampled)
+    outputs = (t.metrics, t.spans, t.logs)
     return [
-        Grant("agent", ("Write",), "topic", (RAW_TOPIC, HEARTBEATS_TOPIC)),
-        Grant("agent", ("Read",), "topic", (CONTROL_TOPIC,)),
-        Grant("processor", ("Read",), "topic", (RAW_TOPIC, *INTERMEDIATE, HEARTBEATS_TOPIC)),
-        Grant("processor", ("Write",), "topic", (*INTERMEDIATE, *OUTPUTS, CONTROL_TOPIC, DLQ_TOPIC)),
-        Grant("processor", ("Read",), "group", tuple(f"ktel-{s}" for s in stages)),
+        Grant("agent", ("Write",), "topic", (t.raw, t.heartbeats)),
+        Grant("agent", ("Read",), "topic", (t.control,)),
+        Grant("processor", ("Read",), "topic", (t.raw, *intermediate, t.heartbeats)),
+        Grant("processor", ("Write",), "topic", (*intermediate, *outputs, t.control, t.dlq)),
+        Grant("processor", ("Read",), "group", tuple(t.group(s) for s in stages)),
         Grant(
             "processor",
             ("Create", "Read", "Write"),
             "topic",
-            tuple(f"ktel-{s}-" for s in stages),
+            tuple(f"{t.group(s)}-" for s in stages),
             prefixed=True,
         ),
-        Grant("exporter", ("Read",), "topic", OUTPUTS),
-        Grant("exporter", ("Read",), "group", (exporter_group_prefix,), prefixed=True),
-        Grant("exporter", ("Write",), "topic", (DLQ_TOPIC,)),
-        Grant("operator", ("Write",), "topic", (CONTROL_TOPIC,)),
+        Grant("exporter", ("Read",), "topic", outputs),
+        Grant("exporter", ("Read",), "group", (t.group("export-"),), prefixed=True),
+        Grant("exporter", ("Write",), "topic", (t.dlq,)),
+        Grant("operator", ("Write",), "topic", (t.control,)),
     ]
 
 
 def commands(kafka: KafkaConfig, stages: Iterable[str], command_config: str | None = None) -> list[list[str]]:
     """``kafka-acls.sh`` argument lists adding every grant for the configured principals."""
     out = []
-    for g in grants(stages):
+    for g in grants(stages, kafka.topics):
         argv = ["kafka-acls.sh", "--bootstrap-server", kafka.bootstrap]
         if command_config:
             argv += ["--command-config", command_config]
@@ -97,7 +88,7 @@ def script(kafka: KafkaConfig, stages: Iterable[str], command_config: str | None
     stages = tuple(stages)
     lines = []
     role = None
-    for g, argv in zip(grants(stages), commands(kafka, stages, command_config), strict=True):
+    for g, argv in zip(grants(stages, kafka.topics), commands(kafka, stages, command_config), strict=True):
         if g.role != role:
             role = g.role
             lines.append(f"# {role}: {getattr(kafka.principals, role)}")

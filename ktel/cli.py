@@ -15,7 +15,6 @@ import sys
 from collections.abc import Awaitable, Callable
 
 from ktel import config as config_mod
-from ktel.wire import RAW_TOPIC
 from processors.chain import PROCESSES
 
 
@@ -234,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
         metavar="DURATION",
         help="also read records up to this long after --to, for batches that reached Kafka late (default 5m)",
     )
-    p.add_argument("--topic", default=RAW_TOPIC, help=f"topic of raw batches to read (default {RAW_TOPIC})")
+    p.add_argument("--topic", help="topic of raw batches to read (default ktel.raw, under kafka.prefix)")
     p.add_argument(
         "--format",
         choices=["jsonl", "none"],

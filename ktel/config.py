@@ -24,6 +24,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ktel.probes import KIND_BY_NAME, KINDS, PROBES
 from ktel.schema import U32
+from ktel.wire.topics import Topics
 
 
 class ConfigError(Exception):
@@ -71,8 +72,18 @@ class KafkaPrincipals(BaseModel):
         return v
 
 
+# Kafka's legal topic characters; 200 leaves room for the longest name ktel puts after
+# the prefix within Kafka's limit of 249.
+PREFIX = re.compile(r"[A-Za-z0-9._-]{0,200}")
+
+
 class KafkaConfig(BaseModel):
     bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, host:port[,host:port]")
+    prefix: str = Field(
+        "",
+        description="starts the name of every ktel topic, consumer group and Faust app, so that "
+        "several pipelines share a cluster (e.g. 'staging.' gives staging.ktel.raw); default none",
+    )
     raw_partitions: int = Field(6, ge=1, description="partitions of ktel.raw (the unit of processor scaling)")
     raw_retention_hours: float = Field(
         168, gt=0, description="how long ktel.raw keeps raw events for replay (default 7 days)"
@@ -135,6 +146,15 @@ class KafkaConfig(BaseModel):
                 raise ValueError(f"{hp!r} is not host:port")
         return v
 
+    @field_validator("prefix")
+    @classmethod
+    def _topic_chars(cls, v: str) -> str:
+        if not PREFIX.fullmatch(v):
+            raise ValueError(
+                f"{v!r}: use at most 200 of the letters, digits, '.', '_' and '-' (e.g. 'staging.')"
+            )
+        return v
+
     @field_validator("replication_factor", "min_insync_replicas")
     @classmethod
     def _positive(cls, v: int | str) -> int | str:
@@ -170,6 +190,11 @@ class KafkaConfig(BaseModel):
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise ValueError("kafka.ssl_certfile and kafka.ssl_keyfile go together (mutual TLS)")
         return self
+
+    @property
+    def topics(self) -> Topics:
+        """ktel's topic and group names under ``prefix``."""
+        return Topics(self.prefix)
 
     def password(self) -> str:
         """The SASL password, from the environment, the file or sasl_password_file."""

@@ -5,23 +5,54 @@ producer and control consumer, the processors' Faust app, the exporters, replay 
 the admin calls of ktel/topics.py. A client built elsewhere from ``bootstrap`` alone
 would reach a plaintext broker in development and fail in production.
 
+Every long-running client connects through :func:`start`, which retries with backoff
+and says once, in one line naming the setting most likely wrong, why Kafka cannot be
+reached (:func:`explain`), instead of aiokafka's line per broker per attempt.
+
 Where a function takes ``KafkaConfig | str``, a string is a bootstrap list with every
 other setting at its default (plaintext): what tests and the local stack use.
 """
 
 from __future__ import annotations
 
+import logging
 import ssl
-from typing import Any
+from typing import Any, Protocol
 
 import faust
+from aiokafka import AIOKafkaProducer
 from aiokafka.conn import create_conn
 from aiokafka.errors import KafkaConnectionError, KafkaError, SaslAuthenticationFailed
 from aiokafka.helpers import create_ssl_context
 
 from ktel.config import KafkaConfig
+from ktel.retry import retry
 
 Kafka = KafkaConfig | str
+log = logging.getLogger("ktel.kafka")
+
+
+class Client(Protocol):
+    async def start(self) -> None: ...
+
+
+class _Explained(logging.Filter):
+    def __init__(self, template: str) -> None:
+        super().__init__()
+        self.template = template
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != self.template
+
+
+def explained_by_ktel(logger: str, template: str) -> None:
+    """Drop the lines of aiokafka's ``logger`` made from ``template``: ktel says once,
+    better, what aiokafka repeats at each attempt."""
+    logging.getLogger(logger).addFilter(_Explained(template))
+
+
+# A broker that refused a bootstrap attempt (aiokafka/client.py): start() explains it.
+explained_by_ktel("aiokafka", 'Unable connect to "%s:%s": %s')
 
 
 def settings(kafka: Kafka, bootstrap: str | None = None) -> KafkaConfig:
@@ -77,6 +108,36 @@ def faust_settings(kafka: Kafka) -> dict[str, Any]:
     elif ctx is not None:
         out["broker_credentials"] = faust.SSLCredentials(ctx)
     return out
+
+
+async def start(client: Client, kafka: Kafka, who: str) -> None:
+    """Start an aiokafka client, retrying with backoff (ktel/retry.py) until Kafka takes
+    it. Why it cannot is logged once, as :func:`explain` words it, and again only if
+    the failure changes; after such a failure, one line says when it connected."""
+    k = settings(kafka)
+    failed: str | None = None
+
+    async def attempt() -> None:
+        nonlocal failed
+        try:
+            await client.start()
+        except (KafkaError, OSError) as err:  # OSError covers TimeoutError
+            if f"{type(err).__name__}: {err}" != failed:
+                failed = f"{type(err).__name__}: {err}"
+                log.error("%s: %s; retrying until it can", who, await explain(err, k))
+            raise
+
+    await retry(attempt, what=f"{who}: connect to Kafka at {k.bootstrap}", quiet=True)
+    if failed is not None:
+        log.warning("%s: connected to Kafka at %s", who, k.bootstrap)
+
+
+async def reachable(kafka: Kafka, who: str) -> None:
+    """Wait, as :func:`start` does, until Kafka takes a client with these settings:
+    for a process whose clients are not started here (Faust's, the admin's)."""
+    probe = AIOKafkaProducer(**client_kwargs(kafka))
+    await start(probe, kafka, who)
+    await probe.stop()
 
 
 async def explain(err: BaseException, kafka: Kafka) -> str:

@@ -59,12 +59,10 @@ from aiokafka.errors import KafkaError
 
 from ktel import topics as topics_mod
 from ktel.config import Config, KafkaConfig
-from ktel.kafka_client import client_kwargs, settings
+from ktel.kafka_client import client_kwargs, explain, settings
 from ktel.topics import TopicSpec, create_topics, topic_partitions
 from ktel.wire import (
-    DLQ_TOPIC,
     KINDS,
-    RAW_TOPIC,
     DeadLetter,
     RawBatch,
     WireError,
@@ -233,7 +231,7 @@ class Options:
     bootstrap: str
     filter: Filter
     margin_ns: int = 5 * 60 * NS
-    topic: str = RAW_TOPIC
+    topic: str = ""  # empty: the configured ktel.raw (under client.prefix)
     to_topic: str | None = None
     to_bootstrap: str | None = None  # None: the source's
     to_topic_spec: TopicSpec | None = None  # how to create to_topic when it does not exist
@@ -243,6 +241,10 @@ class Options:
     jsonl: bool = True
     # TLS and SASL (kafka.*) for both Kafkas; its bootstrap is not used, the fields above are.
     client: KafkaConfig = dataclasses.field(default_factory=KafkaConfig)
+
+    def __post_init__(self) -> None:
+        if not self.topic:
+            object.__setattr__(self, "topic", self.client.topics.raw)
 
 
 @dataclasses.dataclass
@@ -266,7 +268,7 @@ class Summary:
             f"decode failures {self.decode_failures}",
         ]
         if opts.dlq:
-            parts.append(f"dead-lettered {self.dead_lettered} to {DLQ_TOPIC}")
+            parts.append(f"dead-lettered {self.dead_lettered} to {opts.client.topics.dlq}")
         if opts.to_topic:
             parts.append(f"re-published {self.republished} batches to {opts.to_topic}")
         if self.output_closed:
@@ -323,7 +325,7 @@ async def replay(opts: Options, write: Callable[[str], None], report: Callable[[
                 report(f"ktel replay: {summary.failures[-1]}")
             if dlq is not None:
                 dl = DeadLetter(STAGE, str(err), tp.topic, tp.partition, rec.offset, payload)
-                await dlq.send_and_wait(DLQ_TOPIC, encode_dead_letter(dl), key=rec.key)
+                await dlq.send_and_wait(opts.client.topics.dlq, encode_dead_letter(dl), key=rec.key)
                 summary.dead_lettered += 1
             return
         kept = opts.filter.select(batch)
@@ -450,15 +452,12 @@ async def _settle(in_flight: list[asyncio.Future[Any]]) -> int:
 async def _partitions(kafka: KafkaConfig, topic: str) -> list[TopicPartition]:
     # The admin client answers for a missing topic at once (a producer would wait
     # for its metadata until a timeout, and a group-less consumer does not fetch it).
-    bootstrap = kafka.bootstrap
     try:
         n = await topic_partitions(kafka, topic)
     except (KafkaError, OSError) as err:
-        raise ReplayError(
-            f"cannot reach Kafka at {bootstrap} ({err}); set kafka.bootstrap or KTEL_KAFKA__BOOTSTRAP"
-        ) from None
+        raise ReplayError(await explain(err, kafka)) from None
     if not n:
-        raise ReplayError(f"topic {topic} is not on {bootstrap}")
+        raise ReplayError(f"topic {topic} is not on {kafka.bootstrap}")
     return [TopicPartition(topic, p) for p in range(n)]
 
 
@@ -482,17 +481,18 @@ def options(cfg: Config, args: Any, now_ns: int | None = None) -> Options:
     if args.to_topic is not None:
         known = {s.name: s for s in topics_mod.specs(cfg)}
         # A new topic is laid out like ktel.raw: keyed by host, as many partitions, kept as long.
-        spec = dataclasses.replace(known.get(args.to_topic, known[RAW_TOPIC]), name=args.to_topic)
+        spec = dataclasses.replace(known.get(args.to_topic, known[cfg.kafka.topics.raw]), name=args.to_topic)
     fmt = args.format or ("none" if args.to_topic else "jsonl")
     return Options(
         bootstrap=cfg.kafka.bootstrap,
         filter=flt,
         margin_ns=margin_ns,
-        topic=args.topic,
+        topic=args.topic or cfg.kafka.topics.raw,
         to_topic=args.to_topic,
         to_bootstrap=to_bootstrap if args.to_topic else None,
         to_topic_spec=spec,
-        protected_topics=frozenset(s.name for s in topics_mod.specs(cfg)) | {args.topic},
+        protected_topics=frozenset(s.name for s in topics_mod.specs(cfg))
+        | {args.topic or cfg.kafka.topics.raw},
         dlq=args.dlq,
         jsonl=fmt == "jsonl",
         client=cfg.kafka,
@@ -517,7 +517,7 @@ def main(cfg: Config, args: Any, stdout: TextIO | None = None, stderr: TextIO | 
         report(f"ktel replay: {err}")
         return 2
     retention_ns = int(cfg.kafka.raw_retention_hours * 3600 * NS)
-    if opts.topic == RAW_TOPIC and opts.filter.from_ns < time.time_ns() - retention_ns:
+    if opts.topic == cfg.kafka.topics.raw and opts.filter.from_ns < time.time_ns() - retention_ns:
         report(
             f"ktel replay: note: --from is older than {opts.topic}'s retention "
             f"({cfg.kafka.raw_retention_hours:g} h, kafka.raw_retention_hours): older events may be gone"

@@ -43,8 +43,10 @@ async def retry(
     what: str,
     backoff: Backoff = Backoff(),
     on_retry: Callable[[BaseException], None] | None = None,
+    quiet: bool = False,
 ) -> T:
-    """Run ``attempt`` until it succeeds or raises ``Permanent``."""
+    """Run ``attempt`` until it succeeds or raises ``Permanent``; ``quiet``: the
+    caller reports the failures itself (each retry is logged at debug level only)."""
     for delay in backoff.delays():
         try:
             return await attempt()
@@ -55,6 +57,13 @@ async def retry(
         except Exception as err:
             if on_retry:
                 on_retry(err)
-            log.warning("%s failed (%s: %s); retrying in %.2fs", what, type(err).__name__, err, delay)
+            log.log(
+                logging.DEBUG if quiet else logging.WARNING,
+                "%s failed (%s: %s); retrying in %.2fs",
+                what,
+                type(err).__name__,
+                err,
+                delay,
+            )
             await asyncio.sleep(delay)
     raise AssertionError("unreachable")

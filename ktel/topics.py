@@ -11,18 +11,6 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
 from ktel.config import Config, KafkaConfig
 from ktel.kafka_client import Kafka, client_kwargs, explain, settings
-from ktel.wire import (
-    CONTROL_TOPIC,
-    DEDUPED_TOPIC,
-    DLQ_TOPIC,
-    ENRICHED_TOPIC,
-    HEARTBEATS_TOPIC,
-    LOGS_TOPIC,
-    METRICS_TOPIC,
-    RAW_TOPIC,
-    SAMPLED_TOPIC,
-    SPANS_TOPIC,
-)
 
 HOUR_MS = 3_600_000
 RAW, OUTPUT = "kafka.raw_partitions", "kafka.output_partitions"
@@ -39,27 +27,27 @@ class TopicSpec:
 
 
 def specs(cfg: Config) -> list[TopicSpec]:
-    k = cfg.kafka
+    k, t = cfg.kafka, cfg.kafka.topics
     return [
         # Raw batches are the forensic record: kept by time, compressed by the producer.
-        TopicSpec(RAW_TOPIC, k.raw_partitions, int(k.raw_retention_hours * HOUR_MS), setting=RAW),
+        TopicSpec(t.raw, k.raw_partitions, int(k.raw_retention_hours * HOUR_MS), setting=RAW),
         # Between stages in split mode: keyed and partitioned like ktel.raw, so
         # each stage's per-host table stays co-partitioned with its input.
         *(
-            TopicSpec(t, k.raw_partitions, int(k.output_retention_hours * HOUR_MS), setting=RAW)
-            for t in (DEDUPED_TOPIC, ENRICHED_TOPIC, SAMPLED_TOPIC)
+            TopicSpec(name, k.raw_partitions, int(k.output_retention_hours * HOUR_MS), setting=RAW)
+            for name in (t.deduped, t.enriched, t.sampled)
         ),
         *(
-            TopicSpec(t, k.output_partitions, int(k.output_retention_hours * HOUR_MS), setting=OUTPUT)
-            for t in (METRICS_TOPIC, SPANS_TOPIC, LOGS_TOPIC)
+            TopicSpec(name, k.output_partitions, int(k.output_retention_hours * HOUR_MS), setting=OUTPUT)
+            for name in (t.metrics, t.spans, t.logs)
         ),
-        TopicSpec(DLQ_TOPIC, 1, int(k.dlq_retention_hours * HOUR_MS)),
+        TopicSpec(t.dlq, 1, int(k.dlq_retention_hours * HOUR_MS)),
         # Partitioned like ktel.raw: the enrich stage keeps a host's heartbeat in the
         # same table partition as its batches (Faust refuses a table write from a
         # topic whose partition count differs from the table's changelog).
-        TopicSpec(HEARTBEATS_TOPIC, k.raw_partitions, int(k.output_retention_hours * HOUR_MS), setting=RAW),
+        TopicSpec(t.heartbeats, k.raw_partitions, int(k.output_retention_hours * HOUR_MS), setting=RAW),
         # One partition: every agent reads all commands, in the order they were given.
-        TopicSpec(CONTROL_TOPIC, 1, int(k.output_retention_hours * HOUR_MS)),
+        TopicSpec(t.control, 1, int(k.output_retention_hours * HOUR_MS)),
     ]
 
 

@@ -60,20 +60,10 @@ from prometheus_client import Counter, Gauge
 
 from ktel import selfmetrics
 from ktel.config import Config, KafkaConfig
-from ktel.kafka_client import faust_settings
+from ktel.kafka_client import faust_settings, reachable
 from ktel.retry import retry
 from ktel.topics import TopicSpec, create_topics, partition_counts, replication, resolved
 from ktel.wire import (
-    CONTROL_TOPIC,
-    DEDUPED_TOPIC,
-    DLQ_TOPIC,
-    ENRICHED_TOPIC,
-    HEARTBEATS_TOPIC,
-    LOGS_TOPIC,
-    METRICS_TOPIC,
-    RAW_TOPIC,
-    SAMPLED_TOPIC,
-    SPANS_TOPIC,
     DeadLetter,
     WireError,
     decode_batch,
@@ -85,20 +75,17 @@ from ktel.wire import (
     encode_snapshot,
     encode_spans,
 )
+from ktel.wire.topics import Topics
 from processors.chain import build
 from processors.faust_app import App
 from processors.stage import Result, Stage
 
 log = logging.getLogger("ktel.process")
 
-SOURCE = {
-    "dedupe": RAW_TOPIC,
-    "enrich": DEDUPED_TOPIC,
-    "sample": ENRICHED_TOPIC,
-    "aggregate": SAMPLED_TOPIC,
-    "all": RAW_TOPIC,
-}
-SINK = {"dedupe": DEDUPED_TOPIC, "enrich": ENRICHED_TOPIC, "sample": SAMPLED_TOPIC}  # the rest: METRICS_TOPIC
+# Each stage's input and output (ktel/wire/topics.py, Topics.topic); the last stages
+# write only ktel.metrics, ktel.spans and ktel.logs.
+SOURCE = {"dedupe": "raw", "enrich": "deduped", "sample": "enriched", "aggregate": "sampled", "all": "raw"}
+SINK = {"dedupe": "deduped", "enrich": "enriched", "sample": "sampled"}
 
 BATCHES = Counter("ktel_processor_batches", "batches a stage processed", ["stage"])
 EVENTS = Counter("ktel_processor_events", "events counted into the aggregates (weighted)", ["stage"])
@@ -225,8 +212,9 @@ def make_app(cfg: Config, stage: str) -> faust.App:
     session = cfg.process.session_timeout_seconds
     datadir = cfg.process.data_dir / stage
     datadir.mkdir(parents=True, exist_ok=True)
+    names = cfg.kafka.topics
     app = App(
-        f"ktel-{stage}",
+        names.group(stage),
         **faust_settings(cfg.kafka),
         store="memory://",
         datadir=str(datadir),
@@ -246,10 +234,11 @@ def make_app(cfg: Config, stage: str) -> faust.App:
     def raw_topic(name: str) -> Any:
         return app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
 
-    source = raw_topic(SOURCE[stage])
-    sink = raw_topic(SINK[stage]) if stage in SINK else None
-    metrics, control, dlq = raw_topic(METRICS_TOPIC), raw_topic(CONTROL_TOPIC), raw_topic(DLQ_TOPIC)
-    spans_topic, logs_topic = raw_topic(SPANS_TOPIC), raw_topic(LOGS_TOPIC)
+    source_name = names.topic(SOURCE[stage])
+    source = raw_topic(source_name)
+    sink = raw_topic(names.topic(SINK[stage])) if stage in SINK else None
+    metrics, control, dlq = raw_topic(names.metrics), raw_topic(names.control), raw_topic(names.dlq)
+    spans_topic, logs_topic = raw_topic(names.spans), raw_topic(names.logs)
     # A chain whose stages all keep their state in the worker (sample) keeps no
     # table: a table it never writes would still need its changelog topic at start.
     hosts: Any = {}
@@ -349,7 +338,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
 
     if chain.heartbeats:
 
-        @app.agent(raw_topic(HEARTBEATS_TOPIC))
+        @app.agent(raw_topic(names.heartbeats))
         async def take_heartbeats(stream):
             async for event in stream.events():
                 try:
@@ -373,7 +362,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         @app.timer(timed.window_s, name=f"{timed.name}_window")
         async def window() -> None:
             n = cfg.kafka.raw_partitions
-            assigned = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == SOURCE[stage]}
+            assigned = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == source_name}
             # Hosts of partitions another worker holds now are that worker's to report.
             mine = {h: v for h, v in hosts.items() if partition_of(h, n) in assigned}
             result = chain.on_window(timed, mine, time.time_ns() // 1_000_000, len(assigned) / n)
@@ -392,8 +381,9 @@ def make_app(cfg: Config, stage: str) -> faust.App:
     return app
 
 
-def changelog_topic(stage: str) -> str:
-    return f"ktel-{stage}-host-state-changelog"  # Faust's name for the "host-state" table of app ktel-<stage>
+def changelog_topic(names: Topics, stage: str) -> str:
+    # Faust's name for the "host-state" table of the stage's app (make_app)
+    return f"{names.group(stage)}-host-state-changelog"
 
 
 def check_partitions(cfg: Config, stage: str) -> None:
@@ -411,11 +401,14 @@ def check_partitions(cfg: Config, stage: str) -> None:
     # What to do about each topic, by the partition count it has ({n}). ktel.raw
     # comes first: when it is the one that differs, the others follow from it.
     remake = "delete it with the stages stopped and run `ktel topics`, or set kafka.raw_partitions = {n}"
-    fixes = {RAW_TOPIC: "set kafka.raw_partitions = {n}"}
-    fixes.setdefault(SOURCE[stage], remake)  # never "delete ktel.raw"
-    fixes[changelog_topic(stage)] = "delete it with the stage stopped (the stage makes it again, empty)"
+    names = cfg.kafka.topics
+    fixes = {names.raw: "set kafka.raw_partitions = {n}"}
+    fixes.setdefault(names.topic(SOURCE[stage]), remake)  # never "delete ktel.raw"
+    fixes[changelog_topic(names, stage)] = (
+        "delete it with the stage stopped (the stage makes it again, empty)"
+    )
     if stage in ("enrich", "all"):
-        fixes[HEARTBEATS_TOPIC] = "delete it (it holds only recent heartbeats) and run `ktel topics`"
+        fixes[names.heartbeats] = "delete it (it holds only recent heartbeats) and run `ktel topics`"
     counts = asyncio.run(retry(functools.partial(partition_counts, cfg.kafka), what="describe the topics"))
     for topic, fix in fixes.items():
         n = counts.get(topic)
@@ -435,20 +428,25 @@ def replicas(kafka: KafkaConfig) -> int:
 
 
 def run(cfg: Config, stage: str, log_level: str = "info") -> None:
+    # Faust, left to find out, would log a traceback per attempt and no reason.
+    asyncio.run(reachable(cfg.kafka, f"ktel process {stage}"))
     check_partitions(cfg, stage)
     # Faust's topics get the replication ktel's own get: "auto" resolved once, here.
     rf_isr = asyncio.run(retry(lambda: replication(cfg.kafka), what="find the replication factor"))
     cfg = cfg.model_copy(update={"kafka": resolved(cfg.kafka, rf_isr)})
     # Faust's assignor topic (unused by the stages, but Faust makes it at start), made
     # here so that it gets kafka.min_insync_replicas too.
-    specs = [TopicSpec(f"ktel-{stage}-__assignor-__leader", 1)]
+    names = cfg.kafka.topics
+    specs = [TopicSpec(f"{names.group(stage)}-__assignor-__leader", 1)]
     if stage != "sample":
         # Created before Faust starts: when Faust creates it itself, a worker that
         # reads metadata a moment too early crashes with PartitionsMismatch and
         # never recovers (seen with Kafka 3.9 and faust-streaming 0.15).
         specs.append(
             TopicSpec(
-                changelog_topic(stage), cfg.kafka.raw_partitions, extra_config={"cleanup.policy": "compact"}
+                changelog_topic(names, stage),
+                cfg.kafka.raw_partitions,
+                extra_config={"cleanup.policy": "compact"},
             )
         )
     asyncio.run(retry(lambda: create_topics(cfg.kafka, specs), what="create the stage's own topics"))

@@ -48,7 +48,7 @@ async def test_prometheus_down_60s_everything_arrives_memory_bounded(kafka, tmp_
     prom.start()
     cfg = config.Config(kafka=config.KafkaConfig(bootstrap=kafka.bootstrap))
     await create_topics(kafka.bootstrap, topics.specs(cfg))
-    await start_group_at_end(kafka.bootstrap, remote_write.GROUP, METRICS_TOPIC)
+    await start_group_at_end(kafka.bootstrap, cfg.kafka.topics.group(remote_write.GROUP), METRICS_TOPIC)
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("KTEL_")},
         "KTEL_KAFKA__BOOTSTRAP": kafka.bootstrap,

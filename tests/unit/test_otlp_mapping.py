@@ -304,7 +304,7 @@ async def test_transient_failures_are_retried_refusals_split_and_late_items_dead
         for i, name in enumerate(names)
     ]
     value = wire_spans(SpanBatch(RESOURCE, rows))
-    rec = Record(decode_spans(value), "ktel.spans", 3, 41, b"h1", value)
+    rec = Record(decode_spans(value), "ktel.spans", 3, 41, b"h1", value, wire.DLQ_TOPIC)
     producer = Producer()
     dead = sample("ktel_exporter_dead_lettered_items_total", "otlp", "spans")
     acked = REGISTRY.get_sample_value("ktel_exporter_otlp_items_total", {"signal": "spans"}) or 0.0

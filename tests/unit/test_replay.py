@@ -281,7 +281,7 @@ def test_an_unreachable_kafka_is_named_with_the_setting_to_fix(monkeypatch, caps
     assert exit_.value.code == 2
     last = capsys.readouterr().err.splitlines()[-1]
     assert last.startswith(f"ktel replay: cannot reach Kafka at {bootstrap} (")
-    assert last.endswith("set kafka.bootstrap or KTEL_KAFKA__BOOTSTRAP")
+    assert last.endswith("check kafka.bootstrap and kafka.security_protocol")
 
 
 def nested_too_deeply(depth: int = 1000) -> bytes:

@@ -78,6 +78,7 @@ class Shell:
         sections.setdefault("process", config.ProcessConfig(data_dir=tmp_path / "data", metrics_port=0))
         cfg = config.Config(agent=config.AgentConfig(host_id="t"), **sections)
         self.stage = stage
+        self.names = cfg.kafka.topics
         self.app = stages.make_app(cfg, stage)
         self.sent: list[tuple[str, bytes, bytes]] = []
         # The table's changelog records (key, value at the time of sending).
@@ -86,7 +87,7 @@ class Shell:
 
     async def __aenter__(self) -> Shell:
         sent, changelog = self.sent, self.changelog
-        changelog_topic = stages.changelog_topic(self.stage)
+        changelog_topic = stages.changelog_topic(self.names, self.stage)
 
         async def record(topic, key=None, value=None, **_kw):
             if topic.get_topic_name() == changelog_topic:
