@@ -229,13 +229,17 @@ async def deliver(
                 producer, STAGE, rec, problem, signal="samples", items=len(series_keys(rec.item))
             )
     what = f"remote-write to {url}"
+    dead: set[tuple[int, int]] = set()  # (partition, offset) of snapshots dead-lettered after a refusal
     for body, n, keys in encode(rec.item for rec in snaps):
         try:
             await retry(functools.partial(post, client, url, body), what=what)
             SAMPLES.labels(STAGE).inc(n)
         except Permanent as err:
             log.error("remote-write refused %d samples; sending them again by snapshot: %s", n, err)
-            await _resend_by_snapshot(client, url, snaps, set(keys), producer, str(err))
+            dead |= await _resend_by_snapshot(client, url, snaps, set(keys), producer, str(err))
+    consume.observe_acknowledged(
+        STAGE, (rec.item.ts_ms * 1_000_000 for rec in snaps if (rec.partition, rec.offset) not in dead)
+    )
 
 
 async def _resend_by_snapshot(
@@ -245,10 +249,11 @@ async def _resend_by_snapshot(
     refused: set[bytes],
     producer: AIOKafkaProducer,
     answer: str,
-) -> None:
+) -> set[tuple[int, int]]:
     """Send the samples of a refused request again, split by the snapshots they came
     from (only the refused request's series, so nothing acknowledged is sent twice);
-    a snapshot refused alone goes to ``ktel.dlq`` as it was read."""
+    a snapshot refused alone goes to ``ktel.dlq`` as it was read. Returns the
+    (partition, offset) of those dead-lettered."""
     owners = [rec for rec in snaps if not refused.isdisjoint(series_keys(rec.item))]
 
     async def send(recs: Sequence[Record]) -> None:
@@ -257,11 +262,15 @@ async def _resend_by_snapshot(
         await post(client, url, body)
         SAMPLES.labels(STAGE).inc(n)
 
+    dead_lettered: set[tuple[int, int]] = set()
+
     async def dead(rec: Record, reason: str) -> None:
         n = sum(1 for key in series_keys(rec.item) if key in refused)
         await consume.refuse(producer, STAGE, rec, reason, signal="samples", items=n)
+        dead_lettered.add((rec.partition, rec.offset))
 
     await send_split(owners, send, dead, what=f"remote-write to {url}", refusal=answer)
+    return dead_lettered
 
 
 async def run(cfg: Config, stop: asyncio.Event, *, group_id: str = GROUP) -> None:
