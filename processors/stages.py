@@ -50,7 +50,7 @@ from typing import Any
 
 import faust
 from aiokafka.partitioner import murmur2
-from prometheus_client import Counter, Gauge
+from prometheus_client import REGISTRY, Counter, Gauge
 
 from ktel import selfmetrics
 from ktel.config import Config, KafkaConfig
@@ -81,6 +81,7 @@ from ktel.wire import (
 )
 from processors.chain import build
 from processors.faust_app import App
+from processors.fleet_metrics import FleetMetrics
 from processors.stage import Result, Stage
 
 log = logging.getLogger("ktel.process")
@@ -121,6 +122,9 @@ EXPIRED_HOSTS = Counter(
 PROCESSES = Gauge(
     "ktel_processor_processes_known", "processes the enrich stage knows, over the hosts it served", ["stage"]
 )
+# Per-host SLIs from the heartbeats this worker reads (its hosts are forgotten as make_app configures).
+FLEET = FleetMetrics(forget_after_s=3600.0)
+REGISTRY.register(FLEET)
 # The self-metric of each name a stage counts in Result.counts.
 COUNTED: dict[str, Counter | Gauge] = {
     "duplicates": DUPLICATES,
@@ -190,6 +194,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
     exported: tuple[Counter | Gauge, ...] = (BATCHES, EVENTS, DUPLICATES, DEAD_LETTERS, HOST_CONFLICTS)
     if chain.heartbeats:
         exported += (HEARTBEATS, EVICTIONS, PROCESSES)
+        FLEET.forget_after_s = cfg.aggregate.host_ttl_seconds
     for metric in exported:  # as 0 from the start
         metric.labels(stage)
 
@@ -298,6 +303,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
                     await dead_letter(event, err)
                     continue
                 HEARTBEATS.labels(stage).inc()
+                FLEET.observe(host_id, hb)
                 value = hosts[host_id]
                 if chain.on_heartbeat(value, host_id, hb):
                     await persist(hosts, host_id, value)
