@@ -26,6 +26,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
 from prometheus_client import Counter, Histogram
 
+from ktel import consumer_lag
 from ktel.kafka_client import Kafka, client_kwargs, settings
 from ktel.retry import retry
 from ktel.runtime import tune_gc
@@ -151,6 +152,8 @@ async def run(
         while not stop.is_set():
             fetched = await consumer.getmany(timeout_ms=500)
             if not fetched:
+                if group_id is not None:
+                    consumer_lag.export(group_id, await _lags(consumer))
                 continue
             items: list[Record] = []
             for tp, records in fetched.items():
@@ -171,6 +174,7 @@ async def run(
                 await _deliver_paused(consumer, deliver(items, producer))
             if group_id is not None:
                 await _commit(consumer, {tp: recs[-1].offset + 1 for tp, recs in fetched.items()})
+                consumer_lag.export(group_id, await _lags(consumer))
     finally:
         await consumer.stop()
         await producer.stop()
@@ -204,6 +208,17 @@ async def _commit(consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]
         await consumer.commit(owned)
     except (CommitFailedError, IllegalStateError) as err:
         log.warning("offsets not committed (%s); those records will be delivered again", err)
+
+
+async def _lags(consumer: AIOKafkaConsumer) -> dict[tuple[str, int], int]:
+    """Each assigned partition's end (as of the last fetch) minus the position this
+    consumer commits up to once the records before it are delivered."""
+    lags = {}
+    for tp in consumer.assignment():
+        end = consumer.highwater(tp)
+        if end is not None:
+            lags[(tp.topic, tp.partition)] = end - await consumer.position(tp)
+    return lags
 
 
 async def _seek(consumer: AIOKafkaConsumer, parts: list[TopicPartition], start_ms: int | None) -> None:

@@ -43,6 +43,7 @@ why ``ktel.heartbeats`` is partitioned like ``ktel.raw``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 import time
@@ -52,7 +53,7 @@ import faust
 from aiokafka.partitioner import murmur2
 from prometheus_client import REGISTRY, Counter, Gauge
 
-from ktel import selfmetrics
+from ktel import consumer_lag, selfmetrics
 from ktel.config import Config, KafkaConfig
 from ktel.kafka_client import faust_settings
 from ktel.retry import retry
@@ -69,6 +70,7 @@ from ktel.wire import (
     SAMPLED_TOPIC,
     SPANS_TOPIC,
     DeadLetter,
+    MetricSnapshot,
     WireError,
     decode_batch,
     decode_heartbeat,
@@ -122,9 +124,17 @@ EXPIRED_HOSTS = Counter(
 PROCESSES = Gauge(
     "ktel_processor_processes_known", "processes the enrich stage knows, over the hosts it served", ["stage"]
 )
+# How often a worker exports its partitions' consumer lag.
+LAG_INTERVAL_S = 5.0
 # Per-host SLIs from the heartbeats this worker reads (its hosts are forgotten as make_app configures).
 FLEET = FleetMetrics(forget_after_s=3600.0)
 REGISTRY.register(FLEET)
+SAMPLER_EMITTED = Counter(
+    "ktel_processor_sampler_emitted_events", "events the sample stage was given, per kind", ["stage", "kind"]
+)
+SAMPLER_KEPT = Counter(
+    "ktel_processor_sampler_kept_events", "events the sample stage kept, per kind", ["stage", "kind"]
+)
 # The self-metric of each name a stage counts in Result.counts.
 COUNTED: dict[str, Counter | Gauge] = {
     "duplicates": DUPLICATES,
@@ -136,6 +146,13 @@ COUNTED: dict[str, Counter | Gauge] = {
     "evictions": EVICTIONS,
     "processes": PROCESSES,
 }
+SERIES = Gauge(
+    "ktel_processor_series",
+    "series per metric in the last window's snapshots of this worker's hosts (a histogram counts once)",
+    ["stage", "metric"],
+)
+# ... and of each name a stage counts per event kind in Result.kind_counts.
+KIND_COUNTED: dict[str, Counter] = {"sampler_emitted": SAMPLER_EMITTED, "sampler_kept": SAMPLER_KEPT}
 
 
 async def persist(table: Any, key: str, value: dict[str, Any]) -> None:
@@ -243,6 +260,9 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         """What a stage made, but the batch it passes on; ``key``: that of the batch's record."""
         for name, n in result.counts.items():
             COUNTED[name].labels(stage).inc(n)
+        for name, by_kind in result.kind_counts.items():
+            for kind, n in by_kind.items():
+                KIND_COUNTED[name].labels(stage, kind).inc(n)
         for sb in result.spans:
             await spans_topic.send(key=key, value=encode_spans(sb))
             SPANS.labels(stage).inc(len(sb.spans))
@@ -308,6 +328,18 @@ def make_app(cfg: Config, stage: str) -> faust.App:
                 if chain.on_heartbeat(value, host_id, hb):
                     await persist(hosts, host_id, value)
 
+    exported_series: set[str] = set()
+
+    def count_series(snapshots: list[tuple[str, MetricSnapshot]]) -> None:
+        """SLI M11: series per metric, from a window's snapshots of every host held."""
+        per_metric = collections.Counter(row[0] for _, snap in snapshots for row in snap.series)
+        for gone in exported_series - set(per_metric):
+            SERIES.remove(stage, gone)
+        for metric, n in per_metric.items():
+            SERIES.labels(stage, metric).set(n)
+        exported_series.clear()
+        exported_series.update(per_metric)
+
     def every_window(timed: Stage) -> None:
         @app.timer(timed.window_s, name=f"{timed.name}_window")
         async def window() -> None:
@@ -316,6 +348,8 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             # Hosts of partitions another worker holds now are that worker's to report.
             mine = {h: v for h, v in hosts.items() if partition_of(h, n) in assigned}
             result = chain.on_window(timed, mine, time.time_ns() // 1_000_000, len(assigned) / n)
+            if result.snapshots:
+                count_series(result.snapshots)
             await emit(result)
             for host_id in result.forget:
                 await forget(hosts, host_id, n)
@@ -326,6 +360,20 @@ def make_app(cfg: Config, stage: str) -> faust.App:
     @app.task
     async def serve_metrics():
         selfmetrics.serve(cfg.process.metrics_port)
+
+    @app.timer(LAG_INTERVAL_S, name="consumer_lag")
+    async def export_lag() -> None:
+        # Faust's monitor tracks each partition's end (at fetch) and committed offset.
+        monitor = app.monitor
+        held = app.assignor.assigned_actives()
+        consumer_lag.export(
+            app.conf.id,
+            {
+                (tp.topic, tp.partition): end - monitor.tp_committed_offsets.get(tp, 0)
+                for tp, end in monitor.tp_end_offsets.items()
+                if tp in held
+            },
+        )
 
     return app
 
