@@ -135,6 +135,11 @@ SAMPLER_EMITTED = Counter(
 SAMPLER_KEPT = Counter(
     "ktel_processor_sampler_kept_events", "events the sample stage kept, per kind", ["stage", "kind"]
 )
+SERIES = Gauge(
+    "ktel_processor_series",
+    "series per metric in the last window's snapshots of this worker's hosts (a histogram counts once)",
+    ["stage", "metric"],
+)
 # The self-metric of each name a stage counts in Result.counts.
 COUNTED: dict[str, Counter | Gauge] = {
     "duplicates": DUPLICATES,
@@ -146,11 +151,6 @@ COUNTED: dict[str, Counter | Gauge] = {
     "evictions": EVICTIONS,
     "processes": PROCESSES,
 }
-SERIES = Gauge(
-    "ktel_processor_series",
-    "series per metric in the last window's snapshots of this worker's hosts (a histogram counts once)",
-    ["stage", "metric"],
-)
 # ... and of each name a stage counts per event kind in Result.kind_counts.
 KIND_COUNTED: dict[str, Counter] = {"sampler_emitted": SAMPLER_EMITTED, "sampler_kept": SAMPLER_KEPT}
 
