@@ -56,6 +56,7 @@ from prometheus_client import Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
+from edge_agent import node_stats
 from edge_agent import probes as probes_mod
 from edge_agent.containers import Containers
 from edge_agent.control import Control
@@ -493,8 +494,15 @@ class Agent:
 
     # ------------------------------------------------------------ heartbeats
 
+    def node_readings(self) -> dict[str, int]:
+        """The heartbeat's ``node`` map (edge_agent/node_stats.py); blocking, run in a thread."""
+        node = node_stats.read_proc()
+        for p in list(self.loaded.values()):
+            node.update(p.map_usage())
+        return node
+
     def heartbeat(
-        self, interval: float, previous: dict[str, int], containers: list[list]
+        self, interval: float, previous: dict[str, int], containers: list[list], node: dict[str, int]
     ) -> tuple[Heartbeat, dict[str, int]]:
         """The heartbeat record; ``rates`` are the counters' increase over the last
         ``interval`` seconds (since start, in the first)."""
@@ -558,6 +566,7 @@ class Agent:
             "acked_commands": self.control.take_acks(),
             "refused_commands": self.control.take_refusals(),
             "containers": containers,
+            "node": node,
         }
         self.redactor.apply_heartbeat(hb)
         return hb, counters
@@ -571,10 +580,11 @@ class Agent:
         last = self.started
         while True:
             containers = await asyncio.to_thread(self.containers.scan)
+            node = await asyncio.to_thread(self.node_readings)
             CONTAINERS.set(len(containers))
             CONTAINERS_UNLISTED.set(self.containers.unlisted)
             now = time.monotonic()
-            hb, previous = self.heartbeat(max(now - last, 1e-3), previous, containers)
+            hb, previous = self.heartbeat(max(now - last, 1e-3), previous, containers, node)
             last = now
             try:
                 # Only the latest heartbeat matters: one that cannot be sent in time is skipped, not queued.

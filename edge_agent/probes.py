@@ -22,6 +22,7 @@ Two kinds of probes (docs/design.md, principle 6):
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import logging
 import os
@@ -32,6 +33,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from edge_agent import node_stats
 from edge_agent import ringbuf as rb
 from ktel.paths import DATA_DIR, TRACEFS
 from ktel.probes import HIST_SLOTS, HISTOGRAM_DELTA, PROBES, Probe
@@ -179,7 +181,9 @@ class LoadedProbe:
             libs[u.library] = path
         present = present_tracepoints(spec)
         cflags = cflags_for(spec, ringbuf_pages, defines, present)
-        self.bpf = BPF(text=bpf_source(spec.name).encode(), cflags=cflags)
+        source = bpf_source(spec.name)
+        self.bpf = BPF(text=source.encode(), cflags=cflags)
+        self.hash_maps = node_stats.hash_maps(source)
         try:
             for tp, fn in spec.programs.items():
                 if tp in present:  # gone since: attaching fails and says so
@@ -292,6 +296,14 @@ class LoadedProbe:
             # Values a histogram could not count because a map was full.
             c["hist_lost"] = sum(self.bpf[b"hist_lost"][ctypes.c_int(0)])
         return c
+
+    def map_usage(self) -> dict[str, int]:
+        """Entries and capacity of the probe's hash maps (edge_agent/node_stats.py)."""
+        tables = []
+        for name in self.hash_maps:
+            with contextlib.suppress(KeyError):  # declared under an #if this kernel's build left out
+                tables.append((name, self.bpf[name.encode()]))
+        return node_stats.map_usage(self.spec.name, tables)
 
     def set_sample_every(self, n: int) -> None:
         self.bpf[b"knobs"][ctypes.c_int(KNOB_SAMPLE_EVERY)] = ctypes.c_uint32(n)

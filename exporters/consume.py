@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 
+from ktel import consumer_lag
 from ktel.kafka_client import Kafka, client_kwargs, settings, start
 from ktel.retry import retry
 from ktel.runtime import tune_gc
@@ -38,6 +40,29 @@ DEAD_LETTERED_ITEMS = Counter(
     "samples, spans, log records or data points in the records sent to ktel.dlq",
     ["exporter", "signal"],
 )
+
+# End-to-end ingestion latency (SLI M2): from the time a record's data was made
+# (a snapshot's sample timestamp, the window's close that counted the kernel's
+# events; a span's end; a log record's time) to the backend's acknowledgement
+# (remote-write 2xx, OTLP success). One observation per record (a snapshot, a batch
+# of spans or logs) and request that carried it; dead-lettered records are not
+# observed. Buckets span the aggregate windows in use (2 s to 60 s) and a backlog.
+INGESTION_LATENCY = Histogram(
+    "ktel_exporter_ingestion_latency_seconds",
+    "from a record's data timestamp to the backend's acknowledgement",
+    ["exporter"],
+    buckets=(0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 15, 30, 60, 120, 300, 600),
+)
+
+
+def observe_acknowledged(exporter: str, oldest_ts_ns: Iterable[int]) -> None:
+    """Record the ingestion latency of records the backend just acknowledged, each
+    from the oldest timestamp it carried."""
+    now = time.time_ns()
+    hist = INGESTION_LATENCY.labels(exporter)
+    for ts in oldest_ts_ns:
+        hist.observe(max(now - ts, 0) / 1e9)
+
 
 # How often a paused consumer calls getmany while a delivery is in flight.
 POLL_WHILE_PAUSED_S = 1.0
@@ -129,6 +154,8 @@ async def run(
         while not stop.is_set():
             fetched = await consumer.getmany(timeout_ms=500)
             if not fetched:
+                if group_id is not None:
+                    consumer_lag.export(group_id, await _lags(consumer))
                 continue
             items: list[Record] = []
             for tp, records in fetched.items():
@@ -152,6 +179,7 @@ async def run(
                 await _deliver_paused(consumer, deliver(items, producer))
             if group_id is not None:
                 await _commit(consumer, {tp: recs[-1].offset + 1 for tp, recs in fetched.items()})
+                consumer_lag.export(group_id, await _lags(consumer))
     finally:
         await consumer.stop()
         await producer.stop()
@@ -185,6 +213,17 @@ async def _commit(consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]
         await consumer.commit(owned)
     except (CommitFailedError, IllegalStateError) as err:
         log.warning("offsets not committed (%s); those records will be delivered again", err)
+
+
+async def _lags(consumer: AIOKafkaConsumer) -> dict[tuple[str, int], int]:
+    """Each assigned partition's end (as of the last fetch) minus the position this
+    consumer commits up to once the records before it are delivered."""
+    lags = {}
+    for tp in consumer.assignment():
+        end = consumer.highwater(tp)
+        if end is not None:
+            lags[(tp.topic, tp.partition)] = end - await consumer.position(tp)
+    return lags
 
 
 async def _seek(consumer: AIOKafkaConsumer, parts: list[TopicPartition], start_ms: int | None) -> None:

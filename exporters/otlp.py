@@ -54,7 +54,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from importlib.metadata import version
 from typing import Any
 
@@ -451,6 +451,7 @@ class Sender:
                 raise
             self.misconfigured.succeeded()
             ITEMS.labels(signal).inc(len(part))
+            consume.observe_acknowledged(STAGE, _oldest_per_record(signal, part))
 
         async def refused(entry: tuple[Record, Any], reason: str) -> None:
             rec, (_, row) = entry
@@ -477,6 +478,22 @@ class Sender:
     def shutdown(self) -> None:
         for exporter in (self.spans, self.metrics, self.logs):
             exporter.shutdown()
+
+
+def _oldest_per_record(signal: str, part: Sequence[tuple[Record, Any]]) -> Iterable[int]:
+    """The oldest timestamp (ns) of each record's items in ``part``: a span's end, a
+    log record's time, a data point's snapshot time."""
+    oldest: dict[tuple[str, int, int], int] = {}
+    for rec, (first, row) in part:
+        if signal == "spans":
+            ts = row[5]
+        elif signal == "logs":
+            ts = row[0]
+        else:
+            ts = first * 1_000_000
+        key = (rec.topic, rec.partition, rec.offset)
+        oldest[key] = min(ts, oldest.get(key, ts))
+    return oldest.values()
 
 
 def _span_request(rows: list[tuple[dict[str, Any], Sequence[Any]]]) -> Any:

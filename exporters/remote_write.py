@@ -305,13 +305,17 @@ async def deliver(
                 producer, STAGE, rec, problem, signal="samples", items=len(series_keys(rec.item, histograms))
             )
     what = f"remote-write to {receiver.url}"
+    dead: set[tuple[int, int]] = set()  # (partition, offset) of snapshots dead-lettered after a refusal
     for body, n, keys in encode((rec.item for rec in snaps), histograms=histograms):
         try:
             await retry(functools.partial(post, receiver, body), what=what)
             SAMPLES.labels(STAGE).inc(n)
         except Permanent as err:
             log.error("remote-write refused %d samples; sending them again by snapshot: %s", n, err)
-            await _resend_by_snapshot(receiver, snaps, set(keys), producer, str(err), histograms)
+            dead |= await _resend_by_snapshot(receiver, snaps, set(keys), producer, str(err), histograms)
+    consume.observe_acknowledged(
+        STAGE, (rec.item.ts_ms * 1_000_000 for rec in snaps if (rec.partition, rec.offset) not in dead)
+    )
 
 
 async def _resend_by_snapshot(
@@ -321,10 +325,11 @@ async def _resend_by_snapshot(
     producer: AIOKafkaProducer,
     answer: str,
     histograms: str,
-) -> None:
+) -> set[tuple[int, int]]:
     """Send the samples of a refused request again, split by the snapshots they came
     from (only the refused request's series, so nothing acknowledged is sent twice);
-    a snapshot refused alone goes to ``ktel.dlq`` as it was read."""
+    a snapshot refused alone goes to ``ktel.dlq`` as it was read. Returns the
+    (partition, offset) of those dead-lettered."""
     owners = [rec for rec in snaps if not refused.isdisjoint(series_keys(rec.item, histograms))]
 
     async def send(recs: Sequence[Record]) -> None:
@@ -333,11 +338,15 @@ async def _resend_by_snapshot(
         await post(receiver, body)
         SAMPLES.labels(STAGE).inc(n)
 
+    dead_lettered: set[tuple[int, int]] = set()
+
     async def dead(rec: Record, reason: str) -> None:
         n = sum(1 for key in series_keys(rec.item, histograms) if key in refused)
         await consume.refuse(producer, STAGE, rec, reason, signal="samples", items=n)
+        dead_lettered.add((rec.partition, rec.offset))
 
     await send_split(owners, send, dead, what=f"remote-write to {receiver.url}", refusal=answer)
+    return dead_lettered
 
 
 async def run(cfg: Config, stop: asyncio.Event, *, group_id: str | None = None) -> None:

@@ -79,7 +79,14 @@ class Stack:
         data = cfg.stack.data_dir
         self.logs = data / "logs"
         self.kafka = LocalKafka(data / "kafka", cfg.stack.kafka_port, cfg.stack.kafka_controller_port)
-        self.prometheus = LocalPrometheus(data / "prometheus", cfg.stack.prometheus_port)
+        # It scrapes the self-metrics of ktel's processes (not the pull endpoint: its
+        # series are those remote-write sends) for the SLIs of ktel's dashboards and rules.
+        self_metrics = [
+            f"127.0.0.1:{setting(cfg, port)}"
+            for _, _, port in CHILDREN
+            if port != "pull.port" and setting(cfg, port)
+        ]
+        self.prometheus = LocalPrometheus(data / "prometheus", cfg.stack.prometheus_port, scrape=self_metrics)
         self.collector = LocalCollector(
             data / "otelcol",
             cfg.stack.collector_grpc_port,

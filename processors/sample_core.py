@@ -36,8 +36,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import operator
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ktel.probes import HISTOGRAM_DELTA, KINDS, PROBE_OF_KIND
@@ -171,7 +173,11 @@ class Sample(Stage):
         state["probes"] = sorted(set(state.get("probes", [])) | probes_of({ev[0] for ev in batch.events}))
         state["seen_ms"] = now_ms
         kept = self.sampler.sample(batch)
-        return Result(kept, counts={"sampled_out": len(batch.events) - len(kept.events)})
+        return Result(
+            kept,
+            counts={"sampled_out": len(batch.events) - len(kept.events)},
+            kind_counts={"sampler_emitted": by_kind(batch.events), "sampler_kept": by_kind(kept.events)},
+        )
 
     def on_window(self, states: dict[str, State], now_ms: int, share: float) -> Result:
         self.sampler.end_window(share=share)
@@ -183,6 +189,15 @@ class Sample(Stage):
                 continue
             out.commands += observe_host(state, host_id, state["probes"], now_ms, opts)
         return out
+
+
+KIND_OF = operator.itemgetter(0)  # an event's kind id
+
+
+def by_kind(events: Sequence[Sequence[Any]]) -> dict[str, float]:
+    """Events per kind name (SLI M12: the sampler's kept / emitted ratio per kind)."""
+    # Counted in C (Counter over map): a generator would cost a third of the sampling.
+    return {KINDS[kind].name: n for kind, n in Counter(map(KIND_OF, events)).items()}
 
 
 def observe_host(

@@ -56,6 +56,8 @@ class Result:
     # maps to them: duplicates, host_conflicts, events, overflowed, sampled_out,
     # evictions, expired_hosts, unchanged_series, processes (a gauge: it may go down).
     counts: dict[str, float] = dataclasses.field(default_factory=dict)
+    # The same per event kind: name -> {kind: increment} (sampler_emitted, sampler_kept).
+    kind_counts: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
     def then(self, later: Result) -> Result:
         """This result followed by a later stage's (which got this one's batch)."""
@@ -69,6 +71,10 @@ class Result:
         self.commands += later.commands
         for name, n in later.counts.items():
             self.counts[name] = self.counts.get(name, 0) + n
+        for name, by_kind in later.kind_counts.items():
+            mine = self.kind_counts.setdefault(name, {})
+            for kind, n in by_kind.items():
+                mine[kind] = mine.get(kind, 0) + n
         return self
 
 

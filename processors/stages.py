@@ -48,6 +48,7 @@ why ``ktel.heartbeats`` is partitioned like ``ktel.raw``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 import time
@@ -56,15 +57,16 @@ from typing import Any
 import faust
 from aiokafka.partitioner import murmur2
 from faust.serializers import codecs
-from prometheus_client import Counter, Gauge
+from prometheus_client import REGISTRY, Counter, Gauge
 
-from ktel import selfmetrics
+from ktel import consumer_lag, selfmetrics
 from ktel.config import Config, KafkaConfig
 from ktel.kafka_client import faust_settings, reachable
 from ktel.retry import retry
 from ktel.topics import TopicSpec, create_topics, partition_counts, replication, resolved
 from ktel.wire import (
     DeadLetter,
+    MetricSnapshot,
     WireError,
     decode_batch,
     decode_heartbeat,
@@ -78,6 +80,7 @@ from ktel.wire import (
 from ktel.wire.topics import Topics
 from processors.chain import build
 from processors.faust_app import App
+from processors.fleet_metrics import FleetMetrics
 from processors.stage import Result, Stage
 
 log = logging.getLogger("ktel.process")
@@ -125,6 +128,22 @@ UNCHANGED_SERIES = Counter(
 PROCESSES = Gauge(
     "ktel_processor_processes_known", "processes the enrich stage knows, over the hosts it served", ["stage"]
 )
+# How often a worker exports its partitions' consumer lag.
+LAG_INTERVAL_S = 5.0
+# Per-host SLIs from the heartbeats this worker reads (its hosts are forgotten as make_app configures).
+FLEET = FleetMetrics(forget_after_s=3600.0)
+REGISTRY.register(FLEET)
+SAMPLER_EMITTED = Counter(
+    "ktel_processor_sampler_emitted_events", "events the sample stage was given, per kind", ["stage", "kind"]
+)
+SAMPLER_KEPT = Counter(
+    "ktel_processor_sampler_kept_events", "events the sample stage kept, per kind", ["stage", "kind"]
+)
+SERIES = Gauge(
+    "ktel_processor_series",
+    "series per metric in the last window's snapshots of this worker's hosts (a histogram counts once)",
+    ["stage", "metric"],
+)
 # The self-metric of each name a stage counts in Result.counts.
 COUNTED: dict[str, Counter | Gauge] = {
     "duplicates": DUPLICATES,
@@ -138,6 +157,8 @@ COUNTED: dict[str, Counter | Gauge] = {
     "evictions": EVICTIONS,
     "processes": PROCESSES,
 }
+# ... and of each name a stage counts per event kind in Result.kind_counts.
+KIND_COUNTED: dict[str, Counter] = {"sampler_emitted": SAMPLER_EMITTED, "sampler_kept": SAMPLER_KEPT}
 
 
 async def persist(table: Any, key: str, value: dict[str, Any], data: bytes) -> None:
@@ -206,6 +227,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
     exported: tuple[Counter | Gauge, ...] = (BATCHES, EVENTS, DUPLICATES, DEAD_LETTERS, HOST_CONFLICTS)
     if chain.heartbeats:
         exported += (HEARTBEATS, EVICTIONS, PROCESSES)
+        FLEET.forget_after_s = cfg.aggregate.host_ttl_seconds
     for metric in exported:  # as 0 from the start
         metric.labels(stage)
 
@@ -291,6 +313,9 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         """What a stage made, but the batch it passes on; ``key``: that of the batch's record."""
         for name, n in result.counts.items():
             COUNTED[name].labels(stage).inc(n)
+        for name, by_kind in result.kind_counts.items():
+            for kind, n in by_kind.items():
+                KIND_COUNTED[name].labels(stage, kind).inc(n)
         for sb in result.spans:
             await spans_topic.send(key=key, value=encode_spans(sb))
             SPANS.labels(stage).inc(len(sb.spans))
@@ -357,6 +382,19 @@ def make_app(cfg: Config, stage: str) -> faust.App:
                 if chain.on_heartbeat(value, host_id, hb) and not await save(event, host_id, value, before):
                     continue
                 HEARTBEATS.labels(stage).inc()
+                FLEET.observe(host_id, hb)
+
+    exported_series: set[str] = set()
+
+    def count_series(snapshots: list[tuple[str, MetricSnapshot]]) -> None:
+        """SLI M11: series per metric, from a window's snapshots of every host held."""
+        per_metric = collections.Counter(row[0] for _, snap in snapshots for row in snap.series)
+        for gone in exported_series - set(per_metric):
+            SERIES.remove(stage, gone)
+        for metric, n in per_metric.items():
+            SERIES.labels(stage, metric).set(n)
+        exported_series.clear()
+        exported_series.update(per_metric)
 
     def every_window(timed: Stage) -> None:
         @app.timer(timed.window_s, name=f"{timed.name}_window")
@@ -366,6 +404,8 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             # Hosts of partitions another worker holds now are that worker's to report.
             mine = {h: v for h, v in hosts.items() if partition_of(h, n) in assigned}
             result = chain.on_window(timed, mine, time.time_ns() // 1_000_000, len(assigned) / n)
+            if result.snapshots:
+                count_series(result.snapshots)
             await emit(result)
             for host_id in result.forget:
                 persisted.pop(host_id, None)
@@ -377,6 +417,20 @@ def make_app(cfg: Config, stage: str) -> faust.App:
     @app.task
     async def serve_metrics():
         selfmetrics.serve(cfg.process.metrics_port)
+
+    @app.timer(LAG_INTERVAL_S, name="consumer_lag")
+    async def export_lag() -> None:
+        # Faust's monitor tracks each partition's end (at fetch) and committed offset.
+        monitor = app.monitor
+        held = app.assignor.assigned_actives()
+        consumer_lag.export(
+            app.conf.id,
+            {
+                (tp.topic, tp.partition): end - monitor.tp_committed_offsets.get(tp, 0)
+                for tp, end in monitor.tp_end_offsets.items()
+                if tp in held
+            },
+        )
 
     return app
 

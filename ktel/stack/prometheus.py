@@ -1,23 +1,29 @@
 """A throwaway local Prometheus (Debian's /usr/bin/prometheus) that accepts remote write,
-in the clear or, with ``Web``, over TLS with basic auth and client certificates."""
+in the clear or, with ``Web``, over TLS with basic auth and client certificates; and,
+given them, scrapes ktel's self-metrics and evaluates ktel's rules."""
 
 from __future__ import annotations
 
 import json
 import ssl
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from ktel.paths import DATA_DIR
 from ktel.stack import proc
 from ktel.stack.certs import Pair
 
 PROMETHEUS_BIN = "/usr/bin/prometheus"
+# ktel's recording and alerting rules (deploy/prometheus/ktel-rules.yml).
+RULES = DATA_DIR / "deploy/prometheus/ktel-rules.yml"
+# Local: scrape often, so that rates over ktel's self-metrics show within seconds.
+SELF_METRICS_SCRAPE_S = 5
 
-# No scrape targets: samples arrive by remote write from the exporters.
 _CONFIG = """\
 global:
   scrape_interval: 15s
@@ -64,19 +70,38 @@ class Web:
 
 
 class LocalPrometheus(proc.Server):
-    """``web``: what Prometheus asks of its clients (TLS, basic auth, client certificates).
-    ``native_histograms``: accept native histograms (Prometheus 2.40 to 2.x keep them
-    behind a feature flag), which ktel's remote-write sends by default."""
+    """Samples arrive by remote write from the exporters. ``web``: what Prometheus asks
+    of its clients (TLS, basic auth, client certificates). ``native_histograms``: accept
+    native histograms (Prometheus 2.40 to 2.x keep them behind a feature flag), which
+    ktel's remote-write sends by default. ``scrape`` (host:port of ktel's self-metrics
+    endpoints) adds a ``ktel`` scrape job and ktel's rules."""
 
     def __init__(
-        self, data_dir: Path, port: int = 9090, web: Web | None = None, native_histograms: bool = True
+        self,
+        data_dir: Path,
+        port: int = 9090,
+        web: Web | None = None,
+        native_histograms: bool = True,
+        scrape: Sequence[str] = (),
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.port = port
         self.web = web
         self.native_histograms = native_histograms
+        self.scrape = list(scrape)
         self.log_path = self.data_dir / "prometheus.log"
         self._http = _HTTP | (web.client_kwargs() if web else {})
+
+    def config(self) -> str:
+        if not self.scrape:
+            return _CONFIG
+        # JSON is YAML: the paths and targets need no quoting rules of their own.
+        job = {"job_name": "ktel", "scrape_interval": f"{SELF_METRICS_SCRAPE_S}s"}
+        return (
+            _CONFIG
+            + f"rule_files: [{json.dumps(str(RULES))}]\n"
+            + f"scrape_configs: [{json.dumps({**job, 'static_configs': [{'targets': self.scrape}]})}]\n"
+        )
 
     @property
     def url(self) -> str:
@@ -94,7 +119,7 @@ class LocalPrometheus(proc.Server):
             raise RuntimeError(f"cannot start Prometheus: 127.0.0.1:{self.port} is in use")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         config = self.data_dir / "prometheus.yml"
-        config.write_text(_CONFIG)
+        config.write_text(self.config())
         argv = [
             PROMETHEUS_BIN,
             f"--config.file={config}",

@@ -15,8 +15,13 @@ Heartbeat (key = host id)::
      "send_latency_ms": {"p50": float, "max": float},
      "acked_commands": [command id, ...],
      "refused_commands": [[command id, reason], ...],  # optional
-     "containers": [[cgroup_id, {attr: str}], ...]}   # optional
+     "containers": [[cgroup_id, {attr: str}], ...],   # optional
+     "node": {name: int}}         # optional: the node's SLI readings (edge_agent/node_stats.py)
 
+``node`` holds what the agent read of its node: ``cpu_steal_ms`` and
+``context_switches`` (cumulative since boot, /proc/stat), ``disk_in_flight.<device>``
+(I/Os in progress now, /proc/diskstats) and, per BPF hash map of a loaded probe,
+``map_entries.<probe>.<map>`` and ``map_max_entries.<probe>.<map>``.
 ``containers`` lists the cgroups the agent knows to be a container's or a pod's
 (edge_agent/containers.py), each with its ``container.*`` and ``k8s.*``
 attributes. ``acked_commands`` names the commands the agent applied since its
@@ -86,6 +91,7 @@ class Heartbeat(TypedDict):
     acked_commands: NotRequired[list[str]]
     refused_commands: NotRequired[list[list[str]]]
     containers: NotRequired[list[list[Any]]]
+    node: NotRequired[dict[str, int]]
 
 
 PROBE_STATE = Shape(
@@ -112,6 +118,7 @@ HEARTBEAT_SHAPE = Shape(
             ListOf(Row((Field("id", COMMAND_ID), Field("reason", Str(256)))), 1024),
             required=False,
         ),
+        Key("node", MapOf(Int(0, U64), 1024, key_len=256), required=False),
         Key(
             "containers",
             ListOf(

@@ -216,6 +216,11 @@ def test_agent_with_only_its_documented_capabilities_publishes(kafka, tmp_path):
     beats = [decode_heartbeat(r.value) for r in asyncio.run(read_topic(kafka.bootstrap, HEARTBEATS_TOPIC))]
     [first] = [b for b in beats if b["host"]["host.id"] == host]
     assert first["probes"]["file_created"]["loaded"] and first["host"]["boot.id"]
+    # The node's SLI readings, the BPF map's fill included, with only those capabilities.
+    node = first["node"]
+    assert node["context_switches"] > 0 and node["cpu_steal_ms"] >= 0
+    assert node["map_max_entries.file_created.pending"] == 10240  # bpf/file_created.bpf.c
+    assert 0 <= node["map_entries.file_created.pending"] <= 10240
 
 
 async def send_commands(bootstrap: str, cmds: list[ControlCommand]) -> None:

@@ -4,6 +4,7 @@ with the exact values, timestamps and labels; what it must not write never gets 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import uuid
 from typing import Any
@@ -49,6 +50,15 @@ async def exporter_for(kafka, prometheus, name: str) -> tuple[str, config.Config
     return run, cfg, group
 
 
+def latency() -> tuple[float, float]:
+    """The remote-write exporter's ingestion latency histogram: (count, sum)."""
+    labels = {"exporter": "remote-write"}
+    return (
+        REGISTRY.get_sample_value("ktel_exporter_ingestion_latency_seconds_count", labels) or 0.0,
+        REGISTRY.get_sample_value("ktel_exporter_ingestion_latency_seconds_sum", labels) or 0.0,
+    )
+
+
 async def test_samples_arrive_with_exact_values_and_labels(kafka, prometheus):
     run, cfg, group = await exporter_for(kafka, prometheus, "test-rw")
     host = f"host-{run}"
@@ -81,6 +91,7 @@ async def test_samples_arrive_with_exact_values_and_labels(kafka, prometheus):
         await producer.stop()
 
     query = f'{{ktel_run="{run}"}}[10m]'
+    latency_before = latency()
     stop = asyncio.Event()
     exporter = asyncio.create_task(remote_write.run(cfg, stop, group_id=group))
     try:
@@ -90,6 +101,12 @@ async def test_samples_arrive_with_exact_values_and_labels(kafka, prometheus):
     finally:
         stop.set()
         await asyncio.wait_for(exporter, 30)
+
+    # One latency observation per acknowledged snapshot, each from its timestamp (about
+    # a minute ago) to Prometheus' 2xx: positive and finite.
+    count, total = (a - b for a, b in zip(latency(), latency_before, strict=True))
+    assert count == 3
+    assert 3 * 58 <= total < math.inf
 
     got = {
         tuple(sorted(r["metric"].items())): [(round(ts * 1000), float(v)) for ts, v in r["values"]]
@@ -177,6 +194,7 @@ async def test_future_old_and_malformed_snapshots_go_to_the_dlq_and_never_to_pro
         return REGISTRY.get_sample_value(name, dict(zip(("exporter", "signal"), labels, strict=False))) or 0.0
 
     letters_before = count("ktel_exporter_dead_letters_total", "remote-write")
+    latency_before = latency()
     samples_before = count("ktel_exporter_dead_lettered_items_total", "remote-write", "samples")
     query = f'ktel_guard{{ktel_run="{run}"}}[1h]'
     stop = asyncio.Event()
@@ -216,6 +234,8 @@ async def test_future_old_and_malformed_snapshots_go_to_the_dlq_and_never_to_pro
         assert reasons[what] == str(err.value)
     assert {(dl.stage, dl.topic) for dl in letters} == {("remote-write", METRICS_TOPIC)}
     assert count("ktel_exporter_dead_letters_total", "remote-write") == letters_before + 4
+    # Latency is observed for the three snapshots Prometheus acknowledged, not the dead letters.
+    assert latency()[0] == latency_before[0] + 3
     # The samples of the two snapshots that decoded: 2 + 1.
     assert count("ktel_exporter_dead_lettered_items_total", "remote-write", "samples") == samples_before + 3
 

@@ -7,6 +7,7 @@ API, after remote-write), at ktel's pull endpoint and in what the Collector
 received over OTLP; Ctrl-C must stop everything that `ktel up` started.
 """
 
+import contextlib
 import os
 import re
 import signal
@@ -46,8 +47,10 @@ def port_open(port):
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-@pytest.fixture
-def stack(tmp_path):
+@contextlib.contextmanager
+def ktel_up(tmp_path, **settings):
+    """`ktel up` on free ports, a 1 s aggregation window and ``settings`` (KTEL_* variables),
+    until it is ready: (process, ports, its output lines, its environment)."""
     need_bpf()
     ports = {k: free_port() for k in ("kafka", "ctrl", "prom", "pull", "agent", "agg", "rw", "otlp")}
     ports |= {k: free_port() for k in ("otelcol-grpc", "otelcol-http")}
@@ -66,6 +69,7 @@ def stack(tmp_path):
         KTEL_OTLP__METRICS_PORT=str(ports["otlp"]),
         KTEL_STACK__COLLECTOR_GRPC_PORT=str(ports["otelcol-grpc"]),
         KTEL_STACK__COLLECTOR_HTTP_PORT=str(ports["otelcol-http"]),
+        **settings,
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "ktel.cli", "up"],
@@ -78,10 +82,18 @@ def stack(tmp_path):
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
     reader.start()
     ready = wait_for("ktel up", lambda: any(READY_LINE in ln for ln in lines) or proc.poll() is not None, 300)
-    assert ready and proc.poll() is None, "ktel up did not come up:\n" + "".join(lines)
-    yield proc, ports, lines, env
-    if proc.poll() is None:
-        proc.kill()
+    try:
+        assert ready and proc.poll() is None, "ktel up did not come up:\n" + "".join(lines)
+        yield proc, ports, lines, env
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.fixture
+def stack(tmp_path):
+    with ktel_up(tmp_path) as running:
+        yield running
 
 
 def pids_with_arg(arg):

@@ -1,7 +1,7 @@
 import dataclasses
 
 from ktel.wire import FILE_CREATED, KTEL_LOG, KTEL_SPAN, RawBatch
-from processors.sample_core import Options, Sampler, observe_host
+from processors.sample_core import Options, Sample, Sampler, observe_host
 
 
 def stream(batches: int, per_batch: int, flags=0o101, host="h"):
@@ -151,3 +151,15 @@ def test_options_from_config_take_every_field_of_the_section_by_its_name():
     opts = Options.from_config(section)
     assert (opts.keep_kinds, opts.window_seconds, opts.command_ttl_seconds) == (frozenset({"oom_kill"}), 2, 7)
     assert opts.baseline == 0.5 and opts.keep_slow == Options().keep_slow  # no config sets keep_slow
+
+
+def test_the_stage_counts_emitted_and_kept_events_per_kind():
+    stage = Sample(Options(baseline=0.1))
+    [batch] = stream(1, 1000)
+    result = stage.on_batch({}, batch, 0)
+    kept = len(result.batch.events)
+    assert 0 < kept < 1000
+    assert result.kind_counts == {
+        "sampler_emitted": {"file_created": 1000},
+        "sampler_kept": {"file_created": kept},
+    }

@@ -1,0 +1,72 @@
+"""The node's SLI readings the agent sends in each heartbeat (``node``, ktel/wire/control.py).
+
+CPU steal and context switches come from /proc/stat, the block devices' I/Os in
+progress (their queue depth) from /proc/diskstats, and the fill of the probes'
+BPF hash maps from the maps themselves. The processors export them per host
+(processors/fleet_metrics.py), so a fleet is watched from its few processing
+workers rather than by scraping every node.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+# /proc/stat counts CPU time in USER_HZ ticks (proc(5)).
+TICK_MS = 1000 / os.sysconf("SC_CLK_TCK")
+# Devices whose queue says nothing about the node's disks.
+VIRTUAL_DISKS = re.compile(r"^(loop|ram|zram|nbd)\d")
+# A BCC hash map's declaration and the name it gives the map: BPF_HASH(name, ...),
+# BPF_PERCPU_HASH(name, ...) or BPF_TABLE("lru_hash"/"hash"/..., key, leaf, name, ...).
+_HASH_MAP = re.compile(
+    r'BPF_(?:PERCPU_)?HASH\(\s*(\w+)|BPF_TABLE\(\s*"(?:lru_)?(?:percpu_)?hash"\s*,[^,]+,[^,]+,\s*(\w+)'
+)
+
+
+def cpu_stat(text: str) -> dict[str, int]:
+    """``cpu_steal_ms`` (all CPUs) and ``context_switches`` from /proc/stat's text."""
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        fields = line.split()
+        if fields and fields[0] == "cpu" and len(fields) > 8:
+            # user nice system idle iowait irq softirq steal ...
+            out["cpu_steal_ms"] = round(int(fields[8]) * TICK_MS)
+        elif fields and fields[0] == "ctxt":
+            out["context_switches"] = int(fields[1])
+    return out
+
+
+def disks_in_flight(text: str, disks: set[str]) -> dict[str, int]:
+    """``disk_in_flight.<device>`` for each of ``disks`` (whole block devices, as
+    /sys/block lists them: partitions are in their disk's count) in /proc/diskstats'
+    text: its 12th column, I/Os currently in progress."""
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 12 and fields[2] in disks and not VIRTUAL_DISKS.match(fields[2]):
+            out[f"disk_in_flight.{fields[2]}"] = int(fields[11])
+    return out
+
+
+def hash_maps(source: str) -> list[str]:
+    """The names of the hash maps a probe's BCC source declares."""
+    return [a or b for a, b in _HASH_MAP.findall(source)]
+
+
+def map_usage(probe: str, tables: Iterable[tuple[str, Any]]) -> dict[str, int]:
+    """``map_entries.<probe>.<map>`` and ``map_max_entries.<probe>.<map>`` for BCC
+    tables; counting walks the keys (one syscall each), so this runs off the event loop."""
+    out: dict[str, int] = {}
+    for name, table in tables:
+        out[f"map_entries.{probe}.{name}"] = sum(1 for _ in table)  # a BCC table iterates its keys
+        out[f"map_max_entries.{probe}.{name}"] = int(table.max_entries)
+    return out
+
+
+def read_proc() -> dict[str, int]:
+    out = cpu_stat(Path("/proc/stat").read_text())
+    out.update(disks_in_flight(Path("/proc/diskstats").read_text(), set(os.listdir("/sys/block"))))
+    return out

@@ -1,0 +1,27 @@
+"""Consumer lag (SLI: are the processors and exporters keeping up?), exported by
+each consumer process for the partitions it holds now: in a fleet, Prometheus
+scrapes the workers and exporters, and ``max by (group, topic, partition)``
+hides a member that has just handed a partition over."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from prometheus_client import Gauge
+
+LAG = Gauge(
+    "ktel_consumer_lag_records",
+    "records of the partition after the group's committed offset (this member's partitions)",
+    ["group", "topic", "partition"],
+)
+_held: dict[str, set[tuple[str, int]]] = {}
+
+
+def export(group: str, lags: Mapping[tuple[str, int], int]) -> None:
+    """Set the lag of each (topic, partition) ``group`` holds in this process now,
+    and drop the series of those it no longer holds."""
+    for topic, partition in _held.get(group, set()) - set(lags):
+        LAG.remove(group, topic, str(partition))
+    for (topic, partition), lag in lags.items():
+        LAG.labels(group, topic, str(partition)).set(max(lag, 0))
+    _held[group] = set(lags)

@@ -1,0 +1,65 @@
+"""The Grafana dashboards (deploy/grafana/dashboards/) are valid JSON, and every panel
+queries something: a panel without a query would show nothing, silently. That each
+query returns data is checked against a real pipeline (tests/system/test_dashboards_e2e.py)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+GRAFANA = Path(__file__).resolve().parents[2] / "deploy/grafana"
+DASHBOARDS = sorted((GRAFANA / "dashboards").glob("*.json"))
+DATASOURCE_UID = "ktel-prometheus"  # deploy/grafana/provisioning/datasources/ktel.yml
+
+
+def panels(dashboard: dict) -> list[dict]:
+    out = []
+    for p in dashboard["panels"]:
+        out += [p, *p.get("panels", [])] if p.get("type") == "row" else [p]
+    return [p for p in out if p.get("type") != "row"]
+
+
+def test_the_four_dashboards_are_there():
+    assert {p.stem for p in DASHBOARDS} == {"fleet-overview", "on-call", "kernel-debug", "pipeline-health"}
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.stem)
+def test_dashboard_is_valid_json_and_every_panel_has_queries(path):
+    dashboard = json.loads(path.read_text())
+    assert dashboard["uid"] and dashboard["title"]
+    assert len({p["id"] for p in panels(dashboard)}) == len(panels(dashboard)), "panel ids repeat"
+    assert panels(dashboard), "no panels"
+    for p in panels(dashboard):
+        assert p["title"], p
+        assert p["datasource"]["uid"] == DATASOURCE_UID, p["title"]
+        assert p["targets"], f"panel {p['title']!r} has no query"
+        for t in p["targets"]:
+            assert t["expr"].strip(), f"panel {p['title']!r}: empty query {t['refId']}"
+    # Every template variable a query uses is defined.
+    defined = {v["name"] for v in dashboard["templating"]["list"]}
+    used = {m for p in panels(dashboard) for t in p["targets"] for m in re.findall(r"\$(\w+)", t["expr"])}
+    assert used - {"__rate_interval"} <= defined
+
+
+def test_provisioning_points_at_the_dashboards_and_the_datasource_uid():
+    text = (GRAFANA / "provisioning/datasources/ktel.yml").read_text()
+    assert f"uid: {DATASOURCE_UID}" in text
+    assert (
+        "path: /var/lib/grafana/dashboards/ktel" in (GRAFANA / "provisioning/dashboards/ktel.yml").read_text()
+    )
+
+
+def test_docker_compose_provisions_grafana_and_the_rules():
+    compose = yaml.safe_load((GRAFANA.parents[1] / "docker-compose.yml").read_text())["services"]
+    assert set(compose["grafana"]["volumes"]) == {
+        "./deploy/grafana/provisioning:/etc/grafana/provisioning:ro",
+        "./deploy/grafana/dashboards:/var/lib/grafana/dashboards/ktel:ro",
+    }
+    prometheus = yaml.safe_load((GRAFANA.parent / "prometheus/prometheus.yml").read_text())
+    mounted = dict(v.rsplit(":", 1)[0].split(":") for v in compose["prometheus"]["volumes"])
+    for rules in prometheus["rule_files"]:
+        assert mounted["./deploy/prometheus/" + Path(rules).name] == rules

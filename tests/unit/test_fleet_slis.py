@@ -1,0 +1,108 @@
+"""The node's SLI readings (edge_agent/node_stats.py) and their per-host export from
+heartbeats (processors/fleet_metrics.py)."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry
+
+from edge_agent import node_stats
+from processors.fleet_metrics import FleetMetrics
+
+# From a 2-CPU KVM guest (cat /proc/stat), cut to the lines read and one other.
+PROC_STAT = """\
+cpu  4705 356 584 3699 23 23 0 42 0 0
+cpu0 1393 280 283 1805 5 22 0 21 0 0
+ctxt 1990473
+btime 1062191376
+"""
+
+# /proc/diskstats (Documentation/admin-guide/iostats.rst): a disk, its partition, a loop device.
+DISKSTATS = """\
+ 254       0 vda 1 2 3 4 5 6 7 8 3 10 11 0 0 0 0 0 0
+ 254       1 vda1 1 2 3 4 5 6 7 8 2 10 11 0 0 0 0 0 0
+   7       0 loop0 1 2 3 4 5 6 7 8 9 10 11 0 0 0 0 0 0
+"""
+
+
+def test_cpu_steal_and_context_switches_are_read_from_proc_stat():
+    got = node_stats.cpu_stat(PROC_STAT)
+    assert got == {"cpu_steal_ms": round(42 * node_stats.TICK_MS), "context_switches": 1990473}
+
+
+def test_disk_queue_depth_is_read_for_whole_non_virtual_disks():
+    assert node_stats.disks_in_flight(DISKSTATS, {"vda", "loop0"}) == {"disk_in_flight.vda": 3}
+
+
+def test_hash_maps_are_found_in_bcc_declarations():
+    source = """
+BPF_HASH(start, u32, u64, 65536);
+BPF_PERCPU_HASH(hist, struct key, struct ktel_hist, 8192);
+BPF_TABLE("lru_hash", u64, struct pending_open, pending, KTEL_PENDING_MAX);
+BPF_PERCPU_ARRAY(counters, u64, 4);
+BPF_RINGBUF_OUTPUT(events, 8);
+"""
+    assert node_stats.hash_maps(source) == ["start", "hist", "pending"]
+
+
+def test_map_usage_counts_keys_against_capacity():
+    class Table(list):
+        max_entries = 8
+
+    assert node_stats.map_usage("process", [("parents", Table([1, 2, 3]))]) == {
+        "map_entries.process.parents": 3,
+        "map_max_entries.process.parents": 8,
+    }
+
+
+def samples(fleet: FleetMetrics) -> dict[tuple[str, tuple], float]:
+    registry = CollectorRegistry()
+    registry.register(fleet)
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for m in registry.collect() for s in m.samples}
+
+
+def heartbeat(node: dict[str, int]) -> dict:
+    return {
+        "ts": 1_700_000_000_500,
+        "host": {"host.id": "h1"},
+        "probes": {},
+        "counters": {},
+        "interval_s": 10.0,
+        "node": node,
+    }
+
+
+def test_a_host_is_up_while_heartbeats_arrive_and_its_readings_are_exported():
+    fleet = FleetMetrics(forget_after_s=3600)
+    node = {
+        "cpu_steal_ms": 1500,
+        "context_switches": 7,
+        "disk_in_flight.vda": 2,
+        "map_entries.process.parents": 3,
+        "map_max_entries.process.parents": 8,
+    }
+    fleet.observe("h1", heartbeat(node))  # type: ignore[arg-type]
+    got = samples(fleet)
+    h = (("host_id", "h1"),)
+    assert got[("ktel_agent_up", h)] == 1.0
+    assert got[("ktel_agent_last_heartbeat_timestamp_seconds", h)] == 1_700_000_000.5
+    assert got[("ktel_node_cpu_steal_seconds_total", h)] == 1.5
+    assert got[("ktel_node_context_switches_total", h)] == 7
+    assert got[("ktel_node_disk_io_in_progress", (("device", "vda"), *h))] == 2
+    m = (("host_id", "h1"), ("map", "parents"), ("probe", "process"))
+    assert got[("ktel_agent_bpf_map_entries", m)] == 3
+    assert got[("ktel_agent_bpf_map_max_entries", m)] == 8
+
+
+def test_a_host_whose_heartbeats_stop_is_down_then_forgotten(monkeypatch):
+    fleet = FleetMetrics(forget_after_s=100)
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    fleet.observe("h1", heartbeat({}))  # type: ignore[arg-type]
+    clock[0] += 30  # three intervals: still up
+    assert samples(fleet)[("ktel_agent_up", (("host_id", "h1"),))] == 1.0
+    clock[0] += 1
+    assert samples(fleet)[("ktel_agent_up", (("host_id", "h1"),))] == 0.0
+    clock[0] += 70
+    assert ("ktel_agent_up", (("host_id", "h1"),)) not in samples(fleet)
