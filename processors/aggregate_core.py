@@ -29,9 +29,10 @@ create more are counted in one overflow series per metric carrying the label
 ``otel.metric.overflow="true"``, as the OpenTelemetry metrics SDK does; the
 overflow series have the last eighth of the bytes to themselves, and events of a
 metric whose overflow series finds no room either are counted as dropped
-(``Result.counts["series_dropped"]``). A series' bytes are reckoned when it is
-created, for the largest its numbers can grow (``series_bytes``), so its counts
-growing never pushes the host past the bound.
+(``Result.counts["series_dropped"]``), as are events whose series already holds
+another type (a counter and a gauge of one name and labels: see ``_fits``). A
+series' bytes are reckoned when it is created, for the largest its numbers can grow
+(``series_bytes``), so its counts growing never pushes the host past the bound.
 
 Kernel code's own metrics (``ktel_metric`` events of the ktel_api probe) become
 series too: counters add their increments, gauges keep the last value (stored
@@ -312,26 +313,47 @@ def add(state: dict[str, Any], batch: RawBatch, opts: Options) -> Outcome:
     counts, hists, gauges = count_events(batch, opts)
     for key, value in gauges.items():
         key = _admit(state, key, 1, opts, out, 0)
-        if key:
+        if key and _fits(series.get(key), "gauge", 0):
             series[key] = {"gauge": value}
     for key, n in counts.items():
         key = _admit(state, key, 1, opts, out, n)
-        if key:
-            series[key] = series.get(key, 0) + n
-            out.counted += n
+        if not key:
+            continue
+        if not _fits(series.get(key), "counter", 0):
+            out.dropped += n
+            continue
+        series[key] = series.get(key, 0) + n
+        out.counted += n
     for key, delta in hists.items():
         key = _admit(state, key, 2 + len(delta["buckets"]), opts, out, delta["count"])
         if not key:
             continue
         h = series.get(key)
-        if h is None:
+        if not _fits(h, "histogram", len(delta["buckets"])):
+            out.dropped += delta["count"]
+        elif h is None:
             series[key] = delta
+            out.counted += delta["count"]
         else:
             h["count"] += delta["count"]
             h["sum"] += delta["sum"]
             h["buckets"] = [a + b for a, b in zip(h["buckets"], delta["buckets"], strict=True)]
-        out.counted += delta["count"]
+            out.counted += delta["count"]
     return out
+
+
+def _fits(value: Any, kind: str, buckets: int) -> bool:
+    """Whether a series holding ``value`` (None: new) takes a ``kind`` update: one name
+    and labels sent as a counter by one event and a gauge or a histogram (of another
+    bucket count) by another is a sender's error, whose events are counted as dropped
+    rather than mixed into, or crashing on, the series already there."""
+    if value is None:
+        return True
+    if isinstance(value, dict) and "gauge" in value:
+        return kind == "gauge"
+    if isinstance(value, dict):
+        return kind == "histogram" and len(value["buckets"]) == buckets
+    return kind == "counter"
 
 
 # The longest a number of a series gets in JSON: a float's repr is at most 24

@@ -101,7 +101,8 @@ DEAD_LETTERS = Counter("ktel_processor_dead_letters", "records sent to ktel.dlq"
 OVERFLOW = Counter("ktel_processor_series_overflow", "events folded into an overflow series", ["stage"])
 SERIES_DROPPED = Counter(
     "ktel_processor_series_dropped",
-    "events of a new series with no room left even in its metric's overflow series",
+    "events of a new series with no room left even in its metric's overflow series, "
+    "or of a series that already holds another type",
     ["stage"],
 )
 SNAPSHOTS = Counter("ktel_processor_snapshots", "metric snapshot records produced", ["stage"])

@@ -115,3 +115,19 @@ def test_a_host_making_far_more_series_than_fit_stays_within_its_bytes_and_count
             v.update(count=1.2345678901234567e300, sum=-1.2345678901234567e300)
             v["buckets"] = [1.2345678901234567e300] * len(v["buckets"])
     assert len(json.dumps(value["aggregate"]["series"]).encode()) <= max_state // 2
+
+
+def test_one_series_sent_as_a_counter_a_gauge_and_a_histogram_keeps_one_type():
+    """A sender's error (or a hostile one): one name and labels as several metric types.
+    The series keeps the type it has; the other events are counted as dropped instead of
+    crashing the stage or being mixed in."""
+    c = chain()
+    value: dict = {}
+    both = [_metric("x", 1, "gauge"), _metric("x", 1, "counter"), _metric("x", 1, "histogram")]
+    r = c.on_batch(value, RawBatch("h", "b", 0, 1, [*both, _metric("y", 1, "counter")]), NOW)
+    assert r.refused is None
+    assert r.counts["series_dropped"] == 5 + 1  # x's counter increment (5) and histogram observation (1)
+    r = c.on_batch(value, RawBatch("h", "b", 1, 1, [_metric("y", 1, "histogram")]), NOW)
+    assert r.refused is None and r.counts["series_dropped"] == 1
+    series = {aggregate_core.parse_key(k)[0]: v for k, v in value["aggregate"]["series"].items()}
+    assert series == {"x": {"gauge": 5}, "y": 5}
