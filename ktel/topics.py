@@ -3,7 +3,9 @@ gives, and the Kafka admin calls that create and inspect topics."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import time
 from collections.abc import Callable
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -11,6 +13,9 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
 from ktel.config import Config, KafkaConfig
 from ktel.kafka_client import Kafka, client_kwargs, explain, settings
+
+# How long a created topic may take to show in the brokers' metadata (moments, normally).
+VISIBLE_WITHIN_S = 30
 
 HOUR_MS = 3_600_000
 RAW, OUTPUT = "kafka.raw_partitions", "kafka.output_partitions"
@@ -107,11 +112,33 @@ async def create_topics(kafka: Kafka, specs: list[TopicSpec]) -> None:
     await admin.start()
     try:
         resp = await admin.create_topics(new)
+        for topic, code, message in resp.topic_errors:
+            if code not in (0, TopicAlreadyExistsError.errno):
+                raise for_code(code)(f"creating topic {topic!r}: {message}")
+        await _until_visible(admin, {s.name: s.partitions for s in specs})
     finally:
         await admin.close()
-    for topic, code, message in resp.topic_errors:
-        if code not in (0, TopicAlreadyExistsError.errno):
-            raise for_code(code)(f"creating topic {topic!r}: {message}")
+
+
+async def _until_visible(admin: AIOKafkaAdminClient, partitions: dict[str, int]) -> None:
+    """Wait until the broker's metadata shows every topic with its partitions: a topic
+    is created on the controller first, and a Faust worker started on metadata that
+    does not show its changelog yet fails with PartitionsMismatch ("0 partitions")."""
+    deadline = time.monotonic() + VISIBLE_WITHIN_S
+    while True:
+        described = await admin.describe_topics(list(partitions))
+        missing = [
+            t["topic"]
+            for t in described
+            if t["error_code"] != 0 or len(t["partitions"]) < partitions[t["topic"]]
+        ]
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise KafkaError(
+                f"topics {missing} created but not in the brokers' metadata after {VISIBLE_WITHIN_S}s"
+            )
+        await asyncio.sleep(0.2)
 
 
 async def layouts(kafka: Kafka) -> dict[str, tuple[int, int]]:
