@@ -209,6 +209,8 @@ class Agent:
         self.latencies_ms: list[float] = []
         self.containers = Containers.of_host(acfg.cgroup_root)
         self.disk_failing = False  # the last spool write failed (spool_batch)
+        # Kafka took the producer's connection and, since, the last heartbeat (/readyz).
+        self.kafka_reached = False
 
     # ------------------------------------------------------------ collecting
 
@@ -577,10 +579,20 @@ class Agent:
                 # Only the latest heartbeat matters: one that cannot be sent in time is skipped, not queued.
                 await asyncio.wait_for(self._send_and_wait(HEARTBEATS_TOPIC, encode_heartbeat(hb)), interval)
                 HEARTBEATS.inc()
+                self.kafka_reached = True
             except Exception as err:
+                self.kafka_reached = False
                 self.control.unack(hb["acked_commands"], hb["refused_commands"])
                 log.warning("heartbeat not sent: %s", err)
             await asyncio.sleep(interval)
+
+    def readiness(self) -> str | None:
+        """Why the agent is not ready (/readyz), or None: probes loaded and Kafka reached."""
+        if not self.loaded:
+            return "no probe loaded"
+        if not self.kafka_reached:
+            return f"Kafka at {self.cfg.kafka.bootstrap} not reached (the spool keeps what is collected)"
+        return None
 
     # ---------------------------------------------------------------- control
 
@@ -605,7 +617,8 @@ class Agent:
         for probe in self.loaded:
             self.apply_rate(probe, self.control.sample_every(probe))
         REGISTRY.register(AgentCollector(self))
-        selfmetrics.serve(acfg.metrics_port)
+        selfmetrics.ready_when(self.readiness)
+        selfmetrics.serve(acfg.metrics_port, self.cfg.service.metrics_bind)
         self.producer = self._new_producer()
         log.info(
             "agent host.id=%s boot=%s (probes: %s; skipped: %s; spool backlog %d bytes)",
@@ -631,6 +644,7 @@ class Agent:
                     if task.exception() is not None:
                         failed = task
                     elif task is connector:
+                        self.kafka_reached = True
                         senders = [
                             asyncio.create_task(self.publish(), name="publish"),
                             asyncio.create_task(self.send_heartbeats(), name="heartbeats"),

@@ -11,6 +11,9 @@ helper keeps trying), the consumer's partitions are paused and ``getmany`` keeps
 being called. Paused partitions return nothing, so nothing piles up in memory,
 and the calls keep the consumer in its group: aiokafka leaves the group when
 ``getmany`` has not been called for ``max_poll_interval_ms``.
+
+The process is ready (/readyz, ktel/selfmetrics.py) once the consumer is connected
+and holds partitions.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
 from prometheus_client import Counter
 
+from ktel import selfmetrics
 from ktel.kafka_client import Kafka, client_kwargs, settings
 from ktel.retry import retry
 from ktel.runtime import tune_gc
@@ -113,8 +117,19 @@ async def run(
         max_poll_records=500,
     )
     producer = AIOKafkaProducer(**client_kwargs(kafka), enable_idempotence=True)
+    connected = False
+
+    def readiness() -> str | None:
+        if not connected:
+            return f"not connected to Kafka at {bootstrap}"
+        if not consumer.assignment():
+            return f"no partition of {', '.join(topics)} assigned"
+        return None
+
+    selfmetrics.ready_when(readiness)
     await retry(consumer.start, what=f"connect consumer to {bootstrap}")
     await retry(producer.start, what=f"connect producer to {bootstrap}")
+    connected = True
     try:
         if group_id is None:
             parts = await retry(

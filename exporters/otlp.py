@@ -425,7 +425,7 @@ TOPICS = {SPANS_TOPIC: decode_spans, LOGS_TOPIC: decode_logs, METRICS_TOPIC: dec
 
 
 async def run(cfg: Config, stop: asyncio.Event, *, group_id: str = GROUP) -> None:
-    selfmetrics.serve(cfg.otlp.metrics_port)
+    selfmetrics.serve(cfg.otlp.metrics_port, cfg.service.metrics_bind)
     sender = Sender(cfg.otlp)
     try:
         await consume.run(

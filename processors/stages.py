@@ -52,7 +52,7 @@ import faust
 from aiokafka.partitioner import murmur2
 from prometheus_client import Counter, Gauge
 
-from ktel import selfmetrics
+from ktel import logs, selfmetrics
 from ktel.config import Config, KafkaConfig
 from ktel.kafka_client import faust_settings
 from ktel.retry import retry
@@ -317,9 +317,19 @@ def make_app(cfg: Config, stage: str) -> faust.App:
     for timed in chain.timed():
         every_window(timed)
 
+    def readiness() -> str | None:
+        if app.rebalancing:
+            return "rebalancing"
+        if not app.assignor.assigned_actives():
+            return f"no partition of {SOURCE[stage]} assigned"
+        if app.in_recovery or not app.tables.recovery.completed.is_set():  # type: ignore[attr-defined]
+            return "recovering tables from their changelogs"
+        return None
+
     @app.task
     async def serve_metrics():
-        selfmetrics.serve(cfg.process.metrics_port)
+        selfmetrics.ready_when(readiness)
+        selfmetrics.serve(cfg.process.metrics_port, cfg.service.metrics_bind)
 
     return app
 
@@ -384,5 +394,11 @@ def run(cfg: Config, stage: str, log_level: str = "info") -> None:
             )
         )
     asyncio.run(retry(lambda: create_topics(cfg.kafka, specs), what="create the stage's own topics"))
-    worker = faust.Worker(make_app(cfg, stage), loglevel=log_level.upper(), quiet=True)
+    # ktel's logging (ktel/logs.py), which the worker would otherwise replace with its own.
+    worker = faust.Worker(
+        make_app(cfg, stage),
+        loglevel=log_level.upper(),
+        logging_config=logs.config(log_level, cfg.service.log_format),
+        quiet=True,
+    )
     worker.execute_from_commandline()
