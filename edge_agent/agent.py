@@ -38,7 +38,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import platform
 import socket
 import statistics
 import time
@@ -52,6 +51,8 @@ from aiokafka.errors import (
     TopicAuthorizationFailedError,
     UnknownProducerId,
 )
+from opentelemetry.semconv._incubating.attributes.host_attributes import HOST_ARCH, HOST_ID, HOST_NAME
+from opentelemetry.semconv._incubating.attributes.os_attributes import OS_TYPE, OS_VERSION, OsTypeValues
 from prometheus_client import Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
@@ -59,7 +60,7 @@ from prometheus_client.registry import REGISTRY, Collector
 from edge_agent import probes as probes_mod
 from edge_agent.containers import Containers
 from edge_agent.control import Control
-from edge_agent.identity import boot_id
+from edge_agent.identity import boot_id, host_arch
 from edge_agent.redact import Redactor
 from edge_agent.seqstore import SeqStore
 from edge_agent.spool import Record, Spool
@@ -538,11 +539,11 @@ class Agent:
         hb: Heartbeat = {
             "ts": time.time_ns() // 1_000_000,
             "host": {
-                "host.id": self.host_id,
-                "host.name": socket.gethostname(),
-                "host.arch": platform.machine(),
-                "os.type": "linux",
-                "os.version": uname.release,
+                HOST_ID: self.host_id,
+                HOST_NAME: socket.gethostname(),
+                HOST_ARCH: host_arch(),
+                OS_TYPE: OsTypeValues.LINUX.value,
+                OS_VERSION: uname.release,
                 "boot.id": self.boot_id,
                 "ktel.agent.version": version("ktel"),
             },

@@ -20,7 +20,9 @@ and exporters/otlp_spans.py):
   Names are kept as on the wire. The wire has no series start time, so
   ``start_time_unix_nano`` is 0 (unknown, which OTLP allows).
 
-Everything is under the instrumentation scope ``ktel``.
+Everything is under the instrumentation scope ``ktel``, and every resource carries
+``service.name`` and OTEL_RESOURCE_ATTRIBUTES (``service_attributes``), under the
+host's own attributes.
 
 Delivery (exporters/delivery.py has the rules): a span, log record or data point
 whose timestamp is outside ``otlp.max_age_seconds`` / ``max_future_seconds`` of the
@@ -73,8 +75,10 @@ from opentelemetry.sdk.metrics.export import (
     ScopeMetrics,
     Sum,
 )
-from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.semconv._incubating.attributes.host_attributes import HOST_ID
+from opentelemetry.semconv.attributes.service_attributes import SERVICE_NAME
 from opentelemetry.trace import SpanContext, TraceFlags
 from prometheus_client import Counter
 
@@ -153,13 +157,24 @@ def to_logs(rows: Sequence[tuple[Resource, Sequence[Any]]]) -> list[ReadableLogR
     return out
 
 
-def to_metrics(rows: Sequence[tuple[int, Sequence[Any]]]) -> MetricsData:
-    """(ts_ms, wire series row) pairs -> SDK MetricsData, one resource per host.id."""
+def service_attributes(name: str) -> dict[str, Any]:
+    """What every resource ktel sends carries: ``service.name`` (the ``service.name``
+    setting) and OTEL_RESOURCE_ATTRIBUTES. OTEL_SERVICE_NAME, then a service.name in
+    OTEL_RESOURCE_ATTRIBUTES, win over the setting: they are how any OpenTelemetry
+    process is named by what deploys it."""
+    return dict(Resource({SERVICE_NAME: name}).merge(OTELResourceDetector().detect()).attributes)
+
+
+def to_metrics(
+    rows: Sequence[tuple[int, Sequence[Any]]], service: dict[str, Any] | None = None
+) -> MetricsData:
+    """(ts_ms, wire series row) pairs -> SDK MetricsData, one resource per host.id,
+    each with the ``service`` attributes too."""
     # host.id -> (name, type) -> points
     hosts: dict[Any, dict[tuple[str, str], list[Any]]] = {}
     for ts_ms, (name, typ, labels, value) in rows:
         attrs = dict(labels)
-        host = attrs.pop("host.id", None)
+        host = attrs.pop(HOST_ID, None)
         t = ts_ms * 1_000_000
         point: NumberDataPoint | HistogramDataPoint
         if typ == "histogram":
@@ -192,7 +207,7 @@ def to_metrics(rows: Sequence[tuple[int, Sequence[Any]]]) -> MetricsData:
             else:
                 data = Histogram(points, AggregationTemporality.CUMULATIVE)
             out.append(Metric(name, "", "", data))
-        resource = KtelResource({} if host is None else {"host.id": host})
+        resource = KtelResource({**(service or {}), **({} if host is None else {HOST_ID: host})})
         resource_metrics.append(ResourceMetrics(resource, [ScopeMetrics(SCOPE, out, "")], ""))
     return MetricsData(resource_metrics)
 
@@ -298,7 +313,14 @@ class Sender:
     """Sends converted chunks through the SDK exporters' connections, one attempt at a
     time, with delivery.send_split deciding what is retried, split or dead-lettered."""
 
-    def __init__(self, cfg: OtlpConfig, exporters: tuple[Any, Any, Any] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: OtlpConfig,
+        exporters: tuple[Any, Any, Any] | None = None,
+        service: dict[str, Any] | None = None,
+    ) -> None:
+        """``service``: what every resource carries besides the host's (service_attributes)."""
+        self.service = service or {}
         self.batch = cfg.max_export_batch_size
         self.window = Window(cfg.max_age_seconds, cfg.max_future_seconds, "otlp")
         self.spans, self.metrics, self.logs = exporters or make_exporters(cfg)
@@ -314,17 +336,18 @@ class Sender:
             item = rec.item
             if isinstance(item, SpanBatch):
                 late = []
+                span_resource = {**self.service, **item.resource}  # one object: one ResourceSpans
                 for row in item.spans:
                     why = problem(row[4], now) or problem(row[5], now)
                     if why is None:
-                        spans.append((rec, (item.resource, row)))
+                        spans.append((rec, (span_resource, row)))
                     else:
                         late.append((row, why))
                 if late:
                     payload = encode_spans(SpanBatch(item.resource, [row for row, _ in late]))
                     await self._refuse(producer, rec, "spans", [why for _, why in late], payload)
             elif isinstance(item, LogBatch):
-                resource = KtelResource(item.resource)
+                resource = KtelResource({**self.service, **item.resource})
                 late = []
                 for row in item.logs:
                     why = problem(row[0], now)
@@ -348,7 +371,7 @@ class Sender:
             self._send("spans", spans, _span_request, self.spans, IN_FLIGHT, producer),
             self._send("logs", logs, _log_request, self.logs, IN_FLIGHT, producer),
         )
-        await self._send("metrics", points, _metric_request, self.metrics, 1, producer)
+        await self._send("metrics", points, self._metric_request, self.metrics, 1, producer)
 
     async def _refuse(
         self, producer: AIOKafkaProducer, rec: Record, signal: str, reasons: list[str], payload: bytes | None
@@ -404,6 +427,9 @@ class Sender:
         else:
             await asyncio.gather(*(one(part) for part in parts))
 
+    def _metric_request(self, rows: list[tuple[int, Sequence[Any]]]) -> Any:
+        return encode_metrics(to_metrics(rows, self.service))
+
     def shutdown(self) -> None:
         for exporter in (self.spans, self.metrics, self.logs):
             exporter.shutdown()
@@ -417,16 +443,12 @@ def _log_request(rows: list[tuple[Resource, Sequence[Any]]]) -> Any:
     return encode_log_request(to_logs(rows))
 
 
-def _metric_request(rows: list[tuple[int, Sequence[Any]]]) -> Any:
-    return encode_metrics(to_metrics(rows))
-
-
 TOPICS = {SPANS_TOPIC: decode_spans, LOGS_TOPIC: decode_logs, METRICS_TOPIC: decode_snapshot}
 
 
 async def run(cfg: Config, stop: asyncio.Event, *, group_id: str = GROUP) -> None:
     selfmetrics.serve(cfg.otlp.metrics_port, cfg.service.metrics_bind)
-    sender = Sender(cfg.otlp)
+    sender = Sender(cfg.otlp, service=service_attributes(cfg.service.name))
     try:
         await consume.run(
             kafka=cfg.kafka,
