@@ -317,21 +317,24 @@ def make_app(cfg: Config, stage: str) -> faust.App:
     for timed in chain.timed():
         every_window(timed)
 
-    def readiness() -> str | None:
-        if app.rebalancing:
-            return "rebalancing"
-        if not app.assignor.assigned_actives():
-            return f"no partition of {SOURCE[stage]} assigned"
-        if app.in_recovery or not app.tables.recovery.completed.is_set():  # type: ignore[attr-defined]
-            return "recovering tables from their changelogs"
-        return None
-
     @app.task
     async def serve_metrics():
-        selfmetrics.ready_when(readiness)
+        selfmetrics.ready_when(lambda: readiness(app, SOURCE[stage]))
         selfmetrics.serve(cfg.process.metrics_port, cfg.service.metrics_bind)
 
     return app
+
+
+def readiness(app: Any, source: str) -> str | None:
+    """Why a worker is not ready (/readyz), or None: partitions of its source topic
+    assigned and its tables recovered from their changelogs, no rebalance under way."""
+    if app.rebalancing:
+        return "rebalancing"
+    if not any(tp.topic == source for tp in app.assignor.assigned_actives()):
+        return f"no partition of {source} assigned"
+    if app.in_recovery or not app.tables.recovery.completed.is_set():
+        return "recovering tables from their changelogs"
+    return None
 
 
 def changelog_topic(stage: str) -> str:

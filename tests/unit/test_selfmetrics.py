@@ -43,3 +43,31 @@ def test_a_broken_check_is_not_ready_with_why(server):
 
 def test_port_zero_serves_nothing():
     selfmetrics.serve(0, "127.0.0.1")  # returns without binding anything
+
+
+def worker(*, rebalancing=False, assigned=(), in_recovery=False, recovered=True):
+    """What a processing worker's readiness reads of its Faust app."""
+    from types import SimpleNamespace
+
+    from aiokafka import TopicPartition
+
+    completed = SimpleNamespace(is_set=lambda: recovered)
+    return SimpleNamespace(
+        rebalancing=rebalancing,
+        in_recovery=in_recovery,
+        assignor=SimpleNamespace(assigned_actives=lambda: {TopicPartition(t, 0) for t in assigned}),
+        tables=SimpleNamespace(recovery=SimpleNamespace(completed=completed)),
+    )
+
+
+def test_a_processing_worker_is_ready_assigned_and_recovered():
+    from processors.stages import readiness
+
+    assert readiness(worker(rebalancing=True, assigned=["ktel.raw"]), "ktel.raw") == "rebalancing"
+    # Only the heartbeats' partitions: the stage has nothing of its source to work on.
+    assert readiness(worker(assigned=["ktel.heartbeats"]), "ktel.raw") == "no partition of ktel.raw assigned"
+    assert readiness(worker(assigned=["ktel.raw"], recovered=False), "ktel.raw") == (
+        "recovering tables from their changelogs"
+    )
+    assert readiness(worker(assigned=["ktel.raw"], in_recovery=True), "ktel.raw") is not None
+    assert readiness(worker(assigned=["ktel.raw"]), "ktel.raw") is None
