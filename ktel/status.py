@@ -380,21 +380,23 @@ async def _run(cfg: Config, args: argparse.Namespace) -> int:
     # Live redraws the tables in place; JSON goes out one object a line.
     live = contextlib.nullcontext() if args.json else Live(console=console, auto_refresh=False)
     with live:
-        while True:
-            status = await _once(cfg, args, stale_after_s)
-            code = EXIT_STALE if status["stale_hosts"] else EXIT_OK
-            if args.json:
-                print(json.dumps(status), flush=True)
-            else:
-                assert isinstance(live, Live)
-                live.update(Stack(*tables(status)), refresh=True)
-            await asyncio.sleep(args.watch)
-    return code
+        try:
+            while True:
+                status = await _once(cfg, args, stale_after_s)
+                code = EXIT_STALE if status["stale_hosts"] else EXIT_OK
+                if args.json:
+                    print(json.dumps(status), flush=True)
+                else:
+                    assert isinstance(live, Live)
+                    live.update(Stack(*tables(status)), refresh=True)
+                await asyncio.sleep(args.watch)
+        except asyncio.CancelledError:  # Ctrl-C: the exit status is the last refresh's
+            return code
 
 
 def main(cfg: Config, args: argparse.Namespace) -> int:
     """``ktel status``: 0 when every host listed is fresh, 1 when one is stale, 2 when
-    Kafka could not be read."""
+    Kafka could not be read; with --watch, as of the last refresh before Ctrl-C."""
     try:
         return asyncio.run(_run(cfg, args))
     except KeyboardInterrupt:

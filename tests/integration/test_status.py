@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -16,14 +17,15 @@ import uuid
 import httpx
 import jsonschema
 import pytest
+from aiokafka import AIOKafkaProducer
 
 from ktel import config, status, topics
 from ktel.topics import create_topics
-from ktel.wire import METRICS_TOPIC
+from ktel.wire import HEARTBEATS_TOPIC, METRICS_TOPIC, encode_heartbeat
 from tests.conftest import need_bpf
 from tests.integration.agent_harness import AgentProcess, kill_leftovers, start_group_at_end
 
-pytestmark = [pytest.mark.kafka, pytest.mark.bpf]
+pytestmark = pytest.mark.kafka
 
 # Well above the agents' 1 s heartbeats on a busy machine, well below the test's patience.
 STALE_AFTER_S = 15
@@ -63,6 +65,7 @@ def wait_for(what: str, check, timeout: float = 240):
         time.sleep(1)
 
 
+@pytest.mark.bpf
 def test_status_shows_both_agents_then_the_stopped_one_stale(kafka, tmp_path):
     need_bpf()
     bootstrap = kafka.bootstrap
@@ -137,3 +140,54 @@ def test_status_shows_both_agents_then_the_stopped_one_stale(kafka, tmp_path):
     assert "STALE" not in fresh_line
     assert group in table.stdout
     assert running.proc is not None and running.proc.poll() is None
+
+
+def test_watch_refreshes_until_ctrl_c(kafka, tmp_path):
+    """--watch --json: one document per refresh, each reading Kafka again; Ctrl-C ends it
+    with the last refresh's exit status."""
+    bootstrap = kafka.bootstrap
+    cfg = config.Config(kafka=config.KafkaConfig(bootstrap=bootstrap), agent=config.AgentConfig(host_id="t"))
+    asyncio.run(create_topics(bootstrap, topics.specs(cfg)))
+    host_id = f"status-watch-{uuid.uuid4().hex[:8]}"
+
+    def beat(ts: int) -> None:
+        record = {"ts": ts, "host": {"host.id": host_id}, "probes": {}, "counters": {}}
+        asyncio.run(produce(bootstrap, HEARTBEATS_TOPIC, host_id.encode(), encode_heartbeat(record)))
+
+    first = time.time_ns() // 1_000_000
+    beat(first)
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "ktel.cli", "status", "--json", "--watch", "1", "--host", host_id,
+         "--stale-after", "3600"],
+        env={**os.environ, "KTEL_KAFKA__BOOTSTRAP": bootstrap, "KTEL_AGENT__HOST_ID": "status-cli"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert watch.stdout is not None
+        doc = json.loads(watch.stdout.readline())
+        jsonschema.validate(doc, status.SCHEMA)
+        assert [h["last_heartbeat_ms"] for h in doc["hosts"]] == [first]
+        second = first + 1000
+        beat(second)
+        # Each line is a later refresh; one of them sees the newer heartbeat.
+        while [h["last_heartbeat_ms"] for h in doc["hosts"]] != [second]:
+            line = watch.stdout.readline()
+            assert line, "ktel status --watch ended on its own"
+            doc = json.loads(line)
+        watch.send_signal(signal.SIGINT)
+        assert watch.wait(120) == 0
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait()
+
+
+async def produce(bootstrap: str, topic: str, key: bytes, value: bytes) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, value, key=key)
+    finally:
+        await producer.stop()
