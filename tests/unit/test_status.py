@@ -21,7 +21,7 @@ def hb(host_id: str, ts: int, **extra) -> dict:
         "probes": {
             "file_created": {"loaded": True, "reason": "", "sample_every": 10, "command": "cmd-7"},
             "tcp_retransmit": {"loaded": True, "reason": "", "sample_every": 1, "command": None},
-            "ktel_api": {"loaded": False, "reason": "tracepoint ktel:ktel_counter missing"},
+            "ktel_api": {"loaded": False, "reason": "this kernel lacks tracepoint(s) ktel:ktel_counter"},
         },
         "counters": {},
         "rates": {
@@ -49,7 +49,7 @@ def test_host_row_reports_probes_drops_spool_and_overrides():
     assert row["age_s"] == 2.0
     assert row["stale"] is False
     assert row["probes_loaded"] == ["file_created", "tcp_retransmit"]
-    assert row["probes_failed"] == {"ktel_api": "tracepoint ktel:ktel_counter missing"}
+    assert row["probes_failed"] == {"ktel_api": "this kernel lacks tracepoint(s) ktel:ktel_counter"}
     assert row["ringbuf_drops_per_s"] == 2.0  # every probe's, nothing else
     assert row["spool_depth_bytes"] == 4096
     assert row["sampling_overrides"] == {"file_created": {"sample_every": 10, "command": "cmd-7"}}
