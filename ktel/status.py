@@ -30,6 +30,8 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
+from opentelemetry.semconv._incubating.attributes.host_attributes import HOST_ID, HOST_NAME
+from opentelemetry.semconv._incubating.attributes.os_attributes import OS_VERSION
 from rich.console import Console
 from rich.console import Group as Stack
 from rich.live import Live
@@ -157,9 +159,9 @@ def host_row(hb: Heartbeat, now_ms: int, stale_after_s: float) -> dict[str, Any]
     probes = hb["probes"]
     age_s = max(0.0, (now_ms - hb["ts"]) / 1000)
     return {
-        "host_id": host["host.id"],
-        "host_name": host.get("host.name", ""),
-        "kernel": host.get("os.version", ""),
+        "host_id": host[HOST_ID],
+        "host_name": host.get(HOST_NAME, ""),
+        "kernel": host.get(OS_VERSION, ""),
         "agent_version": host.get("ktel.agent.version", ""),
         "last_heartbeat_ms": hb["ts"],
         "age_s": round(age_s, 3),
@@ -215,7 +217,7 @@ def newest(heartbeats: Iterable[Heartbeat], hosts: set[str] | None = None) -> di
     """Each host's newest heartbeat (by its ts), only of ``hosts`` if given."""
     out: dict[str, Heartbeat] = {}
     for hb in heartbeats:
-        host_id = hb["host"]["host.id"]
+        host_id = hb["host"][HOST_ID]
         if hosts is not None and host_id not in hosts:
             continue
         if host_id not in out or hb["ts"] >= out[host_id]["ts"]:

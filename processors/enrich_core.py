@@ -357,7 +357,7 @@ def load_metadata(text: str) -> tuple[Metadata, list[str]]:
         if not isinstance(obj, dict):
             errors.append(f"line {n}: not a JSON object")
             continue
-        host, cg = obj.pop("host.id", None), obj.pop("cgroup.id", None)
+        host, cg = obj.pop(HOST_ID, None), obj.pop("cgroup.id", None)
         if not isinstance(host, str) or not host:
             errors.append(f"line {n}: no host.id string")
             continue

@@ -50,6 +50,7 @@ from typing import Any
 
 import faust
 from aiokafka.partitioner import murmur2
+from opentelemetry.semconv._incubating.attributes.host_attributes import HOST_ID
 from prometheus_client import Counter, Gauge
 
 from ktel import logs, selfmetrics
@@ -288,7 +289,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             async for event in stream.events():
                 try:
                     hb = decode_heartbeat(event.value)
-                    host_id = hb["host"]["host.id"]
+                    host_id = hb["host"][HOST_ID]
                     if event.key != host_id.encode():
                         # The table key must hash to the partition the record came from.
                         raise WireError(
