@@ -619,7 +619,7 @@ class Agent:
             self.apply_rate(probe, self.control.sample_every(probe))
         REGISTRY.register(AgentCollector(self))
         selfmetrics.ready_when(self.readiness)
-        selfmetrics.serve(acfg.metrics_port, self.cfg.service.metrics_bind)
+        selfmetrics.serve(acfg.metrics_port, self.cfg.service.metrics_bind, "agent.metrics_port")
         self.producer = self._new_producer()
         log.info(
             "agent host.id=%s boot=%s (probes: %s; skipped: %s; spool backlog %d bytes)",

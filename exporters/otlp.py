@@ -447,7 +447,7 @@ TOPICS = {SPANS_TOPIC: decode_spans, LOGS_TOPIC: decode_logs, METRICS_TOPIC: dec
 
 
 async def run(cfg: Config, stop: asyncio.Event, *, group_id: str = GROUP) -> None:
-    selfmetrics.serve(cfg.otlp.metrics_port, cfg.service.metrics_bind)
+    selfmetrics.serve(cfg.otlp.metrics_port, cfg.service.metrics_bind, "otlp.metrics_port")
     sender = Sender(cfg.otlp, service=service_attributes(cfg.service.name))
     try:
         await consume.run(

@@ -265,7 +265,7 @@ async def _resend_by_snapshot(
 
 
 async def run(cfg: Config, stop: asyncio.Event, *, group_id: str = GROUP) -> None:
-    selfmetrics.serve(cfg.remote_write.metrics_port, cfg.service.metrics_bind)
+    selfmetrics.serve(cfg.remote_write.metrics_port, cfg.service.metrics_bind, "remote_write.metrics_port")
     url = cfg.remote_write.url
     window = Window(cfg.remote_write.max_age_seconds, cfg.remote_write.max_future_seconds, "remote_write")
     async with httpx.AsyncClient(timeout=cfg.remote_write.timeout_seconds) as client:

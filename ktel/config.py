@@ -13,6 +13,7 @@ is marked ``SECRET`` (in its ``json_schema_extra``): what ktel prints of it, in
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -518,6 +519,15 @@ class ServiceConfig(BaseModel):
     @classmethod
     def _lower(cls, v: Any) -> Any:
         return v.lower() if isinstance(v, str) else v
+
+    @field_validator("metrics_bind")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        try:
+            ipaddress.ip_address(v)
+        except ValueError:
+            raise ValueError("not an IP address (e.g. 127.0.0.1, 0.0.0.0, ::1 or ::)") from None
+        return v
 
 
 class Config(BaseSettings):

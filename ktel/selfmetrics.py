@@ -15,7 +15,9 @@ process; the port is each process's ``*.metrics_port``.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import socket
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -79,13 +81,26 @@ class _Quiet(WSGIRequestHandler):
         pass
 
 
-def serve(port: int, host: str, registry: CollectorRegistry = REGISTRY) -> None:
+class _Server6(ThreadingWSGIServer):
+    address_family = socket.AF_INET6
+
+
+def serve(port: int, host: str, setting: str, registry: CollectorRegistry = REGISTRY) -> None:
     """Serve /metrics (``registry``), /healthz and /readyz on host:port from a daemon
     thread; port 0 turns them off. ``host``: ``service.metrics_bind`` (the pull
-    endpoint: ``pull.host``)."""
+    endpoint: ``pull.host``); ``setting``: the port's, named if it cannot be served."""
     if not port:
         return
-    server = make_server(host, port, app(registry), ThreadingWSGIServer, handler_class=_Quiet)
+    v6 = ":" in host and ipaddress.ip_address(host).version == 6
+    try:
+        server = make_server(
+            host, port, app(registry), _Server6 if v6 else ThreadingWSGIServer, handler_class=_Quiet
+        )
+    except OSError as err:
+        raise SystemExit(
+            f"cannot serve self-metrics on {host}:{port} ({err.strerror or err}): "
+            f"set {setting} to a free port, or service.metrics_bind to an address of this host"
+        ) from None
     threading.Thread(target=server.serve_forever, name="selfmetrics", daemon=True).start()
     log.info(
         "self-metrics and health on http://%s:%d (/metrics, /healthz, /readyz)", host, server.server_port

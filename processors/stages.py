@@ -321,7 +321,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
     @app.task
     async def serve_metrics():
         selfmetrics.ready_when(lambda: readiness(app, SOURCE[stage]))
-        selfmetrics.serve(cfg.process.metrics_port, cfg.service.metrics_bind)
+        selfmetrics.serve(cfg.process.metrics_port, cfg.service.metrics_bind, "process.metrics_port")
 
     return app
 

@@ -53,6 +53,13 @@ def test_service_section_from_environment(monkeypatch):
     assert (cfg.service.name, cfg.service.metrics_bind, cfg.service.log_level) == ("ktel", "0.0.0.0", "debug")
 
 
+def test_a_bad_bind_address_names_the_field(monkeypatch):
+    monkeypatch.setenv("KTEL_AGENT__HOST_ID", "abc")
+    monkeypatch.setenv("KTEL_SERVICE__METRICS_BIND", "all")
+    with pytest.raises(config.ConfigError, match=r"service.metrics_bind = 'all': .*not an IP address"):
+        config.load()
+
+
 def test_a_bad_log_format_names_the_field(monkeypatch):
     monkeypatch.setenv("KTEL_AGENT__HOST_ID", "abc")
     monkeypatch.setenv("KTEL_SERVICE__LOG_FORMAT", "xml")

@@ -1,5 +1,7 @@
 """The self-metrics server: /metrics, /healthz, and /readyz answering each process's check."""
 
+import socket
+
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry, Counter
@@ -13,7 +15,7 @@ def server():
     registry = CollectorRegistry()
     Counter("ktel_test_things", "things", registry=registry).inc(3)
     port = free_port()
-    selfmetrics.serve(port, "127.0.0.1", registry)
+    selfmetrics.serve(port, "127.0.0.1", "x.metrics_port", registry)
     yield f"http://127.0.0.1:{port}"
     selfmetrics.ready_when(lambda: "starting")
 
@@ -42,7 +44,26 @@ def test_a_broken_check_is_not_ready_with_why(server):
 
 
 def test_port_zero_serves_nothing():
-    selfmetrics.serve(0, "127.0.0.1")  # returns without binding anything
+    selfmetrics.serve(0, "127.0.0.1", "x.metrics_port")  # returns without binding anything
+
+
+def test_a_port_taken_names_the_setting(server):
+    port = int(server.rsplit(":", 1)[1])
+    with pytest.raises(
+        SystemExit, match=r"cannot serve self-metrics on 127.0.0.1:\d+ .*set otlp.metrics_port"
+    ):
+        selfmetrics.serve(port, "127.0.0.1", "otlp.metrics_port")
+
+
+def test_ipv6_bind(server):
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError as err:
+        pytest.skip(f"no IPv6 loopback here: {err}")
+    port = free_port()
+    selfmetrics.serve(port, "::1", "x.metrics_port")
+    assert httpx.get(f"http://[::1]:{port}/healthz").status_code == 200
 
 
 def worker(*, rebalancing=False, assigned=(), in_recovery=False, recovered=True):
