@@ -295,6 +295,13 @@ def main(argv: list[str] | None = None) -> None:
         "for longer is not listed",
     )
     p.add_argument("--host", action="append", metavar="HOST_ID", help="only this host id (repeatable)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="give up (exit 2) when Kafka has not answered in this long, retrying meanwhile (default 30)",
+    )
     p.set_defaults(fn=cmd_status)
 
     args = parser.parse_args(_relative_times(sys.argv[1:] if argv is None else argv))

@@ -29,7 +29,6 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import KafkaError
 from opentelemetry.semconv._incubating.attributes.host_attributes import HOST_ID, HOST_NAME
 from opentelemetry.semconv._incubating.attributes.os_attributes import OS_VERSION
 from rich.console import Console
@@ -39,6 +38,7 @@ from rich.table import Table
 
 from ktel.config import Config
 from ktel.kafka_client import Kafka, client_kwargs, explain
+from ktel.retry import retry
 from ktel.wire import HEARTBEATS_TOPIC, Heartbeat, WireError, decode_heartbeat
 
 GROUP_PREFIX = "ktel-"
@@ -360,10 +360,25 @@ def tables(status: dict[str, Any]) -> list[Table]:
     return [hosts, groups]
 
 
+class Unreadable(Exception):
+    """Kafka gave no status within --timeout; ``args[0]``: the last failure, if any."""
+
+
 async def _once(cfg: Config, args: argparse.Namespace, stale_after_s: float) -> dict[str, Any]:
     hosts = set(args.host) if args.host else None
     now_ms = time.time_ns() // 1_000_000
-    got = await read(cfg.kafka, args.since, hosts)
+    failures: list[BaseException] = []
+    try:
+        # Retried within the timeout: a coordinator moving or a broker restarting
+        # should not end a --watch, but a one-shot status must not hang.
+        async with asyncio.timeout(args.timeout):
+            got = await retry(
+                lambda: read(cfg.kafka, args.since, hosts),
+                what=f"read the fleet's status from Kafka at {cfg.kafka.bootstrap}",
+                on_retry=failures.append,
+            )
+    except TimeoutError:
+        raise Unreadable(failures[-1] if failures else None) from None
     return summarize(got, now_ms, args.since, stale_after_s)
 
 
@@ -403,6 +418,11 @@ def main(cfg: Config, args: argparse.Namespace) -> int:
         return asyncio.run(_run(cfg, args))
     except KeyboardInterrupt:
         return EXIT_OK
-    except KafkaError as err:
-        print(f"ktel status: {asyncio.run(explain(err, cfg.kafka))}", file=sys.stderr)
+    except Unreadable as err:
+        last = err.args[0]
+        if last is None:
+            why = f"Kafka at {cfg.kafka.bootstrap} gave no answer within {args.timeout:g}s (--timeout)"
+        else:
+            why = asyncio.run(explain(last, cfg.kafka))
+        print(f"ktel status: {why}", file=sys.stderr)
         return EXIT_UNREADABLE

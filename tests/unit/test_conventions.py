@@ -96,12 +96,12 @@ def test_log_level_and_json_format_from_config_and_the_flag_winning(tmp_path):
     # info line first only at info level or below.
     closed = "127.0.0.1:1"
     env = {"KTEL_KAFKA__BOOTSTRAP": closed, "KTEL_SERVICE__LOG_FORMAT": "json"}
-    quiet = ktel("status", **env, KTEL_SERVICE__LOG_LEVEL="error")
+    quiet = ktel("status", "--timeout", "3", **env, KTEL_SERVICE__LOG_LEVEL="error")
     assert quiet.returncode == 2
     records = [json.loads(line) for line in quiet.stderr.splitlines() if line.startswith("{")]
     assert records and {r["level"] for r in records} == {"ERROR"}
     assert {"time", "logger", "message"} <= set(records[0])
     assert "ktel status: cannot reach Kafka at 127.0.0.1:1" in quiet.stderr
-    loud = ktel("status", "--log-level", "debug", **env, KTEL_SERVICE__LOG_LEVEL="error")
+    loud = ktel("status", "--timeout", "3", "--log-level", "debug", **env, KTEL_SERVICE__LOG_LEVEL="error")
     levels = {json.loads(line)["level"] for line in loud.stderr.splitlines() if line.startswith("{")}
     assert "DEBUG" in levels
