@@ -6,7 +6,9 @@ tests/integration/test_status.py."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -21,6 +23,9 @@ from ktel.stack.proc import free_port, tail
 from ktel.topics import create_topics
 
 pytestmark = pytest.mark.kafka
+
+# The start of a line in ktel's text log format (or Faust's own).
+TEXT_LOG_LINE = re.compile(r"^\[?\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
 
 
 class Ktel:
@@ -132,8 +137,13 @@ def test_a_processing_worker_becomes_ready_once_assigned_and_recovered(kafka, kt
         KTEL_KAFKA__BOOTSTRAP=kafka.bootstrap,
         KTEL_PROCESS__METRICS_PORT=str(port),
         KTEL_PROCESS__DATA_DIR=str(tmp_path / "faust"),
+        KTEL_SERVICE__LOG_FORMAT="json",
     )
     started.append(worker)
     assert worker.get(port, "/healthz").status_code == 200
     assert worker.until_ready(port).text == "ready\n"
     assert "ktel_processor" in worker.get(port, "/metrics").text
+    # Faust's worker logs as ktel does (it would otherwise install its own format).
+    records = [json.loads(line) for line in worker.log.read_text().splitlines() if line.startswith("{")]
+    assert {"faust", "ktel"} <= {r["logger"].split(".")[0] for r in records}
+    assert not [line for line in worker.log.read_text().splitlines() if TEXT_LOG_LINE.match(line)]
