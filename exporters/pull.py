@@ -85,7 +85,7 @@ async def run(cfg: Config, stop: asyncio.Event) -> None:
     registry = CollectorRegistry()
     registry.register(latest)
     # With /healthz and /readyz, like every ktel process's metrics port.
-    selfmetrics.serve(cfg.pull.port, cfg.pull.host, "pull.port", registry)
+    selfmetrics.serve(cfg.pull.port, cfg.pull.host, "pull.port", registry, "pull.host")
 
     window = Window(math.inf, cfg.pull.max_future_seconds, "pull")
 

@@ -145,6 +145,17 @@ def cmd_replay(cfg: config_mod.Config, args: argparse.Namespace) -> None:
     sys.exit(replay.main(cfg, args))
 
 
+def _seconds(text: str) -> float:
+    """A duration option's value: seconds, above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text} seconds: give more than 0")
+    return value
+
+
 def _relative_times(argv: list[str]) -> list[str]:
     """``--from -15m`` -> ``--from=-15m``: argparse takes a value starting with "-"
     for an option, and relative times are what an operator types most."""
@@ -276,19 +287,19 @@ def main(argv: list[str] | None = None) -> None:
         "--watch",
         nargs="?",
         const=2.0,
-        type=float,
+        type=_seconds,
         metavar="SECONDS",
         help="refresh every SECONDS (default 2) until Ctrl-C",
     )
     p.add_argument(
         "--stale-after",
-        type=float,
+        type=_seconds,
         metavar="SECONDS",
         help="a host with no heartbeat for this long is stale (default: 3 x agent.heartbeat_seconds)",
     )
     p.add_argument(
         "--since",
-        type=float,
+        type=_seconds,
         default=900.0,
         metavar="SECONDS",
         help="read the heartbeats of this many seconds back (default 900); a host silent "
@@ -297,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", action="append", metavar="HOST_ID", help="only this host id (repeatable)")
     p.add_argument(
         "--timeout",
-        type=float,
+        type=_seconds,
         default=30.0,
         metavar="SECONDS",
         help="give up (exit 2) when Kafka has not answered in this long, retrying meanwhile (default 30)",

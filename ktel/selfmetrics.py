@@ -85,10 +85,16 @@ class _Server6(ThreadingWSGIServer):
     address_family = socket.AF_INET6
 
 
-def serve(port: int, host: str, setting: str, registry: CollectorRegistry = REGISTRY) -> None:
+def serve(
+    port: int,
+    host: str,
+    setting: str,
+    registry: CollectorRegistry = REGISTRY,
+    host_setting: str = "service.metrics_bind",
+) -> None:
     """Serve /metrics (``registry``), /healthz and /readyz on host:port from a daemon
-    thread; port 0 turns them off. ``host``: ``service.metrics_bind`` (the pull
-    endpoint: ``pull.host``); ``setting``: the port's, named if it cannot be served."""
+    thread; port 0 turns them off. ``setting`` and ``host_setting`` name the port's
+    and the host's settings, for the message when they cannot be served."""
     if not port:
         return
     v6 = ":" in host and ipaddress.ip_address(host).version == 6
@@ -99,7 +105,7 @@ def serve(port: int, host: str, setting: str, registry: CollectorRegistry = REGI
     except OSError as err:
         raise SystemExit(
             f"cannot serve self-metrics on {host}:{port} ({err.strerror or err}): "
-            f"set {setting} to a free port, or service.metrics_bind to an address of this host"
+            f"set {setting} to a free port, or {host_setting} to an address of this host"
         ) from None
     threading.Thread(target=server.serve_forever, name="selfmetrics", daemon=True).start()
     log.info(

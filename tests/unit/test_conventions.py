@@ -105,3 +105,10 @@ def test_log_level_and_json_format_from_config_and_the_flag_winning(tmp_path):
     loud = ktel("status", "--timeout", "3", "--log-level", "debug", **env, KTEL_SERVICE__LOG_LEVEL="error")
     levels = {json.loads(line)["level"] for line in loud.stderr.splitlines() if line.startswith("{")}
     assert "DEBUG" in levels
+
+
+@pytest.mark.parametrize("bad", [["--watch", "0"], ["--stale-after", "-5"], ["--since", "soon"]])
+def test_status_refuses_durations_that_are_not_above_zero(bad):
+    out = ktel("status", *bad)
+    assert out.returncode == 2
+    assert f"argument {bad[0]}" in out.stderr and "seconds" in out.stderr
