@@ -2,7 +2,10 @@
 
 Hosts come from ``ktel.heartbeats``: every record of the last ``--since`` seconds is
 read (a group-less consumer from ``offsets_for_times``, up to the end offsets at the
-start), and each host's newest heartbeat stands for it. A host whose newest heartbeat
+start), and each host's newest heartbeat stands for it. Records are keyed by host id
+and a host's stay in one partition, in order, so only the newest record of each key
+is decoded (an older one only where a newer one does not decode, or names another
+host than its key). A host whose newest heartbeat
 is older than ``--stale-after`` is stale: it is highlighted, and the command exits 1.
 A host silent for longer than ``--since`` is not seen at all, so ``--since`` should
 be well above ``--stale-after``.
@@ -23,7 +26,7 @@ import contextlib
 import json
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,7 +137,8 @@ SCHEMA: dict[str, Any] = {
         "groups": {"type": "array", "items": _GROUP, "description": "sorted by group"},
         "bad_heartbeats": {
             "type": "integer",
-            "description": "records of ktel.heartbeats that did not decode",
+            "description": "records of ktel.heartbeats newer than their host's newest good one that "
+            "did not decode or named another host than their key",
         },
     },
 }
@@ -213,16 +217,30 @@ def summarize(read: Read, now_ms: int, since_s: float, stale_after_s: float) -> 
     }
 
 
-def newest(heartbeats: Iterable[Heartbeat], hosts: set[str] | None = None) -> dict[str, Heartbeat]:
-    """Each host's newest heartbeat (by its ts), only of ``hosts`` if given."""
+def newest(
+    by_key: Mapping[bytes, list[bytes]], hosts: set[str] | None = None
+) -> tuple[dict[str, Heartbeat], int]:
+    """Each host's newest heartbeat, from each key's records in offset order (only of
+    ``hosts`` if given); and how many newer records did not decode or named another
+    host than their key (the processing stages refuse those too)."""
     out: dict[str, Heartbeat] = {}
-    for hb in heartbeats:
-        host_id = hb["host"][HOST_ID]
+    bad = 0
+    for key, values in by_key.items():
+        host_id = key.decode(errors="replace")
         if hosts is not None and host_id not in hosts:
             continue
-        if host_id not in out or hb["ts"] >= out[host_id]["ts"]:
+        for value in reversed(values):
+            try:
+                hb = decode_heartbeat(value)
+            except WireError:
+                bad += 1
+                continue
+            if hb["host"][HOST_ID] != host_id:
+                bad += 1
+                continue
             out[host_id] = hb
-    return out
+            break
+    return out, bad
 
 
 async def read(kafka: Kafka, since_s: float, hosts: set[str] | None = None) -> Read:
@@ -232,8 +250,8 @@ async def read(kafka: Kafka, since_s: float, hosts: set[str] | None = None) -> R
     try:
         await consumer.start()
         await admin.start()
-        heartbeats, bad = await _heartbeats(consumer, admin, since_s)
-        return Read(newest(heartbeats, hosts), bad, await _groups(consumer, admin))
+        heartbeats, bad = newest(await _heartbeats(consumer, admin, since_s), hosts)
+        return Read(heartbeats, bad, await _groups(consumer, admin))
     finally:
         await consumer.stop()
         await admin.close()
@@ -253,10 +271,11 @@ async def _partitions(admin: AIOKafkaAdminClient, topics: list[str]) -> list[Top
 
 async def _heartbeats(
     consumer: AIOKafkaConsumer, admin: AIOKafkaAdminClient, since_s: float
-) -> tuple[list[Heartbeat], int]:
+) -> dict[bytes, list[bytes]]:
+    """The records of the last ``since_s`` seconds by key, each key's in offset order."""
     parts = await _partitions(admin, [HEARTBEATS_TOPIC])
     if not parts:
-        return [], 0
+        return {}
     consumer.assign(parts)
     ends = await consumer.end_offsets(parts)
     start_ms = int(time.time() * 1000 - since_s * 1000)
@@ -264,19 +283,14 @@ async def _heartbeats(
     for tp in parts:
         hit = found.get(tp)
         consumer.seek(tp, hit.offset if hit is not None else ends[tp])
-    heartbeats: list[Heartbeat] = []
-    bad = 0
+    by_key: dict[bytes, list[bytes]] = {}
     # Up to the end offsets at the start: a fleet's heartbeats never stop coming.
     while [tp for tp in parts if await consumer.position(tp) < ends[tp]]:
         for tp, records in (await consumer.getmany(timeout_ms=1000)).items():
             for rec in records:
-                if rec.offset >= ends[tp]:
-                    continue  # newer than the start; the next refresh shows it
-                try:
-                    heartbeats.append(decode_heartbeat(rec.value))
-                except WireError:
-                    bad += 1
-    return heartbeats, bad
+                if rec.offset < ends[tp]:  # a newer one waits for the next refresh
+                    by_key.setdefault(rec.key or b"", []).append(rec.value or b"")
+    return by_key
 
 
 async def _groups(consumer: AIOKafkaConsumer, admin: AIOKafkaAdminClient) -> list[Group]:

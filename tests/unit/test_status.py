@@ -5,6 +5,7 @@ import jsonschema
 from aiokafka import TopicPartition
 
 from ktel import status
+from ktel.wire import encode_heartbeat
 
 NOW = 1_800_000_000_000
 
@@ -34,11 +35,18 @@ def hb(host_id: str, ts: int, **extra) -> dict:
     }
 
 
-def test_newest_heartbeat_stands_for_its_host_and_hosts_filter():
-    beats = [hb("a", NOW - 5000), hb("a", NOW - 1000), hb("a", NOW - 3000), hb("b", NOW)]
-    newest = status.newest(beats)
-    assert {h: b["ts"] for h, b in newest.items()} == {"a": NOW - 1000, "b": NOW}
-    assert set(status.newest(beats, {"b"})) == {"b"}
+def test_each_keys_newest_good_heartbeat_stands_for_its_host():
+    by_key = {
+        b"a": [encode_heartbeat(hb("a", NOW - 5000)), encode_heartbeat(hb("a", NOW - 1000))],
+        # The newest does not decode and the one before names another host: both
+        # counted, and the one before them stands.
+        b"b": [encode_heartbeat(hb("b", NOW - 9000)), encode_heartbeat(hb("a", NOW)), b"garbage"],
+        b"c": [b"garbage"],
+    }
+    newest, bad = status.newest(by_key)
+    assert {h: b["ts"] for h, b in newest.items()} == {"a": NOW - 1000, "b": NOW - 9000}
+    assert bad == 3
+    assert set(status.newest(by_key, {"b"})[0]) == {"b"}
 
 
 def test_host_row_reports_probes_drops_spool_and_overrides():
