@@ -1,15 +1,20 @@
 # The two commands the README opens with. Both set up what they need first.
-.PHONY: run test setup lint unit fmt
+.PHONY: run test setup setup-run lint unit fmt
 # A recipe that fails leaves no half-made target (a .venv without its packages).
 .DELETE_ON_ERROR:
 
 # The C sources, formatted by the root .clang-format.
 C_SOURCES = bpf/*.c bpf/*.h kmod/*.c kmod/*.h kmod/include/ktel/*.h
 
+# Everything, the tests' needs included (what CI runs).
 setup:
 	bash deploy/setup.sh
 
-run: setup
+# Only what running needs: no qemu, clang, kernel image, helm or dev packages.
+setup-run:
+	bash deploy/setup.sh run
+
+run: setup-run
 	.venv/bin/ktel --config deploy/local.toml up
 
 test: setup lint

@@ -43,13 +43,12 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-import httpx  # noqa: E402
-
 from exporters import otlp, remote_write  # noqa: E402
 from exporters.consume import Record  # noqa: E402
 from exporters.delivery import Window  # noqa: E402
+from exporters.remote_write_client import Receiver  # noqa: E402
 from ktel import runtime  # noqa: E402
-from ktel.config import OtlpConfig  # noqa: E402
+from ktel.config import OtlpConfig, RemoteWriteConfig  # noqa: E402
 from ktel.stack import proc  # noqa: E402
 from ktel.stack.otelcol import LocalCollector  # noqa: E402
 from ktel.stack.proc import free_port  # noqa: E402
@@ -143,11 +142,11 @@ def deliveries(records: list[bytes]) -> list[list[bytes]]:
 
 
 async def ktel_remote_write(url: str, records: list[bytes]) -> tuple[float, float]:
-    async with httpx.AsyncClient(timeout=30, trust_env=False) as client:
+    async with Receiver(RemoteWriteConfig(url=url, timeout_seconds=30)) as receiver:
         clock = Clock()
         for chunk in deliveries(records):
             recs = [Record(decode_snapshot(r), METRICS_TOPIC, 0, i, None, r) for i, r in enumerate(chunk)]
-            await remote_write.deliver(client, url, recs, None, WINDOW)  # type: ignore[arg-type]
+            await remote_write.deliver(receiver, recs, None, WINDOW)  # type: ignore[arg-type]
         return clock.stop()
 
 

@@ -1,13 +1,27 @@
 #!/usr/bin/env bash
-# Sets up everything ktel needs on this host, from scratch, and is quick when
-# it is already done: Debian packages (BCC, kernel headers, Prometheus, Java,
-# Maven), kernel headers linked where BCC looks for them, tracefs, the Python
-# environment (.venv, with access to Debian's BCC), and Kafka's jars from Maven
-# Central (cached in ~/.cache/ktel). Needs root.
+# Sets up what ktel needs on this host, from scratch, and is quick when it is
+# already done. Needs root.
+#
+#   deploy/setup.sh run   what `make run` needs: Debian packages (BCC, kernel headers,
+#                         Prometheus, Java, Maven), kernel headers linked where BCC looks
+#                         for them, tracefs, the Python environment (.venv, with access to
+#                         Debian's BCC), Kafka's jars from Maven Central and the
+#                         OpenTelemetry Collector built from the Go module proxy (both
+#                         cached in ~/.cache/ktel, or $KTEL_CACHE_DIR)
+#   deploy/setup.sh       all of that, and what the tests need besides: the dev Python
+#                         packages, clang/libbpf, qemu, busybox and Debian's kernel image
+#                         (the kernel-module VM test), and helm (the chart's tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 log() { printf 'ktel setup: %s\n' "$*"; }
+
+case "${1:-all}" in
+  run) TESTS=0 ;;
+  all) TESTS=1 ;;
+  *) echo "usage: deploy/setup.sh [run]  (no argument: also what the tests need)" >&2; exit 2 ;;
+esac
+CACHE=${KTEL_CACHE_DIR:-$HOME/.cache/ktel}
 
 if [ "$(id -u)" -ne 0 ]; then
   echo "ktel setup: run as root (BCC loads BPF programs and installs packages)" >&2
@@ -15,7 +29,10 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # --- Debian packages --------------------------------------------------------
-PKGS=(python3-bpfcc linux-headers-amd64 prometheus openjdk-17-jre-headless maven make qemu-system-x86 busybox-static libc6-dev clang clang-format libbpf-dev libelf-dev zlib1g-dev libzstd-dev)
+PKGS=(python3-bpfcc python3-venv linux-headers-amd64 prometheus openjdk-17-jre-headless maven make)
+if [ "$TESTS" = 1 ]; then
+  PKGS+=(qemu-system-x86 busybox-static libc6-dev clang clang-format libbpf-dev libelf-dev zlib1g-dev libzstd-dev openssl)
+fi
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -52,7 +69,7 @@ fi
 # (the ones kmod/ is built against): package linux-image-<ver>, whose name
 # depends on the headers' ABI version, hence not in PKGS.
 kmod_hdr=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n 1)
-if [ -n "$kmod_hdr" ]; then
+if [ "$TESTS" = 1 ] && [ -n "$kmod_hdr" ]; then
   kmod_img=linux-image-${kmod_hdr#/usr/src/linux-headers-}
   if ! dpkg-query -W -f='${Status}' "$kmod_img" 2>/dev/null | grep -q "install ok installed"; then
     log "installing $kmod_img (the kernel tests/vm boots in qemu)"
@@ -67,12 +84,22 @@ if [ ! -x .venv/bin/python ]; then
   log "creating .venv with $PY"
   "$PY" -m venv .venv
 fi
-stamp=.venv/.ktel-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  log "installing Python packages"
+# ktel itself for running; with its dev extras (test and lint tools) for the tests.
+# A stamp newer than pyproject.toml says that set is installed (the dev one covers both).
+if [ "$TESTS" = 1 ]; then
+  spec='.[dev]' stamps=(.venv/.ktel-installed-dev)
+else
+  spec='.' stamps=(.venv/.ktel-installed .venv/.ktel-installed-dev)
+fi
+fresh=0
+for st in "${stamps[@]}"; do
+  if [ -f "$st" ] && [ ! pyproject.toml -nt "$st" ]; then fresh=1; fi
+done
+if [ "$fresh" = 0 ]; then
+  log "installing Python packages ($spec)"
   .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q -e '.[dev]'
-  touch "$stamp"
+  .venv/bin/pip install -q -e "$spec"
+  touch "${stamps[0]}"
 fi
 # Debian's BCC is pure Python over libbcc; give the venv that one package only.
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
@@ -83,10 +110,26 @@ ln -sfn /usr/lib/python3/dist-packages/bcc "$site/bcc"
 # Built once with the official builder from the Go module proxy, from
 # deploy/otelcol/builder-config.yaml, into ~/.cache/ktel/otelcol-<version>
 # (a few CPU minutes the first time; cached, so later runs return at once).
-# Needs Go >= 1.26 (the Collector modules require it): /usr/local/go/bin/go or `go` on
-# PATH; Debian 12's golang is too old.
-.venv/bin/python -c 'from ktel.stack.otelcol import ensure_collector; print("ktel setup: OpenTelemetry Collector at", ensure_collector())'
+# Needs Go >= 1.26 (the Collector modules require it): `go` on PATH or
+# /usr/local/go/bin/go if new enough (Debian 12's golang is not), else a Go toolchain
+# fetched once from the Go module proxy into the cache (ktel/stack/gotoolchain.py).
+# For `make run` with KTEL_STACK__COLLECTOR_BINARY naming a prebuilt Collector, nothing
+# is built (the OTLP tests always run the one built here).
+if [ "$TESTS" = 1 ] || [ -z "${KTEL_STACK__COLLECTOR_BINARY:-}" ]; then
+  .venv/bin/python -c 'from ktel.stack.otelcol import ensure_collector; print("ktel setup: OpenTelemetry Collector at", ensure_collector())'
+fi
 
 # --- Kafka ------------------------------------------------------------------
 .venv/bin/python -c 'from ktel.stack.kafka import ensure_kafka; print("ktel setup: Kafka jars in", ensure_kafka())'
+
+# --- helm, for the chart's tests (tests/integration/test_helm_chart.py) -------
+# Built once from the Go module proxy (about 80 s) into the cache, with the same Go as
+# the Collector.
+HELM_VERSION=3.22.0  # tests/integration/test_helm_chart.py names it too
+helm_bin="$CACHE/helm-$HELM_VERSION/bin"
+if [ "$TESTS" = 1 ] && [ ! -x "$helm_bin/helm" ]; then
+  go=$(.venv/bin/python -c 'from ktel.stack.gotoolchain import find_go; print(find_go())')
+  log "building helm $HELM_VERSION with $go"
+  GOBIN="$helm_bin" GOTOOLCHAIN=local "$go" install "helm.sh/helm/v3/cmd/helm@v$HELM_VERSION"
+fi
 log "ready"

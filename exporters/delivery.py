@@ -9,11 +9,16 @@ Answers fall in three classes (docs/design.md, principle 11):
   size), DEADLINE_EXCEEDED, ABORTED, CANCELLED, INTERNAL, UNKNOWN and DATA_LOSS:
   ``Transient`` is raised and the shared retry helper sends the same request again
   until the backend takes it;
+- unauthorized: HTTP 401 and 403, gRPC UNAUTHENTICATED and PERMISSION_DENIED: the
+  backend refuses ktel's credentials, not the data, so it is a configuration error
+  and no item is to blame: ``Unauthorized`` (a ``Transient``) is raised, the data
+  is kept and retried until the configuration is fixed, and ``Misconfigured`` logs
+  one line naming the settings to check (not one per retry);
 - refused: any other 4xx (413 and the Collector's "request body too large"
   included), gRPC INVALID_ARGUMENT, FAILED_PRECONDITION, OUT_OF_RANGE,
-  UNAUTHENTICATED, PERMISSION_DENIED, NOT_FOUND, ALREADY_EXISTS, UNIMPLEMENTED, and
-  RESOURCE_EXHAUSTED for a message larger than the backend's limit: ``Permanent``
-  is raised, since the same request can never succeed.
+  NOT_FOUND, ALREADY_EXISTS, UNIMPLEMENTED, and RESOURCE_EXHAUSTED for a message
+  larger than the backend's limit: ``Permanent`` is raised, since the same request
+  can never succeed.
 
 A backend refuses a whole request for one item it cannot take (one bad sample, one
 span too large), so a refused request is split in halves and each half sent on its
@@ -24,6 +29,7 @@ dead-lettered, with the backend's answer. One bad item among n costs about
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -39,11 +45,17 @@ class Transient(Exception):
     """A failure the backend may not repeat: retried with the shared helper."""
 
 
+class Unauthorized(Transient):
+    """The backend refuses ktel's credentials: retried until the configuration is fixed."""
+
+
 def http_answer(status: int, message: str) -> None:
     """Classify an HTTP answer: returns on 2xx, else raises Transient or Permanent."""
     if 200 <= status < 300:
         return
     answer = f"HTTP {status}: {message.strip()[:500]}"
+    if status in (401, 403):
+        raise Unauthorized(answer)
     if status in (408, 429) or status >= 500:
         raise Transient(answer)
     raise Permanent(answer)
@@ -70,9 +82,57 @@ def grpc_answer(code: grpc.StatusCode, details: str | None) -> None:
     # their size limit ("received message larger than max"): only the first passes.
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (details or ""):
         raise Permanent(answer)
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        raise Unauthorized(answer)
     if code in _GRPC_TRANSIENT:
         raise Transient(answer)
     raise Permanent(answer)
+
+
+def tls_failed(err: BaseException) -> bool:
+    """Whether a failure to reach a backend is its TLS handshake (a certificate not
+    trusted or not sent): Python's ssl, gRPC and requests each say so in their message."""
+    text = str(err).lower()
+    return any(word in text for word in ("certificate", "ssl", "handshake"))
+
+
+class Misconfigured:
+    """Logs once when a backend starts refusing ktel's configuration (its credentials,
+    or the TLS handshake), naming the settings to check, and once when it takes the
+    data again: a refusal lasts until someone fixes a setting, and the retry helper's
+    line per attempt does not say which."""
+
+    def __init__(self, log: logging.Logger, backend: str, *, credentials: str, tls: str) -> None:
+        self.log = log
+        self.backend = backend
+        self.hints = {
+            "credentials": f"it refuses ktel's credentials: check {credentials}",
+            "tls": f"the TLS handshake failed: check {tls}",
+        }
+        self.problem: str | None = None
+
+    def failed(self, err: BaseException) -> None:
+        """Called with each failed attempt."""
+        if isinstance(err, Unauthorized):
+            problem = "credentials"
+        elif not isinstance(err, Permanent) and tls_failed(err):
+            problem = "tls"
+        else:
+            return
+        if problem != self.problem:
+            self.problem = problem
+            self.log.error(
+                "%s: %s (%s); the data is kept and sent again until it is taken",
+                self.backend,
+                self.hints[problem],
+                str(err)[:300],
+            )
+
+    def succeeded(self) -> None:
+        """Called with each acknowledged request."""
+        if self.problem is not None:
+            self.log.info("%s takes the data again (%s fixed)", self.backend, self.problem)
+            self.problem = None
 
 
 async def send_split(

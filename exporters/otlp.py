@@ -35,7 +35,10 @@ helper (``ktel/retry.py``) until the backend takes the request; a refused reques
 in halves and re-sent, down to single items, and an item refused alone goes to
 ``ktel.dlq`` with the backend's answer, as a wire record of just that item. The
 SDK's ``export()`` is not used: it retries on its own and reports only SUCCESS or
-FAILURE, which says neither whether to retry nor why. The Kafka offset
+FAILURE, which says neither whether to retry nor why. A backend that refuses ktel's
+credentials (HTTP 401/403, gRPC UNAUTHENTICATED/PERMISSION_DENIED) or its TLS
+handshake is misconfigured, not sent bad data: one line names the settings, and
+the request is retried, its items kept, until the configuration is fixed. The Kafka offset
 (exporters/consume.py) is committed only once everything read is acknowledged or
 dead-lettered.
 
@@ -55,6 +58,7 @@ from importlib.metadata import version
 from typing import Any
 
 import grpc
+import requests
 from aiokafka import AIOKafkaProducer
 from google.rpc.status_pb2 import Status as RpcStatus
 from opentelemetry import trace
@@ -84,7 +88,7 @@ from prometheus_client import Counter
 
 from exporters import consume, otlp_spans
 from exporters.consume import Record
-from exporters.delivery import Transient, Window, grpc_answer, http_answer, send_split
+from exporters.delivery import Misconfigured, Transient, Window, grpc_answer, http_answer, send_split
 from ktel import selfmetrics
 from ktel.config import Config, OtlpConfig
 from ktel.wire import (
@@ -256,6 +260,7 @@ def make_exporters(c: OtlpConfig) -> tuple[Any, Any, Any]:
                 "headers": c.headers,
                 "timeout": c.timeout_seconds,
                 "compression": None if c.compression is None else Compression(c.compression),
+                "session": CaFileSession(),
             }
 
         return (
@@ -264,6 +269,19 @@ def make_exporters(c: OtlpConfig) -> tuple[Any, Any, Any]:
             HttpLog(**kwargs("v1/logs")),
         )
     raise ValueError(f"OTLP protocol {protocol!r} is not supported (use grpc or http/protobuf)")
+
+
+class CaFileSession(requests.Session):
+    """A requests session whose CA file (the SDK sets it as ``verify`` from
+    otlp.certificate_file or OTEL_EXPORTER_OTLP_CERTIFICATE) is used: requests lets
+    REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE, set on many hosts, replace a session's own
+    (psf/requests#3829), and the backend's certificate would then fail verification."""
+
+    def merge_environment_settings(self, url: Any, proxies: Any, stream: Any, verify: Any, cert: Any) -> Any:
+        settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
+        if isinstance(self.verify, str):
+            settings["verify"] = self.verify
+        return settings
 
 
 _GRPC_COMPRESSION = {"none": grpc.Compression.NoCompression, "gzip": grpc.Compression.Gzip}
@@ -324,6 +342,14 @@ class Sender:
         self.batch = cfg.max_export_batch_size
         self.window = Window(cfg.max_age_seconds, cfg.max_future_seconds, "otlp")
         self.spans, self.metrics, self.logs = exporters or make_exporters(cfg)
+        endpoint = cfg.endpoint or "the endpoint of OTEL_EXPORTER_OTLP_ENDPOINT"
+        self.misconfigured = Misconfigured(
+            log,
+            f"OTLP export to {endpoint}",
+            credentials="otlp.headers (or OTEL_EXPORTER_OTLP_HEADERS)",
+            tls="otlp.certificate_file, client_certificate_file, client_key_file and endpoint "
+            "(or their OTEL_EXPORTER_OTLP_* variables)",
+        )
 
     async def deliver(self, records: list[Record], producer: AIOKafkaProducer) -> None:
         # Each item with the record it came from: (record, what its converter takes).
@@ -400,9 +426,11 @@ class Sender:
             request = await asyncio.to_thread(convert, [row for _, row in part])
             try:
                 await asyncio.to_thread(send_once, exporter, request)
-            except Exception:
+            except Exception as err:
                 FAILED.labels(signal).inc()
+                self.misconfigured.failed(err)  # refused credentials or TLS handshake: one line
                 raise
+            self.misconfigured.succeeded()
             ITEMS.labels(signal).inc(len(part))
 
         async def refused(entry: tuple[Record, Any], reason: str) -> None:

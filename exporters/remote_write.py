@@ -27,7 +27,10 @@ takes them; any other 4xx will never succeed: the snapshots whose samples made u
 the refused request are re-sent in halves (the same series only), down to single
 snapshots, and a snapshot refused alone goes to ``ktel.dlq`` with the receiver's
 answer. Prometheus refuses a whole request for one bad sample, so the others still
-arrive. Offsets are committed after that (exporters/consume.py).
+arrive. 401 and 403 refuse ktel's credentials, not the samples: they are retried,
+the samples kept, until the configuration is fixed. Offsets are committed after
+that (exporters/consume.py). TLS, authentication and headers:
+exporters/remote_write_client.py.
 """
 
 from __future__ import annotations
@@ -42,7 +45,6 @@ from collections import defaultdict
 from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
-import httpx
 import snappy
 from aiokafka import AIOKafkaProducer
 from opentelemetry.exporter.prometheus_remote_write.gen.types_pb2 import Label, TimeSeries
@@ -53,6 +55,7 @@ from exporters import consume
 from exporters.consume import Record
 from exporters.delivery import Window, http_answer, send_split
 from exporters.prom_names import prom_labels
+from exporters.remote_write_client import Receiver
 from ktel import selfmetrics
 from ktel.config import Config
 from ktel.retry import Permanent, retry
@@ -69,12 +72,6 @@ REQUESTS_FAILED = Counter(
     ["exporter", "status"],
 )
 
-HEADERS = {
-    "Content-Encoding": "snappy",
-    "Content-Type": "application/x-protobuf",
-    "X-Prometheus-Remote-Write-Version": "0.1.0",
-    "User-Agent": "ktel-remote-write/0.1",
-}
 # Prometheus' own default max_samples_per_send is 2000; receivers expect requests of that order.
 MAX_SERIES_PER_REQUEST = 2000
 # Prometheus' staleness marker (model/value.StaleNaN): a NaN with this exact bit pattern.
@@ -203,17 +200,22 @@ def histogram_series(
     return out
 
 
-async def post(client: httpx.AsyncClient, url: str, body: bytes) -> None:
-    """One attempt; raises Transient or Permanent as exporters/delivery.py classifies the answer."""
-    resp = await client.post(url, content=body, headers=HEADERS)
-    if not resp.is_success:
-        REQUESTS_FAILED.labels(STAGE, str(resp.status_code)).inc()
-    http_answer(resp.status_code, resp.text)
+async def post(receiver: Receiver, body: bytes) -> None:
+    """One attempt; raises Transient (Unauthorized among them) or Permanent as
+    exporters/delivery.py classifies the answer."""
+    try:
+        resp = await receiver.client.post(receiver.url, content=body)
+        if not resp.is_success:
+            REQUESTS_FAILED.labels(STAGE, str(resp.status_code)).inc()
+        http_answer(resp.status_code, resp.text)
+    except Exception as err:
+        receiver.misconfigured.failed(err)  # a refused password or TLS handshake: one line
+        raise
+    receiver.misconfigured.succeeded()
 
 
 async def deliver(
-    client: httpx.AsyncClient,
-    url: str,
+    receiver: Receiver,
     records: list[Record],
     producer: AIOKafkaProducer,
     window: Window,
@@ -228,19 +230,18 @@ async def deliver(
             await consume.refuse(
                 producer, STAGE, rec, problem, signal="samples", items=len(series_keys(rec.item))
             )
-    what = f"remote-write to {url}"
+    what = f"remote-write to {receiver.url}"
     for body, n, keys in encode(rec.item for rec in snaps):
         try:
-            await retry(functools.partial(post, client, url, body), what=what)
+            await retry(functools.partial(post, receiver, body), what=what)
             SAMPLES.labels(STAGE).inc(n)
         except Permanent as err:
             log.error("remote-write refused %d samples; sending them again by snapshot: %s", n, err)
-            await _resend_by_snapshot(client, url, snaps, set(keys), producer, str(err))
+            await _resend_by_snapshot(receiver, snaps, set(keys), producer, str(err))
 
 
 async def _resend_by_snapshot(
-    client: httpx.AsyncClient,
-    url: str,
+    receiver: Receiver,
     snaps: list[Record],
     refused: set[bytes],
     producer: AIOKafkaProducer,
@@ -254,26 +255,25 @@ async def _resend_by_snapshot(
     async def send(recs: Sequence[Record]) -> None:
         # The refused request had at most MAX_SERIES_PER_REQUEST series: one request.
         [(body, n, _)] = encode((rec.item for rec in recs), refused)
-        await post(client, url, body)
+        await post(receiver, body)
         SAMPLES.labels(STAGE).inc(n)
 
     async def dead(rec: Record, reason: str) -> None:
         n = sum(1 for key in series_keys(rec.item) if key in refused)
         await consume.refuse(producer, STAGE, rec, reason, signal="samples", items=n)
 
-    await send_split(owners, send, dead, what=f"remote-write to {url}", refusal=answer)
+    await send_split(owners, send, dead, what=f"remote-write to {receiver.url}", refusal=answer)
 
 
 async def run(cfg: Config, stop: asyncio.Event, *, group_id: str = GROUP) -> None:
     selfmetrics.serve(cfg.remote_write.metrics_port, cfg.service.metrics_bind, "remote_write.metrics_port")
-    url = cfg.remote_write.url
     window = Window(cfg.remote_write.max_age_seconds, cfg.remote_write.max_future_seconds, "remote_write")
-    async with httpx.AsyncClient(timeout=cfg.remote_write.timeout_seconds) as client:
+    async with Receiver(cfg.remote_write) as receiver:
         await consume.run(
             kafka=cfg.kafka,
             group_id=group_id,
             stage=STAGE,
             topics={METRICS_TOPIC: decode_snapshot},
-            deliver=lambda records, producer: deliver(client, url, records, producer, window),
+            deliver=lambda records, producer: deliver(receiver, records, producer, window),
             stop=stop,
         )

@@ -318,11 +318,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(_relative_times(sys.argv[1:] if argv is None else argv))
     try:
         cfg = config_mod.load(getattr(args, "config", None))
+        args.log_level_in_force = _setup_logging(cfg, args)
+        # A setting can also prove unusable when a command starts (a certificate file
+        # that is not PEM): the same message, not a traceback.
+        args.fn(cfg, args)
     except config_mod.ConfigError as err:
         print(f"ktel: {err}", file=sys.stderr)
         sys.exit(2)
-    args.log_level_in_force = _setup_logging(cfg, args)
-    args.fn(cfg, args)
 
 
 if __name__ == "__main__":

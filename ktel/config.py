@@ -397,6 +397,12 @@ class SampleConfig(BaseModel):
     )
 
 
+# Headers the remote-write exporter sets itself: remote_write.headers may not replace them.
+RESERVED_HEADERS = frozenset(
+    {"authorization", "content-encoding", "content-type", "user-agent", "x-prometheus-remote-write-version"}
+)
+
+
 class RemoteWriteConfig(BaseModel):
     url: str = Field("http://127.0.0.1:9090/api/v1/write", description="Prometheus remote-write endpoint")
     timeout_seconds: float = Field(10, gt=0, description="per-request timeout")
@@ -415,6 +421,97 @@ class RemoteWriteConfig(BaseModel):
         "instead: once stored, a sample from the future makes Prometheus refuse every sample "
         "more than an hour older than it",
     )
+    # Security (exporters/remote_write_client.py): read per request, so a rotated
+    # password or token file takes effect without a restart, as in Prometheus.
+    basic_auth_username: str | None = Field(None, description="HTTP basic auth user")
+    basic_auth_password: SecretStr | None = Field(
+        None,
+        description="HTTP basic auth password; best given as KTEL_REMOTE_WRITE__BASIC_AUTH_PASSWORD "
+        "or basic_auth_password_file, not in the file; never printed",
+        json_schema_extra=SECRET,
+    )
+    basic_auth_password_file: Path | None = Field(
+        None, description="file holding the basic auth password (trailing newline ignored), read per request"
+    )
+    bearer_token_file: Path | None = Field(
+        None,
+        description="file holding a bearer token (Authorization: Bearer), read per request, so a "
+        "rotated token is used at once",
+    )
+    headers: dict[str, str] = Field(
+        {},
+        description="headers sent with every request, e.g. X-Scope-OrgID for a multi-tenant backend "
+        "(printed with their values masked)",
+        json_schema_extra=SECRET,
+    )
+    tls_ca_file: Path | None = Field(
+        None, description="CA bundle (PEM) that signed the receiver's certificate; unset: the system's"
+    )
+    tls_cert_file: Path | None = Field(None, description="client certificate (PEM), for mutual TLS")
+    tls_key_file: Path | None = Field(
+        None, description="client private key (PEM, unencrypted), for mutual TLS"
+    )
+    tls_check_hostname: bool = Field(
+        True, description="check that the receiver's certificate names the host in url"
+    )
+
+    @field_validator(
+        "basic_auth_password_file", "bearer_token_file", "tls_ca_file", "tls_cert_file", "tls_key_file"
+    )
+    @classmethod
+    def _readable(cls, v: Path | None) -> Path | None:
+        if v is not None and not os.access(v, os.R_OK):
+            raise ValueError("cannot be read (missing or not permitted)")
+        return v
+
+    @field_validator("headers")
+    @classmethod
+    def _not_reserved(cls, v: dict[str, str]) -> dict[str, str]:
+        for name in v:
+            if name.lower() in RESERVED_HEADERS:
+                raise ValueError(
+                    f"header {name!r} is set by ktel itself (the remote-write protocol's headers and "
+                    "Authorization, which basic_auth_* and bearer_token_file set): remove it"
+                )
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RemoteWriteConfig:
+        password = self.basic_auth_password is not None or self.basic_auth_password_file is not None
+        if self.basic_auth_username is None and password:
+            raise ValueError("remote_write.basic_auth_password(_file) needs remote_write.basic_auth_username")
+        if self.basic_auth_username is not None:
+            if self.basic_auth_password is not None and self.basic_auth_password_file is not None:
+                raise ValueError(
+                    "remote_write.basic_auth_password and remote_write.basic_auth_password_file: set one"
+                )
+            if not password:
+                raise ValueError(
+                    "remote_write.basic_auth_username needs remote_write.basic_auth_password "
+                    "(KTEL_REMOTE_WRITE__BASIC_AUTH_PASSWORD) or remote_write.basic_auth_password_file"
+                )
+            if self.bearer_token_file is not None:
+                raise ValueError(
+                    "remote_write.basic_auth_username and remote_write.bearer_token_file both set the "
+                    "Authorization header: set one"
+                )
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError(
+                "remote_write.tls_cert_file and remote_write.tls_key_file go together (mutual TLS)"
+            )
+        tls = self.tls_ca_file or self.tls_cert_file or not self.tls_check_hostname
+        if tls and not self.url.startswith("https://"):
+            raise ValueError(
+                f"remote_write.tls_* settings apply to an https:// url, and remote_write.url = {self.url!r}: "
+                "make it https://"
+            )
+        return self
+
+    def password(self) -> str:
+        """The basic auth password, from basic_auth_password_file (read now) or basic_auth_password."""
+        if self.basic_auth_password_file is not None:
+            return self.basic_auth_password_file.read_text().rstrip("\r\n")
+        return self.basic_auth_password.get_secret_value() if self.basic_auth_password is not None else ""
 
 
 class OtlpConfig(BaseModel):
@@ -491,6 +588,19 @@ class StackConfig(BaseModel):
     collector_http_port: int = Field(
         4318, ge=1, le=65535, description="local OpenTelemetry Collector's OTLP/HTTP port"
     )
+    collector_binary: Path | None = Field(
+        None,
+        description="a prebuilt OpenTelemetry Collector to run (it needs the otlp receiver and the "
+        "file and debug exporters, as deploy/otelcol/builder-config.yaml lists); unset: built once "
+        "from the Go module proxy into the cache",
+    )
+
+    @field_validator("collector_binary")
+    @classmethod
+    def _executable(cls, v: Path | None) -> Path | None:
+        if v is not None and not (v.is_file() and os.access(v, os.X_OK)):
+            raise ValueError("is not an executable file; name the Collector binary, or unset it to build one")
+        return v
 
 
 class ServiceConfig(BaseModel):

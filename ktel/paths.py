@@ -1,4 +1,5 @@
-"""Where ktel finds files: the kernel's tracefs, and the non-Python files that ship with ktel.
+"""Where ktel finds files: the kernel's tracefs, the non-Python files that ship with ktel,
+and the cache of what the local stack fetches or builds.
 
 Those files (the BPF programs, the kernel modules' sources, the manifests the local
 stack builds Kafka and the Collector from) stay in the repository's top-level bpf/,
@@ -15,7 +16,14 @@ installed, not at the one imported.)
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 TRACEFS = Path("/sys/kernel/tracing")
 DATA_DIR = Path(__file__).resolve().parent / "_data"
+
+
+def cache_dir() -> Path:
+    """Where the local stack caches Kafka's jars, the Collector and Go: $KTEL_CACHE_DIR,
+    else ~/.cache/ktel (kept across runs: only the first needs the network)."""
+    return Path(os.environ.get("KTEL_CACHE_DIR") or Path.home() / ".cache" / "ktel")

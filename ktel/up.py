@@ -81,7 +81,11 @@ class Stack:
         self.kafka = LocalKafka(data / "kafka", cfg.stack.kafka_port, cfg.stack.kafka_controller_port)
         self.prometheus = LocalPrometheus(data / "prometheus", cfg.stack.prometheus_port)
         self.collector = LocalCollector(
-            data / "otelcol", cfg.stack.collector_grpc_port, cfg.stack.collector_http_port, rotate_mb=100
+            data / "otelcol",
+            cfg.stack.collector_grpc_port,
+            cfg.stack.collector_http_port,
+            rotate_mb=100,
+            binary=cfg.stack.collector_binary,
         )
         self.servers: dict[str, proc.Server] = {
             "Kafka": self.kafka,
@@ -138,8 +142,11 @@ class Stack:
         self.check_ports()
         say("fetching Kafka (cached after the first run)")
         ensure_kafka()
-        say("building the OpenTelemetry Collector (cached after the first run)")
-        ensure_collector()
+        if self.collector.binary:
+            say(f"using the OpenTelemetry Collector at {self.collector.binary}")
+        else:
+            say("building the OpenTelemetry Collector (cached after the first run)")
+            ensure_collector()
         say(f"starting Kafka on {self.kafka.bootstrap}")
         self.kafka.start()
         asyncio.run(topics.create_topics(self.kafka.bootstrap, topics.specs(self.cfg)))

@@ -24,6 +24,7 @@ from pathlib import Path
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
+from ktel import paths
 from ktel.paths import DATA_DIR
 from ktel.stack import proc
 
@@ -42,7 +43,7 @@ def ensure_kafka(cache_dir: Path | None = None) -> Path:
     ``cache_dir`` is the cache root (default ``$KTEL_CACHE_DIR`` or ``~/.cache/ktel``);
     the jars land in ``<root>/kafka-<version>/libs``.
     """
-    root = cache_dir or Path(os.environ.get("KTEL_CACHE_DIR") or Path.home() / ".cache" / "ktel")
+    root = cache_dir or paths.cache_dir()
     home = Path(root) / f"kafka-{KAFKA_VERSION}"
     libs = home / "libs"
     home.mkdir(parents=True, exist_ok=True)

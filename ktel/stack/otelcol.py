@@ -1,10 +1,13 @@
-"""A local OpenTelemetry Collector (OTLP receiver -> file exporter) for tests and `ktel up`.
+"""A local OpenTelemetry Collector (OTLP receiver -> file exporter) for tests and `ktel up`,
+in the clear or over TLS, with or without client certificates.
 
 The Collector is built from the Go module proxy with the official builder (ocb)
 and the manifest ``deploy/otelcol/builder-config.yaml``, once: the binary is
 cached in ``<cache>/otelcol-<version>/`` (``$KTEL_CACHE_DIR`` or ``~/.cache/ktel``)
 with a marker naming the manifest it was built from, so a second call is instant
-and a changed manifest is rebuilt. Its file exporter writes every request it
+and a changed manifest is rebuilt. The build needs Go; a host without it gets a
+toolchain from the Go module proxy (ktel/stack/gotoolchain.py). A prebuilt Collector
+(stack.collector_binary) needs neither. Its file exporter writes every request it
 received as one OTLP/JSON line, which :meth:`LocalCollector.received` reads back.
 """
 
@@ -22,26 +25,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ktel import paths
 from ktel.paths import DATA_DIR
 from ktel.stack import proc
+from ktel.stack.certs import Pair
+from ktel.stack.gotoolchain import find_go
 
 MANIFEST = DATA_DIR / "deploy" / "otelcol" / "builder-config.yaml"
 BINARY_NAME = "otelcol-ktel"  # dist.name in the manifest
 _MARKER = ".complete"
 
 
-def _go() -> str:
-    go = shutil.which("go") or "/usr/local/go/bin/go"
-    if not Path(go).is_file():
-        raise RuntimeError(
-            "cannot build the OpenTelemetry Collector: `go` is not on PATH or in /usr/local/go/bin"
-        )
-    return go
-
-
 def ensure_collector(cache_dir: Path | None = None) -> Path:
     """Return the path of the Collector binary, building it on first use (a few CPU minutes)."""
-    root = cache_dir or Path(os.environ.get("KTEL_CACHE_DIR") or Path.home() / ".cache" / "ktel")
+    root = cache_dir or paths.cache_dir()
     manifest = MANIFEST.read_bytes()
     # The manifest is the one place the version lives (dist.version, the core version).
     found = re.search(rb"^  version: (\S+)$", manifest, re.M)
@@ -61,7 +58,7 @@ def ensure_collector(cache_dir: Path | None = None) -> Path:
         # Marker first: a build that dies half-way must leave the cache visibly incomplete.
         marker.unlink(missing_ok=True)
         shutil.rmtree(home / "build", ignore_errors=True)
-        go = _go()
+        go = find_go(Path(root))
         env = {
             **os.environ,
             "PATH": f"{Path(go).parent}:{os.environ.get('PATH', '')}",  # the builder runs `go` itself
@@ -99,24 +96,43 @@ class LocalCollector(proc.Server):
     """A Collector with the otlp receiver on 127.0.0.1 (gRPC and HTTP) and a file exporter."""
 
     def __init__(
-        self, data_dir: Path, grpc_port: int = 4317, http_port: int = 4318, rotate_mb: int | None = None
+        self,
+        data_dir: Path,
+        grpc_port: int = 4317,
+        http_port: int = 4318,
+        rotate_mb: int | None = None,
+        binary: Path | None = None,
+        tls: Pair | None = None,
+        client_ca: Path | None = None,
     ) -> None:
         """``rotate_mb``: keep the file under that size (and one rotated-out file), for
-        a Collector that runs for long; a test reads the whole file, so it sets none."""
+        a Collector that runs for long; a test reads the whole file, so it sets none.
+        ``binary``: a prebuilt Collector to run (none: the one built from the manifest).
+        ``tls``: the receiver's certificate, both protocols then TLS only; ``client_ca``
+        (with ``tls``): it also requires a client certificate signed by that CA."""
+        if client_ca is not None and tls is None:
+            raise ValueError("a Collector's client_ca needs its tls certificate (mutual TLS is TLS)")
+        self.binary = binary
         self.data_dir = Path(data_dir).resolve()
         self.grpc_port = grpc_port
         self.http_port = http_port
         self.rotate_mb = rotate_mb
+        self.tls = tls
+        self.client_ca = client_ca
         self.out_path = self.data_dir / "out.json"
         self.log_path = self.data_dir / "otelcol.log"
 
     @property
     def grpc_endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.grpc_port}"
+        return f"{self._scheme}://127.0.0.1:{self.grpc_port}"
 
     @property
     def http_endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"{self._scheme}://127.0.0.1:{self.http_port}"
+
+    @property
+    def _scheme(self) -> str:
+        return "https" if self.tls else "http"
 
     def start(self, timeout: float = 60) -> None:
         if self.running:
@@ -124,7 +140,7 @@ class LocalCollector(proc.Server):
         for p in (self.grpc_port, self.http_port):
             if proc.port_in_use(p):
                 raise RuntimeError(f"cannot start the Collector: 127.0.0.1:{p} is already in use")
-        binary = ensure_collector()
+        binary = self.binary or ensure_collector()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         config = self.data_dir / "otelcol.json"  # JSON is YAML, and needs no YAML library
         config.write_text(json.dumps(self._config(), indent=2))
@@ -144,12 +160,17 @@ class LocalCollector(proc.Server):
         file: dict[str, Any] = {"path": str(self.out_path)}
         if self.rotate_mb:
             file["rotation"] = {"max_megabytes": self.rotate_mb, "max_backups": 1}
+        tls: dict[str, Any] = {}
+        if self.tls is not None:
+            tls = {"tls": {"cert_file": str(self.tls.cert), "key_file": str(self.tls.key)}}
+            if self.client_ca is not None:
+                tls["tls"]["client_ca_file"] = str(self.client_ca)  # a client certificate required
         return {
             "receivers": {
                 "otlp": {
                     "protocols": {
-                        "grpc": {"endpoint": f"127.0.0.1:{self.grpc_port}"},
-                        "http": {"endpoint": f"127.0.0.1:{self.http_port}"},
+                        "grpc": {"endpoint": f"127.0.0.1:{self.grpc_port}", **tls},
+                        "http": {"endpoint": f"127.0.0.1:{self.http_port}", **tls},
                     }
                 }
             },

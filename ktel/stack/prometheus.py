@@ -1,14 +1,19 @@
-"""A throwaway local Prometheus (Debian's /usr/bin/prometheus) that accepts remote write."""
+"""A throwaway local Prometheus (Debian's /usr/bin/prometheus) that accepts remote write,
+in the clear or, with ``Web``, over TLS with basic auth and client certificates."""
 
 from __future__ import annotations
 
+import json
+import ssl
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from ktel.stack import proc
+from ktel.stack.certs import Pair
 
 PROMETHEUS_BIN = "/usr/bin/prometheus"
 
@@ -24,15 +29,51 @@ global:
 _HTTP: dict[str, Any] = {"timeout": 30, "trust_env": False}
 
 
+@dataclass(frozen=True)
+class Web:
+    """What Prometheus asks of every client (its ``--web.config.file``): TLS with
+    ``cert``, basic auth as one of ``users`` (user -> password; Prometheus keeps only
+    their bcrypt hashes), and with ``client_ca`` a client certificate it signed."""
+
+    cert: Pair
+    ca: Path  # what signed ``cert``: how clients, LocalPrometheus' own included, trust it
+    users: dict[str, str] = field(default_factory=dict)
+    client_ca: Path | None = None
+    client: Pair | None = None  # LocalPrometheus' own client certificate, with client_ca
+
+    def config(self) -> dict[str, Any]:
+        import bcrypt  # a test dependency: only a test's Prometheus asks for passwords
+
+        tls: dict[str, Any] = {"cert_file": str(self.cert.cert), "key_file": str(self.cert.key)}
+        if self.client_ca is not None:
+            tls |= {"client_auth_type": "RequireAndVerifyClientCert", "client_ca_file": str(self.client_ca)}
+        hashed = {
+            # Cost 4, bcrypt's least: Prometheus checks the hash on every request.
+            user: bcrypt.hashpw(password.encode(), bcrypt.gensalt(4)).decode()
+            for user, password in self.users.items()
+        }
+        return {"tls_server_config": tls, "basic_auth_users": hashed}
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """httpx settings for a client that passes: the CA, the first user, the certificate."""
+        ctx = ssl.create_default_context(cafile=self.ca)
+        if self.client is not None:
+            ctx.load_cert_chain(self.client.cert, self.client.key)
+        auth = next(iter(self.users.items()), None)
+        return {"verify": ctx, "auth": auth}
+
+
 class LocalPrometheus(proc.Server):
-    def __init__(self, data_dir: Path, port: int = 9090) -> None:
+    def __init__(self, data_dir: Path, port: int = 9090, web: Web | None = None) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.port = port
+        self.web = web
         self.log_path = self.data_dir / "prometheus.log"
+        self._http = _HTTP | (web.client_kwargs() if web else {})
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.web else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def remote_write_url(self) -> str:
@@ -54,6 +95,10 @@ class LocalPrometheus(proc.Server):
             f"--web.listen-address=127.0.0.1:{self.port}",
             "--web.enable-remote-write-receiver",
         ]
+        if self.web is not None:
+            web_config = self.data_dir / "web.yml"  # JSON is YAML
+            web_config.write_text(json.dumps(self.web.config(), indent=2))
+            argv.append(f"--web.config.file={web_config}")
         self._proc = proc.spawn(argv, self.log_path, self.data_dir)
         try:
             self._wait_ready(timeout)
@@ -65,7 +110,7 @@ class LocalPrometheus(proc.Server):
         """Instant query (at ``at_s``, seconds since the epoch; default now); returns
         ``data.result`` (a list for vector results)."""
         params: dict[str, Any] = {"query": expr} if at_s is None else {"query": expr, "time": at_s}
-        resp = httpx.get(f"{self.url}/api/v1/query", params=params, **_HTTP)
+        resp = httpx.get(f"{self.url}/api/v1/query", params=params, **self._http)
         try:
             body = resp.json()
         except ValueError:
@@ -82,7 +127,7 @@ class LocalPrometheus(proc.Server):
         while True:
             self._check_started("Prometheus")
             try:
-                resp = httpx.get(f"{self.url}/-/ready", timeout=2, trust_env=False)
+                resp = httpx.get(f"{self.url}/-/ready", **(self._http | {"timeout": 2}))
                 if resp.status_code == 200:
                     return
             except httpx.HTTPError:

@@ -1,6 +1,6 @@
 """ktel's clients against a broker that wants SASL_SSL (SCRAM over TLS) and ACLs.
 
-The CA and the broker's certificate are made here with openssl; the SCRAM users are
+The CA and the broker's certificate are made with openssl (ktel/stack/certs.py); the SCRAM users are
 written when the broker's storage is formatted. The broker also has a PLAINTEXT
 listener, a super user, for set-up (ACLs) and for looking at what ktel did.
 """
@@ -21,6 +21,7 @@ from aiokafka.errors import TopicAuthorizationFailedError
 
 from ktel import acls, config, topics
 from ktel.kafka_client import client_kwargs
+from ktel.stack import certs
 from ktel.stack.kafka import LocalKafka, SaslSsl, _java, ensure_kafka
 from ktel.stack.proc import free_port
 from ktel.wire import (
@@ -40,29 +41,17 @@ PASSWORDS = {name: uuid.uuid4().hex for name in ("ktel", "agent", "operator", "p
 PRINCIPALS = config.KafkaPrincipals(agent="User:agent", operator="User:operator", processor="User:processor")
 
 
-def openssl(*args: str | Path) -> None:
-    subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
-
-
 def make_certs(d: Path) -> tuple[Path, Path]:
     """(CA certificate, broker key store: key and certificate) for 127.0.0.1."""
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=ktel test CA",
-            "-keyout", d / "ca.key", "-out", d / "ca.pem")  # fmt: skip
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
-            "-keyout", d / "broker.key", "-out", d / "broker.csr")  # fmt: skip
-    (d / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    openssl("x509", "-req", "-in", d / "broker.csr", "-CA", d / "ca.pem", "-CAkey", d / "ca.key",
-            "-CAcreateserial", "-days", "1", "-extfile", d / "san.cnf", "-out", d / "broker.crt")  # fmt: skip
-    keystore = d / "broker.pem"
-    keystore.write_text((d / "broker.key").read_text() + (d / "broker.crt").read_text())
-    return d / "ca.pem", keystore
+    ca = certs.make_ca(d)
+    return ca.cert, certs.issue(ca, d, "broker").bundle(d / "broker.pem")
 
 
 @pytest.fixture(scope="module")
 def secure(tmp_path_factory):
     ensure_kafka()
-    certs = tmp_path_factory.mktemp("certs")
-    ca, keystore = make_certs(certs)
+    d = tmp_path_factory.mktemp("certs")
+    ca, keystore = make_certs(d)
     sasl = SaslSsl(free_port(), keystore, PASSWORDS, authorizer=True, super_users=("User:ktel",))
     broker = LocalKafka(tmp_path_factory.mktemp("kafka-secure"), free_port(), free_port(), sasl_ssl=sasl)
     broker.start()

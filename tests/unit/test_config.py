@@ -35,6 +35,10 @@ def test_env_overrides_file(tmp_path, monkeypatch):
         ("[nosuchsection]\nx = 1\n", "nosuchsection"),
         ("[enrich]\nmax_processes = 100000\n", "KTEL_ENRICH__MAX_PROCESSES"),
         ("[enrich]\nmetadata_file = '/tmp'\n", "enrich.metadata_file = '/tmp': Value error, is a directory"),
+        (
+            "[stack]\ncollector_binary = '/no/otelcol'\n",
+            "stack.collector_binary = '/no/otelcol': Value error, is not an executable file",
+        ),
     ],
 )
 def test_bad_config_names_field_and_fix(tmp_path, toml, expected):
@@ -107,7 +111,12 @@ def test_every_secret_field_is_masked_and_unset_ones_stay_null(monkeypatch):
         for name, field in (model.annotation.model_fields.items() if model.annotation else [])
         if field.json_schema_extra == config.SECRET
     ]
-    assert secrets == ["kafka.sasl_password", "otlp.headers"]
+    assert secrets == [
+        "kafka.sasl_password",
+        "remote_write.basic_auth_password",
+        "remote_write.headers",
+        "otlp.headers",
+    ]
 
 
 def test_a_bad_secret_is_not_shown_in_the_error(monkeypatch):
@@ -117,3 +126,88 @@ def test_a_bad_secret_is_not_shown_in_the_error(monkeypatch):
         config.load()
     assert "otlp.headers.authorization = ***: Input should be a valid string" in str(err.value)
     assert TOKEN not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("toml", "expected"),
+    [
+        (
+            "basic_auth_username = 'u'",
+            "remote_write.basic_auth_username needs remote_write.basic_auth_password "
+            "(KTEL_REMOTE_WRITE__BASIC_AUTH_PASSWORD) or remote_write.basic_auth_password_file",
+        ),
+        (
+            "basic_auth_password = 'p'",
+            "remote_write.basic_auth_password(_file) needs remote_write.basic_auth_username",
+        ),
+        (
+            "basic_auth_username = 'u'\nbasic_auth_password = 'p'\nbasic_auth_password_file = '{f}'",
+            "remote_write.basic_auth_password and remote_write.basic_auth_password_file: set one",
+        ),
+        (
+            "basic_auth_username = 'u'\nbasic_auth_password = 'p'\nbearer_token_file = '{f}'",
+            "both set the Authorization header: set one",
+        ),
+        (
+            "url = 'https://r/api/v1/write'\ntls_cert_file = '{f}'",
+            "remote_write.tls_cert_file and remote_write.tls_key_file go together (mutual TLS)",
+        ),
+        (
+            "tls_ca_file = '{f}'",
+            "remote_write.tls_* settings apply to an https:// url, and remote_write.url = "
+            "'http://127.0.0.1:9090/api/v1/write': make it https://",
+        ),
+        (
+            "bearer_token_file = '/nonexistent/token'",
+            "remote_write.bearer_token_file = '/nonexistent/token': Value error, cannot be read",
+        ),
+        ("headers = {{Authorization = 'Bearer x'}}", "header 'Authorization' is set by ktel itself"),
+        ("headers = {{content-type = 'text/plain'}}", "header 'content-type' is set by ktel itself"),
+    ],
+)
+def test_bad_remote_write_security_names_the_fields_and_the_fix(tmp_path, toml, expected):
+    secret = tmp_path / "secret"
+    secret.write_text("x")
+    f = tmp_path / "bad.toml"
+    f.write_text("[remote_write]\n" + toml.format(f=secret) + "\n")
+    with pytest.raises(config.ConfigError) as err:
+        config.load(f)
+    assert expected in str(err.value)
+    assert "'p'" not in str(err.value)  # a password in a section-wide error is not shown
+
+
+def test_remote_write_password_comes_from_the_environment_or_a_file_read_each_time(tmp_path, monkeypatch):
+    f = tmp_path / "k.toml"
+    f.write_text("[remote_write]\nbasic_auth_username = 'ktel'\n")
+    monkeypatch.setenv("KTEL_REMOTE_WRITE__BASIC_AUTH_PASSWORD", TOKEN)
+    assert config.load(f).remote_write.password() == TOKEN
+    assert TOKEN not in json.dumps(config.printable(config.load(f)))
+    monkeypatch.delenv("KTEL_REMOTE_WRITE__BASIC_AUTH_PASSWORD")
+    password = tmp_path / "password"
+    password.write_text("first\n")
+    f.write_text(f"[remote_write]\nbasic_auth_username = 'ktel'\nbasic_auth_password_file = '{password}'\n")
+    rw = config.load(f).remote_write
+    assert rw.password() == "first"
+    password.write_text("second\n")
+    assert rw.password() == "second"
+
+
+def test_a_certificate_file_that_is_not_pem_stops_the_exporter_naming_the_settings(
+    tmp_path, monkeypatch, capsys
+):
+    from ktel import cli
+
+    cert = tmp_path / "exporter.crt"
+    cert.write_text("not a certificate\n")
+    f = tmp_path / "k.toml"
+    f.write_text(
+        "[remote_write]\nurl = 'https://r:9090/api/v1/write'\nmetrics_port = 0\n"
+        f"tls_cert_file = '{cert}'\ntls_key_file = '{cert}'\n"
+    )
+    monkeypatch.setenv("KTEL_AGENT__HOST_ID", "abc")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--config", str(f), "export", "remote-write"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "remote_write.tls_ca_file, tls_cert_file or tls_key_file is not usable PEM" in err
+    assert "Traceback" not in err

@@ -3,10 +3,20 @@ which refused, how a refused request is split, and the timestamp window."""
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 import pytest
 
-from exporters.delivery import Transient, Window, grpc_answer, http_answer, send_split
+from exporters.delivery import (
+    Misconfigured,
+    Transient,
+    Unauthorized,
+    Window,
+    grpc_answer,
+    http_answer,
+    send_split,
+)
 from ktel.retry import Permanent
 
 
@@ -21,7 +31,14 @@ def test_http_408_429_and_5xx_are_transient(status):
         http_answer(status, " busy\n")
 
 
-@pytest.mark.parametrize("status", [301, 400, 401, 403, 404, 413, 415])
+@pytest.mark.parametrize("status", [401, 403])
+def test_http_401_and_403_are_configuration_errors_retried(status):
+    with pytest.raises(Unauthorized, match=f"^HTTP {status}: who are you$"):
+        http_answer(status, "who are you")
+    assert issubclass(Unauthorized, Transient)  # retried, the data kept
+
+
+@pytest.mark.parametrize("status", [301, 400, 404, 413, 415])
 def test_http_other_answers_are_refusals(status):
     with pytest.raises(Permanent, match=f"^HTTP {status}: no$"):
         http_answer(status, "no")
@@ -41,8 +58,6 @@ REFUSED = [
     "INVALID_ARGUMENT",
     "FAILED_PRECONDITION",
     "OUT_OF_RANGE",
-    "UNAUTHENTICATED",
-    "PERMISSION_DENIED",
     "NOT_FOUND",
     "ALREADY_EXISTS",
     "UNIMPLEMENTED",
@@ -59,6 +74,43 @@ def test_grpc_transient_codes(code):
 def test_grpc_refused_codes(code):
     with pytest.raises(Permanent, match=f"^gRPC {code}: x$"):
         grpc_answer(grpc.StatusCode[code], "x")
+
+
+@pytest.mark.parametrize("code", ["UNAUTHENTICATED", "PERMISSION_DENIED"])
+def test_grpc_credentials_refused_are_configuration_errors_retried(code):
+    with pytest.raises(Unauthorized, match=f"^gRPC {code}: x$"):
+        grpc_answer(grpc.StatusCode[code], "x")
+
+
+def test_a_configuration_problem_is_logged_once_naming_the_settings_and_once_when_fixed(caplog):
+    log = logging.getLogger("ktel.test.misconfigured")
+    alarm = Misconfigured(
+        log, "remote-write to https://r", credentials="remote_write.basic_auth_*", tls="remote_write.tls_*"
+    )
+    with caplog.at_level(logging.INFO, logger=log.name):
+        for _ in range(5):
+            alarm.failed(Unauthorized("HTTP 401: Unauthorized"))
+        alarm.failed(Transient("HTTP 503: busy"))  # not a configuration problem: nothing
+        alarm.failed(Permanent("HTTP 400: bad sample with ssl in it"))  # bad data: nothing
+        alarm.succeeded()
+        alarm.succeeded()
+        for _ in range(3):
+            alarm.failed(OSError("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed"))
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert lines == [
+        (
+            "ERROR",
+            "remote-write to https://r: it refuses ktel's credentials: check remote_write.basic_auth_* "
+            "(HTTP 401: Unauthorized); the data is kept and sent again until it is taken",
+        ),
+        ("INFO", "remote-write to https://r takes the data again (credentials fixed)"),
+        (
+            "ERROR",
+            "remote-write to https://r: the TLS handshake failed: check remote_write.tls_* "
+            "([SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed); the data is kept and sent "
+            "again until it is taken",
+        ),
+    ]
 
 
 def test_grpc_message_too_large_is_a_refusal_not_throttling():

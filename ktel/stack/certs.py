@@ -1,0 +1,48 @@
+"""Throwaway certificates for local TLS servers and their clients, made with openssl:
+a CA, and certificates it signs, for 127.0.0.1 and localhost."""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A certificate and its private key (both PEM; the key unencrypted)."""
+
+    cert: Path
+    key: Path
+
+    def bundle(self, path: Path) -> Path:
+        """Key and certificate in one PEM file (what Kafka's PEM key store takes)."""
+        path.write_text(self.key.read_text() + self.cert.read_text())
+        return path
+
+
+def openssl(*args: str | Path) -> None:
+    res = subprocess.run(["openssl", *map(str, args)], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"openssl {' '.join(map(str, args[:2]))} failed: {res.stderr.strip()[-2000:]}")
+
+
+def make_ca(d: Path, name: str = "ca") -> Pair:
+    """A self-signed CA, valid for a day: ``<d>/<name>.pem`` and ``<d>/<name>.key``."""
+    d.mkdir(parents=True, exist_ok=True)
+    ca = Pair(d / f"{name}.pem", d / f"{name}.key")
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", f"/CN=ktel test {name}",
+            "-keyout", ca.key, "-out", ca.cert)  # fmt: skip
+    return ca
+
+
+def issue(ca: Pair, d: Path, name: str) -> Pair:
+    """A certificate signed by ``ca`` for 127.0.0.1 and localhost, fit for a server and
+    for a client (CN ``name``): ``<d>/<name>.crt`` and ``<d>/<name>.key``."""
+    pair = Pair(d / f"{name}.crt", d / f"{name}.key")
+    csr, ext = d / f"{name}.csr", d / f"{name}.ext"
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", pair.key, "-out", csr)
+    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n")
+    openssl("x509", "-req", "-in", csr, "-CA", ca.cert, "-CAkey", ca.key, "-CAcreateserial",
+            "-days", "1", "-extfile", ext, "-out", pair.cert)  # fmt: skip
+    return pair

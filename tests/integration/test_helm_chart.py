@@ -1,0 +1,306 @@
+"""The Helm chart (deploy/helm/ktel), rendered by the real helm and checked offline.
+
+Every rendered object is validated against the Kubernetes schemas (kubernetes-validate,
+strict: an unknown field is an error); then what matters is asserted: no privileged
+container, the agent's exact capabilities, host PID namespace and mounts, probes on the
+port each process really serves, no secret in the ConfigMap, and a ConfigMap that
+ktel's own config loader accepts. deploy/setup.sh builds helm into the cache.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from ktel import config
+from processors.chain import PROCESSES
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "deploy" / "helm" / "ktel"
+FULL = CHART / "ci" / "full-values.yaml"
+HELM_VERSION = "3.22.0"  # deploy/setup.sh builds this one
+SECRETS_DIR = "/etc/ktel/secrets"
+# Each workload's container: its `ktel` arguments and the setting of the port it serves.
+PORT_SETTING = {
+    "agent": ("agent", "metrics_port"),
+    "process": ("process", "metrics_port"),
+    "remote-write": ("remote_write", "metrics_port"),
+    "otlp": ("otlp", "metrics_port"),
+    "pull": ("pull", "port"),
+}
+
+
+def helm() -> str:
+    cache = Path(os.environ.get("KTEL_CACHE_DIR") or Path.home() / ".cache" / "ktel")
+    built = cache / f"helm-{HELM_VERSION}" / "bin" / "helm"
+    found = str(built) if built.is_file() else shutil.which("helm")
+    if not found:
+        pytest.skip(f"helm is not built (deploy/setup.sh builds it into {built})")
+    return found
+
+
+def run_helm(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([helm(), *args], capture_output=True, text=True, timeout=300)
+
+
+def render(*values: Path, sets: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    argv = ["template", "ktel", str(CHART), "--namespace", "telemetry"]
+    argv += [a for v in values for a in ("-f", str(v))] + [a for s in sets for a in ("--set", s)]
+    res = run_helm(*argv)
+    assert res.returncode == 0, res.stderr
+    return [d for d in yaml.safe_load_all(res.stdout) if d]
+
+
+@pytest.fixture(scope="module", params=["default", "full"])
+def rendered(request) -> list[dict[str, Any]]:
+    return render() if request.param == "default" else render(FULL)
+
+
+@pytest.fixture(scope="module")
+def full() -> list[dict[str, Any]]:
+    return render(FULL)
+
+
+def of_kind(objs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objs if o["kind"] == kind]
+
+
+def workloads(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return of_kind(objs, "DaemonSet") + of_kind(objs, "Deployment")
+
+
+def the_agent(objs: list[dict[str, Any]]) -> dict[str, Any]:
+    [ds] = of_kind(objs, "DaemonSet")
+    return ds
+
+
+def toml_config(objs: list[dict[str, Any]]) -> dict[str, Any]:
+    [cm] = of_kind(objs, "ConfigMap")
+    return tomllib.loads(cm["data"]["ktel.toml"])
+
+
+def port_setting(args: list[str]) -> tuple[str, str]:
+    return PORT_SETTING["agent" if args == ["agent"] else args[0] if args[0] == "process" else args[1]]
+
+
+def test_helm_lint_passes_with_default_and_full_values() -> None:
+    for values in ([], ["-f", str(FULL)]):
+        res = run_helm("lint", "--strict", str(CHART), *values)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "0 chart(s) failed" in res.stdout
+
+
+# The oldest Kubernetes the README promises, and the newest kubernetes-validate knows.
+K8S_VERSIONS = ["1.25.0", kubernetes_validate.latest_version()]
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_every_object_is_valid_kubernetes_strictly(rendered, version) -> None:
+    kinds = set()
+    for obj in rendered:
+        kinds.add(obj["kind"])
+        if obj["kind"] == "ServiceMonitor":  # a CRD: no schema in Kubernetes itself
+            continue
+        kubernetes_validate.validate(obj, version, strict=True)
+    assert {"ConfigMap", "DaemonSet", "Deployment", "Service", "PodDisruptionBudget"} <= kinds
+
+
+def test_strict_validation_rejects_an_unknown_field(rendered) -> None:
+    """The check above can fail: a misspelt field is caught."""
+    ds = the_agent(rendered)
+    ds["spec"]["template"]["spec"]["hostPid"] = True
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(ds, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_no_container_is_privileged_and_only_the_agent_adds_capabilities(rendered) -> None:
+    for w in workloads(rendered):
+        pod = w["spec"]["template"]["spec"]
+        for c in pod["containers"] + pod.get("initContainers", []):
+            sc = c["securityContext"]
+            assert sc.get("privileged") is False, w["metadata"]["name"]
+            assert sc["allowPrivilegeEscalation"] is False
+            assert sc["readOnlyRootFilesystem"] is True
+            assert sc["capabilities"]["drop"] == ["ALL"]
+            if w["kind"] != "DaemonSet":
+                assert "add" not in sc["capabilities"]
+                assert sc["runAsNonRoot"] is True
+                assert not pod.get("hostPID") and not pod.get("hostNetwork")
+                assert not [v for v in pod["volumes"] if "hostPath" in v]
+        assert pod["automountServiceAccountToken"] is False
+
+
+def test_the_agent_has_exactly_bpf_perfmon_and_sys_resource_and_the_host_pids(rendered) -> None:
+    pod = the_agent(rendered)["spec"]["template"]["spec"]
+    [c] = pod["containers"]
+    assert c["args"] == ["agent"]
+    assert c["securityContext"]["capabilities"] == {
+        "drop": ["ALL"],
+        "add": ["BPF", "PERFMON", "SYS_RESOURCE"],
+    }
+    assert c["securityContext"]["runAsUser"] == 0
+    assert pod["hostPID"] is True
+    assert not pod.get("hostNetwork")
+
+
+def test_the_agent_mounts_the_kernel_interfaces_and_keeps_its_state_on_the_node(rendered) -> None:
+    pod = the_agent(rendered)["spec"]["template"]["spec"]
+    [c] = pod["containers"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    host = {
+        m["mountPath"]: (volumes[m["name"]]["hostPath"]["path"], m.get("readOnly", False))
+        for m in c["volumeMounts"]
+        if "hostPath" in volumes[m["name"]]
+    }
+    cfg = toml_config(rendered)
+    assert host == {
+        "/sys/kernel/tracing": ("/sys/kernel/tracing", False),
+        "/sys/kernel/debug": ("/sys/kernel/debug", False),
+        "/host/sys/fs/cgroup": ("/sys/fs/cgroup", True),
+        "/lib/modules": ("/lib/modules", True),
+        "/usr/src": ("/usr/src", True),
+        "/etc/machine-id": ("/etc/machine-id", True),
+        cfg["agent"]["state_dir"]: ("/var/lib/ktel/agent", False),
+    }
+    [state] = [v for v in pod["volumes"] if v.get("hostPath", {}).get("path") == "/var/lib/ktel/agent"]
+    assert state["hostPath"]["type"] == "DirectoryOrCreate"  # survives the pod, made on first start
+    assert cfg["agent"]["cgroup_root"] == "/host/sys/fs/cgroup"
+
+
+def test_probes_and_services_are_on_the_port_each_process_serves(rendered) -> None:
+    cfg = toml_config(rendered)
+    services = {s["metadata"]["name"]: s for s in of_kind(rendered, "Service")}
+    for w in workloads(rendered):
+        [c] = w["spec"]["template"]["spec"]["containers"]
+        section, field = port_setting(c["args"])
+        [port] = c["ports"]
+        assert port == {"name": "metrics", "containerPort": cfg[section][field]}
+        assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+        assert c["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+        assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert env["KTEL_SERVICE__METRICS_BIND"] == "0.0.0.0"
+        assert env["KTEL_CONFIG"] == "/etc/ktel/ktel.toml"
+        svc = services[w["metadata"]["name"]]
+        assert svc["spec"]["selector"] == w["spec"]["selector"]["matchLabels"]
+        assert svc["spec"]["ports"] == [
+            {"name": "metrics", "port": cfg[section][field], "targetPort": "metrics"}
+        ]
+    assert cfg["pull"]["host"] == "0.0.0.0"  # reachable through its Service
+
+
+def test_default_runs_the_fused_worker_and_every_exporter() -> None:
+    objs = render()
+    args = sorted(
+        tuple(d["spec"]["template"]["spec"]["containers"][0]["args"]) for d in of_kind(objs, "Deployment")
+    )
+    assert args == [("export", "otlp"), ("export", "pull"), ("export", "remote-write"), ("process", "all")]
+    assert not of_kind(objs, "ServiceMonitor")
+    app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    images = {c["image"] for w in workloads(objs) for c in w["spec"]["template"]["spec"]["containers"]}
+    assert images == {f"ktel:{app_version}"}  # the tag defaults to the chart's appVersion
+
+
+def test_full_values_run_each_stage_with_its_replicas(full) -> None:
+    values = yaml.safe_load(FULL.read_text())
+    by_args = {
+        tuple(d["spec"]["template"]["spec"]["containers"][0]["args"]): d for d in of_kind(full, "Deployment")
+    }
+    stages = {args[1]: d["spec"]["replicas"] for args, d in by_args.items() if args[0] == "process"}
+    assert stages == {s: values["process"]["stages"][s]["replicas"] for s in PROCESSES if s != "all"}
+    assert by_args[("export", "remote-write")]["spec"]["replicas"] == 3
+    image = by_args[("process", "dedupe")]["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert image == "registry.example.com/ktel:0.1.0-test"
+
+
+def test_each_deployment_has_a_disruption_budget(rendered) -> None:
+    budgets = {p["metadata"]["name"]: p for p in of_kind(rendered, "PodDisruptionBudget")}
+    for d in of_kind(rendered, "Deployment"):
+        assert budgets[d["metadata"]["name"]]["spec"]["selector"] == d["spec"]["selector"]
+
+
+def test_the_service_monitor_scrapes_every_service(full) -> None:
+    [sm] = of_kind(full, "ServiceMonitor")
+    assert sm["metadata"]["labels"]["release"] == "prometheus"
+    assert sm["spec"]["endpoints"] == [{"port": "metrics", "interval": "15s", "honorLabels": True}]
+    for svc in of_kind(full, "Service"):
+        assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+        assert [p["name"] for p in svc["spec"]["ports"]] == ["metrics"]
+
+
+def test_secrets_come_from_secrets_never_the_config_map(full) -> None:
+    [cm] = of_kind(full, "ConfigMap")
+    text = cm["data"]["ktel.toml"]
+    assert "password =" not in text and "headers" not in text
+    cfg = toml_config(full)
+    assert cfg["kafka"]["sasl_password_file"] == f"{SECRETS_DIR}/kafka/password"
+    by_name = {
+        d["metadata"]["name"].removeprefix("ktel-"): d["spec"]["template"]["spec"] for d in workloads(full)
+    }
+    for name, pod in by_name.items():
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["kafka-sasl"]["secret"]["secretName"] == "ktel-kafka"
+        assert volumes["kafka-tls"]["secret"]["secretName"] == "ktel-kafka-tls"
+        [c] = pod["containers"]
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        assert mounts[f"{SECRETS_DIR}/kafka"] == "kafka-sasl"
+        headers = [e for e in c["env"] if e["name"] == "KTEL_OTLP__HEADERS"]
+        if name == "export-otlp":
+            assert headers == [
+                {
+                    "name": "KTEL_OTLP__HEADERS",
+                    "valueFrom": {"secretKeyRef": {"name": "ktel-otlp", "key": "headers"}},
+                }
+            ]
+        else:
+            assert headers == []
+        has_rw = any(v.get("secret", {}).get("secretName") == "ktel-remote-write" for v in volumes.values())
+        assert has_rw == (name == "export-remote-write")
+
+
+@pytest.mark.parametrize(
+    ("setting", "hint"),
+    [
+        ("config.otlp.headers.authorization=token", "secrets.otlpHeaders"),
+        ("config.kafka.sasl_password=hunter2", "secrets.kafkaSaslPassword"),
+        ("config.kafka=oops", "every entry of config is a section"),
+    ],
+)
+def test_a_secret_or_a_malformed_section_in_config_is_refused_with_the_fix(setting, hint) -> None:
+    res = run_helm("template", "ktel", str(CHART), "--set", setting)
+    assert res.returncode != 0
+    assert hint in res.stderr
+
+
+def test_the_rendered_config_loads_with_ktels_own_loader(rendered, tmp_path, monkeypatch) -> None:
+    for name in [n for n in os.environ if n.startswith("KTEL_")]:
+        monkeypatch.delenv(name)
+    [cm] = of_kind(rendered, "ConfigMap")
+    # The Secrets' files exist in the pod; here, under tmp_path.
+    text = cm["data"]["ktel.toml"].replace(SECRETS_DIR, str(tmp_path / "secrets"))
+    for sub in ("kafka/password", "kafka-tls/ca.crt"):
+        (tmp_path / "secrets" / sub).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "secrets" / sub).write_text("x\n")
+    path = tmp_path / "ktel.toml"
+    path.write_text(text)
+    cfg = config.load(path)
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert cfg.agent.metrics_port == values["ports"]["agent"]
+    assert cfg.pull.port == values["ports"]["pull"]
+    assert cfg.process.data_dir == Path("/var/lib/ktel/processor")
+    if "sasl_password_file" in text:
+        assert cfg.kafka.security_protocol == "SASL_SSL"
+        assert cfg.kafka.password() == "x"
+        assert cfg.aggregate.window_seconds == 15
+        assert cfg.agent.redact[0].replacement == "/home/***"
+        assert cfg.agent.sample_every == {"syscall_latency": 10}
+    else:
+        assert cfg.kafka.bootstrap == values["config"]["kafka"]["bootstrap"]
