@@ -29,9 +29,9 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # --- Debian packages --------------------------------------------------------
-PKGS=(python3-bpfcc python3-venv linux-headers-amd64 prometheus openjdk-17-jre-headless maven make)
+PKGS=(python3-bpfcc python3-venv linux-headers-amd64 prometheus openjdk-17-jre-headless maven openssl make)
 if [ "$TESTS" = 1 ]; then
-  PKGS+=(qemu-system-x86 busybox-static libc6-dev clang clang-format libbpf-dev libelf-dev zlib1g-dev libzstd-dev openssl)
+  PKGS+=(qemu-system-x86 busybox-static libc6-dev clang clang-format libbpf-dev libelf-dev zlib1g-dev libzstd-dev)
 fi
 missing=()
 for p in "${PKGS[@]}"; do

@@ -560,6 +560,7 @@ class Agent:
             "refused_commands": self.control.take_refusals(),
             "containers": containers,
         }
+        self.redactor.apply_heartbeat(hb)
         return hb, counters
 
     async def send_heartbeats(self) -> None:

@@ -15,6 +15,8 @@ and exporters/otlp_spans.py):
   resource.
 - metric snapshot row -> a data point at the snapshot's ``ts``: ``counter`` -> a
   cumulative monotonic Sum, ``gauge`` -> a Gauge, ``histogram`` -> a cumulative
+  ExponentialHistogram (scale 0, exactly the kernel's log2 buckets, exporters/log2.py)
+  or, with ``otlp.histograms = "explicit"`` and for histograms with other bounds, an
   explicit-bucket Histogram (the wire layout is OTLP's). The ``host.id`` label
   becomes the resource (one per host); the other labels are the point's attributes.
   Names are kept as on the wire. The wire has no series start time, so
@@ -50,6 +52,7 @@ to the SDK, which reads the same environment variables as every OpenTelemetry SD
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -69,6 +72,9 @@ from opentelemetry.exporter.otlp.proto.grpc.exporter import OTLPExporterMixin
 from opentelemetry.sdk._logs import ReadableLogRecord
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
+    Buckets,
+    ExponentialHistogram,
+    ExponentialHistogramDataPoint,
     Gauge,
     Histogram,
     HistogramDataPoint,
@@ -89,6 +95,7 @@ from prometheus_client import Counter
 from exporters import consume, otlp_spans
 from exporters.consume import Record
 from exporters.delivery import Misconfigured, Transient, Window, grpc_answer, http_answer, send_split
+from exporters.log2 import ZERO_THRESHOLD, exponential
 from ktel import selfmetrics
 from ktel.config import Config, OtlpConfig
 from ktel.wire import (
@@ -170,50 +177,92 @@ def service_attributes(name: str) -> dict[str, Any]:
 
 
 def to_metrics(
-    rows: Sequence[tuple[int, Sequence[Any]]], service: dict[str, Any] | None = None
+    rows: Sequence[tuple[int, Sequence[Any]]],
+    histograms: str = "exponential",
+    service: dict[str, Any] | None = None,
 ) -> MetricsData:
     """(ts_ms, wire series row) pairs -> SDK MetricsData, one resource per host.id,
-    each with the ``service`` attributes too."""
-    # host.id -> (name, type) -> points
-    hosts: dict[Any, dict[tuple[str, str], list[Any]]] = {}
+    each with the ``service`` attributes too.
+    ``histograms``: ``"exponential"`` or ``"explicit"`` (OtlpConfig.histograms)."""
+    # host.id -> (name, type, unit) -> points
+    hosts: dict[Any, dict[tuple[str, str, str], list[Any]]] = {}
     for ts_ms, (name, typ, labels, value) in rows:
         attrs = dict(labels)
         host = attrs.pop(HOST_ID, None)
         t = ts_ms * 1_000_000
-        point: NumberDataPoint | HistogramDataPoint
+        unit = ""
+        # min and max are unknown (the wire does not carry them); None leaves them unset
+        # in OTLP, which the SDK's types do not declare but its encoder handles.
+        no_min_max: Any = None
+        point: NumberDataPoint | HistogramDataPoint | ExponentialHistogramDataPoint
         if typ == "histogram":
-            # min and max are unknown (the wire does not carry them); None leaves them unset
-            # in OTLP, which the SDK's types do not declare but its encoder handles.
-            no_min_max: Any = None
-            point = HistogramDataPoint(
-                attrs,
-                0,
-                t,
-                value["count"],
-                value["sum"],
-                value["counts"],
-                value["bounds"],
-                no_min_max,
-                no_min_max,
-            )
+            exp = exponential(name, value) if histograms == "exponential" else None
+            if exp is not None:
+                name, unit, typ = exp.name, exp.unit, "exponential"
+                point = ExponentialHistogramDataPoint(
+                    attrs,
+                    0,
+                    t,
+                    exp.count,
+                    exp.sum,
+                    0,  # scale 0: bucket k is (2^k, 2^(k+1)]
+                    exp.zero_count,
+                    Buckets(exp.offset, exp.counts),
+                    Buckets(0, []),
+                    0,
+                    no_min_max,
+                    no_min_max,
+                )
+            else:
+                point = HistogramDataPoint(
+                    attrs,
+                    0,
+                    t,
+                    value["count"],
+                    value["sum"],
+                    value["counts"],
+                    value["bounds"],
+                    no_min_max,
+                    no_min_max,
+                )
         else:
             point = NumberDataPoint(attrs, 0, t, value)
-        hosts.setdefault(host, {}).setdefault((name, typ), []).append(point)
+        hosts.setdefault(host, {}).setdefault((name, typ, unit), []).append(point)
     resource_metrics = []
     for host, metrics in hosts.items():
         out = []
-        for (name, typ), points in metrics.items():
-            data: Sum | Gauge | Histogram
+        for (name, typ, unit), points in metrics.items():
+            data: Sum | Gauge | Histogram | ExponentialHistogram
             if typ == "counter":
                 data = Sum(points, AggregationTemporality.CUMULATIVE, is_monotonic=True)
             elif typ == "gauge":
                 data = Gauge(points)
+            elif typ == "exponential":
+                data = ExponentialHistogram(points, AggregationTemporality.CUMULATIVE)
             else:
                 data = Histogram(points, AggregationTemporality.CUMULATIVE)
-            out.append(Metric(name, "", "", data))
+            out.append(Metric(name, "", unit, data))
         resource = KtelResource({**(service or {}), **({} if host is None else {HOST_ID: host})})
         resource_metrics.append(ResourceMetrics(resource, [ScopeMetrics(SCOPE, out, "")], ""))
     return MetricsData(resource_metrics)
+
+
+def metric_request(
+    rows: list[tuple[int, Sequence[Any]]],
+    histograms: str = "exponential",
+    service: dict[str, Any] | None = None,
+) -> Any:
+    """The OTLP request of these points. The SDK's encoder leaves an exponential
+    histogram's zero threshold at 0 (the zero bucket then holds zeros only): ktel's
+    holds the kernel's slot 0, [0, 2) (exporters/log2.py)."""
+    request = encode_metrics(to_metrics(rows, histograms, service))
+    for rm in request.resource_metrics:
+        for sm in rm.scope_metrics:
+            for metric in sm.metrics:
+                if metric.HasField("exponential_histogram"):
+                    for p in metric.exponential_histogram.data_points:
+                        p.zero_threshold = ZERO_THRESHOLD
+    return request
 
 
 # ------------------------------------------------------------------- exporters
@@ -340,6 +389,7 @@ class Sender:
         """``service``: what every resource carries besides the host's (service_attributes)."""
         self.service = service or {}
         self.batch = cfg.max_export_batch_size
+        self.histograms = cfg.histograms
         self.window = Window(cfg.max_age_seconds, cfg.max_future_seconds, "otlp")
         self.spans, self.metrics, self.logs = exporters or make_exporters(cfg)
         endpoint = cfg.endpoint or "the endpoint of OTEL_EXPORTER_OTLP_ENDPOINT"
@@ -397,7 +447,8 @@ class Sender:
             self._send("spans", spans, _span_request, self.spans, IN_FLIGHT, producer),
             self._send("logs", logs, _log_request, self.logs, IN_FLIGHT, producer),
         )
-        await self._send("metrics", points, self._metric_request, self.metrics, 1, producer)
+        request = functools.partial(metric_request, histograms=self.histograms, service=self.service)
+        await self._send("metrics", points, request, self.metrics, 1, producer)
 
     async def _refuse(
         self, producer: AIOKafkaProducer, rec: Record, signal: str, reasons: list[str], payload: bytes | None
@@ -454,9 +505,6 @@ class Sender:
                 await one(part)
         else:
             await asyncio.gather(*(one(part) for part in parts))
-
-    def _metric_request(self, rows: list[tuple[int, Sequence[Any]]]) -> Any:
-        return encode_metrics(to_metrics(rows, self.service))
 
     def shutdown(self) -> None:
         for exporter in (self.spans, self.metrics, self.logs):

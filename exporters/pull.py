@@ -3,16 +3,26 @@
 
 Each instance reads every partition of ``ktel.metrics`` (no consumer group:
 every instance needs the whole picture) and keeps the latest value of each
-series. It starts ``LOOKBACK_WINDOWS`` aggregation windows back in time
-(``offsets_for_times``), not at the beginning of the topic: the aggregate stage
-emits every series of every host once a window, so a few windows hold the whole
-current picture, and a start no longer reads a day of retained snapshots.
+series. It starts ``aggregate.refresh_seconds`` plus ``LOOKBACK_WINDOWS`` aggregation
+windows back in time (``offsets_for_times``), not at the beginning of the topic: the
+aggregate stage emits a series when it changes and again at least every
+``refresh_seconds``, so that span holds the whole current picture, and a start no
+longer reads a day of retained snapshots.
+
+Which value of a series is the latest goes by the stream, not by clocks: a
+host's snapshots are keyed by its host id, so they are all in one partition of
+``ktel.metrics``, in the order they were written, and a series takes the value of
+the snapshot furthest along that partition (its offset). Timestamps would let a
+worker whose clock runs ahead win over every later snapshot: after a rebalance,
+the new owner's values, stamped by a slower clock, would be ignored. A snapshot
+marked stale (its host went silent) removes the series it names, if it comes
+after their values. A series a snapshot of another partition names (a
+mis-keyed writer, or ``ktel.metrics`` repartitioned) takes that snapshot's value
+as it is read.
 
 A snapshot further ahead of the endpoint's clock than ``pull.max_future_seconds``
-goes to ``ktel.dlq`` instead: kept, its values would stand for their series until
-the clock caught up, since the newest value of a series is the one served. An old
-snapshot needs no bound: a newer one replaces it. A snapshot marked stale (its
-host went silent) removes its series.
+goes to ``ktel.dlq`` instead, as the remote-write exporter sends it there: the
+two outputs serve the same values.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import asyncio
 import logging
 import math
 import time
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry
@@ -44,20 +55,23 @@ LOOKBACK_WINDOWS = 3
 
 class LatestValues(Collector):
     def __init__(self) -> None:
-        # (name, type) -> sorted label items -> (ts_ms, value)
-        self.series: dict[tuple[str, str], dict[tuple[tuple[str, str], ...], tuple[int, float]]] = {}
+        # (name, type) -> sorted label items -> (partition, offset, value): the value and
+        # the position in ktel.metrics of the snapshot it came from
+        self.series: dict[tuple[str, str], dict[tuple[tuple[str, str], ...], tuple[int, int, Any]]] = {}
 
-    def update(self, snapshots: list[MetricSnapshot]) -> None:
-        for snap in snapshots:
-            for name, typ, labels, value in snap.series:
-                by_labels = self.series.setdefault((name, typ), {})
-                key = tuple(kv for kv in prom_labels(name, labels) if kv[0] != "__name__")
-                old = by_labels.get(key)
-                if snap.stale:
-                    if old is not None and old[0] <= snap.ts_ms:
-                        del by_labels[key]
-                elif old is None or old[0] <= snap.ts_ms:
-                    by_labels[key] = (snap.ts_ms, value)
+    def update(self, snap: MetricSnapshot, partition: int, offset: int) -> None:
+        """Take a snapshot read at ``offset`` of ``partition`` (see the module doc)."""
+        for name, typ, labels, value in snap.series:
+            by_labels = self.series.setdefault((name, typ), {})
+            key = tuple(kv for kv in prom_labels(name, labels) if kv[0] != "__name__")
+            old = by_labels.get(key)
+            later = old is None or old[0] != partition or old[1] < offset
+            if not later:
+                continue  # an earlier snapshot of the partition: its values are older
+            if snap.stale:
+                by_labels.pop(key, None)
+            else:
+                by_labels[key] = (partition, offset, value)
 
     def collect(self):
         for (name, typ), by_labels in list(self.series.items()):
@@ -65,7 +79,7 @@ class LatestValues(Collector):
             fam: Metric
             if typ == "histogram":
                 fam = HistogramMetricFamily(pname, f"ktel aggregate {name}")
-                for key, (_ts, value) in by_labels.items():
+                for key, (_p, _o, value) in by_labels.items():
                     for labels, v in histogram_series(name, dict(key), value):
                         sample = dict(labels)
                         fam.add_sample(sample.pop("__name__"), sample, v)
@@ -75,7 +89,7 @@ class LatestValues(Collector):
                 fam = CounterMetricFamily(pname.removesuffix("_total"), f"ktel aggregate {name}")
             else:
                 fam = GaugeMetricFamily(pname, f"ktel aggregate {name}")
-            for key, (_ts, value) in by_labels.items():
+            for key, (_p, _o, value) in by_labels.items():
                 fam.add_sample(pname, dict(key), value)
             yield fam
 
@@ -91,17 +105,18 @@ async def run(cfg: Config, stop: asyncio.Event) -> None:
 
     async def deliver(records: list[Record], producer: AIOKafkaProducer) -> None:
         now = time.time_ns()
-        snaps = []
         for rec in records:
             problem = window.problem(rec.item.ts_ms * 1_000_000, now)
             if problem is None:
-                snaps.append(rec.item)
+                latest.update(rec.item, rec.partition, rec.offset)
             else:
                 items = len(rec.item.series)
                 await consume.refuse(producer, "pull", rec, problem, signal="series", items=items)
-        latest.update(snaps)
 
-    start_ms = time.time_ns() // 1_000_000 - int(LOOKBACK_WINDOWS * cfg.aggregate.window_seconds * 1000)
+    agg = cfg.aggregate
+    start_ms = time.time_ns() // 1_000_000 - int(
+        (agg.refresh_seconds + LOOKBACK_WINDOWS * agg.window_seconds) * 1000
+    )
     await consume.run(
         kafka=cfg.kafka,
         group_id=None,

@@ -3,7 +3,9 @@
 Encoding follows the specification: a protobuf ``WriteRequest``, snappy block
 compression, the required headers; labels sorted by name, without duplicates or
 empty values; the samples of one series in timestamp order. Counters and gauges
-are one series each; a histogram is Prometheus' classic
+are one series each. A histogram of the kernel's log2 buckets is a native histogram
+(schema 0, exactly its buckets: exporters/log2.py), or with ``remote_write.histograms =
+"classic"``, and for any other histogram, Prometheus' classic
 ``_bucket``/``_sum``/``_count`` series. A snapshot marked stale (its host went
 silent, processors/aggregate_core.py) sends Prometheus' stale marker, the NaN
 0x7ff0000000000002, for each of its series: Prometheus then ends them at once
@@ -54,6 +56,7 @@ from prometheus_client.utils import floatToGoString
 from exporters import consume
 from exporters.consume import Record
 from exporters.delivery import Window, http_answer, send_split
+from exporters.log2 import ZERO_THRESHOLD, Exponential, exponential
 from exporters.prom_names import prom_labels
 from exporters.remote_write_client import Receiver
 from ktel import selfmetrics
@@ -72,6 +75,12 @@ REQUESTS_FAILED = Counter(
     ["exporter", "status"],
 )
 
+# What Prometheus 2.x answers (HTTP 500) to native histograms when started without them.
+NATIVE_DISABLED = "native histograms are disabled"
+NATIVE_FIX = (
+    'start Prometheus with --enable-feature=native-histograms, or set remote_write.histograms = "classic" '
+    "(KTEL_REMOTE_WRITE__HISTOGRAMS=classic)"
+)
 # Prometheus' own default max_samples_per_send is 2000; receivers expect requests of that order.
 MAX_SERIES_PER_REQUEST = 2000
 # Prometheus' staleness marker (model/value.StaleNaN): a NaN with this exact bit pattern.
@@ -80,12 +89,14 @@ STALE_NAN: float = struct.unpack("<d", STALE_NAN_BITS.to_bytes(8, "little"))[0]
 
 
 def encode(
-    snapshots: Iterable[MetricSnapshot], only: Collection[bytes] | None = None
+    snapshots: Iterable[MetricSnapshot], only: Collection[bytes] | None = None, histograms: str = "native"
 ) -> list[tuple[bytes, int, list[bytes]]]:
     """Snapshots -> snappy-compressed WriteRequests, each with its sample count and
-    its series (as ``series_labels`` keys them); ``only``: just those series."""
+    its series (as ``series_labels`` keys them); ``only``: just those series.
+    ``histograms``: ``"native"`` or ``"classic"`` (RemoteWriteConfig.histograms)."""
     # A series is known by its labels, serialised once (a TimeSeries holding only them).
-    series: dict[bytes, list[tuple[int, float]]] = defaultdict(list)
+    # A sample is a float, or a native histogram as its framed bytes.
+    series: dict[bytes, list[tuple[int, float | bytes]]] = defaultdict(list)
     cached = _SERIES.get  # the per-sample path: one tuple, two dict lookups
     frames: dict[int, tuple[bytes, bytes]] = {}  # timestamp -> a Sample's bytes before and after its value
     for snap in snapshots:
@@ -95,6 +106,11 @@ def encode(
         stale = snap.stale
         for name, typ, labels, value in snap.series:
             if typ == "histogram":
+                native = exponential(name, value) if histograms == "native" else None
+                if native is not None:
+                    lb = series_labels(native.name, labels)
+                    series[lb].append((ts_ms, native_histogram(native, ts_ms, stale)))
+                    continue
                 for key, v in histogram_series(name, labels, value):
                     series[labels_bytes(key)].append((ts_ms, STALE_NAN if stale else v))
             else:
@@ -108,24 +124,35 @@ def encode(
         chunk = items[start : start + MAX_SERIES_PER_REQUEST]
         for labels, samples in chunk:
             if len(samples) == 1:  # the usual case: one snapshot of the series per delivery
-                t, v = samples[0]
+                t, sample = samples[0]
                 head, tail = frames[t]
-                ts = labels + head + _DOUBLE(v) + tail
+                ts = labels + (sample if isinstance(sample, bytes) else head + _DOUBLE(sample) + tail)
             else:
-                samples.sort()
-                ts = labels + b"".join(frames[t][0] + _DOUBLE(v) + frames[t][1] for t, v in samples)
+                samples.sort(key=_timestamp)
+                ts = labels + b"".join(
+                    v if isinstance(v, bytes) else frames[t][0] + _DOUBLE(v) + frames[t][1]
+                    for t, v in samples
+                )
             parts += (_TIMESERIES_TAG, _varint(len(ts)), ts)
             n += len(samples)
         requests.append((snappy.compress(b"".join(parts)), n, [labels for labels, _ in chunk]))
     return requests
 
 
-def series_keys(snap: MetricSnapshot) -> list[bytes]:
+def _timestamp(sample: tuple[int, float | bytes]) -> int:
+    return sample[0]
+
+
+def series_keys(snap: MetricSnapshot, histograms: str = "native") -> list[bytes]:
     """The keys of a snapshot's series, one per sample, as ``encode`` makes them."""
     out = []
     for name, typ, labels, value in snap.series:
         if typ == "histogram":
-            out += [labels_bytes(key) for key, _ in histogram_series(name, labels, value)]
+            native = exponential(name, value) if histograms == "native" else None
+            if native is not None:
+                out.append(series_labels(native.name, labels))
+            else:
+                out += [labels_bytes(key) for key, _ in histogram_series(name, labels, value)]
         else:
             out.append(series_labels(name, labels))
     return out
@@ -159,6 +186,47 @@ def _sample_frame(ts_ms: int) -> tuple[bytes, bytes]:
     return _SAMPLES_TAG + _varint(1 + 8 + len(tail)) + _VALUE_TAG, tail
 
 
+# A native histogram sample (prompb ``Histogram``, a TimeSeries' field 4):
+# count_int = 1 (varint), sum = 3 (64-bit), schema = 4 (zigzag varint), zero_threshold = 5
+# (64-bit), zero_count_int = 6 (varint), positive_spans = 11 (BucketSpan {sint32 offset = 1;
+# uint32 length = 2;}), positive_deltas = 12 (packed zigzag varints: each bucket's count
+# minus the previous one's), timestamp = 15 (varint).
+_HISTOGRAMS_TAG = b"\x22"
+_H_COUNT, _H_SUM, _H_SCHEMA, _H_ZERO_THRESHOLD, _H_ZERO_COUNT = b"\x08", b"\x19", b"\x20", b"\x29", b"\x30"
+_H_SPANS, _H_DELTAS, _H_TIMESTAMP = b"\x5a", b"\x62", b"\x78"
+
+
+def _zigzag(n: int) -> bytes:
+    return _varint((n << 1) ^ (n >> 63))
+
+
+def native_histogram(h: Exponential, ts_ms: int, stale: bool = False) -> bytes:
+    """A schema-0 native histogram sample at ``ts_ms``, framed as a TimeSeries' field.
+    Prometheus' bucket k is (2^(k-1), 2^k]: ``h.counts[0]`` is its bucket ``h.offset + 1``.
+    Stale: Prometheus' stale marker for a histogram, a sum of STALE_NAN and nothing else."""
+    if stale:
+        body = _H_SUM + _DOUBLE(STALE_NAN) + _H_TIMESTAMP + _varint(ts_ms)
+        return _HISTOGRAMS_TAG + _varint(len(body)) + body
+    body = (
+        _H_COUNT
+        + _varint(h.count)
+        + _H_SUM
+        + _DOUBLE(h.sum)
+        + _H_SCHEMA
+        + _zigzag(0)
+        + _H_ZERO_THRESHOLD
+        + _DOUBLE(ZERO_THRESHOLD)
+        + _H_ZERO_COUNT
+        + _varint(h.zero_count)
+    )
+    if h.counts:
+        span = b"\x08" + _zigzag(h.offset + 1) + b"\x10" + _varint(len(h.counts))
+        deltas = b"".join(_zigzag(c - p) for p, c in zip([0, *h.counts[:-1]], h.counts, strict=True))
+        body += _H_SPANS + _varint(len(span)) + span + _H_DELTAS + _varint(len(deltas)) + deltas
+    body += _H_TIMESTAMP + _varint(ts_ms)
+    return _HISTOGRAMS_TAG + _varint(len(body)) + body
+
+
 # The same series comes in every snapshot: its labels are translated and serialised once.
 _SERIES: dict[tuple[Any, ...], bytes] = {}
 _CACHE_MAX = 200_000  # series; the aggregate stage bounds cardinality well below this
@@ -183,8 +251,8 @@ def histogram_series(
     name: str, labels: dict[str, str], h: dict[str, Any]
 ) -> list[tuple[tuple[tuple[str, str], ...], float]]:
     """A histogram as Prometheus' classic series: cumulative ``_bucket{le}`` counts up
-    to ``le="+Inf"`` (= count), ``_sum`` and ``_count`` (remote-write 1.0 has no other
-    histogram form)."""
+    to ``le="+Inf"`` (= count), ``_sum`` and ``_count`` (the form every Prometheus
+    and the text exposition format know)."""
     out = []
     cumulative = 0
     for bound, count in zip([*h["bounds"], math.inf], h["counts"], strict=True):
@@ -207,7 +275,12 @@ async def post(receiver: Receiver, body: bytes) -> None:
         resp = await receiver.client.post(receiver.url, content=body)
         if not resp.is_success:
             REQUESTS_FAILED.labels(STAGE, str(resp.status_code)).inc()
-        http_answer(resp.status_code, resp.text)
+        text = resp.text
+        if NATIVE_DISABLED in text:
+            # Prometheus 2.x without the feature answers 500: retried (nothing is lost once
+            # the receiver or the setting changes), with what to change.
+            text += f" ({NATIVE_FIX})"
+        http_answer(resp.status_code, text)
     except Exception as err:
         receiver.misconfigured.failed(err)  # a refused password or TLS handshake: one line
         raise
@@ -219,6 +292,7 @@ async def deliver(
     records: list[Record],
     producer: AIOKafkaProducer,
     window: Window,
+    histograms: str = "native",
 ) -> None:
     now = time.time_ns()
     snaps: list[Record] = []
@@ -228,16 +302,16 @@ async def deliver(
             snaps.append(rec)
         else:
             await consume.refuse(
-                producer, STAGE, rec, problem, signal="samples", items=len(series_keys(rec.item))
+                producer, STAGE, rec, problem, signal="samples", items=len(series_keys(rec.item, histograms))
             )
     what = f"remote-write to {receiver.url}"
-    for body, n, keys in encode(rec.item for rec in snaps):
+    for body, n, keys in encode((rec.item for rec in snaps), histograms=histograms):
         try:
             await retry(functools.partial(post, receiver, body), what=what)
             SAMPLES.labels(STAGE).inc(n)
         except Permanent as err:
             log.error("remote-write refused %d samples; sending them again by snapshot: %s", n, err)
-            await _resend_by_snapshot(receiver, snaps, set(keys), producer, str(err))
+            await _resend_by_snapshot(receiver, snaps, set(keys), producer, str(err), histograms)
 
 
 async def _resend_by_snapshot(
@@ -246,20 +320,21 @@ async def _resend_by_snapshot(
     refused: set[bytes],
     producer: AIOKafkaProducer,
     answer: str,
+    histograms: str,
 ) -> None:
     """Send the samples of a refused request again, split by the snapshots they came
     from (only the refused request's series, so nothing acknowledged is sent twice);
     a snapshot refused alone goes to ``ktel.dlq`` as it was read."""
-    owners = [rec for rec in snaps if not refused.isdisjoint(series_keys(rec.item))]
+    owners = [rec for rec in snaps if not refused.isdisjoint(series_keys(rec.item, histograms))]
 
     async def send(recs: Sequence[Record]) -> None:
         # The refused request had at most MAX_SERIES_PER_REQUEST series: one request.
-        [(body, n, _)] = encode((rec.item for rec in recs), refused)
+        [(body, n, _)] = encode((rec.item for rec in recs), refused, histograms)
         await post(receiver, body)
         SAMPLES.labels(STAGE).inc(n)
 
     async def dead(rec: Record, reason: str) -> None:
-        n = sum(1 for key in series_keys(rec.item) if key in refused)
+        n = sum(1 for key in series_keys(rec.item, histograms) if key in refused)
         await consume.refuse(producer, STAGE, rec, reason, signal="samples", items=n)
 
     await send_split(owners, send, dead, what=f"remote-write to {receiver.url}", refusal=answer)
@@ -274,6 +349,8 @@ async def run(cfg: Config, stop: asyncio.Event, *, group_id: str = GROUP) -> Non
             group_id=group_id,
             stage=STAGE,
             topics={METRICS_TOPIC: decode_snapshot},
-            deliver=lambda records, producer: deliver(receiver, records, producer, window),
+            deliver=lambda records, producer: deliver(
+                receiver, records, producer, window, cfg.remote_write.histograms
+            ),
             stop=stop,
         )

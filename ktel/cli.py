@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging.config
 import os
+import pathlib
 import re
 import signal
 import sys
@@ -122,6 +123,14 @@ def cmd_up(cfg: config_mod.Config, args: argparse.Namespace) -> None:
     sys.exit(up.run(cfg))
 
 
+def cmd_cluster(_cfg: config_mod.Config, args: argparse.Namespace) -> None:
+    from ktel.stack import cluster
+
+    if args.brokers < 1:
+        sys.exit(f"ktel cluster: --brokers {args.brokers}: a cluster needs at least one broker")
+    sys.exit(cluster.run(pathlib.Path(args.directory), args.brokers, tuple(PROCESSES)))
+
+
 def cmd_down(cfg: config_mod.Config, _args: argparse.Namespace) -> None:
     from ktel import up
 
@@ -196,6 +205,17 @@ def main(argv: list[str] | None = None) -> None:
         "down", parents=[common], help="stop the `ktel up` running from the same config, in order"
     )
     p.set_defaults(fn=cmd_down)
+    p = sub.add_parser(
+        "cluster",
+        parents=[common],
+        help="start a local Kafka set up like a production one, to try ktel against: SASL_SSL, mTLS, "
+        "the ACLs of `ktel acls` (throwaway certificates and passwords)",
+    )
+    p.add_argument(
+        "directory", help="for the brokers' data, the certificates and a config file per principal"
+    )
+    p.add_argument("--brokers", type=int, default=3, help="KRaft nodes, each a broker and a controller")
+    p.set_defaults(fn=cmd_cluster)
     p = sub.add_parser("agent", parents=[common], help="the edge agent: BPF ring buffers -> Kafka ktel.raw")
     p.set_defaults(fn=cmd_agent)
     p = sub.add_parser(

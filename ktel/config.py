@@ -180,10 +180,14 @@ class KafkaConfig(BaseModel):
 
 
 class RedactRule(BaseModel):
-    """Replace matches of ``pattern`` in a string field of an event kind."""
+    """Replace matches of ``pattern`` in a field of an event kind or of the heartbeat,
+    whatever its type (edge_agent/redact.py)."""
 
-    kind: str = Field(description="event kind, e.g. file_created")
-    field: str = Field(description="string field of that kind, e.g. path")
+    kind: str = Field(description="event kind, e.g. file_created, or heartbeat")
+    field: str = Field(
+        description="field of that kind, e.g. path or labels; of a heartbeat, a host attribute "
+        "(e.g. host.name) or a container attribute (e.g. k8s.pod.name)"
+    )
     pattern: str = Field(description="Python regular expression")
     replacement: str = Field("***", description="what a match becomes (may use \\1 groups)")
 
@@ -286,8 +290,19 @@ class AgentConfig(BaseModel):
         return v
 
 
+# Prometheus takes a series without a sample for this long as ended (its lookback delta).
+PROMETHEUS_STALENESS_SECONDS = 300
+
+
 class AggregateConfig(BaseModel):
     window_seconds: float = Field(10, gt=0, description="how often metric snapshots are emitted")
+    refresh_seconds: float = Field(
+        120,
+        gt=0,
+        description="a series whose value did not change is emitted again this long after it "
+        "last was (each window emits only what changed); with window_seconds, below Prometheus' "
+        "5 minutes, after which a series without a sample is taken as ended",
+    )
     directory_depth: int = Field(
         3,
         ge=1,
@@ -305,6 +320,18 @@ class AggregateConfig(BaseModel):
         "snapshot marks them stale (Prometheus stale markers; the pull endpoint drops them) "
         "and its state is deleted; it starts afresh if it comes back",
     )
+
+    @model_validator(mode="after")
+    def _refreshed_before_stale(self) -> AggregateConfig:
+        # A refresh goes out with the first window after it is due: up to a window late.
+        if self.refresh_seconds + self.window_seconds >= PROMETHEUS_STALENESS_SECONDS:
+            raise ValueError(
+                f"refresh_seconds ({self.refresh_seconds:g}) plus window_seconds ({self.window_seconds:g}) "
+                f"must be below {PROMETHEUS_STALENESS_SECONDS}: an unchanged series must be sent again "
+                "before Prometheus takes it as ended; lower KTEL_AGGREGATE__REFRESH_SECONDS (or "
+                "KTEL_AGGREGATE__WINDOW_SECONDS)"
+            )
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -330,6 +357,16 @@ class ProcessConfig(BaseModel):
         le=300,  # Faust keeps its request timeout above it: longer would hide a hung broker
         description="how long a processing worker that stopped answering keeps its partitions, "
         "which the other workers then take over (the Kafka consumer group's session timeout)",
+    )
+    max_state_bytes: int = Field(
+        900_000,
+        ge=65_536,
+        # Kafka's default max.message.bytes (1 MiB) bounds every changelog record, and
+        # aiokafka's default max_request_size the request carrying it.
+        le=1_000_000,
+        description="the most one host's state (its table value, JSON-encoded as its changelog "
+        "record) may take: the aggregate's series get half of it, and a batch that would grow "
+        "the state past it is dead-lettered (README, Untrusted input)",
     )
 
 
@@ -405,6 +442,13 @@ RESERVED_HEADERS = frozenset(
 
 class RemoteWriteConfig(BaseModel):
     url: str = Field("http://127.0.0.1:9090/api/v1/write", description="Prometheus remote-write endpoint")
+    histograms: Literal["native", "classic"] = Field(
+        "native",
+        description="the kernel's log2 histograms as native histograms (schema 0: one series, "
+        "exact buckets; Prometheus 2.40+ run with --enable-feature=native-histograms, or 3.x) or "
+        "as classic _bucket/_sum/_count series (one per bucket, for receivers without native "
+        "histograms)",
+    )
     timeout_seconds: float = Field(10, gt=0, description="per-request timeout")
     metrics_port: int = Field(9467, ge=0, le=65535, description="exporter self-metrics port (0: off)")
     max_age_seconds: float = Field(
@@ -548,6 +592,12 @@ class OtlpConfig(BaseModel):
     timeout_seconds: float | None = Field(None, gt=0, description="per-request timeout (SDK default 10)")
     max_export_batch_size: int = Field(
         2048, ge=1, description="spans, log records or data points per request at most"
+    )
+    histograms: Literal["exponential", "explicit"] = Field(
+        "exponential",
+        description="the kernel's log2 histograms as exponential histograms (scale 0: exact "
+        "buckets, in nanoseconds) or as explicit-bucket histograms (in seconds, for backends "
+        "without exponential histograms)",
     )
     metrics_port: int = Field(9468, ge=0, le=65535, description="exporter self-metrics port (0: off)")
     max_age_seconds: float = Field(

@@ -4,7 +4,8 @@ State per host (one JSON-able dict, stored as one Faust table value so that the
 dedupe record and the counts change together in one changelog message)::
 
     {"seen": {boot_id: [[lo, hi], ...]},       # processors/dedupe_core.py guarding this stage
-     "series": {series_key: cumulative_value}}
+     "series": {series_key: cumulative_value},
+     "series_bytes": int}                      # what the series may take encoded, see below
 
 Which counter an event adds to is what its kind declares (``EventKind.metric``,
 ktel/probes/): the counter's name and the fields its labels take their values
@@ -16,9 +17,21 @@ kernel or by the sample stage) adds w, so counts stay unbiased.
 A series key is ``json.dumps([name, sorted label items])``. The ``host.id``
 label is added at snapshot time, not stored per series.
 
-Cardinality: each host keeps at most ``max_series`` series; events that would
+Emission: each window, a host's snapshot holds only the series whose value changed
+since this worker last emitted them, plus those due for a refresh every
+``refresh_seconds`` (``Aggregate.on_window``), so the records, samples and backend
+writes follow activity rather than every series ever seen.
+
+Cardinality: each host keeps at most ``max_series`` series, taking at most
+``max_series_bytes`` JSON-encoded (half of ``process.max_state_bytes``: the host's
+whole table value is one changelog record, which Kafka bounds). Events that would
 create more are counted in one overflow series per metric carrying the label
-``otel.metric.overflow="true"``, as the OpenTelemetry metrics SDK does.
+``otel.metric.overflow="true"``, as the OpenTelemetry metrics SDK does; the
+overflow series have the last eighth of the bytes to themselves, and events of a
+metric whose overflow series finds no room either are counted as dropped
+(``Result.counts["series_dropped"]``). A series' bytes are reckoned when it is
+created, for the largest its numbers can grow (``series_bytes``), so its counts
+growing never pushes the host past the bound.
 
 Kernel code's own metrics (``ktel_metric`` events of the ktel_api probe) become
 series too: counters add their increments, gauges keep the last value (stored
@@ -33,8 +46,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry.semconv._incubating.attributes.host_attributes import HOST_ID
@@ -57,6 +71,7 @@ from ktel.wire import (
     MetricSnapshot,
     RawBatch,
     SpanBatch,
+    log2_bounds,
 )
 from processors.stage import FromConfig, Result, Stage, State
 
@@ -77,9 +92,11 @@ OVERFLOW_LABELS: tuple[tuple[str, str], ...] = (("otel.metric.overflow", "true")
 @dataclasses.dataclass(frozen=True)
 class Options(FromConfig):
     window_seconds: float = 10.0  # how often snapshots are emitted
+    refresh_seconds: float = 120.0  # see AggregateConfig.refresh_seconds
     directory_depth: int = 3
     include_filename: bool = False
     max_series: int = 2000
+    max_series_bytes: int = 450_000  # half of ProcessConfig.max_state_bytes (see processors/chain.py)
     host_ttl_seconds: float = 3600.0  # see AggregateConfig.host_ttl_seconds
 
 
@@ -87,11 +104,20 @@ class Options(FromConfig):
 class Outcome:
     counted: float = 0
     overflowed: float = 0
+    dropped: float = 0  # no room even in the overflow series
+
+
+@dataclasses.dataclass
+class Emitted:
+    """What this worker last emitted of one host."""
+
+    due_ms: float  # when its first unchanged series is due for a refresh
+    series: dict[str, tuple[Any, int]]  # series key -> (value emitted, when)
 
 
 class Aggregate(Stage):
     """The stage: each batch added to its host's series, its spans and logs passed
-    on; every window, each host's snapshot."""
+    on; every window, each host's series that changed (see ``on_window``)."""
 
     name = "aggregate"
     counts_batches = True
@@ -100,34 +126,76 @@ class Aggregate(Stage):
         super().__init__()
         self.opts = opts
         self.window_s = opts.window_seconds
+        # The worker's memory, not the table: rebuilt by a full snapshot after a restart
+        # or a rebalance, which is what a new owner of a host must send anyway.
+        self.emitted: dict[str, Emitted] = {}
+        self.counted: set[str] = set()  # hosts with a batch counted since the last window
 
     @classmethod
-    def from_config(cls, section: AggregateConfig) -> Aggregate:
-        return cls(Options.from_config(section))
+    def from_config(cls, section: AggregateConfig, max_state_bytes: int) -> Aggregate:
+        return cls(dataclasses.replace(Options.from_config(section), max_series_bytes=max_state_bytes // 2))
 
     def on_batch(self, state: State, batch: RawBatch, now_ms: int) -> Result:
         state["last_ms"] = now_ms  # the worker's clock, as the window's now_ms: see on_window
+        self.counted.add(batch.host_id)
         out = add(state, batch, self.opts)
         spans, logs = signals(batch)
         counts = {"events": out.counted, "overflowed": out.overflowed}
+        if out.dropped:
+            counts["series_dropped"] = out.dropped
         return Result(batch, changed=True, spans=spans, logs=logs, counts=counts)
 
     def on_window(self, states: dict[str, State], now_ms: int, share: float) -> Result:
-        """Each host's snapshot; a host silent for ``host_ttl_seconds`` (by the worker's
-        clock, which also stamped its last batch) gets a last one, marked stale, and is
-        forgotten, so dead and forged hosts stop costing a snapshot every window."""
+        """Each host's snapshot of the series whose value changed since this worker last
+        emitted them, and of those it last emitted ``refresh_seconds`` ago or more, so
+        that Prometheus does not mark them stale (after 5 minutes without a sample).
+        Values are cumulative, so a series left out of a window loses nothing. A host with
+        no batch since the previous window and no refresh due costs no snapshot at all.
+
+        A host silent for ``host_ttl_seconds`` (by the worker's clock, which also stamped
+        its last batch) gets a last snapshot of all its series, marked stale, and is
+        forgotten, so dead and forged hosts stop costing anything."""
         out = Result()
         ttl_ms = self.opts.host_ttl_seconds * 1000
+        for gone in self.emitted.keys() - states.keys():  # forgotten, or another worker's now
+            del self.emitted[gone]
+        unchanged = 0
         for host_id, state in states.items():
-            rows = snapshot(host_id, state)
-            expired = now_ms - state.get("last_ms", now_ms) > ttl_ms
-            if rows:
-                out.snapshots.append((host_id, MetricSnapshot(now_ms, rows, stale=expired)))
-            if expired:
+            if now_ms - state.get("last_ms", now_ms) > ttl_ms:
+                rows = snapshot(host_id, state)
+                if rows:
+                    out.snapshots.append((host_id, MetricSnapshot(now_ms, rows, stale=True)))
                 out.forget.append(host_id)
+                self.emitted.pop(host_id, None)
+                continue
+            rows, skipped = self._changed(host_id, state, now_ms)
+            unchanged += skipped
+            if rows:
+                out.snapshots.append((host_id, MetricSnapshot(now_ms, rows)))
+        self.counted.clear()
         if out.forget:
             out.counts["expired_hosts"] = len(out.forget)
+        if unchanged:
+            out.counts["unchanged_series"] = unchanged
         return out
+
+    def _changed(self, host_id: str, state: State, now_ms: int) -> tuple[list[list], int]:
+        """The host's rows to emit now, and how many series were left out as unchanged."""
+        seen = self.emitted.get(host_id)
+        if seen is not None and host_id not in self.counted and now_ms < seen.due_ms:
+            return [], len(seen.series)  # nothing counted since, nothing due
+        last = seen.series if seen is not None else {}
+        refresh_ms = self.opts.refresh_seconds * 1000
+        rows, series, due_ms = [], {}, math.inf
+        for key, row in keyed_rows(host_id, state):
+            before = last.get(key)
+            if before is None or before[0] != row[3] or now_ms - before[1] >= refresh_ms:
+                rows.append(row)
+                before = (row[3], now_ms)
+            series[key] = before
+            due_ms = min(due_ms, before[1] + refresh_ms)
+        self.emitted[host_id] = Emitted(due_ms, series)
+        return rows, len(series) - len(rows)
 
 
 def directory_label(path: str, depth: int) -> str:
@@ -244,16 +312,23 @@ def count_events(
 def add(state: dict[str, Any], batch: RawBatch, opts: Options) -> Outcome:
     """Fold one batch known to be new into its host's state (mutated in place)."""
     series = state.setdefault("series", {})
+    if "series_bytes" not in state:  # a state from before the byte bound
+        state["series_bytes"] = sum(series_bytes(k, _numbers(v)) for k, v in series.items())
     out = Outcome()
     counts, hists, gauges = count_events(batch, opts)
     for key, value in gauges.items():
-        series[_admit(series, key, opts, out, 0)] = {"gauge": value}
+        key = _admit(state, key, 1, opts, out, 0)
+        if key:
+            series[key] = {"gauge": value}
     for key, n in counts.items():
-        key = _admit(series, key, opts, out, n)
-        series[key] = series.get(key, 0) + n
-        out.counted += n
+        key = _admit(state, key, 1, opts, out, n)
+        if key:
+            series[key] = series.get(key, 0) + n
+            out.counted += n
     for key, delta in hists.items():
-        key = _admit(series, key, opts, out, delta["count"])
+        key = _admit(state, key, 2 + len(delta["buckets"]), opts, out, delta["count"])
+        if not key:
+            continue
         h = series.get(key)
         if h is None:
             series[key] = delta
@@ -265,25 +340,46 @@ def add(state: dict[str, Any], batch: RawBatch, opts: Options) -> Outcome:
     return out
 
 
-def _admit(series: dict[str, Any], key: str, opts: Options, out: Outcome, n: float) -> str:
-    """The key to add to: ``key``, or its metric's overflow series past the cardinality limit."""
-    if key in series or len(series) < opts.max_series:
+# The longest a number of a series gets in JSON: a float's repr is at most 24
+# characters, and an integer count (events times integer weights) stays below 10^31.
+NUMBER_CHARS = 32
+# Quotes, colon, comma and a histogram's or gauge's field names around the numbers.
+SERIES_OVERHEAD = 48
+
+
+def series_bytes(key: str, numbers: int) -> int:
+    """The most a series of ``numbers`` numbers can take in its host's encoded state."""
+    return len(json.dumps(key)) + SERIES_OVERHEAD + numbers * (NUMBER_CHARS + 1)
+
+
+def _numbers(value: Any) -> int:
+    if isinstance(value, dict) and "buckets" in value:
+        return 2 + len(value["buckets"])
+    return 1
+
+
+def _admit(state: dict[str, Any], key: str, numbers: int, opts: Options, out: Outcome, n: float) -> str:
+    """The key to add to: ``key``; past the bounds its metric's overflow series; or ""
+    when even that has no room (the events are counted as dropped)."""
+    series = state["series"]
+    if key in series:
+        return key
+    # Ordinary series stop an eighth short of the bytes, which is the overflow series' room.
+    room = opts.max_series_bytes - opts.max_series_bytes // 8 - state["series_bytes"]
+    size = series_bytes(key, numbers)
+    if len(series) < opts.max_series and size <= room:
+        state["series_bytes"] += size
         return key
     name, _ = parse_key(key)
+    overflow = series_key(name, OVERFLOW_LABELS)
+    if overflow not in series:
+        size = series_bytes(overflow, numbers)
+        if state["series_bytes"] + size > opts.max_series_bytes:
+            out.dropped += n
+            return ""
+        state["series_bytes"] += size
     out.overflowed += n
-    return series_key(name, OVERFLOW_LABELS)
-
-
-def log2_bounds(slots: int, scale: float = 1.0) -> list[float]:
-    """Explicit upper bounds of the kernel's log2 buckets, times ``scale``
-    (1e-9: nanoseconds counted, seconds exported).
-
-    Bucket i holds [2^i, 2^(i+1)) (bucket 0: [0, 2)); the last is unbounded.
-    The wire's explicit buckets are upper-inclusive, so a value of exactly
-    2^(i+1) lands one bucket lower than the kernel put it: negligible at
-    nanosecond resolution.
-    """
-    return [2.0 ** (i + 1) * scale for i in range(slots - 1)]
+    return overflow
 
 
 def _count(n: float) -> int:
@@ -294,13 +390,17 @@ def _count(n: float) -> int:
 
 
 def snapshot(host_id: str, state: dict[str, Any]) -> list[list]:
-    """The host's series as wire snapshot entries [name, type, labels, value]."""
-    rows = []
+    """All the host's series as wire snapshot entries [name, type, labels, value]."""
+    return [row for _, row in keyed_rows(host_id, state)]
+
+
+def keyed_rows(host_id: str, state: dict[str, Any]) -> Iterator[tuple[str, list]]:
+    """Each of the host's series: its key and its snapshot entry."""
     for key, value in state.get("series", {}).items():
         name, labels = parse_key(key)
         labels = {HOST_ID: host_id, **labels}
         if isinstance(value, dict) and "gauge" in value:
-            rows.append([name, "gauge", labels, value["gauge"]])
+            yield key, [name, "gauge", labels, value["gauge"]]
         elif isinstance(value, dict):
             scale = 1e-9 if name.endswith("_seconds") else 1.0  # counted in ns (see count_events)
             hist = {
@@ -309,10 +409,9 @@ def snapshot(host_id: str, state: dict[str, Any]) -> list[list]:
                 "bounds": log2_bounds(len(value["buckets"]), scale),
                 "counts": [_count(c) for c in value["buckets"]],
             }
-            rows.append([name, "histogram", labels, hist])
+            yield key, [name, "histogram", labels, hist]
         else:
-            rows.append([name, "counter", labels, value])
-    return rows
+            yield key, [name, "counter", labels, value]
 
 
 # OTLP SeverityText of each SeverityNumber range (1-4 TRACE ... 21-24 FATAL).

@@ -86,6 +86,6 @@ def build(process: str, cfg: Config) -> Chain:
         "dedupe": Dedupe,
         "enrich": lambda: Enrich.from_config(cfg.enrich),
         "sample": lambda: Sample.from_config(cfg.sample),
-        "aggregate": lambda: Aggregate.from_config(cfg.aggregate),
+        "aggregate": lambda: Aggregate.from_config(cfg.aggregate, cfg.process.max_state_bytes),
     }
     return Chain([make[name]() for name in PROCESSES[process]])

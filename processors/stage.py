@@ -54,7 +54,7 @@ class Result:
     commands: list[ControlCommand] = dataclasses.field(default_factory=list)
     # Increments of the worker's self-metrics, by the names processors/stages.py
     # maps to them: duplicates, host_conflicts, events, overflowed, sampled_out,
-    # evictions, expired_hosts, processes (a gauge: it may go down).
+    # evictions, expired_hosts, unchanged_series, processes (a gauge: it may go down).
     counts: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def then(self, later: Result) -> Result:

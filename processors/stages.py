@@ -31,7 +31,12 @@ nor doubles anything.
 
 Records are untrusted (docs/design.md, principle 11): one that does not decode,
 whose key is not its host id, or that a stage refuses (processors/dedupe_core.py)
-goes to ktel.dlq with the reason, and the host's state is left as it was. Window
+goes to ktel.dlq with the reason, and the host's state is left as it was. So
+does one that would grow the host's table value past ``process.max_state_bytes``
+encoded: Kafka refuses a changelog record above its ``max.message.bytes``, and
+every later batch of that host would then fail to persist. The stages keep their
+own parts within it (the aggregate's series take at most half, see
+processors/aggregate_core.py); this bound catches whatever else grows. Window
 work sees only the hosts of the partitions this worker holds now, and a host a
 stage is done with (aggregate.host_ttl_seconds) has its table value deleted: a
 tombstone on the changelog, so a worker that recovers the table forgets it too.
@@ -50,6 +55,7 @@ from typing import Any
 
 import faust
 from aiokafka.partitioner import murmur2
+from faust.serializers import codecs
 from opentelemetry.semconv._incubating.attributes.host_attributes import HOST_ID
 from prometheus_client import Counter, Gauge
 
@@ -104,6 +110,11 @@ SAMPLED_OUT = Counter("ktel_processor_sampled_out", "events the sample stage dro
 COMMANDS = Counter("ktel_processor_commands", "fidelity commands sent to ktel.control", ["stage"])
 DEAD_LETTERS = Counter("ktel_processor_dead_letters", "records sent to ktel.dlq", ["stage"])
 OVERFLOW = Counter("ktel_processor_series_overflow", "events folded into an overflow series", ["stage"])
+SERIES_DROPPED = Counter(
+    "ktel_processor_series_dropped",
+    "events of a new series with no room left even in its metric's overflow series",
+    ["stage"],
+)
 SNAPSHOTS = Counter("ktel_processor_snapshots", "metric snapshot records produced", ["stage"])
 SPANS = Counter("ktel_processor_spans", "kernel spans sent to ktel.spans", ["stage"])
 LOGS = Counter("ktel_processor_logs", "kernel logs and OOM kills sent to ktel.logs", ["stage"])
@@ -119,6 +130,12 @@ HOST_CONFLICTS = Counter(
 EXPIRED_HOSTS = Counter(
     "ktel_processor_expired_hosts", "hosts forgotten after aggregate.host_ttl_seconds of silence", ["stage"]
 )
+UNCHANGED_SERIES = Counter(
+    "ktel_processor_unchanged_series",
+    "series left out of a window's snapshot: unchanged since last emitted (refreshed every "
+    "aggregate.refresh_seconds)",
+    ["stage"],
+)
 PROCESSES = Gauge(
     "ktel_processor_processes_known", "processes the enrich stage knows, over the hosts it served", ["stage"]
 )
@@ -127,15 +144,17 @@ COUNTED: dict[str, Counter | Gauge] = {
     "duplicates": DUPLICATES,
     "host_conflicts": HOST_CONFLICTS,
     "expired_hosts": EXPIRED_HOSTS,
+    "unchanged_series": UNCHANGED_SERIES,
     "events": EVENTS,
     "overflowed": OVERFLOW,
+    "series_dropped": SERIES_DROPPED,
     "sampled_out": SAMPLED_OUT,
     "evictions": EVICTIONS,
     "processes": PROCESSES,
 }
 
 
-async def persist(table: Any, key: str, value: dict[str, Any]) -> None:
+async def persist(table: Any, key: str, value: dict[str, Any], data: bytes) -> None:
     """``table[key] = value``, with the changelog record handed to the Kafka producer
     before the stream moves on, so before the source offset can be committed.
 
@@ -150,18 +169,28 @@ async def persist(table: Any, key: str, value: dict[str, Any]) -> None:
     would hold the record back until the commit.
 
     Otherwise this is Faust's own write (``Table.on_key_set``), minus the key TTL of
-    windowed tables, which this one is not.
+    windowed tables, which this one is not. ``data`` is ``value`` encoded as the
+    table encodes it (``encoded``), already measured against process.max_state_bytes.
     """
     table.data[key] = value
     await table.changelog_topic.send(
         key=key,
-        value=value,
+        value=data,
         partition=table.partition_for_key(key),  # the event's partition: the table is co-partitioned
         key_serializer=table.key_serializer,
-        value_serializer=table.value_serializer,
+        value_serializer="raw",  # encoded by the table's own serializer (encoded)
         callback=table._on_changelog_sent,  # the store's persisted offset (a no-op for memory://)
     )
     table._sensor_on_set(table, key, value)
+
+
+def encoded(table: Any, value: dict[str, Any]) -> bytes:
+    """A host's table value as its changelog record carries it (the table's serializer)."""
+    return codecs.dumps(table.value_serializer, value)
+
+
+def decoded(table: Any, data: bytes) -> dict[str, Any]:
+    return codecs.loads(table.value_serializer, data)
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -227,6 +256,41 @@ def make_app(cfg: Config, stage: str) -> faust.App:
     hosts: Any = {}
     if chain.durable:
         hosts = app.Table("host-state", default=dict, partitions=cfg.kafka.raw_partitions)
+    limit = cfg.process.max_state_bytes
+    # host id -> (its table value, that value as last persisted): what a record that
+    # would grow the value past the limit leaves behind. Kept with the value object
+    # itself, so a value recovered from the changelog since (a rebalance) is never
+    # mistaken for it; emptied when partitions go, so hosts another worker took over
+    # cost nothing here.
+    persisted: dict[str, tuple[dict[str, Any], bytes]] = {}
+
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # (mode types handlers narrower than it calls them)
+    def forget_persisted(_app: Any, *_revoked: Any, signal: Any, **_kwargs: Any) -> None:
+        persisted.clear()  # the hosts still here are encoded again at their next record
+
+    def as_persisted(host_id: str, value: dict[str, Any]) -> bytes:
+        kept = persisted.get(host_id)
+        if kept is None or kept[0] is not value:
+            kept = persisted[host_id] = (value, encoded(hosts, value))
+        return kept[1]
+
+    async def save(event: Any, host_id: str, value: dict[str, Any], before: bytes) -> bool:
+        """Persist the host's changed value, or, past the limit, put back ``before`` and
+        dead-letter the record that changed it (False)."""
+        data = encoded(hosts, value)
+        if len(data) > limit:
+            restored = decoded(hosts, before)
+            hosts.data[host_id] = restored
+            persisted[host_id] = (restored, before)
+            await dead_letter(
+                event,
+                f"host {host_id!r:.60}: its state would take {len(data)} bytes encoded, over "
+                f"process.max_state_bytes = {limit} (a changelog record Kafka must take)",
+            )
+            return False
+        await persist(hosts, host_id, value, data)
+        persisted[host_id] = (value, data)
+        return True
 
     async def dead_letter(event: Any, err: WireError | str) -> None:
         msg = event.message
@@ -270,15 +334,17 @@ def make_app(cfg: Config, stage: str) -> faust.App:
                 await dead_letter(event, err)
                 continue
             value = hosts[batch.host_id] if chain.durable else {}
+            before = as_persisted(batch.host_id, value) if chain.durable else b""
             result = chain.on_batch(value, batch, time.time_ns() // 1_000_000)
             if result.refused is not None:  # (its state left as it was)
                 await dead_letter(event, result.refused)
                 continue
+            # (only stages that keep state change it)
+            if result.changed and not await save(event, batch.host_id, value, before):
+                continue
             if result.batch is not None:  # (not a duplicate)
                 BATCHES.labels(stage).inc()
             await emit(result, key=event.key)
-            if result.changed:  # (only stages that keep state change it)
-                await persist(hosts, batch.host_id, value)
             if result.batch is not None and sink is not None:
                 await sink.send(key=event.key, value=encode_batch(result.batch))
 
@@ -298,10 +364,11 @@ def make_app(cfg: Config, stage: str) -> faust.App:
                 except WireError as err:
                     await dead_letter(event, err)
                     continue
-                HEARTBEATS.labels(stage).inc()
                 value = hosts[host_id]
-                if chain.on_heartbeat(value, host_id, hb):
-                    await persist(hosts, host_id, value)
+                before = as_persisted(host_id, value)
+                if chain.on_heartbeat(value, host_id, hb) and not await save(event, host_id, value, before):
+                    continue
+                HEARTBEATS.labels(stage).inc()
 
     def every_window(timed: Stage) -> None:
         @app.timer(timed.window_s, name=f"{timed.name}_window")
@@ -313,6 +380,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             result = chain.on_window(timed, mine, time.time_ns() // 1_000_000, len(assigned) / n)
             await emit(result)
             for host_id in result.forget:
+                persisted.pop(host_id, None)
                 await forget(hosts, host_id, n)
 
     for timed in chain.timed():

@@ -1,8 +1,11 @@
-"""Throwaway certificates for local TLS servers and their clients, made with openssl:
-a CA, and certificates it signs, for 127.0.0.1 and localhost."""
+"""Throwaway certificates for local TLS servers and their clients (the local secured
+Kafka, Prometheus, the Collector), made with openssl: a CA, and certificates it signs,
+for 127.0.0.1 and localhost, whose CN names a client's principal. Unencrypted keys,
+valid for a day: for tests and trying ktel out, never for production."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +25,8 @@ class Pair:
 
 
 def openssl(*args: str | Path) -> None:
+    if shutil.which("openssl") is None:
+        raise RuntimeError("cannot make certificates: `openssl` is not on PATH (run deploy/setup.sh)")
     res = subprocess.run(["openssl", *map(str, args)], capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"openssl {' '.join(map(str, args[:2]))} failed: {res.stderr.strip()[-2000:]}")
@@ -46,3 +51,9 @@ def issue(ca: Pair, d: Path, name: str) -> Pair:
     openssl("x509", "-req", "-in", csr, "-CA", ca.cert, "-CAkey", ca.key, "-CAcreateserial",
             "-days", "1", "-extfile", ext, "-out", pair.cert)  # fmt: skip
     return pair
+
+
+def broker_keystore(ca: Pair) -> Path:
+    """The Kafka brokers' PEM key store: one certificate for 127.0.0.1 serves every local node."""
+    d = ca.cert.parent
+    return issue(ca, d, "broker").bundle(d / "broker.pem")

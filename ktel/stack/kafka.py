@@ -1,4 +1,5 @@
-"""A throwaway single-node Kafka (KRaft, combined broker+controller) for tests and dev.
+"""A throwaway Kafka (KRaft, combined broker+controller nodes) for tests and dev: one
+node, or a cluster of several, optionally with SASL_SSL, mTLS and ACLs.
 
 The broker's jars come from Maven Central through ``deploy/kafka/pom.xml`` rather
 than the Apache release tarball, so a machine that reaches only package registries
@@ -114,34 +115,74 @@ log4j.logger.org.apache.kafka.common.utils.AppInfoParser=WARN
 
 
 @dataclasses.dataclass(frozen=True)
-class SaslSsl:
-    """A second listener, SASL_SSL, for tests of ktel's client settings.
+class Security:
+    """The secured listeners, for tests of ktel's client settings and for trying ktel
+    against a cluster set up like a production one.
 
-    ``keystore``: PEM file with the broker's unencrypted private key and certificate
-    chain; ``users``: SCRAM-SHA-512 and SCRAM-SHA-256 credentials written into the
-    metadata when the storage is formatted; ``authorizer``: the StandardAuthorizer,
-    denying what no ACL allows (the PLAINTEXT listener, a loopback back door for
-    set-up and admin, is a super user).
+    ``keystore``: PEM file with the brokers' unencrypted private key and certificate
+    chain (one certificate for 127.0.0.1 serves every node); ``users``: SCRAM-SHA-512
+    and SCRAM-SHA-256 credentials written into the metadata when the storage is
+    formatted, for the SASL_SSL listener; ``truststore``: the CA (PEM) that signed the
+    clients' certificates: with it, each node has an mTLS listener too (SSL, a client
+    certificate required, its CN the principal: ``CN=agent`` is ``User:agent``);
+    ``authorizer``: the StandardAuthorizer, denying what no ACL allows. The PLAINTEXT
+    listener, the brokers' own (inter-broker, controller) and a loopback back door for
+    set-up and admin, is a super user, as are ``super_users``.
     """
 
-    port: int
     keystore: Path
     users: dict[str, str]
+    truststore: Path | None = None
     authorizer: bool = False
     super_users: tuple[str, ...] = ()
 
 
+@dataclasses.dataclass(frozen=True)
+class Quorum:
+    """A node's place in a cluster: its id, every controller ("id@host:port,...")
+    and the cluster id that all the nodes' storage is formatted with."""
+
+    node_id: int
+    voters: str
+    cluster_id: str
+
+    @property
+    def size(self) -> int:
+        return len(self.voters.split(","))
+
+
 class LocalKafka(proc.Server):
-    """One KRaft node acting as both broker and controller, listening on 127.0.0.1."""
+    """One KRaft node acting as both broker and controller, listening on 127.0.0.1:
+    alone (the default), or one of a :class:`LocalKafkaCluster`."""
 
     def __init__(
-        self, data_dir: Path, port: int = 9092, controller_port: int = 9093, sasl_ssl: SaslSsl | None = None
+        self,
+        data_dir: Path,
+        port: int = 9092,
+        controller_port: int = 9093,
+        security: Security | None = None,
+        sasl_ssl_port: int | None = None,
+        mtls_port: int | None = None,
+        quorum: Quorum | None = None,
+        heap: str = "512m",
     ) -> None:
+        if security is not None and sasl_ssl_port is None:
+            raise ValueError("a secured LocalKafka needs sasl_ssl_port")
+        if (mtls_port is None) != (security is None or security.truststore is None):
+            raise ValueError("an mTLS listener needs both mtls_port and security.truststore")
         self.data_dir = Path(data_dir).resolve()
         self.port = port
         self.controller_port = controller_port
-        self.sasl_ssl = sasl_ssl
+        self.security = security
+        self.sasl_ssl_port = sasl_ssl_port
+        self.mtls_port = mtls_port
+        self.quorum = quorum or Quorum(1, f"1@127.0.0.1:{controller_port}", _new_cluster_id())
+        self.heap = heap
         self.log_path = self.data_dir / "kafka.log"
+
+    @property
+    def node_id(self) -> int:
+        return self.quorum.node_id
 
     @property
     def bootstrap(self) -> str:
@@ -151,8 +192,20 @@ class LocalKafka(proc.Server):
         """Start the broker (formatting data_dir on first use) and wait until it answers."""
         if self.running:
             return
-        ports = (self.port, self.controller_port, *((self.sasl_ssl.port,) if self.sasl_ssl else ()))
-        for p in ports:
+        self.launch()
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self.kill()
+            raise
+
+    def launch(self) -> None:
+        """Start the process without waiting: a cluster's nodes wait for each other's
+        votes, so none of them is ready before a majority runs."""
+        if self.running:
+            return
+        ports = (self.port, self.controller_port, self.sasl_ssl_port, self.mtls_port)
+        for p in (p for p in ports if p is not None):
             # Otherwise the readiness probe could be answered by some other broker.
             if proc.port_in_use(p):
                 raise RuntimeError(f"cannot start Kafka: 127.0.0.1:{p} is already in use")
@@ -163,14 +216,9 @@ class LocalKafka(proc.Server):
         log4j = f"-Dlog4j.configuration=file:{self.data_dir / 'log4j.properties'}"
         if not (self.data_dir / "logs" / "meta.properties").exists():
             self._format([_java(), log4j, *classpath, "kafka.tools.StorageTool"], props)
-        argv = [_java(), "-Xmx512m", "-Djava.awt.headless=true", log4j, *classpath,
+        argv = [_java(), f"-Xmx{self.heap}", "-Djava.awt.headless=true", log4j, *classpath,
                 "kafka.Kafka", str(props)]  # fmt: skip
         self._proc = proc.spawn(argv, self.log_path, self.data_dir)
-        try:
-            self._wait_ready(timeout)
-        except BaseException:
-            self.kill()
-            raise
 
     def kill(self) -> None:
         """SIGKILL: an unclean crash, for tests of recovery."""
@@ -179,14 +227,35 @@ class LocalKafka(proc.Server):
             self._proc.wait()
         self._proc = None
 
+    def apply_acls(self, commands: list[list[str]]) -> None:
+        """Run ``kafka-acls.sh`` command lines (`ktel acls`' ones) with Kafka's own
+        AclCommand, through this node's PLAINTEXT listener (a super user)."""
+        java = [_java(), "-cp", f"{ensure_kafka()}/*", "kafka.admin.AclCommand"]
+        for argv in commands:
+            if argv[:2] != ["kafka-acls.sh", "--bootstrap-server"]:
+                raise ValueError(f"not a kafka-acls.sh --bootstrap-server command line: {argv}")
+
+        def run(argv: list[str]) -> None:
+            res = subprocess.run(
+                [*java, "--bootstrap-server", self.bootstrap, *argv[3:]],
+                capture_output=True, text=True, timeout=300,
+            )  # fmt: skip
+            if res.returncode != 0:
+                raise RuntimeError(f"kafka-acls {argv[3:]} failed:\n{(res.stdout + res.stderr)[-4000:]}")
+
+        # A few at a time: each is a JVM that takes seconds to start, and ACLs are independent.
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            list(pool.map(run, commands))
+
     def _write_config(self) -> Path:
         (self.data_dir / "log4j.properties").write_text(_LOG4J)
         props = self.data_dir / "server.properties"
         listeners = f"PLAINTEXT://127.0.0.1:{self.port}"
         protocols = "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
         secured = ""
-        if self.sasl_ssl is not None:
-            listeners += f",SASL_SSL://127.0.0.1:{self.sasl_ssl.port}"
+        sec = self.security
+        if sec is not None:
+            listeners += f",SASL_SSL://127.0.0.1:{self.sasl_ssl_port}"
             protocols += ",SASL_SSL:SASL_SSL"
             scram = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
             secured = f"""\
@@ -194,35 +263,49 @@ sasl.enabled.mechanisms=SCRAM-SHA-512,SCRAM-SHA-256
 listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config={scram}
 listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config={scram}
 ssl.keystore.type=PEM
-ssl.keystore.location={self.sasl_ssl.keystore}
+ssl.keystore.location={sec.keystore}
 """
-            if self.sasl_ssl.authorizer:
+            if sec.truststore is not None:
+                listeners += f",SSL://127.0.0.1:{self.mtls_port}"
+                protocols += ",SSL:SSL"
+                secured += f"""\
+ssl.truststore.type=PEM
+ssl.truststore.location={sec.truststore}
+listener.name.ssl.ssl.client.auth=required
+# The certificate's CN is the principal, so an mTLS client and a SCRAM user of the
+# same name get the same ACLs: CN=agent is User:agent.
+ssl.principal.mapping.rules=RULE:^CN=([^,]+).*$/$1/,DEFAULT
+"""
+            if sec.authorizer:
                 secured += f"""\
 authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
-# The PLAINTEXT and controller listeners' principal: the loopback back door.
-super.users={";".join(("User:ANONYMOUS", *self.sasl_ssl.super_users))}
+# The PLAINTEXT and controller listeners' principal: the brokers' own, and the
+# loopback back door.
+super.users={";".join(("User:ANONYMOUS", *sec.super_users))}
 """
+        # Internal topics as replicated as ktel's own ("auto": 3 replicas, 2 in sync).
+        rf = min(3, self.quorum.size)
+        isr = 2 if rf >= 3 else 1
         props.write_text(
             f"""\
 process.roles=broker,controller
-node.id=1
-controller.quorum.voters=1@127.0.0.1:{self.controller_port}
+node.id={self.quorum.node_id}
+controller.quorum.voters={self.quorum.voters}
 listeners={listeners},CONTROLLER://127.0.0.1:{self.controller_port}
 advertised.listeners={listeners}
 listener.security.protocol.map={protocols}
 inter.broker.listener.name=PLAINTEXT
 controller.listener.names=CONTROLLER
 log.dirs={self.data_dir / "logs"}
-# One node: every internal topic must make do with one replica.
-default.replication.factor=1
-min.insync.replicas=1
-offsets.topic.replication.factor=1
-transaction.state.log.replication.factor=1
-transaction.state.log.min.isr=1
+default.replication.factor={rf}
+min.insync.replicas={isr}
+offsets.topic.replication.factor={rf}
+transaction.state.log.replication.factor={rf}
+transaction.state.log.min.isr={isr}
 # After a SIGKILL the restarted controller keeps the dead broker's registration until
 # its session expires, and refuses the new one till then (DUPLICATE_BROKER_REGISTRATION):
 # with the 9 s default a crash-restart takes ~14 s. Heartbeats here never leave the
-# process, so a short session is safe.
+# machine, so a short session is safe.
 broker.session.timeout.ms=3000
 broker.heartbeat.interval.ms=1000
 # Tests start consumers right away; the default 3 s delay only slows the first join.
@@ -235,11 +318,11 @@ auto.create.topics.enable=false
 
     def _format(self, storage_tool: list[str], props: Path) -> None:
         scram = []
-        for name, password in (self.sasl_ssl.users if self.sasl_ssl else {}).items():
+        for name, password in (self.security.users if self.security else {}).items():
             for mechanism in ("SCRAM-SHA-512", "SCRAM-SHA-256"):
                 scram += ["--add-scram", f"{mechanism}=[name={name},password={password}]"]
         res = subprocess.run(
-            [*storage_tool, "format", "-t", _new_cluster_id(), "-c", str(props), *scram],
+            [*storage_tool, "format", "-t", self.quorum.cluster_id, "-c", str(props), *scram],
             capture_output=True, text=True, cwd=self.data_dir, timeout=120,
         )  # fmt: skip
         if res.returncode != 0:
@@ -248,19 +331,85 @@ auto.create.topics.enable=false
                 f"{(res.stdout + res.stderr).strip()[-4000:]}"
             )
 
-    def _wait_ready(self, timeout: float) -> None:
+    def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while True:
             self._check_started("Kafka")
             # A plain connect first: cheap, and spares aiokafka's error logs while the
             # port is still closed.
-            if proc.port_in_use(self.port) and _run_async(_broker_ready(self.bootstrap)):
+            if proc.port_in_use(self.port) and _run_async(_broker_ready(self.bootstrap, self.node_id)):
                 return
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"Kafka not ready after {timeout}s; tail of {self.log_path}:\n" + proc.tail(self.log_path)
                 )
             time.sleep(0.25)
+
+
+class LocalKafkaCluster:
+    """``brokers`` KRaft nodes, each a broker and a voter of the controller quorum,
+    on free loopback ports: ktel's topics get 3 replicas and 2 in sync on it, as in
+    production. Each node is a :class:`LocalKafka`, to be killed and restarted alone."""
+
+    def __init__(
+        self, data_dir: Path, brokers: int = 3, security: Security | None = None, heap: str = "384m"
+    ) -> None:
+        controllers = [proc.free_port() for _ in range(brokers)]
+        voters = ",".join(f"{i}@127.0.0.1:{p}" for i, p in enumerate(controllers, 1))
+        cluster_id = _new_cluster_id()
+        self.nodes = [
+            LocalKafka(
+                Path(data_dir) / f"node-{i}",
+                proc.free_port(),
+                controller,
+                security,
+                sasl_ssl_port=proc.free_port() if security else None,
+                mtls_port=proc.free_port() if security and security.truststore else None,
+                quorum=Quorum(i, voters, cluster_id),
+                heap=heap,
+            )
+            for i, controller in enumerate(controllers, 1)
+        ]
+
+    @property
+    def bootstrap(self) -> str:
+        """Every node's PLAINTEXT listener (a super user's back door)."""
+        return ",".join(n.bootstrap for n in self.nodes)
+
+    @property
+    def sasl_ssl_bootstrap(self) -> str:
+        return ",".join(f"127.0.0.1:{n.sasl_ssl_port}" for n in self.nodes)
+
+    @property
+    def mtls_bootstrap(self) -> str:
+        return ",".join(f"127.0.0.1:{n.mtls_port}" for n in self.nodes)
+
+    def node(self, node_id: int) -> LocalKafka:
+        [node] = [n for n in self.nodes if n.node_id == node_id]
+        return node
+
+    def start(self, timeout: float = 180) -> None:
+        try:
+            for n in self.nodes:
+                n.launch()
+            for n in self.nodes:
+                n.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        # All at once: a node stopped alone waits for the quorum's answers to shut down
+        # cleanly, and the last ones would wait for nodes already gone.
+        with concurrent.futures.ThreadPoolExecutor(len(self.nodes)) as pool:
+            list(pool.map(lambda n: n.stop(), self.nodes))
+
+    def __enter__(self) -> LocalKafkaCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
 
 
 def _new_cluster_id() -> str:
@@ -272,13 +421,14 @@ def _new_cluster_id() -> str:
             return cid
 
 
-async def _broker_ready(bootstrap: str) -> bool:
+async def _broker_ready(bootstrap: str, node_id: int) -> bool:
     """The broker answers metadata, lists itself, and knows the active controller."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
     try:
         await admin.start()
         cluster = await admin.describe_cluster()
-        return bool(cluster["brokers"]) and cluster.get("controller_id", -1) >= 0
+        listed = any(b["node_id"] == node_id for b in cluster["brokers"])
+        return listed and cluster.get("controller_id", -1) >= 0
     except (KafkaError, OSError):  # OSError covers TimeoutError and refused connections
         return False
     finally:

@@ -64,10 +64,17 @@ class Web:
 
 
 class LocalPrometheus(proc.Server):
-    def __init__(self, data_dir: Path, port: int = 9090, web: Web | None = None) -> None:
+    """``web``: what Prometheus asks of its clients (TLS, basic auth, client certificates).
+    ``native_histograms``: accept native histograms (Prometheus 2.40 to 2.x keep them
+    behind a feature flag), which ktel's remote-write sends by default."""
+
+    def __init__(
+        self, data_dir: Path, port: int = 9090, web: Web | None = None, native_histograms: bool = True
+    ) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.port = port
         self.web = web
+        self.native_histograms = native_histograms
         self.log_path = self.data_dir / "prometheus.log"
         self._http = _HTTP | (web.client_kwargs() if web else {})
 
@@ -99,6 +106,8 @@ class LocalPrometheus(proc.Server):
             web_config = self.data_dir / "web.yml"  # JSON is YAML
             web_config.write_text(json.dumps(self.web.config(), indent=2))
             argv.append(f"--web.config.file={web_config}")
+        if self.native_histograms:
+            argv.append("--enable-feature=native-histograms")
         self._proc = proc.spawn(argv, self.log_path, self.data_dir)
         try:
             self._wait_ready(timeout)

@@ -50,6 +50,7 @@ from ktel.wire.signals import (
     encode_logs,
     encode_snapshot,
     encode_spans,
+    log2_bounds,
 )
 from ktel.wire.topics import (
     CONTROL_TOPIC,
@@ -115,4 +116,5 @@ __all__ = [
     "encode_snapshot",
     "encode_spans",
     "event_dict",
+    "log2_bounds",
 ]

@@ -150,6 +150,18 @@ LOG = Row(
 LOGS_SHAPE = Shape((Key("resource", ATTRS), Key("logs", ListOf(LOG, MAX_ROWS))))
 
 
+def log2_bounds(slots: int, scale: float = 1.0) -> list[float]:
+    """Explicit upper bounds of the kernel's log2 buckets, times ``scale``
+    (1e-9: nanoseconds counted, seconds exported).
+
+    Bucket i holds [2^i, 2^(i+1)) (bucket 0: [0, 2)); the last is unbounded.
+    The wire's explicit buckets are upper-inclusive, so a value of exactly
+    2^(i+1) lands one bucket lower than the kernel put it: negligible at
+    nanosecond resolution.
+    """
+    return [2.0 ** (i + 1) * scale for i in range(slots - 1)]
+
+
 @dataclasses.dataclass(frozen=True)
 class MetricSnapshot:
     ts_ms: int

@@ -1,5 +1,6 @@
 """The real agent against faults that used to wedge or silence it: lost state, a
-full disk, a dead task, batches above Kafka's message limit."""
+full disk, a dead task, batches above Kafka's message limit, and its only broker
+SIGKILLed under the whole pipeline."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from ktel.wire import HEARTBEATS_TOPIC, RAW_TOPIC, WireError, decode_batch, deco
 from processors.dedupe_core import Dedupe
 from tests.conftest import need_bpf
 from tests.integration.agent_harness import AgentProcess, kill_leftovers, read_topic
+from tests.integration.pipeline_harness import Pipeline, broker_crash_mid_stream
 from tests.integration.test_agent_delivery import create_files, make_topics
 
 pytestmark = [pytest.mark.kafka, pytest.mark.bpf]
@@ -195,3 +197,20 @@ def test_a_batch_above_the_topics_message_limit_is_split_and_counted_once(own_br
     assert agent.stop() == 0
     assert split > 0 and dropped == 0
     assert deduped_paths(own_broker.bootstrap, host, f"{tmp_path / 'big'}/") == expected(tmp_path / "big", n)
+
+
+def test_sigkill_of_the_only_broker_under_the_whole_pipeline_loses_and_doubles_nothing(
+    own_broker, prometheus, tmp_path
+):
+    """test_agent_delivery stops the broker cleanly under the agent alone; here it
+    crashes under the agent, the worker and both exporters."""
+    need_bpf()
+    host = f"crash-{uuid.uuid4().hex[:8]}"
+    pipeline = Pipeline(
+        tmp_path, prometheus, lambda _role: {"KTEL_KAFKA__BOOTSTRAP": own_broker.bootstrap}, host
+    )
+    try:
+        pipeline.start()
+        broker_crash_mid_stream(pipeline, lambda: own_broker)
+    finally:
+        pipeline.stop()

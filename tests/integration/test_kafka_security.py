@@ -8,7 +8,6 @@ listener, a super user, for set-up (ACLs) and for looking at what ktel did.
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -22,7 +21,7 @@ from aiokafka.errors import TopicAuthorizationFailedError
 from ktel import acls, config, topics
 from ktel.kafka_client import client_kwargs
 from ktel.stack import certs
-from ktel.stack.kafka import LocalKafka, SaslSsl, _java, ensure_kafka
+from ktel.stack.kafka import LocalKafka, Security, ensure_kafka
 from ktel.stack.proc import free_port
 from ktel.wire import (
     CONTROL_TOPIC,
@@ -41,28 +40,22 @@ PASSWORDS = {name: uuid.uuid4().hex for name in ("ktel", "agent", "operator", "p
 PRINCIPALS = config.KafkaPrincipals(agent="User:agent", operator="User:operator", processor="User:processor")
 
 
-def make_certs(d: Path) -> tuple[Path, Path]:
-    """(CA certificate, broker key store: key and certificate) for 127.0.0.1."""
-    ca = certs.make_ca(d)
-    return ca.cert, certs.issue(ca, d, "broker").bundle(d / "broker.pem")
-
-
 @pytest.fixture(scope="module")
 def secure(tmp_path_factory):
     ensure_kafka()
-    d = tmp_path_factory.mktemp("certs")
-    ca, keystore = make_certs(d)
-    sasl = SaslSsl(free_port(), keystore, PASSWORDS, authorizer=True, super_users=("User:ktel",))
-    broker = LocalKafka(tmp_path_factory.mktemp("kafka-secure"), free_port(), free_port(), sasl_ssl=sasl)
+    ca = certs.make_ca(tmp_path_factory.mktemp("certs"))
+    security = Security(certs.broker_keystore(ca), PASSWORDS, authorizer=True, super_users=("User:ktel",))
+    broker = LocalKafka(
+        tmp_path_factory.mktemp("kafka-secure"), free_port(), free_port(), security, sasl_ssl_port=free_port()
+    )
     broker.start()
-    yield broker, ca
+    yield broker, ca.cert
     broker.stop()
 
 
 def kafka_config(broker: LocalKafka, ca: Path, user: str = "ktel", password: str | None = None, **kw):
-    assert broker.sasl_ssl is not None
     return config.KafkaConfig(
-        bootstrap=f"127.0.0.1:{broker.sasl_ssl.port}",
+        bootstrap=f"127.0.0.1:{broker.sasl_ssl_port}",
         security_protocol="SASL_SSL",
         sasl_mechanism="SCRAM-SHA-512",
         sasl_username=user,
@@ -141,23 +134,13 @@ async def test_ktel_topics_refuses_topics_laid_out_otherwise(secure):
     assert "refusing" in said[-1]
 
 
-def apply_acls(broker: LocalKafka, kafka: config.KafkaConfig) -> None:
-    """Run `ktel acls`' commands, with Kafka's own AclCommand, through the PLAINTEXT listener."""
-    libs = ensure_kafka()
-    for argv in acls.commands(kafka, PROCESSES):
-        assert argv[:3] == ["kafka-acls.sh", "--bootstrap-server", kafka.bootstrap]
-        java = [_java(), "-cp", f"{libs}/*", "kafka.admin.AclCommand", "--bootstrap-server", broker.bootstrap]
-        res = subprocess.run([*java, *argv[3:]], capture_output=True, text=True, timeout=120)
-        assert res.returncode == 0, res.stdout + res.stderr
-
-
 @pytest.fixture(scope="module")
 def with_acls(secure):
     """The broker with ktel's topics and the ACLs `ktel acls` prints applied."""
     broker, ca = secure
     admin_cfg = kafka_config(broker, ca)
     assert asyncio.run(topics.ensure(config.Config(kafka=admin_cfg), lambda _: None)) == 0
-    apply_acls(broker, admin_cfg.model_copy(update={"principals": PRINCIPALS}))
+    broker.apply_acls(acls.commands(admin_cfg.model_copy(update={"principals": PRINCIPALS}), PROCESSES))
     return broker, ca
 
 
@@ -174,10 +157,9 @@ def test_a_processing_worker_runs_on_its_principal_over_sasl_ssl(with_acls, tmp_
     """Faust gets the same settings: it reads ktel.raw, makes its changelog and writes
     ktel.metrics as the processor principal, with no more than `ktel acls` grants."""
     broker, ca = with_acls
-    assert broker.sasl_ssl is not None
     worker = Worker(
         tmp_path,
-        f"127.0.0.1:{broker.sasl_ssl.port}",
+        f"127.0.0.1:{broker.sasl_ssl_port}",
         "secure",
         KTEL_KAFKA__SECURITY_PROTOCOL="SASL_SSL",
         KTEL_KAFKA__SASL_USERNAME="processor",

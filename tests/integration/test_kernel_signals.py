@@ -123,6 +123,10 @@ async def test_kernel_spans_logs_and_metrics_reach_the_collector(broker, tmp_pat
 
     latest = {m["name"]: m for m in sorted(metrics, key=lambda m: m.get("timeUnixNano", 0))}
     assert point_value(latest["ops_total"]["sum"]["dataPoints"][-1]) == N
-    [h] = [m for m in metrics if m["name"] == "op_duration_seconds"][-1]["histogram"]["dataPoints"]
-    assert int(h["count"]) == N and h["sum"] == pytest.approx(N * 1500e-9)
-    assert int(h["bucketCounts"][10]) == N  # 1500 ns: the log2 bucket [1024, 2048) ns
+    # A log2 histogram of nanoseconds: an exponential histogram, exact in nanoseconds.
+    [h] = [m for m in metrics if m["name"] == "op_duration_nanoseconds"][-1]["exponentialHistogram"][
+        "dataPoints"
+    ]
+    assert int(h["count"]) == N and h["sum"] == pytest.approx(N * 1500)
+    # 1500 ns: the log2 bucket [1024, 2048) ns, scale-0 bucket 10, (2^10, 2^11].
+    assert (h["positive"]["offset"], [int(c) for c in h["positive"]["bucketCounts"]]) == (10, [N])

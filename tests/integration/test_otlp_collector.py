@@ -24,6 +24,7 @@ from ktel.stack.proc import free_port
 from ktel.topics import create_topics
 from ktel.wire import (
     DLQ_TOPIC,
+    HIST_SLOTS,
     LOGS_TOPIC,
     METRICS_TOPIC,
     SPANS_TOPIC,
@@ -39,6 +40,7 @@ from ktel.wire import (
     encode_logs,
     encode_snapshot,
     encode_spans,
+    log2_bounds,
 )
 
 pytestmark = pytest.mark.kafka
@@ -461,3 +463,47 @@ async def test_requests_the_collector_refuses_are_split_and_what_it_cannot_take_
     for dl in letters:
         assert (dl.stage, dl.topic) == ("otlp", SPANS_TOPIC)
         assert dl.reason == "HTTP 400: http: request body too large"
+
+
+async def test_kernel_histograms_arrive_as_exponential_histograms_with_exact_buckets(kafka, collector):
+    """The kernel's log2 slots are scale-0 exponential buckets: the Collector receives
+    exactly the kernel's counts, in nanoseconds, slot 0 in the zero bucket."""
+    run = uuid.uuid4().hex[:12]
+    host = f"host-{run}"
+    cfg = config.Config(
+        kafka=config.KafkaConfig(bootstrap=kafka.bootstrap),
+        otlp=config.OtlpConfig(protocol="grpc", endpoint=collector.grpc_endpoint, metrics_port=0),
+    )
+    await create_topics(kafka.bootstrap, topics.specs(cfg))
+    counts = [0] * HIST_SLOTS
+    counts[0], counts[1], counts[3], counts[10], counts[20] = 3, 5, 2, 17, 1
+    hist = {"count": 28, "sum": 2_000_000e-9, "bounds": log2_bounds(HIST_SLOTS, 1e-9), "counts": counts}
+    ts_ms = time.time_ns() // 1_000_000 - 60_000
+    series = [["syscall_latency_seconds", "histogram", {"host.id": host, "syscall.id": "0"}, hist]]
+    await produce(
+        kafka.bootstrap, [(METRICS_TOPIC, host.encode(), encode_snapshot(MetricSnapshot(ts_ms, series)))]
+    )
+
+    def mine() -> list[dict]:
+        return [m for m in collector.metrics() if m["resource"].get("host.id") == host]
+
+    stop = asyncio.Event()
+    exporter = asyncio.create_task(otlp.run(cfg, stop, group_id=f"test-otlp-exp-{run}"))
+    try:
+        await wait_for(lambda: mine(), "the histogram at the Collector")
+    finally:
+        stop.set()
+        await asyncio.wait_for(exporter, 30)
+
+    [m] = mine()
+    assert (m["name"], m["unit"]) == ("syscall_latency_nanoseconds", "ns")
+    e = m["exponentialHistogram"]
+    assert e["aggregationTemporality"] == 2  # cumulative
+    [p] = e["dataPoints"]
+    assert (attributes(p["attributes"]), p["timeUnixNano"]) == ({"syscall.id": "0"}, str(ts_ms * 1_000_000))
+    assert (int(p["count"]), p["sum"], p.get("scale", 0)) == (28, pytest.approx(2_000_000), 0)
+    # slot 0 ([0, 2) ns) in the zero bucket up to 2; slot i in bucket i, (2^i, 2^(i+1)] ns.
+    assert (int(p["zeroCount"]), p["zeroThreshold"]) == (3, 2)
+    positive = [int(c) for c in p["positive"]["bucketCounts"]]
+    assert (p["positive"]["offset"], positive) == (1, [5, 0, 2] + [0] * 6 + [17] + [0] * 9 + [1])
+    assert "negative" not in p or not p["negative"].get("bucketCounts")

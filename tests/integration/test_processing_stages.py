@@ -325,6 +325,80 @@ def test_forged_batches_are_dead_lettered_and_cloned_hosts_counted_apart(broker,
         w.stop()
 
 
+def file_created_sums(bootstrap: str) -> dict[str, float]:
+    """Per host, the sum of its latest file_created_total series, overflow series included."""
+    latest: dict[tuple[str, str], tuple[int, float]] = {}
+    for rec in asyncio.run(read_topic(bootstrap, METRICS_TOPIC, idle_s=0.5, timeout=10)):
+        snap = decode_snapshot(rec.value)
+        for name, _t, labels, value in snap.series:
+            if name == "file_created_total":
+                key = (labels["host.id"], json.dumps(labels, sort_keys=True))
+                if key not in latest or latest[key][0] <= snap.ts_ms:
+                    latest[key] = (snap.ts_ms, value)
+    sums: dict[str, float] = {}
+    for (host, _labels), (_ts, value) in latest.items():
+        sums[host] = sums.get(host, 0.0) + value
+    return sums
+
+
+def test_a_host_past_its_state_bound_keeps_being_persisted_and_counted(broker, tmp_path):
+    """A host making far more series than its state may hold: the excess folds into the
+    overflow series (counted), a batch that would still grow the state past
+    process.max_state_bytes goes to the DLQ, and the host's later batches are persisted
+    (changelog records within the bound) and counted exactly."""
+    limit = 65_536
+    w = Worker(tmp_path, broker.bootstrap, "w", KTEL_PROCESS__MAX_STATE_BYTES=str(limit)).start()
+    try:
+        ev = lambda path: [FILE_CREATED.id, 1, 2, 2, 0, "w", path, 0o101, False]  # noqa: E731
+        # 20 batches of 200 new directories each: 4000 series, far past the bound.
+        many = [
+            RawBatch("host-00", "boot", s, 1, [ev(f"/d{s}/{i}/x/f") for i in range(200)]) for s in range(20)
+        ]
+        execs = [[PROCESS_EXEC.id, 1, p, p, 1, 0, 0, "p", "/opt/" + "x" * 150 + str(p)] for p in range(1000)]
+        huge = RawBatch("host-00", "boot", 20, 1, execs)
+        later = [RawBatch("host-00", "boot", s, 1, [ev("/late/a/b/f")] * 5) for s in range(21, 31)]
+        asyncio.run(produce(broker.bootstrap, [(b.key, encode_batch(b)) for b in [*many, huge, *later]]))
+
+        expected = {"host-00": 20 * 200 + 10 * 5.0}
+        deadline = time.monotonic() + 120
+        while (got := file_created_sums(broker.bootstrap)) != expected and time.monotonic() < deadline:
+            time.sleep(2)
+        assert got == expected
+        [dl] = dead_letters(broker.bootstrap)
+        assert dl.payload == encode_batch(huge) and f"process.max_state_bytes = {limit}" in dl.reason
+        assert w.metric("ktel_processor_series_overflow_total") > 0
+        assert w.metric("ktel_processor_batches_total") == 30
+        # Every changelog record fits, and the last holds the last batch's dedupe record.
+        changelog = asyncio.run(read_topic(broker.bootstrap, "ktel-all-host-state-changelog", idle_s=1))
+        assert changelog and all(len(r.value) <= limit for r in changelog)
+        assert json.loads(changelog[-1].value)["aggregate"]["seen"] == {"boot": [[0, 19], [21, 30]]}
+        assert w.proc.poll() is None
+    finally:
+        w.stop()
+
+
+def test_a_window_emits_only_the_series_that_changed(broker, tmp_path):
+    """A real worker: once a host's two series are out, a batch adding to one of them
+    brings a snapshot of that one alone; the other waits for its refresh (250 s here,
+    longer than the test)."""
+    w = Worker(tmp_path, broker.bootstrap, "w", KTEL_AGGREGATE__REFRESH_SECONDS="250").start()
+    try:
+        first, second, _, third = batches(1, 4, 5)  # directories d0, d1, d2, d0
+        asyncio.run(produce(broker.bootstrap, [(b.key, encode_batch(b)) for b in (first, second)]))
+        both = {("host-00", "/data/h0/d0"): 5.0, ("host-00", "/data/h0/d1"): 5.0}
+        assert wait_for_totals(broker.bootstrap, both) == both
+        asyncio.run(produce(broker.bootstrap, [(third.key, encode_batch(third))]))
+        after = {**both, ("host-00", "/data/h0/d0"): 10.0}
+        assert wait_for_totals(broker.bootstrap, after) == after
+        recs = asyncio.run(read_topic(broker.bootstrap, METRICS_TOPIC, idle_s=0.5, timeout=10))
+        series = [[(r[2]["directory"], r[3]) for r in decode_snapshot(rec.value).series] for rec in recs]
+        [changed] = [s for s in series if ("/data/h0/d0", 10.0) in s]
+        assert changed == [("/data/h0/d0", 10.0)]
+        assert w.metric("ktel_processor_unchanged_series_total") > 0
+    finally:
+        w.stop()
+
+
 def test_a_silent_host_ends_its_series_stale_and_stays_forgotten_after_a_restart(broker, tmp_path):
     ttl = {"KTEL_AGGREGATE__HOST_TTL_SECONDS": "3"}
     w = Worker(tmp_path, broker.bootstrap, "w", **ttl).start()

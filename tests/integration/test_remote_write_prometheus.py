@@ -19,6 +19,7 @@ from ktel import config, topics
 from ktel.topics import create_topics
 from ktel.wire import (
     DLQ_TOPIC,
+    HIST_SLOTS,
     METRICS_TOPIC,
     DeadLetter,
     MetricSnapshot,
@@ -26,6 +27,7 @@ from ktel.wire import (
     decode_dead_letter,
     decode_snapshot,
     encode_snapshot,
+    log2_bounds,
 )
 from tests.integration.agent_harness import start_group_at_end
 
@@ -252,3 +254,123 @@ async def test_a_stale_snapshot_ends_its_series_in_prometheus_at_once(kafka, pro
     assert float(before["value"][1]) == 23.0
     # Without the marker, the last value would still be returned up to five minutes on.
     assert prometheus.query(query, (t0 + 20_000) / 1000) == []
+
+
+def kernel_histogram(counts: dict[int, int], sum_ns: int) -> dict[str, Any]:
+    """A latency histogram as the aggregate stage sends it: the kernel's log2 slots
+    (slot -> count; 40 slots) counted in nanoseconds, exported in seconds."""
+    slots = [counts.get(i, 0) for i in range(HIST_SLOTS)]
+    return {
+        "count": sum(slots),
+        "sum": sum_ns * 1e-9,
+        "bounds": log2_bounds(HIST_SLOTS, 1e-9),
+        "counts": slots,
+    }
+
+
+async def publish(bootstrap: str, host: str, snaps: list[MetricSnapshot]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        for snap in snaps:
+            await producer.send_and_wait(METRICS_TOPIC, encode_snapshot(snap), key=host.encode())
+    finally:
+        await producer.stop()
+
+
+async def export(cfg: config.Config, group: str, samples: int) -> None:
+    """Run the exporter until Prometheus has acknowledged ``samples`` more samples."""
+
+    def acknowledged() -> float:
+        return REGISTRY.get_sample_value("ktel_exporter_samples_total", {"exporter": "remote-write"}) or 0.0
+
+    before = acknowledged()
+    stop = asyncio.Event()
+    exporter = asyncio.create_task(remote_write.run(cfg, stop, group_id=group))
+    try:
+        async with asyncio.timeout(60):  # a guard against hanging, not a timing assertion
+            while acknowledged() < before + samples:
+                await asyncio.sleep(0.3)
+    finally:
+        stop.set()
+        await asyncio.wait_for(exporter, 30)
+
+
+async def test_kernel_histograms_arrive_as_native_histograms_with_exact_buckets(kafka, prometheus):
+    """The kernel's log2 slots are schema-0 native buckets: Prometheus' histogram
+    functions see exactly the kernel's counts, one series per histogram, in nanoseconds;
+    a stale snapshot ends the series at once."""
+    run, cfg, group = await exporter_for(kafka, prometheus, "test-rw-native")
+    host = f"host-{run}"
+    t0 = (time.time_ns() // 1_000_000) - 60_000
+    labels = {"host.id": host, "ktel.run": run}
+    # slot 0 ([0, 2) ns): the zero bucket; slot i: (2^i, 2^(i+1)] ns.
+    first = kernel_histogram({0: 3, 1: 5, 3: 2, 10: 7}, 9000)
+    second = kernel_histogram({0: 3, 1: 5, 3: 2, 10: 17, 20: 1}, 2_000_000)
+    await publish(
+        kafka.bootstrap,
+        host,
+        [
+            MetricSnapshot(t0, [["syscall_latency_seconds", "histogram", labels, first]]),
+            MetricSnapshot(t0 + 10_000, [["syscall_latency_seconds", "histogram", labels, second]]),
+            MetricSnapshot(
+                t0 + 20_000, [["syscall_latency_seconds", "histogram", labels, second]], stale=True
+            ),
+        ],
+    )
+    sel = f'syscall_latency_nanoseconds{{ktel_run="{run}"}}'
+    await export(cfg, group, 3)  # one sample a snapshot: a native histogram is one series
+
+    def at(expr: str, ts_ms: int) -> list[dict]:
+        return prometheus.query(expr, ts_ms / 1000)
+
+    [point] = at(sel, t0 + 10_000)
+    assert point["metric"] == {"__name__": "syscall_latency_nanoseconds", "host_id": host, "ktel_run": run}
+    _ts, h = point["histogram"]
+    assert (h["count"], float(h["sum"])) == ("28", pytest.approx(2_000_000))
+    # [boundary rule (3: both closed, 0: open left), lower, upper, count]
+    assert h["buckets"] == [
+        [3, "-2", "2", "3"],
+        [0, "2", "4", "5"],
+        [0, "8", "16", "2"],
+        [0, "1024", "2048", "17"],
+        [0, "1048576", "2097152", "1"],
+    ]
+    [count] = at(f"histogram_count({sel})", t0)
+    assert float(count["value"][1]) == 17.0
+    [count] = at(f"histogram_count({sel})", t0 + 10_000)
+    assert float(count["value"][1]) == 28.0
+    # The median, the 14th of 28, is in (1024, 2048] (3 + 5 + 2 below it, 17 in it); where
+    # in that bucket is the version's interpolation.
+    [median] = at(f"histogram_quantile(0.5, {sel})", t0 + 10_000)
+    assert 1024 < float(median["value"][1]) <= 2048
+    # The longest, in slot 20 = (2^20, 2^21] ns.
+    [top] = at(f"histogram_quantile(1, {sel})", t0 + 10_000)
+    assert 2**20 < float(top["value"][1]) <= 2**21
+    # One series, not one per bucket; and it ends at the stale marker.
+    assert [r["metric"]["__name__"] for r in at(f'{{ktel_run="{run}"}}', t0 + 10_000)] == [
+        "syscall_latency_nanoseconds"
+    ]
+    assert at(sel, t0 + 25_000) == []
+
+
+async def test_classic_histograms_stay_available(kafka, prometheus):
+    """``remote_write.histograms = "classic"``: the same histogram as _bucket/_sum/_count
+    series in seconds, for receivers without native histograms."""
+    run, cfg, group = await exporter_for(kafka, prometheus, "test-rw-classic")
+    cfg = cfg.model_copy(
+        update={"remote_write": cfg.remote_write.model_copy(update={"histograms": "classic"})}
+    )
+    host = f"host-{run}"
+    t0 = (time.time_ns() // 1_000_000) - 60_000
+    hist = kernel_histogram({0: 3, 1: 5, 3: 2, 10: 7}, 9000)
+    labels = {"host.id": host, "ktel.run": run}
+    await publish(
+        kafka.bootstrap, host, [MetricSnapshot(t0, [["syscall_latency_seconds", "histogram", labels, hist]])]
+    )
+    sel = f'syscall_latency_seconds_bucket{{ktel_run="{run}"}}'
+    await export(cfg, group, HIST_SLOTS + 2)
+    got = {r["metric"]["le"]: float(r["value"][1]) for r in prometheus.query(sel, t0 / 1000)}
+    assert (got["2e-09"], got["4e-09"], got["1.6e-08"], got["2.048e-06"], got["+Inf"]) == (3, 8, 10, 17, 17)
+    [count] = prometheus.query(f'syscall_latency_seconds_count{{ktel_run="{run}"}}', t0 / 1000)
+    assert float(count["value"][1]) == 17.0

@@ -35,9 +35,36 @@ def run(opts: aggregate_core.Options, batches: list[RawBatch]) -> tuple[list[dic
     return outcomes, snapshots
 
 
+def run_windows(opts: aggregate_core.Options, windows: list[dict]) -> list[dict]:
+    """Each window's batches (stamped just before it), then the window: what it emits,
+    and how many series it left out as unchanged."""
+    chain = Chain([aggregate_core.Aggregate(opts)])
+    [aggregate] = chain.timed()
+    table: dict[str, dict] = {}
+    out = []
+    for window in windows:
+        now_ms = NOW_MS + window["at_ms"]
+        for b in window["batches"]:
+            batch = RawBatch(b["host"], b["boot"], b["seq"], 0, b["events"], b.get("w"))
+            chain.on_batch(table.setdefault(batch.host_id, {}), batch, now_ms - 1)
+        result = chain.on_window(aggregate, table, now_ms, 1.0)
+        for host_id in result.forget:
+            del table[host_id]
+        snapshots = {
+            host_id: {"stale": snap.stale, "series": sorted(snap.series, key=json.dumps)}
+            for host_id, snap in sorted(result.snapshots)
+        }
+        unchanged = result.counts.get("unchanged_series", 0)
+        out.append({"at_ms": window["at_ms"], "snapshots": snapshots, "unchanged": unchanged})
+    return out
+
+
 def run_case(case: dict) -> dict:
+    opts = aggregate_core.Options(**case["options"])
+    if "windows" in case:
+        return {"windows": run_windows(opts, case["windows"])}
     batches = [RawBatch(b["host"], b["boot"], b["seq"], 0, b["events"], b.get("w")) for b in case["batches"]]
-    outcomes, snapshots = run(aggregate_core.Options(**case["options"]), batches)
+    outcomes, snapshots = run(opts, batches)
     return {"outcomes": outcomes, "snapshots": snapshots}
 
 
@@ -66,3 +93,64 @@ def test_100_000_distinct_label_values_stay_within_the_limit_plus_overflow():
     assert len(overflow) == 1 and overflow[0][3] == 100_000 - 500
     assert sum(o["overflowed"] for o in outcomes) == 100_000 - 500
     assert sum(r[3] for r in rows) == 100_000
+
+
+def test_samples_per_window_follow_the_series_that_changed_plus_the_refresh():
+    """100 hosts of 20 series each; each window 5 hosts change 2 series. After the first
+    window (all new), a window emits exactly the series that changed and those last
+    emitted refresh_seconds ago or more, each once."""
+    opts = aggregate_core.Options(
+        directory_depth=1, window_seconds=10, refresh_seconds=60, host_ttl_seconds=3600
+    )
+    chain = Chain([aggregate_core.Aggregate(opts)])
+    [aggregate] = chain.timed()
+    table: dict[str, dict] = {}
+    ev = lambda d: [1, 1, 2, 2, 0, "c", f"/d{d}/f", 0o101, False]  # noqa: E731
+    seq: dict[str, int] = {}
+
+    def send(host: str, dirs: list[int], now_ms: int) -> None:
+        seq[host] = seq.get(host, -1) + 1
+        chain.on_batch(
+            table.setdefault(host, {}), RawBatch(host, "b", seq[host], 0, [ev(d) for d in dirs]), now_ms
+        )
+
+    def window(now_ms: int) -> list[list]:
+        return [
+            row for _, snap in chain.on_window(aggregate, table, now_ms, 1.0).snapshots for row in snap.series
+        ]
+
+    for h in range(100):
+        send(f"h{h}", list(range(20)), NOW_MS - 1)
+    assert len(window(NOW_MS)) == 2000
+    last_emitted = {(f"h{h}", f"/d{d}"): NOW_MS for h in range(100) for d in range(20)}
+    emitted = []
+    for w in range(1, 19):
+        now = NOW_MS + w * 10_000
+        changed = {(f"h{(w * 5 + i) % 100}", f"/d{(w + j) % 20}") for i in range(5) for j in range(2)}
+        for host in {h for h, _ in changed}:
+            send(host, [int(d[2:]) for h, d in changed if h == host], now - 1)
+        rows = window(now)
+        due = {k for k, t in last_emitted.items() if now - t >= 60_000} - changed
+        got = [(r[2]["host.id"], r[2]["directory"]) for r in rows]
+        assert sorted(got) == sorted(changed | due)  # each once
+        for k in got:
+            last_emitted[k] = now
+        emitted.append(len(rows))
+    # No series here changes twice within a refresh period, so each is emitted once per
+    # period (a change stands in for its refresh): 2000 per 6 windows, not 2000 a window.
+    assert sum(emitted) == 2000 * 18 // 6
+
+
+def test_a_host_back_from_another_worker_is_emitted_whole():
+    """A host whose partition went to another worker and came back (or a restarted
+    worker): this worker no longer knows what was emitted, so it emits every series."""
+    chain = Chain([aggregate_core.Aggregate(aggregate_core.Options(refresh_seconds=120))])
+    [aggregate] = chain.timed()
+    ev = lambda d: [1, 1, 2, 2, 0, "c", f"/{d}/f", 0o101, False]  # noqa: E731
+    table: dict[str, dict] = {}
+    chain.on_batch(table.setdefault("h", {}), RawBatch("h", "b", 0, 0, [ev("a"), ev("b")]), NOW_MS - 1)
+    assert len(chain.on_window(aggregate, table, NOW_MS, 1.0).snapshots[0][1].series) == 2
+    assert chain.on_window(aggregate, table, NOW_MS + 10_000, 1.0).snapshots == []
+    assert chain.on_window(aggregate, {}, NOW_MS + 20_000, 0.0).snapshots == []  # the partition moved away
+    [(host, snap)] = chain.on_window(aggregate, table, NOW_MS + 30_000, 1.0).snapshots  # and back
+    assert (host, len(snap.series), snap.stale) == ("h", 2, False)

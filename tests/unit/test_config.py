@@ -30,6 +30,12 @@ def test_env_overrides_file(tmp_path, monkeypatch):
         ),
         ("[kafka]\nbootstrap = 'nohost'\n", "kafka.bootstrap = 'nohost'"),
         ("[aggregate]\nwindow_seconds = 0\n", "KTEL_AGGREGATE__WINDOW_SECONDS"),
+        (
+            "[aggregate]\nrefresh_seconds = 290\nwindow_seconds = 10\n",
+            "refresh_seconds (290) plus window_seconds (10) must be below 300",
+        ),
+        ("[remote_write]\nhistograms = 'sparse'\n", "KTEL_REMOTE_WRITE__HISTOGRAMS"),
+        ("[otlp]\nhistograms = 'native'\n", "otlp.histograms = 'native'"),
         ("[process]\nsession_timeout_seconds = 3\n", "process.session_timeout_seconds = 3"),
         ("[agent]\nprobes = ['nope']\n", "agent.probes = ['nope']: Value error, unknown probe 'nope'"),
         ("[nosuchsection]\nx = 1\n", "nosuchsection"),

@@ -39,7 +39,7 @@ def test_otel_variables_win_over_the_setting(monkeypatch):
 
 def test_metric_resources_carry_the_service_and_keep_the_host():
     rows = [(1000, ["file_created_total", "counter", {"host.id": "a", "directory": "/tmp"}, 5])]
-    req = encode_metrics(otlp.to_metrics(rows, {"service.name": "ktel", "host.id": "not-this"}))
+    req = encode_metrics(otlp.to_metrics(rows, service={"service.name": "ktel", "host.id": "not-this"}))
     [rm] = req.resource_metrics
     got = {kv.key: kv.value.string_value for kv in rm.resource.attributes}
     assert got == {"service.name": "ktel", "host.id": "a"}

@@ -27,7 +27,7 @@ from exporters.delivery import Transient
 from ktel import wire
 from ktel.config import OtlpConfig
 from ktel.retry import Permanent
-from ktel.wire import LogBatch, MetricSnapshot, SpanBatch, decode_logs, decode_spans
+from ktel.wire import HIST_SLOTS, LogBatch, MetricSnapshot, SpanBatch, decode_logs, decode_spans, log2_bounds
 from ktel.wire import encode_logs as wire_logs
 from ktel.wire import encode_spans as wire_spans
 
@@ -366,3 +366,25 @@ def test_config_fields_reach_the_sdk_exporters_and_unset_ones_fall_back_to_otel_
         "https://otel.example:4318/v1/traces", "https://otel.example:4318/v1/logs"
     )  # fmt: skip
     assert spans._client._headers["x-tenant"] == "ktel"
+
+
+def test_kernel_histograms_become_scale_0_exponential_histograms_in_nanoseconds():
+    counts = [3, 5, 0, 2] + [0] * 6 + [7] + [0] * (HIST_SLOTS - 11)
+    hist = {"count": 17, "sum": 9000e-9, "bounds": log2_bounds(HIST_SLOTS, 1e-9), "counts": counts}
+    rows = [(1000, ["syscall_latency_seconds", "histogram", {"host.id": "a", "cpu": "1"}, hist])]
+    req = otlp.metric_request(rows)
+    [m] = req.resource_metrics[0].scope_metrics[0].metrics
+    assert (m.name, m.unit) == ("syscall_latency_nanoseconds", "ns")
+    e = m.exponential_histogram
+    assert e.aggregation_temporality == AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE
+    [p] = e.data_points
+    assert (attrs(p.attributes), p.time_unix_nano, p.count, p.scale) == ({"cpu": "1"}, 1000 * 10**6, 17, 0)
+    assert p.sum == pytest.approx(9000)
+    # slot 0, [0, 2) ns: the zero bucket up to 2; slot i: bucket i, (2^i, 2^(i+1)].
+    assert (p.zero_count, p.zero_threshold) == (3, 2.0)
+    assert (p.positive.offset, list(p.positive.bucket_counts)) == (1, [5, 0, 2, 0, 0, 0, 0, 0, 0, 7])
+    assert not p.HasField("negative") and not p.HasField("min") and not p.HasField("max")
+    # The explicit form stays: in seconds, the kernel's bounds.
+    [m] = otlp.metric_request(rows, "explicit").resource_metrics[0].scope_metrics[0].metrics
+    assert (m.name, list(m.histogram.data_points[0].bucket_counts)) == ("syscall_latency_seconds", counts)
+    assert list(m.histogram.data_points[0].explicit_bounds) == log2_bounds(HIST_SLOTS, 1e-9)

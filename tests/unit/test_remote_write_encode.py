@@ -1,5 +1,6 @@
 import snappy
 from opentelemetry.exporter.prometheus_remote_write.gen.remote_pb2 import WriteRequest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from exporters import remote_write
 from exporters.prom_names import label_name, prom_labels
@@ -130,16 +131,38 @@ def test_the_pull_endpoint_drops_the_series_of_a_stale_snapshot_and_only_those()
     from exporters.pull import LatestValues
 
     latest = LatestValues()
-    latest.update(
-        [
-            MetricSnapshot(
-                5, [["c_total", "counter", {"host.id": "a"}, 1], ["c_total", "counter", {"host.id": "b"}, 2]]
-            )
-        ]
-    )
-    latest.update(
-        [MetricSnapshot(4, [["c_total", "counter", {"host.id": "a"}, 1]], stale=True)]
-    )  # older: ignored
+    a, b = ["c_total", "counter", {"host.id": "a"}, 1], ["c_total", "counter", {"host.id": "b"}, 2]
+    latest.update(MetricSnapshot(5, [a, b]), partition=0, offset=10)
+    latest.update(MetricSnapshot(9, [a], stale=True), partition=0, offset=9)  # earlier in the stream: ignored
     assert len(latest.series[("c_total", "counter")]) == 2
-    latest.update([MetricSnapshot(6, [["c_total", "counter", {"host.id": "a"}, 1]], stale=True)])
+    latest.update(MetricSnapshot(1, [a], stale=True), partition=0, offset=11)  # later, whatever its clock
     assert list(latest.series[("c_total", "counter")]) == [(("host_id", "b"),)]
+
+
+def test_the_pull_endpoint_orders_a_hosts_snapshots_by_their_offsets_not_their_clocks():
+    from exporters.pull import LatestValues
+
+    def value(latest):
+        [(_p, _o, v)] = latest.series[("c_total", "counter")].values()
+        return v
+
+    latest = LatestValues()
+    # A worker whose clock runs an hour ahead, then the partition's new owner, on time.
+    latest.update(
+        MetricSnapshot(1_700_000_000_000 + 3_600_000, [["c_total", "counter", {"host.id": "a"}, 10]]), 3, 100
+    )
+    latest.update(MetricSnapshot(1_700_000_000_000, [["c_total", "counter", {"host.id": "a"}, 12]]), 3, 101)
+    assert value(latest) == 12
+    # Read again from further back (the endpoint restarted and looks back): the later value stays.
+    latest.update(
+        MetricSnapshot(1_700_000_000_000 + 3_600_000, [["c_total", "counter", {"host.id": "a"}, 10]]), 3, 100
+    )
+    assert value(latest) == 12
+    latest.update(
+        MetricSnapshot(1_700_000_000_000 - 60_000, [["c_total", "counter", {"host.id": "a"}, 15]]), 3, 102
+    )
+    assert value(latest) == 15
+    registry = CollectorRegistry()
+    registry.register(latest)
+    text = generate_latest(registry).decode()
+    assert 'c_total{host_id="a"} 15.0' in text

@@ -75,11 +75,8 @@ class Shell:
 
     def __init__(self, tmp_path, stage: str, **sections):
         sections.setdefault("kafka", RESOLVED)
-        cfg = config.Config(
-            agent=config.AgentConfig(host_id="t"),
-            process=config.ProcessConfig(data_dir=tmp_path / "data", metrics_port=0),
-            **sections,
-        )
+        sections.setdefault("process", config.ProcessConfig(data_dir=tmp_path / "data", metrics_port=0))
+        cfg = config.Config(agent=config.AgentConfig(host_id="t"), **sections)
         self.stage = stage
         self.app = stages.make_app(cfg, stage)
         self.sent: list[tuple[str, bytes, bytes]] = []
@@ -93,7 +90,10 @@ class Shell:
 
         async def record(topic, key=None, value=None, **_kw):
             if topic.get_topic_name() == changelog_topic:
-                changelog.append((key, copy.deepcopy(value)))
+                # Sent encoded, as the table's serializer encodes it (stages.persist).
+                changelog.append(
+                    (key, json.loads(value) if isinstance(value, bytes) else copy.deepcopy(value))
+                )
             elif key != FLUSH_KEY:
                 sent.append((topic.get_topic_name(), key, value))
 
@@ -277,3 +277,40 @@ def test_the_session_timeout_reaches_the_consumer_with_heartbeats_to_match(tmp_p
         conf = stages.make_app(cfg, "all").conf
         got = (conf.broker_session_timeout, conf.broker_heartbeat_interval, conf.broker_request_timeout)
         assert got == (session, heartbeat, request)
+
+
+async def test_a_batch_that_would_grow_a_hosts_state_past_its_bound_is_dead_lettered_and_the_rest_go_on(
+    tmp_path,
+):
+    limit = 65_536
+    before = {
+        m: metric(m, "all") for m in ("ktel_processor_dead_letters_total", "ktel_processor_events_total")
+    }
+    async with Shell(
+        tmp_path,
+        "all",
+        process=config.ProcessConfig(data_dir=tmp_path / "data", metrics_port=0, max_state_bytes=limit),
+    ) as shell:
+        await shell.put(batch(0, [file_created(1, "/a/x")]))
+        kept = copy.deepcopy(shell.table("h1"))
+        # 1000 processes with long paths: about 200 KB of process table.
+        huge = batch(1, [exec_event(pid, "p", "/opt/" + "x" * 150 + str(pid)) for pid in range(1000, 2000)])
+        await shell.put(huge)
+        [dl] = [decode_dead_letter(v) for v in shell.to(DLQ_TOPIC)]
+        assert (dl.stage, dl.topic, dl.payload) == ("all", RAW_TOPIC, encode_batch(huge))
+        assert "process.max_state_bytes = 65536" in dl.reason
+        assert shell.table("h1") == kept  # as if the batch had not come
+        # Later batches of the host are persisted and counted (the refused one was not).
+        await shell.put(batch(2, [file_created(1, "/a/y"), file_created(1, "/a/z")]))
+        assert shell.table("h1")["aggregate"]["series"] == {
+            '["file_created_total", [["directory", "/a"]]]': 3
+        }
+        assert [v["aggregate"]["seen"] for _k, v in shell.changelog] == [
+            {"b1": [[0, 0]]},
+            {"b1": [[0, 0], [2, 2]]},
+        ]
+        assert all(len(json.dumps(v, separators=(",", ":"))) <= limit for _k, v in shell.changelog)
+    after = {m: metric(m, "all") for m in before}
+    # The refused batch, and each put()'s flush record (not a batch either).
+    assert after["ktel_processor_dead_letters_total"] == before["ktel_processor_dead_letters_total"] + 1 + 3
+    assert after["ktel_processor_events_total"] == before["ktel_processor_events_total"] + 3

@@ -1,10 +1,13 @@
 """What the processing chains make of batches a buggy or hostile client wrote: a
 sequence jump refused with the state unchanged, two boots of one host id counted
-as a conflict with both counted, and a silent host's series ended and forgotten."""
+as a conflict with both counted, a silent host's series ended and forgotten, and
+a host's series kept within their share of process.max_state_bytes."""
 
 import copy
+import json
 
-from ktel.wire import FILE_CREATED, RawBatch
+from ktel.config import AggregateConfig
+from ktel.wire import FILE_CREATED, KTEL_METRIC, RawBatch
 from processors import aggregate_core
 from processors.chain import Chain
 from processors.dedupe_core import MAX_SEQUENCE_GAP
@@ -68,8 +71,47 @@ def test_a_host_silent_past_its_ttl_gets_a_last_stale_snapshot_and_is_forgotten(
     assert not r.forget and all(not s.stale for _h, s in r.snapshots)
     c.on_batch(table["busy"], batch(1, host="busy"), NOW + 50_000)
     r = c.on_window(agg, table, NOW + 60_001, 1.0)
-    assert r.forget == ["quiet"] and r.counts == {"expired_hosts": 1}
+    assert r.forget == ["quiet"] and r.counts["expired_hosts"] == 1
     stale = {h: s.stale for h, s in r.snapshots}
     assert stale == {"quiet": True, "busy": False}
     quiet_rows = dict((h, s.series) for h, s in r.snapshots)["quiet"]
     assert quiet_rows[0][0] == "file_created_total" and quiet_rows[0][3] == 2
+
+
+def _metric(name: str, i: int, mtype: str = "histogram") -> list:
+    """A ktel_metric event of a series of its own (label ``i``)."""
+    return [KTEL_METRIC.id, 1, 2, mtype, name, {"i": str(i)}, 5]
+
+
+def test_a_host_making_far_more_series_than_fit_stays_within_its_bytes_and_counts_every_event():
+    # 20 000 histogram series at ~3 KB each would be 60 MB; the host's state must stay
+    # one changelog record.
+    max_state = 200_000
+    c = Chain([aggregate_core.Aggregate.from_config(AggregateConfig(), max_state)])
+    value: dict = {}
+    counted = overflowed = dropped = 0
+    for seq in range(40):
+        if seq < 4:  # four histogram metrics of 500 series each
+            events = [_metric(f"m{seq}", i) for i in range(500)]
+        else:  # then 3600 counter names
+            events = [_metric(f"c{seq}_{i}", i, "counter") for i in range(100)]
+        r = c.on_batch(value, RawBatch("h", "b", seq, 1, events), NOW)
+        assert r.refused is None and r.batch is not None
+        counted += r.counts["events"]
+        overflowed += r.counts["overflowed"]
+        dropped += r.counts.get("series_dropped", 0)
+        assert len(json.dumps(value).encode()) <= max_state // 2 + 4096  # (+ the dedupe record)
+    # Every event counted, in a series or as dropped (a counter event adds its value, 5).
+    assert counted + dropped == 4 * 500 + 36 * 100 * 5
+    series = value["aggregate"]["series"]
+    overflow = {k: v for k, v in series.items() if "otel.metric.overflow" in k}
+    assert {aggregate_core.parse_key(k)[0] for k in overflow} >= {"m0", "m1", "m2", "m3"}
+    assert overflowed > 0 and dropped > 0  # counter names beyond even the overflow room
+    in_overflow = sum(v["count"] if isinstance(v, dict) else v for v in overflow.values())
+    assert in_overflow == overflowed
+    # Counts grown to their largest still fit: the bytes were reckoned for them.
+    for v in series.values():
+        if isinstance(v, dict):
+            v.update(count=1.2345678901234567e300, sum=-1.2345678901234567e300)
+            v["buckets"] = [1.2345678901234567e300] * len(v["buckets"])
+    assert len(json.dumps(value["aggregate"]["series"]).encode()) <= max_state // 2

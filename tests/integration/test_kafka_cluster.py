@@ -1,0 +1,142 @@
+"""ktel on the local secured 3-broker Kafka of ``ktel cluster`` (KRaft,
+every node a broker and a voter): SASL_SSL with SCRAM users, an mTLS listener, the
+StandardAuthorizer with the ACLs of `ktel acls`, each principal's config file.
+Replication as in production (3 replicas, 2 in sync), and the broker leading most
+of ktel.raw SIGKILLed under the whole pipeline, which must lose and double nothing
+and need no restart by hand.
+
+One cluster serves the module (mark ``cluster``): starting it takes a while."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import subprocess
+import sys
+import uuid
+from collections import Counter
+
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import KafkaConnectionError, TopicAuthorizationFailedError
+
+from ktel import config, topics
+from ktel.config import load
+from ktel.stack.cluster import ADMIN, SecuredCluster, start
+from ktel.stack.kafka import ensure_kafka
+from ktel.wire import CONTROL_TOPIC, RAW_TOPIC
+from processors.chain import PROCESSES
+from processors.stages import changelog_topic
+from tests.conftest import need_bpf
+from tests.integration.agent_harness import kill_leftovers
+from tests.integration.pipeline_harness import Pipeline, broker_crash_mid_stream
+from tests.integration.test_kafka_security import produce
+
+pytestmark = [pytest.mark.kafka, pytest.mark.cluster]
+
+
+def env(secured: SecuredCluster, user: str) -> dict[str, str]:
+    """How ``user``'s ktel process is configured: the file the cluster wrote for it."""
+    return {
+        "KTEL_CONFIG": str(secured.config_file(user)),
+        # The harnesses set it too; from the file, so the two agree.
+        "KTEL_KAFKA__BOOTSTRAP": secured.cluster.sasl_ssl_bootstrap,
+    }
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory):
+    """The cluster as `ktel cluster` starts it (ACLs applied), with
+    ktel's topics made by `ktel topics`, run as the administrator."""
+    ensure_kafka()
+    s = start(tmp_path_factory.mktemp("cluster"), 3, tuple(PROCESSES))
+    try:
+        res = subprocess.run(
+            [sys.executable, "-m", "ktel.cli", "--config", str(s.config_file(ADMIN)), "topics"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert f"{RAW_TOPIC}: 6 partitions, replication factor 3, min.insync.replicas 2" in res.stdout
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def pipeline(secured, prometheus, tmp_path_factory):
+    """Worker and exporters over SASL_SSL, each on its principal; the agent too (a
+    test that uses it needs BPF)."""
+    need_bpf()
+    p = Pipeline(
+        tmp_path_factory.mktemp("pipeline"),
+        prometheus,
+        functools.partial(env, secured),
+        f"cluster-{uuid.uuid4().hex[:8]}",
+    )
+    try:
+        yield p.start()
+    finally:
+        p.stop()
+        kill_leftovers()
+
+
+async def replication_of(bootstrap: str) -> dict[str, tuple[set[int], str]]:
+    """Per topic: the replica counts of its partitions, and its min.insync.replicas,
+    as the brokers report them."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        described = {t["topic"]: t for t in await admin.describe_topics()}
+        resources = [ConfigResource(ConfigResourceType.TOPIC, name) for name in described]
+        configs = await admin.describe_configs(resources)
+    finally:
+        await admin.close()
+    isr = {
+        name: {e[0]: e[1] for e in entries}["min.insync.replicas"]
+        for response in configs
+        for _code, _msg, _type, name, entries in response.resources
+    }
+    return {name: ({len(p["replicas"]) for p in t["partitions"]}, isr[name]) for name, t in described.items()}
+
+
+def test_every_ktel_and_faust_topic_has_3_replicas_and_2_in_sync(secured, pipeline):
+    got = asyncio.run(replication_of(secured.cluster.bootstrap))
+    faust = {changelog_topic("all"), "ktel-all-__assignor-__leader"}
+    ours = {s.name for s in topics.specs(config.Config())} | faust
+    assert ours <= set(got), f"missing: {ours - set(got)}"
+    # Everything ktel's (ktel.*) and its workers' (ktel-<stage>-*) and the brokers'
+    # consumer offsets: a committed offset must survive a broker as well.
+    checked = {t: got[t] for t in got if t.startswith("ktel") or t == "__consumer_offsets"}
+    assert checked == {t: ({3}, "2") for t in checked}
+
+
+def test_sigkill_of_the_broker_leading_most_of_ktel_raw_loses_and_doubles_nothing(secured, pipeline):
+    async def leaders() -> Counter[int]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=secured.cluster.bootstrap)
+        await admin.start()
+        try:
+            [raw] = await admin.describe_topics([RAW_TOPIC])
+        finally:
+            await admin.close()
+        return Counter(p["leader"] for p in raw["partitions"])
+
+    def victim():
+        [(node_id, _)] = asyncio.run(leaders()).most_common(1)
+        return secured.cluster.node(node_id)
+
+    broker_crash_mid_stream(pipeline, victim)
+
+
+def test_an_mtls_client_gets_its_certificate_principals_acls(secured):
+    agent = load(secured.mtls_config_file("agent")).kafka
+    asyncio.run(produce(agent, RAW_TOPIC, b"batch"))  # User:agent may write ktel.raw
+    with pytest.raises(TopicAuthorizationFailedError):
+        asyncio.run(produce(agent, CONTROL_TOPIC, b"command"))
+    asyncio.run(produce(load(secured.mtls_config_file("operator")).kafka, CONTROL_TOPIC, b"command"))
+    # Without a certificate the listener refuses the TLS handshake.
+    anonymous = agent.model_copy(update={"ssl_certfile": None, "ssl_keyfile": None})
+    with pytest.raises(KafkaConnectionError):
+        asyncio.run(produce(anonymous, RAW_TOPIC, b"batch"))
