@@ -426,7 +426,7 @@ def naive_worker(bootstrap: str, port: int, datadir: str) -> None:
 
     @app.task
     async def serve() -> None:
-        selfmetrics.serve(port)
+        selfmetrics.serve(port, "127.0.0.1", "process.metrics_port")
 
     faust.Worker(app, loglevel="WARNING", quiet=True).execute_from_commandline()
 

@@ -38,7 +38,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import platform
 import socket
 import statistics
 import time
@@ -52,6 +51,8 @@ from aiokafka.errors import (
     TopicAuthorizationFailedError,
     UnknownProducerId,
 )
+from opentelemetry.semconv._incubating.attributes.host_attributes import HOST_ARCH, HOST_ID, HOST_NAME
+from opentelemetry.semconv._incubating.attributes.os_attributes import OS_TYPE, OS_VERSION, OsTypeValues
 from prometheus_client import Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
@@ -60,7 +61,7 @@ from edge_agent import node_stats
 from edge_agent import probes as probes_mod
 from edge_agent.containers import Containers
 from edge_agent.control import Control
-from edge_agent.identity import boot_id
+from edge_agent.identity import boot_id, host_arch
 from edge_agent.redact import Redactor
 from edge_agent.seqstore import SeqStore
 from edge_agent.spool import Record, Spool
@@ -212,6 +213,8 @@ class Agent:
         self.latencies_ms: list[float] = []
         self.containers = Containers.of_host(acfg.cgroup_root)
         self.disk_failing = False  # the last spool write failed (spool_batch)
+        # Kafka took the producer's connection and, since, the last heartbeat (/readyz).
+        self.kafka_reached = False
 
     # ------------------------------------------------------------ collecting
 
@@ -546,11 +549,11 @@ class Agent:
         hb: Heartbeat = {
             "ts": time.time_ns() // 1_000_000,
             "host": {
-                "host.id": self.host_id,
-                "host.name": socket.gethostname(),
-                "host.arch": platform.machine(),
-                "os.type": "linux",
-                "os.version": uname.release,
+                HOST_ID: self.host_id,
+                HOST_NAME: socket.gethostname(),
+                HOST_ARCH: host_arch(),
+                OS_TYPE: OsTypeValues.LINUX.value,
+                OS_VERSION: uname.release,
                 "boot.id": self.boot_id,
                 "ktel.agent.version": version("ktel"),
             },
@@ -592,10 +595,20 @@ class Agent:
                     self._send_and_wait(self.topics.heartbeats, encode_heartbeat(hb)), interval
                 )
                 HEARTBEATS.inc()
+                self.kafka_reached = True
             except Exception as err:
+                self.kafka_reached = False
                 self.control.unack(hb["acked_commands"], hb["refused_commands"])
                 log.warning("heartbeat not sent: %s", err)
             await asyncio.sleep(interval)
+
+    def readiness(self) -> str | None:
+        """Why the agent is not ready (/readyz), or None: probes loaded and Kafka reached."""
+        if not self.loaded:
+            return "no probe loaded"
+        if not self.kafka_reached:
+            return f"Kafka at {self.cfg.kafka.bootstrap} not reached (the spool keeps what is collected)"
+        return None
 
     # ---------------------------------------------------------------- control
 
@@ -620,7 +633,8 @@ class Agent:
         for probe in self.loaded:
             self.apply_rate(probe, self.control.sample_every(probe))
         REGISTRY.register(AgentCollector(self))
-        selfmetrics.serve(acfg.metrics_port)
+        selfmetrics.ready_when(self.readiness)
+        selfmetrics.serve(acfg.metrics_port, self.cfg.service.metrics_bind, "agent.metrics_port")
         self.producer = self._new_producer()
         log.info(
             "agent host.id=%s boot=%s (probes: %s; skipped: %s; spool backlog %d bytes)",
@@ -643,6 +657,7 @@ class Agent:
                     if task.exception() is not None:
                         failed = task
                     elif task is connector:
+                        self.kafka_reached = True
                         senders = [
                             asyncio.create_task(self.publish(), name="publish"),
                             asyncio.create_task(self.send_heartbeats(), name="heartbeats"),

@@ -42,6 +42,12 @@ import re
 import stat
 from pathlib import Path
 
+from opentelemetry.semconv._incubating.attributes.container_attributes import (
+    CONTAINER_ID,
+    CONTAINER_RUNTIME_NAME,
+)
+from opentelemetry.semconv._incubating.attributes.k8s_attributes import K8S_POD_UID
+
 log = logging.getLogger("ktel.agent")
 
 # A heartbeat must stay well under Kafka's default 1 MiB record limit: an entry
@@ -63,14 +69,14 @@ Attributes = dict[str, str]
 def name_attributes(name: str, parent: str) -> Attributes:
     """What one directory's name says (``parent`` is the name of the directory above)."""
     if m := _SCOPE.fullmatch(name):
-        return {"container.id": m[2], "container.runtime.name": _RUNTIMES[m[1]]}
+        return {CONTAINER_ID: m[2], CONTAINER_RUNTIME_NAME: _RUNTIMES[m[1]]}
     if _BARE_ID.fullmatch(name):
-        attrs = {"container.id": name}
+        attrs = {CONTAINER_ID: name}
         if parent == "docker":
-            attrs["container.runtime.name"] = "docker"
+            attrs[CONTAINER_RUNTIME_NAME] = "docker"
         return attrs
     if m := _POD.fullmatch(name):
-        return {"k8s.pod.uid": m[1].replace("_", "-")}
+        return {K8S_POD_UID: m[1].replace("_", "-")}
     return {}
 
 
@@ -78,7 +84,7 @@ def inherit(outer: Attributes, own: Attributes) -> Attributes:
     """A directory's attributes given its parent's ``outer`` and its own name's ``own``."""
     if not own:
         return outer  # a sub-cgroup of a container or pod
-    if "container.id" in own and "container.id" not in outer:
+    if CONTAINER_ID in own and CONTAINER_ID not in outer:
         return {**outer, **own}  # a container in its pod
     return own  # a pod or a container inside a container: nothing of the outer one holds
 

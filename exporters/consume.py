@@ -11,6 +11,9 @@ helper keeps trying), the consumer's partitions are paused and ``getmany`` keeps
 being called. Paused partitions return nothing, so nothing piles up in memory,
 and the calls keep the consumer in its group: aiokafka leaves the group when
 ``getmany`` has not been called for ``max_poll_interval_ms``.
+
+The process is ready (/readyz, ktel/selfmetrics.py) once the consumer is connected
+and holds partitions.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
 from prometheus_client import Counter, Histogram
 
-from ktel import consumer_lag
+from ktel import consumer_lag, selfmetrics
 from ktel.kafka_client import Kafka, client_kwargs, settings, start
 from ktel.retry import retry
 from ktel.runtime import tune_gc
@@ -140,8 +143,19 @@ async def run(
         max_poll_records=500,
     )
     producer = AIOKafkaProducer(**client_kwargs(kafka), enable_idempotence=True)
+    connected = False
+
+    def readiness() -> str | None:
+        if not connected:
+            return f"not connected to Kafka at {settings(kafka).bootstrap}"
+        if not consumer.assignment():
+            return f"no partition of {', '.join(topics)} assigned"
+        return None
+
+    selfmetrics.ready_when(readiness)
     await start(consumer, kafka, f"ktel export {stage}")
     await start(producer, kafka, f"ktel export {stage}")
+    connected = True
     try:
         if group_id is None:
             parts = await retry(

@@ -22,7 +22,9 @@ and exporters/otlp_spans.py):
   Names are kept as on the wire. The wire has no series start time, so
   ``start_time_unix_nano`` is 0 (unknown, which OTLP allows).
 
-Everything is under the instrumentation scope ``ktel``.
+Everything is under the instrumentation scope ``ktel``, and every resource carries
+``service.name`` and OTEL_RESOURCE_ATTRIBUTES (``service_attributes``), under the
+host's own attributes.
 
 Delivery (exporters/delivery.py has the rules): a span, log record or data point
 whose timestamp is outside ``otlp.max_age_seconds`` / ``max_future_seconds`` of the
@@ -83,8 +85,10 @@ from opentelemetry.sdk.metrics.export import (
     ScopeMetrics,
     Sum,
 )
-from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.semconv._incubating.attributes.host_attributes import HOST_ID
+from opentelemetry.semconv.attributes.service_attributes import SERVICE_NAME
 from opentelemetry.trace import SpanContext, TraceFlags
 from prometheus_client import Counter
 
@@ -161,14 +165,27 @@ def to_logs(rows: Sequence[tuple[Resource, Sequence[Any]]]) -> list[ReadableLogR
     return out
 
 
-def to_metrics(rows: Sequence[tuple[int, Sequence[Any]]], histograms: str = "exponential") -> MetricsData:
-    """(ts_ms, wire series row) pairs -> SDK MetricsData, one resource per host.id.
+def service_attributes(name: str) -> dict[str, Any]:
+    """What every resource ktel sends carries: ``service.name`` (the ``service.name``
+    setting) and OTEL_RESOURCE_ATTRIBUTES. OTEL_SERVICE_NAME, then a service.name in
+    OTEL_RESOURCE_ATTRIBUTES, win over the setting: they are how any OpenTelemetry
+    process is named by what deploys it."""
+    return dict(Resource({SERVICE_NAME: name}).merge(OTELResourceDetector().detect()).attributes)
+
+
+def to_metrics(
+    rows: Sequence[tuple[int, Sequence[Any]]],
+    histograms: str = "exponential",
+    service: dict[str, Any] | None = None,
+) -> MetricsData:
+    """(ts_ms, wire series row) pairs -> SDK MetricsData, one resource per host.id,
+    each with the ``service`` attributes too.
     ``histograms``: ``"exponential"`` or ``"explicit"`` (OtlpConfig.histograms)."""
     # host.id -> (name, type, unit) -> points
     hosts: dict[Any, dict[tuple[str, str, str], list[Any]]] = {}
     for ts_ms, (name, typ, labels, value) in rows:
         attrs = dict(labels)
-        host = attrs.pop("host.id", None)
+        host = attrs.pop(HOST_ID, None)
         t = ts_ms * 1_000_000
         unit = ""
         # min and max are unknown (the wire does not carry them); None leaves them unset
@@ -222,16 +239,20 @@ def to_metrics(rows: Sequence[tuple[int, Sequence[Any]]], histograms: str = "exp
             else:
                 data = Histogram(points, AggregationTemporality.CUMULATIVE)
             out.append(Metric(name, "", unit, data))
-        resource = KtelResource({} if host is None else {"host.id": host})
+        resource = KtelResource({**(service or {}), **({} if host is None else {HOST_ID: host})})
         resource_metrics.append(ResourceMetrics(resource, [ScopeMetrics(SCOPE, out, "")], ""))
     return MetricsData(resource_metrics)
 
 
-def metric_request(rows: list[tuple[int, Sequence[Any]]], histograms: str = "exponential") -> Any:
+def metric_request(
+    rows: list[tuple[int, Sequence[Any]]],
+    histograms: str = "exponential",
+    service: dict[str, Any] | None = None,
+) -> Any:
     """The OTLP request of these points. The SDK's encoder leaves an exponential
     histogram's zero threshold at 0 (the zero bucket then holds zeros only): ktel's
     holds the kernel's slot 0, [0, 2) (exporters/log2.py)."""
-    request = encode_metrics(to_metrics(rows, histograms))
+    request = encode_metrics(to_metrics(rows, histograms, service))
     for rm in request.resource_metrics:
         for sm in rm.scope_metrics:
             for metric in sm.metrics:
@@ -356,7 +377,14 @@ class Sender:
     """Sends converted chunks through the SDK exporters' connections, one attempt at a
     time, with delivery.send_split deciding what is retried, split or dead-lettered."""
 
-    def __init__(self, cfg: OtlpConfig, exporters: tuple[Any, Any, Any] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: OtlpConfig,
+        exporters: tuple[Any, Any, Any] | None = None,
+        service: dict[str, Any] | None = None,
+    ) -> None:
+        """``service``: what every resource carries besides the host's (service_attributes)."""
+        self.service = service or {}
         self.batch = cfg.max_export_batch_size
         self.histograms = cfg.histograms
         self.window = Window(cfg.max_age_seconds, cfg.max_future_seconds, "otlp")
@@ -381,17 +409,18 @@ class Sender:
             item = rec.item
             if isinstance(item, SpanBatch):
                 late = []
+                span_resource = {**self.service, **item.resource}  # one object: one ResourceSpans
                 for row in item.spans:
                     why = problem(row[4], now) or problem(row[5], now)
                     if why is None:
-                        spans.append((rec, (item.resource, row)))
+                        spans.append((rec, (span_resource, row)))
                     else:
                         late.append((row, why))
                 if late:
                     payload = encode_spans(SpanBatch(item.resource, [row for row, _ in late]))
                     await self._refuse(producer, rec, "spans", [why for _, why in late], payload)
             elif isinstance(item, LogBatch):
-                resource = KtelResource(item.resource)
+                resource = KtelResource({**self.service, **item.resource})
                 late = []
                 for row in item.logs:
                     why = problem(row[0], now)
@@ -415,7 +444,7 @@ class Sender:
             self._send("spans", spans, _span_request, self.spans, IN_FLIGHT, producer),
             self._send("logs", logs, _log_request, self.logs, IN_FLIGHT, producer),
         )
-        request = functools.partial(metric_request, histograms=self.histograms)
+        request = functools.partial(metric_request, histograms=self.histograms, service=self.service)
         await self._send("metrics", points, request, self.metrics, 1, producer)
 
     async def _refuse(
@@ -506,8 +535,8 @@ def _log_request(rows: list[tuple[Resource, Sequence[Any]]]) -> Any:
 
 async def run(cfg: Config, stop: asyncio.Event, *, group_id: str | None = None) -> None:
     """``group_id``: the consumer group, if not ktel-export-otlp (under kafka.prefix)."""
-    selfmetrics.serve(cfg.otlp.metrics_port)
-    sender = Sender(cfg.otlp)
+    selfmetrics.serve(cfg.otlp.metrics_port, cfg.service.metrics_bind, "otlp.metrics_port")
+    sender = Sender(cfg.otlp, service=service_attributes(cfg.service.name))
     names = cfg.kafka.topics
     try:
         await consume.run(

@@ -34,7 +34,7 @@ import time
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -43,6 +43,7 @@ from exporters.consume import Record
 from exporters.delivery import Window
 from exporters.prom_names import label_name, prom_labels
 from exporters.remote_write import histogram_series
+from ktel import selfmetrics
 from ktel.config import Config
 from ktel.wire import MetricSnapshot, decode_snapshot
 
@@ -97,8 +98,8 @@ async def run(cfg: Config, stop: asyncio.Event) -> None:
     latest = LatestValues()
     registry = CollectorRegistry()
     registry.register(latest)
-    start_http_server(cfg.pull.port, addr=cfg.pull.host, registry=registry)
-    log.info("pull endpoint on http://%s:%d/metrics", cfg.pull.host, cfg.pull.port)
+    # With /healthz and /readyz, like every ktel process's metrics port.
+    selfmetrics.serve(cfg.pull.port, cfg.pull.host, "pull.port", registry, "pull.host")
 
     window = Window(math.inf, cfg.pull.max_future_seconds, "pull")
 

@@ -351,7 +351,7 @@ async def _resend_by_snapshot(
 
 async def run(cfg: Config, stop: asyncio.Event, *, group_id: str | None = None) -> None:
     """``group_id``: the consumer group, if not ktel-export-remote-write (under kafka.prefix)."""
-    selfmetrics.serve(cfg.remote_write.metrics_port)
+    selfmetrics.serve(cfg.remote_write.metrics_port, cfg.service.metrics_bind, "remote_write.metrics_port")
     window = Window(cfg.remote_write.max_age_seconds, cfg.remote_write.max_future_seconds, "remote_write")
     async with Receiver(cfg.remote_write) as receiver:
         await consume.run(

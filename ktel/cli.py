@@ -6,26 +6,25 @@ import argparse
 import asyncio
 import contextlib
 import json
-import logging
+import logging.config
 import os
 import pathlib
 import re
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from importlib.metadata import version
 
 from ktel import config as config_mod
+from ktel import logs
 from processors.chain import PROCESSES
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # One line per HTTP request would drown ktel's own messages.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+def _setup_logging(cfg: config_mod.Config, args: argparse.Namespace) -> str:
+    """Log as ``service.*`` says, at --log-level if given; the level in force."""
+    level = getattr(args, "log_level", None) or cfg.service.log_level
+    logging.config.dictConfig(logs.config(level, cfg.service.log_format))
+    return level
 
 
 def _run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]], *, graceful: bool) -> None:
@@ -85,7 +84,7 @@ def cmd_probes(_cfg: config_mod.Config, args: argparse.Namespace) -> None:
 def cmd_process(cfg: config_mod.Config, args: argparse.Namespace) -> None:
     from processors import stages
 
-    stages.run(cfg, args.stage, args.log_level)
+    stages.run(cfg, args.stage, args.log_level_in_force)
 
 
 def cmd_export(cfg: config_mod.Config, args: argparse.Namespace) -> None:
@@ -118,7 +117,7 @@ def cmd_acls(cfg: config_mod.Config, args: argparse.Namespace) -> None:
 def cmd_up(cfg: config_mod.Config, args: argparse.Namespace) -> None:
     from ktel import up
 
-    if args.config:  # the children load the same file
+    if getattr(args, "config", None):  # the children load the same file
         os.environ["KTEL_CONFIG"] = os.path.abspath(args.config)
     sys.exit(up.run(cfg))
 
@@ -142,10 +141,27 @@ def cmd_config(cfg: config_mod.Config, _args: argparse.Namespace) -> None:
     print(json.dumps(config_mod.printable(cfg), indent=2))
 
 
+def cmd_status(cfg: config_mod.Config, args: argparse.Namespace) -> None:
+    from ktel import status
+
+    sys.exit(status.main(cfg, args))
+
+
 def cmd_replay(cfg: config_mod.Config, args: argparse.Namespace) -> None:
     from ktel import replay
 
     sys.exit(replay.main(cfg, args))
+
+
+def _seconds(text: str) -> float:
+    """A duration option's value: seconds, above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text} seconds: give more than 0")
+    return value
 
 
 def _relative_times(argv: list[str]) -> list[str]:
@@ -161,17 +177,36 @@ def _relative_times(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="ktel", description="Fleet-wide Linux kernel telemetry.")
-    parser.add_argument("--config", help="TOML config file (default: $KTEL_CONFIG; KTEL_* env overrides)")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    # Accepted before the command and after it (`ktel up --config x.toml`); SUPPRESS
+    # keeps a subcommand's unset option from overwriting the one given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        default=argparse.SUPPRESS,
+        help="TOML config file (default: $KTEL_CONFIG; KTEL_* env overrides)",
+    )
+    common.add_argument(
+        "--log-level",
+        default=argparse.SUPPRESS,
+        choices=["debug", "info", "warning", "error"],
+        help="default: service.log_level (KTEL_SERVICE__LOG_LEVEL), else info",
+    )
+    parser = argparse.ArgumentParser(
+        prog="ktel", description="Fleet-wide Linux kernel telemetry.", parents=[common]
+    )
+    parser.add_argument("--version", action="version", version=f"ktel {version('ktel')}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("up", help="run the whole pipeline on this host with a local Kafka and Prometheus")
+    p = sub.add_parser(
+        "up", parents=[common], help="run the whole pipeline on this host with a local Kafka and Prometheus"
+    )
     p.set_defaults(fn=cmd_up)
-    p = sub.add_parser("down", help="stop the `ktel up` running from the same config, in order")
+    p = sub.add_parser(
+        "down", parents=[common], help="stop the `ktel up` running from the same config, in order"
+    )
     p.set_defaults(fn=cmd_down)
     p = sub.add_parser(
         "cluster",
+        parents=[common],
         help="start a local Kafka set up like a production one, to try ktel against: SASL_SSL, mTLS, "
         "the ACLs of `ktel acls` (throwaway certificates and passwords)",
     )
@@ -180,13 +215,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--brokers", type=int, default=3, help="KRaft nodes, each a broker and a controller")
     p.set_defaults(fn=cmd_cluster)
-    p = sub.add_parser("agent", help="the edge agent: BPF ring buffers -> Kafka ktel.raw")
+    p = sub.add_parser("agent", parents=[common], help="the edge agent: BPF ring buffers -> Kafka ktel.raw")
     p.set_defaults(fn=cmd_agent)
-    p = sub.add_parser("probes", help="list the probes the agent can load (agent.probes names them)")
+    p = sub.add_parser(
+        "probes", parents=[common], help="list the probes the agent can load (agent.probes names them)"
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="with what each needs and sends")
     p.add_argument("--kinds", action="store_true", help="list the event kinds instead, with their fields")
     p.set_defaults(fn=cmd_probes)
-    p = sub.add_parser("process", help="a Faust processing worker (start more of a stage to scale it out)")
+    p = sub.add_parser(
+        "process", parents=[common], help="a Faust processing worker (start more of a stage to scale it out)"
+    )
     p.add_argument(
         "stage",
         choices=list(PROCESSES),
@@ -195,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
         "aggregate: windowed metric snapshots; all: the four in one worker",
     )
     p.set_defaults(fn=cmd_process)
-    p = sub.add_parser("export", help="an exporter worker reading ktel's output topics")
+    p = sub.add_parser("export", parents=[common], help="an exporter worker reading ktel's output topics")
     p.add_argument(
         "exporter",
         choices=["remote-write", "pull", "otlp"],
@@ -205,19 +244,25 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(fn=cmd_export)
     p = sub.add_parser(
         "topics",
+        parents=[common],
         help="create ktel's topics on the configured Kafka (idempotent); refuses existing ones laid out "
         "otherwise than the configuration says",
     )
     p.set_defaults(fn=cmd_topics)
-    p = sub.add_parser("acls", help="print the kafka-acls.sh commands giving each ktel role least privilege")
+    p = sub.add_parser(
+        "acls",
+        parents=[common],
+        help="print the kafka-acls.sh commands giving each ktel role least privilege",
+    )
     p.add_argument(
         "--command-config", metavar="FILE", help="kafka-acls.sh's client config (admin credentials)"
     )
     p.set_defaults(fn=cmd_acls)
-    p = sub.add_parser("config", help="print the effective configuration")
+    p = sub.add_parser("config", parents=[common], help="print the effective configuration")
     p.set_defaults(fn=cmd_config)
     p = sub.add_parser(
         "replay",
+        parents=[common],
         help="print or re-publish the raw events of a time window (forensics)",
         description="Read a time window of ktel.raw with a group-less consumer (live consumer groups "
         "are untouched). Times: ISO-8601 (UTC unless a zone is given), relative like -15m or -2h, or now. "
@@ -247,11 +292,52 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--dlq", action="store_true", help="send records that do not decode to ktel.dlq")
     p.set_defaults(fn=cmd_replay)
+    p = sub.add_parser(
+        "status",
+        parents=[common],
+        help="the fleet at a glance: every host's last heartbeat, probes, drops and spool; every "
+        "stage's and exporter's consumer lag and members; exits 1 when a host is stale",
+        description="Hosts from the heartbeats of the last --since seconds on ktel.heartbeats; stages "
+        "and exporters from their consumer groups (ids starting with ktel-). Exit status: 0 all hosts "
+        "fresh, 1 a host is stale, 2 Kafka could not be read. The --json shape: ktel/status.py SCHEMA.",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object (per refresh with --watch)")
+    p.add_argument(
+        "--watch",
+        nargs="?",
+        const=2.0,
+        type=_seconds,
+        metavar="SECONDS",
+        help="refresh every SECONDS (default 2) until Ctrl-C",
+    )
+    p.add_argument(
+        "--stale-after",
+        type=_seconds,
+        metavar="SECONDS",
+        help="a host with no heartbeat for this long is stale (default: 3 x agent.heartbeat_seconds)",
+    )
+    p.add_argument(
+        "--since",
+        type=_seconds,
+        default=900.0,
+        metavar="SECONDS",
+        help="read the heartbeats of this many seconds back (default 900); a host silent "
+        "for longer is not listed",
+    )
+    p.add_argument("--host", action="append", metavar="HOST_ID", help="only this host id (repeatable)")
+    p.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="give up (exit 2) when Kafka has not answered in this long, retrying meanwhile (default 30)",
+    )
+    p.set_defaults(fn=cmd_status)
 
     args = parser.parse_args(_relative_times(sys.argv[1:] if argv is None else argv))
-    _setup_logging(args.log_level)
     try:
-        cfg = config_mod.load(args.config)
+        cfg = config_mod.load(getattr(args, "config", None))
+        args.log_level_in_force = _setup_logging(cfg, args)
         # A setting can also prove unusable when a command starts (a certificate file
         # that is not PEM): the same message, not a traceback.
         args.fn(cfg, args)

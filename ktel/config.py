@@ -13,6 +13,7 @@ is marked ``SECRET`` (in its ``json_schema_extra``): what ktel prints of it, in
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -677,6 +678,43 @@ class StackConfig(BaseModel):
         return v
 
 
+class ServiceConfig(BaseModel):
+    """What every ktel process shares about itself: its name, its logs, where it serves
+    its self-metrics and health endpoints."""
+
+    name: str = Field(
+        "ktel",
+        min_length=1,
+        description="service.name on every OTLP resource ktel sends; OTEL_SERVICE_NAME, where set, wins",
+    )
+    metrics_bind: str = Field(
+        "127.0.0.1",
+        min_length=1,
+        description="address the self-metrics servers (/metrics, /healthz, /readyz) listen on; "
+        "0.0.0.0 to be scraped and probed from other hosts",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="log level; the command line's --log-level wins"
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text: one readable line per record; json: one JSON object per line"
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, v: Any) -> Any:
+        return v.lower() if isinstance(v, str) else v
+
+    @field_validator("metrics_bind")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        try:
+            ipaddress.ip_address(v)
+        except ValueError:
+            raise ValueError("not an IP address (e.g. 127.0.0.1, 0.0.0.0, ::1 or ::)") from None
+        return v
+
+
 class Config(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KTEL_", env_nested_delimiter="__", extra="forbid")
 
@@ -690,6 +728,7 @@ class Config(BaseSettings):
     otlp: OtlpConfig = OtlpConfig()
     pull: PullConfig = PullConfig()
     stack: StackConfig = StackConfig()
+    service: ServiceConfig = ServiceConfig()
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, **_):  # type: ignore[override]

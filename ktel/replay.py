@@ -56,6 +56,7 @@ from typing import Any, TextIO
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
+from opentelemetry.semconv._incubating.attributes.host_attributes import HOST_ID
 
 from ktel import topics as topics_mod
 from ktel.config import Config, KafkaConfig
@@ -215,7 +216,7 @@ def event_lines(batch: RawBatch) -> Iterator[str]:
 
     The batch's fields have dotted names so that no event field (dns_slow has a
     ``host``) can shadow them."""
-    ident: dict[str, Any] = {"host.id": batch.host_id, "boot.id": batch.boot_id, "batch.seq": batch.seq}
+    ident: dict[str, Any] = {HOST_ID: batch.host_id, "boot.id": batch.boot_id, "batch.seq": batch.seq}
     for i, ev in enumerate(batch.events):
         obj = {**ident, **event_dict(ev)}
         if batch.weights is not None:

@@ -1,15 +1,113 @@
-"""Self-metrics: every ktel process serves its own counters at /metrics.
+"""Self-metrics and health: every ktel process serves, on its metrics port,
 
-`ktel up` reads these endpoints for its live view; users scrape them to
-reconcile what the kernel emitted with what reached the backends.
+- ``/metrics``: its own counters (Prometheus text format), which `ktel up` reads for
+  its live view and users scrape to reconcile what the kernel emitted with what
+  reached the backends;
+- ``/healthz``: 200 while the process runs (its HTTP thread answers);
+- ``/readyz``: 200 once the process does its job, else 503 with the reason in one
+  line. Each process says what ready means (``ready_when``): the agent, connected to
+  Kafka with its probes loaded; a processing stage, partitions assigned and tables
+  recovered; an exporter, its consumer connected and assigned partitions.
+
+The address is ``service.metrics_bind`` (127.0.0.1 by default), the same for every
+process; the port is each process's ``*.metrics_port``.
 """
 
 from __future__ import annotations
 
-from prometheus_client import REGISTRY, start_http_server
+import ipaddress
+import logging
+import socket
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client import REGISTRY, CollectorRegistry, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
+
+log = logging.getLogger(__name__)
+
+# None: ready; a string: why not.
+Check = Callable[[], str | None]
+
+_check: Check = lambda: "starting"  # noqa: E731  (replaced by the process's own check)
 
 
-def serve(port: int, host: str = "127.0.0.1") -> None:
-    """Serve the default registry on host:port; port 0 turns it off."""
-    if port:
-        start_http_server(port, addr=host, registry=REGISTRY)
+def ready_when(check: Check) -> None:
+    """Make ``check`` this process's readiness: /readyz answers 503 with the string it
+    returns, 200 when it returns None. Called from the process's event loop; the
+    check runs on the HTTP thread, so it only reads state."""
+    global _check
+    _check = check
+
+
+def readiness() -> str | None:
+    try:
+        return _check()
+    except Exception as err:  # a check that breaks says so instead of killing the request
+        return f"readiness check failed: {type(err).__name__}: {err}"
+
+
+def _text(start_response: Callable[..., Any], status: str, body: str) -> Iterable[bytes]:
+    data = (body + "\n").encode()
+    start_response(
+        status, [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(data)))]
+    )
+    return [data]
+
+
+def app(registry: CollectorRegistry = REGISTRY) -> Callable[..., Iterable[bytes]]:
+    """The WSGI app: /healthz, /readyz, and ``registry`` everywhere else."""
+    metrics = make_wsgi_app(registry)
+
+    def route(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == "/healthz":
+            return _text(start_response, "200 OK", "ok")
+        if path == "/readyz":
+            why = readiness()
+            if why is None:
+                return _text(start_response, "200 OK", "ready")
+            return _text(start_response, "503 Service Unavailable", f"not ready: {why}")
+        return metrics(environ, start_response)
+
+    return route
+
+
+class _Quiet(WSGIRequestHandler):
+    # A probe every few seconds would drown the process's own log lines.
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _Server6(ThreadingWSGIServer):
+    address_family = socket.AF_INET6
+
+
+def serve(
+    port: int,
+    host: str,
+    setting: str,
+    registry: CollectorRegistry = REGISTRY,
+    host_setting: str = "service.metrics_bind",
+) -> None:
+    """Serve /metrics (``registry``), /healthz and /readyz on host:port from a daemon
+    thread; port 0 turns them off. ``setting`` and ``host_setting`` name the port's
+    and the host's settings, for the message when they cannot be served."""
+    if not port:
+        return
+    v6 = ":" in host and ipaddress.ip_address(host).version == 6
+    try:
+        server = make_server(
+            host, port, app(registry), _Server6 if v6 else ThreadingWSGIServer, handler_class=_Quiet
+        )
+    except OSError as err:
+        raise SystemExit(
+            f"cannot serve self-metrics on {host}:{port} ({err.strerror or err}): "
+            f"set {setting} to a free port, or {host_setting} to an address of this host"
+        ) from None
+    threading.Thread(target=server.serve_forever, name="selfmetrics", daemon=True).start()
+    log.info(
+        "self-metrics and health on http://%s:%d (/metrics, /healthz, /readyz)", host, server.server_port
+    )

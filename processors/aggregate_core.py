@@ -52,6 +52,12 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from opentelemetry.semconv._incubating.attributes.host_attributes import HOST_ID
+from opentelemetry.semconv._incubating.attributes.process_attributes import (
+    PROCESS_EXECUTABLE_NAME,
+    PROCESS_PID,
+)
+
 from ktel.probes import KINDS
 from ktel.schema import U64
 from ktel.wire import (
@@ -414,7 +420,7 @@ def keyed_rows(host_id: str, state: dict[str, Any]) -> Iterator[tuple[str, list]
     """Each of the host's series: its key and its snapshot entry."""
     for key, value in state.get("series", {}).items():
         name, labels = parse_key(key)
-        labels = {"host.id": host_id, **labels}
+        labels = {HOST_ID: host_id, **labels}
         if isinstance(value, dict) and "gauge" in value:
             yield key, [name, "gauge", labels, value["gauge"]]
         elif isinstance(value, dict):
@@ -442,9 +448,9 @@ def severity_text(number: int) -> str:
 def _resource(batch: RawBatch, pid: int | None) -> dict[str, Any]:
     """The host's resource attributes (from the enrich stage, else the host id alone),
     plus what is known of the process: never more than what was told."""
-    res = dict(batch.resource or {"host.id": batch.host_id})
+    res = dict(batch.resource or {HOST_ID: batch.host_id})
     if pid:
-        res["process.pid"] = pid
+        res[PROCESS_PID] = pid
         res.update((batch.processes or {}).get(str(pid), {}))
     return res
 
@@ -473,8 +479,8 @@ def signals(batch: RawBatch) -> tuple[list[SpanBatch], list[LogBatch]]:
             ts, pid, comm, uid, total_vm, anon, file, shmem, pgtables, adj, trigger_pid, trigger_comm = ev[1:]
             attrs = {
                 "event.name": "oom_kill",
-                "process.pid": pid,
-                "process.executable.name": comm,
+                PROCESS_PID: pid,
+                PROCESS_EXECUTABLE_NAME: comm,
                 "process.owner.uid": uid,
                 "oom.total_vm_kb": total_vm,
                 "oom.anon_rss_kb": anon,

@@ -47,6 +47,17 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from opentelemetry.semconv._incubating.attributes.container_attributes import CONTAINER_ID
+from opentelemetry.semconv._incubating.attributes.host_attributes import HOST_ID
+from opentelemetry.semconv._incubating.attributes.k8s_attributes import K8S_POD_UID
+from opentelemetry.semconv._incubating.attributes.process_attributes import (
+    PROCESS_EXECUTABLE_NAME,
+    PROCESS_EXECUTABLE_PATH,
+    PROCESS_PARENT_PID,
+    PROCESS_PID,
+    PROCESS_REAL_USER_ID,
+)
+
 from ktel.wire import PID_INDEXES, PROCESS_EXEC, PROCESS_EXIT, RawBatch
 from processors.dedupe_core import MAX_BOOTS
 from processors.stage import FromConfig, Result, Stage, State
@@ -199,7 +210,7 @@ def enrich(state: dict[str, Any], batch: RawBatch, feed: Metadata, opts: Options
             continue
         procs[str(pid)] = known  # re-inserted last: the most recently named
         processes[str(pid)] = _attributes(pid, known, host_containers, host_feed)
-    resource = {**boot.get("host", {}), "host.id": batch.host_id}
+    resource = {**boot.get("host", {}), HOST_ID: batch.host_id}
     out.batch = dataclasses.replace(batch, resource=resource, processes=processes)
 
     out.evicted = _bound(state, opts.max_processes)
@@ -242,13 +253,13 @@ def _attributes(
     host_feed: dict[int, dict[str, str]],
 ) -> dict[str, Any]:
     """A process entry as OpenTelemetry process attributes, with its container and pod."""
-    attrs: dict[str, Any] = {"process.pid": pid}
+    attrs: dict[str, Any] = {PROCESS_PID: pid}
     for field, attr in (
-        ("ppid", "process.parent_pid"),
-        ("comm", "process.executable.name"),
-        ("exe", "process.executable.path"),
+        ("ppid", PROCESS_PARENT_PID),
+        ("comm", PROCESS_EXECUTABLE_NAME),
+        ("exe", PROCESS_EXECUTABLE_PATH),
         # bpf_get_current_uid_gid() gives the real uid (cred->uid).
-        ("uid", "process.real_user.id"),
+        ("uid", PROCESS_REAL_USER_ID),
         # Not a semantic convention; the same name as the histograms' cgroup label.
         ("cg", "cgroup.id"),
     ):
@@ -258,7 +269,7 @@ def _attributes(
         told = host_containers.get(str(entry["cg"]), {})
         fed = host_feed.get(entry["cg"], {})
         # The feed names another container or pod: nothing the agent told of its own holds.
-        for key, namespace in (("container.id", "container."), ("k8s.pod.uid", "k8s.")):
+        for key, namespace in ((CONTAINER_ID, "container."), (K8S_POD_UID, "k8s.")):
             if key in fed and fed[key] != told.get(key):
                 told = {k: v for k, v in told.items() if not k.startswith(namespace)}
         attrs.update(told)
@@ -346,7 +357,7 @@ def load_metadata(text: str) -> tuple[Metadata, list[str]]:
         if not isinstance(obj, dict):
             errors.append(f"line {n}: not a JSON object")
             continue
-        host, cg = obj.pop("host.id", None), obj.pop("cgroup.id", None)
+        host, cg = obj.pop(HOST_ID, None), obj.pop("cgroup.id", None)
         if not isinstance(host, str) or not host:
             errors.append(f"line {n}: no host.id string")
             continue

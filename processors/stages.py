@@ -57,9 +57,10 @@ from typing import Any
 import faust
 from aiokafka.partitioner import murmur2
 from faust.serializers import codecs
+from opentelemetry.semconv._incubating.attributes.host_attributes import HOST_ID
 from prometheus_client import REGISTRY, Counter, Gauge
 
-from ktel import consumer_lag, selfmetrics
+from ktel import consumer_lag, logs, selfmetrics
 from ktel.config import Config, KafkaConfig
 from ktel.kafka_client import faust_settings, reachable
 from ktel.retry import retry
@@ -369,7 +370,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             async for event in stream.events():
                 try:
                     hb = decode_heartbeat(event.value)
-                    host_id = hb["host"]["host.id"]
+                    host_id = hb["host"][HOST_ID]
                     if event.key != host_id.encode():
                         # The table key must hash to the partition the record came from.
                         raise WireError(
@@ -417,7 +418,8 @@ def make_app(cfg: Config, stage: str) -> faust.App:
 
     @app.task
     async def serve_metrics():
-        selfmetrics.serve(cfg.process.metrics_port)
+        selfmetrics.ready_when(lambda: readiness(app, names.topic(SOURCE[stage])))
+        selfmetrics.serve(cfg.process.metrics_port, cfg.service.metrics_bind, "process.metrics_port")
 
     @app.timer(LAG_INTERVAL_S, name="consumer_lag")
     async def export_lag() -> None:
@@ -434,6 +436,18 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         )
 
     return app
+
+
+def readiness(app: Any, source: str) -> str | None:
+    """Why a worker is not ready (/readyz), or None: partitions of its source topic
+    assigned and its tables recovered from their changelogs, no rebalance under way."""
+    if app.rebalancing:
+        return "rebalancing"
+    if not any(tp.topic == source for tp in app.assignor.assigned_actives()):
+        return f"no partition of {source} assigned"
+    if app.in_recovery or not app.tables.recovery.completed.is_set():
+        return "recovering tables from their changelogs"
+    return None
 
 
 def changelog_topic(names: Topics, stage: str) -> str:
@@ -505,5 +519,11 @@ def run(cfg: Config, stage: str, log_level: str = "info") -> None:
             )
         )
     asyncio.run(retry(lambda: create_topics(cfg.kafka, specs), what="create the stage's own topics"))
-    worker = faust.Worker(make_app(cfg, stage), loglevel=log_level.upper(), quiet=True)
+    # ktel's logging (ktel/logs.py), which the worker would otherwise replace with its own.
+    worker = faust.Worker(
+        make_app(cfg, stage),
+        loglevel=log_level.upper(),
+        logging_config=logs.config(log_level, cfg.service.log_format),
+        quiet=True,
+    )
     worker.execute_from_commandline()

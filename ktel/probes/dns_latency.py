@@ -10,6 +10,11 @@ from __future__ import annotations
 import struct
 from typing import Any
 
+from opentelemetry.semconv._incubating.attributes.process_attributes import (
+    PROCESS_EXECUTABLE_NAME,
+    PROCESS_PID,
+)
+
 from ktel.probes import Histogram, Layout, Probe, Uprobe
 from ktel.probes.decode import c_string
 from ktel.schema import COMM, PID, TS_NS, U64, EventKind, Field, Int, Metric, Str
@@ -37,8 +42,8 @@ DNS_SLOW = EventKind(
 def labels(key: bytes) -> dict[str, Any]:
     tgid, failed, comm = KEY.unpack(key)
     return {
-        "process.pid": tgid,
-        "process.executable.name": c_string(comm),
+        PROCESS_PID: tgid,
+        PROCESS_EXECUTABLE_NAME: c_string(comm),
         "status": "error" if failed else "ok",
     }
 

@@ -55,6 +55,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, NotRequired, TypedDict
 
+from opentelemetry.semconv._incubating.attributes.host_attributes import HOST_ID
+
 from ktel.schema import (
     U32,
     U63,
@@ -105,7 +107,7 @@ PROBE_STATE = Shape(
 HEARTBEAT_SHAPE = Shape(
     (
         Key("ts", Int(0, U63)),
-        Key("host", Shape((Key("host.id", ID),))),
+        Key("host", Shape((Key(HOST_ID, ID),))),
         Key("probes", MapOf(PROBE_STATE, 256, key_len=64)),
         Key("counters", MapOf(Int(0, U64), 1024)),
         Key("interval_s", Float(0), required=False),

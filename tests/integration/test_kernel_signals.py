@@ -105,7 +105,8 @@ async def test_kernel_spans_logs_and_metrics_reach_the_collector(broker, tmp_pat
         )
         assert r.get("status", {}).get("code", 0) == (2 if i == 0 else 1)
         assert attributes(c.get("attributes", [])) == {"algorithm": "jhash"}
-        assert r["resource"] == c["resource"] == {"host.id": host, "process.pid": pid}
+        # service.name: the exporter's service.name setting, default ktel.
+        assert r["resource"] == c["resource"] == {"service.name": "ktel", "host.id": host, "process.pid": pid}
 
     kernel_logs = sorted((lg for lg in logs if lg["severityNumber"] == 13), key=lambda lg: lg["timeUnixNano"])
     assert [lg["body"]["stringValue"] for lg in kernel_logs] == [
@@ -118,7 +119,7 @@ async def test_kernel_spans_logs_and_metrics_reach_the_collector(broker, tmp_pat
     [oom] = [lg for lg in logs if lg["severityNumber"] == 17]
     assert oom["body"]["stringValue"] == "OOM killer killed process 4242 (hog)"
     assert attributes(oom["attributes"])["oom.trigger.pid"] == pid
-    assert oom["resource"] == {"host.id": host}
+    assert oom["resource"] == {"service.name": "ktel", "host.id": host}
 
     latest = {m["name"]: m for m in sorted(metrics, key=lambda m: m.get("timeUnixNano", 0))}
     assert point_value(latest["ops_total"]["sum"]["dataPoints"][-1]) == N

@@ -78,14 +78,19 @@ def point_value(p: dict):
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
-async def test_spans_metrics_and_logs_arrive_exactly(kafka, collector, protocol):
+async def test_spans_metrics_and_logs_arrive_exactly(kafka, collector, protocol, monkeypatch):
     run = uuid.uuid4().hex[:12]
     host = f"host-{run}"
     endpoint = collector.grpc_endpoint if protocol == "grpc" else collector.http_endpoint
     cfg = config.Config(
         kafka=config.KafkaConfig(bootstrap=kafka.bootstrap),
         otlp=config.OtlpConfig(protocol=protocol, endpoint=endpoint, metrics_port=0),
+        service=config.ServiceConfig(name=f"ktel-{run}"),
     )
+    # Every resource carries service.name (the setting) and OTEL_RESOURCE_ATTRIBUTES.
+    monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", f"deployment.environment.name=test,ktel.run={run}")
+    service = {"service.name": f"ktel-{run}", "deployment.environment.name": "test", "ktel.run": run}
     await create_topics(kafka.bootstrap, topics.specs(cfg))
 
     resource = {"host.id": host, "host.name": "node-1", "os.type": "linux"}
@@ -181,7 +186,19 @@ async def test_spans_metrics_and_logs_arrive_exactly(kafka, collector, protocol)
         )
         for s in got_spans
     ] == [
-        (hexid(tid), hexid(sid), hexid(parent), name, start, end, status, msg, attrs, resource, "ktel")
+        (
+            hexid(tid),
+            hexid(sid),
+            hexid(parent),
+            name,
+            start,
+            end,
+            status,
+            msg,
+            attrs,
+            {**service, **resource},
+            "ktel",
+        )
         for tid, sid, parent, name, start, end, status, msg, attrs in spans
     ]
 
@@ -200,15 +217,15 @@ async def test_spans_metrics_and_logs_arrive_exactly(kafka, collector, protocol)
         for r in got_logs
     ] == [
         (t0 + 5000, 17, "ERROR", "oom-kill: process 42 (stress) killed", {"process.pid": 42}, hexid(trace_id),
-         hexid(child), resource),
-        (t0 + 6000, 9, "INFO", "tcp retransmit", {"net.peer.port": 443}, "", "", resource),
+         hexid(child), {**service, **resource}),
+        (t0 + 6000, 9, "INFO", "tcp retransmit", {"net.peer.port": 443}, "", "", {**service, **resource}),
     ]  # fmt: skip
 
     got = {m["name"]: m for m in mine(collector.metrics())}
     assert set(got) == {"file_created_total", "ktel_spool_bytes", "runq_latency_seconds"}
     for m in got.values():
-        # host.id moved from the labels to the resource; the resource holds nothing else.
-        assert m["resource"] == {"host.id": host}
+        # host.id moved from the labels to the resource; besides it, the service's attributes.
+        assert m["resource"] == {**service, "host.id": host}
     t_ns = str(ts_ms * 1_000_000)
     counter = got["file_created_total"]["sum"]
     assert counter["isMonotonic"] is True and counter["aggregationTemporality"] == 2  # cumulative

@@ -1,0 +1,445 @@
+"""``ktel status``: the fleet at a glance, from what Kafka holds.
+
+Hosts come from ``ktel.heartbeats``: every record of the last ``--since`` seconds is
+read (a group-less consumer from ``offsets_for_times``, up to the end offsets at the
+start), and each host's newest heartbeat stands for it. Records are keyed by host id
+and a host's stay in one partition, in order, so only the newest record of each key
+is decoded (an older one only where a newer one does not decode, or names another
+host than its key). A host whose newest heartbeat
+is older than ``--stale-after`` is stale: it is highlighted, and the command exits 1.
+A host silent for longer than ``--since`` is not seen at all, so ``--since`` should
+be well above ``--stale-after``.
+
+Stages and exporters come from their consumer groups (every group whose id starts
+with ``ktel-``): state and members from the group coordinator, and the lag, the
+records not yet committed, as the partitions' end offsets minus the group's
+committed offsets.
+
+``--json`` prints one object of the shape ``SCHEMA`` (a JSON Schema) describes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from opentelemetry.semconv._incubating.attributes.host_attributes import HOST_ID, HOST_NAME
+from opentelemetry.semconv._incubating.attributes.os_attributes import OS_VERSION
+from rich.console import Console
+from rich.console import Group as Stack
+from rich.live import Live
+from rich.table import Table
+
+from ktel.config import Config
+from ktel.kafka_client import Kafka, client_kwargs, explain, settings
+from ktel.retry import retry
+from ktel.wire import Heartbeat, WireError, decode_heartbeat
+
+log = logging.getLogger("ktel.status")
+EXIT_OK, EXIT_STALE, EXIT_UNREADABLE = 0, 1, 2
+
+_HOST = {
+    "type": "object",
+    "required": [
+        "host_id",
+        "host_name",
+        "kernel",
+        "agent_version",
+        "last_heartbeat_ms",
+        "age_s",
+        "stale",
+        "probes_loaded",
+        "probes_failed",
+        "ringbuf_drops_per_s",
+        "spool_depth_bytes",
+        "sampling_overrides",
+    ],
+    "properties": {
+        "host_id": {"type": "string"},
+        "host_name": {"type": "string", "description": "host.name (empty if the agent sent none)"},
+        "kernel": {"type": "string", "description": "os.version: the kernel release"},
+        "agent_version": {"type": "string"},
+        "last_heartbeat_ms": {"type": "integer", "description": "the newest heartbeat's ts, ms since epoch"},
+        "age_s": {"type": "number", "description": "seconds since that heartbeat, by this clock"},
+        "stale": {"type": "boolean", "description": "age_s > stale_after_s"},
+        "probes_loaded": {"type": "array", "items": {"type": "string"}},
+        "probes_failed": {
+            "type": "object",
+            "additionalProperties": {"type": "string"},
+            "description": "probe -> why the agent could not load it",
+        },
+        "ringbuf_drops_per_s": {
+            "type": "number",
+            "description": "events lost to full ring buffers per second, all probes, over the last interval",
+        },
+        "spool_depth_bytes": {
+            "type": "integer",
+            "description": "sealed batches Kafka has not yet acknowledged",
+        },
+        "sampling_overrides": {
+            "type": "object",
+            "additionalProperties": {
+                "type": "object",
+                "required": ["sample_every", "command"],
+                "properties": {"sample_every": {"type": "integer"}, "command": {"type": "string"}},
+            },
+            "description": "probe -> the control command in force and the sampling (1 in N) it set",
+        },
+    },
+}
+_GROUP = {
+    "type": "object",
+    "required": ["group", "state", "members", "lag", "lag_by_topic"],
+    "properties": {
+        "group": {
+            "type": "string",
+            "description": "consumer group id: ktel-<stage> or ktel-export-<exporter>",
+        },
+        "state": {
+            "type": "string",
+            "description": "the coordinator's: Stable, PreparingRebalance, Empty, ...",
+        },
+        "members": {"type": "integer"},
+        "lag": {"type": "integer", "description": "records not yet committed, all partitions"},
+        "lag_by_topic": {"type": "object", "additionalProperties": {"type": "integer"}},
+    },
+}
+SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "ktel status --json",
+    "type": "object",
+    "required": [
+        "v",
+        "now_ms",
+        "since_s",
+        "stale_after_s",
+        "hosts",
+        "stale_hosts",
+        "groups",
+        "bad_heartbeats",
+    ],
+    "properties": {
+        "v": {"const": 1},
+        "now_ms": {"type": "integer", "description": "when the status was taken, ms since epoch"},
+        "since_s": {"type": "number", "description": "how far back heartbeats were read"},
+        "stale_after_s": {"type": "number"},
+        "hosts": {"type": "array", "items": _HOST, "description": "sorted by host_name, then host_id"},
+        "stale_hosts": {"type": "array", "items": {"type": "string"}, "description": "their host ids"},
+        "groups": {"type": "array", "items": _GROUP, "description": "sorted by group"},
+        "bad_heartbeats": {
+            "type": "integer",
+            "description": "records of ktel.heartbeats newer than their host's newest good one that "
+            "did not decode or named another host than their key",
+        },
+    },
+}
+
+
+# A consumer group: id, state, members, {topic partition: (committed offset, end offset)}.
+Group = tuple[str, str, int, dict[TopicPartition, tuple[int, int]]]
+
+
+@dataclass(frozen=True)
+class Read:
+    """What Kafka held: each host's newest heartbeat, the records of ktel.heartbeats
+    that did not decode, and the ktel consumer groups."""
+
+    heartbeats: dict[str, Heartbeat]
+    bad_heartbeats: int
+    groups: list[Group]
+
+
+def host_row(hb: Heartbeat, now_ms: int, stale_after_s: float) -> dict[str, Any]:
+    host = hb["host"]
+    probes = hb["probes"]
+    age_s = max(0.0, (now_ms - hb["ts"]) / 1000)
+    return {
+        "host_id": host[HOST_ID],
+        "host_name": host.get(HOST_NAME, ""),
+        "kernel": host.get(OS_VERSION, ""),
+        "agent_version": host.get("ktel.agent.version", ""),
+        "last_heartbeat_ms": hb["ts"],
+        "age_s": round(age_s, 3),
+        "stale": age_s > stale_after_s,
+        "probes_loaded": sorted(p for p, s in probes.items() if s["loaded"]),
+        "probes_failed": {p: s.get("reason", "") for p, s in sorted(probes.items()) if not s["loaded"]},
+        "ringbuf_drops_per_s": sum(
+            v for k, v in hb.get("rates", {}).items() if k.startswith("ringbuf_drops.")
+        ),
+        "spool_depth_bytes": hb.get("spool", {}).get("depth_bytes", 0),
+        "sampling_overrides": {
+            p: {"sample_every": s.get("sample_every", 1), "command": s["command"]}
+            for p, s in sorted(probes.items())
+            if s.get("command")
+        },
+    }
+
+
+def group_row(
+    group: str, state: str, members: int, offsets: dict[TopicPartition, tuple[int, int]]
+) -> dict[str, Any]:
+    by_topic: dict[str, int] = {}
+    for tp, (committed, end) in offsets.items():
+        by_topic[tp.topic] = by_topic.get(tp.topic, 0) + max(0, end - committed)
+    return {
+        "group": group,
+        "state": state,
+        "members": members,
+        "lag": sum(by_topic.values()),
+        "lag_by_topic": dict(sorted(by_topic.items())),
+    }
+
+
+def summarize(read: Read, now_ms: int, since_s: float, stale_after_s: float) -> dict[str, Any]:
+    """The status document (``SCHEMA``) of what was read; pure."""
+    hosts = sorted(
+        (host_row(hb, now_ms, stale_after_s) for hb in read.heartbeats.values()),
+        key=lambda h: (h["host_name"], h["host_id"]),
+    )
+    return {
+        "v": 1,
+        "now_ms": now_ms,
+        "since_s": since_s,
+        "stale_after_s": stale_after_s,
+        "hosts": hosts,
+        "stale_hosts": [h["host_id"] for h in hosts if h["stale"]],
+        "groups": sorted((group_row(*g) for g in read.groups), key=lambda g: g["group"]),
+        "bad_heartbeats": read.bad_heartbeats,
+    }
+
+
+def newest(
+    by_key: Mapping[bytes, list[bytes]], hosts: set[str] | None = None
+) -> tuple[dict[str, Heartbeat], int]:
+    """Each host's newest heartbeat, from each key's records in offset order (only of
+    ``hosts`` if given); and how many newer records did not decode or named another
+    host than their key (the processing stages refuse those too)."""
+    out: dict[str, Heartbeat] = {}
+    bad = 0
+    for key, values in by_key.items():
+        host_id = key.decode(errors="replace")
+        if hosts is not None and host_id not in hosts:
+            continue
+        for value in reversed(values):
+            try:
+                hb = decode_heartbeat(value)
+            except WireError:
+                bad += 1
+                continue
+            if hb["host"][HOST_ID] != host_id:
+                bad += 1
+                continue
+            out[host_id] = hb
+            break
+    return out, bad
+
+
+async def read(kafka: Kafka, since_s: float, hosts: set[str] | None = None) -> Read:
+    """Read the heartbeats of the last ``since_s`` seconds and the ktel groups' offsets."""
+    consumer = AIOKafkaConsumer(**client_kwargs(kafka), group_id=None, enable_auto_commit=False)
+    admin = AIOKafkaAdminClient(**client_kwargs(kafka))
+    try:
+        await consumer.start()
+        await admin.start()
+        names = settings(kafka).topics
+        heartbeats, bad = newest(await _heartbeats(consumer, admin, names.heartbeats, since_s), hosts)
+        # The groups of this pipeline: <prefix>ktel-<stage> and <prefix>ktel-export-<exporter>.
+        return Read(heartbeats, bad, await _groups(consumer, admin, names.group("")))
+    finally:
+        await consumer.stop()
+        await admin.close()
+
+
+async def _partitions(admin: AIOKafkaAdminClient, topics: list[str]) -> list[TopicPartition]:
+    # A group-less consumer knows no topic's partitions until asked; the admin client asks.
+    # Every topic: asking for a missing one by name can make the broker create it.
+    described = await admin.describe_topics()
+    return sorted(
+        TopicPartition(t["topic"], p["partition"])
+        for t in described
+        if t["topic"] in topics and t["error_code"] == 0
+        for p in t["partitions"]
+    )
+
+
+async def _heartbeats(
+    consumer: AIOKafkaConsumer, admin: AIOKafkaAdminClient, topic: str, since_s: float
+) -> dict[bytes, list[bytes]]:
+    """The records of ``topic`` of the last ``since_s`` seconds by key, each key's in offset order."""
+    parts = await _partitions(admin, [topic])
+    if not parts:
+        return {}
+    consumer.assign(parts)
+    ends = await consumer.end_offsets(parts)
+    start_ms = int(time.time() * 1000 - since_s * 1000)
+    found = await consumer.offsets_for_times({tp: start_ms for tp in parts})
+    for tp in parts:
+        hit = found.get(tp)
+        consumer.seek(tp, hit.offset if hit is not None else ends[tp])
+    by_key: dict[bytes, list[bytes]] = {}
+    # Up to the end offsets at the start: a fleet's heartbeats never stop coming.
+    while [tp for tp in parts if await consumer.position(tp) < ends[tp]]:
+        for tp, records in (await consumer.getmany(timeout_ms=1000)).items():
+            for rec in records:
+                if rec.offset < ends[tp]:  # a newer one waits for the next refresh
+                    by_key.setdefault(rec.key or b"", []).append(rec.value or b"")
+    return by_key
+
+
+async def _groups(consumer: AIOKafkaConsumer, admin: AIOKafkaAdminClient, prefix: str) -> list[Group]:
+    ids = sorted(g[0] for g in await admin.list_consumer_groups() if g[0].startswith(prefix))
+    if not ids:
+        return []
+    described = {}
+    for resp in await admin.describe_consumer_groups(ids):
+        for g in resp.to_object()["groups"]:
+            described[g["group"]] = (g["state"], len(g["members"]))
+    out: list[Group] = []
+    for group in ids:
+        committed = {
+            tp: meta.offset
+            for tp, meta in (await admin.list_consumer_group_offsets(group)).items()
+            if meta.offset >= 0
+        }
+        ends = await consumer.end_offsets(list(committed)) if committed else {}
+        state, members = described.get(group, ("Unknown", 0))
+        out.append((group, state, members, {tp: (off, ends[tp]) for tp, off in committed.items()}))
+    return out
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def tables(status: dict[str, Any]) -> list[Table]:
+    """The status document as terminal tables: hosts (stale ones in red), then groups."""
+    hosts = Table(
+        title=f"hosts: {len(status['hosts'])}, stale: {len(status['stale_hosts'])} "
+        f"(no heartbeat for {status['stale_after_s']:g}s)",
+        title_justify="left",
+    )
+    for column in (
+        "host",
+        "host id",
+        "kernel",
+        "agent",
+        "last heartbeat",
+        "probes",
+        "failed probes",
+        "rb drops/s",
+        "spool",
+        "sampling overrides",
+    ):
+        hosts.add_column(column, overflow="fold")
+    for h in status["hosts"]:
+        age = _age(h["age_s"]) + " ago"
+        hosts.add_row(
+            h["host_name"],
+            h["host_id"],
+            h["kernel"],
+            h["agent_version"],
+            f"STALE {age}" if h["stale"] else age,
+            ", ".join(h["probes_loaded"]),
+            "\n".join(f"{p}: {why}" for p, why in h["probes_failed"].items()),
+            f"{h['ringbuf_drops_per_s']:g}",
+            f"{h['spool_depth_bytes']} B",
+            ", ".join(
+                f"{p} 1/{o['sample_every']} ({o['command']})" for p, o in h["sampling_overrides"].items()
+            ),
+            style="bold red" if h["stale"] else None,
+        )
+    groups = Table(title="stages and exporters (consumer groups)", title_justify="left")
+    for column in ("group", "state", "members", "lag", "lag by topic"):
+        groups.add_column(column, overflow="fold")
+    for g in status["groups"]:
+        groups.add_row(
+            g["group"],
+            g["state"],
+            str(g["members"]),
+            str(g["lag"]),
+            ", ".join(f"{t} {n}" for t, n in g["lag_by_topic"].items()),
+            style="yellow" if g["members"] == 0 else None,
+        )
+    return [hosts, groups]
+
+
+class Unreadable(Exception):
+    """Kafka gave no status within --timeout; ``args[0]``: the last failure, if any."""
+
+
+async def _once(cfg: Config, args: argparse.Namespace, stale_after_s: float) -> dict[str, Any]:
+    hosts = set(args.host) if args.host else None
+    now_ms = time.time_ns() // 1_000_000
+    failures: list[BaseException] = []
+    try:
+        # Retried within the timeout: a coordinator moving or a broker restarting
+        # should not end a --watch, but a one-shot status must not hang.
+        async with asyncio.timeout(args.timeout):
+            got = await retry(
+                lambda: read(cfg.kafka, args.since, hosts),
+                what=f"read the fleet's status from Kafka at {cfg.kafka.bootstrap}",
+                on_retry=failures.append,
+            )
+    except TimeoutError:
+        raise Unreadable(failures[-1] if failures else None) from None
+    return summarize(got, now_ms, args.since, stale_after_s)
+
+
+async def _run(cfg: Config, args: argparse.Namespace) -> int:
+    stale_after_s = args.stale_after if args.stale_after is not None else 3 * cfg.agent.heartbeat_seconds
+    # Piped or redirected: wide lines rather than cut columns (rich's default is 80).
+    console = Console() if sys.stdout.isatty() else Console(width=250)
+    if args.watch is None:
+        status = await _once(cfg, args, stale_after_s)
+        if args.json:
+            print(json.dumps(status))
+        else:
+            console.print(*tables(status))
+        return EXIT_STALE if status["stale_hosts"] else EXIT_OK
+    code = EXIT_OK
+    # Live redraws the tables in place; JSON goes out one object a line.
+    live = contextlib.nullcontext() if args.json else Live(console=console, auto_refresh=False)
+    with live:
+        try:
+            while True:
+                status = await _once(cfg, args, stale_after_s)
+                code = EXIT_STALE if status["stale_hosts"] else EXIT_OK
+                if args.json:
+                    print(json.dumps(status), flush=True)
+                else:
+                    assert isinstance(live, Live)
+                    live.update(Stack(*tables(status)), refresh=True)
+                await asyncio.sleep(args.watch)
+        except asyncio.CancelledError:  # Ctrl-C: the exit status is the last refresh's
+            return code
+
+
+def main(cfg: Config, args: argparse.Namespace) -> int:
+    """``ktel status``: 0 when every host listed is fresh, 1 when one is stale, 2 when
+    Kafka could not be read; with --watch, as of the last refresh before Ctrl-C."""
+    try:
+        return asyncio.run(_run(cfg, args))
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except Unreadable as err:
+        last = err.args[0]
+        if last is None:
+            why = f"Kafka at {cfg.kafka.bootstrap} gave no answer within {args.timeout:g}s (--timeout)"
+        else:
+            why = asyncio.run(explain(last, cfg.kafka))
+        log.error("ktel status: %s", why)  # a log line: JSON too with service.log_format = "json"
+        return EXIT_UNREADABLE

@@ -1,0 +1,94 @@
+"""The self-metrics server: /metrics, /healthz, and /readyz answering each process's check."""
+
+import socket
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry, Counter
+
+from ktel import selfmetrics
+from ktel.stack.proc import free_port
+
+
+@pytest.fixture
+def server():
+    registry = CollectorRegistry()
+    Counter("ktel_test_things", "things", registry=registry).inc(3)
+    port = free_port()
+    selfmetrics.serve(port, "127.0.0.1", "x.metrics_port", registry)
+    yield f"http://127.0.0.1:{port}"
+    selfmetrics.ready_when(lambda: "starting")
+
+
+def test_health_and_metrics(server):
+    assert httpx.get(f"{server}/healthz").text == "ok\n"
+    assert "ktel_test_things_total 3.0" in httpx.get(f"{server}/metrics").text
+
+
+def test_readyz_follows_the_check(server):
+    state = {"why": "no partition of ktel.metrics assigned"}
+    selfmetrics.ready_when(lambda: state["why"])
+    answer = httpx.get(f"{server}/readyz")
+    assert answer.status_code == 503
+    assert answer.text == "not ready: no partition of ktel.metrics assigned\n"
+    state["why"] = None
+    answer = httpx.get(f"{server}/readyz")
+    assert (answer.status_code, answer.text) == (200, "ready\n")
+
+
+def test_a_broken_check_is_not_ready_with_why(server):
+    selfmetrics.ready_when(lambda: 1 / 0)
+    answer = httpx.get(f"{server}/readyz")
+    assert answer.status_code == 503
+    assert "ZeroDivisionError" in answer.text
+
+
+def test_port_zero_serves_nothing():
+    selfmetrics.serve(0, "127.0.0.1", "x.metrics_port")  # returns without binding anything
+
+
+def test_a_port_taken_names_the_setting(server):
+    port = int(server.rsplit(":", 1)[1])
+    with pytest.raises(
+        SystemExit, match=r"cannot serve self-metrics on 127.0.0.1:\d+ .*set otlp.metrics_port"
+    ):
+        selfmetrics.serve(port, "127.0.0.1", "otlp.metrics_port")
+
+
+def test_ipv6_bind(server):
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError as err:
+        pytest.skip(f"no IPv6 loopback here: {err}")
+    port = free_port()
+    selfmetrics.serve(port, "::1", "x.metrics_port")
+    assert httpx.get(f"http://[::1]:{port}/healthz").status_code == 200
+
+
+def worker(*, rebalancing=False, assigned=(), in_recovery=False, recovered=True):
+    """What a processing worker's readiness reads of its Faust app."""
+    from types import SimpleNamespace
+
+    from aiokafka import TopicPartition
+
+    completed = SimpleNamespace(is_set=lambda: recovered)
+    return SimpleNamespace(
+        rebalancing=rebalancing,
+        in_recovery=in_recovery,
+        assignor=SimpleNamespace(assigned_actives=lambda: {TopicPartition(t, 0) for t in assigned}),
+        tables=SimpleNamespace(recovery=SimpleNamespace(completed=completed)),
+    )
+
+
+def test_a_processing_worker_is_ready_assigned_and_recovered():
+    from processors.stages import readiness
+
+    assert readiness(worker(rebalancing=True, assigned=["ktel.raw"]), "ktel.raw") == "rebalancing"
+    # Only the heartbeats' partitions: the stage has nothing of its source to work on.
+    assert readiness(worker(assigned=["ktel.heartbeats"]), "ktel.raw") == "no partition of ktel.raw assigned"
+    assert readiness(worker(assigned=["ktel.raw"], recovered=False), "ktel.raw") == (
+        "recovering tables from their changelogs"
+    )
+    assert readiness(worker(assigned=["ktel.raw"], in_recovery=True), "ktel.raw") is not None
+    assert readiness(worker(assigned=["ktel.raw"]), "ktel.raw") is None

@@ -1,0 +1,111 @@
+"""ktel status's pure part: which heartbeat stands for a host, what is stale, the
+per-host and per-group rows, and the --json document against its schema."""
+
+import jsonschema
+from aiokafka import TopicPartition
+
+from ktel import status
+from ktel.wire import encode_heartbeat
+
+NOW = 1_800_000_000_000
+
+
+def hb(host_id: str, ts: int, **extra) -> dict:
+    return {
+        "ts": ts,
+        "host": {
+            "host.id": host_id,
+            "host.name": f"{host_id}-name",
+            "os.version": "6.1.0-13-amd64",
+            "ktel.agent.version": "0.1.0",
+        },
+        "probes": {
+            "file_created": {"loaded": True, "reason": "", "sample_every": 10, "command": "cmd-7"},
+            "tcp_retransmit": {"loaded": True, "reason": "", "sample_every": 1, "command": None},
+            "ktel_api": {"loaded": False, "reason": "this kernel lacks tracepoint(s) ktel:ktel_counter"},
+        },
+        "counters": {},
+        "rates": {
+            "ringbuf_drops.file_created": 1.5,
+            "ringbuf_drops.tcp_retransmit": 0.5,
+            "events_read": 99.0,
+        },
+        "spool": {"depth_bytes": 4096},
+        **extra,
+    }
+
+
+def test_each_keys_newest_good_heartbeat_stands_for_its_host():
+    by_key = {
+        b"a": [encode_heartbeat(hb("a", NOW - 5000)), encode_heartbeat(hb("a", NOW - 1000))],
+        # The newest does not decode and the one before names another host: both
+        # counted, and the one before them stands.
+        b"b": [encode_heartbeat(hb("b", NOW - 9000)), encode_heartbeat(hb("a", NOW)), b"garbage"],
+        b"c": [b"garbage"],
+    }
+    newest, bad = status.newest(by_key)
+    assert {h: b["ts"] for h, b in newest.items()} == {"a": NOW - 1000, "b": NOW - 9000}
+    assert bad == 3
+    assert set(status.newest(by_key, {"b"})[0]) == {"b"}
+
+
+def test_host_row_reports_probes_drops_spool_and_overrides():
+    row = status.host_row(hb("a", NOW - 2000), NOW, stale_after_s=30)
+    assert row["host_name"] == "a-name"
+    assert row["kernel"] == "6.1.0-13-amd64"
+    assert row["agent_version"] == "0.1.0"
+    assert row["age_s"] == 2.0
+    assert row["stale"] is False
+    assert row["probes_loaded"] == ["file_created", "tcp_retransmit"]
+    assert row["probes_failed"] == {"ktel_api": "this kernel lacks tracepoint(s) ktel:ktel_counter"}
+    assert row["ringbuf_drops_per_s"] == 2.0  # every probe's, nothing else
+    assert row["spool_depth_bytes"] == 4096
+    assert row["sampling_overrides"] == {"file_created": {"sample_every": 10, "command": "cmd-7"}}
+
+
+def test_a_host_silent_longer_than_stale_after_is_stale():
+    read = status.Read({"a": hb("a", NOW - 31_000), "b": hb("b", NOW - 29_000)}, 0, [])
+    doc = status.summarize(read, NOW, since_s=900, stale_after_s=30)
+    assert doc["stale_hosts"] == ["a"]
+    assert [h["stale"] for h in doc["hosts"]] == [True, False]
+
+
+def test_group_lag_is_end_minus_committed_per_topic():
+    offsets = {
+        TopicPartition("ktel.metrics", 0): (10, 15),
+        TopicPartition("ktel.metrics", 1): (7, 7),
+        TopicPartition("ktel.spans", 0): (0, 3),
+    }
+    row = status.group_row("ktel-export-otlp", "Stable", 2, offsets)
+    assert row == {
+        "group": "ktel-export-otlp",
+        "state": "Stable",
+        "members": 2,
+        "lag": 8,
+        "lag_by_topic": {"ktel.metrics": 5, "ktel.spans": 3},
+    }
+
+
+def test_the_document_matches_its_schema_and_the_schema_catches_a_wrong_one():
+    read = status.Read(
+        {"a": hb("a", NOW - 100_000), "b": hb("b", NOW)},
+        2,
+        [("ktel-all", "Stable", 1, {TopicPartition("ktel.raw", 0): (1, 4)})],
+    )
+    doc = status.summarize(read, NOW, since_s=900, stale_after_s=30)
+    jsonschema.validate(doc, status.SCHEMA)
+    assert doc["bad_heartbeats"] == 2
+    del doc["hosts"][0]["stale"]
+    try:
+        jsonschema.validate(doc, status.SCHEMA)
+    except jsonschema.ValidationError as err:
+        assert "stale" in err.message
+    else:
+        raise AssertionError("a host without 'stale' passed the schema")
+
+
+def test_tables_mark_stale_hosts():
+    read = status.Read({"a": hb("a", NOW - 100_000)}, 0, [])
+    hosts, groups = status.tables(status.summarize(read, NOW, 900, 30))
+    assert hosts.row_count == 1 and groups.row_count == 0
+    assert hosts.rows[0].style == "bold red"
