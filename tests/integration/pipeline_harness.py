@@ -57,7 +57,8 @@ class Exporter:
 class Pipeline:
     """Agent, worker and exporters on one Kafka; ``kafka_env(role)``: the environment
     that gives the role's principal (agent, processor, exporter) its Kafka settings,
-    KTEL_KAFKA__BOOTSTRAP at least."""
+    KTEL_KAFKA__BOOTSTRAP at least; ``remote_write_env``: more of the remote-write
+    exporter's settings (how it passes a Prometheus that asks for TLS and a password)."""
 
     def __init__(
         self,
@@ -65,6 +66,7 @@ class Pipeline:
         prometheus: LocalPrometheus,
         kafka_env: Callable[[str], dict[str, str]],
         host: str,
+        remote_write_env: dict[str, str] | None = None,
     ):
         self.tmp_path, self.prometheus, self.host = tmp_path, prometheus, host
         self.kafka_env = kafka_env
@@ -75,6 +77,7 @@ class Pipeline:
         remote_write = {
             "KTEL_REMOTE_WRITE__URL": prometheus.remote_write_url,
             "KTEL_REMOTE_WRITE__METRICS_PORT": "0",
+            **(remote_write_env or {}),
         }
         self.remote_write = Exporter(tmp_path, "remote-write", dict(exporter, **remote_write))
         self.pull_port = free_port()

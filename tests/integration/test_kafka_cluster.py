@@ -3,7 +3,8 @@ every node a broker and a voter): SASL_SSL with SCRAM users, an mTLS listener, t
 StandardAuthorizer with the ACLs of `ktel acls`, each principal's config file.
 Replication as in production (3 replicas, 2 in sync), and the broker leading most
 of ktel.raw SIGKILLed under the whole pipeline, which must lose and double nothing
-and need no restart by hand.
+and need no restart by hand. The pipeline's Prometheus is a production-like one too:
+remote write only over TLS, with a password.
 
 One cluster serves the module (mark ``cluster``): starting it takes a while."""
 
@@ -23,8 +24,11 @@ from aiokafka.errors import KafkaConnectionError, TopicAuthorizationFailedError
 
 from ktel import config, topics
 from ktel.config import load
+from ktel.stack import certs
 from ktel.stack.cluster import ADMIN, SecuredCluster, start
 from ktel.stack.kafka import ensure_kafka
+from ktel.stack.proc import free_port
+from ktel.stack.prometheus import LocalPrometheus, Web
 from ktel.wire import CONTROL_TOPIC, RAW_TOPIC
 from processors.chain import PROCESSES
 from processors.stages import changelog_topic
@@ -66,15 +70,37 @@ def secured(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def pipeline(secured, prometheus, tmp_path_factory):
+def secured_prometheus(tmp_path_factory):
+    """A Prometheus that takes remote write only over TLS and with basic auth, and the
+    remote-write exporter's settings that pass it."""
+    d = tmp_path_factory.mktemp("prom-pki")
+    ca = certs.make_ca(d)
+    password = d / "remote-write.password"
+    password.write_text(uuid.uuid4().hex + "\n")
+    web = Web(certs.issue(ca, d, "prometheus"), ca.cert, users={"ktel": password.read_text().strip()})
+    with LocalPrometheus(tmp_path_factory.mktemp("prom-secured"), free_port(), web) as prom:
+        yield (
+            prom,
+            {
+                "KTEL_REMOTE_WRITE__TLS_CA_FILE": str(ca.cert),
+                "KTEL_REMOTE_WRITE__BASIC_AUTH_USERNAME": "ktel",
+                "KTEL_REMOTE_WRITE__BASIC_AUTH_PASSWORD_FILE": str(password),
+            },
+        )
+
+
+@pytest.fixture(scope="module")
+def pipeline(secured, secured_prometheus, tmp_path_factory):
     """Worker and exporters over SASL_SSL, each on its principal; the agent too (a
-    test that uses it needs BPF)."""
+    test that uses it needs BPF); remote write into the TLS and password Prometheus."""
     need_bpf()
+    prometheus, remote_write_env = secured_prometheus
     p = Pipeline(
         tmp_path_factory.mktemp("pipeline"),
         prometheus,
         functools.partial(env, secured),
         f"cluster-{uuid.uuid4().hex[:8]}",
+        remote_write_env,
     )
     try:
         yield p.start()
@@ -104,7 +130,7 @@ async def replication_of(bootstrap: str) -> dict[str, tuple[set[int], str]]:
 
 def test_every_ktel_and_faust_topic_has_3_replicas_and_2_in_sync(secured, pipeline):
     got = asyncio.run(replication_of(secured.cluster.bootstrap))
-    faust = {changelog_topic("all"), "ktel-all-__assignor-__leader"}
+    faust = {changelog_topic(config.Config().kafka.topics, "all"), "ktel-all-__assignor-__leader"}
     ours = {s.name for s in topics.specs(config.Config())} | faust
     assert ours <= set(got), f"missing: {ours - set(got)}"
     # Everything ktel's (ktel.*) and its workers' (ktel-<stage>-*) and the brokers'

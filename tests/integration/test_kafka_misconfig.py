@@ -19,14 +19,14 @@ from pathlib import Path
 import pytest
 
 from ktel import config, topics
-from ktel.stack.kafka import LocalKafka, SaslSsl, _java, ensure_kafka
+from ktel.stack import certs
+from ktel.stack.kafka import LocalKafka, Security, _java, ensure_kafka
 from ktel.stack.proc import free_port
 from ktel.wire import CONTROL_TOPIC, HEARTBEATS_TOPIC, RAW_TOPIC
 from tests.conftest import need_bpf
 from tests.integration.agent_harness import AgentProcess, kill_leftovers
 from tests.integration.test_agent_delivery import create_files
 from tests.integration.test_agent_faults import deduped_paths, expected
-from tests.integration.test_kafka_security import make_certs
 from tests.integration.test_processing_stages import Worker
 
 pytestmark = pytest.mark.kafka
@@ -49,8 +49,8 @@ def no_leftover_agents():
 class Secure:
     def __init__(self, broker: LocalKafka, ca: Path, other_ca: Path):
         self.broker, self.ca, self.other_ca = broker, ca, other_ca
-        assert broker.sasl_ssl is not None
-        self.listener = f"127.0.0.1:{broker.sasl_ssl.port}"
+        assert broker.sasl_ssl_port is not None
+        self.listener = f"127.0.0.1:{broker.sasl_ssl_port}"
 
     def env(self, user: str = "ktel") -> dict[str, str]:
         """The right settings for ``user``, as environment variables."""
@@ -81,15 +81,21 @@ class Secure:
 @pytest.fixture(scope="module")
 def secure(tmp_path_factory):
     ensure_kafka()
-    ca, keystore = make_certs(tmp_path_factory.mktemp("certs"))
-    other_ca, _ = make_certs(tmp_path_factory.mktemp("other-ca"))  # trusted by no broker here
-    sasl = SaslSsl(free_port(), keystore, PASSWORDS, authorizer=True, super_users=("User:ktel",))
-    broker = LocalKafka(tmp_path_factory.mktemp("kafka-misconfig"), free_port(), free_port(), sasl_ssl=sasl)
+    ca = certs.make_ca(tmp_path_factory.mktemp("certs"))
+    other_ca = certs.make_ca(tmp_path_factory.mktemp("other-ca"))  # trusted by no broker here
+    security = Security(certs.broker_keystore(ca), PASSWORDS, authorizer=True, super_users=("User:ktel",))
+    broker = LocalKafka(
+        tmp_path_factory.mktemp("kafka-misconfig"),
+        free_port(),
+        free_port(),
+        security,
+        sasl_ssl_port=free_port(),
+    )
     broker.start()
     try:
         cfg = config.Config(kafka=config.KafkaConfig(bootstrap=broker.bootstrap))
         assert asyncio.run(topics.ensure(cfg, lambda _: None)) == 0
-        yield Secure(broker, ca, other_ca)
+        yield Secure(broker, ca.cert, other_ca.cert)
     finally:
         broker.stop()
 
