@@ -34,9 +34,16 @@ grace of 0: only the exit's own batch sees it). Time here is the batches'
 ``sent_ns``, not the worker's clock, so the same input always gives the same
 output.
 
-The process table is bounded (``max_processes`` per host, over all boots):
-past it the least recently named process of the oldest boot goes, and is
-counted as an eviction. An evicted process that is named again is unknown.
+The process and container tables are bounded per host, over all boots (``bound``),
+so that a host exec'ing or listing far more than fits keeps its state persistable
+and its batches counted: at most ``max_processes`` processes and MAX_CONTAINERS
+containers, and at most ``max_table_bytes`` for the whole section encoded
+(``TABLE_SHARE`` of ``process.max_state_bytes``, see ``Enrich.from_config``). Past a bound the least
+recently named process of the oldest boot goes first, then, past the bytes
+still, the oldest boot's containers (those no longer listed first); each is
+counted as an eviction of its table. Events of an evicted process are still
+passed on and counted, without its attributes: a process named again after its
+eviction is unknown.
 """
 
 from __future__ import annotations
@@ -61,9 +68,12 @@ Metadata = dict[str, dict[int, dict[str, str]]]
 
 # Attribute namespaces the metadata feed may set (OpenTelemetry semantic conventions).
 FEED_NAMESPACES = ("container.", "k8s.")
-# Container and pod cgroups kept per host, over all boots: with max_processes
-# processes, a host's state stays well under Kafka's 1 MiB record limit.
+# Container and pod cgroups kept per host, over all boots.
 MAX_CONTAINERS = 1024
+# The share of process.max_state_bytes the section may take encoded: the aggregate's
+# series take at most 1/2 (processors/aggregate_core.py), and the last 1/8 is left to
+# the dedupe record and the keys around the sections.
+TABLE_SHARE = 3 / 8
 # How often the stage looks whether its metadata file changed (a stat).
 FEED_CHECK_SECONDS = 5.0
 
@@ -72,13 +82,26 @@ FEED_CHECK_SECONDS = 5.0
 class Options(FromConfig):
     max_processes: int = 2048
     exit_grace_seconds: float = 5.0
+    max_table_bytes: int = int(900_000 * TABLE_SHARE)  # of the default process.max_state_bytes
+
+
+@dataclasses.dataclass
+class Evicted:
+    """Entries dropped by the bounds (``bound``), not by their exit or end."""
+
+    processes: int = 0
+    containers: int = 0
+
+    def counts(self) -> dict[str, float]:
+        """As Result.counts names them."""
+        return {"evicted_processes": self.processes, "evicted_containers": self.containers}
 
 
 @dataclasses.dataclass
 class Outcome:
     batch: RawBatch
     changed: bool = False  # the state changed in a way worth persisting (not just LRU order)
-    evicted: int = 0  # processes dropped by the bound, not by their exit
+    evicted: Evicted = dataclasses.field(default_factory=Evicted)
     processes: int = 0  # processes known for this host after the batch
 
 
@@ -99,22 +122,44 @@ class Enrich(Stage):
         self.reload_feed()  # before the first batch, so a configured feed applies from the start
 
     @classmethod
-    def from_config(cls, section: EnrichConfig) -> Enrich:
-        return cls(Options.from_config(section), MetadataFile(section.metadata_file))
+    def from_config(cls, section: EnrichConfig, max_state_bytes: int) -> Enrich:
+        opts = dataclasses.replace(
+            Options.from_config(section), max_table_bytes=int(max_state_bytes * TABLE_SHARE)
+        )
+        return cls(opts, MetadataFile(section.metadata_file))
 
     def on_batch(self, state: State, batch: RawBatch, now_ms: int) -> Result:
         out = enrich(state, batch, self.feed.feed, self.opts)
-        more = out.processes - self.known.get(batch.host_id, 0)
-        self.known[batch.host_id] = out.processes
         # Only the LRU order changed otherwise: not worth a changelog record.
-        return Result(out.batch, changed=out.changed, counts={"evictions": out.evicted, "processes": more})
+        result = Result(out.batch, changed=out.changed, counts=out.evicted.counts())
+        self._known(batch.host_id, out.processes, result)
+        return result
 
     def on_window(self, states: dict[str, State], now_ms: int, share: float) -> Result:
         self.reload_feed()
         return Result()
 
-    def on_heartbeat(self, state: State, heartbeat: dict[str, Any]) -> bool:
-        return observe_heartbeat(state, heartbeat)
+    def on_heartbeat(self, state: State, heartbeat: dict[str, Any]) -> Result:
+        if not observe_heartbeat(state, heartbeat):
+            return Result()
+        result = Result(changed=True, counts=bound(state, self.opts).counts())
+        self._known(heartbeat["host"]["host.id"], known_processes(state), result)
+        return result
+
+    def _known(self, host_id: str, processes: int, result: Result) -> None:
+        """The host's processes are ``processes`` now: the gauge's increment in
+        ``result``, with how to put the count back if the record is refused after all."""
+        was = self.known.get(host_id)
+        self.known[host_id] = processes
+        result.counts["processes"] = processes - (was or 0)
+
+        def undo() -> None:
+            if was is None:
+                self.known.pop(host_id, None)
+            else:
+                self.known[host_id] = was
+
+        result.undo.append(undo)
 
     def reload_feed(self) -> None:
         errors = self.feed.refresh()
@@ -155,7 +200,6 @@ def observe_heartbeat(state: dict[str, Any], heartbeat: dict[str, Any]) -> bool:
     boot["hb"], boot["host"] = heartbeat["ts"], attrs
     if merged:
         boot["containers"] = merged
-    _bound_containers(state)
     return True
 
 
@@ -202,8 +246,8 @@ def enrich(state: dict[str, Any], batch: RawBatch, feed: Metadata, opts: Options
     resource = {**boot.get("host", {}), "host.id": batch.host_id}
     out.batch = dataclasses.replace(batch, resource=resource, processes=processes)
 
-    out.evicted = _bound(state, opts.max_processes)
-    out.changed |= out.evicted > 0
+    if out.changed:  # (naming known processes only reorders them: nothing grows)
+        out.evicted = bound(state, opts)
     out.processes = known_processes(state)
     return out
 
@@ -266,18 +310,6 @@ def _attributes(
     return attrs
 
 
-def _bound_containers(state: dict[str, Any]) -> None:
-    """At most MAX_CONTAINERS per host: the oldest boot's go first, and within a
-    boot those no longer listed (oldest first), then the listed in their order."""
-    boots = state.get("boots", {})
-    excess = sum(len(b.get("containers", {})) for b in boots.values()) - MAX_CONTAINERS
-    for boot in boots.values():  # oldest boot first
-        containers = boot.get("containers", {})
-        while excess > 0 and containers:
-            del containers[next(iter(containers))]
-            excess -= 1
-
-
 def _expire_exits(state: dict[str, Any], now_ns: int, opts: Options) -> bool:
     exits = state.get("exits", [])
     grace_ns = int(opts.exit_grace_seconds * 1e9)
@@ -287,27 +319,49 @@ def _expire_exits(state: dict[str, Any], now_ns: int, opts: Options) -> bool:
     # processes must not grow the state past what max_processes allows.
     while n < len(exits) and (exits[n][2] + grace_ns < now_ns or len(exits) - n > opts.max_processes):
         boot_id, pid, exit_ns = exits[n]
-        procs = boots.get(boot_id, {}).get("procs", {})
         # Only if this exit is still the entry's: an exec may have reused the pid since.
-        if procs.get(pid, {}).get("exit") == exit_ns:
-            del procs[pid]
+        if _exit_pending(boots, boot_id, pid, exit_ns):
+            del boots[boot_id]["procs"][pid]
         n += 1
     if n:
         del exits[:n]
     return n > 0
 
 
-def _bound(state: dict[str, Any], max_processes: int) -> int:
+def bound(state: dict[str, Any], opts: Options) -> Evicted:
+    """Evict what is past the bounds (see the module doc) from a host's state."""
     boots = state.get("boots", {})
-    excess = known_processes(state) - max_processes
-    evicted = 0
-    for boot in boots.values():  # oldest boot first
-        procs = boot.get("procs", {})
-        while excess > 0 and procs:
-            del procs[next(iter(procs))]
-            excess -= 1
-            evicted += 1
+    evicted = Evicted()
+    excess = known_processes(state) - opts.max_processes
+    excess_containers = sum(len(b.get("containers", {})) for b in boots.values()) - MAX_CONTAINERS
+    over = encoded_size(state) - opts.max_table_bytes
+    for table in ("procs", "containers"):
+        for boot in boots.values():  # oldest boot first
+            entries = boot.get(table, {})
+            while entries and (over > 0 or (excess if table == "procs" else excess_containers) > 0):
+                key = next(iter(entries))  # dicts keep insertion order: least recent first
+                # What its removal saves at least (its comma too, unless it was alone).
+                over -= len(json.dumps(key)) + 1 + encoded_size(entries.pop(key))
+                if table == "procs":
+                    excess -= 1
+                    evicted.processes += 1
+                else:
+                    excess_containers -= 1
+                    evicted.containers += 1
+    if evicted.processes and "exits" in state:
+        # Exits awaiting their grace whose process went: nothing left for them to remove.
+        state["exits"] = [e for e in state["exits"] if _exit_pending(boots, *e)]
     return evicted
+
+
+def _exit_pending(boots: dict[str, Any], boot_id: str, pid: str, exit_ns: int) -> bool:
+    return boots.get(boot_id, {}).get("procs", {}).get(pid, {}).get("exit") == exit_ns
+
+
+def encoded_size(value: Any) -> int:
+    """Its length JSON-encoded as the table's changelog record carries it (ASCII
+    escapes: at least its UTF-8 length)."""
+    return len(json.dumps(value, separators=(",", ":")))
 
 
 # ----------------------------------------------------------------- metadata feed

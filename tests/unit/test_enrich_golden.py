@@ -25,7 +25,8 @@ def run_case(case: dict, tmp_path) -> dict:
         if "heartbeat" in step:
             hb = step["heartbeat"]
             host = hb["host"]["host.id"]
-            steps.append({"heartbeat_taken": chain.on_heartbeat(table.setdefault(host, {}), host, hb)})
+            taken = chain.on_heartbeat(table.setdefault(host, {}), host, hb).changed
+            steps.append({"heartbeat_taken": taken})
             continue
         b = step["batch"]
         batch = RawBatch(b["host"], b["boot"], b["seq"], b["sent"], b["events"])
@@ -38,7 +39,7 @@ def run_case(case: dict, tmp_path) -> dict:
                 "res": out.resource,
                 "proc": out.processes,
                 "changed": result.changed,
-                "evicted": result.counts["evictions"],
+                "evicted": result.counts["evicted_processes"],
                 "processes": enrich_core.known_processes(value["enrich"]),
             }
         )
@@ -94,6 +95,7 @@ def test_a_hosts_containers_are_bounded_dropping_the_unlisted_and_old_boots_firs
         host = {"host.id": "h", "boot.id": boot}
         hb = {"ts": ts, "host": host, "containers": [[cg, {"container.id": f"{cg:064x}"}] for cg in cgroups]}
         assert enrich_core.observe_heartbeat(state, hb)
+        enrich_core.bound(state, enrich_core.Options())
 
     def kept():
         return {b: list(v.get("containers", {})) for b, v in state["boots"].items()}

@@ -1,15 +1,17 @@
 """What the processing chains make of batches a buggy or hostile client wrote: a
 sequence jump refused with the state unchanged, two boots of one host id counted
 as a conflict with both counted, a silent host's series ended and forgotten, and
-a host's series kept within their share of process.max_state_bytes."""
+a host's series, processes and containers kept within their shares of
+process.max_state_bytes."""
 
 import copy
 import json
 
+from ktel import config
 from ktel.config import AggregateConfig
-from ktel.wire import FILE_CREATED, KTEL_METRIC, RawBatch
-from processors import aggregate_core
-from processors.chain import Chain
+from ktel.wire import FILE_CREATED, KTEL_METRIC, PROCESS_EXEC, RawBatch
+from processors import aggregate_core, enrich_core
+from processors.chain import Chain, build
 from processors.dedupe_core import MAX_SEQUENCE_GAP
 
 NOW = 1_700_000_000_000
@@ -115,3 +117,38 @@ def test_a_host_making_far_more_series_than_fit_stays_within_its_bytes_and_count
             v.update(count=1.2345678901234567e300, sum=-1.2345678901234567e300)
             v["buckets"] = [1.2345678901234567e300] * len(v["buckets"])
     assert len(json.dumps(value["aggregate"]["series"]).encode()) <= max_state // 2
+
+
+def test_a_host_execing_far_more_processes_than_fit_keeps_every_event_counted_within_its_bound():
+    # 10 000 processes with long paths, in the fused chain: ~2 MB of process table.
+    limit = 65_536
+    cfg = config.Config(
+        agent=config.AgentConfig(host_id="t"),
+        process=config.ProcessConfig(max_state_bytes=limit),
+        aggregate=config.AggregateConfig(directory_depth=1),
+    )
+    c, value = build("all", cfg), {}
+
+    def file_created(pid: int) -> list:
+        return [FILE_CREATED.id, 1, pid, pid, 0, "p", f"/d/{pid}", 0o101, False]
+
+    counted = evicted = 0
+    for seq in range(50):
+        pids = range(seq * 200, seq * 200 + 200)
+        events = [[PROCESS_EXEC.id, 1, p, p, 1, 0, 7, "p", "/opt/" + "x" * 150 + str(p)] for p in pids]
+        r = c.on_batch(value, RawBatch("h", "b", seq, 1 + seq, events + [file_created(p) for p in pids]), NOW)
+        assert r.refused is None and r.batch is not None
+        counted += r.counts["events"]
+        evicted += r.counts["evicted_processes"]
+        assert len(json.dumps(value["enrich"], separators=(",", ":"))) <= limit * enrich_core.TABLE_SHARE
+        assert len(json.dumps(value, separators=(",", ":"))) <= limit
+    # The first process was evicted long ago: its event is counted, without its attributes.
+    r = c.on_batch(value, RawBatch("h", "b", 50, 51, [file_created(0), file_created(9999)]), NOW)
+    counted += r.counts["events"]
+    assert r.batch is not None and list(r.batch.processes) == ["9999"]
+    assert counted == 50 * 400 + 2
+    assert value["aggregate"]["series"] == {
+        '["process_execs_total", []]': 10_000,
+        '["file_created_total", [["directory", "/d"]]]': 10_002,
+    }
+    assert evicted == 10_000 - enrich_core.known_processes(value["enrich"]) > 9000
