@@ -19,7 +19,8 @@ State per host (JSON-able, one value of the stage's Faust table)::
         "procs": {str(pid): {            # least recently named first
             "ppid": int, "comm": str, "exe": str, "uid": int, "cg": int,
             "exit": int}}}},             # sent_ns of the batch that carried its exit
-     "exits": [[boot_id, str(pid), sent_ns], ...]}   # exits awaiting their grace, oldest first
+     "exits": [[boot_id, str(pid), sent_ns], ...],   # exits awaiting their grace, oldest first
+     "bytes": int}                       # at least what the rest takes encoded (see bound)
 
 Host attributes and processes are kept per boot: pids start again at every
 boot and a reboot may change the kernel (``os.version``), so a batch an agent
@@ -74,6 +75,8 @@ MAX_CONTAINERS = 1024
 # series take at most 1/2 (processors/aggregate_core.py), and the last 1/8 is left to
 # the dedupe record and the keys around the sections.
 TABLE_SHARE = 3 / 8
+# The keys a batch of a new boot may add ("boots", "procs", "exits" and their syntax).
+NEW_KEYS_BYTES = 64
 # How often the stage looks whether its metadata file changed (a stat).
 FEED_CHECK_SECONDS = 5.0
 
@@ -211,10 +214,14 @@ def enrich(state: dict[str, Any], batch: RawBatch, feed: Metadata, opts: Options
     """
     out = Outcome(batch)
     out.changed = _expire_exits(state, batch.sent_ns, opts)
+    out.changed |= batch.boot_id not in state.get("boots", {})  # (a boot's first batch)
     boot = _boot(state, batch.boot_id)
     procs: dict[str, dict[str, Any]] = boot.setdefault("procs", {})
     named: set[int] = set()
     exec_id, exit_id = PROCESS_EXEC.id, PROCESS_EXIT.id
+    # At least what the events below add to the section encoded: each entry they
+    # set and each exit they queue, whole, and the keys a new boot brings.
+    grown = encoded_size(batch.boot_id) + NEW_KEYS_BYTES
     for ev in batch.events:
         kind = ev[0]
         for i in PID_INDEXES.get(kind, ()):
@@ -222,7 +229,8 @@ def enrich(state: dict[str, Any], batch: RawBatch, feed: Metadata, opts: Options
         if kind == exec_id:
             _ts, pid, _tid, ppid, uid, cg, comm, filename = ev[1:]
             procs.pop(str(pid), None)  # a new program (or a reused pid): nothing of the old one holds
-            procs[str(pid)] = _known(ppid=ppid, comm=comm, exe=filename, uid=uid, cg=cg)
+            entry = procs[str(pid)] = _known(ppid=ppid, comm=comm, exe=filename, uid=uid, cg=cg)
+            grown += _entry_size(str(pid), entry) + 1  # (and its comma)
             out.changed = True
         elif kind == exit_id:
             _ts, pid, _tid, ppid, uid, cg, _comm = ev[1:8]
@@ -231,7 +239,9 @@ def enrich(state: dict[str, Any], batch: RawBatch, feed: Metadata, opts: Options
             for name, value in _known(ppid=ppid, uid=uid, cg=cg).items():
                 entry.setdefault(name, value)  # what the exec said stays
             entry["exit"] = batch.sent_ns
-            state.setdefault("exits", []).append([batch.boot_id, str(pid), batch.sent_ns])
+            queued = [batch.boot_id, str(pid), batch.sent_ns]
+            state.setdefault("exits", []).append(queued)
+            grown += _entry_size(str(pid), entry) + 1 + encoded_size(queued) + 1
             out.changed = True
 
     host_feed = feed.get(batch.host_id, {})
@@ -247,7 +257,7 @@ def enrich(state: dict[str, Any], batch: RawBatch, feed: Metadata, opts: Options
     out.batch = dataclasses.replace(batch, resource=resource, processes=processes)
 
     if out.changed:  # (naming known processes only reorders them: nothing grows)
-        out.evicted = bound(state, opts)
+        out.evicted = bound(state, opts, grown)
     out.processes = known_processes(state)
     return out
 
@@ -328,20 +338,31 @@ def _expire_exits(state: dict[str, Any], now_ns: int, opts: Options) -> bool:
     return n > 0
 
 
-def bound(state: dict[str, Any], opts: Options) -> Evicted:
-    """Evict what is past the bounds (see the module doc) from a host's state."""
+def bound(state: dict[str, Any], opts: Options, grown: int | None = None) -> Evicted:
+    """Evict what is past the bounds (see the module doc) from a host's state.
+
+    ``grown``: at most how many bytes the section grew since it was last bounded,
+    when known. Its size is kept in ``bytes``, at least what the rest of the section
+    takes encoded (removals only make it more so), so a batch that cannot have
+    grown the section past its bytes bound need not encode it to know.
+    """
     boots = state.get("boots", {})
     evicted = Evicted()
     excess = known_processes(state) - opts.max_processes
     excess_containers = sum(len(b.get("containers", {})) for b in boots.values()) - MAX_CONTAINERS
-    over = encoded_size(state) - opts.max_table_bytes
+    size = state.pop("bytes", None)
+    if size is None or grown is None or size + grown > opts.max_table_bytes:
+        size = encoded_size(state)
+    else:
+        size += grown
     for table in ("procs", "containers"):
         for boot in boots.values():  # oldest boot first
             entries = boot.get(table, {})
-            while entries and (over > 0 or (excess if table == "procs" else excess_containers) > 0):
+            while entries and (
+                size > opts.max_table_bytes or (excess if table == "procs" else excess_containers) > 0
+            ):
                 key = next(iter(entries))  # dicts keep insertion order: least recent first
-                # What its removal saves at least (its comma too, unless it was alone).
-                over -= len(json.dumps(key)) + 1 + encoded_size(entries.pop(key))
+                size -= _entry_size(key, entries.pop(key))
                 if table == "procs":
                     excess -= 1
                     evicted.processes += 1
@@ -351,7 +372,14 @@ def bound(state: dict[str, Any], opts: Options) -> Evicted:
     if evicted.processes and "exits" in state:
         # Exits awaiting their grace whose process went: nothing left for them to remove.
         state["exits"] = [e for e in state["exits"] if _exit_pending(boots, *e)]
+    state["bytes"] = size
     return evicted
+
+
+def _entry_size(key: str, value: Any) -> int:
+    """What an entry of a table takes encoded without its comma: at most what
+    removing it saves, and what adding it costs but that comma."""
+    return encoded_size(key) + 1 + encoded_size(value)
 
 
 def _exit_pending(boots: dict[str, Any], boot_id: str, pid: str, exit_ns: int) -> bool:
