@@ -390,8 +390,9 @@ class ProcessConfig(BaseModel):
         # aiokafka's default max_request_size the request carrying it.
         le=1_000_000,
         description="the most one host's state (its table value, JSON-encoded as its changelog "
-        "record) may take: the aggregate's series get half of it, and a batch that would grow "
-        "the state past it is dead-lettered (README, Untrusted input)",
+        "record) may take: the aggregate's series get half of it, the enrich stage's process and "
+        "container tables 3/8, and a record that would still grow the state past it is "
+        "dead-lettered (README, Untrusted input)",
     )
 
 
@@ -403,7 +404,8 @@ class EnrichConfig(BaseModel):
         ge=1,
         le=4096,
         description="processes remembered per host (least recently named go first); each adds "
-        "100-300 bytes to the host's table value, one changelog record, which Kafka caps at 1 MiB",
+        "100-300 bytes to the host's table value, one changelog record, whose process and "
+        "container tables also stay within 3/8 of process.max_state_bytes",
     )
     exit_grace_seconds: float = Field(
         5,

@@ -15,6 +15,7 @@ chains.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -46,21 +47,25 @@ class Chain:
         self.memory: dict[str, dict[str, State]] = {s.section: {} for s in self.stages if not s.durable}
 
     def on_batch(self, value: State, batch: RawBatch, now_ms: int) -> Result:
-        """``value``: the host's table value (mutated in place)."""
+        """``value``: the host's table value (mutated in place); ``Result.revert``
+        puts back what the stages changed elsewhere."""
         result = Result(batch)
         for stage in self.stages:
             if result.batch is None:
                 break
+            if not stage.durable:
+                result.undo.append(self._restorer(stage, batch.host_id))
             result.then(stage.on_batch(self._state(stage, value, batch.host_id), result.batch, now_ms))
         return result
 
-    def on_heartbeat(self, value: State, host_id: str, heartbeat: dict[str, Any]) -> bool:
-        """Whether the heartbeat changed the host's table value (mutated in place)."""
-        changed = False
+    def on_heartbeat(self, value: State, host_id: str, heartbeat: dict[str, Any]) -> Result:
+        """What the heartbeat did; ``changed``: it changed the host's table value (mutated
+        in place)."""
+        result = Result()
         for stage in self.stages:
             if stage.heartbeats:
-                changed |= stage.on_heartbeat(self._state(stage, value, host_id), heartbeat)
-        return changed
+                result.then(stage.on_heartbeat(self._state(stage, value, host_id), heartbeat))
+        return result
 
     def timed(self) -> list[Stage]:
         """The stages with timer work."""
@@ -74,6 +79,19 @@ class Chain:
             states = self.memory[stage.section]
         return stage.on_window(states, now_ms, share)
 
+    def _restorer(self, stage: Stage, host_id: str) -> Callable[[], None]:
+        """How to put a non-durable stage's state of the host back as it is now."""
+        states = self.memory[stage.section]
+        was = copy.deepcopy(states.get(host_id))
+
+        def restore() -> None:
+            if was is None:
+                states.pop(host_id, None)  # (a host it had not seen: its window work must not see it)
+            else:
+                states[host_id] = was
+
+        return restore
+
     def _state(self, stage: Stage, value: State, host_id: str) -> State:
         if stage.durable:
             return value.setdefault(stage.section, {})
@@ -84,7 +102,7 @@ def build(process: str, cfg: Config) -> Chain:
     """The chain of ``ktel process <process>``, its stages built from their config sections."""
     make: dict[str, Callable[[], Stage]] = {
         "dedupe": Dedupe,
-        "enrich": lambda: Enrich.from_config(cfg.enrich),
+        "enrich": lambda: Enrich.from_config(cfg.enrich, cfg.process.max_state_bytes),
         "sample": lambda: Sample.from_config(cfg.sample),
         "aggregate": lambda: Aggregate.from_config(cfg.aggregate, cfg.process.max_state_bytes),
     }

@@ -19,7 +19,8 @@ State per host (JSON-able, one value of the stage's Faust table)::
         "procs": {str(pid): {            # least recently named first
             "ppid": int, "comm": str, "exe": str, "uid": int, "cg": int,
             "exit": int}}}},             # sent_ns of the batch that carried its exit
-     "exits": [[boot_id, str(pid), sent_ns], ...]}   # exits awaiting their grace, oldest first
+     "exits": [[boot_id, str(pid), sent_ns], ...],   # exits awaiting their grace, oldest first
+     "bytes": int}                       # at least what the rest takes encoded (see bound)
 
 Host attributes and processes are kept per boot: pids start again at every
 boot and a reboot may change the kernel (``os.version``), so a batch an agent
@@ -34,9 +35,16 @@ grace of 0: only the exit's own batch sees it). Time here is the batches'
 ``sent_ns``, not the worker's clock, so the same input always gives the same
 output.
 
-The process table is bounded (``max_processes`` per host, over all boots):
-past it the least recently named process of the oldest boot goes, and is
-counted as an eviction. An evicted process that is named again is unknown.
+The process and container tables are bounded per host, over all boots (``bound``),
+so that a host exec'ing or listing far more than fits keeps its state persistable
+and its batches counted: at most ``max_processes`` processes and MAX_CONTAINERS
+containers, and at most ``max_table_bytes`` for the whole section encoded
+(``TABLE_SHARE`` of ``process.max_state_bytes``, see ``Enrich.from_config``). Past a bound the least
+recently named process of the oldest boot goes first, then, past the bytes
+still, the oldest boot's containers (those no longer listed first); each is
+counted as an eviction of its table. Events of an evicted process are still
+passed on and counted, without its attributes: a process named again after its
+eviction is unknown.
 """
 
 from __future__ import annotations
@@ -72,9 +80,14 @@ Metadata = dict[str, dict[int, dict[str, str]]]
 
 # Attribute namespaces the metadata feed may set (OpenTelemetry semantic conventions).
 FEED_NAMESPACES = ("container.", "k8s.")
-# Container and pod cgroups kept per host, over all boots: with max_processes
-# processes, a host's state stays well under Kafka's 1 MiB record limit.
+# Container and pod cgroups kept per host, over all boots.
 MAX_CONTAINERS = 1024
+# The share of process.max_state_bytes the section may take encoded: the aggregate's
+# series take at most 1/2 (processors/aggregate_core.py), and the last 1/8 is left to
+# the dedupe record and the keys around the sections.
+TABLE_SHARE = 3 / 8
+# The keys a batch of a new boot may add ("boots", "procs", "exits" and their syntax).
+NEW_KEYS_BYTES = 64
 # How often the stage looks whether its metadata file changed (a stat).
 FEED_CHECK_SECONDS = 5.0
 
@@ -83,13 +96,26 @@ FEED_CHECK_SECONDS = 5.0
 class Options(FromConfig):
     max_processes: int = 2048
     exit_grace_seconds: float = 5.0
+    max_table_bytes: int = int(900_000 * TABLE_SHARE)  # of the default process.max_state_bytes
+
+
+@dataclasses.dataclass
+class Evicted:
+    """Entries dropped by the bounds (``bound``), not by their exit or end."""
+
+    processes: int = 0
+    containers: int = 0
+
+    def counts(self) -> dict[str, float]:
+        """As Result.counts names them."""
+        return {"evicted_processes": self.processes, "evicted_containers": self.containers}
 
 
 @dataclasses.dataclass
 class Outcome:
     batch: RawBatch
     changed: bool = False  # the state changed in a way worth persisting (not just LRU order)
-    evicted: int = 0  # processes dropped by the bound, not by their exit
+    evicted: Evicted = dataclasses.field(default_factory=Evicted)
     processes: int = 0  # processes known for this host after the batch
 
 
@@ -110,22 +136,44 @@ class Enrich(Stage):
         self.reload_feed()  # before the first batch, so a configured feed applies from the start
 
     @classmethod
-    def from_config(cls, section: EnrichConfig) -> Enrich:
-        return cls(Options.from_config(section), MetadataFile(section.metadata_file))
+    def from_config(cls, section: EnrichConfig, max_state_bytes: int) -> Enrich:
+        opts = dataclasses.replace(
+            Options.from_config(section), max_table_bytes=int(max_state_bytes * TABLE_SHARE)
+        )
+        return cls(opts, MetadataFile(section.metadata_file))
 
     def on_batch(self, state: State, batch: RawBatch, now_ms: int) -> Result:
         out = enrich(state, batch, self.feed.feed, self.opts)
-        more = out.processes - self.known.get(batch.host_id, 0)
-        self.known[batch.host_id] = out.processes
         # Only the LRU order changed otherwise: not worth a changelog record.
-        return Result(out.batch, changed=out.changed, counts={"evictions": out.evicted, "processes": more})
+        result = Result(out.batch, changed=out.changed, counts=out.evicted.counts())
+        self._known(batch.host_id, out.processes, result)
+        return result
 
     def on_window(self, states: dict[str, State], now_ms: int, share: float) -> Result:
         self.reload_feed()
         return Result()
 
-    def on_heartbeat(self, state: State, heartbeat: dict[str, Any]) -> bool:
-        return observe_heartbeat(state, heartbeat)
+    def on_heartbeat(self, state: State, heartbeat: dict[str, Any]) -> Result:
+        if not observe_heartbeat(state, heartbeat):
+            return Result()
+        result = Result(changed=True, counts=bound(state, self.opts).counts())
+        self._known(heartbeat["host"]["host.id"], known_processes(state), result)
+        return result
+
+    def _known(self, host_id: str, processes: int, result: Result) -> None:
+        """The host's processes are ``processes`` now: the gauge's increment in
+        ``result``, with how to put the count back if the record is refused after all."""
+        was = self.known.get(host_id)
+        self.known[host_id] = processes
+        result.counts["processes"] = processes - (was or 0)
+
+        def undo() -> None:
+            if was is None:
+                self.known.pop(host_id, None)
+            else:
+                self.known[host_id] = was
+
+        result.undo.append(undo)
 
     def reload_feed(self) -> None:
         errors = self.feed.refresh()
@@ -166,7 +214,6 @@ def observe_heartbeat(state: dict[str, Any], heartbeat: dict[str, Any]) -> bool:
     boot["hb"], boot["host"] = heartbeat["ts"], attrs
     if merged:
         boot["containers"] = merged
-    _bound_containers(state)
     return True
 
 
@@ -178,10 +225,14 @@ def enrich(state: dict[str, Any], batch: RawBatch, feed: Metadata, opts: Options
     """
     out = Outcome(batch)
     out.changed = _expire_exits(state, batch.sent_ns, opts)
+    out.changed |= batch.boot_id not in state.get("boots", {})  # (a boot's first batch)
     boot = _boot(state, batch.boot_id)
     procs: dict[str, dict[str, Any]] = boot.setdefault("procs", {})
     named: set[int] = set()
     exec_id, exit_id = PROCESS_EXEC.id, PROCESS_EXIT.id
+    # At least what the events below add to the section encoded: each entry they
+    # set and each exit they queue, whole, and the keys a new boot brings.
+    grown = encoded_size(batch.boot_id) + NEW_KEYS_BYTES
     for ev in batch.events:
         kind = ev[0]
         for i in PID_INDEXES.get(kind, ()):
@@ -189,7 +240,8 @@ def enrich(state: dict[str, Any], batch: RawBatch, feed: Metadata, opts: Options
         if kind == exec_id:
             _ts, pid, _tid, ppid, uid, cg, comm, filename = ev[1:]
             procs.pop(str(pid), None)  # a new program (or a reused pid): nothing of the old one holds
-            procs[str(pid)] = _known(ppid=ppid, comm=comm, exe=filename, uid=uid, cg=cg)
+            entry = procs[str(pid)] = _known(ppid=ppid, comm=comm, exe=filename, uid=uid, cg=cg)
+            grown += _entry_size(str(pid), entry) + 1  # (and its comma)
             out.changed = True
         elif kind == exit_id:
             _ts, pid, _tid, ppid, uid, cg, _comm = ev[1:8]
@@ -198,7 +250,9 @@ def enrich(state: dict[str, Any], batch: RawBatch, feed: Metadata, opts: Options
             for name, value in _known(ppid=ppid, uid=uid, cg=cg).items():
                 entry.setdefault(name, value)  # what the exec said stays
             entry["exit"] = batch.sent_ns
-            state.setdefault("exits", []).append([batch.boot_id, str(pid), batch.sent_ns])
+            queued = [batch.boot_id, str(pid), batch.sent_ns]
+            state.setdefault("exits", []).append(queued)
+            grown += _entry_size(str(pid), entry) + 1 + encoded_size(queued) + 1
             out.changed = True
 
     host_feed = feed.get(batch.host_id, {})
@@ -213,8 +267,8 @@ def enrich(state: dict[str, Any], batch: RawBatch, feed: Metadata, opts: Options
     resource = {**boot.get("host", {}), HOST_ID: batch.host_id}
     out.batch = dataclasses.replace(batch, resource=resource, processes=processes)
 
-    out.evicted = _bound(state, opts.max_processes)
-    out.changed |= out.evicted > 0
+    if out.changed:  # (naming known processes only reorders them: nothing grows)
+        out.evicted = bound(state, opts, grown)
     out.processes = known_processes(state)
     return out
 
@@ -277,18 +331,6 @@ def _attributes(
     return attrs
 
 
-def _bound_containers(state: dict[str, Any]) -> None:
-    """At most MAX_CONTAINERS per host: the oldest boot's go first, and within a
-    boot those no longer listed (oldest first), then the listed in their order."""
-    boots = state.get("boots", {})
-    excess = sum(len(b.get("containers", {})) for b in boots.values()) - MAX_CONTAINERS
-    for boot in boots.values():  # oldest boot first
-        containers = boot.get("containers", {})
-        while excess > 0 and containers:
-            del containers[next(iter(containers))]
-            excess -= 1
-
-
 def _expire_exits(state: dict[str, Any], now_ns: int, opts: Options) -> bool:
     exits = state.get("exits", [])
     grace_ns = int(opts.exit_grace_seconds * 1e9)
@@ -298,27 +340,67 @@ def _expire_exits(state: dict[str, Any], now_ns: int, opts: Options) -> bool:
     # processes must not grow the state past what max_processes allows.
     while n < len(exits) and (exits[n][2] + grace_ns < now_ns or len(exits) - n > opts.max_processes):
         boot_id, pid, exit_ns = exits[n]
-        procs = boots.get(boot_id, {}).get("procs", {})
         # Only if this exit is still the entry's: an exec may have reused the pid since.
-        if procs.get(pid, {}).get("exit") == exit_ns:
-            del procs[pid]
+        if _exit_pending(boots, boot_id, pid, exit_ns):
+            del boots[boot_id]["procs"][pid]
         n += 1
     if n:
         del exits[:n]
     return n > 0
 
 
-def _bound(state: dict[str, Any], max_processes: int) -> int:
+def bound(state: dict[str, Any], opts: Options, grown: int | None = None) -> Evicted:
+    """Evict what is past the bounds (see the module doc) from a host's state.
+
+    ``grown``: at most how many bytes the section grew since it was last bounded,
+    when known. Its size is kept in ``bytes``, at least what the rest of the section
+    takes encoded (removals only make it more so), so a batch that cannot have
+    grown the section past its bytes bound need not encode it to know.
+    """
     boots = state.get("boots", {})
-    excess = known_processes(state) - max_processes
-    evicted = 0
-    for boot in boots.values():  # oldest boot first
-        procs = boot.get("procs", {})
-        while excess > 0 and procs:
-            del procs[next(iter(procs))]
-            excess -= 1
-            evicted += 1
+    evicted = Evicted()
+    excess = known_processes(state) - opts.max_processes
+    excess_containers = sum(len(b.get("containers", {})) for b in boots.values()) - MAX_CONTAINERS
+    size = state.pop("bytes", None)
+    if size is None or grown is None or size + grown > opts.max_table_bytes:
+        size = encoded_size(state)
+    else:
+        size += grown
+    for table in ("procs", "containers"):
+        for boot in boots.values():  # oldest boot first
+            entries = boot.get(table, {})
+            while entries and (
+                size > opts.max_table_bytes or (excess if table == "procs" else excess_containers) > 0
+            ):
+                key = next(iter(entries))  # dicts keep insertion order: least recent first
+                size -= _entry_size(key, entries.pop(key))
+                if table == "procs":
+                    excess -= 1
+                    evicted.processes += 1
+                else:
+                    excess_containers -= 1
+                    evicted.containers += 1
+    if evicted.processes and "exits" in state:
+        # Exits awaiting their grace whose process went: nothing left for them to remove.
+        state["exits"] = [e for e in state["exits"] if _exit_pending(boots, *e)]
+    state["bytes"] = size
     return evicted
+
+
+def _entry_size(key: str, value: Any) -> int:
+    """What an entry of a table takes encoded without its comma: at most what
+    removing it saves, and what adding it costs but that comma."""
+    return encoded_size(key) + 1 + encoded_size(value)
+
+
+def _exit_pending(boots: dict[str, Any], boot_id: str, pid: str, exit_ns: int) -> bool:
+    return boots.get(boot_id, {}).get("procs", {}).get(pid, {}).get("exit") == exit_ns
+
+
+def encoded_size(value: Any) -> int:
+    """Its length JSON-encoded as the table's changelog record carries it (ASCII
+    escapes: at least its UTF-8 length)."""
+    return len(json.dumps(value, separators=(",", ":")))
 
 
 # ----------------------------------------------------------------- metadata feed

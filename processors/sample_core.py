@@ -39,7 +39,7 @@ import hashlib
 import operator
 import random
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ktel.probes import HISTOGRAM_DELTA, KINDS, PROBE_OF_KIND
@@ -127,6 +127,16 @@ class Sampler:
         uniform = weights.count(1.0) == len(weights)
         return batch.keeping(events, None if uniform else weights)
 
+    def undoer(self) -> Callable[[], None]:
+        """How to put the window's rates and the tallies back as they are now."""
+        counts, kept, sampled_out = dict(self.window_counts), self.kept, self.sampled_out
+
+        def undo() -> None:
+            self.window_counts = defaultdict(float, counts)
+            self.kept, self.sampled_out = kept, sampled_out
+
+        return undo
+
     def end_window(self, share: float = 1.0) -> None:
         """Recompute per-kind keep probabilities from the window's rates.
 
@@ -172,11 +182,13 @@ class Sample(Stage):
         state["count"] = state.get("count", 0.0) + events
         state["probes"] = sorted(set(state.get("probes", [])) | probes_of({ev[0] for ev in batch.events}))
         state["seen_ms"] = now_ms
+        undo = self.sampler.undoer()
         kept = self.sampler.sample(batch)
         return Result(
             kept,
             counts={"sampled_out": len(batch.events) - len(kept.events)},
             kind_counts={"sampler_emitted": by_kind(batch.events), "sampler_kept": by_kind(kept.events)},
+            undo=[undo],
         )
 
     def on_window(self, states: dict[str, State], now_ms: int, share: float) -> Result:

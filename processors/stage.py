@@ -15,7 +15,7 @@ per-host state in a JSON-able dict it is handed, and answers:
   ``share`` is the fraction of ktel.raw's partitions the worker holds. A
   stage whose state is not durable forgets a host by deleting it from ``states``.
 - ``on_heartbeat(state, heartbeat)``, for a stage with ``heartbeats`` set (enrich):
-  whether the heartbeat changed the host's state.
+  a ``Result`` without a batch, ``changed`` if the heartbeat changed the host's state.
 
 Where the state lives is the stage's ``durable``: True, in ``section`` of the
 host's table value, which goes to the changelog whenever a batch's ``changed``
@@ -24,11 +24,18 @@ rebalance (the sample stage's rates, which timers change and Faust lets only
 streams write to a table). ``now_ms`` is the worker's clock, for the stages
 that keep time by it (sample); the others go by the batches' own times so the
 same input always gives the same output.
+
+A record the runner refuses after the stages ran (the host's table value would
+grow past ``process.max_state_bytes``) must leave every piece of state as it
+was: the runner puts the table value back, the chain a non-durable stage's
+state, and a stage that keeps other state of its own (the sampler's rates, the
+enrich process count) adds to its ``Result.undo`` how to take its change back.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, ClassVar, Self
 
 from pydantic import BaseModel
@@ -54,10 +61,14 @@ class Result:
     commands: list[ControlCommand] = dataclasses.field(default_factory=list)
     # Increments of the worker's self-metrics, by the names processors/stages.py
     # maps to them: duplicates, host_conflicts, events, overflowed, sampled_out,
-    # evictions, expired_hosts, unchanged_series, processes (a gauge: it may go down).
+    # evicted_processes, evicted_containers, expired_hosts, unchanged_series, processes
+    # (a gauge: it may go down).
     counts: dict[str, float] = dataclasses.field(default_factory=dict)
     # The same per event kind: name -> {kind: increment} (sampler_emitted, sampler_kept).
     kind_counts: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    # How to take back what the stages changed outside the host's table value (the
+    # worker's own state), for a record the runner refuses after all (revert).
+    undo: list[Callable[[], None]] = dataclasses.field(default_factory=list)
 
     def then(self, later: Result) -> Result:
         """This result followed by a later stage's (which got this one's batch)."""
@@ -75,7 +86,14 @@ class Result:
             mine = self.kind_counts.setdefault(name, {})
             for kind, n in by_kind.items():
                 mine[kind] = mine.get(kind, 0) + n
+        self.undo += later.undo
         return self
+
+    def revert(self) -> None:
+        """Put the worker's own state back as it was before the record (latest change first)."""
+        for undo in reversed(self.undo):
+            undo()
+        self.undo.clear()
 
 
 class Stage:
@@ -99,8 +117,8 @@ class Stage:
     def on_window(self, states: dict[str, State], now_ms: int, share: float) -> Result:
         return Result()
 
-    def on_heartbeat(self, state: State, heartbeat: dict[str, Any]) -> bool:
-        return False
+    def on_heartbeat(self, state: State, heartbeat: dict[str, Any]) -> Result:
+        return Result()
 
 
 class FromConfig:

@@ -35,8 +35,11 @@ goes to ktel.dlq with the reason, and the host's state is left as it was. So
 does one that would grow the host's table value past ``process.max_state_bytes``
 encoded: Kafka refuses a changelog record above its ``max.message.bytes``, and
 every later batch of that host would then fail to persist. The stages keep their
-own parts within it (the aggregate's series take at most half, see
-processors/aggregate_core.py); this bound catches whatever else grows. Window
+own parts within it (the aggregate's series take at most half, the enrich stage's
+process and container tables 3/8, see processors/aggregate_core.py and
+processors/enrich_core.py); this bound catches whatever else grows, and such a
+record leaves the worker's own state (the sampler's rates, the process gauge) as
+it was too (``Result.undo``). Window
 work sees only the hosts of the partitions this worker holds now, and a host a
 stage is done with (aggregate.host_ttl_seconds) has its table value deleted: a
 tombstone on the changelog, so a worker that recovers the table forgets it too.
@@ -110,8 +113,10 @@ SNAPSHOTS = Counter("ktel_processor_snapshots", "metric snapshot records produce
 SPANS = Counter("ktel_processor_spans", "kernel spans sent to ktel.spans", ["stage"])
 LOGS = Counter("ktel_processor_logs", "kernel logs and OOM kills sent to ktel.logs", ["stage"])
 HEARTBEATS = Counter("ktel_processor_heartbeats", "agent heartbeats the enrich stage read", ["stage"])
-EVICTIONS = Counter(
-    "ktel_processor_process_evictions", "processes dropped by enrich.max_processes, not by exit", ["stage"]
+EVICTED = Counter(
+    "ktel_processor_enrich_evicted",
+    "processes and containers the enrich stage forgot to keep a host's state within its bounds",
+    ["stage", "table"],
 )
 HOST_CONFLICTS = Counter(
     "ktel_processor_host_conflicts",
@@ -146,18 +151,19 @@ SERIES = Gauge(
     "series per metric in the last window's snapshots of this worker's hosts (a histogram counts once)",
     ["stage", "metric"],
 )
-# The self-metric of each name a stage counts in Result.counts.
-COUNTED: dict[str, Counter | Gauge] = {
-    "duplicates": DUPLICATES,
-    "host_conflicts": HOST_CONFLICTS,
-    "expired_hosts": EXPIRED_HOSTS,
-    "unchanged_series": UNCHANGED_SERIES,
-    "events": EVENTS,
-    "overflowed": OVERFLOW,
-    "series_dropped": SERIES_DROPPED,
-    "sampled_out": SAMPLED_OUT,
-    "evictions": EVICTIONS,
-    "processes": PROCESSES,
+# The self-metric (and its labels past the stage) of each name a stage counts in Result.counts.
+COUNTED: dict[str, tuple[Counter | Gauge, tuple[str, ...]]] = {
+    "duplicates": (DUPLICATES, ()),
+    "host_conflicts": (HOST_CONFLICTS, ()),
+    "expired_hosts": (EXPIRED_HOSTS, ()),
+    "unchanged_series": (UNCHANGED_SERIES, ()),
+    "events": (EVENTS, ()),
+    "overflowed": (OVERFLOW, ()),
+    "series_dropped": (SERIES_DROPPED, ()),
+    "sampled_out": (SAMPLED_OUT, ()),
+    "evicted_processes": (EVICTED, ("processes",)),
+    "evicted_containers": (EVICTED, ("containers",)),
+    "processes": (PROCESSES, ()),
 }
 # ... and of each name a stage counts per event kind in Result.kind_counts.
 KIND_COUNTED: dict[str, Counter] = {"sampler_emitted": SAMPLER_EMITTED, "sampler_kept": SAMPLER_KEPT}
@@ -228,7 +234,9 @@ def make_app(cfg: Config, stage: str) -> faust.App:
     chain = build(stage, cfg)
     exported: tuple[Counter | Gauge, ...] = (BATCHES, EVENTS, DUPLICATES, DEAD_LETTERS, HOST_CONFLICTS)
     if chain.heartbeats:
-        exported += (HEARTBEATS, EVICTIONS, PROCESSES)
+        exported += (HEARTBEATS, PROCESSES)
+        for table in ("processes", "containers"):
+            EVICTED.labels(stage, table)
         FLEET.forget_after_s = cfg.aggregate.host_ttl_seconds
     for metric in exported:  # as 0 from the start
         metric.labels(stage)
@@ -286,14 +294,15 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             kept = persisted[host_id] = (value, encoded(hosts, value))
         return kept[1]
 
-    async def save(event: Any, host_id: str, value: dict[str, Any], before: bytes) -> bool:
-        """Persist the host's changed value, or, past the limit, put back ``before`` and
-        dead-letter the record that changed it (False)."""
+    async def save(event: Any, host_id: str, value: dict[str, Any], before: bytes, result: Result) -> bool:
+        """Persist the host's value ``result`` changed, or, past the limit, put back
+        ``before`` and what else the record changed, and dead-letter it (False)."""
         data = encoded(hosts, value)
         if len(data) > limit:
             restored = decoded(hosts, before)
             hosts.data[host_id] = restored
             persisted[host_id] = (restored, before)
+            result.revert()  # (before any await: no other record has run since)
             await dead_letter(
                 event,
                 f"host {host_id!r:.60}: its state would take {len(data)} bytes encoded, over "
@@ -314,7 +323,8 @@ def make_app(cfg: Config, stage: str) -> faust.App:
     async def emit(result: Result, key: bytes | None = None) -> None:
         """What a stage made, but the batch it passes on; ``key``: that of the batch's record."""
         for name, n in result.counts.items():
-            COUNTED[name].labels(stage).inc(n)
+            metric, labels = COUNTED[name]
+            metric.labels(stage, *labels).inc(n)
         for name, by_kind in result.kind_counts.items():
             for kind, n in by_kind.items():
                 KIND_COUNTED[name].labels(stage, kind).inc(n)
@@ -351,11 +361,12 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             value = hosts[batch.host_id] if chain.durable else {}
             before = as_persisted(batch.host_id, value) if chain.durable else b""
             result = chain.on_batch(value, batch, time.time_ns() // 1_000_000)
-            if result.refused is not None:  # (its state left as it was)
+            if result.refused is not None:
+                result.revert()  # (the stages leave the table value as it was themselves)
                 await dead_letter(event, result.refused)
                 continue
             # (only stages that keep state change it)
-            if result.changed and not await save(event, batch.host_id, value, before):
+            if result.changed and not await save(event, batch.host_id, value, before, result):
                 continue
             if result.batch is not None:  # (not a duplicate)
                 BATCHES.labels(stage).inc()
@@ -381,10 +392,12 @@ def make_app(cfg: Config, stage: str) -> faust.App:
                     continue
                 value = hosts[host_id]
                 before = as_persisted(host_id, value)
-                if chain.on_heartbeat(value, host_id, hb) and not await save(event, host_id, value, before):
+                result = chain.on_heartbeat(value, host_id, hb)
+                if result.changed and not await save(event, host_id, value, before, result):
                     continue
                 HEARTBEATS.labels(stage).inc()
                 FLEET.observe(host_id, hb)
+                await emit(result)
 
     exported_series: set[str] = set()
 

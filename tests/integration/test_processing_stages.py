@@ -122,12 +122,12 @@ def batches(hosts: int, per_host: int, events: int):
             yield RawBatch(f"host-{h:02d}", "boot", seq, 1, [list(ev) for _ in range(events)])
 
 
-async def produce(bootstrap, records, pace_s=0.0):
+async def produce(bootstrap, records, pace_s=0.0, topic=RAW_TOPIC):
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True)
     await producer.start()
     try:
         for key, value in records:
-            await producer.send("ktel.raw", value, key=key)
+            await producer.send(topic, value, key=key)
             if pace_s:
                 await asyncio.sleep(pace_s)
         await producer.flush()
@@ -325,13 +325,13 @@ def test_forged_batches_are_dead_lettered_and_cloned_hosts_counted_apart(broker,
         w.stop()
 
 
-def file_created_sums(bootstrap: str) -> dict[str, float]:
-    """Per host, the sum of its latest file_created_total series, overflow series included."""
+def file_created_sums(bootstrap: str, metric: str = "file_created_total") -> dict[str, float]:
+    """Per host, the sum of its latest series of ``metric``, overflow series included."""
     latest: dict[tuple[str, str], tuple[int, float]] = {}
     for rec in asyncio.run(read_topic(bootstrap, METRICS_TOPIC, idle_s=0.5, timeout=10)):
         snap = decode_snapshot(rec.value)
         for name, _t, labels, value in snap.series:
-            if name == "file_created_total":
+            if name == metric:
                 key = (labels["host.id"], json.dumps(labels, sort_keys=True))
                 if key not in latest or latest[key][0] <= snap.ts_ms:
                     latest[key] = (snap.ts_ms, value)
@@ -342,10 +342,11 @@ def file_created_sums(bootstrap: str) -> dict[str, float]:
 
 
 def test_a_host_past_its_state_bound_keeps_being_persisted_and_counted(broker, tmp_path):
-    """A host making far more series than its state may hold: the excess folds into the
-    overflow series (counted), a batch that would still grow the state past
-    process.max_state_bytes goes to the DLQ, and the host's later batches are persisted
-    (changelog records within the bound) and counted exactly."""
+    """A host making far more series and processes than its state may hold: the excess
+    series fold into the overflow series and the least recently named processes are
+    evicted (both counted), every batch is counted, a heartbeat that would still grow
+    the state past process.max_state_bytes goes to the DLQ, and the host's changelog
+    records all stay within the bound."""
     limit = 65_536
     w = Worker(tmp_path, broker.bootstrap, "w", KTEL_PROCESS__MAX_STATE_BYTES=str(limit)).start()
     try:
@@ -354,24 +355,58 @@ def test_a_host_past_its_state_bound_keeps_being_persisted_and_counted(broker, t
         many = [
             RawBatch("host-00", "boot", s, 1, [ev(f"/d{s}/{i}/x/f") for i in range(200)]) for s in range(20)
         ]
+        # 1000 processes with long paths: about 200 KB of process table.
         execs = [[PROCESS_EXEC.id, 1, p, p, 1, 0, 0, "p", "/opt/" + "x" * 150 + str(p)] for p in range(1000)]
         huge = RawBatch("host-00", "boot", 20, 1, execs)
         later = [RawBatch("host-00", "boot", s, 1, [ev("/late/a/b/f")] * 5) for s in range(21, 31)]
         asyncio.run(produce(broker.bootstrap, [(b.key, encode_batch(b)) for b in [*many, huge, *later]]))
-
         expected = {"host-00": 20 * 200 + 10 * 5.0}
         deadline = time.monotonic() + 120
         while (got := file_created_sums(broker.bootstrap)) != expected and time.monotonic() < deadline:
             time.sleep(2)
         assert got == expected
-        [dl] = dead_letters(broker.bootstrap)
-        assert dl.payload == encode_batch(huge) and f"process.max_state_bytes = {limit}" in dl.reason
+        assert file_created_sums(broker.bootstrap, "process_execs_total") == {"host-00": 1000.0}
+        assert dead_letters(broker.bootstrap) == []
+
+        # Host attributes are not evicted: two boots' worth of 28 KB (a heartbeat may
+        # carry 32 of 1 KiB) with the host's series are more than its state may hold.
+        big_host = {f"k{i:02d}": "v" * 1000 for i in range(28)}
+        heartbeats = [
+            encode_heartbeat(
+                {
+                    "ts": 1,
+                    "host": {"host.id": "host-00", "boot.id": boot, **big_host},
+                    "probes": {},
+                    "counters": {},
+                }
+            )
+            for boot in ("boot", "other-boot")
+        ]
+        asyncio.run(
+            produce(broker.bootstrap, [(b"host-00", hb) for hb in heartbeats], topic=HEARTBEATS_TOPIC)
+        )
+        deadline = time.monotonic() + 60
+        while not (dead := dead_letters(broker.bootstrap)) and time.monotonic() < deadline:
+            time.sleep(1)
+        [dl] = dead
+        assert (dl.topic, dl.payload) == (HEARTBEATS_TOPIC, heartbeats[1])
+        assert f"process.max_state_bytes = {limit}" in dl.reason
+        # The first heartbeat's attributes left no room for any process: all 1000 were
+        # evicted, some by the batch that exec'd them, the rest by the heartbeat.
+        assert w.metric("ktel_processor_enrich_evicted_total") == 1000
+        assert w.metric("ktel_processor_processes_known") == 0
+        assert w.metric("ktel_processor_heartbeats_total") == 1
         assert w.metric("ktel_processor_series_overflow_total") > 0
-        assert w.metric("ktel_processor_batches_total") == 30
-        # Every changelog record fits, and the last holds the last batch's dedupe record.
+        assert w.metric("ktel_processor_batches_total") == 31
+        # Every changelog record fits; the last (the first heartbeat's) holds every
+        # batch's dedupe record, the heartbeat's attributes and no process.
         changelog = asyncio.run(read_topic(broker.bootstrap, "ktel-all-host-state-changelog", idle_s=1))
         assert changelog and all(len(r.value) <= limit for r in changelog)
-        assert json.loads(changelog[-1].value)["aggregate"]["seen"] == {"boot": [[0, 19], [21, 30]]}
+        last = json.loads(changelog[-1].value)
+        assert last["aggregate"]["seen"] == {"boot": [[0, 30]]}
+        assert list(last["enrich"]["boots"]) == ["boot"]
+        assert last["enrich"]["boots"]["boot"]["host"]["k27"] == "v" * 1000
+        assert last["enrich"]["boots"]["boot"].get("procs") == {}
         assert w.proc.poll() is None
     finally:
         w.stop()

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from ktel.wire import RawBatch
+from ktel.wire import PROCESS_EXEC, RawBatch
 from processors import enrich_core
 from processors.chain import Chain
 from tests.unit import golden
@@ -25,7 +25,8 @@ def run_case(case: dict, tmp_path) -> dict:
         if "heartbeat" in step:
             hb = step["heartbeat"]
             host = hb["host"]["host.id"]
-            steps.append({"heartbeat_taken": chain.on_heartbeat(table.setdefault(host, {}), host, hb)})
+            taken = chain.on_heartbeat(table.setdefault(host, {}), host, hb).changed
+            steps.append({"heartbeat_taken": taken})
             continue
         b = step["batch"]
         batch = RawBatch(b["host"], b["boot"], b["seq"], b["sent"], b["events"])
@@ -38,7 +39,7 @@ def run_case(case: dict, tmp_path) -> dict:
                 "res": out.resource,
                 "proc": out.processes,
                 "changed": result.changed,
-                "evicted": result.counts["evictions"],
+                "evicted": result.counts["evicted_processes"],
                 "processes": enrich_core.known_processes(value["enrich"]),
             }
         )
@@ -94,6 +95,7 @@ def test_a_hosts_containers_are_bounded_dropping_the_unlisted_and_old_boots_firs
         host = {"host.id": "h", "boot.id": boot}
         hb = {"ts": ts, "host": host, "containers": [[cg, {"container.id": f"{cg:064x}"}] for cg in cgroups]}
         assert enrich_core.observe_heartbeat(state, hb)
+        enrich_core.bound(state, enrich_core.Options())
 
     def kept():
         return {b: list(v.get("containers", {})) for b, v in state["boots"].items()}
@@ -105,3 +107,22 @@ def test_a_hosts_containers_are_bounded_dropping_the_unlisted_and_old_boots_firs
     assert kept() == {"old": ["2"], "new": ["10", "11"]}
     heartbeat(4, "new", 11, 12, 13)
     assert kept() == {"old": [], "new": ["11", "12", "13"]}
+
+
+def test_a_heartbeat_listing_more_container_bytes_than_fit_evicts_processes_then_the_oldest_containers():
+    stage = enrich_core.Enrich(enrich_core.Options(max_table_bytes=20_000), enrich_core.MetadataFile(None))
+    state: dict = {}
+    execs = [[PROCESS_EXEC.id, 1, pid, pid, 1, 0, 7, "p", f"/bin/p{pid}"] for pid in range(10)]
+    stage.on_batch(state, RawBatch("h", "b", 0, 1, execs), 0)
+    assert enrich_core.known_processes(state) == 10
+    # 100 containers of about 500 bytes each: 50 KB.
+    listed = [[cg, {"container.id": f"{cg:064x}", "k8s.pod.name": "p" * 400}] for cg in range(1, 101)]
+    hb = {"ts": 1, "host": {"host.id": "h", "boot.id": "b"}, "containers": listed}
+    result = stage.on_heartbeat(state, hb)
+    kept = list(state["boots"]["b"]["containers"])
+    assert result.changed and result.counts["evicted_processes"] == 10
+    assert result.counts["evicted_containers"] == 100 - len(kept) > 50
+    assert result.counts["processes"] == -10 and enrich_core.known_processes(state) == 0
+    assert kept == [str(cg) for cg in range(101 - len(kept), 101)]  # the first listed went first
+    rest = {k: v for k, v in state.items() if k != "bytes"}
+    assert enrich_core.encoded_size(rest) <= state["bytes"] <= 20_000

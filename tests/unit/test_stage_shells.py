@@ -32,7 +32,7 @@ from ktel.wire import (
     encode_batch,
     encode_heartbeat,
 )
-from processors import sample_core, stages
+from processors import enrich_core, sample_core, stages
 
 T = 1_700_000_000_000_000_000
 DUPLICATES = "ktel_processor_duplicate_batches_total"
@@ -64,6 +64,13 @@ def batch(seq: int, events: list, host: str = "h1", boot: str = "b1") -> RawBatc
 
 def metric(name: str, stage: str) -> float:
     return REGISTRY.get_sample_value(name, {"stage": stage}) or 0.0
+
+
+def evicted(table: str, stage: str) -> float:
+    return (
+        REGISTRY.get_sample_value("ktel_processor_enrich_evicted_total", {"stage": stage, "table": table})
+        or 0.0
+    )
 
 
 # As stages.run() hands it to make_app: "auto" replication resolved against the cluster.
@@ -193,13 +200,13 @@ async def test_enrich_adds_host_and_process_attributes_and_the_feed_pod(tmp_path
 
 
 async def test_enrich_counts_evictions_past_the_table_bound(tmp_path):
-    before = metric("ktel_processor_process_evictions_total", "enrich")
+    before = evicted("processes", "enrich")
     async with Shell(tmp_path, "enrich", enrich=config.EnrichConfig(max_processes=2)) as shell:
         await shell.put(batch(0, [exec_event(pid, f"p{pid}", f"/bin/p{pid}") for pid in (1, 2, 3, 4)]))
         await shell.put(batch(1, [file_created(pid, "/x") for pid in (1, 2, 3, 4)]))
         last = decode_batch(shell.to(ENRICHED_TOPIC)[-1])
         assert sorted(last.processes) == ["3", "4"]
-    assert metric("ktel_processor_process_evictions_total", "enrich") == before + 2
+    assert evicted("processes", "enrich") == before + 2
 
 
 async def test_sample_reads_the_enriched_topic_and_keeps_the_attributes(tmp_path):
@@ -280,38 +287,83 @@ def test_the_session_timeout_reaches_the_consumer_with_heartbeats_to_match(tmp_p
         assert got == (session, heartbeat, request)
 
 
-async def test_a_batch_that_would_grow_a_hosts_state_past_its_bound_is_dead_lettered_and_the_rest_go_on(
-    tmp_path,
-):
+async def test_a_host_execing_more_processes_than_its_state_holds_is_persisted_and_counted(tmp_path):
     limit = 65_536
     before = {
         m: metric(m, "all") for m in ("ktel_processor_dead_letters_total", "ktel_processor_events_total")
     }
+    before_evicted = evicted("processes", "all")
     async with Shell(
         tmp_path,
         "all",
         process=config.ProcessConfig(data_dir=tmp_path / "data", metrics_port=0, max_state_bytes=limit),
     ) as shell:
         await shell.put(batch(0, [file_created(1, "/a/x")]))
-        kept = copy.deepcopy(shell.table("h1"))
         # 1000 processes with long paths: about 200 KB of process table.
+        huge = batch(1, [exec_event(pid, "p", "/opt/" + "x" * 150 + str(pid)) for pid in range(1000, 2000)])
+        await shell.put(huge, batch(2, [file_created(1999, "/a/y"), file_created(1000, "/a/z")]))
+        assert shell.to(DLQ_TOPIC) == []
+        assert shell.table("h1")["aggregate"]["series"] == {
+            '["file_created_total", [["directory", "/a"]]]': 3,
+            '["process_execs_total", []]': 1000,
+        }
+        assert [v["aggregate"]["seen"] for _k, v in shell.changelog] == [
+            {"b1": [[0, 0]]},
+            {"b1": [[0, 1]]},
+            {"b1": [[0, 2]]},
+        ]
+        assert all(len(json.dumps(v, separators=(",", ":"))) <= limit for _k, v in shell.changelog)
+        # The most recently exec'd are the ones kept.
+        procs = shell.table("h1")["enrich"]["boots"]["b1"]["procs"]
+        assert "1999" in procs and "1000" not in procs
+    after = {m: metric(m, "all") for m in before}
+    # Each put()'s flush record (not a batch).
+    assert after["ktel_processor_dead_letters_total"] == before["ktel_processor_dead_letters_total"] + 2
+    assert after["ktel_processor_events_total"] == before["ktel_processor_events_total"] + 1003
+    assert evicted("processes", "all") == before_evicted + 1000 - len(procs)
+
+
+async def test_a_batch_refused_by_the_state_bound_leaves_every_piece_of_state_as_it_was(
+    tmp_path, monkeypatch
+):
+    # The enrich tables allowed more than the whole state: what else may grow past
+    # the bound (the backstop's case) is made here of processes.
+    monkeypatch.setattr(enrich_core, "TABLE_SHARE", 10.0, raising=False)
+    chains = []
+    build = stages.build
+    monkeypatch.setattr(stages, "build", lambda *a: chains.append(build(*a)) or chains[-1])
+    limit = 65_536
+    async with Shell(
+        tmp_path,
+        "all",
+        process=config.ProcessConfig(data_dir=tmp_path / "data", metrics_port=0, max_state_bytes=limit),
+    ) as shell:
+        [chain] = chains
+        enrich, sample = (next(s for s in chain.stages if s.name == n) for n in ("enrich", "sample"))
+        await shell.put(batch(0, [exec_event(1, "sh", "/bin/sh"), file_created(1, "/a/x")]))
+        processes = metric("ktel_processor_processes_known", "all")
+
+        def state():
+            sampler = sample.sampler
+            return copy.deepcopy(
+                (
+                    shell.table("h1"),
+                    chain.memory,
+                    enrich.known,
+                    dict(sampler.window_counts),
+                    sampler.kind_p,
+                    sampler.kept,
+                    sampler.sampled_out,
+                )
+            )
+
+        kept = state()
         huge = batch(1, [exec_event(pid, "p", "/opt/" + "x" * 150 + str(pid)) for pid in range(1000, 2000)])
         await shell.put(huge)
         [dl] = [decode_dead_letter(v) for v in shell.to(DLQ_TOPIC)]
         assert (dl.stage, dl.topic, dl.payload) == ("all", RAW_TOPIC, encode_batch(huge))
         assert "process.max_state_bytes = 65536" in dl.reason
-        assert shell.table("h1") == kept  # as if the batch had not come
-        # Later batches of the host are persisted and counted (the refused one was not).
-        await shell.put(batch(2, [file_created(1, "/a/y"), file_created(1, "/a/z")]))
-        assert shell.table("h1")["aggregate"]["series"] == {
-            '["file_created_total", [["directory", "/a"]]]': 3
-        }
-        assert [v["aggregate"]["seen"] for _k, v in shell.changelog] == [
-            {"b1": [[0, 0]]},
-            {"b1": [[0, 0], [2, 2]]},
-        ]
-        assert all(len(json.dumps(v, separators=(",", ":"))) <= limit for _k, v in shell.changelog)
-    after = {m: metric(m, "all") for m in before}
-    # The refused batch, and each put()'s flush record (not a batch either).
-    assert after["ktel_processor_dead_letters_total"] == before["ktel_processor_dead_letters_total"] + 1 + 3
-    assert after["ktel_processor_events_total"] == before["ktel_processor_events_total"] + 3
+        assert state() == kept  # as if the batch had not come
+        # The process gauge still follows the table: one more process, one more.
+        await shell.put(batch(2, [exec_event(2, "ls", "/bin/ls")]))
+        assert metric("ktel_processor_processes_known", "all") == processes + 1

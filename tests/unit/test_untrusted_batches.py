@@ -1,15 +1,18 @@
 """What the processing chains make of batches a buggy or hostile client wrote: a
 sequence jump refused with the state unchanged, two boots of one host id counted
 as a conflict with both counted, a silent host's series ended and forgotten, and
-a host's series kept within their share of process.max_state_bytes."""
+a host's series, processes and containers kept within their shares of
+process.max_state_bytes."""
 
 import copy
 import json
+import random
 
+from ktel import config
 from ktel.config import AggregateConfig
-from ktel.wire import FILE_CREATED, KTEL_METRIC, RawBatch
-from processors import aggregate_core
-from processors.chain import Chain
+from ktel.wire import FILE_CREATED, KTEL_METRIC, PROCESS_EXEC, PROCESS_EXIT, RawBatch
+from processors import aggregate_core, enrich_core
+from processors.chain import Chain, build
 from processors.dedupe_core import MAX_SEQUENCE_GAP
 
 NOW = 1_700_000_000_000
@@ -131,3 +134,77 @@ def test_one_series_sent_as_a_counter_a_gauge_and_a_histogram_keeps_one_type():
     assert r.refused is None and r.counts["series_dropped"] == 1
     series = {aggregate_core.parse_key(k)[0]: v for k, v in value["aggregate"]["series"].items()}
     assert series == {"x": {"gauge": 5}, "y": 5}
+
+
+def test_a_host_execing_far_more_processes_than_fit_keeps_every_event_counted_within_its_bound():
+    # 10 000 processes with long paths, in the fused chain: ~2 MB of process table.
+    limit = 65_536
+    cfg = config.Config(
+        agent=config.AgentConfig(host_id="t"),
+        process=config.ProcessConfig(max_state_bytes=limit),
+        aggregate=config.AggregateConfig(directory_depth=1),
+    )
+    c, value = build("all", cfg), {}
+
+    def file_created(pid: int) -> list:
+        return [FILE_CREATED.id, 1, pid, pid, 0, "p", f"/d/{pid}", 0o101, False]
+
+    counted = evicted = 0
+    for seq in range(50):
+        pids = range(seq * 200, seq * 200 + 200)
+        events = [[PROCESS_EXEC.id, 1, p, p, 1, 0, 7, "p", "/opt/" + "x" * 150 + str(p)] for p in pids]
+        events += [file_created(p) for p in pids]
+        # The last batch's last 50 exit (their entries wait out their grace).
+        events += [
+            [PROCESS_EXIT.id, 1, p, p, 1, 0, 7, "p", 0, 0] for p in range(max(0, seq * 200 - 50), seq * 200)
+        ]
+        r = c.on_batch(value, RawBatch("h", "b", seq, 1 + seq, events), NOW)
+        assert r.refused is None and r.batch is not None
+        counted += r.counts["events"]
+        evicted += r.counts["evicted_processes"]
+        enrich = dict(value["enrich"])
+        # What the section takes, kept without encoding it every batch, is never less than it takes.
+        assert limit * enrich_core.TABLE_SHARE >= enrich.pop("bytes") >= enrich_core.encoded_size(enrich)
+        assert len(json.dumps(value, separators=(",", ":"))) <= limit
+    # The first process was evicted long ago: its event is counted, without its attributes.
+    r = c.on_batch(value, RawBatch("h", "b", 50, 51, [file_created(0), file_created(9999)]), NOW)
+    counted += r.counts["events"]
+    assert r.batch is not None and list(r.batch.processes) == ["9999"]
+    assert counted == 50 * 400 + 2  # (exits are no metric)
+    assert value["aggregate"]["series"] == {
+        '["process_execs_total", []]': 10_000,
+        '["file_created_total", [["directory", "/d"]]]': 10_002,
+    }
+    assert evicted == 10_000 - enrich_core.known_processes(value["enrich"]) > 9000
+
+
+def test_the_enrich_sections_kept_size_never_falls_below_what_it_takes(monkeypatch):
+    """Random execs, exits and reused pids over three boots, with the size encoded only
+    when a batch may have grown the section past its bound."""
+    opts = enrich_core.Options(max_processes=4096, exit_grace_seconds=0.5, max_table_bytes=25_000)
+    encodes = 0
+    real = enrich_core.encoded_size
+
+    def counted(value):
+        nonlocal encodes
+        encodes += value is state  # the whole section, not an entry
+        return real(value)
+
+    monkeypatch.setattr(enrich_core, "encoded_size", counted)
+    rng, state, evicted = random.Random(7), {}, 0
+    for seq in range(600):
+        boot = f"boot-{seq // 200}"
+        events = []
+        for _ in range(rng.randrange(0, 12)):
+            pid = rng.randrange(1, 150)
+            if rng.random() < 0.6:
+                exe = "/usr/bin/" + "y" * rng.randrange(1, 120)
+                events.append([PROCESS_EXEC.id, 1, pid, pid, 1, 0, 7, "p", exe])
+            else:
+                events.append([PROCESS_EXIT.id, 1, pid, pid, 1, 0, 7, "p", 0, 0])
+        batch = RawBatch("h", boot, seq, seq * 100_000_000, events)
+        evicted += enrich_core.enrich(state, batch, {}, opts).evicted.processes
+        rest = {k: v for k, v in state.items() if k != "bytes"}
+        assert real(rest) <= state.get("bytes", 0) and real(rest) <= opts.max_table_bytes
+    assert evicted > 0  # (the later boots' processes pushed the earlier boots' out)
+    assert 0 < encodes < 300  # mostly known without encoding the section
