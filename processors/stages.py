@@ -82,6 +82,8 @@ from ktel.wire import (
 from processors.chain import build
 from processors.faust_app import App
 from processors.stage import Result, Stage
+from processors.table_store import URL as DISK_BACKED_URL
+from processors.table_store import DiskBackedStore
 
 log = logging.getLogger("ktel.process")
 
@@ -152,15 +154,29 @@ async def persist(table: Any, key: str, value: dict[str, Any]) -> None:
     windowed tables, which this one is not.
     """
     table.data[key] = value
+    store = table.data
+    key_bytes, value_bytes = store._encode_key(key), store._encode_value(value)  # serialized once
     await table.changelog_topic.send(
-        key=key,
-        value=value,
+        key=key_bytes,
+        value=value_bytes,
         partition=table.partition_for_key(key),  # the event's partition: the table is co-partitioned
-        key_serializer=table.key_serializer,
-        value_serializer=table.value_serializer,
-        callback=table._on_changelog_sent,  # the store's persisted offset (a no-op for memory://)
+        key_serializer="raw",
+        value_serializer="raw",
+        callback=on_changelog_acked(table, key_bytes, value_bytes),
     )
     table._sensor_on_set(table, key, value)
+
+
+def on_changelog_acked(table: Any, key: bytes, value: bytes | None) -> Any:
+    """What a changelog send calls once Kafka has the record: the on-disk store copies
+    it (processors/table_store.py); the memory store has nothing to do."""
+    if isinstance(table.data, DiskBackedStore):
+        return table.data.acknowledged(key, value)
+    return None
+
+
+# process.table_store -> the Faust store URL of the stages' table.
+STORES = {"memory": "memory://", "rocksdict": DISK_BACKED_URL}
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -174,12 +190,14 @@ async def forget(table: Any, key: str, partitions: int) -> None:
     """Delete a host's table value outside a stream: a tombstone to its changelog
     partition, which ``persist`` cannot name without the record being processed."""
     table.data.pop(key, None)
+    key_bytes = table.data._encode_key(key)
     await table.changelog_topic.send(
-        key=key,
+        key=key_bytes,
         value=None,
         partition=partition_of(key, partitions),
-        key_serializer=table.key_serializer,
+        key_serializer="raw",
         value_serializer="raw",  # None as is: a tombstone (as Faust's own delete sends it)
+        callback=on_changelog_acked(table, key_bytes, None),
     )
 
 
@@ -199,7 +217,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
     app = App(
         f"ktel-{stage}",
         **faust_settings(cfg.kafka),
-        store="memory://",
+        store=STORES[cfg.process.table_store],
         datadir=str(datadir),
         web_enabled=False,
         # Standbys would put other workers' hosts into this worker's timers.

@@ -121,3 +121,13 @@ def test_a_bad_secret_is_not_shown_in_the_error(monkeypatch):
         config.load()
     assert "otlp.headers.authorization = ***: Input should be a valid string" in str(err.value)
     assert TOKEN not in str(err.value)
+
+
+def test_the_table_store_is_on_disk_by_default_and_a_wrong_one_is_named(monkeypatch):
+    monkeypatch.setenv("KTEL_AGENT__HOST_ID", "abc")
+    assert config.load().process.table_store == "rocksdict"
+    monkeypatch.setenv("KTEL_PROCESS__TABLE_STORE", "rocksdb")
+    with pytest.raises(config.ConfigError) as err:
+        config.load()
+    assert "table_store" in str(err.value) and "KTEL_PROCESS__TABLE_STORE" in str(err.value), err.value
+    assert "'rocksdict' or 'memory'" in str(err.value)

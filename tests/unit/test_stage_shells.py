@@ -8,7 +8,6 @@ tests/integration/test_processing_stages.py."""
 
 from __future__ import annotations
 
-import copy
 import json
 from contextlib import AsyncExitStack
 from unittest import mock
@@ -93,7 +92,8 @@ class Shell:
 
         async def record(topic, key=None, value=None, **_kw):
             if topic.get_topic_name() == changelog_topic:
-                changelog.append((key, copy.deepcopy(value)))
+                # As serialized for Kafka (the table's JSON), a tombstone as None.
+                changelog.append((json.loads(key), None if value is None else json.loads(value)))
             elif key != FLUSH_KEY:
                 sent.append((topic.get_topic_name(), key, value))
 
