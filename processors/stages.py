@@ -363,7 +363,10 @@ def check_partitions(cfg: Config, stage: str) -> None:
     remake = "delete it with the stages stopped and run `ktel topics`, or set kafka.raw_partitions = {n}"
     fixes = {RAW_TOPIC: "set kafka.raw_partitions = {n}"}
     fixes.setdefault(SOURCE[stage], remake)  # never "delete ktel.raw"
-    fixes[changelog_topic(stage)] = "delete it with the stage stopped (the stage makes it again, empty)"
+    fixes[changelog_topic(stage)] = (
+        "delete it with the stage stopped (the stage makes it again, empty), and the "
+        f"copy of it under process.data_dir ({cfg.process.data_dir / stage})"
+    )
     if stage in ("enrich", "all"):
         fixes[HEARTBEATS_TOPIC] = "delete it (it holds only recent heartbeats) and run `ktel topics`"
     counts = asyncio.run(retry(functools.partial(partition_counts, cfg.kafka), what="describe the topics"))
