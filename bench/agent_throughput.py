@@ -62,13 +62,14 @@ def build_load(tmp: Path) -> Path:
     return exe
 
 
-def start_load(exe: Path, target: Path, seconds: float) -> subprocess.Popen:
+def start_load(exe: Path, target: Path, seconds: float, rate: float = 0) -> subprocess.Popen:
+    """rate: opens a second (0: as fast as it goes)."""
     return subprocess.Popen(
-        ["taskset", "-c", "1", exe, target, str(seconds)], stdout=subprocess.PIPE, text=True
+        ["taskset", "-c", "1", exe, target, str(seconds), str(rate)], stdout=subprocess.PIPE, text=True
     )
 
 
-def bare(exe: Path, target: Path, seconds: float, how: str) -> dict:
+def bare(exe: Path, target: Path, seconds: float, how: str, rate: float = 0) -> dict:
     """how: "bcc" (BCC's callback), "bulk" (ringbuf.RingReader) or "decode" (bulk + decode)."""
     os.sched_setaffinity(0, {0})
     from bcc import BPF
@@ -104,7 +105,7 @@ def bare(exe: Path, target: Path, seconds: float, how: str) -> dict:
                 file_created.decode_run(size, data, offset)
         return sum(len(data) for _, data in runs)
 
-    load = start_load(exe, target, seconds)
+    load = start_load(exe, target, seconds, rate)
     t0 = time.monotonic()
     cpu0 = os.times()
     while load.poll() is None:
@@ -122,17 +123,21 @@ def bare(exe: Path, target: Path, seconds: float, how: str) -> dict:
     cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
     generated = int(load.stdout.read())
     drops = sum(bpf[b"counters"][ctypes.c_int(probes.COUNTER_RINGBUF_DROPS)])
+    rss = rss_mib(Path("/proc/self/status"))
     bpf.cleanup()
     os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
-    return {"generated": generated, "delivered": n, "drops": drops, "rate": n / elapsed, "per_cpu_s": n / cpu}
+    return {
+        "generated": generated, "delivered": n, "drops": drops, "rate": n / elapsed, "per_cpu_s": n / cpu,
+        "cpu_s": cpu, "wall_s": elapsed, "rss_mib": rss,
+    }  # fmt: skip
 
 
-def agent(exe: Path, target: Path, seconds: float, tmp: Path) -> dict:
+def agent(exe: Path, target: Path, seconds: float, tmp: Path, rate: float = 0) -> dict:
     ensure_kafka()
     tmp.mkdir(parents=True, exist_ok=True)
     with LocalKafka(tmp / "kafka", free_port(), free_port()) as kafka:
         make_topics(kafka.bootstrap)
-        return measure_agent(exe, target, seconds, tmp, {"KTEL_KAFKA__BOOTSTRAP": kafka.bootstrap})
+        return measure_agent(exe, target, seconds, tmp, {"KTEL_KAFKA__BOOTSTRAP": kafka.bootstrap}, rate)
 
 
 def make_topics(bootstrap: str) -> None:
@@ -146,8 +151,11 @@ def make_topics(bootstrap: str) -> None:
     asyncio.run(create_topics(bootstrap, topics.specs(cfg)))
 
 
-def measure_agent(exe: Path, target: Path, seconds: float, tmp: Path, kafka: dict[str, str]) -> dict:
-    """``ktel agent`` with the ``kafka`` settings (KTEL_KAFKA__* variables) under the load."""
+def measure_agent(
+    exe: Path, target: Path, seconds: float, tmp: Path, kafka: dict[str, str], rate: float = 0
+) -> dict:
+    """``ktel agent`` with the ``kafka`` settings (KTEL_KAFKA__* variables) under the load
+    (``rate`` opens a second; 0: as fast as it goes)."""
     tmp.mkdir(parents=True, exist_ok=True)
     a = AgentProcess(
         tmp, kafka["KTEL_KAFKA__BOOTSTRAP"], wrapper=["taskset", "-c", "0"], ringbuf_pages=str(RINGBUF_PAGES)
@@ -158,12 +166,13 @@ def measure_agent(exe: Path, target: Path, seconds: float, tmp: Path, kafka: dic
     status = Path(f"/proc/{a.proc.pid}/status")
     idle_rss = rss_mib(status)
     cpu0 = proc_cpu(a.proc.pid)
-    load = start_load(exe, target, seconds)
+    load = start_load(exe, target, seconds, rate)
     t0 = time.monotonic()
     load_rss = 0.0
     while load.poll() is None:
         load_rss = max(load_rss, rss_mib(status))
         time.sleep(0.1)
+    load_wall, load_cpu = time.monotonic() - t0, proc_cpu(a.proc.pid) - cpu0
     generated = int(load.stdout.read())
     # Until the agent has published everything it read (or gives up after a while).
     deadline = time.monotonic() + 120
@@ -184,6 +193,8 @@ def measure_agent(exe: Path, target: Path, seconds: float, tmp: Path, kafka: dic
         "drops": drops,
         "rate": published / elapsed,
         "per_cpu_s": published / cpu,
+        "cpu_s": load_cpu,  # while the load ran
+        "wall_s": load_wall,
         "rss_idle_mib": idle_rss,
         "rss_under_load_max_mib": load_rss,
         "rss_after_mib": rss,
@@ -247,7 +258,7 @@ def proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-def bare_in_child(exe: Path, target: Path, seconds: float, how: str) -> dict:
+def bare_in_child(exe: Path, target: Path, seconds: float, how: str, rate: float = 0) -> dict:
     """bare() in a process of its own: the agent's measurements must not share
     pages with it (the agent pages out BCC's compiler after loading; pages another
     process maps stay resident), and each loop starts from a fresh interpreter."""
@@ -263,6 +274,8 @@ def bare_in_child(exe: Path, target: Path, seconds: float, how: str) -> dict:
             exe,
             "--target",
             target,
+            "--rate",
+            str(rate),
         ],
         check=True,
         stdout=subprocess.PIPE,
@@ -287,9 +300,10 @@ def main() -> None:
     ap.add_argument("--bare", choices=["bcc", "bulk", "decode"], help=argparse.SUPPRESS)
     ap.add_argument("--exe", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--target", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--rate", type=float, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.bare:
-        print(json.dumps(bare(args.exe, args.target, args.seconds, args.bare)))
+        print(json.dumps(bare(args.exe, args.target, args.seconds, args.bare, args.rate)))
         return
     names = {
         "bcc": "bare BCC loop",

@@ -376,6 +376,12 @@ class ProcessConfig(BaseModel):
 
     metrics_port: int = Field(9466, ge=0, le=65535, description="processor self-metrics port (0: off)")
     data_dir: Path = Field(Path("/var/lib/ktel/processor"), description="Faust's data directory (per stage)")
+    table_store: Literal["rocksdict", "memory"] = Field(
+        "rocksdict",
+        description="where a stage keeps its hosts' state besides memory: 'rocksdict', a copy of the "
+        "changelog under data_dir, so a restarted worker reads only the changelog's tail; 'memory', "
+        "nothing, so it reads the whole changelog again",
+    )
     session_timeout_seconds: float = Field(
         60,
         ge=6,  # the least a broker accepts by default (group.min.session.timeout.ms)

@@ -113,6 +113,9 @@ class Stack:
         env["KTEL_OTLP__INSECURE"] = "true"
         env["KTEL_OTLP__COMPRESSION"] = "none"
         env["KTEL_OTLP__HEADERS"] = "{}"
+        # The worker's on-disk table copies belong with this stack's Kafka, whose
+        # changelogs they copy: another stack's would not match them.
+        env["KTEL_PROCESS__DATA_DIR"] = str(self.cfg.stack.data_dir / "processor")
         return env  # the rest comes from the same KTEL_CONFIG file and KTEL_* variables
 
     def ports(self) -> dict[str, int]:

@@ -86,6 +86,8 @@ from processors.chain import build
 from processors.faust_app import App
 from processors.fleet_metrics import FleetMetrics
 from processors.stage import Result, Stage
+from processors.table_store import URL as DISK_BACKED_URL
+from processors.table_store import DiskBackedStore
 
 log = logging.getLogger("ktel.process")
 
@@ -188,13 +190,14 @@ async def persist(table: Any, key: str, value: dict[str, Any], data: bytes) -> N
     table encodes it (``encoded``), already measured against process.max_state_bytes.
     """
     table.data[key] = value
+    key_bytes = table.data._encode_key(key)
     await table.changelog_topic.send(
-        key=key,
+        key=key_bytes,
         value=data,
         partition=table.partition_for_key(key),  # the event's partition: the table is co-partitioned
-        key_serializer=table.key_serializer,
+        key_serializer="raw",
         value_serializer="raw",  # encoded by the table's own serializer (encoded)
-        callback=table._on_changelog_sent,  # the store's persisted offset (a no-op for memory://)
+        callback=on_changelog_acked(table, key_bytes, data),
     )
     table._sensor_on_set(table, key, value)
 
@@ -208,6 +211,18 @@ def decoded(table: Any, data: bytes) -> dict[str, Any]:
     return codecs.loads(table.value_serializer, data)
 
 
+def on_changelog_acked(table: Any, key: bytes, value: bytes | None) -> Any:
+    """What a changelog send calls once Kafka has the record: the on-disk store copies
+    it (processors/table_store.py); the memory store has nothing to do."""
+    if isinstance(table.data, DiskBackedStore):
+        return table.data.acknowledged(key, value)
+    return None
+
+
+# process.table_store -> the Faust store URL of the stages' table.
+STORES = {"memory": "memory://", "rocksdict": DISK_BACKED_URL}
+
+
 @functools.lru_cache(maxsize=1 << 16)
 def partition_of(key: str, partitions: int) -> int:
     """The partition Kafka's default partitioner (the agent's, and the table's changelog)
@@ -219,12 +234,14 @@ async def forget(table: Any, key: str, partitions: int) -> None:
     """Delete a host's table value outside a stream: a tombstone to its changelog
     partition, which ``persist`` cannot name without the record being processed."""
     table.data.pop(key, None)
+    key_bytes = table.data._encode_key(key)
     await table.changelog_topic.send(
-        key=key,
+        key=key_bytes,
         value=None,
         partition=partition_of(key, partitions),
-        key_serializer=table.key_serializer,
+        key_serializer="raw",
         value_serializer="raw",  # None as is: a tombstone (as Faust's own delete sends it)
+        callback=on_changelog_acked(table, key_bytes, None),
     )
 
 
@@ -248,7 +265,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
     app = App(
         names.group(stage),
         **faust_settings(cfg.kafka),
-        store="memory://",
+        store=STORES[cfg.process.table_store],
         datadir=str(datadir),
         web_enabled=False,
         # Standbys would put other workers' hosts into this worker's timers.
@@ -487,7 +504,8 @@ def check_partitions(cfg: Config, stage: str) -> None:
     fixes = {names.raw: "set kafka.raw_partitions = {n}"}
     fixes.setdefault(names.topic(SOURCE[stage]), remake)  # never "delete ktel.raw"
     fixes[changelog_topic(names, stage)] = (
-        "delete it with the stage stopped (the stage makes it again, empty)"
+        "delete it with the stage stopped (the stage makes it again, empty), and the "
+        f"copy of it under process.data_dir ({cfg.process.data_dir / stage})"
     )
     if stage in ("enrich", "all"):
         fixes[names.heartbeats] = "delete it (it holds only recent heartbeats) and run `ktel topics`"

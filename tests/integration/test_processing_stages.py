@@ -194,10 +194,11 @@ def wait_for_group(bootstrap: str, group: str, members: int, timeout=120) -> Non
         time.sleep(0.5)
 
 
-def test_two_workers_and_a_sigkill_count_every_event_once(broker, tmp_path):
+@pytest.mark.parametrize("store", ["rocksdict", "memory"])
+def test_two_workers_and_a_sigkill_count_every_event_once(broker, tmp_path, store):
     hosts, per_host, events = 12, 60, 50
     # The killed worker's partitions move once its session times out.
-    fast = {"KTEL_PROCESS__SESSION_TIMEOUT_SECONDS": "10"}
+    fast = {"KTEL_PROCESS__SESSION_TIMEOUT_SECONDS": "10", "KTEL_PROCESS__TABLE_STORE": store}
     a = Worker(tmp_path, broker.bootstrap, "a", **fast).start()
     b = Worker(tmp_path, broker.bootstrap, "b", **fast).start()
     try:
@@ -214,8 +215,10 @@ def test_two_workers_and_a_sigkill_count_every_event_once(broker, tmp_path):
             assert time.monotonic() < deadline, "both workers should be processing their partitions"
             time.sleep(0.2)
         a.kill()  # mid-stream, without any chance to commit or flush
+        copies = list((tmp_path / "a-data").rglob("*.rdict"))
+        assert bool(copies) == (store == "rocksdict"), copies  # what the replacement starts from
         asyncio.run(produce(broker.bootstrap, traffic[half : half + 200], pace_s=0.01))
-        a = Worker(tmp_path, broker.bootstrap, "a2", **fast).start()
+        a = Worker(tmp_path, broker.bootstrap, "a", **fast).start()  # on the same data directory
         asyncio.run(produce(broker.bootstrap, traffic[half + 200 :], pace_s=0.005))
 
         expected = {

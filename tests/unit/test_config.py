@@ -217,3 +217,13 @@ def test_a_certificate_file_that_is_not_pem_stops_the_exporter_naming_the_settin
     err = capsys.readouterr().err
     assert "remote_write.tls_ca_file, tls_cert_file or tls_key_file is not usable PEM" in err
     assert "Traceback" not in err
+
+
+def test_the_table_store_is_on_disk_by_default_and_a_wrong_one_is_named(monkeypatch):
+    monkeypatch.setenv("KTEL_AGENT__HOST_ID", "abc")
+    assert config.load().process.table_store == "rocksdict"
+    monkeypatch.setenv("KTEL_PROCESS__TABLE_STORE", "rocksdb")
+    with pytest.raises(config.ConfigError) as err:
+        config.load()
+    assert "table_store" in str(err.value) and "KTEL_PROCESS__TABLE_STORE" in str(err.value), err.value
+    assert "'rocksdict' or 'memory'" in str(err.value)

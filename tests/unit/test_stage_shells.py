@@ -98,10 +98,8 @@ class Shell:
 
         async def record(topic, key=None, value=None, **_kw):
             if topic.get_topic_name() == changelog_topic:
-                # Sent encoded, as the table's serializer encodes it (stages.persist).
-                changelog.append(
-                    (key, json.loads(value) if isinstance(value, bytes) else copy.deepcopy(value))
-                )
+                # As serialized for Kafka (the table's JSON), a tombstone as None.
+                changelog.append((json.loads(key), None if value is None else json.loads(value)))
             elif key != FLUSH_KEY:
                 sent.append((topic.get_topic_name(), key, value))
 

@@ -1,0 +1,456 @@
+"""Benchmark: ktel at fleet scale. N simulated hosts (100, 1 000, 10 000) publish
+agent-shaped raw batches to a local Kafka at a fixed fleet-wide rate, through the
+processing worker(s) and the remote-write exporter into a real Prometheus.
+
+Each host has its own boot id and sequence, keyed by host id as the agent keys them,
+and sends one batch every --batch-seconds (an agent seals a batch by count, size or
+age; a quiet host's batches are small): file creations under a few directories of
+its own (bench/processing_throughput.py's paths), process exec/exit pairs, a kernel-API
+counter, a syscall-latency histogram delta every 5th batch, and one heartbeat at start.
+
+Measured, per fleet size, each on a fresh broker and Prometheus:
+
+  cpu/event    worker CPU seconds (psutil, user + system, summed over the stage
+               processes) per event, over the second half of the steady phase
+  rss/host     worker RSS at the end of the steady phase, divided by the hosts
+  samples/win  samples the exporter had acknowledged (ktel_exporter_samples_total)
+               per aggregate window
+  e2e p50/p99  from the bench side: once a second the bench reads
+               sum(file_created_total) from Prometheus; each reading's latency is
+               now minus when the bench had produced that many file creations
+  exact        after the traffic stops, Prometheus' sum equals what was generated
+  recovery     the worker SIGKILLed while the traffic goes on; from its replacement's
+               start to its first counted batch, with process.table_store rocksdict
+               (the same data directory) and then memory (a fresh one)
+
+Run: PYTHONPATH=. .venv/bin/python bench/fleet.py [--quick] [--hosts 100,10000]
+     [--rate 20000] [--seconds 60] [--mode all|split]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import bisect
+import dataclasses
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+import psutil  # noqa: E402
+from aiokafka import AIOKafkaProducer  # noqa: E402
+from processing_throughput import COMMS, DIRS, machine, scrape  # noqa: E402
+
+from ktel import config, topics  # noqa: E402
+from ktel.stack import proc as proc_mod  # noqa: E402
+from ktel.stack.kafka import LocalKafka, ensure_kafka  # noqa: E402
+from ktel.stack.proc import free_port  # noqa: E402
+from ktel.stack.prometheus import LocalPrometheus  # noqa: E402
+from ktel.topics import create_topics  # noqa: E402
+from ktel.wire import (  # noqa: E402
+    FILE_CREATED,
+    HEARTBEATS_TOPIC,
+    HISTOGRAM_DELTA,
+    KTEL_METRIC,
+    PROCESS_EXEC,
+    PROCESS_EXIT,
+    RAW_TOPIC,
+    RawBatch,
+    encode_batch,
+    encode_heartbeat,
+)
+
+STAGES = {"all": ["all"], "split": ["dedupe", "enrich", "sample", "aggregate"]}
+POLL_S = 1.0
+
+# ------------------------------------------------------------------ traffic
+
+
+class Host:
+    def __init__(self, i: int, rng: random.Random) -> None:
+        self.id = f"node-{i:05d}.fleet"
+        self.boot = f"{rng.getrandbits(128):032x}"
+        self.seq = 0
+        self.dirs = [
+            d.format(h=rng.getrandbits(48), n=rng.randrange(40), m=rng.randrange(8))
+            for d in rng.sample(DIRS, 3)
+        ]
+        self.syscall = rng.randrange(300)
+        self.pid = 1000 + rng.randrange(30000)
+
+
+def make_batch(host: Host, n: int, rng: random.Random) -> tuple[RawBatch, int]:
+    """One sealed batch of ``n`` events from ``host``; returns it and its file creations."""
+    ts = time.time_ns()
+    events: list[list[Any]] = []
+    files = 0
+    while len(events) < n:
+        r = rng.random()
+        if r < 0.02:
+            host.pid += 1
+            pid, comm = host.pid, rng.choice(COMMS)
+            events.append([PROCESS_EXEC.id, ts, pid, pid, 1, 0, 0, comm, f"/usr/bin/{comm}"])
+            events.append([PROCESS_EXIT.id, ts, pid, pid, 1, 0, 0, comm, 0, 0])
+        elif r < 0.03:
+            events.append([KTEL_METRIC.id, ts, host.pid, "counter", "ktel_demo_requests_total", {}, 1])
+        else:
+            path = f"{rng.choice(host.dirs)}/f{rng.getrandbits(32):08x}.tmp"
+            events.append(
+                [FILE_CREATED.id, ts, host.pid, host.pid, 0, rng.choice(COMMS), path, 0o101, r < 0.5]
+            )
+            files += 1
+    if host.seq % 5 == 0:
+        buckets = [0] * 40
+        for _ in range(10):
+            buckets[rng.randrange(8, 20)] += rng.randrange(1, 50)
+        count = sum(buckets)
+        events.append(
+            [HISTOGRAM_DELTA.id, ts, ts - 1_000_000_000, "syscall_latency", "ns",
+             {"syscall.id": host.syscall}, count, count * 3000, buckets, 1]
+        )  # fmt: skip
+    batch = RawBatch(host.id, host.boot, host.seq, ts, events)
+    host.seq += 1
+    return batch, files
+
+
+class Traffic:
+    """The fleet: each host sends a batch every ``period`` seconds, the hosts spread
+    evenly over the period, ``rate`` events/s over all of them."""
+
+    def __init__(self, n_hosts: int, rate: float, period: float, seed: int = 1) -> None:
+        self.rng = random.Random(seed)
+        self.hosts = [Host(i, self.rng) for i in range(n_hosts)]
+        self.per_batch = max(1, round(rate * period / n_hosts))
+        self.period = period
+        self.files = 0  # file creations generated so far
+        self.events = 0
+        self.history: list[tuple[int, float]] = []  # (files produced, when), for latencies
+        self.producer: AIOKafkaProducer | None = None
+
+    async def start(self, bootstrap: str) -> None:
+        # As the agent produces (edge_agent/agent.py): lz4, acks=all.
+        self.producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap, compression_type="lz4", linger_ms=5, acks="all"
+        )
+        await self.producer.start()
+        for h in self.hosts:
+            attrs = {
+                "host.id": h.id,
+                "host.name": h.id,
+                "host.arch": "x86_64",
+                "os.type": "linux",
+                "boot.id": h.boot,
+            }
+            hb = {"ts": time.time_ns(), "host": attrs, "probes": {}, "counters": {}}
+            await self.producer.send(HEARTBEATS_TOPIC, encode_heartbeat(hb), key=h.id.encode())  # type: ignore[arg-type]
+        await self.producer.flush()
+
+    async def run(self, seconds: float, stop: asyncio.Event | None = None) -> None:
+        """Send at the fixed rate for ``seconds`` (or until ``stop``), acknowledged."""
+        assert self.producer is not None
+        tick = 0.1
+        per_tick = len(self.hosts) * tick / self.period
+        start = time.monotonic()
+        sent = 0.0
+        i = 0
+        while time.monotonic() - start < seconds and not (stop and stop.is_set()):
+            sent += per_tick
+            futures = []
+            while i < int(sent):
+                host = self.hosts[i % len(self.hosts)]
+                batch, files = make_batch(host, self.per_batch, self.rng)
+                futures.append(await self.producer.send(RAW_TOPIC, encode_batch(batch), key=batch.key))
+                self.files += files
+                self.events += len(batch.events)
+                i += 1
+            await asyncio.gather(*futures)
+            self.history.append((self.files, time.time()))
+            await asyncio.sleep(max(0.0, start + (i / per_tick) * tick - time.monotonic()))
+
+    def produced_at(self, files: float) -> float | None:
+        """When the bench had produced ``files`` file creations (acknowledged by Kafka)."""
+        k = bisect.bisect_left(self.history, (files, 0.0))
+        return self.history[k][1] if k < len(self.history) else None
+
+    async def stop(self) -> None:
+        if self.producer:
+            await self.producer.stop()
+
+
+# ------------------------------------------------------------------ processes
+
+
+@dataclasses.dataclass
+class Pipeline:
+    tmp: Path
+    kafka: LocalKafka
+    prom: LocalPrometheus
+    mode: str
+    window: float
+    workers: dict[str, subprocess.Popen] = dataclasses.field(default_factory=dict)
+    ports: dict[str, int] = dataclasses.field(default_factory=dict)
+    exporter: subprocess.Popen | None = None
+    exporter_port: int = 0
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = dict(
+            os.environ,
+            PYTHONPATH=str(ROOT),
+            KTEL_KAFKA__BOOTSTRAP=self.kafka.bootstrap,
+            KTEL_AGENT__HOST_ID="bench",
+            KTEL_AGGREGATE__WINDOW_SECONDS=str(self.window),
+            KTEL_PROCESS__SESSION_TIMEOUT_SECONDS="10",
+            KTEL_REMOTE_WRITE__URL=self.prom.remote_write_url,
+            **extra,
+        )
+        env.pop("KTEL_CONFIG", None)
+        return env
+
+    def spawn(self, args: list[str], log: str, env: dict[str, str]) -> subprocess.Popen:
+        with open(self.tmp / log, "ab") as f:
+            return subprocess.Popen(
+                [sys.executable, "-m", "ktel.cli", *args], env=env, stdout=f, stderr=f, cwd=ROOT
+            )
+
+    def start_worker(self, stage: str, store: str, data: str) -> None:
+        self.ports[stage] = port = free_port()
+        env = self.env(
+            KTEL_PROCESS__METRICS_PORT=str(port),
+            KTEL_PROCESS__DATA_DIR=str(self.tmp / data),
+            KTEL_PROCESS__TABLE_STORE=store,
+        )
+        self.workers[stage] = self.spawn(["process", stage], f"{stage}.log", env)
+
+    def start(self) -> None:
+        for stage in STAGES[self.mode]:
+            self.start_worker(stage, "rocksdict", f"data-{stage}")
+        self.exporter_port = free_port()
+        env = self.env(KTEL_REMOTE_WRITE__METRICS_PORT=str(self.exporter_port))
+        self.exporter = self.spawn(["export", "remote-write"], "exporter.log", env)
+
+    def last_stage(self) -> str:
+        return STAGES[self.mode][-1]
+
+    def counted(self) -> float:
+        return scrape(self.ports[self.last_stage()], "ktel_processor_events_total") or 0.0
+
+    def cpu(self) -> float:
+        return sum(sum(psutil.Process(p.pid).cpu_times()[:2]) for p in self.workers.values())
+
+    def rss(self) -> int:
+        return sum(psutil.Process(p.pid).memory_info().rss for p in self.workers.values())
+
+    def samples(self) -> float:
+        return scrape(self.exporter_port, "ktel_exporter_samples_total") or 0.0
+
+    def stop(self) -> None:
+        for p in [*self.workers.values(), self.exporter]:
+            if p is not None:
+                proc_mod.stop(p, 30)
+
+
+def prom_files(prom: LocalPrometheus) -> float:
+    try:
+        result = prom.query("sum(file_created_total)")
+    except Exception:  # noqa: BLE001  # not up yet, or no series yet: no reading
+        return 0.0
+    return float(result[0]["value"][1]) if result else 0.0
+
+
+async def caught_up(prom: LocalPrometheus, traffic: Traffic, timeout: float) -> float:
+    """Seconds until Prometheus counts every file creation sent so far (no more checked here)."""
+    start = time.monotonic()
+    while (got := await asyncio.to_thread(prom_files, prom)) < traffic.files:
+        if time.monotonic() - start > timeout:
+            raise RuntimeError(
+                f"Prometheus has {got:,.0f} of {traffic.files:,} file creations after {timeout:.0f} s"
+            )
+        await asyncio.sleep(0.5)
+    return time.monotonic() - start
+
+
+def wait(cond: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what}: not within {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+# ------------------------------------------------------------------ one size
+
+
+@dataclasses.dataclass
+class Result:
+    hosts: int
+    rate: float  # events/s the bench sent (all kinds)
+    per_batch: int
+    cpu_per_event_us: float
+    rss_mib: float
+    rss_per_host_kib: float
+    samples_per_window: float
+    p50: float
+    p99: float
+    exact: bool
+    generated: int
+    in_prometheus: float
+    recovery: dict[str, float]
+    lag: float  # seconds from the end of the steady phase until Prometheus had it all
+
+
+async def size_run(args: argparse.Namespace, n_hosts: int) -> Result:
+    with tempfile.TemporaryDirectory(prefix="ktel-bench-fleet-") as d:
+        tmp = Path(d)
+        with (
+            LocalKafka(tmp / "kafka", free_port(), free_port()) as kafka,
+            LocalPrometheus(tmp / "prom", free_port()) as prom,
+        ):
+            cfg = config.Config(
+                kafka=config.KafkaConfig(bootstrap=kafka.bootstrap), agent=config.AgentConfig(host_id="b")
+            )
+            await create_topics(kafka.bootstrap, topics.specs(cfg))
+            traffic = Traffic(n_hosts, args.rate, args.batch_seconds)
+            await traffic.start(kafka.bootstrap)
+            pipe = Pipeline(tmp, kafka, prom, args.mode, args.window)
+            pipe.start()
+            try:
+                # Warm-up: the workers join, recover and count the first batches; then
+                # the bench waits for them to catch up, so the steady phase starts level.
+                warm = asyncio.Event()
+                sender = asyncio.create_task(traffic.run(3600, warm))
+                await asyncio.to_thread(wait, lambda: pipe.counted() > 0, 300, "the worker counting")
+                warm.set()
+                await sender
+                await caught_up(prom, traffic, 300)
+                # Steady phase: measured.
+                steady = asyncio.create_task(traffic.run(args.seconds))
+                readings: list[tuple[float, float]] = []  # (when, files in Prometheus)
+                t0, cpu0, ev0, s0 = time.monotonic(), pipe.cpu(), traffic.events, pipe.samples()
+                while not steady.done():
+                    await asyncio.sleep(POLL_S)
+                    readings.append((time.time(), await asyncio.to_thread(prom_files, prom)))
+                await steady
+                rss = pipe.rss()
+                lag = await caught_up(prom, traffic, 300)
+                # Everything sent in the steady phase processed: its CPU per event sent.
+                cpu_per_event = (pipe.cpu() - cpu0) / (traffic.events - ev0)
+                samples_per_window = (pipe.samples() - s0) / ((time.monotonic() - t0) / args.window)
+                exact_steady = prom_files(prom) == traffic.files
+                # Recovery: SIGKILL the worker while the traffic goes on.
+                recovery: dict[str, float] = {}
+                if args.mode == "all" and not args.no_kill:
+                    background = asyncio.Event()
+                    sender = asyncio.create_task(traffic.run(3600, background))
+                    for store, data in (("rocksdict", "data-all"), ("memory", "data-memory")):
+                        await asyncio.sleep(2 * args.window)  # the table's latest in its changelog
+                        pipe.workers["all"].send_signal(signal.SIGKILL)
+                        pipe.workers["all"].wait()
+                        started = time.monotonic()
+                        pipe.start_worker("all", store, data)
+                        await asyncio.to_thread(
+                            wait, lambda: pipe.counted() > 0, 600, f"the {store} replacement counting"
+                        )
+                        recovery[store] = time.monotonic() - started
+                    background.set()
+                    await sender
+                    await caught_up(prom, traffic, 300)
+                # Exact: everything generated reaches Prometheus, no more.
+                await asyncio.sleep(2 * args.window)  # a count that would pass the total
+                got = prom_files(prom)
+            finally:
+                pipe.stop()
+                await traffic.stop()
+    lat = [when - at for when, files in readings if files and (at := traffic.produced_at(files)) is not None]
+    q = statistics.quantiles(lat, n=100) if len(lat) >= 2 else [float("nan")] * 99
+    return Result(
+        n_hosts, args.rate, traffic.per_batch, cpu_per_event * 1e6, rss / 2**20, rss / 1024 / n_hosts,
+        samples_per_window, q[49], q[98], exact_steady and got == traffic.files, traffic.files, got, recovery,
+        lag,
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------- main
+
+
+def report(args: argparse.Namespace, results: list[Result]) -> str:
+    lines = [
+        f"{time.strftime('%Y-%m-%d')}, commit {git_commit()}, {machine()}, load average at the start "
+        f"{args.load:.1f}. Mode `{args.mode}`, {args.rate:,.0f} events/s fleet-wide, one batch per host "
+        f"every {args.batch_seconds:g} s, aggregate window {args.window:g} s, {args.seconds:g} s measured.",
+        "",
+        "| hosts | events a batch | CPU µs/event | worker RSS MiB | RSS KiB/host | samples/window "
+        "| e2e p50 s | e2e p99 s | drained s | exact in Prometheus | recovery rocksdict s "
+        "| recovery memory s |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+    ]
+    for r in results:
+        rec = [f"{r.recovery[s]:.1f}" if s in r.recovery else "-" for s in ("rocksdict", "memory")]
+        exact = "yes" if r.exact else f"no: {r.in_prometheus:,.0f} of {r.generated:,}"
+        lines.append(
+            f"| {r.hosts:,} | {r.per_batch} | {r.cpu_per_event_us:.1f} | {r.rss_mib:.0f} "
+            f"| {r.rss_per_host_kib:.1f} | {r.samples_per_window:,.0f} | {r.p50:.1f} | {r.p99:.1f} "
+            f"| {r.lag:.1f} | {exact} | {rec[0]} | {rec[1]} |"
+        )
+    if len(results) > 1:
+        lo, hi = results[0], results[-1]
+        per_host = (hi.rss_mib - lo.rss_mib) * 1024 / (hi.hosts - lo.hosts)
+        lines += [
+            "",
+            f"{hi.hosts:,} hosts against {lo.hosts:,}: CPU per event "
+            f"x{hi.cpu_per_event_us / lo.cpu_per_event_us:.2f} (aim at most 1.5), e2e p99 "
+            f"x{hi.p99 / lo.p99:.2f}, worker RSS x{hi.rss_mib / lo.rss_mib:.2f}, "
+            f"{per_host:.1f} KiB for each host more (aim at most 50).",
+        ]
+    return "\n".join(lines)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        )
+        return out.stdout.strip() or "?"
+    except OSError:
+        return "?"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hosts", default="100,10000", help="fleet sizes, comma-separated")
+    ap.add_argument("--rate", type=float, default=20_000, help="events/s fleet-wide")
+    ap.add_argument("--batch-seconds", type=float, default=5.0, help="how often each host sends a batch")
+    ap.add_argument("--seconds", type=float, default=60, help="measured steady phase per size")
+    ap.add_argument("--window", type=float, default=2.0, help="aggregate.window_seconds")
+    ap.add_argument(
+        "--mode", choices=list(STAGES), default="all", help="all: one worker; split: one per stage"
+    )
+    ap.add_argument("--no-kill", action="store_true", help="leave out the SIGKILL recovery")
+    ap.add_argument("--quick", action="store_true", help="100 and 1 000 hosts, 20 s each")
+    args = ap.parse_args()
+    if args.quick:
+        args.hosts, args.seconds = "100,1000", 20
+    args.load = os.getloadavg()[0]
+    ensure_kafka()
+    results = []
+    for n in (int(h) for h in args.hosts.split(",")):
+        r = asyncio.run(size_run(args, n))
+        print(r, flush=True)
+        results.append(r)
+    print()
+    print(report(args, results))
+
+
+if __name__ == "__main__":
+    main()

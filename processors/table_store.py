@@ -1,0 +1,129 @@
+"""The stages' table store when ``process.table_store = "rocksdict"``: the hosts' state
+in memory, as with Faust's ``memory://``, plus an on-disk copy of the changelog, so a
+restarted worker reads only the changelog's tail instead of all of it.
+
+The copy holds, per changelog partition (one RocksDB under the stage's data
+directory), exactly the changelog records Kafka has acknowledged, and the offset of
+the last of them, written together. Faust's own RocksDB store writes a value when
+the stage sets it, before Kafka has it; a worker killed in between would restart
+with state the changelog never got (the batch counted, its outputs never sent), and
+would drop the batch as already seen when it reads it again. Here the disk never
+runs ahead of the changelog, so a restart from it is the same as a restart from
+the changelog alone (docs/design.md, "What a SIGKILL costs").
+
+The state stays in memory because the stages change each host's value in place,
+in the stream and in their window timers (processors/stages.py).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from faust.stores import STORES, memory
+from faust.types import TP, EventT
+from rocksdict import AccessType, Options, Rdict, WriteBatch
+
+URL = "ktel-rocksdict://"
+STORES.aliases["ktel-rocksdict"] = f"{__name__}:DiskBackedStore"
+
+OFFSET_KEY = b"\x00ktel:changelog-offset"  # never a table key: those are JSON
+
+
+class DiskBackedStore(memory.Store):
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._dbs: dict[int, Rdict] = {}
+
+    # ------------------------------------------------------------ the disk copy
+
+    def _path(self, partition: int) -> Path:
+        return Path(self.app.conf.tabledir) / f"{self.table_name}-{partition}.rdict"
+
+    def _db(self, partition: int) -> Rdict:
+        db = self._dbs.get(partition)
+        if db is None:
+            path = self._path(partition)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Raw: keys and values are the changelog's bytes, as Kafka has them.
+            db = self._dbs[partition] = Rdict(
+                str(path), Options(raw_mode=True), access_type=AccessType.read_write()
+            )
+        return db
+
+    def _load(self, partition: int) -> None:
+        """Put a partition's copy into memory, before Faust reads the changelog's tail."""
+        for key, value in self._db(partition).items():
+            if key != OFFSET_KEY:
+                k = self._decode_key(key)  # type: ignore[arg-type]  # raw mode: bytes
+                self.data[k] = self._decode_value(value)
+                self._key_partition[k] = partition
+
+    def _close(self, partition: int) -> None:
+        db = self._dbs.pop(partition, None)
+        if db is not None:
+            db.close()
+
+    def acknowledged(self, key: bytes, value: bytes | None) -> Callable[[Any], None]:
+        """The callback of a changelog send: copies the record once Kafka has it."""
+
+        def copy(fut: Any) -> None:
+            meta = fut.result()
+            batch = WriteBatch(raw_mode=True)
+            if value is None:
+                batch.delete(key)
+            else:
+                batch.put(key, value)
+            batch.put(OFFSET_KEY, str(meta.offset).encode())
+            self._db(meta.topic_partition.partition).write(batch)
+
+        return copy
+
+    # ---------------------------------------------------------- Faust's store API
+
+    def persisted_offset(self, tp: TP) -> int | None:
+        raw = self._db(tp.partition).get(OFFSET_KEY)
+        return int(raw) if raw is not None else None
+
+    def apply_changelog_batch(
+        self, batch: Iterable[EventT], to_key: Callable[[Any], Any], to_value: Callable[[Any], Any]
+    ) -> None:
+        events = list(batch)
+        super().apply_changelog_batch(events, to_key, to_value)
+        writes: dict[int, WriteBatch] = {}
+        last: dict[int, int] = {}
+        for event in events:
+            msg = event.message
+            key = bytes(msg.key or b"")  # a table key is never None (Faust refuses it)
+            wb = writes.setdefault(msg.partition, WriteBatch(raw_mode=True))
+            if msg.value is None:
+                wb.delete(key)
+            else:
+                wb.put(key, msg.value)
+            last[msg.partition] = max(last.get(msg.partition, -1), msg.offset)
+        for partition, wb in writes.items():
+            wb.put(OFFSET_KEY, str(last[partition]).encode())
+            self._db(partition).write(wb)
+
+    async def on_rebalance(
+        self, assigned: set[TP], revoked: set[TP], newly_assigned: set[TP], generation_id: int = 0
+    ) -> None:
+        mine = self.table.changelog_topic.topics
+        for tp in revoked:
+            if tp.topic in mine:
+                self._close(tp.partition)
+        for tp in newly_assigned:
+            if tp.topic in mine:
+                self._load(tp.partition)
+
+    async def stop(self) -> None:
+        for partition in list(self._dbs):
+            self._close(partition)
+        await super().stop()
+
+    def reset_state(self) -> None:
+        for partition in list(self._dbs):
+            self._close(partition)
+        shutil.rmtree(Path(self.app.conf.tabledir), ignore_errors=True)
