@@ -301,9 +301,14 @@ async def _groups(consumer: AIOKafkaConsumer, admin: AIOKafkaAdminClient, prefix
     if not ids:
         return []
     described = {}
-    for resp in await admin.describe_consumer_groups(ids):
-        for g in resp.to_object()["groups"]:
-            described[g["group"]] = (g["state"], len(g["members"]))
+    for group in ids:
+        # One group per request: aiokafka 0.14 decodes a DescribeGroups v3 answer with
+        # the v2 layout, which lacks each group's authorized_operations, so every group
+        # after the first in one answer is misread ("Buffer underrun decoding string")
+        # and the connection dropped; the answer's one group decodes right.
+        for resp in await admin.describe_consumer_groups([group]):
+            for g in resp.to_object()["groups"]:
+                described[g["group"]] = (g["state"], len(g["members"]))
     out: list[Group] = []
     for group in ids:
         committed = {

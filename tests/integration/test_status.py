@@ -71,9 +71,11 @@ def test_status_shows_both_agents_then_the_stopped_one_stale(kafka, tmp_path):
     bootstrap = kafka.bootstrap
     cfg = config.Config(kafka=config.KafkaConfig(bootstrap=bootstrap), agent=config.AgentConfig(host_id="t"))
     asyncio.run(create_topics(bootstrap, topics.specs(cfg)))
-    # A group of ktel's naming, for the groups table: committed at the end, so no lag of its own.
-    group = f"ktel-export-status-{uuid.uuid4().hex[:8]}"
-    asyncio.run(start_group_at_end(bootstrap, group, METRICS_TOPIC))
+    # Groups of ktel's naming, for the groups table: committed at the end, so no lag of
+    # their own. Two, so that the broker describes several groups in one answer.
+    group, other = (f"ktel-export-status-{uuid.uuid4().hex[:8]}" for _ in range(2))
+    for g in (group, other):
+        asyncio.run(start_group_at_end(bootstrap, g, METRICS_TOPIC))
 
     run = uuid.uuid4().hex[:8]
     ids = [f"status-a-{run}", f"status-b-{run}"]
@@ -114,6 +116,11 @@ def test_status_shows_both_agents_then_the_stopped_one_stale(kafka, tmp_path):
         assert all(why for why in h["probes_failed"].values())
         assert set(h["probes_loaded"]) | set(h["probes_failed"]) == {"file_created", "ktel_api"}
         assert h["age_s"] <= STALE_AFTER_S
+    # Described right, each of them (not misread as the answer's first group's neighbour).
+    assert {g["group"]: g["state"] for g in doc["groups"] if g["group"] in (group, other)} == {
+        group: "Empty",
+        other: "Empty",
+    }
     [g] = [g for g in doc["groups"] if g["group"] == group]
     assert g["lag"] == 0 and g["members"] == 0
 
