@@ -48,7 +48,7 @@ sys.path.insert(0, str(HERE.parent))
 from edge_agent import probes, ringbuf  # noqa: E402
 from ktel.probes import file_created  # noqa: E402
 from ktel.probes.decode import count  # noqa: E402
-from ktel.stack.kafka import LocalKafka, SaslSsl, ensure_kafka  # noqa: E402
+from ktel.stack.kafka import LocalKafka, Security, ensure_kafka  # noqa: E402
 from ktel.stack.proc import free_port  # noqa: E402
 from ktel.topics import create_topics  # noqa: E402
 from tests.integration.agent_harness import AgentProcess  # noqa: E402
@@ -206,26 +206,26 @@ def security(exe: Path, target: Path, seconds: float, tmp: Path, rounds: int) ->
     """The agent over PLAINTEXT and over SASL_SSL (SCRAM-SHA-512, TLS), to one broker
     with both listeners, interleaved round by round (the order swapped every round)
     so that the machine's noise falls on both alike."""
-    from tests.integration.test_kafka_security import make_certs
+    from ktel.stack import certs
 
     ensure_kafka()
-    (tmp / "certs").mkdir(parents=True)
-    ca, keystore = make_certs(tmp / "certs")
+    ca = certs.make_ca(tmp / "certs")
     password = os.urandom(16).hex()
-    sasl = SaslSsl(free_port(), keystore, {"bench": password})
+    sasl_port = free_port()
+    security = Security(certs.broker_keystore(ca), {"bench": password})
     variants = {
         "PLAINTEXT": {},
         "SASL_SSL": {
-            "KTEL_KAFKA__BOOTSTRAP": f"127.0.0.1:{sasl.port}",
+            "KTEL_KAFKA__BOOTSTRAP": f"127.0.0.1:{sasl_port}",
             "KTEL_KAFKA__SECURITY_PROTOCOL": "SASL_SSL",
             "KTEL_KAFKA__SASL_MECHANISM": "SCRAM-SHA-512",
             "KTEL_KAFKA__SASL_USERNAME": "bench",
             "KTEL_KAFKA__SASL_PASSWORD": password,
-            "KTEL_KAFKA__SSL_CAFILE": str(ca),
+            "KTEL_KAFKA__SSL_CAFILE": str(ca.cert),
         },
     }
     results: dict[str, list[dict]] = {k: [] for k in variants}
-    with LocalKafka(tmp / "kafka", free_port(), free_port(), sasl_ssl=sasl) as kafka:
+    with LocalKafka(tmp / "kafka", free_port(), free_port(), security, sasl_ssl_port=sasl_port) as kafka:
         make_topics(kafka.bootstrap)
         for i in range(rounds):
             order = list(variants) if i % 2 == 0 else list(reversed(variants))
