@@ -393,6 +393,8 @@ def send_once(exporter: Any, request: Any, token_file: Path | None = None) -> No
     client = exporter._client
     result = client._submit(client._compress(request.SerializePartialToString()), client._timeout)
     if result.status_code is None:
+        if isinstance(result.error, Unauthorized):  # the token file, unreadable (Session)
+            raise result.error
         raise Transient(f"no answer from {client._endpoint}: {result.error}")
     http_answer(result.status_code, _http_message(result))
 

@@ -24,7 +24,7 @@ from prometheus_client import REGISTRY
 
 from exporters import otlp, otlp_spans
 from exporters.consume import Record
-from exporters.delivery import Transient
+from exporters.delivery import Transient, Unauthorized
 from ktel import wire
 from ktel.config import OtlpConfig
 from ktel.retry import Permanent
@@ -422,3 +422,10 @@ def test_the_bearer_token_file_is_read_for_every_request_over_grpc_and_http(tmp_
     token.write_text("third\n")
     prepared = session.prepare_request(requests.Request("POST", "http://127.0.0.1:1/v1/traces"))
     assert prepared.headers["Authorization"] == "Bearer third"
+
+    # A token file gone (mid-rotation, say) is a credentials problem: retried, the data kept.
+    http_exporter, _, _ = otlp.make_exporters(cfg.model_copy(update={"protocol": "http/protobuf"}))
+    token.unlink()
+    for exporter in (grpc_exporter, http_exporter):
+        with pytest.raises(Unauthorized, match=f"cannot read otlp.bearer_token_file {token}"):
+            otlp.send_once(exporter, req, token)
