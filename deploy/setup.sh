@@ -108,7 +108,7 @@ ln -sfn /usr/lib/python3/dist-packages/bcc "$site/bcc"
 
 # --- OpenTelemetry Collector (for `make run` and the OTLP tests) -------------
 # Built once with the official builder from the Go module proxy, from
-# deploy/otelcol/builder-config.yaml, into ~/.cache/ktel/otelcol-<version>
+# deploy/otelcol/builder-config.yaml, into ~/.cache/ktel/otelcol-<version>-<manifest hash>
 # (a few CPU minutes the first time; cached, so later runs return at once).
 # Needs Go >= 1.26 (the Collector modules require it): `go` on PATH or
 # /usr/local/go/bin/go if new enough (Debian 12's golang is not), else a Go toolchain

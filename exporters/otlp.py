@@ -40,7 +40,9 @@ SDK's ``export()`` is not used: it retries on its own and reports only SUCCESS o
 FAILURE, which says neither whether to retry nor why. A backend that refuses ktel's
 credentials (HTTP 401/403, gRPC UNAUTHENTICATED/PERMISSION_DENIED) or its TLS
 handshake is misconfigured, not sent bad data: one line names the settings, and
-the request is retried, its items kept, until the configuration is fixed. The Kafka offset
+the request is retried, its items kept, until the configuration is fixed. A token in
+``otlp.bearer_token_file`` is read for every request, so fixing or rotating it takes
+effect without a restart. The Kafka offset
 (exporters/consume.py) is committed only once everything read is acknowledged or
 dead-lettered.
 
@@ -58,6 +60,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from importlib.metadata import version
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -94,7 +97,15 @@ from prometheus_client import Counter
 
 from exporters import consume, otlp_spans
 from exporters.consume import Record
-from exporters.delivery import Misconfigured, Transient, Window, grpc_answer, http_answer, send_split
+from exporters.delivery import (
+    Misconfigured,
+    Transient,
+    Unauthorized,
+    Window,
+    grpc_answer,
+    http_answer,
+    send_split,
+)
 from exporters.log2 import ZERO_THRESHOLD, exponential
 from ktel import selfmetrics
 from ktel.config import Config, OtlpConfig
@@ -306,7 +317,7 @@ def make_exporters(c: OtlpConfig) -> tuple[Any, Any, Any]:
                 "headers": c.headers,
                 "timeout": c.timeout_seconds,
                 "compression": None if c.compression is None else Compression(c.compression),
-                "session": CaFileSession(),
+                "session": Session(c.bearer_token_file),
             }
 
         return (
@@ -317,11 +328,22 @@ def make_exporters(c: OtlpConfig) -> tuple[Any, Any, Any]:
     raise ValueError(f"OTLP protocol {protocol!r} is not supported (use grpc or http/protobuf)")
 
 
-class CaFileSession(requests.Session):
-    """A requests session whose CA file (the SDK sets it as ``verify`` from
-    otlp.certificate_file or OTEL_EXPORTER_OTLP_CERTIFICATE) is used: requests lets
-    REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE, set on many hosts, replace a session's own
-    (psf/requests#3829), and the backend's certificate would then fail verification."""
+class Session(requests.Session):
+    """The OTLP/HTTP exporters' requests session. Its CA file (the SDK sets it as
+    ``verify`` from otlp.certificate_file or OTEL_EXPORTER_OTLP_CERTIFICATE) is used:
+    requests lets REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE, set on many hosts, replace a
+    session's own (psf/requests#3829), and the backend's certificate would then fail
+    verification. Each request carries the token of ``token_file`` as it is then."""
+
+    def __init__(self, token_file: Path | None = None) -> None:
+        super().__init__()
+        self.token_file = token_file
+
+    def prepare_request(self, request: requests.Request) -> requests.PreparedRequest:
+        prepared = super().prepare_request(request)
+        if self.token_file is not None:
+            prepared.headers["Authorization"] = authorization(self.token_file)
+        return prepared
 
     def merge_environment_settings(self, url: Any, proxies: Any, stream: Any, verify: Any, cert: Any) -> Any:
         settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
@@ -340,20 +362,39 @@ def _read(path: str | None) -> bytes | None:
         return f.read()
 
 
-def send_once(exporter: Any, request: Any) -> None:
+def authorization(token_file: Path) -> str:
+    """The Authorization header of the token in ``token_file``, read now."""
+    try:
+        token = token_file.read_text().strip()
+    except OSError as err:  # mid-rotation, say: retried, as a refused token is
+        raise Unauthorized(f"cannot read otlp.bearer_token_file {token_file}: {err.strerror}") from None
+    return f"Bearer {token}"
+
+
+def send_once(exporter: Any, request: Any, token_file: Path | None = None) -> None:
     """One attempt to send an OTLP request through an SDK exporter's own gRPC stub or
     HTTP client (opentelemetry-exporter-otlp-proto-* 1.45.2, pinned in pyproject.toml);
-    raises Transient or Permanent as exporters/delivery.py classifies the answer."""
+    raises Transient or Permanent as exporters/delivery.py classifies the answer.
+    ``token_file``: the bearer token sent over gRPC (the HTTP exporters' Session sends it)."""
     if isinstance(exporter, OTLPExporterMixin):
         stub: Any = exporter._client  # set by the exporter's constructor
+        metadata: Any = exporter._headers  # pairs, once the constructor parsed them
+        if token_file is not None:
+            # The file's token replaces one from OTEL_EXPORTER_OTLP_HEADERS.
+            metadata = (
+                *((k, v) for k, v in metadata if k.lower() != "authorization"),
+                ("authorization", authorization(token_file)),
+            )
         try:
-            stub.Export(request=request, metadata=exporter._headers, timeout=exporter._timeout)
+            stub.Export(request=request, metadata=metadata, timeout=exporter._timeout)
         except grpc.RpcError as err:
             grpc_answer(err.code(), err.details())
         return
     client = exporter._client
     result = client._submit(client._compress(request.SerializePartialToString()), client._timeout)
     if result.status_code is None:
+        if isinstance(result.error, Unauthorized):  # the token file, unreadable (Session)
+            raise result.error
         raise Transient(f"no answer from {client._endpoint}: {result.error}")
     http_answer(result.status_code, _http_message(result))
 
@@ -389,11 +430,15 @@ class Sender:
         self.histograms = cfg.histograms
         self.window = Window(cfg.max_age_seconds, cfg.max_future_seconds, "otlp")
         self.spans, self.metrics, self.logs = exporters or make_exporters(cfg)
+        self.token_file = cfg.bearer_token_file
         endpoint = cfg.endpoint or "the endpoint of OTEL_EXPORTER_OTLP_ENDPOINT"
+        credentials = "otlp.headers (or OTEL_EXPORTER_OTLP_HEADERS)"
+        if cfg.bearer_token_file is not None:
+            credentials = f"the token in otlp.bearer_token_file ({cfg.bearer_token_file})"
         self.misconfigured = Misconfigured(
             log,
             f"OTLP export to {endpoint}",
-            credentials="otlp.headers (or OTEL_EXPORTER_OTLP_HEADERS)",
+            credentials=credentials,
             tls="otlp.certificate_file, client_certificate_file, client_key_file and endpoint "
             "(or their OTEL_EXPORTER_OTLP_* variables)",
         )
@@ -473,7 +518,7 @@ class Sender:
             # keeps the Kafka consumer polling meanwhile.
             request = await asyncio.to_thread(convert, [row for _, row in part])
             try:
-                await asyncio.to_thread(send_once, exporter, request)
+                await asyncio.to_thread(send_once, exporter, request, self.token_file)
             except Exception as err:
                 FAILED.labels(signal).inc()
                 self.misconfigured.failed(err)  # refused credentials or TLS handshake: one line

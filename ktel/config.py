@@ -599,7 +599,8 @@ class OtlpConfig(BaseModel):
     client_key_file OTEL_EXPORTER_OTLP_CLIENT_KEY, client_certificate_file
     OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE, compression OTEL_EXPORTER_OTLP_COMPRESSION,
     timeout_seconds OTEL_EXPORTER_OTLP_TIMEOUT (and their per-signal _TRACES_/_METRICS_/_LOGS_
-    forms), protocol OTEL_EXPORTER_OTLP_PROTOCOL."""
+    forms), protocol OTEL_EXPORTER_OTLP_PROTOCOL. bearer_token_file is ktel's own (the SDK
+    reads no credential from a file)."""
 
     protocol: Literal["grpc", "http/protobuf"] | None = Field(
         None, description="OTLP transport; unset: OTEL_EXPORTER_OTLP_PROTOCOL, else grpc"
@@ -614,6 +615,11 @@ class OtlpConfig(BaseModel):
         description="headers sent with every request (printed with their values masked: they "
         "often carry tokens)",
         json_schema_extra=SECRET,
+    )
+    bearer_token_file: Path | None = Field(
+        None,
+        description="file holding a bearer token sent as Authorization: Bearer <token>, read per "
+        "request, so a rotated token, or a wrong one fixed in the file, is used at once",
     )
     insecure: bool | None = Field(None, description="grpc only: plaintext even without an http:// scheme")
     certificate_file: str | None = Field(None, description="CA bundle (PEM) to verify the backend")
@@ -645,6 +651,22 @@ class OtlpConfig(BaseModel):
         description="a span, log record or data point further ahead of the exporter's clock than "
         "this goes to ktel.dlq instead (a host clock that far ahead, or a broken timestamp)",
     )
+
+    @field_validator("bearer_token_file")
+    @classmethod
+    def _readable(cls, v: Path | None) -> Path | None:
+        if v is not None and not os.access(v, os.R_OK):
+            raise ValueError("cannot be read (missing or not permitted)")
+        return v
+
+    @model_validator(mode="after")
+    def _one_authorization(self) -> OtlpConfig:
+        headers = {h.lower() for h in self.headers or {}}
+        if self.bearer_token_file is not None and "authorization" in headers:
+            raise ValueError(
+                "otlp.headers has an Authorization header and otlp.bearer_token_file sets it too: remove one"
+            )
+        return self
 
 
 class PullConfig(BaseModel):

@@ -54,6 +54,8 @@ def issue(ca: Pair, d: Path, name: str) -> Pair:
 
 
 def broker_keystore(ca: Pair) -> Path:
-    """The Kafka brokers' PEM key store: one certificate for 127.0.0.1 serves every local node."""
+    """The Kafka brokers' PEM key store: one certificate for 127.0.0.1 serves every local
+    node, as their server certificate and, CN ``broker``, as their client certificate
+    when they talk to each other (ktel/stack/kafka.py, BROKER_PRINCIPAL)."""
     d = ca.cert.parent
     return issue(ca, d, "broker").bundle(d / "broker.pem")

@@ -1,6 +1,7 @@
 """A local Kafka set up like a production one, to try ktel against: 3 KRaft nodes,
 SASL_SSL with a SCRAM user per ktel role, an mTLS listener, and the ACLs of
-`ktel acls` enforced by the StandardAuthorizer.
+`ktel acls` enforced by the StandardAuthorizer. The brokers talk to each other and
+to the controllers over mutual TLS too: no listener is in the clear.
 
 ``ktel cluster DIR`` starts it and writes, in DIR, a config file per principal
 (``<user>.toml`` over SASL_SSL, ``<role>-mtls.toml`` with a client certificate) for
@@ -115,7 +116,7 @@ def run(directory: Path, brokers: int, stages: tuple[str, ...]) -> int:
     s = start(directory, brokers, stages)
     try:
         print(f"SASL_SSL: {s.cluster.sasl_ssl_bootstrap}; mTLS: {s.cluster.mtls_bootstrap}")
-        print(f"PLAINTEXT (a super user, for looking around): {s.cluster.bootstrap}")
+        print(f"inter-broker (mutual TLS, {s.ca.parent / 'broker.pem'}): {s.cluster.bootstrap}")
         print(f"create the topics: ktel --config {s.config_file(ADMIN)} topics")
         for role in ROLES:
             print(f"{role}: ktel --config {s.config_file(role)} ... (or {s.mtls_config_file(role).name})")

@@ -26,6 +26,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from ktel import paths
+from ktel.config import KafkaConfig
+from ktel.kafka_client import client_kwargs
 from ktel.paths import DATA_DIR
 from ktel.stack import proc
 
@@ -33,6 +35,8 @@ KAFKA_VERSION = "3.9.1"
 
 _POM = DATA_DIR / "deploy" / "kafka" / "pom.xml"
 _MARKER = ".complete"
+# The brokers' certificate's CN (ktel/stack/certs.py, broker_keystore), as a principal.
+BROKER_PRINCIPAL = "User:broker"
 
 
 # --------------------------------------------------------------------------- jars
@@ -125,9 +129,13 @@ class Security:
     formatted, for the SASL_SSL listener; ``truststore``: the CA (PEM) that signed the
     clients' certificates: with it, each node has an mTLS listener too (SSL, a client
     certificate required, its CN the principal: ``CN=agent`` is ``User:agent``);
-    ``authorizer``: the StandardAuthorizer, denying what no ACL allows. The PLAINTEXT
-    listener, the brokers' own (inter-broker, controller) and a loopback back door for
-    set-up and admin, is a super user, as are ``super_users``.
+    ``authorizer``: the StandardAuthorizer, denying what no ACL allows.
+
+    The brokers' own listeners (inter-broker, controller), whose principal is a super
+    user as are ``super_users``: with a ``truststore``, SSL with the keystore's
+    certificate required on both ends (its CN, ``broker``, is the principal
+    ``User:broker``), so no listener of the node is in the clear; without one,
+    PLAINTEXT (``User:ANONYMOUS``), also a loopback back door for set-up and admin.
     """
 
     keystore: Path
@@ -186,7 +194,27 @@ class LocalKafka(proc.Server):
 
     @property
     def bootstrap(self) -> str:
+        """The brokers' own listener (inter-broker): see :meth:`client_settings`."""
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def internal_tls(self) -> bool:
+        """Whether the brokers' own listeners (inter-broker, controller) are SSL."""
+        return self.security is not None and self.security.truststore is not None
+
+    def client_settings(self, bootstrap: str | None = None) -> KafkaConfig:
+        """How a client reaches the brokers' own listener, a super user: PLAINTEXT, or
+        SSL with the brokers' certificate. For set-up and admin, not for ktel's roles."""
+        sec = self.security
+        if sec is None or sec.truststore is None:
+            return KafkaConfig(bootstrap=bootstrap or self.bootstrap)
+        return KafkaConfig(
+            bootstrap=bootstrap or self.bootstrap,
+            security_protocol="SSL",
+            ssl_cafile=sec.truststore,
+            ssl_certfile=sec.keystore,  # the PEM key store: key and certificate in one file
+            ssl_keyfile=sec.keystore,
+        )
 
     def start(self, timeout: float = 90) -> None:
         """Start the broker (formatting data_dir on first use) and wait until it answers."""
@@ -229,8 +257,9 @@ class LocalKafka(proc.Server):
 
     def apply_acls(self, commands: list[list[str]]) -> None:
         """Run ``kafka-acls.sh`` command lines (`ktel acls`' ones) with Kafka's own
-        AclCommand, through this node's PLAINTEXT listener (a super user)."""
+        AclCommand, through the brokers' own listener (a super user)."""
         java = [_java(), "-cp", f"{ensure_kafka()}/*", "kafka.admin.AclCommand"]
+        java += ["--command-config", str(self.data_dir / "client.properties")]
         for argv in commands:
             if argv[:2] != ["kafka-acls.sh", "--bootstrap-server"]:
                 raise ValueError(f"not a kafka-acls.sh --bootstrap-server command line: {argv}")
@@ -250,15 +279,18 @@ class LocalKafka(proc.Server):
     def _write_config(self) -> Path:
         (self.data_dir / "log4j.properties").write_text(_LOG4J)
         props = self.data_dir / "server.properties"
-        listeners = f"PLAINTEXT://127.0.0.1:{self.port}"
-        protocols = "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
-        secured = ""
         sec = self.security
+        # The brokers' own listeners: BROKER (inter-broker) and CONTROLLER.
+        own = "SSL" if self.internal_tls else "PLAINTEXT"
+        listeners = f"BROKER://127.0.0.1:{self.port}"
+        protocols = f"BROKER:{own},CONTROLLER:{own}"
+        client = "security.protocol=PLAINTEXT\n"  # AclCommand's settings, for BROKER
+        secured = ""
         if sec is not None:
             listeners += f",SASL_SSL://127.0.0.1:{self.sasl_ssl_port}"
             protocols += ",SASL_SSL:SASL_SSL"
             scram = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
-            secured = f"""\
+            secured += f"""\
 sasl.enabled.mechanisms=SCRAM-SHA-512,SCRAM-SHA-256
 listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config={scram}
 listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config={scram}
@@ -275,14 +307,26 @@ listener.name.ssl.ssl.client.auth=required
 # The certificate's CN is the principal, so an mTLS client and a SCRAM user of the
 # same name get the same ACLs: CN=agent is User:agent.
 ssl.principal.mapping.rules=RULE:^CN=([^,]+).*$/$1/,DEFAULT
+# The brokers' own listeners: mutual TLS with the brokers' certificate (User:broker).
+listener.name.broker.ssl.client.auth=required
+listener.name.controller.ssl.client.auth=required
+"""
+                client = f"""\
+security.protocol=SSL
+ssl.keystore.type=PEM
+ssl.keystore.location={sec.keystore}
+ssl.truststore.type=PEM
+ssl.truststore.location={sec.truststore}
 """
             if sec.authorizer:
+                # The principal of the brokers' own listeners: over SSL the brokers'
+                # certificate's, in the clear anybody's (a loopback back door).
+                own_principal = BROKER_PRINCIPAL if self.internal_tls else "User:ANONYMOUS"
                 secured += f"""\
 authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
-# The PLAINTEXT and controller listeners' principal: the brokers' own, and the
-# loopback back door.
-super.users={";".join(("User:ANONYMOUS", *sec.super_users))}
+super.users={";".join((own_principal, *sec.super_users))}
 """
+        (self.data_dir / "client.properties").write_text(client)
         # Internal topics as replicated as ktel's own ("auto": 3 replicas, 2 in sync).
         rf = min(3, self.quorum.size)
         isr = 2 if rf >= 3 else 1
@@ -294,7 +338,7 @@ controller.quorum.voters={self.quorum.voters}
 listeners={listeners},CONTROLLER://127.0.0.1:{self.controller_port}
 advertised.listeners={listeners}
 listener.security.protocol.map={protocols}
-inter.broker.listener.name=PLAINTEXT
+inter.broker.listener.name=BROKER
 controller.listener.names=CONTROLLER
 log.dirs={self.data_dir / "logs"}
 default.replication.factor={rf}
@@ -337,7 +381,9 @@ auto.create.topics.enable=false
             self._check_started("Kafka")
             # A plain connect first: cheap, and spares aiokafka's error logs while the
             # port is still closed.
-            if proc.port_in_use(self.port) and _run_async(_broker_ready(self.bootstrap, self.node_id)):
+            if proc.port_in_use(self.port) and _run_async(
+                _broker_ready(self.client_settings(), self.node_id)
+            ):
                 return
             if time.monotonic() > deadline:
                 raise TimeoutError(
@@ -373,8 +419,12 @@ class LocalKafkaCluster:
 
     @property
     def bootstrap(self) -> str:
-        """Every node's PLAINTEXT listener (a super user's back door)."""
+        """Every node's own listener (inter-broker): see :meth:`client_settings`."""
         return ",".join(n.bootstrap for n in self.nodes)
+
+    def client_settings(self) -> KafkaConfig:
+        """How a super user reaches every node's own listener (set-up and admin)."""
+        return self.nodes[0].client_settings(self.bootstrap)
 
     @property
     def sasl_ssl_bootstrap(self) -> str:
@@ -421,9 +471,9 @@ def _new_cluster_id() -> str:
             return cid
 
 
-async def _broker_ready(bootstrap: str, node_id: int) -> bool:
+async def _broker_ready(kafka: KafkaConfig, node_id: int) -> bool:
     """The broker answers metadata, lists itself, and knows the active controller."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+    admin = AIOKafkaAdminClient(**client_kwargs(kafka), request_timeout_ms=5000)
     try:
         await admin.start()
         cluster = await admin.describe_cluster()

@@ -1,11 +1,13 @@
 """A local OpenTelemetry Collector (OTLP receiver -> file exporter) for tests and `ktel up`,
-in the clear or over TLS, with or without client certificates.
+in the clear or over TLS, with or without client certificates, with or without a
+bearer token required.
 
 The Collector is built from the Go module proxy with the official builder (ocb)
 and the manifest ``deploy/otelcol/builder-config.yaml``, once: the binary is
-cached in ``<cache>/otelcol-<version>/`` (``$KTEL_CACHE_DIR`` or ``~/.cache/ktel``)
-with a marker naming the manifest it was built from, so a second call is instant
-and a changed manifest is rebuilt. The build needs Go; a host without it gets a
+cached in ``<cache>/otelcol-<version>-<manifest hash>/`` (``$KTEL_CACHE_DIR`` or
+``~/.cache/ktel``), so a second call is instant and a changed manifest is built anew
+beside the old build (checkouts of different manifests sharing a cache do not rebuild
+each other's). The build needs Go; a host without it gets a
 toolchain from the Go module proxy (ktel/stack/gotoolchain.py). A prebuilt Collector
 (stack.collector_binary) needs neither. Its file exporter writes every request it
 received as one OTLP/JSON line, which :meth:`LocalCollector.received` reads back.
@@ -45,9 +47,9 @@ def ensure_collector(cache_dir: Path | None = None) -> Path:
     if found is None:
         raise RuntimeError(f"{MANIFEST} names no dist.version")
     version = found.group(1).decode()
-    home = Path(root) / f"otelcol-{version}"
-    binary = home / "build" / BINARY_NAME
     stamp = hashlib.sha256(manifest).hexdigest()
+    home = Path(root) / f"otelcol-{version}-{stamp[:12]}"
+    binary = home / "build" / BINARY_NAME
     home.mkdir(parents=True, exist_ok=True)
     # A lock, so two test processes starting at once don't build into the same dir.
     with open(home / ".lock", "w") as lock:
@@ -104,12 +106,16 @@ class LocalCollector(proc.Server):
         binary: Path | None = None,
         tls: Pair | None = None,
         client_ca: Path | None = None,
+        bearer_token: str | None = None,
     ) -> None:
         """``rotate_mb``: keep the file under that size (and one rotated-out file), for
         a Collector that runs for long; a test reads the whole file, so it sets none.
         ``binary``: a prebuilt Collector to run (none: the one built from the manifest).
         ``tls``: the receiver's certificate, both protocols then TLS only; ``client_ca``
-        (with ``tls``): it also requires a client certificate signed by that CA."""
+        (with ``tls``): it also requires a client certificate signed by that CA.
+        ``bearer_token``: both protocols answer only requests with ``Authorization:
+        Bearer <bearer_token>`` (the bearertokenauth extension): 401 over HTTP,
+        UNAUTHENTICATED over gRPC."""
         if client_ca is not None and tls is None:
             raise ValueError("a Collector's client_ca needs its tls certificate (mutual TLS is TLS)")
         self.binary = binary
@@ -119,6 +125,7 @@ class LocalCollector(proc.Server):
         self.rotate_mb = rotate_mb
         self.tls = tls
         self.client_ca = client_ca
+        self.bearer_token = bearer_token
         self.out_path = self.data_dir / "out.json"
         self.log_path = self.data_dir / "otelcol.log"
 
@@ -160,17 +167,22 @@ class LocalCollector(proc.Server):
         file: dict[str, Any] = {"path": str(self.out_path)}
         if self.rotate_mb:
             file["rotation"] = {"max_megabytes": self.rotate_mb, "max_backups": 1}
-        tls: dict[str, Any] = {}
+        receiver: dict[str, Any] = {}  # what both protocols' servers share
         if self.tls is not None:
-            tls = {"tls": {"cert_file": str(self.tls.cert), "key_file": str(self.tls.key)}}
+            receiver["tls"] = {"cert_file": str(self.tls.cert), "key_file": str(self.tls.key)}
             if self.client_ca is not None:
-                tls["tls"]["client_ca_file"] = str(self.client_ca)  # a client certificate required
+                receiver["tls"]["client_ca_file"] = str(self.client_ca)  # a client certificate required
+        extensions: dict[str, Any] = {}
+        if self.bearer_token is not None:
+            extensions = {"bearertokenauth": {"token": self.bearer_token}}
+            receiver["auth"] = {"authenticator": "bearertokenauth"}
         return {
+            "extensions": extensions,
             "receivers": {
                 "otlp": {
                     "protocols": {
-                        "grpc": {"endpoint": f"127.0.0.1:{self.grpc_port}", **tls},
-                        "http": {"endpoint": f"127.0.0.1:{self.http_port}", **tls},
+                        "grpc": {"endpoint": f"127.0.0.1:{self.grpc_port}", **receiver},
+                        "http": {"endpoint": f"127.0.0.1:{self.http_port}", **receiver},
                     }
                 }
             },
@@ -182,6 +194,7 @@ class LocalCollector(proc.Server):
                 # Its own metrics would listen on :8888, which two Collectors (or a busy
                 # machine) cannot share.
                 "telemetry": {"metrics": {"level": "none"}},
+                "extensions": list(extensions),
                 "pipelines": {"traces": pipeline, "metrics": pipeline, "logs": pipeline},
             },
         }

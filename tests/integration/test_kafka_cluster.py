@@ -1,5 +1,6 @@
 """ktel on the local secured 3-broker Kafka of ``ktel cluster`` (KRaft,
-every node a broker and a voter): SASL_SSL with SCRAM users, an mTLS listener, the
+every node a broker and a voter): SASL_SSL with SCRAM users, an mTLS listener,
+inter-broker and controller traffic over mutual TLS (no listener in the clear), the
 StandardAuthorizer with the ACLs of `ktel acls`, each principal's config file.
 Replication as in production (3 replicas, 2 in sync), and the broker leading most
 of ktel.raw SIGKILLed under the whole pipeline, which must lose and double nothing
@@ -24,6 +25,7 @@ from aiokafka.errors import KafkaConnectionError, TopicAuthorizationFailedError
 
 from ktel import config, topics
 from ktel.config import load
+from ktel.kafka_client import client_kwargs
 from ktel.stack import certs
 from ktel.stack.cluster import ADMIN, SecuredCluster, start
 from ktel.stack.kafka import ensure_kafka
@@ -109,10 +111,15 @@ def pipeline(secured, secured_prometheus, tmp_path_factory):
         kill_leftovers()
 
 
-async def replication_of(bootstrap: str) -> dict[str, tuple[set[int], str]]:
+def admin_client(secured: SecuredCluster) -> AIOKafkaAdminClient:
+    """The administrator's client (a super user), over SASL_SSL as `ktel topics`."""
+    return AIOKafkaAdminClient(**client_kwargs(load(secured.config_file(ADMIN)).kafka))
+
+
+async def replication_of(secured: SecuredCluster) -> dict[str, tuple[set[int], str]]:
     """Per topic: the replica counts of its partitions, and its min.insync.replicas,
     as the brokers report them."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = admin_client(secured)
     await admin.start()
     try:
         described = {t["topic"]: t for t in await admin.describe_topics()}
@@ -129,7 +136,7 @@ async def replication_of(bootstrap: str) -> dict[str, tuple[set[int], str]]:
 
 
 def test_every_ktel_and_faust_topic_has_3_replicas_and_2_in_sync(secured, pipeline):
-    got = asyncio.run(replication_of(secured.cluster.bootstrap))
+    got = asyncio.run(replication_of(secured))
     faust = {changelog_topic(config.Config().kafka.topics, "all"), "ktel-all-__assignor-__leader"}
     ours = {s.name for s in topics.specs(config.Config())} | faust
     assert ours <= set(got), f"missing: {ours - set(got)}"
@@ -141,7 +148,7 @@ def test_every_ktel_and_faust_topic_has_3_replicas_and_2_in_sync(secured, pipeli
 
 def test_sigkill_of_the_broker_leading_most_of_ktel_raw_loses_and_doubles_nothing(secured, pipeline):
     async def leaders() -> Counter[int]:
-        admin = AIOKafkaAdminClient(bootstrap_servers=secured.cluster.bootstrap)
+        admin = admin_client(secured)
         await admin.start()
         try:
             [raw] = await admin.describe_topics([RAW_TOPIC])
@@ -164,5 +171,44 @@ def test_an_mtls_client_gets_its_certificate_principals_acls(secured):
     asyncio.run(produce(load(secured.mtls_config_file("operator")).kafka, CONTROL_TOPIC, b"command"))
     # Without a certificate the listener refuses the TLS handshake.
     anonymous = agent.model_copy(update={"ssl_certfile": None, "ssl_keyfile": None})
+    with pytest.raises(KafkaConnectionError):
+        asyncio.run(produce(anonymous, RAW_TOPIC, b"batch"))
+
+
+def test_no_listener_of_the_cluster_is_in_the_clear(secured):
+    """What each broker says of its listeners: inter-broker and controller traffic is
+    mutual TLS with the brokers' certificate, clients SASL_SSL or mutual TLS."""
+
+    async def listeners() -> dict[int, dict[str, str]]:
+        admin = admin_client(secured)
+        await admin.start()
+        try:
+            resources = [
+                ConfigResource(ConfigResourceType.BROKER, str(n.node_id)) for n in secured.cluster.nodes
+            ]
+            responses = await admin.describe_configs(resources)
+        finally:
+            await admin.close()
+        return {
+            int(name): {e[0]: e[1] for e in entries}
+            for response in responses
+            for _code, _msg, _type, name, entries in response.resources
+        }
+
+    configs = asyncio.run(listeners())
+    assert sorted(configs) == [n.node_id for n in secured.cluster.nodes]
+    for node_id, c in configs.items():
+        protocols = dict(kv.split(":") for kv in c["listener.security.protocol.map"].split(","))
+        used = {
+            listener.split("://")[0]: protocols[listener.split("://")[0]]
+            for listener in c["listeners"].split(",")
+        }
+        assert used == {"BROKER": "SSL", "SASL_SSL": "SASL_SSL", "SSL": "SSL", "CONTROLLER": "SSL"}, node_id
+        assert protocols[c["inter.broker.listener.name"]] == "SSL"
+        assert protocols[c["controller.listener.names"]] == "SSL"
+    # Each requires a client certificate (tests/unit/test_local_kafka.py): without the
+    # brokers' one, their own listener refuses a client.
+    node = secured.cluster.nodes[0]
+    anonymous = node.client_settings().model_copy(update={"ssl_certfile": None, "ssl_keyfile": None})
     with pytest.raises(KafkaConnectionError):
         asyncio.run(produce(anonymous, RAW_TOPIC, b"batch"))

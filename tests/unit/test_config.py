@@ -227,3 +227,26 @@ def test_the_table_store_is_on_disk_by_default_and_a_wrong_one_is_named(monkeypa
         config.load()
     assert "table_store" in str(err.value) and "KTEL_PROCESS__TABLE_STORE" in str(err.value), err.value
     assert "'rocksdict' or 'memory'" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("toml", "expected"),
+    [
+        (
+            "bearer_token_file = '{f}'\nheaders = {{Authorization = 'Bearer x'}}",
+            "otlp.headers has an Authorization header and otlp.bearer_token_file sets it too: remove one",
+        ),
+        (
+            "bearer_token_file = '/nonexistent/token'",
+            "otlp.bearer_token_file = '/nonexistent/token': Value error, cannot be read",
+        ),
+    ],
+)
+def test_bad_otlp_credentials_name_the_fields_and_the_fix(tmp_path, toml, expected):
+    secret = tmp_path / "token"
+    secret.write_text("t\n")
+    f = tmp_path / "bad.toml"
+    f.write_text("[otlp]\n" + toml.format(f=secret) + "\n")
+    with pytest.raises(config.ConfigError) as err:
+        config.load(f)
+    assert expected in str(err.value)

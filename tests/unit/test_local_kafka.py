@@ -33,6 +33,17 @@ def test_a_cluster_shares_one_quorum_and_replicates_its_internal_topics(tmp_path
         assert f"SSL://127.0.0.1:{node.mtls_port}" in p["advertised.listeners"]
         assert p["listener.name.ssl.ssl.client.auth"] == "required"
         assert p["authorizer.class.name"].endswith("StandardAuthorizer")
+        # The brokers' own listeners: mutual TLS, the brokers' certificate a super user.
+        protocols = dict(kv.split(":") for kv in p["listener.security.protocol.map"].split(","))
+        names = [listener.split("://")[0] for listener in p["listeners"].split(",")]
+        assert {name: protocols[name] for name in names} == {
+            "BROKER": "SSL", "SASL_SSL": "SASL_SSL", "SSL": "SSL", "CONTROLLER": "SSL"
+        }  # fmt: skip
+        assert (p["inter.broker.listener.name"], p["controller.listener.names"]) == ("BROKER", "CONTROLLER")
+        assert p["listener.name.broker.ssl.client.auth"] == "required"
+        assert p["listener.name.controller.ssl.client.auth"] == "required"
+        assert "User:broker" in p["super.users"].split(";")
+        assert "User:ANONYMOUS" not in p["super.users"].split(";")
     assert cluster.sasl_ssl_bootstrap.count(",") == 2
 
 
@@ -40,7 +51,7 @@ def test_a_single_node_keeps_one_replica(tmp_path: Path) -> None:
     p = properties(LocalKafka(tmp_path, 19092, 19093))
     assert (p["default.replication.factor"], p["min.insync.replicas"]) == ("1", "1")
     assert p["controller.quorum.voters"] == "1@127.0.0.1:19093"
-    assert "SSL" not in p["listener.security.protocol.map"].replace("CONTROLLER", "")
+    assert p["listener.security.protocol.map"] == "BROKER:PLAINTEXT,CONTROLLER:PLAINTEXT"
 
 
 def test_listeners_and_their_material_go_together(tmp_path: Path) -> None:

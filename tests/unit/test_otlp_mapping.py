@@ -6,6 +6,7 @@ import time
 
 import grpc
 import pytest
+import requests
 from google.rpc.status_pb2 import Status as RpcStatus
 from opentelemetry import trace as sdk_trace
 from opentelemetry.exporter.otlp.proto.common._log_encoder import encode_logs
@@ -23,7 +24,7 @@ from prometheus_client import REGISTRY
 
 from exporters import otlp, otlp_spans
 from exporters.consume import Record
-from exporters.delivery import Transient
+from exporters.delivery import Transient, Unauthorized
 from ktel import wire
 from ktel.config import OtlpConfig
 from ktel.retry import Permanent
@@ -388,3 +389,43 @@ def test_kernel_histograms_become_scale_0_exponential_histograms_in_nanoseconds(
     [m] = otlp.metric_request(rows, "explicit").resource_metrics[0].scope_metrics[0].metrics
     assert (m.name, list(m.histogram.data_points[0].bucket_counts)) == ("syscall_latency_seconds", counts)
     assert list(m.histogram.data_points[0].explicit_bounds) == log2_bounds(HIST_SLOTS, 1e-9)
+
+
+def test_the_bearer_token_file_is_read_for_every_request_over_grpc_and_http(tmp_path, monkeypatch):
+    """A token fixed or rotated in its file goes with the next request; over gRPC it
+    replaces one from OTEL_EXPORTER_OTLP_HEADERS."""
+    token = tmp_path / "token"
+    token.write_text("first\n")
+    req = otlp_spans.span_request([(RESOURCE, [TRACE, ROOT, b"", "s", 1, 2, 1, "", {}])], otlp.SCOPE)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "authorization=Bearer%20env,x-tenant=t1")
+
+    cfg = OtlpConfig(protocol="grpc", endpoint="http://127.0.0.1:1", bearer_token_file=token)
+    grpc_exporter, _, _ = otlp.make_exporters(cfg)
+    sent = []
+
+    class Stub:
+        def Export(self, request, metadata, **_kw):  # noqa: N802 -- the generated stub's name
+            sent.append(dict(metadata))
+
+    grpc_exporter._client = Stub()
+    otlp.send_once(grpc_exporter, req, token)
+    token.write_text("second\n")
+    otlp.send_once(grpc_exporter, req, token)
+    assert sent == [
+        {"authorization": "Bearer first", "x-tenant": "t1"},
+        {"authorization": "Bearer second", "x-tenant": "t1"},
+    ]
+
+    session = otlp.Session(token)
+    prepared = session.prepare_request(requests.Request("POST", "http://127.0.0.1:1/v1/traces"))
+    assert prepared.headers["Authorization"] == "Bearer second"
+    token.write_text("third\n")
+    prepared = session.prepare_request(requests.Request("POST", "http://127.0.0.1:1/v1/traces"))
+    assert prepared.headers["Authorization"] == "Bearer third"
+
+    # A token file gone (mid-rotation, say) is a credentials problem: retried, the data kept.
+    http_exporter, _, _ = otlp.make_exporters(cfg.model_copy(update={"protocol": "http/protobuf"}))
+    token.unlink()
+    for exporter in (grpc_exporter, http_exporter):
+        with pytest.raises(Unauthorized, match=f"cannot read otlp.bearer_token_file {token}"):
+            otlp.send_once(exporter, req, token)
