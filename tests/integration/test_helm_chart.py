@@ -264,6 +264,10 @@ def test_secrets_come_from_secrets_never_the_config_map(full) -> None:
             assert headers == []
         has_rw = any(v.get("secret", {}).get("secretName") == "ktel-remote-write" for v in volumes.values())
         assert has_rw == (name == "export-remote-write")
+        has_otlp = any(v.get("secret", {}).get("secretName") == "ktel-otlp-token" for v in volumes.values())
+        assert has_otlp == (name == "export-otlp")
+        if has_otlp:
+            assert mounts["/etc/ktel/secrets/otlp"] == "otlp-credentials"
 
 
 @pytest.mark.parametrize(
