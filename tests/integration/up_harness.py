@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
+
 from ktel.stack.proc import free_port
 from ktel.up import READY_LINE
 from tests.conftest import need_bpf
@@ -29,6 +31,8 @@ PORTS = {
     "rw": "KTEL_REMOTE_WRITE__METRICS_PORT",
     "otlp": "KTEL_OTLP__METRICS_PORT",
 }
+# The ports of ktel's own processes, each serving /readyz.
+CHILD_PORTS = ("agg", "rw", "pull", "otlp", "agent")
 
 
 def free_ports() -> tuple[dict[str, int], dict[str, str]]:
@@ -65,6 +69,12 @@ class KtelUp:
         return any(READY_LINE in ln for ln in self.lines)
 
 
+def readyz(port: int) -> tuple[int, str]:
+    """The status and body of /readyz on 127.0.0.1:``port``."""
+    r = httpx.get(f"http://127.0.0.1:{port}/readyz", trust_env=False, timeout=10)
+    return r.status_code, r.text.strip()
+
+
 @contextlib.contextmanager
 def ktel_up(
     tmp_path: Path, wrap: Callable[[list[str]], list[str]] = lambda argv: argv, **settings: str
@@ -86,6 +96,10 @@ def ktel_up(
     up = KtelUp(wrap([sys.executable, "-m", "ktel.cli", "up"]), env)
     try:
         assert up.wait_up(300), "ktel up did not come up:\n" + up.output()
+        # "ktel is up" means every process of ktel's is ready, not only listening.
+        assert {name: readyz(ports[name]) for name in CHILD_PORTS} == {
+            name: (200, "ready") for name in CHILD_PORTS
+        }, up.output()
         yield up.proc, ports, up.lines, env
     finally:
         if up.proc.poll() is None:
