@@ -23,7 +23,7 @@ test: setup lint
 lint:
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
-	.venv/bin/mypy ktel edge_agent processors exporters
+	.venv/bin/mypy ktel edge_agent processors exporters bench
 	clang-format --dry-run --Werror $(C_SOURCES)
 
 # The developer loop: no deploy/setup.sh, no servers, only the unit tests.

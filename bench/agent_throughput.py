@@ -121,7 +121,7 @@ def bare(exe: Path, target: Path, seconds: float, how: str, rate: float = 0) -> 
     cpu1 = os.times()
     elapsed = time.monotonic() - t0
     cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
-    generated = int(load.stdout.read())
+    generated = int(load.communicate()[0])
     drops = sum(bpf[b"counters"][ctypes.c_int(probes.COUNTER_RINGBUF_DROPS)])
     rss = rss_mib(Path("/proc/self/status"))
     bpf.cleanup()
@@ -162,18 +162,20 @@ def measure_agent(
     )
     a.env.update(kafka)
     a.start()
+    assert a.proc is not None
+    pid = a.proc.pid
     before = a.metric("ktel_agent_events_published_total")
-    status = Path(f"/proc/{a.proc.pid}/status")
+    status = Path(f"/proc/{pid}/status")
     idle_rss = rss_mib(status)
-    cpu0 = proc_cpu(a.proc.pid)
+    cpu0 = proc_cpu(pid)
     load = start_load(exe, target, seconds, rate)
     t0 = time.monotonic()
     load_rss = 0.0
     while load.poll() is None:
         load_rss = max(load_rss, rss_mib(status))
         time.sleep(0.1)
-    load_wall, load_cpu = time.monotonic() - t0, proc_cpu(a.proc.pid) - cpu0
-    generated = int(load.stdout.read())
+    load_wall, load_cpu = time.monotonic() - t0, proc_cpu(pid) - cpu0
+    generated = int(load.communicate()[0])
     # Until the agent has published everything it read (or gives up after a while).
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -182,7 +184,7 @@ def measure_agent(
             break
         time.sleep(0.2)
     elapsed = time.monotonic() - t0
-    cpu = proc_cpu(a.proc.pid) - cpu0
+    cpu = proc_cpu(pid) - cpu0
     published = a.metric("ktel_agent_events_published_total") - before
     drops = a.metric("ktel_agent_ringbuf_drops_total", probe="file_created")
     rss, hwm = rss_mib(status), rss_mib(status, "VmHWM")
@@ -334,8 +336,10 @@ def main() -> None:
     print("medians:")
     for k, name in names.items():
         print(f"  {name:14}: {median_of(results[k], 'per_cpu_s'):,.0f} events per CPU-second")
-    ratios = [a["per_cpu_s"] / b["per_cpu_s"] for a, b in zip(results["agent"], results["bcc"], strict=True)]
-    print(f"  agent / bare BCC loop (median of the rounds' ratios): {statistics.median(ratios):.2f}")
+    agent_ratios = [
+        a["per_cpu_s"] / b["per_cpu_s"] for a, b in zip(results["agent"], results["bcc"], strict=True)
+    ]
+    print(f"  agent / bare BCC loop (median of the rounds' ratios): {statistics.median(agent_ratios):.2f}")
     for key in ("rss_idle_mib", "rss_under_load_max_mib", "rss_after_mib", "vmhwm_mib"):
         print(f"  agent {key}: {max(r[key] for r in results['agent']):.0f} (max of the rounds)")
 

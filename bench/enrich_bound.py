@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ktel import config  # noqa: E402
 from ktel.wire import FILE_CREATED, PROCESS_EXEC, RawBatch  # noqa: E402
 from processors.chain import Chain, build  # noqa: E402
+from processors.stage import State  # noqa: E402
 
 EVENTS = 1500
 
@@ -59,7 +60,7 @@ def batches(n: int, execs: int, path_len: int, first: int = 0) -> list[RawBatch]
 def events_per_cpu_second(
     bytes_bound: bool, execs: int, warmup: list[RawBatch], work: list[RawBatch]
 ) -> float:
-    c, value = chain(bytes_bound), {}
+    c, value = chain(bytes_bound), State()
     for b in warmup:
         c.on_batch(value, b, 0)
     start, counted = time.process_time(), 0.0

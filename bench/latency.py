@@ -18,30 +18,16 @@ import argparse
 import json
 import os
 import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import httpx
 
-from ktel.stack.proc import free_port
-from ktel.up import READY_LINE
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-PORTS = (
-    "KTEL_STACK__KAFKA_PORT",
-    "KTEL_STACK__KAFKA_CONTROLLER_PORT",
-    "KTEL_STACK__PROMETHEUS_PORT",
-    "KTEL_PULL__PORT",
-    "KTEL_AGENT__METRICS_PORT",
-    "KTEL_PROCESS__METRICS_PORT",
-    "KTEL_REMOTE_WRITE__METRICS_PORT",
-    "KTEL_OTLP__METRICS_PORT",
-    "KTEL_STACK__COLLECTOR_GRPC_PORT",
-    "KTEL_STACK__COLLECTOR_HTTP_PORT",
-)
+from tests.integration.up_harness import KtelUp, free_ports  # noqa: E402
 
 
 def query(port: int, expr: str) -> list:
@@ -61,28 +47,17 @@ def main() -> None:
     args = ap.parse_args()
 
     data = Path(tempfile.mkdtemp(prefix="ktel-bench-latency-"))
-    env = {name: str(free_port()) for name in PORTS}
+    ports, env = free_ports()
     env |= {
         "KTEL_STACK__DATA_DIR": str(data / "stack"),
         "KTEL_AGENT__STATE_DIR": str(data / "agent-state"),
         "KTEL_AGGREGATE__WINDOW_SECONDS": str(args.window),
     }
-    prom = int(env["KTEL_STACK__PROMETHEUS_PORT"])
-    up = subprocess.Popen(
-        [sys.executable, "-m", "ktel.cli", "up"],
-        env={**os.environ, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(iter(up.stdout.readline, "")), daemon=True).start()  # type: ignore[union-attr]
+    prom = ports["prom"]
+    up = KtelUp([sys.executable, "-m", "ktel.cli", "up"], {**os.environ, **env})
     try:
-        deadline = time.monotonic() + 600
-        while not any(READY_LINE in ln for ln in lines):
-            if up.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("ktel up did not come up:\n" + "".join(lines[-40:]))
-            time.sleep(0.5)
+        if not up.wait_up(600):
+            raise SystemExit("ktel up did not come up:\n" + up.output(last=40))
         where = data / "files"
         where.mkdir()
         start = time.time()
@@ -107,8 +82,8 @@ def main() -> None:
             )
             rows.append((exporter, count, p50, p99))
     finally:
-        up.send_signal(signal.SIGINT)
-        up.wait(timeout=180)
+        up.proc.send_signal(signal.SIGINT)
+        up.proc.wait(timeout=180)
     bound = args.window + 1
     print(f"{n} files over {args.seconds} s, aggregate window {args.window} s; objective p99 <= {bound} s")
     print("| exporter | observations | p50 (s) | p99 (s) | p99 <= window + 1 s |")

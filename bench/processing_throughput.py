@@ -347,8 +347,8 @@ def spy_summary(collapsed: str, top: int = 14) -> str:
         for name in {re.sub(r" \(.*", "", f) for f in frames}:
             under[name] = under.get(name, 0) + count
     lines = [f"{total} samples; own time:"]
-    for name, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
-        lines.append(f"  {100 * n / total:5.1f} %  {name}")
+    for name, samples in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"  {100 * samples / total:5.1f} %  {name}")
     lines.append("time under:")
     for name in (
         "make_app.<locals>.process", "decode_batch", "first_time", "enrich", "Sampler.sample", "add",

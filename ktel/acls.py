@@ -13,6 +13,10 @@ processor  reads the raw and intermediate topics and ktel.heartbeats; writes the
 exporter   reads ktel.metrics, ktel.spans and ktel.logs in its groups
            (``ktel-export-*``), writes ktel.dlq.
 operator   writes ktel.control (fidelity commands by hand).
+status     what `ktel status` reads, and nothing more: reads ktel.heartbeats (without a
+           group); describes ktel's consumer groups (``ktel-*``) and the topics they
+           consume (ktel's own and the stages' ``ktel-<stage>-*``), for their members,
+           committed offsets and end offsets. It writes no topic and joins no group.
 
 Under ``kafka.prefix`` every topic and group named here starts with the prefix.
 
@@ -63,6 +67,10 @@ def grants(stages: Iterable[str], t: Topics) -> list[Grant]:
         Grant("exporter", ("Read",), "group", (t.group("export-"),), prefixed=True),
         Grant("exporter", ("Write",), "topic", (t.dlq,)),
         Grant("operator", ("Write",), "topic", (t.control,)),
+        Grant("status", ("Read",), "topic", (t.heartbeats,)),
+        Grant("status", ("Describe",), "topic", (t.raw, *intermediate, *outputs)),
+        Grant("status", ("Describe",), "topic", (t.group(""),), prefixed=True),
+        Grant("status", ("Describe",), "group", (t.group(""),), prefixed=True),
     ]
 
 

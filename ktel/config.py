@@ -63,8 +63,9 @@ class KafkaPrincipals(BaseModel):
     processor: str = Field("User:ktel-processor", description="the processing workers' principal")
     exporter: str = Field("User:ktel-exporter", description="the exporters' principal")
     operator: str = Field("User:ktel-operator", description="who may send fidelity commands")
+    status: str = Field("User:ktel-status", description="who may run `ktel status` (reads, writes nothing)")
 
-    @field_validator("agent", "processor", "exporter", "operator")
+    @field_validator("agent", "processor", "exporter", "operator", "status")
     @classmethod
     def _typed(cls, v: str) -> str:
         kind, _, name = v.partition(":")

@@ -5,11 +5,12 @@ with its remote-write receiver, a local OpenTelemetry Collector that writes
 what it receives to ``<stack.data_dir>/otelcol/out.json``, then the ktel
 processes (agent, the fused processing worker, remote-write exporter, pull
 endpoint, OTLP exporter), each a child process with its own log under
-``<stack.data_dir>/logs``. Ctrl-C (or SIGTERM) stops them in the reverse order
-of the data flow's start: the agent first, so what it drained is flushed to
-Kafka, then the processor and exporters, then the Collector, Prometheus and
-Kafka. If anything it started exits on its own, everything is stopped and the
-exit code says so.
+``<stack.data_dir>/logs``. It says "ktel is up" once every one of them is ready
+(its ``/readyz`` answers 200), naming while it waits each that is not and why.
+Ctrl-C (or SIGTERM) stops them in the reverse order of the data flow's start: the
+agent first, so what it drained is flushed to Kafka, then the processor and
+exporters, then the Collector, Prometheus and Kafka. If anything it started exits
+on its own, everything is stopped and the exit code says so.
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ COUNTERS = [
 READY_LINE = "ktel is up"
 
 # ktel's own processes in the order they start: name, `ktel` arguments, and the
-# setting of the port each serves once it is ready. The agent comes last, so what
-# it publishes finds the worker and the exporters running.
+# setting of the port each serves /metrics and /readyz on (ktel/selfmetrics.py). The
+# agent comes last, so what it publishes finds the worker and the exporters running.
 CHILDREN = [
     ("aggregate", ["process", "all"], "process.metrics_port"),
     ("remote-write", ["export", "remote-write"], "remote_write.metrics_port"),
@@ -101,6 +102,10 @@ class Stack:
         }
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.child_ports = {name: setting(cfg, port) for name, _, port in CHILDREN}
+        self.child_hosts = {
+            name: proc.reachable(cfg.pull.host if port == "pull.port" else cfg.service.metrics_bind)
+            for name, _, port in CHILDREN
+        }
 
     def child_env(self) -> dict[str, str]:
         # The OTLP exporter talks to the local Collector only: settings meant for
@@ -174,21 +179,53 @@ class Stack:
                 env,
             )
 
-    def wait_ready(self, timeout: float = 180) -> None:
-        """Wait until every child listens on its port itself: a port answered by
-        some other process would make a child that cannot listen look ready.
+    def url(self, name: str, path: str) -> str:
+        host, port = self.child_hosts[name], self.child_ports[name]
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}{path}"
 
-        The agent serves its /metrics only once its probes are attached, so
-        after this a file created on the host is counted.
-        """
+    def not_ready(self, client: httpx.Client, name: str) -> str | None:
+        """Why child ``name`` is not ready, None once its /readyz answers 200. Only
+        once the child itself listens on its port: another process answering there
+        would make a child that cannot listen look ready."""
+        port = self.child_ports[name]
+        if not proc.listening(self.children[name].pid, port):
+            return f"not listening on port {port} yet"
+        try:
+            r = client.get(self.url(name, "/readyz"))
+        except httpx.HTTPError as err:
+            return f"/readyz gave no answer ({type(err).__name__}: {err})"
+        return None if r.status_code == 200 else r.text.strip() or f"/readyz answered {r.status_code}"
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        """Wait until every child's /readyz answers 200 (ktel/selfmetrics.py says what
+        ready means to each: the agent, its probes attached and Kafka reached, so
+        after this a file created on the host is counted). While waiting, each child
+        not ready is named with its reason, again whenever the reason changes; a
+        child or server that exits ends the wait with its exit code and log."""
         deadline = time.monotonic() + timeout
-        for name, port in self.child_ports.items():
-            while port and not proc.listening(self.children[name].pid, port):
+        said: dict[str, str] = {}
+        with httpx.Client(timeout=5, trust_env=False) as client:
+            while True:
                 if dead := self.dead():
                     raise RuntimeError(dead)
+                waiting = {
+                    name: why
+                    for name, port in self.child_ports.items()
+                    if port and (why := self.not_ready(client, name)) is not None
+                }
+                if not waiting:
+                    return
+                for name, why in waiting.items():
+                    if said.get(name) != why:
+                        say(f"waiting for {name}: {why}")
+                said = waiting
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"{name} did not listen on port {port} within {timeout:.0f}s")
-                time.sleep(0.2)
+                    raise TimeoutError(
+                        f"not ready within {timeout:.0f}s: "
+                        + "; ".join(f"{name} ({why})" for name, why in waiting.items())
+                        + f"; their logs are in {self.logs}"
+                    )
+                time.sleep(0.5)
 
     def stop(self) -> None:
         for name in ["agent", "aggregate", "remote-write", "pull", "otlp"]:
@@ -216,10 +253,10 @@ class Stack:
     def read_counters(self, client: httpx.Client) -> dict[str, float | None]:
         scraped: dict[str, dict[str, float]] = {}
         for name in {process for _, process, _ in COUNTERS}:
-            if not (port := self.child_ports[name]):
+            if not self.child_ports[name]:
                 continue
             try:
-                text = client.get(f"http://127.0.0.1:{port}/metrics").text
+                text = client.get(self.url(name, "/metrics")).text
             except httpx.HTTPError:
                 continue
             sums: dict[str, float] = {}

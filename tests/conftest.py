@@ -6,10 +6,12 @@ capability (real Kafka, real BPF, real Prometheus) that the machine should have.
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import pytest
 
+from ktel import config, topics
 from ktel.paths import TRACEFS
 from ktel.stack.kafka import LocalKafka, ensure_kafka
 from ktel.stack.proc import free_port
@@ -48,6 +50,23 @@ def kafka(tmp_path_factory):
     broker.start()
     yield broker
     broker.stop()
+
+
+@pytest.fixture
+def private_kafka(tmp_path):
+    """A real single-node Kafka of one test's own, with ktel's topics: its consumer
+    groups, tables and ktel.dlq start empty, and the test may stop and start it."""
+    ensure_kafka()
+    broker = LocalKafka(tmp_path / "kafka", free_port(), free_port())
+    broker.start()
+    try:
+        cfg = config.Config(
+            kafka=config.KafkaConfig(bootstrap=broker.bootstrap), agent=config.AgentConfig(host_id="t")
+        )
+        asyncio.run(topics.create_topics(broker.bootstrap, topics.specs(cfg)))
+        yield broker
+    finally:
+        broker.stop()
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,7 @@ from ktel.stack import certs
 from ktel.stack.kafka import LocalKafkaCluster, Security
 
 ADMIN = "ktel"  # a super user: creates the topics (`ktel topics`)
-ROLES = ("agent", "processor", "exporter", "operator")
+ROLES = ("agent", "processor", "exporter", "operator", "status")
 PRINCIPALS = {role: f"User:{role}" for role in ROLES}
 
 

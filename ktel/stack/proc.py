@@ -126,9 +126,15 @@ def tail(path: Path, lines: int = 40) -> str:
     return "\n".join(data.splitlines()[-lines:])
 
 
+def reachable(host: str) -> str:
+    """Where to reach a server bound to ``host`` from this machine: a wildcard
+    address on its loopback, any other as it is."""
+    return {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+
+
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
     """Whether something listens on host:port (a wildcard host: on its loopback)."""
-    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    host = reachable(host)
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         if s.connect_ex((host, port)) != 0:
             return False

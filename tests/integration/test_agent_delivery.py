@@ -13,8 +13,6 @@ from aiokafka import AIOKafkaProducer
 
 from edge_agent.spool import HEADER, Spool
 from ktel import config, topics
-from ktel.stack.kafka import LocalKafka
-from ktel.stack.proc import free_port
 from ktel.topics import create_topics
 from ktel.wire import (
     CONTROL_TOPIC,
@@ -43,16 +41,6 @@ def make_topics(bootstrap: str) -> None:
     asyncio.run(create_topics(bootstrap, topics.specs(cfg)))
 
 
-@pytest.fixture
-def own_broker(tmp_path):
-    """A broker this test may stop and start."""
-    broker = LocalKafka(tmp_path / "kafka", free_port(), free_port())
-    broker.start()
-    make_topics(broker.bootstrap)
-    yield broker
-    broker.stop()
-
-
 def create_files(directory, n, rate_per_s, stop_at=None):
     directory.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
@@ -63,19 +51,19 @@ def create_files(directory, n, rate_per_s, stop_at=None):
             time.sleep(delay)
 
 
-def test_broker_down_30s_loses_nothing(own_broker, tmp_path):
+def test_broker_down_30s_loses_nothing(private_kafka, tmp_path):
     need_bpf()
-    agent = AgentProcess(tmp_path, own_broker.bootstrap).start()
+    agent = AgentProcess(tmp_path, private_kafka.bootstrap).start()
     target = tmp_path / "workload"
     n, rate = 1000, 25.0  # 40 s of steady file creation
     worker = threading.Thread(target=create_files, args=(target, n, rate))
     worker.start()
     time.sleep(5)
-    own_broker.stop()
+    private_kafka.stop()
     time.sleep(15)
     spooled_during_outage = agent.metric("ktel_agent_spool_bytes")
     time.sleep(15)
-    own_broker.start()
+    private_kafka.start()
     worker.join()
     agent.wait_until_spool_empty()
     drops = agent.metric("ktel_agent_ringbuf_drops_total", probe="file_created") + agent.metric(
@@ -83,7 +71,7 @@ def test_broker_down_30s_loses_nothing(own_broker, tmp_path):
     )
     assert agent.stop() == 0
 
-    events, _dups = raw_events_under(own_broker.bootstrap, f"{target}/")
+    events, _dups = raw_events_under(private_kafka.bootstrap, f"{target}/")
     assert spooled_during_outage > 0  # the outage really happened and the spool took the batches
     assert drops == 0
     assert sorted(e["path"] for e in events) == [str(target / f"f{i:05d}") for i in range(n)]

@@ -16,8 +16,6 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from ktel.stack.kafka import LocalKafka
-from ktel.stack.proc import free_port
 from ktel.wire import HEARTBEATS_TOPIC, RAW_TOPIC, WireError, decode_batch, decode_heartbeat, event_dict
 from processors.dedupe_core import Dedupe
 from tests.conftest import need_bpf
@@ -33,15 +31,6 @@ ONLY_FILES = '["file_created"]'  # one ring-buffer probe: no histogram events to
 def no_leftover_agents():
     yield
     kill_leftovers()
-
-
-@pytest.fixture
-def own_broker(tmp_path):
-    broker = LocalKafka(tmp_path / "kafka", free_port(), free_port())
-    broker.start()
-    make_topics(broker.bootstrap)
-    yield broker
-    broker.stop()
 
 
 def deduped_paths(bootstrap: str, host: str, prefix: str) -> list[str]:
@@ -117,12 +106,16 @@ def fill(directory) -> None:
             pass
 
 
-def test_a_full_disk_drops_and_counts_then_the_backlog_drains(own_broker, small_disk, tmp_path):
+def test_a_full_disk_drops_and_counts_then_the_backlog_drains(private_kafka, small_disk, tmp_path):
     need_bpf()
     host = f"full-{uuid.uuid4().hex[:8]}"
-    own_broker.stop()  # Kafka away: everything must be kept on the small disk
+    private_kafka.stop()  # Kafka away: everything must be kept on the small disk
     agent = AgentProcess(
-        tmp_path, own_broker.bootstrap, host_id=host, probes=ONLY_FILES, state_dir=str(small_disk / "state")
+        tmp_path,
+        private_kafka.bootstrap,
+        host_id=host,
+        probes=ONLY_FILES,
+        state_dir=str(small_disk / "state"),
     ).start()
     fill(small_disk)
     create_files(tmp_path / "full", 200, rate_per_s=2000)
@@ -132,7 +125,7 @@ def test_a_full_disk_drops_and_counts_then_the_backlog_drains(own_broker, small_
     create_files(tmp_path / "kept", 300, rate_per_s=2000)
     wait_for("backlog spooled", lambda: agent.metric("ktel_agent_spool_bytes") > 0, agent)
     assert "takes writes again" in agent.log()
-    own_broker.start()
+    private_kafka.start()
     agent.wait_until_spool_empty()
 
     def balanced() -> bool:
@@ -147,12 +140,12 @@ def test_a_full_disk_drops_and_counts_then_the_backlog_drains(own_broker, small_
     assert agent.metric("ktel_agent_spool_dropped_events_total") == 0
     time.sleep(1.5)  # one more heartbeat, sent now that Kafka is back
     assert agent.stop() == 0
-    assert deduped_paths(own_broker.bootstrap, host, f"{tmp_path / 'kept'}/") == expected(
+    assert deduped_paths(private_kafka.bootstrap, host, f"{tmp_path / 'kept'}/") == expected(
         tmp_path / "kept", 300
     )
-    assert deduped_paths(own_broker.bootstrap, host, f"{tmp_path / 'full'}/") == []
+    assert deduped_paths(private_kafka.bootstrap, host, f"{tmp_path / 'full'}/") == []
     beats = [
-        decode_heartbeat(r.value) for r in asyncio.run(read_topic(own_broker.bootstrap, HEARTBEATS_TOPIC))
+        decode_heartbeat(r.value) for r in asyncio.run(read_topic(private_kafka.bootstrap, HEARTBEATS_TOPIC))
     ]
     assert max(b["counters"]["disk_dropped_events"] for b in beats if b["host"]["host.id"] == host) >= 200
 
@@ -172,12 +165,12 @@ def test_a_dead_task_ends_the_agent_with_one_line(kafka, tmp_path):
     assert "Traceback" not in agent.log()
 
 
-def test_a_batch_above_the_topics_message_limit_is_split_and_counted_once(own_broker, tmp_path):
+def test_a_batch_above_the_topics_message_limit_is_split_and_counted_once(private_kafka, tmp_path):
     need_bpf()
     host = f"split-{uuid.uuid4().hex[:8]}"
 
     async def limit_topic():
-        admin = AIOKafkaAdminClient(bootstrap_servers=own_broker.bootstrap)
+        admin = AIOKafkaAdminClient(bootstrap_servers=private_kafka.bootstrap)
         await admin.start()
         try:
             cfg = {"max.message.bytes": "1500"}
@@ -186,7 +179,7 @@ def test_a_batch_above_the_topics_message_limit_is_split_and_counted_once(own_br
             await admin.close()
 
     asyncio.run(limit_topic())
-    agent = AgentProcess(tmp_path, own_broker.bootstrap, host_id=host, probes=ONLY_FILES).start()
+    agent = AgentProcess(tmp_path, private_kafka.bootstrap, host_id=host, probes=ONLY_FILES).start()
     n = 4000
     worker = threading.Thread(target=create_files, args=(tmp_path / "big", n, 20000))
     worker.start()
@@ -196,21 +189,23 @@ def test_a_batch_above_the_topics_message_limit_is_split_and_counted_once(own_br
     dropped = agent.metric("ktel_agent_too_large_dropped_events_total")
     assert agent.stop() == 0
     assert split > 0 and dropped == 0
-    assert deduped_paths(own_broker.bootstrap, host, f"{tmp_path / 'big'}/") == expected(tmp_path / "big", n)
+    assert deduped_paths(private_kafka.bootstrap, host, f"{tmp_path / 'big'}/") == expected(
+        tmp_path / "big", n
+    )
 
 
 def test_sigkill_of_the_only_broker_under_the_whole_pipeline_loses_and_doubles_nothing(
-    own_broker, prometheus, tmp_path
+    private_kafka, prometheus, tmp_path
 ):
     """test_agent_delivery stops the broker cleanly under the agent alone; here it
     crashes under the agent, the worker and both exporters."""
     need_bpf()
     host = f"crash-{uuid.uuid4().hex[:8]}"
     pipeline = Pipeline(
-        tmp_path, prometheus, lambda _role: {"KTEL_KAFKA__BOOTSTRAP": own_broker.bootstrap}, host
+        tmp_path, prometheus, lambda _role: {"KTEL_KAFKA__BOOTSTRAP": private_kafka.bootstrap}, host
     )
     try:
         pipeline.start()
-        broker_crash_mid_stream(pipeline, lambda: own_broker)
+        broker_crash_mid_stream(pipeline, lambda: private_kafka)
     finally:
         pipeline.stop()

@@ -9,9 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -20,9 +17,8 @@ from ktel.retry import Permanent
 from ktel.stack import gotoolchain
 from ktel.stack.kafka import KAFKA_VERSION, ensure_kafka
 from ktel.stack.otelcol import ensure_collector
-from ktel.stack.proc import free_port
-from ktel.up import READY_LINE
 from tests.conftest import need_bpf
+from tests.integration.up_harness import ktel_up
 
 
 @pytest.fixture(scope="module")
@@ -80,54 +76,22 @@ def test_ktel_up_runs_a_prebuilt_collector_with_no_go_on_the_host(tmp_path) -> N
     no_go_path = os.pathsep.join(
         d for d in os.environ["PATH"].split(os.pathsep) if d and not (Path(d) / "go").exists()
     )
-    ports = {
-        f"KTEL_{name}": str(free_port())
-        for name in (
-            "STACK__KAFKA_PORT", "STACK__KAFKA_CONTROLLER_PORT", "STACK__PROMETHEUS_PORT",
-            "STACK__COLLECTOR_GRPC_PORT", "STACK__COLLECTOR_HTTP_PORT", "PULL__PORT",
-            "AGENT__METRICS_PORT", "PROCESS__METRICS_PORT", "REMOTE_WRITE__METRICS_PORT",
-            "OTLP__METRICS_PORT",
-        )
-    }  # fmt: skip
     env = dict(
-        os.environ,
-        **ports,
         PATH=no_go_path,
         KTEL_CACHE_DIR=str(cache),
         KTEL_STACK__COLLECTOR_BINARY=str(prebuilt),
-        KTEL_STACK__DATA_DIR=str(tmp_path / "stack"),
-        KTEL_AGENT__STATE_DIR=str(tmp_path / "agent-state"),
     )
     # The check the test stands on: in that namespace, there is no Go to run.
     look = hidden_go_argv(["sh", "-c", "ls -A /usr/local/go; command -v go || echo no-go"])
-    assert subprocess.run(look, env=env, capture_output=True, text=True).stdout == "no-go\n"
-    proc = subprocess.Popen(
-        hidden_go_argv([sys.executable, "-m", "ktel.cli", "up"]),
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    assert (
+        subprocess.run(look, env=dict(os.environ, **env), capture_output=True, text=True).stdout == "no-go\n"
     )
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
-    reader.start()
-    try:
-        deadline = time.monotonic() + 300  # a generous bound on a busy machine, not a timing assertion
-        while (
-            not any(READY_LINE in ln for ln in lines) and proc.poll() is None and time.monotonic() < deadline
-        ):
-            time.sleep(0.5)
+    with ktel_up(tmp_path, wrap=hidden_go_argv, **env) as (proc, _ports, lines, _env):
         out = "".join(lines)
-        assert READY_LINE in out and proc.poll() is None, "ktel up did not come up:\n" + out
         assert f"using the OpenTelemetry Collector at {prebuilt}" in out
         assert "Everything is ready" in (tmp_path / "stack" / "otelcol" / "otelcol.log").read_text()
-    finally:
         proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=180)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+        proc.wait(timeout=180)
     assert proc.returncode == 0, "".join(lines[-30:])
     # Nothing was built or fetched for the Collector.
     assert sorted(p.name for p in cache.iterdir()) == [f"kafka-{KAFKA_VERSION}"]

@@ -13,17 +13,21 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
+import os
 import subprocess
 import sys
 import uuid
 from collections import Counter
 
+import jsonschema
 import pytest
+from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaConnectionError, TopicAuthorizationFailedError
 
-from ktel import config, topics
+from ktel import config, status, topics
 from ktel.config import load
 from ktel.kafka_client import client_kwargs
 from ktel.stack import certs
@@ -31,7 +35,7 @@ from ktel.stack.cluster import ADMIN, SecuredCluster, start
 from ktel.stack.kafka import ensure_kafka
 from ktel.stack.proc import free_port
 from ktel.stack.prometheus import LocalPrometheus, Web
-from ktel.wire import CONTROL_TOPIC, RAW_TOPIC
+from ktel.wire import CONTROL_TOPIC, METRICS_TOPIC, RAW_TOPIC
 from processors.chain import PROCESSES
 from processors.stages import changelog_topic
 from tests.conftest import need_bpf
@@ -161,6 +165,54 @@ def test_sigkill_of_the_broker_leading_most_of_ktel_raw_loses_and_doubles_nothin
         return secured.cluster.node(node_id)
 
     broker_crash_mid_stream(pipeline, victim)
+
+
+async def refused_writes(kafka: config.KafkaConfig, names: list[str]) -> list[str]:
+    """The topics of ``names`` Kafka refuses ``kafka``'s principal a write to. Not an
+    idempotent producer: its producer id would be refused before any topic is tried."""
+    refused = []
+    for name in names:
+        producer = AIOKafkaProducer(**client_kwargs(kafka), acks="all", request_timeout_ms=30000)
+        await producer.start()
+        try:
+            await producer.send_and_wait(name, b"not a status", key=b"h")
+        except TopicAuthorizationFailedError:
+            refused.append(name)
+        finally:
+            await producer.stop()
+    return refused
+
+
+def test_the_status_principal_shows_the_fleet_and_can_write_no_topic(secured, pipeline):
+    """`ktel status` on the principal `ktel acls` gives the status role: the host
+    from its heartbeats, the worker's and the exporter's groups with their lag."""
+    res = subprocess.run(
+        [sys.executable, "-m", "ktel.cli", "--config", str(secured.config_file("status")),
+         "status", "--json", "--host", pipeline.host, "--timeout", "120"],
+        env={k: v for k, v in os.environ.items() if not k.startswith("KTEL_")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    doc = json.loads(res.stdout)
+    jsonschema.validate(doc, status.SCHEMA)
+    [host] = doc["hosts"]
+    assert (host["host_id"], host["stale"]) == (pipeline.host, False)
+    assert "file_created" in host["probes_loaded"]
+    groups = {g["group"]: g for g in doc["groups"]}
+    # The groups of the pipeline's worker and remote-write exporter (the pull endpoint
+    # has none), with what they committed.
+    assert {"ktel-all", "ktel-export-remote-write"} <= set(groups), groups
+    assert groups["ktel-all"]["members"] >= 1
+    assert RAW_TOPIC in groups["ktel-all"]["lag_by_topic"]
+    assert METRICS_TOPIC in groups["ktel-export-remote-write"]["lag_by_topic"]
+
+    # Every topic on the cluster (but the brokers' own): the status principal writes none.
+    every = {t for t in asyncio.run(replication_of(secured.cluster.bootstrap)) if not t.startswith("__")}
+    assert {s.name for s in topics.specs(config.Config())} <= every
+    as_status = load(secured.config_file("status")).kafka
+    assert sorted(asyncio.run(refused_writes(as_status, sorted(every)))) == sorted(every)
 
 
 def test_an_mtls_client_gets_its_certificate_principals_acls(secured):

@@ -21,7 +21,7 @@ from ktel.stack.otelcol import LocalCollector, attributes
 from ktel.stack.proc import free_port
 from ktel.wire import KTEL_LOG, KTEL_METRIC, KTEL_SPAN, OOM_KILL, RawBatch, encode_batch
 from tests.integration.test_otlp_collector import point_value, wait_for
-from tests.integration.test_processing_stages import Worker, broker, produce  # noqa: F401
+from tests.integration.test_processing_stages import Worker, produce
 
 pytestmark = pytest.mark.kafka
 
@@ -50,22 +50,22 @@ def kernel_batch(host: str, pid: int, t0: int) -> tuple[RawBatch, list[tuple[byt
     return RawBatch(host, "boot", 0, t0, events), ids
 
 
-async def test_kernel_spans_logs_and_metrics_reach_the_collector(broker, tmp_path):  # noqa: F811
+async def test_kernel_spans_logs_and_metrics_reach_the_collector(private_kafka, tmp_path):
     run = uuid.uuid4().hex[:12]
     # Now: the OTLP exporter sends nothing older than otlp.max_age_seconds.
     host, pid, t0 = f"host-{run}", 777, time.time_ns() - 60 * 10**9
     batch, ids = kernel_batch(host, pid, t0)
-    worker = Worker(tmp_path, broker.bootstrap, "all").start()
+    worker = Worker(tmp_path, private_kafka.bootstrap, "all").start()
     with LocalCollector(tmp_path / "otelcol", free_port(), free_port()) as collector:
         cfg = config.Config(
-            kafka=config.KafkaConfig(bootstrap=broker.bootstrap),
+            kafka=config.KafkaConfig(bootstrap=private_kafka.bootstrap),
             otlp=config.OtlpConfig(protocol="grpc", endpoint=collector.grpc_endpoint, metrics_port=0),
         )
         stop = asyncio.Event()
         exporter = asyncio.create_task(otlp.run(cfg, stop, group_id=f"test-kernel-{run}"))
         try:
             await asyncio.to_thread(
-                lambda: asyncio.run(produce(broker.bootstrap, [(batch.key, encode_batch(batch))]))
+                lambda: asyncio.run(produce(private_kafka.bootstrap, [(batch.key, encode_batch(batch))]))
             )
 
             def mine(items: list[dict]) -> list[dict]:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
@@ -237,24 +238,65 @@ def test_ktel_up_waits_for_the_child_itself_to_listen_on_its_port(tmp_path, list
     stack = only_pull(tmp_path, listener)
     stack.children["pull"] = subprocess.Popen(["sleep", "60"])  # alive, listening on nothing
     try:
-        with pytest.raises(TimeoutError, match=f"pull did not listen on port {listener} within 1s"):
+        with pytest.raises(
+            TimeoutError, match=rf"not ready within 1s: pull \(not listening on port {listener} yet\)"
+        ):
             stack.wait_ready(timeout=1)
     finally:
         stack.children["pull"].kill()
         stack.children["pull"].wait()
 
 
-def test_ktel_up_is_ready_once_the_child_listens(tmp_path) -> None:
+def readyz_server(port: int, not_ready: int) -> list[str]:
+    """A child serving /readyz on ``port`` as ktel's processes do (ktel/selfmetrics.py):
+    503 with its reason to the first ``not_ready`` requests, 200 after."""
+    script = f"""
+from http.server import BaseHTTPRequestHandler, HTTPServer
+asked = 0
+class H(BaseHTTPRequestHandler):
+    def do_GET(self):
+        global asked
+        asked += 1
+        ready = self.path == "/readyz" and asked > {not_ready}
+        body = b"ready\\n" if ready else b"not ready: no partitions assigned yet\\n"
+        self.send_response(200 if ready else 503)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+HTTPServer(("127.0.0.1", {port}), H).serve_forever()
+"""
+    return [sys.executable, "-c", script]
+
+
+def test_ktel_up_is_ready_once_the_childs_readyz_answers_200_and_names_why_until_then(
+    tmp_path, capsys
+) -> None:
     port = free_port()
     stack = only_pull(tmp_path, port)
-    listen = (
-        f"import socket, time; s = socket.socket(); s.bind(('127.0.0.1', {port})); s.listen(); time.sleep(60)"
-    )
-    stack.children["pull"] = subprocess.Popen([sys.executable, "-c", listen])
+    stack.children["pull"] = subprocess.Popen(readyz_server(port, not_ready=3))
     try:
-        stack.wait_ready(timeout=30)
+        stack.wait_ready(timeout=60)
         assert proc.listening(stack.children["pull"].pid, port)
-        assert not proc.listening(os.getpid(), port)
+        assert httpx.get(f"http://127.0.0.1:{port}/readyz", trust_env=False).status_code == 200
+    finally:
+        stack.children["pull"].kill()
+        stack.children["pull"].wait()
+    said = capsys.readouterr().out.splitlines()
+    # Said once, not at every poll: the reason did not change.
+    assert said.count("ktel up: waiting for pull: not ready: no partitions assigned yet") == 1
+
+
+def test_ktel_up_names_a_child_that_stays_not_ready_and_why(tmp_path) -> None:
+    port = free_port()
+    stack = only_pull(tmp_path, port)
+    stack.children["pull"] = subprocess.Popen(readyz_server(port, not_ready=10**9))
+    try:
+        with pytest.raises(
+            TimeoutError, match=r"not ready within 5s: pull \(not ready: no partitions assigned yet\)"
+        ):
+            stack.wait_ready(timeout=5)
     finally:
         stack.children["pull"].kill()
         stack.children["pull"].wait()

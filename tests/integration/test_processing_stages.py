@@ -21,8 +21,6 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from prometheus_client.parser import text_string_to_metric_families
 
-from ktel import config, topics
-from ktel.stack.kafka import LocalKafka
 from ktel.stack.proc import free_port
 from ktel.topics import TopicSpec, create_topics, topic_partitions
 from ktel.wire import (
@@ -48,19 +46,6 @@ from tests.integration.agent_harness import AgentProcess, read_topic
 from tests.integration.probe_harness import cgroup2_child
 
 pytestmark = pytest.mark.kafka
-
-
-@pytest.fixture
-def broker(tmp_path):
-    """A broker of this test's own: the workers' consumer group and tables start empty."""
-    b = LocalKafka(tmp_path / "kafka", free_port(), free_port())
-    b.start()
-    cfg = config.Config(
-        kafka=config.KafkaConfig(bootstrap=b.bootstrap), agent=config.AgentConfig(host_id="t")
-    )
-    asyncio.run(create_topics(b.bootstrap, topics.specs(cfg)))
-    yield b
-    b.stop()
 
 
 class Worker:
@@ -195,21 +180,21 @@ def wait_for_group(bootstrap: str, group: str, members: int, timeout=120) -> Non
 
 
 @pytest.mark.parametrize("store", ["rocksdict", "memory"])
-def test_two_workers_and_a_sigkill_count_every_event_once(broker, tmp_path, store):
+def test_two_workers_and_a_sigkill_count_every_event_once(private_kafka, tmp_path, store):
     hosts, per_host, events = 12, 60, 50
     # The killed worker's partitions move once its session times out.
     fast = {"KTEL_PROCESS__SESSION_TIMEOUT_SECONDS": "10", "KTEL_PROCESS__TABLE_STORE": store}
-    a = Worker(tmp_path, broker.bootstrap, "a", **fast).start()
-    b = Worker(tmp_path, broker.bootstrap, "b", **fast).start()
+    a = Worker(tmp_path, private_kafka.bootstrap, "a", **fast).start()
+    b = Worker(tmp_path, private_kafka.bootstrap, "b", **fast).start()
     try:
         # Both must share the partitions before the traffic starts: on a slow machine
         # a worker killed before it joined would leave b alone, and nothing to test.
-        wait_for_group(broker.bootstrap, "ktel-all", members=2)
+        wait_for_group(private_kafka.bootstrap, "ktel-all", members=2)
         traffic = [(bt.key, encode_batch(bt)) for bt in batches(hosts, per_host, events)]
         # Re-sent batches (an agent retrying) must not count twice.
         traffic += random.Random(7).sample(traffic, 40)
         half = len(traffic) // 2
-        asyncio.run(produce(broker.bootstrap, traffic[:half], pace_s=0.01))
+        asyncio.run(produce(private_kafka.bootstrap, traffic[:half], pace_s=0.01))
         deadline = time.monotonic() + 60
         while not (a.batches_done() and b.batches_done()):
             assert time.monotonic() < deadline, "both workers should be processing their partitions"
@@ -217,16 +202,16 @@ def test_two_workers_and_a_sigkill_count_every_event_once(broker, tmp_path, stor
         a.kill()  # mid-stream, without any chance to commit or flush
         copies = list((tmp_path / "a-data").rglob("*.rdict"))
         assert bool(copies) == (store == "rocksdict"), copies  # what the replacement starts from
-        asyncio.run(produce(broker.bootstrap, traffic[half : half + 200], pace_s=0.01))
-        a = Worker(tmp_path, broker.bootstrap, "a", **fast).start()  # on the same data directory
-        asyncio.run(produce(broker.bootstrap, traffic[half + 200 :], pace_s=0.005))
+        asyncio.run(produce(private_kafka.bootstrap, traffic[half : half + 200], pace_s=0.01))
+        a = Worker(tmp_path, private_kafka.bootstrap, "a", **fast).start()  # on the same data directory
+        asyncio.run(produce(private_kafka.bootstrap, traffic[half + 200 :], pace_s=0.005))
 
         expected = {
             (f"host-{h:02d}", f"/data/h{h}/d{d}"): float(events * len(range(d, per_host, 3)))
             for h in range(hosts)
             for d in range(3)
         }
-        got = wait_for_totals(broker.bootstrap, expected, timeout=300)
+        got = wait_for_totals(private_kafka.bootstrap, expected, timeout=300)
         assert got == expected
         assert sum(got.values()) == hosts * per_host * events
     finally:
@@ -234,10 +219,10 @@ def test_two_workers_and_a_sigkill_count_every_event_once(broker, tmp_path, stor
         b.stop()
 
 
-def test_garbage_and_wrong_versions_go_to_the_dlq_and_good_counts_stay_exact(broker, tmp_path):
+def test_garbage_and_wrong_versions_go_to_the_dlq_and_good_counts_stay_exact(private_kafka, tmp_path):
     import msgpack
 
-    w = Worker(tmp_path, broker.bootstrap, "w").start()
+    w = Worker(tmp_path, private_kafka.bootstrap, "w").start()
     try:
         rng = random.Random(11)
         good = [(bt.key, encode_batch(bt)) for bt in batches(4, 25, 10)]
@@ -259,20 +244,20 @@ def test_garbage_and_wrong_versions_go_to_the_dlq_and_good_counts_stay_exact(bro
         mixed = good + bad
         rng.shuffle(mixed)
         # Keep each host's good batches in order relative to each other (shuffle moved them).
-        asyncio.run(produce(broker.bootstrap, mixed))
+        asyncio.run(produce(private_kafka.bootstrap, mixed))
 
         expected = {
             (f"host-{h:02d}", f"/data/h{h}/d{d}"): float(10 * len(range(d, 25, 3)))
             for h in range(4)
             for d in range(3)
         }
-        got = wait_for_totals(broker.bootstrap, expected)
+        got = wait_for_totals(private_kafka.bootstrap, expected)
         assert got == expected
 
         def dead_letters():
             return [
                 decode_dead_letter(r.value)
-                for r in asyncio.run(read_topic(broker.bootstrap, DLQ_TOPIC, idle_s=2))
+                for r in asyncio.run(read_topic(private_kafka.bootstrap, DLQ_TOPIC, idle_s=2))
             ]
 
         # Garbage queued behind a partition's last good batch may still be on its way.
@@ -294,11 +279,11 @@ def dead_letters(bootstrap: str) -> list:
     return [decode_dead_letter(r.value) for r in asyncio.run(read_topic(bootstrap, DLQ_TOPIC, idle_s=2))]
 
 
-def test_forged_batches_are_dead_lettered_and_cloned_hosts_counted_apart(broker, tmp_path):
+def test_forged_batches_are_dead_lettered_and_cloned_hosts_counted_apart(private_kafka, tmp_path):
     """Batches keyed as another host, or far past their boot's sequence, go to the DLQ
     and leave the real host's counts exact; two machines sharing one host id (a cloned
     /etc/machine-id) are both counted, and every switch between them is a conflict."""
-    w = Worker(tmp_path, broker.bootstrap, "w").start()
+    w = Worker(tmp_path, private_kafka.bootstrap, "w").start()
     try:
         real = list(batches(1, 30, 10))  # host-00, seq 0..29
         forged_key = RawBatch("host-00", "boot", 1000, 1, real[0].events)
@@ -312,11 +297,11 @@ def test_forged_batches_are_dead_lettered_and_cloned_hosts_counted_apart(broker,
             for seq in range(10)
             for boot in ("machine-a", "machine-b")
         ]
-        asyncio.run(produce(broker.bootstrap, traffic))
+        asyncio.run(produce(private_kafka.bootstrap, traffic))
         expected = {("host-00", f"/data/h0/d{d}"): float(10 * len(range(d, 30, 3))) for d in range(3)}
         expected[("clone", "/clone/x")] = 100.0
-        assert wait_for_totals(broker.bootstrap, expected) == expected
-        dead = dead_letters(broker.bootstrap)
+        assert wait_for_totals(private_kafka.bootstrap, expected) == expected
+        dead = dead_letters(private_kafka.bootstrap)
         assert sorted(d.reason for d in dead) == [
             "raw batch: key b'host-01' is not its host id 'host-00'",
             "raw batch: sequence 1000000000000 is more than 16777216 past the highest its host and boot "
@@ -344,14 +329,14 @@ def file_created_sums(bootstrap: str, metric: str = "file_created_total") -> dic
     return sums
 
 
-def test_a_host_past_its_state_bound_keeps_being_persisted_and_counted(broker, tmp_path):
+def test_a_host_past_its_state_bound_keeps_being_persisted_and_counted(private_kafka, tmp_path):
     """A host making far more series and processes than its state may hold: the excess
     series fold into the overflow series and the least recently named processes are
     evicted (both counted), every batch is counted, a heartbeat that would still grow
     the state past process.max_state_bytes goes to the DLQ, and the host's changelog
     records all stay within the bound."""
     limit = 65_536
-    w = Worker(tmp_path, broker.bootstrap, "w", KTEL_PROCESS__MAX_STATE_BYTES=str(limit)).start()
+    w = Worker(tmp_path, private_kafka.bootstrap, "w", KTEL_PROCESS__MAX_STATE_BYTES=str(limit)).start()
     try:
         ev = lambda path: [FILE_CREATED.id, 1, 2, 2, 0, "w", path, 0o101, False]  # noqa: E731
         # 20 batches of 200 new directories each: 4000 series, far past the bound.
@@ -362,14 +347,16 @@ def test_a_host_past_its_state_bound_keeps_being_persisted_and_counted(broker, t
         execs = [[PROCESS_EXEC.id, 1, p, p, 1, 0, 0, "p", "/opt/" + "x" * 150 + str(p)] for p in range(1000)]
         huge = RawBatch("host-00", "boot", 20, 1, execs)
         later = [RawBatch("host-00", "boot", s, 1, [ev("/late/a/b/f")] * 5) for s in range(21, 31)]
-        asyncio.run(produce(broker.bootstrap, [(b.key, encode_batch(b)) for b in [*many, huge, *later]]))
+        asyncio.run(
+            produce(private_kafka.bootstrap, [(b.key, encode_batch(b)) for b in [*many, huge, *later]])
+        )
         expected = {"host-00": 20 * 200 + 10 * 5.0}
         deadline = time.monotonic() + 120
-        while (got := file_created_sums(broker.bootstrap)) != expected and time.monotonic() < deadline:
+        while (got := file_created_sums(private_kafka.bootstrap)) != expected and time.monotonic() < deadline:
             time.sleep(2)
         assert got == expected
-        assert file_created_sums(broker.bootstrap, "process_execs_total") == {"host-00": 1000.0}
-        assert dead_letters(broker.bootstrap) == []
+        assert file_created_sums(private_kafka.bootstrap, "process_execs_total") == {"host-00": 1000.0}
+        assert dead_letters(private_kafka.bootstrap) == []
 
         # Host attributes are not evicted: two boots' worth of 28 KB (a heartbeat may
         # carry 32 of 1 KiB) with the host's series are more than its state may hold.
@@ -386,10 +373,10 @@ def test_a_host_past_its_state_bound_keeps_being_persisted_and_counted(broker, t
             for boot in ("boot", "other-boot")
         ]
         asyncio.run(
-            produce(broker.bootstrap, [(b"host-00", hb) for hb in heartbeats], topic=HEARTBEATS_TOPIC)
+            produce(private_kafka.bootstrap, [(b"host-00", hb) for hb in heartbeats], topic=HEARTBEATS_TOPIC)
         )
         deadline = time.monotonic() + 60
-        while not (dead := dead_letters(broker.bootstrap)) and time.monotonic() < deadline:
+        while not (dead := dead_letters(private_kafka.bootstrap)) and time.monotonic() < deadline:
             time.sleep(1)
         [dl] = dead
         assert (dl.topic, dl.payload) == (HEARTBEATS_TOPIC, heartbeats[1])
@@ -403,7 +390,9 @@ def test_a_host_past_its_state_bound_keeps_being_persisted_and_counted(broker, t
         assert w.metric("ktel_processor_batches_total") == 31
         # Every changelog record fits; the last (the first heartbeat's) holds every
         # batch's dedupe record, the heartbeat's attributes and no process.
-        changelog = asyncio.run(read_topic(broker.bootstrap, "ktel-all-host-state-changelog", idle_s=1))
+        changelog = asyncio.run(
+            read_topic(private_kafka.bootstrap, "ktel-all-host-state-changelog", idle_s=1)
+        )
         assert changelog and all(len(r.value) <= limit for r in changelog)
         last = json.loads(changelog[-1].value)
         assert last["aggregate"]["seen"] == {"boot": [[0, 30]]}
@@ -415,20 +404,20 @@ def test_a_host_past_its_state_bound_keeps_being_persisted_and_counted(broker, t
         w.stop()
 
 
-def test_a_window_emits_only_the_series_that_changed(broker, tmp_path):
+def test_a_window_emits_only_the_series_that_changed(private_kafka, tmp_path):
     """A real worker: once a host's two series are out, a batch adding to one of them
     brings a snapshot of that one alone; the other waits for its refresh (250 s here,
     longer than the test)."""
-    w = Worker(tmp_path, broker.bootstrap, "w", KTEL_AGGREGATE__REFRESH_SECONDS="250").start()
+    w = Worker(tmp_path, private_kafka.bootstrap, "w", KTEL_AGGREGATE__REFRESH_SECONDS="250").start()
     try:
         first, second, _, third = batches(1, 4, 5)  # directories d0, d1, d2, d0
-        asyncio.run(produce(broker.bootstrap, [(b.key, encode_batch(b)) for b in (first, second)]))
+        asyncio.run(produce(private_kafka.bootstrap, [(b.key, encode_batch(b)) for b in (first, second)]))
         both = {("host-00", "/data/h0/d0"): 5.0, ("host-00", "/data/h0/d1"): 5.0}
-        assert wait_for_totals(broker.bootstrap, both) == both
-        asyncio.run(produce(broker.bootstrap, [(third.key, encode_batch(third))]))
+        assert wait_for_totals(private_kafka.bootstrap, both) == both
+        asyncio.run(produce(private_kafka.bootstrap, [(third.key, encode_batch(third))]))
         after = {**both, ("host-00", "/data/h0/d0"): 10.0}
-        assert wait_for_totals(broker.bootstrap, after) == after
-        recs = asyncio.run(read_topic(broker.bootstrap, METRICS_TOPIC, idle_s=0.5, timeout=10))
+        assert wait_for_totals(private_kafka.bootstrap, after) == after
+        recs = asyncio.run(read_topic(private_kafka.bootstrap, METRICS_TOPIC, idle_s=0.5, timeout=10))
         series = [[(r[2]["directory"], r[3]) for r in decode_snapshot(rec.value).series] for rec in recs]
         [changed] = [s for s in series if ("/data/h0/d0", 10.0) in s]
         assert changed == [("/data/h0/d0", 10.0)]
@@ -437,18 +426,18 @@ def test_a_window_emits_only_the_series_that_changed(broker, tmp_path):
         w.stop()
 
 
-def test_a_silent_host_ends_its_series_stale_and_stays_forgotten_after_a_restart(broker, tmp_path):
+def test_a_silent_host_ends_its_series_stale_and_stays_forgotten_after_a_restart(private_kafka, tmp_path):
     ttl = {"KTEL_AGGREGATE__HOST_TTL_SECONDS": "3"}
-    w = Worker(tmp_path, broker.bootstrap, "w", **ttl).start()
+    w = Worker(tmp_path, private_kafka.bootstrap, "w", **ttl).start()
     w2 = None
 
     def snapshots_of(host: str) -> list:
-        recs = asyncio.run(read_topic(broker.bootstrap, METRICS_TOPIC, idle_s=0.5, timeout=10))
+        recs = asyncio.run(read_topic(private_kafka.bootstrap, METRICS_TOPIC, idle_s=0.5, timeout=10))
         return [s for s in map(decode_snapshot, (r.value for r in recs)) if s.series[0][2]["host.id"] == host]
 
     try:
         [first] = batches(1, 1, 7)
-        asyncio.run(produce(broker.bootstrap, [(first.key, encode_batch(first))]))
+        asyncio.run(produce(private_kafka.bootstrap, [(first.key, encode_batch(first))]))
         deadline = time.monotonic() + 60
         while not any(s.stale for s in snapshots_of("host-00")):
             assert time.monotonic() < deadline, "no stale snapshot for the silent host"
@@ -456,8 +445,8 @@ def test_a_silent_host_ends_its_series_stale_and_stays_forgotten_after_a_restart
         assert w.metric("ktel_processor_expired_hosts_total") == 1
         w.stop()
         # A worker recovering the table from its changelog must not bring the host back.
-        w2 = Worker(tmp_path, broker.bootstrap, "w2", **ttl).start()
-        wait_for_group(broker.bootstrap, "ktel-all", members=1)
+        w2 = Worker(tmp_path, private_kafka.bootstrap, "w2", **ttl).start()
+        wait_for_group(private_kafka.bootstrap, "ktel-all", members=1)
         time.sleep(5)  # a few windows of the new worker, after it recovered the table
         snaps = snapshots_of("host-00")
         last_stale = len(snaps) - 1
@@ -466,7 +455,7 @@ def test_a_silent_host_ends_its_series_stale_and_stays_forgotten_after_a_restart
         assert snaps[last_stale].series[0][3] == 7.0
         # Back again, it starts afresh.
         again = RawBatch("host-00", "boot", 1, 1, first.events[:2])
-        asyncio.run(produce(broker.bootstrap, [(again.key, encode_batch(again))]))
+        asyncio.run(produce(private_kafka.bootstrap, [(again.key, encode_batch(again))]))
         deadline = time.monotonic() + 60
         while not (snaps := [s for s in snapshots_of("host-00")[last_stale + 1 :] if not s.stale]):
             assert time.monotonic() < deadline, "the returning host was not reported"
@@ -478,40 +467,40 @@ def test_a_silent_host_ends_its_series_stale_and_stays_forgotten_after_a_restart
             w2.stop()
 
 
-def test_split_stages_chain_to_exact_counts(broker, tmp_path):
+def test_split_stages_chain_to_exact_counts(private_kafka, tmp_path):
     workers = [
-        Worker(tmp_path, broker.bootstrap, st, stage=st).start()
+        Worker(tmp_path, private_kafka.bootstrap, st, stage=st).start()
         for st in ("dedupe", "enrich", "sample", "aggregate")
     ]
     try:
         traffic = [(bt.key, encode_batch(bt)) for bt in batches(3, 20, 10)]
         traffic += traffic[:15]  # re-sent batches
-        asyncio.run(produce(broker.bootstrap, traffic))
+        asyncio.run(produce(private_kafka.bootstrap, traffic))
         expected = {
             (f"host-{h:02d}", f"/data/h{h}/d{d}"): float(10 * len(range(d, 20, 3)))
             for h in range(3)
             for d in range(3)
         }
-        assert wait_for_totals(broker.bootstrap, expected) == expected
+        assert wait_for_totals(private_kafka.bootstrap, expected) == expected
     finally:
         for w in workers:
             w.stop()
 
 
-def test_split_stages_enrich_batches_with_exactly_what_is_known(broker, tmp_path):
+def test_split_stages_enrich_batches_with_exactly_what_is_known(private_kafka, tmp_path):
     host = "host-enrich"
     feed = tmp_path / "pods.jsonl"
     pod = {"container.id": "9f86d081884c", "k8s.pod.name": "web-0", "k8s.namespace.name": "shop"}
     feed.write_text(json.dumps({"host.id": host, "cgroup.id": 4242, **pod}) + "\n")
     workers = [
-        Worker(tmp_path, broker.bootstrap, st, stage=st, KTEL_ENRICH__METADATA_FILE=str(feed)).start()
+        Worker(tmp_path, private_kafka.bootstrap, st, stage=st, KTEL_ENRICH__METADATA_FILE=str(feed)).start()
         for st in ("dedupe", "enrich", "sample", "aggregate")
     ]
     host_attrs = {"host.id": host, "host.name": "node-7", "host.arch": "x86_64", "os.type": "linux"}
     host_attrs |= {"os.version": "6.1.0-28-amd64", "boot.id": "boot", "ktel.agent.version": "0.1.0"}
 
     async def send(topic, *values):
-        producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, enable_idempotence=True)
+        producer = AIOKafkaProducer(bootstrap_servers=private_kafka.bootstrap, enable_idempotence=True)
         await producer.start()
         try:
             for v in values:
@@ -520,7 +509,7 @@ def test_split_stages_enrich_batches_with_exactly_what_is_known(broker, tmp_path
             await producer.stop()
 
     def enriched() -> list[RawBatch]:
-        recs = asyncio.run(read_topic(broker.bootstrap, ENRICHED_TOPIC, idle_s=1))
+        recs = asyncio.run(read_topic(private_kafka.bootstrap, ENRICHED_TOPIC, idle_s=1))
         return [b for b in (decode_batch(r.value) for r in recs) if b.host_id == host]
 
     try:
@@ -552,7 +541,7 @@ def test_split_stages_enrich_batches_with_exactly_what_is_known(broker, tmp_path
         # Through sample and aggregate too: the enriched batches are counted. This
         # test's broker has no other snapshots, so ktel.metrics starts empty.
         expected = {(host, "/tmp/enrich"): 2.0}
-        assert wait_for_totals(broker.bootstrap, expected) == expected
+        assert wait_for_totals(private_kafka.bootstrap, expected) == expected
         out = {b.seq: b for b in enriched()}
         demo = {
             "process.pid": 4321,
@@ -573,16 +562,18 @@ def test_split_stages_enrich_batches_with_exactly_what_is_known(broker, tmp_path
 
 
 @pytest.mark.bpf
-def test_the_agent_names_a_process_container_and_pod_and_enrich_attaches_them(broker, tmp_path):
+def test_the_agent_names_a_process_container_and_pod_and_enrich_attaches_them(private_kafka, tmp_path):
     need_bpf()
     host, cid, pod_uid = "host-containers", secrets.token_hex(32), str(uuid.uuid4())
     pod_slice = f"kubepods-besteffort-pod{pod_uid.replace('-', '_')}.slice"
     out_dir = tmp_path / "in-container"
     out_dir.mkdir()
-    workers = [Worker(tmp_path, broker.bootstrap, st, stage=st).start() for st in ("dedupe", "enrich")]
+    workers = [Worker(tmp_path, private_kafka.bootstrap, st, stage=st).start() for st in ("dedupe", "enrich")]
     with cgroup2_child(pod_slice, f"cri-containerd-{cid}.scope") as cgroup:
         cgroup_id = os.stat(cgroup).st_ino
-        agent = AgentProcess(tmp_path, broker.bootstrap, host_id=host, probes='["process", "file_created"]')
+        agent = AgentProcess(
+            tmp_path, private_kafka.bootstrap, host_id=host, probes='["process", "file_created"]'
+        )
         try:
             agent.start()
             # Heartbeats and batches are separate topics, read in no set order, and
@@ -598,7 +589,7 @@ def test_the_agent_names_a_process_container_and_pod_and_enrich_attaches_them(br
                 time.sleep(0.5)
                 found = [
                     b.processes[str(ev[2])]
-                    for r in asyncio.run(read_topic(broker.bootstrap, ENRICHED_TOPIC, idle_s=0.5))
+                    for r in asyncio.run(read_topic(private_kafka.bootstrap, ENRICHED_TOPIC, idle_s=0.5))
                     if (b := decode_batch(r.value)).host_id == host
                     for ev in b.events
                     if ev[0] == FILE_CREATED.id
@@ -611,7 +602,7 @@ def test_the_agent_names_a_process_container_and_pod_and_enrich_attaches_them(br
                 pytest.fail(f"no enriched batch named the container behind a file in {out_dir}")
             heartbeats = [
                 decode_heartbeat(r.value)
-                for r in asyncio.run(read_topic(broker.bootstrap, HEARTBEATS_TOPIC, idle_s=0.5))
+                for r in asyncio.run(read_topic(private_kafka.bootstrap, HEARTBEATS_TOPIC, idle_s=0.5))
                 if r.key == host.encode()
             ]
             pod_id = os.stat(cgroup.parent).st_ino
@@ -635,10 +626,10 @@ def test_the_agent_names_a_process_container_and_pod_and_enrich_attaches_them(br
     ]
 
 
-def test_a_rate_spike_raises_the_hosts_fidelity_and_the_calm_restores_it(broker, tmp_path):
+def test_a_rate_spike_raises_the_hosts_fidelity_and_the_calm_restores_it(private_kafka, tmp_path):
     w = Worker(
         tmp_path,
-        broker.bootstrap,
+        private_kafka.bootstrap,
         "w",
         KTEL_SAMPLE__WINDOW_SECONDS="1",
         KTEL_SAMPLE__NORMAL_SAMPLE_EVERY="10",
@@ -649,14 +640,14 @@ def test_a_rate_spike_raises_the_hosts_fidelity_and_the_calm_restores_it(broker,
         # at once would make one window's rate of several seconds' traffic.
         ev = [FILE_CREATED.id, 1, 2, 2, 0, "w", "/x/f", 0o101, False]
         warm_up = RawBatch("warm-up", "boot", 0, 1, [ev])
-        asyncio.run(produce(broker.bootstrap, [(warm_up.key, encode_batch(warm_up))]))
+        asyncio.run(produce(private_kafka.bootstrap, [(warm_up.key, encode_batch(warm_up))]))
         deadline = time.monotonic() + 120
         while not w.batches_done():
             assert time.monotonic() < deadline, w.log.read_text()[-3000:]
             time.sleep(0.2)
 
         async def traffic():
-            producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap)
+            producer = AIOKafkaProducer(bootstrap_servers=private_kafka.bootstrap)
             await producer.start()
             loop = asyncio.get_running_loop()
             start, seq = loop.time(), 0
@@ -677,7 +668,7 @@ def test_a_rate_spike_raises_the_hosts_fidelity_and_the_calm_restores_it(broker,
         time.sleep(3)
         cmds = [
             decode_command(r.value)
-            for r in asyncio.run(read_topic(broker.bootstrap, CONTROL_TOPIC, idle_s=2))
+            for r in asyncio.run(read_topic(private_kafka.bootstrap, CONTROL_TOPIC, idle_s=2))
         ]
         assert cmds, w.log.read_text()[-3000:]
         assert {c.target for c in cmds} == {"host-01"}  # the steady host is left alone
@@ -687,9 +678,9 @@ def test_a_rate_spike_raises_the_hosts_fidelity_and_the_calm_restores_it(broker,
         w.stop()
 
 
-def test_a_stage_refuses_topics_its_table_cannot_be_partitioned_like(broker, tmp_path):
+def test_a_stage_refuses_topics_its_table_cannot_be_partitioned_like(private_kafka, tmp_path):
     def start(stage, **settings):
-        env = Worker(tmp_path, broker.bootstrap, stage, stage, **settings).env
+        env = Worker(tmp_path, private_kafka.bootstrap, stage, stage, **settings).env
         return subprocess.run(
             [sys.executable, "-m", "ktel.cli", "process", stage],
             env=env,
@@ -706,7 +697,7 @@ def test_a_stage_refuses_topics_its_table_cannot_be_partitioned_like(broker, tmp
 
     # A ktel.heartbeats made before the enrich stage existed (output_partitions).
     async def remake_heartbeats():
-        admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap)
+        admin = AIOKafkaAdminClient(bootstrap_servers=private_kafka.bootstrap)
         await admin.start()
         try:
             await admin.delete_topics([HEARTBEATS_TOPIC])
@@ -714,8 +705,8 @@ def test_a_stage_refuses_topics_its_table_cannot_be_partitioned_like(broker, tmp
             await admin.close()
         for _ in range(50):  # deletion completes asynchronously
             try:
-                await create_topics(broker.bootstrap, [TopicSpec(HEARTBEATS_TOPIC, 2)])
-                if await topic_partitions(broker.bootstrap, HEARTBEATS_TOPIC) == 2:
+                await create_topics(private_kafka.bootstrap, [TopicSpec(HEARTBEATS_TOPIC, 2)])
+                if await topic_partitions(private_kafka.bootstrap, HEARTBEATS_TOPIC) == 2:
                     return
             except KafkaError:
                 pass

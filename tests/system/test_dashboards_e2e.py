@@ -22,7 +22,7 @@ import yaml
 
 from tests.integration.probe_harness import python_workload
 from tests.integration.test_probes_oom_kill import HOG, memory_cgroup
-from tests.system.test_spine_e2e import ktel_up
+from tests.integration.up_harness import ktel_up
 
 pytestmark = pytest.mark.system
 

@@ -37,11 +37,8 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from ktel import config, topics
-from ktel.stack.kafka import LocalKafka
 from ktel.stack.otelcol import LocalCollector
 from ktel.stack.proc import free_port
-from ktel.topics import create_topics
 from ktel.wire import (
     CONTROL_TOPIC,
     DLQ_TOPIC,
@@ -230,19 +227,6 @@ async def committed_topics(bootstrap: str, group: str) -> set[str]:
 
 
 @pytest.fixture
-def broker(tmp_path):
-    """A broker of this test's own: ktel.dlq holds this test's dead letters only."""
-    b = LocalKafka(tmp_path / "kafka", free_port(), free_port())
-    b.start()
-    cfg = config.Config(
-        kafka=config.KafkaConfig(bootstrap=b.bootstrap), agent=config.AgentConfig(host_id="t")
-    )
-    asyncio.run(create_topics(b.bootstrap, topics.specs(cfg)))
-    yield b
-    b.stop()
-
-
-@pytest.fixture
 def collector(tmp_path):
     with LocalCollector(tmp_path / "otelcol", free_port(), free_port()) as col:
         yield col
@@ -254,7 +238,7 @@ def bpf():
 
 
 def test_bad_records_on_every_topic_are_dead_lettered_and_the_good_ones_counted_exactly(
-    bpf, broker, prometheus, collector, tmp_path
+    bpf, private_kafka, prometheus, collector, tmp_path
 ):
     run = uuid.uuid4().hex[:8]
     rng = random.Random(run)
@@ -263,7 +247,7 @@ def test_bad_records_on_every_topic_are_dead_lettered_and_the_good_ones_counted_
     ports = {k: free_port() for k in ("process", "rw", "pull", "otlp")}
     env = dict(
         os.environ,
-        KTEL_KAFKA__BOOTSTRAP=broker.bootstrap,
+        KTEL_KAFKA__BOOTSTRAP=private_kafka.bootstrap,
         KTEL_AGENT__HOST_ID=agent_host,
         KTEL_AGGREGATE__WINDOW_SECONDS="1",
         KTEL_PROCESS__METRICS_PORT=str(ports["process"]),
@@ -282,7 +266,7 @@ def test_bad_records_on_every_topic_are_dead_lettered_and_the_good_ones_counted_
         Proc(tmp_path, "otlp", ["export", "otlp"], env, ports["otlp"], "ktel_exporter_otlp_items"),
     ]
     # oom_kill: a probe that sends next to nothing, so the agent's own batches stay few.
-    agent = AgentProcess(tmp_path, broker.bootstrap, host_id=agent_host, probes='["oom_kill"]')
+    agent = AgentProcess(tmp_path, private_kafka.bootstrap, host_id=agent_host, probes='["oom_kill"]')
     try:
         agent.start()
         for p in procs:
@@ -392,7 +376,7 @@ def test_bad_records_on_every_topic_are_dead_lettered_and_the_good_ones_counted_
         slots = sorted(i for i, r in enumerate(records) if id(r) in order)
         for slot, r in zip(slots, good, strict=True):
             records[slot] = r
-        asyncio.run(produce(broker.bootstrap, records))
+        asyncio.run(produce(private_kafka.bootstrap, records))
 
         # --- the DLQ: exactly the bad records, per consumer and source topic
         expected_letters = Counter()
@@ -411,7 +395,7 @@ def test_bad_records_on_every_topic_are_dead_lettered_and_the_good_ones_counted_
         def letters():
             got = [
                 decode_dead_letter(r.value)
-                for r in asyncio.run(read_topic(broker.bootstrap, DLQ_TOPIC, idle_s=2))
+                for r in asyncio.run(read_topic(private_kafka.bootstrap, DLQ_TOPIC, idle_s=2))
             ]
             return got if len(got) >= sum(expected_letters.values()) else None
 
@@ -475,7 +459,7 @@ def test_bad_records_on_every_topic_are_dead_lettered_and_the_good_ones_counted_
         later = MetricSnapshot(
             time.time_ns() // 1_000_000, [["hx_value", "gauge", {"host.id": snap_host, "run": run}, 6.0]]
         )
-        asyncio.run(produce(broker.bootstrap, [(METRICS_TOPIC, snap_key, encode_snapshot(later))]))
+        asyncio.run(produce(private_kafka.bootstrap, [(METRICS_TOPIC, snap_key, encode_snapshot(later))]))
         wait_for(
             "a later sample in Prometheus", lambda: in_prometheus().get(("hx_value", snap_host, "")) == 6.0
         )
@@ -489,7 +473,7 @@ def test_bad_records_on_every_topic_are_dead_lettered_and_the_good_ones_counted_
 
         # --- who reads what, and everyone still up, never restarted
         groups = {
-            g: asyncio.run(committed_topics(broker.bootstrap, g))
+            g: asyncio.run(committed_topics(private_kafka.bootstrap, g))
             for g in ("ktel-all", "ktel-export-remote-write", "ktel-export-otlp")
         }
         assert groups == {

@@ -7,7 +7,6 @@ API, after remote-write), at ktel's pull endpoint and in what the Collector
 received over OTLP; Ctrl-C must stop everything that `ktel up` started.
 """
 
-import contextlib
 import os
 import re
 import signal
@@ -15,7 +14,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -24,9 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ktel.stack.otelcol import LocalCollector, attributes
-from ktel.stack.proc import free_port
-from ktel.up import READY_LINE
-from tests.conftest import need_bpf
+from tests.integration.up_harness import ktel_up
 
 pytestmark = pytest.mark.system
 N = 23
@@ -45,49 +41,6 @@ def wait_for(what, fn, timeout):
 def port_open(port):
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-@contextlib.contextmanager
-def ktel_up(tmp_path, **settings):
-    """`ktel up` on free ports, a 1 s aggregation window and ``settings`` (KTEL_* variables),
-    until it is ready: (process, ports, its output lines, its environment)."""
-    need_bpf()
-    ports = {k: free_port() for k in ("kafka", "ctrl", "prom", "pull", "agent", "agg", "rw", "otlp")}
-    ports |= {k: free_port() for k in ("otelcol-grpc", "otelcol-http")}
-    env = dict(
-        os.environ,
-        KTEL_STACK__DATA_DIR=str(tmp_path / "stack"),
-        KTEL_STACK__KAFKA_PORT=str(ports["kafka"]),
-        KTEL_STACK__KAFKA_CONTROLLER_PORT=str(ports["ctrl"]),
-        KTEL_STACK__PROMETHEUS_PORT=str(ports["prom"]),
-        KTEL_PULL__PORT=str(ports["pull"]),
-        KTEL_AGENT__METRICS_PORT=str(ports["agent"]),
-        KTEL_AGENT__STATE_DIR=str(tmp_path / "agent-state"),
-        KTEL_PROCESS__METRICS_PORT=str(ports["agg"]),
-        KTEL_AGGREGATE__WINDOW_SECONDS="1",
-        KTEL_REMOTE_WRITE__METRICS_PORT=str(ports["rw"]),
-        KTEL_OTLP__METRICS_PORT=str(ports["otlp"]),
-        KTEL_STACK__COLLECTOR_GRPC_PORT=str(ports["otelcol-grpc"]),
-        KTEL_STACK__COLLECTOR_HTTP_PORT=str(ports["otelcol-http"]),
-        **settings,
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ktel.cli", "up"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
-    reader.start()
-    ready = wait_for("ktel up", lambda: any(READY_LINE in ln for ln in lines) or proc.poll() is not None, 300)
-    try:
-        assert ready and proc.poll() is None, "ktel up did not come up:\n" + "".join(lines)
-        yield proc, ports, lines, env
-    finally:
-        if proc.poll() is None:
-            proc.kill()
 
 
 @pytest.fixture

@@ -139,6 +139,13 @@ def test_no_role_but_the_processor_and_the_operator_may_write_control():
     assert writers == {k.principals.processor, k.principals.operator}
 
 
+def test_the_status_role_reads_the_heartbeats_and_only_describes_the_rest():
+    mine = [g for g in acls.grants(["all"], config.KafkaConfig(prefix="s.").topics) if g.role == "status"]
+    assert {op for g in mine for op in g.operations} == {"Read", "Describe"}
+    assert [g.names for g in mine if "Read" in g.operations] == [("s.ktel.heartbeats",)]
+    assert any(g.resource == "group" and g.names == ("s.ktel-",) and g.prefixed for g in mine)
+
+
 def test_every_kafka_client_gets_its_settings_from_kafka_client():
     """A client built from a bootstrap list alone would work against the local broker
     and fail against a production one: every construction passes **client_kwargs(...)."""
