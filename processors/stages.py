@@ -86,7 +86,7 @@ from processors.chain import build
 from processors.faust_app import App
 from processors.fleet_metrics import FleetMetrics
 from processors.stage import Result, Stage
-from processors.stop import stop
+from processors.stop import Worker, stop
 from processors.table_store import URL as DISK_BACKED_URL
 from processors.table_store import DiskBackedStore
 
@@ -561,8 +561,9 @@ def run(cfg: Config, stage: str, log_level: str = "info") -> None:
         )
     asyncio.run(retry(lambda: create_topics(cfg.kafka, specs), what="create the stage's own topics"))
     # ktel's logging (ktel/logs.py), which the worker would otherwise replace with its own.
-    worker = faust.Worker(
+    worker = Worker(
         make_app(cfg, stage),
+        stage,
         loglevel=log_level.upper(),
         logging_config=logs.config(log_level, cfg.service.log_format),
         quiet=True,

@@ -12,6 +12,10 @@ partition uncommitted, as a SIGKILL does (docs/design.md, "What a SIGKILL costs"
 the worker that takes the partition next, this one restarted by its supervisor
 (systemd, Kubernetes, ``ktel up``), processes them again, and the stages' dedupe
 counts none twice.
+
+Any other crash of the Faust app (a timer, a task, one of Faust's own services) ends
+the worker the same way (``Worker``), rather than through a shutdown that commits
+what the stream acknowledged, and leaves it to the same restart.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import logging
 import os
 from typing import Any, NoReturn
 
+import faust
 from faust.exceptions import PartitionsMismatch
 
 log = logging.getLogger("ktel.process")
@@ -51,3 +56,27 @@ def stop(stage: str, event: Any, err: BaseException) -> NoReturn:
     log.critical(line, exc_info=not isinstance(err, PartitionsMismatch))
     logging.shutdown()  # flushed: os._exit skips it
     os._exit(EXIT_STATUS)
+
+
+def crashed(stage: str, err: BaseException) -> str:
+    """The one line a worker logs as its Faust app crashes on ``err``."""
+    text = " ".join(str(err).split())
+    return (
+        f"ktel process {stage}: stopping: the Faust app crashed on {type(err).__name__}: {text}; "
+        "restart the worker (its supervisor does): it resumes from its committed offsets"
+    )
+
+
+class Worker(faust.Worker):
+    """``faust.Worker`` that ends at once, with one line, when its app crashes."""
+
+    def __init__(self, app: faust.App, stage: str, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.stage = stage
+
+    def _crash(self, reason: BaseException) -> None:
+        # mode marks every service up to the root, this worker, crashed through _crash
+        # (Service.crash); the worker would then stop the app, committing on the way.
+        log.critical(crashed(self.stage, reason), exc_info=reason)
+        logging.shutdown()
+        os._exit(EXIT_STATUS)

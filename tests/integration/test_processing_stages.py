@@ -282,6 +282,18 @@ def test_a_worker_refused_its_table_writes_stops_with_nothing_committed_and_its_
         worker.stop()
 
 
+def test_a_worker_whose_faust_app_crashes_exits_1_with_one_line(broker, tmp_path):
+    broken = Worker(tmp_path, broker.bootstrap, "broken").start("tests.integration.worker_with_broken_window")
+    try:
+        code = broken.proc.wait(180)
+    finally:
+        broken.stop()
+    assert code == 1, broken.log.read_text()[-3000:]
+    [line] = [line for line in broken.log.read_text().splitlines() if " CRITICAL " in line]
+    assert "ktel process all: stopping: the Faust app crashed on ValueError: a window broke; " in line
+    assert "restart the worker (its supervisor does)" in line
+
+
 def test_garbage_and_wrong_versions_go_to_the_dlq_and_good_counts_stay_exact(broker, tmp_path):
     import msgpack
 
