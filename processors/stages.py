@@ -55,7 +55,7 @@ import collections
 import functools
 import logging
 import time
-from typing import Any
+from typing import Any, cast
 
 import faust
 from aiokafka.partitioner import murmur2
@@ -86,6 +86,7 @@ from processors.chain import build
 from processors.faust_app import App
 from processors.fleet_metrics import FleetMetrics
 from processors.stage import Result, Stage
+from processors.stop import Worker, stop
 from processors.table_store import URL as DISK_BACKED_URL
 from processors.table_store import DiskBackedStore
 
@@ -361,35 +362,58 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             await control.send(key=cmd.key, value=encode_command(cmd))
             COMMANDS.labels(stage).inc()
 
+    async def take_batch(event: Any) -> None:
+        try:
+            batch = decode_batch(event.value)
+            if event.key != batch.key:
+                # Its key decides the partition, hence the worker and the table entry:
+                # a batch keyed otherwise could write another host's state.
+                raise WireError(f"raw batch: key {event.key!r:.60} is not its host id {batch.host_id!r:.60}")
+        except WireError as err:
+            await dead_letter(event, err)
+            return
+        value = hosts[batch.host_id] if chain.durable else {}
+        before = as_persisted(batch.host_id, value) if chain.durable else b""
+        result = chain.on_batch(value, batch, time.time_ns() // 1_000_000)
+        if result.refused is not None:
+            result.revert()  # (the stages leave the table value as it was themselves)
+            await dead_letter(event, result.refused)
+            return
+        # (only stages that keep state change it)
+        if result.changed and not await save(event, batch.host_id, value, before, result):
+            return
+        if result.batch is not None:  # (not a duplicate)
+            BATCHES.labels(stage).inc()
+        await emit(result, key=event.key)
+        if result.batch is not None and sink is not None:
+            await sink.send(key=event.key, value=encode_batch(result.batch))
+
+    async def take_heartbeat(event: Any) -> None:
+        try:
+            hb = decode_heartbeat(event.value)
+            host_id = hb["host"][HOST_ID]
+            if event.key != host_id.encode():
+                # The table key must hash to the partition the record came from.
+                raise WireError(f"heartbeat: key {event.key!r:.60} is not its host.id {host_id!r:.60}")
+        except WireError as err:
+            await dead_letter(event, err)
+            return
+        value = hosts[host_id]
+        before = as_persisted(host_id, value)
+        result = chain.on_heartbeat(value, host_id, cast(dict[str, Any], hb))  # (JSON to the stages)
+        if result.changed and not await save(event, host_id, value, before, result):
+            return
+        HEARTBEATS.labels(stage).inc()
+        FLEET.observe(host_id, hb)
+        await emit(result)
+
     @app.agent(source)
     async def process(stream):
         async for event in stream.events():
             try:
-                batch = decode_batch(event.value)
-                if event.key != batch.key:
-                    # Its key decides the partition, hence the worker and the table entry:
-                    # a batch keyed otherwise could write another host's state.
-                    raise WireError(
-                        f"raw batch: key {event.key!r:.60} is not its host id {batch.host_id!r:.60}"
-                    )
-            except WireError as err:
-                await dead_letter(event, err)
-                continue
-            value = hosts[batch.host_id] if chain.durable else {}
-            before = as_persisted(batch.host_id, value) if chain.durable else b""
-            result = chain.on_batch(value, batch, time.time_ns() // 1_000_000)
-            if result.refused is not None:
-                result.revert()  # (the stages leave the table value as it was themselves)
-                await dead_letter(event, result.refused)
-                continue
-            # (only stages that keep state change it)
-            if result.changed and not await save(event, batch.host_id, value, before, result):
-                continue
-            if result.batch is not None:  # (not a duplicate)
-                BATCHES.labels(stage).inc()
-            await emit(result, key=event.key)
-            if result.batch is not None and sink is not None:
-                await sink.send(key=event.key, value=encode_batch(result.batch))
+                await take_batch(event)
+            except Exception as err:  # whatever it is: the record must stay uncommitted
+                stop(stage, event, err)
 
     if chain.heartbeats:
 
@@ -397,24 +421,9 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         async def take_heartbeats(stream):
             async for event in stream.events():
                 try:
-                    hb = decode_heartbeat(event.value)
-                    host_id = hb["host"][HOST_ID]
-                    if event.key != host_id.encode():
-                        # The table key must hash to the partition the record came from.
-                        raise WireError(
-                            f"heartbeat: key {event.key!r:.60} is not its host.id {host_id!r:.60}"
-                        )
-                except WireError as err:
-                    await dead_letter(event, err)
-                    continue
-                value = hosts[host_id]
-                before = as_persisted(host_id, value)
-                result = chain.on_heartbeat(value, host_id, hb)
-                if result.changed and not await save(event, host_id, value, before, result):
-                    continue
-                HEARTBEATS.labels(stage).inc()
-                FLEET.observe(host_id, hb)
-                await emit(result)
+                    await take_heartbeat(event)
+                except Exception as err:
+                    stop(stage, event, err)
 
     exported_series: set[str] = set()
 
@@ -540,8 +549,9 @@ def run(cfg: Config, stage: str, log_level: str = "info") -> None:
     specs = [TopicSpec(f"{names.group(stage)}-__assignor-__leader", 1)]
     if stage != "sample":
         # Created before Faust starts: when Faust creates it itself, a worker that
-        # reads metadata a moment too early crashes with PartitionsMismatch and
-        # never recovers (seen with Kafka 3.9 and faust-streaming 0.15).
+        # reads metadata a moment too early fails its table writes with
+        # PartitionsMismatch (seen with Kafka 3.9 and faust-streaming 0.15), which
+        # stops it (processors/stop.py).
         specs.append(
             TopicSpec(
                 changelog_topic(names, stage),
@@ -551,8 +561,9 @@ def run(cfg: Config, stage: str, log_level: str = "info") -> None:
         )
     asyncio.run(retry(lambda: create_topics(cfg.kafka, specs), what="create the stage's own topics"))
     # ktel's logging (ktel/logs.py), which the worker would otherwise replace with its own.
-    worker = faust.Worker(
+    worker = Worker(
         make_app(cfg, stage),
+        stage,
         loglevel=log_level.upper(),
         logging_config=logs.config(log_level, cfg.service.log_format),
         quiet=True,

@@ -64,10 +64,10 @@ class Worker:
         )
         self.proc: subprocess.Popen | None = None
 
-    def start(self):
+    def start(self, module="ktel.cli"):
         with open(self.log, "ab") as f:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "ktel.cli", "process", self.stage], env=self.env, stdout=f, stderr=f
+                [sys.executable, "-m", module, "process", self.stage], env=self.env, stdout=f, stderr=f
             )
         return self
 
@@ -217,6 +217,68 @@ def test_two_workers_and_a_sigkill_count_every_event_once(private_kafka, tmp_pat
     finally:
         a.stop()
         b.stop()
+
+
+async def committed_offsets(bootstrap: str, group: str) -> dict[tuple[str, int], int]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(group)
+    finally:
+        await admin.close()
+    return {(tp.topic, tp.partition): meta.offset for tp, meta in offsets.items()}
+
+
+def test_a_worker_refused_its_table_writes_stops_with_nothing_committed_and_its_restart_counts_all(
+    private_kafka, tmp_path
+):
+    """The group leader's metadata showing the changelog with 0 partitions (it lags the
+    brokers'), Faust refuses every table write with PartitionsMismatch. The worker must
+    not spin on it, committing offsets past batches it never persisted: it exits 1 with
+    one line, and the worker started again counts every batch once."""
+    hosts, per_host, events = 6, 10, 5
+    traffic = [(bt.key, encode_batch(bt)) for bt in batches(hosts, per_host, events)]
+    asyncio.run(produce(private_kafka.bootstrap, traffic))
+
+    lagging = Worker(tmp_path, private_kafka.bootstrap, "lagging").start(
+        "tests.integration.worker_with_stale_metadata"
+    )
+    try:
+        code = lagging.proc.wait(180)
+    finally:
+        lagging.stop()
+    assert code == 1, lagging.log.read_text()[-3000:]
+    [line] = [line for line in lagging.log.read_text().splitlines() if " CRITICAL " in line]
+    assert "ktel process all: stopping: PartitionsMismatch: The source topic 'ktel.raw'" in line
+    assert "'ktel-all-host-state-changelog' has 0 partitions, in Faust's metadata" in line
+    assert "is committed: restart the worker (its supervisor does)" in line
+    assert asyncio.run(committed_offsets(private_kafka.bootstrap, "ktel-all")) == {}
+
+    worker = Worker(tmp_path, private_kafka.bootstrap, "again").start()
+    try:
+        expected = {
+            (f"host-{h:02d}", f"/data/h{h}/d{d}"): float(events * len(range(d, per_host, 3)))
+            for h in range(hosts)
+            for d in range(3)
+        }
+        assert wait_for_totals(private_kafka.bootstrap, expected, timeout=300) == expected
+        assert worker.proc.poll() is None
+    finally:
+        worker.stop()
+
+
+def test_a_worker_whose_faust_app_crashes_exits_1_with_one_line(private_kafka, tmp_path):
+    broken = Worker(tmp_path, private_kafka.bootstrap, "broken").start(
+        "tests.integration.worker_with_broken_window"
+    )
+    try:
+        code = broken.proc.wait(180)
+    finally:
+        broken.stop()
+    assert code == 1, broken.log.read_text()[-3000:]
+    [line] = [line for line in broken.log.read_text().splitlines() if " CRITICAL " in line]
+    assert "ktel process all: stopping: the Faust app crashed on ValueError: a window broke; " in line
+    assert "restart the worker (its supervisor does)" in line
 
 
 def test_garbage_and_wrong_versions_go_to_the_dlq_and_good_counts_stay_exact(private_kafka, tmp_path):

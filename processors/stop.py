@@ -1,0 +1,82 @@
+"""How a processing worker ends on a record it cannot process: at once, exit status 1,
+with one log line, before Faust acknowledges the record.
+
+Faust acknowledges a record when the agent's loop leaves it, even by an exception
+(``Stream.__aiter__``'s ``finally``), and its default agent supervisor then starts
+the agent again on the next record. A failure that repeats (a table write refused
+with PartitionsMismatch, seen when the group leader's metadata lagged the brokers')
+so acknowledged one record after another: the worker spun, committed source
+offsets past batches whose counts never reached the changelog, and those batches
+were lost. Ending the process instead leaves the record and every later one of its
+partition uncommitted, as a SIGKILL does (docs/design.md, "What a SIGKILL costs"):
+the worker that takes the partition next, this one restarted by its supervisor
+(systemd, Kubernetes, ``ktel up``), processes them again, and the stages' dedupe
+counts none twice.
+
+Any other crash of the Faust app (a timer, a task, one of Faust's own services) ends
+the worker the same way (``Worker``), rather than through a shutdown that commits
+what the stream acknowledged, and leaves it to the same restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, NoReturn
+
+import faust
+from faust.exceptions import PartitionsMismatch
+
+log = logging.getLogger("ktel.process")
+
+EXIT_STATUS = 1
+
+
+def reason(stage: str, topic: str, partition: int, offset: int, err: BaseException) -> str:
+    """The one line a worker logs as it stops on ``err``, raised processing the record
+    at ``topic[partition]@offset``."""
+    text = " ".join(str(err).split())  # Faust's messages span lines
+    if isinstance(err, PartitionsMismatch):
+        # Its first sentence has the counts; its advice (configure Kafka) does not apply:
+        # Faust counts partitions in the consumer group's metadata, and the brokers had
+        # the two topics equal when the worker started (check_partitions).
+        text = text.partition(". ")[0] + ", in Faust's metadata, which lags the brokers'"
+    why = f"{type(err).__name__}: {text}"
+    return (
+        f"ktel process {stage}: stopping: {why}; nothing of {topic}[{partition}] from offset "
+        f"{offset} on is committed: restart the worker (its supervisor does) to process it again"
+    )
+
+
+def stop(stage: str, event: Any, err: BaseException) -> NoReturn:
+    """Log why and end the process now, the record at ``event`` unacknowledged."""
+    msg = event.message
+    line = reason(stage, msg.topic, msg.partition, msg.offset, err)
+    # Anything but a lagging metadata is a bug: its traceback follows the line.
+    log.critical(line, exc_info=not isinstance(err, PartitionsMismatch))
+    logging.shutdown()  # flushed: os._exit skips it
+    os._exit(EXIT_STATUS)
+
+
+def crashed(stage: str, err: BaseException) -> str:
+    """The one line a worker logs as its Faust app crashes on ``err``."""
+    text = " ".join(str(err).split())
+    return (
+        f"ktel process {stage}: stopping: the Faust app crashed on {type(err).__name__}: {text}; "
+        "restart the worker (its supervisor does): it resumes from its committed offsets"
+    )
+
+
+class Worker(faust.Worker):
+    """``faust.Worker`` that ends at once, with one line, when its app crashes."""
+
+    def __init__(self, app: faust.App, stage: str, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.stage = stage
+
+    def _crash(self, reason: BaseException) -> None:
+        # mode marks every service up to the root, this worker, crashed through _crash
+        # (Service.crash); the worker would then stop the app, committing on the way.
+        log.critical(crashed(self.stage, reason), exc_info=reason)
+        logging.shutdown()
+        os._exit(EXIT_STATUS)

@@ -1,0 +1,41 @@
+"""The line a processing worker logs as it stops on a record it cannot process, or
+as its Faust app crashes (processors/stop.py); that it stops, the record
+uncommitted, is tested on the real broker (tests/integration/test_processing_stages.py)."""
+
+from faust.exceptions import PartitionsMismatch
+from faust.tables.base import E_SOURCE_PARTITIONS_MISMATCH
+
+from processors.stop import crashed, reason
+
+
+def test_a_partitions_mismatch_is_one_line_with_faust_counts_and_not_its_advice():
+    err = PartitionsMismatch(
+        E_SOURCE_PARTITIONS_MISMATCH.format(
+            source_topic="ktel.raw",
+            table_name="host-state",
+            source_n=6,
+            change_topic="ktel-all-host-state-changelog",
+            change_n=0,
+        )
+    )
+    line = reason("all", "ktel.raw", 3, 17, err)
+    assert "\n" not in line
+    assert line == (
+        "ktel process all: stopping: PartitionsMismatch: The source topic 'ktel.raw' for table "
+        "'host-state' has 6 partitions, but the changelog topic 'ktel-all-host-state-changelog' "
+        "has 0 partitions, in Faust's metadata, which lags the brokers'; nothing of ktel.raw[3] "
+        "from offset 17 on is committed: restart the worker (its supervisor does) to process it again"
+    )
+
+
+def test_any_other_error_is_named_with_its_message():
+    line = reason("enrich", "ktel.deduped", 0, 5, KeyError("host.id"))
+    assert line.startswith("ktel process enrich: stopping: KeyError: 'host.id'; nothing of ktel.deduped[0]")
+
+
+def test_a_crash_of_the_faust_app_is_one_line():
+    line = crashed("aggregate", RuntimeError("timer\nfailed"))
+    assert line == (
+        "ktel process aggregate: stopping: the Faust app crashed on RuntimeError: timer failed; "
+        "restart the worker (its supervisor does): it resumes from its committed offsets"
+    )
