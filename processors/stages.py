@@ -55,6 +55,7 @@ import collections
 import functools
 import logging
 import time
+from pathlib import Path
 from typing import Any, cast
 
 import faust
@@ -260,7 +261,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         metric.labels(stage)
 
     session = cfg.process.session_timeout_seconds
-    datadir = cfg.process.data_dir / stage
+    datadir = data_dir(cfg, stage)
     datadir.mkdir(parents=True, exist_ok=True)
     names = cfg.kafka.topics
     app = App(
@@ -489,6 +490,13 @@ def readiness(app: Any, source: str) -> str | None:
     return None
 
 
+def data_dir(cfg: Config, stage: str) -> Path:
+    """Where a stage keeps its tables' on-disk copies: named by the prefix too, since the
+    copies are named by table, and two pipelines sharing process.data_dir must not read
+    each other's (Faust stops on the mismatch with a ConsistencyError)."""
+    return cfg.process.data_dir / f"{cfg.kafka.prefix}{stage}"
+
+
 def changelog_topic(names: Topics, stage: str) -> str:
     # Faust's name for the "host-state" table of the stage's app (make_app)
     return f"{names.group(stage)}-host-state-changelog"
@@ -514,7 +522,7 @@ def check_partitions(cfg: Config, stage: str) -> None:
     fixes.setdefault(names.topic(SOURCE[stage]), remake)  # never "delete ktel.raw"
     fixes[changelog_topic(names, stage)] = (
         "delete it with the stage stopped (the stage makes it again, empty), and the "
-        f"copy of it under process.data_dir ({cfg.process.data_dir / stage})"
+        f"copy of it under process.data_dir ({data_dir(cfg, stage)})"
     )
     if stage in ("enrich", "all"):
         fixes[names.heartbeats] = "delete it (it holds only recent heartbeats) and run `ktel topics`"

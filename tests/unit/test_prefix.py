@@ -69,3 +69,14 @@ async def test_a_stage_reads_writes_and_keeps_its_table_under_the_prefix(tmp_pat
         assert len(shell.to("blue.ktel.dlq")) == 1
         assert shell.changelog  # recorded only from the prefixed changelog topic
         assert not [t for t, _k, _v in shell.sent if not t.startswith("blue.")]
+
+
+def test_a_prefix_gives_the_stages_their_own_data_directory():
+    """The tables' on-disk copies are named by table, so two pipelines sharing
+    process.data_dir would otherwise read each other's."""
+    from processors.stages import data_dir
+
+    plain = config.Config(agent=config.AgentConfig(host_id="h"))
+    blue = config.Config(agent=config.AgentConfig(host_id="h"), kafka=config.KafkaConfig(prefix="blue."))
+    assert data_dir(plain, "all") == plain.process.data_dir / "all"  # where it always was
+    assert data_dir(blue, "all") == blue.process.data_dir / "blue.all"
