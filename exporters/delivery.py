@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import grpc
@@ -47,6 +48,23 @@ class Transient(Exception):
 
 class Unauthorized(Transient):
     """The backend refuses ktel's credentials: retried until the configuration is fixed."""
+
+
+def bearer(token_file: Path, setting: str) -> str:
+    """The Authorization header of the token in ``token_file``, read now, so a rotated
+    token is used from the next request on. A file that cannot be read (mid-rotation,
+    say) or that holds more than one token on one line is ``Unauthorized``: retried,
+    with the one line that names the setting, and never with the file's text in it."""
+    try:
+        token = token_file.read_text().strip()
+    except (OSError, UnicodeDecodeError) as err:
+        why = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
+        raise Unauthorized(f"cannot read {setting} {token_file}: {why}") from None
+    if not token or not all(c.isprintable() and not c.isspace() for c in token):
+        raise Unauthorized(
+            f"{setting} {token_file} must hold one token on one line, without spaces or control characters"
+        )
+    return f"Bearer {token}"
 
 
 def http_answer(status: int, message: str) -> None:

@@ -102,13 +102,14 @@ from exporters.delivery import (
     Transient,
     Unauthorized,
     Window,
+    bearer,
     grpc_answer,
     http_answer,
     send_split,
 )
 from exporters.log2 import ZERO_THRESHOLD, exponential
 from ktel import selfmetrics
-from ktel.config import Config, OtlpConfig
+from ktel.config import Config, OtlpConfig, check_readable
 from ktel.wire import (
     LogBatch,
     MetricSnapshot,
@@ -364,11 +365,7 @@ def _read(path: str | None) -> bytes | None:
 
 def authorization(token_file: Path) -> str:
     """The Authorization header of the token in ``token_file``, read now."""
-    try:
-        token = token_file.read_text().strip()
-    except OSError as err:  # mid-rotation, say: retried, as a refused token is
-        raise Unauthorized(f"cannot read otlp.bearer_token_file {token_file}: {err.strerror}") from None
-    return f"Bearer {token}"
+    return bearer(token_file, "otlp.bearer_token_file")
 
 
 def send_once(exporter: Any, request: Any, token_file: Path | None = None) -> None:
@@ -580,6 +577,7 @@ def _log_request(rows: list[tuple[Resource, Sequence[Any]]]) -> Any:
 
 async def run(cfg: Config, stop: asyncio.Event, *, group_id: str | None = None) -> None:
     """``group_id``: the consumer group, if not ktel-export-otlp (under kafka.prefix)."""
+    check_readable("otlp", cfg.otlp, cfg.otlp.FILES)
     selfmetrics.serve(cfg.otlp.metrics_port, cfg.service.metrics_bind, "otlp.metrics_port")
     sender = Sender(cfg.otlp, service=service_attributes(cfg.service.name))
     names = cfg.kafka.topics

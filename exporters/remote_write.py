@@ -60,7 +60,7 @@ from exporters.log2 import ZERO_THRESHOLD, Exponential, exponential
 from exporters.prom_names import prom_labels
 from exporters.remote_write_client import Receiver
 from ktel import selfmetrics
-from ktel.config import Config
+from ktel.config import Config, check_readable
 from ktel.retry import Permanent, retry
 from ktel.wire import MetricSnapshot, decode_snapshot
 
@@ -351,6 +351,7 @@ async def _resend_by_snapshot(
 
 async def run(cfg: Config, stop: asyncio.Event, *, group_id: str | None = None) -> None:
     """``group_id``: the consumer group, if not ktel-export-remote-write (under kafka.prefix)."""
+    check_readable("remote_write", cfg.remote_write, cfg.remote_write.FILES)
     selfmetrics.serve(cfg.remote_write.metrics_port, cfg.service.metrics_bind, "remote_write.metrics_port")
     window = Window(cfg.remote_write.max_age_seconds, cfg.remote_write.max_future_seconds, "remote_write")
     async with Receiver(cfg.remote_write) as receiver:

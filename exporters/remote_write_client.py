@@ -17,7 +17,7 @@ from collections.abc import Generator
 
 import httpx
 
-from exporters.delivery import Misconfigured
+from exporters.delivery import Misconfigured, Unauthorized, bearer
 from ktel.config import ConfigError, RemoteWriteConfig
 
 log = logging.getLogger("ktel.export.remote_write")
@@ -43,8 +43,15 @@ class FileAuth(httpx.Auth):
     def header(self) -> str:
         c = self.cfg
         if c.bearer_token_file is not None:
-            return f"Bearer {c.bearer_token_file.read_text().strip()}"
-        user_pass = f"{c.basic_auth_username}:{c.password()}".encode()
+            return bearer(c.bearer_token_file, "remote_write.bearer_token_file")
+        try:
+            password = c.password()
+        except (OSError, UnicodeDecodeError) as err:
+            why = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
+            raise Unauthorized(
+                f"cannot read remote_write.basic_auth_password_file {c.basic_auth_password_file}: {why}"
+            ) from None
+        user_pass = f"{c.basic_auth_username}:{password}".encode()
         return f"Basic {base64.b64encode(user_pass).decode()}"
 
 

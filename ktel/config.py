@@ -18,7 +18,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -30,6 +30,20 @@ from ktel.wire.topics import Topics
 
 class ConfigError(Exception):
     pass
+
+
+def check_readable(section: str, model: BaseModel, fields: tuple[str, ...]) -> None:
+    """Refuse, naming the setting, a file an exporter's section names that this process
+    cannot read. Checked when the exporter starts, not when the config loads: one config
+    serves every ktel process (one ConfigMap in the Helm chart), and an exporter's
+    credentials are mounted only where that exporter runs."""
+    for name in fields:
+        path = getattr(model, name)
+        if path is not None and not os.access(path, os.R_OK):
+            raise ConfigError(
+                f"{section}.{name} = '{path}': cannot be read (missing or not permitted): "
+                "mount it where this exporter runs, or fix its permissions"
+            )
 
 
 # The marker of a field that holds a secret, and what is printed in its place.
@@ -533,15 +547,6 @@ class RemoteWriteConfig(BaseModel):
         True, description="check that the receiver's certificate names the host in url"
     )
 
-    @field_validator(
-        "basic_auth_password_file", "bearer_token_file", "tls_ca_file", "tls_cert_file", "tls_key_file"
-    )
-    @classmethod
-    def _readable(cls, v: Path | None) -> Path | None:
-        if v is not None and not os.access(v, os.R_OK):
-            raise ValueError("cannot be read (missing or not permitted)")
-        return v
-
     @field_validator("headers")
     @classmethod
     def _not_reserved(cls, v: dict[str, str]) -> dict[str, str]:
@@ -584,6 +589,15 @@ class RemoteWriteConfig(BaseModel):
                 "make it https://"
             )
         return self
+
+    # The files ``ktel export remote-write`` reads (check_readable at its start).
+    FILES: ClassVar[tuple[str, ...]] = (
+        "basic_auth_password_file",
+        "bearer_token_file",
+        "tls_ca_file",
+        "tls_cert_file",
+        "tls_key_file",
+    )
 
     def password(self) -> str:
         """The basic auth password, from basic_auth_password_file (read now) or basic_auth_password."""
@@ -653,12 +667,8 @@ class OtlpConfig(BaseModel):
         "this goes to ktel.dlq instead (a host clock that far ahead, or a broken timestamp)",
     )
 
-    @field_validator("bearer_token_file")
-    @classmethod
-    def _readable(cls, v: Path | None) -> Path | None:
-        if v is not None and not os.access(v, os.R_OK):
-            raise ValueError("cannot be read (missing or not permitted)")
-        return v
+    # The files ``ktel export otlp`` reads itself (check_readable at its start).
+    FILES: ClassVar[tuple[str, ...]] = ("bearer_token_file",)
 
     @model_validator(mode="after")
     def _one_authorization(self) -> OtlpConfig:
@@ -747,7 +757,10 @@ class ServiceConfig(BaseModel):
 
 
 class Config(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="KTEL_", env_nested_delimiter="__", extra="forbid")
+    # "null" unsets an optional setting from the environment (`ktel up` unsets a token file so).
+    model_config = SettingsConfigDict(
+        env_prefix="KTEL_", env_nested_delimiter="__", extra="forbid", env_parse_none_str="null"
+    )
 
     kafka: KafkaConfig = KafkaConfig()
     agent: AgentConfig = AgentConfig()

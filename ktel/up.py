@@ -109,7 +109,7 @@ class Stack:
 
     def child_env(self) -> dict[str, str]:
         # The OTLP exporter talks to the local Collector only: settings meant for
-        # another backend (TLS, compression, headers with tokens) must not apply.
+        # another backend (TLS, compression, headers and token files) must not apply.
         env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_EXPORTER_OTLP_")}
         env["KTEL_KAFKA__BOOTSTRAP"] = self.kafka.bootstrap
         env["KTEL_REMOTE_WRITE__URL"] = self.prometheus.remote_write_url
@@ -118,6 +118,7 @@ class Stack:
         env["KTEL_OTLP__INSECURE"] = "true"
         env["KTEL_OTLP__COMPRESSION"] = "none"
         env["KTEL_OTLP__HEADERS"] = "{}"
+        env["KTEL_OTLP__BEARER_TOKEN_FILE"] = "null"  # (unset: ktel/config.py)
         # The worker's on-disk table copies belong with this stack's Kafka, whose
         # changelogs they copy: another stack's would not match them.
         env["KTEL_PROCESS__DATA_DIR"] = str(self.cfg.stack.data_dir / "processor")

@@ -10,8 +10,8 @@ offsets past batches whose counts never reached the changelog, and those batches
 were lost. Ending the process instead leaves the record and every later one of its
 partition uncommitted, as a SIGKILL does (docs/design.md, "What a SIGKILL costs"):
 the worker that takes the partition next, this one restarted by its supervisor
-(systemd, Kubernetes, ``ktel up``), processes them again, and the stages' dedupe
-counts none twice.
+(systemd, Kubernetes; ``ktel up`` restarts nothing: it stops the stack and shows the
+line), processes them again, and the stages' dedupe counts none twice.
 
 Any other crash of the Faust app (a timer, a task, one of Faust's own services) ends
 the worker the same way (``Worker``), rather than through a shutdown that commits
@@ -20,6 +20,7 @@ what the stream acknowledged, and leaves it to the same restart.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from typing import Any, NoReturn
@@ -77,6 +78,11 @@ class Worker(faust.Worker):
     def _crash(self, reason: BaseException) -> None:
         # mode marks every service up to the root, this worker, crashed through _crash
         # (Service.crash); the worker would then stop the app, committing on the way.
+        if isinstance(reason, asyncio.CancelledError):
+            # Faust's fetcher "crashes" with this when it is cancelled, which only a stop
+            # does: that stop goes on as it is.
+            super()._crash(reason)
+            return
         log.critical(crashed(self.stage, reason), exc_info=reason)
         logging.shutdown()
         os._exit(EXIT_STATUS)

@@ -209,7 +209,7 @@ def test_the_status_principal_shows_the_fleet_and_can_write_no_topic(secured, pi
     assert METRICS_TOPIC in groups["ktel-export-remote-write"]["lag_by_topic"]
 
     # Every topic on the cluster (but the brokers' own): the status principal writes none.
-    every = {t for t in asyncio.run(replication_of(secured.cluster.bootstrap)) if not t.startswith("__")}
+    every = {t for t in asyncio.run(replication_of(secured)) if not t.startswith("__")}
     assert {s.name for s in topics.specs(config.Config())} <= every
     as_status = load(secured.config_file("status")).kafka
     assert sorted(asyncio.run(refused_writes(as_status, sorted(every)))) == sorted(every)

@@ -8,6 +8,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -293,6 +294,12 @@ def test_ktel_up_names_a_child_that_stays_not_ready_and_why(tmp_path) -> None:
     stack = only_pull(tmp_path, port)
     stack.children["pull"] = subprocess.Popen(readyz_server(port, not_ready=10**9))
     try:
+        # Serving first (a loaded machine may take seconds to start Python): the reason
+        # the wait ends on is then the child's own, not "not listening yet".
+        deadline = time.monotonic() + 120
+        while not proc.listening(stack.children["pull"].pid, port):
+            assert time.monotonic() < deadline, "the /readyz server never listened"
+            time.sleep(0.1)
         with pytest.raises(
             TimeoutError, match=r"not ready within 5s: pull \(not ready: no partitions assigned yet\)"
         ):

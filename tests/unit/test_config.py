@@ -163,10 +163,6 @@ def test_a_bad_secret_is_not_shown_in_the_error(monkeypatch):
             "remote_write.tls_* settings apply to an https:// url, and remote_write.url = "
             "'http://127.0.0.1:9090/api/v1/write': make it https://",
         ),
-        (
-            "bearer_token_file = '/nonexistent/token'",
-            "remote_write.bearer_token_file = '/nonexistent/token': Value error, cannot be read",
-        ),
         ("headers = {{Authorization = 'Bearer x'}}", "header 'Authorization' is set by ktel itself"),
         ("headers = {{content-type = 'text/plain'}}", "header 'content-type' is set by ktel itself"),
     ],
@@ -236,10 +232,6 @@ def test_the_table_store_is_on_disk_by_default_and_a_wrong_one_is_named(monkeypa
             "bearer_token_file = '{f}'\nheaders = {{Authorization = 'Bearer x'}}",
             "otlp.headers has an Authorization header and otlp.bearer_token_file sets it too: remove one",
         ),
-        (
-            "bearer_token_file = '/nonexistent/token'",
-            "otlp.bearer_token_file = '/nonexistent/token': Value error, cannot be read",
-        ),
     ],
 )
 def test_bad_otlp_credentials_name_the_fields_and_the_fix(tmp_path, toml, expected):
@@ -250,3 +242,29 @@ def test_bad_otlp_credentials_name_the_fields_and_the_fix(tmp_path, toml, expect
     with pytest.raises(config.ConfigError) as err:
         config.load(f)
     assert expected in str(err.value)
+
+
+HTTPS = "url = 'https://r/api/v1/write'\n"
+
+
+@pytest.mark.parametrize(
+    ("section", "field", "toml"),
+    [
+        ("remote_write", "bearer_token_file", HTTPS),
+        ("remote_write", "basic_auth_password_file", HTTPS + "basic_auth_username = 'u'\n"),
+        ("remote_write", "tls_ca_file", HTTPS),
+        ("otlp", "bearer_token_file", ""),
+    ],
+)
+def test_an_exporters_unreadable_file_is_refused_when_it_starts_not_when_any_process_loads(
+    tmp_path, section, field, toml
+):
+    """One config serves every process (the Helm chart's one ConfigMap), and an exporter's
+    credentials are mounted only where it runs: the agent must still load it."""
+    f = tmp_path / "k.toml"
+    f.write_text(f"[{section}]\n{toml}{field} = '/nonexistent/file'\n")
+    cfg = config.load(f)  # every process loads it
+    model = getattr(cfg, section)
+    with pytest.raises(config.ConfigError) as err:
+        config.check_readable(section, model, model.FILES)  # the exporter's start
+    assert f"{section}.{field} = '/nonexistent/file': cannot be read" in str(err.value)

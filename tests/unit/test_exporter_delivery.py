@@ -188,3 +188,24 @@ def test_far_future_and_old_timestamps_are_named_with_the_setting():
     old = WINDOW.problem(NOW - 3601 * 10**9, NOW)
     assert old is not None and "3601 s old" in old and "remote_write.max_age_seconds = 3600" in old
     assert WINDOW.problem(0, NOW) is not None
+
+
+def test_a_bearer_token_file_gives_one_header_and_never_shows_its_text(tmp_path):
+    from exporters.delivery import Unauthorized, bearer
+
+    token = tmp_path / "token"
+    token.write_text("s3cr3t-token\n")
+    assert bearer(token, "otlp.bearer_token_file") == "Bearer s3cr3t-token"
+    # Two lines (a Secret written with a trailing line of its own, say): an HTTP client
+    # would refuse the header and put its value in the error it logs.
+    token.write_text("s3cr3t-token\nsecond-line\n")
+    with pytest.raises(Unauthorized) as err:
+        bearer(token, "otlp.bearer_token_file")
+    assert "otlp.bearer_token_file" in str(err.value) and "s3cr3t" not in str(err.value)
+    token.write_bytes(b"\xffs3cr3t")
+    with pytest.raises(Unauthorized, match="not UTF-8") as err:
+        bearer(token, "remote_write.bearer_token_file")
+    assert "s3cr3t" not in str(err.value)
+    token.unlink()
+    with pytest.raises(Unauthorized, match="cannot read remote_write.bearer_token_file"):
+        bearer(token, "remote_write.bearer_token_file")
