@@ -15,11 +15,11 @@ up in the spool (bounded; what a full spool drops is counted) and are sent in
 order when it returns. A batch Kafka refuses as too large is sent in halves
 (see _deliver); while Kafka refuses this agent the write (authorization),
 batches wait in the spool. What a SIGKILL can lose: events still in the ring
-buffer or drained but not yet sealed (at most ``agent.batch_max_ms`` of them
-while the agent keeps up; at most probes.QUEUE_MAX_BYTES of records per probe
-when it does not). A state directory that refuses writes (a full disk) costs
-the batches sealed meanwhile, counted; the agent goes on and spools again once
-it can.
+buffer or drained but not yet sealed (at most ``agent.read_interval_ms`` +
+``agent.batch_max_ms`` of them while the agent keeps up; at most
+probes.QUEUE_MAX_BYTES of records per probe when it does not). A state
+directory that refuses writes (a full disk) costs the batches sealed meanwhile,
+counted; the agent goes on and spools again once it can.
 
 Every long-running task (collecting, publishing, heartbeats, following
 commands) lives as long as the agent: if one dies, the agent logs which and
@@ -622,7 +622,9 @@ class Agent:
     async def run(self, stop: asyncio.Event) -> None:
         acfg = self.cfg.agent
         runtime.tune_gc()
-        self.loaded, self.skipped = probes_mod.load(acfg.probes, acfg.ringbuf_pages)
+        self.loaded, self.skipped = probes_mod.load(
+            acfg.probes, acfg.ringbuf_pages, read_interval_s=acfg.read_interval_ms / 1000
+        )
         self.started = time.monotonic()  # counting starts now, not before BCC's compile
         # BCC compiled the probes in this process; its compiler is not needed again.
         runtime.release_memory(probes_mod.COMPILER_LIBRARIES)
