@@ -105,6 +105,17 @@ TOO_LARGE_DROPPED = Counter(
 )
 BATCHES_SPLIT = Counter("ktel_agent_batches_split", "batches Kafka refused as too large, sent in halves")
 HEARTBEATS = Counter("ktel_agent_heartbeats", "heartbeats acknowledged by Kafka")
+# The counters each heartbeat reports (Agent.heartbeat).
+OWN_COUNTERS = (
+    EVENTS_READ,
+    DECODE_ERRORS,
+    EVENTS_PUBLISHED,
+    BATCHES_PUBLISHED,
+    PUBLISH_RETRIES,
+    DISK_DROPPED,
+    TOO_LARGE_DROPPED,
+    BATCHES_SPLIT,
+)
 PROBES_LOADED = Gauge("ktel_agent_probe_loaded", "1 per loaded probe, 0 per skipped one", ["probe"])
 CONTAINERS = Gauge("ktel_agent_containers", "container and pod cgroups the last heartbeat listed")
 CONTAINERS_UNLISTED = Gauge(
@@ -510,9 +521,17 @@ class Agent:
         """The heartbeat record; ``rates`` are the counters' increase over the last
         ``interval`` seconds (since start, in the first)."""
 
+        # The agent's own counters, read once: REGISTRY.get_sample_value would collect
+        # every metric (the probes' in-kernel counters too) for each value.
+        totals = {
+            (sample.name, sample.labels.get("probe")): sample.value
+            for counter in OWN_COUNTERS
+            for family in counter.collect()
+            for sample in family.samples
+        }
+
         def value(name: str, probe: str | None = None) -> int:
-            labels = {"probe": probe} if probe else {}
-            return int(REGISTRY.get_sample_value(f"ktel_agent_{name}_total", labels) or 0)
+            return int(totals.get((f"ktel_agent_{name}_total", probe), 0))
 
         counters: dict[str, int] = {
             "events_read": sum(value("events_read", n) for n in self.loaded),
