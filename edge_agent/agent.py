@@ -36,6 +36,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import socket
@@ -122,6 +123,8 @@ CONTAINERS_UNLISTED = Gauge(
     "ktel_agent_containers_unlisted", "container and pod cgroups over the heartbeat's bound, not listed"
 )
 
+# How often the collect loop passes when no probe queued records and no batch is pending.
+IDLE_PASS_S = 1.0
 # Records sent to the producer before the oldest is awaited.
 MAX_IN_FLIGHT = 32
 # How long a stopping agent keeps publishing its spool; the rest waits on disk for the next start.
@@ -300,15 +303,30 @@ class Agent:
             weights.extend([float(self.control.sample_every(name))] * (len(pending) - before))
 
     async def collect(self, stop: asyncio.Event) -> None:
-        """Drain the probes every batch_max_ms and seal batches into the spool; after
-        a pass that sealed a full batch, again at once (after the publisher's turn):
-        the probes' queues are bounded (probes.QUEUE_MAX_BYTES), so a busy agent
-        keeps taking from them rather than letting records wait there."""
+        """Take what the probes' drain threads queued as soon as they queued it, and
+        seal batches into the spool: a batch not full after batch_max_ms, a full
+        one at once. After a pass that sealed a full batch, again at once (after the
+        publisher's turn): the probes' queues are bounded (probes.QUEUE_MAX_BYTES),
+        so a busy agent keeps taking from them rather than letting records wait
+        there. With nothing queued and nothing pending, a pass every IDLE_PASS_S
+        (histogram snapshots, commands that expire)."""
+        loop = asyncio.get_running_loop()
+        queued = asyncio.Event()
+        for p in self.loaded.values():
+            p.on_queued = functools.partial(loop.call_soon_threadsafe, queued.set)
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            await self._collect(stop, stopped, queued)
+        finally:
+            stopped.cancel()
+
+    async def _collect(self, stop: asyncio.Event, stopped: asyncio.Future, queued: asyncio.Event) -> None:
         acfg = self.cfg.agent
         pending: list = []
         weights: list[float] = []
         sealed_at = time.monotonic()
         while True:
+            queued.clear()  # before taking: records queued from now on wake the next wait
             stopping = stop.is_set()
             if stopping:
                 for p in self.loaded.values():
@@ -331,8 +349,10 @@ class Agent:
             if busy:
                 await asyncio.sleep(0)
                 continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), acfg.batch_max_ms / 1000)
+            woken = asyncio.ensure_future(queued.wait())
+            timeout = acfg.batch_max_ms / 1000 if pending else IDLE_PASS_S
+            await asyncio.wait({woken, stopped}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            woken.cancel()
 
     # ------------------------------------------------------------ publishing
 

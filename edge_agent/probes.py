@@ -31,7 +31,7 @@ import re
 import struct
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from edge_agent import node_stats
@@ -221,6 +221,9 @@ class LoadedProbe:
         self._closed = False
         self._reader: rb.RingReader | None = None
         self._interval = read_interval_s
+        # Called by the drain thread after a pass that queued records (the agent's
+        # collect loop waits for it rather than polling take()).
+        self.on_queued: Callable[[], object] | None = None
         if spec.ringbuf:
             table = self.bpf[b"events"]
             if rb.BULK_READ:
@@ -261,7 +264,8 @@ class LoadedProbe:
     def _drain(self) -> None:
         reader = self._reader
         while not self._stop.is_set():
-            room = QUEUE_MAX_BYTES - (self._queued - self._taken)
+            queued = self._queued
+            room = QUEUE_MAX_BYTES - (queued - self._taken)
             if room <= 0:
                 self._stop.wait(BEHIND_PAUSE_S)  # the agent is behind: see QUEUE_MAX_BYTES
             elif reader is None:  # BCC's callback reader (not x86-64): it reads only when woken
@@ -270,6 +274,8 @@ class LoadedProbe:
             else:
                 reader.wait(self._interval)
                 self._read(room)
+            if self._queued != queued and self.on_queued is not None:
+                self.on_queued()
 
     def consume(self) -> None:
         """Move what the ring buffer holds into take()'s queue, without waiting.
