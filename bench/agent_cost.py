@@ -1,7 +1,8 @@
 """Benchmark: what the agent costs a node at ordinary rates: its share of one core and
 its RSS at 1 k, 10 k and 100 k file creations a second, against the bare BCC loop
-(BCC's ring_buffer_poll with a Python callback copying each record) on the same
-probe and the same paced load, measured in the same run.
+(BCC's ring_buffer_poll with a Python callback copying each record, the probe
+submitting with the kernel's wake-ups, flags 0) on the same probe and the same paced
+load, measured in the same run.
 
 The load is bench/create_loop.c paced to the rate (pinned to CPU 1); the consumer is
 pinned to CPU 0 (bench/agent_throughput.py runs both, and says how). The agent

@@ -5,11 +5,13 @@ Load: bench/create_loop.c opens an existing file with O_CREAT in a tight loop
 (every open is a file_created event of the stable-tracepoint probe), pinned to
 CPU 1. Every consumer is pinned to CPU 0, so "one core" is literal:
 
-  bare BCC     BCC's ring_buffer_poll with a Python callback that copies each record
-               (what any BCC program pays; ~0.87 M/s in docs/design.md, "Measured figures"):
-               the baseline
+  bare BCC     BCC's ring_buffer_poll with a Python callback that copies each record,
+               the probe submitting with the kernel's wake-ups (flags 0) as BCC programs
+               do (what any BCC program pays; ~0.87 M/s in docs/design.md, "Measured
+               figures"): the baseline
   bare bulk    the agent's ring-buffer reader (edge_agent/ringbuf.py) with the drain
-               thread's pacing, counting records and nothing else
+               thread's pacing (its read interval and the probe's wake-ups when the
+               buffer fills), counting records and nothing else
   bulk+decode  the same, plus decoding every record into its wire event
   agent        `ktel agent` publishing to a local Kafka: events acknowledged by Kafka
                per second (ktel_agent_events_published_total); its RSS sampled
@@ -74,10 +76,16 @@ def bare(exe: Path, target: Path, seconds: float, how: str, rate: float = 0) -> 
     os.sched_setaffinity(0, {0})
     from bcc import BPF
 
-    # The same program the agent loads.
+    # The same program the agent loads; for BCC's loop, with the kernel's wake-ups
+    # (flags 0), as a BCC program submits, since ring_buffer_poll reads only when woken.
+    wakeup = 0 if how == "bcc" else probes.wakeup_bytes(RINGBUF_PAGES)
     bpf = BPF(
         text=probes.bpf_source("file_created").encode(),
-        cflags=[f"-I{probes.BPF_DIR}", f"-DKTEL_RINGBUF_PAGES={RINGBUF_PAGES}"],
+        cflags=[
+            f"-I{probes.BPF_DIR}",
+            f"-DKTEL_RINGBUF_PAGES={RINGBUF_PAGES}",
+            f"-DKTEL_WAKEUP_BYTES={wakeup}",
+        ],
     )
     n = 0
 
@@ -111,8 +119,9 @@ def bare(exe: Path, target: Path, seconds: float, how: str, rate: float = 0) -> 
     while load.poll() is None:
         if reader is None:
             bpf.ring_buffer_poll(100)
-        elif reader.wait(0.1) and read() < reader.size * probes.DRAIN_PAUSE_BELOW:
-            time.sleep(probes.DRAIN_PAUSE_S)
+        else:
+            reader.wait(probes.READ_INTERVAL_S)
+            read()
     if reader is None:
         bpf.ring_buffer_consume()
     else:

@@ -58,7 +58,7 @@ static __always_inline void slow_event(struct dns_start *s, u64 id, u64 now, int
 	bpf_get_current_comm(ev->comm, sizeof(ev->comm));
 	if (!s->host || bpf_probe_read_user_str(ev->host, sizeof(ev->host), s->host) < 0)
 		ev->host[0] = 0;
-	events.ringbuf_submit(ev, 0);
+	ktel_submit(ev);
 }
 
 int getaddrinfo_return(struct pt_regs *ctx)

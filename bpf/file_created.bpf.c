@@ -26,7 +26,7 @@ int file_created_filewatcher(struct filewatcher_ctx *ctx)
 	if (!ev)
 		return 0;
 	ktel_tp_file_created(ev, ctx);
-	events.ringbuf_submit(ev, 0);
+	ktel_submit(ev);
 	return 0;
 }
 
@@ -244,7 +244,7 @@ static __always_inline int open_exit(long ret)
 	if (ev->path[0] != '/')
 		file_created_dir(ev, p->dirfd);
 #endif
-	events.ringbuf_submit(ev, 0);
+	ktel_submit(ev);
 out:
 	pending.delete(&id);
 	return 0;

@@ -19,7 +19,7 @@ static __always_inline int ktel_api_metric(struct ktel_metric_ctx *ctx, __u8 kin
 	if (!e)
 		return 0;
 	ktel_tp_metric(e, ctx, kind);
-	events.ringbuf_submit(e, 0);
+	ktel_submit(e);
 	return 0;
 }
 
@@ -45,7 +45,7 @@ int ktel_api_span_end(struct ktel_span_ctx *ctx)
 	if (!e)
 		return 0;
 	ktel_tp_span(e, ctx, KTEL_API_SPAN_END);
-	events.ringbuf_submit(e, 0);
+	ktel_submit(e);
 	return 0;
 }
 
@@ -56,6 +56,6 @@ int ktel_api_log(struct ktel_log_ctx *ctx)
 	if (!e)
 		return 0;
 	ktel_tp_log(e, ctx);
-	events.ringbuf_submit(e, 0);
+	ktel_submit(e);
 	return 0;
 }

@@ -65,6 +65,36 @@ static __always_inline void *ktel_reserve(u32 size)
 }
 
 /*
+ * Wake-ups. A record submitted with flags 0 wakes the reader whenever it has
+ * caught up, so at ordinary rates it wakes once per record. The agent reads on
+ * a timer instead (agent.read_interval_ms) and asks to be woken only when the
+ * buffer holds KTEL_WAKEUP_BYTES (a share of it, set by the agent's loader), so
+ * that a burst is read before it fills the buffer. 0: the kernel's wake-ups.
+ */
+#ifndef KTEL_WAKEUP_BYTES
+#define KTEL_WAKEUP_BYTES 0
+#endif
+
+static __always_inline void ktel_submit(void *e)
+{
+	u64 flags = 0;
+
+	/*
+	 * BCC 0.26 rewrites no events.ringbuf_query(): the map is named by the
+	 * placeholder BCC gives the first map declared, events above (fd -1). A
+	 * wrong placeholder fails the verifier at load: ringbuf_query takes a
+	 * ring buffer only. Reserved records count as data: a buffer filled by
+	 * records still being written wakes the reader too.
+	 */
+	if (KTEL_WAKEUP_BYTES)
+		flags = bpf_ringbuf_query((void *)bpf_pseudo_fd(1, -1), BPF_RB_AVAIL_DATA) >=
+					KTEL_WAKEUP_BYTES
+				? BPF_RB_FORCE_WAKEUP
+				: BPF_RB_NO_WAKEUP;
+	events.ringbuf_submit(e, flags);
+}
+
+/*
  * hist_lost[0]: values a histogram probe (bpf/ktel_hist.h) did not count
  * because a map was full. Here, not in ktel_hist.h, because count_lost()
  * calls a map (see above); a probe without histograms leaves it at zero.

@@ -20,6 +20,6 @@ TRACEPOINT_PROBE(module, module_load)
 	ev->taints = args->taints;
 	bpf_get_current_comm(ev->comm, sizeof(ev->comm));
 	TP_DATA_LOC_READ_STR(ev->name, name, sizeof(ev->name));
-	events.ringbuf_submit(ev, 0);
+	ktel_submit(ev);
 	return 0;
 }

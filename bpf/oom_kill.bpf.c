@@ -41,6 +41,6 @@ TRACEPOINT_PROBE(oom, mark_victim)
 	ev->oom_score_adj = 0;
 	ev->has_detail = 0;
 #endif
-	events.ringbuf_submit(ev, 0);
+	ktel_submit(ev);
 	return 0;
 }

@@ -73,7 +73,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	off = args->data_loc_filename & 0xFFFF;
 	if (bpf_probe_read_kernel_str(ev->filename, sizeof(ev->filename), (char *)args + off) < 0)
 		ev->filename[0] = 0;
-	events.ringbuf_submit(ev, 0);
+	ktel_submit(ev);
 	return 0;
 }
 
@@ -107,7 +107,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 		ev->exit_code = st->code;
 		ev->signal = st->code < 0 ? st->signal : 0;
 	}
-	events.ringbuf_submit(ev, 0);
+	ktel_submit(ev);
 done:
 	statuses.delete(&tgid);
 	parents.delete(&tgid);

@@ -37,6 +37,6 @@ TRACEPOINT_PROBE(skb, kfree_skb)
 	ev->protocol = args->protocol;
 	__builtin_memset(ev->pad, 0, sizeof(ev->pad));
 	bpf_get_current_comm(ev->comm, sizeof(ev->comm));
-	events.ringbuf_submit(ev, 0);
+	ktel_submit(ev);
 	return 0;
 }

@@ -45,6 +45,6 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_skb)
 		__builtin_memcpy(ev->saddr, args->saddr_v6, 16);
 		__builtin_memcpy(ev->daddr, args->daddr_v6, 16);
 	}
-	events.ringbuf_submit(ev, 0);
+	ktel_submit(ev);
 	return 0;
 }

@@ -15,11 +15,11 @@ up in the spool (bounded; what a full spool drops is counted) and are sent in
 order when it returns. A batch Kafka refuses as too large is sent in halves
 (see _deliver); while Kafka refuses this agent the write (authorization),
 batches wait in the spool. What a SIGKILL can lose: events still in the ring
-buffer or drained but not yet sealed (at most ``agent.batch_max_ms`` of them
-while the agent keeps up; at most probes.QUEUE_MAX_BYTES of records per probe
-when it does not). A state directory that refuses writes (a full disk) costs
-the batches sealed meanwhile, counted; the agent goes on and spools again once
-it can.
+buffer or drained but not yet sealed (at most ``agent.read_interval_ms`` +
+``agent.batch_max_ms`` of them while the agent keeps up; at most
+probes.QUEUE_MAX_BYTES of records per probe when it does not). A state
+directory that refuses writes (a full disk) costs the batches sealed meanwhile,
+counted; the agent goes on and spools again once it can.
 
 Every long-running task (collecting, publishing, heartbeats, following
 commands) lives as long as the agent: if one dies, the agent logs which and
@@ -36,6 +36,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import socket
@@ -105,12 +106,25 @@ TOO_LARGE_DROPPED = Counter(
 )
 BATCHES_SPLIT = Counter("ktel_agent_batches_split", "batches Kafka refused as too large, sent in halves")
 HEARTBEATS = Counter("ktel_agent_heartbeats", "heartbeats acknowledged by Kafka")
+# The counters each heartbeat reports (Agent.heartbeat).
+OWN_COUNTERS = (
+    EVENTS_READ,
+    DECODE_ERRORS,
+    EVENTS_PUBLISHED,
+    BATCHES_PUBLISHED,
+    PUBLISH_RETRIES,
+    DISK_DROPPED,
+    TOO_LARGE_DROPPED,
+    BATCHES_SPLIT,
+)
 PROBES_LOADED = Gauge("ktel_agent_probe_loaded", "1 per loaded probe, 0 per skipped one", ["probe"])
 CONTAINERS = Gauge("ktel_agent_containers", "container and pod cgroups the last heartbeat listed")
 CONTAINERS_UNLISTED = Gauge(
     "ktel_agent_containers_unlisted", "container and pod cgroups over the heartbeat's bound, not listed"
 )
 
+# How often the collect loop passes when no probe queued records and no batch is pending.
+IDLE_PASS_S = 1.0
 # Records sent to the producer before the oldest is awaited.
 MAX_IN_FLIGHT = 32
 # How long a stopping agent keeps publishing its spool; the rest waits on disk for the next start.
@@ -289,15 +303,30 @@ class Agent:
             weights.extend([float(self.control.sample_every(name))] * (len(pending) - before))
 
     async def collect(self, stop: asyncio.Event) -> None:
-        """Drain the probes every batch_max_ms and seal batches into the spool; after
-        a pass that sealed a full batch, again at once (after the publisher's turn):
-        the probes' queues are bounded (probes.QUEUE_MAX_BYTES), so a busy agent
-        keeps taking from them rather than letting records wait there."""
+        """Take what the probes' drain threads queued as soon as they queued it, and
+        seal batches into the spool: a batch not full after batch_max_ms, a full
+        one at once. After a pass that sealed a full batch, again at once (after the
+        publisher's turn): the probes' queues are bounded (probes.QUEUE_MAX_BYTES),
+        so a busy agent keeps taking from them rather than letting records wait
+        there. With nothing queued and nothing pending, a pass every IDLE_PASS_S
+        (histogram snapshots, commands that expire)."""
+        loop = asyncio.get_running_loop()
+        queued = asyncio.Event()
+        for p in self.loaded.values():
+            p.on_queued = functools.partial(loop.call_soon_threadsafe, queued.set)
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            await self._collect(stop, stopped, queued)
+        finally:
+            stopped.cancel()
+
+    async def _collect(self, stop: asyncio.Event, stopped: asyncio.Future, queued: asyncio.Event) -> None:
         acfg = self.cfg.agent
         pending: list = []
         weights: list[float] = []
         sealed_at = time.monotonic()
         while True:
+            queued.clear()  # before taking: records queued from now on wake the next wait
             stopping = stop.is_set()
             if stopping:
                 for p in self.loaded.values():
@@ -320,8 +349,10 @@ class Agent:
             if busy:
                 await asyncio.sleep(0)
                 continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), acfg.batch_max_ms / 1000)
+            woken = asyncio.ensure_future(queued.wait())
+            timeout = acfg.batch_max_ms / 1000 if pending else IDLE_PASS_S
+            await asyncio.wait({woken, stopped}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            woken.cancel()
 
     # ------------------------------------------------------------ publishing
 
@@ -510,9 +541,17 @@ class Agent:
         """The heartbeat record; ``rates`` are the counters' increase over the last
         ``interval`` seconds (since start, in the first)."""
 
+        # The agent's own counters, read once: REGISTRY.get_sample_value would collect
+        # every metric (the probes' in-kernel counters too) for each value.
+        totals = {
+            (sample.name, sample.labels.get("probe")): sample.value
+            for counter in OWN_COUNTERS
+            for family in counter.collect()
+            for sample in family.samples
+        }
+
         def value(name: str, probe: str | None = None) -> int:
-            labels = {"probe": probe} if probe else {}
-            return int(REGISTRY.get_sample_value(f"ktel_agent_{name}_total", labels) or 0)
+            return int(totals.get((f"ktel_agent_{name}_total", probe), 0))
 
         counters: dict[str, int] = {
             "events_read": sum(value("events_read", n) for n in self.loaded),
@@ -622,7 +661,9 @@ class Agent:
     async def run(self, stop: asyncio.Event) -> None:
         acfg = self.cfg.agent
         runtime.tune_gc()
-        self.loaded, self.skipped = probes_mod.load(acfg.probes, acfg.ringbuf_pages)
+        self.loaded, self.skipped = probes_mod.load(
+            acfg.probes, acfg.ringbuf_pages, read_interval_s=acfg.read_interval_ms / 1000
+        )
         self.started = time.monotonic()  # counting starts now, not before BCC's compile
         # BCC compiled the probes in this process; its compiler is not needed again.
         runtime.release_memory(probes_mod.COMPILER_LIBRARIES)

@@ -25,12 +25,13 @@ import collections
 import contextlib
 import ctypes
 import logging
+import mmap
 import os
 import re
 import struct
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from edge_agent import node_stats
@@ -61,12 +62,16 @@ EVICT_IDLE_SNAPSHOTS = 30
 # The shared libraries of BCC's in-process compiler: resident after the probes
 # are compiled, not needed afterwards (ktel.runtime.release_memory).
 COMPILER_LIBRARIES = ("libLLVM", "libclang")
-# After a drain pass that took less than this share of the ring buffer, the drain
-# thread lets records gather for DRAIN_PAUSE_S before the next pass: a pass costs a
-# few µs whatever it takes, and the kernel wakes the reader on the first record
-# after each pass. A fuller ring buffer is drained again at once.
-DRAIN_PAUSE_S = 0.002
-DRAIN_PAUSE_BELOW = 0.25
+# The drain thread reads each ring buffer every read interval (agent.read_interval_ms;
+# this when not given), and at once when the kernel wakes it: the probes ask for a
+# wake-up only once their buffer holds WAKEUP_SHARE of its size (KTEL_WAKEUP_BYTES,
+# bpf/ktel_common.bpf.h), so a pass takes many records and a burst is still read
+# long before the buffer is full.
+READ_INTERVAL_S = 0.1
+WAKEUP_SHARE = 0.25
+# While the agent has not taken its queue (QUEUE_MAX_BYTES), the drain thread looks
+# again this much later.
+BEHIND_PAUSE_S = 0.002
 # At most this many bytes of records wait in a probe's queue for the agent to take
 # them. When the agent falls behind, records stay in the ring buffer instead (and
 # what does not fit there is dropped and counted by the kernel), so the agent's
@@ -125,13 +130,18 @@ def cflags_for(
     present_tracepoints, which it defaults to)."""
     present = present_tracepoints(spec) if present is None else present
     pages = ringbuf_pages if spec.ringbuf else 1
-    cflags = [f"-I{BPF_DIR}", f"-DKTEL_RINGBUF_PAGES={pages}"]
+    cflags = [f"-I{BPF_DIR}", f"-DKTEL_RINGBUF_PAGES={pages}", f"-DKTEL_WAKEUP_BYTES={wakeup_bytes(pages)}"]
     cflags += [f"-D{d}" for tp, d in spec.optional_tracepoints.items() if tp in present]
     cflags += [f"-D{d}" for f, d in spec.optional_fields.items() if _has_field(f)]
     if spec.kernel_defines is not None:
         cflags += [f"-D{k}={v}" for k, v in spec.kernel_defines().items()]
     cflags += [f"-D{k}={v}" for k, v in (defines or {}).items()]
     return cflags
+
+
+def wakeup_bytes(ringbuf_pages: int) -> int:
+    """Bytes of records in a ring buffer at which its probe wakes the reader."""
+    return max(int(ringbuf_pages * mmap.PAGESIZE * WAKEUP_SHARE), 1)
 
 
 def check_available(spec: Probe) -> None:
@@ -155,7 +165,8 @@ class LoadedProbe:
     ``defines`` adds -D flags (e.g. KTEL_DNS_SLOW_NS); ``uprobe_pid`` attaches
     the probe's uprobes to one process only (-1: every process); with
     ``drain=False`` no thread drains the ring buffer and the caller calls
-    ``consume()`` (tests, benchmarks).
+    ``consume()`` (tests, benchmarks); ``read_interval_s``: how often the thread
+    reads it when no wake-up came sooner.
     """
 
     def __init__(
@@ -166,6 +177,7 @@ class LoadedProbe:
         defines: Mapping[str, int] | None = None,
         uprobe_pid: int = -1,
         drain: bool = True,
+        read_interval_s: float = READ_INTERVAL_S,
     ):
         from bcc import BPF  # imported here: only the agent needs BCC, not its tests of logic
 
@@ -208,6 +220,10 @@ class LoadedProbe:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._reader: rb.RingReader | None = None
+        self._interval = read_interval_s
+        # Called by the drain thread after a pass that queued records (the agent's
+        # collect loop waits for it rather than polling take()).
+        self.on_queued: Callable[[], object] | None = None
         if spec.ringbuf:
             table = self.bpf[b"events"]
             if rb.BULK_READ:
@@ -248,13 +264,18 @@ class LoadedProbe:
     def _drain(self) -> None:
         reader = self._reader
         while not self._stop.is_set():
-            room = QUEUE_MAX_BYTES - (self._queued - self._taken)
+            queued = self._queued
+            room = QUEUE_MAX_BYTES - (queued - self._taken)
             if room <= 0:
-                self._stop.wait(DRAIN_PAUSE_S)  # the agent is behind: see QUEUE_MAX_BYTES
-            elif reader is None:
-                self.bpf.ring_buffer_poll(100)  # BCC's callback reader (not x86-64)
-            elif reader.wait(0.1) and self._read(room) < reader.size * DRAIN_PAUSE_BELOW:
-                self._stop.wait(DRAIN_PAUSE_S)
+                self._stop.wait(BEHIND_PAUSE_S)  # the agent is behind: see QUEUE_MAX_BYTES
+            elif reader is None:  # BCC's callback reader (not x86-64): it reads only when woken
+                self.bpf.ring_buffer_poll(int(self._interval * 1000))
+                self.bpf.ring_buffer_consume()
+            else:
+                reader.wait(self._interval)
+                self._read(room)
+            if self._queued != queued and self.on_queued is not None:
+                self.on_queued()
 
     def consume(self) -> None:
         """Move what the ring buffer holds into take()'s queue, without waiting.
@@ -396,6 +417,7 @@ def load(
     names: Sequence[str],
     ringbuf_pages: int,
     defines: Mapping[str, Mapping[str, int]] | None = None,
+    read_interval_s: float = READ_INTERVAL_S,
 ) -> tuple[dict[str, LoadedProbe], dict[str, str]]:
     """Load the named probes; returns (loaded, skipped name -> reason).
 
@@ -405,7 +427,12 @@ def load(
     skipped: dict[str, str] = {}
     for name in names:
         try:
-            loaded[name] = LoadedProbe(PROBES[name], ringbuf_pages, defines=(defines or {}).get(name))
+            loaded[name] = LoadedProbe(
+                PROBES[name],
+                ringbuf_pages,
+                defines=(defines or {}).get(name),
+                read_interval_s=read_interval_s,
+            )
             log.info("probe %s loaded", name)
         except ProbeUnavailable as err:
             skipped[name] = str(err)

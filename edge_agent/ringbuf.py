@@ -67,10 +67,12 @@ class RingReader:
         self._view = memoryview(self._prod_map)
         self._data = page  # where the data starts in _prod_map
         self._epoll = select.epoll()
-        self._epoll.register(map_fd, select.EPOLLIN)
+        # Edge-triggered: a wait ends on the kernel's next wake-up, not whenever records
+        # are there (the probes ask for wake-ups only when their buffer is filling).
+        self._epoll.register(map_fd, select.EPOLLIN | select.EPOLLET)
 
     def wait(self, timeout_s: float) -> bool:
-        """Wait until the kernel says there is data (or the time is up); True if it did."""
+        """Wait until the kernel wakes the reader (or the time is up); True if it did."""
         return bool(self._epoll.poll(timeout_s))
 
     def read(self, max_bytes: int | None = None) -> list[Run]:

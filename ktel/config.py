@@ -261,6 +261,11 @@ class AgentConfig(BaseModel):
         1 << 20, ge=4096, description="seal a batch when its events' raw size reaches this many bytes"
     )
     batch_max_ms: int = Field(50, ge=1, description="seal a non-empty batch after this many ms")
+    read_interval_ms: int = Field(
+        100,
+        description="read the probes' ring buffers this often (a buffer a quarter full is read at "
+        "once); adds at most this much to an event's delivery",
+    )
     metrics_port: int = Field(9465, ge=0, le=65535, description="agent self-metrics /metrics port (0: off)")
     spool_max_mb: int = Field(1024, ge=1, description="on-disk spool bound (<state_dir>/spool), MiB")
     spool_full_policy: Literal["drop_oldest", "drop_newest"] = Field(
@@ -320,6 +325,16 @@ class AgentConfig(BaseModel):
     def _pow2(cls, v: int) -> int:
         if v < 1 or v & (v - 1):
             raise ValueError(f"{v} is not a power of two (try 64, 256 or 1024)")
+        return v
+
+    @field_validator("read_interval_ms")
+    @classmethod
+    def _read_interval(cls, v: int) -> int:
+        if not 1 <= v <= 1000:
+            raise ValueError(
+                f"{v} ms is out of range: from 1 to 1000 (default 100; longer saves wake-ups, "
+                "shorter delivers sooner)"
+            )
         return v
 
     @field_validator("host_id")

@@ -1,6 +1,9 @@
-"""The agent seals batches small enough for Kafka's default 1 MiB record limit."""
+"""The agent seals batches small enough for Kafka's default 1 MiB record limit, and
+its heartbeats report its counters."""
 
+from edge_agent import agent as agent_mod
 from edge_agent.agent import batch_limit
+from ktel.config import AgentConfig, Config
 from ktel.probes import PROBES, ktel_api
 from ktel.wire import RawBatch, encode_batch
 
@@ -23,3 +26,17 @@ def test_a_full_batch_of_the_largest_kernel_logs_fits_in_a_mebibyte():
     event = ktel_api.decode(full, 0)
     n = batch_limit(2000, 1 << 20, ["ktel_api"])
     assert len(encode_batch(RawBatch("h" * 32, "b" * 32, 1, 1, [event] * n, [1.5] * n))) <= 1 << 20
+
+
+def test_a_heartbeat_reports_the_agents_counters(tmp_path):
+    a = agent_mod.Agent(Config(agent=AgentConfig(host_id="h", state_dir=tmp_path, cgroup_root=tmp_path)))
+    try:
+        before, _ = a.heartbeat(1.0, {}, [], {})
+        agent_mod.EVENTS_PUBLISHED.inc(7)
+        agent_mod.DISK_DROPPED.inc(3)
+        after, _ = a.heartbeat(1.0, before["counters"], [], {})
+    finally:
+        a.spool.close()
+    assert after["counters"]["events_published"] - before["counters"]["events_published"] == 7
+    assert after["counters"]["disk_dropped_events"] - before["counters"]["disk_dropped_events"] == 3
+    assert after["rates"]["events_published"] == 7.0

@@ -28,6 +28,11 @@ def test_env_overrides_file(tmp_path, monkeypatch):
             "[agent]\nringbuf_pages = 100\n",
             "agent.ringbuf_pages = 100: Value error, 100 is not a power of two",
         ),
+        (
+            "[agent]\nread_interval_ms = 0\n",
+            "agent.read_interval_ms = 0: Value error, 0 ms is out of range: from 1 to 1000",
+        ),
+        ("[agent]\nread_interval_ms = 5000\n", "(set it in the file or with KTEL_AGENT__READ_INTERVAL_MS)"),
         ("[kafka]\nbootstrap = 'nohost'\n", "kafka.bootstrap = 'nohost'"),
         ("[aggregate]\nwindow_seconds = 0\n", "KTEL_AGGREGATE__WINDOW_SECONDS"),
         (
