@@ -1,11 +1,23 @@
 """Pure core of the aggregate stage: raw batches -> per-host cumulative series.
 
-State per host (one JSON-able dict, stored as one Faust table value so that the
-dedupe record and the counts change together in one changelog message)::
+State per host (one JSON-able dict in the host's Faust table value)::
 
     {"seen": {boot_id: [[lo, hi], ...]},       # processors/dedupe_core.py guarding this stage
      "series": {series_key: cumulative_value},
-     "series_bytes": int}                      # what the series may take encoded, see below
+     "series_bytes": int,                      # what the series may take encoded, see below
+     "applied": {series_key: mark}}            # after a recovery only, see below
+
+Each series is a changelog record of its own, written when a batch changes it, and
+the rest (the dedupe record) one record written after them (processors/changelog.py).
+A worker killed in between leaves a batch counted into some series and not marked
+seen: read again, it is counted into the others only. Recovery keeps the mark (the
+batch, ``changelog.mark_of``) each series was last written with in ``applied``, and
+the host's next new batch, which is that one if any is, skips the series it marks.
+In fused mode the sample stage before this one keeps no table and may sample that
+batch otherwise the second time: each series then holds one sampling's weighted
+count of it or the other's, each unbiased, so the host's counts stay unbiased and
+no event is counted twice into one series, but a total over the series is not one
+sampling's. In split mode the batch read again is the same ktel.sampled record.
 
 Which counter an event adds to is what its kind declares (``EventKind.metric``,
 ktel/probes/): the counter's name and the fields its labels take their values
@@ -23,8 +35,8 @@ since this worker last emitted them, plus those due for a refresh every
 writes follow activity rather than every series ever seen.
 
 Cardinality: each host keeps at most ``max_series`` series, taking at most
-``max_series_bytes`` JSON-encoded (half of ``process.max_state_bytes``: the host's
-whole table value is one changelog record, which Kafka bounds). Events that would
+``max_series_bytes`` JSON-encoded (half of ``process.max_state_bytes``, what a host
+may hold). Events that would
 create more are counted in one overflow series per metric carrying the label
 ``otel.metric.overflow="true"``, as the OpenTelemetry metrics SDK does; the
 overflow series have the last eighth of the bytes to themselves, and events of a
@@ -49,7 +61,7 @@ import dataclasses
 import json
 import math
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Sequence, Set
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry.semconv._incubating.attributes.host_attributes import HOST_ID
@@ -74,7 +86,8 @@ from ktel.wire import (
     SpanBatch,
     log2_bounds,
 )
-from processors.stage import FromConfig, Result, Stage, State
+from processors.changelog import APPLIED, mark_of
+from processors.stage import FromConfig, Result, Stage, State, Touched
 
 if TYPE_CHECKING:
     from ktel.config import AggregateConfig
@@ -106,6 +119,7 @@ class Outcome:
     counted: float = 0
     overflowed: float = 0
     dropped: float = 0  # no room even in the overflow series
+    touched: Touched = dataclasses.field(default_factory=Touched)  # the series it changed
 
 
 @dataclasses.dataclass
@@ -139,12 +153,14 @@ class Aggregate(Stage):
     def on_batch(self, state: State, batch: RawBatch, now_ms: int) -> Result:
         state["last_ms"] = now_ms  # the worker's clock, as the window's now_ms: see on_window
         self.counted.add(batch.host_id)
-        out = add(state, batch, self.opts)
+        applied = state.pop(APPLIED, None)  # (only the first new batch since a recovery can be in it)
+        mark = mark_of(batch)
+        out = add(state, batch, self.opts, {k for k, m in applied.items() if m == mark} if applied else set())
         spans, logs = signals(batch)
         counts = {"events": out.counted, "overflowed": out.overflowed}
         if out.dropped:
             counts["series_dropped"] = out.dropped
-        return Result(batch, changed=True, spans=spans, logs=logs, counts=counts)
+        return Result(batch, changed=True, touched=out.touched, spans=spans, logs=logs, counts=counts)
 
     def on_window(self, states: dict[str, State], now_ms: int, share: float) -> Result:
         """Each host's snapshot of the series whose value changed since this worker last
@@ -310,16 +326,19 @@ def count_events(
     return counts, hists, gauges
 
 
-def add(state: dict[str, Any], batch: RawBatch, opts: Options) -> Outcome:
-    """Fold one batch known to be new into its host's state (mutated in place)."""
+def add(state: dict[str, Any], batch: RawBatch, opts: Options, applied: Set[str] = frozenset()) -> Outcome:
+    """Fold one batch known to be new into its host's state (mutated in place), but
+    into the series in ``applied``, which already hold it (counted all the same)."""
     series = state.setdefault("series", {})
-    if "series_bytes" not in state:  # a state from before the byte bound
+    if "series_bytes" not in state:  # recovered (it is not written: processors/changelog.py)
         state["series_bytes"] = sum(series_bytes(k, _numbers(v)) for k, v in series.items())
     out = Outcome()
+    touch = out.touched.touch
     counts, hists, gauges = count_events(batch, opts)
     for key, value in gauges.items():
         key = _admit(state, key, 1, opts, out, 0)
-        if key and _fits(series.get(key), "gauge", 0):
+        if key and key not in applied and _fits(series.get(key), "gauge", 0):
+            touch(series, ("series", key))
             series[key] = {"gauge": value}
     for key, n in counts.items():
         key = _admit(state, key, 1, opts, out, n)
@@ -328,7 +347,9 @@ def add(state: dict[str, Any], batch: RawBatch, opts: Options) -> Outcome:
         if not _fits(series.get(key), "counter", 0):
             out.dropped += n
             continue
-        series[key] = series.get(key, 0) + n
+        if key not in applied:
+            touch(series, ("series", key))
+            series[key] = series.get(key, 0) + n
         out.counted += n
     for key, delta in hists.items():
         key = _admit(state, key, 2 + len(delta["buckets"]), opts, out, delta["count"])
@@ -337,7 +358,12 @@ def add(state: dict[str, Any], batch: RawBatch, opts: Options) -> Outcome:
         h = series.get(key)
         if not _fits(h, "histogram", len(delta["buckets"])):
             out.dropped += delta["count"]
-        elif h is None:
+            continue
+        if key in applied:
+            out.counted += delta["count"]
+            continue
+        touch(series, ("series", key))
+        if h is None:
             series[key] = delta
             out.counted += delta["count"]
         else:

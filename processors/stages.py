@@ -2,8 +2,9 @@
 
 Each worker runs one chain of stage cores (processors/chain.py; the shape
 they share: processors/stage.py): every record of its source topic decoded
-and given to the chain, the host's table value written to the changelog when
-the chain changed it, what the chain emitted sent to its topics, the batch it
+and given to the chain, what it changed of the host's table value written to
+the changelog (the entries it touched, then the rest: processors/changelog.py),
+what the chain emitted sent to its topics, the batch it
 passed on sent to the next stage's topic, and each stage's window work on its
 timer.
 
@@ -27,14 +28,15 @@ Faust table co-partitioned with its input (the sample stage's anomaly
 detector keeps its per-host rates in the worker; see processors/sample_core.py).
 A stage that keeps counts dedupes its own input in the same table value as the
 counts, so redelivery after a crash (its input is at-least-once) neither loses
-nor doubles anything.
+nor doubles anything; a batch the crash left partly on the changelog is counted
+into the series it had not reached yet (processors/changelog.py).
 
 Records are untrusted (docs/design.md, principle 11): one that does not decode,
 whose key is not its host id, or that a stage refuses (processors/dedupe_core.py)
 goes to ktel.dlq with the reason, and the host's state is left as it was. So
 does one that would grow the host's table value past ``process.max_state_bytes``
-encoded: Kafka refuses a changelog record above its ``max.message.bytes``, and
-every later batch of that host would then fail to persist. The stages keep their
+on the changelog (its records' keys and values, ``Persisted``), what a host may
+hold in a worker's memory and take to recover. The stages keep their
 own parts within it (the aggregate's series take at most half, the enrich stage's
 process and container tables 3/8, see processors/aggregate_core.py and
 processors/enrich_core.py); this bound catches whatever else grows, and such a
@@ -42,7 +44,7 @@ record leaves the worker's own state (the sampler's rates, the process gauge) as
 it was too (``Result.undo``). Window
 work sees only the hosts of the partitions this worker holds now, and a host a
 stage is done with (aggregate.host_ttl_seconds) has its table value deleted: a
-tombstone on the changelog, so a worker that recovers the table forgets it too.
+tombstone on the changelog for each of its records, so a worker that recovers the table forgets it too.
 The enrich stage keeps no counts and passes a redelivered batch on (the
 aggregate stage drops it); it takes heartbeats into the same table, which is
 why ``ktel.heartbeats`` is partitioned like ``ktel.raw``.
@@ -52,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import functools
 import logging
 import time
@@ -82,12 +85,13 @@ from ktel.wire import (
     encode_spans,
 )
 from ktel.wire.topics import Topics
+from processors import changelog
 from processors.chain import build
 from processors.faust_app import App
 from processors.fleet_metrics import FleetMetrics
 from processors.stage import Result, Stage
+from processors.table_store import MEMORY_URL, DiskBackedStore
 from processors.table_store import URL as DISK_BACKED_URL
-from processors.table_store import DiskBackedStore
 
 log = logging.getLogger("ktel.process")
 
@@ -171,8 +175,12 @@ COUNTED: dict[str, tuple[Counter | Gauge, tuple[str, ...]]] = {
 KIND_COUNTED: dict[str, Counter] = {"sampler_emitted": SAMPLER_EMITTED, "sampler_kept": SAMPLER_KEPT}
 
 
-async def persist(table: Any, key: str, value: dict[str, Any], data: bytes) -> None:
-    """``table[key] = value``, with the changelog record handed to the Kafka producer
+async def persist(
+    table: Any, key: str, value: dict[str, Any], entries: list[tuple[bytes, bytes | None]], head: bytes
+) -> None:
+    """``table[key] = value``: ``entries``, the changelog records (key, value; None: a
+    tombstone) of the entries the record changed, then ``head``, the record of the rest
+    of the value (processors/changelog.py), handed to the Kafka producer in that order
     before the stream moves on, so before the source offset can be committed.
 
     Faust's own ``table[key] = value`` queues the record in its ProducerBuffer,
@@ -186,20 +194,32 @@ async def persist(table: Any, key: str, value: dict[str, Any], data: bytes) -> N
     would hold the record back until the commit.
 
     Otherwise this is Faust's own write (``Table.on_key_set``), minus the key TTL of
-    windowed tables, which this one is not. ``data`` is ``value`` encoded as the
-    table encodes it (``encoded``), already measured against process.max_state_bytes.
+    windowed tables, which this one is not. ``head`` is the value's head encoded as the
+    table encodes it (``encoded``); the records were measured against
+    process.max_state_bytes.
     """
     table.data[key] = value
-    key_bytes = table.data._encode_key(key)
-    await table.changelog_topic.send(
-        key=key_bytes,
-        value=data,
-        partition=table.partition_for_key(key),  # the event's partition: the table is co-partitioned
-        key_serializer="raw",
-        value_serializer="raw",  # encoded by the table's own serializer (encoded)
-        callback=on_changelog_acked(table, key_bytes, data),
-    )
+    partition = table.partition_for_key(key)  # the event's partition: the table is co-partitioned
+    for entry_key, entry in entries:
+        await send(table, entry_key, entry, partition)
+    await persist_head(table, key, head, partition)
     table._sensor_on_set(table, key, value)
+
+
+async def persist_head(table: Any, key: str, head: bytes | None, partition: int) -> None:
+    """The head record of a host (None: a tombstone), after its entries' records."""
+    await send(table, table.data._encode_key(key), head, partition)
+
+
+async def send(table: Any, key: bytes, value: bytes | None, partition: int) -> None:
+    await table.changelog_topic.send(
+        key=key,
+        value=value,
+        partition=partition,
+        key_serializer="raw",
+        value_serializer="raw",  # already encoded; None as is: a tombstone (as Faust's own delete)
+        callback=on_changelog_acked(table, key, value),
+    )
 
 
 def encoded(table: Any, value: dict[str, Any]) -> bytes:
@@ -211,6 +231,16 @@ def decoded(table: Any, data: bytes) -> dict[str, Any]:
     return codecs.loads(table.value_serializer, data)
 
 
+@dataclasses.dataclass
+class Persisted:
+    """What of a host's table value is on the changelog, as this worker wrote or found it."""
+
+    value: dict[str, Any]  # the value (the object itself)
+    head: bytes  # its head's record
+    entries: int  # what its entries take (changelog.size), summed
+    rewrite: bool = False  # its next record writes all its entries
+
+
 def on_changelog_acked(table: Any, key: bytes, value: bytes | None) -> Any:
     """What a changelog send calls once Kafka has the record: the on-disk store copies
     it (processors/table_store.py); the memory store has nothing to do."""
@@ -220,7 +250,7 @@ def on_changelog_acked(table: Any, key: bytes, value: bytes | None) -> Any:
 
 
 # process.table_store -> the Faust store URL of the stages' table.
-STORES = {"memory": "memory://", "rocksdict": DISK_BACKED_URL}
+STORES = {"memory": MEMORY_URL, "rocksdict": DISK_BACKED_URL}
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -231,18 +261,14 @@ def partition_of(key: str, partitions: int) -> int:
 
 
 async def forget(table: Any, key: str, partitions: int) -> None:
-    """Delete a host's table value outside a stream: a tombstone to its changelog
-    partition, which ``persist`` cannot name without the record being processed."""
-    table.data.pop(key, None)
-    key_bytes = table.data._encode_key(key)
-    await table.changelog_topic.send(
-        key=key_bytes,
-        value=None,
-        partition=partition_of(key, partitions),
-        key_serializer="raw",
-        value_serializer="raw",  # None as is: a tombstone (as Faust's own delete sends it)
-        callback=on_changelog_acked(table, key_bytes, None),
-    )
+    """Delete a host's table value outside a stream: a tombstone for each of its entries,
+    then for its head, to its changelog partition, which ``persist`` cannot name without
+    the record being processed."""
+    value = table.data.pop(key, None) or {}
+    partition = partition_of(key, partitions)
+    for path, _entry in changelog.entries(value):
+        await send(table, changelog.entry_key(key, path), None, partition)
+    await persist_head(table, key, None, partition)
 
 
 def make_app(cfg: Config, stage: str) -> faust.App:
@@ -294,40 +320,49 @@ def make_app(cfg: Config, stage: str) -> faust.App:
     if chain.durable:
         hosts = app.Table("host-state", default=dict, partitions=cfg.kafka.raw_partitions)
     limit = cfg.process.max_state_bytes
-    # host id -> (its table value, that value as last persisted): what a record that
-    # would grow the value past the limit leaves behind. Kept with the value object
-    # itself, so a value recovered from the changelog since (a rebalance) is never
-    # mistaken for it; emptied when partitions go, so hosts another worker took over
-    # cost nothing here.
-    persisted: dict[str, tuple[dict[str, Any], bytes]] = {}
+    # host id -> what of its table value is on the changelog: what a record that would
+    # grow the value past the limit leaves behind, and what the value takes. Kept with
+    # the value object itself, so a value recovered from the changelog since (a
+    # rebalance) is never mistaken for it; emptied when partitions go, so hosts another
+    # worker took over cost nothing here.
+    persisted: dict[str, Persisted] = {}
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # (mode types handlers narrower than it calls them)
     def forget_persisted(_app: Any, *_revoked: Any, signal: Any, **_kwargs: Any) -> None:
-        persisted.clear()  # the hosts still here are encoded again at their next record
+        persisted.clear()  # the hosts still here are measured again at their next record
 
-    def as_persisted(host_id: str, value: dict[str, Any]) -> bytes:
+    def as_persisted(host_id: str, value: dict[str, Any]) -> Persisted:
         kept = persisted.get(host_id)
-        if kept is None or kept[0] is not value:
-            kept = persisted[host_id] = (value, encoded(hosts, value))
-        return kept[1]
+        if kept is None or kept.value is not value:
+            entries = sum(changelog.size(host_id, path, e) for path, e in changelog.entries(value))
+            # Its next record writes all its entries: a head an older ktel wrote whole
+            # carries them, and would be their only record once compacted.
+            head = encoded(hosts, changelog.head(value))
+            kept = persisted[host_id] = Persisted(value, head, entries, rewrite=True)
+        return kept
 
-    async def save(event: Any, host_id: str, value: dict[str, Any], before: bytes, result: Result) -> bool:
-        """Persist the host's value ``result`` changed, or, past the limit, put back
-        ``before`` and what else the record changed, and dead-letter it (False)."""
-        data = encoded(hosts, value)
-        if len(data) > limit:
-            restored = decoded(hosts, before)
+    async def save(
+        event: Any, host_id: str, value: dict[str, Any], result: Result, mark: changelog.Mark | None
+    ) -> bool:
+        """Persist what ``result`` changed of the host's value (its entries marked with
+        ``mark``, the batch's), or, past the limit, put back what the record changed
+        and dead-letter it (False)."""
+        kept = as_persisted(host_id, value)
+        head = encoded(hosts, changelog.head(value))
+        records, entries = changelog.records(host_id, value, result.touched, mark, kept.entries, kept.rewrite)
+        if len(head) + entries > limit:
+            restored = changelog.restored(decoded(hosts, kept.head), value, result.touched)
             hosts.data[host_id] = restored
-            persisted[host_id] = (restored, before)
+            persisted[host_id] = dataclasses.replace(kept, value=restored)
             result.revert()  # (before any await: no other record has run since)
             await dead_letter(
                 event,
-                f"host {host_id!r:.60}: its state would take {len(data)} bytes encoded, over "
-                f"process.max_state_bytes = {limit} (a changelog record Kafka must take)",
+                f"host {host_id!r:.60}: its state would take {len(head) + entries} bytes encoded, over "
+                f"process.max_state_bytes = {limit}",
             )
             return False
-        await persist(hosts, host_id, value, data)
-        persisted[host_id] = (value, data)
+        await persist(hosts, host_id, value, records, head)
+        persisted[host_id] = Persisted(value, head, entries)
         return True
 
     async def dead_letter(event: Any, err: WireError | str) -> None:
@@ -376,14 +411,17 @@ def make_app(cfg: Config, stage: str) -> faust.App:
                 await dead_letter(event, err)
                 continue
             value = hosts[batch.host_id] if chain.durable else {}
-            before = as_persisted(batch.host_id, value) if chain.durable else b""
+            if chain.durable:
+                as_persisted(batch.host_id, value)  # (what a refused record puts back)
             result = chain.on_batch(value, batch, time.time_ns() // 1_000_000)
             if result.refused is not None:
                 result.revert()  # (the stages leave the table value as it was themselves)
                 await dead_letter(event, result.refused)
                 continue
             # (only stages that keep state change it)
-            if result.changed and not await save(event, batch.host_id, value, before, result):
+            if result.changed and not await save(
+                event, batch.host_id, value, result, changelog.mark_of(batch)
+            ):
                 continue
             if result.batch is not None:  # (not a duplicate)
                 BATCHES.labels(stage).inc()
@@ -408,9 +446,9 @@ def make_app(cfg: Config, stage: str) -> faust.App:
                     await dead_letter(event, err)
                     continue
                 value = hosts[host_id]
-                before = as_persisted(host_id, value)
+                as_persisted(host_id, value)
                 result = chain.on_heartbeat(value, host_id, hb)
-                if result.changed and not await save(event, host_id, value, before, result):
+                if result.changed and not await save(event, host_id, value, result, None):
                     continue
                 HEARTBEATS.labels(stage).inc()
                 FLEET.observe(host_id, hb)

@@ -43,6 +43,7 @@ from ktel.wire import (
     encode_batch,
     encode_heartbeat,
 )
+from processors import changelog
 from tests.conftest import need_bpf
 from tests.integration.agent_harness import AgentProcess, read_topic
 from tests.integration.probe_harness import cgroup2_child
@@ -64,8 +65,9 @@ def broker(tmp_path):
 
 
 class Worker:
-    def __init__(self, tmp_path, bootstrap, name, stage="all", **settings):
-        self.stage = stage
+    def __init__(self, tmp_path, bootstrap, name, stage="all", module="ktel.cli", **settings):
+        """``module``: what runs ``ktel process`` (tests.integration.stage_with_fault: with a fault)."""
+        self.stage, self.module = stage, module
         self.log = tmp_path / f"{name}.log"
         self.port = free_port()
         self.env = dict(
@@ -82,7 +84,7 @@ class Worker:
     def start(self):
         with open(self.log, "ab") as f:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "ktel.cli", "process", self.stage], env=self.env, stdout=f, stderr=f
+                [sys.executable, "-m", self.module, "process", self.stage], env=self.env, stdout=f, stderr=f
             )
         return self
 
@@ -232,6 +234,83 @@ def test_two_workers_and_a_sigkill_count_every_event_once(broker, tmp_path, stor
     finally:
         a.stop()
         b.stop()
+
+
+def changelog_records(bootstrap: str, stage: str = "all") -> list:
+    return asyncio.run(read_topic(bootstrap, f"ktel-{stage}-host-state-changelog", idle_s=1))
+
+
+@pytest.mark.parametrize("store", ["rocksdict", "memory"])
+def test_a_worker_killed_between_a_batchs_entries_and_its_head_counts_it_once(broker, tmp_path, store):
+    """SIGKILLed once Kafka has half the series records of a batch, before the rest and
+    the host's head (its dedupe record): restarted, the worker counts that batch into
+    the other series only, and every event once."""
+    hosts, per_host, dirs = 3, 20, 4
+    traffic = [
+        RawBatch(f"host-{h}", "boot", seq, 1, [file_event(f"/data/h{h}/d{d}/f") for d in range(dirs)] * 2)
+        for seq in range(per_host)
+        for h in range(hosts)
+    ]
+    store_env = {"KTEL_PROCESS__TABLE_STORE": store}
+    faulty = Worker(
+        tmp_path,
+        broker.bootstrap,
+        "w",
+        module="tests.integration.stage_with_fault",
+        KTEL_TEST_KILL_BEFORE_HEAD="25",
+        **store_env,
+    ).start()
+    asyncio.run(produce(broker.bootstrap, [(b.key, encode_batch(b)) for b in traffic]))
+    try:
+        assert faulty.proc.wait(300) == -signal.SIGKILL, faulty.log.read_text()[-3000:]
+    finally:
+        faulty.stop()
+    # What it left: one host's last records are entries of a batch, with no head after them.
+    last = {}
+    for r in changelog_records(broker.bootstrap):  # (each partition's in order)
+        key = json.loads(r.key)
+        last[key if isinstance(key, str) else key[0]] = key
+    assert [key[1:3] for key in last.values() if isinstance(key, list)] == [["aggregate", "series"]], last
+    w = Worker(tmp_path, broker.bootstrap, "w", **store_env).start()  # on the same data directory
+    try:
+        expected = {
+            (f"host-{h}", f"/data/h{h}/d{d}"): 2.0 * per_host for h in range(hosts) for d in range(dirs)
+        }
+        assert wait_for_totals(broker.bootstrap, expected, timeout=300) == expected
+    finally:
+        w.stop()
+
+
+def file_event(path: str) -> list:
+    return [FILE_CREATED.id, 1, 2, 2, 0, "w", path, 0o101, False]
+
+
+def test_a_batch_changing_one_series_of_many_writes_that_series_and_the_head_alone(broker, tmp_path):
+    """A host holding about 2000 series: a batch adding to one of them writes a few
+    hundred bytes to the changelog, not the host's whole state."""
+    w = Worker(tmp_path, broker.bootstrap, "w").start()
+    try:
+        many = RawBatch("host-00", "boot", 0, 1, [file_event(f"/data/{i}/x/f") for i in range(1990)])
+        asyncio.run(produce(broker.bootstrap, [(many.key, encode_batch(many))]))
+        expected = {("host-00", f"/data/{i}/x"): 1.0 for i in range(1990)}
+        assert wait_for_totals(broker.bootstrap, expected) == expected
+        before = changelog_records(broker.bootstrap)
+        state = sum(len(r.key) + len(r.value) for r in before)
+        assert state > 100_000  # the host's state, written whole once
+        one = RawBatch("host-00", "boot", 1, 1, [file_event("/data/7/x/f")] * 3)
+        asyncio.run(produce(broker.bootstrap, [(one.key, encode_batch(one))]))
+        expected[("host-00", "/data/7/x")] = 4.0
+        assert wait_for_totals(broker.bootstrap, expected) == expected
+        written = changelog_records(broker.bootstrap)[len(before) :]
+        assert [json.loads(r.key) for r in written] == [
+            ["host-00", "aggregate", "series", '["file_created_total", [["directory", "/data/7/x"]]]'],
+            "host-00",
+        ]
+        size = sum(len(r.key) + len(r.value) for r in written)
+        print(f"changelog: {size} bytes for a batch changing 1 series of 1990 ({state} bytes whole)")
+        assert size < 500
+    finally:
+        w.stop()
 
 
 def test_garbage_and_wrong_versions_go_to_the_dlq_and_good_counts_stay_exact(broker, tmp_path):
@@ -401,18 +480,29 @@ def test_a_host_past_its_state_bound_keeps_being_persisted_and_counted(broker, t
         assert w.metric("ktel_processor_heartbeats_total") == 1
         assert w.metric("ktel_processor_series_overflow_total") > 0
         assert w.metric("ktel_processor_batches_total") == 31
-        # Every changelog record fits; the last (the first heartbeat's) holds every
-        # batch's dedupe record, the heartbeat's attributes and no process.
-        changelog = asyncio.run(read_topic(broker.bootstrap, "ktel-all-host-state-changelog", idle_s=1))
-        assert changelog and all(len(r.value) <= limit for r in changelog)
-        last = json.loads(changelog[-1].value)
+        # Every changelog record fits, and so does the host's state they make; the last
+        # (the first heartbeat's head) holds every batch's dedupe record and the
+        # heartbeat's attributes, and the host's processes were all tombstoned.
+        records = changelog_records(broker.bootstrap)
+        assert records and all(len(r.value) <= limit for r in records if r.value is not None)
+        assert sum(len(r.key) + len(r.value) for r in latest_records(records)) <= limit
+        last = json.loads(records[-1].value)
         assert last["aggregate"]["seen"] == {"boot": [[0, 30]]}
         assert list(last["enrich"]["boots"]) == ["boot"]
         assert last["enrich"]["boots"]["boot"]["host"]["k27"] == "v" * 1000
-        assert last["enrich"]["boots"]["boot"].get("procs") == {}
+        recovered: dict = {}
+        for r in records:
+            changelog.fold(recovered, json.loads(r.key), None if r.value is None else json.loads(r.value))
+        assert recovered["host-00"]["enrich"]["boots"]["boot"].get("procs", {}) == {}
         assert w.proc.poll() is None
     finally:
         w.stop()
+
+
+def latest_records(records: list) -> list:
+    """Each key's last record, as compaction leaves them, tombstones gone."""
+    last = {r.key: r for r in records}
+    return [r for r in last.values() if r.value is not None]
 
 
 def test_a_window_emits_only_the_series_that_changed(broker, tmp_path):
