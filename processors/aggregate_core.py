@@ -4,20 +4,10 @@ State per host (one JSON-able dict in the host's Faust table value)::
 
     {"seen": {boot_id: [[lo, hi], ...]},       # processors/dedupe_core.py guarding this stage
      "series": {series_key: cumulative_value},
-     "series_bytes": int,                      # what the series may take encoded, see below
-     "applied": {series_key: mark}}            # after a recovery only, see below
+     "series_bytes": int}                      # what the series may take encoded, see below
 
-Each series is a changelog record of its own, written when a batch changes it, and
-the rest (the dedupe record) one record written after them (processors/changelog.py).
-A worker killed in between leaves a batch counted into some series and not marked
-seen: read again, it is counted into the others only. Recovery keeps the mark (the
-batch, ``changelog.mark_of``) each series was last written with in ``applied``, and
-the host's next new batch, which is that one if any is, skips the series it marks.
-In fused mode the sample stage before this one keeps no table and may sample that
-batch otherwise the second time: each series then holds one sampling's weighted
-count of it or the other's, each unbiased, so the host's counts stay unbiased and
-no event is counted twice into one series, but a total over the series is not one
-sampling's. In split mode the batch read again is the same ktel.sampled record.
+A batch's changelog record carries the series it changed, not all of them
+(processors/changelog.py).
 
 Which counter an event adds to is what its kind declares (``EventKind.metric``,
 ktel/probes/): the counter's name and the fields its labels take their values
@@ -61,7 +51,7 @@ import dataclasses
 import json
 import math
 from collections import defaultdict
-from collections.abc import Iterator, Sequence, Set
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry.semconv._incubating.attributes.host_attributes import HOST_ID
@@ -86,7 +76,6 @@ from ktel.wire import (
     SpanBatch,
     log2_bounds,
 )
-from processors.changelog import APPLIED, mark_of
 from processors.stage import FromConfig, Result, Stage, State, Touched
 
 if TYPE_CHECKING:
@@ -153,9 +142,7 @@ class Aggregate(Stage):
     def on_batch(self, state: State, batch: RawBatch, now_ms: int) -> Result:
         state["last_ms"] = now_ms  # the worker's clock, as the window's now_ms: see on_window
         self.counted.add(batch.host_id)
-        applied = state.pop(APPLIED, None)  # (only the first new batch since a recovery can be in it)
-        mark = mark_of(batch)
-        out = add(state, batch, self.opts, {k for k, m in applied.items() if m == mark} if applied else set())
+        out = add(state, batch, self.opts)
         spans, logs = signals(batch)
         counts = {"events": out.counted, "overflowed": out.overflowed}
         if out.dropped:
@@ -326,18 +313,17 @@ def count_events(
     return counts, hists, gauges
 
 
-def add(state: dict[str, Any], batch: RawBatch, opts: Options, applied: Set[str] = frozenset()) -> Outcome:
-    """Fold one batch known to be new into its host's state (mutated in place), but
-    into the series in ``applied``, which already hold it (counted all the same)."""
+def add(state: dict[str, Any], batch: RawBatch, opts: Options) -> Outcome:
+    """Fold one batch known to be new into its host's state (mutated in place)."""
     series = state.setdefault("series", {})
-    if "series_bytes" not in state:  # recovered (it is not written: processors/changelog.py)
+    if "series_bytes" not in state:  # a state from before the byte bound
         state["series_bytes"] = sum(series_bytes(k, _numbers(v)) for k, v in series.items())
     out = Outcome()
     touch = out.touched.touch
     counts, hists, gauges = count_events(batch, opts)
     for key, value in gauges.items():
         key = _admit(state, key, 1, opts, out, 0)
-        if key and key not in applied and _fits(series.get(key), "gauge", 0):
+        if key and _fits(series.get(key), "gauge", 0):
             touch(series, ("series", key))
             series[key] = {"gauge": value}
     for key, n in counts.items():
@@ -347,9 +333,8 @@ def add(state: dict[str, Any], batch: RawBatch, opts: Options, applied: Set[str]
         if not _fits(series.get(key), "counter", 0):
             out.dropped += n
             continue
-        if key not in applied:
-            touch(series, ("series", key))
-            series[key] = series.get(key, 0) + n
+        touch(series, ("series", key))
+        series[key] = series.get(key, 0) + n
         out.counted += n
     for key, delta in hists.items():
         key = _admit(state, key, 2 + len(delta["buckets"]), opts, out, delta["count"])
@@ -358,9 +343,6 @@ def add(state: dict[str, Any], batch: RawBatch, opts: Options, applied: Set[str]
         h = series.get(key)
         if not _fits(h, "histogram", len(delta["buckets"])):
             out.dropped += delta["count"]
-            continue
-        if key in applied:
-            out.counted += delta["count"]
             continue
         touch(series, ("series", key))
         if h is None:

@@ -1,32 +1,38 @@
-"""How a host's table value goes to its stage's changelog: what a record changed,
-not the whole value.
+"""How a host's table value goes to its stage's changelog: one record per batch, of
+what the batch changed, not of the whole value.
 
-In memory a host's value stays one dict (the stage cores' shape). On the changelog
-it is split:
+In memory a host's value stays one dict (the stage cores' shape), with a write
+version ``v``. On the changelog a host has two kinds of records:
 
-- each entry of the big per-host maps (``ENTRY_MAPS``: the aggregate's series, the
-  enrich stage's processes and containers of each boot) is a record of its own,
-  keyed ``[host id, *path to its map, entry key]``, valued ``[entry, mark]``; a
-  deleted entry is a tombstone of that key;
-- the rest, the *head* (the dedupe record, scalars, host attributes), is one record
-  keyed by the host id, as the whole value was.
+- a *snapshot*: the whole value, keyed by the host id (as a whole value always was:
+  a value an older ktel wrote is a snapshot of version 0);
+- a *delta*: what one record changed, keyed ``[host id, v % SLOTS]``:
+  ``{"v": v, "head": <the value without its entry maps>, "set": [[path, entry], ...],
+  "del": [path, ...]}``, the new values of the entries of its big maps it changed
+  (``ENTRY_MAPS``: the aggregate's series, the enrich stage's processes and
+  containers; ``Result.touched``, filled by the cores where they change them) and
+  the rest of the value whole, which is small.
 
-A batch writes the entries it changed (``Result.touched``, filled by the cores where
-they change the maps), then its head, to the one partition of its host from the one
-producer, which keeps their order (aiokafka sends one request per partition at a
-time and puts a retried one back in front). So the changelog holds every batch
-whole, except at most the last of each host after a SIGKILL: some of its entries,
-without its head and so without its dedupe record. That batch is read again (its
-offset was not committed) and counted again, except for the entries already holding
-it: a counted entry's ``mark`` is the batch that last changed it (``mark_of``), and
-recovery keeps the marks of the counted maps (``APPLIED``, in the section, until its
-host's next new batch) for the counting stage to skip (processors/aggregate_core.py).
-The marks of batches the head holds are kept as well, since records come back in
-any order (the on-disk copy in key order): the dedupe record drops those batches
-before they reach the counting stage, so their marks are never looked at.
+A record that changes a host writes one delta, or a snapshot when ``SLOTS``
+versions have passed since the last one (``Persisted`` in processors/stages.py), or
+when the delta would take no less than the value. So the deltas since the last
+snapshot each have a key of their own, compaction keeps every one of them, and a
+host's recovery reads its snapshot and at most ``SLOTS - 1`` deltas, each smaller. A record is one
+Kafka record, written whole or not at all, as the whole value was: a SIGKILL leaves
+a batch either on the changelog with its dedupe record or not at all. (Not one
+record per changed entry, with the dedupe record last: that costs a record per
+entry, and records, not bytes, are most of a changelog write's cost; and a batch
+cut short between them would be partly counted, so each entry would need the batch
+that last changed it, and the fused mode's sample stage, which keeps no table, could
+sample the batch read again otherwise, counting into some series one sampling of it
+and into the others another.) In fused mode a batch read again is either dropped as
+counted or counted whole, of whichever sampling.
 
-Sizes a stage reckons from its maps (``RECKONED``) are not written: recomputed from
-the maps recovered, they cannot disagree with them.
+Recovery (``fold``): a snapshot replaces the host's value; a delta one version past
+the value is applied to it, any other is one from before the snapshot, and left
+out. Faust's recovery reads a changelog in offset order; the on-disk copy gives its
+records in key order, so it folds snapshots first, then deltas by version
+(processors/table_store.py).
 """
 
 from __future__ import annotations
@@ -35,29 +41,18 @@ import json
 from collections.abc import Iterator, MutableMapping
 from typing import Any
 
-from ktel.wire import RawBatch
-from processors.dedupe_core import stream
 from processors.stage import MISSING, Touched
 
 Path = tuple[str, ...]
-# The maps whose entries are records of their own ("*": each key at that level).
+# The maps whose entries a delta carries one by one ("*": each key at that level).
 ENTRY_MAPS: tuple[Path, ...] = (
     ("aggregate", "series"),
     ("enrich", "boots", "*", "procs"),
     ("enrich", "boots", "*", "containers"),
 )
-# Those of them a stage counts into, whose entries' marks recovery keeps.
-COUNTED_MAPS: tuple[Path, ...] = (("aggregate", "series"),)
-# Where recovery keeps the marks of a section's counted entries: {entry key: mark}.
-APPLIED = "applied"
-RECKONED: tuple[Path, ...] = (("aggregate", "series_bytes"), ("enrich", "bytes"))
-Mark = tuple[str, int, int | None]
-
-
-def mark_of(batch: RawBatch) -> Mark:
-    """Which batch a counted entry last took: its stream, its seq and, for a part of a
-    split batch, its first event (the parts of one seq are counted apart)."""
-    return (stream(batch), batch.seq, None if batch.part is None else batch.part[0])
+# Versions between two snapshots of a host: its delta keys.
+SLOTS = 16
+VERSION = "v"
 
 
 def _tree(paths: tuple[Path, ...]) -> dict[str, Any]:
@@ -70,13 +65,16 @@ def _tree(paths: tuple[Path, ...]) -> dict[str, Any]:
     return tree
 
 
-# What the head leaves out: None at a leaf.
-NOT_HEAD = _tree((*ENTRY_MAPS, *RECKONED, *((p[0], APPLIED) for p in COUNTED_MAPS)))
+NOT_HEAD = _tree(ENTRY_MAPS)  # None at a leaf: left out
+
+
+def version(value: dict[str, Any]) -> int:
+    return int(value.get(VERSION, 0))
 
 
 def head(value: dict[str, Any]) -> dict[str, Any]:
-    """The host's value without its entry maps, reckoned sizes and recovered marks
-    (new dicts down to them; the rest shared with ``value``)."""
+    """The host's value without its entry maps (new dicts down to them; the rest
+    shared with ``value``)."""
     return _strip(value, NOT_HEAD)
 
 
@@ -139,91 +137,48 @@ def delete(value: dict[str, Any], path: Path) -> None:
 
 
 def graft(onto: dict[str, Any], source: dict[str, Any]) -> dict[str, Any]:
-    """``onto`` (a head) with the entry maps and recovered marks of ``source`` (the
-    host's value as it was)."""
+    """``onto`` (a head) with the entry maps of ``source`` (the host's value as it was)."""
     for pattern in ENTRY_MAPS:
         for path, table in maps(source, pattern):
             put(onto, path, table)
-    for pattern in COUNTED_MAPS:
-        applied = get(source, (pattern[0], APPLIED))
-        if applied is not None:
-            put(onto, (pattern[0], APPLIED), applied)
     return onto
 
 
-def entry_key(host_id: str, path: Path) -> bytes:
-    """The changelog key of the entry at ``path`` of the host's value: a JSON list,
-    never equal to a head's key (a JSON string)."""
-    return json.dumps([host_id, *path]).encode()
+def delta_key(host_id: str, v: int) -> bytes:
+    """The changelog key of a host's delta of version ``v``: a JSON list, never equal
+    to a snapshot's key (a JSON string)."""
+    return json.dumps([host_id, v % SLOTS]).encode()
 
 
-def entry_value(entry: Any, mark: Mark | None) -> tuple[bytes, int]:
-    """The record of an entry (as the table's JSON serializer reads it), and the
-    entry's size without its mark (what the host holds: ``size``)."""
-    data = json.dumps(entry).encode()
-    return b"[" + data + b"," + json.dumps(mark).encode() + b"]", len(data)
+def delta(value: dict[str, Any], touched: Touched) -> dict[str, Any]:
+    """The delta record of a record that changed ``touched`` of ``value`` (which holds
+    its new version)."""
+    changed = [(path, get(value, path, MISSING)) for path in touched]
+    return {
+        VERSION: version(value),
+        "head": head(value),
+        "set": [[path, entry] for path, entry in changed if entry is not MISSING],
+        "del": [path for path, entry in changed if entry is MISSING and touched[path] is not MISSING],
+    }
 
 
 def size(host_id: str, path: Path, entry: Any) -> int:
-    """What an entry takes of what its host may hold (process.max_state_bytes): its
-    record's key and value, its mark aside (a few bytes, bounded)."""
-    return len(entry_key(host_id, path)) + len(json.dumps(entry))
+    """What an entry takes of what its host may hold (process.max_state_bytes), as a
+    snapshot carries it: at most its path and its value encoded."""
+    return len(json.dumps([host_id, *path])) + len(json.dumps(entry))
 
 
-def counted(path: Path) -> bool:
-    return any(len(path) == len(p) + 1 and path[: len(p)] == p for p in COUNTED_MAPS)
-
-
-def fold(data: MutableMapping[Any, Any], key: Any, record: Any) -> Any:
-    """Apply one changelog record to the hosts' values ``data`` (recovery; the records
-    of one host in any order, but each key's in the order written); the host id it
-    concerns. ``key`` as the table decodes it (an entry's a list, or a tuple)."""
-    if not isinstance(key, list | tuple):
-        if record is None:  # the host forgotten (its entries were tombstoned before)
-            data.pop(key, None)
-        else:
-            data[key] = graft(record, data.get(key, {}))
-        return key
-    host_id, path = key[0], tuple(key[1:])
-    value = data.setdefault(host_id, {})
-    if record is None:
-        delete(value, path)
-        return host_id
-    entry, mark = record
-    put(value, path, entry)
-    if counted(path):
-        applied = value[path[0]].setdefault(APPLIED, {})
-        if mark is None:  # written whole, by no batch (a heartbeat's first record here)
-            applied.pop(path[-1], None)
-        else:
-            applied[path[-1]] = tuple(mark)
-    return host_id
-
-
-def records(
-    host_id: str, value: dict[str, Any], touched: Touched, mark: Mark | None, before: int, rewrite: bool
-) -> tuple[list[tuple[bytes, bytes | None]], int]:
-    """The changelog records of the entries a record changed (``touched``), or of all
-    of the host's entries if ``rewrite``, each marked with ``mark``; and what the
-    entries take after it, given ``before``, what they took before it."""
-    out: list[tuple[bytes, bytes | None]] = []
+def entries_size(host_id: str, value: dict[str, Any], touched: Touched, before: int) -> int:
+    """What the host's entries take after a record that changed ``touched``, given
+    ``before``, what they took before it."""
     total = before
     for path, old in touched.items():
         new = get(value, path, MISSING)
         if old is not MISSING:
             total -= size(host_id, path, old)
         if new is not MISSING:
-            key = entry_key(host_id, path)
-            data, n = entry_value(new, mark)
-            out.append((key, data))
-            total += len(key) + n
-        elif old is not MISSING:
-            out.append((entry_key(host_id, path), None))
-    if rewrite:
-        out += [
-            (entry_key(host_id, p), entry_value(e, mark)[0]) for p, e in entries(value) if p not in touched
-        ]
-    return out, total
+            total += size(host_id, path, new)
+    return total
 
 
 def restored(before: dict[str, Any], value: dict[str, Any], touched: Touched) -> dict[str, Any]:
@@ -236,3 +191,30 @@ def restored(before: dict[str, Any], value: dict[str, Any], touched: Touched) ->
         else:
             put(out, path, old)
     return out
+
+
+def is_delta(key: Any) -> bool:
+    """A changelog key as the table decodes it (a delta's a list, or a tuple)."""
+    return isinstance(key, list | tuple)
+
+
+def fold(data: MutableMapping[Any, Any], key: Any, record: Any) -> Any:
+    """Apply one changelog record to the hosts' values ``data`` (recovery; each host's
+    snapshot before its deltas, and those in version order); the host id it concerns."""
+    if not is_delta(key):
+        if record is None:  # the host forgotten (its deltas were tombstoned too)
+            data.pop(key, None)
+        else:
+            data[key] = record
+        return key
+    host_id = key[0]
+    value = data.get(host_id)
+    if record is None or value is None or record[VERSION] != version(value) + 1:
+        return host_id  # from before the host's snapshot
+    new = graft(record["head"], value)
+    for path, entry in record["set"]:
+        put(new, tuple(path), entry)
+    for path in record["del"]:
+        delete(new, tuple(path))
+    data[host_id] = new
+    return host_id

@@ -19,8 +19,8 @@ per-host state in a JSON-able dict it is handed, and answers:
 
 Where the state lives is the stage's ``durable``: True, in ``section`` of the
 host's table value, which goes to the changelog whenever a batch's ``changed``
-is set (the entries of its big maps one by one, those the stage reports in
-``Result.touched``: processors/changelog.py); False, in the worker's memory, relearnt after a restart or a
+is set (of its big maps only the entries the stage reports in ``Result.touched``:
+processors/changelog.py); False, in the worker's memory, relearnt after a restart or a
 rebalance (the sample stage's rates, which timers change and Faust lets only
 streams write to a table). ``now_ms`` is the worker's clock, for the stages
 that keep time by it (sample); the others go by the batches' own times so the
@@ -52,8 +52,9 @@ MISSING: Any = type("Missing", (), {"__repr__": lambda self: "MISSING"})()
 class Touched(dict[tuple[str, ...], Any]):
     """The entries of a host's entry maps (processors/changelog.py) a record changed:
     path (from the stage's section, or from the host's value once the chain has them)
-    -> the entry's value before, MISSING if it had none. The runner writes these
-    entries alone to the changelog, and puts them back for a record it refuses."""
+    -> the entry's value before, MISSING if it had none. The record's changelog
+    delta carries these entries alone, and the runner puts them back for a record
+    it refuses."""
 
     def touch(self, table: dict[str, Any], path: tuple[str, ...]) -> None:
         """The entry ``path[-1]`` of ``table`` (at ``path``) is about to change."""

@@ -3,8 +3,7 @@
 Each worker runs one chain of stage cores (processors/chain.py; the shape
 they share: processors/stage.py): every record of its source topic decoded
 and given to the chain, what it changed of the host's table value written to
-the changelog (the entries it touched, then the rest: processors/changelog.py),
-what the chain emitted sent to its topics, the batch it
+the changelog (one record: processors/changelog.py), what the chain emitted sent to its topics, the batch it
 passed on sent to the next stage's topic, and each stage's window work on its
 timer.
 
@@ -28,15 +27,15 @@ Faust table co-partitioned with its input (the sample stage's anomaly
 detector keeps its per-host rates in the worker; see processors/sample_core.py).
 A stage that keeps counts dedupes its own input in the same table value as the
 counts, so redelivery after a crash (its input is at-least-once) neither loses
-nor doubles anything; a batch the crash left partly on the changelog is counted
-into the series it had not reached yet (processors/changelog.py).
+nor doubles anything.
 
 Records are untrusted (docs/design.md, principle 11): one that does not decode,
 whose key is not its host id, or that a stage refuses (processors/dedupe_core.py)
 goes to ktel.dlq with the reason, and the host's state is left as it was. So
 does one that would grow the host's table value past ``process.max_state_bytes``
-on the changelog (its records' keys and values, ``Persisted``), what a host may
-hold in a worker's memory and take to recover. The stages keep their
+encoded (its head and its entries, ``Persisted``): what a host may hold in a
+worker's memory, and what its snapshot record takes, which Kafka bounds
+(``max.message.bytes``). The stages keep their
 own parts within it (the aggregate's series take at most half, the enrich stage's
 process and container tables 3/8, see processors/aggregate_core.py and
 processors/enrich_core.py); this bound catches whatever else grows, and such a
@@ -44,7 +43,8 @@ record leaves the worker's own state (the sampler's rates, the process gauge) as
 it was too (``Result.undo``). Window
 work sees only the hosts of the partitions this worker holds now, and a host a
 stage is done with (aggregate.host_ttl_seconds) has its table value deleted: a
-tombstone on the changelog for each of its records, so a worker that recovers the table forgets it too.
+tombstone on the changelog for its snapshot and each delta key, so a worker that
+recovers the table forgets it too.
 The enrich stage keeps no counts and passes a redelivered batch on (the
 aggregate stage drops it); it takes heartbeats into the same table, which is
 why ``ktel.heartbeats`` is partitioned like ``ktel.raw``.
@@ -175,13 +175,10 @@ COUNTED: dict[str, tuple[Counter | Gauge, tuple[str, ...]]] = {
 KIND_COUNTED: dict[str, Counter] = {"sampler_emitted": SAMPLER_EMITTED, "sampler_kept": SAMPLER_KEPT}
 
 
-async def persist(
-    table: Any, key: str, value: dict[str, Any], entries: list[tuple[bytes, bytes | None]], head: bytes
-) -> None:
-    """``table[key] = value``: ``entries``, the changelog records (key, value; None: a
-    tombstone) of the entries the record changed, then ``head``, the record of the rest
-    of the value (processors/changelog.py), handed to the Kafka producer in that order
-    before the stream moves on, so before the source offset can be committed.
+async def persist(table: Any, key: str, value: dict[str, Any], record_key: bytes, record: bytes) -> None:
+    """``table[key] = value``, with its changelog record (a snapshot or a delta,
+    processors/changelog.py) handed to the Kafka producer before the stream moves on,
+    so before the source offset can be committed.
 
     Faust's own ``table[key] = value`` queues the record in its ProducerBuffer,
     and the producer flush that precedes every offset commit can return while the
@@ -194,21 +191,14 @@ async def persist(
     would hold the record back until the commit.
 
     Otherwise this is Faust's own write (``Table.on_key_set``), minus the key TTL of
-    windowed tables, which this one is not. ``head`` is the value's head encoded as the
-    table encodes it (``encoded``); the records were measured against
+    windowed tables, which this one is not. ``record`` is encoded as the table
+    encodes values (``encoded``), ``value`` already measured against
     process.max_state_bytes.
     """
     table.data[key] = value
-    partition = table.partition_for_key(key)  # the event's partition: the table is co-partitioned
-    for entry_key, entry in entries:
-        await send(table, entry_key, entry, partition)
-    await persist_head(table, key, head, partition)
+    # The event's partition: the table is co-partitioned.
+    await send(table, record_key, record, table.partition_for_key(key))
     table._sensor_on_set(table, key, value)
-
-
-async def persist_head(table: Any, key: str, head: bytes | None, partition: int) -> None:
-    """The head record of a host (None: a tombstone), after its entries' records."""
-    await send(table, table.data._encode_key(key), head, partition)
 
 
 async def send(table: Any, key: bytes, value: bytes | None, partition: int) -> None:
@@ -236,9 +226,15 @@ class Persisted:
     """What of a host's table value is on the changelog, as this worker wrote or found it."""
 
     value: dict[str, Any]  # the value (the object itself)
-    head: bytes  # its head's record
+    head: bytes  # its head encoded
     entries: int  # what its entries take (changelog.size), summed
-    rewrite: bool = False  # its next record writes all its entries
+    # The version of its last snapshot (None: unknown here, the next record is one).
+    snapshot: int | None = None
+
+    def snapshot_due(self, v: int) -> bool:
+        """Whether the record of version ``v`` must be a snapshot: the delta keys are
+        those of the versions since the last one."""
+        return self.snapshot is None or v - self.snapshot >= changelog.SLOTS
 
 
 def on_changelog_acked(table: Any, key: bytes, value: bytes | None) -> Any:
@@ -261,14 +257,14 @@ def partition_of(key: str, partitions: int) -> int:
 
 
 async def forget(table: Any, key: str, partitions: int) -> None:
-    """Delete a host's table value outside a stream: a tombstone for each of its entries,
-    then for its head, to its changelog partition, which ``persist`` cannot name without
-    the record being processed."""
-    value = table.data.pop(key, None) or {}
+    """Delete a host's table value outside a stream: a tombstone for each of its delta
+    keys and its snapshot, to its changelog partition, which ``persist`` cannot name
+    without the record being processed."""
+    table.data.pop(key, None)
     partition = partition_of(key, partitions)
-    for path, _entry in changelog.entries(value):
-        await send(table, changelog.entry_key(key, path), None, partition)
-    await persist_head(table, key, None, partition)
+    for slot in range(changelog.SLOTS):
+        await send(table, changelog.delta_key(key, slot), None, partition)
+    await send(table, table.data._encode_key(key), None, partition)
 
 
 def make_app(cfg: Config, stage: str) -> faust.App:
@@ -335,21 +331,16 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         kept = persisted.get(host_id)
         if kept is None or kept.value is not value:
             entries = sum(changelog.size(host_id, path, e) for path, e in changelog.entries(value))
-            # Its next record writes all its entries: a head an older ktel wrote whole
-            # carries them, and would be their only record once compacted.
-            head = encoded(hosts, changelog.head(value))
-            kept = persisted[host_id] = Persisted(value, head, entries, rewrite=True)
+            kept = persisted[host_id] = Persisted(value, encoded(hosts, changelog.head(value)), entries)
         return kept
 
-    async def save(
-        event: Any, host_id: str, value: dict[str, Any], result: Result, mark: changelog.Mark | None
-    ) -> bool:
-        """Persist what ``result`` changed of the host's value (its entries marked with
-        ``mark``, the batch's), or, past the limit, put back what the record changed
-        and dead-letter it (False)."""
+    async def save(event: Any, host_id: str, value: dict[str, Any], result: Result) -> bool:
+        """Persist what ``result`` changed of the host's value, or, past the limit, put
+        back what the record changed and dead-letter it (False)."""
         kept = as_persisted(host_id, value)
+        v = value[changelog.VERSION] = changelog.version(value) + 1
         head = encoded(hosts, changelog.head(value))
-        records, entries = changelog.records(host_id, value, result.touched, mark, kept.entries, kept.rewrite)
+        entries = changelog.entries_size(host_id, value, result.touched, kept.entries)
         if len(head) + entries > limit:
             restored = changelog.restored(decoded(hosts, kept.head), value, result.touched)
             hosts.data[host_id] = restored
@@ -361,8 +352,13 @@ def make_app(cfg: Config, stage: str) -> faust.App:
                 f"process.max_state_bytes = {limit}",
             )
             return False
-        await persist(hosts, host_id, value, records, head)
-        persisted[host_id] = Persisted(value, head, entries)
+        key = changelog.delta_key(host_id, v)
+        record = None if kept.snapshot_due(v) else encoded(hosts, changelog.delta(value, result.touched))
+        if record is None or len(record) >= len(head) + entries:  # (a delta no smaller than the value)
+            key, record = hosts.data._encode_key(host_id), encoded(hosts, value)
+            kept.snapshot = v
+        await persist(hosts, host_id, value, key, record)
+        kept.head, kept.entries = head, entries
         return True
 
     async def dead_letter(event: Any, err: WireError | str) -> None:
@@ -419,9 +415,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
                 await dead_letter(event, result.refused)
                 continue
             # (only stages that keep state change it)
-            if result.changed and not await save(
-                event, batch.host_id, value, result, changelog.mark_of(batch)
-            ):
+            if result.changed and not await save(event, batch.host_id, value, result):
                 continue
             if result.batch is not None:  # (not a duplicate)
                 BATCHES.labels(stage).inc()
@@ -448,7 +442,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
                 value = hosts[host_id]
                 as_persisted(host_id, value)
                 result = chain.on_heartbeat(value, host_id, hb)
-                if result.changed and not await save(event, host_id, value, result, None):
+                if result.changed and not await save(event, host_id, value, result):
                     continue
                 HEARTBEATS.labels(stage).inc()
                 FLEET.observe(host_id, hb)

@@ -1,6 +1,6 @@
 """The stages' table stores: ``FoldingStore`` (``process.table_store = "memory"``), the
 hosts' state in memory, as with Faust's ``memory://``, but with each changelog record
-folded into its host's value (processors/changelog.py: a host is several records);
+folded into its host's value (processors/changelog.py: a snapshot, or a delta of it);
 ``DiskBackedStore`` (``"rocksdict"``), the same plus an on-disk copy of the changelog,
 so a restarted worker reads only the changelog's tail instead of all of it.
 
@@ -28,7 +28,7 @@ from faust.stores import STORES, memory
 from faust.types import TP, EventT
 from rocksdict import AccessType, Options, Rdict, WriteBatch
 
-from processors.changelog import fold
+from processors.changelog import VERSION, fold, is_delta
 
 MEMORY_URL = "ktel-memory://"
 STORES.aliases["ktel-memory"] = f"{__name__}:FoldingStore"
@@ -76,10 +76,16 @@ class DiskBackedStore(FoldingStore):
 
     def _load(self, partition: int) -> None:
         """Put a partition's copy into memory, before Faust reads the changelog's tail."""
-        for key, value in self._db(partition).items():  # (in key order: fold takes any)
+        deltas = []
+        for key, value in self._db(partition).items():  # (in key order: the deltas are sorted)
             if key != OFFSET_KEY:
-                k = self._decode_key(key)  # type: ignore[arg-type]  # raw mode: bytes
-                self._folded(fold(self.data, k, self._decode_value(value)), partition)
+                k, v = self._decode_key(key), self._decode_value(value)  # type: ignore[arg-type]  # raw mode
+                if is_delta(k):
+                    deltas.append((k, v))
+                else:
+                    self._folded(fold(self.data, k, v), partition)
+        for k, v in sorted(deltas, key=lambda kv: kv[1][VERSION]):  # each host's in version order
+            self._folded(fold(self.data, k, v), partition)
 
     def _close(self, partition: int) -> None:
         db = self._dbs.pop(partition, None)

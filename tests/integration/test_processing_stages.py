@@ -241,13 +241,13 @@ def changelog_records(bootstrap: str, stage: str = "all") -> list:
 
 
 @pytest.mark.parametrize("store", ["rocksdict", "memory"])
-def test_a_worker_killed_between_a_batchs_entries_and_its_head_counts_it_once(broker, tmp_path, store):
-    """SIGKILLed once Kafka has half the series records of a batch, before the rest and
-    the host's head (its dedupe record): restarted, the worker counts that batch into
-    the other series only, and every event once."""
+def test_a_worker_killed_right_after_a_changelog_delta_counts_its_batch_once(broker, tmp_path, store):
+    """SIGKILLed once Kafka has a batch's changelog delta (the series it changed and
+    its dedupe record), before its offset is committed: restarted, the worker reads
+    the batch again, drops it as counted, and every event is counted once."""
     hosts, per_host, dirs = 3, 20, 4
     traffic = [
-        RawBatch(f"host-{h}", "boot", seq, 1, [file_event(f"/data/h{h}/d{d}/f") for d in range(dirs)] * 2)
+        RawBatch(f"host-{h}", "boot", seq, 1, [file_event(f"/data/h{h}/d{seq % dirs}/f")] * 2)
         for seq in range(per_host)
         for h in range(hosts)
     ]
@@ -257,7 +257,7 @@ def test_a_worker_killed_between_a_batchs_entries_and_its_head_counts_it_once(br
         broker.bootstrap,
         "w",
         module="tests.integration.stage_with_fault",
-        KTEL_TEST_KILL_BEFORE_HEAD="25",
+        KTEL_TEST_KILL_AFTER_RECORD="25",
         **store_env,
     ).start()
     asyncio.run(produce(broker.bootstrap, [(b.key, encode_batch(b)) for b in traffic]))
@@ -265,18 +265,20 @@ def test_a_worker_killed_between_a_batchs_entries_and_its_head_counts_it_once(br
         assert faulty.proc.wait(300) == -signal.SIGKILL, faulty.log.read_text()[-3000:]
     finally:
         faulty.stop()
-    # What it left: one host's last records are entries of a batch, with no head after them.
-    last = {}
-    for r in changelog_records(broker.bootstrap):  # (each partition's in order)
-        key = json.loads(r.key)
-        last[key if isinstance(key, str) else key[0]] = key
-    assert [key[1:3] for key in last.values() if isinstance(key, list)] == [["aggregate", "series"]], last
+    # A snapshot of each host (its first record), deltas after.
+    keys = [json.loads(r.key) for r in changelog_records(broker.bootstrap)]
+    assert len(keys) == 25
+    assert {k for k in keys if isinstance(k, str)} == {f"host-{h}" for h in range(hosts)}
+    assert any(isinstance(k, list) for k in keys)
     w = Worker(tmp_path, broker.bootstrap, "w", **store_env).start()  # on the same data directory
     try:
         expected = {
-            (f"host-{h}", f"/data/h{h}/d{d}"): 2.0 * per_host for h in range(hosts) for d in range(dirs)
+            (f"host-{h}", f"/data/h{h}/d{d}"): 2.0 * per_host / dirs
+            for h in range(hosts)
+            for d in range(dirs)
         }
         assert wait_for_totals(broker.bootstrap, expected, timeout=300) == expected
+        assert w.metric("ktel_processor_duplicate_batches_total") >= 1  # the batch read again
     finally:
         w.stop()
 
@@ -286,8 +288,8 @@ def file_event(path: str) -> list:
 
 
 def test_a_batch_changing_one_series_of_many_writes_that_series_and_the_head_alone(broker, tmp_path):
-    """A host holding about 2000 series: a batch adding to one of them writes a few
-    hundred bytes to the changelog, not the host's whole state."""
+    """A host holding about 2000 series: a batch adding to one of them writes one
+    changelog record of a few hundred bytes, not the host's whole state."""
     w = Worker(tmp_path, broker.bootstrap, "w").start()
     try:
         many = RawBatch("host-00", "boot", 0, 1, [file_event(f"/data/{i}/x/f") for i in range(1990)])
@@ -296,17 +298,17 @@ def test_a_batch_changing_one_series_of_many_writes_that_series_and_the_head_alo
         assert wait_for_totals(broker.bootstrap, expected) == expected
         before = changelog_records(broker.bootstrap)
         state = sum(len(r.key) + len(r.value) for r in before)
-        assert state > 100_000  # the host's state, written whole once
+        assert state > 100_000  # the host's state, written whole once (its first snapshot)
         one = RawBatch("host-00", "boot", 1, 1, [file_event("/data/7/x/f")] * 3)
         asyncio.run(produce(broker.bootstrap, [(one.key, encode_batch(one))]))
         expected[("host-00", "/data/7/x")] = 4.0
         assert wait_for_totals(broker.bootstrap, expected) == expected
-        written = changelog_records(broker.bootstrap)[len(before) :]
-        assert [json.loads(r.key) for r in written] == [
-            ["host-00", "aggregate", "series", '["file_created_total", [["directory", "/data/7/x"]]]'],
-            "host-00",
+        [delta] = changelog_records(broker.bootstrap)[len(before) :]
+        assert json.loads(delta.key) == ["host-00", 2]  # the host's version 2
+        assert json.loads(delta.value)["set"] == [
+            [["aggregate", "series", '["file_created_total", [["directory", "/data/7/x"]]]'], 4.0]
         ]
-        size = sum(len(r.key) + len(r.value) for r in written)
+        size = len(delta.key) + len(delta.value)
         print(f"changelog: {size} bytes for a batch changing 1 series of 1990 ({state} bytes whole)")
         assert size < 500
     finally:
@@ -480,29 +482,21 @@ def test_a_host_past_its_state_bound_keeps_being_persisted_and_counted(broker, t
         assert w.metric("ktel_processor_heartbeats_total") == 1
         assert w.metric("ktel_processor_series_overflow_total") > 0
         assert w.metric("ktel_processor_batches_total") == 31
-        # Every changelog record fits, and so does the host's state they make; the last
-        # (the first heartbeat's head) holds every batch's dedupe record and the
-        # heartbeat's attributes, and the host's processes were all tombstoned.
+        # Every changelog record fits; the host's state they make holds every batch's
+        # dedupe record, the first heartbeat's attributes and no process.
         records = changelog_records(broker.bootstrap)
-        assert records and all(len(r.value) <= limit for r in records if r.value is not None)
-        assert sum(len(r.key) + len(r.value) for r in latest_records(records)) <= limit
-        last = json.loads(records[-1].value)
+        assert records and all(len(r.value) <= limit for r in records)
+        recovered: dict = {}
+        for r in records:
+            changelog.fold(recovered, json.loads(r.key), json.loads(r.value))
+        last = recovered["host-00"]
         assert last["aggregate"]["seen"] == {"boot": [[0, 30]]}
         assert list(last["enrich"]["boots"]) == ["boot"]
         assert last["enrich"]["boots"]["boot"]["host"]["k27"] == "v" * 1000
-        recovered: dict = {}
-        for r in records:
-            changelog.fold(recovered, json.loads(r.key), None if r.value is None else json.loads(r.value))
-        assert recovered["host-00"]["enrich"]["boots"]["boot"].get("procs", {}) == {}
+        assert last["enrich"]["boots"]["boot"].get("procs") == {}
         assert w.proc.poll() is None
     finally:
         w.stop()
-
-
-def latest_records(records: list) -> list:
-    """Each key's last record, as compaction leaves them, tombstones gone."""
-    last = {r.key: r for r in records}
-    return [r for r in last.values() if r.value is not None]
 
 
 def test_a_window_emits_only_the_series_that_changed(broker, tmp_path):

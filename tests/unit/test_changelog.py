@@ -1,6 +1,6 @@
-"""A host's table value split into changelog records and folded back
-(processors/changelog.py): what recovery makes of any prefix of the records, and
-the counting stage skipping what a partly written batch already counted."""
+"""A host's table value on the changelog as snapshots and deltas, and folded back
+(processors/changelog.py): recovery in offset order, from the on-disk copy's key
+order, after compaction, and after the host was forgotten."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import json
 import random
 
 from ktel import config
-from ktel.wire import FILE_CREATED, HISTOGRAM_DELTA, KTEL_METRIC, PROCESS_EXEC, RawBatch
+from ktel.wire import FILE_CREATED, HISTOGRAM_DELTA, KTEL_METRIC, PROCESS_EXEC, PROCESS_EXIT, RawBatch
 from processors import changelog
 from processors.chain import build
-from processors.stage import MISSING, Touched
+from processors.stage import MISSING
+from processors.stages import Persisted
 
 CFG = config.Config(agent=config.AgentConfig(host_id="t"))
 T = 1_700_000_000_000_000_000
@@ -23,7 +24,8 @@ def file_created(path: str) -> list:
 
 
 def traffic(n: int) -> list[RawBatch]:
-    """Batches of one host touching a few of many series: counters, a gauge, a histogram."""
+    """Batches of one host touching a few of many series (counters, a gauge, a
+    histogram) and starting and ending processes."""
     rng = random.Random(5)
     out = []
     for seq in range(n):
@@ -32,93 +34,111 @@ def traffic(n: int) -> list[RawBatch]:
         if seq % 3 == 0:
             events.append([HISTOGRAM_DELTA.id, 1, 0, "lat", "ns", {"op": "r"}, 2, 30, [1, 1, 0, 0], 1])
         events.append([PROCESS_EXEC.id, 1, 100 + seq, 100 + seq, 1, 0, 0, "p", f"/bin/p{seq}"])
-        out.append(RawBatch("h1", "boot", seq, T + seq, events))
+        if seq > 2:
+            events.append([PROCESS_EXIT.id, 1, 97 + seq, 97 + seq, 1, 0, 0, "p", 0, 0, 0, 0, 0])
+        out.append(RawBatch("h1", "boot", seq, T + seq * 10**10, events))
     return out
 
 
-def written(host: str, value: dict, touched: Touched, mark, rewrite=False) -> list[tuple]:
-    """The records a worker writes for one record's change, as recovery decodes them:
-    the entries', then the head's."""
-    records, _size = changelog.records(host, value, touched, mark, 0, rewrite)
-    out = [(json.loads(k), None if v is None else json.loads(v)) for k, v in records]
-    return [*out, (host, json.loads(json.dumps(changelog.head(value))))]
+class Runner:
+    """What the worker writes for one host (processors/stages.py, ``save``), as
+    recovery decodes it: (key, record)."""
+
+    def __init__(self, process: str = "all"):
+        self.chain = build(process, CFG)
+        self.value: dict = {}
+        self.kept = Persisted(self.value, b"", 0)
+        self.log: list[tuple] = []
+
+    def run(self, batches: list[RawBatch]) -> Runner:
+        for b in batches:
+            result = self.chain.on_batch(self.value, b, 0)
+            if not result.changed:
+                continue
+            v = self.value[changelog.VERSION] = changelog.version(self.value) + 1
+            key = json.loads(changelog.delta_key("h1", v))
+            record: tuple = (key, changelog.delta(self.value, result.touched))
+            if self.kept.snapshot_due(v) or len(json.dumps(record[1])) >= len(json.dumps(self.value)):
+                record = ("h1", self.value)
+                self.kept.snapshot = v
+            self.log.append(json.loads(json.dumps(record)))  # (as decoded from Kafka)
+        return self
 
 
 def persisted(value: dict) -> dict:
-    out = copy.deepcopy(changelog.head(value))
-    for path, entry in changelog.entries(value):
-        changelog.put(out, path, copy.deepcopy(entry))
-    return out
-
-
-def run(process: str, batches: list[RawBatch]) -> tuple[dict, list[tuple]]:
-    chain = build(process, CFG)
-    value: dict = {}
-    log: list[tuple] = []
-    for b in batches:
-        result = chain.on_batch(value, b, 0)
-        if result.changed:
-            log += written("h1", value, result.touched, changelog.mark_of(b))
-    return value, log
+    return json.loads(json.dumps(value))
 
 
 def recover(records: list[tuple]) -> dict:
     data: dict = {}
-    for key, value in copy.deepcopy(records):  # (as decoded from Kafka: objects of their own)
+    for key, value in copy.deepcopy(records):  # (objects of their own, as decoded)
         changelog.fold(data, key, value)
     return data
 
 
-def test_the_records_folded_back_are_the_value_in_write_order_and_in_key_order():
+def compacted_in_key_order(records: list[tuple]) -> list[tuple]:
+    """Each key's last record, as the on-disk copy gives them back to its store
+    (processors/table_store.py): snapshots, then deltas by version."""
+    last = {json.dumps(k): (k, v) for k, v in records}
+    kept = [kv for kv in last.values() if kv[1] is not None]
+    snapshots = [kv for kv in kept if isinstance(kv[0], str)]
+    deltas = sorted((kv for kv in kept if isinstance(kv[0], list)), key=lambda kv: kv[1]["v"])
+    return snapshots + deltas
+
+
+def test_each_batch_writes_one_record_and_a_snapshot_every_slots_versions():
+    runner = Runner().run(traffic(40))
+    assert len(runner.log) == 40
+    snapshots = [i for i, (k, _v) in enumerate(runner.log) if isinstance(k, str)]
+    assert snapshots == [0, 16, 32]
+    assert {tuple(k) for k, _v in runner.log if isinstance(k, list)} == {
+        ("h1", slot) for slot in range(changelog.SLOTS) if slot != 1
+    }
+
+
+def test_the_records_fold_back_to_the_value_after_every_batch_in_any_recovery_order():
     for process in ("all", "aggregate", "enrich"):
-        value, log = run(process, traffic(30))
-        assert persisted(recover(log)["h1"]) == persisted(value)
-        # The on-disk copy keeps each key's last record and gives them in key order.
-        last = {json.dumps(k): (k, v) for k, v in log}
-        assert persisted(recover([last[k] for k in sorted(last)])["h1"]) == persisted(value)
+        batches = traffic(40)
+        runner = Runner(process)
+        for i, b in enumerate(batches):
+            runner.run([b])
+            assert recover(runner.log)["h1"] == persisted(runner.value), (process, i)
+            # Compacted, in the on-disk copy's order: stale deltas of earlier versions stay.
+            assert recover(compacted_in_key_order(runner.log))["h1"] == persisted(runner.value), (process, i)
 
 
-def test_a_batch_changing_one_series_writes_that_series_and_the_head_only():
-    chain = build("aggregate", CFG)
-    value: dict = {}
-    many = RawBatch("h1", "boot", 0, T, [file_created(f"/d{i}/x/f") for i in range(500)])
-    chain.on_batch(value, many, 0)
-    one = RawBatch("h1", "boot", 1, T + 1, [file_created("/d7/x/f")])
-    result = chain.on_batch(value, one, 0)
-    [(key, entry), head] = written("h1", value, result.touched, changelog.mark_of(one))
-    assert key == ["h1", "aggregate", "series", '["file_created_total", [["directory", "/d7/x"]]]']
-    assert entry == [2, ["boot", 1, None]]
-    assert "series" not in head[1]["aggregate"] and "series_bytes" not in head[1]["aggregate"]
+def test_a_batch_changing_one_series_of_many_writes_a_delta_of_that_series():
+    runner = Runner("aggregate")
+    runner.run([RawBatch("h1", "boot", 0, T, [file_created(f"/d{i}/x/f") for i in range(500)])])
+    runner.run([RawBatch("h1", "boot", 1, T + 1, [file_created("/d7/x/f")])])
+    [_snapshot, (key, delta)] = runner.log
+    assert key == ["h1", 2]
+    assert delta["set"] == [[["aggregate", "series", '["file_created_total", [["directory", "/d7/x"]]]'], 2]]
+    assert delta["del"] == [] and "series" not in delta["head"]["aggregate"]
+    assert len(json.dumps(delta)) < 300
 
 
-def test_a_batch_partly_written_before_a_crash_is_counted_once_when_read_again():
-    batches = traffic(12)
-    whole, log = run("all", batches)
-    heads = [i for i, (k, _v) in enumerate(log) if isinstance(k, str)]
-    for crash in range(heads[-2] + 1, heads[-1]):  # after any of the last batch's entries
-        data = recover(log[:crash])
-        value = data["h1"]
-        chain = build("all", CFG)
-        chain.on_batch(value, batches[-1], 0)  # read again: its offset was not committed
-        assert persisted(value)["aggregate"] == persisted(whole)["aggregate"], crash
-        assert changelog.APPLIED not in value["aggregate"]
+def test_a_snapshot_comes_first_and_every_slots_versions():
+    assert Persisted({}, b"", 0).snapshot_due(7)  # (a host's first record here)
+    assert not Persisted({}, b"", 0, snapshot=1).snapshot_due(changelog.SLOTS)
+    assert Persisted({}, b"", 0, snapshot=1).snapshot_due(1 + changelog.SLOTS)
 
 
-def test_parts_of_one_split_batch_are_marked_apart():
-    events = [file_created("/a/x/f"), file_created("/b/x/f")]
-    first = RawBatch("h1", "boot", 4, T, events[:1], part=(0, 2))
-    second = RawBatch("h1", "boot", 4, T, events[1:], part=(1, 2))
-    assert changelog.mark_of(first) != changelog.mark_of(second)
-    assert changelog.mark_of(RawBatch("h1", "boot", 4, T, events)) == ("boot", 4, None)
+def test_a_forgotten_host_leaves_nothing_to_recover_and_starts_afresh():
+    runner = Runner().run(traffic(20))
+    tombstones: list[tuple] = [(["h1", slot], None) for slot in range(changelog.SLOTS)] + [("h1", None)]
+    assert recover(runner.log + tombstones) == {}
+    assert recover(compacted_in_key_order(runner.log + tombstones)) == {}
+    again = Runner().run(traffic(3))
+    assert recover(runner.log + tombstones + again.log)["h1"] == persisted(again.value)
 
 
-def test_a_forgotten_host_leaves_nothing_to_recover():
-    value, log = run("all", traffic(5))
-    tombstones = [(["h1", *path], None) for path, _ in changelog.entries(value)] + [("h1", None)]
-    assert recover(log + tombstones) == {}
-    # Back again afterwards, it starts afresh.
-    again, more = run("aggregate", traffic(1))
-    assert persisted(recover(log + tombstones + more)["h1"]) == persisted(again)
+def test_a_value_an_older_ktel_wrote_whole_is_a_snapshot_of_version_0():
+    runner = Runner().run(traffic(4))
+    older = persisted(runner.value)
+    del older["v"]
+    delta = (["h1", 1], {"v": 1, "head": {"aggregate": {"seen": {}}}, "set": [], "del": []})
+    assert recover([("h1", older), delta])["h1"]["aggregate"]["seen"] == {}
 
 
 def test_a_refused_record_puts_back_the_head_and_the_entries_it_changed():
@@ -127,19 +147,18 @@ def test_a_refused_record_puts_back_the_head_and_the_entries_it_changed():
     for b in traffic(4):
         chain.on_batch(value, b, 0)
     before = persisted(value)
-    head = json.loads(json.dumps(changelog.head(value)))
+    head = persisted(changelog.head(value))
     result = chain.on_batch(value, traffic(6)[5], 0)
     assert any(old is MISSING for old in result.touched.values())  # new series and processes
+    assert any(old is not MISSING for old in result.touched.values())
     assert persisted(changelog.restored(head, value, result.touched)) == before
 
 
-def test_the_sizes_follow_what_the_entries_take():
-    value, _log = run("all", traffic(8))
-    records, total = changelog.records("h1", value, Touched(), ("boot", 9, None), 0, rewrite=True)
-    assert total == 0  # only changes count here: a rewrite leaves the size as it was
-    assert len(records) == len(list(changelog.entries(value)))
-    measured = sum(changelog.size("h1", p, e) for p, e in changelog.entries(value))
-    chain = build("all", CFG)
-    result = chain.on_batch(value, traffic(9)[8], 0)
-    _records, after = changelog.records("h1", value, result.touched, ("boot", 8, None), measured, False)
-    assert after == sum(changelog.size("h1", p, e) for p, e in changelog.entries(value))
+def test_what_the_entries_take_follows_each_record():
+    runner = Runner().run(traffic(8))
+    total = sum(changelog.size("h1", p, e) for p, e in changelog.entries(runner.value))
+    chain = runner.chain
+    for b in traffic(30)[8:]:
+        result = chain.on_batch(runner.value, b, 0)
+        total = changelog.entries_size("h1", runner.value, result.touched, total)
+        assert total == sum(changelog.size("h1", p, e) for p, e in changelog.entries(runner.value))
