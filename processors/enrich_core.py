@@ -22,9 +22,8 @@ State per host (JSON-able, one value of the stage's Faust table)::
      "exits": [[boot_id, str(pid), sent_ns], ...],   # exits awaiting their grace, oldest first
      "bytes": int}                       # at least what the rest takes encoded (see bound)
 
-Each process and each container is a changelog record of its own, written when a
-record changes it (``touched``: processors/changelog.py); the rest of the value is
-one record.
+A record's changelog delta carries the processes and containers it changed
+(``touched``), not the others (processors/changelog.py).
 
 Host attributes and processes are kept per boot: pids start again at every
 boot and a reboot may change the kernel (``os.version``), so a batch an agent

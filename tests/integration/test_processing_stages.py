@@ -287,7 +287,7 @@ def file_event(path: str) -> list:
     return [FILE_CREATED.id, 1, 2, 2, 0, "w", path, 0o101, False]
 
 
-def test_a_batch_changing_one_series_of_many_writes_that_series_and_the_head_alone(broker, tmp_path):
+def test_a_batch_changing_one_series_of_many_writes_a_delta_of_that_series(broker, tmp_path):
     """A host holding about 2000 series: a batch adding to one of them writes one
     changelog record of a few hundred bytes, not the host's whole state."""
     w = Worker(tmp_path, broker.bootstrap, "w").start()
