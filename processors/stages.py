@@ -3,9 +3,9 @@
 Each worker runs one chain of stage cores (processors/chain.py; the shape
 they share: processors/stage.py): every record of its source topic decoded
 and given to the chain, what it changed of the host's table value written to
-the changelog (one record: processors/changelog.py), what the chain emitted sent to its topics, the batch it
-passed on sent to the next stage's topic, and each stage's window work on its
-timer.
+the changelog (one record: processors/changelog.py), what the chain emitted
+sent to its topics, the batch it passed on sent to the next stage's topic, and
+each stage's window work on its timer.
 
 Split mode, each stage its own Faust app and consumer group, scaled by
 starting more workers of it::
