@@ -1,11 +1,13 @@
 """Pure core of the aggregate stage: raw batches -> per-host cumulative series.
 
-State per host (one JSON-able dict, stored as one Faust table value so that the
-dedupe record and the counts change together in one changelog message)::
+State per host (one JSON-able dict in the host's Faust table value)::
 
     {"seen": {boot_id: [[lo, hi], ...]},       # processors/dedupe_core.py guarding this stage
      "series": {series_key: cumulative_value},
      "series_bytes": int}                      # what the series may take encoded, see below
+
+A batch's changelog record carries the series it changed, not all of them
+(processors/changelog.py).
 
 Which counter an event adds to is what its kind declares (``EventKind.metric``,
 ktel/probes/): the counter's name and the fields its labels take their values
@@ -23,8 +25,8 @@ since this worker last emitted them, plus those due for a refresh every
 writes follow activity rather than every series ever seen.
 
 Cardinality: each host keeps at most ``max_series`` series, taking at most
-``max_series_bytes`` JSON-encoded (half of ``process.max_state_bytes``: the host's
-whole table value is one changelog record, which Kafka bounds). Events that would
+``max_series_bytes`` JSON-encoded (half of ``process.max_state_bytes``, what a host
+may hold). Events that would
 create more are counted in one overflow series per metric carrying the label
 ``otel.metric.overflow="true"``, as the OpenTelemetry metrics SDK does; the
 overflow series have the last eighth of the bytes to themselves, and events of a
@@ -74,7 +76,7 @@ from ktel.wire import (
     SpanBatch,
     log2_bounds,
 )
-from processors.stage import FromConfig, Result, Stage, State
+from processors.stage import FromConfig, Result, Stage, State, Touched
 
 if TYPE_CHECKING:
     from ktel.config import AggregateConfig
@@ -106,6 +108,7 @@ class Outcome:
     counted: float = 0
     overflowed: float = 0
     dropped: float = 0  # no room even in the overflow series
+    touched: Touched = dataclasses.field(default_factory=Touched)  # the series it changed
 
 
 @dataclasses.dataclass
@@ -144,7 +147,7 @@ class Aggregate(Stage):
         counts = {"events": out.counted, "overflowed": out.overflowed}
         if out.dropped:
             counts["series_dropped"] = out.dropped
-        return Result(batch, changed=True, spans=spans, logs=logs, counts=counts)
+        return Result(batch, changed=True, touched=out.touched, spans=spans, logs=logs, counts=counts)
 
     def on_window(self, states: dict[str, State], now_ms: int, share: float) -> Result:
         """Each host's snapshot of the series whose value changed since this worker last
@@ -316,10 +319,12 @@ def add(state: dict[str, Any], batch: RawBatch, opts: Options) -> Outcome:
     if "series_bytes" not in state:  # a state from before the byte bound
         state["series_bytes"] = sum(series_bytes(k, _numbers(v)) for k, v in series.items())
     out = Outcome()
+    touch = out.touched.touch
     counts, hists, gauges = count_events(batch, opts)
     for key, value in gauges.items():
         key = _admit(state, key, 1, opts, out, 0)
         if key and _fits(series.get(key), "gauge", 0):
+            touch(series, ("series", key))
             series[key] = {"gauge": value}
     for key, n in counts.items():
         key = _admit(state, key, 1, opts, out, n)
@@ -328,6 +333,7 @@ def add(state: dict[str, Any], batch: RawBatch, opts: Options) -> Outcome:
         if not _fits(series.get(key), "counter", 0):
             out.dropped += n
             continue
+        touch(series, ("series", key))
         series[key] = series.get(key, 0) + n
         out.counted += n
     for key, delta in hists.items():
@@ -337,7 +343,9 @@ def add(state: dict[str, Any], batch: RawBatch, opts: Options) -> Outcome:
         h = series.get(key)
         if not _fits(h, "histogram", len(delta["buckets"])):
             out.dropped += delta["count"]
-        elif h is None:
+            continue
+        touch(series, ("series", key))
+        if h is None:
             series[key] = delta
             out.counted += delta["count"]
         else:

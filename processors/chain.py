@@ -25,7 +25,7 @@ from processors.aggregate_core import Aggregate
 from processors.dedupe_core import Dedupe
 from processors.enrich_core import Enrich
 from processors.sample_core import Sample
-from processors.stage import Result, Stage, State
+from processors.stage import Result, Stage, State, Touched
 
 PROCESSES = {
     "dedupe": ("dedupe",),
@@ -55,7 +55,11 @@ class Chain:
                 break
             if not stage.durable:
                 result.undo.append(self._restorer(stage, batch.host_id))
-            result.then(stage.on_batch(self._state(stage, value, batch.host_id), result.batch, now_ms))
+            result.then(
+                self._rooted(
+                    stage, stage.on_batch(self._state(stage, value, batch.host_id), result.batch, now_ms)
+                )
+            )
         return result
 
     def on_heartbeat(self, value: State, host_id: str, heartbeat: dict[str, Any]) -> Result:
@@ -64,7 +68,9 @@ class Chain:
         result = Result()
         for stage in self.stages:
             if stage.heartbeats:
-                result.then(stage.on_heartbeat(self._state(stage, value, host_id), heartbeat))
+                result.then(
+                    self._rooted(stage, stage.on_heartbeat(self._state(stage, value, host_id), heartbeat))
+                )
         return result
 
     def timed(self) -> list[Stage]:
@@ -91,6 +97,13 @@ class Chain:
                 states[host_id] = was
 
         return restore
+
+    def _rooted(self, stage: Stage, result: Result) -> Result:
+        """``result`` with the entries it touched named from the host's value, not the
+        stage's section."""
+        if result.touched:
+            result.touched = Touched({(stage.section, *path): v for path, v in result.touched.items()})
+        return result
 
     def _state(self, stage: Stage, value: State, host_id: str) -> State:
         if stage.durable:

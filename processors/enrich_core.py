@@ -22,6 +22,9 @@ State per host (JSON-able, one value of the stage's Faust table)::
      "exits": [[boot_id, str(pid), sent_ns], ...],   # exits awaiting their grace, oldest first
      "bytes": int}                       # at least what the rest takes encoded (see bound)
 
+A record's changelog delta carries the processes and containers it changed
+(``touched``), not the others (processors/changelog.py).
+
 Host attributes and processes are kept per boot: pids start again at every
 boot and a reboot may change the kernel (``os.version``), so a batch an agent
 spooled before a reboot and sends after it must not get the new boot's
@@ -68,7 +71,7 @@ from opentelemetry.semconv._incubating.attributes.process_attributes import (
 
 from ktel.wire import PID_INDEXES, PROCESS_EXEC, PROCESS_EXIT, RawBatch
 from processors.dedupe_core import MAX_BOOTS
-from processors.stage import FromConfig, Result, Stage, State
+from processors.stage import FromConfig, Result, Stage, State, Touched
 
 if TYPE_CHECKING:
     from ktel.config import EnrichConfig
@@ -115,6 +118,7 @@ class Evicted:
 class Outcome:
     batch: RawBatch
     changed: bool = False  # the state changed in a way worth persisting (not just LRU order)
+    touched: Touched = dataclasses.field(default_factory=Touched)  # the processes and containers it changed
     evicted: Evicted = dataclasses.field(default_factory=Evicted)
     processes: int = 0  # processes known for this host after the batch
 
@@ -145,7 +149,7 @@ class Enrich(Stage):
     def on_batch(self, state: State, batch: RawBatch, now_ms: int) -> Result:
         out = enrich(state, batch, self.feed.feed, self.opts)
         # Only the LRU order changed otherwise: not worth a changelog record.
-        result = Result(out.batch, changed=out.changed, counts=out.evicted.counts())
+        result = Result(out.batch, changed=out.changed, touched=out.touched, counts=out.evicted.counts())
         self._known(batch.host_id, out.processes, result)
         return result
 
@@ -154,9 +158,12 @@ class Enrich(Stage):
         return Result()
 
     def on_heartbeat(self, state: State, heartbeat: dict[str, Any]) -> Result:
-        if not observe_heartbeat(state, heartbeat):
+        touched = Touched()
+        if not observe_heartbeat(state, heartbeat, touched):
             return Result()
-        result = Result(changed=True, counts=bound(state, self.opts).counts())
+        result = Result(
+            changed=True, touched=touched, counts=bound(state, self.opts, touched=touched).counts()
+        )
         self._known(heartbeat["host"]["host.id"], known_processes(state), result)
         return result
 
@@ -183,9 +190,11 @@ class Enrich(Stage):
             log.info("metadata feed %s: %d cgroups", self.feed.path, self.feed.entries)
 
 
-def observe_heartbeat(state: dict[str, Any], heartbeat: dict[str, Any]) -> bool:
+def observe_heartbeat(
+    state: dict[str, Any], heartbeat: dict[str, Any], touched: Touched | None = None
+) -> bool:
     """Take a decoded heartbeat's host, container and pod attributes; False if
-    it changed nothing.
+    it changed nothing. The containers it changes are added to ``touched``.
 
     A heartbeat older than the one already taken for its boot (redelivered, or
     overtaken) is ignored, so the latest always wins. One without ``boot.id``
@@ -195,7 +204,8 @@ def observe_heartbeat(state: dict[str, Any], heartbeat: dict[str, Any]) -> bool:
     boot_id = host.get("boot.id")
     if not isinstance(boot_id, str):
         return False
-    boot = _boot(state, boot_id)
+    touched = Touched() if touched is None else touched
+    boot = _boot(state, boot_id, touched)
     if boot.get("hb", -1) > heartbeat["ts"]:
         return False
     attrs = {k: v for k, v in host.items() if isinstance(v, str | int | float | bool)}
@@ -212,6 +222,9 @@ def observe_heartbeat(state: dict[str, Any], heartbeat: dict[str, Any]) -> bool:
     if (boot.get("hb"), boot.get("host"), kept) == (heartbeat["ts"], attrs, merged):
         return False
     boot["hb"], boot["host"] = heartbeat["ts"], attrs
+    for cg, container in listed.items():
+        if kept.get(cg) != container:
+            touched.touch(kept, ("boots", boot_id, "containers", cg))
     if merged:
         boot["containers"] = merged
     return True
@@ -224,10 +237,11 @@ def enrich(state: dict[str, Any], batch: RawBatch, feed: Metadata, opts: Options
     looked up, so every event of the batch sees its processes' attributes.
     """
     out = Outcome(batch)
-    out.changed = _expire_exits(state, batch.sent_ns, opts)
+    out.changed = _expire_exits(state, batch.sent_ns, opts, out.touched)
     out.changed |= batch.boot_id not in state.get("boots", {})  # (a boot's first batch)
-    boot = _boot(state, batch.boot_id)
+    boot = _boot(state, batch.boot_id, out.touched)
     procs: dict[str, dict[str, Any]] = boot.setdefault("procs", {})
+    at = ("boots", batch.boot_id, "procs")
     named: set[int] = set()
     exec_id, exit_id = PROCESS_EXEC.id, PROCESS_EXIT.id
     # At least what the events below add to the section encoded: each entry they
@@ -239,6 +253,7 @@ def enrich(state: dict[str, Any], batch: RawBatch, feed: Metadata, opts: Options
             named.add(ev[i])
         if kind == exec_id:
             _ts, pid, _tid, ppid, uid, cg, comm, filename = ev[1:]
+            out.touched.touch(procs, (*at, str(pid)))
             procs.pop(str(pid), None)  # a new program (or a reused pid): nothing of the old one holds
             entry = procs[str(pid)] = _known(ppid=ppid, comm=comm, exe=filename, uid=uid, cg=cg)
             grown += _entry_size(str(pid), entry) + 1  # (and its comma)
@@ -246,6 +261,7 @@ def enrich(state: dict[str, Any], batch: RawBatch, feed: Metadata, opts: Options
         elif kind == exit_id:
             _ts, pid, _tid, ppid, uid, cg, _comm = ev[1:8]
             # The exit's comm is its last thread's, which may not be the program's name.
+            out.touched.touch(procs, (*at, str(pid)))
             entry = procs.setdefault(str(pid), {})
             for name, value in _known(ppid=ppid, uid=uid, cg=cg).items():
                 entry.setdefault(name, value)  # what the exec said stays
@@ -268,7 +284,7 @@ def enrich(state: dict[str, Any], batch: RawBatch, feed: Metadata, opts: Options
     out.batch = dataclasses.replace(batch, resource=resource, processes=processes)
 
     if out.changed:  # (naming known processes only reorders them: nothing grows)
-        out.evicted = bound(state, opts, grown)
+        out.evicted = bound(state, opts, grown, out.touched)
     out.processes = known_processes(state)
     return out
 
@@ -277,13 +293,18 @@ def known_processes(state: dict[str, Any]) -> int:
     return sum(len(b.get("procs", {})) for b in state.get("boots", {}).values())
 
 
-def _boot(state: dict[str, Any], boot_id: str) -> dict[str, Any]:
+def _boot(state: dict[str, Any], boot_id: str, touched: Touched) -> dict[str, Any]:
     boots = state.setdefault("boots", {})
     boot = boots.get(boot_id)
     if boot is None:
         boot = boots[boot_id] = {}
         while len(boots) > MAX_BOOTS:
-            del boots[next(iter(boots))]  # dicts keep insertion order: oldest first
+            old = next(iter(boots))  # dicts keep insertion order: oldest first
+            for table in ("procs", "containers"):
+                entries = boots[old].get(table, {})
+                for key in entries:
+                    touched.touch(entries, ("boots", old, table, key))
+            del boots[old]
     return boot
 
 
@@ -331,7 +352,7 @@ def _attributes(
     return attrs
 
 
-def _expire_exits(state: dict[str, Any], now_ns: int, opts: Options) -> bool:
+def _expire_exits(state: dict[str, Any], now_ns: int, opts: Options, touched: Touched) -> bool:
     exits = state.get("exits", [])
     grace_ns = int(opts.exit_grace_seconds * 1e9)
     boots = state.get("boots", {})
@@ -342,15 +363,20 @@ def _expire_exits(state: dict[str, Any], now_ns: int, opts: Options) -> bool:
         boot_id, pid, exit_ns = exits[n]
         # Only if this exit is still the entry's: an exec may have reused the pid since.
         if _exit_pending(boots, boot_id, pid, exit_ns):
-            del boots[boot_id]["procs"][pid]
+            procs = boots[boot_id]["procs"]
+            touched.touch(procs, ("boots", boot_id, "procs", pid))
+            del procs[pid]
         n += 1
     if n:
         del exits[:n]
     return n > 0
 
 
-def bound(state: dict[str, Any], opts: Options, grown: int | None = None) -> Evicted:
-    """Evict what is past the bounds (see the module doc) from a host's state.
+def bound(
+    state: dict[str, Any], opts: Options, grown: int | None = None, touched: Touched | None = None
+) -> Evicted:
+    """Evict what is past the bounds (see the module doc) from a host's state; what
+    it evicts is added to ``touched``.
 
     ``grown``: at most how many bytes the section grew since it was last bounded,
     when known. Its size is kept in ``bytes``, at least what the rest of the section
@@ -366,13 +392,15 @@ def bound(state: dict[str, Any], opts: Options, grown: int | None = None) -> Evi
         size = encoded_size(state)
     else:
         size += grown
+    touched = Touched() if touched is None else touched
     for table in ("procs", "containers"):
-        for boot in boots.values():  # oldest boot first
+        for boot_id, boot in boots.items():  # oldest boot first
             entries = boot.get(table, {})
             while entries and (
                 size > opts.max_table_bytes or (excess if table == "procs" else excess_containers) > 0
             ):
                 key = next(iter(entries))  # dicts keep insertion order: least recent first
+                touched.touch(entries, ("boots", boot_id, table, key))
                 size -= _entry_size(key, entries.pop(key))
                 if table == "procs":
                     excess -= 1

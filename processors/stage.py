@@ -19,7 +19,8 @@ per-host state in a JSON-able dict it is handed, and answers:
 
 Where the state lives is the stage's ``durable``: True, in ``section`` of the
 host's table value, which goes to the changelog whenever a batch's ``changed``
-is set; False, in the worker's memory, relearnt after a restart or a
+is set (of its big maps only the entries the stage reports in ``Result.touched``:
+processors/changelog.py); False, in the worker's memory, relearnt after a restart or a
 rebalance (the sample stage's rates, which timers change and Faust lets only
 streams write to a table). ``now_ms`` is the worker's clock, for the stages
 that keep time by it (sample); the others go by the batches' own times so the
@@ -34,6 +35,7 @@ enrich process count) adds to its ``Result.undo`` how to take its change back.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable
 from typing import Any, ClassVar, Self
@@ -43,6 +45,22 @@ from pydantic import BaseModel
 from ktel.wire import ControlCommand, LogBatch, MetricSnapshot, RawBatch, SpanBatch
 
 State = dict[str, Any]
+# An entry's value before a record changed it, when it had none.
+MISSING: Any = type("Missing", (), {"__repr__": lambda self: "MISSING"})()
+
+
+class Touched(dict[tuple[str, ...], Any]):
+    """The entries of a host's entry maps (processors/changelog.py) a record changed:
+    path (from the stage's section, or from the host's value once the chain has them)
+    -> the entry's value before, MISSING if it had none. The record's changelog
+    delta carries these entries alone, and the runner puts them back for a record
+    it refuses."""
+
+    def touch(self, table: dict[str, Any], path: tuple[str, ...]) -> None:
+        """The entry ``path[-1]`` of ``table`` (at ``path``) is about to change."""
+        if path not in self:  # its value before the record, not before a later change
+            was = table.get(path[-1], MISSING)
+            self[path] = was if was is MISSING else copy.deepcopy(was)
 
 
 @dataclasses.dataclass
@@ -51,6 +69,7 @@ class Result:
 
     batch: RawBatch | None = None  # passed on to the next stage or topic; None: dropped
     changed: bool = False  # the host's state changed in a way worth a changelog record
+    touched: Touched = dataclasses.field(default_factory=Touched)  # which entries (see Touched)
     # Why a stage refuses the batch (its state unchanged): the runner dead-letters it.
     refused: str | None = None
     # Hosts a stage is done with (gone silent): the runner deletes their table values.
@@ -74,6 +93,8 @@ class Result:
         """This result followed by a later stage's (which got this one's batch)."""
         self.batch = later.batch
         self.changed |= later.changed
+        for path, before in later.touched.items():
+            self.touched.setdefault(path, before)
         self.refused = self.refused or later.refused
         self.forget += later.forget
         self.snapshots += later.snapshots

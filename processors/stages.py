@@ -2,10 +2,10 @@
 
 Each worker runs one chain of stage cores (processors/chain.py; the shape
 they share: processors/stage.py): every record of its source topic decoded
-and given to the chain, the host's table value written to the changelog when
-the chain changed it, what the chain emitted sent to its topics, the batch it
-passed on sent to the next stage's topic, and each stage's window work on its
-timer.
+and given to the chain, what it changed of the host's table value written to
+the changelog (one record: processors/changelog.py), what the chain emitted
+sent to its topics, the batch it passed on sent to the next stage's topic, and
+each stage's window work on its timer.
 
 Split mode, each stage its own Faust app and consumer group, scaled by
 starting more workers of it::
@@ -33,8 +33,9 @@ Records are untrusted (docs/design.md, principle 11): one that does not decode,
 whose key is not its host id, or that a stage refuses (processors/dedupe_core.py)
 goes to ktel.dlq with the reason, and the host's state is left as it was. So
 does one that would grow the host's table value past ``process.max_state_bytes``
-encoded: Kafka refuses a changelog record above its ``max.message.bytes``, and
-every later batch of that host would then fail to persist. The stages keep their
+encoded (its head and its entries, ``Persisted``): what a host may hold in a
+worker's memory, and what its snapshot record takes, which Kafka bounds
+(``max.message.bytes``). The stages keep their
 own parts within it (the aggregate's series take at most half, the enrich stage's
 process and container tables 3/8, see processors/aggregate_core.py and
 processors/enrich_core.py); this bound catches whatever else grows, and such a
@@ -42,7 +43,8 @@ record leaves the worker's own state (the sampler's rates, the process gauge) as
 it was too (``Result.undo``). Window
 work sees only the hosts of the partitions this worker holds now, and a host a
 stage is done with (aggregate.host_ttl_seconds) has its table value deleted: a
-tombstone on the changelog, so a worker that recovers the table forgets it too.
+tombstone on the changelog for its snapshot and each delta key, so a worker that
+recovers the table forgets it too.
 The enrich stage keeps no counts and passes a redelivered batch on (the
 aggregate stage drops it); it takes heartbeats into the same table, which is
 why ``ktel.heartbeats`` is partitioned like ``ktel.raw``.
@@ -52,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import functools
 import logging
 import time
@@ -83,13 +86,14 @@ from ktel.wire import (
     encode_spans,
 )
 from ktel.wire.topics import Topics
+from processors import changelog
 from processors.chain import build
 from processors.faust_app import App
 from processors.fleet_metrics import FleetMetrics
 from processors.stage import Result, Stage
 from processors.stop import Worker, stop
+from processors.table_store import MEMORY_URL, DiskBackedStore
 from processors.table_store import URL as DISK_BACKED_URL
-from processors.table_store import DiskBackedStore
 
 log = logging.getLogger("ktel.process")
 
@@ -173,9 +177,10 @@ COUNTED: dict[str, tuple[Counter | Gauge, tuple[str, ...]]] = {
 KIND_COUNTED: dict[str, Counter] = {"sampler_emitted": SAMPLER_EMITTED, "sampler_kept": SAMPLER_KEPT}
 
 
-async def persist(table: Any, key: str, value: dict[str, Any], data: bytes) -> None:
-    """``table[key] = value``, with the changelog record handed to the Kafka producer
-    before the stream moves on, so before the source offset can be committed.
+async def persist(table: Any, key: str, value: dict[str, Any], record_key: bytes, record: bytes) -> None:
+    """``table[key] = value``, with its changelog record (a snapshot or a delta,
+    processors/changelog.py) handed to the Kafka producer before the stream moves on,
+    so before the source offset can be committed.
 
     Faust's own ``table[key] = value`` queues the record in its ProducerBuffer,
     and the producer flush that precedes every offset commit can return while the
@@ -188,20 +193,25 @@ async def persist(table: Any, key: str, value: dict[str, Any], data: bytes) -> N
     would hold the record back until the commit.
 
     Otherwise this is Faust's own write (``Table.on_key_set``), minus the key TTL of
-    windowed tables, which this one is not. ``data`` is ``value`` encoded as the
-    table encodes it (``encoded``), already measured against process.max_state_bytes.
+    windowed tables, which this one is not. ``record`` is encoded as the table
+    encodes values (``encoded``), ``value`` already measured against
+    process.max_state_bytes.
     """
     table.data[key] = value
-    key_bytes = table.data._encode_key(key)
-    await table.changelog_topic.send(
-        key=key_bytes,
-        value=data,
-        partition=table.partition_for_key(key),  # the event's partition: the table is co-partitioned
-        key_serializer="raw",
-        value_serializer="raw",  # encoded by the table's own serializer (encoded)
-        callback=on_changelog_acked(table, key_bytes, data),
-    )
+    # The event's partition: the table is co-partitioned.
+    await send(table, record_key, record, table.partition_for_key(key))
     table._sensor_on_set(table, key, value)
+
+
+async def send(table: Any, key: bytes, value: bytes | None, partition: int) -> None:
+    await table.changelog_topic.send(
+        key=key,
+        value=value,
+        partition=partition,
+        key_serializer="raw",
+        value_serializer="raw",  # already encoded; None as is: a tombstone (as Faust's own delete)
+        callback=on_changelog_acked(table, key, value),
+    )
 
 
 def encoded(table: Any, value: dict[str, Any]) -> bytes:
@@ -213,6 +223,22 @@ def decoded(table: Any, data: bytes) -> dict[str, Any]:
     return codecs.loads(table.value_serializer, data)
 
 
+@dataclasses.dataclass
+class Persisted:
+    """What of a host's table value is on the changelog, as this worker wrote or found it."""
+
+    value: dict[str, Any]  # the value (the object itself)
+    head: bytes  # its head encoded
+    entries: int  # what its entries take (changelog.size), summed
+    # The version of its last snapshot (None: unknown here, the next record is one).
+    snapshot: int | None = None
+
+    def snapshot_due(self, v: int) -> bool:
+        """Whether the record of version ``v`` must be a snapshot: the delta keys are
+        those of the versions since the last one."""
+        return self.snapshot is None or v - self.snapshot >= changelog.SLOTS
+
+
 def on_changelog_acked(table: Any, key: bytes, value: bytes | None) -> Any:
     """What a changelog send calls once Kafka has the record: the on-disk store copies
     it (processors/table_store.py); the memory store has nothing to do."""
@@ -222,7 +248,7 @@ def on_changelog_acked(table: Any, key: bytes, value: bytes | None) -> Any:
 
 
 # process.table_store -> the Faust store URL of the stages' table.
-STORES = {"memory": "memory://", "rocksdict": DISK_BACKED_URL}
+STORES = {"memory": MEMORY_URL, "rocksdict": DISK_BACKED_URL}
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -233,18 +259,14 @@ def partition_of(key: str, partitions: int) -> int:
 
 
 async def forget(table: Any, key: str, partitions: int) -> None:
-    """Delete a host's table value outside a stream: a tombstone to its changelog
-    partition, which ``persist`` cannot name without the record being processed."""
+    """Delete a host's table value outside a stream: a tombstone for each of its delta
+    keys and its snapshot, to its changelog partition, which ``persist`` cannot name
+    without the record being processed."""
     table.data.pop(key, None)
-    key_bytes = table.data._encode_key(key)
-    await table.changelog_topic.send(
-        key=key_bytes,
-        value=None,
-        partition=partition_of(key, partitions),
-        key_serializer="raw",
-        value_serializer="raw",  # None as is: a tombstone (as Faust's own delete sends it)
-        callback=on_changelog_acked(table, key_bytes, None),
-    )
+    partition = partition_of(key, partitions)
+    for slot in range(changelog.SLOTS):
+        await send(table, changelog.delta_key(key, slot), None, partition)
+    await send(table, table.data._encode_key(key), None, partition)
 
 
 def make_app(cfg: Config, stage: str) -> faust.App:
@@ -296,40 +318,49 @@ def make_app(cfg: Config, stage: str) -> faust.App:
     if chain.durable:
         hosts = app.Table("host-state", default=dict, partitions=cfg.kafka.raw_partitions)
     limit = cfg.process.max_state_bytes
-    # host id -> (its table value, that value as last persisted): what a record that
-    # would grow the value past the limit leaves behind. Kept with the value object
-    # itself, so a value recovered from the changelog since (a rebalance) is never
-    # mistaken for it; emptied when partitions go, so hosts another worker took over
-    # cost nothing here.
-    persisted: dict[str, tuple[dict[str, Any], bytes]] = {}
+    # host id -> what of its table value is on the changelog: what a record that would
+    # grow the value past the limit leaves behind, and what the value takes. Kept with
+    # the value object itself, so a value recovered from the changelog since (a
+    # rebalance) is never mistaken for it; emptied when partitions go, so hosts another
+    # worker took over cost nothing here.
+    persisted: dict[str, Persisted] = {}
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # (mode types handlers narrower than it calls them)
     def forget_persisted(_app: Any, *_revoked: Any, signal: Any, **_kwargs: Any) -> None:
-        persisted.clear()  # the hosts still here are encoded again at their next record
+        persisted.clear()  # the hosts still here are measured again at their next record
 
-    def as_persisted(host_id: str, value: dict[str, Any]) -> bytes:
+    def as_persisted(host_id: str, value: dict[str, Any]) -> Persisted:
         kept = persisted.get(host_id)
-        if kept is None or kept[0] is not value:
-            kept = persisted[host_id] = (value, encoded(hosts, value))
-        return kept[1]
+        if kept is None or kept.value is not value:
+            entries = sum(changelog.size(host_id, path, e) for path, e in changelog.entries(value))
+            kept = persisted[host_id] = Persisted(value, encoded(hosts, changelog.head(value)), entries)
+        return kept
 
-    async def save(event: Any, host_id: str, value: dict[str, Any], before: bytes, result: Result) -> bool:
-        """Persist the host's value ``result`` changed, or, past the limit, put back
-        ``before`` and what else the record changed, and dead-letter it (False)."""
-        data = encoded(hosts, value)
-        if len(data) > limit:
-            restored = decoded(hosts, before)
+    async def save(event: Any, host_id: str, value: dict[str, Any], result: Result) -> bool:
+        """Persist what ``result`` changed of the host's value, or, past the limit, put
+        back what the record changed and dead-letter it (False)."""
+        kept = as_persisted(host_id, value)
+        v = value[changelog.VERSION] = changelog.version(value) + 1
+        head = encoded(hosts, changelog.head(value))
+        entries = changelog.entries_size(host_id, value, result.touched, kept.entries)
+        if len(head) + entries > limit:
+            restored = changelog.restored(decoded(hosts, kept.head), value, result.touched)
             hosts.data[host_id] = restored
-            persisted[host_id] = (restored, before)
+            persisted[host_id] = dataclasses.replace(kept, value=restored)
             result.revert()  # (before any await: no other record has run since)
             await dead_letter(
                 event,
-                f"host {host_id!r:.60}: its state would take {len(data)} bytes encoded, over "
-                f"process.max_state_bytes = {limit} (a changelog record Kafka must take)",
+                f"host {host_id!r:.60}: its state would take {len(head) + entries} bytes encoded, over "
+                f"process.max_state_bytes = {limit}",
             )
             return False
-        await persist(hosts, host_id, value, data)
-        persisted[host_id] = (value, data)
+        key = changelog.delta_key(host_id, v)
+        record = None if kept.snapshot_due(v) else encoded(hosts, changelog.delta(value, result.touched))
+        if record is None or len(record) >= len(head) + entries:  # (a delta no smaller than the value)
+            key, record = hosts.data._encode_key(host_id), encoded(hosts, value)
+            kept.snapshot = v
+        await persist(hosts, host_id, value, key, record)
+        kept.head, kept.entries = head, entries
         return True
 
     async def dead_letter(event: Any, err: WireError | str) -> None:
@@ -374,14 +405,15 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             await dead_letter(event, err)
             return
         value = hosts[batch.host_id] if chain.durable else {}
-        before = as_persisted(batch.host_id, value) if chain.durable else b""
+        if chain.durable:
+            as_persisted(batch.host_id, value)  # (what a refused record puts back)
         result = chain.on_batch(value, batch, time.time_ns() // 1_000_000)
         if result.refused is not None:
             result.revert()  # (the stages leave the table value as it was themselves)
             await dead_letter(event, result.refused)
             return
         # (only stages that keep state change it)
-        if result.changed and not await save(event, batch.host_id, value, before, result):
+        if result.changed and not await save(event, batch.host_id, value, result):
             return
         if result.batch is not None:  # (not a duplicate)
             BATCHES.labels(stage).inc()
@@ -400,9 +432,9 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             await dead_letter(event, err)
             return
         value = hosts[host_id]
-        before = as_persisted(host_id, value)
+        as_persisted(host_id, value)
         result = chain.on_heartbeat(value, host_id, cast(dict[str, Any], hb))  # (JSON to the stages)
-        if result.changed and not await save(event, host_id, value, before, result):
+        if result.changed and not await save(event, host_id, value, result):
             return
         HEARTBEATS.labels(stage).inc()
         FLEET.observe(host_id, hb)

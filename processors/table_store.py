@@ -1,6 +1,8 @@
-"""The stages' table store when ``process.table_store = "rocksdict"``: the hosts' state
-in memory, as with Faust's ``memory://``, plus an on-disk copy of the changelog, so a
-restarted worker reads only the changelog's tail instead of all of it.
+"""The stages' table stores: ``FoldingStore`` (``process.table_store = "memory"``), the
+hosts' state in memory, as with Faust's ``memory://``, but with each changelog record
+folded into its host's value (processors/changelog.py: a snapshot, or a delta of it);
+``DiskBackedStore`` (``"rocksdict"``), the same plus an on-disk copy of the changelog,
+so a restarted worker reads only the changelog's tail instead of all of it.
 
 The copy holds, per changelog partition (one RocksDB under the stage's data
 directory), exactly the changelog records Kafka has acknowledged, and the offset of
@@ -26,13 +28,32 @@ from faust.stores import STORES, memory
 from faust.types import TP, EventT
 from rocksdict import AccessType, Options, Rdict, WriteBatch
 
+from processors.changelog import VERSION, fold, is_delta
+
+MEMORY_URL = "ktel-memory://"
+STORES.aliases["ktel-memory"] = f"{__name__}:FoldingStore"
 URL = "ktel-rocksdict://"
 STORES.aliases["ktel-rocksdict"] = f"{__name__}:DiskBackedStore"
 
 OFFSET_KEY = b"\x00ktel:changelog-offset"  # never a table key: those are JSON
 
 
-class DiskBackedStore(memory.Store):
+class FoldingStore(memory.Store):
+    def apply_changelog_batch(
+        self, batch: Iterable[EventT], to_key: Callable[[Any], Any], to_value: Callable[[Any], Any]
+    ) -> None:
+        for event in batch:
+            value = None if event.message.value is None else to_value(event.value)
+            self._folded(fold(self.data, to_key(event.key), value), event.message.partition)
+
+    def _folded(self, host_id: Any, partition: int) -> None:
+        if host_id in self.data:
+            self._key_partition[host_id] = partition
+        else:
+            self._key_partition.pop(host_id, None)
+
+
+class DiskBackedStore(FoldingStore):
     def __post_init__(self) -> None:
         super().__post_init__()
         self._dbs: dict[int, Rdict] = {}
@@ -55,11 +76,16 @@ class DiskBackedStore(memory.Store):
 
     def _load(self, partition: int) -> None:
         """Put a partition's copy into memory, before Faust reads the changelog's tail."""
-        for key, value in self._db(partition).items():
+        deltas = []
+        for key, value in self._db(partition).items():  # (in key order: the deltas are sorted)
             if key != OFFSET_KEY:
-                k = self._decode_key(key)  # type: ignore[arg-type]  # raw mode: bytes
-                self.data[k] = self._decode_value(value)
-                self._key_partition[k] = partition
+                k, v = self._decode_key(key), self._decode_value(value)  # type: ignore[arg-type]  # raw mode
+                if is_delta(k):
+                    deltas.append((k, v))
+                else:
+                    self._folded(fold(self.data, k, v), partition)
+        for k, v in sorted(deltas, key=lambda kv: kv[1][VERSION]):  # each host's in version order
+            self._folded(fold(self.data, k, v), partition)
 
     def _close(self, partition: int) -> None:
         db = self._dbs.pop(partition, None)

@@ -41,6 +41,7 @@ from ktel.wire import (
     encode_batch,
     encode_heartbeat,
 )
+from processors import changelog
 from tests.conftest import need_bpf
 from tests.integration.agent_harness import AgentProcess, read_topic
 from tests.integration.probe_harness import cgroup2_child
@@ -49,8 +50,9 @@ pytestmark = pytest.mark.kafka
 
 
 class Worker:
-    def __init__(self, tmp_path, bootstrap, name, stage="all", **settings):
-        self.stage = stage
+    def __init__(self, tmp_path, bootstrap, name, stage="all", module="ktel.cli", **settings):
+        """``module``: what runs ``ktel process`` (tests.integration.stage_with_fault: with a fault)."""
+        self.stage, self.module = stage, module
         self.log = tmp_path / f"{name}.log"
         self.port = free_port()
         self.env = dict(
@@ -64,10 +66,13 @@ class Worker:
         )
         self.proc: subprocess.Popen | None = None
 
-    def start(self, module="ktel.cli"):
+    def start(self, module=None):
         with open(self.log, "ab") as f:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", module, "process", self.stage], env=self.env, stdout=f, stderr=f
+                [sys.executable, "-m", module or self.module, "process", self.stage],
+                env=self.env,
+                stdout=f,
+                stderr=f,
             )
         return self
 
@@ -281,6 +286,85 @@ def test_a_worker_whose_faust_app_crashes_exits_1_with_one_line(private_kafka, t
     assert "restart the worker (its supervisor does)" in line
 
 
+def changelog_records(bootstrap: str, stage: str = "all") -> list:
+    return asyncio.run(read_topic(bootstrap, f"ktel-{stage}-host-state-changelog", idle_s=1))
+
+
+@pytest.mark.parametrize("store", ["rocksdict", "memory"])
+def test_a_worker_killed_right_after_a_changelog_delta_counts_its_batch_once(private_kafka, tmp_path, store):
+    """SIGKILLed once Kafka has a batch's changelog delta (the series it changed and
+    its dedupe record), before its offset is committed: restarted, the worker reads
+    the batch again, drops it as counted, and every event is counted once."""
+    hosts, per_host, dirs = 3, 20, 4
+    traffic = [
+        RawBatch(f"host-{h}", "boot", seq, 1, [file_event(f"/data/h{h}/d{seq % dirs}/f")] * 2)
+        for seq in range(per_host)
+        for h in range(hosts)
+    ]
+    store_env = {"KTEL_PROCESS__TABLE_STORE": store}
+    faulty = Worker(
+        tmp_path,
+        private_kafka.bootstrap,
+        "w",
+        module="tests.integration.stage_with_fault",
+        KTEL_TEST_KILL_AFTER_RECORD="25",
+        **store_env,
+    ).start()
+    asyncio.run(produce(private_kafka.bootstrap, [(b.key, encode_batch(b)) for b in traffic]))
+    try:
+        assert faulty.proc.wait(300) == -signal.SIGKILL, faulty.log.read_text()[-3000:]
+    finally:
+        faulty.stop()
+    # A snapshot of each host (its first record), deltas after.
+    keys = [json.loads(r.key) for r in changelog_records(private_kafka.bootstrap)]
+    assert len(keys) == 25
+    assert {k for k in keys if isinstance(k, str)} == {f"host-{h}" for h in range(hosts)}
+    assert any(isinstance(k, list) for k in keys)
+    w = Worker(tmp_path, private_kafka.bootstrap, "w", **store_env).start()  # on the same data directory
+    try:
+        expected = {
+            (f"host-{h}", f"/data/h{h}/d{d}"): 2.0 * per_host / dirs
+            for h in range(hosts)
+            for d in range(dirs)
+        }
+        assert wait_for_totals(private_kafka.bootstrap, expected, timeout=300) == expected
+        assert w.metric("ktel_processor_duplicate_batches_total") >= 1  # the batch read again
+    finally:
+        w.stop()
+
+
+def file_event(path: str) -> list:
+    return [FILE_CREATED.id, 1, 2, 2, 0, "w", path, 0o101, False]
+
+
+def test_a_batch_changing_one_series_of_many_writes_a_delta_of_that_series(private_kafka, tmp_path):
+    """A host holding about 2000 series: a batch adding to one of them writes one
+    changelog record of a few hundred bytes, not the host's whole state."""
+    w = Worker(tmp_path, private_kafka.bootstrap, "w").start()
+    try:
+        many = RawBatch("host-00", "boot", 0, 1, [file_event(f"/data/{i}/x/f") for i in range(1990)])
+        asyncio.run(produce(private_kafka.bootstrap, [(many.key, encode_batch(many))]))
+        expected = {("host-00", f"/data/{i}/x"): 1.0 for i in range(1990)}
+        assert wait_for_totals(private_kafka.bootstrap, expected) == expected
+        before = changelog_records(private_kafka.bootstrap)
+        state = sum(len(r.key) + len(r.value) for r in before)
+        assert state > 100_000  # the host's state, written whole once (its first snapshot)
+        one = RawBatch("host-00", "boot", 1, 1, [file_event("/data/7/x/f")] * 3)
+        asyncio.run(produce(private_kafka.bootstrap, [(one.key, encode_batch(one))]))
+        expected[("host-00", "/data/7/x")] = 4.0
+        assert wait_for_totals(private_kafka.bootstrap, expected) == expected
+        [delta] = changelog_records(private_kafka.bootstrap)[len(before) :]
+        assert json.loads(delta.key) == ["host-00", 2]  # the host's version 2
+        assert json.loads(delta.value)["set"] == [
+            [["aggregate", "series", '["file_created_total", [["directory", "/data/7/x"]]]'], 4.0]
+        ]
+        size = len(delta.key) + len(delta.value)
+        print(f"changelog: {size} bytes for a batch changing 1 series of 1990 ({state} bytes whole)")
+        assert size < 500
+    finally:
+        w.stop()
+
+
 def test_garbage_and_wrong_versions_go_to_the_dlq_and_good_counts_stay_exact(private_kafka, tmp_path):
     import msgpack
 
@@ -450,13 +534,14 @@ def test_a_host_past_its_state_bound_keeps_being_persisted_and_counted(private_k
         assert w.metric("ktel_processor_heartbeats_total") == 1
         assert w.metric("ktel_processor_series_overflow_total") > 0
         assert w.metric("ktel_processor_batches_total") == 31
-        # Every changelog record fits; the last (the first heartbeat's) holds every
-        # batch's dedupe record, the heartbeat's attributes and no process.
-        changelog = asyncio.run(
-            read_topic(private_kafka.bootstrap, "ktel-all-host-state-changelog", idle_s=1)
-        )
-        assert changelog and all(len(r.value) <= limit for r in changelog)
-        last = json.loads(changelog[-1].value)
+        # Every changelog record fits; the host's state they make holds every batch's
+        # dedupe record, the first heartbeat's attributes and no process.
+        records = changelog_records(private_kafka.bootstrap)
+        assert records and all(len(r.value) <= limit for r in records)
+        recovered: dict = {}
+        for r in records:
+            changelog.fold(recovered, json.loads(r.key), json.loads(r.value))
+        last = recovered["host-00"]
         assert last["aggregate"]["seen"] == {"boot": [[0, 30]]}
         assert list(last["enrich"]["boots"]) == ["boot"]
         assert last["enrich"]["boots"]["boot"]["host"]["k27"] == "v" * 1000

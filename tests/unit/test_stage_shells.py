@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 from contextlib import AsyncExitStack
+from typing import Any
 from unittest import mock
 
 import faust
@@ -32,7 +33,7 @@ from ktel.wire import (
     encode_batch,
     encode_heartbeat,
 )
-from processors import enrich_core, sample_core, stages
+from processors import changelog, enrich_core, sample_core, stages
 
 T = 1_700_000_000_000_000_000
 DUPLICATES = "ktel_processor_duplicate_batches_total"
@@ -88,8 +89,9 @@ class Shell:
         self.names = cfg.kafka.topics
         self.app = stages.make_app(cfg, stage)
         self.sent: list[tuple[str, bytes, bytes]] = []
-        # The table's changelog records (key, value at the time of sending).
-        self.changelog: list[tuple[str, dict]] = []
+        # The table's changelog records (key, value at the time of sending): a host's
+        # snapshot keyed by its id, a delta by a list (processors/changelog.py).
+        self.changelog: list[tuple[str | list, Any]] = []
         self._stack = AsyncExitStack()
 
     async def __aenter__(self) -> Shell:
@@ -134,6 +136,21 @@ class Shell:
     def table(self, host: str) -> dict:
         return self.app.tables["host-state"][host]
 
+    def states(self) -> list[tuple[str, dict]]:
+        """At each changelog record, its host's value as a worker would recover it
+        from the changelog up to there."""
+        data: dict[str, dict] = {}
+        out = []
+        for key, value in copy.deepcopy(self.changelog):
+            host = changelog.fold(data, key, value)
+            out.append((host, persisted(data.get(host, {}))))
+        return out
+
+
+def persisted(value: dict) -> dict:
+    """A host's value as JSON carries it."""
+    return json.loads(json.dumps(value))
+
 
 def subscribed(shell: Shell, agent: str) -> set[str]:
     return set(shell.agent(agent).channel.topics)
@@ -146,7 +163,7 @@ async def test_dedupe_passes_each_batch_once_and_dead_letters_garbage(tmp_path):
         await shell.put(b0, b1, b0, b"\x92garbage")
         assert [decode_batch(v) for v in shell.to(DEDUPED_TOPIC)] == [b0, b1]
         # One changelog record per batch, the re-sent one's too.
-        seen = [v["dedupe"]["seen"] for _k, v in shell.changelog]
+        seen = [v["dedupe"]["seen"] for _k, v in shell.states()]
         assert seen == [{"b1": [[0, 0]]}, {"b1": [[0, 1]]}, {"b1": [[0, 1]]}]
         [dl] = [decode_dead_letter(v) for v in shell.to(DLQ_TOPIC)]
         assert (dl.stage, dl.topic, dl.payload) == ("dedupe", RAW_TOPIC, b"\x92garbage")
@@ -240,7 +257,7 @@ async def test_aggregate_folds_batches_into_the_table_once_each(tmp_path):
         # Each batch's state went to the changelog as the agent handled it (the
         # re-sent one too: its dedupe record may be trimmed), so a worker
         # restarted after any batch recovers exactly the counts up to it.
-        assert [(k, v["aggregate"]["series"]) for k, v in shell.changelog] == [
+        assert [(k, v["aggregate"]["series"]) for k, v in shell.states()] == [
             ("h1", {key: 3.0}),
             ("h1", {key: 13.0}),
             ("h1", {key: 13.0}),
@@ -258,8 +275,11 @@ async def test_all_runs_the_four_cores_with_heartbeats_in_one_worker(tmp_path):
         assert shell.sent == []  # fused: nothing between the stages goes to Kafka
         # The heartbeat's and each batch's table value went to the changelog, the
         # re-sent batch's too, with the dedupe record beside the counts it guards.
-        assert [k for k, _v in shell.changelog] == ["h1", "h1", "h1"]
-        assert shell.changelog[1][1] == shell.changelog[2][1] == shell.table("h1")
+        states = shell.states()
+        assert [k for k, _v in states] == ["h1", "h1", "h1"]
+        # The re-sent batch changed nothing but the value's version.
+        assert states[2][1] == persisted(shell.table("h1"))
+        assert states[1][1] == {**states[2][1], "v": states[2][1]["v"] - 1}
         assert shell.table("h1")["aggregate"]["seen"] == {"b1": [[0, 0]]}
         state = shell.table("h1")
         assert state["aggregate"]["series"] == {
@@ -305,7 +325,7 @@ async def test_a_host_execing_more_processes_than_its_state_holds_is_persisted_a
             '["file_created_total", [["directory", "/a"]]]': 3,
             '["process_execs_total", []]': 1000,
         }
-        assert [v["aggregate"]["seen"] for _k, v in shell.changelog] == [
+        assert [v["aggregate"]["seen"] for _k, v in shell.states()] == [
             {"b1": [[0, 0]]},
             {"b1": [[0, 1]]},
             {"b1": [[0, 2]]},
@@ -345,7 +365,7 @@ async def test_a_batch_refused_by_the_state_bound_leaves_every_piece_of_state_as
             sampler = sample.sampler
             return copy.deepcopy(
                 (
-                    shell.table("h1"),
+                    persisted(shell.table("h1")),
                     chain.memory,
                     enrich.known,
                     dict(sampler.window_counts),

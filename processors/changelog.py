@@ -1,0 +1,220 @@
+"""How a host's table value goes to its stage's changelog: one record per batch, of
+what the batch changed, not of the whole value.
+
+In memory a host's value stays one dict (the stage cores' shape), with a write
+version ``v``. On the changelog a host has two kinds of records:
+
+- a *snapshot*: the whole value, keyed by the host id (as a whole value always was:
+  a value an older ktel wrote is a snapshot of version 0);
+- a *delta*: what one record changed, keyed ``[host id, v % SLOTS]``:
+  ``{"v": v, "head": <the value without its entry maps>, "set": [[path, entry], ...],
+  "del": [path, ...]}``, the new values of the entries of its big maps it changed
+  (``ENTRY_MAPS``: the aggregate's series, the enrich stage's processes and
+  containers; ``Result.touched``, filled by the cores where they change them) and
+  the rest of the value whole, which is small.
+
+A record that changes a host writes one delta, or a snapshot when ``SLOTS``
+versions have passed since the last one (``Persisted`` in processors/stages.py), or
+when the delta would take no less than the value. So the deltas since the last
+snapshot each have a key of their own, compaction keeps every one of them, and a
+host's recovery reads its snapshot and at most ``SLOTS - 1`` deltas, each smaller. A record is one
+Kafka record, written whole or not at all, as the whole value was: a SIGKILL leaves
+a batch either on the changelog with its dedupe record or not at all. (Not one
+record per changed entry, with the dedupe record last: that costs a record per
+entry, and records, not bytes, are most of a changelog write's cost; and a batch
+cut short between them would be partly counted, so each entry would need the batch
+that last changed it, and the fused mode's sample stage, which keeps no table, could
+sample the batch read again otherwise, counting into some series one sampling of it
+and into the others another.) In fused mode a batch read again is either dropped as
+counted or counted whole, of whichever sampling.
+
+Recovery (``fold``): a snapshot replaces the host's value; a delta one version past
+the value is applied to it, any other is one from before the snapshot, and left
+out. Faust's recovery reads a changelog in offset order; the on-disk copy gives its
+records in key order, so it folds snapshots first, then deltas by version
+(processors/table_store.py).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, MutableMapping
+from typing import Any
+
+from processors.stage import MISSING, Touched
+
+Path = tuple[str, ...]
+# The maps whose entries a delta carries one by one ("*": each key at that level).
+ENTRY_MAPS: tuple[Path, ...] = (
+    ("aggregate", "series"),
+    ("enrich", "boots", "*", "procs"),
+    ("enrich", "boots", "*", "containers"),
+)
+# Versions between two snapshots of a host: its delta keys.
+SLOTS = 16
+VERSION = "v"
+
+
+def _tree(paths: tuple[Path, ...]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for path in paths:
+        node = tree
+        for name in path[:-1]:
+            node = node.setdefault(name, {})
+        node[path[-1]] = None
+    return tree
+
+
+NOT_HEAD = _tree(ENTRY_MAPS)  # None at a leaf: left out
+
+
+def version(value: dict[str, Any]) -> int:
+    return int(value.get(VERSION, 0))
+
+
+def head(value: dict[str, Any]) -> dict[str, Any]:
+    """The host's value without its entry maps (new dicts down to them; the rest
+    shared with ``value``)."""
+    return _strip(value, NOT_HEAD)
+
+
+def _strip(value: dict[str, Any], tree: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, item in value.items():
+        sub = tree.get(key, tree.get("*", ...))
+        if sub is ...:
+            out[key] = item
+        elif sub is not None and isinstance(item, dict):
+            out[key] = _strip(item, sub)
+    return out
+
+
+def maps(value: dict[str, Any], pattern: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """Each map of ``value`` at ``pattern``, with its path."""
+
+    def walk(node: Any, at: int, path: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
+        if not isinstance(node, dict):
+            return
+        if at == len(pattern):
+            yield path, node
+            return
+        names = node.keys() if pattern[at] == "*" else (pattern[at],) if pattern[at] in node else ()
+        for name in list(names):
+            yield from walk(node[name], at + 1, (*path, name))
+
+    return walk(value, 0, ())
+
+
+def entries(value: dict[str, Any]) -> Iterator[tuple[Path, Any]]:
+    """Every entry of the host's entry maps: its path (to its map, then its key) and value."""
+    for pattern in ENTRY_MAPS:
+        for path, table in maps(value, pattern):
+            for key, entry in table.items():
+                yield (*path, key), entry
+
+
+def get(value: dict[str, Any], path: Path, default: Any = None) -> Any:
+    node: Any = value
+    for name in path:
+        if not isinstance(node, dict) or name not in node:
+            return default
+        node = node[name]
+    return node
+
+
+def put(value: dict[str, Any], path: Path, entry: Any) -> None:
+    """Set the entry at ``path``, making the dicts above it as needed."""
+    node = value
+    for name in path[:-1]:
+        node = node.setdefault(name, {})
+    node[path[-1]] = entry
+
+
+def delete(value: dict[str, Any], path: Path) -> None:
+    table = get(value, path[:-1])
+    if isinstance(table, dict):
+        table.pop(path[-1], None)
+
+
+def graft(onto: dict[str, Any], source: dict[str, Any]) -> dict[str, Any]:
+    """``onto`` (a head) with the entry maps of ``source`` (the host's value as it was)."""
+    for pattern in ENTRY_MAPS:
+        for path, table in maps(source, pattern):
+            put(onto, path, table)
+    return onto
+
+
+def delta_key(host_id: str, v: int) -> bytes:
+    """The changelog key of a host's delta of version ``v``: a JSON list, never equal
+    to a snapshot's key (a JSON string)."""
+    return json.dumps([host_id, v % SLOTS]).encode()
+
+
+def delta(value: dict[str, Any], touched: Touched) -> dict[str, Any]:
+    """The delta record of a record that changed ``touched`` of ``value`` (which holds
+    its new version)."""
+    changed = [(path, get(value, path, MISSING)) for path in touched]
+    return {
+        VERSION: version(value),
+        "head": head(value),
+        "set": [[path, entry] for path, entry in changed if entry is not MISSING],
+        "del": [path for path, entry in changed if entry is MISSING and touched[path] is not MISSING],
+    }
+
+
+def size(host_id: str, path: Path, entry: Any) -> int:
+    """What an entry takes of what its host may hold (process.max_state_bytes), as a
+    snapshot carries it: at most its path and its value encoded."""
+    return len(json.dumps([host_id, *path])) + len(json.dumps(entry))
+
+
+def entries_size(host_id: str, value: dict[str, Any], touched: Touched, before: int) -> int:
+    """What the host's entries take after a record that changed ``touched``, given
+    ``before``, what they took before it."""
+    total = before
+    for path, old in touched.items():
+        new = get(value, path, MISSING)
+        if old is not MISSING:
+            total -= size(host_id, path, old)
+        if new is not MISSING:
+            total += size(host_id, path, new)
+    return total
+
+
+def restored(before: dict[str, Any], value: dict[str, Any], touched: Touched) -> dict[str, Any]:
+    """The host's value as it was before a record: its head then (``before``), its
+    entry maps now (``value``'s), with the entries the record changed put back."""
+    out = graft(before, value)
+    for path, old in touched.items():
+        if old is MISSING:
+            delete(out, path)
+        else:
+            put(out, path, old)
+    return out
+
+
+def is_delta(key: Any) -> bool:
+    """A changelog key as the table decodes it (a delta's a list, or a tuple)."""
+    return isinstance(key, list | tuple)
+
+
+def fold(data: MutableMapping[Any, Any], key: Any, record: Any) -> Any:
+    """Apply one changelog record to the hosts' values ``data`` (recovery; each host's
+    snapshot before its deltas, and those in version order); the host id it concerns."""
+    if not is_delta(key):
+        if record is None:  # the host forgotten (its deltas were tombstoned too)
+            data.pop(key, None)
+        else:
+            data[key] = record
+        return key
+    host_id = key[0]
+    value = data.get(host_id)
+    if record is None or value is None or record[VERSION] != version(value) + 1:
+        return host_id  # from before the host's snapshot
+    new = graft(record["head"], value)
+    for path, entry in record["set"]:
+        put(new, tuple(path), entry)
+    for path in record["del"]:
+        delete(new, tuple(path))
+    data[host_id] = new
+    return host_id

@@ -1,0 +1,164 @@
+"""A host's table value on the changelog as snapshots and deltas, and folded back
+(processors/changelog.py): recovery in offset order, from the on-disk copy's key
+order, after compaction, and after the host was forgotten."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+
+from ktel import config
+from ktel.wire import FILE_CREATED, HISTOGRAM_DELTA, KTEL_METRIC, PROCESS_EXEC, PROCESS_EXIT, RawBatch
+from processors import changelog
+from processors.chain import build
+from processors.stage import MISSING
+from processors.stages import Persisted
+
+CFG = config.Config(agent=config.AgentConfig(host_id="t"))
+T = 1_700_000_000_000_000_000
+
+
+def file_created(path: str) -> list:
+    return [FILE_CREATED.id, 1, 2, 2, 0, "w", path, 0o101, False]
+
+
+def traffic(n: int) -> list[RawBatch]:
+    """Batches of one host touching a few of many series (counters, a gauge, a
+    histogram) and starting and ending processes."""
+    rng = random.Random(5)
+    out = []
+    for seq in range(n):
+        events = [file_created(f"/d{rng.randrange(40)}/x/f") for _ in range(rng.randrange(1, 6))]
+        events.append([KTEL_METRIC.id, 1, 7, "gauge", "queue_depth", {"q": "a"}, seq])
+        if seq % 3 == 0:
+            events.append([HISTOGRAM_DELTA.id, 1, 0, "lat", "ns", {"op": "r"}, 2, 30, [1, 1, 0, 0], 1])
+        events.append([PROCESS_EXEC.id, 1, 100 + seq, 100 + seq, 1, 0, 0, "p", f"/bin/p{seq}"])
+        if seq > 2:
+            events.append([PROCESS_EXIT.id, 1, 97 + seq, 97 + seq, 1, 0, 0, "p", 0, 0, 0, 0, 0])
+        out.append(RawBatch("h1", "boot", seq, T + seq * 10**10, events))
+    return out
+
+
+class Runner:
+    """What the worker writes for one host (processors/stages.py, ``save``), as
+    recovery decodes it: (key, record)."""
+
+    def __init__(self, process: str = "all"):
+        self.chain = build(process, CFG)
+        self.value: dict = {}
+        self.kept = Persisted(self.value, b"", 0)
+        self.log: list[tuple] = []
+
+    def run(self, batches: list[RawBatch]) -> Runner:
+        for b in batches:
+            result = self.chain.on_batch(self.value, b, 0)
+            if not result.changed:
+                continue
+            v = self.value[changelog.VERSION] = changelog.version(self.value) + 1
+            key = json.loads(changelog.delta_key("h1", v))
+            record: tuple = (key, changelog.delta(self.value, result.touched))
+            if self.kept.snapshot_due(v) or len(json.dumps(record[1])) >= len(json.dumps(self.value)):
+                record = ("h1", self.value)
+                self.kept.snapshot = v
+            self.log.append(json.loads(json.dumps(record)))  # (as decoded from Kafka)
+        return self
+
+
+def persisted(value: dict) -> dict:
+    return json.loads(json.dumps(value))
+
+
+def recover(records: list[tuple]) -> dict:
+    data: dict = {}
+    for key, value in copy.deepcopy(records):  # (objects of their own, as decoded)
+        changelog.fold(data, key, value)
+    return data
+
+
+def compacted_in_key_order(records: list[tuple]) -> list[tuple]:
+    """Each key's last record, as the on-disk copy gives them back to its store
+    (processors/table_store.py): snapshots, then deltas by version."""
+    last = {json.dumps(k): (k, v) for k, v in records}
+    kept = [kv for kv in last.values() if kv[1] is not None]
+    snapshots = [kv for kv in kept if isinstance(kv[0], str)]
+    deltas = sorted((kv for kv in kept if isinstance(kv[0], list)), key=lambda kv: kv[1]["v"])
+    return snapshots + deltas
+
+
+def test_each_batch_writes_one_record_and_a_snapshot_every_slots_versions():
+    runner = Runner().run(traffic(40))
+    assert len(runner.log) == 40
+    snapshots = [i for i, (k, _v) in enumerate(runner.log) if isinstance(k, str)]
+    assert snapshots == [0, 16, 32]
+    assert {tuple(k) for k, _v in runner.log if isinstance(k, list)} == {
+        ("h1", slot) for slot in range(changelog.SLOTS) if slot != 1
+    }
+
+
+def test_the_records_fold_back_to_the_value_after_every_batch_in_any_recovery_order():
+    for process in ("all", "aggregate", "enrich"):
+        batches = traffic(40)
+        runner = Runner(process)
+        for i, b in enumerate(batches):
+            runner.run([b])
+            assert recover(runner.log)["h1"] == persisted(runner.value), (process, i)
+            # Compacted, in the on-disk copy's order: stale deltas of earlier versions stay.
+            assert recover(compacted_in_key_order(runner.log))["h1"] == persisted(runner.value), (process, i)
+
+
+def test_a_batch_changing_one_series_of_many_writes_a_delta_of_that_series():
+    runner = Runner("aggregate")
+    runner.run([RawBatch("h1", "boot", 0, T, [file_created(f"/d{i}/x/f") for i in range(500)])])
+    runner.run([RawBatch("h1", "boot", 1, T + 1, [file_created("/d7/x/f")])])
+    [_snapshot, (key, delta)] = runner.log
+    assert key == ["h1", 2]
+    assert delta["set"] == [[["aggregate", "series", '["file_created_total", [["directory", "/d7/x"]]]'], 2]]
+    assert delta["del"] == [] and "series" not in delta["head"]["aggregate"]
+    assert len(json.dumps(delta)) < 300
+
+
+def test_a_snapshot_comes_first_and_every_slots_versions():
+    assert Persisted({}, b"", 0).snapshot_due(7)  # (a host's first record here)
+    assert not Persisted({}, b"", 0, snapshot=1).snapshot_due(changelog.SLOTS)
+    assert Persisted({}, b"", 0, snapshot=1).snapshot_due(1 + changelog.SLOTS)
+
+
+def test_a_forgotten_host_leaves_nothing_to_recover_and_starts_afresh():
+    runner = Runner().run(traffic(20))
+    tombstones: list[tuple] = [(["h1", slot], None) for slot in range(changelog.SLOTS)] + [("h1", None)]
+    assert recover(runner.log + tombstones) == {}
+    assert recover(compacted_in_key_order(runner.log + tombstones)) == {}
+    again = Runner().run(traffic(3))
+    assert recover(runner.log + tombstones + again.log)["h1"] == persisted(again.value)
+
+
+def test_a_value_an_older_ktel_wrote_whole_is_a_snapshot_of_version_0():
+    runner = Runner().run(traffic(4))
+    older = persisted(runner.value)
+    del older["v"]
+    delta = (["h1", 1], {"v": 1, "head": {"aggregate": {"seen": {}}}, "set": [], "del": []})
+    assert recover([("h1", older), delta])["h1"]["aggregate"]["seen"] == {}
+
+
+def test_a_refused_record_puts_back_the_head_and_the_entries_it_changed():
+    chain = build("all", CFG)
+    value: dict = {}
+    for b in traffic(4):
+        chain.on_batch(value, b, 0)
+    before = persisted(value)
+    head = persisted(changelog.head(value))
+    result = chain.on_batch(value, traffic(6)[5], 0)
+    assert any(old is MISSING for old in result.touched.values())  # new series and processes
+    assert any(old is not MISSING for old in result.touched.values())
+    assert persisted(changelog.restored(head, value, result.touched)) == before
+
+
+def test_what_the_entries_take_follows_each_record():
+    runner = Runner().run(traffic(8))
+    total = sum(changelog.size("h1", p, e) for p, e in changelog.entries(runner.value))
+    chain = runner.chain
+    for b in traffic(30)[8:]:
+        result = chain.on_batch(runner.value, b, 0)
+        total = changelog.entries_size("h1", runner.value, result.touched, total)
+        assert total == sum(changelog.size("h1", p, e) for p, e in changelog.entries(runner.value))
