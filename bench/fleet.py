@@ -15,9 +15,13 @@ Measured, per fleet size, each on a fresh broker and Prometheus:
   rss/host     worker RSS at the end of the steady phase, divided by the hosts
   samples/win  samples the exporter had acknowledged (ktel_exporter_samples_total)
                per aggregate window
-  e2e p50/p99  from the bench side: once a second the bench reads
+  e2e p50/p99  from the bench side: every 0.2 s the bench reads
                sum(file_created_total) from Prometheus; each reading's latency is
                now minus when the bench had produced that many file creations
+  acked ≤ 1 s  from the exporter's side: the share of the snapshots it delivered that
+               Prometheus acknowledged within 1 s of their window's close (the
+               exporter's ktel_exporter_ingestion_latency_seconds), so within the
+               window plus 1 s of every event they count
   exact        after the traffic stops, Prometheus' sum equals what was generated
   recovery     the worker SIGKILLed while the traffic goes on; from its replacement's
                start to its first counted batch, with process.table_store rocksdict
@@ -41,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +57,7 @@ sys.path.insert(0, str(HERE))
 import psutil  # noqa: E402
 from aiokafka import AIOKafkaProducer  # noqa: E402
 from processing_throughput import COMMS, DIRS, machine, scrape  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from ktel import config, topics  # noqa: E402
 from ktel.stack import proc as proc_mod  # noqa: E402
@@ -73,7 +79,7 @@ from ktel.wire import (  # noqa: E402
 )
 
 STAGES = {"all": ["all"], "split": ["dedupe", "enrich", "sample", "aggregate"]}
-POLL_S = 1.0
+POLL_S = 0.2  # how often the bench reads Prometheus: each reading is late by up to this
 
 # ------------------------------------------------------------------ traffic
 
@@ -255,6 +261,19 @@ class Pipeline:
     def samples(self) -> float:
         return scrape(self.exporter_port, "ktel_exporter_samples_total") or 0.0
 
+    def acked_buckets(self) -> dict[float, float]:
+        """The exporter's ingestion-latency histogram (exporters/consume.py): snapshots
+        acknowledged within each bound (s) of their window's close, cumulative."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.exporter_port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        return {
+            float(sample.labels["le"]): sample.value
+            for family in text_string_to_metric_families(text)
+            if family.name == "ktel_exporter_ingestion_latency_seconds"
+            for sample in family.samples
+            if sample.name.endswith("_bucket")
+        }
+
     def stop(self) -> None:
         for p in [*self.workers.values(), self.exporter]:
             if p is not None:
@@ -308,6 +327,10 @@ class Result:
     in_prometheus: float
     recovery: dict[str, float]
     lag: float  # seconds from the end of the steady phase until Prometheus had it all
+    # Of the snapshots the exporter delivered in the steady phase, the share Prometheus
+    # acknowledged within 1 s of their window's close (so within window + 1 s of every
+    # event they count) by the exporter's own histogram.
+    acked_within_1s: float
 
 
 async def size_run(args: argparse.Namespace, n_hosts: int) -> Result:
@@ -338,10 +361,12 @@ async def size_run(args: argparse.Namespace, n_hosts: int) -> Result:
                 steady = asyncio.create_task(traffic.run(args.seconds))
                 readings: list[tuple[float, float]] = []  # (when, files in Prometheus)
                 t0, cpu0, ev0, s0 = time.monotonic(), pipe.cpu(), traffic.events, pipe.samples()
+                acked0 = pipe.acked_buckets()
                 while not steady.done():
                     await asyncio.sleep(POLL_S)
                     readings.append((time.time(), await asyncio.to_thread(prom_files, prom)))
                 await steady
+                acked = {le: n - acked0.get(le, 0.0) for le, n in pipe.acked_buckets().items()}
                 rss = pipe.rss()
                 lag = await caught_up(prom, traffic, 300)
                 # Everything sent in the steady phase processed: its CPU per event sent.
@@ -377,7 +402,7 @@ async def size_run(args: argparse.Namespace, n_hosts: int) -> Result:
     return Result(
         n_hosts, args.rate, traffic.per_batch, cpu_per_event * 1e6, rss / 2**20, rss / 1024 / n_hosts,
         samples_per_window, q[49], q[98], exact_steady and got == traffic.files, traffic.files, got, recovery,
-        lag,
+        lag, acked[1.0] / acked[float("inf")] if acked.get(float("inf")) else float("nan"),
     )  # fmt: skip
 
 
@@ -392,8 +417,8 @@ def report(args: argparse.Namespace, results: list[Result]) -> str:
         "",
         "| hosts | events a batch | CPU µs/event | worker RSS MiB | RSS KiB/host | samples/window "
         "| e2e p50 s | e2e p99 s | drained s | exact in Prometheus | recovery rocksdict s "
-        "| recovery memory s |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+        "| recovery memory s | snapshots acked ≤ 1 s after their window |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
     ]
     for r in results:
         rec = [f"{r.recovery[s]:.1f}" if s in r.recovery else "-" for s in ("rocksdict", "memory")]
@@ -401,7 +426,7 @@ def report(args: argparse.Namespace, results: list[Result]) -> str:
         lines.append(
             f"| {r.hosts:,} | {r.per_batch} | {r.cpu_per_event_us:.1f} | {r.rss_mib:.0f} "
             f"| {r.rss_per_host_kib:.1f} | {r.samples_per_window:,.0f} | {r.p50:.1f} | {r.p99:.1f} "
-            f"| {r.lag:.1f} | {exact} | {rec[0]} | {rec[1]} |"
+            f"| {r.lag:.1f} | {exact} | {rec[0]} | {rec[1]} | {100 * r.acked_within_1s:.1f} % |"
         )
     if len(results) > 1:
         lo, hi = results[0], results[-1]
