@@ -428,7 +428,7 @@ class ProcessConfig(BaseModel):
         description="the most one host's state (its table value, JSON-encoded as its changelog "
         "record) may take: the aggregate's series get half of it, the enrich stage's process and "
         "container tables 3/8, and a record that would still grow the state past it is "
-        "dead-lettered (README, Untrusted input)",
+        "dead-lettered (docs/guarantees.md, Untrusted input)",
     )
 
 

@@ -98,7 +98,7 @@ def test_helm_lint_passes_with_default_and_full_values() -> None:
         assert "0 chart(s) failed" in res.stdout
 
 
-# The oldest Kubernetes the README promises, and the newest kubernetes-validate knows.
+# The oldest Kubernetes docs/operating.md promises, and the newest kubernetes-validate knows.
 K8S_VERSIONS = ["1.25.0", kubernetes_validate.latest_version()]
 
 
