@@ -91,7 +91,7 @@ from processors.chain import build
 from processors.faust_app import App
 from processors.fleet_metrics import FleetMetrics
 from processors.stage import Result, Stage
-from processors.stop import Worker, stop
+from processors.stop import Poisoned, StageFailed, Worker, stop
 from processors.table_store import MEMORY_URL, DiskBackedStore
 from processors.table_store import URL as DISK_BACKED_URL
 
@@ -407,7 +407,10 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         value = hosts[batch.host_id] if chain.durable else {}
         if chain.durable:
             as_persisted(batch.host_id, value)  # (what a refused record puts back)
-        result = chain.on_batch(value, batch, time.time_ns() // 1_000_000)
+        try:
+            result = chain.on_batch(value, batch, time.time_ns() // 1_000_000)
+        except Exception as err:
+            raise StageFailed from err
         if result.refused is not None:
             result.revert()  # (the stages leave the table value as it was themselves)
             await dead_letter(event, result.refused)
@@ -433,30 +436,43 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             return
         value = hosts[host_id]
         as_persisted(host_id, value)
-        result = chain.on_heartbeat(value, host_id, cast(dict[str, Any], hb))  # (JSON to the stages)
+        try:
+            result = chain.on_heartbeat(value, host_id, cast(dict[str, Any], hb))  # (JSON to the stages)
+        except Exception as err:
+            raise StageFailed from err
         if result.changed and not await save(event, host_id, value, result):
             return
         HEARTBEATS.labels(stage).inc()
         FLEET.observe(host_id, hb)
         await emit(result)
 
+    poisoned = Poisoned(datadir / "poisoned.json")
+
+    async def take(event: Any, handle: Any) -> None:
+        """``handle`` the record, unless it stopped a worker before (processors/stop.py)."""
+        why = poisoned.reason(event)
+        if why is not None:
+            await dead_letter(event, why)
+            return
+        try:
+            await handle(event)
+        except StageFailed as err:
+            poisoned.add(event, err)
+            stop(stage, event, err.__cause__ or err)
+        except Exception as err:  # whatever it is: the record must stay uncommitted
+            stop(stage, event, err)
+
     @app.agent(source)
     async def process(stream):
         async for event in stream.events():
-            try:
-                await take_batch(event)
-            except Exception as err:  # whatever it is: the record must stay uncommitted
-                stop(stage, event, err)
+            await take(event, take_batch)
 
     if chain.heartbeats:
 
         @app.agent(raw_topic(names.heartbeats))
         async def take_heartbeats(stream):
             async for event in stream.events():
-                try:
-                    await take_heartbeat(event)
-                except Exception as err:
-                    stop(stage, event, err)
+                await take(event, take_heartbeat)
 
     exported_series: set[str] = set()
 

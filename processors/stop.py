@@ -16,13 +16,24 @@ line), processes them again, and the stages' dedupe counts none twice.
 Any other crash of the Faust app (a timer, a task, one of Faust's own services) ends
 the worker the same way (``Worker``), rather than through a shutdown that commits
 what the stream acknowledged, and leaves it to the same restart.
+
+A record a stage itself fails on (``StageFailed``: the exception of a stage core, a
+bug that record's content triggers) would stop every worker that takes its partition
+in turn, and nothing of that partition would move again. So before such a worker
+ends, it writes the record's place and reason to ``Poisoned``'s file in its data
+directory (which a restarted process or pod finds again); the worker that meets the
+record next sends it to ktel.dlq with that reason, whole, and goes on. The host's
+state is then the changelog's, which the failed record never reached. A worker
+elsewhere (without the file) stops on it once more, and writes its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
+from pathlib import Path
 from typing import Any, NoReturn
 
 import faust
@@ -31,6 +42,50 @@ from faust.exceptions import PartitionsMismatch
 log = logging.getLogger("ktel.process")
 
 EXIT_STATUS = 1
+
+
+class StageFailed(Exception):
+    """A stage core raised on a record: the record's content is what fails (see above)."""
+
+
+class Poisoned:
+    """The records a stage failed on, by place, with the reason: a JSON file, kept to
+    its last ``KEEP`` records."""
+
+    KEEP = 1000
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.places: dict[str, str] = json.loads(path.read_text())
+        except FileNotFoundError:
+            self.places = {}
+        except (OSError, ValueError) as err:  # unreadable: every record is tried again
+            log.warning("%s: %s; records that stopped a worker before are tried again", path, err)
+            self.places = {}
+
+    @staticmethod
+    def place(event: Any) -> str:
+        msg = event.message
+        return f"{msg.topic}[{msg.partition}]@{msg.offset}"
+
+    def reason(self, event: Any) -> str | None:
+        """Why the record at ``event`` stopped a worker before, or None."""
+        return self.places.get(self.place(event))
+
+    def add(self, event: Any, err: BaseException) -> None:
+        """Note the record, durably, before the worker ends on it."""
+        cause = err.__cause__ or err
+        why = " ".join(f"{type(cause).__name__}: {cause}".split())[:1000]
+        self.places[self.place(event)] = f"a stage failed on it and stopped a worker ({why})"
+        while len(self.places) > self.KEEP:
+            del self.places[next(iter(self.places))]
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump(self.places, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
 
 
 def reason(stage: str, topic: str, partition: int, offset: int, err: BaseException) -> str:

@@ -272,6 +272,50 @@ def test_a_worker_refused_its_table_writes_stops_with_nothing_committed_and_its_
         worker.stop()
 
 
+def test_a_record_a_stage_fails_on_stops_one_worker_then_goes_to_the_dlq_and_the_rest_counts(
+    private_kafka, tmp_path
+):
+    """A stage raising on a record stops the worker with the record uncommitted; the
+    worker started again (same data directory, as a restarted process or pod) sends that
+    record to ktel.dlq with the reason instead of stopping on it again, and counts the
+    rest exactly: one bad record does not hold its partition up for good."""
+    hosts, per_host, events = 4, 6, 5
+    traffic = [(bt.key, encode_batch(bt)) for bt in batches(hosts, per_host, events)]
+    poison = RawBatch("host-poison", "boot", 0, 1, [[FILE_CREATED.id, 1, 2, 2, 0, "w", "/p/x", 0o101, False]])
+    traffic.insert(len(traffic) // 2, (poison.key, encode_batch(poison)))
+    asyncio.run(produce(private_kafka.bootstrap, traffic))
+
+    first = Worker(tmp_path, private_kafka.bootstrap, "poisoned").start(
+        "tests.integration.worker_with_poison"
+    )
+    try:
+        code = first.proc.wait(180)
+    finally:
+        first.stop()
+    assert code == 1, first.log.read_text()[-3000:]
+    [line] = [line for line in first.log.read_text().splitlines() if " CRITICAL " in line]
+    assert "ktel process all: stopping: ValueError: poisoned; nothing of ktel.raw[" in line
+
+    again = Worker(tmp_path, private_kafka.bootstrap, "poisoned").start(
+        "tests.integration.worker_with_poison"
+    )
+    try:
+        expected = {
+            (f"host-{h:02d}", f"/data/h{h}/d{d}"): float(events * len(range(d, per_host, 3)))
+            for h in range(hosts)
+            for d in range(3)
+        }
+        assert wait_for_totals(private_kafka.bootstrap, expected, timeout=300) == expected
+        assert again.proc.poll() is None
+        [dl] = dead_letters(private_kafka.bootstrap)
+        assert dl.stage == "all" and dl.topic == RAW_TOPIC
+        assert dl.reason == "a stage failed on it and stopped a worker (ValueError: poisoned)"
+        assert dl.payload == encode_batch(poison)
+        assert again.metric("ktel_processor_dead_letters_total") == 1
+    finally:
+        again.stop()
+
+
 def test_a_worker_whose_faust_app_crashes_exits_1_with_one_line(private_kafka, tmp_path):
     broken = Worker(tmp_path, private_kafka.bootstrap, "broken").start(
         "tests.integration.worker_with_broken_window"

@@ -39,3 +39,32 @@ def test_a_crash_of_the_faust_app_is_one_line():
         "ktel process aggregate: stopping: the Faust app crashed on RuntimeError: timer failed; "
         "restart the worker (its supervisor does): it resumes from its committed offsets"
     )
+
+
+def test_a_poisoned_record_is_found_again_by_the_next_process_and_the_file_stays_bounded(
+    tmp_path, monkeypatch
+):
+    from types import SimpleNamespace
+
+    from processors.stop import Poisoned, StageFailed
+
+    def event(offset: int) -> SimpleNamespace:
+        return SimpleNamespace(message=SimpleNamespace(topic="ktel.raw", partition=2, offset=offset))
+
+    path = tmp_path / "poisoned.json"
+    first = Poisoned(path)
+    assert first.reason(event(7)) is None
+    try:
+        raise StageFailed from KeyError("series")
+    except StageFailed as err:
+        first.add(event(7), err)
+    # A new process (the restarted worker) reads the file.
+    assert Poisoned(path).reason(event(7)) == "a stage failed on it and stopped a worker (KeyError: 'series')"
+    assert Poisoned(path).reason(event(8)) is None
+    monkeypatch.setattr(Poisoned, "KEEP", 3)
+    for offset in range(10, 15):
+        first.add(event(offset), StageFailed())
+    kept = Poisoned(path)
+    assert [kept.reason(event(o)) is not None for o in (7, 12, 13, 14)] == [False, True, True, True]
+    path.write_text("{not json")
+    assert Poisoned(path).reason(event(14)) is None  # unreadable: tried again, not refused
