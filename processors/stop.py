@@ -24,7 +24,9 @@ ends, it writes the record's place and reason to ``Poisoned``'s file in its data
 directory (which a restarted process or pod finds again); the worker that meets the
 record next sends it to ktel.dlq with that reason, whole, and goes on. The host's
 state is then the changelog's, which the failed record never reached. A worker
-elsewhere (without the file) stops on it once more, and writes its own.
+elsewhere (without the file) stops on it once more, and writes its own. A note names
+a place (topic, partition, offset), so a topic deleted and made again must lose the
+file, as it must its table copies (docs/operating.md, "Processing state on disk").
 """
 
 from __future__ import annotations
@@ -81,11 +83,14 @@ class Poisoned:
         while len(self.places) > self.KEEP:
             del self.places[next(iter(self.places))]
         tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump(self.places, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        try:
+            with open(tmp, "w") as f:
+                json.dump(self.places, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except OSError as err:  # (a full disk, say): the worker still stops, and meets it again
+            log.error("%s: cannot note the record that stops this worker: %s", self.path, err)
 
 
 def reason(stage: str, topic: str, partition: int, offset: int, err: BaseException) -> str:

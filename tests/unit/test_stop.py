@@ -68,3 +68,12 @@ def test_a_poisoned_record_is_found_again_by_the_next_process_and_the_file_stays
     assert [kept.reason(event(o)) is not None for o in (7, 12, 13, 14)] == [False, True, True, True]
     path.write_text("{not json")
     assert Poisoned(path).reason(event(14)) is None  # unreadable: tried again, not refused
+
+
+def test_a_note_that_cannot_be_written_does_not_keep_the_worker_from_stopping(tmp_path):
+    from types import SimpleNamespace
+
+    from processors.stop import Poisoned, StageFailed
+
+    event = SimpleNamespace(message=SimpleNamespace(topic="ktel.raw", partition=0, offset=1))
+    Poisoned(tmp_path / "no-such-dir" / "poisoned.json").add(event, StageFailed())  # logs, no raise
