@@ -5,17 +5,24 @@ SIGKILLed under the whole pipeline."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
+import mmap
 import os
 import shutil
 import subprocess
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
+from edge_agent.spool import HEADER, MAGIC
+from ktel.probes import PROBES
+from ktel.probes.decode import stride
 from ktel.wire import HEARTBEATS_TOPIC, RAW_TOPIC, WireError, decode_batch, decode_heartbeat, event_dict
 from processors.dedupe_core import Dedupe
 from tests.conftest import need_bpf
@@ -106,6 +113,47 @@ def fill(directory) -> None:
             pass
 
 
+BPF_MAP_TYPE_RINGBUF = 27
+SYS_PIDFD_GETFD = 438  # the same number on every architecture
+
+
+def ring_buffer_written(pid: int) -> int:
+    """Bytes the kernel has written so far into process ``pid``'s one BPF ring buffer
+    (its producer position), read through a copy of the process's map fd."""
+    fds = {}  # map id -> one of the process's fds of it (BCC may hold several)
+    for info in Path(f"/proc/{pid}/fdinfo").iterdir():
+        with contextlib.suppress(OSError):
+            fields = dict(line.split(":\t", 1) for line in info.read_text().splitlines() if ":\t" in line)
+            if fields.get("map_type") == str(BPF_MAP_TYPE_RINGBUF):
+                fds[fields["map_id"]] = int(info.name)
+    [fd] = fds.values()
+    pidfd = os.pidfd_open(pid)
+    try:
+        mine = ctypes.CDLL(None, use_errno=True).syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
+        assert mine >= 0, os.strerror(ctypes.get_errno())
+    finally:
+        os.close(pidfd)
+    try:
+        # The page after the consumer's holds producer_pos (edge_agent/ringbuf.py).
+        with mmap.mmap(mine, mmap.PAGESIZE, mmap.MAP_SHARED, mmap.PROT_READ, offset=mmap.PAGESIZE) as page:
+            return int.from_bytes(page[:8], "little")
+    finally:
+        os.close(mine)
+
+
+def spooled_events(spool_dir: Path) -> int:
+    """Events in the whole records of the agent's spool segments."""
+    n = 0
+    for seg in spool_dir.glob("*.seg"):
+        data, at = seg.read_bytes(), 0
+        while at + HEADER.size <= len(data):
+            magic, length, events, _crc = HEADER.unpack_from(data, at)
+            if magic != MAGIC or at + HEADER.size + length > len(data):
+                break  # a record being written (or cut back)
+            n, at = n + events, at + HEADER.size + length
+    return n
+
+
 def test_a_full_disk_drops_and_counts_then_the_backlog_drains(private_kafka, small_disk, tmp_path):
     need_bpf()
     host = f"full-{uuid.uuid4().hex[:8]}"
@@ -119,6 +167,19 @@ def test_a_full_disk_drops_and_counts_then_the_backlog_drains(private_kafka, sma
     ).start()
     fill(small_disk)
     create_files(tmp_path / "full", 200, rate_per_s=2000)
+    # Other processes create files too, and their drops count, so 200 drops need not be
+    # the test's: some of its events could still wait in the ring buffer, and be spooled
+    # once space returns. The agent reads its ring buffer and seals batches in order, so
+    # once it has sealed (spooled or dropped) as many events as the kernel had written
+    # by now, the test's are among them. (The buffer's positions start at 0 and each of
+    # its records is one file_created event of one size: the only probe loaded.)
+    written = ring_buffer_written(agent.proc.pid) // stride(PROBES["file_created"].event_bytes)
+
+    def sealed() -> float:
+        dropped = agent.metric("ktel_agent_disk_dropped_events_total")
+        return spooled_events(small_disk / "state" / "spool") + dropped
+
+    wait_for("every event written before the 'full' files ended sealed", lambda: sealed() >= written, agent)
     wait_for("drops counted", lambda: agent.metric("ktel_agent_disk_dropped_events_total") >= 200, agent)
     assert "refuses writes" in agent.log()
     (small_disk / "filler").unlink()  # space returns; Kafka is still away
