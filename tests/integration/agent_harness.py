@@ -1,4 +1,5 @@
-"""Run the real agent (`ktel agent`) as a child process and read what it published."""
+"""Run the real agent (`ktel agent`) as a child process, and read what ktel left in Kafka:
+records, dead letters, consumer groups' committed offsets."""
 
 from __future__ import annotations
 
@@ -13,10 +14,20 @@ from pathlib import Path
 
 import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from ktel.stack.proc import free_port
-from ktel.wire import RAW_TOPIC, WireError, decode_batch, event_dict
+from ktel.stack.proc import stop as stop_process
+from ktel.wire import (
+    DLQ_TOPIC,
+    RAW_TOPIC,
+    DeadLetter,
+    WireError,
+    decode_batch,
+    decode_dead_letter,
+    event_dict,
+)
 
 
 class AgentProcess:
@@ -86,12 +97,7 @@ class AgentProcess:
 
     def stop(self) -> int:
         assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        stop_process(self.proc, 60, signal.SIGINT)
         return self.proc.wait()
 
 
@@ -106,6 +112,33 @@ def kill_leftovers() -> None:
 def _port_open(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+async def dead_letters_of(bootstrap: str, run: str, n: int = 1) -> list[DeadLetter]:
+    """The first ``n`` dead letters in ktel.dlq whose payload names ``run`` (waits for them)."""
+    consumer = AIOKafkaConsumer(DLQ_TOPIC, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+    await consumer.start()
+    mine: list[DeadLetter] = []
+    try:
+        async with asyncio.timeout(60):  # a guard against hanging, not a timing assertion
+            while len(mine) < n:
+                for recs in (await consumer.getmany(timeout_ms=500)).values():
+                    letters = map(decode_dead_letter, (r.value for r in recs))
+                    mine += [dl for dl in letters if run.encode() in dl.payload]
+    finally:
+        await consumer.stop()
+    return mine
+
+
+async def committed_offsets(bootstrap: str, group: str) -> dict[tuple[str, int], int]:
+    """(topic, partition) -> the consumer group's committed offset."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(group)
+    finally:
+        await admin.close()
+    return {(tp.topic, tp.partition): meta.offset for tp, meta in offsets.items()}
 
 
 async def topic_partitions(bootstrap: str, topic: str) -> list[TopicPartition]:

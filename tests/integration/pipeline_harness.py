@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ktel.stack.kafka import LocalKafka
 from ktel.stack.proc import free_port
+from ktel.stack.proc import stop as stop_process
 from ktel.stack.prometheus import LocalPrometheus
 from tests.integration.agent_harness import AgentProcess
 from tests.integration.test_agent_delivery import create_files
@@ -45,13 +46,7 @@ class Exporter:
         return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 60)
 
 
 class Pipeline:

@@ -20,6 +20,7 @@ import pytest
 
 from ktel import config, topics
 from ktel.stack.proc import free_port, tail
+from ktel.stack.proc import stop as stop_process
 from ktel.topics import create_topics
 
 pytestmark = pytest.mark.kafka
@@ -65,12 +66,7 @@ class Ktel:
         return {c.laddr.ip for c in conns if c.laddr.port == port and c.status == psutil.CONN_LISTEN}
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, 60)
 
 
 @pytest.fixture

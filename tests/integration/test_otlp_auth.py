@@ -6,7 +6,6 @@ every span, log record and data point once."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 
@@ -16,16 +15,17 @@ from prometheus_client import REGISTRY
 
 from ktel.stack.otelcol import LocalCollector
 from ktel.stack.proc import free_port
+from tests.integration.agent_harness import committed_offsets
 from tests.integration.test_otlp_tls import (
     PROTOCOLS,
     arrived,
     endpoint,
     expected,
     exporting,
-    group_offsets,
     publish,
     setup,
     wait_for,
+    wait_until_committed,
 )
 
 pytestmark = pytest.mark.kafka
@@ -72,7 +72,7 @@ async def test_a_wrong_token_is_one_log_line_keeps_the_data_and_the_fixed_file_d
         kafka, protocol, endpoint(collector, protocol), bearer_token_file=str(token_file)
     )
     offsets = await publish(kafka.bootstrap, run)
-    before = await group_offsets(kafka.bootstrap, group)
+    before = await committed_offsets(kafka.bootstrap, group)
     letters = counter("ktel_exporter_dead_letters_total", exporter="otlp")
     refused_before = refusals()
     caplog.set_level(logging.INFO, logger="ktel.export.otlp")
@@ -83,18 +83,11 @@ async def test_a_wrong_token_is_one_log_line_keeps_the_data_and_the_fixed_file_d
         assert not task.done()
         assert arrived(collector, run) == ([], [], [])
         assert counter("ktel_exporter_dead_letters_total", exporter="otlp") == letters
-        assert await group_offsets(kafka.bootstrap, group) == before  # nothing committed past them
+        assert await committed_offsets(kafka.bootstrap, group) == before  # nothing committed past them
 
         token_file.write_text(TOKEN + "\n")  # fixed in the file: no restart
         await wait_for(lambda: arrived(collector, run) == expected(run))
-
-        async def all_committed() -> bool:
-            now = await group_offsets(kafka.bootstrap, group)
-            return all(now.get((topic, p)) == off + 1 for (topic, p), off in offsets.items())
-
-        async with asyncio.timeout(90):  # a guard against hanging, not a timing assertion
-            while not await all_committed():
-                await asyncio.sleep(0.3)
+        await wait_until_committed(kafka.bootstrap, group, offsets)
     assert arrived(collector, run) == expected(run)  # each once
     assert counter("ktel_exporter_dead_letters_total", exporter="otlp") == letters
 

@@ -14,7 +14,7 @@ import uuid
 
 import msgpack
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 from prometheus_client import REGISTRY
 
 from exporters import otlp
@@ -23,17 +23,14 @@ from ktel.stack.otelcol import LocalCollector, attributes
 from ktel.stack.proc import free_port
 from ktel.topics import create_topics
 from ktel.wire import (
-    DLQ_TOPIC,
     HIST_SLOTS,
     LOGS_TOPIC,
     METRICS_TOPIC,
     SPANS_TOPIC,
-    DeadLetter,
     LogBatch,
     MetricSnapshot,
     SpanBatch,
     WireError,
-    decode_dead_letter,
     decode_logs,
     decode_snapshot,
     decode_spans,
@@ -42,6 +39,7 @@ from ktel.wire import (
     encode_spans,
     log2_bounds,
 )
+from tests.integration.agent_harness import dead_letters_of
 
 pytestmark = pytest.mark.kafka
 
@@ -243,22 +241,6 @@ async def test_spans_metrics_and_logs_arrive_exactly(kafka, collector, protocol,
     assert ([int(c) for c in p["bucketCounts"]], p["explicitBounds"]) == ([1, 3, 2], [0.001, 0.01])
 
 
-async def dead_letters_of(bootstrap: str, run: str, n: int) -> list[DeadLetter]:
-    """The first ``n`` dead letters whose payload names ``run`` (waits for them)."""
-    consumer = AIOKafkaConsumer(DLQ_TOPIC, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
-    await consumer.start()
-    mine: list[DeadLetter] = []
-    try:
-        async with asyncio.timeout(60):  # a guard against hanging, not a timing assertion
-            while len(mine) < n:
-                for recs in (await consumer.getmany(timeout_ms=500)).values():
-                    letters = map(decode_dead_letter, (r.value for r in recs))
-                    mine += [dl for dl in letters if run.encode() in dl.payload]
-    finally:
-        await consumer.stop()
-    return mine
-
-
 def counter(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
@@ -277,6 +259,16 @@ def span(run: str, name: str, start: int, attrs: dict | None = None) -> list:
     ]
 
 
+async def otlp_config(bootstrap: str, protocol: str, endpoint: str) -> config.Config:
+    """A config exporting over OTLP to ``endpoint``, ktel's topics created."""
+    cfg = config.Config(
+        kafka=config.KafkaConfig(bootstrap=bootstrap),
+        otlp=config.OtlpConfig(protocol=protocol, endpoint=endpoint, metrics_port=0),
+    )
+    await create_topics(bootstrap, topics.specs(cfg))
+    return cfg
+
+
 async def test_bad_records_are_dead_lettered_and_the_rest_delivered(kafka, collector):
     """The operator's cases, published with a plain Kafka client between good records:
     a span with start_ns -1 (once killed the exporter), a histogram with count -1 (once
@@ -285,11 +277,7 @@ async def test_bad_records_are_dead_lettered_and_the_rest_delivered(kafka, colle
     items arrive; each bad one is in ktel.dlq with its reason."""
     run = uuid.uuid4().hex[:12]
     host = f"host-{run}"
-    cfg = config.Config(
-        kafka=config.KafkaConfig(bootstrap=kafka.bootstrap),
-        otlp=config.OtlpConfig(protocol="grpc", endpoint=collector.grpc_endpoint, metrics_port=0),
-    )
-    await create_topics(kafka.bootstrap, topics.specs(cfg))
+    cfg = await otlp_config(kafka.bootstrap, "grpc", collector.grpc_endpoint)
     resource = {"host.id": host}
     now = time.time_ns()
     ahead = now + 3600 * 10**9
@@ -413,11 +401,7 @@ async def test_requests_the_collector_refuses_are_split_and_what_it_cannot_take_
     host = f"host-{run}"
     with LimitedCollector(tmp_path, free_port(), free_port()) as col:
         endpoint = col.grpc_endpoint if protocol == "grpc" else col.http_endpoint
-        cfg = config.Config(
-            kafka=config.KafkaConfig(bootstrap=kafka.bootstrap),
-            otlp=config.OtlpConfig(protocol=protocol, endpoint=endpoint, metrics_port=0),
-        )
-        await create_topics(kafka.bootstrap, topics.specs(cfg))
+        cfg = await otlp_config(kafka.bootstrap, protocol, endpoint)
         resource = {"host.id": host}
         now = time.time_ns()
         filler = "x" * 4000
@@ -470,11 +454,7 @@ async def test_kernel_histograms_arrive_as_exponential_histograms_with_exact_buc
     exactly the kernel's counts, in nanoseconds, slot 0 in the zero bucket."""
     run = uuid.uuid4().hex[:12]
     host = f"host-{run}"
-    cfg = config.Config(
-        kafka=config.KafkaConfig(bootstrap=kafka.bootstrap),
-        otlp=config.OtlpConfig(protocol="grpc", endpoint=collector.grpc_endpoint, metrics_port=0),
-    )
-    await create_topics(kafka.bootstrap, topics.specs(cfg))
+    cfg = await otlp_config(kafka.bootstrap, "grpc", collector.grpc_endpoint)
     counts = [0] * HIST_SLOTS
     counts[0], counts[1], counts[3], counts[10], counts[20] = 3, 5, 2, 17, 1
     hist = {"count": 28, "sum": 2_000_000e-9, "bounds": log2_bounds(HIST_SLOTS, 1e-9), "counts": counts}

@@ -15,7 +15,6 @@ import uuid
 import pytest
 import requests
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient
 from prometheus_client import REGISTRY
 
 from exporters import otlp
@@ -35,7 +34,7 @@ from ktel.wire import (
     encode_snapshot,
     encode_spans,
 )
-from tests.integration.agent_harness import start_group_at_end
+from tests.integration.agent_harness import committed_offsets, start_group_at_end
 
 pytestmark = pytest.mark.kafka
 
@@ -155,15 +154,16 @@ async def exporting(cfg: config.Config, group: str):
             await asyncio.wait_for(task, 30)
 
 
-async def group_offsets(bootstrap: str, group: str) -> dict[tuple[str, int], int]:
-    """(topic, partition) -> the group's committed offset."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        offsets = await admin.list_consumer_group_offsets(group)
-    finally:
-        await admin.close()
-    return {(tp.topic, tp.partition): meta.offset for tp, meta in offsets.items()}
+async def wait_until_committed(bootstrap: str, group: str, offsets: dict[tuple[str, int], int]) -> None:
+    """Until ``group`` has committed past each of ``offsets`` (the last record published)."""
+
+    async def all_committed() -> bool:
+        now = await committed_offsets(bootstrap, group)
+        return all(now.get((topic, p)) == off + 1 for (topic, p), off in offsets.items())
+
+    async with asyncio.timeout(90):  # a guard against hanging, not a timing assertion
+        while not await all_committed():
+            await asyncio.sleep(0.3)
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
@@ -196,7 +196,7 @@ async def test_a_wrong_ca_is_one_log_line_and_nothing_is_dropped(kafka, pki, tls
         kafka, protocol, endpoint(collector, protocol), certificate_file=str(other_ca.cert)
     )
     offsets = await publish(kafka.bootstrap, run)
-    before = await group_offsets(kafka.bootstrap, group)
+    before = await committed_offsets(kafka.bootstrap, group)
     letters = REGISTRY.get_sample_value("ktel_exporter_dead_letters_total", {"exporter": "otlp"}) or 0.0
     caplog.set_level(logging.INFO, logger="ktel.export.otlp")
     caplog.set_level(logging.WARNING, logger="ktel.retry")
@@ -216,17 +216,10 @@ async def test_a_wrong_ca_is_one_log_line_and_nothing_is_dropped(kafka, pki, tls
     assert (
         REGISTRY.get_sample_value("ktel_exporter_dead_letters_total", {"exporter": "otlp"}) or 0.0
     ) == letters
-    assert await group_offsets(kafka.bootstrap, group) == before  # nothing committed past them
+    assert await committed_offsets(kafka.bootstrap, group) == before  # nothing committed past them
 
     right = cfg.model_copy(update={"otlp": cfg.otlp.model_copy(update={"certificate_file": str(ca.cert)})})
     async with exporting(right, group):
         await wait_for(lambda: arrived(collector, run) == expected(run))
-
-        async def all_committed() -> bool:
-            now = await group_offsets(kafka.bootstrap, group)
-            return all(now.get((topic, p)) == off + 1 for (topic, p), off in offsets.items())
-
-        async with asyncio.timeout(90):  # a guard against hanging, not a timing assertion
-            while not await all_committed():
-                await asyncio.sleep(0.3)
+        await wait_until_committed(kafka.bootstrap, group, offsets)
     assert arrived(collector, run) == expected(run)  # each once

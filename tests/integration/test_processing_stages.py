@@ -22,6 +22,7 @@ from aiokafka.errors import KafkaError
 from prometheus_client.parser import text_string_to_metric_families
 
 from ktel.stack.proc import free_port
+from ktel.stack.proc import stop as stop_process
 from ktel.topics import TopicSpec, create_topics, topic_partitions
 from ktel.wire import (
     CONTROL_TOPIC,
@@ -43,7 +44,7 @@ from ktel.wire import (
 )
 from processors import changelog
 from tests.conftest import need_bpf
-from tests.integration.agent_harness import AgentProcess, read_topic
+from tests.integration.agent_harness import AgentProcess, committed_offsets, read_topic
 from tests.integration.probe_harness import cgroup2_child
 
 pytestmark = pytest.mark.kafka
@@ -76,6 +77,18 @@ class Worker:
             )
         return self
 
+    def critical_line_at_exit(self, module: str) -> str:
+        """Start with ``module`` (a fault in the worker), wait for it to exit with
+        status 1, and return the one CRITICAL line it logged."""
+        self.start(module)
+        try:
+            code = self.proc.wait(180)
+        finally:
+            self.stop()
+        assert code == 1, self.log.read_text()[-3000:]
+        [line] = [line for line in self.log.read_text().splitlines() if " CRITICAL " in line]
+        return line
+
     def kill(self):
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
@@ -95,13 +108,7 @@ class Worker:
         )
 
     def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 60)
 
 
 def batches(hosts: int, per_host: int, events: int):
@@ -110,6 +117,15 @@ def batches(hosts: int, per_host: int, events: int):
         for h in range(hosts):
             ev = [FILE_CREATED.id, 1, 2, 2, 0, "w", f"/data/h{h}/d{seq % 3}/f", 0o101, False]
             yield RawBatch(f"host-{h:02d}", "boot", seq, 1, [list(ev) for _ in range(events)])
+
+
+def batches_totals(hosts: int, per_host: int, events: int) -> dict[tuple[str, str], float]:
+    """The file_created_total of each (host, directory) that ``batches()`` makes."""
+    return {
+        (f"host-{h:02d}", f"/data/h{h}/d{d}"): float(events * len(range(d, per_host, 3)))
+        for h in range(hosts)
+        for d in range(3)
+    }
 
 
 async def produce(bootstrap, records, pace_s=0.0, topic=RAW_TOPIC):
@@ -211,27 +227,13 @@ def test_two_workers_and_a_sigkill_count_every_event_once(private_kafka, tmp_pat
         a = Worker(tmp_path, private_kafka.bootstrap, "a", **fast).start()  # on the same data directory
         asyncio.run(produce(private_kafka.bootstrap, traffic[half + 200 :], pace_s=0.005))
 
-        expected = {
-            (f"host-{h:02d}", f"/data/h{h}/d{d}"): float(events * len(range(d, per_host, 3)))
-            for h in range(hosts)
-            for d in range(3)
-        }
+        expected = batches_totals(hosts, per_host, events)
         got = wait_for_totals(private_kafka.bootstrap, expected, timeout=300)
         assert got == expected
         assert sum(got.values()) == hosts * per_host * events
     finally:
         a.stop()
         b.stop()
-
-
-async def committed_offsets(bootstrap: str, group: str) -> dict[tuple[str, int], int]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        offsets = await admin.list_consumer_group_offsets(group)
-    finally:
-        await admin.close()
-    return {(tp.topic, tp.partition): meta.offset for tp, meta in offsets.items()}
 
 
 def test_a_worker_refused_its_table_writes_stops_with_nothing_committed_and_its_restart_counts_all(
@@ -245,15 +247,8 @@ def test_a_worker_refused_its_table_writes_stops_with_nothing_committed_and_its_
     traffic = [(bt.key, encode_batch(bt)) for bt in batches(hosts, per_host, events)]
     asyncio.run(produce(private_kafka.bootstrap, traffic))
 
-    lagging = Worker(tmp_path, private_kafka.bootstrap, "lagging").start(
-        "tests.integration.worker_with_stale_metadata"
-    )
-    try:
-        code = lagging.proc.wait(180)
-    finally:
-        lagging.stop()
-    assert code == 1, lagging.log.read_text()[-3000:]
-    [line] = [line for line in lagging.log.read_text().splitlines() if " CRITICAL " in line]
+    lagging = Worker(tmp_path, private_kafka.bootstrap, "lagging")
+    line = lagging.critical_line_at_exit("tests.integration.worker_with_stale_metadata")
     assert "ktel process all: stopping: PartitionsMismatch: The source topic 'ktel.raw'" in line
     assert "'ktel-all-host-state-changelog' has 0 partitions, in Faust's metadata" in line
     assert "is committed: restart the worker (its supervisor does)" in line
@@ -261,11 +256,7 @@ def test_a_worker_refused_its_table_writes_stops_with_nothing_committed_and_its_
 
     worker = Worker(tmp_path, private_kafka.bootstrap, "again").start()
     try:
-        expected = {
-            (f"host-{h:02d}", f"/data/h{h}/d{d}"): float(events * len(range(d, per_host, 3)))
-            for h in range(hosts)
-            for d in range(3)
-        }
+        expected = batches_totals(hosts, per_host, events)
         assert wait_for_totals(private_kafka.bootstrap, expected, timeout=300) == expected
         assert worker.proc.poll() is None
     finally:
@@ -285,26 +276,15 @@ def test_a_record_a_stage_fails_on_stops_one_worker_then_goes_to_the_dlq_and_the
     traffic.insert(len(traffic) // 2, (poison.key, encode_batch(poison)))
     asyncio.run(produce(private_kafka.bootstrap, traffic))
 
-    first = Worker(tmp_path, private_kafka.bootstrap, "poisoned").start(
-        "tests.integration.worker_with_poison"
-    )
-    try:
-        code = first.proc.wait(180)
-    finally:
-        first.stop()
-    assert code == 1, first.log.read_text()[-3000:]
-    [line] = [line for line in first.log.read_text().splitlines() if " CRITICAL " in line]
+    first = Worker(tmp_path, private_kafka.bootstrap, "poisoned")
+    line = first.critical_line_at_exit("tests.integration.worker_with_poison")
     assert "ktel process all: stopping: ValueError: poisoned; nothing of ktel.raw[" in line
 
     again = Worker(tmp_path, private_kafka.bootstrap, "poisoned").start(
         "tests.integration.worker_with_poison"
     )
     try:
-        expected = {
-            (f"host-{h:02d}", f"/data/h{h}/d{d}"): float(events * len(range(d, per_host, 3)))
-            for h in range(hosts)
-            for d in range(3)
-        }
+        expected = batches_totals(hosts, per_host, events)
         assert wait_for_totals(private_kafka.bootstrap, expected, timeout=300) == expected
         assert again.proc.poll() is None
         # The one record, dead-lettered (at least once: a record read again before its
@@ -321,15 +301,8 @@ def test_a_record_a_stage_fails_on_stops_one_worker_then_goes_to_the_dlq_and_the
 
 
 def test_a_worker_whose_faust_app_crashes_exits_1_with_one_line(private_kafka, tmp_path):
-    broken = Worker(tmp_path, private_kafka.bootstrap, "broken").start(
-        "tests.integration.worker_with_broken_window"
-    )
-    try:
-        code = broken.proc.wait(180)
-    finally:
-        broken.stop()
-    assert code == 1, broken.log.read_text()[-3000:]
-    [line] = [line for line in broken.log.read_text().splitlines() if " CRITICAL " in line]
+    broken = Worker(tmp_path, private_kafka.bootstrap, "broken")
+    line = broken.critical_line_at_exit("tests.integration.worker_with_broken_window")
     assert "ktel process all: stopping: the Faust app crashed on ValueError: a window broke; " in line
     assert "restart the worker (its supervisor does)" in line
 

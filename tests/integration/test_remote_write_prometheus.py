@@ -12,25 +12,22 @@ from typing import Any
 import httpx
 import msgpack
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 from prometheus_client import REGISTRY
 
 from exporters import remote_write
 from ktel import config, topics
 from ktel.topics import create_topics
 from ktel.wire import (
-    DLQ_TOPIC,
     HIST_SLOTS,
     METRICS_TOPIC,
-    DeadLetter,
     MetricSnapshot,
     WireError,
-    decode_dead_letter,
     decode_snapshot,
     encode_snapshot,
     log2_bounds,
 )
-from tests.integration.agent_harness import start_group_at_end
+from tests.integration.agent_harness import dead_letters_of, start_group_at_end
 
 pytestmark = pytest.mark.kafka
 
@@ -82,14 +79,7 @@ async def test_samples_arrive_with_exact_values_and_labels(kafka, prometheus):
         )
         for i in range(3)
     ]
-    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all")
-    await producer.start()
-    try:
-        for snap in snaps:
-            await producer.send_and_wait(METRICS_TOPIC, encode_snapshot(snap), key=host.encode())
-    finally:
-        await producer.stop()
-
+    await publish(kafka.bootstrap, host, snaps)
     query = f'{{ktel_run="{run}"}}[10m]'
     latency_before = latency()
     stop = asyncio.Event()
@@ -128,25 +118,6 @@ async def test_samples_arrive_with_exact_values_and_labels(kafka, prometheus):
         key("runq_latency_seconds_sum"): list(zip(ts, [0.5, 1.5, 2.5], strict=True)),
         key("runq_latency_seconds_count"): list(zip(ts, [6.0, 7.0, 8.0], strict=True)),
     }
-
-
-async def dead_letters_of(bootstrap: str, run: str, n: int) -> list[DeadLetter]:
-    """The first ``n`` dead letters whose payload names ``run`` (waits for them)."""
-    consumer = AIOKafkaConsumer(DLQ_TOPIC, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
-    await consumer.start()
-    mine: list[DeadLetter] = []
-    try:
-        async with asyncio.timeout(60):  # a guard against hanging, not a timing assertion
-            while len(mine) < n:
-                for recs in (await consumer.getmany(timeout_ms=500)).values():
-                    mine += [
-                        dl
-                        for dl in map(decode_dead_letter, (r.value for r in recs))
-                        if run.encode() in dl.payload
-                    ]
-    finally:
-        await consumer.stop()
-    return mine
 
 
 async def test_future_old_and_malformed_snapshots_go_to_the_dlq_and_never_to_prometheus(kafka, prometheus):
@@ -247,29 +218,11 @@ async def test_a_stale_snapshot_ends_its_series_in_prometheus_at_once(kafka, pro
     host = f"host-{run}"
     t0 = (time.time_ns() // 1_000_000) - 60_000
     series = [["file_created_total", "counter", {"host.id": host, "ktel.run": run}, 23]]
-    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all")
-    await producer.start()
-    try:
-        for snap in (MetricSnapshot(t0, series), MetricSnapshot(t0 + 10_000, series, stale=True)):
-            await producer.send_and_wait(METRICS_TOPIC, encode_snapshot(snap), key=host.encode())
-    finally:
-        await producer.stop()
-
+    await publish(
+        kafka.bootstrap, host, [MetricSnapshot(t0, series), MetricSnapshot(t0 + 10_000, series, stale=True)]
+    )
     query = f'file_created_total{{ktel_run="{run}"}}'
-
-    def acknowledged() -> float:
-        return REGISTRY.get_sample_value("ktel_exporter_samples_total", {"exporter": "remote-write"}) or 0.0
-
-    before_run = acknowledged()
-    stop = asyncio.Event()
-    exporter = asyncio.create_task(remote_write.run(cfg, stop, group_id=group))
-    try:
-        async with asyncio.timeout(60):  # a guard against hanging, not a timing assertion
-            while acknowledged() < before_run + 2:  # the value and the marker
-                await asyncio.sleep(0.3)
-    finally:
-        stop.set()
-        await asyncio.wait_for(exporter, 30)
+    await export(cfg, group, 2)  # the value and the marker
     [before] = prometheus.query(query, (t0 + 5_000) / 1000)
     assert float(before["value"][1]) == 23.0
     # Without the marker, the last value would still be returned up to five minutes on.

@@ -12,14 +12,14 @@ import uuid
 import pytest
 import snappy
 from aiohttp import web
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 from opentelemetry.exporter.prometheus_remote_write.gen.remote_pb2 import WriteRequest
 
 from exporters import remote_write
 from ktel import config, topics
 from ktel.topics import create_topics
-from ktel.wire import DLQ_TOPIC, METRICS_TOPIC, MetricSnapshot, decode_dead_letter, encode_snapshot
-from tests.integration.agent_harness import start_group_at_end
+from ktel.wire import METRICS_TOPIC, MetricSnapshot, encode_snapshot
+from tests.integration.agent_harness import dead_letters_of, start_group_at_end
 
 pytestmark = pytest.mark.kafka
 
@@ -70,9 +70,9 @@ async def wait_for(predicate, timeout: float = 60) -> None:
             await asyncio.sleep(0.1)
 
 
-async def test_retries_5xx_and_429_dead_letters_400(kafka):
-    run = uuid.uuid4().hex[:12]
-    receiver = Receiver(run)
+async def serve(receiver: Receiver, bootstrap: str) -> tuple[web.AppRunner, config.Config]:
+    """``receiver`` on a free port, and a config whose remote_write sends to it (its
+    topics created); the runner is the caller's to clean up."""
     app = web.Application()
     app.router.add_post("/api/v1/write", receiver.handle)
     runner = web.AppRunner(app)
@@ -80,12 +80,18 @@ async def test_retries_5xx_and_429_dead_letters_400(kafka):
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-
     cfg = config.Config(
-        kafka=config.KafkaConfig(bootstrap=kafka.bootstrap),
+        kafka=config.KafkaConfig(bootstrap=bootstrap),
         remote_write=config.RemoteWriteConfig(url=f"http://127.0.0.1:{port}/api/v1/write", metrics_port=0),
     )
-    await create_topics(kafka.bootstrap, topics.specs(cfg))
+    await create_topics(bootstrap, topics.specs(cfg))
+    return runner, cfg
+
+
+async def test_retries_5xx_and_429_dead_letters_400(kafka):
+    run = uuid.uuid4().hex[:12]
+    receiver = Receiver(run)
+    runner, cfg = await serve(receiver, kafka.bootstrap)
     producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all")
     await producer.start()
 
@@ -124,18 +130,7 @@ async def test_retries_5xx_and_429_dead_letters_400(kafka):
     assert receiver.answers("refused") == [400]
     assert receiver.answers("after") == [200]
 
-    consumer = AIOKafkaConsumer(DLQ_TOPIC, bootstrap_servers=kafka.bootstrap, auto_offset_reset="earliest")
-    await consumer.start()
-    mine = []
-    try:
-        async with asyncio.timeout(30):
-            while not mine:
-                for recs in (await consumer.getmany(timeout_ms=500)).values():
-                    letters = [decode_dead_letter(r.value) for r in recs]
-                    mine += [dl for dl in letters if run in dl.reason]
-    finally:
-        await consumer.stop()
-    [dl] = mine
+    [dl] = await dead_letters_of(kafka.bootstrap, run)
     assert dl.stage == "remote-write"
     assert dl.reason == f"HTTP 400: out of order sample (run {run})"
     # The snapshot record the refused samples came from, as read, and where it was.
@@ -148,18 +143,7 @@ async def test_a_refused_request_is_sent_again_by_snapshot_and_only_the_refused_
     snapshot: the other two arrive once each, and only ``refused`` goes to ktel.dlq."""
     run = uuid.uuid4().hex[:12]
     receiver = Receiver(run)
-    app = web.Application()
-    app.router.add_post("/api/v1/write", receiver.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    cfg = config.Config(
-        kafka=config.KafkaConfig(bootstrap=kafka.bootstrap),
-        remote_write=config.RemoteWriteConfig(url=f"http://127.0.0.1:{port}/api/v1/write", metrics_port=0),
-    )
-    await create_topics(kafka.bootstrap, topics.specs(cfg))
+    runner, cfg = await serve(receiver, kafka.bootstrap)
     group = f"test-rw-split-{run}"
     await start_group_at_end(kafka.bootstrap, group, METRICS_TOPIC)
     now = time.time_ns() // 1_000_000
@@ -188,18 +172,6 @@ async def test_a_refused_request_is_sent_again_by_snapshot_and_only_the_refused_
     assert receiver.answers("first") == [400, 200]
     assert receiver.answers("refused") == [400, 400, 400]
     assert receiver.answers("last") == [400, 400, 200]
-    consumer = AIOKafkaConsumer(DLQ_TOPIC, bootstrap_servers=kafka.bootstrap, auto_offset_reset="earliest")
-    await consumer.start()
-    mine = []
-    try:
-        async with asyncio.timeout(30):  # a guard against hanging, not a timing assertion
-            while not mine:
-                for recs in (await consumer.getmany(timeout_ms=500)).values():
-                    mine += [
-                        dl for dl in map(decode_dead_letter, (r.value for r in recs)) if run in dl.reason
-                    ]
-    finally:
-        await consumer.stop()
-    [dl] = mine
+    [dl] = await dead_letters_of(kafka.bootstrap, run)
     assert (dl.stage, dl.topic, dl.payload) == ("remote-write", METRICS_TOPIC, records["refused"])
     assert dl.reason == f"HTTP 400: out of order sample (run {run})"

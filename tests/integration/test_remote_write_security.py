@@ -16,7 +16,6 @@ import httpx
 import pytest
 from aiohttp import web
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient
 from prometheus_client import REGISTRY
 
 from exporters import remote_write
@@ -26,7 +25,7 @@ from ktel.stack.proc import free_port
 from ktel.stack.prometheus import LocalPrometheus, Web
 from ktel.topics import create_topics
 from ktel.wire import METRICS_TOPIC, MetricSnapshot, encode_snapshot
-from tests.integration.agent_harness import start_group_at_end
+from tests.integration.agent_harness import committed_offsets, start_group_at_end
 
 pytestmark = pytest.mark.kafka
 
@@ -116,15 +115,7 @@ def stored(prom: LocalPrometheus, run: str) -> list[tuple[int, float]]:
 
 
 async def committed(bootstrap: str, group: str, partition: int) -> int:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        offsets = await admin.list_consumer_group_offsets(group)
-    finally:
-        await admin.close()
-    return next(
-        meta.offset for tp, meta in offsets.items() if (tp.topic, tp.partition) == (METRICS_TOPIC, partition)
-    )
+    return (await committed_offsets(bootstrap, group))[(METRICS_TOPIC, partition)]
 
 
 class Exporter:

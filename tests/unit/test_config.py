@@ -140,43 +140,62 @@ def test_a_bad_secret_is_not_shown_in_the_error(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("toml", "expected"),
+    ("section", "toml", "expected"),
     [
         (
+            "remote_write",
             "basic_auth_username = 'u'",
             "remote_write.basic_auth_username needs remote_write.basic_auth_password "
             "(KTEL_REMOTE_WRITE__BASIC_AUTH_PASSWORD) or remote_write.basic_auth_password_file",
         ),
         (
+            "remote_write",
             "basic_auth_password = 'p'",
             "remote_write.basic_auth_password(_file) needs remote_write.basic_auth_username",
         ),
         (
+            "remote_write",
             "basic_auth_username = 'u'\nbasic_auth_password = 'p'\nbasic_auth_password_file = '{f}'",
             "remote_write.basic_auth_password and remote_write.basic_auth_password_file: set one",
         ),
         (
+            "remote_write",
             "basic_auth_username = 'u'\nbasic_auth_password = 'p'\nbearer_token_file = '{f}'",
             "both set the Authorization header: set one",
         ),
         (
+            "remote_write",
             "url = 'https://r/api/v1/write'\ntls_cert_file = '{f}'",
             "remote_write.tls_cert_file and remote_write.tls_key_file go together (mutual TLS)",
         ),
         (
+            "remote_write",
             "tls_ca_file = '{f}'",
             "remote_write.tls_* settings apply to an https:// url, and remote_write.url = "
             "'http://127.0.0.1:9090/api/v1/write': make it https://",
         ),
-        ("headers = {{Authorization = 'Bearer x'}}", "header 'Authorization' is set by ktel itself"),
-        ("headers = {{content-type = 'text/plain'}}", "header 'content-type' is set by ktel itself"),
+        (
+            "remote_write",
+            "headers = {{Authorization = 'Bearer x'}}",
+            "header 'Authorization' is set by ktel itself",
+        ),
+        (
+            "remote_write",
+            "headers = {{content-type = 'text/plain'}}",
+            "header 'content-type' is set by ktel itself",
+        ),
+        (
+            "otlp",
+            "bearer_token_file = '{f}'\nheaders = {{Authorization = 'Bearer x'}}",
+            "otlp.headers has an Authorization header and otlp.bearer_token_file sets it too: remove one",
+        ),
     ],
 )
-def test_bad_remote_write_security_names_the_fields_and_the_fix(tmp_path, toml, expected):
+def test_bad_credentials_name_the_fields_and_the_fix(tmp_path, section, toml, expected):
     secret = tmp_path / "secret"
     secret.write_text("x")
     f = tmp_path / "bad.toml"
-    f.write_text("[remote_write]\n" + toml.format(f=secret) + "\n")
+    f.write_text(f"[{section}]\n" + toml.format(f=secret) + "\n")
     with pytest.raises(config.ConfigError) as err:
         config.load(f)
     assert expected in str(err.value)
@@ -228,25 +247,6 @@ def test_the_table_store_is_on_disk_by_default_and_a_wrong_one_is_named(monkeypa
         config.load()
     assert "table_store" in str(err.value) and "KTEL_PROCESS__TABLE_STORE" in str(err.value), err.value
     assert "'rocksdict' or 'memory'" in str(err.value)
-
-
-@pytest.mark.parametrize(
-    ("toml", "expected"),
-    [
-        (
-            "bearer_token_file = '{f}'\nheaders = {{Authorization = 'Bearer x'}}",
-            "otlp.headers has an Authorization header and otlp.bearer_token_file sets it too: remove one",
-        ),
-    ],
-)
-def test_bad_otlp_credentials_name_the_fields_and_the_fix(tmp_path, toml, expected):
-    secret = tmp_path / "token"
-    secret.write_text("t\n")
-    f = tmp_path / "bad.toml"
-    f.write_text("[otlp]\n" + toml.format(f=secret) + "\n")
-    with pytest.raises(config.ConfigError) as err:
-        config.load(f)
-    assert expected in str(err.value)
 
 
 HTTPS = "url = 'https://r/api/v1/write'\n"
