@@ -287,9 +287,9 @@ def expected_count(n_batches: int, hosts: int, cfg: Any) -> float:
     return cores.counted
 
 
-def run_ktel(
-    tmp: Path, bootstrap: str, info: dict[str, Any], expected: float, timeout: float, spy: str | None
-) -> tuple[Measured, str]:
+def start_worker(tmp: Path, bootstrap: str, log_path: Path) -> tuple[subprocess.Popen, int]:
+    """`ktel process all` on ``bootstrap`` with ktel's defaults (no KTEL_CONFIG), its data
+    under ``tmp`` and its output in ``log_path``; and the port of its metrics."""
     port = free_port()
     env = dict(
         os.environ,
@@ -300,7 +300,18 @@ def run_ktel(
         KTEL_PROCESS__DATA_DIR=str(tmp / "ktel-data"),
     )
     env.pop("KTEL_CONFIG", None)
+    with open(log_path, "ab") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "ktel.cli", "process", "all"], env=env, stdout=log, stderr=log, cwd=ROOT
+        )
+    return worker, port
+
+
+def run_ktel(
+    tmp: Path, bootstrap: str, info: dict[str, Any], expected: float, timeout: float, spy: str | None
+) -> tuple[Measured, str]:
     per_batch = info["events"] / info["batches"]
+    proc, port = start_worker(tmp, bootstrap, tmp / "ktel-worker.log")
 
     def progress() -> tuple[float | None, bool]:
         counted = scrape(port, "ktel_processor_events_total")
@@ -309,10 +320,6 @@ def run_ktel(
         batches = scrape(port, "ktel_processor_batches_total")
         return (batches * per_batch if batches else None), False
 
-    with open(tmp / "ktel-worker.log", "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "ktel.cli", "process", "all"], env=env, stdout=log, stderr=log, cwd=ROOT
-        )
     sampler = None
     if spy:
         raw = tmp / "py-spy.txt"

@@ -46,7 +46,7 @@ sys.path.insert(0, str(HERE))
 import psutil  # noqa: E402
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # noqa: E402
 from fleet import Host, make_batch  # noqa: E402
-from processing_throughput import machine, scrape  # noqa: E402
+from processing_throughput import machine, scrape, start_worker  # noqa: E402
 
 from ktel import config, topics  # noqa: E402
 from ktel.stack.kafka import LocalKafka  # noqa: E402
@@ -172,20 +172,7 @@ def run_variant(variant: str, bootstrap: str, records: int, tmp: Path) -> dict[s
         if not found:
             raise RuntimeError(f"{variant}: no result\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
         return json.loads(found[-1])
-    port = free_port()
-    env = dict(
-        os.environ,
-        PYTHONPATH=str(ROOT),
-        KTEL_KAFKA__BOOTSTRAP=bootstrap,
-        KTEL_AGENT__HOST_ID="bench",
-        KTEL_PROCESS__METRICS_PORT=str(port),
-        KTEL_PROCESS__DATA_DIR=str(tmp / "ktel-data"),
-    )
-    env.pop("KTEL_CONFIG", None)
-    with open(tmp / "ktel.log", "ab") as log:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "ktel.cli", "process", "all"], env=env, stdout=log, stderr=log, cwd=ROOT
-        )
+    worker, port = start_worker(tmp, bootstrap, tmp / "ktel.log")
     try:
         ps = psutil.Process(worker.pid)
         t0: tuple[float, float, float] | None = None
