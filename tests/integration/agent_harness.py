@@ -152,12 +152,12 @@ async def topic_partitions(bootstrap: str, topic: str) -> list[TopicPartition]:
         await producer.stop()
 
 
-async def start_group_at_end(bootstrap: str, group_id: str, topic: str) -> None:
-    """Commit the topic's current end offsets for the group: its consumer then reads only
-    what a test produces next, not the other tests' records on the session's topic (for an
+async def start_group_at_end(bootstrap: str, group_id: str, *topics: str) -> None:
+    """Commit the topics' current end offsets for the group: its consumer then reads only
+    what a test produces next, not the other tests' records on the session's topics (for an
     exporter: a sample Prometheus refuses, e.g. one too old, would make it refuse a whole
-    request)."""
-    parts = await topic_partitions(bootstrap, topic)
+    request; a bad record another test left would be dead-lettered again)."""
+    parts = [tp for topic in topics for tp in await topic_partitions(bootstrap, topic)]
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group_id, enable_auto_commit=False)
     await consumer.start()
     try:

@@ -39,7 +39,7 @@ from ktel.wire import (
     encode_spans,
     log2_bounds,
 )
-from tests.integration.agent_harness import dead_letters_of
+from tests.integration.agent_harness import dead_letters_of, start_group_at_end
 
 pytestmark = pytest.mark.kafka
 
@@ -48,6 +48,14 @@ pytestmark = pytest.mark.kafka
 def collector(tmp_path_factory):
     with LocalCollector(tmp_path_factory.mktemp("otelcol"), free_port(), free_port()) as col:
         yield col
+
+
+async def exporter_group(bootstrap: str, name: str) -> str:
+    """``name``, a consumer group starting at the end of the exporter's topics: the exporter
+    then reads only what the test produces next, not the records the session's other tests
+    left there (a bad one among them would be dead-lettered again, into this test's counts)."""
+    await start_group_at_end(bootstrap, name, SPANS_TOPIC, LOGS_TOPIC, METRICS_TOPIC)
+    return name
 
 
 def hexid(b: bytes) -> str:
@@ -90,6 +98,7 @@ async def test_spans_metrics_and_logs_arrive_exactly(kafka, collector, protocol,
     monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", f"deployment.environment.name=test,ktel.run={run}")
     service = {"service.name": f"ktel-{run}", "deployment.environment.name": "test", "ktel.run": run}
     await create_topics(kafka.bootstrap, topics.specs(cfg))
+    group = await exporter_group(kafka.bootstrap, f"test-otlp-{run}")
 
     resource = {"host.id": host, "host.name": "node-1", "os.type": "linux"}
     trace_id = uuid.uuid4().bytes
@@ -153,7 +162,7 @@ async def test_spans_metrics_and_logs_arrive_exactly(kafka, collector, protocol,
         return [i for i in items if i["resource"].get("host.id") == host]
 
     stop = asyncio.Event()
-    exporter = asyncio.create_task(otlp.run(cfg, stop, group_id=f"test-otlp-{run}"))
+    exporter = asyncio.create_task(otlp.run(cfg, stop, group_id=group))
     try:
         await wait_for(
             lambda: (
@@ -278,6 +287,7 @@ async def test_bad_records_are_dead_lettered_and_the_rest_delivered(kafka, colle
     run = uuid.uuid4().hex[:12]
     host = f"host-{run}"
     cfg = await otlp_config(kafka.bootstrap, "grpc", collector.grpc_endpoint)
+    group = await exporter_group(kafka.bootstrap, f"test-otlp-bad-{run}")
     resource = {"host.id": host}
     now = time.time_ns()
     ahead = now + 3600 * 10**9
@@ -336,7 +346,7 @@ async def test_bad_records_are_dead_lettered_and_the_rest_delivered(kafka, colle
 
     letters_before = counter("ktel_exporter_dead_letters_total", exporter="otlp")
     stop = asyncio.Event()
-    exporter = asyncio.create_task(otlp.run(cfg, stop, group_id=f"test-otlp-bad-{run}"))
+    exporter = asyncio.create_task(otlp.run(cfg, stop, group_id=group))
     try:
         letters = await dead_letters_of(kafka.bootstrap, run, 5)
         await wait_for(
@@ -402,6 +412,7 @@ async def test_requests_the_collector_refuses_are_split_and_what_it_cannot_take_
     with LimitedCollector(tmp_path, free_port(), free_port()) as col:
         endpoint = col.grpc_endpoint if protocol == "grpc" else col.http_endpoint
         cfg = await otlp_config(kafka.bootstrap, protocol, endpoint)
+        group = await exporter_group(kafka.bootstrap, f"test-otlp-limit-{run}")
         resource = {"host.id": host}
         now = time.time_ns()
         filler = "x" * 4000
@@ -433,7 +444,7 @@ async def test_requests_the_collector_refuses_are_split_and_what_it_cannot_take_
             return sorted(s["name"] for s in col.spans() if s["resource"].get("host.id") == host)
 
         stop = asyncio.Event()
-        exporter = asyncio.create_task(otlp.run(cfg, stop, group_id=f"test-otlp-limit-{run}"))
+        exporter = asyncio.create_task(otlp.run(cfg, stop, group_id=group))
         try:
             letters = await dead_letters_of(kafka.bootstrap, run, len(refused_alone))
             await wait_for(lambda: len(arrived()) >= len(expected), "the spans the Collector takes")
@@ -455,6 +466,7 @@ async def test_kernel_histograms_arrive_as_exponential_histograms_with_exact_buc
     run = uuid.uuid4().hex[:12]
     host = f"host-{run}"
     cfg = await otlp_config(kafka.bootstrap, "grpc", collector.grpc_endpoint)
+    group = await exporter_group(kafka.bootstrap, f"test-otlp-exp-{run}")
     counts = [0] * HIST_SLOTS
     counts[0], counts[1], counts[3], counts[10], counts[20] = 3, 5, 2, 17, 1
     hist = {"count": 28, "sum": 2_000_000e-9, "bounds": log2_bounds(HIST_SLOTS, 1e-9), "counts": counts}
@@ -468,7 +480,7 @@ async def test_kernel_histograms_arrive_as_exponential_histograms_with_exact_buc
         return [m for m in collector.metrics() if m["resource"].get("host.id") == host]
 
     stop = asyncio.Event()
-    exporter = asyncio.create_task(otlp.run(cfg, stop, group_id=f"test-otlp-exp-{run}"))
+    exporter = asyncio.create_task(otlp.run(cfg, stop, group_id=group))
     try:
         await wait_for(lambda: mine(), "the histogram at the Collector")
     finally:

@@ -34,12 +34,12 @@ from ktel.wire import (
     encode_snapshot,
     encode_spans,
 )
-from tests.integration.agent_harness import committed_offsets, start_group_at_end
+from tests.integration.agent_harness import committed_offsets
+from tests.integration.test_otlp_collector import exporter_group
 
 pytestmark = pytest.mark.kafka
 
 PROTOCOLS = ["grpc", "http/protobuf"]
-OUTPUT_TOPICS = (SPANS_TOPIC, LOGS_TOPIC, METRICS_TOPIC)
 
 
 @pytest.fixture(scope="module")
@@ -78,10 +78,7 @@ async def setup(kafka, protocol: str, endpoint: str, **tls) -> tuple[str, config
         otlp={"protocol": protocol, "endpoint": endpoint, "metrics_port": 0, **tls},
     )
     await create_topics(kafka.bootstrap, topics.specs(cfg))
-    group = f"test-otlp-tls-{run}"
-    for topic in OUTPUT_TOPICS:
-        await start_group_at_end(kafka.bootstrap, group, topic)
-    return run, cfg, group
+    return run, cfg, await exporter_group(kafka.bootstrap, f"test-otlp-tls-{run}")
 
 
 async def publish(bootstrap: str, run: str) -> dict[tuple[str, int], int]:
