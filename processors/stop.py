@@ -129,11 +129,16 @@ def crashed(stage: str, err: BaseException) -> str:
 
 
 class Worker(faust.Worker):
-    """``faust.Worker`` that ends at once, with one line, when its app crashes."""
+    """``faust.Worker`` that ends at once, with one line, when its app crashes, and
+    logs at the level it is given."""
 
     def __init__(self, app: faust.App, stage: str, **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
         self.stage = stage
+        # Faust keeps its terminal spinner at WARNING and above, and to spin it on every
+        # record sets the root logger to DEBUG: every debug call in Faust and aiokafka (one
+        # per record sent) would then build its record, only for the handlers to drop it.
+        self.spinner = None
 
     def _crash(self, reason: BaseException) -> None:
         # mode marks every service up to the root, this worker, crashed through _crash

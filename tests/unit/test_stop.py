@@ -77,3 +77,28 @@ def test_a_note_that_cannot_be_written_does_not_keep_the_worker_from_stopping(tm
 
     event = SimpleNamespace(message=SimpleNamespace(topic="ktel.raw", partition=0, offset=1))
     Poisoned(tmp_path / "no-such-dir" / "poisoned.json").add(event, StageFailed())  # logs, no raise
+
+
+def test_a_worker_at_warning_leaves_the_root_logger_at_warning():
+    import logging
+
+    import faust
+
+    from processors.stop import Worker
+
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    root.addHandler(logging.NullHandler())  # (Faust's spinner set-up edits the first handler)
+    before = list(root.handlers)
+    try:
+        worker = Worker(
+            faust.App("ktel-test-spinner", broker="kafka://127.0.0.1:9"), "all", loglevel="WARNING"
+        )
+        worker.on_setup_root_logger(root, logging.WARNING)
+        # faust.Worker would set it to DEBUG and add its spinner's handler: every debug
+        # call would build a record.
+        assert root.getEffectiveLevel() != logging.DEBUG
+        assert root.handlers == before
+    finally:
+        root.setLevel(level)
+        root.handlers[:] = handlers
