@@ -255,7 +255,13 @@ def consume_faust(bootstrap: str, records: int, variant: str, settings: dict[str
     async def check() -> None:
         await floor.finish()
 
-    faust.Worker(app, loglevel="WARNING", quiet=True).execute_from_commandline()
+    worker = faust.Worker(app, loglevel="WARNING", quiet=True)
+    # Faust keeps its start-up spinner at levels above info, and the spinner sets the root
+    # logger to DEBUG (faust.Worker._setup_spinner_handler): every logger.debug in Faust
+    # then builds its record (one per changelog send). ktel's worker at its default level,
+    # info, has no spinner; nor has this one.
+    worker.spinner = None
+    worker.execute_from_commandline()
 
 
 class Floor:
