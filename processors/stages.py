@@ -58,6 +58,7 @@ import dataclasses
 import functools
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -91,7 +92,7 @@ from processors.chain import build
 from processors.faust_app import App
 from processors.fleet_metrics import FleetMetrics
 from processors.stage import Result, Stage
-from processors.stop import Poisoned, StageFailed, Worker, stop
+from processors.stop import Poisoned, StageFailed, Worker, stop, undelivered
 from processors.table_store import MEMORY_URL, DiskBackedStore
 from processors.table_store import URL as DISK_BACKED_URL
 
@@ -187,10 +188,8 @@ async def persist(table: Any, key: str, value: dict[str, Any], record_key: bytes
     buffer's sender still holds a record (faust-streaming 0.15.3,
     ``ProducerBuffer.flush_atmost``). Seen here: a commit went through with a host's
     last changelog record unsent, and a worker SIGKILLed right then lost that
-    batch's counts. Records sent this way are in aiokafka's accumulator, whose
-    flush waits for the broker's acknowledgement (acks=all). That holds while
-    ``stream_publish_on_commit`` is off (Faust's default, not changed here): on, it
-    would hold the record back until the commit.
+    batch's counts. Records sent by ``produce`` are in aiokafka's accumulator, whose
+    flush waits for the broker's acknowledgement (acks=all).
 
     Otherwise this is Faust's own write (``Table.on_key_set``), minus the key TTL of
     windowed tables, which this one is not. ``record`` is encoded as the table
@@ -204,14 +203,49 @@ async def persist(table: Any, key: str, value: dict[str, Any], record_key: bytes
 
 
 async def send(table: Any, key: bytes, value: bytes | None, partition: int) -> None:
-    await table.changelog_topic.send(
-        key=key,
-        value=value,
-        partition=partition,
-        key_serializer="raw",
-        value_serializer="raw",  # already encoded; None as is: a tombstone (as Faust's own delete)
-        callback=on_changelog_acked(table, key, value),
+    """A changelog record (None: a tombstone, as Faust's own delete writes)."""
+    await produce(
+        table.app,
+        table.changelog_topic.get_topic_name(),
+        key,
+        value,
+        partition,
+        on_changelog_acked(table, key, value),
     )
+
+
+async def produce(
+    app: Any,
+    topic: str,
+    key: bytes | None,
+    value: bytes | None,
+    partition: int | None = None,
+    acked: Callable[[Any], None] | None = None,
+) -> None:
+    """Hand a record to the worker's Kafka producer, aiokafka's, which Faust holds and
+    flushes (waiting for the broker's acknowledgement, acks=all) before every offset
+    commit: what a source record made is on Kafka before that record is committed.
+    ``acked`` is called with the record's metadata once it is.
+
+    Faust's own ``Topic.send`` wraps the same call in a future, sensors and callbacks of
+    its own: about 100 µs more per record (bench/RESULTS.md, "The stream's cost per
+    record"), which the worker pays per batch and per snapshot. It also only logs a
+    record the producer failed to deliver, and the commit that follows goes past it;
+    here that stops the worker first (``stop.undelivered``)."""
+    sent = await app.producer.send(topic, key, value, partition, None, None)
+    sent.add_done_callback(functools.partial(delivered, topic, acked))
+
+
+def delivered(topic: str, acked: Callable[[Any], None] | None, sent: asyncio.Future) -> None:
+    if sent.cancelled():
+        return  # (only as the producer is stopped with the process)
+    err = sent.exception()
+    if err is not None:
+        # (a done callback runs before the flush that waits for the record returns, so
+        # before the commit that follows it)
+        undelivered(topic, err)
+    if acked is not None:
+        acked(sent.result())
 
 
 def encoded(table: Any, value: dict[str, Any]) -> bytes:
@@ -239,9 +273,9 @@ class Persisted:
         return self.snapshot is None or v - self.snapshot >= changelog.SLOTS
 
 
-def on_changelog_acked(table: Any, key: bytes, value: bytes | None) -> Any:
-    """What a changelog send calls once Kafka has the record: the on-disk store copies
-    it (processors/table_store.py); the memory store has nothing to do."""
+def on_changelog_acked(table: Any, key: bytes, value: bytes | None) -> Callable[[Any], None] | None:
+    """What a changelog send calls with the record's metadata once Kafka has it: the
+    on-disk store copies it (processors/table_store.py); the memory store has nothing to do."""
     if isinstance(table.data, DiskBackedStore):
         return table.data.acknowledged(key, value)
     return None
@@ -309,9 +343,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
 
     source_name = names.topic(SOURCE[stage])
     source = raw_topic(source_name)
-    sink = raw_topic(names.topic(SINK[stage])) if stage in SINK else None
-    metrics, control, dlq = raw_topic(names.metrics), raw_topic(names.control), raw_topic(names.dlq)
-    spans_topic, logs_topic = raw_topic(names.spans), raw_topic(names.logs)
+    sink = names.topic(SINK[stage]) if stage in SINK else None
     # A chain whose stages all keep their state in the worker (sample) keeps no
     # table: a table it never writes would still need its changelog topic at start.
     hosts: Any = {}
@@ -368,7 +400,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         DEAD_LETTERS.labels(stage).inc()
         log.warning("dead letter %s[%d]@%d: %s", msg.topic, msg.partition, msg.offset, err)
         dl = DeadLetter(stage, str(err)[:4096], msg.topic, msg.partition, msg.offset, bytes(event.value))
-        await dlq.send(key=event.key, value=encode_dead_letter(dl))
+        await produce(app, names.dlq, event.key, encode_dead_letter(dl))
 
     async def emit(result: Result, key: bytes | None = None) -> None:
         """What a stage made, but the batch it passes on; ``key``: that of the batch's record."""
@@ -379,19 +411,19 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             for kind, n in by_kind.items():
                 KIND_COUNTED[name].labels(stage, kind).inc(n)
         for sb in result.spans:
-            await spans_topic.send(key=key, value=encode_spans(sb))
+            await produce(app, names.spans, key, encode_spans(sb))
             SPANS.labels(stage).inc(len(sb.spans))
         for lb in result.logs:
-            await logs_topic.send(key=key, value=encode_logs(lb))
+            await produce(app, names.logs, key, encode_logs(lb))
             LOGS.labels(stage).inc(len(lb.logs))
         for host_id, snap in result.snapshots:
-            await metrics.send(key=host_id.encode(), value=encode_snapshot(snap))
+            await produce(app, names.metrics, host_id.encode(), encode_snapshot(snap))
             SNAPSHOTS.labels(stage).inc()
         for cmd in result.commands:
             log.info(
                 "host %s: %s sampled 1 in %d (command %s)", cmd.target, cmd.probe, cmd.sample_every, cmd.id
             )
-            await control.send(key=cmd.key, value=encode_command(cmd))
+            await produce(app, names.control, cmd.key, encode_command(cmd))
             COMMANDS.labels(stage).inc()
 
     async def take_batch(event: Any) -> None:
@@ -422,7 +454,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             BATCHES.labels(stage).inc()
         await emit(result, key=event.key)
         if result.batch is not None and sink is not None:
-            await sink.send(key=event.key, value=encode_batch(result.batch))
+            await produce(app, sink, event.key, encode_batch(result.batch))
 
     async def take_heartbeat(event: Any) -> None:
         try:

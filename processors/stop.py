@@ -15,7 +15,9 @@ line), processes them again, and the stages' dedupe counts none twice.
 
 Any other crash of the Faust app (a timer, a task, one of Faust's own services) ends
 the worker the same way (``Worker``), rather than through a shutdown that commits
-what the stream acknowledged, and leaves it to the same restart.
+what the stream acknowledged, and leaves it to the same restart. So does a record the
+producer could not deliver (``undelivered``): the commit that would follow must not
+go past the records that made it.
 
 A record a stage itself fails on (``StageFailed``: the exception of a stage core, a
 bug that record's content triggers) would stop every worker that takes its partition
@@ -107,6 +109,20 @@ def reason(stage: str, topic: str, partition: int, offset: int, err: BaseExcepti
         f"ktel process {stage}: stopping: {why}; nothing of {topic}[{partition}] from offset "
         f"{offset} on is committed: restart the worker (its supervisor does) to process it again"
     )
+
+
+def undelivered(topic: str, err: BaseException) -> NoReturn:
+    """Log and end the process now: the producer could not deliver a record to ``topic``
+    (its retries spent), and the commit that would follow must not go past the records
+    that made it."""
+    text = " ".join(str(err).split())
+    log.critical(
+        f"ktel process: stopping: a record to {topic} was not delivered ({type(err).__name__}: {text}); "
+        "nothing processed since the last commit is committed: restart the worker (its supervisor "
+        "does) to process it again"
+    )
+    logging.shutdown()
+    os._exit(EXIT_STATUS)
 
 
 def stop(stage: str, event: Any, err: BaseException) -> NoReturn:

@@ -93,10 +93,10 @@ class DiskBackedStore(FoldingStore):
             db.close()
 
     def acknowledged(self, key: bytes, value: bytes | None) -> Callable[[Any], None]:
-        """The callback of a changelog send: copies the record once Kafka has it."""
+        """What a changelog send calls with the record's metadata once Kafka has it:
+        copies the record."""
 
-        def copy(fut: Any) -> None:
-            meta = fut.result()
+        def copy(meta: Any) -> None:
             batch = WriteBatch(raw_mode=True)
             if value is None:
                 batch.delete(key)

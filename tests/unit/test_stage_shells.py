@@ -14,7 +14,6 @@ from contextlib import AsyncExitStack
 from typing import Any
 from unittest import mock
 
-import faust
 from prometheus_client import REGISTRY
 
 from ktel import config
@@ -98,14 +97,14 @@ class Shell:
         sent, changelog = self.sent, self.changelog
         changelog_topic = stages.changelog_topic(self.names, self.stage)
 
-        async def record(topic, key=None, value=None, **_kw):
-            if topic.get_topic_name() == changelog_topic:
+        async def record(_app, topic, key, value, partition=None, acked=None):
+            if topic == changelog_topic:
                 # As serialized for Kafka (the table's JSON), a tombstone as None.
                 changelog.append((json.loads(key), None if value is None else json.loads(value)))
             elif key != FLUSH_KEY:
-                sent.append((topic.get_topic_name(), key, value))
+                sent.append((topic, key, value))
 
-        self._stack.enter_context(mock.patch.object(faust.topics.Topic, "send", record))
+        self._stack.enter_context(mock.patch.object(stages, "produce", record))
         self.batches = await self._stack.enter_async_context(self.agent("process").test_context())
         if "processors.stages.take_heartbeats" in self.app.agents:
             self.heartbeats = await self._stack.enter_async_context(
