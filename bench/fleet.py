@@ -15,9 +15,19 @@ Measured, per fleet size, each on a fresh broker and Prometheus:
   rss/host     worker RSS at the end of the steady phase, divided by the hosts
   samples/win  samples the exporter had acknowledged (ktel_exporter_samples_total)
                per aggregate window
-  e2e p50/p99  from the bench side: every 0.2 s the bench reads
-               sum(file_created_total) from Prometheus; each reading's latency is
-               now minus when the bench had produced that many file creations
+  e2e p50/p99  from the bench side: every POLL_S the bench reads
+               sum(file_created_total) from Prometheus as of the query's issue (the
+               API's time=); a reading's latency is that instant minus when the bench
+               sealed the batch holding the last file creation counted (each batch
+               stamped as it is sent, as an agent seals it, so producing it to Kafka
+               counts): the age of the newest data Prometheus shows. What error
+               remains: a sample (stamped with its window's close, before the issue)
+               that Prometheus takes between the query's issue and its evaluation is
+               counted as if there at the issue, which can make a reading younger by
+               at most the query's round trip (the longest: query max); the bench,
+               the workers and Prometheus share one clock
+  window delay how late the aggregate's windows closed (mean, and the bucket bound
+               holding the p99 of the worker's ktel_processor_window_delay_seconds)
   acked ≤ 1 s  from the exporter's side: the share of the snapshots it delivered that
                Prometheus acknowledged within 1 s of their window's close (the
                exporter's ktel_exporter_ingestion_latency_seconds), so within the
@@ -79,7 +89,10 @@ from ktel.wire import (  # noqa: E402
 )
 
 STAGES = {"all": ["all"], "split": ["dedupe", "enrich", "sample", "aggregate"]}
-POLL_S = 0.2  # how often the bench reads Prometheus: each reading is late by up to this
+POLL_S = 0.05  # how often the bench reads Prometheus (the readings' density, not their error)
+ACKED = "ktel_exporter_ingestion_latency_seconds"  # (exporters/consume.py)
+WINDOW_DELAY = "ktel_processor_window_delay_seconds"  # (processors/stages.py)
+SUM = -1.0  # a histogram's sum, as Pipeline.histogram keys it among its bounds
 
 # ------------------------------------------------------------------ traffic
 
@@ -179,14 +192,16 @@ class Traffic:
                 batch, files = make_batch(host, self.per_batch, self.rng)
                 futures.append(await self.producer.send(RAW_TOPIC, encode_batch(batch), key=batch.key))
                 self.files += files
+                # Stamped as the agent seals it, just before the send: its events' latency
+                # includes the produce, as an agent's do.
+                self.history.append((self.files, batch.sent_ns / 1e9))
                 self.events += len(batch.events)
                 i += 1
             await asyncio.gather(*futures)
-            self.history.append((self.files, time.time()))
             await asyncio.sleep(max(0.0, start + (i / per_tick) * tick - time.monotonic()))
 
     def produced_at(self, files: float) -> float | None:
-        """When the bench had produced ``files`` file creations (acknowledged by Kafka)."""
+        """When the bench sealed the batch holding its ``files``-th file creation."""
         k = bisect.bisect_left(self.history, (files, 0.0))
         return self.history[k][1] if k < len(self.history) else None
 
@@ -261,18 +276,24 @@ class Pipeline:
     def samples(self) -> float:
         return scrape(self.exporter_port, "ktel_exporter_samples_total") or 0.0
 
-    def acked_buckets(self) -> dict[float, float]:
-        """The exporter's ingestion-latency histogram (exporters/consume.py): snapshots
-        acknowledged within each bound (s) of their window's close, cumulative."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.exporter_port}/metrics", timeout=5) as r:
+    def histogram(self, port: int, name: str, **labels: str) -> dict[float, float]:
+        """A histogram of a process' self-metrics, summed over its series with ``labels``:
+        the observations within each bound (s), cumulative, and under ``SUM`` their sum."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
             text = r.read().decode()
-        return {
-            float(sample.labels["le"]): sample.value
-            for family in text_string_to_metric_families(text)
-            if family.name == "ktel_exporter_ingestion_latency_seconds"
-            for sample in family.samples
-            if sample.name.endswith("_bucket")
-        }
+        out: dict[float, float] = {}
+        for family in text_string_to_metric_families(text):
+            if family.name != name:
+                continue
+            for sample in family.samples:
+                if any(sample.labels.get(k) != v for k, v in labels.items()):
+                    continue
+                if sample.name.endswith("_bucket"):
+                    le = float(sample.labels["le"])
+                    out[le] = out.get(le, 0.0) + sample.value
+                elif sample.name.endswith("_sum"):
+                    out[SUM] = out.get(SUM, 0.0) + sample.value
+        return out
 
     def stop(self) -> None:
         for p in [*self.workers.values(), self.exporter]:
@@ -280,12 +301,22 @@ class Pipeline:
                 proc_mod.stop(p, 30)
 
 
-def prom_files(prom: LocalPrometheus) -> float:
+def prom_files(prom: LocalPrometheus, at_s: float | None = None) -> float:
+    """sum(file_created_total) as Prometheus has it at ``at_s`` (default: now)."""
     try:
-        result = prom.query("sum(file_created_total)")
+        result = prom.query("sum(file_created_total)", at_s)
     except Exception:  # noqa: BLE001  # not up yet, or no series yet: no reading
         return 0.0
     return float(result[0]["value"][1]) if result else 0.0
+
+
+def reading(prom: LocalPrometheus) -> tuple[float, float, float]:
+    """sum(file_created_total) evaluated at the query's issue: when it was issued, the
+    sum, and the query's round trip (timed in the thread that makes it, so the bench's
+    busy event loop does not stretch it)."""
+    issued = time.time()
+    files = prom_files(prom, issued)
+    return issued, files, time.time() - issued
 
 
 async def caught_up(prom: LocalPrometheus, traffic: Traffic, timeout: float) -> float:
@@ -298,6 +329,20 @@ async def caught_up(prom: LocalPrometheus, traffic: Traffic, timeout: float) -> 
             )
         await asyncio.sleep(0.5)
     return time.monotonic() - start
+
+
+def since(before: dict[float, float], after: dict[float, float]) -> dict[float, float]:
+    """A histogram's observations between two readings of it (``Pipeline.histogram``)."""
+    return {le: n - before.get(le, 0.0) for le, n in after.items()}
+
+
+def quantile_bound(hist: dict[float, float], q: float) -> float:
+    """The least bucket bound holding the ``q`` quantile of a histogram's observations."""
+    total = hist.get(float("inf"), 0.0)
+    return next(
+        (le for le, n in sorted((le, n) for le, n in hist.items() if le != SUM) if total and n >= q * total),
+        float("nan"),
+    )
 
 
 def wait(cond: Any, timeout: float, what: str) -> None:
@@ -331,6 +376,13 @@ class Result:
     # acknowledged within 1 s of their window's close (so within window + 1 s of every
     # event they count) by the exporter's own histogram.
     acked_within_1s: float
+    # How late the aggregate's windows closed in the steady phase (the worker's
+    # ktel_processor_window_delay_seconds): their mean, and the bucket bound holding the p99.
+    window_delay_mean: float
+    window_delay_p99: float
+    # The longest Prometheus query of the readings, from its issue (its evaluation
+    # time) to its answer: a reading may count samples that arrived within it.
+    query_max: float
 
 
 async def size_run(args: argparse.Namespace, n_hosts: int) -> Result:
@@ -359,14 +411,21 @@ async def size_run(args: argparse.Namespace, n_hosts: int) -> Result:
                 await caught_up(prom, traffic, 300)
                 # Steady phase: measured.
                 steady = asyncio.create_task(traffic.run(args.seconds))
-                readings: list[tuple[float, float]] = []  # (when, files in Prometheus)
+                readings: list[tuple[float, float]] = []  # (when, files in Prometheus then)
+                round_trips: list[float] = []
                 t0, cpu0, ev0, s0 = time.monotonic(), pipe.cpu(), traffic.events, pipe.samples()
-                acked0 = pipe.acked_buckets()
+                acked0 = pipe.histogram(pipe.exporter_port, ACKED)
+                delay0 = pipe.histogram(pipe.ports[pipe.last_stage()], WINDOW_DELAY, window="aggregate")
                 while not steady.done():
+                    issued, files, round_trip = await asyncio.to_thread(reading, prom)
+                    readings.append((issued, files))
+                    round_trips.append(round_trip)
                     await asyncio.sleep(POLL_S)
-                    readings.append((time.time(), await asyncio.to_thread(prom_files, prom)))
                 await steady
-                acked = {le: n - acked0.get(le, 0.0) for le, n in pipe.acked_buckets().items()}
+                acked = since(acked0, pipe.histogram(pipe.exporter_port, ACKED))
+                delay = since(
+                    delay0, pipe.histogram(pipe.ports[pipe.last_stage()], WINDOW_DELAY, window="aggregate")
+                )
                 rss = pipe.rss()
                 lag = await caught_up(prom, traffic, 300)
                 # Everything sent in the steady phase processed: its CPU per event sent.
@@ -403,6 +462,8 @@ async def size_run(args: argparse.Namespace, n_hosts: int) -> Result:
         n_hosts, args.rate, traffic.per_batch, cpu_per_event * 1e6, rss / 2**20, rss / 1024 / n_hosts,
         samples_per_window, q[49], q[98], exact_steady and got == traffic.files, traffic.files, got, recovery,
         lag, acked[1.0] / acked[float("inf")] if acked.get(float("inf")) else float("nan"),
+        delay.get(SUM, 0.0) / delay[float("inf")] if delay.get(float("inf")) else float("nan"),
+        quantile_bound(delay, 0.99), max(round_trips, default=float("nan")),
     )  # fmt: skip
 
 
@@ -417,16 +478,19 @@ def report(args: argparse.Namespace, results: list[Result]) -> str:
         "",
         "| hosts | events a batch | CPU µs/event | worker RSS MiB | RSS KiB/host | samples/window "
         "| e2e p50 s | e2e p99 s | drained s | exact in Prometheus | recovery rocksdict s "
-        "| recovery memory s | snapshots acked ≤ 1 s after their window |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
+        "| recovery memory s | snapshots acked ≤ 1 s after their window "
+        "| window delay mean / p99 ≤ s | query max s |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: "
+        "| ---: | ---: |",
     ]
     for r in results:
         rec = [f"{r.recovery[s]:.1f}" if s in r.recovery else "-" for s in ("rocksdict", "memory")]
         exact = "yes" if r.exact else f"no: {r.in_prometheus:,.0f} of {r.generated:,}"
         lines.append(
             f"| {r.hosts:,} | {r.per_batch} | {r.cpu_per_event_us:.1f} | {r.rss_mib:.0f} "
-            f"| {r.rss_per_host_kib:.1f} | {r.samples_per_window:,.0f} | {r.p50:.1f} | {r.p99:.1f} "
-            f"| {r.lag:.1f} | {exact} | {rec[0]} | {rec[1]} | {100 * r.acked_within_1s:.1f} % |"
+            f"| {r.rss_per_host_kib:.1f} | {r.samples_per_window:,.0f} | {r.p50:.2f} | {r.p99:.2f} "
+            f"| {r.lag:.1f} | {exact} | {rec[0]} | {rec[1]} | {100 * r.acked_within_1s:.1f} % "
+            f"| {r.window_delay_mean:.3f} / {r.window_delay_p99:g} | {r.query_max:.3f} |"
         )
     if len(results) > 1:
         lo, hi = results[0], results[-1]

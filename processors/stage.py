@@ -9,9 +9,10 @@ per-host state in a JSON-able dict it is handed, and answers:
 - ``on_batch(state, batch, now_ms)``: one batch of a host, with that host's
   state (mutated in place). The ``Result`` holds the batch it passes on (None:
   dropped, e.g. a duplicate) and what it emits.
-- ``on_window(states, now_ms, share)``: timer work every ``window_s`` seconds
-  (None: no timer) over every host's state: the sample stage closes its rate
-  window and sends fidelity commands, the aggregate stage emits its snapshots.
+- ``on_window(states, now_ms, share)``: timer work every ``window_s`` seconds,
+  due on its multiples since the epoch (None: no timer), over every host's state:
+  the sample stage closes its rate window and sends fidelity commands, the
+  aggregate stage emits its snapshots.
   ``share`` is the fraction of ktel.raw's partitions the worker holds. A
   stage whose state is not durable forgets a host by deleting it from ``states``.
 - ``on_heartbeat(state, heartbeat)``, for a stage with ``heartbeats`` set (enrich):

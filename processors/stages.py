@@ -58,7 +58,7 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -66,7 +66,7 @@ import faust
 from aiokafka.partitioner import murmur2
 from faust.serializers import codecs
 from opentelemetry.semconv._incubating.attributes.host_attributes import HOST_ID
-from prometheus_client import REGISTRY, Counter, Gauge
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
 from ktel import consumer_lag, logs, selfmetrics
 from ktel.config import Config, KafkaConfig
@@ -143,6 +143,13 @@ UNCHANGED_SERIES = Counter(
 )
 PROCESSES = Gauge(
     "ktel_processor_processes_known", "processes the enrich stage knows, over the hosts it served", ["stage"]
+)
+WINDOW_DELAY = Histogram(
+    "ktel_processor_window_delay_seconds",
+    "how long after its due time a stage's window closed (its timer shares the worker's event "
+    "loop with the stream)",
+    ["stage", "window"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
 # How often a worker exports its partitions' consumer lag.
 LAG_INTERVAL_S = 5.0
@@ -518,20 +525,35 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         exported_series.clear()
         exported_series.update(per_metric)
 
+    async def close_window(timed: Stage, now_ms: int) -> None:
+        n = cfg.kafka.raw_partitions
+        assigned = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == source_name}
+        # Hosts of partitions another worker holds now are that worker's to report.
+        mine = {h: v for h, v in hosts.items() if partition_of(h, n) in assigned}
+        result = chain.on_window(timed, mine, now_ms, len(assigned) / n)
+        if result.snapshots:
+            count_series(result.snapshots)
+        await emit(result)
+        for host_id in result.forget:
+            persisted.pop(host_id, None)
+            await forget(hosts, host_id, n)
+
     def every_window(timed: Stage) -> None:
-        @app.timer(timed.window_s, name=f"{timed.name}_window")
+        """Close ``timed``'s windows (``close_windows``) in a task, as Faust runs its
+        timers: an exception in it stops the worker."""
+        assert timed.window_s is not None
+        window_ms = max(1, round(timed.window_s * 1000))
+        delay = WINDOW_DELAY.labels(stage, timed.name)
+
+        @app.task
         async def window() -> None:
-            n = cfg.kafka.raw_partitions
-            assigned = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == source_name}
-            # Hosts of partitions another worker holds now are that worker's to report.
-            mine = {h: v for h, v in hosts.items() if partition_of(h, n) in assigned}
-            result = chain.on_window(timed, mine, time.time_ns() // 1_000_000, len(assigned) / n)
-            if result.snapshots:
-                count_series(result.snapshots)
-            await emit(result)
-            for host_id in result.forget:
-                persisted.pop(host_id, None)
-                await forget(hosts, host_id, n)
+            await close_windows(
+                window_ms,
+                functools.partial(close_window, timed),
+                delay.observe,
+                app.sleep,
+                lambda: app.should_stop,
+            )
 
     for timed in chain.timed():
         every_window(timed)
@@ -556,6 +578,43 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         )
 
     return app
+
+
+def next_window(now_ms: int, window_ms: int, last_due_ms: int | None = None) -> int:
+    """When a window closing every ``window_ms`` is due next (ms since the epoch).
+
+    Windows close on multiples of their length since the epoch, so a window that
+    closed late (its timer shares the event loop with the stream) does not push the
+    ones after it back, as a timer sleeping a window after each close would. After
+    ``last_due_ms``, the next is the one after it; if that too has passed, the latest
+    that has (the ones between are skipped: a worker behind its windows closes one
+    at a time, late, rather than several back to back)."""
+    if last_due_ms is None:
+        return (now_ms // window_ms + 1) * window_ms
+    return max(last_due_ms + window_ms, now_ms // window_ms * window_ms)
+
+
+async def close_windows(
+    window_ms: int,
+    close: Callable[[int], Awaitable[None]],
+    observe_delay: Callable[[float], None],
+    sleep: Callable[[float], Awaitable[None]],
+    stopping: Callable[[], bool],
+    clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+) -> None:
+    """``close(now_ms)`` each window on its deadline (``next_window``), as soon as the
+    event loop lets it, until ``stopping``; how late each closed goes to ``observe_delay``."""
+    due_ms = next_window(clock_ms(), window_ms)
+    while True:
+        await sleep((due_ms - clock_ms()) / 1000)
+        if stopping():
+            return
+        now_ms = clock_ms()
+        if now_ms < due_ms:
+            continue  # (the loop's clock woke it a little early)
+        observe_delay((now_ms - due_ms) / 1000)
+        await close(now_ms)
+        due_ms = next_window(clock_ms(), window_ms, due_ms)
 
 
 def readiness(app: Any, source: str) -> str | None:

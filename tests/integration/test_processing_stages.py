@@ -107,6 +107,20 @@ class Worker:
             s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name
         )
 
+    def buckets(self, name: str, **labels: str) -> dict[float, float]:
+        """A histogram of the worker's, of the series with ``labels``: its observations
+        within each bound, cumulative (empty before it is up)."""
+        try:
+            text = httpx.get(f"http://127.0.0.1:{self.port}/metrics", trust_env=False).text
+        except httpx.TransportError:
+            return {}
+        return {
+            float(s.labels["le"]): s.value
+            for fam in text_string_to_metric_families(text)
+            for s in fam.samples
+            if s.name == f"{name}_bucket" and all(s.labels.get(k) == v for k, v in labels.items())
+        }
+
     def stop(self):
         stop_process(self.proc, 60)
 
@@ -572,10 +586,11 @@ def test_a_host_past_its_state_bound_keeps_being_persisted_and_counted(private_k
         w.stop()
 
 
-def test_a_window_emits_only_the_series_that_changed(private_kafka, tmp_path):
+def test_a_window_emits_only_the_series_that_changed_on_its_deadline(private_kafka, tmp_path):
     """A real worker: once a host's two series are out, a batch adding to one of them
     brings a snapshot of that one alone; the other waits for its refresh (250 s here,
-    longer than the test)."""
+    longer than the test). Each window closes on a multiple of its length since the
+    epoch, late by what the worker counts in ktel_processor_window_delay_seconds."""
     w = Worker(tmp_path, private_kafka.bootstrap, "w", KTEL_AGGREGATE__REFRESH_SECONDS="250").start()
     try:
         first, second, _, third = batches(1, 4, 5)  # directories d0, d1, d2, d0
@@ -590,6 +605,12 @@ def test_a_window_emits_only_the_series_that_changed(private_kafka, tmp_path):
         [changed] = [s for s in series if ("/data/h0/d0", 10.0) in s]
         assert changed == [("/data/h0/d0", 10.0)]
         assert w.metric("ktel_processor_unchanged_series_total") > 0
+        delays = w.buckets("ktel_processor_window_delay_seconds", stage="all", window="aggregate")
+        closed = delays[float("inf")]
+        assert closed >= len(recs) >= 2  # a close for each snapshot, at least
+        # The least bound every delay is within: no snapshot is further past its second.
+        latest = min(le for le, n in delays.items() if n == closed)
+        assert all(decode_snapshot(r.value).ts_ms % 1000 <= latest * 1000 for r in recs)
     finally:
         w.stop()
 

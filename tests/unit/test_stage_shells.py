@@ -384,3 +384,35 @@ async def test_a_batch_refused_by_the_state_bound_leaves_every_piece_of_state_as
         # The process gauge still follows the table: one more process, one more.
         await shell.put(batch(2, [exec_event(2, "ls", "/bin/ls")]))
         assert metric("ktel_processor_processes_known", "all") == processes + 1
+
+
+def test_windows_close_on_multiples_of_their_length_and_a_late_one_pushes_none_back():
+    s = 1_700_000_000_000  # ms since the epoch, a multiple of the 2 s window
+    assert stages.next_window(s + 123, 2000) == s + 2000
+    assert stages.next_window(s + 2000, 2000, s + 2000) == s + 4000  # closed on time
+    assert stages.next_window(s + 2300, 2000, s + 2000) == s + 4000  # 300 ms late: the next is not
+    # A close that took past three deadlines: the latest of them, once.
+    assert stages.next_window(s + 8500, 2000, s + 2000) == s + 8000
+    assert stages.next_window(s + 8600, 2000, s + 8000) == s + 10_000
+
+
+async def test_a_window_closed_late_pushes_the_next_back_no_further():
+    """Every wake 50 ms late and every close 300 ms long: each window still closes
+    50 ms after its deadline (a timer sleeping a window after each close would drift
+    by 350 ms a window); one close taking past two deadlines is followed by one close."""
+    s = 1_700_000_000_000
+    now, closes, delays = [s + 100], [], []
+    took = [300, 4500, 300, 300]  # ms, each close
+
+    async def sleep(seconds: float) -> None:
+        now[0] += max(0, round(seconds * 1000)) + 50
+
+    async def close(now_ms: int) -> None:
+        closes.append(now_ms)
+        now[0] += took[len(closes) - 1]
+
+    await stages.close_windows(2000, close, delays.append, sleep, lambda: len(closes) == 4, lambda: now[0])
+    # The second close ends at s + 8550: the deadlines at s + 6000 and s + 8000 have
+    # passed, and only the later is closed, 600 ms late.
+    assert closes == [s + 2050, s + 4050, s + 8600, s + 10_050]
+    assert delays == [0.05, 0.05, 0.6, 0.05]
