@@ -19,8 +19,9 @@ acknowledgements: at most every ``ACK_WRITE_S`` seconds, when acknowledgements
 cross a segment, and on close (not fsynced: losing it, or its last ACK_WRITE_S,
 re-sends batches, which the processors drop by sequence number). It is
 rewritten in place, padded to ``ACK_BYTES``, through a descriptor kept open:
-a write of a few bytes at offset 0 is whole or absent after a crash, and
-creating a file for each write (a temporary file renamed over it) would be a
+one write of 48 bytes at offset 0 is whole or absent after the agent crashes
+(and after a power loss on a disk that writes a sector whole), and creating a
+file for each write (a temporary file renamed over it) would be a
 file creation that the file_created probe reports, so that every batch
 acknowledged would make the next one on a host that is otherwise idle. A
 cursor that does not parse counts as none: the backlog is re-sent from its
@@ -72,8 +73,8 @@ MAGIC = 0x4B54454C
 HEADER = struct.Struct("<IIII")
 MAX_RECORD = 64 * 1024 * 1024  # a length beyond this is damage, not a record
 READ_CHUNK = 1 << 20
-# Writing the ack file took ~0.7 ms here (open, write, rename): once per batch, it
-# was a tenth of the agent's time at 400 k events/s.
+# How often, at most, the ack cursor is written: once per batch, writing it (then
+# open, write, rename: ~0.7 ms here) was a tenth of the agent's time at 400 k events/s.
 ACK_WRITE_S = 0.5
 # The ack file's size: "<segment> <offset>" padded with spaces, then a newline. Two
 # 20-digit numbers fit, so a shorter cursor overwrites every byte of a longer one.
