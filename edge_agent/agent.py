@@ -208,6 +208,14 @@ class Agent:
         self.topics = cfg.kafka.topics
         self.host_id = acfg.host_id
         self.boot_id = boot_id()
+        # What the heartbeat's host attributes hold for the process's lifetime, read once:
+        # version() looks the distribution up on disk, a few ms each heartbeat.
+        self.static_host = {
+            HOST_ARCH: host_arch(),
+            OS_TYPE: OsTypeValues.LINUX.value,
+            OS_VERSION: os.uname().release,
+            "ktel.agent.version": version("ktel"),
+        }
         self.started = 0.0  # time.monotonic() once the probes are loaded (run)
         self.key = self.host_id.encode()
         self.seqs = SeqStore(acfg.state_dir)
@@ -584,17 +592,13 @@ class Agent:
                 "command": cmd.id if cmd else None,
             }
         lat, self.latencies_ms = self.latencies_ms, []
-        uname = os.uname()
         hb: Heartbeat = {
             "ts": time.time_ns() // 1_000_000,
             "host": {
                 HOST_ID: self.host_id,
-                HOST_NAME: socket.gethostname(),
-                HOST_ARCH: host_arch(),
-                OS_TYPE: OsTypeValues.LINUX.value,
-                OS_VERSION: uname.release,
+                HOST_NAME: socket.gethostname(),  # may be changed while the agent runs
+                **self.static_host,
                 "boot.id": self.boot_id,
-                "ktel.agent.version": version("ktel"),
             },
             "interval_s": interval,
             "probes": probes,

@@ -80,6 +80,14 @@ MAX_PENDING_ACKS = 256
 # which after a restart are judged by their record's timestamp instead.
 MAX_REMEMBERED = 1024
 STATE_FILE = "control.json"
+# The control consumer, on a topic that is written rarely. A fetch waits at the broker
+# until a record arrives (fetch_min_bytes 1) or FETCH_WAIT_MS pass, so a command is
+# read within a round trip of being written whatever this is; it sets only how often
+# an idle agent asks again (aiokafka's default, 500 ms, is two requests a second).
+# aiokafka's fetch routine wakes on every fetch's answer, and otherwise every
+# FETCH_ROUTINE_MS (its default, 200 ms, would be five wake-ups a second).
+FETCH_WAIT_MS = 10_000
+FETCH_ROUTINE_MS = 10_000
 
 
 def _requeue(pending: deque[Any], front: list[Any], *back: Any) -> None:
@@ -291,7 +299,13 @@ class Control:
     # ------------------------------------------------------------- follow
 
     async def follow(self, kafka: Kafka) -> None:
-        consumer = AIOKafkaConsumer(**client_kwargs(kafka), group_id=None, enable_auto_commit=False)
+        consumer = AIOKafkaConsumer(
+            **client_kwargs(kafka),
+            group_id=None,
+            enable_auto_commit=False,
+            fetch_max_wait_ms=FETCH_WAIT_MS,
+            consumer_timeout_ms=FETCH_ROUTINE_MS,
+        )
         await kafka_client.start(consumer, kafka, "ktel agent (ktel.control consumer)")
         # ktel.control has one partition (ktel/topics.py)
         tp = TopicPartition(settings(kafka).topics.control, 0)
@@ -310,7 +324,8 @@ class Control:
             start, end = await retry(start_position, what="find where to read ktel.control from")
             consumer.seek(tp, start)
             while True:
-                for recs in (await consumer.getmany(timeout_ms=1000)).values():
+                # Returns as soon as records are fetched: the timeout only bounds an idle wait.
+                for recs in (await consumer.getmany(timeout_ms=FETCH_WAIT_MS)).values():
                     for rec in recs:
                         try:
                             cmd = decode_command(rec.value)

@@ -49,6 +49,42 @@ def test_ack_deletes_segments_and_survives_restart(tmp_path):
     assert read_all(again)[-1] == payload(99)
 
 
+def test_the_ack_cursor_is_rewritten_in_place_and_read_back(tmp_path, monkeypatch):
+    # A file created per acknowledgement is an event of the file_created probe: on an
+    # idle host each batch acknowledged would make the next one.
+    monkeypatch.setattr("edge_agent.spool.ACK_WRITE_S", 0.0)
+    sp = Spool(tmp_path, segment_bytes=2000)
+    for i in range(30):
+        sp.append(payload(i), 1)
+    recs = read_records(sp)
+    sp.ack(recs[0].next)
+    inode = (tmp_path / "ack").stat().st_ino
+    opened: list = []
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda path, *a: opened.append(path) or real_open(path, *a))
+    written = []
+    for rec in recs[1:20]:  # across a segment: a shorter cursor after longer ones
+        sp.ack(rec.next)
+        written.append((tmp_path / "ack").read_text())
+        assert written[-1].split() == [str(rec.next.segment), str(rec.next.offset)]
+    assert any(len(a.split()[1]) > len(b.split()[1]) for a, b in zip(written, written[1:], strict=False))
+    assert opened == [] and (tmp_path / "ack").stat().st_ino == inode
+    assert [p.name for p in tmp_path.iterdir() if p.suffix != ".seg"] == ["ack"]
+    sp.close()
+    assert read_all(Spool(tmp_path, segment_bytes=2000)) == [payload(i) for i in range(20, 30)]
+    # An ack file of the earlier format ("<segment> <offset>\n", renamed into place) is read.
+    (tmp_path / "ack").write_text(f"{recs[24].next.segment} {recs[24].next.offset}\n")
+    assert read_all(Spool(tmp_path, segment_bytes=2000)) == [payload(i) for i in range(25, 30)]
+
+
+def read_records(spool: Spool) -> list:
+    out, cur = [], spool.ack_cursor
+    while recs := spool.read(cur):
+        out += recs
+        cur = recs[-1].next
+    return out
+
+
 def test_truncated_and_corrupted_segments_keep_every_intact_record(tmp_path, caplog):
     sp = Spool(tmp_path, segment_bytes=10_000)
     for i in range(40):
