@@ -28,6 +28,8 @@ Measured, per fleet size, each on a fresh broker and Prometheus:
                the workers and Prometheus share one clock
   window delay how late the aggregate's windows closed (mean, and the bucket bound
                holding the p99 of the worker's ktel_processor_window_delay_seconds)
+  input age    how old the raw batches were when the (first) worker took them: the
+               bucket bound holding the p99 of ktel_processor_input_age_seconds
   acked ≤ 1 s  from the exporter's side: the share of the snapshots it delivered that
                Prometheus acknowledged within 1 s of their window's close (the
                exporter's ktel_exporter_ingestion_latency_seconds), so within the
@@ -92,6 +94,7 @@ STAGES = {"all": ["all"], "split": ["dedupe", "enrich", "sample", "aggregate"]}
 POLL_S = 0.05  # how often the bench reads Prometheus (the readings' density, not their error)
 ACKED = "ktel_exporter_ingestion_latency_seconds"  # (exporters/consume.py)
 WINDOW_DELAY = "ktel_processor_window_delay_seconds"  # (processors/stages.py)
+INPUT_AGE = "ktel_processor_input_age_seconds"  # (processors/stages.py)
 SUM = -1.0  # a histogram's sum, as Pipeline.histogram keys it among its bounds
 
 # ------------------------------------------------------------------ traffic
@@ -380,6 +383,8 @@ class Result:
     # ktel_processor_window_delay_seconds): their mean, and the bucket bound holding the p99.
     window_delay_mean: float
     window_delay_p99: float
+    # The bucket bound holding the p99 of the raw batches' age as the worker took them.
+    input_age_p99: float
     # The longest Prometheus query of the readings, from its issue (its evaluation
     # time) to its answer: a reading may count samples that arrived within it.
     query_max: float
@@ -416,6 +421,8 @@ async def size_run(args: argparse.Namespace, n_hosts: int) -> Result:
                 t0, cpu0, ev0, s0 = time.monotonic(), pipe.cpu(), traffic.events, pipe.samples()
                 acked0 = pipe.histogram(pipe.exporter_port, ACKED)
                 delay0 = pipe.histogram(pipe.ports[pipe.last_stage()], WINDOW_DELAY, window="aggregate")
+                first = STAGES[args.mode][0]
+                age0 = pipe.histogram(pipe.ports[first], INPUT_AGE, stage=first)
                 while not steady.done():
                     issued, files, round_trip = await asyncio.to_thread(reading, prom)
                     readings.append((issued, files))
@@ -426,6 +433,7 @@ async def size_run(args: argparse.Namespace, n_hosts: int) -> Result:
                 delay = since(
                     delay0, pipe.histogram(pipe.ports[pipe.last_stage()], WINDOW_DELAY, window="aggregate")
                 )
+                age = since(age0, pipe.histogram(pipe.ports[first], INPUT_AGE, stage=first))
                 rss = pipe.rss()
                 lag = await caught_up(prom, traffic, 300)
                 # Everything sent in the steady phase processed: its CPU per event sent.
@@ -463,7 +471,7 @@ async def size_run(args: argparse.Namespace, n_hosts: int) -> Result:
         samples_per_window, q[49], q[98], exact_steady and got == traffic.files, traffic.files, got, recovery,
         lag, acked[1.0] / acked[float("inf")] if acked.get(float("inf")) else float("nan"),
         delay.get(SUM, 0.0) / delay[float("inf")] if delay.get(float("inf")) else float("nan"),
-        quantile_bound(delay, 0.99), max(round_trips, default=float("nan")),
+        quantile_bound(delay, 0.99), quantile_bound(age, 0.99), max(round_trips, default=float("nan")),
     )  # fmt: skip
 
 
@@ -479,9 +487,9 @@ def report(args: argparse.Namespace, results: list[Result]) -> str:
         "| hosts | events a batch | CPU µs/event | worker RSS MiB | RSS KiB/host | samples/window "
         "| e2e p50 s | e2e p99 s | drained s | exact in Prometheus | recovery rocksdict s "
         "| recovery memory s | snapshots acked ≤ 1 s after their window "
-        "| window delay mean / p99 ≤ s | query max s |",
+        "| window delay mean / p99 ≤ s | input age p99 ≤ s | query max s |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: "
-        "| ---: | ---: |",
+        "| ---: | ---: | ---: |",
     ]
     for r in results:
         rec = [f"{r.recovery[s]:.1f}" if s in r.recovery else "-" for s in ("rocksdict", "memory")]
@@ -490,7 +498,8 @@ def report(args: argparse.Namespace, results: list[Result]) -> str:
             f"| {r.hosts:,} | {r.per_batch} | {r.cpu_per_event_us:.1f} | {r.rss_mib:.0f} "
             f"| {r.rss_per_host_kib:.1f} | {r.samples_per_window:,.0f} | {r.p50:.2f} | {r.p99:.2f} "
             f"| {r.lag:.1f} | {exact} | {rec[0]} | {rec[1]} | {100 * r.acked_within_1s:.1f} % "
-            f"| {r.window_delay_mean:.3f} / {r.window_delay_p99:g} | {r.query_max:.3f} |"
+            f"| {r.window_delay_mean:.3f} / {r.window_delay_p99:g} | {r.input_age_p99:g} "
+            f"| {r.query_max:.3f} |"
         )
     if len(results) > 1:
         lo, hi = results[0], results[-1]

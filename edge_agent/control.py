@@ -310,7 +310,6 @@ class Control:
         # ktel.control has one partition (ktel/topics.py)
         tp = TopicPartition(settings(kafka).topics.control, 0)
         try:
-            consumer.assign([tp])
 
             async def start_position() -> tuple[int, int]:
                 # The end is read before the lookup: a command sent after a lookup
@@ -322,6 +321,10 @@ class Control:
             # Retried like the connection: a broker away for long at the agent's
             # start must not leave it deaf to commands for good.
             start, end = await retry(start_position, what="find where to read ktel.control from")
+            # Assigned only now: assigned earlier, the fetcher would read from the end with a
+            # long fetch in flight, and the seek would wait for it (up to FETCH_WAIT_MS)
+            # before the commands in force are read again.
+            consumer.assign([tp])
             consumer.seek(tp, start)
             while True:
                 # Returns as soon as records are fetched: the timeout only bounds an idle wait.

@@ -151,6 +151,13 @@ WINDOW_DELAY = Histogram(
     ["stage", "window"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
+INPUT_AGE = Histogram(
+    "ktel_processor_input_age_seconds",
+    "how old each record of the stage's source topic was when the worker took it: now minus "
+    "its Kafka timestamp (set by its producer as it sent it, so clock offsets count too)",
+    ["stage"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0),
+)
 # How often a worker exports its partitions' consumer lag.
 LAG_INTERVAL_S = 5.0
 # Per-host SLIs from the heartbeats this worker reads (its hosts are forgotten as make_app configures).
@@ -245,12 +252,13 @@ async def produce(
 
 def delivered(topic: str, acked: Callable[[Any], None] | None, sent: asyncio.Future) -> None:
     if sent.cancelled():
-        return  # (only as the producer is stopped with the process)
+        return  # (aiokafka does not cancel a record's future; nothing was delivered)
     err = sent.exception()
     if err is not None:
         # (a done callback runs before the flush that waits for the record returns, so
         # before the commit that follows it)
         undelivered(topic, err)
+        return
     if acked is not None:
         acked(sent.result())
 
@@ -433,7 +441,11 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             await produce(app, names.control, cmd.key, encode_command(cmd))
             COMMANDS.labels(stage).inc()
 
+    input_age = INPUT_AGE.labels(stage)
+
     async def take_batch(event: Any) -> None:
+        # (Faust gives the record's timestamp in seconds)
+        input_age.observe(max(0.0, time.time() - event.message.timestamp))
         try:
             batch = decode_batch(event.value)
             if event.key != batch.key:
@@ -606,12 +618,21 @@ async def close_windows(
     event loop lets it, until ``stopping``; how late each closed goes to ``observe_delay``."""
     due_ms = next_window(clock_ms(), window_ms)
     while True:
+        if due_ms - clock_ms() > window_ms:
+            # The wall clock stepped back: the deadlines from the clock as it is now, not
+            # a sleep as long as the step with no window closed.
+            due_ms = next_window(clock_ms(), window_ms)
         await sleep((due_ms - clock_ms()) / 1000)
         if stopping():
             return
         now_ms = clock_ms()
         if now_ms < due_ms:
             continue  # (the loop's clock woke it a little early)
+        # Woken more than a window late (a blocked loop, the clock stepped forward, the
+        # process paused): this close is the latest deadline passed, so the next is
+        # after it, never another one right away (the sample stage would take the few
+        # ms between the two for a window and see a spike).
+        due_ms = max(due_ms, now_ms // window_ms * window_ms)
         observe_delay((now_ms - due_ms) / 1000)
         await close(now_ms)
         due_ms = next_window(clock_ms(), window_ms, due_ms)

@@ -11,6 +11,7 @@ import mmap
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -114,7 +115,7 @@ def fill(directory) -> None:
 
 
 BPF_MAP_TYPE_RINGBUF = 27
-SYS_PIDFD_GETFD = 438  # the same number on every architecture
+SYS_PIDFD_GETFD = 438  # on x86-64 and arm64 alike (the syscall table every newer arch shares)
 
 
 def ring_buffer_written(pid: int) -> int:
@@ -136,7 +137,7 @@ def ring_buffer_written(pid: int) -> int:
     try:
         # The page after the consumer's holds producer_pos (edge_agent/ringbuf.py).
         with mmap.mmap(mine, mmap.PAGESIZE, mmap.MAP_SHARED, mmap.PROT_READ, offset=mmap.PAGESIZE) as page:
-            return int.from_bytes(page[:8], "little")
+            return int.from_bytes(page[:8], sys.byteorder)
     finally:
         os.close(mine)
 

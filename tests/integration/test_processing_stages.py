@@ -590,7 +590,8 @@ def test_a_window_emits_only_the_series_that_changed_on_its_deadline(private_kaf
     """A real worker: once a host's two series are out, a batch adding to one of them
     brings a snapshot of that one alone; the other waits for its refresh (250 s here,
     longer than the test). Each window closes on a multiple of its length since the
-    epoch, late by what the worker counts in ktel_processor_window_delay_seconds."""
+    epoch, late by what the worker counts in ktel_processor_window_delay_seconds; each
+    record's age as the worker took it is in ktel_processor_input_age_seconds."""
     w = Worker(tmp_path, private_kafka.bootstrap, "w", KTEL_AGGREGATE__REFRESH_SECONDS="250").start()
     try:
         first, second, _, third = batches(1, 4, 5)  # directories d0, d1, d2, d0
@@ -611,6 +612,9 @@ def test_a_window_emits_only_the_series_that_changed_on_its_deadline(private_kaf
         # The least bound every delay is within: no snapshot is further past its second.
         latest = min(le for le, n in delays.items() if n == closed)
         assert all(decode_snapshot(r.value).ts_ms % 1000 <= latest * 1000 for r in recs)
+        # Each raw record's age as the worker took it: the three batches, none over a minute.
+        ages = w.buckets("ktel_processor_input_age_seconds", stage="all")
+        assert ages[60.0] == ages[float("inf")] >= 3
     finally:
         w.stop()
 

@@ -416,3 +416,26 @@ async def test_a_window_closed_late_pushes_the_next_back_no_further():
     # passed, and only the later is closed, 600 ms late.
     assert closes == [s + 2050, s + 4050, s + 8600, s + 10_050]
     assert delays == [0.05, 0.05, 0.6, 0.05]
+
+
+async def test_a_window_woken_late_closes_once_and_a_clock_stepped_back_does_not_stop_them():
+    """Woken 3 s past a 2 s deadline (a paused process, the clock stepped forward): one
+    close, for the latest deadline passed, then the next on time, not a second close
+    right away. The clock stepped back 10 minutes: windows go on from the clock as it is."""
+    s = 1_700_000_000_000
+    now, closes, delays = [s + 100], [], []
+    late = [3000, 0, 0, 0, 0]  # ms past its deadline, each wake-up
+    step = {2: -600_000}  # after the nth close, the clock steps by this
+
+    async def sleep(seconds: float) -> None:
+        assert seconds <= 2.0  # never a sleep as long as the step
+        now[0] += max(0, round(seconds * 1000)) + late[len(closes)]
+
+    async def close(now_ms: int) -> None:
+        closes.append(now_ms)
+        now[0] += step.get(len(closes), 0)
+
+    await stages.close_windows(2000, close, delays.append, sleep, lambda: len(closes) == 4, lambda: now[0])
+    back = s - 600_000
+    assert closes == [s + 5000, s + 6000, back + 8000, back + 10_000]
+    assert delays == [1.0, 0.0, 0.0, 0.0]
