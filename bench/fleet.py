@@ -15,17 +15,17 @@ Measured, per fleet size, each on a fresh broker and Prometheus:
   rss/host     worker RSS at the end of the steady phase, divided by the hosts
   samples/win  samples the exporter had acknowledged (ktel_exporter_samples_total)
                per aggregate window
-  e2e p50/p99  from the bench side: every POLL_S the bench reads
-               sum(file_created_total) from Prometheus as of the query's issue (the
-               API's time=); a reading's latency is that instant minus when the bench
-               sealed the batch holding the last file creation counted (each batch
-               stamped as it is sent, as an agent seals it, so producing it to Kafka
-               counts): the age of the newest data Prometheus shows. What error
-               remains: a sample (stamped with its window's close, before the issue)
-               that Prometheus takes between the query's issue and its evaluation is
-               counted as if there at the issue, which can make a reading younger by
-               at most the query's round trip (the longest: query max); the bench,
-               the workers and Prometheus share one clock
+  e2e p50/p99  from the bench side, over the batches sent in the steady phase: every
+               POLL_S the bench reads sum(file_created_total) from Prometheus as of
+               the query's issue (the API's time=); a batch's latency is from when
+               the bench sealed it (each batch stamped as it is sent, as an agent
+               seals it, so producing it to Kafka counts) to the first reading that
+               counts its file creations. What error remains: up to POLL_S late (the
+               readings' spacing), and a sample (stamped with its window's close,
+               before the issue) that Prometheus takes between the query's issue and
+               its evaluation is counted as if there at the issue, which can make a
+               latency shorter by at most the query's round trip (the longest: query
+               max); the bench, the workers and Prometheus share one clock
   window delay how late the aggregate's windows closed (mean, and the bucket bound
                holding the p99 of the worker's ktel_processor_window_delay_seconds)
   input age    how old the raw batches were when the (first) worker took them: the
@@ -203,10 +203,16 @@ class Traffic:
             await asyncio.gather(*futures)
             await asyncio.sleep(max(0.0, start + (i / per_tick) * tick - time.monotonic()))
 
-    def produced_at(self, files: float) -> float | None:
-        """When the bench sealed the batch holding its ``files``-th file creation."""
-        k = bisect.bisect_left(self.history, (files, 0.0))
-        return self.history[k][1] if k < len(self.history) else None
+    def latencies(self, readings: list[tuple[float, float]], after: int) -> list[float]:
+        """Each batch sent once ``after`` file creations were: from when it was sealed to
+        the first of ``readings`` (when, files counted then) that counts it."""
+        out: list[float] = []
+        k = bisect.bisect_right(self.history, (after, float("inf")))  # the first batch past ``after``
+        for when, files in sorted(readings):
+            while k < len(self.history) and self.history[k][0] <= files:
+                out.append(when - self.history[k][1])
+                k += 1
+        return out
 
     async def stop(self) -> None:
         if self.producer:
@@ -417,17 +423,22 @@ async def size_run(args: argparse.Namespace, n_hosts: int) -> Result:
                 # Steady phase: measured.
                 steady = asyncio.create_task(traffic.run(args.seconds))
                 readings: list[tuple[float, float]] = []  # (when, files in Prometheus then)
+                steady_files = traffic.files  # (what was sent before is not measured)
                 round_trips: list[float] = []
                 t0, cpu0, ev0, s0 = time.monotonic(), pipe.cpu(), traffic.events, pipe.samples()
                 acked0 = pipe.histogram(pipe.exporter_port, ACKED)
                 delay0 = pipe.histogram(pipe.ports[pipe.last_stage()], WINDOW_DELAY, window="aggregate")
                 first = STAGES[args.mode][0]
                 age0 = pipe.histogram(pipe.ports[first], INPUT_AGE, stage=first)
-                while not steady.done():
+
+                async def read() -> None:
                     issued, files, round_trip = await asyncio.to_thread(reading, prom)
                     readings.append((issued, files))
                     round_trips.append(round_trip)
                     await asyncio.sleep(POLL_S)
+
+                while not steady.done():
+                    await read()
                 await steady
                 acked = since(acked0, pipe.histogram(pipe.exporter_port, ACKED))
                 delay = since(
@@ -435,7 +446,16 @@ async def size_run(args: argparse.Namespace, n_hosts: int) -> Result:
                 )
                 age = since(age0, pipe.histogram(pipe.ports[first], INPUT_AGE, stage=first))
                 rss = pipe.rss()
-                lag = await caught_up(prom, traffic, 300)
+                # Read on until Prometheus counts every batch sent, so that the last ones
+                # have their latencies too: the drain.
+                drain0 = time.monotonic()
+                while not readings or readings[-1][1] < traffic.files:
+                    if time.monotonic() - drain0 > 300:
+                        raise RuntimeError(
+                            f"Prometheus has {readings[-1][1]:,.0f} of {traffic.files:,} after 300 s"
+                        )
+                    await read()
+                lag = time.monotonic() - drain0
                 # Everything sent in the steady phase processed: its CPU per event sent.
                 cpu_per_event = (pipe.cpu() - cpu0) / (traffic.events - ev0)
                 samples_per_window = (pipe.samples() - s0) / ((time.monotonic() - t0) / args.window)
@@ -464,7 +484,7 @@ async def size_run(args: argparse.Namespace, n_hosts: int) -> Result:
             finally:
                 pipe.stop()
                 await traffic.stop()
-    lat = [when - at for when, files in readings if files and (at := traffic.produced_at(files)) is not None]
+    lat = traffic.latencies(readings, steady_files)
     q = statistics.quantiles(lat, n=100) if len(lat) >= 2 else [float("nan")] * 99
     return Result(
         n_hosts, args.rate, traffic.per_batch, cpu_per_event * 1e6, rss / 2**20, rss / 1024 / n_hosts,
