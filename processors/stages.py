@@ -256,7 +256,8 @@ def delivered(topic: str, acked: Callable[[Any], None] | None, sent: asyncio.Fut
     err = sent.exception()
     if err is not None:
         # (a done callback runs before the flush that waits for the record returns, so
-        # before the commit that follows it)
+        # before the commit that follows it; but for a batch aiokafka expires with no
+        # leader, which it drops before failing: a flush in that turn waits for nothing)
         undelivered(topic, err)
         return
     if acked is not None:

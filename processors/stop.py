@@ -111,18 +111,24 @@ def reason(stage: str, topic: str, partition: int, offset: int, err: BaseExcepti
     )
 
 
+def end(line: str, exc_info: Any = None) -> NoReturn:
+    """Log ``line`` (CRITICAL) and end the process now, exit status 1: no shutdown that
+    would commit what Faust acknowledged."""
+    log.critical(line, exc_info=exc_info)
+    logging.shutdown()  # flushed: os._exit skips it
+    os._exit(EXIT_STATUS)
+
+
 def undelivered(topic: str, err: BaseException) -> NoReturn:
     """Log and end the process now: the producer could not deliver a record to ``topic``
     (its retries spent), and the commit that would follow must not go past the records
     that made it."""
     text = " ".join(str(err).split())
-    log.critical(
+    end(
         f"ktel process: stopping: a record to {topic} was not delivered ({type(err).__name__}: {text}); "
         "nothing processed since the last commit is committed: restart the worker (its supervisor "
         "does) to process it again"
     )
-    logging.shutdown()
-    os._exit(EXIT_STATUS)
 
 
 def stop(stage: str, event: Any, err: BaseException) -> NoReturn:
@@ -130,9 +136,7 @@ def stop(stage: str, event: Any, err: BaseException) -> NoReturn:
     msg = event.message
     line = reason(stage, msg.topic, msg.partition, msg.offset, err)
     # Anything but a lagging metadata is a bug: its traceback follows the line.
-    log.critical(line, exc_info=not isinstance(err, PartitionsMismatch))
-    logging.shutdown()  # flushed: os._exit skips it
-    os._exit(EXIT_STATUS)
+    end(line, exc_info=not isinstance(err, PartitionsMismatch))
 
 
 def crashed(stage: str, err: BaseException) -> str:
@@ -164,6 +168,4 @@ class Worker(faust.Worker):
             # does: that stop goes on as it is.
             super()._crash(reason)
             return
-        log.critical(crashed(self.stage, reason), exc_info=reason)
-        logging.shutdown()
-        os._exit(EXIT_STATUS)
+        end(crashed(self.stage, reason), exc_info=reason)
