@@ -168,12 +168,11 @@ def test_a_full_disk_drops_and_counts_then_the_backlog_drains(private_kafka, sma
     ).start()
     fill(small_disk)
     create_files(tmp_path / "full", 200, rate_per_s=2000)
-    # Other processes create files too, and their drops count, so 200 drops need not be
-    # the test's: some of its events could still wait in the ring buffer, and be spooled
-    # once space returns. The agent reads its ring buffer and seals batches in order, so
-    # once it has sealed (spooled or dropped) as many events as the kernel had written
-    # by now, the test's are among them. (The buffer's positions start at 0 and each of
-    # its records is one file_created event of one size: the only probe loaded.)
+    # The test's events must meet the full disk, not wait in the ring buffer until space
+    # returns. The agent reads its ring buffer and seals batches in order, so once it has
+    # sealed (spooled or dropped) as many events as the kernel had written by now, the
+    # test's are among them. (The buffer's positions start at 0 and each of its records
+    # is one file_created event of one size: the only probe loaded.)
     written = ring_buffer_written(agent.proc.pid) // stride(PROBES["file_created"].event_bytes)
 
     def sealed() -> float:
@@ -181,7 +180,6 @@ def test_a_full_disk_drops_and_counts_then_the_backlog_drains(private_kafka, sma
         return spooled_events(small_disk / "state" / "spool") + dropped
 
     wait_for("every event written before the 'full' files ended sealed", lambda: sealed() >= written, agent)
-    wait_for("drops counted", lambda: agent.metric("ktel_agent_disk_dropped_events_total") >= 200, agent)
     assert "refuses writes" in agent.log()
     (small_disk / "filler").unlink()  # space returns; Kafka is still away
     create_files(tmp_path / "kept", 300, rate_per_s=2000)
@@ -201,15 +199,23 @@ def test_a_full_disk_drops_and_counts_then_the_backlog_drains(private_kafka, sma
     wait_for("read == published + dropped", balanced, agent)
     assert agent.metric("ktel_agent_spool_dropped_events_total") == 0
     time.sleep(1.5)  # one more heartbeat, sent now that Kafka is back
+    dropped = agent.metric("ktel_agent_disk_dropped_events_total")
     assert agent.stop() == 0
     assert deduped_paths(private_kafka.bootstrap, host, f"{tmp_path / 'kept'}/") == expected(
         tmp_path / "kept", 300
     )
-    assert deduped_paths(private_kafka.bootstrap, host, f"{tmp_path / 'full'}/") == []
+    # tmpfs gives a file whole pages, so the last page of the segment being written can
+    # still take a small batch while the disk is full: a few of the 'full' files may be
+    # kept. Every one that is not was dropped, and counted.
+    kept_while_full = deduped_paths(private_kafka.bootstrap, host, f"{tmp_path / 'full'}/")
+    assert set(kept_while_full) <= set(expected(tmp_path / "full", 200))
+    lost = 200 - len(kept_while_full)
+    assert lost >= 100, f"only {lost} of 200 events met the full disk"
+    assert dropped >= lost
     beats = [
         decode_heartbeat(r.value) for r in asyncio.run(read_topic(private_kafka.bootstrap, HEARTBEATS_TOPIC))
     ]
-    assert max(b["counters"]["disk_dropped_events"] for b in beats if b["host"]["host.id"] == host) >= 200
+    assert max(b["counters"]["disk_dropped_events"] for b in beats if b["host"]["host.id"] == host) >= lost
 
 
 def test_a_dead_task_ends_the_agent_with_one_line(kafka, tmp_path):
