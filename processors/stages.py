@@ -557,16 +557,24 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         assert timed.window_s is not None
         window_ms = max(1, round(timed.window_s * 1000))
         delay = WINDOW_DELAY.labels(stage, timed.name)
+        closing = asyncio.Lock()
+
+        async def close(now_ms: int) -> None:
+            async with closing:
+                await close_window(timed, now_ms)
+
+        async def closed() -> None:
+            async with closing:
+                pass
+
+        # A graceful stop stops the producer, then cancels the app's tasks: a close under
+        # way when it began finishes first, its records flushed with the rest, rather
+        # than being cut off halfway (its snapshots lost) or sending to a stopped producer.
+        app.on_before_shutdown.connect(lambda *_, **__: closed())
 
         @app.task
         async def window() -> None:
-            await close_windows(
-                window_ms,
-                functools.partial(close_window, timed),
-                delay.observe,
-                app.sleep,
-                lambda: app.should_stop,
-            )
+            await close_windows(window_ms, close, delay.observe, app.sleep, lambda: app.should_stop)
 
     for timed in chain.timed():
         every_window(timed)

@@ -321,6 +321,29 @@ def test_a_worker_whose_faust_app_crashes_exits_1_with_one_line(private_kafka, t
     assert "restart the worker (its supervisor does)" in line
 
 
+def test_a_worker_stopped_while_closing_a_window_finishes_it_and_exits_0(private_kafka, tmp_path):
+    """SIGTERM while a window close is under way (its first snapshot held back 3 s): the
+    stop lets it finish, so the snapshot reaches Kafka and the worker exits 0."""
+    closing = tmp_path / "closing"
+    w = Worker(tmp_path, private_kafka.bootstrap, "w", KTEL_TEST_CLOSING=str(closing))
+    w.start("tests.integration.worker_with_slow_window")
+    try:
+        [batch] = batches(1, 1, 5)
+        asyncio.run(produce(private_kafka.bootstrap, [(batch.key, encode_batch(batch))]))
+        deadline = time.monotonic() + 120
+        while not closing.exists():
+            assert w.proc.poll() is None and time.monotonic() < deadline, w.log.read_text()[-3000:]
+            time.sleep(0.05)
+        w.proc.send_signal(signal.SIGTERM)
+        assert w.proc.wait(60) == 0, w.log.read_text()[-3000:]
+    finally:
+        w.stop()
+    assert " CRITICAL " not in w.log.read_text()
+    recs = asyncio.run(read_topic(private_kafka.bootstrap, METRICS_TOPIC, idle_s=0.5, timeout=10))
+    sent = [(r[2]["directory"], r[3]) for rec in recs for r in decode_snapshot(rec.value).series]
+    assert ("/data/h0/d0", 5.0) in sent
+
+
 def changelog_records(bootstrap: str, stage: str = "all") -> list:
     return asyncio.run(read_topic(bootstrap, f"ktel-{stage}-host-state-changelog", idle_s=1))
 
