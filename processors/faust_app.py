@@ -1,4 +1,6 @@
-"""The Faust app the stages run on: ``faust.App`` with two rebalance holes closed.
+"""The Faust app the stages run on: ``faust.App`` with two rebalance holes closed,
+and a producer that checks, before each commit, that what it was given was delivered
+(``Producer``).
 
 Both holes lose records after a rebalance, silently: the records are fetched but
 never reach the stage, and no later fetch brings them back. Both were found with
@@ -32,14 +34,17 @@ loaded machine, in faust-streaming 0.15.3.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 from mode.utils.objects import cached_property
 from mode.utils.queues import FlowControlEvent
+
+from processors.stop import undelivered
 
 
 class FlowControl(FlowControlEvent):
@@ -66,8 +71,43 @@ class Consumer(faust_aiokafka.Consumer):
         return committed
 
 
+def failed(in_flight: Mapping[asyncio.Future, str]) -> tuple[str, BaseException] | None:
+    """The topic and error of a record of ``in_flight`` that failed, if any did."""
+    for sent, topic in in_flight.items():
+        if sent.done() and not sent.cancelled() and sent.exception() is not None:
+            return topic, cast(BaseException, sent.exception())
+    return None
+
+
+class Producer(faust_aiokafka.Producer):
+    """Faust's aiokafka producer, with the records the stages hand it (``track``)
+    checked once flushed: Faust flushes it before every offset commit, and a commit
+    must not go past a record that was not delivered.
+
+    Each record's own callback (processors/stages.py ``delivered``) ends the worker
+    on a failure too, but a callback runs a loop turn after the failure, and one
+    case leaves the flush nothing to wait for: aiokafka drops a batch that expired
+    without a partition leader from its queue before it fails it, so a flush in
+    that turn returns at once and the commit would go out before the callback."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.in_flight: dict[asyncio.Future, str] = {}  # a record's future: its topic
+
+    def track(self, sent: asyncio.Future, topic: str) -> None:
+        self.in_flight[sent] = topic
+        sent.add_done_callback(self.in_flight.pop)
+
+    async def flush(self) -> None:
+        await super().flush()
+        failure = failed(self.in_flight)
+        if failure is not None:
+            undelivered(*failure)
+
+
 class Transport(faust_aiokafka.Transport):
     Consumer = Consumer
+    Producer = Producer
 
 
 class App(faust.App):

@@ -247,6 +247,7 @@ async def produce(
     record the producer failed to deliver, and the commit that follows goes past it;
     here that stops the worker first (``stop.undelivered``)."""
     sent = await app.producer.send(topic, key, value, partition, None, None)
+    app.producer.track(sent, topic)  # (checked at each flush: processors/faust_app.py)
     sent.add_done_callback(functools.partial(delivered, topic, acked))
 
 
@@ -255,9 +256,8 @@ def delivered(topic: str, acked: Callable[[Any], None] | None, sent: asyncio.Fut
         return  # (aiokafka does not cancel a record's future; nothing was delivered)
     err = sent.exception()
     if err is not None:
-        # (a done callback runs before the flush that waits for the record returns, so
-        # before the commit that follows it; but for a batch aiokafka expires with no
-        # leader, which it drops before failing: a flush in that turn waits for nothing)
+        # (as soon as the loop runs this; the flush before a commit checks too, for
+        # the case where this would run after it: processors/faust_app.py Producer)
         undelivered(topic, err)
         return
     if acked is not None:

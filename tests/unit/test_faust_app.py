@@ -1,4 +1,5 @@
-"""The two rebalance holes processors/faust_app.py closes in Faust.
+"""The two rebalance holes processors/faust_app.py closes in Faust, and its producer's
+check before a commit.
 
 The SIGKILL test on the real broker (tests/integration/test_processing_stages.py)
 is what found them; these pin down each fix on its own."""
@@ -56,3 +57,40 @@ def test_partitions_without_a_committed_offset_are_sought_to_their_beginning():
     consumer._thread = Thread()
     assert asyncio.run(consumer.seek_to_committed()) == committed
     assert sought == [TopicPartition("ktel.raw", 1), TopicPartition("ktel.raw", 2)]
+
+
+def test_a_flush_stops_the_worker_on_a_record_that_failed_before_its_callback_ran(monkeypatch):
+    """aiokafka fails a batch that expired without a leader after dropping it from its
+    queue, so the flush before a commit returns at once; the record's callback has not
+    run yet (it runs a loop turn later). The flush itself finds the failure."""
+    from aiokafka.errors import NotLeaderForPartitionError
+    from faust.transport.drivers import aiokafka as faust_aiokafka
+
+    from processors import faust_app
+
+    stopped = []
+    monkeypatch.setattr(faust_app, "undelivered", lambda topic, err: stopped.append((topic, type(err))))
+
+    async def nothing_queued(self):
+        return None
+
+    monkeypatch.setattr(faust_aiokafka.Producer, "flush", nothing_queued)
+
+    async def run():
+        producer = App("ktel-test", broker="kafka://127.0.0.1:1").producer
+        assert isinstance(producer, faust_app.Producer)
+        loop = asyncio.get_running_loop()
+        acked, failed = loop.create_future(), loop.create_future()
+        producer.track(acked, "ktel.enriched")
+        producer.track(failed, "ktel.metrics")
+        acked.set_result("metadata")
+        await asyncio.sleep(0)  # its callback ran: no longer in flight
+        await producer.flush()
+        assert stopped == []
+        failed.set_exception(NotLeaderForPartitionError())
+        await producer.flush()  # in the same turn: its callback is still to run
+        assert stopped == [("ktel.metrics", NotLeaderForPartitionError)]
+        await asyncio.sleep(0)
+        assert producer.in_flight == {}
+
+    asyncio.run(run())
