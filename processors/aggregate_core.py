@@ -48,6 +48,7 @@ into log records, for ``ktel.spans`` and ``ktel.logs``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from collections import defaultdict
@@ -116,7 +117,7 @@ class Emitted:
     """What this worker last emitted of one host."""
 
     due_ms: float  # when its first unchanged series is due for a refresh
-    series: dict[str, tuple[Any, int]]  # series key -> (value emitted, when)
+    series: dict[str, tuple[Any, int]]  # series key -> (fingerprint of the value emitted, when)
 
 
 class Aggregate(Stage):
@@ -191,11 +192,13 @@ class Aggregate(Stage):
         last = seen.series if seen is not None else {}
         refresh_ms = self.opts.refresh_seconds * 1000
         rows, series, due_ms = [], {}, math.inf
-        for key, row in keyed_rows(host_id, state):
+        for key, value in state.get("series", {}).items():
+            # (a series' row is built only to be emitted: most of a host's are unchanged)
+            now = fingerprint(value)
             before = last.get(key)
-            if before is None or before[0] != row[3] or now_ms - before[1] >= refresh_ms:
-                rows.append(row)
-                before = (row[3], now_ms)
+            if before is None or before[0] != now or now_ms - before[1] >= refresh_ms:
+                rows.append(row_of(host_id, key, value))
+                before = (now, now_ms)
             series[key] = before
             due_ms = min(due_ms, before[1] + refresh_ms)
         self.emitted[host_id] = Emitted(due_ms, series)
@@ -211,12 +214,25 @@ def directory_label(path: str, depth: int) -> str:
     return "/" + "/".join(parts)
 
 
+# Series keys are made for every event and parsed for every series a window emits;
+# a fleet's hosts share most of them, so both are cached (bounded), which took a third
+# off the chain's work per batch at 10 events a batch (bench/RESULTS.md).
+
+
+@functools.lru_cache(maxsize=16384)
 def series_key(name: str, labels: tuple[tuple[str, str], ...]) -> str:
     return json.dumps([name, labels])
 
 
-def parse_key(key: str) -> tuple[str, dict[str, str]]:
+@functools.lru_cache(maxsize=16384)
+def parsed_key(key: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """A series key's name and labels."""
     name, labels = json.loads(key)
+    return name, tuple((k, v) for k, v in labels)
+
+
+def parse_key(key: str) -> tuple[str, dict[str, str]]:
+    name, labels = parsed_key(key)
     return name, dict(labels)
 
 
@@ -427,21 +443,36 @@ def snapshot(host_id: str, state: dict[str, Any]) -> list[list]:
 def keyed_rows(host_id: str, state: dict[str, Any]) -> Iterator[tuple[str, list]]:
     """Each of the host's series: its key and its snapshot entry."""
     for key, value in state.get("series", {}).items():
-        name, labels = parse_key(key)
-        labels = {HOST_ID: host_id, **labels}
-        if isinstance(value, dict) and "gauge" in value:
-            yield key, [name, "gauge", labels, value["gauge"]]
-        elif isinstance(value, dict):
-            scale = 1e-9 if name.endswith("_seconds") else 1.0  # counted in ns (see count_events)
-            hist = {
-                "count": _count(value["count"]),
-                "sum": value["sum"] * scale,
-                "bounds": log2_bounds(len(value["buckets"]), scale),
-                "counts": [_count(c) for c in value["buckets"]],
-            }
-            yield key, [name, "histogram", labels, hist]
-        else:
-            yield key, [name, "counter", labels, value]
+        yield key, row_of(host_id, key, value)
+
+
+def row_of(host_id: str, key: str, value: Any) -> list:
+    """The snapshot entry [name, type, labels, value] of the host's series ``key``."""
+    name, pairs = parsed_key(key)
+    labels = {HOST_ID: host_id}
+    labels.update(pairs)
+    if isinstance(value, dict) and "gauge" in value:
+        return [name, "gauge", labels, value["gauge"]]
+    if isinstance(value, dict):
+        scale = 1e-9 if name.endswith("_seconds") else 1.0  # counted in ns (see count_events)
+        hist = {
+            "count": _count(value["count"]),
+            "sum": value["sum"] * scale,
+            "bounds": log2_bounds(len(value["buckets"]), scale),
+            "counts": [_count(c) for c in value["buckets"]],
+        }
+        return [name, "histogram", labels, hist]
+    return [name, "counter", labels, value]
+
+
+def fingerprint(value: Any) -> Any:
+    """What of a series' stored value its snapshot entry shows: equal fingerprints, an
+    equal entry."""
+    if isinstance(value, dict) and "gauge" in value:
+        return value["gauge"]
+    if isinstance(value, dict):
+        return value["count"], value["sum"], tuple(value["buckets"])
+    return value
 
 
 # OTLP SeverityText of each SeverityNumber range (1-4 TRACE ... 21-24 FATAL).

@@ -107,7 +107,7 @@ class Sampler:
     def sample(self, batch: RawBatch) -> RawBatch:
         """The kept events of a batch, with their weights."""
         opts = self.opts
-        rng = random.Random(hashlib.blake2b(f"{batch.host_id}/{batch.boot_id}/{batch.seq}".encode()).digest())
+        rng: random.Random | None = None  # (seeded when first needed: most batches sample nothing out)
         weights_in = batch.weights or [1.0] * len(batch.events)
         keep_ids, slow = self.keep_ids, self.slow
         events, weights = [], []
@@ -118,9 +118,13 @@ class Sampler:
                 p = 1.0
             else:
                 p = self.kind_p.get(kind, opts.baseline)
-                if p < 1.0 and rng.random() >= p:
-                    self.sampled_out += 1
-                    continue
+                if p < 1.0:
+                    if rng is None:
+                        seed = hashlib.blake2b(f"{batch.host_id}/{batch.boot_id}/{batch.seq}".encode())
+                        rng = random.Random(seed.digest())
+                    if rng.random() >= p:
+                        self.sampled_out += 1
+                        continue
             events.append(ev)
             weights.append(w / p)
         self.kept += len(events)

@@ -418,29 +418,35 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         dl = DeadLetter(stage, str(err)[:4096], msg.topic, msg.partition, msg.offset, bytes(event.value))
         await produce(app, names.dlq, event.key, encode_dead_letter(dl))
 
+    @functools.cache
+    def child(metric: Any, *labels: str) -> Any:
+        """The stage's series of ``metric`` with ``labels``, looked up once (per batch,
+        prometheus_client's lookup costs)."""
+        return metric.labels(stage, *labels)
+
     async def emit(result: Result, key: bytes | None = None) -> None:
         """What a stage made, but the batch it passes on; ``key``: that of the batch's record."""
         for name, n in result.counts.items():
             metric, labels = COUNTED[name]
-            metric.labels(stage, *labels).inc(n)
+            child(metric, *labels).inc(n)
         for name, by_kind in result.kind_counts.items():
             for kind, n in by_kind.items():
-                KIND_COUNTED[name].labels(stage, kind).inc(n)
+                child(KIND_COUNTED[name], kind).inc(n)
         for sb in result.spans:
             await produce(app, names.spans, key, encode_spans(sb))
-            SPANS.labels(stage).inc(len(sb.spans))
+            child(SPANS).inc(len(sb.spans))
         for lb in result.logs:
             await produce(app, names.logs, key, encode_logs(lb))
-            LOGS.labels(stage).inc(len(lb.logs))
+            child(LOGS).inc(len(lb.logs))
         for host_id, snap in result.snapshots:
             await produce(app, names.metrics, host_id.encode(), encode_snapshot(snap))
-            SNAPSHOTS.labels(stage).inc()
+            child(SNAPSHOTS).inc()
         for cmd in result.commands:
             log.info(
                 "host %s: %s sampled 1 in %d (command %s)", cmd.target, cmd.probe, cmd.sample_every, cmd.id
             )
             await produce(app, names.control, cmd.key, encode_command(cmd))
-            COMMANDS.labels(stage).inc()
+            child(COMMANDS).inc()
 
     input_age = INPUT_AGE.labels(stage)
 
@@ -471,7 +477,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         if result.changed and not await save(event, batch.host_id, value, result):
             return
         if result.batch is not None:  # (not a duplicate)
-            BATCHES.labels(stage).inc()
+            child(BATCHES).inc()
         await emit(result, key=event.key)
         if result.batch is not None and sink is not None:
             await produce(app, sink, event.key, encode_batch(result.batch))
@@ -494,7 +500,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             raise StageFailed from err
         if result.changed and not await save(event, host_id, value, result):
             return
-        HEARTBEATS.labels(stage).inc()
+        child(HEARTBEATS).inc()
         FLEET.observe(host_id, hb)
         await emit(result)
 

@@ -141,6 +141,51 @@ def test_samples_per_window_follow_the_series_that_changed_plus_the_refresh():
     assert sum(emitted) == 2000 * 18 // 6
 
 
+def test_a_histogram_or_gauge_is_emitted_again_only_when_what_it_shows_changed():
+    """A window compares what each series shows (a histogram's count, sum and buckets; a
+    gauge's value) with what it last emitted: the same again is left out, any change,
+    even a bucket moved with the count and sum kept, is emitted whole."""
+    from ktel.wire import HISTOGRAM_DELTA, KTEL_METRIC
+
+    chain = Chain([aggregate_core.Aggregate(aggregate_core.Options(refresh_seconds=3600))])
+    [aggregate] = chain.timed()
+    table: dict[str, dict] = {}
+
+    def hist(buckets: list[int], total: int) -> list:
+        return [
+            HISTOGRAM_DELTA.id,
+            1,
+            0,
+            "syscall_latency",
+            "ns",
+            {"syscall.id": 1},
+            sum(buckets),
+            total,
+            buckets,
+            1,
+        ]
+
+    def gauge(value: float) -> list:
+        return [KTEL_METRIC.id, 1, 2, "gauge", "ktel_demo_queue_depth", {}, value]
+
+    def window(seq: int, events: list[list]) -> dict[str, object]:
+        now = NOW_MS + seq * 10_000
+        chain.on_batch(table.setdefault("h", {}), RawBatch("h", "b", seq, 0, events), now - 1)
+        return {
+            row[0]: row[3]
+            for _, snap in chain.on_window(aggregate, table, now, 1.0).snapshots
+            for row in snap.series
+        }
+
+    first = window(0, [hist([0, 2, 1], 300), gauge(5.0)])
+    assert first["ktel_demo_queue_depth"] == 5.0
+    assert first["syscall_latency_seconds"]["counts"][:3] == [0, 2, 1]
+    assert window(1, [hist([0, 0, 0], 0), gauge(5.0)]) == {}  # nothing it shows changed
+    moved = window(2, [hist([1, -1, 0], 0)])  # (a forged delta: count and sum as they were)
+    assert moved["syscall_latency_seconds"]["counts"][:3] == [1, 1, 1]
+    assert window(3, [gauge(7.0)]) == {"ktel_demo_queue_depth": 7.0}
+
+
 def test_a_host_back_from_another_worker_is_emitted_whole():
     """A host whose partition went to another worker and came back (or a restarted
     worker): this worker no longer knows what was emitted, so it emits every series."""
