@@ -35,7 +35,8 @@ loaded machine, in faust-streaming 0.15.3.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import faust
@@ -80,23 +81,42 @@ def failed(in_flight: Mapping[asyncio.Future, str]) -> tuple[str, BaseException]
 
 
 class Producer(faust_aiokafka.Producer):
-    """Faust's aiokafka producer, with the records the stages hand it (``track``)
-    checked once flushed: Faust flushes it before every offset commit, and a commit
-    must not go past a record that was not delivered.
+    """Faust's aiokafka producer, with the records the stages hand it checked: one that
+    was not delivered (its retries spent) ends the worker (``stop.undelivered``) before
+    a commit can go past the source record that made it. Faust flushes the producer
+    before every offset commit.
 
-    Each record's own callback (processors/stages.py ``delivered``) ends the worker
-    on a failure too, but a callback runs a loop turn after the failure, and one
-    case leaves the flush nothing to wait for: aiokafka drops a batch that expired
-    without a partition leader from its queue before it fails it, so a flush in
-    that turn returns at once and the commit would go out before the callback."""
+    A record's callback does that as soon as the loop runs it. The flush checks too,
+    for the one case where the callback would run after it: aiokafka drops a batch
+    that expired without a partition leader from its queue before it fails it, so a
+    flush in that loop turn waits for nothing and the commit would go out first."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.in_flight: dict[asyncio.Future, str] = {}  # a record's future: its topic
 
-    def track(self, sent: asyncio.Future, topic: str) -> None:
+    async def send_checked(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        partition: int | None = None,
+        acked: Callable[[Any], None] | None = None,
+    ) -> None:
+        """Send a record; ``acked`` is called with its metadata once Kafka has it."""
+        sent = cast(asyncio.Future, await self.send(topic, key, value, partition, None, None))
         self.in_flight[sent] = topic
-        sent.add_done_callback(self.in_flight.pop)
+        sent.add_done_callback(functools.partial(self.delivered, topic, acked))
+
+    def delivered(self, topic: str, acked: Callable[[Any], None] | None, sent: asyncio.Future) -> None:
+        del self.in_flight[sent]
+        if sent.cancelled():
+            return  # (aiokafka does not cancel a record's future; nothing was delivered)
+        err = sent.exception()
+        if err is not None:
+            undelivered(topic, err)
+        elif acked is not None:
+            acked(sent.result())
 
     async def flush(self) -> None:
         await super().flush()

@@ -92,7 +92,7 @@ from processors.chain import build
 from processors.faust_app import App
 from processors.fleet_metrics import FleetMetrics
 from processors.stage import Result, Stage
-from processors.stop import Poisoned, StageFailed, Worker, stop, undelivered
+from processors.stop import Poisoned, StageFailed, Worker, stop
 from processors.table_store import MEMORY_URL, DiskBackedStore
 from processors.table_store import URL as DISK_BACKED_URL
 
@@ -245,23 +245,8 @@ async def produce(
     its own: about 100 µs more per record (bench/RESULTS.md, "The stream's cost per
     record"), which the worker pays per batch and per snapshot. It also only logs a
     record the producer failed to deliver, and the commit that follows goes past it;
-    here that stops the worker first (``stop.undelivered``)."""
-    sent = await app.producer.send(topic, key, value, partition, None, None)
-    app.producer.track(sent, topic)  # (checked at each flush: processors/faust_app.py)
-    sent.add_done_callback(functools.partial(delivered, topic, acked))
-
-
-def delivered(topic: str, acked: Callable[[Any], None] | None, sent: asyncio.Future) -> None:
-    if sent.cancelled():
-        return  # (aiokafka does not cancel a record's future; nothing was delivered)
-    err = sent.exception()
-    if err is not None:
-        # (as soon as the loop runs this; the flush before a commit checks too, for
-        # the case where this would run after it: processors/faust_app.py Producer)
-        undelivered(topic, err)
-        return
-    if acked is not None:
-        acked(sent.result())
+    here that stops the worker first (processors/faust_app.py ``Producer``)."""
+    await app.producer.send_checked(topic, key, value, partition, acked)
 
 
 def encoded(table: Any, value: dict[str, Any]) -> bytes:

@@ -5,6 +5,7 @@ The SIGKILL test on the real broker (tests/integration/test_processing_stages.py
 is what found them; these pin down each fix on its own."""
 
 import asyncio
+from typing import Any
 
 from aiokafka import TopicPartition
 
@@ -59,30 +60,63 @@ def test_partitions_without_a_committed_offset_are_sought_to_their_beginning():
     assert sought == [TopicPartition("ktel.raw", 1), TopicPartition("ktel.raw", 2)]
 
 
+def checked_producer(monkeypatch) -> tuple[Any, list, list]:
+    """The app's producer as the stages send through it, over an aiokafka that queues
+    nothing: it, each record's future as aiokafka would fail or resolve it, and what
+    ``undelivered`` was called with (the worker would have ended)."""
+    from faust.transport.drivers import aiokafka as faust_aiokafka
+
+    from processors import faust_app
+
+    sent: list = []
+    stopped: list = []
+    monkeypatch.setattr(faust_app, "undelivered", lambda topic, err: stopped.append((topic, type(err))))
+
+    async def send(self, *record):
+        sent.append(asyncio.get_running_loop().create_future())
+        return sent[-1]
+
+    async def nothing_queued(self):
+        return None
+
+    monkeypatch.setattr(faust_aiokafka.Producer, "send", send)
+    monkeypatch.setattr(faust_aiokafka.Producer, "flush", nothing_queued)
+    producer = App("ktel-test", broker="kafka://127.0.0.1:1").producer
+    assert isinstance(producer, faust_app.Producer)
+    return producer, sent, stopped
+
+
+def test_a_record_the_producer_could_not_deliver_stops_the_worker_and_one_it_did_is_acked(monkeypatch):
+    from aiokafka.errors import KafkaTimeoutError
+
+    async def run():
+        producer, sent, stopped = checked_producer(monkeypatch)
+        acked: list = []
+        for topic in ("ktel.metrics", "ktel.enriched", "ktel.spans"):
+            await producer.send_checked(topic, b"k", b"v", acked=acked.append)
+        failed, done, cancelled = sent
+        failed.set_exception(KafkaTimeoutError())
+        done.set_result("metadata")
+        cancelled.cancel()
+        await asyncio.sleep(0)
+        assert stopped == [("ktel.metrics", KafkaTimeoutError)]
+        assert acked == ["metadata"]
+        assert producer.in_flight == {}
+
+    asyncio.run(run())
+
+
 def test_a_flush_stops_the_worker_on_a_record_that_failed_before_its_callback_ran(monkeypatch):
     """aiokafka fails a batch that expired without a leader after dropping it from its
     queue, so the flush before a commit returns at once; the record's callback has not
     run yet (it runs a loop turn later). The flush itself finds the failure."""
     from aiokafka.errors import NotLeaderForPartitionError
-    from faust.transport.drivers import aiokafka as faust_aiokafka
-
-    from processors import faust_app
-
-    stopped = []
-    monkeypatch.setattr(faust_app, "undelivered", lambda topic, err: stopped.append((topic, type(err))))
-
-    async def nothing_queued(self):
-        return None
-
-    monkeypatch.setattr(faust_aiokafka.Producer, "flush", nothing_queued)
 
     async def run():
-        producer = App("ktel-test", broker="kafka://127.0.0.1:1").producer
-        assert isinstance(producer, faust_app.Producer)
-        loop = asyncio.get_running_loop()
-        acked, failed = loop.create_future(), loop.create_future()
-        producer.track(acked, "ktel.enriched")
-        producer.track(failed, "ktel.metrics")
+        producer, sent, stopped = checked_producer(monkeypatch)
+        await producer.send_checked("ktel.enriched", b"k", b"v")
+        await producer.send_checked("ktel.metrics", b"k", b"v")
+        acked, failed = sent
         acked.set_result("metadata")
         await asyncio.sleep(0)  # its callback ran: no longer in flight
         await producer.flush()
@@ -90,7 +124,5 @@ def test_a_flush_stops_the_worker_on_a_record_that_failed_before_its_callback_ra
         failed.set_exception(NotLeaderForPartitionError())
         await producer.flush()  # in the same turn: its callback is still to run
         assert stopped == [("ktel.metrics", NotLeaderForPartitionError)]
-        await asyncio.sleep(0)
-        assert producer.in_flight == {}
 
     asyncio.run(run())

@@ -102,27 +102,3 @@ def test_a_worker_at_warning_leaves_the_root_logger_at_warning():
     finally:
         root.setLevel(level)
         root.handlers[:] = handlers
-
-
-def test_a_record_the_producer_could_not_deliver_stops_the_worker_and_one_it_did_is_acked(monkeypatch):
-    import asyncio
-
-    from aiokafka.errors import KafkaTimeoutError
-
-    from processors import stages
-
-    stopped, acked = [], []
-    monkeypatch.setattr(stages, "undelivered", lambda topic, err: stopped.append((topic, err)))
-    loop = asyncio.new_event_loop()
-    try:
-        failed, done, cancelled = loop.create_future(), loop.create_future(), loop.create_future()
-        failed.set_exception(KafkaTimeoutError())
-        done.set_result("metadata")
-        cancelled.cancel()
-        stages.delivered("ktel.metrics", None, failed)
-        stages.delivered("ktel.metrics", acked.append, done)
-        stages.delivered("ktel.metrics", acked.append, cancelled)
-    finally:
-        loop.close()
-    assert [(t, type(e)) for t, e in stopped] == [("ktel.metrics", KafkaTimeoutError)]
-    assert acked == ["metadata"]
