@@ -214,9 +214,9 @@ def directory_label(path: str, depth: int) -> str:
     return "/" + "/".join(parts)
 
 
-# Series keys are made for every event and parsed for every series a window emits;
-# a fleet's hosts share most of them, so both are cached (bounded), which took a third
-# off the chain's work per batch at 10 events a batch (bench/RESULTS.md).
+# Series keys are made for every event and parsed for every series a window emits,
+# and a host's keys (and many a fleet's hosts share) recur: both ways are cached,
+# bounded (bench/RESULTS.md, "The chain's own work per batch").
 
 
 @functools.lru_cache(maxsize=16384)
