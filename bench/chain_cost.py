@@ -37,8 +37,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def measure(args: argparse.Namespace) -> dict[str, float]:
-    sys.path.insert(0, args.child)  # (the checkout measured: its chain, wire and traffic)
-    from bench.fleet import Traffic, make_batch
+    # (the checkout measured: its chain and wire, and its bench's traffic)
+    sys.path[:0] = [args.child, str(Path(args.child) / "bench")]
+    from fleet import Traffic, make_batch
+
     from ktel.config import load
     from ktel.wire import decode_batch, encode_batch
     from processors.chain import build
