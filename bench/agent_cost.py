@@ -11,7 +11,13 @@ system) while the load ran, over the load's wall seconds. The agent's includes w
 it does at any rate (heartbeats, histogram reads, the spool). Aim: at most 1 % of a
 core at 10 k events/s.
 
+--idle SECONDS measures instead what the agent costs a node with nothing to report:
+``ktel agent`` with its default settings (10 s heartbeats), no load but the host's own
+file creations, its CPU over SECONDS from 12 s after its metrics endpoint opened
+(start-up left out), --repeat times, each on a fresh Kafka.
+
 Run as root: PYTHONPATH=. .venv/bin/python bench/agent_cost.py [--seconds 20] [--rates 1000,10000,100000]
+             PYTHONPATH=. .venv/bin/python bench/agent_cost.py --idle 60 [--repeat 3]
 """
 
 from __future__ import annotations
@@ -28,17 +34,53 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from agent_throughput import agent, bare_in_child, build_load  # noqa: E402
+from agent_throughput import agent, bare_in_child, build_load, make_topics, proc_cpu, rss_mib  # noqa: E402
+
+from ktel.stack.kafka import LocalKafka, ensure_kafka  # noqa: E402
+from ktel.stack.proc import free_port  # noqa: E402
+from tests.integration.agent_harness import AgentProcess  # noqa: E402
 
 AIM = (10_000, 0.01)  # at most 1 % of a core at 10 k events/s
+
+
+def idle(seconds: float, tmp: Path) -> tuple[float, float]:
+    """The idle agent's share of a core over ``seconds``, and its RSS (MiB) at the end."""
+    ensure_kafka()
+    with LocalKafka(tmp / "kafka", free_port(), free_port()) as kafka:
+        make_topics(kafka.bootstrap)
+        a = AgentProcess(tmp, kafka.bootstrap)
+        a.env.pop("KTEL_AGENT__HEARTBEAT_SECONDS")  # (the harness's 1 s: the default here)
+        a.start()
+        assert a.proc is not None
+        try:
+            time.sleep(12)  # (start-up: probes loaded, first heartbeat and fetches)
+            cpu0, t0 = proc_cpu(a.proc.pid), time.monotonic()
+            time.sleep(seconds)
+            share = (proc_cpu(a.proc.pid) - cpu0) / (time.monotonic() - t0)
+            return share, rss_mib(Path(f"/proc/{a.proc.pid}/status"))
+        finally:
+            a.stop()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=20, help="load per measurement")
     ap.add_argument("--rates", default="1000,10000,100000", help="file creations a second")
+    ap.add_argument("--idle", type=float, metavar="SECONDS", help="measure the idle agent instead")
+    ap.add_argument("--repeat", type=int, default=3, help="idle measurements")
     args = ap.parse_args()
     load = os.getloadavg()[0]
+    if args.idle:
+        with tempfile.TemporaryDirectory(prefix="ktel-bench-idle-") as d:
+            runs = [idle(args.idle, Path(d) / str(i)) for i in range(args.repeat)]
+        print(
+            f"\n{time.strftime('%Y-%m-%d')}, kernel {platform.release()}, load average at the start "
+            f"{load:.1f}; the idle agent (default settings) over {args.idle:g} s, {args.repeat} runs:\n"
+        )
+        print("| run | % of a core | RSS MiB |\n| ---: | ---: | ---: |")
+        for i, (share, rss) in enumerate(runs, 1):
+            print(f"| {i} | {100 * share:.2f} | {rss:.0f} |")
+        return
     rows = []
     with tempfile.TemporaryDirectory(prefix="ktel-bench-cost-") as d:
         tmp = Path(d)
