@@ -68,7 +68,7 @@ from edge_agent.seqstore import SeqStore
 from edge_agent.spool import Record, Spool
 from ktel import runtime, selfmetrics
 from ktel.config import Config
-from ktel.kafka_client import client_kwargs, explained_by_ktel, start
+from ktel.kafka_client import client_kwargs, compression_type, explained_by_ktel, start
 from ktel.probes import PROBES
 from ktel.probes.decode import count, records
 from ktel.retry import Backoff, Permanent, retry
@@ -368,9 +368,9 @@ class Agent:
         return AIOKafkaProducer(
             **client_kwargs(self.cfg.kafka),
             enable_idempotence=True,  # implies acks=all
-            # aiokafka compresses lz4 at level 9, about a fifth of the agent's time at
-            # full rate; zstd is cheaper and smaller but not adopted yet: see bench/RESULTS.md.
-            compression_type="lz4",
+            # zstd (level 3) takes about a fifth of lz4's CPU here (aiokafka compresses lz4
+            # at level 9) and makes records half the size: bench/RESULTS.md.
+            compression_type=compression_type(self.cfg.agent.compression),
             linger_ms=5,
             max_request_size=4 * 1024 * 1024,
         )

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from edge_agent import node_stats
 from edge_agent import ringbuf as rb
+from ktel.config import AgentConfig
 from ktel.paths import DATA_DIR, TRACEFS
 from ktel.probes import HIST_SLOTS, HISTOGRAM_DELTA, PROBES, Probe
 from ktel.probes.decode import Run, frame, records
@@ -63,11 +64,11 @@ EVICT_IDLE_SNAPSHOTS = 30
 # are compiled, not needed afterwards (ktel.runtime.release_memory).
 COMPILER_LIBRARIES = ("libLLVM", "libclang")
 # The drain thread reads each ring buffer every read interval (agent.read_interval_ms;
-# this when not given), and at once when the kernel wakes it: the probes ask for a
+# its default when not given), and at once when the kernel wakes it: the probes ask for a
 # wake-up only once their buffer holds WAKEUP_SHARE of its size (KTEL_WAKEUP_BYTES,
 # bpf/ktel_common.bpf.h), so a pass takes many records and a burst is still read
 # long before the buffer is full.
-READ_INTERVAL_S = 0.1
+READ_INTERVAL_S = AgentConfig.model_fields["read_interval_ms"].default / 1000
 WAKEUP_SHARE = 0.25
 # While the agent has not taken its queue (QUEUE_MAX_BYTES), the drain thread looks
 # again this much later.

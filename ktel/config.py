@@ -262,9 +262,14 @@ class AgentConfig(BaseModel):
     )
     batch_max_ms: int = Field(50, ge=1, description="seal a non-empty batch after this many ms")
     read_interval_ms: int = Field(
-        100,
+        250,
         description="read the probes' ring buffers this often (a buffer a quarter full is read at "
         "once); adds at most this much to an event's delivery",
+    )
+    compression: Literal["zstd", "lz4", "gzip", "none"] = Field(
+        "zstd",
+        description="codec of the raw batches the agent (and ktel replay) write to Kafka; lz4 or "
+        "none for a broker older than Kafka 2.1, which cannot take zstd",
     )
     metrics_port: int = Field(9465, ge=0, le=65535, description="agent self-metrics /metrics port (0: off)")
     spool_max_mb: int = Field(1024, ge=1, description="on-disk spool bound (<state_dir>/spool), MiB")
@@ -332,7 +337,7 @@ class AgentConfig(BaseModel):
     def _read_interval(cls, v: int) -> int:
         if not 1 <= v <= 1000:
             raise ValueError(
-                f"{v} ms is out of range: from 1 to 1000 (default 100; longer saves wake-ups, "
+                f"{v} ms is out of range: from 1 to 1000 (default 250; longer saves wake-ups, "
                 "shorter delivers sooner)"
             )
         return v

@@ -95,6 +95,11 @@ def client_kwargs(kafka: Kafka, bootstrap: str | None = None) -> dict[str, Any]:
     return kwargs
 
 
+def compression_type(codec: str) -> str | None:
+    """aiokafka's ``compression_type`` for ``agent.compression`` ("none": None)."""
+    return None if codec == "none" else codec
+
+
 def faust_settings(kafka: Kafka) -> dict[str, Any]:
     """Keyword arguments for faust.App: the brokers and their credentials."""
     k = settings(kafka)

@@ -60,7 +60,7 @@ from opentelemetry.semconv._incubating.attributes.host_attributes import HOST_ID
 
 from ktel import topics as topics_mod
 from ktel.config import Config, KafkaConfig
-from ktel.kafka_client import client_kwargs, explain, settings
+from ktel.kafka_client import client_kwargs, compression_type, explain, settings
 from ktel.topics import TopicSpec, create_topics, topic_partitions
 from ktel.wire import (
     KINDS,
@@ -242,6 +242,7 @@ class Options:
     jsonl: bool = True
     # TLS and SASL (kafka.*) for both Kafkas; its bootstrap is not used, the fields above are.
     client: KafkaConfig = dataclasses.field(default_factory=KafkaConfig)
+    compression: str = "zstd"  # of what --to-topic gets: agent.compression
 
     def __post_init__(self) -> None:
         if not self.topic:
@@ -305,7 +306,7 @@ async def replay(opts: Options, write: Callable[[str], None], report: Callable[[
         AIOKafkaProducer(
             **client_kwargs(opts.client, opts.to_bootstrap or opts.bootstrap),
             enable_idempotence=True,  # a retried send must not duplicate a batch
-            compression_type="lz4",  # as the agent writes ktel.raw
+            compression_type=compression_type(opts.compression),  # as the agent writes ktel.raw
         )
         if opts.to_topic
         else None
@@ -497,6 +498,7 @@ def options(cfg: Config, args: Any, now_ns: int | None = None) -> Options:
         dlq=args.dlq,
         jsonl=fmt == "jsonl",
         client=cfg.kafka,
+        compression=cfg.agent.compression,
     )
 
 

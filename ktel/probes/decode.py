@@ -25,7 +25,7 @@ Run = tuple[int, bytes]
 def c_string(field: bytes) -> str:
     """A NUL-terminated char array of a record as text (what follows the NUL is
     not the record's: the kernel may leave it uninitialised)."""
-    return field.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
+    return field.partition(b"\0")[0].decode("utf-8", "backslashreplace")
 
 
 def stride(size: int) -> int:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaProducer
+from aiokafka.record.default_records import DefaultRecordBatch
+from aiokafka.record.memory_records import MemoryRecords
 
 from edge_agent.spool import HEADER, Spool
 from ktel import config, topics
@@ -18,6 +20,7 @@ from ktel.wire import (
     CONTROL_TOPIC,
     FILE_CREATED,
     HEARTBEATS_TOPIC,
+    RAW_TOPIC,
     ControlCommand,
     RawBatch,
     decode_heartbeat,
@@ -51,6 +54,16 @@ def create_files(directory, n, rate_per_s, stop_at=None):
             time.sleep(delay)
 
 
+def raw_codecs(kafka) -> set[int]:
+    """The compression codec of every record batch in the broker's ktel.raw log segments."""
+    codecs = set()
+    for segment in (kafka.data_dir / "logs").glob(f"{RAW_TOPIC}-*/*.log"):
+        records = MemoryRecords(segment.read_bytes())
+        while (batch := records.next_batch()) is not None:
+            codecs.add(batch.compression_type)
+    return codecs
+
+
 def test_broker_down_30s_loses_nothing(private_kafka, tmp_path):
     need_bpf()
     agent = AgentProcess(tmp_path, private_kafka.bootstrap).start()
@@ -75,6 +88,9 @@ def test_broker_down_30s_loses_nothing(private_kafka, tmp_path):
     assert spooled_during_outage > 0  # the outage really happened and the spool took the batches
     assert drops == 0
     assert sorted(e["path"] for e in events) == [str(target / f"f{i:05d}") for i in range(n)]
+    # Published zstd-compressed (agent.compression's default), through the broker's
+    # restart too: an idempotent producer broken by it is replaced, not left failing.
+    assert raw_codecs(private_kafka) == {DefaultRecordBatch.CODEC_ZSTD}
 
 
 def test_damaged_spool_is_recovered_and_the_damage_counted(kafka, tmp_path):

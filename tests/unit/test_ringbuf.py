@@ -60,6 +60,32 @@ def test_bulk_decoder_gives_the_per_record_decoders_events():
     assert bulk[6][6] == "/" + "p" * 254
 
 
+def test_bulk_decoder_joins_a_relative_path_to_its_own_records_directory():
+    """The decoder skips each record's dir unless its path is relative, then slices
+    it out of the run: the right record's, and no more than the field holds."""
+
+    def relative(i: int, path: bytes, dir_: bytes, dir_len: int) -> bytes:
+        raw_path = (path + b"\0").ljust(256, b"\xaa")
+        # dir_state 1 (KTEL_DIR_OK): components innermost first, each NUL-terminated.
+        return file_created.LAYOUT.pack(
+            1000 + i, 40 + i, 41 + i, 0, -100, 0o101, 1, file_created.DIR_OK, dir_len,
+            b"touch".ljust(16, b"\0"), raw_path, dir_.ljust(512, b"\xbb"),
+        )  # fmt: skip
+
+    recs = [
+        relative(0, b"one", b"b\0a\0", 4),
+        fc_record(1, b"/abs/two"),
+        # A dir_len past the field (a kernel-side bug) reads no further than the field,
+        # not into the next record.
+        relative(2, b"four", b"x\0" * 256, 9999),
+        relative(3, b"../three", b"srv\0home\0", 10),
+    ]
+    size, data = run_of(recs)
+    bulk = file_created.decode_run(size, data, 0)
+    assert bulk == [file_created.decode(r, 0) for r in recs]
+    assert [e[6] for e in bulk] == ["/a/b/one", "/abs/two", "/x" * 256 + "/four", "/home/three"]
+
+
 def test_bulk_decoder_refuses_records_of_another_size():
     with pytest.raises(ValueError):
         file_created.decode_run(8, framing.frame(b"12345678")[1], 0)
