@@ -69,7 +69,6 @@ from edge_agent.spool import Record, Spool
 from ktel import runtime, selfmetrics
 from ktel.config import Config
 from ktel.kafka_client import client_kwargs, compression_type, explained_by_ktel, start
-from ktel.probes import PROBES
 from ktel.probes.decode import count, records
 from ktel.retry import Backoff, Permanent, retry
 from ktel.wire import (
@@ -192,13 +191,6 @@ class AgentCollector(Collector):
         )
 
 
-def batch_limit(max_events: int, max_bytes: int, probes: list[str]) -> int:
-    """Events per batch: ``max_events``, fewer where the probes' largest events would
-    take the batch past ``max_bytes`` (a decoded event is at most its record's size)."""
-    largest = max((PROBES[name].event_bytes for name in probes), default=1)
-    return max(1, min(max_events, max_bytes // max(largest, 1)))
-
-
 class Agent:
     producer: AIOKafkaProducer  # made in run(), renewed by _renew_producer()
 
@@ -230,7 +222,6 @@ class Agent:
         self._renewing = asyncio.Lock()
         self.loaded: dict[str, probes_mod.LoadedProbe] = {}
         self.skipped: dict[str, str] = {}
-        self.batch_limit = batch_limit(acfg.batch_max_events, acfg.batch_max_bytes, acfg.probes)
         self.control = Control.of(acfg, self.apply_rate)
         self.latencies_ms: list[float] = []
         self.containers = Containers.of_host(acfg.cgroup_root)
@@ -251,18 +242,45 @@ class Agent:
             incarnation=self.seqs.incarnation,
         )
 
+    def encoded(self, events: list, weights: list[float]) -> list[tuple[RawBatch, bytes]]:
+        """``events`` sealed and encoded as one batch, or as consecutive batches each
+        within ``agent.batch_max_bytes``: halved while the encoding is larger.
+
+        Events encode to a fraction of their records' size (a file creation's 816-byte
+        record to about 66 bytes), so a bound on the records would seal batches
+        several times smaller than the limit, and a batch costs the agent more than
+        its events do (bench/RESULTS.md, "Agent cost at ordinary rates"). The first
+        part keeps the sequence number sealed; the next take the next ones, in order."""
+        uniform = weights.count(1.0) == len(weights)
+        batch = self.seal(events, None if uniform else weights)
+        return self._fitted(batch, encode_batch(batch))
+
+    def _fitted(self, batch: RawBatch, payload: bytes) -> list[tuple[RawBatch, bytes]]:
+        n = len(batch.events)
+        if len(payload) <= self.cfg.agent.batch_max_bytes or n == 1:
+            return [(batch, payload)]  # one event too large even alone: Kafka's refusal splits no further
+        half = n // 2
+        w = batch.weights
+        first = dataclasses.replace(batch, events=batch.events[:half], weights=w if w is None else w[:half])
+        out = self._fitted(first, encode_batch(first))  # sealed before rest: numbers stay in order
+        rest = self.seal(list(batch.events[half:]), None if w is None else list(w[half:]))
+        return out + self._fitted(rest, encode_batch(rest))
+
     def spool_batch(self, events: list, weights: list[float]) -> None:
         if self.redactor:
             self.redactor.apply(events)
-        uniform = weights.count(1.0) == len(weights)
+        spooled = 0  # events of the parts the spool has taken (or dropped and counted)
         try:
-            batch = self.seal(events, None if uniform else weights)
-            kept = self.spool.append(encode_batch(batch), len(events))
+            for batch, payload in self.encoded(events, weights):
+                if not self.spool.append(payload, len(batch.events)):
+                    n = len(batch.events)
+                    log.error("spool full (policy drop_newest): dropped batch %d (%d events)", batch.seq, n)
+                spooled += len(batch.events)
         except OSError as err:
             # The batch is lost, not the agent: it keeps draining the probes (their
             # buffers stay bounded), counts what it cannot keep, and spools again as
             # soon as the disk takes writes. One line per failing stretch.
-            DISK_DROPPED.inc(len(events))
+            DISK_DROPPED.inc(len(events) - spooled)
             if not self.disk_failing:
                 log.error(
                     "state directory %s refuses writes (%s): batches are dropped and counted "
@@ -275,8 +293,6 @@ class Agent:
         if self.disk_failing:
             log.warning("state directory %s takes writes again: spooling resumed", self.cfg.agent.state_dir)
             self.disk_failing = False
-        if not kept:
-            log.error("spool full (policy drop_newest): dropped batch %d (%d events)", batch.seq, len(events))
         self.spooled.set()
 
     def drain_once(self, pending: list, weights: list[float]) -> None:
@@ -342,7 +358,7 @@ class Agent:
             self.drain_once(pending, weights)
             self.control.expire()
             now = time.monotonic()
-            limit = self.batch_limit
+            limit = acfg.batch_max_events
             busy = len(pending) >= limit
             while len(pending) >= limit:
                 self.spool_batch(pending[:limit], weights[:limit])

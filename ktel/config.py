@@ -258,7 +258,10 @@ class AgentConfig(BaseModel):
     ringbuf_pages: int = Field(256, description="BPF ring buffer size in 4 KiB pages (a power of two)")
     batch_max_events: int = Field(2000, ge=1, description="seal a batch at this many events")
     batch_max_bytes: int = Field(
-        1 << 20, ge=4096, description="seal a batch when its events' raw size reaches this many bytes"
+        1 << 20,
+        ge=4096,
+        description="the most bytes a batch's encoding takes (Kafka's default record limit is "
+        "1 MiB); a larger one is sealed as two, halved until each fits",
     )
     batch_max_ms: int = Field(50, ge=1, description="seal a non-empty batch after this many ms")
     read_interval_ms: int = Field(

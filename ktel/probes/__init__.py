@@ -33,9 +33,6 @@ from ktel.schema import TS_NS, U64, EventKind, Field, Int, IntList, Map, Str
 # stage's histograms of kernel code's observations have these, so they merge.
 HIST_SLOTS = 40
 
-# A histogram delta's size, encoded: its buckets (up to 9 bytes each) and a few labels.
-HISTOGRAM_EVENT_BYTES = 9 * HIST_SLOTS + 256
-
 # The one kind every histogram probe sends: what its in-kernel histograms counted
 # since the agent's previous read of the map.
 HISTOGRAM_DELTA = EventKind(
@@ -163,13 +160,6 @@ class Probe:
     @property
     def ringbuf(self) -> bool:
         return bool(self.kinds)
-
-    @property
-    def event_bytes(self) -> int:
-        """The most bytes one of its events takes before encoding: its largest ring-buffer
-        record, or a histogram delta's buckets and labels. The agent sizes batches by it."""
-        sizes = [la.struct.size for la in self.layouts if la.event]
-        return max(sizes + ([HISTOGRAM_EVENT_BYTES] if self.histograms else []), default=0)
 
 
 def _discover() -> dict[str, Probe]:

@@ -22,7 +22,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from edge_agent.spool import HEADER, MAGIC
-from ktel.probes import PROBES
+from ktel.probes import file_created
 from ktel.probes.decode import stride
 from ktel.wire import HEARTBEATS_TOPIC, RAW_TOPIC, WireError, decode_batch, decode_heartbeat, event_dict
 from processors.dedupe_core import Dedupe
@@ -173,7 +173,7 @@ def test_a_full_disk_drops_and_counts_then_the_backlog_drains(private_kafka, sma
     # sealed (spooled or dropped) as many events as the kernel had written by now, the
     # test's are among them. (The buffer's positions start at 0 and each of its records
     # is one file_created event of one size: the only probe loaded.)
-    written = ring_buffer_written(agent.proc.pid) // stride(PROBES["file_created"].event_bytes)
+    written = ring_buffer_written(agent.proc.pid) // stride(file_created.LAYOUT.size)
 
     def sealed() -> float:
         dropped = agent.metric("ktel_agent_disk_dropped_events_total")

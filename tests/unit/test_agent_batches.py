@@ -1,42 +1,77 @@
 """The agent seals batches small enough for Kafka's default 1 MiB record limit, and
 its heartbeats report its counters."""
 
+import contextlib
+
+import pytest
+
 from edge_agent import agent as agent_mod
-from edge_agent.agent import batch_limit
 from ktel.config import AgentConfig, Config
-from ktel.probes import PROBES, ktel_api
-from ktel.wire import RawBatch, encode_batch
+from ktel.probes import ktel_api
+from ktel.wire import decode_batch
 
 
-def test_the_largest_events_of_the_loaded_probes_bound_a_batch():
-    mib = 1 << 20
-    assert PROBES["ktel_api"].event_bytes == ktel_api.LAYOUT.size == 912
-    assert batch_limit(2000, mib, ["tcp_retransmit"]) == 2000  # 56-byte records: the count binds
-    assert PROBES["file_created"].event_bytes == 816
-    assert batch_limit(2000, mib, ["file_created"]) == mib // 816
-    assert batch_limit(2000, mib, ["tcp_retransmit", "ktel_api"]) == mib // 912
-    assert batch_limit(10, mib, ["ktel_api"]) == 10
-    assert batch_limit(2000, 4096, ["syscall_latency"]) == 4096 // PROBES["syscall_latency"].event_bytes
+def make_agent(tmp_path, **settings) -> agent_mod.Agent:
+    acfg = AgentConfig(host_id="h", state_dir=tmp_path, cgroup_root=tmp_path, **settings)
+    return agent_mod.Agent(Config(agent=acfg))
 
 
-def test_a_full_batch_of_the_largest_kernel_logs_fits_in_a_mebibyte():
+@pytest.fixture
+def agent(tmp_path):
+    a = make_agent(tmp_path)
+    yield a
+    a.spool.close()
+
+
+def file_events(n: int) -> list[list]:
+    return [[1, 10**18 + i, 100, 100, 0, "touch", f"/tmp/d/f{i:06d}", 0o101, True] for i in range(n)]
+
+
+def test_a_full_batch_of_ordinary_events_is_one_batch(agent):
+    # 2,000 file creations encode to about 100 KB: one batch, however large their records.
+    [(batch, payload)] = agent.encoded(file_events(2000), [1.0] * 2000)
+    assert len(payload) < agent.cfg.agent.batch_max_bytes
+    assert decode_batch(payload).events == file_events(2000) and batch.weights is None
+
+
+def test_a_batch_encoding_past_the_limit_is_sealed_as_consecutive_batches_that_fit(tmp_path):
+    agent = make_agent(tmp_path, batch_max_bytes=64 << 10)
     full = ktel_api.LAYOUT.pack(
         1, 0, 7, 0, 0, 0, 1, 1, ktel_api.LOG, 13, 4, bytes(range(1, 17)), b"n" * 64, b"k" * 512, b"m" * 256
     )
-    event = ktel_api.decode(full, 0)
-    n = batch_limit(2000, 1 << 20, ["ktel_api"])
-    assert len(encode_batch(RawBatch("h" * 32, "b" * 32, 1, 1, [event] * n, [1.5] * n))) <= 1 << 20
+    event = ktel_api.decode(full, 0)  # the largest kernel log
+    n = 2000
+    weights = [1.5] * n
+    with contextlib.closing(agent.spool):
+        parts = agent.encoded([event] * n, weights)
+        [(after, _)] = agent.encoded(file_events(1), [1.0])
+    assert len(parts) > 8
+    assert all(len(payload) <= 64 << 10 for _, payload in parts)
+    decoded = [decode_batch(payload) for _, payload in parts]
+    # Every event once, in order, each part numbered after the one before it.
+    assert sum(len(b.events) for b in decoded) == n
+    assert all(b.events == [event] * len(b.events) and b.weights == [1.5] * len(b.events) for b in decoded)
+    seqs = [b.seq for b in decoded]
+    assert seqs == list(range(seqs[0], seqs[0] + len(parts)))
+    assert [b.seq for b, _ in parts] == seqs
+    # The next batch is numbered after them.
+    assert after.seq == seqs[-1] + 1
 
 
-def test_a_heartbeat_reports_the_agents_counters(tmp_path):
-    a = agent_mod.Agent(Config(agent=AgentConfig(host_id="h", state_dir=tmp_path, cgroup_root=tmp_path)))
-    try:
-        before, _ = a.heartbeat(1.0, {}, [], {})
-        agent_mod.EVENTS_PUBLISHED.inc(7)
-        agent_mod.DISK_DROPPED.inc(3)
-        after, _ = a.heartbeat(1.0, before["counters"], [], {})
-    finally:
-        a.spool.close()
+def test_one_event_larger_than_the_limit_stays_one_batch(tmp_path):
+    a = make_agent(tmp_path, batch_max_bytes=4096)
+    with contextlib.closing(a.spool):
+        big = [1, 1, 100, 100, 0, "touch", "/" + "p" * 5000, 0o101, True]
+        [(batch, payload)] = a.encoded([big], [1.0])
+        assert len(payload) > 4096 and batch.events == [big]  # for Kafka to refuse, and the agent to count
+
+
+def test_a_heartbeat_reports_the_agents_counters(agent):
+    a = agent
+    before, _ = a.heartbeat(1.0, {}, [], {})
+    agent_mod.EVENTS_PUBLISHED.inc(7)
+    agent_mod.DISK_DROPPED.inc(3)
+    after, _ = a.heartbeat(1.0, before["counters"], [], {})
     assert after["counters"]["events_published"] - before["counters"]["events_published"] == 7
     assert after["counters"]["disk_dropped_events"] - before["counters"]["disk_dropped_events"] == 3
     assert after["rates"]["events_published"] == 7.0
