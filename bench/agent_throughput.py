@@ -185,11 +185,14 @@ def measure_agent(
         time.sleep(0.1)
     load_wall, load_cpu = time.monotonic() - t0, proc_cpu(pid) - cpu0
     generated = int(load.communicate()[0])
-    # Until the agent has published everything it read (or gives up after a while).
+    # Until the agent has published every event the load made (or gives up after a while):
+    # what it had read is not enough, as the last of them may still wait in the ring
+    # buffer for the next read (agent.read_interval_ms).
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        read = a.metric("ktel_agent_events_read_total", probe="file_created")
-        if a.metric("ktel_agent_events_published_total") >= read and a.metric("ktel_agent_spool_bytes") == 0:
+        published = a.metric("ktel_agent_events_published_total") - before
+        dropped = a.metric("ktel_agent_ringbuf_drops_total", probe="file_created")
+        if published + dropped >= generated and a.metric("ktel_agent_spool_bytes") == 0:
             break
         time.sleep(0.2)
     elapsed = time.monotonic() - t0

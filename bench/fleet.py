@@ -91,6 +91,8 @@ from ktel.wire import (  # noqa: E402
 )
 
 STAGES = {"all": ["all"], "split": ["dedupe", "enrich", "sample", "aggregate"]}
+# The codec the agent publishes with by default (agent.compression).
+AGENT_CODEC = config.AgentConfig.model_fields["compression"].default
 POLL_S = 0.05  # how often the bench reads Prometheus (the readings' density, not their error)
 ACKED = "ktel_exporter_ingestion_latency_seconds"  # (exporters/consume.py)
 WINDOW_DELAY = "ktel_processor_window_delay_seconds"  # (processors/stages.py)
@@ -162,9 +164,9 @@ class Traffic:
         self.producer: AIOKafkaProducer | None = None
 
     async def start(self, bootstrap: str) -> None:
-        # As the agent produces (edge_agent/agent.py): lz4, acks=all.
+        # As the agent produces (edge_agent/agent.py): its default codec, acks=all.
         self.producer = AIOKafkaProducer(
-            bootstrap_servers=bootstrap, compression_type="lz4", linger_ms=5, acks="all"
+            bootstrap_servers=bootstrap, compression_type=AGENT_CODEC, linger_ms=5, acks="all"
         )
         await self.producer.start()
         for h in self.hosts:

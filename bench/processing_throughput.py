@@ -4,7 +4,7 @@ naive one-event-per-record Faust agent measured in the same run, on the same bro
   ktel   `ktel process all` (the fused worker: dedupe, sample, aggregate and whatever
          stages processors/stages.py runs in fused mode), its own process, configured
          through KTEL_* like any deployment, reading ktel.raw pre-filled with agent-shaped
-         batches (several hosts, 1000-2000 events a batch, lz4 as the agent sends them)
+         batches (several hosts, 1000-2000 events a batch, compressed as the agent sends them)
   naive  a minimal Faust agent (this file, `--naive-worker`, its own process and
          consumer group) reading the same events one per Kafka record: msgpack-decode
          each record, count it into a dict by (host, directory) -- the per-event shape
@@ -78,6 +78,7 @@ from ktel.wire import (  # noqa: E402
 from processors import aggregate_core, chain  # noqa: E402
 
 NAIVE_TOPIC = "ktel.bench.naive"
+AGENT_CODEC = config.AgentConfig.model_fields["compression"].default  # (agent.compression)
 AIMS = {"rate": 300_000, "ratio": 30}
 POLL_S = 0.2  # each poll is a /metrics scrape the worker serves
 RESULTS = HERE / "RESULTS.md"
@@ -247,10 +248,10 @@ def measure(proc: subprocess.Popen, progress: Any, timeout: float) -> Measured:
 async def prefill(bootstrap: str, n_batches: int, hosts: int, naive_events: int) -> dict[str, Any]:
     from aiokafka import AIOKafkaProducer
 
-    # As the agent produces (edge_agent/agent.py): lz4, acks=all.
+    # As the agent produces (edge_agent/agent.py): its default codec, acks=all.
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap,
-        compression_type="lz4",
+        compression_type=AGENT_CODEC,
         linger_ms=5,
         max_request_size=4 * 1024 * 1024,
         acks="all",
@@ -507,8 +508,8 @@ def report(args: argparse.Namespace, info: dict[str, Any], runs: list[tuple[Meas
         f"{info['batches']:,} raw batches from {args.hosts} hosts, {info['events']:,} events "
         f"({info['events'] / info['batches']:,.0f} a batch, "
         f"{info['bytes'] / info['batches'] / 1024:,.0f} KiB "
-        f"msgpack, lz4 on the wire); the naive topic holds the first {info['naive']:,} of them one per "
-        f"record. {len(runs)} run(s), each on a fresh broker; best and range.",
+        f"msgpack, {AGENT_CODEC} on the wire); the naive topic holds the first {info['naive']:,} "
+        f"of them one per record. {len(runs)} run(s), each on a fresh broker; best and range.",
         "",
         "| worker | events/s (wall) | range | events per CPU-second | range |",
         "| --- | ---: | --- | ---: | --- |",

@@ -62,7 +62,7 @@ sys.path.insert(0, str(HERE))
 
 import psutil  # noqa: E402
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # noqa: E402
-from fleet import Host, make_batch  # noqa: E402
+from fleet import AGENT_CODEC, Host, make_batch  # noqa: E402
 from processing_throughput import machine, scrape, start_worker  # noqa: E402
 
 from ktel import config, topics  # noqa: E402
@@ -95,7 +95,9 @@ WRITES = ("send", "producer", "coalesced")
 async def produce(bootstrap: str, hosts: int, records: int, events: int) -> None:
     rng = random.Random(1)
     fleet = [Host(i, rng) for i in range(hosts)]
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, compression_type="lz4", linger_ms=5, acks="all")
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, compression_type=AGENT_CODEC, linger_ms=5, acks="all"
+    )
     await producer.start()
     try:
         futures = []

@@ -256,7 +256,12 @@ class AgentConfig(BaseModel):
         "is skipped and reported",
     )
     ringbuf_pages: int = Field(256, description="BPF ring buffer size in 4 KiB pages (a power of two)")
-    batch_max_events: int = Field(2000, ge=1, description="seal a batch at this many events")
+    batch_max_events: int = Field(
+        5000,
+        ge=1,
+        description="seal a batch at this many events (a batch costs the agent more than its "
+        "events do: fewer, larger batches are cheaper, downstream too)",
+    )
     batch_max_bytes: int = Field(
         1 << 20,
         ge=4096,

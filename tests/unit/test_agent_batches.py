@@ -28,10 +28,12 @@ def file_events(n: int) -> list[list]:
 
 
 def test_a_full_batch_of_ordinary_events_is_one_batch(agent):
-    # 2,000 file creations encode to about 100 KB: one batch, however large their records.
-    [(batch, payload)] = agent.encoded(file_events(2000), [1.0] * 2000)
+    # A full batch of file creations (5,000) encodes to about 300 KB: one batch, however
+    # large their records (4 MB).
+    n = agent.cfg.agent.batch_max_events
+    [(batch, payload)] = agent.encoded(file_events(n), [1.0] * n)
     assert len(payload) < agent.cfg.agent.batch_max_bytes
-    assert decode_batch(payload).events == file_events(2000) and batch.weights is None
+    assert decode_batch(payload).events == file_events(n) and batch.weights is None
 
 
 def test_a_batch_encoding_past_the_limit_is_sealed_as_consecutive_batches_that_fit(tmp_path):
