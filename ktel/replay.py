@@ -59,7 +59,7 @@ from aiokafka.errors import KafkaError
 from opentelemetry.semconv._incubating.attributes.host_attributes import HOST_ID
 
 from ktel import topics as topics_mod
-from ktel.config import Config, KafkaConfig
+from ktel.config import AgentConfig, Config, KafkaConfig
 from ktel.kafka_client import client_kwargs, compression_type, explain, settings
 from ktel.topics import TopicSpec, create_topics, topic_partitions
 from ktel.wire import (
@@ -242,7 +242,8 @@ class Options:
     jsonl: bool = True
     # TLS and SASL (kafka.*) for both Kafkas; its bootstrap is not used, the fields above are.
     client: KafkaConfig = dataclasses.field(default_factory=KafkaConfig)
-    compression: str = "zstd"  # of what --to-topic gets: agent.compression
+    # The codec of what --to-topic gets: the agent's (agent.compression).
+    compression: str = AgentConfig.model_fields["compression"].default
 
     def __post_init__(self) -> None:
         if not self.topic:
