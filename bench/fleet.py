@@ -68,7 +68,7 @@ sys.path.insert(0, str(HERE))
 
 import psutil  # noqa: E402
 from aiokafka import AIOKafkaProducer  # noqa: E402
-from processing_throughput import COMMS, DIRS, machine, scrape  # noqa: E402
+from processing_throughput import AGENT_CODEC, COMMS, DIRS, machine, scrape  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from ktel import config, topics  # noqa: E402
@@ -91,8 +91,6 @@ from ktel.wire import (  # noqa: E402
 )
 
 STAGES = {"all": ["all"], "split": ["dedupe", "enrich", "sample", "aggregate"]}
-# The codec the agent publishes with by default (agent.compression).
-AGENT_CODEC = config.AgentConfig.model_fields["compression"].default
 POLL_S = 0.05  # how often the bench reads Prometheus (the readings' density, not their error)
 ACKED = "ktel_exporter_ingestion_latency_seconds"  # (exporters/consume.py)
 WINDOW_DELAY = "ktel_processor_window_delay_seconds"  # (processors/stages.py)

@@ -78,7 +78,9 @@ from ktel.wire import (  # noqa: E402
 from processors import aggregate_core, chain  # noqa: E402
 
 NAIVE_TOPIC = "ktel.bench.naive"
-AGENT_CODEC = config.AgentConfig.model_fields["compression"].default  # (agent.compression)
+# The codec the agent publishes with by default (agent.compression); the benches
+# that simulate agents produce with it.
+AGENT_CODEC = config.AgentConfig.model_fields["compression"].default
 AIMS = {"rate": 300_000, "ratio": 30}
 POLL_S = 0.2  # each poll is a /metrics scrape the worker serves
 RESULTS = HERE / "RESULTS.md"

@@ -62,8 +62,8 @@ sys.path.insert(0, str(HERE))
 
 import psutil  # noqa: E402
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # noqa: E402
-from fleet import AGENT_CODEC, Host, make_batch  # noqa: E402
-from processing_throughput import machine, scrape, start_worker  # noqa: E402
+from fleet import Host, make_batch  # noqa: E402
+from processing_throughput import AGENT_CODEC, machine, scrape, start_worker  # noqa: E402
 
 from ktel import config, topics  # noqa: E402
 from ktel.stack.kafka import LocalKafka  # noqa: E402
