@@ -4,7 +4,7 @@
 .DELETE_ON_ERROR:
 
 # The C sources, formatted by the root .clang-format.
-C_SOURCES = bpf/*.c bpf/*.h kmod/*.c kmod/*.h kmod/include/ktel/*.h
+C_SOURCES = bpf/*.c bpf/*.h kmod/*.c kmod/*.h kmod/include/ktel/*.h ktel/probes/*.c
 
 # Everything, the tests' needs included (what CI runs).
 setup:

@@ -29,7 +29,8 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # --- Debian packages --------------------------------------------------------
-PKGS=(python3-bpfcc python3-venv linux-headers-amd64 prometheus openjdk-17-jre-headless maven openssl make)
+# gcc, libc6-dev and python3-dev build the agent's packer (setup.py) when ktel installs.
+PKGS=(python3-bpfcc python3-venv python3-dev gcc libc6-dev linux-headers-amd64 prometheus openjdk-17-jre-headless maven openssl make)
 if [ "$TESTS" = 1 ]; then
   PKGS+=(qemu-system-x86 busybox-static libc6-dev clang clang-format libbpf-dev libelf-dev zlib1g-dev libzstd-dev)
 fi
@@ -85,7 +86,8 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 # ktel itself for running; with its dev extras (test and lint tools) for the tests.
-# A stamp newer than pyproject.toml says that set is installed (the dev one covers both).
+# A stamp newer than pyproject.toml, setup.py and the compiled packer's source says that
+# set is installed (the dev one covers both); the editable install builds the packer in place.
 if [ "$TESTS" = 1 ]; then
   spec='.[dev]' stamps=(.venv/.ktel-installed-dev)
 else
@@ -93,7 +95,7 @@ else
 fi
 fresh=0
 for st in "${stamps[@]}"; do
-  if [ -f "$st" ] && [ ! pyproject.toml -nt "$st" ]; then fresh=1; fi
+  if [ -f "$st" ] && [ -z "$(find pyproject.toml setup.py ktel/probes/*.c -newer "$st")" ]; then fresh=1; fi
 done
 if [ "$fresh" = 0 ]; then
   log "installing Python packages ($spec)"

@@ -69,7 +69,7 @@ from edge_agent.spool import Record, Spool
 from ktel import runtime, selfmetrics
 from ktel.config import Config
 from ktel.kafka_client import client_kwargs, compression_type, explained_by_ktel, start
-from ktel.probes.decode import count, records
+from ktel.probes.decode import count, pack_event, records
 from ktel.retry import Backoff, Permanent, retry
 from ktel.wire import (
     Heartbeat,
@@ -78,6 +78,7 @@ from ktel.wire import (
     encode_batch,
     encode_heartbeat,
 )
+from ktel.wire.raw import encode_packed
 
 log = logging.getLogger("ktel.agent")
 
@@ -231,7 +232,8 @@ class Agent:
 
     # ------------------------------------------------------------ collecting
 
-    def seal(self, events: list, weights: list[float] | None = None) -> RawBatch:
+    def seal(self, events: list[bytes], weights: list[float] | None = None) -> RawBatch:
+        """A batch of these packed events (pack_event): its RawBatch holds them as packed."""
         return RawBatch(
             self.host_id,
             self.boot_id,
@@ -242,8 +244,8 @@ class Agent:
             incarnation=self.seqs.incarnation,
         )
 
-    def encoded(self, events: list, weights: list[float]) -> list[tuple[RawBatch, bytes]]:
-        """``events`` sealed and encoded as one batch, or as consecutive batches each
+    def encoded(self, events: list[bytes], weights: list[float]) -> list[tuple[RawBatch, bytes]]:
+        """``events`` (packed) sealed and encoded as one batch, or as consecutive batches each
         within ``agent.batch_max_bytes``: halved while the encoding is larger.
 
         Events encode to a fraction of their records' size (a file creation's 816-byte
@@ -252,23 +254,23 @@ class Agent:
         its events do (bench/RESULTS.md, "Agent cost at ordinary rates"). The first
         part keeps the sequence number sealed; the next take the next ones, in order."""
         uniform = weights.count(1.0) == len(weights)
-        batch = self.seal(events, None if uniform else weights)
-        return self._fitted(batch, encode_batch(batch))
+        return self._fitted(self.seal(events, None if uniform else weights), events)
 
-    def _fitted(self, batch: RawBatch, payload: bytes) -> list[tuple[RawBatch, bytes]]:
-        n = len(batch.events)
+    def _fitted(self, batch: RawBatch, events: list[bytes]) -> list[tuple[RawBatch, bytes]]:
+        """``batch`` (of the packed ``events``) encoded, halved until each part fits."""
+        payload = encode_packed(batch, events)
+        n = len(events)
         if len(payload) <= self.cfg.agent.batch_max_bytes or n == 1:
             return [(batch, payload)]  # one event too large even alone: Kafka's refusal splits no further
         half = n // 2
         w = batch.weights
-        first = dataclasses.replace(batch, events=batch.events[:half], weights=w if w is None else w[:half])
-        out = self._fitted(first, encode_batch(first))  # sealed before rest: numbers stay in order
-        rest = self.seal(list(batch.events[half:]), None if w is None else list(w[half:]))
-        return out + self._fitted(rest, encode_batch(rest))
+        first = dataclasses.replace(batch, events=events[:half], weights=w if w is None else w[:half])
+        out = self._fitted(first, events[:half])  # sealed before rest: numbers stay in order
+        rest = events[half:]
+        return out + self._fitted(self.seal(rest, None if w is None else list(w[half:])), rest)
 
-    def spool_batch(self, events: list, weights: list[float]) -> None:
-        if self.redactor:
-            self.redactor.apply(events)
+    def spool_batch(self, events: list[bytes], weights: list[float]) -> None:
+        """Seal ``events`` (packed, redacted) into the spool."""
         spooled = 0  # events of the parts the spool has taken (or dropped and counted)
         try:
             for batch, payload in self.encoded(events, weights):
@@ -295,35 +297,54 @@ class Agent:
             self.disk_failing = False
         self.spooled.set()
 
-    def drain_once(self, pending: list, weights: list[float]) -> None:
-        """Decode what the ring buffers hold into ``pending``, and each event's
-        sampling weight into ``weights``: the probe's 1-in-N rate in force now.
-        (Events sampled just before a rate change and drained after it carry
-        the new rate: the error lasts one drain interval.)"""
+    def drain_once(self, pending: list[bytes], weights: list[float]) -> None:
+        """Decode what the ring buffers hold into ``pending``, packed (pack_event) and
+        redacted, and each event's sampling weight into ``weights``: the probe's 1-in-N
+        rate in force now. (Events sampled just before a rate change and drained after
+        it carry the new rate: the error lasts one drain interval.)
+
+        Events are held packed from here on: a batch is sealed by joining them
+        (encode_packed), and a file creation never becomes a Python list at all
+        (Probe.pack_run). Redaction rules need the fields, so with rules the events
+        are decoded, masked, then packed."""
+        redact = self.redactor.apply if self.redactor else None
         for name, p in self.loaded.items():
             # Histogram probes: their in-kernel histograms as HISTOGRAM_DELTA events every
             # probes.SNAPSHOT_SECONDS, and the last deltas after close() (edge_agent/probes.py).
             # Weight 1: the counts are of sampled values and each event carries sample_every.
             snap = p.maybe_snapshot()
-            pending += snap
-            weights += [1.0] * len(snap)
+            if snap:
+                if redact:
+                    redact(snap)
+                pending += map(pack_event, snap)
+                weights += [1.0] * len(snap)
             runs = p.take()
             if not runs:
                 continue
             EVENTS_READ.labels(name).inc(count(runs))
             before = len(pending)
             try:
-                pending.extend(p.decode(runs))
+                if redact:
+                    events = p.decode(runs)
+                    redact(events)
+                    pending += map(pack_event, events)
+                else:
+                    pending += p.pack(runs)
             except Exception:
                 # A decoder bug must not take the node's telemetry down: decode one by one,
                 # count the bad ones.
+                del pending[before:]
                 offset = time.time_ns() - time.monotonic_ns()
                 for r in (r for run in runs for r in records(run)):
                     try:
-                        pending.append(p.spec.decode(r, offset))
+                        event = p.spec.decode(r, offset)
                     except Exception as err:
                         DECODE_ERRORS.labels(name).inc()
                         log.warning("probe %s: undecodable record of %d bytes: %s", name, len(r), err)
+                        continue
+                    if redact:
+                        redact([event])
+                    pending.append(pack_event(event))
             weights.extend([float(self.control.sample_every(name))] * (len(pending) - before))
 
     async def collect(self, stop: asyncio.Event) -> None:
@@ -346,7 +367,7 @@ class Agent:
 
     async def _collect(self, stop: asyncio.Event, stopped: asyncio.Future, queued: asyncio.Event) -> None:
         acfg = self.cfg.agent
-        pending: list = []
+        pending: list[bytes] = []
         weights: list[float] = []
         sealed_at = time.monotonic()
         while True:

@@ -39,7 +39,7 @@ from edge_agent import ringbuf as rb
 from ktel.config import AgentConfig
 from ktel.paths import DATA_DIR, TRACEFS
 from ktel.probes import HIST_SLOTS, HISTOGRAM_DELTA, PROBES, Probe
-from ktel.probes.decode import Run, frame, records
+from ktel.probes.decode import Run, frame, pack_event, records
 
 log = logging.getLogger(__name__)
 
@@ -304,6 +304,18 @@ class LoadedProbe:
                 events += decode_run(run[0], run[1], offset)
             else:
                 events += [decode(r, offset) for r in records(run)]
+        return events
+
+    def pack(self, runs: list[Run]) -> list[bytes]:
+        """``decode``'s events packed (pack_event), straight from the records where the
+        probe packs in bulk (Probe.pack_run)."""
+        pack_run = self.spec.pack_run
+        if pack_run is None:
+            return [pack_event(ev) for ev in self.decode(runs)]
+        offset = time.time_ns() - time.monotonic_ns()
+        events: list[bytes] = []
+        for size, data in runs:
+            events += pack_run(size, data, offset)
         return events
 
     def counters(self) -> dict[str, int]:

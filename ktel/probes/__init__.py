@@ -137,6 +137,9 @@ class Probe:
     # Optional bulk form of ``decode``: (record size, run of framed records, wall
     # offset) -> the same events, for high-rate probes (ktel/probes/decode.py).
     decode_run: Callable[[int, bytes, int], list] | None = None
+    # Optional: (record size, run, wall offset) -> decode_run's events packed
+    # (decode.pack_event), made without building them, for the agent at high rates.
+    pack_run: Callable[[int, bytes, int], list[bytes]] | None = None
     histograms: tuple[Histogram, ...] = ()
     # Tracepoint -> -D flag for attach points that exist on some kernels only.
     optional_tracepoints: dict[str, str] = dataclasses.field(default_factory=dict)

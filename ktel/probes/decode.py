@@ -11,6 +11,10 @@ from __future__ import annotations
 import functools
 import ipaddress
 import struct
+from collections.abc import Sequence
+from typing import Any
+
+import msgpack
 
 # The ring buffer's 8-byte record header: len (with the kernel's BUSY and DISCARD
 # bits), pgoff (include/uapi/linux/bpf.h, kernel/bpf/ringbuf.c).
@@ -20,6 +24,17 @@ HEADER_SIZE = HEADER.size
 # A run: (size, data). ``data`` holds records of ``size`` bytes each, as the ring
 # buffer frames them: an 8-byte header, the record, padding to a multiple of 8.
 Run = tuple[int, bytes]
+
+
+# One packer for every event the agent packs: its pack() holds the GIL throughout, so
+# threads cannot interleave in its buffer.
+_PACKER = msgpack.Packer(use_bin_type=True)
+
+
+def pack_event(event: Sequence[Any]) -> bytes:
+    """An event as it lies in a raw batch's ``events`` array: the bytes
+    ktel/wire/codec.py's msgpack gives it there (ktel/wire/raw.py, encode_packed)."""
+    return _PACKER.pack(event)
 
 
 def c_string(field: bytes) -> str:

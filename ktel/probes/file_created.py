@@ -20,8 +20,13 @@ import os
 import struct
 
 from ktel.probes import Layout, Probe, btf
-from ktel.probes.decode import HEADER_SIZE, c_string, frame, stride
+from ktel.probes.decode import HEADER_SIZE, c_string, frame, pack_event, stride
 from ktel.schema import COMM, PID, TS_NS, Bool, EventKind, Field, Int, Metric, Str
+
+try:  # compiled when ktel is installed (setup.py); a bare checkout packs in Python
+    import ktel.probes._file_created_pack as _native
+except ImportError:
+    _native = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +162,28 @@ def decode_run(size: int, data: bytes, wall_offset_ns: int) -> list:
     return events
 
 
+def pack_run(size: int, data: bytes, wall_offset_ns: int) -> list[bytes]:
+    """A run of ring-buffer records -> their packed wire events (``pack_event`` of what
+    ``decode_run`` makes, byte for byte), for the agent.
+
+    The compiled packer (file_created_pack.c) takes the records with an absolute,
+    valid UTF-8 path and comm, a tenth of decode_run's and msgpack's cost; it stops
+    at any other record, which decode_run takes here, and goes on after it."""
+    if _native is None:
+        return [pack_event(ev) for ev in decode_run(size, data, wall_offset_ns)]
+    if size != LAYOUT.size:
+        raise ValueError(f"file_created record of {size} bytes, expected {LAYOUT.size}")
+    step, kind = FRAMED.size, FILE_CREATED.id
+    n = len(data) // step
+    out: list[bytes] = []
+    i = _native.pack(data, 0, wall_offset_ns, kind, out)
+    while i < n:
+        [ev] = decode_run(size, data[i * step : (i + 1) * step], wall_offset_ns)
+        out.append(pack_event(ev))
+        i = _native.pack(data, i + 1, wall_offset_ns, kind, out)
+    return out
+
+
 PROBE = Probe(
     name="file_created",
     summary="files created, with process and path (filewatcher module, else open/creat syscalls)",
@@ -171,6 +198,7 @@ PROBE = Probe(
     kinds=(FILE_CREATED,),
     decode=decode,
     decode_run=decode_run,
+    pack_run=pack_run,
     # With the filewatcher module loaded, its tracepoint (which sees the create
     # itself) replaces the syscall tracepoints, which the source then leaves out.
     optional_tracepoints={

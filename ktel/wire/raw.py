@@ -39,9 +39,11 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+import msgpack
+
 from ktel.probes import KINDS
 from ktel.schema import ATTR_VALUE, TS_NS, U63, Array, Int, IntList, Key, MapOf, Shape, Str, brief
-from ktel.wire.codec import WireError, pack, unpack
+from ktel.wire.codec import SCHEMA_VERSION, WireError, pack, unpack
 
 # A batch holds at most this many events (the agent seals at agent.batch_max_events).
 MAX_EVENTS = 100_000
@@ -109,7 +111,8 @@ class RawBatch:
         return dataclasses.replace(self, events=events, weights=weights, processes=processes)
 
 
-def encode_batch(batch: RawBatch) -> bytes:
+def _fields(batch: RawBatch, events: Any) -> dict[str, Any]:
+    """The record's map but ``v``, in the order it is written."""
     obj: dict[str, Any] = {
         "host": batch.host_id,
         "boot": batch.boot_id,
@@ -122,7 +125,7 @@ def encode_batch(batch: RawBatch) -> bytes:
         obj["part"] = batch.part
     obj |= {
         "sent": batch.sent_ns,
-        "events": batch.events,
+        "events": events,
     }
     if batch.weights is not None:
         obj["w"] = batch.weights
@@ -130,7 +133,34 @@ def encode_batch(batch: RawBatch) -> bytes:
         obj["res"] = batch.resource
     if batch.processes is not None:
         obj["proc"] = batch.processes
-    return pack(obj)
+    return obj
+
+
+def encode_batch(batch: RawBatch) -> bytes:
+    return pack(_fields(batch, batch.events))
+
+
+# Stands for the events in the map encode_packed packs around them.
+_EVENTS = object()
+
+
+def encode_packed(batch: RawBatch, events: Sequence[bytes]) -> bytes:
+    """``encode_batch`` of ``batch`` with these events, given packed
+    (ktel/probes/decode.py, pack_event): the same bytes, without unpacking them.
+
+    The agent holds its events packed (a file creation is packed straight from its
+    ring-buffer record, ktel/probes/file_created.py), so sealing a batch costs a join."""
+    packer = msgpack.Packer(use_bin_type=True)
+    obj = {"v": SCHEMA_VERSION, **_fields(batch, _EVENTS)}
+    out = [packer.pack_map_header(len(obj))]
+    for key, value in obj.items():
+        out.append(packer.pack(key))
+        if value is _EVENTS:
+            out.append(packer.pack_array_header(len(events)))
+            out += events
+        else:
+            out.append(packer.pack(value))
+    return b"".join(out)
 
 
 def _bad_event(events: list, what: str) -> WireError:

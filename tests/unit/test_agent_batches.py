@@ -3,12 +3,16 @@ its heartbeats report its counters."""
 
 import contextlib
 
+import msgpack
 import pytest
 
 from edge_agent import agent as agent_mod
-from ktel.config import AgentConfig, Config
-from ktel.probes import ktel_api
+from edge_agent import probes as probes_mod
+from ktel.config import AgentConfig, Config, RedactRule
+from ktel.probes import file_created, ktel_api
+from ktel.probes.decode import pack_event
 from ktel.wire import decode_batch
+from tests.unit.test_ringbuf import fc_record, run_of
 
 
 def make_agent(tmp_path, **settings) -> agent_mod.Agent:
@@ -27,11 +31,15 @@ def file_events(n: int) -> list[list]:
     return [[1, 10**18 + i, 100, 100, 0, "touch", f"/tmp/d/f{i:06d}", 0o101, True] for i in range(n)]
 
 
+def packed(events: list[list]) -> list[bytes]:
+    return [pack_event(ev) for ev in events]  # as the agent holds its events
+
+
 def test_a_full_batch_of_ordinary_events_is_one_batch(agent):
     # A full batch of file creations (5,000) encodes to about 300 KB: one batch, however
     # large their records (4 MB).
     n = agent.cfg.agent.batch_max_events
-    [(batch, payload)] = agent.encoded(file_events(n), [1.0] * n)
+    [(batch, payload)] = agent.encoded(packed(file_events(n)), [1.0] * n)
     assert len(payload) < agent.cfg.agent.batch_max_bytes
     assert decode_batch(payload).events == file_events(n) and batch.weights is None
 
@@ -45,8 +53,8 @@ def test_a_batch_encoding_past_the_limit_is_sealed_as_consecutive_batches_that_f
     n = 2000
     weights = [1.5] * n
     with contextlib.closing(agent.spool):
-        parts = agent.encoded([event] * n, weights)
-        [(after, _)] = agent.encoded(file_events(1), [1.0])
+        parts = agent.encoded(packed([event] * n), weights)
+        [(after, _)] = agent.encoded(packed(file_events(1)), [1.0])
     assert len(parts) > 8
     assert all(len(payload) <= 64 << 10 for _, payload in parts)
     decoded = [decode_batch(payload) for _, payload in parts]
@@ -64,8 +72,9 @@ def test_one_event_larger_than_the_limit_stays_one_batch(tmp_path):
     a = make_agent(tmp_path, batch_max_bytes=4096)
     with contextlib.closing(a.spool):
         big = [1, 1, 100, 100, 0, "touch", "/" + "p" * 5000, 0o101, True]
-        [(batch, payload)] = a.encoded([big], [1.0])
-        assert len(payload) > 4096 and batch.events == [big]  # for Kafka to refuse, and the agent to count
+        [(batch, payload)] = a.encoded(packed([big]), [1.0])
+        # For Kafka to refuse, and the agent to count.
+        assert len(payload) > 4096 and decode_batch(payload).events == [big]
 
 
 def test_a_heartbeat_reports_the_agents_counters(agent):
@@ -77,3 +86,35 @@ def test_a_heartbeat_reports_the_agents_counters(agent):
     assert after["counters"]["events_published"] - before["counters"]["events_published"] == 7
     assert after["counters"]["disk_dropped_events"] - before["counters"]["disk_dropped_events"] == 3
     assert after["rates"]["events_published"] == 7.0
+
+
+class FedProbe:
+    """A loaded probe whose ring buffer held ``runs`` (LoadedProbe's decoding, no BPF)."""
+
+    spec = file_created.PROBE
+    decode = probes_mod.LoadedProbe.decode
+    pack = probes_mod.LoadedProbe.pack
+
+    def __init__(self, runs):
+        self.runs = runs
+
+    def maybe_snapshot(self):
+        return []
+
+    def take(self):
+        runs, self.runs = self.runs, []
+        return runs
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_drained_events_are_held_packed_and_masked_by_the_agents_rules(tmp_path, masked):
+    rules = [RedactRule(kind="file_created", field="path", pattern=r"^/home/[^/]+", replacement="/home/*")]
+    a = make_agent(tmp_path, redact=rules if masked else [])
+    with contextlib.closing(a.spool):
+        a.loaded = {"file_created": FedProbe([run_of([fc_record(0, b"/home/alice/x"), fc_record(1, b"/tmp/y")])])}
+        pending: list[bytes] = []
+        weights: list[float] = []
+        a.drain_once(pending, weights)
+    events = [msgpack.unpackb(p) for p in pending]
+    assert [ev[6] for ev in events] == ["/home/*/x" if masked else "/home/alice/x", "/tmp/y"]
+    assert [ev[2] for ev in events] == [40, 41] and weights == [1.0, 1.0]

@@ -1,0 +1,99 @@
+"""The agent holds its events packed: file_created records are packed by compiled code
+(ktel/probes/file_created_pack.c) and batches sealed around packed events
+(ktel/wire/raw.py, encode_packed). Both must give exactly the bytes of the Python
+path they replace: decode_run's events, packed, in a batch encode_batch writes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ktel import wire
+from ktel.probes import file_created
+from ktel.probes.decode import frame, pack_event
+from ktel.wire.raw import encode_packed
+from tests.unit.test_any_valid_batch import batches
+from tests.unit.test_wire_golden import GOLDEN
+
+
+def test_the_compiled_packer_is_built_for_this_record_layout():
+    if file_created._native is None:
+        pytest.skip("ktel.probes._file_created_pack is not built: pip install -e . (or make) builds it")
+    assert file_created.LAYOUT.size == file_created._native.RECORD_SIZE
+
+
+def c_field(length: int) -> st.SearchStrategy[bytes]:
+    """A char array as the kernel leaves it: text (ASCII, other UTF-8, or any bytes),
+    a NUL unless it fills the field, then whatever the buffer held."""
+    text = st.one_of(
+        st.text(st.characters(max_codepoint=127, exclude_characters="\0"), max_size=length),
+        st.text(st.characters(exclude_characters="\0", exclude_categories=("Cs",)), max_size=length // 4),
+        st.binary(max_size=length).map(lambda b: b.replace(b"\0", b"x")),
+    ).map(lambda b: b if isinstance(b, bytes) else b.encode())
+    return st.tuples(text, st.binary(min_size=length, max_size=length)).map(
+        lambda t: (t[0][:length] + b"\0" + t[1])[:length]
+    )
+
+
+paths = st.one_of(
+    c_field(255).map(lambda b: (b"/" + b)[:256]),  # absolute, the common case
+    st.just(b"/" + b"p" * 255),  # the whole field, no NUL: a str16
+    c_field(256),  # relative, or empty: joined in Python
+)
+records = st.builds(
+    lambda ts, ids, dirfd, flags, certain, dir_state, comm, path, dir_: file_created.LAYOUT.pack(
+        ts, *ids, dirfd, flags, certain, dir_state, len(dir_.rstrip(b"\0")), comm, path, dir_
+    ),
+    # Up to past INT64_MAX (the compiled packer leaves those to Python's integers).
+    st.integers(0, 2**63 + 2**62) | st.sampled_from([0, 127, 128, 255, 256, 2**32, 2**63 - 1, 2**63]),
+    st.tuples(*(st.integers(0, 2**32 - 1) | st.sampled_from([0, 127, 128, 65535, 65536]),) * 3),
+    st.integers(-(2**31), 2**31 - 1),
+    st.integers(0, 2**32 - 1),
+    st.integers(0, 255),
+    st.sampled_from([0, file_created.DIR_OK, 2]),
+    c_field(16),
+    paths,
+    st.binary(max_size=64).map(lambda b: b.replace(b"\0\0", b"\0").ljust(512, b"\0")),
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(records, min_size=1, max_size=12),
+    # Wall offsets that keep every timestamp a 64-bit msgpack integer, negative ones included.
+    st.integers(-(2**62), 2**62) | st.sampled_from([0, -(2**31), -100, 1_764_000_000 * 10**9]),
+)
+def test_packing_a_run_gives_the_bytes_of_its_decoded_events_packed(recs, offset):
+    size = file_created.LAYOUT.size
+    data = b"".join(frame(r)[1] for r in recs)
+    events = file_created.decode_run(size, data, offset)
+    packed = file_created.pack_run(size, data, offset)
+    assert packed == [pack_event(ev) for ev in events]
+    assert [msgpack.unpackb(p) for p in packed] == events
+
+
+def test_a_record_of_another_size_is_refused():
+    with pytest.raises(ValueError, match="expected 816"):
+        file_created.pack_run(8, frame(b"12345678")[1], 0)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    batches,
+    st.none() | st.text(max_size=8),
+    st.none() | st.tuples(st.integers(0, 4), st.integers(8, 100)).map(list),
+)
+def test_a_batch_of_packed_events_encodes_to_encode_batchs_bytes(batch, incarnation, part):
+    batch = dataclasses.replace(batch, incarnation=incarnation, part=part)
+    assert encode_packed(batch, [pack_event(ev) for ev in batch.events]) == wire.encode_batch(batch)
+
+
+@pytest.mark.parametrize("name", ["raw_batch", "raw_batch_part", "raw_batch_enriched"])
+def test_a_golden_batch_packed_is_its_golden_bytes(name):
+    golden = (GOLDEN / f"v{wire.SCHEMA_VERSION}" / f"{name}.msgpack").read_bytes()
+    batch = wire.decode_batch(golden)
+    assert encode_packed(batch, [pack_event(ev) for ev in batch.events]) == golden
