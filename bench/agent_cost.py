@@ -6,14 +6,15 @@ load, measured in the same run.
 
 The load is bench/create_loop.c paced to the rate (pinned to CPU 1); the consumer is
 pinned to CPU 0 (bench/agent_throughput.py runs both, and says how). The agent
-publishes to a local Kafka. Share of a core: the consumer's CPU seconds (user +
-system) while the load ran, over the load's wall seconds. The agent's includes what
-it does at any rate (heartbeats, histogram reads, the spool). Aim: at most 1 % of a
-core at 10 k events/s.
+publishes to a local Kafka, with its default settings (heartbeats every 10 s), and
+the load starts once its start-up is over (agent_throughput.SETTLE_S). Share of a
+core: the consumer's CPU seconds (user + system) while the load ran, over the load's
+wall seconds. The agent's includes what it does at any rate (heartbeats, histogram
+reads, the spool). Aim: at most 1 % of a core at 10 k events/s.
 
 --idle SECONDS measures instead what the agent costs a node with nothing to report:
 ``ktel agent`` with its default settings (10 s heartbeats), no load but the host's own
-file creations, its CPU over SECONDS from 12 s after its metrics endpoint opened
+file creations, its CPU over SECONDS from SETTLE_S after its metrics endpoint opened
 (start-up left out), --repeat times, each on a fresh Kafka.
 
 Run as root: PYTHONPATH=. .venv/bin/python bench/agent_cost.py [--seconds 20] [--rates 1000,10000,100000]
@@ -34,7 +35,15 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from agent_throughput import agent, bare_in_child, build_load, make_topics, proc_cpu, rss_mib  # noqa: E402
+from agent_throughput import (  # noqa: E402
+    SETTLE_S,
+    agent,
+    bare_in_child,
+    build_load,
+    make_topics,
+    proc_cpu,
+    rss_mib,
+)
 
 from ktel.stack.kafka import LocalKafka, ensure_kafka  # noqa: E402
 from ktel.stack.proc import free_port  # noqa: E402
@@ -53,7 +62,7 @@ def idle(seconds: float, tmp: Path) -> tuple[float, float]:
         a.start()
         assert a.proc is not None
         try:
-            time.sleep(12)  # (start-up: probes loaded, first heartbeat and fetches)
+            time.sleep(SETTLE_S)
             cpu0, t0 = proc_cpu(a.proc.pid), time.monotonic()
             time.sleep(seconds)
             share = (proc_cpu(a.proc.pid) - cpu0) / (time.monotonic() - t0)
@@ -89,7 +98,7 @@ def main() -> None:
         target.touch()
         for rate in (float(r) for r in args.rates.split(",")):
             b = bare_in_child(exe, target, args.seconds, "bcc", rate)
-            a = agent(exe, target, args.seconds, tmp / f"agent-{rate:.0f}", rate)
+            a = agent(exe, target, args.seconds, tmp / f"agent-{rate:.0f}", rate, deployed=True)
             row = {
                 "rate": rate,
                 "achieved": a["generated"] / a["wall_s"],

@@ -56,6 +56,9 @@ from ktel.topics import create_topics  # noqa: E402
 from tests.integration.agent_harness import AgentProcess  # noqa: E402
 
 RINGBUF_PAGES = 4096  # 16 MiB, the size of the drop figure in docs/design.md, "Measured figures"
+# The agent's start-up, left out of what bench/agent_cost.py measures: probes loaded,
+# Kafka connected, the control topic read back, the first heartbeat sent.
+SETTLE_S = 12
 
 
 def build_load(tmp: Path) -> Path:
@@ -141,12 +144,15 @@ def bare(exe: Path, target: Path, seconds: float, how: str, rate: float = 0) -> 
     }  # fmt: skip
 
 
-def agent(exe: Path, target: Path, seconds: float, tmp: Path, rate: float = 0) -> dict:
+def agent(
+    exe: Path, target: Path, seconds: float, tmp: Path, rate: float = 0, deployed: bool = False
+) -> dict:
     ensure_kafka()
     tmp.mkdir(parents=True, exist_ok=True)
     with LocalKafka(tmp / "kafka", free_port(), free_port()) as kafka:
         make_topics(kafka.bootstrap)
-        return measure_agent(exe, target, seconds, tmp, {"KTEL_KAFKA__BOOTSTRAP": kafka.bootstrap}, rate)
+        kafka_env = {"KTEL_KAFKA__BOOTSTRAP": kafka.bootstrap}
+        return measure_agent(exe, target, seconds, tmp, kafka_env, rate, deployed)
 
 
 def make_topics(bootstrap: str) -> None:
@@ -161,18 +167,33 @@ def make_topics(bootstrap: str) -> None:
 
 
 def measure_agent(
-    exe: Path, target: Path, seconds: float, tmp: Path, kafka: dict[str, str], rate: float = 0
+    exe: Path,
+    target: Path,
+    seconds: float,
+    tmp: Path,
+    kafka: dict[str, str],
+    rate: float = 0,
+    deployed: bool = False,
 ) -> dict:
     """``ktel agent`` with the ``kafka`` settings (KTEL_KAFKA__* variables) under the load
-    (``rate`` opens a second; 0: as fast as it goes)."""
+    (``rate`` opens a second; 0: as fast as it goes).
+
+    ``deployed``: the agent as a node runs it, its default heartbeats (every 10 s, not
+    the test harness's every second), and the load started SETTLE_S after it, when its
+    start-up (Kafka connections, the control topic's look-back, the first heartbeat)
+    is over: what it costs a node from then on, not what its first seconds cost."""
     tmp.mkdir(parents=True, exist_ok=True)
     a = AgentProcess(
         tmp, kafka["KTEL_KAFKA__BOOTSTRAP"], wrapper=["taskset", "-c", "0"], ringbuf_pages=str(RINGBUF_PAGES)
     )
     a.env.update(kafka)
+    if deployed:
+        a.env.pop("KTEL_AGENT__HEARTBEAT_SECONDS")
     a.start()
     assert a.proc is not None
     pid = a.proc.pid
+    if deployed:
+        time.sleep(SETTLE_S)
     before = a.metric("ktel_agent_events_published_total")
     status = Path(f"/proc/{pid}/status")
     idle_rss = rss_mib(status)

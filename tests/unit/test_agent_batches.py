@@ -111,7 +111,8 @@ def test_drained_events_are_held_packed_and_masked_by_the_agents_rules(tmp_path,
     rules = [RedactRule(kind="file_created", field="path", pattern=r"^/home/[^/]+", replacement="/home/*")]
     a = make_agent(tmp_path, redact=rules if masked else [])
     with contextlib.closing(a.spool):
-        a.loaded = {"file_created": FedProbe([run_of([fc_record(0, b"/home/alice/x"), fc_record(1, b"/tmp/y")])])}
+        run = run_of([fc_record(0, b"/home/alice/x"), fc_record(1, b"/tmp/y")])
+        a.loaded = {"file_created": FedProbe([run])}
         pending: list[bytes] = []
         weights: list[float] = []
         a.drain_once(pending, weights)
