@@ -24,7 +24,7 @@ WHERE = """
 import json, ktel
 from edge_agent import probes
 from ktel.paths import DATA_DIR
-from ktel.probes import PROBES
+from ktel.probes import PROBES, file_created
 from ktel.stack import kafka, otelcol
 for name in PROBES:
     probes.bpf_source(name)  # raises if the program or the header it is compiled after is missing
@@ -34,6 +34,7 @@ print(json.dumps({
     "bpf": str(probes.BPF_DIR),
     "kmod": str(DATA_DIR / "kmod"),
     "manifests": [str(kafka._POM), str(otelcol.MANIFEST)],
+    "packer": file_created._native and file_created._native.__file__,  # compiled into the wheel
 }))
 """
 
@@ -80,7 +81,8 @@ def test_the_installed_wheel_runs_and_finds_what_it_ships(tmp_path):
     assert [ln.split(":")[0] for ln in ktel("probes").splitlines()] == list(PROBES)
 
     where = json.loads(run([venv / "bin/python", "-c", WHERE], cwd=home, env=env))
-    files = [where["ktel"], *where["programs"], *where["manifests"]]
+    assert where["packer"], "the wheel lacks the compiled packer (setup.py's extension)"
+    files = [where["ktel"], *where["programs"], *where["manifests"], where["packer"]]
     for f in files:
         path = Path(f).resolve()
         assert path.is_file() and path.is_relative_to(venv.resolve()), f
