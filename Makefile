@@ -35,8 +35,8 @@ fmt: .venv/bin/python
 	.venv/bin/ruff format .
 	clang-format -i $(C_SOURCES)
 
-# Only when .venv is missing: the Python packages, nothing from apt (deploy/setup.sh
-# adds Debian's BCC, which the unit tests do not need).
+# Only when .venv is missing: the Python packages and the compiled packer (it needs gcc and
+# python3-dev; deploy/setup.sh installs those and Debian's BCC, which unit tests do not need).
 .venv/bin/python:
 	python3.11 -m venv .venv
 	.venv/bin/pip install -q -e '.[dev]'

@@ -12,7 +12,8 @@ setup(
             # struct file_created_event, from the header the BPF program is built with
             # (through ktel/_data's link, which the sdist carries too).
             include_dirs=["ktel/_data/bpf"],
-            extra_compile_args=["-O2", "-Wall", "-Werror"],
+            # -Wall without -Werror: a newer compiler's new warning must not fail an install.
+            extra_compile_args=["-O2", "-Wall"],
         )
     ]
 )

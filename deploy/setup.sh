@@ -86,7 +86,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 # ktel itself for running; with its dev extras (test and lint tools) for the tests.
-# A stamp newer than pyproject.toml, setup.py and the compiled packer's source says that
+# A stamp newer than pyproject.toml, setup.py and the compiled packer's sources says that
 # set is installed (the dev one covers both); the editable install builds the packer in place.
 if [ "$TESTS" = 1 ]; then
   spec='.[dev]' stamps=(.venv/.ktel-installed-dev)
@@ -95,7 +95,7 @@ else
 fi
 fresh=0
 for st in "${stamps[@]}"; do
-  if [ -f "$st" ] && [ -z "$(find pyproject.toml setup.py ktel/probes/*.c -newer "$st")" ]; then fresh=1; fi
+  if [ -f "$st" ] && [ -z "$(find pyproject.toml setup.py ktel/probes/*.c bpf/file_created.h -newer "$st")" ]; then fresh=1; fi
 done
 if [ "$fresh" = 0 ]; then
   log "installing Python packages ($spec)"

@@ -69,6 +69,7 @@ from edge_agent.spool import Record, Spool
 from ktel import runtime, selfmetrics
 from ktel.config import Config
 from ktel.kafka_client import client_kwargs, compression_type, explained_by_ktel, start
+from ktel.probes import file_created
 from ktel.probes.decode import count, pack_event, records
 from ktel.retry import Backoff, Permanent, retry
 from ktel.wire import (
@@ -338,13 +339,14 @@ class Agent:
                 for r in (r for run in runs for r in records(run)):
                     try:
                         event = p.spec.decode(r, offset)
+                        if redact:
+                            redact([event])
+                        packed = pack_event(event)
                     except Exception as err:
                         DECODE_ERRORS.labels(name).inc()
                         log.warning("probe %s: undecodable record of %d bytes: %s", name, len(r), err)
                         continue
-                    if redact:
-                        redact([event])
-                    pending.append(pack_event(event))
+                    pending.append(packed)
             weights.extend([float(self.control.sample_every(name))] * (len(pending) - before))
 
     async def collect(self, stop: asyncio.Event) -> None:
@@ -712,6 +714,8 @@ class Agent:
             PROBES_LOADED.labels(name).set(1 if name in self.loaded else 0)
         if not self.loaded:
             raise RuntimeError(f"no probe could be loaded: {self.skipped}")
+        if "file_created" in self.loaded and not file_created.compiled():
+            log.warning("file_created: no compiled packer (installing ktel builds it); packing in Python")
         for probe in self.loaded:
             self.apply_rate(probe, self.control.sample_every(probe))
         REGISTRY.register(AgentCollector(self))

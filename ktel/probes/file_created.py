@@ -38,6 +38,22 @@ DIR_LEN = 512
 FRAMED = struct.Struct(f"<{HEADER_SIZE}x{LAYOUT.format[1:-4]}{DIR_LEN}x")
 DIR_AT = HEADER_SIZE + LAYOUT.size - DIR_LEN  # dir's offset in a framed record
 assert FRAMED.size == stride(LAYOUT.size)
+if _native is not None and LAYOUT.size != _native.RECORD_SIZE:
+    # Built from another bpf/file_created.h than LAYOUT describes: its bytes would be wrong.
+    log.warning(
+        "file_created: the compiled packer expects %d-byte records, not %d; packing in Python"
+        " (reinstall ktel to rebuild it)",
+        _native.RECORD_SIZE,
+        LAYOUT.size,
+    )
+    _native = None  # type: ignore[assignment]
+
+
+def compiled() -> bool:
+    """Whether pack_run uses the compiled packer (else Python, at several times the CPU)."""
+    return _native is not None
+
+
 AT_FDCWD = -100
 DIR_OK = 1  # KTEL_DIR_OK (bpf/file_created.h)
 SLASH = ord("/")

@@ -6,7 +6,7 @@
  * list and that list into msgpack was most of what the agent cost (bench/RESULTS.md,
  * "Agent cost at ordinary rates"). Here a record becomes the msgpack bytes of its
  * event directly, the same bytes msgpack.packb(event, use_bin_type=True) gives for
- * the event file_created.decode_run makes (tests/unit/test_file_created_pack.py
+ * the event file_created.decode_run makes (tests/unit/test_packed_events.py
  * checks that, byte for byte).
  *
  * Only the common case is done here: an absolute path, and a comm and path that are
@@ -146,7 +146,7 @@ static PyObject *pack(PyObject *self, PyObject *args)
 	if (kind < 0 || kind > 127 || start < 0) {
 		PyBuffer_Release(&buf);
 		PyErr_SetString(PyExc_ValueError,
-				"kind is a positive fixint and start is not negative");
+				"kind is 0-127 (a msgpack fixint) and start is not negative");
 		return NULL;
 	}
 	n = buf.len / (Py_ssize_t)step;
