@@ -179,7 +179,9 @@ def measure_agent(
     (``rate`` opens a second; 0: as fast as it goes).
 
     ``deployed``: the agent as a node runs it, its default heartbeats (every 10 s, not
-    the test harness's every second), and the load started SETTLE_S after it, when its
+    the test harness's every second) and ring buffers (agent.ringbuf_pages, not this
+    bench's RINGBUF_PAGES: their size sets how often a busy buffer wakes the reader),
+    and the load started SETTLE_S after it, when its
     start-up (Kafka connections, the control topic's look-back, the first heartbeat)
     is over: what it costs a node from then on, not what its first seconds cost."""
     tmp.mkdir(parents=True, exist_ok=True)
@@ -189,6 +191,7 @@ def measure_agent(
     a.env.update(kafka)
     if deployed:
         a.env.pop("KTEL_AGENT__HEARTBEAT_SECONDS")
+        a.env.pop("KTEL_AGENT__RINGBUF_PAGES")
     a.start()
     assert a.proc is not None
     pid = a.proc.pid

@@ -255,7 +255,12 @@ class AgentConfig(BaseModel):
         description="probes to load (`ktel probes` lists them); a probe this kernel cannot attach "
         "is skipped and reported",
     )
-    ringbuf_pages: int = Field(256, description="BPF ring buffer size in 4 KiB pages (a power of two)")
+    ringbuf_pages: int = Field(
+        2048,
+        description="BPF ring buffer size of each probe, in 4 KiB pages (a power of two); the default "
+        "8 MiB holds about a second of file creations at 10,000/s, so that the timer, not the "
+        "buffer's quarter-full wake-ups, paces the reads (docs/guarantees.md)",
+    )
     batch_max_events: int = Field(
         5000,
         ge=1,
@@ -268,7 +273,12 @@ class AgentConfig(BaseModel):
         description="the most bytes a batch's encoding takes (Kafka's default record limit is "
         "1 MiB); a larger one is sealed as two, halved until each fits",
     )
-    batch_max_ms: int = Field(50, ge=1, description="seal a non-empty batch after this many ms")
+    batch_max_ms: int = Field(
+        250,
+        ge=1,
+        description="seal a non-empty batch this many ms after the last one; reads that a "
+        "busy ring buffer wakes between them add to it rather than each sealing a batch",
+    )
     read_interval_ms: int = Field(
         250,
         description="read the probes' ring buffers this often (a buffer a quarter full is read at "

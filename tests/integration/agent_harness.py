@@ -89,9 +89,14 @@ class AgentProcess:
     def metric(self, name: str, **labels: str) -> float:
         return self.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
 
-    def wait_until_spool_empty(self, timeout: float = 120) -> None:
+    def wait_until_spool_empty(self, timeout: float = 120, published: int = 0) -> None:
+        """Until the spool is empty and Kafka acknowledged at least ``published`` events
+        (an empty spool alone may only mean the last events are not read or sealed yet)."""
         deadline = time.monotonic() + timeout
-        while self.metric("ktel_agent_spool_bytes") > 0:
+        while (
+            self.metric("ktel_agent_spool_bytes") > 0
+            or self.metric("ktel_agent_events_published_total") < published
+        ):
             assert time.monotonic() < deadline, f"spool not drained:\n{self.log()[-3000:]}"
             time.sleep(0.2)
 

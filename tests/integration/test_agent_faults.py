@@ -252,7 +252,7 @@ def test_a_batch_above_the_topics_message_limit_is_split_and_counted_once(privat
     worker = threading.Thread(target=create_files, args=(tmp_path / "big", n, 20000))
     worker.start()
     worker.join()
-    agent.wait_until_spool_empty()
+    agent.wait_until_spool_empty(published=n)
     split = agent.metric("ktel_agent_batches_split_total")
     dropped = agent.metric("ktel_agent_too_large_dropped_events_total")
     assert agent.stop() == 0
