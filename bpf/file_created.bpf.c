@@ -21,7 +21,7 @@
  */
 int file_created_filewatcher(struct filewatcher_ctx *ctx)
 {
-	struct file_created_event *ev = ktel_reserve(sizeof(*ev));
+	struct file_created_event *ev = ktel_reserve(KTEL_FILE_CREATED_ABS_SIZE);
 
 	if (!ev)
 		return 0;
@@ -207,11 +207,30 @@ done:
 }
 #endif /* KTEL_OFF_TASK_FS */
 
+/* Everything but dir, which only a record for a relative path has. */
+static __always_inline void open_fill(struct file_created_event *ev, const struct pending_open *p,
+				      u64 id)
+{
+	ev->ts_ns = bpf_ktime_get_ns();
+	ev->pid = id >> 32;
+	ev->tid = (u32)id;
+	ev->uid = (u32)bpf_get_current_uid_gid();
+	ev->dirfd = p->dirfd;
+	ev->flags = p->flags;
+	ev->certain = !!(p->flags & KTEL_O_EXCL);
+	ev->dir_state = KTEL_DIR_NONE;
+	ev->dir_len = 0;
+	bpf_get_current_comm(ev->comm, sizeof(ev->comm));
+	if (bpf_probe_read_user_str(ev->path, sizeof(ev->path), p->filename) < 0)
+		ev->path[0] = 0;
+}
+
 static __always_inline int open_exit(long ret)
 {
 	u64 id = bpf_get_current_pid_tgid();
 	struct pending_open *p = pending.lookup(&id);
 	struct file_created_event *ev;
+	char first = 0;
 	u64 *mark = open_marks.task_storage_get(bpf_get_current_task_btf(), 0, 0);
 	int marked = mark && *mark;
 
@@ -225,21 +244,23 @@ static __always_inline int open_exit(long ret)
 	}
 	if (ret < 0)
 		goto out;
+	/*
+	 * An absolute path needs no dir: its record ends there (bpf/file_created.h). If
+	 * the caller rewrites the path between this read and the one below, the record
+	 * is still one without dir, and the agent resolves the path from /proc.
+	 */
+	if (bpf_probe_read_user(&first, 1, p->filename) == 0 && first == '/') {
+		ev = ktel_reserve(KTEL_FILE_CREATED_ABS_SIZE);
+		if (!ev)
+			goto out;
+		open_fill(ev, p, id);
+		ktel_submit(ev);
+		goto out;
+	}
 	ev = ktel_reserve(sizeof(*ev));
 	if (!ev)
 		goto out;
-	ev->ts_ns = bpf_ktime_get_ns();
-	ev->pid = id >> 32;
-	ev->tid = (u32)id;
-	ev->uid = (u32)bpf_get_current_uid_gid();
-	ev->dirfd = p->dirfd;
-	ev->flags = p->flags;
-	ev->certain = !!(p->flags & KTEL_O_EXCL);
-	ev->dir_state = KTEL_DIR_NONE;
-	ev->dir_len = 0;
-	bpf_get_current_comm(ev->comm, sizeof(ev->comm));
-	if (bpf_probe_read_user_str(ev->path, sizeof(ev->path), p->filename) < 0)
-		ev->path[0] = 0;
+	open_fill(ev, p, id);
 #ifdef KTEL_OFF_TASK_FS
 	if (ev->path[0] != '/')
 		file_created_dir(ev, p->dirfd);

@@ -33,6 +33,11 @@
  *              cwd, or openat's dirfd), read from the kernel's dentries when the
  *              syscall returned: its components from the innermost up, each
  *              NUL-terminated ("b\0a\0" is /a/b; none is /)
+ *
+ * A record for an absolute path has no dir: it is the first
+ * KTEL_FILE_CREATED_ABS_SIZE bytes only (dir_state KTEL_DIR_NONE). A third of the
+ * bytes, so a ring buffer holds three times the events and the agent copies a
+ * third; the decoder tells the two apart by their size.
  */
 struct file_created_event {
 	__u64 ts_ns;
@@ -48,5 +53,7 @@ struct file_created_event {
 	char path[KTEL_PATH_LEN];
 	char dir[KTEL_DIR_LEN];
 };
+
+#define KTEL_FILE_CREATED_ABS_SIZE 304 /* offsetof(struct file_created_event, dir) */
 
 #endif

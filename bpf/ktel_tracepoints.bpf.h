@@ -167,14 +167,15 @@ static __always_inline void ktel_tp_log(struct ktel_api_event *e, const struct k
 
 /*
  * filewatcher saw the create itself (kmod/README.md), so the event is certain;
- * its path is absolute (d_path) and longer ones are cut at KTEL_PATH_LEN.
+ * its path is absolute (d_path) and longer ones are cut at KTEL_PATH_LEN, so e is
+ * a record without dir (KTEL_FILE_CREATED_ABS_SIZE bytes).
  */
 static __always_inline void ktel_tp_file_created(struct file_created_event *e,
 						 const struct filewatcher_ctx *ctx)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 
-	__builtin_memset(e, 0, sizeof(*e));
+	__builtin_memset(e, 0, KTEL_FILE_CREATED_ABS_SIZE);
 	e->ts_ns = bpf_ktime_get_ns();
 	e->pid = ctx->pid;
 	e->tid = (__u32)id;

@@ -249,7 +249,7 @@ class Agent:
         """``events`` (packed) sealed and encoded as one batch, or as consecutive batches each
         within ``agent.batch_max_bytes``: halved while the encoding is larger.
 
-        Events encode to a fraction of their records' size (a file creation's 816-byte
+        Events encode to a fraction of their records' size (a file creation's 304-byte
         record to about 66 bytes), so a bound on the records would seal batches
         several times smaller than the limit, and a batch costs the agent more than
         its events do (bench/RESULTS.md, "Agent cost at ordinary rates"). The first

@@ -258,7 +258,7 @@ class AgentConfig(BaseModel):
     ringbuf_pages: int = Field(
         2048,
         description="BPF ring buffer size of each probe, in 4 KiB pages (a power of two); the default "
-        "8 MiB holds about a second of file creations at 10,000/s, so that the timer, not the "
+        "8 MiB holds a second or more of file creations at 10,000/s, so that the timer, not the "
         "buffer's quarter-full wake-ups, paces the reads (docs/guarantees.md)",
     )
     batch_max_events: int = Field(

@@ -2,7 +2,9 @@
 tracepoint where it is loaded (it sees the create itself), else from the open and
 creat syscall tracepoints (O_CREAT and a successful return).
 
-``LAYOUT`` reads ``struct file_created_event`` of bpf/file_created.h.
+``LAYOUT`` reads ``struct file_created_event`` of bpf/file_created.h. A record for
+an absolute path is only its first ``ABS_SIZE`` bytes (no ``dir``): records come in
+those two sizes, and the ring buffer holds three times as many of the short ones.
 
 A relative path (the syscall fallback records what the process passed) is made
 absolute from the directory the kernel side read from the dentries of the
@@ -38,13 +40,17 @@ DIR_LEN = 512
 FRAMED = struct.Struct(f"<{HEADER_SIZE}x{LAYOUT.format[1:-4]}{DIR_LEN}x")
 DIR_AT = HEADER_SIZE + LAYOUT.size - DIR_LEN  # dir's offset in a framed record
 assert FRAMED.size == stride(LAYOUT.size)
-if _native is not None and LAYOUT.size != _native.RECORD_SIZE:
+# KTEL_FILE_CREATED_ABS_SIZE: a record without dir, for an absolute path.
+ABS_SIZE = LAYOUT.size - DIR_LEN
+FRAMED_ABS = struct.Struct(f"<{HEADER_SIZE}x{LAYOUT.format[1:-4]}")
+assert FRAMED_ABS.size == stride(ABS_SIZE)
+SIZES = (ABS_SIZE, LAYOUT.size)  # the sizes of its records
+if _native is not None and (LAYOUT.size, ABS_SIZE) != (_native.RECORD_SIZE, getattr(_native, "ABS_SIZE", 0)):
     # Built from another bpf/file_created.h than LAYOUT describes: its bytes would be wrong.
     log.warning(
-        "file_created: the compiled packer expects %d-byte records, not %d; packing in Python"
-        " (reinstall ktel to rebuild it)",
-        _native.RECORD_SIZE,
-        LAYOUT.size,
+        "file_created: the compiled packer was built for other records than %s bytes; packing"
+        " in Python (reinstall ktel to rebuild it)",
+        SIZES,
     )
     _native = None  # type: ignore[assignment]
 
@@ -152,9 +158,8 @@ def decode_run(size: int, data: bytes, wall_offset_ns: int) -> list:
     One struct.iter_unpack over the run; the comm's text comes from a cache. The
     path is cut at its NUL (the kernel leaves what follows it uninitialised).
     """
-    step = FRAMED.size
-    if size != LAYOUT.size:
-        raise ValueError(f"file_created record of {size} bytes, expected {LAYOUT.size}")
+    framed = _framed(size)
+    step, has_dir = framed.size, size == LAYOUT.size
     comms = _COMMS
     if len(comms) > _COMMS_MAX:
         comms.clear()
@@ -162,14 +167,14 @@ def decode_run(size: int, data: bytes, wall_offset_ns: int) -> list:
     events: list[list] = []
     append = events.append
     for i, (ts, pid, tid, uid, dirfd, flags, certain, dir_state, dir_len, comm, path) in enumerate(
-        FRAMED.iter_unpack(data)
+        framed.iter_unpack(data)
     ):
         c = comms.get(comm)
         if c is None:
             c = comms[comm] = c_string(comm)
         if path[0] == SLASH:  # the common case, c_string inlined
             p = path.partition(b"\0")[0].decode("utf-8", "backslashreplace")
-        elif dir_state == DIR_OK:
+        elif dir_state == DIR_OK and has_dir:
             at = i * step + DIR_AT
             p = _join(data[at : at + min(dir_len, DIR_LEN)], c_string(path))
         else:
@@ -187,17 +192,24 @@ def pack_run(size: int, data: bytes, wall_offset_ns: int) -> list[bytes]:
     at any other record, which decode_run takes here, and goes on after it."""
     if _native is None:
         return [pack_event(ev) for ev in decode_run(size, data, wall_offset_ns)]
-    if size != LAYOUT.size:
-        raise ValueError(f"file_created record of {size} bytes, expected {LAYOUT.size}")
-    step, kind = FRAMED.size, FILE_CREATED.id
+    step, kind = _framed(size).size, FILE_CREATED.id
     n = len(data) // step
     out: list[bytes] = []
-    i = _native.pack(data, 0, wall_offset_ns, kind, out)
+    i = _native.pack(data, size, 0, wall_offset_ns, kind, out)
     while i < n:
         [ev] = decode_run(size, data[i * step : (i + 1) * step], wall_offset_ns)
         out.append(pack_event(ev))
-        i = _native.pack(data, i + 1, wall_offset_ns, kind, out)
+        i = _native.pack(data, size, i + 1, wall_offset_ns, kind, out)
     return out
+
+
+def _framed(size: int) -> struct.Struct:
+    """How a run of records of ``size`` bytes is read."""
+    if size == LAYOUT.size:
+        return FRAMED
+    if size == ABS_SIZE:
+        return FRAMED_ABS
+    raise ValueError(f"file_created record of {size} bytes, expected {ABS_SIZE} or {LAYOUT.size}")
 
 
 PROBE = Probe(

@@ -28,8 +28,10 @@
 #define HEADER_SIZE 8
 #define STRIDE(size) (((size) + HEADER_SIZE + 7) & ~(size_t)7)
 
-/* Everything up to dir: the packer never reads the 512-byte dir (relative paths only). */
+/* Everything up to dir: the packer never reads the 512-byte dir (relative paths only),
+ * and a record for an absolute path ends there. */
 #define FIXED_PART offsetof(struct file_created_event, dir)
+_Static_assert(FIXED_PART == KTEL_FILE_CREATED_ABS_SIZE, "a record without dir ends at dir");
 
 /* An event's largest packing: array header, 7 ints of at most 9 bytes, a bool and two
  * strings with their headers (at most 3 bytes each). */
@@ -121,17 +123,18 @@ static int utf8_as_is(const char *s, size_t n)
 	return 1;
 }
 
-PyDoc_STRVAR(pack_doc, "pack(data, start, wall_offset_ns, kind, out) -> int\n\n"
+PyDoc_STRVAR(pack_doc, "pack(data, size, start, wall_offset_ns, kind, out) -> int\n\n"
 		       "Append to the list out the packed event of each framed file_created\n"
-		       "record of data from index start on; stop at the first record this\n"
+		       "record of data (records of size bytes: RECORD_SIZE, or ABS_SIZE\n"
+		       "without dir) from index start on; stop at the first record this\n"
 		       "packer leaves to Python and return its index (the record count when\n"
 		       "none is left).");
 
 static PyObject *pack(PyObject *self, PyObject *args)
 {
-	const size_t step = STRIDE(sizeof(struct file_created_event));
+	size_t step;
 	Py_buffer buf;
-	Py_ssize_t start, i, n;
+	Py_ssize_t size, start, i, n;
 	long long offset;
 	int kind;
 	PyObject *out;
@@ -141,14 +144,18 @@ static PyObject *pack(PyObject *self, PyObject *args)
 	int64_t ts;
 
 	(void)self;
-	if (!PyArg_ParseTuple(args, "y*nLiO!", &buf, &start, &offset, &kind, &PyList_Type, &out))
+	if (!PyArg_ParseTuple(args, "y*nnLiO!", &buf, &size, &start, &offset, &kind, &PyList_Type,
+			      &out))
 		return NULL;
-	if (kind < 0 || kind > 127 || start < 0) {
+	if (kind < 0 || kind > 127 || start < 0 ||
+	    (size != sizeof(struct file_created_event) && size != KTEL_FILE_CREATED_ABS_SIZE)) {
 		PyBuffer_Release(&buf);
 		PyErr_SetString(PyExc_ValueError,
-				"kind is 0-127 (a msgpack fixint) and start is not negative");
+				"size is RECORD_SIZE or ABS_SIZE, kind is 0-127 (a msgpack fixint) "
+				"and start is not negative");
 		return NULL;
 	}
+	step = STRIDE((size_t)size);
 	n = buf.len / (Py_ssize_t)step;
 	for (i = start; i < n; i++) {
 		/* Copied out: the run's bytes carry no alignment promise for the struct. */
@@ -203,7 +210,8 @@ PyMODINIT_FUNC PyInit__file_created_pack(void)
 	PyObject *m = PyModule_Create(&module);
 
 	if (m != NULL &&
-	    PyModule_AddIntConstant(m, "RECORD_SIZE", sizeof(struct file_created_event)) < 0) {
+	    (PyModule_AddIntConstant(m, "RECORD_SIZE", sizeof(struct file_created_event)) < 0 ||
+	     PyModule_AddIntConstant(m, "ABS_SIZE", KTEL_FILE_CREATED_ABS_SIZE) < 0)) {
 		Py_DECREF(m);
 		return NULL;
 	}

@@ -10,6 +10,7 @@ import ctypes
 import mmap
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import threading
@@ -22,7 +23,6 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from edge_agent.spool import HEADER, MAGIC
-from ktel.probes import file_created
 from ktel.probes.decode import stride
 from ktel.wire import HEARTBEATS_TOPIC, RAW_TOPIC, WireError, decode_batch, decode_heartbeat, event_dict
 from processors.dedupe_core import Dedupe
@@ -115,19 +115,22 @@ def fill(directory) -> None:
 
 
 BPF_MAP_TYPE_RINGBUF = 27
+RINGBUF_BUSY_BIT, RINGBUF_DISCARD_BIT = 1 << 31, 1 << 30  # a record header's (include/uapi/linux/bpf.h)
 SYS_PIDFD_GETFD = 438  # on x86-64 and arm64 alike (the syscall table every newer arch shares)
 
 
-def ring_buffer_written(pid: int) -> int:
-    """Bytes the kernel has written so far into process ``pid``'s one BPF ring buffer
-    (its producer position), read through a copy of the process's map fd."""
-    fds = {}  # map id -> one of the process's fds of it (BCC may hold several)
+def ring_buffer_records(pid: int) -> int:
+    """Records the kernel has written so far into process ``pid``'s one BPF ring buffer,
+    read through a copy of the process's map fd: the records from its start up to its
+    producer position, which must not have wrapped around yet. (file_created's records
+    come in two sizes, so the position alone does not say how many.)"""
+    fds = {}  # map id -> (one of the process's fds of it (BCC may hold several), its size)
     for info in Path(f"/proc/{pid}/fdinfo").iterdir():
         with contextlib.suppress(OSError):
             fields = dict(line.split(":\t", 1) for line in info.read_text().splitlines() if ":\t" in line)
             if fields.get("map_type") == str(BPF_MAP_TYPE_RINGBUF):
-                fds[fields["map_id"]] = int(info.name)
-    [fd] = fds.values()
+                fds[fields["map_id"]] = (int(info.name), int(fields["max_entries"]))
+    [(fd, size)] = fds.values()
     pidfd = os.pidfd_open(pid)
     try:
         mine = ctypes.CDLL(None, use_errno=True).syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
@@ -135,9 +138,17 @@ def ring_buffer_written(pid: int) -> int:
     finally:
         os.close(pidfd)
     try:
-        # The page after the consumer's holds producer_pos (edge_agent/ringbuf.py).
+        # The page after the consumer's holds producer_pos, the data follows (edge_agent/ringbuf.py).
         with mmap.mmap(mine, mmap.PAGESIZE, mmap.MAP_SHARED, mmap.PROT_READ, offset=mmap.PAGESIZE) as page:
-            return int.from_bytes(page[:8], sys.byteorder)
+            written = int.from_bytes(page[:8], sys.byteorder)
+        assert written < size, "the ring buffer wrapped around: its records before the last lap are gone"
+        with mmap.mmap(mine, size, mmap.MAP_SHARED, mmap.PROT_READ, offset=2 * mmap.PAGESIZE) as data:
+            n = at = 0
+            while at < written:
+                (length,) = struct.unpack_from("<I", data, at)
+                n += not length & RINGBUF_DISCARD_BIT
+                at += stride(length & ~(RINGBUF_BUSY_BIT | RINGBUF_DISCARD_BIT))
+            return n
     finally:
         os.close(mine)
 
@@ -171,9 +182,9 @@ def test_a_full_disk_drops_and_counts_then_the_backlog_drains(private_kafka, sma
     # The test's events must meet the full disk, not wait in the ring buffer until space
     # returns. The agent reads its ring buffer and seals batches in order, so once it has
     # sealed (spooled or dropped) as many events as the kernel had written by now, the
-    # test's are among them. (The buffer's positions start at 0 and each of its records
-    # is one file_created event of one size: the only probe loaded.)
-    written = ring_buffer_written(agent.proc.pid) // stride(file_created.LAYOUT.size)
+    # test's are among them. (Each of the buffer's records is one file_created event:
+    # the only probe loaded.)
+    written = ring_buffer_records(agent.proc.pid)
 
     def sealed() -> float:
         dropped = agent.metric("ktel_agent_disk_dropped_events_total")

@@ -80,6 +80,23 @@ def test_23_files_give_exactly_23_events_with_paths_and_pids(probe, tmp_path):
     assert probe.counters() == {"ringbuf_drops": 0, "sampled_out": 0, "inflight_lost": 0}
 
 
+def test_absolute_paths_travel_without_dir_and_relative_ones_with_it(probe, tmp_path):
+    """bpf/file_created.h: a record for an absolute path ends where dir begins."""
+    code = f"open({str(tmp_path / 'absolute')!r}, 'w').close(); open('relative', 'w').close()"
+    subprocess.run(["python3", "-c", code], cwd=tmp_path, check=True)
+    want = {str(tmp_path / "absolute"), str(tmp_path / "relative")}
+    sizes: dict[str, int] = {}
+    deadline = time.monotonic() + 10
+    while not want <= sizes.keys() and time.monotonic() < deadline:
+        for size, data in probe.take():
+            sizes.update((ev[6], size) for ev in file_created.decode_run(size, data, 0))
+        time.sleep(0.05)
+    assert {p: sizes.get(p) for p in want} == {
+        str(tmp_path / "absolute"): file_created.ABS_SIZE,
+        str(tmp_path / "relative"): file_created.LAYOUT.size,
+    }
+
+
 def test_o_excl_creations_are_certain_and_failed_opens_are_not_events(probe, tmp_path):
     path = tmp_path / "excl"
     code = (

@@ -24,6 +24,7 @@ def test_the_compiled_packer_is_built_for_this_record_layout():
     if file_created._native is None:
         pytest.skip("ktel.probes._file_created_pack is not built: pip install -e . (or make) builds it")
     assert file_created.LAYOUT.size == file_created._native.RECORD_SIZE
+    assert file_created.ABS_SIZE == file_created._native.ABS_SIZE
 
 
 def c_field(length: int) -> st.SearchStrategy[bytes]:
@@ -67,19 +68,42 @@ records = st.builds(
     st.lists(records, min_size=1, max_size=12),
     # Wall offsets that keep every timestamp a 64-bit msgpack integer, negative ones included.
     st.integers(-(2**62), 2**62) | st.sampled_from([0, -(2**31), -100, 1_764_000_000 * 10**9]),
+    # Records without dir (for an absolute path, but a caller can rewrite its path between
+    # the kernel's two reads, so any path), or whole ones.
+    st.sampled_from(file_created.SIZES),
 )
-def test_packing_a_run_gives_the_bytes_of_its_decoded_events_packed(recs, offset):
-    size = file_created.LAYOUT.size
-    data = b"".join(frame(r)[1] for r in recs)
+def test_packing_a_run_gives_the_bytes_of_its_decoded_events_packed(recs, offset, size):
+    data = b"".join(frame(r[:size])[1] for r in recs)
     events = file_created.decode_run(size, data, offset)
     packed = file_created.pack_run(size, data, offset)
     assert packed == [pack_event(ev) for ev in events]
     assert [msgpack.unpackb(p) for p in packed] == events
 
 
-def test_a_record_of_another_size_is_refused():
-    with pytest.raises(ValueError, match="expected 816"):
-        file_created.pack_run(8, frame(b"12345678")[1], 0)
+@pytest.mark.parametrize("run", [file_created.pack_run, file_created.decode_run])
+def test_a_record_of_another_size_is_refused(run):
+    with pytest.raises(ValueError, match="expected 304 or 816"):
+        run(8, frame(b"12345678")[1], 0)
+
+
+def test_the_compiled_packer_refuses_a_size_it_was_not_built_for():
+    if file_created._native is None:
+        pytest.skip("ktel.probes._file_created_pack is not built: pip install -e . (or make) builds it")
+    with pytest.raises(ValueError, match="size is RECORD_SIZE or ABS_SIZE"):
+        file_created._native.pack(bytes(824), 808, 0, 0, 1, [])
+
+
+def test_a_record_without_dir_never_reads_one(monkeypatch):
+    """A short record that says KTEL_DIR_OK (the kernel never writes one) is resolved
+    from /proc, not from bytes past its end (the next record's)."""
+    monkeypatch.setattr(file_created, "_resolve", lambda path, pid, dirfd: f"resolved:{path}")
+    rec = file_created.LAYOUT.pack(5, 1, 1, 0, -100, 0o100, 0, file_created.DIR_OK, 2, b"sh", b"rel", b"a\0")
+    nxt = file_created.LAYOUT.pack(6, 1, 1, 0, -100, 0o100, 0, 0, 0, b"sh", b"/abs", b"")
+    size = file_created.ABS_SIZE
+    data = frame(rec[:size])[1] + frame(nxt[:size])[1]
+    [one, two] = file_created.decode_run(size, data, 0)
+    assert (one[6], two[6]) == ("resolved:rel", "/abs")
+    assert file_created.pack_run(size, data, 0) == [pack_event(one), pack_event(two)]
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -17,6 +17,7 @@ from ktel.probes import (
     Layout,
     block_latency,
     dns_latency,
+    file_created,
     ktel_api,
     module_load,
     oom_kill,
@@ -98,6 +99,13 @@ def test_file_created_offsets_are_the_documented_ones():
 def test_oom_kill_names_after_the_counters(tmp_path):
     _size, *got = c_layout(tmp_path, "oom_kill.h", "oom_kill_event", ["has_detail", "comm", "trigger_comm"])
     assert got == [62, 64, 80]
+
+
+def test_file_created_records_without_dir_end_where_dir_begins():
+    [layout] = PROBES["file_created"].layouts
+    assert layout.offsets()["dir"] == file_created.ABS_SIZE == 304
+    text = (probes.BPF_DIR / "file_created.h").read_text()
+    assert f"#define KTEL_FILE_CREATED_ABS_SIZE {file_created.ABS_SIZE}" in text
 
 
 def test_process_exit_records_are_the_head_of_an_exec_record():

@@ -111,7 +111,8 @@ int ktel_log(struct ktel_log_ctx *ctx)
 SEC("tracepoint/filewatcher/file_created")
 int file_created(struct filewatcher_ctx *ctx)
 {
-	struct file_created_event *e = reserve(sizeof(*e));
+	/* As bpf/file_created.bpf.c: filewatcher's paths are absolute, records without dir. */
+	struct file_created_event *e = reserve(KTEL_FILE_CREATED_ABS_SIZE);
 
 	if (!e)
 		return 0;
