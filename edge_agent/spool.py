@@ -35,6 +35,12 @@ loses only events still in the BPF ring buffer or decoded but not yet sealed,
 at most ``agent.batch_max_ms`` of events. A power loss can also lose what was
 written since the last fsync.
 
+Reading back: the records appended by this process and not yet acknowledged are
+also kept in memory (up to ``recent_max_bytes``), so the publisher sends a batch it
+has just sealed without reading it back and checking its CRC again; the disk is read
+for what a restart found there, and for a backlog larger than that bound. Either way
+the same bytes are sent: those the spool wrote.
+
 Damage: a record whose magic, length or CRC is wrong is skipped by scanning
 forward for the next valid record; the skipped bytes are logged and counted
 (``corrupt_bytes``). A torn tail (a crash mid-write) is the same case at the
@@ -56,6 +62,7 @@ way the events lost are counted (``dropped_events``).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
@@ -79,6 +86,9 @@ ACK_WRITE_S = 0.5
 # The ack file's size: "<segment> <offset>" padded with spaces, then a newline. Two
 # 20-digit numbers fit, so a shorter cursor overwrites every byte of a longer one.
 ACK_BYTES = 48
+# How much of the unacknowledged tail is also held in memory (Spool.read): more than
+# the publisher has in flight (agent.MAX_IN_FLIGHT batches), seconds of a busy node.
+RECENT_MAX_BYTES = 8 << 20
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
 
 FullPolicy = Literal["drop_newest", "drop_oldest"]
@@ -113,6 +123,7 @@ class Spool:
         full_policy: FullPolicy = "drop_oldest",
         fsync: FsyncPolicy = "interval",
         fsync_interval: float = 1.0,
+        recent_max_bytes: int = RECENT_MAX_BYTES,
     ):
         self.dir = directory
         private_dir(directory)
@@ -148,6 +159,11 @@ class Spool:
         self._sizes = {s: self._path(s).stat().st_size for s in segs}
         self._sizes[self._wseg] = 0
         self._rfile: tuple[int, object] | None = None
+        # Records appended since start, in order, not yet acknowledged: a contiguous run
+        # that ends at the spool's end (emptied rather than left with a gap).
+        self._recent: collections.deque[Record] = collections.deque()
+        self._recent_bytes = 0
+        self.recent_max_bytes = recent_max_bytes
 
     # ----------------------------------------------------------------- paths
 
@@ -202,7 +218,7 @@ class Spool:
         now = time.monotonic()
         try:
             # One write to the page cache: from here a SIGKILL cannot lose it.
-            written = self._wfile.write(header + payload)
+            written = os.writev(self._wfile.fileno(), (header, payload))
             if written != size:
                 raise OSError(f"short write to {self._path(self._wseg)}: {written} of {size} bytes")
             if self.fsync == "always" or (
@@ -215,9 +231,45 @@ class Spool:
             # with whole records, and the space is free for the next try.
             os.ftruncate(self._wfile.fileno(), self._wsize)
             raise
+        start = Cursor(self._wseg, self._wsize)
         self._wsize += size
         self._sizes[self._wseg] = self._wsize
+        self._remember(Record(start, Cursor(self._wseg, self._wsize), n_events, payload))
         return True
+
+    def _remember(self, rec: Record) -> None:
+        if self._recent_bytes + len(rec.payload) > self.recent_max_bytes:
+            # The publisher is behind (a broker away): it reads the backlog from disk,
+            # and this record starts a new run in memory once it has caught up.
+            self._recent.clear()
+            self._recent_bytes = 0
+            if len(rec.payload) > self.recent_max_bytes:
+                return
+        self._recent.append(rec)
+        self._recent_bytes += len(rec.payload)
+
+    def _forget_before(self, cursor: Cursor) -> None:
+        """Drop the records in memory that start before ``cursor`` (acknowledged or dropped)."""
+        while self._recent and self._recent[0].start < cursor:
+            self._recent_bytes -= len(self._recent.popleft().payload)
+
+    def _from_memory(self, cursor: Cursor, limit: int) -> list[Record] | None:
+        """The records at ``cursor`` if memory holds them from there: the one that
+        starts at it, or the one after the record that ends at it (the end of a
+        segment is the start of the next one's first record)."""
+        if not self._recent or cursor < self._recent[0].start:
+            return None  # a backlog from before (a restart, a broker away): on disk
+        for i, rec in enumerate(self._recent):
+            if rec.start == cursor:
+                break
+            if rec.next == cursor:
+                i += 1
+                break
+        else:
+            return None
+        if i == len(self._recent):
+            return []  # caught up
+        return [self._recent[j] for j in range(i, min(i + limit, len(self._recent)))]
 
     def _rotate(self) -> None:
         if self.fsync != "never":
@@ -250,6 +302,7 @@ class Spool:
         )
         self._delete_through(oldest)
         self._ack = Cursor(oldest + 1, 0)
+        self._forget_before(self._ack)
         self._write_ack()
         return True
 
@@ -323,10 +376,13 @@ class Spool:
 
     def read(self, cursor: Cursor, limit: int = 64) -> list[Record]:
         """Up to ``limit`` records at or after ``cursor``, in order ([] if caught up)."""
+        if cursor.segment < self._ack.segment:  # the segment was dropped while we were reading it
+            cursor = self._ack
+        recent = self._from_memory(cursor, limit)
+        if recent is not None:
+            return recent
         out: list[Record] = []
         seg, off = cursor.segment, cursor.offset
-        if seg < self._ack.segment:  # the segment was dropped while we were reading it
-            seg, off = self._ack.segment, self._ack.offset
         while len(out) < limit:
             if seg == self._wseg and off >= self._wsize:
                 break
@@ -346,6 +402,7 @@ class Spool:
         """Everything before ``upto`` is acknowledged."""
         if upto <= self._ack:
             return
+        self._forget_before(upto)
         crossed = upto.segment > self._ack.segment
         if crossed:
             self._delete_through(upto.segment - 1)

@@ -2,6 +2,8 @@ import os
 import stat
 
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from edge_agent.spool import HEADER, Spool
 
@@ -159,4 +161,65 @@ def test_a_refused_write_leaves_no_partial_record_and_the_spool_goes_on(tmp_path
     monkeypatch.setattr(os, "fsync", real_fsync)
     assert sp.append(b"second", 2)
     assert [(r.payload, r.n_events) for r in sp.read(sp.ack_cursor)] == [(b"first", 1), (b"second", 2)]
+    sp.close()
+    again = Spool(tmp_path / "spool")  # and on disk, as a restart reads it
+    assert [(r.payload, r.n_events) for r in again.read(again.ack_cursor)] == [(b"first", 1), (b"second", 2)]
+    assert sp.corrupt_bytes == again.corrupt_bytes == 0
+
+
+def test_records_appended_by_this_process_are_read_back_from_memory(tmp_path):
+    sp = Spool(tmp_path, segment_bytes=1000)
+    for i in range(20):  # three segments
+        sp.append(payload(i), 1)
+    for seg in tmp_path.glob("*.seg"):  # what is on disk is not read again by this process
+        seg.write_bytes(b"\0" * seg.stat().st_size)
+    assert read_all(sp) == [payload(i) for i in range(20)]
     assert sp.corrupt_bytes == 0
+    sp.close()
+    assert read_all(Spool(tmp_path, segment_bytes=1000)) == []  # (the zeros are all a restart finds)
+
+
+APPEND = st.tuples(st.just("append"), st.integers(1, 400))
+OPS = st.lists(  # appends three times as often as the rest: the spool fills, and drops
+    st.one_of(APPEND, APPEND, APPEND, st.tuples(st.just("read"), st.integers(1, 5)), st.just(("ack", 0))),
+    min_size=10,
+    max_size=60,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@example(ops=[("append", 300)] * 20, recent=5000, policy="drop_oldest")  # drops what memory holds
+@given(
+    ops=OPS,
+    recent=st.sampled_from([1, 300, 1000, 5000]),
+    policy=st.sampled_from(["drop_newest", "drop_oldest"]),
+)
+def test_what_memory_serves_is_what_the_disk_holds(tmp_path_factory, ops, recent, policy):
+    """Any appends, reads and acknowledgements give the same records, cursors and drops
+    with the tail in memory (bounds small enough to overflow) as from disk alone."""
+    runs = []
+    for memory in (recent, 0):
+        sp = Spool(
+            tmp_path_factory.mktemp("spool"),
+            max_bytes=2000,
+            segment_bytes=700,
+            full_policy=policy,
+            recent_max_bytes=memory,
+        )
+        seen, cur = [], sp.ack_cursor
+        for i, (op, arg) in enumerate(ops):
+            if op == "append":
+                seen.append(sp.append(payload(i, arg), arg % 7))
+            elif op == "read":
+                recs = sp.read(cur, limit=arg)
+                seen += [(r.start, r.next, r.n_events, r.payload) for r in recs]
+                cur = recs[-1].next if recs else cur
+            else:
+                sp.ack(cur)
+            # Memory holds no more than its bound, and nothing acknowledged or dropped.
+            assert sp._recent_bytes <= memory
+            assert all(r.start >= sp.ack_cursor for r in sp._recent)
+        seen.append((sp.dropped_events, sp.dropped_batches, sp.corrupt_bytes, sp.ack_cursor))
+        sp.close()
+        runs.append(seen)
+    assert runs[0] == runs[1]
