@@ -4,7 +4,7 @@ creat syscall tracepoints (O_CREAT and a successful return).
 
 ``LAYOUT`` reads ``struct file_created_event`` of bpf/file_created.h. A record for
 an absolute path is only its first ``ABS_SIZE`` bytes (no ``dir``): records come in
-those two sizes, and the ring buffer holds three times as many of the short ones.
+those two sizes, and the ring buffer holds 2.6 times as many of the short ones.
 
 A relative path (the syscall fallback records what the process passed) is made
 absolute from the directory the kernel side read from the dentries of the

@@ -148,7 +148,8 @@ static PyObject *pack(PyObject *self, PyObject *args)
 			      &out))
 		return NULL;
 	if (kind < 0 || kind > 127 || start < 0 ||
-	    (size != sizeof(struct file_created_event) && size != KTEL_FILE_CREATED_ABS_SIZE)) {
+	    (size != (Py_ssize_t)sizeof(struct file_created_event) &&
+	     size != (Py_ssize_t)KTEL_FILE_CREATED_ABS_SIZE)) {
 		PyBuffer_Release(&buf);
 		PyErr_SetString(PyExc_ValueError,
 				"size is RECORD_SIZE or ABS_SIZE, kind is 0-127 (a msgpack fixint) "

@@ -82,6 +82,9 @@ def test_23_files_give_exactly_23_events_with_paths_and_pids(probe, tmp_path):
 
 def test_absolute_paths_travel_without_dir_and_relative_ones_with_it(probe, tmp_path):
     """bpf/file_created.h: a record for an absolute path ends where dir begins."""
+    if probes._has_tracepoint("filewatcher/file_created"):
+        # The module reports every path absolute (d_path), so both records are short.
+        pytest.skip("the filewatcher module is loaded: this is the syscall fallback's test")
     code = f"open({str(tmp_path / 'absolute')!r}, 'w').close(); open('relative', 'w').close()"
     subprocess.run(["python3", "-c", code], cwd=tmp_path, check=True)
     want = {str(tmp_path / "absolute"), str(tmp_path / "relative")}

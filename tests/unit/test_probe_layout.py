@@ -101,11 +101,21 @@ def test_oom_kill_names_after_the_counters(tmp_path):
     assert got == [62, 64, 80]
 
 
-def test_file_created_records_without_dir_end_where_dir_begins():
+def test_file_created_records_without_dir_end_where_dir_begins(tmp_path):
+    """The size the kernel side reserves for a record without dir, compiled from the
+    header the BPF program, the kmod filewatcher's reader and the packer use."""
     [layout] = PROBES["file_created"].layouts
     assert layout.offsets()["dir"] == file_created.ABS_SIZE == 304
-    text = (probes.BPF_DIR / "file_created.h").read_text()
-    assert f"#define KTEL_FILE_CREATED_ABS_SIZE {file_created.ABS_SIZE}" in text
+    if not shutil.which("gcc"):
+        pytest.skip("gcc is not installed")
+    src = tmp_path / "abs_size.c"
+    src.write_text(
+        '#include <stdio.h>\n#include <linux/types.h>\n#include "file_created.h"\n'
+        'int main(void) { printf("%zu\\n", (size_t)KTEL_FILE_CREATED_ABS_SIZE); return 0; }\n'
+    )
+    subprocess.run(["gcc", f"-I{probes.BPF_DIR}", "-o", tmp_path / "abs_size", src], check=True)
+    out = subprocess.run([tmp_path / "abs_size"], capture_output=True, text=True, check=True).stdout
+    assert int(out) == file_created.ABS_SIZE
 
 
 def test_process_exit_records_are_the_head_of_an_exec_record():
