@@ -36,6 +36,7 @@ from pathlib import Path
 
 from edge_agent import node_stats
 from edge_agent import ringbuf as rb
+from edge_agent.ticks import until_tick
 from ktel.config import AgentConfig
 from ktel.paths import DATA_DIR, TRACEFS
 from ktel.probes import HIST_SLOTS, HISTOGRAM_DELTA, PROBES, Probe
@@ -63,11 +64,11 @@ EVICT_IDLE_SNAPSHOTS = 30
 # The shared libraries of BCC's in-process compiler: resident after the probes
 # are compiled, not needed afterwards (ktel.runtime.release_memory).
 COMPILER_LIBRARIES = ("libLLVM", "libclang")
-# The drain thread reads each ring buffer every read interval (agent.read_interval_ms;
-# its default when not given), and at once when the kernel wakes it: the probes ask for a
-# wake-up only once their buffer holds WAKEUP_SHARE of its size (KTEL_WAKEUP_BYTES,
-# bpf/ktel_common.bpf.h), so a pass takes many records and a burst is still read
-# long before the buffer is full.
+# The drain thread reads each ring buffer on the ticks of the read interval
+# (agent.read_interval_ms, its default when not given; edge_agent/ticks.py), and at
+# once when the kernel wakes it: the probes ask for a wake-up only once their buffer
+# holds WAKEUP_SHARE of its size (KTEL_WAKEUP_BYTES, bpf/ktel_common.bpf.h), so a
+# pass takes many records and a burst is still read long before the buffer is full.
 READ_INTERVAL_S = AgentConfig.model_fields["read_interval_ms"].default / 1000
 WAKEUP_SHARE = 0.25
 # While the agent has not taken its queue (QUEUE_MAX_BYTES), the drain thread looks
@@ -273,7 +274,8 @@ class LoadedProbe:
                 self.bpf.ring_buffer_poll(int(self._interval * 1000))
                 self.bpf.ring_buffer_consume()
             else:
-                reader.wait(self._interval)
+                # On the interval's ticks, as every probe and the seals (edge_agent/ticks.py).
+                reader.wait(until_tick(self._interval, time.monotonic()))
                 self._read(room)
             if self._queued != queued and self.on_queued is not None:
                 self.on_queued()

@@ -32,7 +32,7 @@ spooled; ``interval`` (default) fsyncs at most every ``fsync_interval``
 seconds; ``never`` leaves it to the kernel. A SIGKILL of the agent loses no
 spooled record under any policy (the page cache outlives the process): it
 loses only events still in the BPF ring buffer or decoded but not yet sealed,
-at most ``agent.batch_max_ms`` of events. A power loss can also lose what was
+at most a read interval of events (edge_agent/ticks.py). A power loss can also lose what was
 written since the last fsync.
 
 Reading back: the records appended by this process and not yet acknowledged are

@@ -274,15 +274,18 @@ class AgentConfig(BaseModel):
         "1 MiB); a larger one is sealed as two, halved until each fits",
     )
     batch_max_ms: int = Field(
-        250,
+        500,
         ge=1,
-        description="seal a non-empty batch this many ms after the last one; reads that a "
-        "busy ring buffer wakes between them add to it rather than each sealing a batch",
+        description="seal what was read on the ticks of this interval (multiples of it on the "
+        "monotonic clock); reads that a busy ring buffer wakes between them add to the next "
+        "batch rather than each sealing one. Equal to read_interval_ms (the default), each "
+        "timed read is sealed at once (docs/guarantees.md)",
     )
     read_interval_ms: int = Field(
-        250,
-        description="read the probes' ring buffers this often (a buffer a quarter full is read at "
-        "once); adds at most this much to an event's delivery",
+        500,
+        description="read the probes' ring buffers on the ticks of this interval, all probes at "
+        "once (a buffer a quarter full is read at once); adds at most this much to an event's "
+        "delivery",
     )
     compression: Literal["zstd", "lz4", "gzip", "none"] = Field(
         "zstd",

@@ -1,0 +1,52 @@
+"""The agent's one clock: timed ring-buffer reads and batch seals on shared ticks.
+
+Every probe's drain thread reads its ring buffer on the ticks of
+``agent.read_interval_ms`` (multiples of it on the monotonic clock, the same
+instants in every thread), and the collect loop seals on the ticks of
+``agent.batch_max_ms``, a moment (``SEAL_GRACE_S``) after each, once the reads of
+that tick are in. With the two settings equal (the default) each timed read is
+sealed at once, in one batch with the other probes' reads of the same tick: a
+batch and a read per interval, and an event waits at most one interval and the
+grace on the node. Reads started on their own schedules (each probe's timer from
+its own last read) gave a batch per probe per interval, and sealing a batch
+``batch_max_ms`` after the last one let a read just short of that age wait a
+whole further interval.
+"""
+
+from __future__ import annotations
+
+# How long after a tick the collect loop seals: the drain threads' reads of that tick
+# (each a wake-up of its thread and a pass over its ring buffer) are queued by then.
+SEAL_GRACE_S = 0.01
+
+
+def until_tick(period_s: float, now: float) -> float:
+    """Seconds from ``now`` (time.monotonic()) to the next multiple of ``period_s``."""
+    return period_s - now % period_s
+
+
+class SealClock:
+    """When the collect loop seals what it holds: once per tick of ``period_s``, from
+    ``grace`` after the tick (``SEAL_GRACE_S``, at most a quarter of the period)."""
+
+    def __init__(self, period_s: float):
+        self.period = period_s
+        self.grace = min(SEAL_GRACE_S, period_s / 4)
+        self._sealed = -1.0  # the tick last sealed on (its index)
+
+    def due(self, now: float) -> bool:
+        """True if a seal is due at ``now``: none yet in this tick, and its grace over."""
+        k = now // self.period
+        return k > self._sealed and now - k * self.period >= self.grace
+
+    def sealed(self, now: float) -> None:
+        """A seal was made at ``now``: the next is due on the next tick."""
+        self._sealed = now // self.period
+
+    def wait(self, now: float) -> float:
+        """Seconds from ``now`` until a seal is due (0 if it is)."""
+        if self.due(now):
+            return 0.0
+        k = now // self.period
+        tick = k if k > self._sealed else k + 1
+        return max(tick * self.period + self.grace - now, 1e-6)  # (rounding at the grace's edge)
