@@ -10,7 +10,8 @@ batch and a read per interval, and an event waits at most one interval and the
 grace on the node. Reads started on their own schedules (each probe's timer from
 its own last read) gave a batch per probe per interval, and sealing a batch
 ``batch_max_ms`` after the last one let a read just short of that age wait a
-whole further interval.
+whole further interval. The monotonic clock counts from each host's boot, so the
+agents of a fleet do not all send on the same instant.
 """
 
 from __future__ import annotations
