@@ -25,6 +25,7 @@ import collections
 import contextlib
 import ctypes
 import logging
+import math
 import mmap
 import os
 import re
@@ -271,7 +272,7 @@ class LoadedProbe:
             if room <= 0:
                 self._stop.wait(BEHIND_PAUSE_S)  # the agent is behind: see QUEUE_MAX_BYTES
             elif reader is None:  # BCC's callback reader (not x86-64): it reads only when woken
-                self.bpf.ring_buffer_poll(int(self._interval * 1000))
+                self.bpf.ring_buffer_poll(math.ceil(until_tick(self._interval, time.monotonic()) * 1000))
                 self.bpf.ring_buffer_consume()
             else:
                 # On the interval's ticks, as every probe and the seals (edge_agent/ticks.py).

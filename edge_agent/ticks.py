@@ -5,7 +5,7 @@ Every probe's drain thread reads its ring buffer on the ticks of
 instants in every thread), and the collect loop seals on the ticks of
 ``agent.batch_max_ms``, a moment (``SEAL_GRACE_S``) after each, once the reads of
 that tick are in. With the two settings equal (the default) each timed read is
-sealed at once, in one batch with the other probes' reads of the same tick: a
+sealed 10 ms after it, in one batch with the other probes' reads of that tick: a
 batch and a read per interval, and an event waits at most one interval and the
 grace on the node. Reads started on their own schedules (each probe's timer from
 its own last read) gave a batch per probe per interval, and sealing a batch
