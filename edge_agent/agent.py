@@ -398,7 +398,9 @@ class Agent:
                 await asyncio.sleep(0)
                 continue
             woken = asyncio.ensure_future(queued.wait())
-            timeout = clock.wait(now) if pending else IDLE_PASS_S
+            # At most IDLE_PASS_S also with events pending: commands expire and histogram
+            # probes snapshot on time whatever batch_max_ms is.
+            timeout = min(clock.wait(now), IDLE_PASS_S) if pending else IDLE_PASS_S
             await asyncio.wait({woken, stopped}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             woken.cancel()
 

@@ -7,11 +7,14 @@ instants in every thread), and the collect loop seals on the ticks of
 that tick are in. With the two settings equal (the default) each timed read is
 sealed 10 ms after it, in one batch with the other probes' reads of that tick: a
 batch and a read per interval, and an event waits at most one interval and the
-grace on the node. Reads started on their own schedules (each probe's timer from
-its own last read) gave a batch per probe per interval, and sealing a batch
-``batch_max_ms`` after the last one let a read just short of that age wait a
-whole further interval. The monotonic clock counts from each host's boot, so the
-agents of a fleet do not all send on the same instant.
+grace on the node. A read later than the grace (a node too busy to run the
+agent's thread in time) goes out one tick later.
+
+Before, each probe's timer ran from its own last read, which gave a batch per
+probe per interval, and a batch was sealed ``batch_max_ms`` after the last one,
+which let a read just short of that age wait a whole further interval. The
+monotonic clock counts from each host's boot, so the agents of a fleet do not all
+send on the same instant.
 """
 
 from __future__ import annotations

@@ -259,7 +259,7 @@ class AgentConfig(BaseModel):
         2048,
         description="BPF ring buffer size of each probe, in 4 KiB pages (a power of two); the default "
         "8 MiB holds a second or more of file creations at 10,000/s, so that the timer, not the "
-        "buffer's quarter-full wake-ups, paces the reads (docs/guarantees.md)",
+        "buffer's quarter-full wake-ups, paces the reads of absolute paths (docs/guarantees.md)",
     )
     batch_max_events: int = Field(
         5000,
@@ -279,13 +279,13 @@ class AgentConfig(BaseModel):
         description="seal what was read on the ticks of this interval (multiples of it on the "
         "monotonic clock); reads that a busy ring buffer wakes between them add to the next "
         "batch rather than each sealing one. Equal to read_interval_ms (the default), each "
-        "timed read is sealed at once (docs/guarantees.md)",
+        "timed read is sealed 10 ms after it (docs/guarantees.md)",
     )
     read_interval_ms: int = Field(
         500,
         description="read the probes' ring buffers on the ticks of this interval, all probes at "
-        "once (a buffer a quarter full is read at once); adds at most this much to an event's "
-        "delivery",
+        "once (a buffer a quarter full is read at once); with batch_max_ms equal to it, adds at "
+        "most this much and 10 ms to an event's delivery",
     )
     compression: Literal["zstd", "lz4", "gzip", "none"] = Field(
         "zstd",
@@ -358,7 +358,7 @@ class AgentConfig(BaseModel):
     def _read_interval(cls, v: int) -> int:
         if not 1 <= v <= 1000:
             raise ValueError(
-                f"{v} ms is out of range: from 1 to 1000 (default 250; longer saves wake-ups, "
+                f"{v} ms is out of range: from 1 to 1000 (default 500; longer saves wake-ups, "
                 "shorter delivers sooner)"
             )
         return v
