@@ -275,7 +275,6 @@ class AgentConfig(BaseModel):
     )
     batch_max_ms: int = Field(
         500,
-        ge=1,
         description="seal what was read on the ticks of this interval (multiples of it on the "
         "monotonic clock); reads that a busy ring buffer wakes between them add to the next "
         "batch rather than each sealing one. Equal to read_interval_ms (the default), each "
@@ -360,6 +359,17 @@ class AgentConfig(BaseModel):
             raise ValueError(
                 f"{v} ms is out of range: from 1 to 1000 (default 500; longer saves wake-ups, "
                 "shorter delivers sooner)"
+            )
+        return v
+
+    @field_validator("batch_max_ms")
+    @classmethod
+    def _batch_max(cls, v: int) -> int:
+        # What a SIGKILL can lose grows with it (docs/guarantees.md): a minute at most.
+        if not 1 <= v <= 60_000:
+            raise ValueError(
+                f"{v} ms is out of range: from 1 to 60000 (default 500, the read interval; "
+                "longer saves batches, shorter delivers sooner)"
             )
         return v
 

@@ -33,6 +33,12 @@ def test_env_overrides_file(tmp_path, monkeypatch):
             "agent.read_interval_ms = 0: Value error, 0 ms is out of range: from 1 to 1000",
         ),
         ("[agent]\nread_interval_ms = 5000\n", "(set it in the file or with KTEL_AGENT__READ_INTERVAL_MS)"),
+        (
+            "[agent]\nbatch_max_ms = 100000000000\n",
+            "agent.batch_max_ms = 100000000000: Value error, 100000000000 ms is out of range",
+        ),
+        ("[agent]\nbatch_max_ms = 'abc'\n", "KTEL_AGENT__BATCH_MAX_MS"),
+        ("[agent]\nbatch_max_ms = 0\n", "from 1 to 60000"),
         ("[kafka]\nbootstrap = 'nohost'\n", "kafka.bootstrap = 'nohost'"),
         ("[aggregate]\nwindow_seconds = 0\n", "KTEL_AGGREGATE__WINDOW_SECONDS"),
         (
