@@ -30,18 +30,26 @@ from ktel.probes.decode import block_device_name, taint_letters
 from ktel.wire import KINDS, event_dict
 
 
-def c_layout(tmp_path, header: str, struct: str, fields: list[str]) -> list[int]:
+def c_numbers(tmp_path, header: str, exprs: list[str]) -> list[int]:
+    """The values of C size expressions, compiled with ``header`` (from bpf/) by gcc."""
     if not shutil.which("gcc"):
         pytest.skip("gcc is not installed")
     src = tmp_path / "layout.c"
-    prints = "".join(f'printf("%zu\\n", offsetof(struct {struct}, {f}));' for f in fields)
+    prints = "".join(f'printf("%zu\\n", (size_t)({e}));' for e in exprs)
     src.write_text(
         f'#include <stddef.h>\n#include <stdio.h>\n#include "{header}"\n'
-        f'int main(void) {{ printf("%zu\\n", sizeof(struct {struct})); {prints} return 0; }}\n'
+        f"int main(void) {{ {prints} return 0; }}\n"
     )
     exe = tmp_path / "layout"
     subprocess.run(["gcc", f"-I{probes.BPF_DIR}", "-o", exe, src], check=True)
     return [int(x) for x in subprocess.run([exe], capture_output=True, text=True, check=True).stdout.split()]
+
+
+def c_layout(tmp_path, header: str, struct: str, fields: list[str]) -> list[int]:
+    """sizeof the struct, then the offset of each field."""
+    return c_numbers(
+        tmp_path, header, [f"sizeof(struct {struct})", *(f"offsetof(struct {struct}, {f})" for f in fields)]
+    )
 
 
 def test_counter_and_knob_indices_match_header():
@@ -106,16 +114,7 @@ def test_file_created_records_without_dir_end_where_dir_begins(tmp_path):
     header the BPF program, the kmod filewatcher's reader and the packer use."""
     [layout] = PROBES["file_created"].layouts
     assert layout.offsets()["dir"] == file_created.ABS_SIZE == 304
-    if not shutil.which("gcc"):
-        pytest.skip("gcc is not installed")
-    src = tmp_path / "abs_size.c"
-    src.write_text(
-        '#include <stdio.h>\n#include <linux/types.h>\n#include "file_created.h"\n'
-        'int main(void) { printf("%zu\\n", (size_t)KTEL_FILE_CREATED_ABS_SIZE); return 0; }\n'
-    )
-    subprocess.run(["gcc", f"-I{probes.BPF_DIR}", "-o", tmp_path / "abs_size", src], check=True)
-    out = subprocess.run([tmp_path / "abs_size"], capture_output=True, text=True, check=True).stdout
-    assert int(out) == file_created.ABS_SIZE
+    assert c_numbers(tmp_path, "file_created.h", ["KTEL_FILE_CREATED_ABS_SIZE"]) == [file_created.ABS_SIZE]
 
 
 def test_process_exit_records_are_the_head_of_an_exec_record():
