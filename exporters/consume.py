@@ -13,7 +13,8 @@ and the calls keep the consumer in its group: aiokafka leaves the group when
 ``getmany`` has not been called for ``max_poll_interval_ms``.
 
 The process is ready (/readyz, ktel/selfmetrics.py) once the consumer is connected
-and holds partitions.
+and holds partitions; without a group, once it also knows where in each partition
+it starts, so that a record written after /readyz said ready is read.
 """
 
 from __future__ import annotations
@@ -143,13 +144,15 @@ async def run(
         max_poll_records=500,
     )
     producer = AIOKafkaProducer(**client_kwargs(kafka), enable_idempotence=True)
-    connected = False
+    connected = positioned = False
 
     def readiness() -> str | None:
         if not connected:
             return f"not connected to Kafka at {settings(kafka).bootstrap}"
         if not consumer.assignment():
             return f"no partition of {', '.join(topics)} assigned"
+        if not positioned:
+            return f"looking up where to start reading {', '.join(topics)}"
         return None
 
     selfmetrics.ready_when(readiness)
@@ -165,6 +168,7 @@ async def run(
             await _seek(consumer, parts, start_ms)
         else:
             consumer.subscribe(list(topics))
+        positioned = True
         while not stop.is_set():
             fetched = await consumer.getmany(timeout_ms=500)
             if not fetched:
@@ -244,13 +248,14 @@ async def _seek(consumer: AIOKafkaConsumer, parts: list[TopicPartition], start_m
     if start_ms is None:
         await consumer.seek_to_beginning(*parts)
         return
+    # The ends are looked up first: a partition with nothing at or after start_ms
+    # starts at its end as it was before that lookup, so a record written meanwhile
+    # is still read (seeking to the end afterwards would skip it).
+    ends = await consumer.end_offsets(parts)
     found = await consumer.offsets_for_times({tp: start_ms for tp in parts})
     for tp in parts:
         hit = found.get(tp)
-        if hit is None:  # nothing at or after start_ms: only what comes next
-            await consumer.seek_to_end(tp)
-        else:
-            consumer.seek(tp, hit.offset)
+        consumer.seek(tp, ends[tp] if hit is None else hit.offset)
 
 
 async def _partitions(producer: AIOKafkaProducer, topics: Mapping[str, Decoder]) -> list[TopicPartition]:

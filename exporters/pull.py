@@ -74,12 +74,14 @@ class LatestValues(Collector):
                 by_labels[key] = (partition, offset, value)
 
     def collect(self):
+        # Runs on the HTTP server's thread while the event loop updates the dicts:
+        # each is copied before it is walked.
         for (name, typ), by_labels in list(self.series.items()):
             pname = label_name(name)
             fam: Metric
             if typ == "histogram":
                 fam = HistogramMetricFamily(pname, f"ktel aggregate {name}")
-                for key, (_p, _o, value) in by_labels.items():
+                for key, (_p, _o, value) in list(by_labels.items()):
                     for labels, v in histogram_series(name, dict(key), value):
                         sample = dict(labels)
                         fam.add_sample(sample.pop("__name__"), sample, v)
@@ -89,7 +91,7 @@ class LatestValues(Collector):
                 fam = CounterMetricFamily(pname.removesuffix("_total"), f"ktel aggregate {name}")
             else:
                 fam = GaugeMetricFamily(pname, f"ktel aggregate {name}")
-            for key, (_p, _o, value) in by_labels.items():
+            for key, (_p, _o, value) in list(by_labels.items()):
                 fam.add_sample(pname, dict(key), value)
             yield fam
 

@@ -7,7 +7,8 @@
 - ``/readyz``: 200 once the process does its job, else 503 with the reason in one
   line. Each process says what ready means (``ready_when``): the agent, connected to
   Kafka with its probes loaded; a processing stage, partitions assigned and tables
-  recovered; an exporter, its consumer connected and assigned partitions.
+  recovered; an exporter, its consumer connected and assigned partitions (the pull
+  endpoint: also positioned in each).
 
 The address is ``service.metrics_bind`` (127.0.0.1 by default), the same for every
 process; the port is each process's ``*.metrics_port``.

@@ -95,7 +95,11 @@ def test_an_exporter_without_kafka_is_alive_but_not_ready(tmp_path, started):
     )
     started.append(exporter)
     assert exporter.get(port, "/healthz").status_code == 200
-    answer = exporter.get(port, "/readyz")
+    # "starting" until the exporter's Kafka loop says what ready means to it.
+    deadline = time.monotonic() + 60
+    while (answer := exporter.get(port, "/readyz")).text == "not ready: starting\n":
+        assert time.monotonic() < deadline, tail(exporter.log)
+        time.sleep(0.2)
     assert (answer.status_code, answer.text) == (
         503,
         f"not ready: not connected to Kafka at 127.0.0.1:{nowhere}\n",

@@ -22,6 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ktel.stack.otelcol import LocalCollector, attributes
+from ktel.stack.proc import tail
 from tests.integration.up_harness import ktel_up
 
 pytestmark = pytest.mark.system
@@ -114,8 +115,16 @@ def test_23_files_reach_prometheus_and_the_pull_endpoint_then_everything_stops(s
 
         got = wait_for("prometheus", counted_or_stopped, 120)
         assert prom_value(ports["prom"], str(target)) == N, "".join(lines[-60:])
-        assert wait_for("pull", lambda: pull_value(ports["pull"], str(target)) == N, 60)
-        assert wait_for("otlp", lambda: otlp_value(collector, str(target)) == N, 60)
+        logs = Path(env["KTEL_STACK__DATA_DIR"]) / "logs"
+        assert wait_for("pull", lambda: pull_value(ports["pull"], str(target)) == N, 60), (
+            pull_value(ports["pull"], str(target)),
+            tail(logs / "pull.log"),
+            tail(logs / "aggregate.log"),
+        )
+        assert wait_for("otlp", lambda: otlp_value(collector, str(target)) == N, 60), (
+            otlp_value(collector, str(target)),
+            tail(logs / "otlp.log"),
+        )
         # The two directories' files may be counted a window apart.
         assert wait_for("prom other", lambda: prom_value(ports["prom"], str(other)) == 5, 60)
         # Later windows re-send the cumulative value; it must not grow by itself.
