@@ -413,11 +413,15 @@ class LoadedProbe:
         return self.snapshot()
 
     def close(self) -> None:
-        """Stop draining, drain what is left, take the last histogram deltas, detach."""
+        """Stop draining, drain what is left, take the last histogram deltas, detach.
+        The drain thread is woken, not waited for until its next tick (BCC's callback
+        reader, off x86-64, cannot be woken: there it ends on its next tick)."""
         if self._closed:
             return
         self._stop.set()
         if self._thread is not None:
+            if self._reader is not None:
+                self._reader.wake()  # asleep until its next tick otherwise
             self._thread.join()
         if self.spec.ringbuf:
             self._read()

@@ -32,8 +32,10 @@ need barriers Python cannot issue, so there the agent keeps BCC's callback reade
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
+import os
 import platform
 import select
 import struct
@@ -70,10 +72,26 @@ class RingReader:
         # Edge-triggered: a wait ends on the kernel's next wake-up, not whenever records
         # are there (the probes ask for wake-ups only when their buffer is filling).
         self._epoll.register(map_fd, select.EPOLLIN | select.EPOLLET)
+        # wake() ends a wait from another thread: a reader asleep until its next tick
+        # (up to agent.read_interval_ms) would otherwise hold up the agent's stop.
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._epoll.register(self._wake_fd, select.EPOLLIN)
 
     def wait(self, timeout_s: float) -> bool:
-        """Wait until the kernel wakes the reader (or the time is up); True if it did."""
-        return bool(self._epoll.poll(timeout_s))
+        """Wait until the kernel wakes the reader, wake() is called or the time is up;
+        True if the kernel woke it."""
+        woke = False
+        for fd, _ in self._epoll.poll(timeout_s):
+            if fd == self._wake_fd:
+                with contextlib.suppress(BlockingIOError):  # another wait took it
+                    os.eventfd_read(fd)
+            else:
+                woke = True
+        return woke
+
+    def wake(self) -> None:
+        """End the current (or next) wait() at once; safe from any thread."""
+        os.eventfd_write(self._wake_fd, 1)
 
     def read(self, max_bytes: int | None = None) -> list[Run]:
         """Take the committed records, as runs of records of one size, in order: all
@@ -115,6 +133,7 @@ class RingReader:
 
     def close(self) -> None:
         self._epoll.close()
+        os.close(self._wake_fd)
         del self._cons
         self._view.release()
         self._cons_map.close()

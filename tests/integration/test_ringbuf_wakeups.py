@@ -6,6 +6,7 @@ The dns_latency probe with its uprobes on one workload process: no other
 process on the host puts records in its ring buffer."""
 
 import mmap
+import threading
 
 import pytest
 
@@ -75,3 +76,26 @@ def test_a_probe_asks_for_a_wake_up_at_a_quarter_of_its_buffer():
     assert probes.wakeup_bytes(PAGES) == PAGES * mmap.PAGESIZE // 4
     spec = probes.PROBES["file_created"]
     assert f"-DKTEL_WAKEUP_BYTES={256 * mmap.PAGESIZE // 4}" in probes.cflags_for(spec, 256)
+
+
+def test_closing_wakes_a_drain_thread_asleep_until_its_next_tick():
+    # An hour between reads: close() must not wait for the next one, and must still
+    # take the records that woke no one.
+    w = python_workload(LOOKUPS)
+    try:
+        with loaded(
+            "dns_latency", PAGES, defines={"KTEL_DNS_SLOW_NS": 0}, uprobe_pid=w.pid, read_interval_s=3600
+        ) as probe:
+            assert w.go(str(FEW)) == "done"
+            closing = threading.Thread(target=probe.close)
+            closing.start()
+            closing.join(120)  # (the next tick is, all but surely, much further off)
+            hung = closing.is_alive()
+            if hung:  # wake it here, so that the test ends rather than waits for the tick
+                probe._reader.wake()
+                closing.join()
+            assert not hung, "close() waited for the drain thread's next tick"
+            events = probe.decode(probe.take())
+    finally:
+        w.finish()
+    assert [e[2] for e in events] == [w.pid] * FEW
