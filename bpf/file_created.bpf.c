@@ -38,11 +38,15 @@ int file_created_filewatcher(struct filewatcher_ctx *ctx)
 #define KTEL_O_WRONLY 00000001
 #define KTEL_O_TRUNC 00001000
 #define KTEL_AT_FDCWD -100
+/* include/uapi/linux/openat2.h */
+#define KTEL_RESOLVE_IN_ROOT 0x10
 
 struct pending_open {
 	const char *filename;
 	__u32 flags;
 	__s32 dirfd;
+	/* openat2 with RESOLVE_IN_ROOT: an absolute path is resolved inside dirfd */
+	__u8 in_root;
 };
 
 /*
@@ -69,7 +73,7 @@ BPF_TABLE("lru_hash", u64, struct pending_open, pending, KTEL_PENDING_MAX);
  */
 BPF_TASK_STORAGE(open_marks, u64);
 
-static __always_inline int open_enter(const char *filename, u32 flags, s32 dirfd)
+static __always_inline int open_enter(const char *filename, u32 flags, s32 dirfd, u8 in_root)
 {
 	struct pending_open p = {};
 	u64 id, *mark;
@@ -82,6 +86,7 @@ static __always_inline int open_enter(const char *filename, u32 flags, s32 dirfd
 	p.filename = filename;
 	p.flags = flags;
 	p.dirfd = dirfd;
+	p.in_root = in_root;
 	if (pending.update(&id, &p)) {
 		/* Not tracked at all: lost, if it creates. Counted now, once. */
 		ktel_count(KTEL_COUNTER_INFLIGHT_LOST);
@@ -247,9 +252,10 @@ static __always_inline int open_exit(long ret)
 	/*
 	 * An absolute path needs no dir: its record ends there (bpf/file_created.h). If
 	 * the caller rewrites the path between this read and the one below, the record
-	 * is still one without dir, and the agent resolves the path from /proc.
+	 * is still one without dir, and the agent resolves the path from /proc. Under
+	 * RESOLVE_IN_ROOT an absolute path is inside dirfd, so it needs dir.
 	 */
-	if (bpf_probe_read_user(&first, 1, p->filename) == 0 && first == '/') {
+	if (!p->in_root && bpf_probe_read_user(&first, 1, p->filename) == 0 && first == '/') {
 		ev = ktel_reserve(KTEL_FILE_CREATED_ABS_SIZE);
 		if (!ev)
 			goto out;
@@ -262,7 +268,7 @@ static __always_inline int open_exit(long ret)
 		goto out;
 	open_fill(ev, p, id);
 #ifdef KTEL_OFF_TASK_FS
-	if (ev->path[0] != '/')
+	if (ev->path[0] != '/' || p->in_root)
 		file_created_dir(ev, p->dirfd);
 #endif
 	ktel_submit(ev);
@@ -273,7 +279,7 @@ out:
 
 TRACEPOINT_PROBE(syscalls, sys_enter_openat)
 {
-	return open_enter(args->filename, args->flags, args->dfd);
+	return open_enter(args->filename, args->flags, args->dfd, 0);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_exit_openat)
@@ -283,12 +289,18 @@ TRACEPOINT_PROBE(syscalls, sys_exit_openat)
 
 TRACEPOINT_PROBE(syscalls, sys_enter_openat2)
 {
-	/* struct open_how begins with its u64 flags (include/uapi/linux/openat2.h). */
-	u64 flags = 0;
+	/* struct open_how's first version (include/uapi/linux/openat2.h): every openat2
+	 * the kernel accepts passes at least these 24 bytes. */
+	struct {
+		u64 flags;
+		u64 mode;
+		u64 resolve;
+	} how = {};
 
-	if (bpf_probe_read_user(&flags, sizeof(flags), args->how))
+	if (bpf_probe_read_user(&how, sizeof(how), args->how))
 		return 0;
-	return open_enter(args->filename, (u32)flags, args->dfd);
+	return open_enter(args->filename, (u32)how.flags, args->dfd,
+			  !!(how.resolve & KTEL_RESOLVE_IN_ROOT));
 }
 
 TRACEPOINT_PROBE(syscalls, sys_exit_openat2)
@@ -300,7 +312,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_creat)
 {
 	/* creat(2) is open(O_CREAT|O_WRONLY|O_TRUNC). */
 	return open_enter(args->pathname, KTEL_O_CREAT | KTEL_O_WRONLY | KTEL_O_TRUNC,
-			  KTEL_AT_FDCWD);
+			  KTEL_AT_FDCWD, 0);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_exit_creat)
@@ -315,7 +327,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_creat)
 #ifdef KTEL_HAVE_SYS_OPEN
 TRACEPOINT_PROBE(syscalls, sys_enter_open)
 {
-	return open_enter(args->filename, args->flags, KTEL_AT_FDCWD);
+	return open_enter(args->filename, args->flags, KTEL_AT_FDCWD, 0);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_exit_open)

@@ -9,10 +9,12 @@ those two sizes, and the ring buffer holds 2.6 times as many of the short ones.
 A relative path (the syscall fallback records what the process passed) is made
 absolute from the directory the kernel side read from the dentries of the
 process's cwd or openat dirfd at the syscall's return (``dir``), so it holds
-after the process has exited. That needs the running kernel's struct offsets
-(``kernel_defines``, from its BTF); without BTF, or for a directory deeper than
-the record holds, the agent falls back to /proc/<pid>/cwd or /proc/<pid>/fd,
-which works only while the process lives.
+after the process has exited. So is an absolute path opened with openat2's
+RESOLVE_IN_ROOT, which is inside dirfd's directory: its record carries dir too.
+That needs the running kernel's struct offsets (``kernel_defines``, from its BTF);
+without BTF, or for a directory deeper than the record holds, the agent falls back
+to /proc/<pid>/cwd or /proc/<pid>/fd, which works only while the process lives (and
+then reports a RESOLVE_IN_ROOT path as the process passed it).
 """
 
 from __future__ import annotations
@@ -104,10 +106,14 @@ def _resolve(path: str, pid: int, dirfd: int) -> str:
 
 
 def _join(dir_bytes: bytes, path: str) -> str:
-    """The record's dir (components innermost first, each NUL-terminated) joined with path."""
+    """The record's dir (components innermost first, each NUL-terminated) joined with
+    path: relative to it, or, absolute, inside it (openat2's RESOLVE_IN_ROOT, where
+    ".." stops at dir as at a root)."""
     parts = dir_bytes.split(b"\0")[:-1]
     parts.reverse()
     text = "/" + "/".join(p.decode("utf-8", "backslashreplace") for p in parts)
+    if path.startswith("/"):
+        path = os.path.normpath(path).lstrip("/")
     return os.path.normpath(os.path.join(text, path))
 
 
@@ -172,11 +178,11 @@ def decode_run(size: int, data: bytes, wall_offset_ns: int) -> list:
         c = comms.get(comm)
         if c is None:
             c = comms[comm] = c_string(comm)
-        if path[0] == SLASH:  # the common case, c_string inlined
-            p = path.partition(b"\0")[0].decode("utf-8", "backslashreplace")
-        elif dir_state == DIR_OK and has_dir:
+        if dir_state == DIR_OK and has_dir:  # relative to dir, or in it (RESOLVE_IN_ROOT)
             at = i * step + DIR_AT
             p = _join(data[at : at + min(dir_len, DIR_LEN)], c_string(path))
+        elif path[0] == SLASH:  # the common case, c_string inlined
+            p = path.partition(b"\0")[0].decode("utf-8", "backslashreplace")
         else:
             p = _resolve(c_string(path), pid, dirfd)
         append([kind, ts + wall_offset_ns, pid, tid, uid, c, p, flags, certain != 0])

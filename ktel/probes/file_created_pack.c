@@ -9,8 +9,8 @@
  * the event file_created.decode_run makes (tests/unit/test_packed_events.py
  * checks that, byte for byte).
  *
- * Only the common case is done here: an absolute path, and a comm and path that are
- * valid UTF-8. At any other record the packer stops and returns its index; the
+ * Only the common case is done here: an absolute path (not one inside the record's
+ * dir), and a comm and path that are valid UTF-8. At any other record the packer stops and returns its index; the
  * caller decodes that record in Python (relative paths, backslash escapes) and calls
  * again from the next one, so events keep the ring buffer's order.
  */
@@ -163,6 +163,8 @@ static PyObject *pack(PyObject *self, PyObject *args)
 		memcpy(&ev, (const char *)buf.buf + i * step + HEADER_SIZE, FIXED_PART);
 		if (ev.path[0] != '/')
 			break; /* relative (or empty): joined with dir or /proc in Python */
+		if (size != (Py_ssize_t)KTEL_FILE_CREATED_ABS_SIZE && ev.dir_state == KTEL_DIR_OK)
+			break; /* absolute inside dir (openat2's RESOLVE_IN_ROOT): joined in Python */
 		if (ev.ts_ns > INT64_MAX ||
 		    __builtin_add_overflow((int64_t)ev.ts_ns, (int64_t)offset, &ts))
 			break; /* not a clock reading: Python's integers say what it is */

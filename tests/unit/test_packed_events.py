@@ -106,6 +106,25 @@ def test_a_record_without_dir_never_reads_one(monkeypatch):
     assert file_created.pack_run(size, data, 0) == [pack_event(one), pack_event(two)]
 
 
+@pytest.mark.parametrize(
+    ("path", "want"),
+    [
+        (b"/etc/hosts", "/a/b/etc/hosts"),
+        (b"//etc/../../../hosts", "/a/b/hosts"),  # ".." stops at the root it is resolved in
+        (b"rel/../x", "/a/b/x"),
+    ],
+)
+def test_an_absolute_path_with_dir_is_inside_it(path, want):
+    """openat2's RESOLVE_IN_ROOT (bpf/file_created.h): a whole record with its dir
+    read and an absolute path names a file inside that dir, not the host's."""
+    rec = file_created.LAYOUT.pack(5, 1, 1, 0, 3, 0o100, 0, file_created.DIR_OK, 4, b"runc", path, b"b\0a\0")
+    size = file_created.LAYOUT.size
+    data = frame(rec)[1]
+    [event] = file_created.decode_run(size, data, 0)
+    assert event[6] == want
+    assert file_created.pack_run(size, data, 0) == [pack_event(event)]
+
+
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     batches,
