@@ -45,8 +45,9 @@ struct pending_open {
 	const char *filename;
 	__u32 flags;
 	__s32 dirfd;
-	/* openat2 with RESOLVE_IN_ROOT: an absolute path is resolved inside dirfd */
+	/* openat2 with RESOLVE_IN_ROOT: the path is resolved inside dirfd, as in a root */
 	__u8 in_root;
+	__u8 pad[7]; /* named, so that = {} zeroes what the map update copies */
 };
 
 /*
@@ -253,7 +254,7 @@ static __always_inline int open_exit(long ret)
 	 * An absolute path needs no dir: its record ends there (bpf/file_created.h). If
 	 * the caller rewrites the path between this read and the one below, the record
 	 * is still one without dir, and the agent resolves the path from /proc. Under
-	 * RESOLVE_IN_ROOT an absolute path is inside dirfd, so it needs dir.
+	 * RESOLVE_IN_ROOT no path means what it says: the record carries the file's own.
 	 */
 	if (!p->in_root && bpf_probe_read_user(&first, 1, p->filename) == 0 && first == '/') {
 		ev = ktel_reserve(KTEL_FILE_CREATED_ABS_SIZE);
@@ -268,9 +269,17 @@ static __always_inline int open_exit(long ret)
 		goto out;
 	open_fill(ev, p, id);
 #ifdef KTEL_OFF_TASK_FS
+	/*
+	 * In a root, dir is the created file's whole path, walked from the fd the open
+	 * returned: the path as passed is inside dirfd, with "..", and symlinks, resolved
+	 * against it, which joining text cannot redo. One call, so the walk is inlined
+	 * once (the verifier's budget).
+	 */
 	if (ev->path[0] != '/' || p->in_root)
-		file_created_dir(ev, p->dirfd);
+		file_created_dir(ev, p->in_root ? (s32)ret : p->dirfd);
 #endif
+	if (p->in_root)
+		ev->dir_state |= KTEL_DIR_IN_ROOT;
 	ktel_submit(ev);
 out:
 	pending.delete(&id);

@@ -12,8 +12,16 @@
 
 /* dir_state */
 #define KTEL_DIR_NONE 0 /* dir unused: path is absolute, or not resolved in the kernel */
-#define KTEL_DIR_OK 1 /* dir holds the whole directory path was relative to (or in) */
+#define KTEL_DIR_OK 1 /* dir holds the whole directory path was relative to */
 #define KTEL_DIR_TRUNCATED 2 /* that directory is deeper or longer than dir holds */
+/*
+ * Or'd in: openat2 with RESOLVE_IN_ROOT, which resolves the path (absolute too, with
+ * "..", and symlinks) inside dirfd's directory as in a root (how container runtimes
+ * open files in a container's root). dir then holds the created file's own whole
+ * path, walked from the fd the open returned; without it (KTEL_DIR_NONE, no BTF;
+ * KTEL_DIR_TRUNCATED) the agent resolves path inside dirfd from /proc.
+ */
+#define KTEL_DIR_IN_ROOT 0x80
 
 /*
  * Layout (no implicit padding; the decoder in ktel/probes/file_created.py reads
@@ -32,10 +40,8 @@
  * 304 dir      char[512] for a relative path, the directory it is relative to (the
  *              cwd, or openat's dirfd), read from the kernel's dentries when the
  *              syscall returned: its components from the innermost up, each
- *              NUL-terminated ("b\0a\0" is /a/b; none is /). For openat2 with
- *              RESOLVE_IN_ROOT, dirfd's directory, which an absolute path is inside
- *              (how container runtimes open files in a container's root): a whole
- *              record whose dir is KTEL_DIR_OK and path absolute is such a record
+ *              NUL-terminated ("b\0a\0" is /a/b; none is /); with
+ *              KTEL_DIR_IN_ROOT, the file's own path instead
  *
  * A record for an absolute path has no dir: it is the first
  * KTEL_FILE_CREATED_ABS_SIZE bytes only (dir_state KTEL_DIR_NONE). With the ring

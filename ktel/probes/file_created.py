@@ -9,12 +9,12 @@ those two sizes, and the ring buffer holds 2.6 times as many of the short ones.
 A relative path (the syscall fallback records what the process passed) is made
 absolute from the directory the kernel side read from the dentries of the
 process's cwd or openat dirfd at the syscall's return (``dir``), so it holds
-after the process has exited. So is an absolute path opened with openat2's
-RESOLVE_IN_ROOT, which is inside dirfd's directory: its record carries dir too.
-That needs the running kernel's struct offsets (``kernel_defines``, from its BTF);
-without BTF, or for a directory deeper than the record holds, the agent falls back
-to /proc/<pid>/cwd or /proc/<pid>/fd, which works only while the process lives (and
-then reports a RESOLVE_IN_ROOT path as the process passed it).
+after the process has exited. A file opened with openat2's RESOLVE_IN_ROOT, whose
+path (absolute too) is inside dirfd's directory, carries its own whole path there
+instead. That needs the running kernel's struct offsets (``kernel_defines``, from
+its BTF); without BTF, or for a directory deeper than the record holds, the agent
+falls back to /proc/<pid>/cwd or /proc/<pid>/fd, which works only while the
+process lives.
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ log = logging.getLogger(__name__)
 
 LAYOUT = struct.Struct("<QIIIiIBBH16s256s512s")
 # A record as a run of the ring buffer holds it: its 8-byte header first (edge_agent/ringbuf.py).
-# The 512-byte dir is skipped: only a relative path needs it, and copying it out of
-# every record was a sixth of the decoder's time; decode_run slices it when needed.
+# The 512-byte dir is skipped: only a relative path (or one opened in a root) needs it,
+# and copying it out of every record was a sixth of the decoder's time; decode_run
+# slices it when needed.
 DIR_LEN = 512
 FRAMED = struct.Struct(f"<{HEADER_SIZE}x{LAYOUT.format[1:-4]}{DIR_LEN}x")
 DIR_AT = HEADER_SIZE + LAYOUT.size - DIR_LEN  # dir's offset in a framed record
@@ -64,6 +65,7 @@ def compiled() -> bool:
 
 AT_FDCWD = -100
 DIR_OK = 1  # KTEL_DIR_OK (bpf/file_created.h)
+DIR_IN_ROOT = 0x80  # KTEL_DIR_IN_ROOT
 SLASH = ord("/")
 FILE_CREATED = EventKind(
     1,
@@ -106,15 +108,24 @@ def _resolve(path: str, pid: int, dirfd: int) -> str:
 
 
 def _join(dir_bytes: bytes, path: str) -> str:
-    """The record's dir (components innermost first, each NUL-terminated) joined with
-    path: relative to it, or, absolute, inside it (openat2's RESOLVE_IN_ROOT, where
-    ".." stops at dir as at a root)."""
+    """The record's dir (components innermost first, each NUL-terminated) joined with path."""
     parts = dir_bytes.split(b"\0")[:-1]
     parts.reverse()
     text = "/" + "/".join(p.decode("utf-8", "backslashreplace") for p in parts)
-    if path.startswith("/"):
-        path = os.path.normpath(path).lstrip("/")
     return os.path.normpath(os.path.join(text, path))
+
+
+def _in_root(whole: bytes | None, path: str, pid: int, dirfd: int) -> str:
+    """A file created by openat2 with RESOLVE_IN_ROOT (bpf/file_created.h,
+    KTEL_DIR_IN_ROOT): its own path as the kernel walked it (``whole``, the record's
+    dir), else path inside dirfd's directory from /proc, ".." stopping at that root
+    as in the kernel (a symlink in the way is then read as the host would, not as
+    the root would)."""
+    if whole is not None:
+        return _join(whole, "")
+    inside = os.path.normpath("/" + path).lstrip("/") or "."
+    resolved = _resolve(inside, pid, dirfd)
+    return path if resolved == inside else resolved
 
 
 # The members bpf/file_created.bpf.c reads (KTEL_OFF_<define> = offsetof(struct, member)).
@@ -178,11 +189,17 @@ def decode_run(size: int, data: bytes, wall_offset_ns: int) -> list:
         c = comms.get(comm)
         if c is None:
             c = comms[comm] = c_string(comm)
-        if dir_state == DIR_OK and has_dir:  # relative to dir, or in it (RESOLVE_IN_ROOT)
+        if dir_state & DIR_IN_ROOT:
+            walked = dir_state == DIR_IN_ROOT | DIR_OK and has_dir
             at = i * step + DIR_AT
-            p = _join(data[at : at + min(dir_len, DIR_LEN)], c_string(path))
+            p = _in_root(
+                data[at : at + min(dir_len, DIR_LEN)] if walked else None, c_string(path), pid, dirfd
+            )
         elif path[0] == SLASH:  # the common case, c_string inlined
             p = path.partition(b"\0")[0].decode("utf-8", "backslashreplace")
+        elif dir_state == DIR_OK and has_dir:
+            at = i * step + DIR_AT
+            p = _join(data[at : at + min(dir_len, DIR_LEN)], c_string(path))
         else:
             p = _resolve(c_string(path), pid, dirfd)
         append([kind, ts + wall_offset_ns, pid, tid, uid, c, p, flags, certain != 0])

@@ -9,8 +9,8 @@
  * the event file_created.decode_run makes (tests/unit/test_packed_events.py
  * checks that, byte for byte).
  *
- * Only the common case is done here: an absolute path (not one inside the record's
- * dir), and a comm and path that are valid UTF-8. At any other record the packer stops and returns its index; the
+ * Only the common case is done here: an absolute path (not one opened inside a root,
+ * KTEL_DIR_IN_ROOT), and a comm and path that are valid UTF-8. At any other record the packer stops and returns its index; the
  * caller decodes that record in Python (relative paths, backslash escapes) and calls
  * again from the next one, so events keep the ring buffer's order.
  */
@@ -28,8 +28,8 @@
 #define HEADER_SIZE 8
 #define STRIDE(size) (((size) + HEADER_SIZE + 7) & ~(size_t)7)
 
-/* Everything up to dir: the packer never reads the 512-byte dir (relative paths only),
- * and a record for an absolute path ends there. */
+/* Everything up to dir: the packer never reads the 512-byte dir (the records that use
+ * one are left to Python), and a record for an absolute path ends there. */
 #define FIXED_PART offsetof(struct file_created_event, dir)
 _Static_assert(FIXED_PART == KTEL_FILE_CREATED_ABS_SIZE, "a record without dir ends at dir");
 
@@ -163,8 +163,8 @@ static PyObject *pack(PyObject *self, PyObject *args)
 		memcpy(&ev, (const char *)buf.buf + i * step + HEADER_SIZE, FIXED_PART);
 		if (ev.path[0] != '/')
 			break; /* relative (or empty): joined with dir or /proc in Python */
-		if (size != (Py_ssize_t)KTEL_FILE_CREATED_ABS_SIZE && ev.dir_state == KTEL_DIR_OK)
-			break; /* absolute inside dir (openat2's RESOLVE_IN_ROOT): joined in Python */
+		if (ev.dir_state & KTEL_DIR_IN_ROOT)
+			break; /* openat2's RESOLVE_IN_ROOT: the path is not what it says */
 		if (ev.ts_ns > INT64_MAX ||
 		    __builtin_add_overflow((int64_t)ev.ts_ns, (int64_t)offset, &ts))
 			break; /* not a clock reading: Python's integers say what it is */

@@ -56,7 +56,9 @@ records = st.builds(
     st.integers(-(2**31), 2**31 - 1),
     st.integers(0, 2**32 - 1),
     st.integers(0, 255),
-    st.sampled_from([0, file_created.DIR_OK, 2]),
+    st.sampled_from([0, file_created.DIR_OK, 2]).flatmap(
+        lambda d: st.sampled_from([d, d | file_created.DIR_IN_ROOT])  # opened in a root, or not
+    ),
     c_field(16),
     paths,
     st.binary(max_size=64).map(lambda b: b.replace(b"\0\0", b"\0").ljust(512, b"\0")),
@@ -106,23 +108,38 @@ def test_a_record_without_dir_never_reads_one(monkeypatch):
     assert file_created.pack_run(size, data, 0) == [pack_event(one), pack_event(two)]
 
 
+IN_ROOT = file_created.DIR_IN_ROOT
+
+
 @pytest.mark.parametrize(
-    ("path", "want"),
+    ("size", "dir_state", "path", "want"),
     [
-        (b"/etc/hosts", "/a/b/etc/hosts"),
-        (b"//etc/../../../hosts", "/a/b/hosts"),  # ".." stops at the root it is resolved in
-        (b"rel/../x", "/a/b/x"),
+        # The kernel walked the file's own path: the path as passed does not count.
+        (file_created.LAYOUT.size, IN_ROOT | file_created.DIR_OK, b"/etc/link/x", "/a/etc/x"),
+        # Not walked (no BTF, or too deep): inside dirfd, ".." stopping at it.
+        (file_created.LAYOUT.size, IN_ROOT | 2, b"//etc/../../../x", "resolved:x"),
+        (file_created.ABS_SIZE, IN_ROOT, b"rel/../../x", "resolved:x"),
+        (file_created.ABS_SIZE, IN_ROOT, b"/", "resolved:."),
     ],
 )
-def test_an_absolute_path_with_dir_is_inside_it(path, want):
-    """openat2's RESOLVE_IN_ROOT (bpf/file_created.h): a whole record with its dir
-    read and an absolute path names a file inside that dir, not the host's."""
-    rec = file_created.LAYOUT.pack(5, 1, 1, 0, 3, 0o100, 0, file_created.DIR_OK, 4, b"runc", path, b"b\0a\0")
-    size = file_created.LAYOUT.size
-    data = frame(rec)[1]
+def test_a_file_opened_in_a_root_is_named_by_the_kernels_walk_or_inside_dirfd(
+    monkeypatch, size, dir_state, path, want
+):
+    """openat2's RESOLVE_IN_ROOT (bpf/file_created.h, KTEL_DIR_IN_ROOT): the path as
+    passed names a file inside dirfd's directory, not the host's file of that name."""
+    monkeypatch.setattr(file_created, "_resolve", lambda path, pid, dirfd: f"resolved:{path}")
+    rec = file_created.LAYOUT.pack(5, 1, 1, 0, 3, 0o100, 0, dir_state, 8, b"runc", path, b"x\0etc\0a\0")
+    data = frame(rec[:size])[1]
     [event] = file_created.decode_run(size, data, 0)
     assert event[6] == want
     assert file_created.pack_run(size, data, 0) == [pack_event(event)]
+
+
+def test_a_path_opened_in_a_root_that_cannot_be_resolved_stays_as_passed(monkeypatch):
+    monkeypatch.setattr(file_created, "_resolve", lambda path, pid, dirfd: path)  # the process is gone
+    rec = file_created.LAYOUT.pack(5, 1, 1, 0, 3, 0o100, 0, IN_ROOT, 0, b"runc", b"/etc/../x", b"")
+    [event] = file_created.decode_run(file_created.ABS_SIZE, frame(rec[: file_created.ABS_SIZE])[1], 0)
+    assert event[6] == "/etc/../x"
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
