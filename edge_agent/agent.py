@@ -379,6 +379,8 @@ class Agent:
             stopping = stop.is_set()
             if stopping:
                 for p in self.loaded.values():
+                    p.stop_draining()  # every probe's thread at once, then each is closed
+                for p in self.loaded.values():
                     p.close()  # detaches, then drains what the ring buffer still holds
             self.drain_once(pending, weights)
             self.control.expire()

@@ -412,16 +412,22 @@ class LoadedProbe:
             return []
         return self.snapshot()
 
+    def stop_draining(self) -> None:
+        """Tell the drain thread to stop, waking it rather than waiting for its next
+        tick (BCC's callback reader, off x86-64, cannot be woken: it stops on that
+        tick, the same one for every probe, so a stop told to all probes before any
+        close() waits for one tick, not one per probe)."""
+        self._stop.set()
+        if self._thread is not None and self._reader is not None:
+            self._reader.wake()
+
     def close(self) -> None:
-        """Stop draining, drain what is left, take the last histogram deltas, detach.
-        The drain thread is woken, not waited for until its next tick (BCC's callback
-        reader, off x86-64, cannot be woken: there it ends on its next tick)."""
+        """Stop draining (stop_draining), drain what is left, take the last histogram
+        deltas, detach."""
         if self._closed:
             return
-        self._stop.set()
+        self.stop_draining()
         if self._thread is not None:
-            if self._reader is not None:
-                self._reader.wake()  # asleep until its next tick otherwise
             self._thread.join()
         if self.spec.ringbuf:
             self._read()

@@ -62,20 +62,27 @@ class RingReader:
         self.size = max_entries
         self._mask = max_entries - 1
         rw, ro = mmap.PROT_READ | mmap.PROT_WRITE, mmap.PROT_READ
-        self._cons_map = mmap.mmap(map_fd, page, mmap.MAP_SHARED, rw, offset=0)
-        self._prod_map = mmap.mmap(map_fd, page + 2 * max_entries, mmap.MAP_SHARED, ro, offset=page)
+        # Undone if a later step fails (the caller then reads through BCC): a mapping
+        # left behind would keep the map alive after the probe is detached.
+        with contextlib.ExitStack() as undo:
+            self._epoll = undo.enter_context(select.epoll())
+            # Edge-triggered: a wait ends on the kernel's next wake-up, not whenever records
+            # are there (the probes ask for wake-ups only when their buffer is filling).
+            self._epoll.register(map_fd, select.EPOLLIN | select.EPOLLET)
+            # wake() ends a wait from another thread: a reader asleep until its next tick
+            # (up to agent.read_interval_ms) would otherwise hold up the agent's stop.
+            self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            undo.callback(os.close, self._wake_fd)
+            self._epoll.register(self._wake_fd, select.EPOLLIN)
+            self._cons_map = undo.enter_context(mmap.mmap(map_fd, page, mmap.MAP_SHARED, rw, offset=0))
+            self._prod_map = undo.enter_context(
+                mmap.mmap(map_fd, page + 2 * max_entries, mmap.MAP_SHARED, ro, offset=page)
+            )
+            undo.pop_all()
         # An aligned 8-byte store through ctypes: the kernel never sees a torn consumer_pos.
         self._cons = ctypes.c_uint64.from_buffer(self._cons_map)
         self._view = memoryview(self._prod_map)
         self._data = page  # where the data starts in _prod_map
-        self._epoll = select.epoll()
-        # Edge-triggered: a wait ends on the kernel's next wake-up, not whenever records
-        # are there (the probes ask for wake-ups only when their buffer is filling).
-        self._epoll.register(map_fd, select.EPOLLIN | select.EPOLLET)
-        # wake() ends a wait from another thread: a reader asleep until its next tick
-        # (up to agent.read_interval_ms) would otherwise hold up the agent's stop.
-        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._epoll.register(self._wake_fd, select.EPOLLIN)
 
     def wait(self, timeout_s: float) -> bool:
         """Wait until the kernel wakes the reader, wake() is called or the time is up;

@@ -7,10 +7,12 @@ process on the host puts records in its ring buffer."""
 
 import mmap
 import threading
+import time
 
 import pytest
 
 from edge_agent import probes
+from edge_agent.ticks import until_tick
 from ktel.probes.decode import count
 from tests.integration.probe_harness import drain_until, loaded, python_workload
 
@@ -79,17 +81,19 @@ def test_a_probe_asks_for_a_wake_up_at_a_quarter_of_its_buffer():
 
 
 def test_closing_wakes_a_drain_thread_asleep_until_its_next_tick():
-    # An hour between reads: close() must not wait for the next one, and must still
-    # take the records that woke no one.
+    # Days between reads: close() must not wait for the next one, and must still take
+    # the records that woke no one.
+    interval = 1e6
+    assert until_tick(interval, time.monotonic()) > 600, "the next tick is too near for this test"
     w = python_workload(LOOKUPS)
     try:
         with loaded(
-            "dns_latency", PAGES, defines={"KTEL_DNS_SLOW_NS": 0}, uprobe_pid=w.pid, read_interval_s=3600
+            "dns_latency", PAGES, defines={"KTEL_DNS_SLOW_NS": 0}, uprobe_pid=w.pid, read_interval_s=interval
         ) as probe:
             assert w.go(str(FEW)) == "done"
             closing = threading.Thread(target=probe.close)
             closing.start()
-            closing.join(120)  # (the next tick is, all but surely, much further off)
+            closing.join(120)
             hung = closing.is_alive()
             if hung:  # wake it here, so that the test ends rather than waits for the tick
                 probe._reader.wake()
