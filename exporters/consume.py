@@ -165,7 +165,9 @@ async def run(
                 lambda: _partitions(producer, topics), what=f"find the partitions of {list(topics)}"
             )
             consumer.assign(parts)
-            await _seek(consumer, parts, start_ms)
+            await retry(
+                lambda: _seek(consumer, parts, start_ms), what=f"find where to start in {list(topics)}"
+            )
         else:
             consumer.subscribe(list(topics))
         positioned = True

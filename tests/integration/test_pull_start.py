@@ -14,6 +14,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
 
+from exporters import pull
 from ktel import config, topics
 from ktel.kafka_client import client_kwargs
 from ktel.stack.proc import free_port
@@ -55,21 +56,21 @@ def test_the_pull_endpoint_starts_a_refresh_back_and_misses_nothing_after_ready(
     cfg = config.Config(kafka=kcfg, agent=config.AgentConfig(host_id="t"))
     asyncio.run(topics.create_topics(kafka.bootstrap, topics.specs(cfg)))
     metrics = cfg.kafka.topics.metrics
-    lookback = cfg.aggregate.refresh_seconds + 3 * cfg.aggregate.window_seconds  # exporters/pull.py
+    lookback = cfg.aggregate.refresh_seconds + pull.LOOKBACK_WINDOWS * cfg.aggregate.window_seconds
     # Partition 0: one snapshot before the lookback, one within it; partition 1 empty.
     asyncio.run(produce(kcfg, metrics, 0, lookback + 300, "too-old"))
     asyncio.run(produce(kcfg, metrics, 0, 10, "recent"))
 
     port = free_port()
-    pull = Ktel(
+    endpoint = Ktel(
         tmp_path,
         ["export", "pull"],
         KTEL_KAFKA__BOOTSTRAP=kafka.bootstrap,
         KTEL_KAFKA__PREFIX=prefix,
         KTEL_PULL__PORT=str(port),
     )
-    started.append(pull)
-    assert pull.until_ready(port).text == "ready\n"
+    started.append(endpoint)
+    assert endpoint.until_ready(port).text == "ready\n"
     # Written the moment it is ready: into the partition that had records, and into
     # the empty one (which starts at its end).
     asyncio.run(produce(kcfg, metrics, 0, 0, "after-ready-0"))

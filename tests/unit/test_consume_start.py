@@ -1,0 +1,57 @@
+"""Where a group-less exporter consumer starts (exporters/consume.py, _seek): at the
+first record at or after the start time, else at the partition's end as it was
+before that lookup, so that a record written during the lookups is still read.
+A stub consumer stands for the broker here; tests/integration/test_pull_start.py
+runs the pull endpoint against a real one."""
+
+from __future__ import annotations
+
+from aiokafka import TopicPartition
+from aiokafka.structs import OffsetAndTimestamp
+
+from exporters.consume import _seek
+
+HAS_RECENT, EMPTY = TopicPartition("ktel.metrics", 0), TopicPartition("ktel.metrics", 1)
+
+
+class Broker:
+    """A consumer's view of two partitions: one with a record at or after the start
+    time (offset 7), one without; a record is written to each while the offsets for
+    the start time are looked up."""
+
+    def __init__(self) -> None:
+        self.ends = {HAS_RECENT: 10, EMPTY: 4}
+        self.positions: dict[TopicPartition, int] = {}
+
+    async def end_offsets(self, parts):
+        return {tp: self.ends[tp] for tp in parts}
+
+    async def offsets_for_times(self, timestamps):
+        found = {HAS_RECENT: OffsetAndTimestamp(7, 1_000), EMPTY: None}
+        for tp in self.ends:  # written meanwhile
+            self.ends[tp] += 1
+        return {tp: found[tp] for tp in timestamps}
+
+    def seek(self, tp, offset):
+        self.positions[tp] = offset
+
+    async def seek_to_end(self, *parts):
+        for tp in parts:
+            self.positions[tp] = self.ends[tp]
+
+    async def seek_to_beginning(self, *parts):
+        for tp in parts:
+            self.positions[tp] = 0
+
+
+async def test_a_partition_without_a_recent_record_starts_where_it_ended_before_the_lookup():
+    broker = Broker()
+    await _seek(broker, [HAS_RECENT, EMPTY], start_ms=500)
+    # EMPTY's record written during the lookup (offset 4) is read, not skipped.
+    assert broker.positions == {HAS_RECENT: 7, EMPTY: 4}
+
+
+async def test_without_a_start_time_every_partition_is_read_from_its_beginning():
+    broker = Broker()
+    await _seek(broker, [HAS_RECENT, EMPTY], start_ms=None)
+    assert broker.positions == {HAS_RECENT: 0, EMPTY: 0}
