@@ -112,8 +112,11 @@ static __always_inline int open_enter(const char *filename, u32 flags, s32 dirfd
  * against whatever headers the host has and relocates nothing. Pointers are
  * read with bpf_probe_read_kernel(), so a dentry renamed or freed under the
  * walk gives a wrong or truncated name, never a fault. Read at the syscall's
- * return: a chdir() by another thread of the process in between is the one
- * case where that differs from what the open used.
+ * return: a chdir(), or a close() or dup2() of the fd, by another thread of the
+ * process in between is where that differs from what the open used.
+ *
+ * Also the created file's own path, from the fd the open returned (openat2's
+ * RESOLVE_IN_ROOT, bpf/file_created.h).
  */
 #define KTEL_DIR_STEPS 64 /* components and mount crossings */
 
@@ -213,7 +216,7 @@ done:
 }
 #endif /* KTEL_OFF_TASK_FS */
 
-/* Everything but dir, which only a record for a relative path has. */
+/* Everything but dir, which only a record for a relative path (or one opened in a root) has. */
 static __always_inline void open_fill(struct file_created_event *ev, const struct pending_open *p,
 				      u64 id)
 {
@@ -234,7 +237,8 @@ static __always_inline void open_fill(struct file_created_event *ev, const struc
 static __always_inline int open_exit(long ret)
 {
 	u64 id = bpf_get_current_pid_tgid();
-	struct pending_open *p = pending.lookup(&id);
+	struct pending_open *entry = pending.lookup(&id);
+	struct pending_open op;
 	struct file_created_event *ev;
 	char first = 0;
 	u64 *mark = open_marks.task_storage_get(bpf_get_current_task_btf(), 0, 0);
@@ -242,7 +246,7 @@ static __always_inline int open_exit(long ret)
 
 	if (marked)
 		*mark = 0;
-	if (!p) {
+	if (!entry) {
 		/* Marked at sys_enter, gone now: the LRU evicted it. A failed open was no event. */
 		if (marked && ret >= 0)
 			ktel_count(KTEL_COUNTER_INFLIGHT_LOST);
@@ -250,24 +254,26 @@ static __always_inline int open_exit(long ret)
 	}
 	if (ret < 0)
 		goto out;
+	/* Copied out: the LRU may reuse the entry for another open during the walk below. */
+	__builtin_memcpy(&op, entry, sizeof(op));
 	/*
 	 * An absolute path needs no dir: its record ends there (bpf/file_created.h). If
 	 * the caller rewrites the path between this read and the one below, the record
 	 * is still one without dir, and the agent resolves the path from /proc. Under
 	 * RESOLVE_IN_ROOT no path means what it says: the record carries the file's own.
 	 */
-	if (!p->in_root && bpf_probe_read_user(&first, 1, p->filename) == 0 && first == '/') {
+	if (!op.in_root && bpf_probe_read_user(&first, 1, op.filename) == 0 && first == '/') {
 		ev = ktel_reserve(KTEL_FILE_CREATED_ABS_SIZE);
 		if (!ev)
 			goto out;
-		open_fill(ev, p, id);
+		open_fill(ev, &op, id);
 		ktel_submit(ev);
 		goto out;
 	}
 	ev = ktel_reserve(sizeof(*ev));
 	if (!ev)
 		goto out;
-	open_fill(ev, p, id);
+	open_fill(ev, &op, id);
 #ifdef KTEL_OFF_TASK_FS
 	/*
 	 * In a root, dir is the created file's whole path, walked from the fd the open
@@ -275,10 +281,10 @@ static __always_inline int open_exit(long ret)
 	 * against it, which joining text cannot redo. One call, so the walk is inlined
 	 * once (the verifier's budget).
 	 */
-	if (ev->path[0] != '/' || p->in_root)
-		file_created_dir(ev, p->in_root ? (s32)ret : p->dirfd);
+	if (ev->path[0] != '/' || op.in_root)
+		file_created_dir(ev, op.in_root ? (s32)ret : op.dirfd);
 #endif
-	if (p->in_root)
+	if (op.in_root)
 		ev->dir_state |= KTEL_DIR_IN_ROOT;
 	ktel_submit(ev);
 out:

@@ -31,6 +31,7 @@
  *  12 tid      u32
  *  16 uid      u32
  *  20 dirfd    s32  openat's dirfd (AT_FDCWD = -100), to resolve relative paths
+ *                   (and, without dir, paths opened in a root)
  *  24 flags    u32  open flags
  *  28 certain  u8   1: the file was certainly created (O_EXCL); 0: O_CREAT alone
  *  29 dir_state u8  KTEL_DIR_*
@@ -43,7 +44,7 @@
  *              NUL-terminated ("b\0a\0" is /a/b; none is /); with
  *              KTEL_DIR_IN_ROOT, the file's own path instead
  *
- * A record for an absolute path has no dir: it is the first
+ * A record for an absolute path (not opened in a root) has no dir: it is the first
  * KTEL_FILE_CREATED_ABS_SIZE bytes only (dir_state KTEL_DIR_NONE). With the ring
  * buffer's 8-byte header that is 312 bytes a record instead of 824: a ring buffer
  * holds 2.6 times the events, and the agent copies that much less; the decoder tells

@@ -417,6 +417,8 @@ class LoadedProbe:
         tick (BCC's callback reader, off x86-64, cannot be woken: it stops on that
         tick, the same one for every probe, so a stop told to all probes before any
         close() waits for one tick, not one per probe)."""
+        if self._closed:
+            return  # the reader's fds are closed, their numbers maybe reused
         self._stop.set()
         if self._thread is not None and self._reader is not None:
             self._reader.wake()

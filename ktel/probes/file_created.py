@@ -3,8 +3,9 @@ tracepoint where it is loaded (it sees the create itself), else from the open an
 creat syscall tracepoints (O_CREAT and a successful return).
 
 ``LAYOUT`` reads ``struct file_created_event`` of bpf/file_created.h. A record for
-an absolute path is only its first ``ABS_SIZE`` bytes (no ``dir``): records come in
-those two sizes, and the ring buffer holds 2.6 times as many of the short ones.
+an absolute path (not opened in a root) is only its first ``ABS_SIZE`` bytes (no
+``dir``): records come in those two sizes, and the ring buffer holds 2.6 times as
+many of the short ones.
 
 A relative path (the syscall fallback records what the process passed) is made
 absolute from the directory the kernel side read from the dentries of the
@@ -48,7 +49,13 @@ ABS_SIZE = LAYOUT.size - DIR_LEN
 FRAMED_ABS = struct.Struct(f"<{HEADER_SIZE}x{LAYOUT.format[1:-4]}")
 assert FRAMED_ABS.size == stride(ABS_SIZE)
 SIZES = (ABS_SIZE, LAYOUT.size)  # the sizes of its records
-if _native is not None and (LAYOUT.size, ABS_SIZE) != (_native.RECORD_SIZE, getattr(_native, "ABS_SIZE", 0)):
+DIR_OK = 1  # KTEL_DIR_OK (bpf/file_created.h)
+DIR_IN_ROOT = 0x80  # KTEL_DIR_IN_ROOT
+if _native is not None and (LAYOUT.size, ABS_SIZE, DIR_IN_ROOT) != (
+    _native.RECORD_SIZE,
+    getattr(_native, "ABS_SIZE", 0),
+    getattr(_native, "DIR_IN_ROOT", 0),
+):
     # Built from another bpf/file_created.h than LAYOUT describes: its bytes would be wrong.
     log.warning(
         "file_created: the compiled packer was built for other records than %s bytes; packing"
@@ -64,8 +71,6 @@ def compiled() -> bool:
 
 
 AT_FDCWD = -100
-DIR_OK = 1  # KTEL_DIR_OK (bpf/file_created.h)
-DIR_IN_ROOT = 0x80  # KTEL_DIR_IN_ROOT
 SLASH = ord("/")
 FILE_CREATED = EventKind(
     1,

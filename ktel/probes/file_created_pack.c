@@ -10,9 +10,10 @@
  * checks that, byte for byte).
  *
  * Only the common case is done here: an absolute path (not one opened inside a root,
- * KTEL_DIR_IN_ROOT), and a comm and path that are valid UTF-8. At any other record the packer stops and returns its index; the
- * caller decodes that record in Python (relative paths, backslash escapes) and calls
- * again from the next one, so events keep the ring buffer's order.
+ * KTEL_DIR_IN_ROOT), and a comm and path that are valid UTF-8. At any other record
+ * the packer stops and returns its index; the caller decodes that record in Python
+ * (relative paths, backslash escapes) and calls again from the next one, so events
+ * keep the ring buffer's order.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -214,7 +215,8 @@ PyMODINIT_FUNC PyInit__file_created_pack(void)
 
 	if (m != NULL &&
 	    (PyModule_AddIntConstant(m, "RECORD_SIZE", sizeof(struct file_created_event)) < 0 ||
-	     PyModule_AddIntConstant(m, "ABS_SIZE", KTEL_FILE_CREATED_ABS_SIZE) < 0)) {
+	     PyModule_AddIntConstant(m, "ABS_SIZE", KTEL_FILE_CREATED_ABS_SIZE) < 0 ||
+	     PyModule_AddIntConstant(m, "DIR_IN_ROOT", KTEL_DIR_IN_ROOT) < 0)) {
 		Py_DECREF(m);
 		return NULL;
 	}

@@ -206,7 +206,10 @@ syscall.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_char_p, ctypes.c_char_
 root = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
 how = struct.pack("QQQ", os.O_CREAT | os.O_WRONLY, 0o644, 0x10)
 for path in sys.argv[2:]:
-    fd = syscall(437, root, path.encode(), how, len(how))  # SYS_openat2, x86-64 and arm64 alike
+    for _try in range(100):  # EAGAIN: a ".." crossed while something was renamed or mounted
+        fd = syscall(437, root, path.encode(), how, len(how))  # SYS_openat2, x86-64 and arm64 alike
+        if fd >= 0 or ctypes.get_errno() != errno.EAGAIN:
+            break
     if fd < 0:
         err = ctypes.get_errno()
         sys.exit(3 if err in (errno.ENOSYS, errno.EPERM) else f"openat2 {path}: {os.strerror(err)}")

@@ -1,6 +1,8 @@
 """Runs of ring-buffer records (edge_agent/ringbuf.py) and the bulk decoder that
 reads them: the same events as the per-record decoder, record for record."""
 
+import mmap
+import os
 import struct
 
 import pytest
@@ -97,3 +99,16 @@ def test_common_prefix_of_header_words():
     assert ringbuf._common_prefix(got, want) // 4 == 4
     assert ringbuf._common_prefix(want, want) == len(want)
     assert ringbuf._common_prefix(got[16:], want[:8]) // 4 == 0  # a look-ahead whose first record differs
+
+
+def test_a_reader_that_cannot_map_its_buffer_leaves_no_fd_open():
+    # An eventfd stands for the map: epoll takes it, mmap refuses it (ENODEV), as a
+    # map the kernel would not let the agent map. The caller then reads through BCC.
+    fd = os.eventfd(0, os.EFD_CLOEXEC)
+    try:
+        before = sorted(os.listdir("/proc/self/fd"))
+        with pytest.raises(OSError):
+            ringbuf.RingReader(fd, 16 * mmap.PAGESIZE)
+        assert sorted(os.listdir("/proc/self/fd")) == before
+    finally:
+        os.close(fd)
