@@ -61,7 +61,11 @@ def test_few_records_wake_no_reader_and_a_filling_buffer_does():
     assert {e[2] for e in probe.decode(few + many)} == {w.pid}
 
 
-def test_the_drain_thread_reads_what_woke_no_one_on_its_timer():
+def test_the_drain_thread_reads_what_woke_no_one_on_its_ticks(monkeypatch):
+    periods = []  # the drain thread's waits go to the shared ticks (edge_agent/ticks.py)
+    monkeypatch.setattr(
+        probes, "until_tick", lambda period, now: periods.append(period) or until_tick(period, now)
+    )
     w = python_workload(LOOKUPS)
     try:
         with loaded(
@@ -72,6 +76,7 @@ def test_the_drain_thread_reads_what_woke_no_one_on_its_timer():
     finally:
         w.finish()
     assert [e["pid"] for e in events] == [w.pid] * FEW
+    assert periods and set(periods) == {0.2}
 
 
 def test_a_probe_asks_for_a_wake_up_at_a_quarter_of_its_buffer():
