@@ -241,6 +241,13 @@ class RedactRule(BaseModel):
         return v
 
 
+def _ms_within(v: int, most: int, advice: str) -> int:
+    """``v`` milliseconds if from 1 to ``most``, else the range and ``advice``."""
+    if not 1 <= v <= most:
+        raise ValueError(f"{v} ms is out of range: from 1 to {most} ({advice})")
+    return v
+
+
 class AgentConfig(BaseModel):
     host_id: str = Field(
         default_factory=lambda: _read_id("/etc/machine-id"),
@@ -355,23 +362,15 @@ class AgentConfig(BaseModel):
     @field_validator("read_interval_ms")
     @classmethod
     def _read_interval(cls, v: int) -> int:
-        if not 1 <= v <= 1000:
-            raise ValueError(
-                f"{v} ms is out of range: from 1 to 1000 (default 500; longer saves wake-ups, "
-                "shorter delivers sooner)"
-            )
-        return v
+        return _ms_within(v, 1000, "default 500; longer saves wake-ups, shorter delivers sooner")
 
     @field_validator("batch_max_ms")
     @classmethod
     def _batch_max(cls, v: int) -> int:
         # What a SIGKILL can lose grows with it (docs/guarantees.md): a minute at most.
-        if not 1 <= v <= 60_000:
-            raise ValueError(
-                f"{v} ms is out of range: from 1 to 60000 (default 500, the read interval; "
-                "longer saves batches, shorter delivers sooner)"
-            )
-        return v
+        return _ms_within(
+            v, 60_000, "default 500, the read interval; longer saves batches, shorter delivers sooner"
+        )
 
     @field_validator("host_id")
     @classmethod
