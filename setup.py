@@ -13,7 +13,10 @@ setup(
             # (through ktel/_data's link, which the sdist carries too).
             include_dirs=["ktel/_data/bpf"],
             # -Wall without -Werror: a newer compiler's new warning must not fail an install.
-            extra_compile_args=["-O2", "-Wall"],
+            # -fno-builtin-memcpy: GCC inlined the copy of a comm or path (at most 256
+            # bytes) as `rep movsq`, slow to start on short strings; with libc's memcpy
+            # the packer took 270 µs for 5,000 records instead of 355.
+            extra_compile_args=["-O2", "-Wall", "-fno-builtin-memcpy"],
         )
     ]
 )

@@ -71,7 +71,7 @@ from ktel import runtime, selfmetrics
 from ktel.config import Config
 from ktel.kafka_client import client_kwargs, compression_type, explained_by_ktel, start
 from ktel.probes import file_created
-from ktel.probes.decode import count, pack_event, records
+from ktel.probes.decode import PackedEvents, count, pack_event, records
 from ktel.retry import Backoff, Permanent, retry
 from ktel.wire import (
     Heartbeat,
@@ -234,8 +234,8 @@ class Agent:
 
     # ------------------------------------------------------------ collecting
 
-    def seal(self, events: list[bytes], weights: list[float] | None = None) -> RawBatch:
-        """A batch of these packed events (pack_event): its RawBatch holds them as packed."""
+    def seal(self, events: PackedEvents, weights: list[float] | None = None) -> RawBatch:
+        """A batch of these packed events: its RawBatch holds them as packed."""
         return RawBatch(
             self.host_id,
             self.boot_id,
@@ -246,7 +246,7 @@ class Agent:
             incarnation=self.seqs.incarnation,
         )
 
-    def encoded(self, events: list[bytes], weights: list[float]) -> list[tuple[RawBatch, bytes]]:
+    def encoded(self, events: PackedEvents, weights: list[float]) -> list[tuple[RawBatch, bytes]]:
         """``events`` (packed) sealed and encoded as one batch, or as consecutive batches each
         within ``agent.batch_max_bytes``: halved while the encoding is larger.
 
@@ -258,20 +258,20 @@ class Agent:
         uniform = weights.count(1.0) == len(weights)
         return self._fitted(self.seal(events, None if uniform else weights), events)
 
-    def _fitted(self, batch: RawBatch, events: list[bytes]) -> list[tuple[RawBatch, bytes]]:
+    def _fitted(self, batch: RawBatch, events: PackedEvents) -> list[tuple[RawBatch, bytes]]:
         """``batch`` (of the packed ``events``) encoded, halved until each part fits."""
-        payload = encode_packed(batch, events)
         n = len(events)
+        payload = encode_packed(batch, n, events.data)
         if len(payload) <= self.cfg.agent.batch_max_bytes or n == 1:
             return [(batch, payload)]  # one event too large even alone: Kafka's refusal splits no further
         half = n // 2
         w = batch.weights
-        first = dataclasses.replace(batch, events=events[:half], weights=w if w is None else w[:half])
-        out = self._fitted(first, events[:half])  # sealed before rest: numbers stay in order
-        rest = events[half:]
+        head, rest = events.split(half)
+        first = dataclasses.replace(batch, events=head, weights=w if w is None else w[:half])
+        out = self._fitted(first, head)  # sealed before rest: numbers stay in order
         return out + self._fitted(self.seal(rest, None if w is None else list(w[half:])), rest)
 
-    def spool_batch(self, events: list[bytes], weights: list[float]) -> None:
+    def spool_batch(self, events: PackedEvents, weights: list[float]) -> None:
         """Seal ``events`` (packed, redacted) into the spool."""
         spooled = 0  # events of the parts the spool has taken (or dropped and counted)
         try:
@@ -299,16 +299,16 @@ class Agent:
             self.disk_failing = False
         self.spooled.set()
 
-    def drain_once(self, pending: list[bytes], weights: list[float]) -> None:
+    def drain_once(self, pending: PackedEvents, weights: list[float]) -> None:
         """Decode what the ring buffers hold into ``pending``, packed (pack_event) and
         redacted, and each event's sampling weight into ``weights``: the probe's 1-in-N
         rate in force now. (Events sampled just before a rate change and drained after
         it carry the new rate: the error lasts one drain interval.)
 
-        Events are held packed from here on: a batch is sealed by joining them
-        (encode_packed), and a file creation never becomes a Python list at all
-        (Probe.pack_run). Redaction rules need the fields, so with rules the events
-        are decoded, masked, then packed."""
+        Events are held packed from here on, end to end in one buffer (PackedEvents): a
+        batch is sealed by copying that buffer (encode_packed), and a file creation never
+        becomes a Python object at all (Probe.pack_run). Redaction rules need the
+        fields, so with rules the events are decoded, masked, then packed."""
         redact = self.redactor.apply if self.redactor else None
         for name, p in self.loaded.items():
             # Histogram probes: their in-kernel histograms as HISTOGRAM_DELTA events every
@@ -318,7 +318,7 @@ class Agent:
             if snap:
                 if redact:
                     redact(snap)
-                pending += map(pack_event, snap)
+                pending.extend(map(pack_event, snap))
                 weights += [1.0] * len(snap)
             runs = p.take()
             if not runs:
@@ -329,13 +329,13 @@ class Agent:
                 if redact:
                     events = p.decode(runs)
                     redact(events)
-                    pending += map(pack_event, events)
+                    pending.extend(map(pack_event, events))
                 else:
-                    pending += p.pack(runs)
+                    p.pack(runs, pending)
             except Exception:
                 # A decoder bug must not take the node's telemetry down: decode one by one,
                 # count the bad ones.
-                del pending[before:]
+                pending.truncate(before)
                 offset = time.time_ns() - time.monotonic_ns()
                 for r in (r for run in runs for r in records(run)):
                     try:
@@ -371,7 +371,7 @@ class Agent:
 
     async def _collect(self, stop: asyncio.Event, stopped: asyncio.Future, queued: asyncio.Event) -> None:
         acfg = self.cfg.agent
-        pending: list[bytes] = []
+        pending = PackedEvents()
         weights: list[float] = []
         clock = SealClock(acfg.batch_max_ms / 1000)
         while True:
@@ -388,11 +388,11 @@ class Agent:
             limit = acfg.batch_max_events
             busy = len(pending) >= limit
             while len(pending) >= limit:
-                self.spool_batch(pending[:limit], weights[:limit])
-                del pending[:limit], weights[:limit]
+                self.spool_batch(pending.take(limit), weights[:limit])
+                del weights[:limit]
             if pending and (stopping or clock.due(now)):
-                self.spool_batch(pending, weights)
-                pending, weights = [], []
+                self.spool_batch(pending.take(len(pending)), weights)
+                weights = []
                 clock.sealed(now)
             if stopping:
                 return

@@ -41,7 +41,7 @@ from edge_agent.ticks import until_tick
 from ktel.config import AgentConfig
 from ktel.paths import DATA_DIR, TRACEFS
 from ktel.probes import HIST_SLOTS, HISTOGRAM_DELTA, PROBES, Probe
-from ktel.probes.decode import Run, frame, pack_event, records
+from ktel.probes.decode import PackedEvents, Run, frame, pack_event, records
 
 log = logging.getLogger(__name__)
 
@@ -309,17 +309,16 @@ class LoadedProbe:
                 events += [decode(r, offset) for r in records(run)]
         return events
 
-    def pack(self, runs: list[Run]) -> list[bytes]:
-        """``decode``'s events packed (pack_event), straight from the records where the
-        probe packs in bulk (Probe.pack_run)."""
+    def pack(self, runs: list[Run], out: PackedEvents) -> None:
+        """``decode``'s events packed (pack_event), appended to ``out``: straight from
+        the records where the probe packs in bulk (Probe.pack_run)."""
         pack_run = self.spec.pack_run
         if pack_run is None:
-            return [pack_event(ev) for ev in self.decode(runs)]
+            out.extend(map(pack_event, self.decode(runs)))
+            return
         offset = time.time_ns() - time.monotonic_ns()
-        events: list[bytes] = []
         for size, data in runs:
-            events += pack_run(size, data, offset)
-        return events
+            pack_run(size, data, offset, out)
 
     def counters(self) -> dict[str, int]:
         table = self.bpf[b"counters"]

@@ -24,9 +24,12 @@ import importlib
 import pkgutil
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ktel.schema import TS_NS, U64, EventKind, Field, Int, IntList, Map, Str
+
+if TYPE_CHECKING:
+    from ktel.probes.decode import PackedEvents
 
 # Buckets of a log2 histogram: KTEL_HIST_SLOTS in bpf/ktel_hist.h (checked by
 # tests/unit/test_probe_layout.py). The agent's histogram deltas and the aggregate
@@ -137,9 +140,9 @@ class Probe:
     # Optional bulk form of ``decode``: (record size, run of framed records, wall
     # offset) -> the same events, for high-rate probes (ktel/probes/decode.py).
     decode_run: Callable[[int, bytes, int], list] | None = None
-    # Optional: (record size, run, wall offset) -> decode_run's events packed
-    # (decode.pack_event), made without building them, for the agent at high rates.
-    pack_run: Callable[[int, bytes, int], list[bytes]] | None = None
+    # Optional: (record size, run, wall offset, out) appends decode_run's events packed
+    # (decode.pack_event) to out, made without building them, for the agent at high rates.
+    pack_run: Callable[[int, bytes, int, PackedEvents], None] | None = None
     histograms: tuple[Histogram, ...] = ()
     # Tracepoint -> -D flag for attach points that exist on some kernels only.
     optional_tracepoints: dict[str, str] = dataclasses.field(default_factory=dict)

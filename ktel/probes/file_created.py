@@ -25,7 +25,7 @@ import os
 import struct
 
 from ktel.probes import Layout, Probe, btf
-from ktel.probes.decode import HEADER_SIZE, c_string, frame, pack_event, stride
+from ktel.probes.decode import HEADER_SIZE, PackedEvents, c_string, frame, pack_event, stride
 from ktel.schema import COMM, PID, TS_NS, Bool, EventKind, Field, Int, Metric, Str
 
 try:  # compiled when ktel is installed (setup.py); a bare checkout packs in Python
@@ -211,24 +211,23 @@ def decode_run(size: int, data: bytes, wall_offset_ns: int) -> list:
     return events
 
 
-def pack_run(size: int, data: bytes, wall_offset_ns: int) -> list[bytes]:
+def pack_run(size: int, data: bytes, wall_offset_ns: int, out: PackedEvents) -> None:
     """A run of ring-buffer records -> their packed wire events (``pack_event`` of what
-    ``decode_run`` makes, byte for byte), for the agent.
+    ``decode_run`` makes, byte for byte), appended to ``out``, for the agent.
 
     The compiled packer (file_created_pack.c) takes the records with an absolute,
     valid UTF-8 path and comm, a tenth of decode_run's and msgpack's cost; it stops
     at any other record, which decode_run takes here, and goes on after it."""
     if _native is None:
-        return [pack_event(ev) for ev in decode_run(size, data, wall_offset_ns)]
+        out.extend(pack_event(ev) for ev in decode_run(size, data, wall_offset_ns))
+        return
     step, kind = _framed(size).size, FILE_CREATED.id
     n = len(data) // step
-    out: list[bytes] = []
-    i = _native.pack(data, size, 0, wall_offset_ns, kind, out)
+    i = _native.pack(data, size, 0, wall_offset_ns, kind, out.data, out.sizes)
     while i < n:
         [ev] = decode_run(size, data[i * step : (i + 1) * step], wall_offset_ns)
         out.append(pack_event(ev))
-        i = _native.pack(data, size, i + 1, wall_offset_ns, kind, out)
-    return out
+        i = _native.pack(data, size, i + 1, wall_offset_ns, kind, out.data, out.sizes)
 
 
 def _framed(size: int) -> struct.Struct:

@@ -144,20 +144,21 @@ def encode_batch(batch: RawBatch) -> bytes:
 _EVENTS = object()
 
 
-def encode_packed(batch: RawBatch, events: Sequence[bytes]) -> bytes:
-    """``encode_batch`` of ``batch`` with these events, given packed
-    (ktel/probes/decode.py, pack_event): the same bytes, without unpacking them.
+def encode_packed(batch: RawBatch, count: int, events: bytes | bytearray) -> bytes:
+    """``encode_batch`` of ``batch`` with ``count`` events given packed, end to end in
+    ``events`` (ktel/probes/decode.py, PackedEvents): the same bytes, without
+    unpacking them.
 
     The agent holds its events packed (a file creation is packed straight from its
-    ring-buffer record, ktel/probes/file_created.py), so sealing a batch costs a join."""
+    ring-buffer record, ktel/probes/file_created.py), so sealing a batch costs a copy."""
     packer = msgpack.Packer(use_bin_type=True)
     obj = {"v": SCHEMA_VERSION, **_fields(batch, _EVENTS)}
-    out = [packer.pack_map_header(len(obj))]
+    out: list[bytes | bytearray] = [packer.pack_map_header(len(obj))]
     for key, value in obj.items():
         out.append(packer.pack(key))
         if value is _EVENTS:
-            out.append(packer.pack_array_header(len(events)))
-            out += events
+            out.append(packer.pack_array_header(count))
+            out.append(events)
         else:
             out.append(packer.pack(value))
     return b"".join(out)

@@ -7,7 +7,7 @@ import pytest
 
 from edge_agent.agent import Agent
 from ktel import config, topics
-from ktel.probes.decode import pack_event
+from ktel.probes.decode import PackedEvents, pack_event
 from ktel.topics import create_topics
 from ktel.wire import FILE_CREATED, RAW_TOPIC, decode_batch
 from tests.integration.agent_harness import read_topic
@@ -37,7 +37,7 @@ async def test_batches_are_keyed_by_host_numbered_and_ordered(kafka, tmp_path):
         await agent.producer.start()
         publisher = asyncio.create_task(agent.publish())
         for i in range(n):
-            agent.spool_batch([pack_event(ev)] * (i + 1), [1.0] * (i + 1))
+            agent.spool_batch(PackedEvents([pack_event(ev)] * (i + 1)), [1.0] * (i + 1))
         async with asyncio.timeout(30):
             while not agent.spool.empty():  # the spool's cursor advances on acknowledgement
                 await asyncio.sleep(0.05)

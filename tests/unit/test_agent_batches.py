@@ -10,7 +10,7 @@ from edge_agent import agent as agent_mod
 from edge_agent import probes as probes_mod
 from ktel.config import AgentConfig, Config, RedactRule
 from ktel.probes import file_created, ktel_api
-from ktel.probes.decode import pack_event
+from ktel.probes.decode import PackedEvents, pack_event
 from ktel.wire import decode_batch
 from tests.unit.test_ringbuf import fc_record, run_of
 
@@ -31,8 +31,8 @@ def file_events(n: int) -> list[list]:
     return [[1, 10**18 + i, 100, 100, 0, "touch", f"/tmp/d/f{i:06d}", 0o101, True] for i in range(n)]
 
 
-def packed(events: list[list]) -> list[bytes]:
-    return [pack_event(ev) for ev in events]  # as the agent holds its events
+def packed(events: list[list]) -> PackedEvents:
+    return PackedEvents(map(pack_event, events))  # as the agent holds its events
 
 
 def test_a_full_batch_of_ordinary_events_is_one_batch(agent):
@@ -113,7 +113,7 @@ def test_drained_events_are_held_packed_and_masked_by_the_agents_rules(tmp_path,
     with contextlib.closing(a.spool):
         run = run_of([fc_record(0, b"/home/alice/x"), fc_record(1, b"/tmp/y")])
         a.loaded = {"file_created": FedProbe([run])}
-        pending: list[bytes] = []
+        pending = PackedEvents()
         weights: list[float] = []
         a.drain_once(pending, weights)
     events = [msgpack.unpackb(p) for p in pending]

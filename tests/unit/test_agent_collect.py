@@ -12,7 +12,7 @@ import contextlib
 
 from edge_agent import agent as agent_mod
 from edge_agent.ticks import SealClock
-from ktel.probes.decode import frame
+from ktel.probes.decode import PackedEvents, frame
 from tests.unit.test_agent_batches import make_agent
 
 
@@ -35,8 +35,8 @@ class QueuedProbe:
         runs, self.runs = self.runs, []
         return runs
 
-    def pack(self, runs: list) -> list[bytes]:
-        return [data[8:16] for _size, data in runs]
+    def pack(self, runs: list, out: PackedEvents) -> None:
+        out.extend(data[8:16] for _size, data in runs)
 
     def stop_draining(self) -> None:
         pass

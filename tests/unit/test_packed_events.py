@@ -6,6 +6,7 @@ path they replace: decode_run's events, packed, in a batch encode_batch writes."
 from __future__ import annotations
 
 import dataclasses
+from array import array
 
 import msgpack
 import pytest
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 
 from ktel import wire
 from ktel.probes import file_created
-from ktel.probes.decode import frame, pack_event
+from ktel.probes.decode import PackedEvents, frame, pack_event
 from ktel.wire.raw import encode_packed
 from tests.unit.test_any_valid_batch import batches
 from tests.unit.test_wire_golden import GOLDEN
@@ -25,6 +26,12 @@ def test_the_compiled_packer_is_built_for_this_record_layout():
         pytest.skip("ktel.probes._file_created_pack is not built: pip install -e . (or make) builds it")
     assert file_created.LAYOUT.size == file_created._native.RECORD_SIZE
     assert file_created.ABS_SIZE == file_created._native.ABS_SIZE
+
+
+def packed_run(size: int, data: bytes, offset: int) -> list[bytes]:
+    out = PackedEvents()
+    file_created.pack_run(size, data, offset, out)
+    return list(out)
 
 
 def c_field(length: int) -> st.SearchStrategy[bytes]:
@@ -77,12 +84,15 @@ records = st.builds(
 def test_packing_a_run_gives_the_bytes_of_its_decoded_events_packed(recs, offset, size):
     data = b"".join(frame(r[:size])[1] for r in recs)
     events = file_created.decode_run(size, data, offset)
-    packed = file_created.pack_run(size, data, offset)
-    assert packed == [pack_event(ev) for ev in events]
-    assert [msgpack.unpackb(p) for p in packed] == events
+    # Appended after what the agent holds already, as from a tick's earlier runs.
+    held = pack_event([1, 2, 3])
+    packed = PackedEvents([held])
+    file_created.pack_run(size, data, offset, packed)
+    assert list(packed) == [held] + [pack_event(ev) for ev in events]
+    assert [msgpack.unpackb(p) for p in packed][1:] == events
 
 
-@pytest.mark.parametrize("run", [file_created.pack_run, file_created.decode_run])
+@pytest.mark.parametrize("run", [packed_run, file_created.decode_run])
 def test_a_record_of_another_size_is_refused(run):
     with pytest.raises(ValueError, match="expected 304 or 816"):
         run(8, frame(b"12345678")[1], 0)
@@ -92,7 +102,7 @@ def test_the_compiled_packer_refuses_a_size_it_was_not_built_for():
     if file_created._native is None:
         pytest.skip("ktel.probes._file_created_pack is not built: pip install -e . (or make) builds it")
     with pytest.raises(ValueError, match="size is RECORD_SIZE or ABS_SIZE"):
-        file_created._native.pack(bytes(824), 808, 0, 0, 1, [])
+        file_created._native.pack(bytes(824), 808, 0, 0, 1, bytearray(), array("I"))
 
 
 def test_a_record_without_dir_never_reads_one(monkeypatch):
@@ -105,7 +115,7 @@ def test_a_record_without_dir_never_reads_one(monkeypatch):
     data = frame(rec[:size])[1] + frame(nxt[:size])[1]
     [one, two] = file_created.decode_run(size, data, 0)
     assert (one[6], two[6]) == ("resolved:rel", "/abs")
-    assert file_created.pack_run(size, data, 0) == [pack_event(one), pack_event(two)]
+    assert packed_run(size, data, 0) == [pack_event(one), pack_event(two)]
 
 
 IN_ROOT = file_created.DIR_IN_ROOT
@@ -132,7 +142,7 @@ def test_a_file_opened_in_a_root_is_named_by_the_kernels_walk_or_inside_dirfd(
     data = frame(rec[:size])[1]
     [event] = file_created.decode_run(size, data, 0)
     assert event[6] == want
-    assert file_created.pack_run(size, data, 0) == [pack_event(event)]
+    assert packed_run(size, data, 0) == [pack_event(event)]
 
 
 def test_a_path_opened_in_a_root_that_cannot_be_resolved_stays_as_passed(monkeypatch):
@@ -150,11 +160,41 @@ def test_a_path_opened_in_a_root_that_cannot_be_resolved_stays_as_passed(monkeyp
 )
 def test_a_batch_of_packed_events_encodes_to_encode_batchs_bytes(batch, incarnation, part):
     batch = dataclasses.replace(batch, incarnation=incarnation, part=part)
-    assert encode_packed(batch, [pack_event(ev) for ev in batch.events]) == wire.encode_batch(batch)
+    packed = PackedEvents(map(pack_event, batch.events))
+    assert encode_packed(batch, len(packed), packed.data) == wire.encode_batch(batch)
 
 
 @pytest.mark.parametrize("name", ["raw_batch", "raw_batch_part", "raw_batch_enriched"])
 def test_a_golden_batch_packed_is_its_golden_bytes(name):
     golden = (GOLDEN / f"v{wire.SCHEMA_VERSION}" / f"{name}.msgpack").read_bytes()
     batch = wire.decode_batch(golden)
-    assert encode_packed(batch, [pack_event(ev) for ev in batch.events]) == golden
+    packed = PackedEvents(map(pack_event, batch.events))
+    assert encode_packed(batch, len(packed), packed.data) == golden
+
+
+def test_packed_events_split_take_and_truncate_at_event_boundaries():
+    events = [pack_event([1, i, "x" * i]) for i in range(7)]
+    held = PackedEvents(events)
+    assert len(held) == 7 and list(held) == events and held[3] == events[3] and held[-1] == events[6]
+    assert list(held[2:5]) == events[2:5] and list(held[5:99]) == events[5:]
+    first, rest = held.split(3)
+    assert (list(first), list(rest), list(held)) == (events[:3], events[3:], events)
+    taken = held.take(2)
+    assert (list(taken), list(held)) == (events[:2], events[2:])
+    held.truncate(3)
+    assert list(held) == events[2:5] and bytes(held.data) == b"".join(events[2:5])
+    everything = held.take(10)
+    assert list(everything) == events[2:5] and len(held) == 0 and not held.data
+    with pytest.raises(IndexError):
+        held[0]
+
+
+def test_the_compiled_packer_leaves_its_buffers_as_they_were_when_it_fails():
+    if file_created._native is None:
+        pytest.skip("ktel.probes._file_created_pack is not built: pip install -e . (or make) builds it")
+    rec = file_created.LAYOUT.pack(5, 1, 1, 0, -100, 0o100, 0, 0, 0, b"sh", b"/abs", b"")
+    data = frame(rec)[1] * 3
+    out = bytearray(b"held")
+    with pytest.raises(AttributeError):  # sizes that cannot take the sizes
+        file_created._native.pack(data, file_created.LAYOUT.size, 0, 0, 1, out, [])
+    assert out == b"held"
