@@ -1,11 +1,13 @@
 import os
 import stat
+import struct
+import zlib
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from edge_agent.spool import HEADER, Spool
+from edge_agent.spool import HEADER, MAGIC, Spool
 
 
 def payload(i: int, size: int = 100) -> bytes:
@@ -223,3 +225,19 @@ def test_what_memory_serves_is_what_the_disk_holds(tmp_path_factory, ops, recent
         sp.close()
         runs.append(seen)
     assert runs[0] == runs[1]
+
+
+def test_a_spool_written_before_zlib_ng_is_read_the_same(tmp_path):
+    """The spool's checksum is zlib's CRC-32 (now computed by zlib-ng): a record an older
+    agent wrote, checksummed with zlib, is read back after an upgrade, and a record with
+    a wrong checksum is not."""
+
+    def record(body: bytes, n_events: int, crc_of=lambda b: b) -> bytes:
+        crc = zlib.crc32(crc_of(body), zlib.crc32(struct.pack("<II", len(body), n_events)))
+        return HEADER.pack(MAGIC, len(body), n_events, crc) + body
+
+    good, bad = payload(1, 5000), payload(2, 5000)
+    (tmp_path / f"{0:016d}.seg").write_bytes(record(good, 3) + record(bad, 4, crc_of=lambda b: b + b"x"))
+    sp = Spool(tmp_path)
+    assert read_all(sp) == [good] and sp.corrupt_bytes > 0
+    sp.close()
