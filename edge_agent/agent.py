@@ -6,12 +6,12 @@ buffer's records a run at a time, one copy per run (edge_agent/ringbuf.py).
 Everything else is per batch: sealing, numbering, encoding, spooling, publishing.
 
 Delivery: every sealed batch is first written to the on-disk spool
-(edge_agent/spool.py), then published from it in order, pipelined, with
-aiokafka's idempotent producer (acks=all, zstd by default). The spool's cursor advances
-only on Kafka's acknowledgement; a batch whose delivery failed is re-sent with
-the shared retry helper under the same sequence number, so the processors
-drop the copy if the first attempt did land. While Kafka is away batches pile
-up in the spool (bounded; what a full spool drops is counted) and are sent in
+(edge_agent/spool.py), zstd-compressed by default (Agent.for_kafka), then
+published from it in order, pipelined, with aiokafka's idempotent producer
+(acks=all). The spool's cursor advances only on Kafka's acknowledgement; a
+batch whose delivery failed is re-sent with the shared retry helper under the
+same sequence number, so the processors drop the copy if the first attempt did
+land. While Kafka is away batches pile up in the spool (bounded; what a full spool drops is counted) and are sent in
 order when it returns. A batch Kafka refuses as too large is sent in halves
 (see _deliver); while Kafka refuses this agent the write (authorization),
 batches wait in the spool. What a SIGKILL can lose: events still in the ring
@@ -80,6 +80,7 @@ from ktel.wire import (
     encode_batch,
     encode_heartbeat,
 )
+from ktel.wire.codec import compress
 from ktel.wire.raw import encode_packed
 
 log = logging.getLogger("ktel.agent")
@@ -263,13 +264,22 @@ class Agent:
         n = len(events)
         payload = encode_packed(batch, n, events.data)
         if len(payload) <= self.cfg.agent.batch_max_bytes or n == 1:
-            return [(batch, payload)]  # one event too large even alone: Kafka's refusal splits no further
+            # One event too large even alone: Kafka's refusal splits no further.
+            return [(batch, self.for_kafka(payload))]
         half = n // 2
         w = batch.weights
         head, rest = events.split(half)
         first = dataclasses.replace(batch, events=head, weights=w if w is None else w[:half])
         out = self._fitted(first, head)  # sealed before rest: numbers stay in order
         return out + self._fitted(self.seal(rest, None if w is None else list(w[half:])), rest)
+
+    def for_kafka(self, payload: bytes) -> bytes:
+        """A sealed batch's bytes as the spool keeps them and Kafka gets them: with
+        agent.compression "zstd", one zstd frame (ktel/wire/codec.py). Compressed here,
+        not by the Kafka client, it costs the agent less (level 1, and the spool writes
+        and checksums a tenth of the bytes), the spool holds ten times the batches, and
+        any broker takes it (Kafka's own zstd needs 2.1 or later)."""
+        return compress(payload) if self.cfg.agent.compression == "zstd" else payload
 
     def spool_batch(self, events: PackedEvents, weights: list[float]) -> None:
         """Seal ``events`` (packed, redacted) into the spool."""
@@ -412,9 +422,9 @@ class Agent:
         return AIOKafkaProducer(
             **client_kwargs(self.cfg.kafka),
             enable_idempotence=True,  # implies acks=all
-            # zstd (level 3) takes about a fifth of lz4's CPU here (aiokafka compresses lz4
-            # at level 9) and makes records half the size: bench/RESULTS.md.
-            compression_type=compression_type(self.cfg.agent.compression),
+            # zstd: the batches come compressed (for_kafka), heartbeats are small. lz4
+            # (aiokafka compresses it at level 9) costs several times zstd's CPU here.
+            compression_type=compression_type(self.cfg.agent.compression, own_zstd=True),
             # A batch record is larger than aiokafka's batch_size (16 KiB): each goes in a
             # Kafka batch of its own, so lingering gathers nothing; it cost 0.4 ms of CPU a
             # send (a third of the send) in aiokafka's sender loop (bench/RESULTS.md).
@@ -533,7 +543,7 @@ class Agent:
             half = dataclasses.replace(
                 batch, events=batch.events[lo:hi], weights=weights, part=[first + lo, total]
             )
-            dropped += await self._deliver(encode_batch(half))
+            dropped += await self._deliver(self.for_kafka(encode_batch(half)))
         return dropped
 
     async def publish(self) -> None:

@@ -295,8 +295,10 @@ class AgentConfig(BaseModel):
     )
     compression: Literal["zstd", "lz4", "gzip", "none"] = Field(
         "zstd",
-        description="codec of the raw batches the agent (and ktel replay) write to Kafka; lz4 or "
-        "none for a broker older than Kafka 2.1, which cannot take zstd",
+        description="codec of the raw batches the agent (and ktel replay) write to Kafka. zstd: "
+        "the agent compresses each batch itself (one zstd frame, level 1) before spooling it, "
+        "so any broker takes it; ktel replay uses Kafka's zstd (2.1 or later). lz4 and gzip "
+        "are Kafka's codecs",
     )
     metrics_port: int = Field(9465, ge=0, le=65535, description="agent self-metrics /metrics port (0: off)")
     spool_max_mb: int = Field(1024, ge=1, description="on-disk spool bound (<state_dir>/spool), MiB")

@@ -95,9 +95,12 @@ def client_kwargs(kafka: Kafka, bootstrap: str | None = None) -> dict[str, Any]:
     return kwargs
 
 
-def compression_type(codec: str) -> str | None:
-    """aiokafka's ``compression_type`` for ``agent.compression`` ("none": None)."""
-    return None if codec == "none" else codec
+def compression_type(codec: str, own_zstd: bool = False) -> str | None:
+    """aiokafka's ``compression_type`` for ``agent.compression`` ("none": None).
+
+    ``own_zstd``: the producer's records come zstd-compressed already (the agent's
+    batches, ktel/wire/codec.py), so "zstd" asks Kafka for no codec."""
+    return None if codec == "none" or (own_zstd and codec == "zstd") else codec
 
 
 def faust_settings(kafka: Kafka) -> dict[str, Any]:

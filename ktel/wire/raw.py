@@ -26,6 +26,12 @@ Record::
                          # (process.executable.name, process.parent_pid,
                          # container.id, k8s.pod.name, ...); unknown stays absent
 
+On ``ktel.raw`` a record may instead be one zstd frame holding those msgpack bytes,
+its content size in the frame's header (ktel/wire/codec.py, compress): the agent
+compresses its batches itself with ``agent.compression = "zstd"``, the default, and
+sends them without a Kafka codec. Readers take both; a frame that declares no size,
+or more than ``MAX_RECORD_BYTES``, or holds more than it declares, is refused.
+
 An event is an array, not a map: its first element is the kind id and the rest
 are the kind's fields in order. Arrays keep per-event encode/decode cost near
 zero, which is the agent's ceiling. The kinds, their fields, types and ranges
@@ -43,7 +49,7 @@ import msgpack
 
 from ktel.probes import KINDS
 from ktel.schema import ATTR_VALUE, TS_NS, U63, Array, Int, IntList, Key, MapOf, Shape, Str, brief
-from ktel.wire.codec import SCHEMA_VERSION, WireError, pack, unpack
+from ktel.wire.codec import SCHEMA_VERSION, ZSTD_MAGIC, WireError, decompress, pack, unpack
 
 # A batch holds at most this many events (the agent seals at agent.batch_max_events).
 MAX_EVENTS = 100_000
@@ -177,10 +183,12 @@ def _bad_event(events: list, what: str) -> WireError:
     return WireError(f"{what}: an event failed its check")  # not reached
 
 
-def decode_batch(data: bytes) -> RawBatch:
-    """Decode a raw batch and check every event against its kind; raises WireError
-    naming what is wrong."""
+def decode_batch(data: bytes | bytearray) -> RawBatch:
+    """Decode a raw batch, plain or zstd-compressed (codec.compress), and check every
+    event against its kind; raises WireError naming what is wrong."""
     what = "raw batch"
+    if isinstance(data, bytes | bytearray) and data[:4] == ZSTD_MAGIC:
+        data = decompress(data, what)
     obj = unpack(data, what, SHAPE)
     events = obj["events"]
     valid = _VALID

@@ -27,6 +27,7 @@ from ktel.wire import (
     encode_batch,
     encode_command,
 )
+from ktel.wire.codec import ZSTD_MAGIC
 from tests.conftest import need_bpf
 from tests.integration.agent_harness import AgentProcess, kill_leftovers, raw_events_under, read_topic
 
@@ -88,9 +89,12 @@ def test_broker_down_30s_loses_nothing(private_kafka, tmp_path):
     assert spooled_during_outage > 0  # the outage really happened and the spool took the batches
     assert drops == 0
     assert sorted(e["path"] for e in events) == [str(target / f"f{i:05d}") for i in range(n)]
-    # Published zstd-compressed (agent.compression's default), through the broker's
+    # Published zstd-compressed by the agent (agent.compression's default), each batch a
+    # zstd frame in a record Kafka got without a codec of its own, through the broker's
     # restart too: an idempotent producer broken by it is replaced, not left failing.
-    assert raw_codecs(private_kafka) == {DefaultRecordBatch.CODEC_ZSTD}
+    assert raw_codecs(private_kafka) == {DefaultRecordBatch.CODEC_NONE}
+    values = [r.value for r in asyncio.run(read_topic(private_kafka.bootstrap, RAW_TOPIC))]
+    assert values and all(v[:4] == ZSTD_MAGIC for v in values)
 
 
 def test_damaged_spool_is_recovered_and_the_damage_counted(kafka, tmp_path):

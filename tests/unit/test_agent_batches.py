@@ -11,7 +11,8 @@ from edge_agent import probes as probes_mod
 from ktel.config import AgentConfig, Config, RedactRule
 from ktel.probes import file_created, ktel_api
 from ktel.probes.decode import PackedEvents, pack_event
-from ktel.wire import decode_batch
+from ktel.wire import decode_batch, encode_batch
+from ktel.wire.codec import ZSTD_MAGIC
 from tests.unit.test_ringbuf import fc_record, run_of
 
 
@@ -73,8 +74,24 @@ def test_one_event_larger_than_the_limit_stays_one_batch(tmp_path):
     with contextlib.closing(a.spool):
         big = [1, 1, 100, 100, 0, "touch", "/" + "p" * 5000, 0o101, True]
         [(batch, payload)] = a.encoded(packed([big]), [1.0])
-        # For Kafka to refuse, and the agent to count.
-        assert len(payload) > 4096 and decode_batch(payload).events == [big]
+        # Its encoding is past the limit, and it is not split further.
+        assert len(encode_batch(decode_batch(payload))) > 4096 and decode_batch(payload).events == [big]
+
+
+@pytest.mark.parametrize("codec", ["zstd", "lz4", "none"])
+async def test_batches_are_spooled_compressed_by_the_agent_only_with_zstd(tmp_path, codec):
+    a = make_agent(tmp_path, compression=codec)
+    with contextlib.closing(a.spool):
+        [(batch, payload)] = a.encoded(packed(file_events(2000)), [1.0] * 2000)
+    plain = encode_batch(decode_batch(payload))
+    if codec == "zstd":
+        # One zstd frame, a small part of the batch's bytes; Kafka is asked for no codec.
+        assert payload[:4] == ZSTD_MAGIC and len(payload) < len(plain) / 4
+        assert a._new_producer()._compression_type is None
+    else:
+        # Kafka's codec compresses them (lz4), or nothing does.
+        assert payload == plain
+        assert a._new_producer()._compression_type == (None if codec == "none" else codec)
 
 
 def test_a_heartbeat_reports_the_agents_counters(agent):

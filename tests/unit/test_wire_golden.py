@@ -18,6 +18,7 @@ import pytest
 
 from ktel import wire
 from ktel.probes import HIST_SLOTS, KINDS
+from ktel.wire.codec import ZSTD_MAGIC
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "wire"
 TS = 1_764_000_000_000_000_000  # ns since the epoch
@@ -163,6 +164,15 @@ def test_golden_bytes_are_what_ktel_encodes_and_decodes(name):
     golden = (GOLDEN / f"v{wire.SCHEMA_VERSION}" / f"{name}.msgpack").read_bytes()
     assert encode(record) == golden, f"the bytes of {name} changed: see this file's docstring"
     assert decode(golden) == record
+
+
+def test_the_golden_batch_compressed_by_an_agent_decodes_as_the_golden_batch():
+    """A raw batch as the agent sends it with agent.compression "zstd": one zstd frame
+    around the golden bytes (written once by ktel/wire/codec.py's compress; zstd's own
+    bytes may differ between its versions, so only the reading is pinned)."""
+    frame = (GOLDEN / f"v{wire.SCHEMA_VERSION}" / "raw_batch.zst").read_bytes()
+    assert frame[:4] == ZSTD_MAGIC
+    assert wire.decode_batch(frame) == RECORDS["raw_batch"][2]
 
 
 @pytest.mark.parametrize("name", sorted(RECORDS))
