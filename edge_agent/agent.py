@@ -11,12 +11,12 @@ published from it in order, pipelined, with aiokafka's idempotent producer
 (acks=all). The spool's cursor advances only on Kafka's acknowledgement; a
 batch whose delivery failed is re-sent with the shared retry helper under the
 same sequence number, so the processors drop the copy if the first attempt did
-land. While Kafka is away batches pile up in the spool (bounded; what a full spool drops is counted) and are sent in
-order when it returns. A batch Kafka refuses as too large is sent in halves
-(see _deliver); while Kafka refuses this agent the write (authorization),
-batches wait in the spool. What a SIGKILL can lose: events still in the ring
-buffer or drained but not yet sealed (at most a read interval of them while the
-agent keeps up, edge_agent/ticks.py; at most
+land. While Kafka is away batches pile up in the spool (bounded; what a full
+spool drops is counted) and are sent in order when it returns. A batch Kafka
+refuses as too large is sent in halves (see _deliver); while Kafka refuses this
+agent the write (authorization), batches wait in the spool. What a SIGKILL can
+lose: events still in the ring buffer or drained but not yet sealed (at most a
+read interval of them while the agent keeps up, edge_agent/ticks.py; at most
 probes.QUEUE_MAX_BYTES of records per probe when it does not). A state
 directory that refuses writes (a full disk) costs the batches sealed meanwhile,
 counted; the agent goes on and spools again once it can.
