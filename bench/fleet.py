@@ -68,7 +68,7 @@ sys.path.insert(0, str(HERE))
 
 import psutil  # noqa: E402
 from aiokafka import AIOKafkaProducer  # noqa: E402
-from processing_throughput import AGENT_CODEC, COMMS, DIRS, machine, scrape  # noqa: E402
+from processing_throughput import AGENT_KAFKA_CODEC, COMMS, DIRS, agent_record, machine, scrape  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from ktel import config, topics  # noqa: E402
@@ -86,7 +86,6 @@ from ktel.wire import (  # noqa: E402
     PROCESS_EXIT,
     RAW_TOPIC,
     RawBatch,
-    encode_batch,
     encode_heartbeat,
 )
 
@@ -164,7 +163,7 @@ class Traffic:
     async def start(self, bootstrap: str) -> None:
         # As the agent produces (edge_agent/agent.py): its default codec, acks=all.
         self.producer = AIOKafkaProducer(
-            bootstrap_servers=bootstrap, compression_type=AGENT_CODEC, linger_ms=5, acks="all"
+            bootstrap_servers=bootstrap, compression_type=AGENT_KAFKA_CODEC, linger_ms=5, acks="all"
         )
         await self.producer.start()
         for h in self.hosts:
@@ -193,7 +192,7 @@ class Traffic:
             while i < int(sent):
                 host = self.hosts[i % len(self.hosts)]
                 batch, files = make_batch(host, self.per_batch, self.rng)
-                futures.append(await self.producer.send(RAW_TOPIC, encode_batch(batch), key=batch.key))
+                futures.append(await self.producer.send(RAW_TOPIC, agent_record(batch), key=batch.key))
                 self.files += files
                 # Stamped as the agent seals it, just before the send: its events' latency
                 # includes the produce, as an agent's do.

@@ -62,6 +62,7 @@ sys.path.insert(0, str(ROOT))
 import msgpack  # noqa: E402
 
 from ktel import config, topics  # noqa: E402
+from ktel.kafka_client import compression_type  # noqa: E402
 from ktel.stack import proc as proc_mod  # noqa: E402
 from ktel.stack.kafka import LocalKafka, ensure_kafka  # noqa: E402
 from ktel.stack.proc import free_port  # noqa: E402
@@ -75,12 +76,23 @@ from ktel.wire import (  # noqa: E402
     decode_batch,
     encode_batch,
 )
+from ktel.wire.codec import compress  # noqa: E402
 from processors import aggregate_core, chain  # noqa: E402
 
 NAIVE_TOPIC = "ktel.bench.naive"
 # The codec the agent publishes with by default (agent.compression); the benches
-# that simulate agents produce with it.
+# that simulate agents produce with it: the Kafka codec AGENT_KAFKA_CODEC, each batch
+# as agent_record makes it (with "zstd", compressed by the agent, no Kafka codec).
 AGENT_CODEC = config.AgentConfig.model_fields["compression"].default
+AGENT_KAFKA_CODEC = compression_type(AGENT_CODEC, own_zstd=True)
+
+
+def agent_record(batch: RawBatch) -> bytes:
+    """``batch`` as the agent sends it with its default codec (Agent.for_kafka)."""
+    plain = encode_batch(batch)
+    return compress(plain) if AGENT_CODEC == "zstd" else plain
+
+
 AIMS = {"rate": 300_000, "ratio": 30}
 POLL_S = 0.2  # each poll is a /metrics scrape the worker serves
 RESULTS = HERE / "RESULTS.md"
@@ -253,7 +265,7 @@ async def prefill(bootstrap: str, n_batches: int, hosts: int, naive_events: int)
     # As the agent produces (edge_agent/agent.py): its default codec, acks=all.
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap,
-        compression_type=AGENT_CODEC,
+        compression_type=AGENT_KAFKA_CODEC,
         linger_ms=5,
         max_request_size=4 * 1024 * 1024,
         acks="all",
@@ -263,7 +275,7 @@ async def prefill(bootstrap: str, n_batches: int, hosts: int, naive_events: int)
     sample: list[bytes] = []
     try:
         for batch in make_batches(n_batches, hosts):
-            record = encode_batch(batch)
+            record = agent_record(batch)
             info["batches"] += 1
             info["events"] += len(batch.events)
             info["bytes"] += len(record)
@@ -509,8 +521,8 @@ def report(args: argparse.Namespace, info: dict[str, Any], runs: list[tuple[Meas
         f"{time.strftime('%Y-%m-%d')}, {machine()}, load average at the start {args.load:.1f}.",
         f"{info['batches']:,} raw batches from {args.hosts} hosts, {info['events']:,} events "
         f"({info['events'] / info['batches']:,.0f} a batch, "
-        f"{info['bytes'] / info['batches'] / 1024:,.0f} KiB "
-        f"msgpack, {AGENT_CODEC} on the wire); the naive topic holds the first {info['naive']:,} "
+        f"{info['bytes'] / info['batches'] / 1024:,.1f} KiB as the agent sends it, "
+        f"{AGENT_CODEC}); the naive topic holds the first {info['naive']:,} "
         f"of them one per record. {len(runs)} run(s), each on a fresh broker; best and range.",
         "",
         "| worker | events/s (wall) | range | events per CPU-second | range |",

@@ -63,14 +63,14 @@ sys.path.insert(0, str(HERE))
 import psutil  # noqa: E402
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # noqa: E402
 from fleet import Host, make_batch  # noqa: E402
-from processing_throughput import AGENT_CODEC, machine, scrape, start_worker  # noqa: E402
+from processing_throughput import AGENT_KAFKA_CODEC, agent_record, machine, scrape, start_worker  # noqa: E402
 
 from ktel import config, topics  # noqa: E402
 from ktel.stack.kafka import LocalKafka  # noqa: E402
 from ktel.stack.proc import free_port  # noqa: E402
 from ktel.stack.proc import stop as stop_proc  # noqa: E402
 from ktel.topics import create_topics  # noqa: E402
-from ktel.wire import RAW_TOPIC, decode_batch, encode_batch  # noqa: E402
+from ktel.wire import RAW_TOPIC, decode_batch  # noqa: E402
 
 VARIANTS = (
     "aiokafka",
@@ -96,14 +96,14 @@ async def produce(bootstrap: str, hosts: int, records: int, events: int) -> None
     rng = random.Random(1)
     fleet = [Host(i, rng) for i in range(hosts)]
     producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap, compression_type=AGENT_CODEC, linger_ms=5, acks="all"
+        bootstrap_servers=bootstrap, compression_type=AGENT_KAFKA_CODEC, linger_ms=5, acks="all"
     )
     await producer.start()
     try:
         futures = []
         for i in range(records):
             batch, _ = make_batch(fleet[i % hosts], events, rng)
-            futures.append(await producer.send(RAW_TOPIC, encode_batch(batch), key=batch.key))
+            futures.append(await producer.send(RAW_TOPIC, agent_record(batch), key=batch.key))
         await asyncio.gather(*futures)
     finally:
         await producer.stop()

@@ -43,11 +43,11 @@ class PackedEvents(Sequence[bytes]):
     one's size: how the agent holds events from the ring buffer to a sealed batch,
     whose events array is this buffer as it is (ktel/wire/raw.py, encode_packed).
 
-    One buffer rather than a ``bytes`` per event: making a tick's thousands of small
-    ``bytes``, freeing them and joining them at the seal cost the agent about a
-    fifth of its CPU at 10,000 events a second (bench/RESULTS.md, "Where the
-    agent's CPU goes"). The compiled packer appends to ``data`` and ``sizes``
-    directly (ktel/probes/file_created_pack.c)."""
+    One buffer rather than a ``bytes`` per event: packing a tick's events and joining
+    them at the seal were about a fifth of the agent's CPU at 10,000 events a second,
+    and making, joining and freeing thousands of small ``bytes`` a good part of that
+    (bench/RESULTS.md, "Where the agent's CPU goes"). The compiled packer appends to
+    ``data`` and ``sizes`` directly (ktel/probes/file_created_pack.c)."""
 
     __slots__ = ("data", "sizes")
 
