@@ -8,7 +8,8 @@ package; nothing else defines a record. Split by record family:
   are declared by the probes, ktel/probes/);
 - ``ktel.wire.signals``: metric snapshots, span and log batches;
 - ``ktel.wire.control``: heartbeats, fidelity commands, dead letters;
-- ``ktel.wire.codec``: msgpack, the schema version, ``WireError``.
+- ``ktel.wire.codec``: msgpack, the schema version, ``WireError``, and the
+  zstd frame a raw batch may come in (the agent's compression).
 
 Each record is a typed shape (ktel/schema.py): every decode checks types,
 ranges, finite numbers and sizes, and raises ``WireError`` with the reason a

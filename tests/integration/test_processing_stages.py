@@ -42,6 +42,7 @@ from ktel.wire import (
     encode_batch,
     encode_heartbeat,
 )
+from ktel.wire.codec import ZSTD_MAGIC, compress
 from processors import changelog
 from tests.conftest import need_bpf
 from tests.integration.agent_harness import AgentProcess, committed_offsets, read_topic
@@ -429,12 +430,22 @@ def test_garbage_and_wrong_versions_go_to_the_dlq_and_good_counts_stay_exact(pri
     w = Worker(tmp_path, private_kafka.bootstrap, "w").start()
     try:
         rng = random.Random(11)
-        good = [(bt.key, encode_batch(bt)) for bt in batches(4, 25, 10)]
+        # Half the good batches as the agent sends them (one zstd frame), half plain.
+        good = [
+            (bt.key, compress(encode_batch(bt)) if i % 2 else encode_batch(bt))
+            for i, bt in enumerate(batches(4, 25, 10))
+        ]
+        # zstd frames no reader may inflate: one declaring 2**40 bytes, and a batch of a
+        # good host with a second frame behind it (more than its header declares).
+        stowaway = compress(encode_batch(list(batches(4, 25, 10))[3]))
+        frames = [ZSTD_MAGIC + b"\xe0" + (1 << 40).to_bytes(8, "little") + bytes(8), stowaway + stowaway]
         bad = []
         for i in range(10_000):
-            if i % 3 == 0:
+            if i % 4 == 3:
+                bad.append((b"host-03", frames[i // 4 % 2]))
+            elif i % 4 == 0:
                 bad.append((b"host-00", rng.randbytes(rng.randint(0, 64))))
-            elif i % 3 == 1:
+            elif i % 4 == 1:
                 bad.append((b"host-01", msgpack.packb({"v": 2, "host": "host-01", "events": []})))
             else:
                 bad.append(
@@ -472,6 +483,8 @@ def test_garbage_and_wrong_versions_go_to_the_dlq_and_good_counts_stay_exact(pri
         reasons = {d.reason.split(":")[1].strip().split(" ")[0] for d in dead}
         assert any("unknown schema version 2" in d.reason for d in dead)
         assert any("unknown kind id 99" in d.reason for d in dead)
+        assert any("a zstd frame of 1099511627776 bytes, more than" in d.reason for d in dead)
+        assert any("raw batch: not a zstd frame" in d.reason for d in dead)
         assert reasons  # every dead letter carries a reason
         assert sorted(d.payload for d in dead) == sorted(v for _k, v in bad)
         assert w.proc.poll() is None  # the worker kept running
