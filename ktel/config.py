@@ -25,6 +25,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ktel.probes import KIND_BY_NAME, KINDS, PROBES
 from ktel.schema import U32
+from ktel.wire.codec import MAX_RECORD_BYTES
 from ktel.wire.topics import Topics
 
 
@@ -277,8 +278,12 @@ class AgentConfig(BaseModel):
     batch_max_bytes: int = Field(
         1 << 20,
         ge=4096,
+        # Kafka's limit is on compressed bytes: past the readers' bound (decompressed) a
+        # batch would be dead-lettered, not split.
+        le=MAX_RECORD_BYTES,
         description="the most bytes a batch's encoding takes (Kafka's default record limit is "
-        "1 MiB); a larger one is sealed as two, halved until each fits",
+        f"1 MiB; the processors read at most {MAX_RECORD_BYTES >> 20} MiB); a larger one is sealed "
+        "as two, halved until each fits",
     )
     batch_max_ms: int = Field(
         500,

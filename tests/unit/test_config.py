@@ -39,6 +39,7 @@ def test_env_overrides_file(tmp_path, monkeypatch):
         ),
         ("[agent]\nbatch_max_ms = 'abc'\n", "KTEL_AGENT__BATCH_MAX_MS"),
         ("[agent]\nbatch_max_ms = 0\n", "from 1 to 60000"),
+        ("[agent]\nbatch_max_bytes = 16777216\n", "batch_max_bytes = 16777216: Input should be less than"),
         ("[kafka]\nbootstrap = 'nohost'\n", "kafka.bootstrap = 'nohost'"),
         ("[aggregate]\nwindow_seconds = 0\n", "KTEL_AGGREGATE__WINDOW_SECONDS"),
         (
