@@ -169,8 +169,8 @@ static PyObject *pack(PyObject *self, PyObject *args)
 	int64_t ts;
 
 	(void)self;
-	if (!PyArg_ParseTuple(args, "y*nnLiO!O", &buf, &size, &start, &offset, &kind, &PyByteArray_Type,
-			      &out, &sizes))
+	if (!PyArg_ParseTuple(args, "y*nnLiO!O", &buf, &size, &start, &offset, &kind,
+			      &PyByteArray_Type, &out, &sizes))
 		return NULL;
 	if (kind < 0 || kind > 127 || start < 0 ||
 	    (size != (Py_ssize_t)sizeof(struct file_created_event) &&
@@ -224,8 +224,9 @@ static PyObject *pack(PyObject *self, PyObject *args)
 	if (PyByteArray_Resize(out, used) < 0)
 		goto fail;
 	if (i > start) {
-		PyObject *r = PyObject_CallMethod(sizes, "frombytes", "y#", (const char *)lens,
-						  (Py_ssize_t)((size_t)(i - start) * sizeof(*lens)));
+		PyObject *r =
+			PyObject_CallMethod(sizes, "frombytes", "y#", (const char *)lens,
+					    (Py_ssize_t)((size_t)(i - start) * sizeof(*lens)));
 		if (r == NULL)
 			goto fail;
 		Py_DECREF(r);
