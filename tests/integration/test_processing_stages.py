@@ -251,6 +251,45 @@ def test_two_workers_and_a_sigkill_count_every_event_once(private_kafka, tmp_pat
         b.stop()
 
 
+def test_the_on_disk_copy_holds_exactly_what_the_changelog_holds(private_kafka, tmp_path):
+    """process.table_store = "rocksdict": the copy takes the changelog records Kafka
+    acknowledged, several in one write (processors/table_store.py). Stopped, the worker
+    leaves in each partition's copy every key's last record and the offset of the
+    partition's last record: none missing, none ahead of Kafka."""
+    from rocksdict import AccessType, Options, Rdict
+
+    from processors.table_store import OFFSET_KEY
+
+    hosts, per_host, events = 12, 30, 5
+    w = Worker(tmp_path, private_kafka.bootstrap, "w", KTEL_PROCESS__TABLE_STORE="rocksdict").start()
+    try:
+        traffic = [(bt.key, encode_batch(bt)) for bt in batches(hosts, per_host, events)]
+        asyncio.run(produce(private_kafka.bootstrap, traffic))
+        expected = batches_totals(hosts, per_host, events)
+        assert wait_for_totals(private_kafka.bootstrap, expected) == expected
+    finally:
+        w.stop()
+    want: dict[int, dict[bytes, bytes]] = {}
+    last: dict[int, int] = {}
+    for r in changelog_records(private_kafka.bootstrap):
+        part = want.setdefault(r.partition, {})
+        if r.value is None:
+            part.pop(r.key, None)
+        else:
+            part[r.key] = r.value
+        last[r.partition] = max(last.get(r.partition, -1), r.offset)
+    assert len(last) > 1  # the hosts' records spread over several partitions
+    for partition, records in want.items():
+        [path] = (tmp_path / "w-data").rglob(f"*-{partition}.rdict")
+        db = Rdict(str(path), Options(raw_mode=True), access_type=AccessType.read_only())
+        try:
+            copy = dict(db.items())
+        finally:
+            db.close()
+        assert int(copy.pop(OFFSET_KEY)) == last[partition]
+        assert copy == records
+
+
 def test_a_worker_refused_its_table_writes_stops_with_nothing_committed_and_its_restart_counts_all(
     private_kafka, tmp_path
 ):
