@@ -116,8 +116,11 @@ class Outcome:
 class Emitted:
     """What this worker last emitted of one host."""
 
-    due_ms: float  # when its first unchanged series is due for a refresh
+    due_ms: float  # when its first unchanged series is due for a refresh (or earlier)
     series: dict[str, tuple[Any, int]]  # series key -> (fingerprint of the value emitted, when)
+    # The host's series map these were of: one recovered from the changelog since (a
+    # rebalance) is another object, and it is looked at whole again.
+    of: dict[str, Any]
 
 
 class Aggregate(Stage):
@@ -134,7 +137,8 @@ class Aggregate(Stage):
         # The worker's memory, not the table: rebuilt by a full snapshot after a restart
         # or a rebalance, which is what a new owner of a host must send anyway.
         self.emitted: dict[str, Emitted] = {}
-        self.counted: set[str] = set()  # hosts with a batch counted since the last window
+        # Hosts with a batch counted since the last window: the series the batches changed.
+        self.counted: dict[str, set[str]] = {}
 
     @classmethod
     def from_config(cls, section: AggregateConfig, max_state_bytes: int) -> Aggregate:
@@ -142,8 +146,8 @@ class Aggregate(Stage):
 
     def on_batch(self, state: State, batch: RawBatch, now_ms: int) -> Result:
         state["last_ms"] = now_ms  # the worker's clock, as the window's now_ms: see on_window
-        self.counted.add(batch.host_id)
         out = add(state, batch, self.opts)
+        self.counted.setdefault(batch.host_id, set()).update(path[-1] for path in out.touched)
         spans, logs = signals(batch)
         counts = {"events": out.counted, "overflowed": out.overflowed}
         if out.dropped:
@@ -187,12 +191,25 @@ class Aggregate(Stage):
     def _changed(self, host_id: str, state: State, now_ms: int) -> tuple[list[list], int]:
         """The host's rows to emit now, and how many series were left out as unchanged."""
         seen = self.emitted.get(host_id)
-        if seen is not None and host_id not in self.counted and now_ms < seen.due_ms:
-            return [], len(seen.series)  # nothing counted since, nothing due
+        mine = state.get("series", {})
+        if seen is not None and seen.of is mine and now_ms < seen.due_ms:
+            # No refresh due: only the series counted since can have changed. (A window
+            # over every series of every counted host cost most of the window.)
+            rows = []
+            for key in self.counted.get(host_id, ()):
+                value = mine.get(key)
+                if value is None:
+                    continue  # (its record refused after all, and the series with it)
+                now = fingerprint(value)
+                before = seen.series.get(key)
+                if before is None or before[0] != now:
+                    rows.append(row_of(host_id, key, value))
+                    seen.series[key] = (now, now_ms)
+            return rows, len(mine) - len(rows)
         last = seen.series if seen is not None else {}
         refresh_ms = self.opts.refresh_seconds * 1000
         rows, series, due_ms = [], {}, math.inf
-        for key, value in state.get("series", {}).items():
+        for key, value in mine.items():
             # (a series' row is built only to be emitted: most of a host's are unchanged)
             now = fingerprint(value)
             before = last.get(key)
@@ -201,7 +218,7 @@ class Aggregate(Stage):
                 before = (now, now_ms)
             series[key] = before
             due_ms = min(due_ms, before[1] + refresh_ms)
-        self.emitted[host_id] = Emitted(due_ms, series)
+        self.emitted[host_id] = Emitted(due_ms, series, mine)
         return rows, len(series) - len(rows)
 
 

@@ -199,3 +199,23 @@ def test_a_host_back_from_another_worker_is_emitted_whole():
     assert chain.on_window(aggregate, {}, NOW_MS + 20_000, 0.0).snapshots == []  # the partition moved away
     [(host, snap)] = chain.on_window(aggregate, table, NOW_MS + 30_000, 1.0).snapshots  # and back
     assert (host, len(snap.series), snap.stale) == ("h", 2, False)
+
+
+def test_a_host_value_recovered_between_two_windows_is_compared_whole():
+    """Between two windows a host's value can be replaced by one recovered from the
+    changelog (its partition away and back, counted meanwhile by another worker) with
+    no batch counted here: the window must still emit what changed in it, not only
+    the series this worker's batches touched."""
+    chain = Chain([aggregate_core.Aggregate(aggregate_core.Options(refresh_seconds=3600))])
+    [aggregate] = chain.timed()
+    ev = lambda d: [1, 1, 2, 2, 0, "c", f"/{d}/f", 0o101, False]  # noqa: E731
+    table: dict[str, dict] = {}
+    chain.on_batch(table.setdefault("h", {}), RawBatch("h", "b", 0, 0, [ev("a"), ev("b")]), NOW_MS - 1)
+    assert len(chain.on_window(aggregate, table, NOW_MS, 1.0).snapshots[0][1].series) == 2
+    recovered = json.loads(json.dumps(table["h"]))  # (as the changelog gives it back)
+    [key_b] = [k for k in recovered["aggregate"]["series"] if "/b" in k]
+    recovered["aggregate"]["series"][key_b] += 5  # what the other worker counted
+    table["h"] = recovered
+    chain.on_batch(table["h"], RawBatch("h", "b", 9, 0, [ev("a")]), NOW_MS + 9_000)
+    rows = chain.on_window(aggregate, table, NOW_MS + 10_000, 1.0).snapshots[0][1].series
+    assert sorted((r[2]["directory"], r[3]) for r in rows) == [("/a", 2), ("/b", 6)]
