@@ -15,7 +15,6 @@ chains.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -25,7 +24,7 @@ from processors.aggregate_core import Aggregate
 from processors.dedupe_core import Dedupe
 from processors.enrich_core import Enrich
 from processors.sample_core import Sample
-from processors.stage import Result, Stage, State, Touched
+from processors.stage import Result, Stage, State, Touched, copied
 
 PROCESSES = {
     "dedupe": ("dedupe",),
@@ -88,7 +87,7 @@ class Chain:
     def _restorer(self, stage: Stage, host_id: str) -> Callable[[], None]:
         """How to put a non-durable stage's state of the host back as it is now."""
         states = self.memory[stage.section]
-        was = copy.deepcopy(states.get(host_id))
+        was = copied(states.get(host_id))
 
         def restore() -> None:
             if was is None:

@@ -110,6 +110,8 @@ class RawBatch:
         """This batch with only ``events`` (some of its own) and their weights.
 
         The attributes of processes that only the dropped events named go with them."""
+        if weights is None and self.weights is None and len(events) == len(self.events):
+            return self  # (all kept, as most batches are: no new batch to make)
         processes = self.processes
         if processes and len(events) < len(self.events):
             named = {str(ev[i]) for ev in events for i in PID_INDEXES.get(ev[0], ())}
