@@ -62,7 +62,7 @@ sys.path.insert(0, str(ROOT))
 import msgpack  # noqa: E402
 
 from ktel import config, topics  # noqa: E402
-from ktel.kafka_client import compression_type  # noqa: E402
+from ktel.kafka_client import agent_kafka_codec  # noqa: E402
 from ktel.stack import proc as proc_mod  # noqa: E402
 from ktel.stack.kafka import LocalKafka, ensure_kafka  # noqa: E402
 from ktel.stack.proc import free_port  # noqa: E402
@@ -84,7 +84,7 @@ NAIVE_TOPIC = "ktel.bench.naive"
 # that simulate agents produce with it: the Kafka codec AGENT_KAFKA_CODEC, each batch
 # as agent_record makes it (with "zstd", compressed by the agent, no Kafka codec).
 AGENT_CODEC = config.AgentConfig.model_fields["compression"].default
-AGENT_KAFKA_CODEC = compression_type(AGENT_CODEC, own_zstd=True)
+AGENT_KAFKA_CODEC = agent_kafka_codec(AGENT_CODEC)
 
 
 def agent_record(batch: RawBatch) -> bytes:

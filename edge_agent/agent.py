@@ -69,7 +69,7 @@ from edge_agent.spool import Record, Spool
 from edge_agent.ticks import SealClock
 from ktel import runtime, selfmetrics
 from ktel.config import Config
-from ktel.kafka_client import client_kwargs, compression_type, explained_by_ktel, start
+from ktel.kafka_client import agent_kafka_codec, client_kwargs, explained_by_ktel, start
 from ktel.probes import file_created
 from ktel.probes.decode import PackedEvents, count, pack_event, records
 from ktel.retry import Backoff, Permanent, retry
@@ -424,7 +424,7 @@ class Agent:
             enable_idempotence=True,  # implies acks=all
             # zstd: the batches come compressed (for_kafka), heartbeats are small. lz4
             # (aiokafka compresses it at level 9) costs several times zstd's CPU here.
-            compression_type=compression_type(self.cfg.agent.compression, own_zstd=True),
+            compression_type=agent_kafka_codec(self.cfg.agent.compression),
             # A batch record is larger than aiokafka's batch_size (16 KiB): each goes in a
             # Kafka batch of its own, so lingering gathers nothing; it cost 0.4 ms of CPU a
             # send (a third of the send) in aiokafka's sender loop (bench/RESULTS.md).

@@ -95,12 +95,16 @@ def client_kwargs(kafka: Kafka, bootstrap: str | None = None) -> dict[str, Any]:
     return kwargs
 
 
-def compression_type(codec: str, own_zstd: bool = False) -> str | None:
-    """aiokafka's ``compression_type`` for ``agent.compression`` ("none": None).
+def compression_type(codec: str) -> str | None:
+    """aiokafka's ``compression_type`` for a codec as ``agent.compression`` names it
+    ("none": None)."""
+    return None if codec == "none" else codec
 
-    ``own_zstd``: the producer's records come zstd-compressed already (the agent's
-    batches, ktel/wire/codec.py), so "zstd" asks Kafka for no codec."""
-    return None if codec == "none" or (own_zstd and codec == "zstd") else codec
+
+def agent_kafka_codec(codec: str) -> str | None:
+    """The Kafka codec of the agent's producer for ``agent.compression``: none under
+    "zstd", whose batches the agent compresses itself (ktel/wire/codec.py)."""
+    return None if codec == "zstd" else compression_type(codec)
 
 
 def faust_settings(kafka: Kafka) -> dict[str, Any]:
