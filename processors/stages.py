@@ -56,6 +56,7 @@ import asyncio
 import collections
 import dataclasses
 import functools
+import gc
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -704,7 +705,17 @@ def replicas(kafka: KafkaConfig) -> int:
     return kafka.replication_factor
 
 
+# The collector's first threshold (Python's default: 700). A worker allocates a few
+# hundred containers per record (Faust's event and message, the stages' results) and
+# holds every host's state, so with the default it collects its youngest objects every
+# few records, and the older ones, which that promotes, every few dozen: about a tenth
+# of the stages' own work at 10,000 hosts (bench/RESULTS.md, "The chain's own work per
+# batch"). What it collects is the same, a little later.
+GC_THRESHOLD = 10_000
+
+
 def run(cfg: Config, stage: str, log_level: str = "info") -> None:
+    gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
     # Faust, left to find out, would log a traceback per attempt and no reason.
     asyncio.run(reachable(cfg.kafka, f"ktel process {stage}"))
     check_partitions(cfg, stage)
