@@ -150,13 +150,13 @@ def delta_key(host_id: str, v: int) -> bytes:
     return json.dumps([host_id, v % SLOTS]).encode()
 
 
-def delta(value: dict[str, Any], touched: Touched) -> dict[str, Any]:
+def delta(value: dict[str, Any], touched: Touched, its_head: dict[str, Any]) -> dict[str, Any]:
     """The delta record of a record that changed ``touched`` of ``value`` (which holds
-    its new version)."""
+    its new version); ``its_head``: ``head(value)``, which the caller has made already."""
     changed = [(path, get(value, path, MISSING)) for path in touched]
     return {
         VERSION: version(value),
-        "head": head(value),
+        "head": its_head,
         "set": [[path, entry] for path, entry in changed if entry is not MISSING],
         "del": [path for path, entry in changed if entry is MISSING and touched[path] is not MISSING],
     }
@@ -174,10 +174,13 @@ def entries_size(host_id: str, value: dict[str, Any], touched: Touched, before: 
     total = before
     for path, old in touched.items():
         new = get(value, path, MISSING)
-        if old is not MISSING:
+        if old is MISSING:
+            if new is not MISSING:
+                total += size(host_id, path, new)
+        elif new is MISSING:
             total -= size(host_id, path, old)
-        if new is not MISSING:
-            total += size(host_id, path, new)
+        else:  # (an entry changed in place: its path's part of the size stays)
+            total += len(json.dumps(new)) - len(json.dumps(old))
     return total
 
 

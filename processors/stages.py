@@ -375,7 +375,8 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         back what the record changed and dead-letter it (False)."""
         kept = as_persisted(host_id, value)
         v = value[changelog.VERSION] = changelog.version(value) + 1
-        head = encoded(hosts, changelog.head(value))
+        its_head = changelog.head(value)
+        head = encoded(hosts, its_head)
         entries = changelog.entries_size(host_id, value, result.touched, kept.entries)
         if len(head) + entries > limit:
             restored = changelog.restored(decoded(hosts, kept.head), value, result.touched)
@@ -389,7 +390,9 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             )
             return False
         key = changelog.delta_key(host_id, v)
-        record = None if kept.snapshot_due(v) else encoded(hosts, changelog.delta(value, result.touched))
+        record = (
+            None if kept.snapshot_due(v) else encoded(hosts, changelog.delta(value, result.touched, its_head))
+        )
         if record is None or len(record) >= len(head) + entries:  # (a delta no smaller than the value)
             key, record = hosts.data._encode_key(host_id), encoded(hosts, value)
             kept.snapshot = v

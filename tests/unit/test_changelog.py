@@ -57,7 +57,7 @@ class Runner:
                 continue
             v = self.value[changelog.VERSION] = changelog.version(self.value) + 1
             key = json.loads(changelog.delta_key("h1", v))
-            record: tuple = (key, changelog.delta(self.value, result.touched))
+            record: tuple = (key, changelog.delta(self.value, result.touched, changelog.head(self.value)))
             if self.kept.snapshot_due(v) or len(json.dumps(record[1])) >= len(json.dumps(self.value)):
                 record = ("h1", self.value)
                 self.kept.snapshot = v
