@@ -37,6 +37,8 @@ URL = "ktel-rocksdict://"
 STORES.aliases["ktel-rocksdict"] = f"{__name__}:DiskBackedStore"
 
 OFFSET_KEY = b"\x00ktel:changelog-offset"  # never a table key: those are JSON
+# How long acknowledged changelog records wait to be copied, gathered (DiskBackedStore).
+ACKED_WRITE_S = 0.2
 
 
 class FoldingStore(memory.Store):
@@ -98,16 +100,16 @@ class DiskBackedStore(FoldingStore):
 
     def acknowledged(self, key: bytes, value: bytes | None) -> Callable[[Any], None]:
         """What a changelog send calls with the record's metadata once Kafka has it:
-        queues the record for the copy, which takes what was queued in one write per
-        partition once the event loop has run the other callbacks ready: aiokafka
-        acknowledges a produce request's records in one go, so that is one RocksDB write
-        per request, not per record (a write per record cost the worker about 30 µs a
-        record, bench/RESULTS.md). A worker killed before the write restarts from the
-        copy's older offset and reads the rest from the changelog."""
+        queues the record for the copy, which takes what was queued every
+        ``ACKED_WRITE_S``, in one write per partition. A write per record cost the worker
+        about 30 µs a record at 10,000 hosts, and one per produce request as much: on a
+        worker that keeps up, aiokafka sends each record or two on its own request
+        (bench/RESULTS.md). A worker killed before the write restarts from the copy's
+        older offset and reads the rest from the changelog."""
 
         def copy(meta: Any) -> None:
             if not self._acked:
-                asyncio.get_running_loop().call_soon(self._write_acked)
+                asyncio.get_running_loop().call_later(ACKED_WRITE_S, self._write_acked)
             partition = meta.topic_partition.partition
             batch = self._acked[partition][0] if partition in self._acked else WriteBatch(raw_mode=True)
             if value is None:
