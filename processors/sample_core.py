@@ -184,14 +184,21 @@ class Sample(Stage):
     def on_batch(self, state: State, batch: RawBatch, now_ms: int) -> Result:
         events = sum(batch.weights) if batch.weights else len(batch.events)
         state["count"] = state.get("count", 0.0) + events
-        state["probes"] = sorted(set(state.get("probes", [])) | probes_of({ev[0] for ev in batch.events}))
+        probes = probes_of({ev[0] for ev in batch.events})
+        if "probes" not in state or not probes.issubset(state["probes"]):
+            state["probes"] = sorted(probes.union(state.get("probes", ())))
         state["seen_ms"] = now_ms
         undo = self.sampler.undoer()
         kept = self.sampler.sample(batch)
+        emitted = by_kind(batch.events)
         return Result(
             kept,
             counts={"sampled_out": len(batch.events) - len(kept.events)},
-            kind_counts={"sampler_emitted": by_kind(batch.events), "sampler_kept": by_kind(kept.events)},
+            # (a batch kept whole is the batch itself: its kinds counted once)
+            kind_counts={
+                "sampler_emitted": emitted,
+                "sampler_kept": emitted if kept is batch else by_kind(kept.events),
+            },
             undo=[undo],
         )
 
