@@ -9,8 +9,12 @@ per window:
   chain       decode, then every stage's on_batch and the host's table value
               serialized as its changelog record would be (JSON); every --window-every
               batches, each timed stage's window over every host
+  of which GC  the part of the chain's time the cyclic garbage collector took
+              (timed by gc.callbacks), at the interpreter's thresholds as the
+              checkout's worker sets them (processors/stages.py GC_THRESHOLD)
   idle window a window over every host with nothing counted since the last: what a
-              window costs a worker whose hosts are quiet
+              window costs a worker whose hosts are quiet (after a full collection, so
+              that one falling inside these few windows does not decide the figure)
 
 Each host sends --rounds batches of --events events, one round after another; the
 first round warms the chain (every host known) and is left out. CPU is the process's
@@ -24,6 +28,7 @@ Run: PYTHONPATH=. .venv/bin/python bench/chain_cost.py [--hosts 10000] [--events
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -46,6 +51,12 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
     from processors.chain import build
 
     chain = build("all", load(None))
+    try:
+        from processors.stages import GC_THRESHOLD
+
+        gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
+    except ImportError:  # (a checkout from before the worker set it)
+        pass
     rng = random.Random(2)
     hosts = Traffic(args.hosts, 1.0, 1.0).hosts
     records = [encode_batch(make_batch(h, args.events, rng)[0]) for _ in range(args.rounds) for h in hosts]
@@ -72,15 +83,31 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
     decode = time.process_time() - t
     run(warm)
     windows()
+    collecting = [0.0, 0.0]  # (time spent, when the collection under way began)
+
+    def timed_gc(phase: str, _info: dict[str, Any]) -> None:
+        if phase == "start":
+            collecting[1] = time.perf_counter()
+        else:
+            collecting[0] += time.perf_counter() - collecting[1]
+
+    gc.callbacks.append(timed_gc)
     t = time.process_time()
     run(measured)
     chain_s = time.process_time() - t
+    gc.callbacks.remove(timed_gc)
+    gc.collect()
     t = time.process_time()
     for _ in range(5):
         windows()
     idle = (time.process_time() - t) / 5
     n = len(measured)
-    return {"decode_us": decode / n * 1e6, "chain_us": chain_s / n * 1e6, "idle_window_ms": idle * 1e3}
+    return {
+        "decode_us": decode / n * 1e6,
+        "chain_us": chain_s / n * 1e6,
+        "gc_us": collecting[0] / n * 1e6,
+        "idle_window_ms": idle * 1e3,
+    }
 
 
 def main() -> None:
@@ -101,9 +128,10 @@ def main() -> None:
         f"batches, load average {os.getloadavg()[0]:.1f}\n"
     )
     print(
-        "| checkout | decode µs/batch | chain µs/batch (windows included) | idle window over every host ms |"
+        "| checkout | decode µs/batch | chain µs/batch (windows included) | of which GC µs/batch "
+        "| idle window over every host ms |"
     )
-    print("| --- | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: |")
     trees = args.tree or [str(ROOT)]
     for _ in range(args.repeat):
         for tree in trees:
@@ -124,7 +152,9 @@ def main() -> None:
             commit = subprocess.run(
                 ["git", "-C", tree, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
             ).stdout.strip()
-            cells = f"{r['decode_us']:.1f} | {r['chain_us']:.1f} | {r['idle_window_ms']:.1f}"
+            cells = (
+                f"{r['decode_us']:.1f} | {r['chain_us']:.1f} | {r['gc_us']:.1f} | {r['idle_window_ms']:.1f}"
+            )
             print(f"| {commit or tree} | {cells} |")
 
 
