@@ -5,13 +5,13 @@ folded into its host's value (processors/changelog.py: a snapshot, or a delta of
 so a restarted worker reads only the changelog's tail instead of all of it.
 
 The copy holds, per changelog partition (one RocksDB under the stage's data
-directory), exactly the changelog records Kafka has acknowledged, and the offset of
-the last of them, written together. Faust's own RocksDB store writes a value when
-the stage sets it, before Kafka has it; a worker killed in between would restart
-with state the changelog never got (the batch counted, its outputs never sent), and
-would drop the batch as already seen when it reads it again. Here the disk never
-runs ahead of the changelog, so a restart from it is the same as a restart from
-the changelog alone (docs/design.md, "What a SIGKILL costs").
+directory), exactly the changelog records Kafka has acknowledged (those of the last
+``ACKED_WRITE_S`` excepted), and the offset of the last of them, written together.
+Faust's own RocksDB store writes a value when the stage sets it, before Kafka has
+it; a worker killed in between would restart with state the changelog never got (the
+batch counted, its outputs never sent), and would drop the batch as already seen
+when it reads it again. Here the disk never runs ahead of the changelog, so a
+restart from it is the same as a restart from the changelog alone (docs/design.md, "What a SIGKILL costs").
 
 The state stays in memory because the stages change each host's value in place,
 in the stream and in their window timers (processors/stages.py).

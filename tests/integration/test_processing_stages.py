@@ -20,6 +20,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from prometheus_client.parser import text_string_to_metric_families
+from rocksdict import AccessType, Options, Rdict
 
 from ktel.stack.proc import free_port
 from ktel.stack.proc import stop as stop_process
@@ -44,6 +45,7 @@ from ktel.wire import (
 )
 from ktel.wire.codec import ZSTD_MAGIC, compress
 from processors import changelog
+from processors.table_store import OFFSET_KEY
 from tests.conftest import need_bpf
 from tests.integration.agent_harness import AgentProcess, committed_offsets, read_topic
 from tests.integration.probe_harness import cgroup2_child
@@ -256,10 +258,6 @@ def test_the_on_disk_copy_holds_exactly_what_the_changelog_holds(private_kafka, 
     acknowledged, several in one write (processors/table_store.py). Stopped, the worker
     leaves in each partition's copy every key's last record and the offset of the
     partition's last record: none missing, none ahead of Kafka."""
-    from rocksdict import AccessType, Options, Rdict
-
-    from processors.table_store import OFFSET_KEY
-
     hosts, per_host, events = 12, 30, 5
     w = Worker(tmp_path, private_kafka.bootstrap, "w", KTEL_PROCESS__TABLE_STORE="rocksdict").start()
     try:
