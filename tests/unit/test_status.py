@@ -1,10 +1,16 @@
 """ktel status's pure part: which heartbeat stands for a host, what is stale, the
 per-host and per-group rows, and the --json document against its schema."""
 
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+
 import jsonschema
 from aiokafka import TopicPartition
 
-from ktel import status
+from ktel import config, status
 from ktel.wire import encode_heartbeat
 
 NOW = 1_800_000_000_000
@@ -109,3 +115,25 @@ def test_tables_mark_stale_hosts():
     hosts, groups = status.tables(status.summarize(read, NOW, 900, 30))
     assert hosts.row_count == 1 and groups.row_count == 0
     assert hosts.rows[0].style == "bold red"
+
+
+def test_ctrl_c_ends_a_watch_even_when_a_refresh_swallows_its_cancellation(monkeypatch, capsys):
+    """A refresh can lose the cancellation Ctrl-C sends it (Python 3.11's wait_for, inside
+    aiokafka, can swallow one): the watch must end anyway, with the last refresh's status,
+    not run on."""
+    refreshes = 0
+
+    async def once(_cfg, _args, _stale_after_s):
+        nonlocal refreshes
+        refreshes += 1
+        assert refreshes <= 3, "the watch ran on after Ctrl-C"
+        if refreshes == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            with contextlib.suppress(asyncio.CancelledError):  # lost, as wait_for can lose it
+                await asyncio.sleep(1)
+        return {"stale_hosts": ["h"] if refreshes == 1 else []}
+
+    monkeypatch.setattr(status, "_once", once)
+    args = argparse.Namespace(watch=0.01, json=True, timeout=5.0, stale_after=60.0)
+    assert status.main(config.Config(), args) == status.EXIT_STALE  # as of the first refresh
+    assert capsys.readouterr().out.count("stale_hosts") == 1
