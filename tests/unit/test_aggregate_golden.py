@@ -186,15 +186,26 @@ def test_a_histogram_or_gauge_is_emitted_again_only_when_what_it_shows_changed()
     assert window(3, [gauge(7.0)]) == {"ktel_demo_queue_depth": 7.0}
 
 
+def file_event(directory: str) -> list:
+    return [1, 1, 2, 2, 0, "c", f"/{directory}/f", 0o101, False]
+
+
+def one_host_emitted(refresh_seconds: float) -> tuple[Chain, aggregate_core.Aggregate, dict[str, dict]]:
+    """An aggregate chain whose one host "h" counted two series (/a and /b), emitted by a
+    first window at NOW_MS."""
+    chain = Chain([aggregate_core.Aggregate(aggregate_core.Options(refresh_seconds=refresh_seconds))])
+    [aggregate] = chain.timed()
+    table: dict[str, dict] = {}
+    batch = RawBatch("h", "b", 0, 0, [file_event("a"), file_event("b")])
+    chain.on_batch(table.setdefault("h", {}), batch, NOW_MS - 1)
+    assert len(chain.on_window(aggregate, table, NOW_MS, 1.0).snapshots[0][1].series) == 2
+    return chain, aggregate, table
+
+
 def test_a_host_back_from_another_worker_is_emitted_whole():
     """A host whose partition went to another worker and came back (or a restarted
     worker): this worker no longer knows what was emitted, so it emits every series."""
-    chain = Chain([aggregate_core.Aggregate(aggregate_core.Options(refresh_seconds=120))])
-    [aggregate] = chain.timed()
-    ev = lambda d: [1, 1, 2, 2, 0, "c", f"/{d}/f", 0o101, False]  # noqa: E731
-    table: dict[str, dict] = {}
-    chain.on_batch(table.setdefault("h", {}), RawBatch("h", "b", 0, 0, [ev("a"), ev("b")]), NOW_MS - 1)
-    assert len(chain.on_window(aggregate, table, NOW_MS, 1.0).snapshots[0][1].series) == 2
+    chain, aggregate, table = one_host_emitted(refresh_seconds=120)
     assert chain.on_window(aggregate, table, NOW_MS + 10_000, 1.0).snapshots == []
     assert chain.on_window(aggregate, {}, NOW_MS + 20_000, 0.0).snapshots == []  # the partition moved away
     [(host, snap)] = chain.on_window(aggregate, table, NOW_MS + 30_000, 1.0).snapshots  # and back
@@ -206,16 +217,11 @@ def test_a_host_value_recovered_between_two_windows_is_compared_whole():
     changelog (its partition away and back, counted meanwhile by another worker) with
     no batch counted here: the window must still emit what changed in it, not only
     the series this worker's batches touched."""
-    chain = Chain([aggregate_core.Aggregate(aggregate_core.Options(refresh_seconds=3600))])
-    [aggregate] = chain.timed()
-    ev = lambda d: [1, 1, 2, 2, 0, "c", f"/{d}/f", 0o101, False]  # noqa: E731
-    table: dict[str, dict] = {}
-    chain.on_batch(table.setdefault("h", {}), RawBatch("h", "b", 0, 0, [ev("a"), ev("b")]), NOW_MS - 1)
-    assert len(chain.on_window(aggregate, table, NOW_MS, 1.0).snapshots[0][1].series) == 2
+    chain, aggregate, table = one_host_emitted(refresh_seconds=3600)
     recovered = json.loads(json.dumps(table["h"]))  # (as the changelog gives it back)
     [key_b] = [k for k in recovered["aggregate"]["series"] if "/b" in k]
     recovered["aggregate"]["series"][key_b] += 5  # what the other worker counted
     table["h"] = recovered
-    chain.on_batch(table["h"], RawBatch("h", "b", 9, 0, [ev("a")]), NOW_MS + 9_000)
+    chain.on_batch(table["h"], RawBatch("h", "b", 9, 0, [file_event("a")]), NOW_MS + 9_000)
     rows = chain.on_window(aggregate, table, NOW_MS + 10_000, 1.0).snapshots[0][1].series
     assert sorted((r[2]["directory"], r[3]) for r in rows) == [("/a", 2), ("/b", 6)]
