@@ -30,22 +30,43 @@ loaded machine, in faust-streaming 0.15.3.
    ``consumer_auto_offset_reset="earliest"`` would do for a new group. What is
    read twice is counted once: the dedupe and aggregate stages drop a batch they
    have seen (see processors/stages.py).
+
+It also hands the records of one topic, the stage's source, to the worker in lists
+(``App.take_in_lists``) rather than one by one through a Faust stream. Faust's fetch
+loop hands each record to its streams on its own: it makes four tasks and cancels
+three for every record (``Service.wait_first``), and the stream takes it through its
+own machinery, about 110-125 µs a record of CPU together (bench/RESULTS.md, "The
+stream's cost per record"). That is paid per record, so per host batch, and at fleet
+scale, with batches of a few events, it was a large part of the worker's cost per
+event. ``Consumer._drain_messages`` is Faust's fetch loop with one change: the listed
+topic's records of each fetch go to ``App.lists`` as one list, with one wait. The
+worker takes each record as Faust's stream would (``take_listed``): it drops those of
+an older generation or fetched before flow was suspended, tracks the rest as it
+takes them, and acks each once handled, so Faust commits only handled records; the
+list queue is flow controlled and cleared with the streams' queues on a rebalance.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, cast
 
 import faust
+from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 from mode.utils.objects import cached_property
 from mode.utils.queues import FlowControlEvent
 
 from processors.stop import undelivered
+
+# Fetched lists of the listed topic held before the fetch loop waits (App.take_in_lists).
+LISTS_HELD = 4
+# How long the worker handles records of a list before it lets the event loop run.
+YIELD_S = 0.02
 
 
 class FlowControl(FlowControlEvent):
@@ -57,6 +78,65 @@ class FlowControl(FlowControlEvent):
 
 
 class Consumer(faust_aiokafka.Consumer):
+    async def _drain_messages(self, fetcher: Any) -> None:
+        """Faust's fetch loop (faust-streaming 0.15.3, ``Consumer._drain_messages``), the
+        listed topic's records handed over a fetch at a time (``App.take_in_lists``)."""
+        app = cast(App, self.app)
+        if app.listed is None:
+            return await super()._drain_messages(fetcher)
+        listed, lists = app.listed, app.lists
+        callback = self.callback
+        getmany = self.getmany
+        consumer_should_stop = self._stopped.is_set
+        fetcher_should_stop = fetcher._stopped.is_set
+        get_read_offset = self._read_offset.__getitem__
+        set_read_offset = self._read_offset.__setitem__
+        set_flag = self.diag.set_flag
+        unset_flag = self.diag.unset_flag
+        commit_every = self._commit_every
+        acks_enabled_for = app.topics.acks_enabled_for
+        yield_every = 100
+        num_since_yield = 0
+        try:
+            while not (consumer_should_stop() or fetcher_should_stop()):
+                set_flag(CONSUMER_FETCHING)
+                ait = cast(AsyncIterator, getmany(timeout=1.0))
+                await self.sleep(0)
+                if not self.should_stop:
+                    taken: list[Any] = []
+                    async for tp, message in ait:
+                        num_since_yield += 1
+                        if num_since_yield > yield_every:
+                            await asyncio.sleep(0)
+                            num_since_yield = 0
+                        offset = message.offset
+                        r_offset = get_read_offset(tp)
+                        if r_offset is None or offset >= r_offset:
+                            gap = offset - (r_offset or 0)
+                            if gap > 1 and r_offset and acks_enabled_for(message.topic):
+                                await self._add_gap(tp, r_offset + 1, offset)
+                            if commit_every is not None and self._n_acked >= commit_every:
+                                self._n_acked = 0
+                                await self.commit()
+                            if message.topic == listed:
+                                taken.append(message)
+                            else:
+                                await self.wait_first(callback(message), self.suspend_flow.wait())
+                            set_read_offset(tp, offset)
+                    if taken:
+                        await self.wait_first(lists.put(taken), self.suspend_flow.wait())
+                unset_flag(CONSUMER_FETCHING)
+        except self.consumer_stopped_errors:
+            if app.should_stop:
+                return
+            raise
+        except asyncio.CancelledError:
+            if app.should_stop:
+                return
+            raise
+        finally:
+            unset_flag(CONSUMER_FETCHING)
+
     async def seek_to_committed(self) -> Mapping[TP, int]:
         """Seek to the committed offsets, and to the beginning where there are none (hole 2)."""
         committed = await super().seek_to_committed()
@@ -131,9 +211,52 @@ class Transport(faust_aiokafka.Transport):
 
 
 class App(faust.App):
+    # The topic whose records the worker takes in lists (take_in_lists), their queue, and
+    # what handles each.
+    listed: str | None = None
+    lists: Any = None
+    handle_listed: Callable[[Any], Awaitable[None]]
+
     @cached_property
     def flow_control(self) -> FlowControlEvent:
         return FlowControl(loop=self.loop)
+
+    def take_in_lists(self, topic: Any, handle: Callable[[Any], Awaitable[None]]) -> None:
+        """Subscribe to ``topic`` as an agent would (its records acked and committed), its
+        records of each fetch put in ``lists`` as one list, and each given to ``handle``
+        (a Faust message) by a task of the app (``take_listed``)."""
+        self.topics.add(topic)
+        self.listed = topic.get_topic_name()
+        self.handle_listed = handle
+        # Cleared with the streams' queues on a rebalance; a few fetches held, then the
+        # fetch loop waits, as it does for a stream's full queue.
+        self.lists = self.FlowControlQueue(maxsize=LISTS_HELD, clear_on_resume=True)
+        self.task(self.take_listed)
+
+    async def take_listed(self) -> None:
+        """Handle each record of the listed topic, in order, as Faust's stream takes one:
+        dropped if fetched before a rebalance (the fetcher reads it again from the
+        committed offset), tracked while handled, acked once handled."""
+        consumer = self.consumer
+        flow = self.flow_control
+        while True:
+            await self._take_list(await self.lists.get(), self.handle_listed, consumer, flow)
+
+    async def _take_list(self, messages: list[Any], handle: Any, consumer: Any, flow: Any) -> None:
+        # (its own frame: a list dropped here is unreferenced once this returns, and Faust
+        # waits on a rebalance only for the tracked records that are still referenced)
+        yielded = time.monotonic()
+        for message in messages:
+            if not flow.is_active() or message.generation_id != self.consumer_generation_id:
+                return
+            consumer.track_message(message)
+            await handle(message)
+            consumer.ack(message)
+            if time.monotonic() - yielded > YIELD_S:
+                # The loop's other work (the windows, the producer's sender) between records
+                # of a long list; a stream would have let it run after each.
+                await asyncio.sleep(0)
+                yielded = time.monotonic()
 
     def _new_transport(self) -> Any:
         return Transport(self.conf.broker_consumer, self)

@@ -193,7 +193,9 @@ COUNTED: dict[str, tuple[Counter | Gauge, tuple[str, ...]]] = {
 KIND_COUNTED: dict[str, Counter] = {"sampler_emitted": SAMPLER_EMITTED, "sampler_kept": SAMPLER_KEPT}
 
 
-async def persist(table: Any, key: str, value: dict[str, Any], record_key: bytes, record: bytes) -> None:
+async def persist(
+    table: Any, key: str, value: dict[str, Any], record_key: bytes, record: bytes, source: Any
+) -> None:
     """``table[key] = value``, with its changelog record (a snapshot or a delta,
     processors/changelog.py) handed to the Kafka producer before the stream moves on,
     so before the source offset can be committed.
@@ -209,11 +211,13 @@ async def persist(table: Any, key: str, value: dict[str, Any], record_key: bytes
     Otherwise this is Faust's own write (``Table.on_key_set``), minus the key TTL of
     windowed tables, which this one is not. ``record`` is encoded as the table
     encodes values (``encoded``), ``value`` already measured against
-    process.max_state_bytes.
+    process.max_state_bytes; ``source``: the record (a Faust message) it came from,
+    whose partition the changelog record goes to: the table is co-partitioned with
+    its topic, which Faust checks as its own write does (PartitionsMismatch).
     """
+    table._verify_source_topic_partitions(source.topic)
     table.data[key] = value
-    # The event's partition: the table is co-partitioned.
-    await send(table, record_key, record, table.partition_for_key(key))
+    await send(table, record_key, record, source.partition)
     table._sensor_on_set(table, key, value)
 
 
@@ -370,7 +374,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             kept = persisted[host_id] = Persisted(value, encoded(hosts, changelog.head(value)), entries)
         return kept
 
-    async def save(event: Any, host_id: str, value: dict[str, Any], result: Result) -> bool:
+    async def save(msg: Any, host_id: str, value: dict[str, Any], result: Result) -> bool:
         """Persist what ``result`` changed of the host's value, or, past the limit, put
         back what the record changed and dead-letter it (False)."""
         kept = as_persisted(host_id, value)
@@ -384,7 +388,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             persisted[host_id] = dataclasses.replace(kept, value=restored)
             result.revert()  # (before any await: no other record has run since)
             await dead_letter(
-                event,
+                msg,
                 f"host {host_id!r:.60}: its state would take {len(head) + entries} bytes encoded, over "
                 f"process.max_state_bytes = {limit}",
             )
@@ -396,16 +400,16 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         if record is None or len(record) >= len(head) + entries:  # (a delta no smaller than the value)
             key, record = hosts.data._encode_key(host_id), encoded(hosts, value)
             kept.snapshot = v
-        await persist(hosts, host_id, value, key, record)
+        await persist(hosts, host_id, value, key, record, msg)
         kept.head, kept.entries = head, entries
         return True
 
-    async def dead_letter(event: Any, err: WireError | str) -> None:
-        msg = event.message
+    async def dead_letter(msg: Any, err: WireError | str) -> None:
+        """Send the record ``msg`` (a Faust message) to ktel.dlq with the reason."""
         DEAD_LETTERS.labels(stage).inc()
         log.warning("dead letter %s[%d]@%d: %s", msg.topic, msg.partition, msg.offset, err)
-        dl = DeadLetter(stage, str(err)[:4096], msg.topic, msg.partition, msg.offset, bytes(event.value))
-        await produce(app, names.dlq, event.key, encode_dead_letter(dl))
+        dl = DeadLetter(stage, str(err)[:4096], msg.topic, msg.partition, msg.offset, bytes(msg.value))
+        await produce(app, names.dlq, msg.key, encode_dead_letter(dl))
 
     @functools.cache
     def child(metric: Any, *labels: str) -> Any:
@@ -439,17 +443,17 @@ def make_app(cfg: Config, stage: str) -> faust.App:
 
     input_age = INPUT_AGE.labels(stage)
 
-    async def take_batch(event: Any) -> None:
+    async def take_batch(msg: Any) -> None:
         # (Faust gives the record's timestamp in seconds)
-        input_age.observe(max(0.0, time.time() - event.message.timestamp))
+        input_age.observe(max(0.0, time.time() - msg.timestamp))
         try:
-            batch = decode_batch(event.value)
-            if event.key != batch.key:
+            batch = decode_batch(msg.value)
+            if msg.key != batch.key:
                 # Its key decides the partition, hence the worker and the table entry:
                 # a batch keyed otherwise could write another host's state.
-                raise WireError(f"raw batch: key {event.key!r:.60} is not its host id {batch.host_id!r:.60}")
+                raise WireError(f"raw batch: key {msg.key!r:.60} is not its host id {batch.host_id!r:.60}")
         except WireError as err:
-            await dead_letter(event, err)
+            await dead_letter(msg, err)
             return
         value = hosts[batch.host_id] if chain.durable else {}
         if chain.durable:
@@ -460,26 +464,26 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             raise StageFailed from err
         if result.refused is not None:
             result.revert()  # (the stages leave the table value as it was themselves)
-            await dead_letter(event, result.refused)
+            await dead_letter(msg, result.refused)
             return
         # (only stages that keep state change it)
-        if result.changed and not await save(event, batch.host_id, value, result):
+        if result.changed and not await save(msg, batch.host_id, value, result):
             return
         if result.batch is not None:  # (not a duplicate)
             child(BATCHES).inc()
-        await emit(result, key=event.key)
+        await emit(result, key=msg.key)
         if result.batch is not None and sink is not None:
-            await produce(app, sink, event.key, encode_batch(result.batch))
+            await produce(app, sink, msg.key, encode_batch(result.batch))
 
-    async def take_heartbeat(event: Any) -> None:
+    async def take_heartbeat(msg: Any) -> None:
         try:
-            hb = decode_heartbeat(event.value)
+            hb = decode_heartbeat(msg.value)
             host_id = hb["host"][HOST_ID]
-            if event.key != host_id.encode():
+            if msg.key != host_id.encode():
                 # The table key must hash to the partition the record came from.
-                raise WireError(f"heartbeat: key {event.key!r:.60} is not its host.id {host_id!r:.60}")
+                raise WireError(f"heartbeat: key {msg.key!r:.60} is not its host.id {host_id!r:.60}")
         except WireError as err:
-            await dead_letter(event, err)
+            await dead_letter(msg, err)
             return
         value = hosts[host_id]
         as_persisted(host_id, value)
@@ -487,7 +491,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             result = chain.on_heartbeat(value, host_id, cast(dict[str, Any], hb))  # (JSON to the stages)
         except Exception as err:
             raise StageFailed from err
-        if result.changed and not await save(event, host_id, value, result):
+        if result.changed and not await save(msg, host_id, value, result):
             return
         child(HEARTBEATS).inc()
         FLEET.observe(host_id, hb)
@@ -495,31 +499,31 @@ def make_app(cfg: Config, stage: str) -> faust.App:
 
     poisoned = Poisoned(datadir / "poisoned.json")
 
-    async def take(event: Any, handle: Any) -> None:
-        """``handle`` the record, unless it stopped a worker before (processors/stop.py)."""
-        why = poisoned.reason(event)
+    async def take(msg: Any, handle: Any) -> None:
+        """``handle`` the record (a Faust message), unless it stopped a worker before
+        (processors/stop.py)."""
+        why = poisoned.reason(msg)
         if why is not None:
-            await dead_letter(event, why)
+            await dead_letter(msg, why)
             return
         try:
-            await handle(event)
+            await handle(msg)
         except StageFailed as err:
-            poisoned.add(event, err)
-            stop(stage, event, err.__cause__ or err)
+            poisoned.add(msg, err)
+            stop(stage, msg, err.__cause__ or err)
         except Exception as err:  # whatever it is: the record must stay uncommitted
-            stop(stage, event, err)
+            stop(stage, msg, err)
 
-    @app.agent(source)
-    async def process(stream):
-        async for event in stream.events():
-            await take(event, take_batch)
+    # The source's records in lists, below Faust's per-record stream (why:
+    # processors/faust_app.py).
+    app.take_in_lists(source, functools.partial(take, handle=take_batch))
 
     if chain.heartbeats:
 
         @app.agent(raw_topic(names.heartbeats))
         async def take_heartbeats(stream):
             async for event in stream.events():
-                await take(event, take_heartbeat)
+                await take(event.message, take_heartbeat)
 
     exported_series: set[str] = set()
 

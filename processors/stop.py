@@ -69,19 +69,18 @@ class Poisoned:
             self.places = {}
 
     @staticmethod
-    def place(event: Any) -> str:
-        msg = event.message
+    def place(msg: Any) -> str:
         return f"{msg.topic}[{msg.partition}]@{msg.offset}"
 
-    def reason(self, event: Any) -> str | None:
-        """Why the record at ``event`` stopped a worker before, or None."""
-        return self.places.get(self.place(event))
+    def reason(self, msg: Any) -> str | None:
+        """Why the record ``msg`` (a Faust message) stopped a worker before, or None."""
+        return self.places.get(self.place(msg))
 
-    def add(self, event: Any, err: BaseException) -> None:
+    def add(self, msg: Any, err: BaseException) -> None:
         """Note the record, durably, before the worker ends on it."""
         cause = err.__cause__ or err
         why = " ".join(f"{type(cause).__name__}: {cause}".split())[:1000]
-        self.places[self.place(event)] = f"a stage failed on it and stopped a worker ({why})"
+        self.places[self.place(msg)] = f"a stage failed on it and stopped a worker ({why})"
         while len(self.places) > self.KEEP:
             del self.places[next(iter(self.places))]
         tmp = self.path.with_suffix(".tmp")
@@ -131,9 +130,8 @@ def undelivered(topic: str, err: BaseException) -> NoReturn:
     )
 
 
-def stop(stage: str, event: Any, err: BaseException) -> NoReturn:
-    """Log why and end the process now, the record at ``event`` unacknowledged."""
-    msg = event.message
+def stop(stage: str, msg: Any, err: BaseException) -> NoReturn:
+    """Log why and end the process now, the record ``msg`` (a Faust message) unacknowledged."""
     line = reason(stage, msg.topic, msg.partition, msg.offset, err)
     # Anything but a lagging metadata is a bug: its traceback follows the line.
     end(line, exc_info=not isinstance(err, PartitionsMismatch))

@@ -14,9 +14,9 @@ persist = stages.persist
 written = 0
 
 
-async def persist_then_die(table, key, value, record_key, record):
+async def persist_then_die(table, key, value, record_key, record, source):
     global written
-    await persist(table, key, value, record_key, record)
+    await persist(table, key, value, record_key, record, source)
     written += 1
     if written == KILL_AT:
         await table.app.producer.flush()  # acknowledged by Kafka (acks=all)

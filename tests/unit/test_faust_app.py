@@ -1,5 +1,5 @@
-"""The two rebalance holes processors/faust_app.py closes in Faust, and its producer's
-check before a commit.
+"""The two rebalance holes processors/faust_app.py closes in Faust, how the worker takes
+the records it is handed in lists, and its producer's check before a commit.
 
 The SIGKILL test on the real broker (tests/integration/test_processing_stages.py)
 is what found them; these pin down each fix on its own."""
@@ -124,5 +124,46 @@ def test_a_flush_stops_the_worker_on_a_record_that_failed_before_its_callback_ra
         failed.set_exception(NotLeaderForPartitionError())
         await producer.flush()  # in the same turn: its callback is still to run
         assert stopped == [("ktel.metrics", NotLeaderForPartitionError)]
+
+    asyncio.run(run())
+
+
+def test_a_listed_record_is_tracked_while_handled_acked_after_and_dropped_after_a_rebalance():
+    """What ``App._take_list`` does with each record of a fetched list, as Faust's stream
+    does with each event: records of an older generation, or taken while flow is
+    suspended (a rebalance under way), are dropped unacked, with the rest of their list
+    (the fetcher reads them again from the committed offset); the others are tracked
+    (a rebalance waits for them) and acked only once handled."""
+    from types import SimpleNamespace
+
+    async def run():
+        app = App("ktel-test", broker="kafka://127.0.0.1:1")
+        flow = app.flow_control
+        flow.resume()
+        app.consumer_generation_id = 3
+        seen: list[tuple[str, int]] = []
+
+        class Consumer:
+            def track_message(self, msg):
+                seen.append(("tracked", msg.offset))
+
+            def ack(self, msg):
+                seen.append(("acked", msg.offset))
+
+        async def handle(msg):
+            seen.append(("handled", msg.offset))
+            if msg.offset == 11:
+                flow.suspend()  # a rebalance begins while this record is handled
+
+        def fetched(*offsets, generation=3):
+            return [SimpleNamespace(offset=o, generation_id=generation) for o in offsets]
+
+        await app._take_list(fetched(10, 11, 12), handle, Consumer(), flow)
+        # 11 was handled whole and is acked; 12 is left for the fetcher to read again.
+        assert seen == [(step, o) for o in (10, 11) for step in ("tracked", "handled", "acked")]
+        seen.clear()
+        flow.resume()
+        await app._take_list(fetched(12, 13, generation=2), handle, Consumer(), flow)
+        assert seen == []  # fetched before the rebalance: the new generation reads them again
 
     asyncio.run(run())

@@ -9,7 +9,7 @@ import pytest
 from ktel import acls, config, topics
 from ktel.wire import DLQ_TOPIC, RAW_TOPIC
 from processors.chain import PROCESSES
-from tests.unit.test_stage_shells import RESOLVED, Shell, batch, file_created, subscribed
+from tests.unit.test_stage_shells import RESOLVED, Shell, batch, file_created
 
 NAMES = {
     "ktel.raw", "ktel.deduped", "ktel.enriched", "ktel.sampled", "ktel.metrics",
@@ -63,7 +63,7 @@ async def test_a_stage_reads_writes_and_keeps_its_table_under_the_prefix(tmp_pat
     kafka = RESOLVED.model_copy(update={"prefix": "blue."})
     async with Shell(tmp_path, "dedupe", kafka=kafka) as shell:
         assert shell.app.conf.id == "blue.ktel-dedupe"
-        assert subscribed(shell, "process") == {"blue.ktel.raw"}
+        assert shell.app.listed == "blue.ktel.raw"
         await shell.put(batch(0, [file_created(1, "/a")]), b"\x92garbage")
         assert len(shell.to("blue.ktel.deduped")) == 1
         assert len(shell.to("blue.ktel.dlq")) == 1

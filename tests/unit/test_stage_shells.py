@@ -1,7 +1,8 @@
-"""The stages' Faust runner (processors/stages.py), each process driven through
-``agent.test_context()``: records go into the agent, and what it sends to its
-sink and to ktel.dlq is recorded instead of produced (the timers, which send
-snapshots and fidelity commands, do not run here). The stages' chains have
+"""The stages' Faust runner (processors/stages.py), each process driven as its worker
+is: its source's records given to the handler its fetch loop hands them to
+(processors/faust_app.py, ``App.take_in_lists``), heartbeats through the agent's
+``test_context()``; what it sends to its sink and to ktel.dlq is recorded instead
+of produced (the timers, which send snapshots and fidelity commands, do not run here). The stages' chains have
 their golden tests; these check the wiring around them (which topics, which
 table, what is dropped, what is counted). The real-broker tests are in
 tests/integration/test_processing_stages.py."""
@@ -10,10 +11,12 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from contextlib import AsyncExitStack
 from typing import Any
 from unittest import mock
 
+from faust.types import Message
 from prometheus_client import REGISTRY
 
 from ktel import config
@@ -36,7 +39,6 @@ from processors import changelog, enrich_core, sample_core, stages
 
 T = 1_700_000_000_000_000_000
 DUPLICATES = "ktel_processor_duplicate_batches_total"
-FLUSH_KEY = b"-flush-"
 
 
 def file_created(pid: int, path: str) -> list:
@@ -101,11 +103,11 @@ class Shell:
             if topic == changelog_topic:
                 # As serialized for Kafka (the table's JSON), a tombstone as None.
                 changelog.append((json.loads(key), None if value is None else json.loads(value)))
-            elif key != FLUSH_KEY:
+            else:
                 sent.append((topic, key, value))
 
         self._stack.enter_context(mock.patch.object(stages, "produce", record))
-        self.batches = await self._stack.enter_async_context(self.agent("process").test_context())
+        self.offset = 0
         if "processors.stages.take_heartbeats" in self.app.agents:
             self.heartbeats = await self._stack.enter_async_context(
                 self.agent("take_heartbeats").test_context()
@@ -119,15 +121,12 @@ class Shell:
         return self.app.agents[f"processors.stages.{name}"]
 
     async def put(self, *records: RawBatch | bytes, key: bytes = b"h1") -> None:
+        """Each record handled whole, in order, as the worker takes a fetched list."""
         for r in records:
-            if isinstance(r, RawBatch):
-                await self.batches.put(encode_batch(r), key=r.key)
-            else:
-                await self.batches.put(r, key=key)
-        # The agent takes a record only once it is done with the one before, and
-        # put() returns once the record was taken: after this one, every record
-        # above has been handled completely.
-        await self.batches.put(b"flush", key=FLUSH_KEY)
+            value, k = (encode_batch(r), r.key) if isinstance(r, RawBatch) else (r, key)
+            self.offset += 1
+            message = Message(self.app.listed, 0, self.offset, time.time(), 0, [], k, value, None)
+            await self.app.handle_listed(message)
 
     def to(self, topic: str) -> list[bytes]:
         return [value for t, _key, value in self.sent if t == topic]
@@ -158,7 +157,7 @@ def subscribed(shell: Shell, agent: str) -> set[str]:
 async def test_dedupe_passes_each_batch_once_and_dead_letters_garbage(tmp_path):
     b0, b1 = batch(0, [file_created(1, "/a")]), batch(1, [file_created(1, "/b")])
     async with Shell(tmp_path, "dedupe") as shell:
-        assert subscribed(shell, "process") == {RAW_TOPIC}
+        assert shell.app.listed == RAW_TOPIC
         await shell.put(b0, b1, b0, b"\x92garbage")
         assert [decode_batch(v) for v in shell.to(DEDUPED_TOPIC)] == [b0, b1]
         # One changelog record per batch, the re-sent one's too.
@@ -175,7 +174,7 @@ async def test_enrich_adds_host_and_process_attributes_and_the_feed_pod(tmp_path
     feed.write_text(json.dumps({"host.id": "h1", "cgroup.id": 4242, **pod}) + "\n")
     before = {m: metric(m, "enrich") for m in ("ktel_processor_heartbeats_total",)}
     async with Shell(tmp_path, "enrich", enrich=config.EnrichConfig(metadata_file=feed)) as shell:
-        assert subscribed(shell, "process") == {DEDUPED_TOPIC}
+        assert shell.app.listed == DEDUPED_TOPIC
         assert subscribed(shell, "take_heartbeats") == {HEARTBEATS_TOPIC}
         await shell.heartbeats.put(heartbeat("h1", "b1", 1000, "node-1"), key=b"h1")
         # A heartbeat keyed by another host would land in the wrong table partition.
@@ -230,7 +229,7 @@ async def test_sample_reads_the_enriched_topic_and_keeps_the_attributes(tmp_path
         "h1", "b1", 7, T, [file_created(1, f"/d/{i}") for i in range(50)], None, attrs["res"], attrs["proc"]
     )
     async with Shell(tmp_path, "sample", sample=sample) as shell:
-        assert subscribed(shell, "process") == {ENRICHED_TOPIC}
+        assert shell.app.listed == ENRICHED_TOPIC
         await shell.put(b, b"not a batch")
         [out] = [decode_batch(v) for v in shell.to(SAMPLED_TOPIC)]
         # The core's decision for this batch (seeded by host, boot and seq), not another.
@@ -244,7 +243,7 @@ async def test_sample_reads_the_enriched_topic_and_keeps_the_attributes(tmp_path
 
 async def test_aggregate_folds_batches_into_the_table_once_each(tmp_path):
     async with Shell(tmp_path, "aggregate") as shell:
-        assert subscribed(shell, "process") == {SAMPLED_TOPIC}
+        assert shell.app.listed == SAMPLED_TOPIC
         b0 = batch(0, [file_created(1, "/data/x/f")] * 3)
         b1 = RawBatch("h1", "b1", 1, T, [file_created(1, "/data/x/g")], [10.0])
         await shell.put(b0, b1, b0, b"\x00")
@@ -266,7 +265,7 @@ async def test_aggregate_folds_batches_into_the_table_once_each(tmp_path):
 async def test_all_runs_the_four_cores_with_heartbeats_in_one_worker(tmp_path):
     before = {m: metric(m, "all") for m in ("ktel_processor_batches_total", DUPLICATES)}
     async with Shell(tmp_path, "all") as shell:
-        assert subscribed(shell, "process") == {RAW_TOPIC}
+        assert shell.app.listed == RAW_TOPIC
         assert subscribed(shell, "take_heartbeats") == {HEARTBEATS_TOPIC}
         await shell.heartbeats.put(heartbeat("h1", "b1", 1000, "node-1"), key=b"h1")
         b0 = batch(0, [exec_event(10, "make", "/usr/bin/make"), file_created(10, "/src/a/x.o")])
@@ -334,8 +333,7 @@ async def test_a_host_execing_more_processes_than_its_state_holds_is_persisted_a
         procs = shell.table("h1")["enrich"]["boots"]["b1"]["procs"]
         assert "1999" in procs and "1000" not in procs
     after = {m: metric(m, "all") for m in before}
-    # Each put()'s flush record (not a batch).
-    assert after["ktel_processor_dead_letters_total"] == before["ktel_processor_dead_letters_total"] + 2
+    assert after["ktel_processor_dead_letters_total"] == before["ktel_processor_dead_letters_total"]
     assert after["ktel_processor_events_total"] == before["ktel_processor_events_total"] + 1003
     assert evicted("processes", "all") == before_evicted + 1000 - len(procs)
 

@@ -48,8 +48,8 @@ def test_a_poisoned_record_is_found_again_by_the_next_process_and_the_file_stays
 
     from processors.stop import Poisoned, StageFailed
 
-    def event(offset: int) -> SimpleNamespace:
-        return SimpleNamespace(message=SimpleNamespace(topic="ktel.raw", partition=2, offset=offset))
+    def event(offset: int) -> SimpleNamespace:  # (a Faust message: its place)
+        return SimpleNamespace(topic="ktel.raw", partition=2, offset=offset)
 
     path = tmp_path / "poisoned.json"
     first = Poisoned(path)
@@ -75,7 +75,7 @@ def test_a_note_that_cannot_be_written_does_not_keep_the_worker_from_stopping(tm
 
     from processors.stop import Poisoned, StageFailed
 
-    event = SimpleNamespace(message=SimpleNamespace(topic="ktel.raw", partition=0, offset=1))
+    event = SimpleNamespace(topic="ktel.raw", partition=0, offset=1)
     Poisoned(tmp_path / "no-such-dir" / "poisoned.json").add(event, StageFailed())  # logs, no raise
 
 
