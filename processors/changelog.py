@@ -38,7 +38,7 @@ records in key order, so it folds snapshots first, then deltas by version
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Iterable, Iterator, MutableMapping
 from typing import Any
 
 from processors.stage import MISSING, Touched
@@ -162,26 +162,35 @@ def delta(value: dict[str, Any], touched: Touched, its_head: dict[str, Any]) -> 
     }
 
 
-def size(host_id: str, path: Path, entry: Any) -> int:
-    """What an entry takes of what its host may hold (process.max_state_bytes), as a
-    snapshot carries it: at most its path and its value encoded."""
-    return len(json.dumps([host_id, *path])) + len(json.dumps(entry))
+def encoded_len(items: list[Any]) -> int:
+    """``sum(len(json.dumps(x)) for x in items)``, in one encode: a list encodes as its
+    items' encodings joined by ", " in brackets, 2 characters more an item. (A batch
+    touches tens of entries, and one encode each was a third of the changelog write.)"""
+    return len(json.dumps(items)) - 2 * len(items) if items else 0
+
+
+def sizes(host_id: str, entries: Iterable[tuple[Path, Any]]) -> int:
+    """What entries take of what their host may hold (process.max_state_bytes), as a
+    snapshot carries them: at most each one's path and its value, encoded."""
+    listed = list(entries)
+    return encoded_len([[host_id, *path] for path, _ in listed]) + encoded_len([e for _, e in listed])
 
 
 def entries_size(host_id: str, value: dict[str, Any], touched: Touched, before: int) -> int:
     """What the host's entries take after a record that changed ``touched``, given
-    ``before``, what they took before it."""
-    total = before
+    ``before``, what they took before it (``sizes``)."""
+    added, removed, now, was = [], [], [], []
     for path, old in touched.items():
         new = get(value, path, MISSING)
         if old is MISSING:
             if new is not MISSING:
-                total += size(host_id, path, new)
+                added.append((path, new))
         elif new is MISSING:
-            total -= size(host_id, path, old)
+            removed.append((path, old))
         else:  # (an entry changed in place: its path's part of the size stays)
-            total += len(json.dumps(new)) - len(json.dumps(old))
-    return total
+            now.append(new)
+            was.append(old)
+    return before + sizes(host_id, added) - sizes(host_id, removed) + encoded_len(now) - encoded_len(was)
 
 
 def restored(before: dict[str, Any], value: dict[str, Any], touched: Touched) -> dict[str, Any]:

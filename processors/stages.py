@@ -269,7 +269,7 @@ class Persisted:
 
     value: dict[str, Any]  # the value (the object itself)
     head: bytes  # its head encoded
-    entries: int  # what its entries take (changelog.size), summed
+    entries: int  # what its entries take (changelog.sizes)
     # The version of its last snapshot (None: unknown here, the next record is one).
     snapshot: int | None = None
 
@@ -370,7 +370,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
     def as_persisted(host_id: str, value: dict[str, Any]) -> Persisted:
         kept = persisted.get(host_id)
         if kept is None or kept.value is not value:
-            entries = sum(changelog.size(host_id, path, e) for path, e in changelog.entries(value))
+            entries = changelog.sizes(host_id, changelog.entries(value))
             kept = persisted[host_id] = Persisted(value, encoded(hosts, changelog.head(value)), entries)
         return kept
 

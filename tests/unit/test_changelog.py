@@ -155,10 +155,21 @@ def test_a_refused_record_puts_back_the_head_and_the_entries_it_changed():
 
 
 def test_what_the_entries_take_follows_each_record():
+    def encoded(value: dict) -> int:  # each entry's path and value, one encode each
+        return sum(len(json.dumps(["h1", *p])) + len(json.dumps(e)) for p, e in changelog.entries(value))
+
     runner = Runner().run(traffic(8))
-    total = sum(changelog.size("h1", p, e) for p, e in changelog.entries(runner.value))
+    total = changelog.sizes("h1", changelog.entries(runner.value))
+    assert total == encoded(runner.value) > 0
     chain = runner.chain
     for b in traffic(30)[8:]:
         result = chain.on_batch(runner.value, b, 0)
         total = changelog.entries_size("h1", runner.value, result.touched, total)
-        assert total == sum(changelog.size("h1", p, e) for p, e in changelog.entries(runner.value))
+        assert total == encoded(runner.value)
+
+
+def test_the_encoded_length_of_a_list_of_items_is_that_of_each_item_encoded_alone():
+    items = [{"a, b": [1, 2.5, None]}, 'é, "quoted"', [], {}, 0, ["x", {"y": "z"}]]
+    assert changelog.encoded_len(items) == sum(len(json.dumps(x)) for x in items)
+    assert changelog.encoded_len(items[:1]) == len(json.dumps(items[0]))
+    assert changelog.encoded_len([]) == 0
