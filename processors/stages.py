@@ -197,8 +197,8 @@ async def persist(
     table: Any, key: str, value: dict[str, Any], record_key: bytes, record: bytes, source: Any
 ) -> None:
     """``table[key] = value``, with its changelog record (a snapshot or a delta,
-    processors/changelog.py) handed to the Kafka producer before the stream moves on,
-    so before the source offset can be committed.
+    processors/changelog.py) handed to the Kafka producer before the source record is
+    acked, so before its offset can be committed.
 
     Faust's own ``table[key] = value`` queues the record in its ProducerBuffer,
     and the producer flush that precedes every offset commit can return while the
@@ -408,7 +408,9 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         """Send the record ``msg`` (a Faust message) to ktel.dlq with the reason."""
         DEAD_LETTERS.labels(stage).inc()
         log.warning("dead letter %s[%d]@%d: %s", msg.topic, msg.partition, msg.offset, err)
-        dl = DeadLetter(stage, str(err)[:4096], msg.topic, msg.partition, msg.offset, bytes(msg.value))
+        # (a record without a value, a tombstone, is dead-lettered too, with no payload)
+        payload = b"" if msg.value is None else bytes(msg.value)
+        dl = DeadLetter(stage, str(err)[:4096], msg.topic, msg.partition, msg.offset, payload)
         await produce(app, names.dlq, msg.key, encode_dead_letter(dl))
 
     @functools.cache

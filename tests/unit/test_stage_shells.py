@@ -120,7 +120,7 @@ class Shell:
     def agent(self, name: str):
         return self.app.agents[f"processors.stages.{name}"]
 
-    async def put(self, *records: RawBatch | bytes, key: bytes = b"h1") -> None:
+    async def put(self, *records: RawBatch | bytes | None, key: bytes = b"h1") -> None:
         """Each record handled whole, in order, as the worker takes a fetched list."""
         for r in records:
             value, k = (encode_batch(r), r.key) if isinstance(r, RawBatch) else (r, key)
@@ -158,13 +158,14 @@ async def test_dedupe_passes_each_batch_once_and_dead_letters_garbage(tmp_path):
     b0, b1 = batch(0, [file_created(1, "/a")]), batch(1, [file_created(1, "/b")])
     async with Shell(tmp_path, "dedupe") as shell:
         assert shell.app.listed == RAW_TOPIC
-        await shell.put(b0, b1, b0, b"\x92garbage")
+        await shell.put(b0, b1, b0, b"\x92garbage", None)  # (None: a tombstone, no value at all)
         assert [decode_batch(v) for v in shell.to(DEDUPED_TOPIC)] == [b0, b1]
         # One changelog record per batch, the re-sent one's too.
         seen = [v["dedupe"]["seen"] for _k, v in shell.states()]
         assert seen == [{"b1": [[0, 0]]}, {"b1": [[0, 1]]}, {"b1": [[0, 1]]}]
-        [dl] = [decode_dead_letter(v) for v in shell.to(DLQ_TOPIC)]
-        assert (dl.stage, dl.topic, dl.payload) == ("dedupe", RAW_TOPIC, b"\x92garbage")
+        garbage, tombstone = [decode_dead_letter(v) for v in shell.to(DLQ_TOPIC)]
+        assert (garbage.stage, garbage.topic, garbage.payload) == ("dedupe", RAW_TOPIC, b"\x92garbage")
+        assert (tombstone.payload, tombstone.reason) == (b"", "raw batch: expected bytes, got NoneType")
         assert shell.table("h1")["dedupe"]["seen"] == {"b1": [[0, 1]]}
 
 
