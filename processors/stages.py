@@ -408,9 +408,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         """Send the record ``msg`` (a Faust message) to ktel.dlq with the reason."""
         DEAD_LETTERS.labels(stage).inc()
         log.warning("dead letter %s[%d]@%d: %s", msg.topic, msg.partition, msg.offset, err)
-        # (a record without a value, a tombstone, is dead-lettered too, with no payload)
-        payload = b"" if msg.value is None else bytes(msg.value)
-        dl = DeadLetter(stage, str(err)[:4096], msg.topic, msg.partition, msg.offset, payload)
+        dl = DeadLetter(stage, str(err), msg.topic, msg.partition, msg.offset, msg.value)
         await produce(app, names.dlq, msg.key, encode_dead_letter(dl))
 
     @functools.cache

@@ -195,13 +195,15 @@ class DeadLetter:
     topic: str
     partition: int
     offset: int
-    payload: bytes
+    # The record's value as read; None: it had none (a tombstone), sent as empty.
+    payload: bytes | None
 
 
+REASON_CHARS = 4096
 DEAD_LETTER_SHAPE = Shape(
     (
         Key("stage", Str(64)),
-        Key("reason", Str(4096)),
+        Key("reason", Str(REASON_CHARS)),
         Key("topic", Str(256)),
         Key("partition", Int(0, U32)),
         Key("offset", Int(-1, U63)),
@@ -211,7 +213,12 @@ DEAD_LETTER_SHAPE = Shape(
 
 
 def encode_dead_letter(dl: DeadLetter) -> bytes:
-    return pack(dataclasses.asdict(dl))
+    """Every dead letter in a form ``decode_dead_letter`` reads back: a tombstone's
+    payload empty, a reason (a backend's error text, say) cut to what the schema takes."""
+    obj = dataclasses.asdict(dl)
+    obj["reason"] = dl.reason[:REASON_CHARS]
+    obj["payload"] = b"" if dl.payload is None else bytes(dl.payload)
+    return pack(obj)
 
 
 def decode_dead_letter(data: bytes) -> DeadLetter:

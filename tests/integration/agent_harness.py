@@ -129,7 +129,7 @@ async def dead_letters_of(bootstrap: str, run: str, n: int = 1) -> list[DeadLett
             while len(mine) < n:
                 for recs in (await consumer.getmany(timeout_ms=500)).values():
                     letters = map(decode_dead_letter, (r.value for r in recs))
-                    mine += [dl for dl in letters if run.encode() in dl.payload]
+                    mine += [dl for dl in letters if run.encode() in (dl.payload or b"")]
     finally:
         await consumer.stop()
     return mine

@@ -206,7 +206,7 @@ def wait_for(what: str, fn, timeout: float = 120):
     return value
 
 
-async def produce(bootstrap: str, records: list[tuple[str, bytes, bytes]]) -> None:
+async def produce(bootstrap: str, records: list[tuple[str, bytes, bytes | None]]) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", max_request_size=1 << 20)
     await producer.start()
     try:
@@ -320,7 +320,7 @@ def test_bad_records_on_every_topic_are_dead_lettered_and_the_good_ones_counted_
 
         # --- the bad ones: each valid record above with one thing broken
         valid_batch = encode_batch(RawBatch(hosts[0], "boot", 99, now_ns, [list(e) for e in EVENTS]))
-        bad: dict[str, list[tuple[bytes, bytes]]] = {}
+        bad: dict[str, list[tuple[bytes, bytes | None]]] = {}
         bad[RAW_TOPIC] = [
             (hosts[0].encode(), b) for b in broken(valid_batch, decode_batch, rng, BAD_PER_TOPIC - 10)
         ]
@@ -366,6 +366,10 @@ def test_bad_records_on_every_topic_are_dead_lettered_and_the_good_ones_counted_
                     f"hx-{run}-bad-{probe}-{every}-{ttl}-{i}", agent_host, probe, every, now_ms + ttl, ttl
                 )
                 bad[CONTROL_TOPIC].append((c.key, encode_command(c)))
+        # And on every topic a record with no value (a tombstone), which any client allowed
+        # to write the topic can send.
+        for recs in bad.values():
+            recs.append((recs[0][0], None))
         assert all(len(recs) >= 1000 for recs in bad.values()) and len(bad) == 6
 
         mixed = [(t, k, v) for t, recs in bad.items() for k, v in recs]
@@ -405,7 +409,7 @@ def test_bad_records_on_every_topic_are_dead_lettered_and_the_good_ones_counted_
         for topic, recs in bad.items():
             for stage in {d.stage for d in dead if d.topic == topic}:
                 assert Counter(d.payload for d in dead if (d.stage, d.topic) == (stage, topic)) == Counter(
-                    v for _k, v in recs
+                    b"" if v is None else v for _k, v in recs
                 ), (stage, topic)
         assert sum("is not its host" in d.reason for d in dead) == 20  # the mis-keyed batches and heartbeats
         assert sum("ahead of the exporter's clock" in d.reason for d in dead) == 30
@@ -425,7 +429,7 @@ def test_bad_records_on_every_topic_are_dead_lettered_and_the_good_ones_counted_
         wait_for("the agent's command counts", agent_counted)
         refused = refusals()
         assert sum(refused.values()) == len(bad[CONTROL_TOPIC])
-        assert refused["undecodable"] == BAD_PER_TOPIC - 30
+        assert refused["undecodable"] == BAD_PER_TOPIC - 30 + 1  # (and the tombstone)
         assert agent.metric("ktel_agent_commands_applied_total") == len(commands)
 
         # --- the good workload, exactly: at the pull endpoint and in Prometheus

@@ -117,6 +117,15 @@ def test_dead_letter_round_trips():
     assert wire.decode_dead_letter(wire.encode_dead_letter(dl)) == dl
 
 
+def test_a_dead_letter_of_a_tombstone_or_with_a_long_reason_still_decodes():
+    # What any consumer may have to dead-letter: a record with no value, and a backend's
+    # error text of any length.
+    tombstone = wire.DeadLetter("otlp", "spans: expected bytes, got NoneType", "ktel.spans", 0, 7, None)
+    assert wire.decode_dead_letter(wire.encode_dead_letter(tombstone)).payload == b""
+    long = wire.DeadLetter("otlp", "é" * 10_000, "ktel.spans", 0, 8, b"x")
+    assert wire.decode_dead_letter(wire.encode_dead_letter(long)).reason == "é" * 4096
+
+
 def test_histogram_series_round_trip_and_bad_layout_is_rejected():
     h = {"count": 3, "sum": 7.5, "bounds": [1.0, 5.0], "counts": [1, 1, 1]}
     snap = wire.MetricSnapshot(1, [["lat_seconds", "histogram", {"host.id": "h"}, h]])
