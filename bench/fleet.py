@@ -4,7 +4,8 @@ processing worker(s) and the remote-write exporter into a real Prometheus.
 
 Each host has its own boot id and sequence, keyed by host id as the agent keys them,
 and sends one batch every --batch-seconds (an agent seals a batch by count, size or
-age; a quiet host's batches are small): file creations under a few directories of
+age; a quiet host's batches are small), or with --batch-events N a batch of N events at
+every fleet size, so that only the number of hosts differs: file creations under a few directories of
 its own (bench/processing_throughput.py's paths), process exec/exit pairs, a kernel-API
 counter, a syscall-latency histogram delta every 5th batch, and one heartbeat at start.
 
@@ -40,7 +41,7 @@ Measured, per fleet size, each on a fresh broker and Prometheus:
                (the same data directory) and then memory (a fresh one)
 
 Run: PYTHONPATH=. .venv/bin/python bench/fleet.py [--quick] [--hosts 100,10000]
-     [--rate 20000] [--seconds 60] [--mode all|split]
+     [--rate 20000] [--seconds 60] [--batch-seconds 5 | --batch-events N] [--mode all|split]
 """
 
 from __future__ import annotations
@@ -406,7 +407,7 @@ async def size_run(args: argparse.Namespace, n_hosts: int) -> Result:
                 kafka=config.KafkaConfig(bootstrap=kafka.bootstrap), agent=config.AgentConfig(host_id="b")
             )
             await create_topics(kafka.bootstrap, topics.specs(cfg))
-            traffic = Traffic(n_hosts, args.rate, args.batch_seconds)
+            traffic = Traffic(n_hosts, args.rate, period(args, n_hosts))
             await traffic.start(kafka.bootstrap)
             pipe = Pipeline(tmp, kafka, prom, args.mode, args.window)
             pipe.start()
@@ -497,11 +498,23 @@ async def size_run(args: argparse.Namespace, n_hosts: int) -> Result:
 # ----------------------------------------------------------------------- main
 
 
+def period(args: argparse.Namespace, n_hosts: int) -> float:
+    """How often each of ``n_hosts`` sends a batch."""
+    if args.batch_events is None:
+        return float(args.batch_seconds)
+    return float(args.batch_events * n_hosts / args.rate)
+
+
 def report(args: argparse.Namespace, results: list[Result]) -> str:
+    batches = (
+        f"every {args.batch_seconds:g} s"
+        if args.batch_events is None
+        else f"of {args.batch_events} events (every {args.batch_events:g} x hosts / rate s)"
+    )
     lines = [
         f"{time.strftime('%Y-%m-%d')}, commit {git_commit()}, {machine()}, load average at the start "
         f"{args.load:.1f}. Mode `{args.mode}`, {args.rate:,.0f} events/s fleet-wide, one batch per host "
-        f"every {args.batch_seconds:g} s, aggregate window {args.window:g} s, {args.seconds:g} s measured.",
+        f"{batches}, aggregate window {args.window:g} s, {args.seconds:g} s measured.",
         "",
         "| hosts | events a batch | CPU µs/event | worker RSS MiB | RSS KiB/host | samples/window "
         "| e2e p50 s | e2e p99 s | drained s | exact in Prometheus | recovery rocksdict s "
@@ -548,6 +561,12 @@ def main() -> None:
     ap.add_argument("--hosts", default="100,10000", help="fleet sizes, comma-separated")
     ap.add_argument("--rate", type=float, default=20_000, help="events/s fleet-wide")
     ap.add_argument("--batch-seconds", type=float, default=5.0, help="how often each host sends a batch")
+    ap.add_argument(
+        "--batch-events",
+        type=int,
+        help="instead: each host sends a batch of this many events (every N x hosts / rate s), the "
+        "same records at every fleet size, which tells the cost of hosts from that of small records",
+    )
     ap.add_argument("--seconds", type=float, default=60, help="measured steady phase per size")
     ap.add_argument("--window", type=float, default=2.0, help="aggregate.window_seconds")
     ap.add_argument(
