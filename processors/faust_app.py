@@ -43,7 +43,9 @@ topic's records of each fetch go to ``App.lists`` as one list, with one wait. Th
 worker takes each record as Faust's stream would (``take_listed``): it drops those of
 an older generation or fetched before flow was suspended, tracks the rest as it
 takes them, and acks each once handled, so Faust commits only handled records; the
-list queue is flow controlled and cleared with the streams' queues on a rebalance.
+list queue is flow controlled and cleared with the streams' queues on a rebalance
+(which drops a list the loop is waiting to put, not the loop: ``_put_list``), and
+Faust's sensors hear of each record as they would from a stream.
 """
 
 from __future__ import annotations
@@ -124,7 +126,7 @@ class Consumer(faust_aiokafka.Consumer):
                                 await self.wait_first(callback(message), self.suspend_flow.wait())
                             set_read_offset(tp, offset)
                     if taken:
-                        await self.wait_first(lists.put(taken), self.suspend_flow.wait())
+                        await self._put_list(lists, taken)
                 unset_flag(CONSUMER_FETCHING)
         except self.consumer_stopped_errors:
             if app.should_stop:
@@ -136,6 +138,21 @@ class Consumer(faust_aiokafka.Consumer):
             raise
         finally:
             unset_flag(CONSUMER_FETCHING)
+
+    async def _put_list(self, lists: Any, taken: list[Any]) -> None:
+        """Put a fetch's records of the listed topic on ``lists``, waiting for room as
+        the loop waits for a stream's full queue. A rebalance clears the queue, and with
+        it cancels a put that waits for room (mode's ``ThrowableQueue.clear``): that list
+        goes with the rest of the queue, read again from the committed offsets, and the
+        loop goes on, as it does when Faust's Conductor finds a stream's put cancelled.
+        Raised out of the loop, the cancellation would end the fetcher for good, and the
+        worker with it, on any rebalance that came while its lists were full."""
+        try:
+            await self.wait_first(lists.put(taken), self.suspend_flow.wait())
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the loop itself is being cancelled
 
     async def seek_to_committed(self) -> Mapping[TP, int]:
         """Seek to the committed offsets, and to the beginning where there are none (hole 2)."""
@@ -246,12 +263,19 @@ class App(faust.App):
         # (its own frame: a list dropped here is unreferenced once this returns, and Faust
         # waits on a rebalance only for the tracked records that are still referenced)
         yielded = time.monotonic()
+        # What Faust's stream tells its sensors of each record: when a partition's records
+        # were last taken, which its livelock check reads (a partition behind whose records
+        # nothing takes is logged as an error), and that a record is done.
+        inbound = self.monitor.stream_inbound_time
+        message_out = self.sensors.on_message_out
         for message in messages:
             if not flow.is_active() or message.generation_id != self.consumer_generation_id:
                 return
             consumer.track_message(message)
+            inbound[message.tp] = time.monotonic()
             await handle(message)
             consumer.ack(message)
+            message_out(message.tp, message.offset, message)
             if time.monotonic() - yielded > YIELD_S:
                 # The loop's other work (the windows, the producer's sender) between records
                 # of a long list; a stream would have let it run after each.

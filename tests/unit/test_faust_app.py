@@ -5,11 +5,13 @@ The SIGKILL test on the real broker (tests/integration/test_processing_stages.py
 is what found them; these pin down each fix on its own."""
 
 import asyncio
+from types import SimpleNamespace
 from typing import Any
 
 from aiokafka import TopicPartition
+from faust.types import TP
 
-from processors.faust_app import App, Consumer, FlowControl
+from processors.faust_app import LISTS_HELD, App, Consumer, FlowControl
 
 
 def test_flow_control_clears_the_queues_only_when_it_resumes_from_suspended():
@@ -134,7 +136,6 @@ def test_a_listed_record_is_tracked_while_handled_acked_after_and_dropped_after_
     suspended (a rebalance under way), are dropped unacked, with the rest of their list
     (the fetcher reads them again from the committed offset); the others are tracked
     (a rebalance waits for them) and acked only once handled."""
-    from types import SimpleNamespace
 
     async def run():
         app = App("ktel-test", broker="kafka://127.0.0.1:1")
@@ -155,15 +156,77 @@ def test_a_listed_record_is_tracked_while_handled_acked_after_and_dropped_after_
             if msg.offset == 11:
                 flow.suspend()  # a rebalance begins while this record is handled
 
+        tp = TP("src", 0)
+
         def fetched(*offsets, generation=3):
-            return [SimpleNamespace(offset=o, generation_id=generation) for o in offsets]
+            return [SimpleNamespace(tp=tp, offset=o, generation_id=generation) for o in offsets]
 
         await app._take_list(fetched(10, 11, 12), handle, Consumer(), flow)
         # 11 was handled whole and is acked; 12 is left for the fetcher to read again.
         assert seen == [(step, o) for o in (10, 11) for step in ("tracked", "handled", "acked")]
+        # Faust's livelock check sees that the partition's records are being taken.
+        assert tp in app.monitor.stream_inbound_time
         seen.clear()
         flow.resume()
         await app._take_list(fetched(12, 13, generation=2), handle, Consumer(), flow)
         assert seen == []  # fetched before the rebalance: the new generation reads them again
+
+    asyncio.run(run())
+
+
+def test_a_rebalance_while_the_fetch_loop_waits_for_room_drops_the_list_and_the_loop_goes_on():
+    """The fetch loop (``Consumer._drain_messages``) with ``App.lists`` full, as under load:
+    a rebalance clears the queue, which cancels the loop's waiting put. The list goes
+    (its records are read again from the committed offsets) and the loop keeps fetching;
+    only the loop's own cancellation, or its fetcher stopping, ends it."""
+
+    async def run():
+        app = App("ktel-test", broker="kafka://127.0.0.1:1")
+        app.listed = "src"
+        app.lists = app.FlowControlQueue(maxsize=LISTS_HELD, clear_on_resume=True)
+        consumer = app.consumer
+        app.flow_control.resume()
+        for i in range(LISTS_HELD):
+            app.lists.put_nowait([f"held {i}"])
+        tp = TP("src", 0)
+        fetches = 0
+
+        async def getmany(timeout):
+            nonlocal fetches
+            fetches += 1
+            if fetches == 1:
+                yield tp, SimpleNamespace(topic="src", offset=5, generation_id=0)
+            else:
+                await asyncio.sleep(0.01)  # nothing more to fetch
+
+        consumer.getmany = getmany
+        fetcher = SimpleNamespace(_stopped=asyncio.Event())
+        loop_task = asyncio.ensure_future(consumer._drain_messages(fetcher))
+        await asyncio.sleep(0.05)
+        assert not loop_task.done() and app.lists.full()  # waiting for room
+        # What the app does when partitions are revoked (faust-streaming 0.15.3,
+        # App._on_partitions_revoked).
+        app.rebalancing = True
+        consumer.stop_flow()
+        app.flow_control.suspend()
+        app.flow_control.clear()
+        await asyncio.sleep(0.05)
+        assert not loop_task.done(), loop_task  # still fetching
+        assert app.lists.qsize() == 0 and fetches > 1
+        fetcher._stopped.set()
+        await asyncio.wait_for(loop_task, 5)  # its fetcher stopped: it ends, without an error
+
+        # Its own cancellation, while it waits for room, still ends it.
+        for i in range(LISTS_HELD):
+            app.lists.put_nowait([f"held {i}"])
+        fetches = 0
+        fetcher._stopped.clear()
+        consumer.resume_flow()
+        loop_task = asyncio.ensure_future(consumer._drain_messages(fetcher))
+        await asyncio.sleep(0.05)
+        assert not loop_task.done() and fetches == 1
+        loop_task.cancel()
+        await asyncio.wait([loop_task], timeout=5)
+        assert loop_task.cancelled()
 
     asyncio.run(run())
