@@ -45,7 +45,10 @@ Damage: a record whose magic, length or CRC is wrong is skipped by scanning
 forward for the next valid record; the skipped bytes are logged and counted
 (``corrupt_bytes``). A torn tail (a crash mid-write) is the same case at the
 end of a segment. The writer never appends to a segment it did not create, so
-a damaged segment is only ever read.
+a damaged segment is only ever read. A segment gone missing (removed by hand) is
+logged at start and skipped; what it held is lost, what follows it is sent. With
+every segment gone and the ack file left, new segments are numbered past the
+cursor it holds, so that it cannot cover them.
 
 Disk errors: a record the disk refuses (ENOSPC, EIO) is cut back off its
 segment and ``append`` raises, so the caller counts the batch as lost; the
@@ -64,6 +67,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import logging
 import os
 import struct
@@ -81,6 +85,8 @@ MAGIC = 0x4B54454C
 HEADER = struct.Struct("<IIII")
 MAX_RECORD = 64 * 1024 * 1024  # a length beyond this is damage, not a record
 READ_CHUNK = 1 << 20
+# The fewest segments a full spool spans, whatever its bound (Spool.segment_bytes).
+SEGMENTS_AT_LEAST = 8
 # How often, at most, the ack cursor is written: once per batch, writing it (then
 # open, write, rename: ~0.7 ms here) was a tenth of the agent's time at 400 k events/s.
 ACK_WRITE_S = 0.5
@@ -133,7 +139,9 @@ class Spool:
         for p in directory.iterdir():
             os.chmod(p, 0o600)
         self.max_bytes = max_bytes
-        self.segment_bytes = segment_bytes
+        # drop_oldest drops a segment at a time, never the one being written: a spool
+        # bound to a few segments' size would drop the newest batches instead.
+        self.segment_bytes = max(1, min(segment_bytes, max_bytes // SEGMENTS_AT_LEAST))
         self.full_policy = full_policy
         self.fsync = fsync
         self.fsync_interval = fsync_interval
@@ -153,10 +161,20 @@ class Spool:
             if s < self._ack.segment:
                 self._path(s).unlink()
         segs = [s for s in segs if s >= self._ack.segment]
-        if not segs or self._ack.segment < segs[0]:
-            self._ack = Cursor(segs[0] if segs else 0, 0)
         # Always a fresh segment for writing: never append after a possibly torn tail.
-        self._wseg = (segs[-1] + 1) if segs else self._ack.segment
+        # And never one the cursor read from disk points into, even with the segments
+        # it named gone (deleted to free space, say): until the cursor is written again,
+        # which takes an acknowledgement, a restart would take what it holds for
+        # acknowledged and delete it.
+        self._wseg = max((segs[-1] + 1) if segs else 0, self._ack.segment + (1 if self._ack.offset else 0))
+        if not segs or self._ack.segment < segs[0]:
+            self._ack = Cursor(segs[0] if segs else self._wseg, 0)
+        for before, after in itertools.pairwise(segs):
+            if after != before + 1:
+                log.error(
+                    "spool segments %d to %d are missing from %s: their batches are lost",
+                    before + 1, after - 1, self.dir,
+                )  # fmt: skip
         self._wfile = self._open_write(self._wseg)
         self._wsize = 0
         self._sizes = {s: self._path(s).stat().st_size for s in segs}
@@ -396,7 +414,8 @@ class Spool:
                     return out
             if seg == self._wseg:
                 break
-            seg, off = seg + 1, 0
+            # The next segment there is (one gone missing is skipped; logged at start).
+            seg, off = min(s for s in self._sizes if s > seg), 0
         return out
 
     # ------------------------------------------------------------------- ack
