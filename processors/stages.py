@@ -538,6 +538,13 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         exported_series.update(per_metric)
 
     async def close_window(timed: Stage, now_ms: int) -> None:
+        if timed.durable and (why := readiness(app, source_name)) is not None:
+            # Its hosts' values are being recovered (a rebalance, a restart from the disk
+            # copy): a value not yet folded up to the changelog's end is old, and its
+            # window would report old counts and forget hosts as silent that another
+            # worker kept alive meanwhile. The first window after does this one's work.
+            log.info("%s window skipped: %s", timed.name, why)
+            return
         n = cfg.kafka.raw_partitions
         assigned = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == source_name}
         # Hosts of partitions another worker holds now are that worker's to report.

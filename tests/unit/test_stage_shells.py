@@ -9,6 +9,7 @@ tests/integration/test_processing_stages.py."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import time
@@ -26,6 +27,7 @@ from ktel.wire import (
     ENRICHED_TOPIC,
     FILE_CREATED,
     HEARTBEATS_TOPIC,
+    METRICS_TOPIC,
     PROCESS_EXEC,
     RAW_TOPIC,
     SAMPLED_TOPIC,
@@ -261,6 +263,41 @@ async def test_aggregate_folds_batches_into_the_table_once_each(tmp_path):
             ("h1", {key: 13.0}),
             ("h1", {key: 13.0}),
         ]
+
+
+async def test_the_aggregate_closes_no_window_while_its_table_is_being_recovered(tmp_path):
+    """A host's value not yet folded up to its changelog's end is old: a window on it would
+    report old counts, and forget a host as silent that another worker kept alive."""
+    from faust.types import TP
+
+    aggregate = config.AggregateConfig(window_seconds=0.05)
+    async with Shell(tmp_path, "aggregate", aggregate=aggregate) as shell:
+        app = shell.app
+        held = {TP(SAMPLED_TOPIC, p) for p in range(RESOLVED.raw_partitions)}
+        app.assignor.assigned_actives = lambda: held
+        app.tables.recovery.completed.set()
+        await shell.put(batch(0, [file_created(1, "/data/x/f")]))
+        window = next(t for t in app._app_tasks if t.__name__ == "window")
+        closing = asyncio.ensure_future(window())
+        try:
+            for _ in range(200):  # (a guard against hanging, not a timing assertion)
+                if shell.to(METRICS_TOPIC):
+                    break
+                await asyncio.sleep(0.01)
+            assert len(shell.to(METRICS_TOPIC)) == 1  # ready: the window closed
+            app.in_recovery = True  # a rebalance gave it partitions to recover
+            await shell.put(batch(1, [file_created(1, "/data/x/g")]))
+            await asyncio.sleep(0.5)  # about ten windows due
+            assert len(shell.to(METRICS_TOPIC)) == 1
+            app.in_recovery = False
+            for _ in range(200):
+                if len(shell.to(METRICS_TOPIC)) > 1:
+                    break
+                await asyncio.sleep(0.01)
+            assert len(shell.to(METRICS_TOPIC)) == 2  # the first window after: what changed
+        finally:
+            closing.cancel()
+            await asyncio.gather(closing, return_exceptions=True)
 
 
 async def test_all_runs_the_four_cores_with_heartbeats_in_one_worker(tmp_path):
