@@ -30,6 +30,7 @@ from faust.types import TP, EventT
 from rocksdict import AccessType, Options, Rdict, WriteBatch
 
 from processors.changelog import VERSION, fold, is_delta
+from processors.stop import end
 
 MEMORY_URL = "ktel-memory://"
 STORES.aliases["ktel-memory"] = f"{__name__}:FoldingStore"
@@ -124,7 +125,17 @@ class DiskBackedStore(FoldingStore):
         acked, self._acked = self._acked, {}
         for partition, (batch, offset) in acked.items():
             batch.put(OFFSET_KEY, str(offset).encode())
-            self._db(partition).write(batch)
+            try:
+                self._db(partition).write(batch)
+            except Exception as err:  # (rocksdict raises RocksDB's errors as plain Exception)
+                # Going on would leave a hole: these records missing, and the next write's
+                # offset past them. A restart reads the copy as it was and the changelog's
+                # tail from there.
+                end(
+                    f"ktel process: stopping: the on-disk copy of changelog partition {partition} "
+                    f"could not be written ({type(err).__name__}: {err}); restart the worker (its "
+                    "supervisor does): it reads the changelog from the copy's last complete offset"
+                )
 
     # ---------------------------------------------------------- Faust's store API
 
