@@ -445,11 +445,17 @@ def _admit(state: dict[str, Any], key: str, numbers: int, opts: Options, out: Ou
     return overflow
 
 
-def _count(n: float) -> int:
-    """A histogram count as the wire carries it: weights and in-kernel sampling scale
-    counts up, and a (hostile) product past 2^64 - 1 stays there rather than making a
-    snapshot no one can encode."""
-    return min(round(n), U64)
+def _counts(buckets: list[float]) -> list[int]:
+    """A histogram's bucket counts as the wire carries them: each rounded (weights and
+    in-kernel sampling scale counts up by fractions), and together, being its count, at
+    most 2^64 - 1: a (hostile) product past it stays there rather than making a snapshot
+    no one can encode."""
+    counts, left = [], U64
+    for c in buckets:
+        n = min(round(c), left)
+        counts.append(n)
+        left -= n
+    return counts
 
 
 def snapshot(host_id: str, state: dict[str, Any]) -> list[list]:
@@ -472,11 +478,14 @@ def row_of(host_id: str, key: str, value: Any) -> list:
         return [name, "gauge", labels, value["gauge"]]
     if isinstance(value, dict):
         scale = 1e-9 if name.endswith("_seconds") else 1.0  # counted in ns (see count_events)
+        counts = _counts(value["buckets"])
         hist = {
-            "count": _count(value["count"]),
+            # What its buckets add up to, each rounded: the wire takes no other count
+            # (ktel/wire/signals.py).
+            "count": sum(counts),
             "sum": value["sum"] * scale,
             "bounds": log2_bounds(len(value["buckets"]), scale),
-            "counts": [_count(c) for c in value["buckets"]],
+            "counts": counts,
         }
         return [name, "histogram", labels, hist]
     return [name, "counter", labels, value]

@@ -15,7 +15,7 @@ Metric snapshot::
 began; value ``{"count": int, "sum": float, "bounds": [float, ...],
 "counts": [int, ...]}`` with ``len(counts) == len(bounds) + 1``: bucket i counts
 values in ``(bounds[i-1], bounds[i]]``, the last bucket is ``(bounds[-1], +inf)``,
-the layout of an OTLP explicit-bucket histogram).
+the layout of an OTLP explicit-bucket histogram; ``count == sum(counts)``).
 
 Label names follow OpenTelemetry semantic conventions (``host.id``,
 ``process.pid``, ...); the Prometheus exporters translate them.
@@ -89,19 +89,29 @@ HISTOGRAM = Shape(
 
 class _SeriesValue(Type):
     """A series' value: a finite number, or a histogram whose counts have one more
-    bucket than its bounds (checked with the series' type in decode_snapshot)."""
+    bucket than its bounds and add up to its count (checked with the series' type in
+    decode_snapshot). Every observation is in one bucket, the last unbounded: a
+    backend refuses a count its buckets do not add up to (Prometheus 2 with a 500,
+    which a remote-write sender retries for ever)."""
 
     number = Float()
 
     def expr(self, x: str, names: dict[str, Any]) -> str:
         n = self.number.expr(x, names)
         h = HISTOGRAM.expr(x, names)
-        return f"({n} or ({h} and len({x}['counts']) == len({x}['bounds']) + 1))"
+        return (
+            f"({n} or ({h} and len({x}['counts']) == len({x}['bounds']) + 1"
+            f" and {x}['count'] == sum({x}['counts'])))"
+        )
 
     def why(self, value: Any) -> str:
         if type(value) is dict:
             problem = HISTOGRAM.problem(value)
-            return f"histogram {problem}" if problem else "histogram must have one count more than bounds"
+            if problem:
+                return f"histogram {problem}"
+            if len(value["counts"]) != len(value["bounds"]) + 1:
+                return "histogram must have one count more than bounds"
+            return f"histogram count {value['count']} is not the sum of its counts, {sum(value['counts'])}"
         return self.number.why(value)
 
 

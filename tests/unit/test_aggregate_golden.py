@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from ktel.wire import RawBatch
+from ktel.wire import RawBatch, WireError
 from processors import aggregate_core
 from processors.chain import Chain
 from tests.unit import golden
@@ -184,6 +184,32 @@ def test_a_histogram_or_gauge_is_emitted_again_only_when_what_it_shows_changed()
     moved = window(2, [hist([1, -1, 0], 0)])  # (a forged delta: count and sum as they were)
     assert moved["syscall_latency_seconds"]["counts"][:3] == [1, 1, 1]
     assert window(3, [gauge(7.0)]) == {"ktel_demo_queue_depth": 7.0}
+
+
+def test_a_histograms_count_is_what_its_rounded_buckets_add_up_to():
+    """Sampled events weigh fractions, so a histogram's count and its buckets are each
+    rounded; a count its buckets do not add up to is one the wire refuses (and
+    Prometheus 2 answers with a 500 a remote-write sender retries for ever). So is a
+    forged delta's count."""
+    from ktel.wire import HISTOGRAM_DELTA, MetricSnapshot, decode_snapshot, encode_snapshot
+
+    chain = Chain([aggregate_core.Aggregate(aggregate_core.Options())])
+    [aggregate] = chain.timed()
+    table: dict[str, dict] = {}
+
+    def hist(buckets: list[int], count: int) -> list:
+        return [HISTOGRAM_DELTA.id, 1, 0, "syscall_latency", "ns", {"syscall.id": 1}, count, 100, buckets, 1]
+
+    events = [hist([1, 0, 0], 1), hist([0, 1, 0], 1), hist([0, 0, 1], 1), hist([0, 0, 0], 5)]
+    batch = RawBatch("h", "b", 0, 0, events, [2.5, 2.5, 2.5, 1.0])
+    chain.on_batch(table.setdefault("h", {}), batch, NOW_MS - 1)
+    [(_, snap)] = chain.on_window(aggregate, table, NOW_MS, 1.0).snapshots
+    [row] = snap.series
+    assert row[3]["counts"][:3] == [2, 2, 2] and row[3]["count"] == 6
+    assert decode_snapshot(encode_snapshot(snap)) == snap
+    bad = MetricSnapshot(1, [[row[0], row[1], row[2], {**row[3], "count": 8}]])
+    with pytest.raises(WireError, match="histogram count 8 is not the sum of its counts, 6"):
+        decode_snapshot(encode_snapshot(bad))
 
 
 def file_event(directory: str) -> list:
