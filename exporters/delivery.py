@@ -14,11 +14,16 @@ Answers fall in three classes (docs/design.md, principle 11):
   and no item is to blame: ``Unauthorized`` (a ``Transient``) is raised, the data
   is kept and retried until the configuration is fixed, and ``Misconfigured`` logs
   one line naming the settings to check (not one per retry);
+- no receiver: HTTP 404, 405 and 3xx (a redirect is not followed: it would send the
+  data where ktel was not told to), gRPC UNIMPLEMENTED: nothing at ktel's URL takes
+  this data (a wrong path or port, Prometheus without its remote-write receiver, an
+  ingress mid-rollout), again a configuration error and no item's fault:
+  ``NoReceiver`` (a ``Transient``), logged and retried the same way;
 - refused: any other 4xx (413 and the Collector's "request body too large"
   included), gRPC INVALID_ARGUMENT, FAILED_PRECONDITION, OUT_OF_RANGE,
-  NOT_FOUND, ALREADY_EXISTS, UNIMPLEMENTED, and RESOURCE_EXHAUSTED for a message
-  larger than the backend's limit: ``Permanent`` is raised, since the same request
-  can never succeed.
+  NOT_FOUND, ALREADY_EXISTS, and RESOURCE_EXHAUSTED for a message larger than
+  the backend's limit: ``Permanent`` is raised, since the same request can never
+  succeed.
 
 A backend refuses a whole request for one item it cannot take (one bad sample, one
 span too large), so a refused request is split in halves and each half sent on its
@@ -50,6 +55,10 @@ class Unauthorized(Transient):
     """The backend refuses ktel's credentials: retried until the configuration is fixed."""
 
 
+class NoReceiver(Transient):
+    """Nothing at ktel's URL takes the data: retried until the configuration is fixed."""
+
+
 def bearer(token_file: Path, setting: str) -> str:
     """The Authorization header of the token in ``token_file``, read now, so a rotated
     token is used from the next request on. A file that cannot be read (mid-rotation,
@@ -74,6 +83,8 @@ def http_answer(status: int, message: str) -> None:
     answer = f"HTTP {status}: {message.strip()[:500]}"
     if status in (401, 403):
         raise Unauthorized(answer)
+    if status in (404, 405) or 300 <= status < 400:
+        raise NoReceiver(answer)
     if status in (408, 429) or status >= 500:
         raise Transient(answer)
     raise Permanent(answer)
@@ -102,6 +113,8 @@ def grpc_answer(code: grpc.StatusCode, details: str | None) -> None:
         raise Permanent(answer)
     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
         raise Unauthorized(answer)
+    if code is grpc.StatusCode.UNIMPLEMENTED:
+        raise NoReceiver(answer)
     if code in _GRPC_TRANSIENT:
         raise Transient(answer)
     raise Permanent(answer)
@@ -116,15 +129,18 @@ def tls_failed(err: BaseException) -> bool:
 
 class Misconfigured:
     """Logs once when a backend starts refusing ktel's configuration (its credentials,
-    or the TLS handshake), naming the settings to check, and once when it takes the
-    data again: a refusal lasts until someone fixes a setting, and the retry helper's
-    line per attempt does not say which."""
+    its URL, or the TLS handshake), naming the settings to check, and once when it takes
+    the data again: a refusal lasts until someone fixes a setting, and the retry
+    helper's line per attempt does not say which."""
 
-    def __init__(self, log: logging.Logger, backend: str, *, credentials: str, tls: str) -> None:
+    def __init__(
+        self, log: logging.Logger, backend: str, *, credentials: str, receiver: str, tls: str
+    ) -> None:
         self.log = log
         self.backend = backend
         self.hints = {
             "credentials": f"it refuses ktel's credentials: check {credentials}",
+            "receiver": f"nothing there takes the data: check {receiver}",
             "tls": f"the TLS handshake failed: check {tls}",
         }
         self.problem: str | None = None
@@ -133,6 +149,8 @@ class Misconfigured:
         """Called with each failed attempt."""
         if isinstance(err, Unauthorized):
             problem = "credentials"
+        elif isinstance(err, NoReceiver):
+            problem = "receiver"
         elif not isinstance(err, Permanent) and tls_failed(err):
             problem = "tls"
         else:

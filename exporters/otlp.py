@@ -38,8 +38,9 @@ in halves and re-sent, down to single items, and an item refused alone goes to
 ``ktel.dlq`` with the backend's answer, as a wire record of just that item. The
 SDK's ``export()`` is not used: it retries on its own and reports only SUCCESS or
 FAILURE, which says neither whether to retry nor why. A backend that refuses ktel's
-credentials (HTTP 401/403, gRPC UNAUTHENTICATED/PERMISSION_DENIED) or its TLS
-handshake is misconfigured, not sent bad data: one line names the settings, and
+credentials (HTTP 401/403, gRPC UNAUTHENTICATED/PERMISSION_DENIED), that has no
+receiver at its URL (HTTP 404/405 or a redirect, gRPC UNIMPLEMENTED) or that fails
+its TLS handshake is misconfigured, not sent bad data: one line names the settings, and
 the request is retried, its items kept, until the configuration is fixed. A token in
 ``otlp.bearer_token_file`` is read for every request, so fixing or rotating it takes
 effect without a restart. The Kafka offset
@@ -436,6 +437,7 @@ class Sender:
             log,
             f"OTLP export to {endpoint}",
             credentials=credentials,
+            receiver="otlp.endpoint and otlp.protocol (or OTEL_EXPORTER_OTLP_ENDPOINT and _PROTOCOL)",
             tls="otlp.certificate_file, client_certificate_file, client_key_file and endpoint "
             "(or their OTEL_EXPORTER_OTLP_* variables)",
         )

@@ -88,6 +88,8 @@ class Receiver:
             f"remote-write to {cfg.url}",
             credentials="remote_write.basic_auth_username and basic_auth_password(_file), "
             "or remote_write.bearer_token_file",
+            receiver="remote_write.url (Prometheus takes remote-write only with "
+            "--web.enable-remote-write-receiver)",
             tls="remote_write.tls_ca_file, tls_cert_file, tls_key_file and url",
         )
 

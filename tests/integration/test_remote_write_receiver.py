@@ -1,5 +1,6 @@
-"""Remote-write delivery rules against a scripted receiver on loopback: 5xx and 429
-are retried until the receiver recovers; a 400 is not retried, and the snapshot whose
+"""Remote-write delivery rules against a scripted receiver on loopback: 5xx, 429 and
+404 (no receiver at the URL yet) are retried until the receiver recovers; a 400 is
+not retried, and the snapshot whose
 samples it refused goes to the real ``ktel.dlq`` as it was read, with the receiver's
 answer."""
 
@@ -37,7 +38,7 @@ def names_in(body: bytes, run: str) -> set[str]:
 
 
 class Receiver:
-    """Answers by content: ``flaky`` gets 500, then 429, then 200; ``refused`` always 400."""
+    """Answers by content: ``flaky`` gets 500, 404, 429, then 200; ``refused`` always 400."""
 
     def __init__(self, run: str) -> None:
         self.run = run
@@ -52,7 +53,7 @@ class Receiver:
         status, text = 200, ""
         if "flaky" in names:
             tries = sum(1 for n, _, _ in self.seen if n == "flaky")
-            status = [500, 429, 200][min(tries, 2)]
+            status = [500, 404, 429, 200][min(tries, 3)]
             text = "try again"
         elif "refused" in names:
             status, text = 400, f"out of order sample (run {self.run})"
@@ -88,7 +89,7 @@ async def serve(receiver: Receiver, bootstrap: str) -> tuple[web.AppRunner, conf
     return runner, cfg
 
 
-async def test_retries_5xx_and_429_dead_letters_400(kafka):
+async def test_retries_5xx_429_and_404_dead_letters_400(kafka):
     run = uuid.uuid4().hex[:12]
     receiver = Receiver(run)
     runner, cfg = await serve(receiver, kafka.bootstrap)
@@ -123,7 +124,7 @@ async def test_retries_5xx_and_429_dead_letters_400(kafka):
         await producer.stop()
         await runner.cleanup()
 
-    assert receiver.answers("flaky") == [500, 429, 200]
+    assert receiver.answers("flaky") == [500, 404, 429, 200]
     flaky_bodies = {b for n, _, b in receiver.seen if n == "flaky"}
     assert len(flaky_bodies) == 1  # the same request, re-sent
     # Not retried: the exporter went on to the next record after one 400.

@@ -10,6 +10,7 @@ import pytest
 
 from exporters.delivery import (
     Misconfigured,
+    NoReceiver,
     Transient,
     Unauthorized,
     Window,
@@ -38,7 +39,16 @@ def test_http_401_and_403_are_configuration_errors_retried(status):
     assert issubclass(Unauthorized, Transient)  # retried, the data kept
 
 
-@pytest.mark.parametrize("status", [301, 400, 404, 413, 415])
+@pytest.mark.parametrize("status", [301, 307, 308, 404, 405])
+def test_http_no_receiver_at_the_url_is_a_configuration_error_retried(status):
+    # Prometheus without --web.enable-remote-write-receiver answers 404: dead-lettering
+    # every record until someone notices would empty the pipeline into ktel.dlq.
+    with pytest.raises(NoReceiver, match=f"^HTTP {status}: not here$"):
+        http_answer(status, "not here")
+    assert issubclass(NoReceiver, Transient)
+
+
+@pytest.mark.parametrize("status", [400, 413, 415, 422])
 def test_http_other_answers_are_refusals(status):
     with pytest.raises(Permanent, match=f"^HTTP {status}: no$"):
         http_answer(status, "no")
@@ -60,7 +70,6 @@ REFUSED = [
     "OUT_OF_RANGE",
     "NOT_FOUND",
     "ALREADY_EXISTS",
-    "UNIMPLEMENTED",
 ]
 
 
@@ -76,6 +85,11 @@ def test_grpc_refused_codes(code):
         grpc_answer(grpc.StatusCode[code], "x")
 
 
+def test_grpc_unimplemented_is_no_receiver_retried():
+    with pytest.raises(NoReceiver, match="^gRPC UNIMPLEMENTED: x$"):
+        grpc_answer(grpc.StatusCode.UNIMPLEMENTED, "x")
+
+
 @pytest.mark.parametrize("code", ["UNAUTHENTICATED", "PERMISSION_DENIED"])
 def test_grpc_credentials_refused_are_configuration_errors_retried(code):
     with pytest.raises(Unauthorized, match=f"^gRPC {code}: x$"):
@@ -85,7 +99,11 @@ def test_grpc_credentials_refused_are_configuration_errors_retried(code):
 def test_a_configuration_problem_is_logged_once_naming_the_settings_and_once_when_fixed(caplog):
     log = logging.getLogger("ktel.test.misconfigured")
     alarm = Misconfigured(
-        log, "remote-write to https://r", credentials="remote_write.basic_auth_*", tls="remote_write.tls_*"
+        log,
+        "remote-write to https://r",
+        credentials="remote_write.basic_auth_*",
+        receiver="remote_write.url",
+        tls="remote_write.tls_*",
     )
     with caplog.at_level(logging.INFO, logger=log.name):
         for _ in range(5):
@@ -96,6 +114,7 @@ def test_a_configuration_problem_is_logged_once_naming_the_settings_and_once_whe
         alarm.succeeded()
         for _ in range(3):
             alarm.failed(OSError("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed"))
+        alarm.failed(NoReceiver("HTTP 404: remote write receiver needs to be enabled"))
     lines = [(r.levelname, r.getMessage()) for r in caplog.records]
     assert lines == [
         (
@@ -109,6 +128,11 @@ def test_a_configuration_problem_is_logged_once_naming_the_settings_and_once_whe
             "remote-write to https://r: the TLS handshake failed: check remote_write.tls_* "
             "([SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed); the data is kept and sent "
             "again until it is taken",
+        ),
+        (
+            "ERROR",
+            "remote-write to https://r: nothing there takes the data: check remote_write.url (HTTP 404: "
+            "remote write receiver needs to be enabled); the data is kept and sent again until it is taken",
         ),
     ]
 
