@@ -73,6 +73,18 @@ from opentelemetry._logs import LogRecord, SeverityNumber
 from opentelemetry.exporter.otlp.proto.common._log_encoder import encode_logs as encode_log_request
 from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
 from opentelemetry.exporter.otlp.proto.grpc.exporter import OTLPExporterMixin
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
+    ExportLogsServiceRequest,
+    ExportLogsServiceResponse,
+)
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+    ExportMetricsServiceResponse,
+)
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
 from opentelemetry.sdk._logs import ReadableLogRecord
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
@@ -133,6 +145,12 @@ IN_FLIGHT = 2  # span or log requests awaiting the backend at once
 
 ITEMS = Counter(
     "ktel_exporter_otlp_items", "spans, log records and data points the OTLP backend acknowledged", ["signal"]
+)
+REJECTED = Counter(
+    "ktel_exporter_otlp_rejected_items",
+    "spans, log records and data points an OTLP backend's success said it rejected (a partial "
+    "success: it names none, and OTLP forbids sending them again)",
+    ["signal"],
 )
 FAILED = Counter(
     "ktel_exporter_otlp_failed_exports",
@@ -369,10 +387,11 @@ def authorization(token_file: Path) -> str:
     return bearer(token_file, "otlp.bearer_token_file")
 
 
-def send_once(exporter: Any, request: Any, token_file: Path | None = None) -> None:
+def send_once(exporter: Any, request: Any, token_file: Path | None = None) -> tuple[int, str]:
     """One attempt to send an OTLP request through an SDK exporter's own gRPC stub or
     HTTP client (opentelemetry-exporter-otlp-proto-* 1.45.2, pinned in pyproject.toml);
-    raises Transient or Permanent as exporters/delivery.py classifies the answer.
+    raises Transient or Permanent as exporters/delivery.py classifies the answer, and
+    returns what a success says it rejected (``partial_success``).
     ``token_file``: the bearer token sent over gRPC (the HTTP exporters' Session sends it)."""
     if isinstance(exporter, OTLPExporterMixin):
         stub: Any = exporter._client  # set by the exporter's constructor
@@ -384,10 +403,10 @@ def send_once(exporter: Any, request: Any, token_file: Path | None = None) -> No
                 ("authorization", authorization(token_file)),
             )
         try:
-            stub.Export(request=request, metadata=metadata, timeout=exporter._timeout)
+            response = stub.Export(request=request, metadata=metadata, timeout=exporter._timeout)
         except grpc.RpcError as err:
             grpc_answer(err.code(), err.details())
-        return
+        return partial_success(response)
     client = exporter._client
     result = client._submit(client._compress(request.SerializePartialToString()), client._timeout)
     if result.status_code is None:
@@ -395,6 +414,31 @@ def send_once(exporter: Any, request: Any, token_file: Path | None = None) -> No
             raise result.error
         raise Transient(f"no answer from {client._endpoint}: {result.error}")
     http_answer(result.status_code, _http_message(result))
+    try:
+        response = RESPONSES[type(request)].FromString(result.content())
+    except Exception:  # noqa: BLE001 -- not the response OTLP defines (a proxy's body): nothing said
+        response = None
+    return partial_success(response)
+
+
+# Each request's response, which a success may carry a partial success in.
+RESPONSES: dict[type, Any] = {
+    ExportTraceServiceRequest: ExportTraceServiceResponse,
+    ExportLogsServiceRequest: ExportLogsServiceResponse,
+    ExportMetricsServiceRequest: ExportMetricsServiceResponse,
+}
+REJECTED_FIELDS = ("rejected_spans", "rejected_log_records", "rejected_data_points")
+
+
+def partial_success(response: Any) -> tuple[int, str]:
+    """The items an OTLP success says the backend rejected, and its message (either may
+    be 0 or empty: a message alone is a warning). The backend names no item, and the
+    OTLP spec forbids sending the request again: they are counted and logged."""
+    if response is None or not response.HasField("partial_success"):
+        return 0, ""
+    ps = response.partial_success
+    rejected = next(getattr(ps, f) for f in REJECTED_FIELDS if hasattr(ps, f))
+    return int(rejected), ps.error_message
 
 
 def _http_message(result: Any) -> str:
@@ -517,13 +561,24 @@ class Sender:
             # keeps the Kafka consumer polling meanwhile.
             request = await asyncio.to_thread(convert, [row for _, row in part])
             try:
-                await asyncio.to_thread(send_once, exporter, request, self.token_file)
+                rejected, why = await asyncio.to_thread(send_once, exporter, request, self.token_file)
             except Exception as err:
                 FAILED.labels(signal).inc()
                 self.misconfigured.failed(err)  # refused credentials or TLS handshake: one line
                 raise
             self.misconfigured.succeeded()
-            ITEMS.labels(signal).inc(len(part))
+            rejected = min(rejected, len(part))
+            if rejected or why:
+                log.warning(
+                    "OTLP backend took %d of %d %s, rejected %d: %s",
+                    len(part) - rejected,
+                    len(part),
+                    ITEM_NAMES[signal],
+                    rejected,
+                    why[:500] or "(no reason given)",
+                )
+                REJECTED.labels(signal).inc(rejected)
+            ITEMS.labels(signal).inc(len(part) - rejected)
             consume.observe_acknowledged(STAGE, _oldest_per_record(signal, part))
 
         async def refused(entry: tuple[Record, Any], reason: str) -> None:

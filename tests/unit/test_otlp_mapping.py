@@ -333,6 +333,61 @@ async def test_transient_failures_are_retried_refusals_split_and_late_items_dead
     assert REGISTRY.get_sample_value("ktel_exporter_otlp_items_total", {"signal": "spans"}) == acked + 4
 
 
+async def test_a_partial_success_counts_what_the_backend_rejected_and_sends_nothing_again(caplog):
+    """A 200 whose body says some items were rejected (OTLP ``partial_success``): the
+    backend names none and the spec forbids a retry, so they are counted and logged,
+    not counted as delivered."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTracePartialSuccess,
+        ExportTraceServiceResponse,
+    )
+
+    answers = []
+
+    def submit(data: bytes, _timeout: float):
+        answers.append(data)
+        partial = ExportTracePartialSuccess(rejected_spans=1, error_message="span too old")
+        body = ExportTraceServiceResponse(partial_success=partial).SerializeToString()
+        return type("Result", (), {"status_code": 200, "error": None, "content": lambda _self: body})()
+
+    spans, metrics, logs = otlp.make_exporters(
+        OtlpConfig(protocol="http/protobuf", endpoint="http://127.0.0.1:1")
+    )
+    spans._client._submit = submit
+    sender = otlp.Sender(OtlpConfig(), (spans, metrics, logs))
+    now = time.time_ns()
+    rows = [[TRACE, bytes([i + 1]) * 8, b"", f"s{i}", now, now + 1, 0, "", {}] for i in range(4)]
+    value = wire_spans(SpanBatch(RESOURCE, rows))
+    rec = Record(decode_spans(value), "ktel.spans", 0, 7, b"h1", value, wire.DLQ_TOPIC)
+    producer = Producer()
+    counted = {
+        name: REGISTRY.get_sample_value(name, {"signal": "spans"}) or 0.0
+        for name in ("ktel_exporter_otlp_items_total", "ktel_exporter_otlp_rejected_items_total")
+    }
+
+    await sender.deliver([rec], producer)
+
+    assert len(answers) == 1 and producer.sent == []  # not sent again, nothing dead-lettered
+    after = {name: REGISTRY.get_sample_value(name, {"signal": "spans"}) for name in counted}
+    assert after == {
+        "ktel_exporter_otlp_items_total": counted["ktel_exporter_otlp_items_total"] + 3,
+        "ktel_exporter_otlp_rejected_items_total": counted["ktel_exporter_otlp_rejected_items_total"] + 1,
+    }
+    assert "OTLP backend took 3 of 4 spans, rejected 1: span too old" in caplog.text
+
+    # Over gRPC the same answer comes as the stub's return value.
+    grpc_exporter, _, _ = otlp.make_exporters(OtlpConfig(protocol="grpc", endpoint="http://127.0.0.1:1"))
+    partial = ExportTracePartialSuccess(rejected_spans=2, error_message="x")
+
+    class Stub:
+        def Export(self, request, **_kw):  # noqa: N802 -- the generated stub's name
+            return ExportTraceServiceResponse(partial_success=partial)
+
+    grpc_exporter._client = Stub()
+    req = otlp_spans.span_request([(RESOURCE, rows[0])], otlp.SCOPE)
+    assert otlp.send_once(grpc_exporter, req) == (2, "x")
+
+
 def test_config_fields_reach_the_sdk_exporters_and_unset_ones_fall_back_to_otel_env(monkeypatch):
     cfg = OtlpConfig(
         protocol="http/protobuf",
