@@ -123,6 +123,7 @@ from exporters.delivery import (
 from exporters.log2 import ZERO_THRESHOLD, exponential
 from ktel import selfmetrics
 from ktel.config import Config, OtlpConfig, check_readable
+from ktel.retry import Permanent
 from ktel.wire import (
     LogBatch,
     MetricSnapshot,
@@ -141,6 +142,9 @@ STAGE = "otlp"
 GROUP = "export-otlp"  # the consumer group, under kafka.prefix (Topics.group)
 SCOPE = InstrumentationScope("ktel", version("ktel"))
 SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+# What an OTLP number data point holds as an int (as_int is an sfixed64); a wire int
+# past it (msgpack's go to 2^64 - 1) goes as a double.
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 IN_FLIGHT = 2  # span or log requests awaiting the backend at once
 
 ITEMS = Counter(
@@ -254,7 +258,12 @@ def to_metrics(
                     no_min_max,
                 )
         else:
-            point = NumberDataPoint(attrs, 0, t, value)
+            point = NumberDataPoint(
+                attrs,
+                0,
+                t,
+                value if type(value) is float or INT64_MIN <= value <= INT64_MAX else float(value),
+            )
         hosts.setdefault(host, {}).setdefault((name, typ, unit), []).append(point)
     resource_metrics = []
     for host, metrics in hosts.items():
@@ -559,7 +568,12 @@ class Sender:
         async def send(part: Sequence[tuple[Record, Any]]) -> None:
             # Converting and sending are CPU and blocking I/O: off the event loop, which
             # keeps the Kafka consumer polling meanwhile.
-            request = await asyncio.to_thread(convert, [row for _, row in part])
+            try:
+                request = await asyncio.to_thread(convert, [row for _, row in part])
+            except Exception as err:
+                # The same items fail the same way every time: a refusal (split down to
+                # the item to blame, which is dead-lettered), never a retry for ever.
+                raise Permanent(f"cannot be put in an OTLP request: {type(err).__name__}: {err}") from None
             try:
                 rejected, why = await asyncio.to_thread(send_once, exporter, request, self.token_file)
             except Exception as err:

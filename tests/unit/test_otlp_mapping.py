@@ -1,6 +1,7 @@
 """Wire records -> OTLP: spans by ktel's request builder, checked against the SDK's own
 encoder; logs and metrics through the SDK's encoders (what its exporters send)."""
 
+import asyncio
 import math
 import time
 
@@ -386,6 +387,47 @@ async def test_a_partial_success_counts_what_the_backend_rejected_and_sends_noth
     grpc_exporter._client = Stub()
     req = otlp_spans.span_request([(RESOURCE, rows[0])], otlp.SCOPE)
     assert otlp.send_once(grpc_exporter, req) == (2, "x")
+
+
+def test_a_counter_past_int64_goes_as_a_double():
+    from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
+
+    big = 2**64 - 1  # msgpack's largest int, which the wire takes
+    data = otlp.to_metrics([(1, ["x_total", "counter", {"host.id": "h"}, big]), (1, ["y", "gauge", {}, 3])])
+    [x, y] = [m.data.data_points[0].value for m in data.resource_metrics[0].scope_metrics[0].metrics] + [
+        m.data.data_points[0].value for m in data.resource_metrics[1].scope_metrics[0].metrics
+    ]
+    assert (x, type(x), y, type(y)) == (float(big), float, 3, int)
+    encode_metrics(data)  # (an int there: "Value out of range", and no request at all)
+
+
+async def test_items_that_cannot_be_converted_are_dead_lettered_not_retried_for_ever(monkeypatch):
+    backend = Backend()
+    backend.answers.append(([], 200))  # (no 503 first this time)
+    spans, metrics, logs = otlp.make_exporters(
+        OtlpConfig(protocol="http/protobuf", endpoint="http://127.0.0.1:1")
+    )
+    spans._client._submit = backend.submit
+    convert = otlp._span_request
+
+    def failing(rows):
+        if any(row[3] == "odd" for _, row in rows):
+            raise ValueError("Value out of range")
+        return convert(rows)
+
+    monkeypatch.setattr(otlp, "_span_request", failing)
+    sender = otlp.Sender(OtlpConfig(), (spans, metrics, logs))
+    now = time.time_ns()
+    rows = [[TRACE, bytes([i + 1]) * 8, b"", name, now, now + 1, 0, "", {}] for i, name in enumerate("ab")]
+    rows.insert(1, [TRACE, b"\x09" * 8, b"", "odd", now, now + 1, 0, "", {}])
+    value = wire_spans(SpanBatch(RESOURCE, rows))
+    rec = Record(decode_spans(value), "ktel.spans", 0, 9, b"h1", value, wire.DLQ_TOPIC)
+    producer = Producer()
+    await asyncio.wait_for(sender.deliver([rec], producer), 30)  # (a guard against hanging)
+    assert backend.delivered() == ["a", "b"]
+    [letter] = [wire.decode_dead_letter(v) for t, v, _k in producer.sent if t == wire.DLQ_TOPIC]
+    assert letter.reason == "cannot be put in an OTLP request: ValueError: Value out of range"
+    assert [r[3] for r in decode_spans(letter.payload).spans] == ["odd"]
 
 
 def test_config_fields_reach_the_sdk_exporters_and_unset_ones_fall_back_to_otel_env(monkeypatch):
