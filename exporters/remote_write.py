@@ -70,6 +70,11 @@ log = logging.getLogger("ktel.export.remote_write")
 STAGE = "remote-write"
 GROUP = "export-remote-write"  # the consumer group, under kafka.prefix (Topics.group)
 SAMPLES = Counter("ktel_exporter_samples", "samples acknowledged by the backend", ["exporter"])
+DUPLICATES = Counter(
+    "ktel_exporter_duplicate_samples",
+    "samples left out of a remote-write request: another value of the same series at the same "
+    "timestamp (wire series whose labels are alike once sanitised)",
+)
 REQUESTS_FAILED = Counter(
     "ktel_exporter_failed_requests",
     "requests that failed (retried or dead-lettered)",
@@ -129,7 +134,7 @@ def encode(
                 head, tail = frames[t]
                 ts = labels + (sample if isinstance(sample, bytes) else head + _DOUBLE(sample) + tail)
             else:
-                samples.sort(key=_timestamp)
+                samples = _one_per_timestamp(labels, samples)
                 ts = labels + b"".join(
                     v if isinstance(v, bytes) else frames[t][0] + _DOUBLE(v) + frames[t][1]
                     for t, v in samples
@@ -142,6 +147,36 @@ def encode(
 
 def _timestamp(sample: tuple[int, float | bytes]) -> int:
     return sample[0]
+
+
+def _one_per_timestamp(
+    labels: bytes, samples: list[tuple[int, float | bytes]]
+) -> list[tuple[int, float | bytes]]:
+    """A series' samples in time order, one per timestamp: the last given. Two wire
+    series can name one Prometheus series once their labels are sanitised (``a.b`` and
+    ``a_b``, an empty value dropped). Given two values at one timestamp, Prometheus
+    2.42 keeps the first; a receiver that refuses the request for it ("duplicate sample
+    for timestamp") would have the host's snapshot dead-lettered every window. So the
+    last is sent, as ``prom_labels`` keeps the last of two labels alike."""
+    samples.sort(key=_timestamp)  # (stable: the last given stays last among equals)
+    kept = [s for s, after in zip(samples, samples[1:], strict=False) if s[0] != after[0]] + samples[-1:]
+    if len(kept) < len(samples):
+        DUPLICATES.inc(len(samples) - len(kept))
+        if len(_warned) < WARNED_MAX and labels not in _warned:
+            _warned.add(labels)
+            shown = ",".join(f'{lb.name}="{lb.value}"' for lb in TimeSeries.FromString(labels).labels)
+            log.warning(
+                "remote-write: %d values of the Prometheus series {%s} at one timestamp (wire series "
+                "whose labels are alike once sanitised): the last is sent",
+                len(samples) - len(kept) + 1,
+                shown[:500],
+            )
+    return kept
+
+
+# Series whose duplicates were logged (once each, up to a bound).
+_warned: set[bytes] = set()
+WARNED_MAX = 1000
 
 
 def series_keys(snap: MetricSnapshot, histograms: str = "native") -> list[bytes]:

@@ -229,6 +229,31 @@ async def test_a_stale_snapshot_ends_its_series_in_prometheus_at_once(kafka, pro
     assert prometheus.query(query, (t0 + 20_000) / 1000) == []
 
 
+async def test_series_alike_once_sanitised_still_let_the_snapshot_in(kafka, prometheus):
+    """``a.b`` and ``a_b`` (an agent, or kernel code's own metric labels, may send both)
+    are one Prometheus series. Sent both, this Prometheus kept the first value; a
+    receiver that refuses two values at one timestamp would have the host's whole
+    snapshot dead-lettered. One is sent, the last, and counted."""
+    run, cfg, group = await exporter_for(kafka, prometheus, "test-rw-alike")
+    host = f"host-{run}"
+    t0 = (time.time_ns() // 1_000_000) - 60_000
+    base = {"host.id": host, "ktel.run": run}
+    series = [
+        ["ktel_alike_total", "counter", {**base, "a.b": "x"}, 1],
+        ["ktel_alike_total", "counter", {**base, "a_b": "x"}, 2],
+        ["ktel_other", "gauge", base, 5],
+    ]
+    duplicates = REGISTRY.get_sample_value("ktel_exporter_duplicate_samples_total") or 0.0
+    await publish(kafka.bootstrap, host, [MetricSnapshot(t0, series)])
+    await export(cfg, group, 2)
+    rows = prometheus.query(f'{{ktel_run="{run}"}}', (t0 + 1000) / 1000)
+    assert {(r["metric"]["__name__"], float(r["value"][1])) for r in rows} == {
+        ("ktel_alike_total", 2.0),  # the last given
+        ("ktel_other", 5.0),
+    }
+    assert REGISTRY.get_sample_value("ktel_exporter_duplicate_samples_total") == duplicates + 1
+
+
 def kernel_histogram(counts: dict[int, int], sum_ns: int) -> dict[str, Any]:
     """A latency histogram as the aggregate stage sends it: the kernel's log2 slots
     (slot -> count; 40 slots) counted in nanoseconds, exported in seconds."""
