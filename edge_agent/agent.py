@@ -404,6 +404,7 @@ class Agent:
                 self.spool_batch(pending.take(len(pending)), weights)
                 weights = []
                 clock.sealed(now)
+            self.spool.sync_due()
             if stopping:
                 return
             if busy:

@@ -28,8 +28,9 @@ cursor that does not parse counts as none: the backlog is re-sent from its
 oldest segment.
 
 Durability (``fsync``): ``always`` fsyncs every record before it counts as
-spooled; ``interval`` (default) fsyncs at most every ``fsync_interval``
-seconds; ``never`` leaves it to the kernel. A SIGKILL of the agent loses no
+spooled; ``interval`` (default) fsyncs what was written about
+``fsync_interval`` seconds after it (``sync_due``, on the agent's every pass), once
+for all written meanwhile; ``never`` leaves it to the kernel. A SIGKILL of the agent loses no
 spooled record under any policy (the page cache outlives the process): it
 loses only events still in the BPF ring buffer or decoded but not yet sealed,
 at most a read interval of events (edge_agent/ticks.py). A power loss can also lose what was
@@ -150,6 +151,7 @@ class Spool:
         self.corrupt_bytes = 0
         self._damaged: set[tuple[int, int]] = set()
         self._last_fsync = time.monotonic()
+        self._unsynced = False  # records written since the last fsync
         self._ack = self._load_ack()
         self._ack_on_disk = self._ack
         self._ack_written = 0.0
@@ -247,6 +249,8 @@ class Spool:
             ):
                 os.fsync(self._wfile.fileno())
                 self._last_fsync = now
+            elif self.fsync == "interval":
+                self._unsynced = True
         except OSError:
             # Undo the partial record (a full disk writes what fits): the segment ends
             # with whole records, and the space is free for the next try.
@@ -257,6 +261,23 @@ class Spool:
         self._sizes[self._wseg] = self._wsize
         self._remember(Record(start, Cursor(self._wseg, self._wsize), n_events, payload))
         return True
+
+    def sync_due(self) -> None:
+        """With fsync ``interval``: fsync the records written since the last fsync once
+        the interval has passed, whether or not another record comes (``append`` syncs
+        only as records come: the last ones before a quiet spell would wait for the
+        kernel's writeback, about 30 s, not ``fsync_interval``). Called on the agent's
+        every pass (at least once a second). A failure is logged: the next append meets
+        the disk's trouble and counts what it loses."""
+        now = time.monotonic()
+        if not self._unsynced or now - self._last_fsync < self.fsync_interval:
+            return
+        try:
+            os.fsync(self._wfile.fileno())
+        except OSError as err:
+            log.error("spool segment %s: fsync failed: %s", self._path(self._wseg), err)
+        self._last_fsync = now
+        self._unsynced = False
 
     def _remember(self, rec: Record) -> None:
         if self._recent_bytes + len(rec.payload) > self.recent_max_bytes:
@@ -295,6 +316,7 @@ class Spool:
     def _rotate(self) -> None:
         if self.fsync != "never":
             os.fsync(self._wfile.fileno())
+            self._unsynced = False
         # The next segment is opened before anything changes: if that fails the spool
         # is as it was. The directory may have been removed under a running agent.
         private_dir(self.dir)

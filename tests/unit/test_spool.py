@@ -1,6 +1,7 @@
 import os
 import stat
 import struct
+import time
 import zlib
 
 import pytest
@@ -172,6 +173,24 @@ def test_a_spool_bound_below_a_segment_still_drops_its_oldest(tmp_path):
     got = read_all(sp)
     assert got[-1] == payload(99) and len(got) >= 30
     assert sp.dropped_batches == 100 - len(got)
+
+
+def test_the_last_records_before_a_quiet_spell_are_synced_on_the_interval(tmp_path, monkeypatch):
+    synced: list[int] = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd)))
+    sp = Spool(tmp_path, fsync="interval", fsync_interval=0.05)
+    sp.append(payload(0), 1)  # within the interval of the start: not synced yet
+    sp.sync_due()
+    assert synced == []
+    time.sleep(0.06)
+    sp.sync_due()  # no record since, but one unsynced: synced now
+    sp.sync_due()
+    assert len(synced) == 1
+    never = Spool(tmp_path / "never", fsync="never", fsync_interval=0.0)
+    never.append(payload(1), 1)
+    never.sync_due()
+    assert len(synced) == 1
 
 
 def test_spool_files_are_private_even_if_they_were_not(tmp_path):
