@@ -20,7 +20,9 @@ in the stream and in their window timers (processors/stages.py).
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -32,12 +34,20 @@ from rocksdict import AccessType, Options, Rdict, WriteBatch
 from processors.changelog import VERSION, fold, is_delta
 from processors.stop import end
 
+log = logging.getLogger("ktel.process")
+
 MEMORY_URL = "ktel-memory://"
 STORES.aliases["ktel-memory"] = f"{__name__}:FoldingStore"
 URL = "ktel-rocksdict://"
 STORES.aliases["ktel-rocksdict"] = f"{__name__}:DiskBackedStore"
 
 OFFSET_KEY = b"\x00ktel:changelog-offset"  # never a table key: those are JSON
+WRITTEN_KEY = b"\x00ktel:written-at"  # when the copy last took records (s since the epoch)
+# A copy older than this is dropped and the partition read from the changelog's start:
+# the changelog's tombstones (a host forgotten) stay readable for its topic's
+# delete.retention.ms, Kafka's default 24 h, and a copy that missed one would bring
+# the host back, with deltas of its old incarnation that a new one could match.
+MAX_COPY_AGE_S = 20 * 3600
 # How long acknowledged changelog records wait to be copied, gathered (DiskBackedStore).
 ACKED_WRITE_S = 0.2
 
@@ -83,9 +93,10 @@ class DiskBackedStore(FoldingStore):
 
     def _load(self, partition: int) -> None:
         """Put a partition's copy into memory, before Faust reads the changelog's tail."""
+        self._drop_if_old(partition)
         deltas = []
         for key, value in self._db(partition).items():  # (in key order: the deltas are sorted)
-            if key != OFFSET_KEY:
+            if key not in (OFFSET_KEY, WRITTEN_KEY):
                 k, v = self._decode_key(key), self._decode_value(value)  # type: ignore[arg-type]  # raw mode
                 if is_delta(k):
                     deltas.append((k, v))
@@ -93,6 +104,25 @@ class DiskBackedStore(FoldingStore):
                     self._folded(fold(self.data, k, v), partition)
         for k, v in sorted(deltas, key=lambda kv: kv[1][VERSION]):  # each host's in version order
             self._folded(fold(self.data, k, v), partition)
+
+    def _drop_if_old(self, partition: int) -> None:
+        """Drop the partition's copy if it took records too long ago (``MAX_COPY_AGE_S``;
+        one an older ktel wrote says nothing): recovery then reads all of the changelog."""
+        db = self._db(partition)
+        if db.get(OFFSET_KEY) is None:
+            return  # empty
+        written = db.get(WRITTEN_KEY)
+        age = None if written is None else time.time() - float(written)
+        if age is not None and age <= MAX_COPY_AGE_S:
+            return
+        log.info(
+            "table copy %s is %s: reading changelog partition %d from its start instead",
+            self._path(partition),
+            "of unknown age" if age is None else f"{age / 3600:.1f} h old",
+            partition,
+        )
+        self._close(partition)
+        shutil.rmtree(self._path(partition), ignore_errors=True)
 
     def _close(self, partition: int) -> None:
         db = self._dbs.pop(partition, None)
@@ -125,6 +155,7 @@ class DiskBackedStore(FoldingStore):
         acked, self._acked = self._acked, {}
         for partition, (batch, offset) in acked.items():
             batch.put(OFFSET_KEY, str(offset).encode())
+            batch.put(WRITTEN_KEY, str(time.time()).encode())
             try:
                 self._db(partition).write(batch)
             except Exception as err:  # (rocksdict raises RocksDB's errors as plain Exception)
@@ -161,6 +192,7 @@ class DiskBackedStore(FoldingStore):
             last[msg.partition] = max(last.get(msg.partition, -1), msg.offset)
         for partition, wb in writes.items():
             wb.put(OFFSET_KEY, str(last[partition]).encode())
+            wb.put(WRITTEN_KEY, str(time.time()).encode())
             self._db(partition).write(wb)
 
     async def on_rebalance(

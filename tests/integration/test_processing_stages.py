@@ -45,7 +45,7 @@ from ktel.wire import (
 )
 from ktel.wire.codec import ZSTD_MAGIC, compress
 from processors import changelog
-from processors.table_store import OFFSET_KEY
+from processors.table_store import OFFSET_KEY, WRITTEN_KEY
 from tests.conftest import need_bpf
 from tests.integration.agent_harness import AgentProcess, committed_offsets, read_topic
 from tests.integration.probe_harness import cgroup2_child
@@ -285,6 +285,7 @@ def test_the_on_disk_copy_holds_exactly_what_the_changelog_holds(private_kafka, 
         finally:
             db.close()
         assert int(copy.pop(OFFSET_KEY)) == last[partition]
+        assert 0 <= time.time() - float(copy.pop(WRITTEN_KEY)) < 3600
         assert copy == records
 
 
