@@ -52,6 +52,14 @@ MAX_COPY_AGE_S = 20 * 3600
 ACKED_WRITE_S = 0.2
 
 
+def _age(written: bytes | None) -> float | None:
+    """Seconds since a copy's WRITTEN_KEY, or None: missing, or not a time (damaged)."""
+    try:
+        return None if written is None else time.time() - float(written)
+    except ValueError:
+        return None
+
+
 class FoldingStore(memory.Store):
     def apply_changelog_batch(
         self, batch: Iterable[EventT], to_key: Callable[[Any], Any], to_value: Callable[[Any], Any]
@@ -111,8 +119,7 @@ class DiskBackedStore(FoldingStore):
         db = self._db(partition)
         if db.get(OFFSET_KEY) is None:
             return  # empty
-        written = db.get(WRITTEN_KEY)
-        age = None if written is None else time.time() - float(written)
+        age = _age(db.get(WRITTEN_KEY))
         if age is not None and age <= MAX_COPY_AGE_S:
             return
         log.info(

@@ -39,21 +39,23 @@ def test_a_copy_the_disk_refuses_ends_the_worker_before_a_later_offset_covers_th
     assert store._dbs[1].get(OFFSET_KEY) is None  # nothing written past the refused one
 
 
-@pytest.mark.parametrize(("age_h", "kept"), [(1, True), (30, False), (None, False)])
+@pytest.mark.parametrize(("age_h", "kept"), [(1, True), (30, False), (None, False), ("damaged", False)])
 def test_a_copy_too_old_to_have_seen_every_tombstone_is_read_again_from_the_changelog(
     tmp_path, monkeypatch, age_h, kept
 ):
     """A partition back after more than a day elsewhere: the other worker's tombstones
     may be compacted away, so the copy (which has not seen them) is dropped, and Faust,
     finding no offset, reads the changelog from its start. A copy of unknown age (an
-    older ktel wrote it) goes the same way."""
+    older ktel wrote it, or its time is damaged) goes the same way."""
     store = DiskBackedStore.__new__(DiskBackedStore)
     store._dbs, store.table_name = {}, "host-state"
     store.app = SimpleNamespace(conf=SimpleNamespace(tabledir=str(tmp_path)))
     store.data = {}
     db = store._db(3)
     db[OFFSET_KEY] = b"41"
-    if age_h is not None:
+    if age_h == "damaged":
+        db[WRITTEN_KEY] = b"\xff" * 100_000
+    elif age_h is not None:
         db[WRITTEN_KEY] = str(time.time() - age_h * 3600).encode()
     store._load(3)
     assert store.persisted_offset(TP("host-state-changelog", 3)) == (41 if kept else None)
