@@ -578,7 +578,7 @@ class Sender:
                 rejected, why = await asyncio.to_thread(send_once, exporter, request, self.token_file)
             except Exception as err:
                 FAILED.labels(signal).inc()
-                self.misconfigured.failed(err)  # refused credentials or TLS handshake: one line
+                self.misconfigured.failed(err)  # refused credentials, no receiver, TLS: one line
                 raise
             self.misconfigured.succeeded()
             rejected = min(rejected, len(part))

@@ -31,9 +31,9 @@ snapshots, and a snapshot refused alone goes to ``ktel.dlq`` with the receiver's
 answer. Prometheus refuses a whole request for one bad sample, so the others still
 arrive. 401 and 403 refuse ktel's credentials, and 404, 405 and redirects say
 nothing at the URL takes remote-write (Prometheus without its receiver), not the
-samples: they are retried, the samples kept, until the configuration is fixed. Offsets are committed after
-that (exporters/consume.py). TLS, authentication and headers:
-exporters/remote_write_client.py.
+samples: they are retried, the samples kept, until the configuration is fixed.
+Offsets are committed after that (exporters/consume.py). TLS, authentication and
+headers: exporters/remote_write_client.py.
 """
 
 from __future__ import annotations
