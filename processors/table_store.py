@@ -13,6 +13,15 @@ batch counted, its outputs never sent), and would drop the batch as already seen
 when it reads it again. Here the disk never runs ahead of the changelog, so a
 restart from it is the same as a restart from the changelog alone (docs/design.md, "What a SIGKILL costs").
 
+The copy takes a partition's records only while their offsets follow on from its
+own: the worker's records, one after the other. A record it did not write in
+between (another worker's: one that lost the partition in a rebalance but still
+ran, which Kafka does not fence off) is missing from the copy, and an offset past it
+would hide that; the worker drops the partition's copy there and takes no more of
+it, so its next start reads that changelog partition from the start, as it holds.
+(Faust's producer is not idempotent, so a send Kafka took twice, its first
+acknowledgement lost, looks the same: rare, and it costs only that full read.)
+
 The state stays in memory because the stages change each host's value in place,
 in the stream and in their window timers (processors/stages.py).
 """
@@ -82,6 +91,11 @@ class DiskBackedStore(FoldingStore):
         # Per partition, the records Kafka acknowledged that the copy has yet to take,
         # and the offset of the last (see ``acknowledged``).
         self._acked: dict[int, tuple[WriteBatch, int]] = {}
+        # Per partition, the offset of the last record the copy holds or has queued
+        # (none known: the next is taken as it comes); and the partitions whose copy was
+        # dropped at a record missing from it, until they are assigned again.
+        self._copied: dict[int, int] = {}
+        self._dropped: set[int] = set()
 
     # ------------------------------------------------------------ the disk copy
 
@@ -102,6 +116,11 @@ class DiskBackedStore(FoldingStore):
     def _load(self, partition: int) -> None:
         """Put a partition's copy into memory, before Faust reads the changelog's tail."""
         self._drop_if_old(partition)
+        self._dropped.discard(partition)
+        self._copied.pop(partition, None)
+        offset = self._db(partition).get(OFFSET_KEY)
+        if offset is not None:
+            self._copied[partition] = int(offset)
         deltas = []
         for key, value in self._db(partition).items():  # (in key order: the deltas are sorted)
             if key not in (OFFSET_KEY, WRITTEN_KEY):
@@ -146,17 +165,45 @@ class DiskBackedStore(FoldingStore):
         older offset and reads the rest from the changelog."""
 
         def copy(meta: Any) -> None:
+            partition, offset = meta.topic_partition.partition, meta.offset
+            if partition in self._dropped:
+                return
+            last = self._copied.get(partition)
+            if last is not None and offset != last + 1:
+                self._drop(partition, last, offset)
+                return
+            self._copied[partition] = offset
             if not self._acked:
                 asyncio.get_running_loop().call_later(ACKED_WRITE_S, self._write_acked)
-            partition = meta.topic_partition.partition
             batch = self._acked[partition][0] if partition in self._acked else WriteBatch(raw_mode=True)
             if value is None:
                 batch.delete(key)
             else:
                 batch.put(key, value)
-            self._acked[partition] = (batch, meta.offset)  # (a partition's acks come in offset order)
+            self._acked[partition] = (batch, offset)  # (a partition's acks come in offset order)
 
         return copy
+
+    def _drop(self, partition: int, last: int, offset: int) -> None:
+        """The worker's record at ``offset`` follows the copy's ``last``: the records
+        between are another writer's, and not in the copy. Drop it (the worker's state
+        in memory stays as it is)."""
+        log.warning(
+            "changelog partition %d: this worker's record is at offset %d, its last before at "
+            "%d: another worker wrote in between (one that lost the partition but still ran?), or "
+            "Kafka took a send twice. Its on-disk copy %s is dropped: the next start reads the "
+            "partition from the start",
+            partition,
+            offset,
+            last,
+            self._path(partition),
+        )
+        # Until the partition is assigned anew, when Faust reads it from the start.
+        self._dropped.add(partition)
+        self._acked.pop(partition, None)
+        self._copied.pop(partition, None)
+        self._close(partition)
+        shutil.rmtree(self._path(partition), ignore_errors=True)
 
     def _write_acked(self) -> None:
         acked, self._acked = self._acked, {}
@@ -178,6 +225,8 @@ class DiskBackedStore(FoldingStore):
     # ---------------------------------------------------------- Faust's store API
 
     def persisted_offset(self, tp: TP) -> int | None:
+        if tp.partition in self._dropped:
+            return None
         raw = self._db(tp.partition).get(OFFSET_KEY)
         return int(raw) if raw is not None else None
 
@@ -190,6 +239,10 @@ class DiskBackedStore(FoldingStore):
         last: dict[int, int] = {}
         for event in events:
             msg = event.message
+            if msg.partition in self._dropped:
+                # Kept through a rebalance, Faust reads it again from where it last did:
+                # written, those records would be a copy with a hole before them.
+                continue
             key = bytes(msg.key or b"")  # a table key is never None (Faust refuses it)
             wb = writes.setdefault(msg.partition, WriteBatch(raw_mode=True))
             if msg.value is None:
@@ -198,6 +251,7 @@ class DiskBackedStore(FoldingStore):
                 wb.put(key, msg.value)
             last[msg.partition] = max(last.get(msg.partition, -1), msg.offset)
         for partition, wb in writes.items():
+            self._copied[partition] = last[partition]
             wb.put(OFFSET_KEY, str(last[partition]).encode())
             wb.put(WRITTEN_KEY, str(time.time()).encode())
             self._db(partition).write(wb)
@@ -210,6 +264,7 @@ class DiskBackedStore(FoldingStore):
         for tp in revoked:
             if tp.topic in mine:
                 self._close(tp.partition)
+                self._copied.pop(tp.partition, None)
         for tp in newly_assigned:
             if tp.topic in mine:
                 self._load(tp.partition)
@@ -222,6 +277,7 @@ class DiskBackedStore(FoldingStore):
 
     def reset_state(self) -> None:
         self._acked.clear()
+        self._copied.clear()
         for partition in list(self._dbs):
             self._close(partition)
         shutil.rmtree(Path(self.app.conf.tabledir), ignore_errors=True)

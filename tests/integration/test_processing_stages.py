@@ -289,6 +289,78 @@ def test_the_on_disk_copy_holds_exactly_what_the_changelog_holds(private_kafka, 
         assert copy == records
 
 
+def copy_offsets(data_dir) -> dict[int, int | None]:
+    """Each changelog partition's copy under a stopped worker's data directory: the
+    offset it holds (None: a copy with none)."""
+    offsets = {}
+    for path in data_dir.rglob("*.rdict"):
+        db = Rdict(str(path), Options(raw_mode=True), access_type=AccessType.read_only())
+        try:
+            raw = db.get(OFFSET_KEY)
+        finally:
+            db.close()
+        offsets[int(path.stem.rsplit("-", 1)[1])] = None if raw is None else int(raw)
+    return offsets
+
+
+def test_a_record_another_worker_wrote_between_a_workers_own_drops_that_partitions_copy(
+    private_kafka, tmp_path
+):
+    """Kafka does not fence off a worker that lost its partitions in a rebalance but
+    still runs: its changelog record can land between the new owner's. The owner's
+    copy lacks it, so the copy must not take an offset past it: the worker drops that
+    partition's copy (and keeps the others), and its next start reads the partition
+    from the changelog's start and counts on exactly."""
+    hosts, events = 12, 5
+    # (a round of every host at a time: traffic[: 10 * hosts] is every host's first 10)
+    traffic = [(bt.key, encode_batch(bt)) for bt in batches(hosts, 30, events)]
+    w = Worker(tmp_path, private_kafka.bootstrap, "w", KTEL_PROCESS__TABLE_STORE="rocksdict").start()
+    try:
+        asyncio.run(produce(private_kafka.bootstrap, traffic[: 10 * hosts]))
+        expected = batches_totals(hosts, 10, events)
+        assert wait_for_totals(private_kafka.bootstrap, expected) == expected
+        # The other writer's record: the last of one partition, written there again.
+        other = changelog_records(private_kafka.bootstrap)[-1]
+
+        async def write_other() -> None:
+            producer = AIOKafkaProducer(bootstrap_servers=private_kafka.bootstrap)
+            await producer.start()
+            try:
+                await producer.send_and_wait(
+                    "ktel-all-host-state-changelog", other.value, key=other.key, partition=other.partition
+                )
+            finally:
+                await producer.stop()
+
+        asyncio.run(write_other())
+        asyncio.run(produce(private_kafka.bootstrap, traffic[10 * hosts : 20 * hosts]))
+        expected = batches_totals(hosts, 20, events)
+        assert wait_for_totals(private_kafka.bootstrap, expected) == expected
+    finally:
+        w.stop()
+    log = w.log.read_text()
+    assert f"changelog partition {other.partition}: this worker's record is at offset" in log, log[-3000:]
+    last: dict[int, int] = {}
+    for r in changelog_records(private_kafka.bootstrap):
+        last[r.partition] = max(last.get(r.partition, -1), r.offset)
+    copies = copy_offsets(tmp_path / "w-data")
+    assert copies.get(other.partition) is None, copies  # dropped: no offset past the hole
+    others = {p: off for p, off in last.items() if p != other.partition}
+    assert others and {p: copies.get(p) for p in others} == others  # the others copied to the end
+
+    w.start()  # on the same data directory: that partition from the changelog's start
+    try:
+        asyncio.run(produce(private_kafka.bootstrap, traffic[20 * hosts :]))
+        expected = batches_totals(hosts, 30, events)
+        assert wait_for_totals(private_kafka.bootstrap, expected) == expected
+    finally:
+        w.stop()
+    last = {}
+    for r in changelog_records(private_kafka.bootstrap):
+        last[r.partition] = max(last.get(r.partition, -1), r.offset)
+    assert copy_offsets(tmp_path / "w-data")[other.partition] == last[other.partition]  # copied again
+
+
 def test_a_worker_refused_its_table_writes_stops_with_nothing_committed_and_its_restart_counts_all(
     private_kafka, tmp_path
 ):

@@ -1,5 +1,7 @@
 """The on-disk copy of a stage's table (processors/table_store.py) where it can fail."""
 
+import asyncio
+import json
 import time
 from types import SimpleNamespace
 
@@ -39,6 +41,15 @@ def test_a_copy_the_disk_refuses_ends_the_worker_before_a_later_offset_covers_th
     assert store._dbs[1].get(OFFSET_KEY) is None  # nothing written past the refused one
 
 
+def copy_alone(tmp_path) -> DiskBackedStore:
+    """A store with its copy under ``tmp_path``, and no Faust table."""
+    store = DiskBackedStore.__new__(DiskBackedStore)
+    store._dbs, store._acked, store._copied, store._dropped = {}, {}, {}, set()
+    store.table_name, store.data, store._key_partition = "host-state", {}, {}
+    store.app = SimpleNamespace(conf=SimpleNamespace(tabledir=str(tmp_path)))
+    return store
+
+
 @pytest.mark.parametrize(("age_h", "kept"), [(1, True), (30, False), (None, False), ("damaged", False)])
 def test_a_copy_too_old_to_have_seen_every_tombstone_is_read_again_from_the_changelog(
     tmp_path, monkeypatch, age_h, kept
@@ -47,10 +58,7 @@ def test_a_copy_too_old_to_have_seen_every_tombstone_is_read_again_from_the_chan
     may be compacted away, so the copy (which has not seen them) is dropped, and Faust,
     finding no offset, reads the changelog from its start. A copy of unknown age (an
     older ktel wrote it, or its time is damaged) goes the same way."""
-    store = DiskBackedStore.__new__(DiskBackedStore)
-    store._dbs, store.table_name = {}, "host-state"
-    store.app = SimpleNamespace(conf=SimpleNamespace(tabledir=str(tmp_path)))
-    store.data = {}
+    store = copy_alone(tmp_path)
     db = store._db(3)
     db[OFFSET_KEY] = b"41"
     if age_h == "damaged":
@@ -59,3 +67,42 @@ def test_a_copy_too_old_to_have_seen_every_tombstone_is_read_again_from_the_chan
         db[WRITTEN_KEY] = str(time.time() - age_h * 3600).encode()
     store._load(3)
     assert store.persisted_offset(TP("host-state-changelog", 3)) == (41 if kept else None)
+
+
+def acked(partition: int, offset: int) -> SimpleNamespace:
+    """The metadata aiokafka gives an acknowledged record."""
+    return SimpleNamespace(topic_partition=SimpleNamespace(partition=partition), offset=offset)
+
+
+def test_a_copy_takes_only_offsets_that_follow_on_and_is_dropped_at_a_record_it_lacks(tmp_path):
+    """Another writer's record between the worker's own (offset 44 here): the copy,
+    which never got it, is dropped rather than given an offset past it, takes nothing
+    more of that partition, and copies again once the partition is assigned anew."""
+    store = copy_alone(tmp_path)
+    db = store._db(3)
+    db[OFFSET_KEY], db[WRITTEN_KEY] = b"41", str(time.time()).encode()
+    store._load(3)
+
+    async def acks(*offsets: int) -> None:
+        for offset in offsets:
+            store.acknowledged(b'"h"', b"{}")(acked(3, offset))
+        store._write_acked()
+
+    asyncio.run(acks(42, 43))
+    assert store.persisted_offset(TP("c", 3)) == 43
+    asyncio.run(acks(45, 46))
+    assert not store._path(3).exists()  # dropped at 45: 44 is not in it
+    asyncio.run(acks(47))
+    assert not store._path(3).exists()  # nothing more taken
+    # Kept through a rebalance, the partition is read again from where Faust last did:
+    # those records are not a copy (what it lacks is before them).
+    assert store.persisted_offset(TP("c", 3)) is None
+    message = SimpleNamespace(key=b'"h2"', value=b'{"v": 1}', partition=3, offset=47)
+    store.apply_changelog_batch(
+        [SimpleNamespace(message=message, key=message.key, value=message.value)], json.loads, json.loads
+    )
+    assert store.data["h2"] == {"v": 1}  # (in memory, as the worker holds it)
+    assert not store._path(3).exists()
+    store._load(3)  # assigned again: Faust reads the partition from the start, then
+    asyncio.run(acks(48, 49))
+    assert store.persisted_offset(TP("c", 3)) == 49
