@@ -27,12 +27,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import CommitFailedError, IllegalStateError
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError, KafkaTimeoutError
 from prometheus_client import Counter, Histogram
 
 from ktel import consumer_lag, selfmetrics
 from ktel.kafka_client import Kafka, client_kwargs, settings, start
-from ktel.retry import retry
+from ktel.retry import Permanent, retry
 from ktel.runtime import tune_gc
 from ktel.wire import DeadLetter, WireError, encode_dead_letter
 
@@ -91,7 +91,22 @@ Deliver = Callable[[list[Record], AIOKafkaProducer], Awaitable[None]]
 
 
 async def dead_letter(producer: AIOKafkaProducer, dlq: str, dl: DeadLetter, key: bytes | None = None) -> None:
-    await producer.send_and_wait(dlq, encode_dead_letter(dl), key=key)
+    """Send a dead letter, retried while Kafka is away (the producer gives a record up
+    after its request timeout): giving up would end the exporter, and its restart
+    would send the records since its last commit to the backend, and these dead
+    letters, again. An error that retrying cannot mend (not authorized, too large)
+    still ends it, naming the topic."""
+    record = encode_dead_letter(dl)
+
+    async def send() -> None:
+        try:
+            await producer.send_and_wait(dlq, record, key=key)
+        except KafkaError as err:
+            if not (err.retriable or isinstance(err, KafkaTimeoutError)):
+                raise Permanent(f"{dlq} refused a dead letter: {type(err).__name__}: {err}") from err
+            raise
+
+    await retry(send, what=f"dead-letter {dl.topic}[{dl.partition}]@{dl.offset} to {dlq}")
     DEAD_LETTERS.labels(dl.stage).inc()
 
 
