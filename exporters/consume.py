@@ -34,7 +34,7 @@ from ktel import consumer_lag, selfmetrics
 from ktel.kafka_client import Kafka, client_kwargs, settings, start
 from ktel.retry import Permanent, retry
 from ktel.runtime import tune_gc
-from ktel.wire import DeadLetter, WireError, encode_dead_letter
+from ktel.wire import DeadLetter, WireError, dead_letter_record
 
 log = logging.getLogger("ktel.export")
 
@@ -96,7 +96,7 @@ async def dead_letter(producer: AIOKafkaProducer, dlq: str, dl: DeadLetter, key:
     would send the records since its last commit to the backend, and these dead
     letters, again. An error that retrying cannot mend (not authorized, too large)
     still ends it, naming the topic."""
-    record = encode_dead_letter(dl)
+    key, record = dead_letter_record(dl, key)
 
     async def send() -> None:
         try:

@@ -67,9 +67,9 @@ from ktel.wire import (
     DeadLetter,
     RawBatch,
     WireError,
+    dead_letter_record,
     decode_batch,
     encode_batch,
-    encode_dead_letter,
     event_dict,
 )
 
@@ -328,7 +328,8 @@ async def replay(opts: Options, write: Callable[[str], None], report: Callable[[
                 report(f"ktel replay: {summary.failures[-1]}")
             if dlq is not None:
                 dl = DeadLetter(STAGE, str(err), tp.topic, tp.partition, rec.offset, payload)
-                await dlq.send_and_wait(opts.client.topics.dlq, encode_dead_letter(dl), key=rec.key)
+                key, value = dead_letter_record(dl, rec.key)
+                await dlq.send_and_wait(opts.client.topics.dlq, value, key=key)
                 summary.dead_lettered += 1
             return
         kept = opts.filter.select(batch)

@@ -78,11 +78,11 @@ from ktel.wire import (
     DeadLetter,
     MetricSnapshot,
     WireError,
+    dead_letter_record,
     decode_batch,
     decode_heartbeat,
     encode_batch,
     encode_command,
-    encode_dead_letter,
     encode_logs,
     encode_snapshot,
     encode_spans,
@@ -409,7 +409,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         DEAD_LETTERS.labels(stage).inc()
         log.warning("dead letter %s[%d]@%d: %s", msg.topic, msg.partition, msg.offset, err)
         dl = DeadLetter(stage, str(err), msg.topic, msg.partition, msg.offset, msg.value)
-        await produce(app, names.dlq, msg.key, encode_dead_letter(dl))
+        await produce(app, names.dlq, *dead_letter_record(dl, msg.key))
 
     @functools.cache
     def child(metric: Any, *labels: str) -> Any:

@@ -221,6 +221,38 @@ def encode_dead_letter(dl: DeadLetter) -> bytes:
     return pack(obj)
 
 
+# The most a dead letter takes on Kafka, its key and value together: below the smallest
+# record limit on its way to ktel.dlq (Faust's producer sends at most 1,000,000 bytes a
+# request; Kafka's default max.message.bytes is 1 MiB), with room for Kafka's framing.
+# A record near the largest Kafka takes (a hostile one: an agent seals its batches well
+# below) does not fit with the reason around it: its payload is cut (dead_letter_record).
+DEAD_LETTER_MAX_BYTES = 990_000
+# A dead letter's key is its record's (a host id, when it is ktel's), cut to this.
+DEAD_LETTER_KEY_BYTES = 1024
+
+
+def dead_letter_record(dl: DeadLetter, key: bytes | None) -> tuple[bytes | None, bytes]:
+    """A dead letter as it goes to ktel.dlq, keyed by its record's ``key``: (key, value),
+    at most ``DEAD_LETTER_MAX_BYTES`` together, so that any record can be dead-lettered.
+    One that would take more keeps the start of its payload, and its reason says where
+    the whole record is (its topic keeps it for its retention)."""
+    if key is not None:
+        key = key[:DEAD_LETTER_KEY_BYTES]
+    room = DEAD_LETTER_MAX_BYTES - len(key or b"")
+    value = encode_dead_letter(dl)
+    if len(value) <= room:
+        return key, value
+    payload = dl.payload or b""
+    note = (
+        f" [payload cut to fit ktel.dlq: the record has {len(payload)} bytes, "
+        f"at {dl.topic[:256]}[{dl.partition}]@{dl.offset}]"
+    )
+    cut = dataclasses.replace(dl, reason=dl.reason[: REASON_CHARS - len(note)] + note, payload=b"")
+    # (an empty payload's header is 2 bytes, a long one's 5)
+    keep = max(0, room - len(encode_dead_letter(cut)) - 3)
+    return key, encode_dead_letter(dataclasses.replace(cut, payload=payload[:keep]))
+
+
 def decode_dead_letter(data: bytes) -> DeadLetter:
     obj = unpack(data, "dead letter", DEAD_LETTER_SHAPE)
     return DeadLetter(

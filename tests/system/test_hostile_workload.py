@@ -370,6 +370,11 @@ def test_bad_records_on_every_topic_are_dead_lettered_and_the_good_ones_counted_
         # to write the topic can send.
         for recs in bad.values():
             recs.append((recs[0][0], None))
+        # And one as large as Kafka takes by default (1 MiB, key and value), whose dead
+        # letter must still fit ktel.dlq.
+        huge = rng.randbytes(1_040_000)
+        for recs in bad.values():
+            recs.append((b"k" * 2000, huge))
         assert all(len(recs) >= 1000 for recs in bad.values()) and len(bad) == 6
 
         mixed = [(t, k, v) for t, recs in bad.items() for k, v in recs]
@@ -406,9 +411,19 @@ def test_bad_records_on_every_topic_are_dead_lettered_and_the_good_ones_counted_
         dead = wait_for("the dead letters", letters, timeout=240)
         assert Counter((d.stage, d.topic) for d in dead) == expected_letters
         assert all(d.reason for d in dead)
+
+        def whole(d) -> bytes:
+            """The payload of the record dead-lettered (that of the one near Kafka's limit
+            is cut to fit, which its reason says)."""
+            if "payload cut to fit ktel.dlq" not in d.reason:
+                return d.payload
+            assert huge.startswith(d.payload) and len(d.payload) > 900_000
+            return huge
+
+        assert sum("payload cut to fit ktel.dlq" in d.reason for d in dead) == 7  # (the records' consumers)
         for topic, recs in bad.items():
             for stage in {d.stage for d in dead if d.topic == topic}:
-                assert Counter(d.payload for d in dead if (d.stage, d.topic) == (stage, topic)) == Counter(
+                assert Counter(whole(d) for d in dead if (d.stage, d.topic) == (stage, topic)) == Counter(
                     b"" if v is None else v for _k, v in recs
                 ), (stage, topic)
         assert sum("is not its host" in d.reason for d in dead) == 20  # the mis-keyed batches and heartbeats
@@ -429,7 +444,7 @@ def test_bad_records_on_every_topic_are_dead_lettered_and_the_good_ones_counted_
         wait_for("the agent's command counts", agent_counted)
         refused = refusals()
         assert sum(refused.values()) == len(bad[CONTROL_TOPIC])
-        assert refused["undecodable"] == BAD_PER_TOPIC - 30 + 1  # (and the tombstone)
+        assert refused["undecodable"] == BAD_PER_TOPIC - 30 + 2  # (and the tombstone, and the 1 MiB one)
         assert agent.metric("ktel_agent_commands_applied_total") == len(commands)
 
         # --- the good workload, exactly: at the pull endpoint and in Prometheus

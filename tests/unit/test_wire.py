@@ -4,6 +4,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ktel import wire
+from ktel.wire.control import DEAD_LETTER_KEY_BYTES, DEAD_LETTER_MAX_BYTES
 
 text = st.text(max_size=40)
 file_event = st.tuples(
@@ -124,6 +125,27 @@ def test_a_dead_letter_of_a_tombstone_or_with_a_long_reason_still_decodes():
     assert wire.decode_dead_letter(wire.encode_dead_letter(tombstone)).payload == b""
     long = wire.DeadLetter("otlp", "é" * 10_000, "ktel.spans", 0, 8, b"x")
     assert wire.decode_dead_letter(wire.encode_dead_letter(long)).reason == "é" * 4096
+
+
+@pytest.mark.parametrize("key", [None, b"h" * 10, b"k" * 50_000])
+@pytest.mark.parametrize("reason", ["not msgpack", "é" * 10_000])
+def test_any_record_kafka_takes_fits_ktel_dlq_as_a_dead_letter(key, reason):
+    """A record as large as Kafka takes by default (1 MiB, key included), dead-lettered:
+    key and value within what a producer sends to ktel.dlq, its payload's start kept and
+    the reason saying where the whole record is."""
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    dl = wire.DeadLetter("all", reason, wire.RAW_TOPIC, 3, 42, payload)
+    out_key, value = wire.dead_letter_record(dl, key)
+    assert len(out_key or b"") + len(value) <= DEAD_LETTER_MAX_BYTES
+    assert out_key == (None if key is None else key[:DEAD_LETTER_KEY_BYTES])
+    got = wire.decode_dead_letter(value)
+    assert got.payload == payload[: len(got.payload)] and len(got.payload) > DEAD_LETTER_MAX_BYTES - 30_000
+    assert got.reason.startswith(reason[:100])
+    assert got.reason.endswith(f"the record has {len(payload)} bytes, at ktel.raw[3]@42]")
+    assert len(got.reason) <= 4096
+    # A record that fits goes as it is.
+    small = wire.DeadLetter("all", reason, wire.RAW_TOPIC, 3, 42, payload[:1000])
+    assert wire.dead_letter_record(small, key)[1] == wire.encode_dead_letter(small)
 
 
 def test_histogram_series_round_trip_and_bad_layout_is_rejected():
