@@ -28,13 +28,14 @@ two outputs serve the same values.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -44,55 +45,150 @@ from exporters.delivery import Window
 from exporters.prom_names import label_name, prom_labels
 from exporters.remote_write import histogram_series
 from ktel import selfmetrics
-from ktel.config import Config
+from ktel.config import PROMETHEUS_STALENESS_SECONDS, Config
 from ktel.wire import MetricSnapshot, decode_snapshot
 
 log = logging.getLogger("ktel.export.pull")
 
 # More than one window, so a snapshot delayed by a slow worker or a rebalance is still read.
 LOOKBACK_WINDOWS = 3
+EXPIRED = Counter(
+    "ktel_exporter_pull_expired_series",
+    "series the pull endpoint stopped serving after 5 minutes without a snapshot naming them",
+)
+
+
+@dataclasses.dataclass
+class Family:
+    """A metric family as the endpoint serves it: its type, the name its first series
+    had (its help text), and its series: (sample name, sorted label items) ->
+    (partition, offset, value, when read): the value, the position in ktel.metrics of
+    the snapshot it came from, and the endpoint's monotonic clock when it read it."""
+
+    type: str
+    name: str
+    series: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[int, int, Any, float]] = dataclasses.field(
+        default_factory=dict
+    )
+
+
+def family_name(name: str, typ: str) -> str:
+    """The name of the family a series is served in: its Prometheus name, a counter's
+    without ``_total`` (the name its samples have, as the remote-write exporter sends
+    them, is the family's for a counter named without it)."""
+    pname = label_name(name)
+    return pname.removesuffix("_total") if typ == "counter" else pname
+
+
+def claims(fam: str, typ: str) -> tuple[str, ...]:
+    """The names the samples of a family of type ``typ`` may have, in either text format."""
+    if typ == "counter":
+        return (fam, f"{fam}_total", f"{fam}_created")
+    if typ == "histogram":
+        return (fam, f"{fam}_bucket", f"{fam}_sum", f"{fam}_count", f"{fam}_created")
+    return (fam,)
 
 
 class LatestValues(Collector):
-    def __init__(self) -> None:
-        # (name, type) -> sorted label items -> (partition, offset, value): the value and
-        # the position in ktel.metrics of the snapshot it came from
-        self.series: dict[tuple[str, str], dict[tuple[tuple[str, str], ...], tuple[int, int, Any]]] = {}
+    def __init__(self, expire_s: float = PROMETHEUS_STALENESS_SECONDS, clock=time.monotonic) -> None:
+        # Served family name -> Family. Two names alike once sanitised (``a.b``, ``a_b``)
+        # are one family, as they are one series in Prometheus (the remote-write exporter
+        # sends the last value of the two too).
+        self.families: dict[str, Family] = {}
+        # Sample name -> the family whose samples may have it (``claims``).
+        self.claimed: dict[str, str] = {}
+        self.expire_s = expire_s
+        self.clock = clock
+
+    def problem(self, snap: MetricSnapshot) -> str | None:
+        """Why the endpoint cannot serve ``snap`` (None: it can): a series with no
+        Prometheus name or an empty label name, of a family served as another type, or
+        whose samples' names another family's may have (a gauge ``x_count`` beside a
+        histogram ``x``). One such series in a scrape's text would fail the whole scrape."""
+        types: dict[str, str] = {}
+        claimed: dict[str, str] = {}
+        for name, typ, labels, _value in snap.series:
+            fam = family_name(name, typ)
+            if not fam:
+                return f"series {name!r:.100}: no Prometheus name (empty once sanitised)"
+            if "" in labels:
+                return f"series {name!r:.100}: a label with an empty name"
+            have = self.families.get(fam)
+            other = types.setdefault(fam, typ if have is None else have.type)
+            if other != typ:
+                return f"series {name!r:.100}: a {typ}, but {fam} is served as a {other}"
+            if have is None:
+                for sample in claims(fam, typ):
+                    owner = self.claimed.get(sample) or claimed.setdefault(sample, fam)
+                    if owner != fam:
+                        return f"series {name!r:.100}: its samples' names clash with those of {owner}"
+        return None
 
     def update(self, snap: MetricSnapshot, partition: int, offset: int) -> None:
-        """Take a snapshot read at ``offset`` of ``partition`` (see the module doc)."""
+        """Take a snapshot read at ``offset`` of ``partition`` (see the module doc); one
+        the endpoint can serve (``problem``)."""
+        now = self.clock()
         for name, typ, labels, value in snap.series:
-            by_labels = self.series.setdefault((name, typ), {})
-            key = tuple(kv for kv in prom_labels(name, labels) if kv[0] != "__name__")
-            old = by_labels.get(key)
+            fam = family_name(name, typ)
+            family = self.families.get(fam)
+            if family is None:
+                if snap.stale:
+                    continue
+                family = self.families[fam] = Family(typ, name)
+                self.claimed.update(dict.fromkeys(claims(fam, typ), fam))
+            key = (label_name(name), tuple(kv for kv in prom_labels(name, labels) if kv[0] != "__name__"))
+            old = family.series.get(key)
             later = old is None or old[0] != partition or old[1] < offset
             if not later:
                 continue  # an earlier snapshot of the partition: its values are older
             if snap.stale:
-                by_labels.pop(key, None)
+                family.series.pop(key, None)
+                if not family.series:
+                    self._forget(fam)
             else:
-                by_labels[key] = (partition, offset, value)
+                family.series[key] = (partition, offset, value, now)
+
+    def expire(self) -> int:
+        """Forget the series no snapshot named for ``expire_s``: the aggregate sends every
+        live series again well within Prometheus' 5 minutes, so one it has not is over
+        (its host's stale marker lost, or never sent: a snapshot written to ktel.metrics by
+        something else). How many it forgot."""
+        oldest = self.clock() - self.expire_s
+        gone = 0
+        for fam, family in list(self.families.items()):
+            old = [key for key, (_p, _o, _v, read) in list(family.series.items()) if read < oldest]
+            for key in old:
+                del family.series[key]
+            gone += len(old)
+            if not family.series:
+                self._forget(fam)
+        return gone
+
+    def _forget(self, fam: str) -> None:
+        family = self.families.pop(fam)
+        for sample in claims(fam, family.type):
+            del self.claimed[sample]
 
     def collect(self):
         # Runs on the HTTP server's thread while the event loop updates the dicts:
         # each is copied before it is walked.
-        for (name, typ), by_labels in list(self.series.items()):
-            pname = label_name(name)
+        for fam_name, family in list(self.families.items()):
+            help_text = f"ktel aggregate {family.name}"
             fam: Metric
-            if typ == "histogram":
-                fam = HistogramMetricFamily(pname, f"ktel aggregate {name}")
-                for key, (_p, _o, value) in list(by_labels.items()):
-                    for labels, v in histogram_series(name, dict(key), value):
+            if family.type == "histogram":
+                fam = HistogramMetricFamily(fam_name, help_text)
+                for (_name, key), (_p, _o, value, _r) in list(family.series.items()):
+                    for labels, v in histogram_series(fam_name, dict(key), value):
                         sample = dict(labels)
                         fam.add_sample(sample.pop("__name__"), sample, v)
                 yield fam
                 continue
-            if typ == "counter":
-                fam = CounterMetricFamily(pname.removesuffix("_total"), f"ktel aggregate {name}")
+            if family.type == "counter":
+                fam = CounterMetricFamily(fam_name, help_text)
             else:
-                fam = GaugeMetricFamily(pname, f"ktel aggregate {name}")
-            for key, (_p, _o, value) in list(by_labels.items()):
-                fam.add_sample(pname, dict(key), value)
+                fam = GaugeMetricFamily(fam_name, help_text)
+            for (sample_name, key), (_p, _o, value, _r) in list(family.series.items()):
+                fam.add_sample(sample_name, dict(key), value)
             yield fam
 
 
@@ -108,12 +204,13 @@ async def run(cfg: Config, stop: asyncio.Event) -> None:
     async def deliver(records: list[Record], producer: AIOKafkaProducer) -> None:
         now = time.time_ns()
         for rec in records:
-            problem = window.problem(rec.item.ts_ms * 1_000_000, now)
+            problem = window.problem(rec.item.ts_ms * 1_000_000, now) or latest.problem(rec.item)
             if problem is None:
                 latest.update(rec.item, rec.partition, rec.offset)
             else:
                 items = len(rec.item.series)
                 await consume.refuse(producer, "pull", rec, problem, signal="series", items=items)
+        EXPIRED.inc(latest.expire())
 
     agg = cfg.aggregate
     start_ms = time.time_ns() // 1_000_000 - int(

@@ -134,16 +134,18 @@ def test_the_pull_endpoint_drops_the_series_of_a_stale_snapshot_and_only_those()
     a, b = ["c_total", "counter", {"host.id": "a"}, 1], ["c_total", "counter", {"host.id": "b"}, 2]
     latest.update(MetricSnapshot(5, [a, b]), partition=0, offset=10)
     latest.update(MetricSnapshot(9, [a], stale=True), partition=0, offset=9)  # earlier in the stream: ignored
-    assert len(latest.series[("c_total", "counter")]) == 2
+    assert len(latest.families["c"].series) == 2
     latest.update(MetricSnapshot(1, [a], stale=True), partition=0, offset=11)  # later, whatever its clock
-    assert list(latest.series[("c_total", "counter")]) == [(("host_id", "b"),)]
+    assert list(latest.families["c"].series) == [("c_total", (("host_id", "b"),))]
+    latest.update(MetricSnapshot(1, [b], stale=True), partition=0, offset=12)
+    assert latest.families == {}  # (no family left behind empty)
 
 
 def test_the_pull_endpoint_orders_a_hosts_snapshots_by_their_offsets_not_their_clocks():
     from exporters.pull import LatestValues
 
     def value(latest):
-        [(_p, _o, v)] = latest.series[("c_total", "counter")].values()
+        [(_p, _o, v, _read)] = latest.families["c"].series.values()
         return v
 
     latest = LatestValues()

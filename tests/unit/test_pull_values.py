@@ -1,0 +1,96 @@
+"""What the pull endpoint serves (exporters/pull.py LatestValues): only what makes a
+valid scrape, one family per Prometheus name, and no series nothing names any more."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporters.pull import LatestValues
+from ktel.wire import MetricSnapshot
+
+HIST = {"count": 3, "sum": 1.5, "bounds": [1.0], "counts": [1, 2]}
+
+
+def scrape(latest: LatestValues) -> dict[str, dict[tuple, float]]:
+    """The endpoint's /metrics, parsed as Prometheus would, in both formats it may ask
+    for: family -> {(sample name, labels): value}."""
+    registry = CollectorRegistry()
+    registry.register(latest)
+    text = generate_latest(registry).decode()
+    out = {
+        fam.name: {(s.name, tuple(sorted(s.labels.items()))): s.value for s in fam.samples}
+        for fam in text_string_to_metric_families(text)
+    }
+    # (OpenMetrics, what Prometheus asks for first, is the stricter: it refuses the
+    # whole scrape for one bad line)
+    assert {fam.name for fam in parse_openmetrics(generate_openmetrics(registry).decode())} >= set(out)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("series", "why"),
+    [
+        (["", "gauge", {}, 1.0], "no Prometheus name"),
+        (["_total", "counter", {}, 1.0], "no Prometheus name"),
+        (["ok", "gauge", {"": "v"}, 1.0], "a label with an empty name"),
+        (["up", "gauge", {}, 1.0], "a gauge, but up is served as a counter"),
+        (["up_total", "gauge", {}, 1.0], "its samples' names clash with those of up"),
+        (["up_created", "histogram", {}, HIST], "its samples' names clash with those of up"),
+    ],
+)
+def test_a_snapshot_the_endpoint_cannot_serve_is_refused_and_every_scrape_stays_valid(series, why):
+    latest = LatestValues()
+    good = MetricSnapshot(1, [["up_total", "counter", {"host.id": "a"}, 1.0]])
+    assert latest.problem(good) is None
+    latest.update(good, 0, 1)
+    bad = MetricSnapshot(2, [["x", "gauge", {"host.id": "a"}, 2.0], series])
+    assert why in latest.problem(bad)
+    # A stale one is refused too: it would leave what it names behind, empty.
+    assert why in latest.problem(MetricSnapshot(3, [series], stale=True))
+    assert scrape(latest) == {"up": {("up_total", (("host_id", "a"),)): 1.0}}
+
+
+def test_two_types_of_one_name_within_a_snapshot_are_refused():
+    latest = LatestValues()
+    snap = MetricSnapshot(1, [["a.b", "gauge", {}, 1.0], ["a_b", "histogram", {}, HIST]])
+    assert "a histogram, but a_b is served as a gauge" in latest.problem(snap)
+    snap = MetricSnapshot(1, [["h", "histogram", {}, HIST], ["h_count", "gauge", {}, 1.0]])
+    assert "its samples' names clash with those of h" in latest.problem(snap)
+
+
+def test_a_family_gone_frees_its_names():
+    latest = LatestValues()
+    latest.update(MetricSnapshot(1, [["h", "histogram", {}, HIST]]), 0, 1)
+    gauge = MetricSnapshot(2, [["h_count", "gauge", {}, 1.0]])
+    assert latest.problem(gauge) is not None
+    latest.update(MetricSnapshot(3, [["h", "histogram", {}, HIST]], stale=True), 0, 2)
+    assert latest.problem(gauge) is None and latest.claimed == {}
+
+
+def test_names_alike_once_sanitised_are_one_family_as_they_are_one_series_in_prometheus():
+    latest = LatestValues()
+    latest.update(MetricSnapshot(1, [["net.rx", "gauge", {"host.id": "a"}, 1.0]]), 0, 1)
+    latest.update(MetricSnapshot(2, [["net_rx", "gauge", {"host.id": "b"}, 2.0]]), 0, 2)
+    latest.update(MetricSnapshot(3, [["net_rx", "gauge", {"host.id": "a"}, 3.0]]), 0, 3)
+    assert scrape(latest) == {
+        "net_rx": {("net_rx", (("host_id", "a"),)): 3.0, ("net_rx", (("host_id", "b"),)): 2.0}
+    }
+
+
+def test_series_no_snapshot_named_for_5_minutes_are_no_longer_served():
+    now = [1000.0]
+    latest = LatestValues(clock=lambda: now[0])
+    latest.update(MetricSnapshot(1, [["g", "gauge", {"host.id": "gone"}, 1.0]]), 0, 1)
+    latest.update(MetricSnapshot(1, [["g", "gauge", {"host.id": "live"}, 1.0]]), 0, 2)
+    latest.update(MetricSnapshot(1, [["h_seconds", "histogram", {"host.id": "gone"}, HIST]]), 0, 3)
+    now[0] += 200
+    latest.update(MetricSnapshot(2, [["g", "gauge", {"host.id": "live"}, 2.0]]), 0, 4)  # refreshed
+    assert latest.expire() == 0
+    now[0] += 101
+    assert latest.expire() == 2
+    assert scrape(latest) == {"g": {("g", (("host_id", "live"),)): 2.0}}
+    assert set(latest.families) == {"g"}
