@@ -52,6 +52,8 @@ log = logging.getLogger("ktel.export.pull")
 
 # More than one window, so a snapshot delayed by a slow worker or a rebalance is still read.
 LOOKBACK_WINDOWS = 3
+# How often, at most, the series are swept for those no snapshot named for long (expire).
+SWEEP_S = 10.0
 EXPIRED = Counter(
     "ktel_exporter_pull_expired_series",
     "series the pull endpoint stopped serving after 5 minutes without a snapshot naming them",
@@ -99,6 +101,7 @@ class LatestValues(Collector):
         self.claimed: dict[str, str] = {}
         self.expire_s = expire_s
         self.clock = clock
+        self.swept = -math.inf
 
     def problem(self, snap: MetricSnapshot) -> str | None:
         """Why the endpoint cannot serve ``snap`` (None: it can): a series with no
@@ -152,8 +155,13 @@ class LatestValues(Collector):
         """Forget the series no snapshot named for ``expire_s``: the aggregate sends every
         live series again well within Prometheus' 5 minutes, so one it has not is over
         (its host's stale marker lost, or never sent: a snapshot written to ktel.metrics by
-        something else). How many it forgot."""
-        oldest = self.clock() - self.expire_s
+        something else). How many it forgot. A sweep walks every series: one at most every
+        ``SWEEP_S``, whatever the rate of snapshots."""
+        now = self.clock()
+        if now - self.swept < SWEEP_S:
+            return 0
+        self.swept = now
+        oldest = now - self.expire_s
         gone = 0
         for fam, family in list(self.families.items()):
             old = [key for key, (_p, _o, _v, read) in list(family.series.items()) if read < oldest]

@@ -9,7 +9,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporters.pull import LatestValues
+from exporters.pull import SWEEP_S, LatestValues
 from ktel.wire import MetricSnapshot
 
 HIST = {"count": 3, "sum": 1.5, "bounds": [1.0], "counts": [1, 2]}
@@ -94,3 +94,16 @@ def test_series_no_snapshot_named_for_5_minutes_are_no_longer_served():
     assert latest.expire() == 2
     assert scrape(latest) == {"g": {("g", (("host_id", "live"),)): 2.0}}
     assert set(latest.families) == {"g"}
+
+
+def test_the_series_are_swept_at_most_every_sweep_s():
+    """(a sweep walks every series: not at each of the many fetches a second)"""
+    now = [0.0]
+    latest = LatestValues(clock=lambda: now[0])
+    latest.update(MetricSnapshot(1, [["g", "gauge", {"host.id": "a"}, 1.0]]), 0, 1)
+    now[0] = 296.0
+    assert latest.expire() == 0  # (swept: not 5 minutes old yet)
+    now[0] = 296.0 + SWEEP_S - 1
+    assert latest.expire() == 0 and latest.families  # 5 minutes old, but swept just now
+    now[0] = 296.0 + SWEEP_S
+    assert latest.expire() == 1
