@@ -72,6 +72,7 @@ from ktel.wire import (
     encode_batch,
     event_dict,
 )
+from ktel.wire.codec import MAX_RECORD_BYTES
 
 STAGE = "replay"  # the DeadLetter stage of records replay could not decode
 NS = 1_000_000_000
@@ -308,6 +309,10 @@ async def replay(opts: Options, write: Callable[[str], None], report: Callable[[
             **client_kwargs(opts.client, opts.to_bootstrap or opts.bootstrap),
             enable_idempotence=True,  # a retried send must not duplicate a batch
             compression_type=compression_type(opts.compression),  # as the agent writes ktel.raw
+            # aiokafka measures a record before compressing it (1 MiB by default): a batch
+            # read from ktel.raw decodes to at most MAX_RECORD_BYTES, and the broker checks
+            # what it gets, compressed, against the topic's limit, as it did for ktel.raw.
+            max_request_size=MAX_RECORD_BYTES + (64 << 10),
         )
         if opts.to_topic
         else None

@@ -39,6 +39,7 @@ from ktel.wire import (
     decode_dead_letter,
     encode_batch,
 )
+from ktel.wire.codec import compress
 from tests.integration.agent_harness import read_topic
 from tests.unit.test_replay import nested_too_deeply
 
@@ -213,6 +214,32 @@ async def test_to_topic_republishes_exactly_the_matching_batches_filtered_with_t
     # The copy keeps the record timestamps, so it can be replayed by time itself.
     again, _, summary = await run(Options(kafka.bootstrap, w2(data), margin_ns=10 * NS, topic=out))
     assert len(again) == 4 and summary.decode_failures == 0
+
+
+async def test_to_topic_republishes_a_batch_larger_uncompressed_than_a_kafka_request(kafka, data):
+    """A batch the agent compressed (zstd, its own frame) that decodes to 2 MB: aiokafka
+    measures a record before compressing it, against 1 MiB by default."""
+    host, out = f"replay-big-{data.run}", f"ktel.replay-big-{data.run}"
+    src = f"ktel.replay-big-source-{data.run}"  # (the other tests count what ktel.raw holds)
+    await create_topics(kafka.bootstrap, [TopicSpec(src, 1)])
+    at_ms = data.base_ms + 300_000
+    events = [created(at_ms * MS + i, data.path("big/" + "d" * 150 + f"/{i}")) for i in range(10_000)]
+    value = compress(encode_batch(RawBatch(host, "boot-1", 0, at_ms * MS, events)))
+    assert len(value) < 1 << 20 < len(encode_batch(RawBatch(host, "boot-1", 0, at_ms * MS, events)))
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, enable_idempotence=True)
+    await producer.start()
+    try:
+        await producer.send_and_wait(src, value, key=host.encode(), timestamp_ms=at_ms)
+    finally:
+        await producer.stop()
+    flt = Filter(at_ms * MS, (at_ms + 1000) * MS, hosts=frozenset({host}))
+    opts = Options(
+        kafka.bootstrap, flt, topic=src, to_topic=out, to_topic_spec=TopicSpec(out, 1), jsonl=False
+    )
+    _, _, summary = await run(opts)
+    assert summary.republished == 1
+    [rec] = await read_topic(kafka.bootstrap, out)
+    assert decode_batch(rec.value).events == events
 
 
 def iso(ms: int) -> str:
