@@ -64,6 +64,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import faust
+from aiokafka.errors import MessageSizeTooLargeError
 from aiokafka.partitioner import murmur2
 from faust.serializers import codecs
 from opentelemetry.semconv._incubating.attributes.host_attributes import HOST_ID
@@ -77,6 +78,7 @@ from ktel.topics import TopicSpec, create_topics, partition_counts, replication,
 from ktel.wire import (
     DeadLetter,
     MetricSnapshot,
+    RawBatch,
     WireError,
     dead_letter_record,
     decode_batch,
@@ -87,6 +89,7 @@ from ktel.wire import (
     encode_snapshot,
     encode_spans,
 )
+from ktel.wire.codec import compress
 from ktel.wire.topics import Topics
 from processors import changelog
 from processors.chain import build
@@ -159,6 +162,9 @@ INPUT_AGE = Histogram(
     ["stage"],
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0),
 )
+# The size past which a batch passed on to the next stage is compressed (passed_on):
+# below it, compressing costs more than the bytes it saves.
+COMPRESS_ABOVE = 64 << 10
 # How often a worker exports its partitions' consumer lag.
 LAG_INTERVAL_S = 5.0
 # Per-host SLIs from the heartbeats this worker reads (its hosts are forgotten as make_app configures).
@@ -252,6 +258,17 @@ async def produce(
     record the producer failed to deliver, and the commit that follows goes past it;
     here that stops the worker first (processors/faust_app.py ``Producer``)."""
     await app.producer.send_checked(topic, key, value, partition, acked)
+
+
+def passed_on(batch: RawBatch) -> bytes:
+    """A batch as a stage passes it on to the next one's topic: above
+    ``COMPRESS_ABOVE`` bytes, one zstd frame, as the agent sends its own (ktel/wire/codec.py).
+    The enrich stage can make a small batch far larger than it came (a container's
+    attributes copied into each of its processes): 200 process starts in one container
+    with 16 KB of attributes come to 3.4 MB, past what a Kafka record takes (the
+    producer's 1,000,000 bytes), and each restart would stop on it again."""
+    data = encode_batch(batch)
+    return compress(data) if len(data) > COMPRESS_ABOVE else data
 
 
 def encoded(table: Any, value: dict[str, Any]) -> bytes:
@@ -473,7 +490,12 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             child(BATCHES).inc()
         await emit(result, key=msg.key)
         if result.batch is not None and sink is not None:
-            await produce(app, sink, msg.key, encode_batch(result.batch))
+            try:
+                await produce(app, sink, msg.key, passed_on(result.batch))
+            except MessageSizeTooLargeError as err:
+                # Even compressed, more than a record takes: the record's content is what
+                # fails, and would on every restart (processors/stop.py).
+                raise StageFailed(f"its {SINK[stage]} batch is too large for Kafka: {err}") from err
 
     async def take_heartbeat(msg: Any) -> None:
         try:

@@ -900,6 +900,57 @@ def test_split_stages_enrich_batches_with_exactly_what_is_known(private_kafka, t
             w.stop()
 
 
+def test_split_enrich_passes_on_a_batch_it_made_larger_than_a_kafka_record(private_kafka, tmp_path):
+    """A container's attributes (16 of 1 KB, as a heartbeat may give them) copied into
+    each of 200 processes started in it: 3.4 MB enriched out of a 4 KB batch, past the
+    1,000,000 bytes a worker's producer sends. The enrich stage passes it on compressed,
+    as the agent sends its own, rather than stopping on it at every restart."""
+    host = "host-wide"
+    workers = [Worker(tmp_path, private_kafka.bootstrap, st, stage=st).start() for st in ("dedupe", "enrich")]
+    attrs = {f"container.label.l{i:02d}": chr(ord("a") + i) * 1024 for i in range(16)}
+    hb = {"ts": 1, "host": {"host.id": host, "boot.id": "boot"}, "probes": {}, "counters": {}}
+    hb["containers"] = [[77, attrs]]
+
+    async def send(topic, *values):
+        producer = AIOKafkaProducer(bootstrap_servers=private_kafka.bootstrap, enable_idempotence=True)
+        await producer.start()
+        try:
+            for v in values:
+                await producer.send_and_wait(topic, v, key=host.encode())
+        finally:
+            await producer.stop()
+
+    def enriched() -> list[tuple[RawBatch, int]]:
+        recs = asyncio.run(read_topic(private_kafka.bootstrap, ENRICHED_TOPIC, idle_s=1))
+        return [(b, len(r.value)) for r in recs for b in [decode_batch(r.value)] if b.host_id == host]
+
+    try:
+        asyncio.run(send(HEARTBEATS_TOPIC, encode_heartbeat(hb)))
+        execs = [[PROCESS_EXEC.id, 1, 5000 + i, 5000 + i, 1, 0, 77, "w", "/usr/bin/w"] for i in range(200)]
+        seq, deadline = 0, time.monotonic() + 90
+        while time.monotonic() < deadline:  # (until the heartbeat is in: the topics are read in no set order)
+            asyncio.run(send(RAW_TOPIC, encode_batch(RawBatch(host, "boot", seq, 1, execs))))
+            seq += 1
+            wide = [
+                (b, n) for b, n in enriched() if b.processes and "container.label.l00" in b.processes["5000"]
+            ]
+            if wide:
+                break
+            time.sleep(1)
+        else:
+            pytest.fail("no enriched batch carried the container's attributes")
+        batch, size = wide[0]
+        assert len(batch.processes) == 200 and all(
+            p["container.label.l15"] == "p" * 1024 for p in batch.processes.values()
+        )
+        assert len(encode_batch(batch)) > 3_000_000 > 1_000_000 > size  # (sent compressed)
+        for w in workers:
+            assert w.proc.poll() is None, w.log.read_text()[-3000:]  # (never stopped on it)
+    finally:
+        for w in workers:
+            w.stop()
+
+
 @pytest.mark.bpf
 def test_the_agent_names_a_process_container_and_pod_and_enrich_attaches_them(private_kafka, tmp_path):
     need_bpf()
