@@ -26,6 +26,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from ktel.probes import KIND_BY_NAME, KINDS, PROBES
 from ktel.schema import U32
 from ktel.wire.codec import MAX_RECORD_BYTES
+from ktel.wire.control import EVERY_HOST
 from ktel.wire.topics import Topics
 
 
@@ -384,6 +385,10 @@ class AgentConfig(BaseModel):
     def _nonempty(cls, v: str) -> str:
         if not v:
             raise ValueError("empty: /etc/machine-id is unreadable; set agent.host_id")
+        if v == EVERY_HOST:
+            raise ValueError(
+                f"{EVERY_HOST!r} means every host in ktel.control: set agent.host_id to this host's"
+            )
         return v
 
 

@@ -78,6 +78,11 @@ from ktel.wire.codec import MAX_RECORD_BYTES, WireError, pack, unpack
 ID = Str(256)
 # A command id names the host, probe and time it was made for (processors/sample_core.py).
 COMMAND_ID = Str(512)
+# A command's target meaning every host: never a host id (ktel/wire/raw.py refuses a
+# batch of it, whose anomaly would make the sample stage command the whole fleet).
+EVERY_HOST = "*"
+# The most a refused command's reason may take in a heartbeat.
+REFUSAL_CHARS = 256
 MAX_CONTAINERS = 4096  # the agent lists at most 2048 (edge_agent/containers.py)
 
 
@@ -117,7 +122,7 @@ HEARTBEAT_SHAPE = Shape(
         Key("acked_commands", ListOf(COMMAND_ID, 1024), required=False),
         Key(
             "refused_commands",
-            ListOf(Row((Field("id", COMMAND_ID), Field("reason", Str(256)))), 1024),
+            ListOf(Row((Field("id", COMMAND_ID), Field("reason", Str(REFUSAL_CHARS)))), 1024),
             required=False,
         ),
         Key("node", MapOf(Int(0, U64), 1024, key_len=256), required=False),

@@ -50,6 +50,7 @@ import msgpack
 from ktel.probes import KINDS
 from ktel.schema import ATTR_VALUE, TS_NS, U63, Array, Int, IntList, Key, MapOf, Shape, Str, brief
 from ktel.wire.codec import SCHEMA_VERSION, ZSTD_MAGIC, WireError, decompress, pack, unpack
+from ktel.wire.control import EVERY_HOST
 
 # A batch holds at most this many events (the agent seals at agent.batch_max_events).
 MAX_EVENTS = 100_000
@@ -192,6 +193,9 @@ def decode_batch(data: bytes | bytearray) -> RawBatch:
     if isinstance(data, bytes | bytearray) and data[:4] == ZSTD_MAGIC:
         data = decompress(data, what)
     obj = unpack(data, what, SHAPE)
+    if obj["host"] == EVERY_HOST:
+        # The sample stage commands a host by its id: this one's would go to every agent.
+        raise WireError(f"{what}: host id {EVERY_HOST!r} is ktel.control's every-host target, not a host's")
     events = obj["events"]
     valid = _VALID
     try:

@@ -326,6 +326,9 @@ def test_bad_records_on_every_topic_are_dead_lettered_and_the_good_ones_counted_
         ]
         # Valid, but keyed as another host: its key decides the worker and the state it writes.
         bad[RAW_TOPIC] += [(hosts[1].encode(), valid_batch)] * 10
+        # Keyed as its host, but that host is "*", ktel.control's every host: a spike of it
+        # would have the sample stage command the whole fleet.
+        bad[RAW_TOPIC] += [(b"*", encode_batch(RawBatch("*", "boot", 0, now_ns, [list(e) for e in EVENTS])))]
         valid_hb = heartbeats[0][2]
         bad[HEARTBEATS_TOPIC] = [
             (hosts[0].encode(), b) for b in broken(valid_hb, decode_heartbeat, rng, BAD_PER_TOPIC - 10)

@@ -280,3 +280,10 @@ def test_an_exporters_unreadable_file_is_refused_when_it_starts_not_when_any_pro
     with pytest.raises(config.ConfigError) as err:
         config.check_readable(section, model, model.FILES)  # the exporter's start
     assert f"{section}.{field} = '/nonexistent/file': cannot be read" in str(err.value)
+
+
+def test_a_host_id_that_means_every_host_is_refused(monkeypatch):
+    monkeypatch.setenv("KTEL_AGENT__HOST_ID", "*")
+    with pytest.raises(config.ConfigError) as err:
+        config.load()
+    assert "host_id" in str(err.value) and "means every host in ktel.control" in str(err.value), err.value

@@ -303,6 +303,12 @@ def test_snapshots_refuse_non_finite_values_wrong_labels_and_mixed_types(record,
         wire.decode_snapshot(wire.encode_snapshot(record))
 
 
+def test_a_batch_of_host_star_is_refused_its_anomaly_would_command_every_host():
+    batch = wire.encode_batch(wire.RawBatch("*", "boot", 0, 1, []))
+    with pytest.raises(wire.WireError, match="host id '\\*' is ktel.control's every-host target"):
+        wire.decode_batch(batch)
+
+
 def test_a_record_too_big_to_be_ktels_is_refused_before_it_is_unpacked():
     with pytest.raises(wire.WireError, match="more than"):
         wire.decode_batch(b"\x00" * (wire.codec.MAX_RECORD_BYTES + 1))
