@@ -57,6 +57,7 @@ from ktel.kafka_client import Kafka, client_kwargs, settings
 from ktel.probes import PROBES
 from ktel.retry import retry
 from ktel.wire import ControlCommand, WireError, decode_command
+from ktel.wire.control import EVERY_HOST, REFUSAL_CHARS
 
 if TYPE_CHECKING:
     from ktel.config import AgentConfig
@@ -166,7 +167,7 @@ class Control:
         """(reason label, reason text) when a command is out of bounds, else None."""
         b = self.bounds
         if probe not in PROBES:
-            return "probe", f"unknown probe {probe[:64]!r}"
+            return "probe", f"unknown probe {probe!r:.64}"  # (a repr may be 10 times its string)
         if sample_every > b.max_sample_every:
             return "sample_every", f"sample_every {sample_every} is over the agent's {b.max_sample_every}"
         if ttl_ms > b.max_ttl_ms:
@@ -182,7 +183,7 @@ class Control:
 
         ``sent_ms``: its record's Kafka timestamp. ``replayed``: read back after a
         start (it was in the topic before this agent began following it)."""
-        if cmd.target not in (self.host_id, "*"):
+        if cmd.target not in (self.host_id, EVERY_HOST):
             return False
         now = now if now is not None else now_ms()
         ttl_ms = cmd.ttl_ms if cmd.ttl_ms is not None else cmd.until_ms - sent_ms
@@ -225,7 +226,8 @@ class Control:
     def _refuse(self, cmd_id: str, label: str, reason: str) -> None:
         REFUSED.labels(label).inc()
         self.counts["commands_refused"] += 1
-        self._queue(self._refusals, [cmd_id[: self.bounds.max_id_chars], reason])
+        # (cut to what a heartbeat takes: one that did not decode would be dead-lettered whole)
+        self._queue(self._refusals, [cmd_id[: self.bounds.max_id_chars], reason[:REFUSAL_CHARS]])
         log.warning("refusing command %.80s: %s", cmd_id, reason)
 
     def _queue(self, pending: deque[Any], item: Any) -> None:

@@ -43,6 +43,7 @@ OUT_OF_BOUNDS = [
     ("sample_every", cmd(every=U63)),  # the wire's largest: once a u32 knob of 0, keeping all
     ("sample_every", cmd(every=1001)),
     ("probe", cmd(probe="no_such_probe")),
+    ("probe", cmd(probe="\x00" * 256)),  # (its repr ten times as long)
     ("ttl", cmd(ttl_ms=3_600_001)),
     ("ttl", cmd(until_ms=1 << 62, ttl_ms=None)),  # an old-form deadline far away
     ("id", cmd(cmd_id="x" * 65)),
@@ -60,6 +61,15 @@ def test_a_command_out_of_bounds_is_refused_counted_and_reported(tmp_path, reaso
     [(cmd_id, why)] = ctl.take_refusals()
     assert cmd_id == command.id[:64] and why
     assert ctl.take_acks() == []
+    # The heartbeat that reports it decodes (one that did not would be dead-lettered whole).
+    hb = {
+        "ts": 1,
+        "host": {"host.id": HOST},
+        "probes": {},
+        "counters": {},
+        "refused_commands": [[cmd_id, why]],
+    }
+    assert decode_heartbeat(encode_heartbeat(hb))["refused_commands"] == [[cmd_id, why]]
 
 
 def test_the_largest_command_in_bounds_is_applied(tmp_path):
