@@ -147,6 +147,7 @@ class Control:
         self.overrides: dict[str, InForce] = {}
         # Every command applied that may still hold, by id, in the order applied.
         self.applied: dict[str, InForce] = {}
+        self._unsaved = False  # commands applied since the state file was last written
         self._acks: deque[str] = deque()
         self._refusals: deque[list[str]] = deque()
         self.counts = {"commands_applied": 0, "commands_refused": 0}
@@ -205,7 +206,7 @@ class Control:
         self.apply(cmd.probe, cmd.sample_every)
         if known is None:
             self.applied[cmd.id] = in_force
-            self._save(now)
+            self._unsaved = True  # (saved once for a fetch's commands: save)
             APPLIED.inc()
             self.counts["commands_applied"] += 1
             self._queue(self._acks, cmd.id)
@@ -282,7 +283,16 @@ class Control:
         for cmd in self.overrides.values():
             log.info("command %s still in force: %s sampled 1 in %d", cmd.id, cmd.probe, cmd.sample_every)
 
-    def _save(self, now: int) -> None:
+    def save(self, now: int | None = None) -> None:
+        """Write the commands in force to the state file, if any were applied since it
+        was last written. Once a fetch, not once a command: each write takes the whole
+        file (up to MAX_REMEMBERED rows), about 3 ms, and a flood of commands in one
+        fetch held the agent's event loop for seconds. An agent killed before it
+        judges a command read again by its record's time, as one it had not seen."""
+        if not self._unsaved:
+            return
+        self._unsaved = False
+        now = now if now is not None else now_ms()
         for cmd_id, cmd in list(self.applied.items()):
             if cmd.deadline_ms <= now or len(self.applied) > MAX_REMEMBERED:
                 del self.applied[cmd_id]
@@ -338,5 +348,6 @@ class Control:
                             self.refuse_undecodable(rec.offset, err)
                             continue
                         self.handle(cmd, rec.timestamp, replayed=rec.offset < end)
+                self.save()
         finally:
             await consumer.stop()

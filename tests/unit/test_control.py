@@ -128,6 +128,7 @@ def test_a_command_in_force_survives_a_restart_neither_ended_nor_extended(tmp_pa
     first, _ = make(tmp_path)
     assert first.handle(cmd(ttl_ms=60_000), sent_ms=now, now=now)
     assert first.take_acks() == ["c1"]
+    first.save()  # (after each fetch)
 
     restarted, applied = make(tmp_path)
     assert restarted.sample_every("file_created") == 10  # before Kafka is reached
@@ -155,6 +156,7 @@ def test_what_a_restart_re_applies_is_bounded_like_a_command(tmp_path):
     now = now_ms()
     first, _ = make(tmp_path, Bounds(1000, 3_600_000, 64))
     first.handle(cmd(every=1000), sent_ms=now, now=now)
+    first.save()
     lowered, _ = make(tmp_path, Bounds(100, 3_600_000, 64))
     assert lowered.sample_every("file_created") == 2
 
@@ -170,3 +172,20 @@ def test_bounds_come_from_the_agent_config(tmp_path):
     assert Bounds.of(acfg) == Bounds(1_000_000, 60_000, 512)
     with pytest.raises(ValueError, match="control_max_sample_every"):
         AgentConfig(host_id=HOST, control_max_sample_every=1 << 32)
+
+
+def test_a_fetchs_commands_are_saved_in_one_write(tmp_path, monkeypatch):
+    """Each write takes the whole state file: one per command held the agent's event loop
+    for seconds under a flood of them."""
+    ctl, _ = make(tmp_path)
+    writes = []
+    real = control_mod.os.replace
+    monkeypatch.setattr(control_mod.os, "replace", lambda a, b: (writes.append(b), real(a, b)))
+    now = now_ms()
+    for i in range(500):
+        assert ctl.handle(cmd(cmd_id=f"c{i}", ttl_ms=60_000), sent_ms=now, now=now)
+    assert writes == []
+    ctl.save()
+    ctl.save()  # (nothing new since)
+    assert len(writes) == 1
+    assert make(tmp_path)[0].command("file_created").id == "c499"
