@@ -24,16 +24,18 @@ stretches or shortens nothing. A command without ``ttl_ms`` (from a sender that
 predates it) holds ``until_ms`` minus its record's Kafka timestamp: both come
 from the sender's clock, so the difference is a duration too.
 
-Restarts. Every command this agent applied and that still holds is kept in
-``<state_dir>/control.json`` with its deadline by this agent's clock; a
-restarted agent re-applies them at once (Kafka may be away) and keeps their
-deadlines, so a restart neither ends nor extends a command. It then reads the
-whole (single-partition) topic, without a consumer group, from
-``agent.control_max_ttl_seconds`` back in time (no command holds longer): a
-command it had applied keeps its recorded deadline; one it had not (sent while
-it was down, or its state was lost) holds until the earlier of a full TTL from
-now and its record's timestamp plus the TTL, so it can end early if the
-sender's clock is behind, but never holds past a full TTL.
+Restarts. Every command this agent applied is kept in ``<state_dir>/control.json``
+with its deadline by this agent's clock (a command taken over by a later one for its
+probe ends then), for as long as its record can be read back at a start; a
+restarted agent re-applies those still in force at once (Kafka may be away) and
+keeps their deadlines, so a restart neither ends nor extends a command, nor brings
+back one that is over. It then reads the whole (single-partition) topic, without a
+consumer group, from ``agent.control_max_ttl_seconds`` back in time by record
+timestamps (no command holds longer): a command it had applied stands as it was
+applied, whatever a record of its id says; one it had not (sent while it was
+down, or its state was lost) holds until the earlier of a full TTL from now and
+its record's timestamp plus the TTL, so it can end early if the sender's clock is
+behind, but never holds past a full TTL.
 """
 
 from __future__ import annotations
@@ -122,12 +124,15 @@ class Bounds:
 
 @dataclasses.dataclass(frozen=True)
 class InForce:
-    """A command this agent applied: its deadline is by this agent's clock."""
+    """A command this agent applied: its deadline is by this agent's clock (ended early
+    when a later command for its probe took over); remembered until ``keep_ms``, as long
+    as its record may be read back at a start, so that it is never applied twice."""
 
     id: str
     probe: str
     sample_every: int
     deadline_ms: int
+    keep_ms: int
 
 
 class Control:
@@ -194,16 +199,28 @@ class Control:
             return False
         known = self.applied.get(cmd.id)
         if known is not None:
-            deadline = known.deadline_ms  # applied before a restart: neither ended nor extended
+            # Applied before (a restart, the record sent again): as it was applied, neither
+            # ended nor extended, whatever this record says.
+            in_force = known
         elif replayed:
-            deadline = min(now + ttl_ms, sent_ms + ttl_ms)
+            in_force = InForce(cmd.id, cmd.probe, cmd.sample_every, min(now + ttl_ms, sent_ms + ttl_ms), 0)
         else:
-            deadline = now + ttl_ms
-        if deadline <= now:
-            return False  # over already (read back after a restart)
-        in_force = InForce(cmd.id, cmd.probe, cmd.sample_every, deadline)
-        self.overrides[cmd.probe] = in_force
-        self.apply(cmd.probe, cmd.sample_every)
+            in_force = InForce(cmd.id, cmd.probe, cmd.sample_every, now + ttl_ms, 0)
+        if in_force.deadline_ms <= now:
+            return False  # over already (read back after a restart, or taken over)
+        if known is None:
+            # Read back at a start while its record is within the look-back (its sender's
+            # clock: the look-back goes by record times).
+            keep = max(in_force.deadline_ms, sent_ms + self.bounds.max_ttl_ms)
+            in_force = dataclasses.replace(in_force, keep_ms=keep)
+        before = self.overrides.get(in_force.probe)
+        if before is not None and before.id != in_force.id:
+            # Taken over: it ends now, also for a restart, which would otherwise bring it
+            # back once the later command is over.
+            self.applied[before.id] = dataclasses.replace(before, deadline_ms=now)
+            self._unsaved = True
+        self.overrides[in_force.probe] = in_force
+        self.apply(in_force.probe, in_force.sample_every)
         if known is None:
             self.applied[cmd.id] = in_force
             self._unsaved = True  # (saved once for a fetch's commands: save)
@@ -212,10 +229,10 @@ class Control:
             self._queue(self._acks, cmd.id)
         log.info(
             "command %s: %s sampled 1 in %d for %d ms more",
-            cmd.id,
-            cmd.probe,
-            cmd.sample_every,
-            deadline - now,
+            in_force.id,
+            in_force.probe,
+            in_force.sample_every,
+            in_force.deadline_ms - now,
         )
         return True
 
@@ -264,7 +281,10 @@ class Control:
         """Re-apply what was in force at the last stop (see the module doc)."""
         try:
             rows = json.loads(self.state_path.read_text())
-            applied = [InForce(str(i), str(p), int(n), int(d)) for i, p, n, d in rows]
+            # (a row of an older agent has no keep_ms: remembered until its deadline)
+            applied = [
+                InForce(str(i), str(p), int(n), int(d), int(k[0]) if k else int(d)) for i, p, n, d, *k in rows
+            ]
         except FileNotFoundError:
             return
         except (OSError, ValueError, TypeError) as err:
@@ -273,12 +293,13 @@ class Control:
             return
         now = now_ms()
         for cmd in applied:
+            if cmd.keep_ms > now:
+                self.applied[cmd.id] = cmd
             if (
                 cmd.deadline_ms > now
                 and cmd.probe in PROBES
                 and cmd.sample_every <= self.bounds.max_sample_every
             ):
-                self.applied[cmd.id] = cmd
                 self.overrides[cmd.probe] = cmd  # in the order applied: the last one stands
         for cmd in self.overrides.values():
             log.info("command %s still in force: %s sampled 1 in %d", cmd.id, cmd.probe, cmd.sample_every)
@@ -294,9 +315,9 @@ class Control:
         self._unsaved = False
         now = now if now is not None else now_ms()
         for cmd_id, cmd in list(self.applied.items()):
-            if cmd.deadline_ms <= now or len(self.applied) > MAX_REMEMBERED:
+            if cmd.keep_ms <= now or len(self.applied) > MAX_REMEMBERED:
                 del self.applied[cmd_id]
-        rows = [[c.id, c.probe, c.sample_every, c.deadline_ms] for c in self.applied.values()]
+        rows = [[c.id, c.probe, c.sample_every, c.deadline_ms, c.keep_ms] for c in self.applied.values()]
         tmp = self.state_path.with_suffix(".tmp")
         try:
             self.state_path.parent.mkdir(parents=True, exist_ok=True)

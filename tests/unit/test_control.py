@@ -189,3 +189,45 @@ def test_a_fetchs_commands_are_saved_in_one_write(tmp_path, monkeypatch):
     ctl.save()  # (nothing new since)
     assert len(writes) == 1
     assert make(tmp_path)[0].command("file_created").id == "c499"
+
+
+def test_a_command_taken_over_stays_over_after_a_restart(tmp_path):
+    """A (1 in 7 for 50 min), then B (1 in 1 for a minute) for the same probe: once B is
+    over the configured rate comes back, and a restart must not bring A back."""
+    ctl, applied = make(tmp_path)
+    now = now_ms() - 70_000  # (the restart below is on the real clock: B is over by then)
+    assert ctl.handle(cmd(cmd_id="A", every=7, ttl_ms=3_000_000), sent_ms=now, now=now)
+    assert ctl.handle(cmd(cmd_id="B", every=1, ttl_ms=60_000), sent_ms=now, now=now + 1000)
+    ctl.expire(now + 61_001)
+    assert ctl.sample_every("file_created") == 2
+    ctl.save(now + 61_001)
+    restarted, _ = make(tmp_path)
+    assert restarted.sample_every("file_created") == 2
+    # Read back from Kafka at the start: both are known, neither applies again.
+    later = now + 62_000
+    assert not restarted.handle(cmd(cmd_id="A", every=7, ttl_ms=3_000_000), now, now=later, replayed=True)
+    assert not restarted.handle(cmd(cmd_id="B", every=1, ttl_ms=60_000), now, now=later, replayed=True)
+    assert restarted.sample_every("file_created") == 2
+
+
+def test_a_command_over_is_not_applied_again_by_a_restart_whatever_its_senders_clock(tmp_path):
+    """Its sender's clock an hour ahead, a command's record is read back at every start
+    for an hour and more (the look-back goes by record times): it must not hold again."""
+    ctl, _ = make(tmp_path)
+    now, ahead = now_ms() - 17 * 60_000, 3_600_000  # (the restart below: on the real clock)
+    assert ctl.handle(cmd(ttl_ms=300_000), sent_ms=now + ahead, now=now)
+    ctl.expire(now + 300_001)
+    ctl.save(now + 300_001)
+    restarted, applied = make(tmp_path)
+    later = now + 17 * 60_000
+    assert not restarted.handle(cmd(ttl_ms=300_000), sent_ms=now + ahead, now=later, replayed=True)
+    assert applied == [] and restarted.sample_every("file_created") == 2
+
+
+def test_a_known_id_sent_again_with_other_values_changes_nothing(tmp_path):
+    ctl, applied = make(tmp_path)
+    now = now_ms()
+    assert ctl.handle(cmd(cmd_id="A", every=10, ttl_ms=60_000), sent_ms=now, now=now)
+    ctl.handle(cmd(cmd_id="A", probe="syscall_latency", every=999, ttl_ms=60_000), sent_ms=now, now=now + 1)
+    assert ctl.sample_every("file_created") == 10 and ctl.command("syscall_latency") is None
+    assert [n for p, n in applied if p == "syscall_latency"] == []
