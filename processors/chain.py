@@ -72,6 +72,15 @@ class Chain:
                 )
         return result
 
+    def forget(self, host_id: str) -> Result:
+        """The host left this worker: every stage's memory of it goes (``Stage.forget``)."""
+        result = Result()
+        for stage in self.stages:
+            result.then(stage.forget(host_id))
+        for states in self.memory.values():
+            states.pop(host_id, None)
+        return result
+
     def timed(self) -> list[Stage]:
         """The stages with timer work."""
         return [s for s in self.stages if s.window_s is not None]

@@ -167,6 +167,9 @@ class Enrich(Stage):
         self._known(heartbeat["host"]["host.id"], known_processes(state), result)
         return result
 
+    def forget(self, host_id: str) -> Result:
+        return Result(counts={"processes": -self.known.pop(host_id, 0)})
+
     def _known(self, host_id: str, processes: int, result: Result) -> None:
         """The host's processes are ``processes`` now: the gauge's increment in
         ``result``, with how to put the count back if the record is refused after all."""

@@ -17,6 +17,8 @@ per-host state in a JSON-able dict it is handed, and answers:
   stage whose state is not durable forgets a host by deleting it from ``states``.
 - ``on_heartbeat(state, heartbeat)``, for a stage with ``heartbeats`` set (enrich):
   a ``Result`` without a batch, ``changed`` if the heartbeat changed the host's state.
+- ``forget(host_id)``: the host left this worker; what the stage keeps of it in
+  memory, outside ``states``, goes (the enrich stage's process count).
 
 Where the state lives is the stage's ``durable``: True, in ``section`` of the
 host's table value, which goes to the changelog whenever a batch's ``changed``
@@ -158,6 +160,12 @@ class Stage:
         return Result()
 
     def on_heartbeat(self, state: State, heartbeat: dict[str, Any]) -> Result:
+        return Result()
+
+    def forget(self, host_id: str) -> Result:
+        """The host is gone from this worker (forgotten, or its partition another
+        worker's): what the stage keeps of it in memory goes, and what that takes off
+        its counts is in the ``Result``."""
         return Result()
 
 

@@ -165,6 +165,15 @@ INPUT_AGE = Histogram(
 # The size past which a batch passed on to the next stage is compressed (passed_on):
 # below it, compressing costs more than the bytes it saves.
 COMPRESS_ABOVE = 64 << 10
+# A host no record (batch or heartbeat) named for aggregate.host_ttl_seconds times this,
+# plus two windows, is forgotten by the worker whatever its stages: the aggregate
+# forgets a host silent for host_ttl_seconds itself, with a last, stale snapshot of its
+# series, but a stage without it (dedupe, enrich in split mode), or a host that only
+# ever sent heartbeats, would keep its state for good, a fleet's every host that ever
+# was. Past the aggregate's, so that it goes first where it counts. Looked at every
+# SILENT_CHECK_S (a quarter of the TTL at most).
+SILENT_TTL_MARGIN = 1.1
+SILENT_CHECK_S = 30.0
 # How often a worker exports its partitions' consumer lag.
 LAG_INTERVAL_S = 5.0
 # Per-host SLIs from the heartbeats this worker reads (its hosts are forgotten as make_app configures).
@@ -474,6 +483,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             return
         value = hosts[batch.host_id] if chain.durable else {}
         if chain.durable:
+            last_seen[batch.host_id] = time.monotonic()
             as_persisted(batch.host_id, value)  # (what a refused record puts back)
         try:
             result = chain.on_batch(value, batch, time.time_ns() // 1_000_000)
@@ -507,6 +517,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         except WireError as err:
             await dead_letter(msg, err)
             return
+        last_seen[host_id] = time.monotonic()
         value = hosts[host_id]
         as_persisted(host_id, value)
         try:
@@ -577,7 +588,40 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         await emit(result)
         for host_id in result.forget:
             persisted.pop(host_id, None)
+            last_seen.pop(host_id, None)
+            await emit(chain.forget(host_id))
             await forget(hosts, host_id, n)
+
+    # Host id -> the worker's monotonic clock at the host's last record here, batch or
+    # heartbeat (one the expiry finds missing is taken as seen then: after a restart
+    # or a rebalance, a host has the whole delay again).
+    last_seen: dict[str, float] = {}
+    ttl_s = cfg.aggregate.host_ttl_seconds
+    silent_s = ttl_s * SILENT_TTL_MARGIN + 2 * cfg.aggregate.window_seconds
+
+    async def forget_silent() -> None:
+        """Forget the hosts of this worker's partitions that no record named for
+        ``silent_s``, and its memory of hosts that are no longer its own."""
+        if readiness(app, source_name) is not None:
+            return  # (values being recovered: their hosts' records may be on their way)
+        n = cfg.kafka.raw_partitions
+        assigned = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == source_name}
+        mine = {h for h in hosts if partition_of(h, n) in assigned}
+        for host_id in last_seen.keys() - mine:
+            del last_seen[host_id]
+            await emit(chain.forget(host_id))
+        now = time.monotonic()
+        silent = [h for h in mine if now - last_seen.setdefault(h, now) > silent_s]
+        for host_id in silent:
+            log.info("host %.60r forgotten: no record for %.0f s", host_id, now - last_seen.pop(host_id))
+            persisted.pop(host_id, None)
+            await emit(chain.forget(host_id))
+            await forget(hosts, host_id, n)
+        if silent:
+            child(EXPIRED_HOSTS).inc(len(silent))
+
+    if chain.durable:
+        app.timer(min(SILENT_CHECK_S, ttl_s / 4), name="forget_silent_hosts")(forget_silent)
 
     def every_window(timed: Stage) -> None:
         """Close ``timed``'s windows (``close_windows``) in a task, as Faust runs its

@@ -806,6 +806,44 @@ def test_a_silent_host_ends_its_series_stale_and_stays_forgotten_after_a_restart
             w2.stop()
 
 
+@pytest.mark.parametrize(
+    ("stage", "sends"), [("all", "heartbeats"), ("enrich", "heartbeats"), ("dedupe", "batches")]
+)
+def test_a_host_no_stage_forgets_is_forgotten_once_silent(private_kafka, tmp_path, stage, sends):
+    """A host that only sends heartbeats (a forged host.id, a node whose probes send
+    nothing) leaves the aggregate nothing to forget, and the split dedupe and enrich
+    stages forget no host themselves: the worker does, once no record named the host
+    for a little over aggregate.host_ttl_seconds, so a fleet's every host that ever
+    was does not stay in its table. A host still sending stays."""
+    ttl = {"KTEL_AGGREGATE__HOST_TTL_SECONDS": "2"}
+    w = Worker(tmp_path, private_kafka.bootstrap, "w", stage=stage, **ttl).start()
+    silent, live = f"silent-{stage}", f"live-{stage}"
+
+    def record(host: str, n: int) -> tuple[bytes, bytes]:
+        if sends == "batches":
+            return host.encode(), encode_batch(RawBatch(host, "boot", n, 1, []))
+        hb = {"ts": n + 1, "host": {"host.id": host, "boot.id": "boot"}, "probes": {}, "counters": {}}
+        return host.encode(), encode_heartbeat(hb)
+
+    topic = RAW_TOPIC if sends == "batches" else HEARTBEATS_TOPIC
+    try:
+        asyncio.run(produce(private_kafka.bootstrap, [record(silent, 0), record(live, 0)], topic=topic))
+        n, deadline = 1, time.monotonic() + 90
+        while w.metric("ktel_processor_expired_hosts_total") < 1:
+            assert time.monotonic() < deadline, "the silent host was not forgotten"
+            asyncio.run(produce(private_kafka.bootstrap, [record(live, n)], topic=topic))
+            n += 1
+            time.sleep(1)
+        asyncio.run(produce(private_kafka.bootstrap, [record(live, n)], topic=topic))
+        time.sleep(2)  # (more checks, within the live host's delay: it stays)
+        assert w.metric("ktel_processor_expired_hosts_total") == 1
+    finally:
+        w.stop()
+    tombstoned = {r.key for r in changelog_records(private_kafka.bootstrap, stage) if r.value is None}
+    assert json.dumps(silent).encode() in tombstoned
+    assert json.dumps(live).encode() not in tombstoned
+
+
 def test_split_stages_chain_to_exact_counts(private_kafka, tmp_path):
     workers = [
         Worker(tmp_path, private_kafka.bootstrap, st, stage=st).start()

@@ -60,3 +60,18 @@ def test_sample_windows_raise_a_spiking_host_and_forget_a_quiet_one():
     for t in range(6, 6 + sample_core.IDLE_WINDOWS):
         second(t, steady=1000)
     assert set(sampled.memory["sample"]) == {"steady"}  # silent for IDLE_WINDOWS windows
+
+
+def test_a_host_forgotten_leaves_no_memory_in_any_stage_and_takes_its_processes_off_the_count():
+    from ktel.wire import PROCESS_EXEC
+
+    fused = chain.build("all", config.Config(agent=config.AgentConfig(host_id="t")))
+    execs = [[PROCESS_EXEC.id, T, pid, pid, 1, 0, 0, "sh", "/bin/sh"] for pid in (10, 11, 12)]
+    value: dict = {}
+    fused.on_heartbeat(value, "h1", {"ts": 1, "host": {"host.id": "h1", "boot.id": "b1"}})
+    took = fused.on_batch(value, RawBatch("h1", "b1", 0, T, execs), 1000)
+    assert took.counts["processes"] == 3
+    assert fused.memory["sample"].keys() == {"h1"}
+    forgot = fused.forget("h1")
+    assert forgot.counts == {"processes": -3}
+    assert fused.memory["sample"] == {} and fused.forget("h1").counts == {"processes": 0}
