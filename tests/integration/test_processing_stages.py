@@ -949,25 +949,19 @@ def test_split_enrich_passes_on_a_batch_it_made_larger_than_a_kafka_record(priva
     hb = {"ts": 1, "host": {"host.id": host, "boot.id": "boot"}, "probes": {}, "counters": {}}
     hb["containers"] = [[77, attrs]]
 
-    async def send(topic, *values):
-        producer = AIOKafkaProducer(bootstrap_servers=private_kafka.bootstrap, enable_idempotence=True)
-        await producer.start()
-        try:
-            for v in values:
-                await producer.send_and_wait(topic, v, key=host.encode())
-        finally:
-            await producer.stop()
+    def send(topic: str, value: bytes) -> None:
+        asyncio.run(produce(private_kafka.bootstrap, [(host.encode(), value)], topic=topic))
 
     def enriched() -> list[tuple[RawBatch, int]]:
         recs = asyncio.run(read_topic(private_kafka.bootstrap, ENRICHED_TOPIC, idle_s=1))
         return [(b, len(r.value)) for r in recs for b in [decode_batch(r.value)] if b.host_id == host]
 
     try:
-        asyncio.run(send(HEARTBEATS_TOPIC, encode_heartbeat(hb)))
+        send(HEARTBEATS_TOPIC, encode_heartbeat(hb))
         execs = [[PROCESS_EXEC.id, 1, 5000 + i, 5000 + i, 1, 0, 77, "w", "/usr/bin/w"] for i in range(200)]
         seq, deadline = 0, time.monotonic() + 90
         while time.monotonic() < deadline:  # (until the heartbeat is in: the topics are read in no set order)
-            asyncio.run(send(RAW_TOPIC, encode_batch(RawBatch(host, "boot", seq, 1, execs))))
+            send(RAW_TOPIC, encode_batch(RawBatch(host, "boot", seq, 1, execs)))
             seq += 1
             wide = [
                 (b, n) for b, n in enriched() if b.processes and "container.label.l00" in b.processes["5000"]
