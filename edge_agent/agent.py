@@ -135,6 +135,21 @@ FLUSH_TIMEOUT_S = 10.0
 PRODUCER_STOP_TIMEOUT_S = 5.0
 
 
+async def close_producer(producer: AIOKafkaProducer) -> None:
+    """Stop ``producer``, waiting at most PRODUCER_STOP_TIMEOUT_S for it to flush: what it
+    holds is still in the spool. stop() would wait forever for a broker that is gone,
+    and cut short it leaves the sender and the connections running, so those are
+    closed after it (else every producer renewal would leave one behind)."""
+    try:
+        await asyncio.wait_for(producer.stop(), PRODUCER_STOP_TIMEOUT_S)
+    except Exception as err:
+        log.warning("Kafka producer did not stop in %.0f s (%s): closing it", PRODUCER_STOP_TIMEOUT_S, err)
+        with contextlib.suppress(Exception):
+            if producer._sender is not None:
+                await producer._sender.close()
+            await producer.client.close()
+
+
 class TooLarge(Permanent):
     """Kafka refused a batch as above its message size limit."""
 
@@ -223,7 +238,7 @@ class Agent:
             fsync=acfg.spool_fsync,
         )
         self.spooled = asyncio.Event()
-        self._renewing = asyncio.Lock()
+        self._renewal: asyncio.Task | None = None  # see _renew_producer
         self.loaded: dict[str, probes_mod.LoadedProbe] = {}
         self.skipped: dict[str, str] = {}
         self.control = Control.of(acfg, self.apply_rate)
@@ -441,17 +456,29 @@ class Agent:
         (aio-libs/aiokafka#1017). A new producer gets a new producer id; the
         batches it re-sends from the spool keep their ktel sequence numbers, so
         the processors drop any copy that had landed.
+
+        The renewal runs in a task of its own that callers wait on shielded: a caller
+        that stops waiting (the heartbeat's timeout) must not cancel it between the
+        broken producer's stop and the new one's start, which would leave a stopped
+        producer in place that every later send finds closed.
         """
-        async with self._renewing:
-            if self.producer is not broken:
-                return  # another sender renewed it already
-            PRODUCER_RENEWALS.inc()
-            log.warning("Kafka producer broken (%s): starting a new one", err)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(broken.stop(), PRODUCER_STOP_TIMEOUT_S)
-            fresh = self._new_producer()
+        if self.producer is broken and (self._renewal is None or self._renewal.done()):
+            self._renewal = asyncio.create_task(self._replace_producer(broken, err), name="renew producer")
+        renewal = self._renewal
+        if renewal is not None and not renewal.done():
+            await asyncio.shield(renewal)
+
+    async def _replace_producer(self, broken: AIOKafkaProducer, err: Exception) -> None:
+        PRODUCER_RENEWALS.inc()
+        log.warning("Kafka producer broken (%s): starting a new one", err)
+        await close_producer(broken)
+        fresh = self._new_producer()
+        try:
             await start(fresh, self.cfg.kafka, "ktel agent")
-            self.producer = fresh
+        except BaseException:  # cancelled at shutdown: leave nothing running
+            await close_producer(fresh)
+            raise
+        self.producer = fresh
 
     async def _send_and_wait(self, topic: str, payload: bytes) -> None:
         producer = self.producer
@@ -567,7 +594,8 @@ class Agent:
                 dropped = await self._deliver(rec.payload)
             self.latencies_ms.append((time.monotonic() - sent_at) * 1000)
             self.spool.ack(rec.next)
-            BATCHES_PUBLISHED.inc()
+            if dropped < rec.n_events:  # some of it reached Kafka
+                BATCHES_PUBLISHED.inc()
             EVENTS_PUBLISHED.inc(rec.n_events - dropped)
 
         while True:
@@ -779,13 +807,11 @@ class Agent:
                 stop.set()  # the collector seals what it holds into the spool, for the next start
                 await asyncio.wait({collector})
         finally:
-            for task in (connector, *senders):
+            tasks = [connector, *senders, *([self._renewal] if self._renewal else [])]
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(connector, *senders, return_exceptions=True)
-            # stop() flushes the producer's buffer and would wait forever for a broker
-            # that is gone; what it holds is still in the spool for the next start.
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.producer.stop(), PRODUCER_STOP_TIMEOUT_S)
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await close_producer(self.producer)
             self.spool.close()
             log.info("agent stopped; %d spooled bytes not yet acknowledged", self.spool.depth_bytes())
         if failed is not None:

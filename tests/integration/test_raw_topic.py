@@ -102,3 +102,48 @@ async def test_a_producer_broken_for_good_is_replaced_and_the_batch_still_arrive
         assert [r.value for r in records] == [b"payload"]
     finally:
         await agent.producer.stop()
+
+
+async def test_a_renewal_a_sender_stops_waiting_for_still_puts_a_started_producer_in_place(
+    kafka, tmp_path, monkeypatch
+):
+    """The heartbeat waits on its send for one interval only. Its timeout used to
+    cancel the renewal after the broken producer's stop and before the new one's
+    start, which left the stopped producer in place: every later send failed with
+    ProducerClosed, and publishing never resumed."""
+    from aiokafka.errors import OutOfOrderSequenceNumber, ProducerClosed
+
+    from edge_agent import agent as agent_mod
+    from ktel.retry import retry
+
+    class BrokenForGood:
+        stopped = False
+
+        async def send_and_wait(self, *_a, **_k):
+            raise ProducerClosed() if self.stopped else OutOfOrderSequenceNumber()
+
+        async def stop(self):
+            self.stopped = True
+
+    real_start = agent_mod.start
+
+    async def slow_start(*args):  # a broker slow to take the new producer
+        await asyncio.sleep(1.0)
+        await real_start(*args)
+
+    monkeypatch.setattr(agent_mod, "start", slow_start)
+    host = f"host-renew-cut-{uuid.uuid4().hex[:8]}"
+    cfg = make_cfg(kafka, tmp_path, host)
+    await create_topics(kafka.bootstrap, topics.specs(cfg))
+    agent = Agent(cfg)
+    broken = agent.producer = BrokenForGood()  # type: ignore[assignment]
+    with pytest.raises(TimeoutError):  # the heartbeat's send, given up during the renewal
+        await asyncio.wait_for(agent._send_and_wait(RAW_TOPIC, b"heartbeat"), 0.3)
+    async with asyncio.timeout(60):  # a stopped producer left in place fails for ever
+        await retry(lambda: agent._send_and_wait(RAW_TOPIC, b"payload"), what="test send")
+    try:
+        assert broken.stopped and agent.producer is not broken
+        records = [r for r in await read_topic(kafka.bootstrap, RAW_TOPIC) if r.key == host.encode()]
+        assert [r.value for r in records] == [b"payload"]
+    finally:
+        await agent.producer.stop()
