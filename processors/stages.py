@@ -578,19 +578,30 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             # worker kept alive meanwhile. The first window after does this one's work.
             log.info("%s window skipped: %s", timed.name, why)
             return
-        n = cfg.kafka.raw_partitions
-        assigned = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == source_name}
+        assigned = my_partitions()
         # Hosts of partitions another worker holds now are that worker's to report.
-        mine = {h: v for h, v in hosts.items() if partition_of(h, n) in assigned}
-        result = chain.on_window(timed, mine, now_ms, len(assigned) / n)
+        mine = my_hosts(assigned)
+        result = chain.on_window(timed, mine, now_ms, len(assigned) / cfg.kafka.raw_partitions)
         if result.snapshots:
             count_series(result.snapshots)
         await emit(result)
         for host_id in result.forget:
-            persisted.pop(host_id, None)
-            last_seen.pop(host_id, None)
-            await emit(chain.forget(host_id))
-            await forget(hosts, host_id, n)
+            await drop_host(host_id)
+
+    def my_partitions() -> set[int]:
+        return {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == source_name}
+
+    def my_hosts(assigned: set[int]) -> dict[str, Any]:
+        n = cfg.kafka.raw_partitions
+        return {h: v for h, v in hosts.items() if partition_of(h, n) in assigned}
+
+    async def drop_host(host_id: str) -> None:
+        """Forget ``host_id`` everywhere: this worker's memory, the chain's, the table
+        (tombstones in its changelog)."""
+        persisted.pop(host_id, None)
+        last_seen.pop(host_id, None)
+        await emit(chain.forget(host_id))
+        await forget(hosts, host_id, cfg.kafka.raw_partitions)
 
     # Host id -> the worker's monotonic clock at the host's last record here, batch or
     # heartbeat (one the expiry finds missing is taken as seen then: after a restart
@@ -604,19 +615,15 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         ``silent_s``, and its memory of hosts that are no longer its own."""
         if readiness(app, source_name) is not None:
             return  # (values being recovered: their hosts' records may be on their way)
-        n = cfg.kafka.raw_partitions
-        assigned = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == source_name}
-        mine = {h for h in hosts if partition_of(h, n) in assigned}
+        mine = my_hosts(my_partitions()).keys()
         for host_id in last_seen.keys() - mine:
             del last_seen[host_id]
             await emit(chain.forget(host_id))
         now = time.monotonic()
         silent = [h for h in mine if now - last_seen.setdefault(h, now) > silent_s]
         for host_id in silent:
-            log.info("host %.60r forgotten: no record for %.0f s", host_id, now - last_seen.pop(host_id))
-            persisted.pop(host_id, None)
-            await emit(chain.forget(host_id))
-            await forget(hosts, host_id, n)
+            log.info("host %.60r forgotten: no record for %.0f s", host_id, now - last_seen[host_id])
+            await drop_host(host_id)
         if silent:
             child(EXPIRED_HOSTS).inc(len(silent))
 

@@ -147,6 +147,9 @@ class DiskBackedStore(FoldingStore):
             "of unknown age" if age is None else f"{age / 3600:.1f} h old",
             partition,
         )
+        self._remove(partition)
+
+    def _remove(self, partition: int) -> None:
         self._close(partition)
         shutil.rmtree(self._path(partition), ignore_errors=True)
 
@@ -202,8 +205,7 @@ class DiskBackedStore(FoldingStore):
         self._dropped.add(partition)
         self._acked.pop(partition, None)
         self._copied.pop(partition, None)
-        self._close(partition)
-        shutil.rmtree(self._path(partition), ignore_errors=True)
+        self._remove(partition)
 
     def _write_acked(self) -> None:
         acked, self._acked = self._acked, {}
