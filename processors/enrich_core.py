@@ -274,6 +274,11 @@ def enrich(state: dict[str, Any], batch: RawBatch, feed: Metadata, opts: Options
             grown += _entry_size(str(pid), entry) + 1 + encoded_size(queued) + 1
             out.changed = True
 
+    # Bounded before the lookup: the batch then names at most max_processes known
+    # processes, which the next stage's decoder takes (ktel.wire.raw.PROCESSES); a
+    # batch of more execs than that would otherwise be refused there.
+    if out.changed:  # (naming known processes only reorders them: nothing grows)
+        out.evicted = bound(state, opts, grown, out.touched)
     host_feed = feed.get(batch.host_id, {})
     host_containers = boot.get("containers", {})
     processes: dict[str, dict[str, Any]] = {}
@@ -285,9 +290,6 @@ def enrich(state: dict[str, Any], batch: RawBatch, feed: Metadata, opts: Options
         processes[str(pid)] = _attributes(pid, known, host_containers, host_feed)
     resource = {**boot.get("host", {}), HOST_ID: batch.host_id}
     out.batch = dataclasses.replace(batch, resource=resource, processes=processes)
-
-    if out.changed:  # (naming known processes only reorders them: nothing grows)
-        out.evicted = bound(state, opts, grown, out.touched)
     out.processes = known_processes(state)
     return out
 

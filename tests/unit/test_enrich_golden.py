@@ -126,3 +126,21 @@ def test_a_heartbeat_listing_more_container_bytes_than_fit_evicts_processes_then
     assert kept == [str(cg) for cg in range(101 - len(kept), 101)]  # the first listed went first
     rest = {k: v for k, v in state.items() if k != "bytes"}
     assert enrich_core.encoded_size(rest) <= state["bytes"] <= 20_000
+
+
+def test_a_batch_of_more_execs_than_the_next_stage_takes_passes_on_at_most_max_processes():
+    """A fork storm: one batch exec'ing 9,000 processes. Its output used to name all
+    9,000, past the 8,192 processes the next stage's decoder takes, so in split mode the
+    whole batch was dead-lettered there."""
+    from ktel.wire import decode_batch, encode_batch
+
+    opts = enrich_core.Options(max_processes=4096, max_table_bytes=10_000_000)
+    stage = enrich_core.Enrich(opts, enrich_core.MetadataFile(None))
+    state: dict = {}
+    execs = [[PROCESS_EXEC.id, 1, pid, pid, 1, 0, 7, "p", f"/bin/p{pid}"] for pid in range(1, 9001)]
+    result = stage.on_batch(state, RawBatch("h", "b", 0, 1, execs), 0)
+    out = result.batch
+    assert out is not None and out.events == execs
+    assert len(out.processes) == 4096 == enrich_core.known_processes(state)
+    assert set(out.processes) == {str(pid) for pid in range(4905, 9001)}  # the most recent kept
+    assert len(decode_batch(encode_batch(out)).processes) == 4096
