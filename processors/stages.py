@@ -85,11 +85,10 @@ from ktel.wire import (
     decode_heartbeat,
     encode_batch,
     encode_command,
-    encode_logs,
-    encode_snapshot,
-    encode_spans,
+    encoded_parts,
 )
 from ktel.wire.codec import compress
+from ktel.wire.signals import Signal
 from ktel.wire.topics import Topics
 from processors import changelog
 from processors.chain import build
@@ -452,13 +451,13 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             for kind, n in by_kind.items():
                 child(KIND_COUNTED[name], kind).inc(n)
         for sb in result.spans:
-            await produce(app, names.spans, key, encode_spans(sb))
+            await send_signal(names.spans, key, sb)
             child(SPANS).inc(len(sb.spans))
         for lb in result.logs:
-            await produce(app, names.logs, key, encode_logs(lb))
+            await send_signal(names.logs, key, lb)
             child(LOGS).inc(len(lb.logs))
         for host_id, snap in result.snapshots:
-            await produce(app, names.metrics, host_id.encode(), encode_snapshot(snap))
+            await send_signal(names.metrics, host_id.encode(), snap)
             child(SNAPSHOTS).inc()
         for cmd in result.commands:
             log.info(
@@ -466,6 +465,10 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             )
             await produce(app, names.control, cmd.key, encode_command(cmd))
             child(COMMANDS).inc()
+
+    async def send_signal(topic: str, key: bytes | None, signal: Signal) -> None:
+        for data in encoded_parts(signal, key):  # (one record, unless it is too large for one)
+            await produce(app, topic, key, data)
 
     input_age = INPUT_AGE.labels(stage)
 

@@ -50,8 +50,10 @@ from ktel.wire.signals import (
     decode_snapshot,
     decode_spans,
     encode_logs,
+    encode_signal,
     encode_snapshot,
     encode_spans,
+    encoded_parts,
     log2_bounds,
 )
 from ktel.wire.topics import (
@@ -116,8 +118,10 @@ __all__ = [
     "encode_dead_letter",
     "encode_heartbeat",
     "encode_logs",
+    "encode_signal",
     "encode_snapshot",
     "encode_spans",
+    "encoded_parts",
     "event_dict",
     "log2_bounds",
 ]

@@ -22,6 +22,12 @@ SCHEMA_VERSION = 1
 # Bounds on what a reader unpacks at all, before any shape is checked: the largest
 # record Kafka accepts by default is 1 MiB, so nothing larger is ktel's.
 MAX_RECORD_BYTES = 8 << 20
+# The most a record a worker writes takes, its key and value together: below the
+# smallest record limit on its way (Faust's producer sends at most 1,000,000 bytes a
+# request; Kafka's default max.message.bytes is 1 MiB), with room for Kafka's framing.
+# Dead letters (ktel.wire.control.dead_letter_record) and output signals
+# (ktel.wire.signals.encoded_parts) are cut or split to fit it.
+SEND_MAX_BYTES = 990_000
 
 
 class WireError(ValueError):

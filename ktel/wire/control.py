@@ -73,7 +73,7 @@ from ktel.schema import (
     Shape,
     Str,
 )
-from ktel.wire.codec import MAX_RECORD_BYTES, WireError, pack, unpack
+from ktel.wire.codec import MAX_RECORD_BYTES, SEND_MAX_BYTES, WireError, pack, unpack
 
 ID = Str(256)
 # A command id names the host, probe and time it was made for (processors/sample_core.py).
@@ -226,24 +226,21 @@ def encode_dead_letter(dl: DeadLetter) -> bytes:
     return pack(obj)
 
 
-# The most a dead letter takes on Kafka, its key and value together: below the smallest
-# record limit on its way to ktel.dlq (Faust's producer sends at most 1,000,000 bytes a
-# request; Kafka's default max.message.bytes is 1 MiB), with room for Kafka's framing.
-# A record near the largest Kafka takes (a hostile one: an agent seals its batches well
-# below) does not fit with the reason around it: its payload is cut (dead_letter_record).
-DEAD_LETTER_MAX_BYTES = 990_000
+# A dead letter takes at most SEND_MAX_BYTES on Kafka. A record near the largest Kafka
+# takes (a hostile one: an agent seals its batches well below) does not fit with the
+# reason around it: its payload is cut (dead_letter_record).
 # A dead letter's key is its record's (a host id, when it is ktel's), cut to this.
 DEAD_LETTER_KEY_BYTES = 1024
 
 
 def dead_letter_record(dl: DeadLetter, key: bytes | None) -> tuple[bytes | None, bytes]:
     """A dead letter as it goes to ktel.dlq, keyed by its record's ``key``: (key, value),
-    at most ``DEAD_LETTER_MAX_BYTES`` together, so that any record can be dead-lettered.
+    at most ``SEND_MAX_BYTES`` together, so that any record can be dead-lettered.
     One that would take more keeps the start of its payload, and its reason says where
     the whole record is (its topic keeps it for its retention)."""
     if key is not None:
         key = key[:DEAD_LETTER_KEY_BYTES]
-    room = DEAD_LETTER_MAX_BYTES - len(key or b"")
+    room = SEND_MAX_BYTES - len(key or b"")
     value = encode_dead_letter(dl)
     if len(value) <= room:
         return key, value

@@ -67,7 +67,7 @@ from ktel.schema import (
     Type,
     show,
 )
-from ktel.wire.codec import WireError, pack, unpack
+from ktel.wire.codec import SEND_MAX_BYTES, WireError, pack, unpack
 
 # Rows per record at most: the aggregate's series per host (aggregate max_series) and
 # a batch's spans and logs fit well below.
@@ -222,3 +222,35 @@ def encode_logs(batch: LogBatch) -> bytes:
 def decode_logs(data: bytes) -> LogBatch:
     obj = unpack(data, "log batch", LOGS_SHAPE)
     return LogBatch(obj["resource"], obj["logs"])
+
+
+Signal = MetricSnapshot | SpanBatch | LogBatch
+ROWS_FIELD = {MetricSnapshot: "series", SpanBatch: "spans", LogBatch: "logs"}
+
+
+def encode_signal(signal: Signal) -> bytes:
+    if isinstance(signal, MetricSnapshot):
+        return encode_snapshot(signal)
+    return encode_spans(signal) if isinstance(signal, SpanBatch) else encode_logs(signal)
+
+
+def encoded_parts(signal: Signal, key: bytes | None) -> list[bytes]:
+    """``signal`` encoded as records that fit a worker's send with ``key``
+    (``SEND_MAX_BYTES``): its rows split in halves until each part fits, each part a
+    record of the same kind, resource and timestamp with some of the rows.
+
+    One process's logs or spans in one batch have no bound short of the batch's (a
+    module logging in a loop: 1,000 logs of 1 KB are a 1 MB record), and a host's
+    snapshot is bounded only through its state. Unsplit, the producer refuses such a
+    record, on every restart. Every reader takes a record as some of a host's series,
+    spans or logs, never as all of them (a window sends only what changed), so parts
+    mean the same as the whole. A single row too large alone stays one record, which
+    the producer then refuses."""
+    data = encode_signal(signal)
+    field = ROWS_FIELD[type(signal)]
+    rows = getattr(signal, field)
+    if len(data) + len(key or b"") <= SEND_MAX_BYTES or len(rows) < 2:
+        return [data]
+    mid = len(rows) // 2
+    halves = (dataclasses.replace(signal, **{field: part}) for part in (rows[:mid], rows[mid:]))  # type: ignore[arg-type]
+    return [data for half in halves for data in encoded_parts(half, key)]

@@ -31,6 +31,8 @@ from ktel.wire import (
     ENRICHED_TOPIC,
     FILE_CREATED,
     HEARTBEATS_TOPIC,
+    KTEL_LOG,
+    LOGS_TOPIC,
     METRICS_TOPIC,
     PROCESS_EXEC,
     RAW_TOPIC,
@@ -39,11 +41,12 @@ from ktel.wire import (
     decode_command,
     decode_dead_letter,
     decode_heartbeat,
+    decode_logs,
     decode_snapshot,
     encode_batch,
     encode_heartbeat,
 )
-from ktel.wire.codec import ZSTD_MAGIC, compress
+from ktel.wire.codec import SEND_MAX_BYTES, ZSTD_MAGIC, compress
 from processors import changelog
 from processors.table_store import OFFSET_KEY, WRITTEN_KEY
 from tests.conftest import need_bpf
@@ -761,6 +764,34 @@ def test_a_window_emits_only_the_series_that_changed_on_its_deadline(private_kaf
         # Each raw record's age as the worker took it: the three batches, none over a minute.
         ages = w.buckets("ktel_processor_input_age_seconds", stage="all")
         assert ages[60.0] == ages[float("inf")] >= 3
+    finally:
+        w.stop()
+
+
+def test_logs_past_what_a_kafka_record_takes_go_out_in_parts(private_kafka, tmp_path):
+    """1,000 logs of 1 KB from one process in one batch (a module logging in a loop)
+    make a 1 MB log record, past the 1,000,000 bytes a worker's producer sends: the
+    worker stopped on that batch at every restart, and nothing after it on its partition
+    was counted. The logs go out in parts that fit, every log in one of them."""
+    host = str(uuid.uuid4())
+    ts = time.time_ns()
+    logs = [[KTEL_LOG.id, ts, 7, 7, 9, f"{i:06d}" + "x" * 1000, {}, b"", b""] for i in range(1000)]
+    w = Worker(tmp_path, private_kafka.bootstrap, "w").start()
+    try:
+        raw = compress(encode_batch(RawBatch(host, "boot", 0, ts, logs)))  # (as an agent sends it)
+        files = [[FILE_CREATED.id, 1, 2, 2, 0, "w", "/data/h0/d0/f", 0o101, False]] * 5
+        after = encode_batch(RawBatch(host, "boot", 1, ts, files))  # the partition's next, counted
+        asyncio.run(produce(private_kafka.bootstrap, [(host.encode(), raw), (host.encode(), after)]))
+        totals = {(host, "/data/h0/d0"): 5.0}
+        assert wait_for_totals(private_kafka.bootstrap, totals) == totals
+        deadline, bodies = time.monotonic() + 60, []
+        while len(bodies) < len(logs) and time.monotonic() < deadline:
+            recs = asyncio.run(read_topic(private_kafka.bootstrap, LOGS_TOPIC, idle_s=1))
+            recs = [r for r in recs if r.key == host.encode()]
+            bodies = sorted(row[3] for r in recs for row in decode_logs(r.value).logs)
+        assert bodies == [ev[5] for ev in logs] and len(recs) > 1
+        assert all(len(r.key) + len(r.value) <= SEND_MAX_BYTES for r in recs)
+        assert w.proc.poll() is None, w.log.read_text()[-3000:]  # (never stopped on it)
     finally:
         w.stop()
 

@@ -1,10 +1,13 @@
+import dataclasses
+
 import msgpack
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from ktel import wire
-from ktel.wire.control import DEAD_LETTER_KEY_BYTES, DEAD_LETTER_MAX_BYTES
+from ktel.wire.codec import SEND_MAX_BYTES
+from ktel.wire.control import DEAD_LETTER_KEY_BYTES
 
 text = st.text(max_size=40)
 file_event = st.tuples(
@@ -136,10 +139,10 @@ def test_any_record_kafka_takes_fits_ktel_dlq_as_a_dead_letter(key, reason):
     payload = bytes(range(256)) * 4096  # 1 MiB
     dl = wire.DeadLetter("all", reason, wire.RAW_TOPIC, 3, 42, payload)
     out_key, value = wire.dead_letter_record(dl, key)
-    assert len(out_key or b"") + len(value) <= DEAD_LETTER_MAX_BYTES
+    assert len(out_key or b"") + len(value) <= SEND_MAX_BYTES
     assert out_key == (None if key is None else key[:DEAD_LETTER_KEY_BYTES])
     got = wire.decode_dead_letter(value)
-    assert got.payload == payload[: len(got.payload)] and len(got.payload) > DEAD_LETTER_MAX_BYTES - 30_000
+    assert got.payload == payload[: len(got.payload)] and len(got.payload) > SEND_MAX_BYTES - 30_000
     assert got.reason.startswith(reason[:100])
     assert got.reason.endswith(f"the record has {len(payload)} bytes, at ktel.raw[3]@42]")
     assert len(got.reason) <= 4096
@@ -181,6 +184,43 @@ def test_logs_round_trip():
         {"host.id": "h"}, [[5, 13, "WARN", "disk slow", {"k": "v"}, b"\x02" * 16, b"\x03" * 8]]
     )
     assert wire.decode_logs(wire.encode_logs(batch)) == batch
+
+
+@pytest.mark.parametrize(
+    "signal, decode",
+    [
+        (
+            wire.LogBatch(
+                {"host.id": "h"}, [[i, 9, "INFO", f"{i:05d}" + "x" * 1000, {}, b"", b""] for i in range(3000)]
+            ),
+            wire.decode_logs,
+        ),
+        (
+            wire.SpanBatch(
+                {"host.id": "h"},
+                [[bytes(16), i.to_bytes(8), b"", "s", 1, 2, 0, "", {"a": "v" * 500}] for i in range(3000)],
+            ),
+            wire.decode_spans,
+        ),
+        (
+            wire.MetricSnapshot(
+                7, [["c", "counter", {"host.id": "h" * 256, "i": str(i)}, i] for i in range(5000)], stale=True
+            ),
+            wire.decode_snapshot,
+        ),
+    ],
+)
+def test_a_signal_too_large_for_one_record_is_sent_in_parts_of_its_rows(signal, decode):
+    key = b"k" * 256
+    parts = wire.encoded_parts(signal, key)
+    assert len(parts) > 1 and all(len(key) + len(p) <= SEND_MAX_BYTES for p in parts)
+    decoded = [decode(p) for p in parts]
+    field = {wire.LogBatch: "logs", wire.SpanBatch: "spans", wire.MetricSnapshot: "series"}[type(signal)]
+    assert [row for d in decoded for row in getattr(d, field)] == list(getattr(signal, field))
+    # Each part is the whole but for its rows: the resource, or the time and staleness.
+    assert all(dataclasses.replace(d, **{field: getattr(signal, field)}) == signal for d in decoded)
+    small = dataclasses.replace(signal, **{field: getattr(signal, field)[:3]})
+    assert wire.encoded_parts(small, key) == [wire.encode_signal(small)]
 
 
 attr_value = st.one_of(text, st.integers(-(2**63), 2**63 - 1))
