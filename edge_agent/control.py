@@ -178,6 +178,8 @@ class Control:
             return "sample_every", f"sample_every {sample_every} is over the agent's {b.max_sample_every}"
         if ttl_ms > b.max_ttl_ms:
             return "ttl", f"holds {ttl_ms} ms, over the agent's {b.max_ttl_ms}"
+        if ttl_ms <= 0:  # (else neither applied nor refused: its sender would never hear)
+            return "ttl", f"holds {ttl_ms} ms: over before it starts"
         if len(cmd_id) > b.max_id_chars:
             return "id", f"id of {len(cmd_id)} characters, over the agent's {b.max_id_chars}"
         return None

@@ -46,6 +46,8 @@ OUT_OF_BOUNDS = [
     ("probe", cmd(probe="\x00" * 256)),  # (its repr ten times as long)
     ("ttl", cmd(ttl_ms=3_600_001)),
     ("ttl", cmd(until_ms=1 << 62, ttl_ms=None)),  # an old-form deadline far away
+    ("ttl", cmd(ttl_ms=0)),
+    ("ttl", cmd(until_ms=T0 - 1, ttl_ms=None)),  # an old-form deadline before its record
     ("id", cmd(cmd_id="x" * 65)),
 ]
 
