@@ -532,7 +532,7 @@ class Sender:
                 why = problem(item.ts_ms * 1_000_000, now)
                 if why is None:
                     points += [(rec, (item.ts_ms, row)) for row in item.series]
-                else:
+                elif item.series:  # (a snapshot of no series, stale or not, holds nothing to refuse)
                     await self._refuse(producer, rec, "metrics", [why] * len(item.series), None)
         # Spans and logs carry their own times and ids, so their requests may be in flight
         # together (one converts while another waits for the backend). A cumulative

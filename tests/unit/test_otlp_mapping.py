@@ -526,3 +526,34 @@ def test_the_bearer_token_file_is_read_for_every_request_over_grpc_and_http(tmp_
     for exporter in (grpc_exporter, http_exporter):
         with pytest.raises(Unauthorized, match=f"cannot read otlp.bearer_token_file {token}"):
             otlp.send_once(exporter, req, token)
+
+
+async def test_a_stale_snapshot_of_no_series_is_passed_over_and_the_next_record_delivered():
+    """A snapshot that holds no series has nothing to deliver or refuse, stale or not.
+    (Its refusal once asked for the first of no reasons: the exporter stopped on it at
+    every restart and nothing after it on its partition went out.)"""
+    sent = []
+
+    def submit(data: bytes, _timeout: float):
+        sent.append(data)
+        return type("Result", (), {"status_code": 200, "error": None, "content": lambda _self: b""})()
+
+    spans, metrics, logs = otlp.make_exporters(
+        OtlpConfig(protocol="http/protobuf", endpoint="http://127.0.0.1:1")
+    )
+    metrics._client._submit = submit
+    sender = otlp.Sender(OtlpConfig(), (spans, metrics, logs))
+    now_ms = time.time_ns() // 1_000_000
+    records = []
+    for offset, snap in enumerate(
+        [MetricSnapshot(0, []), MetricSnapshot(now_ms, [["x_total", "counter", {"host.id": "h"}, 5]])]
+    ):
+        value = wire.encode_snapshot(snap)
+        item = wire.decode_snapshot(value)
+        records.append(Record(item, "ktel.metrics", 0, offset, b"h1", value, wire.DLQ_TOPIC))
+    producer = Producer()
+
+    await asyncio.wait_for(sender.deliver(records, producer), 30)
+
+    assert producer.sent == []  # nothing to dead-letter
+    assert len(sent) == 1  # the next record's series went out
