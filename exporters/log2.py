@@ -34,6 +34,12 @@ from ktel.wire import log2_bounds
 # The zero bucket holds the kernel's slot 0: values below 2 (and 2 itself, a single point).
 ZERO_THRESHOLD = 2.0
 SECONDS, NANOSECONDS = "_seconds", "_nanoseconds"
+# A native histogram's buckets go out as differences of neighbouring counts, each an
+# int64 (prompb ``positive_deltas``, sint64). The wire takes counts up to 2^64 - 1, and
+# a difference past int64 wraps into a negative bucket, which Prometheus refuses with
+# a 500 that is retried for ever. A histogram counting more than this (only a hostile
+# or broken host's) keeps its explicit buckets, whose counts go out as floats.
+INT64_MAX = 2**63 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,10 +60,11 @@ class Exponential:
 
 
 def exponential(name: str, h: dict[str, Any]) -> Exponential | None:
-    """The histogram's exact exponential form, or None when its bounds are not log2 bounds."""
+    """The histogram's exact exponential form, or None when its bounds are not log2
+    bounds or it counts more than INT64_MAX."""
     counts, bounds = h["counts"], h["bounds"]
     slots = len(counts)
-    if slots < 2:
+    if slots < 2 or h["count"] > INT64_MAX:
         return None
     if bounds == log2_bounds(slots):
         unit, total = "", h["sum"]

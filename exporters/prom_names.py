@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 _INVALID = re.compile(r"[^a-zA-Z0-9_]")
 
@@ -18,6 +20,19 @@ _INVALID = re.compile(r"[^a-zA-Z0-9_]")
 def label_name(name: str) -> str:
     out = _INVALID.sub("_", name)
     return "_" + out if out[:1].isdigit() else out
+
+
+def unnamed(snap_series: Iterable[Sequence[Any]]) -> str | None:
+    """Why Prometheus cannot take one of these wire series (None: it can): an empty
+    metric name or an empty label name. Neither is a name once sanitised, and
+    Prometheus' remote-write receiver leaves such a series out and still answers 2xx,
+    so the exporter would count it delivered."""
+    for name, _typ, labels, _value in snap_series:
+        if not name:
+            return "series '': no Prometheus name (an empty name)"
+        if "" in labels:
+            return f"series {name!r:.100}: a label with an empty name"
+    return None
 
 
 def prom_labels(name: str, labels: dict[str, str]) -> list[tuple[str, str]]:

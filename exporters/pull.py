@@ -42,7 +42,7 @@ from prometheus_client.registry import Collector
 from exporters import consume
 from exporters.consume import Record
 from exporters.delivery import Window
-from exporters.prom_names import label_name, prom_labels
+from exporters.prom_names import label_name, prom_labels, unnamed
 from exporters.remote_write import histogram_series
 from ktel import selfmetrics
 from ktel.config import PROMETHEUS_STALENESS_SECONDS, Config
@@ -108,14 +108,15 @@ class LatestValues(Collector):
         Prometheus name or an empty label name, of a family served as another type, or
         whose samples' names another family's may have (a gauge ``x_count`` beside a
         histogram ``x``). One such series in a scrape's text would fail the whole scrape."""
+        why = unnamed(snap.series)
+        if why:
+            return why
         types: dict[str, str] = {}
         claimed: dict[str, str] = {}
-        for name, typ, labels, _value in snap.series:
+        for name, typ, _labels, _value in snap.series:
             fam = family_name(name, typ)
             if not fam:
                 return f"series {name!r:.100}: no Prometheus name (empty once sanitised)"
-            if "" in labels:
-                return f"series {name!r:.100}: a label with an empty name"
             have = self.families.get(fam)
             other = types.setdefault(fam, typ if have is None else have.type)
             if other != typ:

@@ -14,6 +14,7 @@ import msgpack
 import pytest
 from aiokafka import AIOKafkaProducer
 from prometheus_client import REGISTRY
+from prometheus_client.utils import floatToGoString
 
 from exporters import remote_write
 from ktel import config, topics
@@ -350,6 +351,60 @@ async def test_kernel_histograms_arrive_as_native_histograms_with_exact_buckets(
         "syscall_latency_nanoseconds"
     ]
     assert at(sel, t0 + 25_000) == []
+
+
+async def test_what_prometheus_would_take_wrongly_or_leave_out_is_kept_or_dead_lettered(kafka, prometheus):
+    """Values the wire takes but remote-write cannot carry as they are. A histogram
+    counting 2^63 in one bucket: as a native histogram its bucket differences wrap
+    past int64 into a negative bucket, which Prometheus refuses with a 500, retried
+    for ever (nothing after it delivered); it goes out as classic buckets instead. A
+    series with an empty name or an empty label name: Prometheus leaves it out and
+    answers 204, so it would be counted delivered; its snapshot is dead-lettered."""
+    run, cfg, group = await exporter_for(kafka, prometheus, "test-rw-edge")
+    host = f"host-{run}"
+    t0 = (time.time_ns() // 1_000_000) - 60_000
+    labels = {"host.id": host, "ktel.run": run}
+    huge = kernel_histogram({5: 2**63, 10: 3}, 0)
+    unnamed = {
+        "empty name": MetricSnapshot(t0, [["ktel_guard", "gauge", labels, 1], ["", "gauge", labels, 2]]),
+        "empty label": MetricSnapshot(t0, [["ktel_guard", "gauge", {**labels, "": "x"}, 3]]),
+    }
+    letters_before = (
+        REGISTRY.get_sample_value("ktel_exporter_dead_letters_total", {"exporter": "remote-write"}) or 0.0
+    )
+    await publish(
+        kafka.bootstrap,
+        host,
+        [
+            *unnamed.values(),
+            MetricSnapshot(t0 + 1000, [["syscall_latency_seconds", "histogram", labels, huge]]),
+        ],
+    )
+    await export(cfg, group, HIST_SLOTS + 2)  # classic: a bucket series per slot, _sum and _count
+    letters = await dead_letters_of(kafka.bootstrap, run, 2)
+
+    def at(expr: str) -> list[dict]:
+        return prometheus.query(expr, (t0 + 1000) / 1000)
+
+    [count] = at(f'syscall_latency_seconds_count{{ktel_run="{run}"}}')
+    assert float(count["value"][1]) == float(2**63 + 3)
+    by_le = {
+        r["metric"]["le"]: float(r["value"][1])
+        for r in at(f'syscall_latency_seconds_bucket{{ktel_run="{run}"}}')
+    }
+    assert by_le["+Inf"] == float(2**63 + 3) and by_le[floatToGoString(2**6 * 1e-9)] == float(2**63)
+    assert at(f'syscall_latency_nanoseconds{{ktel_run="{run}"}}') == []
+    assert at(f'ktel_guard{{ktel_run="{run}"}}') == []  # nothing of either unnamed snapshot
+
+    reasons = {dl.payload: dl.reason for dl in letters}
+    assert reasons == {
+        encode_snapshot(unnamed["empty name"]): "series '': no Prometheus name (an empty name)",
+        encode_snapshot(unnamed["empty label"]): "series 'ktel_guard': a label with an empty name",
+    }
+    assert (
+        REGISTRY.get_sample_value("ktel_exporter_dead_letters_total", {"exporter": "remote-write"})
+        == letters_before + 2
+    )
 
 
 async def test_classic_histograms_stay_available(kafka, prometheus):
