@@ -194,7 +194,7 @@ def to_logs(rows: Sequence[tuple[Resource, Sequence[Any]]]) -> list[ReadableLogR
             severity_number=SeverityNumber(severity),
             severity_text=severity_text,
             body=body,
-            attributes=attrs,
+            attributes=otlp_spans.carried(attrs),
         )
         out.append(ReadableLogRecord(record, resource, SCOPE))
     return out
@@ -517,7 +517,7 @@ class Sender:
                     payload = encode_spans(SpanBatch(item.resource, [row for row, _ in late]))
                     await self._refuse(producer, rec, "spans", [why for _, why in late], payload)
             elif isinstance(item, LogBatch):
-                resource = KtelResource({**self.service, **item.resource})
+                resource = KtelResource(otlp_spans.carried({**self.service, **item.resource}))
                 late = []
                 for row in item.logs:
                     why = problem(row[0], now)

@@ -16,8 +16,9 @@ attributes as given; one ``ResourceSpans`` per distinct resource map, under the
 instrumentation scope ``ktel``.
 
 An attribute OTLP cannot carry (an int beyond int64, a key that is not a string,
-a value of another type) is left out of its span, logged and counted, as the
-SDK's encoder does; the rest of the span goes.
+a value of another type) is left out of its span or resource, logged and counted;
+the rest of the span goes. ``carried`` does the same for log records and their
+resources, which the SDK encodes.
 
 The request is sent as it is (exporters/otlp.py, ``send_once``); the Collector
 tests (tests/integration/test_otlp_collector.py) send through both protocols.
@@ -30,7 +31,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from opentelemetry.exporter.otlp.proto.common._internal import (
-    _encode_attributes,
     _encode_instrumentation_scope,
     _encode_key_value,
 )
@@ -56,7 +56,8 @@ _cache: dict[tuple[str, type, Any], KeyValue] = {}
 
 DROPPED_ATTRIBUTES = Counter(
     "ktel_exporter_otlp_dropped_attributes",
-    "span attributes left out because OTLP cannot carry them (an int beyond int64, a non-string key)",
+    "attributes of spans, logs and their resources left out because OTLP cannot carry them "
+    "(an int beyond int64, a non-string key)",
 )
 
 
@@ -77,14 +78,28 @@ def _attributes(attrs: dict[Any, Any]) -> list[KeyValue]:
     try:
         return [_key_value(k, v) for k, v in attrs.items()]
     except Exception:  # noqa: BLE001 -- any attribute the encoder refuses: the slow path sorts them out
-        out = []
+        return [kv for k, v in attrs.items() if (kv := _carried(k, v)) is not None]
+
+
+def carried(attrs: dict[Any, Any]) -> dict[Any, Any]:
+    """``attrs`` without what OTLP cannot carry (left out, logged and counted), for
+    the SDK's own encoders (log records, a log's resource): those leave such an
+    attribute out with a traceback each and count nothing."""
+    try:
         for k, v in attrs.items():
-            try:
-                out.append(_key_value(k, v))
-            except Exception as err:  # noqa: BLE001
-                DROPPED_ATTRIBUTES.inc()
-                log.warning("span attribute %.60r = %.60r left out: %s", k, v, err)
-        return out
+            _key_value(k, v)
+        return attrs
+    except Exception:  # noqa: BLE001 -- as in _attributes
+        return {k: v for k, v in attrs.items() if _carried(k, v) is not None}
+
+
+def _carried(key: Any, value: Any) -> KeyValue | None:
+    try:
+        return _key_value(key, value)
+    except Exception as err:  # noqa: BLE001
+        DROPPED_ATTRIBUTES.inc()
+        log.warning("attribute %.60r = %.60r left out: %s", key, value, err)
+        return None
 
 
 def span_request(
@@ -122,7 +137,7 @@ def span_request(
     return ExportTraceServiceRequest(
         resource_spans=[
             ResourceSpans(
-                resource=Resource(attributes=_encode_attributes(resource)),
+                resource=Resource(attributes=_attributes(resource)),
                 scope_spans=[ScopeSpans(scope=pb_scope, spans=spans)],
             )
             for resource, spans in merged.values()

@@ -15,6 +15,7 @@ from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metr
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcSpanExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpSpanExporter
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality
@@ -124,10 +125,42 @@ def test_span_request_merges_equal_resources_as_the_sdk_does():
 def test_an_attribute_otlp_cannot_carry_is_left_out_and_counted():
     dropped = REGISTRY.get_sample_value("ktel_exporter_otlp_dropped_attributes_total") or 0.0
     row = [TRACE, ROOT, b"", "s", 1, 2, 0, "", {"addr": 2**64 - 1, 7: "x", "comm": "touch"}]
-    req = otlp_spans.span_request([({"host.id": "h"}, row)], otlp.SCOPE)
+    req = otlp_spans.span_request([({"host.id": "h", "boot": 2**63}, row)], otlp.SCOPE)
     [span] = req.resource_spans[0].scope_spans[0].spans
     assert attrs(span.attributes) == {"comm": "touch"}
+    assert attrs(req.resource_spans[0].resource.attributes) == {"host.id": "h"}
+    assert REGISTRY.get_sample_value("ktel_exporter_otlp_dropped_attributes_total") == dropped + 3
+
+
+async def test_a_log_attribute_otlp_cannot_carry_is_left_out_and_counted(caplog):
+    """Log records and their resources are encoded by the SDK, which left such an
+    attribute out with a traceback each and counted nothing."""
+    sent = []
+
+    def submit(data: bytes, _timeout: float):
+        sent.append(ExportLogsServiceRequest.FromString(data))
+        return type("Result", (), {"status_code": 200, "error": None, "content": lambda _self: b""})()
+
+    spans, metrics, logs = otlp.make_exporters(
+        OtlpConfig(protocol="http/protobuf", endpoint="http://127.0.0.1:1")
+    )
+    logs._client._submit = submit
+    sender = otlp.Sender(OtlpConfig(), (spans, metrics, logs))
+    now = time.time_ns()
+    row = [now, 9, "INFO", "hello", {"addr": 2**64 - 1, "comm": "touch"}, b"", b""]
+    value = wire_logs(LogBatch({"host.id": "h", "boot": 2**63}, [row]))
+    rec = Record(decode_logs(value), "ktel.logs", 0, 1, b"h", value, wire.DLQ_TOPIC)
+    dropped = REGISTRY.get_sample_value("ktel_exporter_otlp_dropped_attributes_total") or 0.0
+
+    await asyncio.wait_for(sender.deliver([rec], Producer()), 30)
+
+    [req] = sent
+    [resource_logs] = req.resource_logs
+    assert attrs(resource_logs.resource.attributes) == {"host.id": "h"}
+    [record] = resource_logs.scope_logs[0].log_records
+    assert attrs(record.attributes) == {"comm": "touch"}
     assert REGISTRY.get_sample_value("ktel_exporter_otlp_dropped_attributes_total") == dropped + 2
+    assert "Traceback" not in caplog.text and "Failed to encode" not in caplog.text
 
 
 class RpcError(grpc.RpcError):
