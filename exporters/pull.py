@@ -205,8 +205,11 @@ async def run(cfg: Config, stop: asyncio.Event) -> None:
     latest = LatestValues()
     registry = CollectorRegistry()
     registry.register(latest)
-    # With /healthz and /readyz, like every ktel process's metrics port.
+    # The fleet's series on pull.port, the endpoint's own counters on pull.metrics_port
+    # like every ktel process's: a scrape of one never mixes in the other's. Both with
+    # /healthz and /readyz.
     selfmetrics.serve(cfg.pull.port, cfg.pull.host, "pull.port", registry, "pull.host")
+    selfmetrics.serve(cfg.pull.metrics_port, cfg.service.metrics_bind, "pull.metrics_port")
 
     window = Window(math.inf, cfg.pull.max_future_seconds, "pull")
 

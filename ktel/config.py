@@ -745,6 +745,9 @@ class OtlpConfig(BaseModel):
 class PullConfig(BaseModel):
     host: str = Field("127.0.0.1", description="address of the pull endpoint")
     port: int = Field(9464, ge=1, le=65535, description="port of the pull endpoint (/metrics)")
+    metrics_port: int = Field(
+        9469, ge=0, le=65535, description="the pull endpoint's own self-metrics port (0: off)"
+    )
     max_future_seconds: float = Field(
         600,
         gt=0,

@@ -58,6 +58,8 @@ CHILDREN = [
     ("otlp", ["export", "otlp"], "otlp.metrics_port"),
     ("agent", ["agent"], "agent.metrics_port"),
 ]
+# Where each of them serves its own counters: the pull endpoint on a port of its own.
+SELF_METRICS = [port for _, _, port in CHILDREN if port != "pull.port"] + ["pull.metrics_port"]
 SERVER_PORTS = [
     "stack.kafka_port",
     "stack.kafka_controller_port",
@@ -80,13 +82,10 @@ class Stack:
         data = cfg.stack.data_dir
         self.logs = data / "logs"
         self.kafka = LocalKafka(data / "kafka", cfg.stack.kafka_port, cfg.stack.kafka_controller_port)
-        # It scrapes the self-metrics of ktel's processes (not the pull endpoint: its
-        # series are those remote-write sends) for the SLIs of ktel's dashboards and rules.
-        self_metrics = [
-            f"127.0.0.1:{setting(cfg, port)}"
-            for _, _, port in CHILDREN
-            if port != "pull.port" and setting(cfg, port)
-        ]
+        # It scrapes the self-metrics of ktel's processes (not the pull endpoint's
+        # fleet series: those are what remote-write sends) for the SLIs of ktel's
+        # dashboards and rules.
+        self_metrics = [f"127.0.0.1:{setting(cfg, port)}" for port in SELF_METRICS if setting(cfg, port)]
         self.prometheus = LocalPrometheus(data / "prometheus", cfg.stack.prometheus_port, scrape=self_metrics)
         self.collector = LocalCollector(
             data / "otelcol",
@@ -126,7 +125,10 @@ class Stack:
 
     def ports(self) -> dict[str, int]:
         """Every port `ktel up` serves, by its setting; 0 is a server turned off."""
-        return {name: setting(self.cfg, name) for name in SERVER_PORTS + [p for _, _, p in CHILDREN]}
+        return {
+            name: setting(self.cfg, name)
+            for name in SERVER_PORTS + [p for _, _, p in CHILDREN] + ["pull.metrics_port"]
+        }
 
     def check_ports(self) -> None:
         """Before anything starts: a port given to two servers, or taken already (4317

@@ -76,7 +76,8 @@ class Pipeline:
         }
         self.remote_write = Exporter(tmp_path, "remote-write", dict(exporter, **remote_write))
         self.pull_port = free_port()
-        self.pull = Exporter(tmp_path, "pull", dict(exporter, KTEL_PULL__PORT=str(self.pull_port)))
+        pull_env = dict(exporter, KTEL_PULL__PORT=str(self.pull_port), KTEL_PULL__METRICS_PORT="0")
+        self.pull = Exporter(tmp_path, "pull", pull_env)
         self.agent: AgentProcess | None = None
 
     def start(self) -> Pipeline:

@@ -117,6 +117,7 @@ def test_exporters_and_pull_endpoint_become_ready(kafka, ktel_topics, tmp_path, 
         "KTEL_REMOTE_WRITE__METRICS_PORT": str(ports["remote-write"]),
         "KTEL_REMOTE_WRITE__URL": f"http://127.0.0.1:{free_port()}/api/v1/write",
         "KTEL_PULL__PORT": str(ports["pull"]),
+        "KTEL_PULL__METRICS_PORT": str(self_metrics := free_port()),
         "KTEL_SERVICE__METRICS_BIND": "0.0.0.0",
     }
     procs = {name: Ktel(tmp_path, ["export", name], **env) for name in ports}
@@ -127,6 +128,11 @@ def test_exporters_and_pull_endpoint_become_ready(kafka, ktel_topics, tmp_path, 
     assert procs["otlp"].listens_on(ports["otlp"]) == {"0.0.0.0"}
     assert procs["remote-write"].listens_on(ports["remote-write"]) == {"0.0.0.0"}
     assert procs["pull"].listens_on(ports["pull"]) == {"127.0.0.1"}  # pull.host, not the self-metrics'
+    # The pull endpoint's own counters, on a port of their own: not among the fleet's series.
+    assert procs["pull"].listens_on(self_metrics) == {"0.0.0.0"}
+    assert procs["pull"].get(self_metrics, "/readyz").status_code == 200
+    assert "ktel_exporter_pull_expired_series_total" in procs["pull"].get(self_metrics, "/metrics").text
+    assert "ktel_exporter" not in procs["pull"].get(ports["pull"], "/metrics").text
 
 
 def test_a_processing_worker_becomes_ready_once_assigned_and_recovered(kafka, ktel_topics, tmp_path, started):

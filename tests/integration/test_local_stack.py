@@ -230,7 +230,7 @@ def test_ktel_up_refuses_one_port_for_two_servers_before_starting_anything(tmp_p
 
 def only_pull(tmp_path: Path, port: int) -> Stack:
     """A stack whose one child with a port is the pull endpoint, on ``port``."""
-    off = {f"{name}__metrics_port": 0 for name in ("agent", "process", "remote_write", "otlp")}
+    off = {f"{name}__metrics_port": 0 for name in ("agent", "process", "remote_write", "otlp", "pull")}
     return Stack(up_config(tmp_path, pull__port=port, **off))
 
 

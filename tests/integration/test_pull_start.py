@@ -68,6 +68,7 @@ def test_the_pull_endpoint_starts_a_refresh_back_and_misses_nothing_after_ready(
         KTEL_KAFKA__BOOTSTRAP=kafka.bootstrap,
         KTEL_KAFKA__PREFIX=prefix,
         KTEL_PULL__PORT=str(port),
+        KTEL_PULL__METRICS_PORT="0",
     )
     started.append(endpoint)
     assert endpoint.until_ready(port).text == "ready\n"

@@ -26,6 +26,7 @@ PORTS = {
     "otelcol-grpc": "KTEL_STACK__COLLECTOR_GRPC_PORT",
     "otelcol-http": "KTEL_STACK__COLLECTOR_HTTP_PORT",
     "pull": "KTEL_PULL__PORT",
+    "pull-metrics": "KTEL_PULL__METRICS_PORT",
     "agent": "KTEL_AGENT__METRICS_PORT",
     "agg": "KTEL_PROCESS__METRICS_PORT",
     "rw": "KTEL_REMOTE_WRITE__METRICS_PORT",

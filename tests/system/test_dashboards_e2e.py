@@ -102,6 +102,9 @@ def test_every_dashboard_panel_and_recording_rule_returns_data_after_a_run(tmp_p
             missing = without_data(ports["prom"], wanted, proc)
             assert not missing, "no data for:\n" + "\n".join(f"{n}: {e}" for n, e in missing.items())
 
+            # Every process's own counters are scraped, the pull endpoint's too.
+            assert query(ports["prom"], "ktel_exporter_pull_expired_series_total")
+
             # The ingestion latency SLI: observations from both exporters, positive and finite.
             for exporter in ("remote-write", "otlp"):
                 labels = f'{{exporter="{exporter}"}}'

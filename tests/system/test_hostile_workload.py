@@ -244,7 +244,7 @@ def test_bad_records_on_every_topic_are_dead_lettered_and_the_good_ones_counted_
     rng = random.Random(run)
     hosts = [f"hx-{run}-{i}" for i in range(3)]
     agent_host, snap_host = f"hx-{run}-agent", f"hx-{run}-m"
-    ports = {k: free_port() for k in ("process", "rw", "pull", "otlp")}
+    ports = {k: free_port() for k in ("process", "rw", "pull", "pull-metrics", "otlp")}
     env = dict(
         os.environ,
         KTEL_KAFKA__BOOTSTRAP=private_kafka.bootstrap,
@@ -255,6 +255,7 @@ def test_bad_records_on_every_topic_are_dead_lettered_and_the_good_ones_counted_
         KTEL_REMOTE_WRITE__URL=prometheus.remote_write_url,
         KTEL_REMOTE_WRITE__METRICS_PORT=str(ports["rw"]),
         KTEL_PULL__PORT=str(ports["pull"]),
+        KTEL_PULL__METRICS_PORT=str(ports["pull-metrics"]),
         KTEL_OTLP__PROTOCOL="grpc",
         KTEL_OTLP__ENDPOINT=collector.grpc_endpoint,
         KTEL_OTLP__METRICS_PORT=str(ports["otlp"]),
@@ -262,7 +263,7 @@ def test_bad_records_on_every_topic_are_dead_lettered_and_the_good_ones_counted_
     procs = [
         Proc(tmp_path, "process", ["process", "all"], env, ports["process"], "ktel_processor_heartbeats"),
         Proc(tmp_path, "remote-write", ["export", "remote-write"], env, ports["rw"], "ktel_exporter_samples"),
-        Proc(tmp_path, "pull", ["export", "pull"], env, ports["pull"], ""),  # (it serves only aggregates)
+        Proc(tmp_path, "pull", ["export", "pull"], env, ports["pull-metrics"], "ktel_exporter_pull_expired"),
         Proc(tmp_path, "otlp", ["export", "otlp"], env, ports["otlp"], "ktel_exporter_otlp_items"),
     ]
     # oom_kill: a probe that sends next to nothing, so the agent's own batches stay few.
@@ -506,14 +507,15 @@ def test_bad_records_on_every_topic_are_dead_lettered_and_the_good_ones_counted_
         # (the pull endpoint and the agent's control follower read without a group)
         assert {p.name: p.proc.poll() for p in procs} | {"agent": agent.proc.poll()} == dict.fromkeys(pids)
         assert {p.name: p.pid for p in procs} | {"agent": agent.proc.pid} == pids
-        # Each counted what it dead-lettered (the pull endpoint serves only the aggregates),
-        # and the worker took the good heartbeats (and the agent's own).
-        process, remote_write, _pull, otlp = procs
+        # Each counted what it dead-lettered, and the worker took the good heartbeats (and
+        # the agent's own).
+        process, remote_write, pull, otlp = procs
         assert process.metric("ktel_processor_dead_letters_total") == len(bad[RAW_TOPIC]) + len(
             bad[HEARTBEATS_TOPIC]
         )
         assert process.metric("ktel_processor_heartbeats_total") >= len(hosts)
         assert remote_write.metric("ktel_exporter_dead_letters_total") == len(bad[METRICS_TOPIC])
+        assert pull.metric("ktel_exporter_dead_letters_total") == len(bad[METRICS_TOPIC])
         assert otlp.metric("ktel_exporter_dead_letters_total") == sum(
             len(bad[t]) for t in (METRICS_TOPIC, SPANS_TOPIC, LOGS_TOPIC)
         )

@@ -63,3 +63,35 @@ def test_docker_compose_provisions_grafana_and_the_rules():
     mounted = dict(v.rsplit(":", 1)[0].split(":") for v in compose["prometheus"]["volumes"])
     for rules in prometheus["rule_files"]:
         assert mounted["./deploy/prometheus/" + Path(rules).name] == rules
+
+
+def test_docker_compose_prometheus_scrapes_each_ktel_process_where_it_serves():
+    """Each scrape target names a ktel service and the port its command serves its
+    self-metrics on, and the image binds them on every address of its container (on
+    127.0.0.1 no other container reaches them, and every panel over them stays empty)."""
+    from ktel.config import Config
+    from ktel.up import SELF_METRICS, setting
+
+    compose = yaml.safe_load((GRAFANA.parents[1] / "docker-compose.yml").read_text())["services"]
+    prometheus = yaml.safe_load((GRAFANA.parent / "prometheus/prometheus.yml").read_text())
+    defaults = Config()
+    command_port = {
+        ("agent",): "agent.metrics_port",
+        ("process", "all"): "process.metrics_port",
+        ("export", "remote-write"): "remote_write.metrics_port",
+        ("export", "otlp"): "otlp.metrics_port",
+        ("export", "pull"): "pull.metrics_port",
+    }
+    assert set(command_port.values()) == set(SELF_METRICS)  # every process that serves them
+    targets = [
+        t for job in prometheus["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]
+    ]
+    scraped = set()
+    for target in targets:
+        service, port = target.split(":")
+        name = command_port[tuple(compose[service]["command"])]
+        assert int(port) == setting(defaults, name), target
+        scraped.add(name)
+    assert scraped == set(SELF_METRICS)
+    dockerfile = (GRAFANA.parent / "Dockerfile").read_text()
+    assert "ENV KTEL_SERVICE__METRICS_BIND=0.0.0.0" in dockerfile.splitlines()
