@@ -50,8 +50,13 @@ _INTERNAL = Span.SPAN_KIND_INTERNAL
 # Distinct attribute (key, value) pairs kept encoded. Kernel spans repeat a few keys
 # with few values (pids, comms, paths of one workload); past this many it starts over.
 # Floats are not kept: -0.0 == 0.0 and NaN != NaN would make wrong or useless entries.
+# Nor are long keys or values (the wire takes strings of 4,096 characters): a host
+# sending a new long value in every span would otherwise hold about 65,536 x 8 KiB,
+# half a GiB, here; short ones bound the cache to a few tens of MiB.
 _CACHE_SIZE = 65_536
+_CACHED_LEN = 256
 _CACHED_TYPES = frozenset({str, int, bool, bytes})
+_SIZED = frozenset({str, bytes})
 _cache: dict[tuple[str, type, Any], KeyValue] = {}
 
 DROPPED_ATTRIBUTES = Counter(
@@ -63,7 +68,12 @@ DROPPED_ATTRIBUTES = Counter(
 
 def _key_value(key: str, value: Any) -> KeyValue:
     t = type(value)
-    if t not in _CACHED_TYPES:
+    if (
+        t not in _CACHED_TYPES
+        or type(key) is not str
+        or len(key) > _CACHED_LEN
+        or (t in _SIZED and len(value) > _CACHED_LEN)
+    ):
         return _encode_key_value(key, value)
     cache_key = (key, t, value)  # the type keeps True apart from 1
     kv = _cache.get(cache_key)

@@ -590,3 +590,18 @@ async def test_a_stale_snapshot_of_no_series_is_passed_over_and_the_next_record_
 
     assert producer.sent == []  # nothing to dead-letter
     assert len(sent) == 1  # the next record's series went out
+
+
+def test_long_attribute_values_are_encoded_but_not_kept():
+    """A host sending a new 4 KB value in every span must not grow the exporter by
+    the encoded copies of them all; short, repeated values are kept encoded."""
+    otlp_spans._cache.clear()
+    rows = [
+        ({"host.id": "h"}, [TRACE, ROOT, b"", "s", 1, 2, 0, "", {"path": f"{i:04d}" + "x" * 4000, "pid": 7}])
+        for i in range(100)
+    ]
+    req = otlp_spans.span_request(rows, otlp.SCOPE)
+    spans = req.resource_spans[0].scope_spans[0].spans
+    assert [attrs(s.attributes)["path"][:4] for s in spans] == [f"{i:04d}" for i in range(100)]
+    assert sum(len(kv.value.string_value) for kv in otlp_spans._cache.values()) < 1000
+    assert ("pid", int, 7) in otlp_spans._cache
