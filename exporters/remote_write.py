@@ -162,8 +162,8 @@ def _one_per_timestamp(
     kept = [s for s, after in zip(samples, samples[1:], strict=False) if s[0] != after[0]] + samples[-1:]
     if len(kept) < len(samples):
         DUPLICATES.inc(len(samples) - len(kept))
-        if len(_warned) < WARNED_MAX and labels not in _warned:
-            _warned.add(labels)
+        if len(_warned) < WARNED_MAX and hash(labels) not in _warned:
+            _warned.add(hash(labels))
             shown = ",".join(f'{lb.name}="{lb.value}"' for lb in TimeSeries.FromString(labels).labels)
             log.warning(
                 "remote-write: %d values of the Prometheus series {%s} at one timestamp (wire series "
@@ -174,8 +174,9 @@ def _one_per_timestamp(
     return kept
 
 
-# Series whose duplicates were logged (once each, up to a bound).
-_warned: set[bytes] = set()
+# Series whose duplicates were logged (once each, up to a bound), by the hash of their
+# labels (which may take 256 KB each).
+_warned: set[int] = set()
 WARNED_MAX = 1000
 
 
@@ -264,18 +265,27 @@ def native_histogram(h: Exponential, ts_ms: int, stale: bool = False) -> bytes:
 
 
 # The same series comes in every snapshot: its labels are translated and serialised once.
+# Bounded in series and in bytes: a series' labels may take 64 x 4 KB on the wire, so
+# 200,000 of them from a writer of ktel.metrics that is not the aggregate stage would
+# otherwise hold tens of GB here.
 _SERIES: dict[tuple[Any, ...], bytes] = {}
 _CACHE_MAX = 200_000  # series; the aggregate stage bounds cardinality well below this
+_CACHE_MAX_BYTES = 64 << 20
+_cached_bytes = 0
 
 
 def series_labels(name: str, labels: dict[str, str]) -> bytes:
     """The series' remote-write labels (sorted, sanitised), as a serialised TimeSeries."""
+    global _cached_bytes
     cache_key = (name, *labels.items())
     key = _SERIES.get(cache_key)
     if key is None:
-        if len(_SERIES) >= _CACHE_MAX:
+        key = labels_bytes(tuple(prom_labels(name, labels)))
+        if len(_SERIES) >= _CACHE_MAX or _cached_bytes >= _CACHE_MAX_BYTES:
             _SERIES.clear()
-        key = _SERIES[cache_key] = labels_bytes(tuple(prom_labels(name, labels)))
+            _cached_bytes = 0
+        _SERIES[cache_key] = key
+        _cached_bytes += 2 * len(key)  # the key's strings, and their serialised form
     return key
 
 

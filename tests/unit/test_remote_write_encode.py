@@ -168,3 +168,18 @@ def test_the_pull_endpoint_orders_a_hosts_snapshots_by_their_offsets_not_their_c
     registry.register(latest)
     text = generate_latest(registry).decode()
     assert 'c_total{host_id="a"} 15.0' in text
+
+
+def test_the_series_cache_is_bounded_in_bytes(monkeypatch):
+    """A writer of ktel.metrics sending new series with long labels (the wire takes 64
+    labels of 4 KB) must not grow the exporter without bound: the cache of serialised
+    labels starts over past its byte bound, and what it serialises is still right."""
+    monkeypatch.setattr(remote_write, "_CACHE_MAX_BYTES", 1 << 20)
+    remote_write._SERIES.clear()
+    long_labels = {f"l{j}": "v" * 4000 for j in range(16)}  # about 64 KB a series
+    snaps = [MetricSnapshot(1000, [[f"m{i}", "gauge", long_labels, i]]) for i in range(100)]
+    [(body, n, _)] = remote_write.encode(snaps)
+    assert n == 100
+    assert sorted(ts.samples[0].value for ts in decode(body).timeseries) == list(range(100))
+    held = sum(len(v) for v in remote_write._SERIES.values())
+    assert held <= (1 << 20) // 2 + 70_000 and len(remote_write._SERIES) < 100
