@@ -28,13 +28,14 @@ CHART = ROOT / "deploy" / "helm" / "ktel"
 FULL = CHART / "ci" / "full-values.yaml"
 HELM_VERSION = "3.22.0"  # deploy/setup.sh builds this one
 SECRETS_DIR = "/etc/ktel/secrets"
-# Each workload's container: its `ktel` arguments and the setting of the port it serves.
+# Each workload's container: its `ktel` arguments and the setting of the port it serves
+# its self-metrics, /healthz and /readyz on.
 PORT_SETTING = {
     "agent": ("agent", "metrics_port"),
     "process": ("process", "metrics_port"),
     "remote-write": ("remote_write", "metrics_port"),
     "otlp": ("otlp", "metrics_port"),
-    "pull": ("pull", "port"),
+    "pull": ("pull", "metrics_port"),
 }
 
 
@@ -181,8 +182,9 @@ def test_probes_and_services_are_on_the_port_each_process_serves(rendered) -> No
     for w in workloads(rendered):
         [c] = w["spec"]["template"]["spec"]["containers"]
         section, field = port_setting(c["args"])
-        [port] = c["ports"]
-        assert port == {"name": "metrics", "containerPort": cfg[section][field]}
+        # The pull exporter's second port: its pull endpoint, the fleet's series.
+        pull = [{"name": "pull", "containerPort": cfg["pull"]["port"]}] if c["args"][-1] == "pull" else []
+        assert c["ports"] == [{"name": "metrics", "containerPort": cfg[section][field]}, *pull]
         assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
         assert c["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
         assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
@@ -192,7 +194,8 @@ def test_probes_and_services_are_on_the_port_each_process_serves(rendered) -> No
         svc = services[w["metadata"]["name"]]
         assert svc["spec"]["selector"] == w["spec"]["selector"]["matchLabels"]
         assert svc["spec"]["ports"] == [
-            {"name": "metrics", "port": cfg[section][field], "targetPort": "metrics"}
+            {"name": "metrics", "port": cfg[section][field], "targetPort": "metrics"},
+            *({"name": p["name"], "port": p["containerPort"], "targetPort": p["name"]} for p in pull),
         ]
     assert cfg["pull"]["host"] == "0.0.0.0"  # reachable through its Service
 
@@ -233,7 +236,25 @@ def test_the_service_monitor_scrapes_every_service(full) -> None:
     assert sm["spec"]["endpoints"] == [{"port": "metrics", "interval": "15s", "honorLabels": True}]
     for svc in of_kind(full, "Service"):
         assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
-        assert [p["name"] for p in svc["spec"]["ports"]] == ["metrics"]
+        extra = ["pull"] if svc["metadata"]["name"] == "ktel-export-pull" else []
+        assert [p["name"] for p in svc["spec"]["ports"]] == ["metrics", *extra]
+
+
+def test_the_service_monitor_scrapes_the_fleets_series_only_when_asked(full) -> None:
+    """By default only self-metrics: the kernel series remote-write sends are not scraped
+    from the pull endpoint a second time."""
+    cfg = toml_config(full)
+    services = {s["metadata"]["name"]: s for s in of_kind(full, "Service")}
+    by_port = {p["name"]: p["port"] for p in services["ktel-export-pull"]["spec"]["ports"]}
+    assert by_port == {"metrics": cfg["pull"]["metrics_port"], "pull": cfg["pull"]["port"]}
+    assert cfg["pull"]["metrics_port"] != cfg["pull"]["port"]
+    [sm] = of_kind(full, "ServiceMonitor")
+    assert [e["port"] for e in sm["spec"]["endpoints"]] == ["metrics"]
+    [sm] = of_kind(render(FULL, sets=("serviceMonitor.scrapePullEndpoint=true",)), "ServiceMonitor")
+    assert sm["spec"]["endpoints"] == [
+        {"port": "metrics", "interval": "15s", "honorLabels": True},
+        {"port": "pull", "interval": "15s", "honorLabels": True},
+    ]
 
 
 def test_secrets_come_from_secrets_never_the_config_map(full) -> None:

@@ -35,7 +35,7 @@ ktel's configuration: the user's `config` with what the chart decides laid over 
   "process" (dict "metrics_port" $v.ports.process "data_dir" "/var/lib/ktel/processor")
   "remote_write" (dict "metrics_port" $v.ports.remoteWrite)
   "otlp" (dict "metrics_port" $v.ports.otlp)
-  "pull" (dict "port" $v.ports.pull "host" "0.0.0.0")
+  "pull" (dict "port" $v.ports.pull "metrics_port" $v.ports.pullMetrics "host" "0.0.0.0")
 -}}
 {{- if $v.secrets.kafkaSaslPassword.secretName -}}
 {{- $_ := set $forced "kafka" (dict "sasl_password_file" (printf "/etc/ktel/secrets/kafka/%s" $v.secrets.kafkaSaslPassword.key)) -}}
