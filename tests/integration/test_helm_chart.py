@@ -52,8 +52,9 @@ def run_helm(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([helm(), *args], capture_output=True, text=True, timeout=300)
 
 
-def render(*values: Path, sets: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+def render(*values: Path, sets: tuple[str, ...] = (), kube: str = "") -> list[dict[str, Any]]:
     argv = ["template", "ktel", str(CHART), "--namespace", "telemetry"]
+    argv += ["--kube-version", kube] if kube else []
     argv += [a for v in values for a in ("-f", str(v))] + [a for s in sets for a in ("--set", s)]
     res = run_helm(*argv)
     assert res.returncode == 0, res.stderr
@@ -228,6 +229,65 @@ def test_each_deployment_has_a_disruption_budget(rendered) -> None:
     budgets = {p["metadata"]["name"]: p for p in of_kind(rendered, "PodDisruptionBudget")}
     for d in of_kind(rendered, "Deployment"):
         assert budgets[d["metadata"]["name"]]["spec"]["selector"] == d["spec"]["selector"]
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_unready_pods_never_block_a_drain_where_kubernetes_allows_it(version) -> None:
+    """A pod that never gets ready must not hold a node's drain up: on Kubernetes 1.27 and
+    later every budget lets such pods go (unhealthyPodEvictionPolicy); 1.25 and 1.26 get
+    budgets without the field, valid there."""
+    objs = render(FULL, kube=version)
+    budgets = of_kind(objs, "PodDisruptionBudget")
+    assert len(budgets) == len(of_kind(objs, "Deployment"))
+    for pdb in budgets:
+        kubernetes_validate.validate(pdb, version, strict=True)
+        policy = pdb["spec"].get("unhealthyPodEvictionPolicy")
+        assert policy == (None if version == "1.25.0" else "AlwaysAllow"), pdb["metadata"]["name"]
+
+
+@pytest.mark.parametrize(
+    ("sets", "hint"),
+    [
+        (("process.replicas=7",), "process.replicas = 7 is more than the 6 partitions of ktel.raw"),
+        (
+            ("process.fused=false", "process.stages.enrich.replicas=9", "config.kafka.raw_partitions=8"),
+            "set process.stages.enrich.replicas to 8 at most, or raise config.kafka.raw_partitions",
+        ),
+        (
+            ("exporters.remoteWrite.replicas=7",),
+            "set exporters.remoteWrite.replicas to 6 at most, or raise config.kafka.output_partitions",
+        ),
+        # Three topics: ktel.spans, ktel.logs and ktel.metrics.
+        (("exporters.otlp.replicas=19",), "set exporters.otlp.replicas to 18 at most"),
+    ],
+)
+def test_more_replicas_than_partitions_is_refused_with_the_fix(sets, hint) -> None:
+    argv = ["template", "ktel", str(CHART)] + [a for s in sets for a in ("--set", s)]
+    res = run_helm(*argv)
+    assert res.returncode != 0
+    assert hint in res.stderr
+
+
+def test_replicas_up_to_the_partitions_are_accepted() -> None:
+    defaults = config.KafkaConfig()  # the chart assumes ktel's own defaults
+    objs = render(
+        sets=(
+            f"process.replicas={defaults.raw_partitions}",
+            f"exporters.remoteWrite.replicas={defaults.output_partitions}",
+            f"exporters.otlp.replicas={3 * defaults.output_partitions}",
+            # No consumer group: each pull endpoint reads every partition.
+            f"exporters.pull.replicas={defaults.output_partitions + 1}",
+        )
+    )
+    replicas = {d["metadata"]["name"]: d["spec"]["replicas"] for d in of_kind(objs, "Deployment")}
+    assert replicas == {
+        "ktel-process-all": defaults.raw_partitions,
+        "ktel-export-remote-write": defaults.output_partitions,
+        "ktel-export-otlp": 3 * defaults.output_partitions,
+        "ktel-export-pull": defaults.output_partitions + 1,
+    }
+    full = render(FULL, sets=("process.stages.aggregate.replicas=12",))  # raw_partitions: 12
+    assert 12 in [d["spec"]["replicas"] for d in of_kind(full, "Deployment")]
 
 
 def test_the_service_monitor_scrapes_every_service(full) -> None:
