@@ -10,6 +10,7 @@ ktel's own config loader accepts. deploy/setup.sh builds helm into the cache.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import tomllib
@@ -288,6 +289,29 @@ def test_replicas_up_to_the_partitions_are_accepted() -> None:
     }
     full = render(FULL, sets=("process.stages.aggregate.replicas=12",))  # raw_partitions: 12
     assert 12 in [d["spec"]["replicas"] for d in of_kind(full, "Deployment")]
+
+
+# Kubernetes' rules: an object's name (RFC 1123 label: Services' are one; 63 at most), a
+# label's value (63 at most).
+DNS_LABEL = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
+LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?")
+
+
+@pytest.mark.parametrize("values", [[], ["-f", str(FULL)]], ids=["default", "full"])
+def test_names_and_labels_stay_valid_with_the_longest_release_name(values) -> None:
+    release = "telemetry-" + "x" * 42 + "a"  # 53: the longest name helm accepts
+    res = run_helm("template", release, str(CHART), *values, "--set", "serviceMonitor.enabled=true")
+    assert res.returncode == 0, res.stderr
+    objs = [d for d in yaml.safe_load_all(res.stdout) if d]
+    names = [o["metadata"]["name"] for o in objs]
+    assert any(n.endswith("-export-remote-write") for n in names)  # the longest suffix is there
+    assert len({(o["kind"], o["metadata"]["name"]) for o in objs}) == len(objs)  # none collide
+    for obj in objs:
+        name = obj["metadata"]["name"]
+        assert len(name) <= 63 and DNS_LABEL.fullmatch(name), name
+        pod_labels = obj.get("spec", {}).get("template", {}).get("metadata", {}).get("labels", {})
+        for value in [*obj["metadata"]["labels"].values(), *pod_labels.values()]:
+            assert LABEL_VALUE.fullmatch(str(value)), (name, value)
 
 
 def test_the_service_monitor_scrapes_every_service(full) -> None:

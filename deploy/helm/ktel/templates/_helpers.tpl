@@ -1,9 +1,12 @@
-{{/* Names and labels. */}}
+{{/*
+Names and labels. The fullname is cut to 43 characters: with the longest suffix the
+chart adds, "-export-remote-write" (20), a name stays within Kubernetes' 63.
+*/}}
 {{- define "ktel.fullname" -}}
 {{- if contains .Chart.Name .Release.Name -}}
-{{- .Release.Name | trunc 50 | trimSuffix "-" -}}
+{{- .Release.Name | trunc 43 | trimSuffix "-" -}}
 {{- else -}}
-{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 50 | trimSuffix "-" -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 43 | trimSuffix "-" -}}
 {{- end -}}
 {{- end -}}
 
