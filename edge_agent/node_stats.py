@@ -27,15 +27,21 @@ _HASH_MAP = re.compile(
 
 
 def cpu_stat(text: str) -> dict[str, int]:
-    """``cpu_steal_ms`` (all CPUs) and ``context_switches`` from /proc/stat's text."""
+    """``cpu_steal_ms`` (all CPUs), ``cpus`` (the online CPUs: a line each) and
+    ``context_switches`` from /proc/stat's text."""
     out: dict[str, int] = {}
+    cpus = 0
     for line in text.splitlines():
         fields = line.split()
         if fields and fields[0] == "cpu" and len(fields) > 8:
             # user nice system idle iowait irq softirq steal ...
             out["cpu_steal_ms"] = round(int(fields[8]) * TICK_MS)
+        elif fields and fields[0].startswith("cpu") and fields[0][3:].isdigit():
+            cpus += 1
         elif fields and fields[0] == "ctxt":
             out["context_switches"] = int(fields[1])
+    if cpus:
+        out["cpus"] = cpus
     return out
 
 

@@ -12,6 +12,8 @@ queries take ``max by (host_id)`` over the workers. The series:
 - ``ktel_agent_last_heartbeat_timestamp_seconds{host_id}``: the last one's time, by
   the agent's clock;
 - ``ktel_node_cpu_steal_seconds_total``, ``ktel_node_context_switches_total`` (M4, M9);
+- ``ktel_node_cpus``: the node's online CPUs (steal over all of them, divided by it, is a
+  fraction of the node's CPU time);
 - ``ktel_node_disk_io_in_progress{device}`` (M8), the block devices' queue depth;
 - ``ktel_agent_bpf_map_entries{probe,map}`` and ``ktel_agent_bpf_map_max_entries`` (M10).
 """
@@ -74,6 +76,7 @@ class FleetMetrics(Collector):
         steal = CounterMetricFamily(
             "ktel_node_cpu_steal_seconds", "CPU time stolen by the hypervisor, all CPUs", labels=["host_id"]
         )
+        cpus = GaugeMetricFamily("ktel_node_cpus", "online CPUs of the node", labels=["host_id"])
         switches = CounterMetricFamily(
             "ktel_node_context_switches", "context switches since boot", labels=["host_id"]
         )
@@ -98,6 +101,8 @@ class FleetMetrics(Collector):
                 name, _, rest = key.partition(".")
                 if name == "cpu_steal_ms":
                     steal.add_metric([host_id], value / 1000)
+                elif name == "cpus":
+                    cpus.add_metric([host_id], value)
                 elif name == "context_switches":
                     switches.add_metric([host_id], value)
                 elif name == "disk_in_flight":
@@ -107,4 +112,4 @@ class FleetMetrics(Collector):
                     (entries if name == "map_entries" else capacity).add_metric(
                         [host_id, probe, bpf_map], value
                     )
-        yield from (up, last, steal, switches, disks, entries, capacity)
+        yield from (up, last, steal, cpus, switches, disks, entries, capacity)

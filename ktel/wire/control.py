@@ -19,7 +19,8 @@ Heartbeat (key = host id)::
      "node": {name: int}}         # optional: the node's SLI readings (edge_agent/node_stats.py)
 
 ``node`` holds what the agent read of its node: ``cpu_steal_ms`` and
-``context_switches`` (cumulative since boot, /proc/stat), ``disk_in_flight.<device>``
+``context_switches`` (cumulative since boot, /proc/stat), ``cpus`` (online CPUs),
+``disk_in_flight.<device>``
 (I/Os in progress now, /proc/diskstats) and, per BPF hash map of a loaded probe,
 ``map_entries.<probe>.<map>`` and ``map_max_entries.<probe>.<map>``.
 ``containers`` lists the cgroups the agent knows to be a container's or a pod's

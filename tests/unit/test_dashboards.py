@@ -45,6 +45,20 @@ def test_dashboard_is_valid_json_and_every_panel_has_queries(path):
     assert used - {"__rate_interval"} <= defined
 
 
+def test_cpu_steal_is_shown_per_cpu_as_a_fraction():
+    """Steal is counted over all of a node's CPUs: as a percentage it is divided by them,
+    else a node of 8 CPUs each half stolen would show 400 %."""
+    shown = 0
+    for path in DASHBOARDS:
+        for p in panels(json.loads(path.read_text())):
+            for t in p["targets"]:
+                if "ktel_node_cpu_steal_seconds_total" in t["expr"]:
+                    assert p["fieldConfig"]["defaults"]["unit"] == "percentunit", p["title"]
+                    assert re.search(r"\)\s*/\s*max by \(host_id\) \(ktel_node_cpus\b", t["expr"]), p["title"]
+                    shown += 1
+    assert shown
+
+
 def test_provisioning_points_at_the_dashboards_and_the_datasource_uid():
     text = (GRAFANA / "provisioning/datasources/ktel.yml").read_text()
     assert f"uid: {DATASOURCE_UID}" in text

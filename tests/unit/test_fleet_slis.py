@@ -14,6 +14,7 @@ from processors.fleet_metrics import FleetMetrics
 PROC_STAT = """\
 cpu  4705 356 584 3699 23 23 0 42 0 0
 cpu0 1393 280 283 1805 5 22 0 21 0 0
+cpu1 3312 76 301 1894 18 1 0 21 0 0
 ctxt 1990473
 btime 1062191376
 """
@@ -28,7 +29,7 @@ DISKSTATS = """\
 
 def test_cpu_steal_and_context_switches_are_read_from_proc_stat():
     got = node_stats.cpu_stat(PROC_STAT)
-    assert got == {"cpu_steal_ms": round(42 * node_stats.TICK_MS), "context_switches": 1990473}
+    assert got == {"cpu_steal_ms": round(42 * node_stats.TICK_MS), "cpus": 2, "context_switches": 1990473}
 
 
 def test_disk_queue_depth_is_read_for_whole_non_virtual_disks():
@@ -77,6 +78,7 @@ def test_a_host_is_up_while_heartbeats_arrive_and_its_readings_are_exported():
     fleet = FleetMetrics(forget_after_s=3600)
     node = {
         "cpu_steal_ms": 1500,
+        "cpus": 4,
         "context_switches": 7,
         "disk_in_flight.vda": 2,
         "map_entries.process.parents": 3,
@@ -88,6 +90,7 @@ def test_a_host_is_up_while_heartbeats_arrive_and_its_readings_are_exported():
     assert got[("ktel_agent_up", h)] == 1.0
     assert got[("ktel_agent_last_heartbeat_timestamp_seconds", h)] == 1_700_000_000.5
     assert got[("ktel_node_cpu_steal_seconds_total", h)] == 1.5
+    assert got[("ktel_node_cpus", h)] == 4  # steal / CPUs: a fraction of the node's CPU time
     assert got[("ktel_node_context_switches_total", h)] == 7
     assert got[("ktel_node_disk_io_in_progress", (("device", "vda"), *h))] == 2
     m = (("host_id", "h1"), ("map", "parents"), ("probe", "process"))
