@@ -59,6 +59,29 @@ def test_cpu_steal_is_shown_per_cpu_as_a_fraction():
     assert shown
 
 
+NATIVE_LATENCY = re.compile(r"histogram_quantile\(([\d.]+), sum by \(host_id\) \(rate\((\w+)_nanoseconds\{")
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.stem)
+def test_each_latency_panel_also_reads_classic_histograms(path):
+    """A native histogram (`*_nanoseconds`) is there only with Prometheus' native
+    histograms; with remote_write.histograms = "classic", or from the pull endpoint, the
+    same latency is the `*_seconds_bucket` series by `le`: each query reads both, the
+    native one first (`or`: a host shows once)."""
+    latency = 0
+    for p in panels(json.loads(path.read_text())):
+        for t in p["targets"]:
+            if m := NATIVE_LATENCY.search(t["expr"]):
+                q, base = m.groups()
+                latency += 1
+                classic = (
+                    f"histogram_quantile({q}, sum by (host_id, le) "
+                    f'(rate({base}_seconds_bucket{{host_id=~"$host"}}[$__rate_interval])))'
+                )
+                assert t["expr"].endswith(f") / 1e9 or {classic}"), f"panel {p['title']!r}: no classic query"
+    assert latency == (3 if path.stem == "kernel-debug" else latency)
+
+
 def test_provisioning_points_at_the_dashboards_and_the_datasource_uid():
     text = (GRAFANA / "provisioning/datasources/ktel.yml").read_text()
     assert f"uid: {DATASOURCE_UID}" in text
