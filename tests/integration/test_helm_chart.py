@@ -375,6 +375,75 @@ def test_secrets_come_from_secrets_never_the_config_map(full) -> None:
             assert mounts["/etc/ktel/secrets/otlp"] == "otlp-credentials"
 
 
+def kafka_identity(pod: dict[str, Any]) -> tuple[str | None, dict[str, Any] | None]:
+    """A pod's SASL user from its environment, and its Kafka password's Secret volume."""
+    [c] = pod["containers"]
+    users = [e["value"] for e in c["env"] if e["name"] == "KTEL_KAFKA__SASL_USERNAME"]
+    [volume] = [v["secret"] for v in pod["volumes"] if v["name"] == "kafka-sasl"] or [None]
+    if volume:
+        assert {m["name"]: m["mountPath"] for m in c["volumeMounts"]}["kafka-sasl"] == f"{SECRETS_DIR}/kafka"
+    return (users[0] if users else None), volume
+
+
+def test_each_role_can_have_its_own_kafka_identity() -> None:
+    """`ktel acls` grants a principal per role: the agent, the processors and the exporters
+    each log in as their own user, with their own password, where kafkaIdentities says."""
+    assert "sasl_username" in config.KafkaConfig.model_fields  # what KTEL_KAFKA__SASL_USERNAME sets
+    objs = render(
+        FULL,
+        sets=(
+            "kafkaIdentities.agent.saslUsername=ktel-node",
+            "kafkaIdentities.agent.secretName=ktel-kafka-agent",
+            "kafkaIdentities.agent.key=pw",
+            "kafkaIdentities.exporter.saslUsername=ktel-exporter",
+        ),
+    )
+    password = toml_config(objs)["kafka"]["sasl_password_file"]
+    assert password == f"{SECRETS_DIR}/kafka/password"
+    shared = {
+        "secretName": "ktel-kafka",
+        "items": [{"key": "password", "path": "password"}],
+        "defaultMode": 0o400,
+    }
+    for w in workloads(objs):
+        user, volume = kafka_identity(w["spec"]["template"]["spec"])
+        role = w["metadata"]["name"].removeprefix("ktel-").split("-")[0]
+        if role == "agent":
+            assert (user, volume) == (
+                "ktel-node",
+                {
+                    "secretName": "ktel-kafka-agent",
+                    "items": [{"key": "pw", "path": "password"}],
+                    "defaultMode": 0o400,
+                },
+            )
+        elif role == "process":
+            assert (user, volume) == (None, shared)  # config.kafka.sasl_username and the shared Secret
+        else:
+            assert (user, volume) == ("ktel-exporter", shared), w["metadata"]["name"]
+
+
+def test_kafka_identities_without_a_shared_password_need_one_for_every_role() -> None:
+    roles = ("agent", "processor", "exporter")
+    objs = render(sets=tuple(f"kafkaIdentities.{r}.secretName=ktel-kafka-{r}" for r in roles))
+    assert toml_config(objs)["kafka"]["sasl_password_file"] == f"{SECRETS_DIR}/kafka/password"
+    for w in workloads(objs):
+        _, volume = kafka_identity(w["spec"]["template"]["spec"])
+        role = (
+            "agent"
+            if w["kind"] == "DaemonSet"
+            else "processor"
+            if "process" in w["metadata"]["name"]
+            else "exporter"
+        )
+        assert volume and volume["secretName"] == f"ktel-kafka-{role}"
+    res = run_helm(
+        "template", "ktel", str(CHART), "--set", "kafkaIdentities.agent.secretName=ktel-kafka-agent"
+    )
+    assert res.returncode != 0
+    assert "give every role its secretName, or set secrets.kafkaSaslPassword" in res.stderr
+
+
 @pytest.mark.parametrize(
     ("setting", "hint"),
     [

@@ -40,7 +40,14 @@ ktel's configuration: the user's `config` with what the chart decides laid over 
   "otlp" (dict "metrics_port" $v.ports.otlp)
   "pull" (dict "port" $v.ports.pull "metrics_port" $v.ports.pullMetrics "host" "0.0.0.0")
 -}}
-{{- if $v.secrets.kafkaSaslPassword.secretName -}}
+{{- $roleSecrets := list -}}
+{{- range $role, $id := $v.kafkaIdentities -}}
+{{- if $id.secretName }}{{ $roleSecrets = append $roleSecrets $role }}{{ end -}}
+{{- end -}}
+{{- if and $roleSecrets (not $v.secrets.kafkaSaslPassword.secretName) (lt (len $roleSecrets) (len $v.kafkaIdentities)) -}}
+{{- fail (printf "kafkaIdentities: %s have a password Secret and the other roles none; give every role its secretName, or set secrets.kafkaSaslPassword for the others" (join ", " $roleSecrets)) -}}
+{{- end -}}
+{{- if or $v.secrets.kafkaSaslPassword.secretName $roleSecrets -}}
 {{- $_ := set $forced "kafka" (dict "sasl_password_file" (printf "/etc/ktel/secrets/kafka/%s" $v.secrets.kafkaSaslPassword.key)) -}}
 {{- end -}}
 {{- range $section, $fields := $v.config -}}
@@ -91,45 +98,74 @@ place (in maps and lists of maps), so the TOML says `port = 9465`, not `9465.0`.
   value: "0.0.0.0"
 {{- end -}}
 
+{{/*
+A role's Kafka identity (role: agent, processor or exporter, as `ktel acls` names them):
+its SASL user (KTEL_KAFKA__SASL_USERNAME, over config.kafka.sasl_username) and the
+Secret of its password, mounted where kafka.sasl_password_file says; each unset in
+kafkaIdentities.<role> is the one every role shares.
+*/}}
+{{- define "ktel.kafkaEnv" -}}
+{{- with (get .root.Values.kafkaIdentities .role).saslUsername }}
+- name: KTEL_KAFKA__SASL_USERNAME
+  value: {{ . | quote }}
+{{- end }}
+{{- end -}}
+
+{{- define "ktel.kafkaPasswordSecret" -}}
+{{- $shared := .root.Values.secrets.kafkaSaslPassword -}}
+{{- $id := get .root.Values.kafkaIdentities .role -}}
+{{- if $id.secretName -}}
+{{- toJson (dict "secretName" $id.secretName "key" ($id.key | default $shared.key) "path" $shared.key) -}}
+{{- else if $shared.secretName -}}
+{{- toJson (dict "secretName" $shared.secretName "key" $shared.key "path" $shared.key) -}}
+{{- else -}}
+{{- toJson dict -}}
+{{- end -}}
+{{- end -}}
+
 {{/* Mounts and volumes every ktel container gets: the config, /tmp, Kafka's secrets. */}}
 {{- define "ktel.commonMounts" -}}
+{{- $v := .root.Values -}}
 - name: config
   mountPath: /etc/ktel/ktel.toml
   subPath: ktel.toml
   readOnly: true
 - name: tmp
   mountPath: /tmp
-{{- if .Values.secrets.kafkaSaslPassword.secretName }}
+{{- if (include "ktel.kafkaPasswordSecret" . | fromJson).secretName }}
 - name: kafka-sasl
   mountPath: /etc/ktel/secrets/kafka
   readOnly: true
 {{- end }}
-{{- if .Values.secrets.kafkaTls.secretName }}
+{{- if $v.secrets.kafkaTls.secretName }}
 - name: kafka-tls
-  mountPath: {{ .Values.secrets.kafkaTls.mountPath }}
+  mountPath: {{ $v.secrets.kafkaTls.mountPath }}
   readOnly: true
 {{- end }}
 {{- end -}}
 
 {{- define "ktel.commonVolumes" -}}
+{{- $v := .root.Values -}}
 - name: config
   configMap:
-    name: {{ include "ktel.fullname" . }}-config
+    name: {{ include "ktel.fullname" .root }}-config
 - name: tmp
   emptyDir: {}
-{{- if .Values.secrets.kafkaSaslPassword.secretName }}
+{{- with (include "ktel.kafkaPasswordSecret" . | fromJson) }}
+{{- if .secretName }}
 - name: kafka-sasl
   secret:
-    secretName: {{ .Values.secrets.kafkaSaslPassword.secretName }}
+    secretName: {{ .secretName }}
     items:
-      - key: {{ .Values.secrets.kafkaSaslPassword.key }}
-        path: {{ .Values.secrets.kafkaSaslPassword.key }}
+      - key: {{ .key }}
+        path: {{ .path }}
     defaultMode: 0400
 {{- end }}
-{{- if .Values.secrets.kafkaTls.secretName }}
+{{- end }}
+{{- if $v.secrets.kafkaTls.secretName }}
 - name: kafka-tls
   secret:
-    secretName: {{ .Values.secrets.kafkaTls.secretName }}
+    secretName: {{ $v.secrets.kafkaTls.secretName }}
     defaultMode: 0400
 {{- end }}
 {{- end -}}
