@@ -85,9 +85,18 @@ def the_agent(objs: list[dict[str, Any]]) -> dict[str, Any]:
     return ds
 
 
+def hooks(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [o for o in objs if "helm.sh/hook" in o["metadata"].get("annotations", {})]
+
+
+def config_map(objs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The release's ConfigMap of ktel.toml (not the topics hook's copy)."""
+    [cm] = [o for o in of_kind(objs, "ConfigMap") if o not in hooks(objs)]
+    return cm
+
+
 def toml_config(objs: list[dict[str, Any]]) -> dict[str, Any]:
-    [cm] = of_kind(objs, "ConfigMap")
-    return tomllib.loads(cm["data"]["ktel.toml"])
+    return tomllib.loads(config_map(objs)["data"]["ktel.toml"])
 
 
 def port_setting(args: list[str]) -> tuple[str, str]:
@@ -125,7 +134,7 @@ def test_strict_validation_rejects_an_unknown_field(rendered) -> None:
 
 
 def test_no_container_is_privileged_and_only_the_agent_adds_capabilities(rendered) -> None:
-    for w in workloads(rendered):
+    for w in workloads(rendered) + of_kind(rendered, "Job"):
         pod = w["spec"]["template"]["spec"]
         for c in pod["containers"] + pod.get("initContainers", []):
             sc = c["securityContext"]
@@ -342,13 +351,14 @@ def test_the_service_monitor_scrapes_the_fleets_series_only_when_asked(full) -> 
 
 
 def test_secrets_come_from_secrets_never_the_config_map(full) -> None:
-    [cm] = of_kind(full, "ConfigMap")
-    text = cm["data"]["ktel.toml"]
-    assert "password =" not in text and "headers" not in text
+    for cm in of_kind(full, "ConfigMap"):  # the release's, and the topics hook's copy
+        text = cm["data"]["ktel.toml"]
+        assert "password =" not in text and "headers" not in text
     cfg = toml_config(full)
     assert cfg["kafka"]["sasl_password_file"] == f"{SECRETS_DIR}/kafka/password"
     by_name = {
-        d["metadata"]["name"].removeprefix("ktel-"): d["spec"]["template"]["spec"] for d in workloads(full)
+        d["metadata"]["name"].removeprefix("ktel-"): d["spec"]["template"]["spec"]
+        for d in workloads(full) + of_kind(full, "Job")
     }
     for name, pod in by_name.items():
         volumes = {v["name"]: v for v in pod["volumes"]}
@@ -424,14 +434,16 @@ def test_each_role_can_have_its_own_kafka_identity() -> None:
 
 
 def test_kafka_identities_without_a_shared_password_need_one_for_every_role() -> None:
-    roles = ("agent", "processor", "exporter")
+    roles = ("agent", "processor", "exporter", "admin")
     objs = render(sets=tuple(f"kafkaIdentities.{r}.secretName=ktel-kafka-{r}" for r in roles))
     assert toml_config(objs)["kafka"]["sasl_password_file"] == f"{SECRETS_DIR}/kafka/password"
-    for w in workloads(objs):
+    for w in workloads(objs) + of_kind(objs, "Job"):
         _, volume = kafka_identity(w["spec"]["template"]["spec"])
         role = (
             "agent"
             if w["kind"] == "DaemonSet"
+            else "admin"
+            if w["kind"] == "Job"
             else "processor"
             if "process" in w["metadata"]["name"]
             else "exporter"
@@ -442,6 +454,39 @@ def test_kafka_identities_without_a_shared_password_need_one_for_every_role() ->
     )
     assert res.returncode != 0
     assert "give every role its secretName, or set secrets.kafkaSaslPassword" in res.stderr
+
+
+def test_ktel_topics_runs_before_every_install_and_upgrade_with_the_releases_config(full) -> None:
+    """`helm install` alone gives the workers and exporters their topics: a hook Job runs
+    `ktel topics` first, as the admin identity, reading a ConfigMap made before it (hook
+    weight) that holds the release's own ktel.toml."""
+    [job] = of_kind(full, "Job")
+    [cm] = [o for o in hooks(full) if o["kind"] == "ConfigMap"]
+    annotations = {o["kind"]: o["metadata"]["annotations"] for o in (job, cm)}
+    for kind in ("Job", "ConfigMap"):
+        assert annotations[kind]["helm.sh/hook"] == "pre-install,pre-upgrade"
+        assert annotations[kind]["helm.sh/hook-delete-policy"] == "before-hook-creation"
+    assert int(annotations["ConfigMap"]["helm.sh/hook-weight"]) < int(
+        annotations["Job"]["helm.sh/hook-weight"]
+    )
+    assert cm["data"] == config_map(full)["data"]
+    pod = job["spec"]["template"]["spec"]
+    [c] = pod["containers"]
+    assert c["args"] == ["topics"] and pod["restartPolicy"] == "Never"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["config"]["configMap"]["name"] == cm["metadata"]["name"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["KTEL_CONFIG"] == "/etc/ktel/ktel.toml"
+    assert {m["name"]: m["mountPath"] for m in c["volumeMounts"]}["config"] == "/etc/ktel/ktel.toml"
+    # So it creates the topics as the workers expect them (full values: 12 raw partitions;
+    # that the release's ktel.toml loads, test_the_rendered_config_loads_with_ktels_own_loader).
+    assert tomllib.loads(cm["data"]["ktel.toml"])["kafka"]["raw_partitions"] == 12
+
+    objs = render(FULL, sets=("kafkaIdentities.admin.saslUsername=ktel-admin",))
+    [job] = of_kind(objs, "Job")
+    user, _volume = kafka_identity(job["spec"]["template"]["spec"])
+    assert user == "ktel-admin"
+    assert of_kind(render(sets=("topicsJob.enabled=false",)), "Job") == []
 
 
 @pytest.mark.parametrize(
@@ -461,7 +506,7 @@ def test_a_secret_or_a_malformed_section_in_config_is_refused_with_the_fix(setti
 def test_the_rendered_config_loads_with_ktels_own_loader(rendered, tmp_path, monkeypatch) -> None:
     for name in [n for n in os.environ if n.startswith("KTEL_")]:
         monkeypatch.delenv(name)
-    [cm] = of_kind(rendered, "ConfigMap")
+    cm = config_map(rendered)
     # The Secrets' files exist in the pod; here, under tmp_path.
     text = cm["data"]["ktel.toml"].replace(SECRETS_DIR, str(tmp_path / "secrets"))
     for sub in ("kafka/password", "kafka-tls/ca.crt"):

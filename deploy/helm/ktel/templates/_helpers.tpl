@@ -144,11 +144,12 @@ kafkaIdentities.<role> is the one every role shares.
 {{- end }}
 {{- end -}}
 
+{{/* configMap: the ConfigMap of ktel.toml, if not the release's `…-config`. */}}
 {{- define "ktel.commonVolumes" -}}
 {{- $v := .root.Values -}}
 - name: config
   configMap:
-    name: {{ include "ktel.fullname" .root }}-config
+    name: {{ .configMap | default (printf "%s-config" (include "ktel.fullname" .root)) }}
 - name: tmp
   emptyDir: {}
 {{- with (include "ktel.kafkaPasswordSecret" . | fromJson) }}
