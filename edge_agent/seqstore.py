@@ -13,7 +13,11 @@ emptyDir, a reimage, a volume removed) starts numbering at 0 again under the
 same boot id; the new incarnation makes that a new numbering, which the
 processors' dedupe keys apart from the old one, rather than duplicates of
 batches the old numbering sent (docs/design.md, principle 12). A file from
-before incarnations (a number alone) gets one and keeps its numbering.
+before incarnations (a number alone) gets one and keeps its numbering. A file that
+does not hold what this store writes (damaged by a disk, or edited by hand) is
+lost state too: it is logged and numbering starts again under a new incarnation.
+Refusing it would stop the agent at every start until someone removed the file,
+with the node's events lost meanwhile.
 
 The file and its directory are private (0600 in 0700): what the state
 directory holds names the host's paths and processes.
@@ -21,11 +25,19 @@ directory holds names the host's paths and processes.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import secrets
 from pathlib import Path
 
+log = logging.getLogger("ktel.agent")
+
 BLOCK = 4096
+# What a batch's numbers may be on the wire (ktel/wire/raw.py: "seq" is a U63, "inc"
+# a string); past these every batch would be refused downstream.
+_SEQ_MAX = 2**63 - 1
+_INCARNATION = re.compile(r"[0-9a-f]{32}")
 
 
 def private_dir(path: Path) -> None:
@@ -35,23 +47,40 @@ def private_dir(path: Path) -> None:
     os.chmod(path, 0o700)
 
 
+def _parse(text: str, block: int) -> tuple[str | None, int] | None:
+    """(incarnation, next number) as the store writes them, None for the incarnation
+    of a file from before incarnations; None when ``text`` is neither."""
+    fields = text.split()
+    if len(fields) not in (1, 2) or not fields[-1].isdigit() or int(fields[-1]) > _SEQ_MAX - block:
+        return None
+    if len(fields) == 1:
+        return None, int(fields[0])
+    return (fields[0], int(fields[1])) if _INCARNATION.fullmatch(fields[0]) else None
+
+
 class SeqStore:
     def __init__(self, state_dir: Path, block: int = BLOCK):
         self._dir = state_dir
         private_dir(state_dir)
         self._path = state_dir / "batch-seq"
         self._block = block
+        self._next, self.incarnation = 0, secrets.token_hex(16)
         try:
-            fields = self._path.read_text().split()
-            self._next = int(fields[-1])
-            self.incarnation = fields[0] if len(fields) == 2 else secrets.token_hex(16)
+            text = self._path.read_bytes().decode("ascii", "replace")
         except FileNotFoundError:
-            self._next = 0
-            self.incarnation = secrets.token_hex(16)
-        except (ValueError, IndexError) as err:
-            raise RuntimeError(f"{self._path} is corrupt ({err}); remove it to restart numbering") from None
-        if self._path.exists():
+            text = None
+        if text is not None:
             os.chmod(self._path, 0o600)
+            found = _parse(text, block)
+            if found is None:
+                log.error(
+                    "%s does not hold an incarnation and a batch number (%r): numbering starts "
+                    "again at 0 under a new incarnation, %s",
+                    self._path, text[:80], self.incarnation,
+                )  # fmt: skip
+            else:
+                incarnation, self._next = found
+                self.incarnation = incarnation or self.incarnation
         self._limit = self._next
 
     def _reserve(self) -> None:

@@ -68,3 +68,26 @@ def test_the_state_is_private_even_if_it_was_not(tmp_path):
     new = tmp_path / "new" / "state"
     SeqStore(new).next()
     assert (mode(new), mode(new / "batch-seq")) == (0o700, 0o600)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b"",
+        b"\x00\x17garbage",
+        b"c" * 32 + b" not-a-number\n",
+        b"c" * 32 + b" -5\n",  # the wire takes no negative sequence number
+        b"c" * 32 + b" " + str(2**64).encode() + b"\n",  # nor one past 2^63 - 1
+        b"x y z\n",
+        b"not hex " + b"5\n",
+    ],
+)
+def test_a_damaged_file_is_lost_state_not_a_crash_at_every_start(tmp_path, caplog, text):
+    """A disk's damage or a hand's edit: logged, and numbering starts again under a new
+    incarnation, as when the file is gone (dedupe keys the two numberings apart)."""
+    (tmp_path / "batch-seq").write_bytes(text)
+    s = SeqStore(tmp_path, block=10)
+    assert s.next() == 0 and len(s.incarnation) == 32 and s.incarnation != "c" * 32
+    assert "does not hold an incarnation and a batch number" in caplog.text
+    again = SeqStore(tmp_path, block=10)  # what it wrote reads back
+    assert (again.incarnation, again.next()) == (s.incarnation, 10)
