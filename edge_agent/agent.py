@@ -229,14 +229,22 @@ class Agent:
         }
         self.started = 0.0  # time.monotonic() once the probes are loaded (run)
         self.key = self.host_id.encode()
-        self.seqs = SeqStore(acfg.state_dir)
+        try:
+            self.seqs = SeqStore(acfg.state_dir)
+            self.spool = Spool(
+                acfg.state_dir / "spool",
+                max_bytes=acfg.spool_max_mb << 20,
+                full_policy=acfg.spool_full_policy,
+                fsync=acfg.spool_fsync,
+            )
+        except OSError as err:
+            # Nothing can be numbered or spooled: one line naming what to fix, not a traceback.
+            raise SystemExit(
+                f"agent.state_dir {acfg.state_dir} cannot be used ({err.strerror or err}: {err.filename}): "
+                "the agent keeps its batch numbers and its spool there; make it a directory the agent "
+                "can write, or set agent.state_dir (KTEL_AGENT__STATE_DIR) to one"
+            ) from None
         self.redactor = Redactor(acfg.redact)
-        self.spool = Spool(
-            acfg.state_dir / "spool",
-            max_bytes=acfg.spool_max_mb << 20,
-            full_policy=acfg.spool_full_policy,
-            fsync=acfg.spool_fsync,
-        )
         self.spooled = asyncio.Event()
         self._renewal: asyncio.Task | None = None  # see _renew_producer
         self.loaded: dict[str, probes_mod.LoadedProbe] = {}

@@ -150,6 +150,7 @@ class Spool:
         self.dropped_batches = 0
         self.corrupt_bytes = 0
         self._damaged: set[tuple[int, int]] = set()
+        self._undeleted: set[int] = set()  # acknowledged or dropped segments unlink failed on
         self._last_fsync = time.monotonic()
         self._unsynced = False  # records written since the last fsync
         self._ack = self._load_ack()
@@ -158,10 +159,11 @@ class Spool:
         self._ack_failing = False
         self._ack_fd: int | None = None  # opened at the first write (_write_ack)
         segs = self._segments()
+        self._ack = self._checked(self._ack, segs)
         # Forget segments wholly before the acknowledged cursor (a crash between ack and delete).
         for s in segs:
             if s < self._ack.segment:
-                self._path(s).unlink()
+                self._unlink(s)
         segs = [s for s in segs if s >= self._ack.segment]
         # Always a fresh segment for writing: never append after a possibly torn tail.
         # And never one the cursor read from disk points into, even with the segments
@@ -208,6 +210,43 @@ class Spool:
             return Cursor(int(seg), int(off))
         except (FileNotFoundError, ValueError):
             return Cursor(0, 0)
+
+    def _checked(self, ack: Cursor, segs: list[int]) -> Cursor:
+        """``ack`` if the segments on disk can follow from it, else none (Cursor(0, 0)):
+        everything is sent again, and the processors drop what they had by sequence
+        number. The spool writes a cursor inside a segment it holds, at most its size,
+        and deletes only the segments before it. One past every segment on disk but
+        the next, or past its segment's end, is damage or a hand's edit, and taken as
+        it is it would delete the unacknowledged backlog at start."""
+        if not segs:
+            return ack  # every segment gone: new ones are numbered past it (module docstring)
+        if ack.segment > segs[-1] + 1 or (
+            ack.segment in segs and ack.offset > self._path(ack.segment).stat().st_size
+        ):
+            log.error(
+                "spool ack cursor %d %d does not fit the segments in %s (%d to %d): "
+                "sending their batches again from the oldest",
+                ack.segment, ack.offset, self.dir, segs[0], segs[-1],
+            )  # fmt: skip
+            return Cursor(0, 0)
+        return ack
+
+    def _unlink(self, seg: int) -> None:
+        """Delete an acknowledged or dropped segment; one that cannot be (a read-only or
+        failing disk) is logged and tried again at the next deletion, and meanwhile
+        only takes disk space: nothing reads it again."""
+        try:
+            self._path(seg).unlink(missing_ok=True)
+        except OSError as err:
+            if seg not in self._undeleted:
+                log.error(
+                    "spool segment %s cannot be deleted (%s): trying again later",
+                    self._path(seg),
+                    err.strerror or err,
+                )
+            self._undeleted.add(seg)
+        else:
+            self._undeleted.discard(seg)
 
     # ----------------------------------------------------------------- state
 
@@ -344,7 +383,8 @@ class Spool:
             events,
         )
         self._delete_through(oldest)
-        self._ack = Cursor(oldest + 1, 0)
+        # The next segment there is: one may be missing (removed by hand, logged at start).
+        self._ack = Cursor(min((s for s in self._sizes if s > oldest), default=self._wseg), 0)
         self._forget_before(self._ack)
         self._write_ack()
         return True
@@ -459,8 +499,10 @@ class Spool:
             if self._rfile is not None and self._rfile[0] == s:
                 self._rfile[1].close()  # type: ignore[attr-defined]
                 self._rfile = None
-            self._path(s).unlink(missing_ok=True)
             del self._sizes[s]
+            self._unlink(s)
+        for s in sorted(self._undeleted):
+            self._unlink(s)
 
     def _write_ack(self) -> None:
         cur = self._ack

@@ -136,3 +136,12 @@ def test_drained_events_are_held_packed_and_masked_by_the_agents_rules(tmp_path,
     events = [msgpack.unpackb(p) for p in pending]
     assert [ev[6] for ev in events] == ["/home/*/x" if masked else "/home/alice/x", "/tmp/y"]
     assert [ev[2] for ev in events] == [40, 41] and weights == [1.0, 1.0]
+
+
+def test_a_state_dir_that_cannot_be_used_names_the_setting_and_the_fix(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit) as stop:
+        make_agent(tmp_path / "a-file" / "state")
+    said = str(stop.value)
+    assert said.startswith(f"agent.state_dir {tmp_path / 'a-file' / 'state'} cannot be used (Not a directory")
+    assert "set agent.state_dir (KTEL_AGENT__STATE_DIR)" in said

@@ -3,6 +3,7 @@ import stat
 import struct
 import time
 import zlib
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -303,3 +304,66 @@ def test_a_spool_written_before_zlib_ng_is_read_the_same(tmp_path):
     sp = Spool(tmp_path)
     assert read_all(sp) == [good] and sp.corrupt_bytes > 0
     sp.close()
+
+
+def test_a_segment_that_cannot_be_deleted_stops_nothing_and_is_deleted_later(tmp_path, monkeypatch, caplog):
+    """A read-only or failing disk refuses an acknowledged segment's unlink: publishing
+    goes on, a full spool's drop is counted once, and the segment goes once it can."""
+    rec = HEADER.size + 100
+    sp = Spool(tmp_path, max_bytes=10 * rec, segment_bytes=2 * rec, full_policy="drop_oldest")
+    real_unlink = Path.unlink
+    refusing = True
+
+    def unlink(self, *args, **kwargs):
+        if refusing and self.suffix == ".seg":
+            raise OSError(30, "Read-only file system")
+        return real_unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    assert all(sp.append(payload(i), n_events=7) for i in range(15))  # drops its oldest on the way
+    got = read_all(sp)
+    assert got == [payload(i) for i in range(15 - len(got), 15)]
+    assert (sp.dropped_batches, sp.dropped_events) == (15 - len(got), 7 * (15 - len(got)))  # once each
+    recs = read_records(sp)
+    sp.ack(recs[-2].next)  # across segments: their unlinks fail too
+    assert "cannot be deleted (Read-only file system): trying again later" in caplog.text
+    assert len(list(tmp_path.glob("*.seg"))) > 2
+    refusing = False
+    sp.append(payload(99), n_events=1)
+    sp.ack(read_records(sp)[-1].next)
+    assert read_all(sp) == []
+    assert len(list(tmp_path.glob("*.seg"))) == 1  # only the segment being written
+
+
+def test_dropping_the_oldest_segment_moves_on_to_the_next_one_there_is(tmp_path):
+    """A segment removed by hand behind the oldest: the drop does not point the spool at
+    it (every read and append then failed on the missing file)."""
+    rec = HEADER.size + 100
+    sp = Spool(tmp_path, max_bytes=10 * rec, segment_bytes=2 * rec, full_policy="drop_oldest")
+    for i in range(8):
+        sp.append(payload(i), n_events=1)
+    sp.close()
+    segs = sorted(tmp_path.glob("*.seg"))
+    segs[1].unlink()
+    again = Spool(tmp_path, max_bytes=10 * rec, segment_bytes=2 * rec, full_policy="drop_oldest")
+    assert all(again.append(payload(i), n_events=1) for i in range(100, 110))
+    got = read_all(again)
+    assert got[-10:] == [payload(i) for i in range(100, 110)]
+
+
+@pytest.mark.parametrize("cursor", ["999999 0", "{first} 999999"])
+def test_an_ack_cursor_that_does_not_fit_the_segments_deletes_nothing(tmp_path, caplog, cursor):
+    """Damage or a hand's edit: a cursor past every segment, or past its segment's end,
+    taken as it is would delete the unacknowledged backlog at start. Everything is
+    sent again instead (the processors drop what they had by sequence number)."""
+    sp = Spool(tmp_path, segment_bytes=1000)
+    for i in range(30):
+        sp.append(payload(i), 1)
+    sp.ack(read_records(sp)[4].next)
+    sp.close()
+    first = int(sorted(tmp_path.glob("*.seg"))[0].stem)
+    (tmp_path / "ack").write_text(cursor.format(first=first).ljust(47) + "\n")
+    again = Spool(tmp_path, segment_bytes=1000)
+    got = read_all(again)
+    assert got[-25:] == [payload(i) for i in range(5, 30)]  # (and what came before it in its segment)
+    assert "does not fit the segments" in caplog.text
