@@ -23,7 +23,7 @@ file_event = st.tuples(
 ).map(list)
 batches = st.builds(
     wire.RawBatch,
-    host_id=text,
+    host_id=text.filter(lambda h: h != "*"),  # ktel.control's every-host target: refused (its own test)
     boot_id=text,
     seq=st.integers(0, 2**63 - 1),
     sent_ns=st.integers(0, 2**63 - 1),
