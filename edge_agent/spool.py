@@ -24,8 +24,9 @@ one write of 48 bytes at offset 0 is whole or absent after the agent crashes
 file for each write (a temporary file renamed over it) would be a
 file creation that the file_created probe reports, so that every batch
 acknowledged would make the next one on a host that is otherwise idle. A
-cursor that does not parse counts as none: the backlog is re-sent from its
-oldest segment.
+cursor that does not parse, or does not fit the segments on disk (a negative
+number, past a segment's end, inside a record), counts as none: the backlog is
+re-sent from its oldest segment.
 
 Durability (``fsync``): ``always`` fsyncs every record before it counts as
 spooled; ``interval`` (default) fsyncs what was written about
@@ -214,14 +215,18 @@ class Spool:
     def _checked(self, ack: Cursor, segs: list[int]) -> Cursor:
         """``ack`` if the segments on disk can follow from it, else none (Cursor(0, 0)):
         everything is sent again, and the processors drop what they had by sequence
-        number. The spool writes a cursor inside a segment it holds, at most its size,
-        and deletes only the segments before it. One past every segment on disk but
-        the next, or past its segment's end, is damage or a hand's edit, and taken as
-        it is it would delete the unacknowledged backlog at start."""
+        number. The spool writes a cursor inside a segment it holds, at a record's
+        start or the segment's end, and deletes only the segments before it. One past
+        every segment on disk but the next, or past its segment's end, is damage or a
+        hand's edit, and taken as it is it would delete the unacknowledged backlog at
+        start; a negative one made every read fail, and one inside a record lost it."""
         if not segs:
             return ack  # every segment gone: new ones are numbered past it (module docstring)
-        if ack.segment > segs[-1] + 1 or (
-            ack.segment in segs and ack.offset > self._path(ack.segment).stat().st_size
+        if (
+            ack.segment < 0
+            or ack.offset < 0
+            or ack.segment > segs[-1] + 1
+            or (ack.segment in segs and not self._record_at(ack.segment, ack.offset))
         ):
             log.error(
                 "spool ack cursor %d %d does not fit the segments in %s (%d to %d): "
@@ -230,6 +235,26 @@ class Spool:
             )  # fmt: skip
             return Cursor(0, 0)
         return ack
+
+    def _record_at(self, seg: int, offset: int) -> bool:
+        """Whether ``offset`` is where the spool could have put the cursor in ``seg``:
+        its start, its end, or the start of an intact record (a cursor inside a record
+        would skip it as damage, and one past the end would skip the segment)."""
+        with open(self._path(seg), "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if offset in (0, size):
+                return True
+            if offset > size:
+                return False
+            f.seek(offset)
+            head = f.read(HEADER.size)
+            if len(head) < HEADER.size:
+                return False
+            magic, length, n_events, crc = HEADER.unpack(head)
+            if magic != MAGIC or length > MAX_RECORD:
+                return False
+            body = f.read(length)
+            return len(body) == length and _crc(length, n_events, body) == crc
 
     def _unlink(self, seg: int) -> None:
         """Delete an acknowledged or dropped segment; one that cannot be (a read-only or

@@ -351,18 +351,20 @@ def test_dropping_the_oldest_segment_moves_on_to_the_next_one_there_is(tmp_path)
     assert got[-10:] == [payload(i) for i in range(100, 110)]
 
 
-@pytest.mark.parametrize("cursor", ["999999 0", "{first} 999999"])
+@pytest.mark.parametrize("cursor", ["999999 0", "{first} 999999", "{first} -5", "{first} {mid}"])
 def test_an_ack_cursor_that_does_not_fit_the_segments_deletes_nothing(tmp_path, caplog, cursor):
     """Damage or a hand's edit: a cursor past every segment, or past its segment's end,
-    taken as it is would delete the unacknowledged backlog at start. Everything is
+    taken as it is would delete the unacknowledged backlog at start; a negative one
+    failed every read, one inside a record lost that record. Everything is
     sent again instead (the processors drop what they had by sequence number)."""
     sp = Spool(tmp_path, segment_bytes=1000)
     for i in range(30):
         sp.append(payload(i), 1)
     sp.ack(read_records(sp)[4].next)
+    mid = read_records(sp)[0].start.offset + 7  # inside the first unacknowledged record
     sp.close()
     first = int(sorted(tmp_path.glob("*.seg"))[0].stem)
-    (tmp_path / "ack").write_text(cursor.format(first=first).ljust(47) + "\n")
+    (tmp_path / "ack").write_text(cursor.format(first=first, mid=mid).ljust(47) + "\n")
     again = Spool(tmp_path, segment_bytes=1000)
     got = read_all(again)
     assert got[-25:] == [payload(i) for i in range(5, 30)]  # (and what came before it in its segment)
