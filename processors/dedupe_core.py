@@ -23,10 +23,19 @@ Batches are untrusted (docs/design.md, principle 11). One whose sequence number
 is more than ``MAX_SEQUENCE_GAP`` past the highest its stream has sent is refused:
 counted as seen, it would make every real batch up to it a "duplicate". An agent
 skips at most one block of numbers per restart (edge_agent/seqstore.py), so a
-real gap that large takes thousands of restarts that sent nothing. A batch of a
-stream that is not the host's newest, while that one is live, means two machines
-send under one host id (a cloned /etc/machine-id): counted as a host conflict;
-both keep their own dedupe record and both are counted.
+real gap that large takes thousands of restarts that sent nothing, or an outage
+long enough that the agent's full spool dropped that many batches (their numbers
+were used when they were sealed). Then every batch after is as far past, and
+refusing them all would refuse the host for good: the next batch of the stream
+after a refused one, past it and within ``MAX_SEQUENCE_GAP`` of it, re-anchors the
+stream there (counted: ``sequence_reanchors``). The refused batch stays refused
+(each Dedupe on a batch's way refuses one); one forged number alone still changes
+nothing. What was refused is remembered in the worker's memory, not the host's
+state: a worker restart between the two costs one more batch refused.
+
+A batch of a stream that is not the host's newest, while that one is live, means
+two machines send under one host id (a cloned /etc/machine-id): counted as a host
+conflict; both keep their own dedupe record and both are counted.
 
 Every stage that keeps counts runs this check on its own input too, in the
 same table value as its counts, so that a batch re-delivered after a crash is
@@ -51,6 +60,8 @@ MAX_SEQUENCE_GAP = 4096 << 12
 # forgotten, and what of it arrives later counts again. Splits are rare (a batch
 # above the broker's message limit) and their parts are sent one after the other.
 MAX_SPLIT = 16
+# Hosts whose last refused batch (too far past) a Dedupe remembers (a re-anchor needs it).
+MAX_REFUSED_HOSTS = 4096
 
 
 def stream(batch: RawBatch) -> str:
@@ -100,17 +111,38 @@ class Dedupe(Stage):
     def __init__(self, guards: str = name):
         """``guards``: the section of the table value its record goes in."""
         self.section = guards
+        # host id -> (stream, seq) of its last batch refused as too far past.
+        self.last_refused: dict[str, tuple[str, int]] = {}
 
     def on_batch(self, state: State, batch: RawBatch, now_ms: int) -> Result:
         key = stream(batch)
         by_stream = state.get("seen", {})
         intervals = by_stream.get(key)
+        reanchored: Result | None = None
         if intervals and batch.seq > intervals[-1][1] + MAX_SEQUENCE_GAP:
-            return Result(
-                None,
-                refused=f"raw batch: sequence {batch.seq} is more than {MAX_SEQUENCE_GAP} past the "
-                f"highest its host and boot sent ({intervals[-1][1]})",
+            host = batch.host_id
+            last = self.last_refused.pop(host, None)
+            if last is None or last[0] != key or not last[1] < batch.seq <= last[1] + MAX_SEQUENCE_GAP:
+                self.last_refused[host] = (key, batch.seq)
+                while len(self.last_refused) > MAX_REFUSED_HOSTS:
+                    del self.last_refused[next(iter(self.last_refused))]
+                return Result(
+                    None,
+                    refused=f"raw batch: sequence {batch.seq} is more than {MAX_SEQUENCE_GAP} past the "
+                    f"highest its host and boot sent ({intervals[-1][1]}); the stream re-anchors if "
+                    "its next batch follows this one",
+                )
+            # Taken: a new interval far past the old ones (the numbers between were dropped unsent).
+            refusal = {host: last}
+            reanchored = Result(
+                counts={"sequence_reanchors": 1}, undo=[lambda: self.last_refused.update(refusal)]
             )
+        result = self._first_time(state, batch, key, by_stream, intervals)
+        return result if reanchored is None else reanchored.then(result)
+
+    def _first_time(
+        self, state: State, batch: RawBatch, key: str, by_stream: dict, intervals: list | None
+    ) -> Result:
         out_of_turn = intervals is not None and next(reversed(by_stream)) != key
         fresh = first_time(state, batch)
         if fresh is not None:
@@ -121,3 +153,7 @@ class Dedupe(Stage):
             return Result(fresh, changed=True)
         # Written back all the same: the dedupe record may have been trimmed.
         return Result(None, changed=True, counts={"duplicates": 1})
+
+    def forget(self, host_id: str) -> Result:
+        self.last_refused.pop(host_id, None)
+        return Result()

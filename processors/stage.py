@@ -92,8 +92,8 @@ class Result:
     logs: list[LogBatch] = dataclasses.field(default_factory=list)
     commands: list[ControlCommand] = dataclasses.field(default_factory=list)
     # Increments of the worker's self-metrics, by the names processors/stages.py
-    # maps to them: duplicates, host_conflicts, events, overflowed, sampled_out,
-    # evicted_processes, evicted_containers, expired_hosts, unchanged_series, processes
+    # maps to them: duplicates, host_conflicts, sequence_reanchors, events, overflowed,
+    # sampled_out, evicted_processes, evicted_containers, expired_hosts, unchanged_series, processes
     # (a gauge: it may go down).
     counts: dict[str, float] = dataclasses.field(default_factory=dict)
     # The same per event kind: name -> {kind: increment} (sampler_emitted, sampler_kept).

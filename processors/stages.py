@@ -135,6 +135,12 @@ HOST_CONFLICTS = Counter(
     "batches of a host id's older boot while a newer one is live (two machines, one host id)",
     ["stage"],
 )
+SEQUENCE_REANCHORS = Counter(
+    "ktel_processor_sequence_reanchors",
+    "hosts' batch numbering taken up again more than 2^24 past its highest (batches a full agent "
+    "spool dropped): the batch that showed the jump was dead-lettered",
+    ["stage"],
+)
 EXPIRED_HOSTS = Counter(
     "ktel_processor_expired_hosts", "hosts forgotten after aggregate.host_ttl_seconds of silence", ["stage"]
 )
@@ -193,6 +199,7 @@ SERIES = Gauge(
 COUNTED: dict[str, tuple[Counter | Gauge, tuple[str, ...]]] = {
     "duplicates": (DUPLICATES, ()),
     "host_conflicts": (HOST_CONFLICTS, ()),
+    "sequence_reanchors": (SEQUENCE_REANCHORS, ()),
     "expired_hosts": (EXPIRED_HOSTS, ()),
     "unchanged_series": (UNCHANGED_SERIES, ()),
     "events": (EVENTS, ()),

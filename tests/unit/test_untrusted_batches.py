@@ -208,3 +208,49 @@ def test_the_enrich_sections_kept_size_never_falls_below_what_it_takes(monkeypat
         assert real(rest) <= state.get("bytes", 0) and real(rest) <= opts.max_table_bytes
     assert evicted > 0  # (the later boots' processes pushed the earlier boots' out)
     assert 0 < encodes < 300  # mostly known without encoding the section
+
+
+def test_a_stream_that_goes_on_past_a_refused_jump_is_taken_up_there_not_refused_for_good():
+    """An agent's full spool dropped more than MAX_SEQUENCE_GAP batches during a long
+    outage: every batch after is as far past the highest. The first is refused; the
+    next, following it, re-anchors the stream (counted), and the rest are taken."""
+    c, value = chain(), {}
+    for seq in range(10):
+        c.on_batch(value, batch(seq), NOW)
+    jump = 9 + MAX_SEQUENCE_GAP + 1000
+    before = copy.deepcopy(value)
+    assert c.on_batch(value, batch(jump), NOW).refused is not None and value == before
+    result = c.on_batch(value, batch(jump + 1), NOW)
+    assert result.refused is None and result.counts["sequence_reanchors"] == 1
+    assert result.counts["events"] == 2
+    for seq in range(jump + 2, jump + 5):
+        r = c.on_batch(value, batch(seq), NOW)
+        assert r.refused is None and r.counts["events"] == 2 and "sequence_reanchors" not in r.counts
+    assert c.on_batch(value, batch(jump + 3), NOW).counts == {"duplicates": 1}
+    assert c.on_batch(value, batch(5), NOW).counts == {"duplicates": 1}  # the old numbers stay seen
+
+
+def test_a_lone_far_number_still_re_anchors_nothing():
+    """What takes a stream up past its highest is two batches that follow each other:
+    one forged number, or one of another boot, or one before it, changes nothing."""
+    c, value = chain(), {}
+    c.on_batch(value, batch(5), NOW)
+    far = 5 + MAX_SEQUENCE_GAP + 10
+    assert c.on_batch(value, batch(far), NOW).refused is not None
+    assert c.on_batch(value, batch(far - 1), NOW).refused is not None  # not after it
+    assert (
+        c.on_batch(value, batch(far - 1 + MAX_SEQUENCE_GAP + 1), NOW).refused is not None
+    )  # too far past it
+    c.on_batch(value, batch(0, boot="other"), NOW)
+    c.on_batch(value, batch(far, boot="other"), NOW)  # the other boot's first batch: taken
+    before = copy.deepcopy(value)
+    assert c.on_batch(value, batch(far + MAX_SEQUENCE_GAP + 1, boot="other"), NOW).refused is not None
+    assert c.on_batch(value, batch(far + 1), NOW).refused is not None  # "b" after another boot's refusal
+    assert value == before
+    # A host forgotten by the worker, or a record the runner refused after all, forgets the refusal.
+    c.forget("h")
+    assert c.on_batch(value, batch(far + 2), NOW).refused is not None
+    taken = c.on_batch(value, batch(far + 3), NOW)
+    assert taken.counts.get("sequence_reanchors") == 1
+    taken.revert()
+    assert c.on_batch(copy.deepcopy(before), batch(far + 4), NOW).counts.get("sequence_reanchors") == 1
