@@ -68,7 +68,7 @@ from edge_agent.seqstore import SeqStore
 from edge_agent.spool import Record, Spool
 from edge_agent.ticks import SealClock
 from ktel import runtime, selfmetrics
-from ktel.config import Config
+from ktel.config import Config, ConfigError
 from ktel.kafka_client import agent_kafka_codec, client_kwargs, explained_by_ktel, start
 from ktel.probes import file_created
 from ktel.probes.decode import PackedEvents, count, pack_event, records
@@ -238,11 +238,16 @@ class Agent:
                 fsync=acfg.spool_fsync,
             )
         except OSError as err:
-            # Nothing can be numbered or spooled: one line naming what to fix, not a traceback.
-            raise SystemExit(
-                f"agent.state_dir {acfg.state_dir} cannot be used ({err.strerror or err}: {err.filename}): "
-                "the agent keeps its batch numbers and its spool there; make it a directory the agent "
-                "can write, or set agent.state_dir (KTEL_AGENT__STATE_DIR) to one"
+            # Nothing can be numbered or spooled: one line naming what to fix, as for any
+            # setting found unusable as a command starts (exit 2), not a traceback. Not run
+            # degraded: no batch could be numbered or kept, and heartbeats would show a
+            # live host whose every event is dropped; stopping shows the misconfiguration
+            # (a read-only root filesystem with no volume there) at rollout.
+            raise ConfigError(
+                f"agent.state_dir = '{acfg.state_dir}': cannot be used ({err.strerror or err}: "
+                f"{err.filename}): the agent keeps its batch numbers and its spool there; make it a "
+                "directory the agent can write (not read-only), or set agent.state_dir "
+                "(KTEL_AGENT__STATE_DIR) to one"
             ) from None
         self.redactor = Redactor(acfg.redact)
         self.spooled = asyncio.Event()

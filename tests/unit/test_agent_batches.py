@@ -2,13 +2,16 @@
 its heartbeats report its counters."""
 
 import contextlib
+import errno
+import os
 
 import msgpack
 import pytest
 
 from edge_agent import agent as agent_mod
 from edge_agent import probes as probes_mod
-from ktel.config import AgentConfig, Config, RedactRule
+from ktel import cli
+from ktel.config import AgentConfig, Config, ConfigError, RedactRule
 from ktel.probes import file_created, ktel_api
 from ktel.probes.decode import PackedEvents, pack_event
 from ktel.wire import decode_batch, encode_batch
@@ -140,8 +143,36 @@ def test_drained_events_are_held_packed_and_masked_by_the_agents_rules(tmp_path,
 
 def test_a_state_dir_that_cannot_be_used_names_the_setting_and_the_fix(tmp_path):
     (tmp_path / "a-file").write_text("")
-    with pytest.raises(SystemExit) as stop:
+    with pytest.raises(ConfigError) as stop:
         make_agent(tmp_path / "a-file" / "state")
     said = str(stop.value)
-    assert said.startswith(f"agent.state_dir {tmp_path / 'a-file' / 'state'} cannot be used (Not a directory")
+    assert said.startswith(
+        f"agent.state_dir = '{tmp_path / 'a-file' / 'state'}': cannot be used (Not a directory"
+    )
     assert "set agent.state_dir (KTEL_AGENT__STATE_DIR)" in said
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_read_only_state_dir_stops_ktel_agent_with_one_line_not_a_traceback(
+    tmp_path, monkeypatch, capsys, existing
+):
+    """What `ktel agent` prints and exits with, as for any setting found unusable."""
+    state = tmp_path / "state"
+    if existing:
+        (state / "spool").mkdir(parents=True)
+        (state / "batch-seq").write_text("c" * 32 + " 4096\n")
+
+    def read_only(path, *args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    monkeypatch.setattr(os, "chmod", read_only)
+    monkeypatch.setattr(os, "mkdir", read_only)
+    monkeypatch.setenv("KTEL_AGENT__STATE_DIR", str(state))
+    monkeypatch.setenv("KTEL_AGENT__HOST_ID", "h")
+    monkeypatch.setenv("KTEL_AGENT__CGROUP_ROOT", str(tmp_path))
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["agent"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "Traceback" not in err
+    assert err.startswith(f"ktel: agent.state_dir = '{state}': cannot be used (Read-only file system: ")
+    assert "not read-only" in err and err.count("\n") == 1
