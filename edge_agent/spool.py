@@ -48,7 +48,8 @@ forward for the next valid record; the skipped bytes are logged and counted
 (``corrupt_bytes``). A torn tail (a crash mid-write) is the same case at the
 end of a segment. The writer never appends to a segment it did not create, so
 a damaged segment is only ever read. A segment gone missing (removed by hand) is
-logged at start and skipped; what it held is lost, what follows it is sent. With
+logged (at start, or when the spool next reads it) and skipped; what it held is
+lost, what follows it is sent. With
 every segment gone and the ack file left, new segments are numbered past the
 cursor it holds, so that it cannot cover them.
 
@@ -152,6 +153,7 @@ class Spool:
         self.corrupt_bytes = 0
         self._damaged: set[tuple[int, int]] = set()
         self._undeleted: set[int] = set()  # acknowledged or dropped segments unlink failed on
+        self._missing: set[int] = set()  # segments found gone while running (logged once)
         self._last_fsync = time.monotonic()
         self._unsynced = False  # records written since the last fsync
         self._ack = self._load_ack()
@@ -426,9 +428,17 @@ class Spool:
     def _scan(self, seg: int, offset: int, count_damage: bool = True):
         """Valid records of one segment from offset, skipping (and counting) damage.
 
-        Reads in chunks, so a long backlog costs one pass over the file.
+        Reads in chunks, so a long backlog costs one pass over the file. A segment
+        gone missing since start (removed by hand) holds nothing: logged, and the
+        reader and a drop move on to the next (every read and append failed on it).
         """
-        f = self._open_read(seg)
+        try:
+            f = self._open_read(seg)
+        except FileNotFoundError:
+            if seg not in self._missing:
+                self._missing.add(seg)
+                log.error("spool segment %s is missing: its batches are lost", self._path(seg))
+            return
         f.seek(offset)  # type: ignore[attr-defined]
         buf, pos, base, eof = b"", 0, offset, False
 

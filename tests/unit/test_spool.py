@@ -369,3 +369,25 @@ def test_an_ack_cursor_that_does_not_fit_the_segments_deletes_nothing(tmp_path, 
     got = read_all(again)
     assert got[-25:] == [payload(i) for i in range(5, 30)]  # (and what came before it in its segment)
     assert "does not fit the segments" in caplog.text
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_a_segment_removed_while_running_is_skipped_by_reads_and_drops(tmp_path, caplog, which):
+    """Removed by hand under a running agent (the oldest, or one after it): reads from
+    disk and a full spool's drops move on to the next segment (every one failed on it)."""
+    rec = HEADER.size + 100
+    sp = Spool(
+        tmp_path, max_bytes=10 * rec, segment_bytes=2 * rec, full_policy="drop_oldest", recent_max_bytes=0
+    )
+    for i in range(8):
+        sp.append(payload(i), n_events=1)
+    gone = sorted(tmp_path.glob("*.seg"))[which]
+    gone.unlink()
+    held = [i for i in range(8) if i != which]  # a batch a segment (the bound's eighth)
+    assert read_all(sp) == [payload(i) for i in held]
+    assert f"spool segment {gone} is missing: its batches are lost" in caplog.text
+    assert all(sp.append(payload(i), n_events=1) for i in range(100, 110))
+    got = read_all(sp)
+    assert got[-10:] == [payload(i) for i in range(100, 110)]
+    assert set(got[:-10]) <= {payload(i) for i in held}
+    assert caplog.text.count("is missing") == 1  # once, however often it is passed
