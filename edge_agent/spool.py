@@ -218,16 +218,21 @@ class Spool:
         """``ack`` if the segments on disk can follow from it, else none (Cursor(0, 0)):
         everything is sent again, and the processors drop what they had by sequence
         number. The spool writes a cursor inside a segment it holds, at a record's
-        start or the segment's end, and deletes only the segments before it. One past
-        every segment on disk but the next, or past its segment's end, is damage or a
+        start or the segment's end, and deletes only the segments before it (so its
+        segment is gone only if it is before every one left, or was the next one to
+        write, empty). One past every segment on disk but that next one, into a
+        segment missing between two on disk, or past its segment's end, is damage or a
         hand's edit, and taken as it is it would delete the unacknowledged backlog at
-        start; a negative one made every read fail, and one inside a record lost it."""
+        start; a negative one made every read fail, and one inside a record lost it.
+        A segment removed by hand under a good cursor costs re-sending, no more."""
         if not segs:
             return ack  # every segment gone: new ones are numbered past it (module docstring)
         if (
             ack.segment < 0
             or ack.offset < 0
             or ack.segment > segs[-1] + 1
+            or (ack.segment == segs[-1] + 1 and ack.offset > 0)
+            or (segs[0] < ack.segment <= segs[-1] and ack.segment not in segs)
             or (ack.segment in segs and not self._record_at(ack.segment, ack.offset))
         ):
             log.error(

@@ -371,6 +371,26 @@ def test_an_ack_cursor_that_does_not_fit_the_segments_deletes_nothing(tmp_path, 
     assert "does not fit the segments" in caplog.text
 
 
+@pytest.mark.parametrize("cursor", ["{gap} 0", "{gap} 116", "{after} 116"])
+def test_an_ack_cursor_into_a_segment_that_is_not_there_deletes_nothing(tmp_path, caplog, cursor):
+    """The spool's cursor is in a segment on disk, or before them all (deleted under
+    it), or at the start of the next one to write: one into a segment missing between
+    two on disk, or into one past the last, would delete the backlog before it."""
+    sp = Spool(tmp_path, segment_bytes=1000)  # 8 batches a segment
+    for i in range(30):
+        sp.append(payload(i), 1)
+    sp.ack(read_records(sp)[4].next)
+    sp.close()
+    segs = sorted(tmp_path.glob("*.seg"))
+    assert len(segs) == 4
+    segs[2].unlink()  # removed by hand: batches 16 to 23
+    at = cursor.format(gap=int(segs[2].stem), after=int(segs[-1].stem) + 1)
+    (tmp_path / "ack").write_text(at.ljust(47) + "\n")
+    again = Spool(tmp_path, segment_bytes=1000)
+    assert read_all(again) == [payload(i) for i in [*range(16), *range(24, 30)]]
+    assert "does not fit the segments" in caplog.text
+
+
 @pytest.mark.parametrize("which", [0, 1])
 def test_a_segment_removed_while_running_is_skipped_by_reads_and_drops(tmp_path, caplog, which):
     """Removed by hand under a running agent (the oldest, or one after it): reads from
