@@ -124,7 +124,8 @@ def build(process: str, cfg: Config) -> Chain:
     make: dict[str, Callable[[], Stage]] = {
         "dedupe": Dedupe,
         "enrich": lambda: Enrich.from_config(cfg.enrich, cfg.process.max_state_bytes),
-        "sample": lambda: Sample.from_config(cfg.sample),
+        # (alone, its output goes to the aggregate's guard through a topic)
+        "sample": lambda: Sample.from_config(cfg.sample, parts_whole=process == "sample"),
         "aggregate": lambda: Aggregate.from_config(cfg.aggregate, cfg.process.max_state_bytes),
     }
     return Chain([make[name]() for name in PROCESSES[process]])

@@ -16,8 +16,9 @@ A part (``part``: a batch Kafka refused as too large, split by the agent,
 edge_agent/agent.py) keeps its batch's seq and says which of its events it holds.
 The events of a seq already seen are duplicates; otherwise the events seen of
 that seq are kept as closed intervals of event indexes, a part passes on only
-those it adds (a re-sent batch may be split otherwise the second time), and
-once every event of the batch was seen the seq joins the stream's intervals.
+those it adds (a re-sent batch may be split otherwise the second time, or come
+whole: then it counts as a part holding every event), and once every event of
+the batch was seen the seq joins the stream's intervals.
 
 Batches are untrusted (docs/design.md, principle 11). One whose sequence number
 is more than ``MAX_SEQUENCE_GAP`` past the highest its stream has sent is refused:
@@ -45,6 +46,7 @@ guarding that stage's section (processors/chain.py).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from ktel.wire import RawBatch
@@ -68,9 +70,11 @@ def stream(batch: RawBatch) -> str:
     return batch.boot_id if batch.incarnation is None else f"{batch.boot_id}/{batch.incarnation}"
 
 
-def first_time(state: dict[str, Any], batch: RawBatch) -> RawBatch | None:
+def first_time(state: dict[str, Any], batch: RawBatch, exact: bool = True) -> RawBatch | None:
     """Record the batch; what of it was not seen before (None: it is a duplicate).
-    ``state`` is mutated in place."""
+    ``state`` is mutated in place. ``exact``: a part passes on only its events not
+    seen before; else it passes on as the run of its events from the first of those
+    to the last, as a part again (see ``Dedupe``)."""
     key = stream(batch)
     by_stream = state.setdefault("seen", {})
     intervals = by_stream.setdefault(key, [])
@@ -78,11 +82,12 @@ def first_time(state: dict[str, Any], batch: RawBatch) -> RawBatch | None:
         old = next(iter(by_stream))  # dicts keep insertion order: oldest first
         del by_stream[old]
         state.get("parts", {}).pop(old, None)
-    if batch.part is None:
+    if batch.part is None and str(batch.seq) not in state.get("parts", {}).get(key, ()):
         return batch if seen.add(intervals, batch.seq) else None
     if seen.contains(intervals, batch.seq):
         return None
-    first, total = batch.part
+    # (a whole batch some parts of which came before: a part holding all of it)
+    first, total = batch.part or (0, len(batch.events))
     splits = state.setdefault("parts", {}).setdefault(key, {})
     got = splits.setdefault(str(batch.seq), [])
     new = [i for i in range(len(batch.events)) if not seen.contains(got, first + i)]
@@ -100,17 +105,30 @@ def first_time(state: dict[str, Any], batch: RawBatch) -> RawBatch | None:
     if len(new) == len(batch.events):
         return batch
     weights = batch.weights
-    return batch.keeping(
-        [batch.events[i] for i in new], None if weights is None else [weights[i] for i in new]
-    )
+    if exact:
+        return batch.keeping(
+            [batch.events[i] for i in new], None if weights is None else [weights[i] for i in new]
+        )
+    lo, hi = new[0], new[-1] + 1
+    run = batch.keeping(batch.events[lo:hi], None if weights is None else weights[lo:hi])
+    return dataclasses.replace(run, part=[first + lo, total])
 
 
 class Dedupe(Stage):
     name = "dedupe"
 
-    def __init__(self, guards: str = name):
-        """``guards``: the section of the table value its record goes in."""
-        self.section = guards
+    def __init__(self, guards: str | None = None):
+        """``guards``: the section of the table value its record goes in, that of the
+        stage whose counts it guards (processors/chain.py); None: the dedupe stage of
+        split mode, whose own section it is.
+
+        A guard passes on exactly the events of a part not seen before. The dedupe
+        stage passes on a part's run of events from the first not seen to the last,
+        as a part: stages after it index a part's events by where they lie in it
+        (the counting stage's guard dedupes them again), and events picked out one
+        by one no longer lie where their part says."""
+        self.section = guards or self.name
+        self.exact = guards is not None
         # host id -> (stream, seq) of its last batch refused as too far past.
         self.last_refused: dict[str, tuple[str, int]] = {}
 
@@ -144,7 +162,7 @@ class Dedupe(Stage):
         self, state: State, batch: RawBatch, key: str, by_stream: dict, intervals: list | None
     ) -> Result:
         out_of_turn = intervals is not None and next(reversed(by_stream)) != key
-        fresh = first_time(state, batch)
+        fresh = first_time(state, batch, self.exact)
         if fresh is not None:
             if out_of_turn:
                 # Its stream becomes the newest: two live ones alternating count every switch.

@@ -104,8 +104,9 @@ class Sampler:
             for field, threshold in [opts.keep_slow[k.name]]
         }
 
-    def sample(self, batch: RawBatch) -> RawBatch:
-        """The kept events of a batch, with their weights."""
+    def sample(self, batch: RawBatch, keep_all: bool = False) -> RawBatch:
+        """The kept events of a batch, with their weights; ``keep_all``: every event
+        kept, counted in the window's rates all the same."""
         opts = self.opts
         rng: random.Random | None = None  # (seeded when first needed: most batches sample nothing out)
         weights_in = batch.weights or [1.0] * len(batch.events)
@@ -114,7 +115,7 @@ class Sampler:
         for ev, w in zip(batch.events, weights_in, strict=True):
             kind = ev[0]
             self.window_counts[kind] += w
-            if kind in keep_ids or (kind in slow and ev[slow[kind][0]] >= slow[kind][1]):
+            if keep_all or kind in keep_ids or (kind in slow and ev[slow[kind][0]] >= slow[kind][1]):
                 p = 1.0
             else:
                 p = self.kind_p.get(kind, opts.baseline)
@@ -172,14 +173,20 @@ class Sample(Stage):
     name = "sample"
     durable = False
 
-    def __init__(self, opts: Options):
+    def __init__(self, opts: Options, parts_whole: bool = False):
+        """``parts_whole``: a part of a split batch (``RawBatch.part``) passes on with
+        every event, as in split mode: the aggregate's guard, on the other side of a
+        topic, finds a part's events by where they lie in it, which sampling out some
+        would shift (fused, the guard comes first, and the sampler samples parts too).
+        Parts are rare: the batches Kafka refused as too large."""
         super().__init__()
         self.sampler = Sampler(opts)
         self.window_s = opts.window_seconds
+        self.parts_whole = parts_whole
 
     @classmethod
-    def from_config(cls, section: SampleConfig) -> Sample:
-        return cls(Options.from_config(section))
+    def from_config(cls, section: SampleConfig, parts_whole: bool = False) -> Sample:
+        return cls(Options.from_config(section), parts_whole)
 
     def on_batch(self, state: State, batch: RawBatch, now_ms: int) -> Result:
         events = sum(batch.weights) if batch.weights else len(batch.events)
@@ -189,7 +196,7 @@ class Sample(Stage):
             state["probes"] = sorted(probes.union(state.get("probes", ())))
         state["seen_ms"] = now_ms
         undo = self.sampler.undoer()
-        kept = self.sampler.sample(batch)
+        kept = self.sampler.sample(batch, keep_all=self.parts_whole and batch.part is not None)
         emitted = by_kind(batch.events)
         return Result(
             kept,

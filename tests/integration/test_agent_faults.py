@@ -43,7 +43,7 @@ def no_leftover_agents():
 
 def deduped_paths(bootstrap: str, host: str, prefix: str) -> list[str]:
     """Paths under ``prefix`` in ``host``'s batches on ktel.raw, after the dedupe stage's core."""
-    dedupe, state, paths = Dedupe(), {}, []
+    dedupe, state, paths = Dedupe(guards="counted"), {}, []
     for rec in asyncio.run(read_topic(bootstrap, RAW_TOPIC)):
         try:
             batch = decode_batch(rec.value)

@@ -1,8 +1,13 @@
 """How processors/chain.py composes the stages of each `ktel process`, and the
 window work the runner's timers do through it."""
 
+import dataclasses
+import json
+
+import pytest
+
 from ktel import config
-from ktel.wire import FILE_CREATED, PROCESS_EXIT, RawBatch
+from ktel.wire import FILE_CREATED, PROCESS_EXIT, RawBatch, decode_batch, encode_batch
 from processors import chain, sample_core
 
 T = 1_700_000_000_000_000_000
@@ -75,3 +80,43 @@ def test_a_host_forgotten_leaves_no_memory_in_any_stage_and_takes_its_processes_
     forgot = fused.forget("h1")
     assert forgot.counts == {"processes": -3}
     assert fused.memory["sample"] == {} and fused.forget("h1").counts == {"processes": 0}
+
+
+@pytest.mark.parametrize("again", [[0, 8], None], ids=["one-part", "whole"])
+def test_in_split_mode_a_part_resent_whole_counts_each_of_its_events_once(again):
+    # The agent split batch 0 (8 events) into parts; two of them reached the pipeline,
+    # then the agent, restarted, sent it again in one part, or whole. The dedupe stage
+    # and the aggregate's guard each keep their own record of which events they saw.
+    cfg = config.Config(agent=config.AgentConfig(host_id="t"))
+    dedupe, aggregate = chain.build("dedupe", cfg), chain.build("aggregate", cfg)
+    events = [file_created(10, f"/src/d{i}/x.o") for i in range(8)]
+    sends = [(0, 2, [0, 8]), (4, 6, [4, 8]), (0, 8, again)]
+    deduped_value: dict = {}
+    counted_value: dict = {}
+    counted = 0
+    for lo, hi, part in sends:
+        batch = RawBatch("h1", "b1", 0, T, events[lo:hi], part=part)
+        passed = dedupe.on_batch(deduped_value, batch, 1000).batch
+        if passed is None:
+            continue
+        # (as the next stage reads it from the dedupe stage's topic)
+        result = aggregate.on_batch(counted_value, decode_batch(encode_batch(passed)), 1000)
+        counted += result.counts.get("events", 0)
+    series = counted_value["aggregate"]["series"]
+    by_dir = {json.loads(key)[1][0][1]: n for key, n in series.items() if "file_created" in key}
+    assert counted == 8
+    assert by_dir == {f"/src/d{i}": 1 for i in range(8)}
+
+
+def test_the_sample_stage_alone_passes_parts_on_whole_and_fused_samples_them():
+    # Alone, its output reaches the aggregate's guard through a topic, and the guard
+    # finds a part's events by where they lie in it: sampling some out would shift the
+    # rest onto other events' places.
+    cfg = config.Config(agent=config.AgentConfig(host_id="t"), sample=config.SampleConfig(baseline=0.25))
+    events = [file_created(10, f"/src/d{i}/x.o") for i in range(64)]
+    alone, fused = chain.build("sample", cfg), chain.build("all", cfg)
+    part = RawBatch("h1", "b1", 0, T, events[:32], part=[0, 64])
+    whole = RawBatch("h1", "b1", 1, T, events)
+    assert alone.on_batch({}, part, 1000).batch is part
+    assert len(alone.on_batch({}, whole, 1000).batch.events) < len(whole.events)
+    assert fused.on_batch({}, dataclasses.replace(part, seq=2), 1000).counts["sampled_out"] > 0
