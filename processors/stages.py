@@ -64,7 +64,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import faust
-from aiokafka.errors import MessageSizeTooLargeError
 from aiokafka.partitioner import murmur2
 from faust.serializers import codecs
 from opentelemetry.semconv._incubating.attributes.host_attributes import HOST_ID
@@ -87,7 +86,7 @@ from ktel.wire import (
     encode_command,
     encoded_parts,
 )
-from ktel.wire.codec import compress
+from ktel.wire.codec import SEND_MAX_BYTES, compress
 from ktel.wire.signals import Signal
 from ktel.wire.topics import Topics
 from processors import changelog
@@ -275,15 +274,48 @@ async def produce(
     await app.producer.send_checked(topic, key, value, partition, acked)
 
 
-def passed_on(batch: RawBatch) -> bytes:
-    """A batch as a stage passes it on to the next one's topic: above
-    ``COMPRESS_ABOVE`` bytes, one zstd frame, as the agent sends its own (ktel/wire/codec.py).
+def passed_on(batch: RawBatch, key: bytes) -> list[bytes]:
+    """A batch as a stage passes it on to the next one's topic (with ``key``): above
+    ``COMPRESS_ABOVE`` bytes, one zstd frame, as the agent sends its own (ktel/wire/codec.py);
+    one that even so does not fit a record (``SEND_MAX_BYTES``), in parts, as the agent
+    splits its own (``RawBatch.part``): its events halved until each part fits.
+
     The enrich stage can make a small batch far larger than it came (a container's
     attributes copied into each of its processes): 200 process starts in one container
     with 16 KB of attributes come to 3.4 MB, past what a Kafka record takes (the
-    producer's 1,000,000 bytes), and each restart would stop on it again."""
+    producer's 1,000,000 bytes), and each restart would stop on it again. Most of it
+    compresses away; attributes that do not (a hostile writer's, random) need parts.
+    The aggregate's guard counts a part's events once whatever the parts were, so parts
+    of a part are parts of its batch. A single event too large alone stays one record,
+    which ``too_large`` names."""
     data = encode_batch(batch)
-    return compress(data) if len(data) > COMPRESS_ABOVE else data
+    if len(data) > COMPRESS_ABOVE:
+        data = compress(data)
+    if len(data) + len(key) <= SEND_MAX_BYTES or len(batch.events) < 2:
+        return [data]
+    first, total = batch.part or (0, len(batch.events))
+    mid = len(batch.events) // 2
+    weights = batch.weights
+    halves = (
+        dataclasses.replace(
+            batch.keeping(batch.events[lo:hi], None if weights is None else weights[lo:hi]),
+            part=[first + lo, total],
+        )
+        for lo, hi in ((0, mid), (mid, len(batch.events)))
+    )
+    return [data for half in halves for data in passed_on(half, key)]
+
+
+def too_large(records: list[tuple[str, bytes]], key: bytes | None) -> str | None:
+    """Why one of ``records`` (topic, value), sent with ``key``, cannot be: past what a
+    Kafka record takes even split as far as it goes (a single event, span or log row
+    carrying megabytes of attributes a hostile writer gave it); None if all can."""
+    for topic, data in records:
+        if len(data) + len(key or b"") > SEND_MAX_BYTES:
+            return (
+                f"its {topic} record would take {len(data)} bytes, more than Kafka takes ({SEND_MAX_BYTES})"
+            )
+    return None
 
 
 def encoded(table: Any, value: dict[str, Any]) -> bytes:
@@ -406,6 +438,16 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             kept = persisted[host_id] = Persisted(value, encoded(hosts, changelog.head(value)), entries)
         return kept
 
+    def undo(host_id: str, value: dict[str, Any], result: Result) -> None:
+        """Put back what a record changed: the host's table value as the changelog has it,
+        and the worker's own state (``Result.revert``)."""
+        if result.changed:
+            kept = as_persisted(host_id, value)
+            restored = changelog.restored(decoded(hosts, kept.head), value, result.touched)
+            hosts.data[host_id] = restored
+            persisted[host_id] = dataclasses.replace(kept, value=restored)
+        result.revert()
+
     async def save(msg: Any, host_id: str, value: dict[str, Any], result: Result) -> bool:
         """Persist what ``result`` changed of the host's value, or, past the limit, put
         back what the record changed and dead-letter it (False)."""
@@ -415,10 +457,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         head = encoded(hosts, its_head)
         entries = changelog.entries_size(host_id, value, result.touched, kept.entries)
         if len(head) + entries > limit:
-            restored = changelog.restored(decoded(hosts, kept.head), value, result.touched)
-            hosts.data[host_id] = restored
-            persisted[host_id] = dataclasses.replace(kept, value=restored)
-            result.revert()  # (before any await: no other record has run since)
+            undo(host_id, value, result)  # (before any await: no other record has run since)
             await dead_letter(
                 msg,
                 f"host {host_id!r:.60}: its state would take {len(head) + entries} bytes encoded, over "
@@ -449,20 +488,32 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         prometheus_client's lookup costs)."""
         return metric.labels(stage, *labels)
 
-    async def emit(result: Result, key: bytes | None = None) -> None:
-        """What a stage made, but the batch it passes on; ``key``: that of the batch's record."""
+    def records_of(result: Result, key: bytes | None) -> list[tuple[str, bytes]]:
+        """The records (topic, value) of what a batch made: its spans and logs, and the
+        batch it passes on to the sink."""
+        records = [(names.spans, data) for sb in result.spans for data in encoded_parts(sb, key)]
+        records += [(names.logs, data) for lb in result.logs for data in encoded_parts(lb, key)]
+        if result.batch is not None and sink is not None:
+            records += [(sink, data) for data in passed_on(result.batch, key or b"")]
+        return records
+
+    async def emit(
+        result: Result, key: bytes | None = None, records: list[tuple[str, bytes]] | None = None
+    ) -> None:
+        """What a stage made; ``key``: that of the batch's record, and ``records`` what
+        ``records_of`` made of it (else its spans and logs are encoded here)."""
         for name, n in result.counts.items():
             metric, labels = COUNTED[name]
             child(metric, *labels).inc(n)
         for name, by_kind in result.kind_counts.items():
             for kind, n in by_kind.items():
                 child(KIND_COUNTED[name], kind).inc(n)
-        for sb in result.spans:
-            await send_signal(names.spans, key, sb)
-            child(SPANS).inc(len(sb.spans))
-        for lb in result.logs:
-            await send_signal(names.logs, key, lb)
-            child(LOGS).inc(len(lb.logs))
+        for topic, data in records_of(result, key) if records is None else records:
+            await produce(app, topic, key, data)
+        if result.spans:
+            child(SPANS).inc(sum(len(sb.spans) for sb in result.spans))
+        if result.logs:
+            child(LOGS).inc(sum(len(lb.logs) for lb in result.logs))
         for host_id, snap in result.snapshots:
             await send_signal(names.metrics, host_id.encode(), snap)
             child(SNAPSHOTS).inc()
@@ -503,19 +554,20 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             result.revert()  # (the stages leave the table value as it was themselves)
             await dead_letter(msg, result.refused)
             return
+        # Encoded before anything is saved: a record Kafka would refuse, sent after the
+        # counts were, would stop the worker with them counted and the rest unsent, and
+        # its restart on the same record again.
+        records = records_of(result, msg.key)
+        if (why := too_large(records, msg.key)) is not None:
+            undo(batch.host_id, value, result)
+            await dead_letter(msg, f"host {batch.host_id!r:.60}: {why}")
+            return
         # (only stages that keep state change it)
         if result.changed and not await save(msg, batch.host_id, value, result):
             return
         if result.batch is not None:  # (not a duplicate)
             child(BATCHES).inc()
-        await emit(result, key=msg.key)
-        if result.batch is not None and sink is not None:
-            try:
-                await produce(app, sink, msg.key, passed_on(result.batch))
-            except MessageSizeTooLargeError as err:
-                # Even compressed, more than a record takes: the record's content is what
-                # fails, and would on every restart (processors/stop.py).
-                raise StageFailed(f"its {SINK[stage]} batch is too large for Kafka: {err}") from err
+        await emit(result, key=msg.key, records=records)
 
     async def take_heartbeat(msg: Any) -> None:
         try:

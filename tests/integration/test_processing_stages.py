@@ -4,6 +4,7 @@ split mode, enrichment, and anomaly-driven fidelity commands."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import random
@@ -36,6 +37,7 @@ from ktel.wire import (
     METRICS_TOPIC,
     PROCESS_EXEC,
     RAW_TOPIC,
+    SAMPLED_TOPIC,
     RawBatch,
     decode_batch,
     decode_command,
@@ -635,7 +637,7 @@ def test_forged_batches_are_dead_lettered_and_cloned_hosts_counted_apart(private
         assert sorted(d.reason for d in dead) == [
             "raw batch: key b'host-01' is not its host id 'host-00'",
             "raw batch: sequence 1000000000000 is more than 16777216 past the highest its host and boot "
-            "sent (9)",
+            "sent (9); the stream re-anchors if its next batch follows this one",
         ]
         assert w.metric("ktel_processor_host_conflicts_total") == 18
         assert w.metric("ktel_processor_dead_letters_total") == 2
@@ -791,6 +793,33 @@ def test_logs_past_what_a_kafka_record_takes_go_out_in_parts(private_kafka, tmp_
             bodies = sorted(row[3] for r in recs for row in decode_logs(r.value).logs)
         assert bodies == [ev[5] for ev in logs] and len(recs) > 1
         assert all(len(r.key) + len(r.value) <= SEND_MAX_BYTES for r in recs)
+        assert w.proc.poll() is None, w.log.read_text()[-3000:]  # (never stopped on it)
+    finally:
+        w.stop()
+
+
+def test_a_batch_whose_log_no_record_can_carry_goes_to_the_dlq_uncounted(private_kafka, tmp_path):
+    """A batch on ktel.sampled (any client can write it) naming a process with 256
+    attributes of 4 KB: the log row of that process alone is past what a Kafka record
+    takes, and no split helps. The worker sent its counts, then stopped on the log at
+    every restart. The batch now goes to ktel.dlq with the reason before anything of it
+    is counted, and the partition's next batch counts."""
+    host = str(uuid.uuid4())
+    ts = time.time_ns()
+    log_ev = [KTEL_LOG.id, ts, 7, 7, 9, "hello", {}, b"", b""]
+    files = [[FILE_CREATED.id, 1, 2, 2, 0, "w", "/data/h0/d0/f", 0o101, False]] * 5
+    wide = {f"a{i:03d}": "x" * 4096 for i in range(256)}
+    big = compress(encode_batch(RawBatch(host, "boot", 0, ts, [log_ev, *files], processes={"7": wide})))
+    after = encode_batch(RawBatch(host, "boot", 1, ts, files))
+    w = Worker(tmp_path, private_kafka.bootstrap, "aggregate", stage="aggregate").start()
+    try:
+        records = [(host.encode(), big), (host.encode(), after)]
+        asyncio.run(produce(private_kafka.bootstrap, records, topic=SAMPLED_TOPIC))
+        totals = {(host, "/data/h0/d0"): 5.0}
+        assert wait_for_totals(private_kafka.bootstrap, totals) == totals
+        [dl] = [d for d in dead_letters(private_kafka.bootstrap) if d.payload == big]
+        assert dl.stage == "aggregate" and "more than Kafka takes" in dl.reason, dl.reason
+        assert latest_totals(private_kafka.bootstrap, idle_s=2)[(host, "/data/h0/d0")] == 5.0
         assert w.proc.poll() is None, w.log.read_text()[-3000:]  # (never stopped on it)
     finally:
         w.stop()
@@ -970,43 +999,56 @@ def test_split_stages_enrich_batches_with_exactly_what_is_known(private_kafka, t
 
 
 def test_split_enrich_passes_on_a_batch_it_made_larger_than_a_kafka_record(private_kafka, tmp_path):
-    """A container's attributes (16 of 1 KB, as a heartbeat may give them) copied into
-    each of 200 processes started in it: 3.4 MB enriched out of a 4 KB batch, past the
-    1,000,000 bytes a worker's producer sends. The enrich stage passes it on compressed,
-    as the agent sends its own, rather than stopping on it at every restart."""
+    """A raw batch of file creations with long paths that do not compress (any client
+    can write ktel.raw), 0.98 MB compressed, enriched with its host's resource from a
+    heartbeat (30 attributes of 1 KB, as random): more than a Kafka record takes
+    even compressed. The worker stopped on it at every restart (the producer refused
+    it); the enrich stage now passes it on in parts that fit, as the agent splits its
+    own, every event in one part, where its part says."""
     host = "host-wide"
     workers = [Worker(tmp_path, private_kafka.bootstrap, st, stage=st).start() for st in ("dedupe", "enrich")]
-    attrs = {f"container.label.l{i:02d}": chr(ord("a") + i) * 1024 for i in range(16)}
-    hb = {"ts": 1, "host": {"host.id": host, "boot.id": "boot"}, "probes": {}, "counters": {}}
-    hb["containers"] = [[77, attrs]]
+    attrs = {f"host.label.h{i:02d}": base64.b64encode(os.urandom(768)).decode() for i in range(30)}
+    hb = {"ts": 1, "host": {"host.id": host, "boot.id": "boot", **attrs}, "probes": {}, "counters": {}}
+    paths: list[str] = []
+
+    def files() -> list[list]:
+        return [[FILE_CREATED.id, 1, 2, 2, 0, "w", path, 0o101, False] for path in paths]
+
+    for random_bytes, up_to in ((12_000, 950_000), (1_500, 980_000)):  # (just under a record)
+        while len(compress(encode_batch(RawBatch(host, "boot", 0, 1, files())))) < up_to:
+            paths.append(f"/d{len(paths):02d}/" + base64.b64encode(os.urandom(random_bytes)).decode())
 
     def send(topic: str, value: bytes) -> None:
         asyncio.run(produce(private_kafka.bootstrap, [(host.encode(), value)], topic=topic))
 
     def enriched() -> list[tuple[RawBatch, int]]:
         recs = asyncio.run(read_topic(private_kafka.bootstrap, ENRICHED_TOPIC, idle_s=1))
-        return [(b, len(r.value)) for r in recs for b in [decode_batch(r.value)] if b.host_id == host]
+        return [
+            (b, len(r.key) + len(r.value)) for r in recs for b in [decode_batch(r.value)] if b.host_id == host
+        ]
 
     try:
         send(HEARTBEATS_TOPIC, encode_heartbeat(hb))
-        execs = [[PROCESS_EXEC.id, 1, 5000 + i, 5000 + i, 1, 0, 77, "w", "/usr/bin/w"] for i in range(200)]
         seq, deadline = 0, time.monotonic() + 90
         while time.monotonic() < deadline:  # (until the heartbeat is in: the topics are read in no set order)
-            send(RAW_TOPIC, encode_batch(RawBatch(host, "boot", seq, 1, execs)))
+            raw = compress(encode_batch(RawBatch(host, "boot", seq, 1, files())))
+            send(RAW_TOPIC, raw)
             seq += 1
-            wide = [
-                (b, n) for b, n in enriched() if b.processes and "container.label.l00" in b.processes["5000"]
-            ]
+            time.sleep(1)
+            wide = [b.seq for b, _ in enriched() if b.resource and "host.label.h00" in b.resource]
             if wide:
                 break
-            time.sleep(1)
         else:
-            pytest.fail("no enriched batch carried the container's attributes")
-        batch, size = wide[0]
-        assert len(batch.processes) == 200 and all(
-            p["container.label.l15"] == "p" * 1024 for p in batch.processes.values()
-        )
-        assert len(encode_batch(batch)) > 3_000_000 > 1_000_000 > size  # (sent compressed)
+            pytest.fail("no enriched batch carried the host's resource")
+        assert len(raw) < SEND_MAX_BYTES
+        time.sleep(2)  # (the rest of that batch's parts)
+        parts = [(b, n) for b, n in enriched() if b.seq == wide[0]]
+        assert len(parts) > 1 and all(n <= SEND_MAX_BYTES for _, n in parts)
+        assert all(b.part is not None and b.part[1] == len(paths) for b, _ in parts)
+        # Each part's events where its part says, and every event in one part.
+        at = sorted((b.part[0] + i, ev[6]) for b, _ in parts for i, ev in enumerate(b.events))
+        assert at == list(enumerate(paths))
+        assert all(b.resource == {**hb["host"]} for b, _ in parts)
         for w in workers:
             assert w.proc.poll() is None, w.log.read_text()[-3000:]  # (never stopped on it)
     finally:
