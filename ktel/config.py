@@ -525,7 +525,9 @@ class SampleConfig(BaseModel):
         "declare them; kernel spans with status ERROR always are)",
     )
     budget_per_s: dict[str, float] = Field(
-        {}, description="fleet-wide events/s per kind; above it the kind is sampled down"
+        {},
+        description="fleet-wide events/s per kind, as they arrive at the sample stage (not "
+        "weighted); above it the kind is sampled down",
     )
     window_seconds: float = Field(10, gt=0, description="window of rates, budgets and anomaly detection")
     spike_factor: float = Field(

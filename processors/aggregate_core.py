@@ -32,7 +32,8 @@ create more are counted in one overflow series per metric carrying the label
 overflow series have the last eighth of the bytes to themselves, and events of a
 metric whose overflow series finds no room either are counted as dropped
 (``Result.counts["series_dropped"]``), as are events whose series already holds
-another type (a counter and a gauge of one name and labels: see ``_fits``). A
+another type (a counter and a gauge of one name and labels: see ``_fits``) and
+kernel-code metric events with a value their type cannot take (``count_events``). A
 series' bytes are reckoned when it is created, for the largest its numbers can grow
 (``series_bytes``), so its counts growing never pushes the host past the bound.
 
@@ -108,7 +109,7 @@ class Options(FromConfig):
 class Outcome:
     counted: float = 0
     overflowed: float = 0
-    dropped: float = 0  # no room even in the overflow series
+    dropped: float = 0  # no room even in the overflow series, or a value its series cannot take
     touched: Touched = dataclasses.field(default_factory=Touched)  # the series it changed
 
 
@@ -284,9 +285,14 @@ def _labels(labels: dict[str, Any]) -> tuple[tuple[str, str], ...]:
 
 def count_events(
     batch: RawBatch, opts: Options
-) -> tuple[dict[str, float], dict[str, dict[str, Any]], dict[str, float]]:
-    """Counter increments, histogram deltas and gauge values of one batch (the
-    stage's only per-event loop over every event).
+) -> tuple[dict[str, float], dict[str, dict[str, Any]], dict[str, list[float]], float]:
+    """Counter increments, histogram deltas and gauge values (each [value, events]) of
+    one batch (the stage's only per-event loop over every event), and the (weighted)
+    events of kernel code's own metrics with a value their type cannot take: a negative
+    counter increment (a cumulative counter only goes up: Prometheus would read the fall
+    as a restart, and OTLP's monotonic sums must not fall) or histogram observation (the
+    log2 buckets start at 0). Such an event is a sender's error: dropped and counted,
+    not made a wrong series.
 
     Counter increments are weighted (see the module doc). A histogram delta is
     scaled by the probe's in-kernel sampling and the event's weight. A gauge is
@@ -298,7 +304,8 @@ def count_events(
     # overflows, and the order of the additions are those of the events, as before.
     pending: dict[tuple[str, tuple[tuple[str, str], ...]], float] = defaultdict(float)
     hists: dict[str, dict[str, Any]] = {}
-    gauges: dict[str, float] = {}
+    gauges: dict[str, list[float]] = {}
+    invalid = 0.0
     weights = batch.weights or [1] * len(batch.events)
     hid, mid, fid = HISTOGRAM_DELTA.id, KTEL_METRIC.id, FILE_CREATED.id
     # file_created is most of the traffic. Its directory label depends only on the path
@@ -326,10 +333,14 @@ def count_events(
             continue
         if kind == mid:
             _ts, _pid, mtype, name, labels, value = ev[1:]
-            if mtype == "counter":
+            if mtype == "gauge":
+                gauge = gauges.setdefault(series_key(name, _labels(labels)), [0, 0])
+                gauge[0] = value  # the batch's last value wins
+                gauge[1] += 1
+            elif value < 0:
+                invalid += w
+            elif mtype == "counter":
                 pending[name, _labels(labels)] += value * w
-            elif mtype == "gauge":
-                gauges[series_key(name, _labels(labels))] = value  # the batch's last value wins
             else:
                 if name.endswith("_ns"):
                     name = name[: -len("_ns")] + "_seconds"
@@ -343,7 +354,7 @@ def count_events(
         if found is not None:
             pending[found] += w
     counts = {series_key(name, labels): n for (name, labels), n in pending.items()}
-    return counts, hists, gauges
+    return counts, hists, gauges, invalid
 
 
 def add(state: dict[str, Any], batch: RawBatch, opts: Options) -> Outcome:
@@ -353,12 +364,16 @@ def add(state: dict[str, Any], batch: RawBatch, opts: Options) -> Outcome:
         state["series_bytes"] = sum(series_bytes(k, _numbers(v)) for k, v in series.items())
     out = Outcome()
     touch = out.touched.touch
-    counts, hists, gauges = count_events(batch, opts)
-    for key, value in gauges.items():
-        key = _admit(state, key, 1, opts, out, 0)
-        if key and _fits(series.get(key), "gauge", 0):
-            touch(series, ("series", key))
-            series[key] = {"gauge": value}
+    counts, hists, gauges, out.dropped = count_events(batch, opts)
+    for key, (value, events) in gauges.items():
+        key = _admit(state, key, 1, opts, out, events)
+        if not key:
+            continue
+        if not _fits(series.get(key), "gauge", 0):
+            out.dropped += events
+            continue
+        touch(series, ("series", key))
+        series[key] = {"gauge": value}
     for key, n in counts.items():
         key = _admit(state, key, 1, opts, out, n)
         if not key:

@@ -10,8 +10,10 @@ Keep policies, in order (the first that applies decides):
 3. Everything else is kept with probability ``p = baseline``, lowered further
    for a kind whose rate in the last window exceeded its budget
    (``budget_per_s``, this worker's share of the fleet-wide budget:
-   p = min(baseline, budget / rate)). A kept event's weight is divided by p,
-   so a weighted count stays an unbiased estimate of the true count.
+   p = min(baseline, budget / rate), the rate of events as they arrive, whatever
+   their weights). A kept event's weight is divided by p, so a weighted count
+   stays an unbiased estimate of the true count; an event whose weight would
+   pass the wire's bound (``MAX_WEIGHT``) is kept as it is.
 
 Decisions are deterministic per batch (the random stream is seeded with the
 batch's host, boot and sequence number), so a batch re-processed after a crash
@@ -44,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 from ktel.probes import HISTOGRAM_DELTA, KINDS, PROBE_OF_KIND
 from ktel.wire import ControlCommand, RawBatch
+from ktel.wire.raw import MAX_WEIGHT
 from processors.stage import FromConfig, Result, Stage, State
 
 if TYPE_CHECKING:
@@ -114,11 +117,16 @@ class Sampler:
         events, weights = [], []
         for ev, w in zip(batch.events, weights_in, strict=True):
             kind = ev[0]
-            self.window_counts[kind] += w
+            # The events that arrive, not their weights: the budget is what the pipeline
+            # handles, and one event claiming to stand for 2**53 (any client can write
+            # the topics) would sample the kind down for every host of the worker.
+            self.window_counts[kind] += 1
             if keep_all or kind in keep_ids or (kind in slow and ev[slow[kind][0]] >= slow[kind][1]):
                 p = 1.0
             else:
                 p = self.kind_p.get(kind, opts.baseline)
+                if w / p > MAX_WEIGHT:
+                    p = 1.0  # (kept as it is: a weight past the wire's bound would refuse the batch)
                 if p < 1.0:
                     if rng is None:
                         seed = hashlib.blake2b(f"{batch.host_id}/{batch.boot_id}/{batch.seq}".encode())

@@ -117,7 +117,8 @@ OVERFLOW = Counter("ktel_processor_series_overflow", "events folded into an over
 SERIES_DROPPED = Counter(
     "ktel_processor_series_dropped",
     "events of a new series with no room left even in its metric's overflow series, "
-    "or of a series that already holds another type",
+    "of a series that already holds another type, or of kernel code's own metrics with a value "
+    "their type cannot take (a negative counter increment or histogram observation)",
     ["stage"],
 )
 SNAPSHOTS = Counter("ktel_processor_snapshots", "metric snapshot records produced", ["stage"])

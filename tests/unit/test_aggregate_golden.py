@@ -251,3 +251,41 @@ def test_a_host_value_recovered_between_two_windows_is_compared_whole():
     chain.on_batch(table["h"], RawBatch("h", "b", 9, 0, [file_event("a")]), NOW_MS + 9_000)
     rows = chain.on_window(aggregate, table, NOW_MS + 10_000, 1.0).snapshots[0][1].series
     assert sorted((r[2]["directory"], r[3]) for r in rows) == [("/a", 2), ("/b", 6)]
+
+
+def test_kernel_metric_values_their_type_cannot_take_are_dropped_and_counted():
+    """A counter only goes up and a histogram's buckets start at 0: a negative increment
+    or observation (a bug in the kernel code, or any client writing the topic) would make
+    the cumulative counter fall (a restart to Prometheus) or fill a wrong bucket. A gauge
+    sent under a counter's name and labels is dropped too, and counted like the others."""
+    from ktel.wire import KTEL_METRIC, decode_batch, encode_batch
+
+    def metric(kind: str, name: str, value: int) -> list:
+        return [KTEL_METRIC.id, 1, 2, kind, name, {}, value]
+
+    def batch(seq: int, events: list[list]) -> RawBatch:  # (as the wire takes it from the topic)
+        return decode_batch(encode_batch(RawBatch("h", "b", seq, 0, events, [2.0] * len(events))))
+
+    chain = Chain([aggregate_core.Aggregate(aggregate_core.Options())])
+    value: dict = {}
+    first = chain.on_batch(
+        value,
+        batch(
+            0,
+            [
+                metric("counter", "ktel_demo_ops_total", 5),
+                metric("counter", "ktel_demo_ops_total", -3),
+                metric("histogram", "ktel_demo_wait_ns", 1000),
+                metric("histogram", "ktel_demo_wait_ns", -1000),
+            ],
+        ),
+        NOW_MS,
+    )
+    assert first.counts["series_dropped"] == 2 + 2  # (weighted)
+    gauges = [metric("gauge", "ktel_demo_ops_total", 7), metric("gauge", "ktel_demo_ops_total", 8)]
+    second = chain.on_batch(value, batch(1, gauges), NOW_MS)
+    assert second.counts["series_dropped"] == 2  # (a gauge's value is no count: one each)
+    stored = {aggregate_core.parse_key(k)[0]: v for k, v in value["aggregate"]["series"].items()}
+    assert stored["ktel_demo_ops_total"] == 10
+    wait = stored["ktel_demo_wait_seconds"]
+    assert (wait["count"], wait["sum"], sum(wait["buckets"])) == (2, 2000, 2)

@@ -1,6 +1,7 @@
 import dataclasses
 
-from ktel.wire import FILE_CREATED, KTEL_LOG, KTEL_SPAN, RawBatch
+from ktel.wire import FILE_CREATED, KTEL_LOG, KTEL_SPAN, RawBatch, decode_batch, encode_batch
+from ktel.wire.raw import MAX_WEIGHT
 from processors.sample_core import Options, Sample, Sampler, observe_host
 
 
@@ -54,6 +55,29 @@ def test_budget_lowers_a_kinds_rate_and_keeps_counts_unbiased():
     assert abs(weighted(second) - 10_000) / 10_000 < 0.1  # unbiased (fewer samples: wider bound)
     s.end_window(share=0.5)  # half the partitions: half the budget; input still 1000/s
     assert abs(s.kind_p[FILE_CREATED.id] - 0.05) < 1e-9
+
+
+def test_one_event_claiming_a_huge_weight_samples_no_other_hosts_events_down():
+    # Any client can write the topics: one event of weight 2**53 is one event arriving.
+    opts = Options(budget_per_s={"file_created": 100.0}, window_seconds=10.0)
+    s = Sampler(opts)
+    [forged] = stream(1, 1, host="forger")
+    s.sample(dataclasses.replace(forged, weights=[MAX_WEIGHT]))
+    s.sample(stream(1, 500)[0])  # 50/s: under the budget
+    s.end_window()
+    assert s.kind_p == {}
+    after = s.sample(stream(1, 500, host="h2")[0])
+    assert len(after.events) == 500 and after.weights is None
+
+
+def test_an_event_whose_weight_would_pass_the_wires_bound_is_kept_as_it_is():
+    s = Sampler(Options(baseline=0.5))
+    [b] = stream(1, 200)
+    heavy = dataclasses.replace(b, weights=[MAX_WEIGHT / 1.5] * 100 + [1.0] * 100)
+    out = s.sample(heavy)
+    assert out.weights[:100] == [MAX_WEIGHT / 1.5] * 100  # kept, weight unchanged
+    assert 100 < len(out.events) < 200 and max(out.weights) <= MAX_WEIGHT
+    decode_batch(encode_batch(out))  # (the next stage takes it)
 
 
 def test_a_spike_raises_the_hosts_fidelity_and_its_end_restores_it():
