@@ -132,6 +132,8 @@ IDLE_PASS_S = 1.0
 MAX_IN_FLIGHT = 32
 # How long a stopping agent keeps publishing its spool; the rest waits on disk for the next start.
 FLUSH_TIMEOUT_S = 10.0
+# How long a stopping agent waits for Kafka to take its last heartbeat.
+GOODBYE_TIMEOUT_S = 2.0
 PRODUCER_STOP_TIMEOUT_S = 5.0
 
 
@@ -228,6 +230,9 @@ class Agent:
             "ktel.agent.version": version("ktel"),
         }
         self.started = 0.0  # time.monotonic() once the probes are loaded (run)
+        # The last heartbeat's counters and time (beat): its rates are over the interval since.
+        self._beat_counters: dict[str, int] = {}
+        self._beat_at = 0.0
         self.key = self.host_id.encode()
         try:
             self.seqs = SeqStore(acfg.state_dir)
@@ -721,28 +726,34 @@ class Agent:
         # enrich stage takes a boot's host attributes from it, and batches it has not
         # seen a heartbeat of carry only host.id.
         interval = self.cfg.agent.heartbeat_seconds
-        previous: dict[str, int] = {}
-        last = self.started
+        self._beat_at = self.started
         while True:
-            containers = await asyncio.to_thread(self.containers.scan)
-            node = await asyncio.to_thread(self.node_readings)
-            CONTAINERS.set(len(containers))
-            CONTAINERS_UNLISTED.set(self.containers.unlisted)
-            now = time.monotonic()
-            hb, previous = self.heartbeat(max(now - last, 1e-3), previous, containers, node)
-            last = now
-            try:
-                # Only the latest heartbeat matters: one that cannot be sent in time is skipped, not queued.
-                await asyncio.wait_for(
-                    self._send_and_wait(self.topics.heartbeats, encode_heartbeat(hb)), interval
-                )
-                HEARTBEATS.inc()
-                self.kafka_reached = True
-            except Exception as err:
-                self.kafka_reached = False
-                self.control.unack(hb["acked_commands"], hb["refused_commands"])
-                log.warning("heartbeat not sent: %s", err)
+            await self.beat(interval)
             await asyncio.sleep(interval)
+
+    async def beat(self, timeout: float, stopping: bool = False) -> None:
+        """Send one heartbeat, waiting at most ``timeout`` for Kafka. ``stopping``: the
+        last of an agent stopped on purpose (a signal), which the workers report as
+        stopped, not down (processors/fleet_metrics.py)."""
+        containers = await asyncio.to_thread(self.containers.scan)
+        node = await asyncio.to_thread(self.node_readings)
+        CONTAINERS.set(len(containers))
+        CONTAINERS_UNLISTED.set(self.containers.unlisted)
+        now = time.monotonic()
+        interval = max(now - self._beat_at, 1e-3)
+        hb, self._beat_counters = self.heartbeat(interval, self._beat_counters, containers, node)
+        self._beat_at = now
+        if stopping:
+            hb["stopping"] = True
+        try:
+            # Only the latest heartbeat matters: one that cannot be sent in time is skipped, not queued.
+            await asyncio.wait_for(self._send_and_wait(self.topics.heartbeats, encode_heartbeat(hb)), timeout)
+            HEARTBEATS.inc()
+            self.kafka_reached = True
+        except Exception as err:
+            self.kafka_reached = False
+            self.control.unack(hb["acked_commands"], hb["refused_commands"])
+            log.warning("heartbeat not sent: %s", err)
 
     def readiness(self) -> str | None:
         """Why the agent is not ready (/readyz), or None: probes loaded and Kafka reached."""
@@ -816,6 +827,23 @@ class Agent:
                 deadline = time.monotonic() + FLUSH_TIMEOUT_S
                 while senders and not self.spool.empty() and time.monotonic() < deadline:
                     await asyncio.sleep(0.05)
+                if senders:
+                    # Stopped on purpose (a node drained or retired, an upgrade): said, so
+                    # that its silence from now on pages no one (deploy/prometheus/ktel-rules.yml).
+                    # The last heartbeat, after the periodic ones.
+                    beats = [t for t in senders if t.get_name() == "heartbeats"]
+                    for task in beats:
+                        task.cancel()
+                    await asyncio.gather(*beats, return_exceptions=True)
+                    try:
+                        # Bounded whole (its readings too): nothing may hold a stop up.
+                        await asyncio.wait_for(
+                            self.beat(GOODBYE_TIMEOUT_S, stopping=True), 2 * GOODBYE_TIMEOUT_S
+                        )
+                    except TimeoutError:
+                        log.warning(
+                            "last heartbeat not sent: its readings took over %.0f s", 2 * GOODBYE_TIMEOUT_S
+                        )
             elif failed is not collector:
                 stop.set()  # the collector seals what it holds into the spool, for the next start
                 await asyncio.wait({collector})

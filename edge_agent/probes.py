@@ -246,6 +246,7 @@ class LoadedProbe:
         self._snap_wall = time.time_ns()
         self._snap_mono = time.monotonic()
         self._final: list[list] = []
+        self._closed_counters: dict[str, int] = {}  # counters() once closed (close)
 
     def _on_record(self, _ctx, data, size) -> None:
         # BCC's callback reader (where ringbuf.BULK_READ is False): one run per record.
@@ -321,6 +322,8 @@ class LoadedProbe:
             pack_run(size, data, offset, out)
 
     def counters(self) -> dict[str, int]:
+        if self._closed:
+            return dict(self._closed_counters)
         table = self.bpf[b"counters"]
         c = {
             "ringbuf_drops": sum(table[ctypes.c_int(COUNTER_RINGBUF_DROPS)]),
@@ -435,6 +438,9 @@ class LoadedProbe:
         if self._reader is not None:
             self._reader.close()
         final = self.snapshot() if self.spec.histograms else []
+        # Read once more: the stopping agent's last heartbeat reports them, and the maps
+        # are gone after cleanup.
+        self._closed_counters = self.counters()
         self.bpf.cleanup()
         self._closed = True
         self._final = final

@@ -11,6 +11,10 @@ queries take ``max by (host_id)`` over the workers. The series:
   intervals, else 0 (SLI M1);
 - ``ktel_agent_last_heartbeat_timestamp_seconds{host_id}``: the last one's time, by
   the agent's clock;
+- ``ktel_agent_stopped_timestamp_seconds{host_id}``: when the last one says the agent
+  stopped on purpose (a signal: a node drained or retired, an upgrade), its time, so
+  that the alert on a silent host (deploy/prometheus/ktel-rules.yml) pages only for
+  agents that died or lost Kafka;
 - ``ktel_node_cpu_steal_seconds_total``, ``ktel_node_context_switches_total`` (M4, M9);
 - ``ktel_node_cpus``: the node's online CPUs (steal over all of them, divided by it, is a
   fraction of the node's CPU time);
@@ -42,6 +46,7 @@ class _Seen:
     ts_s: float  # the heartbeat's own time, seconds since the epoch
     interval_s: float
     node: dict[str, int]
+    stopping: bool
 
 
 class FleetMetrics(Collector):
@@ -54,7 +59,11 @@ class FleetMetrics(Collector):
 
     def observe(self, host_id: str, hb: Heartbeat) -> None:
         seen = _Seen(
-            time.monotonic(), hb["ts"] / 1000, hb.get("interval_s", DEFAULT_INTERVAL_S), hb.get("node", {})
+            time.monotonic(),
+            hb["ts"] / 1000,
+            hb.get("interval_s", DEFAULT_INTERVAL_S),
+            hb.get("node", {}),
+            hb.get("stopping", False),
         )
         with self._lock:
             self._hosts[host_id] = seen
@@ -71,6 +80,11 @@ class FleetMetrics(Collector):
         last = GaugeMetricFamily(
             "ktel_agent_last_heartbeat_timestamp_seconds",
             "time of the host's last heartbeat, by its clock",
+            labels=["host_id"],
+        )
+        stopped = GaugeMetricFamily(
+            "ktel_agent_stopped_timestamp_seconds",
+            "time of the host's last heartbeat, when it said the agent stopped on purpose",
             labels=["host_id"],
         )
         steal = CounterMetricFamily(
@@ -94,9 +108,11 @@ class FleetMetrics(Collector):
             labels=["host_id", "probe", "map"],
         )
         for host_id, s in hosts:
-            alive = now - s.received <= MISSED_HEARTBEATS * max(s.interval_s, 1.0)
+            alive = not s.stopping and now - s.received <= MISSED_HEARTBEATS * max(s.interval_s, 1.0)
             up.add_metric([host_id], 1.0 if alive else 0.0)
             last.add_metric([host_id], s.ts_s)
+            if s.stopping:
+                stopped.add_metric([host_id], s.ts_s)
             for key, value in s.node.items():
                 name, _, rest = key.partition(".")
                 if name == "cpu_steal_ms":
@@ -112,4 +128,4 @@ class FleetMetrics(Collector):
                     (entries if name == "map_entries" else capacity).add_metric(
                         [host_id, probe, bpf_map], value
                     )
-        yield from (up, last, steal, cpus, switches, disks, entries, capacity)
+        yield from (up, last, stopped, steal, cpus, switches, disks, entries, capacity)

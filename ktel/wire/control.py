@@ -16,7 +16,8 @@ Heartbeat (key = host id)::
      "acked_commands": [command id, ...],
      "refused_commands": [[command id, reason], ...],  # optional
      "containers": [[cgroup_id, {attr: str}], ...],   # optional
-     "node": {name: int}}         # optional: the node's SLI readings (edge_agent/node_stats.py)
+     "node": {name: int},         # optional: the node's SLI readings (edge_agent/node_stats.py)
+     "stopping": true}            # optional: the last heartbeat of an agent stopped on purpose
 
 ``node`` holds what the agent read of its node: ``cpu_steal_ms`` and
 ``context_switches`` (cumulative since boot, /proc/stat), ``cpus`` (online CPUs),
@@ -100,6 +101,7 @@ class Heartbeat(TypedDict):
     refused_commands: NotRequired[list[list[str]]]
     containers: NotRequired[list[list[Any]]]
     node: NotRequired[dict[str, int]]
+    stopping: NotRequired[bool]
 
 
 PROBE_STATE = Shape(
@@ -126,6 +128,7 @@ HEARTBEAT_SHAPE = Shape(
             ListOf(Row((Field("id", COMMAND_ID), Field("reason", Str(REFUSAL_CHARS)))), 1024),
             required=False,
         ),
+        Key("stopping", Bool(), required=False),
         Key("node", MapOf(Int(0, U64), 1024, key_len=256), required=False),
         Key(
             "containers",

@@ -203,7 +203,8 @@ def test_agent_with_only_its_documented_capabilities_publishes(kafka, tmp_path):
         f"--bounding-set=-all,{AGENT_CAPS}",
         "--securebits=+noroot,+noroot_locked,+no_setuid_fixup,+no_setuid_fixup_locked",
     ]
-    # Heartbeats an hour apart: the one this test sees is the first, sent on connecting.
+    # Heartbeats an hour apart: the ones this test sees are the first, sent on connecting,
+    # and the last, sent on stopping.
     agent = AgentProcess(tmp_path, kafka.bootstrap, wrapper=wrapper, host_id=host, heartbeat_seconds="3600")
     agent.start()
     status = Path(f"/proc/{agent.proc.pid}/status").read_text()
@@ -222,8 +223,10 @@ def test_agent_with_only_its_documented_capabilities_publishes(kafka, tmp_path):
     events, _ = raw_events_under(kafka.bootstrap, f"{tmp_path / 'capped'}/")
     assert len(events) == 23
     beats = [decode_heartbeat(r.value) for r in asyncio.run(read_topic(kafka.bootstrap, HEARTBEATS_TOPIC))]
-    [first] = [b for b in beats if b["host"]["host.id"] == host]
+    [first, last] = [b for b in beats if b["host"]["host.id"] == host]
     assert first["probes"]["file_created"]["loaded"] and first["host"]["boot.id"]
+    # Stopped by a signal: its last heartbeat says so (no page for its silence from now on).
+    assert "stopping" not in first and last["stopping"] is True and last["ts"] >= first["ts"]
     # The node's SLI readings, the BPF map's fill included, with only those capabilities.
     node = first["node"]
     assert node["context_switches"] > 0 and node["cpu_steal_ms"] >= 0

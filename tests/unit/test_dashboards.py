@@ -59,6 +59,19 @@ def test_cpu_steal_is_shown_per_cpu_as_a_fraction():
     assert shown
 
 
+def test_agents_down_leaves_out_agents_stopped_on_purpose():
+    """An agent stopped by a signal (a node drained or retired) says so in its last
+    heartbeat, and its host is not counted down, as the alert on silent hosts spares it."""
+    downs = [
+        t["expr"]
+        for path in DASHBOARDS
+        for p in panels(json.loads(path.read_text()))
+        if p["title"] == "Agents down"
+        for t in p["targets"]
+    ]
+    assert downs and all("unless on (host_id) ktel_agent_stopped_timestamp_seconds" in e for e in downs)
+
+
 NATIVE_LATENCY = re.compile(r"histogram_quantile\(([\d.]+), sum by \(host_id\) \(rate\((\w+)_nanoseconds\{")
 
 

@@ -109,3 +109,23 @@ def test_a_host_whose_heartbeats_stop_is_down_then_forgotten(monkeypatch):
     assert samples(fleet)[("ktel_agent_up", (("host_id", "h1"),))] == 0.0
     clock[0] += 70
     assert ("ktel_agent_up", (("host_id", "h1"),)) not in samples(fleet)
+
+
+def test_an_agent_stopped_on_purpose_is_down_with_the_time_it_said_so():
+    """Its last heartbeat says it stopped (a signal): down at once, and the time of that
+    heartbeat exported, which keeps the alert on silent hosts quiet for it; a later
+    heartbeat of a new run is up again and no longer stopped."""
+    fleet = FleetMetrics(forget_after_s=3600)
+    h = (("host_id", "h1"),)
+    fleet.observe("h1", {**heartbeat({}), "stopping": True})  # type: ignore[typeddict-unknown-key]
+    got = samples(fleet)
+    assert got[("ktel_agent_up", h)] == 0.0
+    assert (
+        got[("ktel_agent_stopped_timestamp_seconds", h)]
+        == got[("ktel_agent_last_heartbeat_timestamp_seconds", h)]
+        == 1_700_000_000.5
+    )
+    fleet.observe("h1", {**heartbeat({}), "ts": 1_700_000_100_000})  # type: ignore[arg-type]
+    got = samples(fleet)
+    assert got[("ktel_agent_up", h)] == 1.0
+    assert ("ktel_agent_stopped_timestamp_seconds", h) not in got
