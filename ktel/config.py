@@ -448,6 +448,10 @@ class AggregateConfig(BaseModel):
         return data
 
 
+# The highest process.max_hosts: at the 10-20 KiB a host measured, about 20 GiB.
+MAX_HOSTS_CEILING = 1_000_000
+
+
 class ProcessConfig(BaseModel):
     """What every processing worker (``ktel process <stage>``) shares, whichever stages it runs."""
 
@@ -477,6 +481,25 @@ class ProcessConfig(BaseModel):
         "container tables 3/8, and a record that would still grow the state past it is "
         "dead-lettered (docs/guarantees.md, Untrusted input)",
     )
+    max_hosts: int = Field(
+        20_000,
+        description="the most hosts one processing worker holds state of, over the partitions it "
+        "holds (about 10-20 KiB of memory each, so the default stays well under 1 GiB); a record "
+        "of a new host past it goes to ktel.dlq (ktel_processor_hosts_refused_total), the hosts "
+        "held keep being processed. Raise it, or add workers, when ktel_processor_hosts nears it",
+    )
+
+    @field_validator("max_hosts")
+    @classmethod
+    def _some_hosts(cls, v: int) -> int:
+        # A cap this low refuses every host; one this high no longer bounds a worker's
+        # memory (a worker OOM-killed rebuilds the same hosts from its changelog).
+        if not 1 <= v <= MAX_HOSTS_CEILING:
+            raise ValueError(
+                f"must be from 1 to {MAX_HOSTS_CEILING}: the most hosts one worker holds; to serve "
+                "more hosts, run more workers (up to kafka.raw_partitions) rather than one larger cap"
+            )
+        return v
 
 
 class EnrichConfig(BaseModel):

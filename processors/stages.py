@@ -93,6 +93,7 @@ from processors import changelog
 from processors.chain import build
 from processors.faust_app import App
 from processors.fleet_metrics import FleetMetrics
+from processors.host_cap import HostCap
 from processors.stage import Result, Stage
 from processors.stop import Poisoned, StageFailed, Worker, stop
 from processors.table_store import MEMORY_URL, DiskBackedStore
@@ -139,6 +140,17 @@ SEQUENCE_REANCHORS = Counter(
     "ktel_processor_sequence_reanchors",
     "hosts' batch numbering taken up again more than 2^24 past its highest (batches a full agent "
     "spool dropped): the batch that showed the jump was dead-lettered",
+    ["stage"],
+)
+HOSTS = Gauge(
+    "ktel_processor_hosts",
+    "hosts this worker holds state of, over the partitions it holds (at most process.max_hosts)",
+    ["stage"],
+)
+HOSTS_LIMIT = Gauge("ktel_processor_hosts_limit", "process.max_hosts of this worker", ["stage"])
+HOSTS_REFUSED = Counter(
+    "ktel_processor_hosts_refused",
+    "records of a host new to this worker sent to ktel.dlq: it already held process.max_hosts hosts",
     ["stage"],
 )
 EXPIRED_HOSTS = Counter(
@@ -378,7 +390,15 @@ def make_app(cfg: Config, stage: str) -> faust.App:
     """The Faust app of ``ktel process <stage>``: its chain (processors/chain.py)
     on its source topic, and on ktel.heartbeats if the chain reads them."""
     chain = build(stage, cfg)
-    exported: tuple[Counter | Gauge, ...] = (BATCHES, EVENTS, DUPLICATES, DEAD_LETTERS, HOST_CONFLICTS)
+    exported: tuple[Counter | Gauge, ...] = (
+        BATCHES,
+        EVENTS,
+        DUPLICATES,
+        DEAD_LETTERS,
+        HOST_CONFLICTS,
+        HOSTS,
+        HOSTS_REFUSED,
+    )
     if chain.heartbeats:
         exported += (HEARTBEATS, PROCESSES)
         for table in ("processes", "containers"):
@@ -386,6 +406,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         FLEET.forget_after_s = cfg.aggregate.host_ttl_seconds
     for metric in exported:  # as 0 from the start
         metric.labels(stage)
+    HOSTS_LIMIT.labels(stage).set(cfg.process.max_hosts)
 
     session = cfg.process.session_timeout_seconds
     datadir = data_dir(cfg, stage)
@@ -431,6 +452,34 @@ def make_app(cfg: Config, stage: str) -> faust.App:
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # (mode types handlers narrower than it calls them)
     def forget_persisted(_app: Any, *_revoked: Any, signal: Any, **_kwargs: Any) -> None:
         persisted.clear()  # the hosts still here are measured again at their next record
+        cap.recount()  # (the hosts of the partitions gone are another worker's now)
+
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type]
+    def count_hosts_again(_app: Any, *_assigned: Any, signal: Any, **_kwargs: Any) -> None:
+        cap.recount()  # (the new partitions' hosts, once recovered, are this worker's)
+
+    def held_hosts() -> Any:
+        """The hosts this worker holds: those of its partitions in the table, or, for a
+        chain without one (sample), those its stages keep in memory."""
+        if chain.durable:
+            return my_hosts(my_partitions()).keys()
+        return {h for states in chain.memory.values() for h in states}
+
+    # What process.max_hosts counts: a record of a host not held past it is refused
+    # before it touches any state (processors/host_cap.py).
+    cap = HostCap(cfg.process.max_hosts, held_hosts, HOSTS.labels(stage).set)
+
+    async def refuse_new_host(msg: Any, host_id: str) -> bool:
+        """Dead-letter ``msg`` if its host is new and the worker holds its fill (True)."""
+        if cap.admits(host_id):
+            return False
+        child(HOSTS_REFUSED).inc()
+        await dead_letter(
+            msg,
+            f"host {host_id!r:.60}: not one of the {len(cap.held())} hosts this worker holds, "
+            f"and process.max_hosts = {cap.limit}",
+        )
+        return True
 
     def as_persisted(host_id: str, value: dict[str, Any]) -> Persisted:
         kept = persisted.get(host_id)
@@ -543,6 +592,8 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         except WireError as err:
             await dead_letter(msg, err)
             return
+        if await refuse_new_host(msg, batch.host_id):
+            return
         value = hosts[batch.host_id] if chain.durable else {}
         if chain.durable:
             last_seen[batch.host_id] = time.monotonic()
@@ -566,6 +617,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         # (only stages that keep state change it)
         if result.changed and not await save(msg, batch.host_id, value, result):
             return
+        cap.add(batch.host_id)
         if result.batch is not None:  # (not a duplicate)
             child(BATCHES).inc()
         await emit(result, key=msg.key, records=records)
@@ -580,6 +632,8 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         except WireError as err:
             await dead_letter(msg, err)
             return
+        if await refuse_new_host(msg, host_id):
+            return
         last_seen[host_id] = time.monotonic()
         value = hosts[host_id]
         as_persisted(host_id, value)
@@ -589,6 +643,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             raise StageFailed from err
         if result.changed and not await save(msg, host_id, value, result):
             return
+        cap.add(host_id)
         child(HEARTBEATS).inc()
         FLEET.observe(host_id, hb)
         await emit(result)
@@ -650,6 +705,8 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         await emit(result)
         for host_id in result.forget:
             await drop_host(host_id)
+        cap.recount()  # (the sample stage forgets hosts in its window work)
+        cap.held()  # (and the gauge follows)
 
     def my_partitions() -> set[int]:
         return {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == source_name}
@@ -663,6 +720,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         (tombstones in its changelog)."""
         persisted.pop(host_id, None)
         last_seen.pop(host_id, None)
+        cap.drop(host_id)
         await emit(chain.forget(host_id))
         await forget(hosts, host_id, cfg.kafka.raw_partitions)
 
@@ -678,7 +736,17 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         ``silent_s``, and its memory of hosts that are no longer its own."""
         if readiness(app, source_name) is not None:
             return  # (values being recovered: their hosts' records may be on their way)
-        mine = my_hosts(my_partitions()).keys()
+        assigned = my_partitions()
+        # The values of hosts of partitions this worker no longer holds (written here
+        # before a rebalance took them): another worker holds them now, recovered from
+        # the changelog, so this copy is only memory this worker would never free.
+        n = cfg.kafka.raw_partitions
+        # (A partition that comes back was revoked in between, and Faust then recovers
+        # its hosts again, from the changelog or the on-disk copy, not from memory.)
+        for host_id in [h for h in hosts.data if partition_of(h, n) not in assigned]:
+            hosts.data.pop(host_id, None)
+            persisted.pop(host_id, None)
+        mine = my_hosts(assigned).keys()
         for host_id in last_seen.keys() - mine:
             del last_seen[host_id]
             await emit(chain.forget(host_id))
@@ -689,6 +757,8 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             await drop_host(host_id)
         if silent:
             child(EXPIRED_HOSTS).inc(len(silent))
+        cap.recount()
+        cap.held()  # (and the gauge follows)
 
     if chain.durable:
         app.timer(min(SILENT_CHECK_S, ttl_s / 4), name="forget_silent_hosts")(forget_silent)

@@ -645,6 +645,41 @@ def test_forged_batches_are_dead_lettered_and_cloned_hosts_counted_apart(private
         w.stop()
 
 
+def test_past_max_hosts_a_new_hosts_records_go_to_the_dlq_and_the_held_hosts_keep_counting(
+    private_kafka, tmp_path
+):
+    """A worker holding process.max_hosts hosts sends the batches and heartbeats of
+    hosts new to it to the DLQ, naming the setting, counts them, and goes on counting
+    the hosts it holds."""
+    bootstrap = private_kafka.bootstrap
+    w = Worker(tmp_path, bootstrap, "w", KTEL_PROCESS__MAX_HOSTS="2").start()
+    try:
+        held = list(batches(2, 20, 5))  # host-00 and host-01, seq 0..19
+        asyncio.run(produce(bootstrap, [(b.key, encode_batch(b)) for b in held[:20]]))
+        assert wait_for_totals(bootstrap, batches_totals(2, 10, 5)) == batches_totals(2, 10, 5)
+        ev = [FILE_CREATED.id, 1, 2, 2, 0, "w", "/new/x/f", 0o101, False]
+        new = [RawBatch(f"new-{i}", "boot", 0, 1, [ev]) for i in range(3)]
+        asyncio.run(produce(bootstrap, [(b.key, encode_batch(b)) for b in new + held[20:]]))
+        beat = encode_heartbeat(
+            {"ts": 1, "host": {"host.id": "new-beat", "boot.id": "boot"}, "probes": {}, "counters": {}}
+        )
+        asyncio.run(produce(bootstrap, [(b"new-beat", beat)], topic=HEARTBEATS_TOPIC))
+        assert wait_for_totals(bootstrap, batches_totals(2, 20, 5)) == batches_totals(2, 20, 5)
+        deadline = time.monotonic() + 60
+        while len(dead := dead_letters(bootstrap)) < 4 and time.monotonic() < deadline:
+            time.sleep(1)
+        assert sorted(d.payload for d in dead) == sorted([beat, *(encode_batch(b) for b in new)])
+        assert all("this worker holds, and process.max_hosts = 2" in d.reason for d in dead)
+        assert sorted(d.topic for d in dead) == [HEARTBEATS_TOPIC] + [RAW_TOPIC] * 3
+        assert w.metric("ktel_processor_hosts_refused_total") == 4
+        assert w.metric("ktel_processor_hosts") == 2
+        assert w.metric("ktel_processor_hosts_limit") == 2
+        assert w.metric("ktel_processor_batches_total") == 40
+        assert w.proc.poll() is None
+    finally:
+        w.stop()
+
+
 def file_created_sums(bootstrap: str, metric: str = "file_created_total") -> dict[str, float]:
     """Per host, the sum of its latest series of ``metric``, overflow series included."""
     latest: dict[tuple[str, str], tuple[int, float]] = {}

@@ -49,6 +49,12 @@ def test_env_overrides_file(tmp_path, monkeypatch):
         ("[remote_write]\nhistograms = 'sparse'\n", "KTEL_REMOTE_WRITE__HISTOGRAMS"),
         ("[otlp]\nhistograms = 'native'\n", "otlp.histograms = 'native'"),
         ("[process]\nsession_timeout_seconds = 3\n", "process.session_timeout_seconds = 3"),
+        (
+            "[process]\nmax_hosts = 0\n",
+            "process.max_hosts = 0: Value error, must be from 1 to 1000000: the most hosts one worker "
+            "holds; to serve more hosts, run more workers",
+        ),
+        ("[process]\nmax_hosts = 2000000\n", "(set it in the file or with KTEL_PROCESS__MAX_HOSTS)"),
         ("[agent]\nprobes = ['nope']\n", "agent.probes = ['nope']: Value error, unknown probe 'nope'"),
         ("[nosuchsection]\nx = 1\n", "nosuchsection"),
         ("[enrich]\nmax_processes = 100000\n", "KTEL_ENRICH__MAX_PROCESSES"),

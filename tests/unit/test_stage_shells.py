@@ -422,6 +422,55 @@ async def test_a_batch_refused_by_the_state_bound_leaves_every_piece_of_state_as
         assert metric("ktel_processor_processes_known", "all") == processes + 1
 
 
+async def test_past_max_hosts_a_new_hosts_batches_and_heartbeats_go_to_the_dlq_and_held_hosts_go_on(
+    tmp_path,
+):
+    refused = metric("ktel_processor_hosts_refused_total", "all")
+    async with Shell(
+        tmp_path, "all", process=config.ProcessConfig(data_dir=tmp_path / "data", metrics_port=0, max_hosts=2)
+    ) as shell:
+        await shell.put(batch(0, [file_created(1, "/a/x")]))
+        await shell.heartbeats.put(heartbeat("h2", "b1", 1000, "node-2"), key=b"h2")
+        assert metric("ktel_processor_hosts", "all") == 2
+        assert metric("ktel_processor_hosts_limit", "all") == 2
+        new = batch(0, [file_created(1, "/a/x")], host="h3")
+        await shell.put(new)
+        new_beat = heartbeat("h4", "b1", 1000, "node-4")
+        await shell.heartbeats.put(new_beat, key=b"h4")
+        # The hosts held keep going.
+        await shell.put(batch(1, [file_created(1, "/a/y")]), batch(0, [file_created(1, "/b/x")], host="h2"))
+        dead = [decode_dead_letter(v) for v in shell.to(DLQ_TOPIC)]
+        assert [(d.stage, d.topic, d.payload) for d in dead] == [
+            ("all", RAW_TOPIC, encode_batch(new)),
+            ("all", HEARTBEATS_TOPIC, new_beat),
+        ]
+        assert dead[0].reason == (
+            "host 'h3': not one of the 2 hosts this worker holds, and process.max_hosts = 2"
+        )
+        assert "'h4'" in dead[1].reason and "process.max_hosts = 2" in dead[1].reason
+        # Nothing of the refused hosts was kept.
+        assert "h3" not in shell.app.tables["host-state"] and "h4" not in shell.app.tables["host-state"]
+        assert shell.table("h1")["aggregate"]["seen"] == {"b1": [[0, 1]]}
+        assert shell.table("h2")["aggregate"]["seen"] == {"b1": [[0, 0]]}
+        assert metric("ktel_processor_hosts", "all") == 2
+    assert metric("ktel_processor_hosts_refused_total", "all") == refused + 2
+
+
+async def test_the_sample_stage_counts_the_hosts_it_keeps_in_memory_against_max_hosts(tmp_path):
+    async with Shell(
+        tmp_path,
+        "sample",
+        process=config.ProcessConfig(data_dir=tmp_path / "data", metrics_port=0, max_hosts=1),
+    ) as shell:
+        other = batch(0, [file_created(1, "/a")], "h2")
+        await shell.put(batch(0, [file_created(1, "/a")]), other, batch(1, []))
+        assert [decode_batch(v).host_id for v in shell.to(SAMPLED_TOPIC)] == ["h1", "h1"]
+        [dl] = [decode_dead_letter(v) for v in shell.to(DLQ_TOPIC)]
+        assert (dl.stage, dl.topic, dl.payload) == ("sample", ENRICHED_TOPIC, encode_batch(other))
+        assert "process.max_hosts = 1" in dl.reason
+        assert metric("ktel_processor_hosts", "sample") == 1
+
+
 def test_windows_close_on_multiples_of_their_length_and_a_late_one_pushes_none_back():
     s = 1_700_000_000_000  # ms since the epoch, a multiple of the 2 s window
     assert stages.next_window(s + 123, 2000) == s + 2000
