@@ -705,8 +705,11 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         await emit(result)
         for host_id in result.forget:
             await drop_host(host_id)
-        cap.recount()  # (the sample stage forgets hosts in its window work)
-        cap.held()  # (and the gauge follows)
+        if not timed.durable:
+            # The sample stage forgets hosts in its window work, the worker does not
+            # see which (a durable stage's go through drop_host).
+            cap.recount()
+            cap.held()  # (and the gauge follows)
 
     def my_partitions() -> set[int]:
         return {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == source_name}
