@@ -680,6 +680,36 @@ def test_past_max_hosts_a_new_hosts_records_go_to_the_dlq_and_the_held_hosts_kee
         w.stop()
 
 
+def test_the_split_sample_stage_which_keeps_no_table_refuses_hosts_past_max_hosts_too(
+    private_kafka, tmp_path
+):
+    bootstrap = private_kafka.bootstrap
+    w = Worker(tmp_path, bootstrap, "s", stage="sample", KTEL_PROCESS__MAX_HOSTS="1").start()
+    try:
+        ev = [FILE_CREATED.id, 1, 2, 2, 0, "w", "/a/b/f", 0o101, False]
+        held, new, later = (RawBatch(h, "boot", seq, 1, [ev]) for h, seq in (("a", 0), ("b", 0), ("a", 1)))
+        asyncio.run(produce(bootstrap, [(held.key, encode_batch(held))], topic=ENRICHED_TOPIC))
+        deadline = time.monotonic() + 90
+        while w.metric("ktel_processor_hosts") < 1:
+            assert time.monotonic() < deadline, "the first host was not taken"
+            time.sleep(1)
+        asyncio.run(
+            produce(bootstrap, [(b.key, encode_batch(b)) for b in (new, later)], topic=ENRICHED_TOPIC)
+        )
+        deadline = time.monotonic() + 60
+        while not (dead := dead_letters(bootstrap)) and time.monotonic() < deadline:
+            time.sleep(1)
+        [dl] = dead
+        assert (dl.stage, dl.topic, dl.payload) == ("sample", ENRICHED_TOPIC, encode_batch(new))
+        assert dl.reason == "host 'b': not one of the 1 hosts this worker holds, and process.max_hosts = 1"
+        sampled = [decode_batch(r.value) for r in asyncio.run(read_topic(bootstrap, SAMPLED_TOPIC, idle_s=2))]
+        assert [(b.host_id, b.seq) for b in sampled] == [("a", 0), ("a", 1)]
+        assert w.metric("ktel_processor_hosts_refused_total") == 1
+        assert w.metric("ktel_processor_hosts") == 1
+    finally:
+        w.stop()
+
+
 def file_created_sums(bootstrap: str, metric: str = "file_created_total") -> dict[str, float]:
     """Per host, the sum of its latest series of ``metric``, overflow series included."""
     latest: dict[tuple[str, str], tuple[int, float]] = {}
