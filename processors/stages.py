@@ -580,6 +580,21 @@ def make_app(cfg: Config, stage: str) -> faust.App:
 
     input_age = INPUT_AGE.labels(stage)
 
+    def on_its_partition(msg: Any, host_id: str, what: str) -> None:
+        """Refuse a record (WireError) that is not on the partition its key hashes to, as
+        Kafka's default partitioner puts it: any client can name a partition when it
+        writes. The table's value of a host is written to the changelog partition of the
+        record, and read back from each one a host's records went to, in no set order:
+        one on another partition would mix its writes into the host's state, and the
+        worker holding the host's own partition would not report it (a stage without a
+        table has nothing to mix)."""
+        want = partition_of(host_id, cfg.kafka.raw_partitions)
+        if chain.durable and msg.partition != want:
+            raise WireError(
+                f"{what}: host {host_id!r:.60} is on partition {msg.partition} of {msg.topic}, not "
+                f"{want}, where its key puts it"
+            )
+
     async def take_batch(msg: Any) -> None:
         # (Faust gives the record's timestamp in seconds)
         input_age.observe(max(0.0, time.time() - msg.timestamp))
@@ -589,6 +604,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
                 # Its key decides the partition, hence the worker and the table entry:
                 # a batch keyed otherwise could write another host's state.
                 raise WireError(f"raw batch: key {msg.key!r:.60} is not its host id {batch.host_id!r:.60}")
+            on_its_partition(msg, batch.host_id, "raw batch")
         except WireError as err:
             await dead_letter(msg, err)
             return
@@ -629,6 +645,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             if msg.key != host_id.encode():
                 # The table key must hash to the partition the record came from.
                 raise WireError(f"heartbeat: key {msg.key!r:.60} is not its host.id {host_id!r:.60}")
+            on_its_partition(msg, host_id, "heartbeat")
         except WireError as err:
             await dead_letter(msg, err)
             return

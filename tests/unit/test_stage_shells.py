@@ -17,6 +17,7 @@ from contextlib import AsyncExitStack
 from typing import Any
 from unittest import mock
 
+from aiokafka.partitioner import murmur2
 from faust.types import Message
 from prometheus_client import REGISTRY
 
@@ -77,6 +78,11 @@ def evicted(table: str, stage: str) -> float:
     )
 
 
+def on_partition(key: bytes) -> int:
+    """The partition a producer's default partitioner puts a record with ``key`` on."""
+    return (murmur2(key) & 0x7FFFFFFF) % RESOLVED.raw_partitions
+
+
 # As stages.run() hands it to make_app: "auto" replication resolved against the cluster.
 RESOLVED = config.KafkaConfig(replication_factor=1, min_insync_replicas=1)
 
@@ -114,6 +120,13 @@ class Shell:
             self.heartbeats = await self._stack.enter_async_context(
                 self.agent("take_heartbeats").test_context()
             )
+            put = self.heartbeats.put
+
+            async def put_on_its_partition(value=None, key=None, **kwargs):
+                kwargs.setdefault("partition", on_partition(key))
+                return await put(value, key=key, **kwargs)
+
+            self.heartbeats.put = put_on_its_partition
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -122,12 +135,16 @@ class Shell:
     def agent(self, name: str):
         return self.app.agents[f"processors.stages.{name}"]
 
-    async def put(self, *records: RawBatch | bytes | None, key: bytes = b"h1") -> None:
-        """Each record handled whole, in order, as the worker takes a fetched list."""
+    async def put(
+        self, *records: RawBatch | bytes | None, key: bytes = b"h1", partition: int | None = None
+    ) -> None:
+        """Each record handled whole, in order, as the worker takes a fetched list;
+        ``partition``: where it was written (else where its key puts it)."""
         for r in records:
             value, k = (encode_batch(r), r.key) if isinstance(r, RawBatch) else (r, key)
             self.offset += 1
-            message = Message(self.app.listed, 0, self.offset, time.time(), 0, [], k, value, None)
+            at = on_partition(k) if partition is None else partition
+            message = Message(self.app.listed, at, self.offset, time.time(), 0, [], k, value, None)
             await self.app.handle_listed(message)
 
     def to(self, topic: str) -> list[bytes]:
@@ -327,6 +344,28 @@ async def test_all_runs_the_four_cores_with_heartbeats_in_one_worker(tmp_path):
         assert boot["procs"]["10"]["exe"] == "/usr/bin/make"
     assert metric("ktel_processor_batches_total", "all") == before["ktel_processor_batches_total"] + 1
     assert metric(DUPLICATES, "all") == before[DUPLICATES] + 1
+
+
+async def test_a_record_written_to_another_partition_than_its_keys_goes_to_the_dlq(tmp_path):
+    """Any client can name a partition: a host's record on another one would write the
+    host's table value to that partition's changelog too, and recovery would fold the
+    two in no set order."""
+    async with Shell(tmp_path, "all") as shell:
+        wrong = (on_partition(b"h1") + 1) % RESOLVED.raw_partitions
+        await shell.heartbeats.put(heartbeat("h1", "b1", 1000, "node-1"), key=b"h1", partition=wrong)
+        b0 = batch(0, [file_created(10, "/src/a/x.o")])
+        await shell.put(b0, partition=wrong)
+        dead = [decode_dead_letter(v) for v in shell.to(DLQ_TOPIC)]
+        want = f"host 'h1' is on partition {wrong} of {{}}, not {on_partition(b'h1')}, where its key puts it"
+        assert [d.reason for d in dead] == [
+            f"heartbeat: {want.format(HEARTBEATS_TOPIC)}",
+            f"raw batch: {want.format(RAW_TOPIC)}",
+        ]
+        assert shell.changelog == [] and "h1" not in shell.app.tables["host-state"]
+        await shell.put(b0)  # (where its key puts it)
+        assert shell.table("h1")["aggregate"]["series"] == {
+            '["file_created_total", [["directory", "/src/a"]]]': 1.0
+        }
 
 
 def test_the_session_timeout_reaches_the_consumer_with_heartbeats_to_match(tmp_path):
