@@ -262,6 +262,17 @@ def test_a_heartbeat_lists_containers_as_cgroup_id_and_string_attributes():
             wire.decode_heartbeat(wire.encode_heartbeat({**hb, "containers": bad}))
 
 
+def test_a_heartbeat_may_say_its_agent_is_stopping():
+    """Optional: only the last heartbeat of an agent stopped by a signal carries it, and
+    only as a bool (the workers report that host as stopped, not down)."""
+    hb = {"ts": 1, "host": {"host.id": "h"}, "probes": {}, "counters": {}}
+    assert "stopping" not in wire.decode_heartbeat(wire.encode_heartbeat(hb))
+    assert wire.decode_heartbeat(wire.encode_heartbeat({**hb, "stopping": True}))["stopping"] is True
+    for bad in (1, "yes", None):
+        with pytest.raises(wire.WireError, match="stopping"):
+            wire.decode_heartbeat(wire.encode_heartbeat({**hb, "stopping": bad}))
+
+
 def _wrong_values(t) -> list:
     """Values a field of type ``t`` must refuse: the wrong type, and out of range or too big."""
     from ktel import schema
