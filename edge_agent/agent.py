@@ -831,10 +831,16 @@ class Agent:
                     # Stopped on purpose (a node drained or retired, an upgrade): said, so
                     # that its silence from now on pages no one (deploy/prometheus/ktel-rules.yml).
                     # The last heartbeat, after the periodic ones.
-                    beats = [t for t in senders if t.get_name() == "heartbeats"]
-                    for task in beats:
-                        task.cancel()
-                    await asyncio.gather(*beats, return_exceptions=True)
+                    beats = {t for t in senders if t.get_name() == "heartbeats"}
+                    for _ in range(3):
+                        # Cancelled again if it goes on: Python 3.11's wait_for, around its
+                        # send, loses a cancellation that comes as the send completes, and
+                        # the task would beat on, holding the stop up for good.
+                        for task in beats:
+                            task.cancel()
+                        _, beats = await asyncio.wait(beats, timeout=GOODBYE_TIMEOUT_S)
+                        if not beats:
+                            break
                     try:
                         # Bounded whole (its readings too): nothing may hold a stop up.
                         await asyncio.wait_for(
