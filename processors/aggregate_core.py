@@ -363,45 +363,43 @@ def add(state: dict[str, Any], batch: RawBatch, opts: Options) -> Outcome:
     if "series_bytes" not in state:  # a state from before the byte bound
         state["series_bytes"] = sum(series_bytes(k, _numbers(v)) for k, v in series.items())
     out = Outcome()
-    touch = out.touched.touch
     counts, hists, gauges, out.dropped = count_events(batch, opts)
     for key, (value, events) in gauges.items():
-        key = _admit(state, key, 1, opts, out, events)
-        if not key:
-            continue
-        if not _fits(series.get(key), "gauge", 0):
-            out.dropped += events
-            continue
-        touch(series, ("series", key))
-        series[key] = {"gauge": value}
+        if key := _place(state, key, "gauge", 0, events, opts, out):
+            series[key] = {"gauge": value}
     for key, n in counts.items():
-        key = _admit(state, key, 1, opts, out, n)
-        if not key:
-            continue
-        if not _fits(series.get(key), "counter", 0):
-            out.dropped += n
-            continue
-        touch(series, ("series", key))
-        series[key] = series.get(key, 0) + n
-        out.counted += n
+        if key := _place(state, key, "counter", 0, n, opts, out):
+            series[key] = series.get(key, 0) + n
+            out.counted += n
     for key, delta in hists.items():
-        key = _admit(state, key, 2 + len(delta["buckets"]), opts, out, delta["count"])
-        if not key:
+        if not (key := _place(state, key, "histogram", len(delta["buckets"]), delta["count"], opts, out)):
             continue
         h = series.get(key)
-        if not _fits(h, "histogram", len(delta["buckets"])):
-            out.dropped += delta["count"]
-            continue
-        touch(series, ("series", key))
         if h is None:
             series[key] = delta
-            out.counted += delta["count"]
         else:
             h["count"] += delta["count"]
             h["sum"] += delta["sum"]
             h["buckets"] = [a + b for a, b in zip(h["buckets"], delta["buckets"], strict=True)]
-            out.counted += delta["count"]
+        out.counted += delta["count"]
     return out
+
+
+def _place(
+    state: dict[str, Any], key: str, kind: str, buckets: int, n: float, opts: Options, out: Outcome
+) -> str:
+    """The series a ``kind`` update of ``n`` events to ``key`` goes to (``_admit``), its
+    old value noted in ``out.touched``; "" when there is none, or it holds another type
+    (``_fits``), the events counted as dropped."""
+    key = _admit(state, key, 2 + buckets if kind == "histogram" else 1, opts, out, n)
+    if not key:
+        return ""
+    series = state["series"]
+    if not _fits(series.get(key), kind, buckets):
+        out.dropped += n
+        return ""
+    out.touched.touch(series, ("series", key))
+    return key
 
 
 def _fits(value: Any, kind: str, buckets: int) -> bool:
