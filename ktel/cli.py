@@ -153,6 +153,12 @@ def cmd_replay(cfg: config_mod.Config, args: argparse.Namespace) -> None:
     sys.exit(replay.main(cfg, args))
 
 
+def cmd_dlq(cfg: config_mod.Config, args: argparse.Namespace) -> None:
+    from ktel import dlq
+
+    sys.exit(dlq.main(cfg, args))
+
+
 def _seconds(text: str) -> float:
     """A duration option's value: seconds, above 0."""
     try:
@@ -292,6 +298,31 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--dlq", action="store_true", help="send records that do not decode to ktel.dlq")
     p.set_defaults(fn=cmd_replay)
+    p = sub.add_parser(
+        "dlq",
+        parents=[common],
+        help="list the dead letters of ktel.dlq, and re-publish them where they came from (--redrive)",
+        description="Read the dead letters written in a time window (when they were dead-lettered) with a "
+        "group-less consumer and print the selected ones: when, the stage, where the record was, its key, "
+        "its size and the reason. With --redrive, re-publish each one's record to its topic. Exit "
+        "status: 0 done, 1 --redrive left some (each line says why), 2 a bad argument or Kafka could not "
+        "be read. What is re-driven, and why that is safe to repeat: ktel/dlq.py.",
+    )
+    p.add_argument("--from", dest="from_", metavar="TIME", help="start of the window (default: the oldest)")
+    p.add_argument("--to", default="now", metavar="TIME", help="end of the window (excluded; default now)")
+    p.add_argument("--stage", action="append", metavar="STAGE", help="only from this stage (repeatable)")
+    p.add_argument(
+        "--source", action="append", metavar="TOPIC", help="only records read from TOPIC (repeatable)"
+    )
+    p.add_argument("--host", action="append", metavar="HOST_ID", help="only records keyed so (repeatable)")
+    p.add_argument("--reason", metavar="REGEX", help="only dead letters whose reason matches REGEX")
+    p.add_argument("--json", action="store_true", help="one JSON object per dead letter, its payload in hex")
+    p.add_argument(
+        "--redrive",
+        action="store_true",
+        help="re-publish the selected records, with their keys, to the topics they were read from",
+    )
+    p.set_defaults(fn=cmd_dlq)
     p = sub.add_parser(
         "status",
         parents=[common],

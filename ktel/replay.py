@@ -42,10 +42,10 @@ decided by the clusters' ids, not by how the two addresses are spelt.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import json
-import logging
 import os
 import re
 import sys
@@ -58,10 +58,11 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from opentelemetry.semconv._incubating.attributes.host_attributes import HOST_ID
 
+from ktel import topic_window
 from ktel import topics as topics_mod
 from ktel.config import AgentConfig, Config, KafkaConfig
-from ktel.kafka_client import client_kwargs, compression_type, explain, settings
-from ktel.topics import TopicSpec, create_topics, topic_partitions
+from ktel.kafka_client import client_kwargs, compression_type, settings
+from ktel.topics import TopicSpec, create_topics
 from ktel.wire import (
     KINDS,
     DeadLetter,
@@ -76,9 +77,6 @@ from ktel.wire.codec import MAX_RECORD_BYTES
 
 STAGE = "replay"  # the DeadLetter stage of records replay could not decode
 NS = 1_000_000_000
-# Without a fetch that moves any partition for this long, the broker is taken to be
-# gone: a replay reports it and ends rather than waiting forever.
-STALL_S = 60.0
 # Decode failures reported one by one on stderr; beyond that only counted.
 FAILURES_SHOWN = 20
 # Re-published batches in flight before waiting for their acknowledgements.
@@ -290,19 +288,16 @@ async def replay(opts: Options, write: Callable[[str], None], report: Callable[[
     report decode failures to ``report``."""
     summary = Summary()
     start_ms, stop_ms = read_bounds(opts.filter, opts.margin_ns)
-    parts = await _partitions(settings(opts.client, opts.bootstrap), opts.topic)
+    try:
+        parts = await topic_window.partitions(opts.client, opts.bootstrap, opts.topic)
+    except topic_window.ReadError as err:
+        raise ReplayError(str(err)) from None
     summary.partitions = len(parts)
     if opts.to_topic is not None and opts.to_topic in opts.protected_topics:
         await _refuse_the_live_cluster(
             opts.client, opts.bootstrap, opts.to_bootstrap or opts.bootstrap, opts.to_topic
         )
-    consumer = AIOKafkaConsumer(
-        **client_kwargs(opts.client, opts.bootstrap),
-        group_id=None,  # no group, no commits: live consumer groups are untouched
-        enable_auto_commit=False,
-        # A start offset that retention deleted meanwhile: the oldest record left.
-        auto_offset_reset="earliest",
-    )
+    consumer = topic_window.consumer(opts.client, opts.bootstrap)
     dlq = AIOKafkaProducer(**client_kwargs(opts.client, opts.bootstrap), acks="all") if opts.dlq else None
     out = (
         AIOKafkaProducer(
@@ -364,53 +359,22 @@ async def replay(opts: Options, write: Callable[[str], None], report: Callable[[
                 settings(opts.client, opts.to_bootstrap or opts.bootstrap), [opts.to_topic_spec]
             )
 
-        ends = await consumer.end_offsets(parts)
-        starts = await consumer.offsets_for_times({tp: start_ms for tp in parts})
-        # Partition -> the end offset to read up to; a partition is dropped when done.
-        active: dict[TopicPartition, int] = {}
-        for tp in parts:
-            hit = starts.get(tp)
-            if hit is not None and hit.offset < ends[tp]:
-                active[tp] = ends[tp]
-        consumer.assign(list(active))
-        for tp in active:
-            consumer.seek(tp, starts[tp].offset)
-
-        def done(tp: TopicPartition) -> None:
-            del active[tp]
-            consumer.pause(tp)  # no more prefetching of a finished partition
-
-        progress_at = time.monotonic()
         try:
-            while active:
-                fetched = await consumer.getmany(*active, timeout_ms=500)
-                if fetched:
-                    progress_at = time.monotonic()
-                for tp, records in fetched.items():
-                    for rec in records:
-                        if rec.offset >= active[tp]:
-                            done(tp)
-                            break
-                        if rec.timestamp > stop_ms:
-                            summary.records += 1
-                            summary.late += 1
-                            continue
-                        await handle(tp, rec)
-                for tp in list(active):
-                    # Compacted or transactional gaps can carry the position past the last record.
-                    if await consumer.position(tp) >= active[tp]:
-                        done(tp)
-                if active and time.monotonic() - progress_at > STALL_S:
-                    raise ReplayError(
-                        f"no record from {opts.bootstrap} for {STALL_S:.0f} s while partitions "
-                        f"{sorted(tp.partition for tp in active)} of {opts.topic} were unfinished"
-                    )
+            async with contextlib.aclosing(topic_window.records(consumer, parts, start_ms)) as window:
+                async for tp, rec in window:
+                    if rec.timestamp > stop_ms:
+                        summary.records += 1
+                        summary.late += 1
+                        continue
+                    await handle(tp, rec)
         except _OutputClosed:
             summary.output_closed = True
         # What was re-published is acknowledged before the summary counts it.
         summary.republished += await _settle(in_flight)
     except KafkaError as err:
         raise ReplayError(f"Kafka failed: {err}") from None
+    except topic_window.ReadError as err:
+        raise ReplayError(str(err)) from None
     finally:
         for f in in_flight:
             f.cancel()
@@ -458,18 +422,6 @@ async def _settle(in_flight: list[asyncio.Future[Any]]) -> int:
     return n
 
 
-async def _partitions(kafka: KafkaConfig, topic: str) -> list[TopicPartition]:
-    # The admin client answers for a missing topic at once (a producer would wait
-    # for its metadata until a timeout, and a group-less consumer does not fetch it).
-    try:
-        n = await topic_partitions(kafka, topic)
-    except (KafkaError, OSError) as err:
-        raise ReplayError(await explain(err, kafka)) from None
-    if not n:
-        raise ReplayError(f"topic {topic} is not on {kafka.bootstrap}")
-    return [TopicPartition(topic, p) for p in range(n)]
-
-
 # ------------------------------------------------------------------------ cli
 
 
@@ -514,9 +466,7 @@ def main(cfg: Config, args: Any, stdout: TextIO | None = None, stderr: TextIO | 
     bad argument or an unusable source."""
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
-    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
-        # aiokafka's INFO lines (assignments, topic updates) would bury the summary on stderr.
-        logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    topic_window.quiet_client_logs()
 
     def report(msg: str) -> None:
         print(msg, file=stderr, flush=True)

@@ -235,6 +235,8 @@ def encode_dead_letter(dl: DeadLetter) -> bytes:
 # reason around it: its payload is cut (dead_letter_record).
 # A dead letter's key is its record's (a host id, when it is ktel's), cut to this.
 DEAD_LETTER_KEY_BYTES = 1024
+# In the reason of a dead letter whose payload was cut (`ktel dlq` does not re-drive those).
+PAYLOAD_CUT = "[payload cut to fit ktel.dlq:"
 
 
 def dead_letter_record(dl: DeadLetter, key: bytes | None) -> tuple[bytes | None, bytes]:
@@ -250,7 +252,7 @@ def dead_letter_record(dl: DeadLetter, key: bytes | None) -> tuple[bytes | None,
         return key, value
     payload = dl.payload or b""
     note = (
-        f" [payload cut to fit ktel.dlq: the record has {len(payload)} bytes, "
+        f" {PAYLOAD_CUT} the record has {len(payload)} bytes, "
         f"at {dl.topic[:256]}[{dl.partition}]@{dl.offset}]"
     )
     cut = dataclasses.replace(dl, reason=dl.reason[: REASON_CHARS - len(note)] + note, payload=b"")

@@ -680,6 +680,48 @@ def test_past_max_hosts_a_new_hosts_records_go_to_the_dlq_and_the_held_hosts_kee
         w.stop()
 
 
+def test_records_refused_past_max_hosts_are_counted_once_when_re_driven_after_it_is_raised(
+    private_kafka, tmp_path
+):
+    """`ktel dlq --redrive` puts a refused host's batches back on ktel.raw; a worker with
+    room counts them, and re-driving them again counts nothing twice."""
+    bootstrap = private_kafka.bootstrap
+    w = Worker(tmp_path, bootstrap, "w", KTEL_PROCESS__MAX_HOSTS="1").start()
+    held = list(batches(1, 6, 5))  # host-00
+    ev = [FILE_CREATED.id, 1, 2, 2, 0, "w", "/new/x/f", 0o101, False]
+    new = [RawBatch("new", "boot", seq, 1, [list(ev)] * 2) for seq in range(3)]
+    try:
+        asyncio.run(produce(bootstrap, [(b.key, encode_batch(b)) for b in held]))
+        assert wait_for_totals(bootstrap, batches_totals(1, 6, 5)) == batches_totals(1, 6, 5)
+        asyncio.run(produce(bootstrap, [(b.key, encode_batch(b)) for b in new]))
+        deadline = time.monotonic() + 60
+        while len(dead_letters(bootstrap)) < 3 and time.monotonic() < deadline:
+            time.sleep(1)
+        assert w.metric("ktel_processor_hosts_refused_total") == 3
+    finally:
+        w.stop()
+    w.env["KTEL_PROCESS__MAX_HOSTS"] = "10"
+    w.start()
+    env = dict(os.environ, KTEL_KAFKA__BOOTSTRAP=bootstrap, KTEL_AGENT__HOST_ID="unused")
+    redrive = [sys.executable, "-m", "ktel.cli", "dlq", "--redrive", "--reason", "process.max_hosts = 1"]
+    try:
+        done = subprocess.run(redrive, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stderr.splitlines()[-1].endswith("re-published 3 (3 to ktel.raw); left 0")
+        expected = {**batches_totals(1, 6, 5), ("new", "/new/x"): 6.0}
+        assert wait_for_totals(bootstrap, expected) == expected
+        assert w.metric("ktel_processor_duplicate_batches_total") == 0
+        again = subprocess.run(redrive, env=env, capture_output=True, text=True, timeout=120)
+        assert again.returncode == 0, again.stderr
+        deadline = time.monotonic() + 60
+        while w.metric("ktel_processor_duplicate_batches_total") < 3 and time.monotonic() < deadline:
+            time.sleep(1)
+        assert w.metric("ktel_processor_duplicate_batches_total") == 3
+        assert wait_for_totals(bootstrap, expected) == expected
+    finally:
+        w.stop()
+
+
 def test_the_split_sample_stage_which_keeps_no_table_refuses_hosts_past_max_hosts_too(
     private_kafka, tmp_path
 ):

@@ -1,6 +1,6 @@
 """ktel's layering: the commands are the roof, everything else stands below them.
 
-``ktel/cli.py``, ``ktel/up.py`` and ``ktel/replay.py`` are the commands; ``ktel.stack`` is
+``ktel/cli.py``, ``ktel/up.py``, ``ktel/replay.py`` and ``ktel/dlq.py`` are the commands; ``ktel.stack`` is
 the local development stack that ``ktel up`` and the tests start. Neither is something a
 component that runs on a fleet (agent, processing stage, exporter) may depend on, nor the
 shared floor (the other ``ktel`` modules), which must also stay free of the components.
@@ -13,7 +13,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-ROOF = {"ktel.cli", "ktel.up", "ktel.replay"}
+ROOF = {"ktel.cli", "ktel.up", "ktel.replay", "ktel.dlq"}
 STACK = "ktel.stack"
 COMPONENTS = ("edge_agent", "processors", "exporters")
 

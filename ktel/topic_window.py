@@ -1,0 +1,106 @@
+"""Reading a stretch of a topic by time, outside any consumer group (``ktel replay``,
+``ktel dlq``).
+
+Every partition is read from its first record whose timestamp is at or after a start
+time (Kafka's ``offsets_for_times``) up to its end offset as it was when the read
+began, so a read always ends however fast producers keep writing. The consumer has no
+group and commits nothing, so a read never moves the offsets of a live consumer group.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncGenerator
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
+
+from ktel.config import KafkaConfig
+from ktel.kafka_client import client_kwargs, explain, settings
+from ktel.topics import topic_partitions
+
+# Without a fetch that moves any partition for this long, the broker is taken to be
+# gone: the read reports it and ends rather than waiting forever.
+STALL_S = 60.0
+
+
+class ReadError(Exception):
+    """The topic cannot be read; ``str(err)`` is the message for the user."""
+
+
+def quiet_client_logs() -> None:
+    """Below debug, keep aiokafka's INFO lines (assignments, topic updates) off stderr,
+    where they would bury a command's summary."""
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        logging.getLogger("aiokafka").setLevel(logging.WARNING)
+
+
+def consumer(client: KafkaConfig, bootstrap: str) -> AIOKafkaConsumer:
+    """A consumer for ``records``: no group, no commits."""
+    return AIOKafkaConsumer(
+        **client_kwargs(client, bootstrap),
+        group_id=None,
+        enable_auto_commit=False,
+        # A start offset that retention deleted meanwhile: the oldest record left.
+        auto_offset_reset="earliest",
+    )
+
+
+async def partitions(client: KafkaConfig, bootstrap: str, topic: str) -> list[TopicPartition]:
+    """The topic's partitions; ReadError when the topic or the Kafka is not there."""
+    kafka = settings(client, bootstrap)
+    # The admin client answers for a missing topic at once (a producer would wait
+    # for its metadata until a timeout, and a group-less consumer does not fetch it).
+    try:
+        n = await topic_partitions(kafka, topic)
+    except (KafkaError, OSError) as err:
+        raise ReadError(await explain(err, kafka)) from None
+    if not n:
+        raise ReadError(f"topic {topic} is not on {bootstrap}")
+    return [TopicPartition(topic, p) for p in range(n)]
+
+
+async def records(
+    reader: AIOKafkaConsumer, parts: list[TopicPartition], start_ms: int, *, stall_s: float = STALL_S
+) -> AsyncGenerator[tuple[TopicPartition, ConsumerRecord], None]:
+    """Each partition's records from ``start_ms`` (record time, ms since epoch) to its
+    end offset at the call, partition by partition in fetch order. ReadError when no
+    fetch moves for ``stall_s``."""
+    ends = await reader.end_offsets(parts)
+    # offsets_for_times refuses a negative time (a start before 1970).
+    starts = await reader.offsets_for_times({tp: max(0, start_ms) for tp in parts})
+    # Partition -> the end offset to read up to; a partition is dropped when done.
+    active: dict[TopicPartition, int] = {}
+    for tp in parts:
+        hit = starts.get(tp)
+        if hit is not None and hit.offset < ends[tp]:
+            active[tp] = ends[tp]
+    reader.assign(list(active))
+    for tp in active:
+        reader.seek(tp, starts[tp].offset)
+
+    def done(tp: TopicPartition) -> None:
+        del active[tp]
+        reader.pause(tp)  # no more prefetching of a finished partition
+
+    progress_at = time.monotonic()
+    while active:
+        fetched = await reader.getmany(*active, timeout_ms=500)
+        if fetched:
+            progress_at = time.monotonic()
+        for tp, batch in fetched.items():
+            for rec in batch:
+                if rec.offset >= active[tp]:
+                    done(tp)
+                    break
+                yield tp, rec
+        for tp in list(active):
+            # Compacted or transactional gaps can carry the position past the last record.
+            if await reader.position(tp) >= active[tp]:
+                done(tp)
+        if active and time.monotonic() - progress_at > stall_s:
+            raise ReadError(
+                f"no record from the Kafka for {stall_s:.0f} s while partitions "
+                f"{sorted(tp.partition for tp in active)} of {parts[0].topic} were unfinished"
+            )

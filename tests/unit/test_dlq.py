@@ -1,0 +1,172 @@
+"""The pure parts of `ktel dlq`: which dead letters it selects, which it can re-drive and
+why not, its lines and its arguments (against Kafka: tests/integration/test_dlq.py)."""
+
+import argparse
+import json
+import re
+
+import pytest
+
+from ktel import cli, config, dlq
+from ktel.dlq import DlqError, Found, Selection, why_not_redrivable
+from ktel.replay import NS
+from ktel.wire import DeadLetter, dead_letter_record, decode_dead_letter
+from ktel.wire.codec import MAX_RECORD_BYTES
+from ktel.wire.control import DEAD_LETTER_KEY_BYTES
+
+NOW = 1_750_000_000 * NS  # 2025-06-15T15:06:40Z
+CFG = config.Config(agent=config.AgentConfig(host_id="h"), kafka=config.KafkaConfig(bootstrap="k1:9092"))
+STAGE_TOPICS = dlq.stage_topics(CFG)
+REFUSED = "host 'b': not one of the 1 hosts this worker holds, and process.max_hosts = 1"
+
+
+def letter(topic="ktel.raw", reason=REFUSED, payload=b"batch", stage="aggregate"):
+    return DeadLetter(stage, reason, topic, 3, 41, payload)
+
+
+def test_the_stages_topics_are_the_only_ones_re_driven_to_and_follow_the_prefix():
+    assert {"ktel.raw", "ktel.deduped", "ktel.enriched", "ktel.sampled", "ktel.heartbeats"} == STAGE_TOPICS
+    prefixed = config.Config(
+        agent=config.AgentConfig(host_id="h"), kafka=config.KafkaConfig(bootstrap="k:1", prefix="eu.")
+    )
+    assert "eu.ktel.raw" in dlq.stage_topics(prefixed)
+    assert "ktel.raw" not in dlq.stage_topics(prefixed)
+
+
+@pytest.mark.parametrize(
+    ("dl", "key", "why"),
+    [
+        (letter(), b"b", None),
+        (letter(topic="ktel.heartbeats"), b"b", None),
+        (letter(topic="ktel.metrics"), b"b", "'ktel.metrics' is not a topic a ktel stage reads"),
+        (letter(topic="ktel.dlq"), b"b", "'ktel.dlq' is not a topic a ktel stage reads"),
+        (letter(topic="payments"), b"b", "'payments' is not a topic a ktel stage reads"),
+        (letter(payload=b""), b"b", "it has no payload (a tombstone)"),
+        (letter(payload=None), None, "it has no payload (a tombstone)"),
+        (letter(), None, None),
+        (
+            letter(),
+            b"k" * DEAD_LETTER_KEY_BYTES,
+            "its key is 1024 bytes, the most a dead letter keeps, so may have been cut",
+        ),
+    ],
+)
+def test_what_can_be_re_driven(dl, key, why):
+    assert why_not_redrivable(dl, key, STAGE_TOPICS) == why
+
+
+def test_a_dead_letter_whose_payload_was_cut_is_not_re_driven_and_says_where_the_record_is():
+    key, value = dead_letter_record(letter(payload=b"x" * MAX_RECORD_BYTES), b"b")
+    cut = decode_dead_letter(value)
+    assert 0 < len(cut.payload) < MAX_RECORD_BYTES
+    assert why_not_redrivable(cut, key, STAGE_TOPICS) == (
+        "its payload was cut; the whole record is at ktel.raw[3]@41 until retention takes it"
+    )
+
+
+def test_selection_by_stage_source_host_and_reason():
+    dl = letter()
+    assert Selection().takes(dl, None)
+    assert Selection(stages=frozenset({"aggregate", "x"})).takes(dl, b"b")
+    assert not Selection(stages=frozenset({"enrich"})).takes(dl, b"b")
+    assert Selection(sources=frozenset({"ktel.raw"})).takes(dl, b"b")
+    assert not Selection(sources=frozenset({"ktel.heartbeats"})).takes(dl, b"b")
+    assert Selection(hosts=frozenset({"b"})).takes(dl, b"b")
+    assert not Selection(hosts=frozenset({"b"})).takes(dl, b"a")
+    assert not Selection(hosts=frozenset({"b"})).takes(dl, None)
+    assert Selection(reason=re.compile(r"max_hosts = \d")).takes(dl, b"b")
+    assert not Selection(reason=re.compile("^max_hosts")).takes(dl, b"b")
+
+
+def test_a_line_and_a_json_object_per_dead_letter():
+    found = Found("ktel.dlq[0]@7", NOW // 1_000_000, b"b\xff", letter(), None)
+    assert found.line() == (
+        f"2025-06-15T15:06:40.000+00:00 ktel.dlq[0]@7 aggregate: ktel.raw[3]@41 key='b\\\\xff' 5 B "
+        f"(can be re-driven): {REFUSED}"
+    )
+    left = Found(
+        "ktel.dlq[0]@8", NOW // 1_000_000, None, letter(topic="x"), "'x' is not a topic a ktel stage reads"
+    )
+    assert "ktel.dlq[0]@8 aggregate: x[3]@41 5 B (left: 'x' is not a topic a ktel stage reads)" in left.line()
+    obj = json.loads(found.json())
+    assert obj == {
+        "dlq": "ktel.dlq[0]@7",
+        "time": "2025-06-15T15:06:40.000+00:00",
+        "stage": "aggregate",
+        "topic": "ktel.raw",
+        "partition": 3,
+        "offset": 41,
+        "key": "b\\xff",
+        "reason": REFUSED,
+        "payload_bytes": 5,
+        "payload": b"batch".hex(),
+        "redrive": True,
+        "left_because": None,
+    }
+
+
+def args(**kw):
+    base = dict(
+        from_=None, to="now", stage=None, source=None, host=None, reason=None, json=False, redrive=False
+    )
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_options_from_arguments():
+    opts = dlq.options(CFG, args(), now_ns=NOW)
+    assert (opts.selection.from_ms, opts.selection.to_ms) == (0, NOW // 1_000_000)
+    assert (opts.dlq_topic, opts.bootstrap, opts.redrive) == ("ktel.dlq", "k1:9092", False)
+    opts = dlq.options(
+        CFG,
+        args(
+            from_="-1h",
+            stage=["sample"],
+            source=["ktel.enriched"],
+            host=["b"],
+            reason="max_hosts",
+            redrive=True,
+        ),
+        now_ns=NOW,
+    )
+    sel = opts.selection
+    assert sel.from_ms == (NOW - 3600 * NS) // 1_000_000
+    assert (sel.stages, sel.sources, sel.hosts) == ({"sample"}, {"ktel.enriched"}, {"b"})
+    assert sel.reason is not None and sel.reason.pattern == "max_hosts"
+    assert dlq.options(CFG, args(redrive=True, json=True), now_ns=NOW).redrive
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        (dict(from_="yesterday"), "bad time 'yesterday'"),
+        (dict(from_="-1h", to="-2h"), r"--from \(\S+\) must be before --to \(\S+\)"),
+        (dict(reason="max_hosts = ("), re.escape("--reason 'max_hosts = (' is not a regular expression")),
+    ],
+)
+def test_bad_arguments_say_what_is_wrong(kw, message):
+    with pytest.raises(DlqError, match=message):
+        dlq.options(CFG, args(**kw), now_ns=NOW)
+
+
+def test_the_command_rejects_bad_arguments_before_touching_kafka(monkeypatch, capsys):
+    monkeypatch.setenv("KTEL_AGENT__HOST_ID", "h")
+    monkeypatch.setenv("KTEL_KAFKA__BOOTSTRAP", "127.0.0.1:1")  # nothing listens: must not be reached
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["dlq", "--from", "-1h", "--reason", "(", "--redrive"])
+    assert exit_.value.code == 2
+    (err,) = capsys.readouterr().err.splitlines()
+    assert err.startswith("ktel dlq: --reason '(' is not a regular expression: ")
+
+
+def test_an_unreachable_kafka_is_named_with_the_setting_to_fix(monkeypatch, capsys):
+    from ktel.stack.proc import free_port
+
+    bootstrap = f"127.0.0.1:{free_port()}"  # nothing listens there: refused at once
+    monkeypatch.setenv("KTEL_AGENT__HOST_ID", "h")
+    monkeypatch.setenv("KTEL_KAFKA__BOOTSTRAP", bootstrap)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["dlq", "--from", "-1h"])
+    assert exit_.value.code == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith(f"ktel dlq: cannot reach Kafka at {bootstrap} (")
+    assert last.endswith("check kafka.bootstrap and kafka.security_protocol")
