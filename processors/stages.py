@@ -489,9 +489,14 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         return kept
 
     def undo(host_id: str, value: dict[str, Any], result: Result) -> None:
-        """Put back what a record changed: the host's table value as the changelog has it,
-        and the worker's own state (``Result.revert``)."""
-        if result.changed:
+        """Put back what a refused record changed: the host's table value as the changelog
+        has it, and the worker's own state (``Result.revert``). Of a host new to the
+        worker nothing stays (its value is the table's default, not in the table), so
+        that invented hosts whose records are all refused take no place of max_hosts."""
+        if chain.durable and host_id not in hosts.data:
+            persisted.pop(host_id, None)
+            last_seen.pop(host_id, None)
+        elif result.changed:
             kept = as_persisted(host_id, value)
             restored = changelog.restored(decoded(hosts, kept.head), value, result.touched)
             hosts.data[host_id] = restored
@@ -621,7 +626,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         except Exception as err:
             raise StageFailed from err
         if result.refused is not None:
-            result.revert()  # (the stages leave the table value as it was themselves)
+            undo(batch.host_id, value, result)  # (the stages leave the table value as it was)
             await dead_letter(msg, result.refused)
             return
         # Encoded before anything is saved: a record Kafka would refuse, sent after the

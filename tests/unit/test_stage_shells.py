@@ -18,7 +18,7 @@ from typing import Any
 from unittest import mock
 
 from aiokafka.partitioner import murmur2
-from faust.types import Message
+from faust.types import TP, Message
 from prometheus_client import REGISTRY
 
 from ktel import config
@@ -459,6 +459,35 @@ async def test_a_batch_refused_by_the_state_bound_leaves_every_piece_of_state_as
         # The process gauge still follows the table: one more process, one more.
         await shell.put(batch(2, [exec_event(2, "ls", "/bin/ls")]))
         assert metric("ktel_processor_processes_known", "all") == processes + 1
+
+
+async def test_a_new_hosts_first_batch_refused_by_the_state_bound_leaves_the_host_unheld(
+    tmp_path, monkeypatch
+):
+    """Nothing of a host whose only record was refused stays in the table, so that hosts
+    invented by a writer of such records take no place of process.max_hosts, even once
+    the worker counts its hosts again (a rebalance)."""
+    monkeypatch.setattr(enrich_core, "TABLE_SHARE", 10.0, raising=False)
+    async with Shell(
+        tmp_path,
+        "all",
+        process=config.ProcessConfig(
+            data_dir=tmp_path / "data", metrics_port=0, max_state_bytes=65_536, max_hosts=1
+        ),
+    ) as shell:
+        for i in range(3):
+            huge = batch(0, [exec_event(p, "p", "/opt/" + "x" * 150 + str(p)) for p in range(1000)], f"n{i}")
+            await shell.put(huge)
+        assert len(shell.to(DLQ_TOPIC)) == 3
+        assert not any(f"n{i}" in shell.app.tables["host-state"] for i in range(3))
+        # The worker counts its hosts again, as after a rebalance that left it every partition.
+        every = {TP(RAW_TOPIC, p) for p in range(RESOLVED.raw_partitions)}
+        monkeypatch.setattr(shell.app.assignor, "assigned_actives", lambda: every)
+        shell.app.on_partitions_assigned.send(every)
+        await shell.put(batch(0, [file_created(1, "/a/x")]))
+        assert shell.table("h1")["aggregate"]["seen"] == {"b1": [[0, 0]]}
+        assert len(shell.to(DLQ_TOPIC)) == 3
+        assert metric("ktel_processor_hosts", "all") == 1
 
 
 async def test_past_max_hosts_a_new_hosts_batches_and_heartbeats_go_to_the_dlq_and_held_hosts_go_on(
