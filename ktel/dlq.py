@@ -28,7 +28,9 @@ A dead letter is left where it is, and the reason said, when:
 - its payload was cut to fit ``ktel.dlq`` (its reason says so): the whole record is
   still on its topic, at the offset the dead letter names, until retention takes it;
 - it has no payload (the record was a tombstone), or its key is as long as a dead
-  letter's key may be, so may have been cut.
+  letter's key may be, so may have been cut;
+- its record does not decode as its topic's records do, or its key is not the host id
+  it carries: the stages would only dead-letter it again.
 
 Each re-published record carries a ``ktel-redriven-from`` header naming the dead
 letter (``ktel.dlq[partition]@offset``), so that a record found twice can be traced.
@@ -45,17 +47,18 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
+from opentelemetry.semconv._incubating.attributes.host_attributes import HOST_ID
 
 from ktel import topic_window
 from ktel.config import Config, KafkaConfig
 from ktel.kafka_client import client_kwargs
 from ktel.replay import ReplayError, format_ns, parse_time
-from ktel.wire import DeadLetter, WireError, decode_dead_letter
+from ktel.wire import DeadLetter, WireError, decode_batch, decode_dead_letter, decode_heartbeat
 from ktel.wire.codec import MAX_RECORD_BYTES
 from ktel.wire.control import DEAD_LETTER_KEY_BYTES, PAYLOAD_CUT
 
@@ -64,6 +67,10 @@ HEADER = "ktel-redriven-from"
 FAILURES_SHOWN = 20
 # Re-published records in flight before waiting for their acknowledgements.
 MAX_IN_FLIGHT = 1000
+
+
+# How a stage topic's record names its host: its host id, or WireError.
+HostOf = Callable[[bytes], str]
 
 
 class DlqError(Exception):
@@ -94,9 +101,10 @@ def key_text(key: bytes | None) -> str | None:
     return None if key is None else key.decode(errors="backslashreplace")
 
 
-def why_not_redrivable(dl: DeadLetter, key: bytes | None, stage_topics: frozenset[str]) -> str | None:
+def why_not_redrivable(dl: DeadLetter, key: bytes | None, stage_topics: Mapping[str, HostOf]) -> str | None:
     """Why the dead letter's record cannot be re-published (module docstring), or None."""
-    if dl.topic not in stage_topics:
+    host_of = stage_topics.get(dl.topic)
+    if host_of is None:
         return f"{dl.topic[:256]!r} is not a topic a ktel stage reads"
     if PAYLOAD_CUT in dl.reason:
         return (
@@ -107,6 +115,12 @@ def why_not_redrivable(dl: DeadLetter, key: bytes | None, stage_topics: frozense
         return "it has no payload (a tombstone)"
     if key is not None and len(key) >= DEAD_LETTER_KEY_BYTES:
         return f"its key is {len(key)} bytes, the most a dead letter keeps, so may have been cut"
+    try:
+        host_id = host_of(dl.payload)
+    except WireError as err:
+        return f"it does not decode ({err})"
+    if key != host_id.encode():
+        return f"its key {key!r:.60} is not its host id {host_id!r:.60}"
     return None
 
 
@@ -177,7 +191,7 @@ class Options:
     bootstrap: str
     selection: Selection
     dlq_topic: str
-    stage_topics: frozenset[str]
+    stage_topics: Mapping[str, HostOf]
     redrive: bool = False
     json: bool = False
     client: KafkaConfig = dataclasses.field(default_factory=KafkaConfig)
@@ -258,10 +272,20 @@ async def _settle(in_flight: list[asyncio.Future[Any]]) -> None:
     in_flight.clear()
 
 
-def stage_topics(cfg: Config) -> frozenset[str]:
-    """The topics a ktel stage reads: the only ones dead letters are re-published to."""
+def stage_topics(cfg: Config) -> dict[str, HostOf]:
+    """The topics a ktel stage reads, the only ones dead letters are re-published to,
+    each with how its records name their host."""
     t = cfg.kafka.topics
-    return frozenset((t.raw, t.deduped, t.enriched, t.sampled, t.heartbeats))
+    batch, beat = _batch_host, _heartbeat_host
+    return {t.raw: batch, t.deduped: batch, t.enriched: batch, t.sampled: batch, t.heartbeats: beat}
+
+
+def _batch_host(value: bytes) -> str:
+    return decode_batch(value).host_id
+
+
+def _heartbeat_host(value: bytes) -> str:
+    return str(decode_heartbeat(value)["host"][HOST_ID])
 
 
 def options(cfg: Config, args: Any, now_ns: int | None = None) -> Options:

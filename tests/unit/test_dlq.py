@@ -10,7 +10,15 @@ import pytest
 from ktel import cli, config, dlq
 from ktel.dlq import DlqError, Found, Selection, why_not_redrivable
 from ktel.replay import NS
-from ktel.wire import DeadLetter, dead_letter_record, decode_dead_letter
+from ktel.wire import (
+    FILE_CREATED,
+    DeadLetter,
+    RawBatch,
+    dead_letter_record,
+    decode_dead_letter,
+    encode_batch,
+    encode_heartbeat,
+)
 from ktel.wire.codec import MAX_RECORD_BYTES
 from ktel.wire.control import DEAD_LETTER_KEY_BYTES
 
@@ -20,12 +28,20 @@ STAGE_TOPICS = dlq.stage_topics(CFG)
 REFUSED = "host 'b': not one of the 1 hosts this worker holds, and process.max_hosts = 1"
 
 
-def letter(topic="ktel.raw", reason=REFUSED, payload=b"batch", stage="aggregate"):
+BATCH = encode_batch(
+    RawBatch("b", "boot", 0, 1, [[FILE_CREATED.id, 1, 2, 2, 0, "w", "/a/b/f", 0o101, False]])
+)
+BEAT = encode_heartbeat({"ts": 1, "host": {"host.id": "b", "boot.id": "boot"}, "probes": {}, "counters": {}})
+
+
+def letter(topic="ktel.raw", reason=REFUSED, payload=BATCH, stage="aggregate"):
     return DeadLetter(stage, reason, topic, 3, 41, payload)
 
 
 def test_the_stages_topics_are_the_only_ones_re_driven_to_and_follow_the_prefix():
-    assert {"ktel.raw", "ktel.deduped", "ktel.enriched", "ktel.sampled", "ktel.heartbeats"} == STAGE_TOPICS
+    assert {"ktel.raw", "ktel.deduped", "ktel.enriched", "ktel.sampled", "ktel.heartbeats"} == set(
+        STAGE_TOPICS
+    )
     prefixed = config.Config(
         agent=config.AgentConfig(host_id="h"), kafka=config.KafkaConfig(bootstrap="k:1", prefix="eu.")
     )
@@ -37,13 +53,23 @@ def test_the_stages_topics_are_the_only_ones_re_driven_to_and_follow_the_prefix(
     ("dl", "key", "why"),
     [
         (letter(), b"b", None),
-        (letter(topic="ktel.heartbeats"), b"b", None),
+        (letter(topic="ktel.sampled"), b"b", None),
+        (letter(topic="ktel.heartbeats", payload=BEAT), b"b", None),
         (letter(topic="ktel.metrics"), b"b", "'ktel.metrics' is not a topic a ktel stage reads"),
         (letter(topic="ktel.dlq"), b"b", "'ktel.dlq' is not a topic a ktel stage reads"),
         (letter(topic="payments"), b"b", "'payments' is not a topic a ktel stage reads"),
         (letter(payload=b""), b"b", "it has no payload (a tombstone)"),
         (letter(payload=None), None, "it has no payload (a tombstone)"),
-        (letter(), None, None),
+        # What the stages would only dead-letter again:
+        (
+            letter(payload=b"junk"),
+            b"b",
+            "it does not decode (raw batch: not msgpack (ExtraData: unpack(b) received extra data.))",
+        ),
+        (letter(topic="ktel.heartbeats"), b"b", "it does not decode (heartbeat: field 'ts' is missing)"),
+        (letter(), b"a", "its key b'a' is not its host id 'b'"),
+        (letter(), None, "its key None is not its host id 'b'"),
+        (letter(topic="ktel.heartbeats", payload=BEAT), b"c", "its key b'c' is not its host id 'b'"),
         (
             letter(),
             b"k" * DEAD_LETTER_KEY_BYTES,
@@ -79,13 +105,17 @@ def test_selection_by_stage_source_host_and_reason():
 
 
 def test_a_line_and_a_json_object_per_dead_letter():
-    found = Found("ktel.dlq[0]@7", NOW // 1_000_000, b"b\xff", letter(), None)
+    found = Found("ktel.dlq[0]@7", NOW // 1_000_000, b"b\xff", letter(payload=b"batch"), None)
     assert found.line() == (
         f"2025-06-15T15:06:40.000+00:00 ktel.dlq[0]@7 aggregate: ktel.raw[3]@41 key='b\\\\xff' 5 B "
         f"(can be re-driven): {REFUSED}"
     )
     left = Found(
-        "ktel.dlq[0]@8", NOW // 1_000_000, None, letter(topic="x"), "'x' is not a topic a ktel stage reads"
+        "ktel.dlq[0]@8",
+        NOW // 1_000_000,
+        None,
+        letter(topic="x", payload=b"batch"),
+        "'x' is not a topic a ktel stage reads",
     )
     assert "ktel.dlq[0]@8 aggregate: x[3]@41 5 B (left: 'x' is not a topic a ktel stage reads)" in left.line()
     obj = json.loads(found.json())
