@@ -42,6 +42,7 @@ import os
 import socket
 import statistics
 import time
+from collections.abc import Iterable
 from importlib.metadata import version
 
 from aiokafka import AIOKafkaProducer
@@ -135,6 +136,30 @@ FLUSH_TIMEOUT_S = 10.0
 # How long a stopping agent waits for Kafka to take its last heartbeat.
 GOODBYE_TIMEOUT_S = 2.0
 PRODUCER_STOP_TIMEOUT_S = 5.0
+# How often a stopping agent cancels a task that goes on (``cancelled``).
+CANCEL_ROUNDS = 3
+
+
+async def cancelled(tasks: Iterable[asyncio.Task], timeout_s: float) -> set[asyncio.Task]:
+    """Cancel ``tasks`` and wait up to ``timeout_s`` for them to end, cancelling again,
+    up to CANCEL_ROUNDS times, those that go on; the ones still running after that.
+
+    One cancel is not always enough: Python 3.11's ``asyncio.wait_for`` loses a
+    cancellation that comes as the operation it wraps completes, so a task looping
+    around one (a heartbeat's send, a batch's) can go on after it, and a stop that
+    waited for it would wait for good."""
+    tasks = set(tasks)
+    pending = tasks
+    for _ in range(CANCEL_ROUNDS):
+        if not pending:
+            break
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=timeout_s)
+    for task in tasks - pending:
+        if not task.cancelled():
+            task.exception()  # (retrieved: a task's failure is reported where it happened)
+    return pending
 
 
 async def close_producer(producer: AIOKafkaProducer) -> None:
@@ -831,16 +856,7 @@ class Agent:
                     # Stopped on purpose (a node drained or retired, an upgrade): said, so
                     # that its silence from now on pages no one (deploy/prometheus/ktel-rules.yml).
                     # The last heartbeat, after the periodic ones.
-                    beats = {t for t in senders if t.get_name() == "heartbeats"}
-                    for _ in range(3):
-                        # Cancelled again if it goes on: Python 3.11's wait_for, around its
-                        # send, loses a cancellation that comes as the send completes, and
-                        # the task would beat on, holding the stop up for good.
-                        for task in beats:
-                            task.cancel()
-                        _, beats = await asyncio.wait(beats, timeout=GOODBYE_TIMEOUT_S)
-                        if not beats:
-                            break
+                    await cancelled((t for t in senders if t.get_name() == "heartbeats"), GOODBYE_TIMEOUT_S)
                     try:
                         # Bounded whole (its readings too): nothing may hold a stop up.
                         await asyncio.wait_for(
@@ -855,9 +871,8 @@ class Agent:
                 await asyncio.wait({collector})
         finally:
             tasks = [connector, *senders, *([self._renewal] if self._renewal else [])]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            for task in await cancelled(tasks, GOODBYE_TIMEOUT_S):
+                log.warning("agent task %s did not end when cancelled; stopping without it", task.get_name())
             await close_producer(self.producer)
             self.spool.close()
             log.info("agent stopped; %d spooled bytes not yet acknowledged", self.spool.depth_bytes())
