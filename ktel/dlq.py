@@ -12,25 +12,31 @@ Re-driving
 Once the cause is gone (``process.max_hosts`` raised for hosts it refused, a stage
 fixed for records it could not take), ``--redrive`` re-publishes each selected dead
 letter's record, with its key, to the topic it was read from, where the live stages
-take it as new. Running it again is safe while the workers hold the host: they drop a
-batch they have already counted (same host, boot and sequence; docs/design.md,
-"Delivery guarantees") and take only the newest heartbeat of a boot. A host silent
-past ``aggregate.host_ttl_seconds`` is forgotten, and its batches re-driven after that
-are counted again. A record that fails again is dead-lettered again.
+take it as new. What it re-publishes is the record the dead letter names, read back
+from its topic at its partition and offset, and only if it is the one the dead letter
+carries (same key, same bytes, or the bytes starting with them where the dead letter's
+payload was cut): anyone who may write ``ktel.dlq`` (every stage and exporter) can
+write a dead letter, but not make ``--redrive`` write what its record was not.
+
+Running it again is safe while the workers hold the host: they drop a batch they have
+already counted (same host, boot and sequence; docs/design.md, "Delivery guarantees"),
+and a heartbeat older than the one they hold of its boot changes nothing. A host
+silent past ``aggregate.host_ttl_seconds`` is forgotten, and its batches re-driven
+after that are counted again. A gauge keeps the last value counted, so one re-driven
+from batches older than its host's latest holds the older value until the next one.
 
 A dead letter is left where it is, and the reason said, when:
 
 - its topic is not one a ktel stage reads (``ktel.raw``, the stages' intermediate
   topics and ``ktel.heartbeats``, under ``kafka.prefix``). The output topics are read by
-  every exporter, so a record one exporter refused would reach the others twice; and a
-  dead letter can name any topic (anyone who may write ``ktel.dlq`` writes it), so
+  every exporter, so a record one exporter refused would reach the others twice, and
   re-publishing is never sent outside ktel's topics;
-- its payload was cut to fit ``ktel.dlq`` (its reason says so): the whole record is
-  still on its topic, at the offset the dead letter names, until retention takes it;
 - it has no payload (the record was a tombstone), or its key is as long as a dead
   letter's key may be, so may have been cut;
 - its record does not decode as its topic's records do, or its key is not the host id
-  it carries: the stages would only dead-letter it again.
+  it carries: the stages would only dead-letter it again;
+- (``--redrive``) its topic no longer holds the record (retention took it), or holds
+  another one there.
 
 Each re-published record carries a ``ktel-redriven-from`` header naming the dead
 letter (``ktel.dlq[partition]@offset``), so that a record found twice can be traced.
@@ -102,26 +108,35 @@ def key_text(key: bytes | None) -> str | None:
 
 
 def why_not_redrivable(dl: DeadLetter, key: bytes | None, stage_topics: Mapping[str, HostOf]) -> str | None:
-    """Why the dead letter's record cannot be re-published (module docstring), or None."""
+    """Why the dead letter's record cannot be re-published, as far as the dead letter
+    tells (module docstring), or None."""
     host_of = stage_topics.get(dl.topic)
     if host_of is None:
-        return f"{dl.topic[:256]!r} is not a topic a ktel stage reads"
-    if PAYLOAD_CUT in dl.reason:
-        return (
-            f"its payload was cut; the whole record is at {dl.topic}[{dl.partition}]@{dl.offset} "
-            "until retention takes it"
-        )
+        return f"{dl.topic[:256]!r} is not a topic a ktel stage reads"  # (repr: escaped)
     if not dl.payload:
         return "it has no payload (a tombstone)"
     if key is not None and len(key) >= DEAD_LETTER_KEY_BYTES:
         return f"its key is {len(key)} bytes, the most a dead letter keeps, so may have been cut"
+    if PAYLOAD_CUT in dl.reason:
+        return None  # (what its record is, only the record on its topic tells)
+    return not_for_the_stages(dl.payload, key, host_of)
+
+
+def not_for_the_stages(value: bytes, key: bytes | None, host_of: HostOf) -> str | None:
+    """Why the stages would dead-letter the record again, or None."""
     try:
-        host_id = host_of(dl.payload)
+        host_id = host_of(value)
     except WireError as err:
         return f"it does not decode ({err})"
     if key != host_id.encode():
         return f"its key {key!r:.60} is not its host id {host_id!r:.60}"
     return None
+
+
+def printable(text: str) -> str:
+    """``text`` with what could fake or garble a line (newlines, terminal escapes) escaped:
+    a dead letter's fields are whatever its writer put there."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,8 +154,9 @@ class Found:
         key = "" if self.key is None else f" key={key_text(self.key)!r}"
         state = f"left: {self.unusable}" if self.unusable else "can be re-driven"
         return (
-            f"{format_ns(self.time_ms * 1_000_000)} {self.at} {dl.stage}: {dl.topic}[{dl.partition}]"
-            f"@{dl.offset}{key} {len(dl.payload or b'')} B ({state}): {dl.reason}"
+            f"{format_ns(self.time_ms * 1_000_000)} {self.at} {printable(dl.stage)}: "
+            f"{printable(dl.topic)}[{dl.partition}]@{dl.offset}{key} {len(dl.payload or b'')} B ({state}): "
+            f"{printable(dl.reason)}"
         )
 
     def json(self) -> str:
@@ -171,6 +187,8 @@ class Summary:
     selected: int = 0
     redriven: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     left: int = 0
+    failed: int = 0  # re-published, but Kafka did not take it
+    output_closed: bool = False  # stdout's reader went away; the listing was not read to its end
     failures: list[str] = dataclasses.field(default_factory=list)
 
     def line(self, topic: str, redrive: bool) -> str:
@@ -183,7 +201,15 @@ class Summary:
             to = ", ".join(f"{n} to {t}" for t, n in sorted(self.redriven.items()))
             parts.append(f"re-published {sum(self.redriven.values())}{f' ({to})' if to else ''}")
             parts.append(f"left {self.left}")
+            if self.failed:
+                parts.append(f"failed {self.failed}")
+        if self.output_closed:
+            parts.append("stopped early: the reader of stdout went away")
         return "; ".join(parts)
+
+
+class OutputClosed(Exception):
+    """stdout's reader went away (``ktel dlq | head``): a listing stops quietly."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,26 +223,98 @@ class Options:
     client: KafkaConfig = dataclasses.field(default_factory=KafkaConfig)
 
 
-async def run(opts: Options, write: Callable[[str], None], report: Callable[[str], None]) -> Summary:
-    """Read the window of dead letters, ``write`` a line for each selected one, and
-    re-publish them when ``opts.redrive``; ``report`` what is not a dead letter."""
-    summary = Summary()
+class Originals:
+    """The records dead letters name, read back from their topics: a dead letter is
+    re-driven only as the record it names is there (a writer of ktel.dlq cannot make
+    ``--redrive`` write what it likes), and whole when its payload was cut."""
+
+    def __init__(self, opts: Options):
+        self.opts = opts
+        self.reader = topic_window.consumer(opts.client, opts.bootstrap)
+        self._partitions: dict[str, int] = {}
+        self._bounds: dict[TopicPartition, tuple[int, int]] = {}
+
+    async def record(self, topic: str, partition: int, offset: int) -> ConsumerRecord | None:
+        """The record at ``topic[partition]@offset``; None when there is none (retention
+        took it, or the dead letter named a place that never held one)."""
+        if topic not in self._partitions:
+            self._partitions[topic] = len(
+                await topic_window.partitions(self.opts.client, self.opts.bootstrap, topic)
+            )
+        tp = TopicPartition(topic, partition)
+        if partition >= self._partitions[topic]:
+            return None
+        if tp not in self._bounds:
+            first = (await self.reader.beginning_offsets([tp]))[tp]
+            self._bounds[tp] = (first, (await self.reader.end_offsets([tp]))[tp])
+        first, end = self._bounds[tp]
+        if not first <= offset < end:
+            return None
+        self.reader.assign([tp])
+        self.reader.seek(tp, offset)
+        deadline = time.monotonic() + topic_window.STALL_S
+        while time.monotonic() < deadline:
+            for rec in (await self.reader.getmany(tp, timeout_ms=500)).get(tp, []):
+                if rec.offset >= offset:  # (past it: compaction or retention took it meanwhile)
+                    return rec if rec.offset == offset else None
+            if await self.reader.position(tp) > offset:
+                return None
+        raise topic_window.ReadError(
+            f"no record from {self.opts.bootstrap} for {topic}[{partition}]@{offset}"
+        )
+
+
+async def run(
+    opts: Options, summary: Summary, write: Callable[[str], None], report: Callable[[str], None]
+) -> None:
+    """Read the window of dead letters into ``summary``, ``write`` a line for each
+    selected one, and re-publish them when ``opts.redrive``; ``report`` what is not a
+    dead letter and what Kafka did not take."""
     sel = opts.selection
     parts = await topic_window.partitions(opts.client, opts.bootstrap, opts.dlq_topic)
     summary.partitions = len(parts)
     reader = topic_window.consumer(opts.client, opts.bootstrap)
+    originals = Originals(opts) if opts.redrive else None
     out = (
         AIOKafkaProducer(
             **client_kwargs(opts.client, opts.bootstrap),
             enable_idempotence=True,  # a retried send must not duplicate a record
-            # A dead letter's payload is at most what its topic took (MAX_RECORD_BYTES);
+            # A record of a stage's topic is at most MAX_RECORD_BYTES (what ktel.raw takes);
             # aiokafka's own limit (1 MiB) is below that.
             max_request_size=MAX_RECORD_BYTES + (64 << 10),
         )
         if opts.redrive
         else None
     )
-    in_flight: list[asyncio.Future[Any]] = []
+    in_flight: list[tuple[asyncio.Future[Any], str, str]] = []  # (the send, its topic, its dead letter)
+
+    def failed(what: str) -> None:
+        summary.failed += 1
+        if len(summary.failures) < FAILURES_SHOWN:
+            summary.failures.append(what)
+            report(f"ktel dlq: {what}")
+
+    async def settle() -> None:
+        results = await asyncio.gather(*(f for f, _, _ in in_flight), return_exceptions=True)
+        for (_, topic, at), result in zip(in_flight, results, strict=True):
+            if isinstance(result, BaseException):
+                summary.redriven[topic] -= 1
+                failed(f"{at}: not re-published to {topic}: {result!r}")
+        in_flight.clear()
+
+    async def redriven(dl: DeadLetter, key: bytes | None) -> tuple[bytes, str | None]:
+        """The record to re-publish for ``dl``, or why there is none."""
+        assert originals is not None
+        rec = await originals.record(dl.topic, dl.partition, dl.offset)
+        where = f"{dl.topic}[{dl.partition}]@{dl.offset}"
+        if rec is None:
+            return b"", f"no record is at {where} now (retention took it, or there never was one)"
+        payload = dl.payload or b""
+        cut = PAYLOAD_CUT in dl.reason
+        if rec.key != key or not (rec.value == payload or (cut and (rec.value or b"").startswith(payload))):
+            return b"", f"the record at {where} is not the one it carries (not a ktel stage's dead letter?)"
+        value = rec.value or b""
+        return value, not_for_the_stages(value, key, opts.stage_topics[dl.topic]) if cut else None
 
     async def handle(tp: TopicPartition, rec: ConsumerRecord) -> None:
         summary.records += 1
@@ -232,44 +330,51 @@ async def run(opts: Options, write: Callable[[str], None], report: Callable[[str
         if not sel.takes(dl, rec.key):
             return
         summary.selected += 1
-        found = Found(at, rec.timestamp, rec.key, dl, why_not_redrivable(dl, rec.key, opts.stage_topics))
-        write(found.json() if opts.json else found.line())
+        unusable = why_not_redrivable(dl, rec.key, opts.stage_topics)
+        value = b""
+        if out is not None and unusable is None:
+            value, unusable = await redriven(dl, rec.key)
+        line = Found(at, rec.timestamp, rec.key, dl, unusable)
+        try:
+            write(line.json() if opts.json else line.line())
+        except OutputClosed:
+            if out is None:
+                raise  # (a listing ends; a --redrive goes on without one)
         if out is None:
             return
-        if found.unusable is not None:
+        if unusable is not None:
             summary.left += 1
             return
-        fut = await out.send(dl.topic, dl.payload, key=rec.key, headers=[(HEADER, at.encode())])
-        in_flight.append(fut)
+        fut = await out.send(dl.topic, value, key=rec.key, headers=[(HEADER, at.encode())])
+        in_flight.append((fut, dl.topic, at))
         summary.redriven[dl.topic] += 1
         if len(in_flight) >= MAX_IN_FLIGHT:
-            await _settle(in_flight)
+            await settle()
 
     started: list[AIOKafkaConsumer | AIOKafkaProducer] = []
     try:
-        for client in (reader, out):
+        for client in (reader, originals.reader if originals else None, out):
             if client is not None:
                 await client.start()
                 started.append(client)
-        async with contextlib.aclosing(topic_window.records(reader, parts, sel.from_ms)) as window:
+        async with contextlib.aclosing(
+            topic_window.records(reader, parts, sel.from_ms, opts.bootstrap)
+        ) as window:
             async for tp, rec in window:
-                if rec.timestamp < sel.to_ms:
-                    await handle(tp, rec)
+                if sel.from_ms <= rec.timestamp < sel.to_ms:
+                    try:
+                        await handle(tp, rec)
+                    except OutputClosed:
+                        return
         # What was re-published is acknowledged before the summary counts it.
-        await _settle(in_flight)
+        await settle()
     except KafkaError as err:
         raise DlqError(f"Kafka failed: {err}") from None
     finally:
-        for f in in_flight:
+        for f, _, _ in in_flight:
             f.cancel()
         for client in reversed(started):
             await client.stop()
-    return summary
-
-
-async def _settle(in_flight: list[asyncio.Future[Any]]) -> None:
-    await asyncio.gather(*in_flight)
-    in_flight.clear()
 
 
 def stage_topics(cfg: Config) -> dict[str, HostOf]:
@@ -332,33 +437,41 @@ def main(cfg: Config, args: Any, stdout: TextIO | None = None, stderr: TextIO | 
     def report(msg: str) -> None:
         print(msg, file=stderr, flush=True)
 
-    closed = False
+    summary = Summary()
 
     def write(line: str) -> None:
-        nonlocal closed
-        if closed:
+        if summary.output_closed:
             return
         try:
             print(line, file=stdout)
-        except BrokenPipeError:  # `ktel dlq | head`: the listing ends, a --redrive goes on
-            closed = True
+        except BrokenPipeError:  # `ktel dlq | head`: a listing ends there, a --redrive goes on
+            summary.output_closed = True
+            raise OutputClosed from None
 
     try:
         opts = options(cfg, args)
-        summary = asyncio.run(run(opts, write, report))
-    except (DlqError, topic_window.ReadError) as err:
+    except DlqError as err:
         report(f"ktel dlq: {err}")
         return 2
+    error = None
+    try:
+        asyncio.run(run(opts, summary, write, report))
+    except (DlqError, topic_window.ReadError) as err:
+        error = str(err)
     try:
         stdout.flush()
     except BrokenPipeError:
-        closed = True
-    if closed and stdout is sys.stdout:
+        summary.output_closed = True
+    if summary.output_closed and stdout is sys.stdout:
         # Python's own flush of stdout at exit would fail again and print a traceback.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    if summary.undecodable > len(summary.failures):
-        report(
-            f"ktel dlq: ... and {summary.undecodable - len(summary.failures)} more that are not dead letters"
-        )
+    shown = len(summary.failures)
+    if summary.undecodable + summary.failed > shown:
+        report(f"ktel dlq: ... and {summary.undecodable + summary.failed - shown} more like those")
+    if error is not None:
+        # What was done before it failed, so that a --redrive cut short can be told.
+        report(f"ktel dlq: {summary.line(opts.dlq_topic, opts.redrive)}")
+        report(f"ktel dlq: {error}")
+        return 2
     report(f"ktel dlq: {summary.line(opts.dlq_topic, opts.redrive)}")
-    return 1 if summary.left else 0
+    return 1 if summary.left or summary.failed else 0

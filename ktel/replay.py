@@ -360,7 +360,9 @@ async def replay(opts: Options, write: Callable[[str], None], report: Callable[[
             )
 
         try:
-            async with contextlib.aclosing(topic_window.records(consumer, parts, start_ms)) as window:
+            async with contextlib.aclosing(
+                topic_window.records(consumer, parts, start_ms, opts.bootstrap)
+            ) as window:
                 async for tp, rec in window:
                     if rec.timestamp > stop_ms:
                         summary.records += 1

@@ -62,11 +62,16 @@ async def partitions(client: KafkaConfig, bootstrap: str, topic: str) -> list[To
 
 
 async def records(
-    reader: AIOKafkaConsumer, parts: list[TopicPartition], start_ms: int, *, stall_s: float = STALL_S
+    reader: AIOKafkaConsumer,
+    parts: list[TopicPartition],
+    start_ms: int,
+    bootstrap: str,
+    *,
+    stall_s: float = STALL_S,
 ) -> AsyncGenerator[tuple[TopicPartition, ConsumerRecord], None]:
     """Each partition's records from ``start_ms`` (record time, ms since epoch) to its
     end offset at the call, partition by partition in fetch order. ReadError when no
-    fetch moves for ``stall_s``."""
+    fetch moves for ``stall_s`` (naming ``bootstrap``, the Kafka read)."""
     ends = await reader.end_offsets(parts)
     # offsets_for_times refuses a negative time (a start before 1970).
     starts = await reader.offsets_for_times({tp: max(0, start_ms) for tp in parts})
@@ -101,6 +106,6 @@ async def records(
                 done(tp)
         if active and time.monotonic() - progress_at > stall_s:
             raise ReadError(
-                f"no record from the Kafka for {stall_s:.0f} s while partitions "
+                f"no record from {bootstrap} for {stall_s:.0f} s while partitions "
                 f"{sorted(tp.partition for tp in active)} of {parts[0].topic} were unfinished"
             )

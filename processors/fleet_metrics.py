@@ -47,6 +47,7 @@ class _Seen:
     interval_s: float
     node: dict[str, int]
     stopping: bool
+    boot_id: object  # the heartbeat's boot.id (None without one)
 
 
 class FleetMetrics(Collector):
@@ -58,15 +59,21 @@ class FleetMetrics(Collector):
         self._lock = threading.Lock()  # observe() on the event loop, collect() on the HTTP thread
 
     def observe(self, host_id: str, hb: Heartbeat) -> None:
+        """Take ``hb`` as the host's latest, unless it is older than the one held of the
+        same boot: re-read after a rebalance, or re-driven from ktel.dlq (``ktel dlq``),
+        it would otherwise set the host up again, its time and counters back."""
         seen = _Seen(
             time.monotonic(),
             hb["ts"] / 1000,
             hb.get("interval_s", DEFAULT_INTERVAL_S),
             hb.get("node", {}),
             hb.get("stopping", False),
+            hb["host"].get("boot.id"),
         )
         with self._lock:
-            self._hosts[host_id] = seen
+            held = self._hosts.get(host_id)
+            if held is None or held.boot_id != seen.boot_id or held.ts_s <= seen.ts_s:
+                self._hosts[host_id] = seen
 
     def collect(self) -> Iterator[Metric]:
         now = time.monotonic()

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -50,86 +51,142 @@ def ktel_dlq(bootstrap: str, *args: str) -> subprocess.CompletedProcess:
     )
 
 
-async def write_dead_letters(bootstrap: str) -> None:
-    letters = [
-        (DeadLetter("all", REFUSED, RAW_TOPIC, 0, 10, BATCH), b"b"),
-        (DeadLetter("all", REFUSED, HEARTBEATS_TOPIC, 1, 11, BEAT), b"b"),
-        (DeadLetter("export-otlp", "backend refused: 400", METRICS_TOPIC, 0, 12, b"snapshot"), None),
-        (DeadLetter("all", "hostile", "payments", 0, 13, b"charge"), b"b"),
-        (DeadLetter("all", "too large", RAW_TOPIC, 2, 14, b"x" * MAX_RECORD_BYTES), b"big"),
-        (DeadLetter("dedupe", "raw batch: a tombstone", RAW_TOPIC, 0, 15, None), b"c"),
-    ]
+def raw_batch(host: str, seq: int, events: int = 1, path: str = "/a/b/f") -> bytes:
+    ev = [FILE_CREATED.id, 1, 2, 2, 0, "w", path, 0o101, False]
+    return encode_batch(RawBatch(host, "boot", seq, 1, [list(ev) for _ in range(events)]))
+
+
+BATCH = raw_batch("b", 0)
+# Past what a dead letter carries whole (SEND_MAX_BYTES), within what ktel.raw takes.
+BIG = raw_batch("big", 0, events=62, path="/" + "p" * 16_000)
+
+
+async def send(
+    bootstrap: str, topic: str, records: list[tuple[bytes | None, bytes | None]]
+) -> list[tuple[int, int]]:
+    """(partition, offset) of each record, sent in order."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, max_request_size=MAX_RECORD_BYTES)
     await producer.start()
     try:
-        for dl, key in letters:
-            k, v = dead_letter_record(dl, key)
-            await producer.send_and_wait(DLQ_TOPIC, v, key=k)
-        await producer.send_and_wait(DLQ_TOPIC, JUNK, key=b"j")  # what a hostile client may write
+        placed = []
+        for key, value in records:
+            meta = await producer.send_and_wait(topic, value, key=key)
+            placed.append((meta.partition, meta.offset))
+        return placed
     finally:
         await producer.stop()
 
 
+async def write_dead_letters(bootstrap: str) -> dict[str, tuple[int, int]]:
+    """The records of the stages' topics, then dead letters naming them as a stage would,
+    and a few a stage would not write; where each original is."""
+    [batch, big] = await send(bootstrap, RAW_TOPIC, [(b"b", BATCH), (b"big", BIG)])
+    [beat] = await send(bootstrap, HEARTBEATS_TOPIC, [(b"b", BEAT)])
+    letters = [
+        (DeadLetter("all", REFUSED, RAW_TOPIC, *batch, BATCH), b"b"),
+        (DeadLetter("all", REFUSED, HEARTBEATS_TOPIC, *beat, BEAT), b"b"),
+        (DeadLetter("export-otlp", "backend refused: 400", METRICS_TOPIC, 0, 12, b"snapshot"), None),
+        (DeadLetter("all", "hostile", "payments", 0, 13, b"charge"), b"b"),
+        (DeadLetter("all", REFUSED, RAW_TOPIC, *big, BIG), b"big"),  # (its payload cut)
+        (DeadLetter("dedupe", "raw batch: a tombstone", RAW_TOPIC, 0, 15, None), b"c"),
+        # Written by someone else than a stage: what it names is not what it carries.
+        (DeadLetter("all", REFUSED, RAW_TOPIC, *batch, raw_batch("b", 1)), b"b"),
+        (DeadLetter("all", REFUSED, RAW_TOPIC, batch[0], 10**6, BATCH), b"b"),
+    ]
+    records: list[tuple[bytes | None, bytes | None]] = [dead_letter_record(dl, key) for dl, key in letters]
+    await send(bootstrap, DLQ_TOPIC, [*records, (b"j", JUNK)])  # (the junk: what a hostile client may write)
+    return {"batch": batch, "big": big, "beat": beat}
+
+
 def test_dead_letters_are_listed_and_re_driven_to_their_topics_except_those_that_cannot_be(private_kafka):
     bootstrap = private_kafka.bootstrap
-    asyncio.run(write_dead_letters(bootstrap))
+    at = asyncio.run(write_dead_letters(bootstrap))
+    (bp, bo), (_, go), (hp, ho) = at["batch"], at["big"], at["beat"]
 
     listed = ktel_dlq(bootstrap, "--json")
     assert listed.returncode == 0, listed.stderr
     found = [json.loads(line) for line in listed.stdout.splitlines()]
+    # What the dead letters alone tell: the originals are read only to re-drive.
     assert [(f["stage"], f["topic"], f["offset"], f["left_because"]) for f in found] == [
-        ("all", RAW_TOPIC, 10, None),
-        ("all", HEARTBEATS_TOPIC, 11, None),
+        ("all", RAW_TOPIC, bo, None),
+        ("all", HEARTBEATS_TOPIC, ho, None),
         ("export-otlp", METRICS_TOPIC, 12, "'ktel.metrics' is not a topic a ktel stage reads"),
         ("all", "payments", 13, "'payments' is not a topic a ktel stage reads"),
-        (
-            "all",
-            RAW_TOPIC,
-            14,
-            "its payload was cut; the whole record is at ktel.raw[2]@14 until retention takes it",
-        ),
+        ("all", RAW_TOPIC, go, None),
         ("dedupe", RAW_TOPIC, 15, "it has no payload (a tombstone)"),
+        ("all", RAW_TOPIC, bo, None),
+        ("all", RAW_TOPIC, 10**6, None),
     ]
     assert (found[0]["key"], bytes.fromhex(found[0]["payload"]), found[0]["reason"]) == ("b", BATCH, REFUSED)
-    assert "ktel.dlq[0]@6: dead letter: " in listed.stderr  # the junk, named where it is
+    assert "payload cut to fit ktel.dlq" in found[4]["reason"] and found[4]["payload_bytes"] < len(BIG)
+    assert "ktel.dlq[0]@8: dead letter: " in listed.stderr  # the junk, named where it is
     assert listed.stderr.splitlines()[-1] == (
-        "ktel dlq: read 7 dead letters from 1 partitions of ktel.dlq; 1 not dead letters; selected 6"
+        "ktel dlq: read 9 dead letters from 1 partitions of ktel.dlq; 1 not dead letters; selected 8"
     )
-    # Nothing was written by listing.
-    assert asyncio.run(read_topic(bootstrap, RAW_TOPIC, idle_s=0.5)) == []
 
     only = ktel_dlq(bootstrap, "--reason", r"max_hosts = \d", "--source", HEARTBEATS_TOPIC)
     assert only.returncode == 0, only.stderr
     [line] = only.stdout.splitlines()
-    assert f"all: {HEARTBEATS_TOPIC}[1]@11 key='b' {len(BEAT)} B (can be re-driven): {REFUSED}" in line
+    assert f"all: {HEARTBEATS_TOPIC}[{hp}]@{ho} key='b' {len(BEAT)} B (can be re-driven): {REFUSED}" in line
 
-    redriven = ktel_dlq(bootstrap, "--redrive")
+    redriven = ktel_dlq(bootstrap, "--redrive", "--json")
     assert redriven.returncode == 1, redriven.stderr  # some were left
     assert redriven.stderr.splitlines()[-1].endswith(
-        "selected 6; re-published 2 (1 to ktel.heartbeats, 1 to ktel.raw); left 4"
+        "selected 8; re-published 3 (1 to ktel.heartbeats, 2 to ktel.raw); left 5"
     )
-    raw = asyncio.run(read_topic(bootstrap, RAW_TOPIC, idle_s=0.5))
-    beats = asyncio.run(read_topic(bootstrap, HEARTBEATS_TOPIC, idle_s=0.5))
-    assert [(r.key, r.value) for r in raw] == [(b"b", BATCH)]
+    left = {
+        (f["offset"], f["payload_bytes"]): f["left_because"]
+        for f in map(json.loads, redriven.stdout.splitlines())
+    }
+    assert left[(bo, len(raw_batch("b", 1)))] == (
+        f"the record at ktel.raw[{bp}]@{bo} is not the one it carries (not a ktel stage's dead letter?)"
+    )
+    assert left[(10**6, len(BATCH))] == (
+        f"no record is at ktel.raw[{bp}]@1000000 now (retention took it, or there never was one)"
+    )
+    copies = [r for r in asyncio.run(read_topic(bootstrap, RAW_TOPIC, idle_s=0.5)) if r.headers]
+    beats = [r for r in asyncio.run(read_topic(bootstrap, HEARTBEATS_TOPIC, idle_s=0.5)) if r.headers]
+    # The cut one whole, from its topic.
+    assert sorted((r.key, r.value) for r in copies) == [(b"b", BATCH), (b"big", BIG)]
     assert [(r.key, r.value) for r in beats] == [(b"b", BEAT)]
-    # On the partition its key hashes to, as an agent sends it, whichever it was read from.
-    for rec, topic in ((raw[0], RAW_TOPIC), (beats[0], HEARTBEATS_TOPIC)):
+    # On the partition its key hashes to, as an agent sends it.
+    for rec, topic in [*((c, RAW_TOPIC) for c in copies), (beats[0], HEARTBEATS_TOPIC)]:
         partitions = asyncio.run(topic_partitions(bootstrap, topic))
         assert partitions > 1
-        assert rec.partition == (murmur2(b"b") & 0x7FFFFFFF) % partitions
-    assert list(raw[0].headers) == [("ktel-redriven-from", b"ktel.dlq[0]@0")]
+        assert rec.partition == (murmur2(rec.key) & 0x7FFFFFFF) % partitions
+    assert {list(r.headers)[0][1] for r in copies} == {b"ktel.dlq[0]@0", b"ktel.dlq[0]@4"}
     assert list(beats[0].headers) == [("ktel-redriven-from", b"ktel.dlq[0]@1")]
     assert asyncio.run(read_topic(bootstrap, METRICS_TOPIC, idle_s=0.5)) == []
 
 
 def test_a_window_reads_only_the_dead_letters_written_in_it(private_kafka):
     bootstrap = private_kafka.bootstrap
-    asyncio.run(write_dead_letters(bootstrap))
+    now_ms = int(time.time() * 1000)
+    hour = 3_600_000
+
+    async def write() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+        await producer.start()
+        try:
+            for stage, ts in (
+                ("two-hours-ago", now_ms - 2 * hour),
+                ("an-hour-ago", now_ms - hour),
+                ("now", now_ms),
+            ):
+                key, value = dead_letter_record(DeadLetter(stage, "r", RAW_TOPIC, 0, 0, b"x"), b"h")
+                await producer.send_and_wait(DLQ_TOPIC, value, key=key, timestamp_ms=ts)
+        finally:
+            await producer.stop()
+
+    asyncio.run(write())
+    middle = ktel_dlq(bootstrap, "--from", "-90m", "--to", "-30m")
+    assert middle.returncode == 0, middle.stderr
+    assert [line.split()[2] for line in middle.stdout.splitlines()] == ["an-hour-ago:"]
+    since = ktel_dlq(bootstrap, "--from", "-90m")
+    assert [line.split()[2] for line in since.stdout.splitlines()] == ["an-hour-ago:", "now:"]
     later = ktel_dlq(bootstrap, "--from", "2099-01-01T00:00:00Z", "--to", "2099-01-02T00:00:00Z")
     assert (later.returncode, later.stdout) == (0, ""), later.stderr
     assert (
         later.stderr.splitlines()[-1]
         == "ktel dlq: read 0 dead letters from 1 partitions of ktel.dlq; selected 0"
     )
-    earlier = ktel_dlq(bootstrap, "--from", "-1h", "--to", "-59m")
-    assert earlier.stdout == "" and "read 0 dead letters" in earlier.stderr

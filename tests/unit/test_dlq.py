@@ -81,13 +81,20 @@ def test_what_can_be_re_driven(dl, key, why):
     assert why_not_redrivable(dl, key, STAGE_TOPICS) == why
 
 
-def test_a_dead_letter_whose_payload_was_cut_is_not_re_driven_and_says_where_the_record_is():
+def test_a_dead_letter_whose_payload_was_cut_is_judged_by_its_record_on_its_topic():
+    # (its record is read back to re-drive it: tests/integration/test_dlq.py)
     key, value = dead_letter_record(letter(payload=b"x" * MAX_RECORD_BYTES), b"b")
     cut = decode_dead_letter(value)
     assert 0 < len(cut.payload) < MAX_RECORD_BYTES
-    assert why_not_redrivable(cut, key, STAGE_TOPICS) == (
-        "its payload was cut; the whole record is at ktel.raw[3]@41 until retention takes it"
-    )
+    assert why_not_redrivable(cut, key, STAGE_TOPICS) is None
+
+
+def test_what_a_dead_letters_writer_put_in_its_fields_cannot_fake_or_garble_a_line():
+    forged = DeadLetter("all\n2025-06-15T15:06:40 fake", "r\x1b[2J", "t\r", 0, 0, b"x")
+    line = Found("ktel.dlq[0]@1", NOW // 1_000_000, None, forged, None).line()
+    assert "\n" not in line and "\x1b" not in line and "\r" not in line
+    assert "all\\n2025-06-15T15:06:40 fake: t\\r[0]@0" in line and line.endswith("r\\x1b[2J")
+    assert why_not_redrivable(forged, None, STAGE_TOPICS) == "'t\\r' is not a topic a ktel stage reads"
 
 
 def test_selection_by_stage_source_host_and_reason():

@@ -129,3 +129,25 @@ def test_an_agent_stopped_on_purpose_is_down_with_the_time_it_said_so():
     got = samples(fleet)
     assert got[("ktel_agent_up", h)] == 1.0
     assert ("ktel_agent_stopped_timestamp_seconds", h) not in got
+
+
+def test_an_older_heartbeat_of_the_same_boot_changes_nothing(monkeypatch):
+    """One re-read or re-driven after a newer one (ktel dlq --redrive) would set a host
+    that went silent up again and its time and counters back; of another boot it is taken."""
+    fleet = FleetMetrics(forget_after_s=3600)
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    h = (("host_id", "h1"),)
+    newer = {**heartbeat({"context_switches": 9}), "host": {"host.id": "h1", "boot.id": "b1"}}
+    fleet.observe("h1", newer)  # type: ignore[arg-type]
+    clock[0] += 31  # silent for over three intervals: down
+    older = {**newer, "ts": newer["ts"] - 60_000, "node": {"context_switches": 5}}
+    fleet.observe("h1", older)  # type: ignore[arg-type]
+    got = samples(fleet)
+    assert got[("ktel_agent_up", h)] == 0.0
+    assert got[("ktel_agent_last_heartbeat_timestamp_seconds", h)] == 1_700_000_000.5
+    assert got[("ktel_node_context_switches_total", h)] == 9
+    fleet.observe("h1", {**older, "host": {"host.id": "h1", "boot.id": "b2"}})  # type: ignore[arg-type]
+    got = samples(fleet)
+    assert got[("ktel_agent_up", h)] == 1.0
+    assert got[("ktel_node_context_switches_total", h)] == 5
