@@ -190,3 +190,21 @@ def test_a_window_reads_only_the_dead_letters_written_in_it(private_kafka):
         later.stderr.splitlines()[-1]
         == "ktel dlq: read 0 dead letters from 1 partitions of ktel.dlq; selected 0"
     )
+
+
+def test_a_listing_whose_reader_goes_away_stops_quietly(private_kafka):
+    """`ktel dlq | head`: more lines than a pipe holds, the reader gone after one."""
+    bootstrap = private_kafka.bootstrap
+    letter = DeadLetter("all", "r" * 200, RAW_TOPIC, 0, 0, b"x")
+    asyncio.run(send(bootstrap, DLQ_TOPIC, [dead_letter_record(letter, b"h")] * 1000))
+    env = dict(os.environ, KTEL_KAFKA__BOOTSTRAP=bootstrap, KTEL_AGENT__HOST_ID="unused")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ktel.cli", "dlq"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    assert b" all: ktel.raw[0]@0 key='h' 1 B " in proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(120) == 0, err
+    assert "Traceback" not in err
+    assert err.splitlines()[-1].endswith("stopped early: the reader of stdout went away")
