@@ -235,7 +235,7 @@ def encode_dead_letter(dl: DeadLetter) -> bytes:
 # reason around it: its payload is cut (dead_letter_record).
 # A dead letter's key is its record's (a host id, when it is ktel's), cut to this.
 DEAD_LETTER_KEY_BYTES = 1024
-# In the reason of a dead letter whose payload was cut (`ktel dlq` does not re-drive those).
+# In the reason of a dead letter whose payload was cut (`ktel dlq` re-drives it from its topic).
 PAYLOAD_CUT = "[payload cut to fit ktel.dlq:"
 
 
