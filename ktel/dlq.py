@@ -288,8 +288,8 @@ async def run(
     )
     in_flight: list[tuple[asyncio.Future[Any], str, str]] = []  # (the send, its topic, its dead letter)
 
-    def failed(what: str) -> None:
-        summary.failed += 1
+    def shown(what: str) -> None:
+        """Report a record that is not a dead letter, or a send Kafka refused (the first few)."""
         if len(summary.failures) < FAILURES_SHOWN:
             summary.failures.append(what)
             report(f"ktel dlq: {what}")
@@ -299,7 +299,8 @@ async def run(
         for (_, topic, at), result in zip(in_flight, results, strict=True):
             if isinstance(result, BaseException):
                 summary.redriven[topic] -= 1
-                failed(f"{at}: not re-published to {topic}: {result!r}")
+                summary.failed += 1
+                shown(f"{at}: not re-published to {topic}: {result!r}")
         in_flight.clear()
 
     async def redriven(dl: DeadLetter, key: bytes | None) -> tuple[bytes, str | None]:
@@ -323,9 +324,7 @@ async def run(
             dl = decode_dead_letter(rec.value or b"")
         except WireError as err:
             summary.undecodable += 1
-            if len(summary.failures) < FAILURES_SHOWN:
-                summary.failures.append(f"{at}: {err}")
-                report(f"ktel dlq: {summary.failures[-1]}")
+            shown(f"{at}: {err}")
             return
         if not sel.takes(dl, rec.key):
             return
