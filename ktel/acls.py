@@ -13,6 +13,11 @@ processor  reads the raw and intermediate topics and ktel.heartbeats; writes the
 exporter   reads ktel.metrics, ktel.spans and ktel.logs in its groups
            (``ktel-export-*``), writes ktel.dlq.
 operator   writes ktel.control (fidelity commands by hand).
+dlq        what `ktel dlq` needs: reads ktel.dlq (without a group), and, to re-drive,
+           reads and writes the topics the stages read (ktel.raw, the intermediate
+           topics, ktel.heartbeats): it reads each dead letter's original back
+           before it writes it again. It writes neither ktel.dlq nor the output
+           topics nor ktel.control.
 status     what `ktel status` reads, and nothing more: reads ktel.heartbeats (without a
            group); describes ktel's consumer groups (``ktel-*``) and the topics they
            consume (ktel's own and the stages' ``ktel-<stage>-*``), for their members,
@@ -50,6 +55,7 @@ def grants(stages: Iterable[str], t: Topics) -> list[Grant]:
     stages = tuple(stages)
     intermediate = (t.deduped, t.enriched, t.sampled)
     outputs = (t.metrics, t.spans, t.logs)
+    stage_inputs = (t.raw, *intermediate, t.heartbeats)  # (what `ktel dlq --redrive` writes)
     return [
         Grant("agent", ("Write",), "topic", (t.raw, t.heartbeats)),
         Grant("agent", ("Read",), "topic", (t.control,)),
@@ -67,6 +73,8 @@ def grants(stages: Iterable[str], t: Topics) -> list[Grant]:
         Grant("exporter", ("Read",), "group", (t.group("export-"),), prefixed=True),
         Grant("exporter", ("Write",), "topic", (t.dlq,)),
         Grant("operator", ("Write",), "topic", (t.control,)),
+        Grant("dlq", ("Read",), "topic", (t.dlq, *stage_inputs)),
+        Grant("dlq", ("Write",), "topic", stage_inputs),
         Grant("status", ("Read",), "topic", (t.heartbeats,)),
         Grant("status", ("Describe",), "topic", (t.raw, *intermediate, *outputs)),
         Grant("status", ("Describe",), "topic", (t.group(""),), prefixed=True),

@@ -80,8 +80,12 @@ class KafkaPrincipals(BaseModel):
     exporter: str = Field("User:ktel-exporter", description="the exporters' principal")
     operator: str = Field("User:ktel-operator", description="who may send fidelity commands")
     status: str = Field("User:ktel-status", description="who may run `ktel status` (reads, writes nothing)")
+    dlq: str = Field(
+        "User:ktel-dlq",
+        description="who may run `ktel dlq` (reads ktel.dlq; re-drives to the topics the stages read)",
+    )
 
-    @field_validator("agent", "processor", "exporter", "operator", "status")
+    @field_validator("agent", "processor", "exporter", "operator", "status", "dlq")
     @classmethod
     def _typed(cls, v: str) -> str:
         kind, _, name = v.partition(":")

@@ -24,7 +24,7 @@ from ktel.stack import certs
 from ktel.stack.kafka import LocalKafkaCluster, Security
 
 ADMIN = "ktel"  # a super user: creates the topics (`ktel topics`)
-ROLES = ("agent", "processor", "exporter", "operator", "status")
+ROLES = ("agent", "processor", "exporter", "operator", "status", "dlq")
 PRINCIPALS = {role: f"User:{role}" for role in ROLES}
 
 

@@ -22,7 +22,7 @@ from collections import Counter
 
 import jsonschema
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaConnectionError, TopicAuthorizationFailedError
@@ -35,7 +35,19 @@ from ktel.stack.cluster import ADMIN, SecuredCluster, start
 from ktel.stack.kafka import ensure_kafka
 from ktel.stack.proc import free_port
 from ktel.stack.prometheus import LocalPrometheus, Web
-from ktel.wire import CONTROL_TOPIC, METRICS_TOPIC, RAW_TOPIC
+from ktel.wire import (
+    CONTROL_TOPIC,
+    DLQ_TOPIC,
+    FILE_CREATED,
+    LOGS_TOPIC,
+    METRICS_TOPIC,
+    RAW_TOPIC,
+    SPANS_TOPIC,
+    DeadLetter,
+    RawBatch,
+    dead_letter_record,
+    encode_batch,
+)
 from processors.chain import PROCESSES
 from processors.stages import changelog_topic
 from tests.conftest import need_bpf
@@ -213,6 +225,67 @@ def test_the_status_principal_shows_the_fleet_and_can_write_no_topic(secured, pi
     assert {s.name for s in topics.specs(config.Config())} <= every
     as_status = load(secured.config_file("status")).kafka
     assert sorted(asyncio.run(refused_writes(as_status, sorted(every)))) == sorted(every)
+
+
+async def send_one(kafka: config.KafkaConfig, topic: str, key: bytes | None, value: bytes) -> tuple[int, int]:
+    """Send a record as ``kafka``'s principal: its (partition, offset)."""
+    producer = AIOKafkaProducer(**client_kwargs(kafka), enable_idempotence=True)
+    await producer.start()
+    try:
+        meta = await producer.send_and_wait(topic, value, key=key)
+        return meta.partition, meta.offset
+    finally:
+        await producer.stop()
+
+
+async def records_after(kafka: config.KafkaConfig, topic: str, partition: int, offset: int) -> list:
+    """The records of ``topic[partition]`` after ``offset``, up to its end."""
+    consumer = AIOKafkaConsumer(**client_kwargs(kafka), group_id=None)
+    await consumer.start()
+    try:
+        tp = TopicPartition(topic, partition)
+        consumer.assign([tp])
+        consumer.seek(tp, offset + 1)
+        end = (await consumer.end_offsets([tp]))[tp]
+        records: list = []
+        while await consumer.position(tp) < end:
+            records += (await consumer.getmany(tp, timeout_ms=1000)).get(tp, [])
+        return records
+    finally:
+        await consumer.stop()
+
+
+def test_the_dlq_principal_re_drives_a_dead_letter_and_can_write_no_other_topic(secured):
+    """`ktel dlq --redrive` on the principal `ktel acls` gives the dlq role: a batch a
+    stage dead-lettered goes back to ktel.raw, read back from there first; ktel.dlq, the
+    output topics and ktel.control are refused to it."""
+    host = f"dlq-{uuid.uuid4().hex[:8]}"
+    event = [FILE_CREATED.id, 1, 2, 2, 0, "w", "/d/f", 0o101, False]
+    batch = encode_batch(RawBatch(host, "boot", 0, 1, [event]))
+    partition, offset = asyncio.run(
+        send_one(load(secured.config_file("agent")).kafka, RAW_TOPIC, host.encode(), batch)
+    )
+    letter = DeadLetter("all", "refused for the test", RAW_TOPIC, partition, offset, batch)
+    processor = load(secured.config_file("processor")).kafka
+    asyncio.run(send_one(processor, DLQ_TOPIC, *dead_letter_record(letter, host.encode())))
+    res = subprocess.run(
+        [sys.executable, "-m", "ktel.cli", "--config", str(secured.config_file("dlq")),
+         "dlq", "--redrive", "--host", host],
+        env={k: v for k, v in os.environ.items() if not k.startswith("KTEL_")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    admin = load(secured.config_file(ADMIN)).kafka
+    copies = [
+        r for r in asyncio.run(records_after(admin, RAW_TOPIC, partition, offset)) if r.key == host.encode()
+    ]
+    assert [(r.value, [name for name, _ in r.headers]) for r in copies] == [(batch, ["ktel-redriven-from"])]
+
+    denied = [DLQ_TOPIC, CONTROL_TOPIC, METRICS_TOPIC, SPANS_TOPIC, LOGS_TOPIC]
+    as_dlq = load(secured.config_file("dlq")).kafka
+    assert sorted(asyncio.run(refused_writes(as_dlq, denied))) == sorted(denied)
 
 
 def test_an_mtls_client_gets_its_certificate_principals_acls(secured):
