@@ -38,9 +38,17 @@ series' bytes are reckoned when it is created, for the largest its numbers can g
 (``series_bytes``), so its counts growing never pushes the host past the bound.
 
 Kernel code's own metrics (``ktel_metric`` events of the ktel_api probe) become
-series too: counters add their increments, gauges keep the last value (stored
-as ``{"gauge": value}``), histogram observations fill log2 buckets like the
-kernel's histograms (a name ending in ``_ns`` is exported as ``_seconds``).
+series too: counters add their increments, gauges keep the last value, histogram
+observations fill log2 buckets like the kernel's histograms (a name ending in ``_ns``
+is exported as ``_seconds``).
+
+A gauge is stored as ``{"gauge": value, "at": [stream, seq]}``: the batch that set it,
+its stream (boot and incarnation, processors/dedupe_core.py) as a CRC-32 and its
+sequence number. A batch of the same stream numbered below it leaves the gauge as it
+is: batches of a host come in order, but one refused and re-driven later (``ktel dlq
+--redrive``) does not, and its older value must not stand in for the newer one until
+the host reports again. Sequence numbers, not event times: a host's clock may step
+back, its numbering does not. A batch of another stream sets it, as the last one taken.
 
 ``signals()`` turns kernel spans into span records and kernel logs and OOM kills
 into log records, for ``ktel.spans`` and ``ktel.logs``.
@@ -52,6 +60,7 @@ import dataclasses
 import functools
 import json
 import math
+import zlib
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -78,6 +87,7 @@ from ktel.wire import (
     SpanBatch,
     log2_bounds,
 )
+from processors.dedupe_core import stream
 from processors.stage import FromConfig, Result, Stage, State, Touched
 
 if TYPE_CHECKING:
@@ -364,9 +374,11 @@ def add(state: dict[str, Any], batch: RawBatch, opts: Options) -> Outcome:
         state["series_bytes"] = sum(series_bytes(k, _numbers(v)) for k, v in series.items())
     out = Outcome()
     counts, hists, gauges, out.dropped = count_events(batch, opts)
+    if gauges:
+        at = [zlib.crc32(stream(batch).encode()), batch.seq]
     for key, (value, events) in gauges.items():
-        if key := _place(state, key, "gauge", 0, events, opts, out):
-            series[key] = {"gauge": value}
+        if (key := _place(state, key, "gauge", 0, events, opts, out)) and not _later(series.get(key), at):
+            series[key] = {"gauge": value, "at": at}
     for key, n in counts.items():
         if key := _place(state, key, "counter", 0, n, opts, out):
             series[key] = series.get(key, 0) + n
@@ -385,13 +397,20 @@ def add(state: dict[str, Any], batch: RawBatch, opts: Options) -> Outcome:
     return out
 
 
+def _later(gauge: dict[str, Any] | None, at: list[int]) -> bool:
+    """Whether ``gauge`` was set by a later batch of the stream ``at`` names (see the
+    module doc)."""
+    held = gauge.get("at") if gauge is not None else None  # (none: set before "at" was kept)
+    return held is not None and held[0] == at[0] and held[1] > at[1]
+
+
 def _place(
     state: dict[str, Any], key: str, kind: str, buckets: int, n: float, opts: Options, out: Outcome
 ) -> str:
     """The series a ``kind`` update of ``n`` events to ``key`` goes to (``_admit``), its
     old value noted in ``out.touched``; "" when there is none, or it holds another type
     (``_fits``), the events counted as dropped."""
-    key = _admit(state, key, 2 + buckets if kind == "histogram" else 1, opts, out, n)
+    key = _admit(state, key, NUMBERS.get(kind, 2 + buckets), opts, out, n)
     if not key:
         return ""
     series = state["series"]
@@ -428,10 +447,14 @@ def series_bytes(key: str, numbers: int) -> int:
     return len(json.dumps(key)) + SERIES_OVERHEAD + numbers * (NUMBER_CHARS + 1)
 
 
+# The numbers a series of each kind stores; a histogram: its count, sum and buckets.
+NUMBERS = {"counter": 1, "gauge": 3}  # (a gauge: its value, and the stream and seq that set it)
+
+
 def _numbers(value: Any) -> int:
     if isinstance(value, dict) and "buckets" in value:
         return 2 + len(value["buckets"])
-    return 1
+    return NUMBERS["gauge"] if isinstance(value, dict) else NUMBERS["counter"]
 
 
 def _admit(state: dict[str, Any], key: str, numbers: int, opts: Options, out: Outcome, n: float) -> str:

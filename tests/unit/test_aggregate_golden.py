@@ -186,6 +186,39 @@ def test_a_histogram_or_gauge_is_emitted_again_only_when_what_it_shows_changed()
     assert window(3, [gauge(7.0)]) == {"ktel_demo_queue_depth": 7.0}
 
 
+def test_a_gauge_keeps_the_value_of_its_streams_latest_batch_whatever_the_order_they_come_in():
+    """A batch refused and re-driven later (ktel dlq --redrive) is counted after newer
+    ones of its host: its counters add up as ever, but its gauge value is older than the
+    one held and must not replace it. A new boot's batch sets it, whatever its number."""
+    from ktel.wire import KTEL_METRIC
+
+    chain = Chain([aggregate_core.Aggregate(aggregate_core.Options(refresh_seconds=3600))])
+    [aggregate] = chain.timed()
+    table: dict[str, dict] = {}
+    at = [NOW_MS]
+
+    def shown(boot: str, seq: int, depth: float) -> dict[str, object]:
+        events = [
+            [KTEL_METRIC.id, 1, 2, "gauge", "ktel_demo_queue_depth", {}, depth],
+            [KTEL_METRIC.id, 1, 2, "counter", "ktel_demo_ops_total", {}, 1],
+        ]
+        chain.on_batch(table.setdefault("h", {}), RawBatch("h", boot, seq, 0, events), at[0])
+        at[0] += 10_000
+        snaps = chain.on_window(aggregate, table, at[0], 1.0).snapshots
+        return {row[0]: row[3] for _, snap in snaps for row in snap.series}
+
+    assert shown("b1", 5, 7.0) == {"ktel_demo_queue_depth": 7.0, "ktel_demo_ops_total": 1}
+    # An older batch of the boot, re-driven: counted, its gauge value left out.
+    assert shown("b1", 3, 2.0) == {"ktel_demo_ops_total": 2}
+    assert shown("b1", 6, 4.0) == {"ktel_demo_queue_depth": 4.0, "ktel_demo_ops_total": 3}
+    # The host rebooted: its new numbering starts at 0.
+    assert shown("b2", 0, 9.0) == {"ktel_demo_queue_depth": 9.0, "ktel_demo_ops_total": 4}
+    # A gauge stored before the batch that set it was kept takes any batch's value.
+    [key] = [k for k, v in table["h"]["aggregate"]["series"].items() if isinstance(v, dict)]
+    table["h"]["aggregate"]["series"][key] = {"gauge": 1.0}
+    assert shown("b2", 1, 8.0)["ktel_demo_queue_depth"] == 8.0
+
+
 def test_a_histograms_count_is_what_its_rounded_buckets_add_up_to():
     """Sampled events weigh fractions, so a histogram's count and its buckets are each
     rounded; a count its buckets do not add up to is one the wire refuses (and
