@@ -7,7 +7,9 @@ and sends one batch every --batch-seconds (an agent seals a batch by count, size
 age; a quiet host's batches are small), or with --batch-events N a batch of N events at
 every fleet size, so that only the number of hosts differs: file creations under a few directories of
 its own (bench/processing_throughput.py's paths), process exec/exit pairs, a kernel-API
-counter, a syscall-latency histogram delta every 5th batch, and one heartbeat at start.
+counter, a syscall-latency histogram delta every 5th batch, and one heartbeat at start,
+then, with --heartbeat-seconds S, one every S seconds (the agent's agent.heartbeat_seconds,
+10 by default), each host's spread over the period as its batches are.
 
 Measured, per fleet size, each on a fresh broker and Prometheus:
 
@@ -95,6 +97,13 @@ POLL_S = 0.05  # how often the bench reads Prometheus (the readings' density, no
 ACKED = "ktel_exporter_ingestion_latency_seconds"  # (exporters/consume.py)
 WINDOW_DELAY = "ktel_processor_window_delay_seconds"  # (processors/stages.py)
 INPUT_AGE = "ktel_processor_input_age_seconds"  # (processors/stages.py)
+# What a heartbeat of the bench lists, as an agent with the default probes lists them.
+PROBES = ("file_created", "ktel_api")
+HEARTBEAT_COUNTERS = (
+    "events_read", "events_published", "batches_published", "publish_retries", "decode_errors",
+    "spool_dropped_events", "spool_corrupt_bytes", "disk_dropped_events", "too_large_dropped_events",
+    "batches_split", *(f"{c}.{p}" for p in PROBES for c in ("ringbuf_drops", "sampled_out", "inflight_lost")),
+)  # fmt: skip
 SUM = -1.0  # a histogram's sum, as Pipeline.histogram keys it among its bounds
 
 # ------------------------------------------------------------------ traffic
@@ -151,11 +160,14 @@ class Traffic:
     """The fleet: each host sends a batch every ``period`` seconds, the hosts spread
     evenly over the period, ``rate`` events/s over all of them."""
 
-    def __init__(self, n_hosts: int, rate: float, period: float, seed: int = 1) -> None:
+    def __init__(
+        self, n_hosts: int, rate: float, period: float, seed: int = 1, heartbeat_s: float | None = None
+    ) -> None:
         self.rng = random.Random(seed)
         self.hosts = [Host(i, self.rng) for i in range(n_hosts)]
         self.per_batch = max(1, round(rate * period / n_hosts))
         self.period = period
+        self.heartbeat_s = heartbeat_s
         self.files = 0  # file creations generated so far
         self.events = 0
         self.history: list[tuple[int, float]] = []  # (files produced, when), for latencies
@@ -168,28 +180,52 @@ class Traffic:
         )
         await self.producer.start()
         for h in self.hosts:
-            attrs = {
-                "host.id": h.id,
-                "host.name": h.id,
-                "host.arch": "x86_64",
-                "os.type": "linux",
-                "boot.id": h.boot,
-            }
-            hb = {"ts": time.time_ns(), "host": attrs, "probes": {}, "counters": {}}
-            await self.producer.send(HEARTBEATS_TOPIC, encode_heartbeat(hb), key=h.id.encode())  # type: ignore[arg-type]
+            await self.send_heartbeat(h)
         await self.producer.flush()
+
+    async def send_heartbeat(self, h: Host) -> asyncio.Future:
+        """A heartbeat of ``h`` shaped as the agent's (edge_agent/agent.py ``heartbeat``)."""
+        assert self.producer is not None
+        attrs = {
+            "host.id": h.id,
+            "host.name": h.id,
+            "host.arch": "x86_64",
+            "os.type": "linux",
+            "boot.id": h.boot,
+        }
+        counters = dict.fromkeys(HEARTBEAT_COUNTERS, 0) | {"events_read": self.events}
+        hb = {
+            "ts": time.time_ns() // 1_000_000,
+            "host": attrs,
+            "interval_s": self.heartbeat_s or 0.0,
+            "probes": {p: {"loaded": True, "reason": "", "sample_every": 1, "command": None} for p in PROBES},
+            "counters": counters,
+            "rates": dict.fromkeys(counters, 0.0),
+            "spool": {"depth_bytes": 0},
+            "send_latency_ms": {"p50": 2.0, "max": 5.0},
+            "acked_commands": [],
+            "refused_commands": [],
+            "containers": [],
+            "node": {},
+        }
+        return await self.producer.send(HEARTBEATS_TOPIC, encode_heartbeat(hb), key=h.id.encode())  # type: ignore[arg-type]
 
     async def run(self, seconds: float, stop: asyncio.Event | None = None) -> None:
         """Send at the fixed rate for ``seconds`` (or until ``stop``), acknowledged."""
         assert self.producer is not None
         tick = 0.1
         per_tick = len(self.hosts) * tick / self.period
+        beats_per_tick = len(self.hosts) * tick / self.heartbeat_s if self.heartbeat_s else 0.0
         start = time.monotonic()
-        sent = 0.0
-        i = 0
+        sent = beats = 0.0
+        i = j = 0
         while time.monotonic() - start < seconds and not (stop and stop.is_set()):
             sent += per_tick
+            beats += beats_per_tick
             futures = []
+            while j < int(beats):
+                futures.append(await self.send_heartbeat(self.hosts[j % len(self.hosts)]))
+                j += 1
             while i < int(sent):
                 host = self.hosts[i % len(self.hosts)]
                 batch, files = make_batch(host, self.per_batch, self.rng)
@@ -407,7 +443,7 @@ async def size_run(args: argparse.Namespace, n_hosts: int) -> Result:
                 kafka=config.KafkaConfig(bootstrap=kafka.bootstrap), agent=config.AgentConfig(host_id="b")
             )
             await create_topics(kafka.bootstrap, topics.specs(cfg))
-            traffic = Traffic(n_hosts, args.rate, period(args, n_hosts))
+            traffic = Traffic(n_hosts, args.rate, period(args, n_hosts), heartbeat_s=args.heartbeat_seconds)
             await traffic.start(kafka.bootstrap)
             pipe = Pipeline(tmp, kafka, prom, args.mode, args.window)
             pipe.start()
@@ -511,10 +547,15 @@ def report(args: argparse.Namespace, results: list[Result]) -> str:
         if args.batch_events is None
         else f"of {args.batch_events} events (every {args.batch_events:g} x hosts / rate s)"
     )
+    beats = (
+        f"a heartbeat every {args.heartbeat_seconds:g} s"
+        if args.heartbeat_seconds
+        else "one heartbeat at start"
+    )
     lines = [
         f"{time.strftime('%Y-%m-%d')}, commit {git_commit()}, {machine()}, load average at the start "
         f"{args.load:.1f}. Mode `{args.mode}`, {args.rate:,.0f} events/s fleet-wide, one batch per host "
-        f"{batches}, aggregate window {args.window:g} s, {args.seconds:g} s measured.",
+        f"{batches}, {beats}, aggregate window {args.window:g} s, {args.seconds:g} s measured.",
         "",
         "| hosts | events a batch | CPU µs/event | worker RSS MiB | RSS KiB/host | samples/window "
         "| e2e p50 s | e2e p99 s | drained s | exact in Prometheus | recovery rocksdict s "
@@ -566,6 +607,12 @@ def main() -> None:
         type=int,
         help="instead: each host sends a batch of this many events (every N x hosts / rate s), the "
         "same records at every fleet size, which tells the cost of hosts from that of small records",
+    )
+    ap.add_argument(
+        "--heartbeat-seconds",
+        type=float,
+        help="each host also sends a heartbeat this often, as agents do (agent.heartbeat_seconds, "
+        "default 10); unset: one at start",
     )
     ap.add_argument("--seconds", type=float, default=60, help="measured steady phase per size")
     ap.add_argument("--window", type=float, default=2.0, help="aggregate.window_seconds")
