@@ -87,6 +87,25 @@ def test_no_feed_configured_is_an_empty_feed():
     assert f.refresh() is None and f.feed == {}
 
 
+def test_a_heartbeat_repeating_what_the_state_holds_changes_nothing_persisted_but_moves_its_time():
+    """Most heartbeats of a fleet repeat their host's attributes: each would be a changelog
+    record (1,000 a second at 10,000 hosts). Such a heartbeat changes nothing the table
+    must carry, yet its time is taken: an older one that comes after it is still ignored."""
+    stage = enrich_core.Enrich(enrich_core.Options(), enrich_core.MetadataFile(None))
+    state: dict = {}
+
+    def hb(ts: int, name: str) -> dict:
+        return {"ts": ts, "host": {"host.id": "h", "boot.id": "b", "host.name": name}}
+
+    assert stage.on_heartbeat(state, hb(1000, "n1")).changed
+    assert not stage.on_heartbeat(state, hb(2000, "n1")).changed
+    assert state["boots"]["b"]["hb"] == 2000
+    assert not stage.on_heartbeat(state, hb(1500, "old name")).changed  # older than 2000
+    assert state["boots"]["b"]["host"]["host.name"] == "n1"
+    assert stage.on_heartbeat(state, hb(3000, "n2")).changed
+    assert (state["boots"]["b"]["hb"], state["boots"]["b"]["host"]["host.name"]) == (3000, "n2")
+
+
 def test_a_hosts_containers_are_bounded_dropping_the_unlisted_and_old_boots_first(monkeypatch):
     monkeypatch.setattr(enrich_core, "MAX_CONTAINERS", 3)
     state: dict = {}
