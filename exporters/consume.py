@@ -2,7 +2,8 @@
 
 An offset is committed only after ``deliver`` returned, i.e. after the backend
 acknowledged everything made from the records up to it (docs/design.md, principle 4).
-Records that do not decode go to ``ktel.dlq`` with the reason; ``deliver`` gets
+Records that do not decode, or that speak for a host other than their key's
+(``check_keyed``), go to ``ktel.dlq`` with the reason; ``deliver`` gets
 each decoded record with where it came from (``Record``), so that what it cannot
 send is dead-lettered pointing back at its record.
 
@@ -34,7 +35,7 @@ from ktel import consumer_lag, selfmetrics
 from ktel.kafka_client import Kafka, client_kwargs, settings, start
 from ktel.retry import Permanent, retry
 from ktel.runtime import tune_gc
-from ktel.wire import DeadLetter, WireError, dead_letter_record
+from ktel.wire import DeadLetter, WireError, check_keyed, dead_letter_record
 
 log = logging.getLogger("ktel.export")
 
@@ -197,10 +198,10 @@ async def run(
                 decode = topics[tp.topic]
                 for rec in records:
                     try:
+                        value = decode(rec.value)
+                        check_keyed(value, rec.key)
                         items.append(
-                            Record(
-                                decode(rec.value), tp.topic, tp.partition, rec.offset, rec.key, rec.value, dlq
-                            )
+                            Record(value, tp.topic, tp.partition, rec.offset, rec.key, rec.value, dlq)
                         )
                     except WireError as err:
                         log.warning("dead letter %s[%d]@%d: %s", tp.topic, tp.partition, rec.offset, err)

@@ -45,7 +45,7 @@ Log batch::
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ktel.schema import (
@@ -68,6 +68,8 @@ from ktel.schema import (
     show,
 )
 from ktel.wire.codec import SEND_MAX_BYTES, WireError, pack, unpack
+
+HOST_ID = "host.id"  # (OpenTelemetry's attribute: the label and resource key that names a host)
 
 # Rows per record at most: the aggregate's series per host (aggregate max_series) and
 # a batch's spans and logs fit well below.
@@ -226,6 +228,27 @@ def decode_logs(data: bytes) -> LogBatch:
 
 Signal = MetricSnapshot | SpanBatch | LogBatch
 ROWS_FIELD = {MetricSnapshot: "series", SpanBatch: "spans", LogBatch: "logs"}
+
+
+def check_keyed(signal: Signal, key: bytes | None) -> None:
+    """Refuse (WireError) a record that speaks for a host other than the one its key
+    names: a series labelled ``host.id`` = h, or spans or logs whose resource is h's, in
+    a record not keyed h. The aggregate keys each record by the host it is of; a record
+    keyed otherwise (a buggy or hostile writer of the output topics) would overwrite
+    that host's values in every exporter, or end its series with a stale snapshot. What
+    names no host (no ``host.id``) is not checked."""
+    named: Iterable[tuple[str, Any]]
+    if isinstance(signal, MetricSnapshot):
+        named = ((f"series {row[0]!r:.60}", row[2].get(HOST_ID)) for row in signal.series)
+        what = "metric snapshot"
+    else:
+        named = [("resource", signal.resource.get(HOST_ID))]
+        what = "span batch" if isinstance(signal, SpanBatch) else "log batch"
+    for where, host in named:
+        if host is not None and (key is None or str(host).encode() != key):
+            raise WireError(
+                f"{what}: its {where} is of host {host!r:.60}, but the record's key is {key!r:.60}"
+            )
 
 
 def encode_signal(signal: Signal) -> bytes:

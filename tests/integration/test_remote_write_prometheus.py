@@ -125,7 +125,8 @@ async def test_future_old_and_malformed_snapshots_go_to_the_dlq_and_never_to_pro
     """The operator's cases, published with a plain Kafka client between good snapshots:
     a snapshot at 2^63-1 ms (Prometheus stores it, then refuses every later sample), one
     two hours old, one with a list as a label value (once a TypeError that killed the
-    exporter) and a histogram with count -1. The exporter keeps going: the good samples
+    exporter), a histogram with count -1, and one keyed by one host that speaks for
+    another. The exporter keeps going: the good samples
     arrive, exactly, and each bad snapshot is in ktel.dlq, as read, with its reason."""
     run, cfg, group = await exporter_for(kafka, prometheus, "test-rw-bad")
 
@@ -151,8 +152,19 @@ async def test_future_old_and_malformed_snapshots_go_to_the_dlq_and_never_to_pro
             t0 + 500,
             [["ktel_h", "histogram", labels, {"count": -1, "sum": 0.0, "bounds": [1.0], "counts": [0, 0]}]],
         ),
+        # Keyed by one host, speaking for another: it would overwrite that host's series.
+        "another host": encode_snapshot(
+            MetricSnapshot(t0 + 500, [["ktel_guard", "gauge", {**labels, "host.id": "victim"}, 96]])
+        ),
     }
-    records = [snapshot(t0, 1), bad["future"], bad["old"], bad["list label"], bad["count -1"]]
+    records = [
+        snapshot(t0, 1),
+        bad["future"],
+        bad["old"],
+        bad["list label"],
+        bad["count -1"],
+        bad["another host"],
+    ]
     records += [snapshot(t0 + 1000, 2), snapshot(t0 + 2000, 3)]
     producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all")
     await producer.start()
@@ -204,8 +216,13 @@ async def test_future_old_and_malformed_snapshots_go_to_the_dlq_and_never_to_pro
         with pytest.raises(WireError) as err:
             decode_snapshot(bad[what])
         assert reasons[what] == str(err.value)
+    assert reasons["another host"] == (
+        "metric snapshot: its series 'ktel_guard' is of host 'victim', "
+        f"but the record's key is {run.encode()!r}"
+    )
+    assert prometheus.query('ktel_guard{host_id="victim"}') == []
     assert {(dl.stage, dl.topic) for dl in letters} == {("remote-write", METRICS_TOPIC)}
-    assert count("ktel_exporter_dead_letters_total", "remote-write") == letters_before + 4
+    assert count("ktel_exporter_dead_letters_total", "remote-write") == letters_before + 5
     # Latency is observed for the three snapshots Prometheus acknowledged, not the dead letters.
     assert latency()[0] == latency_before[0] + 3
     # The samples of the two snapshots that decoded: 2 + 1.

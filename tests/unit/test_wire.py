@@ -179,6 +179,23 @@ def test_bad_span_and_log_are_named():
         wire.decode_logs(wire.encode_logs(wire.LogBatch({}, [[1, 99, "X", "body", {}, b"", b""]])))
 
 
+def test_a_signal_naming_a_host_other_than_its_key_is_refused():
+    """A record of the output topics speaks for the host its key names: a series
+    labelled with another host.id, or spans and logs of another host's resource, would
+    overwrite that host's values in every exporter."""
+    snap = wire.MetricSnapshot(1, [["a", "gauge", {"host.id": "h"}, 1], ["b", "gauge", {"x": "1"}, 2]])
+    wire.check_keyed(snap, b"h")  # (a series with no host.id names no host)
+    with pytest.raises(wire.WireError, match="series 'a' is of host 'h', but the record's key is b'evil'"):
+        wire.check_keyed(snap, b"evil")
+    with pytest.raises(wire.WireError, match="key is None"):
+        wire.check_keyed(snap, None)
+    for signal in (wire.SpanBatch({"host.id": "h"}, []), wire.LogBatch({"host.id": "h"}, [])):
+        wire.check_keyed(signal, b"h")
+        with pytest.raises(wire.WireError, match="its resource is of host 'h'"):
+            wire.check_keyed(signal, b"g")
+    wire.check_keyed(wire.LogBatch({"service.name": "x"}, []), None)
+
+
 def test_logs_round_trip():
     batch = wire.LogBatch(
         {"host.id": "h"}, [[5, 13, "WARN", "disk slow", {"k": "v"}, b"\x02" * 16, b"\x03" * 8]]
