@@ -46,7 +46,7 @@ from exporters.prom_names import label_name, prom_labels, unnamed
 from exporters.remote_write import histogram_series
 from ktel import selfmetrics
 from ktel.config import PROMETHEUS_STALENESS_SECONDS, Config
-from ktel.wire import MetricSnapshot, decode_snapshot
+from ktel.wire import MetricSnapshot, decode_snapshot, encode_snapshot
 
 log = logging.getLogger("ktel.export.pull")
 
@@ -103,34 +103,50 @@ class LatestValues(Collector):
         self.clock = clock
         self.swept = -math.inf
 
-    def problem(self, snap: MetricSnapshot) -> str | None:
-        """Why the endpoint cannot serve ``snap`` (None: it can): a series with no
-        Prometheus name or an empty label name, of a family served as another type, or
-        whose samples' names another family's may have (a gauge ``x_count`` beside a
-        histogram ``x``). One such series in a scrape's text would fail the whole scrape."""
-        why = unnamed(snap.series)
+    def split(self, snap: MetricSnapshot) -> tuple[list[Any], list[tuple[Any, str]]]:
+        """The series of ``snap`` the endpoint can serve, and those it cannot, each with
+        why: one with no Prometheus name or an empty label name, of a family served as
+        another type, or whose samples' names another family's may have (a gauge
+        ``x_count`` beside a histogram ``x``). One such series in a scrape's text would
+        fail the whole scrape. Refused one by one, not with their snapshot: a writer of
+        a clashing series (a buggy or hostile one, or one first after a restart) would
+        otherwise keep every snapshot carrying the family it clashes with, every host's,
+        off the endpoint."""
+        types: dict[str, str] = {}  # (families and sample names this snapshot's served series take)
+        claimed: dict[str, str] = {}
+        served, refused = [], []
+        for row in snap.series:
+            why = self._problem(row, types, claimed)
+            if why is None:
+                served.append(row)
+            else:
+                refused.append((row, why))
+        return served, refused
+
+    def _problem(self, row: Any, types: dict[str, str], claimed: dict[str, str]) -> str | None:
+        name, typ, _labels, _value = row
+        why = unnamed([row])
         if why:
             return why
-        types: dict[str, str] = {}
-        claimed: dict[str, str] = {}
-        for name, typ, _labels, _value in snap.series:
-            fam = family_name(name, typ)
-            if not fam:
-                return f"series {name!r:.100}: no Prometheus name (empty once sanitised)"
-            have = self.families.get(fam)
-            other = types.setdefault(fam, typ if have is None else have.type)
-            if other != typ:
-                return f"series {name!r:.100}: a {typ}, but {fam} is served as a {other}"
-            if have is None:
-                for sample in claims(fam, typ):
-                    owner = self.claimed.get(sample) or claimed.setdefault(sample, fam)
-                    if owner != fam:
-                        return f"series {name!r:.100}: its samples' names clash with those of {owner}"
+        fam = family_name(name, typ)
+        if not fam:
+            return f"series {name!r:.100}: no Prometheus name (empty once sanitised)"
+        have = self.families.get(fam)
+        other = types.get(fam, typ if have is None else have.type)
+        if other != typ:
+            return f"series {name!r:.100}: a {typ}, but {fam} is served as a {other}"
+        if have is None and fam not in types:
+            for sample in claims(fam, typ):
+                owner = self.claimed.get(sample) or claimed.get(sample, fam)
+                if owner != fam:
+                    return f"series {name!r:.100}: its samples' names clash with those of {owner}"
+            claimed.update(dict.fromkeys(claims(fam, typ), fam))
+        types[fam] = typ
         return None
 
     def update(self, snap: MetricSnapshot, partition: int, offset: int) -> None:
-        """Take a snapshot read at ``offset`` of ``partition`` (see the module doc); one
-        the endpoint can serve (``problem``)."""
+        """Take a snapshot read at ``offset`` of ``partition`` (see the module doc), of
+        series the endpoint can serve (``split``)."""
         now = self.clock()
         for name, typ, labels, value in snap.series:
             fam = family_name(name, typ)
@@ -216,12 +232,27 @@ async def run(cfg: Config, stop: asyncio.Event) -> None:
     async def deliver(records: list[Record], producer: AIOKafkaProducer) -> None:
         now = time.time_ns()
         for rec in records:
-            problem = window.problem(rec.item.ts_ms * 1_000_000, now) or latest.problem(rec.item)
-            if problem is None:
-                latest.update(rec.item, rec.partition, rec.offset)
-            else:
-                items = len(rec.item.series)
-                await consume.refuse(producer, "pull", rec, problem, signal="series", items=items)
+            snap = rec.item
+            problem = window.problem(snap.ts_ms * 1_000_000, now)
+            if problem is not None:
+                await consume.refuse(producer, "pull", rec, problem, signal="series", items=len(snap.series))
+                continue
+            served, refused = latest.split(snap)
+            if refused:
+                rows = [row for row, _ in refused]
+                more = f" (and {len(rows) - 1} more series of this snapshot)" if len(rows) > 1 else ""
+                payload = encode_snapshot(dataclasses.replace(snap, series=rows))
+                await consume.refuse(
+                    producer,
+                    "pull",
+                    rec,
+                    refused[0][1] + more,
+                    signal="series",
+                    items=len(rows),
+                    payload=payload,
+                )
+                snap = dataclasses.replace(snap, series=served)
+            latest.update(snap, rec.partition, rec.offset)
         EXPIRED.inc(latest.expire())
 
     agg = cfg.aggregate

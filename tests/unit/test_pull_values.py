@@ -42,33 +42,53 @@ def scrape(latest: LatestValues) -> dict[str, dict[tuple, float]]:
         (["up_created", "histogram", {}, HIST], "its samples' names clash with those of up"),
     ],
 )
-def test_a_snapshot_the_endpoint_cannot_serve_is_refused_and_every_scrape_stays_valid(series, why):
+def test_a_series_the_endpoint_cannot_serve_is_refused_alone_and_every_scrape_stays_valid(series, why):
     latest = LatestValues()
     good = MetricSnapshot(1, [["up_total", "counter", {"host.id": "a"}, 1.0]])
-    assert latest.problem(good) is None
+    assert latest.split(good) == (good.series, [])
     latest.update(good, 0, 1)
-    bad = MetricSnapshot(2, [["x", "gauge", {"host.id": "a"}, 2.0], series])
-    assert why in latest.problem(bad)
+    x = ["x", "gauge", {"host.id": "a"}, 2.0]
+    served, [(refused, reason)] = latest.split(MetricSnapshot(2, [x, series]))
+    assert (served, refused) == ([x], series) and why in reason
+    latest.update(MetricSnapshot(2, served), 0, 2)
     # A stale one is refused too: it would leave what it names behind, empty.
-    assert why in latest.problem(MetricSnapshot(3, [series], stale=True))
-    assert scrape(latest) == {"up": {("up_total", (("host_id", "a"),)): 1.0}}
+    [(_, reason)] = latest.split(MetricSnapshot(3, [series], stale=True))[1]
+    assert why in reason
+    assert scrape(latest) == {
+        "up": {("up_total", (("host_id", "a"),)): 1.0},
+        "x": {("x", (("host_id", "a"),)): 2.0},
+    }
 
 
 def test_two_types_of_one_name_within_a_snapshot_are_refused():
     latest = LatestValues()
     snap = MetricSnapshot(1, [["a.b", "gauge", {}, 1.0], ["a_b", "histogram", {}, HIST]])
-    assert "a histogram, but a_b is served as a gauge" in latest.problem(snap)
+    [(_, why)] = latest.split(snap)[1]
+    assert "a histogram, but a_b is served as a gauge" in why
     snap = MetricSnapshot(1, [["h", "histogram", {}, HIST], ["h_count", "gauge", {}, 1.0]])
-    assert "its samples' names clash with those of h" in latest.problem(snap)
+    [(_, why)] = latest.split(snap)[1]
+    assert "its samples' names clash with those of h" in why
 
 
 def test_a_family_gone_frees_its_names():
     latest = LatestValues()
     latest.update(MetricSnapshot(1, [["h", "histogram", {}, HIST]]), 0, 1)
     gauge = MetricSnapshot(2, [["h_count", "gauge", {}, 1.0]])
-    assert latest.problem(gauge) is not None
+    assert latest.split(gauge)[1] != []
     latest.update(MetricSnapshot(3, [["h", "histogram", {}, HIST]], stale=True), 0, 2)
-    assert latest.problem(gauge) is None and latest.claimed == {}
+    assert latest.split(gauge) == (gauge.series, []) and latest.claimed == {}
+
+
+def test_a_clashing_series_keeps_no_other_hosts_series_off_the_endpoint():
+    """One writer's series of a known family under another type (here a gauge named as a
+    host's counter) is refused alone: every host's snapshot naming that family is still
+    served, and it too, but for the clashing series."""
+    latest = LatestValues()
+    latest.update(MetricSnapshot(1, [["tcp_retransmits_total", "gauge", {"host.id": "x"}, 1.0]]), 0, 1)
+    counter = ["tcp_retransmits_total", "counter", {"host.id": "b"}, 5.0]
+    cpus = ["ktel_node_cpus", "gauge", {"host.id": "b"}, 4.0]
+    served, refused = latest.split(MetricSnapshot(2, [counter, cpus]))
+    assert served == [cpus] and [row for row, _ in refused] == [counter]
 
 
 def test_names_alike_once_sanitised_are_one_family_as_they_are_one_series_in_prometheus():
