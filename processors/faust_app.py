@@ -31,15 +31,18 @@ loaded machine, in faust-streaming 0.15.3.
    read twice is counted once: the dedupe and aggregate stages drop a batch they
    have seen (see processors/stages.py).
 
-It also hands the records of one topic, the stage's source, to the worker in lists
-(``App.take_in_lists``) rather than one by one through a Faust stream. Faust's fetch
+It also hands the records of the topics the worker reads (its source, and
+ktel.heartbeats) to it in lists (``App.take_in_lists``) rather than one by one
+through a Faust stream. Faust's fetch
 loop hands each record to its streams on its own: it makes four tasks and cancels
 three for every record (``Service.wait_first``), and the stream takes it through its
 own machinery, about 110-125 µs a record of CPU together (bench/RESULTS.md, "The
 stream's cost per record"). That is paid per record, so per host batch, and at fleet
 scale, with batches of a few events, it was a large part of the worker's cost per
-event. ``Consumer._drain_messages`` is Faust's fetch loop with one change: the listed
-topic's records of each fetch go to ``App.lists`` as one list, with one wait. The
+event; and every host's heartbeat is a record too (at 10,000 hosts and the agents'
+10 s, 1,000 a second). ``Consumer._drain_messages`` is Faust's fetch loop with one
+change: the listed topics' records of each fetch go to ``App.lists`` as one list,
+with one wait. The
 worker takes each record as Faust's stream would (``take_listed``): it drops those of
 an older generation or fetched before flow was suspended, tracks the rest as it
 takes them, and acks each once handled, so Faust commits only handled records; the
@@ -65,7 +68,7 @@ from mode.utils.queues import FlowControlEvent
 
 from processors.stop import undelivered
 
-# Fetched lists of the listed topic held before the fetch loop waits (App.take_in_lists).
+# Fetched lists of the listed topics held before the fetch loop waits (App.take_in_lists).
 LISTS_HELD = 4
 # How long the worker handles records of a list before it lets the event loop run.
 YIELD_S = 0.02
@@ -82,9 +85,9 @@ class FlowControl(FlowControlEvent):
 class Consumer(faust_aiokafka.Consumer):
     async def _drain_messages(self, fetcher: Any) -> None:
         """Faust's fetch loop (faust-streaming 0.15.3, ``Consumer._drain_messages``), the
-        listed topic's records handed over a fetch at a time (``App.take_in_lists``)."""
+        listed topics' records handed over a fetch at a time (``App.take_in_lists``)."""
         app = cast(App, self.app)
-        if app.listed is None:
+        if not app.listed:
             return await super()._drain_messages(fetcher)
         listed, lists = app.listed, app.lists
         callback = self.callback
@@ -120,7 +123,7 @@ class Consumer(faust_aiokafka.Consumer):
                             if commit_every is not None and self._n_acked >= commit_every:
                                 self._n_acked = 0
                                 await self.commit()
-                            if message.topic == listed:
+                            if message.topic in listed:
                                 taken.append(message)
                             else:
                                 await self.wait_first(callback(message), self.suspend_flow.wait())
@@ -140,7 +143,7 @@ class Consumer(faust_aiokafka.Consumer):
             unset_flag(CONSUMER_FETCHING)
 
     async def _put_list(self, lists: Any, taken: list[Any]) -> None:
-        """Put a fetch's records of the listed topic on ``lists``, waiting for room as
+        """Put a fetch's records of the listed topics on ``lists``, waiting for room as
         the loop waits for a stream's full queue. A rebalance clears the queue, and with
         it cancels a put that waits for room (mode's ``ThrowableQueue.clear``): that list
         goes with the rest of the queue, read again from the committed offsets, and the
@@ -228,38 +231,44 @@ class Transport(faust_aiokafka.Transport):
 
 
 class App(faust.App):
-    # The topic whose records the worker takes in lists (take_in_lists), their queue, and
-    # what handles each.
-    listed: str | None = None
+    # The topics whose records the worker takes in lists (take_in_lists), each with what
+    # handles one of its records, and the lists' queue.
+    listed: dict[str, Callable[[Any], Awaitable[None]]]
     lists: Any = None
-    handle_listed: Callable[[Any], Awaitable[None]]
 
     @cached_property
     def flow_control(self) -> FlowControlEvent:
         return FlowControl(loop=self.loop)
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.listed = {}
+
     def take_in_lists(self, topic: Any, handle: Callable[[Any], Awaitable[None]]) -> None:
-        """Subscribe to ``topic`` as an agent would (its records acked and committed), its
-        records of each fetch put in ``lists`` as one list, and each given to ``handle``
-        (a Faust message) by a task of the app (``take_listed``)."""
+        """Subscribe to ``topic`` as an agent would (its records acked and committed), the
+        records of each fetch of it and of the other listed topics put in ``lists`` as one
+        list, and each given to ``handle`` (a Faust message) by a task of the app
+        (``take_listed``)."""
         self.topics.add(topic)
-        self.listed = topic.get_topic_name()
-        self.handle_listed = handle
-        # Cleared with the streams' queues on a rebalance; a few fetches held, then the
-        # fetch loop waits, as it does for a stream's full queue.
-        self.lists = self.FlowControlQueue(maxsize=LISTS_HELD, clear_on_resume=True)
-        self.task(self.take_listed)
+        self.listed[topic.get_topic_name()] = handle
+        if self.lists is None:
+            # Cleared with the streams' queues on a rebalance; a few fetches held, then
+            # the fetch loop waits, as it does for a stream's full queue.
+            self.lists = self.FlowControlQueue(maxsize=LISTS_HELD, clear_on_resume=True)
+            self.task(self.take_listed)
 
     async def take_listed(self) -> None:
-        """Handle each record of the listed topic, in order, as Faust's stream takes one:
+        """Handle each record of the listed topics, in order, as Faust's stream takes one:
         dropped if fetched before a rebalance (the fetcher reads it again from the
         committed offset), tracked while handled, acked once handled."""
         consumer = self.consumer
         flow = self.flow_control
         while True:
-            await self._take_list(await self.lists.get(), self.handle_listed, consumer, flow)
+            await self._take_list(await self.lists.get(), self.listed, consumer, flow)
 
-    async def _take_list(self, messages: list[Any], handle: Any, consumer: Any, flow: Any) -> None:
+    async def _take_list(
+        self, messages: list[Any], handlers: dict[str, Any], consumer: Any, flow: Any
+    ) -> None:
         # (its own frame: a list dropped here is unreferenced once this returns, and Faust
         # waits on a rebalance only for the tracked records that are still referenced)
         yielded = time.monotonic()
@@ -273,7 +282,7 @@ class App(faust.App):
                 return
             consumer.track_message(message)
             inbound[message.tp] = time.monotonic()
-            await handle(message)
+            await handlers[message.topic](message)
             consumer.ack(message)
             message_out(message.tp, message.offset, message)
             if time.monotonic() - yielded > YIELD_S:

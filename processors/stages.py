@@ -689,16 +689,11 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         except Exception as err:  # whatever it is: the record must stay uncommitted
             stop(stage, msg, err)
 
-    # The source's records in lists, below Faust's per-record stream (why:
-    # processors/faust_app.py).
+    # The source's records, and the heartbeats, in lists, below Faust's per-record stream
+    # (why: processors/faust_app.py).
     app.take_in_lists(source, functools.partial(take, handle=take_batch))
-
     if chain.heartbeats:
-
-        @app.agent(raw_topic(names.heartbeats))
-        async def take_heartbeats(stream):
-            async for event in stream.events():
-                await take(event.message, take_heartbeat)
+        app.take_in_lists(raw_topic(names.heartbeats), functools.partial(take, handle=take_heartbeat))
 
     exported_series: set[str] = set()
 

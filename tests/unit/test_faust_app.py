@@ -156,20 +156,30 @@ def test_a_listed_record_is_tracked_while_handled_acked_after_and_dropped_after_
             if msg.offset == 11:
                 flow.suspend()  # a rebalance begins while this record is handled
 
+        async def beat(msg):
+            seen.append(("beat", msg.offset))
+
+        handlers = {"src": handle, "beats": beat}
         tp = TP("src", 0)
 
-        def fetched(*offsets, generation=3):
-            return [SimpleNamespace(tp=tp, offset=o, generation_id=generation) for o in offsets]
+        def fetched(*offsets, generation=3, topic="src"):
+            return [
+                SimpleNamespace(tp=TP(topic, 0), topic=topic, offset=o, generation_id=generation)
+                for o in offsets
+            ]
 
-        await app._take_list(fetched(10, 11, 12), handle, Consumer(), flow)
+        await app._take_list(fetched(10, 11, 12), handlers, Consumer(), flow)
         # 11 was handled whole and is acked; 12 is left for the fetcher to read again.
         assert seen == [(step, o) for o in (10, 11) for step in ("tracked", "handled", "acked")]
         # Faust's livelock check sees that the partition's records are being taken.
         assert tp in app.monitor.stream_inbound_time
         seen.clear()
         flow.resume()
-        await app._take_list(fetched(12, 13, generation=2), handle, Consumer(), flow)
+        await app._take_list(fetched(12, 13, generation=2), handlers, Consumer(), flow)
         assert seen == []  # fetched before the rebalance: the new generation reads them again
+        # Each listed topic's records go to its own handler, in the list's order.
+        await app._take_list(fetched(14) + fetched(7, topic="beats"), handlers, Consumer(), flow)
+        assert [s for s in seen if s[0] not in ("tracked", "acked")] == [("handled", 14), ("beat", 7)]
 
     asyncio.run(run())
 
@@ -182,7 +192,7 @@ def test_a_rebalance_while_the_fetch_loop_waits_for_room_drops_the_list_and_the_
 
     async def run():
         app = App("ktel-test", broker="kafka://127.0.0.1:1")
-        app.listed = "src"
+        app.listed = {"src": None}
         app.lists = app.FlowControlQueue(maxsize=LISTS_HELD, clear_on_resume=True)
         consumer = app.consumer
         app.flow_control.resume()

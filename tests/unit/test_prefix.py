@@ -63,7 +63,7 @@ async def test_a_stage_reads_writes_and_keeps_its_table_under_the_prefix(tmp_pat
     kafka = RESOLVED.model_copy(update={"prefix": "blue."})
     async with Shell(tmp_path, "dedupe", kafka=kafka) as shell:
         assert shell.app.conf.id == "blue.ktel-dedupe"
-        assert shell.app.listed == "blue.ktel.raw"
+        assert set(shell.app.listed) == {"blue.ktel.raw"}
         await shell.put(batch(0, [file_created(1, "/a")]), b"\x92garbage")
         assert len(shell.to("blue.ktel.deduped")) == 1
         assert len(shell.to("blue.ktel.dlq")) == 1

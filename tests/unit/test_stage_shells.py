@@ -1,10 +1,10 @@
 """The stages' Faust runner (processors/stages.py), each process driven as its worker
-is: its source's records given to the handler its fetch loop hands them to
-(processors/faust_app.py, ``App.take_in_lists``), heartbeats through the agent's
-``test_context()``; what it sends to its sink and to ktel.dlq is recorded instead
-of produced (the timers, which send snapshots and fidelity commands, do not run here). The stages' chains have
-their golden tests; these check the wiring around them (which topics, which
-table, what is dropped, what is counted). The real-broker tests are in
+is: its source's records and heartbeats given to the handlers its fetch loop hands
+them to (processors/faust_app.py, ``App.take_in_lists``); what it sends to its sink and
+to ktel.dlq is recorded instead of produced (the timers, which send snapshots and
+fidelity commands, do not run here). The stages' chains have their golden tests;
+these check the wiring around them (which topics, which table, what is dropped, what
+is counted). The real-broker tests are in
 tests/integration/test_processing_stages.py."""
 
 from __future__ import annotations
@@ -116,36 +116,26 @@ class Shell:
 
         self._stack.enter_context(mock.patch.object(stages, "produce", record))
         self.offset = 0
-        if "processors.stages.take_heartbeats" in self.app.agents:
-            self.heartbeats = await self._stack.enter_async_context(
-                self.agent("take_heartbeats").test_context()
-            )
-            put = self.heartbeats.put
-
-            async def put_on_its_partition(value=None, key=None, **kwargs):
-                kwargs.setdefault("partition", on_partition(key))
-                return await put(value, key=key, **kwargs)
-
-            self.heartbeats.put = put_on_its_partition
+        self.heartbeats = Heartbeats(self)
         return self
 
     async def __aexit__(self, *exc) -> None:
         await self._stack.aclose()
 
-    def agent(self, name: str):
-        return self.app.agents[f"processors.stages.{name}"]
-
     async def put(
         self, *records: RawBatch | bytes | None, key: bytes = b"h1", partition: int | None = None
     ) -> None:
-        """Each record handled whole, in order, as the worker takes a fetched list;
-        ``partition``: where it was written (else where its key puts it)."""
+        """Each record of the stage's source handled whole, in order, as the worker takes
+        a fetched list; ``partition``: where it was written (else where its key puts it)."""
         for r in records:
             value, k = (encode_batch(r), r.key) if isinstance(r, RawBatch) else (r, key)
-            self.offset += 1
-            at = on_partition(k) if partition is None else partition
-            message = Message(self.app.listed, at, self.offset, time.time(), 0, [], k, value, None)
-            await self.app.handle_listed(message)
+            await self.take(self.names.topic(stages.SOURCE[self.stage]), k, value, partition)
+
+    async def take(self, topic: str, key: bytes, value: bytes | None, partition: int | None) -> None:
+        self.offset += 1
+        at = on_partition(key) if partition is None else partition
+        message = Message(topic, at, self.offset, time.time(), 0, [], key, value, None)
+        await self.app.listed[topic](message)
 
     def to(self, topic: str) -> list[bytes]:
         return [value for t, _key, value in self.sent if t == topic]
@@ -164,19 +154,25 @@ class Shell:
         return out
 
 
+class Heartbeats:
+    """A stage's ktel.heartbeats, as its worker takes their records."""
+
+    def __init__(self, shell: Shell):
+        self.shell = shell
+
+    async def put(self, value: bytes, key: bytes, partition: int | None = None) -> None:
+        await self.shell.take(self.shell.names.heartbeats, key, value, partition)
+
+
 def persisted(value: dict) -> dict:
     """A host's value as JSON carries it."""
     return json.loads(json.dumps(value))
 
 
-def subscribed(shell: Shell, agent: str) -> set[str]:
-    return set(shell.agent(agent).channel.topics)
-
-
 async def test_dedupe_passes_each_batch_once_and_dead_letters_garbage(tmp_path):
     b0, b1 = batch(0, [file_created(1, "/a")]), batch(1, [file_created(1, "/b")])
     async with Shell(tmp_path, "dedupe") as shell:
-        assert shell.app.listed == RAW_TOPIC
+        assert set(shell.app.listed) == {RAW_TOPIC}
         await shell.put(b0, b1, b0, b"\x92garbage", None)  # (None: a tombstone, no value at all)
         assert [decode_batch(v) for v in shell.to(DEDUPED_TOPIC)] == [b0, b1]
         # One changelog record per batch, the re-sent one's too.
@@ -194,8 +190,7 @@ async def test_enrich_adds_host_and_process_attributes_and_the_feed_pod(tmp_path
     feed.write_text(json.dumps({"host.id": "h1", "cgroup.id": 4242, **pod}) + "\n")
     before = {m: metric(m, "enrich") for m in ("ktel_processor_heartbeats_total",)}
     async with Shell(tmp_path, "enrich", enrich=config.EnrichConfig(metadata_file=feed)) as shell:
-        assert shell.app.listed == DEDUPED_TOPIC
-        assert subscribed(shell, "take_heartbeats") == {HEARTBEATS_TOPIC}
+        assert set(shell.app.listed) == {DEDUPED_TOPIC, HEARTBEATS_TOPIC}
         await shell.heartbeats.put(heartbeat("h1", "b1", 1000, "node-1"), key=b"h1")
         # A heartbeat keyed by another host would land in the wrong table partition.
         await shell.heartbeats.put(heartbeat("h1", "b1", 2000, "impostor"), key=b"h2")
@@ -249,7 +244,7 @@ async def test_sample_reads_the_enriched_topic_and_keeps_the_attributes(tmp_path
         "h1", "b1", 7, T, [file_created(1, f"/d/{i}") for i in range(50)], None, attrs["res"], attrs["proc"]
     )
     async with Shell(tmp_path, "sample", sample=sample) as shell:
-        assert shell.app.listed == ENRICHED_TOPIC
+        assert set(shell.app.listed) == {ENRICHED_TOPIC}
         await shell.put(b, b"not a batch")
         [out] = [decode_batch(v) for v in shell.to(SAMPLED_TOPIC)]
         # The core's decision for this batch (seeded by host, boot and seq), not another.
@@ -263,7 +258,7 @@ async def test_sample_reads_the_enriched_topic_and_keeps_the_attributes(tmp_path
 
 async def test_aggregate_folds_batches_into_the_table_once_each(tmp_path):
     async with Shell(tmp_path, "aggregate") as shell:
-        assert shell.app.listed == SAMPLED_TOPIC
+        assert set(shell.app.listed) == {SAMPLED_TOPIC}
         b0 = batch(0, [file_created(1, "/data/x/f")] * 3)
         b1 = RawBatch("h1", "b1", 1, T, [file_created(1, "/data/x/g")], [10.0])
         await shell.put(b0, b1, b0, b"\x00")
@@ -320,8 +315,7 @@ async def test_the_aggregate_closes_no_window_while_its_table_is_being_recovered
 async def test_all_runs_the_four_cores_with_heartbeats_in_one_worker(tmp_path):
     before = {m: metric(m, "all") for m in ("ktel_processor_batches_total", DUPLICATES)}
     async with Shell(tmp_path, "all") as shell:
-        assert shell.app.listed == RAW_TOPIC
-        assert subscribed(shell, "take_heartbeats") == {HEARTBEATS_TOPIC}
+        assert set(shell.app.listed) == {RAW_TOPIC, HEARTBEATS_TOPIC}
         await shell.heartbeats.put(heartbeat("h1", "b1", 1000, "node-1"), key=b"h1")
         b0 = batch(0, [exec_event(10, "make", "/usr/bin/make"), file_created(10, "/src/a/x.o")])
         await shell.put(b0, b0)
