@@ -7,9 +7,10 @@ and sends one batch every --batch-seconds (an agent seals a batch by count, size
 age; a quiet host's batches are small), or with --batch-events N a batch of N events at
 every fleet size, so that only the number of hosts differs: file creations under a few directories of
 its own (bench/processing_throughput.py's paths), process exec/exit pairs, a kernel-API
-counter, a syscall-latency histogram delta every 5th batch, and one heartbeat at start,
-then, with --heartbeat-seconds S, one every S seconds (the agent's agent.heartbeat_seconds,
-10 by default), each host's spread over the period as its batches are.
+counter, a syscall-latency histogram delta every 5th batch, and a heartbeat at start and
+every --heartbeat-seconds (10, the agent's default agent.heartbeat_seconds), each host's
+spread over the period as its batches are (0: only the one at start, as the bench sent
+them before 2026-12-05).
 
 Measured, per fleet size, each on a fresh broker and Prometheus:
 
@@ -611,8 +612,9 @@ def main() -> None:
     ap.add_argument(
         "--heartbeat-seconds",
         type=float,
-        help="each host also sends a heartbeat this often, as agents do (agent.heartbeat_seconds, "
-        "default 10); unset: one at start",
+        default=10.0,
+        help="each host also sends a heartbeat this often, as agents do (agent.heartbeat_seconds); "
+        "0: only one at start",
     )
     ap.add_argument("--seconds", type=float, default=60, help="measured steady phase per size")
     ap.add_argument("--window", type=float, default=2.0, help="aggregate.window_seconds")
