@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import reprlib
 from collections.abc import Callable, Sequence
@@ -55,6 +56,15 @@ def _bind(names: dict[str, Any], value: Any) -> str:
     name = f"_v{len(names)}"
     names[name] = value
     return name
+
+
+_fresh = itertools.count()
+
+
+def _local() -> str:
+    """A name for a generated loop variable, unlike any other in the expression (a map of
+    maps nests one loop in another)."""
+    return f"_i{next(_fresh)}"
 
 
 def _opt(t: Type, body: str, x: str) -> str:
@@ -239,8 +249,11 @@ class ListOf(Type):
     max_items: int
 
     def expr(self, x: str, names: dict[str, Any]) -> str:
-        ok = _bind(names, self.item.check)
-        return f"(type({x}) is list and len({x}) <= {self.max_items} and all(map({ok}, {x})))"
+        i = _local()
+        return (
+            f"(type({x}) is list and len({x}) <= {self.max_items} "
+            f"and all({self.item.expr(i, names)} for {i} in {x}))"
+        )
 
     def why(self, value: Any) -> str:
         if type(value) is not list:
@@ -263,10 +276,12 @@ class MapOf(Type):
         return type(k) is str and len(k) <= self.key_len and self.value.check(v)
 
     def expr(self, x: str, names: dict[str, Any]) -> str:
-        ok = _bind(names, self._ok)
+        # Inline, not a call of _ok per entry: half of what decoding a heartbeat cost.
+        k, v = _local(), _local()
         return (
             f"(type({x}) is dict and len({x}) <= {self.max_items} "
-            f"and all({ok}(k, v) for k, v in {x}.items()))"
+            f"and all(type({k}) is str and len({k}) <= {self.key_len} and {self.value.expr(v, names)} "
+            f"for {k}, {v} in {x}.items()))"
         )
 
     def why(self, value: Any) -> str:
@@ -310,14 +325,18 @@ class Shape(Type):
 
     keys: tuple[Key, ...]
 
-    def _ok(self, x: Any) -> bool:
-        return type(x) is dict and self.problem(x) is None
-
     def expr(self, x: str, names: dict[str, Any]) -> str:
-        return f"{_bind(names, self._ok)}({x})"
+        parts = [f"type({x}) is dict"]
+        for k in self.keys:
+            name = repr(k.name)
+            valid = k.type.expr(f"{x}[{name}]", names)
+            parts.append(f"({name} in {x} and {valid})" if k.required else f"({name} not in {x} or {valid})")
+        return "(" + " and ".join(parts) + ")"
 
     def problem(self, obj: dict[str, Any]) -> str | None:
         """Why ``obj`` does not fit, or None."""
+        if self.check(obj):
+            return None  # (one compiled pass; only a record that fails is looked at again)
         for k in self.keys:
             if k.name not in obj:
                 if k.required:

@@ -400,3 +400,22 @@ def test_a_value_nested_thousands_deep_is_refused_with_a_short_reason(depth):
     snap = _nested_bytes({"v": 1, "ts": 1, "series": [["x", "gauge", {}, "@@@@"]]}, depth)
     with pytest.raises(wire.WireError):
         wire.decode_snapshot(snap)
+
+
+def test_nested_maps_lists_and_shapes_are_checked_whole_by_one_compiled_expression():
+    """A map of maps (or lists of rows) nests one generated loop in another: each loop
+    has its own variables, so an inner one cannot hide a bad entry of the outer."""
+    from ktel.schema import Int, Key, ListOf, MapOf, Shape, Str
+
+    shape = Shape(
+        (Key("m", MapOf(MapOf(Int(0, 9), 4), 4)), Key("l", ListOf(ListOf(Str(3), 2), 2), required=False))
+    )
+    assert shape.problem({"m": {"a": {"x": 1}, "b": {}}, "l": [["abc"], []]}) is None
+    assert (
+        shape.problem({"m": {"a": {"x": 1}, "b": {"y": 10}}})
+        == "field 'm' entry 'b' entry 'y' must be within [0, 9], got 10"
+    )
+    assert shape.problem({"m": {"a": {"x": 1}}, "l": [["abc"], ["toolong"]]}) is not None
+    assert shape.problem({"m": {"a": {"x": 1}}, "l": None}) is not None
+    assert shape.problem({"l": []}) == "field 'm' is missing"
+    assert Shape((Key("s", shape),)).check({"s": {"m": {"k": {"x": True}}}}) is False  # (a bool is no int)
