@@ -89,21 +89,29 @@ HISTOGRAM = Shape(
 )
 
 
+def _increasing(bounds: list[float]) -> bool:
+    """Whether each bucket bound is above the one before (a scrape, and a backend, refuse
+    buckets out of order)."""
+    return all(a < b for a, b in zip(bounds, bounds[1:]))  # noqa: B905 (one shorter by design)
+
+
 class _SeriesValue(Type):
-    """A series' value: a finite number, or a histogram whose counts have one more
-    bucket than its bounds and add up to its count (checked with the series' type in
-    decode_snapshot). Every observation is in one bucket, the last unbounded: a
-    backend refuses a count its buckets do not add up to (Prometheus 2 with a 500,
-    which a remote-write sender retries for ever)."""
+    """A series' value: a finite number (a counter's not below zero, checked with the
+    series' type in decode_snapshot), or a histogram whose bounds increase and whose
+    counts have one more bucket than its bounds and add up to its count. Every
+    observation is in one bucket, the last unbounded: a backend refuses a count its
+    buckets do not add up to (Prometheus 2 with a 500, which a remote-write sender
+    retries for ever)."""
 
     number = Float()
 
     def expr(self, x: str, names: dict[str, Any]) -> str:
         n = self.number.expr(x, names)
         h = HISTOGRAM.expr(x, names)
+        names["_increasing"] = _increasing
         return (
             f"({n} or ({h} and len({x}['counts']) == len({x}['bounds']) + 1"
-            f" and {x}['count'] == sum({x}['counts'])))"
+            f" and {x}['count'] == sum({x}['counts']) and _increasing({x}['bounds'])))"
         )
 
     def why(self, value: Any) -> str:
@@ -113,6 +121,8 @@ class _SeriesValue(Type):
                 return f"histogram {problem}"
             if len(value["counts"]) != len(value["bounds"]) + 1:
                 return "histogram must have one count more than bounds"
+            if not _increasing(value["bounds"]):
+                return f"histogram bounds must increase, got {show(value['bounds'])}"
             return f"histogram count {value['count']} is not the sum of its counts, {sum(value['counts'])}"
         return self.number.why(value)
 
@@ -205,6 +215,10 @@ def decode_snapshot(data: bytes) -> MetricSnapshot:
     for i, (_name, typ, _labels, value) in enumerate(obj["series"]):
         if (typ == "histogram") != (type(value) is dict):
             raise WireError(f"metric snapshot: series {i} is a {typ} with a value {show(value)}")
+        if typ == "counter" and value < 0:
+            # (cumulative: it only goes up from 0; a scrape refuses it, and Prometheus would
+            # read a fall as a restart)
+            raise WireError(f"metric snapshot: series {i} is a counter below zero, {value}")
     return MetricSnapshot(ts_ms=obj["ts"], series=obj["series"], stale=obj.get("stale", False))
 
 

@@ -106,7 +106,7 @@ def test_not_a_map_and_truncated():
             st.sampled_from(["counter", "gauge"]),
             st.dictionaries(text, text, max_size=3),
             st.integers(0, 2**53) | st.floats(allow_nan=False, allow_infinity=False),
-        ).map(list),
+        ).map(lambda r: [*r[:3], abs(r[3]) if r[1] == "counter" else r[3]]),  # (a counter is never below 0)
         max_size=10,
     ),
     st.integers(0, 2**62),
@@ -419,3 +419,24 @@ def test_nested_maps_lists_and_shapes_are_checked_whole_by_one_compiled_expressi
     assert shape.problem({"m": {"a": {"x": 1}}, "l": None}) is not None
     assert shape.problem({"l": []}) == "field 'm' is missing"
     assert Shape((Key("s", shape),)).check({"s": {"m": {"k": {"x": True}}}}) is False  # (a bool is no int)
+
+
+def test_a_snapshot_with_a_counter_below_zero_or_histogram_bounds_out_of_order_is_refused():
+    """What a scrape refuses whole (OpenMetrics: a negative counter, buckets out of order)
+    and no aggregate sends: refused when read, by every exporter alike."""
+    labels = {"host.id": "h"}
+    hist = {"count": 2, "sum": 1.0, "bounds": [1.0, 2.0], "counts": [1, 1, 0]}
+    wire.decode_snapshot(wire.encode_snapshot(wire.MetricSnapshot(1, [["c_total", "counter", labels, 0]])))
+    wire.decode_snapshot(wire.encode_snapshot(wire.MetricSnapshot(1, [["h", "histogram", labels, hist]])))
+    with pytest.raises(wire.WireError, match="series 0 is a counter below zero, -5"):
+        wire.decode_snapshot(
+            wire.encode_snapshot(wire.MetricSnapshot(1, [["c_total", "counter", labels, -5]]))
+        )
+    backwards = {**hist, "bounds": [2.0, 1.0]}
+    with pytest.raises(wire.WireError, match=r"histogram bounds must increase, got list \[2.0, 1.0\]"):
+        wire.decode_snapshot(
+            wire.encode_snapshot(wire.MetricSnapshot(1, [["h", "histogram", labels, backwards]]))
+        )
+    wire.decode_snapshot(
+        wire.encode_snapshot(wire.MetricSnapshot(1, [["g", "gauge", labels, -5]]))
+    )  # (a gauge may)
