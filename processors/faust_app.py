@@ -33,22 +33,20 @@ loaded machine, in faust-streaming 0.15.3.
 
 It also hands the records of the topics the worker reads (its source, and
 ktel.heartbeats) to it in lists (``App.take_in_lists``) rather than one by one
-through a Faust stream. Faust's fetch
-loop hands each record to its streams on its own: it makes four tasks and cancels
-three for every record (``Service.wait_first``), and the stream takes it through its
-own machinery, about 110-125 µs a record of CPU together (bench/RESULTS.md, "The
-stream's cost per record"). That is paid per record, so per host batch, and at fleet
-scale, with batches of a few events, it was a large part of the worker's cost per
-event; and every host's heartbeat is a record too (at 10,000 hosts and the agents'
-10 s, 1,000 a second). ``Consumer._drain_messages`` is Faust's fetch loop with one
-change: the listed topics' records of each fetch go to ``App.lists`` as one list,
-with one wait. The
-worker takes each record as Faust's stream would (``take_listed``): it drops those of
-an older generation or fetched before flow was suspended, tracks the rest as it
-takes them, and acks each once handled, so Faust commits only handled records; the
-list queue is flow controlled and cleared with the streams' queues on a rebalance
-(which drops a list the loop is waiting to put, not the loop: ``_put_list``), and
-Faust's sensors hear of each record as they would from a stream.
+through a Faust stream. Faust's fetch loop hands each record to its streams on its
+own: it makes four tasks and cancels three for every record (``Service.wait_first``),
+and the stream takes it through its own machinery, about 110-125 µs a record of CPU
+together (bench/RESULTS.md, "The stream's cost per record"). That is paid per record,
+so per host batch and per heartbeat: at fleet scale, with batches of a few events and
+every host's heartbeat every 10 s (1,000 a second at 10,000 hosts), it was a large part
+of the worker's cost per event. ``Consumer._drain_messages`` is Faust's fetch loop with
+one change: the listed topics' records of each fetch go to ``App.lists`` as one list,
+with one wait. The worker takes each record as Faust's stream would
+(``take_listed``): it drops those of an older generation or fetched before flow was
+suspended, tracks the rest as it takes them, and acks each once handled, so Faust
+commits only handled records; the list queue is flow controlled and cleared with the
+streams' queues on a rebalance (which drops a list the loop is waiting to put, not the
+loop: ``_put_list``), and Faust's sensors hear of each record as they would from a stream.
 """
 
 from __future__ import annotations
