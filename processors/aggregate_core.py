@@ -40,7 +40,8 @@ series' bytes are reckoned when it is created, for the largest its numbers can g
 Kernel code's own metrics (``ktel_metric`` events of the ktel_api probe) become
 series too: counters add their increments, gauges keep the last value, histogram
 observations fill log2 buckets like the kernel's histograms (a name ending in ``_ns``
-is exported as ``_seconds``).
+is exported as ``_seconds``). A ``host.id`` label they give is dropped: every series
+is labelled with its batch's host.
 
 A gauge is stored as ``{"gauge": value, "at": [stream, seq]}``: the batch that set it,
 its stream (boot and incarnation, processors/dedupe_core.py) as a CRC-32 and its
@@ -290,7 +291,10 @@ def log2_slot(value: int) -> int:
 
 
 def _labels(labels: dict[str, Any]) -> tuple[tuple[str, str], ...]:
-    return tuple(sorted((k, str(v)) for k, v in labels.items()))
+    # host.id is the host whose batch it is, which ktel sets on every series (row_of):
+    # one kernel code gives would make the series another host's, and its host's
+    # snapshot records a forgery every exporter refuses (ktel/wire/signals.py check_keyed).
+    return tuple(sorted((k, str(v)) for k, v in labels.items() if k != HOST_ID))
 
 
 def count_events(
@@ -508,8 +512,8 @@ def keyed_rows(host_id: str, state: dict[str, Any]) -> Iterator[tuple[str, list]
 def row_of(host_id: str, key: str, value: Any) -> list:
     """The snapshot entry [name, type, labels, value] of the host's series ``key``."""
     name, pairs = parsed_key(key)
-    labels = {HOST_ID: host_id}
-    labels.update(pairs)
+    labels = dict(pairs)
+    labels[HOST_ID] = host_id  # (last: a series kept before _labels dropped a given host.id)
     if isinstance(value, dict) and "gauge" in value:
         return [name, "gauge", labels, value["gauge"]]
     if isinstance(value, dict):
@@ -549,10 +553,11 @@ def severity_text(number: int) -> str:
 def _resource(batch: RawBatch, pid: int | None) -> dict[str, Any]:
     """The host's resource attributes (from the enrich stage, else the host id alone),
     plus what is known of the process: never more than what was told."""
-    res = dict(batch.resource or {HOST_ID: batch.host_id})
+    res = dict(batch.resource or {})
     if pid:
         res[PROCESS_PID] = pid
         res.update((batch.processes or {}).get(str(pid), {}))
+    res[HOST_ID] = batch.host_id  # (last: the record is this host's, check_keyed in ktel/wire/signals.py)
     return res
 
 

@@ -227,8 +227,8 @@ def observe_heartbeat(
         # after it is still ignored) but no change: the host's table value reaches its
         # changelog with its next change, not at every heartbeat of every host (at
         # 10,000 hosts and the agents' 10 s, 1,000 changelog records a second). A worker
-        # that recovers the value without it reads these heartbeats again from its
-        # committed offset, or has one as new on its way.
+        # that recovers the value has an older "hb" with the same attributes: "hb" only
+        # orders heartbeats, and none between the two said anything else.
         if boot.get("hb", -1) < heartbeat["ts"]:
             boot["hb"] = heartbeat["ts"]
         return False

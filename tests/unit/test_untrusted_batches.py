@@ -254,3 +254,31 @@ def test_a_lone_far_number_still_re_anchors_nothing():
     assert taken.counts.get("sequence_reanchors") == 1
     taken.revert()
     assert c.on_batch(copy.deepcopy(before), batch(far + 4), NOW).counts.get("sequence_reanchors") == 1
+
+
+def test_a_host_id_label_given_by_kernel_code_does_not_make_the_hosts_snapshots_another_hosts():
+    """host.id is the host whose batch it is. A ktel_metric label naming another host
+    would label the series with it, and every exporter refuses a snapshot that speaks for
+    a host other than its key's (check_keyed): all of the host's series would go to the
+    dead-letter topic, every window. The label is dropped, and the series is the host's."""
+    from ktel.wire import KTEL_LOG, check_keyed
+
+    c = chain(refresh_seconds=3600)
+    [aggregate] = c.timed()
+    value: dict = {}
+    given = {"host.id": "other-host", "q": "a"}
+    events = [
+        [KTEL_METRIC.id, 1, 2, "gauge", "queue_depth", given, 3],
+        [KTEL_METRIC.id, 1, 2, "counter", "requests_total", {"host.id": "x"}, 5],
+        [KTEL_LOG.id, 1, 2, 2, 9, "hello", {}, b"", b""],
+    ]
+    result = c.on_batch(value, RawBatch("h", "b", 0, 1, events), NOW)
+    [(_, snap)] = c.on_window(aggregate, {"h": value}, NOW + 10_000, 1.0).snapshots
+    assert sorted((row[0], row[2]) for row in snap.series) == [
+        ("queue_depth", {"host.id": "h", "q": "a"}),
+        ("requests_total", {"host.id": "h"}),
+    ]
+    check_keyed(snap, b"h")
+    [logs] = result.logs
+    assert logs.resource["host.id"] == "h"
+    check_keyed(logs, b"h")
