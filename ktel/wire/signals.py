@@ -48,6 +48,8 @@ import dataclasses
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from opentelemetry.semconv._incubating.attributes.host_attributes import HOST_ID
+
 from ktel.schema import (
     ATTR_VALUE,
     TS_NS,
@@ -68,8 +70,6 @@ from ktel.schema import (
     show,
 )
 from ktel.wire.codec import SEND_MAX_BYTES, WireError, pack, unpack
-
-HOST_ID = "host.id"  # (OpenTelemetry's attribute: the label and resource key that names a host)
 
 # Rows per record at most: the aggregate's series per host (aggregate max_series) and
 # a batch's spans and logs fit well below.

@@ -195,17 +195,21 @@ async def refused_writes(kafka: config.KafkaConfig, names: list[str]) -> list[st
     return refused
 
 
-def test_the_status_principal_shows_the_fleet_and_can_write_no_topic(secured, pipeline):
-    """`ktel status` on the principal `ktel acls` gives the status role: the host
-    from its heartbeats, the worker's and the exporter's groups with their lag."""
-    res = subprocess.run(
-        [sys.executable, "-m", "ktel.cli", "--config", str(secured.config_file("status")),
-         "status", "--json", "--host", pipeline.host, "--timeout", "120"],
+def ktel_as(secured: SecuredCluster, user: str, *args: str) -> subprocess.CompletedProcess:
+    """A ktel command run with ``user``'s config file alone (no KTEL_ settings of the tests)."""
+    return subprocess.run(
+        [sys.executable, "-m", "ktel.cli", "--config", str(secured.config_file(user)), *args],
         env={k: v for k, v in os.environ.items() if not k.startswith("KTEL_")},
         capture_output=True,
         text=True,
         timeout=300,
-    )  # fmt: skip
+    )
+
+
+def test_the_status_principal_shows_the_fleet_and_can_write_no_topic(secured, pipeline):
+    """`ktel status` on the principal `ktel acls` gives the status role: the host
+    from its heartbeats, the worker's and the exporter's groups with their lag."""
+    res = ktel_as(secured, "status", "status", "--json", "--host", pipeline.host, "--timeout", "120")
     assert res.returncode == 0, res.stdout + res.stderr
     doc = json.loads(res.stdout)
     jsonschema.validate(doc, status.SCHEMA)
@@ -268,14 +272,7 @@ def test_the_dlq_principal_re_drives_a_dead_letter_and_can_write_no_other_topic(
     letter = DeadLetter("all", "refused for the test", RAW_TOPIC, partition, offset, batch)
     processor = load(secured.config_file("processor")).kafka
     asyncio.run(send_one(processor, DLQ_TOPIC, *dead_letter_record(letter, host.encode())))
-    res = subprocess.run(
-        [sys.executable, "-m", "ktel.cli", "--config", str(secured.config_file("dlq")),
-         "dlq", "--redrive", "--host", host],
-        env={k: v for k, v in os.environ.items() if not k.startswith("KTEL_")},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )  # fmt: skip
+    res = ktel_as(secured, "dlq", "dlq", "--redrive", "--host", host)
     assert res.returncode == 0, res.stdout + res.stderr
     admin = load(secured.config_file(ADMIN)).kafka
     copies = [
