@@ -42,7 +42,7 @@ from prometheus_client.registry import Collector
 from exporters import consume
 from exporters.consume import Record
 from exporters.delivery import Window
-from exporters.prom_names import label_name, prom_labels, unnamed
+from exporters.prom_names import label_name, prom_labels, unfit
 from exporters.remote_write import histogram_series
 from ktel import selfmetrics
 from ktel.config import PROMETHEUS_STALENESS_SECONDS, Config
@@ -125,7 +125,7 @@ class LatestValues(Collector):
 
     def _problem(self, row: Any, types: dict[str, str], claimed: dict[str, str]) -> str | None:
         name, typ, _labels, _value = row
-        why = unnamed([row])
+        why = unfit([row])
         if why:
             return why
         fam = family_name(name, typ)

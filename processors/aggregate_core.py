@@ -41,7 +41,9 @@ Kernel code's own metrics (``ktel_metric`` events of the ktel_api probe) become
 series too: counters add their increments, gauges keep the last value, histogram
 observations fill log2 buckets like the kernel's histograms (a name ending in ``_ns``
 is exported as ``_seconds``). A ``host.id`` label they give is dropped: every series
-is labelled with its batch's host.
+is labelled with its batch's host. So is a label Prometheus keeps for itself (a name
+starting with ``__``, ``le`` on a histogram: exporters/prom_names.py ``reserved``),
+which would make every snapshot carrying the series one the Prometheus exporters refuse.
 
 A gauge is stored as ``{"gauge": value, "at": [stream, seq]}``: the batch that set it,
 its stream (boot and incarnation, processors/dedupe_core.py) as a CRC-32 and its
@@ -72,6 +74,7 @@ from opentelemetry.semconv._incubating.attributes.process_attributes import (
     PROCESS_PID,
 )
 
+from exporters.prom_names import reserved
 from ktel.probes import KINDS
 from ktel.schema import U64
 from ktel.wire import (
@@ -290,11 +293,13 @@ def log2_slot(value: int) -> int:
     return min(max(int(value).bit_length() - 1, 0), HIST_SLOTS - 1)
 
 
-def _labels(labels: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+def _labels(labels: dict[str, Any], typ: str) -> tuple[tuple[str, str], ...]:
     # host.id is the host whose batch it is, which ktel sets on every series (row_of):
     # one kernel code gives would make the series another host's, and its host's
     # snapshot records a forgery every exporter refuses (ktel/wire/signals.py check_keyed).
-    return tuple(sorted((k, str(v)) for k, v in labels.items() if k != HOST_ID))
+    # A label Prometheus keeps for itself (``__name__``, ``le`` on a histogram) would make
+    # the Prometheus exporters refuse the snapshot (exporters/prom_names.py ``unfit``).
+    return tuple(sorted((k, str(v)) for k, v in labels.items() if k != HOST_ID and not reserved(k, typ)))
 
 
 def count_events(
@@ -339,7 +344,7 @@ def count_events(
         if kind == hid:
             _ts, _start, metric, unit, labels, count, total, buckets, every = ev[1:]
             scale = w * every
-            key = series_key(histogram_name(metric, unit), _labels(labels))
+            key = series_key(histogram_name(metric, unit), _labels(labels, "histogram"))
             h = hists.setdefault(key, {"count": 0.0, "sum": 0.0, "buckets": [0.0] * len(buckets)})
             h["count"] += count * scale
             h["sum"] += total * scale
@@ -348,17 +353,17 @@ def count_events(
         if kind == mid:
             _ts, _pid, mtype, name, labels, value = ev[1:]
             if mtype == "gauge":
-                gauge = gauges.setdefault(series_key(name, _labels(labels)), [0, 0])
+                gauge = gauges.setdefault(series_key(name, _labels(labels, "gauge")), [0, 0])
                 gauge[0] = value  # the batch's last value wins
                 gauge[1] += 1
             elif value < 0:
                 invalid += w
             elif mtype == "counter":
-                pending[name, _labels(labels)] += value * w
+                pending[name, _labels(labels, "counter")] += value * w
             else:
                 if name.endswith("_ns"):
                     name = name[: -len("_ns")] + "_seconds"
-                key = series_key(name, _labels(labels))
+                key = series_key(name, _labels(labels, "histogram"))
                 h = hists.setdefault(key, {"count": 0.0, "sum": 0.0, "buckets": [0.0] * HIST_SLOTS})
                 h["count"] += w
                 h["sum"] += value * w

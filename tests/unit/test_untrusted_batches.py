@@ -282,3 +282,29 @@ def test_a_host_id_label_given_by_kernel_code_does_not_make_the_hosts_snapshots_
     [logs] = result.logs
     assert logs.resource["host.id"] == "h"
     check_keyed(logs, b"h")
+
+
+def test_labels_prometheus_keeps_for_itself_are_dropped_from_kernel_code_metrics():
+    """A ktel_metric label named ``__name__`` (or anything starting with ``__`` once
+    sanitised), or ``le`` on a histogram, would make every snapshot carrying the series
+    one the Prometheus exporters refuse (prom_names.unfit): the host's values would go
+    to the dead-letter topic, every window. Such labels are dropped; ``le`` on a counter
+    is an ordinary label, and stays."""
+    from exporters.prom_names import unfit
+
+    c = chain(refresh_seconds=3600)
+    [aggregate] = c.timed()
+    value: dict = {}
+    events = [
+        [KTEL_METRIC.id, 1, 2, "gauge", "queue_depth", {"__name__": "other", "q": "a"}, 3],
+        [KTEL_METRIC.id, 1, 2, "histogram", "wait_ns", {"le": "0.5", "..x": "y", "q": "b"}, 7],
+        [KTEL_METRIC.id, 1, 2, "counter", "requests_total", {"le": "1"}, 5],
+    ]
+    c.on_batch(value, RawBatch("h", "b", 0, 1, events), NOW)
+    [(_, snap)] = c.on_window(aggregate, {"h": value}, NOW + 10_000, 1.0).snapshots
+    assert sorted((row[0], row[2]) for row in snap.series) == [
+        ("queue_depth", {"host.id": "h", "q": "a"}),
+        ("requests_total", {"host.id": "h", "le": "1"}),
+        ("wait_seconds", {"host.id": "h", "q": "b"}),
+    ]
+    assert unfit(snap.series) is None
