@@ -67,7 +67,7 @@ from edge_agent.identity import boot_id, host_arch
 from edge_agent.redact import Redactor
 from edge_agent.seqstore import SeqStore
 from edge_agent.spool import Record, Spool
-from edge_agent.ticks import SealClock
+from edge_agent.ticks import HoldPolicy, SealClock
 from ktel import runtime, selfmetrics
 from ktel.config import Config, ConfigError
 from ktel.kafka_client import agent_kafka_codec, client_kwargs, explained_by_ktel, start
@@ -422,7 +422,8 @@ class Agent:
         """Take what the probes' drain threads queued as soon as they queued it, and
         seal batches into the spool: a batch not full on the next tick of
         batch_max_ms, when the probes' timed reads of that tick are in
-        (edge_agent/ticks.py), a full one at once. After a pass that sealed a full
+        (edge_agent/ticks.py), unless it is below batch_min_events and younger than
+        batch_hold_ms (``HoldPolicy``); a full one at once. After a pass that sealed a full
         batch, again at once (after the publisher's turn): the probes' queues are
         bounded (probes.QUEUE_MAX_BYTES), so a busy agent keeps taking from them
         rather than letting records wait there. With nothing queued and nothing
@@ -442,6 +443,7 @@ class Agent:
         pending = PackedEvents()
         weights: list[float] = []
         clock = SealClock(acfg.batch_max_ms / 1000)
+        hold = HoldPolicy(acfg.batch_min_events, acfg.batch_hold_ms / 1000)
         while True:
             queued.clear()  # before taking: records queued from now on wake the next wait
             stopping = stop.is_set()
@@ -458,9 +460,14 @@ class Agent:
             while len(pending) >= limit:
                 self.spool_batch(pending.take(limit), weights[:limit])
                 del weights[:limit]
+            hold.taken(len(pending), now)
             if pending and (stopping or clock.due(now)):
-                self.spool_batch(pending.take(len(pending)), weights)
-                weights = []
+                # A tick's seal, made or (a quiet host's few events waiting for more)
+                # passed over: either way the next is due on the next tick.
+                if stopping or hold.ready(len(pending), now):
+                    self.spool_batch(pending.take(len(pending)), weights)
+                    weights = []
+                    hold.taken(0, now)
                 clock.sealed(now)
             self.spool.sync_due()
             if stopping:

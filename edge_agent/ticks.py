@@ -15,6 +15,10 @@ probe per interval, and a batch was sealed ``batch_max_ms`` after the last one,
 which let a read just short of that age wait a whole further interval. The
 monotonic clock counts from each host's boot, so the agents of a fleet do not all
 send on the same instant.
+
+A quiet host can hold its few events over ticks (``HoldPolicy``): a tick's seal is
+passed over while the batch holds fewer than ``agent.batch_min_events`` events and its
+oldest is younger than ``agent.batch_hold_ms``.
 """
 
 from __future__ import annotations
@@ -54,3 +58,30 @@ class SealClock:
         k = now // self.period
         tick = k if k > self._sealed else k + 1
         return max(tick * self.period + self.grace - now, 1e-6)  # (rounding at the grace's edge)
+
+
+class HoldPolicy:
+    """Whether the collect loop seals, on a tick, a batch that is not full: when it holds
+    at least ``min_events`` events (agent.batch_min_events), or its oldest event was
+    taken ``hold_s`` ago or more (agent.batch_hold_ms). A quiet host so sends one record
+    of several events instead of one record per tick of one or two: the processors pay
+    for records more than for events (docs/operating.md, "Sizing the processing
+    workers"). With ``min_events`` 1 every tick seals what it holds."""
+
+    def __init__(self, min_events: int, hold_s: float):
+        self.min_events = min_events
+        self.hold_s = hold_s
+        self._since: float | None = None  # when the oldest event held was taken
+
+    def taken(self, pending: int, now: float) -> None:
+        """The collect loop holds ``pending`` events at ``now`` (0: it sealed them all)."""
+        if not pending:
+            self._since = None
+        elif self._since is None:
+            self._since = now
+
+    def ready(self, pending: int, now: float) -> bool:
+        """True if ``pending`` events (not a full batch) are to be sealed at ``now``."""
+        if pending >= self.min_events:
+            return True
+        return self._since is not None and now - self._since >= self.hold_s

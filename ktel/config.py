@@ -297,6 +297,19 @@ class AgentConfig(BaseModel):
         "batch rather than each sealing one. Equal to read_interval_ms (the default), each "
         "timed read is sealed 10 ms after it (docs/guarantees.md)",
     )
+    batch_min_events: int = Field(
+        1,
+        ge=1,
+        description="a batch of fewer events than this is not sealed on a tick but waits for more, "
+        "up to batch_hold_ms (1: every tick seals what it holds). Quiet hosts then send fewer, "
+        "fuller records, which is what the processors' cost follows (docs/operating.md), at the "
+        "price of that much more delay on their events; busy hosts' batches go on every tick",
+    )
+    batch_hold_ms: int = Field(
+        5000,
+        description="the longest a batch below batch_min_events waits (sealed on the first tick "
+        "after), which is also what a SIGKILL of the agent can lose of a quiet host's events",
+    )
     read_interval_ms: int = Field(
         500,
         description="read the probes' ring buffers on the ticks of this interval, all probes at "
@@ -383,6 +396,22 @@ class AgentConfig(BaseModel):
         return _ms_within(
             v, 60_000, "default 500, the read interval; longer saves batches, shorter delivers sooner"
         )
+
+    @field_validator("batch_hold_ms")
+    @classmethod
+    def _batch_hold(cls, v: int) -> int:
+        return _ms_within(
+            v, 60_000, "default 5000; how long a quiet host's events may wait for agent.batch_min_events"
+        )
+
+    @model_validator(mode="after")
+    def _batch_min(self) -> AgentConfig:
+        if self.batch_min_events > self.batch_max_events:
+            raise ValueError(
+                f"agent.batch_min_events ({self.batch_min_events}) is above agent.batch_max_events "
+                f"({self.batch_max_events}), where a batch is sealed full: lower it"
+            )
+        return self
 
     @field_validator("host_id")
     @classmethod

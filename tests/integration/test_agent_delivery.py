@@ -23,9 +23,12 @@ from ktel.wire import (
     RAW_TOPIC,
     ControlCommand,
     RawBatch,
+    WireError,
+    decode_batch,
     decode_heartbeat,
     encode_batch,
     encode_command,
+    event_dict,
 )
 from ktel.wire.codec import ZSTD_MAGIC
 from tests.conftest import need_bpf
@@ -95,6 +98,45 @@ def test_broker_down_30s_loses_nothing(private_kafka, tmp_path):
     assert raw_codecs(private_kafka) == {DefaultRecordBatch.CODEC_NONE}
     values = [r.value for r in asyncio.run(read_topic(private_kafka.bootstrap, RAW_TOPIC))]
     assert values and all(v[:4] == ZSTD_MAGIC for v in values)
+
+
+def test_a_quiet_hosts_events_wait_for_more_in_one_batch(kafka, tmp_path):
+    """agent.batch_min_events above what the host sends: its events are not sealed on
+    every 500 ms tick but held up to agent.batch_hold_ms (4 s). 30 file creations over
+    6 s go out in at most 3 batches (at the default, about 12: one a tick), every one
+    delivered once. (Other events of the host join the held batches; they can start a
+    hold earlier, never make one longer.)"""
+    need_bpf()
+    make_topics(kafka.bootstrap)
+    host = f"quiet-{uuid.uuid4().hex[:8]}"
+    agent = AgentProcess(
+        tmp_path, kafka.bootstrap, host_id=host, batch_min_events="5000", batch_hold_ms="4000"
+    ).start()
+    target = tmp_path / "quiet"
+    create_files(target, 30, rate_per_s=5)
+    prefix = f"{target}/"
+
+    def ours() -> dict[int, int]:
+        """Our files' events per batch (sequence number) of this host on ktel.raw."""
+        per_batch: dict[int, int] = {}
+        for rec in asyncio.run(read_topic(kafka.bootstrap, RAW_TOPIC, idle_s=1.0)):
+            try:
+                batch = decode_batch(rec.value)
+            except WireError:
+                continue  # (another test's garbage record on the shared broker)
+            if batch.host_id == host:
+                n = sum(1 for ev in batch.events if event_dict(ev).get("path", "").startswith(prefix))
+                if n:
+                    per_batch[batch.seq] = per_batch.get(batch.seq, 0) + n
+        return per_batch
+
+    deadline = time.monotonic() + 60
+    while sum((per_batch := ours()).values()) < 30:
+        assert time.monotonic() < deadline, agent.log()
+        time.sleep(1)
+    assert agent.stop() == 0
+    assert sum(per_batch.values()) == 30  # each once
+    assert len(per_batch) <= 3, per_batch
 
 
 def test_damaged_spool_is_recovered_and_the_damage_counted(kafka, tmp_path):

@@ -1,7 +1,8 @@
 """The agent's collect loop seals on its clock (edge_agent/ticks.py, SealClock): a
 batch that is not full is sealed only when the clock says a seal is due (once a
-tick of agent.batch_max_ms, after the grace), every event once and in order, and
-the rest when it stops. A probe stand-in queues the events (the real probes' drain
+tick of agent.batch_max_ms, after the grace), and, below agent.batch_min_events, only
+once its oldest event has waited agent.batch_hold_ms (HoldPolicy); every event once
+and in order, and the rest when it stops. A probe stand-in queues the events (the real probes' drain
 threads are in tests/integration); the assertions are about which seals the clock
 allowed, never about how long anything took."""
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 from edge_agent import agent as agent_mod
 from edge_agent.ticks import SealClock
@@ -65,9 +67,11 @@ class RecordedClock(SealClock):
         super().sealed(now)
 
 
-async def test_a_batch_is_sealed_only_when_the_clock_says_so(tmp_path, monkeypatch):
+def collecting(tmp_path, monkeypatch, **settings):
+    """An agent with a probe stand-in, its clock recorded, and the batches it seals."""
+    RecordedClock.instances.clear()
     monkeypatch.setattr(agent_mod, "SealClock", RecordedClock)
-    agent = make_agent(tmp_path, batch_max_ms=100, batch_max_events=1000)
+    agent = make_agent(tmp_path, **settings)
     batches: list[list[int]] = []
     monkeypatch.setattr(
         agent,
@@ -76,15 +80,20 @@ async def test_a_batch_is_sealed_only_when_the_clock_says_so(tmp_path, monkeypat
     )
     probe = QueuedProbe()
     agent.loaded = {"file_created": probe}  # type: ignore[dict-item]
+    return agent, probe, batches
+
+
+async def test_a_batch_is_sealed_only_when_the_clock_says_so(tmp_path, monkeypatch):
+    agent, probe, batches = collecting(tmp_path, monkeypatch, batch_max_ms=100, batch_max_events=1000)
     stop = asyncio.Event()
     with contextlib.closing(agent.spool):
-        collecting = asyncio.ensure_future(agent.collect(stop))
+        collecting_ = asyncio.ensure_future(agent.collect(stop))
         await asyncio.sleep(0)  # (collect hooks on_queued)
         for n in range(12):
             probe.queue(n)
             await asyncio.sleep(0.03)
         stop.set()
-        await collecting
+        await collecting_
 
     [clock] = RecordedClock.instances
     # Every event once, in order, and each batch a seal (none was full).
@@ -98,3 +107,52 @@ async def test_a_batch_is_sealed_only_when_the_clock_says_so(tmp_path, monkeypat
     ticks = [now // clock.period for now in timed]
     assert ticks == sorted(set(ticks))
     assert all(now % clock.period >= clock.grace for now in timed)
+
+
+async def test_a_quiet_hosts_events_wait_for_batch_min_events_or_the_hold(tmp_path, monkeypatch):
+    """batch_min_events 5: on the ticks, batches of fewer wait (none is sealed before it
+    has 5, while the hold is long); then, with 2 events and a hold of 0.3 s, the 2 go
+    once the oldest waited the hold, on a tick, before any stop."""
+    agent, probe, batches = collecting(
+        tmp_path,
+        monkeypatch,
+        batch_max_ms=50,
+        batch_max_events=1000,
+        batch_min_events=5,
+        batch_hold_ms=60_000,
+    )
+    stop = asyncio.Event()
+    with contextlib.closing(agent.spool):
+        running = asyncio.ensure_future(agent.collect(stop))
+        await asyncio.sleep(0)
+        for n in range(12):
+            probe.queue(n)
+            await asyncio.sleep(0.03)  # several ticks of 50 ms between some of them
+        stop.set()
+        await running
+    [clock] = RecordedClock.instances
+    assert [n for b in batches for n in b] == list(range(12))
+    assert batches[:-1] and all(len(b) >= 5 for b in batches[:-1])  # the last: sealed on stopping
+    assert len(clock.seals) > len(batches)  # ticks passed over while fewer than 5 waited
+
+    agent, probe, batches = collecting(
+        tmp_path / "held", monkeypatch, batch_max_ms=50, batch_min_events=5, batch_hold_ms=300
+    )
+    stop = asyncio.Event()
+    with contextlib.closing(agent.spool):
+        running = asyncio.ensure_future(agent.collect(stop))
+        await asyncio.sleep(0)
+        first = time.monotonic()
+        probe.queue(0)
+        probe.queue(1)
+        for _ in range(500):  # (up to 5 s on a loaded machine)
+            if batches:
+                break
+            await asyncio.sleep(0.01)
+        [clock] = RecordedClock.instances
+        sealed = list(clock.seals)
+        stop.set()
+        await running
+    assert batches == [[0, 1]]
+    [made] = [t for t in sealed if t >= first + 0.3]  # the one seal made, not a stop's
+    assert all(t < first + 0.3 for t in sealed if t != made)  # the ticks before it passed over

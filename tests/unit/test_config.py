@@ -39,6 +39,14 @@ def test_env_overrides_file(tmp_path, monkeypatch):
         ),
         ("[agent]\nbatch_max_ms = 'abc'\n", "KTEL_AGENT__BATCH_MAX_MS"),
         ("[agent]\nbatch_max_ms = 0\n", "from 1 to 60000"),
+        (
+            "[agent]\nbatch_hold_ms = 0\n",
+            "agent.batch_hold_ms = 0: Value error, 0 ms is out of range: from 1 to 60000",
+        ),
+        (
+            "[agent]\nbatch_min_events = 6000\n",
+            "agent.batch_min_events (6000) is above agent.batch_max_events (5000), where a batch is sealed",
+        ),
         ("[agent]\nbatch_max_bytes = 16777216\n", "batch_max_bytes = 16777216: Input should be less than"),
         ("[kafka]\nbootstrap = 'nohost'\n", "kafka.bootstrap = 'nohost'"),
         ("[aggregate]\nwindow_seconds = 0\n", "KTEL_AGGREGATE__WINDOW_SECONDS"),

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edge_agent.ticks import SEAL_GRACE_S, SealClock, until_tick
+from edge_agent.ticks import SEAL_GRACE_S, HoldPolicy, SealClock, until_tick
 
 
 def test_reads_fall_on_the_intervals_multiples():
@@ -62,3 +62,22 @@ def test_at_most_one_seal_per_tick_and_never_a_wait_past_the_next(period, offset
             seals.append(now)
     ticks = [s // period for s in seals]
     assert len(ticks) == len(set(ticks))
+
+
+def test_a_quiet_hosts_few_events_wait_for_more_up_to_the_hold():
+    hold = HoldPolicy(min_events=10, hold_s=5.0)
+    assert not hold.ready(0, 100.0)
+    hold.taken(3, 100.0)  # the first events held since 100
+    assert not hold.ready(3, 104.9)
+    hold.taken(4, 104.0)  # more events do not make the oldest younger
+    assert hold.ready(4, 105.0)  # the oldest waited the hold
+    assert hold.ready(10, 100.1)  # enough events: at once
+    hold.taken(0, 105.0)  # all sealed: the next hold starts with the next event
+    hold.taken(1, 107.0)
+    assert not hold.ready(1, 111.9) and hold.ready(1, 112.0)
+
+
+def test_one_event_a_batch_is_every_ticks_seal():
+    hold = HoldPolicy(min_events=1, hold_s=5.0)
+    hold.taken(1, 100.0)
+    assert hold.ready(1, 100.0)
