@@ -25,29 +25,25 @@ def label_name(name: str) -> str:
 def reserved(label: str, typ: str) -> bool:
     """Whether Prometheus keeps a label of this name (sanitised) for itself on a series
     of type ``typ``: a name starting with ``__`` (reserved for Prometheus' internal use;
-    ``__name__`` is the metric's name) or ``le`` on a histogram (its buckets' bounds).
-    ``__name__`` and ``le`` are replaced by what the exporters put there, so two series
-    differing only in one would be one series given two values at one instant:
-    Prometheus (2.42) keeps one of them and answers 204 to remote-write, so the other
-    would be lost and counted delivered."""
+    ``__name__`` is the metric's name) or ``le`` on a histogram (its buckets' bounds,
+    which would also be on its ``_sum`` and ``_count``). prometheus_client's OpenMetrics
+    parser refuses a whole scrape for one (``__x``, ``le`` on a histogram), and two
+    series differing only in ``__name__``, which the exporters replace with the
+    series' name, would be one."""
     name = label_name(label)
     return name.startswith("__") or (name == "le" and typ == "histogram")
 
 
-def unfit(snap_series: Iterable[Sequence[Any]]) -> str | None:
+def unnamed(snap_series: Iterable[Sequence[Any]]) -> str | None:
     """Why Prometheus cannot take one of these wire series (None: it can): an empty
-    metric name or an empty label name, neither a name once sanitised (Prometheus'
-    remote-write receiver leaves such a series out and still answers 2xx, so the
-    exporter would count it delivered), or a label Prometheus keeps for itself
-    (``reserved``). The aggregate writes none of these (processors/aggregate_core.py)."""
-    for name, typ, labels, _value in snap_series:
+    metric name or an empty label name. Neither is a name once sanitised, and
+    Prometheus' remote-write receiver leaves such a series out and still answers 2xx,
+    so the exporter would count it delivered."""
+    for name, _typ, labels, _value in snap_series:
         if not name:
             return "series '': no Prometheus name (an empty name)"
         if "" in labels:
             return f"series {name!r:.100}: a label with an empty name"
-        for label in labels:
-            if reserved(label, typ):
-                return f"series {name!r:.100}: a label Prometheus reserves ({label!r:.100})"
     return None
 
 

@@ -42,7 +42,7 @@ from prometheus_client.registry import Collector
 from exporters import consume
 from exporters.consume import Record
 from exporters.delivery import Window
-from exporters.prom_names import label_name, prom_labels, unfit
+from exporters.prom_names import label_name, prom_labels, reserved, unnamed
 from exporters.remote_write import histogram_series
 from ktel import selfmetrics
 from ktel.config import PROMETHEUS_STALENESS_SECONDS, Config
@@ -105,7 +105,8 @@ class LatestValues(Collector):
 
     def split(self, snap: MetricSnapshot) -> tuple[list[Any], list[tuple[Any, str]]]:
         """The series of ``snap`` the endpoint can serve, and those it cannot, each with
-        why: one with no Prometheus name or an empty label name, of a family served as
+        why: one with no Prometheus name or an empty label name, a label Prometheus
+        reserves (``reserved``; the aggregate writes none), of a family served as
         another type, or whose samples' names another family's may have (a gauge
         ``x_count`` beside a histogram ``x``). One such series in a scrape's text would
         fail the whole scrape. Refused one by one, not with their snapshot: a writer of
@@ -124,10 +125,13 @@ class LatestValues(Collector):
         return served, refused
 
     def _problem(self, row: Any, types: dict[str, str], claimed: dict[str, str]) -> str | None:
-        name, typ, _labels, _value = row
-        why = unfit([row])
+        name, typ, labels, _value = row
+        why = unnamed([row])
         if why:
             return why
+        for label in labels:
+            if reserved(label, typ):
+                return f"series {name!r:.100}: a label Prometheus reserves ({label!r:.100})"
         fam = family_name(name, typ)
         if not fam:
             return f"series {name!r:.100}: no Prometheus name (empty once sanitised)"

@@ -58,7 +58,7 @@ from exporters import consume
 from exporters.consume import Record
 from exporters.delivery import Window, http_answer, send_split
 from exporters.log2 import ZERO_THRESHOLD, Exponential, exponential
-from exporters.prom_names import prom_labels, unfit
+from exporters.prom_names import prom_labels, unnamed
 from exporters.remote_write_client import Receiver
 from ktel import selfmetrics
 from ktel.config import Config, check_readable
@@ -343,7 +343,7 @@ async def deliver(
     now = time.time_ns()
     snaps: list[Record] = []
     for rec in records:
-        problem = window.problem(rec.item.ts_ms * 1_000_000, now) or unfit(rec.item.series)
+        problem = window.problem(rec.item.ts_ms * 1_000_000, now) or unnamed(rec.item.series)
         if problem is None:
             snaps.append(rec)
         else:

@@ -41,9 +41,10 @@ Kernel code's own metrics (``ktel_metric`` events of the ktel_api probe) become
 series too: counters add their increments, gauges keep the last value, histogram
 observations fill log2 buckets like the kernel's histograms (a name ending in ``_ns``
 is exported as ``_seconds``). A ``host.id`` label they give is dropped: every series
-is labelled with its batch's host. So is a label Prometheus keeps for itself (a name
-starting with ``__``, ``le`` on a histogram: exporters/prom_names.py ``reserved``),
-which would make every snapshot carrying the series one the Prometheus exporters refuse.
+is labelled with its batch's host (and so is one that is ``host_id`` once sanitised).
+So is a label Prometheus keeps for itself (a name starting with ``__``, ``le`` on a
+histogram: exporters/prom_names.py ``reserved``), which the pull endpoint cannot serve
+(``_kept``, also for series a state from before holds).
 
 A gauge is stored as ``{"gauge": value, "at": [stream, seq]}``: the batch that set it,
 its stream (boot and incarnation, processors/dedupe_core.py) as a CRC-32 and its
@@ -74,7 +75,7 @@ from opentelemetry.semconv._incubating.attributes.process_attributes import (
     PROCESS_PID,
 )
 
-from exporters.prom_names import reserved
+from exporters.prom_names import label_name, reserved
 from ktel.probes import KINDS
 from ktel.schema import U64
 from ktel.wire import (
@@ -293,13 +294,22 @@ def log2_slot(value: int) -> int:
     return min(max(int(value).bit_length() - 1, 0), HIST_SLOTS - 1)
 
 
+HOST_LABEL = label_name(HOST_ID)  # host_id, as Prometheus has it
+
+
 def _labels(labels: dict[str, Any], typ: str) -> tuple[tuple[str, str], ...]:
-    # host.id is the host whose batch it is, which ktel sets on every series (row_of):
-    # one kernel code gives would make the series another host's, and its host's
-    # snapshot records a forgery every exporter refuses (ktel/wire/signals.py check_keyed).
-    # A label Prometheus keeps for itself (``__name__``, ``le`` on a histogram) would make
-    # the Prometheus exporters refuse the snapshot (exporters/prom_names.py ``unfit``).
-    return tuple(sorted((k, str(v)) for k, v in labels.items() if k != HOST_ID and not reserved(k, typ)))
+    return tuple(sorted((k, str(v)) for k, v in labels.items() if _kept(k, typ)))
+
+
+def _kept(label: str, typ: str) -> bool:
+    """Whether a series of type ``typ`` keeps a label of this name that kernel code (or a
+    probe) gave. host.id is the host whose batch it is, which ktel sets on every series
+    (row_of): one given (or one that is ``host_id`` once sanitised, as ``host-id``) would
+    make the series another host's, and its host's snapshot records a forgery every
+    exporter refuses (ktel/wire/signals.py check_keyed), or would be one Prometheus series
+    with the host's own. A label Prometheus keeps for itself (exporters/prom_names.py
+    ``reserved``) is one the pull endpoint cannot serve."""
+    return label_name(label) != HOST_LABEL and not reserved(label, typ)
 
 
 def count_events(
@@ -517,11 +527,13 @@ def keyed_rows(host_id: str, state: dict[str, Any]) -> Iterator[tuple[str, list]
 def row_of(host_id: str, key: str, value: Any) -> list:
     """The snapshot entry [name, type, labels, value] of the host's series ``key``."""
     name, pairs = parsed_key(key)
-    labels = dict(pairs)
-    labels[HOST_ID] = host_id  # (last: a series kept before _labels dropped a given host.id)
-    if isinstance(value, dict) and "gauge" in value:
+    typ = ("gauge" if "gauge" in value else "histogram") if isinstance(value, dict) else "counter"
+    # (_kept again: a series kept before _labels dropped such a label)
+    labels = {k: v for k, v in pairs if _kept(k, typ)}
+    labels[HOST_ID] = host_id
+    if typ == "gauge":
         return [name, "gauge", labels, value["gauge"]]
-    if isinstance(value, dict):
+    if typ == "histogram":
         scale = 1e-9 if name.endswith("_seconds") else 1.0  # counted in ns (see count_events)
         counts = _counts(value["buckets"])
         hist = {

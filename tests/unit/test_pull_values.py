@@ -38,6 +38,7 @@ def scrape(latest: LatestValues) -> dict[str, dict[tuple, float]]:
         (["_total", "counter", {}, 1.0], "no Prometheus name"),
         (["ok", "gauge", {"": "v"}, 1.0], "a label with an empty name"),
         (["ok", "gauge", {"__name__": "v"}, 1.0], "a label Prometheus reserves"),
+        (["ok", "gauge", {"..x": "v"}, 1.0], "a label Prometheus reserves"),
         (["ok", "histogram", {"le": "1"}, HIST], "a label Prometheus reserves"),
         (["up", "gauge", {}, 1.0], "a gauge, but up is served as a counter"),
         (["up_total", "gauge", {}, 1.0], "its samples' names clash with those of up"),

@@ -3,7 +3,7 @@ from opentelemetry.exporter.prometheus_remote_write.gen.remote_pb2 import WriteR
 from prometheus_client import CollectorRegistry, generate_latest
 
 from exporters import remote_write
-from exporters.prom_names import label_name, prom_labels, unfit
+from exporters.prom_names import label_name, prom_labels, reserved
 from ktel.wire import MetricSnapshot
 
 
@@ -24,17 +24,11 @@ def test_labels_sorted_sanitised_without_empty_values():
     assert label_name("otel.metric.overflow") == "otel_metric_overflow"
 
 
-def test_series_with_labels_prometheus_reserves_are_unfit():
+def test_labels_prometheus_reserves():
     """``__``-prefixed labels (sanitised: ``..x`` is ``__x``) and ``le`` on a histogram
-    are Prometheus' own; ``le`` on a gauge is not."""
-    h = {"bounds": [1.0], "counts": [0, 0], "sum": 0.0, "count": 0}
-    assert unfit([["g", "gauge", {"le": "1", "a": "b"}, 1]]) is None
-    assert (
-        unfit([["g", "gauge", {"__name__": "x"}, 1]])
-        == "series 'g': a label Prometheus reserves ('__name__')"
-    )
-    assert unfit([["g", "gauge", {"..x": "y"}, 1]]) == "series 'g': a label Prometheus reserves ('..x')"
-    assert unfit([["h", "histogram", {"le": "1"}, h]]) == "series 'h': a label Prometheus reserves ('le')"
+    are Prometheus' own; ``le`` on a gauge or counter is not."""
+    assert reserved("__name__", "gauge") and reserved("..x", "counter") and reserved("le", "histogram")
+    assert not reserved("le", "gauge") and not reserved("le", "counter") and not reserved("_x", "gauge")
 
 
 def test_samples_of_a_series_are_in_timestamp_order_and_values_exact():

@@ -286,11 +286,12 @@ def test_a_host_id_label_given_by_kernel_code_does_not_make_the_hosts_snapshots_
 
 def test_labels_prometheus_keeps_for_itself_are_dropped_from_kernel_code_metrics():
     """A ktel_metric label named ``__name__`` (or anything starting with ``__`` once
-    sanitised), or ``le`` on a histogram, would make every snapshot carrying the series
-    one the Prometheus exporters refuse (prom_names.unfit): the host's values would go
-    to the dead-letter topic, every window. Such labels are dropped; ``le`` on a counter
-    is an ordinary label, and stays."""
-    from exporters.prom_names import unfit
+    sanitised), or ``le`` on a histogram, is one the pull endpoint cannot serve, and one
+    named ``host_id`` once sanitised (``host-id``) would make the series one Prometheus
+    series with the host's own label. Such labels are dropped, also from series the
+    host's state kept from before; ``le`` on a counter is an ordinary label, and stays."""
+    from exporters.pull import LatestValues
+    from ktel.wire import MetricSnapshot
 
     c = chain(refresh_seconds=3600)
     [aggregate] = c.timed()
@@ -298,13 +299,17 @@ def test_labels_prometheus_keeps_for_itself_are_dropped_from_kernel_code_metrics
     events = [
         [KTEL_METRIC.id, 1, 2, "gauge", "queue_depth", {"__name__": "other", "q": "a"}, 3],
         [KTEL_METRIC.id, 1, 2, "histogram", "wait_ns", {"le": "0.5", "..x": "y", "q": "b"}, 7],
-        [KTEL_METRIC.id, 1, 2, "counter", "requests_total", {"le": "1"}, 5],
+        [KTEL_METRIC.id, 1, 2, "counter", "requests_total", {"le": "1", "host-id": "other"}, 5],
     ]
     c.on_batch(value, RawBatch("h", "b", 0, 1, events), NOW)
+    # A series a state from before holds with such a label (its key as _labels made it then).
+    value["aggregate"]["series"][aggregate_core.series_key("old_total", (("__x", "1"), ("q", "c")))] = 2
     [(_, snap)] = c.on_window(aggregate, {"h": value}, NOW + 10_000, 1.0).snapshots
     assert sorted((row[0], row[2]) for row in snap.series) == [
+        ("old_total", {"host.id": "h", "q": "c"}),
         ("queue_depth", {"host.id": "h", "q": "a"}),
         ("requests_total", {"host.id": "h", "le": "1"}),
         ("wait_seconds", {"host.id": "h", "q": "b"}),
     ]
-    assert unfit(snap.series) is None
+    snap = MetricSnapshot(snap.ts_ms, snap.series)
+    assert LatestValues().split(snap) == (snap.series, [])  # the pull endpoint serves them all
