@@ -460,6 +460,8 @@ class Agent:
             while len(pending) >= limit:
                 self.spool_batch(pending.take(limit), weights[:limit])
                 del weights[:limit]
+            if busy:
+                hold.taken(0, now)  # what is left came with this pass's take: held from now
             hold.taken(len(pending), now)
             if pending and (stopping or clock.due(now)):
                 # A tick's seal, made or (a quiet host's few events waiting for more)

@@ -307,8 +307,9 @@ class AgentConfig(BaseModel):
     )
     batch_hold_ms: int = Field(
         5000,
-        description="the longest a batch below batch_min_events waits (sealed on the first tick "
-        "after), which is also what a SIGKILL of the agent can lose of a quiet host's events",
+        description="the longest a batch below batch_min_events waits from when its first event "
+        "was taken (sealed on the first tick after): a quiet host's events are that much, a read "
+        "interval and a tick later, and a SIGKILL of the agent can lose as much of them",
     )
     read_interval_ms: int = Field(
         500,

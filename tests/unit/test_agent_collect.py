@@ -109,10 +109,9 @@ async def test_a_batch_is_sealed_only_when_the_clock_says_so(tmp_path, monkeypat
     assert all(now % clock.period >= clock.grace for now in timed)
 
 
-async def test_a_quiet_hosts_events_wait_for_batch_min_events_or_the_hold(tmp_path, monkeypatch):
-    """batch_min_events 5: on the ticks, batches of fewer wait (none is sealed before it
-    has 5, while the hold is long); then, with 2 events and a hold of 0.3 s, the 2 go
-    once the oldest waited the hold, on a tick, before any stop."""
+async def test_a_quiet_hosts_events_wait_for_batch_min_events(tmp_path, monkeypatch):
+    """batch_min_events 5, a long hold: on the ticks, batches of fewer wait; none is
+    sealed before it has 5 but the one made on stopping."""
     agent, probe, batches = collecting(
         tmp_path,
         monkeypatch,
@@ -135,24 +134,54 @@ async def test_a_quiet_hosts_events_wait_for_batch_min_events_or_the_hold(tmp_pa
     assert batches[:-1] and all(len(b) >= 5 for b in batches[:-1])  # the last: sealed on stopping
     assert len(clock.seals) > len(batches)  # ticks passed over while fewer than 5 waited
 
-    agent, probe, batches = collecting(
-        tmp_path / "held", monkeypatch, batch_max_ms=50, batch_min_events=5, batch_hold_ms=300
+
+async def test_each_batch_below_batch_min_events_waits_the_hold_from_its_own_first_event(
+    tmp_path, monkeypatch
+):
+    """batch_min_events 3, batch_max_events 4, a hold of 0.3 s. One event, held; more
+    events 0.1 s later make a full batch of 4, sealed at once, and leave one, which waits
+    the hold from its own take, not from the first event's; then one more after that
+    seal waits the hold again. A batch's hold counts from when the loop took its first
+    event, which is after the test queued it: so each batch that was not full, and not
+    sealed on stopping, went at least 0.3 s after its first event was queued. Weights
+    stay one per event."""
+    agent, probe, _ = collecting(
+        tmp_path, monkeypatch, batch_max_ms=50, batch_max_events=4, batch_min_events=3, batch_hold_ms=300
     )
+    queued: dict[int, float] = {}
+    sealed: list[tuple[list[int], float]] = []
+
+    def spool_batch(events, weights):
+        assert len(weights) == len(events)
+        sealed.append(([int.from_bytes(e, "little") for e in events], time.monotonic()))
+
+    monkeypatch.setattr(agent, "spool_batch", spool_batch)
+
+    def queue(*ns: int) -> None:
+        for n in ns:
+            queued[n] = time.monotonic()
+            probe.queue(n)
+
+    async def until(count: int) -> None:
+        for _ in range(500):  # (up to 5 s on a loaded machine)
+            if len(sealed) >= count:
+                return
+            await asyncio.sleep(0.01)
+
     stop = asyncio.Event()
     with contextlib.closing(agent.spool):
         running = asyncio.ensure_future(agent.collect(stop))
         await asyncio.sleep(0)
-        first = time.monotonic()
-        probe.queue(0)
-        probe.queue(1)
-        for _ in range(500):  # (up to 5 s on a loaded machine)
-            if batches:
-                break
-            await asyncio.sleep(0.01)
-        [clock] = RecordedClock.instances
-        sealed = list(clock.seals)
+        queue(0)
+        await asyncio.sleep(0.1)
+        queue(1, 2, 3, 4)
+        await until(2)
+        queue(5)
+        await until(3)
+        before_stop = len(sealed)
         stop.set()
         await running
-    assert batches == [[0, 1]]
-    [made] = [t for t in sealed if t >= first + 0.3]  # the one seal made, not a stop's
-    assert all(t < first + 0.3 for t in sealed if t != made)  # the ticks before it passed over
+    assert [b for b, _ in sealed] == [[0, 1, 2, 3], [4], [5]]
+    assert before_stop == 3  # none of them waited for the stop
+    for events, at in sealed[1:]:
+        assert at - queued[events[0]] >= 0.3, (events, at - queued[events[0]])
