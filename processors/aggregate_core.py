@@ -301,6 +301,8 @@ def _labels(labels: dict[str, Any], typ: str) -> tuple[tuple[str, str], ...]:
     return tuple(sorted((k, str(v)) for k, v in labels.items() if _kept(k, typ)))
 
 
+# Label names repeat in every event and every window's rows: decided once per name and type.
+@functools.lru_cache(maxsize=4096)
 def _kept(label: str, typ: str) -> bool:
     """Whether a series of type ``typ`` keeps a label of this name that kernel code (or a
     probe) gave. host.id is the host whose batch it is, which ktel sets on every series
