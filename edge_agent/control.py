@@ -1,7 +1,7 @@
 """Remote fidelity control: commands from ``ktel.control`` that set a probe's
 sampling (1 in N) for a while, applied to the probe's BPF knob map without
 reloading anything, and acknowledged in the next heartbeat. When a command's
-time is up, the configured rate comes back.
+time is up, or a restore for its probe arrives, the configured rate comes back.
 
 Bounds (docs/design.md, principle 11). Anyone who can write ``ktel.control``
 changes hosts, so a command for this host (its target is this host id or "*";
@@ -17,6 +17,8 @@ heartbeat's counters) and named with the reason in the next heartbeat's
 ``undecodable``; it has no id to acknowledge. At most ``MAX_PENDING_ACKS``
 acknowledgements of each sort wait for a heartbeat (the oldest go first,
 counted), so heartbeats stay far under Kafka's record limit whatever arrives.
+A restore is judged by the same bounds (it carries a rate and a duration for
+agents that predate restores).
 
 Durations, not deadlines. A command holds for ``ttl_ms`` from when this agent
 applies it, by this agent's clock, so a sender whose clock is ahead or behind
@@ -26,13 +28,14 @@ from the sender's clock, so the difference is a duration too.
 
 Restarts. Every command this agent applied is kept in ``<state_dir>/control.json``
 with its deadline by this agent's clock (a command taken over by a later one for its
-probe ends then), for as long as its record can be read back at a start; a
-restarted agent re-applies those still in force at once (Kafka may be away) and
-keeps their deadlines, so a restart neither ends nor extends a command, nor brings
-back one that is over. It then reads the whole (single-partition) topic, without a
-consumer group, from ``agent.control_max_ttl_seconds`` back in time by record
-timestamps (no command holds longer): a command it had applied stands as it was
-applied, whatever a record of its id says; one it had not (sent while it was
+probe, or ended by a restore, ends then; a restore is over when applied), for as long
+as its record can be read back at a start; a restarted agent re-applies those still
+in force at once (Kafka may be away) and keeps their deadlines, so a restart neither
+ends nor extends a command, nor brings back one that is over. It then reads the whole
+(single-partition) topic, without a consumer group, from
+``agent.control_max_ttl_seconds`` back in time by record timestamps (no command
+holds longer): a command it had applied stands as it was applied, whatever a
+record of its id says; one it had not (sent while it was
 down, or its state was lost) holds until the earlier of a full TTL from now and
 its record's timestamp plus the TTL, so it can end early if the sender's clock is
 behind, but never holds past a full TTL.
@@ -200,9 +203,11 @@ class Control:
             self._refuse(cmd.id, *refused)
             return False
         known = self.applied.get(cmd.id)
+        if known is None and cmd.restore:
+            return self._restore(cmd, sent_ms, now)
         if known is not None:
             # Applied before (a restart, the record sent again): as it was applied, neither
-            # ended nor extended, whatever this record says.
+            # ended nor extended, whatever this record says (a restore: over when applied).
             in_force = known
         elif replayed:
             in_force = InForce(cmd.id, cmd.probe, cmd.sample_every, min(now + ttl_ms, sent_ms + ttl_ms), 0)
@@ -215,20 +220,11 @@ class Control:
             # clock: the look-back goes by record times).
             keep = max(in_force.deadline_ms, sent_ms + self.bounds.max_ttl_ms)
             in_force = dataclasses.replace(in_force, keep_ms=keep)
-        before = self.overrides.get(in_force.probe)
-        if before is not None and before.id != in_force.id:
-            # Taken over: it ends now, also for a restart, which would otherwise bring it
-            # back once the later command is over.
-            self.applied[before.id] = dataclasses.replace(before, deadline_ms=now)
-            self._unsaved = True
+        self._end(in_force.probe, now, unless=in_force.id)
         self.overrides[in_force.probe] = in_force
         self.apply(in_force.probe, in_force.sample_every)
         if known is None:
-            self.applied[cmd.id] = in_force
-            self._unsaved = True  # (saved once for a fetch's commands: save)
-            APPLIED.inc()
-            self.counts["commands_applied"] += 1
-            self._queue(self._acks, cmd.id)
+            self._applied(in_force)
         log.info(
             "command %s: %s sampled 1 in %d for %d ms more",
             in_force.id,
@@ -237,6 +233,38 @@ class Control:
             in_force.deadline_ms - now,
         )
         return True
+
+    def _restore(self, cmd: ControlCommand, sent_ms: int, now: int) -> bool:
+        """A restore not applied before: the probe's command in force ends now and the
+        configured rate comes back. One read back at a start ends what the records before
+        it in the topic brought back, as it did when it was sent."""
+        self._end(cmd.probe, now)
+        rate = self.sample_every(cmd.probe)
+        self.apply(cmd.probe, rate)
+        # Remembered as a command over as soon as applied, so that its record read back
+        # at a start ends nothing applied after it.
+        self._applied(InForce(cmd.id, cmd.probe, rate, now, max(now, sent_ms + self.bounds.max_ttl_ms)))
+        log.info("command %s: %s back to 1 in %d", cmd.id, cmd.probe, rate)
+        return True
+
+    def _end(self, probe: str, now: int, unless: str | None = None) -> None:
+        """End the probe's command in force (unless it is ``unless``): taken over by a
+        later command or a restore, it ends now, also for a restart, which would
+        otherwise bring it back."""
+        before = self.overrides.get(probe)
+        if before is None or before.id == unless:
+            return
+        del self.overrides[probe]
+        self.applied[before.id] = dataclasses.replace(before, deadline_ms=now)
+        self._unsaved = True
+
+    def _applied(self, cmd: InForce) -> None:
+        """A command applied for the first time: remembered, counted and acknowledged."""
+        self.applied[cmd.id] = cmd
+        self._unsaved = True  # (saved once for a fetch's commands: save)
+        APPLIED.inc()
+        self.counts["commands_applied"] += 1
+        self._queue(self._acks, cmd.id)
 
     def refuse_undecodable(self, offset: int, err: WireError) -> None:
         REFUSED.labels("undecodable").inc()

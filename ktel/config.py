@@ -595,8 +595,13 @@ class SampleConfig(BaseModel):
     # Agents refuse a command over their agent.control_max_sample_every and
     # agent.control_max_ttl_seconds (1000000 and 3600 by default).
     raised_sample_every: int = Field(1, ge=1, le=U32, description="probe sampling (1 in N) during an anomaly")
+    # When the anomaly passes the raise ends and each agent's agent.sample_every comes
+    # back; agents that predate that apply this rate for command_ttl_seconds instead.
     normal_sample_every: int = Field(
-        1, ge=1, le=U32, description="probe sampling restored when the anomaly passes"
+        1,
+        ge=1,
+        le=U32,
+        description="probe sampling (1 in N) after an anomaly, for agents that predate restores",
     )
     command_ttl_seconds: float = Field(
         300, gt=0, description="how long a fidelity command holds, from when each agent applies it"

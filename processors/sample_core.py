@@ -29,9 +29,11 @@ A window whose rate exceeds ``spike_factor`` times the EWMA (and ``min_rate``)
 marks the host anomalous and yields a command raising its probes to
 ``raised_sample_every`` for ``command_ttl_seconds`` (from when the agent applies
 it); the EWMA does not learn from anomalous windows. The first window back
-under the threshold yields a command restoring ``normal_sample_every``. A spike
-that lasts as long as the raise holds is the host's rate now: it becomes the
-baseline, with a restore.
+under the threshold yields a restore, which ends the raise: each agent's
+configured rate (``agent.sample_every``) comes back. An agent that predates
+restores applies the restore's ``normal_sample_every`` for ``command_ttl_seconds``
+instead (ktel/wire/control.py). A spike that lasts as long as the raise holds is
+the host's rate now: it becomes the baseline, with a restore.
 """
 
 from __future__ import annotations
@@ -261,10 +263,17 @@ def observe_host(
 
     def command(every: int, what: str) -> list[ControlCommand]:
         # ttl_ms holds from when each agent applies the command, whatever its clock;
-        # until_ms is for agents that predate ttl_ms (ktel/wire/control.py).
+        # until_ms is for agents that predate ttl_ms (ktel/wire/control.py). A restore
+        # ends the raise; agents that predate restores apply its rate for the TTL.
         return [
             ControlCommand(
-                f"ktel-sample-{what}-{host_id}-{p}-{now_ms}", host_id, p, every, now_ms + ttl_ms, ttl_ms
+                f"ktel-sample-{what}-{host_id}-{p}-{now_ms}",
+                host_id,
+                p,
+                every,
+                now_ms + ttl_ms,
+                ttl_ms,
+                restore=what == "restore",
             )
             for p in probes
         ]

@@ -36,7 +36,8 @@ Control command (key = target)::
 
     {"v": 1, "id": str, "target": host id or "*" (the whole fleet),
      "probe": str, "sample_every": int >= 1, "until_ms": int,
-     "ttl_ms": int}               # optional
+     "ttl_ms": int,               # optional
+     "restore": true}             # optional
 
 sets a probe's sampling to 1 in ``sample_every`` for ``ttl_ms`` from when the
 agent applies it; afterwards the agent's configured rate comes back. A duration,
@@ -44,6 +45,10 @@ not a deadline, so that the sender's and the agent's clocks need not agree.
 ``until_ms`` is the same deadline on the sender's wall clock, for agents that
 predate ``ttl_ms``; a command without ``ttl_ms`` (from such a sender) lasts
 ``until_ms`` minus the record's Kafka timestamp, both from the sender's clock.
+A command with ``restore`` ends the probe's command in force instead: the agent's
+configured rate comes back now. Agents that predate ``restore`` ignore it (a map
+may carry keys its reader does not know) and apply ``sample_every`` for ``ttl_ms``
+as for any command, so a restore carries the rate and the duration for them.
 The agent refuses a command out of its bounds (edge_agent/control.py).
 
 Dead letter (key = the original key)::
@@ -165,6 +170,8 @@ class ControlCommand:
     sample_every: int
     until_ms: int  # the deadline on the sender's clock, for agents without ttl_ms
     ttl_ms: int | None = None  # how long it holds from when the agent applies it
+    # Ends the probe's command in force; sample_every and the durations are for older agents.
+    restore: bool = False
 
     @property
     def key(self) -> bytes:
@@ -179,6 +186,7 @@ COMMAND_SHAPE = Shape(
         Key("sample_every", Int(1, U63)),
         Key("until_ms", Int(0, U63)),
         Key("ttl_ms", Int(0, U63), required=False),
+        Key("restore", Bool(), required=False),
     )
 )
 
@@ -187,13 +195,21 @@ def encode_command(cmd: ControlCommand) -> bytes:
     obj = dataclasses.asdict(cmd)
     if cmd.ttl_ms is None:
         del obj["ttl_ms"]  # the form without it keeps its v1 bytes
+    if not cmd.restore:
+        del obj["restore"]  # (likewise)
     return pack(obj)
 
 
 def decode_command(data: bytes) -> ControlCommand:
     obj = unpack(data, "control command", COMMAND_SHAPE)
     return ControlCommand(
-        obj["id"], obj["target"], obj["probe"], obj["sample_every"], obj["until_ms"], obj.get("ttl_ms")
+        obj["id"],
+        obj["target"],
+        obj["probe"],
+        obj["sample_every"],
+        obj["until_ms"],
+        obj.get("ttl_ms"),
+        obj.get("restore", False),
     )
 
 

@@ -31,8 +31,9 @@ def cmd(
     every: int = 10,
     until_ms: int = T0 + 60_000,
     ttl_ms: int | None = 60_000,
+    restore: bool = False,
 ) -> ControlCommand:
-    return ControlCommand(cmd_id, target, probe, every, until_ms, ttl_ms)
+    return ControlCommand(cmd_id, target, probe, every, until_ms, ttl_ms, restore)
 
 
 def refused(reason: str) -> float:
@@ -233,3 +234,49 @@ def test_a_known_id_sent_again_with_other_values_changes_nothing(tmp_path):
     ctl.handle(cmd(cmd_id="A", probe="syscall_latency", every=999, ttl_ms=60_000), sent_ms=now, now=now + 1)
     assert ctl.sample_every("file_created") == 10 and ctl.command("syscall_latency") is None
     assert [n for p, n in applied if p == "syscall_latency"] == []
+
+
+def test_a_restore_ends_the_override_and_the_configured_rate_comes_back(tmp_path):
+    """Not its own rate for another TTL: that is only for agents that predate restores."""
+    ctl, applied = make(tmp_path)
+    now = now_ms() - 10_000  # (the restart below is on the real clock: after the restore)
+    assert ctl.handle(cmd(cmd_id="raise", every=10, ttl_ms=60_000), sent_ms=now, now=now)
+    assert ctl.handle(
+        cmd(cmd_id="restore", every=5, ttl_ms=60_000, restore=True), sent_ms=now, now=now + 1000
+    )
+    assert ctl.sample_every("file_created") == 2 and ctl.command("file_created") is None
+    assert applied == [("file_created", 10), ("file_created", 2)]
+    assert ctl.take_acks() == ["raise", "restore"]
+    assert ctl.counts == {"commands_applied": 2, "commands_refused": 0}
+    ctl.expire(now + 61_000)
+    assert applied == [("file_created", 10), ("file_created", 2)]
+    ctl.save(now + 1000)
+    # A restart neither brings the raise back nor applies either record again.
+    restarted, again = make(tmp_path)
+    assert restarted.sample_every("file_created") == 2 and restarted.command("file_created") is None
+    assert not restarted.handle(cmd(cmd_id="raise", every=10), sent_ms=now, now=now + 2000, replayed=True)
+    assert not restarted.handle(
+        cmd(cmd_id="restore", every=5, restore=True), sent_ms=now, now=now + 2000, replayed=True
+    )
+    assert again == [] and restarted.sample_every("file_created") == 2
+
+
+def test_a_restore_read_back_after_its_raise_ends_it(tmp_path):
+    """The state file lost: both records are judged by their times, in the topic's order."""
+    ctl, applied = make(tmp_path)
+    now = now_ms()
+    assert ctl.handle(cmd(cmd_id="raise", every=10), sent_ms=now - 2000, now=now, replayed=True)
+    assert ctl.handle(
+        cmd(cmd_id="restore", every=5, restore=True), sent_ms=now - 1000, now=now, replayed=True
+    )
+    assert applied == [("file_created", 10), ("file_created", 2)]
+    assert ctl.command("file_created") is None
+
+
+def test_a_restore_with_nothing_in_force_is_acknowledged_and_bounded_like_any_command(tmp_path):
+    ctl, applied = make(tmp_path)
+    assert ctl.handle(cmd(cmd_id="r", every=5, restore=True), sent_ms=T0, now=T0)
+    assert applied == [("file_created", 2)] and ctl.take_acks() == ["r"]
+    before = refused("probe")
+    assert not ctl.handle(cmd(cmd_id="r2", probe="no_such_probe", restore=True), sent_ms=T0, now=T0)
+    assert refused("probe") == before + 1

@@ -97,6 +97,10 @@ def test_a_spike_raises_the_hosts_fidelity_and_its_end_restores_it():
     assert (raise_.ttl_ms, raise_.until_ms) == (300_000, 5000 + 300_000)
     assert (restore.target, restore.sample_every) == ("h1", 10)
     assert 95 < st["ewma"] < 105  # the spike did not leak into the baseline
+    # The restore ends the raise (the agent's configured rate comes back); an agent that
+    # predates restores reads the normal rate for a TTL instead.
+    assert restore.restore and not raise_.restore
+    assert (restore.ttl_ms, restore.until_ms) == (300_000, 7000 + 300_000)
 
 
 def test_by_default_kernel_error_spans_and_kernel_logs_are_all_kept():

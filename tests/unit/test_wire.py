@@ -440,3 +440,19 @@ def test_a_snapshot_with_a_counter_below_zero_or_histogram_bounds_out_of_order_i
     wire.decode_snapshot(
         wire.encode_snapshot(wire.MetricSnapshot(1, [["g", "gauge", labels, -5]]))
     )  # (a gauge may)
+
+
+def test_a_restore_reads_as_the_normal_rate_for_a_ttl_to_an_agent_that_predates_restores():
+    from ktel.schema import Shape
+    from ktel.wire.codec import unpack
+    from ktel.wire.control import COMMAND_SHAPE
+
+    restore = wire.ControlCommand("r", "h1", "file_created", 10, 1000 + 300_000, 300_000, restore=True)
+    data = wire.encode_command(restore)
+    assert wire.decode_command(data) == restore
+    older = Shape(tuple(k for k in COMMAND_SHAPE.keys if k.name != "restore"))
+    obj = unpack(data, "control command", older)
+    assert (obj["sample_every"], obj["ttl_ms"], obj["until_ms"]) == (10, 300_000, 301_000)
+    # A command that is no restore keeps the bytes it had before restores.
+    plain = dataclasses.replace(restore, restore=False)
+    assert "restore" not in msgpack.unpackb(wire.encode_command(plain))

@@ -137,6 +137,21 @@ RECORDS: dict[str, tuple[Callable[[Any], bytes], Callable[[bytes], Any], Any]] =
             "ktel-sample-raise-a-file_created-2", "*", "file_created", 10, TS // 10**6 + 300_000, 300_000
         ),
     ),
+    # A restore: agents since restores end the probe's raise; older ones read the
+    # normal rate for a TTL (a later optional key).
+    "control_command_restore": (
+        wire.encode_command,
+        wire.decode_command,
+        wire.ControlCommand(
+            "ktel-sample-restore-a-file_created-3",
+            "a" * 32,
+            "file_created",
+            1,
+            TS // 10**6 + 300_000,
+            300_000,
+            restore=True,
+        ),
+    ),
     # With the commands the agent refused (a later optional key).
     "heartbeat_refused": (
         wire.encode_heartbeat,
