@@ -20,10 +20,26 @@ queries take ``max by (host_id)`` over the workers. The series:
   fraction of the node's CPU time);
 - ``ktel_node_disk_io_in_progress{device}`` (M8), the block devices' queue depth;
 - ``ktel_agent_bpf_map_entries{probe,map}`` and ``ktel_agent_bpf_map_max_entries`` (M10).
+
+The ``device``, ``probe`` and ``map`` labels are names from the heartbeat's ``node``
+keys, which whoever can write ``ktel.heartbeats`` chooses: the decoder takes up to
+1,024 keys of 256 characters (ktel/wire/control.py), and a heartbeat may name other
+devices than the last. So what one host may put here is bounded to what a node
+needs: ``MAX_DISKS`` devices and ``MAX_BPF_MAPS`` maps at once, and twice as many
+names over the time this worker holds the host (devices come and go, but a host
+renaming them every heartbeat would churn Prometheus's series without end), each
+name printable ASCII of at most ``MAX_NAME_CHARS``. What is left out is counted
+(``observe`` returns it, exported as ``ktel_processor_node_readings_left_out_total``)
+and logged when a host starts having readings left out. The bound is here and not in
+the decoder: the enrich stage takes the heartbeat's host attributes, which one disk
+too many should not cost the host.
 """
 
 from __future__ import annotations
 
+import collections
+import logging
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -38,6 +54,28 @@ from ktel.wire import Heartbeat
 MISSED_HEARTBEATS = 3
 # Assumed when a heartbeat does not say its interval (the agent's default).
 DEFAULT_INTERVAL_S = 10.0
+# Block devices one host may have exported at once: the agent sends whole disks only
+# (partitions count in their disk's, loop and RAM disks are left out: edge_agent/node_stats.py),
+# a handful on most nodes; a storage node with more has the rest counted as left out.
+MAX_DISKS = 32
+# BPF hash maps (probe, map) one host may have exported at once: the probes ktel ships
+# declare 10 (bpf/*.bpf.c), so this leaves room for the registry to grow.
+MAX_BPF_MAPS = 32
+# The names a host may go through while this worker holds it, as a multiple of the
+# bounds above: a disk replaced or a volume attached takes a new name, but a host that
+# named other devices in every heartbeat would make new series on every scrape.
+NAMES_HELD_FACTOR = 2
+# A device, probe or map name as a label value: what the kernel and ktel name them with
+# (block device names take at most 31 characters, DISK_NAME_LEN), printable ASCII
+# without spaces. Anything else (control characters, an empty name) is not exported.
+MAX_NAME_CHARS = 64
+LEGIBLE_NAME = re.compile(rf"[!-~]{{1,{MAX_NAME_CHARS}}}")
+# Each kind of reading whose key names series of its own, and its bound at once.
+BOUNDS = {"disks": MAX_DISKS, "bpf_maps": MAX_BPF_MAPS}
+# The readings exported without a name of their own.
+SCALARS = frozenset(("cpu_steal_ms", "cpus", "context_switches"))
+
+log = logging.getLogger("ktel.process")
 
 
 @dataclass
@@ -45,9 +83,51 @@ class _Seen:
     received: float  # time.monotonic() when the worker read it
     ts_s: float  # the heartbeat's own time, seconds since the epoch
     interval_s: float
-    node: dict[str, int]
+    node: dict[str, int]  # the readings exported (within the bounds)
     stopping: bool
     boot_id: object  # the heartbeat's boot.id (None without one)
+    names: dict[str, set[str]]  # per kind of BOUNDS, the names exported while this worker held the host
+    left_out: int  # readings of this heartbeat left out
+
+
+def bounded(node: dict[str, int], names: dict[str, set[str]]) -> tuple[dict[str, int], dict[str, int]]:
+    """The readings of ``node`` to export, and how many were left out per kind of BOUNDS.
+
+    ``names`` holds what the host's series were named before, and takes the new names
+    kept. Those come first, then new ones in order, so that a host over a bound keeps
+    the same series from one heartbeat to the next. A reading of a kind this worker does
+    not know (a newer agent's) is neither exported nor counted."""
+    kept: dict[str, int] = {}
+    left_out: collections.Counter[str] = collections.Counter()
+    by_name: dict[str, dict[str, list[str]]] = {kind: {} for kind in BOUNDS}
+    for key in node:
+        parts: tuple[str, ...]
+        reading, _, rest = key.partition(".")
+        if reading in SCALARS and not rest:
+            kept[key] = node[key]
+            continue
+        if reading == "disk_in_flight":
+            kind, parts = "disks", (rest,)
+        elif reading in ("map_entries", "map_max_entries"):
+            probe, _, bpf_map = rest.partition(".")
+            kind, parts = "bpf_maps", (probe, bpf_map)
+        else:
+            continue
+        if all(LEGIBLE_NAME.fullmatch(part) for part in parts):
+            by_name[kind].setdefault(rest, []).append(key)
+        else:
+            left_out[kind] += 1
+    for kind, keys in by_name.items():
+        held = names[kind]
+        at_once = 0
+        for name in sorted(keys, key=lambda n: (n not in held, n)):
+            if at_once < BOUNDS[kind] and (name in held or len(held) < NAMES_HELD_FACTOR * BOUNDS[kind]):
+                held.add(name)
+                at_once += 1
+                kept.update((key, node[key]) for key in keys[name])
+            else:
+                left_out[kind] += len(keys[name])
+    return kept, dict(left_out)
 
 
 class FleetMetrics(Collector):
@@ -58,22 +138,44 @@ class FleetMetrics(Collector):
         self._hosts: dict[str, _Seen] = {}
         self._lock = threading.Lock()  # observe() on the event loop, collect() on the HTTP thread
 
-    def observe(self, host_id: str, hb: Heartbeat) -> None:
+    def observe(self, host_id: str, hb: Heartbeat) -> dict[str, int]:
         """Take ``hb`` as the host's latest, unless it is older than the one held of the
         same boot: re-read after a rebalance, or re-driven from ktel.dlq (``ktel dlq``),
-        it would otherwise set the host up again, its time and counters back."""
-        seen = _Seen(
-            time.monotonic(),
-            hb["ts"] / 1000,
-            hb.get("interval_s", DEFAULT_INTERVAL_S),
-            hb.get("node", {}),
-            hb.get("stopping", False),
-            hb["host"].get("boot.id"),
-        )
+        it would otherwise set the host up again, its time and counters back.
+
+        Returns the readings of its ``node`` left out of the host's series (see the
+        module's docstring), per kind (``disks``, ``bpf_maps``)."""
+        ts_s = hb["ts"] / 1000
+        boot_id = hb["host"].get("boot.id")
         with self._lock:
             held = self._hosts.get(host_id)
-            if held is None or held.boot_id != seen.boot_id or held.ts_s <= seen.ts_s:
-                self._hosts[host_id] = seen
+            if held is not None and held.boot_id == boot_id and held.ts_s > ts_s:
+                return {}
+            # A host's names are kept across its boots: a boot id is the heartbeat's to say.
+            names = held.names if held is not None else {kind: set() for kind in BOUNDS}
+            node, left_out = bounded(hb.get("node", {}), names)
+            self._hosts[host_id] = _Seen(
+                time.monotonic(),
+                ts_s,
+                hb.get("interval_s", DEFAULT_INTERVAL_S),
+                node,
+                hb.get("stopping", False),
+                boot_id,
+                names,
+                sum(left_out.values()),
+            )
+        if left_out and (held is None or not held.left_out):
+            log.warning(
+                "host %.60r: node readings left out of its series (%s): at most %d disks and %d BPF maps "
+                "at once, %d times as many names while held, names of printable ASCII up to %d characters",
+                host_id,
+                ", ".join(f"{n} {kind}" for kind, n in sorted(left_out.items())),
+                MAX_DISKS,
+                MAX_BPF_MAPS,
+                NAMES_HELD_FACTOR,
+                MAX_NAME_CHARS,
+            )
+        return left_out
 
     def collect(self) -> Iterator[Metric]:
         now = time.monotonic()
@@ -130,7 +232,7 @@ class FleetMetrics(Collector):
                     switches.add_metric([host_id], value)
                 elif name == "disk_in_flight":
                     disks.add_metric([host_id, rest], value)
-                elif name in ("map_entries", "map_max_entries") and "." in rest:
+                elif name in ("map_entries", "map_max_entries"):
                     probe, _, bpf_map = rest.partition(".")
                     (entries if name == "map_entries" else capacity).add_metric(
                         [host_id, probe, bpf_map], value

@@ -92,7 +92,7 @@ from ktel.wire.topics import Topics
 from processors import changelog
 from processors.chain import build
 from processors.faust_app import App
-from processors.fleet_metrics import FleetMetrics
+from processors.fleet_metrics import BOUNDS, FleetMetrics
 from processors.host_cap import HostCap
 from processors.stage import Result, Stage
 from processors.stop import Poisoned, StageFailed, Worker, stop
@@ -130,6 +130,12 @@ EVICTED = Counter(
     "ktel_processor_enrich_evicted",
     "processes and containers the enrich stage forgot to keep a host's state within its bounds",
     ["stage", "table"],
+)
+NODE_READINGS_LEFT_OUT = Counter(
+    "ktel_processor_node_readings_left_out",
+    "readings of heartbeats' node maps not exported as per-host series: past what one host may "
+    "have (disks, BPF maps: processors/fleet_metrics.py) or with an illegible name",
+    ["stage", "reading"],
 )
 HOST_CONFLICTS = Counter(
     "ktel_processor_host_conflicts",
@@ -403,6 +409,8 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         exported += (HEARTBEATS, PROCESSES)
         for table in ("processes", "containers"):
             EVICTED.labels(stage, table)
+        for reading in BOUNDS:
+            NODE_READINGS_LEFT_OUT.labels(stage, reading)
         FLEET.forget_after_s = cfg.aggregate.host_ttl_seconds
     for metric in exported:  # as 0 from the start
         metric.labels(stage)
@@ -669,7 +677,8 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             return
         cap.add(host_id)
         child(HEARTBEATS).inc()
-        FLEET.observe(host_id, hb)
+        for reading, n in FLEET.observe(host_id, hb).items():
+            child(NODE_READINGS_LEFT_OUT, reading).inc(n)
         await emit(result)
 
     poisoned = Poisoned(datadir / "poisoned.json")

@@ -23,7 +23,8 @@ Heartbeat (key = host id)::
 ``context_switches`` (cumulative since boot, /proc/stat), ``cpus`` (online CPUs),
 ``disk_in_flight.<device>``
 (I/Os in progress now, /proc/diskstats) and, per BPF hash map of a loaded probe,
-``map_entries.<probe>.<map>`` and ``map_max_entries.<probe>.<map>``.
+``map_entries.<probe>.<map>`` and ``map_max_entries.<probe>.<map>``. The
+processing workers export a bounded part of it per host (processors/fleet_metrics.py).
 ``containers`` lists the cgroups the agent knows to be a container's or a pod's
 (edge_agent/containers.py), each with its ``container.*`` and ``k8s.*``
 attributes. ``acked_commands`` names the commands the agent applied since its

@@ -8,6 +8,7 @@ import time
 from prometheus_client import CollectorRegistry
 
 from edge_agent import node_stats
+from processors import fleet_metrics
 from processors.fleet_metrics import FleetMetrics
 
 # From a 2-CPU KVM guest (cat /proc/stat), cut to the lines read and one other.
@@ -151,3 +152,87 @@ def test_an_older_heartbeat_of_the_same_boot_changes_nothing(monkeypatch):
     got = samples(fleet)
     assert got[("ktel_agent_up", h)] == 1.0
     assert got[("ktel_node_context_switches_total", h)] == 5
+
+
+def disks(got: dict[tuple[str, tuple], float]) -> list[str]:
+    return sorted(dict(labels)["device"] for name, labels in got if name == "ktel_node_disk_io_in_progress")
+
+
+def maps(got: dict[tuple[str, tuple], float], name: str = "ktel_agent_bpf_map_entries") -> list[str]:
+    return sorted(f"{dict(labels)['probe']}.{dict(labels)['map']}" for n, labels in got if n == name)
+
+
+def test_a_host_naming_more_disks_and_maps_than_a_node_has_exports_the_bound_and_counts_the_rest():
+    """Whoever writes ktel.heartbeats names these series: a heartbeat the decoder takes
+    may hold 1,024 of them. The rest of the heartbeat is exported, the first names in
+    order kept, the readings left out returned to be counted."""
+    fleet = FleetMetrics(forget_after_s=3600)
+    n_disks, n_maps = fleet_metrics.MAX_DISKS + 5, fleet_metrics.MAX_BPF_MAPS + 3
+    node = {"cpus": 4, **{f"disk_in_flight.sd{i:03}": i for i in range(n_disks)}}
+    for i in range(n_maps):
+        node |= {f"map_entries.p{i:03}.m": 1, f"map_max_entries.p{i:03}.m": 8}
+    assert fleet.observe("h1", heartbeat(node)) == {"disks": 5, "bpf_maps": 6}  # type: ignore[arg-type]
+    got = samples(fleet)
+    assert disks(got) == [f"sd{i:03}" for i in range(fleet_metrics.MAX_DISKS)]
+    want = [f"p{i:03}.m" for i in range(fleet_metrics.MAX_BPF_MAPS)]
+    assert maps(got) == maps(got, "ktel_agent_bpf_map_max_entries") == want
+    assert got[("ktel_node_cpus", (("host_id", "h1"),))] == 4
+    assert got[("ktel_agent_up", (("host_id", "h1"),))] == 1.0
+
+
+def test_a_host_renaming_its_disks_every_heartbeat_gets_no_new_series_past_its_names():
+    """Each heartbeat within the bound, but other names every time: Prometheus would get
+    new series on every scrape. The names a host went through while held are bounded;
+    the ones it had keep being exported, a disk added or replaced within the bound too."""
+    fleet = FleetMetrics(forget_after_s=3600)
+    held = fleet_metrics.NAMES_HELD_FACTOR * fleet_metrics.MAX_DISKS
+    seen: set[str] = set()
+    for beat in range(held):
+        node = {"disk_in_flight.sda": 1, f"disk_in_flight.dm-{beat}": 2}
+        left_out = fleet.observe("h1", heartbeat(node))  # type: ignore[arg-type]
+        assert left_out == ({"disks": 1} if beat == held - 1 else {})
+        seen.update(disks(samples(fleet)))
+    assert len(seen) == held  # sda and dm-0 .. dm-(held - 2)
+    node = {"disk_in_flight.sda": 1, "disk_in_flight.dm-0": 2}
+    assert fleet.observe("h1", heartbeat(node)) == {}  # type: ignore[arg-type]
+    assert disks(samples(fleet)) == ["dm-0", "sda"]
+
+
+def test_illegible_names_are_not_exported_and_are_counted():
+    """A label value is printable ASCII without spaces, at most MAX_NAME_CHARS: not a
+    control character (which the exposition format passes as is), not empty (no label)."""
+    fleet = FleetMetrics(forget_after_s=3600)
+    long = "x" * (fleet_metrics.MAX_NAME_CHARS + 1)
+    node = {
+        "disk_in_flight.vda": 1,
+        "disk_in_flight.": 1,
+        "disk_in_flight": 1,
+        "disk_in_flight.sd\x1b[2Ja": 1,
+        "disk_in_flight.a\nb": 1,
+        "disk_in_flight.a b": 1,
+        "disk_in_flight.dísk": 1,
+        f"disk_in_flight.{long}": 1,
+        "map_entries.process.parents": 3,
+        "map_entries.process": 3,
+        f"map_max_entries.{long}.m": 3,
+        "map_entries.p.m\x00": 3,
+        "some_future_reading.x": 5,  # a newer agent's: neither exported nor counted
+    }
+    assert fleet.observe("h1", heartbeat(node)) == {"disks": 7, "bpf_maps": 3}  # type: ignore[arg-type]
+    got = samples(fleet)
+    assert disks(got) == ["vda"]
+    assert maps(got) == ["process.parents"] and maps(got, "ktel_agent_bpf_map_max_entries") == []
+
+
+def test_a_forgotten_host_starts_again_with_no_names_held(monkeypatch):
+    fleet = FleetMetrics(forget_after_s=100)
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    held = fleet_metrics.NAMES_HELD_FACTOR * fleet_metrics.MAX_DISKS
+    for beat in range(held):
+        fleet.observe("h1", heartbeat({f"disk_in_flight.d{beat}": 1}))  # type: ignore[arg-type]
+    assert fleet.observe("h1", heartbeat({"disk_in_flight.new": 1})) == {"disks": 1}  # type: ignore[arg-type]
+    clock[0] += 101
+    samples(fleet)  # forgets it
+    assert fleet.observe("h1", heartbeat({"disk_in_flight.new": 1})) == {}  # type: ignore[arg-type]
+    assert disks(samples(fleet)) == ["new"]

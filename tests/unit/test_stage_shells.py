@@ -35,6 +35,7 @@ from ktel.wire import (
     RawBatch,
     decode_batch,
     decode_dead_letter,
+    decode_heartbeat,
     encode_batch,
     encode_heartbeat,
 )
@@ -235,6 +236,29 @@ async def test_enrich_counts_evictions_past_the_table_bound(tmp_path):
         last = decode_batch(shell.to(ENRICHED_TOPIC)[-1])
         assert sorted(last.processes) == ["3", "4"]
     assert evicted("processes", "enrich") == before + 2
+
+
+async def test_a_heartbeat_naming_too_many_disks_is_taken_and_the_disks_past_the_bound_counted(
+    tmp_path, caplog
+):
+    """Its host attributes are the enrich stage's: one disk too many leaves out that disk's
+    series, counted and logged once, not the heartbeat."""
+    from processors import fleet_metrics
+
+    def left_out() -> float:
+        labels = {"stage": "enrich", "reading": "disks"}
+        return REGISTRY.get_sample_value("ktel_processor_node_readings_left_out_total", labels) or 0.0
+
+    before = left_out()
+    node = {f"disk_in_flight.sd{i:03}": 1 for i in range(fleet_metrics.MAX_DISKS + 1)}
+    async with Shell(tmp_path, "enrich") as shell:
+        for ts in (1000, 2000):
+            hb = decode_heartbeat(heartbeat("h-disks", "b1", ts, "node-1"))
+            await shell.heartbeats.put(encode_heartbeat({**hb, "node": node}), key=b"h-disks")
+        assert shell.to(DLQ_TOPIC) == []
+        assert shell.table("h-disks")["enrich"]["boots"]["b1"]["host"]["host.name"] == "node-1"
+    assert left_out() == before + 2
+    assert len([r for r in caplog.records if "'h-disks': node readings left out" in r.getMessage()]) == 1
 
 
 async def test_sample_reads_the_enriched_topic_and_keeps_the_attributes(tmp_path):
