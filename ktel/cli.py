@@ -271,12 +271,18 @@ def main(argv: list[str] | None = None) -> None:
         parents=[common],
         help="print or re-publish the raw events of a time window (forensics)",
         description="Read a time window of ktel.raw with a group-less consumer (live consumer groups "
-        "are untouched). Times: ISO-8601 (UTC unless a zone is given), relative like -15m or -2h, or now. "
+        "are untouched). Times: ISO-8601 (UTC unless a zone is given; to the nanosecond), relative like "
+        "-15m or -2h, or now. "
         "Which records are read and which events kept: ktel/replay.py.",
     )
     p.add_argument("--from", dest="from_", required=True, metavar="TIME", help="start of the window (kept)")
     p.add_argument("--to", default="now", metavar="TIME", help="end of the window (excluded; default now)")
-    p.add_argument("--host", action="append", metavar="HOST_ID", help="only this host id (repeatable)")
+    p.add_argument(
+        "--host",
+        action="append",
+        metavar="HOST_ID",
+        help="only records keyed by this host id or whose batch names it (repeatable)",
+    )
     p.add_argument("--kind", action="append", metavar="KIND", help="only this event kind (repeatable)")
     p.add_argument(
         "--margin",

@@ -63,7 +63,7 @@ from opentelemetry.semconv._incubating.attributes.host_attributes import HOST_ID
 from ktel import topic_window
 from ktel.config import Config, KafkaConfig
 from ktel.kafka_client import client_kwargs
-from ktel.replay import ReplayError, format_ns, parse_time
+from ktel.replay import ReplayError, format_ns, key_text, parse_time
 from ktel.wire import DeadLetter, WireError, decode_batch, decode_dead_letter, decode_heartbeat
 from ktel.wire.codec import MAX_RECORD_BYTES
 from ktel.wire.control import DEAD_LETTER_KEY_BYTES, PAYLOAD_CUT
@@ -101,10 +101,6 @@ class Selection:
             and (not self.hosts or (key is not None and key_text(key) in self.hosts))
             and (self.reason is None or self.reason.search(dl.reason) is not None)
         )
-
-
-def key_text(key: bytes | None) -> str | None:
-    return None if key is None else key.decode(errors="backslashreplace")
 
 
 def why_not_redrivable(dl: DeadLetter, key: bytes | None, stage_topics: Mapping[str, HostOf]) -> str | None:

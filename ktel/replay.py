@@ -25,13 +25,25 @@ read, and each event is judged by its own ``ts_ns``. For every partition:
    more than the margin after ``--to`` by its host's clock is not read (widen
    ``--margin`` to read it), and no other host's records are affected.
 4. Keep an event when ``--from <= ts_ns < --to`` (wall clock, ns since epoch; a kind
-   without ``ts_ns`` is judged by its batch's ``sent`` time), its host is one of
-   ``--host`` (the record key; the batch's own host id for a record without a key)
-   and its kind one of ``--kind``. A batch is matched when it keeps an event.
+   without ``ts_ns`` is judged by its batch's ``sent`` time), its record is of one of
+   ``--host`` and its kind is one of ``--kind``. A batch is matched when it keeps an
+   event. A record is of the host its key names and of the host its batch names: the
+   two differ only when something wrote a record the processors dead-letter (its key
+   is not its host id, or it has none), and whoever investigates either host must
+   see it. So with ``--host`` every record read is decoded, not only those keyed by
+   a wanted host. Each line of such a record carries its key
+   (``messaging.kafka.message.key``, null for none), and the summary counts the
+   matched batches keyed so.
 
 A record that does not decode is counted and reported, optionally dead-lettered
-(``--dlq``), and skipped. The consumer has no group and commits nothing, so a
-replay never moves the offsets of a live consumer group.
+(``--dlq``), and skipped, when its key names one of ``--host`` or it has none (its
+host unknown); another host's, by its key, is only counted as read. The consumer
+has no group and commits nothing, so a replay never moves the offsets of a live
+consumer group.
+
+``--from`` and ``--to`` are exact to the nanosecond, as ``ts_ns`` is: RFC 3339 allows
+as many digits of a second as one gives, and a time between two nanoseconds keeps
+what the later one keeps. Every time replay prints reads back as the same nanosecond.
 
 ``--to-topic`` may not name one of ktel's own topics (``ktel topics`` lists them)
 or the topic being read on the Kafka cluster replay reads from: the live stages
@@ -45,6 +57,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
+import decimal
 import json
 import os
 import re
@@ -57,6 +70,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from opentelemetry.semconv._incubating.attributes.host_attributes import HOST_ID
+from opentelemetry.semconv._incubating.attributes.messaging_attributes import MESSAGING_KAFKA_MESSAGE_KEY
 
 from ktel import topic_window
 from ktel import topics as topics_mod
@@ -84,6 +98,9 @@ MAX_IN_FLIGHT = 1000
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([smhd])")
+# The fraction of a second in an ISO-8601 time (the first one: the date has none).
+_FRACTION = re.compile(r"[.,](\d+)")
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 TIME_EXAMPLES = (
     "ISO-8601 like 2025-06-01T12:00:00Z (UTC unless it names a zone), relative like -15m or -2h, or now"
 )
@@ -103,7 +120,8 @@ def parse_duration(text: str) -> int:
     m = _DURATION.fullmatch(text)
     if m is None:
         raise ReplayError(f"bad duration {text!r}: use a number and a unit s, m, h or d, like 90s or 15m")
-    return int(float(m[1]) * _UNITS[m[2]] * NS)
+    # Decimal, not float: 0.009m is 540000000 ns, not 539999999.
+    return int(decimal.Decimal(m[1]) * _UNITS[m[2]] * NS)
 
 
 def parse_time(text: str, now_ns: int) -> int:
@@ -124,7 +142,19 @@ def parse_time(text: str, now_ns: int) -> int:
         # A fleet spans time zones; the replaying machine's own zone would be a guess.
         when = when.replace(tzinfo=dt.UTC)
     # Integer arithmetic: a float timestamp would lose the microseconds at ns scale.
-    return (when - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)) // dt.timedelta(microseconds=1) * 1000
+    return (when - _EPOCH) // dt.timedelta(microseconds=1) * 1000 + _below_microseconds(text)
+
+
+def _below_microseconds(text: str) -> int:
+    """The ns past the microsecond of an ISO-8601 time, which datetime drops."""
+    m = _FRACTION.search(text)
+    # One after a sign past the date (which ends by the 10th character) is the zone's.
+    if m is None or len(m[1]) <= 6 or re.search(r"[+-]", text[10 : m.start()]):
+        return 0
+    digits = m[1][6:]
+    # Past the nanosecond, round up: an event is kept from --from and up to --to by
+    # whole ns, so a time between two nanoseconds keeps what the later one keeps.
+    return -(-int(digits) * 1000 // 10 ** len(digits))
 
 
 def parse_kinds(names: Sequence[str]) -> frozenset[int] | None:
@@ -139,7 +169,18 @@ def parse_kinds(names: Sequence[str]) -> frozenset[int] | None:
 
 
 def format_ns(ns: int) -> str:
-    return dt.datetime.fromtimestamp(ns / NS, dt.UTC).isoformat(timespec="milliseconds")
+    """ISO-8601 in UTC, to the millisecond or as many more digits as ``ns`` needs:
+    ``parse_time`` reads it back as ``ns`` (integers throughout: a float second has no
+    room for the nanoseconds)."""
+    seconds, fraction = divmod(ns, NS)
+    when = (_EPOCH + dt.timedelta(seconds=seconds)).replace(tzinfo=None).isoformat()
+    digits = 3 if fraction % 1_000_000 == 0 else 6 if fraction % 1000 == 0 else 9
+    return f"{when}.{fraction:09d}"[: len(when) + 1 + digits] + "+00:00"
+
+
+def key_text(key: bytes | None) -> str | None:
+    """A record's key as text, bytes that are not UTF-8 escaped (``\\xff``)."""
+    return None if key is None else key.decode(errors="backslashreplace")
 
 
 # --------------------------------------------------------------------- filter
@@ -161,12 +202,14 @@ class Filter:
             )
 
     def wants_key(self, key: bytes | None) -> bool:
-        """Whether a record is worth decoding: its key names a wanted host, or it has none."""
-        return self.hosts is None or key is None or key.decode(errors="replace") in self.hosts
+        """Whether a record that does not decode is reported: its key names a wanted
+        host, or it has none (its host unknown)."""
+        return self.hosts is None or key is None or key_text(key) in self.hosts
 
-    def select(self, batch: RawBatch) -> RawBatch | None:
-        """The batch with only the events kept (weights alongside), or None when none is."""
-        if self.hosts is not None and batch.host_id not in self.hosts:
+    def select(self, batch: RawBatch, key: bytes | None = None) -> RawBatch | None:
+        """The batch of a record keyed ``key`` with only the events kept (weights
+        alongside), or None when none is."""
+        if self.hosts is not None and batch.host_id not in self.hosts and key_text(key) not in self.hosts:
             return None
         keep = [i for i, ev in enumerate(batch.events) if self._wants(ev, batch.sent_ns)]
         if not keep:
@@ -210,12 +253,15 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def event_lines(batch: RawBatch) -> Iterator[str]:
-    """One JSON object per event: the batch's identity, then the event's named fields.
+def event_lines(batch: RawBatch, key: bytes | None) -> Iterator[str]:
+    """One JSON object per event of a record keyed ``key``: the batch's identity (and
+    the key, when it is not the batch's host id), then the event's named fields.
 
     The batch's fields have dotted names so that no event field (dns_slow has a
     ``host``) can shadow them."""
     ident: dict[str, Any] = {HOST_ID: batch.host_id, "boot.id": batch.boot_id, "batch.seq": batch.seq}
+    if key != batch.key:
+        ident[MESSAGING_KAFKA_MESSAGE_KEY] = key_text(key)
     for i, ev in enumerate(batch.events):
         obj = {**ident, **event_dict(ev)}
         if batch.weights is not None:
@@ -255,6 +301,7 @@ class Summary:
     records: int = 0
     late: int = 0  # skipped: sent more than the margin after --to (rule 3)
     batches: int = 0
+    keyed_otherwise: int = 0  # of the batches, those whose key is not their host id (rule 4)
     events: int = 0
     decode_failures: int = 0
     dead_lettered: int = 0
@@ -266,7 +313,13 @@ class Summary:
         parts = [
             f"read {self.records} records from {self.partitions} partitions of {opts.topic}",
             *([f"skipped {self.late} sent more than --margin after --to"] if self.late else []),
-            f"matched {self.batches} batches, {self.events} events",
+            f"matched {self.batches} batches"
+            + (
+                f" ({self.keyed_otherwise} keyed otherwise than their host id)"
+                if self.keyed_otherwise
+                else ""
+            )
+            + f", {self.events} events",
             f"decode failures {self.decode_failures}",
         ]
         if opts.dlq:
@@ -316,12 +369,12 @@ async def replay(opts: Options, write: Callable[[str], None], report: Callable[[
 
     async def handle(tp: TopicPartition, rec: ConsumerRecord) -> None:
         summary.records += 1
-        if not opts.filter.wants_key(rec.key):
-            return
         payload = rec.value or b""  # a tombstone (None) is a record that does not decode
         try:
             batch = decode_batch(payload)
         except WireError as err:
+            if not opts.filter.wants_key(rec.key):
+                return  # another host's, as far as its key tells
             summary.decode_failures += 1
             if len(summary.failures) < FAILURES_SHOWN:
                 summary.failures.append(f"{tp.topic}[{tp.partition}]@{rec.offset}: {err}")
@@ -332,13 +385,15 @@ async def replay(opts: Options, write: Callable[[str], None], report: Callable[[
                 await dlq.send_and_wait(opts.client.topics.dlq, value, key=key)
                 summary.dead_lettered += 1
             return
-        kept = opts.filter.select(batch)
+        kept = opts.filter.select(batch, rec.key)
         if kept is None:
             return
         summary.batches += 1
+        if rec.key != batch.key:
+            summary.keyed_otherwise += 1  # one the processors dead-letter (rule 4)
         summary.events += len(kept.events)
         if opts.jsonl:
-            for line in event_lines(kept):
+            for line in event_lines(kept, rec.key):
                 write(line)
         if out is not None and opts.to_topic is not None:
             # Same key (same host, same partitioning) and same timestamp, so the new

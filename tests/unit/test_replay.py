@@ -1,14 +1,16 @@
-"""The pure parts of `ktel replay`: times, the filter and its window rule, the output."""
+"""`ktel replay` without Kafka: times, the filter and its window rule, the output, a run over records."""
 
 import argparse
 import dataclasses
 import json
 import re
+from types import SimpleNamespace
 
 import pytest
+from aiokafka import TopicPartition
 
-from ktel import cli, config, replay
-from ktel.replay import NS, Filter, ReplayError, parse_duration, parse_kinds, parse_time
+from ktel import cli, config, replay, topic_window
+from ktel.replay import NS, Filter, ReplayError, format_ns, parse_duration, parse_kinds, parse_time
 from ktel.wire import (
     DNS_SLOW,
     FILE_CREATED,
@@ -59,6 +61,55 @@ def test_times_absolute_and_relative(text, expected):
     assert parse_time(text, NOW) == expected
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2025-06-15T15:06:40.123456789Z", NOW + 123_456_789),  # RFC 3339, as precise as ts_ns
+        ("2025-06-15T15:06:40,123456789+00:00", NOW + 123_456_789),
+        ("2025-06-15T17:06:40.000000001+02:00", NOW + 1),
+        ("20250615T150640.1234567Z", NOW + 123_456_700),
+        ("2025-06-15 15:06:40.123456789", NOW + 123_456_789),
+        ("1969-12-31T23:59:59.999999999Z", -1),
+        # Between two nanoseconds: the later one, which keeps the same events at either end.
+        ("2025-06-15T15:06:40.1234567891Z", NOW + 123_456_790),
+    ],
+)
+def test_times_to_the_nanosecond(text, expected):
+    assert parse_time(text, NOW) == expected
+
+
+def test_an_event_a_nanosecond_outside_the_given_times_is_not_kept():
+    flt = Filter(
+        parse_time("2026-12-06T01:02:03.123456789Z", NOW), parse_time("2026-12-06T01:02:03.123456791Z", NOW)
+    )
+    at = flt.from_ns - 789  # 2026-12-06T01:02:03.123456Z
+    kept = flt.select(batch([created(at + ns) for ns in (788, 789, 790, 791)]))
+    assert kept is not None and [e[1] - at for e in kept.events] == [789, 790]
+
+
+@pytest.mark.parametrize(
+    ("ns", "text"),
+    [
+        (NOW, "2025-06-15T15:06:40.000+00:00"),  # milliseconds at the least
+        (NOW + 123_000_000, "2025-06-15T15:06:40.123+00:00"),
+        (NOW + 123_456_000, "2025-06-15T15:06:40.123456+00:00"),
+        (NOW + 1, "2025-06-15T15:06:40.000000001+00:00"),
+        (NOW + NS - 1, "2025-06-15T15:06:40.999999999+00:00"),
+        (-1, "1969-12-31T23:59:59.999999999+00:00"),
+    ],
+)
+def test_a_formatted_time_reads_back_as_the_same_nanosecond(ns, text):
+    assert format_ns(ns) == text
+    assert parse_time(text, NOW) == ns
+
+
+def test_from_and_to_a_nanosecond_apart_are_told_apart_in_the_error():
+    with pytest.raises(
+        ReplayError, match=r"--from \(\S+40\.000000002\+00:00\) must be before --to \(\S+40\.000000001\+"
+    ):
+        Filter(NOW + 2, NOW + 1)
+
+
 @pytest.mark.parametrize("text", ["yesterday", "-15", "-15x", "15m", "2025-13-01T00:00:00Z", ""])
 def test_a_bad_time_says_what_would_do_with_an_example(text):
     with pytest.raises(ReplayError, match=r"bad time .*2025-06-01T12:00:00Z.*-15m"):
@@ -69,6 +120,8 @@ def test_durations():
     assert parse_duration("0") == 0
     assert parse_duration("5m") == 300 * NS
     assert parse_duration("0.5s") == NS // 2
+    assert parse_duration("0.009m") == 540_000_000  # exact: no float rounding down to ...999
+    assert parse_time("-0.009m", NOW) == NOW - 540_000_000
     with pytest.raises(ReplayError, match="like 90s or 15m"):
         parse_duration("5 minutes")
 
@@ -136,6 +189,17 @@ def test_a_kept_batch_names_only_the_processes_its_kept_events_name():
     assert kept.processes == {"22": {"process.command": "b"}}
 
 
+def test_a_record_keyed_otherwise_than_its_host_id_is_of_both_hosts():
+    # The processors dead-letter such a record; whoever asks for either host sees it.
+    claims_b = batch([created(NOW)], host="host-b")
+    for wanted in ("host-a", "host-b"):
+        assert Filter(NOW, NOW + NS, hosts=frozenset({wanted})).select(claims_b, b"host-a") is claims_b
+    assert Filter(NOW, NOW + NS, hosts=frozenset({"host-c"})).select(claims_b, b"host-a") is None
+    # Without a key, only its batch names its host.
+    assert Filter(NOW, NOW + NS, hosts=frozenset({"host-a"})).select(claims_b, None) is None
+    assert Filter(NOW, NOW + NS, hosts=frozenset({"host-b"})).select(claims_b, None) is claims_b
+
+
 def test_keys_worth_decoding():
     flt = Filter(NOW, NOW + NS, hosts=frozenset({"host-a"}))
     assert flt.wants_key(b"host-a")
@@ -156,7 +220,7 @@ def test_read_bounds_start_at_from_and_stop_a_margin_after_to():
 def test_event_lines_name_fields_and_hex_bytes_and_the_batch_is_not_shadowed():
     dns = [DNS_SLOW.id, NOW, 5, 5, "curl", "example.org", 2_000_000, 0]
     b = RawBatch("host-a", "boot-1", 3, NOW, [created(NOW, "/tmp/a"), dns], [1.0, 4.0])
-    first, second = (json.loads(line) for line in replay.event_lines(b))
+    first, second = (json.loads(line) for line in replay.event_lines(b, b"host-a"))
     assert first == {
         "host.id": "host-a",
         "boot.id": "boot-1",
@@ -174,6 +238,73 @@ def test_event_lines_name_fields_and_hex_bytes_and_the_batch_is_not_shadowed():
     }
     assert (second["host.id"], second["host"], second["sample.weight"]) == ("host-a", "example.org", 4.0)
     assert replay._jsonable({"id": b"\x01\xab", "nested": [b"\xff"]}) == {"id": "01ab", "nested": ["ff"]}
+
+
+def test_the_lines_of_a_record_keyed_otherwise_than_its_host_id_name_its_key():
+    b = batch([created(NOW)], host="host-b")
+    key_field = "messaging.kafka.message.key"
+    assert key_field not in json.loads(next(replay.event_lines(b, b"host-b")))
+    for key, shown in ((b"host-a", "host-a"), (None, None), (b"\xffa", "\\xffa")):
+        line = json.loads(next(replay.event_lines(b, key)))
+        assert (line["host.id"], line[key_field]) == ("host-b", shown)
+
+
+# ------------------------------------------------------------------------ run
+
+OPTS = replay.Options("k1:9092", Filter(NOW, NOW + NS, hosts=frozenset({"host-a"})), jsonl=True)
+
+
+async def replay_of(records, monkeypatch):
+    """``replay.replay`` over ``records`` ((key, value) on one partition), without Kafka."""
+    tp = TopicPartition(RAW_TOPIC, 0)
+
+    async def partitions(client, bootstrap, topic):
+        return [tp]
+
+    async def read(consumer, parts, start_ms, bootstrap):
+        for offset, (key, value) in enumerate(records):
+            yield tp, SimpleNamespace(key=key, value=value, offset=offset, timestamp=NOW // 1_000_000)
+
+    class Consumer:
+        async def start(self):
+            pass
+
+        async def stop(self):
+            pass
+
+    monkeypatch.setattr(topic_window, "partitions", partitions)
+    monkeypatch.setattr(topic_window, "consumer", lambda client, bootstrap: Consumer())
+    monkeypatch.setattr(topic_window, "records", read)
+    lines, reports = [], []
+    summary = await replay.replay(OPTS, lines.append, reports.append)
+    return [json.loads(line) for line in lines], reports, summary
+
+
+async def test_records_keyed_otherwise_than_their_host_id_are_shown_and_counted(monkeypatch):
+    def value(host, path):
+        return encode_batch(batch([created(NOW, path)], host=host))
+
+    records = [
+        (b"host-a", value("host-a", "/a")),
+        (b"host-a", value("host-b", "/keyed-a-claims-b")),
+        (b"host-b", value("host-a", "/keyed-b-claims-a")),
+        (None, value("host-a", "/no-key")),
+        (b"host-b", value("host-b", "/b")),
+        (b"host-c", b"garbage of another host"),  # not this replay's to report
+        (b"host-a", b"garbage"),
+    ]
+    lines, reports, summary = await replay_of(records, monkeypatch)
+    assert [(e["path"], e["host.id"], e.get("messaging.kafka.message.key", "")) for e in lines] == [
+        ("/a", "host-a", ""),
+        ("/keyed-a-claims-b", "host-b", "host-a"),
+        ("/keyed-b-claims-a", "host-a", "host-b"),
+        ("/no-key", "host-a", None),
+    ]
+    assert (summary.records, summary.batches, summary.events, summary.decode_failures) == (7, 4, 4, 1)
+    assert summary.keyed_otherwise == 3
+    assert len(reports) == 1 and "@6: raw batch" in reports[0]
+    assert "matched 4 batches (3 keyed otherwise than their host id), 4 events;" in summary.line(OPTS)
+    assert "keyed otherwise" not in replay.Summary().line(OPTS)
 
 
 # ------------------------------------------------------------------- arguments
