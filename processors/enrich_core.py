@@ -19,7 +19,8 @@ State per host (JSON-able, one value of the stage's Faust table)::
         "procs": {str(pid): {            # least recently named first
             "ppid": int, "comm": str, "exe": str, "uid": int, "cg": int,
             "exit": int}}}},             # sent_ns of the batch that carried its exit
-     "exits": [[boot_id, str(pid), sent_ns], ...],   # exits awaiting their grace, oldest first
+     "exits": [[boot_id, str(pid), sent_ns], ...],   # exits awaiting their grace, in sent_ns
+                                         # order, one a process (see bound)
      "bytes": int}                       # at least what the rest takes encoded (see bound)
 
 A record's changelog delta carries the processes and containers it changed
@@ -36,7 +37,9 @@ a later batch than the exit. A batch sealed up to ``exit_grace_seconds`` after t
 exit's batch still sees the process; a batch sealed later does not (with a
 grace of 0: only the exit's own batch sees it). Time here is the batches'
 ``sent_ns``, not the worker's clock, so the same input always gives the same
-output.
+output. The exits wait in the order of their batches' ``sent_ns``, whatever order
+the batches came in, so that an exit stamped far ahead (a clock set back since,
+or a forged time) holds back no other exit's expiry.
 
 The process and container tables are bounded per host, over all boots (``bound``),
 so that a host exec'ing or listing far more than fits keeps its state persistable
@@ -45,13 +48,16 @@ containers, and at most ``max_table_bytes`` for the whole section encoded
 (``TABLE_SHARE`` of ``process.max_state_bytes``, see ``Enrich.from_config``). Past a bound the least
 recently named process of the oldest boot goes first, then, past the bytes
 still, the oldest boot's containers (those no longer listed first); each is
-counted as an eviction of its table. Events of an evicted process are still
+counted as an eviction of its table; queued exits with nothing left to remove (a
+process that exited again, or exec'd, since) go before any of them, and an exit
+sent again within a batch is queued once. Events of an evicted process are still
 passed on and counted, without its attributes: a process named again after its
 eviction is unknown.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 import logging
@@ -254,6 +260,7 @@ def enrich(state: dict[str, Any], batch: RawBatch, feed: Metadata, opts: Options
     procs: dict[str, dict[str, Any]] = boot.setdefault("procs", {})
     at = ("boots", batch.boot_id, "procs")
     named: set[int] = set()
+    queued: set[int] = set()  # the pids whose exit this batch queued
     exec_id, exit_id = PROCESS_EXEC.id, PROCESS_EXIT.id
     # At least what the events below add to the section encoded: each entry they
     # set and each exit they queue, whole, and the keys a new boot brings.
@@ -276,10 +283,14 @@ def enrich(state: dict[str, Any], batch: RawBatch, feed: Metadata, opts: Options
             entry = procs.setdefault(str(pid), {})
             for name, value in _known(ppid=ppid, uid=uid, cg=cg).items():
                 entry.setdefault(name, value)  # what the exec said stays
+            # The exit already queued for this pid at this time serves again: an exit
+            # repeated (or the pid exec'd and exited again) within the batch must not
+            # queue one more each time, past max_processes and the bytes bound.
+            if pid not in queued and entry.get("exit") != batch.sent_ns:
+                queued.add(pid)
+                grown += _queue_exit(state, [batch.boot_id, str(pid), batch.sent_ns]) + 1
             entry["exit"] = batch.sent_ns
-            queued = [batch.boot_id, str(pid), batch.sent_ns]
-            state.setdefault("exits", []).append(queued)
-            grown += _entry_size(str(pid), entry) + 1 + encoded_size(queued) + 1
+            grown += _entry_size(str(pid), entry) + 1
             out.changed = True
 
     # Bounded before the lookup: the batch then names at most max_processes known
@@ -365,6 +376,23 @@ def _attributes(
     return attrs
 
 
+def _queue_exit(state: dict[str, Any], queued: list[Any]) -> int:
+    """Queue an exit for its grace, in its place by time; returns what it takes encoded."""
+    exits = state.setdefault("exits", [])
+    if exits and exits[-1][2] > queued[2]:
+        # A batch sealed before one already queued (from a spool, a clock set back, or one
+        # stamped far ahead before it): expiry walks the queue in order and stops at the
+        # first exit not due, so this one goes before the later ones, not behind them.
+        bisect.insort(exits, queued, key=_exit_time)
+    else:
+        exits.append(queued)
+    return encoded_size(queued)
+
+
+def _exit_time(queued: list[Any]) -> int:
+    return int(queued[2])
+
+
 def _expire_exits(state: dict[str, Any], now_ns: int, opts: Options, touched: Touched) -> bool:
     exits = state.get("exits", [])
     grace_ns = int(opts.exit_grace_seconds * 1e9)
@@ -406,6 +434,10 @@ def bound(
     else:
         size += grown
     touched = Touched() if touched is None else touched
+    if size > opts.max_table_bytes:
+        # Exits with nothing left to remove (their process exited again, or exec'd, since)
+        # keep nothing: they go before any process or container.
+        size -= _keep_pending_exits(state)
     for table in ("procs", "containers"):
         for boot_id, boot in boots.items():  # oldest boot first
             entries = boot.get(table, {})
@@ -421,9 +453,9 @@ def bound(
                 else:
                     excess_containers -= 1
                     evicted.containers += 1
-    if evicted.processes and "exits" in state:
+    if evicted.processes:
         # Exits awaiting their grace whose process went: nothing left for them to remove.
-        state["exits"] = [e for e in state["exits"] if _exit_pending(boots, *e)]
+        size -= _keep_pending_exits(state)
     state["bytes"] = size
     return evicted
 
@@ -432,6 +464,25 @@ def _entry_size(key: str, value: Any) -> int:
     """What an entry of a table takes encoded without its comma: at most what
     removing it saves, and what adding it costs but that comma."""
     return encoded_size(key) + 1 + encoded_size(value)
+
+
+def _keep_pending_exits(state: dict[str, Any]) -> int:
+    """Keep, of the queued exits, one for each process still awaiting it; returns the
+    bytes the others took encoded."""
+    exits = state.get("exits")
+    if not exits:
+        return 0
+    boots = state.get("boots", {})
+    kept, saved, seen = [], 0, set()
+    for queued in exits:
+        boot_id, pid, exit_ns = queued
+        if (boot_id, pid) not in seen and _exit_pending(boots, boot_id, pid, exit_ns):
+            seen.add((boot_id, pid))
+            kept.append(queued)
+        else:
+            saved += encoded_size(queued) + 1  # (and its comma)
+    state["exits"] = kept
+    return saved - (saved > 0 and not kept)  # (the last one left had no comma)
 
 
 def _exit_pending(boots: dict[str, Any], boot_id: str, pid: str, exit_ns: int) -> bool:

@@ -210,6 +210,77 @@ def test_the_enrich_sections_kept_size_never_falls_below_what_it_takes(monkeypat
     assert 0 < encodes < 300  # mostly known without encoding the section
 
 
+def _execs(pids) -> list:
+    return [[PROCESS_EXEC.id, 1, p, p, 1, 0, 7, "p", "/opt/" + "x" * 100 + str(p)] for p in pids]
+
+
+def _exit(pid: int) -> list:
+    return [PROCESS_EXIT.id, 1, pid, pid, 1, 0, 7, "p", 0, 0]
+
+
+def _file(pid: int) -> list:
+    return [FILE_CREATED.id, 1, pid, pid, 0, "p", "/d/f", 0o101, False]
+
+
+SECOND = 1_000_000_000
+
+
+def test_one_exit_sent_many_times_in_a_batch_is_queued_once_and_evicts_no_live_process():
+    """10,000 copies of one exit (or one pid exec'd and exited over and over) in one
+    batch queued 10,000 exits, past max_processes until the next batch, and their bytes
+    evicted the host's live processes."""
+    opts = enrich_core.Options(max_processes=100, max_table_bytes=20_000)
+    for storm in ([_exit(1)] * 10_000, (_execs([1]) + [_exit(1)]) * 5_000):
+        state: dict = {}
+        enrich_core.enrich(state, RawBatch("h", "b", 0, SECOND, _execs(range(1, 101))), {}, opts)
+        out = enrich_core.enrich(state, RawBatch("h", "b", 1, 2 * SECOND, storm), {}, opts)
+        assert out.evicted.processes == 0 and enrich_core.known_processes(state) == 100
+        assert state["exits"] == [["b", "1", 2 * SECOND]] and list(out.batch.processes) == ["1"]
+        # Its grace is still kept: a batch sealed within it sees the process, one after does not.
+        within = enrich_core.enrich(state, RawBatch("h", "b", 2, 6 * SECOND, [_file(1)]), {}, opts)
+        assert list(within.batch.processes) == ["1"]
+        after = enrich_core.enrich(state, RawBatch("h", "b", 3, 8 * SECOND, [_file(1)]), {}, opts)
+        assert after.batch.processes == {} and enrich_core.known_processes(state) == 99
+    # Within the bytes bound too, the queue holds one exit, not one a copy.
+    state = {}
+    enrich_core.enrich(state, RawBatch("h", "b", 0, SECOND, [_exit(1)] * 10_000), {}, enrich_core.Options())
+    assert state["exits"] == [["b", "1", SECOND]]
+
+
+def test_exits_a_process_no_longer_awaits_give_way_before_any_live_process():
+    """A host sending one pid's exit again in every batch (each a new time) left every
+    earlier one queued, waiting out its grace with nothing to remove, and their bytes
+    pushed the host's live processes out."""
+    opts = enrich_core.Options(max_processes=2048, max_table_bytes=20_000)
+    state: dict = {}
+    enrich_core.enrich(state, RawBatch("h", "b", 0, SECOND, _execs(range(1, 101))), {}, opts)
+    evicted = 0
+    for seq in range(1, 1001):
+        batch = RawBatch("h", "b", seq, SECOND + seq * 1_000_000, [_exit(1)])
+        evicted += enrich_core.enrich(state, batch, {}, opts).evicted.processes
+    assert evicted == 0 and enrich_core.known_processes(state) == 100
+    assert len(state["exits"]) < 1000
+    rest = {k: v for k, v in state.items() if k != "bytes"}
+    assert enrich_core.encoded_size(rest) <= state["bytes"] <= opts.max_table_bytes
+
+
+def test_an_exit_stamped_far_in_the_future_holds_no_other_exit_past_its_grace():
+    """An exit in a batch whose ``sent`` is 2**63-1 (a forged or broken clock) held every
+    exit queued after it: expiry walks the queue oldest first and stopped at it."""
+    opts = enrich_core.Options(exit_grace_seconds=5)
+    state: dict = {}
+    enrich_core.enrich(state, RawBatch("h", "b", 0, SECOND, _execs(range(1, 11))), {}, opts)
+    enrich_core.enrich(state, RawBatch("h", "b", 1, (1 << 63) - 1, [_exit(1)]), {}, opts)
+    for seq, pid in enumerate(range(2, 6), 2):
+        enrich_core.enrich(state, RawBatch("h", "b", seq, seq * SECOND, [_exit(pid)]), {}, opts)
+    out = enrich_core.enrich(
+        state, RawBatch("h", "b", 9, 100 * SECOND, [_file(p) for p in range(1, 11)]), {}, opts
+    )
+    # 2 to 5 are gone after their grace; the one stamped in the future waits for its own.
+    assert sorted(out.batch.processes, key=int) == ["1", "6", "7", "8", "9", "10"]
+    assert state["exits"] == [["b", "1", (1 << 63) - 1]]
+
+
 def test_a_stream_that_goes_on_past_a_refused_jump_is_taken_up_there_not_refused_for_good():
     """An agent's full spool dropped more than MAX_SEQUENCE_GAP batches during a long
     outage: every batch after is as far past the highest. The first is refused; the
