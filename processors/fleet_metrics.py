@@ -87,7 +87,8 @@ class _Seen:
     stopping: bool
     boot_id: object  # the heartbeat's boot.id (None without one)
     names: dict[str, set[str]]  # per kind of BOUNDS, the names exported while this worker held the host
-    left_out: int  # readings of this heartbeat left out
+    left_out: dict[str, int]  # readings of this heartbeat left out, per kind of BOUNDS
+    sent: dict[str, int]  # the readings this heartbeat named, kept or not
 
 
 def bounded(node: dict[str, int], names: dict[str, set[str]]) -> tuple[dict[str, int], dict[str, int]]:
@@ -127,7 +128,8 @@ def bounded(node: dict[str, int], names: dict[str, set[str]]) -> tuple[dict[str,
                 kept.update((key, node[key]) for key in keys[name])
             else:
                 left_out[kind] += len(keys[name])
-    return kept, dict(left_out)
+    # (the heartbeat's own map when all of it is kept, which observe's shortcut tells by identity)
+    return (node if len(kept) == len(node) else kept), dict(left_out)
 
 
 class FleetMetrics(Collector):
@@ -151,9 +153,16 @@ class FleetMetrics(Collector):
             held = self._hosts.get(host_id)
             if held is not None and held.boot_id == boot_id and held.ts_s > ts_s:
                 return {}
-            # A host's names are kept across its boots: a boot id is the heartbeat's to say.
-            names = held.names if held is not None else {kind: set() for kind in BOUNDS}
-            node, left_out = bounded(hb.get("node", {}), names)
+            sent = hb.get("node", {})
+            if held is not None and sent.keys() == held.sent.keys():
+                # Most heartbeats name the readings the host's last one did: what was
+                # kept of those then is kept now (about 2 µs a heartbeat against 35 to bound them again).
+                node = sent if held.node is held.sent else {k: sent[k] for k in held.node}
+                left_out, names = held.left_out, held.names
+            else:
+                # A host's names are kept across its boots: a boot id is the heartbeat's to say.
+                names = held.names if held is not None else {kind: set() for kind in BOUNDS}
+                node, left_out = bounded(sent, names)
             self._hosts[host_id] = _Seen(
                 time.monotonic(),
                 ts_s,
@@ -162,7 +171,8 @@ class FleetMetrics(Collector):
                 hb.get("stopping", False),
                 boot_id,
                 names,
-                sum(left_out.values()),
+                left_out,
+                sent,
             )
         if left_out and (held is None or not held.left_out):
             log.warning(

@@ -180,6 +180,30 @@ def test_a_host_naming_more_disks_and_maps_than_a_node_has_exports_the_bound_and
     assert got[("ktel_agent_up", (("host_id", "h1"),))] == 1.0
 
 
+def test_the_same_readings_again_are_exported_with_their_new_values_and_counted_again():
+    """A heartbeat naming what the host's last one did (most of them) takes the last
+    one's decision of what to keep, not a new one; its values are its own, and what it
+    leaves out is counted with it."""
+    fleet = FleetMetrics(forget_after_s=3600)
+    n_disks = fleet_metrics.MAX_DISKS + 2
+    for value in (1, 7):
+        node = {"cpus": value, **{f"disk_in_flight.sd{i:03}": value for i in range(n_disks)}}
+        assert fleet.observe("h1", heartbeat(node)) == {"disks": 2}  # type: ignore[arg-type]
+        got = samples(fleet)
+        assert disks(got) == [f"sd{i:03}" for i in range(fleet_metrics.MAX_DISKS)]
+        exported = {v for (name, _), v in got.items() if name == "ktel_node_disk_io_in_progress"}
+        assert exported == {value}
+        assert got[("ktel_node_cpus", (("host_id", "h1"),))] == value
+    # Within the bounds: the heartbeat's own readings, whole.
+    for value in (2, 3):
+        assert (
+            fleet.observe("h2", {**heartbeat({"disk_in_flight.vda": value}), "host": {"host.id": "h2"}}) == {}
+        )  # type: ignore[arg-type]
+        assert (
+            samples(fleet)[("ktel_node_disk_io_in_progress", (("device", "vda"), ("host_id", "h2")))] == value
+        )
+
+
 def test_a_host_renaming_its_disks_every_heartbeat_gets_no_new_series_past_its_names():
     """Each heartbeat within the bound, but other names every time: Prometheus would get
     new series on every scrape. The names a host went through while held are bounded;
