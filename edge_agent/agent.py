@@ -272,7 +272,8 @@ class Agent:
             # setting found unusable as a command starts (exit 2), not a traceback. Not run
             # degraded: no batch could be numbered or kept, and heartbeats would show a
             # live host whose every event is dropped; stopping shows the misconfiguration
-            # (a read-only root filesystem with no volume there) at rollout.
+            # (a read-only root filesystem with no volume there) at rollout. A full disk
+            # is not this: it passes, and the agent runs on (seqstore.no_space).
             raise ConfigError(
                 f"agent.state_dir = '{acfg.state_dir}': cannot be used ({err.strerror or err}: "
                 f"{err.filename}): the agent keeps its batch numbers and its spool there; make it a "

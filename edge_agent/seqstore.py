@@ -25,6 +25,7 @@ directory holds names the host's paths and processes.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -47,6 +48,14 @@ def private_dir(path: Path) -> None:
     os.chmod(path, 0o700)
 
 
+def no_space(err: OSError) -> bool:
+    """Whether ``err`` is a disk out of space (or out of its owner's quota): a state
+    that passes, so the agent runs on and counts what it cannot keep, unlike a state
+    directory it cannot write at all (read-only, not a directory), which stops it at
+    start with one line naming the setting."""
+    return err.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 def _parse(text: str, block: int) -> tuple[str | None, int] | None:
     """(incarnation, next number) as the store writes them, None for the incarnation
     of a file from before incarnations; None when ``text`` is neither."""
@@ -61,7 +70,12 @@ def _parse(text: str, block: int) -> tuple[str | None, int] | None:
 class SeqStore:
     def __init__(self, state_dir: Path, block: int = BLOCK):
         self._dir = state_dir
-        private_dir(state_dir)
+        try:
+            private_dir(state_dir)
+        except OSError as err:
+            if not no_space(err):
+                raise
+            # A first start on a full disk: nothing to read; the first reservation makes it.
         self._path = state_dir / "batch-seq"
         self._block = block
         self._next, self.incarnation = 0, secrets.token_hex(16)

@@ -55,21 +55,30 @@ cursor it holds, so that it cannot cover them.
 
 Disk errors: a record the disk refuses (ENOSPC, EIO) is cut back off its
 segment and ``append`` raises, so the caller counts the batch as lost; the
-spool stays usable and takes records again once space returns. An ack file
-that cannot be written is logged and left behind: the cost is re-sending.
+spool stays usable and takes records again once space returns. A disk with no
+space at start (none for the segment to write, nor, at a first start, for the
+directory) is the same case: the spool starts, its backlog can be sent, and
+``append`` raises until the segment can be made. An ack file that cannot be
+written is logged and left behind: the cost is re-sending.
 
 Privacy: segments and the ack file are 0600 in a 0700 directory (existing ones
 are tightened at start); they hold what the events name.
 
 Bound: at most ``max_bytes`` on disk. When full, ``drop_newest`` refuses new
 batches and ``drop_oldest`` deletes the oldest unacknowledged segment; either
-way the events lost are counted (``dropped_events``).
+way the events lost are counted (``dropped_events``), each once. The batches of a
+dropped segment that the publisher has already read are being sent from its
+memory: they are counted only if they are not acknowledged before ``close`` (the
+agent stopped first), when nothing holds them any more. (A SIGKILL in between loses
+them uncounted, as it does the events not yet sealed: at most the publisher's reads
+in flight, agent.MAX_IN_FLIGHT batches and the rest of its last read.)
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import io
 import itertools
 import logging
 import os
@@ -80,7 +89,7 @@ from typing import Literal
 
 from zlib_ng import zlib_ng
 
-from edge_agent.seqstore import private_dir
+from edge_agent.seqstore import no_space, private_dir
 
 log = logging.getLogger("ktel.spool")
 
@@ -138,9 +147,15 @@ class Spool:
         recent_max_bytes: int = RECENT_MAX_BYTES,
     ):
         self.dir = directory
-        private_dir(directory)
-        for p in directory.iterdir():
-            os.chmod(p, 0o600)
+        full: OSError | None = None  # the disk had no space for the spool at start
+        try:
+            private_dir(directory)
+            for p in directory.iterdir():
+                os.chmod(p, 0o600)
+        except OSError as err:
+            if not no_space(err):
+                raise
+            full = err  # a first start on a full disk: nothing spooled yet
         self.max_bytes = max_bytes
         # drop_oldest drops a segment at a time, never the one being written: a spool
         # bound to a few segments' size would drop the newest batches instead.
@@ -154,6 +169,12 @@ class Spool:
         self._damaged: set[tuple[int, int]] = set()
         self._undeleted: set[int] = set()  # acknowledged or dropped segments unlink failed on
         self._missing: set[int] = set()  # segments found gone while running (logged once)
+        # How far read() has handed records out: the publisher sends what it read, from
+        # memory, whatever becomes of its segment (_drop_oldest_segment).
+        self._taken = Cursor(0, 0)
+        # Records a full spool dropped after the publisher took them: (end, events) each,
+        # in order, delivered when acknowledged, lost if not acknowledged by close().
+        self._dropped_in_flight: collections.deque[tuple[Cursor, int]] = collections.deque()
         self._last_fsync = time.monotonic()
         self._unsynced = False  # records written since the last fsync
         self._ack = self._load_ack()
@@ -161,13 +182,14 @@ class Spool:
         self._ack_written = 0.0
         self._ack_failing = False
         self._ack_fd: int | None = None  # opened at the first write (_write_ack)
-        segs = self._segments()
-        self._ack = self._checked(self._ack, segs)
+        sizes = {s: self._path(s).stat().st_size for s in self._segments()}
+        self._ack = self._checked(self._ack, sizes)
         # Forget segments wholly before the acknowledged cursor (a crash between ack and delete).
-        for s in segs:
+        for s in list(sizes):
             if s < self._ack.segment:
                 self._unlink(s)
-        segs = [s for s in segs if s >= self._ack.segment]
+                del sizes[s]
+        segs = list(sizes)
         # Always a fresh segment for writing: never append after a possibly torn tail.
         # And never one the cursor read from disk points into, even with the segments
         # it named gone (deleted to free space, say): until the cursor is written again,
@@ -182,9 +204,23 @@ class Spool:
                     "spool segments %d to %d are missing from %s: their batches are lost",
                     before + 1, after - 1, self.dir,
                 )  # fmt: skip
-        self._wfile = self._open_write(self._wseg)
+        self._wfile: io.FileIO | None = None  # None while the disk has no space for it
+        if full is None:
+            try:
+                self._wfile = self._open_write(self._wseg)
+            except OSError as err:
+                if not no_space(err):
+                    raise
+                full = err
+        if full is not None:
+            # Not a reason to stop: the backlog can still be sent (and its acknowledgement
+            # frees space), and append refuses each batch (_writer), counted, until space returns.
+            log.error(
+                "spool %s: no space for a new segment (%s): batches are refused until there is",
+                self.dir, full.strerror or full,
+            )  # fmt: skip
         self._wsize = 0
-        self._sizes = {s: self._path(s).stat().st_size for s in segs}
+        self._sizes = sizes
         self._sizes[self._wseg] = 0
         self._rfile: tuple[int, object] | None = None
         # Records appended since start, in order, not yet acknowledged: a contiguous run
@@ -198,11 +234,19 @@ class Spool:
     def _path(self, seg: int) -> Path:
         return self.dir / f"{seg:016d}.seg"
 
-    def _open_write(self, seg: int):
+    def _open_write(self, seg: int) -> io.FileIO:
         # Unbuffered: a failed write leaves nothing queued in Python to be written later,
         # so cutting the segment back to its last whole record really undoes it.
         fd = os.open(self._path(seg), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         return open(fd, "ab", buffering=0)
+
+    def _writer(self) -> io.FileIO:
+        """The segment being written, made now if the disk had no space for it (nor for
+        the directory) at start; raises OSError while it still has none."""
+        if self._wfile is None:
+            private_dir(self.dir)
+            self._wfile = self._open_write(self._wseg)
+        return self._wfile
 
     def _segments(self) -> list[int]:
         return sorted(int(p.stem) for p in self.dir.glob("*.seg") if p.stem.isdigit())
@@ -214,7 +258,7 @@ class Spool:
         except (FileNotFoundError, ValueError):
             return Cursor(0, 0)
 
-    def _checked(self, ack: Cursor, segs: list[int]) -> Cursor:
+    def _checked(self, ack: Cursor, sizes: dict[int, int]) -> Cursor:
         """``ack`` if the segments on disk can follow from it, else none (Cursor(0, 0)):
         everything is sent again, and the processors drop what they had by sequence
         number. The spool writes a cursor inside a segment it holds, at a record's
@@ -224,7 +268,9 @@ class Spool:
         segment missing between two on disk, or past its segment's end, is damage or a
         hand's edit, and taken as it is it would delete the unacknowledged backlog at
         start; a negative one made every read fail, and one inside a record lost it.
-        A segment removed by hand under a good cursor costs re-sending, no more."""
+        A segment removed by hand under a good cursor costs re-sending, no more.
+        ``sizes``: each segment's size, in order."""
+        segs = list(sizes)
         if not segs:
             return ack  # every segment gone: new ones are numbered past it (module docstring)
         if (
@@ -233,7 +279,7 @@ class Spool:
             or ack.segment > segs[-1] + 1
             or (ack.segment == segs[-1] + 1 and ack.offset > 0)
             or (segs[0] < ack.segment <= segs[-1] and ack.segment not in segs)
-            or (ack.segment in segs and not self._record_at(ack.segment, ack.offset))
+            or (ack.segment in sizes and not self._record_at(ack.segment, ack.offset, sizes[ack.segment]))
         ):
             log.error(
                 "spool ack cursor %d %d does not fit the segments in %s (%d to %d): "
@@ -243,16 +289,16 @@ class Spool:
             return Cursor(0, 0)
         return ack
 
-    def _record_at(self, seg: int, offset: int) -> bool:
-        """Whether ``offset`` is where the spool could have put the cursor in ``seg``:
-        its start, its end, or the start of an intact record (a cursor inside a record
-        would skip it as damage, and one past the end would skip the segment)."""
+    def _record_at(self, seg: int, offset: int, size: int) -> bool:
+        """Whether ``offset`` is where the spool could have put the cursor in ``seg``
+        (``size`` bytes): its start, its end, or the start of an intact record (a cursor
+        inside a record would skip it as damage, and one past the end would skip the
+        segment)."""
+        if offset in (0, size):
+            return True
+        if offset > size:
+            return False
         with open(self._path(seg), "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if offset in (0, size):
-                return True
-            if offset > size:
-                return False
             f.seek(offset)
             head = f.read(HEADER.size)
             if len(head) < HEADER.size:
@@ -308,24 +354,25 @@ class Spool:
                 return False
         if self._wsize and self._wsize + size > self.segment_bytes:
             self._rotate()
+        wfile = self._writer()
         header = HEADER.pack(MAGIC, len(payload), n_events, _crc(len(payload), n_events, payload))
         now = time.monotonic()
         try:
             # One write to the page cache: from here a SIGKILL cannot lose it.
-            written = os.writev(self._wfile.fileno(), (header, payload))
+            written = os.writev(wfile.fileno(), (header, payload))
             if written != size:
                 raise OSError(f"short write to {self._path(self._wseg)}: {written} of {size} bytes")
             if self.fsync == "always" or (
                 self.fsync == "interval" and now - self._last_fsync >= self.fsync_interval
             ):
-                os.fsync(self._wfile.fileno())
+                os.fsync(wfile.fileno())
                 self._last_fsync = now
             elif self.fsync == "interval":
                 self._unsynced = True
         except OSError:
             # Undo the partial record (a full disk writes what fits): the segment ends
             # with whole records, and the space is free for the next try.
-            os.ftruncate(self._wfile.fileno(), self._wsize)
+            os.ftruncate(wfile.fileno(), self._wsize)
             raise
         start = Cursor(self._wseg, self._wsize)
         self._wsize += size
@@ -344,7 +391,7 @@ class Spool:
         if not self._unsynced or now - self._last_fsync < self.fsync_interval:
             return
         try:
-            os.fsync(self._wfile.fileno())
+            os.fsync(self._writer().fileno())
         except OSError as err:
             log.error("spool segment %s: fsync failed: %s", self._path(self._wseg), err)
         self._last_fsync = now
@@ -385,14 +432,15 @@ class Spool:
         return [self._recent[j] for j in range(i, min(i + limit, len(self._recent)))]
 
     def _rotate(self) -> None:
+        wfile = self._writer()
         if self.fsync != "never":
-            os.fsync(self._wfile.fileno())
+            os.fsync(wfile.fileno())
             self._unsynced = False
         # The next segment is opened before anything changes: if that fails the spool
         # is as it was. The directory may have been removed under a running agent.
         private_dir(self.dir)
         nxt = self._open_write(self._wseg + 1)
-        self._wfile.close()
+        wfile.close()
         self._wfile = nxt
         self._wseg += 1
         self._wsize = 0
@@ -402,18 +450,23 @@ class Spool:
         oldest = self._ack.segment
         if oldest == self._wseg:
             return False  # only the segment being written is left: nothing to evict
-        events, batches = 0, 0
+        events, batches, in_flight = 0, 0, 0
         for rec in self._scan(oldest, self._ack.offset, count_damage=False):
+            if rec.start < self._taken:
+                # Already read by the publisher, which sends it from memory: lost only
+                # if it is never acknowledged (ack, close), counted then.
+                self._dropped_in_flight.append((rec.next, rec.n_events))
+                in_flight += 1
+                continue
             events += rec.n_events
             batches += 1
         self.dropped_events += events
         self.dropped_batches += batches
         log.error(
-            "spool full (%d bytes): dropped its oldest %d batches (%d events)",
-            self.max_bytes,
-            batches,
-            events,
-        )
+            "spool full (%d bytes): dropped its oldest %d batches (%d events), and %d being sent "
+            "(counted if Kafka does not acknowledge them)",
+            self.max_bytes, batches, events, in_flight,
+        )  # fmt: skip
         self._delete_through(oldest)
         # The next segment there is: one may be missing (removed by hand, logged at start).
         self._ack = Cursor(min((s for s in self._sizes if s > oldest), default=self._wseg), 0)
@@ -498,7 +551,15 @@ class Spool:
         )  # fmt: skip
 
     def read(self, cursor: Cursor, limit: int = 64) -> list[Record]:
-        """Up to ``limit`` records at or after ``cursor``, in order ([] if caught up)."""
+        """Up to ``limit`` records at or after ``cursor``, in order ([] if caught up):
+        taken to be sent (the spool's one reader is the publisher), so a full spool
+        that drops them counts them only if they are not acknowledged."""
+        out = self._read(cursor, limit)
+        if out:
+            self._taken = max(self._taken, out[-1].next)
+        return out
+
+    def _read(self, cursor: Cursor, limit: int) -> list[Record]:
         if cursor.segment < self._ack.segment:  # the segment was dropped while we were reading it
             cursor = self._ack
         recent = self._from_memory(cursor, limit)
@@ -524,6 +585,8 @@ class Spool:
 
     def ack(self, upto: Cursor) -> None:
         """Everything before ``upto`` is acknowledged."""
+        while self._dropped_in_flight and self._dropped_in_flight[0][0] <= upto:
+            self._dropped_in_flight.popleft()  # delivered: its segment's drop did not lose it
         if upto <= self._ack:
             return
         self._forget_before(upto)
@@ -574,11 +637,24 @@ class Spool:
             self._ack_fd = None
 
     def close(self) -> None:
+        if self._dropped_in_flight:
+            # Dropped from the spool while being sent, and not acknowledged before the
+            # agent stopped: neither delivered nor kept for the next start.
+            events = sum(n for _, n in self._dropped_in_flight)
+            self.dropped_events += events
+            self.dropped_batches += len(self._dropped_in_flight)
+            log.error(
+                "spool full earlier: %d batches (%d events) it dropped while they were being sent "
+                "were not acknowledged: lost",
+                len(self._dropped_in_flight), events,
+            )  # fmt: skip
+            self._dropped_in_flight.clear()
         if self._ack != self._ack_on_disk:
             self._write_ack()
         self._close_ack()
-        if self.fsync != "never":
-            os.fsync(self._wfile.fileno())
-        self._wfile.close()
+        if self._wfile is not None:
+            if self.fsync != "never":
+                os.fsync(self._wfile.fileno())
+            self._wfile.close()
         if self._rfile is not None:
             self._rfile[1].close()  # type: ignore[attr-defined]

@@ -7,6 +7,7 @@ import os
 
 import msgpack
 import pytest
+from prometheus_client import REGISTRY
 
 from edge_agent import agent as agent_mod
 from edge_agent import probes as probes_mod
@@ -150,6 +151,43 @@ def test_a_state_dir_that_cannot_be_used_names_the_setting_and_the_fix(tmp_path)
         f"agent.state_dir = '{tmp_path / 'a-file' / 'state'}': cannot be used (Not a directory"
     )
     assert "set agent.state_dir (KTEL_AGENT__STATE_DIR)" in said
+
+
+def disk_dropped() -> float:
+    return REGISTRY.get_sample_value("ktel_agent_disk_dropped_events_total") or 0.0
+
+
+@pytest.mark.parametrize("first_start", [False, True])
+def test_a_full_disk_at_start_does_not_stop_the_agent_its_batches_are_counted(
+    tmp_path, monkeypatch, first_start
+):
+    """A full disk passes, unlike a read-only state directory: the agent starts (even
+    where it has no state directory yet), counts what it cannot spool as it does when
+    the disk fills while it runs, and spools again once space returns."""
+    state = tmp_path / "state"
+    if not first_start:
+        (state / "spool").mkdir(parents=True)
+    real_open, real_mkdir = os.open, os.mkdir
+
+    def no_space(path, *args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(
+        os, "mkdir", lambda path, *a: (real_mkdir if os.path.isdir(path) else no_space)(path, *a)
+    )
+    monkeypatch.setattr(
+        os, "open", lambda path, flags, *a: (no_space if flags & os.O_CREAT else real_open)(path, flags, *a)
+    )
+    a = make_agent(state)
+    with contextlib.closing(a.spool):
+        before = disk_dropped()
+        a.spool_batch(packed(file_events(3)), [1.0] * 3)
+        assert disk_dropped() - before == 3 and a.disk_failing
+        monkeypatch.undo()
+        a.spool_batch(packed(file_events(2)), [1.0] * 2)
+        assert disk_dropped() - before == 3 and not a.disk_failing
+        [rec] = a.spool.read(a.spool.ack_cursor)
+        assert decode_batch(rec.payload).events == file_events(2)
 
 
 @pytest.mark.parametrize("existing", [False, True])

@@ -55,6 +55,19 @@ def test_a_block_that_cannot_be_written_issues_no_number(tmp_path, monkeypatch):
     assert SeqStore(tmp_path, block=10).next() == 20
 
 
+def test_a_first_start_on_a_full_disk_numbers_once_space_returns(tmp_path, monkeypatch):
+    def full(path, *_a, **_k):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(os, "mkdir", full)
+    s = SeqStore(tmp_path / "state", block=10)  # no directory could be made: not a reason to stop
+    with pytest.raises(OSError):
+        s.next()
+    monkeypatch.undo()
+    assert s.next() == 0
+    assert SeqStore(tmp_path / "state", block=10).next() == 10
+
+
 def test_the_state_is_private_even_if_it_was_not(tmp_path):
     state = tmp_path / "state"
     state.mkdir(mode=0o755)

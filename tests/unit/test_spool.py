@@ -1,3 +1,4 @@
+import errno
 import os
 import stat
 import struct
@@ -166,6 +167,35 @@ def test_full_spool_drops_by_policy_and_counts_events(tmp_path, policy):
     assert sp.depth_bytes() <= 10 * rec
 
 
+def test_batches_in_flight_when_their_segment_is_dropped_are_counted_only_if_never_acknowledged(tmp_path):
+    """drop_oldest deletes the oldest segment while the publisher has read some of its
+    batches and is sending them (from memory): acknowledged, they were delivered, not
+    dropped; never acknowledged (the agent stopped first), they are lost, and counted
+    at close. Each batch is delivered, counted as dropped, or still spooled: once."""
+    rec = HEADER.size + 100
+    sp = Spool(tmp_path, max_bytes=16 * rec, segment_bytes=2 * rec, full_policy="drop_oldest")
+    assert all(sp.append(payload(i), n_events=7) for i in range(16))  # full: 8 segments of 2
+    sent = sp.read(sp.ack_cursor, limit=3)  # batches 0 and 1 (segment 0), 2 (segment 1)
+    assert sp.append(payload(16), n_events=7)  # drops segment 0: both its batches in flight
+    assert (sp.dropped_batches, sp.dropped_events) == (0, 0)
+    assert sp.append(payload(17), n_events=7) and sp.append(payload(18), n_events=7)
+    # The second of these dropped segment 1: batch 2 in flight, batch 3 not yet sent.
+    assert (sp.dropped_batches, sp.dropped_events) == (1, 7)
+    for r in sent:  # Kafka acknowledges what was in flight
+        sp.ack(r.next)
+    assert (sp.dropped_batches, sp.dropped_events) == (1, 7)
+    assert read_all(sp) == [payload(i) for i in range(4, 19)]  # the cursor neither behind nor past
+    more = sp.read(sent[-1].next, limit=2)  # batches 4 and 5 (segment 2) sent next
+    assert [r.payload for r in more] == [payload(4), payload(5)]
+    assert sp.append(payload(19), n_events=7) and sp.append(payload(20), n_events=7)  # drops segment 2
+    assert (sp.dropped_batches, sp.dropped_events) == (1, 7)
+    sp.close()  # stopped before Kafka acknowledged them: lost
+    assert (sp.dropped_batches, sp.dropped_events) == (3, 21)
+    assert read_all(Spool(tmp_path, max_bytes=16 * rec, segment_bytes=2 * rec)) == [
+        payload(i) for i in range(6, 21)
+    ]
+
+
 def test_a_spool_bound_below_a_segment_still_drops_its_oldest(tmp_path):
     # spool_max_mb can be 1, below the 16 MiB segment the spool is written in.
     rec = HEADER.size + 100
@@ -232,6 +262,42 @@ def test_a_refused_write_leaves_no_partial_record_and_the_spool_goes_on(tmp_path
     assert sp.corrupt_bytes == again.corrupt_bytes == 0
 
 
+@pytest.mark.parametrize("first_start", [False, True])
+def test_a_full_disk_at_start_refuses_batches_until_space_returns(tmp_path, monkeypatch, first_start):
+    """No space for the first segment (nor, at a first start, for the spool directory):
+    the spool starts all the same, sends the backlog it has, refuses each batch as a
+    disk filling while it runs does (append raises; the agent counts the batch), and
+    takes batches again once space returns."""
+    d = tmp_path / "spool"
+    backlog = [] if first_start else [payload(i) for i in range(3)]
+    if backlog:
+        sp = Spool(d)
+        for p in backlog:
+            sp.append(p, 1)
+        sp.close()
+
+    def no_space(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    real_open, real_mkdir = os.open, os.mkdir
+    monkeypatch.setattr(
+        os, "mkdir", lambda path, *a: (real_mkdir if os.path.isdir(path) else no_space)(path, *a)
+    )
+    monkeypatch.setattr(
+        os, "open", lambda path, flags, *a: (no_space if flags & os.O_CREAT else real_open)(path, flags, *a)
+    )
+    sp = Spool(d)
+    assert read_all(sp) == backlog
+    for _ in range(2):
+        with pytest.raises(OSError):
+            sp.append(b"lost", 1)
+    monkeypatch.undo()
+    assert sp.append(b"kept", 1)
+    assert read_all(sp) == [*backlog, b"kept"]
+    sp.close()
+    assert read_all(Spool(d)) == [*backlog, b"kept"]
+
+
 def test_records_appended_by_this_process_are_read_back_from_memory(tmp_path):
     sp = Spool(tmp_path, segment_bytes=1000)
     for i in range(20):  # three segments
@@ -288,6 +354,41 @@ def test_what_memory_serves_is_what_the_disk_holds(tmp_path_factory, ops, recent
         sp.close()
         runs.append(seen)
     assert runs[0] == runs[1]
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@example(  # a drop of the segment of a batch in flight, then its acknowledgement
+    ops=[("append", 1)] * 4
+    + [("append", 249)]
+    + [("append", 400)] * 3
+    + [("read", 1), ("append", 287), ("ack", 0)],
+    policy="drop_oldest",
+)
+@given(ops=OPS, policy=st.sampled_from(["drop_newest", "drop_oldest"]))
+def test_every_batch_is_delivered_counted_as_dropped_or_still_spooled_once(tmp_path_factory, ops, policy):
+    """A publisher's reads, sends and acknowledgements against a spool that fills and
+    drops: after a stop, each batch appended was acknowledged, counted as dropped, or is
+    in the spool for the next start, and only one of these."""
+    d = tmp_path_factory.mktemp("spool")
+    sp = Spool(d, max_bytes=2000, segment_bytes=700, full_policy=policy)
+    events = {}  # payload: events, of every batch appended
+    sent, delivered, cur = [], [], sp.ack_cursor
+    for i, (op, arg) in enumerate(ops):
+        if op == "append":
+            events[payload(i, 13 + arg)] = 1 + i % 5  # (its number in every payload)
+            sp.append(payload(i, 13 + arg), 1 + i % 5)
+        elif op == "read":
+            recs = sp.read(cur, limit=arg)
+            sent += [r.payload for r in recs]
+            cur = recs[-1].next if recs else cur
+        else:  # everything sent is acknowledged, in order
+            sp.ack(cur)
+            delivered, sent = delivered + sent, []
+    sp.close()
+    kept = read_all(Spool(d, max_bytes=2000, segment_bytes=700))
+    assert not set(delivered) & set(kept) and len(set(delivered)) == len(delivered)
+    assert len(delivered) + sp.dropped_batches + len(kept) == len(events)
+    assert sum(events[p] for p in delivered + kept) + sp.dropped_events == sum(events.values())
 
 
 def test_a_spool_written_before_zlib_ng_is_read_the_same(tmp_path):
