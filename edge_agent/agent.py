@@ -347,7 +347,11 @@ class Agent:
             for batch, payload in self.encoded(events, weights):
                 if not self.spool.append(payload, len(batch.events)):
                     n = len(batch.events)
-                    log.error("spool full (policy drop_newest): dropped batch %d (%d events)", batch.seq, n)
+                    # (drop_newest, or drop_oldest with nothing older left to drop: the
+                    # batch alone is larger than the spool's bound less its open segment)
+                    log.error(
+                        "spool full (%s): dropped batch %d (%d events)", self.spool.full_policy, batch.seq, n
+                    )
                 spooled += len(batch.events)
         except OSError as err:
             # The batch is lost, not the agent: it keeps draining the probes (their

@@ -68,15 +68,20 @@ Bound: at most ``max_bytes`` on disk. When full, ``drop_newest`` refuses new
 batches and ``drop_oldest`` deletes the oldest unacknowledged segment; either
 way the events lost are counted (``dropped_events``), each once. The batches of a
 dropped segment that the publisher has already read are being sent from its
-memory: they are counted only if they are not acknowledged before ``close`` (the
-agent stopped first), when nothing holds them any more. (A SIGKILL in between loses
-them uncounted, as it does the events not yet sealed: at most the publisher's reads
-in flight, agent.MAX_IN_FLIGHT batches and the rest of its last read.)
+memory: they are lost only if Kafka does not acknowledge them before the agent
+stops (or is killed), when nothing holds them any more. Until then their number is
+in the file ``dropped-in-flight`` (written at the drop and at each acknowledgement
+of one of them, gone once all are), and the next start counts what it names as
+dropped: a stop with them unacknowledged is one where Kafka is away, so neither
+the last heartbeat nor a last scrape could carry the count, and a SIGKILL leaves
+nothing else. (One acknowledged in the instant before a SIGKILL is counted though
+delivered.)
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import io
 import itertools
@@ -102,6 +107,9 @@ SEGMENTS_AT_LEAST = 8
 # How often, at most, the ack cursor is written: once per batch, writing it (then
 # open, write, rename: ~0.7 ms here) was a tenth of the agent's time at 400 k events/s.
 ACK_WRITE_S = 0.5
+# How many batches (and events) a full spool dropped while the publisher was sending
+# them are not yet acknowledged (module docstring).
+IN_FLIGHT_FILE = "dropped-in-flight"
 # The ack file's size: "<segment> <offset>" padded with spaces, then a newline. Two
 # 20-digit numbers fit, so a shorter cursor overwrites every byte of a longer one.
 ACK_BYTES = 48
@@ -173,8 +181,10 @@ class Spool:
         # memory, whatever becomes of its segment (_drop_oldest_segment).
         self._taken = Cursor(0, 0)
         # Records a full spool dropped after the publisher took them: (end, events) each,
-        # in order, delivered when acknowledged, lost if not acknowledged by close().
+        # in order, delivered when acknowledged; on disk for the next start to count
+        # (module docstring).
         self._dropped_in_flight: collections.deque[tuple[Cursor, int]] = collections.deque()
+        self._count_lost_in_flight()
         self._last_fsync = time.monotonic()
         self._unsynced = False  # records written since the last fsync
         self._ack = self._load_ack()
@@ -340,12 +350,15 @@ class Spool:
         return sum(self._sizes.values()) - self._ack.offset
 
     def empty(self) -> bool:
-        return self._ack >= self.end or self.depth_bytes() <= 0
+        """Nothing left to deliver: the spooled batches, and those a full spool dropped
+        while they were being sent, acknowledged."""
+        return (self._ack >= self.end or self.depth_bytes() <= 0) and not self._dropped_in_flight
 
     # ----------------------------------------------------------------- write
 
     def append(self, payload: bytes, n_events: int) -> bool:
-        """Spool one sealed batch; False if it was dropped (spool full, drop_newest)."""
+        """Spool one sealed batch; False if it was dropped (spool full: drop_newest, or
+        drop_oldest with only the segment being written left)."""
         size = HEADER.size + len(payload)
         while self.depth_bytes() + size > self.max_bytes:
             if self.full_policy == "drop_newest" or not self._drop_oldest_segment():
@@ -454,7 +467,7 @@ class Spool:
         for rec in self._scan(oldest, self._ack.offset, count_damage=False):
             if rec.start < self._taken:
                 # Already read by the publisher, which sends it from memory: lost only
-                # if it is never acknowledged (ack, close), counted then.
+                # if it is never acknowledged (module docstring).
                 self._dropped_in_flight.append((rec.next, rec.n_events))
                 in_flight += 1
                 continue
@@ -467,6 +480,8 @@ class Spool:
             "(counted if Kafka does not acknowledge them)",
             self.max_bytes, batches, events, in_flight,
         )  # fmt: skip
+        if in_flight:
+            self._save_in_flight()
         self._delete_through(oldest)
         # The next segment there is: one may be missing (removed by hand, logged at start).
         self._ack = Cursor(min((s for s in self._sizes if s > oldest), default=self._wseg), 0)
@@ -585,8 +600,10 @@ class Spool:
 
     def ack(self, upto: Cursor) -> None:
         """Everything before ``upto`` is acknowledged."""
-        while self._dropped_in_flight and self._dropped_in_flight[0][0] <= upto:
-            self._dropped_in_flight.popleft()  # delivered: its segment's drop did not lose it
+        if self._dropped_in_flight and self._dropped_in_flight[0][0] <= upto:
+            while self._dropped_in_flight and self._dropped_in_flight[0][0] <= upto:
+                self._dropped_in_flight.popleft()  # delivered: its segment's drop did not lose it
+            self._save_in_flight()
         if upto <= self._ack:
             return
         self._forget_before(upto)
@@ -636,19 +653,55 @@ class Spool:
             os.close(self._ack_fd)
             self._ack_fd = None
 
+    def _save_in_flight(self) -> None:
+        """Write how many batches (and events) dropped while being sent are still not
+        acknowledged, or remove the file when none is (module docstring)."""
+        path = self.dir / IN_FLIGHT_FILE
+        try:
+            if not self._dropped_in_flight:
+                path.unlink(missing_ok=True)
+                return
+            events = sum(n for _, n in self._dropped_in_flight)
+            tmp = path.with_suffix(".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with open(fd, "w") as f:
+                f.write(f"{len(self._dropped_in_flight)} {events}\n")
+            os.replace(tmp, path)
+        except OSError as err:
+            # (a full disk, say: a stop or a SIGKILL before their acknowledgements then
+            # leaves them uncounted)
+            log.warning("spool %s not written (%s)", path, err)
+
+    def _count_lost_in_flight(self) -> None:
+        """Count as dropped the batches an earlier run dropped while sending them and
+        never saw acknowledged (``_save_in_flight``)."""
+        path = self.dir / IN_FLIGHT_FILE
+        try:
+            batches, events = (int(n) for n in path.read_text().split())
+            if batches < 0 or events < 0:
+                raise ValueError(f"{batches} batches, {events} events")
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as err:
+            log.error("spool %s unreadable (%s): the batches it counted are not", path, err)
+        else:
+            self.dropped_batches += batches
+            self.dropped_events += events
+            log.error(
+                "spool full before this start: %d batches (%d events) it dropped while they were "
+                "being sent were not acknowledged before the agent stopped: lost",
+                batches, events,
+            )  # fmt: skip
+        with contextlib.suppress(OSError):
+            path.unlink()
+
     def close(self) -> None:
         if self._dropped_in_flight:
-            # Dropped from the spool while being sent, and not acknowledged before the
-            # agent stopped: neither delivered nor kept for the next start.
-            events = sum(n for _, n in self._dropped_in_flight)
-            self.dropped_events += events
-            self.dropped_batches += len(self._dropped_in_flight)
             log.error(
-                "spool full earlier: %d batches (%d events) it dropped while they were being sent "
-                "were not acknowledged: lost",
-                len(self._dropped_in_flight), events,
-            )  # fmt: skip
-            self._dropped_in_flight.clear()
+                "spool full earlier: %d batches it dropped while they were being sent are not "
+                "acknowledged; the next start counts them as lost",
+                len(self._dropped_in_flight),
+            )
         if self._ack != self._ack_on_disk:
             self._write_ack()
         self._close_ack()

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from edge_agent.spool import HEADER, MAGIC, Spool
+from edge_agent.spool import HEADER, IN_FLIGHT_FILE, MAGIC, Spool
 
 
 def payload(i: int, size: int = 100) -> bytes:
@@ -170,10 +170,11 @@ def test_full_spool_drops_by_policy_and_counts_events(tmp_path, policy):
 def test_batches_in_flight_when_their_segment_is_dropped_are_counted_only_if_never_acknowledged(tmp_path):
     """drop_oldest deletes the oldest segment while the publisher has read some of its
     batches and is sending them (from memory): acknowledged, they were delivered, not
-    dropped; never acknowledged (the agent stopped first), they are lost, and counted
-    at close. Each batch is delivered, counted as dropped, or still spooled: once."""
+    dropped; never acknowledged (the agent stopped first), they are lost, and the next
+    start counts them. Each batch is delivered, counted as dropped, or still spooled: once."""
     rec = HEADER.size + 100
-    sp = Spool(tmp_path, max_bytes=16 * rec, segment_bytes=2 * rec, full_policy="drop_oldest")
+    opts = {"max_bytes": 16 * rec, "segment_bytes": 2 * rec, "full_policy": "drop_oldest"}
+    sp = Spool(tmp_path, **opts)
     assert all(sp.append(payload(i), n_events=7) for i in range(16))  # full: 8 segments of 2
     sent = sp.read(sp.ack_cursor, limit=3)  # batches 0 and 1 (segment 0), 2 (segment 1)
     assert sp.append(payload(16), n_events=7)  # drops segment 0: both its batches in flight
@@ -181,19 +182,38 @@ def test_batches_in_flight_when_their_segment_is_dropped_are_counted_only_if_nev
     assert sp.append(payload(17), n_events=7) and sp.append(payload(18), n_events=7)
     # The second of these dropped segment 1: batch 2 in flight, batch 3 not yet sent.
     assert (sp.dropped_batches, sp.dropped_events) == (1, 7)
+    assert (tmp_path / IN_FLIGHT_FILE).read_text().split() == ["3", "21"]
+    assert not sp.empty()  # (what a stop waits for)
     for r in sent:  # Kafka acknowledges what was in flight
         sp.ack(r.next)
     assert (sp.dropped_batches, sp.dropped_events) == (1, 7)
-    assert read_all(sp) == [payload(i) for i in range(4, 19)]  # the cursor neither behind nor past
+    assert not (tmp_path / IN_FLIGHT_FILE).exists()
     more = sp.read(sent[-1].next, limit=2)  # batches 4 and 5 (segment 2) sent next
     assert [r.payload for r in more] == [payload(4), payload(5)]
     assert sp.append(payload(19), n_events=7) and sp.append(payload(20), n_events=7)  # drops segment 2
     assert (sp.dropped_batches, sp.dropped_events) == (1, 7)
     sp.close()  # stopped before Kafka acknowledged them: lost
-    assert (sp.dropped_batches, sp.dropped_events) == (3, 21)
-    assert read_all(Spool(tmp_path, max_bytes=16 * rec, segment_bytes=2 * rec)) == [
-        payload(i) for i in range(6, 21)
-    ]
+    again = Spool(tmp_path, **opts)
+    assert (again.dropped_batches, again.dropped_events) == (2, 14)  # counted by the next start
+    assert read_all(again) == [payload(i) for i in range(6, 21)]
+    again.close()
+    assert Spool(tmp_path, **opts).dropped_batches == 0  # and only by it
+
+
+def test_batches_in_flight_when_their_segment_was_dropped_are_counted_after_a_sigkill(tmp_path):
+    """No close: the agent was killed with batches a full spool dropped while they were
+    being sent still unacknowledged. The next start counts them; one acknowledged before
+    the kill is not."""
+    rec = HEADER.size + 100
+    opts = {"max_bytes": 4 * rec, "segment_bytes": rec, "full_policy": "drop_oldest"}
+    sp = Spool(tmp_path, **opts)
+    assert all(sp.append(payload(i), n_events=3) for i in range(4))
+    sent = sp.read(sp.ack_cursor, limit=2)  # batches 0 and 1, each a segment
+    assert sp.append(payload(4), n_events=3) and sp.append(payload(5), n_events=3)  # drop both
+    sp.ack(sent[0].next)  # batch 0 delivered, then SIGKILL
+    again = Spool(tmp_path, **opts)
+    assert (again.dropped_batches, again.dropped_events) == (1, 3)
+    assert read_all(again) == [payload(i) for i in range(2, 6)]
 
 
 def test_a_spool_bound_below_a_segment_still_drops_its_oldest(tmp_path):
@@ -385,10 +405,12 @@ def test_every_batch_is_delivered_counted_as_dropped_or_still_spooled_once(tmp_p
             sp.ack(cur)
             delivered, sent = delivered + sent, []
     sp.close()
-    kept = read_all(Spool(d, max_bytes=2000, segment_bytes=700))
+    nxt = Spool(d, max_bytes=2000, segment_bytes=700)  # (it counts what the stop left in flight)
+    kept = read_all(nxt)
     assert not set(delivered) & set(kept) and len(set(delivered)) == len(delivered)
-    assert len(delivered) + sp.dropped_batches + len(kept) == len(events)
-    assert sum(events[p] for p in delivered + kept) + sp.dropped_events == sum(events.values())
+    assert len(delivered) + sp.dropped_batches + nxt.dropped_batches + len(kept) == len(events)
+    dropped = sp.dropped_events + nxt.dropped_events
+    assert sum(events[p] for p in delivered + kept) + dropped == sum(events.values())
 
 
 def test_a_spool_written_before_zlib_ng_is_read_the_same(tmp_path):
