@@ -17,8 +17,10 @@ heartbeat's counters) and named with the reason in the next heartbeat's
 ``undecodable``; it has no id to acknowledge. At most ``MAX_PENDING_ACKS``
 acknowledgements of each sort wait for a heartbeat (the oldest go first,
 counted), so heartbeats stay far under Kafka's record limit whatever arrives.
-A restore is judged by the same bounds (it carries a rate and a duration for
-agents that predate restores).
+A restore is judged by the same bounds but the rate (it carries a rate and a
+duration for agents that predate restores; this one puts back its own rate). A
+restore ends whatever command is in force for its probe, as any later command for
+the probe does: a command sent by hand during a raise ends with the raise.
 
 Durations, not deadlines. A command holds for ``ttl_ms`` from when this agent
 applies it, by this agent's clock, so a sender whose clock is ahead or behind
@@ -198,7 +200,9 @@ class Control:
             return False
         now = now if now is not None else now_ms()
         ttl_ms = cmd.ttl_ms if cmd.ttl_ms is not None else cmd.until_ms - sent_ms
-        refused = self.refusal(cmd.id, cmd.probe, cmd.sample_every, ttl_ms)
+        # (a restore's rate is for agents that predate restores: this one applies its own,
+        # so a sender's rate above this agent's bound must not keep a raise in force)
+        refused = self.refusal(cmd.id, cmd.probe, 1 if cmd.restore else cmd.sample_every, ttl_ms)
         if refused is not None:
             self._refuse(cmd.id, *refused)
             return False

@@ -280,3 +280,6 @@ def test_a_restore_with_nothing_in_force_is_acknowledged_and_bounded_like_any_co
     before = refused("probe")
     assert not ctl.handle(cmd(cmd_id="r2", probe="no_such_probe", restore=True), sent_ms=T0, now=T0)
     assert refused("probe") == before + 1
+    # Its rate is not this agent's to apply: one past its bound does not refuse it.
+    assert ctl.handle(cmd(cmd_id="r3", every=BOUNDS.max_sample_every + 1, restore=True), sent_ms=T0, now=T0)
+    assert applied[-1] == ("file_created", 2)
