@@ -395,6 +395,14 @@ def _exit_time(queued: list[Any]) -> int:
 
 def _expire_exits(state: dict[str, Any], now_ns: int, opts: Options, touched: Touched) -> bool:
     exits = state.get("exits", [])
+    stale = 0
+    if len(exits) > opts.max_processes:
+        # Exits with nothing left to remove go first, not exits still in their grace
+        # ("bytes" stays an upper bound: this only takes away).
+        before = len(exits)
+        _keep_pending_exits(state)
+        exits = state["exits"]
+        stale = before - len(exits)
     grace_ns = int(opts.exit_grace_seconds * 1e9)
     boots = state.get("boots", {})
     n = 0
@@ -410,7 +418,7 @@ def _expire_exits(state: dict[str, Any], now_ns: int, opts: Options, touched: To
         n += 1
     if n:
         del exits[:n]
-    return n > 0
+    return n > 0 or stale > 0
 
 
 def bound(
@@ -441,10 +449,16 @@ def bound(
     for table in ("procs", "containers"):
         for boot_id, boot in boots.items():  # oldest boot first
             entries = boot.get(table, {})
+            order = None
             while entries and (
                 size > opts.max_table_bytes or (excess if table == "procs" else excess_containers) > 0
             ):
-                key = next(iter(entries))  # dicts keep insertion order: least recent first
+                if order is None:
+                    # Dicts keep insertion order: least recent first. One walk of the keys,
+                    # not one from the front per eviction, which passes every slot emptied
+                    # before it (a batch naming 100,000 processes took seconds).
+                    order = iter(list(entries))
+                key = next(order)
                 touched.touch(entries, ("boots", boot_id, table, key))
                 size -= _entry_size(key, entries.pop(key))
                 if table == "procs":

@@ -264,6 +264,21 @@ def test_exits_a_process_no_longer_awaits_give_way_before_any_live_process():
     assert enrich_core.encoded_size(rest) <= state["bytes"] <= opts.max_table_bytes
 
 
+def test_exits_a_process_no_longer_awaits_do_not_count_toward_max_processes():
+    """Past max_processes the oldest queued exits go before their grace. Exits with
+    nothing left to remove (one pid's exit sent again in every batch, each a new time)
+    filled the queue, and a live exit still in its grace went early for them."""
+    opts = enrich_core.Options(max_processes=100, max_table_bytes=10**9)
+    state: dict = {}
+    enrich_core.enrich(state, RawBatch("h", "b", 0, SECOND, _execs([1, 2])), {}, opts)
+    enrich_core.enrich(state, RawBatch("h", "b", 1, 2 * SECOND, [_exit(2)]), {}, opts)
+    for seq in range(2, 300):  # 298 batches 1 ms apart, each pid 1's exit again
+        enrich_core.enrich(state, RawBatch("h", "b", seq, 2 * SECOND + seq * 1_000_000, [_exit(1)]), {}, opts)
+    # Within pid 2's grace (5 s from its exit): still known.
+    within = enrich_core.enrich(state, RawBatch("h", "b", 300, 4 * SECOND, [_file(2)]), {}, opts)
+    assert list(within.batch.processes) == ["2"]
+
+
 def test_an_exit_stamped_far_in_the_future_holds_no_other_exit_past_its_grace():
     """An exit in a batch whose ``sent`` is 2**63-1 (a forged or broken clock) held every
     exit queued after it: expiry walks the queue oldest first and stopped at it."""
