@@ -105,6 +105,14 @@ HEARTBEAT_COUNTERS = (
     "spool_dropped_events", "spool_corrupt_bytes", "disk_dropped_events", "too_large_dropped_events",
     "batches_split", *(f"{c}.{p}" for p in PROBES for c in ("ringbuf_drops", "sampled_out", "inflight_lost")),
 )  # fmt: skip
+# A heartbeat's node readings (edge_agent/node_stats.py) as a one-disk node running every
+# probe ktel ships reports them: the processing worker bounds and exports them per host
+# (processors/fleet_metrics.py).
+BPF_MAPS = (
+    "block_latency.start", "block_latency.hist", "dns_latency.start", "dns_latency.hist",
+    "file_created.pending", "process.parents", "process.statuses", "runq_latency.start",
+    "syscall_latency.start", "syscall_latency.hist",
+)  # fmt: skip
 SUM = -1.0  # a histogram's sum, as Pipeline.histogram keys it among its bounds
 
 # ------------------------------------------------------------------ traffic
@@ -207,7 +215,14 @@ class Traffic:
             "acked_commands": [],
             "refused_commands": [],
             "containers": [],
-            "node": {},
+            "node": {
+                "cpu_steal_ms": 0,
+                "cpus": 2,
+                "context_switches": self.events,
+                "disk_in_flight.vda": 0,
+                **{f"map_entries.{m}": 1 for m in BPF_MAPS},
+                **{f"map_max_entries.{m}": 10240 for m in BPF_MAPS},
+            },
         }
         return await self.producer.send(HEARTBEATS_TOPIC, encode_heartbeat(hb), key=h.id.encode())  # type: ignore[arg-type]
 
