@@ -67,7 +67,7 @@ import faust
 from aiokafka.partitioner import murmur2
 from faust.serializers import codecs
 from opentelemetry.semconv._incubating.attributes.host_attributes import HOST_ID
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from ktel import consumer_lag, logs, selfmetrics
 from ktel.config import Config, KafkaConfig
@@ -200,8 +200,7 @@ SILENT_CHECK_S = 30.0
 # How often a worker exports its partitions' consumer lag.
 LAG_INTERVAL_S = 5.0
 # Per-host SLIs from the heartbeats this worker reads (its hosts are forgotten as make_app configures).
-FLEET = FleetMetrics(forget_after_s=3600.0)
-REGISTRY.register(FLEET)
+FLEET = FleetMetrics(forget_after_s=3600.0)  # (served after REGISTRY's series: serve_metrics)
 SAMPLER_EMITTED = Counter(
     "ktel_processor_sampler_emitted_events", "events the sample stage was given, per kind", ["stage", "kind"]
 )
@@ -825,7 +824,9 @@ def make_app(cfg: Config, stage: str) -> faust.App:
     @app.task
     async def serve_metrics():
         selfmetrics.ready_when(lambda: readiness(app, names.topic(SOURCE[stage])))
-        selfmetrics.serve(cfg.process.metrics_port, cfg.service.metrics_bind, "process.metrics_port")
+        selfmetrics.serve(
+            cfg.process.metrics_port, cfg.service.metrics_bind, "process.metrics_port", extra=FLEET.exposition
+        )
 
     @app.timer(LAG_INTERVAL_S, name="consumer_lag")
     async def export_lag() -> None:

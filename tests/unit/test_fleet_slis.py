@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 
 from edge_agent import node_stats
 from processors import fleet_metrics
@@ -59,9 +59,22 @@ def test_map_usage_counts_keys_against_capacity():
 
 
 def samples(fleet: FleetMetrics) -> dict[tuple[str, tuple], float]:
-    registry = CollectorRegistry()
-    registry.register(fleet)
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value for m in registry.collect() for s in m.samples}
+    """What a scrape of the worker gets of ``fleet``, as Prometheus' own parser reads it."""
+    families = list(text_string_to_metric_families(fleet.exposition().decode()))
+    assert [f.name for f in families] == [
+        "ktel_agent_up",
+        "ktel_agent_last_heartbeat_timestamp_seconds",
+        "ktel_agent_stopped_timestamp_seconds",
+        "ktel_node_cpu_steal_seconds",
+        "ktel_node_cpus",
+        "ktel_node_context_switches",
+        "ktel_node_disk_io_in_progress",
+        "ktel_agent_bpf_map_entries",
+        "ktel_agent_bpf_map_max_entries",
+    ]
+    got = {(s.name, tuple(sorted(s.labels.items()))): s.value for m in families for s in m.samples}
+    assert len(got) == sum(len(m.samples) for m in families)  # (no series twice)
+    return got
 
 
 def heartbeat(node: dict[str, int]) -> dict:
@@ -97,6 +110,21 @@ def test_a_host_is_up_while_heartbeats_arrive_and_its_readings_are_exported():
     m = (("host_id", "h1"), ("map", "parents"), ("probe", "process"))
     assert got[("ktel_agent_bpf_map_entries", m)] == 3
     assert got[("ktel_agent_bpf_map_max_entries", m)] == 8
+
+
+def test_names_and_host_ids_written_to_be_misread_are_read_back_as_they_were_sent():
+    """The worker writes its scrape's lines itself: a host id or a name holding a quote,
+    a backslash or a newline must not end its label early or start a line of its own."""
+    fleet = FleetMetrics(forget_after_s=3600)
+    host = 'h"} 1\nktel_agent_up{host_id="forged\\'
+    node = {"cpus": 2, 'disk_in_flight.a"b\\c': 3, 'map_entries.p"q.m\\n': 4}
+    fleet.observe(host, {**heartbeat(node), "host": {"host.id": host}})  # type: ignore[arg-type]
+    got = samples(fleet)
+    assert got[("ktel_agent_up", (("host_id", host),))] == 1.0
+    assert got[("ktel_node_cpus", (("host_id", host),))] == 2
+    assert got[("ktel_node_disk_io_in_progress", (("device", 'a"b\\c'), ("host_id", host)))] == 3
+    assert got[("ktel_agent_bpf_map_entries", (("host_id", host), ("map", "m\\n"), ("probe", 'p"q')))] == 4
+    assert len([k for k in got if k[0] == "ktel_agent_up"]) == 1
 
 
 def test_a_host_whose_heartbeats_stop_is_down_then_forgotten(monkeypatch):

@@ -5,6 +5,7 @@ import socket
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.parser import text_string_to_metric_families
 
 from ktel import selfmetrics
 from ktel.stack.proc import free_port
@@ -92,3 +93,20 @@ def test_a_processing_worker_is_ready_assigned_and_recovered():
     )
     assert readiness(worker(assigned=["ktel.raw"], in_recovery=True), "ktel.raw") is not None
     assert readiness(worker(assigned=["ktel.raw"]), "ktel.raw") is None
+
+
+def test_series_already_rendered_follow_the_registrys_with_or_without_gzip():
+    """A worker's fleet series (processors/fleet_metrics.py) come rendered: /metrics is
+    the registry's series, then those, one exposition whichever encoding is asked for."""
+    registry = CollectorRegistry()
+    Counter("ktel_test_things", "things", registry=registry).inc(3)
+    rendered = b'# HELP ktel_agent_up up\n# TYPE ktel_agent_up gauge\nktel_agent_up{host_id="h"} 1.0\n'
+    port = free_port()
+    selfmetrics.serve(port, "127.0.0.1", "x.metrics_port", registry, extra=lambda: rendered)
+    for encoding in ("gzip", "identity"):
+        answer = httpx.get(f"http://127.0.0.1:{port}/metrics", headers={"Accept-Encoding": encoding})
+        assert answer.headers.get("content-encoding", "identity") == encoding  # (httpx decodes it)
+        families = {f.name: f for f in text_string_to_metric_families(answer.text)}
+        assert families["ktel_test_things"].samples[0].value == 3
+        assert [(s.labels, s.value) for s in families["ktel_agent_up"].samples] == [({"host_id": "h"}, 1.0)]
+    assert httpx.get(f"http://127.0.0.1:{port}/healthz").text == "ok\n"
