@@ -25,8 +25,8 @@ from collections.abc import Callable, Iterable
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest, make_wsgi_app
-from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest, make_wsgi_app
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, ThreadingWSGIServer
 
 log = logging.getLogger(__name__)
 
@@ -83,20 +83,27 @@ def app(
 def _with(registry: CollectorRegistry, extra: Callable[[], bytes]) -> Callable[..., Iterable[bytes]]:
     """/metrics as ``registry``'s series and ``extra``'s, in the text format (0.0.4, which
     Prometheus takes whatever else it asks for), gzipped for a client that takes it.
-    prometheus_client's own app would render ``extra``'s series one sample at a time;
-    this is for a process that keeps its many series rendered (processors/fleet_metrics.py).
-    Level 1: the fleet's series are megabytes at 10,000 hosts, which the default level
-    takes seconds of CPU to compress."""
+    ``extra`` writes its series itself: a process with very many of them
+    (processors/fleet_metrics.py) writes them far faster than prometheus_client, which
+    goes through them one sample at a time. Level 1: those series are megabytes at
+    10,000 hosts, which the default level takes seconds of CPU to compress."""
 
     def serve(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        method = environ.get("REQUEST_METHOD", "GET")
+        if method not in ("GET", "HEAD"):
+            start_response("405 Method Not Allowed", [("Allow", "GET, HEAD"), ("Content-Length", "0")])
+            return [b""]
+        if environ.get("PATH_INFO") == "/favicon.ico":  # (as prometheus_client's app answers it)
+            start_response("200 OK", [("Content-Length", "0")])
+            return [b""]
         body = generate_latest(registry) + extra()
-        headers = [("Content-Type", CONTENT_TYPE_LATEST)]
+        headers = [("Content-Type", CONTENT_TYPE_PLAIN_0_0_4)]
         if "gzip" in environ.get("HTTP_ACCEPT_ENCODING", ""):
             body = gzip.compress(body, compresslevel=1)
             headers.append(("Content-Encoding", "gzip"))
         headers.append(("Content-Length", str(len(body))))
         start_response("200 OK", headers)
-        return [body]
+        return [b""] if method == "HEAD" else [body]
 
     return serve
 

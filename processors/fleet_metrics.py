@@ -68,8 +68,8 @@ MAX_NAME_CHARS = 64
 LEGIBLE_NAME = re.compile(rf"[!-~]{{1,{MAX_NAME_CHARS}}}")
 # Each kind of reading whose key names series of its own, and its bound at once.
 BOUNDS = {"disks": MAX_DISKS, "bpf_maps": MAX_BPF_MAPS}
-# The readings exported without a name of their own.
-SCALARS = frozenset(("cpu_steal_ms", "cpus", "context_switches"))
+# The readings exported without a name of their own, and the family of FAMILIES of each.
+SCALARS = {"cpu_steal_ms": "steal", "cpus": "cpus", "context_switches": "switches"}
 
 log = logging.getLogger("ktel.process")
 
@@ -84,10 +84,10 @@ class _Seen:
     boot_id: object  # the heartbeat's boot.id (None without one)
     names: dict[str, set[str]]  # per kind of BOUNDS, the names exported while this worker held the host
     left_out: dict[str, int]  # readings of this heartbeat left out, per kind of BOUNDS
-    sent: dict[str, int]  # the readings this heartbeat named, kept or not
-    label: str = ""  # its host_id label, as the text format writes it
-    series: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)  # (_series)
-    lines: dict[str, str] = dataclasses.field(default_factory=dict)  # (_lines)
+    label: bytes  # its host_id label, as the text format writes it
+    # Per family of FAMILIES, each of the host's series: the line up to its value, and
+    # the reading of ``node`` that is its value (_series).
+    series: dict[str, list[tuple[bytes, str]]]
 
     def alive(self, now: float) -> bool:
         return not self.stopping and now - self.received <= MISSED_HEARTBEATS * max(self.interval_s, 1.0)
@@ -106,7 +106,7 @@ def bounded(node: dict[str, int], names: dict[str, set[str]]) -> tuple[dict[str,
     for key in node:
         parts: tuple[str, ...]
         reading, _, rest = key.partition(".")
-        if reading in SCALARS and not rest:
+        if key in SCALARS:
             kept[key] = node[key]
             continue
         if reading == "disk_in_flight":
@@ -178,17 +178,20 @@ class FleetMetrics:
             if held is not None and held.boot_id == boot_id and held.ts_s > ts_s:
                 return {}
             sent = hb.get("node", {})
-            if held is not None and sent.keys() == held.sent.keys():
-                # Most heartbeats name the readings the host's last one did: what was
-                # kept of those then is kept now (about 2 µs a heartbeat against 35 to bound them again).
-                node = sent if held.node is held.sent else {k: sent[k] for k in held.node}
-                left_out, names, series = held.left_out, held.names, held.series
+            label = held.label if held is not None else f'host_id="{_escaped(host_id)}"'.encode()
+            if held is not None and not held.left_out and sent.keys() == held.node.keys():
+                # Most heartbeats name the readings the host's last one did, all kept:
+                # so are these, as the same series (about 2 µs a heartbeat against 35 to
+                # bound them again). Only a host with readings left out keeps being
+                # bounded: holding its whole map to compare would let it hold a megabyte.
+                node, names, series = sent, held.names, held.series
+                left_out: dict[str, int] = {}
             else:
                 # A host's names are kept across its boots: a boot id is the heartbeat's to say.
                 names = held.names if held is not None else {kind: set() for kind in BOUNDS}
                 node, left_out = bounded(sent, names)
-                series = None
-            seen = self._hosts[host_id] = _Seen(
+                series = _series(label, node)
+            self._hosts[host_id] = _Seen(
                 time.monotonic(),
                 ts_s,
                 hb.get("interval_s", DEFAULT_INTERVAL_S),
@@ -197,11 +200,9 @@ class FleetMetrics:
                 boot_id,
                 names,
                 left_out,
-                sent,
-                held.label if held is not None else f'host_id="{_escaped(host_id)}"',
+                label,
+                series,
             )
-            seen.series = series if series is not None else _series(seen.label, node)
-            seen.lines = _lines(seen)
         if left_out and (held is None or not held.left_out):
             log.warning(
                 "host %.60r: node readings left out of its series (%s): at most %d disks and %d BPF maps "
@@ -217,11 +218,12 @@ class FleetMetrics:
 
     def exposition(self) -> bytes:
         """Every series, in Prometheus' text format (0.0.4): what the worker's /metrics
-        serves after its own counters (ktel/selfmetrics.py). Each host's lines but
-        ``ktel_agent_up`` were written when its heartbeat came (``_lines``); here they
-        are only joined. Built as prometheus_client builds a scrape, sample by sample,
-        a worker holding 10,000 hosts spent about 2 s of CPU on every scrape (26 series
-        a host), with the event loop starved of the interpreter meanwhile."""
+        serves after its own counters (ktel/selfmetrics.py). The lines up to their
+        values were made when the host's readings were last bounded (``_series``):
+        here only the values are written. Built as prometheus_client builds a scrape,
+        sample by sample, a worker holding 10,000 hosts spent about 2 s of CPU on every
+        scrape (26 series a host), with the event loop starved of the interpreter
+        meanwhile."""
         now = time.monotonic()
         with self._lock:
             for host_id in [h for h, s in self._hosts.items() if now - s.received > self.forget_after_s]:
@@ -229,12 +231,19 @@ class FleetMetrics:
             hosts = list(self._hosts.values())
         parts = []
         for family, (name, kind, text) in FAMILIES.items():
-            parts.append(f"# HELP {name} {text}\n# TYPE {name} {kind}\n")
-            if family == "up":
-                parts += [f"{name}{{{s.label}}} {1.0 if s.alive(now) else 0.0}\n" for s in hosts]
-            else:
-                parts += [lines for s in hosts if (lines := s.lines.get(family))]
-        return "".join(parts).encode()
+            parts.append(f"# HELP {name} {text}\n# TYPE {name} {kind}\n".encode())
+            start = name.encode() + b"{"
+            for s in hosts:
+                if family == "up":
+                    parts += (start, s.label, b"} 1.0\n" if s.alive(now) else b"} 0.0\n")
+                elif family == "last" or (family == "stopped" and s.stopping):
+                    parts += (start, s.label, b"} %r\n" % s.ts_s)
+                else:
+                    node = s.node
+                    for line, key in s.series.get(family, ()):
+                        value = node[key] / 1000 if family == "steal" else float(node[key])
+                        parts += (line, b"%r\n" % value)
+        return b"".join(parts)
 
 
 def _escaped(value: str) -> str:
@@ -242,37 +251,23 @@ def _escaped(value: str) -> str:
     return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
 
 
-def _series(label: str, node: dict[str, int]) -> list[tuple[str, str, str]]:
-    """(family, reading, the line up to its value) for each reading of ``node``, of a
-    host whose ``host_id`` label is ``label``."""
-    out = []
+def _series(label: bytes, node: dict[str, int]) -> dict[str, list[tuple[bytes, str]]]:
+    """Each reading of ``node`` as a series of a family of FAMILIES, of a host whose
+    ``host_id`` label is ``label``: the line up to its value, and the reading (bytes: a
+    host id beyond Latin-1 would make a str of four bytes a character)."""
+    host = label.decode()
+    out: dict[str, list[tuple[bytes, str]]] = collections.defaultdict(list)
     for key in node:
         reading, _, rest = key.partition(".")
-        if reading == "cpu_steal_ms":
-            family, labels = "steal", label
-        elif reading in ("cpus", "context_switches"):
-            family, labels = "cpus" if reading == "cpus" else "switches", label
+        if key in SCALARS:
+            family, labels = SCALARS[key], host
         elif reading == "disk_in_flight":
-            family, labels = "disks", f'device="{_escaped(rest)}",{label}'
+            family, labels = "disks", f'device="{_escaped(rest)}",{host}'
         elif reading in ("map_entries", "map_max_entries"):
             probe, _, bpf_map = rest.partition(".")
             family = "entries" if reading == "map_entries" else "capacity"
-            labels = f'map="{_escaped(bpf_map)}",probe="{_escaped(probe)}",{label}'
+            labels = f'map="{_escaped(bpf_map)}",probe="{_escaped(probe)}",{host}'
         else:
             continue
-        out.append((family, key, f"{FAMILIES[family][0]}{{{labels}}} "))
-    return out
-
-
-def _lines(seen: _Seen) -> dict[str, str]:
-    """The host's lines of each family of FAMILIES (but ``up``), from its latest heartbeat.
-    (Values as repr writes floats, which Prometheus reads; the readings are integers.)"""
-    out: dict[str, list[str]] = collections.defaultdict(list)
-    out["last"].append(f"{FAMILIES['last'][0]}{{{seen.label}}} {seen.ts_s!r}\n")
-    if seen.stopping:
-        out["stopped"].append(f"{FAMILIES['stopped'][0]}{{{seen.label}}} {seen.ts_s!r}\n")
-    node = seen.node
-    for family, key, line in seen.series:
-        value = node[key] / 1000 if family == "steal" else float(node[key])
-        out[family].append(f"{line}{value!r}\n")
-    return {family: "".join(lines) for family, lines in out.items()}
+        out[family].append((f"{FAMILIES[family][0]}{{{labels}}} ".encode(), key))
+    return dict(out)

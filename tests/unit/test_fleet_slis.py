@@ -127,6 +127,16 @@ def test_names_and_host_ids_written_to_be_misread_are_read_back_as_they_were_sen
     assert len([k for k in got if k[0] == "ktel_agent_up"]) == 1
 
 
+def test_a_reading_named_like_another_with_a_dot_after_it_makes_no_second_series():
+    """``cpus.`` is not ``cpus``: taken as one, the host had two series of one name and
+    labels, of which Prometheus keeps one."""
+    fleet = FleetMetrics(forget_after_s=3600)
+    fleet.observe("h1", heartbeat({"cpus": 8, "cpus.": 9999, "context_switches.": 1}))  # type: ignore[arg-type]
+    got = samples(fleet)  # (which fails on a series twice)
+    assert got[("ktel_node_cpus", (("host_id", "h1"),))] == 8
+    assert not any(name == "ktel_node_context_switches_total" for name, _ in got)
+
+
 def test_a_host_whose_heartbeats_stop_is_down_then_forgotten(monkeypatch):
     fleet = FleetMetrics(forget_after_s=100)
     clock = [1000.0]

@@ -109,4 +109,8 @@ def test_series_already_rendered_follow_the_registrys_with_or_without_gzip():
         families = {f.name: f for f in text_string_to_metric_families(answer.text)}
         assert families["ktel_test_things"].samples[0].value == 3
         assert [(s.labels, s.value) for s in families["ktel_agent_up"].samples] == [({"host_id": "h"}, 1.0)]
+    head = httpx.head(f"http://127.0.0.1:{port}/metrics")
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert httpx.post(f"http://127.0.0.1:{port}/metrics").status_code == 405
     assert httpx.get(f"http://127.0.0.1:{port}/healthz").text == "ok\n"
