@@ -104,20 +104,13 @@ def bounded(node: dict[str, int], names: dict[str, set[str]]) -> tuple[dict[str,
     left_out: collections.Counter[str] = collections.Counter()
     by_name: dict[str, dict[str, list[str]]] = {kind: {} for kind in BOUNDS}
     for key in node:
-        parts: tuple[str, ...]
-        reading, _, rest = key.partition(".")
-        if key in SCALARS:
+        if (reading := _reading(key)) is None:
+            continue
+        _, kind, parts = reading
+        if kind is None:
             kept[key] = node[key]
-            continue
-        if reading == "disk_in_flight":
-            kind, parts = "disks", (rest,)
-        elif reading in ("map_entries", "map_max_entries"):
-            probe, _, bpf_map = rest.partition(".")
-            kind, parts = "bpf_maps", (probe, bpf_map)
-        else:
-            continue
-        if all(LEGIBLE_NAME.fullmatch(part) for part in parts):
-            by_name[kind].setdefault(rest, []).append(key)
+        elif all(LEGIBLE_NAME.fullmatch(part) for part in parts):
+            by_name[kind].setdefault(key.partition(".")[2], []).append(key)
         else:
             left_out[kind] += 1
     for kind, keys in by_name.items():
@@ -130,8 +123,23 @@ def bounded(node: dict[str, int], names: dict[str, set[str]]) -> tuple[dict[str,
                 kept.update((key, node[key]) for key in keys[name])
             else:
                 left_out[kind] += len(keys[name])
-    # (the heartbeat's own map when all of it is kept, which observe's shortcut tells by identity)
+    # (the heartbeat's own map when all of it is kept: no copy held)
     return (node if len(kept) == len(node) else kept), dict(left_out)
+
+
+def _reading(key: str) -> tuple[str, str | None, tuple[str, ...]] | None:
+    """What a key of a heartbeat's ``node`` map reads: its family of FAMILIES, its kind
+    of BOUNDS (None for one exported without a name), and the names it gives its series
+    (a device; a probe and a map); None for a reading this worker does not export."""
+    if key in SCALARS:
+        return SCALARS[key], None, ()
+    reading, _, rest = key.partition(".")
+    if reading == "disk_in_flight":
+        return "disks", "disks", (rest,)
+    if reading in ("map_entries", "map_max_entries"):
+        probe, _, bpf_map = rest.partition(".")
+        return ("entries" if reading == "map_entries" else "capacity"), "bpf_maps", (probe, bpf_map)
+    return None
 
 
 # The series, in the order a scrape lists them: (name, type, help) by family.
@@ -258,16 +266,11 @@ def _series(label: bytes, node: dict[str, int]) -> dict[str, list[tuple[bytes, s
     host = label.decode()
     out: dict[str, list[tuple[bytes, str]]] = collections.defaultdict(list)
     for key in node:
-        reading, _, rest = key.partition(".")
-        if key in SCALARS:
-            family, labels = SCALARS[key], host
-        elif reading == "disk_in_flight":
-            family, labels = "disks", f'device="{_escaped(rest)}",{host}'
-        elif reading in ("map_entries", "map_max_entries"):
-            probe, _, bpf_map = rest.partition(".")
-            family = "entries" if reading == "map_entries" else "capacity"
-            labels = f'map="{_escaped(bpf_map)}",probe="{_escaped(probe)}",{host}'
-        else:
+        if (reading := _reading(key)) is None:
             continue
+        family, _, parts = reading
+        names = dict(zip(("device",) if family == "disks" else ("probe", "map"), parts, strict=False))
+        # (labels in name order, as prometheus_client writes them)
+        labels = "".join(f'{name}="{_escaped(value)}",' for name, value in sorted(names.items())) + host
         out[family].append((f"{FAMILIES[family][0]}{{{labels}}} ".encode(), key))
     return dict(out)
