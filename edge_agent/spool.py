@@ -110,6 +110,7 @@ ACK_WRITE_S = 0.5
 # How many batches (and events) a full spool dropped while the publisher was sending
 # them are not yet acknowledged (module docstring).
 IN_FLIGHT_FILE = "dropped-in-flight"
+IN_FLIGHT_MAX_BYTES = 64  # (two numbers: a longer file is not one the spool wrote, read no further)
 # The ack file's size: "<segment> <offset>" padded with spaces, then a newline. Two
 # 20-digit numbers fit, so a shorter cursor overwrites every byte of a longer one.
 ACK_BYTES = 48
@@ -677,7 +678,11 @@ class Spool:
         never saw acknowledged (``_save_in_flight``)."""
         path = self.dir / IN_FLIGHT_FILE
         try:
-            batches, events = (int(n) for n in path.read_text().split())
+            with open(path, "rb") as f:
+                data = f.read(IN_FLIGHT_MAX_BYTES + 1)
+            if len(data) > IN_FLIGHT_MAX_BYTES:
+                raise ValueError(f"over {IN_FLIGHT_MAX_BYTES} bytes")
+            batches, events = (int(n) for n in data.split())
             if batches < 0 or events < 0:
                 raise ValueError(f"{batches} batches, {events} events")
         except FileNotFoundError:

@@ -216,6 +216,17 @@ def test_batches_in_flight_when_their_segment_was_dropped_are_counted_after_a_si
     assert read_all(again) == [payload(i) for i in range(2, 6)]
 
 
+@pytest.mark.parametrize("damage", [b"two batches\n", b"-3 21\n", b"1 " + b"9" * 100_000])
+def test_a_damaged_count_of_batches_lost_in_flight_is_reported_not_counted(tmp_path, damage, caplog):
+    """The file is the spool's own, but a disk or a hand can damage it: a start reports
+    it, counts nothing of it, removes it, and runs."""
+    (tmp_path / IN_FLIGHT_FILE).write_bytes(damage)
+    sp = Spool(tmp_path)
+    assert (sp.dropped_batches, sp.dropped_events) == (0, 0)
+    assert "unreadable" in caplog.text and not (tmp_path / IN_FLIGHT_FILE).exists()
+    assert sp.append(payload(0), n_events=1) and read_all(sp) == [payload(0)]
+
+
 def test_a_spool_bound_below_a_segment_still_drops_its_oldest(tmp_path):
     # spool_max_mb can be 1, below the 16 MiB segment the spool is written in.
     rec = HEADER.size + 100
