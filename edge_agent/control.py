@@ -31,16 +31,22 @@ from the sender's clock, so the difference is a duration too.
 Restarts. Every command this agent applied is kept in ``<state_dir>/control.json``
 with its deadline by this agent's clock (a command taken over by a later one for its
 probe, or ended by a restore, ends then; a restore is over when applied), for as long
-as its record can be read back at a start; a restarted agent re-applies those still
-in force at once (Kafka may be away) and keeps their deadlines, so a restart neither
-ends nor extends a command, nor brings back one that is over. It then reads the whole
-(single-partition) topic, without a consumer group, from
-``agent.control_max_ttl_seconds`` back in time by record timestamps (no command
-holds longer): a command it had applied stands as it was applied, whatever a
-record of its id says; one it had not (sent while it was
+as its record can be read back at a start (``MAX_REMEMBERED`` at most, and every one
+in force), with the offset of the last record judged when the file was written; a
+restarted agent re-applies those still in force at once (Kafka may be away) and
+keeps their deadlines, so a restart neither ends nor extends a command, nor brings
+back one that is over. It then reads the whole (single-partition) topic, without a
+consumer group, from ``agent.control_max_ttl_seconds`` back in time by record
+timestamps (no command holds longer), and passes over the records up to that
+offset: what they did is in the file, also for commands a flood made it forget
+(judged again, a raise a restore had ended would come back, and a restore would end
+a command sent after it). Past that offset (records judged after the last write,
+or all of them if the file was lost): a command it had applied stands as it was
+applied, whatever a record of its id says; one it had not (sent while it was
 down, or its state was lost) holds until the earlier of a full TTL from now and
 its record's timestamp plus the TTL, so it can end early if the sender's clock is
-behind, but never holds past a full TTL.
+behind, but never holds past a full TTL. An offset at or past the topic's end is
+from a topic deleted and made again, and is not taken.
 """
 
 from __future__ import annotations
@@ -52,11 +58,12 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.structs import ConsumerRecord
 from prometheus_client import Counter
 
 from ktel import kafka_client
@@ -158,6 +165,9 @@ class Control:
         # Every command applied that may still hold, by id, in the order applied.
         self.applied: dict[str, InForce] = {}
         self._unsaved = False  # commands applied since the state file was last written
+        # Every record of ktel.control up to this offset was judged, and what it did
+        # is in the state file (None: none known to be).
+        self.judged_to: int | None = None
         self._acks: deque[str] = deque()
         self._refusals: deque[list[str]] = deque()
         self.counts = {"commands_applied": 0, "commands_refused": 0}
@@ -314,17 +324,24 @@ class Control:
     def _load(self) -> None:
         """Re-apply what was in force at the last stop (see the module doc)."""
         try:
-            rows = json.loads(self.state_path.read_text())
-            # (a row of an older agent has no keep_ms: remembered until its deadline)
+            saved = json.loads(self.state_path.read_text())
+            # (an older agent's file is the rows alone; its rows have no keep_ms, and
+            # are remembered until their deadline)
+            rows, judged_to = (
+                (saved, None) if isinstance(saved, list) else (saved["applied"], saved["judged_to"])
+            )
             applied = [
                 InForce(str(i), str(p), int(n), int(d), int(k[0]) if k else int(d)) for i, p, n, d, *k in rows
             ]
+            if judged_to is not None and (type(judged_to) is not int or judged_to < 0):
+                raise ValueError(f"judged_to {judged_to!r:.40}: not an offset")
         except FileNotFoundError:
             return
-        except (OSError, ValueError, TypeError) as err:
+        except (OSError, ValueError, TypeError, KeyError) as err:
             # Kafka's look-back still brings the commands back, judged by their records' times.
             log.warning("ignoring %s: %s", self.state_path, err)
             return
+        self.judged_to = judged_to
         now = now_ms()
         for cmd in applied:
             if cmd.keep_ms > now:
@@ -348,14 +365,15 @@ class Control:
             return
         self._unsaved = False
         now = now if now is not None else now_ms()
+        in_force = {cmd.id for cmd in self.overrides.values()}
         for cmd_id, cmd in list(self.applied.items()):
-            if cmd.keep_ms <= now or len(self.applied) > MAX_REMEMBERED:
+            if cmd_id not in in_force and (cmd.keep_ms <= now or len(self.applied) > MAX_REMEMBERED):
                 del self.applied[cmd_id]
         rows = [[c.id, c.probe, c.sample_every, c.deadline_ms, c.keep_ms] for c in self.applied.values()]
         tmp = self.state_path.with_suffix(".tmp")
         try:
             self.state_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(rows))
+            tmp.write_text(json.dumps({"judged_to": self.judged_to, "applied": rows}))
             os.replace(tmp, self.state_path)
         except OSError as err:
             # The command is in force all the same; only a restart would judge it by its record's time.
@@ -364,6 +382,32 @@ class Control:
                 tmp.unlink()
 
     # ------------------------------------------------------------- follow
+
+    def begin(self, end: int) -> None:
+        """Reading ktel.control from a start, the topic ending at offset ``end``."""
+        if self.judged_to is not None and self.judged_to >= end:
+            log.warning(
+                "%s: ktel.control judged up to offset %d, but it ends at %d: a topic made again, "
+                "whose records are judged by their times",
+                self.state_path,
+                self.judged_to,
+                end,
+            )
+            self.judged_to = None
+
+    def judge(self, records: Iterable[ConsumerRecord[Any, bytes]], end: int) -> None:
+        """Records of ktel.control in offset order; ``end``: the topic's end at the start
+        (``begin``), before which a record is one read back."""
+        for rec in records:
+            if self.judged_to is not None and rec.offset <= self.judged_to:
+                continue  # judged before the last stop: the state file holds what it did
+            try:
+                cmd = decode_command(rec.value)
+            except WireError as err:
+                self.refuse_undecodable(rec.offset, err)
+            else:
+                self.handle(cmd, rec.timestamp, replayed=rec.offset < end)
+            self.judged_to = rec.offset
 
     async def follow(self, kafka: Kafka) -> None:
         consumer = AIOKafkaConsumer(
@@ -388,6 +432,7 @@ class Control:
             # Retried like the connection: a broker away for long at the agent's
             # start must not leave it deaf to commands for good.
             start, end = await retry(start_position, what="find where to read ktel.control from")
+            self.begin(end)
             # Assigned only now: assigned earlier, the fetcher would read from the end with a
             # long fetch in flight, and the seek would wait for it (up to FETCH_WAIT_MS)
             # before the commands in force are read again.
@@ -396,13 +441,7 @@ class Control:
             while True:
                 # Returns as soon as records are fetched: the timeout only bounds an idle wait.
                 for recs in (await consumer.getmany(timeout_ms=FETCH_WAIT_MS)).values():
-                    for rec in recs:
-                        try:
-                            cmd = decode_command(rec.value)
-                        except WireError as err:
-                            self.refuse_undecodable(rec.offset, err)
-                            continue
-                        self.handle(cmd, rec.timestamp, replayed=rec.offset < end)
+                    self.judge(recs, end)
                 self.save()
         finally:
             await consumer.stop()

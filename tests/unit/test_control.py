@@ -3,14 +3,17 @@ durations, acknowledgements and restarts."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
+from aiokafka.structs import ConsumerRecord
 from prometheus_client import REGISTRY
 
 from edge_agent import control as control_mod
 from edge_agent.control import MAX_PENDING_ACKS, Bounds, Control, now_ms
 from ktel.config import AgentConfig
 from ktel.schema import U63
-from ktel.wire import ControlCommand, decode_heartbeat, encode_heartbeat
+from ktel.wire import ControlCommand, decode_heartbeat, encode_command, encode_heartbeat
 from ktel.wire.codec import MAX_RECORD_BYTES
 
 HOST = "h1"
@@ -283,3 +286,109 @@ def test_a_restore_with_nothing_in_force_is_acknowledged_and_bounded_like_any_co
     # Its rate is not this agent's to apply: one past its bound does not refuse it.
     assert ctl.handle(cmd(cmd_id="r3", every=BOUNDS.max_sample_every + 1, restore=True), sent_ms=T0, now=T0)
     assert applied[-1] == ("file_created", 2)
+
+
+def records(*cmds: ControlCommand, sent_ms: int, first: int = 0) -> list[ConsumerRecord[None, bytes]]:
+    """ktel.control's records from offset ``first``, as the follower fetches them."""
+    return [
+        ConsumerRecord("ktel.control", 0, first + i, sent_ms, 0, None, encode_command(c), None, 0, 0, ())
+        for i, c in enumerate(cmds)
+    ]
+
+
+def flood(n: int) -> list[ControlCommand]:
+    """``n`` commands applied one after another, each taking over from the last."""
+    return [cmd(cmd_id=f"f{i}", probe="syscall_latency", every=3, ttl_ms=600_000) for i in range(n)]
+
+
+def test_a_restart_after_a_flood_does_not_bring_back_a_raise_its_restore_ended(tmp_path):
+    """A raise, more commands than the state file remembers, then a restore of the raise's
+    probe: the raise is forgotten, and read back at the start as a command never seen it
+    would hold again for the rest of its duration, the restore (remembered, over) not
+    ending it."""
+    now = now_ms() - 1000
+    log = [cmd(cmd_id="raise", every=50, ttl_ms=3_000_000), *flood(control_mod.MAX_REMEMBERED)]
+    log.append(cmd(cmd_id="restore", restore=True, ttl_ms=60_000))
+    ctl, _ = make(tmp_path)
+    ctl.begin(end=0)
+    ctl.judge(records(*log, sent_ms=now), end=0)
+    ctl.save()
+    assert "raise" not in ctl.applied and ctl.sample_every("file_created") == 2
+
+    restarted, applied = make(tmp_path)
+    restarted.begin(end=len(log))
+    restarted.judge(records(*log, sent_ms=now), end=len(log))
+    assert (
+        restarted.sample_every("file_created") == 2 and [n for p, n in applied if p == "file_created"] == []
+    )
+    assert restarted.command("syscall_latency").id == f"f{control_mod.MAX_REMEMBERED - 1}"
+
+
+def test_a_restart_after_a_flood_does_not_let_a_forgotten_restore_end_a_later_command(tmp_path):
+    now = now_ms() - 1000
+    log = [cmd(cmd_id="restore", restore=True, ttl_ms=60_000), *flood(control_mod.MAX_REMEMBERED)]
+    log.append(cmd(cmd_id="by-hand", every=9, ttl_ms=600_000))
+    ctl, _ = make(tmp_path)
+    ctl.begin(end=0)
+    ctl.judge(records(*log, sent_ms=now), end=0)
+    ctl.save()
+    assert "restore" not in ctl.applied
+
+    restarted, _ = make(tmp_path)
+    restarted.begin(end=len(log))
+    restarted.judge(records(*log, sent_ms=now), end=len(log))
+    assert restarted.command("file_created").id == "by-hand" and restarted.sample_every("file_created") == 9
+
+
+def test_a_flood_does_not_forget_a_command_in_force(tmp_path):
+    now = now_ms() - 1000
+    ctl, _ = make(tmp_path)
+    ctl.judge(
+        records(cmd(cmd_id="raise", ttl_ms=600_000), *flood(2 * control_mod.MAX_REMEMBERED), sent_ms=now), 0
+    )
+    ctl.save()
+    assert len(ctl.applied) <= control_mod.MAX_REMEMBERED + 1
+    assert make(tmp_path)[0].command("file_created").id == "raise"
+
+
+def test_records_past_what_was_saved_are_judged_again_at_a_start(tmp_path):
+    """Judged after the state file's last write (a SIGKILL before the next): judged again
+    by their times; and a topic made again (its end before the offset saved) is read
+    whole, as if nothing was saved."""
+    now = now_ms() - 1000
+    ctl, _ = make(tmp_path)
+    ctl.judge(records(cmd(cmd_id="a", probe="syscall_latency", ttl_ms=600_000), sent_ms=now), end=0)
+    ctl.save()
+    ctl.judge(records(cmd(cmd_id="b", ttl_ms=600_000), sent_ms=now, first=1), end=0)  # not saved
+    assert json.loads((tmp_path / control_mod.STATE_FILE).read_text())["judged_to"] == 0
+
+    restarted, _ = make(tmp_path)
+    restarted.begin(end=2)
+    restarted.judge(
+        records(
+            cmd(cmd_id="a", probe="syscall_latency", ttl_ms=600_000),
+            cmd(cmd_id="b", ttl_ms=600_000),
+            sent_ms=now,
+        ),
+        end=2,
+    )
+    assert restarted.command("file_created").id == "b" and restarted.take_acks() == ["b"]
+
+    again, _ = make(tmp_path)
+    again.begin(end=0)  # (ktel.control deleted and made again, empty)
+    assert again.judged_to is None
+    again.judge(records(cmd(cmd_id="new", ttl_ms=600_000), sent_ms=now_ms()), end=0)
+    assert again.command("file_created").id == "new"
+
+
+@pytest.mark.parametrize("judged_to", ["7", -1, 1.5, [3], True])
+def test_a_state_file_with_a_bad_offset_is_ignored(tmp_path, judged_to):
+    (tmp_path / control_mod.STATE_FILE).write_text(json.dumps({"judged_to": judged_to, "applied": []}))
+    assert make(tmp_path)[0].judged_to is None
+
+
+def test_an_older_agents_state_file_is_taken(tmp_path):
+    now = now_ms()
+    (tmp_path / control_mod.STATE_FILE).write_text(json.dumps([["c1", "file_created", 10, now + 60_000]]))
+    ctl, _ = make(tmp_path)
+    assert ctl.sample_every("file_created") == 10 and ctl.judged_to is None
