@@ -32,7 +32,9 @@ Recovery (``fold``): a snapshot replaces the host's value; a delta one version p
 the value is applied to it, any other is one from before the snapshot, and left
 out. Faust's recovery reads a changelog in offset order; the on-disk copy gives its
 records in key order, so it folds snapshots first, then deltas by version
-(processors/table_store.py).
+(processors/table_store.py). Each value folded has the enrich stage's exits put in
+time order (``enrich_core.order_exits``): an older ktel queued them as they came,
+and the stage's expiry relies on that order.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import json
 from collections.abc import Iterable, Iterator, MutableMapping
 from typing import Any
 
+from processors import enrich_core
 from processors.stage import MISSING, Touched
 
 Path = tuple[str, ...]
@@ -218,6 +221,7 @@ def fold(data: MutableMapping[Any, Any], key: Any, record: Any) -> Any:
             data.pop(key, None)
         else:
             data[key] = record
+            enrich_core.order_exits(get(record, ("enrich",)))
         return key
     host_id = key[0]
     value = data.get(host_id)
@@ -229,4 +233,5 @@ def fold(data: MutableMapping[Any, Any], key: Any, record: Any) -> Any:
     for path in record["del"]:
         delete(new, tuple(path))
     data[host_id] = new
+    enrich_core.order_exits(get(new, ("enrich",)))  # (a head carries the exits whole)
     return host_id

@@ -39,7 +39,8 @@ grace of 0: only the exit's own batch sees it). Time here is the batches'
 ``sent_ns``, not the worker's clock, so the same input always gives the same
 output. The exits wait in the order of their batches' ``sent_ns``, whatever order
 the batches came in, so that an exit stamped far ahead (a clock set back since,
-or a forged time) holds back no other exit's expiry.
+or a forged time) holds back no other exit's expiry; a section a worker recovers from the
+changelog is put in that order (``order_exits``).
 
 The process and container tables are bounded per host, over all boots (``bound``),
 so that a host exec'ing or listing far more than fits keeps its state persistable
@@ -391,6 +392,49 @@ def _queue_exit(state: dict[str, Any], queued: list[Any]) -> int:
 
 def _exit_time(queued: list[Any]) -> int:
     return int(queued[2])
+
+
+def order_exits(section: Any) -> None:
+    """Put the exit queue of a host's section read back from its changelog (or its
+    on-disk copy: ``changelog.fold``) in time order, as ``_queue_exit`` keeps it.
+
+    A section an older ktel saved holds its exits as their batches came: one stamped
+    far ahead at the front held back the expiry of every exit behind it until
+    max_processes took it. Only what ktel queues, ``[boot_id, str(pid), sent_ns]``,
+    stays: anything else awaits no process, and expiry, which cannot compare it, would
+    fail on every later batch of the host, or stop at it for good (a NaN); a process whose
+    exit it was goes by the bounds as any other. Recovery only, never per batch: a pass
+    over the queue, and the sort only for a queue out of order.
+    """
+    if not isinstance(section, dict) or "exits" not in section:
+        return
+    exits = section["exits"]
+    if isinstance(exits, list) and _in_order(exits):
+        return
+    kept = [q for q in exits if _queueable(q)] if isinstance(exits, list) else []
+    section["exits"] = sorted(kept, key=_exit_time)  # ("bytes" stays an upper bound: this only takes away)
+
+
+def _queueable(queued: Any) -> bool:
+    """Whether ``queued`` has the shape of an exit ktel queues."""
+    if not (isinstance(queued, list) and len(queued) == 3):
+        return False
+    boot_id, pid, exit_ns = queued
+    return (
+        isinstance(boot_id, str)
+        and isinstance(pid, str)
+        and isinstance(exit_ns, int)
+        and not isinstance(exit_ns, bool)
+    )
+
+
+def _in_order(exits: list[Any]) -> bool:
+    last = None
+    for queued in exits:
+        if not _queueable(queued) or (last is not None and queued[2] < last):
+            return False
+        last = queued[2]
+    return True
 
 
 def _expire_exits(state: dict[str, Any], now_ns: int, opts: Options, touched: Touched) -> bool:

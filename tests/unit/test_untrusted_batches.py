@@ -11,7 +11,7 @@ import random
 from ktel import config
 from ktel.config import AggregateConfig
 from ktel.wire import FILE_CREATED, KTEL_METRIC, PROCESS_EXEC, PROCESS_EXIT, RawBatch
-from processors import aggregate_core, enrich_core
+from processors import aggregate_core, changelog, enrich_core
 from processors.chain import Chain, build
 from processors.dedupe_core import MAX_SEQUENCE_GAP
 
@@ -294,6 +294,73 @@ def test_an_exit_stamped_far_in_the_future_holds_no_other_exit_past_its_grace():
     # 2 to 5 are gone after their grace; the one stamped in the future waits for its own.
     assert sorted(out.batch.processes, key=int) == ["1", "6", "7", "8", "9", "10"]
     assert state["exits"] == [["b", "1", (1 << 63) - 1]]
+
+
+def _saved_in_arrival_order(opts: enrich_core.Options) -> dict:
+    """A host's enrich section as a ktel that queued exits as their batches came saved
+    it: pid 1's exit, stamped 2**63-1, in front of pids 2 to 5's, sent at 2 to 5 s."""
+    section: dict = {}
+    enrich_core.enrich(section, RawBatch("h", "b", 0, SECOND, _execs(range(1, 11))), {}, opts)
+    sent = {1: (1 << 63) - 1} | {pid: pid * SECOND for pid in range(2, 6)}
+    for seq, (pid, at) in enumerate(sent.items(), 1):
+        enrich_core.enrich(section, RawBatch("h", "b", seq, at, [_exit(pid)]), {}, opts)
+    section["exits"] = [["b", str(pid), at] for pid, at in sent.items()]
+    return json.loads(json.dumps(section))  # (as decoded from the changelog)
+
+
+def _recovered(section: dict, as_delta: bool) -> dict:
+    """``section`` as the enrich section of a host's value recovered from the changelog:
+    saved whole (a snapshot), or as the head of a delta on an earlier snapshot."""
+    data: dict = {}
+    if as_delta:
+        changelog.fold(data, "h", {"enrich": {}})
+        changelog.fold(data, ["h", 1], {"v": 1, "head": {"enrich": section}, "set": [], "del": []})
+    else:
+        changelog.fold(data, "h", {"enrich": section})
+    return data["h"]["enrich"]
+
+
+def test_an_exit_queue_saved_in_arrival_order_holds_no_other_exit_past_its_grace_once_recovered():
+    """A ktel that queued exits as their batches came saved queues out of time order;
+    expiry walks the queue in order and stops at the first exit not due, so one stamped
+    2**63-1 at its front held every exit behind it until max_processes took it."""
+    opts = enrich_core.Options(exit_grace_seconds=5)
+    for as_delta in (False, True):
+        state = _recovered(_saved_in_arrival_order(opts), as_delta)
+        out = enrich_core.enrich(
+            state, RawBatch("h", "b", 9, 100 * SECOND, [_file(p) for p in range(1, 11)]), {}, opts
+        )
+        # 2 to 5 are gone after their grace; the one stamped in the future waits for its own.
+        assert sorted(out.batch.processes, key=int) == ["1", "6", "7", "8", "9", "10"], as_delta
+        assert state["exits"] == [["b", "1", (1 << 63) - 1]]
+
+
+def test_entries_of_a_saved_exit_queue_not_of_the_shape_ktel_queues_are_left_out_when_recovered():
+    """Recovery must not fail on them, and the stage would (a time it cannot add its grace
+    to) on every batch of the host after, or stop at it for good (a NaN never falls due)."""
+    opts = enrich_core.Options(exit_grace_seconds=5)
+    wrong = [
+        ["b", "6", "9"],
+        ["b", "6", float("nan")],
+        ["b", "6", True],
+        ["b", 6, SECOND],
+        ["b", "6"],
+        "b",
+        None,
+    ]
+    for as_delta in (False, True):
+        saved = _saved_in_arrival_order(opts)
+        saved["exits"][1:1] = copy.deepcopy(wrong)
+        state = _recovered(saved, as_delta)
+        in_time_order = [["b", str(pid), pid * SECOND] for pid in range(2, 6)] + [["b", "1", (1 << 63) - 1]]
+        assert state["exits"] == in_time_order, as_delta
+        out = enrich_core.enrich(
+            state, RawBatch("h", "b", 9, 100 * SECOND, [_file(p) for p in range(1, 11)]), {}, opts
+        )
+        assert sorted(out.batch.processes, key=int) == ["1", "6", "7", "8", "9", "10"], as_delta
+    # A queue that is not a list at all holds nothing ktel queued either.
+    for junk in ("exits", {"b": 1}, 7):
+        assert _recovered({"exits": junk}, as_delta=False)["exits"] == []
 
 
 def test_a_stream_that_goes_on_past_a_refused_jump_is_taken_up_there_not_refused_for_good():
