@@ -501,7 +501,7 @@ async def test_a_new_hosts_first_batch_refused_by_the_state_bound_leaves_the_hos
         # The worker counts its hosts again, as after a rebalance that left it every partition.
         every = {TP(RAW_TOPIC, p) for p in range(RESOLVED.raw_partitions)}
         monkeypatch.setattr(shell.app.assignor, "assigned_actives", lambda: every)
-        shell.app.on_partitions_assigned.send(every)
+        await shell.app.on_partitions_assigned.send(every)
         await shell.put(batch(0, [file_created(1, "/a/x")]))
         assert shell.table("h1")["aggregate"]["seen"] == {"b1": [[0, 0]]}
         assert len(shell.to(DLQ_TOPIC)) == 3
