@@ -68,6 +68,9 @@ MAX_NAME_CHARS = 64
 LEGIBLE_NAME = re.compile(rf"[!-~]{{1,{MAX_NAME_CHARS}}}")
 # Each kind of reading whose key names series of its own, and its bound at once.
 BOUNDS = {"disks": MAX_DISKS, "bpf_maps": MAX_BPF_MAPS}
+# How often a worker lets go of hosts silent for ``forget_after_s`` between scrapes (a
+# scrape does too).
+FORGET_EVERY_S = 60.0
 # The readings exported without a name of their own, and the family of FAMILIES of each.
 SCALARS = {"cpu_steal_ms": "steal", "cpus": "cpus", "context_switches": "switches"}
 
@@ -171,6 +174,13 @@ class FleetMetrics:
         self.forget_after_s = forget_after_s
         self._hosts: dict[str, _Seen] = {}
         self._lock = threading.Lock()  # observe() on the event loop, exposition() on the HTTP thread
+        self._forgotten_at = time.monotonic()  # when hosts past forget_after_s were last let go
+
+    def _forget(self, now: float) -> None:
+        """Let go of the hosts whose last heartbeat is ``forget_after_s`` old (the lock held)."""
+        self._forgotten_at = now
+        for host_id in [h for h, s in self._hosts.items() if now - s.received > self.forget_after_s]:
+            del self._hosts[host_id]
 
     def observe(self, host_id: str, hb: Heartbeat) -> dict[str, int]:
         """Take ``hb`` as the host's latest, unless it is older than the one held of the
@@ -181,7 +191,13 @@ class FleetMetrics:
         module's docstring), per kind (``disks``, ``bpf_maps``)."""
         ts_s = hb["ts"] / 1000
         boot_id = hb["host"].get("boot.id")
+        now = time.monotonic()
         with self._lock:
+            # Here too, not only at a scrape: a worker nobody scrapes (process.metrics_port
+            # = 0) would otherwise hold every host it ever read. A pass over the hosts at
+            # most every FORGET_EVERY_S, so not per heartbeat.
+            if now - self._forgotten_at > FORGET_EVERY_S:
+                self._forget(now)
             held = self._hosts.get(host_id)
             if held is not None and held.boot_id == boot_id and held.ts_s > ts_s:
                 return {}
@@ -200,7 +216,7 @@ class FleetMetrics:
                 node, left_out = bounded(sent, names)
                 series = _series(label, node)
             self._hosts[host_id] = _Seen(
-                time.monotonic(),
+                now,
                 ts_s,
                 hb.get("interval_s", DEFAULT_INTERVAL_S),
                 node,
@@ -234,8 +250,7 @@ class FleetMetrics:
         meanwhile."""
         now = time.monotonic()
         with self._lock:
-            for host_id in [h for h, s in self._hosts.items() if now - s.received > self.forget_after_s]:
-                del self._hosts[host_id]
+            self._forget(now)
             hosts = list(self._hosts.values())
         parts = []
         for family, (name, kind, text) in FAMILIES.items():

@@ -150,6 +150,27 @@ def test_a_host_whose_heartbeats_stop_is_down_then_forgotten(monkeypatch):
     assert ("ktel_agent_up", (("host_id", "h1"),)) not in samples(fleet)
 
 
+def test_a_silent_host_is_let_go_with_no_scrape(monkeypatch):
+    """A worker nobody scrapes (process.metrics_port = 0) lets go of hosts too, as it
+    reads other hosts' heartbeats, else it would hold every host it ever read."""
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    fleet = FleetMetrics(forget_after_s=100)
+    fleet.observe("gone", heartbeat({}))  # type: ignore[arg-type]
+    clock[0] += 20
+    fleet.observe("late", heartbeat({}))  # type: ignore[arg-type]
+    clock[0] += 81  # "gone" silent for 101 s, "late" for 81
+    fleet.observe("h1", heartbeat({}))  # type: ignore[arg-type]
+    assert set(fleet._hosts) == {"late", "h1"}
+    # At most one pass over the hosts every FORGET_EVERY_S, not one per heartbeat.
+    clock[0] += 30  # "late" silent for 111 s
+    fleet.observe("h2", heartbeat({}))  # type: ignore[arg-type]
+    assert set(fleet._hosts) == {"late", "h1", "h2"}
+    clock[0] += fleet_metrics.FORGET_EVERY_S - 29
+    fleet.observe("h2", heartbeat({}))  # type: ignore[arg-type]
+    assert set(fleet._hosts) == {"h1", "h2"}
+
+
 def test_an_agent_stopped_on_purpose_is_down_with_the_time_it_said_so():
     """Its last heartbeat says it stopped (a signal): down at once, and the time of that
     heartbeat exported, which keeps the alert on silent hosts quiet for it; a later
