@@ -46,7 +46,8 @@ applied, whatever a record of its id says; one it had not (sent while it was
 down, or its state was lost) holds until the earlier of a full TTL from now and
 its record's timestamp plus the TTL, so it can end early if the sender's clock is
 behind, but never holds past a full TTL. An offset at or past the topic's end is
-from a topic deleted and made again, and is not taken.
+from a topic deleted and made again, and is not taken (one made again that has
+already grown past it cannot be told apart: its records up to it are passed over).
 """
 
 from __future__ import annotations
