@@ -6,27 +6,48 @@ Sources, later ones winning: the defaults below, a TOML file (``--config`` or
 
 Every field says its default and meaning in its description; ``ktel config``
 prints the effective configuration. Validation runs at start and an error
-names the field, the bad value and what is allowed. A field that holds a secret
-is marked ``SECRET`` (in its ``json_schema_extra``): what ktel prints of it, in
-``ktel config`` and in errors, is masked; the value itself is used as given.
+names the field, the bad value and what is allowed; what every field is held to
+(no unknown settings, no true for a number, no nan, no empty text, ...) is in
+``Section``. A field that holds a secret is marked ``SECRET`` (in its
+``json_schema_extra``): what ktel prints of it, in ``ktel config`` and in errors,
+is masked; the value itself is used as given.
 """
 
 from __future__ import annotations
 
+import difflib
+import errno
 import ipaddress
+import json
 import os
 import re
+import stat
 import tomllib
+import types
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from annotated_types import MaxLen, MinLen
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from ktel.probes import KIND_BY_NAME, KINDS, PROBES
 from ktel.schema import U32
 from ktel.wire.codec import MAX_RECORD_BYTES
 from ktel.wire.control import EVERY_HOST
+from ktel.wire.raw import HOST_CHARS, MAX_EVENTS
 from ktel.wire.topics import Topics
 
 
@@ -64,6 +85,166 @@ def _read_id(path: str) -> str:
         return ""
 
 
+# The longest text a setting takes unless it declares its own bound: far above any name,
+# address, URL, pattern or token, and short of a file pasted into a variable by mistake.
+MAX_CHARS = 65_536
+# The largest whole number a setting takes unless it declares its own bound: the int64
+# that Kafka, protobuf and the backends hold numbers in.
+INT64 = (1 << 63) - 1
+# Linux's longest path, counting the NUL that ends it.
+PATH_MAX = 4096
+
+
+def _scalars(annotation: Any) -> set[Any]:
+    """The scalar types a field's annotation takes, through Optional, unions and
+    Annotated. A Literal gives none: its own check names its choices."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _scalars(get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        return set().union(*(_scalars(a) for a in get_args(annotation)))
+    if origin is None and isinstance(annotation, type):
+        return {annotation}
+    return set()
+
+
+def _members(annotation: Any) -> tuple[Any, Any] | None:
+    """(key, value) annotations of a dict field, (None, item) of a list field, through
+    Optional; None for anything else."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _members(get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        found = [m for a in get_args(annotation) if (m := _members(a)) is not None]
+        return found[0] if found else None
+    if origin is dict:
+        key, value = get_args(annotation)
+        return key, value
+    if origin is list:
+        return None, get_args(annotation)[0]
+    return None
+
+
+def _mistake(
+    annotation: Any, value: Any, empty_ok: bool = False, most_chars: int | None = MAX_CHARS
+) -> str | None:
+    """What is wrong with ``value``, as the file or the environment gives it, for a
+    field of ``annotation`` that pydantic's own coercion would let through: a TOML
+    boolean where a number is meant (Python's bool is an int) or a number where a
+    boolean is, empty or overlong text, a NUL; in the members of a map or a list too.
+    Said of the value ("is ..."); None if nothing. Text where a number is meant is how
+    the environment gives every number: pydantic parses it."""
+    kinds = _scalars(annotation)
+    if isinstance(value, bool):
+        if kinds & {int, float} and bool not in kinds:
+            return "is true or false, not a number: give a number"
+        return None
+    if isinstance(value, int | float):
+        if bool in kinds and not kinds & {int, float, str}:
+            return "is a number, not true or false: give true or false"
+        return None
+    if isinstance(value, str):
+        if not kinds & {str, Path, SecretStr}:
+            return None
+        if "\0" in value:
+            return "holds a NUL character"
+        if not value and not empty_ok:
+            return "is empty: give a value (or leave the setting out for its default)"
+        if most_chars is not None and len(value) > most_chars:
+            return f"is {len(value)} characters long: give at most {most_chars}"
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return "is not valid UTF-8 text"
+        return None
+    members = _members(annotation)
+    if members is None:
+        return None
+    key_type, item_type = members
+    if isinstance(value, dict) and key_type is not None:
+        for key, item in value.items():
+            if why := _mistake(key_type, key):
+                return f"key {key!r} {why}"
+            if why := _mistake(item_type, item):
+                return f"{key!r} {why}"
+    if isinstance(value, list) and key_type is None:
+        for i, item in enumerate(value):
+            if why := _mistake(item_type, item):
+                return f"item {i + 1} {why}"
+    return None
+
+
+def _whole_numbers(value: Any) -> list[int]:
+    """The whole numbers in a validated value, in its maps and lists too."""
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, dict):
+        return [n for v in value.values() for n in _whole_numbers(v)]
+    if isinstance(value, list):
+        return [n for v in value for n in _whole_numbers(v)]
+    return []
+
+
+class Section(BaseModel):
+    """What every section of the configuration, and every table in one, holds to: a
+    setting it does not have is refused (a misspelt one would silently not apply), a
+    number is finite (TOML and the environment both take nan and inf), and what
+    ``_mistake`` names and a whole number beyond int64 are refused for every field,
+    unless the field declares otherwise: ``min_length=0`` where empty text means
+    something, its own ``max_length`` for a tighter or looser bound than MAX_CHARS."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="wrap")
+    @classmethod
+    def _as_written(cls, value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> Any:
+        field = cls.model_fields[info.field_name or ""]
+        own_max = any(isinstance(m, MaxLen) for m in field.metadata)
+        why = _mistake(field.annotation, value, MinLen(0) in field.metadata, None if own_max else MAX_CHARS)
+        if why:
+            raise ValueError(why)
+        result = handler(value)
+        for n in _whole_numbers(result):
+            if abs(n) > INT64:
+                raise ValueError(f"{n} is too large: at most {INT64}")
+        return result
+
+
+PathOrName = TypeVar("PathOrName", Path, str)
+
+
+def _a(kind: Literal["directory", "file"]) -> AfterValidator:
+    """A path that is, when it exists, a ``kind``. A missing one is allowed: a directory
+    is made by what uses it, a file may be written after the process starts (or be
+    mounted only where its user runs, which checks it then: check_readable)."""
+
+    def check(path: PathOrName) -> PathOrName:
+        name = os.fsencode(path)
+        if len(name) >= PATH_MAX:
+            raise ValueError(f"is {len(name)} bytes long: a path has at most {PATH_MAX - 1}")
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as err:
+            if err.errno == errno.ENAMETOOLONG:
+                raise ValueError("has a part longer than a file name may be (255 bytes)") from None
+            return path  # missing, or hidden from this process: what uses it says so
+        if kind == "directory" and not stat.S_ISDIR(mode):
+            raise ValueError("is not a directory: name a directory")
+        if kind == "file" and stat.S_ISDIR(mode):
+            raise ValueError("is a directory: name the file itself")
+        return path
+
+    return AfterValidator(check)
+
+
+Dir = Annotated[Path, _a("directory")]
+File = Annotated[Path, _a("file")]
+# A file the OpenTelemetry SDK opens by its name.
+FileName = Annotated[str, _a("file")]
+
+
 def _known(names: Any, known: Any, what: str, hint: str) -> Any:
     """``names`` (a list, or a dict's keys) if each is in ``known``; else a ValueError naming it."""
     for name in names:
@@ -72,7 +253,7 @@ def _known(names: Any, known: Any, what: str, hint: str) -> Any:
     return names
 
 
-class KafkaPrincipals(BaseModel):
+class KafkaPrincipals(Section):
     """One Kafka principal per role; `ktel acls` grants each only what its role needs."""
 
     agent: str = Field("User:ktel-agent", description="the edge agents' principal")
@@ -97,26 +278,43 @@ class KafkaPrincipals(BaseModel):
 # Kafka's legal topic characters; 200 leaves room for the longest name ktel puts after
 # the prefix within Kafka's limit of 249.
 PREFIX = re.compile(r"[A-Za-z0-9._-]{0,200}")
+# What the Kafka protocol holds: a topic's partitions are an int32 (CreateTopics), its
+# replication factor an int16, its retention.ms a Java long.
+KAFKA_MAX_PARTITIONS = (1 << 31) - 1
+KAFKA_MAX_REPLICAS = (1 << 15) - 1
+MAX_RETENTION_HOURS = INT64 // 3_600_000
 
 
-class KafkaConfig(BaseModel):
+class KafkaConfig(Section):
     bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, host:port[,host:port]")
     prefix: str = Field(
         "",
+        min_length=0,
         description="starts the name of every ktel topic, consumer group and Faust app, so that "
         "several pipelines share a cluster (e.g. 'staging.' gives staging.ktel.raw); default none",
     )
-    raw_partitions: int = Field(6, ge=1, description="partitions of ktel.raw (the unit of processor scaling)")
+    raw_partitions: int = Field(
+        6,
+        ge=1,
+        le=KAFKA_MAX_PARTITIONS,
+        description="partitions of ktel.raw (the unit of processor scaling)",
+    )
     raw_retention_hours: float = Field(
-        168, gt=0, description="how long ktel.raw keeps raw events for replay (default 7 days)"
+        168,
+        gt=0,
+        le=MAX_RETENTION_HOURS,
+        description="how long ktel.raw keeps raw events for replay (default 7 days)",
     )
     output_partitions: int = Field(
-        6, ge=1, description="partitions of ktel.metrics, ktel.spans and ktel.logs (exporter scaling)"
+        6,
+        ge=1,
+        le=KAFKA_MAX_PARTITIONS,
+        description="partitions of ktel.metrics, ktel.spans and ktel.logs (exporter scaling)",
     )
     output_retention_hours: float = Field(
-        24, gt=0, description="retention of ktel.metrics, ktel.spans and ktel.logs"
+        24, gt=0, le=MAX_RETENTION_HOURS, description="retention of ktel.metrics, ktel.spans and ktel.logs"
     )
-    dlq_retention_hours: float = Field(168, gt=0, description="retention of ktel.dlq")
+    dlq_retention_hours: float = Field(168, gt=0, le=MAX_RETENTION_HOURS, description="retention of ktel.dlq")
     replication_factor: int | Literal["auto"] = Field(
         "auto",
         description="replicas of every ktel topic and every processor changelog; auto: 3 on a "
@@ -142,14 +340,14 @@ class KafkaConfig(BaseModel):
         "not in the file; never printed",
         json_schema_extra=SECRET,
     )
-    sasl_password_file: Path | None = Field(
+    sasl_password_file: File | None = Field(
         None, description="file holding the SASL password (trailing newline ignored)"
     )
-    ssl_cafile: Path | None = Field(
+    ssl_cafile: File | None = Field(
         None, description="CA bundle (PEM) that signed the brokers' certificates; unset: the system's"
     )
-    ssl_certfile: Path | None = Field(None, description="client certificate (PEM), for mutual TLS")
-    ssl_keyfile: Path | None = Field(
+    ssl_certfile: File | None = Field(None, description="client certificate (PEM), for mutual TLS")
+    ssl_keyfile: File | None = Field(
         None, description="client private key (PEM, unencrypted), for mutual TLS"
     )
     ssl_check_hostname: bool = Field(
@@ -164,8 +362,8 @@ class KafkaConfig(BaseModel):
     def _hostports(cls, v: str) -> str:
         for hp in v.split(","):
             host, _, port = hp.strip().rpartition(":")
-            if not host or not port.isdigit():
-                raise ValueError(f"{hp!r} is not host:port")
+            if not host or not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+                raise ValueError(f"{hp!r} is not host:port (a port from 1 to 65535)")
         return v
 
     @field_validator("prefix")
@@ -180,8 +378,8 @@ class KafkaConfig(BaseModel):
     @field_validator("replication_factor", "min_insync_replicas")
     @classmethod
     def _positive(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and v < 1:
-            raise ValueError(f"{v}: give 1 or more, or auto")
+        if isinstance(v, int) and not 1 <= v <= KAFKA_MAX_REPLICAS:
+            raise ValueError(f"{v}: give from 1 to {KAFKA_MAX_REPLICAS}, or auto")
         return v
 
     @field_validator("sasl_password_file", "ssl_cafile", "ssl_certfile", "ssl_keyfile")
@@ -225,7 +423,7 @@ class KafkaConfig(BaseModel):
         return self.sasl_password.get_secret_value() if self.sasl_password is not None else ""
 
 
-class RedactRule(BaseModel):
+class RedactRule(Section):
     """Replace matches of ``pattern`` in a field of an event kind or of the heartbeat,
     whatever its type (edge_agent/redact.py)."""
 
@@ -235,7 +433,7 @@ class RedactRule(BaseModel):
         "(e.g. host.name) or a container attribute (e.g. k8s.pod.name)"
     )
     pattern: str = Field(description="Python regular expression")
-    replacement: str = Field("***", description="what a match becomes (may use \\1 groups)")
+    replacement: str = Field("***", min_length=0, description="what a match becomes (may use \\1 groups)")
 
     @field_validator("pattern")
     @classmethod
@@ -247,6 +445,13 @@ class RedactRule(BaseModel):
         return v
 
 
+# The longest a control command may hold, whatever an agent's control_max_ttl_seconds.
+CONTROL_TTL_CEILING = 7 * 86400
+# The longest an exporter waits for one request: longer is a unit slip (milliseconds given
+# as seconds), and gRPC fails at once a deadline it cannot represent (from about 10**9 s).
+MAX_REQUEST_SECONDS = 3600
+
+
 def _ms_within(v: int, most: int, advice: str) -> int:
     """``v`` milliseconds if from 1 to ``most``, else the range and ``advice``."""
     if not 1 <= v <= most:
@@ -254,12 +459,13 @@ def _ms_within(v: int, most: int, advice: str) -> int:
     return v
 
 
-class AgentConfig(BaseModel):
+class AgentConfig(Section):
     host_id: str = Field(
         default_factory=lambda: _read_id("/etc/machine-id"),
+        max_length=HOST_CHARS,  # what a batch carries (ktel/wire/raw.py)
         description="host.id; default /etc/machine-id",
     )
-    state_dir: Path = Field(
+    state_dir: Dir = Field(
         Path("/var/lib/ktel/agent"), description="where the agent keeps its sequence numbers"
     )
     probes: list[str] = Field(
@@ -277,6 +483,7 @@ class AgentConfig(BaseModel):
     batch_max_events: int = Field(
         5000,
         ge=1,
+        le=MAX_EVENTS,  # the most a batch may hold (ktel/wire/raw.py)
         description="seal a batch at this many events (a batch costs the agent more than its "
         "events do: fewer, larger batches are cheaper, downstream too)",
     )
@@ -333,7 +540,7 @@ class AgentConfig(BaseModel):
         "interval", description="fsync of the spool: every batch, at most once a second, or never"
     )
     heartbeat_seconds: float = Field(10, gt=0, description="interval of heartbeats on ktel.heartbeats")
-    cgroup_root: Path | None = Field(
+    cgroup_root: Dir | None = Field(
         None,
         description="the cgroup v2 mount whose container and pod cgroups each heartbeat lists "
         "(edge_agent/containers.py); unset: found in /proc/self/mountinfo",
@@ -356,7 +563,7 @@ class AgentConfig(BaseModel):
     control_max_ttl_seconds: float = Field(
         3600,
         gt=0,
-        le=7 * 86400,
+        le=CONTROL_TTL_CEILING,
         description="the longest a control command may hold; a restarted agent also reads "
         "ktel.control back this far",
     )
@@ -416,9 +623,8 @@ class AgentConfig(BaseModel):
 
     @field_validator("host_id")
     @classmethod
-    def _nonempty(cls, v: str) -> str:
-        if not v:
-            raise ValueError("empty: /etc/machine-id is unreadable; set agent.host_id")
+    def _not_every_host(cls, v: str) -> str:
+        # An empty one is refused like any empty text (Section).
         if v == EVERY_HOST:
             raise ValueError(
                 f"{EVERY_HOST!r} means every host in ktel.control: set agent.host_id to this host's"
@@ -430,7 +636,7 @@ class AgentConfig(BaseModel):
 PROMETHEUS_STALENESS_SECONDS = 300
 
 
-class AggregateConfig(BaseModel):
+class AggregateConfig(Section):
     window_seconds: float = Field(10, gt=0, description="how often metric snapshots are emitted")
     refresh_seconds: float = Field(
         120,
@@ -472,8 +678,8 @@ class AggregateConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _moved(cls, data: Any) -> Any:
-        # A section ignores fields it does not know: a setting left under its old
-        # name would silently stop applying.
+        # Unknown anyway (Section), but a setting left under its old name is told
+        # where it went.
         if isinstance(data, dict):
             moved = [f for f in ("metrics_port", "data_dir", "session_timeout_seconds") if f in data]
             if moved:
@@ -486,11 +692,11 @@ class AggregateConfig(BaseModel):
 MAX_HOSTS_CEILING = 1_000_000
 
 
-class ProcessConfig(BaseModel):
+class ProcessConfig(Section):
     """What every processing worker (``ktel process <stage>``) shares, whichever stages it runs."""
 
     metrics_port: int = Field(9466, ge=0, le=65535, description="processor self-metrics port (0: off)")
-    data_dir: Path = Field(Path("/var/lib/ktel/processor"), description="Faust's data directory (per stage)")
+    data_dir: Dir = Field(Path("/var/lib/ktel/processor"), description="Faust's data directory (per stage)")
     table_store: Literal["rocksdict", "memory"] = Field(
         "rocksdict",
         description="where a stage keeps its hosts' state besides memory: 'rocksdict', a copy of the "
@@ -536,7 +742,7 @@ class ProcessConfig(BaseModel):
         return v
 
 
-class EnrichConfig(BaseModel):
+class EnrichConfig(Section):
     """The enrich stage (processors/enrich_core.py says what it adds and when)."""
 
     max_processes: int = Field(
@@ -552,22 +758,14 @@ class EnrichConfig(BaseModel):
         ge=0,
         description="how long an exited process stays known, for its events that arrive after its exit",
     )
-    metadata_file: Path | None = Field(
+    metadata_file: File | None = Field(
         None,
         description="JSON-lines file mapping a host's cgroup.id to container.* and k8s.* attributes, "
         "reloaded when it changes (format: processors/enrich_core.py load_metadata); unset: none",
     )
 
-    @field_validator("metadata_file")
-    @classmethod
-    def _not_a_directory(cls, v: Path | None) -> Path | None:
-        # A missing file is allowed: whatever writes it may start after the worker.
-        if v is not None and v.is_dir():
-            raise ValueError("is a directory; name the JSON-lines file itself")
-        return v
 
-
-class SampleConfig(BaseModel):
+class SampleConfig(Section):
     """The sample stage (processors/sample_core.py says what each policy does)."""
 
     @field_validator("keep_kinds", "budget_per_s")
@@ -604,7 +802,10 @@ class SampleConfig(BaseModel):
         description="probe sampling (1 in N) after an anomaly, for agents that predate restores",
     )
     command_ttl_seconds: float = Field(
-        300, gt=0, description="how long a fidelity command holds, from when each agent applies it"
+        300,
+        gt=0,
+        le=CONTROL_TTL_CEILING,  # no agent accepts a longer one
+        description="how long a fidelity command holds, from when each agent applies it",
     )
 
 
@@ -614,7 +815,7 @@ RESERVED_HEADERS = frozenset(
 )
 
 
-class RemoteWriteConfig(BaseModel):
+class RemoteWriteConfig(Section):
     url: str = Field("http://127.0.0.1:9090/api/v1/write", description="Prometheus remote-write endpoint")
     histograms: Literal["native", "classic"] = Field(
         "native",
@@ -623,7 +824,7 @@ class RemoteWriteConfig(BaseModel):
         "as classic _bucket/_sum/_count series (one per bucket, for receivers without native "
         "histograms)",
     )
-    timeout_seconds: float = Field(10, gt=0, description="per-request timeout")
+    timeout_seconds: float = Field(10, gt=0, le=MAX_REQUEST_SECONDS, description="per-request timeout")
     metrics_port: int = Field(9467, ge=0, le=65535, description="exporter self-metrics port (0: off)")
     max_age_seconds: float = Field(
         3600,
@@ -648,10 +849,10 @@ class RemoteWriteConfig(BaseModel):
         "or basic_auth_password_file, not in the file; never printed",
         json_schema_extra=SECRET,
     )
-    basic_auth_password_file: Path | None = Field(
+    basic_auth_password_file: File | None = Field(
         None, description="file holding the basic auth password (trailing newline ignored), read per request"
     )
-    bearer_token_file: Path | None = Field(
+    bearer_token_file: File | None = Field(
         None,
         description="file holding a bearer token (Authorization: Bearer), read per request, so a "
         "rotated token is used at once",
@@ -662,16 +863,25 @@ class RemoteWriteConfig(BaseModel):
         "(printed with their values masked)",
         json_schema_extra=SECRET,
     )
-    tls_ca_file: Path | None = Field(
+    tls_ca_file: File | None = Field(
         None, description="CA bundle (PEM) that signed the receiver's certificate; unset: the system's"
     )
-    tls_cert_file: Path | None = Field(None, description="client certificate (PEM), for mutual TLS")
-    tls_key_file: Path | None = Field(
+    tls_cert_file: File | None = Field(None, description="client certificate (PEM), for mutual TLS")
+    tls_key_file: File | None = Field(
         None, description="client private key (PEM, unencrypted), for mutual TLS"
     )
     tls_check_hostname: bool = Field(
         True, description="check that the receiver's certificate names the host in url"
     )
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        _ = parts.port  # a port out of range is a ValueError
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("give an http:// or https:// URL, e.g. http://prometheus:9090/api/v1/write")
+        return v
 
     @field_validator("headers")
     @classmethod
@@ -732,7 +942,7 @@ class RemoteWriteConfig(BaseModel):
         return self.basic_auth_password.get_secret_value() if self.basic_auth_password is not None else ""
 
 
-class OtlpConfig(BaseModel):
+class OtlpConfig(Section):
     """``ktel export otlp``. A field left unset (None) falls back to the OpenTelemetry SDK's
     own environment variable, which the SDK exporters read, then to the SDK's default:
     endpoint OTEL_EXPORTER_OTLP_ENDPOINT, headers OTEL_EXPORTER_OTLP_HEADERS, insecure
@@ -757,19 +967,21 @@ class OtlpConfig(BaseModel):
         "often carry tokens)",
         json_schema_extra=SECRET,
     )
-    bearer_token_file: Path | None = Field(
+    bearer_token_file: File | None = Field(
         None,
         description="file holding a bearer token sent as Authorization: Bearer <token>, read per "
         "request, so a rotated token, or a wrong one fixed in the file, is used at once",
     )
     insecure: bool | None = Field(None, description="grpc only: plaintext even without an http:// scheme")
-    certificate_file: str | None = Field(None, description="CA bundle (PEM) to verify the backend")
-    client_key_file: str | None = Field(None, description="client private key (PEM) for mTLS")
-    client_certificate_file: str | None = Field(None, description="client certificate (PEM) for mTLS")
+    certificate_file: FileName | None = Field(None, description="CA bundle (PEM) to verify the backend")
+    client_key_file: FileName | None = Field(None, description="client private key (PEM) for mTLS")
+    client_certificate_file: FileName | None = Field(None, description="client certificate (PEM) for mTLS")
     compression: Literal["none", "gzip", "deflate"] | None = Field(
         None, description="request compression (deflate only over http)"
     )
-    timeout_seconds: float | None = Field(None, gt=0, description="per-request timeout (SDK default 10)")
+    timeout_seconds: float | None = Field(
+        None, gt=0, le=MAX_REQUEST_SECONDS, description="per-request timeout (SDK default 10)"
+    )
     max_export_batch_size: int = Field(
         2048, ge=1, description="spans, log records or data points per request at most"
     )
@@ -806,7 +1018,7 @@ class OtlpConfig(BaseModel):
         return self
 
 
-class PullConfig(BaseModel):
+class PullConfig(Section):
     host: str = Field("127.0.0.1", description="address of the pull endpoint")
     port: int = Field(9464, ge=1, le=65535, description="port of the pull endpoint (/metrics)")
     metrics_port: int = Field(
@@ -820,8 +1032,8 @@ class PullConfig(BaseModel):
     )
 
 
-class StackConfig(BaseModel):
-    data_dir: Path = Field(
+class StackConfig(Section):
+    data_dir: Dir = Field(
         Path("/var/lib/ktel/local"), description="Kafka, Prometheus and Collector data of `ktel up`"
     )
     kafka_port: int = Field(9092, ge=1, le=65535, description="local broker port")
@@ -833,7 +1045,7 @@ class StackConfig(BaseModel):
     collector_http_port: int = Field(
         4318, ge=1, le=65535, description="local OpenTelemetry Collector's OTLP/HTTP port"
     )
-    collector_binary: Path | None = Field(
+    collector_binary: File | None = Field(
         None,
         description="a prebuilt OpenTelemetry Collector to run (it needs the otlp receiver and the "
         "file and debug exporters, as deploy/otelcol/builder-config.yaml lists); unset: built once "
@@ -848,7 +1060,7 @@ class StackConfig(BaseModel):
         return v
 
 
-class ServiceConfig(BaseModel):
+class ServiceConfig(Section):
     """What every ktel process shares about itself: its name, its logs, where it serves
     its self-metrics and health endpoints."""
 
@@ -954,6 +1166,50 @@ def _secret_at(loc: tuple[int | str, ...]) -> bool:
     return False
 
 
+# The most of a bad value an error shows: enough to recognise it.
+SHOWN_CHARS = 80
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    if len(text) <= SHOWN_CHARS:
+        return text
+    return f"{text[:SHOWN_CHARS]}... ({len(value) if isinstance(value, str) else len(text)} characters)"
+
+
+def _model_of(annotation: Any) -> Any:
+    """The model a field holds, itself or as the items of its list or map, through
+    Optional; None if it holds none."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    members = _members(annotation)
+    if members is not None:
+        return _model_of(members[1])
+    for a in get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else ():
+        if (model := _model_of(a)) is not None:
+            return model
+    return None
+
+
+def _unknown(loc: tuple[int | str, ...]) -> str:
+    """What to say of a key the table it is in has no setting of."""
+    model: Any = Config
+    for part in loc[:-1]:
+        if isinstance(part, str):
+            field = model.model_fields.get(part) if model is not None else None
+            model = _model_of(field.annotation) if field is not None else None
+    names = list(model.model_fields) if model is not None else []
+    close = difflib.get_close_matches(str(loc[-1]), names, n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    if len(loc) == 1:
+        return f"not a section of ktel's configuration: {hint}the sections are {', '.join(names)}"
+    env = "KTEL_" + "__".join(str(p).upper() for p in loc)
+    where = ".".join(str(p) for p in loc[:-1])
+    return (
+        f"not a setting of {where} (in the file, or {env} in the environment): {hint}`ktel config` lists them"
+    )
+
+
 def _explain(err: ValidationError, source: str) -> str:
     lines = [f"invalid ktel configuration ({source}):"]
     for e in err.errors():
@@ -961,6 +1217,9 @@ def _explain(err: ValidationError, source: str) -> str:
             lines.append(f"  {e['ctx']['error']}")
             continue
         field = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {field}: {_unknown(e['loc'])}")
+            continue
         env = "KTEL_" + "__".join(str(p).upper() for p in e["loc"])
         value = e.get("input")
         if isinstance(value, dict):
@@ -968,9 +1227,40 @@ def _explain(err: ValidationError, source: str) -> str:
             # and the section may hold a secret.
             lines.append(f"  {field}: {e['msg']}")
             continue
-        shown = MASK if _secret_at(e["loc"]) else repr(value)
+        shown = MASK if _secret_at(e["loc"]) else _shown(value)
         lines.append(f"  {field} = {shown}: {e['msg']} (set it in the file or with {env})")
     return "\n".join(lines)
+
+
+def _explain_environment(err: SettingsError, source: str) -> str:
+    """A KTEL_* variable of a list, a map or a table that is not JSON, which is how the
+    environment gives them (pydantic-settings names only the section)."""
+    lines = [f"invalid ktel configuration ({source}):"]
+    env = {k.upper(): v for k, v in os.environ.items()}
+    for section, sfield in Config.model_fields.items():
+        fields = _model_of(sfield.annotation).model_fields
+        for setting, field in [(section, sfield), *((f"{section}.{n}", f) for n, f in fields.items())]:
+            var = "KTEL_" + setting.upper().replace(".", "__")
+            # Only these are read as JSON: other values are taken as text.
+            if var not in env or (_members(field.annotation) is None and _model_of(field.annotation) is None):
+                continue
+            try:
+                json.loads(env[var])
+            except ValueError:
+                shown = MASK if _is_secret(field) else _shown(env[var])
+                what = (
+                    'list, e.g. ["a", "b"]'
+                    if get_origin(field.annotation) is list
+                    else 'object, e.g. {"a": 1}'
+                )
+                lines.append(f"  {setting}: {var} = {shown} is not JSON: give a JSON {what}")
+    if len(lines) == 1:
+        lines.append(f"  {err}")
+    return "\n".join(lines)
+
+
+# The largest config file read: a mistaken path (a log, a device) is refused, not read whole.
+MAX_FILE_BYTES = 1 << 20
 
 
 def load(path: str | Path | None = None) -> Config:
@@ -981,12 +1271,29 @@ def load(path: str | Path | None = None) -> Config:
     if path:
         source = f"{path} and KTEL_* environment"
         try:
-            data = tomllib.loads(Path(path).read_text())
+            with open(path, "rb") as f:
+                raw = f.read(MAX_FILE_BYTES + 1)
+            if len(raw) > MAX_FILE_BYTES:
+                raise ConfigError(
+                    f"config file {path} is larger than {MAX_FILE_BYTES >> 20} MiB: not a ktel configuration"
+                )
+            data = tomllib.loads(raw.decode())
         except OSError as err:
             raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(
+                f"config file {path} is not UTF-8 text (byte {err.start}): save it as UTF-8"
+            ) from None
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+        except RecursionError:
+            # tomllib parses nested arrays and inline tables recursively.
+            raise ConfigError(
+                f"config file {path} nests arrays or tables hundreds deep: not a ktel configuration"
+            ) from None
     try:
         return Config(**data)
     except ValidationError as err:
         raise ConfigError(_explain(err, source)) from None
+    except SettingsError as err:
+        raise ConfigError(_explain_environment(err, source)) from None

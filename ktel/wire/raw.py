@@ -54,6 +54,8 @@ from ktel.wire.control import EVERY_HOST
 
 # A batch holds at most this many events (the agent seals at agent.batch_max_events).
 MAX_EVENTS = 100_000
+# The longest host id a batch may carry (agent.host_id is held to it).
+HOST_CHARS = 256
 # A weight stands for at most this many events: integers up to 2**53 are exact floats.
 MAX_WEIGHT = float(1 << 53)
 # What enrich adds: the host's resource, and the processes a batch names (enrich.max_processes).
@@ -62,7 +64,7 @@ PROCESSES = MapOf(MapOf(ATTR_VALUE, 256), 8192, key_len=10)
 
 SHAPE = Shape(
     (
-        Key("host", Str(256)),
+        Key("host", Str(HOST_CHARS)),
         Key("boot", Str(256)),
         Key("inc", Str(64), required=False),
         Key("seq", Int(0, U63)),

@@ -1,6 +1,10 @@
 import json
+from pathlib import Path
+from types import UnionType
+from typing import Annotated, Union, get_args, get_origin
 
 import pytest
+from pydantic import SecretStr
 
 from ktel import config
 
@@ -301,3 +305,241 @@ def test_a_host_id_that_means_every_host_is_refused(monkeypatch):
     with pytest.raises(config.ConfigError) as err:
         config.load()
     assert "host_id" in str(err.value) and "means every host in ktel.control" in str(err.value), err.value
+
+
+LONG_HOST = "h" * 300
+
+
+@pytest.mark.parametrize(
+    ("toml", "expected"),
+    [
+        # A misspelt setting, section or table key would silently not apply.
+        (
+            "[agent]\nbatch_max_event = 5\n",
+            "agent.batch_max_event: not a setting of agent (in the file, or KTEL_AGENT__BATCH_MAX_EVENT "
+            "in the environment): did you mean batch_max_events?",
+        ),
+        (
+            "[agent]\nredact = [{kind = 'file_created', field = 'path', pattern = 'x', replacment = 'y'}]\n",
+            "agent.redact.0.replacment: not a setting of agent.redact.0",
+        ),
+        ("[kafka.principals]\nagnet = 'User:a'\n", "did you mean agent?"),
+        (
+            "[agnt]\nx = 1\n",
+            "agnt: not a section of ktel's configuration: did you mean agent? the sections are",
+        ),
+        # TOML's true is Python's 1, its 0 and 1 are pydantic's false and true.
+        (
+            "[kafka]\nraw_partitions = true\n",
+            "kafka.raw_partitions = True: Value error, is true or false, not a number: give a number",
+        ),
+        ("[agent]\nsample_every = {file_created = true}\n", "'file_created' is true or false, not a number"),
+        (
+            "[aggregate]\ninclude_filename = 1\n",
+            "aggregate.include_filename = 1: Value error, is a number, not true or false",
+        ),
+        (
+            "[kafka]\nraw_retention_hours = inf\n",
+            "kafka.raw_retention_hours = inf: Input should be a finite number",
+        ),
+        (
+            "[sample]\nbudget_per_s = {file_created = nan}\n",
+            "sample.budget_per_s.file_created = nan: Input should be a finite",
+        ),
+        (
+            "[agent]\nspool_max_mb = 1000000000000000000000000000000\n",
+            "agent.spool_max_mb = 10000000000000000000000",
+        ),
+        (
+            "[agent]\nspool_max_mb = 1000000000000000000000000000000\n",
+            "is too large: at most 9223372036854775807",
+        ),
+        # Bounds of what reads them: Kafka's protocol, the wire, the agents, gRPC.
+        ("[kafka]\nraw_partitions = 3000000000\n", "less than or equal to 2147483647"),
+        (
+            "[kafka]\nreplication_factor = 40000\n",
+            "kafka.replication_factor = 40000: Value error, 40000: give from 1",
+        ),
+        (
+            "[kafka]\ndlq_retention_hours = 1e300\n",
+            "kafka.dlq_retention_hours = 1e+300: Input should be less than",
+        ),
+        (
+            "[agent]\nbatch_max_events = 200000\n",
+            "agent.batch_max_events = 200000: Input should be less than or equal to 100000",
+        ),
+        (f"[agent]\nhost_id = '{LONG_HOST}'\n", "String should have at most 256 characters"),
+        (f"[agent]\nhost_id = '{LONG_HOST}'\n", f"agent.host_id = '{LONG_HOST[:79]}... (300 characters)"),
+        (
+            "[sample]\ncommand_ttl_seconds = 1000000\n",
+            "sample.command_ttl_seconds = 1000000: Input should be less than",
+        ),
+        (
+            "[otlp]\ntimeout_seconds = 10000\n",
+            "otlp.timeout_seconds = 10000: Input should be less than or equal to 3600",
+        ),
+        ("[kafka]\nbootstrap = 'k:70000'\n", "'k:70000' is not host:port (a port from 1 to 65535)"),
+        (
+            "[remote_write]\nurl = 'prometheus:9090'\n",
+            "remote_write.url = 'prometheus:9090': Value error, give an http://",
+        ),
+        # Text: empty, too long, with a NUL.
+        ("[kafka]\nssl_cafile = ''\n", "kafka.ssl_cafile = '': Value error, is empty: give a value"),
+        ("[pull]\nhost = ''\n", "pull.host = '': Value error, is empty"),
+        (
+            "[remote_write]\nheaders = {X-Scope-OrgID = ''}\n",
+            "remote_write.headers: Value error, 'X-Scope-OrgID' is empty",
+        ),
+        ('[agent]\nstate_dir = "/var/lib/ktel\\u0000x"\n', "Value error, holds a NUL character"),
+        (f"[service]\nname = '{'n' * 70000}'\n", "is 70000 characters long: give at most 65536"),
+        # Paths: a file where a directory is meant, and the reverse; a name too long.
+        ("[process]\ndata_dir = '{file}'\n", "process.data_dir = '{file}': Value error, is not a directory"),
+        (
+            "[kafka]\nssl_cafile = '{dir}'\n",
+            "kafka.ssl_cafile = '{dir}': Value error, is a directory: name the file",
+        ),
+        (
+            "[otlp]\ncertificate_file = '{dir}'\n",
+            "otlp.certificate_file = '{dir}': Value error, is a directory",
+        ),
+        (f"[stack]\ncollector_binary = '/{'b' * 300}'\n", "has a part longer than a file name may be"),
+    ],
+)
+def test_a_mistaken_or_hostile_value_is_refused_naming_the_field(tmp_path, monkeypatch, toml, expected):
+    monkeypatch.setenv("KTEL_AGENT__HOST_ID", "abc")
+    if "host_id" in toml:
+        monkeypatch.delenv("KTEL_AGENT__HOST_ID")
+    (tmp_path / "a-file").write_text("x")
+    where = {"file": tmp_path / "a-file", "dir": tmp_path}
+    f = tmp_path / "bad.toml"
+    f.write_text(toml.replace("{file}", str(where["file"])).replace("{dir}", str(where["dir"])))
+    with pytest.raises(config.ConfigError) as err:
+        config.load(f)
+    said = str(err.value)
+    assert expected.replace("{file}", str(where["file"])).replace("{dir}", str(where["dir"])) in said, said
+    assert len(said) < 2000  # a huge value is not printed back whole
+
+
+def _settings(want):
+    """(section, field) of every setting whose annotation, through Optional and unions,
+    takes one of the types in ``want`` (and not bool, when numbers are wanted)."""
+
+    def types(annotation):
+        if get_origin(annotation) is Annotated:
+            return types(get_args(annotation)[0])
+        if get_origin(annotation) in (Union, UnionType):
+            return {t for a in get_args(annotation) for t in types(a)}
+        return {annotation} if isinstance(annotation, type) else set()
+
+    return [
+        (section, name)
+        for section, sfield in config.Config.model_fields.items()
+        for name, field in sfield.annotation.model_fields.items()
+        if types(field.annotation) & want and not (bool in types(field.annotation) and want & {int, float})
+    ]
+
+
+@pytest.mark.parametrize("section", list(config.Config.model_fields))
+def test_every_section_refuses_a_setting_it_does_not_have(tmp_path, monkeypatch, section):
+    monkeypatch.setenv("KTEL_AGENT__HOST_ID", "abc")
+    f = tmp_path / "k.toml"
+    f.write_text(f"[{section}]\nno_such_setting = 1\n")
+    with pytest.raises(config.ConfigError, match=f"{section}.no_such_setting: not a setting of {section}"):
+        config.load(f)
+
+
+@pytest.mark.parametrize(("section", "name"), _settings({int, float}))
+def test_every_number_refuses_true_and_false(tmp_path, monkeypatch, section, name):
+    monkeypatch.setenv("KTEL_AGENT__HOST_ID", "abc")
+    f = tmp_path / "k.toml"
+    f.write_text(f"[{section}]\n{name} = true\n")
+    with pytest.raises(
+        config.ConfigError, match=f"{section}.{name} = True: .*is true or false, not a number"
+    ):
+        config.load(f)
+
+
+@pytest.mark.parametrize(("section", "name"), _settings({float}))
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_every_fraction_refuses_nan_and_infinity(tmp_path, monkeypatch, section, name, value):
+    monkeypatch.setenv("KTEL_AGENT__HOST_ID", "abc")
+    monkeypatch.setenv(f"KTEL_{section.upper()}__{name.upper()}", value)
+    with pytest.raises(
+        config.ConfigError, match=f"{section}.{name} = '{value}': Input should be a finite number"
+    ):
+        config.load()
+
+
+# Where empty text means something (kafka.prefix: none).
+EMPTY_MEANS_SOMETHING = [("kafka", "prefix")]
+
+
+@pytest.mark.parametrize(
+    ("section", "name"), [s for s in _settings({str, Path, SecretStr}) if s not in EMPTY_MEANS_SOMETHING]
+)
+def test_every_text_and_path_refuses_empty(tmp_path, monkeypatch, section, name):
+    monkeypatch.setenv("KTEL_AGENT__HOST_ID", "abc")
+    monkeypatch.setenv(f"KTEL_{section.upper()}__{name.upper()}", "")
+    with pytest.raises(config.ConfigError) as err:
+        config.load()
+    assert f"{section}.{name} = " in str(err.value) and ": Value error, is empty" in str(err.value), err.value
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        (
+            "KTEL_AGENT__PROBES",
+            "file_created",
+            "agent.probes: KTEL_AGENT__PROBES = 'file_created' is not JSON: give a JSON list",
+        ),
+        ("KTEL_SAMPLE__BUDGET_PER_S", "file_created=5", "give a JSON object"),
+        (
+            "KTEL_REMOTE_WRITE__HEADERS",
+            TOKEN,
+            "remote_write.headers: KTEL_REMOTE_WRITE__HEADERS = *** is not JSON",
+        ),
+        ("KTEL_AGENT__BATCH_MAX_EVENT", "5", "agent.batch_max_event: not a setting of agent"),
+    ],
+)
+def test_a_bad_environment_variable_is_named_not_a_traceback(monkeypatch, variable, value, expected):
+    monkeypatch.setenv("KTEL_AGENT__HOST_ID", "abc")
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(config.ConfigError) as err:
+        config.load()
+    assert expected in str(err.value) and TOKEN not in str(err.value), err.value
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"[agent]\nhost_id = '\xff'\n", "is not UTF-8 text (byte 19): save it as UTF-8"),
+        (b"[agent]\nprobes = " + b"[" * 5000 + b"]" * 5000 + b"\n", "nests arrays or tables hundreds deep"),
+        (b"# " + b"x" * (2 << 20) + b"\n", "is larger than 1 MiB"),
+    ],
+)
+def test_a_file_that_is_no_configuration_is_refused_not_a_traceback(tmp_path, content, expected):
+    f = tmp_path / "k.toml"
+    f.write_bytes(content)
+    with pytest.raises(config.ConfigError) as err:
+        config.load(f)
+    assert f"config file {f} {expected}" in str(err.value)
+
+
+def test_values_that_mean_something_at_their_edges_still_load(tmp_path, monkeypatch):
+    f = tmp_path / "k.toml"
+    f.write_text(
+        "[kafka]\nprefix = ''\nraw_retention_hours = 168\nreplication_factor = 'auto'\n"
+        "[agent]\nmetrics_port = 0\nsample_every = {file_created = 10}\n"
+        f"state_dir = '{tmp_path / 'not-yet'}'\ncgroup_root = '{tmp_path}'\n"
+        "redact = [{kind = 'file_created', field = 'path', pattern = '^/home/[^/]+', replacement = ''}]\n"
+        "[sample]\nbudget_per_s = {file_created = 5000}\n"
+        f"[enrich]\nmetadata_file = '{tmp_path / 'written-later.jsonl'}'\n"
+    )
+    monkeypatch.setenv("KTEL_AGENT__HOST_ID", "abc")
+    monkeypatch.setenv("KTEL_OTLP__INSECURE", "true")  # the environment gives every value as text
+    monkeypatch.setenv("KTEL_AGGREGATE__WINDOW_SECONDS", "2")
+    monkeypatch.setenv("KTEL_OTLP__BEARER_TOKEN_FILE", "null")
+    cfg = config.load(f)
+    assert (cfg.kafka.prefix, cfg.agent.redact[0].replacement, cfg.otlp.insecure) == ("", "", True)
+    assert cfg.aggregate.window_seconds == 2 and cfg.sample.budget_per_s == {"file_created": 5000}
