@@ -244,6 +244,11 @@ class Agent:
         acfg = cfg.agent
         self.cfg = cfg
         self.topics = cfg.kafka.topics
+        if not acfg.host_id:
+            raise ConfigError(
+                "agent.host_id is empty: /etc/machine-id, its default, is missing or empty here; set "
+                "agent.host_id (KTEL_AGENT__HOST_ID) to this host's id"
+            )
         self.host_id = acfg.host_id
         self.boot_id = boot_id()
         # What the heartbeat's host attributes hold for the process's lifetime, read once:

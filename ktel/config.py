@@ -624,7 +624,9 @@ class AgentConfig(Section):
     @field_validator("host_id")
     @classmethod
     def _not_every_host(cls, v: str) -> str:
-        # An empty one is refused like any empty text (Section).
+        # An empty one is refused like any empty text (Section); the default,
+        # /etc/machine-id, is read by every process, and the agent alone, which needs
+        # it, refuses it empty.
         if v == EVERY_HOST:
             raise ValueError(
                 f"{EVERY_HOST!r} means every host in ktel.control: set agent.host_id to this host's"

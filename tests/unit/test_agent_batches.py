@@ -11,7 +11,7 @@ from prometheus_client import REGISTRY
 
 from edge_agent import agent as agent_mod
 from edge_agent import probes as probes_mod
-from ktel import cli
+from ktel import cli, config
 from ktel.config import AgentConfig, Config, ConfigError, RedactRule
 from ktel.probes import file_created, ktel_api
 from ktel.probes.decode import PackedEvents, pack_event
@@ -151,6 +151,17 @@ def test_a_state_dir_that_cannot_be_used_names_the_setting_and_the_fix(tmp_path)
         f"agent.state_dir = '{tmp_path / 'a-file' / 'state'}': cannot be used (Not a directory"
     )
     assert "set agent.state_dir (KTEL_AGENT__STATE_DIR)" in said
+
+
+def test_an_empty_default_host_id_stops_the_agent_naming_the_setting(tmp_path, monkeypatch):
+    # Every process reads the default, /etc/machine-id; only the agent needs it.
+    monkeypatch.setattr(config, "_read_id", lambda path: "")
+    acfg = AgentConfig(state_dir=tmp_path, cgroup_root=tmp_path)
+    assert acfg.host_id == ""  # what the processors and exporters load, and ignore
+    with pytest.raises(ConfigError) as stop:
+        agent_mod.Agent(Config(agent=acfg))
+    assert "agent.host_id is empty" in str(stop.value)
+    assert "set agent.host_id (KTEL_AGENT__HOST_ID)" in str(stop.value)
 
 
 def disk_dropped() -> float:
