@@ -9,6 +9,7 @@ ktel's own config loader accepts. deploy/setup.sh builds helm into the cache.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -97,6 +98,18 @@ def config_map(objs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def toml_config(objs: list[dict[str, Any]]) -> dict[str, Any]:
     return tomllib.loads(config_map(objs)["data"]["ktel.toml"])
+
+
+def config_file(objs: list[dict[str, Any]], tmp_path: Path) -> Path:
+    """The release's ktel.toml under tmp_path, with the Kafka Secrets' files it names,
+    which exist in the pod, there too."""
+    text = config_map(objs)["data"]["ktel.toml"].replace(SECRETS_DIR, str(tmp_path / "secrets"))
+    for sub in ("kafka/password", "kafka-tls/ca.crt"):
+        (tmp_path / "secrets" / sub).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "secrets" / sub).write_text("x\n")
+    path = tmp_path / "ktel.toml"
+    path.write_text(text)
+    return path
 
 
 def port_setting(args: list[str]) -> tuple[str, str]:
@@ -367,16 +380,15 @@ def test_secrets_come_from_secrets_never_the_config_map(full) -> None:
         [c] = pod["containers"]
         mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
         assert mounts[f"{SECRETS_DIR}/kafka"] == "kafka-sasl"
-        headers = [e for e in c["env"] if e["name"] == "KTEL_OTLP__HEADERS"]
-        if name == "export-otlp":
-            assert headers == [
-                {
-                    "name": "KTEL_OTLP__HEADERS",
-                    "valueFrom": {"secretKeyRef": {"name": "ktel-otlp", "key": "headers"}},
+        from_secrets = {e["name"]: e["valueFrom"] for e in c["env"] if "valueFrom" in e}
+        assert from_secrets == {
+            "export-otlp": {"KTEL_OTLP__HEADERS": {"secretKeyRef": {"name": "ktel-otlp", "key": "headers"}}},
+            "export-remote-write": {
+                "KTEL_REMOTE_WRITE__HEADERS": {
+                    "secretKeyRef": {"name": "ktel-remote-write-headers", "key": "headers"}
                 }
-            ]
-        else:
-            assert headers == []
+            },
+        }.get(name, {}), name
         has_rw = any(v.get("secret", {}).get("secretName") == "ktel-remote-write" for v in volumes.values())
         assert has_rw == (name == "export-remote-write")
         has_otlp = any(v.get("secret", {}).get("secretName") == "ktel-otlp-token" for v in volumes.values())
@@ -489,31 +501,97 @@ def test_ktel_topics_runs_before_every_install_and_upgrade_with_the_releases_con
     assert of_kind(render(sets=("topicsJob.enabled=false",)), "Job") == []
 
 
-@pytest.mark.parametrize(
-    ("setting", "hint"),
-    [
-        ("config.otlp.headers.authorization=token", "secrets.otlpHeaders"),
-        ("config.kafka.sasl_password=hunter2", "secrets.kafkaSaslPassword"),
-        ("config.kafka=oops", "every entry of config is a section"),
-    ],
-)
-def test_a_secret_or_a_malformed_section_in_config_is_refused_with_the_fix(setting, hint) -> None:
-    res = run_helm("template", "ktel", str(CHART), "--set", setting)
+# Every field ktel/config.py marks SECRET (`ktel config` masks it), and the value of the
+# chart's `secrets` that gives it instead of the ConfigMap.
+SECRET_FIELDS = {
+    "kafka.sasl_password": "secrets.kafkaSaslPassword",
+    "remote_write.basic_auth_password": "secrets.remoteWrite",
+    "remote_write.headers": "secrets.remoteWriteHeaders",
+    "otlp.headers": "secrets.otlpHeaders",
+}
+SECRET = "hunter2-token"
+
+
+def test_the_chart_knows_every_secret_field_of_ktels_config() -> None:
+    marked = {
+        f"{section}.{name}"
+        for section, model in config.Config.model_fields.items()
+        for name, field in (model.annotation.model_fields.items() if model.annotation else [])
+        if field.json_schema_extra == config.SECRET
+    }
+    assert marked == set(SECRET_FIELDS)
+
+
+@pytest.mark.parametrize("field", SECRET_FIELDS)
+def test_a_secret_in_config_is_refused_with_where_it_goes(field) -> None:
+    section, name = field.split(".")
+    annotation = config.Config.model_fields[section].annotation
+    assert annotation is not None
+    is_map = "dict" in str(annotation.model_fields[name].annotation)
+    value = {"x-api-key": SECRET} if is_map else SECRET
+    res = run_helm("template", "ktel", str(CHART), "--set-json", f"config.{field}={json.dumps(value)}")
     assert res.returncode != 0
-    assert hint in res.stderr
+    assert f"config.{field} (" in res.stderr
+    assert "goes in a Secret, not in the ConfigMap" in res.stderr
+    assert f": {SECRET_FIELDS[field]}, " in res.stderr
+    assert SECRET not in res.stderr
+
+
+def test_a_malformed_section_in_config_is_refused_with_the_fix() -> None:
+    res = run_helm("template", "ktel", str(CHART), "--set", "config.kafka=oops")
+    assert res.returncode != 0
+    assert "every entry of config is a section" in res.stderr
+
+
+def test_the_headers_from_secrets_are_the_settings_ktel_reads(full, tmp_path, monkeypatch) -> None:
+    """What each exporter gets from a Secret as an environment variable sets the field the
+    chart refuses in the ConfigMap."""
+    for name in [n for n in os.environ if n.startswith("KTEL_")]:
+        monkeypatch.delenv(name)
+    given = {"x-api-key": SECRET}
+    names = set()
+    for d in of_kind(full, "Deployment"):
+        [c] = d["spec"]["template"]["spec"]["containers"]
+        for e in c["env"]:
+            if "secretKeyRef" in e.get("valueFrom", {}):
+                names.add(e["name"])
+                monkeypatch.setenv(e["name"], json.dumps(given))
+    assert names == {"KTEL_OTLP__HEADERS", "KTEL_REMOTE_WRITE__HEADERS"}
+    cfg = config.load(config_file(full, tmp_path))
+    assert cfg.otlp.headers == given
+    assert cfg.remote_write.headers == given
+
+
+def test_the_remote_write_password_comes_from_its_secret_as_a_file(tmp_path, monkeypatch) -> None:
+    """What the refusal of remote_write.basic_auth_password points at: secrets.remoteWrite
+    mounted in the remote-write exporter, where basic_auth_password_file names a key of it."""
+    for name in [n for n in os.environ if n.startswith("KTEL_")]:
+        monkeypatch.delenv(name)
+    mount = f"{SECRETS_DIR}/remote-write"
+    objs = render(
+        sets=(
+            "secrets.remoteWrite.secretName=ktel-remote-write",
+            "config.remote_write.basic_auth_username=ktel",
+            f"config.remote_write.basic_auth_password_file={mount}/password",
+        )
+    )
+    [d] = [d for d in of_kind(objs, "Deployment") if d["metadata"]["name"] == "ktel-export-remote-write"]
+    pod = d["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    [c] = pod["containers"]
+    [volume] = [volumes[m["name"]] for m in c["volumeMounts"] if m["mountPath"] == mount]
+    assert volume["secret"]["secretName"] == "ktel-remote-write"
+    path = config_file(objs, tmp_path)
+    (tmp_path / "secrets" / "remote-write").mkdir(parents=True)
+    (tmp_path / "secrets" / "remote-write" / "password").write_text(SECRET + "\n")
+    assert config.load(path).remote_write.password() == SECRET
 
 
 def test_the_rendered_config_loads_with_ktels_own_loader(rendered, tmp_path, monkeypatch) -> None:
     for name in [n for n in os.environ if n.startswith("KTEL_")]:
         monkeypatch.delenv(name)
-    cm = config_map(rendered)
-    # The Secrets' files exist in the pod; here, under tmp_path.
-    text = cm["data"]["ktel.toml"].replace(SECRETS_DIR, str(tmp_path / "secrets"))
-    for sub in ("kafka/password", "kafka-tls/ca.crt"):
-        (tmp_path / "secrets" / sub).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / "secrets" / sub).write_text("x\n")
-    path = tmp_path / "ktel.toml"
-    path.write_text(text)
+    path = config_file(rendered, tmp_path)
+    text = path.read_text()
     cfg = config.load(path)
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert cfg.agent.metrics_port == values["ports"]["agent"]

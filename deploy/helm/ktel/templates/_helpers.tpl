@@ -55,15 +55,69 @@ ktel's configuration: the user's `config` with what the chart decides laid over 
 {{- fail (printf "config.%s: every entry of config is a section of ktel's TOML (a map of fields), e.g. config.kafka.bootstrap" $section) -}}
 {{- end -}}
 {{- end -}}
-{{- if dig "otlp" "headers" nil $v.config -}}
-{{- fail "config.otlp.headers: OTLP headers carry tokens; give them in a Secret (secrets.otlpHeaders), not in the ConfigMap" -}}
+{{- range $s := include "ktel.secretFields" . | fromYamlArray -}}
+{{- if dig $s.section $s.field nil $v.config -}}
+{{- $how := $s.instead | default (printf "its key given to exporters.%s as %s" $s.exporter (include "ktel.secretEnvName" $s)) -}}
+{{- fail (printf "config.%s.%s (%s) goes in a Secret, not in the ConfigMap, which anyone allowed to read the namespace's ConfigMaps can read: secrets.%s, %s" $s.section $s.field $s.what $s.value $how) -}}
 {{- end -}}
-{{- if dig "kafka" "sasl_password" nil $v.config -}}
-{{- fail "config.kafka.sasl_password: give the Kafka password in a Secret (secrets.kafkaSaslPassword), not in the ConfigMap" -}}
 {{- end -}}
 {{- $config := mustMergeOverwrite (deepCopy $v.config) $forced -}}
 {{- include "ktel.wholeNumbers" $config -}}
 {{- toToml $config -}}
+{{- end -}}
+
+{{/*
+Every field of ktel's config that holds a secret (those ktel/config.py marks SECRET; the
+chart's tests hold the two to the same list). Each is refused in `config` and given from
+the Secret of secrets.<value> instead: with `exporter`, the Secret's key becomes the
+field's environment variable (KTEL_<SECTION>__<FIELD>) in that exporter; else mounted as
+a file, as `instead` says.
+*/}}
+{{- define "ktel.secretFields" -}}
+- section: kafka
+  field: sasl_password
+  what: the Kafka password
+  value: kafkaSaslPassword
+  instead: mounted in every pod as the file kafka.sasl_password_file names (or a role's own, kafkaIdentities.<role>.secretName)
+- section: remote_write
+  field: basic_auth_password
+  what: the remote-write password
+  value: remoteWrite
+  instead: its key mounted under secrets.remoteWrite.mountPath and named by config.remote_write.basic_auth_password_file
+- section: remote_write
+  field: headers
+  what: headers often carry tokens
+  value: remoteWriteHeaders
+  exporter: remoteWrite
+- section: otlp
+  field: headers
+  what: headers often carry tokens
+  value: otlpHeaders
+  exporter: otlp
+{{- end -}}
+
+{{/* The environment variable ktel reads a field from (KTEL_, then section__field). */}}
+{{- define "ktel.secretEnvName" -}}
+KTEL_{{ upper .section }}__{{ upper .field }}
+{{- end -}}
+
+{{/*
+The secrets a workload (workload: its entry in workloads.yaml, whose `remoteWrite` or
+`otlp` says which exporter it is) gets from Secrets as environment variables.
+*/}}
+{{- define "ktel.secretEnv" -}}
+{{- $root := .root -}}
+{{- $w := .workload -}}
+{{- range $s := include "ktel.secretFields" $root | fromYamlArray -}}
+{{- $secret := get $root.Values.secrets $s.value -}}
+{{- if and $s.exporter (get $w $s.exporter) $secret.secretName }}
+- name: {{ include "ktel.secretEnvName" $s }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret.secretName }}
+      key: {{ $secret.key }}
+{{ end -}}
+{{- end -}}
 {{- end -}}
 
 {{/*
