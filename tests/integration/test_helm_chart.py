@@ -336,10 +336,17 @@ def test_names_and_labels_stay_valid_with_the_longest_release_name(values) -> No
             assert LABEL_VALUE.fullmatch(str(value)), (name, value)
 
 
+# full-values.yaml's scrape job: interval, scrapeTimeout, honorLabels.
+FULL_SCRAPE = {"interval": "15s", "scrapeTimeout": "10s", "honorLabels": True}
+
+
 def test_the_service_monitor_scrapes_every_service(full) -> None:
     [sm] = of_kind(full, "ServiceMonitor")
     assert sm["metadata"]["labels"]["release"] == "prometheus"
-    assert sm["spec"]["endpoints"] == [{"port": "metrics", "interval": "15s", "honorLabels": True}]
+    assert sm["spec"]["endpoints"] == [{"port": "metrics", **FULL_SCRAPE}]
+    # A worker holding thousands of hosts serves hundreds of thousands of samples
+    # (docs/operating.md): the limit is the operator's to size.
+    assert sm["spec"]["sampleLimit"] == 600000
     for svc in of_kind(full, "Service"):
         assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
         extra = ["pull"] if svc["metadata"]["name"] == "ktel-export-pull" else []
@@ -357,10 +364,61 @@ def test_the_service_monitor_scrapes_the_fleets_series_only_when_asked(full) -> 
     [sm] = of_kind(full, "ServiceMonitor")
     assert [e["port"] for e in sm["spec"]["endpoints"]] == ["metrics"]
     [sm] = of_kind(render(FULL, sets=("serviceMonitor.scrapePullEndpoint=true",)), "ServiceMonitor")
+    assert sm["spec"]["endpoints"] == [{"port": "metrics", **FULL_SCRAPE}, {"port": "pull", **FULL_SCRAPE}]
+
+
+def test_the_service_monitor_leaves_what_is_unset_to_prometheus() -> None:
+    """Unset, the scrape timeout and sample limit are Prometheus' own (the ServiceMonitor
+    does not name them), and so is the interval once emptied."""
+    [sm] = of_kind(render(sets=("serviceMonitor.enabled=true",)), "ServiceMonitor")
+    assert sm["spec"]["endpoints"] == [{"port": "metrics", "interval": "30s", "honorLabels": True}]
+    assert "sampleLimit" not in sm["spec"]
+    sets = (
+        "serviceMonitor.enabled=true",
+        "serviceMonitor.interval=",
+        "serviceMonitor.scrapePullEndpoint=true",
+    )
+    [sm] = of_kind(render(sets=sets), "ServiceMonitor")
     assert sm["spec"]["endpoints"] == [
-        {"port": "metrics", "interval": "15s", "honorLabels": True},
-        {"port": "pull", "interval": "15s", "honorLabels": True},
+        {"port": "metrics", "honorLabels": True},
+        {"port": "pull", "honorLabels": True},
     ]
+
+
+@pytest.mark.parametrize(
+    ("timeout", "interval"), [("30s", "30s"), ("1m30s", "2m"), ("500ms", "1s"), ("59m59s", "1h")]
+)
+def test_a_scrape_timeout_up_to_the_interval_is_accepted(timeout, interval) -> None:
+    sets = ("serviceMonitor.enabled=true", f"serviceMonitor.interval={interval}")
+    [sm] = of_kind(render(sets=(*sets, f"serviceMonitor.scrapeTimeout={timeout}")), "ServiceMonitor")
+    assert sm["spec"]["endpoints"][0]["scrapeTimeout"] == timeout
+
+
+@pytest.mark.parametrize(
+    ("timeout", "interval", "hint"),
+    [
+        # Prometheus refuses a scrape job whose timeout is longer than its interval.
+        ("1m", "30s", "serviceMonitor.scrapeTimeout = 1m is longer than serviceMonitor.interval = 30s"),
+        ("30500ms", "30s", "serviceMonitor.scrapeTimeout = 30500ms is longer than"),
+        ("1h", "59m59s", "serviceMonitor.scrapeTimeout = 1h is longer than"),
+        ("30", "1m", "serviceMonitor.scrapeTimeout = 30 is not a Prometheus duration"),
+        ("10s", "1.5m", "serviceMonitor.interval = 1.5m is not a Prometheus duration"),
+    ],
+)
+def test_a_scrape_timeout_past_the_interval_is_refused(timeout, interval, hint) -> None:
+    res = run_helm(
+        "template",
+        "ktel",
+        str(CHART),
+        "--set",
+        "serviceMonitor.enabled=true",
+        "--set",
+        f"serviceMonitor.interval={interval}",
+        "--set",
+        f"serviceMonitor.scrapeTimeout={timeout}",
+    )
+    assert res.returncode != 0
+    assert hint in res.stderr
 
 
 def test_secrets_come_from_secrets_never_the_config_map(full) -> None:

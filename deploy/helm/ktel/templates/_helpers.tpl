@@ -225,6 +225,32 @@ kafkaIdentities.<role> is the one every role shares.
 {{- end }}
 {{- end -}}
 
+{{/*
+A Prometheus duration (the Prometheus Operator's pattern: 1m30s, 500ms) in milliseconds,
+to compare two; value: the duration, setting: the value that gave it, named if refused.
+*/}}
+{{- define "ktel.durationMs" -}}
+{{- if not (regexMatch "^(0|([0-9]+y)?([0-9]+w)?([0-9]+d)?([0-9]+h)?([0-9]+m)?([0-9]+s)?([0-9]+ms)?)$" (toString .value)) -}}
+{{- fail (printf "%s = %v is not a Prometheus duration, e.g. 30s or 1m30s" .setting .value) -}}
+{{- end -}}
+{{- $unit := dict "y" 31536000000 "w" 604800000 "d" 86400000 "h" 3600000 "m" 60000 "s" 1000 "ms" 1 -}}
+{{- $total := 0 -}}
+{{- /* "ms" first: 1m30s is 1m and 30s, 500ms is not 500m. */ -}}
+{{- range $part := regexFindAll "[0-9]+(ms|[ywdhms])" (toString .value) -1 -}}
+{{- $u := regexFind "[a-z]+$" $part -}}
+{{- $total = add $total (mul (trimSuffix $u $part | atoi) (get $unit $u)) -}}
+{{- end -}}
+{{- $total -}}
+{{- end -}}
+
+{{/* A ServiceMonitor endpoint's interval and scrapeTimeout, those set (serviceMonitor). */}}
+{{- define "ktel.scrapeTiming" -}}
+{{- with .interval }}interval: {{ . }}{{ end }}
+{{- with .scrapeTimeout }}
+scrapeTimeout: {{ . }}
+{{- end }}
+{{- end -}}
+
 {{/* Probes on the process's own port: /healthz (alive) and /readyz (ready to serve). */}}
 {{- define "ktel.probes" -}}
 startupProbe:
