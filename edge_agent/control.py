@@ -48,6 +48,9 @@ its record's timestamp plus the TTL, so it can end early if the sender's clock i
 behind, but never holds past a full TTL. An offset at or past the topic's end is
 from a topic deleted and made again, and is not taken (one made again that has
 already grown past it cannot be told apart: its records up to it are passed over).
+Made again while followed, the topic's offsets go back (the consumer, past the new
+topic's end, goes to that end): the offset is not taken from there either, and the
+records after are judged as sent then, not read back.
 """
 
 from __future__ import annotations
@@ -169,6 +172,10 @@ class Control:
         # Every record of ktel.control up to this offset was judged, and what it did
         # is in the state file (None: none known to be).
         self.judged_to: int | None = None
+        # Where the follower is (``begin``): the offset it reads next, and the topic's end
+        # at the start, before which a record is one read back.
+        self._next = 0
+        self._read_back_to = 0
         self._acks: deque[str] = deque()
         self._refusals: deque[list[str]] = deque()
         self.counts = {"commands_applied": 0, "commands_refused": 0}
@@ -384,22 +391,35 @@ class Control:
 
     # ------------------------------------------------------------- follow
 
-    def begin(self, end: int) -> None:
-        """Reading ktel.control from a start, the topic ending at offset ``end``."""
+    def begin(self, start: int, end: int) -> None:
+        """Reading ktel.control from offset ``start``, the topic ending at offset ``end``."""
+        self._next, self._read_back_to = start, end
         if self.judged_to is not None and self.judged_to >= end:
-            log.warning(
-                "%s: ktel.control judged up to offset %d, but it ends at %d: a topic made again, "
-                "whose records are judged by their times",
-                self.state_path,
-                self.judged_to,
-                end,
-            )
-            self.judged_to = None
+            self._made_again(f"it ends at {end}")
 
-    def judge(self, records: Iterable[ConsumerRecord[Any, bytes]], end: int) -> None:
-        """Records of ktel.control in offset order; ``end``: the topic's end at the start
-        (``begin``), before which a record is one read back."""
+    def _made_again(self, why: str) -> None:
+        """ktel.control was deleted and made again: none of its records was judged. Also
+        at the file's next write, so that a start after the new topic grew past the old
+        offset does not pass over records no one judged."""
+        log.warning(
+            "%s: ktel.control judged up to offset %s, but %s: a topic made again, "
+            "whose records are judged by their times",
+            self.state_path,
+            self.judged_to,
+            why,
+        )
+        self.judged_to = None
+        self._unsaved = True
+
+    def judge(self, records: Iterable[ConsumerRecord[Any, bytes]]) -> None:
+        """Records of ktel.control in offset order, from where ``begin`` said."""
         for rec in records:
+            if rec.offset < self._next:
+                # Offsets went back: the topic made again while followed. Its records were
+                # sent since the consumer went to its end, so none is read back.
+                self._made_again(f"offset {rec.offset} comes after {self._next - 1}")
+                self._read_back_to = 0
+            self._next = rec.offset + 1
             if self.judged_to is not None and rec.offset <= self.judged_to:
                 continue  # judged before the last stop: the state file holds what it did
             try:
@@ -407,7 +427,7 @@ class Control:
             except WireError as err:
                 self.refuse_undecodable(rec.offset, err)
             else:
-                self.handle(cmd, rec.timestamp, replayed=rec.offset < end)
+                self.handle(cmd, rec.timestamp, replayed=rec.offset < self._read_back_to)
             self.judged_to = rec.offset
 
     async def follow(self, kafka: Kafka) -> None:
@@ -433,7 +453,7 @@ class Control:
             # Retried like the connection: a broker away for long at the agent's
             # start must not leave it deaf to commands for good.
             start, end = await retry(start_position, what="find where to read ktel.control from")
-            self.begin(end)
+            self.begin(start, end)
             # Assigned only now: assigned earlier, the fetcher would read from the end with a
             # long fetch in flight, and the seek would wait for it (up to FETCH_WAIT_MS)
             # before the commands in force are read again.
@@ -442,7 +462,7 @@ class Control:
             while True:
                 # Returns as soon as records are fetched: the timeout only bounds an idle wait.
                 for recs in (await consumer.getmany(timeout_ms=FETCH_WAIT_MS)).values():
-                    self.judge(recs, end)
+                    self.judge(recs)
                 self.save()
         finally:
             await consumer.stop()

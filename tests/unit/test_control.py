@@ -310,14 +310,14 @@ def test_a_restart_after_a_flood_does_not_bring_back_a_raise_its_restore_ended(t
     log = [cmd(cmd_id="raise", every=50, ttl_ms=3_000_000), *flood(control_mod.MAX_REMEMBERED)]
     log.append(cmd(cmd_id="restore", restore=True, ttl_ms=60_000))
     ctl, _ = make(tmp_path)
-    ctl.begin(end=0)
-    ctl.judge(records(*log, sent_ms=now), end=0)
+    ctl.begin(0, 0)
+    ctl.judge(records(*log, sent_ms=now))
     ctl.save()
     assert "raise" not in ctl.applied and ctl.sample_every("file_created") == 2
 
     restarted, applied = make(tmp_path)
-    restarted.begin(end=len(log))
-    restarted.judge(records(*log, sent_ms=now), end=len(log))
+    restarted.begin(0, len(log))
+    restarted.judge(records(*log, sent_ms=now))
     assert (
         restarted.sample_every("file_created") == 2 and [n for p, n in applied if p == "file_created"] == []
     )
@@ -329,14 +329,14 @@ def test_a_restart_after_a_flood_does_not_let_a_forgotten_restore_end_a_later_co
     log = [cmd(cmd_id="restore", restore=True, ttl_ms=60_000), *flood(control_mod.MAX_REMEMBERED)]
     log.append(cmd(cmd_id="by-hand", every=9, ttl_ms=600_000))
     ctl, _ = make(tmp_path)
-    ctl.begin(end=0)
-    ctl.judge(records(*log, sent_ms=now), end=0)
+    ctl.begin(0, 0)
+    ctl.judge(records(*log, sent_ms=now))
     ctl.save()
     assert "restore" not in ctl.applied
 
     restarted, _ = make(tmp_path)
-    restarted.begin(end=len(log))
-    restarted.judge(records(*log, sent_ms=now), end=len(log))
+    restarted.begin(0, len(log))
+    restarted.judge(records(*log, sent_ms=now))
     assert restarted.command("file_created").id == "by-hand" and restarted.sample_every("file_created") == 9
 
 
@@ -344,7 +344,7 @@ def test_a_flood_does_not_forget_a_command_in_force(tmp_path):
     now = now_ms() - 1000
     ctl, _ = make(tmp_path)
     ctl.judge(
-        records(cmd(cmd_id="raise", ttl_ms=600_000), *flood(2 * control_mod.MAX_REMEMBERED), sent_ms=now), 0
+        records(cmd(cmd_id="raise", ttl_ms=600_000), *flood(2 * control_mod.MAX_REMEMBERED), sent_ms=now)
     )
     ctl.save()
     assert len(ctl.applied) <= control_mod.MAX_REMEMBERED + 1
@@ -357,27 +357,26 @@ def test_records_past_what_was_saved_are_judged_again_at_a_start(tmp_path):
     whole, as if nothing was saved."""
     now = now_ms() - 1000
     ctl, _ = make(tmp_path)
-    ctl.judge(records(cmd(cmd_id="a", probe="syscall_latency", ttl_ms=600_000), sent_ms=now), end=0)
+    ctl.judge(records(cmd(cmd_id="a", probe="syscall_latency", ttl_ms=600_000), sent_ms=now))
     ctl.save()
-    ctl.judge(records(cmd(cmd_id="b", ttl_ms=600_000), sent_ms=now, first=1), end=0)  # not saved
+    ctl.judge(records(cmd(cmd_id="b", ttl_ms=600_000), sent_ms=now, first=1))  # not saved
     assert json.loads((tmp_path / control_mod.STATE_FILE).read_text())["judged_to"] == 0
 
     restarted, _ = make(tmp_path)
-    restarted.begin(end=2)
+    restarted.begin(0, 2)
     restarted.judge(
         records(
             cmd(cmd_id="a", probe="syscall_latency", ttl_ms=600_000),
             cmd(cmd_id="b", ttl_ms=600_000),
             sent_ms=now,
-        ),
-        end=2,
+        )
     )
     assert restarted.command("file_created").id == "b" and restarted.take_acks() == ["b"]
 
     again, _ = make(tmp_path)
-    again.begin(end=0)  # (ktel.control deleted and made again, empty)
+    again.begin(0, 0)  # (ktel.control deleted and made again, empty)
     assert again.judged_to is None
-    again.judge(records(cmd(cmd_id="new", ttl_ms=600_000), sent_ms=now_ms()), end=0)
+    again.judge(records(cmd(cmd_id="new", ttl_ms=600_000), sent_ms=now_ms()))
     assert again.command("file_created").id == "new"
 
 
@@ -392,3 +391,48 @@ def test_an_older_agents_state_file_is_taken(tmp_path):
     (tmp_path / control_mod.STATE_FILE).write_text(json.dumps([["c1", "file_created", 10, now + 60_000]]))
     ctl, _ = make(tmp_path)
     assert ctl.sample_every("file_created") == 10 and ctl.judged_to is None
+
+
+def saved_after(tmp_path, *cmds: ControlCommand) -> None:
+    """The state file of an agent that judged ``cmds``, at offsets from 0."""
+    ctl, _ = make(tmp_path)
+    ctl.judge(records(*cmds, sent_ms=now_ms() - 1000))
+    ctl.save()
+
+
+@pytest.mark.parametrize("read_back", [True, False])
+def test_a_topic_made_again_while_followed_has_its_commands_judged(tmp_path, read_back):
+    """ktel.control deleted and made again while the agent follows it: the consumer, its
+    offset past the new topic's end, goes to that end, and the new topic's records come
+    at offsets up to the state file's judged_to; none was judged, and none is one read
+    back (sent since)."""
+    saved_after(tmp_path, *flood(3))
+    ctl, _ = make(tmp_path)
+    # (with the records before the start in the look-back read back first, or none)
+    ctl.begin(0 if read_back else 3, 3)
+    if read_back:
+        ctl.judge(records(*flood(3), sent_ms=now_ms() - 1000))
+    # Sent by a clock a minute behind: read back, it would hold a minute less.
+    ctl.judge(records(cmd(cmd_id="new", ttl_ms=600_000), sent_ms=now_ms() - 60_000))
+    now = now_ms()
+    assert ctl.command("file_created").id == "new" and ctl.take_acks() == ["new"]
+    assert ctl.command("file_created").deadline_ms > now + 590_000
+    ctl.save()
+    assert json.loads((tmp_path / control_mod.STATE_FILE).read_text())["judged_to"] == 0
+
+
+def test_a_topic_made_again_is_saved_as_not_judged_at_the_next_write(tmp_path):
+    """Made again while the agent was down, and nothing for this host judged since: the
+    file must not keep the old topic's offset, or a start once the new topic grew past
+    it would pass over records no one judged."""
+    saved_after(tmp_path, *flood(3))
+    ctl, _ = make(tmp_path)
+    ctl.begin(0, 1)
+    ctl.judge(records(cmd(cmd_id="other", target="h2"), sent_ms=now_ms() - 1000))  # (another host's)
+    ctl.save()
+
+    restarted, _ = make(tmp_path)
+    restarted.begin(0, 3)  # (grown past the old offset while the agent was down)
+    log = [cmd(cmd_id="other", target="h2"), cmd(cmd_id="mine", ttl_ms=600_000), cmd(cmd_id="x", target="h2")]
+    restarted.judge(records(*log, sent_ms=now_ms() - 1000))
+    assert restarted.command("file_created").id == "mine"
