@@ -345,8 +345,10 @@ class Control:
                 raise ValueError(f"judged_to {judged_to!r:.40}: not an offset")
         except FileNotFoundError:
             return
-        except (OSError, ValueError, TypeError, KeyError) as err:
+        except (OSError, ValueError, TypeError, KeyError, OverflowError, RecursionError) as err:
             # Kafka's look-back still brings the commands back, judged by their records' times.
+            # (OverflowError: an infinity, which json takes; RecursionError: nested too deep.
+            # Not caught, the agent would fail at every start until the file was removed.)
             log.warning("ignoring %s: %s", self.state_path, err)
             return
         self.judged_to = judged_to
@@ -354,10 +356,12 @@ class Control:
         for cmd in applied:
             if cmd.keep_ms > now:
                 self.applied[cmd.id] = cmd
+            # (a rate below 1, which no command carries, only from a damaged file: the kernel's
+            # knob is a u32, and a heartbeat naming such a rate does not decode)
             if (
                 cmd.deadline_ms > now
                 and cmd.probe in PROBES
-                and cmd.sample_every <= self.bounds.max_sample_every
+                and 1 <= cmd.sample_every <= self.bounds.max_sample_every
             ):
                 self.overrides[cmd.probe] = cmd  # in the order applied: the last one stands
         for cmd in self.overrides.values():

@@ -436,3 +436,28 @@ def test_a_topic_made_again_is_saved_as_not_judged_at_the_next_write(tmp_path):
     log = [cmd(cmd_id="other", target="h2"), cmd(cmd_id="mine", ttl_ms=600_000), cmd(cmd_id="x", target="h2")]
     restarted.judge(records(*log, sent_ms=now_ms() - 1000))
     assert restarted.command("file_created").id == "mine"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        '[["c1", "file_created", Infinity, 1]]',  # (json takes it, int() does not: OverflowError)
+        '{"judged_to": 3, "applied": [["c1", "file_created", 10, -Infinity]]}',
+        "[" * 100_000,  # (RecursionError)
+    ],
+)
+def test_a_state_file_that_does_not_load_is_ignored_not_a_failed_start(tmp_path, content):
+    """The agent would fail at every start until the file was removed."""
+    (tmp_path / control_mod.STATE_FILE).write_text(content)
+    ctl, _ = make(tmp_path)
+    assert ctl.overrides == {} and ctl.applied == {} and ctl.judged_to is None
+
+
+@pytest.mark.parametrize("every", [0, -1])
+def test_a_saved_rate_below_one_is_not_applied_again(tmp_path, every):
+    """The kernel's knob is a u32 (-1 would sample 1 in 2**32 - 1, each event weighing 1),
+    and a heartbeat naming such a rate does not decode: every one would be dead-lettered."""
+    now = now_ms()
+    row = ["c1", "file_created", every, now + 60_000, now + 60_000]
+    (tmp_path / control_mod.STATE_FILE).write_text(json.dumps({"judged_to": 0, "applied": [row]}))
+    assert make(tmp_path)[0].sample_every("file_created") == 2
