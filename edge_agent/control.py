@@ -354,6 +354,9 @@ class Control:
         self.judged_to = judged_to
         now = now_ms()
         for cmd in applied:
+            # No command holds longer than the bound from now: a clock set back since the
+            # file was written, or a deadline edited into it, would otherwise stretch one.
+            cmd = dataclasses.replace(cmd, deadline_ms=min(cmd.deadline_ms, now + self.bounds.max_ttl_ms))
             if cmd.keep_ms > now:
                 self.applied[cmd.id] = cmd
             # (a rate below 1, which no command carries, only from a damaged file: the kernel's

@@ -461,3 +461,16 @@ def test_a_saved_rate_below_one_is_not_applied_again(tmp_path, every):
     row = ["c1", "file_created", every, now + 60_000, now + 60_000]
     (tmp_path / control_mod.STATE_FILE).write_text(json.dumps({"judged_to": 0, "applied": [row]}))
     assert make(tmp_path)[0].sample_every("file_created") == 2
+
+
+def test_a_saved_deadline_holds_no_longer_than_the_bound_from_the_start(tmp_path):
+    """A clock set back since the file was written (or a deadline edited into it) would
+    otherwise keep a rate in force for as long as the file says."""
+    now = now_ms()
+    far = now + 100 * BOUNDS.max_ttl_ms
+    (tmp_path / control_mod.STATE_FILE).write_text(
+        json.dumps({"judged_to": 5, "applied": [["c1", "file_created", 10, far, far]]})
+    )
+    ctl, _ = make(tmp_path)
+    assert ctl.sample_every("file_created") == 10
+    assert now + BOUNDS.max_ttl_ms <= ctl.command("file_created").deadline_ms <= now_ms() + BOUNDS.max_ttl_ms
