@@ -581,8 +581,10 @@ class AgentConfig(Section):
     def _rates(cls, v: dict[str, int]) -> dict[str, int]:
         _known(v, PROBES, "probe", "`ktel probes` lists them")
         for probe, n in v.items():
-            if n < 1:
-                raise ValueError(f"{probe} = {n}: a rate is 1 in N with N >= 1")
+            # The probes' in-kernel knob is a u32: a larger N would wrap there (2**32 keeps
+            # every event) while the agent weighs each event it keeps by N.
+            if not 1 <= n <= U32:
+                raise ValueError(f"{probe} = {n}: a rate is 1 in N with N from 1 to {U32}")
         return v
 
     @field_validator("ringbuf_pages")

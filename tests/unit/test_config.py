@@ -335,6 +335,10 @@ LONG_HOST = "h" * 300
         ),
         ("[agent]\nsample_every = {file_created = true}\n", "'file_created' is true or false, not a number"),
         (
+            "[agent]\nsample_every = {file_created = 4294967296}\n",
+            "file_created = 4294967296: a rate is 1 in N with N from 1 to 4294967295",
+        ),
+        (
             "[aggregate]\ninclude_filename = 1\n",
             "aggregate.include_filename = 1: Value error, is a number, not true or false",
         ),
