@@ -1195,6 +1195,15 @@ def _model_of(annotation: Any) -> Any:
     return None
 
 
+def _holds_secret(field: Any) -> bool:
+    """Whether a field is a secret or a section or table with one in it (a whole
+    section given as one variable may carry its password)."""
+    model = _model_of(field.annotation)
+    return _is_secret(field) or (
+        model is not None and any(_holds_secret(f) for f in model.model_fields.values())
+    )
+
+
 def _unknown(loc: tuple[int | str, ...]) -> str:
     """What to say of a key the table it is in has no setting of."""
     model: Any = Config
@@ -1251,7 +1260,7 @@ def _explain_environment(err: SettingsError, source: str) -> str:
             try:
                 json.loads(env[var])
             except ValueError:
-                shown = MASK if _is_secret(field) else _shown(env[var])
+                shown = MASK if _holds_secret(field) else _shown(env[var])
                 what = (
                     'list, e.g. ["a", "b"]'
                     if get_origin(field.annotation) is list

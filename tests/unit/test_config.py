@@ -504,6 +504,14 @@ def test_every_text_and_path_refuses_empty(tmp_path, monkeypatch, section, name)
             "remote_write.headers: KTEL_REMOTE_WRITE__HEADERS = *** is not JSON",
         ),
         ("KTEL_AGENT__BATCH_MAX_EVENT", "5", "agent.batch_max_event: not a setting of agent"),
+        # A whole section as one variable may carry the section's secrets.
+        (
+            "KTEL_REMOTE_WRITE",
+            f'{{"headers": {{"authorization": "{TOKEN}"}},}}',
+            "remote_write: KTEL_REMOTE_WRITE = *** is not JSON: give a JSON object",
+        ),
+        ("KTEL_KAFKA", f'{{"sasl_password": "{TOKEN}"', "kafka: KTEL_KAFKA = *** is not JSON"),
+        ("KTEL_AGENT__REDACT", "[x]", "agent.redact: KTEL_AGENT__REDACT = '[x]' is not JSON"),
     ],
 )
 def test_a_bad_environment_variable_is_named_not_a_traceback(monkeypatch, variable, value, expected):
