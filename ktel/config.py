@@ -1304,6 +1304,18 @@ def load(path: str | Path | None = None) -> Config:
             raise ConfigError(
                 f"config file {path} nests arrays or tables hundreds deep: not a ktel configuration"
             ) from None
+    # A variable naming a section ktel does not have is never read by pydantic-settings,
+    # so a misspelt one (KTEL_AGGREGATES__WINDOW_SECONDS) would silently not apply.
+    sections = {name.upper() for name in Config.model_fields}
+    for var in sorted(os.environ):
+        head, delimiter, _ = var.upper().removeprefix("KTEL_").partition("__")
+        if var.upper().startswith("KTEL_") and delimiter and head not in sections:
+            close = difflib.get_close_matches(head, sections, n=1)
+            hint = f"did you mean KTEL_{close[0]}__...? " if close else ""
+            raise ConfigError(
+                f"invalid ktel configuration ({source}):\n  {var}: {head.lower()} is not a section "
+                f"of ktel's configuration: {hint}the sections are {', '.join(Config.model_fields)}"
+            )
     try:
         return Config(**data)
     except ValidationError as err:

@@ -504,6 +504,12 @@ def test_every_text_and_path_refuses_empty(tmp_path, monkeypatch, section, name)
             "remote_write.headers: KTEL_REMOTE_WRITE__HEADERS = *** is not JSON",
         ),
         ("KTEL_AGENT__BATCH_MAX_EVENT", "5", "agent.batch_max_event: not a setting of agent"),
+        (
+            "KTEL_AGGREGATES__WINDOW_SECONDS",
+            "2",
+            "KTEL_AGGREGATES__WINDOW_SECONDS: aggregates is not a section of ktel's configuration: "
+            "did you mean KTEL_AGGREGATE__...?",
+        ),
         # A whole section as one variable may carry the section's secrets.
         (
             "KTEL_REMOTE_WRITE",
