@@ -783,10 +783,11 @@ class SampleConfig(Section):
         description="event kinds always kept (default: the rare and error kinds, as their probes "
         "declare them; kernel spans with status ERROR always are)",
     )
-    budget_per_s: dict[str, float] = Field(
+    budget_per_s: dict[str, Annotated[float, Field(gt=0)]] = Field(
         {},
         description="fleet-wide events/s per kind, as they arrive at the sample stage (not "
-        "weighted); above it the kind is sampled down",
+        "weighted); above it the kind is sampled down (more than 0: a kind to keep none of "
+        "is one whose probe is not loaded)",
     )
     window_seconds: float = Field(10, gt=0, description="window of rates, budgets and anomaly detection")
     spike_factor: float = Field(

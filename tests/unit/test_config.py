@@ -351,6 +351,10 @@ LONG_HOST = "h" * 300
             "sample.budget_per_s.file_created = nan: Input should be a finite",
         ),
         (
+            "[sample]\nbudget_per_s = {file_created = -5}\n",
+            "sample.budget_per_s.file_created = -5: Input should be greater than 0",
+        ),
+        (
             "[agent]\nspool_max_mb = 1000000000000000000000000000000\n",
             "agent.spool_max_mb = 10000000000000000000000",
         ),
