@@ -105,8 +105,10 @@ class SeqStore:
         private_dir(self._dir)
         tmp = self._path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.fchmod(fd, 0o600)  # a leftover from before may be looser
+        # Owned by the file object at once: a step that fails closes it, and the next
+        # batch tries again (a descriptor left at each try would run the agent out of them).
         with open(fd, "w") as f:
+            os.fchmod(fd, 0o600)  # a leftover from before may be looser
             f.write(f"{self.incarnation} {limit}\n")
             f.flush()
             os.fsync(f.fileno())

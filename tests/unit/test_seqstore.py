@@ -1,6 +1,7 @@
 """The agent's numbering: an incarnation made with the state, sequence numbers
 never issued twice, private files."""
 
+import errno
 import os
 import stat
 
@@ -53,6 +54,25 @@ def test_a_block_that_cannot_be_written_issues_no_number(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert s.next() == 10
     assert SeqStore(tmp_path, block=10).next() == 20
+
+
+@pytest.mark.parametrize("failing", ["fchmod", "fsync"])
+def test_a_block_that_cannot_be_written_leaves_no_file_open(tmp_path, monkeypatch, failing):
+    """The agent asks again at each batch while the disk refuses the block: a descriptor
+    left open at each try would run it out of them."""
+    s = SeqStore(tmp_path, block=10)
+    before = sorted(os.listdir("/proc/self/fd"))
+
+    def failed(*_a, **_k):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, failing, failed)
+    for _ in range(20):
+        with pytest.raises(OSError):
+            s.next()
+    monkeypatch.undo()
+    assert sorted(os.listdir("/proc/self/fd")) == before
+    assert s.next() == 0
 
 
 def test_a_first_start_on_a_full_disk_numbers_once_space_returns(tmp_path, monkeypatch):
