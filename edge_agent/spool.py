@@ -709,10 +709,13 @@ class Spool:
             )
         if self._ack != self._ack_on_disk:
             self._write_ack()
-        self._close_ack()
-        if self._wfile is not None:
-            if self.fsync != "never":
-                os.fsync(self._wfile.fileno())
-            self._wfile.close()
-        if self._rfile is not None:
-            self._rfile[1].close()  # type: ignore[attr-defined]
+        # Every file is closed, whatever fails first (the last fsync on a failing disk),
+        # and the failure raised after.
+        with contextlib.ExitStack() as closing:
+            closing.callback(self._close_ack)
+            if self._rfile is not None:
+                closing.callback(self._rfile[1].close)  # type: ignore[attr-defined]
+            if self._wfile is not None:
+                closing.callback(self._wfile.close)
+                if self.fsync != "never":
+                    os.fsync(self._wfile.fileno())

@@ -545,3 +545,21 @@ def test_a_segment_removed_while_running_is_skipped_by_reads_and_drops(tmp_path,
     assert got[-10:] == [payload(i) for i in range(100, 110)]
     assert set(got[:-10]) <= {payload(i) for i in held}
     assert caplog.text.count("is missing") == 1  # once, however often it is passed
+
+
+def test_a_stop_whose_last_sync_fails_still_closes_every_file(tmp_path, monkeypatch):
+    """A failing disk refuses the stop's fsync: the failure is raised, and the segment
+    being written, the one being read and the cursor's file are closed all the same."""
+    before = sorted(os.listdir("/proc/self/fd"))
+    sp = Spool(tmp_path, segment_bytes=1000, recent_max_bytes=0)  # (read from disk: a file open)
+    for i in range(20):
+        sp.append(payload(i), n_events=1)
+    sp.ack(read_records(sp)[3].next)  # (the cursor's file open)
+
+    def failing(fd):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "fsync", failing)
+    with pytest.raises(OSError):
+        sp.close()
+    assert sorted(os.listdir("/proc/self/fd")) == before
