@@ -496,6 +496,9 @@ class Spool:
         if self._rfile is None or self._rfile[0] != seg:
             if self._rfile is not None:
                 self._rfile[1].close()  # type: ignore[attr-defined]
+                # Let go of before the open, which fails on a segment gone: the next read
+                # of the closed one's segment would be handed it.
+                self._rfile = None
             self._rfile = (seg, open(self._path(seg), "rb"))  # noqa: SIM115
         return self._rfile[1]
 

@@ -547,6 +547,22 @@ def test_a_segment_removed_while_running_is_skipped_by_reads_and_drops(tmp_path,
     assert caplog.text.count("is missing") == 1  # once, however often it is passed
 
 
+def test_a_read_that_finds_the_segment_being_written_gone_leaves_the_next_read_working(tmp_path, caplog):
+    """The spool's directory removed under a running agent whose publisher reads a backlog
+    from disk: the read that found the segment being written gone had closed the one
+    before, and handed that closed file to the next read (ValueError: the publisher, and
+    the agent with it, stopped)."""
+    rec = HEADER.size + 100
+    sp = Spool(tmp_path, segment_bytes=2 * rec, recent_max_bytes=0)  # (every read from disk)
+    for i in range(5):  # two full segments, and the one being written
+        sp.append(payload(i), n_events=1)
+    written = sorted(tmp_path.glob("*.seg"))[-1]
+    written.unlink()
+    assert read_all(sp) == [payload(i) for i in range(4)]
+    assert f"spool segment {written} is missing" in caplog.text
+    sp.close()
+
+
 def test_a_stop_whose_last_sync_fails_still_closes_every_file(tmp_path, monkeypatch):
     """A failing disk refuses the stop's fsync: the failure is raised, and the segment
     being written, the one being read and the cursor's file are closed all the same."""
