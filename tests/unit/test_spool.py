@@ -1,3 +1,4 @@
+import contextlib
 import errno
 import os
 import stat
@@ -25,6 +26,21 @@ def read_all(spool: Spool) -> list[bytes]:
     return out
 
 
+def read_back(directory: Path, **opts) -> list[bytes]:
+    """The batches a restart finds in ``directory``: a spool opened there, read, closed."""
+    with contextlib.closing(Spool(directory, **opts)) as sp:
+        return read_all(sp)
+
+
+def killed(spool: Spool) -> None:
+    """What a SIGKILL leaves of ``spool``: its files closed by the kernel, nothing more
+    written (close() writes the cursor and syncs)."""
+    for f in (spool._wfile, spool._rfile[1] if spool._rfile else None):
+        if f is not None:
+            f.close()  # type: ignore[attr-defined]
+    spool._close_ack()
+
+
 def test_records_come_back_in_order_across_segments_and_reopen(tmp_path):
     sp = Spool(tmp_path, segment_bytes=1000)
     for i in range(50):
@@ -32,8 +48,8 @@ def test_records_come_back_in_order_across_segments_and_reopen(tmp_path):
     assert read_all(sp) == [payload(i) for i in range(50)]
     assert len(list(tmp_path.glob("*.seg"))) > 5
     sp.close()
-    again = Spool(tmp_path, segment_bytes=1000)  # a restart reads the same backlog
-    assert read_all(again) == [payload(i) for i in range(50)]
+    # A restart reads the same backlog.
+    assert read_back(tmp_path, segment_bytes=1000) == [payload(i) for i in range(50)]
 
 
 def test_ack_deletes_segments_and_survives_restart(tmp_path):
@@ -54,6 +70,7 @@ def test_ack_deletes_segments_and_survives_restart(tmp_path):
     # New appends come after the backlog.
     again.append(payload(99), 1)
     assert read_all(again)[-1] == payload(99)
+    again.close()
 
 
 def test_a_backlog_spooled_after_the_segments_were_deleted_survives_the_next_restart(tmp_path):
@@ -72,8 +89,8 @@ def test_a_backlog_spooled_after_the_segments_were_deleted_survives_the_next_res
     again = Spool(tmp_path, segment_bytes=1000)
     for i in range(100, 130):
         again.append(payload(i), 1)
-    del again  # (killed: nothing acknowledged, nothing closed)
-    assert read_all(Spool(tmp_path, segment_bytes=1000)) == [payload(i) for i in range(100, 130)]
+    killed(again)  # (nothing acknowledged, nothing closed)
+    assert read_back(tmp_path, segment_bytes=1000) == [payload(i) for i in range(100, 130)]
 
 
 def test_a_missing_segment_is_skipped_and_logged_not_read(tmp_path, caplog):
@@ -87,6 +104,7 @@ def test_a_missing_segment_is_skipped_and_logged_not_read(tmp_path, caplog):
     again = Spool(tmp_path, segment_bytes=1000)
     assert read_all(again) == [payload(i) for i in range(50) if payload(i) not in held]
     assert held and f"spool segments {int(middle.stem)} to {int(middle.stem)} are missing" in caplog.text
+    again.close()
 
 
 def test_the_ack_cursor_is_rewritten_in_place_and_read_back(tmp_path, monkeypatch):
@@ -111,10 +129,10 @@ def test_the_ack_cursor_is_rewritten_in_place_and_read_back(tmp_path, monkeypatc
     assert opened == [] and (tmp_path / "ack").stat().st_ino == inode
     assert [p.name for p in tmp_path.iterdir() if p.suffix != ".seg"] == ["ack"]
     sp.close()
-    assert read_all(Spool(tmp_path, segment_bytes=2000)) == [payload(i) for i in range(20, 30)]
+    assert read_back(tmp_path, segment_bytes=2000) == [payload(i) for i in range(20, 30)]
     # An ack file of the earlier format ("<segment> <offset>\n", renamed into place) is read.
     (tmp_path / "ack").write_text(f"{recs[24].next.segment} {recs[24].next.offset}\n")
-    assert read_all(Spool(tmp_path, segment_bytes=2000)) == [payload(i) for i in range(25, 30)]
+    assert read_back(tmp_path, segment_bytes=2000) == [payload(i) for i in range(25, 30)]
 
 
 def read_records(spool: Spool) -> list:
@@ -148,6 +166,7 @@ def test_truncated_and_corrupted_segments_keep_every_intact_record(tmp_path, cap
     assert got == [payload(i) for i in range(40) if i not in lost]
     assert again.corrupt_bytes == 2 * rec + (rec - 30)
     assert "is damaged at byte" in caplog.text
+    again.close()
 
 
 @pytest.mark.parametrize("policy", ["drop_newest", "drop_oldest"])
@@ -165,6 +184,7 @@ def test_full_spool_drops_by_policy_and_counts_events(tmp_path, policy):
     assert sp.dropped_events == 7 * (15 - len(got))
     assert sp.dropped_batches == 15 - len(got)
     assert sp.depth_bytes() <= 10 * rec
+    sp.close()
 
 
 def test_batches_in_flight_when_their_segment_is_dropped_are_counted_only_if_never_acknowledged(tmp_path):
@@ -197,7 +217,8 @@ def test_batches_in_flight_when_their_segment_is_dropped_are_counted_only_if_nev
     assert (again.dropped_batches, again.dropped_events) == (2, 14)  # counted by the next start
     assert read_all(again) == [payload(i) for i in range(6, 21)]
     again.close()
-    assert Spool(tmp_path, **opts).dropped_batches == 0  # and only by it
+    with contextlib.closing(Spool(tmp_path, **opts)) as last:
+        assert last.dropped_batches == 0  # and only by it
 
 
 def test_batches_in_flight_when_their_segment_was_dropped_are_counted_after_a_sigkill(tmp_path):
@@ -211,9 +232,11 @@ def test_batches_in_flight_when_their_segment_was_dropped_are_counted_after_a_si
     sent = sp.read(sp.ack_cursor, limit=2)  # batches 0 and 1, each a segment
     assert sp.append(payload(4), n_events=3) and sp.append(payload(5), n_events=3)  # drop both
     sp.ack(sent[0].next)  # batch 0 delivered, then SIGKILL
+    killed(sp)
     again = Spool(tmp_path, **opts)
     assert (again.dropped_batches, again.dropped_events) == (1, 3)
     assert read_all(again) == [payload(i) for i in range(2, 6)]
+    again.close()
 
 
 @pytest.mark.parametrize("damage", [b"two batches\n", b"-3 21\n", b"1 " + b"9" * 100_000])
@@ -225,6 +248,7 @@ def test_a_damaged_count_of_batches_lost_in_flight_is_reported_not_counted(tmp_p
     assert (sp.dropped_batches, sp.dropped_events) == (0, 0)
     assert "unreadable" in caplog.text and not (tmp_path / IN_FLIGHT_FILE).exists()
     assert sp.append(payload(0), n_events=1) and read_all(sp) == [payload(0)]
+    sp.close()
 
 
 def test_a_spool_bound_below_a_segment_still_drops_its_oldest(tmp_path):
@@ -235,6 +259,7 @@ def test_a_spool_bound_below_a_segment_still_drops_its_oldest(tmp_path):
     got = read_all(sp)
     assert got[-1] == payload(99) and len(got) >= 30
     assert sp.dropped_batches == 100 - len(got)
+    sp.close()
 
 
 def test_the_last_records_before_a_quiet_spell_are_synced_on_the_interval(tmp_path, monkeypatch):
@@ -253,6 +278,8 @@ def test_the_last_records_before_a_quiet_spell_are_synced_on_the_interval(tmp_pa
     never.append(payload(1), 1)
     never.sync_due()
     assert len(synced) == 1
+    sp.close()
+    never.close()
 
 
 def test_spool_files_are_private_even_if_they_were_not(tmp_path):
@@ -291,6 +318,7 @@ def test_a_refused_write_leaves_no_partial_record_and_the_spool_goes_on(tmp_path
     again = Spool(tmp_path / "spool")  # and on disk, as a restart reads it
     assert [(r.payload, r.n_events) for r in again.read(again.ack_cursor)] == [(b"first", 1), (b"second", 2)]
     assert sp.corrupt_bytes == again.corrupt_bytes == 0
+    again.close()
 
 
 @pytest.mark.parametrize("first_start", [False, True])
@@ -326,7 +354,7 @@ def test_a_full_disk_at_start_refuses_batches_until_space_returns(tmp_path, monk
     assert sp.append(b"kept", 1)
     assert read_all(sp) == [*backlog, b"kept"]
     sp.close()
-    assert read_all(Spool(d)) == [*backlog, b"kept"]
+    assert read_back(d) == [*backlog, b"kept"]
 
 
 def test_records_appended_by_this_process_are_read_back_from_memory(tmp_path):
@@ -338,7 +366,7 @@ def test_records_appended_by_this_process_are_read_back_from_memory(tmp_path):
     assert read_all(sp) == [payload(i) for i in range(20)]
     assert sp.corrupt_bytes == 0
     sp.close()
-    assert read_all(Spool(tmp_path, segment_bytes=1000)) == []  # (the zeros are all a restart finds)
+    assert read_back(tmp_path, segment_bytes=1000) == []  # (the zeros are all a restart finds)
 
 
 APPEND = st.tuples(st.just("append"), st.integers(1, 400))
@@ -418,6 +446,7 @@ def test_every_batch_is_delivered_counted_as_dropped_or_still_spooled_once(tmp_p
     sp.close()
     nxt = Spool(d, max_bytes=2000, segment_bytes=700)  # (it counts what the stop left in flight)
     kept = read_all(nxt)
+    nxt.close()
     assert not set(delivered) & set(kept) and len(set(delivered)) == len(delivered)
     assert len(delivered) + sp.dropped_batches + nxt.dropped_batches + len(kept) == len(events)
     dropped = sp.dropped_events + nxt.dropped_events
@@ -467,6 +496,7 @@ def test_a_segment_that_cannot_be_deleted_stops_nothing_and_is_deleted_later(tmp
     sp.ack(read_records(sp)[-1].next)
     assert read_all(sp) == []
     assert len(list(tmp_path.glob("*.seg"))) == 1  # only the segment being written
+    sp.close()
 
 
 def test_dropping_the_oldest_segment_moves_on_to_the_next_one_there_is(tmp_path):
@@ -483,6 +513,7 @@ def test_dropping_the_oldest_segment_moves_on_to_the_next_one_there_is(tmp_path)
     assert all(again.append(payload(i), n_events=1) for i in range(100, 110))
     got = read_all(again)
     assert got[-10:] == [payload(i) for i in range(100, 110)]
+    again.close()
 
 
 @pytest.mark.parametrize("cursor", ["999999 0", "{first} 999999", "{first} -5", "{first} {mid}"])
@@ -503,6 +534,7 @@ def test_an_ack_cursor_that_does_not_fit_the_segments_deletes_nothing(tmp_path, 
     got = read_all(again)
     assert got[-25:] == [payload(i) for i in range(5, 30)]  # (and what came before it in its segment)
     assert "does not fit the segments" in caplog.text
+    again.close()
 
 
 @pytest.mark.parametrize("cursor", ["{gap} 0", "{gap} 116", "{after} 116"])
@@ -523,6 +555,7 @@ def test_an_ack_cursor_into_a_segment_that_is_not_there_deletes_nothing(tmp_path
     again = Spool(tmp_path, segment_bytes=1000)
     assert read_all(again) == [payload(i) for i in [*range(16), *range(24, 30)]]
     assert "does not fit the segments" in caplog.text
+    again.close()
 
 
 @pytest.mark.parametrize("which", [0, 1])
@@ -545,6 +578,7 @@ def test_a_segment_removed_while_running_is_skipped_by_reads_and_drops(tmp_path,
     assert got[-10:] == [payload(i) for i in range(100, 110)]
     assert set(got[:-10]) <= {payload(i) for i in held}
     assert caplog.text.count("is missing") == 1  # once, however often it is passed
+    sp.close()
 
 
 def test_a_read_that_finds_the_segment_being_written_gone_leaves_the_next_read_working(tmp_path, caplog):
