@@ -22,9 +22,9 @@ def procs():
     started: list[subprocess.Popen] = []
     yield started
     for p in started:
-        if p.poll() is None:
-            p.kill()
-        p.wait()
+        with p:  # waits for it, and closes its pipes
+            if p.poll() is None:
+                p.kill()
 
 
 def test_a_stale_pid_file_naming_another_process_signals_nothing(cfg, procs, capsys):

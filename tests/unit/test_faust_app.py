@@ -14,6 +14,15 @@ from faust.types import TP
 from processors.faust_app import LISTS_HELD, App, Consumer, FlowControl
 
 
+def unstarted_consumer(app: App) -> Consumer:
+    """The app's consumer, which the test never starts: the event loop Faust made for its
+    fetching thread is closed here, as the thread's stop would close it."""
+    consumer = app.consumer
+    assert isinstance(consumer, Consumer)
+    consumer._thread.thread_loop.close()
+    return consumer
+
+
 def test_flow_control_clears_the_queues_only_when_it_resumes_from_suspended():
     async def run():
         app = App("ktel-test", broker="kafka://127.0.0.1:1")
@@ -38,8 +47,7 @@ def test_partitions_without_a_committed_offset_are_sought_to_their_beginning():
     changelog = app.Table("state", default=dict).changelog_topic.get_topic_name()
     app.topics.add(app.topic("ktel.raw"))  # as an agent subscribes at start
     asyncio.run(app.topics._update_indices())  # what the worker then does: ktel.raw is acked
-    consumer = app.consumer
-    assert isinstance(consumer, Consumer)
+    consumer = unstarted_consumer(app)
     committed = {
         TopicPartition("ktel.raw", 0): 17,
         TopicPartition("ktel.raw", 1): None,  # nothing committed yet
@@ -194,7 +202,7 @@ def test_a_rebalance_while_the_fetch_loop_waits_for_room_drops_the_list_and_the_
         app = App("ktel-test", broker="kafka://127.0.0.1:1")
         app.listed = {"src": None}
         app.lists = app.FlowControlQueue(maxsize=LISTS_HELD, clear_on_resume=True)
-        consumer = app.consumer
+        consumer = unstarted_consumer(app)
         app.flow_control.resume()
         for i in range(LISTS_HELD):
             app.lists.put_nowait([f"held {i}"])
