@@ -403,7 +403,8 @@ def order_exits(section: Any) -> None:
     max_processes took it. Only what ktel queues, ``[boot_id, str(pid), sent_ns]``,
     stays: anything else awaits no process, and expiry, which cannot compare it, would
     fail on every later batch of the host, or stop at it for good (a NaN); a process whose
-    exit it was goes by the bounds as any other. Recovery only, never per batch: a pass
+    exit it was goes by the bounds as any other. Only for a value read back (a recovery,
+    or a standby replica following the changelog), never in a batch's processing: a pass
     over the queue, and the sort only for a queue out of order.
     """
     if not isinstance(section, dict) or "exits" not in section:
