@@ -17,6 +17,18 @@ from processors import fleet_metrics
 GRAFANA = Path(__file__).resolve().parents[2] / "deploy/grafana"
 DASHBOARDS = sorted((GRAFANA / "dashboards").glob("*.json"))
 DATASOURCE_UID = "ktel-prometheus"  # deploy/grafana/provisioning/datasources/ktel.yml
+# Every query names its datasource by the dashboard's `datasource` variable, not by a uid:
+# in a Grafana other than the local stack's (a cluster's, kube-prometheus-stack's) the
+# Prometheus has a uid of its own (kube-prometheus-stack's: `prometheus`).
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+# The variable: Grafana's default Prometheus datasource ("default", as the Kubernetes
+# mixins' dashboards have it) until another is chosen.
+DATASOURCE_VARIABLE = {
+    "name": "datasource",
+    "type": "datasource",
+    "query": "prometheus",
+    "current": {"selected": True, "text": "default", "value": "default"},
+}
 
 
 def panels(dashboard: dict) -> list[dict]:
@@ -38,14 +50,29 @@ def test_dashboard_is_valid_json_and_every_panel_has_queries(path):
     assert panels(dashboard), "no panels"
     for p in panels(dashboard):
         assert p["title"], p
-        assert p["datasource"]["uid"] == DATASOURCE_UID, p["title"]
+        assert p["datasource"] == DATASOURCE, p["title"]
         assert p["targets"], f"panel {p['title']!r} has no query"
         for t in p["targets"]:
             assert t["expr"].strip(), f"panel {p['title']!r}: empty query {t['refId']}"
+            assert t.get("datasource", DATASOURCE) == DATASOURCE, p["title"]
     # Every template variable a query uses is defined.
     defined = {v["name"] for v in dashboard["templating"]["list"]}
     used = {m for p in panels(dashboard) for t in p["targets"] for m in re.findall(r"\$(\w+)", t["expr"])}
     assert used - {"__rate_interval"} <= defined
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.stem)
+def test_dashboard_queries_the_prometheus_its_grafana_has(path):
+    """The datasource is the dashboard's first variable, and everything that queries
+    (panels, their queries, the `host` variable) goes through it: loaded into any Grafana,
+    the dashboard reads that Grafana's Prometheus, whatever its uid; locally, the
+    provisioned one, which is the default."""
+    dashboard = json.loads(path.read_text())
+    variables = dashboard["templating"]["list"]
+    assert DATASOURCE_VARIABLE.items() <= variables[0].items()
+    for v in variables[1:]:
+        assert v.get("datasource", DATASOURCE) == DATASOURCE, v["name"]
+    assert DATASOURCE_UID not in path.read_text()  # no query pinned to the local stack's uid
 
 
 def test_cpu_steal_is_shown_per_cpu_as_a_fraction():
@@ -103,9 +130,14 @@ def test_each_latency_panel_also_reads_classic_histograms(path):
     assert latency == (3 if path.stem == "kernel-debug" else latency)
 
 
-def test_provisioning_points_at_the_dashboards_and_the_datasource_uid():
-    text = (GRAFANA / "provisioning/datasources/ktel.yml").read_text()
-    assert f"uid: {DATASOURCE_UID}" in text
+def test_provisioning_points_at_the_dashboards_and_makes_its_datasource_the_default():
+    [datasource] = yaml.safe_load((GRAFANA / "provisioning/datasources/ktel.yml").read_text())["datasources"]
+    # The default, so the dashboards' `datasource` variable ("default") is this one.
+    assert (datasource["uid"], datasource["type"], datasource["isDefault"]) == (
+        DATASOURCE_UID,
+        "prometheus",
+        True,
+    )
     assert (
         "path: /var/lib/grafana/dashboards/ktel" in (GRAFANA / "provisioning/dashboards/ktel.yml").read_text()
     )
