@@ -28,6 +28,10 @@ from processors.chain import PROCESSES
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "ktel"
 FULL = CHART / "ci" / "full-values.yaml"
+# The rules and dashboards the chart ships (prometheusRule, dashboards), where the local
+# stack and their own tests read them; the chart reaches them through links.
+RULES = ROOT / "deploy" / "prometheus" / "ktel-rules.yml"
+DASHBOARDS = sorted((ROOT / "deploy" / "grafana" / "dashboards").glob("*.json"))
 HELM_VERSION = "3.22.0"  # deploy/setup.sh builds this one
 SECRETS_DIR = "/etc/ktel/secrets"
 # Each workload's container: its `ktel` arguments and the setting of the port it serves
@@ -91,8 +95,13 @@ def hooks(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def config_map(objs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The release's ConfigMap of ktel.toml (not the topics hook's copy)."""
-    [cm] = [o for o in of_kind(objs, "ConfigMap") if o not in hooks(objs)]
+    """The release's ConfigMap of ktel.toml (not the topics hook's copy, nor the dashboards')."""
+    [cm] = [o for o in of_kind(objs, "ConfigMap") if o not in hooks(objs) and "ktel.toml" in o["data"]]
+    return cm
+
+
+def dashboards_config_map(objs: list[dict[str, Any]]) -> dict[str, Any]:
+    [cm] = [o for o in of_kind(objs, "ConfigMap") if o["metadata"]["name"].endswith("-dashboards")]
     return cm
 
 
@@ -132,7 +141,7 @@ def test_every_object_is_valid_kubernetes_strictly(rendered, version) -> None:
     kinds = set()
     for obj in rendered:
         kinds.add(obj["kind"])
-        if obj["kind"] == "ServiceMonitor":  # a CRD: no schema in Kubernetes itself
+        if obj["kind"] in ("ServiceMonitor", "PrometheusRule"):  # CRDs: no schema in Kubernetes itself
             continue
         kubernetes_validate.validate(obj, version, strict=True)
     assert {"ConfigMap", "DaemonSet", "Deployment", "Service", "PodDisruptionBudget"} <= kinds
@@ -231,6 +240,11 @@ def test_default_runs_the_fused_worker_and_every_exporter() -> None:
     )
     assert args == [("export", "otlp"), ("export", "pull"), ("export", "remote-write"), ("process", "all")]
     assert not of_kind(objs, "ServiceMonitor")
+    assert not of_kind(objs, "PrometheusRule")
+    assert [cm["metadata"]["name"] for cm in of_kind(objs, "ConfigMap")] == [
+        "ktel-config",
+        "ktel-topics-config",
+    ]
     app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
     images = {c["image"] for w in workloads(objs) for c in w["spec"]["template"]["spec"]["containers"]}
     assert images == {f"ktel:{app_version}"}  # the tag defaults to the chart's appVersion
@@ -322,7 +336,10 @@ LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?")
 @pytest.mark.parametrize("values", [[], ["-f", str(FULL)]], ids=["default", "full"])
 def test_names_and_labels_stay_valid_with_the_longest_release_name(values) -> None:
     release = "telemetry-" + "x" * 42 + "a"  # 53: the longest name helm accepts
-    res = run_helm("template", release, str(CHART), *values, "--set", "serviceMonitor.enabled=true")
+    enable = ("serviceMonitor", "prometheusRule", "dashboards")
+    res = run_helm(
+        "template", release, str(CHART), *values, *(a for e in enable for a in ("--set", f"{e}.enabled=true"))
+    )
     assert res.returncode == 0, res.stderr
     objs = [d for d in yaml.safe_load_all(res.stdout) if d]
     names = [o["metadata"]["name"] for o in objs]
@@ -421,9 +438,102 @@ def test_a_scrape_timeout_past_the_interval_is_refused(timeout, interval, hint) 
     assert hint in res.stderr
 
 
+def test_the_prometheus_rule_holds_ktels_rules_as_they_are(full) -> None:
+    """The PrometheusRule's groups are deploy/prometheus/ktel-rules.yml's, the file
+    promtool tests and the local Prometheus loads, with the alerts' own templates
+    ({{ $labels.host_id }}) left for Prometheus, not taken by helm."""
+    [rule] = of_kind(full, "PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["spec"] == {"groups": yaml.safe_load(RULES.read_text())["groups"]}
+    assert "{{ $labels.host_id }}" in json.dumps(rule["spec"])
+    # What the Prometheus object's ruleSelector asks for (full-values.yaml's).
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+
+def test_the_dashboards_config_map_holds_each_dashboard_as_it_is(full) -> None:
+    """One key per dashboard of deploy/grafana/dashboards, its JSON unchanged, labelled
+    for Grafana's dashboard sidecar and annotated as full-values.yaml asks."""
+    cm = dashboards_config_map(full)
+    assert cm["data"] == {path.name: path.read_text() for path in DASHBOARDS}
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert cm["metadata"]["annotations"] == {"grafana_folder": "ktel"}
+    # Kubernetes refuses a ConfigMap whose data passes 1 MiB (the schema does not say so).
+    assert sum(len(v.encode()) for v in cm["data"].values()) < 1 << 20
+
+
+def test_the_dashboards_carry_the_sidecars_default_label_and_string_values() -> None:
+    [cm] = [
+        o
+        for o in of_kind(render(sets=("dashboards.enabled=true",)), "ConfigMap")
+        if "ktel.toml" not in o["data"]
+    ]
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"  # the sidecar's default label
+    assert "annotations" not in cm["metadata"]
+    # A label or annotation given as a number (--set) is a string all the same: Kubernetes
+    # refuses any other.
+    objs = render(
+        sets=(
+            "dashboards.enabled=true",
+            "dashboards.labels.grafana_dashboard=1",
+            "dashboards.annotations.x=2",
+        )
+    )
+    cm = dashboards_config_map(objs)
+    assert (cm["metadata"]["labels"]["grafana_dashboard"], cm["metadata"]["annotations"]["x"]) == ("1", "2")
+    kubernetes_validate.validate(cm, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_the_packaged_chart_carries_the_rules_and_dashboards(tmp_path) -> None:
+    """`helm package` copies what the chart's links point to: the archive installs
+    without the repository around it."""
+    res = run_helm("package", str(CHART), "-d", str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    [archive] = tmp_path.glob("ktel-*.tgz")
+    argv = [
+        "template",
+        "ktel",
+        str(archive),
+        "--set",
+        "prometheusRule.enabled=true",
+        "--set",
+        "dashboards.enabled=true",
+    ]
+    res = run_helm(*argv)
+    assert res.returncode == 0, res.stderr
+    objs = [d for d in yaml.safe_load_all(res.stdout) if d]
+    [rule] = of_kind(objs, "PrometheusRule")
+    assert rule["spec"]["groups"] == yaml.safe_load(RULES.read_text())["groups"]
+    assert dashboards_config_map(objs)["data"] == {path.name: path.read_text() for path in DASHBOARDS}
+
+
+@pytest.mark.parametrize(
+    ("value", "left_out", "hint"),
+    [
+        (
+            "prometheusRule",
+            "ktel-rules.yml",
+            "files/ktel-rules.yml (a link to deploy/prometheus/ktel-rules.yml) holds no rule groups",
+        ),
+        (
+            "dashboards",
+            "dashboards",
+            "files/dashboards (a link to deploy/grafana/dashboards) holds no dashboard",
+        ),
+    ],
+)
+def test_a_chart_copied_without_what_its_links_point_to_is_refused(tmp_path, value, left_out, hint) -> None:
+    """A copy of the chart's directory alone (the links left dangling) renders no empty
+    PrometheusRule or ConfigMap: helm says what is missing."""
+    copy = tmp_path / "ktel"
+    shutil.copytree(CHART, copy, ignore=lambda _dir, names: [n for n in names if n == left_out])
+    res = run_helm("template", "ktel", str(copy), "--set", f"{value}.enabled=true")
+    assert res.returncode != 0
+    assert hint in res.stderr
+
+
 def test_secrets_come_from_secrets_never_the_config_map(full) -> None:
-    for cm in of_kind(full, "ConfigMap"):  # the release's, and the topics hook's copy
-        text = cm["data"]["ktel.toml"]
+    for cm in of_kind(full, "ConfigMap"):  # the release's, the topics hook's copy, the dashboards
+        text = "".join(cm["data"].values())
         assert "password =" not in text and "headers" not in text
     cfg = toml_config(full)
     assert cfg["kafka"]["sasl_password_file"] == f"{SECRETS_DIR}/kafka/password"
