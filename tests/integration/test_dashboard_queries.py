@@ -1,13 +1,14 @@
 """The dashboards' queries, as Grafana sends them (tests/system/test_dashboards_e2e.py
 puts the variables' values in): promtool accepts each, and on-call's panel of agents
 down, evaluated by promtool over a fleet made up for it, shows only hosts down, the
-silent longest first, at most `$topk` of them, and none stopped on purpose."""
+silent longest first, at most `$topk` of them, and none stopped on purpose; it and fleet
+overview's count read the hosts KtelAgentDown pages for."""
 
 from __future__ import annotations
 
 import yaml
 
-from tests.integration.test_alert_rules import run
+from tests.integration.test_alert_rules import RULES, run
 from tests.system.test_dashboards_e2e import VARIABLES, panel_queries
 
 
@@ -49,6 +50,85 @@ def test_agents_down_shows_the_hosts_down_silent_longest_first(tmp_path):
                 "interval": "1m",
                 "input_series": series,
                 "promql_expr_test": [{"expr": expr, "eval_time": f"{at}s", "exp_samples": shown}],
+            }
+        ],
+    }
+    path = tmp_path / "test.yml"
+    path.write_text(yaml.safe_dump(tests))
+    assert "SUCCESS" in run("test", "rules", str(path))
+
+
+def minutes(values: dict[int, float], until: int) -> str:
+    """A promtool series of one sample a minute up to minute ``until``: ``values`` by
+    minute, none (``_``) at the minutes it does not name."""
+    return " ".join(str(values[m]) if m in values else "_" for m in range(until + 1))
+
+
+def test_agents_down_shows_the_hosts_ktel_agent_down_pages_for(tmp_path):
+    """Both Agents down panels read the hosts KtelAgentDown pages for, with its value
+    (seconds since the last heartbeat): a host the workers have forgotten
+    (aggregate.host_ttl_seconds) until a day after its last heartbeat, as the alert, and a
+    host whose agent was stopped on purpose, then started again under another worker and
+    died, as the alert, not spared for the old worker's record of the stop."""
+    at = 50  # minutes: the evaluation's time
+    up, last, stopped = (
+        "ktel_agent_up",
+        "ktel_agent_last_heartbeat_timestamp_seconds",
+        "ktel_agent_stopped_timestamp_seconds",
+    )
+    every = range(at + 1)
+    fleet = {
+        # Silent since 0; its worker forgot it at 20m: no series of it since.
+        f'{up}{{host_id="forgotten", instance="w1"}}': {m: 0 for m in range(21)},
+        f'{last}{{host_id="forgotten", instance="w1"}}': {m: 0 for m in range(21)},
+        # Stopped on purpose at 1m under w1, which keeps its record of the stop; started
+        # again at 5m under w2, SIGKILLed at 25m.
+        f'{up}{{host_id="restarted", instance="w1"}}': {m: 0 for m in every},
+        f'{last}{{host_id="restarted", instance="w1"}}': {m: 60 for m in every},
+        f'{stopped}{{host_id="restarted", instance="w1"}}': {m: 60 for m in every},
+        f'{up}{{host_id="restarted", instance="w2"}}': {m: int(m < 28) for m in range(5, at + 1)},
+        f'{last}{{host_id="restarted", instance="w2"}}': {m: 60 * min(m, 25) for m in range(5, at + 1)},
+        # Stopped on purpose at 2m (a node drained): no page.
+        f'{up}{{host_id="drained", instance="w1"}}': {m: 0 for m in every},
+        f'{last}{{host_id="drained", instance="w1"}}': {m: 120 for m in every},
+        f'{stopped}{{host_id="drained", instance="w1"}}': {m: 120 for m in every},
+        # Down since 40m.
+        f'{up}{{host_id="down", instance="w2"}}': {m: int(m < 43) for m in every},
+        f'{last}{{host_id="down", instance="w2"}}': {m: 60 * min(m, 40) for m in every},
+        # Up, under w2 since a rebalance; w1 still says down.
+        f'{up}{{host_id="up", instance="w1"}}': {m: 0 for m in every},
+        f'{last}{{host_id="up", instance="w1"}}': {m: 0 for m in every},
+        f'{up}{{host_id="up", instance="w2"}}': {m: 1 for m in every},
+        f'{last}{{host_id="up", instance="w2"}}': {m: 60 * m for m in every},
+    }
+    paged = {"forgotten": 60 * at, "restarted": 60 * (at - 25), "down": 60 * (at - 40)}
+    [alert] = [
+        r["expr"]
+        for g in yaml.safe_load(RULES.read_text())["groups"]
+        for r in g["rules"]
+        if r.get("alert") == "KtelAgentDown"
+    ]
+    queries = panel_queries()
+    [panel] = [e for name, e in queries.items() if name.startswith("on-call / Agents down")]
+    [count] = [e for name, e in queries.items() if name.startswith("fleet-overview / Agents down")]
+    shown = [{"labels": f'{{host_id="{h}"}}', "value": v} for h, v in paged.items()]
+    tests = {
+        "rule_files": [str(RULES)],  # the alert reads ktel:agent_up:max
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [{"series": s, "values": minutes(v, at)} for s, v in fleet.items()],
+                "promql_expr_test": [
+                    {"expr": expr, "eval_time": f"{at}m", "exp_samples": shown} for expr in (alert, panel)
+                ]
+                + [
+                    {
+                        "expr": count,
+                        "eval_time": f"{at}m",
+                        "exp_samples": [{"labels": "{}", "value": len(paged)}],
+                    }
+                ],
             }
         ],
     }

@@ -33,8 +33,9 @@ PROBES = ["file_created", "oom_kill", "syscall_latency", "runq_latency", "block_
 # number of hosts a per-host panel shows.
 VARIABLES = {"$__rate_interval": "1m", "$host": ".*", "$topk": "10"}
 # A panel that shows only hosts in trouble is empty on a healthy run: here its filter
-# lets every host through, so that what it reads is checked all the same.
-WIDENED = {"on-call / Agents down, the $topk silent longest [A]": ("== 0", ">= 0")}
+# lets every host through (none is left out as up), so that what it reads is checked
+# all the same.
+WIDENED = {"on-call / Agents down, the $topk silent longest [A]": (") == 1", ") < 0")}
 
 
 def panel_queries() -> dict[str, str]:
