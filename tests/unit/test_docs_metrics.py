@@ -38,16 +38,20 @@ def _exposed(name: str, kind: str) -> str:
     return f"{name}_total" if kind == "counter" else name
 
 
-def served() -> dict[str, str]:
-    """Every ktel self-metric, as a scrape names it, and its type."""
-    families: list[Metric] = []
-    # Metrics are module globals: import every module, so that a new one counts too.
+def module_metrics() -> list[MetricWrapperBase]:
+    """The metrics ktel's modules define (as module globals: every module is imported,
+    so that a new one counts too)."""
+    out = []
     for package in PACKAGES:
         for info in pkgutil.walk_packages(importlib.import_module(package).__path__, f"{package}."):
             module = importlib.import_module(info.name)
-            for value in vars(module).values():
-                if isinstance(value, MetricWrapperBase):
-                    families += value.describe()
+            out += [value for value in vars(module).values() if isinstance(value, MetricWrapperBase)]
+    return out
+
+
+def served() -> dict[str, str]:
+    """Every ktel self-metric, as a scrape names it, and its type."""
+    families: list[Metric] = [f for metric in module_metrics() for f in metric.describe()]
     # The agent's families made at scrape time, from an agent with no probe loaded.
     spool = types.SimpleNamespace(dropped_events=0, corrupt_bytes=0, depth_bytes=lambda: 0)
     families += AgentCollector(types.SimpleNamespace(loaded={}, spool=spool)).collect()  # type: ignore[arg-type]
@@ -79,3 +83,37 @@ def test_every_metric_the_docs_rules_and_dashboards_name_is_served():
         if name not in known
     }
     assert not unknown, f"metrics no ktel process serves: {sorted(unknown)}"
+
+
+SELF_METRICS = re.compile(r"^### Every self-metric$(.*?)^## ", re.S | re.M)
+LABELLED = re.compile(r"`(ktel_\w+)(?:\{([^}]*)\})?`")
+
+
+def test_each_self_metric_is_described_with_its_labels():
+    """Each metric of "Every self-metric" is given the labels a scrape shows it with, but
+    the processing worker's `stage`, which its heading gives once for all the series
+    but those it names (and the per-host ones, and the agent's made at scrape time,
+    whose labels come from data, not from a module's metric)."""
+    labels = {
+        _exposed(m._name, m._type): set(m._labelnames)  # type: ignore[attr-defined]
+        for m in module_metrics()
+        if m._name.startswith("ktel_")  # type: ignore[attr-defined]
+    }
+    section = SELF_METRICS.search(REFERENCE.read_text())
+    assert section
+    checked = set()
+    for block in section.group(1).split("\n**")[1:]:
+        heading, _, table = block.partition("\n\n")
+        worker = heading.startswith("Processing worker")
+        unstaged = set(NAME.findall(heading))
+        for row in table.splitlines():
+            cell = row.split(" | ")[0]
+            for name, given in LABELLED.findall(cell):
+                if name not in labels:
+                    continue
+                documented = {label.strip() for label in given.split(",") if label.strip()}
+                if worker and name not in unstaged:
+                    documented.add("stage")
+                assert documented == labels[name], f"{heading.split('**')[0]}: {name}"
+                checked.add(name)
+    assert checked == labels.keys()
