@@ -483,6 +483,20 @@ def test_the_dashboards_carry_the_sidecars_default_label_and_string_values() -> 
     kubernetes_validate.validate(cm, kubernetes_validate.latest_version(), strict=True)
 
 
+@pytest.mark.parametrize(
+    ("value", "kind"), [("serviceMonitor", "ServiceMonitor"), ("prometheusRule", "PrometheusRule")]
+)
+def test_the_labels_a_selector_asks_for_are_strings(value, kind) -> None:
+    """The labels a Prometheus object's serviceMonitorSelector or ruleSelector asks for,
+    given as a number or boolean (--set), are strings all the same: Kubernetes refuses
+    any other in an object's metadata, which is every object's (the Operator's CRDs' too)."""
+    sets = (f"{value}.enabled=true", f"{value}.labels.tier=1", f"{value}.labels.team=true")
+    [obj] = of_kind(render(sets=sets), kind)
+    assert {k: obj["metadata"]["labels"][k] for k in ("tier", "team")} == {"tier": "1", "team": "true"}
+    meta = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": obj["metadata"]}
+    kubernetes_validate.validate(meta, kubernetes_validate.latest_version(), strict=True)
+
+
 def test_the_packaged_chart_carries_the_rules_and_dashboards(tmp_path) -> None:
     """`helm package` copies what the chart's links point to: the archive installs
     without the repository around it."""

@@ -23,6 +23,17 @@ app.kubernetes.io/managed-by: {{ .root.Release.Service }}
 helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version }}
 {{- end -}}
 
+{{/*
+Labels or annotations a user gives (a map), every value a string: Kubernetes takes no
+other, and a number or boolean in values (`--set x=1` gives a number) would make the
+object invalid.
+*/}}
+{{- define "ktel.stringMap" -}}
+{{- range $key, $value := . }}
+{{ $key | quote }}: {{ toString $value | quote }}
+{{- end }}
+{{- end -}}
+
 {{- define "ktel.image" -}}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end -}}
