@@ -445,10 +445,9 @@ class Control:
             fetch_max_wait_ms=FETCH_WAIT_MS,
             consumer_timeout_ms=FETCH_ROUTINE_MS,
         )
-        await kafka_client.start(consumer, kafka, "ktel agent (ktel.control consumer)")
         # ktel.control has one partition (ktel/topics.py)
         tp = TopicPartition(settings(kafka).topics.control, 0)
-        try:
+        async with kafka_client.started(consumer, kafka, "ktel agent (ktel.control consumer)"):
 
             async def start_position() -> tuple[int, int]:
                 # The end is read before the lookup: a command sent after a lookup
@@ -471,5 +470,3 @@ class Control:
                 for recs in (await consumer.getmany(timeout_ms=FETCH_WAIT_MS)).values():
                     self.judge(recs)
                 self.save()
-        finally:
-            await consumer.stop()

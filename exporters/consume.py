@@ -32,7 +32,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError, Ka
 from prometheus_client import Counter, Histogram
 
 from ktel import consumer_lag, selfmetrics
-from ktel.kafka_client import Kafka, client_kwargs, settings, start
+from ktel.kafka_client import Kafka, client_kwargs, settings, started
 from ktel.retry import Permanent, retry
 from ktel.runtime import tune_gc
 from ktel.wire import DeadLetter, WireError, check_keyed, dead_letter_record
@@ -159,7 +159,6 @@ async def run(
         auto_offset_reset="earliest",
         max_poll_records=500,
     )
-    producer = AIOKafkaProducer(**client_kwargs(kafka), enable_idempotence=True)
     connected = positioned = False
 
     def readiness() -> str | None:
@@ -172,10 +171,14 @@ async def run(
         return None
 
     selfmetrics.ready_when(readiness)
-    await start(consumer, kafka, f"ktel export {stage}")
-    await start(producer, kafka, f"ktel export {stage}")
-    connected = True
-    try:
+    who = f"ktel export {stage}"
+    async with (
+        started(consumer, kafka, who),
+        # Made once the consumer is started: made before, it was never stopped when the
+        # exporter stopped while the consumer connected (aiokafka warns of it unclosed).
+        started(AIOKafkaProducer(**client_kwargs(kafka), enable_idempotence=True), kafka, who) as producer,
+    ):
+        connected = True
         if group_id is None:
             parts = await retry(
                 lambda: _partitions(producer, topics), what=f"find the partitions of {list(topics)}"
@@ -216,9 +219,6 @@ async def run(
             if group_id is not None:
                 await _commit(consumer, {tp: recs[-1].offset + 1 for tp, recs in fetched.items()})
                 consumer_lag.export(group_id, await _lags(consumer))
-    finally:
-        await consumer.stop()
-        await producer.stop()
 
 
 async def _deliver_paused(consumer: AIOKafkaConsumer, delivery: Awaitable[None]) -> None:

@@ -346,12 +346,15 @@ async def run(
         if len(in_flight) >= MAX_IN_FLIGHT:
             await settle()
 
-    started: list[AIOKafkaConsumer | AIOKafkaProducer] = []
+    # Every client made is stopped, also one whose start failed or never came: aiokafka
+    # warns of any left unstopped, and one whose start failed may have its metadata task
+    # running (an idempotent producer refused a producer id).
+    clients: list[AIOKafkaConsumer | AIOKafkaProducer] = [
+        c for c in (reader, originals.reader if originals else None, out) if c is not None
+    ]
     try:
-        for client in (reader, originals.reader if originals else None, out):
-            if client is not None:
-                await client.start()
-                started.append(client)
+        for client in clients:
+            await client.start()
         async with contextlib.aclosing(
             topic_window.records(reader, parts, sel.from_ms, opts.bootstrap)
         ) as window:
@@ -368,7 +371,7 @@ async def run(
     finally:
         for f, _, _ in in_flight:
             f.cancel()
-        for client in reversed(started):
+        for client in reversed(clients):
             await client.stop()
 
 

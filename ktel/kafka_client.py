@@ -7,7 +7,9 @@ would reach a plaintext broker in development and fail in production.
 
 Every long-running client connects through :func:`start`, which retries with backoff
 and says once, in one line naming the setting most likely wrong, why Kafka cannot be
-reached (:func:`explain`), instead of aiokafka's line per broker per attempt.
+reached (:func:`explain`), instead of aiokafka's line per broker per attempt; through
+:func:`started` where its owner holds it for a stretch of code, so that it is stopped
+however that ends.
 
 Where a function takes ``KafkaConfig | str``, a string is a bootstrap list with every
 other setting at its default (plaintext): what tests and the local stack use.
@@ -15,9 +17,11 @@ other setting at its default (plaintext): what tests and the local stack use.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
-from typing import Any, Protocol
+from collections.abc import AsyncIterator
+from typing import Any, Protocol, TypeVar
 
 import faust
 from aiokafka import AIOKafkaProducer
@@ -34,6 +38,11 @@ log = logging.getLogger("ktel.kafka")
 
 class Client(Protocol):
     async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+C = TypeVar("C", bound=Client)
 
 
 class _Explained(logging.Filter):
@@ -125,7 +134,11 @@ def faust_settings(kafka: Kafka) -> dict[str, Any]:
 async def start(client: Client, kafka: Kafka, who: str) -> None:
     """Start an aiokafka client, retrying with backoff (ktel/retry.py) until Kafka takes
     it. Why it cannot is logged once, as :func:`explain` words it, and again only if
-    the failure changes; after such a failure, one line says when it connected."""
+    the failure changes; after such a failure, one line says when it connected.
+
+    When this raises (cancelled while it retries, say), the client is still the caller's
+    to stop: aiokafka may have started its metadata task before the failure.
+    :func:`started` does both."""
     k = settings(kafka)
     failed: str | None = None
 
@@ -144,12 +157,23 @@ async def start(client: Client, kafka: Kafka, who: str) -> None:
         log.warning("%s: connected to Kafka at %s", who, k.bootstrap)
 
 
+@contextlib.asynccontextmanager
+async def started(client: C, kafka: Kafka, who: str) -> AsyncIterator[C]:
+    """``client`` started by :func:`start`, and stopped on leaving, also when its start
+    fails or is cancelled: one left unstopped keeps its tasks and connections (and
+    aiokafka's retries) after its owner is gone, and aiokafka warns of it unclosed."""
+    try:
+        await start(client, kafka, who)
+        yield client
+    finally:
+        await client.stop()
+
+
 async def reachable(kafka: Kafka, who: str) -> None:
     """Wait, as :func:`start` does, until Kafka takes a client with these settings:
     for a process whose clients are not started here (Faust's, the admin's)."""
-    probe = AIOKafkaProducer(**client_kwargs(kafka))
-    await start(probe, kafka, who)
-    await probe.stop()
+    async with started(AIOKafkaProducer(**client_kwargs(kafka)), kafka, who):
+        pass
 
 
 async def explain(err: BaseException, kafka: Kafka) -> str:

@@ -403,12 +403,13 @@ async def replay(opts: Options, write: Callable[[str], None], report: Callable[[
             if len(in_flight) >= MAX_IN_FLIGHT:
                 summary.republished += await _settle(in_flight)
 
-    started: list[AIOKafkaConsumer | AIOKafkaProducer] = []
+    # Every client made is stopped, also one whose start failed or never came: aiokafka
+    # warns of any left unstopped, and one whose start failed may have its metadata task
+    # running (an idempotent producer refused a producer id).
+    clients: list[AIOKafkaConsumer | AIOKafkaProducer] = [c for c in (consumer, dlq, out) if c is not None]
     try:
-        for client in (consumer, dlq, out):
-            if client is not None:
-                await client.start()
-                started.append(client)
+        for client in clients:
+            await client.start()
         if out is not None and opts.to_topic_spec is not None:
             await create_topics(
                 settings(opts.client, opts.to_bootstrap or opts.bootstrap), [opts.to_topic_spec]
@@ -435,7 +436,7 @@ async def replay(opts: Options, write: Callable[[str], None], report: Callable[[
     finally:
         for f in in_flight:
             f.cancel()
-        for client in reversed(started):
+        for client in reversed(clients):
             await client.stop()
     return summary
 
