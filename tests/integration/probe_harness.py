@@ -149,10 +149,15 @@ class Workload:
             raise RuntimeError(f"workload {self.proc.args!r} exited with {self.proc.wait()}")
         return line.strip()
 
-    def go(self, line: str = "go") -> str:
+    def send(self, line: str = "go") -> None:
+        """Give the child ``line`` without waiting for its answer (one that never answers:
+        killed while it works)."""
         assert self.proc.stdin is not None
         self.proc.stdin.write(line + "\n")
         self.proc.stdin.flush()
+
+    def go(self, line: str = "go") -> str:
+        self.send(line)
         return self.readline()
 
     def finish(self) -> int:

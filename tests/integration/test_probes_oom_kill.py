@@ -64,8 +64,7 @@ def test_a_process_over_its_memory_cgroup_limit_is_one_oom_kill_event():
         hog = python_workload(HOG)
         try:
             (cgroup / procs).write_text(str(hog.pid))
-            hog.proc.stdin.write("go\n")
-            hog.proc.stdin.flush()
+            hog.send()
             assert hog.proc.wait(timeout=60) == -signal.SIGKILL
         finally:
             hog.kill()

@@ -74,8 +74,7 @@ def kernel_activity(where: Path) -> None:
         hog = python_workload(HOG)
         try:
             (cgroup / procs).write_text(str(hog.pid))
-            hog.proc.stdin.write("go\n")
-            hog.proc.stdin.flush()
+            hog.send()
             assert hog.proc.wait(timeout=120) == -signal.SIGKILL
         finally:
             hog.kill()
