@@ -2,7 +2,8 @@
 puts the variables' values in): promtool accepts each, and on-call's panel of agents
 down, evaluated by promtool over a fleet made up for it, shows only hosts down, the
 silent longest first, at most `$topk` of them, and none stopped on purpose; it and fleet
-overview's count read the hosts KtelAgentDown pages for."""
+overview's count read the hosts KtelAgentDown pages for. Each top-N panel of what a
+host may have none of (OOM kills, drops, steal, queued I/O) shows only those with some."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import yaml
 
 from tests.integration.test_alert_rules import RULES, run
 from tests.system.test_dashboards_e2e import VARIABLES, panel_queries
+from tests.unit.test_dashboards import AGES
 
 
 def test_promtool_accepts_every_dashboard_query(tmp_path):
@@ -129,6 +131,75 @@ def test_agents_down_shows_the_hosts_ktel_agent_down_pages_for(tmp_path):
                         "exp_samples": [{"labels": "{}", "value": len(paged)}],
                     }
                 ],
+            }
+        ],
+    }
+    path = tmp_path / "test.yml"
+    path.write_text(yaml.safe_dump(tests))
+    assert "SUCCESS" in run("test", "rules", str(path))
+
+
+def test_top_n_panels_show_only_what_has_some(tmp_path):
+    """Every top-N panel but those of heartbeat ages (each host has one) is empty over a
+    fleet where nothing happens, not `$topk` hosts at zero, and once two hosts have OOM
+    kills and a probe of an agent drops events, shows those and nothing else."""
+    top = int(VARIABLES["$topk"])
+    hosts = [f"h{i:02}" for i in range(top + 2)]
+    # Minutes 0 to 60: nothing until 30, then "killed" has two OOM kills, "oom" one more,
+    # and h00's runq_latency probe drops 60 events a minute.
+    quiet = "0x60"
+    per_host = [
+        ("oom_kills_total", "", "3x60"),
+        ("ktel_node_cpu_steal_seconds_total", "", "7x60"),
+        ("ktel_node_cpus", "", "4x60"),
+        ("ktel_node_context_switches_total", "", "9x60"),
+        ("ktel_node_disk_io_in_progress", ', device="sda"', quiet),
+        ("file_created_total", ', directory="/var/lib"', "2x60"),
+        ("ktel_agent_bpf_map_entries", ', probe="runq_latency", map="starts"', quiet),
+        ("ktel_agent_bpf_map_max_entries", ', probe="runq_latency", map="starts"', "1024x60"),
+        *(
+            (f"{probe}_seconds_bucket", f', le="{le}"', "6x60")
+            for probe in ("syscall_latency", "runq_latency", "block_latency")
+            for le in ("0.001", "+Inf")
+        ),
+    ]
+    series = [
+        *(
+            {"series": f'{name}{{host_id="{h}"{labels}}}', "values": values}
+            for name, labels, values in per_host
+            for h in hosts
+        ),
+        *({"series": f'ktel_agent_spool_bytes{{instance="{h}"}}', "values": quiet} for h in hosts),
+        *(
+            {"series": f'ktel_agent_ringbuf_drops_total{{instance="{h}", probe="runq_latency"}}', "values": v}
+            for h, v in zip(hosts, ["0x29 0+60x30"] + ["5x60"] * len(hosts), strict=False)
+        ),
+        {"series": 'oom_kills_total{host_id="killed"}', "values": "1x29 3x30"},
+        {"series": 'oom_kills_total{host_id="oom"}', "values": "4x44 5x15"},
+    ]
+    ranked = {
+        name: expr for name, expr in panel_queries().items() if expr.startswith("topk(") and AGES not in expr
+    }
+    assert len(ranked) == 14, sorted(ranked)
+    oom_kills = [{"labels": '{host_id="killed"}', "value": 2}, {"labels": '{host_id="oom"}', "value": 1}]
+    drops = [{"labels": '{instance="h00", probe="runq_latency"}', "value": 1}]
+    after = {
+        name: oom_kills if "oom_kills_total" in e else drops if "ringbuf_drops" in e else []
+        for name, e in ranked.items()
+    }
+    assert sum(map(bool, after.values())) == 3  # two panels of OOM kills, one of drops
+    (tmp_path / "none.yml").write_text("groups: []\n")
+    tests = {
+        "rule_files": ["none.yml"],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": series,
+                "promql_expr_test": [
+                    {"expr": e, "eval_time": "20m", "exp_samples": []} for e in ranked.values()
+                ]
+                + [{"expr": e, "eval_time": "60m", "exp_samples": after[name]} for name, e in ranked.items()],
             }
         ],
     }

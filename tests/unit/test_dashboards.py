@@ -126,8 +126,8 @@ def test_each_latency_panel_also_reads_classic_histograms(path):
                     f"histogram_quantile({q}, sum by (host_id, le) "
                     f'(rate({base}_seconds_bucket{{host_id=~"$host"}}[$__rate_interval])))'
                 )
-                # (then the `topk` over both closes)
-                ends = re.escape(f") / 1e9 or {classic}") + r"\)?$"
+                # (then, in a top-N panel, the filter of hosts with any over both, and the `topk`)
+                ends = re.escape(f") / 1e9 or {classic}") + r"(\) > 0\))?$"
                 assert re.search(ends, t["expr"]), f"panel {p['title']!r}: no classic query"
     assert latency == (3 if path.stem == "kernel-debug" else latency)
 
@@ -461,3 +461,30 @@ def test_no_panel_draws_a_series_per_host_of_the_whole_fleet(path):
     if topk:
         [v] = topk
         assert v["current"]["value"] == "10" and "10" in v["query"].split(",")
+
+
+# A heartbeat's age: every host heard from has one, and the top N are those silent longest.
+AGES = "ktel_agent_last_heartbeat_timestamp_seconds"
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.stem)
+def test_a_top_n_panel_shows_only_what_has_any_and_says_when_none_has(path):
+    """`topk` keeps N series whatever their values: of a rate, an increase or a gauge that
+    is 0 on most of a quiet fleet, N hosts at 0, which on-call reads as N hosts at the
+    top of OOM kills or drops that have none. So each top-N panel ranks only what is
+    above zero (`topk($topk, X > 0)`: NaN, a latency of no events, is not above it
+    either) and says so when nothing is; a panel of heartbeat ages ranks hosts that
+    each have one."""
+    for p in panels(json.loads(path.read_text())):
+        for t in p["targets"]:
+            e = promql(t["expr"])
+            for b in bounds(e):
+                if AGES in metrics(b):
+                    continue
+                ranked = b.args[-1]
+                assert (ranked.kind, ranked.name, ranked.args[-1]) == ("binary", ">", Expr("scalar", "0")), (
+                    f"panel {p['title']!r} ranks what is at zero too: {t['expr']}"
+                )
+                assert p["fieldConfig"]["defaults"].get("noValue"), (
+                    f"panel {p['title']!r} says nothing when empty"
+                )
