@@ -69,9 +69,12 @@ def minutes(values: dict[int, float], until: int) -> str:
 def test_agents_down_shows_the_hosts_ktel_agent_down_pages_for(tmp_path):
     """Both Agents down panels read the hosts KtelAgentDown pages for, with its value
     (seconds since the last heartbeat): a host the workers have forgotten
-    (aggregate.host_ttl_seconds) until a day after its last heartbeat, as the alert, and a
+    (aggregate.host_ttl_seconds) until a day after its last heartbeat, as the alert, a
     host whose agent was stopped on purpose, then started again under another worker and
-    died, as the alert, not spared for the old worker's record of the stop."""
+    died, as the alert, not spared for the old worker's record of the stop, and a host
+    whose heartbeats' times went back (rebooted with its clock behind), timed from the
+    highest of them, as the alert. Fleet overview's time since the last heartbeat shows the same
+    hosts and times, and those up: a forgotten host too, not one stopped on purpose."""
     at = 50  # minutes: the evaluation's time
     up, last, stopped = (
         "ktel_agent_up",
@@ -97,13 +100,23 @@ def test_agents_down_shows_the_hosts_ktel_agent_down_pages_for(tmp_path):
         # Down since 40m.
         f'{up}{{host_id="down", instance="w2"}}': {m: int(m < 43) for m in every},
         f'{last}{{host_id="down", instance="w2"}}': {m: 60 * min(m, 40) for m in every},
+        # Rebooted at 31m with its clock 10 minutes behind, dead at 35m.
+        f'{up}{{host_id="rebooted", instance="w2"}}': {m: int(m < 38) for m in every},
+        f'{last}{{host_id="rebooted", instance="w2"}}': {
+            m: 60 * (m if m <= 30 else min(m, 35) - 10) for m in every
+        },
         # Up, under w2 since a rebalance; w1 still says down.
         f'{up}{{host_id="up", instance="w1"}}': {m: 0 for m in every},
         f'{last}{{host_id="up", instance="w1"}}': {m: 0 for m in every},
         f'{up}{{host_id="up", instance="w2"}}': {m: 1 for m in every},
         f'{last}{{host_id="up", instance="w2"}}': {m: 60 * m for m in every},
     }
-    paged = {"forgotten": 60 * at, "restarted": 60 * (at - 25), "down": 60 * (at - 40)}
+    paged = {
+        "forgotten": 60 * at,
+        "restarted": 60 * (at - 25),
+        "down": 60 * (at - 40),
+        "rebooted": 60 * (at - 30),
+    }
     [alert] = [
         r["expr"]
         for g in yaml.safe_load(RULES.read_text())["groups"]
@@ -113,7 +126,11 @@ def test_agents_down_shows_the_hosts_ktel_agent_down_pages_for(tmp_path):
     queries = panel_queries()
     [panel] = [e for name, e in queries.items() if name.startswith("on-call / Agents down")]
     [count] = [e for name, e in queries.items() if name.startswith("fleet-overview / Agents down")]
+    [ages] = [
+        e for name, e in queries.items() if name.startswith("fleet-overview / Top $topk hosts by time since")
+    ]
     shown = [{"labels": f'{{host_id="{h}"}}', "value": v} for h, v in paged.items()]
+    aged = [*shown, {"labels": '{host_id="up"}', "value": 0}]
     tests = {
         "rule_files": [str(RULES)],  # the alert reads ktel:agent_up:max
         "evaluation_interval": "1m",
@@ -129,7 +146,8 @@ def test_agents_down_shows_the_hosts_ktel_agent_down_pages_for(tmp_path):
                         "expr": count,
                         "eval_time": f"{at}m",
                         "exp_samples": [{"labels": "{}", "value": len(paged)}],
-                    }
+                    },
+                    {"expr": ages, "eval_time": f"{at}m", "exp_samples": aged},
                 ],
             }
         ],

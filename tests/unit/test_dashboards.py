@@ -107,6 +107,37 @@ def test_both_agents_down_panels_read_the_same_hosts():
     assert "ktel_agent_stopped_timestamp_seconds" in hosts
 
 
+def test_the_heartbeat_panels_read_hosts_as_ktel_agent_down_does():
+    """On-call's Agents down is KtelAgentDown's query for the hosts chosen (`$host`),
+    as fleet overview's count of them is (above), and fleet overview's time since the
+    last heartbeat reads each host's as the alert does, sparing those it spares for a
+    stop: a day of heartbeat times, so a host the workers have forgotten
+    (aggregate.host_ttl_seconds) stays there while it pages, and the same function of
+    them, so the same time and the same hosts. Matchers (`$host`) are left out of the
+    comparison, ranges and functions not; the alert's recording rule is read as its query."""
+    groups = yaml.safe_load((GRAFANA.parent / "prometheus/ktel-rules.yml").read_text())["groups"]
+    rules = [r for g in groups for r in g["rules"]]
+    [alert] = [r["expr"] for r in rules if r.get("alert") == "KtelAgentDown"]
+    for r in rules:
+        if "record" in r:
+            alert = alert.replace(r["record"], f"({r['expr']})")
+    pages = promql(alert)
+    queries = {
+        p["title"]: t["expr"]
+        for path in DASHBOARDS
+        for p in panels(json.loads(path.read_text()))
+        for t in p["targets"]
+    }
+    [down] = bounds(promql(queries["Agents down, the $topk silent longest"]))
+    assert down.args[-1] == pages
+    # (time since the last heartbeat unless up unless stopped) and some host exported
+    since_unless_up, stopped = pages.args[0].args
+    since = since_unless_up.args[0]
+    assert "ktel_agent_stopped_timestamp_seconds" in metrics(stopped), alert
+    [ages] = bounds(promql(queries["Top $topk hosts by time since last heartbeat"]))
+    assert ages.args[-1] == Expr("binary", "unless", (since, stopped), on=frozenset({"host_id"}))
+
+
 NATIVE_LATENCY = re.compile(r"histogram_quantile\(([\d.]+), sum by \(host_id\) \(rate\((\w+)_nanoseconds\{")
 
 
@@ -226,7 +257,8 @@ TOKEN = re.compile(
 class Expr:
     """A PromQL expression, as much of it as its shape needs: ``kind`` is ``scalar``
     (a number, a dashboard variable, time()), ``string``, ``selector`` (``name`` its
-    metric, empty when it selects by ``__name__``), ``call``, ``aggregation`` (``by``:
+    metric, empty when it selects by ``__name__``; ``window`` its range, ``[1d]``, if it
+    has one; its matchers are left out), ``call``, ``aggregation`` (``by``:
     the labels it keeps, or with ``without`` those it drops; None without either) or
     ``binary`` (``name`` the operator)."""
 
@@ -238,6 +270,7 @@ class Expr:
     on: frozenset[str] | None = None  # a binary operator's `on (...)` labels
     ignoring: frozenset[str] = frozenset()
     group: str = ""  # group_left or group_right
+    window: str = ""  # a range selector's range
 
 
 class Parser:
@@ -330,7 +363,7 @@ class Parser:
             self.take(")")
             return e
         if kind == "matchers":
-            return Expr("selector", "")
+            return Expr("selector", "", window=self.window())
         assert kind == "name", f"not understood: {text!r}"
         if text in AGGREGATIONS | BOUNDING:
             by, without = None, False
@@ -347,9 +380,10 @@ class Parser:
             return Expr("scalar" if text in ("time", "scalar", "pi") else "call", text, args)
         if self.peek().startswith("{"):
             self.take()
-        if self.peek().startswith("["):
-            self.take()
-        return Expr("selector", text)
+        return Expr("selector", text, window=self.window())
+
+    def window(self) -> str:
+        return self.take()[1] if self.peek().startswith("[") else ""
 
 
 def promql(text: str) -> Expr:
