@@ -2,8 +2,10 @@
 puts the variables' values in): promtool accepts each, and on-call's panel of agents
 down, evaluated by promtool over a fleet made up for it, shows only hosts down, the
 silent longest first, at most `$topk` of them, and none stopped on purpose; it and fleet
-overview's count read the hosts KtelAgentDown pages for. Each top-N panel of what a
-host may have none of (OOM kills, drops, steal, queued I/O) shows only those with some."""
+overview's count read the hosts KtelAgentDown pages for, and fleet overview's time since
+the last heartbeat reads them as it does. Each top-N panel of what a host may have none
+of (OOM kills, drops, steal, queued I/O) shows only those with some, and on-call's burn
+rate is over each burn alert's threshold while that alert's condition holds."""
 
 from __future__ import annotations
 
@@ -218,6 +220,80 @@ def test_top_n_panels_show_only_what_has_some(tmp_path):
                     {"expr": e, "eval_time": "20m", "exp_samples": []} for e in ranked.values()
                 ]
                 + [{"expr": e, "eval_time": "60m", "exp_samples": after[name]} for name, e in ranked.items()],
+            }
+        ],
+    }
+    path = tmp_path / "test.yml"
+    path.write_text(yaml.safe_dump(tests))
+    assert "SUCCESS" in run("test", "rules", str(path))
+
+
+def test_burn_rate_panel_is_over_each_threshold_while_its_alert_condition_holds(tmp_path):
+    """On-call's burn rate panel draws, per exporter, what each burn alert compares with
+    its threshold. Records all on time for five hours, then all late for 30 minutes, then
+    on time again: 5 minutes in, the 5 m window burns far past 14.4 and the hour not
+    (no page, none drawn); 20 minutes in, both do (a page), and the 6 h and 30 m windows
+    are past 6 (a ticket); 15 minutes after, the 5 m window is at 0 (no page) while the
+    ticket's windows still hold it open, and so does its line."""
+    late = range(300, 330)  # minutes
+    at = 345
+    count = {m: 60 * m for m in range(at + 1)}
+    on_time = {m: 60 * (m - sum(1 for t in late if t < m)) for m in range(at + 1)}
+    alerts = {
+        r["alert"]: r["expr"]
+        for g in yaml.safe_load(RULES.read_text())["groups"]
+        for r in g["rules"]
+        if r.get("alert", "").startswith("KtelIngestionLatencyBudgetBurn")
+    }
+    lines = {
+        name: e for name, e in panel_queries().items() if name.startswith("on-call / Error budget burn rate")
+    }
+    assert len(lines) == 2, sorted(lines)
+    [fast, slow] = (lines[name] for name in sorted(lines))  # [A], [B]
+    holds = {  # minute: (fast, slow)
+        305: (0, 0),
+        320: (1, 1),
+        345: (0, 1),
+    }
+    cases = []
+    for minute, expected in holds.items():
+        for (alert, threshold, line), held in zip(
+            [
+                ("KtelIngestionLatencyBudgetBurnFast", 14.4, fast),
+                ("KtelIngestionLatencyBudgetBurnSlow", 6, slow),
+            ],
+            expected,
+            strict=True,
+        ):
+            cases += [
+                {
+                    "expr": f"count({alerts[alert]}) or vector(0)",
+                    "eval_time": f"{minute}m",
+                    "exp_samples": [{"labels": "{}", "value": held}],
+                },
+                {
+                    "expr": f"({line}) > bool {threshold}",
+                    "eval_time": f"{minute}m",
+                    "exp_samples": [{"labels": '{exporter="remote-write"}', "value": held}],
+                },
+            ]
+    tests = {
+        "rule_files": [str(RULES)],  # the alerts read the recording rules
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {
+                        "series": f"ktel_exporter_ingestion_latency_seconds_{name}",
+                        "values": minutes(values, at),
+                    }
+                    for name, values in (
+                        ('bucket{exporter="remote-write", le="10.0", instance="rw"}', on_time),
+                        ('count{exporter="remote-write", instance="rw"}', count),
+                    )
+                ],
+                "promql_expr_test": cases,
             }
         ],
     }
