@@ -21,6 +21,7 @@ it starts, so that a record written after /readyz said ready is read.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -35,7 +36,7 @@ from ktel import consumer_lag, selfmetrics
 from ktel.kafka_client import Kafka, client_kwargs, settings, started
 from ktel.retry import Permanent, retry
 from ktel.runtime import tune_gc
-from ktel.wire import DeadLetter, WireError, check_keyed, dead_letter_record
+from ktel.wire import DeadLetter, WireError, check_keyed, dead_letter_record, encode_snapshot
 
 log = logging.getLogger("ktel.export")
 
@@ -131,6 +132,24 @@ async def refuse(
     )
     await dead_letter(producer, rec.dlq, dl, rec.key)
     DEAD_LETTERED_ITEMS.labels(stage, signal).inc(items)
+
+
+async def refuse_series(
+    producer: AIOKafkaProducer,
+    stage: str,
+    rec: Record,
+    refused: list[tuple[Any, str]],
+    *,
+    signal: str,
+    items: int,
+) -> None:
+    """Dead-letter some series of the snapshot ``rec`` holds, each with why, as a
+    snapshot of just those (the rest of it is delivered): one writer's series the
+    exporter cannot take keeps no other series of its snapshot from the backend."""
+    rows = [row for row, _ in refused]
+    more = f" (and {len(rows) - 1} more series of this snapshot)" if len(rows) > 1 else ""
+    payload = encode_snapshot(dataclasses.replace(rec.item, series=rows))
+    await refuse(producer, stage, rec, refused[0][1] + more, signal=signal, items=items, payload=payload)
 
 
 async def run(

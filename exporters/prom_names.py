@@ -2,7 +2,15 @@
 
 Per the OpenTelemetry-to-Prometheus compatibility spec: characters outside
 ``[a-zA-Z0-9_]`` become ``_`` (so ``host.id`` becomes ``host_id``), and a name
-starting with a digit gets a leading ``_``.
+starting with a digit gets a leading ``_``; a counter's samples end in ``_total``
+(``metric_name``).
+
+Prometheus names the series of a classic histogram ``h`` ``h_bucket``, ``h_sum`` and
+``h_count``, and a counter ``c``'s samples ``c_total``: a gauge named ``h_count`` or
+``c_total`` would write into another metric's series. ``clash`` refuses such names by
+the name alone (``promtool check metrics`` flags the same), not by which other series
+were seen first: the aggregate, every exporter and every one of their instances (each
+seeing its own partitions) refuse the same series.
 """
 
 from __future__ import annotations
@@ -20,6 +28,39 @@ _INVALID = re.compile(r"[^a-zA-Z0-9_]")
 def label_name(name: str) -> str:
     out = _INVALID.sub("_", name)
     return "_" + out if out[:1].isdigit() else out
+
+
+COUNTER_SUFFIX = "_total"
+# What Prometheus appends to a classic histogram's name for its series.
+HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
+
+
+@functools.lru_cache(maxsize=4096)
+def metric_name(name: str, typ: str) -> str:
+    """The Prometheus name of a series' samples (a histogram's: the name its ``_bucket``,
+    ``_sum`` and ``_count`` series or its native series are made of): sanitised, and a
+    counter's ending in ``_total``, as OpenMetrics has it and as Prometheus names an
+    OTLP counter, so a counter ``x`` is ``x_total`` whichever way it reaches Prometheus
+    (and the text exposition's ``# TYPE x_total counter`` names its samples)."""
+    pname = label_name(name)
+    return pname.removesuffix(COUNTER_SUFFIX) + COUNTER_SUFFIX if typ == "counter" else pname
+
+
+@functools.lru_cache(maxsize=4096)
+def clash(name: str, typ: str) -> str | None:
+    """Why a series of this name and type would write a Prometheus series that another
+    type's series write (None: it would not), by its name alone (see the module doc): a
+    gauge named as a classic histogram's series are (``_bucket``, ``_sum``, ``_count``)
+    or as a counter's samples (``_total``); a histogram named as a counter's samples
+    (its native series has its name). A counter's samples end in ``_total``, which only
+    a counter's may: its name is free."""
+    pname = label_name(name)
+    if typ != "counter" and pname.endswith(COUNTER_SUFFIX):
+        return f"a {typ} ending in {COUNTER_SUFFIX}, as Prometheus names a counter's samples"
+    if typ == "gauge" and pname.endswith(HISTOGRAM_SUFFIXES):
+        suffix = pname[pname.rindex("_") :]
+        return f"a gauge ending in {suffix}, as Prometheus names a histogram's series"
+    return None
 
 
 def reserved(label: str, typ: str) -> bool:

@@ -42,11 +42,11 @@ from prometheus_client.registry import Collector
 from exporters import consume
 from exporters.consume import Record
 from exporters.delivery import Window
-from exporters.prom_names import label_name, prom_labels, reserved, unnamed
+from exporters.prom_names import COUNTER_SUFFIX, clash, metric_name, prom_labels, reserved, unnamed
 from exporters.remote_write import histogram_series
 from ktel import selfmetrics
 from ktel.config import PROMETHEUS_STALENESS_SECONDS, Config
-from ktel.wire import MetricSnapshot, decode_snapshot, encode_snapshot
+from ktel.wire import MetricSnapshot, decode_snapshot
 
 log = logging.getLogger("ktel.export.pull")
 
@@ -76,10 +76,9 @@ class Family:
 
 def family_name(name: str, typ: str) -> str:
     """The name of the family a series is served in: its Prometheus name, a counter's
-    without ``_total`` (the name its samples have, as the remote-write exporter sends
-    them, is the family's for a counter named without it)."""
-    pname = label_name(name)
-    return pname.removesuffix("_total") if typ == "counter" else pname
+    without ``_total`` (its samples' names end in it: ``metric_name``)."""
+    pname = metric_name(name, typ)
+    return pname.removesuffix(COUNTER_SUFFIX) if typ == "counter" else pname
 
 
 def claims(fam: str, typ: str) -> tuple[str, ...]:
@@ -106,10 +105,12 @@ class LatestValues(Collector):
     def split(self, snap: MetricSnapshot) -> tuple[list[Any], list[tuple[Any, str]]]:
         """The series of ``snap`` the endpoint can serve, and those it cannot, each with
         why: one with no Prometheus name or an empty label name, a label Prometheus
-        reserves (``reserved``; the aggregate writes none), of a family served as
-        another type, or whose samples' names another family's may have (a gauge
-        ``x_count`` beside a histogram ``x``). One such series in a scrape's text would
-        fail the whole scrape. Refused one by one, not with their snapshot: a writer of
+        reserves (``reserved``; the aggregate writes none), a name another type's series
+        have (``clash``: a gauge ``x_count``, whatever else is served; the aggregate
+        writes none either), of a family served as another type, or whose samples'
+        names another family's may have (a gauge ``x_created`` beside a counter ``x``).
+        One such series in a scrape's text would fail the whole scrape, or be taken
+        for another metric's. Refused one by one, not with their snapshot: a writer of
         a clashing series (a buggy or hostile one, or one first after a restart) would
         otherwise keep every snapshot carrying the family it clashes with, every host's,
         off the endpoint."""
@@ -132,6 +133,9 @@ class LatestValues(Collector):
         for label in labels:
             if reserved(label, typ):
                 return f"series {name!r:.100}: a label Prometheus reserves ({label!r:.100})"
+        why = clash(name, typ)
+        if why:
+            return f"series {name!r:.100}: {why}"
         fam = family_name(name, typ)
         if not fam:
             return f"series {name!r:.100}: no Prometheus name (empty once sanitised)"
@@ -160,7 +164,10 @@ class LatestValues(Collector):
                     continue
                 family = self.families[fam] = Family(typ, name)
                 self.claimed.update(dict.fromkeys(claims(fam, typ), fam))
-            key = (label_name(name), tuple(kv for kv in prom_labels(name, labels) if kv[0] != "__name__"))
+            key = (
+                metric_name(name, typ),
+                tuple(kv for kv in prom_labels(name, labels) if kv[0] != "__name__"),
+            )
             old = family.series.get(key)
             later = old is None or old[0] != partition or old[1] < offset
             if not later:
@@ -243,17 +250,8 @@ async def run(cfg: Config, stop: asyncio.Event) -> None:
                 continue
             served, refused = latest.split(snap)
             if refused:
-                rows = [row for row, _ in refused]
-                more = f" (and {len(rows) - 1} more series of this snapshot)" if len(rows) > 1 else ""
-                payload = encode_snapshot(dataclasses.replace(snap, series=rows))
-                await consume.refuse(
-                    producer,
-                    "pull",
-                    rec,
-                    refused[0][1] + more,
-                    signal="series",
-                    items=len(rows),
-                    payload=payload,
+                await consume.refuse_series(
+                    producer, "pull", rec, refused, signal="series", items=len(refused)
                 )
                 snap = dataclasses.replace(snap, series=served)
             latest.update(snap, rec.partition, rec.offset)

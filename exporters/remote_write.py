@@ -3,7 +3,8 @@
 Encoding follows the specification: a protobuf ``WriteRequest``, snappy block
 compression, the required headers; labels sorted by name, without duplicates or
 empty values; the samples of one series in timestamp order. Counters and gauges
-are one series each. A histogram of the kernel's log2 buckets is a native histogram
+are one series each, a counter's named ``*_total`` (exporters/prom_names.py
+``metric_name``). A histogram of the kernel's log2 buckets is a native histogram
 (schema 0, exactly its buckets: exporters/log2.py), or with ``remote_write.histograms =
 "classic"``, and for any other histogram, Prometheus' classic
 ``_bucket``/``_sum``/``_count`` series. A snapshot marked stale (its host went
@@ -23,7 +24,9 @@ field that protobuf may leave out).
 
 Delivery (exporters/delivery.py has the rules): a snapshot whose timestamp is
 outside ``remote_write.max_age_seconds`` / ``max_future_seconds`` of the exporter's
-clock goes to ``ktel.dlq`` as it is, never to the receiver. 2xx is success; 408,
+clock goes to ``ktel.dlq`` as it is, never to the receiver; a series of a name
+Prometheus gives another type's series (``split``) goes there alone, as a snapshot of
+such series, and the rest of its snapshot to the receiver. 2xx is success; 408,
 429 and 5xx are retried with backoff (the shared retry helper) until the receiver
 takes them; any other 4xx will never succeed: the snapshots whose samples made up
 the refused request are re-sent in halves (the same series only), down to single
@@ -39,6 +42,7 @@ headers: exporters/remote_write_client.py.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import math
@@ -58,7 +62,7 @@ from exporters import consume
 from exporters.consume import Record
 from exporters.delivery import Window, http_answer, send_split
 from exporters.log2 import ZERO_THRESHOLD, Exponential, exponential
-from exporters.prom_names import prom_labels, unnamed
+from exporters.prom_names import clash, metric_name, prom_labels, unnamed
 from exporters.remote_write_client import Receiver
 from ktel import selfmetrics
 from ktel.config import Config, check_readable
@@ -114,13 +118,13 @@ def encode(
             if typ == "histogram":
                 native = exponential(name, value) if histograms == "native" else None
                 if native is not None:
-                    lb = series_labels(native.name, labels)
+                    lb = series_labels(native.name, typ, labels)
                     series[lb].append((ts_ms, native_histogram(native, ts_ms, stale)))
                     continue
                 for key, v in histogram_series(name, labels, value):
                     series[labels_bytes(key)].append((ts_ms, STALE_NAN if stale else v))
             else:
-                lb = cached((name, *labels.items())) or series_labels(name, labels)
+                lb = cached((name, typ, *labels.items())) or series_labels(name, typ, labels)
                 series[lb].append((ts_ms, STALE_NAN if stale else float(value)))
     requests = []
     items = list(series.items()) if only is None else [kv for kv in series.items() if kv[0] in only]
@@ -187,11 +191,11 @@ def series_keys(snap: MetricSnapshot, histograms: str = "native") -> list[bytes]
         if typ == "histogram":
             native = exponential(name, value) if histograms == "native" else None
             if native is not None:
-                out.append(series_labels(native.name, labels))
+                out.append(series_labels(native.name, typ, labels))
             else:
                 out += [labels_bytes(key) for key, _ in histogram_series(name, labels, value)]
         else:
-            out.append(series_labels(name, labels))
+            out.append(series_labels(name, typ, labels))
     return out
 
 
@@ -274,13 +278,14 @@ _CACHE_MAX_BYTES = 64 << 20
 _cached_bytes = 0
 
 
-def series_labels(name: str, labels: dict[str, str]) -> bytes:
-    """The series' remote-write labels (sorted, sanitised), as a serialised TimeSeries."""
+def series_labels(name: str, typ: str, labels: dict[str, str]) -> bytes:
+    """The series' remote-write labels (sorted, sanitised; its name ``metric_name``), as
+    a serialised TimeSeries."""
     global _cached_bytes
-    cache_key = (name, *labels.items())
+    cache_key = (name, typ, *labels.items())
     key = _SERIES.get(cache_key)
     if key is None:
-        key = labels_bytes(tuple(prom_labels(name, labels)))
+        key = labels_bytes(tuple(prom_labels(metric_name(name, typ), labels)))
         if len(_SERIES) >= _CACHE_MAX or _cached_bytes >= _CACHE_MAX_BYTES:
             _SERIES.clear()
             _cached_bytes = 0
@@ -314,6 +319,21 @@ def histogram_series(
     return out
 
 
+def split(snap: MetricSnapshot) -> tuple[list[Any], list[tuple[Any, str]]]:
+    """The series of ``snap`` to send, and those not to, each with why: a name another
+    type's series have in Prometheus (``clash``), which would write into that metric's
+    series (a gauge ``x_count`` into a histogram ``x``'s count). The aggregate writes
+    none; a snapshot written to ktel.metrics by something else may."""
+    served, refused = [], []
+    for row in snap.series:
+        why = clash(row[0], row[1])
+        if why is None:
+            served.append(row)
+        else:
+            refused.append((row, f"series {row[0]!r:.100}: {why}"))
+    return served, refused
+
+
 async def post(receiver: Receiver, body: bytes) -> None:
     """One attempt; raises Transient (Unauthorized among them) or Permanent as
     exporters/delivery.py classifies the answer."""
@@ -343,13 +363,22 @@ async def deliver(
     now = time.time_ns()
     snaps: list[Record] = []
     for rec in records:
-        problem = window.problem(rec.item.ts_ms * 1_000_000, now) or unnamed(rec.item.series)
-        if problem is None:
-            snaps.append(rec)
-        else:
+        snap = rec.item
+        problem = window.problem(snap.ts_ms * 1_000_000, now) or unnamed(snap.series)
+        if problem is not None:
             await consume.refuse(
-                producer, STAGE, rec, problem, signal="samples", items=len(series_keys(rec.item, histograms))
+                producer, STAGE, rec, problem, signal="samples", items=len(series_keys(snap, histograms))
             )
+            continue
+        served, refused = split(snap)
+        if refused:
+            rows = MetricSnapshot(snap.ts_ms, [row for row, _ in refused])
+            items = len(series_keys(rows, histograms))
+            await consume.refuse_series(producer, STAGE, rec, refused, signal="samples", items=items)
+            if not served:
+                continue
+            rec = dataclasses.replace(rec, item=dataclasses.replace(snap, series=served))
+        snaps.append(rec)
     what = f"remote-write to {receiver.url}"
     dead: set[tuple[int, int]] = set()  # (partition, offset) of snapshots dead-lettered after a refusal
     for body, n, keys in encode((rec.item for rec in snaps), histograms=histograms):

@@ -31,10 +31,12 @@ create more are counted in one overflow series per metric carrying the label
 ``otel.metric.overflow="true"``, as the OpenTelemetry metrics SDK does; the
 overflow series have the last eighth of the bytes to themselves, and events of a
 metric whose overflow series finds no room either are counted as dropped
-(``Result.counts["series_dropped"]``), as are events whose series already holds
-another type (a counter and a gauge of one name and labels: see ``_fits``) and
-kernel-code metric events with a value their type cannot take (``count_events``). A
-series' bytes are reckoned when it is created, for the largest its numbers can grow
+(``Result.counts["series_dropped_room"]``), as are, each under its reason
+(``DROPPED``), events whose series already holds another type (a counter and a gauge
+of one name and labels: see ``_fits``), kernel-code metric events with a value their
+type cannot take (``count_events``), and events of a series whose name Prometheus
+gives another type's series (a gauge ``x_count``: exporters/prom_names.py ``clash``).
+A series' bytes are reckoned when it is created, for the largest its numbers can grow
 (``series_bytes``), so its counts growing never pushes the host past the bound.
 
 Kernel code's own metrics (``ktel_metric`` events of the ktel_api probe) become
@@ -44,7 +46,9 @@ is exported as ``_seconds``). A ``host.id`` label they give is dropped: every se
 is labelled with its batch's host (and so is one that is ``host_id`` once sanitised).
 So is a label Prometheus keeps for itself (a name starting with ``__``, ``le`` on a
 histogram: exporters/prom_names.py ``reserved``), which the pull endpoint cannot serve
-(``_kept``, also for series a state from before holds).
+(``_kept``, also for series a state from before holds). A series of a name Prometheus
+gives another type's series is not emitted either (``row_of``), for one a state from
+before holds: every exporter would refuse it, at every refresh.
 
 A gauge is stored as ``{"gauge": value, "at": [stream, seq]}``: the batch that set it,
 its stream (boot and incarnation, processors/dedupe_core.py) as a CRC-32 and its
@@ -63,6 +67,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import math
 import zlib
 from collections import defaultdict
@@ -75,7 +80,7 @@ from opentelemetry.semconv._incubating.attributes.process_attributes import (
     PROCESS_PID,
 )
 
-from exporters.prom_names import label_name, reserved
+from exporters.prom_names import clash, label_name, reserved
 from ktel.probes import KINDS
 from ktel.schema import U64
 from ktel.wire import (
@@ -107,6 +112,21 @@ COUNTERS: dict[int, tuple[str, tuple[tuple[str, int], ...]]] = {
     if k.metric is not None
 }
 OVERFLOW_LABELS: tuple[tuple[str, str], ...] = (("otel.metric.overflow", "true"),)
+# Why events are counted in no series (Outcome.dropped): the reason label of
+# ktel_processor_series_dropped_total, and what it means.
+DROPPED = {
+    "room": "a new series with no room left even in its metric's overflow series",
+    "type": "a series that already holds another type",
+    "value": "kernel code's own metric with a value its type cannot take (a negative counter increment "
+    "or histogram observation)",
+    "name": "a series named as Prometheus names another type's series (a gauge *_count or *_total)",
+}
+# Names whose events were dropped for their name, each logged once (up to a bound: a
+# writer of the raw topic may send ever new names).
+_warned: set[tuple[str, str]] = set()
+WARNED_MAX = 1000
+
+log = logging.getLogger("ktel.process")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +144,8 @@ class Options(FromConfig):
 class Outcome:
     counted: float = 0
     overflowed: float = 0
-    dropped: float = 0  # no room even in the overflow series, or a value its series cannot take
+    # Events counted in no series, by why (DROPPED).
+    dropped: dict[str, float] = dataclasses.field(default_factory=lambda: defaultdict(float))
     touched: Touched = dataclasses.field(default_factory=Touched)  # the series it changed
 
 
@@ -166,8 +187,7 @@ class Aggregate(Stage):
         self.counted.setdefault(batch.host_id, set()).update(path[-1] for path in out.touched)
         spans, logs = signals(batch)
         counts = {"events": out.counted, "overflowed": out.overflowed}
-        if out.dropped:
-            counts["series_dropped"] = out.dropped
+        counts.update((f"series_dropped_{why}", n) for why, n in out.dropped.items() if n)
         return Result(batch, changed=True, touched=out.touched, spans=spans, logs=logs, counts=counts)
 
     def on_window(self, states: dict[str, State], now_ms: int, share: float) -> Result:
@@ -218,8 +238,8 @@ class Aggregate(Stage):
                     continue  # (its record refused after all, and the series with it)
                 now = fingerprint(value)
                 before = seen.series.get(key)
-                if before is None or before[0] != now:
-                    rows.append(row_of(host_id, key, value))
+                if (before is None or before[0] != now) and (row := row_of(host_id, key, value)):
+                    rows.append(row)
                     seen.series[key] = (now, now_ms)
             return rows, len(mine) - len(rows)
         last = seen.series if seen is not None else {}
@@ -230,7 +250,8 @@ class Aggregate(Stage):
             now = fingerprint(value)
             before = last.get(key)
             if before is None or before[0] != now or now_ms - before[1] >= refresh_ms:
-                rows.append(row_of(host_id, key, value))
+                if row := row_of(host_id, key, value):
+                    rows.append(row)
                 before = (now, now_ms)
             series[key] = before
             due_ms = min(due_ms, before[1] + refresh_ms)
@@ -394,7 +415,7 @@ def add(state: dict[str, Any], batch: RawBatch, opts: Options) -> Outcome:
     if "series_bytes" not in state:  # a state from before the byte bound
         state["series_bytes"] = sum(series_bytes(k, _numbers(v)) for k, v in series.items())
     out = Outcome()
-    counts, hists, gauges, out.dropped = count_events(batch, opts)
+    counts, hists, gauges, out.dropped["value"] = count_events(batch, opts)
     if gauges:
         at = [zlib.crc32(stream(batch).encode()), batch.seq]
     for key, (value, events) in gauges.items():
@@ -429,14 +450,31 @@ def _place(
     state: dict[str, Any], key: str, kind: str, buckets: int, n: float, opts: Options, out: Outcome
 ) -> str:
     """The series a ``kind`` update of ``n`` events to ``key`` goes to (``_admit``), its
-    old value noted in ``out.touched``; "" when there is none, or it holds another type
-    (``_fits``), the events counted as dropped."""
+    old value noted in ``out.touched``; "" when there is none, it holds another type
+    (``_fits``), or Prometheus names another type's series as it is named (``clash``:
+    one kind's series must not write into another's, and which is refused must not
+    depend on which came first, nor on which worker holds which host), the events
+    counted as dropped."""
+    name, _ = parsed_key(key)
+    why = clash(name, kind)
+    if why is not None:
+        out.dropped["name"] += n
+        if len(_warned) < WARNED_MAX and (name, kind) not in _warned:
+            _warned.add((name, kind))
+            log.warning(
+                "aggregate: the events of the %s %.100r are dropped, counted in "
+                'ktel_processor_series_dropped_total{reason="name"}: %s',
+                kind,
+                name,
+                why,
+            )
+        return ""
     key = _admit(state, key, NUMBERS.get(kind, 2 + buckets), opts, out, n)
     if not key:
         return ""
     series = state["series"]
     if not _fits(series.get(key), kind, buckets):
-        out.dropped += n
+        out.dropped["type"] += n
         return ""
     out.touched.touch(series, ("series", key))
     return key
@@ -495,7 +533,7 @@ def _admit(state: dict[str, Any], key: str, numbers: int, opts: Options, out: Ou
     if overflow not in series:
         size = series_bytes(overflow, numbers)
         if state["series_bytes"] + size > opts.max_series_bytes:
-            out.dropped += n
+            out.dropped["room"] += n
             return ""
         state["series_bytes"] += size
     out.overflowed += n
@@ -521,15 +559,21 @@ def snapshot(host_id: str, state: dict[str, Any]) -> list[list]:
 
 
 def keyed_rows(host_id: str, state: dict[str, Any]) -> Iterator[tuple[str, list]]:
-    """Each of the host's series: its key and its snapshot entry."""
+    """Each of the host's series emitted (``row_of``): its key and its snapshot entry."""
     for key, value in state.get("series", {}).items():
-        yield key, row_of(host_id, key, value)
+        row = row_of(host_id, key, value)
+        if row is not None:
+            yield key, row
 
 
-def row_of(host_id: str, key: str, value: Any) -> list:
-    """The snapshot entry [name, type, labels, value] of the host's series ``key``."""
+def row_of(host_id: str, key: str, value: Any) -> list | None:
+    """The snapshot entry [name, type, labels, value] of the host's series ``key``; None
+    for one of a name Prometheus gives another type's series (``clash``), which only a
+    state from before ``_place`` refused them holds."""
     name, pairs = parsed_key(key)
     typ = ("gauge" if "gauge" in value else "histogram") if isinstance(value, dict) else "counter"
+    if clash(name, typ) is not None:
+        return None
     # (_kept again: a series kept before _labels dropped such a label)
     labels = {k: v for k, v in pairs if _kept(k, typ)}
     labels[HOST_ID] = host_id

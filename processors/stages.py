@@ -89,7 +89,7 @@ from ktel.wire import (
 from ktel.wire.codec import SEND_MAX_BYTES, compress
 from ktel.wire.signals import Signal
 from ktel.wire.topics import Topics
-from processors import changelog
+from processors import aggregate_core, changelog
 from processors.chain import build
 from processors.faust_app import App
 from processors.fleet_metrics import BOUNDS, FleetMetrics
@@ -117,10 +117,9 @@ DEAD_LETTERS = Counter("ktel_processor_dead_letters", "records sent to ktel.dlq"
 OVERFLOW = Counter("ktel_processor_series_overflow", "events folded into an overflow series", ["stage"])
 SERIES_DROPPED = Counter(
     "ktel_processor_series_dropped",
-    "events of a new series with no room left even in its metric's overflow series, "
-    "of a series that already holds another type, or of kernel code's own metrics with a value "
-    "their type cannot take (a negative counter increment or histogram observation)",
-    ["stage"],
+    "events counted in no series, by reason: "
+    + "; ".join(f"{why}: {what}" for why, what in aggregate_core.DROPPED.items()),
+    ["stage", "reason"],
 )
 SNAPSHOTS = Counter("ktel_processor_snapshots", "metric snapshot records produced", ["stage"])
 SPANS = Counter("ktel_processor_spans", "kernel spans sent to ktel.spans", ["stage"])
@@ -221,7 +220,7 @@ COUNTED: dict[str, tuple[Counter | Gauge, tuple[str, ...]]] = {
     "unchanged_series": (UNCHANGED_SERIES, ()),
     "events": (EVENTS, ()),
     "overflowed": (OVERFLOW, ()),
-    "series_dropped": (SERIES_DROPPED, ()),
+    **{f"series_dropped_{why}": (SERIES_DROPPED, (why,)) for why in aggregate_core.DROPPED},
     "sampled_out": (SAMPLED_OUT, ()),
     "evicted_processes": (EVICTED, ("processes",)),
     "evicted_containers": (EVICTED, ("containers",)),

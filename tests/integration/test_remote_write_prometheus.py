@@ -444,3 +444,56 @@ async def test_classic_histograms_stay_available(kafka, prometheus):
     assert (got["2e-09"], got["4e-09"], got["1.6e-08"], got["2.048e-06"], got["+Inf"]) == (3, 8, 10, 17, 17)
     [count] = prometheus.query(f'syscall_latency_seconds_count{{ktel_run="{run}"}}', t0 / 1000)
     assert float(count["value"][1]) == 17.0
+
+
+async def test_a_series_named_as_another_types_series_never_reaches_the_other_metric(prometheus):
+    """Classic: a gauge h_count beside a histogram h would write into h's count, a gauge
+    c_total into a counter c's samples. What the real Prometheus holds is the histogram's
+    count and the counter (as c_total) only; the two gauges went to ktel.dlq. (The
+    exporter's own delivery, without Kafka: the records as it reads them.)"""
+    from exporters.consume import Record
+    from exporters.delivery import Window
+    from exporters.remote_write_client import Receiver
+    from ktel.wire import DLQ_TOPIC, decode_dead_letter, encode_snapshot
+
+    class Producer:
+        def __init__(self) -> None:
+            self.sent: list[bytes] = []
+
+        async def send_and_wait(self, topic, value, key=None):
+            self.sent.append(value)
+
+    run = uuid.uuid4().hex[:12]
+    t0 = (time.time_ns() // 1_000_000) - 60_000
+    labels = {"host.id": f"host-{run}", "ktel.run": run}
+    hist = {"count": 3, "sum": 1.5, "bounds": [1.0], "counts": [1, 2]}
+    snap = MetricSnapshot(
+        t0,
+        [
+            ["h", "histogram", labels, hist],
+            ["h_count", "gauge", labels, 7.0],
+            ["c", "counter", labels, 2],
+            ["c_total", "gauge", labels, 9.0],
+        ],
+    )
+    value = encode_snapshot(snap)
+    rec = Record(decode_snapshot(value), METRICS_TOPIC, 0, 1, labels["host.id"].encode(), value, DLQ_TOPIC)
+    producer = Producer()
+    cfg = config.RemoteWriteConfig(url=prometheus.remote_write_url, histograms="classic")
+    async with Receiver(cfg) as receiver:
+        window = Window(cfg.max_age_seconds, cfg.max_future_seconds, "remote_write")
+        await asyncio.wait_for(remote_write.deliver(receiver, [rec], producer, window, cfg.histograms), 30)
+
+    got = {
+        (r["metric"]["__name__"], r["metric"].get("le")): float(r["value"][1])
+        for r in prometheus.query(f'{{ktel_run="{run}"}}', t0 / 1000)
+    }
+    assert got == {
+        ("h_bucket", "1.0"): 1.0,
+        ("h_bucket", "+Inf"): 3.0,
+        ("h_sum", None): 1.5,
+        ("h_count", None): 3.0,
+        ("c_total", None): 2.0,
+    }
+    [letter] = [decode_dead_letter(v) for v in producer.sent]
+    assert [row[0] for row in decode_snapshot(letter.payload).series] == ["h_count", "c_total"]

@@ -290,7 +290,8 @@ def test_kernel_metric_values_their_type_cannot_take_are_dropped_and_counted():
     """A counter only goes up and a histogram's buckets start at 0: a negative increment
     or observation (a bug in the kernel code, or any client writing the topic) would make
     the cumulative counter fall (a restart to Prometheus) or fill a wrong bucket. A gauge
-    sent under a counter's name and labels is dropped too, and counted like the others."""
+    sent under a counter's name and labels is dropped too, and counted like the others
+    (under its own reason)."""
     from ktel.wire import KTEL_METRIC, decode_batch, encode_batch
 
     def metric(kind: str, name: str, value: int) -> list:
@@ -314,10 +315,11 @@ def test_kernel_metric_values_their_type_cannot_take_are_dropped_and_counted():
         ),
         NOW_MS,
     )
-    assert first.counts["series_dropped"] == 2 + 2  # (weighted)
+    assert first.counts["series_dropped_value"] == 2 + 2  # (weighted)
     gauges = [metric("gauge", "ktel_demo_ops_total", 7), metric("gauge", "ktel_demo_ops_total", 8)]
     second = chain.on_batch(value, batch(1, gauges), NOW_MS)
-    assert second.counts["series_dropped"] == 2  # (a gauge's value is no count: one each)
+    # (a gauge's value is no count: one each; a gauge's name never ends in _total)
+    assert second.counts["series_dropped_name"] == 2
     stored = {aggregate_core.parse_key(k)[0]: v for k, v in value["aggregate"]["series"].items()}
     assert stored["ktel_demo_ops_total"] == 10
     wait = stored["ktel_demo_wait_seconds"]

@@ -41,7 +41,12 @@ def scrape(latest: LatestValues) -> dict[str, dict[tuple, float]]:
         (["ok", "gauge", {"..x": "v"}, 1.0], "a label Prometheus reserves"),
         (["ok", "histogram", {"le": "1"}, HIST], "a label Prometheus reserves"),
         (["up", "gauge", {}, 1.0], "a gauge, but up is served as a counter"),
-        (["up_total", "gauge", {}, 1.0], "its samples' names clash with those of up"),
+        (["up_total", "gauge", {}, 1.0], "a gauge ending in _total, as Prometheus names a counter's samples"),
+        (["up_total", "histogram", {}, HIST], "a histogram ending in _total"),
+        (["h_count", "gauge", {}, 1.0], "a gauge ending in _count, as Prometheus names a histogram's series"),
+        (["h_bucket", "gauge", {}, 1.0], "a gauge ending in _bucket"),
+        (["h.sum", "gauge", {}, 1.0], "a gauge ending in _sum"),
+        (["up_created", "gauge", {}, 1.0], "its samples' names clash with those of up"),
         (["up_created", "histogram", {}, HIST], "its samples' names clash with those of up"),
     ],
 )
@@ -68,15 +73,61 @@ def test_two_types_of_one_name_within_a_snapshot_are_refused():
     snap = MetricSnapshot(1, [["a.b", "gauge", {}, 1.0], ["a_b", "histogram", {}, HIST]])
     [(_, why)] = latest.split(snap)[1]
     assert "a histogram, but a_b is served as a gauge" in why
-    snap = MetricSnapshot(1, [["h", "histogram", {}, HIST], ["h_count", "gauge", {}, 1.0]])
+    snap = MetricSnapshot(1, [["h", "histogram", {}, HIST], ["h_created", "gauge", {}, 1.0]])
     [(_, why)] = latest.split(snap)[1]
     assert "its samples' names clash with those of h" in why
+
+
+def test_a_series_of_a_name_another_types_series_have_is_refused_whatever_came_first():
+    """A gauge h_count would be taken for the count of a histogram h, and a gauge c_total
+    for a counter c's samples: such a gauge is refused by its name, whether it comes
+    before what it clashes with, after it, or alone, as the remote-write exporter and
+    every other endpoint refuse it. Which of the two is served does not depend on which
+    this endpoint read first."""
+    rows = [
+        ["h", "histogram", {"host.id": "a"}, HIST],
+        ["h_count", "gauge", {"host.id": "b"}, 7.0],
+        ["c", "counter", {"host.id": "a"}, 2.0],
+        ["c_total", "gauge", {"host.id": "b"}, 9.0],
+    ]
+    for order in (rows, rows[::-1]):
+        latest = LatestValues()
+        refused = []
+        for offset, row in enumerate(order):
+            served, out = latest.split(MetricSnapshot(1, [row]))
+            latest.update(MetricSnapshot(1, served), 0, offset)
+            refused += [name for (name, *_), _why in out]
+        assert sorted(refused) == ["c_total", "h_count"]
+        host = (("host_id", "a"),)
+        assert scrape(latest) == {
+            "h": {
+                ("h_bucket", (*host, ("le", "1.0"))): 1.0,
+                ("h_bucket", (*host, ("le", "+Inf"))): 3.0,
+                ("h_count", host): 3.0,
+                ("h_sum", host): 1.5,
+            },
+            "c": {("c_total", host): 2.0},
+        }
+
+
+def test_a_counter_is_served_as_its_total_as_remote_write_sends_it():
+    """A counter named without _total: its samples are x_total, as the text format's
+    # TYPE line and OpenMetrics name them (a sample x under # TYPE x_total was another,
+    untyped metric, and refused in OpenMetrics); a counter x_total is the same series."""
+    latest = LatestValues()
+    latest.update(MetricSnapshot(1, [["ops", "counter", {"host.id": "a"}, 3.0]]), 0, 1)
+    latest.update(MetricSnapshot(2, [["ops_total", "counter", {"host.id": "b"}, 4.0]]), 0, 2)
+    assert scrape(latest) == {
+        "ops": {("ops_total", (("host_id", "a"),)): 3.0, ("ops_total", (("host_id", "b"),)): 4.0}
+    }
+    latest.update(MetricSnapshot(3, [["ops_total", "counter", {"host.id": "a"}, 5.0]]), 0, 3)
+    assert scrape(latest)["ops"][("ops_total", (("host_id", "a"),))] == 5.0
 
 
 def test_a_family_gone_frees_its_names():
     latest = LatestValues()
     latest.update(MetricSnapshot(1, [["h", "histogram", {}, HIST]]), 0, 1)
-    gauge = MetricSnapshot(2, [["h_count", "gauge", {}, 1.0]])
+    gauge = MetricSnapshot(2, [["h_created", "gauge", {}, 1.0]])
     assert latest.split(gauge)[1] != []
     latest.update(MetricSnapshot(3, [["h", "histogram", {}, HIST]], stale=True), 0, 2)
     assert latest.split(gauge) == (gauge.series, []) and latest.claimed == {}
@@ -87,7 +138,7 @@ def test_a_clashing_series_keeps_no_other_hosts_series_off_the_endpoint():
     host's counter) is refused alone: every host's snapshot naming that family is still
     served, and it too, but for the clashing series."""
     latest = LatestValues()
-    latest.update(MetricSnapshot(1, [["tcp_retransmits_total", "gauge", {"host.id": "x"}, 1.0]]), 0, 1)
+    latest.update(MetricSnapshot(1, [["tcp_retransmits", "gauge", {"host.id": "x"}, 1.0]]), 0, 1)
     counter = ["tcp_retransmits_total", "counter", {"host.id": "b"}, 5.0]
     cpus = ["ktel_node_cpus", "gauge", {"host.id": "b"}, 4.0]
     served, refused = latest.split(MetricSnapshot(2, [counter, cpus]))

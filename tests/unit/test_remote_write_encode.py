@@ -1,3 +1,5 @@
+import time
+
 import snappy
 from opentelemetry.exporter.prometheus_remote_write.gen.remote_pb2 import WriteRequest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -190,3 +192,91 @@ def test_the_series_cache_is_bounded_in_bytes(monkeypatch):
     assert sorted(ts.samples[0].value for ts in decode(body).timeseries) == list(range(100))
     held = sum(len(v) for v in remote_write._SERIES.values())
     assert held <= (1 << 20) // 2 + 70_000 and len(remote_write._SERIES) < 100
+
+
+class Producer:
+    """ktel.dlq, as the exporter's producer writes it."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes, bytes | None]] = []
+
+    async def send_and_wait(self, topic, value, key=None):
+        self.sent.append((topic, value, key))
+
+
+async def test_a_series_named_as_another_types_series_are_is_dead_lettered_and_the_rest_sent():
+    """Classic histograms: a histogram h is h_bucket, h_sum and h_count, and a gauge
+    h_count would write its values into h's count (the last of two at one timestamp
+    kept, or a series of h_count Prometheus takes for h's); a gauge c_total into a
+    counter c's samples. Such a series (which the aggregate never writes) is refused
+    by its name, whatever else the snapshot holds, and dead-lettered alone with the
+    reason; the rest of its snapshot is sent, a counter under its _total name."""
+    import asyncio
+    import dataclasses
+
+    import httpx
+    from prometheus_client import REGISTRY
+
+    from exporters.consume import Record
+    from exporters.delivery import Window
+    from exporters.remote_write_client import Receiver
+    from ktel.config import RemoteWriteConfig
+    from ktel.wire import DLQ_TOPIC, METRICS_TOPIC, decode_dead_letter, decode_snapshot, encode_snapshot
+
+    requests: list[WriteRequest] = []
+
+    def receive(request: httpx.Request) -> httpx.Response:
+        requests.append(decode(request.content))
+        return httpx.Response(204)
+
+    now_ms = time.time_ns() // 1_000_000
+    hist = {"count": 3, "sum": 1.5, "bounds": [1.0], "counts": [1, 2]}
+    host = {"host.id": "h"}
+    kept = [["h", "histogram", host, hist], ["c", "counter", host, 2], ["g", "gauge", host, 4.0]]
+    clashing = [["h_count", "gauge", host, 7.0], ["c_total", "gauge", host, 9.0]]
+    snap = MetricSnapshot(now_ms, [kept[0], clashing[0], kept[1], clashing[1], kept[2]])
+    value = encode_snapshot(snap)
+    rec = Record(decode_snapshot(value), METRICS_TOPIC, 2, 40, b"h", value, DLQ_TOPIC)
+    producer = Producer()
+    dead = REGISTRY.get_sample_value(
+        "ktel_exporter_dead_lettered_items_total", {"exporter": "remote-write", "signal": "samples"}
+    )
+    async with Receiver(RemoteWriteConfig(url="http://receiver.test/api/v1/write")) as receiver:
+        receiver.client = httpx.AsyncClient(transport=httpx.MockTransport(receive))
+        window = Window(3600, 600, "remote_write")
+        await asyncio.wait_for(remote_write.deliver(receiver, [rec], producer, window, "classic"), 30)
+
+    sent = {
+        (labels.pop("__name__"), tuple(sorted(labels.items()))): [s.value for s in ts.samples]
+        for req in requests
+        for ts in req.timeseries
+        for labels in [{lb.name: lb.value for lb in ts.labels}]
+    }
+    h = (("host_id", "h"),)
+    assert sent == {
+        ("h_bucket", (*h, ("le", "1.0"))): [1.0],
+        ("h_bucket", (*h, ("le", "+Inf"))): [3.0],
+        ("h_sum", h): [1.5],
+        ("h_count", h): [3.0],
+        ("c_total", h): [2.0],
+        ("g", h): [4.0],
+    }
+    [(topic, letter, key)] = producer.sent
+    dl = decode_dead_letter(letter)
+    assert (topic, key, dl.stage, dl.topic, dl.partition, dl.offset) == (
+        DLQ_TOPIC,
+        b"h",
+        "remote-write",
+        METRICS_TOPIC,
+        2,
+        40,
+    )
+    assert dl.reason == (
+        "series 'h_count': a gauge ending in _count, as Prometheus names a histogram's series"
+        " (and 1 more series of this snapshot)"
+    )
+    assert decode_snapshot(dl.payload) == dataclasses.replace(snap, series=clashing)
+    after = REGISTRY.get_sample_value(
+        "ktel_exporter_dead_lettered_items_total", {"exporter": "remote-write", "signal": "samples"}
+    )
+    assert after == (dead or 0.0) + 2

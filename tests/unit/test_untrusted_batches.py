@@ -102,7 +102,7 @@ def test_a_host_making_far_more_series_than_fit_stays_within_its_bytes_and_count
         assert r.refused is None and r.batch is not None
         counted += r.counts["events"]
         overflowed += r.counts["overflowed"]
-        dropped += r.counts.get("series_dropped", 0)
+        dropped += r.counts.get("series_dropped_room", 0)
         assert len(json.dumps(value).encode()) <= max_state // 2 + 4096  # (+ the dedupe record)
     # Every event counted, in a series or as dropped (a counter event adds its value, 5).
     assert counted + dropped == 4 * 500 + 36 * 100 * 5
@@ -129,11 +129,50 @@ def test_one_series_sent_as_a_counter_a_gauge_and_a_histogram_keeps_one_type():
     both = [_metric("x", 1, "gauge"), _metric("x", 1, "counter"), _metric("x", 1, "histogram")]
     r = c.on_batch(value, RawBatch("h", "b", 0, 1, [*both, _metric("y", 1, "counter")]), NOW)
     assert r.refused is None
-    assert r.counts["series_dropped"] == 5 + 1  # x's counter increment (5) and histogram observation (1)
+    assert r.counts["series_dropped_type"] == 5 + 1  # x's counter increment (5) and histogram observation (1)
     r = c.on_batch(value, RawBatch("h", "b", 1, 1, [_metric("y", 1, "histogram")]), NOW)
-    assert r.refused is None and r.counts["series_dropped"] == 1
+    assert r.refused is None and r.counts["series_dropped_type"] == 1
     series = {aggregate_core.parse_key(k)[0]: v for k, v in value["aggregate"]["series"].items()}
     assert (series["x"]["gauge"], series["y"]) == (5, 5)
+
+
+def test_a_series_named_as_another_types_series_are_is_dropped_counted_and_never_emitted(caplog):
+    """Kernel code's gauge h_count beside its histogram h: in Prometheus the gauge would
+    write into h's count (a gauge c_total into a counter c's samples). Its events are
+    dropped and counted by that reason, logged once, whatever came first; the rest of
+    the batch is counted. A series a state from before holds under such a name is not
+    emitted: every exporter would refuse it at every refresh."""
+    c = chain(host_ttl_seconds=60)
+    value: dict = {}
+    events = [
+        _metric("name_clash_h_count", 1, "gauge"),
+        _metric("name_clash_h", 1, "histogram"),
+        _metric("name_clash_c_total", 1, "gauge"),
+        _metric("name_clash_ok", 1, "gauge"),
+        _metric("name_clash_c", 1, "counter"),
+    ]
+    with caplog.at_level("WARNING", logger="ktel.process"):
+        r = c.on_batch(value, RawBatch("h", "b", 0, 1, events), NOW)
+        assert (
+            r.counts["series_dropped_name"] == 2 and r.counts["events"] == 1 + 5
+        )  # (h's observation, c's 5)
+        r = c.on_batch(value, RawBatch("h", "b", 1, 1, events[:1]), NOW)
+        assert r.counts["series_dropped_name"] == 1
+    warned = [rec.getMessage() for rec in caplog.records if "name_clash_h_count" in rec.getMessage()]
+    assert warned == [
+        "aggregate: the events of the gauge 'name_clash_h_count' are dropped, counted in "
+        'ktel_processor_series_dropped_total{reason="name"}: a gauge ending in _count, as Prometheus '
+        "names a histogram's series"
+    ]
+    series = value["aggregate"]["series"]
+    kept = {"name_clash_h", "name_clash_ok", "name_clash_c"}
+    assert {aggregate_core.parse_key(k)[0] for k in series} == kept
+    series[aggregate_core.series_key("name_clash_h_count", (("i", "2"),))] = {"gauge": 3, "at": [0, 0]}
+    [agg] = c.timed()
+    [(_host, snap)] = c.on_window(agg, {"h": value}, NOW + 10_000, 1.0).snapshots
+    assert {row[0] for row in snap.series} == kept
+    [(_host, last)] = c.on_window(agg, {"h": value}, NOW + 61_000, 1.0).snapshots  # silent past its TTL
+    assert last.stale and {row[0] for row in last.series} == kept
 
 
 def test_a_host_execing_far_more_processes_than_fit_keeps_every_event_counted_within_its_bound():
