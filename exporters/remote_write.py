@@ -290,7 +290,9 @@ def series_labels(name: str, typ: str, labels: dict[str, str]) -> bytes:
             _SERIES.clear()
             _cached_bytes = 0
         _SERIES[cache_key] = key
-        _cached_bytes += 2 * len(key)  # the key's strings, and their serialised form
+        # The wire's strings the cache key holds, and the serialised form: the latter may
+        # be far smaller (empty values left out, names alike once sanitised made one).
+        _cached_bytes += len(name) + sum(len(k) + len(v) for k, v in labels.items()) + len(key)
     return key
 
 

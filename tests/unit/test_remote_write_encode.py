@@ -280,3 +280,25 @@ async def test_a_series_named_as_another_types_series_are_is_dead_lettered_and_t
         "ktel_exporter_dead_lettered_items_total", {"exporter": "remote-write", "signal": "samples"}
     )
     assert after == (dead or 0.0) + 2
+
+
+def test_the_series_cache_bound_counts_the_labels_it_keeps_not_only_their_serialised_form(monkeypatch):
+    """The cache is keyed by the wire's name and labels. A label with an empty value is
+    left out of the serialised form, and names alike once sanitised are one label
+    there, so a writer of ktel.metrics can send series whose labels take 16 KB on the
+    wire and a few bytes serialised: the byte bound must count what the keys hold."""
+    monkeypatch.setattr(remote_write, "_CACHE_MAX_BYTES", 1 << 20)
+    monkeypatch.setattr(remote_write, "_cached_bytes", 0)
+    remote_write._SERIES.clear()
+    empty = {f"l{j:02d}" + "k" * 250: "" for j in range(32)}  # about 8 KB, none serialised
+    alike = {f"a{c}": "v" * 250 for c in ".,;:-+*/=!?@#%^&~|<>()[]{}'` $"}  # one label serialised
+    snaps = [MetricSnapshot(1000, [[f"m{i}", "gauge", {**empty, **alike}, i]]) for i in range(200)]
+    [(body, n, _)] = remote_write.encode(snaps)
+    assert n == 200
+    held = sum(
+        len(s)
+        for key in remote_write._SERIES
+        for part in key
+        for s in ([part] if isinstance(part, str) else part)
+    )
+    assert held <= (1 << 20) + 20_000
