@@ -581,7 +581,7 @@ class Sender:
                 self.misconfigured.failed(err)  # refused credentials, no receiver, TLS: one line
                 raise
             self.misconfigured.succeeded()
-            rejected = min(rejected, len(part))
+            rejected = min(max(rejected, 0), len(part))  # (an int64 from the backend)
             if rejected or why:
                 log.warning(
                     "OTLP backend took %d of %d %s, rejected %d: %s",

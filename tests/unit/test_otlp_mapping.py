@@ -422,6 +422,39 @@ async def test_a_partial_success_counts_what_the_backend_rejected_and_sends_noth
     assert otlp.send_once(grpc_exporter, req) == (2, "x")
 
 
+async def test_a_partial_success_rejecting_a_negative_number_of_items_is_a_success():
+    """A backend (or a proxy before it) may answer a success whose ``rejected_spans``, an
+    int64, is below zero: the request was taken, and is not sent again for ever."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTracePartialSuccess,
+        ExportTraceServiceResponse,
+    )
+
+    answers = []
+
+    def submit(data: bytes, _timeout: float):
+        answers.append(data)
+        partial = ExportTracePartialSuccess(rejected_spans=-1, error_message="odd")
+        body = ExportTraceServiceResponse(partial_success=partial).SerializeToString()
+        return type("Result", (), {"status_code": 200, "error": None, "content": lambda _self: body})()
+
+    spans, metrics, logs = otlp.make_exporters(
+        OtlpConfig(protocol="http/protobuf", endpoint="http://127.0.0.1:1")
+    )
+    spans._client._submit = submit
+    sender = otlp.Sender(OtlpConfig(), (spans, metrics, logs))
+    now = time.time_ns()
+    rows = [[TRACE, bytes([i + 1]) * 8, b"", f"s{i}", now, now + 1, 0, "", {}] for i in range(2)]
+    value = wire_spans(SpanBatch(RESOURCE, rows))
+    rec = Record(decode_spans(value), "ktel.spans", 0, 8, b"h1", value, wire.DLQ_TOPIC)
+    acked = REGISTRY.get_sample_value("ktel_exporter_otlp_items_total", {"signal": "spans"}) or 0.0
+
+    await asyncio.wait_for(sender.deliver([rec], Producer()), 30)  # (a guard against retrying for ever)
+
+    assert len(answers) == 1
+    assert REGISTRY.get_sample_value("ktel_exporter_otlp_items_total", {"signal": "spans"}) == acked + 2
+
+
 def test_a_counter_past_int64_goes_as_a_double():
     from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
 
