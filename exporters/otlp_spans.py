@@ -41,6 +41,8 @@ from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Sp
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from prometheus_client import Counter
 
+from ktel.schema import I64
+
 log = logging.getLogger("ktel.export.otlp")
 
 # The wire's status codes are OTLP's (0 unset, 1 ok, 2 error).
@@ -95,12 +97,21 @@ def carried(attrs: dict[Any, Any]) -> dict[Any, Any]:
     """``attrs`` without what OTLP cannot carry (left out, logged and counted), for
     the SDK's own encoders (log records, a log's resource): those leave such an
     attribute out with a traceback each and count nothing."""
-    try:
-        for k, v in attrs.items():
-            _key_value(k, v)
-        return attrs
-    except Exception:  # noqa: BLE001 -- as in _attributes
-        return {k: v for k, v in attrs.items() if _carried(k, v) is not None}
+    if all(type(k) is str and _fits(v) for k, v in attrs.items()):
+        return attrs  # (looked at, not encoded: the SDK's encoder does that once)
+    return {k: v for k, v in attrs.items() if _carried(k, v) is not None}
+
+
+def _fits(value: Any) -> bool:
+    """Whether OTLP carries ``value``, told without encoding it, for the values the
+    wire holds (anything else is tried by encoding it): a string, float or bool, an
+    int within int64, or an array of them."""
+    t = type(value)
+    if t is int:
+        return I64[0] <= value <= I64[1]
+    if t is list:
+        return all(_fits(v) for v in value)
+    return t is str or t is float or t is bool
 
 
 def _carried(key: Any, value: Any) -> KeyValue | None:
