@@ -20,6 +20,8 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from opentelemetry.semconv._incubating.attributes.host_attributes import HOST_ID
+
 _INVALID = re.compile(r"[^a-zA-Z0-9_]")
 
 
@@ -63,6 +65,9 @@ def clash(name: str, typ: str) -> str | None:
     return None
 
 
+HOST_LABEL = label_name(HOST_ID)  # host_id, as Prometheus has it
+
+
 def reserved(label: str, typ: str) -> bool:
     """Whether Prometheus keeps a label of this name (sanitised) for itself on a series
     of type ``typ``: a name starting with ``__`` (reserved for Prometheus' internal use;
@@ -79,12 +84,20 @@ def unnamed(snap_series: Iterable[Sequence[Any]]) -> str | None:
     """Why Prometheus cannot take one of these wire series (None: it can): an empty
     metric name or an empty label name. Neither is a name once sanitised, and
     Prometheus' remote-write receiver leaves such a series out and still answers 2xx,
-    so the exporter would count it delivered."""
+    so the exporter would count it delivered. Nor a label other than ``host.id`` that
+    is ``host_id`` once sanitised (``host-id``, ``host_id``): it would name the series'
+    host as ``host.id`` does, unchecked against the record's key (ktel/wire/signals.py
+    ``check_keyed``), making the series another host's, or ending it with a stale
+    snapshot. The aggregate writes none (processors/aggregate_core.py ``_kept``)."""
     for name, _typ, labels, _value in snap_series:
         if not name:
             return "series '': no Prometheus name (an empty name)"
         if "" in labels:
             return f"series {name!r:.100}: a label with an empty name"
+        for label in labels:
+            # (only a name as long as host_id can be it once sanitised: most are not looked up)
+            if len(label) == len(HOST_LABEL) and label != HOST_ID and label_name(label) == HOST_LABEL:
+                return f"series {name!r:.100}: a label {label!r} that names its host as {HOST_ID} does"
     return None
 
 

@@ -80,7 +80,7 @@ from opentelemetry.semconv._incubating.attributes.process_attributes import (
     PROCESS_PID,
 )
 
-from exporters.prom_names import clash, label_name, reserved
+from exporters.prom_names import HOST_LABEL, clash, label_name, reserved
 from ktel.probes import KINDS
 from ktel.schema import U64
 from ktel.wire import (
@@ -313,9 +313,6 @@ def histogram_name(metric: str, unit: str) -> str:
 def log2_slot(value: int) -> int:
     """ktel_hist_slot() of bpf/ktel_hist.h: bucket i holds [2^i, 2^(i+1)), 0 and 1 in bucket 0."""
     return min(max(int(value).bit_length() - 1, 0), HIST_SLOTS - 1)
-
-
-HOST_LABEL = label_name(HOST_ID)  # host_id, as Prometheus has it
 
 
 def _labels(labels: dict[str, Any], typ: str) -> tuple[tuple[str, str], ...]:

@@ -37,6 +37,7 @@ def scrape(latest: LatestValues) -> dict[str, dict[tuple, float]]:
         (["", "gauge", {}, 1.0], "no Prometheus name"),
         (["_total", "counter", {}, 1.0], "no Prometheus name"),
         (["ok", "gauge", {"": "v"}, 1.0], "a label with an empty name"),
+        (["ok", "gauge", {"host-id": "b"}, 1.0], "a label 'host-id' that names its host as host.id does"),
         (["ok", "gauge", {"__name__": "v"}, 1.0], "a label Prometheus reserves"),
         (["ok", "gauge", {"..x": "v"}, 1.0], "a label Prometheus reserves"),
         (["ok", "histogram", {"le": "1"}, HIST], "a label Prometheus reserves"),

@@ -302,3 +302,46 @@ def test_the_series_cache_bound_counts_the_labels_it_keeps_not_only_their_serial
         for s in ([part] if isinstance(part, str) else part)
     )
     assert held <= (1 << 20) + 20_000
+
+
+async def test_a_label_alike_host_id_once_sanitised_dead_letters_its_snapshot():
+    """A snapshot keyed by one host whose series names another in a label Prometheus
+    takes as host.id's (``host-id``, ``host_id``): check_keyed looks at ``host.id``
+    only, so it would be the other host's series in Prometheus, its values replaced,
+    or ended by a stale snapshot. It is dead-lettered; the host's own series go."""
+    import httpx
+
+    from exporters.consume import Record
+    from exporters.delivery import Window
+    from exporters.remote_write_client import Receiver
+    from ktel import wire
+    from ktel.config import RemoteWriteConfig
+
+    requests: list[WriteRequest] = []
+
+    def receive(request: httpx.Request) -> httpx.Response:
+        requests.append(decode(request.content))
+        return httpx.Response(204)
+
+    now_ms = time.time_ns() // 1_000_000
+    forged = [
+        MetricSnapshot(now_ms, [["up", "gauge", {label: "b"}, 0.0], ["own", "gauge", {"host.id": "a"}, 1.0]])
+        for label in ("host_id", "host-id", "host:id")
+    ]
+    own = MetricSnapshot(now_ms, [["up", "gauge", {"host.id": "a"}, 1.0]])
+    records = [
+        Record(snap, wire.METRICS_TOPIC, 0, i, b"a", wire.encode_snapshot(snap), wire.DLQ_TOPIC)
+        for i, snap in enumerate([*forged, own])
+    ]
+    producer = Producer()
+    async with Receiver(RemoteWriteConfig(url="http://receiver.test/api/v1/write")) as receiver:
+        receiver.client = httpx.AsyncClient(transport=httpx.MockTransport(receive))
+        await remote_write.deliver(receiver, records, producer, Window(3600, 600, "remote_write"))
+
+    [request] = requests
+    assert [{lb.name: lb.value for lb in ts.labels} for ts in request.timeseries] == [
+        {"__name__": "up", "host_id": "a"}
+    ]
+    letters = [wire.decode_dead_letter(v) for _t, v, _k in producer.sent]
+    assert [dl.offset for dl in letters] == [0, 1, 2]
+    assert letters[1].reason == "series 'up': a label 'host-id' that names its host as host.id does"
