@@ -228,6 +228,7 @@ class Aggregate(Stage):
         """The host's rows to emit now, and how many series were left out as unchanged."""
         seen = self.emitted.get(host_id)
         mine = state.get("series", {})
+        refresh_ms = self.opts.refresh_seconds * 1000
         if seen is not None and seen.of is mine and now_ms < seen.due_ms:
             # No refresh due: only the series counted since can have changed. (A window
             # over every series of every counted host cost most of the window.)
@@ -241,9 +242,11 @@ class Aggregate(Stage):
                 if (before is None or before[0] != now) and (row := row_of(host_id, key, value)):
                     rows.append(row)
                     seen.series[key] = (now, now_ms)
+            if rows:
+                # (its first series, when the host had none: then nothing was due at all)
+                seen.due_ms = min(seen.due_ms, now_ms + refresh_ms)
             return rows, len(mine) - len(rows)
         last = seen.series if seen is not None else {}
-        refresh_ms = self.opts.refresh_seconds * 1000
         rows, series, due_ms = [], {}, math.inf
         for key, value in mine.items():
             # (a series' row is built only to be emitted: most of a host's are unchanged)

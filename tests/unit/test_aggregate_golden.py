@@ -286,6 +286,29 @@ def test_a_host_value_recovered_between_two_windows_is_compared_whole():
     assert sorted((r[2]["directory"], r[3]) for r in rows) == [("/a", 2), ("/b", 6)]
 
 
+def test_a_host_whose_first_window_found_no_series_has_them_refreshed_once_it_has():
+    """A host's first batch may make no series (a kernel log alone): its first window
+    emits nothing and finds nothing due for a refresh. A series it counts later must
+    still be emitted again every refresh_seconds, or Prometheus ends it after 5 minutes
+    without a change."""
+    from ktel.wire import KTEL_LOG
+
+    chain = Chain([aggregate_core.Aggregate(aggregate_core.Options(refresh_seconds=30))])
+    [aggregate] = chain.timed()
+    table: dict[str, dict] = {}
+    log = [KTEL_LOG.id, 1, 2, 2, 9, "hello", {}, b"", b""]
+    chain.on_batch(table.setdefault("h", {}), RawBatch("h", "b", 0, 0, [log]), NOW_MS - 1)
+    assert chain.on_window(aggregate, table, NOW_MS, 1.0).snapshots == []
+    chain.on_batch(table["h"], RawBatch("h", "b", 1, 0, [file_event("a")]), NOW_MS + 9_999)
+    emitted = [
+        w
+        for w in range(1, 8)
+        for _, snap in chain.on_window(aggregate, table, NOW_MS + w * 10_000, 1.0).snapshots
+        if snap.series
+    ]
+    assert emitted == [1, 4, 7]  # first counted, then every 30 s
+
+
 def test_kernel_metric_values_their_type_cannot_take_are_dropped_and_counted():
     """A counter only goes up and a histogram's buckets start at 0: a negative increment
     or observation (a bug in the kernel code, or any client writing the topic) would make
