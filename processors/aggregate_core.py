@@ -24,6 +24,29 @@ since this worker last emitted them, plus those due for a refresh every
 ``refresh_seconds`` (``Aggregate.on_window``), so the records, samples and backend
 writes follow activity rather than every series ever seen.
 
+A counter or histogram series the worker knows to be new is first emitted at zero
+(``zero_of``), stamped at the previous window's close, in a snapshot of its own just
+before its host's (one host, one partition of ``ktel.metrics``: it is read first).
+Prometheus' ``increase()`` and ``rate()`` count from a series' second sample, so a
+series whose first sample is its first value is never counted: a host's first OOM kill,
+a new directory's first files, a module's first error of a new label. From 0 they are
+counted, as Prometheus advises counters to start. A gauge's value is no count: no zero.
+A series is known new when the worker's memory of what it emitted of its host
+(``Emitted``) is of the host's series map as it is (the same object: nothing recovered
+since) and has no record of the series: a batch this worker counted made it since. A
+host whose state had no series when a batch came (new to the fleet, or back after being
+forgotten) has had none emitted since, by any worker, and its memory starts there,
+empty. A state recovered from the changelog (a restart, a rebalance) gets no zeros: the
+worker cannot tell which of its series a backend already has, and a zero after a value
+would read as a counter reset (counted twice) or be refused as out of order
+(remote-write's 400, the snapshot dead-lettered). So when a worker first emits a
+recovered host, each of its series starts at its value, which ``increase()`` misses for
+those made since the host's last window before. A batch replayed after a crash is dropped by the dedupe
+guard when the recovered state counted it, and when not, adds to that state as any
+batch does. A forgotten host's last snapshot is marked stale, which ends its series;
+back, they start again at 0, stamped after the stale marker (a backend refuses a sample
+at or before it).
+
 Cardinality: each host keeps at most ``max_series`` series, taking at most
 ``max_series_bytes`` JSON-encoded (half of ``process.max_state_bytes``, what a host
 may hold). Events that would
@@ -174,6 +197,9 @@ class Aggregate(Stage):
         # The worker's memory, not the table: rebuilt by a full snapshot after a restart
         # or a rebalance, which is what a new owner of a host must send anyway.
         self.emitted: dict[str, Emitted] = {}
+        # Hosts this worker ended (a last snapshot marked stale), by that snapshot's time,
+        # for as long as a window's zeros could be stamped at it or before (see on_window).
+        self.ended: dict[str, int] = {}
         # Hosts with a batch counted since the last window: the series the batches changed.
         self.counted: dict[str, set[str]] = {}
 
@@ -183,7 +209,16 @@ class Aggregate(Stage):
 
     def on_batch(self, state: State, batch: RawBatch, now_ms: int) -> Result:
         state["last_ms"] = now_ms  # the worker's clock, as the window's now_ms: see on_window
+        fresh = not state.get("series")
         out = add(state, batch, self.opts)
+        if fresh:
+            # A host with no series has had none emitted since it was last forgotten, by
+            # this worker or any other (a series stays in its host's state until then):
+            # what this worker emitted of this map is nothing, so each series it makes is
+            # new and starts at zero (see the module doc). (A record refused after all has
+            # the series it made taken out of this map again, changelog.restored, or the
+            # host's value dropped, and this with it at the next window.)
+            self.emitted[batch.host_id] = Emitted(math.inf, {}, state["series"])
         self.counted.setdefault(batch.host_id, set()).update(path[-1] for path in out.touched)
         spans, logs = signals(batch)
         counts = {"events": out.counted, "overflowed": out.overflowed}
@@ -197,24 +232,38 @@ class Aggregate(Stage):
         Values are cumulative, so a series left out of a window loses nothing. A host with
         no batch since the previous window and no refresh due costs no snapshot at all.
 
+        A counter or histogram series this worker knows to be new is first emitted at
+        zero (``zero_of``), stamped at the previous window's close, in a snapshot of its
+        own just before its host's (see the module doc). A host this worker ended less
+        than a window before has its zeros stamped just after its stale marker instead,
+        which a backend would refuse a sample at or before.
+
         A host silent for ``host_ttl_seconds`` (by the worker's clock, which also stamped
         its last batch) gets a last snapshot of all its series, marked stale, and is
         forgotten, so dead and forged hosts stop costing anything."""
         out = Result()
         ttl_ms = self.opts.host_ttl_seconds * 1000
+        zero_ms = now_ms - max(1, round(self.opts.window_seconds * 1000))
         for gone in self.emitted.keys() - states.keys():  # forgotten, or another worker's now
             del self.emitted[gone]
+        if self.ended:
+            self.ended = {h: at for h, at in self.ended.items() if at >= zero_ms}
         unchanged = 0
         for host_id, state in states.items():
             if now_ms - state.get("last_ms", now_ms) > ttl_ms:
                 rows = snapshot(host_id, state)
                 if rows:
                     out.snapshots.append((host_id, MetricSnapshot(now_ms, rows, stale=True)))
+                    self.ended[host_id] = now_ms
                 out.forget.append(host_id)
                 self.emitted.pop(host_id, None)
                 continue
-            rows, skipped = self._changed(host_id, state, now_ms)
+            rows, zeros, skipped = self._changed(host_id, state, now_ms)
             unchanged += skipped
+            ended = self.ended.get(host_id)  # (kept only if at zero_ms or after)
+            at = zero_ms if ended is None else ended + 1
+            if zeros and at < now_ms:
+                out.snapshots.append((host_id, MetricSnapshot(at, zeros)))
             if rows:
                 out.snapshots.append((host_id, MetricSnapshot(now_ms, rows)))
         self.counted.clear()
@@ -224,11 +273,13 @@ class Aggregate(Stage):
             out.counts["unchanged_series"] = unchanged
         return out
 
-    def _changed(self, host_id: str, state: State, now_ms: int) -> tuple[list[list], int]:
-        """The host's rows to emit now, and how many series were left out as unchanged."""
+    def _changed(self, host_id: str, state: State, now_ms: int) -> tuple[list[list], list[list], int]:
+        """The host's rows to emit now, those of the new series among them at zero, and
+        how many series were left out as unchanged."""
         seen = self.emitted.get(host_id)
         mine = state.get("series", {})
         refresh_ms = self.opts.refresh_seconds * 1000
+        zeros: list[list] = []
         if seen is not None and seen.of is mine and now_ms < seen.due_ms:
             # No refresh due: only the series counted since can have changed. (A window
             # over every series of every counted host cost most of the window.)
@@ -242,10 +293,16 @@ class Aggregate(Stage):
                 if (before is None or before[0] != now) and (row := row_of(host_id, key, value)):
                     rows.append(row)
                     seen.series[key] = (now, now_ms)
+                    if before is None and (zero := zero_of(row)) is not None:
+                        zeros.append(zero)  # (made in this map since this worker last looked)
             if rows:
                 # (its first series, when the host had none: then nothing was due at all)
                 seen.due_ms = min(seen.due_ms, now_ms + refresh_ms)
-            return rows, len(mine) - len(rows)
+            return rows, zeros, len(mine) - len(rows)
+        # A map this worker emitted before (a refresh due) holds as new what it has no
+        # record of; any other (recovered: a restart, a rebalance) may have been emitted
+        # by another worker, or before the restart, and its series are not known new.
+        known = seen is not None and seen.of is mine
         last = seen.series if seen is not None else {}
         rows, series, due_ms = [], {}, math.inf
         for key, value in mine.items():
@@ -255,11 +312,13 @@ class Aggregate(Stage):
             if before is None or before[0] != now or now_ms - before[1] >= refresh_ms:
                 if row := row_of(host_id, key, value):
                     rows.append(row)
+                    if before is None and known and (zero := zero_of(row)) is not None:
+                        zeros.append(zero)
                 before = (now, now_ms)
             series[key] = before
             due_ms = min(due_ms, before[1] + refresh_ms)
         self.emitted[host_id] = Emitted(due_ms, series, mine)
-        return rows, len(series) - len(rows)
+        return rows, zeros, len(series) - len(rows)
 
 
 def directory_label(path: str, depth: int) -> str:
@@ -592,6 +651,24 @@ def row_of(host_id: str, key: str, value: Any) -> list | None:
         }
         return [name, "histogram", labels, hist]
     return [name, "counter", labels, value]
+
+
+def zero_of(row: list) -> list | None:
+    """The snapshot entry of ``row``'s series as it was before its first event: a
+    counter at 0 (of its value's type), a histogram of the same bounds with its count,
+    sum and every bucket 0; None for a gauge, whose value is no count (0 would be a value
+    it never had)."""
+    name, typ, labels, value = row
+    if typ == "counter":
+        return [name, typ, labels, 0.0 if isinstance(value, float) else 0]
+    if typ == "histogram":
+        return [
+            name,
+            typ,
+            labels,
+            {"count": 0, "sum": 0.0, "bounds": value["bounds"], "counts": [0] * len(value["counts"])},
+        ]
+    return None
 
 
 def fingerprint(value: Any) -> Any:

@@ -704,9 +704,13 @@ def make_app(cfg: Config, stage: str) -> faust.App:
 
     exported_series: set[str] = set()
 
-    def count_series(snapshots: list[tuple[str, MetricSnapshot]]) -> None:
-        """SLI M11: series per metric, from a window's snapshots of every host held."""
-        per_metric = collections.Counter(row[0] for _, snap in snapshots for row in snap.series)
+    def count_series(snapshots: list[tuple[str, MetricSnapshot]], now_ms: int) -> None:
+        """SLI M11: series per metric, from a window's snapshots of every host held: those
+        stamped at its close (one stamped before holds new series at zero, which its
+        host's snapshot after it names again: processors/aggregate_core.py)."""
+        per_metric = collections.Counter(
+            row[0] for _, snap in snapshots if snap.ts_ms == now_ms for row in snap.series
+        )
         for gone in exported_series - set(per_metric):
             SERIES.remove(stage, gone)
         for metric, n in per_metric.items():
@@ -727,7 +731,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         mine = my_hosts(assigned)
         result = chain.on_window(timed, mine, now_ms, len(assigned) / cfg.kafka.raw_partitions)
         if result.snapshots:
-            count_series(result.snapshots)
+            count_series(result.snapshots, now_ms)
         await emit(result)
         for host_id in result.forget:
             await drop_host(host_id)

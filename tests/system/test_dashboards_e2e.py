@@ -36,9 +36,8 @@ VARIABLES = {"$__rate_interval": "1m", "$host": ".*", "$topk": "10"}
 # lets every host through (none is left out as up), so that what it reads is checked
 # all the same.
 WIDENED = {"on-call / Agents down, the $topk silent longest [A]": (") == 1", ") < 0")}
-# So is a top-N panel of what a host may have none of (drops, queued I/O, a first OOM
-# kill, which `increase` does not see: the host's series starts at 1): here its `> 0` is
-# `>= 0`, which lets the hosts at zero in.
+# So is a top-N panel of what a host may have none of (drops, queued I/O, OOM kills):
+# here its `> 0` is `>= 0`, which lets the hosts at zero in.
 ANY = (" > 0)", " >= 0)")
 
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from ktel.wire import RawBatch, WireError
+from ktel.wire import MetricSnapshot, RawBatch, WireError
 from processors import aggregate_core
 from processors.chain import Chain
 from tests.unit import golden
@@ -13,8 +13,30 @@ from tests.unit import golden
 NOW_MS = 1_700_000_000_000
 
 
-def run(opts: aggregate_core.Options, batches: list[RawBatch]) -> tuple[list[dict], dict[str, list]]:
-    """Per batch its outcome, and each host's snapshot rows at the window's end."""
+def by_host(
+    snapshots: list[tuple[str, MetricSnapshot]], now_ms: int
+) -> tuple[dict[str, MetricSnapshot], dict[str, MetricSnapshot]]:
+    """A window's snapshots: each host's, stamped at the window's close, and the one of
+    its new series at zero, stamped before and coming before it (ktel.metrics keeps a
+    host's records in that order)."""
+    values: dict[str, MetricSnapshot] = {}
+    zeros: dict[str, MetricSnapshot] = {}
+    for host_id, snap in snapshots:
+        assert host_id not in values  # (nothing of a host after its snapshot at the close)
+        if snap.ts_ms == now_ms:
+            values[host_id] = snap
+        else:
+            assert host_id not in zeros and snap.ts_ms < now_ms and not snap.stale
+            zeros[host_id] = snap
+    assert zeros.keys() <= values.keys()  # (a zero, then its value)
+    return values, zeros
+
+
+def run(
+    opts: aggregate_core.Options, batches: list[RawBatch]
+) -> tuple[list[dict], dict[str, list], dict[str, list]]:
+    """Per batch its outcome, each host's snapshot rows at the window's end, and those
+    of the host's new series at zero, stamped at the window before."""
     chain = Chain([aggregate_core.Aggregate(opts)])
     table: dict[str, dict] = {}
     outcomes = []
@@ -29,10 +51,12 @@ def run(opts: aggregate_core.Options, batches: list[RawBatch]) -> tuple[list[dic
         )
     [aggregate] = chain.timed()
     snapshots: dict[str, list] = {h: [] for h in sorted(table)}  # a host with nothing counted: no record
-    for host_id, snap in chain.on_window(aggregate, table, NOW_MS, 1.0).snapshots:
-        assert snap.ts_ms == NOW_MS
+    values, zeros = by_host(chain.on_window(aggregate, table, NOW_MS, 1.0).snapshots, NOW_MS)
+    for host_id, snap in values.items():
         snapshots[host_id] = sorted(snap.series, key=json.dumps)
-    return outcomes, snapshots
+    for snap in zeros.values():
+        assert snap.ts_ms == NOW_MS - opts.window_seconds * 1000
+    return outcomes, snapshots, {h: sorted(snap.series, key=json.dumps) for h, snap in sorted(zeros.items())}
 
 
 def run_windows(opts: aggregate_core.Options, windows: list[dict]) -> list[dict]:
@@ -50,12 +74,18 @@ def run_windows(opts: aggregate_core.Options, windows: list[dict]) -> list[dict]
         result = chain.on_window(aggregate, table, now_ms, 1.0)
         for host_id in result.forget:
             del table[host_id]
+        values, zeros = by_host(result.snapshots, now_ms)
         snapshots = {
             host_id: {"stale": snap.stale, "series": sorted(snap.series, key=json.dumps)}
-            for host_id, snap in sorted(result.snapshots)
+            for host_id, snap in sorted(values.items())
         }
         unchanged = result.counts.get("unchanged_series", 0)
         out.append({"at_ms": window["at_ms"], "snapshots": snapshots, "unchanged": unchanged})
+        if zeros:
+            out[-1]["zeros"] = {
+                host_id: {"at_ms": snap.ts_ms - NOW_MS, "series": sorted(snap.series, key=json.dumps)}
+                for host_id, snap in sorted(zeros.items())
+            }
     return out
 
 
@@ -64,8 +94,8 @@ def run_case(case: dict) -> dict:
     if "windows" in case:
         return {"windows": run_windows(opts, case["windows"])}
     batches = [RawBatch(b["host"], b["boot"], b["seq"], 0, b["events"], b.get("w")) for b in case["batches"]]
-    outcomes, snapshots = run(opts, batches)
-    return {"outcomes": outcomes, "snapshots": snapshots}
+    outcomes, snapshots, zeros = run(opts, batches)
+    return {"outcomes": outcomes, "snapshots": snapshots, "zeros": zeros}
 
 
 @pytest.mark.parametrize("name", golden.cases("aggregate"))
@@ -86,7 +116,7 @@ def test_100_000_distinct_label_values_stay_within_the_limit_plus_overflow():
     opts = aggregate_core.Options(directory_depth=3, max_series=500)
     ev = lambda i: [1, 1, 2, 2, 0, "c", f"/d/{i}/f", 0o101, False]  # noqa: E731
     batches = [RawBatch("h", "b", seq, 0, [ev(seq * 1000 + i) for i in range(1000)]) for seq in range(100)]
-    outcomes, snapshots = run(opts, batches)
+    outcomes, snapshots, _ = run(opts, batches)
     rows = snapshots["h"]
     assert len(rows) == 501
     overflow = [r for r in rows if r[2].get("otel.metric.overflow") == "true"]
@@ -97,8 +127,8 @@ def test_100_000_distinct_label_values_stay_within_the_limit_plus_overflow():
 
 def test_samples_per_window_follow_the_series_that_changed_plus_the_refresh():
     """100 hosts of 20 series each; each window 5 hosts change 2 series. After the first
-    window (all new), a window emits exactly the series that changed and those last
-    emitted refresh_seconds ago or more, each once."""
+    window (all new, each at zero too), a window emits exactly the series that changed
+    and those last emitted refresh_seconds ago or more, each once."""
     opts = aggregate_core.Options(
         directory_depth=1, window_seconds=10, refresh_seconds=60, host_ttl_seconds=3600
     )
@@ -114,14 +144,17 @@ def test_samples_per_window_follow_the_series_that_changed_plus_the_refresh():
             table.setdefault(host, {}), RawBatch(host, "b", seq[host], 0, [ev(d) for d in dirs]), now_ms
         )
 
-    def window(now_ms: int) -> list[list]:
-        return [
-            row for _, snap in chain.on_window(aggregate, table, now_ms, 1.0).snapshots for row in snap.series
-        ]
+    zeros: list[int] = []
+
+    def window(now_ms: int) -> list:
+        values, started = by_host(chain.on_window(aggregate, table, now_ms, 1.0).snapshots, now_ms)
+        zeros.append(sum(len(snap.series) for snap in started.values()))
+        return [row for snap in values.values() for row in snap.series]
 
     for h in range(100):
         send(f"h{h}", list(range(20)), NOW_MS - 1)
     assert len(window(NOW_MS)) == 2000
+    assert zeros == [2000]
     last_emitted = {(f"h{h}", f"/d{d}"): NOW_MS for h in range(100) for d in range(20)}
     emitted = []
     for w in range(1, 19):
@@ -139,6 +172,7 @@ def test_samples_per_window_follow_the_series_that_changed_plus_the_refresh():
     # No series here changes twice within a refresh period, so each is emitted once per
     # period (a change stands in for its refresh): 2000 per 6 windows, not 2000 a window.
     assert sum(emitted) == 2000 * 18 // 6
+    assert zeros == [2000] + [0] * 18  # (no series new after the first window)
 
 
 def test_a_histogram_or_gauge_is_emitted_again_only_when_what_it_shows_changed():
@@ -171,11 +205,8 @@ def test_a_histogram_or_gauge_is_emitted_again_only_when_what_it_shows_changed()
     def window(seq: int, events: list[list]) -> dict[str, object]:
         now = NOW_MS + seq * 10_000
         chain.on_batch(table.setdefault("h", {}), RawBatch("h", "b", seq, 0, events), now - 1)
-        return {
-            row[0]: row[3]
-            for _, snap in chain.on_window(aggregate, table, now, 1.0).snapshots
-            for row in snap.series
-        }
+        values, _ = by_host(chain.on_window(aggregate, table, now, 1.0).snapshots, now)
+        return {row[0]: row[3] for snap in values.values() for row in snap.series}
 
     first = window(0, [hist([0, 2, 1], 300), gauge(5.0)])
     assert first["ktel_demo_queue_depth"] == 5.0
@@ -204,8 +235,8 @@ def test_a_gauge_keeps_the_value_of_its_streams_latest_batch_whatever_the_order_
         ]
         chain.on_batch(table.setdefault("h", {}), RawBatch("h", boot, seq, 0, events), at[0])
         at[0] += 10_000
-        snaps = chain.on_window(aggregate, table, at[0], 1.0).snapshots
-        return {row[0]: row[3] for _, snap in snaps for row in snap.series}
+        values, _ = by_host(chain.on_window(aggregate, table, at[0], 1.0).snapshots, at[0])
+        return {row[0]: row[3] for snap in values.values() for row in snap.series}
 
     assert shown("b1", 5, 7.0) == {"ktel_demo_queue_depth": 7.0, "ktel_demo_ops_total": 1}
     # An older batch of the boot, re-driven: counted, its gauge value left out.
@@ -236,7 +267,7 @@ def test_a_histograms_count_is_what_its_rounded_buckets_add_up_to():
     events = [hist([1, 0, 0], 1), hist([0, 1, 0], 1), hist([0, 0, 1], 1), hist([0, 0, 0], 5)]
     batch = RawBatch("h", "b", 0, 0, events, [2.5, 2.5, 2.5, 1.0])
     chain.on_batch(table.setdefault("h", {}), batch, NOW_MS - 1)
-    [(_, snap)] = chain.on_window(aggregate, table, NOW_MS, 1.0).snapshots
+    [(_, _zero), (_, snap)] = chain.on_window(aggregate, table, NOW_MS, 1.0).snapshots  # (new: at 0 first)
     [row] = snap.series
     assert row[3]["counts"][:3] == [2, 2, 2] and row[3]["count"] == 6
     assert decode_snapshot(encode_snapshot(snap)) == snap
@@ -257,7 +288,8 @@ def one_host_emitted(refresh_seconds: float) -> tuple[Chain, aggregate_core.Aggr
     table: dict[str, dict] = {}
     batch = RawBatch("h", "b", 0, 0, [file_event("a"), file_event("b")])
     chain.on_batch(table.setdefault("h", {}), batch, NOW_MS - 1)
-    assert len(chain.on_window(aggregate, table, NOW_MS, 1.0).snapshots[0][1].series) == 2
+    values, _ = by_host(chain.on_window(aggregate, table, NOW_MS, 1.0).snapshots, NOW_MS)
+    assert len(values["h"].series) == 2
     return chain, aggregate, table
 
 
@@ -304,9 +336,148 @@ def test_a_host_whose_first_window_found_no_series_has_them_refreshed_once_it_ha
         w
         for w in range(1, 8)
         for _, snap in chain.on_window(aggregate, table, NOW_MS + w * 10_000, 1.0).snapshots
-        if snap.series
+        if snap.ts_ms == NOW_MS + w * 10_000  # (not the new series at zero before it)
     ]
     assert emitted == [1, 4, 7]  # first counted, then every 30 s
+
+
+OOM = [3, 1, 42, "hog", 0, 1, 1, 1, 1, 1, 0, 42, "hog"]  # an oom_kill event (ktel/probes/oom_kill.py)
+
+
+def kernel_metric(mtype: str, name: str, value: float, labels: dict | None = None) -> list:
+    from ktel.wire import KTEL_METRIC
+
+    return [KTEL_METRIC.id, 1, 2, mtype, name, labels or {}, value]
+
+
+def test_a_new_hosts_first_window_starts_its_counters_and_histograms_at_zero():
+    """Prometheus' increase() counts from a series' second sample: a host's first OOM
+    kill, sent as oom_kills_total 1, was never counted. Each new counter and histogram is
+    first emitted at 0, at the previous window's close, in a snapshot of its own before
+    the host's; a gauge is no count and has none. A histogram's zero has its buckets,
+    each empty, and is one the wire takes."""
+    from ktel.wire import decode_snapshot, encode_snapshot
+
+    chain = Chain([aggregate_core.Aggregate(aggregate_core.Options(window_seconds=10))])
+    [aggregate] = chain.timed()
+    table: dict[str, dict] = {}
+    events = [
+        OOM,
+        kernel_metric("histogram", "wait_ns", 1000),
+        kernel_metric("gauge", "queue_depth", 3),
+        kernel_metric("counter", "errors_total", 2),
+    ]
+    chain.on_batch(table.setdefault("h", {}), RawBatch("h", "b", 0, 0, events), NOW_MS - 1)
+    [(h1, zero), (h2, snap)] = chain.on_window(aggregate, table, NOW_MS, 1.0).snapshots
+    assert (h1, h2, zero.ts_ms, snap.ts_ms, zero.stale) == ("h", "h", NOW_MS - 10_000, NOW_MS, False)
+    values = {row[0]: row for row in snap.series}
+    assert sorted(values) == ["errors_total", "oom_kills_total", "queue_depth", "wait_seconds"]
+    zeros = {row[0]: row for row in zero.series}
+    assert sorted(zeros) == ["errors_total", "oom_kills_total", "wait_seconds"]  # (no gauge)
+    for name in ("errors_total", "oom_kills_total"):
+        assert zeros[name] == [name, "counter", values[name][2], 0] and values[name][3] > 0
+    hist = values["wait_seconds"][3]
+    assert hist["count"] == 1
+    assert zeros["wait_seconds"] == [
+        "wait_seconds",
+        "histogram",
+        {"host.id": "h"},
+        {"count": 0, "sum": 0.0, "bounds": hist["bounds"], "counts": [0] * len(hist["counts"])},
+    ]
+    assert decode_snapshot(encode_snapshot(zero)) == zero
+    # The next window has nothing new: no zeros.
+    chain.on_batch(table["h"], RawBatch("h", "b", 1, 0, [OOM]), NOW_MS + 9_999)
+    [(_, snap)] = chain.on_window(aggregate, table, NOW_MS + 10_000, 1.0).snapshots
+    assert [(row[0], row[3]) for row in snap.series] == [("oom_kills_total", 2.0)]
+
+
+@pytest.mark.parametrize("refresh_seconds", [3600, 10])  # (no refresh due; one due: the whole host)
+def test_a_new_series_of_a_host_held_starts_at_zero_at_the_previous_windows_close(refresh_seconds):
+    """A series made since this worker last emitted its host (a new directory, a module's
+    error counter with a new label value, a new histogram) is new: 0 first, then its
+    value; the series it had are emitted as ever, without a zero."""
+    chain, aggregate, table = one_host_emitted(refresh_seconds)
+    events = [
+        file_event("a"),
+        file_event("c"),
+        kernel_metric("counter", "errors_total", 1, {"code": "EIO"}),
+        kernel_metric("histogram", "wait_ns", 1000),
+        kernel_metric("gauge", "queue_depth", 3),
+    ]
+    chain.on_batch(table["h"], RawBatch("h", "b", 1, 0, events), NOW_MS + 9_999)
+    [(_, zero), (_, snap)] = chain.on_window(aggregate, table, NOW_MS + 10_000, 1.0).snapshots
+    assert zero.ts_ms == NOW_MS  # the window before's close
+    shown = lambda rows: sorted((r[0], r[2].get("directory") or r[2].get("code"), r[3]) for r in rows)  # noqa: E731
+    hist = next(r[3] for r in snap.series if r[0] == "wait_seconds")
+    empty = {"count": 0, "sum": 0.0, "bounds": hist["bounds"], "counts": [0] * len(hist["counts"])}
+    assert shown(zero.series) == [
+        ("errors_total", "EIO", 0),
+        ("file_created_total", "/c", 0.0),
+        ("wait_seconds", None, empty),
+    ]
+    unchanged = [("file_created_total", "/b", 1.0)] if refresh_seconds == 10 else []  # (refreshed)
+    assert shown(snap.series) == sorted(
+        [
+            ("errors_total", "EIO", 1),
+            ("file_created_total", "/a", 2.0),
+            ("file_created_total", "/c", 1.0),
+            ("queue_depth", None, 3),
+            ("wait_seconds", None, hist),
+            *unchanged,
+        ]
+    )
+
+
+@pytest.mark.parametrize("how", ["held", "restarted", "rebalanced"])
+def test_a_host_recovered_from_the_changelog_starts_no_series_at_zero(how):
+    """After a restart or a rebalance the worker cannot tell which series a backend
+    already has (another worker, or itself before, may have emitted them): a zero after a
+    value would read as a counter reset, or be refused as out of order. So a recovered
+    host's series, even one made since, start at their value, as they did before zeros;
+    only a host this worker kept all along (held) has its new series at zero."""
+    chain, aggregate, table = one_host_emitted(refresh_seconds=3600)
+    if how == "restarted":  # a new worker, its memory empty, the host's value from the changelog
+        chain = Chain([aggregate_core.Aggregate(aggregate_core.Options(refresh_seconds=3600))])
+        [aggregate] = chain.timed()
+    if how != "held":
+        table["h"] = json.loads(json.dumps(table["h"]))  # (as the changelog gives it back)
+    chain.on_batch(table["h"], RawBatch("h", "b", 1, 0, [file_event("c")]), NOW_MS + 9_999)
+    snaps = chain.on_window(aggregate, table, NOW_MS + 10_000, 1.0).snapshots
+    if how == "held":
+        [(_, zero), (_, snap)] = snaps
+        assert [(r[2]["directory"], r[3]) for r in zero.series] == [("/c", 0.0)]
+        assert [(r[2]["directory"], r[3]) for r in snap.series] == [("/c", 1.0)]
+    else:
+        [(_, snap)] = snaps  # the new series at its value (restarted: every series, memory gone)
+        whole = [("/a", 1.0), ("/b", 1.0)] if how == "restarted" else []
+        assert sorted((r[2]["directory"], r[3]) for r in snap.series) == [*whole, ("/c", 1.0)]
+
+
+def test_a_host_back_after_being_forgotten_starts_again_at_zero_after_its_stale_marker():
+    """A host silent past host_ttl_seconds gets a last snapshot marked stale, which ends
+    its series, and is forgotten. Back, its series start again from nothing: at 0 again,
+    but after the stale marker (a backend refuses a sample at or before the one it has),
+    also when its window closed late and the next one on time."""
+    opts = aggregate_core.Options(window_seconds=10, host_ttl_seconds=60)
+    chain = Chain([aggregate_core.Aggregate(opts)])
+    [aggregate] = chain.timed()
+    table: dict[str, dict] = {}
+    chain.on_batch(table.setdefault("h", {}), RawBatch("h", "b", 0, 0, [file_event("a")]), NOW_MS - 1)
+    assert len(chain.on_window(aggregate, table, NOW_MS, 1.0).snapshots) == 2  # (at 0, then 1)
+    late = NOW_MS + 60_300  # (the window due at +60 s, 300 ms late)
+    result = chain.on_window(aggregate, table, late, 1.0)
+    [(_, ended)] = result.snapshots
+    assert (result.forget, ended.stale, ended.ts_ms) == (["h"], True, late)
+    del table["h"]  # (what the runner does with a host forgotten)
+    chain.on_batch(table.setdefault("h", {}), RawBatch("h", "b2", 0, 0, [file_event("a")]), late + 5)
+    [(_, zero), (_, snap)] = chain.on_window(aggregate, table, NOW_MS + 70_010, 1.0).snapshots
+    # (the window before closed at +60.3 s, and the previous close by the clock, +60.01 s, is earlier)
+    assert zero.ts_ms == late + 1 and [r[3] for r in zero.series] == [0.0]
+    assert snap.ts_ms == NOW_MS + 70_010 and [r[3] for r in snap.series] == [1.0]
+    # Forgotten long before, a host's zeros are at the previous window's close again.
+    chain.on_batch(table["h"], RawBatch("h", "b2", 1, 0, [file_event("d")]), NOW_MS + 79_999)
+    [(_, zero), _] = chain.on_window(aggregate, table, NOW_MS + 80_000, 1.0).snapshots
+    assert zero.ts_ms == NOW_MS + 70_000
 
 
 def test_kernel_metric_values_their_type_cannot_take_are_dropped_and_counted():

@@ -17,6 +17,7 @@ from exporters.remote_write_client import Receiver
 from ktel.config import RemoteWriteConfig
 from ktel.wire import HIST_SLOTS, MetricSnapshot, log2_bounds
 from processors.aggregate_core import log2_slot
+from tests.unit import new_host
 
 
 def kernel_histogram(values_ns: list[int]) -> dict:
@@ -160,6 +161,46 @@ def test_classic_setting_sends_bucket_series_in_seconds():
     names = {next(lb.value for lb in ts.labels if lb.name == "__name__") for ts in req.timeseries}
     assert names == {"x_seconds_bucket", "x_seconds_sum", "x_seconds_count"}
     assert not any(ts.histograms for ts in req.timeseries)
+
+
+@pytest.mark.parametrize("histograms", ["native", "classic"])
+def test_a_new_series_reaches_remote_write_at_zero_then_at_its_value(histograms):
+    """The aggregate's first window of a new host: each counter and histogram at 0, at the
+    window before, then at its value (the gauge at its value alone), each series' samples
+    in time order in one request Prometheus takes: an empty native histogram (no
+    buckets), or classic series each starting at 0."""
+    zero, snap = new_host.first_window()
+    [(body, n, _)] = remote_write.encode([zero, snap], histograms=histograms)
+    req = _prompb()()
+    req.ParseFromString(snappy.uncompress(body))
+    series = {tuple((lb.name, lb.value) for lb in ts.labels): ts for ts in req.timeseries}
+    named: dict[str, list] = {}
+    for key, ts in series.items():
+        named.setdefault(dict(key)["__name__"], []).append(ts)
+    t0, t1 = zero.ts_ms, snap.ts_ms
+    [files] = named.pop("file_created_total")
+    assert [(s.timestamp, s.value) for s in files.samples] == [(t0, 0.0), (t1, 1.0)]
+    [depth] = named.pop("queue_depth")
+    assert [(s.timestamp, s.value) for s in depth.samples] == [(t1, 3.0)]
+    if histograms == "native":
+        assert sorted(named) == ["request_size_bytes", "syscall_latency_nanoseconds"]
+        for name, count in (("syscall_latency_nanoseconds", 3), ("request_size_bytes", 1)):
+            [ts] = named[name]
+            h0, h1 = ts.histograms
+            assert (h0.timestamp, h0.count_int, h0.sum, h0.schema, h0.zero_threshold, h0.zero_count_int) == (
+                t0, 0, 0.0, 0, ZERO_THRESHOLD, 0
+            )  # fmt: skip
+            assert not h0.positive_spans and not h0.positive_deltas
+            assert (h1.timestamp, h1.count_int) == (t1, count) and h1.positive_spans
+        assert n == 2 + 1 + 2 * 2
+    else:
+        assert not any(ts.histograms for ts in req.timeseries)
+        per_histogram = HIST_SLOTS + 2  # its _bucket series, _sum and _count
+        assert sum(len(v) for v in named.values()) == 2 * per_histogram
+        for ts in (ts for v in named.values() for ts in v):
+            first, last = ts.samples
+            assert (first.timestamp, first.value, last.timestamp) == (t0, 0.0, t1)
+        assert n == 2 + 1 + 2 * 2 * per_histogram
 
 
 async def test_a_receiver_without_native_histograms_is_retried_with_what_to_change():

@@ -27,12 +27,14 @@ from prometheus_client import REGISTRY
 from exporters import otlp, otlp_spans
 from exporters.consume import Record
 from exporters.delivery import Transient, Unauthorized
+from exporters.log2 import ZERO_THRESHOLD
 from ktel import wire
 from ktel.config import OtlpConfig
 from ktel.retry import Permanent
 from ktel.wire import HIST_SLOTS, LogBatch, MetricSnapshot, SpanBatch, decode_logs, decode_spans, log2_bounds
 from ktel.wire import encode_logs as wire_logs
 from ktel.wire import encode_spans as wire_spans
+from tests.unit import new_host
 
 TRACE = bytes(range(16))
 ROOT, CHILD = b"\x01" * 8, b"\x02" * 8
@@ -572,6 +574,42 @@ def test_kernel_histograms_become_scale_0_exponential_histograms_in_nanoseconds(
     [m] = otlp.metric_request(rows, "explicit").resource_metrics[0].scope_metrics[0].metrics
     assert (m.name, list(m.histogram.data_points[0].bucket_counts)) == ("syscall_latency_seconds", counts)
     assert list(m.histogram.data_points[0].explicit_bounds) == log2_bounds(HIST_SLOTS, 1e-9)
+
+
+@pytest.mark.parametrize("histograms", ["exponential", "explicit"])
+def test_a_new_series_reaches_otlp_at_zero_then_at_its_value(histograms):
+    """The aggregate's first window of a new host: each counter and histogram a point at
+    0, at the window before, then one at its value (of one number type: a cumulative
+    sum's points should not change type); the gauge its value alone. A histogram at 0 is
+    an empty one: no buckets (exponential), or every bucket 0 (explicit)."""
+    zero, snap = new_host.first_window()
+    rows = [(s.ts_ms, row) for s in (zero, snap) for row in s.series]
+    [rm] = otlp.metric_request(rows, histograms).resource_metrics
+    assert attrs(rm.resource.attributes)["host.id"] == "h"
+    metrics = {m.name: m for m in rm.scope_metrics[0].metrics}
+    t0, t1 = zero.ts_ms * 10**6, snap.ts_ms * 10**6
+    files = metrics.pop("file_created_total").sum
+    assert [(p.time_unix_nano, p.WhichOneof("value"), p.as_double) for p in files.data_points] == [
+        (t0, "as_double", 0.0),
+        (t1, "as_double", 1.0),
+    ]
+    [depth] = metrics.pop("queue_depth").gauge.data_points
+    assert (depth.time_unix_nano, depth.as_int) == (t1, 3)
+    if histograms == "exponential":
+        assert sorted(metrics) == ["request_size_bytes", "syscall_latency_nanoseconds"]
+        for name, count in (("syscall_latency_nanoseconds", 3), ("request_size_bytes", 1)):
+            p0, p1 = metrics[name].exponential_histogram.data_points
+            assert (p0.time_unix_nano, p0.count, p0.sum, p0.scale, p0.zero_count) == (t0, 0, 0.0, 0, 0)
+            assert p0.zero_threshold == ZERO_THRESHOLD and not p0.positive.bucket_counts
+            assert (p1.time_unix_nano, p1.count) == (t1, count) and sum(p1.positive.bucket_counts) == count
+    else:
+        assert sorted(metrics) == ["request_size_bytes", "syscall_latency_seconds"]
+        for name, count in (("syscall_latency_seconds", 3), ("request_size_bytes", 1)):
+            p0, p1 = metrics[name].histogram.data_points
+            assert (p0.time_unix_nano, p0.count, p0.sum) == (t0, 0, 0.0)
+            assert list(p0.bucket_counts) == [0] * HIST_SLOTS
+            assert list(p0.explicit_bounds) == list(p1.explicit_bounds)
+            assert (p1.time_unix_nano, p1.count) == (t1, count)
 
 
 def test_the_bearer_token_file_is_read_for_every_request_over_grpc_and_http(tmp_path, monkeypatch):

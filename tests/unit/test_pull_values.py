@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporters.pull import SWEEP_S, LatestValues
 from ktel.wire import MetricSnapshot
+from tests.unit import new_host
 
 HIST = {"count": 3, "sum": 1.5, "bounds": [1.0], "counts": [1, 2]}
 
@@ -182,3 +183,24 @@ def test_the_series_are_swept_at_most_every_sweep_s():
     assert latest.expire() == 0 and latest.families  # 5 minutes old, but swept just now
     now[0] = 296.0 + SWEEP_S
     assert latest.expire() == 1
+
+
+def test_a_new_series_is_served_at_zero_then_at_its_value():
+    """The aggregate's first window of a new host: its counters and histograms at 0, then
+    every series at its value, the two snapshots one after the other in the host's
+    partition. A scrape between the two serves the zeros (a valid scrape, an empty
+    histogram's buckets at 0), one after them the values."""
+    zero, snap = new_host.first_window()
+    latest = LatestValues()
+    latest.update(zero, 0, 1)
+    served = scrape(latest)
+    assert set(served) == {"file_created", "syscall_latency_seconds", "request_size_bytes"}
+    assert {
+        v for fam in served.values() for (name, _), v in fam.items() if not name.endswith("_created")
+    } == {0.0}
+    latest.update(snap, 0, 2)
+    served = scrape(latest)
+    assert served["file_created"][("file_created_total", (("directory", "/tmp"), ("host_id", "h")))] == 1.0
+    assert served["syscall_latency_seconds"][("syscall_latency_seconds_count", (("host_id", "h"),))] == 3.0
+    assert served["request_size_bytes"][("request_size_bytes_count", (("host_id", "h"),))] == 1.0
+    assert served["queue_depth"] == {("queue_depth", (("host_id", "h"),)): 3.0}

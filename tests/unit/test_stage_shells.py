@@ -36,6 +36,7 @@ from ktel.wire import (
     decode_batch,
     decode_dead_letter,
     decode_heartbeat,
+    decode_snapshot,
     encode_batch,
     encode_heartbeat,
 )
@@ -317,20 +318,22 @@ async def test_the_aggregate_closes_no_window_while_its_table_is_being_recovered
         closing = asyncio.ensure_future(window())
         try:
             for _ in range(200):  # (a guard against hanging, not a timing assertion)
-                if shell.to(METRICS_TOPIC):
+                if len(shell.to(METRICS_TOPIC)) >= 2:
                     break
                 await asyncio.sleep(0.01)
-            assert len(shell.to(METRICS_TOPIC)) == 1  # ready: the window closed
+            # Ready: the window closed, with the host's new series at 0, then its value.
+            zero, first = (decode_snapshot(v) for v in shell.to(METRICS_TOPIC))
+            assert [row[3] for row in zero.series] == [0.0] and [row[3] for row in first.series] == [1.0]
             app.in_recovery = True  # a rebalance gave it partitions to recover
             await shell.put(batch(1, [file_created(1, "/data/x/g")]))
             await asyncio.sleep(0.5)  # about ten windows due
-            assert len(shell.to(METRICS_TOPIC)) == 1
+            assert len(shell.to(METRICS_TOPIC)) == 2
             app.in_recovery = False
             for _ in range(200):
-                if len(shell.to(METRICS_TOPIC)) > 1:
+                if len(shell.to(METRICS_TOPIC)) > 2:
                     break
                 await asyncio.sleep(0.01)
-            assert len(shell.to(METRICS_TOPIC)) == 2  # the first window after: what changed
+            assert len(shell.to(METRICS_TOPIC)) == 3  # the first window after: what changed
         finally:
             closing.cancel()
             await asyncio.gather(closing, return_exceptions=True)

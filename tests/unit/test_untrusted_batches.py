@@ -465,12 +465,14 @@ def test_a_host_id_label_given_by_kernel_code_does_not_make_the_hosts_snapshots_
         [KTEL_LOG.id, 1, 2, 2, 9, "hello", {}, b"", b""],
     ]
     result = c.on_batch(value, RawBatch("h", "b", 0, 1, events), NOW)
-    [(_, snap)] = c.on_window(aggregate, {"h": value}, NOW + 10_000, 1.0).snapshots
+    [(_, zero), (_, snap)] = c.on_window(aggregate, {"h": value}, NOW + 10_000, 1.0).snapshots
     assert sorted((row[0], row[2]) for row in snap.series) == [
         ("queue_depth", {"host.id": "h", "q": "a"}),
         ("requests_total", {"host.id": "h"}),
     ]
     check_keyed(snap, b"h")
+    assert [(row[0], row[2]) for row in zero.series] == [("requests_total", {"host.id": "h"})]  # (new, at 0)
+    check_keyed(zero, b"h")
     [logs] = result.logs
     assert logs.resource["host.id"] == "h"
     check_keyed(logs, b"h")
@@ -487,16 +489,16 @@ def test_labels_prometheus_keeps_for_itself_are_dropped_from_kernel_code_metrics
 
     c = chain(refresh_seconds=3600)
     [aggregate] = c.timed()
-    value: dict = {}
+    # A series a state from before holds with such a label (its key as _labels made it then).
+    old = aggregate_core.series_key("old_total", (("__x", "1"), ("q", "c")))
+    value: dict = {"aggregate": {"series": {old: 2}}}
     events = [
         [KTEL_METRIC.id, 1, 2, "gauge", "queue_depth", {"__name__": "other", "q": "a"}, 3],
         [KTEL_METRIC.id, 1, 2, "histogram", "wait_ns", {"le": "0.5", "..x": "y", "q": "b"}, 7],
         [KTEL_METRIC.id, 1, 2, "counter", "requests_total", {"le": "1", "host-id": "other"}, 5],
     ]
     c.on_batch(value, RawBatch("h", "b", 0, 1, events), NOW)
-    # A series a state from before holds with such a label (its key as _labels made it then).
-    value["aggregate"]["series"][aggregate_core.series_key("old_total", (("__x", "1"), ("q", "c")))] = 2
-    [(_, snap)] = c.on_window(aggregate, {"h": value}, NOW + 10_000, 1.0).snapshots
+    [(_, snap)] = c.on_window(aggregate, {"h": value}, NOW + 10_000, 1.0).snapshots  # (recovered: no zeros)
     assert sorted((row[0], row[2]) for row in snap.series) == [
         ("old_total", {"host.id": "h", "q": "c"}),
         ("queue_depth", {"host.id": "h", "q": "a"}),
