@@ -169,7 +169,9 @@ def test_a_series_named_as_another_types_series_are_is_dropped_counted_and_never
     assert {aggregate_core.parse_key(k)[0] for k in series} == kept
     series[aggregate_core.series_key("name_clash_h_count", (("i", "2"),))] = {"gauge": 3, "at": [0, 0]}
     [agg] = c.timed()
-    [(_host, snap)] = c.on_window(agg, {"h": value}, NOW + 10_000, 1.0).snapshots
+    # (a new host: its counter and histogram at zero first, then every series it keeps)
+    [(_, zeros), (_, snap)] = c.on_window(agg, {"h": value}, NOW + 10_000, 1.0).snapshots
+    assert {row[0] for row in zeros.series} == {"name_clash_h", "name_clash_c"}
     assert {row[0] for row in snap.series} == kept
     [(_host, last)] = c.on_window(agg, {"h": value}, NOW + 61_000, 1.0).snapshots  # silent past its TTL
     assert last.stale and {row[0] for row in last.series} == kept
