@@ -39,9 +39,10 @@ Measured, per fleet size, each on a fresh broker and Prometheus:
                exporter's ktel_exporter_ingestion_latency_seconds), so within the
                window plus 1 s of every event they count
   exact        after the traffic stops, Prometheus' sum equals what was generated
-  recovery     the worker SIGKILLed while the traffic goes on; from its replacement's
-               start to its first counted batch, with process.table_store rocksdict
-               (the same data directory) and then memory (a fresh one)
+  recovery     a worker SIGKILLed while the traffic goes on; from its replacement's
+               start to its first counted batch. Mode all: the worker, with
+               process.table_store rocksdict (the same data directory) and then memory
+               (a fresh one); mode split: each stage's worker in turn, rocksdict
 
 Run: PYTHONPATH=. .venv/bin/python bench/fleet.py [--quick] [--hosts 100,10000]
      [--rate 20000] [--seconds 60] [--batch-seconds 5 | --batch-events N] [--mode all|split]
@@ -328,6 +329,10 @@ class Pipeline:
     def counted(self) -> float:
         return scrape(self.ports[self.last_stage()], "ktel_processor_events_total") or 0.0
 
+    def batches(self, stage: str) -> float:
+        """The batches ``stage``'s worker has processed (duplicates it dropped left out)."""
+        return scrape(self.ports[stage], "ktel_processor_batches_total") or 0.0
+
     def cpu(self) -> float:
         return sum(sum(psutil.Process(p.pid).cpu_times()[:2]) for p in self.workers.values())
 
@@ -360,6 +365,17 @@ class Pipeline:
         for p in [*self.workers.values(), self.exporter]:
             if p is not None:
                 proc_mod.stop(p, 30)
+
+
+def kills(mode: str) -> list[tuple[str, str, str, str]]:
+    """The SIGKILLs of the recovery phase, in order: (the report's name for it, the stage
+    whose worker is killed, the replacement's table store, its data directory)."""
+    if mode == "all":
+        return [
+            (store, "all", store, f"data-{name}")
+            for store, name in (("rocksdict", "all"), ("memory", "memory"))
+        ]
+    return [(stage, stage, "rocksdict", f"data-{stage}") for stage in STAGES[mode]]
 
 
 def prom_files(prom: LocalPrometheus, at_s: float | None = None) -> float:
@@ -512,21 +528,24 @@ async def size_run(args: argparse.Namespace, n_hosts: int) -> Result:
                 cpu_per_event = (pipe.cpu() - cpu0) / (traffic.events - ev0)
                 samples_per_window = (pipe.samples() - s0) / ((time.monotonic() - t0) / args.window)
                 exact_steady = prom_files(prom) == traffic.files
-                # Recovery: SIGKILL the worker while the traffic goes on.
+                # Recovery: each worker in turn SIGKILLed while the traffic goes on.
                 recovery: dict[str, float] = {}
-                if args.mode == "all" and not args.no_kill:
+                if not args.no_kill:
                     background = asyncio.Event()
                     sender = asyncio.create_task(traffic.run(3600, background))
-                    for store, data in (("rocksdict", "data-all"), ("memory", "data-memory")):
-                        await asyncio.sleep(2 * args.window)  # the table's latest in its changelog
-                        pipe.workers["all"].send_signal(signal.SIGKILL)
-                        pipe.workers["all"].wait()
+                    for name, stage, store, data in kills(args.mode):
+                        await asyncio.sleep(2 * args.window)  # the tables' latest in their changelogs
+                        pipe.workers[stage].send_signal(signal.SIGKILL)
+                        pipe.workers[stage].wait()
                         started = time.monotonic()
-                        pipe.start_worker("all", store, data)
+                        pipe.start_worker(stage, store, data)
                         await asyncio.to_thread(
-                            wait, lambda: pipe.counted() > 0, 600, f"the {store} replacement counting"
+                            wait,
+                            lambda stage=stage: pipe.batches(stage) > 0,
+                            600,
+                            f"the {name} replacement counting",
                         )
-                        recovery[store] = time.monotonic() - started
+                        recovery[name] = time.monotonic() - started
                     background.set()
                     await sender
                     await caught_up(prom, traffic, 300)
@@ -558,6 +577,7 @@ def period(args: argparse.Namespace, n_hosts: int) -> float:
 
 
 def report(args: argparse.Namespace, results: list[Result]) -> str:
+    killed = kills(args.mode)
     batches = (
         f"every {args.batch_seconds:g} s"
         if args.batch_events is None
@@ -574,19 +594,21 @@ def report(args: argparse.Namespace, results: list[Result]) -> str:
         f"{batches}, {beats}, aggregate window {args.window:g} s, {args.seconds:g} s measured.",
         "",
         "| hosts | events a batch | CPU µs/event | worker RSS MiB | RSS KiB/host | samples/window "
-        "| e2e p50 s | e2e p99 s | drained s | exact in Prometheus | recovery rocksdict s "
-        "| recovery memory s | snapshots acked ≤ 1 s after their window "
-        "| window delay mean / p99 ≤ s | input age p99 ≤ s | query max s |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: "
-        "| ---: | ---: | ---: |",
+        "| e2e p50 s | e2e p99 s | drained s | exact in Prometheus | "
+        + "".join(f"recovery {name} s | " for name, *_ in killed)
+        + "snapshots acked ≤ 1 s after their window | window delay mean / p99 ≤ s "
+        "| input age p99 ≤ s | query max s |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | "
+        + "---: | " * len(killed)
+        + "---: | ---: | ---: | ---: |",
     ]
     for r in results:
-        rec = [f"{r.recovery[s]:.1f}" if s in r.recovery else "-" for s in ("rocksdict", "memory")]
+        rec = [f"{r.recovery[name]:.1f}" if name in r.recovery else "-" for name, *_ in killed]
         exact = "yes" if r.exact else f"no: {r.in_prometheus:,.0f} of {r.generated:,}"
         lines.append(
             f"| {r.hosts:,} | {r.per_batch} | {r.cpu_per_event_us:.1f} | {r.rss_mib:.0f} "
             f"| {r.rss_per_host_kib:.1f} | {r.samples_per_window:,.0f} | {r.p50:.2f} | {r.p99:.2f} "
-            f"| {r.lag:.1f} | {exact} | {rec[0]} | {rec[1]} | {100 * r.acked_within_1s:.1f} % "
+            f"| {r.lag:.1f} | {exact} | {''.join(f'{x} | ' for x in rec)}{100 * r.acked_within_1s:.1f} % "
             f"| {r.window_delay_mean:.3f} / {r.window_delay_p99:g} | {r.input_age_p99:g} "
             f"| {r.query_max:.3f} |"
         )
