@@ -275,9 +275,20 @@ async def _lags(consumer: AIOKafkaConsumer) -> dict[tuple[str, int], int]:
     consumer commits up to once the records before it are delivered."""
     lags = {}
     for tp in consumer.assignment():
+        # A rebalance may revoke partitions while a position is awaited (one waiting for
+        # its reset): aiokafka then asserts in highwater() and raises in position(). The
+        # lag is a metric; a partition no longer held is not this exporter's to report,
+        # and must not end it.
+        if tp not in consumer.assignment():
+            continue
         end = consumer.highwater(tp)
-        if end is not None:
-            lags[(tp.topic, tp.partition)] = end - await consumer.position(tp)
+        if end is None:
+            continue
+        try:
+            position = await consumer.position(tp)
+        except IllegalStateError:
+            continue
+        lags[(tp.topic, tp.partition)] = end - position
     return lags
 
 
