@@ -46,7 +46,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 from ktel.probes import KIND_BY_NAME, KINDS, PROBES
 from ktel.schema import U32
 from ktel.wire.codec import MAX_RECORD_BYTES
-from ktel.wire.control import EVERY_HOST
+from ktel.wire.control import EVERY_HOST, sample_command_id
 from ktel.wire.raw import HOST_CHARS, MAX_EVENTS
 from ktel.wire.topics import Topics
 
@@ -808,8 +808,10 @@ class SampleConfig(Section):
     )
     command_ttl_seconds: float = Field(
         300,
-        gt=0,
-        le=CONTROL_TTL_CEILING,  # no agent accepts a longer one
+        # Sent in whole ms, and an agent refuses a command of 0 ms; nor does any agent
+        # accept a longer one than the ceiling.
+        ge=0.001,
+        le=CONTROL_TTL_CEILING,
         description="how long a fidelity command holds, from when each agent applies it",
     )
 
@@ -1102,6 +1104,13 @@ class ServiceConfig(Section):
         return v
 
 
+# A machine id's length (/etc/machine-id: 32 hex digits): the agent.host_id of an agent
+# that does not set one.
+MACHINE_ID_CHARS = 32
+# The latest time a command id carries, in ms since the epoch: 13 digits, until 2286.
+LATEST_MS = 10**13 - 1
+
+
 class Config(BaseSettings):
     # "null" unsets an optional setting from the environment (`ktel up` unsets a token file so).
     model_config = SettingsConfigDict(
@@ -1124,6 +1133,60 @@ class Config(BaseSettings):
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, **_):  # type: ignore[override]
         # The file is passed as init kwargs; the environment overrides it.
         return (env_settings, init_settings)
+
+    @model_validator(mode="after")
+    def _agents_take_the_sample_stages_commands(self) -> Config:
+        """The sample stage's fidelity commands within the agents' bounds
+        (edge_agent/control.py): an agent refuses one out of them, so adaptive sampling
+        would silently never apply. One ktel.toml normally serves the processing workers
+        and the agents, so a default counts as set: it is what a process reading this
+        file holds to."""
+        sample, agent = self.sample, self.agent
+        problems = []
+        # Both sides count in whole ms (sample_core.observe_host, control.Bounds).
+        if int(sample.command_ttl_seconds * 1000) > int(agent.control_max_ttl_seconds * 1000):
+            problems.append(
+                f"sample.command_ttl_seconds ({sample.command_ttl_seconds:g}) is above "
+                f"agent.control_max_ttl_seconds ({agent.control_max_ttl_seconds:g}), the longest command "
+                "an agent takes: the agents would refuse every command of the sample stage; lower "
+                f"sample.command_ttl_seconds to at most {agent.control_max_ttl_seconds:g}, or raise "
+                f"agent.control_max_ttl_seconds (up to {CONTROL_TTL_CEILING})"
+            )
+        # (Agents judge a restore without its rate: normal_sample_every is for the agents
+        # that predate restores, which refuse one over their bound and so keep the raise.)
+        for name, refused in (
+            ("raised_sample_every", "the agents would refuse every raise of the sample stage"),
+            (
+                "normal_sample_every",
+                "agents that predate restores would refuse every restore of the sample stage, "
+                "keeping each raise for sample.command_ttl_seconds",
+            ),
+        ):
+            every = getattr(sample, name)
+            if every > agent.control_max_sample_every:
+                problems.append(
+                    f"sample.{name} ({every}) is above agent.control_max_sample_every "
+                    f"({agent.control_max_sample_every}), the sparsest rate an agent takes: {refused}; "
+                    f"lower sample.{name} to at most {agent.control_max_sample_every}, or raise "
+                    f"agent.control_max_sample_every (up to {U32})"
+                )
+        if agent.probes:
+            # The ids name the host and the probe: this agent's longest (an agent without
+            # a host_id of its own is named by its machine id).
+            host = agent.host_id or "h" * MACHINE_ID_CHARS
+            probe = max(agent.probes, key=len)
+            longest = max(len(sample_command_id(w, host, probe, LATEST_MS)) for w in ("raise", "restore"))
+            if longest > agent.control_max_id_chars:
+                problems.append(
+                    f"agent.control_max_id_chars ({agent.control_max_id_chars}) is below the {longest} "
+                    "characters of the ids the sample stage gives its commands to this agent "
+                    f"(ktel-sample-restore-<host id>-<probe>-<ms>, with a host id of {len(host)} characters "
+                    f"and probe {probe}): the agent would refuse every one; raise "
+                    f"agent.control_max_id_chars to at least {longest}"
+                )
+        if problems:
+            raise ValueError("\n  ".join(problems))
+        return self
 
 
 def _is_secret(field: Any) -> bool:
@@ -1228,6 +1291,10 @@ def _explain(err: ValidationError, source: str) -> str:
     lines = [f"invalid ktel configuration ({source}):"]
     for e in err.errors():
         if isinstance(e.get("ctx", {}).get("error"), MovedSetting):
+            lines.append(f"  {e['ctx']['error']}")
+            continue
+        if not e["loc"] and "error" in e.get("ctx", {}):
+            # Across sections (Config's own checks): the message names the settings.
             lines.append(f"  {e['ctx']['error']}")
             continue
         field = ".".join(str(p) for p in e["loc"])

@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 from ktel.probes import HISTOGRAM_DELTA, KINDS, PROBE_OF_KIND
 from ktel.wire import ControlCommand, RawBatch
+from ktel.wire.control import sample_command_id
 from ktel.wire.raw import MAX_WEIGHT
 from processors.stage import FromConfig, Result, Stage, State
 
@@ -267,7 +268,7 @@ def observe_host(
         # ends the raise; agents that predate restores apply its rate for the TTL.
         return [
             ControlCommand(
-                f"ktel-sample-{what}-{host_id}-{p}-{now_ms}",
+                sample_command_id(what, host_id, p, now_ms),
                 host_id,
                 p,
                 every,

@@ -179,6 +179,13 @@ class ControlCommand:
         return self.target.encode()
 
 
+def sample_command_id(what: str, host_id: str, probe: str, now_ms: int) -> str:
+    """The id the sample stage gives a command (``what``: raise or restore), unique per
+    host, probe and window; an agent refuses one longer than its
+    ``agent.control_max_id_chars`` (ktel/config.py holds the two to each other)."""
+    return f"ktel-sample-{what}-{host_id}-{probe}-{now_ms}"
+
+
 COMMAND_SHAPE = Shape(
     (
         Key("id", COMMAND_ID),

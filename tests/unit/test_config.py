@@ -565,3 +565,124 @@ def test_values_that_mean_something_at_their_edges_still_load(tmp_path, monkeypa
     cfg = config.load(f)
     assert (cfg.kafka.prefix, cfg.agent.redact[0].replacement, cfg.otlp.insecure) == ("", "", True)
     assert cfg.aggregate.window_seconds == 2 and cfg.sample.budget_per_s == {"file_created": 5000}
+
+
+# One ktel.toml serves the processing workers and the agents: the sample stage's commands
+# must be within the agents' bounds, or every agent refuses them and adaptive sampling
+# silently never applies.
+@pytest.mark.parametrize(
+    ("toml", "expected"),
+    [
+        (
+            "[sample]\ncommand_ttl_seconds = 7200\n",
+            "sample.command_ttl_seconds (7200) is above agent.control_max_ttl_seconds (3600), the longest "
+            "command an agent takes: the agents would refuse every command of the sample stage; lower "
+            "sample.command_ttl_seconds to at most 3600, or raise agent.control_max_ttl_seconds",
+        ),
+        # The agents' defaults count: they are what an agent reading this file holds to.
+        (
+            "[agent]\ncontrol_max_ttl_seconds = 60\n",
+            "sample.command_ttl_seconds (300) is above agent.control_max_ttl_seconds (60)",
+        ),
+        (
+            "[sample]\nraised_sample_every = 2000000\n",
+            "sample.raised_sample_every (2000000) is above agent.control_max_sample_every (1000000), the "
+            "sparsest rate an agent takes: the agents would refuse every raise of the sample stage; lower "
+            "sample.raised_sample_every to at most 1000000, or raise agent.control_max_sample_every",
+        ),
+        (
+            "[agent]\ncontrol_max_sample_every = 5\n[sample]\nnormal_sample_every = 10\n",
+            "sample.normal_sample_every (10) is above agent.control_max_sample_every (5), the sparsest "
+            "rate an agent takes: agents that predate restores would refuse every restore",
+        ),
+        (
+            "[agent]\ncontrol_max_id_chars = 50\nprobes = ['syscall_latency', 'file_created']\n",
+            "agent.control_max_id_chars (50) is below the 53 characters of the ids the sample stage gives "
+            "its commands to this agent (ktel-sample-restore-<host id>-<probe>-<ms>, with a host id of 3 "
+            "characters and probe syscall_latency): the agent would refuse every one; raise "
+            "agent.control_max_id_chars to at least 53",
+        ),
+        # A command of a fraction of a ms goes out as 0 ms, which an agent refuses.
+        ("[sample]\ncommand_ttl_seconds = 0.0004\n", "sample.command_ttl_seconds = 0.0004: Input should be"),
+    ],
+)
+def test_a_sample_stage_the_agents_would_refuse_is_refused_naming_both_settings(
+    tmp_path, monkeypatch, toml, expected
+):
+    monkeypatch.setenv("KTEL_AGENT__HOST_ID", "abc")
+    f = tmp_path / "k.toml"
+    f.write_text(toml)
+    with pytest.raises(config.ConfigError) as err:
+        config.load(f)
+    assert expected in str(err.value), err.value
+    assert "  : " not in str(err.value)  # (a check across sections names its settings itself)
+
+
+def _sample_commands(cfg: config.Config, host_id: str, now: int = 1_764_000_000_000) -> list:
+    """The commands the sample stage sends for a host that spikes and calms down, with
+    ``cfg``'s sample section (a raise, then a restore)."""
+    from processors.sample_core import Options, observe_host
+
+    opts = Options.from_config(cfg.sample)
+    state: dict = {}
+    now -= 4 * int(opts.window_seconds * 1000)  # (the last window closes at ``now``)
+    commands = []
+    for rate in (100, 100, 100_000, 100):  # events a window: learns, spikes, calms down
+        state["count"] = rate * opts.window_seconds
+        commands += observe_host(state, host_id, cfg.agent.probes, now, opts)
+        now += int(opts.window_seconds * 1000)
+    assert [c.restore for c in commands] == [False] * len(cfg.agent.probes) + [True] * len(cfg.agent.probes)
+    return commands
+
+
+@pytest.mark.parametrize(
+    ("toml", "one_past"),
+    [
+        (
+            "[sample]\ncommand_ttl_seconds = 3600\n"
+            "raised_sample_every = 1000000\nnormal_sample_every = 1000000\n",
+            "KTEL_SAMPLE__COMMAND_TTL_SECONDS=3600.001",
+        ),
+        (
+            "[agent]\ncontrol_max_ttl_seconds = 0.3005\n[sample]\ncommand_ttl_seconds = 0.3009\n",
+            None,
+        ),  # (whole ms)
+        (
+            "[agent]\ncontrol_max_sample_every = 10\n[sample]\nraised_sample_every = 10\n",
+            "KTEL_SAMPLE__RAISED_SAMPLE_EVERY=11",
+        ),
+        # The longest id for host abc-0123456789 (14 characters) and probe file_created.
+        ("[agent]\ncontrol_max_id_chars = 61\n", "KTEL_AGENT__CONTROL_MAX_ID_CHARS=60"),
+    ],
+)
+def test_at_their_edges_the_agents_take_every_command_of_the_sample_stage(
+    tmp_path, monkeypatch, toml, one_past
+):
+    """What the config lets through is what the agent applies: the check and the agent's
+    bounds (edge_agent/control.py) agree, up to the last ms of a 13-digit time."""
+    from edge_agent.control import Bounds, Control
+
+    host = "abc-0123456789"
+    monkeypatch.setenv("KTEL_AGENT__HOST_ID", host)
+    f = tmp_path / "k.toml"
+    f.write_text(toml)
+    cfg = config.load(f)
+    agent = Control(host, {}, lambda *_: None, Bounds.of(cfg.agent), tmp_path)
+    for c in _sample_commands(cfg, host, now=10**13 - 1):
+        assert agent.refusal(c.id, c.probe, 1 if c.restore else c.sample_every, c.ttl_ms) is None, c
+    if one_past is not None:
+        monkeypatch.setenv(*one_past.split("="))
+        with pytest.raises(config.ConfigError, match="the agents? would refuse"):
+            config.load(f)
+
+
+def test_an_agent_without_a_host_id_of_its_own_is_taken_as_named_by_its_machine_id(tmp_path, monkeypatch):
+    """A processing worker reading the agents' file may have no /etc/machine-id (a
+    container): the agents' own are 32 characters."""
+    monkeypatch.setattr(config.AgentConfig.model_fields["host_id"], "default_factory", lambda: "")
+    f = tmp_path / "k.toml"
+    f.write_text("[agent]\ncontrol_max_id_chars = 78\n")
+    with pytest.raises(config.ConfigError, match="a host id of 32 characters and probe file_created"):
+        config.load(f)
+    f.write_text("[agent]\ncontrol_max_id_chars = 79\n")
+    assert config.load(f).agent.control_max_id_chars == 79
