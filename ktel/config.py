@@ -450,6 +450,13 @@ CONTROL_TTL_CEILING = 7 * 86400
 # The longest an exporter waits for one request: longer is a unit slip (milliseconds given
 # as seconds), and gRPC fails at once a deadline it cannot represent (from about 10**9 s).
 MAX_REQUEST_SECONDS = 3600
+# The longest period of the work ktel does every so many seconds (agent.heartbeat_seconds,
+# sample.window_seconds; 10 s by default): longer is a unit slip (milliseconds given as
+# seconds), and one long enough never comes round: the heartbeats, which say an agent is up
+# and acknowledge its commands, stop after the first (at 1e12 s), and the sample stage's
+# windows, which set its rates, budgets and anomalies, never close (their milliseconds
+# overflow from about 1e305 s, stopping the worker).
+MAX_PERIOD_SECONDS = 3600
 
 
 def _ms_within(v: int, most: int, advice: str) -> int:
@@ -539,7 +546,9 @@ class AgentConfig(Section):
     spool_fsync: Literal["always", "interval", "never"] = Field(
         "interval", description="fsync of the spool: every batch, at most once a second, or never"
     )
-    heartbeat_seconds: float = Field(10, gt=0, description="interval of heartbeats on ktel.heartbeats")
+    heartbeat_seconds: float = Field(
+        10, gt=0, le=MAX_PERIOD_SECONDS, description="interval of heartbeats on ktel.heartbeats"
+    )
     cgroup_root: Dir | None = Field(
         None,
         description="the cgroup v2 mount whose container and pod cgroups each heartbeat lists "
@@ -760,6 +769,11 @@ class EnrichConfig(Section):
     exit_grace_seconds: float = Field(
         5,
         ge=0,
+        # A batch is sealed at most agent.batch_hold_ms (a minute) after its events were
+        # read, so an hour keeps only processes long gone; and the grace is counted in
+        # whole nanoseconds, which overflow from about 1e299 s: every batch stopped the
+        # worker.
+        le=3600,
         description="how long an exited process stays known, for its events that arrive after its exit",
     )
     metadata_file: File | None = Field(
@@ -789,7 +803,9 @@ class SampleConfig(Section):
         "weighted); above it the kind is sampled down (more than 0: a kind to keep none of "
         "is one whose probe is not loaded)",
     )
-    window_seconds: float = Field(10, gt=0, description="window of rates, budgets and anomaly detection")
+    window_seconds: float = Field(
+        10, gt=0, le=MAX_PERIOD_SECONDS, description="window of rates, budgets and anomaly detection"
+    )
     spike_factor: float = Field(
         3.0, gt=1, description="a host is anomalous above this many times its EWMA rate"
     )

@@ -386,6 +386,19 @@ LONG_HOST = "h" * 300
             "[otlp]\ntimeout_seconds = 10000\n",
             "otlp.timeout_seconds = 10000: Input should be less than or equal to 3600",
         ),
+        # Durations long enough never to come round, or to overflow what they are counted in.
+        (
+            "[agent]\nheartbeat_seconds = 1e12\n",
+            "agent.heartbeat_seconds = 1000000000000.0: Input should be less than or equal to 3600",
+        ),
+        (
+            "[sample]\nwindow_seconds = 1e300\n",
+            "sample.window_seconds = 1e+300: Input should be less than or",
+        ),
+        (
+            "[enrich]\nexit_grace_seconds = 1e300\n",
+            "enrich.exit_grace_seconds = 1e+300: Input should be less",
+        ),
         ("[kafka]\nbootstrap = 'k:70000'\n", "'k:70000' is not host:port (a port from 1 to 65535)"),
         (
             "[remote_write]\nurl = 'prometheus:9090'\n",
@@ -565,6 +578,28 @@ def test_values_that_mean_something_at_their_edges_still_load(tmp_path, monkeypa
     cfg = config.load(f)
     assert (cfg.kafka.prefix, cfg.agent.redact[0].replacement, cfg.otlp.insecure) == ("", "", True)
     assert cfg.aggregate.window_seconds == 2 and cfg.sample.budget_per_s == {"file_created": 5000}
+
+
+def test_durations_at_their_ceiling_still_load_and_work(tmp_path, monkeypatch):
+    from processors import enrich_core
+    from processors.stages import next_window
+
+    f = tmp_path / "k.toml"
+    f.write_text(
+        "[agent]\nheartbeat_seconds = 3600\n[sample]\nwindow_seconds = 3600\n"
+        "[enrich]\nexit_grace_seconds = 3600\n"
+    )
+    monkeypatch.setenv("KTEL_AGENT__HOST_ID", "abc")
+    cfg = config.load(f)
+    assert (cfg.agent.heartbeat_seconds, cfg.sample.window_seconds, cfg.enrich.exit_grace_seconds) == (
+        3600,
+    ) * 3
+    now_ms = 1_764_000_000_000
+    # (as the worker closes the sample stage's windows, and the enrich stage ends exits)
+    assert next_window(now_ms, round(cfg.sample.window_seconds * 1000)) - now_ms <= 3_600_000
+    state = {"exits": [["b", "1", 0]], "boots": {}}
+    opts = enrich_core.Options.from_config(cfg.enrich)
+    assert enrich_core._expire_exits(state, 3601 * 10**9, opts, enrich_core.Touched())
 
 
 # One ktel.toml serves the processing workers and the agents: the sample stage's commands
