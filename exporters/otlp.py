@@ -122,7 +122,15 @@ from exporters.delivery import (
 )
 from exporters.log2 import ZERO_THRESHOLD, exponential
 from ktel import selfmetrics
-from ktel.config import Config, OtlpConfig, check_readable
+from ktel.config import (
+    DEFLATE_OVER_GRPC,
+    OTLP_PROTOCOLS,
+    Config,
+    ConfigError,
+    OtlpConfig,
+    check_readable,
+    otlp_endpoint_problem,
+)
 from ktel.retry import Permanent
 from ktel.wire import (
     LogBatch,
@@ -308,13 +316,24 @@ def metric_request(
 def make_exporters(c: OtlpConfig) -> tuple[Any, Any, Any]:
     """The SDK's (span, metric, log) exporters for the configured protocol."""
     protocol = c.protocol or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc"
+    # (The config refused what neither protocol takes: with otlp.protocol unset, which one
+    # this is was known only now.)
+    if (
+        c.endpoint is not None
+        and protocol in OTLP_PROTOCOLS
+        and (why := otlp_endpoint_problem(c.endpoint, protocol))
+    ):
+        where = "otlp.protocol" if c.protocol else "OTEL_EXPORTER_OTLP_PROTOCOL, otlp.protocol unset"
+        if not c.protocol and "OTEL_EXPORTER_OTLP_PROTOCOL" not in os.environ:
+            where = "the default, otlp.protocol and OTEL_EXPORTER_OTLP_PROTOCOL unset"
+        raise ConfigError(f"otlp.endpoint = {c.endpoint!r} cannot be used over {protocol} ({where}): {why}")
     if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
         if c.compression == "deflate":
-            raise ValueError("otlp.compression = 'deflate' is not available over grpc (use gzip)")
+            raise ConfigError(DEFLATE_OVER_GRPC)
         creds = None
         if c.certificate_file or c.client_key_file or c.client_certificate_file:
             creds = grpc.ssl_channel_credentials(
@@ -354,7 +373,10 @@ def make_exporters(c: OtlpConfig) -> tuple[Any, Any, Any]:
             HttpMetric(**kwargs("v1/metrics")),
             HttpLog(**kwargs("v1/logs")),
         )
-    raise ValueError(f"OTLP protocol {protocol!r} is not supported (use grpc or http/protobuf)")
+    raise ConfigError(
+        f"OTLP protocol {protocol!r} (OTEL_EXPORTER_OTLP_PROTOCOL) is not supported: "
+        "use grpc or http/protobuf"
+    )
 
 
 class Session(requests.Session):

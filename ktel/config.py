@@ -965,6 +965,91 @@ class RemoteWriteConfig(Section):
         return self.basic_auth_password.get_secret_value() if self.basic_auth_password is not None else ""
 
 
+OTLP_PROTOCOLS = ("grpc", "http/protobuf")
+DEFLATE_OVER_GRPC = "otlp.compression = 'deflate' is not available over grpc: use gzip"
+# The paths the OTLP/HTTP exporter appends to otlp.endpoint (exporters/otlp.py).
+OTLP_HTTP_PATHS = ("v1/traces", "v1/metrics", "v1/logs")
+# gRPC's own address schemes (its name resolvers), which the SDK passes on as they are.
+GRPC_SCHEMES = frozenset({"dns", "unix", "unix-abstract", "ipv4", "ipv6", "vsock", "xds", "google-c2p"})
+_SPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f\x7f]")
+
+
+def _address_problem(netloc: str, protocol: str) -> str | None:
+    """What is wrong with the host[:port] of an OTLP endpoint, as the exporter passes it
+    on, or None."""
+    if _SPACE_OR_CONTROL.search(netloc):
+        return "has a space or control character in its host or port: remove it"
+    if "," in netloc:
+        return "names more than one address: give one endpoint"
+    if "@" in netloc and protocol == "grpc":
+        return (
+            "has a user or password, which a gRPC address cannot carry: remove it, and send "
+            "credentials with otlp.headers or otlp.bearer_token_file"
+        )
+    try:
+        parts = urlsplit("//" + netloc)
+    except ValueError as err:
+        return f"is not host:port ({err}): give one such as collector:4317"
+    if not parts.hostname:
+        return "has no host: give one, e.g. http://collector:4317"
+    try:
+        port = parts.port  # (None: the scheme's own)
+    except ValueError:
+        port = 0
+    if port == 0:
+        return "has a port that is not a number from 1 to 65535: give the receiver's port"
+    return None
+
+
+def otlp_endpoint_problem(endpoint: str, protocol: str) -> str | None:
+    """Why ``endpoint`` (otlp.endpoint) cannot work over ``protocol``, with the form to
+    give; None if it may. As the SDK exporters take it: over grpc a URL's host and port
+    (its scheme says plaintext or TLS, its path is not used) or, without ``//``, a gRPC
+    address as it is (host:port, dns:///host:port, unix:path, ...); over http/protobuf an
+    http(s) base URL, to which the signal's path is appended (exporters/otlp.py)."""
+    try:
+        parts = urlsplit(endpoint)  # (as the SDK's urlparse: leading spaces, tabs and newlines go)
+    except ValueError as err:
+        return f"is not a URL ({err}): give one such as http://collector:4317"
+    if protocol == "grpc":
+        if parts.netloc:
+            return _address_problem(parts.netloc.rstrip(), protocol)  # (gRPC takes trailing spaces)
+        if parts.scheme in GRPC_SCHEMES:
+            return None
+        # An address as it is: host[:port], nothing more.
+        try:
+            bare = urlsplit("//" + endpoint.rstrip())
+            more = bool(bare.path or bare.query or bare.fragment)
+        except ValueError:  # (an IPv6 address's bracket left open)
+            more = True
+        if more or parts.scheme in ("http", "https"):
+            return (
+                "is neither host:port nor a URL: give http://host:port (https:// for TLS), "
+                "e.g. http://collector:4317"
+            )
+        return _address_problem(endpoint.rstrip(), protocol)
+    if parts.scheme not in ("http", "https"):
+        return (
+            "has no http:// or https:// scheme, which http/protobuf needs: give a base URL such "
+            "as http://collector:4318"
+        )
+    # What requests is given: the endpoint, its leading spaces stripped, and the path.
+    netloc = re.split(r"[/?#]", endpoint.lstrip().partition("//")[2], maxsplit=1)[0]
+    if why := _address_problem(netloc, protocol):
+        return why
+    if parts.query or parts.fragment:
+        return (
+            "has a ?query or #fragment, after which the signal's path (/v1/traces, ...) would be "
+            "appended: give the base URL without it"
+        )
+    if parts.path.rstrip("/").endswith(tuple("/" + p for p in OTLP_HTTP_PATHS)):
+        return (
+            "ends in a signal's path, and ktel appends /v1/traces, /v1/metrics and /v1/logs itself: "
+            "give the base URL, e.g. http://collector:4318"
+        )
+    return None
+
+
 class OtlpConfig(Section):
     """``ktel export otlp``. A field left unset (None) falls back to the OpenTelemetry SDK's
     own environment variable, which the SDK exporters read, then to the SDK's default:
@@ -1031,6 +1116,20 @@ class OtlpConfig(Section):
     # The files ``ktel export otlp`` reads itself (check_readable at its start).
     FILES: ClassVar[tuple[str, ...]] = ("bearer_token_file",)
 
+    @field_validator("endpoint")
+    @classmethod
+    def _usable(cls, v: str | None, info: ValidationInfo) -> str | None:
+        # Over the protocol set here; unset, the exporter's OTEL_EXPORTER_OTLP_PROTOCOL
+        # decides, which this process need not share (one config serves every process):
+        # refused here what neither takes, and at the exporter's start the rest
+        # (exporters/otlp.py make_exporters).
+        protocol = info.data.get("protocol")
+        if v is not None:
+            problems = [otlp_endpoint_problem(v, p) for p in ([protocol] if protocol else OTLP_PROTOCOLS)]
+            if all(problems):
+                raise ValueError(problems[0])
+        return v
+
     @model_validator(mode="after")
     def _one_authorization(self) -> OtlpConfig:
         headers = {h.lower() for h in self.headers or {}}
@@ -1038,6 +1137,8 @@ class OtlpConfig(Section):
             raise ValueError(
                 "otlp.headers has an Authorization header and otlp.bearer_token_file sets it too: remove one"
             )
+        if self.protocol == "grpc" and self.compression == "deflate":
+            raise ValueError(DEFLATE_OVER_GRPC)
         return self
 
 

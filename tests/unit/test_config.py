@@ -721,3 +721,131 @@ def test_an_agent_without_a_host_id_of_its_own_is_taken_as_named_by_its_machine_
         config.load(f)
     f.write_text("[agent]\ncontrol_max_id_chars = 79\n")
     assert config.load(f).agent.control_max_id_chars == 79
+
+
+@pytest.mark.parametrize(
+    ("protocol", "endpoint", "expected"),
+    [
+        # http/protobuf: an http(s) base URL, to which /v1/traces, ... are appended.
+        (
+            "http/protobuf",
+            "collector:4318",
+            "otlp.endpoint = 'collector:4318': Value error, has no http:// or https:// scheme, which "
+            "http/protobuf needs: give a base URL such as http://collector:4318 (set it in the file or "
+            "with KTEL_OTLP__ENDPOINT)",
+        ),
+        ("http/protobuf", "grpc://collector:4317", "has no http:// or https:// scheme"),
+        ("http/protobuf", "http://collector:4318/v1/traces", "ends in a signal's path, and ktel appends"),
+        ("http/protobuf", "http://collector:4318/v1/logs/", "give the base URL, e.g. http://collector:4318"),
+        ("http/protobuf", "http://collector:4318?tenant=a", "has a ?query or #fragment, after which"),
+        ("http/protobuf", "http://collector:4318 ", "has a space or control character in its host or port"),
+        # grpc: a URL's host and port, or a gRPC address as it is.
+        ("grpc", "http://user:pw@collector:4317", "has a user or password, which a gRPC address cannot"),
+        ("grpc", "collector:4317/v1/traces", "is neither host:port nor a URL: give http://host:port"),
+        ("grpc", "http:/collector:4317", "is neither host:port nor a URL"),
+        ("grpc", " collector:4317", "has a space or control character"),
+        # Either, and so also with the protocol left to OTEL_EXPORTER_OTLP_PROTOCOL.
+        (None, "http://:4317", "otlp.endpoint = 'http://:4317': Value error, has no host: give one"),
+        (None, "http://collector:99999", "has a port that is not a number from 1 to 65535"),
+        (None, "https://collector:http", "has a port that is not a number from 1 to 65535"),
+        (None, "http://collector :4317", "has a space or control character in its host or port"),
+        (None, "http://a:4317,http://b:4317", "names more than one address: give one endpoint"),
+        (None, "http://[::1:4317", "is not a URL (Invalid IPv6 URL)"),
+    ],
+)
+def test_an_otlp_endpoint_its_protocol_cannot_use_is_refused_with_the_form_to_give(
+    tmp_path, monkeypatch, protocol, endpoint, expected
+):
+    """The SDK exporters take such an endpoint and fail at every export (retried for
+    good): requests finds no connection adapter, gRPC cannot resolve the address."""
+    monkeypatch.setenv("KTEL_AGENT__HOST_ID", "abc")
+    monkeypatch.setenv("KTEL_OTLP__ENDPOINT", endpoint)
+    if protocol:
+        monkeypatch.setenv("KTEL_OTLP__PROTOCOL", protocol)
+    with pytest.raises(config.ConfigError) as err:
+        config.load()
+    assert expected in str(err.value), err.value
+
+
+@pytest.mark.parametrize(
+    ("protocol", "endpoint"),
+    [
+        ("grpc", "http://collector:4317"),
+        ("grpc", "https://collector"),  # (port 443)
+        ("grpc", "http://collector:4317/v1/traces"),  # (the path is not used)
+        ("grpc", "collector:4317"),  # (TLS, unless otlp.insecure)
+        ("grpc", "[::1]:4317"),
+        ("grpc", "grpc://collector:4317"),
+        ("grpc", "dns:///collector:4317"),
+        ("grpc", "unix:///run/otelcol.sock"),
+        ("grpc", "http://collector:4317 "),
+        ("http/protobuf", "http://collector:4318"),
+        ("http/protobuf", "HTTPS://collector:4318/otlp/"),
+        ("http/protobuf", "http://user:pw@collector:4318"),  # (requests sends basic auth)
+        ("http/protobuf", " http://collector:4318"),
+        # Unset, the exporter's OTEL_EXPORTER_OTLP_PROTOCOL decides: what either takes loads.
+        (None, "collector:4317"),
+        (None, "http://collector:4318/v1/traces"),
+        (None, "http://user:pw@collector:4318"),
+    ],
+)
+def test_every_otlp_endpoint_the_sdk_exporters_can_use_still_loads(monkeypatch, protocol, endpoint):
+    monkeypatch.setenv("KTEL_AGENT__HOST_ID", "abc")
+    monkeypatch.setenv("KTEL_OTLP__ENDPOINT", endpoint)
+    if protocol:
+        monkeypatch.setenv("KTEL_OTLP__PROTOCOL", protocol)
+    assert config.load().otlp.endpoint == endpoint
+
+
+@pytest.mark.parametrize(
+    ("environment", "endpoint", "expected"),
+    [
+        (
+            {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"},
+            "collector:4318",
+            "otlp.endpoint = 'collector:4318' cannot be used over http/protobuf "
+            "(OTEL_EXPORTER_OTLP_PROTOCOL, otlp.protocol unset): has no http:// or https:// scheme",
+        ),
+        (
+            {},
+            "http://user:pw@collector:4317",
+            "cannot be used over grpc (the default, otlp.protocol and OTEL_EXPORTER_OTLP_PROTOCOL unset): "
+            "has a user or password",
+        ),
+        ({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}, None, "OTLP protocol 'http/json'"),
+        (
+            {"KTEL_OTLP__COMPRESSION": "deflate"},
+            None,
+            "otlp.compression = 'deflate' is not available over grpc",
+        ),
+    ],
+)
+def test_the_otlp_exporter_refuses_at_its_start_what_its_protocol_cannot_use(
+    monkeypatch, environment, endpoint, expected
+):
+    """With otlp.protocol unset, the exporter's own OTEL_EXPORTER_OTLP_PROTOCOL decides,
+    which another process loading the same file need not have: it loaded the config. A
+    ConfigError, which `ktel export otlp` prints as it prints the config's own."""
+    from exporters import otlp
+
+    monkeypatch.setenv("KTEL_AGENT__HOST_ID", "abc")
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_PROTOCOL", raising=False)
+    if endpoint is not None:
+        monkeypatch.setenv("KTEL_OTLP__ENDPOINT", endpoint)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    cfg = config.load()  # every process loads it
+    with pytest.raises(config.ConfigError) as err:
+        otlp.make_exporters(cfg.otlp)  # the exporter's start
+    assert expected in str(err.value), err.value
+
+
+def test_deflate_over_grpc_is_refused_when_the_config_says_grpc(tmp_path):
+    f = tmp_path / "k.toml"
+    f.write_text("[otlp]\nprotocol = 'grpc'\ncompression = 'deflate'\n")
+    with pytest.raises(
+        config.ConfigError, match="otlp.compression = 'deflate' is not available over grpc: use gzip"
+    ):
+        config.load(f)
+    f.write_text("[otlp]\nprotocol = 'http/protobuf'\ncompression = 'deflate'\n")
+    assert config.load(f).otlp.compression == "deflate"
