@@ -50,6 +50,9 @@ from ktel.wire import Heartbeat
 MISSED_HEARTBEATS = 3
 # Assumed when a heartbeat does not say its interval (the agent's default).
 DEFAULT_INTERVAL_S = 10.0
+# The longest interval of a heartbeat that keeps its host held past ``forget_after_s``: the
+# agents' longest agent.heartbeat_seconds (ktel/config.py MAX_PERIOD_SECONDS).
+MAX_INTERVAL_S = 3600.0
 # Block devices one host may have exported at once: the agent sends whole disks only
 # (partitions count in their disk's, loop and RAM disks are left out: edge_agent/node_stats.py),
 # a handful on most nodes; a storage node with more has the rest counted as left out.
@@ -177,9 +180,19 @@ class FleetMetrics:
         self._forgotten_at = time.monotonic()  # when hosts past forget_after_s were last let go
 
     def _forget(self, now: float) -> None:
-        """Let go of the hosts whose last heartbeat is ``forget_after_s`` old (the lock held)."""
+        """Let go of the hosts whose last heartbeat is ``forget_after_s`` old and which are
+        no longer up (the lock held): an agent whose heartbeats come less often than
+        ``forget_after_s`` (agent.heartbeat_seconds above aggregate.host_ttl_seconds) is
+        kept while it is up, else it would leave ktel_agent_up between two heartbeats and
+        page as down. How long a heartbeat's own interval keeps its host is bounded by
+        ``MAX_INTERVAL_S``: whoever writes ktel.heartbeats says it."""
         self._forgotten_at = now
-        for host_id in [h for h, s in self._hosts.items() if now - s.received > self.forget_after_s]:
+        for host_id in [
+            h
+            for h, s in self._hosts.items()
+            if now - s.received
+            > max(self.forget_after_s, MISSED_HEARTBEATS * min(s.interval_s, MAX_INTERVAL_S))
+        ]:
             del self._hosts[host_id]
 
     def observe(self, host_id: str, hb: Heartbeat) -> dict[str, int]:

@@ -171,6 +171,24 @@ def test_a_silent_host_is_let_go_with_no_scrape(monkeypatch):
     assert set(fleet._hosts) == {"h1", "h2"}
 
 
+def test_a_host_whose_heartbeats_come_less_often_than_the_ttl_stays_while_it_is_up(monkeypatch):
+    """agent.heartbeat_seconds above aggregate.host_ttl_seconds: the host is up for three
+    of its intervals, and is not forgotten (out of ktel_agent_up, as if down) between two
+    heartbeats; once it is down, it is let go. A heartbeat's interval keeps its host at
+    most for three of the longest an agent may set."""
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    fleet = FleetMetrics(forget_after_s=100)
+    fleet.observe("h1", heartbeat({}) | {"interval_s": 600.0})  # type: ignore[arg-type]
+    clock[0] += 500  # past forget_after_s, within its interval
+    assert samples(fleet)[("ktel_agent_up", (("host_id", "h1"),))] == 1.0
+    clock[0] += 1301  # past three intervals: down, and let go
+    assert ("ktel_agent_up", (("host_id", "h1"),)) not in samples(fleet)
+    fleet.observe("forged", heartbeat({}) | {"interval_s": 1e12})  # type: ignore[arg-type]
+    clock[0] += 3 * fleet_metrics.MAX_INTERVAL_S + 1
+    assert ("ktel_agent_up", (("host_id", "forged"),)) not in samples(fleet)
+
+
 def test_an_agent_stopped_on_purpose_is_down_with_the_time_it_said_so():
     """Its last heartbeat says it stopped (a signal): down at once, and the time of that
     heartbeat exported, which keeps the alert on silent hosts quiet for it; a later
