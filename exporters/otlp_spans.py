@@ -16,8 +16,10 @@ attributes as given; one ``ResourceSpans`` per distinct resource map, under the
 instrumentation scope ``ktel``.
 
 An attribute OTLP cannot carry (an int beyond int64, a key that is not a string,
-a value of another type) is left out of its span or resource, logged and counted;
-the rest of the span goes. ``carried`` does the same for log records and their
+a value of another type) is left out of its span or resource and counted; the rest
+of the span goes. It is logged once for each key and type of value, up to a bound
+(``Once``): a batch of spans full of such attributes, one line each, made eight
+times its size in logs. ``carried`` does the same for log records and their
 resources, which the SDK encodes.
 
 The request is sent as it is (exporters/otlp.py, ``send_once``); the Collector
@@ -41,6 +43,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Sp
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from prometheus_client import Counter
 
+from ktel.logs import Once
 from ktel.schema import I64
 
 log = logging.getLogger("ktel.export.otlp")
@@ -114,12 +117,24 @@ def _fits(value: Any) -> bool:
     return t is str or t is float or t is bool
 
 
+# Attributes left out that were logged, by key and type of value (keys are short: the
+# wire's are at most 256 characters).
+_warned = Once()
+
+
 def _carried(key: Any, value: Any) -> KeyValue | None:
     try:
         return _key_value(key, value)
     except Exception as err:  # noqa: BLE001
         DROPPED_ATTRIBUTES.inc()
-        log.warning("attribute %.60r = %.60r left out: %s", key, value, err)
+        if _warned((key, type(value))):
+            log.warning(
+                "attribute %.60r = %.60r left out: %s (counted in "
+                "ktel_exporter_otlp_dropped_attributes_total; logged once for its key and type)",
+                key,
+                value,
+                err,
+            )
         return None
 
 

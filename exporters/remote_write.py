@@ -66,6 +66,7 @@ from exporters.prom_names import clash, metric_name, prom_labels, unnamed
 from exporters.remote_write_client import Receiver
 from ktel import selfmetrics
 from ktel.config import Config, check_readable
+from ktel.logs import Once
 from ktel.retry import Permanent, retry
 from ktel.wire import MetricSnapshot, decode_snapshot
 
@@ -166,8 +167,7 @@ def _one_per_timestamp(
     kept = [s for s, after in zip(samples, samples[1:], strict=False) if s[0] != after[0]] + samples[-1:]
     if len(kept) < len(samples):
         DUPLICATES.inc(len(samples) - len(kept))
-        if len(_warned) < WARNED_MAX and hash(labels) not in _warned:
-            _warned.add(hash(labels))
+        if _warned(hash(labels)):
             shown = ",".join(f'{lb.name}="{lb.value}"' for lb in TimeSeries.FromString(labels).labels)
             log.warning(
                 "remote-write: %d values of the Prometheus series {%s} at one timestamp (wire series "
@@ -178,10 +178,8 @@ def _one_per_timestamp(
     return kept
 
 
-# Series whose duplicates were logged (once each, up to a bound), by the hash of their
-# labels (which may take 256 KB each).
-_warned: set[int] = set()
-WARNED_MAX = 1000
+# Series whose duplicates were logged, by the hash of their labels (which may take 256 KB each).
+_warned = Once()
 
 
 def series_keys(snap: MetricSnapshot, histograms: str = "native") -> list[bytes]:

@@ -104,6 +104,7 @@ from opentelemetry.semconv._incubating.attributes.process_attributes import (
 )
 
 from exporters.prom_names import HOST_LABEL, clash, label_name, reserved
+from ktel.logs import Once
 from ktel.probes import KINDS
 from ktel.schema import U64
 from ktel.wire import (
@@ -146,8 +147,7 @@ DROPPED = {
 }
 # Names whose events were dropped for their name, each logged once (up to a bound: a
 # writer of the raw topic may send ever new names).
-_warned: set[tuple[str, str]] = set()
-WARNED_MAX = 1000
+_warned = Once()
 
 log = logging.getLogger("ktel.process")
 
@@ -518,8 +518,7 @@ def _place(
     why = clash(name, kind)
     if why is not None:
         out.dropped["name"] += n
-        if len(_warned) < WARNED_MAX and (name, kind) not in _warned:
-            _warned.add((name, kind))
+        if _warned((name, kind)):
             log.warning(
                 "aggregate: the events of the %s %.100r are dropped, counted in "
                 'ktel_processor_series_dropped_total{reason="name"}: %s',

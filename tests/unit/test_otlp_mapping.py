@@ -165,6 +165,34 @@ async def test_a_log_attribute_otlp_cannot_carry_is_left_out_and_counted(caplog)
     assert "Traceback" not in caplog.text and "Failed to encode" not in caplog.text
 
 
+def test_a_batch_full_of_attributes_otlp_cannot_carry_logs_a_line_per_key_and_type_not_per_attribute(
+    caplog, monkeypatch
+):
+    """One line per attribute left out made a batch of spans full of them (1.1 MB of
+    ints beyond int64) write 8.9 MB of logs. Each is still counted; a key and type is
+    logged once, and ever new keys (a hostile writer's) at most Once's bound of times."""
+    from ktel.logs import Once
+
+    monkeypatch.setattr(otlp_spans, "_warned", Once(limit=50))
+    dropped = REGISTRY.get_sample_value("ktel_exporter_otlp_dropped_attributes_total") or 0.0
+    far = 2**64 - 1
+    rows = [
+        (RESOURCE, [TRACE, ROOT, b"", "s", 1, 2, 0, "", {f"addr{j}": far for j in range(8)}])
+        for _ in range(2000)
+    ]
+    with caplog.at_level("WARNING", logger=otlp_spans.log.name):
+        otlp_spans.span_request(rows, otlp.SCOPE)
+        otlp_spans.carried({"addr0": far, "addr1": [far], "addr2": far})  # a log's, the SDK encodes
+    assert len(caplog.records) == 8 + 1  # addr0 .. addr7 as ints, addr1 as a list
+    assert REGISTRY.get_sample_value("ktel_exporter_otlp_dropped_attributes_total") == dropped + 2000 * 8 + 3
+
+    caplog.clear()
+    rows = [(RESOURCE, [TRACE, ROOT, b"", "s", 1, 2, 0, "", {f"k{i}": far}]) for i in range(1000)]
+    with caplog.at_level("WARNING", logger=otlp_spans.log.name):
+        otlp_spans.span_request(rows, otlp.SCOPE)
+    assert len(caplog.records) == 50 - 9  # what the bound had left
+
+
 def test_log_attributes_otlp_carries_are_not_encoded_before_the_sdk_encodes_them(monkeypatch):
     """``carried`` only finds what OTLP cannot carry; the SDK's encoder then encodes a
     log's attributes. Encoding them there first cost a second encoding of each (but
