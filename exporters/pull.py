@@ -23,6 +23,14 @@ as it is read.
 A snapshot further ahead of the endpoint's clock than ``pull.max_future_seconds``
 goes to ``ktel.dlq`` instead, as the remote-write exporter sends it there: the
 two outputs serve the same values.
+
+Every scrape writes every series held, a histogram's name and labels in each of its
+buckets, and anything that writes ``ktel.metrics`` adds series, each held for 5
+minutes. So what the series held take as Prometheus samples (``series_size``, kept
+up to date as they come and go) is bounded by ``pull.max_series_bytes``: a series
+that would take it past that, new or grown, goes to ``ktel.dlq`` (the series held
+keep their values, and the rest of its snapshot is served). A snapshot whose samples
+alone would take more than ``MAX_PROMETHEUS_BYTES`` is refused by the wire.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ import time
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -46,7 +54,7 @@ from exporters.prom_names import COUNTER_SUFFIX, clash, metric_name, prom_labels
 from exporters.remote_write import histogram_series
 from ktel import selfmetrics
 from ktel.config import PROMETHEUS_STALENESS_SECONDS, Config
-from ktel.wire import MetricSnapshot, decode_snapshot
+from ktel.wire import MetricSnapshot, decode_snapshot, series_size
 
 log = logging.getLogger("ktel.export.pull")
 
@@ -58,19 +66,24 @@ EXPIRED = Counter(
     "ktel_exporter_pull_expired_series",
     "series the pull endpoint stopped serving after 5 minutes without a snapshot naming them",
 )
+HELD_BYTES = Gauge(
+    "ktel_exporter_pull_series_bytes",
+    "what the series the pull endpoint serves take as Prometheus samples, as pull.max_series_bytes bounds it",
+)
 
 
 @dataclasses.dataclass
 class Family:
     """A metric family as the endpoint serves it: its type, the name its first series
     had (its help text), and its series: (sample name, sorted label items) ->
-    (partition, offset, value, when read): the value, the position in ktel.metrics of
-    the snapshot it came from, and the endpoint's monotonic clock when it read it."""
+    (partition, offset, value, when read, size): the value, the position in ktel.metrics
+    of the snapshot it came from, the endpoint's monotonic clock when it read it, and
+    what its samples take (``series_size``)."""
 
     type: str
     name: str
-    series: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[int, int, Any, float]] = dataclasses.field(
-        default_factory=dict
+    series: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[int, int, Any, float, int]] = (
+        dataclasses.field(default_factory=dict)
     )
 
 
@@ -91,7 +104,12 @@ def claims(fam: str, typ: str) -> tuple[str, ...]:
 
 
 class LatestValues(Collector):
-    def __init__(self, expire_s: float = PROMETHEUS_STALENESS_SECONDS, clock=time.monotonic) -> None:
+    def __init__(
+        self,
+        expire_s: float = PROMETHEUS_STALENESS_SECONDS,
+        clock=time.monotonic,
+        max_bytes: float = math.inf,
+    ) -> None:
         # Served family name -> Family. Two names alike once sanitised (``a.b``, ``a_b``)
         # are one family, as they are one series in Prometheus (the remote-write exporter
         # sends the last value of the two too).
@@ -101,6 +119,9 @@ class LatestValues(Collector):
         self.expire_s = expire_s
         self.clock = clock
         self.swept = -math.inf
+        # What the series held take (``series_size``), at most max_bytes (pull.max_series_bytes).
+        self.held_bytes = 0
+        self.max_bytes = max_bytes
 
     def split(self, snap: MetricSnapshot) -> tuple[list[Any], list[tuple[Any, str]]]:
         """The series of ``snap`` the endpoint can serve, and those it cannot, each with
@@ -152,32 +173,54 @@ class LatestValues(Collector):
         types[fam] = typ
         return None
 
-    def update(self, snap: MetricSnapshot, partition: int, offset: int) -> None:
+    def update(self, snap: MetricSnapshot, partition: int, offset: int) -> list[tuple[Any, str]]:
         """Take a snapshot read at ``offset`` of ``partition`` (see the module doc), of
-        series the endpoint can serve (``split``)."""
+        series the endpoint can serve (``split``). Returns the series not taken, each
+        with why: those that would take what the series held take past ``max_bytes``."""
         now = self.clock()
-        for name, typ, labels, value in snap.series:
+        refused = []
+        for row in snap.series:
+            name, typ, labels, value = row
             fam = family_name(name, typ)
             family = self.families.get(fam)
-            if family is None:
-                if snap.stale:
-                    continue
-                family = self.families[fam] = Family(typ, name)
-                self.claimed.update(dict.fromkeys(claims(fam, typ), fam))
+            if family is None and snap.stale:
+                continue
             key = (
                 metric_name(name, typ),
                 tuple(kv for kv in prom_labels(name, labels) if kv[0] != "__name__"),
             )
-            old = family.series.get(key)
+            old = family.series.get(key) if family is not None else None
             later = old is None or old[0] != partition or old[1] < offset
             if not later:
                 continue  # an earlier snapshot of the partition: its values are older
             if snap.stale:
-                family.series.pop(key, None)
-                if not family.series:
-                    self._forget(fam)
+                if family is not None:
+                    if old is not None:
+                        del family.series[key]
+                        self.held_bytes -= old[4]
+                    if not family.series:
+                        self._forget(fam)
+                continue
+            if old is not None and typ != "histogram":
+                size = old[4]  # (its name and labels are its key's: only a histogram's buckets change it)
             else:
-                family.series[key] = (partition, offset, value, now)
+                size = series_size(len(key[0]) + sum(len(k) + len(v) for k, v in key[1]), typ, value)
+            grown = size - (old[4] if old is not None else 0)
+            if grown > 0 and self.held_bytes + grown > self.max_bytes:
+                refused.append((row, self._full(name)))
+                continue
+            if family is None:
+                family = self.families[fam] = Family(typ, name)
+                self.claimed.update(dict.fromkeys(claims(fam, typ), fam))
+            family.series[key] = (partition, offset, value, now, size)
+            self.held_bytes += grown
+        return refused
+
+    def _full(self, name: str) -> str:
+        return (
+            f"series {name!r:.100}: the pull endpoint holds {self.held_bytes:,} bytes of series, and this "
+            f"one would take them past pull.max_series_bytes ({self.max_bytes:,})"
+        )
 
     def expire(self) -> int:
         """Forget the series no snapshot named for ``expire_s``: the aggregate sends every
@@ -192,9 +235,9 @@ class LatestValues(Collector):
         oldest = now - self.expire_s
         gone = 0
         for fam, family in list(self.families.items()):
-            old = [key for key, (_p, _o, _v, read) in list(family.series.items()) if read < oldest]
+            old = [key for key, (_p, _o, _v, read, _s) in list(family.series.items()) if read < oldest]
             for key in old:
-                del family.series[key]
+                self.held_bytes -= family.series.pop(key)[4]
             gone += len(old)
             if not family.series:
                 self._forget(fam)
@@ -213,7 +256,7 @@ class LatestValues(Collector):
             fam: Metric
             if family.type == "histogram":
                 fam = HistogramMetricFamily(fam_name, help_text)
-                for (_name, key), (_p, _o, value, _r) in list(family.series.items()):
+                for (_name, key), (_p, _o, value, _r, _s) in list(family.series.items()):
                     for labels, v in histogram_series(fam_name, dict(key), value):
                         sample = dict(labels)
                         fam.add_sample(sample.pop("__name__"), sample, v)
@@ -223,13 +266,33 @@ class LatestValues(Collector):
                 fam = CounterMetricFamily(fam_name, help_text)
             else:
                 fam = GaugeMetricFamily(fam_name, help_text)
-            for (sample_name, key), (_p, _o, value, _r) in list(family.series.items()):
+            for (sample_name, key), (_p, _o, value, _r, _s) in list(family.series.items()):
                 fam.add_sample(sample_name, dict(key), value)
             yield fam
 
 
+async def deliver(
+    latest: LatestValues, window: Window, records: list[Record], producer: AIOKafkaProducer
+) -> None:
+    now = time.time_ns()
+    for rec in records:
+        snap = rec.item
+        problem = window.problem(snap.ts_ms * 1_000_000, now)
+        if problem is not None:
+            await consume.refuse(producer, "pull", rec, problem, signal="series", items=len(snap.series))
+            continue
+        served, refused = latest.split(snap)
+        if refused:
+            snap = dataclasses.replace(snap, series=served)
+        refused += latest.update(snap, rec.partition, rec.offset)
+        if refused:
+            await consume.refuse_series(producer, "pull", rec, refused, signal="series", items=len(refused))
+    EXPIRED.inc(latest.expire())
+    HELD_BYTES.set(latest.held_bytes)
+
+
 async def run(cfg: Config, stop: asyncio.Event) -> None:
-    latest = LatestValues()
+    latest = LatestValues(max_bytes=cfg.pull.max_series_bytes)
     registry = CollectorRegistry()
     registry.register(latest)
     # The fleet's series on pull.port, the endpoint's own counters on pull.metrics_port
@@ -240,23 +303,6 @@ async def run(cfg: Config, stop: asyncio.Event) -> None:
 
     window = Window(math.inf, cfg.pull.max_future_seconds, "pull")
 
-    async def deliver(records: list[Record], producer: AIOKafkaProducer) -> None:
-        now = time.time_ns()
-        for rec in records:
-            snap = rec.item
-            problem = window.problem(snap.ts_ms * 1_000_000, now)
-            if problem is not None:
-                await consume.refuse(producer, "pull", rec, problem, signal="series", items=len(snap.series))
-                continue
-            served, refused = latest.split(snap)
-            if refused:
-                await consume.refuse_series(
-                    producer, "pull", rec, refused, signal="series", items=len(refused)
-                )
-                snap = dataclasses.replace(snap, series=served)
-            latest.update(snap, rec.partition, rec.offset)
-        EXPIRED.inc(latest.expire())
-
     agg = cfg.aggregate
     start_ms = time.time_ns() // 1_000_000 - int(
         (agg.refresh_seconds + LOOKBACK_WINDOWS * agg.window_seconds) * 1000
@@ -266,7 +312,7 @@ async def run(cfg: Config, stop: asyncio.Event) -> None:
         group_id=None,
         stage="pull",
         topics={cfg.kafka.topics.metrics: decode_snapshot},
-        deliver=deliver,
+        deliver=lambda records, producer: deliver(latest, window, records, producer),
         stop=stop,
         start_ms=start_ms,
     )

@@ -37,6 +37,12 @@ nothing at the URL takes remote-write (Prometheus without its receiver), not the
 samples: they are retried, the samples kept, until the configuration is fixed.
 Offsets are committed after that (exporters/consume.py). TLS, authentication and
 headers: exporters/remote_write_client.py.
+
+Memory: a classic histogram repeats its series' labels in every bucket, so a small
+record can make many times its size in samples. The wire refuses a snapshot whose
+samples would take more than ``MAX_PROMETHEUS_BYTES`` (ktel/wire/signals.py), and a
+delivery encodes and sends its snapshots a run of at most that much at a time
+(``_parts``), each request once the one before was taken.
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ import math
 import struct
 import time
 from collections import defaultdict
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from typing import Any
 
 import snappy
@@ -68,7 +74,7 @@ from ktel import selfmetrics
 from ktel.config import Config, check_readable
 from ktel.logs import Once
 from ktel.retry import Permanent, retry
-from ktel.wire import MetricSnapshot, decode_snapshot
+from ktel.wire import MAX_PROMETHEUS_BYTES, MetricSnapshot, decode_snapshot, prometheus_size
 
 log = logging.getLogger("ktel.export.remote_write")
 
@@ -101,10 +107,11 @@ STALE_NAN: float = struct.unpack("<d", STALE_NAN_BITS.to_bytes(8, "little"))[0]
 
 def encode(
     snapshots: Iterable[MetricSnapshot], only: Collection[bytes] | None = None, histograms: str = "native"
-) -> list[tuple[bytes, int, list[bytes]]]:
+) -> Iterator[tuple[bytes, int, list[bytes]]]:
     """Snapshots -> snappy-compressed WriteRequests, each with its sample count and
     its series (as ``series_labels`` keys them); ``only``: just those series.
-    ``histograms``: ``"native"`` or ``"classic"`` (RemoteWriteConfig.histograms)."""
+    ``histograms``: ``"native"`` or ``"classic"`` (RemoteWriteConfig.histograms).
+    Each request is made once the one before was taken: the caller sends it first."""
     # A series is known by its labels, serialised once (a TimeSeries holding only them).
     # A sample is a float, or a native histogram as its framed bytes.
     series: dict[bytes, list[tuple[int, float | bytes]]] = defaultdict(list)
@@ -127,7 +134,6 @@ def encode(
             else:
                 lb = cached((name, typ, *labels.items())) or series_labels(name, typ, labels)
                 series[lb].append((ts_ms, STALE_NAN if stale else float(value)))
-    requests = []
     items = list(series.items()) if only is None else [kv for kv in series.items() if kv[0] in only]
     for start in range(0, len(items), MAX_SERIES_PER_REQUEST):
         parts: list[bytes] = []
@@ -146,8 +152,7 @@ def encode(
                 )
             parts += (_TIMESERIES_TAG, _varint(len(ts)), ts)
             n += len(samples)
-        requests.append((snappy.compress(b"".join(parts)), n, [labels for labels, _ in chunk]))
-    return requests
+        yield snappy.compress(b"".join(parts)), n, [labels for labels, _ in chunk]
 
 
 def _timestamp(sample: tuple[int, float | bytes]) -> int:
@@ -380,17 +385,37 @@ async def deliver(
             rec = dataclasses.replace(rec, item=dataclasses.replace(snap, series=served))
         snaps.append(rec)
     what = f"remote-write to {receiver.url}"
-    dead: set[tuple[int, int]] = set()  # (partition, offset) of snapshots dead-lettered after a refusal
-    for body, n, keys in encode((rec.item for rec in snaps), histograms=histograms):
-        try:
-            await retry(functools.partial(post, receiver, body), what=what)
-            SAMPLES.labels(STAGE).inc(n)
-        except Permanent as err:
-            log.error("remote-write refused %d samples; sending them again by snapshot: %s", n, err)
-            dead |= await _resend_by_snapshot(receiver, snaps, set(keys), producer, str(err), histograms)
-    consume.observe_acknowledged(
-        STAGE, (rec.item.ts_ms * 1_000_000 for rec in snaps if (rec.partition, rec.offset) not in dead)
-    )
+    for part in _parts(snaps):
+        dead: set[tuple[int, int]] = set()  # (partition, offset) of snapshots dead-lettered after a refusal
+        for body, n, keys in encode((rec.item for rec in part), histograms=histograms):
+            try:
+                await retry(functools.partial(post, receiver, body), what=what)
+                SAMPLES.labels(STAGE).inc(n)
+            except Permanent as err:
+                log.error("remote-write refused %d samples; sending them again by snapshot: %s", n, err)
+                dead |= await _resend_by_snapshot(receiver, part, set(keys), producer, str(err), histograms)
+        consume.observe_acknowledged(
+            STAGE, (rec.item.ts_ms * 1_000_000 for rec in part if (rec.partition, rec.offset) not in dead)
+        )
+
+
+def _parts(snaps: list[Record]) -> Iterator[list[Record]]:
+    """``snaps`` in runs of records whose series take at most MAX_PROMETHEUS_BYTES as
+    Prometheus samples together (``prometheus_size``; one record alone may take that
+    much), each encoded and sent before the next is encoded: a delivery holds one run's
+    samples at a time, not those of every record one fetch returned (up to 500, each up
+    to the bound, several GB in all)."""
+    part: list[Record] = []
+    size = 0
+    for rec in snaps:
+        n = prometheus_size(rec.item.series, len(rec.value))
+        if part and size + n > MAX_PROMETHEUS_BYTES:
+            yield part
+            part, size = [], 0
+        part.append(rec)
+        size += n
+    if part:
+        yield part
 
 
 async def _resend_by_snapshot(

@@ -48,6 +48,7 @@ from ktel.schema import U32
 from ktel.wire.codec import MAX_RECORD_BYTES
 from ktel.wire.control import EVERY_HOST, sample_command_id
 from ktel.wire.raw import HOST_CHARS, MAX_EVENTS
+from ktel.wire.signals import MAX_PROMETHEUS_BYTES
 from ktel.wire.topics import Topics
 
 
@@ -1153,6 +1154,17 @@ class PullConfig(Section):
         gt=0,
         description="a snapshot further ahead of the endpoint's clock than this goes to ktel.dlq "
         "instead: kept, it would hide every later value of its series (the newest one is served)",
+    )
+    max_series_bytes: int = Field(
+        64 << 20,
+        # At least what one snapshot may take: every snapshot the wire takes fits an empty endpoint.
+        ge=MAX_PROMETHEUS_BYTES,
+        description="the most the series the endpoint serves may take as Prometheus samples, about "
+        "what a scrape writes: each sample's name and labels (a histogram's in each of its buckets, "
+        "its sum and its count) and 32 bytes. 64 MiB is about 500,000 samples with 100 characters of "
+        "labels, a scrape of several seconds of CPU and about 600 MB at its peak; a series that would "
+        "take the series served past it, new or grown, goes to ktel.dlq (those served keep their "
+        "values); ktel_exporter_pull_series_bytes shows how near it is",
     )
 
 

@@ -43,6 +43,7 @@ from ktel.wire.control import (
 )
 from ktel.wire.raw import PID_FIELDS, PID_INDEXES, RawBatch, decode_batch, encode_batch, event_dict
 from ktel.wire.signals import (
+    MAX_PROMETHEUS_BYTES,
     LogBatch,
     MetricSnapshot,
     SpanBatch,
@@ -56,6 +57,8 @@ from ktel.wire.signals import (
     encode_spans,
     encoded_parts,
     log2_bounds,
+    prometheus_size,
+    series_size,
 )
 from ktel.wire.topics import (
     CONTROL_TOPIC,
@@ -85,6 +88,7 @@ __all__ = [
     "KTEL_METRIC",
     "KTEL_SPAN",
     "LOGS_TOPIC",
+    "MAX_PROMETHEUS_BYTES",
     "METRICS_TOPIC",
     "OOM_KILL",
     "PID_FIELDS",
@@ -126,4 +130,6 @@ __all__ = [
     "encoded_parts",
     "event_dict",
     "log2_bounds",
+    "prometheus_size",
+    "series_size",
 ]

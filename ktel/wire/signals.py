@@ -89,6 +89,23 @@ HISTOGRAM = Shape(
 )
 
 
+# What a sample adds to its series' name and labels wherever a Prometheus exporter
+# writes it, about: a remote-write Sample is 19 bytes and its framing a few more; a
+# scrape's text line has the value, braces, quotes and separators.
+SAMPLE_BYTES = 32
+# The most a snapshot's series may take as Prometheus samples (``prometheus_size``): a
+# classic histogram repeats its series' name and labels in each bucket, its sum and its
+# count, so a record of 771 KB (3 histograms of 257 buckets, 64 labels of 4,000
+# characters) made 200 MB of series, 600 MB of an exporter's memory to encode or serve.
+# The aggregate's snapshot of a host holds at most the series' half of
+# process.max_state_bytes (at most 1,000,000) of names and labels, which a histogram's 40
+# buckets, sum and count repeat 42 times: with the record itself, at most about 22 MB
+# (tests/unit/test_untrusted_snapshots.py measures it at that bound, with the longest
+# labels a probe or kernel code gives). Receivers take requests of that order:
+# VictoriaMetrics at most 32 MiB by default (-maxInsertRequestSize).
+MAX_PROMETHEUS_BYTES = 32 << 20
+
+
 def _increasing(bounds: list[float]) -> bool:
     """Whether each bucket bound is above the one before (a scrape, and a backend, refuse
     buckets out of order)."""
@@ -210,6 +227,32 @@ def encode_snapshot(snap: MetricSnapshot) -> bytes:
     return pack(obj)
 
 
+def samples(typ: str, value: Any) -> int:
+    """How many Prometheus samples a wire series makes: a histogram one for each bucket,
+    its sum and its count (its classic form, which the pull endpoint always serves), any
+    other series one."""
+    return len(value["counts"]) + 2 if typ == "histogram" else 1
+
+
+def series_size(chars: int, typ: str, value: Any) -> int:
+    """What the Prometheus samples of a series whose name and labels take ``chars``
+    characters take, about: those characters and SAMPLE_BYTES in every sample."""
+    return (chars + SAMPLE_BYTES) * samples(typ, value)
+
+
+def prometheus_size(series: Sequence[Sequence[Any]], nbytes: int) -> int:
+    """At least the ``series_size`` of every series of a snapshot of ``nbytes`` bytes on
+    the wire, and at most ``nbytes`` more. A counter's or gauge's name and labels are in
+    the record once, as in its one sample, so only histograms are looked at: a pass over
+    a snapshot's labels would cost a quarter of its decoding, this one a fortieth."""
+    size = nbytes + SAMPLE_BYTES * len(series)
+    for name, typ, labels, value in series:
+        if typ == "histogram":
+            chars = len(name) + sum(map(len, labels)) + sum(map(len, labels.values()))
+            size += series_size(chars, typ, value)
+    return size
+
+
 def decode_snapshot(data: bytes) -> MetricSnapshot:
     obj = unpack(data, "metric snapshot", SNAPSHOT_SHAPE)
     for i, (_name, typ, _labels, value) in enumerate(obj["series"]):
@@ -219,6 +262,13 @@ def decode_snapshot(data: bytes) -> MetricSnapshot:
             # (cumulative: it only goes up from 0; a scrape refuses it, and Prometheus would
             # read a fall as a restart)
             raise WireError(f"metric snapshot: series {i} is a counter below zero, {value}")
+    size = prometheus_size(obj["series"], len(data))
+    if size > MAX_PROMETHEUS_BYTES:
+        # (checked before any exporter makes a sample of it: see MAX_PROMETHEUS_BYTES)
+        raise WireError(
+            f"metric snapshot: its series make about {size:,} bytes of Prometheus samples (a histogram's "
+            f"name and labels in each of its buckets), more than {MAX_PROMETHEUS_BYTES:,}"
+        )
     return MetricSnapshot(ts_ms=obj["ts"], series=obj["series"], stale=obj.get("stale", False))
 
 

@@ -56,7 +56,7 @@ def test_samples_of_a_series_are_in_timestamp_order_and_values_exact():
 
 def test_large_snapshots_are_split_into_requests():
     rows = [["m", "gauge", {"i": str(i)}, i] for i in range(remote_write.MAX_SERIES_PER_REQUEST + 5)]
-    reqs = remote_write.encode([MetricSnapshot(1, rows)])
+    reqs = list(remote_write.encode([MetricSnapshot(1, rows)]))
     assert [n for _, n, _ in reqs] == [remote_write.MAX_SERIES_PER_REQUEST, 5]
     assert sum(len(decode(b).timeseries) for b, _, _ in reqs) == len(rows)
     # Each request names its series, as series_keys names a snapshot's.
@@ -154,7 +154,7 @@ def test_the_pull_endpoint_orders_a_hosts_snapshots_by_their_offsets_not_their_c
     from exporters.pull import LatestValues
 
     def value(latest):
-        [(_p, _o, v, _read)] = latest.families["c"].series.values()
+        [(_p, _o, v, _read, _size)] = latest.families["c"].series.values()
         return v
 
     latest = LatestValues()
