@@ -119,7 +119,9 @@ def _largest_snapshots(kind: str) -> list[bytes]:
                 assert KTEL_METRIC.valid(ev)
             events.append(ev)
         chain.on_batch(value, RawBatch(host, "b", seq, 1, events), now)
-    [(_, snap)] = chain.on_window(aggregate, {host: value}, now + 10_000, 1.0).snapshots
+    # (a new host: its histograms at zero first, then their values, the same size)
+    [(_, zeros), (_, snap)] = chain.on_window(aggregate, {host: value}, now + 10_000, 1.0).snapshots
+    assert len(zeros.series) == len(snap.series)
     assert len(snap.series) > 40 and all(typ == "histogram" for _, typ, _, _ in snap.series)
     return encoded_parts(snap, host.encode())
 
