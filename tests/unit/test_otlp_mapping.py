@@ -417,6 +417,29 @@ async def test_transient_failures_are_retried_refusals_split_and_late_items_dead
     assert REGISTRY.get_sample_value("ktel_exporter_otlp_items_total", {"signal": "spans"}) == acked + 4
 
 
+def _answering(rejected: int, message: str) -> tuple[otlp.Sender, list[bytes]]:
+    """A sender whose spans go over http/protobuf to a backend answering every request
+    with a success that rejects ``rejected`` spans, and the requests it gets."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTracePartialSuccess,
+        ExportTraceServiceResponse,
+    )
+
+    answers: list[bytes] = []
+
+    def submit(data: bytes, _timeout: float):
+        answers.append(data)
+        partial = ExportTracePartialSuccess(rejected_spans=rejected, error_message=message)
+        body = ExportTraceServiceResponse(partial_success=partial).SerializeToString()
+        return type("Result", (), {"status_code": 200, "error": None, "content": lambda _self: body})()
+
+    spans, metrics, logs = otlp.make_exporters(
+        OtlpConfig(protocol="http/protobuf", endpoint="http://127.0.0.1:1")
+    )
+    spans._client._submit = submit
+    return otlp.Sender(OtlpConfig(), (spans, metrics, logs)), answers
+
+
 async def test_a_partial_success_counts_what_the_backend_rejected_and_sends_nothing_again(caplog):
     """A 200 whose body says some items were rejected (OTLP ``partial_success``): the
     backend names none and the spec forbids a retry, so they are counted and logged,
@@ -426,19 +449,7 @@ async def test_a_partial_success_counts_what_the_backend_rejected_and_sends_noth
         ExportTraceServiceResponse,
     )
 
-    answers = []
-
-    def submit(data: bytes, _timeout: float):
-        answers.append(data)
-        partial = ExportTracePartialSuccess(rejected_spans=1, error_message="span too old")
-        body = ExportTraceServiceResponse(partial_success=partial).SerializeToString()
-        return type("Result", (), {"status_code": 200, "error": None, "content": lambda _self: body})()
-
-    spans, metrics, logs = otlp.make_exporters(
-        OtlpConfig(protocol="http/protobuf", endpoint="http://127.0.0.1:1")
-    )
-    spans._client._submit = submit
-    sender = otlp.Sender(OtlpConfig(), (spans, metrics, logs))
+    sender, answers = _answering(1, "span too old")
     now = time.time_ns()
     rows = [[TRACE, bytes([i + 1]) * 8, b"", f"s{i}", now, now + 1, 0, "", {}] for i in range(4)]
     value = wire_spans(SpanBatch(RESOURCE, rows))
@@ -475,24 +486,7 @@ async def test_a_partial_success_counts_what_the_backend_rejected_and_sends_noth
 async def test_a_partial_success_rejecting_a_negative_number_of_items_is_a_success():
     """A backend (or a proxy before it) may answer a success whose ``rejected_spans``, an
     int64, is below zero: the request was taken, and is not sent again for ever."""
-    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-        ExportTracePartialSuccess,
-        ExportTraceServiceResponse,
-    )
-
-    answers = []
-
-    def submit(data: bytes, _timeout: float):
-        answers.append(data)
-        partial = ExportTracePartialSuccess(rejected_spans=-1, error_message="odd")
-        body = ExportTraceServiceResponse(partial_success=partial).SerializeToString()
-        return type("Result", (), {"status_code": 200, "error": None, "content": lambda _self: body})()
-
-    spans, metrics, logs = otlp.make_exporters(
-        OtlpConfig(protocol="http/protobuf", endpoint="http://127.0.0.1:1")
-    )
-    spans._client._submit = submit
-    sender = otlp.Sender(OtlpConfig(), (spans, metrics, logs))
+    sender, answers = _answering(-1, "odd")
     now = time.time_ns()
     rows = [[TRACE, bytes([i + 1]) * 8, b"", f"s{i}", now, now + 1, 0, "", {}] for i in range(2)]
     value = wire_spans(SpanBatch(RESOURCE, rows))
