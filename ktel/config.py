@@ -1263,59 +1263,62 @@ class Config(BaseSettings):
         # The file is passed as init kwargs; the environment overrides it.
         return (env_settings, init_settings)
 
-    @model_validator(mode="after")
-    def _agents_take_the_sample_stages_commands(self) -> Config:
-        """The sample stage's fidelity commands within the agents' bounds
-        (edge_agent/control.py): an agent refuses one out of them, so adaptive sampling
-        would silently never apply. One ktel.toml normally serves the processing workers
-        and the agents, so a default counts as set: it is what a process reading this
-        file holds to."""
-        sample, agent = self.sample, self.agent
-        problems = []
-        # Both sides count in whole ms (sample_core.observe_host, control.Bounds).
-        if int(sample.command_ttl_seconds * 1000) > int(agent.control_max_ttl_seconds * 1000):
+
+def check_sample_commands(cfg: Config) -> None:
+    """Refuse a sample stage whose fidelity commands the agents would refuse (their
+    bounds, edge_agent/control.py), naming both settings: adaptive sampling would
+    silently never apply. Checked where the sample stage starts (``ktel process sample``
+    or ``all``), not when the config loads, as ``check_readable`` is: an agent may read
+    a file of its own (deploy/ktel-agent.service), whose bounds are no reason for it not
+    to start. Where one ktel.toml serves the workers and the agents (the Helm chart's
+    ConfigMap) an agent setting left out counts at its default: it is what the agents
+    reading that file hold to; a worker given a file of its own names the agents' bounds
+    there if they are not the defaults."""
+    sample, agent = cfg.sample, cfg.agent
+    problems = []
+    # Both sides count in whole ms (sample_core.observe_host, control.Bounds).
+    if int(sample.command_ttl_seconds * 1000) > int(agent.control_max_ttl_seconds * 1000):
+        problems.append(
+            f"sample.command_ttl_seconds ({sample.command_ttl_seconds:g}) is above "
+            f"agent.control_max_ttl_seconds ({agent.control_max_ttl_seconds:g}), the longest command "
+            "an agent takes: the agents would refuse every command of the sample stage; lower "
+            f"sample.command_ttl_seconds to at most {agent.control_max_ttl_seconds:g}, or raise "
+            f"agent.control_max_ttl_seconds (up to {CONTROL_TTL_CEILING})"
+        )
+    # (Agents judge a restore without its rate: normal_sample_every is for the agents
+    # that predate restores, which refuse one over their bound and so keep the raise.)
+    for name, refused in (
+        ("raised_sample_every", "the agents would refuse every raise of the sample stage"),
+        (
+            "normal_sample_every",
+            "agents that predate restores would refuse every restore of the sample stage, "
+            "keeping each raise for sample.command_ttl_seconds",
+        ),
+    ):
+        every = getattr(sample, name)
+        if every > agent.control_max_sample_every:
             problems.append(
-                f"sample.command_ttl_seconds ({sample.command_ttl_seconds:g}) is above "
-                f"agent.control_max_ttl_seconds ({agent.control_max_ttl_seconds:g}), the longest command "
-                "an agent takes: the agents would refuse every command of the sample stage; lower "
-                f"sample.command_ttl_seconds to at most {agent.control_max_ttl_seconds:g}, or raise "
-                f"agent.control_max_ttl_seconds (up to {CONTROL_TTL_CEILING})"
+                f"sample.{name} ({every}) is above agent.control_max_sample_every "
+                f"({agent.control_max_sample_every}), the sparsest rate an agent takes: {refused}; "
+                f"lower sample.{name} to at most {agent.control_max_sample_every}, or raise "
+                f"agent.control_max_sample_every (up to {U32})"
             )
-        # (Agents judge a restore without its rate: normal_sample_every is for the agents
-        # that predate restores, which refuse one over their bound and so keep the raise.)
-        for name, refused in (
-            ("raised_sample_every", "the agents would refuse every raise of the sample stage"),
-            (
-                "normal_sample_every",
-                "agents that predate restores would refuse every restore of the sample stage, "
-                "keeping each raise for sample.command_ttl_seconds",
-            ),
-        ):
-            every = getattr(sample, name)
-            if every > agent.control_max_sample_every:
-                problems.append(
-                    f"sample.{name} ({every}) is above agent.control_max_sample_every "
-                    f"({agent.control_max_sample_every}), the sparsest rate an agent takes: {refused}; "
-                    f"lower sample.{name} to at most {agent.control_max_sample_every}, or raise "
-                    f"agent.control_max_sample_every (up to {U32})"
-                )
-        if agent.probes:
-            # The ids name the host and the probe: this agent's longest (an agent without
-            # a host_id of its own is named by its machine id).
-            host = agent.host_id or "h" * MACHINE_ID_CHARS
-            probe = max(agent.probes, key=len)
-            longest = max(len(sample_command_id(w, host, probe, LATEST_MS)) for w in ("raise", "restore"))
-            if longest > agent.control_max_id_chars:
-                problems.append(
-                    f"agent.control_max_id_chars ({agent.control_max_id_chars}) is below the {longest} "
-                    "characters of the ids the sample stage gives its commands to this agent "
-                    f"(ktel-sample-restore-<host id>-<probe>-<ms>, with a host id of {len(host)} characters "
-                    f"and probe {probe}): the agent would refuse every one; raise "
-                    f"agent.control_max_id_chars to at least {longest}"
-                )
-        if problems:
-            raise ValueError("\n  ".join(problems))
-        return self
+    if agent.probes:
+        # The ids name the host and the probe: this agent's longest (an agent without
+        # a host_id of its own is named by its machine id).
+        host = agent.host_id or "h" * MACHINE_ID_CHARS
+        probe = max(agent.probes, key=len)
+        longest = max(len(sample_command_id(w, host, probe, LATEST_MS)) for w in ("raise", "restore"))
+        if longest > agent.control_max_id_chars:
+            problems.append(
+                f"agent.control_max_id_chars ({agent.control_max_id_chars}) is below the {longest} "
+                "characters of the ids the sample stage gives its commands to this agent "
+                f"(ktel-sample-restore-<host id>-<probe>-<ms>, with a host id of {len(host)} characters "
+                f"and probe {probe}): the agent would refuse every one; raise "
+                f"agent.control_max_id_chars to at least {longest}"
+            )
+    if problems:
+        raise ConfigError("\n  ".join(problems))
 
 
 def _is_secret(field: Any) -> bool:

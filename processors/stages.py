@@ -70,7 +70,7 @@ from opentelemetry.semconv._incubating.attributes.host_attributes import HOST_ID
 from prometheus_client import Counter, Gauge, Histogram
 
 from ktel import consumer_lag, logs, selfmetrics
-from ktel.config import Config, KafkaConfig
+from ktel.config import Config, KafkaConfig, check_sample_commands
 from ktel.kafka_client import faust_settings, reachable
 from ktel.retry import retry
 from ktel.topics import TopicSpec, create_topics, partition_counts, replication, resolved
@@ -970,6 +970,8 @@ GC_THRESHOLD = 10_000
 
 
 def run(cfg: Config, stage: str, log_level: str = "info") -> None:
+    if stage in ("sample", "all"):
+        check_sample_commands(cfg)
     gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
     # Faust, left to find out, would log a traceback per attempt and no reason.
     asyncio.run(reachable(cfg.kafka, f"ktel process {stage}"))

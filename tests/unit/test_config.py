@@ -602,9 +602,9 @@ def test_durations_at_their_ceiling_still_load_and_work(tmp_path, monkeypatch):
     assert enrich_core._expire_exits(state, 3601 * 10**9, opts, enrich_core.Touched())
 
 
-# One ktel.toml serves the processing workers and the agents: the sample stage's commands
-# must be within the agents' bounds, or every agent refuses them and adaptive sampling
-# silently never applies.
+# The sample stage's commands must be within the agents' bounds, or every agent refuses
+# them and adaptive sampling silently never applies: checked where the sample stage starts,
+# with the agents' settings of the same file (one ktel.toml serves both in the chart).
 @pytest.mark.parametrize(
     ("toml", "expected"),
     [
@@ -648,9 +648,34 @@ def test_a_sample_stage_the_agents_would_refuse_is_refused_naming_both_settings(
     f = tmp_path / "k.toml"
     f.write_text(toml)
     with pytest.raises(config.ConfigError) as err:
-        config.load(f)
+        config.check_sample_commands(config.load(f))
     assert expected in str(err.value), err.value
-    assert "  : " not in str(err.value)  # (a check across sections names its settings itself)
+
+
+def test_an_agent_whose_own_file_tightens_its_bounds_starts_and_a_sample_stage_on_it_does_not(
+    tmp_path, monkeypatch, capsys
+):
+    """An agent may read a file of its own (deploy/ktel-agent.service): bounds tighter than
+    the sample stage's defaults are no reason for it not to start. A sample stage started
+    on that file is refused before it does anything, naming both settings."""
+    from ktel import cli
+    from processors import stages
+
+    def reached(*_args):
+        raise AssertionError("the sample stage went on to reach Kafka")
+
+    monkeypatch.setattr(stages, "reachable", reached)
+    f = tmp_path / "agent.toml"
+    f.write_text("[agent]\ncontrol_max_ttl_seconds = 60\n")
+    assert config.load(f).agent.control_max_ttl_seconds == 60
+    for stage in ("sample", "all"):
+        with pytest.raises(SystemExit) as stop:
+            cli.main(["--config", str(f), "process", stage])
+        assert stop.value.code == 2
+        assert (
+            "sample.command_ttl_seconds (300) is above agent.control_max_ttl_seconds (60)"
+            in capsys.readouterr().err
+        )
 
 
 def _sample_commands(cfg: config.Config, host_id: str, now: int = 1_764_000_000_000) -> list:
@@ -708,7 +733,7 @@ def test_at_their_edges_the_agents_take_every_command_of_the_sample_stage(
     if one_past is not None:
         monkeypatch.setenv(*one_past.split("="))
         with pytest.raises(config.ConfigError, match="the agents? would refuse"):
-            config.load(f)
+            config.check_sample_commands(config.load(f))
 
 
 def test_an_agent_without_a_host_id_of_its_own_is_taken_as_named_by_its_machine_id(tmp_path, monkeypatch):
@@ -718,9 +743,9 @@ def test_an_agent_without_a_host_id_of_its_own_is_taken_as_named_by_its_machine_
     f = tmp_path / "k.toml"
     f.write_text("[agent]\ncontrol_max_id_chars = 78\n")
     with pytest.raises(config.ConfigError, match="a host id of 32 characters and probe file_created"):
-        config.load(f)
+        config.check_sample_commands(config.load(f))
     f.write_text("[agent]\ncontrol_max_id_chars = 79\n")
-    assert config.load(f).agent.control_max_id_chars == 79
+    config.check_sample_commands(config.load(f))
 
 
 @pytest.mark.parametrize(
