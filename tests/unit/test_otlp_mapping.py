@@ -718,3 +718,40 @@ def test_long_attribute_values_are_encoded_but_not_kept():
     assert [attrs(s.attributes)["path"][:4] for s in spans] == [f"{i:04d}" for i in range(100)]
     assert sum(len(kv.value.string_value) for kv in otlp_spans._cache.values()) < 1000
     assert ("pid", int, 7) in otlp_spans._cache
+
+
+async def test_a_new_series_at_zero_is_not_observed_as_an_ingestion_latency(monkeypatch):
+    """M2 goes from a record's timestamp to its acknowledgement: the aggregate's snapshot
+    of new series at zero, stamped a window before the close that made it, always took a
+    window or more from it (the objective's 10 s by default). Its host's snapshot of that
+    close, right after it, is observed alone."""
+    import types
+
+    from exporters import consume
+    from tests.unit import new_host
+
+    def submit(data: bytes, _timeout: float):
+        return type("Result", (), {"status_code": 200, "error": None, "content": lambda _self: b""})()
+
+    spans, metrics, logs = otlp.make_exporters(
+        OtlpConfig(protocol="http/protobuf", endpoint="http://127.0.0.1:1")
+    )
+    metrics._client._submit = submit
+    sender = otlp.Sender(OtlpConfig(), (spans, metrics, logs))
+    zero, snap = new_host.first_window()
+    clock = types.SimpleNamespace(time_ns=lambda: (new_host.NOW_MS + 2_000) * 1_000_000)
+    monkeypatch.setattr(consume, "time", clock)
+    monkeypatch.setattr(otlp, "time", clock)
+    records = []
+    for offset, s in enumerate([zero, snap]):
+        value = wire.encode_snapshot(s)
+        records.append(
+            Record(wire.decode_snapshot(value), "ktel.metrics", 0, offset, b"h", value, wire.DLQ_TOPIC)
+        )
+    before = new_host.latency_observed("otlp")
+
+    await asyncio.wait_for(sender.deliver(records, Producer()), 30)
+
+    # The host's snapshot alone, 2 s from its timestamp (the zero's would be 12 s).
+    count, total, within = new_host.latency_observed("otlp")
+    assert (count, total, within) == (before[0] + 1, before[1] + 2.0, before[2] + 1)

@@ -345,3 +345,44 @@ async def test_a_label_alike_host_id_once_sanitised_dead_letters_its_snapshot():
     letters = [wire.decode_dead_letter(v) for _t, v, _k in producer.sent]
     assert [dl.offset for dl in letters] == [0, 1, 2]
     assert letters[1].reason == "series 'up': a label 'host-id' that names its host as host.id does"
+
+
+async def test_a_new_series_at_zero_is_not_observed_as_an_ingestion_latency(monkeypatch):
+    """M2 (ingestion latency) goes from a record's timestamp to its acknowledgement. The
+    aggregate's snapshot of new series at zero is stamped a window before the close that
+    made it (processors/aggregate_core.py), so from its timestamp it always took a window
+    or more (10 s by default, the objective's threshold): each new series an error of the
+    objective. Its host's snapshot of that close, right after it, is observed alone."""
+    import asyncio
+    import types
+
+    import httpx
+
+    from exporters import consume
+    from exporters.consume import Record
+    from exporters.delivery import Window
+    from exporters.remote_write_client import Receiver
+    from ktel.config import RemoteWriteConfig
+    from ktel.wire import DLQ_TOPIC, METRICS_TOPIC, decode_snapshot, encode_snapshot
+    from tests.unit import new_host
+
+    zero, snap = new_host.first_window()
+    # Acknowledged 2 s after the window's close, by the exporter's clock.
+    clock = types.SimpleNamespace(time_ns=lambda: (new_host.NOW_MS + 2_000) * 1_000_000)
+    monkeypatch.setattr(consume, "time", clock)
+    monkeypatch.setattr(remote_write, "time", clock)
+    records = []
+    for offset, s in enumerate([zero, snap]):
+        value = encode_snapshot(s)
+        records.append(Record(decode_snapshot(value), METRICS_TOPIC, 0, offset, b"h", value, DLQ_TOPIC))
+    before = new_host.latency_observed("remote-write")
+
+    async with Receiver(RemoteWriteConfig(url="http://receiver.test/api/v1/write")) as receiver:
+        receiver.client = httpx.AsyncClient(transport=httpx.MockTransport(lambda _: httpx.Response(204)))
+        await asyncio.wait_for(
+            remote_write.deliver(receiver, records, Producer(), Window(3600, 600, "x")), 30
+        )
+
+    # The host's snapshot alone, 2 s from its timestamp (the zero's would be 12 s).
+    count, total, within = new_host.latency_observed("remote-write")
+    assert (count, total, within) == (before[0] + 1, before[1] + 2.0, before[2] + 1)
