@@ -483,8 +483,12 @@ async def size_run(args: argparse.Namespace, n_hosts: int) -> Result:
                 # Warm-up: the workers join, recover and count the first batches; then
                 # the bench waits for them to catch up, so the steady phase starts level.
                 warm = asyncio.Event()
+                warm_from = time.monotonic()
                 sender = asyncio.create_task(traffic.run(3600, warm))
                 await asyncio.to_thread(wait, lambda: pipe.counted() > 0, 300, "the worker counting")
+                # ... and every host has sent a batch: a host's first window emits all its
+                # series, and its new series at zero first, which a steady fleet does not.
+                await asyncio.sleep(max(0.0, warm_from + traffic.period + 1 - time.monotonic()))
                 warm.set()
                 await sender
                 await caught_up(prom, traffic, 300)
