@@ -52,9 +52,7 @@ DEAD_LETTERED_ITEMS = Counter(
 # events; a span's end; a log record's time) to the backend's acknowledgement
 # (remote-write 2xx, OTLP success). One observation per record (a snapshot, a batch
 # of spans or logs) and request that carried it; dead-lettered records are not
-# observed, nor a snapshot of new series at zero (MetricSnapshot.at_zero: stamped a
-# window before the close that made it, it would read as a window late). Buckets span
-# the aggregate windows in use (2 s to 60 s) and a backlog.
+# observed. Buckets span the aggregate windows in use (2 s to 60 s) and a backlog.
 INGESTION_LATENCY = Histogram(
     "ktel_exporter_ingestion_latency_seconds",
     "from a record's data timestamp to the backend's acknowledgement",

@@ -646,16 +646,15 @@ class Sender:
 
 def _oldest_per_record(signal: str, part: Sequence[tuple[Record, Any]]) -> Iterable[int]:
     """The oldest timestamp (ns) of each record's items in ``part``: a span's end, a
-    log record's time, a data point's snapshot time; none of a snapshot of new series at
-    zero (``MetricSnapshot.at_zero``: stamped a window before it was made, its host's
-    snapshot right after it has that window's time)."""
-    if signal == "metrics":
-        # (a snapshot's points all have its time)
-        snaps = {(rec.topic, rec.partition, rec.offset): rec.item for rec, _ in part}
-        return [snap.ts_ms * 1_000_000 for snap in snaps.values() if not snap.at_zero()]
+    log record's time, a data point's snapshot time."""
     oldest: dict[tuple[str, int, int], int] = {}
-    for rec, (_, row) in part:
-        ts = row[5] if signal == "spans" else row[0]
+    for rec, (first, row) in part:
+        if signal == "spans":
+            ts = row[5]
+        elif signal == "logs":
+            ts = row[0]
+        else:
+            ts = first * 1_000_000
         key = (rec.topic, rec.partition, rec.offset)
         oldest[key] = min(ts, oldest.get(key, ts))
     return oldest.values()

@@ -395,12 +395,7 @@ async def deliver(
                 log.error("remote-write refused %d samples; sending them again by snapshot: %s", n, err)
                 dead |= await _resend_by_snapshot(receiver, part, set(keys), producer, str(err), histograms)
         consume.observe_acknowledged(
-            STAGE,
-            (
-                rec.item.ts_ms * 1_000_000
-                for rec in part
-                if (rec.partition, rec.offset) not in dead and not rec.item.at_zero()
-            ),
+            STAGE, (rec.item.ts_ms * 1_000_000 for rec in part if (rec.partition, rec.offset) not in dead)
         )
 
 

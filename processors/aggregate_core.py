@@ -25,7 +25,7 @@ since this worker last emitted them, plus those due for a refresh every
 writes follow activity rather than every series ever seen.
 
 A counter or histogram series the worker knows to be new is first emitted at zero
-(``zero_of``), stamped at the previous window's close, in a snapshot of its own just
+(``zero_of``), stamped 1 ms before the window's close, in a snapshot of its own just
 before its host's (one host, one partition of ``ktel.metrics``: it is read first).
 Prometheus' ``increase()`` and ``rate()`` count from a series' second sample, so a
 series whose first sample is its first value is never counted: a host's first OOM kill,
@@ -44,8 +44,13 @@ recovered host, each of its series starts at its value, which ``increase()`` mis
 those made since the host's last window before. A batch replayed after a crash is dropped by the dedupe
 guard when the recovered state counted it, and when not, adds to that state as any
 batch does. A forgotten host's last snapshot is marked stale, which ends its series;
-back, they start again at 0, stamped after the stale marker (a backend refuses a sample
-at or before it).
+back, they start again at 0, after the stale marker (a backend refuses a sample at or
+before it), whichever worker forgot the host: windows are due on the same instants on
+every worker (multiples of the window since the epoch, processors/stages.py
+``next_window``) and each is stamped when it runs, less than a window after it was due,
+so a marker is at least 1 ms before the next deadline, and a zero 1 ms before a close
+after it no earlier (the same instant only for a close a window less 1 ms late, then
+the next on time to the millisecond with the host back between the two).
 
 Cardinality: each host keeps at most ``max_series`` series, taking at most
 ``max_series_bytes`` JSON-encoded (half of ``process.max_state_bytes``, what a host
@@ -197,9 +202,6 @@ class Aggregate(Stage):
         # The worker's memory, not the table: rebuilt by a full snapshot after a restart
         # or a rebalance, which is what a new owner of a host must send anyway.
         self.emitted: dict[str, Emitted] = {}
-        # Hosts this worker ended (a last snapshot marked stale), by that snapshot's time,
-        # for as long as a window's zeros could be stamped at it or before (see on_window).
-        self.ended: dict[str, int] = {}
         # Hosts with a batch counted since the last window: the series the batches changed.
         self.counted: dict[str, set[str]] = {}
 
@@ -233,37 +235,31 @@ class Aggregate(Stage):
         no batch since the previous window and no refresh due costs no snapshot at all.
 
         A counter or histogram series this worker knows to be new is first emitted at
-        zero (``zero_of``), stamped at the previous window's close, in a snapshot of its
-        own just before its host's (see the module doc). A host this worker ended less
-        than a window before has its zeros stamped just after its stale marker instead,
-        which a backend would refuse a sample at or before.
+        zero (``zero_of``), stamped 1 ms before ``now_ms``, in a snapshot of its own just
+        before its host's (see the module doc).
 
         A host silent for ``host_ttl_seconds`` (by the worker's clock, which also stamped
         its last batch) gets a last snapshot of all its series, marked stale, and is
         forgotten, so dead and forged hosts stop costing anything."""
         out = Result()
         ttl_ms = self.opts.host_ttl_seconds * 1000
-        zero_ms = now_ms - max(1, round(self.opts.window_seconds * 1000))
         for gone in self.emitted.keys() - states.keys():  # forgotten, or another worker's now
             del self.emitted[gone]
-        if self.ended:
-            self.ended = {h: at for h, at in self.ended.items() if at >= zero_ms}
         unchanged = 0
         for host_id, state in states.items():
             if now_ms - state.get("last_ms", now_ms) > ttl_ms:
                 rows = snapshot(host_id, state)
                 if rows:
                     out.snapshots.append((host_id, MetricSnapshot(now_ms, rows, stale=True)))
-                    self.ended[host_id] = now_ms
                 out.forget.append(host_id)
                 self.emitted.pop(host_id, None)
                 continue
             rows, zeros, skipped = self._changed(host_id, state, now_ms)
             unchanged += skipped
-            ended = self.ended.get(host_id)  # (kept only if at zero_ms or after)
-            at = zero_ms if ended is None else ended + 1
-            if zeros and at < now_ms:
-                out.snapshots.append((host_id, MetricSnapshot(at, zeros)))
+            if zeros:
+                # Just before the values: a backend needs the 0 first, and the values'
+                # time is also when the zeros were made (their ingestion latency, M2).
+                out.snapshots.append((host_id, MetricSnapshot(now_ms - 1, zeros)))
             if rows:
                 out.snapshots.append((host_id, MetricSnapshot(now_ms, rows)))
         self.counted.clear()

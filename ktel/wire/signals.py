@@ -207,16 +207,6 @@ class MetricSnapshot:
     series: Sequence[Sequence[Any]]  # [name, type, labels, value]
     stale: bool = False  # the series end here (see the module docstring)
 
-    def at_zero(self) -> bool:
-        """Whether it holds counters at 0 and histograms of no observation alone, as the
-        aggregate sends a host's new series before their first value: stamped a window
-        before the close that counted it (processors/aggregate_core.py ``zero_of``), its
-        timestamp is not when it was made."""
-        return not self.stale and all(
-            value == 0 if typ == "counter" else typ == "histogram" and value["count"] == 0
-            for _name, typ, _labels, value in self.series
-        )
-
 
 @dataclasses.dataclass(frozen=True)
 class SpanBatch:

@@ -121,7 +121,7 @@ async def test_kernel_spans_logs_and_metrics_reach_the_collector(private_kafka, 
     assert attributes(oom["attributes"])["oom.trigger.pid"] == pid
     assert oom["resource"] == {"service.name": "ktel", "host.id": host}
 
-    # A new counter: at 0 first, at the window before, then at its count (rate() and
+    # A new counter: at 0 first, 1 ms before its count, then at its count (rate() and
     # increase() count from the second point on).
     ops = [p for m in metrics if m["name"] == "ops_total" for p in m["sum"]["dataPoints"]]
     ops.sort(key=lambda p: int(p["timeUnixNano"]))

@@ -4,8 +4,6 @@ counters and histograms at zero, then every series at its value
 
 from __future__ import annotations
 
-from prometheus_client import REGISTRY
-
 from ktel.wire import HIST_SLOTS, HISTOGRAM_DELTA, KTEL_METRIC, MetricSnapshot, RawBatch
 from processors import aggregate_core
 from processors.chain import Chain
@@ -21,24 +19,12 @@ DEPTH = [KTEL_METRIC.id, 1, 2, "gauge", "queue_depth", {}, 3]
 
 
 def first_window() -> tuple[MetricSnapshot, MetricSnapshot]:
-    """The host's snapshot of its new series at zero, stamped at the window before, and
-    its snapshot at the window's close, in the order the aggregate emits them."""
+    """The host's snapshot of its new series at zero, stamped 1 ms before the window's
+    close, and its snapshot at the close, in the order the aggregate emits them."""
     chain = Chain([aggregate_core.Aggregate(aggregate_core.Options(window_seconds=WINDOW_MS / 1000))])
     [aggregate] = chain.timed()
     value: dict = {}
     chain.on_batch(value, RawBatch("h", "b", 0, 0, [FILE, LATENCY, SIZE, DEPTH]), NOW_MS - 1)
     [(h1, zero), (h2, snap)] = chain.on_window(aggregate, {"h": value}, NOW_MS, 1.0).snapshots
-    assert (h1, h2, zero.ts_ms, snap.ts_ms) == ("h", "h", NOW_MS - WINDOW_MS, NOW_MS)
+    assert (h1, h2, zero.ts_ms, snap.ts_ms) == ("h", "h", NOW_MS - 1, NOW_MS)
     return zero, snap
-
-
-def latency_observed(exporter: str) -> tuple[float, float, float]:
-    """The exporter's ingestion latency (M2) so far: observations, their sum, and those
-    within the objective's 10 s."""
-    labels = {"exporter": exporter}
-    name = "ktel_exporter_ingestion_latency_seconds"
-    return (
-        REGISTRY.get_sample_value(f"{name}_count", labels) or 0.0,
-        REGISTRY.get_sample_value(f"{name}_sum", labels) or 0.0,
-        REGISTRY.get_sample_value(f"{name}_bucket", {**labels, "le": "10.0"}) or 0.0,
-    )

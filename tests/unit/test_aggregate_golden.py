@@ -36,7 +36,7 @@ def run(
     opts: aggregate_core.Options, batches: list[RawBatch]
 ) -> tuple[list[dict], dict[str, list], dict[str, list]]:
     """Per batch its outcome, each host's snapshot rows at the window's end, and those
-    of the host's new series at zero, stamped at the window before."""
+    of the host's new series at zero, stamped 1 ms before."""
     chain = Chain([aggregate_core.Aggregate(opts)])
     table: dict[str, dict] = {}
     outcomes = []
@@ -55,7 +55,7 @@ def run(
     for host_id, snap in values.items():
         snapshots[host_id] = sorted(snap.series, key=json.dumps)
     for snap in zeros.values():
-        assert snap.ts_ms == NOW_MS - opts.window_seconds * 1000
+        assert snap.ts_ms == NOW_MS - 1
     return outcomes, snapshots, {h: sorted(snap.series, key=json.dumps) for h, snap in sorted(zeros.items())}
 
 
@@ -353,7 +353,7 @@ def kernel_metric(mtype: str, name: str, value: float, labels: dict | None = Non
 def test_a_new_hosts_first_window_starts_its_counters_and_histograms_at_zero():
     """Prometheus' increase() counts from a series' second sample: a host's first OOM
     kill, sent as oom_kills_total 1, was never counted. Each new counter and histogram is
-    first emitted at 0, at the previous window's close, in a snapshot of its own before
+    first emitted at 0, 1 ms before the window's close, in a snapshot of its own before
     the host's; a gauge is no count and has none. A histogram's zero has its buckets,
     each empty, and is one the wire takes."""
     from ktel.wire import decode_snapshot, encode_snapshot
@@ -369,7 +369,7 @@ def test_a_new_hosts_first_window_starts_its_counters_and_histograms_at_zero():
     ]
     chain.on_batch(table.setdefault("h", {}), RawBatch("h", "b", 0, 0, events), NOW_MS - 1)
     [(h1, zero), (h2, snap)] = chain.on_window(aggregate, table, NOW_MS, 1.0).snapshots
-    assert (h1, h2, zero.ts_ms, snap.ts_ms, zero.stale) == ("h", "h", NOW_MS - 10_000, NOW_MS, False)
+    assert (h1, h2, zero.ts_ms, snap.ts_ms, zero.stale) == ("h", "h", NOW_MS - 1, NOW_MS, False)
     values = {row[0]: row for row in snap.series}
     assert sorted(values) == ["errors_total", "oom_kills_total", "queue_depth", "wait_seconds"]
     zeros = {row[0]: row for row in zero.series}
@@ -392,7 +392,7 @@ def test_a_new_hosts_first_window_starts_its_counters_and_histograms_at_zero():
 
 
 @pytest.mark.parametrize("refresh_seconds", [3600, 10])  # (no refresh due; one due: the whole host)
-def test_a_new_series_of_a_host_held_starts_at_zero_at_the_previous_windows_close(refresh_seconds):
+def test_a_new_series_of_a_host_held_starts_at_zero(refresh_seconds):
     """A series made since this worker last emitted its host (a new directory, a module's
     error counter with a new label value, a new histogram) is new: 0 first, then its
     value; the series it had are emitted as ever, without a zero."""
@@ -406,7 +406,7 @@ def test_a_new_series_of_a_host_held_starts_at_zero_at_the_previous_windows_clos
     ]
     chain.on_batch(table["h"], RawBatch("h", "b", 1, 0, events), NOW_MS + 9_999)
     [(_, zero), (_, snap)] = chain.on_window(aggregate, table, NOW_MS + 10_000, 1.0).snapshots
-    assert zero.ts_ms == NOW_MS  # the window before's close
+    assert zero.ts_ms == NOW_MS + 9_999  # (1 ms before the close)
     shown = lambda rows: sorted((r[0], r[2].get("directory") or r[2].get("code"), r[3]) for r in rows)  # noqa: E731
     hist = next(r[3] for r in snap.series if r[0] == "wait_seconds")
     empty = {"count": 0, "sum": 0.0, "bounds": hist["bounds"], "counts": [0] * len(hist["counts"])}
@@ -453,31 +453,53 @@ def test_a_host_recovered_from_the_changelog_starts_no_series_at_zero(how):
         assert sorted((r[2]["directory"], r[3]) for r in snap.series) == [*whole, ("/c", 1.0)]
 
 
-def test_a_host_back_after_being_forgotten_starts_again_at_zero_after_its_stale_marker():
+@pytest.mark.parametrize("late_ms", [0, 300, 9_998])
+def test_the_zeros_are_stamped_1_ms_before_their_values(late_ms):
+    """A backend needs a new series' 0 before its first value, and nothing more: the
+    zeros are stamped 1 ms before the window's close that made them, which is their
+    values' time, however late the close ran (its time is when it ran): a new host's
+    series, and a new series of a host already emitted."""
+    chain, aggregate, table = one_host_emitted(refresh_seconds=3600)
+    chain.on_batch(table.setdefault("h2", {}), RawBatch("h2", "b", 0, 0, [file_event("a")]), NOW_MS + 1)
+    chain.on_batch(table["h"], RawBatch("h", "b", 1, 0, [file_event("c")]), NOW_MS + 1)
+    close = NOW_MS + 10_000 + late_ms
+    snaps = chain.on_window(aggregate, table, close, 1.0).snapshots
+    assert [(h, s.ts_ms, [r[3] for r in s.series]) for h, s in snaps] == [
+        ("h", close - 1, [0.0]),
+        ("h", close, [1.0]),
+        ("h2", close - 1, [0.0]),
+        ("h2", close, [1.0]),
+    ]
+
+
+@pytest.mark.parametrize("late_ms", [0, 300, 9_998])  # (how late the close that forgot it ran)
+@pytest.mark.parametrize("by", ["this worker", "another worker"])
+def test_a_host_back_after_being_forgotten_starts_again_at_zero_after_its_stale_marker(by, late_ms):
     """A host silent past host_ttl_seconds gets a last snapshot marked stale, which ends
     its series, and is forgotten. Back, its series start again from nothing: at 0 again,
     but after the stale marker (a backend refuses a sample at or before the one it has),
-    also when its window closed late and the next one on time."""
+    also when it is back right after the marker, at the next window, and that window
+    closes on time after one that closed late; and also when the worker that forgot it
+    is not the one that has it back (its partition moved): windows are due on the same
+    instants on every worker."""
     opts = aggregate_core.Options(window_seconds=10, host_ttl_seconds=60)
     chain = Chain([aggregate_core.Aggregate(opts)])
     [aggregate] = chain.timed()
     table: dict[str, dict] = {}
     chain.on_batch(table.setdefault("h", {}), RawBatch("h", "b", 0, 0, [file_event("a")]), NOW_MS - 1)
     assert len(chain.on_window(aggregate, table, NOW_MS, 1.0).snapshots) == 2  # (at 0, then 1)
-    late = NOW_MS + 60_300  # (the window due at +60 s, 300 ms late)
-    result = chain.on_window(aggregate, table, late, 1.0)
+    forgot = NOW_MS + 60_000 + late_ms  # (the window due at +60 s)
+    result = chain.on_window(aggregate, table, forgot, 1.0)
     [(_, ended)] = result.snapshots
-    assert (result.forget, ended.stale, ended.ts_ms) == (["h"], True, late)
+    assert (result.forget, ended.stale, ended.ts_ms) == (["h"], True, forgot)
     del table["h"]  # (what the runner does with a host forgotten)
-    chain.on_batch(table.setdefault("h", {}), RawBatch("h", "b2", 0, 0, [file_event("a")]), late + 5)
-    [(_, zero), (_, snap)] = chain.on_window(aggregate, table, NOW_MS + 70_010, 1.0).snapshots
-    # (the window before closed at +60.3 s, and the previous close by the clock, +60.01 s, is earlier)
-    assert zero.ts_ms == late + 1 and [r[3] for r in zero.series] == [0.0]
-    assert snap.ts_ms == NOW_MS + 70_010 and [r[3] for r in snap.series] == [1.0]
-    # Forgotten long before, a host's zeros are at the previous window's close again.
-    chain.on_batch(table["h"], RawBatch("h", "b2", 1, 0, [file_event("d")]), NOW_MS + 79_999)
-    [(_, zero), _] = chain.on_window(aggregate, table, NOW_MS + 80_000, 1.0).snapshots
-    assert zero.ts_ms == NOW_MS + 70_000
+    if by == "another worker":
+        chain = Chain([aggregate_core.Aggregate(opts)])
+        [aggregate] = chain.timed()
+    chain.on_batch(table.setdefault("h", {}), RawBatch("h", "b2", 0, 0, [file_event("a")]), forgot + 1)
+    [(_, zero), (_, snap)] = chain.on_window(aggregate, table, NOW_MS + 70_000, 1.0).snapshots
+    assert ended.ts_ms < zero.ts_ms == snap.ts_ms - 1 and [r[3] for r in zero.series] == [0.0]
+    assert snap.ts_ms == NOW_MS + 70_000 and [r[3] for r in snap.series] == [1.0]
 
 
 def test_kernel_metric_values_their_type_cannot_take_are_dropped_and_counted():

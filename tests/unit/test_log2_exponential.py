@@ -165,10 +165,10 @@ def test_classic_setting_sends_bucket_series_in_seconds():
 
 @pytest.mark.parametrize("histograms", ["native", "classic"])
 def test_a_new_series_reaches_remote_write_at_zero_then_at_its_value(histograms):
-    """The aggregate's first window of a new host: each counter and histogram at 0, at the
-    window before, then at its value (the gauge at its value alone), each series' samples
-    in time order in one request Prometheus takes: an empty native histogram (no
-    buckets), or classic series each starting at 0."""
+    """The aggregate's first window of a new host: each counter and histogram at 0, 1 ms
+    before the window's close, then at its value (the gauge at its value alone), each
+    series' samples in time order in one request Prometheus takes: an empty native
+    histogram (no buckets), or classic series each starting at 0."""
     zero, snap = new_host.first_window()
     [(body, n, _)] = remote_write.encode([zero, snap], histograms=histograms)
     req = _prompb()()
