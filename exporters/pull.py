@@ -274,6 +274,8 @@ class LatestValues(Collector):
 async def deliver(
     latest: LatestValues, window: Window, records: list[Record], producer: AIOKafkaProducer
 ) -> None:
+    # Swept first: what expired gives its room to this batch's new series.
+    sweep(latest)
     now = time.time_ns()
     for rec in records:
         snap = rec.item
@@ -287,8 +289,22 @@ async def deliver(
         refused += latest.update(snap, rec.partition, rec.offset)
         if refused:
             await consume.refuse_series(producer, "pull", rec, refused, signal="series", items=len(refused))
+    HELD_BYTES.set(latest.held_bytes)
+
+
+def sweep(latest: LatestValues) -> None:
     EXPIRED.inc(latest.expire())
     HELD_BYTES.set(latest.held_bytes)
+
+
+async def sweeping(latest: LatestValues) -> None:
+    """Sweep every ``SWEEP_S`` whether records come or not: with ktel.metrics silent (the
+    workers down), the last values would otherwise be served for ever, and Prometheus,
+    taking each scrape's time, would draw them on as if fresh instead of showing the gap.
+    (On the event loop, as ``deliver``: the scrape thread only reads.)"""
+    while True:
+        sweep(latest)
+        await asyncio.sleep(SWEEP_S)
 
 
 async def run(cfg: Config, stop: asyncio.Event) -> None:
@@ -307,12 +323,16 @@ async def run(cfg: Config, stop: asyncio.Event) -> None:
     start_ms = time.time_ns() // 1_000_000 - int(
         (agg.refresh_seconds + LOOKBACK_WINDOWS * agg.window_seconds) * 1000
     )
-    await consume.run(
-        kafka=cfg.kafka,
-        group_id=None,
-        stage="pull",
-        topics={cfg.kafka.topics.metrics: decode_snapshot},
-        deliver=lambda records, producer: deliver(latest, window, records, producer),
-        stop=stop,
-        start_ms=start_ms,
-    )
+    sweeper = asyncio.create_task(sweeping(latest))
+    try:
+        await consume.run(
+            kafka=cfg.kafka,
+            group_id=None,
+            stage="pull",
+            topics={cfg.kafka.topics.metrics: decode_snapshot},
+            deliver=lambda records, producer: deliver(latest, window, records, producer),
+            stop=stop,
+            start_ms=start_ms,
+        )
+    finally:
+        sweeper.cancel()

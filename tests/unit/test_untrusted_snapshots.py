@@ -7,6 +7,7 @@ pull endpoint holds at most pull.max_series_bytes of series, dead-lettering the 
 
 from __future__ import annotations
 
+import asyncio
 import time
 import tracemalloc
 
@@ -262,3 +263,41 @@ def test_a_histogram_the_pull_endpoint_holds_grown_past_its_room_keeps_its_value
     [(_p, offset, value, _r, size)] = latest.families["h"].series.values()
     assert (offset, value, size) == (1, small, latest.held_bytes)
     assert latest.update(MetricSnapshot(3, [["h", "histogram", {}, {**small, "sum": 2.0}]]), 0, 3) == []
+
+
+async def test_series_that_expired_make_room_for_the_batch_after_them():
+    """A full endpoint whose series all expired takes the next batch's new series: the
+    sweep comes before the batch, not after it, which dead-lettered them."""
+    now = [0.0]
+    row = ["g", "gauge", {"i": "0"}, 1.0]
+    size = wire.series_size(len("g") + len("i") + 1, "gauge", 1.0)
+    latest = pull.LatestValues(clock=lambda: now[0], max_bytes=10 * size)
+    window = Window(float("inf"), 600, "pull")
+    producer = Producer()
+    now_ms = time.time_ns() // 1_000_000
+    old = MetricSnapshot(now_ms, [[*row[:2], {"i": str(i)}, 1.0] for i in range(10)])
+    await pull.deliver(latest, window, [_record(old, 1)], producer)
+    assert latest.held_bytes == 10 * size
+    now[0] += 3600
+    new = MetricSnapshot(now_ms, [["h", "gauge", {"i": str(i)}, 2.0] for i in range(10)])
+    await pull.deliver(latest, window, [_record(new, 2)], producer)
+    assert producer.sent == [] and set(latest.families) == {"h"}
+
+
+async def test_with_no_snapshot_coming_the_endpoint_still_lets_expired_series_go(monkeypatch):
+    """ktel.metrics silent (the workers down): the last values are not served for ever,
+    which Prometheus would draw on as fresh at every scrape instead of a gap."""
+    now = [0.0]
+    latest = pull.LatestValues(clock=lambda: now[0])
+    latest.update(MetricSnapshot(1, [["g", "gauge", {"host.id": "a"}, 1.0]]), 0, 1)
+    monkeypatch.setattr(pull, "SWEEP_S", 0.001)
+    sweeper = asyncio.create_task(pull.sweeping(latest))
+    try:
+        now[0] += 3600
+        for _ in range(5000):  # (until the sweeper has run; no time is asserted)
+            if not latest.families:
+                break
+            await asyncio.sleep(0.001)
+        assert latest.families == {} and latest.held_bytes == 0
+    finally:
+        sweeper.cancel()
