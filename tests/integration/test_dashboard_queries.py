@@ -45,17 +45,18 @@ def test_agents_down_shows_the_hosts_down_silent_longest_first(tmp_path):
         {"series": 'ktel_agent_stopped_timestamp_seconds{host_id="drained"}', "values": "0x60"},
     ]
     shown = [{"labels": f'{{host_id="{h}"}}', "value": 60 * (i + 1)} for i, h in enumerate(down)][-top:]
-    (tmp_path / "none.yml").write_text("groups: []\n")
+    promtool_holds(tmp_path, series, [{"expr": expr, "eval_time": f"{at}s", "exp_samples": shown}])
+
+
+def promtool_holds(tmp_path, series: list[dict], cases: list[dict], rules: str | None = None) -> None:
+    """promtool evaluates each of ``cases`` (expression, time, expected samples) over
+    ``series``, one sample a minute, with ``rules`` loaded (none: the panels alone)."""
+    if rules is None:
+        (tmp_path / "none.yml").write_text("groups: []\n")
     tests = {
-        "rule_files": ["none.yml"],
+        "rule_files": [rules or "none.yml"],
         "evaluation_interval": "1m",
-        "tests": [
-            {
-                "interval": "1m",
-                "input_series": series,
-                "promql_expr_test": [{"expr": expr, "eval_time": f"{at}s", "exp_samples": shown}],
-            }
-        ],
+        "tests": [{"interval": "1m", "input_series": series, "promql_expr_test": cases}],
     }
     path = tmp_path / "test.yml"
     path.write_text(yaml.safe_dump(tests))
@@ -133,30 +134,16 @@ def test_agents_down_shows_the_hosts_ktel_agent_down_pages_for(tmp_path):
     ]
     shown = [{"labels": f'{{host_id="{h}"}}', "value": v} for h, v in paged.items()]
     aged = [*shown, {"labels": '{host_id="up"}', "value": 0}]
-    tests = {
-        "rule_files": [str(RULES)],  # the alert reads ktel:agent_up:max
-        "evaluation_interval": "1m",
-        "tests": [
-            {
-                "interval": "1m",
-                "input_series": [{"series": s, "values": minutes(v, at)} for s, v in fleet.items()],
-                "promql_expr_test": [
-                    {"expr": expr, "eval_time": f"{at}m", "exp_samples": shown} for expr in (alert, panel)
-                ]
-                + [
-                    {
-                        "expr": count,
-                        "eval_time": f"{at}m",
-                        "exp_samples": [{"labels": "{}", "value": len(paged)}],
-                    },
-                    {"expr": ages, "eval_time": f"{at}m", "exp_samples": aged},
-                ],
-            }
+    promtool_holds(
+        tmp_path,
+        [{"series": s, "values": minutes(v, at)} for s, v in fleet.items()],
+        [{"expr": expr, "eval_time": f"{at}m", "exp_samples": shown} for expr in (alert, panel)]
+        + [
+            {"expr": count, "eval_time": f"{at}m", "exp_samples": [{"labels": "{}", "value": len(paged)}]},
+            {"expr": ages, "eval_time": f"{at}m", "exp_samples": aged},
         ],
-    }
-    path = tmp_path / "test.yml"
-    path.write_text(yaml.safe_dump(tests))
-    assert "SUCCESS" in run("test", "rules", str(path))
+        rules=str(RULES),  # (the alert reads ktel:agent_up:max)
+    )
 
 
 def test_top_n_panels_show_only_what_has_some(tmp_path):
@@ -208,24 +195,12 @@ def test_top_n_panels_show_only_what_has_some(tmp_path):
         for name, e in ranked.items()
     }
     assert sum(map(bool, after.values())) == 3  # two panels of OOM kills, one of drops
-    (tmp_path / "none.yml").write_text("groups: []\n")
-    tests = {
-        "rule_files": ["none.yml"],
-        "evaluation_interval": "1m",
-        "tests": [
-            {
-                "interval": "1m",
-                "input_series": series,
-                "promql_expr_test": [
-                    {"expr": e, "eval_time": "20m", "exp_samples": []} for e in ranked.values()
-                ]
-                + [{"expr": e, "eval_time": "60m", "exp_samples": after[name]} for name, e in ranked.items()],
-            }
-        ],
-    }
-    path = tmp_path / "test.yml"
-    path.write_text(yaml.safe_dump(tests))
-    assert "SUCCESS" in run("test", "rules", str(path))
+    promtool_holds(
+        tmp_path,
+        series,
+        [{"expr": e, "eval_time": "20m", "exp_samples": []} for e in ranked.values()]
+        + [{"expr": e, "eval_time": "60m", "exp_samples": after[name]} for name, e in ranked.items()],
+    )
 
 
 def test_burn_rate_panel_is_over_each_threshold_while_its_alert_condition_holds(tmp_path):
@@ -277,26 +252,11 @@ def test_burn_rate_panel_is_over_each_threshold_while_its_alert_condition_holds(
                     "exp_samples": [{"labels": '{exporter="remote-write"}', "value": held}],
                 },
             ]
-    tests = {
-        "rule_files": [str(RULES)],  # the alerts read the recording rules
-        "evaluation_interval": "1m",
-        "tests": [
-            {
-                "interval": "1m",
-                "input_series": [
-                    {
-                        "series": f"ktel_exporter_ingestion_latency_seconds_{name}",
-                        "values": minutes(values, at),
-                    }
-                    for name, values in (
-                        ('bucket{exporter="remote-write", le="10.0", instance="rw"}', on_time),
-                        ('count{exporter="remote-write", instance="rw"}', count),
-                    )
-                ],
-                "promql_expr_test": cases,
-            }
-        ],
-    }
-    path = tmp_path / "test.yml"
-    path.write_text(yaml.safe_dump(tests))
-    assert "SUCCESS" in run("test", "rules", str(path))
+    series = [
+        {"series": f"ktel_exporter_ingestion_latency_seconds_{name}", "values": minutes(values, at)}
+        for name, values in (
+            ('bucket{exporter="remote-write", le="10.0", instance="rw"}', on_time),
+            ('count{exporter="remote-write", instance="rw"}', count),
+        )
+    ]
+    promtool_holds(tmp_path, series, cases, rules=str(RULES))  # (the alerts read the recording rules)
