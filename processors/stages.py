@@ -231,7 +231,13 @@ KIND_COUNTED: dict[str, Counter] = {"sampler_emitted": SAMPLER_EMITTED, "sampler
 
 
 async def persist(
-    table: Any, key: str, value: dict[str, Any], record_key: bytes, record: bytes, source: Any
+    table: Any,
+    key: str,
+    value: dict[str, Any],
+    record_key: bytes,
+    record: bytes,
+    source: Any,
+    acked: Callable[[Any], None] | None = None,
 ) -> None:
     """``table[key] = value``, with its changelog record (a snapshot or a delta,
     processors/changelog.py) handed to the Kafka producer before the source record is
@@ -251,22 +257,27 @@ async def persist(
     process.max_state_bytes; ``source``: the record (a Faust message) it came from,
     whose partition the changelog record goes to: the table is co-partitioned with
     its topic, which Faust checks as its own write does (PartitionsMismatch).
+    ``acked`` is called once Kafka has the record.
     """
     table._verify_source_topic_partitions(source.topic)
     table.data[key] = value
-    await send(table, record_key, record, source.partition)
+    await send(table, record_key, record, source.partition, acked)
     table._sensor_on_set(table, key, value)
 
 
-async def send(table: Any, key: bytes, value: bytes | None, partition: int) -> None:
-    """A changelog record (None: a tombstone, as Faust's own delete writes)."""
+async def send(
+    table: Any, key: bytes, value: bytes | None, partition: int, acked: Callable[[Any], None] | None = None
+) -> None:
+    """A changelog record (None: a tombstone, as Faust's own delete writes); ``acked``
+    is called, after the store's own copy, once Kafka has it."""
+    calls = [f for f in (on_changelog_acked(table, key, value), acked) if f is not None]
+
+    def each(meta: Any) -> None:
+        for f in calls:
+            f(meta)
+
     await produce(
-        table.app,
-        table.changelog_topic.get_topic_name(),
-        key,
-        value,
-        partition,
-        on_changelog_acked(table, key, value),
+        table.app, table.changelog_topic.get_topic_name(), key, value, partition, each if calls else None
     )
 
 
@@ -342,6 +353,43 @@ def encoded(table: Any, value: dict[str, Any]) -> bytes:
 
 def decoded(table: Any, data: bytes) -> dict[str, Any]:
     return codecs.loads(table.value_serializer, data)
+
+
+class ChangelogAcks:
+    """The table's changelog records on their way to Kafka, numbered as they are sent.
+
+    A window emits what the hosts' values hold only once Kafka has every record sent
+    before it looked at them (``wait``): a worker SIGKILLed after emitting a value its
+    changelog did not have yet is replaced by one that counts the batch again from the
+    value before it, and would emit the host's new series at 0 again after their values
+    (a counter reset: counted twice), or a value below the one emitted (the fused sample
+    stage's rates are memory, so a batch read again may be sampled otherwise). A record
+    is numbered when its value is changed, before any await, so one a take has not yet
+    handed to the producer is waited for too."""
+
+    def __init__(self) -> None:
+        self.last = 0  # the number of the last record sent
+        self._unacked: set[int] = set()
+        self._acked = asyncio.Event()
+
+    def sent(self) -> Callable[[Any], None]:
+        """A record of a host's value on its way: what to call once Kafka has it."""
+        self.last += 1
+        n = self.last
+        self._unacked.add(n)
+
+        def acked(_meta: Any) -> None:
+            self._unacked.discard(n)
+            self._acked.set()
+
+        return acked
+
+    async def wait(self, last: int) -> None:
+        """Until Kafka has every record numbered ``last`` or below. (One it never gets
+        stops the worker: processors/faust_app.py ``Producer.delivered``.)"""
+        while self._unacked and min(self._unacked) <= last:
+            self._acked.clear()
+            await self._acked.wait()
 
 
 @dataclasses.dataclass
@@ -454,6 +502,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
     # rebalance) is never mistaken for it; emptied when partitions go, so hosts another
     # worker took over cost nothing here.
     persisted: dict[str, Persisted] = {}
+    acks = ChangelogAcks()
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # (mode types handlers narrower than it calls them)
     def forget_persisted(_app: Any, *_revoked: Any, signal: Any, **_kwargs: Any) -> None:
@@ -532,7 +581,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         if record is None or len(record) >= len(head) + entries:  # (a delta no smaller than the value)
             key, record = hosts.data._encode_key(host_id), encoded(hosts, value)
             kept.snapshot = v
-        await persist(hosts, host_id, value, key, record, msg)
+        await persist(hosts, host_id, value, key, record, msg, acks.sent())
         kept.head, kept.entries = head, entries
         return True
 
@@ -732,6 +781,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         result = chain.on_window(timed, mine, now_ms, len(assigned) / cfg.kafka.raw_partitions)
         if result.snapshots:
             count_series(result.snapshots, now_ms)
+            await acks.wait(acks.last)  # (what it emits, Kafka has: ChangelogAcks)
         await emit(result)
         for host_id in result.forget:
             await drop_host(host_id)

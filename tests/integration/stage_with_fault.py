@@ -1,24 +1,35 @@
 """``python -m tests.integration.stage_with_fault process <stage>``: the real worker,
-except that, given KTEL_TEST_KILL_AFTER_RECORD=N, it SIGKILLs itself once Kafka has
-its N-th changelog record (a host's snapshot or delta, processors/changelog.py),
-before the batch that made it is committed or has sent anything on."""
+except that it SIGKILLs itself around its N-th changelog record (a host's snapshot or
+delta, processors/changelog.py), before the batch that made it is committed or has
+sent anything on:
 
+- KTEL_TEST_KILL_AFTER_RECORD=N: once Kafka has that record;
+- KTEL_TEST_KILL_HOLDING_RECORD=N: without ever sending it, after holding it back for
+  KTEL_TEST_HOLD_SECONDS (the host's value changed in the table meanwhile, for the
+  window to see, as it would while a record is on its way to Kafka)."""
+
+import asyncio
 import os
 import signal
 
 from ktel.cli import main
 from processors import stages
 
-KILL_AT = int(os.environ["KTEL_TEST_KILL_AFTER_RECORD"])
+AFTER = int(os.environ.get("KTEL_TEST_KILL_AFTER_RECORD", "0"))
+HOLDING = int(os.environ.get("KTEL_TEST_KILL_HOLDING_RECORD", "0"))
 persist = stages.persist
 written = 0
 
 
-async def persist_then_die(table, key, value, record_key, record, source):
+async def persist_then_die(table, key, value, record_key, record, source, acked=None):
     global written
-    await persist(table, key, value, record_key, record, source)
     written += 1
-    if written == KILL_AT:
+    if written == HOLDING:
+        table.data[key] = value
+        await asyncio.sleep(float(os.environ["KTEL_TEST_HOLD_SECONDS"]))
+        os.kill(os.getpid(), signal.SIGKILL)
+    await persist(table, key, value, record_key, record, source, acked)
+    if written == AFTER:
         await table.app.producer.flush()  # acknowledged by Kafka (acks=all)
         os.kill(os.getpid(), signal.SIGKILL)
 

@@ -507,6 +507,47 @@ def test_a_worker_killed_right_after_a_changelog_delta_counts_its_batch_once(pri
         w.stop()
 
 
+def test_a_worker_killed_with_a_changelog_record_on_its_way_took_back_nothing_it_emitted(
+    private_kafka, tmp_path
+):
+    """Windows close while a host's first batch has its changelog record on the way to
+    Kafka (held back 3 s, windows of 1 s), and the worker is SIGKILLed before Kafka has it.
+    The replacement counts the batch again from the value before it: had a window emitted
+    the host's new series (0, then their values), the replacement's 0 and values after
+    them would read as a counter reset, counted twice by increase(). Every series on
+    ktel.metrics only ever goes up, and ends at its exact total."""
+    hosts, per_host, events = 2, 6, 5
+    traffic = list(batches(hosts, per_host, events))
+    faulty = Worker(
+        tmp_path,
+        private_kafka.bootstrap,
+        "w",
+        module="tests.integration.stage_with_fault",
+        KTEL_TEST_KILL_HOLDING_RECORD="1",
+        KTEL_TEST_HOLD_SECONDS="3",
+    ).start()
+    asyncio.run(produce(private_kafka.bootstrap, [(b.key, encode_batch(b)) for b in traffic]))
+    try:
+        assert faulty.proc.wait(300) == -signal.SIGKILL, faulty.log.read_text()[-3000:]
+    finally:
+        faulty.stop()
+    w = Worker(tmp_path, private_kafka.bootstrap, "w").start()
+    try:
+        expected = batches_totals(hosts, per_host, events)
+        assert wait_for_totals(private_kafka.bootstrap, expected, timeout=300) == expected
+    finally:
+        w.stop()
+    recs = asyncio.run(read_topic(private_kafka.bootstrap, METRICS_TOPIC, idle_s=0.5, timeout=10))
+    went: dict[tuple[str, str], list[float]] = {}
+    for rec in sorted(recs, key=lambda r: (r.partition, r.offset)):  # (a host's, in its order)
+        for name, _t, labels, value in decode_snapshot(rec.value).series:
+            if name == "file_created_total":
+                went.setdefault((labels["host.id"], labels["directory"]), []).append(value)
+    assert went.keys() == expected.keys()
+    for series, values in went.items():
+        assert values == sorted(values), (series, values)
+
+
 def file_event(path: str) -> list:
     return [FILE_CREATED.id, 1, 2, 2, 0, "w", path, 0o101, False]
 

@@ -4,6 +4,7 @@ order, after compaction, and after the host was forgotten."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import random
@@ -13,7 +14,7 @@ from ktel.wire import FILE_CREATED, HISTOGRAM_DELTA, KTEL_METRIC, PROCESS_EXEC, 
 from processors import changelog
 from processors.chain import build
 from processors.stage import MISSING
-from processors.stages import Persisted
+from processors.stages import ChangelogAcks, Persisted
 
 CFG = config.Config(agent=config.AgentConfig(host_id="t"))
 T = 1_700_000_000_000_000_000
@@ -173,3 +174,27 @@ def test_the_encoded_length_of_a_list_of_items_is_that_of_each_item_encoded_alon
     assert changelog.encoded_len(items) == sum(len(json.dumps(x)) for x in items)
     assert changelog.encoded_len(items[:1]) == len(json.dumps(items[0]))
     assert changelog.encoded_len([]) == 0
+
+
+def test_a_window_waits_for_every_changelog_record_sent_before_it_and_no_later_one():
+    """``ChangelogAcks.wait(n)`` returns once Kafka has records 1 to n, in whatever order
+    their acknowledgements come; a record sent after it began is not waited for."""
+
+    async def scenario() -> list[str]:
+        acks, seen = ChangelogAcks(), []
+        first, second = acks.sent(), acks.sent()
+        waiting = asyncio.ensure_future(acks.wait(acks.last))
+        later = acks.sent()
+        await asyncio.sleep(0)
+        second(None)
+        await asyncio.sleep(0)
+        seen.append(f"done after the second: {waiting.done()}")
+        first(None)
+        await asyncio.sleep(0)
+        seen.append(f"done after the first: {waiting.done()}")
+        await acks.wait(acks.last - 1)  # (the later one still on its way)
+        later(None)
+        await acks.wait(acks.last)
+        return seen
+
+    assert asyncio.run(scenario()) == ["done after the second: False", "done after the first: True"]

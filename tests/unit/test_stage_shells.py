@@ -14,10 +14,12 @@ import copy
 import json
 import time
 from contextlib import AsyncExitStack
+from types import SimpleNamespace
 from typing import Any
 from unittest import mock
 
 from aiokafka.partitioner import murmur2
+from aiokafka.structs import TopicPartition
 from faust.types import TP, Message
 from prometheus_client import REGISTRY
 
@@ -108,11 +110,15 @@ class Shell:
     async def __aenter__(self) -> Shell:
         sent, changelog = self.sent, self.changelog
         changelog_topic = stages.changelog_topic(self.names, self.stage)
+        offsets: dict[int, int] = {}  # the changelog's, per partition
 
         async def record(_app, topic, key, value, partition=None, acked=None):
             if topic == changelog_topic:
                 # As serialized for Kafka (the table's JSON), a tombstone as None.
                 changelog.append((json.loads(key), None if value is None else json.loads(value)))
+                if acked is not None:  # Kafka has it (what a window waits for: stages.ChangelogAcks)
+                    offsets[partition] = offset = offsets.get(partition, -1) + 1
+                    acked(SimpleNamespace(topic_partition=TopicPartition(topic, partition), offset=offset))
             else:
                 sent.append((topic, key, value))
 
