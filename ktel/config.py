@@ -458,6 +458,13 @@ MAX_REQUEST_SECONDS = 3600
 # windows, which set its rates, budgets and anomalies, never close (their milliseconds
 # overflow from about 1e305 s, stopping the worker).
 MAX_PERIOD_SECONDS = 3600
+# The shortest agent.heartbeat_seconds. Each heartbeat is a record that every worker reading
+# ktel.heartbeats takes (about 75 µs: docs/operating.md), so at 1 ms 10,000 hosts would send
+# 10 million a second; and an agent waits at most an interval for Kafka to take one, skipping
+# it if not (then reading as not ready). A shorter interval tells nothing sooner: the
+# workers count no heartbeat's interval as under a second before taking its host as down
+# (processors/fleet_metrics.py), and KtelAgentDown waits 2 minutes before it pages.
+MIN_HEARTBEAT_SECONDS = 1
 
 
 def _ms_within(v: int, most: int, advice: str) -> int:
@@ -548,7 +555,10 @@ class AgentConfig(Section):
         "interval", description="fsync of the spool: every batch, at most once a second, or never"
     )
     heartbeat_seconds: float = Field(
-        10, gt=0, le=MAX_PERIOD_SECONDS, description="interval of heartbeats on ktel.heartbeats"
+        10,
+        ge=MIN_HEARTBEAT_SECONDS,
+        le=MAX_PERIOD_SECONDS,
+        description="interval of heartbeats on ktel.heartbeats, from 1 s to an hour",
     )
     cgroup_root: Dir | None = Field(
         None,

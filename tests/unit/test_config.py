@@ -391,6 +391,12 @@ LONG_HOST = "h" * 300
             "[agent]\nheartbeat_seconds = 1e12\n",
             "agent.heartbeat_seconds = 1000000000000.0: Input should be less than or equal to 3600",
         ),
+        # Short enough to flood ktel.heartbeats and the workers that read it.
+        (
+            "[agent]\nheartbeat_seconds = 0.0001\n",
+            "agent.heartbeat_seconds = 0.0001: Input should be greater than or equal to 1 "
+            "(set it in the file or with KTEL_AGENT__HEARTBEAT_SECONDS)",
+        ),
         (
             "[sample]\nwindow_seconds = 1e300\n",
             "sample.window_seconds = 1e+300: Input should be less than or",
@@ -565,7 +571,7 @@ def test_values_that_mean_something_at_their_edges_still_load(tmp_path, monkeypa
     f = tmp_path / "k.toml"
     f.write_text(
         "[kafka]\nprefix = ''\nraw_retention_hours = 168\nreplication_factor = 'auto'\n"
-        "[agent]\nmetrics_port = 0\nsample_every = {file_created = 10}\n"
+        "[agent]\nmetrics_port = 0\nsample_every = {file_created = 10}\nheartbeat_seconds = 1\n"
         f"state_dir = '{tmp_path / 'not-yet'}'\ncgroup_root = '{tmp_path}'\n"
         "redact = [{kind = 'file_created', field = 'path', pattern = '^/home/[^/]+', replacement = ''}]\n"
         "[sample]\nbudget_per_s = {file_created = 5000}\n"
