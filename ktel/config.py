@@ -980,8 +980,11 @@ OTLP_PROTOCOLS = ("grpc", "http/protobuf")
 DEFLATE_OVER_GRPC = "otlp.compression = 'deflate' is not available over grpc: use gzip"
 # The paths the OTLP/HTTP exporter appends to otlp.endpoint (exporters/otlp.py).
 OTLP_HTTP_PATHS = ("v1/traces", "v1/metrics", "v1/logs")
-# gRPC's own address schemes (its name resolvers), which the SDK passes on as they are.
+# gRPC's own address schemes (its name resolvers), which the SDK passes on as they are
+# unless they have an authority (``//`` and a host): it then connects to that, dropping the rest.
 GRPC_SCHEMES = frozenset({"dns", "unix", "unix-abstract", "ipv4", "ipv6", "vsock", "xds", "google-c2p"})
+# Those of them whose address is a path or a name, never a host after ``//``.
+GRPC_LOCAL_SCHEMES = frozenset({"unix", "unix-abstract", "vsock"})
 _SPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f\x7f]")
 
 
@@ -1015,14 +1018,35 @@ def _address_problem(netloc: str, protocol: str) -> str | None:
 def otlp_endpoint_problem(endpoint: str, protocol: str) -> str | None:
     """Why ``endpoint`` (otlp.endpoint) cannot work over ``protocol``, with the form to
     give; None if it may. As the SDK exporters take it: over grpc a URL's host and port
-    (its scheme says plaintext or TLS, its path is not used) or, without ``//``, a gRPC
-    address as it is (host:port, dns:///host:port, unix:path, ...); over http/protobuf an
-    http(s) base URL, to which the signal's path is appended (exporters/otlp.py)."""
+    (its scheme says plaintext or TLS, its path is not used) or, without ``//`` and a host
+    after it, a gRPC address as it is (host:port, dns:///host:port, unix:path, ...); over
+    http/protobuf an http(s) base URL, to which the signal's path is appended
+    (exporters/otlp.py)."""
     try:
         parts = urlsplit(endpoint)  # (as the SDK's urlparse: leading spaces, tabs and newlines go)
     except ValueError as err:
         return f"is not a URL ({err}): give one such as http://collector:4317"
     if protocol == "grpc":
+        if parts.netloc and parts.scheme in GRPC_SCHEMES:
+            # The SDK would connect to the authority as host:port, dropping the rest: of
+            # dns://server/name the DNS server, of unix://relative/path "relative".
+            scheme, address, name = parts.scheme, endpoint.strip().partition("//")[2], parts.path[1:]
+            if scheme == "unix":
+                return (
+                    "has a relative path after unix://, where gRPC takes only an absolute one: give "
+                    f"unix:{address} (relative), or unix:///{address} (absolute)"
+                )
+            if scheme in GRPC_LOCAL_SCHEMES:
+                return (
+                    f"has // after {scheme}:, which makes the OTLP exporter take {parts.netloc} for a "
+                    f"host: give {scheme}:{address}"
+                )
+            if name:
+                return (
+                    f"has {parts.netloc} after {scheme}://, which the OTLP exporter would connect to "
+                    f"instead of {name} (it cannot be given a DNS server or another authority): give "
+                    f"{scheme}:///{name}"
+                )
         if parts.netloc:
             return _address_problem(parts.netloc.rstrip(), protocol)  # (gRPC takes trailing spaces)
         if parts.scheme in GRPC_SCHEMES:

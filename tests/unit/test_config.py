@@ -775,6 +775,30 @@ def test_an_agent_without_a_host_id_of_its_own_is_taken_as_named_by_its_machine_
         ("grpc", "collector:4317/v1/traces", "is neither host:port nor a URL: give http://host:port"),
         ("grpc", "http:/collector:4317", "is neither host:port nor a URL"),
         ("grpc", " collector:4317", "has a space or control character"),
+        # A gRPC address with an authority: the SDK connects to that authority and drops the rest.
+        (
+            "grpc",
+            "dns://8.8.8.8/collector:4317",
+            "otlp.endpoint = 'dns://8.8.8.8/collector:4317': Value error, has 8.8.8.8 after dns://, which "
+            "the OTLP exporter would connect to instead of collector:4317 (it cannot be given a DNS server "
+            "or another authority): give dns:///collector:4317",
+        ),
+        ("grpc", "xds://authority/collector", "give xds:///collector"),
+        (
+            "grpc",
+            "unix://relative/path",
+            "has a relative path after unix://, where gRPC takes only an absolute one: give "
+            "unix:relative/path (relative), or unix:///relative/path (absolute)",
+        ),
+        ("grpc", "unix://otelcol.sock", "give unix:otelcol.sock (relative), or unix:///otelcol.sock"),
+        (
+            "grpc",
+            "unix-abstract://otelcol",
+            "has // after unix-abstract:, which makes the OTLP exporter take otelcol for a host: "
+            "give unix-abstract:otelcol",
+        ),
+        # (neither protocol takes it)
+        (None, "dns://8.8.8.8/collector:4317", "give dns:///collector:4317"),
         # Either, and so also with the protocol left to OTEL_EXPORTER_OTLP_PROTOCOL.
         (None, "http://:4317", "otlp.endpoint = 'http://:4317': Value error, has no host: give one"),
         (None, "http://collector:99999", "has a port that is not a number from 1 to 65535"),
@@ -809,6 +833,12 @@ def test_an_otlp_endpoint_its_protocol_cannot_use_is_refused_with_the_form_to_gi
         ("grpc", "grpc://collector:4317"),
         ("grpc", "dns:///collector:4317"),
         ("grpc", "unix:///run/otelcol.sock"),
+        ("grpc", "unix:run/otelcol.sock"),  # (relative)
+        ("grpc", "dns:collector:4317"),
+        ("grpc", "dns://collector:4317"),  # (the SDK connects to collector:4317)
+        ("grpc", "ipv4:///10.0.0.5:4317"),
+        ("grpc", "ipv6://[::1]:4317"),  # (to [::1]:4317)
+        ("grpc", "unix-abstract:otelcol"),
         ("grpc", "http://collector:4317 "),
         ("http/protobuf", "http://collector:4318"),
         ("http/protobuf", "HTTPS://collector:4318/otlp/"),
