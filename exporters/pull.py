@@ -54,7 +54,7 @@ from exporters.prom_names import COUNTER_SUFFIX, clash, metric_name, prom_labels
 from exporters.remote_write import histogram_series
 from ktel import selfmetrics
 from ktel.config import PROMETHEUS_STALENESS_SECONDS, Config
-from ktel.wire import MetricSnapshot, decode_snapshot, series_size
+from ktel.wire import MetricSnapshot, decode_snapshot, series_chars, series_size
 
 log = logging.getLogger("ktel.export.pull")
 
@@ -204,7 +204,8 @@ class LatestValues(Collector):
             if old is not None and typ != "histogram":
                 size = old[4]  # (its name and labels are its key's: only a histogram's buckets change it)
             else:
-                size = series_size(len(key[0]) + sum(len(k) + len(v) for k, v in key[1]), typ, value)
+                # (as the wire counts it: every snapshot it takes fits an empty endpoint)
+                size = series_size(series_chars(name, labels), typ, value)
             grown = size - (old[4] if old is not None else 0)
             if grown > 0 and self.held_bytes + grown > self.max_bytes:
                 refused.append((row, self._full(name)))

@@ -58,6 +58,7 @@ from ktel.wire.signals import (
     encoded_parts,
     log2_bounds,
     prometheus_size,
+    series_chars,
     series_size,
 )
 from ktel.wire.topics import (
@@ -131,5 +132,6 @@ __all__ = [
     "event_dict",
     "log2_bounds",
     "prometheus_size",
+    "series_chars",
     "series_size",
 ]

@@ -234,9 +234,19 @@ def samples(typ: str, value: Any) -> int:
     return len(value["counts"]) + 2 if typ == "histogram" else 1
 
 
+def series_chars(name: str, labels: dict[str, str]) -> int:
+    """The characters of a wire series' name and labels, as ``series_size`` counts them:
+    as the record has them, not as Prometheus names them (a counter's ``_total``, a ``_``
+    before a name starting with a digit), so that the pull endpoint counts a snapshot's
+    series at most at what ``prometheus_size`` took it at: a snapshot the wire takes fits
+    an empty endpoint (pull.max_series_bytes is at least MAX_PROMETHEUS_BYTES)."""
+    return len(name) + sum(map(len, labels)) + sum(map(len, labels.values()))
+
+
 def series_size(chars: int, typ: str, value: Any) -> int:
     """What the Prometheus samples of a series whose name and labels take ``chars``
-    characters take, about: those characters and SAMPLE_BYTES in every sample."""
+    characters (``series_chars``) take, about: those characters and SAMPLE_BYTES in
+    every sample."""
     return (chars + SAMPLE_BYTES) * samples(typ, value)
 
 
@@ -248,8 +258,7 @@ def prometheus_size(series: Sequence[Sequence[Any]], nbytes: int) -> int:
     size = nbytes + SAMPLE_BYTES * len(series)
     for name, typ, labels, value in series:
         if typ == "histogram":
-            chars = len(name) + sum(map(len, labels)) + sum(map(len, labels.values()))
-            size += series_size(chars, typ, value)
+            size += series_size(series_chars(name, labels), typ, value)
     return size
 
 

@@ -143,6 +143,31 @@ def test_the_largest_snapshot_the_aggregate_makes_is_taken_and_served(kind):
     assert MAX_PROMETHEUS_BYTES // 3 < largest < MAX_PROMETHEUS_BYTES
 
 
+def test_the_largest_snapshot_the_wire_takes_fits_an_empty_pull_endpoint_at_its_least():
+    """The largest snapshot the wire takes, whoever wrote it, fits an empty pull endpoint
+    at the least pull.max_series_bytes: the endpoint counts a series as the wire does.
+    Counted by the names Prometheus gives them, these series would take about a quarter
+    more, and a hundred of them were refused: a name starting with a digit takes a
+    leading _ (65 such names a series, in each of its histogram's 259 samples)."""
+    [least] = [m.ge for m in PullConfig.model_fields["max_series_bytes"].metadata if hasattr(m, "ge")]
+    hist = {"count": 0, "sum": 0.0, "bounds": [float(b) for b in range(256)], "counts": [0] * 257}
+    labels = {str(j): "v" for j in range(64)}
+
+    def snapshot(n: int) -> tuple[list, int]:
+        series = [[f"{i:03d}", "histogram", labels, hist] for i in range(n)]
+        return series, prometheus_size(series, len(encode_snapshot(MetricSnapshot(1, series))))
+
+    each = snapshot(2)[1] - snapshot(1)[1]
+    n = (MAX_PROMETHEUS_BYTES - snapshot(0)[1]) // each
+    series, size = snapshot(n)
+    assert size <= MAX_PROMETHEUS_BYTES < snapshot(n + 1)[1]  # (one more series would be refused)
+    snap = decode_snapshot(encode_snapshot(MetricSnapshot(1, series)))
+    latest = pull.LatestValues(max_bytes=least)
+    assert latest.split(snap) == (snap.series, [])
+    assert latest.update(snap, 0, 0) == []
+    assert latest.held_bytes <= size
+
+
 async def test_a_remote_write_delivery_encodes_and_sends_a_bounded_run_of_snapshots_at_a_time(monkeypatch):
     """A fetch holds up to 500 records, each up to the bound: encoded at once, a fetch of
     large ones took several GB. Each run of at most MAX_PROMETHEUS_BYTES is encoded and
