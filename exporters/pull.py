@@ -190,7 +190,9 @@ class LatestValues(Collector):
                 tuple(kv for kv in prom_labels(name, labels) if kv[0] != "__name__"),
             )
             old = family.series.get(key) if family is not None else None
-            later = old is None or old[0] != partition or old[1] < offset
+            # (at the same offset: another row of this snapshot alike once sanitised, whose
+            # last value is served, as the remote-write exporter sends the last)
+            later = old is None or old[0] != partition or old[1] <= offset
             if not later:
                 continue  # an earlier snapshot of the partition: its values are older
             if snap.stale:

@@ -9,9 +9,11 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
+from exporters import remote_write
 from exporters.pull import SWEEP_S, LatestValues
 from ktel.wire import MetricSnapshot
 from tests.unit import new_host
+from tests.unit.test_remote_write_encode import decode
 
 HIST = {"count": 3, "sum": 1.5, "bounds": [1.0], "counts": [1, 2]}
 
@@ -155,6 +157,32 @@ def test_names_alike_once_sanitised_are_one_family_as_they_are_one_series_in_pro
     assert scrape(latest) == {
         "net_rx": {("net_rx", (("host_id", "a"),)): 3.0, ("net_rx", (("host_id", "b"),)): 2.0}
     }
+
+
+def test_names_alike_in_one_snapshot_are_served_at_the_value_remote_write_sends():
+    """Two series of one snapshot that are one Prometheus series (``a.b`` and ``a_b``, a
+    counter's ``x`` and ``x_total``): the endpoint serves the last, as the remote-write
+    exporter sends the last (both outputs serve the same values)."""
+    rows = [
+        ["net.rx", "gauge", {"host.id": "a"}, 1.0],
+        ["net_rx", "gauge", {"host.id": "a"}, 2.0],
+        ["ops", "counter", {"host.id": "a"}, 3.0],
+        ["ops_total", "counter", {"host.id": "a"}, 4.0],
+    ]
+    snap = MetricSnapshot(1, rows)
+    sent = {
+        next(lb.value for lb in ts.labels if lb.name == "__name__"): ts.samples[0].value
+        for body, _n, _keys in remote_write.encode([snap])
+        for ts in decode(body).timeseries
+    }
+    latest = LatestValues()
+    latest.update(snap, 0, 1)
+    host = (("host_id", "a"),)
+    assert scrape(latest) == {
+        "net_rx": {("net_rx", host): sent["net_rx"]},
+        "ops": {("ops_total", host): sent["ops_total"]},
+    }
+    assert sent == {"net_rx": 2.0, "ops_total": 4.0}
 
 
 def test_series_no_snapshot_named_for_5_minutes_are_no_longer_served():
