@@ -58,6 +58,7 @@ from collections import defaultdict
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from typing import Any
 
+import httpx
 import snappy
 from aiokafka import AIOKafkaProducer
 from opentelemetry.exporter.prometheus_remote_write.gen.types_pb2 import Label, TimeSeries
@@ -88,9 +89,10 @@ DUPLICATES = Counter(
 )
 REQUESTS_FAILED = Counter(
     "ktel_exporter_failed_requests",
-    "requests that failed (retried or dead-lettered)",
+    "requests that failed (retried or dead-lettered), by HTTP status (none: no answer)",
     ["exporter", "status"],
 )
+NO_ANSWER = "none"  # REQUESTS_FAILED's status of a request that got no answer
 
 # What Prometheus 2.x answers (HTTP 500) to native histograms when started without them.
 NATIVE_DISABLED = "native histograms are disabled"
@@ -343,7 +345,13 @@ async def post(receiver: Receiver, body: bytes) -> None:
     """One attempt; raises Transient (Unauthorized among them) or Permanent as
     exporters/delivery.py classifies the answer."""
     try:
-        resp = await receiver.client.post(receiver.url, content=body)
+        try:
+            resp = await receiver.client.post(receiver.url, content=body)
+        except httpx.TransportError:
+            # No answer (refused, reset, timed out): a failed request as a 503 is, and the
+            # one a receiver that is down fails every time.
+            REQUESTS_FAILED.labels(STAGE, NO_ANSWER).inc()
+            raise
         if not resp.is_success:
             REQUESTS_FAILED.labels(STAGE, str(resp.status_code)).inc()
         text = resp.text

@@ -345,3 +345,40 @@ async def test_a_label_alike_host_id_once_sanitised_dead_letters_its_snapshot():
     letters = [wire.decode_dead_letter(v) for _t, v, _k in producer.sent]
     assert [dl.offset for dl in letters] == [0, 1, 2]
     assert letters[1].reason == "series 'up': a label 'host-id' that names its host as host.id does"
+
+
+async def test_a_request_that_got_no_answer_is_counted_as_failed():
+    """A receiver that is down (connection refused, a timeout) fails every request as a
+    503 does, and they are retried the same way: ktel_exporter_failed_requests_total
+    counts them too, under status "none", or a receiver down for an hour shows none."""
+    import httpx
+    from prometheus_client import REGISTRY
+
+    from exporters.consume import Record
+    from exporters.delivery import Window
+    from exporters.remote_write_client import Receiver
+    from ktel import wire
+    from ktel.config import RemoteWriteConfig
+
+    answers: list[int] = []
+
+    def receive(request: httpx.Request) -> httpx.Response:
+        if len(answers) < 2:
+            answers.append(0)
+            raise httpx.ConnectError("connection refused", request=request)
+        answers.append(204)
+        return httpx.Response(204)
+
+    def failed(status: str) -> float:
+        labels = {"exporter": "remote-write", "status": status}
+        return REGISTRY.get_sample_value("ktel_exporter_failed_requests_total", labels) or 0.0
+
+    snap = MetricSnapshot(time.time_ns() // 1_000_000, [["up", "gauge", {"host.id": "a"}, 1.0]])
+    rec = Record(snap, wire.METRICS_TOPIC, 0, 1, b"a", wire.encode_snapshot(snap), wire.DLQ_TOPIC)
+    before = failed("none")
+    async with Receiver(RemoteWriteConfig(url="http://receiver.test/api/v1/write")) as receiver:
+        receiver.client = httpx.AsyncClient(transport=httpx.MockTransport(receive))
+        await remote_write.deliver(receiver, [rec], Producer(), Window(3600, 600, "remote_write"))
+
+    assert answers == [0, 0, 204]
+    assert failed("none") == before + 2
