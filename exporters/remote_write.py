@@ -108,11 +108,17 @@ STALE_NAN: float = struct.unpack("<d", STALE_NAN_BITS.to_bytes(8, "little"))[0]
 
 
 def encode(
-    snapshots: Iterable[MetricSnapshot], only: Collection[bytes] | None = None, histograms: str = "native"
+    snapshots: Iterable[MetricSnapshot],
+    only: Collection[bytes] | None = None,
+    histograms: str = "native",
+    *,
+    again: bool = False,
 ) -> Iterator[tuple[bytes, int, list[bytes]]]:
     """Snapshots -> snappy-compressed WriteRequests, each with its sample count and
     its series (as ``series_labels`` keys them); ``only``: just those series.
     ``histograms``: ``"native"`` or ``"classic"`` (RemoteWriteConfig.histograms).
+    ``again``: these samples were encoded before (a refused request sent again by
+    snapshot), so the duplicates left out were counted then.
     Each request is made once the one before was taken: the caller sends it first."""
     # A series is known by its labels, serialised once (a TimeSeries holding only them).
     # A sample is a float, or a native histogram as its framed bytes.
@@ -147,7 +153,7 @@ def encode(
                 head, tail = frames[t]
                 ts = labels + (sample if isinstance(sample, bytes) else head + _DOUBLE(sample) + tail)
             else:
-                samples = _one_per_timestamp(labels, samples)
+                samples = _one_per_timestamp(labels, samples, again)
                 ts = labels + b"".join(
                     v if isinstance(v, bytes) else frames[t][0] + _DOUBLE(v) + frames[t][1]
                     for t, v in samples
@@ -162,7 +168,7 @@ def _timestamp(sample: tuple[int, float | bytes]) -> int:
 
 
 def _one_per_timestamp(
-    labels: bytes, samples: list[tuple[int, float | bytes]]
+    labels: bytes, samples: list[tuple[int, float | bytes]], again: bool = False
 ) -> list[tuple[int, float | bytes]]:
     """A series' samples in time order, one per timestamp: the last given. Two wire
     series can name one Prometheus series once their labels are sanitised (``a.b`` and
@@ -172,7 +178,7 @@ def _one_per_timestamp(
     last is sent, as ``prom_labels`` keeps the last of two labels alike."""
     samples.sort(key=_timestamp)  # (stable: the last given stays last among equals)
     kept = [s for s, after in zip(samples, samples[1:], strict=False) if s[0] != after[0]] + samples[-1:]
-    if len(kept) < len(samples):
+    if len(kept) < len(samples) and not again:
         DUPLICATES.inc(len(samples) - len(kept))
         if _warned(hash(labels)):
             shown = ",".join(f'{lb.name}="{lb.value}"' for lb in TimeSeries.FromString(labels).labels)
@@ -442,7 +448,7 @@ async def _resend_by_snapshot(
 
     async def send(recs: Sequence[Record]) -> None:
         # The refused request had at most MAX_SERIES_PER_REQUEST series: one request.
-        [(body, n, _)] = encode((rec.item for rec in recs), refused, histograms)
+        [(body, n, _)] = encode((rec.item for rec in recs), refused, histograms, again=True)
         await post(receiver, body)
         SAMPLES.labels(STAGE).inc(n)
 

@@ -382,3 +382,39 @@ async def test_a_request_that_got_no_answer_is_counted_as_failed():
 
     assert answers == [0, 0, 204]
     assert failed("none") == before + 2
+
+
+async def test_a_duplicate_sample_is_counted_once_when_its_request_is_refused_and_sent_again():
+    """Two wire series that are one Prometheus series at one timestamp: one sample is left
+    out, counted in ktel_exporter_duplicate_samples_total. A request the receiver refuses
+    is encoded again, by snapshot: the sample left out is the same one, counted once."""
+    import httpx
+    from prometheus_client import REGISTRY
+
+    from exporters.consume import Record
+    from exporters.delivery import Window
+    from exporters.remote_write_client import Receiver
+    from ktel import wire
+    from ktel.config import RemoteWriteConfig
+
+    def receive(request: httpx.Request) -> httpx.Response:
+        names = {lb.value for ts in decode(request.content).timeseries for lb in ts.labels}
+        return httpx.Response(400 if "bad" in names else 204)
+
+    now_ms = time.time_ns() // 1_000_000
+    alike = MetricSnapshot(
+        now_ms, [["net.rx", "gauge", {"host.id": "a"}, 1.0], ["net_rx", "gauge", {"host.id": "a"}, 2.0]]
+    )
+    bad = MetricSnapshot(now_ms, [["bad", "gauge", {"host.id": "a"}, 1.0]])
+    records = [
+        Record(snap, wire.METRICS_TOPIC, 0, i, b"a", wire.encode_snapshot(snap), wire.DLQ_TOPIC)
+        for i, snap in enumerate([alike, bad])
+    ]
+    before = REGISTRY.get_sample_value("ktel_exporter_duplicate_samples_total") or 0.0
+    producer = Producer()
+    async with Receiver(RemoteWriteConfig(url="http://receiver.test/api/v1/write")) as receiver:
+        receiver.client = httpx.AsyncClient(transport=httpx.MockTransport(receive))
+        await remote_write.deliver(receiver, records, producer, Window(3600, 600, "remote_write"))
+
+    assert [wire.decode_dead_letter(v).offset for _t, v, _k in producer.sent] == [1]
+    assert REGISTRY.get_sample_value("ktel_exporter_duplicate_samples_total") == before + 1
