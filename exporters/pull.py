@@ -126,7 +126,8 @@ class LatestValues(Collector):
     def split(self, snap: MetricSnapshot) -> tuple[list[Any], list[tuple[Any, str]]]:
         """The series of ``snap`` the endpoint can serve, and those it cannot, each with
         why: one with no Prometheus name or an empty label name, a label Prometheus
-        reserves (``reserved``; the aggregate writes none), a name another type's series
+        reserves (``reserved``; the aggregate writes none), a histogram with a sum or a
+        bound below zero (OpenMetrics' _sum is a counter), a name another type's series
         have (``clash``: a gauge ``x_count``, whatever else is served; the aggregate
         writes none either), of a family served as another type, or whose samples'
         names another family's may have (a gauge ``x_created`` beside a counter ``x``).
@@ -147,13 +148,23 @@ class LatestValues(Collector):
         return served, refused
 
     def _problem(self, row: Any, types: dict[str, str], claimed: dict[str, str]) -> str | None:
-        name, typ, labels, _value = row
+        name, typ, labels, value = row
         why = unnamed([row])
         if why:
             return why
         for label in labels:
             if reserved(label, typ):
                 return f"series {name!r:.100}: a label Prometheus reserves ({label!r:.100})"
+        if typ == "histogram" and (value["sum"] < 0 or min(value["bounds"], default=0) < 0):
+            # OpenMetrics takes a histogram's _sum for a counter: never below zero, and
+            # absent where a bucket is below zero (its observations may be), while a
+            # scrape always has it; one such histogram fails the whole scrape. The
+            # aggregate writes none (it drops observations below zero: the kernel's log2
+            # buckets start at 0).
+            return (
+                f"series {name!r:.100}: a histogram with a sum or a bucket bound below zero, "
+                "which OpenMetrics cannot carry with its _sum"
+            )
         why = clash(name, typ)
         if why:
             return f"series {name!r:.100}: {why}"

@@ -52,6 +52,11 @@ def scrape(latest: LatestValues) -> dict[str, dict[tuple, float]]:
         (["h.sum", "gauge", {}, 1.0], "a gauge ending in _sum"),
         (["up_created", "gauge", {}, 1.0], "its samples' names clash with those of up"),
         (["up_created", "histogram", {}, HIST], "its samples' names clash with those of up"),
+        (["ok", "histogram", {}, {**HIST, "sum": -1.5}], "a histogram with a sum or a bucket bound below"),
+        (
+            ["ok", "histogram", {}, {**HIST, "bounds": [-1.0]}],
+            "a histogram with a sum or a bucket bound below",
+        ),
     ],
 )
 def test_a_series_the_endpoint_cannot_serve_is_refused_alone_and_every_scrape_stays_valid(series, why):
@@ -70,6 +75,17 @@ def test_a_series_the_endpoint_cannot_serve_is_refused_alone_and_every_scrape_st
         "up": {("up_total", (("host_id", "a"),)): 1.0},
         "x": {("x", (("host_id", "a"),)): 2.0},
     }
+
+
+def test_histograms_whose_sum_and_bounds_are_not_below_zero_are_served():
+    rows = [
+        ["only_inf", "histogram", {}, {"count": 2, "sum": 0.0, "bounds": [], "counts": [2]}],
+        ["from_zero", "histogram", {}, {"count": 1, "sum": 0.0, "bounds": [0.0, 1.0], "counts": [1, 0, 0]}],
+    ]
+    latest = LatestValues()
+    assert latest.split(MetricSnapshot(1, rows)) == (rows, [])
+    latest.update(MetricSnapshot(1, rows), 0, 1)
+    assert set(scrape(latest)) == {"only_inf", "from_zero"}
 
 
 def test_two_types_of_one_name_within_a_snapshot_are_refused():
