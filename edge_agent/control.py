@@ -15,8 +15,9 @@ apply), it holds at most ``agent.control_max_ttl_seconds`` and its id has at mos
 heartbeat's counters) and named with the reason in the next heartbeat's
 ``refused_commands``. A record that does not decode is counted under reason
 ``undecodable``; it has no id to acknowledge. At most ``MAX_PENDING_ACKS``
-acknowledgements of each sort wait for a heartbeat (the oldest go first,
-counted), so heartbeats stay far under Kafka's record limit whatever arrives.
+acknowledgements of each sort, of ``MAX_PENDING_ACK_BYTES``, wait for a heartbeat
+(the oldest go first, counted), so heartbeats stay under Kafka's record limit
+whatever arrives.
 A restore is judged by the same bounds but the rate (it carries a rate and a
 duration for agents that predate restores; this one puts back its own rate). A
 restore ends whatever command is in force for its probe, as any later command for
@@ -92,9 +93,13 @@ ACKS_DROPPED = Counter(
     "ktel_agent_command_acks_dropped",
     "acknowledgements of commands dropped while heartbeats could not go out",
 )
-# Acknowledgements of each sort waiting for a heartbeat: 256 ids of 512 characters
-# are 128 KiB, an eighth of Kafka's default record limit.
+# Acknowledgements of each sort waiting for a heartbeat (Pending): 256 ids of 512 ASCII
+# characters, with a refusal's reason of 256, are 192 KiB. Bytes are bounded too: an id
+# of 512 characters may take 2 KiB in UTF-8, and 256 of each sort made a heartbeat of
+# 1.1 MB, which Kafka refused, and every later one, which carried them again. The two
+# sorts and the most containers a heartbeat lists (about 350 KiB) fit its 1 MiB.
 MAX_PENDING_ACKS = 256
+MAX_PENDING_ACK_BYTES = 192 << 10
 # Applied commands remembered across restarts; a flood beyond it forgets the oldest,
 # which after a restart are judged by their record's timestamp instead.
 MAX_REMEMBERED = 1024
@@ -109,14 +114,33 @@ FETCH_WAIT_MS = 10_000
 FETCH_ROUTINE_MS = 10_000
 
 
-def _requeue(pending: deque[Any], front: list[Any], *back: Any) -> None:
-    """``front`` before what is pending, ``back`` after it; then the oldest beyond
-    MAX_PENDING_ACKS go, counted."""
-    pending.extendleft(reversed(front))
-    pending.extend(back)
-    while len(pending) > MAX_PENDING_ACKS:
-        pending.popleft()
-        ACKS_DROPPED.inc()
+class Pending:
+    """Acknowledgements (command ids) or refusals ([id, reason]) waiting for a heartbeat:
+    at most MAX_PENDING_ACKS of them, of MAX_PENDING_ACK_BYTES in UTF-8, the oldest
+    dropped first, counted."""
+
+    def __init__(self) -> None:
+        self._items: deque[Any] = deque()
+        self._bytes = 0
+
+    @staticmethod
+    def _size(item: str | list[str]) -> int:
+        return sum(len(s.encode()) for s in ([item] if isinstance(item, str) else item))
+
+    def put(self, front: list[Any], *back: Any) -> None:
+        """``front`` before what is pending, ``back`` after it."""
+        self._items.extendleft(reversed(front))
+        self._items.extend(back)
+        self._bytes += sum(map(self._size, front)) + sum(map(self._size, back))
+        while len(self._items) > MAX_PENDING_ACKS or self._bytes > MAX_PENDING_ACK_BYTES:
+            self._bytes -= self._size(self._items.popleft())
+            ACKS_DROPPED.inc()
+
+    def take(self) -> list[Any]:
+        items = list(self._items)
+        self._items.clear()
+        self._bytes = 0
+        return items
 
 
 def now_ms() -> int:
@@ -176,8 +200,8 @@ class Control:
         # at the start, before which a record is one read back.
         self._next = 0
         self._read_back_to = 0
-        self._acks: deque[str] = deque()
-        self._refusals: deque[list[str]] = deque()
+        self._acks = Pending()
+        self._refusals = Pending()
         self.counts = {"commands_applied": 0, "commands_refused": 0}
         self._load()
 
@@ -286,7 +310,7 @@ class Control:
         self._unsaved = True  # (saved once for a fetch's commands: save)
         APPLIED.inc()
         self.counts["commands_applied"] += 1
-        self._queue(self._acks, cmd.id)
+        self._acks.put([], cmd.id)
 
     def refuse_undecodable(self, offset: int, err: WireError) -> None:
         REFUSED.labels("undecodable").inc()
@@ -297,11 +321,8 @@ class Control:
         REFUSED.labels(label).inc()
         self.counts["commands_refused"] += 1
         # (cut to what a heartbeat takes: one that did not decode would be dead-lettered whole)
-        self._queue(self._refusals, [cmd_id[: self.bounds.max_id_chars], reason[:REFUSAL_CHARS]])
+        self._refusals.put([], [cmd_id[: self.bounds.max_id_chars], reason[:REFUSAL_CHARS]])
         log.warning("refusing command %.80s: %s", cmd_id, reason)
-
-    def _queue(self, pending: deque[Any], item: Any) -> None:
-        _requeue(pending, [], item)
 
     def expire(self, now: int | None = None) -> None:
         now = now if now is not None else now_ms()
@@ -312,20 +333,16 @@ class Control:
                 log.info("command %s expired: %s back to 1 in %d", cmd.id, probe, self.sample_every(probe))
 
     def take_acks(self) -> list[str]:
-        acks = list(self._acks)
-        self._acks.clear()
-        return acks
+        return self._acks.take()
 
     def take_refusals(self) -> list[list[str]]:
-        refusals = list(self._refusals)
-        self._refusals.clear()
-        return refusals
+        return self._refusals.take()
 
     def unack(self, ids: list[str], refusals: list[list[str]]) -> None:
         """A heartbeat carrying these acknowledgements was not sent: carry them in the
         next (within the bound, which drops the oldest)."""
-        _requeue(self._acks, ids)
-        _requeue(self._refusals, refusals)
+        self._acks.put(ids)
+        self._refusals.put(refusals)
 
     # ------------------------------------------------------------ restarts
 

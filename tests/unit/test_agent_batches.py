@@ -3,20 +3,24 @@ its heartbeats report its counters."""
 
 import contextlib
 import errno
+import logging
 import os
+import uuid
 
 import msgpack
 import pytest
 from prometheus_client import REGISTRY
 
 from edge_agent import agent as agent_mod
+from edge_agent import containers as containers_mod
+from edge_agent import control as control_mod
 from edge_agent import probes as probes_mod
 from ktel import cli, config
 from ktel.config import AgentConfig, Config, ConfigError, RedactRule
 from ktel.probes import file_created, ktel_api
 from ktel.probes.decode import PackedEvents, pack_event
-from ktel.wire import decode_batch, encode_batch
-from ktel.wire.codec import ZSTD_MAGIC
+from ktel.wire import ControlCommand, decode_batch, encode_batch, encode_heartbeat
+from ktel.wire.codec import SEND_MAX_BYTES, ZSTD_MAGIC
 from tests.unit.test_ringbuf import fc_record, run_of
 
 
@@ -109,6 +113,33 @@ def test_a_heartbeat_reports_the_agents_counters(agent):
     assert after["counters"]["events_published"] - before["counters"]["events_published"] == 7
     assert after["counters"]["disk_dropped_events"] - before["counters"]["disk_dropped_events"] == 3
     assert after["rates"]["events_published"] == 7.0
+
+
+def test_a_flood_of_commands_leaves_heartbeats_that_kafka_takes(agent, caplog):
+    """Whatever ktel.control holds, the heartbeat carrying its acknowledgements and refusals
+    (with the most containers the agent lists) stays within a Kafka record: one refused as
+    too large would be carried again by the next, and the host fall silent for good."""
+    caplog.set_level(logging.ERROR, "ktel.control")  # (a warning for each refusal)
+    ctl, t0 = agent.control, control_mod.now_ms()
+    for i in range(2 * control_mod.MAX_PENDING_ACKS):
+        # Ids of 512 characters as long in UTF-8 as characters can be (4 bytes each).
+        long_id = f"{i:08d}" + "\U0001f600" * 503
+        ctl.handle(ControlCommand(long_id, "*", "file_created", 10, t0 + 60_000, 60_000), t0, now=t0)
+        ctl.handle(ControlCommand(long_id + "r", "*", "\U0001f600" * 64, 10, t0 + 60_000, 60_000), t0, now=t0)
+    containers = [
+        [
+            i + 1,
+            {
+                "container.id": f"{i:064x}",
+                "container.runtime.name": "containerd",
+                "k8s.pod.uid": str(uuid.UUID(int=i)),
+            },
+        ]
+        for i in range(containers_mod.MAX_CONTAINERS)
+    ]
+    hb, _ = agent.heartbeat(1.0, {}, containers, {})
+    assert hb["acked_commands"] and hb["refused_commands"]
+    assert len(encode_heartbeat(hb)) <= SEND_MAX_BYTES
 
 
 class FedProbe:
