@@ -104,6 +104,12 @@ MAX_PENDING_ACK_BYTES = 192 << 10
 # which after a restart are judged by their record's timestamp instead.
 MAX_REMEMBERED = 1024
 STATE_FILE = "control.json"
+# How often, at most, the follower writes the state file (save_due). Each write takes
+# the whole file, up to MAX_REMEMBERED commands with ids of up to 2 KiB (6 MB of JSON,
+# 28 ms): written after every fetch, a command every few ms, each in a fetch of its
+# own, kept every agent's event loop and disk writing it. What was judged since the
+# last write is judged again by its record's time after a SIGKILL, as when it came.
+SAVE_INTERVAL_S = 1.0
 # The control consumer, on a topic that is written rarely. A fetch waits at the broker
 # until a record arrives (fetch_min_bytes 1) or FETCH_WAIT_MS pass, so a command is
 # read within a round trip of being written whatever this is; it sets only how often
@@ -193,6 +199,7 @@ class Control:
         # Every command applied that may still hold, by id, in the order applied.
         self.applied: dict[str, InForce] = {}
         self._unsaved = False  # commands applied since the state file was last written
+        self._saved_at = -SAVE_INTERVAL_S  # time.monotonic() of the last write (save_due)
         # Every record of ktel.control up to this offset was judged, and what it did
         # is in the state file (None: none known to be).
         self.judged_to: int | None = None
@@ -307,7 +314,11 @@ class Control:
     def _applied(self, cmd: InForce) -> None:
         """A command applied for the first time: remembered, counted and acknowledged."""
         self.applied[cmd.id] = cmd
-        self._unsaved = True  # (saved once for a fetch's commands: save)
+        self._unsaved = True  # (written at most once every SAVE_INTERVAL_S: save_due)
+        if len(self.applied) > 2 * MAX_REMEMBERED:
+            # A flood: the oldest go now, not at the next write, a second of fetches away
+            # (down to MAX_REMEMBERED, so that forgetting costs a command O(1) on average).
+            self._forget(now_ms(), MAX_REMEMBERED)
         APPLIED.inc()
         self.counts["commands_applied"] += 1
         self._acks.put([], cmd.id)
@@ -389,19 +400,17 @@ class Control:
 
     def save(self, now: int | None = None) -> None:
         """Write the commands in force to the state file, if any were applied since it
-        was last written. Once a fetch, not once a command: each write takes the whole
-        file (up to MAX_REMEMBERED rows), about 3 ms, and a flood of commands in one
-        fetch held the agent's event loop for seconds. An agent killed before it
-        judges a command read again by its record's time, as one it had not seen."""
+        was last written. The follower calls it at most once every SAVE_INTERVAL_S
+        (save_due), not once a command: each write takes the whole file (up to
+        MAX_REMEMBERED rows), and a flood of commands in one fetch held the agent's event
+        loop for seconds. An agent killed before it wrote a command judges it again by
+        its record's time, as one it had not seen."""
         if not self._unsaved:
             return
         self._unsaved = False
-        now = now if now is not None else now_ms()
-        in_force = {cmd.id for cmd in self.overrides.values()}
-        for cmd_id, cmd in list(self.applied.items()):
-            if cmd_id not in in_force and (cmd.keep_ms <= now or len(self.applied) > MAX_REMEMBERED):
-                del self.applied[cmd_id]
+        self._forget(now if now is not None else now_ms(), MAX_REMEMBERED)
         rows = [[c.id, c.probe, c.sample_every, c.deadline_ms, c.keep_ms] for c in self.applied.values()]
+        self._saved_at = time.monotonic()
         tmp = self.state_path.with_suffix(".tmp")
         try:
             self.state_path.parent.mkdir(parents=True, exist_ok=True)
@@ -412,6 +421,25 @@ class Control:
             log.warning("cannot record the commands in force in %s: %s", self.state_path, err)
             with contextlib.suppress(OSError):
                 tmp.unlink()
+
+    def _forget(self, now: int, most: int) -> None:
+        """Forget the commands no record read back at a start can bring (past their
+        keep_ms), and the oldest beyond ``most``; never one in force."""
+        in_force = {cmd.id for cmd in self.overrides.values()}
+        for cmd_id, cmd in list(self.applied.items()):
+            if cmd_id not in in_force and (cmd.keep_ms <= now or len(self.applied) > most):
+                del self.applied[cmd_id]
+
+    def save_due(self) -> float:
+        """``save`` if SAVE_INTERVAL_S passed since the last write; the seconds until the
+        next write is due (FETCH_WAIT_MS worth when none is)."""
+        if not self._unsaved:
+            return FETCH_WAIT_MS / 1000
+        left = self._saved_at + SAVE_INTERVAL_S - time.monotonic()
+        if left > 0:
+            return left
+        self.save()
+        return FETCH_WAIT_MS / 1000
 
     # ------------------------------------------------------------- follow
 
@@ -482,8 +510,13 @@ class Control:
             # before the commands in force are read again.
             consumer.assign([tp])
             consumer.seek(tp, start)
-            while True:
-                # Returns as soon as records are fetched: the timeout only bounds an idle wait.
-                for recs in (await consumer.getmany(timeout_ms=FETCH_WAIT_MS)).values():
-                    self.judge(recs)
-                self.save()
+            wait_s = FETCH_WAIT_MS / 1000
+            try:
+                while True:
+                    # Returns as soon as records are fetched: the timeout bounds an idle
+                    # wait, and a write due comes no later than its time.
+                    for recs in (await consumer.getmany(timeout_ms=max(1, round(wait_s * 1000)))).values():
+                        self.judge(recs)
+                    wait_s = self.save_due()
+            finally:
+                self.save()  # (what was judged since the last write: the agent stops)

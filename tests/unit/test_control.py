@@ -3,6 +3,8 @@ durations, acknowledgements and restarts."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 
 import pytest
@@ -474,3 +476,90 @@ def test_a_saved_deadline_holds_no_longer_than_the_bound_from_the_start(tmp_path
     ctl, _ = make(tmp_path)
     assert ctl.sample_every("file_created") == 10
     assert now + BOUNDS.max_ttl_ms <= ctl.command("file_created").deadline_ms <= now_ms() + BOUNDS.max_ttl_ms
+
+
+class TrickledControl:
+    """ktel.control as the follower's consumer sees it (no broker): each fetch brings one
+    record, then, once all were fetched, nothing until the follower is cancelled."""
+
+    def __init__(self, recs: list[ConsumerRecord[None, bytes]], per_fetch: int = 1) -> None:
+        self.recs = recs
+        self.per_fetch = per_fetch
+        self.fetched = asyncio.Event()
+
+    def __call__(self, **_settings) -> TrickledControl:
+        return self
+
+    async def end_offsets(self, tps):
+        return dict.fromkeys(tps, 0)
+
+    async def offsets_for_times(self, times):
+        return dict.fromkeys(times)
+
+    def assign(self, tps) -> None:
+        pass
+
+    def seek(self, tp, offset) -> None:
+        pass
+
+    async def getmany(self, timeout_ms: int):
+        if self.recs:
+            fetch, self.recs = self.recs[: self.per_fetch], self.recs[self.per_fetch :]
+            return {"tp": fetch}
+        self.fetched.set()
+        await asyncio.sleep(timeout_ms / 1000)
+        return {}
+
+
+def following(ctl: Control, consumer: TrickledControl, monkeypatch) -> asyncio.Future:
+    """``ctl`` following ``consumer``, on a clock that does not move (no write comes due)."""
+    monkeypatch.setattr(control_mod.time, "monotonic", lambda: 1000.0)
+
+    @contextlib.asynccontextmanager
+    async def started(client, kafka, who):
+        yield client
+
+    monkeypatch.setattr(control_mod.kafka_client, "started", started)
+    monkeypatch.setattr(control_mod, "AIOKafkaConsumer", consumer)
+    return asyncio.ensure_future(ctl.follow("127.0.0.1:9"))
+
+
+async def test_commands_trickling_in_do_not_rewrite_the_state_file_at_every_fetch(tmp_path, monkeypatch):
+    """Each write takes the whole file, up to MAX_REMEMBERED commands of ids up to 2 KiB
+    (6 MB and 28 ms here): a writer of ktel.control sending a valid command every few ms,
+    each in a fetch of its own, held every agent's event loop and disk with writes. The
+    file is written at most once every SAVE_INTERVAL_S, and when the follower stops."""
+    ctl, _ = make(tmp_path)
+    writes = []
+    real = control_mod.os.replace
+    monkeypatch.setattr(control_mod.os, "replace", lambda a, b: (writes.append(b), real(a, b)))
+    now = now_ms()
+    consumer = TrickledControl([records(cmd(cmd_id=f"c{i}"), sent_ms=now, first=i)[0] for i in range(20)])
+    follower = following(ctl, consumer, monkeypatch)
+    await consumer.fetched.wait()
+    assert ctl.command("file_created").id == "c19"
+    assert len(writes) <= 1
+    follower.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await follower
+    # What the follower judged since its last write is written as it stops.
+    restarted, _ = make(tmp_path)
+    assert restarted.command("file_created").id == "c19" and restarted.judged_to == 19
+
+
+async def test_a_flood_between_two_writes_keeps_what_is_remembered_bounded(tmp_path, monkeypatch):
+    """What a write forgets (the oldest commands past MAX_REMEMBERED) is forgotten as they
+    come: a second of fetches between two writes may bring millions of commands."""
+    ctl, _ = make(tmp_path)
+    now = now_ms()
+    flood = [
+        records(cmd(cmd_id=f"c{i}"), sent_ms=now, first=i)[0] for i in range(3 * control_mod.MAX_REMEMBERED)
+    ]
+    consumer = TrickledControl(flood, per_fetch=100)
+    follower = following(ctl, consumer, monkeypatch)
+    await consumer.fetched.wait()
+    assert ctl.command("file_created").id == f"c{len(flood) - 1}"
+    assert len(ctl.applied) <= 2 * control_mod.MAX_REMEMBERED
+    follower.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await follower
