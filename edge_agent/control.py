@@ -27,7 +27,9 @@ Durations, not deadlines. A command holds for ``ttl_ms`` from when this agent
 applies it, by this agent's clock, so a sender whose clock is ahead or behind
 stretches or shortens nothing. A command without ``ttl_ms`` (from a sender that
 predates it) holds ``until_ms`` minus its record's Kafka timestamp: both come
-from the sender's clock, so the difference is a duration too.
+from the sender's clock, so the difference is a duration too. The agent's own clock set
+back while a command holds stretches it to at most ``agent.control_max_ttl_seconds``
+from then.
 
 Restarts. Every command this agent applied is kept in ``<state_dir>/control.json``
 with its deadline by this agent's clock (a command taken over by a later one for its
@@ -338,6 +340,14 @@ class Control:
     def expire(self, now: int | None = None) -> None:
         now = now if now is not None else now_ms()
         for probe, cmd in list(self.overrides.items()):
+            if cmd.deadline_ms > now + self.bounds.max_ttl_ms:
+                # The clock was set back while it held: no command holds longer than the
+                # bound from now (as _load bounds one after a restart).
+                cmd = dataclasses.replace(cmd, deadline_ms=now + self.bounds.max_ttl_ms)
+                self.overrides[probe] = cmd
+                if cmd.id in self.applied:
+                    self.applied[cmd.id] = cmd
+                    self._unsaved = True
             if cmd.deadline_ms <= now:
                 del self.overrides[probe]
                 self.apply(probe, self.sample_every(probe))

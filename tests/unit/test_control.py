@@ -563,3 +563,18 @@ async def test_a_flood_between_two_writes_keeps_what_is_remembered_bounded(tmp_p
     follower.cancel()
     with pytest.raises(asyncio.CancelledError):
         await follower
+
+
+def test_a_clock_set_back_while_a_command_holds_stretches_it_no_longer_than_the_bound(tmp_path):
+    """Deadlines are on the agent's wall clock: set back a day (a VM resumed, NTP stepping
+    it), a command of a minute would hold a day and a minute, a probe sampled 1 in 1000
+    that long. It holds at most the bound from then, as after a restart."""
+    ctl, applied = make(tmp_path)
+    assert ctl.handle(cmd(ttl_ms=60_000), sent_ms=T0, now=T0)
+    back = T0 - 86_400_000
+    ctl.expire(now=back)
+    assert ctl.sample_every("file_created") == 10
+    ctl.expire(now=back + BOUNDS.max_ttl_ms)
+    assert ctl.sample_every("file_created") == 2 and applied[-1] == ("file_created", 2)
+    ctl.save(now=back + BOUNDS.max_ttl_ms)
+    assert make(tmp_path)[0].command("file_created") is None
