@@ -8,7 +8,8 @@ each decoded record with where it came from (``Record``), so that what it cannot
 send is dead-lettered pointing back at its record.
 
 While ``deliver`` waits for a backend (which may be down for minutes: the retry
-helper keeps trying), the consumer's partitions are paused and ``getmany`` keeps
+helper keeps trying), and while the dead letters of records that did not decode wait
+for ``ktel.dlq``, the consumer's partitions are paused and ``getmany`` keeps
 being called. Paused partitions return nothing, so nothing piles up in memory,
 and the calls keep the consumer in its group: aiokafka leaves the group when
 ``getmany`` has not been called for ``max_poll_interval_ms``.
@@ -216,6 +217,7 @@ async def run(
                     consumer_lag.export(group_id, await _lags(consumer))
                 continue
             items: list[Record] = []
+            undecoded: list[tuple[DeadLetter, bytes | None]] = []
             for tp, records in fetched.items():
                 decode = topics[tp.topic]
                 for rec in records:
@@ -227,17 +229,30 @@ async def run(
                         )
                     except WireError as err:
                         log.warning("dead letter %s[%d]@%d: %s", tp.topic, tp.partition, rec.offset, err)
-                        await dead_letter(
-                            producer,
-                            dlq,
-                            DeadLetter(stage, str(err), tp.topic, tp.partition, rec.offset, rec.value),
-                            rec.key,
-                        )
-            if items:
-                await _deliver_paused(consumer, deliver(items, producer))
+                        dl = DeadLetter(stage, str(err), tp.topic, tp.partition, rec.offset, rec.value)
+                        undecoded.append((dl, rec.key))
+            if items or undecoded:
+                # The dead letters go out within the paused delivery too: ktel.dlq may be
+                # away (its leader down) while the topics read are not, and the retries
+                # must not keep getmany from being called meanwhile.
+                await _deliver_paused(consumer, _dead_letters_then(producer, dlq, undecoded, deliver, items))
             if group_id is not None:
                 await _commit(consumer, {tp: recs[-1].offset + 1 for tp, recs in fetched.items()})
                 consumer_lag.export(group_id, await _lags(consumer))
+
+
+async def _dead_letters_then(
+    producer: AIOKafkaProducer,
+    dlq: str,
+    undecoded: list[tuple[DeadLetter, bytes | None]],
+    deliver: Deliver,
+    items: list[Record],
+) -> None:
+    """Dead-letter the records of a fetch that did not decode, then deliver the rest."""
+    for dl, key in undecoded:
+        await dead_letter(producer, dlq, dl, key)
+    if items:
+        await deliver(items, producer)
 
 
 async def _deliver_paused(consumer: AIOKafkaConsumer, delivery: Awaitable[None]) -> None:
