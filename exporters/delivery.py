@@ -8,7 +8,11 @@ Answers fall in three classes (docs/design.md, principle 11):
   timeout), gRPC UNAVAILABLE, RESOURCE_EXHAUSTED (unless it is about the message
   size), DEADLINE_EXCEEDED, ABORTED, CANCELLED, INTERNAL, UNKNOWN and DATA_LOSS:
   ``Transient`` is raised and the shared retry helper sends the same request again
-  until the backend takes it;
+  until the backend takes it. A backend that says when to come back (an HTTP
+  Retry-After, ``retry_after``; a gRPC status whose details hold a RetryInfo,
+  ``grpc_retry_after``: how remote-write 2.0 and OTLP let a receiver throttle its
+  senders) is not sent the request again before that, up to
+  ``ktel.retry.MAX_RETRY_AFTER_S``;
 - unauthorized: HTTP 401 and 403, gRPC UNAUTHENTICATED and PERMISSION_DENIED: the
   backend refuses ktel's credentials, not the data, so it is a configuration error
   and no item is to blame: ``Unauthorized`` (a ``Transient``) is raised, the data
@@ -35,20 +39,23 @@ dead-lettered, with the backend's answer. One bad item among n costs about
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
+from google.rpc.error_details_pb2 import RetryInfo
+from google.rpc.status_pb2 import Status as RpcStatus
 
-from ktel.retry import Permanent, retry
+from ktel.retry import Permanent, Transient, retry
 
 T = TypeVar("T")
-
-
-class Transient(Exception):
-    """A failure the backend may not repeat: retried with the shared helper."""
 
 
 class Unauthorized(Transient):
@@ -76,8 +83,9 @@ def bearer(token_file: Path, setting: str) -> str:
     return f"Bearer {token}"
 
 
-def http_answer(status: int, message: str) -> None:
-    """Classify an HTTP answer: returns on 2xx, else raises Transient or Permanent."""
+def http_answer(status: int, message: str, wait: float | None = None) -> None:
+    """Classify an HTTP answer: returns on 2xx, else raises Transient or Permanent.
+    ``wait``: what its Retry-After asked for (``retry_after``), honoured on a transient answer."""
     if 200 <= status < 300:
         return
     answer = f"HTTP {status}: {message.strip()[:500]}"
@@ -86,8 +94,53 @@ def http_answer(status: int, message: str) -> None:
     if status in (404, 405) or 300 <= status < 400:
         raise NoReceiver(answer)
     if status in (408, 429) or status >= 500:
-        raise Transient(answer)
+        raise Transient(answer, retry_after=wait)
     raise Permanent(answer)
+
+
+def retry_after(value: str | None, now: float | None = None) -> float | None:
+    """The wait an HTTP Retry-After header asks for, in seconds (RFC 9110: a number of
+    seconds, or an HTTP-date, ``now`` being the epoch's seconds), or None when there is
+    none or it is not one of those. A date already past asks for no wait."""
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        pass
+    else:
+        return max(seconds, 0.0) if math.isfinite(seconds) else None
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # (an HTTP-date is in GMT, which the "-0000" form leaves unsaid)
+        when = when.replace(tzinfo=UTC)
+    return max(when.timestamp() - (time.time() if now is None else now), 0.0)
+
+
+def grpc_retry_after(err: grpc.RpcError) -> float | None:
+    """The wait a failed gRPC call's status asks for, in seconds: the retry_delay of a
+    google.rpc.RetryInfo among its details (the ``grpc-status-details-bin`` trailer, as
+    OTLP/gRPC's throttling sends it), or None."""
+    # The error of a call is also the call (grpc.Call), with its trailers; a bare
+    # RpcError (raised by an interceptor, say) has none.
+    trailing = getattr(err, "trailing_metadata", None)
+    for key, value in (trailing() if callable(trailing) else None) or ():
+        if key != "grpc-status-details-bin":
+            continue
+        try:
+            status = RpcStatus.FromString(value)
+        except (DecodeError, TypeError):
+            return None
+        for detail in status.details:
+            if detail.Is(RetryInfo.DESCRIPTOR):
+                info = RetryInfo()
+                detail.Unpack(info)
+                delay = info.retry_delay.seconds + info.retry_delay.nanos / 1e9
+                return max(delay, 0.0)
+    return None
 
 
 _GRPC_TRANSIENT = frozenset(
@@ -104,8 +157,9 @@ _GRPC_TRANSIENT = frozenset(
 )
 
 
-def grpc_answer(code: grpc.StatusCode, details: str | None) -> None:
-    """Classify a failed gRPC call: raises Transient or Permanent."""
+def grpc_answer(code: grpc.StatusCode, details: str | None, wait: float | None = None) -> None:
+    """Classify a failed gRPC call: raises Transient or Permanent. ``wait``: what its
+    status asked for (``grpc_retry_after``), honoured on a transient answer."""
     answer = f"gRPC {code.name}: {(details or '').strip()[:500]}"
     # gRPC servers say RESOURCE_EXHAUSTED both for "slow down" and for a message above
     # their size limit ("received message larger than max"): only the first passes.
@@ -116,7 +170,7 @@ def grpc_answer(code: grpc.StatusCode, details: str | None) -> None:
     if code is grpc.StatusCode.UNIMPLEMENTED:
         raise NoReceiver(answer)
     if code in _GRPC_TRANSIENT:
-        raise Transient(answer)
+        raise Transient(answer, retry_after=wait)
     raise Permanent(answer)
 
 

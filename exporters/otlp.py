@@ -32,12 +32,15 @@ exporter's clock goes to ``ktel.dlq``, never to the backend. The rest are conver
 and sent in requests of at most ``otlp.max_export_batch_size`` items, one attempt at
 a time through the SDK exporter's own gRPC channel or HTTP client (``send_once``),
 and the answer is classified here: transient failures are retried with the shared
-helper (``ktel/retry.py``) until the backend takes the request; a refused request
-(a 4xx, INVALID_ARGUMENT, a message above the backend's size limit, ...) is split
-in halves and re-sent, down to single items, and an item refused alone goes to
-``ktel.dlq`` with the backend's answer, as a wire record of just that item. The
-SDK's ``export()`` is not used: it retries on its own and reports only SUCCESS or
-FAILURE, which says neither whether to retry nor why. A backend that refuses ktel's
+helper (``ktel/retry.py``) until the backend takes the request, each time after at
+least the wait the backend asked for (OTLP/HTTP's Retry-After, OTLP/gRPC's RetryInfo),
+up to ``ktel.retry.MAX_RETRY_AFTER_S``; a refused request (a 4xx, INVALID_ARGUMENT,
+a message above the backend's size limit, ...) is split in halves and re-sent, down
+to single items, and an item refused alone goes to ``ktel.dlq`` with the backend's
+answer, as a wire record of just that item. The SDK's ``export()`` is not used: it
+retries on its own (and gives up where a Retry-After or RetryInfo asks for more than
+what is left of its timeout, 10 s by default) and reports only SUCCESS or FAILURE,
+which says neither whether to retry nor why. A backend that refuses ktel's
 credentials (HTTP 401/403, gRPC UNAUTHENTICATED/PERMISSION_DENIED), that has no
 receiver at its URL (HTTP 404/405 or a redirect, gRPC UNIMPLEMENTED) or that fails
 its TLS handshake is misconfigured, not sent bad data: one line names the settings, and
@@ -117,7 +120,9 @@ from exporters.delivery import (
     Window,
     bearer,
     grpc_answer,
+    grpc_retry_after,
     http_answer,
+    retry_after,
     send_split,
 )
 from exporters.log2 import ZERO_THRESHOLD, exponential
@@ -436,7 +441,7 @@ def send_once(exporter: Any, request: Any, token_file: Path | None = None) -> tu
         try:
             response = stub.Export(request=request, metadata=metadata, timeout=exporter._timeout)
         except grpc.RpcError as err:
-            grpc_answer(err.code(), err.details())
+            grpc_answer(err.code(), err.details(), grpc_retry_after(err))
         return partial_success(response)
     client = exporter._client
     result = client._submit(client._compress(request.SerializePartialToString()), client._timeout)
@@ -444,7 +449,7 @@ def send_once(exporter: Any, request: Any, token_file: Path | None = None) -> tu
         if isinstance(result.error, Unauthorized):  # the token file, unreadable (Session)
             raise result.error
         raise Transient(f"no answer from {client._endpoint}: {result.error}")
-    http_answer(result.status_code, _http_message(result))
+    http_answer(result.status_code, _http_message(result), _retry_after(result))
     try:
         response = RESPONSES[type(request)].FromString(result.content())
     except Exception:  # noqa: BLE001 -- not the response OTLP defines (a proxy's body): nothing said
@@ -470,6 +475,15 @@ def partial_success(response: Any) -> tuple[int, str]:
     ps = response.partial_success
     rejected = next(getattr(ps, f) for f in REJECTED_FIELDS if hasattr(ps, f))
     return int(rejected), ps.error_message
+
+
+def _retry_after(result: Any) -> float | None:
+    """The wait an OTLP/HTTP answer's Retry-After header asks for, or None."""
+    try:
+        headers = result.headers()
+    except Exception:  # noqa: BLE001 -- the SDK's transports may raise for malformed headers: none said
+        return None
+    return retry_after(headers.get("retry-after"))
 
 
 def _http_message(result: Any) -> str:

@@ -28,11 +28,12 @@ clock goes to ``ktel.dlq`` as it is, never to the receiver; a series of a name
 Prometheus gives another type's series (``split``) goes there alone, as a snapshot of
 such series, and the rest of its snapshot to the receiver. 2xx is success; 408,
 429 and 5xx are retried with backoff (the shared retry helper) until the receiver
-takes them; any other 4xx will never succeed: the snapshots whose samples made up
-the refused request are re-sent in halves (the same series only), down to single
-snapshots, and a snapshot refused alone goes to ``ktel.dlq`` with the receiver's
-answer. Prometheus refuses a whole request for one bad sample, so the others still
-arrive. 401 and 403 refuse ktel's credentials, and 404, 405 and redirects say
+takes them, each time after at least the wait a Retry-After header asks for (up to
+``ktel.retry.MAX_RETRY_AFTER_S``); any other 4xx will never succeed: the snapshots
+whose samples made up the refused request are re-sent in halves (the same series
+only), down to single snapshots, and a snapshot refused alone goes to ``ktel.dlq``
+with the receiver's answer. Prometheus refuses a whole request for one bad sample, so
+the others still arrive. 401 and 403 refuse ktel's credentials, and 404, 405 and redirects say
 nothing at the URL takes remote-write (Prometheus without its receiver), not the
 samples: they are retried, the samples kept, until the configuration is fixed.
 Offsets are committed after that (exporters/consume.py). TLS, authentication and
@@ -67,7 +68,7 @@ from prometheus_client.utils import floatToGoString
 
 from exporters import consume
 from exporters.consume import Record
-from exporters.delivery import Window, http_answer, send_split
+from exporters.delivery import Window, http_answer, retry_after, send_split
 from exporters.log2 import ZERO_THRESHOLD, Exponential, exponential
 from exporters.prom_names import clash, metric_name, prom_labels, unnamed
 from exporters.remote_write_client import Receiver
@@ -365,7 +366,7 @@ async def post(receiver: Receiver, body: bytes) -> None:
             # Prometheus 2.x without the feature answers 500: retried (nothing is lost once
             # the receiver or the setting changes), with what to change.
             text += f" ({NATIVE_FIX})"
-        http_answer(resp.status_code, text)
+        http_answer(resp.status_code, text, retry_after(resp.headers.get("retry-after")))
     except Exception as err:
         receiver.misconfigured.failed(err)  # a refused password or TLS handshake: one line
         raise
