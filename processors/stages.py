@@ -779,12 +779,29 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         # Hosts of partitions another worker holds now are that worker's to report.
         mine = my_hosts(assigned)
         result = chain.on_window(timed, mine, now_ms, len(assigned) / cfg.kafka.raw_partitions)
+        # The hosts it forgets, as it found them: one with a record taken since (while
+        # this close waits below) is alive, and that record's counts are committed with
+        # it, so its value must stay, and its series not be marked stale.
+        looked = {h: (mine[h], changelog.version(mine[h])) for h in result.forget if h in mine}
+
+        def silent(host_id: str) -> bool:
+            if host_id not in looked:
+                return True  # (not a table value's host)
+            value, v = looked[host_id]
+            return hosts.data.get(host_id) is value and changelog.version(value) == v
+
         if result.snapshots:
             count_series(result.snapshots, now_ms)
             await acks.wait(acks.last)  # (what it emits, Kafka has: ChangelogAcks)
+            back = {h for h in result.forget if not silent(h)}
+            if back:
+                result.snapshots = [(h, snap) for h, snap in result.snapshots if h not in back]
+                result.forget = [h for h in result.forget if h not in back]
+                result.counts["expired_hosts"] -= len(back)
         await emit(result)
         for host_id in result.forget:
-            await drop_host(host_id)
+            if silent(host_id):  # (emit may have waited for room in the producer)
+                await drop_host(host_id)
         if not timed.durable:
             # The sample stage forgets hosts in its window work, the worker does not
             # see which (a durable stage's go through drop_host).

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import json
 import time
 from contextlib import AsyncExitStack
@@ -105,6 +106,9 @@ class Shell:
         # The table's changelog records (key, value at the time of sending): a host's
         # snapshot keyed by its id, a delta by a list (processors/changelog.py).
         self.changelog: list[tuple[str | list, Any]] = []
+        # None: Kafka acknowledges each changelog record as it is sent; a list: the
+        # acknowledgements wait there until the test calls them.
+        self.acks_held: list[Any] | None = None
         self._stack = AsyncExitStack()
 
     async def __aenter__(self) -> Shell:
@@ -118,7 +122,11 @@ class Shell:
                 changelog.append((json.loads(key), None if value is None else json.loads(value)))
                 if acked is not None:  # Kafka has it (what a window waits for: stages.ChangelogAcks)
                     offsets[partition] = offset = offsets.get(partition, -1) + 1
-                    acked(SimpleNamespace(topic_partition=TopicPartition(topic, partition), offset=offset))
+                    meta = SimpleNamespace(topic_partition=TopicPartition(topic, partition), offset=offset)
+                    if self.acks_held is None:
+                        acked(meta)
+                    else:  # (Kafka slow to answer: the test acks them)
+                        self.acks_held.append(functools.partial(acked, meta))
             else:
                 sent.append((topic, key, value))
 
@@ -343,6 +351,49 @@ async def test_the_aggregate_closes_no_window_while_its_table_is_being_recovered
         finally:
             closing.cancel()
             await asyncio.gather(closing, return_exceptions=True)
+
+
+async def test_a_batch_taken_while_a_window_waits_for_the_changelog_keeps_its_host(tmp_path):
+    """A window that found a host silent for aggregate.host_ttl_seconds waits for Kafka to
+    have the changelog before it sends the host's last, stale snapshot and forgets it
+    (stages.ChangelogAcks). A batch of the host taken meanwhile is counted into its value
+    and committed: the window must not delete that value (its counts would be lost for
+    good) nor mark the series it counts into stale."""
+    aggregate = config.AggregateConfig(window_seconds=0.05, host_ttl_seconds=60)
+    async with Shell(tmp_path, "aggregate", aggregate=aggregate) as shell:
+        app = shell.app
+        held = {TP(SAMPLED_TOPIC, p) for p in range(RESOLVED.raw_partitions)}
+        app.assignor.assigned_actives = lambda: held
+        app.tables.recovery.completed.set()
+        await shell.put(batch(0, [file_created(1, "/data/x/f")]))
+        shell.table("h1")["aggregate"]["last_ms"] = 0  # silent far longer than its TTL
+        shell.acks_held = []  # another host's batch on its way to the changelog
+        await shell.put(batch(0, [file_created(1, "/data/y/f")], host="h2"), key=b"h2")
+        waiting = asyncio.Event()
+        wait = stages.ChangelogAcks.wait
+
+        async def noted(acks: stages.ChangelogAcks, last: int) -> None:
+            waiting.set()
+            await wait(acks, last)
+
+        window = next(t for t in app._app_tasks if t.__name__ == "window")
+        with mock.patch.object(stages.ChangelogAcks, "wait", noted):
+            closing = asyncio.ensure_future(window())
+            try:
+                await asyncio.wait_for(waiting.wait(), 30)  # (a guard against hanging)
+                await shell.put(batch(1, [file_created(1, "/data/x/g")]))  # h1 is back
+                for ack in shell.acks_held:
+                    ack()
+                shell.acks_held = None
+                await app.on_before_shutdown.send()  # (returns once the close under way is done)
+            finally:
+                closing.cancel()
+                await asyncio.gather(closing, return_exceptions=True)
+        both = {'["file_created_total", [["directory", "/data/x"]]]': 2.0}
+        assert shell.table("h1")["aggregate"]["series"] == both
+        host, recovered = shell.states()[-1]  # (what a restarted worker has of it)
+        assert host == "h1" and recovered["aggregate"]["series"] == both
+        assert not any(decode_snapshot(v).stale for v in shell.to(METRICS_TOPIC))
 
 
 async def test_all_runs_the_four_cores_with_heartbeats_in_one_worker(tmp_path):
