@@ -852,11 +852,17 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             await emit(chain.forget(host_id))
         now = time.monotonic()
         silent = [h for h in mine if now - last_seen.setdefault(h, now) > silent_s]
+        forgotten = 0
         for host_id in silent:
+            if now - last_seen.get(host_id, now) <= silent_s:
+                # A record of it taken while an earlier host's tombstones waited for room
+                # in the producer: it is alive, and that record's counts are committed.
+                continue
             log.info("host %.60r forgotten: no record for %.0f s", host_id, now - last_seen[host_id])
             await drop_host(host_id)
-        if silent:
-            child(EXPIRED_HOSTS).inc(len(silent))
+            forgotten += 1
+        if forgotten:
+            child(EXPIRED_HOSTS).inc(forgotten)
         cap.recount()
         cap.held()  # (and the gauge follows)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import functools
+import inspect
 import json
 import time
 from contextlib import AsyncExitStack
@@ -394,6 +395,42 @@ async def test_a_batch_taken_while_a_window_waits_for_the_changelog_keeps_its_ho
         host, recovered = shell.states()[-1]  # (what a restarted worker has of it)
         assert host == "h1" and recovered["aggregate"]["series"] == both
         assert not any(decode_snapshot(v).stale for v in shell.to(METRICS_TOPIC))
+
+
+async def test_a_batch_taken_while_silent_hosts_are_forgotten_keeps_its_host(tmp_path):
+    """The hosts no record named for a while are forgotten one after the other, each
+    with tombstones that may wait for room in the producer. A batch of a host further
+    down that list, taken meanwhile, is counted and committed: its host is alive, and
+    its value must stay."""
+    aggregate = config.AggregateConfig(window_seconds=0.05, host_ttl_seconds=0.1)
+    async with Shell(tmp_path, "aggregate", aggregate=aggregate) as shell:
+        app = shell.app
+        held = {TP(SAMPLED_TOPIC, p) for p in range(RESOLVED.raw_partitions)}
+        app.assignor.assigned_actives = lambda: held
+        app.tables.recovery.completed.set()
+        for host in ("h1", "h2"):
+            await shell.put(batch(0, [file_created(1, "/data/x/f")], host=host), key=host.encode())
+        await asyncio.sleep(0.5)  # both silent past host_ttl_seconds (and its margin)
+        forget, first, dropped = stages.forget, asyncio.Event(), []
+
+        async def room_awaited(table: Any, key: str, partitions: int) -> None:
+            dropped.append(key)
+            if not first.is_set():
+                first.set()
+                await asyncio.sleep(0.05)  # (the producer full: the stream takes a record)
+            await forget(table, key, partitions)
+
+        timer = next(t for t in app._app_tasks if t.__name__ == "forget_silent")
+        with mock.patch.object(stages, "forget", room_awaited):
+            forgetting = asyncio.ensure_future(inspect.unwrap(timer)())  # (the timer's one run)
+            await asyncio.wait_for(first.wait(), 30)  # (a guard against hanging)
+            back = "h2" if dropped == ["h1"] else "h1"  # (the one not yet forgotten)
+            await shell.put(batch(1, [file_created(1, "/data/x/g")], host=back), key=back.encode())
+            await forgetting
+        assert dropped == ["h2" if back == "h1" else "h1"]
+        assert shell.table(back)["aggregate"]["series"] == {
+            '["file_created_total", [["directory", "/data/x"]]]': 2.0
+        }
 
 
 async def test_all_runs_the_four_cores_with_heartbeats_in_one_worker(tmp_path):
