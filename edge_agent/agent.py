@@ -59,7 +59,7 @@ from prometheus_client import Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
-from edge_agent import node_stats
+from edge_agent import node_stats, statelock
 from edge_agent import probes as probes_mod
 from edge_agent.containers import Containers
 from edge_agent.control import Control
@@ -264,7 +264,11 @@ class Agent:
         self._beat_counters: dict[str, int] = {}
         self._beat_at = 0.0
         self.key = self.host_id.encode()
+        self.state_lock: int | None = None  # held until run() ends (edge_agent/statelock.py)
         try:
+            # Before anything in the directory is read: another agent's spool, batch
+            # numbers and commands are not this one's to take.
+            self.state_lock = statelock.acquire(acfg.state_dir)
             self.seqs = SeqStore(acfg.state_dir)
             self.spool = Spool(
                 acfg.state_dir / "spool",
@@ -279,11 +283,21 @@ class Agent:
             # live host whose every event is dropped; stopping shows the misconfiguration
             # (a read-only root filesystem with no volume there) at rollout. A full disk
             # is not this: it passes, and the agent runs on (seqstore.no_space).
+            statelock.release(self.state_lock)
             raise ConfigError(
                 f"agent.state_dir = '{acfg.state_dir}': cannot be used ({err.strerror or err}: "
                 f"{err.filename}): the agent keeps its batch numbers and its spool there; make it a "
                 "directory the agent can write (not read-only), or set agent.state_dir "
                 "(KTEL_AGENT__STATE_DIR) to one"
+            ) from None
+        except statelock.Held as held:
+            # The same: one line, exit 2. A supervisor restarting it (systemd, a pod's
+            # restarts) starts it once the other has ended.
+            raise ConfigError(
+                f"agent.state_dir = '{acfg.state_dir}': in use by another ktel agent, {held.holder} "
+                f"({held.path} is locked): two agents on one state directory number their batches "
+                "alike, and the processors drop one's as duplicates of the other's; stop that agent "
+                "first, or give this one a directory of its own (agent.state_dir, KTEL_AGENT__STATE_DIR)"
             ) from None
         self.redactor = Redactor(acfg.redact)
         self.spooled = asyncio.Event()
@@ -893,7 +907,10 @@ class Agent:
             for task in await cancelled(tasks, GOODBYE_TIMEOUT_S):
                 log.warning("agent task %s did not end when cancelled; stopping without it", task.get_name())
             await close_producer(self.producer)
-            self.spool.close()
+            try:
+                self.spool.close()
+            finally:
+                statelock.release(self.state_lock)
             log.info("agent stopped; %d spooled bytes not yet acknowledged", self.spool.depth_bytes())
         if failed is not None:
             err = failed.exception()

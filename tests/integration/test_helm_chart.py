@@ -209,6 +209,24 @@ def test_the_agent_mounts_the_kernel_interfaces_and_keeps_its_state_on_the_node(
     assert cfg["agent"]["cgroup_root"] == "/host/sys/fs/cgroup"
 
 
+def test_a_nodes_agent_is_replaced_only_once_the_old_one_ended(rendered) -> None:
+    """Two agents never share a node's state directory: the second refuses to start
+    (edge_agent/statelock.py), so a surge's new pod would never be ready, and the
+    rollout would stop at the first node."""
+    strategy = the_agent(rendered)["spec"]["updateStrategy"]
+    assert strategy["type"] == "RollingUpdate"
+    assert strategy["rollingUpdate"].get("maxSurge", 0) == 0
+    for surge in ("0", "0%"):
+        render(sets=(f"agent.updateStrategy.rollingUpdate.maxSurge={surge}",))
+    for surge in ("1", "10%"):
+        res = run_helm(
+            "template", "ktel", str(CHART), "--set", f"agent.updateStrategy.rollingUpdate.maxSurge={surge}"
+        )
+        assert res.returncode != 0
+        assert f"agent.updateStrategy.rollingUpdate.maxSurge = {surge}: a surge starts" in res.stderr
+        assert "leave maxSurge at 0" in res.stderr
+
+
 def test_probes_and_services_are_on_the_port_each_process_serves(rendered) -> None:
     cfg = toml_config(rendered)
     services = {s["metadata"]["name"]: s for s in of_kind(rendered, "Service")}
