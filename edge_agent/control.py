@@ -17,7 +17,9 @@ heartbeat's counters) and named with the reason in the next heartbeat's
 ``undecodable``; it has no id to acknowledge. At most ``MAX_PENDING_ACKS``
 acknowledgements of each sort, of ``MAX_PENDING_ACK_BYTES``, wait for a heartbeat
 (the oldest go first, counted), so heartbeats stay under Kafka's record limit
-whatever arrives.
+whatever arrives. Refusals are logged once for each command (an undecodable record's
+once for each reason), for 1,000 of them at most (``ktel.logs.Once``), each id as
+its ``repr``: a newline in one would otherwise start a forged line of the text log.
 A restore is judged by the same bounds but the rate (it carries a rate and a
 duration for agents that predate restores; this one puts back its own rate). A
 restore ends whatever command is in force for its probe, as any later command for
@@ -75,6 +77,7 @@ from prometheus_client import Counter
 
 from ktel import kafka_client
 from ktel.kafka_client import Kafka, client_kwargs, settings
+from ktel.logs import Once
 from ktel.probes import PROBES
 from ktel.retry import retry
 from ktel.wire import ControlCommand, WireError, decode_command
@@ -212,6 +215,10 @@ class Control:
         self._acks = Pending()
         self._refusals = Pending()
         self.counts = {"commands_applied": 0, "commands_refused": 0}
+        # The refusals logged, each command (or undecodable record's reason) once, 1,000 at
+        # most: anyone who can write ktel.control reaches every agent, and a flood of bad
+        # records logged a line each on every node. Each is counted all the same.
+        self._warned = Once()
         self._load()
 
     @classmethod
@@ -281,7 +288,7 @@ class Control:
         if known is None:
             self._applied(in_force)
         log.info(
-            "command %s: %s sampled 1 in %d for %d ms more",
+            "command %.120r: %s sampled 1 in %d for %d ms more",
             in_force.id,
             in_force.probe,
             in_force.sample_every,
@@ -299,7 +306,7 @@ class Control:
         # Remembered as a command over as soon as applied, so that its record read back
         # at a start ends nothing applied after it.
         self._applied(InForce(cmd.id, cmd.probe, rate, now, max(now, sent_ms + self.bounds.max_ttl_ms)))
-        log.info("command %s: %s back to 1 in %d", cmd.id, cmd.probe, rate)
+        log.info("command %.120r: %s back to 1 in %d", cmd.id, cmd.probe, rate)
         return True
 
     def _end(self, probe: str, now: int, unless: str | None = None) -> None:
@@ -328,14 +335,17 @@ class Control:
     def refuse_undecodable(self, offset: int, err: WireError) -> None:
         REFUSED.labels("undecodable").inc()
         self.counts["commands_refused"] += 1
-        log.warning("refusing control record at offset %d: %s", offset, err)
+        why = str(err)
+        if self._warned(hash(("undecodable", why))):
+            log.warning("refusing control record at offset %d: %.300r", offset, why)
 
     def _refuse(self, cmd_id: str, label: str, reason: str) -> None:
         REFUSED.labels(label).inc()
         self.counts["commands_refused"] += 1
         # (cut to what a heartbeat takes: one that did not decode would be dead-lettered whole)
         self._refusals.put([], [cmd_id[: self.bounds.max_id_chars], reason[:REFUSAL_CHARS]])
-        log.warning("refusing command %.80s: %s", cmd_id, reason)
+        if self._warned(hash((label, cmd_id))):
+            log.warning("refusing command %.120r: %s", cmd_id, reason)
 
     def expire(self, now: int | None = None) -> None:
         now = now if now is not None else now_ms()
@@ -351,7 +361,9 @@ class Control:
             if cmd.deadline_ms <= now:
                 del self.overrides[probe]
                 self.apply(probe, self.sample_every(probe))
-                log.info("command %s expired: %s back to 1 in %d", cmd.id, probe, self.sample_every(probe))
+                log.info(
+                    "command %.120r expired: %s back to 1 in %d", cmd.id, probe, self.sample_every(probe)
+                )
 
     def take_acks(self) -> list[str]:
         return self._acks.take()
@@ -406,7 +418,7 @@ class Control:
             ):
                 self.overrides[cmd.probe] = cmd  # in the order applied: the last one stands
         for cmd in self.overrides.values():
-            log.info("command %s still in force: %s sampled 1 in %d", cmd.id, cmd.probe, cmd.sample_every)
+            log.info("command %.120r still in force: %s sampled 1 in %d", cmd.id, cmd.probe, cmd.sample_every)
 
     def save(self, now: int | None = None) -> None:
         """Write the commands in force to the state file, if any were applied since it

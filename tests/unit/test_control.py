@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
+import logging
 
 import pytest
 from aiokafka.structs import ConsumerRecord
@@ -13,6 +15,7 @@ from prometheus_client import REGISTRY
 
 from edge_agent import control as control_mod
 from edge_agent.control import MAX_PENDING_ACKS, Bounds, Control, now_ms
+from ktel import logs
 from ktel.config import AgentConfig
 from ktel.schema import U63
 from ktel.wire import ControlCommand, decode_heartbeat, encode_command, encode_heartbeat
@@ -578,3 +581,52 @@ def test_a_clock_set_back_while_a_command_holds_stretches_it_no_longer_than_the_
     assert ctl.sample_every("file_created") == 2 and applied[-1] == ("file_created", 2)
     ctl.save(now=back + BOUNDS.max_ttl_ms)
     assert make(tmp_path)[0].command("file_created") is None
+
+
+# An id that, logged as it is, would end the agent's line and write one of its own.
+FORGED = "c1\n2026-01-01 00:00:00,000 WARNING ktel.agent: forged"
+
+
+def log_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """What the agent's text log holds of what ktel.control logged, line by line."""
+    text = logging.Formatter(logs.TEXT_FORMAT)
+    return [line for r in caplog.records if r.name == "ktel.control" for line in text.format(r).splitlines()]
+
+
+def test_a_newline_in_a_command_id_writes_no_line_of_its_own(tmp_path, caplog):
+    """Every line ktel.control's writer can put an id in: refused, applied, in force
+    after a restart, expired, restored."""
+    now = now_ms()
+    with caplog.at_level(logging.INFO, logger="ktel.control"):
+        ctl, _ = make(tmp_path)
+        assert not ctl.handle(cmd(cmd_id=FORGED, probe="no_such_probe"), sent_ms=now, now=now)
+        assert ctl.handle(cmd(cmd_id=FORGED), sent_ms=now, now=now)
+        ctl.save()
+        again, _ = make(tmp_path)  # a restart: the command still in force
+        again.expire(now + 60_000)
+        assert again.handle(cmd(cmd_id=FORGED + "-r", restore=True), sent_ms=now, now=now)
+    lines = log_lines(caplog)
+    assert len(lines) == len(caplog.records) == 5
+    assert all(repr(FORGED)[:-1] in line for line in lines)
+
+
+def test_a_flood_of_bad_records_logs_a_bounded_number_of_lines_and_counts_each(tmp_path, caplog):
+    ctl, _ = make(tmp_path)
+    probe, undecodable = refused("probe"), refused("undecodable")
+    # The same refused command, the same undecodable record, again and again: one line each.
+    same = records(*[cmd(cmd_id="bad", probe="no_such_probe")] * 50, sent_ms=T0)
+    same += [dataclasses.replace(r, offset=50 + r.offset, value=b"\xc1") for r in same]
+    with caplog.at_level(logging.WARNING, logger="ktel.control"):
+        ctl.judge(same)
+    assert len(log_lines(caplog)) == 2
+    # Ever new ones (ids; reasons of records that do not decode): a line each, up to the bound.
+    n = 1000
+    new = [cmd(cmd_id=f"bad-{i}", probe="no_such_probe") for i in range(n)]
+    new += [cmd(cmd_id=f"worse-{i}", every=-i) for i in range(n)]
+    with caplog.at_level(logging.WARNING, logger="ktel.control"):
+        ctl.judge(records(*new, sent_ms=T0, first=100))
+    assert len(log_lines(caplog)) == logs.Once().limit
+    # Counted, every one.
+    assert refused("probe") == probe + 50 + n
+    assert refused("undecodable") == undecodable + 50 + n
+    assert ctl.counts["commands_refused"] == 100 + 2 * n
