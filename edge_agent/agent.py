@@ -706,10 +706,18 @@ class Agent:
         return node
 
     def heartbeat(
-        self, interval: float, previous: dict[str, int], containers: list[list], node: dict[str, int]
+        self, elapsed: float, previous: dict[str, int], containers: list[list], node: dict[str, int]
     ) -> tuple[Heartbeat, dict[str, int]]:
         """The heartbeat record; ``rates`` are the counters' increase over the last
-        ``interval`` seconds (since start, in the first)."""
+        ``elapsed`` seconds (since start, in the first), per second.
+
+        ``interval_s`` is agent.heartbeat_seconds, whatever ``elapsed`` is: the workers
+        report the host down three of them after its last heartbeat
+        (processors/fleet_metrics.py). The time since start, which the first heartbeat
+        said before (it goes out as soon as Kafka is reached, often well under a second
+        after the probes loaded), had the host down from about 3 s after it until the
+        second, an interval later, and kept an agent that reached Kafka only after
+        minutes up for three times as long."""
 
         # The agent's own counters, read once: REGISTRY.get_sample_value would collect
         # every metric (the probes' in-kernel counters too) for each value.
@@ -762,10 +770,10 @@ class Agent:
                 **self.static_host,
                 "boot.id": self.boot_id,
             },
-            "interval_s": interval,
+            "interval_s": self.cfg.agent.heartbeat_seconds,
             "probes": probes,
             "counters": counters,
-            "rates": {k: (v - previous.get(k, 0)) / interval for k, v in counters.items()},
+            "rates": {k: (v - previous.get(k, 0)) / elapsed for k, v in counters.items()},
             "spool": {"depth_bytes": self.spool.depth_bytes()},
             "send_latency_ms": {
                 "p50": statistics.median(lat) if lat else 0.0,
@@ -798,8 +806,8 @@ class Agent:
         CONTAINERS.set(len(containers))
         CONTAINERS_UNLISTED.set(self.containers.unlisted)
         now = time.monotonic()
-        interval = max(now - self._beat_at, 1e-3)
-        hb, self._beat_counters = self.heartbeat(interval, self._beat_counters, containers, node)
+        elapsed = max(now - self._beat_at, 1e-3)
+        hb, self._beat_counters = self.heartbeat(elapsed, self._beat_counters, containers, node)
         self._beat_at = now
         if stopping:
             hb["stopping"] = True

@@ -84,6 +84,9 @@ log = logging.getLogger("ktel.process")
 class _Seen:
     received: float  # time.monotonic() when the worker read it
     ts_s: float  # the heartbeat's own time, seconds since the epoch
+    # The agent's heartbeat period. (Agents before it said so sent the time since their
+    # previous heartbeat, and since their start in the first: such a host reads down
+    # from a few seconds after its first heartbeat until its second.)
     interval_s: float
     node: dict[str, int]  # the readings exported (within the bounds)
     stopping: bool

@@ -6,11 +6,11 @@ Heartbeat (key = host id)::
     {"v": 1, "ts": int (ms),
      "host": {"host.id", "host.name", "host.arch", "os.type", "os.version" (kernel
               release), "boot.id", "ktel.agent.version"},
-     "interval_s": float,         # seconds since the previous heartbeat (since start in the first)
+     "interval_s": float,         # the agent's heartbeat period: the next is due that long after
      "probes": {name: {"loaded": bool, "reason": str, "sample_every": int,
                        "command": command id in force or None}},
      "counters": {name: int},     # cumulative since the agent started (see edge_agent/agent.py)
-     "rates": {name: float},      # per second over the last interval
+     "rates": {name: float},      # per second since the previous heartbeat (since start in the first)
      "spool": {"depth_bytes": int},
      "send_latency_ms": {"p50": float, "max": float},
      "acked_commands": [command id, ...],

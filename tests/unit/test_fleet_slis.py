@@ -3,13 +3,17 @@ heartbeats (processors/fleet_metrics.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from edge_agent import node_stats
+from edge_agent import node_stats, statelock
+from edge_agent.agent import cancelled
+from ktel.wire import decode_heartbeat
 from processors import fleet_metrics
 from processors.fleet_metrics import FleetMetrics
+from tests.unit.test_agent_batches import make_agent
 
 # From a 2-CPU KVM guest (cat /proc/stat), cut to the lines read and one other.
 PROC_STAT = """\
@@ -337,3 +341,47 @@ def test_a_forgotten_host_starts_again_with_no_names_held(monkeypatch):
     samples(fleet)  # forgets it
     assert fleet.observe("h1", heartbeat({"disk_in_flight.new": 1})) == {}  # type: ignore[arg-type]
     assert disks(samples(fleet)) == ["new"]
+
+
+async def test_a_host_is_up_from_its_agents_first_heartbeat_until_three_of_its_intervals(
+    tmp_path, monkeypatch
+):
+    """The agent's heartbeats as it sends them (Agent.send_heartbeats), read by a worker:
+    its first heartbeat, sent as soon as Kafka is reached (a fraction of a second after
+    the probes loaded), keeps the host up until the next is due, not a second or three."""
+    agent = make_agent(tmp_path)  # agent.heartbeat_seconds: its default, 10 s
+    sent: list[bytes] = []
+    first = asyncio.Event()
+
+    class Producer:  # Kafka, taking each heartbeat at once
+        async def send_and_wait(self, topic: str, payload: bytes, key: bytes) -> None:
+            sent.append(payload)
+            first.set()
+
+    agent.producer = Producer()  # type: ignore[assignment]
+    agent.started = time.monotonic() - 0.2  # (as run() sets it; Kafka connected 0.2 s later)
+    beats = asyncio.create_task(agent.send_heartbeats())
+    sending = asyncio.ensure_future(first.wait())
+    try:
+        await asyncio.wait({beats, sending}, return_when=asyncio.FIRST_COMPLETED)
+        assert first.is_set(), beats.exception()  # (else the heartbeats failed before the first)
+    finally:
+        sending.cancel()
+        # (as the agent stops it: a cancellation can be lost as its send completes)
+        assert await cancelled([beats], 1.0) == set()
+        agent.spool.close()
+        statelock.release(agent.state_lock)
+    hb = decode_heartbeat(sent[0])
+    interval = agent.cfg.agent.heartbeat_seconds
+
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    fleet = FleetMetrics(forget_after_s=3600)
+    fleet.observe("h", hb)
+    up = ("ktel_agent_up", (("host_id", "h"),))
+    clock[0] += interval / 2  # the next heartbeat not due yet
+    assert samples(fleet)[up] == 1.0
+    clock[0] += fleet_metrics.MISSED_HEARTBEATS * interval - interval / 2  # three intervals: still up
+    assert samples(fleet)[up] == 1.0
+    clock[0] += 1
+    assert samples(fleet)[up] == 0.0
