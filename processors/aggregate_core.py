@@ -648,6 +648,39 @@ def row_of(host_id: str, key: str, value: Any) -> list | None:
     return [name, "counter", labels, value]
 
 
+def usable(key: str, value: Any) -> bool:
+    """Whether a series read back from the changelog (``changelog.fold``) has what every
+    window reads of it (``fingerprint``, ``row_of``): a key of a name and labels, and a
+    counter's finite number, a gauge's, or a histogram's finite count, sum and (at most
+    ``HIST_SLOTS``) buckets. A series that fails one would fail every window of its host,
+    after every restart too, as the worker recovers the same value."""
+    try:
+        name, labels = parsed_key(key)
+    except (ValueError, TypeError, RecursionError):
+        return False
+    if not isinstance(name, str) or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels):
+        return False
+    if not isinstance(value, dict):
+        return finite(value)
+    if "gauge" in value:
+        return finite(value["gauge"])
+    buckets = value.get("buckets")
+    return (
+        finite(value.get("count"))
+        and finite(value.get("sum"))
+        and isinstance(buckets, list)
+        and 0 < len(buckets) <= HIST_SLOTS
+        and all(finite(b) for b in buckets)
+    )
+
+
+def finite(number: Any) -> bool:
+    """A number a snapshot carries: a float that is one, or an integer msgpack takes."""
+    if isinstance(number, float):
+        return math.isfinite(number)
+    return isinstance(number, int) and not isinstance(number, bool) and -(2**63) <= number <= U64
+
+
 def zero_of(row: list) -> list | None:
     """The snapshot entry of ``row``'s series as it was before its first event: a
     counter at 0 (of its value's type), a histogram of the same bounds with its count,

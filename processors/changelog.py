@@ -35,6 +35,16 @@ records in key order, so it folds snapshots first, then deltas by version
 (processors/table_store.py). Each value folded has the enrich stage's exits put in
 time order (``enrich_core.order_exits``): an older ktel queued them as they came,
 and the stage's expiry relies on that order.
+
+A changelog is read back as any topic is, untrusted (a processor bug, a mixed-version
+deployment, another writer): ``fold`` never raises. A key that is neither a host id
+nor ``[host id, slot]``, and a delta of another shape, are left out (the host keeps
+its value, and the deltas after it, no longer one version past it, are left out as
+from before a snapshot, until the next snapshot); a snapshot the runner or the stages
+could not use (``problem``) drops the host's value, as if the host were new. A value
+left in the table that failed a window would fail it after every restart too, the
+worker recovering the same value; one left in Faust's recovery would stop it for good
+(it logs the exception and applies the same buffer again with every later record).
 """
 
 from __future__ import annotations
@@ -43,7 +53,7 @@ import json
 from collections.abc import Iterable, Iterator, MutableMapping
 from typing import Any
 
-from processors import enrich_core
+from processors import aggregate_core, enrich_core
 from processors.stage import MISSING, Touched
 
 Path = tuple[str, ...]
@@ -56,6 +66,16 @@ ENTRY_MAPS: tuple[Path, ...] = (
 # Versions between two snapshots of a host: its delta keys.
 SLOTS = 16
 VERSION = "v"
+# What the runner and the stages take a host's value to hold, where it holds anything
+# (``problem``): besides its sections, a map at each level of ENTRY_MAPS and at the
+# dedupe record's (a counting stage's guard keeps it in that stage's section), and a
+# number where a window computes with one.
+MAPS: tuple[Path, ...] = (
+    *dict.fromkeys(pattern[:n] for pattern in ENTRY_MAPS for n in range(2, len(pattern) + 1)),
+    ("*", "seen"),
+    ("*", "parts"),
+)
+NUMBERS: tuple[Path, ...] = (("aggregate", "last_ms"), ("aggregate", "series_bytes"), ("enrich", "bytes"))
 
 
 def _tree(paths: tuple[Path, ...]) -> dict[str, Any]:
@@ -213,20 +233,121 @@ def is_delta(key: Any) -> bool:
     return isinstance(key, list | tuple)
 
 
-def fold(data: MutableMapping[Any, Any], key: Any, record: Any) -> Any:
+def _nodes(value: Any, pattern: Path) -> Iterator[tuple[Path, Any]]:
+    """What ``value`` holds at ``pattern`` (below maps only), whatever it is, with its path."""
+
+    def walk(node: Any, at: int, path: Path) -> Iterator[tuple[Path, Any]]:
+        if at == len(pattern):
+            yield path, node
+        elif isinstance(node, dict):
+            names = node.keys() if pattern[at] == "*" else (pattern[at],) if pattern[at] in node else ()
+            for name in names:
+                yield from walk(node[name], at + 1, (*path, name))
+
+    return walk(value, 0, ())
+
+
+def _is_version(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def problem(value: Any) -> str | None:
+    """Why a host's value (or a delta's head) read back from the changelog is one the
+    runner or the stages could not use (None: it is one they can): not a map, a version
+    that is not an integer, a section, one of ``MAPS`` or ``NUMBERS`` of another sort.
+    Down to those levels only: below them a stage takes what it finds (an entry it
+    fails on stops the worker at that record, which is then dead-lettered: processors/stop.py),
+    but for the aggregate's series (``entry_problem``), which every window reads."""
+    if not isinstance(value, dict):
+        return f"a value that is not a map but {type(value).__name__}"
+    if not _is_version(value.get(VERSION, 0)):
+        return f"version {value[VERSION]!r:.40}, not an integer"
+    for name, section in value.items():
+        if name != VERSION and not isinstance(section, dict):
+            return f"section {name!r:.40} is {type(section).__name__}, not a map"
+    for pattern in MAPS:
+        for path, node in _nodes(value, pattern):
+            if not isinstance(node, dict):
+                return f"{list(path)!r:.100} is {type(node).__name__}, not a map"
+    for path in NUMBERS:
+        number = get(value, path, 0)
+        if not aggregate_core.finite(number):
+            return f"{list(path)!r:.100} is {number!r:.40}, not a number"
+    return None
+
+
+def entry_problem(path: Path, entry: Any) -> str | None:
+    """Why an entry of the host's entry maps read back is one a window could not use
+    (None: it is one it can): the aggregate's series, each of which every window reads."""
+    if path[:2] == ("aggregate", "series") and not aggregate_core.usable(path[-1], entry):
+        return f"series {path[-1]!r:.100}: {entry!r:.100} is not a counter, gauge or histogram"
+    return None
+
+
+def _entry_path(path: Any) -> bool:
+    """Whether ``path`` (decoded) names an entry of an entry map."""
+    return (
+        isinstance(path, list | tuple)
+        and all(isinstance(name, str) for name in path)
+        and any(
+            len(path) == len(pattern) + 1
+            and all(p in ("*", name) for p, name in zip(pattern, path[:-1], strict=True))
+            for pattern in ENTRY_MAPS
+        )
+    )
+
+
+def _snapshot_problem(record: Any) -> str | None:
+    why = problem(record)
+    if why is None:
+        why = next((w for path, entry in entries(record) if (w := entry_problem(path, entry))), None)
+    return why
+
+
+def _delta_problem(record: Any) -> str | None:
+    if not isinstance(record, dict):
+        return f"a delta that is not a map but {type(record).__name__}"
+    if not _is_version(record.get(VERSION)):
+        return f"a delta of version {record.get(VERSION)!r:.40}, not an integer"
+    # (entries and all: one in a head, where none should be, stays where its value has no map)
+    if (why := _snapshot_problem(record.get("head"))) is not None:
+        return f"a delta's head: {why}"
+    sets, dels = record.get("set"), record.get("del")
+    if not (
+        isinstance(sets, list)
+        and all(isinstance(s, list) and len(s) == 2 and _entry_path(s[0]) for s in sets)
+    ):
+        return f"a delta's set {sets!r:.100} is not a list of [entry path, entry]"
+    if not (isinstance(dels, list) and all(_entry_path(path) for path in dels)):
+        return f"a delta's del {dels!r:.100} is not a list of entry paths"
+    return next((w for path, entry in sets if (w := entry_problem(tuple(path), entry))), None)
+
+
+def fold(data: MutableMapping[Any, Any], key: Any, record: Any) -> tuple[Any, str | None]:
     """Apply one changelog record to the hosts' values ``data`` (recovery; each host's
-    snapshot before its deltas, and those in version order); the host id it concerns."""
-    if not is_delta(key):
+    snapshot before its deltas, and those in version order): the host id it concerns
+    (None: its key names none), and why it was left out (None: it was not; see the
+    module doc)."""
+    if isinstance(key, str):
         if record is None:  # the host forgotten (its deltas were tombstoned too)
             data.pop(key, None)
+        elif (why := _snapshot_problem(record)) is not None:
+            data.pop(key, None)  # (as if the host were new)
+            return key, f"a snapshot the stages could not use, the host's value dropped: {why}"
         else:
             data[key] = record
             enrich_core.order_exits(get(record, ("enrich",)))
-        return key
+        return key, None
+    if not (is_delta(key) and len(key) == 2 and isinstance(key[0], str) and _is_version(key[1])):
+        return None, f"key {key!r:.100}, neither a host id nor [host id, slot]"
     host_id = key[0]
+    if record is None:
+        return host_id, None
+    if (why := _delta_problem(record)) is not None:
+        return host_id, f"{why}, left out"
     value = data.get(host_id)
-    if record is None or value is None or record[VERSION] != version(value) + 1:
-        return host_id  # from before the host's snapshot
+    if value is None or record[VERSION] != version(value) + 1:
+        return host_id, None  # from before the host's snapshot
     new = graft(record["head"], value)
     for path, entry in record["set"]:
         put(new, tuple(path), entry)
@@ -234,4 +355,4 @@ def fold(data: MutableMapping[Any, Any], key: Any, record: Any) -> Any:
         delete(new, tuple(path))
     data[host_id] = new
     enrich_core.order_exits(get(new, ("enrich",)))  # (a head carries the exits whole)
-    return host_id
+    return host_id, None

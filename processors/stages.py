@@ -96,7 +96,7 @@ from processors.fleet_metrics import BOUNDS, FleetMetrics
 from processors.host_cap import HostCap
 from processors.stage import Result, Stage
 from processors.stop import Poisoned, StageFailed, Worker, stop
-from processors.table_store import MEMORY_URL, DiskBackedStore
+from processors.table_store import MEMORY_URL, REFUSED, DiskBackedStore
 from processors.table_store import URL as DISK_BACKED_URL
 
 log = logging.getLogger("ktel.process")
@@ -494,7 +494,11 @@ def make_app(cfg: Config, stage: str) -> faust.App:
     # table: a table it never writes would still need its changelog topic at start.
     hosts: Any = {}
     if chain.durable:
-        hosts = app.Table("host-state", default=dict, partitions=cfg.kafka.raw_partitions)
+        # (options: its store's, which counts the changelog records it leaves out by stage)
+        hosts = app.Table(
+            "host-state", default=dict, partitions=cfg.kafka.raw_partitions, options={"stage": stage}
+        )
+        REFUSED.labels(stage)  # (as 0 from the start)
     limit = cfg.process.max_state_bytes
     # host id -> what of its table value is on the changelog: what a record that would
     # grow the value past the limit leaves behind, and what the value takes. Kept with

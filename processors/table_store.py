@@ -38,12 +38,24 @@ from typing import Any
 
 from faust.stores import STORES, memory
 from faust.types import TP, EventT
+from prometheus_client import Counter
 from rocksdict import AccessType, Options, Rdict, WriteBatch
 
+from ktel.logs import Once
 from processors.changelog import VERSION, fold, is_delta
 from processors.stop import end
 
 log = logging.getLogger("ktel.process")
+
+REFUSED = Counter(
+    "ktel_processor_changelog_records_refused",
+    "changelog records (or their on-disk copies) recovery left out: a key or record of another "
+    "shape than ktel writes, or a snapshot the stages could not use (its host then starts afresh)",
+    ["stage"],
+)
+# Records left out, logged each once, and no more than Once's bound: a writer of a
+# changelog may write ever new ones.
+_warned = Once()
 
 MEMORY_URL = "ktel-memory://"
 STORES.aliases["ktel-memory"] = f"{__name__}:FoldingStore"
@@ -69,15 +81,47 @@ def _age(written: bytes | None) -> float | None:
         return None
 
 
+def _decoded(decode: Callable[[bytes], Any], data: bytes) -> Any:
+    try:
+        return decode(data)
+    except Exception:  # (Faust's codecs raise what their decoder does)
+        return data
+
+
+def _version(delta: tuple[Any, Any]) -> int:
+    """The version of a (key, delta) the copy holds; 0 for a delta of no version, which
+    ``fold`` leaves out."""
+    v = delta[1].get(VERSION) if isinstance(delta[1], dict) else None
+    return v if isinstance(v, int) else 0
+
+
 class FoldingStore(memory.Store):
+    """(The table's ``options``: ``{"stage": <its stage>}``, for the stage's self-metrics.)"""
+
     def apply_changelog_batch(
         self, batch: Iterable[EventT], to_key: Callable[[Any], Any], to_value: Callable[[Any], Any]
     ) -> None:
         for event in batch:
             value = None if event.message.value is None else to_value(event.value)
-            self._folded(fold(self.data, to_key(event.key), value), event.message.partition)
+            self._fold(to_key(event.key), value, event.message.partition)
 
-    def _folded(self, host_id: Any, partition: int) -> None:
+    def _fold(self, key: Any, value: Any, partition: int) -> None:
+        """Fold one record of changelog partition ``partition`` into the hosts' values: one
+        that ``fold`` leaves out is counted and logged, and recovery goes on (Faust's, which
+        an exception stops for good, as the load of the on-disk copy)."""
+        host_id, why = fold(self.data, key, value)
+        if why is not None:
+            REFUSED.labels((self.options or {}).get("stage", "")).inc()
+            if _warned(why):
+                log.warning(
+                    "changelog partition %d: a record of host %.60r left out of recovery (counted in "
+                    "ktel_processor_changelog_records_refused_total): %s",
+                    partition,
+                    host_id,
+                    why,
+                )
+        if host_id is None:
+            return
         if host_id in self.data:
             self._key_partition[host_id] = partition
         else:
@@ -124,13 +168,14 @@ class DiskBackedStore(FoldingStore):
         deltas = []
         for key, value in self._db(partition).items():  # (in key order: the deltas are sorted)
             if key not in (OFFSET_KEY, WRITTEN_KEY):
-                k, v = self._decode_key(key), self._decode_value(value)  # type: ignore[arg-type]  # raw mode
+                # (raw mode: bytes; one that does not decode stays bytes, which fold leaves out)
+                k, v = _decoded(self._decode_key, key), _decoded(self._decode_value, value)  # type: ignore[arg-type]
                 if is_delta(k):
                     deltas.append((k, v))
                 else:
-                    self._folded(fold(self.data, k, v), partition)
-        for k, v in sorted(deltas, key=lambda kv: kv[1][VERSION]):  # each host's in version order
-            self._folded(fold(self.data, k, v), partition)
+                    self._fold(k, v, partition)
+        for k, v in sorted(deltas, key=_version):  # each host's in version order
+            self._fold(k, v, partition)
 
     def _drop_if_old(self, partition: int) -> None:
         """Drop the partition's copy if it took records too long ago (``MAX_COPY_AGE_S``;

@@ -166,7 +166,8 @@ class Shell:
         data: dict[str, dict] = {}
         out = []
         for key, value in copy.deepcopy(self.changelog):
-            host = changelog.fold(data, key, value)
+            host, why = changelog.fold(data, key, value)
+            assert why is None, why  # (what a worker writes, recovery takes)
             out.append((host, persisted(data.get(host, {}))))
         return out
 

@@ -5,12 +5,14 @@ import json
 import time
 from types import SimpleNamespace
 
+import faust
 import pytest
+from faust.serializers import Registry
 from faust.types import TP
 from rocksdict import AccessType, Options, Rdict, WriteBatch
 
 from processors import table_store
-from processors.table_store import OFFSET_KEY, WRITTEN_KEY, DiskBackedStore
+from processors.table_store import OFFSET_KEY, REFUSED, WRITTEN_KEY, DiskBackedStore
 
 
 def test_a_copy_the_disk_refuses_ends_the_worker_before_a_later_offset_covers_the_hole(tmp_path, monkeypatch):
@@ -46,7 +48,11 @@ def copy_alone(tmp_path) -> DiskBackedStore:
     store = DiskBackedStore.__new__(DiskBackedStore)
     store._dbs, store._acked, store._copied, store._dropped = {}, {}, {}, set()
     store.table_name, store.data, store._key_partition = "host-state", {}, {}
-    store.app = SimpleNamespace(conf=SimpleNamespace(tabledir=str(tmp_path)))
+    store.options = {"stage": "all"}
+    # (its keys and values decoded as the stages' table has them: JSON)
+    store.key_type = store.value_type = None
+    store.key_serializer = store.value_serializer = "json"
+    store.app = SimpleNamespace(conf=SimpleNamespace(tabledir=str(tmp_path)), serializers=Registry())
     return store
 
 
@@ -106,3 +112,61 @@ def test_a_copy_takes_only_offsets_that_follow_on_and_is_dropped_at_a_record_it_
     store._load(3)  # assigned again: Faust reads the partition from the start, then
     asyncio.run(acks(48, 49))
     assert store.persisted_offset(TP("c", 3)) == 49
+
+
+# Changelog records (key, value) as Kafka has them: a host's snapshot and a delta of it
+# around records of other shapes than ktel writes, and a snapshot no stage could use.
+GOOD = [
+    (b'"h"', b'{"v": 1, "aggregate": {"last_ms": 5}}'),
+    (b'["h", 2]', b'{"v": 2, "head": {"v": 2}, "set": [], "del": []}'),
+]
+MALFORMED = [  # (each key once: the copy holds a key's last record)
+    (b'["h", 3]', b'"x"'),
+    (b"[]", b"{}"),
+    (b'["h", 4]', b'{"v": 3, "head": {}, "set": [[1, 2]], "del": []}'),
+    (b'["h", 5]', b'{"v": 3, "head": 3, "set": [], "del": []}'),
+    (b'["h", 6]', b'{"v": [], "head": {}, "set": [], "del": []}'),
+    (b'{"h": 1}', b"{}"),
+    (b"not json", b"{}"),
+    (b'"g"', b"not json"),
+    (b'"g2"', b"5"),
+    (b'"g3"', b'{"aggregate": 5}'),
+]
+
+
+def refused() -> float:
+    return REFUSED.labels("all")._value.get()
+
+
+def test_the_copys_malformed_records_are_left_out_and_counted_and_the_rest_loaded(tmp_path):
+    store = copy_alone(tmp_path)
+    db = store._db(3)
+    db[OFFSET_KEY], db[WRITTEN_KEY] = b"41", str(time.time()).encode()
+    for key, value in GOOD + MALFORMED:
+        db[key] = value
+    before = refused()
+    store._load(3)  # (in key order: the bad delta keys before and after the good one)
+    assert store.data == {"h": {"v": 2}}
+    assert store._key_partition == {"h": 3}
+    assert refused() - before == len(MALFORMED)
+
+
+def test_faust_recovery_folds_around_malformed_records_and_counts_them():
+    """What Faust's recovery calls with a buffer of changelog events (its ``Table``, on
+    the stages' store): a record it raised on stayed in the buffer, so every later
+    one failed too and recovery never ended."""
+    app = faust.App("t", store=table_store.MEMORY_URL)
+    table = app.Table("host-state", default=dict, partitions=4, options={"stage": "all"})
+    records = [GOOD[0], *MALFORMED[:5], GOOD[1], *MALFORMED[5:]]
+    events = []
+    for offset, (key, value) in enumerate(records):
+        message = SimpleNamespace(key=key, value=value, partition=1, offset=offset)
+        # (decoded as Faust's changelog channel does; one that does not decode, it drops)
+        try:
+            events.append(SimpleNamespace(message=message, key=json.loads(key), value=json.loads(value)))
+        except ValueError:
+            continue
+    before = refused()
+    table.apply_changelog_batch(events)
+    assert dict(table.data.data) == {"h": {"v": 2}}
+    assert refused() - before == len(events) - 2
