@@ -105,11 +105,12 @@ def small_disk(tmp_path):
 
 
 def fill(directory) -> None:
-    with open(directory / "filler", "wb") as f:
+    # Unbuffered: a buffered file keeps what a short write left over, and its close
+    # raises ENOSPC writing it again (the room left is not a multiple of the writes).
+    with open(directory / "filler", "wb", buffering=0) as f:
         try:
             while True:
                 f.write(b"\0" * 65536)
-                f.flush()
         except OSError:
             pass
 
