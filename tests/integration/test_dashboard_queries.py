@@ -3,9 +3,11 @@ puts the variables' values in): promtool accepts each, and on-call's panel of ag
 down, evaluated by promtool over a fleet made up for it, shows only hosts down, the
 silent longest first, at most `$topk` of them, and none stopped on purpose; it and fleet
 overview's count read the hosts KtelAgentDown pages for, and fleet overview's time since
-the last heartbeat reads them as it does. Each top-N panel of what a host may have none
-of (OOM kills, drops, steal, queued I/O) shows only those with some, and on-call's burn
-rate is over each burn alert's threshold while that alert's condition holds."""
+the last heartbeat reads them as it does, all from the heartbeats' recording rules, which
+lose no heartbeat time between two of their 5-minute records. Each top-N panel of what a
+host may have none of (OOM kills, drops, steal, queued I/O) shows only those with some,
+and on-call's burn rate is over each burn alert's threshold while that alert's condition
+holds."""
 
 from __future__ import annotations
 
@@ -45,17 +47,32 @@ def test_agents_down_shows_the_hosts_down_silent_longest_first(tmp_path):
         {"series": 'ktel_agent_stopped_timestamp_seconds{host_id="drained"}', "values": "0x60"},
     ]
     shown = [{"labels": f'{{host_id="{h}"}}', "value": 60 * (i + 1)} for i, h in enumerate(down)][-top:]
-    promtool_holds(tmp_path, series, [{"expr": expr, "eval_time": f"{at}s", "exp_samples": shown}])
+    promtool_holds(
+        tmp_path,
+        series,
+        [{"expr": expr, "eval_time": f"{at}s", "exp_samples": shown}],
+        rules=str(RULES),  # (the panel reads the heartbeats' recording rules)
+    )
 
 
-def promtool_holds(tmp_path, series: list[dict], cases: list[dict], rules: str | None = None) -> None:
+def promtool_holds(
+    tmp_path,
+    series: list[dict],
+    cases: list[dict],
+    rules: str | None = None,
+    every: str = "1m",
+    order: list[str] | None = None,
+) -> None:
     """promtool evaluates each of ``cases`` (expression, time, expected samples) over
-    ``series``, one sample a minute, with ``rules`` loaded (none: the panels alone)."""
+    ``series``, one sample a minute, with ``rules`` loaded (none: the panels alone),
+    every rule group evaluated ``every`` (promtool ignores a group's own interval), in
+    ``order`` (by name; by default in no order of its own)."""
     if rules is None:
         (tmp_path / "none.yml").write_text("groups: []\n")
     tests = {
         "rule_files": [rules or "none.yml"],
-        "evaluation_interval": "1m",
+        "evaluation_interval": every,
+        **({"group_eval_order": order} if order else {}),
         "tests": [{"interval": "1m", "input_series": series, "promql_expr_test": cases}],
     }
     path = tmp_path / "test.yml"
@@ -120,6 +137,18 @@ def test_agents_down_shows_the_hosts_ktel_agent_down_pages_for(tmp_path):
         "down": 60 * (at - 40),
         "rebooted": 60 * (at - 30),
     }
+    promtool_holds(
+        tmp_path,
+        [{"series": s, "values": minutes(v, at)} for s, v in fleet.items()],
+        agents_down_cases(f"{at}m", paged, up=["up"]),
+        rules=str(RULES),  # (the alert reads ktel:agent_up:max and the heartbeats' records)
+    )
+
+
+def agents_down_cases(at: str, paged: dict[str, float], up: list[str]) -> list[dict]:
+    """promtool's cases at ``at`` of KtelAgentDown and both Agents down panels: the hosts
+    ``paged``, each with its seconds since its last heartbeat; of fleet overview's time
+    since the last heartbeat: those and the hosts ``up``, at 0."""
     [alert] = [
         r["expr"]
         for g in yaml.safe_load(RULES.read_text())["groups"]
@@ -133,16 +162,47 @@ def test_agents_down_shows_the_hosts_ktel_agent_down_pages_for(tmp_path):
         e for name, e in queries.items() if name.startswith("fleet-overview / Top $topk hosts by time since")
     ]
     shown = [{"labels": f'{{host_id="{h}"}}', "value": v} for h, v in paged.items()]
-    aged = [*shown, {"labels": '{host_id="up"}', "value": 0}]
+    aged = [*shown, *({"labels": f'{{host_id="{h}"}}', "value": 0} for h in up)]
+    return [{"expr": expr, "eval_time": at, "exp_samples": shown} for expr in (alert, panel)] + [
+        {"expr": count, "eval_time": at, "exp_samples": [{"labels": "{}", "value": len(paged)}]},
+        {"expr": ages, "eval_time": at, "exp_samples": aged},
+    ]
+
+
+def test_a_heartbeat_time_seen_between_two_of_the_5_minute_records_is_kept(tmp_path):
+    """KtelAgentDown and the panels that read hosts as it does take the day of heartbeat
+    times from records made every 5 minutes (ktel-heartbeats-5m), and only the last 10
+    minutes from the workers' series. Each record holds the highest of the 5 minutes
+    before it, so a time the workers exported only between two of them is not lost: here
+    a host's heartbeat times peak at 32m, then go back (rebooted with its clock 10 minutes
+    behind) until it dies at 35m, and its worker forgets it at 45m. At 60m, with every
+    rule evaluated every 5 minutes (at 30m the host's latest time was 1800, at 35m 1500),
+    it is timed from 32m's, as from the workers' own series. The records are made after
+    the rules that read them, so that what those read of them is 5 minutes old, as it
+    may be in Prometheus: a host up is timed from its latest heartbeat all the same, also
+    when its series has no label the records lack."""
+    at = 60
+    up, last = "ktel_agent_up", "ktel_agent_last_heartbeat_timestamp_seconds"
+    held = range(46)  # minutes its worker exports it
+    fleet = {
+        f'{up}{{host_id="rebooted", instance="w1"}}': {m: int(m < 38) for m in held},
+        f'{last}{{host_id="rebooted", instance="w1"}}': {
+            m: 60 * (m if m <= 32 else min(m, 35) - 10) for m in held
+        },
+        # (with host_id alone, as the records have: relabelled so, or federated)
+        f'{up}{{host_id="up"}}': {m: 1 for m in range(at + 1)},
+        f'{last}{{host_id="up"}}': {m: 60 * m for m in range(at + 1)},
+    }
     promtool_holds(
         tmp_path,
         [{"series": s, "values": minutes(v, at)} for s, v in fleet.items()],
-        [{"expr": expr, "eval_time": f"{at}m", "exp_samples": shown} for expr in (alert, panel)]
-        + [
-            {"expr": count, "eval_time": f"{at}m", "exp_samples": [{"labels": "{}", "value": len(paged)}]},
-            {"expr": ages, "eval_time": f"{at}m", "exp_samples": aged},
-        ],
-        rules=str(RULES),  # (the alert reads ktel:agent_up:max)
+        agents_down_cases(f"{at}m", {"rebooted": 60 * (at - 32)}, up=["up"]),
+        rules=str(RULES),
+        every="5m",
+        order=sorted(
+            (g["name"] for g in yaml.safe_load(RULES.read_text())["groups"]),
+            key=lambda name: name == "ktel-heartbeats-5m",
+        ),
     )
 
 

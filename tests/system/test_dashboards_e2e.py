@@ -85,9 +85,9 @@ def kernel_activity(where: Path) -> None:
 
 def without_data(port: int, queries: dict[str, str], proc: subprocess.Popen) -> dict[str, str]:
     """The queries that still return nothing after a wait: a guard against waiting
-    forever, not a timing assertion (rules are evaluated every 15 s, rates need two
-    scrapes, and a processing worker fresh from its first start may take minutes to
-    process every batch on a loaded machine)."""
+    forever, not a timing assertion (rules are evaluated every 15 s, ktel-heartbeats-5m's
+    every 5 minutes, rates need two scrapes, and a processing worker fresh from its first
+    start may take minutes to process every batch on a loaded machine)."""
     missing = dict(queries)
     deadline = time.monotonic() + 600
     while missing and time.monotonic() < deadline and proc.poll() is None:
