@@ -40,6 +40,7 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -51,7 +52,7 @@ from exporters import consume
 from exporters.consume import Record
 from exporters.delivery import Window
 from exporters.prom_names import COUNTER_SUFFIX, clash, metric_name, prom_labels, reserved, unnamed
-from exporters.remote_write import histogram_series
+from exporters.remote_write import classic_buckets
 from ktel import selfmetrics
 from ktel.config import PROMETHEUS_STALENESS_SECONDS, Config
 from ktel.wire import MetricSnapshot, decode_snapshot, series_chars, series_size
@@ -270,10 +271,12 @@ class LatestValues(Collector):
             fam: Metric
             if family.type == "histogram":
                 fam = HistogramMetricFamily(fam_name, help_text)
+                bucket, total, count = f"{fam_name}_bucket", f"{fam_name}_sum", f"{fam_name}_count"
                 for (_name, key), (_p, _o, value, _r, _s) in list(family.series.items()):
-                    for labels, v in histogram_series(fam_name, dict(key), value):
-                        sample = dict(labels)
-                        fam.add_sample(sample.pop("__name__"), sample, v)
+                    for le, v in classic_buckets(value):
+                        fam.add_sample(bucket, BucketLabels(key, le), v)
+                    fam.add_sample(total, SampleLabels(key), float(value["sum"]))
+                    fam.add_sample(count, SampleLabels(key), float(value["count"]))
                 yield fam
                 continue
             if family.type == "counter":
@@ -281,8 +284,52 @@ class LatestValues(Collector):
             else:
                 fam = GaugeMetricFamily(fam_name, help_text)
             for (sample_name, key), (_p, _o, value, _r, _s) in list(family.series.items()):
-                fam.add_sample(sample_name, dict(key), value)
+                fam.add_sample(sample_name, SampleLabels(key), value)
             yield fam
+
+
+class SampleLabels(Mapping[str, str]):
+    """A scrape's sample's labels: its series' key's (sorted label items), read in place.
+    A scrape holds every sample of a family at once, each with its labels, and a dict of
+    its own took a sample 184 bytes and more, 30 to 40 a label (with 64 labels, 3 KB a
+    sample): this takes 40 (48 a bucket's). ``items`` gives the pairs themselves, which
+    is all prometheus_client's exposition reads (it sorts them)."""
+
+    __slots__ = ("pairs",)
+
+    def __init__(self, pairs: tuple[tuple[str, str], ...]) -> None:
+        self.pairs = pairs
+
+    def items(self) -> Iterable[tuple[str, str]]:  # type: ignore[override]
+        return self.pairs
+
+    def __getitem__(self, name: str) -> str:
+        for k, v in self.items():
+            if k == name:
+                return v
+        raise KeyError(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return (k for k, _ in self.items())
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+
+class BucketLabels(SampleLabels):
+    """A histogram's bucket's labels: its series' and its ``le``."""
+
+    __slots__ = ("le",)
+
+    def __init__(self, pairs: tuple[tuple[str, str], ...], le: str) -> None:
+        self.pairs = pairs
+        self.le = le
+
+    def items(self) -> Iterable[tuple[str, str]]:  # type: ignore[override]
+        return (*self.pairs, ("le", self.le))
+
+    def __len__(self) -> int:
+        return len(self.pairs) + 1
 
 
 async def deliver(

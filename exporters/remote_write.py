@@ -312,22 +312,25 @@ def labels_bytes(labels: tuple[tuple[str, str], ...]) -> bytes:
     return TimeSeries(labels=[Label(name=k, value=v) for k, v in labels]).SerializeToString()
 
 
+def classic_buckets(h: dict[str, Any]) -> Iterator[tuple[str, float]]:
+    """A histogram's classic buckets: each one's ``le`` as Prometheus writes it, and its
+    cumulative count, up to ``le="+Inf"`` (= count)."""
+    cumulative = 0
+    for bound, count in zip([*h["bounds"], math.inf], h["counts"], strict=True):
+        cumulative += count
+        yield floatToGoString(bound), float(cumulative)
+
+
 def histogram_series(
     name: str, labels: dict[str, str], h: dict[str, Any]
 ) -> list[tuple[tuple[tuple[str, str], ...], float]]:
     """A histogram as Prometheus' classic series: cumulative ``_bucket{le}`` counts up
     to ``le="+Inf"`` (= count), ``_sum`` and ``_count`` (the form every Prometheus
     and the text exposition format know)."""
-    out = []
-    cumulative = 0
-    for bound, count in zip([*h["bounds"], math.inf], h["counts"], strict=True):
-        cumulative += count
-        out.append(
-            (
-                tuple(prom_labels(f"{name}_bucket", {**labels, "le": floatToGoString(bound)})),
-                float(cumulative),
-            )
-        )
+    out = [
+        (tuple(prom_labels(f"{name}_bucket", {**labels, "le": le})), cumulative)
+        for le, cumulative in classic_buckets(h)
+    ]
     out.append((tuple(prom_labels(f"{name}_sum", labels)), float(h["sum"])))
     out.append((tuple(prom_labels(f"{name}_count", labels)), float(h["count"])))
     return out

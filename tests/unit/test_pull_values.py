@@ -3,6 +3,9 @@ valid scrape, one family per Prometheus name, and no series nothing names any mo
 
 from __future__ import annotations
 
+import string
+import tracemalloc
+
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
@@ -11,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporters import remote_write
 from exporters.pull import SWEEP_S, LatestValues
-from ktel.wire import MetricSnapshot
+from ktel.wire import MetricSnapshot, decode_snapshot, encode_snapshot
 from tests.unit import new_host
 from tests.unit.test_remote_write_encode import decode
 
@@ -248,3 +251,34 @@ def test_a_new_series_is_served_at_zero_then_at_its_value():
     assert served["syscall_latency_seconds"][("syscall_latency_seconds_count", (("host_id", "h"),))] == 3.0
     assert served["request_size_bytes"][("request_size_bytes_count", (("host_id", "h"),))] == 1.0
     assert served["queue_depth"] == {("queue_depth", (("host_id", "h"),)): 3.0}
+
+
+@pytest.mark.parametrize("typ", ["gauge", "histogram"])
+def test_a_scrape_reads_its_samples_labels_in_place(typ):
+    """A scrape holds every sample of a family at once, each with its labels: with a dict
+    of its own each, series of 52 labels took 7 times their text at the peak of a scrape
+    (about 3 KB a sample). Each sample now reads its series' labels in place: the scrape
+    takes about its text three times over (each line, the text joined, the bytes), and
+    serves the same."""
+    labels = {c: "vv" for c in string.ascii_letters if c != "a"}
+    rows = [["m", typ, {**labels, "a": str(i)}, 1.0 if typ == "gauge" else HIST] for i in range(1000)]
+    latest = LatestValues()
+    latest.update(decode_snapshot(encode_snapshot(MetricSnapshot(1, rows))), 0, 1)
+    registry = CollectorRegistry()
+    registry.register(latest)
+    tracemalloc.start()
+    try:
+        text = generate_latest(registry)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * len(text)
+    served = scrape(latest)["m"]
+    seven = tuple(sorted({**labels, "a": "7"}.items()))
+    if typ == "gauge":
+        assert len(served) == 1000 and served[("m", seven)] == 1.0
+    else:
+        assert len(served) == 4000
+        assert served[("m_bucket", tuple(sorted({**labels, "a": "7", "le": "1.0"}.items())))] == 1.0
+        assert served[("m_bucket", tuple(sorted({**labels, "a": "7", "le": "+Inf"}.items())))] == 3.0
+        assert served[("m_sum", seven)] == 1.5 and served[("m_count", seven)] == 3.0
