@@ -24,19 +24,22 @@ A snapshot further ahead of the endpoint's clock than ``pull.max_future_seconds`
 goes to ``ktel.dlq`` instead, as the remote-write exporter sends it there: the
 two outputs serve the same values.
 
-Every scrape writes every series held, a histogram's name and labels in each of its
-buckets, and anything that writes ``ktel.metrics`` adds series, each held for 5
-minutes. So what the series held take as Prometheus samples (``series_size``, kept
-up to date as they come and go) is bounded by ``pull.max_series_bytes``: a series
-that would take it past that, new or grown, goes to ``ktel.dlq`` (the series held
-keep their values, and the rest of its snapshot is served). A snapshot whose samples
-alone would take more than ``MAX_PROMETHEUS_BYTES`` is refused by the wire.
+Every scrape makes a line of text for every sample held (a histogram's name and labels
+in each of its buckets), joins them and encodes them, and anything that writes
+``ktel.metrics`` adds series, each held for 5 minutes. So what the endpoint's memory
+takes for the series held, held and at the peak of a scrape (``series_cost`` and
+``family_cost``, kept up to date as they come and go), is bounded by
+``pull.max_series_bytes``: a series that would take it past that, new or grown, goes
+to ``ktel.dlq`` (the series held keep their values, and the rest of its snapshot is
+served). A snapshot whose samples alone would take more than ``MAX_PROMETHEUS_BYTES``
+is refused by the wire; one it takes fits an empty endpoint.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 import math
 import time
@@ -55,7 +58,8 @@ from exporters.prom_names import COUNTER_SUFFIX, clash, metric_name, prom_labels
 from exporters.remote_write import classic_buckets
 from ktel import selfmetrics
 from ktel.config import PROMETHEUS_STALENESS_SECONDS, Config
-from ktel.wire import MetricSnapshot, decode_snapshot, series_chars, series_size
+from ktel.wire import MetricSnapshot, decode_snapshot
+from ktel.wire.signals import samples
 
 log = logging.getLogger("ktel.export.pull")
 
@@ -67,9 +71,99 @@ EXPIRED = Counter(
     "ktel_exporter_pull_expired_series",
     "series the pull endpoint stopped serving after 5 minutes without a snapshot naming them",
 )
+# What the endpoint's memory takes for what it serves, held and at the peak of a scrape,
+# in bytes that Python allocates (CPython 3.11, prometheus_client 0.26): a scrape makes a
+# Sample and a line of text for every sample, joins the lines into one text and encodes
+# it, so at its peak it holds the lines' text three times over (TEXT_COPIES). Fitted to
+# what bench/pull_memory.py and tests/unit/test_untrusted_snapshots.py measure, so that
+# ``series_cost`` and ``family_cost`` add up to at least it for every shape they try,
+# and most within 0.65 to 0.95 of it (bench/RESULTS.md).
+# Held for each series: its entry in its family, its key and value, when it was read ...
+SERIES_BYTES = 320
+# ... and each of its labels: the pair in its key, the strings of its name and value.
+LABEL_BYTES = 224
+# Made for each sample by a scrape: its Sample, SampleLabels, line.
+SAMPLE_BYTES = 200
+# The characters of a sample's line besides its name and labels: its value (up to 24),
+# braces, a space and a newline ...
+LINE_CHARS = 28
+# ... and around each label: = and quotes, and a comma.
+LABEL_CHARS = 4
+# Each bucket of a histogram: its bound and count held, its le's string and count made ...
+BUCKET_BYTES = 200
+# ... and ``_bucket`` and ``,le="..."`` in its line (a bound's text is at most 23 characters).
+LE_CHARS = 36
+# The lines, the text joined, the text encoded.
+TEXT_COPIES = 3
+# What each character of a scrape's text takes more while any of it is not ASCII: the
+# text joined takes as many bytes for each as its widest character needs (up to 4), and
+# so does the buffer it is encoded into before it is cut to the bytes encoded. One
+# series with an emoji in a label, of a million others, so widened every other's text.
+WIDE_TEXT_BYTES = 6
+# Each family: its entry, the names its samples claim, its Metric.
+FAMILY_BYTES = 700
+
+
+@dataclasses.dataclass(slots=True)
+class Cost:
+    """What the endpoint's memory takes for some of what it serves: ``own``, and what
+    ``text`` characters of a scrape's text take more while any of the text is not ASCII
+    (``wide``: how many of the series and families counted have such text)."""
+
+    own: int = 0
+    text: int = 0
+    wide: int = 0
+
+    def __add__(self, other: Cost) -> Cost:
+        return Cost(self.own + other.own, self.text + other.text, self.wide + other.wide)
+
+    def __sub__(self, other: Cost) -> Cost:
+        return Cost(self.own - other.own, self.text - other.text, self.wide - other.wide)
+
+    @property
+    def bytes(self) -> int:
+        return self.own + (WIDE_TEXT_BYTES * self.text if self.wide else 0)
+
+
+def text_chars(s: str) -> int:
+    """The characters of ``s`` in a scrape's text: a backslash before each backslash,
+    quote and newline."""
+    return len(s) + s.count("\\") + s.count('"') + s.count("\n")
+
+
+def widened(cost: Cost, chars: int) -> Cost:
+    """``cost`` of what holds strings of ``chars`` characters and makes lines of
+    ``cost.text``: each takes up to 4 bytes a character, not 1, if any of its characters
+    is not ASCII (``cost.wide``; the text joined and encoded are WIDE_TEXT_BYTES')."""
+    return Cost(cost.own + 3 * (chars + cost.text), cost.text, cost.wide) if cost.wide else cost
+
+
+def series_cost(key: tuple[str, tuple[tuple[str, str], ...]], typ: str, value: Any) -> Cost:
+    """What the endpoint's memory takes for a series, by its key (its sample name and
+    labels, as served)."""
+    name, labels = key
+    names_values = "".join(itertools.chain.from_iterable(labels))  # (names are [a-zA-Z0-9_] once served)
+    chars = len(name) + text_chars(names_values)
+    n = samples(typ, value)
+    buckets = len(value["counts"]) if typ == "histogram" else 0
+    text = n * (chars + LABEL_CHARS * len(labels) + LINE_CHARS) + LE_CHARS * buckets
+    own = SERIES_BYTES + LABEL_BYTES * len(labels) + chars + n * SAMPLE_BYTES + BUCKET_BYTES * buckets
+    return widened(Cost(own + TEXT_COPIES * text, text, not names_values.isascii()), chars)
+
+
+def family_cost(fam: str, name: str) -> Cost:
+    """What the endpoint's memory takes for a family served as ``fam`` whose first series
+    was named ``name`` (its help text), besides its series: its name and the names its
+    samples claim (up to 5), and its HELP and TYPE lines."""
+    text = 2 * len(fam) + text_chars(name) + LINE_CHARS * 2
+    own = FAMILY_BYTES + 6 * len(fam) + len(name) + TEXT_COPIES * text
+    return widened(Cost(own, text, not name.isascii()), len(name))
+
+
 HELD_BYTES = Gauge(
     "ktel_exporter_pull_series_bytes",
-    "what the series the pull endpoint serves take as Prometheus samples, as pull.max_series_bytes bounds it",
+    "what the series the pull endpoint serves take of its memory, held and at the peak of a scrape, "
+    "as pull.max_series_bytes bounds it",
 )
 
 
@@ -77,14 +171,13 @@ HELD_BYTES = Gauge(
 class Family:
     """A metric family as the endpoint serves it: its type, the name its first series
     had (its help text), and its series: (sample name, sorted label items) ->
-    (partition, offset, value, when read, size): the value, the position in ktel.metrics
-    of the snapshot it came from, the endpoint's monotonic clock when it read it, and
-    what its samples take (``series_size``)."""
+    (partition, offset, value, when read): the value, the position in ktel.metrics of
+    the snapshot it came from, and the endpoint's monotonic clock when it read it."""
 
     type: str
     name: str
-    series: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[int, int, Any, float, int]] = (
-        dataclasses.field(default_factory=dict)
+    series: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[int, int, Any, float]] = dataclasses.field(
+        default_factory=dict
     )
 
 
@@ -93,6 +186,11 @@ def family_name(name: str, typ: str) -> str:
     without ``_total`` (its samples' names end in it: ``metric_name``)."""
     pname = metric_name(name, typ)
     return pname.removesuffix(COUNTER_SUFFIX) if typ == "counter" else pname
+
+
+def series_key(name: str, typ: str, labels: dict[str, str]) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """What a series is held by in its family: its samples' name and its labels, as served."""
+    return metric_name(name, typ), tuple(kv for kv in prom_labels(name, labels) if kv[0] != "__name__")
 
 
 def claims(fam: str, typ: str) -> tuple[str, ...]:
@@ -120,9 +218,14 @@ class LatestValues(Collector):
         self.expire_s = expire_s
         self.clock = clock
         self.swept = -math.inf
-        # What the series held take (``series_size``), at most max_bytes (pull.max_series_bytes).
-        self.held_bytes = 0
+        # What the endpoint's memory takes for the series and families held
+        # (``series_cost``, ``family_cost``): its bytes at most max_bytes (pull.max_series_bytes).
+        self.held = Cost()
         self.max_bytes = max_bytes
+
+    @property
+    def held_bytes(self) -> int:
+        return self.held.bytes
 
     def split(self, snap: MetricSnapshot) -> tuple[list[Any], list[tuple[Any, str]]]:
         """The series of ``snap`` the endpoint can serve, and those it cannot, each with
@@ -197,10 +300,7 @@ class LatestValues(Collector):
             family = self.families.get(fam)
             if family is None and snap.stale:
                 continue
-            key = (
-                metric_name(name, typ),
-                tuple(kv for kv in prom_labels(name, labels) if kv[0] != "__name__"),
-            )
+            key = series_key(name, typ, labels)
             old = family.series.get(key) if family is not None else None
             # (at the same offset: another row of this snapshot alike once sanitised, whose
             # last value is served, as the remote-write exporter sends the last)
@@ -211,30 +311,33 @@ class LatestValues(Collector):
                 if family is not None:
                     if old is not None:
                         del family.series[key]
-                        self.held_bytes -= old[4]
+                        self.held -= series_cost(key, family.type, old[2])
                     if not family.series:
                         self._forget(fam)
                 continue
-            if old is not None and typ != "histogram":
-                size = old[4]  # (its name and labels are its key's: only a histogram's buckets change it)
-            else:
-                # (as the wire counts it: every snapshot it takes fits an empty endpoint)
-                size = series_size(series_chars(name, labels), typ, value)
-            grown = size - (old[4] if old is not None else 0)
-            if grown > 0 and self.held_bytes + grown > self.max_bytes:
-                refused.append((row, self._full(name)))
-                continue
+            # (its name and labels are its key's: only a histogram's buckets change what it takes)
+            grown = None
+            if old is None:
+                grown = series_cost(key, typ, value)
+                if family is None:
+                    grown += family_cost(fam, name)
+            elif typ == "histogram" and len(value["counts"]) != len(old[2]["counts"]):
+                grown = series_cost(key, typ, value) - series_cost(key, typ, old[2])
+            if grown is not None:
+                if (self.held + grown).bytes > max(self.held.bytes, self.max_bytes):
+                    refused.append((row, self._full(name)))
+                    continue
+                self.held += grown
             if family is None:
                 family = self.families[fam] = Family(typ, name)
                 self.claimed.update(dict.fromkeys(claims(fam, typ), fam))
-            family.series[key] = (partition, offset, value, now, size)
-            self.held_bytes += grown
+            family.series[key] = (partition, offset, value, now)
         return refused
 
     def _full(self, name: str) -> str:
         return (
-            f"series {name!r:.100}: the pull endpoint holds {self.held_bytes:,} bytes of series, and this "
-            f"one would take them past pull.max_series_bytes ({self.max_bytes:,})"
+            f"series {name!r:.100}: the pull endpoint's series take {self.held_bytes:,} bytes of its memory, "
+            f"and this one would take them past pull.max_series_bytes ({self.max_bytes:,})"
         )
 
     def expire(self) -> int:
@@ -250,9 +353,9 @@ class LatestValues(Collector):
         oldest = now - self.expire_s
         gone = 0
         for fam, family in list(self.families.items()):
-            old = [key for key, (_p, _o, _v, read, _s) in list(family.series.items()) if read < oldest]
+            old = [key for key, (_p, _o, _v, read) in list(family.series.items()) if read < oldest]
             for key in old:
-                self.held_bytes -= family.series.pop(key)[4]
+                self.held -= series_cost(key, family.type, family.series.pop(key)[2])
             gone += len(old)
             if not family.series:
                 self._forget(fam)
@@ -260,6 +363,7 @@ class LatestValues(Collector):
 
     def _forget(self, fam: str) -> None:
         family = self.families.pop(fam)
+        self.held -= family_cost(fam, family.name)
         for sample in claims(fam, family.type):
             del self.claimed[sample]
 
@@ -272,7 +376,7 @@ class LatestValues(Collector):
             if family.type == "histogram":
                 fam = HistogramMetricFamily(fam_name, help_text)
                 bucket, total, count = f"{fam_name}_bucket", f"{fam_name}_sum", f"{fam_name}_count"
-                for (_name, key), (_p, _o, value, _r, _s) in list(family.series.items()):
+                for (_name, key), (_p, _o, value, _r) in list(family.series.items()):
                     for le, v in classic_buckets(value):
                         fam.add_sample(bucket, BucketLabels(key, le), v)
                     fam.add_sample(total, SampleLabels(key), float(value["sum"]))
@@ -283,7 +387,7 @@ class LatestValues(Collector):
                 fam = CounterMetricFamily(fam_name, help_text)
             else:
                 fam = GaugeMetricFamily(fam_name, help_text)
-            for (sample_name, key), (_p, _o, value, _r, _s) in list(family.series.items()):
+            for (sample_name, key), (_p, _o, value, _r) in list(family.series.items()):
                 fam.add_sample(sample_name, SampleLabels(key), value)
             yield fam
 

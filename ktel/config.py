@@ -48,7 +48,6 @@ from ktel.schema import U32
 from ktel.wire.codec import MAX_RECORD_BYTES
 from ktel.wire.control import EVERY_HOST, sample_command_id
 from ktel.wire.raw import HOST_CHARS, MAX_EVENTS
-from ktel.wire.signals import MAX_PROMETHEUS_BYTES
 from ktel.wire.topics import Topics
 
 
@@ -1177,6 +1176,15 @@ class OtlpConfig(Section):
         return self
 
 
+# What one snapshot the wire takes (up to 32 MiB of Prometheus samples as it counts them,
+# MAX_PROMETHEUS_BYTES) may take of the pull endpoint's memory as the endpoint counts it
+# (exporters/pull.py): at most about 1,264 MiB, for histograms of 5 buckets and 63 labels
+# of one character, a character outside the BMP in each
+# (tests/unit/test_untrusted_snapshots.py builds it). The least pull.max_series_bytes, so
+# that every snapshot the wire takes fits an empty endpoint.
+MIN_PULL_SERIES_BYTES = 1280 << 20
+
+
 class PullConfig(Section):
     host: str = Field("127.0.0.1", description="address of the pull endpoint")
     port: int = Field(9464, ge=1, le=65535, description="port of the pull endpoint (/metrics)")
@@ -1190,15 +1198,15 @@ class PullConfig(Section):
         "instead: kept, it would hide every later value of its series (the newest one is served)",
     )
     max_series_bytes: int = Field(
-        64 << 20,
-        # At least what one snapshot may take: every snapshot the wire takes fits an empty endpoint.
-        ge=MAX_PROMETHEUS_BYTES,
-        description="the most the series the endpoint serves may take as Prometheus samples, about "
-        "what a scrape writes: each sample's name and labels (a histogram's in each of its buckets, "
-        "its sum and its count) and 32 bytes. 64 MiB is about 500,000 samples with 100 characters of "
-        "labels, a scrape of several seconds of CPU and about 600 MB at its peak; a series that would "
-        "take the series served past it, new or grown, goes to ktel.dlq (those served keep their "
-        "values); ktel_exporter_pull_series_bytes shows how near it is",
+        MIN_PULL_SERIES_BYTES,
+        ge=MIN_PULL_SERIES_BYTES,
+        description="the most memory the series the endpoint serves may take, held and at the peak of a "
+        "scrape, as it counts them (exporters/pull.py: about 870 bytes for a gauge of one short label, 26 KB "
+        "for a histogram of 40 buckets, more while any character served is not ASCII); filled to it, what "
+        "Python allocates for them is 0.6 to 0.97 of it (bench/pull_memory.py), and the process takes about "
+        "100 MB besides. At least 1.25 GiB, what one snapshot the wire takes may take. A series that would "
+        "take them past it, new or grown, goes to ktel.dlq (those served keep their values); "
+        "ktel_exporter_pull_series_bytes shows how near it is",
     )
 
 

@@ -237,9 +237,8 @@ def samples(typ: str, value: Any) -> int:
 def series_chars(name: str, labels: dict[str, str]) -> int:
     """The characters of a wire series' name and labels, as ``series_size`` counts them:
     as the record has them, not as Prometheus names them (a counter's ``_total``, a ``_``
-    before a name starting with a digit), so that the pull endpoint counts a snapshot's
-    series at most at what ``prometheus_size`` took it at: a snapshot the wire takes fits
-    an empty endpoint (pull.max_series_bytes is at least MAX_PROMETHEUS_BYTES)."""
+    before a name starting with a digit). (The pull endpoint counts what its memory takes
+    for a series otherwise: exporters/pull.py ``series_cost``.)"""
     return len(name) + sum(map(len, labels)) + sum(map(len, labels.values()))
 
 

@@ -268,6 +268,23 @@ def test_default_runs_the_fused_worker_and_every_exporter() -> None:
     assert images == {f"ktel:{app_version}"}  # the tag defaults to the chart's appVersion
 
 
+def test_the_pull_endpoint_has_the_memory_its_default_bound_takes() -> None:
+    """The pull endpoint's series and a scrape of them take up to pull.max_series_bytes
+    of its memory (1.25 GiB by default, and at least: one snapshot the wire takes may),
+    the process under 200 MiB besides. With the 1 GiB of the other exporters, any writer
+    of ktel.metrics filling it killed it, and again each time it read them back."""
+    containers = {
+        tuple(c["args"]): c
+        for d in of_kind(render(), "Deployment")
+        for c in d["spec"]["template"]["spec"]["containers"]
+    }
+    units = {"Mi": 1 << 20, "Gi": 1 << 30}
+    limit = containers[("export", "pull")]["resources"]["limits"]["memory"]
+    limit_bytes = int(limit[:-2]) * units[limit[-2:]]
+    assert limit_bytes > 1.2 * (config.PullConfig().max_series_bytes + (200 << 20))
+    assert containers[("export", "otlp")]["resources"]["limits"]["memory"] == "1Gi"  # (the others' own)
+
+
 def test_full_values_run_each_stage_with_its_replicas(full) -> None:
     values = yaml.safe_load(FULL.read_text())
     by_args = {

@@ -154,7 +154,7 @@ def test_the_pull_endpoint_orders_a_hosts_snapshots_by_their_offsets_not_their_c
     from exporters.pull import LatestValues
 
     def value(latest):
-        [(_p, _o, v, _read, _size)] = latest.families["c"].series.values()
+        [(_p, _o, v, _read)] = latest.families["c"].series.values()
         return v
 
     latest = LatestValues()

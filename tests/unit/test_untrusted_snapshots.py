@@ -3,11 +3,13 @@ Prometheus exporters: a classic histogram repeats its series' name and labels in
 bucket, so a record of under 1 MB could make hundreds of MB of samples. Such a snapshot
 is refused as it is decoded, before any sample is made of it; the largest the aggregate
 makes is not; a remote-write delivery encodes a fetch a bounded run at a time; and the
-pull endpoint holds at most pull.max_series_bytes of series, dead-lettering the rest."""
+pull endpoint's series take at most pull.max_series_bytes of its memory, held and scraped,
+dead-lettering the rest."""
 
 from __future__ import annotations
 
 import asyncio
+import string
 import time
 import tracemalloc
 
@@ -15,13 +17,12 @@ import httpx
 import pytest
 import snappy
 from opentelemetry.exporter.prometheus_remote_write.gen.remote_pb2 import WriteRequest
-from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest, make_wsgi_app
 
 from exporters import pull, remote_write
 from exporters.consume import Record
 from exporters.delivery import Window
 from exporters.remote_write_client import Receiver
-from ktel import wire
 from ktel.config import AggregateConfig, ProcessConfig, PullConfig, RemoteWriteConfig
 from ktel.wire import (
     DLQ_TOPIC,
@@ -145,27 +146,31 @@ def test_the_largest_snapshot_the_aggregate_makes_is_taken_and_served(kind):
 
 def test_the_largest_snapshot_the_wire_takes_fits_an_empty_pull_endpoint_at_its_least():
     """The largest snapshot the wire takes, whoever wrote it, fits an empty pull endpoint
-    at the least pull.max_series_bytes: the endpoint counts a series as the wire does.
-    Counted by the names Prometheus gives them, these series would take about a quarter
-    more, and a hundred of them were refused: a name starting with a digit takes a
-    leading _ (65 such names a series, in each of its histogram's 259 samples)."""
+    at the least pull.max_series_bytes, and nearly fills it: the least is what such a
+    snapshot may take. Largest by what the endpoint counts, not by the wire's measure:
+    histograms of 5 buckets (the wire counts a histogram's bounds and counts as bytes
+    of its record, the endpoint each bucket as a sample) with 63 labels of one character
+    (each of which a scrape writes as 6 or 7 in each of their samples' lines, ``x="\\""``,
+    and holds in a dict entry), and a character outside the BMP in each, which takes
+    every line, and the scrape's whole text, to 4 bytes a character."""
     [least] = [m.ge for m in PullConfig.model_fields["max_series_bytes"].metadata if hasattr(m, "ge")]
-    hist = {"count": 0, "sum": 0.0, "bounds": [float(b) for b in range(256)], "counts": [0] * 257}
-    labels = {str(j): "v" for j in range(64)}
+    hist = {"count": 0, "sum": 0.0, "bounds": [1.0, 2.0, 4.0, 8.0], "counts": [0] * 5}
+    labels = dict.fromkeys([c for c in string.ascii_letters + string.digits + "_" if c != "a"], '"')
 
-    def snapshot(n: int) -> tuple[list, int]:
-        series = [[f"{i:03d}", "histogram", labels, hist] for i in range(n)]
-        return series, prometheus_size(series, len(encode_snapshot(MetricSnapshot(1, series))))
+    def snapshot(n: int) -> tuple[list, bytes, int]:
+        series = [["h", "histogram", {**labels, "a": f"{i:05d}\U0001d11e"}, hist] for i in range(n)]
+        data = encode_snapshot(MetricSnapshot(1, series))
+        return series, data, prometheus_size(series, len(data))
 
-    each = snapshot(2)[1] - snapshot(1)[1]
-    n = (MAX_PROMETHEUS_BYTES - snapshot(0)[1]) // each
-    series, size = snapshot(n)
-    assert size <= MAX_PROMETHEUS_BYTES < snapshot(n + 1)[1]  # (one more series would be refused)
-    snap = decode_snapshot(encode_snapshot(MetricSnapshot(1, series)))
+    each = snapshot(2)[2] - snapshot(1)[2]
+    n = (MAX_PROMETHEUS_BYTES - snapshot(0)[2]) // each
+    series, data, size = snapshot(n)
+    assert size <= MAX_PROMETHEUS_BYTES < snapshot(n + 1)[2]  # (one more series would be refused)
+    snap = decode_snapshot(data)
     latest = pull.LatestValues(max_bytes=least)
     assert latest.split(snap) == (snap.series, [])
     assert latest.update(snap, 0, 0) == []
-    assert latest.held_bytes <= size
+    assert 0.95 * least < latest.held_bytes <= least
 
 
 async def test_a_remote_write_delivery_encodes_and_sends_a_bounded_run_of_snapshots_at_a_time(monkeypatch):
@@ -235,20 +240,23 @@ async def test_the_pull_endpoint_holds_at_most_max_series_bytes_and_dead_letters
         for s in range(20)
     ]
     await pull.deliver(latest, window, records, producer)
-    size = wire.series_size(len("g") + len("i") + len("00.0") + len("x") + len(label), "gauge", 1.0)
+    size = pull.series_cost(("g", (("i", "00.0"), ("x", label))), "gauge", 1.0).bytes
+    family = pull.family_cost("g", "g").bytes
     held = sum(len(f.series) for f in latest.families.values())
-    assert held == bound // size and latest.held_bytes == held * size
+    assert held == (bound - family) // size and latest.held_bytes == family + held * size
     assert REGISTRY.get_sample_value("ktel_exporter_pull_series_bytes") == latest.held_bytes
     assert _dead_series() == dead + 200 - held
     letters = [decode_dead_letter(value) for _topic, value, _key in producer.sent]
     assert sum(len(decode_snapshot(dl.payload).series) for dl in letters) == 200 - held
     assert {dl.stage for dl in letters} == {"pull"}
-    assert letters[0].reason.startswith(f"series 'g': the pull endpoint holds {latest.held_bytes:,} bytes ")
+    assert letters[0].reason.startswith(
+        f"series 'g': the pull endpoint's series take {latest.held_bytes:,} bytes of its memory, "
+    )
     assert f"past pull.max_series_bytes ({bound:,})" in letters[0].reason
-    # What a scrape writes is of the order of what is held, however much was written.
+    # What a scrape writes is bounded, however much was written: the bound counts it too.
     registry = CollectorRegistry()
     registry.register(latest)
-    assert len(generate_latest(registry)) < 1.2 * bound
+    assert 3 * len(generate_latest(registry)) < bound
 
     # A series held takes new values, however full the endpoint.
     name, typ, labels, _ = records[0].item.series[0]
@@ -261,12 +269,12 @@ async def test_the_pull_endpoint_holds_at_most_max_series_bytes_and_dead_letters
     # Series that end (a stale snapshot) or expire make room for others.
     stale = MetricSnapshot(now_ms, records[0].item.series, stale=True)
     await pull.deliver(latest, window, [_record(stale, 200)], producer)
-    assert latest.held_bytes == (held - 10) * size
+    assert latest.held_bytes == family + (held - 10) * size
     now[0] += 3600
     await pull.deliver(latest, window, [], producer)
     assert latest.held_bytes == 0 and latest.families == {}
     await pull.deliver(latest, window, records[-1:], producer)
-    assert len(producer.sent) == sent and latest.held_bytes == 10 * size
+    assert len(producer.sent) == sent and latest.held_bytes == family + 10 * size
 
 
 def scrape_values(registry: CollectorRegistry) -> list[float]:
@@ -281,13 +289,84 @@ def test_a_histogram_the_pull_endpoint_holds_grown_past_its_room_keeps_its_value
     buckets than it had takes 200 times the room, and is refused so, not taken."""
     small = {"count": 1, "sum": 1.0, "bounds": [1.0], "counts": [0, 1]}
     grown = {"count": 1, "sum": 1.0, "bounds": [float(b) for b in range(200)], "counts": [0] * 200 + [1]}
-    latest = pull.LatestValues(max_bytes=2 * wire.series_size(1, "histogram", small))
+    cost = pull.series_cost(("h", ()), "histogram", small).bytes + pull.family_cost("h", "h").bytes
+    latest = pull.LatestValues(max_bytes=2 * cost)
     assert latest.update(MetricSnapshot(1, [["h", "histogram", {}, small]]), 0, 1) == []
     [(row, why)] = latest.update(MetricSnapshot(2, [["h", "histogram", {}, grown]]), 0, 2)
     assert row[3] is grown and "past pull.max_series_bytes" in why
-    [(_p, offset, value, _r, size)] = latest.families["h"].series.values()
-    assert (offset, value, size) == (1, small, latest.held_bytes)
+    [(_p, offset, value, _r)] = latest.families["h"].series.values()
+    assert (offset, value, latest.held_bytes) == (1, small, cost)
     assert latest.update(MetricSnapshot(3, [["h", "histogram", {}, {**small, "sum": 2.0}]]), 0, 3) == []
+
+
+H40 = {"count": 40, "sum": 1.5, "bounds": [2.0**i * 1e-9 for i in range(39)], "counts": [1] * 40}
+SHORT = dict.fromkeys([c for c in string.ascii_letters + string.digits + "_" if c != "a"], '"')
+HOSTILE = {
+    "100 characters of labels": lambda i: ["g", "gauge", {"a": f"{i:099d}"}, 1.0],
+    "gauges of a short label": lambda i: ["g", "gauge", {"a": str(i)}, 1.0],
+    "a family a series": lambda i: [f"g{i}", "gauge", {}, 1.0],
+    "histograms of 40 buckets": lambda i: ["h", "histogram", {"a": str(i)}, H40],
+    "63 short labels, wide": lambda i: ["h", "histogram", {**SHORT, "a": f"{i}\U0001d11e"}, H40],
+    "one wide among long labels": lambda i: [
+        "g",
+        "gauge",
+        {"a": f"{i:01000d}" + ("\U0001d11e" if i == 0 else "")},
+        1.0,
+    ],
+}
+
+
+@pytest.mark.parametrize("shape", HOSTILE)
+def test_a_full_pull_endpoint_and_a_scrape_of_it_take_at_most_max_series_bytes(shape):
+    """Counted by their names and labels and 32 bytes a sample, the series a full
+    endpoint held, and what a scrape made of them, took 10 to 25 times
+    pull.max_series_bytes: at the 64 MiB it had by default, 1.3 to 1.8 GB for a writer
+    of such series, past the Helm chart's 1 GiB. The endpoint counts what its memory
+    takes for each series and family (series_cost, family_cost) and refuses the series
+    that would take the count past the bound; what Python allocates for the series it
+    then holds, held and at the peak of a scrape as Prometheus asks for one (OpenMetrics,
+    gzip), is within the bound, and not far below it."""
+    bound = 8 << 20
+    make = HOSTILE[shape]
+    latest = pull.LatestValues(max_bytes=bound)
+    registry = CollectorRegistry()
+    registry.register(latest)
+    environ = {
+        "REQUEST_METHOD": "GET",
+        "PATH_INFO": "/metrics",
+        "QUERY_STRING": "",
+        "HTTP_ACCEPT": "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+        "HTTP_ACCEPT_ENCODING": "gzip",
+    }
+    tracemalloc.start()
+    try:
+        offset, refused = 0, []
+        while not refused:
+            rows = [make(i) for i in range(offset * 100, (offset + 1) * 100)]
+            refused = latest.update(decode_snapshot(encode_snapshot(MetricSnapshot(1, rows))), 0, offset)
+            offset += 1
+        name, typ, labels, value = refused[0][0]
+        del rows, refused
+        tracemalloc.reset_peak()
+        make_wsgi_app(registry)(environ, lambda *_: None)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # It holds as many series as the counts allow: the first refused would take them past.
+    held = sum(
+        (
+            pull.series_cost(key, f.type, v[2])
+            for f in latest.families.values()
+            for key, v in f.series.items()
+        ),
+        sum((pull.family_cost(fam, f.name) for fam, f in latest.families.items()), pull.Cost()),
+    )
+    assert held.bytes == latest.held_bytes <= bound
+    nxt = pull.series_cost(pull.series_key(name, typ, labels), typ, value)
+    if pull.family_name(name, typ) not in latest.families:
+        nxt += pull.family_cost(pull.family_name(name, typ), name)
+    assert (held + nxt).bytes > bound
+    assert bound // 2 < peak <= bound
 
 
 async def test_series_that_expired_make_room_for_the_batch_after_them():
@@ -295,14 +374,14 @@ async def test_series_that_expired_make_room_for_the_batch_after_them():
     sweep comes before the batch, not after it, which dead-lettered them."""
     now = [0.0]
     row = ["g", "gauge", {"i": "0"}, 1.0]
-    size = wire.series_size(len("g") + len("i") + 1, "gauge", 1.0)
-    latest = pull.LatestValues(clock=lambda: now[0], max_bytes=10 * size)
+    size = pull.series_cost(("g", (("i", "0"),)), "gauge", 1.0).bytes
+    latest = pull.LatestValues(clock=lambda: now[0], max_bytes=pull.family_cost("g", "g").bytes + 10 * size)
     window = Window(float("inf"), 600, "pull")
     producer = Producer()
     now_ms = time.time_ns() // 1_000_000
     old = MetricSnapshot(now_ms, [[*row[:2], {"i": str(i)}, 1.0] for i in range(10)])
     await pull.deliver(latest, window, [_record(old, 1)], producer)
-    assert latest.held_bytes == 10 * size
+    assert latest.held_bytes == latest.max_bytes
     now[0] += 3600
     new = MetricSnapshot(now_ms, [["h", "gauge", {"i": str(i)}, 2.0] for i in range(10)])
     await pull.deliver(latest, window, [_record(new, 2)], producer)
