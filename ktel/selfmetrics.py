@@ -65,6 +65,11 @@ def app(
     """The WSGI app: /healthz, /readyz, and ``registry`` everywhere else, followed by
     what ``extra`` returns (series already in the text format) if given."""
     metrics = make_wsgi_app(registry) if extra is None else _with(registry, extra)
+    # One scrape made at a time: each makes its whole text in memory (the pull endpoint's
+    # up to pull.max_series_bytes with its series held), so two at once (two Prometheus
+    # servers) took twice that. Under the GIL, two at once also took each as long as two
+    # one after the other. /healthz and /readyz do not wait for it.
+    scraping = threading.Lock()
 
     def route(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
@@ -75,7 +80,8 @@ def app(
             if why is None:
                 return _text(start_response, "200 OK", "ready")
             return _text(start_response, "503 Service Unavailable", f"not ready: {why}")
-        return metrics(environ, start_response)
+        with scraping:
+            return metrics(environ, start_response)
 
     return route
 

@@ -1,6 +1,7 @@
 """The self-metrics server: /metrics, /healthz, and /readyz answering each process's check."""
 
 import socket
+import threading
 
 import httpx
 import pytest
@@ -114,3 +115,43 @@ def test_series_already_rendered_follow_the_registrys_with_or_without_gzip():
     assert head.headers["content-type"].startswith("text/plain; version=0.0.4")
     assert httpx.post(f"http://127.0.0.1:{port}/metrics").status_code == 405
     assert httpx.get(f"http://127.0.0.1:{port}/healthz").text == "ok\n"
+
+
+class Blocking:
+    """A collector whose collect waits until released, counting the scrapes inside it."""
+
+    def __init__(self) -> None:
+        self.inside = self.most = 0
+        self.entered = threading.Semaphore(0)
+        self.release = threading.Event()
+
+    def collect(self):
+        self.inside += 1
+        self.most = max(self.most, self.inside)
+        self.entered.release()
+        self.release.wait()
+        self.inside -= 1
+        return []
+
+
+def test_one_scrape_is_made_at_a_time_and_health_does_not_wait_for_it():
+    """A scrape makes its whole text in memory (the pull endpoint's up to
+    pull.max_series_bytes with its series held): two at once, as two Prometheus servers
+    scrape, took twice that. A second scrape waits for the first; /healthz does not."""
+    registry = CollectorRegistry()
+    collector = Blocking()
+    registry.register(collector)
+    app = selfmetrics.app(registry)
+    scrape = {"REQUEST_METHOD": "GET", "PATH_INFO": "/metrics", "QUERY_STRING": ""}
+    scrapes = [threading.Thread(target=app, args=(scrape, lambda *_: None)) for _ in range(2)]
+    scrapes[0].start()
+    assert collector.entered.acquire(timeout=30)
+    scrapes[1].start()
+    assert b"".join(app({"PATH_INFO": "/healthz"}, lambda *_: None)) == b"ok\n"
+    # (given a second to get in: it does at once without the lock; no time is asserted)
+    second_inside = collector.entered.acquire(timeout=1)
+    collector.release.set()
+    for t in scrapes:
+        t.join(30)
+    assert not second_inside and collector.most == 1
+    assert collector.entered.acquire(timeout=30)  # (then it was made)
