@@ -460,6 +460,17 @@ def test_a_worker_stopped_while_closing_a_window_finishes_it_and_exits_0(private
     assert ("/data/h0/d0", 5.0) in sent
 
 
+def killed_by_its_fault(tmp_path, bootstrap: str, traffic: list[RawBatch], **fault) -> None:
+    """A worker "w" with a fault (tests.integration.stage_with_fault, set by ``fault``)
+    takes ``traffic`` and SIGKILLs itself."""
+    faulty = Worker(tmp_path, bootstrap, "w", module="tests.integration.stage_with_fault", **fault).start()
+    asyncio.run(produce(bootstrap, [(b.key, encode_batch(b)) for b in traffic]))
+    try:
+        assert faulty.proc.wait(300) == -signal.SIGKILL, faulty.log.read_text()[-3000:]
+    finally:
+        faulty.stop()
+
+
 def changelog_records(bootstrap: str, stage: str = "all") -> list:
     return asyncio.run(read_topic(bootstrap, f"ktel-{stage}-host-state-changelog", idle_s=1))
 
@@ -476,19 +487,9 @@ def test_a_worker_killed_right_after_a_changelog_delta_counts_its_batch_once(pri
         for h in range(hosts)
     ]
     store_env = {"KTEL_PROCESS__TABLE_STORE": store}
-    faulty = Worker(
-        tmp_path,
-        private_kafka.bootstrap,
-        "w",
-        module="tests.integration.stage_with_fault",
-        KTEL_TEST_KILL_AFTER_RECORD="25",
-        **store_env,
-    ).start()
-    asyncio.run(produce(private_kafka.bootstrap, [(b.key, encode_batch(b)) for b in traffic]))
-    try:
-        assert faulty.proc.wait(300) == -signal.SIGKILL, faulty.log.read_text()[-3000:]
-    finally:
-        faulty.stop()
+    killed_by_its_fault(
+        tmp_path, private_kafka.bootstrap, traffic, KTEL_TEST_KILL_AFTER_RECORD="25", **store_env
+    )
     # A snapshot of each host (its first record), deltas after.
     keys = [json.loads(r.key) for r in changelog_records(private_kafka.bootstrap)]
     assert len(keys) == 25
@@ -518,19 +519,13 @@ def test_a_worker_killed_with_a_changelog_record_on_its_way_took_back_nothing_it
     ktel.metrics only ever goes up, and ends at its exact total."""
     hosts, per_host, events = 2, 6, 5
     traffic = list(batches(hosts, per_host, events))
-    faulty = Worker(
+    killed_by_its_fault(
         tmp_path,
         private_kafka.bootstrap,
-        "w",
-        module="tests.integration.stage_with_fault",
+        traffic,
         KTEL_TEST_KILL_HOLDING_RECORD="1",
         KTEL_TEST_HOLD_SECONDS="3",
-    ).start()
-    asyncio.run(produce(private_kafka.bootstrap, [(b.key, encode_batch(b)) for b in traffic]))
-    try:
-        assert faulty.proc.wait(300) == -signal.SIGKILL, faulty.log.read_text()[-3000:]
-    finally:
-        faulty.stop()
+    )
     w = Worker(tmp_path, private_kafka.bootstrap, "w").start()
     try:
         expected = batches_totals(hosts, per_host, events)

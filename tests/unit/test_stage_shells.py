@@ -154,6 +154,15 @@ class Shell:
         message = Message(topic, at, self.offset, time.time(), 0, [], key, value, None)
         await self.app.listed[topic](message)
 
+    def ready(self) -> Any:
+        """The app, as a worker holding every partition of its source, its table
+        recovered: what its timers need to do their work."""
+        source = self.names.topic(stages.SOURCE[self.stage])
+        held = {TP(source, p) for p in range(RESOLVED.raw_partitions)}
+        self.app.assignor.assigned_actives = lambda: held
+        self.app.tables.recovery.completed.set()
+        return self.app
+
     def to(self, topic: str) -> list[bytes]:
         return [value for t, _key, value in self.sent if t == topic]
 
@@ -321,14 +330,10 @@ async def test_aggregate_folds_batches_into_the_table_once_each(tmp_path):
 async def test_the_aggregate_closes_no_window_while_its_table_is_being_recovered(tmp_path):
     """A host's value not yet folded up to its changelog's end is old: a window on it would
     report old counts, and forget a host as silent that another worker kept alive."""
-    from faust.types import TP
 
     aggregate = config.AggregateConfig(window_seconds=0.05)
     async with Shell(tmp_path, "aggregate", aggregate=aggregate) as shell:
-        app = shell.app
-        held = {TP(SAMPLED_TOPIC, p) for p in range(RESOLVED.raw_partitions)}
-        app.assignor.assigned_actives = lambda: held
-        app.tables.recovery.completed.set()
+        app = shell.ready()
         await shell.put(batch(0, [file_created(1, "/data/x/f")]))
         window = next(t for t in app._app_tasks if t.__name__ == "window")
         closing = asyncio.ensure_future(window())
@@ -363,10 +368,7 @@ async def test_a_batch_taken_while_a_window_waits_for_the_changelog_keeps_its_ho
     good) nor mark the series it counts into stale."""
     aggregate = config.AggregateConfig(window_seconds=0.05, host_ttl_seconds=60)
     async with Shell(tmp_path, "aggregate", aggregate=aggregate) as shell:
-        app = shell.app
-        held = {TP(SAMPLED_TOPIC, p) for p in range(RESOLVED.raw_partitions)}
-        app.assignor.assigned_actives = lambda: held
-        app.tables.recovery.completed.set()
+        app = shell.ready()
         await shell.put(batch(0, [file_created(1, "/data/x/f")]))
         shell.table("h1")["aggregate"]["last_ms"] = 0  # silent far longer than its TTL
         shell.acks_held = []  # another host's batch on its way to the changelog
@@ -405,10 +407,7 @@ async def test_a_batch_taken_while_silent_hosts_are_forgotten_keeps_its_host(tmp
     its value must stay."""
     aggregate = config.AggregateConfig(window_seconds=0.05, host_ttl_seconds=0.1)
     async with Shell(tmp_path, "aggregate", aggregate=aggregate) as shell:
-        app = shell.app
-        held = {TP(SAMPLED_TOPIC, p) for p in range(RESOLVED.raw_partitions)}
-        app.assignor.assigned_actives = lambda: held
-        app.tables.recovery.completed.set()
+        app = shell.ready()
         for host in ("h1", "h2"):
             await shell.put(batch(0, [file_created(1, "/data/x/f")], host=host), key=host.encode())
         await asyncio.sleep(0.5)  # both silent past host_ttl_seconds (and its margin)
