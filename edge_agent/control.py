@@ -20,6 +20,11 @@ acknowledgements of each sort, of ``MAX_PENDING_ACK_BYTES``, wait for a heartbea
 whatever arrives. Refusals are logged once for each command (an undecodable record's
 once for each reason), for 1,000 of them at most (``ktel.logs.Once``), each id as
 its ``repr``: a newline in one would otherwise start a forged line of the text log.
+A command applied (a restore too) and one expired are logged the same way, once for
+each command, for 1,000 commands at most (apart from the refusals, which cannot use up
+their bound): a flood of valid commands, the same one again and again or ever new ids,
+wrote a line each on every node. Each is counted (``ktel_agent_commands_applied``) and
+acknowledged in a heartbeat all the same; past the bound, those are what show them.
 A restore is judged by the same bounds but the rate (it carries a rate and a
 duration for agents that predate restores; this one puts back its own rate). A
 restore ends whatever command is in force for its probe, as any later command for
@@ -219,6 +224,12 @@ class Control:
         # most: anyone who can write ktel.control reaches every agent, and a flood of bad
         # records logged a line each on every node. Each is counted all the same.
         self._warned = Once()
+        # The commands applied (restores too) and expired logged, each command once, 1,000
+        # commands at most: a flood of valid commands (one sent again and again, or ever
+        # new ids) logged a line each on every node. Kept apart from the refusals' bound,
+        # so that a flood of bad records does not hide what changed the host, nor the
+        # reverse. Each is counted and acknowledged all the same.
+        self._told = Once()
         self._load()
 
     @classmethod
@@ -287,13 +298,14 @@ class Control:
         self.apply(in_force.probe, in_force.sample_every)
         if known is None:
             self._applied(in_force)
-        log.info(
-            "command %.120r: %s sampled 1 in %d for %d ms more",
-            in_force.id,
-            in_force.probe,
-            in_force.sample_every,
-            in_force.deadline_ms - now,
-        )
+        if self._told(("applied", in_force.id)):
+            log.info(
+                "command %.120r: %s sampled 1 in %d for %d ms more",
+                in_force.id,
+                in_force.probe,
+                in_force.sample_every,
+                in_force.deadline_ms - now,
+            )
         return True
 
     def _restore(self, cmd: ControlCommand, sent_ms: int, now: int) -> bool:
@@ -306,7 +318,8 @@ class Control:
         # Remembered as a command over as soon as applied, so that its record read back
         # at a start ends nothing applied after it.
         self._applied(InForce(cmd.id, cmd.probe, rate, now, max(now, sent_ms + self.bounds.max_ttl_ms)))
-        log.info("command %.120r: %s back to 1 in %d", cmd.id, cmd.probe, rate)
+        if self._told(("applied", cmd.id)):
+            log.info("command %.120r: %s back to 1 in %d", cmd.id, cmd.probe, rate)
         return True
 
     def _end(self, probe: str, now: int, unless: str | None = None) -> None:
@@ -361,9 +374,10 @@ class Control:
             if cmd.deadline_ms <= now:
                 del self.overrides[probe]
                 self.apply(probe, self.sample_every(probe))
-                log.info(
-                    "command %.120r expired: %s back to 1 in %d", cmd.id, probe, self.sample_every(probe)
-                )
+                if self._told(("expired", cmd.id)):
+                    log.info(
+                        "command %.120r expired: %s back to 1 in %d", cmd.id, probe, self.sample_every(probe)
+                    )
 
     def take_acks(self) -> list[str]:
         return self._acks.take()

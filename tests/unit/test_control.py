@@ -630,3 +630,34 @@ def test_a_flood_of_bad_records_logs_a_bounded_number_of_lines_and_counts_each(t
     assert refused("probe") == probe + 50 + n
     assert refused("undecodable") == undecodable + 50 + n
     assert ctl.counts["commands_refused"] == 100 + 2 * n
+
+
+def applied_total() -> float:
+    return REGISTRY.get_sample_value("ktel_agent_commands_applied_total") or 0.0
+
+
+def test_a_flood_of_valid_commands_logs_a_bounded_number_of_lines_and_counts_each(tmp_path, caplog):
+    ctl, _ = make(tmp_path)
+    before = applied_total()
+    # The same command again and again: one line, the first.
+    with caplog.at_level(logging.INFO, logger="ktel.control"):
+        ctl.judge(records(*[cmd(cmd_id="raise")] * 50, sent_ms=now_ms()))
+    [line] = log_lines(caplog)
+    assert "command 'raise': file_created sampled 1 in 10" in line
+    assert ctl.take_acks() == ["raise"]
+    # Ever new ones, raises that expire and raises a restore ends: a line for each command
+    # applied or expired, up to the bound (the first command one of them).
+    n = 1000
+    now = now_ms()
+    with caplog.at_level(logging.INFO, logger="ktel.control"):
+        for i in range(n):
+            assert ctl.handle(cmd(cmd_id=f"raise-{i}", ttl_ms=1), sent_ms=now, now=now)
+            ctl.expire(now + 1)
+            assert ctl.handle(cmd(cmd_id=f"raise-again-{i}"), sent_ms=now, now=now)
+            assert ctl.handle(cmd(cmd_id=f"restore-{i}", restore=True), sent_ms=now, now=now)
+    assert len(log_lines(caplog)) == logs.Once().limit
+    # Counted and acknowledged, every one.
+    assert applied_total() == before + 1 + 3 * n
+    assert ctl.counts["commands_applied"] == 1 + 3 * n
+    # (the acknowledgements waiting for a heartbeat are bounded on their own: the last ones)
+    assert ctl.take_acks()[-1] == f"restore-{n - 1}"
