@@ -64,12 +64,19 @@ written is logged and left behind: the cost is re-sending.
 Privacy: segments and the ack file are 0600 in a 0700 directory (existing ones
 are tightened at start); they hold what the events name.
 
-Bound: at most ``max_bytes`` on disk. When full, ``drop_newest`` refuses new
-batches and ``drop_oldest`` deletes the oldest unacknowledged segment; either
-way the events lost are counted (``dropped_events``), each once. The batches of a
-dropped segment that the publisher has already read are being sent from its
-memory: they are lost only if Kafka does not acknowledge them before the agent
-stops (or is killed), when nothing holds them any more. Until then their number is
+Bound: at most ``max_bytes`` on disk, the sizes of the spool's files: every segment
+whole, also the acknowledged head of the oldest one, which stays on disk until an
+acknowledgement crosses into the next segment (counting only what was not yet
+acknowledged, the directory grew past the bound by up to a segment, an eighth of it),
+and room for the ack and ``dropped-in-flight`` files (``FILES_BYTES``). A segment the
+disk does not let the spool delete (logged) is not counted: it takes space besides.
+When full, a segment acknowledged to its end is deleted first, which loses nothing;
+then ``drop_newest`` refuses new batches and ``drop_oldest`` deletes the oldest
+unacknowledged segment (its acknowledged head with it); either way the events lost
+are counted (``dropped_events``), each once. The batches of a dropped segment that
+the publisher has already read are being sent from its memory: they are lost only
+if Kafka does not acknowledge them before the agent stops (or is killed), when
+nothing holds them any more. Until then their number is
 in the file ``dropped-in-flight`` (written at the drop and at each acknowledgement
 of one of them, gone once all are), and the next start counts what it names as
 dropped: a stop with them unacknowledged is one where Kafka is away, so neither
@@ -114,6 +121,8 @@ IN_FLIGHT_MAX_BYTES = 64  # (two numbers: a longer file is not one the spool wro
 # The ack file's size: "<segment> <offset>" padded with spaces, then a newline. Two
 # 20-digit numbers fit, so a shorter cursor overwrites every byte of a longer one.
 ACK_BYTES = 48
+# What the bound keeps for the files beside the segments (Spool.disk_bytes).
+FILES_BYTES = ACK_BYTES + IN_FLIGHT_MAX_BYTES
 # How much of the unacknowledged tail is also held in memory (Spool.read): more than
 # the publisher has in flight (agent.MAX_IN_FLIGHT batches), seconds of a busy node.
 RECENT_MAX_BYTES = 8 << 20
@@ -168,7 +177,8 @@ class Spool:
         self.max_bytes = max_bytes
         # drop_oldest drops a segment at a time, never the one being written: a spool
         # bound to a few segments' size would drop the newest batches instead.
-        self.segment_bytes = max(1, min(segment_bytes, max_bytes // SEGMENTS_AT_LEAST))
+        room = max(0, max_bytes - FILES_BYTES)  # (what the segments have of the bound)
+        self.segment_bytes = max(1, min(segment_bytes, room // SEGMENTS_AT_LEAST))
         self.full_policy = full_policy
         self.fsync = fsync
         self.fsync_interval = fsync_interval
@@ -350,6 +360,11 @@ class Spool:
     def depth_bytes(self) -> int:
         return sum(self._sizes.values()) - self._ack.offset
 
+    def disk_bytes(self) -> int:
+        """What the bound counts of the spool's files (module docstring): every segment
+        whole, not only its unacknowledged bytes (``depth_bytes``), and FILES_BYTES."""
+        return sum(self._sizes.values()) + FILES_BYTES
+
     def empty(self) -> bool:
         """Nothing left to deliver: the spooled batches, and those a full spool dropped
         while they were being sent, acknowledged."""
@@ -361,8 +376,13 @@ class Spool:
         """Spool one sealed batch; False if it was dropped (spool full: drop_newest, or
         drop_oldest with only the segment being written left)."""
         size = HEADER.size + len(payload)
-        while self.depth_bytes() + size > self.max_bytes:
-            if self.full_policy == "drop_newest" or not self._drop_oldest_segment():
+        while self.disk_bytes() + size > self.max_bytes:
+            # The oldest segment acknowledged to its end (an acknowledgement at a segment's
+            # end does not delete it) goes under either policy: it loses nothing.
+            acked_whole = self._ack.segment != self._wseg and self._ack.offset >= self._sizes.get(
+                self._ack.segment, 0
+            )
+            if (self.full_policy == "drop_newest" and not acked_whole) or not self._drop_oldest_segment():
                 self.dropped_events += n_events
                 self.dropped_batches += 1
                 return False
@@ -476,11 +496,12 @@ class Spool:
             batches += 1
         self.dropped_events += events
         self.dropped_batches += batches
-        log.error(
-            "spool full (%d bytes): dropped its oldest %d batches (%d events), and %d being sent "
-            "(counted if Kafka does not acknowledge them)",
-            self.max_bytes, batches, events, in_flight,
-        )  # fmt: skip
+        if batches or in_flight:  # (not a segment acknowledged to its end: nothing lost)
+            log.error(
+                "spool full (%d bytes): dropped its oldest %d batches (%d events), and %d being sent "
+                "(counted if Kafka does not acknowledge them)",
+                self.max_bytes, batches, events, in_flight,
+            )  # fmt: skip
         if in_flight:
             self._save_in_flight()
         self._delete_through(oldest)

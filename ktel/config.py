@@ -546,7 +546,12 @@ class AgentConfig(Section):
         "are Kafka's codecs",
     )
     metrics_port: int = Field(9465, ge=0, le=65535, description="agent self-metrics /metrics port (0: off)")
-    spool_max_mb: int = Field(1024, ge=1, description="on-disk spool bound (<state_dir>/spool), MiB")
+    spool_max_mb: int = Field(
+        1024,
+        ge=1,
+        description="bound on the spool's bytes on disk (<state_dir>/spool: its files' sizes, "
+        "acknowledged batches not yet deleted too), MiB",
+    )
     spool_full_policy: Literal["drop_oldest", "drop_newest"] = Field(
         "drop_oldest", description="what a full spool drops; either way the events are counted"
     )

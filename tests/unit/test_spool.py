@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from edge_agent.spool import HEADER, IN_FLIGHT_FILE, MAGIC, Spool
+from edge_agent.spool import FILES_BYTES, HEADER, IN_FLIGHT_FILE, MAGIC, Spool
 
 
 def payload(i: int, size: int = 100) -> bytes:
@@ -30,6 +30,11 @@ def read_back(directory: Path, **opts) -> list[bytes]:
     """The batches a restart finds in ``directory``: a spool opened there, read, closed."""
     with contextlib.closing(Spool(directory, **opts)) as sp:
         return read_all(sp)
+
+
+def dir_bytes(directory: Path) -> int:
+    """What a spool's directory holds: the sizes of its files (``du --apparent-size``)."""
+    return sum(p.stat().st_size for p in directory.iterdir())
 
 
 def killed(spool: Spool) -> None:
@@ -170,9 +175,51 @@ def test_truncated_and_corrupted_segments_keep_every_intact_record(tmp_path, cap
 
 
 @pytest.mark.parametrize("policy", ["drop_newest", "drop_oldest"])
+def test_a_full_spool_takes_no_more_than_its_bound_on_disk(tmp_path, policy):
+    """Acknowledged bytes too: the head of the oldest segment stays on disk until an
+    acknowledgement crosses into the next segment."""
+    rec = HEADER.size + 100
+    bound = 32 * rec + FILES_BYTES
+    sp = Spool(tmp_path, max_bytes=bound, segment_bytes=4 * rec, full_policy=policy)
+    assert all(sp.append(payload(i), n_events=5) for i in range(32))  # full: 8 segments of 4
+    # Kafka acknowledges all but the last batch of the oldest segment.
+    sp.ack(sp.read(sp.ack_cursor, limit=3)[-1].next)
+    assert (tmp_path / "ack").exists()
+    for i in range(32, 48):
+        sp.append(payload(i), n_events=5)
+        assert dir_bytes(tmp_path) <= bound
+    got = read_all(sp)
+    if policy == "drop_newest":
+        assert got == [payload(i) for i in range(3, 32)]
+    else:  # the oldest go, the unacknowledged batch of the first segment with them
+        assert got == [payload(i) for i in range(48 - len(got), 48)] and len(got) >= 28
+    assert sp.dropped_batches == 48 - 3 - len(got)
+    assert sp.dropped_events == 5 * sp.dropped_batches
+    sp.close()
+    assert dir_bytes(tmp_path) <= bound
+
+
+@pytest.mark.parametrize("policy", ["drop_newest", "drop_oldest"])
+def test_a_full_spool_deletes_a_segment_acknowledged_to_its_end_and_drops_nothing(tmp_path, policy):
+    """A cursor at a segment's end leaves the segment on disk until the next
+    acknowledgement: the bound counts it, and a full spool deletes it first."""
+    rec = HEADER.size + 100
+    bound = 32 * rec + FILES_BYTES
+    sp = Spool(tmp_path, max_bytes=bound, segment_bytes=4 * rec, full_policy=policy)
+    assert all(sp.append(payload(i), n_events=5) for i in range(32))
+    sp.ack(sp.read(sp.ack_cursor, limit=4)[-1].next)  # the oldest segment, to its end
+    assert len(list(tmp_path.glob("*.seg"))) == 8
+    assert sp.append(payload(32), n_events=5)
+    assert (sp.dropped_batches, sp.dropped_events) == (0, 0)
+    assert read_all(sp) == [payload(i) for i in range(4, 33)]
+    assert dir_bytes(tmp_path) <= bound
+    sp.close()
+
+
+@pytest.mark.parametrize("policy", ["drop_newest", "drop_oldest"])
 def test_full_spool_drops_by_policy_and_counts_events(tmp_path, policy):
     rec = HEADER.size + 100
-    sp = Spool(tmp_path, max_bytes=10 * rec, segment_bytes=2 * rec, full_policy=policy)
+    sp = Spool(tmp_path, max_bytes=10 * rec + FILES_BYTES, segment_bytes=2 * rec, full_policy=policy)
     results = [sp.append(payload(i), n_events=7) for i in range(15)]
     got = read_all(sp)
     if policy == "drop_newest":
@@ -193,7 +240,7 @@ def test_batches_in_flight_when_their_segment_is_dropped_are_counted_only_if_nev
     dropped; never acknowledged (the agent stopped first), they are lost, and the next
     start counts them. Each batch is delivered, counted as dropped, or still spooled: once."""
     rec = HEADER.size + 100
-    opts = {"max_bytes": 16 * rec, "segment_bytes": 2 * rec, "full_policy": "drop_oldest"}
+    opts = {"max_bytes": 16 * rec + FILES_BYTES, "segment_bytes": 2 * rec, "full_policy": "drop_oldest"}
     sp = Spool(tmp_path, **opts)
     assert all(sp.append(payload(i), n_events=7) for i in range(16))  # full: 8 segments of 2
     sent = sp.read(sp.ack_cursor, limit=3)  # batches 0 and 1 (segment 0), 2 (segment 1)
@@ -226,7 +273,7 @@ def test_batches_in_flight_when_their_segment_was_dropped_are_counted_after_a_si
     being sent still unacknowledged. The next start counts them; one acknowledged before
     the kill is not."""
     rec = HEADER.size + 100
-    opts = {"max_bytes": 4 * rec, "segment_bytes": rec, "full_policy": "drop_oldest"}
+    opts = {"max_bytes": 4 * rec + FILES_BYTES, "segment_bytes": rec, "full_policy": "drop_oldest"}
     sp = Spool(tmp_path, **opts)
     assert all(sp.append(payload(i), n_events=3) for i in range(4))
     sent = sp.read(sp.ack_cursor, limit=2)  # batches 0 and 1, each a segment
@@ -443,6 +490,7 @@ def test_every_batch_is_delivered_counted_as_dropped_or_still_spooled_once(tmp_p
         else:  # everything sent is acknowledged, in order
             sp.ack(cur)
             delivered, sent = delivered + sent, []
+        assert dir_bytes(d) <= 2000
     sp.close()
     nxt = Spool(d, max_bytes=2000, segment_bytes=700)  # (it counts what the stop left in flight)
     kept = read_all(nxt)
@@ -473,7 +521,7 @@ def test_a_segment_that_cannot_be_deleted_stops_nothing_and_is_deleted_later(tmp
     """A read-only or failing disk refuses an acknowledged segment's unlink: publishing
     goes on, a full spool's drop is counted once, and the segment goes once it can."""
     rec = HEADER.size + 100
-    sp = Spool(tmp_path, max_bytes=10 * rec, segment_bytes=2 * rec, full_policy="drop_oldest")
+    sp = Spool(tmp_path, max_bytes=10 * rec + FILES_BYTES, segment_bytes=2 * rec, full_policy="drop_oldest")
     real_unlink = Path.unlink
     refusing = True
 
@@ -503,13 +551,15 @@ def test_dropping_the_oldest_segment_moves_on_to_the_next_one_there_is(tmp_path)
     """A segment removed by hand behind the oldest: the drop does not point the spool at
     it (every read and append then failed on the missing file)."""
     rec = HEADER.size + 100
-    sp = Spool(tmp_path, max_bytes=10 * rec, segment_bytes=2 * rec, full_policy="drop_oldest")
+    sp = Spool(tmp_path, max_bytes=10 * rec + FILES_BYTES, segment_bytes=2 * rec, full_policy="drop_oldest")
     for i in range(8):
         sp.append(payload(i), n_events=1)
     sp.close()
     segs = sorted(tmp_path.glob("*.seg"))
     segs[1].unlink()
-    again = Spool(tmp_path, max_bytes=10 * rec, segment_bytes=2 * rec, full_policy="drop_oldest")
+    again = Spool(
+        tmp_path, max_bytes=10 * rec + FILES_BYTES, segment_bytes=2 * rec, full_policy="drop_oldest"
+    )
     assert all(again.append(payload(i), n_events=1) for i in range(100, 110))
     got = read_all(again)
     assert got[-10:] == [payload(i) for i in range(100, 110)]
@@ -564,7 +614,11 @@ def test_a_segment_removed_while_running_is_skipped_by_reads_and_drops(tmp_path,
     disk and a full spool's drops move on to the next segment (every one failed on it)."""
     rec = HEADER.size + 100
     sp = Spool(
-        tmp_path, max_bytes=10 * rec, segment_bytes=2 * rec, full_policy="drop_oldest", recent_max_bytes=0
+        tmp_path,
+        max_bytes=10 * rec + FILES_BYTES,
+        segment_bytes=2 * rec,
+        full_policy="drop_oldest",
+        recent_max_bytes=0,
     )
     for i in range(8):
         sp.append(payload(i), n_events=1)
