@@ -291,8 +291,9 @@ class Agent:
                 "(KTEL_AGENT__STATE_DIR) to one"
             ) from None
         except statelock.Held as held:
-            # The same: one line, exit 2. A supervisor restarting it (systemd, a pod's
-            # restarts) starts it once the other has ended.
+            # The same: one line, exit 2. A supervisor restarting it (systemd, whose unit
+            # sets no start limit: deploy/ktel-agent.service; a pod's restarts) starts it
+            # once the other has ended.
             raise ConfigError(
                 f"agent.state_dir = '{acfg.state_dir}': in use by another ktel agent, {held.holder} "
                 f"({held.path} is locked): two agents on one state directory number their batches "
