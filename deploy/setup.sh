@@ -10,7 +10,8 @@
 #                         cached in ~/.cache/ktel, or $KTEL_CACHE_DIR)
 #   deploy/setup.sh       all of that, and what the tests need besides: the dev Python
 #                         packages, clang/libbpf, qemu, busybox and Debian's kernel image
-#                         (the kernel-module VM test), and helm (the chart's tests)
+#                         (the kernel-module VM test), systemd's systemd-analyze (the
+#                         agent unit's test) and helm (the chart's tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,7 +33,7 @@ fi
 # gcc, libc6-dev and python3-dev build the agent's packer (setup.py) when ktel installs.
 PKGS=(python3-bpfcc python3-venv python3-dev gcc libc6-dev linux-headers-amd64 prometheus openjdk-17-jre-headless maven openssl make)
 if [ "$TESTS" = 1 ]; then
-  PKGS+=(qemu-system-x86 busybox-static libc6-dev clang clang-format libbpf-dev libelf-dev zlib1g-dev libzstd-dev)
+  PKGS+=(qemu-system-x86 busybox-static libc6-dev clang clang-format libbpf-dev libelf-dev zlib1g-dev libzstd-dev systemd)
 fi
 missing=()
 for p in "${PKGS[@]}"; do
