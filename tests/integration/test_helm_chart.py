@@ -682,7 +682,37 @@ def test_kafka_identities_without_a_shared_password_need_one_for_every_role() ->
         "template", "ktel", str(CHART), "--set", "kafkaIdentities.agent.secretName=ktel-kafka-agent"
     )
     assert res.returncode != 0
-    assert "give every role its secretName, or set secrets.kafkaSaslPassword" in res.stderr
+    assert "agent have a password Secret and admin, exporter, processor none" in res.stderr
+    assert "give every role the release runs its secretName, or set secrets.kafkaSaslPassword" in res.stderr
+
+
+@pytest.mark.parametrize(
+    ("off", "roles"),
+    [
+        # Topics created beforehand (`ktel topics`): no admin runs.
+        ("topicsJob.enabled=false", ("agent", "processor", "exporter")),
+        ("agent.enabled=false", ("processor", "exporter", "admin")),
+    ],
+)
+def test_a_role_the_release_does_not_run_needs_no_password(off, roles, tmp_path, monkeypatch) -> None:
+    """Without a shared password, only the roles whose pods the release runs need their
+    own: with topicsJob off, the admin's was demanded though nothing logs in as it."""
+    for name in [n for n in os.environ if n.startswith("KTEL_")]:
+        monkeypatch.delenv(name)
+    objs = render(
+        sets=(
+            off,
+            "config.kafka.security_protocol=SASL_SSL",
+            "config.kafka.sasl_username=ktel",
+            *(f"kafkaIdentities.{r}.secretName=ktel-kafka-{r}" for r in roles),
+        )
+    )
+    pods = workloads(objs) + of_kind(objs, "Job")
+    assert pods
+    for w in pods:
+        _, volume = kafka_identity(w["spec"]["template"]["spec"])
+        assert volume and volume["secretName"] in {f"ktel-kafka-{r}" for r in roles}, w["metadata"]["name"]
+    assert config.load(config_file(objs, tmp_path)).kafka.password() == "x"
 
 
 def test_ktel_topics_runs_before_every_install_and_upgrade_with_the_releases_config(full) -> None:

@@ -51,12 +51,19 @@ ktel's configuration: the user's `config` with what the chart decides laid over 
   "otlp" (dict "metrics_port" $v.ports.otlp)
   "pull" (dict "port" $v.ports.pull "metrics_port" $v.ports.pullMetrics "host" "0.0.0.0")
 -}}
+{{- /* The roles whose pods this release runs: a role it does not run (the admin's with
+topicsJob off) needs no password. */ -}}
+{{- $exporters := or $v.exporters.remoteWrite.enabled $v.exporters.otlp.enabled $v.exporters.pull.enabled -}}
+{{- $running := dict "agent" $v.agent.enabled "processor" true "exporter" $exporters "admin" $v.topicsJob.enabled -}}
 {{- $roleSecrets := list -}}
+{{- $without := list -}}
 {{- range $role, $id := $v.kafkaIdentities -}}
-{{- if $id.secretName }}{{ $roleSecrets = append $roleSecrets $role }}{{ end -}}
+{{- if get $running $role -}}
+{{- if $id.secretName }}{{ $roleSecrets = append $roleSecrets $role }}{{ else }}{{ $without = append $without $role }}{{ end -}}
 {{- end -}}
-{{- if and $roleSecrets (not $v.secrets.kafkaSaslPassword.secretName) (lt (len $roleSecrets) (len $v.kafkaIdentities)) -}}
-{{- fail (printf "kafkaIdentities: %s have a password Secret and the other roles none; give every role its secretName, or set secrets.kafkaSaslPassword for the others" (join ", " $roleSecrets)) -}}
+{{- end -}}
+{{- if and $roleSecrets $without (not $v.secrets.kafkaSaslPassword.secretName) -}}
+{{- fail (printf "kafkaIdentities: %s have a password Secret and %s none; give every role the release runs its secretName, or set secrets.kafkaSaslPassword for the others" (join ", " $roleSecrets) (join ", " $without)) -}}
 {{- end -}}
 {{- if or $v.secrets.kafkaSaslPassword.secretName $roleSecrets -}}
 {{- $_ := set $forced "kafka" (dict "sasl_password_file" (printf "/etc/ktel/secrets/kafka/%s" $v.secrets.kafkaSaslPassword.key)) -}}
