@@ -532,6 +532,20 @@ def test_the_labels_a_selector_asks_for_are_strings(value, kind) -> None:
     kubernetes_validate.validate(meta, kubernetes_validate.latest_version(), strict=True)
 
 
+def test_pod_labels_and_annotations_are_strings() -> None:
+    """podLabels and podAnnotations given as a number or boolean (--set) are strings all
+    the same, in every pod the chart makes: Kubernetes refuses any other, and a DaemonSet,
+    Deployment or Job with one fails the whole install."""
+    objs = render(sets=("podLabels.tier=1", "podAnnotations.team=true", "podAnnotations.cost=2"))
+    pods = workloads(objs) + of_kind(objs, "Job")
+    assert {w["kind"] for w in pods} == {"DaemonSet", "Deployment", "Job"}
+    for w in pods:
+        meta = w["spec"]["template"]["metadata"]
+        assert meta["labels"]["tier"] == "1"
+        assert {k: meta["annotations"][k] for k in ("team", "cost")} == {"team": "true", "cost": "2"}
+        kubernetes_validate.validate(w, kubernetes_validate.latest_version(), strict=True)
+
+
 def test_the_packaged_chart_carries_the_rules_and_dashboards(tmp_path) -> None:
     """`helm package` copies what the chart's links point to: the archive installs
     without the repository around it."""
