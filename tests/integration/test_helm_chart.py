@@ -209,6 +209,26 @@ def test_the_agent_mounts_the_kernel_interfaces_and_keeps_its_state_on_the_node(
     assert cfg["agent"]["cgroup_root"] == "/host/sys/fs/cgroup"
 
 
+def test_every_pod_runs_on_linux_nodes_only() -> None:
+    """ktel runs on Linux alone: every pod selects Linux nodes, those a nodeSelector value
+    names among them. The agent tolerates every taint, so without it its pods landed on a
+    cluster's Windows nodes, never started, and held up every rollout of the DaemonSet."""
+    linux = {"kubernetes.io/os": "linux"}
+    for objs in (render(), render(FULL)):
+        pods = workloads(objs) + of_kind(objs, "Job")
+        assert {w["kind"] for w in pods} == {"DaemonSet", "Deployment", "Job"}
+        for w in pods:
+            assert w["spec"]["template"]["spec"]["nodeSelector"] == linux, w["metadata"]["name"]
+    objs = render(sets=("agent.nodeSelector.pool=edge", "process.nodeSelector.gen=2"))
+    for w in workloads(objs):
+        selector = w["spec"]["template"]["spec"]["nodeSelector"]
+        given = {"DaemonSet": {"pool": "edge"}, "Deployment": {}}[w["kind"]]
+        if w["metadata"]["name"].startswith("ktel-process"):
+            given = {"gen": "2"}  # a label's value is a string
+        assert selector == {**linux, **given}, w["metadata"]["name"]
+        kubernetes_validate.validate(w, kubernetes_validate.latest_version(), strict=True)
+
+
 def test_a_nodes_agent_is_replaced_only_once_the_old_one_ended(rendered) -> None:
     """Two agents never share a node's state directory: the second refuses to start
     (edge_agent/statelock.py), so a surge's new pod would never be ready, and the

@@ -34,6 +34,17 @@ object invalid.
 {{- end }}
 {{- end -}}
 
+{{/*
+A pod's nodeSelector: the nodes a value (a map) selects, of the Linux ones alone. ktel
+runs on Linux only, and the agent tolerates every taint: in a cluster with Windows nodes
+its pods landed on them, never started, and held every rollout of the DaemonSet up there
+(an unavailable pod takes maxUnavailable's one place).
+*/}}
+{{- define "ktel.nodeSelector" -}}
+nodeSelector:
+  {{- include "ktel.stringMap" (merge (deepCopy (. | default dict)) (dict "kubernetes.io/os" "linux")) | trim | nindent 2 }}
+{{- end -}}
+
 {{- define "ktel.image" -}}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end -}}
