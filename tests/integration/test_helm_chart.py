@@ -271,6 +271,34 @@ def test_probes_and_services_are_on_the_port_each_process_serves(rendered) -> No
     assert cfg["pull"]["host"] == "0.0.0.0"  # reachable through its Service
 
 
+def test_the_servers_listen_on_every_ipv6_address_where_config_asks(tmp_path, monkeypatch) -> None:
+    """An IPv6-only cluster probes and scrapes a pod at its IPv6 address alone: there
+    config.service.metrics_bind and config.pull.host take ::, which every pod then
+    serves on. The chart's 0.0.0.0 overrode both, so no pod there was ever probed alive."""
+    for name in [n for n in os.environ if n.startswith("KTEL_")]:
+        monkeypatch.delenv(name)
+    objs = render(sets=("config.service.metrics_bind=::", "config.pull.host=::"))
+    pods = workloads(objs) + of_kind(objs, "Job")
+    assert {w["kind"] for w in pods} == {"DaemonSet", "Deployment", "Job"}
+    for w in pods:
+        [c] = w["spec"]["template"]["spec"]["containers"]
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert env["KTEL_SERVICE__METRICS_BIND"] == "::", w["metadata"]["name"]
+    monkeypatch.setenv("KTEL_SERVICE__METRICS_BIND", "::")
+    cfg = config.load(config_file(objs, tmp_path))
+    assert (cfg.service.metrics_bind, cfg.pull.host) == ("::", "::")
+
+
+@pytest.mark.parametrize("field", ["service.metrics_bind", "pull.host"])
+@pytest.mark.parametrize("address", ["127.0.0.1", "::1", "10.0.0.7"])
+def test_an_address_a_pod_is_not_reached_at_is_refused(field, address) -> None:
+    """Loopback is reached from nowhere else, and a pod's own address is not known
+    before it runs: either would leave the pods unprobed and unscraped."""
+    res = run_helm("template", "ktel", str(CHART), "--set-string", f"config.{field}={address}")
+    assert res.returncode != 0
+    assert f"config.{field} = {address}: give 0.0.0.0" in res.stderr
+
+
 def test_default_runs_the_fused_worker_and_every_exporter() -> None:
     objs = render()
     args = sorted(

@@ -60,7 +60,7 @@ ktel's configuration: the user's `config` with what the chart decides laid over 
   "process" (dict "metrics_port" $v.ports.process "data_dir" "/var/lib/ktel/processor")
   "remote_write" (dict "metrics_port" $v.ports.remoteWrite)
   "otlp" (dict "metrics_port" $v.ports.otlp)
-  "pull" (dict "port" $v.ports.pull "metrics_port" $v.ports.pullMetrics "host" "0.0.0.0")
+  "pull" (dict "port" $v.ports.pull "metrics_port" $v.ports.pullMetrics "host" (include "ktel.listenAddress" (dict "root" . "field" "pull.host")))
 -}}
 {{- /* The roles whose pods this release runs: a role it does not run (the admin's with
 topicsJob off) needs no password. */ -}}
@@ -171,14 +171,33 @@ place (in maps and lists of maps), so the TOML says `port = 9465`, not `9465.0`.
 {{- end -}}
 {{- end -}}
 
+{{/*
+Where a server of every pod listens (field: service.metrics_bind or pull.host): every
+address of the pod, for the kubelet's probes, the Services and Prometheus (ktel's default
+is loopback only). 0.0.0.0 (IPv4) unless config gives :: (IPv6, and IPv4 where the node
+has it), which an IPv6-only cluster needs: its probes and Services reach a pod at its IPv6
+address alone. Any other is refused: a pod's own address is not known here, and loopback
+is reached from nowhere else.
+*/}}
+{{- define "ktel.listenAddress" -}}
+{{- $section := get (.root.Values.config | default dict) (splitList "." .field | first) -}}
+{{- $given := "0.0.0.0" -}}
+{{- if kindIs "map" $section -}}
+{{- $given = get $section (splitList "." .field | last) | default $given -}}
+{{- end -}}
+{{- if not (has (toString $given) (list "0.0.0.0" "::")) -}}
+{{- fail (printf "config.%s = %v: give 0.0.0.0 (every IPv4 address of the pod, the default) or :: (every IPv6 address, and the IPv4 ones where the node has them: an IPv6-only cluster needs it), where the kubelet's probes, the Services and Prometheus reach the pod" .field $given) -}}
+{{- end -}}
+{{- $given -}}
+{{- end -}}
+
 {{/* Environment every ktel container gets. */}}
 {{- define "ktel.env" -}}
 - name: KTEL_CONFIG
   value: /etc/ktel/ktel.toml
-# The self-metrics, /healthz and /readyz listen on every address of the pod, for the
-# kubelet's probes and Prometheus (ktel's default is loopback only).
+# The self-metrics, /healthz and /readyz listen on every address of the pod (ktel.listenAddress).
 - name: KTEL_SERVICE__METRICS_BIND
-  value: "0.0.0.0"
+  value: {{ include "ktel.listenAddress" (dict "root" . "field" "service.metrics_bind") | quote }}
 {{- end -}}
 
 {{/*
