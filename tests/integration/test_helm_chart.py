@@ -846,6 +846,16 @@ def test_a_secret_in_config_is_refused_with_where_it_goes(field) -> None:
     assert SECRET not in res.stderr
 
 
+def test_a_host_id_in_config_is_refused() -> None:
+    """Every node's agent reads the one ConfigMap: an agent.host_id there made every node
+    the same host (processors/dedupe_core.py counts host conflicts), their series,
+    heartbeats and processes one host's."""
+    res = run_helm("template", "ktel", str(CHART), "--set-string", "config.agent.host_id=3f2a9c")
+    assert res.returncode != 0
+    assert "config.agent.host_id = 3f2a9c names one host, and every node's agent reads" in res.stderr
+    assert "/etc/machine-id" in res.stderr
+
+
 def test_a_malformed_section_in_config_is_refused_with_the_fix() -> None:
     res = run_helm("template", "ktel", str(CHART), "--set", "config.kafka=oops")
     assert res.returncode != 0

@@ -90,6 +90,10 @@ topicsJob off) needs no password. */ -}}
 {{- fail (printf "config.%s.%s (%s) goes in a Secret, not in the ConfigMap, which anyone allowed to read the namespace's ConfigMaps can read: secrets.%s, %s" $s.section $s.field $s.what $s.value $how) -}}
 {{- end -}}
 {{- end -}}
+{{- /* One ConfigMap is every node's: one host id in it would be the whole fleet's. */ -}}
+{{- with dig "agent" "host_id" nil $v.config -}}
+{{- fail (printf "config.agent.host_id = %v names one host, and every node's agent reads this config: leave it unset, and each agent takes its node's /etc/machine-id (mounted from the node)" .) -}}
+{{- end -}}
 {{- $config := mustMergeOverwrite (deepCopy $v.config) $forced -}}
 {{- include "ktel.wholeNumbers" $config -}}
 {{- toToml $config -}}
