@@ -826,7 +826,28 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         last_seen.pop(host_id, None)
         cap.drop(host_id)
         await emit(chain.forget(host_id))
+        # Numbered before its value goes (forget drops it before any await): a window
+        # that reads a value a record of the host makes while its tombstones are on their
+        # way waits for the snapshot sent after them below (ChangelogAcks).
+        done = acks.sent()
         await forget(hosts, host_id, cfg.kafka.raw_partitions)
+        value = hosts.data.get(host_id)
+        if value is None:
+            done(None)  # (a record of it taken from now on goes after the tombstones)
+            return
+        # A record of it was taken while its tombstones waited for room in the producer:
+        # it started the host afresh and is committed with its record, which tombstones
+        # sent after it deleted (its snapshot key's comes last). The value's snapshot,
+        # after them, is what a worker recovering the changelog finds of the host.
+        as_persisted(host_id, value).snapshot = changelog.version(value)
+        record = encoded(hosts, value)
+        await send(
+            hosts,
+            hosts.data._encode_key(host_id),
+            record,
+            partition_of(host_id, cfg.kafka.raw_partitions),
+            done,
+        )
 
     # Host id -> the worker's monotonic clock at the host's last record here, batch or
     # heartbeat (one the expiry finds missing is taken as seen then: after a restart

@@ -433,6 +433,59 @@ async def test_a_batch_taken_while_silent_hosts_are_forgotten_keeps_its_host(tmp
         }
 
 
+async def test_a_batch_taken_while_its_own_hosts_tombstones_wait_is_on_the_changelog(tmp_path):
+    """A forgotten host's value goes at once, its tombstones after, each of which may wait
+    for room in the producer. A batch of that host taken meanwhile starts it afresh, is
+    counted, and is committed with its snapshot record: the tombstones sent after that
+    record (its snapshot key's last) must not delete it, or a restarted worker recovers
+    no such host and the batch's counts are lost for good. A window that reads the batch's
+    counts emits them only once the changelog has them after the tombstones."""
+    aggregate = config.AggregateConfig(window_seconds=0.05, host_ttl_seconds=0.1)
+    async with Shell(tmp_path, "aggregate", aggregate=aggregate) as shell:
+        app = shell.ready()
+        await shell.put(batch(0, [file_created(1, "/data/x/f")]))
+        await asyncio.sleep(0.5)  # silent past host_ttl_seconds (and its margin)
+        send, holding, room = stages.send, asyncio.Event(), asyncio.Event()
+
+        async def room_awaited(table: Any, key: bytes, value: bytes | None, *args: Any) -> None:
+            if value is None and not holding.is_set():  # (its first tombstone)
+                holding.set()
+                await room.wait()  # (the producer full: the stream takes a record)
+            await send(table, key, value, *args)
+
+        waiting, wait = asyncio.Event(), stages.ChangelogAcks.wait
+
+        async def noted(acks: stages.ChangelogAcks, last: int) -> None:
+            waiting.set()
+            await wait(acks, last)
+
+        timer = next(t for t in app._app_tasks if t.__name__ == "forget_silent")
+        window = next(t for t in app._app_tasks if t.__name__ == "window")
+        with (
+            mock.patch.object(stages, "send", room_awaited),
+            mock.patch.object(stages.ChangelogAcks, "wait", noted),
+        ):
+            forgetting = asyncio.ensure_future(inspect.unwrap(timer)())  # (the timer's one run)
+            await asyncio.wait_for(holding.wait(), 30)  # (a guard against hanging)
+            await shell.put(batch(1, [file_created(1, "/data/x/g")]))  # h1 is back
+            closing = asyncio.ensure_future(window())
+            try:
+                await asyncio.wait_for(waiting.wait(), 30)
+                assert shell.to(METRICS_TOPIC) == []  # (its record's tombstones still held)
+                room.set()
+                await forgetting
+                await app.on_before_shutdown.send()  # (returns once the close under way is done)
+            finally:
+                closing.cancel()
+                await asyncio.gather(closing, return_exceptions=True)
+        fresh = {'["file_created_total", [["directory", "/data/x"]]]': 1.0}
+        assert shell.table("h1")["aggregate"]["series"] == fresh
+        host, recovered = shell.states()[-1]  # (what a restarted worker has of it)
+        assert host == "h1" and recovered == persisted(shell.table("h1"))
+        zero, first = (decode_snapshot(v) for v in shell.to(METRICS_TOPIC)[:2])
+        assert [row[3] for row in zero.series] == [0.0] and [row[3] for row in first.series] == [1.0]
+
+
 async def test_all_runs_the_four_cores_with_heartbeats_in_one_worker(tmp_path):
     before = {m: metric(m, "all") for m in ("ktel_processor_batches_total", DUPLICATES)}
     async with Shell(tmp_path, "all") as shell:
