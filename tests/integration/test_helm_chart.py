@@ -247,6 +247,52 @@ def test_a_nodes_agent_is_replaced_only_once_the_old_one_ended(rendered) -> None
         assert "leave maxSurge at 0" in res.stderr
 
 
+# The sections of ktel's config the agent reads (edge_agent/), which alone roll its pods.
+AGENT_SECTIONS = ("kafka", "agent", "service")
+
+
+def config_checksums(*sets: str) -> tuple[str, set[str]]:
+    """The agent's checksum/config annotation, and the Deployments'."""
+    objs = render(sets=sets)
+    of = [
+        w["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+        for w in of_kind(objs, "Deployment")
+    ]
+    return the_agent(objs)["spec"]["template"]["metadata"]["annotations"]["checksum/config"], set(of)
+
+
+@pytest.mark.parametrize(
+    "change, agent_rolls",
+    [
+        ("config.remote_write.url=http://prometheus.example:9090/api/v1/write", False),
+        ("config.aggregate.window_seconds=5", False),
+        ("config.enrich.max_processes=9000", False),
+        ("config.agent.batch_max_ms=700", True),
+        ("config.kafka.bootstrap=kafka.example:9093", True),
+        ("config.service.log_level=debug", True),
+    ],
+)
+def test_a_config_change_rolls_the_agents_only_when_they_read_it(change, agent_rolls) -> None:
+    """A node's agent restarted has a gap in its events while its probes load again, one
+    node at a time across the fleet: a change it does not read leaves it running."""
+    agent, deployments = config_checksums()
+    agent_after, deployments_after = config_checksums(change)
+    assert (agent_after != agent) is agent_rolls
+    assert deployments_after.isdisjoint(deployments)  # (every worker and exporter reads the whole config)
+
+
+def test_the_agent_reads_no_other_section_of_the_config() -> None:
+    """What keeps AGENT_SECTIONS, and the agent's checksum, whole."""
+    others = [f for f in config.Config.model_fields if f not in AGENT_SECTIONS]
+    pattern = re.compile(r"\.(" + "|".join(others) + r")\b")
+    for path in sorted((ROOT / "edge_agent").glob("*.py")):
+        assert not pattern.findall(path.read_text()), path
+    template = (CHART / "templates" / "agent-daemonset.yaml").read_text()
+    assert (
+        'pick (include "ktel.config" . | fromToml) ' + " ".join(f'"{s}"' for s in AGENT_SECTIONS) in template
+    )
+
+
 def test_probes_and_services_are_on_the_port_each_process_serves(rendered) -> None:
     cfg = toml_config(rendered)
     services = {s["metadata"]["name"]: s for s in of_kind(rendered, "Service")}
