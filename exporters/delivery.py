@@ -88,7 +88,7 @@ def http_answer(status: int, message: str, wait: float | None = None) -> None:
     ``wait``: what its Retry-After asked for (``retry_after``), honoured on a transient answer."""
     if 200 <= status < 300:
         return
-    answer = f"HTTP {status}: {message.strip()[:500]}"
+    answer = http_refusal(status, message)
     if status in (401, 403):
         raise Unauthorized(answer)
     if status in (404, 405) or 300 <= status < 400:
@@ -96,6 +96,11 @@ def http_answer(status: int, message: str, wait: float | None = None) -> None:
     if status in (408, 429) or status >= 500:
         raise Transient(answer, retry_after=wait)
     raise Permanent(answer)
+
+
+def http_refusal(status: int, message: str) -> str:
+    """The text of a failed HTTP answer, as ``http_answer`` raises it and dead letters give it."""
+    return f"HTTP {status}: {message.strip()[:500]}"
 
 
 def retry_after(value: str | None, now: float | None = None) -> float | None:

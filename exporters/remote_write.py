@@ -33,11 +33,15 @@ takes them, each time after at least the wait a Retry-After header asks for (up 
 whose samples made up the refused request are re-sent in halves (the same series
 only), down to single snapshots, and a snapshot refused alone goes to ``ktel.dlq``
 with the receiver's answer. Prometheus refuses a whole request for one bad sample, so
-the others still arrive. 401 and 403 refuse ktel's credentials, and 404, 405 and redirects say
-nothing at the URL takes remote-write (Prometheus without its receiver), not the
-samples: they are retried, the samples kept, until the configuration is fixed.
-Offsets are committed after that (exporters/consume.py). TLS, authentication and
-headers: exporters/remote_write_client.py.
+the others still arrive. A refusal saying the receiver holds a newer sample of a series,
+or another value at its timestamp (``ALREADY_STORED``: records read again after the
+exporter was stopped before committing them), is not bad data: a snapshot refused so
+alone is sent again series by series, each series refused so alone counted in
+``ALREADY_STORED_SAMPLES``, the others stored, nothing dead-lettered. 401 and 403
+refuse ktel's credentials, and 404, 405 and redirects say nothing at the URL takes
+remote-write (Prometheus without its receiver), not the samples: they are retried, the
+samples kept, until the configuration is fixed. Offsets are committed after that
+(exporters/consume.py). TLS, authentication and headers: exporters/remote_write_client.py.
 
 Memory: a classic histogram repeats its series' labels in every bucket, so a small
 record can make many times its size in samples. The wire refuses a snapshot whose
@@ -68,7 +72,7 @@ from prometheus_client.utils import floatToGoString
 
 from exporters import consume
 from exporters.consume import Record
-from exporters.delivery import Window, http_answer, retry_after, send_split
+from exporters.delivery import Window, http_answer, http_refusal, retry_after, send_split
 from exporters.log2 import ZERO_THRESHOLD, Exponential, exponential
 from exporters.prom_names import clash, metric_name, prom_labels, unnamed
 from exporters.remote_write_client import Receiver
@@ -94,6 +98,24 @@ REQUESTS_FAILED = Counter(
     ["exporter", "status"],
 )
 NO_ANSWER = "none"  # REQUESTS_FAILED's status of a request that got no answer
+ALREADY_STORED_SAMPLES = Counter(
+    "ktel_exporter_already_stored_samples",
+    "samples the receiver refused because it holds a newer sample of their series (out_of_order) or "
+    "another value at their timestamp (duplicate_timestamp), as it does of records read again after a "
+    "restart; not dead-lettered",
+    ["reason"],
+)
+
+# What Prometheus answers, HTTP 400 with the error's text as the body, to a sample of a
+# series it holds a newer sample of, or another value at its timestamp (its remote-write
+# 1.0 receiver, storage/remote/write_handler.go, 2.x and 3.x): the whole request is rolled
+# back, and the answer does not name the series. From 2.53 on the second goes on with
+# "<ms>; overrides not allowed: existing <v>, new value <v>". ALREADY_STORED_SAMPLES'
+# reason -> the refusal's start, as http_answer words it.
+ALREADY_STORED = {
+    "out_of_order": http_refusal(400, "out of order sample"),
+    "duplicate_timestamp": http_refusal(400, "duplicate sample for timestamp"),
+}
 
 # What Prometheus 2.x answers (HTTP 500) to native histograms when started without them.
 NATIVE_DISABLED = "native histograms are disabled"
@@ -108,18 +130,28 @@ STALE_NAN_BITS = 0x7FF0000000000002
 STALE_NAN: float = struct.unpack("<d", STALE_NAN_BITS.to_bytes(8, "little"))[0]
 
 
+def already_stored(refusal: str) -> str | None:
+    """ALREADY_STORED_SAMPLES' reason for a receiver's refusal (a ``Permanent``'s text),
+    or None when it refused the samples for anything else. "out of bounds" and "too old
+    sample" are not among them: Prometheus says so of a sample older than the window its
+    head block takes, whether or not it holds it, so such a sample may be lost."""
+    return next((reason for reason, start in ALREADY_STORED.items() if refusal.startswith(start)), None)
+
+
 def encode(
     snapshots: Iterable[MetricSnapshot],
     only: Collection[bytes] | None = None,
     histograms: str = "native",
     *,
     again: bool = False,
+    per_request: int = MAX_SERIES_PER_REQUEST,
 ) -> Iterator[tuple[bytes, int, list[bytes]]]:
     """Snapshots -> snappy-compressed WriteRequests, each with its sample count and
-    its series (as ``series_labels`` keys them); ``only``: just those series.
-    ``histograms``: ``"native"`` or ``"classic"`` (RemoteWriteConfig.histograms).
-    ``again``: these samples were encoded before (a refused request sent again by
-    snapshot), so the duplicates left out were counted then.
+    its series (as ``series_labels`` keys them), at most ``per_request`` of them;
+    ``only``: just those series. ``histograms``: ``"native"`` or ``"classic"``
+    (RemoteWriteConfig.histograms). ``again``: these samples were encoded before (a
+    refused request sent again by snapshot or by series), so the duplicates left out
+    were counted then.
     Each request is made once the one before was taken: the caller sends it first."""
     # A series is known by its labels, serialised once (a TimeSeries holding only them).
     # A sample is a float, or a native histogram as its framed bytes.
@@ -144,10 +176,10 @@ def encode(
                 lb = cached((name, typ, *labels.items())) or series_labels(name, typ, labels)
                 series[lb].append((ts_ms, STALE_NAN if stale else float(value)))
     items = list(series.items()) if only is None else [kv for kv in series.items() if kv[0] in only]
-    for start in range(0, len(items), MAX_SERIES_PER_REQUEST):
+    for start in range(0, len(items), per_request):
         parts: list[bytes] = []
         n = 0
-        chunk = items[start : start + MAX_SERIES_PER_REQUEST]
+        chunk = items[start : start + per_request]
         for labels, samples in chunk:
             if len(samples) == 1:  # the usual case: one snapshot of the series per delivery
                 t, sample = samples[0]
@@ -404,16 +436,29 @@ async def deliver(
         snaps.append(rec)
     what = f"remote-write to {receiver.url}"
     for part in _parts(snaps):
-        dead: set[tuple[int, int]] = set()  # (partition, offset) of snapshots dead-lettered after a refusal
+        # (partition, offset) of the snapshots the receiver took nothing of after a refusal:
+        # dead-lettered, or all held already.
+        untaken: set[tuple[int, int]] = set()
         for body, n, keys in encode((rec.item for rec in part), histograms=histograms):
             try:
                 await retry(functools.partial(post, receiver, body), what=what)
                 SAMPLES.labels(STAGE).inc(n)
             except Permanent as err:
-                log.error("remote-write refused %d samples; sending them again by snapshot: %s", n, err)
-                dead |= await _resend_by_snapshot(receiver, part, set(keys), producer, str(err), histograms)
+                if already_stored(str(err)) is None:
+                    log.error("remote-write refused %d samples; sending them again by snapshot: %s", n, err)
+                else:
+                    log.info(
+                        "remote-write: the receiver holds some of %d samples already (as it does records "
+                        "read again after a restart) and took none of them (%s); sending them again by "
+                        "snapshot",
+                        n,
+                        err,
+                    )
+                untaken |= await _resend_by_snapshot(
+                    receiver, part, set(keys), producer, str(err), histograms
+                )
         consume.observe_acknowledged(
-            STAGE, (rec.item.ts_ms * 1_000_000 for rec in part if (rec.partition, rec.offset) not in dead)
+            STAGE, (rec.item.ts_ms * 1_000_000 for rec in part if (rec.partition, rec.offset) not in untaken)
         )
 
 
@@ -445,10 +490,13 @@ async def _resend_by_snapshot(
     histograms: str,
 ) -> set[tuple[int, int]]:
     """Send the samples of a refused request again, split by the snapshots they came
-    from (only the refused request's series, so nothing acknowledged is sent twice);
-    a snapshot refused alone goes to ``ktel.dlq`` as it was read. Returns the
-    (partition, offset) of those dead-lettered."""
+    from (only the refused request's series, so nothing acknowledged is sent twice). A
+    snapshot refused alone because the receiver holds some of its samples already is
+    sent again series by series (``_resend_by_series``); one refused alone for anything
+    else goes to ``ktel.dlq`` as it was read. Returns the (partition, offset) of the
+    snapshots the receiver took none of these samples of."""
     owners = [rec for rec in snaps if not refused.isdisjoint(series_keys(rec.item, histograms))]
+    what = f"remote-write to {receiver.url}"
 
     async def send(recs: Sequence[Record]) -> None:
         # The refused request had at most MAX_SERIES_PER_REQUEST series: one request.
@@ -456,15 +504,60 @@ async def _resend_by_snapshot(
         await post(receiver, body)
         SAMPLES.labels(STAGE).inc(n)
 
-    dead_lettered: set[tuple[int, int]] = set()
+    untaken: set[tuple[int, int]] = set()
 
-    async def dead(rec: Record, reason: str) -> None:
+    async def alone(rec: Record, reason: str) -> None:
+        if already_stored(reason) is not None:
+            if not await _resend_by_series(receiver, rec, refused, producer, histograms, what):
+                untaken.add((rec.partition, rec.offset))
+            return
         n = sum(1 for key in series_keys(rec.item, histograms) if key in refused)
         await consume.refuse(producer, STAGE, rec, reason, signal="samples", items=n)
-        dead_lettered.add((rec.partition, rec.offset))
+        untaken.add((rec.partition, rec.offset))
 
-    await send_split(owners, send, dead, what=f"remote-write to {receiver.url}", refusal=answer)
-    return dead_lettered
+    await send_split(owners, send, alone, what=what, refusal=answer)
+    return untaken
+
+
+async def _resend_by_series(
+    receiver: Receiver,
+    rec: Record,
+    refused: set[bytes],
+    producer: AIOKafkaProducer,
+    histograms: str,
+    what: str,
+) -> bool:
+    """Send the series ``refused`` of one snapshot again, each in a request of its own.
+    Prometheus rolls a request back whole for one sample it holds a newer sample of (or
+    another value at its timestamp) and does not say which, so only a series sent alone
+    tells: one refused so is counted in ALREADY_STORED_SAMPLES, and every other one is
+    stored. A snapshot holds one sample of a series, so their order does not matter. A
+    series refused alone for anything else goes to ``ktel.dlq``, in a snapshot of such
+    series, with the answer. Returns whether the receiver took any of them."""
+    taken = False
+    other: dict[bytes, str] = {}  # a series refused for anything else -> the answer
+    for body, n, [key] in encode([rec.item], refused, histograms, again=True, per_request=1):
+        try:
+            await retry(functools.partial(post, receiver, body), what=what)
+        except Permanent as err:
+            reason = already_stored(str(err))
+            if reason is None:
+                other[key] = str(err)
+            else:
+                ALREADY_STORED_SAMPLES.labels(reason).inc(n)
+            continue
+        SAMPLES.labels(STAGE).inc(n)
+        taken = True
+    if other:
+        rows = []
+        for row in rec.item.series:
+            keys = series_keys(dataclasses.replace(rec.item, series=[row]), histograms)
+            why = next((other[key] for key in keys if key in other), None)
+            if why is not None:
+                rows.append((row, why))
+        items = len(series_keys(dataclasses.replace(rec.item, series=[row for row, _ in rows]), histograms))
+        await consume.refuse_series(producer, STAGE, rec, rows, signal="samples", items=items)
+    return taken
 
 
 async def run(cfg: Config, stop: asyncio.Event, *, group_id: str | None = None) -> None:

@@ -17,13 +17,18 @@ from prometheus_client import REGISTRY
 from prometheus_client.utils import floatToGoString
 
 from exporters import remote_write
+from exporters.consume import Record
+from exporters.delivery import Window
+from exporters.remote_write_client import Receiver
 from ktel import config, topics
 from ktel.topics import create_topics
 from ktel.wire import (
+    DLQ_TOPIC,
     HIST_SLOTS,
     METRICS_TOPIC,
     MetricSnapshot,
     WireError,
+    decode_dead_letter,
     decode_snapshot,
     encode_snapshot,
     log2_bounds,
@@ -446,23 +451,37 @@ async def test_classic_histograms_stay_available(kafka, prometheus):
     assert float(count["value"][1]) == 17.0
 
 
+class Producer:
+    """ktel.dlq, as the exporter's producer writes it."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    async def send_and_wait(self, topic, value, key=None):
+        self.sent.append(value)
+
+
+def as_read(snaps: list[MetricSnapshot], key: bytes, first_offset: int = 0) -> list[Record]:
+    """``snaps`` as the exporter reads them: one partition, from ``first_offset`` on."""
+    return [
+        Record(decode_snapshot(value), METRICS_TOPIC, 0, first_offset + i, key, value, DLQ_TOPIC)
+        for i, value in enumerate(encode_snapshot(snap) for snap in snaps)
+    ]
+
+
+async def deliver(prometheus, recs: list[Record], producer: Producer, histograms: str = "native") -> None:
+    """The exporter's own delivery of ``recs`` to the real Prometheus, without Kafka."""
+    cfg = config.RemoteWriteConfig(url=prometheus.remote_write_url, histograms=histograms)
+    async with Receiver(cfg) as receiver:
+        window = Window(cfg.max_age_seconds, cfg.max_future_seconds, "remote_write")
+        await asyncio.wait_for(remote_write.deliver(receiver, recs, producer, window, cfg.histograms), 60)
+
+
 async def test_a_series_named_as_another_types_series_never_reaches_the_other_metric(prometheus):
     """Classic: a gauge h_count beside a histogram h would write into h's count, a gauge
     c_total into a counter c's samples. What the real Prometheus holds is the histogram's
     count and the counter (as c_total) only; the two gauges went to ktel.dlq. (The
     exporter's own delivery, without Kafka: the records as it reads them.)"""
-    from exporters.consume import Record
-    from exporters.delivery import Window
-    from exporters.remote_write_client import Receiver
-    from ktel.wire import DLQ_TOPIC, decode_dead_letter, encode_snapshot
-
-    class Producer:
-        def __init__(self) -> None:
-            self.sent: list[bytes] = []
-
-        async def send_and_wait(self, topic, value, key=None):
-            self.sent.append(value)
-
     run = uuid.uuid4().hex[:12]
     t0 = (time.time_ns() // 1_000_000) - 60_000
     labels = {"host.id": f"host-{run}", "ktel.run": run}
@@ -476,13 +495,8 @@ async def test_a_series_named_as_another_types_series_never_reaches_the_other_me
             ["c_total", "gauge", labels, 9.0],
         ],
     )
-    value = encode_snapshot(snap)
-    rec = Record(decode_snapshot(value), METRICS_TOPIC, 0, 1, labels["host.id"].encode(), value, DLQ_TOPIC)
     producer = Producer()
-    cfg = config.RemoteWriteConfig(url=prometheus.remote_write_url, histograms="classic")
-    async with Receiver(cfg) as receiver:
-        window = Window(cfg.max_age_seconds, cfg.max_future_seconds, "remote_write")
-        await asyncio.wait_for(remote_write.deliver(receiver, [rec], producer, window, cfg.histograms), 30)
+    await deliver(prometheus, as_read([snap], labels["host.id"].encode(), 1), producer, "classic")
 
     got = {
         (r["metric"]["__name__"], r["metric"].get("le")): float(r["value"][1])
@@ -497,3 +511,88 @@ async def test_a_series_named_as_another_types_series_never_reaches_the_other_me
     }
     [letter] = [decode_dead_letter(v) for v in producer.sent]
     assert [row[0] for row in decode_snapshot(letter.payload).series] == ["h_count", "c_total"]
+
+
+def held_already(reason: str) -> float:
+    return REGISTRY.get_sample_value("ktel_exporter_already_stored_samples_total", {"reason": reason}) or 0.0
+
+
+def stored(prometheus, run: str) -> dict[str, list[tuple[int, float]]]:
+    """Each series of the run by its name: its samples' (ms, value), a native
+    histogram's value its count."""
+    return {
+        r["metric"]["__name__"]: [(round(float(t) * 1000), float(v)) for t, v in r.get("values", [])]
+        + [(round(float(t) * 1000), float(h["count"])) for t, h in r.get("histograms", [])]
+        for r in prometheus.query(f'{{ktel_run="{run}"}}[10m]')
+    }
+
+
+async def test_snapshots_prometheus_holds_already_are_counted_not_dead_lettered(prometheus):
+    """An exporter stopped before it committed (a SIGKILL) leaves its records to the
+    next, which sends them again: Prometheus holds snapshots 0 and 1 of a host's
+    counter, gauge and native histogram, and gets 0, 1 and a new 2 in one request. It
+    refuses it whole ("out of order sample": 0 is older than 1), and 0 alone the same
+    way; 1, the newest it holds, with the same values, it takes again. Nothing goes to
+    ktel.dlq, 0's three samples are counted as held already, and 2 is stored."""
+    run = uuid.uuid4().hex[:12]
+    host = f"host-{run}"
+    t0 = (time.time_ns() // 1_000_000) - 60_000
+    labels = {"host.id": host, "ktel.run": run}
+    snaps = [
+        MetricSnapshot(
+            t0 + 10_000 * i,
+            [
+                ["file_created", "counter", labels, 10 + i],
+                ["ktel_ratio", "gauge", labels, 0.5 * i],
+                ["syscall_latency_seconds", "histogram", labels, kernel_histogram({3: 1 + i}, 8)],
+            ],
+        )
+        for i in range(3)
+    ]
+    first, again = Producer(), Producer()
+    await deliver(prometheus, as_read(snaps[:2], host.encode()), first)
+    before = held_already("out_of_order")
+    await deliver(prometheus, as_read(snaps, host.encode()), again)
+
+    assert first.sent == again.sent == []
+    assert held_already("out_of_order") == before + 3
+    ts = [t0, t0 + 10_000, t0 + 20_000]
+    assert stored(prometheus, run) == {
+        "file_created_total": list(zip(ts, [10.0, 11.0, 12.0], strict=True)),
+        "ktel_ratio": list(zip(ts, [0.0, 0.5, 1.0], strict=True)),
+        "syscall_latency_nanoseconds": list(zip(ts, [1.0, 2.0, 3.0], strict=True)),
+    }
+
+
+async def test_the_samples_prometheus_lacks_of_snapshots_it_holds_in_part_are_stored(prometheus):
+    """The first exporter's request of a host's series a and b, at t0 and t0 + 10 s, was
+    taken, and it was killed before the one of its series c. The next sends the two
+    snapshots (a, b and c) again, b at t0 + 10 s with another value (a writer of
+    ktel.metrics sending one twice), then a third. Prometheus rolls back any request
+    holding a or b at t0 ("out of order sample") or b's other value ("duplicate sample
+    for timestamp"), and keeps none of it: c's samples, which it lacks, are stored only
+    once sent without them. They are: nothing goes to ktel.dlq, a and b at t0 and b's
+    other value are counted as held already, and Prometheus has c at each timestamp."""
+    run = uuid.uuid4().hex[:12]
+    host = f"host-{run}"
+    t0 = (time.time_ns() // 1_000_000) - 60_000
+    labels = {"host.id": host, "ktel.run": run}
+
+    def snapshot(i: int, **values: float) -> MetricSnapshot:
+        return MetricSnapshot(t0 + 10_000 * i, [[name, "gauge", labels, v] for name, v in values.items()])
+
+    first, again = Producer(), Producer()
+    await deliver(prometheus, as_read([snapshot(0, a=1, b=5), snapshot(1, a=2, b=6)], host.encode()), first)
+    before = {reason: held_already(reason) for reason in ("out_of_order", "duplicate_timestamp")}
+    read_again = [snapshot(0, a=1, b=5, c=7), snapshot(1, a=2, b=60, c=8), snapshot(2, a=3, b=7, c=9)]
+    await deliver(prometheus, as_read(read_again, host.encode()), again)
+
+    assert first.sent == again.sent == []
+    assert held_already("out_of_order") == before["out_of_order"] + 2
+    assert held_already("duplicate_timestamp") == before["duplicate_timestamp"] + 1
+    ts = [t0, t0 + 10_000, t0 + 20_000]
+    assert stored(prometheus, run) == {
+        "a": list(zip(ts, [1.0, 2.0, 3.0], strict=True)),
+        "b": list(zip(ts, [5.0, 6.0, 7.0], strict=True)),  # the value it held first
+        "c": list(zip(ts, [7.0, 8.0, 9.0], strict=True)),
+    }

@@ -56,7 +56,7 @@ class Receiver:
             status = [500, 404, 429, 200][min(tries, 3)]
             text = "try again"
         elif "refused" in names:
-            status, text = 400, f"out of order sample (run {self.run})"
+            status, text = 400, f"label value too long (run {self.run})"
         for name in names:
             self.seen.append((name, status, body))
         return web.Response(status=status, text=text)
@@ -133,7 +133,7 @@ async def test_retries_5xx_429_and_404_dead_letters_400(kafka):
 
     [dl] = await dead_letters_of(kafka.bootstrap, run)
     assert dl.stage == "remote-write"
-    assert dl.reason == f"HTTP 400: out of order sample (run {run})"
+    assert dl.reason == f"HTTP 400: label value too long (run {run})"
     # The snapshot record the refused samples came from, as read, and where it was.
     assert (dl.topic, dl.payload, dl.partition, dl.offset) == (METRICS_TOPIC, *sent["refused"])
 
@@ -175,4 +175,4 @@ async def test_a_refused_request_is_sent_again_by_snapshot_and_only_the_refused_
     assert receiver.answers("last") == [400, 400, 200]
     [dl] = await dead_letters_of(kafka.bootstrap, run)
     assert (dl.stage, dl.topic, dl.payload) == ("remote-write", METRICS_TOPIC, records["refused"])
-    assert dl.reason == f"HTTP 400: out of order sample (run {run})"
+    assert dl.reason == f"HTTP 400: label value too long (run {run})"

@@ -1,11 +1,14 @@
 import time
 
+import pytest
 import snappy
 from opentelemetry.exporter.prometheus_remote_write.gen.remote_pb2 import WriteRequest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from exporters import remote_write
+from exporters.delivery import http_answer
 from exporters.prom_names import label_name, prom_labels, reserved
+from ktel.retry import Permanent
 from ktel.wire import MetricSnapshot
 
 
@@ -418,3 +421,116 @@ async def test_a_duplicate_sample_is_counted_once_when_its_request_is_refused_an
 
     assert [wire.decode_dead_letter(v).offset for _t, v, _k in producer.sent] == [1]
     assert REGISTRY.get_sample_value("ktel_exporter_duplicate_samples_total") == before + 1
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "reason"),
+    [
+        # Prometheus' bodies, each the error's text and a newline (2.42 to 3.x).
+        (400, "out of order sample\n", "out_of_order"),
+        (400, "duplicate sample for timestamp\n", "duplicate_timestamp"),
+        (
+            400,
+            "duplicate sample for timestamp 1700000000000; overrides not allowed: existing 1, new value 2\n",
+            "duplicate_timestamp",
+        ),  # 2.53 on
+        # Older than its head block takes, held or not: a sample that may be lost.
+        (400, "out of bounds\n", None),
+        (400, "too old sample\n", None),
+        (400, "snappy: corrupt input\n", None),
+        (400, "series {a=1}: out of order sample\n", None),  # not Prometheus' answer
+        (409, "out of order sample\n", None),
+        (413, "out of order sample\n", None),
+    ],
+)
+def test_prometheus_refusals_of_samples_it_holds_already_are_told_from_the_others(status, body, reason):
+    with pytest.raises(Permanent) as refused:
+        http_answer(status, body)
+    assert remote_write.already_stored(str(refused.value)) == reason
+
+
+class RollingBack:
+    """A receiver that takes a request whole or not at all, as Prometheus' remote-write
+    receiver does (tests/integration/test_remote_write_prometheus.py has the real one),
+    answering for the first sample it cannot take: one older than its series' newest
+    ("out of order sample"), another value at that timestamp ("duplicate sample for
+    timestamp"), or one of a series named in ``bad`` ("label value too long")."""
+
+    def __init__(self, held: dict[str, tuple[int, float]], bad: set[str]) -> None:
+        self.newest = dict(held)  # series name -> the newest sample it holds
+        self.bad = bad
+        self.stored: dict[str, list[tuple[int, float]]] = {}  # what it took
+
+    def receive(self, request):
+        import httpx
+
+        newest = dict(self.newest)
+        taken = []
+        for ts in decode(request.content).timeseries:
+            [name] = [lb.value for lb in ts.labels if lb.name == "__name__"]
+            if name in self.bad:
+                return httpx.Response(400, text="label value too long\n")
+            for sample in ts.samples:
+                held = newest.get(name)
+                if held is not None and sample.timestamp < held[0]:
+                    return httpx.Response(400, text="out of order sample\n")
+                if held == (sample.timestamp, sample.value):
+                    continue  # the same sample again: taken, without a word
+                if held is not None and sample.timestamp == held[0]:
+                    return httpx.Response(400, text="duplicate sample for timestamp\n")
+                newest[name] = (sample.timestamp, sample.value)
+                taken.append((name, sample.timestamp, sample.value))
+        self.newest = newest
+        for name, t, v in taken:
+            self.stored.setdefault(name, []).append((t, v))
+        return httpx.Response(204)
+
+
+async def test_a_series_refused_for_anything_else_among_samples_held_already_is_dead_lettered_alone():
+    """A snapshot refused because the receiver holds a newer sample of one of its series
+    (a, sent again after a restart) is sent again series by series: a is counted as held
+    already, c (which the receiver lacks) is stored, and b, which it refuses for another
+    reason, goes to ktel.dlq alone, with that answer. A snapshot refused alone for that
+    other reason first goes to ktel.dlq whole, as it was read, as before."""
+    import httpx
+    from prometheus_client import REGISTRY
+
+    from exporters.consume import Record
+    from exporters.delivery import Window
+    from exporters.remote_write_client import Receiver
+    from ktel import wire
+    from ktel.config import RemoteWriteConfig
+
+    t0 = time.time_ns() // 1_000_000 - 60_000
+    host = {"host.id": "h"}
+
+    def snapshot(ts: int, **values: float) -> MetricSnapshot:
+        return MetricSnapshot(ts, [[name, "gauge", host, v] for name, v in values.items()])
+
+    snaps = [snapshot(t0, a=1, b=5, c=7), snapshot(t0 + 10_000, a=2, b=6, c=8)]
+    records = [
+        Record(snap, wire.METRICS_TOPIC, 0, i, b"h", wire.encode_snapshot(snap), wire.DLQ_TOPIC)
+        for i, snap in enumerate(snaps)
+    ]
+    backend = RollingBack(held={"a": (t0 + 10_000, 2.0)}, bad={"b"})
+
+    def count(name: str, labels: dict[str, str]) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    held = ("ktel_exporter_already_stored_samples_total", {"reason": "out_of_order"})
+    dead = ("ktel_exporter_dead_lettered_items_total", {"exporter": "remote-write", "signal": "samples"})
+    before = [count(*held), count(*dead)]
+    producer = Producer()
+    async with Receiver(RemoteWriteConfig(url="http://receiver.test/api/v1/write")) as receiver:
+        receiver.client = httpx.AsyncClient(transport=httpx.MockTransport(backend.receive))
+        await remote_write.deliver(receiver, records, producer, Window(3600, 600, "remote_write"))
+
+    assert backend.stored == {"c": [(t0, 7.0)]}
+    letters = [wire.decode_dead_letter(v) for _t, v, _k in producer.sent]
+    assert [(dl.offset, dl.reason) for dl in letters] == [
+        (0, "HTTP 400: label value too long"),
+        (1, "HTTP 400: label value too long"),
+    ]
+    assert wire.decode_snapshot(letters[0].payload) == snapshot(t0, b=5)  # b alone
+    assert letters[1].payload == records[1].value  # the record as it was read
+    assert [count(*held), count(*dead)] == [before[0] + 1, before[1] + 1 + 3]
