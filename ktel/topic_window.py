@@ -21,7 +21,8 @@ from ktel.kafka_client import client_kwargs, explain, settings
 from ktel.topics import topic_partitions
 
 # Without a fetch that moves any partition for this long, the broker is taken to be
-# gone: the read reports it and ends rather than waiting forever.
+# gone: the read reports it and ends rather than waiting forever. Only the time spent
+# waiting on Kafka counts, not what the caller takes with the records handed to it.
 STALL_S = 60.0
 
 
@@ -90,10 +91,10 @@ async def records(
         reader.pause(tp)  # no more prefetching of a finished partition
 
     progress_at = time.monotonic()
+    positions: dict[TopicPartition, int] = {}
     while active:
         fetched = await reader.getmany(*active, timeout_ms=500)
-        if fetched:
-            progress_at = time.monotonic()
+        moved = bool(fetched)
         for tp, batch in fetched.items():
             for rec in batch:
                 if rec.offset >= active[tp]:
@@ -101,10 +102,19 @@ async def records(
                     break
                 yield tp, rec
         for tp in list(active):
-            # Compacted or transactional gaps can carry the position past the last record.
-            if await reader.position(tp) >= active[tp]:
+            # Compacted or transactional gaps can carry the position past the last record,
+            # and control batches move it without one: progress all the same.
+            position = await reader.position(tp)
+            if position >= active[tp]:
                 done(tp)
-        if active and time.monotonic() - progress_at > stall_s:
+            elif positions.get(tp) != position:
+                positions[tp] = position
+                moved = True
+        # Taken after the records were handed on: the caller may hold them for long (a
+        # pager on stdout nobody scrolls, a --redrive reading back and writing each).
+        if moved:
+            progress_at = time.monotonic()
+        elif active and time.monotonic() - progress_at > stall_s:
             raise ReadError(
                 f"no record from {bootstrap} for {stall_s:.0f} s while partitions "
                 f"{sorted(tp.partition for tp in active)} of {parts[0].topic} were unfinished"
