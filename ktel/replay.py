@@ -101,6 +101,10 @@ _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([smhd])")
 # The fraction of a second in an ISO-8601 time (the first one: the date has none).
 _FRACTION = re.compile(r"[.,](\d+)")
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+# The times format_ns can show (datetime's years, in UTC): every time parse_time gives is
+# one of them, so that an error naming --from and --to shows both.
+_FIRST_NS = (dt.datetime.min.replace(tzinfo=dt.UTC) - _EPOCH) // dt.timedelta(microseconds=1) * 1000
+_LAST_NS = (dt.datetime.max.replace(tzinfo=dt.UTC) - _EPOCH) // dt.timedelta(microseconds=1) * 1000 + 999
 TIME_EXAMPLES = (
     "ISO-8601 like 2025-06-01T12:00:00Z (UTC unless it names a zone), relative like -15m or -2h, or now"
 )
@@ -127,6 +131,13 @@ def parse_duration(text: str) -> int:
 def parse_time(text: str, now_ns: int) -> int:
     """A point in time for ``--from``/``--to`` -> ns since epoch."""
     text = text.strip()
+    ns = _parse_time(text, now_ns)
+    if not _FIRST_NS <= ns <= _LAST_NS:
+        raise ReplayError(f"bad time {text!r}: not within the years 1 to 9999 UTC")
+    return ns
+
+
+def _parse_time(text: str, now_ns: int) -> int:
     if text == "now":
         return now_ns
     if text.startswith("-"):

@@ -177,6 +177,7 @@ def test_options_from_arguments():
     [
         (dict(from_="yesterday"), "bad time 'yesterday'"),
         (dict(from_="-1h", to="-2h"), r"--from \(\S+\) must be before --to \(\S+\)"),
+        (dict(from_="2025-06-01", to="-1000000d"), "bad time '-1000000d': not within the years 1 to 9999"),
         (dict(reason="max_hosts = ("), re.escape("--reason 'max_hosts = (' is not a regular expression")),
     ],
 )

@@ -116,6 +116,25 @@ def test_a_bad_time_says_what_would_do_with_an_example(text):
         parse_time(text, NOW)
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "-3000000d",  # 8,000 years back
+        "-99999999999999d",
+        "0001-01-01T00:00:00+01:00",  # the year 0 in UTC
+        "9999-12-31T23:30:00-01:00",  # the year 10000 in UTC
+    ],
+)
+def test_a_time_outside_the_years_1_to_9999_is_refused_naming_them(text):
+    # Every time is one format_ns can show: an error naming --from or --to shows both.
+    with pytest.raises(
+        ReplayError, match=re.escape(f"bad time {text!r}: not within the years 1 to 9999 UTC")
+    ):
+        parse_time(text, NOW)
+    assert parse_time("0001-01-01T00:00:00Z", NOW) == -62_135_596_800 * NS
+    assert format_ns(parse_time("9999-12-31T23:59:59.999999999Z", NOW)).startswith("9999-12-31T23:59:59.9")
+
+
 def test_durations():
     assert parse_duration("0") == 0
     assert parse_duration("5m") == 300 * NS
@@ -377,6 +396,10 @@ def test_relative_times_on_the_command_line_are_values_not_options():
     [
         (["--from", "yesterday"], re.escape(f"bad time 'yesterday': use {replay.TIME_EXAMPLES}")),
         (["--from", "-1h", "--to", "-2h"], r"--from \(\S+\) must be before --to \(\S+\)"),
+        (
+            ["--from", "2025-06-01", "--to", "-1000000d"],
+            re.escape("bad time '-1000000d': not within the years 1 to 9999 UTC"),
+        ),
         (
             ["--from", "-1h", "--kind", "file_made"],
             re.escape(
