@@ -272,8 +272,9 @@ def main(argv: list[str] | None = None) -> None:
         help="print or re-publish the raw events of a time window (forensics)",
         description="Read a time window of ktel.raw with a group-less consumer (live consumer groups "
         "are untouched). Times: ISO-8601 (UTC unless a zone is given; to the nanosecond), relative like "
-        "-15m or -2h, or now. "
-        "Which records are read and which events kept: ktel/replay.py.",
+        "-15m or -2h, or now. Exit status: 0 done (records that do not decode included), 1 a "
+        "matched batch too large to re-publish to --to-topic (each named), 2 a bad argument or Kafka "
+        "could not be read. Which records are read and which events kept: ktel/replay.py.",
     )
     p.add_argument("--from", dest="from_", required=True, metavar="TIME", help="start of the window (kept)")
     p.add_argument("--to", default="now", metavar="TIME", help="end of the window (excluded; default now)")

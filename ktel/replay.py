@@ -68,7 +68,7 @@ from typing import Any, TextIO
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from opentelemetry.semconv._incubating.attributes.host_attributes import HOST_ID
 from opentelemetry.semconv._incubating.attributes.messaging_attributes import MESSAGING_KAFKA_MESSAGE_KEY
 
@@ -91,10 +91,16 @@ from ktel.wire.codec import MAX_RECORD_BYTES
 
 STAGE = "replay"  # the DeadLetter stage of records replay could not decode
 NS = 1_000_000_000
-# Decode failures reported one by one on stderr; beyond that only counted.
+# Decode failures (and batches not re-published) reported one by one on stderr; beyond
+# that only counted.
 FAILURES_SHOWN = 20
 # Re-published batches in flight before waiting for their acknowledgements.
 MAX_IN_FLIGHT = 1000
+# The most a re-published record may take, its key and batch together, as aiokafka
+# measures it (before compressing it; 1 MiB by default): a batch read from ktel.raw
+# decodes to at most MAX_RECORD_BYTES, its key is a host id, and the broker checks what
+# it gets, compressed, against the topic's limit, as it did for ktel.raw.
+REPUBLISH_MAX_BYTES = MAX_RECORD_BYTES + (64 << 10)
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([smhd])")
@@ -317,6 +323,8 @@ class Summary:
     decode_failures: int = 0
     dead_lettered: int = 0
     republished: int = 0
+    # Matched, but more than a record replay writes may take (REPUBLISH_MAX_BYTES).
+    not_republished: int = 0
     output_closed: bool = False  # stdout's reader went away; the window was not read to its end
     failures: list[str] = dataclasses.field(default_factory=list)
 
@@ -337,6 +345,8 @@ class Summary:
             parts.append(f"dead-lettered {self.dead_lettered} to {opts.client.topics.dlq}")
         if opts.to_topic:
             parts.append(f"re-published {self.republished} batches to {opts.to_topic}")
+            if self.not_republished:
+                parts.append(f"not re-published {self.not_republished} too large")
         if self.output_closed:
             parts.append("stopped early: the reader of stdout went away")
         return "; ".join(parts)
@@ -349,7 +359,7 @@ class _OutputClosed(Exception):
 async def replay(opts: Options, write: Callable[[str], None], report: Callable[[str], None]) -> Summary:
     """Read the window (see the module docstring), hand each kept event's JSON line to
     ``write`` (when ``opts.jsonl``), re-publish kept batches to ``opts.to_topic`` and
-    report decode failures to ``report``."""
+    report decode failures and batches not re-published to ``report``."""
     summary = Summary()
     start_ms, stop_ms = read_bounds(opts.filter, opts.margin_ns)
     try:
@@ -368,15 +378,18 @@ async def replay(opts: Options, write: Callable[[str], None], report: Callable[[
             **client_kwargs(opts.client, opts.to_bootstrap or opts.bootstrap),
             enable_idempotence=True,  # a retried send must not duplicate a batch
             compression_type=compression_type(opts.compression),  # as the agent writes ktel.raw
-            # aiokafka measures a record before compressing it (1 MiB by default): a batch
-            # read from ktel.raw decodes to at most MAX_RECORD_BYTES, and the broker checks
-            # what it gets, compressed, against the topic's limit, as it did for ktel.raw.
-            max_request_size=MAX_RECORD_BYTES + (64 << 10),
+            max_request_size=REPUBLISH_MAX_BYTES,
         )
         if opts.to_topic
         else None
     )
     in_flight: list[asyncio.Future[Any]] = []
+
+    def shown(what: str) -> None:
+        """Report a decode failure or a batch not re-published (the first few)."""
+        if len(summary.failures) < FAILURES_SHOWN:
+            summary.failures.append(what)
+            report(f"ktel replay: {what}")
 
     async def handle(tp: TopicPartition, rec: ConsumerRecord) -> None:
         summary.records += 1
@@ -387,9 +400,7 @@ async def replay(opts: Options, write: Callable[[str], None], report: Callable[[
             if not opts.filter.wants_key(rec.key):
                 return  # another host's, as far as its key tells
             summary.decode_failures += 1
-            if len(summary.failures) < FAILURES_SHOWN:
-                summary.failures.append(f"{tp.topic}[{tp.partition}]@{rec.offset}: {err}")
-                report(f"ktel replay: {summary.failures[-1]}")
+            shown(f"{tp.topic}[{tp.partition}]@{rec.offset}: {err}")
             if dlq is not None:
                 dl = DeadLetter(STAGE, str(err), tp.topic, tp.partition, rec.offset, payload)
                 key, value = dead_letter_record(dl, rec.key)
@@ -409,7 +420,21 @@ async def replay(opts: Options, write: Callable[[str], None], report: Callable[[
         if out is not None and opts.to_topic is not None:
             # Same key (same host, same partitioning) and same timestamp, so the new
             # topic can itself be replayed by time.
-            fut = await out.send(opts.to_topic, encode_batch(kept), key=rec.key, timestamp_ms=rec.timestamp)
+            value = encode_batch(kept)
+            try:
+                fut = await out.send(opts.to_topic, value, key=rec.key, timestamp_ms=rec.timestamp)
+            except MessageSizeTooLargeError:
+                # aiokafka refuses it before queueing it, and goes on with the others: a
+                # record no agent writes (a key far longer than a host id beside a batch
+                # of nearly the most that decodes) must not end the replay of the window.
+                summary.not_republished += 1
+                size = len(value) + len(rec.key or b"")
+                shown(
+                    f"{tp.topic}[{tp.partition}]@{rec.offset}: not re-published to {opts.to_topic}: "
+                    f"its key and batch take {size} bytes and Kafka's framing, more than the "
+                    f"{REPUBLISH_MAX_BYTES} a record replay writes may"
+                )
+                return
             in_flight.append(fut)
             if len(in_flight) >= MAX_IN_FLIGHT:
                 summary.republished += await _settle(in_flight)
@@ -531,7 +556,8 @@ def options(cfg: Config, args: Any, now_ns: int | None = None) -> Options:
 
 
 def main(cfg: Config, args: Any, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
-    """``ktel replay``: 0 when the window was read (decode failures included), 2 on a
+    """``ktel replay``: 0 when the window was read (decode failures included), 1 when
+    a matched batch was too large to re-publish to --to-topic (each reported), 2 on a
     bad argument or an unusable source."""
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
@@ -574,7 +600,8 @@ def main(cfg: Config, args: Any, stdout: TextIO | None = None, stderr: TextIO | 
     if closed and stdout is sys.stdout:
         # Python's own flush of stdout at exit would fail again and print a traceback.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    if summary.decode_failures > len(summary.failures):
-        report(f"ktel replay: ... and {summary.decode_failures - len(summary.failures)} more decode failures")
+    more = summary.decode_failures + summary.not_republished - len(summary.failures)
+    if more > 0:
+        report(f"ktel replay: ... and {more} more like those")
     report(f"ktel replay: {summary.line(opts)}")
-    return 0
+    return 1 if summary.not_republished else 0

@@ -1,6 +1,7 @@
 """`ktel replay` without Kafka: times, the filter and its window rule, the output, a run over records."""
 
 import argparse
+import asyncio
 import dataclasses
 import json
 import re
@@ -8,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 from aiokafka import TopicPartition
+from aiokafka.errors import MessageSizeTooLargeError
 
 from ktel import cli, config, replay, topic_window
 from ktel.replay import NS, Filter, ReplayError, format_ns, parse_duration, parse_kinds, parse_time
@@ -273,7 +275,7 @@ def test_the_lines_of_a_record_keyed_otherwise_than_its_host_id_name_its_key():
 OPTS = replay.Options("k1:9092", Filter(NOW, NOW + NS, hosts=frozenset({"host-a"})), jsonl=True)
 
 
-async def replay_of(records, monkeypatch):
+async def replay_of(records, monkeypatch, opts=OPTS):
     """``replay.replay`` over ``records`` ((key, value) on one partition), without Kafka."""
     tp = TopicPartition(RAW_TOPIC, 0)
 
@@ -295,7 +297,7 @@ async def replay_of(records, monkeypatch):
     monkeypatch.setattr(topic_window, "consumer", lambda client, bootstrap: Consumer())
     monkeypatch.setattr(topic_window, "records", read)
     lines, reports = [], []
-    summary = await replay.replay(OPTS, lines.append, reports.append)
+    summary = await replay.replay(opts, lines.append, reports.append)
     return [json.loads(line) for line in lines], reports, summary
 
 
@@ -324,6 +326,49 @@ async def test_records_keyed_otherwise_than_their_host_id_are_shown_and_counted(
     assert len(reports) == 1 and "@6: raw batch" in reports[0]
     assert "matched 4 batches (3 keyed otherwise than their host id), 4 events;" in summary.line(OPTS)
     assert "keyed otherwise" not in replay.Summary().line(OPTS)
+
+
+async def test_a_batch_too_large_to_re_publish_is_reported_and_the_others_re_published(monkeypatch):
+    """A record no agent writes: a key far longer than a host id, beside a batch that
+    decodes to nearly MAX_RECORD_BYTES. aiokafka refuses it before sending it (as here),
+    and it ended the replay of the window with "Kafka failed"."""
+    sent = []
+
+    class Producer:
+        """aiokafka's producer as far as replay uses it, refusing as it does what is
+        larger than max_request_size."""
+
+        def __init__(self, **kw):
+            self.max_request_size = kw["max_request_size"]
+
+        async def start(self):
+            pass
+
+        async def stop(self):
+            pass
+
+        async def send(self, topic, value, key=None, timestamp_ms=None):
+            if len(key or b"") + len(value) > self.max_request_size:
+                raise MessageSizeTooLargeError("larger than max_request_size")
+            sent.append((topic, key))
+            done = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+
+    monkeypatch.setattr(replay, "AIOKafkaProducer", Producer)
+    value = encode_batch(batch([created(NOW)]))
+    huge = b"host-a" * (replay.REPUBLISH_MAX_BYTES // 6)
+    records = [(b"host-a", value), (huge, value), (b"host-a", value)]
+    opts = dataclasses.replace(OPTS, to_topic="incident-42", jsonl=False)
+    _, reports, summary = await replay_of(records, monkeypatch, opts)
+    assert sent == [("incident-42", b"host-a")] * 2
+    assert (summary.batches, summary.republished, summary.not_republished) == (3, 2, 1)
+    assert reports == [
+        f"ktel replay: {RAW_TOPIC}[0]@1: not re-published to incident-42: its key and batch take "
+        f"{len(huge) + len(value)} bytes and Kafka's framing, more than the {replay.REPUBLISH_MAX_BYTES} "
+        "a record replay writes may"
+    ]
+    assert "re-published 2 batches to incident-42; not re-published 1 too large" in summary.line(opts)
 
 
 # ------------------------------------------------------------------- arguments
