@@ -61,8 +61,8 @@ from aiokafka.errors import KafkaError
 from opentelemetry.semconv._incubating.attributes.host_attributes import HOST_ID
 
 from ktel import topic_window
-from ktel.config import Config, KafkaConfig
-from ktel.kafka_client import client_kwargs
+from ktel.config import AgentConfig, Config, KafkaConfig
+from ktel.kafka_client import client_kwargs, compression_type
 from ktel.replay import ReplayError, format_ns, key_text, parse_time
 from ktel.wire import DeadLetter, WireError, decode_batch, decode_dead_letter, decode_heartbeat
 from ktel.wire.codec import MAX_RECORD_BYTES
@@ -217,6 +217,8 @@ class Options:
     redrive: bool = False
     json: bool = False
     client: KafkaConfig = dataclasses.field(default_factory=KafkaConfig)
+    # The codec of what --redrive writes: the agent's (agent.compression).
+    compression: str = AgentConfig.model_fields["compression"].default
 
 
 class Originals:
@@ -275,6 +277,11 @@ async def run(
         AIOKafkaProducer(
             **client_kwargs(opts.client, opts.bootstrap),
             enable_idempotence=True,  # a retried send must not duplicate a record
+            # A record reads back uncompressed: one an agent sent with a Kafka codec
+            # (agent.compression lz4 or gzip) took up to the topic's limit compressed, and
+            # sent again uncompressed it would not fit. Compressed as the agent does, it
+            # is the size it was, as replay's --to-topic writes it.
+            compression_type=compression_type(opts.compression),
             # A record of a stage's topic is at most MAX_RECORD_BYTES (what ktel.raw takes);
             # aiokafka's own limit (1 MiB) is below that.
             max_request_size=MAX_RECORD_BYTES + (64 << 10),
@@ -422,6 +429,7 @@ def options(cfg: Config, args: Any, now_ns: int | None = None) -> Options:
         redrive=args.redrive,
         json=args.json,
         client=cfg.kafka,
+        compression=cfg.agent.compression,
     )
 
 

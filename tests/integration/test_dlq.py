@@ -44,8 +44,8 @@ BEAT = encode_heartbeat({"ts": 1, "host": {"host.id": "b", "boot.id": "boot"}, "
 JUNK = b"\xc1 not a dead letter"
 
 
-def ktel_dlq(bootstrap: str, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, KTEL_KAFKA__BOOTSTRAP=bootstrap, KTEL_AGENT__HOST_ID="unused")
+def ktel_dlq(bootstrap: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, KTEL_KAFKA__BOOTSTRAP=bootstrap, KTEL_AGENT__HOST_ID="unused", **(env or {}))
     return subprocess.run(
         [sys.executable, "-m", "ktel.cli", "dlq", *args], env=env, capture_output=True, text=True, timeout=120
     )
@@ -157,6 +157,40 @@ def test_dead_letters_are_listed_and_re_driven_to_their_topics_except_those_that
     assert {list(r.headers)[0][1] for r in copies} == {b"ktel.dlq[0]@0", b"ktel.dlq[0]@4"}
     assert list(beats[0].headers) == [("ktel-redriven-from", b"ktel.dlq[0]@1")]
     assert asyncio.run(read_topic(bootstrap, METRICS_TOPIC, idle_s=0.5)) == []
+
+
+def test_a_batch_the_agent_sent_with_a_kafka_codec_is_re_driven_compressed_as_it_came(private_kafka):
+    """With agent.compression a Kafka codec (lz4, gzip), the agent's producer compresses a
+    batch, and ktel.raw takes up to its limit (1 MiB) compressed. Its record reads back
+    uncompressed: sent again so, Kafka refused it (MessageSizeTooLargeError)."""
+    bootstrap = private_kafka.bootstrap
+    value = raw_batch("gz", 0, events=96, path="/" + "g" * 16_000)  # 1.5 MB, 10 KB gzipped
+    assert len(value) > 1 << 20
+
+    async def write() -> None:
+        producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap, compression_type="gzip", max_request_size=MAX_RECORD_BYTES
+        )
+        await producer.start()
+        try:
+            meta = await producer.send_and_wait(RAW_TOPIC, value, key=b"gz")
+            letter = DeadLetter("all", REFUSED, RAW_TOPIC, meta.partition, meta.offset, value)
+            [after] = await send(bootstrap, RAW_TOPIC, [(b"gz", raw_batch("gz", 1))])
+            assert after[0] == meta.partition  # (same key)
+            later = DeadLetter("all", REFUSED, RAW_TOPIC, *after, raw_batch("gz", 1))
+            await send(
+                bootstrap, DLQ_TOPIC, [dead_letter_record(letter, b"gz"), dead_letter_record(later, b"gz")]
+            )
+        finally:
+            await producer.stop()
+
+    asyncio.run(write())
+    env = {"KTEL_AGENT__COMPRESSION": "gzip"}
+    redriven = ktel_dlq(bootstrap, "--redrive", env=env)
+    assert redriven.returncode == 0, redriven.stderr
+    assert redriven.stderr.splitlines()[-1].endswith("re-published 2 (2 to ktel.raw); left 0")
+    copies = [r for r in asyncio.run(read_topic(bootstrap, RAW_TOPIC, idle_s=0.5)) if r.headers]
+    assert sorted((r.value for r in copies), key=len) == [raw_batch("gz", 1), value]
 
 
 def test_a_window_reads_only_the_dead_letters_written_in_it(private_kafka):

@@ -170,6 +170,8 @@ def test_options_from_arguments():
     assert (sel.stages, sel.sources, sel.hosts) == ({"sample"}, {"ktel.enriched"}, {"b"})
     assert sel.reason is not None and sel.reason.pattern == "max_hosts"
     assert dlq.options(CFG, args(redrive=True, json=True), now_ns=NOW).redrive
+    lz4 = CFG.model_copy(update={"agent": CFG.agent.model_copy(update={"compression": "lz4"})})
+    assert dlq.options(lz4, args(), now_ns=NOW).compression == "lz4"  # as the agents send
 
 
 @pytest.mark.parametrize(
