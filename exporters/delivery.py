@@ -1,18 +1,22 @@
 """What every exporter does with a backend's answer and with a timestamp it cannot
 trust: the pure rules, shared by remote-write, OTLP and the pull endpoint.
 
-Answers fall in three classes (docs/design.md, principle 11):
+Answers fall in these classes (docs/design.md, principle 11):
 
 - success: HTTP 2xx, gRPC OK;
-- transient: HTTP 408, 429 and 5xx, no answer at all (connection refused or reset,
-  timeout), gRPC UNAVAILABLE, RESOURCE_EXHAUSTED (unless it is about the message
-  size), DEADLINE_EXCEEDED, ABORTED, CANCELLED, INTERNAL, UNKNOWN and DATA_LOSS:
-  ``Transient`` is raised and the shared retry helper sends the same request again
-  until the backend takes it. A backend that says when to come back (an HTTP
-  Retry-After, ``retry_after``; a gRPC status whose details hold a RetryInfo,
-  ``grpc_retry_after``: how remote-write 2.0 and OTLP let a receiver throttle its
-  senders) is not sent the request again before that, up to
-  ``ktel.retry.MAX_RETRY_AFTER_S``;
+- transient: no answer at all (connection refused or reset, timeout: gRPC says
+  UNAVAILABLE or DEADLINE_EXCEEDED) for every exporter, and the answers with which
+  the backend says it may take the same request later. Each protocol names those
+  itself: remote-write retries HTTP 408, 429 and every 5xx (``remote_write_retried``);
+  OTLP only HTTP 429, 502, 503 and 504 (``otlp_http_retried``), and gRPC UNAVAILABLE,
+  DEADLINE_EXCEEDED, ABORTED, CANCELLED, OUT_OF_RANGE, DATA_LOSS and
+  RESOURCE_EXHAUSTED when its status holds a RetryInfo (the backend's word that it
+  will recover, as a throttling one gives). ``Transient`` is raised and the shared
+  retry helper sends the same request again until the backend takes it. A backend
+  that says when to come back (an HTTP Retry-After, ``retry_after``; a gRPC status
+  whose details hold a RetryInfo, ``grpc_retry_after``: how remote-write 2.0 and OTLP
+  let a receiver throttle its senders) is not sent the request again before that, up
+  to ``ktel.retry.MAX_RETRY_AFTER_S``;
 - unauthorized: HTTP 401 and 403, gRPC UNAUTHENTICATED and PERMISSION_DENIED: the
   backend refuses ktel's credentials, not the data, so it is a configuration error
   and no item is to blame: ``Unauthorized`` (a ``Transient``) is raised, the data
@@ -23,11 +27,12 @@ Answers fall in three classes (docs/design.md, principle 11):
   this data (a wrong path or port, Prometheus without its remote-write receiver, an
   ingress mid-rollout), again a configuration error and no item's fault:
   ``NoReceiver`` (a ``Transient``), logged and retried the same way;
-- refused: any other 4xx (413 and the Collector's "request body too large"
-  included), gRPC INVALID_ARGUMENT, FAILED_PRECONDITION, OUT_OF_RANGE,
-  NOT_FOUND, ALREADY_EXISTS, and RESOURCE_EXHAUSTED for a message larger than
-  the backend's limit: ``Permanent`` is raised, since the same request can never
-  succeed.
+- refused: every other answer: any other 4xx (413 and the Collector's "request body
+  too large" included; for OTLP 408 too), for OTLP any 5xx but 502, 503 and 504, gRPC
+  INVALID_ARGUMENT, FAILED_PRECONDITION, NOT_FOUND, ALREADY_EXISTS, INTERNAL,
+  UNKNOWN, and RESOURCE_EXHAUSTED without a RetryInfo (a quota spent, or a message
+  larger than the backend's limit): ``Permanent`` is raised, since the backend says
+  the same request will not succeed, and it is never sent again as it was.
 
 A backend refuses a whole request for one item it cannot take (one bad sample, one
 span too large), so a refused request is split in halves and each half sent on its
@@ -83,9 +88,33 @@ def bearer(token_file: Path, setting: str) -> str:
     return f"Bearer {token}"
 
 
-def http_answer(status: int, message: str, wait: float | None = None) -> None:
+def remote_write_retried(status: int) -> bool:
+    """Whether remote-write sends a request again after this failed HTTP status: a
+    Prometheus receiver answers 5xx for what it may take later (500 too: Prometheus 2
+    without native histograms enabled), 429 and 408 when it is busy."""
+    return status in (408, 429) or status >= 500
+
+
+def otlp_http_retried(status: int) -> bool:
+    """Whether OTLP/HTTP sends a request again after this failed HTTP status. OTLP
+    reserves these four for "later": too many requests, and a proxy or backend
+    unavailable or timing out in front of one that is up. A backend that answers
+    anything else (a 500 included) says the request will fail again, and OTLP asks
+    its senders not to send it again."""
+    return status in (429, 502, 503, 504)
+
+
+def http_answer(
+    status: int,
+    message: str,
+    wait: float | None = None,
+    *,
+    retried: Callable[[int], bool] = remote_write_retried,
+) -> None:
     """Classify an HTTP answer: returns on 2xx, else raises Transient or Permanent.
-    ``wait``: what its Retry-After asked for (``retry_after``), honoured on a transient answer."""
+    ``wait``: what its Retry-After asked for (``retry_after``), honoured on a transient
+    answer; ``retried``: which failed statuses the protocol retries (``remote_write_retried``,
+    ``otlp_http_retried``), after the configuration errors."""
     if 200 <= status < 300:
         return
     answer = http_refusal(status, message)
@@ -93,7 +122,7 @@ def http_answer(status: int, message: str, wait: float | None = None) -> None:
         raise Unauthorized(answer)
     if status in (404, 405) or 300 <= status < 400:
         raise NoReceiver(answer)
-    if status in (408, 429) or status >= 500:
+    if retried(status):
         raise Transient(answer, retry_after=wait)
     raise Permanent(answer)
 
@@ -148,33 +177,42 @@ def grpc_retry_after(err: grpc.RpcError) -> float | None:
     return None
 
 
+# What OTLP/gRPC retries: the call ended before the backend answered (CANCELLED,
+# DEADLINE_EXCEEDED, UNAVAILABLE, which gRPC also says of a connection refused or
+# lost), or the backend says the same request may succeed later. INTERNAL and UNKNOWN
+# are a backend's failure it does not expect to pass, and are not retried.
 _GRPC_TRANSIENT = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
         grpc.StatusCode.DEADLINE_EXCEEDED,
         grpc.StatusCode.ABORTED,
         grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.OUT_OF_RANGE,
         grpc.StatusCode.DATA_LOSS,
     }
 )
 
 
 def grpc_answer(code: grpc.StatusCode, details: str | None, wait: float | None = None) -> None:
-    """Classify a failed gRPC call: raises Transient or Permanent. ``wait``: what its
-    status asked for (``grpc_retry_after``), honoured on a transient answer."""
+    """Classify a failed OTLP/gRPC call: raises Transient or Permanent. ``wait``: what
+    its status's RetryInfo asked for (``grpc_retry_after``), None when it holds none;
+    honoured on a transient answer."""
     answer = f"gRPC {code.name}: {(details or '').strip()[:500]}"
-    # gRPC servers say RESOURCE_EXHAUSTED both for "slow down" and for a message above
-    # their size limit ("received message larger than max"): only the first passes.
-    if code is grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (details or ""):
-        raise Permanent(answer)
     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
         raise Unauthorized(answer)
     if code is grpc.StatusCode.UNIMPLEMENTED:
         raise NoReceiver(answer)
     if code in _GRPC_TRANSIENT:
+        raise Transient(answer, retry_after=wait)
+    # RESOURCE_EXHAUSTED says both "slow down" and "never" (a quota spent, a message
+    # above the backend's size limit): only a RetryInfo tells the first, the backend
+    # saying when it expects to take data again. A message "larger than max" is as
+    # large when sent again, whatever its status holds.
+    if (
+        code is grpc.StatusCode.RESOURCE_EXHAUSTED
+        and wait is not None
+        and "larger than max" not in (details or "")
+    ):
         raise Transient(answer, retry_after=wait)
     raise Permanent(answer)
 

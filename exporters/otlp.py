@@ -31,22 +31,28 @@ whose timestamp is outside ``otlp.max_age_seconds`` / ``max_future_seconds`` of 
 exporter's clock goes to ``ktel.dlq``, never to the backend. The rest are converted
 and sent in requests of at most ``otlp.max_export_batch_size`` items, one attempt at
 a time through the SDK exporter's own gRPC channel or HTTP client (``send_once``),
-and the answer is classified here: transient failures are retried with the shared
+and the answer is classified here. No answer at all (the backend unreachable, a
+timeout) and the answers OTLP lets a sender retry (HTTP 429, 502, 503, 504; gRPC
+UNAVAILABLE, DEADLINE_EXCEEDED, ABORTED, CANCELLED, OUT_OF_RANGE, DATA_LOSS, and
+RESOURCE_EXHAUSTED whose status holds a RetryInfo) are retried with the shared
 helper (``ktel/retry.py``) until the backend takes the request, each time after at
 least the wait the backend asked for (OTLP/HTTP's Retry-After, OTLP/gRPC's RetryInfo),
-up to ``ktel.retry.MAX_RETRY_AFTER_S``; a refused request (a 4xx, INVALID_ARGUMENT,
-a message above the backend's size limit, ...) is split in halves and re-sent, down
-to single items, and an item refused alone goes to ``ktel.dlq`` with the backend's
-answer, as a wire record of just that item. The SDK's ``export()`` is not used: it
-retries on its own (and gives up where a Retry-After or RetryInfo asks for more than
-what is left of its timeout, 10 s by default) and reports only SUCCESS or FAILURE,
-which says neither whether to retry nor why. A backend that refuses ktel's
-credentials (HTTP 401/403, gRPC UNAUTHENTICATED/PERMISSION_DENIED), that has no
-receiver at its URL (HTTP 404/405 or a redirect, gRPC UNIMPLEMENTED) or that fails
-its TLS handshake is misconfigured, not sent bad data: one line names the settings, and
-the request is retried, its items kept, until the configuration is fixed. A token in
-``otlp.bearer_token_file`` is read for every request, so fixing or rotating it takes
-effect without a restart. The Kafka offset
+up to ``ktel.retry.MAX_RETRY_AFTER_S``. Any other failed answer (a 400, 408, 413,
+500, INVALID_ARGUMENT, INTERNAL, RESOURCE_EXHAUSTED without a RetryInfo, ...) says
+the same request will fail again: it is never sent again as it was, but split in
+halves and re-sent, down to single items, and an item refused alone goes to
+``ktel.dlq`` with the backend's answer, as a wire record of just that item. The
+SDK's ``export()`` is not used: it retries on its own (and gives up where a
+Retry-After or RetryInfo asks for more than what is left of its timeout, 10 s by
+default) and reports only SUCCESS or FAILURE, which says neither whether to retry
+nor why. A backend that refuses ktel's credentials (HTTP 401/403, gRPC
+UNAUTHENTICATED/PERMISSION_DENIED), that has no receiver at its URL (HTTP 404/405 or
+a redirect, gRPC UNIMPLEMENTED) or that fails its TLS handshake is misconfigured, not
+sent bad data: one line names the settings, and the request is retried, its items
+kept, until the configuration is fixed (OTLP would have them dropped: no item is to
+blame, and dead-lettering all of them until someone fixes a setting would empty the
+pipeline into ``ktel.dlq``). A token in ``otlp.bearer_token_file`` is read for every
+request, so fixing or rotating it takes effect without a restart. The Kafka offset
 (exporters/consume.py) is committed only once everything read is acknowledged or
 dead-lettered.
 
@@ -122,6 +128,7 @@ from exporters.delivery import (
     grpc_answer,
     grpc_retry_after,
     http_answer,
+    otlp_http_retried,
     retry_after,
     send_split,
 )
@@ -449,7 +456,7 @@ def send_once(exporter: Any, request: Any, token_file: Path | None = None) -> tu
         if isinstance(result.error, Unauthorized):  # the token file, unreadable (Session)
             raise result.error
         raise Transient(f"no answer from {client._endpoint}: {result.error}")
-    http_answer(result.status_code, _http_message(result), _retry_after(result))
+    http_answer(result.status_code, _http_message(result), _retry_after(result), retried=otlp_http_retried)
     try:
         response = RESPONSES[type(request)].FromString(result.content())
     except Exception:  # noqa: BLE001 -- not the response OTLP defines (a proxy's body): nothing said

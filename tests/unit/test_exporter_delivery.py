@@ -16,6 +16,8 @@ from exporters.delivery import (
     Window,
     grpc_answer,
     http_answer,
+    otlp_http_retried,
+    remote_write_retried,
     send_split,
 )
 from ktel.retry import Permanent
@@ -27,9 +29,38 @@ def test_http_2xx_is_success(status):
 
 
 @pytest.mark.parametrize("status", [408, 429, 500, 502, 503, 504])
-def test_http_408_429_and_5xx_are_transient(status):
+def test_http_408_429_and_5xx_are_transient_for_remote_write(status):
     with pytest.raises(Transient, match=f"^HTTP {status}: busy$"):
         http_answer(status, " busy\n")
+    with pytest.raises(Transient):
+        http_answer(status, "busy", retried=remote_write_retried)  # (the default)
+
+
+# OTLP/HTTP retries these four alone; every other failed status is a refusal.
+OTLP_HTTP_RETRIED = [429, 502, 503, 504]
+OTLP_HTTP_REFUSED = [400, 408, 409, 410, 413, 415, 422, 500, 501, 505, 507, 511, 599]
+
+
+@pytest.mark.parametrize("status", OTLP_HTTP_RETRIED)
+def test_otlp_http_429_502_503_504_are_transient_and_keep_their_retry_after(status):
+    with pytest.raises(Transient, match=f"^HTTP {status}: busy$") as err:
+        http_answer(status, "busy", 12.0, retried=otlp_http_retried)
+    assert err.value.retry_after == 12.0
+    assert not isinstance(err.value, (Unauthorized, NoReceiver))
+
+
+@pytest.mark.parametrize("status", OTLP_HTTP_REFUSED)
+def test_otlp_http_other_failures_are_refusals_even_with_a_retry_after(status):
+    with pytest.raises(Permanent, match=f"^HTTP {status}: no$"):
+        http_answer(status, "no", 12.0, retried=otlp_http_retried)
+
+
+@pytest.mark.parametrize(
+    ("status", "kind"), [(401, Unauthorized), (403, Unauthorized), (404, NoReceiver), (307, NoReceiver)]
+)
+def test_otlp_http_configuration_errors_stay_retried(status, kind):
+    with pytest.raises(kind):
+        http_answer(status, "x", retried=otlp_http_retried)
 
 
 @pytest.mark.parametrize("status", [401, 403])
@@ -54,46 +85,71 @@ def test_http_other_answers_are_refusals(status):
         http_answer(status, "no")
 
 
+# OTLP/gRPC: retried, whatever the status holds (the wait of a RetryInfo honoured).
 TRANSIENT = [
-    "UNAVAILABLE",
-    "RESOURCE_EXHAUSTED",
+    "CANCELLED",
     "DEADLINE_EXCEEDED",
     "ABORTED",
-    "CANCELLED",
-    "INTERNAL",
-    "UNKNOWN",
+    "OUT_OF_RANGE",
+    "UNAVAILABLE",
     "DATA_LOSS",
 ]
+# Refused, RetryInfo or not (RESOURCE_EXHAUSTED: without one, below).
 REFUSED = [
+    "UNKNOWN",
     "INVALID_ARGUMENT",
-    "FAILED_PRECONDITION",
-    "OUT_OF_RANGE",
     "NOT_FOUND",
     "ALREADY_EXISTS",
+    "FAILED_PRECONDITION",
+    "INTERNAL",
 ]
+# ktel's configuration, not the data: retried until it is fixed.
+CONFIGURATION = {
+    "UNAUTHENTICATED": Unauthorized,
+    "PERMISSION_DENIED": Unauthorized,
+    "UNIMPLEMENTED": NoReceiver,
+}
+
+
+def test_every_grpc_failure_code_is_classified_here():
+    listed = [*TRANSIENT, *REFUSED, *CONFIGURATION, "RESOURCE_EXHAUSTED"]
+    assert sorted(listed) == sorted(c.name for c in grpc.StatusCode if c is not grpc.StatusCode.OK)
 
 
 @pytest.mark.parametrize("code", TRANSIENT)
-def test_grpc_transient_codes(code):
-    with pytest.raises(Transient, match=f"^gRPC {code}: x$"):
-        grpc_answer(grpc.StatusCode[code], "x")
+@pytest.mark.parametrize("wait", [None, 7.5])
+def test_grpc_transient_codes(code, wait):
+    with pytest.raises(Transient, match=f"^gRPC {code}: x$") as err:
+        grpc_answer(grpc.StatusCode[code], "x", wait)
+    assert err.value.retry_after == wait
+    assert not isinstance(err.value, (Unauthorized, NoReceiver))
 
 
 @pytest.mark.parametrize("code", REFUSED)
-def test_grpc_refused_codes(code):
+@pytest.mark.parametrize("wait", [None, 7.5])
+def test_grpc_refused_codes(code, wait):
     with pytest.raises(Permanent, match=f"^gRPC {code}: x$"):
+        grpc_answer(grpc.StatusCode[code], "x", wait)
+
+
+@pytest.mark.parametrize("code", CONFIGURATION)
+def test_grpc_configuration_errors_are_retried(code):
+    with pytest.raises(CONFIGURATION[code], match=f"^gRPC {code}: x$"):
         grpc_answer(grpc.StatusCode[code], "x")
 
 
-def test_grpc_unimplemented_is_no_receiver_retried():
-    with pytest.raises(NoReceiver, match="^gRPC UNIMPLEMENTED: x$"):
-        grpc_answer(grpc.StatusCode.UNIMPLEMENTED, "x")
+@pytest.mark.parametrize("wait", [0.0, 2.0])
+def test_grpc_resource_exhausted_with_a_retry_info_is_throttling_retried(wait):
+    # (a RetryInfo of no delay still says the backend will recover: wait is 0, not None)
+    with pytest.raises(Transient, match="^gRPC RESOURCE_EXHAUSTED: slow down$") as err:
+        grpc_answer(grpc.StatusCode.RESOURCE_EXHAUSTED, "slow down", wait)
+    assert err.value.retry_after == wait
 
 
-@pytest.mark.parametrize("code", ["UNAUTHENTICATED", "PERMISSION_DENIED"])
-def test_grpc_credentials_refused_are_configuration_errors_retried(code):
-    with pytest.raises(Unauthorized, match=f"^gRPC {code}: x$"):
-        grpc_answer(grpc.StatusCode[code], "x")
+@pytest.mark.parametrize("details", ["quota exceeded", "", None])
+def test_grpc_resource_exhausted_without_a_retry_info_is_a_refusal(details):
+    with pytest.raises(Permanent, match="^gRPC RESOURCE_EXHAUSTED: "):
+        grpc_answer(grpc.StatusCode.RESOURCE_EXHAUSTED, details)
 
 
 def test_a_configuration_problem_is_logged_once_naming_the_settings_and_once_when_fixed(caplog):
@@ -138,10 +194,10 @@ def test_a_configuration_problem_is_logged_once_naming_the_settings_and_once_whe
 
 
 def test_grpc_message_too_large_is_a_refusal_not_throttling():
-    with pytest.raises(Permanent, match="larger than max"):
-        grpc_answer(grpc.StatusCode.RESOURCE_EXHAUSTED, "grpc: received message larger than max (5 vs. 4)")
-    with pytest.raises(Transient):
-        grpc_answer(grpc.StatusCode.RESOURCE_EXHAUSTED, None)
+    too_large = "grpc: received message larger than max (5 vs. 4)"
+    for wait in (None, 1.0):  # the same request is as large again, whatever the status holds
+        with pytest.raises(Permanent, match="larger than max"):
+            grpc_answer(grpc.StatusCode.RESOURCE_EXHAUSTED, too_large, wait)
 
 
 class Backend:

@@ -28,6 +28,7 @@ from exporters import otlp, otlp_spans
 from exporters.consume import Record
 from exporters.delivery import Transient, Unauthorized
 from exporters.log2 import ZERO_THRESHOLD
+from ktel import retry as retry_mod
 from ktel import wire
 from ktel.config import OtlpConfig
 from ktel.retry import Permanent
@@ -538,6 +539,75 @@ async def test_items_that_cannot_be_converted_are_dead_lettered_not_retried_for_
     [letter] = [wire.decode_dead_letter(v) for t, v, _k in producer.sent if t == wire.DLQ_TOPIC]
     assert letter.reason == "cannot be put in an OTLP request: ValueError: Value out of range"
     assert [r[3] for r in decode_spans(letter.payload).spans] == ["odd"]
+
+
+@pytest.mark.parametrize(
+    ("protocol", "answer", "reason"),
+    [
+        ("grpc", grpc.StatusCode.RESOURCE_EXHAUSTED, "gRPC RESOURCE_EXHAUSTED: cannot take it"),
+        ("grpc", grpc.StatusCode.INTERNAL, "gRPC INTERNAL: cannot take it"),
+        ("grpc", grpc.StatusCode.UNKNOWN, "gRPC UNKNOWN: cannot take it"),
+        ("http/protobuf", 500, "HTTP 500: cannot take it"),
+        ("http/protobuf", 408, "HTTP 408: cannot take it"),
+        ("http/protobuf", 501, "HTTP 501: cannot take it"),
+    ],
+)
+async def test_an_answer_otlp_does_not_retry_is_dead_lettered_and_counted_not_sent_again(
+    monkeypatch, protocol, answer, reason
+):
+    """RESOURCE_EXHAUSTED with no RetryInfo, INTERNAL, UNKNOWN, an HTTP 408 or a 5xx
+    other than 502-504: the backend says the request will fail again. It is split as any
+    refusal is, and the span refused alone goes to ktel.dlq with the answer and is
+    counted; no request is sent again as it was (no wait between two attempts)."""
+
+    async def no_retry(seconds: float) -> None:
+        raise AssertionError(f"a request was to be sent again in {seconds:.2f} s")
+
+    monkeypatch.setattr(retry_mod, "_sleep", no_retry)
+    requests_: list[list[str]] = []
+
+    def names_of(req: ExportTraceServiceRequest) -> list[str]:
+        names = [sp.name for rs in req.resource_spans for ss in rs.scope_spans for sp in ss.spans]
+        requests_.append(names)
+        return names
+
+    spans, metrics, logs = otlp.make_exporters(OtlpConfig(protocol=protocol, endpoint="http://127.0.0.1:1"))
+    if protocol == "grpc":
+
+        class Stub:
+            def Export(self, request, **_kw):  # noqa: N802 -- the generated stub's name
+                if "over" in names_of(request):
+                    raise RpcError(answer, "cannot take it")
+                return None
+
+        spans._client = Stub()
+    else:
+
+        def submit(data: bytes, _timeout: float):
+            code = answer if "over" in names_of(ExportTraceServiceRequest.FromString(data)) else 200
+            body = RpcStatus(message="cannot take it").SerializeToString() if code != 200 else b""
+            return type("Result", (), {"status_code": code, "error": None, "content": lambda _self: body})()
+
+        spans._client._submit = submit
+    sender = otlp.Sender(OtlpConfig(), (spans, metrics, logs))
+    now = time.time_ns()
+    rows = [
+        [TRACE, bytes([i + 1]) * 8, b"", name, now, now + 1, 0, "", {}]
+        for i, name in enumerate(["a", "over", "b"])
+    ]
+    value = wire_spans(SpanBatch(RESOURCE, rows))
+    rec = Record(decode_spans(value), "ktel.spans", 2, 17, b"h1", value, wire.DLQ_TOPIC)
+    producer = Producer()
+    dead = sample("ktel_exporter_dead_lettered_items_total", "otlp", "spans")
+
+    await sender.deliver([rec], producer)
+
+    assert requests_ == [["a", "over", "b"], ["a"], ["over", "b"], ["over"], ["b"]]
+    [letter] = [wire.decode_dead_letter(v) for t, v, k in producer.sent if t == wire.DLQ_TOPIC and k == b"h1"]
+    assert (letter.stage, letter.topic, letter.partition, letter.offset) == ("otlp", "ktel.spans", 2, 17)
+    assert letter.reason == reason
+    assert decode_spans(letter.payload) == SpanBatch(RESOURCE, [rows[1]])
+    assert sample("ktel_exporter_dead_lettered_items_total", "otlp", "spans") == dead + 1
 
 
 def test_config_fields_reach_the_sdk_exporters_and_unset_ones_fall_back_to_otel_env(monkeypatch):
