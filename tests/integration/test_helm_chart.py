@@ -823,6 +823,42 @@ def test_a_role_the_release_does_not_run_needs_no_password(off, roles, tmp_path,
     assert config.load(config_file(objs, tmp_path)).kafka.password() == "x"
 
 
+@pytest.mark.parametrize(
+    ("protocol", "off", "roles"),
+    [
+        ("SASL_SSL", None, "admin, agent, exporter, processor"),
+        ("SASL_PLAINTEXT", "topicsJob.enabled=false", "agent, exporter, processor"),
+        ("SASL_SSL", "agent.enabled=false", "admin, exporter, processor"),
+    ],
+)
+def test_a_sasl_login_without_a_password_secret_is_refused(
+    protocol, off, roles, tmp_path, monkeypatch
+) -> None:
+    """The pods get the Kafka password from a Secret alone (the chart sets no
+    KTEL_KAFKA__SASL_PASSWORD): without secrets.kafkaSaslPassword or a Secret of each
+    running role's, the release installed and every pod stopped at start, ktel refusing
+    its config for want of a password no value of the chart could give."""
+    for name in [n for n in os.environ if n.startswith("KTEL_")]:
+        monkeypatch.delenv(name)
+    sets = ("config.kafka.sasl_username=ktel", *([off] if off else []))
+    sasl = (*sets, f"config.kafka.security_protocol={protocol}")
+    res = run_helm("template", "ktel", str(CHART), *(a for s in sasl for a in ("--set", s)))
+    assert res.returncode != 0
+    assert f"config.kafka.security_protocol = {protocol} logs in with a password" in res.stderr
+    assert "set secrets.kafkaSaslPassword (secretName, key), shared by every role, or " in res.stderr
+    assert f"kafkaIdentities.<role>.secretName for each role the release runs ({roles})" in res.stderr
+    # What the pods met instead: ktel's own refusal, of a setting the chart cannot give.
+    path = config_file(render(sets=(*sets, "config.kafka.security_protocol=SSL")), tmp_path)
+    path.write_text(path.read_text().replace('"SSL"', f'"{protocol}"'))
+    with pytest.raises(
+        config.ConfigError, match=r"\(KTEL_KAFKA__SASL_PASSWORD\) and kafka.sasl_password_file"
+    ):
+        config.load(path)
+    # Either Secret is the way: the shared one, or every running role's own.
+    render(sets=(*sasl, "secrets.kafkaSaslPassword.secretName=ktel-kafka"))
+    render(sets=(*sasl, *(f"kafkaIdentities.{r}.secretName=ktel-kafka-{r}" for r in roles.split(", "))))
+
+
 def test_ktel_topics_runs_before_every_install_and_upgrade_with_the_releases_config(full) -> None:
     """`helm install` alone gives the workers and exporters their topics: a hook Job runs
     `ktel topics` first, as the admin identity, reading a ConfigMap made before it (hook

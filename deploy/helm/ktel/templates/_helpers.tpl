@@ -84,6 +84,15 @@ topicsJob off) needs no password. */ -}}
 {{- fail (printf "config.%s: every entry of config is a section of ktel's TOML (a map of fields), e.g. config.kafka.bootstrap" $section) -}}
 {{- end -}}
 {{- end -}}
+{{- /* A SASL login needs a password, which the pods get from a Secret alone: the chart
+sets no KTEL_KAFKA__SASL_PASSWORD. Without one the release installed, and every pod
+stopped at start on a config ktel refuses. */ -}}
+{{- $protocol := toString (dig "kafka" "security_protocol" "" $v.config) -}}
+{{- if and (hasPrefix "SASL_" $protocol) (not $v.secrets.kafkaSaslPassword.secretName) (not $roleSecrets) -}}
+{{- $roles := list -}}
+{{- range $role := keys $running | sortAlpha }}{{ if get $running $role }}{{ $roles = append $roles $role }}{{ end }}{{ end -}}
+{{- fail (printf "config.kafka.security_protocol = %s logs in with a password, which the pods get from a Secret alone (the chart sets no KTEL_KAFKA__SASL_PASSWORD), and none is given: set secrets.kafkaSaslPassword (secretName, key), shared by every role, or kafkaIdentities.<role>.secretName for each role the release runs (%s)" $protocol (join ", " $roles)) -}}
+{{- end -}}
 {{- range $s := include "ktel.secretFields" . | fromYamlArray -}}
 {{- if dig $s.section $s.field nil $v.config -}}
 {{- $how := $s.instead | default (printf "its key given to exporters.%s as %s" $s.exporter (include "ktel.secretEnvName" $s)) -}}
