@@ -22,8 +22,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from ktel import config
+from ktel import config, topics
 from processors.chain import PROCESSES
+from processors.stages import changelog_topic
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "ktel"
@@ -432,6 +433,39 @@ def test_more_replicas_than_partitions_is_refused_with_the_fix(sets, hint) -> No
     res = run_helm(*argv)
     assert res.returncode != 0
     assert hint in res.stderr
+
+
+def operating_section(title: str) -> str:
+    """A section of docs/operating.md, from its heading to the next of its level."""
+    text = (ROOT / "docs" / "operating.md").read_text()
+    [section] = re.findall(rf"^## {re.escape(title)}\n(.*?)(?=^## )", text, re.M | re.S)
+    return section
+
+
+@pytest.mark.parametrize(
+    ("sets", "setting"),
+    [
+        (("process.replicas=7",), "kafka.raw_partitions"),
+        (("exporters.otlp.replicas=19",), "kafka.output_partitions"),
+    ],
+)
+def test_more_replicas_than_partitions_points_to_what_grows_the_topics(sets, setting) -> None:
+    """`ktel topics`, the topics Job, creates a topic but grows none that exists (ktel/topics.py:
+    it names the topic and exits 1). The refusal said to raise the setting "and run `ktel
+    topics`", which over existing topics failed the upgrade in the Job: it now says so and
+    points to docs/operating.md's steps, which grow every topic the setting sizes with
+    Kafka's own tool (and, for ktel.raw's, every stage's table changelog)."""
+    res = run_helm("template", "ktel", str(CHART), *(a for s in sets for a in ("--set", s)))
+    assert res.returncode != 0
+    assert f"or raise config.{setting}: the topics Job creates topics with it, but grows none" in res.stderr
+    assert 'grow them first, as docs/operating.md says ("Adding partitions")' in res.stderr
+    section = operating_section("Adding partitions")
+    assert f"**`{setting}`**" in section and "--alter --topic" in section
+    sized = [s.name for s in topics.specs(config.Config()) if s.setting == setting]
+    assert sized and all(f"`{name}`" in section for name in sized), sized
+    if setting == "kafka.raw_partitions":  # the stages keeping a table: their changelogs too
+        for stage in ("all", "dedupe", "enrich", "aggregate"):
+            assert f"`{changelog_topic(config.Config().kafka.topics, stage)}`" in section
 
 
 def test_replicas_up_to_the_partitions_are_accepted() -> None:
