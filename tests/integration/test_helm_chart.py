@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from ktel import config, topics
+from ktel.paths import TRACEFS
 from processors.chain import PROCESSES
 from processors.stages import changelog_topic
 
@@ -198,7 +199,6 @@ def test_the_agent_mounts_the_kernel_interfaces_and_keeps_its_state_on_the_node(
     cfg = toml_config(rendered)
     assert host == {
         "/sys/kernel/tracing": ("/sys/kernel/tracing", False),
-        "/sys/kernel/debug": ("/sys/kernel/debug", False),
         "/host/sys/fs/cgroup": ("/sys/fs/cgroup", True),
         "/lib/modules": ("/lib/modules", True),
         "/usr/src": ("/usr/src", True),
@@ -208,6 +208,23 @@ def test_the_agent_mounts_the_kernel_interfaces_and_keeps_its_state_on_the_node(
     [state] = [v for v in pod["volumes"] if v.get("hostPath", {}).get("path") == "/var/lib/ktel/agent"]
     assert state["hostPath"]["type"] == "DirectoryOrCreate"  # survives the pod, made on first start
     assert cfg["agent"]["cgroup_root"] == "/host/sys/fs/cgroup"
+
+
+def test_the_agent_needs_tracefs_alone_not_debugfs(rendered) -> None:
+    """A node without debugfs (booted with debugfs=off, or a kernel without CONFIG_DEBUG_FS)
+    has no /sys/kernel/debug: the agent mounted it (a hostPath of type Directory), so its
+    pod could not start on such a node, though it reads tracefs alone, at ktel.paths.TRACEFS,
+    and BCC uses /sys/kernel/tracing where /sys/kernel/debug/tracing is absent."""
+    pod = the_agent(rendered)["spec"]["template"]["spec"]
+    [c] = pod["containers"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    from_node = {v["hostPath"]["path"]: v for v in volumes.values() if "hostPath" in v}
+    assert [p for p in from_node if p.startswith("/sys/kernel/debug")] == []
+    assert not [m for m in c["volumeMounts"] if m["mountPath"].startswith("/sys/kernel/debug")]
+    tracefs = from_node[str(TRACEFS)]
+    assert tracefs["hostPath"]["type"] == "Directory"  # tracefs the agent cannot do without
+    [mount] = [m for m in c["volumeMounts"] if m["name"] == tracefs["name"]]
+    assert mount["mountPath"] == str(TRACEFS) and not mount.get("readOnly")  # (uprobe_events)
 
 
 def test_every_pod_runs_on_linux_nodes_only() -> None:
