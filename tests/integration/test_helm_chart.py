@@ -247,6 +247,36 @@ def test_every_pod_runs_on_linux_nodes_only() -> None:
         kubernetes_validate.validate(w, kubernetes_validate.latest_version(), strict=True)
 
 
+def placed_by(w: dict[str, Any]) -> str:
+    """The values that place a pod: its group's (agent, process, exporters, topicsJob)."""
+    if w["kind"] != "Deployment":
+        return {"DaemonSet": "agent", "Job": "topicsJob"}[w["kind"]]
+    return "process" if w["metadata"]["name"].startswith("ktel-process") else "exporters"
+
+
+@pytest.mark.parametrize("group", ["agent", "process", "exporters", "topicsJob"])
+def test_each_pod_runs_where_its_values_place_it(group) -> None:
+    """Each group of pods has its nodeSelector and tolerations, the others' leaving it as it
+    is. The topics Job had neither: where every Linux node is tainted, or Kafka is reached
+    from some nodes alone, it could not go where the other pods do, and every install and
+    upgrade waited on it until helm's timeout, and failed."""
+    toleration = {"key": "dedicated", "operator": "Equal", "value": "ktel", "effect": "NoSchedule"}
+    objs = render(
+        sets=(
+            f"{group}.nodeSelector.pool=ktel",
+            *(f"{group}.tolerations[0].{k}={v}" for k, v in toleration.items()),
+        )
+    )
+    pods = workloads(objs) + of_kind(objs, "Job")
+    assert {placed_by(w) for w in pods} == {"agent", "process", "exporters", "topicsJob"}
+    for w in pods:
+        pod = w["spec"]["template"]["spec"]
+        mine = placed_by(w) == group
+        assert pod["nodeSelector"] == {"kubernetes.io/os": "linux", **({"pool": "ktel"} if mine else {})}
+        assert (toleration in pod.get("tolerations", [])) is mine, w["metadata"]["name"]
+        kubernetes_validate.validate(w, kubernetes_validate.latest_version(), strict=True)
+
+
 def test_a_nodes_agent_is_replaced_only_once_the_old_one_ended(rendered) -> None:
     """Two agents never share a node's state directory: the second refuses to start
     (edge_agent/statelock.py), so a surge's new pod would never be ready, and the

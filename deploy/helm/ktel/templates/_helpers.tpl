@@ -45,6 +45,17 @@ nodeSelector:
   {{- include "ktel.stringMap" (merge (deepCopy (. | default dict)) (dict "kubernetes.io/os" "linux")) | trim | nindent 2 }}
 {{- end -}}
 
+{{/*
+Where a pod may run, from its values (agent, process, exporters, topicsJob): the Linux
+nodes its nodeSelector selects (ktel.nodeSelector), and the taints its tolerations allow.
+*/}}
+{{- define "ktel.placement" -}}
+{{ include "ktel.nodeSelector" .nodeSelector }}
+{{- with .tolerations }}
+tolerations: {{ toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
 {{- define "ktel.image" -}}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end -}}
