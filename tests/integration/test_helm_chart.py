@@ -256,15 +256,18 @@ def placed_by(w: dict[str, Any]) -> str:
 
 @pytest.mark.parametrize("group", ["agent", "process", "exporters", "topicsJob"])
 def test_each_pod_runs_where_its_values_place_it(group) -> None:
-    """Each group of pods has its nodeSelector and tolerations, the others' leaving it as it
-    is. The topics Job had neither: where every Linux node is tainted, or Kafka is reached
-    from some nodes alone, it could not go where the other pods do, and every install and
-    upgrade waited on it until helm's timeout, and failed."""
+    """Each group of pods has its nodeSelector, tolerations and priorityClassName, the
+    others' leaving it as it is. The topics Job had no nodeSelector or tolerations: where
+    every Linux node is tainted, or Kafka is reached from some nodes alone, it could not go
+    where the other pods do, and every install and upgrade waited on it until helm's
+    timeout, and failed. No pod had a priority: on a node full of other pods, a new agent
+    stayed Pending, the node untraced, for want of one above theirs."""
     toleration = {"key": "dedicated", "operator": "Equal", "value": "ktel", "effect": "NoSchedule"}
     objs = render(
         sets=(
             f"{group}.nodeSelector.pool=ktel",
             *(f"{group}.tolerations[0].{k}={v}" for k, v in toleration.items()),
+            f"{group}.priorityClassName=system-node-critical",
         )
     )
     pods = workloads(objs) + of_kind(objs, "Job")
@@ -274,7 +277,18 @@ def test_each_pod_runs_where_its_values_place_it(group) -> None:
         mine = placed_by(w) == group
         assert pod["nodeSelector"] == {"kubernetes.io/os": "linux", **({"pool": "ktel"} if mine else {})}
         assert (toleration in pod.get("tolerations", [])) is mine, w["metadata"]["name"]
+        assert pod.get("priorityClassName") == ("system-node-critical" if mine else None)
         kubernetes_validate.validate(w, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_pods_take_the_clusters_default_priority_unless_given_one() -> None:
+    """Unset, no pod names a PriorityClass: one the cluster lacks, or limits to kube-system
+    (system-node-critical on GKE), would keep its pods from being made at all."""
+    objs = render()
+    for w in workloads(objs) + of_kind(objs, "Job"):
+        assert "priorityClassName" not in w["spec"]["template"]["spec"], w["metadata"]["name"]
+    [ds] = of_kind(render(FULL), "DaemonSet")  # what docs/operating.md recommends for the agent
+    assert ds["spec"]["template"]["spec"]["priorityClassName"] == "system-node-critical"
 
 
 def test_a_nodes_agent_is_replaced_only_once_the_old_one_ended(rendered) -> None:

@@ -47,12 +47,17 @@ nodeSelector:
 
 {{/*
 Where a pod may run, from its values (agent, process, exporters, topicsJob): the Linux
-nodes its nodeSelector selects (ktel.nodeSelector), and the taints its tolerations allow.
+nodes its nodeSelector selects (ktel.nodeSelector), the taints its tolerations allow, and
+its priorityClassName (unset: the cluster's default), which lets the scheduler make room
+for it on a full node.
 */}}
 {{- define "ktel.placement" -}}
 {{ include "ktel.nodeSelector" .nodeSelector }}
 {{- with .tolerations }}
 tolerations: {{ toYaml . | nindent 2 }}
+{{- end }}
+{{- with .priorityClassName }}
+priorityClassName: {{ . | quote }}
 {{- end }}
 {{- end -}}
 
