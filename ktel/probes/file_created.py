@@ -107,9 +107,12 @@ def _resolve(path: str, pid: int, dirfd: int) -> str:
     """
     link = f"/proc/{pid}/cwd" if dirfd == AT_FDCWD else f"/proc/{pid}/fd/{dirfd}"
     try:
-        return os.path.normpath(os.path.join(os.readlink(link), path))
+        target = os.readlink(os.fsencode(link))
     except OSError:
         return path
+    # Read as bytes and escaped as the record's own strings are (c_string): a str
+    # readlink turns bytes that are not UTF-8 into surrogates, which the wire cannot pack.
+    return os.path.normpath(os.path.join(target.decode("utf-8", "backslashreplace"), path))
 
 
 def _join(dir_bytes: bytes, path: str) -> str:

@@ -6,6 +6,7 @@ path they replace: decode_run's events, packed, in a batch encode_batch writes."
 from __future__ import annotations
 
 import dataclasses
+import os
 from array import array
 
 import msgpack
@@ -198,3 +199,23 @@ def test_the_compiled_packer_leaves_its_buffers_as_they_were_when_it_fails():
     with pytest.raises(AttributeError):  # sizes that cannot take the sizes
         file_created._native.pack(data, file_created.LAYOUT.size, 0, 0, 1, out, [])
     assert out == b"held"
+
+
+def test_a_path_resolved_from_proc_in_a_directory_not_named_in_utf8_packs(tmp_path):
+    """A relative path resolved from /proc (no dir in the record) takes the directory's
+    name as the kernel's bytes give it, escaped as every path of a record is
+    (backslashreplace): undecodable bytes read as surrogates cannot be packed, and the
+    event was lost as a decode error."""
+    where = os.path.join(os.fsencode(tmp_path), b"caf\xe9")
+    os.mkdir(where)
+    fd = os.open(where, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        rec = file_created.LAYOUT.pack(5, os.getpid(), 1, 0, fd, 0o100, 0, 0, 0, b"sh", b"new", b"")
+        size = file_created.ABS_SIZE
+        data = frame(rec[:size])[1]
+        [event] = file_created.decode_run(size, data, 0)
+        packed = packed_run(size, data, 0)
+    finally:
+        os.close(fd)
+    assert event[6] == f"{tmp_path}/caf\\xe9/new"
+    assert packed == [pack_event(event)]
