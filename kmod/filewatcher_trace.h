@@ -54,7 +54,13 @@ TRACE_EVENT(file_created,
 		strscpy(__entry->comm, comm, TASK_COMM_LEN);
 		__entry->flags = flags;
 		__entry->mode = mode;
-		__assign_str_len(path, path, min_t(unsigned int, path_len, FILEWATCHER_PATH_MAX_LEN));
+		/*
+		 * The path's first bytes, as many as __string_len() reserved and recorded
+		 * (less the NUL), then the NUL: 6.1's __assign_str_len() is gone from later
+		 * kernels (6.12 has only __assign_str(item)), and this builds on both.
+		 */
+		memcpy(__get_str(path), path, __get_dynamic_array_len(path) - 1);
+		__get_str(path)[__get_dynamic_array_len(path) - 1] = '\0';
 	),
 
 	/* The path goes last: it may hold spaces. */

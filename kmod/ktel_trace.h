@@ -55,9 +55,12 @@ static inline const char *ktel_tp_val(const struct ktel_kv *kv, unsigned int n, 
  * __get_dynamic_array_len() (stage3_trace_output.h; still defined in stage 6).
  * The copy is bounded by that size: strscpy_pad() copies at most size - 1
  * bytes, always ends with a NUL and zeroes the rest. Measuring again at the
- * copy (__assign_str_len(item, src, strnlen(src, max))) would write past the
- * reservation if the string grew in between, and leave bytes of the ring
- * buffer unwritten if it shrank.
+ * copy (strnlen(src, max) once more) would write past the reservation if the
+ * string grew in between, and leave bytes of the ring buffer unwritten if it
+ * shrank. Not the kernel's own copy for such a field: 6.1's
+ * __assign_str_len(item, src, len) is gone from later kernels (6.12 has only
+ * __assign_str(item), which copies the length recorded here), and ktel builds
+ * for both.
  */
 #define KTEL_STR_FIELD(item, src, max) __string_len(item, src, strnlen(ktel_tp_str(src), max))
 #define KTEL_STR_ASSIGN(item, src)                                                         \
@@ -258,7 +261,8 @@ TRACE_EVENT(ktel_log,
 			__entry->span_id = 0;
 		}
 		KTEL_KV_ASSIGN(attr, attrs, nr_attrs)
-		__assign_str_len(message, msg, min_t(unsigned int, msg_len, KTEL_MSG_MAX_LEN));
+		/* msg is vscnprintf()'s: NUL-terminated at msg_len. */
+		KTEL_STR_ASSIGN(message, msg);
 	),
 
 	/* The message goes last: it is free text. */
