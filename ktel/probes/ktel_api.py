@@ -78,6 +78,9 @@ KTEL_LOG = EventKind(
 COUNTER, GAUGE, HISTOGRAM, SPAN_END, LOG, SPAN_BEGIN = 1, 2, 3, 4, 5, 6
 METRIC_TYPE = {COUNTER: "counter", GAUGE: "gauge", HISTOGRAM: "histogram"}
 NO_TRACE = bytes(16)
+# The wire's value is an int64 (KTEL_METRIC); an observation the kernel gives as u64
+# past it is kept at its top, as ktel.c keeps a counter's increment.
+I64_MAX = (1 << 63) - 1
 # The probe's programs (bpf/ktel_api.bpf.c) and their tracepoints.
 PROGRAMS = {
     "ktel/ktel_counter": "ktel_api_counter",
@@ -111,6 +114,11 @@ def decode(raw: bytes, wall_offset_ns: int) -> list:
     )
     ts += wall_offset_ns
     if kind in METRIC_TYPE:
+        if kind == HISTOGRAM and value < 0:
+            # ktel:ktel_histogram's value is a u64 (kmod/README.md), which the record
+            # carries in its s64: read signed, an observation from 2^63 up was a negative
+            # one, which the aggregate stage drops as a sender's error.
+            value = I64_MAX
         return [KTEL_METRIC.id, ts, pid, METRIC_TYPE[kind], c_string(name), _kv(kv, nr_kv), value]
     if kind == SPAN_END:
         # What the wire cannot carry is a decode error, counted by the agent, rather

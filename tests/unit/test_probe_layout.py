@@ -277,6 +277,13 @@ def test_ktel_api_records_decode_to_metric_span_and_log_events():
     }
     gauge = rec(ktel_api.GAUGE, -4, name=b"g")
     assert ktel_api.decode(gauge, 0)[3:] == ["gauge", "g", {}, -4]
+    # ktel:ktel_histogram's value is a u64: one from 2^63 up (here 2^64 - 1) is no
+    # negative observation, but the largest the wire's int64 holds, in the top bucket.
+    for observed in (5, 2**63 - 1, 2**63, 2**64 - 1):
+        raw = rec(ktel_api.HISTOGRAM, observed - (1 << 64 if observed >= 1 << 63 else 0), name=b"h_ns")
+        ev = ktel_api.decode(raw, 0)
+        assert ev[3:] == ["histogram", "h_ns", {}, min(observed, 2**63 - 1)]
+        assert KINDS[ev[0]].valid(ev)
     span = rec(ktel_api.SPAN_END, span=0x0102030405060708, parent=0, start=10, end=30, level=2, nr=2,
                trace=tid, name=b"op", kv=_kv("a", "1", "b", "2"))  # fmt: skip
     assert event_dict(ktel_api.decode(span, 100)) == {
