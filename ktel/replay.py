@@ -35,11 +35,19 @@ read, and each event is judged by its own ``ts_ns``. For every partition:
    (``messaging.kafka.message.key``, null for none), and the summary counts the
    matched batches keyed so.
 
-A record that does not decode is counted and reported, optionally dead-lettered
+A record replay cannot use is counted and reported, optionally dead-lettered
 (``--dlq``), and skipped, when its key names one of ``--host`` or it has none (its
-host unknown); another host's, by its key, is only counted as read. The consumer
-has no group and commits nothing, so a replay never moves the offsets of a live
-consumer group.
+host unknown); another host's, by its key, is only counted as read. That is a record
+that does not decode, and one whose batch decodes but whose key is no host id a batch
+may carry (``ktel.wire.raw.key_problem``), also when its batch names one of
+``--host``: a key is any bytes up to the record's size, and one echoed on each line
+of its batch's events would multiply it by their number (a 1 MB record, nearly all
+key beside 100,000 small compressed events, would write 100 GB). It is reported once,
+cut and escaped. A key that is a host id adds no more to a line than its batch's own
+``host.id`` does.
+
+The consumer has no group and commits nothing, so a replay never moves the offsets of
+a live consumer group.
 
 ``--from`` and ``--to`` are exact to the nanosecond, as ``ts_ns`` is: RFC 3339 allows
 as many digits of a second as one gives, and a time between two nanoseconds keeps
@@ -86,14 +94,17 @@ from ktel.wire import (
     decode_batch,
     encode_batch,
     event_dict,
+    key_problem,
 )
 from ktel.wire.codec import MAX_RECORD_BYTES
 
-STAGE = "replay"  # the DeadLetter stage of records replay could not decode
+STAGE = "replay"  # the DeadLetter stage of records replay could not use
 NS = 1_000_000_000
-# Decode failures (and batches not re-published) reported one by one on stderr; beyond
-# that only counted.
+# Records replay cannot use (and batches not re-published) reported one by one on
+# stderr; beyond that only counted.
 FAILURES_SHOWN = 20
+# How much of a key that is no host id a report shows (escaped: it is any bytes).
+KEY_SHOWN = 64
 # Re-published batches in flight before waiting for their acknowledgements.
 MAX_IN_FLIGHT = 1000
 # The most a re-published record may take, its key and batch together, as aiokafka
@@ -218,10 +229,11 @@ class Filter:
                 f"--from ({format_ns(self.from_ns)}) must be before --to ({format_ns(self.to_ns)})"
             )
 
-    def wants_key(self, key: bytes | None) -> bool:
-        """Whether a record that does not decode is reported: its key names a wanted
-        host, or it has none (its host unknown)."""
-        return self.hosts is None or key is None or key_text(key) in self.hosts
+    def wants_key(self, key: bytes | None, host_id: str | None = None) -> bool:
+        """Whether a record replay cannot use is reported: its key or its batch's host
+        id (``host_id``, when its batch decodes) names a wanted host, or it has no key
+        (its host unknown)."""
+        return self.hosts is None or key is None or key_text(key) in self.hosts or host_id in self.hosts
 
     def select(self, batch: RawBatch, key: bytes | None = None) -> RawBatch | None:
         """The batch of a record keyed ``key`` with only the events kept (weights
@@ -321,6 +333,7 @@ class Summary:
     keyed_otherwise: int = 0  # of the batches, those whose key is not their host id (rule 4)
     events: int = 0
     decode_failures: int = 0
+    bad_keys: int = 0  # records whose batch decodes, keyed with no host id (module docstring)
     dead_lettered: int = 0
     republished: int = 0
     # Matched, but more than a record replay writes may take (REPUBLISH_MAX_BYTES).
@@ -340,6 +353,7 @@ class Summary:
             )
             + f", {self.events} events",
             f"decode failures {self.decode_failures}",
+            *([f"{self.bad_keys} keyed with no host id"] if self.bad_keys else []),
         ]
         if opts.dlq:
             parts.append(f"dead-lettered {self.dead_lettered} to {opts.client.topics.dlq}")
@@ -386,10 +400,19 @@ async def replay(opts: Options, write: Callable[[str], None], report: Callable[[
     in_flight: list[asyncio.Future[Any]] = []
 
     def shown(what: str) -> None:
-        """Report a decode failure or a batch not re-published (the first few)."""
+        """Report a record replay cannot use or a batch not re-published (the first few)."""
         if len(summary.failures) < FAILURES_SHOWN:
             summary.failures.append(what)
             report(f"ktel replay: {what}")
+
+    async def unusable(tp: TopicPartition, rec: ConsumerRecord, payload: bytes, why: str) -> None:
+        """Report a record replay cannot use, and dead-letter it with ``--dlq``."""
+        shown(f"{tp.topic}[{tp.partition}]@{rec.offset}: {why}")
+        if dlq is not None:
+            dl = DeadLetter(STAGE, why, tp.topic, tp.partition, rec.offset, payload)
+            key, value = dead_letter_record(dl, rec.key)
+            await dlq.send_and_wait(opts.client.topics.dlq, value, key=key)
+            summary.dead_lettered += 1
 
     async def handle(tp: TopicPartition, rec: ConsumerRecord) -> None:
         summary.records += 1
@@ -397,15 +420,16 @@ async def replay(opts: Options, write: Callable[[str], None], report: Callable[[
         try:
             batch = decode_batch(payload)
         except WireError as err:
-            if not opts.filter.wants_key(rec.key):
-                return  # another host's, as far as its key tells
-            summary.decode_failures += 1
-            shown(f"{tp.topic}[{tp.partition}]@{rec.offset}: {err}")
-            if dlq is not None:
-                dl = DeadLetter(STAGE, str(err), tp.topic, tp.partition, rec.offset, payload)
-                key, value = dead_letter_record(dl, rec.key)
-                await dlq.send_and_wait(opts.client.topics.dlq, value, key=key)
-                summary.dead_lettered += 1
+            if opts.filter.wants_key(rec.key):  # (else another host's, as far as its key tells)
+                summary.decode_failures += 1
+                await unusable(tp, rec, payload, str(err))
+            return
+        problem = None if rec.key is None else key_problem(rec.key)
+        if problem is not None:
+            # Told once, not on each of its events' lines (module docstring).
+            if opts.filter.wants_key(rec.key, batch.host_id):
+                summary.bad_keys += 1
+                await unusable(tp, rec, payload, bad_key(rec.key, problem))
             return
         kept = opts.filter.select(batch, rec.key)
         if kept is None:
@@ -425,8 +449,9 @@ async def replay(opts: Options, write: Callable[[str], None], report: Callable[[
                 fut = await out.send(opts.to_topic, value, key=rec.key, timestamp_ms=rec.timestamp)
             except MessageSizeTooLargeError:
                 # aiokafka refuses it before queueing it, and goes on with the others: a
-                # record no agent writes (a key far longer than a host id beside a batch
-                # of nearly the most that decodes) must not end the replay of the window.
+                # record no agent writes (a batch of nearly the most that decodes, written
+                # back larger than it came: numbers sent as 32-bit floats take 64 bits)
+                # must not end the replay of the window.
                 summary.not_republished += 1
                 size = len(value) + len(rec.key or b"")
                 shown(
@@ -475,6 +500,14 @@ async def replay(opts: Options, write: Callable[[str], None], report: Callable[[
         for client in reversed(clients):
             await client.stop()
     return summary
+
+
+def bad_key(key: bytes, problem: str) -> str:
+    """Why a record keyed ``key``, no host id for ``problem``, is not replayed: its
+    first KEY_SHOWN bytes, escaped (a Python bytes literal: a newline or a terminal
+    escape in it cannot fake or garble a line)."""
+    cut = "..." if len(key) > KEY_SHOWN else ""
+    return f"its key of {len(key)} bytes, {key[:KEY_SHOWN]!r}{cut}, is no host id: {problem}"
 
 
 async def cluster_id(client: KafkaConfig, bootstrap: str, what: str) -> str | None:
@@ -600,7 +633,7 @@ def main(cfg: Config, args: Any, stdout: TextIO | None = None, stderr: TextIO | 
     if closed and stdout is sys.stdout:
         # Python's own flush of stdout at exit would fail again and print a traceback.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    more = summary.decode_failures + summary.not_republished - len(summary.failures)
+    more = summary.decode_failures + summary.bad_keys + summary.not_republished - len(summary.failures)
     if more > 0:
         report(f"ktel replay: ... and {more} more like those")
     report(f"ktel replay: {summary.line(opts)}")

@@ -41,7 +41,15 @@ from ktel.wire.control import (
     encode_dead_letter,
     encode_heartbeat,
 )
-from ktel.wire.raw import PID_FIELDS, PID_INDEXES, RawBatch, decode_batch, encode_batch, event_dict
+from ktel.wire.raw import (
+    PID_FIELDS,
+    PID_INDEXES,
+    RawBatch,
+    decode_batch,
+    encode_batch,
+    event_dict,
+    key_problem,
+)
 from ktel.wire.signals import (
     MAX_PROMETHEUS_BYTES,
     LogBatch,
@@ -130,6 +138,7 @@ __all__ = [
     "encode_spans",
     "encoded_parts",
     "event_dict",
+    "key_problem",
     "log2_bounds",
     "prometheus_size",
     "series_chars",

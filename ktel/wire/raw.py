@@ -188,6 +188,27 @@ def _bad_event(events: list, what: str) -> WireError:
     return WireError(f"{what}: an event failed its check")  # not reached
 
 
+def host_id_problem(host_id: str) -> str | None:
+    """Why ``host_id`` is no host id a batch may carry, or None: the one rule, which a
+    batch's host is held to and a record's key is judged by (``key_problem``)."""
+    if len(host_id) > HOST_CHARS:
+        return f"host id of {len(host_id)} characters is longer than the {HOST_CHARS} a host id may take"
+    if host_id == EVERY_HOST:
+        # The sample stage commands a host by its id: this one's would go to every agent.
+        return f"host id {EVERY_HOST!r} is ktel.control's every-host target, not a host's"
+    return None
+
+
+def key_problem(key: bytes) -> str | None:
+    """Why a record's key names no host id a batch may carry (a batch is keyed by its
+    host id in UTF-8), or None."""
+    try:
+        host_id = key.decode()
+    except UnicodeDecodeError:
+        return "a host id is UTF-8, and this key is not"
+    return host_id_problem(host_id)
+
+
 def decode_batch(data: bytes | bytearray) -> RawBatch:
     """Decode a raw batch, plain or zstd-compressed (codec.compress), and check every
     event against its kind; raises WireError naming what is wrong."""
@@ -195,9 +216,9 @@ def decode_batch(data: bytes | bytearray) -> RawBatch:
     if isinstance(data, bytes | bytearray) and data[:4] == ZSTD_MAGIC:
         data = decompress(data, what)
     obj = unpack(data, what, SHAPE)
-    if obj["host"] == EVERY_HOST:
-        # The sample stage commands a host by its id: this one's would go to every agent.
-        raise WireError(f"{what}: host id {EVERY_HOST!r} is ktel.control's every-host target, not a host's")
+    problem = host_id_problem(obj["host"])
+    if problem is not None:
+        raise WireError(f"{what}: {problem}")
     events = obj["events"]
     valid = _VALID
     try:

@@ -341,3 +341,41 @@ async def test_a_host_with_a_fast_clock_hides_no_other_hosts_events(kafka):
     assert (summary.records, summary.late, summary.decode_failures) == (3, 1, 1)
     why = "raw batch: event 0 (file_created) field 'path' must be a string, got list [[[...]]]"
     assert reports == [f"ktel replay: {topic}[0]@2: {why}"]
+
+
+async def test_a_record_keyed_with_no_host_id_is_reported_once_not_on_each_events_line(kafka):
+    """One record as large as ktel.raw takes: 990 KB of key beside 100,000 small events,
+    compressed. Its key echoed on each event's line made 100 GB of output."""
+    run_id = uuid.uuid4().hex[:8]
+    topic = f"ktel.replay-keys-{run_id}"
+    await create_topics(kafka.bootstrap, [TopicSpec(topic, 1)])
+    now_ms = time.time_ns() // MS
+    host = f"keyed-{run_id}"
+    events = [created(now_ms * MS, "/k")] * 100_000
+    value = compress(encode_batch(RawBatch(host, "b", 0, now_ms * MS, events)))
+    key = b"k" * 990_000
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, value, key=key, timestamp_ms=now_ms)
+        ok = RawBatch(host, "b", 1, now_ms * MS, [created(now_ms * MS, "/ok")])
+        await producer.send_and_wait(topic, encode_batch(ok), key=host.encode(), timestamp_ms=now_ms)
+    finally:
+        await producer.stop()
+
+    lines: list[str] = []
+    reports: list[str] = []
+
+    def write(line: str) -> None:
+        lines.append(line)
+        # (Ends a replay that would write it all, rather than the machine's memory.)
+        assert sum(map(len, lines)) < 1 << 20, f"{len(lines)} lines take more than 1 MiB"
+
+    flt = Filter((now_ms - 60_000) * MS, (now_ms + 1000) * MS, hosts=frozenset({host}))
+    summary = await replay.replay(Options(kafka.bootstrap, flt, topic=topic), write, reports.append)
+    events_out = [json.loads(line) for line in lines]
+    assert [(e["path"], e.get("messaging.kafka.message.key", "")) for e in events_out] == [("/ok", "")]
+    assert (summary.records, summary.batches, summary.bad_keys) == (2, 1, 1)
+    [report] = reports
+    assert report.startswith(f"ktel replay: {topic}[0]@0: its key of 990000 bytes, b'kkk")
+    assert len(report) < 300

@@ -23,8 +23,10 @@ from ktel.wire import (
     RawBatch,
     WireError,
     decode_batch,
+    decode_dead_letter,
     encode_batch,
 )
+from ktel.wire.control import DEAD_LETTER_KEY_BYTES
 
 NOW = 1_750_000_000 * NS  # 2025-06-15T15:06:40Z
 
@@ -228,6 +230,9 @@ def test_keys_worth_decoding():
     assert flt.wants_key(None)  # no key: its batch says which host it is from
     assert not flt.wants_key(b"\xff\xfe")
     assert Filter(NOW, NOW + NS).wants_key(b"anything")
+    # A batch that decodes names its host too.
+    assert flt.wants_key(b"\xff\xfe", "host-a")
+    assert not flt.wants_key(b"\xff\xfe", "host-b")
 
 
 def test_read_bounds_start_at_from_and_stop_a_margin_after_to():
@@ -328,10 +333,75 @@ async def test_records_keyed_otherwise_than_their_host_id_are_shown_and_counted(
     assert "keyed otherwise" not in replay.Summary().line(OPTS)
 
 
+async def test_a_record_keyed_with_no_host_id_is_reported_once_not_on_each_line(monkeypatch):
+    """A key is any bytes up to the record's size. Echoed on each event's line, 990 KB of
+    key beside 100,000 small compressed events made 100 GB of output from one record."""
+    many = batch([created(NOW, f"/{i}") for i in range(1000)])
+    huge = b"\x1b[2J\n" + b"k" * 990_000
+    records = [
+        (huge, encode_batch(many)),
+        (b"\xffa", encode_batch(batch([created(NOW, "/not-utf-8")]))),
+        (b"*", encode_batch(batch([created(NOW, "/every-host")]))),
+        (b"host-a", encode_batch(batch([created(NOW, "/a")]))),
+        (b"x" * 300, encode_batch(batch([created(NOW, "/of-b")], host="host-b"))),  # not host-a's
+    ]
+    lines, reports, summary = await replay_of(records, monkeypatch)
+    assert [e["path"] for e in lines] == ["/a"]
+    assert "messaging.kafka.message.key" not in lines[0]  # a record keyed by its host: as before
+    assert (summary.records, summary.batches, summary.events) == (5, 1, 1)
+    assert (summary.bad_keys, summary.decode_failures) == (3, 0)
+    assert reports == [
+        f"ktel replay: {RAW_TOPIC}[0]@0: its key of {len(huge)} bytes, "
+        "b'\\x1b[2J\\n" + "k" * (replay.KEY_SHOWN - 5) + "'..., is no host id: "
+        f"host id of {len(huge)} characters is longer than the 256 a host id may take",
+        f"ktel replay: {RAW_TOPIC}[0]@1: its key of 2 bytes, b'\\xffa', is no host id: "
+        "a host id is UTF-8, and this key is not",
+        f"ktel replay: {RAW_TOPIC}[0]@2: its key of 1 bytes, b'*', is no host id: "
+        "host id '*' is ktel.control's every-host target, not a host's",
+    ]
+    assert "decode failures 0; 3 keyed with no host id" in summary.line(OPTS)
+    assert "keyed with no host id" not in replay.Summary().line(OPTS)
+    # Without --host, every host's is reported.
+    _, reports, summary = await replay_of(
+        records, monkeypatch, dataclasses.replace(OPTS, filter=Filter(NOW, NOW + NS))
+    )
+    assert summary.bad_keys == 4 and len(reports) == 4
+
+
+async def test_a_record_keyed_with_no_host_id_is_dead_lettered_with_dlq(monkeypatch):
+    sent = []
+
+    class Producer:
+        def __init__(self, **kw):
+            pass
+
+        async def start(self):
+            pass
+
+        async def stop(self):
+            pass
+
+        async def send_and_wait(self, topic, value, key=None):
+            sent.append((topic, key, decode_dead_letter(value)))
+
+    monkeypatch.setattr(replay, "AIOKafkaProducer", Producer)
+    value = encode_batch(batch([created(NOW)]))
+    huge = b"k" * 990_000
+    _, _, summary = await replay_of([(huge, value)], monkeypatch, dataclasses.replace(OPTS, dlq=True))
+    [(topic, key, dl)] = sent
+    assert (topic, dl.stage, dl.topic, dl.offset, dl.payload) == ("ktel.dlq", "replay", RAW_TOPIC, 0, value)
+    assert key == huge[:DEAD_LETTER_KEY_BYTES]  # (as a dead letter keeps a key)
+    assert dl.reason.startswith("its key of 990000 bytes, b'kkk") and dl.reason.endswith(
+        "is no host id: host id of 990000 characters is longer than the 256 a host id may take"
+    )
+    assert (summary.bad_keys, summary.dead_lettered) == (1, 1)
+
+
 async def test_a_batch_too_large_to_re_publish_is_reported_and_the_others_re_published(monkeypatch):
-    """A record no agent writes: a key far longer than a host id, beside a batch that
-    decodes to nearly MAX_RECORD_BYTES. aiokafka refuses it before sending it (as here),
-    and it ended the replay of the window with "Kafka failed"."""
+    """A record no agent writes: a batch of nearly the most a record decodes to, written
+    back larger than it came (32-bit floats take 64 bits). aiokafka refuses it before
+    sending it (as here), and it ended the replay of the window with "Kafka failed".
+    (Here the limit is made small, not the batch large.)"""
     sent = []
 
     class Producer:
@@ -357,15 +427,16 @@ async def test_a_batch_too_large_to_re_publish_is_reported_and_the_others_re_pub
 
     monkeypatch.setattr(replay, "AIOKafkaProducer", Producer)
     value = encode_batch(batch([created(NOW)]))
-    huge = b"host-a" * (replay.REPUBLISH_MAX_BYTES // 6)
-    records = [(b"host-a", value), (huge, value), (b"host-a", value)]
+    large = encode_batch(batch([created(NOW, f"/{i}") for i in range(100)]))
+    monkeypatch.setattr(replay, "REPUBLISH_MAX_BYTES", len(large) - 1)
+    records = [(b"host-a", value), (b"host-a", large), (b"host-a", value)]
     opts = dataclasses.replace(OPTS, to_topic="incident-42", jsonl=False)
     _, reports, summary = await replay_of(records, monkeypatch, opts)
     assert sent == [("incident-42", b"host-a")] * 2
     assert (summary.batches, summary.republished, summary.not_republished) == (3, 2, 1)
     assert reports == [
         f"ktel replay: {RAW_TOPIC}[0]@1: not re-published to incident-42: its key and batch take "
-        f"{len(huge) + len(value)} bytes and Kafka's framing, more than the {replay.REPUBLISH_MAX_BYTES} "
+        f"{len(large) + 6} bytes and Kafka's framing, more than the {len(large) - 1} "
         "a record replay writes may"
     ]
     assert "re-published 2 batches to incident-42; not re-published 1 too large" in summary.line(opts)

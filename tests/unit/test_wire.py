@@ -377,6 +377,33 @@ def test_a_batch_of_host_star_is_refused_its_anomaly_would_command_every_host():
         wire.decode_batch(batch)
 
 
+@pytest.mark.parametrize(
+    ("key", "problem"),
+    [
+        (b"3f2a9c", None),
+        (b"", None),  # (a batch may carry an empty host id; an agent refuses to run with one)
+        ("é".encode() * 256, None),  # 256 characters, 512 bytes
+        ("é".encode() * 257, "host id of 257 characters is longer than the 256 a host id may take"),
+        (b"h" * 990_000, "host id of 990000 characters is longer than the 256 a host id may take"),
+        (b"\xffa", "a host id is UTF-8, and this key is not"),
+        (b"*", "host id '*' is ktel.control's every-host target, not a host's"),
+    ],
+)
+def test_a_key_is_a_host_id_by_the_rule_a_batch_is_held_to(key, problem):
+    assert wire.key_problem(key) == problem
+    try:
+        host_id = key.decode()
+    except UnicodeDecodeError:
+        return
+    # The same rule: a batch of that host id decodes when its key is one.
+    batch = wire.encode_batch(wire.RawBatch(host_id, "boot", 0, 1, []))
+    if problem is None:
+        assert wire.decode_batch(batch).key == key
+    else:
+        with pytest.raises(wire.WireError):
+            wire.decode_batch(batch)
+
+
 def test_a_record_too_big_to_be_ktels_is_refused_before_it_is_unpacked():
     with pytest.raises(wire.WireError, match="more than"):
         wire.decode_batch(b"\x00" * (wire.codec.MAX_RECORD_BYTES + 1))
