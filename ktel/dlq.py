@@ -57,7 +57,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, OffsetOutOfRangeError
 from opentelemetry.semconv._incubating.attributes.host_attributes import HOST_ID
 
 from ktel import topic_window
@@ -252,7 +252,13 @@ class Originals:
         self.reader.seek(tp, offset)
         deadline = time.monotonic() + topic_window.STALL_S
         while time.monotonic() < deadline:
-            for rec in (await self.reader.getmany(tp, timeout_ms=500)).get(tp, []):
+            try:
+                fetched = await self.reader.getmany(tp, timeout_ms=500)
+            except OffsetOutOfRangeError:
+                # Retention took it meanwhile, or the partition's end moved back below it
+                # (the consumer does not reset a position out of range: topic_window).
+                return None
+            for rec in fetched.get(tp, []):
                 if rec.offset >= offset:  # (past it: compaction or retention took it meanwhile)
                     return rec if rec.offset == offset else None
             if await self.reader.position(tp) > offset:

@@ -5,6 +5,14 @@ Every partition is read from its first record whose timestamp is at or after a s
 time (Kafka's ``offsets_for_times``) up to its end offset as it was when the read
 began, so a read always ends however fast producers keep writing. The consumer has no
 group and commits nothing, so a read never moves the offsets of a live consumer group.
+
+Kafka may find a read's position out of its partition's range midway. When retention
+deleted the records ahead of it, the read goes on from the oldest record left. When
+the partition's end moved back below it (an unclean leader election lost records, or
+the topic was deleted and created again), that partition's read ends there, the others
+are read to their end, and then ``records`` raises ReadError naming it: going on from
+the oldest record, as a consumer reset to "earliest" would, read the partition a
+second time, every record already handed on handed on again.
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ import time
 from collections.abc import AsyncGenerator
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, OffsetOutOfRangeError
 
 from ktel.config import KafkaConfig
 from ktel.kafka_client import client_kwargs, explain, settings
@@ -43,8 +51,9 @@ def consumer(client: KafkaConfig, bootstrap: str) -> AIOKafkaConsumer:
         **client_kwargs(client, bootstrap),
         group_id=None,
         enable_auto_commit=False,
-        # A start offset that retention deleted meanwhile: the oldest record left.
-        auto_offset_reset="earliest",
+        # A position out of range raises OffsetOutOfRangeError, for ``records`` to tell
+        # records deleted by retention from an end moved back (module docstring).
+        auto_offset_reset="none",
     )
 
 
@@ -72,7 +81,8 @@ async def records(
 ) -> AsyncGenerator[tuple[TopicPartition, ConsumerRecord], None]:
     """Each partition's records from ``start_ms`` (record time, ms since epoch) to its
     end offset at the call, partition by partition in fetch order. ReadError when no
-    fetch moves for ``stall_s`` (naming ``bootstrap``, the Kafka read)."""
+    fetch moves for ``stall_s`` (naming ``bootstrap``, the Kafka read), and at the end
+    when a partition's end moved back below the read (module docstring)."""
     ends = await reader.end_offsets(parts)
     # offsets_for_times refuses a negative time (a start before 1970).
     starts = await reader.offsets_for_times({tp: max(0, start_ms) for tp in parts})
@@ -90,10 +100,43 @@ async def records(
         del active[tp]
         reader.pause(tp)  # no more prefetching of a finished partition
 
+    # Partition -> what to say of its read, ended where its end moved back below it.
+    cut: dict[TopicPartition, str] = {}
+
+    async def out_of_range(err: OffsetOutOfRangeError) -> None:
+        """Go on past records retention deleted, or end the read of a partition whose
+        end moved back below its position."""
+        at = err.args[0] if err.args and isinstance(err.args[0], dict) else {}
+        named = [tp for tp in at if tp in active]
+        if not named:
+            return
+        firsts = await reader.beginning_offsets(named)
+        lasts = await reader.end_offsets(named)
+        for tp in named:
+            if at[tp] < firsts[tp]:
+                if firsts[tp] >= active[tp]:
+                    done(tp)
+                else:
+                    reader.seek(tp, firsts[tp])
+            elif at[tp] > lasts[tp]:
+                cut[tp] = (
+                    f"partition {tp.partition} of {tp.topic}: its end moved back, from offset "
+                    f"{active[tp]} to {lasts[tp]}, below the read at offset {at[tp]} (records lost "
+                    "in an unclean leader election, or the topic deleted and created again); its "
+                    "read stopped there"
+                )
+                done(tp)
+            # Else in range as the leader tells (a replica behind it answered): the consumer
+            # fetches it again, from its leader.
+
     progress_at = time.monotonic()
     positions: dict[TopicPartition, int] = {}
     while active:
-        fetched = await reader.getmany(*active, timeout_ms=500)
+        try:
+            fetched = await reader.getmany(*active, timeout_ms=500)
+        except OffsetOutOfRangeError as err:
+            await out_of_range(err)
+            fetched = {}
         moved = bool(fetched)
         for tp, batch in fetched.items():
             for rec in batch:
@@ -119,3 +162,5 @@ async def records(
                 f"no record from {bootstrap} for {stall_s:.0f} s while partitions "
                 f"{sorted(tp.partition for tp in active)} of {parts[0].topic} were unfinished"
             )
+    if cut:
+        raise ReadError("; ".join(cut[tp] for tp in sorted(cut)))

@@ -22,9 +22,10 @@ import uuid
 from dataclasses import dataclass
 
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.structs import OffsetAndTimestamp
 
-from ktel import cli, config, replay, topics
+from ktel import cli, config, replay, topic_window, topics
 from ktel.replay import NS, Filter, Options, ReplayError
 from ktel.topics import TopicSpec, create_topics
 from ktel.wire import (
@@ -379,3 +380,43 @@ async def test_a_record_keyed_with_no_host_id_is_reported_once_not_on_each_event
     [report] = reports
     assert report.startswith(f"ktel replay: {topic}[0]@0: its key of 990000 bytes, b'kkk")
     assert len(report) < 300
+
+
+async def test_a_read_past_a_partitions_end_stops_there_with_an_error_not_from_its_oldest_record(kafka):
+    """What a partition whose end moved back below a read looks like to the consumer
+    (an unclean leader election is not made here): the read is placed past the end of
+    what Kafka holds. Reset to its oldest record, the consumer read it again."""
+    topic = f"ktel.replay-end-{uuid.uuid4().hex[:8]}"
+    await create_topics(kafka.bootstrap, [TopicSpec(topic, 1)])
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap)
+    await producer.start()
+    try:
+        for i in range(3):
+            await producer.send_and_wait(topic, b"%d" % i)
+    finally:
+        await producer.stop()
+    tp = TopicPartition(topic, 0)
+    reader = topic_window.consumer(config.KafkaConfig(), kafka.bootstrap)
+    await reader.start()
+    try:
+        real_end_offsets = reader.end_offsets
+
+        async def end_when_the_read_began(parts):
+            reader.end_offsets = real_end_offsets  # (asked again, Kafka tells)
+            return {tp: 10}
+
+        async def a_position_past_the_end(times):
+            return {tp: OffsetAndTimestamp(5, 0)}
+
+        reader.end_offsets = end_when_the_read_began
+        reader.offsets_for_times = a_position_past_the_end
+        got = []
+        with pytest.raises(topic_window.ReadError) as err:
+            async for _, rec in topic_window.records(reader, [tp], 0, kafka.bootstrap, stall_s=30):
+                got.append(rec.value)
+    finally:
+        await reader.stop()
+    assert got == []
+    assert str(err.value).startswith(
+        f"partition 0 of {topic}: its end moved back, from offset 10 to 3, below the read at offset 5 "
+    )

@@ -4,12 +4,15 @@ moves as the test says, so that no assertion waits on real time."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import pytest
 from aiokafka import TopicPartition
+from aiokafka.errors import OffsetOutOfRangeError
 
 from ktel import topic_window
+from ktel.config import KafkaConfig
 
 TP = TopicPartition("ktel.raw", 0)
 
@@ -101,3 +104,109 @@ async def test_kafka_giving_nothing_for_the_stall_time_ends_the_read_naming_it(c
     assert str(err.value) == (
         "no record from k:9092 for 60 s while partitions [0] of ktel.raw were unfinished"
     )
+
+
+class Log:
+    """A topic's partitions as Kafka holds them, each [first, end), and a consumer of
+    them that does not reset a position out of range (as topic_window.consumer's):
+    each getmany hands out up to two records of each partition asked from its
+    position, after ``before_fetch[n]`` changed the partitions before the n-th fetch."""
+
+    def __init__(self, ends: dict[int, int], before_fetch: dict[int, Callable[[Log], None]]) -> None:
+        self.first = dict.fromkeys(ends, 0)
+        self.end = dict(ends)
+        self.at: dict[TopicPartition, int] = {}
+        self.before_fetch = before_fetch
+        self.fetches = 0
+
+    async def beginning_offsets(self, parts):
+        return {tp: self.first[tp.partition] for tp in parts}
+
+    async def end_offsets(self, parts):
+        return {tp: self.end[tp.partition] for tp in parts}
+
+    async def offsets_for_times(self, times):
+        return {
+            tp: SimpleNamespace(offset=self.first[tp.partition], timestamp=ms) for tp, ms in times.items()
+        }
+
+    def assign(self, parts) -> None:
+        pass
+
+    def seek(self, tp, offset) -> None:
+        self.at[tp] = offset
+
+    def pause(self, tp) -> None:
+        pass
+
+    async def position(self, tp) -> int:
+        return self.at[tp]
+
+    async def getmany(self, *parts, timeout_ms):
+        self.fetches += 1
+        if self.fetches in self.before_fetch:
+            self.before_fetch[self.fetches](self)
+        out = {
+            tp: self.at[tp]
+            for tp in parts
+            if not self.first[tp.partition] <= self.at[tp] <= self.end[tp.partition]
+        }
+        if out:
+            raise OffsetOutOfRangeError(out)
+        fetched = {}
+        for tp in parts:
+            offsets = range(self.at[tp], min(self.at[tp] + 2, self.end[tp.partition]))
+            if offsets:
+                fetched[tp] = [SimpleNamespace(offset=o) for o in offsets]
+                self.at[tp] = offsets[-1] + 1
+        return fetched
+
+
+async def read_log(log: Log) -> list[tuple[int, int]]:
+    got = []
+    parts = [TopicPartition("ktel.raw", p) for p in sorted(log.end)]
+    async for tp, rec in topic_window.records(log, parts, 0, "k:9092", stall_s=60):
+        got.append((tp.partition, rec.offset))
+    return got
+
+
+async def test_a_partition_whose_end_moved_back_below_the_read_ends_with_an_error_not_read_again(clock):
+    # Partition 0 loses its records from offset 2 on (an unclean leader election) while
+    # the read is at offset 4 of it: read from its oldest record, as a consumer reset to
+    # "earliest" does, offsets 0 and 1 came a second time. Partition 1 is read to its end.
+    def lose_records(log: Log) -> None:
+        log.end[0] = 2
+
+    log = Log({0: 6, 1: 6}, {3: lose_records})
+    got = []
+    with pytest.raises(topic_window.ReadError) as err:
+        parts = [TopicPartition("ktel.raw", 0), TopicPartition("ktel.raw", 1)]
+        async for tp, rec in topic_window.records(log, parts, 0, "k:9092", stall_s=60):
+            got.append((tp.partition, rec.offset))
+    assert sorted(got) == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2), (1, 3), (1, 4), (1, 5)]
+    assert str(err.value) == (
+        "partition 0 of ktel.raw: its end moved back, from offset 6 to 2, below the read at offset 4 "
+        "(records lost in an unclean leader election, or the topic deleted and created again); "
+        "its read stopped there"
+    )
+
+
+async def test_records_retention_deleted_ahead_of_the_read_are_passed_over(clock):
+    def retention(log: Log) -> None:
+        log.first[0] = 5
+
+    assert await read_log(Log({0: 8}, {2: retention})) == [(0, 0), (0, 1), (0, 5), (0, 6), (0, 7)]
+
+    def all_of_it(log: Log) -> None:
+        log.first[0] = 8
+
+    assert await read_log(Log({0: 8}, {2: all_of_it})) == [(0, 0), (0, 1)]
+
+
+async def test_the_consumer_leaves_a_position_out_of_range_to_records_to_judge():
+    # Reset to "earliest", the consumer read a partition whose end moved back a second time.
+    reader = topic_window.consumer(KafkaConfig(), "k:9092")
+    try:
+        assert reader._auto_offset_reset == "none"
+    finally:
+        await reader.stop()
