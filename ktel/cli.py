@@ -315,8 +315,15 @@ def main(argv: list[str] | None = None) -> None:
         "status: 0 done, 1 --redrive left some (each line says why), 2 a bad argument or Kafka could not "
         "be read. What is re-driven, and why that is safe to repeat: ktel/dlq.py.",
     )
-    p.add_argument("--from", dest="from_", metavar="TIME", help="start of the window (default: the oldest)")
-    p.add_argument("--to", default="now", metavar="TIME", help="end of the window (excluded; default now)")
+    p.add_argument(
+        "--from",
+        dest="from_",
+        metavar="TIME",
+        help="start of the window (default: the oldest, whatever its time)",
+    )
+    p.add_argument(
+        "--to", metavar="TIME", help="end of the window (excluded; default: the newest, whatever its time)"
+    )
     p.add_argument("--stage", action="append", metavar="STAGE", help="only from this stage (repeatable)")
     p.add_argument(
         "--source", action="append", metavar="TOPIC", help="only records read from TOPIC (repeatable)"

@@ -5,7 +5,9 @@ Every record a stage, an exporter or ``ktel replay --dlq`` could not use goes to
 reason, where the record was (topic, partition, offset) and the record's bytes, keyed
 by the record's key. ``ktel dlq`` reads the dead letters written in a time window (by
 their own record time: when they were dead-lettered), keeps those that ``--stage``,
-``--source``, ``--host`` and ``--reason`` select, and prints them.
+``--source``, ``--host`` and ``--reason`` select, and prints them. A bound of the window
+not given is open: by default every dead letter is read, whatever time its record
+carries (any a writer of ``ktel.dlq`` gives it, before 1970 or past now).
 
 Re-driving
 ----------
@@ -85,14 +87,21 @@ class DlqError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Selection:
-    """Which dead letters ``ktel dlq`` takes; an empty set takes every one."""
+    """Which dead letters ``ktel dlq`` takes; an empty set takes every one, and a window
+    not bounded (None) every time a record may carry."""
 
-    from_ms: int = 0
-    to_ms: int = 2**63 - 1
+    from_ms: int | None = None
+    to_ms: int | None = None
     stages: frozenset[str] = frozenset()
     sources: frozenset[str] = frozenset()
     hosts: frozenset[str] = frozenset()
     reason: re.Pattern[str] | None = None
+
+    def within(self, time_ms: int) -> bool:
+        """Whether a record of this time (its Kafka timestamp) is in the window."""
+        return (self.from_ms is None or self.from_ms <= time_ms) and (
+            self.to_ms is None or time_ms < self.to_ms
+        )
 
     def takes(self, dl: DeadLetter, key: bytes | None) -> bool:
         return (
@@ -135,6 +144,15 @@ def printable(text: str) -> str:
     return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+def record_time(ms: int) -> str:
+    """A record's Kafka timestamp as ``format_ns`` shows a time, or in ms since 1970
+    outside the years it shows: a client may give a record any 64-bit time."""
+    try:
+        return format_ns(ms * 1_000_000)
+    except OverflowError:
+        return f"{ms} ms since 1970"
+
+
 @dataclasses.dataclass(frozen=True)
 class Found:
     """A dead letter as read from ktel.dlq."""
@@ -150,7 +168,7 @@ class Found:
         key = "" if self.key is None else f" key={key_text(self.key)!r}"
         state = f"left: {self.unusable}" if self.unusable else "can be re-driven"
         return (
-            f"{format_ns(self.time_ms * 1_000_000)} {self.at} {printable(dl.stage)}: "
+            f"{record_time(self.time_ms)} {self.at} {printable(dl.stage)}: "
             f"{printable(dl.topic)}[{dl.partition}]@{dl.offset}{key} {len(dl.payload or b'')} B ({state}): "
             f"{printable(dl.reason)}"
         )
@@ -160,7 +178,7 @@ class Found:
         return json.dumps(
             {
                 "dlq": self.at,
-                "time": format_ns(self.time_ms * 1_000_000),
+                "time": record_time(self.time_ms),
                 "stage": dl.stage,
                 "topic": dl.topic,
                 "partition": dl.partition,
@@ -372,7 +390,7 @@ async def run(
             topic_window.records(reader, parts, sel.from_ms, opts.bootstrap)
         ) as window:
             async for tp, rec in window:
-                if sel.from_ms <= rec.timestamp < sel.to_ms:
+                if sel.within(rec.timestamp):
                     try:
                         await handle(tp, rec)
                     except OutputClosed:
@@ -408,11 +426,13 @@ def options(cfg: Config, args: Any, now_ns: int | None = None) -> Options:
     """Options from ``ktel dlq``'s arguments; raises DlqError naming what is wrong."""
     now_ns = time.time_ns() if now_ns is None else now_ns
     try:
-        from_ms = 0 if args.from_ is None else parse_time(args.from_, now_ns) // 1_000_000
-        to_ms = parse_time(args.to, now_ns) // 1_000_000
+        # Not given, a bound is open: whoever may write ktel.dlq gives a record any time
+        # (before 1970, past now: a clock set so, or to hide it), and it must be listed.
+        from_ms = None if args.from_ is None else parse_time(args.from_, now_ns) // 1_000_000
+        to_ms = None if args.to is None else parse_time(args.to, now_ns) // 1_000_000
     except ReplayError as err:
         raise DlqError(str(err)) from None
-    if from_ms >= to_ms:
+    if from_ms is not None and to_ms is not None and from_ms >= to_ms:
         raise DlqError(
             f"--from ({format_ns(from_ms * 1_000_000)}) must be before --to ({format_ns(to_ms * 1_000_000)})"
         )

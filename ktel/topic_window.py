@@ -2,9 +2,10 @@
 ``ktel dlq``).
 
 Every partition is read from its first record whose timestamp is at or after a start
-time (Kafka's ``offsets_for_times``) up to its end offset as it was when the read
-began, so a read always ends however fast producers keep writing. The consumer has no
-group and commits nothing, so a read never moves the offsets of a live consumer group.
+time (Kafka's ``offsets_for_times``), or from its oldest record, up to its end offset
+as it was when the read began, so a read always ends however fast producers keep
+writing. The consumer has no group and commits nothing, so a read never moves the
+offsets of a live consumer group.
 
 Kafka may find a read's position out of its partition's range midway. When retention
 deleted the records ahead of it, the read goes on from the oldest record left. When
@@ -74,27 +75,31 @@ async def partitions(client: KafkaConfig, bootstrap: str, topic: str) -> list[To
 async def records(
     reader: AIOKafkaConsumer,
     parts: list[TopicPartition],
-    start_ms: int,
+    start_ms: int | None,
     bootstrap: str,
     *,
     stall_s: float = STALL_S,
 ) -> AsyncGenerator[tuple[TopicPartition, ConsumerRecord], None]:
-    """Each partition's records from ``start_ms`` (record time, ms since epoch) to its
-    end offset at the call, partition by partition in fetch order. ReadError when no
-    fetch moves for ``stall_s`` (naming ``bootstrap``, the Kafka read), and at the end
-    when a partition's end moved back below the read (module docstring)."""
+    """Each partition's records from ``start_ms`` (record time, ms since epoch; None:
+    from its oldest record, whatever the times its records carry) to its end offset at
+    the call, partition by partition in fetch order. ReadError when no fetch moves for
+    ``stall_s`` (naming ``bootstrap``, the Kafka read), and at the end when a
+    partition's end moved back below the read (module docstring)."""
     ends = await reader.end_offsets(parts)
-    # offsets_for_times refuses a negative time (a start before 1970).
-    starts = await reader.offsets_for_times({tp: max(0, start_ms) for tp in parts})
+    if start_ms is None:
+        starts = await reader.beginning_offsets(parts)
+    else:
+        # offsets_for_times refuses a negative time (a start before 1970).
+        found = await reader.offsets_for_times({tp: max(0, start_ms) for tp in parts})
+        starts = {tp: hit.offset for tp, hit in found.items() if hit is not None}
     # Partition -> the end offset to read up to; a partition is dropped when done.
     active: dict[TopicPartition, int] = {}
     for tp in parts:
-        hit = starts.get(tp)
-        if hit is not None and hit.offset < ends[tp]:
+        if tp in starts and starts[tp] < ends[tp]:
             active[tp] = ends[tp]
     reader.assign(list(active))
     for tp in active:
-        reader.seek(tp, starts[tp].offset)
+        reader.seek(tp, starts[tp])
 
     def done(tp: TopicPartition) -> None:
         del active[tp]

@@ -18,6 +18,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
 
+from ktel.replay import format_ns
 from ktel.topics import topic_partitions
 from ktel.wire import (
     DLQ_TOPIC,
@@ -242,3 +243,39 @@ def test_a_listing_whose_reader_goes_away_stops_quietly(private_kafka):
     assert proc.wait(120) == 0, err
     assert "Traceback" not in err
     assert err.splitlines()[-1].endswith("stopped early: the reader of stdout went away")
+
+
+def test_dead_letters_timed_before_1970_or_past_now_are_listed_by_default(private_kafka):
+    """Anyone who may write ktel.dlq gives a record the time it likes (a clock set so,
+    or to hide it). Read by default from the first record timed at or after 1970 up to
+    now, a listing left out, uncounted, those timed before 1970 (and all the records
+    before that first one) and those timed past now."""
+    bootstrap = private_kafka.bootstrap
+    now_ms = int(time.time() * 1000)
+    times = {"before-1970": -86_400_000, "no-time": -1, "now": now_ms, "in-2200": 7_258_118_400_000}
+
+    async def write() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+        await producer.start()
+        try:
+            for stage, ts in times.items():
+                key, value = dead_letter_record(DeadLetter(stage, "r", RAW_TOPIC, 0, 0, b"x"), b"h")
+                await producer.send_and_wait(DLQ_TOPIC, value, key=key, timestamp_ms=ts)
+        finally:
+            await producer.stop()
+
+    asyncio.run(write())
+    listed = ktel_dlq(bootstrap, "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert {f["stage"]: f["time"] for f in map(json.loads, listed.stdout.splitlines())} == {
+        "before-1970": "1969-12-31T00:00:00.000+00:00",
+        "no-time": "1969-12-31T23:59:59.999+00:00",
+        "now": format_ns(now_ms * 1_000_000),
+        "in-2200": "2200-01-01T00:00:00.000+00:00",
+    }
+    assert listed.stderr.splitlines()[-1] == (
+        "ktel dlq: read 4 dead letters from 1 partitions of ktel.dlq; selected 4"
+    )
+    # A window given is kept to.
+    since = ktel_dlq(bootstrap, "--from", "-1h", "--to", "now")
+    assert [line.split()[2] for line in since.stdout.splitlines()] == ["now:"], since.stderr

@@ -4,12 +4,14 @@ why not, its lines and its arguments (against Kafka: tests/integration/test_dlq.
 import argparse
 import json
 import re
+from types import SimpleNamespace
 
 import pytest
+from aiokafka import TopicPartition
 
-from ktel import cli, config, dlq
+from ktel import cli, config, dlq, topic_window
 from ktel.dlq import DlqError, Found, Selection, why_not_redrivable
-from ktel.replay import NS
+from ktel.replay import NS, format_ns
 from ktel.wire import (
     FILE_CREATED,
     DeadLetter,
@@ -97,6 +99,54 @@ def test_what_a_dead_letters_writer_put_in_its_fields_cannot_fake_or_garble_a_li
     assert why_not_redrivable(forged, None, STAGE_TOPICS) == "'t\\r' is not a topic a ktel stage reads"
 
 
+@pytest.mark.parametrize("ms", [-(2**63), -1, 0, NOW // 1_000_000, 2**63 - 1])
+def test_by_default_a_dead_letter_is_in_the_window_whatever_time_its_record_carries(ms):
+    # A writer of ktel.dlq gives its record any time: one before 1970 or past now is not
+    # hidden from a listing, nor from a --redrive.
+    assert Selection().within(ms)
+    assert Selection(to_ms=2**63 - 1).within(ms) == (ms < 2**63 - 1)
+    assert Selection(from_ms=0).within(ms) == (ms >= 0)
+    # Its time shown as a time where one can be, else as it is.
+    found = Found("ktel.dlq[0]@7", ms, None, letter(), None)
+    shown = f"{ms} ms since 1970" if abs(ms) > 2**62 else format_ns(ms * 1_000_000)
+    assert found.line().startswith(f"{shown} ktel.dlq[0]@7 ")
+    assert json.loads(found.json())["time"] == shown
+
+
+async def test_a_listing_reads_every_partition_from_its_oldest_record_and_counts_each(monkeypatch):
+    """Dead letters timed before 1970 and past now: ``--from`` defaulted to 0, where
+    each partition's read began, and its window dropped them uncounted."""
+    tp = TopicPartition("ktel.dlq", 0)
+    starts = []
+
+    async def partitions(client, bootstrap, topic):
+        return [tp]
+
+    async def read(consumer, parts, start_ms, bootstrap):
+        starts.append(start_ms)
+        for offset, ms in enumerate((-(2**63), -1, NOW // 1_000_000, 2**63 - 1)):
+            key, value = dead_letter_record(letter(reason=f"at {ms}"), b"b")
+            yield tp, SimpleNamespace(key=key, value=value, offset=offset, timestamp=ms)
+
+    class Consumer:
+        async def start(self):
+            pass
+
+        async def stop(self):
+            pass
+
+    monkeypatch.setattr(topic_window, "partitions", partitions)
+    monkeypatch.setattr(topic_window, "consumer", lambda client, bootstrap: Consumer())
+    monkeypatch.setattr(topic_window, "records", read)
+    summary, lines = dlq.Summary(), []
+    await dlq.run(dlq.options(CFG, args(), now_ns=NOW), summary, lines.append, [].append)
+    assert starts == [None]  # (topic_window.records: from each partition's oldest record)
+    assert [line.rsplit(": ", 1)[1] for line in lines] == [
+        f"at {ms}" for ms in (-(2**63), -1, NOW // 1_000_000, 2**63 - 1)
+    ]
+    assert summary.line("ktel.dlq", False) == "read 4 dead letters from 1 partitions of ktel.dlq; selected 4"
+
+
 def test_selection_by_stage_source_host_and_reason():
     dl = letter()
     assert Selection().takes(dl, None)
@@ -144,14 +194,15 @@ def test_a_line_and_a_json_object_per_dead_letter():
 
 def args(**kw):
     base = dict(
-        from_=None, to="now", stage=None, source=None, host=None, reason=None, json=False, redrive=False
+        from_=None, to=None, stage=None, source=None, host=None, reason=None, json=False, redrive=False
     )
     return argparse.Namespace(**{**base, **kw})
 
 
 def test_options_from_arguments():
     opts = dlq.options(CFG, args(), now_ns=NOW)
-    assert (opts.selection.from_ms, opts.selection.to_ms) == (0, NOW // 1_000_000)
+    assert (opts.selection.from_ms, opts.selection.to_ms) == (None, None)  # every dead letter
+    assert dlq.options(CFG, args(to="now"), now_ns=NOW).selection.to_ms == NOW // 1_000_000
     assert (opts.dlq_topic, opts.bootstrap, opts.redrive) == ("ktel.dlq", "k1:9092", False)
     opts = dlq.options(
         CFG,

@@ -162,10 +162,10 @@ class Log:
         return fetched
 
 
-async def read_log(log: Log) -> list[tuple[int, int]]:
+async def read_log(log: Log, start_ms: int | None = 0) -> list[tuple[int, int]]:
     got = []
     parts = [TopicPartition("ktel.raw", p) for p in sorted(log.end)]
-    async for tp, rec in topic_window.records(log, parts, 0, "k:9092", stall_s=60):
+    async for tp, rec in topic_window.records(log, parts, start_ms, "k:9092", stall_s=60):
         got.append((tp.partition, rec.offset))
     return got
 
@@ -210,3 +210,16 @@ async def test_the_consumer_leaves_a_position_out_of_range_to_records_to_judge()
         assert reader._auto_offset_reset == "none"
     finally:
         await reader.stop()
+
+
+async def test_a_read_without_a_start_time_takes_every_record_whatever_its_time(clock):
+    class BeforeTime(Log):
+        """Every record timed before 1970: Kafka finds none at or after a time >= 0."""
+
+        async def offsets_for_times(self, times):
+            return dict.fromkeys(times)
+
+    log = BeforeTime({0: 3}, {})
+    log.first[0] = 1
+    assert await read_log(log, start_ms=0) == []
+    assert await read_log(log, start_ms=None) == [(0, 1), (0, 2)]
