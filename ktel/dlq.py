@@ -470,12 +470,16 @@ def main(cfg: Config, args: Any, stdout: TextIO | None = None, stderr: TextIO | 
         print(msg, file=stderr, flush=True)
 
     summary = Summary()
+    # A dead letter's text is whatever its writer put there: a character stdout's
+    # encoding has no bytes for (a locale not UTF-8: LANG=C, PYTHONIOENCODING=ascii) is
+    # written escaped (\xe9), as stderr does, not raised as UnicodeEncodeError midway.
+    encoding = getattr(stdout, "encoding", None) or "utf-8"
 
     def write(line: str) -> None:
         if summary.output_closed:
             return
         try:
-            print(line, file=stdout)
+            print(line.encode(encoding, "backslashreplace").decode(encoding), file=stdout)
         except BrokenPipeError:  # `ktel dlq | head`: a listing ends there, a --redrive goes on
             summary.output_closed = True
             raise OutputClosed from None

@@ -2,6 +2,7 @@
 why not, its lines and its arguments (against Kafka: tests/integration/test_dlq.py)."""
 
 import argparse
+import io
 import json
 import re
 from types import SimpleNamespace
@@ -261,3 +262,34 @@ def test_an_unreachable_kafka_is_named_with_the_setting_to_fix(monkeypatch, caps
     last = capsys.readouterr().err.splitlines()[-1]
     assert last.startswith(f"ktel dlq: cannot reach Kafka at {bootstrap} (")
     assert last.endswith("check kafka.bootstrap and kafka.security_protocol")
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_a_listing_writes_on_a_stdout_that_is_not_utf_8(as_json, monkeypatch):
+    """LANG=C without UTF-8 mode, PYTHONIOENCODING=ascii: a dead letter's text in
+    characters the encoding has no bytes for raised UnicodeEncodeError, ending the
+    listing at the first one."""
+    forged = DeadLetter("étape", "raison: ü \u2603 \U0001f600", "ktel.raw", 0, 0, b"x")
+
+    async def run(opts, summary, write, report):
+        for key in (b"h\xc3\xa9", b"plain"):
+            summary.records += 1
+            write(
+                getattr(
+                    Found("ktel.dlq[0]@1", NOW // 1_000_000, key, forged, None), "json" if as_json else "line"
+                )()
+            )
+
+    monkeypatch.setattr(dlq, "run", run)
+    out = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    assert dlq.main(CFG, args(json=as_json), stdout=out, stderr=io.StringIO()) == 0
+    out.flush()
+    first, second = out.buffer.getvalue().decode("ascii").splitlines()
+    if as_json:
+        assert json.loads(first)["reason"] == forged.reason
+    else:
+        assert first.startswith(
+            "2025-06-15T15:06:40.000+00:00 ktel.dlq[0]@1 \\xe9tape: ktel.raw[0]@0 key='h\\xe9' "
+        )
+        assert first.endswith("raison: \\xfc \\u2603 \\U0001f600")
+    assert "plain" in second
