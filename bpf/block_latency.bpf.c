@@ -20,8 +20,20 @@ struct start_val {
 	u32 pad;
 };
 
-/* A request that never completes (a requeue, a dead disk) ages out of the LRU. */
-BPF_TABLE("lru_hash", struct start_key, struct start_val, start, 16384);
+/*
+ * Requests in flight. A plain hash, not an LRU: an LRU evicts to make room,
+ * and not only when it is full (a CPU whose local free list is empty evicts
+ * first, kernel/bpf/bpf_lru_list.c), and a request whose start it evicted
+ * would be lost with no count, its completion indistinguishable from one
+ * issued before the probe was attached or sampled out. Here a request the
+ * full map cannot hold is counted at its issue. Every request completes (a
+ * requeued one is issued again under the same key, a dead disk's fail), so
+ * entries do not accumulate.
+ */
+#ifndef KTEL_BLOCK_INFLIGHT_MAX
+#define KTEL_BLOCK_INFLIGHT_MAX 16384
+#endif
+BPF_HASH(start, struct start_key, struct start_val, KTEL_BLOCK_INFLIGHT_MAX);
 BPF_PERCPU_HASH(hist, struct block_latency_key, struct ktel_hist, 1024);
 TRACEPOINT_PROBE(block, block_rq_issue)
 {
@@ -33,14 +45,14 @@ TRACEPOINT_PROBE(block, block_rq_issue)
 		return 0;
 	key.dev = args->dev;
 	key.sector = args->sector;
-	val.ts = bpf_ktime_get_ns();
+	val.ts = ktel_start_ts();
 	/* blk_fill_rwbs(): an 'F' for a preflush may come before the op letter. */
 	if (c0 == 'F' && (c1 == 'W' || c1 == 'R' || c1 == 'D' || c1 == 'F' || c1 == 'N'))
 		val.op = c1;
 	else
 		val.op = c0;
 	if (start.update(&key, &val))
-		count_lost();
+		ktel_count(KTEL_COUNTER_INFLIGHT_LOST);
 	return 0;
 }
 
@@ -57,7 +69,10 @@ TRACEPOINT_PROBE(block, block_rq_complete)
 	v = start.lookup(&key);
 	if (!v)
 		return 0;
-	delta = bpf_ktime_get_ns() - v->ts;
+	if (ktel_latency(v->ts, bpf_ktime_get_ns(), &delta)) {
+		start.delete(&key);
+		return 0;
+	}
 	hkey.dev = key.dev;
 	hkey.op = v->op;
 	start.delete(&key);

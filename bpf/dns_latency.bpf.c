@@ -23,20 +23,45 @@ struct dns_start {
 	const char *host;
 };
 
-/* Thread -> call in flight; a thread killed inside getaddrinfo ages out of the LRU. */
-BPF_TABLE("lru_hash", u64, struct dns_start, start, 10240);
+/*
+ * Thread -> call in flight; a thread killed inside getaddrinfo ages out of the
+ * LRU. The LRU evicts to make room, and not only when it is full (a CPU whose
+ * local free list is empty evicts first, kernel/bpf/bpf_lru_list.c): a call
+ * whose entry was evicted is found by its mark in call_marks and counted, as
+ * file_created counts its opens.
+ */
+#ifndef KTEL_DNS_INFLIGHT_MAX
+#define KTEL_DNS_INFLIGHT_MAX 10240
+#endif
+BPF_TABLE("lru_hash", u64, struct dns_start, start, KTEL_DNS_INFLIGHT_MAX);
+/*
+ * One mark per thread with a call in flight, in task-local storage: it lives
+ * and dies with the thread and is never evicted, so at the return "marked but
+ * not in start" means "evicted".
+ */
+BPF_TASK_STORAGE(call_marks, u64);
 BPF_PERCPU_HASH(hist, struct dns_latency_key, struct ktel_hist, 4096);
 int getaddrinfo_entry(struct pt_regs *ctx)
 {
 	u64 id = bpf_get_current_pid_tgid();
 	struct dns_start s = {};
+	u64 *mark;
 
 	if (ktel_sampled_out())
 		return 0;
-	s.ts = bpf_ktime_get_ns();
+	mark = call_marks.task_storage_get(bpf_get_current_task_btf(), 0,
+					   BPF_LOCAL_STORAGE_GET_F_CREATE);
+	s.ts = ktel_start_ts();
 	s.host = (const char *)PT_REGS_PARM1(ctx);
-	if (start.update(&id, &s))
-		count_lost();
+	if (start.update(&id, &s)) {
+		/* Not tracked at all: lost. Counted now, once. */
+		ktel_count(KTEL_COUNTER_INFLIGHT_LOST);
+		return 0;
+	}
+	if (mark)
+		*mark = 1;
+	else
+		ktel_count(KTEL_COUNTER_INFLIGHT_LOST); /* no mark: an eviction would go unseen */
 	return 0;
 }
 
@@ -50,7 +75,7 @@ static __always_inline void slow_event(struct dns_start *s, u64 id, u64 now, int
 		return;
 	}
 	ev->ts_ns = now;
-	ev->latency_ns = now - s->ts;
+	ev->latency_ns = now - s->ts; /* not before: getaddrinfo_return checked */
 	ev->pid = id >> 32;
 	ev->tid = (u32)id;
 	ev->ret = ret;
@@ -68,12 +93,23 @@ int getaddrinfo_return(struct pt_regs *ctx)
 	struct dns_start *s;
 	u64 id = bpf_get_current_pid_tgid(), now, delta;
 	int ret = PT_REGS_RC(ctx);
+	u64 *mark = call_marks.task_storage_get(bpf_get_current_task_btf(), 0, 0);
+	int marked = mark && *mark;
 
+	if (marked)
+		*mark = 0;
 	s = start.lookup(&id);
-	if (!s)
+	if (!s) {
+		/* Marked at the entry, gone now: the LRU evicted it. */
+		if (marked)
+			ktel_count(KTEL_COUNTER_INFLIGHT_LOST);
 		return 0;
+	}
 	now = bpf_ktime_get_ns();
-	delta = now - s->ts;
+	if (ktel_latency(s->ts, now, &delta)) {
+		start.delete(&id);
+		return 0;
+	}
 	key.tgid = id >> 32;
 	key.failed = ret != 0;
 	bpf_get_current_comm(key.comm, sizeof(key.comm));

@@ -95,6 +95,35 @@ static __always_inline void ktel_submit(void *e)
 }
 
 /*
+ * A latency's start. KTEL_START_SKEW_NS, for tests alone, moves it into the
+ * future, as a start read on a CPU whose clock is ahead would be.
+ */
+#ifndef KTEL_START_SKEW_NS
+#define KTEL_START_SKEW_NS 0
+#endif
+
+static __always_inline u64 ktel_start_ts(void)
+{
+	return bpf_ktime_get_ns() + KTEL_START_SKEW_NS;
+}
+
+/*
+ * *delta = now - start, or -1 and counted when start is after now: that
+ * difference, a u64, would be a huge latency in the top bucket, and could wrap
+ * the histogram's sum, which the agent then sends as a negative delta that the
+ * schema refuses (the whole batch dead-lettered).
+ */
+static __always_inline int ktel_latency(u64 start, u64 now, u64 *delta)
+{
+	if (start > now) {
+		ktel_count(KTEL_COUNTER_NEGATIVE_LATENCY);
+		return -1;
+	}
+	*delta = now - start;
+	return 0;
+}
+
+/*
  * hist_lost[0]: values a histogram probe (bpf/ktel_hist.h) did not count
  * because a map was full. Here, not in ktel_hist.h, because count_lost()
  * calls a map (see above); a probe without histograms leaves it at zero.

@@ -9,7 +9,13 @@ enum ktel_counter {
 	KTEL_COUNTER_SAMPLED_OUT = 1, /* dropped on purpose by the sampling knob */
 	/* lost because the probe's map of calls in flight had no room for one (full or evicted) */
 	KTEL_COUNTER_INFLIGHT_LOST = 2,
-	KTEL_COUNTER_MAX = 3,
+	/*
+	 * a latency sample skipped because its start was read after its end (a clock
+	 * that differs across CPUs): recorded, it would land in the top bucket and
+	 * could wrap the histogram's sum
+	 */
+	KTEL_COUNTER_NEGATIVE_LATENCY = 3,
+	KTEL_COUNTER_MAX = 4,
 };
 
 enum ktel_knob {

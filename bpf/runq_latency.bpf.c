@@ -33,9 +33,9 @@ static __always_inline int enqueued(u32 pid)
 #endif
 	if (ktel_sampled_out())
 		return 0;
-	ts = bpf_ktime_get_ns();
+	ts = ktel_start_ts();
 	if (start.update(&pid, &ts))
-		count_lost();
+		ktel_count(KTEL_COUNTER_INFLIGHT_LOST);
 	return 0;
 }
 
@@ -63,7 +63,10 @@ TRACEPOINT_PROBE(sched, sched_switch)
 	tsp = start.lookup(&next);
 	if (!tsp)
 		return 0;
-	delta = bpf_ktime_get_ns() - *tsp;
+	if (ktel_latency(*tsp, bpf_ktime_get_ns(), &delta)) {
+		start.delete(&next);
+		return 0;
+	}
 	start.delete(&next);
 	h = hist.lookup(&idx);
 	if (!h)

@@ -205,8 +205,9 @@ class AgentCollector(Collector):
         every = GaugeMetricFamily("ktel_agent_sample_every", "sampling in force: 1 in N", labels=["probe"])
         inflight = CounterMetricFamily(
             "ktel_agent_inflight_lost",
-            "events lost in the kernel because a map of calls in flight had no room (full or evicted)",
-            labels=["probe"],
+            "samples lost in the kernel between a call's start and its end: a map of calls in flight"
+            " had no room (full or evicted: no_room), or the start was read after the end (negative_latency)",
+            labels=["probe", "reason"],
         )
         lost = CounterMetricFamily(
             "ktel_agent_histogram_lost",
@@ -217,7 +218,9 @@ class AgentCollector(Collector):
             c = probe.counters()
             drops.add_metric([name], c["ringbuf_drops"])
             sampled.add_metric([name], c["sampled_out"])
-            inflight.add_metric([name], c["inflight_lost"])
+            inflight.add_metric([name, "no_room"], c["inflight_lost"])
+            if "negative_latency" in c:
+                inflight.add_metric([name, "negative_latency"], c["negative_latency"])
             every.add_metric([name], a.control.sample_every(name))
             if "hist_lost" in c:
                 lost.add_metric([name], c["hist_lost"])
@@ -753,6 +756,8 @@ class Agent:
                 counters[f"ringbuf_drops.{name}"] = c["ringbuf_drops"]
                 counters[f"sampled_out.{name}"] = c["sampled_out"]
                 counters[f"inflight_lost.{name}"] = c["inflight_lost"]
+                if "negative_latency" in c:
+                    counters[f"negative_latency.{name}"] = c["negative_latency"]
                 if "hist_lost" in c:
                     counters[f"histogram_lost.{name}"] = c["hist_lost"]
             cmd = self.control.command(name)

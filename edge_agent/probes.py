@@ -51,6 +51,7 @@ BPF_DIR = Path(os.environ.get("KTEL_BPF_DIR", DATA_DIR / "bpf"))
 COUNTER_RINGBUF_DROPS = 0
 COUNTER_SAMPLED_OUT = 1
 COUNTER_INFLIGHT_LOST = 2
+COUNTER_NEGATIVE_LATENCY = 3
 KNOB_SAMPLE_EVERY = 0
 
 # struct ktel_hist (bpf/ktel_hist.h): HIST_SLOTS u64 bucket counts then a u64 sum.
@@ -334,6 +335,8 @@ class LoadedProbe:
         if self.spec.histograms:
             # Values a histogram could not count because a map was full.
             c["hist_lost"] = sum(self.bpf[b"hist_lost"][ctypes.c_int(0)])
+            # Latencies skipped because their start was read after their end.
+            c["negative_latency"] = sum(table[ctypes.c_int(COUNTER_NEGATIVE_LATENCY)])
         return c
 
     def map_usage(self) -> dict[str, int]:

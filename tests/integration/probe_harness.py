@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import platform
 import shutil
 import signal
 import subprocess
@@ -169,6 +170,19 @@ class Workload:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+def threads_in_open(pid: int) -> int:
+    """Threads of pid sleeping inside openat(2) (/proc/<pid>/task/<tid>/syscall)."""
+    nr = {"x86_64": 257, "aarch64": 56}[platform.machine()]
+    n = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+                n += f.read().split()[0] == str(nr)
+        except (OSError, IndexError):
+            pass
+    return n
 
 
 def python_workload(code: str, prefix: tuple[str, ...] = (), **kwargs: Any) -> Workload:

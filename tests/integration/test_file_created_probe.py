@@ -2,7 +2,6 @@
 
 import contextlib
 import os
-import platform
 import subprocess
 import time
 
@@ -12,6 +11,7 @@ from edge_agent import probes, ringbuf
 from ktel.probes import file_created
 from ktel.wire import event_dict
 from tests.conftest import need_bpf
+from tests.integration.probe_harness import threads_in_open
 
 pytestmark = pytest.mark.bpf
 
@@ -246,19 +246,6 @@ def test_files_opened_in_a_root_are_named_inside_it(probe, tmp_path, monkeypatch
     assert {e["path"] for e in events if any(n in e["path"] for n in names)} == want
 
 
-def _threads_in_open(pid: int) -> int:
-    """Threads of pid sleeping inside openat(2) (/proc/<pid>/task/<tid>/syscall)."""
-    nr = {"x86_64": 257, "aarch64": 56}[platform.machine()]
-    n = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/syscall") as f:
-                n += f.read().split()[0] == str(nr)
-        except (OSError, IndexError):
-            pass
-    return n
-
-
 M = 41  # opens in flight at once: a prime, against a map of KTEL_PENDING_MAX = 8
 
 
@@ -288,9 +275,9 @@ def test_creates_evicted_from_a_full_map_of_opens_in_flight_are_counted(tmp_path
     readers: list[int] = []
     try:
         deadline = time.monotonic() + 30
-        while _threads_in_open(writer.pid) < M and time.monotonic() < deadline:
+        while threads_in_open(writer.pid) < M and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert _threads_in_open(writer.pid) == M, "the writer's threads did not all block in open"
+        assert threads_in_open(writer.pid) == M, "the writer's threads did not all block in open"
         readers = [os.open(f, os.O_RDONLY | os.O_NONBLOCK) for f in fifos]
         assert writer.wait() == 0
         prefix = f"{tmp_path}/fifo"

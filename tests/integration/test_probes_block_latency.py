@@ -7,6 +7,7 @@ import mmap
 import os
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,68 @@ def test_a_write_and_fsync_on_this_machines_disk_is_counted_on_its_disk(tmp_path
         snap, "block_latency", op="write", **{"device.major": major, "device.minor": minor}
     )
     assert count >= 1
+
+
+def _direct_writes(dev: str, offsets: list[int], rounds: int) -> None:
+    """Each offset written ``rounds`` times with O_DIRECT, one thread per offset, all at once."""
+    buf = mmap.mmap(-1, BLOCK)  # page-aligned, as O_DIRECT wants
+    buf.write(b"k" * BLOCK)
+    fd = os.open(dev, os.O_WRONLY | os.O_DIRECT)
+    failed: list[BaseException] = []
+
+    def writer(offset: int) -> None:
+        try:
+            for _ in range(rounds):
+                assert os.pwritev(fd, [buf], offset) == BLOCK
+        except BaseException as err:  # reported by the caller's thread
+            failed.append(err)
+
+    threads = [threading.Thread(target=writer, args=(off,)) for off in offsets]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        os.close(fd)
+    assert not failed, failed
+
+
+THREADS = 41  # writers at once: a prime, against a map of KTEL_BLOCK_INFLIGHT_MAX = 8
+ROUNDS = 10
+
+
+def test_requests_in_flight_beyond_the_map_are_counted_none_lost_uncounted(tmp_path):
+    """More requests in flight than the map of issued requests holds: each one is in
+    the histogram or counted in inflight_lost, none lost uncounted (an LRU evicted
+    starts, unseen)."""
+    with (
+        loaded("block_latency", defines={"KTEL_BLOCK_INFLIGHT_MAX": 8}) as probe,
+        loop_device(tmp_path / "backing") as dev,
+    ):
+        rdev = os.stat(dev).st_rdev
+        labels = {"device.major": os.major(rdev), "device.minor": os.minor(rdev)}
+        # A block apart: no write can merge with another's request.
+        _direct_writes(dev, [2 * i * BLOCK for i in range(THREADS)], ROUNDS)
+        snap = probe.snapshot()
+        lost = probe.counters()["inflight_lost"]
+    count, _ = histogram_total(snap, "block_latency", op="write", **labels)
+    assert count <= THREADS * ROUNDS
+    # Other disks' requests may be counted too, so at least, not exactly.
+    assert count + lost >= THREADS * ROUNDS
+
+
+def test_a_start_read_after_its_end_is_skipped_and_counted_not_recorded(tmp_path):
+    """A start timestamp ahead of the completion's clock (KTEL_START_SKEW_NS moves every
+    start 2^62 ns ahead): recorded, each would be a latency near 2^64 ns in the top bucket."""
+    with (
+        loaded("block_latency", defines={"KTEL_START_SKEW_NS": 1 << 62}) as probe,
+        loop_device(tmp_path / "backing") as dev,
+    ):
+        rdev = os.stat(dev).st_rdev
+        labels = {"device.major": os.major(rdev), "device.minor": os.minor(rdev)}
+        _direct_writes(dev, [0], N)
+        snap = probe.snapshot()
+        counters = probe.counters()
+    assert histogram_total(snap, "block_latency", op="write", **labels)[0] == 0
+    assert counters["negative_latency"] >= N  # other disks' requests may add to it

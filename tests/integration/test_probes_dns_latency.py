@@ -3,12 +3,21 @@
 threshold at 0, 23 slow-lookup events naming the host."""
 
 import os
+import shutil
 import socket
 import sys
+import time
 
 import pytest
 
-from tests.integration.probe_harness import drain_until, histogram_total, loaded, python_workload
+from tests.integration.probe_harness import (
+    Workload,
+    drain_until,
+    histogram_total,
+    loaded,
+    python_workload,
+    threads_in_open,
+)
 
 pytestmark = pytest.mark.bpf
 
@@ -87,3 +96,56 @@ def test_the_sampling_knob_keeps_1_in_n_lookups_in_the_kernel():
     assert histogram_total(snap, "dns_latency", **{"process.pid": w.pid})[0] == 0
     assert not [e for e in events if e["pid"] == w.pid]
     assert counters["sampled_out"] >= N  # counted as dropped on purpose, not lost
+
+
+M = 41  # lookups in flight at once: a prime, against a map of KTEL_DNS_INFLIGHT_MAX = 8
+
+# In its own mount and network namespaces, M threads resolve a name at once. /etc/hosts
+# is a FIFO there: nss_files' open of it sleeps until the test opens it for writing,
+# which holds every lookup inside getaddrinfo; at its EOF the lookup goes on to DNS,
+# which fails at once (a nameserver on the namespace's loopback, which is down).
+HELD = f"""
+import socket, subprocess, sys, threading
+subprocess.run(["mount", "--bind", sys.argv[1], "/etc/hosts"], check=True)
+subprocess.run(["mount", "--bind", sys.argv[2], "/etc/resolv.conf"], check=True)
+
+def look():
+    try:
+        socket.getaddrinfo("ktel-test-host", 80)
+    except socket.gaierror:
+        pass
+
+print("ready", flush=True)
+sys.stdin.readline()
+ts = [threading.Thread(target=look) for _ in range({M})]
+[t.start() for t in ts]
+[t.join() for t in ts]
+print("done", flush=True)
+"""
+
+
+def test_lookups_evicted_from_a_full_map_of_calls_in_flight_are_counted(tmp_path):
+    """More lookups in flight than the map of calls in flight holds: each one is in
+    the histogram or counted in inflight_lost, none lost uncounted."""
+    if not shutil.which("unshare"):
+        pytest.skip("unshare (util-linux) is not installed")
+    hosts, resolv = tmp_path / "hosts", tmp_path / "resolv.conf"
+    os.mkfifo(hosts)
+    resolv.write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
+    w = Workload(["unshare", "--mount", "--net", sys.executable, "-c", HELD, str(hosts), str(resolv)])
+    try:
+        with loaded("dns_latency", defines={"KTEL_DNS_INFLIGHT_MAX": 8}, uprobe_pid=w.pid) as probe:
+            w.send()
+            deadline = time.monotonic() + 30
+            while threads_in_open(w.pid) < M and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert threads_in_open(w.pid) == M, "the lookups did not all block in open"
+            os.close(os.open(hosts, os.O_WRONLY))  # every reader sees EOF
+            assert w.readline() == "done"
+            snap = probe.snapshot()
+            lost = probe.counters()["inflight_lost"]
+    finally:
+        w.finish()
+    count, _ = histogram_total(snap, "dns_latency", **{"process.pid": w.pid})
+    assert count < M  # the map of 8 could not hold them all...
+    assert count + lost == M  # ...and each one it did not hold is counted

@@ -70,3 +70,27 @@ def test_the_node_wide_histogram_counts_every_task(tmp_path):
     assert ev[5] == {}  # one histogram for the node
     assert ev[6] >= N + 1
     assert lost == 0
+
+
+# Start timestamps moved this far into the future (KTEL_START_SKEW_NS): as if each
+# were read on a CPU whose clock is ahead. Past the top bucket's 2^39 ns, and such
+# that a few wrapped differences overflow the u64 sum.
+SKEW_NS = 1 << 62
+
+
+def test_a_start_read_after_its_end_is_skipped_and_counted_not_recorded(tmp_path):
+    exe = build_c(tmp_path, "sleeper", f"#define N {N}\n" + SLEEPER)
+    w = Workload([str(exe)])
+    try:
+        with loaded(
+            "runq_latency", defines={"KTEL_FILTER_PID": w.pid, "KTEL_START_SKEW_NS": SKEW_NS}
+        ) as probe:
+            assert w.go() == "done"
+            snap = probe.snapshot()
+            counters = probe.counters()
+    finally:
+        w.finish()
+    # Recorded, each would be a latency of about 2^64 - 2^62 ns in the top bucket.
+    assert histogram_total(snap, "runq_latency")[0] == 0
+    assert N <= counters["negative_latency"] <= 2 * N
+    assert counters["inflight_lost"] == 0

@@ -57,6 +57,7 @@ def test_counter_and_knob_indices_match_header():
     assert f"KTEL_COUNTER_RINGBUF_DROPS = {probes.COUNTER_RINGBUF_DROPS}," in text
     assert f"KTEL_COUNTER_SAMPLED_OUT = {probes.COUNTER_SAMPLED_OUT}," in text
     assert f"KTEL_COUNTER_INFLIGHT_LOST = {probes.COUNTER_INFLIGHT_LOST}," in text
+    assert f"KTEL_COUNTER_NEGATIVE_LATENCY = {probes.COUNTER_NEGATIVE_LATENCY}," in text
     assert f"KTEL_KNOB_SAMPLE_EVERY = {probes.KNOB_SAMPLE_EVERY}," in text
 
 
