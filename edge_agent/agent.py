@@ -214,8 +214,16 @@ class AgentCollector(Collector):
             "values an in-kernel histogram could not count (map full)",
             labels=["probe"],
         )
+        skipped = CounterMetricFamily(
+            "ktel_agent_kernel_dropped_events",
+            "events the kernel did not give the probe's programs: runs it skipped because another"
+            " BPF program was running on that CPU (recursion)",
+            labels=["probe", "reason"],
+        )
         for name, probe in a.loaded.items():
             c = probe.counters()
+            if "recursion_misses" in c:
+                skipped.add_metric([name, "recursion"], c["recursion_misses"])
             drops.add_metric([name], c["ringbuf_drops"])
             sampled.add_metric([name], c["sampled_out"])
             inflight.add_metric([name, "no_room"], c["inflight_lost"])
@@ -227,6 +235,7 @@ class AgentCollector(Collector):
         yield drops
         yield sampled
         yield inflight
+        yield skipped
         yield every
         yield lost
         yield CounterMetricFamily(
@@ -758,6 +767,8 @@ class Agent:
                 counters[f"inflight_lost.{name}"] = c["inflight_lost"]
                 if "negative_latency" in c:
                     counters[f"negative_latency.{name}"] = c["negative_latency"]
+                if "recursion_misses" in c:
+                    counters[f"recursion_misses.{name}"] = c["recursion_misses"]
                 if "hist_lost" in c:
                     counters[f"histogram_lost.{name}"] = c["hist_lost"]
             cmd = self.control.command(name)

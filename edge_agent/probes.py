@@ -332,12 +332,28 @@ class LoadedProbe:
             # Events lost because a map of calls in flight (entry -> exit) had no room.
             "inflight_lost": sum(table[ctypes.c_int(COUNTER_INFLIGHT_LOST)]),
         }
+        misses = self._recursion_misses()
+        if misses is not None:
+            c["recursion_misses"] = misses
         if self.spec.histograms:
             # Values a histogram could not count because a map was full.
             c["hist_lost"] = sum(self.bpf[b"hist_lost"][ctypes.c_int(0)])
             # Latencies skipped because their start was read after their end.
             c["negative_latency"] = sum(table[ctypes.c_int(COUNTER_NEGATIVE_LATENCY)])
         return c
+
+    def _recursion_misses(self) -> int | None:
+        """The runs of the probe's programs the kernel skipped for recursion, summed
+        (recursion_misses), or None where the kernel does not show them."""
+        total = None
+        for fn in self.bpf.funcs.values():
+            try:
+                n = recursion_misses(Path(f"/proc/self/fdinfo/{fn.fd}").read_text())
+            except OSError:  # the program is loaded while the probe is: not expected
+                continue
+            if n is not None:
+                total = (total or 0) + n
+        return total
 
     def map_usage(self) -> dict[str, int]:
         """Entries and capacity of the probe's hash maps (edge_agent/node_stats.py)."""
@@ -447,6 +463,18 @@ class LoadedProbe:
         self.bpf.cleanup()
         self._closed = True
         self._final = final
+
+
+def recursion_misses(fdinfo: str) -> int | None:
+    """A BPF program's recursion_misses from the text of its fd's /proc/<pid>/fdinfo
+    entry, or None where the kernel shows none (before 5.12). The kernel counts there
+    each run of the program it skipped because another BPF program was running on that
+    CPU (a tracepoint hit inside one): an event the probe never saw."""
+    for line in fdinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key == "recursion_misses":
+            return int(value)
+    return None
 
 
 def load(

@@ -77,7 +77,12 @@ def test_23_files_give_exactly_23_events_with_paths_and_pids(probe, tmp_path):
     [relative] = [e for e in events if e["path"].endswith("relative-one")]
     assert relative["pid"] == rel.pid
     rel.kill()
-    assert probe.counters() == {"ringbuf_drops": 0, "sampled_out": 0, "inflight_lost": 0}
+    assert probe.counters() == {
+        "ringbuf_drops": 0,
+        "sampled_out": 0,
+        "inflight_lost": 0,
+        "recursion_misses": 0,
+    }
 
 
 def test_absolute_paths_travel_without_dir_and_relative_ones_with_it(probe, tmp_path):

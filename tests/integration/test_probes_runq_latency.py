@@ -2,8 +2,11 @@
 waits on the run queue after each wakeup; with the probe narrowed to that thread
 (KTEL_FILTER_PID, like runqlat -p), its histogram counts those wakeups."""
 
+import types
+
 import pytest
 
+from edge_agent.agent import AgentCollector
 from tests.integration.probe_harness import Workload, build_c, histogram_total, loaded
 
 pytestmark = pytest.mark.bpf
@@ -94,3 +97,16 @@ def test_a_start_read_after_its_end_is_skipped_and_counted_not_recorded(tmp_path
     assert histogram_total(snap, "runq_latency")[0] == 0
     assert N <= counters["negative_latency"] <= 2 * N
     assert counters["inflight_lost"] == 0
+
+
+def test_the_agent_exports_the_programs_recursion_misses():
+    """The kernel shows each program's recursion_misses (5.12 and later); the agent's
+    scrape has them per probe, with their reason."""
+    spool = types.SimpleNamespace(dropped_events=0, corrupt_bytes=0, depth_bytes=lambda: 0)
+    control = types.SimpleNamespace(sample_every=lambda name: 1)
+    with loaded("runq_latency") as probe:
+        agent = types.SimpleNamespace(loaded={"runq_latency": probe}, spool=spool, control=control)
+        families = {f.name: f for f in AgentCollector(agent).collect()}  # type: ignore[arg-type]
+    [sample] = [s for s in families["ktel_agent_kernel_dropped_events"].samples if s.name.endswith("_total")]
+    assert sample.labels == {"probe": "runq_latency", "reason": "recursion"}
+    assert sample.value >= 0
