@@ -377,6 +377,14 @@ class Spool:
         drop_oldest with only the segment being written left)."""
         size = HEADER.size + len(payload)
         while self.disk_bytes() + size > self.max_bytes:
+            if self._wsize and self._ack >= Cursor(self._wseg, self._wsize):
+                # The segment being written is acknowledged to its end (one batch larger
+                # than a segment fills it alone): the next one is started, so that this one
+                # is a segment acknowledged to its end, deleted below. Kept as the segment
+                # being written, it took the bound's room from every batch after it, each
+                # dropped though the spool had nothing left to deliver.
+                self._rotate()
+                continue
             # The oldest segment acknowledged to its end (an acknowledgement at a segment's
             # end does not delete it) goes under either policy: it loses nothing.
             acked_whole = self._ack.segment != self._wseg and self._ack.offset >= self._sizes.get(

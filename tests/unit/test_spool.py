@@ -667,3 +667,22 @@ def test_a_stop_whose_last_sync_fails_still_closes_every_file(tmp_path, monkeypa
     with pytest.raises(OSError):
         sp.close()
     assert sorted(os.listdir("/proc/self/fd")) == before
+
+
+@pytest.mark.parametrize("policy", ["drop_newest", "drop_oldest"])
+def test_a_spool_bound_below_two_batches_takes_the_next_once_the_last_is_acknowledged(tmp_path, policy):
+    """A batch larger than a segment fills the segment being written alone; once Kafka
+    has it, that segment holds nothing to deliver and the next batch takes its place
+    (agent.spool_max_mb 1 with batches of agent.batch_max_bytes' default, 1 MiB)."""
+    big = 600
+    rec = HEADER.size + big
+    sp = Spool(tmp_path, max_bytes=rec + rec // 2 + FILES_BYTES, full_policy=policy)
+    for i in range(4):
+        assert sp.append(payload(i, big), n_events=5)
+        [got] = sp.read(sp.ack_cursor, limit=1)
+        assert got.payload == payload(i, big)
+        sp.ack(got.next)
+        assert dir_bytes(tmp_path) <= sp.max_bytes
+    assert (sp.dropped_batches, sp.dropped_events) == (0, 0)
+    sp.close()
+    assert read_back(tmp_path) == []
