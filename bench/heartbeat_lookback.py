@@ -34,8 +34,14 @@ expressions read (ktel:agent_up:max, ...), and those these read, are then backfi
 over the day with `promtool tsdb create-blocks-from rules`, at their group's interval or
 else --eval-seconds (15: deploy/prometheus/prometheus.yml), as Prometheus would have
 recorded them: from the workers' series first, then those that read records from
-those, Prometheus restarted on each's blocks. It is measured once it has compacted the
-blocks and is idle.
+those, Prometheus restarted on each's blocks. Each group at the times Prometheus
+evaluates it (a phase in its interval, from its name and its file's), the same in every
+run, and a record that reads another of its group reads it as Prometheus does, as made
+at the same evaluation: where the other has no series of a host then (Prometheus marks it
+stale), it has none either, though promtool (2.42) writes no staleness marker. It is
+measured once it has compacted the blocks and is idle. (The queries measured read the
+records as they are: a series that ends is read for 5 minutes more, the workers' too,
+by every version of the rules alike.)
 
 Measured, for each fleet, at the end of its day (query time fixed there), through the
 HTTP API with stats=all:
@@ -61,11 +67,16 @@ by the Prometheus Operator's default) and the dashboards' refresh (30 s).
 
 Run: PYTHONPATH=. .venv/bin/python bench/heartbeat_lookback.py [--hosts 10000]
      [--baseline 100] [--runs 5] [--panel-runs 2] [--keep DIR] [--results FILE]
+     [--compare FILE]
 --keep DIR keeps the raw series' blocks in DIR and reuses them on a later run with the
 same fleet settings (the recording rules are backfilled afresh on every run, from the
-rules file as it then is); --results FILE writes each query's first result, so that two
-runs (two versions of the rules) can be checked to page the same hosts. Results go to
-bench/RESULTS.md by hand, with the date and the machine.
+rules file as it then is); --results FILE writes each query's first result, and
+--compare FILE checks this run's against those an earlier run wrote, query by query
+(same name, same fleet): at how many of its times (an instant query's one, a panel's
+steps) each returns other series or other values, and the first such time; so that two
+versions of the rules and dashboards, run on the same blocks, can be checked to page and
+show the same hosts with the same values. Results go to bench/RESULTS.md by hand, with
+the date and the machine.
 """
 
 from __future__ import annotations
@@ -299,13 +310,35 @@ def records_read(exprs: list[str]) -> dict[str, Record]:
     return out
 
 
-def backfill(records: list[Record], fleets: list[Fleet], url: str, out: Path, eval_s: int) -> None:
+def as_of_its_evaluation(record: Record, known: dict[str, Record]) -> dict[str, Any]:
+    """``record``'s rule, each record of its group that it reads read as made at the same
+    evaluation (at the same time: its sample of that time, else none), not from the last
+    5 minutes, which would keep a host the other no longer has, as Prometheus' staleness
+    marker would not (promtool's backfilled series have none)."""
+    expr = record.rule["expr"]
+    for name, other in known.items():
+        if other.group["name"] == record.group["name"] and other is not record:
+            reference = rf"(?<![\w:]){re.escape(name)}(?![\w:])"
+            assert not re.search(reference + r"\s*[\[{]", expr), f"{name} read with a range or matchers"
+            expr = re.sub(reference, f"last_over_time({name}[1s])", expr)
+    return {**record.rule, "expr": expr}
+
+
+def backfill(
+    records: list[Record], known: dict[str, Record], fleets: list[Fleet], url: str, out: Path, eval_s: int
+) -> None:
     """``records`` evaluated by promtool over each fleet's day, at their group's interval
-    (else ``eval_s``), from what ``url`` holds, into blocks under ``out``."""
+    (else ``eval_s``), from what ``url`` holds (``known``: the records there, and those
+    to come), into blocks under ``out``."""
     groups: dict[str, dict[str, Any]] = {}
     for r in records:
-        groups.setdefault(r.group["name"], {**r.group, "rules": []})["rules"].append(r.rule)
-    path = out / "rules.yml"
+        groups.setdefault(r.group["name"], {**r.group, "rules": []})["rules"].append(
+            as_of_its_evaluation(r, known)
+        )
+    # Prometheus evaluates a group at a phase of its interval from a hash of the group's
+    # name and its file's path, as given, and promtool at the same: one path, in every run
+    # and for every level, so that each group has the same times throughout.
+    path = out / "ktel-rules.yml"
     path.write_text(yaml.safe_dump({"groups": list(groups.values())}))
     for f in fleets:
         done = subprocess.run(
@@ -319,8 +352,9 @@ def backfill(records: list[Record], fleets: list[Fleet], url: str, out: Path, ev
                 f"--end={f.end_ms // 1000}",
                 f"--output-dir={out}",
                 f"--eval-interval={eval_s}s",
-                str(path),
+                path.name,
             ],  # fmt: skip
+            cwd=out,
             capture_output=True,
             text=True,
         )
@@ -403,6 +437,42 @@ def summary(name: str, hosts: int, runs: list[Run]) -> str:
     )
 
 
+def by_time(result: list[dict[str, Any]]) -> dict[float, dict[str, str]]:
+    """A query's result as time -> {its series' labels (without the metric's name, which
+    a record's is not and a panel's is): value}."""
+    out: dict[float, dict[str, str]] = {}
+    for series in result:
+        labels = json.dumps({k: v for k, v in series["metric"].items() if k != "__name__"}, sort_keys=True)
+        for t, v in series.get("values", [series.get("value")]):
+            out.setdefault(t, {})[labels] = v
+    return out
+
+
+def compare(earlier: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """Each query both runs made (by its name and fleet): how many of its times differ,
+    in the series returned or their values (to the last digit Prometheus gives), of how
+    many, and the first that does."""
+    lines = []
+    for name in sorted(earlier.keys() & now.keys()):
+        if earlier[name] is None or now[name] is None:
+            lines.append(f"{name}: failed in {'the earlier run' if earlier[name] is None else 'this run'}")
+            continue
+        before, after = by_time(earlier[name]), by_time(now[name])
+        times = sorted(before.keys() | after.keys())
+        differ = [t for t in times if before.get(t, {}) != after.get(t, {})]
+        line = f"{name}: {len(times) - len(differ)} of {len(times)} times the same"
+        if differ:
+            t = differ[0]
+            b, a = before.get(t, {}), after.get(t, {})
+            line += (
+                f"; first other at {t}: earlier only {dict((k, b[k]) for k in b.keys() - a.keys())}, "
+                f"now only {dict((k, a[k]) for k in a.keys() - b.keys())}, "
+                f"other values {dict((k, (b[k], a[k])) for k in b.keys() & a.keys() if b[k] != a[k])}"
+            )
+        lines.append(line)
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--hosts", type=int, default=10_000)
@@ -419,6 +489,7 @@ def main() -> None:
     ap.add_argument(
         "--results", type=Path, help="write each query's first result here (JSON), to compare runs"
     )
+    ap.add_argument("--compare", type=Path, help="an earlier run's --results: say where this run's differ")
     args = ap.parse_args()
 
     expr = alert_expr()
@@ -429,7 +500,7 @@ def main() -> None:
         settings = {
             k: v
             for k, v in vars(args).items()
-            if k not in ("runs", "panel_runs", "keep", "no_panels", "results")
+            if k not in ("runs", "panel_runs", "keep", "no_panels", "results", "compare")
         }
         kept = json.loads(stamp.read_text()) if stamp.exists() else {}
         end_ms = kept["end_ms"] if kept.get("settings") == settings else int(time.time()) * 1000
@@ -464,7 +535,7 @@ def main() -> None:
                 made.mkdir()
                 t0 = time.monotonic()
                 todo = [r for r in records.values() if r.level == level]
-                backfill(todo, fleets, prom.url, made, args.eval_seconds)
+                backfill(todo, records, fleets, prom.url, made, args.eval_seconds)
                 print(f"recording rules {[r.rule['record'] for r in todo]} backfilled in "
                       f"{time.monotonic() - t0:.0f} s", flush=True)  # fmt: skip
                 prom.stop()
@@ -501,9 +572,13 @@ def main() -> None:
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for (name, hosts), runs in results.items():
         print(summary(name, hosts, runs))
+    firsts = {f"{name} / {hosts}": runs[0].result for (name, hosts), runs in results.items()}
     if args.results:
-        firsts = {f"{name} / {hosts}": runs[0].result for (name, hosts), runs in results.items()}
         args.results.write_text(json.dumps(firsts, indent=1, sort_keys=True))
+    if args.compare:
+        print()
+        print(f"against {args.compare}:")
+        print("\n".join(compare(json.loads(args.compare.read_text()), firsts)))
 
 
 if __name__ == "__main__":
