@@ -90,10 +90,11 @@ def test_cpu_steal_is_shown_per_cpu_as_a_fraction():
 
 
 def test_both_agents_down_panels_read_the_same_hosts():
-    """Fleet overview counts the hosts on-call ranks: one set of hosts down, which leaves
-    out an agent stopped by a signal (a node drained or retired) while that stop is its
-    last heartbeat, as the alert on silent hosts spares it (that both read the alert's
-    hosts is checked by promtool: tests/integration/test_dashboard_queries.py)."""
+    """Fleet overview counts the hosts on-call ranks: one set of hosts down, the record
+    of them, which leaves out an agent stopped by a signal (a node drained or retired)
+    while that stop is its last heartbeat, as the alert on silent hosts spares it (below;
+    that both show the alert's hosts is checked by promtool:
+    tests/integration/test_dashboard_queries.py)."""
     downs = {
         path.stem: t["expr"]
         for path in DASHBOARDS
@@ -102,18 +103,20 @@ def test_both_agents_down_panels_read_the_same_hosts():
         for t in p["targets"]
     }
     assert set(downs) == {"fleet-overview", "on-call"}
-    hosts = downs["on-call"].removeprefix("topk($topk, ").removesuffix(")")
+    hosts = downs["on-call"].removeprefix("time() - bottomk($topk, ").removesuffix(")")
+    assert hosts == f'{DOWN}{{host_id=~"$host"}}'
     assert downs["fleet-overview"] == f"count({hosts}) or vector(0)"
-    assert STOPS in hosts
 
 
 def test_the_heartbeat_panels_read_hosts_as_ktel_agent_down_does():
-    """On-call's Agents down is KtelAgentDown's query for the hosts chosen (`$host`),
-    as fleet overview's count of them is (above), and fleet overview's time since the
-    last heartbeat reads each host's as the alert does, sparing those it spares for a
-    stop: a day of heartbeat times, so a host the workers have forgotten
+    """On-call's Agents down shows KtelAgentDown's hosts, those chosen (`$host`), as
+    fleet overview's count of them does (above), with its value, and fleet overview's
+    time since the last heartbeat reads each host's as the alert does, sparing those it
+    spares for a stop: a day of heartbeat times, so a host the workers have forgotten
     (aggregate.host_ttl_seconds) stays there while it pages, and the same function of
-    them, so the same time and the same hosts. Matchers (`$host`) are left out of the
+    them, so the same time and the same hosts. Each shows the $topk with the oldest
+    heartbeat (`bottomk` of the times, the same as `topk` of the ages, which would take
+    the age of every host at every step). Matchers (`$host`) are left out of the
     comparison, ranges and functions not; a recording rule is read as its query, in the
     alert and in the panels."""
     groups = yaml.safe_load((GRAFANA.parent / "prometheus/ktel-rules.yml").read_text())["groups"]
@@ -137,14 +140,19 @@ def test_the_heartbeat_panels_read_hosts_as_ktel_agent_down_does():
         for p in panels(json.loads(path.read_text()))
         for t in p["targets"]
     }
-    [down] = bounds(promql(queries["Agents down, the $topk silent longest"]))
-    assert down.args[-1] == pages
-    # (time since the last heartbeat unless up unless stopped) and some host exported
-    since_unless_up, stopped = pages.args[0].args
-    since = since_unless_up.args[0]
-    assert "ktel_agent_stopped_timestamp_seconds" in metrics(stopped), alert
-    [ages] = bounds(promql(queries["Top $topk hosts by time since last heartbeat"]))
-    assert ages.args[-1] == Expr("binary", "unless", (since, stopped), on=frozenset({"host_id"}))
+    # time() - ((heard from, unless stopped) unless up, and some host exported)
+    now, hosts = pages.args
+    heard = hosts.args[0].args[0]
+    assert "ktel_agent_stopped_timestamp_seconds" in metrics(heard), alert
+    # The panels: time() - the $topk whose last heartbeat is oldest, of the same hosts.
+    for title, shown in [
+        ("Agents down, the $topk silent longest", hosts),
+        ("Top $topk hosts by time since last heartbeat", heard),
+    ]:
+        panel = promql(queries[title])
+        [oldest] = bounds(panel)
+        assert (oldest.name, oldest.args[-1]) == ("bottomk", shown), title
+        assert panel == Expr("binary", "-", (now, oldest)), title
 
 
 NATIVE_LATENCY = re.compile(r"histogram_quantile\(([\d.]+), sum by \(host_id\) \(rate\((\w+)_nanoseconds\{")
@@ -507,9 +515,11 @@ def test_no_panel_draws_a_series_per_host_of_the_whole_fleet(path):
 
 
 # A heartbeat's age: every host heard from has one, and the top N are those silent longest.
-# The panels read it, as KtelAgentDown does, from the rule that keeps it a day.
-AGES = "ktel:agent_last_heartbeat_timestamp_seconds:max1d"
-STOPS = "ktel:agent_stopped_timestamp_seconds:max1d"
+# The panels read it, as KtelAgentDown does, from the rules that keep it a day: of every
+# host heard from but those stopped on purpose, and of the hosts down.
+HEARD = "ktel:agent_last_heartbeat_timestamp_seconds:max1d_unless_stopped"
+DOWN = "ktel:agent_last_heartbeat_timestamp_seconds:max1d_down"
+AGES = {HEARD, DOWN}
 
 
 @pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.stem)
@@ -524,7 +534,7 @@ def test_a_top_n_panel_shows_only_what_has_any_and_says_when_none_has(path):
         for t in p["targets"]:
             e = promql(t["expr"])
             for b in bounds(e):
-                if AGES in metrics(b):
+                if AGES & metrics(b):
                     continue
                 ranked = b.args[-1]
                 assert (ranked.kind, ranked.name, ranked.args[-1]) == ("binary", ">", Expr("scalar", "0")), (
