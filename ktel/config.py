@@ -46,8 +46,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 from ktel.probes import KIND_BY_NAME, KINDS, PROBES
 from ktel.schema import U32
 from ktel.wire.codec import MAX_RECORD_BYTES
-from ktel.wire.control import EVERY_HOST, sample_command_id
-from ktel.wire.raw import HOST_CHARS, MAX_EVENTS
+from ktel.wire.control import sample_command_id
+from ktel.wire.raw import MAX_EVENTS, host_id_problem
 from ktel.wire.topics import Topics
 
 
@@ -476,7 +476,6 @@ def _ms_within(v: int, most: int, advice: str) -> int:
 class AgentConfig(Section):
     host_id: str = Field(
         default_factory=lambda: _read_id("/etc/machine-id"),
-        max_length=HOST_CHARS,  # what a batch carries (ktel/wire/raw.py)
         description="host.id; default /etc/machine-id",
     )
     state_dir: Dir = Field(
@@ -649,14 +648,14 @@ class AgentConfig(Section):
 
     @field_validator("host_id")
     @classmethod
-    def _not_every_host(cls, v: str) -> str:
-        # An empty one is refused like any empty text (Section); the default,
-        # /etc/machine-id, is read by every process, and the agent alone, which needs
-        # it, refuses it empty.
-        if v == EVERY_HOST:
-            raise ValueError(
-                f"{EVERY_HOST!r} means every host in ktel.control: set agent.host_id to this host's"
-            )
+    def _a_host_id(cls, v: str) -> str:
+        # Held to the rule every batch's host is held to (a batch this agent sealed would
+        # be dead-lettered). An empty one is refused like any empty text (Section); the
+        # default, /etc/machine-id, is read by every process, and the agent alone, which
+        # needs it, refuses it empty.
+        problem = host_id_problem(v)
+        if problem is not None:
+            raise ValueError(f"{problem}: set agent.host_id to this host's own id")
         return v
 
 
