@@ -14,10 +14,19 @@ the topic was deleted and created again), that partition's read ends there, the 
 are read to their end, and then ``records`` raises ReadError naming it: going on from
 the oldest record, as a consumer reset to "earliest" would, read the partition a
 second time, every record already handed on handed on again.
+
+The end may also move back to the read's position or above it, still below the end
+the read was to reach. No fetch is then out of range: the records up to the new end
+are read, and past them Kafka has nothing to give, the records the read was to take
+there being gone. A fetch that brings nothing asks for the partitions' ends, and a
+partition whose end moved back below the end of its read is read to its new end and
+ends there, named in the same ReadError: waiting on it would wait the whole stall
+time (``STALL_S``) for records that are no more, and end with an error blaming Kafka.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator
@@ -105,8 +114,28 @@ async def records(
         del active[tp]
         reader.pause(tp)  # no more prefetching of a finished partition
 
-    # Partition -> what to say of its read, ended where its end moved back below it.
+    # Partition -> what to say of its read, ended where its end moved back.
     cut: dict[TopicPartition, str] = {}
+
+    def moved_back(tp: TopicPartition, end: int, position: int) -> None:
+        """End the read of a partition whose end moved back from its read's end to
+        ``end``, the read being at ``position``: at once when the end is at or below it,
+        else at the new end, once the records up to it are read."""
+        where = (
+            f"below the read at offset {position}"
+            if end < position
+            else f"the read being at offset {position}"
+        )
+        cut[tp] = (
+            f"partition {tp.partition} of {tp.topic}: its end moved back, from offset "
+            f"{ends[tp]} to {end}, {where} (records lost in an unclean leader election, or the "
+            "topic deleted and created again); its read stopped "
+            + ("there" if end < position else f"at offset {end}")
+        )
+        if end <= position:
+            done(tp)
+        else:
+            active[tp] = end
 
     async def out_of_range(err: OffsetOutOfRangeError) -> None:
         """Go on past records retention deleted, or end the read of a partition whose
@@ -124,18 +153,33 @@ async def records(
                 else:
                     reader.seek(tp, firsts[tp])
             elif at[tp] > lasts[tp]:
-                cut[tp] = (
-                    f"partition {tp.partition} of {tp.topic}: its end moved back, from offset "
-                    f"{active[tp]} to {lasts[tp]}, below the read at offset {at[tp]} (records lost "
-                    "in an unclean leader election, or the topic deleted and created again); its "
-                    "read stopped there"
-                )
-                done(tp)
+                moved_back(tp, lasts[tp], at[tp])
             # Else in range as the leader tells (a replica behind it answered): the consumer
             # fetches it again, from its leader.
 
-    progress_at = time.monotonic()
     positions: dict[TopicPartition, int] = {}
+
+    async def ends_moved_back(wait_s: float) -> None:
+        """End, as ``moved_back`` does, the read of each partition whose end is now below
+        the end its read is to reach (module docstring). Asked only when a fetch brought
+        nothing: when one moves, the read is not waiting on a lost end. A Kafka that does
+        not answer within ``wait_s`` (what is left of the stall time) tells nothing, and
+        the read is then taken for stalled as before."""
+        try:
+            async with asyncio.timeout(max(wait_s, 0.0)):
+                lasts = await reader.end_offsets(list(active))
+        except (KafkaError, TimeoutError):
+            return
+        for tp in list(active):
+            # The end a partition's read is to reach was its end when the read began, and
+            # Kafka's end offset (its high watermark) only grows while no record is lost:
+            # below it now, records the read was to take are gone. Those between the
+            # position and the new end are still there, and read; past it a fetch finds
+            # nothing, so the read would wait for them until the stall time.
+            if lasts[tp] < active[tp]:
+                moved_back(tp, lasts[tp], positions[tp])
+
+    progress_at = time.monotonic()
     while active:
         try:
             fetched = await reader.getmany(*active, timeout_ms=500)
@@ -158,6 +202,8 @@ async def records(
             elif positions.get(tp) != position:
                 positions[tp] = position
                 moved = True
+        if not moved and active:
+            await ends_moved_back(stall_s - (time.monotonic() - progress_at))
         # Taken after the records were handed on: the caller may hold them for long (a
         # pager on stdout nobody scrolls, a --redrive reading back and writing each).
         if moved:

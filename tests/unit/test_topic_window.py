@@ -110,14 +110,21 @@ class Log:
     """A topic's partitions as Kafka holds them, each [first, end), and a consumer of
     them that does not reset a position out of range (as topic_window.consumer's):
     each getmany hands out up to two records of each partition asked from its
-    position, after ``before_fetch[n]`` changed the partitions before the n-th fetch."""
+    position, after ``before_fetch[n]`` changed the partitions before the n-th fetch. A
+    fetch that brings nothing takes its timeout on ``clock``, when given."""
 
-    def __init__(self, ends: dict[int, int], before_fetch: dict[int, Callable[[Log], None]]) -> None:
+    def __init__(
+        self,
+        ends: dict[int, int],
+        before_fetch: dict[int, Callable[[Log], None]],
+        clock: Clock | None = None,
+    ) -> None:
         self.first = dict.fromkeys(ends, 0)
         self.end = dict(ends)
         self.at: dict[TopicPartition, int] = {}
         self.before_fetch = before_fetch
         self.fetches = 0
+        self.clock = clock
 
     async def beginning_offsets(self, parts):
         return {tp: self.first[tp.partition] for tp in parts}
@@ -159,6 +166,8 @@ class Log:
             if offsets:
                 fetched[tp] = [SimpleNamespace(offset=o) for o in offsets]
                 self.at[tp] = offsets[-1] + 1
+        if not fetched and self.clock is not None:
+            self.clock.now += timeout_ms / 1000
         return fetched
 
 
@@ -189,6 +198,37 @@ async def test_a_partition_whose_end_moved_back_below_the_read_ends_with_an_erro
         "(records lost in an unclean leader election, or the topic deleted and created again); "
         "its read stopped there"
     )
+
+
+@pytest.mark.parametrize(
+    ("new_end", "read"),
+    [
+        (4, [(0, 0), (0, 1), (0, 2), (0, 3)]),  # records left past the read: read up to the new end
+        (2, [(0, 0), (0, 1)]),  # none left past it
+    ],
+)
+async def test_a_partition_whose_end_moved_back_not_below_the_read_ends_there_at_once(clock, new_end, read):
+    # Partition 0 loses its records from offset new_end on while the read is at offset 2
+    # of it, its end to reach 6. No fetch is out of range, and past the new end Kafka has
+    # nothing to give: waited on, the read stalled for the whole stall time and ended
+    # blaming Kafka. Partition 1 is read to its end.
+    def lose_records(log: Log) -> None:
+        log.end[0] = new_end
+
+    log = Log({0: 6, 1: 6}, {2: lose_records}, clock)
+    began = clock.now
+    got = []
+    with pytest.raises(topic_window.ReadError) as err:
+        parts = [TopicPartition("ktel.raw", 0), TopicPartition("ktel.raw", 1)]
+        async for tp, rec in topic_window.records(log, parts, 0, "k:9092", stall_s=60):
+            got.append((tp.partition, rec.offset))
+    assert sorted(got) == [*read, (1, 0), (1, 1), (1, 2), (1, 3), (1, 4), (1, 5)]
+    assert str(err.value) == (
+        f"partition 0 of ktel.raw: its end moved back, from offset 6 to {new_end}, the read being at "
+        f"offset {new_end} (records lost in an unclean leader election, or the topic deleted and "
+        f"created again); its read stopped at offset {new_end}"
+    )
+    assert clock.now - began < 60  # (the fetches' timeouts, on the test's clock)
 
 
 async def test_records_retention_deleted_ahead_of_the_read_are_passed_over(clock):
