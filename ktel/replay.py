@@ -339,6 +339,8 @@ class Summary:
     # Matched, but more than a record replay writes may take (REPUBLISH_MAX_BYTES).
     not_republished: int = 0
     output_closed: bool = False  # stdout's reader went away; the window was not read to its end
+    read_began: bool = False  # the window's read began: an error after it has a summary to print
+    error: str | None = None  # what ended the replay before the window's end
     failures: list[str] = dataclasses.field(default_factory=list)
 
     def line(self, opts: Options) -> str:
@@ -363,6 +365,8 @@ class Summary:
                 parts.append(f"not re-published {self.not_republished} too large")
         if self.output_closed:
             parts.append("stopped early: the reader of stdout went away")
+        if self.error is not None:
+            parts.append("stopped early by the error below")
         return "; ".join(parts)
 
 
@@ -370,11 +374,17 @@ class _OutputClosed(Exception):
     """stdout's reader went away (``ktel replay ... | head``): stop quietly."""
 
 
-async def replay(opts: Options, write: Callable[[str], None], report: Callable[[str], None]) -> Summary:
+async def replay(
+    opts: Options,
+    write: Callable[[str], None],
+    report: Callable[[str], None],
+    summary: Summary | None = None,
+) -> Summary:
     """Read the window (see the module docstring), hand each kept event's JSON line to
     ``write`` (when ``opts.jsonl``), re-publish kept batches to ``opts.to_topic`` and
-    report decode failures and batches not re-published to ``report``."""
-    summary = Summary()
+    report decode failures and batches not re-published to ``report``. Counts go to
+    ``summary`` (a new one when None), which holds what was done also when this raises."""
+    summary = Summary() if summary is None else summary
     start_ms, stop_ms = read_bounds(opts.filter, opts.margin_ns)
     try:
         parts = await topic_window.partitions(opts.client, opts.bootstrap, opts.topic)
@@ -476,6 +486,8 @@ async def replay(opts: Options, write: Callable[[str], None], report: Callable[[
                 settings(opts.client, opts.to_bootstrap or opts.bootstrap), [opts.to_topic_spec]
             )
 
+        summary.read_began = True
+        read_error: topic_window.ReadError | None = None
         try:
             async with contextlib.aclosing(
                 topic_window.records(consumer, parts, start_ms, opts.bootstrap)
@@ -488,8 +500,13 @@ async def replay(opts: Options, write: Callable[[str], None], report: Callable[[
                     await handle(tp, rec)
         except _OutputClosed:
             summary.output_closed = True
-        # What was re-published is acknowledged before the summary counts it.
+        except topic_window.ReadError as err:
+            read_error = err
+        # What was re-published is acknowledged before the summary counts it, also when
+        # the read failed: the batches matched before it are written all the same.
         summary.republished += await _settle(in_flight)
+        if read_error is not None:
+            raise read_error
     except KafkaError as err:
         raise ReplayError(f"Kafka failed: {err}") from None
     except topic_window.ReadError as err:
@@ -591,7 +608,8 @@ def options(cfg: Config, args: Any, now_ns: int | None = None) -> Options:
 def main(cfg: Config, args: Any, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
     """``ktel replay``: 0 when the window was read (decode failures included), 1 when
     a matched batch was too large to re-publish to --to-topic (each reported), 2 on a
-    bad argument or an unusable source."""
+    bad argument or an unusable source; the summary is printed also when the read
+    failed once begun, before the error."""
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
     topic_window.quiet_client_logs()
@@ -621,11 +639,17 @@ def main(cfg: Config, args: Any, stdout: TextIO | None = None, stderr: TextIO | 
             closed = True
             raise _OutputClosed from None
 
+    summary = Summary()
     try:
-        summary = asyncio.run(replay(opts, write, report))
+        asyncio.run(replay(opts, write, report, summary))
     except ReplayError as err:
-        report(f"ktel replay: {err}")
-        return 2
+        if not summary.read_began:
+            report(f"ktel replay: {err}")
+            return 2
+        # What was read and written before it failed, as a replay that ends prints it: a
+        # window cut short by a partition whose end moved back, or a Kafka gone midway,
+        # has read the others, and --to-topic and --dlq have written to Kafka.
+        summary.error = str(err)
     try:
         stdout.flush()
     except BrokenPipeError:
@@ -637,4 +661,7 @@ def main(cfg: Config, args: Any, stdout: TextIO | None = None, stderr: TextIO | 
     if more > 0:
         report(f"ktel replay: ... and {more} more like those")
     report(f"ktel replay: {summary.line(opts)}")
+    if summary.error is not None:
+        report(f"ktel replay: {summary.error}")
+        return 2
     return 1 if summary.not_republished else 0

@@ -3,6 +3,7 @@
 import argparse
 import asyncio
 import dataclasses
+import io
 import json
 import re
 from types import SimpleNamespace
@@ -440,6 +441,90 @@ async def test_a_batch_too_large_to_re_publish_is_reported_and_the_others_re_pub
         "a record replay writes may"
     ]
     assert "re-published 2 batches to incident-42; not re-published 1 too large" in summary.line(opts)
+
+
+def test_a_read_that_fails_midway_prints_the_summary_of_what_it_did_then_the_error(monkeypatch):
+    """A partition whose end moved back, or a Kafka gone midway, ends the read once the
+    rest is read: what was read and written before it is told, as at a window's end."""
+    tp = TopicPartition(RAW_TOPIC, 0)
+    records = [encode_batch(batch([created(NOW, "/a")])), b"garbage"]
+
+    async def partitions(client, bootstrap, topic):
+        return [tp]
+
+    async def read(consumer, parts, start_ms, bootstrap):
+        for offset, value in enumerate(records):
+            yield tp, SimpleNamespace(key=b"host-a", value=value, offset=offset, timestamp=NOW // 1_000_000)
+        raise topic_window.ReadError("partition 0 of ktel.raw: its end moved back")
+
+    class Consumer:
+        async def start(self):
+            pass
+
+        async def stop(self):
+            pass
+
+    monkeypatch.setattr(topic_window, "partitions", partitions)
+    monkeypatch.setattr(topic_window, "consumer", lambda client, bootstrap: Consumer())
+    monkeypatch.setattr(topic_window, "records", read)
+    monkeypatch.setattr(replay.time, "time_ns", lambda: NOW + NS)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    status = replay.main(CFG, args(from_="-15m", to="now"), stdout, stderr)
+    assert status == 2
+    assert [json.loads(line)["path"] for line in stdout.getvalue().splitlines()] == ["/a"]
+    assert stderr.getvalue().splitlines()[-2:] == [
+        "ktel replay: read 2 records from 1 partitions of ktel.raw; matched 1 batches, 1 events; "
+        "decode failures 1; stopped early by the error below",
+        "ktel replay: partition 0 of ktel.raw: its end moved back",
+    ]
+
+
+async def test_batches_re_published_before_a_read_fails_are_counted(monkeypatch):
+    tp = TopicPartition(RAW_TOPIC, 0)
+    value = encode_batch(batch([created(NOW)]))
+
+    async def partitions(client, bootstrap, topic):
+        return [tp]
+
+    async def read(consumer, parts, start_ms, bootstrap):
+        yield tp, SimpleNamespace(key=b"host-a", value=value, offset=0, timestamp=NOW // 1_000_000)
+        raise topic_window.ReadError("partition 0 of ktel.raw: its end moved back")
+
+    class Client:
+        """aiokafka's consumer and producer as far as replay uses them: a send is
+        acknowledged once awaited after the read."""
+
+        def __init__(self, **kw):
+            pass
+
+        async def start(self):
+            pass
+
+        async def stop(self):
+            pass
+
+        async def send(self, topic, value, key=None, timestamp_ms=None):
+            return asyncio.ensure_future(asyncio.sleep(0))
+
+    monkeypatch.setattr(topic_window, "partitions", partitions)
+    monkeypatch.setattr(topic_window, "consumer", lambda client, bootstrap: Client())
+    monkeypatch.setattr(topic_window, "records", read)
+    monkeypatch.setattr(replay, "AIOKafkaProducer", Client)
+    summary = replay.Summary()
+    opts = dataclasses.replace(OPTS, to_topic="incident-42", jsonl=False)
+    with pytest.raises(ReplayError, match="its end moved back"):
+        await replay.replay(opts, print, print, summary)
+    assert (summary.batches, summary.republished) == (1, 1)
+
+
+def test_an_error_before_the_read_began_prints_no_summary(monkeypatch):
+    async def partitions(client, bootstrap, topic):
+        raise topic_window.ReadError(f"topic {topic} is not on {bootstrap}")
+
+    monkeypatch.setattr(topic_window, "partitions", partitions)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    assert replay.main(CFG, args(), stdout, stderr) == 2
+    assert stderr.getvalue().splitlines() == ["ktel replay: topic ktel.raw is not on k1:9092"]
 
 
 # ------------------------------------------------------------------- arguments
