@@ -38,7 +38,10 @@ A dead letter is left where it is, and the reason said, when:
 - its record does not decode as its topic's records do, or its key is not the host id
   it carries: the stages would only dead-letter it again;
 - (``--redrive``) its topic no longer holds the record (retention took it), or holds
-  another one there.
+  another one there. That is the answer of the partition's leader: a fetch that finds
+  the offset out of range (a replica behind the leader answered) or brings nothing, or
+  a retriable error, is made again (``ktel.retry``), for as long as a read waits on
+  Kafka (``topic_window.STALL_S``).
 
 Each re-published record carries a ``ktel-redriven-from`` header naming the dead
 letter (``ktel.dlq[partition]@offset``), so that a record found twice can be traced.
@@ -66,6 +69,7 @@ from ktel import topic_window
 from ktel.config import AgentConfig, Config, KafkaConfig
 from ktel.kafka_client import client_kwargs, compression_type
 from ktel.replay import ReplayError, format_ns, key_text, parse_time
+from ktel.retry import Permanent, Transient, retry
 from ktel.wire import DeadLetter, WireError, decode_batch, decode_dead_letter, decode_heartbeat
 from ktel.wire.codec import MAX_RECORD_BYTES
 from ktel.wire.control import DEAD_LETTER_KEY_BYTES, PAYLOAD_CUT
@@ -266,24 +270,63 @@ class Originals:
         first, end = self._bounds[tp]
         if not first <= offset < end:
             return None
+
+        async def attempt() -> ConsumerRecord | None:
+            try:
+                return await self._fetch(tp, offset)
+            except Transient:
+                raise
+            except KafkaError as err:
+                if err.retriable:  # (a connection lost, a leader moving: asked again)
+                    raise
+                raise Permanent(str(err)) from err
+            except Exception as err:
+                raise Permanent(str(err)) from err  # (not Kafka's answer: no reason to ask again)
+
+        try:
+            # As long as a read of a window waits for Kafka to move (topic_window.STALL_S).
+            async with asyncio.timeout(topic_window.STALL_S):
+                return await retry(attempt, what=f"reading {topic}[{partition}]@{offset} back", quiet=True)
+        except TimeoutError:
+            raise topic_window.ReadError(
+                f"no record from {self.opts.bootstrap} for {topic}[{partition}]@{offset}"
+            ) from None
+        except Permanent as err:
+            raise err.__cause__ or err from None
+
+    async def _fetch(self, tp: TopicPartition, offset: int) -> ConsumerRecord | None:
+        """One fetch of the record at ``offset``: it, None when Kafka's answer is that
+        there is none, or Transient when it is not an answer."""
         self.reader.assign([tp])
         self.reader.seek(tp, offset)
-        deadline = time.monotonic() + topic_window.STALL_S
-        while time.monotonic() < deadline:
-            try:
-                fetched = await self.reader.getmany(tp, timeout_ms=500)
-            except OffsetOutOfRangeError:
-                # Retention took it meanwhile, or the partition's end moved back below it
-                # (the consumer does not reset a position out of range: topic_window).
-                return None
-            for rec in fetched.get(tp, []):
-                if rec.offset >= offset:  # (past it: compaction or retention took it meanwhile)
-                    return rec if rec.offset == offset else None
-            if await self.reader.position(tp) > offset:
-                return None
-        raise topic_window.ReadError(
-            f"no record from {self.opts.bootstrap} for {topic}[{partition}]@{offset}"
-        )
+        try:
+            fetched = await self.reader.getmany(tp, timeout_ms=500)
+        except OffsetOutOfRangeError:
+            # The consumer does not reset a position out of range (topic_window), and its
+            # range is told by whichever replica answered: one behind its leader (read from
+            # a follower, or a new leader catching up) finds the record out of range
+            # while the leader holds it. Only the leader's range tells it is gone.
+            await self._unless_held(tp, offset, "it is out of range as a replica tells")
+            return None
+        for rec in fetched.get(tp, []):
+            if rec.offset >= offset:  # (past it: compaction or retention took it meanwhile)
+                return rec if rec.offset == offset else None
+        if await self.reader.position(tp) > offset:
+            return None
+        # Nothing yet, or nothing to fetch there: the partition's end moved back to the
+        # offset (no fetch is out of range there), which the leader's range tells.
+        await self._unless_held(tp, offset, "no fetch brought it yet")
+        return None
+
+    async def _unless_held(self, tp: TopicPartition, offset: int, why: str) -> None:
+        """Transient(``why``), for the fetch to be made again, when the partition's leader
+        holds ``offset`` in its range; else it holds no record there now (retention took
+        it, or its end moved back to it or below): the definitive answer."""
+        first = (await self.reader.beginning_offsets([tp]))[tp]
+        end = (await self.reader.end_offsets([tp]))[tp]
+        if first <= offset < end:
+            raise Transient(f"{tp.topic}[{tp.partition}]@{offset}: {why}")
+        return None
 
 
 async def run(

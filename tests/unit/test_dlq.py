@@ -9,8 +9,10 @@ from types import SimpleNamespace
 
 import pytest
 from aiokafka import TopicPartition
+from aiokafka.errors import KafkaConnectionError, OffsetOutOfRangeError
 
 from ktel import cli, config, dlq, topic_window
+from ktel import retry as retry_mod
 from ktel.dlq import DlqError, Found, Selection, why_not_redrivable
 from ktel.replay import NS, format_ns
 from ktel.wire import (
@@ -293,3 +295,105 @@ def test_a_listing_writes_on_a_stdout_that_is_not_utf_8(as_json, monkeypatch):
         )
         assert first.endswith("raison: \\xfc \\u2603 \\U0001f600")
     assert "plain" in second
+
+
+class Partition:
+    """A partition of a stage's topic holding offsets [first, end) as its leader tells,
+    and a consumer of it: each getmany answers with the next of ``answers`` ("out of
+    range", as a replica behind the leader does; "nothing"; a KafkaError to raise; or
+    "record", the record at the position), then with the record; ``fetches`` counts
+    them."""
+
+    def __init__(self, first: int, end: int, answers: list) -> None:
+        self.first, self.end = first, end
+        self.answers = list(answers)
+        self.fetches = 0
+        self.at = 0
+
+    async def start(self):
+        pass
+
+    async def stop(self):
+        pass
+
+    async def beginning_offsets(self, parts):
+        return dict.fromkeys(parts, self.first)
+
+    async def end_offsets(self, parts):
+        return dict.fromkeys(parts, self.end)
+
+    def assign(self, parts) -> None:
+        pass
+
+    def seek(self, tp, offset) -> None:
+        self.at = offset
+
+    async def position(self, tp) -> int:
+        return self.at
+
+    async def getmany(self, tp, timeout_ms):
+        self.fetches += 1
+        answer = self.answers.pop(0) if self.answers else "record"
+        if answer == "out of range":
+            raise OffsetOutOfRangeError({tp: self.at})
+        if isinstance(answer, Exception):
+            raise answer
+        if answer == "nothing":
+            return {}
+        self.at += 1
+        return {tp: [SimpleNamespace(offset=self.at - 1, key=b"b", value=BATCH)]}
+
+
+@pytest.fixture
+def originals_of(monkeypatch):
+    """Originals reading back from a Partition, the retries not waiting."""
+    waits = []
+
+    async def no_wait(delay):
+        waits.append(delay)
+
+    async def partitions(client, bootstrap, topic):
+        return [TopicPartition(topic, 0)]
+
+    monkeypatch.setattr(retry_mod, "_sleep", no_wait)
+    monkeypatch.setattr(topic_window, "partitions", partitions)
+
+    def make(part: Partition) -> dlq.Originals:
+        monkeypatch.setattr(topic_window, "consumer", lambda client, bootstrap: part)
+        return dlq.Originals(dlq.options(CFG, args(redrive=True), now_ns=NOW))
+
+    return make
+
+
+@pytest.mark.parametrize(
+    "answers",
+    [
+        ["out of range"],  # a replica behind the leader answered
+        ["out of range", "nothing", "out of range"],
+        [KafkaConnectionError("the leader went away")],
+    ],
+)
+async def test_a_record_read_back_out_of_range_or_failing_for_a_while_is_asked_again(originals_of, answers):
+    part = Partition(0, 10, answers)
+    rec = await originals_of(part).record("ktel.raw", 0, 5)
+    assert rec is not None and rec.offset == 5
+    assert part.fetches == len(answers) + 1
+
+
+@pytest.mark.parametrize(
+    ("first", "end", "answer"),
+    [
+        (6, 10, "out of range"),  # retention took it
+        (0, 4, "out of range"),  # the end moved back below it
+        (0, 5, "nothing"),  # the end moved back to it: no fetch is out of range
+    ],
+)
+async def test_a_record_the_leader_no_longer_holds_is_none_at_once(originals_of, first, end, answer):
+    part = Partition(0, 10, [])
+    originals = originals_of(part)
+    # (Its bounds are cached where it was first asked; they change after.)
+    assert (await originals.record("ktel.raw", 0, 4)) is not None
+    part.first, part.end = first, end
+    part.answers = [answer]
+    assert await originals.record("ktel.raw", 0, 5) is None
+    assert part.fetches == 2
