@@ -9,6 +9,7 @@ ktel's own config loader accepts. deploy/setup.sh builds helm into the cache.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -21,6 +22,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from pydantic import BaseModel
 
 from ktel import config, topics
 from ktel.paths import TRACEFS
@@ -309,7 +311,8 @@ def test_a_nodes_agent_is_replaced_only_once_the_old_one_ended(rendered) -> None
         assert "leave maxSurge at 0" in res.stderr
 
 
-# The sections of ktel's config the agent reads (edge_agent/), which alone roll its pods.
+# The sections of ktel's config the agent reads (edge_agent/), which alone roll its pods;
+# of kafka's, only some fields (agent_kafka_fields).
 AGENT_SECTIONS = ("kafka", "agent", "service")
 
 
@@ -331,6 +334,8 @@ def config_checksums(*sets: str) -> tuple[str, set[str]]:
         ("config.enrich.max_processes=9000", False),
         ("config.agent.batch_max_ms=700", True),
         ("config.kafka.bootstrap=kafka.example:9093", True),
+        ("config.kafka.raw_partitions=12", False),
+        ("config.kafka.output_partitions=12", False),
         ("config.service.log_level=debug", True),
     ],
 )
@@ -349,10 +354,49 @@ def test_the_agent_reads_no_other_section_of_the_config() -> None:
     pattern = re.compile(r"\.(" + "|".join(others) + r")\b")
     for path in sorted((ROOT / "edge_agent").glob("*.py")):
         assert not pattern.findall(path.read_text()), path
-    template = (CHART / "templates" / "agent-daemonset.yaml").read_text()
-    assert (
-        'pick (include "ktel.config" . | fromToml) ' + " ".join(f'"{s}"' for s in AGENT_SECTIONS) in template
-    )
+    template = (CHART / "templates" / "_helpers.tpl").read_text()
+    whole = [s for s in AGENT_SECTIONS if s != "kafka"]  # (kafka's: agent_kafka_fields)
+    assert "pick $config " + " ".join(f'"{s}"' for s in whole) + ' | merge (dict "kafka" $kafka)' in template
+
+
+def agent_kafka_fields() -> set[str]:
+    """The fields of kafka the agent reads: those edge_agent/ names, and ktel/kafka_client.py,
+    its one way to Kafka, directly or through a property or method of KafkaConfig's
+    (topics: the prefix)."""
+    fields = set(config.KafkaConfig.model_fields)
+    sources = [*sorted((ROOT / "edge_agent").glob("*.py")), ROOT / "ktel" / "kafka_client.py"]
+    named = set(re.findall(r"\.(\w+)\b", "".join(p.read_text() for p in sources)))
+    read = fields & named
+    for name, member in vars(config.KafkaConfig).items():
+        function = member.fget if isinstance(member, property) else member
+        if name in named and inspect.isfunction(function):
+            read |= fields & set(re.findall(r"self\.(\w+)", inspect.getsource(function)))
+    return read
+
+
+def test_the_agent_reads_kafkas_connection_and_prefix_alone() -> None:
+    """What holds ktel.agentKafkaFields to the code: a field the agent reads left out of it
+    would leave the agents on the old value after an upgrade, one it does not read would
+    roll every node's agent for nothing."""
+    read = agent_kafka_fields()
+    assert {"bootstrap", "prefix", "security_protocol", "ssl_cafile", "sasl_password_file"} <= read
+    assert not read & {"raw_partitions", "output_partitions", "replication_factor", "principals"}
+
+
+@pytest.mark.parametrize("field", sorted(config.KafkaConfig.model_fields))
+def test_a_kafka_field_rolls_the_agents_only_when_they_read_it(field) -> None:
+    model = config.KafkaConfig.model_fields[field]
+    if model.json_schema_extra == config.SECRET:
+        pytest.skip("refused in config: from a Secret, never in the ConfigMap")
+    sub, default = model.annotation, model.default
+    if isinstance(sub, type) and issubclass(sub, BaseModel):  # a section of its own: one of its fields
+        field, default = f"{field}.{next(iter(sub.model_fields))}", "x"
+    # Another value of the field's type (partitions stay above the default replicas).
+    value = {True: "false", False: "true"}.get(default) if isinstance(default, bool) else None
+    value = value or (str(default * 2) if isinstance(default, int | float) else "changed")
+    agent, _ = config_checksums()
+    agent_after, _ = config_checksums(f"config.kafka.{field}={value}")
+    assert (agent_after != agent) is (field.split(".")[0] in agent_kafka_fields())
 
 
 def test_probes_and_services_are_on_the_port_each_process_serves(rendered) -> None:

@@ -125,6 +125,39 @@ stopped at start on a config ktel refuses. */ -}}
 {{- end -}}
 
 {{/*
+Of ktel's config, what the edge agent reads: its own section, the service's, and of
+kafka's the fields of ktel/kafka_client.py (the connection and credentials every client
+takes) and the topics' prefix; not the partitions, retention, replication or principals,
+which `ktel topics` and `ktel acls` alone read. The chart's tests derive this list from
+edge_agent/ and ktel/kafka_client.py and hold it to them. As JSON, for the agents'
+checksum/config: a change to another field (a topic's partitions, an exporter's URL)
+leaves every node's agent running.
+*/}}
+{{- define "ktel.agentKafkaFields" -}}
+- bootstrap
+- prefix
+- security_protocol
+- sasl_mechanism
+- sasl_username
+- sasl_password
+- sasl_password_file
+- ssl_cafile
+- ssl_certfile
+- ssl_keyfile
+- ssl_check_hostname
+{{- end -}}
+
+{{- define "ktel.agentConfig" -}}
+{{- $config := include "ktel.config" . | fromToml -}}
+{{- $all := get $config "kafka" | default dict -}}
+{{- $kafka := dict -}}
+{{- range $f := include "ktel.agentKafkaFields" . | fromYamlArray -}}
+{{- if hasKey $all $f }}{{ $_ := set $kafka $f (get $all $f) }}{{ end -}}
+{{- end -}}
+{{- pick $config "agent" "service" | merge (dict "kafka" $kafka) | toJson -}}
+{{- end -}}
+
+{{/*
 Every field of ktel's config that holds a secret (those ktel/config.py marks SECRET; the
 chart's tests hold the two to the same list). Each is refused in `config` and given from
 the Secret of secrets.<value> instead: with `exporter`, the Secret's key becomes the
