@@ -479,9 +479,16 @@ def test_the_pull_endpoint_has_the_memory_its_default_bound_takes() -> None:
         for c in d["spec"]["template"]["spec"]["containers"]
     }
     units = {"Mi": 1 << 20, "Gi": 1 << 30}
-    limit = containers[("export", "pull")]["resources"]["limits"]["memory"]
-    limit_bytes = int(limit[:-2]) * units[limit[-2:]]
-    assert limit_bytes > 1.2 * (config.PullConfig().max_series_bytes + (200 << 20))
+    resources = containers[("export", "pull")]["resources"]
+    limit, request = (
+        int(m[:-2]) * units[m[-2:]] for m in (resources[k]["memory"] for k in ("limits", "requests"))
+    )
+    assert limit > 1.2 * (config.PullConfig().max_series_bytes + (200 << 20))
+    # What it was measured to take full (bench/RESULTS.md, "Pull endpoint memory": the
+    # series and a scrape up to 1,181 MiB, the process 70 to 100 MiB besides), and its
+    # bound: with a request of 256 MiB it was scheduled where that memory was not, and
+    # evicted first from a node short of memory.
+    assert limit >= request >= config.PullConfig().max_series_bytes + (100 << 20) >= (1181 + 100) << 20
     assert containers[("export", "otlp")]["resources"]["limits"]["memory"] == "1Gi"  # (the others' own)
 
 
