@@ -492,6 +492,97 @@ def test_the_pull_endpoint_has_the_memory_its_default_bound_takes() -> None:
     assert containers[("export", "otlp")]["resources"]["limits"]["memory"] == "1Gi"  # (the others' own)
 
 
+def enrich_metadata_mounts(objs: list[dict[str, Any]]) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """Each Deployment mounting enrich's metadata file: (its mount, its volume)."""
+    out = {}
+    for d in of_kind(objs, "Deployment"):
+        spec = d["spec"]["template"]["spec"]
+        [c] = spec["containers"]
+        mounts = [m for m in c["volumeMounts"] if m["name"] == "enrich-metadata"]
+        volumes = [v for v in spec["volumes"] if v["name"] == "enrich-metadata"]
+        assert len(mounts) == len(volumes) <= 1
+        if mounts:
+            out[d["metadata"]["name"]] = (mounts[0], volumes[0])
+    return out
+
+
+@pytest.mark.parametrize("source", ["content", "configMap"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_enrichs_metadata_file_is_mounted_where_enrich_runs(source, fused, tmp_path, monkeypatch) -> None:
+    """process.enrichMetadata mounts the file in the workers whose process runs enrich,
+    alone, and names it in enrich.metadata_file; with `content`, the chart's own
+    ConfigMap holds it as it is, a feed enrich reads whole."""
+    from processors.enrich_core import load_metadata
+
+    for name in [n for n in os.environ if n.startswith("KTEL_")]:
+        monkeypatch.delenv(name)
+    values = yaml.safe_load(FULL.read_text())["process"]["enrichMetadata"]
+    feed = tmp_path / "feed.jsonl"
+    feed.write_text(values["content"])
+    setting = (
+        ("--set-file", f"process.enrichMetadata.content={feed}")
+        if source == "content"
+        else ("--set", "process.enrichMetadata.configMap=cluster-pods")
+    )
+    res = run_helm("template", "ktel", str(CHART), "--set", f"process.fused={str(fused).lower()}", *setting)
+    assert res.returncode == 0, res.stderr
+    objs = [d for d in yaml.safe_load_all(res.stdout) if d]
+    path = Path(toml_config(objs)["enrich"]["metadata_file"])
+    assert config.load(config_file(objs, tmp_path)).enrich.metadata_file == path
+    mounts = enrich_metadata_mounts(objs)
+    processes = {
+        d["metadata"]["name"]: d["spec"]["template"]["spec"]["containers"][0]["args"][1]
+        for d in of_kind(objs, "Deployment")
+        if d["spec"]["template"]["spec"]["containers"][0]["args"][0] == "process"
+    }
+    assert set(mounts) == {name for name, p in processes.items() if "enrich" in PROCESSES[p]} != set()
+    name = "ktel-enrich-metadata" if source == "content" else "cluster-pods"
+    for mount, volume in mounts.values():
+        # A directory, never a subPath, which the kubelet would leave as it was when the
+        # ConfigMap changes.
+        assert mount == {"name": "enrich-metadata", "mountPath": str(path.parent), "readOnly": True}
+        assert volume["configMap"] == {"name": name, "items": [{"key": path.name, "path": path.name}]}
+    made = [cm for cm in of_kind(objs, "ConfigMap") if cm["metadata"]["name"] == "ktel-enrich-metadata"]
+    if source == "content":
+        [cm] = made
+        assert cm["data"] == {path.name: values["content"]}
+        metadata, errors = load_metadata(cm["data"][path.name])
+        assert not errors and sum(len(h) for h in metadata.values()) == 2
+    else:
+        assert not made  # (the operator's, which the chart leaves alone)
+
+
+def test_no_metadata_file_unless_given() -> None:
+    objs = render()
+    assert "enrich" not in toml_config(objs)
+    assert not enrich_metadata_mounts(objs)
+
+
+def test_a_change_to_the_metadata_file_restarts_no_pod(full) -> None:
+    """enrich reads the file again when it changes (processors/enrich_core.py, MetadataFile)
+    and the kubelet updates the mounted ConfigMap in place: a restart would only cost the
+    workers a rebalance and their tables rebuilt from their changelogs."""
+    templates = {w["metadata"]["name"]: w["spec"]["template"] for w in workloads(full)}
+    changed = render(FULL, sets=("process.enrichMetadata.content=other",))
+    assert {w["metadata"]["name"]: w["spec"]["template"] for w in workloads(changed)} == templates
+    [cm] = [cm for cm in of_kind(changed, "ConfigMap") if cm["metadata"]["name"] == "ktel-enrich-metadata"]
+    assert cm["data"] == {"metadata.jsonl": "other"}
+
+
+def test_a_metadata_file_from_both_content_and_a_config_map_is_refused() -> None:
+    res = run_helm(
+        "template",
+        "ktel",
+        str(CHART),
+        "--set",
+        "process.enrichMetadata.content=x",
+        "--set",
+        "process.enrichMetadata.configMap=cluster-pods",
+    )
+    assert res.returncode != 0
+    assert "process.enrichMetadata: give either content" in res.stderr
+
+
 def test_full_values_run_each_stage_with_its_replicas(full) -> None:
     values = yaml.safe_load(FULL.read_text())
     by_args = {

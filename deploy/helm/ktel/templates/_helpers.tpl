@@ -95,6 +95,9 @@ topicsJob off) needs no password. */ -}}
 {{- if or $v.secrets.kafkaSaslPassword.secretName $roleSecrets -}}
 {{- $_ := set $forced "kafka" (dict "sasl_password_file" (printf "/etc/ktel/secrets/kafka/%s" $v.secrets.kafkaSaslPassword.key)) -}}
 {{- end -}}
+{{- with include "ktel.enrichMetadata" . | fromJson -}}
+{{- $_ := set $forced "enrich" (dict "metadata_file" .file) -}}
+{{- end -}}
 {{- range $section, $fields := $v.config -}}
 {{- if not (kindIs "map" $fields) -}}
 {{- fail (printf "config.%s: every entry of config is a section of ktel's TOML (a map of fields), e.g. config.kafka.bootstrap" $section) -}}
@@ -284,6 +287,27 @@ kafkaIdentities.<role> is the one every role shares.
 {{- toJson (dict "secretName" $shared.secretName "key" $shared.key "path" $shared.key) -}}
 {{- else -}}
 {{- toJson dict -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+process.enrichMetadata as JSON: configMap (the ConfigMap to mount: the release's own
+with `content`), key, dir (where it is mounted) and file (enrich.metadata_file); {}
+without one. Mounted as a directory, never by subPath, which the kubelet would not
+update when the ConfigMap changes.
+*/}}
+{{- define "ktel.enrichMetadata" -}}
+{{- $m := .Values.process.enrichMetadata -}}
+{{- if and $m.content $m.configMap -}}
+{{- fail "process.enrichMetadata: give either content (the chart makes its ConfigMap) or configMap (one that exists), not both" -}}
+{{- end -}}
+{{- $name := $m.configMap -}}
+{{- if $m.content }}{{ $name = printf "%s-enrich-metadata" (include "ktel.fullname" .) }}{{ end -}}
+{{- if $name -}}
+{{- $dir := "/etc/ktel/enrich-metadata" -}}
+{{- dict "configMap" $name "key" $m.key "dir" $dir "file" (printf "%s/%s" $dir $m.key) | toJson -}}
+{{- else -}}
+{}
 {{- end -}}
 {{- end -}}
 
