@@ -82,6 +82,27 @@ def test_the_feed_file_is_reloaded_when_it_changes_and_emptied_when_it_goes(tmp_
     assert f.feed == {} and f.entries == 0
 
 
+def test_the_feed_file_is_reloaded_when_the_kubelet_updates_its_config_map(tmp_path):
+    """The Helm chart mounts the file from a ConfigMap (process.enrichMetadata) and counts
+    on this rather than restarting the workers: the kubelet writes a ConfigMap's new
+    content in a new directory and swaps the link `..data` to it, the file a link through
+    it. The new file is read even with the same size and mtime as the old one."""
+    mount = tmp_path / "enrich-metadata"
+    mount.mkdir()
+    line = '{"host.id": "h1", "cgroup.id": 7, "k8s.pod.name": "%s"}\n'
+    for version, pod in (("..2026_12_06_16_00_00.1", "a"), ("..2026_12_06_16_05_00.2", "b")):
+        (mount / version).mkdir()
+        (mount / version / "metadata.jsonl").write_text(line % pod)
+        os.utime(mount / version / "metadata.jsonl", ns=(0, 0))
+    (mount / "..data").symlink_to("..2026_12_06_16_00_00.1")
+    (mount / "metadata.jsonl").symlink_to("..data/metadata.jsonl")
+    f = enrich_core.MetadataFile(mount / "metadata.jsonl")
+    assert f.refresh() == [] and f.feed == {"h1": {7: {"k8s.pod.name": "a"}}}
+    (mount / "..data_tmp").symlink_to("..2026_12_06_16_05_00.2")
+    os.replace(mount / "..data_tmp", mount / "..data")
+    assert f.refresh() == [] and f.feed == {"h1": {7: {"k8s.pod.name": "b"}}}
+
+
 def test_no_feed_configured_is_an_empty_feed():
     f = enrich_core.MetadataFile(None)
     assert f.refresh() is None and f.feed == {}
