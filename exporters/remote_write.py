@@ -230,17 +230,18 @@ _warned = Once()
 
 def series_keys(snap: MetricSnapshot, histograms: str = "native") -> list[bytes]:
     """The keys of a snapshot's series, one per sample, as ``encode`` makes them."""
-    out = []
-    for name, typ, labels, value in snap.series:
-        if typ == "histogram":
-            native = exponential(name, value) if histograms == "native" else None
-            if native is not None:
-                out.append(series_labels(native.name, typ, labels))
-            else:
-                out += [labels_bytes(key) for key, _ in histogram_series(name, labels, value)]
-        else:
-            out.append(series_labels(name, typ, labels))
-    return out
+    return [key for row in snap.series for key in row_keys(row, histograms)]
+
+
+def row_keys(row: Sequence[Any], histograms: str = "native") -> list[bytes]:
+    """The keys of the series one wire series of a snapshot makes (``series_keys``)."""
+    name, typ, labels, value = row
+    if typ == "histogram":
+        native = exponential(name, value) if histograms == "native" else None
+        if native is not None:
+            return [series_labels(native.name, typ, labels)]
+        return [labels_bytes(key) for key, _ in histogram_series(name, labels, value)]
+    return [series_labels(name, typ, labels)]
 
 
 # Protobuf wire format (protobuf.dev/programming-guides/encoding) for
@@ -495,7 +496,7 @@ async def _resend_by_snapshot(
     sent again series by series (``_resend_by_series``); one refused alone for anything
     else goes to ``ktel.dlq`` as it was read. Returns the (partition, offset) of the
     snapshots the receiver took none of these samples of."""
-    owners = [rec for rec in snaps if not refused.isdisjoint(series_keys(rec.item, histograms))]
+    owners = _as_sent(snaps, refused, histograms)
     what = f"remote-write to {receiver.url}"
 
     async def send(recs: Sequence[Record]) -> None:
@@ -517,6 +518,35 @@ async def _resend_by_snapshot(
 
     await send_split(owners, send, alone, what=what, refusal=answer)
     return untaken
+
+
+def _as_sent(snaps: list[Record], refused: set[bytes], histograms: str) -> list[Record]:
+    """The snapshots of ``snaps`` that gave the refused request samples of ``refused``,
+    each without the rows whose samples it left out: of two values of one Prometheus
+    series at one timestamp, from two snapshots, the request carried the last given
+    (``_one_per_timestamp``) and counted the other in DUPLICATES. Sent again by
+    snapshot, the one left out would be stored first and take the timestamp, and the
+    one carried then be refused as another value at it: stored otherwise than when the
+    request is taken, and the one sample counted twice."""
+    last: dict[tuple[bytes, int], int] = {}  # (series, timestamp) -> the last snapshot giving it
+    rows_keys = []
+    for i, rec in enumerate(snaps):
+        keyed = [(row, row_keys(row, histograms)) for row in rec.item.series]
+        rows_keys.append(keyed)
+        for _row, keys in keyed:
+            for key in keys:
+                if key in refused:
+                    last[key, rec.item.ts_ms] = i
+    owners = []
+    for i, (rec, keyed) in enumerate(zip(snaps, rows_keys, strict=True)):
+        ts = rec.item.ts_ms
+        rows = [row for row, keys in keyed if any(last.get((key, ts)) == i for key in keys)]
+        if not rows:
+            continue  # (none of its samples was in the request)
+        if len(rows) < len(rec.item.series):
+            rec = dataclasses.replace(rec, item=dataclasses.replace(rec.item, series=rows))
+        owners.append(rec)
+    return owners
 
 
 async def _resend_by_series(

@@ -596,3 +596,33 @@ async def test_the_samples_prometheus_lacks_of_snapshots_it_holds_in_part_are_st
         "b": list(zip(ts, [5.0, 6.0, 7.0], strict=True)),  # the value it held first
         "c": list(zip(ts, [7.0, 8.0, 9.0], strict=True)),
     }
+
+
+async def test_a_value_left_out_for_a_later_snapshots_at_its_timestamp_is_not_stored_when_sent_again(
+    prometheus,
+):
+    """Two snapshots of a host give x the values 1 and 2 at one timestamp: the request
+    carries the last (2). Prometheus holds a newer sample of the host's y (sent before a
+    restart) and refuses the request whole ("out of order sample"), which is sent again
+    by snapshot: Prometheus holds x = 2, as had it taken the request, and x is not
+    counted as held already (its value left out, stored first, made it so)."""
+    run = uuid.uuid4().hex[:12]
+    host = f"host-{run}"
+    t0 = (time.time_ns() // 1_000_000) - 60_000
+    labels = {"host.id": host, "ktel.run": run}
+    first, again = Producer(), Producer()
+    await deliver(
+        prometheus, as_read([MetricSnapshot(t0 + 10_000, [["y", "gauge", labels, 4.0]])], b"h"), first
+    )
+    snaps = [
+        MetricSnapshot(t0, [["x", "gauge", labels, 1.0]]),
+        MetricSnapshot(t0, [["x", "gauge", labels, 2.0]]),
+        MetricSnapshot(t0, [["y", "gauge", labels, 3.0]]),
+    ]
+    before = {reason: held_already(reason) for reason in ("out_of_order", "duplicate_timestamp")}
+    await deliver(prometheus, as_read(snaps, host.encode()), again)
+
+    assert first.sent == again.sent == []
+    assert held_already("out_of_order") == before["out_of_order"] + 1
+    assert held_already("duplicate_timestamp") == before["duplicate_timestamp"]
+    assert stored(prometheus, run) == {"x": [(t0, 2.0)], "y": [(t0 + 10_000, 4.0)]}

@@ -534,3 +534,48 @@ async def test_a_series_refused_for_anything_else_among_samples_held_already_is_
     assert wire.decode_snapshot(letters[0].payload) == snapshot(t0, b=5)  # b alone
     assert letters[1].payload == records[1].value  # the record as it was read
     assert [count(*held), count(*dead)] == [before[0] + 1, before[1] + 1 + 3]
+
+
+async def test_a_sample_left_out_for_a_later_snapshots_at_its_timestamp_stays_out_when_sent_again():
+    """Two snapshots of a host give series x a value at the same timestamp: the request
+    carries the last given (2), the other is counted in ktel_exporter_duplicate_samples_total.
+    The receiver refuses the request for another snapshot's series, and it is sent again
+    by snapshot: x goes as it went, with the last value, not the one left out first
+    (stored, it would take the timestamp, and x's value sent would be refused as another
+    value at it, the one sample counted twice)."""
+    import httpx
+    from prometheus_client import REGISTRY
+
+    from exporters.consume import Record
+    from exporters.delivery import Window
+    from exporters.remote_write_client import Receiver
+    from ktel import wire
+    from ktel.config import RemoteWriteConfig
+
+    t0 = time.time_ns() // 1_000_000 - 60_000
+    host = {"host.id": "h"}
+    snaps = [
+        MetricSnapshot(t0, [["x", "gauge", host, 1.0]]),
+        MetricSnapshot(t0, [["x", "gauge", host, 2.0]]),
+        MetricSnapshot(t0, [["y", "gauge", host, 3.0]]),
+    ]
+    records = [
+        Record(snap, wire.METRICS_TOPIC, 0, i, b"h", wire.encode_snapshot(snap), wire.DLQ_TOPIC)
+        for i, snap in enumerate(snaps)
+    ]
+    backend = RollingBack(held={}, bad={"y"})
+
+    def count(name: str, labels: dict[str, str] | None = None) -> float:
+        return REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+    duplicates = ("ktel_exporter_duplicate_samples_total", None)
+    held = ("ktel_exporter_already_stored_samples_total", {"reason": "duplicate_timestamp"})
+    before = [count(*duplicates), count(*held)]
+    producer = Producer()
+    async with Receiver(RemoteWriteConfig(url="http://receiver.test/api/v1/write")) as receiver:
+        receiver.client = httpx.AsyncClient(transport=httpx.MockTransport(backend.receive))
+        await remote_write.deliver(receiver, records, producer, Window(3600, 600, "remote_write"))
+
+    assert backend.stored == {"x": [(t0, 2.0)]}
+    assert [wire.decode_dead_letter(v).offset for _t, v, _k in producer.sent] == [2]
+    assert [count(*duplicates), count(*held)] == [before[0] + 1, before[1]]
