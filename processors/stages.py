@@ -676,6 +676,8 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             return
         if await refuse_new_host(msg, batch.host_id):
             return
+        if batch.host_id in dropping:
+            await after_drop(batch.host_id)
         value = hosts[batch.host_id] if chain.durable else {}
         if chain.durable:
             last_seen[batch.host_id] = time.monotonic()
@@ -717,6 +719,8 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             return
         if await refuse_new_host(msg, host_id):
             return
+        if host_id in dropping:
+            await after_drop(host_id)
         last_seen[host_id] = time.monotonic()
         value = hosts[host_id]
         as_persisted(host_id, value)
@@ -819,35 +823,32 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         n = cfg.kafka.raw_partitions
         return {h: v for h, v in hosts.items() if partition_of(h, n) in assigned}
 
+    # Host id -> set once its tombstones are sent, for a host being forgotten (drop_host).
+    dropping: dict[str, asyncio.Event] = {}
+
+    async def after_drop(host_id: str) -> None:
+        """Wait until ``host_id``'s tombstones are sent, if it is being forgotten. A record
+        of it taken before then would start the host afresh, and be handled and committed
+        with its changelog record sent, which tombstones sent after it (its snapshot key's
+        comes last) delete: a worker killed then recovers no such host, and the record's
+        counts are lost for good. Taken after them, its record is the host's last."""
+        while (gone := dropping.get(host_id)) is not None:
+            await gone.wait()
+
     async def drop_host(host_id: str) -> None:
         """Forget ``host_id`` everywhere: this worker's memory, the chain's, the table
-        (tombstones in its changelog)."""
-        persisted.pop(host_id, None)
-        last_seen.pop(host_id, None)
-        cap.drop(host_id)
-        await emit(chain.forget(host_id))
-        # Numbered before its value goes (forget drops it before any await): a window
-        # that reads a value a record of the host makes while its tombstones are on their
-        # way waits for the snapshot sent after them below (ChangelogAcks).
-        done = acks.sent()
-        await forget(hosts, host_id, cfg.kafka.raw_partitions)
-        value = hosts.data.get(host_id)
-        if value is None:
-            done(None)  # (a record of it taken from now on goes after the tombstones)
-            return
-        # A record of it was taken while its tombstones waited for room in the producer:
-        # it started the host afresh and is committed with its record, which tombstones
-        # sent after it deleted (its snapshot key's comes last). The value's snapshot,
-        # after them, is what a worker recovering the changelog finds of the host.
-        as_persisted(host_id, value).snapshot = changelog.version(value)
-        record = encoded(hosts, value)
-        await send(
-            hosts,
-            hosts.data._encode_key(host_id),
-            record,
-            partition_of(host_id, cfg.kafka.raw_partitions),
-            done,
-        )
+        (tombstones in its changelog). Its records wait meanwhile (``after_drop``)."""
+        dropping[host_id] = gone = asyncio.Event()
+        try:
+            persisted.pop(host_id, None)
+            last_seen.pop(host_id, None)
+            cap.drop(host_id)
+            await emit(chain.forget(host_id))
+            await forget(hosts, host_id, cfg.kafka.raw_partitions)
+        finally:
+            if dropping.get(host_id) is gone:  # (not a later drop's of the same host)
+                del dropping[host_id]
+            gone.set()
 
     # Host id -> the worker's monotonic clock at the host's last record here, batch or
     # heartbeat (one the expiry finds missing is taken as seen then: after a restart
