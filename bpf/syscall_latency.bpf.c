@@ -8,8 +8,15 @@
 #include "ktel_hist.h"
 #include "syscall_latency.h"
 
-/* Thread id -> sys_enter time; every thread blocked in a syscall holds one. */
-BPF_HASH(start, u32, u64, 65536);
+/*
+ * Thread id -> sys_enter time; every thread blocked in a syscall holds one. A
+ * plain hash: a start it has no room for is counted at sys_enter
+ * (inflight_lost), not lost unseen.
+ */
+#ifndef KTEL_SYSCALL_INFLIGHT_MAX
+#define KTEL_SYSCALL_INFLIGHT_MAX 65536
+#endif
+BPF_HASH(start, u32, u64, KTEL_SYSCALL_INFLIGHT_MAX);
 BPF_PERCPU_HASH(hist, struct syscall_latency_key, struct ktel_hist, 8192);
 TRACEPOINT_PROBE(raw_syscalls, sys_enter)
 {
@@ -18,9 +25,9 @@ TRACEPOINT_PROBE(raw_syscalls, sys_enter)
 
 	if (ktel_sampled_out())
 		return 0;
-	ts = bpf_ktime_get_ns();
+	ts = ktel_start_ts();
 	if (start.update(&tid, &ts))
-		count_lost();
+		ktel_count(KTEL_COUNTER_INFLIGHT_LOST);
 	return 0;
 }
 
@@ -34,7 +41,10 @@ TRACEPOINT_PROBE(raw_syscalls, sys_exit)
 	tsp = start.lookup(&tid);
 	if (!tsp)
 		return 0;
-	delta = bpf_ktime_get_ns() - *tsp;
+	if (ktel_latency(*tsp, bpf_ktime_get_ns(), &delta)) {
+		start.delete(&tid);
+		return 0;
+	}
 	start.delete(&tid);
 	if (args->id < 0)
 		return 0;

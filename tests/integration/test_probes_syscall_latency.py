@@ -2,11 +2,21 @@
 process in a cgroup of the test's own are exactly 23 in that cgroup's getppid
 histogram, read as deltas."""
 
+import os
+import time
+
 import pytest
 
 from edge_agent import probes
 from ktel.probes import syscall_latency
-from tests.integration.probe_harness import Workload, build_c, cgroup2_child, histogram_total, loaded
+from tests.integration.probe_harness import (
+    Workload,
+    build_c,
+    cgroup2_child,
+    histogram_total,
+    loaded,
+    threads_in_open,
+)
 
 pytestmark = pytest.mark.bpf
 
@@ -121,3 +131,105 @@ def test_an_idle_key_is_evicted_from_the_kernel_map_and_counts_afresh(tmp_path, 
             w.finish()
     assert histogram_total(first, "syscall_latency", **key)[0] == N
     assert histogram_total(again, "syscall_latency", **key)[0] == N
+
+
+# Start timestamps moved this far into the future (KTEL_START_SKEW_NS): as if each
+# were read on a CPU whose clock is ahead. Past the top bucket's 2^39 ns, and such
+# that a few wrapped differences overflow the u64 sum.
+SKEW_NS = 1 << 62
+
+
+def test_a_start_read_after_its_end_is_skipped_and_counted_not_recorded(tmp_path):
+    exe = build_c(tmp_path, "getppid", f"#define N {N}\n" + GETPPID)
+    with (
+        cgroup2_child() as cgroup,
+        loaded("syscall_latency", defines={"KTEL_START_SKEW_NS": SKEW_NS}) as probe,
+    ):
+        key = {"cgroup.id": cgroup.stat().st_ino}
+        w = Workload([str(exe)])
+        try:
+            key["syscall.id"] = int(w.hello)
+            (cgroup / "cgroup.procs").write_text(str(w.pid))
+            assert w.go() == "done"
+            snap = probe.snapshot()
+            counters = probe.counters()
+        finally:
+            w.finish()
+    # Recorded, each would be a latency of about 2^64 - 2^62 ns in the top bucket.
+    assert histogram_total(snap, "syscall_latency", **key)[0] == 0
+    assert counters["negative_latency"] >= N  # every other thread's syscalls add to it
+
+
+M = 41  # syscalls in flight at once: a prime, against a map of KTEL_SYSCALL_INFLIGHT_MAX = 8
+
+# Prints its SYS_openat and waits; each line on stdin: M threads open the FIFO argv[1]
+# for reading at once, each sleeping in openat until the test opens it for writing,
+# then "done".
+HELD_OPENS = r"""
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+static const char *fifo;
+
+static void *held_open(void *arg)
+{
+	int fd = open(fifo, O_RDONLY);
+
+	if (fd >= 0)
+		close(fd);
+	return arg;
+}
+
+int main(int argc, char **argv)
+{
+	pthread_t t[M];
+	char line[64];
+	int i;
+
+	fifo = argv[1];
+	printf("%d\n", SYS_openat);
+	fflush(stdout);
+	while (fgets(line, sizeof(line), stdin)) {
+		for (i = 0; i < M; i++)
+			pthread_create(&t[i], NULL, held_open, NULL);
+		for (i = 0; i < M; i++)
+			pthread_join(t[i], NULL);
+		printf("done\n");
+		fflush(stdout);
+	}
+	return 0;
+}
+"""
+
+
+def test_syscalls_in_flight_beyond_the_map_are_counted_none_lost_uncounted(tmp_path):
+    """More syscalls in flight than the map of calls in flight holds: each one is in
+    the histogram or counted in inflight_lost, none lost uncounted."""
+    exe = build_c(tmp_path, "held_opens", f"#define M {M}\n" + HELD_OPENS)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with cgroup2_child() as cgroup:
+        key = {"cgroup.id": cgroup.stat().st_ino}
+        w = Workload([str(exe), str(fifo)])
+        try:
+            key["syscall.id"] = int(w.hello)
+            (cgroup / "cgroup.procs").write_text(str(w.pid))
+            with loaded("syscall_latency", defines={"KTEL_SYSCALL_INFLIGHT_MAX": 8}) as probe:
+                w.send()
+                deadline = time.monotonic() + 30
+                while threads_in_open(w.pid) < M and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                assert threads_in_open(w.pid) == M, "the opens did not all block"
+                os.close(os.open(fifo, os.O_WRONLY))  # every reader's open returns
+                assert w.readline() == "done"
+                snap = probe.snapshot()
+                lost = probe.counters()["inflight_lost"]
+        finally:
+            w.finish()
+    count, _ = histogram_total(snap, "syscall_latency", **key)
+    assert count < M  # the map of 8 could not hold them all...
+    # ...and each one it did not hold is counted (with other threads' syscalls: at least)
+    assert count + lost >= M
