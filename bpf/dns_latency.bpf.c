@@ -115,8 +115,9 @@ int getaddrinfo_return(struct pt_regs *ctx)
 	bpf_get_current_comm(key.comm, sizeof(key.comm));
 	h = hist.lookup_or_try_init(&key, &zero);
 	if (h) {
-		h->slots[ktel_hist_slot(delta)]++;
-		h->sum += delta;
+		/* Atomic: a uprobe program may be preempted (bpf/ktel_common.bpf.h, counters). */
+		__sync_fetch_and_add(&h->slots[ktel_hist_slot(delta)], 1);
+		__sync_fetch_and_add(&h->sum, delta);
 	} else {
 		count_lost();
 	}

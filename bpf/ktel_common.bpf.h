@@ -21,6 +21,15 @@ BPF_RINGBUF_OUTPUT(events, KTEL_RINGBUF_PAGES);
 /*
  * Per-CPU so the hot path never contends on a cache line; the agent sums the
  * CPUs. Indexed by enum ktel_counter.
+ *
+ * Per-CPU is not exclusive, though: a uprobe program (dns_latency's) runs with
+ * migration disabled but preemption enabled (bpf_prog_run_array_uprobe(),
+ * kernels 6.1 and later), so on a preemptible kernel another task's run on the
+ * same CPU can come between its read and its write of a slot, and one of the
+ * two increments is lost. Every counter and histogram slot a uprobe program
+ * updates is added to with __sync_fetch_and_add() (an atomic add, uncontended
+ * on a per-CPU slot). A tracepoint program runs with preemption disabled and
+ * adds with a plain ++.
  */
 BPF_PERCPU_ARRAY(counters, u64, KTEL_COUNTER_MAX);
 
@@ -31,8 +40,8 @@ static __always_inline void ktel_count(u32 idx)
 {
 	u64 *v = counters.lookup(&idx);
 
-	if (v)
-		(*v)++;
+	if (v) /* atomic: uprobe programs count too (see counters) */
+		__sync_fetch_and_add(v, 1);
 }
 
 /* Returns 1 when the sampling knob says this event is to be dropped. */
@@ -135,8 +144,8 @@ static __always_inline void count_lost(void)
 	u32 zero = 0;
 	u64 *v = hist_lost.lookup(&zero);
 
-	if (v)
-		(*v)++;
+	if (v) /* atomic: uprobe programs count too (see counters) */
+		__sync_fetch_and_add(v, 1);
 }
 
 #endif

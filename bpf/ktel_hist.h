@@ -13,8 +13,10 @@
  *
  * Mirrored in ktel/probes/__init__.py (HIST_SLOTS); the layout, checked by
  * tests/unit/test_probe_layout.py, is slots at 0 (40 x u64), sum at 320,
- * 328 bytes. The maps holding it are per-CPU (the agent sums the CPUs), so
- * the increments need no atomics; the agent reads them as deltas.
+ * 328 bytes. The maps holding it are per-CPU (the agent sums the CPUs), so a
+ * tracepoint program, which runs with preemption disabled, adds to it with no
+ * atomics; a uprobe program, preemptible, adds atomically (see counters in
+ * bpf/ktel_common.bpf.h). The agent reads them as deltas.
  */
 #define KTEL_HIST_SLOTS 40
 
