@@ -11,10 +11,18 @@
  *   ktel_log x1        WARN in the operation's span, when the operation took
  *                      longer than warn_over_ns (default 0: every time, so
  *                      that one write shows every kind of event)
+ *
+ * Writing N to /sys/kernel/debug/ktel_sample/fire_longest emits N ktel_counter
+ * events (value 1) whose name, label key and label value are each as long as
+ * the API keeps (KTEL_NAME_MAX_LEN, KTEL_KV_MAX_LEN), in buffers of exactly
+ * that size with no NUL. The API reads no byte past them (<ktel/ktel.h>);
+ * /sys/kernel/debug/ktel_sample/longest_overreads counts the accesses to the
+ * byte after each.
  */
 
 #include <linux/debugfs.h>
 #include <linux/fs.h>
+#include <linux/hw_breakpoint.h>
 #include <linux/jhash.h>
 #include <linux/kernel.h>
 #include <linux/module.h>
@@ -78,7 +86,90 @@ static void ktel_sample_operation(unsigned int seq)
 	ktel_span_end(&op, KTEL_SPAN_STATUS_OK, NULL, 0);
 }
 
-static ssize_t fire_write(struct file *file, const char __user *ubuf, size_t len, loff_t *ppos)
+/*
+ * fire_longest's name, label key and label value, each with no NUL, and after
+ * each a byte that nothing reads, watched on every CPU by a hardware
+ * breakpoint (read or write: x86 has no read-only one) that counts the
+ * accesses in longest_overreads.
+ */
+static struct {
+	char name[KTEL_NAME_MAX_LEN];
+	char past_name;
+	char key[KTEL_KV_MAX_LEN];
+	char past_key;
+	char value[KTEL_KV_MAX_LEN];
+	char past_value;
+} longest;
+static struct perf_event *__percpu *longest_watches[3];
+static atomic_t longest_overreads;
+
+static void longest_overread(struct perf_event *bp, struct perf_sample_data *data,
+			     struct pt_regs *regs)
+{
+	atomic_inc(&longest_overreads);
+}
+
+static int longest_watch(unsigned int i, char *byte)
+{
+	struct perf_event_attr attr;
+	struct perf_event *__percpu *w;
+
+	hw_breakpoint_init(&attr);
+	attr.bp_addr = (unsigned long)byte;
+	attr.bp_len = HW_BREAKPOINT_LEN_1;
+	attr.bp_type = HW_BREAKPOINT_RW;
+	w = register_wide_hw_breakpoint(&attr, longest_overread, NULL);
+	if (IS_ERR(w))
+		return PTR_ERR(w);
+	longest_watches[i] = w;
+	return 0;
+}
+
+static void longest_unwatch(void)
+{
+	unsigned int i;
+
+	for (i = 0; i < ARRAY_SIZE(longest_watches); i++)
+		if (longest_watches[i])
+			unregister_wide_hw_breakpoint(longest_watches[i]);
+}
+
+/* @s, @len bytes: @prefix, then @fill to the end, no NUL. */
+static void longest_fill(char *s, size_t len, const char *prefix, char fill)
+{
+	memset(s, fill, len);
+	memcpy(s, prefix, strlen(prefix));
+}
+
+/* 0, or why the bytes after the strings are not watched (then nothing counts). */
+static int longest_init(void)
+{
+	int ret;
+
+	longest_fill(longest.name, sizeof(longest.name), "ktel_sample_longest_name_", 'n');
+	longest_fill(longest.key, sizeof(longest.key), "longest_key_", 'k');
+	longest_fill(longest.value, sizeof(longest.value), "longest_value_", 'v');
+	ret = longest_watch(0, &longest.past_name);
+	if (!ret)
+		ret = longest_watch(1, &longest.past_key);
+	if (!ret)
+		ret = longest_watch(2, &longest.past_value);
+	if (ret) {
+		longest_unwatch();
+		memset(longest_watches, 0, sizeof(longest_watches));
+	}
+	return ret;
+}
+
+static void ktel_sample_longest(unsigned int seq)
+{
+	const struct ktel_kv label = { longest.key, longest.value };
+
+	ktel_counter_add(longest.name, &label, 1, 1);
+}
+
+/* A write of N runs @op N times. */
+static ssize_t fire_n(const char __user *ubuf, size_t len, void (*op)(unsigned int))
 {
 	unsigned int n, i;
 	int ret;
@@ -89,10 +180,21 @@ static ssize_t fire_write(struct file *file, const char __user *ubuf, size_t len
 	if (n > KTEL_SAMPLE_MAX_FIRE)
 		return -EINVAL;
 	for (i = 0; i < n; i++) {
-		ktel_sample_operation(i);
+		op(i);
 		cond_resched();
 	}
 	return len;
+}
+
+static ssize_t fire_write(struct file *file, const char __user *ubuf, size_t len, loff_t *ppos)
+{
+	return fire_n(ubuf, len, ktel_sample_operation);
+}
+
+static ssize_t fire_longest_write(struct file *file, const char __user *ubuf, size_t len,
+				  loff_t *ppos)
+{
+	return fire_n(ubuf, len, ktel_sample_longest);
 }
 
 static const struct file_operations fire_fops = {
@@ -102,19 +204,39 @@ static const struct file_operations fire_fops = {
 	.llseek = noop_llseek,
 };
 
+static const struct file_operations fire_longest_fops = {
+	.owner = THIS_MODULE,
+	.open = simple_open,
+	.write = fire_longest_write,
+	.llseek = noop_llseek,
+};
+
 static int __init ktel_sample_init(void)
 {
+	/* No breakpoint to spare (or none on this kernel): no count, rather than a false 0. */
+	int watch_err = longest_init();
+
+	if (watch_err)
+		pr_info("ktel_sample: longest_overreads not counted: no hardware breakpoint (%d)\n",
+			watch_err);
 	ktel_sample_dir = debugfs_create_dir("ktel_sample", NULL);
 	/* debugfs returns ERR_PTR on failure (e.g. debugfs disabled); the module is useless then. */
-	if (IS_ERR(ktel_sample_dir))
+	if (IS_ERR(ktel_sample_dir)) {
+		longest_unwatch();
 		return PTR_ERR(ktel_sample_dir);
+	}
 	debugfs_create_file("fire", 0200, ktel_sample_dir, NULL, &fire_fops);
+	debugfs_create_file("fire_longest", 0200, ktel_sample_dir, NULL, &fire_longest_fops);
+	if (!watch_err)
+		debugfs_create_atomic_t("longest_overreads", 0400, ktel_sample_dir,
+					&longest_overreads);
 	return 0;
 }
 
 static void __exit ktel_sample_exit(void)
 {
 	debugfs_remove_recursive(ktel_sample_dir);
+	longest_unwatch();
 }
 
 module_init(ktel_sample_init);

@@ -42,6 +42,18 @@ static inline const char *ktel_tp_val(const struct ktel_kv *kv, unsigned int n, 
 }
 
 /*
+ * The first bytes of @src, up to its NUL and at most @size - 1 of them, then
+ * zeroes up to @size: no byte of @src past @size - 1 is read. A caller's
+ * buffer of exactly the *_MAX_LEN bytes a field keeps need not hold a NUL
+ * (<ktel/ktel.h>), and strscpy_pad(dst, src, size) reads src[size - 1] too, to
+ * tell a string cut there from one that ends there: a byte past such a buffer.
+ */
+static inline void ktel_tp_strcpy(char *dst, const char *src, unsigned int size)
+{
+	memcpy_and_pad(dst, size, src, strnlen(src, size - 1), 0);
+}
+
+/*
  * The macros from here to the end of the events are laid out by hand, the
  * way TRACE_EVENT() blocks are: clang-format would run their field lists
  * and statements together.
@@ -53,18 +65,18 @@ static inline const char *ktel_tp_val(const struct ktel_kv *kv, unsigned int n, 
  * include/trace/stages/stage5_get_offsets.h), and records that size in the
  * field's __data_loc, which the assign stage reads back with
  * __get_dynamic_array_len() (stage3_trace_output.h; still defined in stage 6).
- * The copy is bounded by that size: strscpy_pad() copies at most size - 1
- * bytes, always ends with a NUL and zeroes the rest. Measuring again at the
- * copy (strnlen(src, max) once more) would write past the reservation if the
- * string grew in between, and leave bytes of the ring buffer unwritten if it
- * shrank. Not the kernel's own copy for such a field: 6.1's
+ * The copy is bounded by that size: ktel_tp_strcpy() reads and copies at most
+ * size - 1 bytes, always ends with a NUL and zeroes the rest. Sizing the copy
+ * by a second measure alone would write past the reservation if the string
+ * grew in between, and leave bytes of the ring buffer unwritten if it shrank.
+ * Not the kernel's own copy for such a field: 6.1's
  * __assign_str_len(item, src, len) is gone from later kernels (6.12 has only
  * __assign_str(item), which copies the length recorded here), and ktel builds
  * for both.
  */
 #define KTEL_STR_FIELD(item, src, max) __string_len(item, src, strnlen(ktel_tp_str(src), max))
 #define KTEL_STR_ASSIGN(item, src)                                                         \
-	strscpy_pad(__get_str(item), ktel_tp_str(src), __get_dynamic_array_len(item))
+	ktel_tp_strcpy(__get_str(item), ktel_tp_str(src), __get_dynamic_array_len(item))
 
 /* Fields "<p>0_key", "<p>0_value" ... "<p>3_value" and "nr_<p>s", p = label or attr. */
 #define KTEL_KV_SLOT_FIELDS(p, i, kv, n)                                                   \

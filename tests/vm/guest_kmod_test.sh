@@ -85,6 +85,14 @@ step fire_disabled sh -c "echo 7 >$DBG/ktel_sample/fire"
 step create_disabled sh -c ": >$W/created/disabled-1 && : >$W/created/disabled-2"
 dump trace_disabled $T/trace
 
+# --- the longest names, keys and values, in buffers with no NUL -------------------
+echo >$T/trace
+step enable_longest sh -c "echo 1 >$T/events/ktel/ktel_counter/enable"
+step fire_longest sh -c "echo $N >$DBG/ktel_sample/fire_longest"
+step disable_longest sh -c "echo 0 >$T/events/ktel/ktel_counter/enable"
+dump trace_longest $T/trace
+dump longest_overreads $DBG/ktel_sample/longest_overreads
+
 # --- BPF programs on the same events (libbpf, ring buffer) --------------------
 # ftrace's events are off now: the BPF programs alone switch the tracepoints on.
 mkdir -p $W/bpf

@@ -369,6 +369,22 @@ def test_disabled_events_emit_nothing(guest):
     assert _events(body) == []
 
 
+def test_the_longest_names_keys_and_values_are_read_no_further_than_their_bounds(guest):
+    """ktel_sample's fire_longest: a name, label key and value of exactly the bytes the
+    API keeps, with no NUL, each followed by a byte a hardware breakpoint watches. Each
+    event carries them whole, and the byte after none of them was read."""
+    rcs = _rcs(guest)
+    assert rcs.get("fire_longest") == 0, f"fire_longest: {rcs.get('fire_longest')}\n{guest.why()}"
+    body = guest.sections["trace_longest"]
+    in_buffer, written = _entries(body)
+    assert in_buffer == written == N, (in_buffer, written)
+    name = "ktel_sample_longest_name_".ljust(63, "n")
+    key, value = "longest_key_".ljust(63, "k"), "longest_value_".ljust(63, "v")
+    events = [e.fields for e in _events(body)]
+    assert events == [{"name": name, "value": "1", "labels": f"{{{key}={value}}}"}] * N, events[:1]
+    assert [s.strip() for s in guest.sections["longest_overreads"]] == ["0"], "a byte past a string was read"
+
+
 BPF_REC = re.compile(r"^KTEL BPF REC (?P<size>\d+) (?P<hex>[0-9a-f]*)$")
 
 

@@ -17,8 +17,9 @@
  *
  * Bounds, so an event's size is bounded too: at most KTEL_MAX_KV labels or
  * attributes (extra ones are ignored), names and keys and values cut at the
- * *_MAX_LEN bytes below. NULL strings become "". Strings are copied into the
- * event; the caller keeps ownership.
+ * *_MAX_LEN bytes below, and no byte past those is read: a fixed-size buffer
+ * of that many bytes need not end with a NUL. NULL strings become "". Strings
+ * are copied into the event; the caller keeps ownership.
  *
  * Context: metrics and logs may be emitted from any context that can fire a
  * tracepoint; spans not from NMI (their ids come from get_random_bytes()).
