@@ -283,6 +283,12 @@ class Originals:
             except Exception as err:
                 raise Permanent(str(err)) from err  # (not Kafka's answer: no reason to ask again)
 
+        # Once, not at each attempt: an assign drops the fetch in flight (a new assignment)
+        # and a seek what it brought, so that a fetch longer than a getmany waits (a large
+        # record, a Kafka far off) made anew at each attempt would never bring the record.
+        # Nothing moves the position but the fetch: not even one out of range.
+        self.reader.assign([tp])
+        self.reader.seek(tp, offset)
         try:
             # As long as a read of a window waits for Kafka to move (topic_window.STALL_S).
             async with asyncio.timeout(topic_window.STALL_S):
@@ -296,9 +302,8 @@ class Originals:
 
     async def _fetch(self, tp: TopicPartition, offset: int) -> ConsumerRecord | None:
         """One fetch of the record at ``offset``: it, None when Kafka's answer is that
-        there is none, or Transient when it is not an answer."""
-        self.reader.assign([tp])
-        self.reader.seek(tp, offset)
+        there is none, or Transient when it is not an answer; the position is at it
+        (``record``)."""
         try:
             fetched = await self.reader.getmany(tp, timeout_ms=500)
         except OffsetOutOfRangeError:

@@ -2,6 +2,7 @@
 why not, its lines and its arguments (against Kafka: tests/integration/test_dlq.py)."""
 
 import argparse
+import asyncio
 import io
 import json
 import re
@@ -378,6 +379,40 @@ async def test_a_record_read_back_out_of_range_or_failing_for_a_while_is_asked_a
     rec = await originals_of(part).record("ktel.raw", 0, 5)
     assert rec is not None and rec.offset == 5
     assert part.fetches == len(answers) + 1
+
+
+class SlowFetch(Partition):
+    """A Partition whose fetch takes longer than a getmany waits, its record brought at
+    the second getmany since it was assigned or sought: as in aiokafka, an assign (a new
+    assignment) or a seek drops what was fetched or in flight, and fetches again."""
+
+    def __init__(self, first: int, end: int) -> None:
+        super().__init__(first, end, [])
+        self.waited = 0
+
+    def assign(self, parts) -> None:
+        self.waited = 0
+
+    def seek(self, tp, offset) -> None:
+        super().seek(tp, offset)
+        self.waited = 0
+
+    async def getmany(self, tp, timeout_ms):
+        await asyncio.sleep(0)  # (a getmany waits on the loop: the read's timeout can fire)
+        self.waited += 1
+        if self.waited < 2:
+            self.fetches += 1
+            return {}
+        return await super().getmany(tp, timeout_ms)
+
+
+async def test_a_record_whose_fetch_takes_longer_than_a_getmany_is_read_back(originals_of, monkeypatch):
+    """A large record, or a Kafka far off: asked again, the fetch made is waited for, not
+    dropped and made anew at each attempt, which would never bring it."""
+    monkeypatch.setattr(topic_window, "STALL_S", 1.0)  # (the error, if it came, sooner)
+    part = SlowFetch(0, 10)
+    rec = await originals_of(part).record("ktel.raw", 0, 5)
+    assert rec is not None and rec.offset == 5
 
 
 @pytest.mark.parametrize(
