@@ -585,6 +585,53 @@ def test_a_metadata_file_from_both_content_and_a_config_map_is_refused() -> None
     assert "process.enrichMetadata: give either content" in res.stderr
 
 
+@pytest.mark.parametrize("source", ["content", "configMap"])
+def test_a_metadata_key_that_reads_as_a_number_is_still_a_string(source) -> None:
+    """A key YAML would read as a number or a boolean, written unquoted, made a volume's
+    item a number, which Kubernetes refuses."""
+    given = (
+        "process.enrichMetadata.content=x" if source == "content" else "process.enrichMetadata.configMap=pods"
+    )
+    for key in ("2024", "on"):
+        res = run_helm(
+            "template",
+            "ktel",
+            str(CHART),
+            "--set",
+            given,
+            "--set-string",
+            f"process.enrichMetadata.key={key}",
+        )
+        assert res.returncode == 0, res.stderr
+        objs = [d for d in yaml.safe_load_all(res.stdout) if d]
+        mounts = enrich_metadata_mounts(objs)
+        assert mounts
+        for _, volume in mounts.values():
+            assert volume["configMap"]["items"] == [{"key": key, "path": key}]
+        for obj in objs:
+            kubernetes_validate.validate(obj, kubernetes_validate.latest_version(), strict=True)
+        made = [cm for cm in of_kind(objs, "ConfigMap") if cm["metadata"]["name"] == "ktel-enrich-metadata"]
+        assert [cm["data"] for cm in made] == ([{key: "x"}] if source == "content" else [])
+
+
+@pytest.mark.parametrize("key", ["", "pods/metadata.jsonl", "..data", ".", "my pods.jsonl", "a" * 254])
+def test_a_metadata_key_no_config_map_may_hold_is_refused(key) -> None:
+    """Kubernetes would refuse the chart's ConfigMap, or start no worker that runs enrich
+    (its item naming a key no ConfigMap holds), with no word of process.enrichMetadata."""
+    for given in ("process.enrichMetadata.content=x", "process.enrichMetadata.configMap=pods"):
+        res = run_helm(
+            "template",
+            "ktel",
+            str(CHART),
+            "--set",
+            given,
+            "--set-string",
+            f"process.enrichMetadata.key={key}",
+        )
+        assert res.returncode != 0
+        assert "process.enrichMetadata.key" in res.stderr, res.stderr
+
+
 def test_full_values_run_each_stage_with_its_replicas(full) -> None:
     values = yaml.safe_load(FULL.read_text())
     by_args = {

@@ -304,8 +304,14 @@ update when the ConfigMap changes.
 {{- $name := $m.configMap -}}
 {{- if $m.content }}{{ $name = printf "%s-enrich-metadata" (include "ktel.fullname" .) }}{{ end -}}
 {{- if $name -}}
+{{- /* Kubernetes' rule for a ConfigMap's key: one the chart's ConfigMap may not hold is
+refused with it, and one no ConfigMap holds starts no worker that runs enrich. */ -}}
+{{- $key := toString $m.key -}}
+{{- if or (not (regexMatch "^[-._a-zA-Z0-9]+$" $key)) (gt (len $key) 253) (eq $key ".") (hasPrefix ".." $key) -}}
+{{- fail (printf "process.enrichMetadata.key = %q is no ConfigMap key: give at most 253 letters, digits, '-', '_' and '.', neither '.' nor starting with '..' (e.g. metadata.jsonl)" $key) -}}
+{{- end -}}
 {{- $dir := "/etc/ktel/enrich-metadata" -}}
-{{- dict "configMap" $name "key" $m.key "dir" $dir "file" (printf "%s/%s" $dir $m.key) | toJson -}}
+{{- dict "configMap" $name "key" $key "dir" $dir "file" (printf "%s/%s" $dir $key) | toJson -}}
 {{- else -}}
 {}
 {{- end -}}
