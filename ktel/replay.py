@@ -472,7 +472,7 @@ async def replay(
                 return
             in_flight.append(fut)
             if len(in_flight) >= MAX_IN_FLIGHT:
-                summary.republished += await _settle(in_flight)
+                await _settle(in_flight, summary)
 
     # Every client made is stopped, also one whose start failed or never came: aiokafka
     # warns of any left unstopped, and one whose start failed may have its metadata task
@@ -487,7 +487,7 @@ async def replay(
             )
 
         summary.read_began = True
-        read_error: topic_window.ReadError | None = None
+        read_error: topic_window.ReadError | KafkaError | None = None
         try:
             async with contextlib.aclosing(
                 topic_window.records(consumer, parts, start_ms, opts.bootstrap)
@@ -500,11 +500,12 @@ async def replay(
                     await handle(tp, rec)
         except _OutputClosed:
             summary.output_closed = True
-        except topic_window.ReadError as err:
+        except (topic_window.ReadError, KafkaError) as err:
             read_error = err
         # What was re-published is acknowledged before the summary counts it, also when
-        # the read failed: the batches matched before it are written all the same.
-        summary.republished += await _settle(in_flight)
+        # the read failed or Kafka midway (a dead letter's send, a batch re-published):
+        # the batches sent before it are written all the same.
+        await _settle(in_flight, summary)
         if read_error is not None:
             raise read_error
     except KafkaError as err:
@@ -559,11 +560,16 @@ async def _refuse_the_live_cluster(
         )
 
 
-async def _settle(in_flight: list[asyncio.Future[Any]]) -> int:
-    n = len(in_flight)
-    await asyncio.gather(*in_flight)
+async def _settle(in_flight: list[asyncio.Future[Any]], summary: Summary) -> None:
+    """Wait for the re-published batches' acknowledgements and count those Kafka gave
+    (``summary.republished``), then raise the first failure: the others are written all
+    the same, and the summary printed after the error counts them."""
+    results = await asyncio.gather(*in_flight, return_exceptions=True)
     in_flight.clear()
-    return n
+    failed = [r for r in results if isinstance(r, BaseException)]
+    summary.republished += len(results) - len(failed)
+    if failed:
+        raise failed[0]
 
 
 # ------------------------------------------------------------------------ cli

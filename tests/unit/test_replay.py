@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 from aiokafka import TopicPartition
-from aiokafka.errors import MessageSizeTooLargeError
+from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError
 
 from ktel import cli, config, replay, topic_window
 from ktel.replay import NS, Filter, ReplayError, format_ns, parse_duration, parse_kinds, parse_time
@@ -515,6 +515,64 @@ async def test_batches_re_published_before_a_read_fails_are_counted(monkeypatch)
     with pytest.raises(ReplayError, match="its end moved back"):
         await replay.replay(opts, print, print, summary)
     assert (summary.batches, summary.republished) == (1, 1)
+
+
+@pytest.mark.parametrize("failing", ["dead letter", "re-publish"])
+async def test_batches_re_published_before_kafka_fails_midway_are_counted(monkeypatch, failing):
+    """The summary printed after Kafka failed midway counts what Kafka acknowledged: the
+    batches sent before it (aiokafka writes them whatever becomes of the replay), and
+    those the same wait for acknowledgements got when another of them failed."""
+    tp = TopicPartition(RAW_TOPIC, 0)
+    value = encode_batch(batch([created(NOW)]))
+    if failing == "dead letter":
+        monkeypatch.setattr(replay, "MAX_IN_FLIGHT", 1000)
+        records = [value, value, b"garbage"]  # the dead letter's send fails
+    else:
+        monkeypatch.setattr(replay, "MAX_IN_FLIGHT", 3)
+        records = [value, b"refused", value]  # the second batch is refused
+
+    async def partitions(client, bootstrap, topic):
+        return [tp]
+
+    async def read(consumer, parts, start_ms, bootstrap):
+        for offset, v in enumerate(records):
+            yield tp, SimpleNamespace(key=b"host-a", value=v, offset=offset, timestamp=NOW // 1_000_000)
+
+    class Client:
+        """aiokafka's consumer and producers as far as replay uses them: a batch sent is
+        acknowledged once awaited; a dead letter's send, or re-publishing b"refused", fails."""
+
+        def __init__(self, **kw):
+            pass
+
+        async def start(self):
+            pass
+
+        async def stop(self):
+            pass
+
+        async def send(self, topic, value, key=None, timestamp_ms=None):
+            async def acknowledged():
+                await asyncio.sleep(0)
+                if decode_batch(value).events[0][6] == "/refused":
+                    raise KafkaConnectionError("the leader went away")
+
+            return asyncio.ensure_future(acknowledged())
+
+        async def send_and_wait(self, topic, value, key=None):
+            raise KafkaConnectionError("the leader went away")
+
+    if failing == "re-publish":
+        records[1] = encode_batch(batch([created(NOW, "/refused")]))
+    monkeypatch.setattr(topic_window, "partitions", partitions)
+    monkeypatch.setattr(topic_window, "consumer", lambda client, bootstrap: Client())
+    monkeypatch.setattr(topic_window, "records", read)
+    monkeypatch.setattr(replay, "AIOKafkaProducer", Client)
+    summary = replay.Summary()
+    opts = dataclasses.replace(OPTS, to_topic="incident-42", jsonl=False, dlq=True)
+    with pytest.raises(ReplayError, match="Kafka failed"):
+        await replay.replay(opts, print, print, summary)
+    assert summary.republished == 2
 
 
 def test_an_error_before_the_read_began_prints_no_summary(monkeypatch):
