@@ -434,17 +434,25 @@ async def run(
     try:
         for client in clients:
             await client.start()
-        async with contextlib.aclosing(
-            topic_window.records(reader, parts, sel.from_ms, opts.bootstrap)
-        ) as window:
-            async for tp, rec in window:
-                if sel.within(rec.timestamp):
-                    try:
-                        await handle(tp, rec)
-                    except OutputClosed:
-                        return
-        # What was re-published is acknowledged before the summary counts it.
+        failure: topic_window.ReadError | KafkaError | None = None
+        try:
+            async with contextlib.aclosing(
+                topic_window.records(reader, parts, sel.from_ms, opts.bootstrap)
+            ) as window:
+                async for tp, rec in window:
+                    if sel.within(rec.timestamp):
+                        try:
+                            await handle(tp, rec)
+                        except OutputClosed:
+                            return
+        except (topic_window.ReadError, KafkaError) as err:
+            failure = err
+        # What was re-published is acknowledged before the summary counts it, also when
+        # the read failed midway, whose summary is printed: the records sent before it
+        # are written all the same, or refused.
         await settle()
+        if failure is not None:
+            raise failure
     except KafkaError as err:
         raise DlqError(f"Kafka failed: {err}") from None
     finally:

@@ -151,6 +151,66 @@ async def test_a_listing_reads_every_partition_from_its_oldest_record_and_counts
     assert summary.line("ktel.dlq", False) == "read 4 dead letters from 1 partitions of ktel.dlq; selected 4"
 
 
+@pytest.mark.parametrize(
+    "failure", [topic_window.ReadError("its end moved back"), KafkaConnectionError("gone")]
+)
+async def test_a_redrive_cut_short_counts_what_kafka_took_and_refused(monkeypatch, failure):
+    """The summary printed after a read that failed midway (or a Kafka gone) counts as
+    re-published only the records Kafka acknowledged, and as failed those it refused: the
+    sends in flight were counted re-published as sent, and never waited for."""
+    tp = TopicPartition("ktel.dlq", 0)
+
+    async def partitions(client, bootstrap, topic):
+        return [tp]
+
+    async def read(consumer, parts, start_ms, bootstrap):
+        for offset in range(2):
+            key, value = dead_letter_record(letter(), b"b")
+            yield tp, SimpleNamespace(key=key, value=value, offset=offset, timestamp=NOW // 1_000_000)
+        raise failure
+
+    class Client:
+        """A consumer, and a producer as far as --redrive uses it: the first record sent
+        is acknowledged, the second refused."""
+
+        def __init__(self, **kw):
+            self.sent = 0
+
+        async def start(self):
+            pass
+
+        async def stop(self):
+            pass
+
+        async def send(self, topic, value, key=None, headers=None):
+            self.sent += 1
+            refused = self.sent == 2
+
+            async def acknowledged():
+                await asyncio.sleep(0)
+                if refused:
+                    raise KafkaConnectionError("the leader went away")
+
+            return asyncio.ensure_future(acknowledged())
+
+    class Originals:
+        def __init__(self, opts):
+            self.reader = Client()
+
+        async def record(self, topic, partition, offset):
+            return SimpleNamespace(key=b"b", value=BATCH, offset=offset)
+
+    monkeypatch.setattr(topic_window, "partitions", partitions)
+    monkeypatch.setattr(topic_window, "consumer", lambda client, bootstrap: Client())
+    monkeypatch.setattr(topic_window, "records", read)
+    monkeypatch.setattr(dlq, "Originals", Originals)
+    monkeypatch.setattr(dlq, "AIOKafkaProducer", Client)
+    summary = dlq.Summary()
+    with pytest.raises((topic_window.ReadError, DlqError)):
+        await dlq.run(dlq.options(CFG, args(redrive=True), now_ns=NOW), summary, [].append, [].append)
+    assert (summary.selected, sum(summary.redriven.values()), summary.failed) == (2, 1, 1)
+
+
 def test_selection_by_stage_source_host_and_reason():
     dl = letter()
     assert Selection().takes(dl, None)
