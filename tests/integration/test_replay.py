@@ -382,10 +382,10 @@ async def test_a_record_keyed_with_no_host_id_is_reported_once_not_on_each_event
     assert len(report) < 300
 
 
-async def test_a_read_past_a_partitions_end_stops_there_with_an_error_not_from_its_oldest_record(kafka):
-    """What a partition whose end moved back below a read looks like to the consumer
-    (an unclean leader election is not made here): the read is placed past the end of
-    what Kafka holds. Reset to its oldest record, the consumer read it again."""
+async def read_with_its_end_moved_back(kafka, position: int) -> tuple[str, list[bytes], str]:
+    """What a partition whose end moved back looks like to the consumer (an unclean
+    leader election is not made here): a topic of 3 records, whose end was 10 when the
+    read began, read from ``position``. Its name, the records read and the ReadError."""
     topic = f"ktel.replay-end-{uuid.uuid4().hex[:8]}"
     await create_topics(kafka.bootstrap, [TopicSpec(topic, 1)])
     producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap)
@@ -405,58 +405,36 @@ async def test_a_read_past_a_partitions_end_stops_there_with_an_error_not_from_i
             reader.end_offsets = real_end_offsets  # (asked again, Kafka tells)
             return {tp: 10}
 
-        async def a_position_past_the_end(times):
-            return {tp: OffsetAndTimestamp(5, 0)}
+        async def the_position(times):
+            return {tp: OffsetAndTimestamp(position, 0)}
 
         reader.end_offsets = end_when_the_read_began
-        reader.offsets_for_times = a_position_past_the_end
+        reader.offsets_for_times = the_position
         got = []
         with pytest.raises(topic_window.ReadError) as err:
             async for _, rec in topic_window.records(reader, [tp], 0, kafka.bootstrap, stall_s=30):
                 got.append(rec.value)
     finally:
         await reader.stop()
+    return topic, got, str(err.value)
+
+
+async def test_a_read_past_a_partitions_end_stops_there_with_an_error_not_from_its_oldest_record(kafka):
+    """The read placed past the end of what Kafka holds. Reset to its oldest record, the
+    consumer read it again."""
+    topic, got, err = await read_with_its_end_moved_back(kafka, 5)
     assert got == []
-    assert str(err.value).startswith(
+    assert err.startswith(
         f"partition 0 of {topic}: its end moved back, from offset 10 to 3, below the read at offset 5 "
     )
 
 
 async def test_a_partition_whose_end_moved_back_above_the_read_is_read_to_there_and_ends_at_once(kafka):
-    """As above, the read placed within what Kafka holds, its end to reach past it: the
-    records up to Kafka's end are read, and the read ends there naming the partition,
-    rather than waiting the stall time for records that are not there."""
-    topic = f"ktel.replay-end-{uuid.uuid4().hex[:8]}"
-    await create_topics(kafka.bootstrap, [TopicSpec(topic, 1)])
-    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap)
-    await producer.start()
-    try:
-        for i in range(3):
-            await producer.send_and_wait(topic, b"%d" % i)
-    finally:
-        await producer.stop()
-    tp = TopicPartition(topic, 0)
-    reader = topic_window.consumer(config.KafkaConfig(), kafka.bootstrap)
-    await reader.start()
-    try:
-        real_end_offsets = reader.end_offsets
-
-        async def end_when_the_read_began(parts):
-            reader.end_offsets = real_end_offsets  # (asked again, Kafka tells)
-            return {tp: 10}
-
-        async def a_position_within_it(times):
-            return {tp: OffsetAndTimestamp(1, 0)}
-
-        reader.end_offsets = end_when_the_read_began
-        reader.offsets_for_times = a_position_within_it
-        got = []
-        with pytest.raises(topic_window.ReadError) as err:
-            async for _, rec in topic_window.records(reader, [tp], 0, kafka.bootstrap, stall_s=30):
-                got.append(rec.value)
-    finally:
-        await reader.stop()
+    """The read placed within what Kafka holds, its end to reach past it: the records up
+    to Kafka's end are read, and the read ends there naming the partition, rather than
+    waiting the stall time for records that are not there."""
+    topic, got, err = await read_with_its_end_moved_back(kafka, 1)
     assert got == [b"1", b"2"]
-    assert str(err.value).startswith(
+    assert err.startswith(
         f"partition 0 of {topic}: its end moved back, from offset 10 to 3, the read being at offset 3 "
     )

@@ -27,6 +27,7 @@ from ktel.wire import (
 )
 from ktel.wire.codec import MAX_RECORD_BYTES
 from ktel.wire.control import DEAD_LETTER_KEY_BYTES
+from tests.unit.topic_window_fake import read_through
 
 NOW = 1_750_000_000 * NS  # 2025-06-15T15:06:40Z
 CFG = config.Config(agent=config.AgentConfig(host_id="h"), kafka=config.KafkaConfig(bootstrap="k1:9092"))
@@ -123,25 +124,13 @@ async def test_a_listing_reads_every_partition_from_its_oldest_record_and_counts
     tp = TopicPartition("ktel.dlq", 0)
     starts = []
 
-    async def partitions(client, bootstrap, topic):
-        return [tp]
-
     async def read(consumer, parts, start_ms, bootstrap):
         starts.append(start_ms)
         for offset, ms in enumerate((-(2**63), -1, NOW // 1_000_000, 2**63 - 1)):
             key, value = dead_letter_record(letter(reason=f"at {ms}"), b"b")
             yield tp, SimpleNamespace(key=key, value=value, offset=offset, timestamp=ms)
 
-    class Consumer:
-        async def start(self):
-            pass
-
-        async def stop(self):
-            pass
-
-    monkeypatch.setattr(topic_window, "partitions", partitions)
-    monkeypatch.setattr(topic_window, "consumer", lambda client, bootstrap: Consumer())
-    monkeypatch.setattr(topic_window, "records", read)
+    read_through(monkeypatch, tp, read)
     summary, lines = dlq.Summary(), []
     await dlq.run(dlq.options(CFG, args(), now_ns=NOW), summary, lines.append, [].append)
     assert starts == [None]  # (topic_window.records: from each partition's oldest record)
@@ -159,9 +148,6 @@ async def test_a_redrive_cut_short_counts_what_kafka_took_and_refused(monkeypatc
     re-published only the records Kafka acknowledged, and as failed those it refused: the
     sends in flight were counted re-published as sent, and never waited for."""
     tp = TopicPartition("ktel.dlq", 0)
-
-    async def partitions(client, bootstrap, topic):
-        return [tp]
 
     async def read(consumer, parts, start_ms, bootstrap):
         for offset in range(2):
@@ -200,9 +186,7 @@ async def test_a_redrive_cut_short_counts_what_kafka_took_and_refused(monkeypatc
         async def record(self, topic, partition, offset):
             return SimpleNamespace(key=b"b", value=BATCH, offset=offset)
 
-    monkeypatch.setattr(topic_window, "partitions", partitions)
-    monkeypatch.setattr(topic_window, "consumer", lambda client, bootstrap: Client())
-    monkeypatch.setattr(topic_window, "records", read)
+    read_through(monkeypatch, tp, read, Client())
     monkeypatch.setattr(dlq, "Originals", Originals)
     monkeypatch.setattr(dlq, "AIOKafkaProducer", Client)
     summary = dlq.Summary()

@@ -28,6 +28,7 @@ from ktel.wire import (
     encode_batch,
 )
 from ktel.wire.control import DEAD_LETTER_KEY_BYTES
+from tests.unit.topic_window_fake import read_through
 
 NOW = 1_750_000_000 * NS  # 2025-06-15T15:06:40Z
 
@@ -285,23 +286,11 @@ async def replay_of(records, monkeypatch, opts=OPTS):
     """``replay.replay`` over ``records`` ((key, value) on one partition), without Kafka."""
     tp = TopicPartition(RAW_TOPIC, 0)
 
-    async def partitions(client, bootstrap, topic):
-        return [tp]
-
     async def read(consumer, parts, start_ms, bootstrap):
         for offset, (key, value) in enumerate(records):
             yield tp, SimpleNamespace(key=key, value=value, offset=offset, timestamp=NOW // 1_000_000)
 
-    class Consumer:
-        async def start(self):
-            pass
-
-        async def stop(self):
-            pass
-
-    monkeypatch.setattr(topic_window, "partitions", partitions)
-    monkeypatch.setattr(topic_window, "consumer", lambda client, bootstrap: Consumer())
-    monkeypatch.setattr(topic_window, "records", read)
+    read_through(monkeypatch, tp, read)
     lines, reports = [], []
     summary = await replay.replay(opts, lines.append, reports.append)
     return [json.loads(line) for line in lines], reports, summary
@@ -449,24 +438,12 @@ def test_a_read_that_fails_midway_prints_the_summary_of_what_it_did_then_the_err
     tp = TopicPartition(RAW_TOPIC, 0)
     records = [encode_batch(batch([created(NOW, "/a")])), b"garbage"]
 
-    async def partitions(client, bootstrap, topic):
-        return [tp]
-
     async def read(consumer, parts, start_ms, bootstrap):
         for offset, value in enumerate(records):
             yield tp, SimpleNamespace(key=b"host-a", value=value, offset=offset, timestamp=NOW // 1_000_000)
         raise topic_window.ReadError("partition 0 of ktel.raw: its end moved back")
 
-    class Consumer:
-        async def start(self):
-            pass
-
-        async def stop(self):
-            pass
-
-    monkeypatch.setattr(topic_window, "partitions", partitions)
-    monkeypatch.setattr(topic_window, "consumer", lambda client, bootstrap: Consumer())
-    monkeypatch.setattr(topic_window, "records", read)
+    read_through(monkeypatch, tp, read)
     monkeypatch.setattr(replay.time, "time_ns", lambda: NOW + NS)
     stdout, stderr = io.StringIO(), io.StringIO()
     status = replay.main(CFG, args(from_="-15m", to="now"), stdout, stderr)
@@ -482,9 +459,6 @@ def test_a_read_that_fails_midway_prints_the_summary_of_what_it_did_then_the_err
 async def test_batches_re_published_before_a_read_fails_are_counted(monkeypatch):
     tp = TopicPartition(RAW_TOPIC, 0)
     value = encode_batch(batch([created(NOW)]))
-
-    async def partitions(client, bootstrap, topic):
-        return [tp]
 
     async def read(consumer, parts, start_ms, bootstrap):
         yield tp, SimpleNamespace(key=b"host-a", value=value, offset=0, timestamp=NOW // 1_000_000)
@@ -506,9 +480,7 @@ async def test_batches_re_published_before_a_read_fails_are_counted(monkeypatch)
         async def send(self, topic, value, key=None, timestamp_ms=None):
             return asyncio.ensure_future(asyncio.sleep(0))
 
-    monkeypatch.setattr(topic_window, "partitions", partitions)
-    monkeypatch.setattr(topic_window, "consumer", lambda client, bootstrap: Client())
-    monkeypatch.setattr(topic_window, "records", read)
+    read_through(monkeypatch, tp, read, Client())
     monkeypatch.setattr(replay, "AIOKafkaProducer", Client)
     summary = replay.Summary()
     opts = dataclasses.replace(OPTS, to_topic="incident-42", jsonl=False)
@@ -530,9 +502,6 @@ async def test_batches_re_published_before_kafka_fails_midway_are_counted(monkey
     else:
         monkeypatch.setattr(replay, "MAX_IN_FLIGHT", 3)
         records = [value, b"refused", value]  # the second batch is refused
-
-    async def partitions(client, bootstrap, topic):
-        return [tp]
 
     async def read(consumer, parts, start_ms, bootstrap):
         for offset, v in enumerate(records):
@@ -564,9 +533,7 @@ async def test_batches_re_published_before_kafka_fails_midway_are_counted(monkey
 
     if failing == "re-publish":
         records[1] = encode_batch(batch([created(NOW, "/refused")]))
-    monkeypatch.setattr(topic_window, "partitions", partitions)
-    monkeypatch.setattr(topic_window, "consumer", lambda client, bootstrap: Client())
-    monkeypatch.setattr(topic_window, "records", read)
+    read_through(monkeypatch, tp, read, Client())
     monkeypatch.setattr(replay, "AIOKafkaProducer", Client)
     summary = replay.Summary()
     opts = dataclasses.replace(OPTS, to_topic="incident-42", jsonl=False, dlq=True)
