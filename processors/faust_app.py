@@ -58,18 +58,126 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, cast
 
 import faust
+from aiokafka.consumer import group_coordinator
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 from mode.utils.objects import cached_property
 from mode.utils.queues import FlowControlEvent
 
-from processors.stop import undelivered
+from processors.stop import end, undelivered
 
 # Fetched lists of the listed topics held before the fetch loop waits (App.take_in_lists).
 LISTS_HELD = 4
 # How long the worker handles records of a list before it lets the event loop run.
 YIELD_S = 0.02
+# How often a worker whose membership lapsed looks whether it is back (Membership.held).
+MEMBERSHIP_POLL_S = 0.05
+
+
+class Membership:
+    """Whether this worker is still the consumer group member that owns its partitions,
+    as far as it can know: the fence before every record it sends (``Producer``).
+
+    Kafka does not fence a member it removed: one whose process stopped past the group's
+    session timeout (a VM paused, SIGSTOP, a long pause of the interpreter) has its
+    partitions given to another worker, which recovers their hosts from the changelog
+    and counts their batches from the committed offsets; resumed, the removed one went
+    on as before with what it had fetched and its windows due, for the hundreds of ms
+    until a heartbeat told it: it sent its older counts of those hosts to ktel.metrics
+    after the new owner's (a series going back, which increase() reads as a counter reset
+    and counts twice) and its changelog records after the new owner's (a snapshot among
+    them becomes what the next worker to recover the host finds).
+
+    So a worker sends a record only within its session as the broker counts it: less
+    than the session timeout since it sent the last heartbeat (or SyncGroup) the broker
+    answered as a member's (the broker's own deadline runs from when it got it, later).
+    Past that it waits: a heartbeat answered as a member's sends on; one answered
+    "unknown member" or "illegal generation" (the broker removed it) ends the worker
+    (``end``) with nothing more sent or committed, as a SIGKILL would (the stages count
+    nothing twice across one: processors/stages.py), and its supervisor starts it afresh.
+
+    Left open: records aiokafka already held when the process stopped (handed to the
+    producer within the session, not yet sent) go out when it resumes. Fencing those
+    needs the broker (Kafka transactions, a producer epoch per partition owner).
+
+    aiokafka keeps no such time: its coordinator's heartbeat and sync calls are wrapped
+    (``watch_group``) to note them, by group id (the app's id), from the consumer's
+    thread; the producer reads them in the worker's loop."""
+
+    def __init__(self) -> None:
+        self.session_s = 0.0
+        self.alive_at: float | None = None  # monotonic time of the last answered proof's send
+        self.removed = False
+
+    def renewed(self, at: float, session_s: float) -> None:
+        self.session_s = session_s
+        if self.alive_at is None or at > self.alive_at:
+            self.alive_at = at
+
+    def current(self) -> bool:
+        return (
+            not self.removed
+            and self.alive_at is not None
+            and time.monotonic() - self.alive_at < self.session_s
+        )
+
+    async def held(self, group: str) -> None:
+        """Until the worker is known to hold its membership; ends it if it was removed."""
+        while not self.current():
+            if self.removed:
+                end(
+                    f"ktel process: stopping: consumer group {group} removed this worker (no heartbeat "
+                    f"reached it for the session timeout, {self.session_s:g} s: the process stopped or "
+                    "the coordinator was out of reach); its partitions are another worker's, and "
+                    "nothing it held is sent or committed: restart the worker (its supervisor does)"
+                )
+            await asyncio.sleep(MEMBERSHIP_POLL_S)
+
+
+MEMBERSHIPS: dict[str, Membership] = {}
+
+
+def membership(group: str) -> Membership:
+    return MEMBERSHIPS.setdefault(group, Membership())
+
+
+def watch_group() -> None:
+    """Note in ``MEMBERSHIPS`` each heartbeat and SyncGroup the broker answers as a
+    member's (the time it was sent), and a heartbeat it answers that the member is
+    gone (aiokafka 0.14.0's ``GroupCoordinator``)."""
+    coordinator = group_coordinator.GroupCoordinator
+    rebalance = group_coordinator.CoordinatorGroupRebalance
+    if getattr(coordinator, "ktel_watched", False):
+        return
+    do_heartbeat = coordinator._do_heartbeat
+    send_sync = rebalance._send_sync_group_request
+
+    async def heartbeat(self: Any) -> bool:
+        sent = time.monotonic()
+        ok = await do_heartbeat(self)
+        member = membership(self.group_id)
+        if ok:  # (also "rebalancing": a member until it joins again)
+            member.renewed(sent, self._session_timeout_ms / 1000)
+        elif self.member_id == group_coordinator.JoinGroupRequest.UNKNOWN_MEMBER_ID:
+            member.removed = True  # (reset_generation: unknown member, illegal generation)
+        return ok
+
+    async def sync(self: Any, request: Any) -> Any:
+        sent = time.monotonic()
+        assignment = await send_sync(self, request)
+        if assignment is not None:
+            member = membership(self.group_id)
+            member.removed = False  # (a member again, of a new generation)
+            member.renewed(sent, self._coordinator._session_timeout_ms / 1000)
+        return assignment
+
+    coordinator._do_heartbeat = heartbeat  # type: ignore[method-assign]
+    rebalance._send_sync_group_request = sync  # type: ignore[method-assign]
+    coordinator.ktel_watched = True  # type: ignore[attr-defined]
+
+
+watch_group()
 
 
 class FlowControl(FlowControlEvent):
@@ -201,7 +309,12 @@ class Producer(faust_aiokafka.Producer):
         partition: int | None = None,
         acked: Callable[[Any], None] | None = None,
     ) -> None:
-        """Send a record; ``acked`` is called with its metadata once Kafka has it."""
+        """Send a record, while the worker holds its group membership (``Membership``);
+        ``acked`` is called with its metadata once Kafka has it."""
+        group = self.app.conf.id
+        member = membership(group)
+        if not member.current():
+            await member.held(group)
         sent = cast(asyncio.Future, await self.send(topic, key, value, partition, None, None))
         self.in_flight[sent] = topic
         sent.add_done_callback(functools.partial(self.delivered, topic, acked))

@@ -6,7 +6,12 @@ sent anything on:
 - KTEL_TEST_KILL_AFTER_RECORD=N: once Kafka has that record;
 - KTEL_TEST_KILL_HOLDING_RECORD=N: without ever sending it, after holding it back for
   KTEL_TEST_HOLD_SECONDS (the host's value changed in the table meanwhile, for the
-  window to see, as it would while a record is on its way to Kafka)."""
+  window to see, as it would while a record is on its way to Kafka);
+
+or stops itself (SIGSTOP) right before handing its N-th changelog record to the producer,
+the batch counted in the host's value, for the test to resume it (SIGCONT):
+
+- KTEL_TEST_STOP_BEFORE_RECORD=N."""
 
 import asyncio
 import os
@@ -17,6 +22,7 @@ from processors import stages
 
 AFTER = int(os.environ.get("KTEL_TEST_KILL_AFTER_RECORD", "0"))
 HOLDING = int(os.environ.get("KTEL_TEST_KILL_HOLDING_RECORD", "0"))
+STOP = int(os.environ.get("KTEL_TEST_STOP_BEFORE_RECORD", "0"))
 persist = stages.persist
 written = 0
 
@@ -24,6 +30,8 @@ written = 0
 async def persist_then_die(table, key, value, record_key, record, source, acked=None):
     global written
     written += 1
+    if written == STOP:
+        os.kill(os.getpid(), signal.SIGSTOP)
     if written == HOLDING:
         table.data[key] = value
         await asyncio.sleep(float(os.environ["KTEL_TEST_HOLD_SECONDS"]))

@@ -12,6 +12,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -254,6 +255,103 @@ def test_two_workers_and_a_sigkill_count_every_event_once(private_kafka, tmp_pat
         assert got == expected
         assert sum(got.values()) == hosts * per_host * events
     finally:
+        a.stop()
+        b.stop()
+
+
+def metrics_series_values(bootstrap: str) -> dict[tuple[str, str], list[float]]:
+    """Every value each file_created_total series took on ktel.metrics, in the order
+    Kafka has them (a host's snapshots are all on its partition)."""
+    recs = asyncio.run(read_topic(bootstrap, METRICS_TOPIC, idle_s=0.5, timeout=10))
+    went: dict[tuple[str, str], list[float]] = {}
+    for rec in sorted(recs, key=lambda r: (r.partition, r.offset)):
+        for name, _t, labels, value in decode_snapshot(rec.value).series:
+            if name == "file_created_total":
+                went.setdefault((labels["host.id"], labels["directory"]), []).append(value)
+    return went
+
+
+def stopped(proc: subprocess.Popen) -> bool:
+    """Whether the process is stopped (SIGSTOP), from its state in /proc."""
+    with open(f"/proc/{proc.pid}/stat") as f:
+        return f.read().rpartition(")")[2].split()[0] == "T"
+
+
+def test_a_worker_paused_past_its_session_emits_and_writes_nothing_for_the_partitions_it_lost(
+    private_kafka, tmp_path
+):
+    """A worker whose process stops (SIGSTOP: a VM paused, a long GC pause) for longer
+    than the group's session timeout, halfway through a batch (counted in its host's
+    value, the changelog record not yet handed to the producer), loses its partitions
+    to the other worker, which counts their batches from the changelog and the
+    committed offsets. Resumed, the paused worker must neither write their changelog
+    (whoever recovers it after would find its older value) nor emit its own, older
+    counts of those hosts (on ktel.metrics a series going back, which increase() reads
+    as a counter reset and counts twice). Each host's changelog versions only ever go
+    up, and so does every series, which ends at its exact total."""
+    hosts, per_host, events = 12, 60, 20
+    session = {"KTEL_PROCESS__SESSION_TIMEOUT_SECONDS": "6"}
+    b = Worker(tmp_path, private_kafka.bootstrap, "b", **session).start()
+    a = Worker(
+        tmp_path,
+        private_kafka.bootstrap,
+        "a",
+        module="tests.integration.stage_with_fault",
+        KTEL_TEST_STOP_BEFORE_RECORD="20",
+        **session,
+    ).start()
+    traffic = [(bt.key, encode_batch(bt)) for bt in batches(hosts, per_host, events)]
+    # Paced over about 30 s, so that records keep coming while a is stopped and after.
+    producing = threading.Thread(
+        target=lambda: asyncio.run(produce(private_kafka.bootstrap, traffic, pace_s=0.04))
+    )
+    try:
+        wait_for_group(private_kafka.bootstrap, "ktel-all", members=2)
+        producing.start()
+        deadline = time.monotonic() + 120
+        while not stopped(a.proc):
+            assert a.proc.poll() is None, a.log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "a should have stopped itself at its 20th changelog record"
+            time.sleep(0.2)
+        # b alone in the group: a's session expired and b took its partitions.
+        wait_for_group(private_kafka.bootstrap, "ktel-all", members=1)
+        time.sleep(2)  # (b counts some of a's hosts' batches)
+        a.proc.send_signal(signal.SIGCONT)
+        # Resumed, a finds itself removed from the group as it is about to send, and ends
+        # with nothing sent; its supervisor starts it again (here: the test, without the
+        # fault). Had it nothing to send before it joined the group again, it would go on
+        # as a member of the new generation.
+        deadline = time.monotonic() + 120
+        while a.proc.poll() is None and group_members(private_kafka.bootstrap, "ktel-all") != ("Stable", 2):
+            assert time.monotonic() < deadline, "a should have ended or joined the group again"
+            time.sleep(0.2)
+        if a.proc.poll() is not None:
+            assert a.proc.returncode == 1, a.log.read_text()[-3000:]
+            assert "removed this worker" in a.log.read_text()
+            a = Worker(tmp_path, private_kafka.bootstrap, "a", **session).start()
+        producing.join()
+
+        expected = batches_totals(hosts, per_host, events)
+        got = wait_for_totals(private_kafka.bootstrap, expected, timeout=300)
+        went = metrics_series_values(private_kafka.bootstrap)
+        backwards = {s: v for s, v in went.items() if v != sorted(v)}
+        assert not backwards, f"series that went back: {backwards}"
+        # Each host's changelog versions, in the order Kafka has them: one worker's after
+        # another's, never a version the host had already had again.
+        versions: dict[str, list[int]] = {}
+        for rec in sorted(changelog_records(private_kafka.bootstrap), key=lambda r: (r.partition, r.offset)):
+            if rec.value is not None:
+                key = json.loads(rec.key)
+                host = key if isinstance(key, str) else key[0]
+                versions.setdefault(host, []).append(json.loads(rec.value)[changelog.VERSION])
+        rewritten = {h: v for h, v in versions.items() if any(y <= x for x, y in zip(v, v[1:], strict=False))}
+        assert not rewritten, f"changelog versions written again: {rewritten}"
+        assert got == expected
+    finally:
+        if a.proc.poll() is None:
+            a.proc.send_signal(signal.SIGCONT)
+        if producing.ident is not None:
+            producing.join()
         a.stop()
         b.stop()
 

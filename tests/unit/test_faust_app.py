@@ -5,9 +5,11 @@ The SIGKILL test on the real broker (tests/integration/test_processing_stages.py
 is what found them; these pin down each fix on its own."""
 
 import asyncio
+import time
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from aiokafka import TopicPartition
 from faust.types import TP
 
@@ -91,6 +93,9 @@ def checked_producer(monkeypatch) -> tuple[Any, list, list]:
 
     monkeypatch.setattr(faust_aiokafka.Producer, "send", send)
     monkeypatch.setattr(faust_aiokafka.Producer, "flush", nothing_queued)
+    member = faust_app.Membership()
+    member.renewed(time.monotonic(), 3600.0)  # (a member of its group)
+    monkeypatch.setitem(faust_app.MEMBERSHIPS, "ktel-test", member)
     producer = App("ktel-test", broker="kafka://127.0.0.1:1").producer
     assert isinstance(producer, faust_app.Producer)
     return producer, sent, stopped
@@ -112,6 +117,41 @@ def test_a_record_the_producer_could_not_deliver_stops_the_worker_and_one_it_did
         assert stopped == [("ktel.metrics", KafkaTimeoutError)]
         assert acked == ["metadata"]
         assert producer.in_flight == {}
+
+    asyncio.run(run())
+
+
+def test_a_worker_past_its_session_sends_nothing_until_a_heartbeat_answers_and_ends_if_removed(monkeypatch):
+    """No heartbeat answered for the session timeout (the process was stopped): the group
+    may have given the worker's partitions to another one, so what it sends waits for
+    the next answer. As a member's, it goes; "unknown member", and the worker ends."""
+
+    class Ended(Exception):
+        pass
+
+    def end(line):
+        raise Ended(line)
+
+    from processors import faust_app
+
+    async def run():
+        producer, sent, _stopped = checked_producer(monkeypatch)
+        monkeypatch.setattr(faust_app, "end", end)
+        member = faust_app.membership("ktel-test")
+        member.alive_at = time.monotonic() - member.session_s  # (lapsed)
+        waiting = asyncio.ensure_future(producer.send_checked("ktel.metrics", b"k", b"v"))
+        await asyncio.sleep(5 * faust_app.MEMBERSHIP_POLL_S)
+        assert not waiting.done() and sent == []
+        member.renewed(time.monotonic(), member.session_s)  # a heartbeat answered as a member's
+        await waiting
+        assert len(sent) == 1
+        member.alive_at = time.monotonic() - member.session_s
+        waiting = asyncio.ensure_future(producer.send_checked("ktel.metrics", b"k", b"v"))
+        await asyncio.sleep(0)
+        member.removed = True  # a heartbeat answered "unknown member"
+        with pytest.raises(Ended, match="removed this worker"):
+            await waiting
+        assert len(sent) == 1
 
     asyncio.run(run())
 
