@@ -60,7 +60,13 @@ def _parse(text: str, block: int) -> tuple[str | None, int] | None:
     """(incarnation, next number) as the store writes them, None for the incarnation
     of a file from before incarnations; None when ``text`` is neither."""
     fields = text.split()
-    if len(fields) not in (1, 2) or not fields[-1].isdigit() or int(fields[-1]) > _SEQ_MAX - block:
+    if (
+        len(fields) not in (1, 2)
+        or not fields[-1].isdigit()
+        # (checked before int(): past 4300 digits it raises, and the agent failed at every start)
+        or len(fields[-1]) > len(str(_SEQ_MAX))
+        or int(fields[-1]) > _SEQ_MAX - block
+    ):
         return None
     if len(fields) == 1:
         return None, int(fields[0])

@@ -111,6 +111,9 @@ def test_the_state_is_private_even_if_it_was_not(tmp_path):
         b"c" * 32 + b" not-a-number\n",
         b"c" * 32 + b" -5\n",  # the wire takes no negative sequence number
         b"c" * 32 + b" " + str(2**64).encode() + b"\n",  # nor one past 2^63 - 1
+        # digits past what Python turns into an int (sys.get_int_max_str_digits(), 4300)
+        b"c" * 32 + b" " + b"0" * 5000 + b"\n",
+        b"9" * 5000 + b"\n",
         b"x y z\n",
         b"not hex " + b"5\n",
     ],
