@@ -716,7 +716,7 @@ class Agent:
         node = node_stats.read_proc()
         for p in list(self.loaded.values()):
             node.update(p.map_usage())
-        return node
+        return node_stats.within_bound(node)
 
     def heartbeat(
         self, elapsed: float, previous: dict[str, int], containers: list[list], node: dict[str, int]

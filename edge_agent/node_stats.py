@@ -15,8 +15,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from ktel.wire.control import MAX_NODE_READINGS
+
 # /proc/stat counts CPU time in USER_HZ ticks (proc(5)).
 TICK_MS = 1000 / os.sysconf("SC_CLK_TCK")
+# A disk's reading: this and the device's name.
+DISK_PREFIX = "disk_in_flight."
 # Devices whose queue says nothing about the node's disks.
 VIRTUAL_DISKS = re.compile(r"^(loop|ram|zram|nbd)\d")
 # A BCC hash map's declaration and the name it gives the map: BPF_HASH(name, ...),
@@ -53,7 +57,7 @@ def disks_in_flight(text: str, disks: set[str]) -> dict[str, int]:
     for line in text.splitlines():
         fields = line.split()
         if len(fields) >= 12 and fields[2] in disks and not VIRTUAL_DISKS.match(fields[2]):
-            out[f"disk_in_flight.{fields[2]}"] = int(fields[11])
+            out[f"{DISK_PREFIX}{fields[2]}"] = int(fields[11])
     return out
 
 
@@ -70,6 +74,20 @@ def map_usage(probe: str, tables: Iterable[tuple[str, Any]]) -> dict[str, int]:
         out[f"map_entries.{probe}.{name}"] = sum(1 for _ in table)  # a BCC table iterates its keys
         out[f"map_max_entries.{probe}.{name}"] = int(table.max_entries)
     return out
+
+
+def within_bound(readings: dict[str, int]) -> dict[str, int]:
+    """``readings`` cut to what a heartbeat takes (MAX_NODE_READINGS): a storage node's
+    disks (multipath LUNs, each seen on several paths) can be more, and a heartbeat with
+    more readings does not decode, so the workers would see no heartbeat of the node at
+    all. The disks go first, the last by name, so that the same ones stay from one
+    heartbeat to the next."""
+    if len(readings) <= MAX_NODE_READINGS:
+        return readings
+    disks = sorted(k for k in readings if k.startswith(DISK_PREFIX))
+    room = max(0, MAX_NODE_READINGS - (len(readings) - len(disks)))
+    left_out = set(disks[room:])
+    return {k: v for k, v in readings.items() if k not in left_out}
 
 
 def read_proc() -> dict[str, int]:

@@ -23,7 +23,8 @@ Heartbeat (key = host id)::
 ``context_switches`` (cumulative since boot, /proc/stat), ``cpus`` (online CPUs),
 ``disk_in_flight.<device>``
 (I/Os in progress now, /proc/diskstats) and, per BPF hash map of a loaded probe,
-``map_entries.<probe>.<map>`` and ``map_max_entries.<probe>.<map>``. The
+``map_entries.<probe>.<map>`` and ``map_max_entries.<probe>.<map>``, at most
+``MAX_NODE_READINGS`` in all (a node with more disks sends the first by name). The
 processing workers export a bounded part of it per host (processors/fleet_metrics.py).
 ``containers`` lists the cgroups the agent knows to be a container's or a pod's
 (edge_agent/containers.py), each with its ``container.*`` and ``k8s.*``
@@ -92,6 +93,8 @@ EVERY_HOST = "*"
 # The most a refused command's reason may take in a heartbeat.
 REFUSAL_CHARS = 256
 MAX_CONTAINERS = 4096  # the agent lists at most 2048 (edge_agent/containers.py)
+# A heartbeat's node readings: the agent sends no more (edge_agent/node_stats.py).
+MAX_NODE_READINGS = 1024
 
 
 class Heartbeat(TypedDict):
@@ -135,7 +138,7 @@ HEARTBEAT_SHAPE = Shape(
             required=False,
         ),
         Key("stopping", Bool(), required=False),
-        Key("node", MapOf(Int(0, U64), 1024, key_len=256), required=False),
+        Key("node", MapOf(Int(0, U64), MAX_NODE_READINGS, key_len=256), required=False),
         Key(
             "containers",
             ListOf(

@@ -10,7 +10,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from edge_agent import node_stats, statelock
 from edge_agent.agent import cancelled
-from ktel.wire import decode_heartbeat
+from ktel.wire import decode_heartbeat, encode_heartbeat
+from ktel.wire.control import MAX_NODE_READINGS
 from processors import fleet_metrics
 from processors.fleet_metrics import FleetMetrics
 from tests.unit.test_agent_batches import make_agent
@@ -385,3 +386,30 @@ async def test_a_host_is_up_from_its_agents_first_heartbeat_until_three_of_its_i
     assert samples(fleet)[up] == 1.0
     clock[0] += 1
     assert samples(fleet)[up] == 0.0
+
+
+def test_a_node_with_more_disks_than_a_heartbeat_takes_still_sends_heartbeats(tmp_path, monkeypatch):
+    """A storage node's disks (multipath LUNs: a few hundred, each seen on four paths)
+    can outnumber the node readings a heartbeat takes (ktel/wire/control.py): the agent
+    sends as many as fit, its CPU readings with them, and its heartbeats still decode,
+    where the workers count what they leave out (fleet_metrics.bounded)."""
+    names = [f"sd{i:05d}" for i in range(1500)]
+    diskstats = "".join(f" 8 {i} {name} 1 2 3 4 5 6 7 8 1 10 11\n" for i, name in enumerate(names))
+
+    def read_proc() -> dict[str, int]:
+        return {**node_stats.cpu_stat(PROC_STAT), **node_stats.disks_in_flight(diskstats, set(names))}
+
+    monkeypatch.setattr(node_stats, "read_proc", read_proc)
+    agent = make_agent(tmp_path)
+    try:
+        node = agent.node_readings()
+        hb, _ = agent.heartbeat(1.0, {}, [], node)
+    finally:
+        agent.spool.close()
+        statelock.release(agent.state_lock)
+    sent = decode_heartbeat(encode_heartbeat(hb))["node"]
+    assert sent["cpus"] == 2 and sent["context_switches"] == 1990473
+    disks = sorted(k for k in sent if k.startswith("disk_in_flight."))
+    # the same disks from one heartbeat to the next: the first by name
+    assert disks == [f"disk_in_flight.{name}" for name in names[: len(disks)]]
+    assert len(disks) == MAX_NODE_READINGS - 3
