@@ -423,12 +423,14 @@ class Control:
             cmd = dataclasses.replace(cmd, deadline_ms=min(cmd.deadline_ms, now + self.bounds.max_ttl_ms))
             if cmd.keep_ms > now:
                 self.applied[cmd.id] = cmd
-            # (a rate below 1, which no command carries, only from a damaged file: the kernel's
-            # knob is a u32, and a heartbeat naming such a rate does not decode)
+            # (a rate below 1 or an id past the bound, which no command carries, only from a
+            # damaged file: the kernel's knob is a u32, and a heartbeat naming such a rate, or
+            # an id of over 512 characters, does not decode)
             if (
                 cmd.deadline_ms > now
                 and cmd.probe in PROBES
                 and 1 <= cmd.sample_every <= self.bounds.max_sample_every
+                and len(cmd.id) <= self.bounds.max_id_chars
             ):
                 self.overrides[cmd.probe] = cmd  # in the order applied: the last one stands
         for cmd in self.overrides.values():

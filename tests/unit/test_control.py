@@ -468,6 +468,16 @@ def test_a_saved_rate_below_one_is_not_applied_again(tmp_path, every):
     assert make(tmp_path)[0].sample_every("file_created") == 2
 
 
+def test_a_saved_id_longer_than_the_bound_is_not_applied_again(tmp_path):
+    """No command this agent applies has such an id; the heartbeat names the command in
+    force, and one of over 512 characters does not decode: every heartbeat would be
+    dead-lettered for as long as the command held."""
+    now = now_ms()
+    row = ["c" * 600, "file_created", 10, now + 60_000, now + 60_000]
+    (tmp_path / control_mod.STATE_FILE).write_text(json.dumps({"judged_to": 0, "applied": [row]}))
+    assert make(tmp_path)[0].command("file_created") is None
+
+
 def test_a_saved_deadline_holds_no_longer_than_the_bound_from_the_start(tmp_path):
     """A clock set back since the file was written (or a deadline edited into it) would
     otherwise keep a rate in force for as long as the file says."""
