@@ -131,11 +131,16 @@ class Containers:
         """``[[cgroup id, {attribute: value}], ...]``, the heartbeat's ``containers``."""
         if self.root is None:
             return []
-        found: list[list] = []
-        self.unlisted = 0
+        # The containers and pods themselves (their own name says so), then the cgroups
+        # below them: a container may make as many of those as it likes, and listed as
+        # the walk met them they pushed other containers out of the bound.
+        named: list[list] = []
+        below: list[list] = []
+        seen = 0
         try:
             dev = os.stat(self.root).st_dev
         except OSError:
+            self.unlisted = 0
             return []
         stack: list[tuple[str, str, Attributes]] = [(str(self.root), "", {})]
         while stack:
@@ -153,11 +158,14 @@ class Containers:
                 # hybrid host's /sys/fs/cgroup) numbers its inodes on its own.
                 if not stat.S_ISDIR(st.st_mode) or st.st_dev != dev:
                     continue
-                attrs = inherit(outer, name_attributes(entry.name, name))
+                own = name_attributes(entry.name, name)
+                attrs = inherit(outer, own)
                 if attrs:
-                    if len(found) < MAX_CONTAINERS:
-                        found.append([st.st_ino, attrs])
-                    else:
-                        self.unlisted += 1
+                    seen += 1
+                    into = named if own else below
+                    if len(into) < MAX_CONTAINERS:
+                        into.append([st.st_ino, attrs])
                 stack.append((entry.path, entry.name, attrs))
+        found = (named + below)[:MAX_CONTAINERS]
+        self.unlisted = seen - len(found)
         return found

@@ -5,6 +5,7 @@ import subprocess
 
 import pytest
 
+from edge_agent import containers as containers_mod
 from edge_agent.containers import Containers, find_cgroup2_root, inherit, name_attributes
 
 D, C, P = "d" * 64, "c" * 64, "0f4b1c2e-7c4a-4c55-9a0e-3f1d2b6c8e11"
@@ -89,6 +90,28 @@ def test_a_walk_lists_at_most_max_containers_and_counts_the_rest(tmp_path, monke
         (tmp_path / f"docker-{i:064x}.scope").mkdir()
     c = Containers(tmp_path)
     assert (len(c.scan()), c.unlisted) == (2, 1)
+
+
+@pytest.mark.parametrize("order", [False, True])
+def test_a_container_making_many_cgroups_of_its_own_leaves_others_listed(tmp_path, monkeypatch, order):
+    """A container may make cgroups below its own (systemd in it, a delegated tree), as
+    many as it likes: the containers and pods themselves are listed before them, so that
+    one container cannot push the others' attributes out of the heartbeat, whatever
+    order the directories are read in."""
+    monkeypatch.setattr("edge_agent.containers.MAX_CONTAINERS", 3)
+    busy = tmp_path / "system.slice" / f"docker-{D}.scope"
+    for i in range(5):
+        (busy / f"sub{i}").mkdir(parents=True)
+    pod = tmp_path / "kubepods" / f"pod{P}"
+    (pod / C).mkdir(parents=True)
+    listing = os.scandir
+    monkeypatch.setattr(
+        containers_mod.os, "scandir", lambda path: sorted(listing(path), key=lambda e: e.name, reverse=order)
+    )
+    c = Containers(tmp_path)
+    listed = {cg for cg, _ in c.scan()}
+    assert {os.stat(busy).st_ino, os.stat(pod).st_ino, os.stat(pod / C).st_ino} == listed
+    assert c.unlisted == 5
 
 
 def test_a_walk_stays_on_the_cgroup_file_system(tmp_path):
