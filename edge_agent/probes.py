@@ -248,6 +248,7 @@ class LoadedProbe:
         self._snap_mono = time.monotonic()
         self._final: list[list] = []
         self._closed_counters: dict[str, int] = {}  # counters() once closed (close)
+        self._closed_map_usage: dict[str, int] = {}  # map_usage() once closed (close)
 
     def _on_record(self, _ctx, data, size) -> None:
         # BCC's callback reader (where ringbuf.BULK_READ is False): one run per record.
@@ -357,6 +358,8 @@ class LoadedProbe:
 
     def map_usage(self) -> dict[str, int]:
         """Entries and capacity of the probe's hash maps (edge_agent/node_stats.py)."""
+        if self._closed:
+            return dict(self._closed_map_usage)
         tables = []
         for name in self.hash_maps:
             with contextlib.suppress(KeyError):  # declared under an #if this kernel's build left out
@@ -460,6 +463,9 @@ class LoadedProbe:
         # Read once more: the stopping agent's last heartbeat reports them, and the maps
         # are gone after cleanup.
         self._closed_counters = self.counters()
+        # (read after cleanup, the maps' closed descriptors count no entry: the last
+        # heartbeat said every map of a stopping agent was empty)
+        self._closed_map_usage = self.map_usage()
         self.bpf.cleanup()
         self._closed = True
         self._final = final

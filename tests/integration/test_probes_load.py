@@ -2,6 +2,7 @@
 kernel; a probe whose attach points a kernel lacks is skipped with the reason."""
 
 import dataclasses
+import os
 
 import pytest
 
@@ -101,3 +102,14 @@ def test_missing_uprobe_library_is_skipped_with_the_reason(monkeypatch):
     loaded_, skipped = probes.load(["dns_latency"], ringbuf_pages=1)
     assert not loaded_
     assert "ktel-no-such-lib" in skipped["dns_latency"]
+
+
+def test_a_closed_probe_reports_its_maps_as_they_were_when_it_closed():
+    """The stopping agent's last heartbeat is made after its probes closed: read then,
+    their maps' closed descriptors counted no entry, and every map read empty."""
+    with loaded("syscall_latency") as p:
+        for _ in range(100):
+            os.getppid()  # syscalls: the latency histogram counts them under their keys
+        p.consume()
+    after = p.map_usage()
+    assert after["map_entries.syscall_latency.hist"] > 0, after
