@@ -108,8 +108,10 @@ MAX_PROMETHEUS_BYTES = 32 << 20
 
 def _increasing(bounds: list[float]) -> bool:
     """Whether each bucket bound is above the one before (a scrape, and a backend, refuse
-    buckets out of order)."""
-    return all(a < b for a, b in zip(bounds, bounds[1:]))  # noqa: B905 (one shorter by design)
+    buckets out of order), as the doubles every exporter sends: two integers apart (the
+    wire takes a bound as an int too) may be one double, 2^53 and 2^53 + 1, which made
+    two buckets of one ``le`` in a scrape and OTLP bounds that do not increase."""
+    return all(float(a) < float(b) for a, b in zip(bounds, bounds[1:]))  # noqa: B905 (one shorter by design)
 
 
 class _SeriesValue(Type):

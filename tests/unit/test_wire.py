@@ -467,6 +467,12 @@ def test_a_snapshot_with_a_counter_below_zero_or_histogram_bounds_out_of_order_i
     wire.decode_snapshot(
         wire.encode_snapshot(wire.MetricSnapshot(1, [["g", "gauge", labels, -5]]))
     )  # (a gauge may)
+    # Integers apart that are one double (as every exporter sends a bound) are not in order.
+    one_double = {**hist, "bounds": [2**53, 2**53 + 1]}
+    with pytest.raises(wire.WireError, match=r"histogram bounds must increase, got list \[9007199254740992"):
+        wire.decode_snapshot(
+            wire.encode_snapshot(wire.MetricSnapshot(1, [["h", "histogram", labels, one_double]]))
+        )
 
 
 def test_a_restore_reads_as_the_normal_rate_for_a_ttl_to_an_agent_that_predates_restores():
