@@ -27,6 +27,7 @@ buckets.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from ktel.wire import log2_bounds
@@ -61,7 +62,7 @@ class Exponential:
 
 def exponential(name: str, h: dict[str, Any]) -> Exponential | None:
     """The histogram's exact exponential form, or None when its bounds are not log2
-    bounds or it counts more than INT64_MAX."""
+    bounds, it counts more than INT64_MAX, or its sum in nanoseconds is past a double."""
     counts, bounds = h["counts"], h["bounds"]
     slots = len(counts)
     if slots < 2 or h["count"] > INT64_MAX:
@@ -70,6 +71,10 @@ def exponential(name: str, h: dict[str, Any]) -> Exponential | None:
         unit, total = "", h["sum"]
     elif name.endswith(SECONDS) and bounds == log2_bounds(slots, 1e-9):
         name, unit, total = name.removesuffix(SECONDS) + NANOSECONDS, "ns", h["sum"] * 1e9
+        if not math.isfinite(total):
+            # (a sum of seconds beyond about 1.8e299, only a hostile or broken host's, is
+            # no double in nanoseconds: it would go out as +Inf)
+            return None
     else:
         return None
     first = next((i for i in range(1, slots) if counts[i]), slots)

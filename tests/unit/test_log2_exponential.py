@@ -73,6 +73,9 @@ def test_unitless_log2_keeps_its_name_and_other_bounds_have_no_exponential_form(
     assert exponential("x_bytes", kernel_histogram([5])) is None
     empty = exponential("x_seconds", kernel_histogram([]))
     assert empty is not None and (empty.count, empty.zero_count, empty.counts) == (0, 0, [])
+    # A sum of seconds that is no double in nanoseconds keeps its explicit buckets, in
+    # seconds, rather than going out as +Inf.
+    assert exponential("x_seconds", {**kernel_histogram([5]), "sum": 1e300}) is None
 
 
 def _prompb():
