@@ -612,7 +612,9 @@ class Sender:
             # Converting and sending are CPU and blocking I/O: off the event loop, which
             # keeps the Kafka consumer polling meanwhile.
             try:
-                request = await asyncio.to_thread(convert, [row for _, row in part])
+                request, left_out = await asyncio.to_thread(
+                    otlp_spans.converted, convert, [row for _, row in part]
+                )
             except Exception as err:
                 # The same items fail the same way every time: a refusal (split down to
                 # the item to blame, which is dead-lettered), never a retry for ever.
@@ -636,6 +638,7 @@ class Sender:
                 )
                 REJECTED.labels(signal).inc(rejected)
             ITEMS.labels(signal).inc(len(part) - rejected)
+            otlp_spans.DROPPED_ATTRIBUTES.inc(left_out)
             consume.observe_acknowledged(STAGE, _oldest_per_record(signal, part))
 
         async def refused(entry: tuple[Record, Any], reason: str) -> None:

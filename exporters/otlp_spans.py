@@ -29,8 +29,9 @@ tests (tests/integration/test_otlp_collector.py) send through both protocols.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from contextvars import ContextVar
+from typing import Any, TypeVar
 
 from opentelemetry.exporter.otlp.proto.common._internal import (
     _encode_instrumentation_scope,
@@ -122,11 +123,34 @@ def _fits(value: Any) -> bool:
 _warned = Once()
 
 
+# The attributes left out while ``converted`` builds a request, counted once the backend
+# takes it: a request is built again at each retry and each half of a refused one, and
+# counting each build counted an attribute once per attempt (hundreds of times while a
+# backend was away). Outside ``converted``, counted at once.
+_left_out: ContextVar[list[int] | None] = ContextVar("_left_out", default=None)
+R = TypeVar("R")
+
+
+def converted(convert: Callable[[Any], R], rows: Any) -> tuple[R, int]:
+    """``convert(rows)``, and how many attributes it left out (not yet counted in
+    DROPPED_ATTRIBUTES: the caller counts them once the request is taken)."""
+    tally = [0]
+    token = _left_out.set(tally)
+    try:
+        return convert(rows), tally[0]
+    finally:
+        _left_out.reset(token)
+
+
 def _carried(key: Any, value: Any) -> KeyValue | None:
     try:
         return _key_value(key, value)
     except Exception as err:  # noqa: BLE001
-        DROPPED_ATTRIBUTES.inc()
+        tally = _left_out.get()
+        if tally is None:
+            DROPPED_ATTRIBUTES.inc()
+        else:
+            tally[0] += 1
         if _warned((key, type(value))):
             log.warning(
                 "attribute %.60r = %.60r left out: %s (counted in "

@@ -418,6 +418,28 @@ async def test_transient_failures_are_retried_refusals_split_and_late_items_dead
     assert REGISTRY.get_sample_value("ktel_exporter_otlp_items_total", {"signal": "spans"}) == acked + 4
 
 
+async def test_an_attribute_left_out_is_counted_once_however_often_its_span_is_sent():
+    """A request is built again for each attempt: the attribute it leaves out is counted
+    once, when the backend takes its span, not once per attempt."""
+    backend = Backend()
+    spans, metrics, logs = otlp.make_exporters(
+        OtlpConfig(protocol="http/protobuf", endpoint="http://127.0.0.1:1")
+    )
+    spans._client._submit = backend.submit
+    sender = otlp.Sender(OtlpConfig(), (spans, metrics, logs))
+    now = time.time_ns()
+    value = wire_spans(
+        SpanBatch(RESOURCE, [[TRACE, ROOT, b"", "a", now, now + 1, 0, "", {"addr": 2**64 - 1}]])
+    )
+    rec = Record(decode_spans(value), "ktel.spans", 0, 1, b"h1", value, wire.DLQ_TOPIC)
+    dropped = REGISTRY.get_sample_value("ktel_exporter_otlp_dropped_attributes_total") or 0.0
+
+    await asyncio.wait_for(sender.deliver([rec], Producer()), 30)
+
+    assert backend.answers == [(["a"], 503), (["a"], 200)]
+    assert REGISTRY.get_sample_value("ktel_exporter_otlp_dropped_attributes_total") == dropped + 1
+
+
 def _answering(rejected: int, message: str) -> tuple[otlp.Sender, list[bytes]]:
     """A sender whose spans go over http/protobuf to a backend answering every request
     with a success that rejects ``rejected`` spans, and the requests it gets."""
