@@ -15,8 +15,8 @@ INTERNAL (the wire has none); status code, and its message for errors only;
 attributes as given; one ``ResourceSpans`` per distinct resource map, under the
 instrumentation scope ``ktel``.
 
-An attribute OTLP cannot carry (an int beyond int64, a key that is not a string,
-a value of another type) is left out of its span or resource and counted; the rest
+An attribute OTLP cannot carry (an int beyond int64, a key that is not a string
+or is empty, a value of another type) is left out of its span or resource and counted; the rest
 of the span goes. It is logged once for each key and type of value, up to a bound
 (``Once``): a batch of spans full of such attributes, one line each, made eight
 times its size in logs. ``carried`` does the same for log records and their
@@ -80,14 +80,22 @@ def _key_value(key: str, value: Any) -> KeyValue:
         or len(key) > _CACHED_LEN
         or (t in _SIZED and len(value) > _CACHED_LEN)
     ):
-        return _encode_key_value(key, value)
+        return _encoded(key, value)
     cache_key = (key, t, value)  # the type keeps True apart from 1
     kv = _cache.get(cache_key)
     if kv is None:
         if len(_cache) >= _CACHE_SIZE:
             _cache.clear()
-        kv = _cache[cache_key] = _encode_key_value(key, value)
+        kv = _cache[cache_key] = _encoded(key, value)
     return kv
+
+
+def _encoded(key: Any, value: Any) -> KeyValue:
+    # OTLP requires an attribute's key to be non-empty, which the wire's maps do not
+    # (the SDK's encoder sends one, while its Resource drops one uncounted).
+    if key == "":
+        raise ValueError("an empty key, which OTLP does not allow")
+    return _encode_key_value(key, value)
 
 
 def _attributes(attrs: dict[Any, Any]) -> list[KeyValue]:
@@ -101,7 +109,7 @@ def carried(attrs: dict[Any, Any]) -> dict[Any, Any]:
     """``attrs`` without what OTLP cannot carry (left out, logged and counted), for
     the SDK's own encoders (log records, a log's resource): those leave such an
     attribute out with a traceback each and count nothing."""
-    if all(type(k) is str and _fits(v) for k, v in attrs.items()):
+    if all(type(k) is str and k and _fits(v) for k, v in attrs.items()):
         return attrs  # (looked at, not encoded: the SDK's encoder does that once)
     return {k: v for k, v in attrs.items() if _carried(k, v) is not None}
 

@@ -127,12 +127,13 @@ def test_span_request_merges_equal_resources_as_the_sdk_does():
 
 def test_an_attribute_otlp_cannot_carry_is_left_out_and_counted():
     dropped = REGISTRY.get_sample_value("ktel_exporter_otlp_dropped_attributes_total") or 0.0
-    row = [TRACE, ROOT, b"", "s", 1, 2, 0, "", {"addr": 2**64 - 1, 7: "x", "comm": "touch"}]
-    req = otlp_spans.span_request([({"host.id": "h", "boot": 2**63}, row)], otlp.SCOPE)
+    # (OTLP requires a key to be non-empty; the wire's maps take one)
+    row = [TRACE, ROOT, b"", "s", 1, 2, 0, "", {"addr": 2**64 - 1, 7: "x", "": "y", "comm": "touch"}]
+    req = otlp_spans.span_request([({"host.id": "h", "boot": 2**63, "": "z"}, row)], otlp.SCOPE)
     [span] = req.resource_spans[0].scope_spans[0].spans
     assert attrs(span.attributes) == {"comm": "touch"}
     assert attrs(req.resource_spans[0].resource.attributes) == {"host.id": "h"}
-    assert REGISTRY.get_sample_value("ktel_exporter_otlp_dropped_attributes_total") == dropped + 3
+    assert REGISTRY.get_sample_value("ktel_exporter_otlp_dropped_attributes_total") == dropped + 5
 
 
 async def test_a_log_attribute_otlp_cannot_carry_is_left_out_and_counted(caplog):
@@ -150,8 +151,8 @@ async def test_a_log_attribute_otlp_cannot_carry_is_left_out_and_counted(caplog)
     logs._client._submit = submit
     sender = otlp.Sender(OtlpConfig(), (spans, metrics, logs))
     now = time.time_ns()
-    row = [now, 9, "INFO", "hello", {"addr": 2**64 - 1, "comm": "touch"}, b"", b""]
-    value = wire_logs(LogBatch({"host.id": "h", "boot": 2**63}, [row]))
+    row = [now, 9, "INFO", "hello", {"addr": 2**64 - 1, "": "y", "comm": "touch"}, b"", b""]
+    value = wire_logs(LogBatch({"host.id": "h", "boot": 2**63, "": "z"}, [row]))
     rec = Record(decode_logs(value), "ktel.logs", 0, 1, b"h", value, wire.DLQ_TOPIC)
     dropped = REGISTRY.get_sample_value("ktel_exporter_otlp_dropped_attributes_total") or 0.0
 
@@ -162,8 +163,9 @@ async def test_a_log_attribute_otlp_cannot_carry_is_left_out_and_counted(caplog)
     assert attrs(resource_logs.resource.attributes) == {"host.id": "h"}
     [record] = resource_logs.scope_logs[0].log_records
     assert attrs(record.attributes) == {"comm": "touch"}
-    assert REGISTRY.get_sample_value("ktel_exporter_otlp_dropped_attributes_total") == dropped + 2
+    assert REGISTRY.get_sample_value("ktel_exporter_otlp_dropped_attributes_total") == dropped + 4
     assert "Traceback" not in caplog.text and "Failed to encode" not in caplog.text
+    assert "invalid attribute key" not in caplog.text  # (the SDK's Resource, which counts nothing)
 
 
 def test_a_batch_full_of_attributes_otlp_cannot_carry_logs_a_line_per_key_and_type_not_per_attribute(
