@@ -28,7 +28,8 @@ host's own attributes.
 
 Delivery (exporters/delivery.py has the rules): a span, log record or data point
 whose timestamp is outside ``otlp.max_age_seconds`` / ``max_future_seconds`` of the
-exporter's clock goes to ``ktel.dlq``, never to the backend. The rest are converted
+exporter's clock goes to ``ktel.dlq``, never to the backend, and so does a span whose
+trace, span or parent id is all zeros (an id OTLP does not allow). The rest are converted
 and sent in requests of at most ``otlp.max_export_batch_size`` items, one attempt at
 a time through the SDK exporter's own gRPC channel or HTTP client (``send_once``),
 and the answer is classified here. No answer at all (the backend unreachable, a
@@ -166,6 +167,8 @@ SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 # past it (msgpack's go to 2^64 - 1) goes as a double.
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 IN_FLIGHT = 2  # span or log requests awaiting the backend at once
+# OTLP's invalid ids: all zeros (the wire takes any 16 and 8 bytes; a root span's parent is b"").
+ZERO_TRACE_ID, ZERO_SPAN_ID = bytes(16), bytes(8)
 
 ITEMS = Counter(
     "ktel_exporter_otlp_items", "spans, log records and data points the OTLP backend acknowledged", ["signal"]
@@ -551,7 +554,7 @@ class Sender:
                 late = []
                 span_resource = {**self.service, **item.resource}  # one object: one ResourceSpans
                 for row in item.spans:
-                    why = problem(row[4], now) or problem(row[5], now)
+                    why = problem(row[4], now) or problem(row[5], now) or _invalid_ids(row)
                     if why is None:
                         spans.append((rec, (span_resource, row)))
                     else:
@@ -666,6 +669,18 @@ class Sender:
     def shutdown(self) -> None:
         for exporter in (self.spans, self.metrics, self.logs):
             exporter.shutdown()
+
+
+def _invalid_ids(span: Sequence[Any]) -> str | None:
+    """Why a wire span's ids are not ones OTLP allows, or None: a backend would take a
+    trace id of zeros as one trace, every such span in it, and a parent of zeros as a
+    parent no span has. The agent writes none (a span id of 0 is refused, a parent of 0
+    is a root's b"")."""
+    trace_id, span_id, parent_id = span[0], span[1], span[2]
+    if trace_id == ZERO_TRACE_ID or span_id == ZERO_SPAN_ID or parent_id == ZERO_SPAN_ID:
+        which = "trace" if trace_id == ZERO_TRACE_ID else "span" if span_id == ZERO_SPAN_ID else "parent span"
+        return f"a {which} id of all zeros, which OTLP does not allow"
+    return None
 
 
 def _oldest_per_record(signal: str, part: Sequence[tuple[Record, Any]]) -> Iterable[int]:

@@ -442,6 +442,52 @@ async def test_an_attribute_left_out_is_counted_once_however_often_its_span_is_s
     assert REGISTRY.get_sample_value("ktel_exporter_otlp_dropped_attributes_total") == dropped + 1
 
 
+async def test_spans_with_ids_of_all_zeros_are_dead_lettered_not_sent():
+    """OTLP does not allow an id of all zeros: a backend would make one trace of every
+    span with such a trace id. The wire takes any 16 and 8 bytes, so a writer of
+    ktel.spans may send them; the rest of the batch goes on."""
+    sent = []
+
+    def submit(data: bytes, _timeout: float):
+        sent.append(ExportTraceServiceRequest.FromString(data))
+        return type("Result", (), {"status_code": 200, "error": None, "content": lambda _self: b""})()
+
+    spans, metrics, logs = otlp.make_exporters(
+        OtlpConfig(protocol="http/protobuf", endpoint="http://127.0.0.1:1")
+    )
+    spans._client._submit = submit
+    sender = otlp.Sender(OtlpConfig(), (spans, metrics, logs))
+    now = time.time_ns()
+    zero16, zero8 = bytes(16), bytes(8)
+    rows = [
+        [trace_id, span_id, parent, name, now, now + 1, 0, "", {}]
+        for trace_id, span_id, parent, name in [
+            (TRACE, ROOT, b"", "ok"),
+            (zero16, ROOT, b"", "zero trace"),
+            (TRACE, zero8, b"", "zero span"),
+            (TRACE, CHILD, zero8, "zero parent"),
+            (TRACE, CHILD, ROOT, "child"),
+        ]
+    ]
+    value = wire_spans(SpanBatch(RESOURCE, rows))
+    rec = Record(decode_spans(value), "ktel.spans", 0, 1, b"h1", value, wire.DLQ_TOPIC)
+    producer = Producer()
+    dead = sample("ktel_exporter_dead_lettered_items_total", "otlp", "spans")
+
+    await asyncio.wait_for(sender.deliver([rec], producer), 30)
+
+    [req] = sent
+    assert [sp.name for sp in req.resource_spans[0].scope_spans[0].spans] == ["ok", "child"]
+    [letter] = [wire.decode_dead_letter(v) for t, v, _ in producer.sent if t == wire.DLQ_TOPIC]
+    assert letter.reason == "3 spans, the first: a trace id of all zeros, which OTLP does not allow"
+    assert decode_spans(letter.payload).spans == rows[1:4]
+    assert sample("ktel_exporter_dead_lettered_items_total", "otlp", "spans") == dead + 3
+    assert [otlp._invalid_ids(row) for row in rows[2:4]] == [
+        "a span id of all zeros, which OTLP does not allow",
+        "a parent span id of all zeros, which OTLP does not allow",
+    ]
+
+
 def _answering(rejected: int, message: str) -> tuple[otlp.Sender, list[bytes]]:
     """A sender whose spans go over http/protobuf to a backend answering every request
     with a success that rejects ``rejected`` spans, and the requests it gets."""
