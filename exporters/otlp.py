@@ -65,6 +65,7 @@ to the SDK, which reads the same environment variables as every OpenTelemetry SD
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import os
@@ -652,7 +653,9 @@ class Sender:
             elif signal == "logs":
                 payload = encode_logs(LogBatch(item.resource, [row]))
             else:
-                payload = encode_snapshot(MetricSnapshot(item.ts_ms, [row]))
+                # (stale too, if its snapshot is: replayed, it must end its series, not
+                # give them their last values again)
+                payload = encode_snapshot(dataclasses.replace(item, series=[row]))
             await consume.refuse(producer, STAGE, rec, reason, signal=signal, items=1, payload=payload)
 
         async def one(part: list[tuple[Record, Any]]) -> None:

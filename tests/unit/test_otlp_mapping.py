@@ -680,6 +680,39 @@ async def test_an_answer_otlp_does_not_retry_is_dead_lettered_and_counted_not_se
     assert sample("ktel_exporter_dead_lettered_items_total", "otlp", "spans") == dead + 1
 
 
+async def test_a_data_point_of_a_stale_snapshot_refused_alone_is_dead_lettered_as_stale():
+    """The dead letter's payload is a snapshot of just the point refused, and of its
+    snapshot's kind: replayed, a stale one must end its series, not write its last value
+    again (remote-write would send it as a sample, the pull endpoint serve it)."""
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+
+    def submit(data: bytes, _timeout: float):
+        req = ExportMetricsServiceRequest.FromString(data)
+        names = [m.name for rm in req.resource_metrics for sm in rm.scope_metrics for m in sm.metrics]
+        code = 400 if "bad" in names else 200
+        body = RpcStatus(message="cannot take it").SerializeToString()
+        return type("Result", (), {"status_code": code, "error": None, "content": lambda _self: body})()
+
+    spans, metrics, logs = otlp.make_exporters(
+        OtlpConfig(protocol="http/protobuf", endpoint="http://127.0.0.1:1")
+    )
+    metrics._client._submit = submit
+    sender = otlp.Sender(OtlpConfig(), (spans, metrics, logs))
+    snap = MetricSnapshot(
+        time.time_ns() // 1_000_000,
+        [["ok", "gauge", {"host.id": "h"}, 1], ["bad", "gauge", {"host.id": "h"}, 2]],
+        stale=True,
+    )
+    value = wire.encode_snapshot(snap)
+    rec = Record(wire.decode_snapshot(value), "ktel.metrics", 0, 5, b"h", value, wire.DLQ_TOPIC)
+    producer = Producer()
+
+    await asyncio.wait_for(sender.deliver([rec], producer), 30)
+
+    [letter] = [wire.decode_dead_letter(v) for t, v, _ in producer.sent if t == wire.DLQ_TOPIC]
+    assert wire.decode_snapshot(letter.payload) == MetricSnapshot(snap.ts_ms, [snap.series[1]], stale=True)
+
+
 def test_config_fields_reach_the_sdk_exporters_and_unset_ones_fall_back_to_otel_env(monkeypatch):
     cfg = OtlpConfig(
         protocol="http/protobuf",
