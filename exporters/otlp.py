@@ -29,7 +29,8 @@ host's own attributes.
 Delivery (exporters/delivery.py has the rules): a span, log record or data point
 whose timestamp is outside ``otlp.max_age_seconds`` / ``max_future_seconds`` of the
 exporter's clock goes to ``ktel.dlq``, never to the backend, and so does a span whose
-trace, span or parent id is all zeros (an id OTLP does not allow). The rest are converted
+trace, span or parent id is all zeros (an id OTLP does not allow) or that ends before
+it starts. The rest are converted
 and sent in requests of at most ``otlp.max_export_batch_size`` items, one attempt at
 a time through the SDK exporter's own gRPC channel or HTTP client (``send_once``),
 and the answer is classified here. No answer at all (the backend unreachable, a
@@ -555,7 +556,7 @@ class Sender:
                 late = []
                 span_resource = {**self.service, **item.resource}  # one object: one ResourceSpans
                 for row in item.spans:
-                    why = problem(row[4], now) or problem(row[5], now) or _invalid_ids(row)
+                    why = problem(row[4], now) or problem(row[5], now) or _span_problem(row)
                     if why is None:
                         spans.append((rec, (span_resource, row)))
                     else:
@@ -674,15 +675,18 @@ class Sender:
             exporter.shutdown()
 
 
-def _invalid_ids(span: Sequence[Any]) -> str | None:
-    """Why a wire span's ids are not ones OTLP allows, or None: a backend would take a
-    trace id of zeros as one trace, every such span in it, and a parent of zeros as a
-    parent no span has. The agent writes none (a span id of 0 is refused, a parent of 0
-    is a root's b"")."""
-    trace_id, span_id, parent_id = span[0], span[1], span[2]
+def _span_problem(span: Sequence[Any]) -> str | None:
+    """Why a wire span is not one to send, or None: an id OTLP does not allow (a backend
+    would take a trace id of zeros as one trace, every such span in it, and a parent of
+    zeros as a parent no span has; the agent writes none: a span id of 0 is refused, a
+    parent of 0 is a root's b""), or an end before its start (a backend that takes the
+    duration as an unsigned number makes it centuries long)."""
+    trace_id, span_id, parent_id, start, end = span[0], span[1], span[2], span[4], span[5]
     if trace_id == ZERO_TRACE_ID or span_id == ZERO_SPAN_ID or parent_id == ZERO_SPAN_ID:
         which = "trace" if trace_id == ZERO_TRACE_ID else "span" if span_id == ZERO_SPAN_ID else "parent span"
         return f"a {which} id of all zeros, which OTLP does not allow"
+    if end < start:
+        return f"it ends {start - end} ns before it starts"
     return None
 
 

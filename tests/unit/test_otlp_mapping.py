@@ -442,10 +442,10 @@ async def test_an_attribute_left_out_is_counted_once_however_often_its_span_is_s
     assert REGISTRY.get_sample_value("ktel_exporter_otlp_dropped_attributes_total") == dropped + 1
 
 
-async def test_spans_with_ids_of_all_zeros_are_dead_lettered_not_sent():
+async def test_spans_with_ids_of_all_zeros_or_ending_before_they_start_are_dead_lettered_not_sent():
     """OTLP does not allow an id of all zeros: a backend would make one trace of every
-    span with such a trace id. The wire takes any 16 and 8 bytes, so a writer of
-    ktel.spans may send them; the rest of the batch goes on."""
+    span with such a trace id. The wire takes any 16 and 8 bytes, and any start and end,
+    so a writer of ktel.spans may send them; the rest of the batch goes on."""
     sent = []
 
     def submit(data: bytes, _timeout: float):
@@ -466,9 +466,11 @@ async def test_spans_with_ids_of_all_zeros_are_dead_lettered_not_sent():
             (zero16, ROOT, b"", "zero trace"),
             (TRACE, zero8, b"", "zero span"),
             (TRACE, CHILD, zero8, "zero parent"),
+            (TRACE, CHILD, ROOT, "backwards"),
             (TRACE, CHILD, ROOT, "child"),
         ]
     ]
+    rows[4][4] = now + 5  # (ends 4 ns before it starts)
     value = wire_spans(SpanBatch(RESOURCE, rows))
     rec = Record(decode_spans(value), "ktel.spans", 0, 1, b"h1", value, wire.DLQ_TOPIC)
     producer = Producer()
@@ -479,12 +481,13 @@ async def test_spans_with_ids_of_all_zeros_are_dead_lettered_not_sent():
     [req] = sent
     assert [sp.name for sp in req.resource_spans[0].scope_spans[0].spans] == ["ok", "child"]
     [letter] = [wire.decode_dead_letter(v) for t, v, _ in producer.sent if t == wire.DLQ_TOPIC]
-    assert letter.reason == "3 spans, the first: a trace id of all zeros, which OTLP does not allow"
-    assert decode_spans(letter.payload).spans == rows[1:4]
-    assert sample("ktel_exporter_dead_lettered_items_total", "otlp", "spans") == dead + 3
-    assert [otlp._invalid_ids(row) for row in rows[2:4]] == [
+    assert letter.reason == "4 spans, the first: a trace id of all zeros, which OTLP does not allow"
+    assert decode_spans(letter.payload).spans == rows[1:5]
+    assert sample("ktel_exporter_dead_lettered_items_total", "otlp", "spans") == dead + 4
+    assert [otlp._span_problem(row) for row in rows[2:5]] == [
         "a span id of all zeros, which OTLP does not allow",
         "a parent span id of all zeros, which OTLP does not allow",
+        "it ends 4 ns before it starts",
     ]
 
 
