@@ -245,7 +245,13 @@ def to_metrics(
     hosts: dict[Any, dict[tuple[str, str, str], list[Any]]] = {}
     for ts_ms, (name, typ, labels, value) in rows:
         attrs = dict(labels)
+        # A series without host.id is under the service's (OTEL_RESOURCE_ATTRIBUTES may
+        # set one): grouped apart from that host's series, its resource was equal to
+        # theirs, and the SDK's encoder, which keeps one group per resource, sent only one
+        # of the two, the other counted as acknowledged.
         host = attrs.pop(HOST_ID, None)
+        if host is None and service:
+            host = service.get(HOST_ID)
         t = ts_ms * 1_000_000
         unit = ""
         # min and max are unknown (the wire does not carry them); None leaves them unset

@@ -45,6 +45,16 @@ def test_metric_resources_carry_the_service_and_keep_the_host():
     assert got == {"service.name": "ktel", "host.id": "a"}
 
 
+def test_a_series_without_a_host_under_the_services_host_is_sent_with_that_hosts_series():
+    """The resources of the two are equal, and the SDK's encoder keeps one group of
+    metrics per resource: each went in a group of its own, and one of them was lost."""
+    service = {"service.name": "ktel", "host.id": "a"}
+    rows = [(1000, ["x", "gauge", {}, 1]), (1000, ["y", "gauge", {"host.id": "a"}, 2])]
+    [rm] = otlp.metric_request(rows, service=service).resource_metrics
+    assert {kv.key: kv.value.string_value for kv in rm.resource.attributes} == service
+    assert [m.name for sm in rm.scope_metrics for m in sm.metrics] == ["x", "y"]
+
+
 def test_service_section_from_environment(monkeypatch):
     monkeypatch.setenv("KTEL_AGENT__HOST_ID", "abc")
     monkeypatch.setenv("KTEL_SERVICE__METRICS_BIND", "0.0.0.0")
