@@ -20,7 +20,9 @@ and exporters/otlp_spans.py):
   explicit-bucket Histogram (the wire layout is OTLP's). The ``host.id`` label
   becomes the resource (one per host); the other labels are the point's attributes.
   Names are kept as on the wire. The wire has no series start time, so
-  ``start_time_unix_nano`` is 0 (unknown, which OTLP allows).
+  ``start_time_unix_nano`` is 0 (unknown, which OTLP allows). A stale snapshot's
+  points (its host forgotten: its series end there) are flagged as holding no
+  recorded value, OTLP's equivalent of Prometheus' stale marker.
 
 Everything is under the instrumentation scope ``ktel``, and every resource carries
 ``service.name`` and OTEL_RESOURCE_ATTRIBUTES (``service_attributes``), under the
@@ -97,6 +99,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
+from opentelemetry.proto.metrics.v1.metrics_pb2 import DataPointFlags
 from opentelemetry.sdk._logs import ReadableLogRecord
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
@@ -169,6 +172,7 @@ SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 # past it (msgpack's go to 2^64 - 1) goes as a double.
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 IN_FLIGHT = 2  # span or log requests awaiting the backend at once
+NO_RECORDED_VALUE = DataPointFlags.DATA_POINT_FLAGS_NO_RECORDED_VALUE_MASK
 # OTLP's invalid ids: all zeros (the wire takes any 16 and 8 bytes; a root span's parent is b"").
 ZERO_TRACE_ID, ZERO_SPAN_ID = bytes(16), bytes(8)
 
@@ -234,16 +238,28 @@ def service_attributes(name: str) -> dict[str, Any]:
 
 
 def to_metrics(
-    rows: Sequence[tuple[int, Sequence[Any]]],
+    rows: Sequence[tuple[int, Sequence[Any]] | tuple[int, Sequence[Any], bool]],
     histograms: str = "exponential",
     service: dict[str, Any] | None = None,
 ) -> MetricsData:
     """(ts_ms, wire series row) pairs -> SDK MetricsData, one resource per host.id,
-    each with the ``service`` attributes too.
+    each with the ``service`` attributes too. A third item, True, says a row is a stale
+    snapshot's (``metric_request`` flags its point).
     ``histograms``: ``"exponential"`` or ``"explicit"`` (OtlpConfig.histograms)."""
-    # host.id -> (name, type, unit) -> points
-    hosts: dict[Any, dict[tuple[str, str, str], list[Any]]] = {}
-    for ts_ms, (name, typ, labels, value) in rows:
+    return _to_metrics(rows, histograms, service)[0]
+
+
+def _to_metrics(
+    rows: Sequence[tuple[int, Sequence[Any]] | tuple[int, Sequence[Any], bool]],
+    histograms: str,
+    service: dict[str, Any] | None,
+) -> tuple[MetricsData, list[bool]]:
+    """``to_metrics``, rows of a stale snapshot (a third item, True) in metrics of their
+    own, and whether each metric is of such rows, in the order of the request the SDK's
+    encoder makes of them (resource by resource, metric by metric)."""
+    # host.id -> (name, type, unit, stale) -> points
+    hosts: dict[Any, dict[tuple[str, str, str, bool], list[Any]]] = {}
+    for ts_ms, (name, typ, labels, value), *stale in rows:
         attrs = dict(labels)
         # A series without host.id is under the service's (OTEL_RESOURCE_ATTRIBUTES may
         # set one): grouped apart from that host's series, its resource was equal to
@@ -295,11 +311,13 @@ def to_metrics(
                 t,
                 value if type(value) is float or INT64_MIN <= value <= INT64_MAX else float(value),
             )
-        hosts.setdefault(host, {}).setdefault((name, typ, unit), []).append(point)
+        ended = bool(stale and stale[0])
+        hosts.setdefault(host, {}).setdefault((name, typ, unit, ended), []).append(point)
     resource_metrics = []
+    ends = []
     for host, metrics in hosts.items():
         out = []
-        for (name, typ, unit), points in metrics.items():
+        for (name, typ, unit, ended), points in metrics.items():
             data: Sum | Gauge | Histogram | ExponentialHistogram
             if typ == "counter":
                 data = Sum(points, AggregationTemporality.CUMULATIVE, is_monotonic=True)
@@ -310,26 +328,36 @@ def to_metrics(
             else:
                 data = Histogram(points, AggregationTemporality.CUMULATIVE)
             out.append(Metric(name, "", unit, data))
+            ends.append(ended)
         resource = KtelResource({**(service or {}), **({} if host is None else {HOST_ID: host})})
         resource_metrics.append(ResourceMetrics(resource, [ScopeMetrics(SCOPE, out, "")], ""))
-    return MetricsData(resource_metrics)
+    return MetricsData(resource_metrics), ends
 
 
 def metric_request(
-    rows: list[tuple[int, Sequence[Any]]],
+    rows: Sequence[tuple[int, Sequence[Any]] | tuple[int, Sequence[Any], bool]],
     histograms: str = "exponential",
     service: dict[str, Any] | None = None,
 ) -> Any:
-    """The OTLP request of these points. The SDK's encoder leaves an exponential
-    histogram's zero threshold at 0 (the zero bucket then holds zeros only): ktel's
-    holds the kernel's slot 0, [0, 2) (exporters/log2.py)."""
-    request = encode_metrics(to_metrics(rows, histograms, service))
+    """The OTLP request of these points (``to_metrics``: a third item True, a stale
+    snapshot's). The SDK's encoder leaves an exponential histogram's zero threshold at 0
+    (the zero bucket then holds zeros only): ktel's holds the kernel's slot 0, [0, 2)
+    (exporters/log2.py). Nor do its points carry flags: a stale snapshot's are flagged
+    here as holding no recorded value, OTLP's end of a series (Prometheus' stale
+    marker, which the remote-write exporter sends for them)."""
+    data, ends = _to_metrics(rows, histograms, service)
+    request = encode_metrics(data)
+    ended = iter(ends)
     for rm in request.resource_metrics:
         for sm in rm.scope_metrics:
             for metric in sm.metrics:
-                if metric.HasField("exponential_histogram"):
+                kind = metric.WhichOneof("data")
+                if kind == "exponential_histogram":
                     for p in metric.exponential_histogram.data_points:
                         p.zero_threshold = ZERO_THRESHOLD
+                if next(ended):
+                    for p in getattr(metric, kind).data_points:
+                        p.flags = NO_RECORDED_VALUE
     return request
 
 
@@ -553,7 +581,7 @@ class Sender:
         # Each item with the record it came from: (record, what its converter takes).
         spans: list[tuple[Record, tuple[dict[str, Any], Sequence[Any]]]] = []
         logs: list[tuple[Record, tuple[Resource, Sequence[Any]]]] = []
-        points: list[tuple[Record, tuple[int, Sequence[Any]]]] = []
+        points: list[tuple[Record, tuple[int, Sequence[Any], bool]]] = []
         now = time.time_ns()
         problem = self.window.problem
         for rec in records:
@@ -585,7 +613,7 @@ class Sender:
             elif isinstance(item, MetricSnapshot):
                 why = problem(item.ts_ms * 1_000_000, now)
                 if why is None:
-                    points += [(rec, (item.ts_ms, row)) for row in item.series]
+                    points += [(rec, (item.ts_ms, row, item.stale)) for row in item.series]
                 elif item.series:  # (a snapshot of no series, stale or not, holds nothing to refuse)
                     await self._refuse(producer, rec, "metrics", [why] * len(item.series), None)
         # Spans and logs carry their own times and ids, so their requests may be in flight
@@ -653,7 +681,7 @@ class Sender:
             consume.observe_acknowledged(STAGE, _oldest_per_record(signal, part))
 
         async def refused(entry: tuple[Record, Any], reason: str) -> None:
-            rec, (_, row) = entry
+            rec, (_, row, *_) = entry
             item = rec.item
             if signal == "spans":
                 payload = encode_spans(SpanBatch(item.resource, [row]))
@@ -700,7 +728,7 @@ def _oldest_per_record(signal: str, part: Sequence[tuple[Record, Any]]) -> Itera
     """The oldest timestamp (ns) of each record's items in ``part``: a span's end, a
     log record's time, a data point's snapshot time."""
     oldest: dict[tuple[str, int, int], int] = {}
-    for rec, (first, row) in part:
+    for rec, (first, row, *_) in part:
         if signal == "spans":
             ts = row[5]
         elif signal == "logs":

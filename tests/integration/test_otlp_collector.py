@@ -250,6 +250,42 @@ async def test_spans_metrics_and_logs_arrive_exactly(kafka, collector, protocol,
     assert ([int(c) for c in p["bucketCounts"]], p["explicitBounds"]) == ([1, 3, 2], [0.001, 0.01])
 
 
+async def test_a_stale_snapshot_reaches_the_collector_as_points_of_no_recorded_value(kafka, collector):
+    """A forgotten host's last snapshot ends its series: its points arrive flagged as
+    holding no recorded value (OTLP's stale marker), its live points before it not."""
+    run = uuid.uuid4().hex[:12]
+    host = f"host-{run}"
+    cfg = await otlp_config(kafka.bootstrap, "grpc", collector.grpc_endpoint)
+    group = await exporter_group(kafka.bootstrap, f"test-otlp-stale-{run}")
+    ts_ms = time.time_ns() // 1_000_000 - 60_000
+    series = [["ktel_g", "gauge", {"host.id": host}, 2], ["ktel_c", "counter", {"host.id": host}, 7]]
+    key = host.encode()
+    await produce(
+        kafka.bootstrap,
+        [
+            (METRICS_TOPIC, key, encode_snapshot(MetricSnapshot(ts_ms, series))),
+            (METRICS_TOPIC, key, encode_snapshot(MetricSnapshot(ts_ms + 1000, series, stale=True))),
+        ],
+    )
+
+    def points() -> dict[tuple[str, int], int]:
+        return {
+            (m["name"], int(p["timeUnixNano"]) // 1_000_000 - ts_ms): p.get("flags", 0)
+            for m in collector.metrics()
+            if m["resource"].get("host.id") == host
+            for p in m.get("gauge", m.get("sum", {})).get("dataPoints", [])
+        }
+
+    stop = asyncio.Event()
+    exporter = asyncio.create_task(otlp.run(cfg, stop, group_id=group))
+    try:
+        await wait_for(lambda: len(points()) >= 4, "the live and the stale points at the Collector")
+    finally:
+        stop.set()
+        await asyncio.wait_for(exporter, 30)
+    assert points() == {("ktel_g", 0): 0, ("ktel_c", 0): 0, ("ktel_g", 1000): 1, ("ktel_c", 1000): 1}
+
+
 def counter(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 

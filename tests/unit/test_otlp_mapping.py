@@ -716,6 +716,61 @@ async def test_a_data_point_of_a_stale_snapshot_refused_alone_is_dead_lettered_a
     assert wire.decode_snapshot(letter.payload) == MetricSnapshot(snap.ts_ms, [snap.series[1]], stale=True)
 
 
+@pytest.mark.parametrize("histograms", ["exponential", "explicit"])
+async def test_a_stale_snapshot_ends_its_series_with_points_of_no_recorded_value(histograms):
+    """A forgotten host's last snapshot ends its series (remote-write sends Prometheus'
+    stale marker for it): its points go flagged as holding no recorded value, OTLP's
+    stale marker, not as values sampled again. Another snapshot's points in the same
+    request are not flagged."""
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+    from opentelemetry.proto.metrics.v1.metrics_pb2 import DataPointFlags
+
+    sent = []
+
+    def submit(data: bytes, _timeout: float):
+        sent.append(ExportMetricsServiceRequest.FromString(data))
+        return type("Result", (), {"status_code": 200, "error": None, "content": lambda _self: b""})()
+
+    spans, metrics, logs = otlp.make_exporters(
+        OtlpConfig(protocol="http/protobuf", endpoint="http://127.0.0.1:1")
+    )
+    metrics._client._submit = submit
+    sender = otlp.Sender(OtlpConfig(histograms=histograms), (spans, metrics, logs))
+    now_ms = time.time_ns() // 1_000_000
+    hist = {"count": 1, "sum": 3e-9, "bounds": log2_bounds(HIST_SLOTS, 1e-9), "counts": [0, 1] + [0] * 38}
+    series = [
+        ["x_total", "counter", {"host.id": "h"}, 5],
+        ["g", "gauge", {"host.id": "h"}, 2.5],
+        ["lat_seconds", "histogram", {"host.id": "h"}, hist],
+    ]
+    records = []
+    for offset, snap in enumerate(
+        [MetricSnapshot(now_ms - 1, series), MetricSnapshot(now_ms, series, stale=True)]
+    ):
+        value = wire.encode_snapshot(snap)
+        records.append(
+            Record(wire.decode_snapshot(value), "ktel.metrics", 0, offset, b"h", value, wire.DLQ_TOPIC)
+        )
+
+    await asyncio.wait_for(sender.deliver(records, Producer()), 30)
+
+    [req] = sent
+    flags: dict[tuple[str, int], int] = {}
+    for m in req.resource_metrics[0].scope_metrics[0].metrics:
+        for p in getattr(m, m.WhichOneof("data")).data_points:
+            flags[(m.name, p.time_unix_nano // 1_000_000 - now_ms)] = p.flags
+    no_value = DataPointFlags.DATA_POINT_FLAGS_NO_RECORDED_VALUE_MASK
+    lat = "lat_nanoseconds" if histograms == "exponential" else "lat_seconds"
+    assert flags == {
+        ("x_total", -1): 0,
+        ("g", -1): 0,
+        (lat, -1): 0,
+        ("x_total", 0): no_value,
+        ("g", 0): no_value,
+        (lat, 0): no_value,
+    }
+
+
 def test_config_fields_reach_the_sdk_exporters_and_unset_ones_fall_back_to_otel_env(monkeypatch):
     cfg = OtlpConfig(
         protocol="http/protobuf",
