@@ -96,6 +96,10 @@ class Membership:
     "unknown member" or "illegal generation" (the broker removed it) ends the worker
     (``end``) with nothing more sent or committed, as a SIGKILL would (the stages count
     nothing twice across one: processors/stages.py), and its supervisor starts it afresh.
+    So does a SyncGroup answered under another member id than the last one while it
+    waits: the worker joined anew, so the group had removed it, whether a heartbeat or
+    something else (an offset commit, a JoinGroup) told aiokafka, and the record it waits
+    to send was made while another worker may have held its partitions.
 
     Left open: records aiokafka already held when the process stopped (handed to the
     producer within the session, not yet sent) go out when it resumes. Fencing those
@@ -109,6 +113,13 @@ class Membership:
         self.session_s = 0.0
         self.alive_at: float | None = None  # monotonic time of the last answered proof's send
         self.removed = False
+        self.member_id: str | None = None  # the one the last SyncGroup was answered under
+        self.joins = 0  # SyncGroups answered under a member id other than the one before
+
+    def joined(self, member_id: str) -> None:
+        if self.member_id is not None and member_id != self.member_id:
+            self.joins += 1
+        self.member_id = member_id
 
     def renewed(self, at: float, session_s: float) -> None:
         self.session_s = session_s
@@ -123,15 +134,22 @@ class Membership:
         )
 
     async def held(self, group: str) -> None:
-        """Until the worker is known to hold its membership; ends it if it was removed."""
-        while not self.current():
-            if self.removed:
+        """Until the worker is known to hold its membership; ends it if it was removed,
+        or joined the group anew meanwhile (its removal then possibly seen by no heartbeat,
+        or cleared by the SyncGroup before this looked)."""
+        joins = self.joins
+        while True:
+            # (current first: the consumer's thread counts a join before it renews)
+            current = self.current()
+            if self.removed or self.joins != joins:
                 end(
                     f"ktel process: stopping: consumer group {group} removed this worker (no heartbeat "
                     f"reached it for the session timeout, {self.session_s:g} s: the process stopped or "
                     "the coordinator was out of reach); its partitions are another worker's, and "
                     "nothing it held is sent or committed: restart the worker (its supervisor does)"
                 )
+            if current:
+                return
             await asyncio.sleep(MEMBERSHIP_POLL_S)
 
 
@@ -168,6 +186,7 @@ def watch_group() -> None:
         assignment = await send_sync(self, request)
         if assignment is not None:
             member = membership(self.group_id)
+            member.joined(self._coordinator.member_id)
             member.removed = False  # (a member again, of a new generation)
             member.renewed(sent, self._coordinator._session_timeout_ms / 1000)
         return assignment

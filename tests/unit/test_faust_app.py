@@ -156,6 +156,84 @@ def test_a_worker_past_its_session_sends_nothing_until_a_heartbeat_answers_and_e
     asyncio.run(run())
 
 
+class Coordinator:
+    """What aiokafka's heartbeat and SyncGroup calls use of its group coordinator, the
+    broker answering each with ``answer`` (an error code)."""
+
+    def __init__(self, member_id: str):
+        self.group_id = "ktel-test"
+        self.generation = 1
+        self.member_id = member_id
+        self.coordinator_id = 0
+        self._session_timeout_ms = 6000
+        self._rejoin_needed_fut = None
+        self.answer = 0
+
+    async def _send_req(self, request):
+        return SimpleNamespace(error_code=self.answer, member_assignment=b"assignment")
+
+    def reset_generation(self):
+        self.generation, self.member_id = -1, ""
+
+    def request_rejoin(self):
+        pass
+
+
+@pytest.mark.parametrize("told_by_heartbeat", [True, False])
+def test_a_worker_that_joined_its_group_anew_while_a_send_waited_ends(monkeypatch, told_by_heartbeat):
+    """A send waiting past the session (the process was stopped) goes on after a SyncGroup
+    under the same member id (a rebalance it stayed in), but not after one under another:
+    the worker joined anew, so the group had removed it and another worker may have held
+    its partitions when the record was made. That holds whether a heartbeat told it ("unknown
+    member", the SyncGroup answered before the waiting send looked again) or something else
+    aiokafka heard (an offset commit answered "unknown member"), which the heartbeat's
+    wrapper never sees."""
+    from aiokafka.consumer.group_coordinator import CoordinatorGroupRebalance, GroupCoordinator
+
+    from processors import faust_app
+
+    class Ended(Exception):
+        pass
+
+    def end(line):
+        raise Ended(line)
+
+    async def run():
+        producer, sent, _stopped = checked_producer(monkeypatch)
+        monkeypatch.setattr(faust_app, "end", end)
+        coordinator = Coordinator("member-1")
+        rebalance = SimpleNamespace(_coordinator=coordinator, group_id="ktel-test")
+        member = faust_app.membership("ktel-test")
+        assert await CoordinatorGroupRebalance._send_sync_group_request(rebalance, None) == b"assignment"
+
+        member.alive_at = time.monotonic() - member.session_s  # (lapsed)
+        waiting = asyncio.ensure_future(producer.send_checked("ktel.metrics", b"k", b"v"))
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        await CoordinatorGroupRebalance._send_sync_group_request(rebalance, None)  # a rebalance
+        await waiting
+        assert len(sent) == 1
+
+        member.alive_at = time.monotonic() - member.session_s
+        waiting = asyncio.ensure_future(producer.send_checked("ktel.metrics", b"k", b"v"))
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        if told_by_heartbeat:
+            coordinator.answer = 25  # unknown member
+            await GroupCoordinator._do_heartbeat(coordinator)
+            coordinator.answer = 0
+        else:
+            coordinator.reset_generation()  # (as an offset commit answered so does)
+        assert coordinator.member_id == ""
+        coordinator.member_id = "member-2"  # joined anew, and synced at once
+        await CoordinatorGroupRebalance._send_sync_group_request(rebalance, None)
+        with pytest.raises(Ended, match="removed this worker"):
+            await waiting
+        assert len(sent) == 1
+
+    asyncio.run(run())
+
+
 def test_a_flush_stops_the_worker_on_a_record_that_failed_before_its_callback_ran(monkeypatch):
     """aiokafka fails a batch that expired without a leader after dropping it from its
     queue, so the flush before a commit returns at once; the record's callback has not
