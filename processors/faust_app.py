@@ -91,7 +91,12 @@ class Membership:
 
     So a worker sends a record only within its session as the broker counts it: less
     than the session timeout since it sent the last heartbeat (or SyncGroup) the broker
-    answered as a member's (the broker's own deadline runs from when it got it, later).
+    answered as a member's (the broker's own deadline runs from when it got it, later),
+    and less than the rebalance timeout since it sent the last one answered with the
+    group stable (not "rebalancing"): a rebalance another worker starts (joining, leaving)
+    removes the members that have not joined it again by then, however recent their
+    last heartbeat, and a stopped worker joins nothing (the rebalance timeout, Faust's
+    broker_rebalance_timeout, is 60 s; ktel's session timeout may be up to 300 s).
     Past that it waits: a heartbeat answered as a member's sends on; one answered
     "unknown member" or "illegal generation" (the broker removed it) ends the worker
     (``end``) with nothing more sent or committed, as a SIGKILL would (the stages count
@@ -113,6 +118,8 @@ class Membership:
         self.session_s = 0.0
         self.alive_at: float | None = None  # monotonic time of the last answered proof's send
         self.removed = False
+        # Monotonic time by which a rebalance may have removed it (None: none noted).
+        self.rebalanced_by: float | None = None
         self.member_id: str | None = None  # the one the last SyncGroup was answered under
         self.joins = 0  # SyncGroups answered under a member id other than the one before
 
@@ -126,11 +133,19 @@ class Membership:
         if self.alive_at is None or at > self.alive_at:
             self.alive_at = at
 
+    def stable(self, at: float, rebalance_s: float) -> None:
+        """The group was stable when the broker got the proof sent at ``at``: a rebalance
+        started after that removes this worker no sooner than ``rebalance_s`` later."""
+        if self.rebalanced_by is None or at + rebalance_s > self.rebalanced_by:
+            self.rebalanced_by = at + rebalance_s
+
     def current(self) -> bool:
+        now = time.monotonic()
         return (
             not self.removed
             and self.alive_at is not None
-            and time.monotonic() - self.alive_at < self.session_s
+            and now - self.alive_at < self.session_s
+            and (self.rebalanced_by is None or now < self.rebalanced_by)
         )
 
     async def held(self, group: str) -> None:
@@ -177,6 +192,9 @@ def watch_group() -> None:
         member = membership(self.group_id)
         if ok:  # (also "rebalancing": a member until it joins again)
             member.renewed(sent, self._session_timeout_ms / 1000)
+            # "rebalancing" asks for a rejoin; one asked for already, the group may be too
+            if not self._rejoin_needed_fut.done():
+                member.stable(sent, self._rebalance_timeout_ms / 1000)
         elif self.member_id == group_coordinator.JoinGroupRequest.UNKNOWN_MEMBER_ID:
             member.removed = True  # (reset_generation: unknown member, illegal generation)
         return ok
@@ -189,6 +207,7 @@ def watch_group() -> None:
             member.joined(self._coordinator.member_id)
             member.removed = False  # (a member again, of a new generation)
             member.renewed(sent, self._coordinator._session_timeout_ms / 1000)
+            member.stable(sent, self._coordinator._rebalance_timeout_ms / 1000)
         return assignment
 
     coordinator._do_heartbeat = heartbeat  # type: ignore[method-assign]

@@ -166,7 +166,8 @@ class Coordinator:
         self.member_id = member_id
         self.coordinator_id = 0
         self._session_timeout_ms = 6000
-        self._rejoin_needed_fut = None
+        self._rebalance_timeout_ms = 60_000
+        self._rejoin_needed_fut: Any = None
         self.answer = 0
 
     async def _send_req(self, request):
@@ -176,7 +177,8 @@ class Coordinator:
         self.generation, self.member_id = -1, ""
 
     def request_rejoin(self):
-        pass
+        if not self._rejoin_needed_fut.done():
+            self._rejoin_needed_fut.set_result(None)
 
 
 @pytest.mark.parametrize("told_by_heartbeat", [True, False])
@@ -230,6 +232,51 @@ def test_a_worker_that_joined_its_group_anew_while_a_send_waited_ends(monkeypatc
         with pytest.raises(Ended, match="removed this worker"):
             await waiting
         assert len(sent) == 1
+
+    asyncio.run(run())
+
+
+def test_a_worker_sends_nothing_past_the_rebalance_timeout_since_its_group_was_last_stable(monkeypatch):
+    """A rebalance another worker starts removes, at its rebalance timeout, the members that
+    have not joined it again, such as one whose process stopped, whatever its session
+    timeout: a heartbeat answered "rebalancing" keeps the session but says nothing of
+    when the rebalance began, so past the rebalance timeout since the last answer with the
+    group stable (a heartbeat's or a SyncGroup's), what the worker sends waits until it
+    joined again. A session of 300 s (ktel's longest) against Faust's 60 s rebalance
+    timeout."""
+    from aiokafka.consumer.group_coordinator import CoordinatorGroupRebalance, GroupCoordinator
+
+    from processors import faust_app
+
+    async def run():
+        producer, sent, _stopped = checked_producer(monkeypatch)
+        clock = [time.monotonic()]
+        start = clock[0]
+        monkeypatch.setattr(faust_app, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+        coordinator = Coordinator("member-1")
+        coordinator._session_timeout_ms = 300_000
+        rebalance = SimpleNamespace(_coordinator=coordinator, group_id="ktel-test")
+        await CoordinatorGroupRebalance._send_sync_group_request(rebalance, None)
+        clock[0] = start + 50
+        coordinator.answer = 27  # rebalancing: it began at most 50 s ago
+        assert await GroupCoordinator._do_heartbeat(coordinator)
+        clock[0] = start + 59
+        await producer.send_checked("ktel.metrics", b"k", b"v")
+        assert len(sent) == 1
+        clock[0] = start + 61  # the rebalance may have ended without this worker
+        waiting = asyncio.ensure_future(producer.send_checked("ktel.metrics", b"k", b"v"))
+        await asyncio.sleep(0)
+        assert not waiting.done() and len(sent) == 1
+        coordinator.answer = 0
+        await CoordinatorGroupRebalance._send_sync_group_request(rebalance, None)  # joined it
+        await waiting
+        assert len(sent) == 2
+        # A heartbeat answered with the group stable holds it as long again.
+        clock[0] = start + 100
+        assert await GroupCoordinator._do_heartbeat(coordinator)
+        clock[0] = start + 159
+        await producer.send_checked("ktel.metrics", b"k", b"v")
+        assert len(sent) == 3
 
     asyncio.run(run())
 
