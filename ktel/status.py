@@ -40,6 +40,7 @@ from rich.console import Console
 from rich.console import Group as Stack
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from ktel.config import Config
 from ktel.kafka_client import Kafka, client_kwargs, explain, settings
@@ -331,6 +332,13 @@ def _age(seconds: float) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
+def _plain(*cells: str) -> list[Text]:
+    # Cells as they are: a string cell is rich markup, and what a heartbeat or a group id
+    # holds is anyone's writing ("[/]" in a host name stopped every table with MarkupError,
+    # "[kprobe/x]" in a probe's failure vanished as a style).
+    return [Text(c) for c in cells]
+
+
 def tables(status: dict[str, Any]) -> list[Table]:
     """The status document as terminal tables: hosts (stale ones in red), then groups."""
     hosts = Table(
@@ -354,17 +362,19 @@ def tables(status: dict[str, Any]) -> list[Table]:
     for h in status["hosts"]:
         age = _age(h["age_s"]) + " ago"
         hosts.add_row(
-            h["host_name"],
-            h["host_id"],
-            h["kernel"],
-            h["agent_version"],
-            f"STALE {age}" if h["stale"] else age,
-            ", ".join(h["probes_loaded"]),
-            "\n".join(f"{p}: {why}" for p, why in h["probes_failed"].items()),
-            f"{h['ringbuf_drops_per_s']:g}",
-            f"{h['spool_depth_bytes']} B",
-            ", ".join(
-                f"{p} 1/{o['sample_every']} ({o['command']})" for p, o in h["sampling_overrides"].items()
+            *_plain(
+                h["host_name"],
+                h["host_id"],
+                h["kernel"],
+                h["agent_version"],
+                f"STALE {age}" if h["stale"] else age,
+                ", ".join(h["probes_loaded"]),
+                "\n".join(f"{p}: {why}" for p, why in h["probes_failed"].items()),
+                f"{h['ringbuf_drops_per_s']:g}",
+                f"{h['spool_depth_bytes']} B",
+                ", ".join(
+                    f"{p} 1/{o['sample_every']} ({o['command']})" for p, o in h["sampling_overrides"].items()
+                ),
             ),
             style="bold red" if h["stale"] else None,
         )
@@ -373,11 +383,13 @@ def tables(status: dict[str, Any]) -> list[Table]:
         groups.add_column(column, overflow="fold")
     for g in status["groups"]:
         groups.add_row(
-            g["group"],
-            g["state"],
-            str(g["members"]),
-            str(g["lag"]),
-            ", ".join(f"{t} {n}" for t, n in g["lag_by_topic"].items()),
+            *_plain(
+                g["group"],
+                g["state"],
+                str(g["members"]),
+                str(g["lag"]),
+                ", ".join(f"{t} {n}" for t, n in g["lag_by_topic"].items()),
+            ),
             style="yellow" if g["members"] == 0 else None,
         )
     return [hosts, groups]

@@ -4,11 +4,13 @@ per-host and per-group rows, and the --json document against its schema."""
 import argparse
 import asyncio
 import contextlib
+import io
 import os
 import signal
 
 import jsonschema
 from aiokafka import TopicPartition
+from rich.console import Console
 
 from ktel import config, status
 from ktel.wire import encode_heartbeat
@@ -137,3 +139,18 @@ def test_ctrl_c_ends_a_watch_even_when_a_refresh_swallows_its_cancellation(monke
     args = argparse.Namespace(watch=0.01, json=True, timeout=5.0, stale_after=60.0)
     assert status.main(config.Config(), args) == status.EXIT_STALE  # as of the first refresh
     assert capsys.readouterr().out.count("stale_hosts") == 1
+
+
+def test_tables_show_what_heartbeats_and_groups_hold_as_it_is():
+    """A host name, a probe's failure or a group id is anyone's writing: rich markup in
+    one is shown as written, neither breaking the tables nor read as a style."""
+    beat = hb("a", NOW)
+    beat["host"]["host.name"] = "[/]"
+    beat["probes"]["ktel_api"]["reason"] = "[kprobe/do_sys_open] missing"
+    read = status.Read({"a": beat}, 0, [("ktel-[/bold]", "Stable", 1, {})])
+    console = Console(width=250, record=True, file=io.StringIO())
+    console.print(*status.tables(status.summarize(read, NOW, 900, 30)))
+    text = console.export_text()
+    assert "[/]" in text
+    assert "ktel_api: [kprobe/do_sys_open] missing" in text
+    assert "ktel-[/bold]" in text
