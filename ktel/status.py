@@ -23,8 +23,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import io
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -419,14 +421,23 @@ async def _once(cfg: Config, args: argparse.Namespace, stale_after_s: float) -> 
 
 async def _run(cfg: Config, args: argparse.Namespace) -> int:
     stale_after_s = args.stale_after if args.stale_after is not None else 3 * cfg.agent.heartbeat_seconds
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        # A character the output's encoding has no bytes for (a locale not UTF-8), which a
+        # heartbeat's host name may hold, is written escaped (\u2603), as stderr does,
+        # rather than ending the status with UnicodeEncodeError.
+        sys.stdout.reconfigure(errors="backslashreplace")
     # Piped or redirected: wide lines rather than cut columns (rich's default is 80).
     console = Console() if sys.stdout.isatty() else Console(width=250)
     if args.watch is None:
         status = await _once(cfg, args, stale_after_s)
-        if args.json:
-            print(json.dumps(status))
-        else:
-            console.print(*tables(status))
+        try:
+            if args.json:
+                print(json.dumps(status))
+            else:
+                console.print(*tables(status))
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _output_closed()
         return EXIT_STALE if status["stale_hosts"] else EXIT_OK
     # Ctrl-C (or SIGTERM) sets ``stop``, which the loop watches itself, rather than
     # cancelling the task: Python 3.11's wait_for, which aiokafka uses, can swallow a
@@ -440,25 +451,36 @@ async def _run(cfg: Config, args: argparse.Namespace) -> int:
     code = EXIT_OK
     # Live redraws the tables in place; JSON goes out one object a line.
     live = contextlib.nullcontext() if args.json else Live(console=console, auto_refresh=False)
-    with live:
-        while True:
-            refresh = asyncio.ensure_future(_once(cfg, args, stale_after_s))
-            await asyncio.wait({refresh, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            if stop.is_set():  # the exit status is the last refresh's
-                refresh.cancel()
-                # (its clients closed, within --timeout even if the cancellation is lost)
-                await asyncio.wait({refresh}, timeout=args.timeout)
-                return code
-            status = refresh.result()
-            code = EXIT_STALE if status["stale_hosts"] else EXIT_OK
-            if args.json:
-                print(json.dumps(status), flush=True)
-            else:
-                assert isinstance(live, Live)
-                live.update(Stack(*tables(status)), refresh=True)
-            await asyncio.wait({stopped}, timeout=args.watch)
-            if stop.is_set():
-                return code
+    try:
+        with live:
+            while True:
+                refresh = asyncio.ensure_future(_once(cfg, args, stale_after_s))
+                await asyncio.wait({refresh, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                if stop.is_set():  # the exit status is the last refresh's
+                    refresh.cancel()
+                    # (its clients closed, within --timeout even if the cancellation is lost)
+                    await asyncio.wait({refresh}, timeout=args.timeout)
+                    return code
+                status = refresh.result()
+                code = EXIT_STALE if status["stale_hosts"] else EXIT_OK
+                if args.json:
+                    print(json.dumps(status), flush=True)
+                else:
+                    assert isinstance(live, Live)
+                    live.update(Stack(*tables(status)), refresh=True)
+                await asyncio.wait({stopped}, timeout=args.watch)
+                if stop.is_set():
+                    return code
+    except BrokenPipeError:
+        # What reads the output has gone (`ktel status --watch --json | head -1`): the
+        # watch ends as at Ctrl-C, with the status of the refresh being written.
+        _output_closed()
+        return code
+
+
+def _output_closed() -> None:
+    # Python's own flush of stdout at exit would fail again and print a traceback.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def main(cfg: Config, args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ import contextlib
 import io
 import os
 import signal
+import sys
 
 import jsonschema
 from aiokafka import TopicPartition
@@ -154,3 +155,43 @@ def test_tables_show_what_heartbeats_and_groups_hold_as_it_is():
     assert "[/]" in text
     assert "ktel_api: [kprobe/do_sys_open] missing" in text
     assert "ktel-[/bold]" in text
+
+
+def _shown(monkeypatch, docs):
+    """status._once replaced by one returning each of ``docs`` in turn."""
+    docs = iter(docs)
+
+    async def once(_cfg, _args, _stale_after_s):
+        return next(docs)
+
+    monkeypatch.setattr(status, "_once", once)
+
+
+def test_a_character_the_outputs_encoding_lacks_is_written_escaped(monkeypatch):
+    beat = hb("a", NOW)
+    beat["host"]["host.name"] = "n\u2603de"
+    _shown(monkeypatch, [status.summarize(status.Read({"a": beat}, 0, []), NOW, 900, 30)])
+    raw = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, encoding="latin-1"))
+    args = argparse.Namespace(watch=None, json=False, timeout=5.0, stale_after=60.0)
+    assert status.main(config.Config(), args) == status.EXIT_OK
+    sys.stdout.flush()
+    assert b"n\\u2603de" in raw.getvalue()
+
+
+def test_a_watch_ends_when_its_reader_goes(monkeypatch):
+    """`ktel status --watch --json | head -1`: the watch ends at the first write after the
+    reader has gone, with that refresh's status, rather than with a traceback."""
+    stale = status.summarize(status.Read({"a": hb("a", NOW - 100_000)}, 0, []), NOW, 900, 30)
+    _shown(monkeypatch, [stale] * 3)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    out = io.TextIOWrapper(io.FileIO(write_end, "w"), encoding="utf-8")
+    monkeypatch.setattr(sys, "stdout", out)
+    try:
+        args = argparse.Namespace(watch=0.01, json=True, timeout=5.0, stale_after=60.0)
+        assert status.main(config.Config(), args) == status.EXIT_STALE
+        out.write("more\n")
+        out.flush()  # what the interpreter does at exit: no BrokenPipeError
+    finally:
+        out.close()
