@@ -13,7 +13,7 @@ be well above ``--stale-after``.
 Stages and exporters come from their consumer groups (every group whose id starts
 with ``ktel-``): state and members from the group coordinator, and the lag, the
 records not yet committed, as the partitions' end offsets minus the group's
-committed offsets.
+committed offsets (a partition of a topic it consumes without a commit: all its records).
 
 ``--json`` prints one object of the shape ``SCHEMA`` (a JSON Schema) describes.
 """
@@ -149,7 +149,8 @@ SCHEMA: dict[str, Any] = {
 }
 
 
-# A consumer group: id, state, members, {topic partition: (committed offset, end offset)}.
+# A consumer group: id, state, members, {topic partition: (committed offset, end offset)}; a
+# partition of a topic it consumes that it has not committed in: its first offset as committed.
 Group = tuple[str, str, int, dict[TopicPartition, tuple[int, int]]]
 
 
@@ -313,16 +314,31 @@ async def _groups(consumer: AIOKafkaConsumer, admin: AIOKafkaAdminClient, prefix
         for resp in await admin.describe_consumer_groups([group]):
             for g in resp.to_object()["groups"]:
                 described[g["group"]] = (g["state"], len(g["members"]))
-    out: list[Group] = []
-    for group in ids:
-        committed = {
+    commits = {
+        group: {
             tp: meta.offset
             for tp, meta in (await admin.list_consumer_group_offsets(group)).items()
             if meta.offset >= 0
         }
-        ends = await consumer.end_offsets(list(committed)) if committed else {}
+        for group in ids
+    }
+    # A group is assigned every partition of a topic it consumes, and ktel's groups read
+    # a partition they have not committed in from its beginning ("earliest"): one they
+    # have committed in no record of yet (one the topic gained, one the group has not
+    # reached a commit in) holds all its records as lag, not none.
+    consumed = sorted({tp.topic for committed in commits.values() for tp in committed})
+    partitions = await _partitions(admin, consumed) if consumed else []
+    out: list[Group] = []
+    for group in ids:
+        committed = commits[group]
+        topics = {tp.topic for tp in committed}
+        parts = sorted({*committed, *(tp for tp in partitions if tp.topic in topics)})
+        uncommitted = [tp for tp in parts if tp not in committed]
+        starts = await consumer.beginning_offsets(uncommitted) if uncommitted else {}
+        ends = await consumer.end_offsets(parts) if parts else {}
         state, members = described.get(group, ("Unknown", 0))
-        out.append((group, state, members, {tp: (off, ends[tp]) for tp, off in committed.items()}))
+        offsets = {tp: (committed[tp] if tp in committed else starts[tp], ends[tp]) for tp in parts}
+        out.append((group, state, members, offsets))
     return out
 
 

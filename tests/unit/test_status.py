@@ -195,3 +195,55 @@ def test_a_watch_ends_when_its_reader_goes(monkeypatch):
         out.flush()  # what the interpreter does at exit: no BrokenPipeError
     finally:
         out.close()
+
+
+class _Meta:
+    def __init__(self, offset: int):
+        self.offset = offset
+
+
+class _Described:
+    def __init__(self, group: str):
+        self.group = group
+
+    def to_object(self):
+        return {"groups": [{"group": self.group, "state": "Stable", "members": [{}]}]}
+
+
+class _Admin:
+    """The admin calls status._groups makes, on a cluster of ktel.raw (3 partitions, the
+    third added after the group's last commit) and ktel.metrics (2)."""
+
+    async def list_consumer_groups(self):
+        return [("ktel-all", "consumer"), ("someone-else", "consumer")]
+
+    async def describe_consumer_groups(self, groups):
+        return [_Described(g) for g in groups]
+
+    async def list_consumer_group_offsets(self, group):
+        raw = TopicPartition("ktel.raw", 0), TopicPartition("ktel.raw", 1)
+        return {raw[0]: _Meta(10), raw[1]: _Meta(-1)}
+
+    async def describe_topics(self):
+        return [
+            {"topic": "ktel.raw", "error_code": 0, "partitions": [{"partition": p} for p in range(3)]},
+            {"topic": "ktel.metrics", "error_code": 0, "partitions": [{"partition": p} for p in range(2)]},
+        ]
+
+
+class _Consumer:
+    async def beginning_offsets(self, parts):
+        return {tp: 100 * tp.partition for tp in parts}
+
+    async def end_offsets(self, parts):
+        return {tp: 100 * tp.partition + 12 for tp in parts}
+
+
+def test_a_partition_the_group_has_not_committed_in_lags_by_all_its_records():
+    """ktel's groups read such a partition from its beginning: its records are all to
+    be read, not none (a partition ktel.raw gained, one the group has not reached a
+    commit in); a topic the group does not consume is not its lag."""
+    [group] = asyncio.run(status._groups(_Consumer(), _Admin(), "ktel-"))
+    row = status.group_row(*group)
+    assert row["lag_by_topic"] == {"ktel.raw": 2 + 12 + 12}
+    assert row["group"] == "ktel-all" and row["members"] == 1
