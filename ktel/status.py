@@ -419,7 +419,6 @@ class Unreadable(Exception):
 
 async def _once(cfg: Config, args: argparse.Namespace, stale_after_s: float) -> dict[str, Any]:
     hosts = set(args.host) if args.host else None
-    now_ms = time.time_ns() // 1_000_000
     failures: list[BaseException] = []
     try:
         # Retried within the timeout: a coordinator moving or a broker restarting
@@ -432,6 +431,10 @@ async def _once(cfg: Config, args: argparse.Namespace, stale_after_s: float) -> 
             )
     except TimeoutError:
         raise Unreadable(failures[-1] if failures else None) from None
+    # Ages as of when the heartbeats were read, not as of the start of a read that may
+    # have taken seconds (a fleet's 900 s of heartbeats, retries while a broker restarts),
+    # which made them look that much younger.
+    now_ms = time.time_ns() // 1_000_000
     return summarize(got, now_ms, args.since, stale_after_s)
 
 

@@ -247,3 +247,20 @@ def test_a_partition_the_group_has_not_committed_in_lags_by_all_its_records():
     row = status.group_row(*group)
     assert row["lag_by_topic"] == {"ktel.raw": 2 + 12 + 12}
     assert row["group"] == "ktel-all" and row["members"] == 1
+
+
+def test_ages_are_as_of_when_the_heartbeats_were_read(monkeypatch):
+    """A read that takes a while (retries while a broker restarts, a large fleet's
+    heartbeats) does not make the hosts look younger by its duration."""
+    clock = [NOW * 1_000_000]
+
+    async def read(_kafka, _since_s, _hosts):
+        clock[0] += 25_000_000_000  # the read takes 25 s
+        return status.Read({"a": hb("a", NOW - 10_000)}, 0, [])
+
+    monkeypatch.setattr(status, "read", read)
+    monkeypatch.setattr(status.time, "time_ns", lambda: clock[0])
+    args = argparse.Namespace(host=None, since=900.0, timeout=60.0)
+    doc = asyncio.run(status._once(config.Config(), args, stale_after_s=30))
+    assert doc["hosts"][0]["age_s"] == 35.0
+    assert doc["stale_hosts"] == ["a"]
