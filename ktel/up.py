@@ -358,15 +358,27 @@ def _alive(pid: int) -> bool:
     return state != "Z"  # a zombie has exited; its parent has not collected it yet
 
 
+class Interrupted(BaseException):
+    """Ctrl-C or SIGTERM while the stack was starting; not an Exception, so that no wait
+    that retries on its failures takes it for one, as KeyboardInterrupt."""
+
+
 def run(cfg: Config) -> int:
     stack = Stack(cfg)
     stopping = False
+    starting = True
     cfg.stack.data_dir.mkdir(parents=True, exist_ok=True)
     pidfile(cfg).write_text(str(os.getpid()))
 
     def on_signal(_sig: int, _frame: object) -> None:
-        nonlocal stopping
+        nonlocal stopping, starting
         stopping = True
+        if starting:
+            # The start's waits (a download, each server's and child's readiness: minutes
+            # all told) watch no flag: the signal ends the wait where it is (each server
+            # stops itself if its wait is cut short), once.
+            starting = False
+            raise Interrupted
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
@@ -374,6 +386,7 @@ def run(cfg: Config) -> int:
     try:
         stack.start()
         stack.wait_ready()
+        starting = False
         say(
             f"{READY_LINE}: pull endpoint http://{cfg.pull.host}:{cfg.pull.port}/metrics, "
             f"Prometheus {stack.prometheus.url}, "
@@ -402,10 +415,13 @@ def run(cfg: Config) -> int:
                 time.sleep(1)
         if interactive:
             print()
+    except Interrupted:
+        say("interrupted while starting")
     except Exception as err:
         say(f"failed: {err}")
         code = 1
     finally:
+        starting = False
         # A second Ctrl-C during shutdown must not leave half the stack running.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         stack.stop()
