@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging.config
+import math
 import os
 import pathlib
 import re
@@ -167,6 +168,8 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
     if not value > 0:  # also refuses nan
         raise argparse.ArgumentTypeError(f"{text} seconds: give more than 0")
+    if value == math.inf:  # which --json would print as Infinity, not JSON
+        raise argparse.ArgumentTypeError(f"{text} seconds: give a finite number")
     return value
 
 

@@ -286,7 +286,9 @@ async def _heartbeats(
         return {}
     consumer.assign(parts)
     ends = await consumer.end_offsets(parts)
-    start_ms = int(time.time() * 1000 - since_s * 1000)
+    # A --since past the epoch (an operator's "all of it") reads from the first record:
+    # Kafka takes no time before it, and aiokafka refuses one with ValueError.
+    start_ms = int(max(0.0, time.time() * 1000 - since_s * 1000))
     found = await consumer.offsets_for_times({tp: start_ms for tp in parts})
     for tp in parts:
         hit = found.get(tp)

@@ -264,3 +264,47 @@ def test_ages_are_as_of_when_the_heartbeats_were_read(monkeypatch):
     doc = asyncio.run(status._once(config.Config(), args, stale_after_s=30))
     assert doc["hosts"][0]["age_s"] == 35.0
     assert doc["stale_hosts"] == ["a"]
+
+
+class _HeartbeatsConsumer:
+    """A group-less consumer over an empty ktel.raw, refusing a negative time as
+    aiokafka's offsets_for_times does."""
+
+    def __init__(self):
+        self.asked: list[int] = []
+
+    def assign(self, parts):
+        self.parts = parts
+
+    async def end_offsets(self, parts):
+        return {tp: 0 for tp in parts}
+
+    async def offsets_for_times(self, timestamps):
+        if any(t < 0 for t in timestamps.values()):
+            raise ValueError("The target time cannot be negative.")
+        self.asked.extend(timestamps.values())
+        return {tp: None for tp in timestamps}
+
+    def seek(self, tp, offset):
+        pass
+
+    async def position(self, tp):
+        return 0
+
+
+def test_a_since_reaching_past_the_epoch_reads_every_heartbeat():
+    consumer = _HeartbeatsConsumer()
+    assert asyncio.run(status._heartbeats(consumer, _Admin(), "ktel.raw", since_s=1e13)) == {}
+    assert consumer.asked == [0, 0, 0]
+
+
+def test_a_duration_option_is_a_finite_number_above_0():
+    from ktel import cli
+
+    assert cli._seconds("1e13") == 1e13
+    for bad in ("inf", "nan", "0", "-1"):
+        try:
+            cli._seconds(bad)
+        except argparse.ArgumentTypeError:
+            continue
+        raise AssertionError(f"{bad} taken")
