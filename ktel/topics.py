@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
 from ktel.config import Config, KafkaConfig
@@ -19,6 +20,7 @@ VISIBLE_WITHIN_S = 30
 
 HOUR_MS = 3_600_000
 RAW, OUTPUT = "kafka.raw_partitions", "kafka.output_partitions"
+RAW_KEPT, OUTPUT_KEPT = "kafka.raw_retention_hours", "kafka.output_retention_hours"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,30 +31,58 @@ class TopicSpec:
     extra_config: dict[str, str] = dataclasses.field(default_factory=dict)
     # The setting its partition count follows, named when an existing topic differs.
     setting: str = "fixed"
+    # The setting its retention follows (in hours), likewise.
+    retention_setting: str = "fixed"
 
 
 def specs(cfg: Config) -> list[TopicSpec]:
     k, t = cfg.kafka, cfg.kafka.topics
     return [
         # Raw batches are the forensic record: kept by time, compressed by the producer.
-        TopicSpec(t.raw, k.raw_partitions, int(k.raw_retention_hours * HOUR_MS), setting=RAW),
+        TopicSpec(
+            t.raw,
+            k.raw_partitions,
+            int(k.raw_retention_hours * HOUR_MS),
+            setting=RAW,
+            retention_setting=RAW_KEPT,
+        ),
         # Between stages in split mode: keyed and partitioned like ktel.raw, so
         # each stage's per-host table stays co-partitioned with its input.
         *(
-            TopicSpec(name, k.raw_partitions, int(k.output_retention_hours * HOUR_MS), setting=RAW)
+            TopicSpec(
+                name,
+                k.raw_partitions,
+                int(k.output_retention_hours * HOUR_MS),
+                setting=RAW,
+                retention_setting=OUTPUT_KEPT,
+            )
             for name in (t.deduped, t.enriched, t.sampled)
         ),
         *(
-            TopicSpec(name, k.output_partitions, int(k.output_retention_hours * HOUR_MS), setting=OUTPUT)
+            TopicSpec(
+                name,
+                k.output_partitions,
+                int(k.output_retention_hours * HOUR_MS),
+                setting=OUTPUT,
+                retention_setting=OUTPUT_KEPT,
+            )
             for name in (t.metrics, t.spans, t.logs)
         ),
-        TopicSpec(t.dlq, 1, int(k.dlq_retention_hours * HOUR_MS)),
+        TopicSpec(
+            t.dlq, 1, int(k.dlq_retention_hours * HOUR_MS), retention_setting="kafka.dlq_retention_hours"
+        ),
         # Partitioned like ktel.raw: the enrich stage keeps a host's heartbeat in the
         # same table partition as its batches (Faust refuses a table write from a
         # topic whose partition count differs from the table's changelog).
-        TopicSpec(t.heartbeats, k.raw_partitions, int(k.output_retention_hours * HOUR_MS), setting=RAW),
+        TopicSpec(
+            t.heartbeats,
+            k.raw_partitions,
+            int(k.output_retention_hours * HOUR_MS),
+            setting=RAW,
+            retention_setting=OUTPUT_KEPT,
+        ),
         # One partition: every agent reads all commands, in the order they were given.
-        TopicSpec(t.control, 1, int(k.output_retention_hours * HOUR_MS)),
+        TopicSpec(t.control, 1, int(k.output_retention_hours * HOUR_MS), retention_setting=OUTPUT_KEPT),
     ]
 
 
@@ -158,22 +188,59 @@ async def layouts(kafka: Kafka) -> dict[str, tuple[int, int]]:
     }
 
 
+async def topic_configs(kafka: Kafka, names: list[str]) -> dict[str, dict[str, str]]:
+    """Each of the existing topics ``names``' configuration, as in force (the brokers'
+    defaults included)."""
+    if not names:
+        return {}
+    admin = AIOKafkaAdminClient(**client_kwargs(kafka))
+    try:
+        await admin.start()
+        responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, n) for n in names])
+    finally:
+        await admin.close()
+    out = {}
+    for response in responses:
+        for code, message, _type, name, entries in response.resources:
+            if code != 0:
+                raise for_code(code)(f"describing the configuration of topic {name!r}: {message}")
+            out[name] = {entry[0]: entry[1] for entry in entries}
+    return out
+
+
 async def check_layout(kafka: Kafka, specs: list[TopicSpec]) -> list[str]:
-    """How each existing topic of ``specs`` differs from the configuration (empty: none does)."""
+    """How each existing topic of ``specs`` differs from the configuration (empty: none
+    does): its partitions, replicas, and the settings :func:`create_topics` gives it."""
     k = settings(kafka)
-    rf, _ = await replication(k)
+    rf, isr = await replication(k)
     have = await layouts(k)
     wanted_rf = f"{rf}" if k.replication_factor == rf else f"{k.replication_factor} ({rf} on this cluster)"
+    wanted_isr = (
+        f"{isr}" if k.min_insync_replicas == isr else f"{k.min_insync_replicas} ({isr} on this cluster)"
+    )
+    existing = [s for s in specs if s.name in have]
+    configs = await topic_configs(k, [s.name for s in existing])
     wrong = []
-    for s in specs:
-        if s.name not in have:
-            continue
+    for s in existing:
         partitions, replicas = have[s.name]
         if partitions != s.partitions:
             want = f"ktel needs {s.partitions}" if s.setting == "fixed" else f"{s.setting} = {s.partitions}"
             wrong.append(f"{s.name} has {partitions} partitions but {want}")
         if replicas != rf:
             wrong.append(f"{s.name} has {replicas} replicas but kafka.replication_factor = {wanted_rf}")
+        # What create_topics would give it, which an existing topic keeps otherwise.
+        wanted = {"min.insync.replicas": (str(isr), f"kafka.min_insync_replicas = {wanted_isr}")}
+        if s.retention_ms is not None:
+            kept = f"{s.retention_setting} = {s.retention_ms / HOUR_MS:g} ({s.retention_ms} ms)"
+            if s.retention_setting == "fixed":
+                kept = f"ktel needs {s.retention_ms}"
+            wanted["retention.ms"] = (str(s.retention_ms), kept)
+        for key, value in s.extra_config.items():
+            wanted[key] = (str(value), f"ktel needs {value}")
+        got = configs.get(s.name, {})
+        for key, (value, why) in wanted.items():
+            if got.get(key) != value:
+                wrong.append(f"{s.name} has {key} = {got.get(key)} but {why}")
     return wrong
 
 
@@ -204,7 +271,7 @@ async def ensure(cfg: Config, say: Callable[[str], None]) -> int:
             say(f"ktel topics: {line}")
         say(
             "ktel topics: refusing to go on: change the setting named to match the topic, or "
-            "recreate (or reassign) the topic to match the setting"
+            "recreate, reassign or reconfigure (kafka-configs.sh) the topic to match the setting"
         )
         return 1
     rf, isr = await replication(k)

@@ -23,7 +23,7 @@ from ktel.stack import proc
 from ktel.stack.kafka import LocalKafka, ensure_kafka
 from ktel.stack.proc import free_port
 from ktel.stack.prometheus import LocalPrometheus
-from ktel.topics import TopicSpec, create_topics
+from ktel.topics import TopicSpec, create_topics, ensure
 from ktel.up import Stack
 from ktel.wire import RAW_TOPIC
 
@@ -121,6 +121,31 @@ async def test_record_survives_crash(kafka: LocalKafka) -> None:
 async def test_create_topics_reports_real_errors(kafka: LocalKafka) -> None:
     with pytest.raises(Exception, match="bad.topic"):
         await create_topics(kafka.bootstrap, [TopicSpec("bad.topic", 1, None, {"no.such": "1"})])
+
+
+@pytest.mark.kafka
+async def test_ktel_topics_refuses_an_existing_topic_kept_otherwise_than_configured(
+    kafka: LocalKafka,
+) -> None:
+    """Its retention is the configuration's only when ktel created it: an existing one
+    keeps its own, which `ktel topics` names rather than printing the configured one."""
+    prefix = f"kept{os.getpid()}."
+
+    def cfg(**kafka_settings: object) -> config.Config:
+        return config.Config(
+            kafka=config.KafkaConfig(bootstrap=kafka.bootstrap, prefix=prefix, **kafka_settings),
+            agent=config.AgentConfig(host_id="t"),
+        )
+
+    assert await ensure(cfg(), lambda _: None) == 0
+    assert await ensure(cfg(), lambda _: None) == 0  # as configured: nothing to name
+    said: list[str] = []
+    assert await ensure(cfg(raw_retention_hours=24), said.append) == 1
+    assert said[:-1] == [
+        f"ktel topics: {prefix}{RAW_TOPIC} has retention.ms = {WEEK_MS} "
+        f"but kafka.raw_retention_hours = 24 ({24 * 3600 * 1000} ms)"
+    ]
+    assert "refusing" in said[-1]
 
 
 def _fake_mvn(bin_dir: Path, script: str) -> None:
