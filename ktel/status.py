@@ -129,6 +129,7 @@ SCHEMA: dict[str, Any] = {
         "stale_after_s",
         "hosts",
         "stale_hosts",
+        "unseen_hosts",
         "groups",
         "bad_heartbeats",
     ],
@@ -138,7 +139,16 @@ SCHEMA: dict[str, Any] = {
         "since_s": {"type": "number", "description": "how far back heartbeats were read"},
         "stale_after_s": {"type": "number"},
         "hosts": {"type": "array", "items": _HOST, "description": "sorted by host_name, then host_id"},
-        "stale_hosts": {"type": "array", "items": {"type": "string"}, "description": "their host ids"},
+        "stale_hosts": {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "their host ids, and the unseen hosts'",
+        },
+        "unseen_hosts": {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "hosts asked for (--host) with no heartbeat in the last since_s: stale too",
+        },
         "groups": {"type": "array", "items": _GROUP, "description": "sorted by group"},
         "bad_heartbeats": {
             "type": "integer",
@@ -205,19 +215,26 @@ def group_row(
     }
 
 
-def summarize(read: Read, now_ms: int, since_s: float, stale_after_s: float) -> dict[str, Any]:
-    """The status document (``SCHEMA``) of what was read; pure."""
+def summarize(
+    read: Read, now_ms: int, since_s: float, stale_after_s: float, asked: set[str] | None = None
+) -> dict[str, Any]:
+    """The status document (``SCHEMA``) of what was read, for the hosts ``asked`` for
+    (--host; None: every host seen); pure."""
     hosts = sorted(
         (host_row(hb, now_ms, stale_after_s) for hb in read.heartbeats.values()),
         key=lambda h: (h["host_name"], h["host_id"]),
     )
+    # A host asked for by name and silent for longer than --since has no heartbeat to
+    # show, but is as stale as can be: left out, it made `ktel status --host` exit 0.
+    unseen = sorted((asked or set()) - set(read.heartbeats))
     return {
         "v": 1,
         "now_ms": now_ms,
         "since_s": since_s,
         "stale_after_s": stale_after_s,
         "hosts": hosts,
-        "stale_hosts": [h["host_id"] for h in hosts if h["stale"]],
+        "stale_hosts": [h["host_id"] for h in hosts if h["stale"]] + unseen,
+        "unseen_hosts": unseen,
         "groups": sorted((group_row(*g) for g in read.groups), key=lambda g: g["group"]),
         "bad_heartbeats": read.bad_heartbeats,
     }
@@ -362,7 +379,8 @@ def _plain(*cells: str) -> list[Text]:
 def tables(status: dict[str, Any]) -> list[Table]:
     """The status document as terminal tables: hosts (stale ones in red), then groups."""
     hosts = Table(
-        title=f"hosts: {len(status['hosts'])}, stale: {len(status['stale_hosts'])} "
+        title=f"hosts: {len(status['hosts']) + len(status['unseen_hosts'])}, "
+        f"stale: {len(status['stale_hosts'])} "
         f"(no heartbeat for {status['stale_after_s']:g}s)",
         title_justify="left",
     )
@@ -398,6 +416,9 @@ def tables(status: dict[str, Any]) -> list[Table]:
             ),
             style="bold red" if h["stale"] else None,
         )
+    for host_id in status["unseen_hosts"]:
+        never = f"STALE: none in the last {_age(status['since_s'])}"
+        hosts.add_row(*_plain("", host_id, "", "", never, "", "", "", "", ""), style="bold red")
     groups = Table(title="stages and exporters (consumer groups)", title_justify="left")
     for column in ("group", "state", "members", "lag", "lag by topic"):
         groups.add_column(column, overflow="fold")
@@ -437,7 +458,7 @@ async def _once(cfg: Config, args: argparse.Namespace, stale_after_s: float) -> 
     # have taken seconds (a fleet's 900 s of heartbeats, retries while a broker restarts),
     # which made them look that much younger.
     now_ms = time.time_ns() // 1_000_000
-    return summarize(got, now_ms, args.since, stale_after_s)
+    return summarize(got, now_ms, args.since, stale_after_s, hosts)
 
 
 async def _run(cfg: Config, args: argparse.Namespace) -> int:

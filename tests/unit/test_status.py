@@ -308,3 +308,18 @@ def test_a_duration_option_is_a_finite_number_above_0():
         except argparse.ArgumentTypeError:
             continue
         raise AssertionError(f"{bad} taken")
+
+
+def test_a_host_asked_for_without_a_heartbeat_in_since_is_stale():
+    """`ktel status --host X || page`: X silent for longer than --since (or gone for
+    good) has no heartbeat to show, and is stale, not left out with exit status 0."""
+    read = status.Read({"a": hb("a", NOW - 1000)}, 0, [])
+    doc = status.summarize(read, NOW, since_s=900, stale_after_s=30, asked={"a", "gone"})
+    jsonschema.validate(doc, status.SCHEMA)
+    assert doc["unseen_hosts"] == ["gone"]
+    assert doc["stale_hosts"] == ["gone"]
+    assert [h["host_id"] for h in doc["hosts"]] == ["a"]
+    hosts, _groups = status.tables(doc)
+    assert hosts.row_count == 2 and hosts.rows[1].style == "bold red"
+    # Without --host, every host seen is judged, and none is missing.
+    assert status.summarize(read, NOW, 900, 30)["unseen_hosts"] == []
