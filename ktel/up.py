@@ -363,7 +363,22 @@ class Interrupted(BaseException):
     that retries on its failures takes it for one, as KeyboardInterrupt."""
 
 
+def running(cfg: Config) -> int | None:
+    """The pid of the `ktel up` of this data dir that runs now, if one does."""
+    try:
+        pid = int(pidfile(cfg).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    # (a stale file's pid may be anyone's now, this process's too)
+    return pid if pid != os.getpid() and _alive(pid) and is_ktel_up(pid) else None
+
+
 def run(cfg: Config) -> int:
+    # A second `ktel up` of one data dir would fail on the first's ports, and, as it
+    # stopped, remove the first's pid file, which `ktel down` stops it by.
+    if (pid := running(cfg)) is not None:
+        say(f"ktel up (pid {pid}) is already running for {cfg.stack.data_dir}; `ktel down` stops it")
+        return 1
     stack = Stack(cfg)
     stopping = False
     starting = True

@@ -79,3 +79,30 @@ def test_a_pid_that_is_gone_is_a_stale_pid_file(cfg, procs):
     up.pidfile(cfg).write_text(str(gone.pid))
     assert up.down(cfg, timeout=5) == 1
     assert not up.pidfile(cfg).exists()
+
+
+def test_a_second_ktel_up_of_a_data_dir_leaves_the_first_and_its_pid_file_alone(
+    cfg, procs, tmp_path, monkeypatch, capsys
+):
+    script = tmp_path / "bin" / "ktel"
+    script.parent.mkdir()
+    script.write_text("import time\nprint('ready', flush=True)\ntime.sleep(600)\n")
+    first = subprocess.Popen([sys.executable, str(script), "up"], stdout=subprocess.PIPE)
+    procs.append(first)
+    assert first.stdout is not None and first.stdout.readline() == b"ready\n"
+    up.pidfile(cfg).write_text(str(first.pid))
+
+    def start(_stack):
+        raise AssertionError("the second ktel up started a stack")
+
+    monkeypatch.setattr(up.Stack, "start", start)
+    monkeypatch.setattr(up.Stack, "stop", lambda _stack: None)
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        assert up.run(cfg) == 1
+    finally:
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
+    assert up.pidfile(cfg).read_text() == str(first.pid)  # `ktel down` still finds it
+    assert first.poll() is None
+    assert f"ktel up (pid {first.pid}) is already running" in capsys.readouterr().out
