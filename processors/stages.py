@@ -59,7 +59,7 @@ import functools
 import gc
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Set
 from pathlib import Path
 from typing import Any, cast
 
@@ -932,17 +932,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
 
     @app.timer(LAG_INTERVAL_S, name="consumer_lag")
     async def export_lag() -> None:
-        # Faust's monitor tracks each partition's end (at fetch) and committed offset.
-        monitor = app.monitor
-        held = app.assignor.assigned_actives()
-        consumer_lag.export(
-            app.conf.id,
-            {
-                (tp.topic, tp.partition): end - monitor.tp_committed_offsets.get(tp, 0)
-                for tp, end in monitor.tp_end_offsets.items()
-                if tp in held
-            },
-        )
+        consumer_lag.export(app.conf.id, held_lags(app.monitor, app.assignor.assigned_actives()))
 
     return app
 
@@ -991,6 +981,20 @@ async def close_windows(
         observe_delay((now_ms - due_ms) / 1000)
         await close(now_ms)
         due_ms = next_window(clock_ms(), window_ms, due_ms)
+
+
+def held_lags(monitor: Any, held: Set[Any]) -> dict[tuple[str, int], int]:
+    """Each held partition's lag, from what Faust's monitor tracks: its end (at each
+    fetch) and the offset this worker committed. A partition whose commit the monitor
+    has not seen is left out: it knows of none until this worker's first commit there,
+    and clears them at every rebalance, and counting from 0 gave the partition's whole
+    history (millions of records on ktel.raw) as its lag until that commit."""
+    committed = monitor.tp_committed_offsets
+    return {
+        (tp.topic, tp.partition): end - committed[tp]
+        for tp, end in monitor.tp_end_offsets.items()
+        if tp in held and tp in committed
+    }
 
 
 def readiness(app: Any, source: str) -> str | None:
