@@ -271,7 +271,17 @@ class Stack:
 
 
 def say(msg: str) -> None:
-    print(f"ktel up: {msg}", flush=True)
+    _out(f"ktel up: {msg}")
+
+
+def _out(text: str, end: str = "\n") -> None:
+    try:
+        print(text, end=end, flush=True)
+    except BrokenPipeError:
+        # What read the output has gone (`ktel up | tee log`, the tee ended by the same
+        # Ctrl-C): the stack goes on, or on stopping, in order; its lines go nowhere now.
+        # (Unheld, the error ended the stop midway, every process left to be killed.)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def render(counters: dict[str, float | None], elapsed: float) -> str:
@@ -421,15 +431,11 @@ def run(cfg: Config) -> int:
                 now = time.monotonic()
                 if interactive or now - last_line >= 5:
                     line = render(stack.read_counters(client), now - started)
-                    print(
-                        ("\r\033[K" + line) if interactive else line,
-                        end="" if interactive else "\n",
-                        flush=True,
-                    )
+                    _out(("\r\033[K" + line) if interactive else line, end="" if interactive else "\n")
                     last_line = now
                 time.sleep(1)
         if interactive:
-            print()
+            _out("")
     except Interrupted:
         say("interrupted while starting")
     except Exception as err:
