@@ -188,8 +188,8 @@ def host_row(hb: Heartbeat, now_ms: int, stale_after_s: float) -> dict[str, Any]
         "stale": age_s > stale_after_s,
         "probes_loaded": sorted(p for p, s in probes.items() if s["loaded"]),
         "probes_failed": {p: s.get("reason", "") for p, s in sorted(probes.items()) if not s["loaded"]},
-        "ringbuf_drops_per_s": sum(
-            v for k, v in hb.get("rates", {}).items() if k.startswith("ringbuf_drops.")
+        "ringbuf_drops_per_s": _finite(
+            sum(v for k, v in hb.get("rates", {}).items() if k.startswith("ringbuf_drops."))
         ),
         "spool_depth_bytes": hb.get("spool", {}).get("depth_bytes", 0),
         "sampling_overrides": {
@@ -198,6 +198,13 @@ def host_row(hb: Heartbeat, now_ms: int, stale_after_s: float) -> dict[str, Any]
             if s.get("command")
         },
     }
+
+
+def _finite(x: float) -> float:
+    # Each rate is finite (the wire refuses others), but two near the largest double add
+    # up to inf, which --json printed as Infinity, not JSON: `jq` refused the whole fleet's
+    # status for one host's heartbeat.
+    return max(-sys.float_info.max, min(x, sys.float_info.max))
 
 
 def group_row(

@@ -5,6 +5,7 @@ import argparse
 import asyncio
 import contextlib
 import io
+import json
 import os
 import signal
 import sys
@@ -323,3 +324,11 @@ def test_a_host_asked_for_without_a_heartbeat_in_since_is_stale():
     assert hosts.row_count == 2 and hosts.rows[1].style == "bold red"
     # Without --host, every host seen is judged, and none is missing.
     assert status.summarize(read, NOW, 900, 30)["unseen_hosts"] == []
+
+
+def test_a_heartbeats_rates_adding_up_past_a_double_keep_the_document_json():
+    beat = hb("a", NOW)
+    beat["rates"] = {"ringbuf_drops.file_created": 1e308, "ringbuf_drops.tcp_retransmit": 1e308}
+    read = status.Read(status.newest({b"a": [encode_heartbeat(beat)]})[0], 0, [])
+    doc = status.summarize(read, NOW, 900, 30)
+    assert json.loads(json.dumps(doc, allow_nan=False)) == doc
