@@ -17,7 +17,7 @@ import uuid
 import httpx
 import jsonschema
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from ktel import config, status, topics
 from ktel.topics import create_topics
@@ -198,3 +198,36 @@ async def produce(bootstrap: str, topic: str, key: bytes, value: bytes) -> None:
         await producer.send_and_wait(topic, value, key=key)
     finally:
         await producer.stop()
+
+
+def test_a_partition_a_group_has_not_committed_in_lags_by_its_records(kafka):
+    """A group reads such a partition from its beginning (ktel's groups start at
+    "earliest"): a partition its topic gained, or one not yet committed in, lags by all
+    its records."""
+    bootstrap = kafka.bootstrap
+    topic = f"status-lag-{uuid.uuid4().hex[:8]}"
+    group = f"ktel-export-lag-{uuid.uuid4().hex[:8]}"
+    asyncio.run(create_topics(bootstrap, [topics.TopicSpec(topic, 3)]))
+
+    async def produce_and_commit() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+        await producer.start()
+        try:
+            for partition, n in ((0, 2), (2, 3)):
+                for _ in range(n):
+                    await producer.send_and_wait(topic, b"x", partition=partition)
+        finally:
+            await producer.stop()
+        # The group's commits: partition 0 at its end, partition 1 (empty) and 2 none.
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+        await consumer.start()
+        try:
+            consumer.assign([TopicPartition(topic, 0)])
+            await consumer.commit({TopicPartition(topic, 0): 2})
+        finally:
+            await consumer.stop()
+
+    asyncio.run(produce_and_commit())
+    got = asyncio.run(status.read(bootstrap, since_s=60))
+    [row] = [status.group_row(*g) for g in got.groups if g[0] == group]
+    assert row["lag_by_topic"] == {topic: 3}
