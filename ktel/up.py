@@ -138,7 +138,12 @@ class Stack:
             return f"{name}, KTEL_{name.upper().replace('.', '__')}"
 
         def host(name: str) -> str:
-            return self.cfg.pull.host if name == "pull.port" else "127.0.0.1"
+            # Where each server binds: ktel's processes serve their metrics ports on
+            # service.metrics_bind (one on ::1 was looked for on 127.0.0.1), the local
+            # Kafka, Prometheus and Collector on 127.0.0.1.
+            if name == "pull.port":
+                return self.cfg.pull.host
+            return "127.0.0.1" if name in SERVER_PORTS else self.cfg.service.metrics_bind
 
         settings: dict[int, list[str]] = {}
         for name, port in self.ports().items():

@@ -42,3 +42,24 @@ def test_a_connection_to_itself_is_no_listener(monkeypatch) -> None:
 
     monkeypatch.setattr(proc.socket, "socket", given_that_port)
     assert not port_in_use(port)
+
+
+def test_ktel_up_names_a_metrics_port_taken_on_the_address_its_processes_bind(tmp_path) -> None:
+    """ktel's processes serve their metrics on service.metrics_bind: a port taken there
+    is named before anything starts, not left to a child that cannot listen."""
+    import pytest
+
+    from ktel import config
+    from ktel.up import Stack
+
+    with socket.socket(socket.AF_INET6) as taken:
+        taken.bind(("::1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = config.Config(
+            agent=config.AgentConfig(host_id="h", metrics_port=port),
+            stack=config.StackConfig(data_dir=tmp_path),
+            service=config.ServiceConfig(metrics_bind="::1"),
+        )
+        with pytest.raises(RuntimeError, match=rf"already in use: .*::1:{port} \(agent\.metrics_port"):
+            Stack(cfg).check_ports()
