@@ -118,6 +118,22 @@ async def test_record_survives_crash(kafka: LocalKafka) -> None:
 
 
 @pytest.mark.kafka
+async def test_create_topics_leaves_an_existing_topic_of_fewer_partitions_as_it_is(kafka: LocalKafka) -> None:
+    """Not waited for until it shows partitions it will never have: the stage that reads
+    it names the mismatch (processors/stages.py, check_partitions)."""
+    name = f"fewer-{os.getpid()}"
+    await create_topics(kafka.bootstrap, [TopicSpec(name, 2)])
+    await create_topics(kafka.bootstrap, [TopicSpec(name, 4)])
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap)
+    await admin.start()
+    try:
+        [topic] = await admin.describe_topics([name])
+    finally:
+        await admin.close()
+    assert len(topic["partitions"]) == 2
+
+
+@pytest.mark.kafka
 async def test_create_topics_reports_real_errors(kafka: LocalKafka) -> None:
     with pytest.raises(Exception, match="bad.topic"):
         await create_topics(kafka.bootstrap, [TopicSpec("bad.topic", 1, None, {"no.such": "1"})])
