@@ -3,8 +3,9 @@
 Hosts come from ``ktel.heartbeats``: every record of the last ``--since`` seconds is
 read (a group-less consumer from ``offsets_for_times``, up to the end offsets at the
 start), and each host's newest heartbeat stands for it. Records are keyed by host id
-and a host's stay in one partition, in order, so only the newest record of each key
-is decoded (an older one only where a newer one does not decode, or names another
+and a host's stay in one partition, in order (until the topic gains partitions: then
+the partition of its latest record by timestamp is taken as its newest), so only the
+newest record of each key is decoded (an older one only where a newer one does not decode, or names another
 host than its key). A host whose newest heartbeat
 is older than ``--stale-after`` is stale: it is highlighted, and the command exits 1.
 A host silent for longer than ``--since`` is not seen at all, so ``--since`` should
@@ -304,7 +305,8 @@ async def _partitions(admin: AIOKafkaAdminClient, topics: list[str]) -> list[Top
 async def _heartbeats(
     consumer: AIOKafkaConsumer, admin: AIOKafkaAdminClient, topic: str, since_s: float
 ) -> dict[bytes, list[bytes]]:
-    """The records of ``topic`` of the last ``since_s`` seconds by key, each key's in offset order."""
+    """The records of ``topic`` of the last ``since_s`` seconds by key, each key's in offset
+    order, those of the partition of its latest record (by timestamp) last."""
     parts = await _partitions(admin, [topic])
     if not parts:
         return {}
@@ -317,14 +319,25 @@ async def _heartbeats(
     for tp in parts:
         hit = found.get(tp)
         consumer.seek(tp, hit.offset if hit is not None else ends[tp])
-    by_key: dict[bytes, list[bytes]] = {}
+    # key -> partition -> (its last record's timestamp, its records in offset order)
+    by_key: dict[bytes, dict[int, tuple[int, list[bytes]]]] = {}
     # Up to the end offsets at the start: a fleet's heartbeats never stop coming.
     while [tp for tp in parts if await consumer.position(tp) < ends[tp]]:
         for tp, records in (await consumer.getmany(timeout_ms=1000)).items():
             for rec in records:
                 if rec.offset < ends[tp]:  # a newer one waits for the next refresh
-                    by_key.setdefault(rec.key or b"", []).append(rec.value or b"")
-    return by_key
+                    key = by_key.setdefault(rec.key or b"", {})
+                    values = key[tp.partition][1] if tp.partition in key else []
+                    values.append(rec.value or b"")
+                    key[tp.partition] = (rec.timestamp, values)
+    # A key's records are in two partitions once the topic has gained some (docs/
+    # operating.md, "Adding partitions"), fetched in any order: the partition of its
+    # latest record goes last, or a host's heartbeats of before the change, fetched
+    # after its newer ones, stood for it, stale, until --since passed them.
+    return {
+        key: [v for _ts, values in sorted(held.values(), key=lambda p: p[0]) for v in values]
+        for key, held in by_key.items()
+    }
 
 
 async def _groups(consumer: AIOKafkaConsumer, admin: AIOKafkaAdminClient, prefix: str) -> list[Group]:

@@ -332,3 +332,45 @@ def test_a_heartbeats_rates_adding_up_past_a_double_keep_the_document_json():
     read = status.Read(status.newest({b"a": [encode_heartbeat(beat)]})[0], 0, [])
     doc = status.summarize(read, NOW, 900, 30)
     assert json.loads(json.dumps(doc, allow_nan=False)) == doc
+
+
+class _Record:
+    def __init__(self, offset: int, key: bytes, value: bytes, timestamp: int):
+        self.offset, self.key, self.value, self.timestamp = offset, key, value, timestamp
+
+
+class _MovedHostConsumer(_HeartbeatsConsumer):
+    """ktel.raw after it gained partitions: host a's heartbeats were on partition 0 and
+    are on 2 now; the fetch hands partition 2's over first."""
+
+    def __init__(self):
+        super().__init__()
+        tp = [TopicPartition("ktel.raw", p) for p in range(3)]
+        old = [_Record(i, b"a", encode_heartbeat(hb("a", NOW - 60_000 + i * 1000)), NOW - 60_000 + i * 1000)
+               for i in range(3)]  # fmt: skip
+        new = [_Record(i, b"a", encode_heartbeat(hb("a", NOW - 2000 + i * 1000)), NOW - 2000 + i * 1000)
+               for i in range(2)]  # fmt: skip
+        self.fetches = [{tp[2]: new}, {tp[0]: old}]
+        self.ends = {tp[0]: 3, tp[1]: 0, tp[2]: 2}
+        self.read = {t: 0 for t in tp}
+
+    async def end_offsets(self, parts):
+        return {tp: self.ends[tp] for tp in parts}
+
+    async def offsets_for_times(self, timestamps):
+        return {tp: (_Record(0, b"", b"", 0) if self.ends[tp] else None) for tp in timestamps}
+
+    async def position(self, tp):
+        return self.read[tp]
+
+    async def getmany(self, timeout_ms):
+        fetch = self.fetches.pop(0)
+        for tp, records in fetch.items():
+            self.read[tp] = records[-1].offset + 1
+        return fetch
+
+
+def test_a_host_moved_to_another_partition_is_its_latest_heartbeat():
+    by_key = asyncio.run(status._heartbeats(_MovedHostConsumer(), _Admin(), "ktel.raw", since_s=900))
+    heartbeats, bad = status.newest(by_key)
+    assert (heartbeats["a"]["ts"], bad) == (NOW - 1000, 0)
