@@ -165,7 +165,10 @@ class Sampler:
             kind = KINDS.get(kind_id)
             budget = opts.budget_per_s.get(kind.name) if kind else None
             rate = count / opts.window_seconds
-            if budget is not None and rate > budget * share:
+            # A window closed holding no partition (mid-rebalance: share 0) has no budget
+            # to spend, and rates of partitions no longer held: a keep probability of 0
+            # would divide the weights of the kind's next events by 0.
+            if budget is not None and share > 0 and rate > budget * share:
                 self.kind_p[kind_id] = min(opts.baseline, budget * share / rate)
         self.window_counts.clear()
 

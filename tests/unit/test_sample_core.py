@@ -191,3 +191,15 @@ def test_the_stage_counts_emitted_and_kept_events_per_kind():
         "sampler_emitted": {"file_created": 1000},
         "sampler_kept": {"file_created": kept},
     }
+
+
+def test_a_window_closed_holding_no_partition_makes_no_batch_fail():
+    # Mid-rebalance a worker's window may close holding no partition (share 0): its
+    # budget share is 0, which made the kind's keep probability 0 and the next batch
+    # of the kind, once partitions came back, fail on it (a division by 0).
+    s = Sampler(Options(budget_per_s={"file_created": 100.0}, window_seconds=10.0))
+    s.sample(stream(1, 2000)[0])
+    s.end_window(share=0.0)
+    out = s.sample(stream(1, 100, host="h2")[0])
+    assert len(out.events) == 100 and out.weights is None
+    decode_batch(encode_batch(out))
