@@ -578,7 +578,9 @@ def load_metadata(text: str) -> tuple[Metadata, list[str]]:
     """
     feed: Metadata = {}
     errors: list[str] = []
-    for n, line in enumerate(text.splitlines(), 1):
+    # Lines end at "\n" alone: str.splitlines also ends one at U+2028, U+2029 and U+0085,
+    # which JSON takes unescaped in a string (an annotation's text), breaking its line in two.
+    for n, line in enumerate(text.split("\n"), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue

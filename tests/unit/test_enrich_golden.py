@@ -103,6 +103,16 @@ def test_the_feed_file_is_reloaded_when_the_kubelet_updates_its_config_map(tmp_p
     assert f.refresh() == [] and f.feed == {"h1": {7: {"k8s.pod.name": "b"}}}
 
 
+def test_a_feed_line_is_one_line_whatever_its_strings_hold():
+    """JSON takes U+2028, U+2029 and U+0085 unescaped in a string (an annotation's text, as
+    jq and Go's encoder may write it): the line is one line of the feed, not two broken
+    ones, and the lines after it keep their numbers."""
+    text = '{"host.id": "h1", "cgroup.id": 7, "k8s.pod.annotation.note": "a\u2028b\u2029c\x85d"}\nbad\n'
+    feed, errors = enrich_core.load_metadata(text)
+    assert feed == {"h1": {7: {"k8s.pod.annotation.note": "a\u2028b\u2029c\x85d"}}}
+    assert errors == ["line 2: not JSON (Expecting value: line 1 column 1 (char 0))"]
+
+
 def test_no_feed_configured_is_an_empty_feed():
     f = enrich_core.MetadataFile(None)
     assert f.refresh() is None and f.feed == {}
