@@ -148,7 +148,8 @@ DROPPED = {
     "type": "a series that already holds another type",
     "value": "kernel code's own metric with a value its type cannot take (a negative counter increment "
     "or histogram observation)",
-    "name": "a series named as Prometheus names another type's series (a gauge *_count or *_total)",
+    "name": "a series named as Prometheus names another type's series (a gauge *_count or *_total), "
+    "or of no name",
 }
 # Names whose events were dropped for their name, each logged once (up to a bound: a
 # writer of the raw topic may send ever new names).
@@ -386,8 +387,9 @@ def _kept(label: str, typ: str) -> bool:
     make the series another host's, and its host's snapshot records a forgery every
     exporter refuses (ktel/wire/signals.py check_keyed), or would be one Prometheus series
     with the host's own. A label Prometheus keeps for itself (exporters/prom_names.py
-    ``reserved``) is one the pull endpoint cannot serve."""
-    return label_name(label) != HOST_LABEL and not reserved(label, typ)
+    ``reserved``) is one the pull endpoint cannot serve, and one of no name one for which
+    the remote-write exporter refuses the whole snapshot holding it (``unnamed``)."""
+    return label != "" and label_name(label) != HOST_LABEL and not reserved(label, typ)
 
 
 def count_events(
@@ -511,7 +513,7 @@ def _place(
     depend on which came first, nor on which worker holds which host), the events
     counted as dropped."""
     name, _ = parsed_key(key)
-    why = clash(name, kind)
+    why = misnamed(name, kind)
     if why is not None:
         out.dropped["name"] += n
         if _warned((name, kind)):
@@ -532,6 +534,14 @@ def _place(
         return ""
     out.touched.touch(series, ("series", key))
     return key
+
+
+def misnamed(name: str, kind: str) -> str | None:
+    """Why exporters refuse a series of this name and type (None: they do not): one
+    Prometheus gives another type's series (``clash``), or no name at all, for which the
+    remote-write exporter refuses the whole snapshot holding it (exporters/prom_names.py
+    ``unnamed``): every series of its host, at every window that emits it."""
+    return "a series of no name" if not name else clash(name, kind)
 
 
 def _fits(value: Any, kind: str, buckets: int) -> bool:
@@ -626,7 +636,7 @@ def row_of(host_id: str, key: str, value: Any) -> list | None:
     state from before ``_place`` refused them holds."""
     name, pairs = parsed_key(key)
     typ = ("gauge" if "gauge" in value else "histogram") if isinstance(value, dict) else "counter"
-    if clash(name, typ) is not None:
+    if misnamed(name, typ) is not None:
         return None
     # (_kept again: a series kept before _labels dropped such a label)
     labels = {k: v for k, v in pairs if _kept(k, typ)}

@@ -509,3 +509,30 @@ def test_labels_prometheus_keeps_for_itself_are_dropped_from_kernel_code_metrics
     ]
     snap = MetricSnapshot(snap.ts_ms, snap.series)
     assert LatestValues().split(snap) == (snap.series, [])  # the pull endpoint serves them all
+
+
+def test_kernel_code_metrics_of_no_name_or_with_a_label_of_no_name_make_no_series_an_exporter_refuses():
+    """The remote-write exporter dead-letters a whole snapshot holding a series of an empty
+    name or a label of an empty name (Prometheus' receiver would leave it out and answer
+    2xx), so one such ktel_metric event sent every one of its host's series to the
+    dead-letter topic at every window that emitted it, refreshes included. A metric of no
+    name is dropped and counted, a label of no name left out, also from a state from before."""
+    from exporters.prom_names import unnamed
+
+    c = chain(refresh_seconds=3600)
+    [aggregate] = c.timed()
+    old = aggregate_core.series_key("old_total", (("", "1"), ("q", "c")))
+    value: dict = {"aggregate": {"series": {old: 2, aggregate_core.series_key("", ()): 4}}}
+    events = [
+        [KTEL_METRIC.id, 1, 2, "gauge", "queue_depth", {"": "x", "q": "a"}, 3],
+        [KTEL_METRIC.id, 1, 2, "counter", "", {"q": "b"}, 5],
+        [KTEL_METRIC.id, 1, 2, "histogram", "", {}, 5],
+    ]
+    result = c.on_batch(value, RawBatch("h", "b", 0, 1, events), NOW)
+    assert result.counts["series_dropped_name"] == 5 + 1  # (the counter's increment, one observation)
+    [(_, snap)] = c.on_window(aggregate, {"h": value}, NOW + 10_000, 1.0).snapshots  # (recovered: no zeros)
+    assert sorted((row[0], row[2]) for row in snap.series) == [
+        ("old_total", {"host.id": "h", "q": "c"}),
+        ("queue_depth", {"host.id": "h", "q": "a"}),
+    ]
+    assert unnamed(snap.series) is None
