@@ -63,7 +63,8 @@ metric whose overflow series finds no room either are counted as dropped
 (``DROPPED``), events whose series already holds another type (a counter and a gauge
 of one name and labels: see ``_fits``), kernel-code metric events with a value their
 type cannot take (``count_events``), and events of a series whose name Prometheus
-gives another type's series (a gauge ``x_count``: exporters/prom_names.py ``clash``).
+gives another type's series (a gauge ``x_count``: exporters/prom_names.py ``clash``),
+or that has no name, or a name or label longer than a snapshot takes (``misnamed``).
 A series' bytes are reckoned when it is created, for the largest its numbers can grow
 (``series_bytes``), so its counts growing never pushes the host past the bound.
 
@@ -111,7 +112,7 @@ from opentelemetry.semconv._incubating.attributes.process_attributes import (
 from exporters.prom_names import HOST_LABEL, clash, label_name, reserved
 from ktel.logs import Once
 from ktel.probes import KINDS
-from ktel.schema import U64
+from ktel.schema import U64, Str
 from ktel.wire import (
     FILE_CREATED,
     HIST_SLOTS,
@@ -126,6 +127,8 @@ from ktel.wire import (
     SpanBatch,
     log2_bounds,
 )
+from ktel.wire.signals import LABELS as SERIES_LABELS
+from ktel.wire.signals import NAME as SERIES_NAME
 from processors.dedupe_core import stream
 from processors.stage import FromConfig, Result, Stage, State, Touched
 
@@ -134,6 +137,9 @@ if TYPE_CHECKING:
 
 assert FILE_CREATED.metric is not None
 FILE_CREATED_TOTAL = FILE_CREATED.metric.name
+# The longest label value a snapshot takes (ktel/wire/signals.py).
+assert isinstance(SERIES_LABELS.value, Str)
+LABEL_CHARS = SERIES_LABELS.value.max_len
 # kind id -> (counter name, ((label, index of its field in the event), ...)), as declared.
 COUNTERS: dict[int, tuple[str, tuple[tuple[str, int], ...]]] = {
     k.id: (k.metric.name, tuple((label, k.index(field)) for label, field in k.metric.labels))
@@ -149,7 +155,7 @@ DROPPED = {
     "value": "kernel code's own metric with a value its type cannot take (a negative counter increment "
     "or histogram observation)",
     "name": "a series named as Prometheus names another type's series (a gauge *_count or *_total), "
-    "or of no name",
+    "of no name, or of a name or label longer than a snapshot takes",
 }
 # Names whose events were dropped for their name, each logged once (up to a bound: a
 # writer of the raw topic may send ever new names).
@@ -512,8 +518,8 @@ def _place(
     one kind's series must not write into another's, and which is refused must not
     depend on which came first, nor on which worker holds which host), the events
     counted as dropped."""
-    name, _ = parsed_key(key)
-    why = misnamed(name, kind)
+    name, labels = parsed_key(key)
+    why = misnamed(name, labels, kind)
     if why is not None:
         out.dropped["name"] += n
         if _warned((name, kind)):
@@ -536,12 +542,23 @@ def _place(
     return key
 
 
-def misnamed(name: str, kind: str) -> str | None:
-    """Why exporters refuse a series of this name and type (None: they do not): one
-    Prometheus gives another type's series (``clash``), or no name at all, for which the
-    remote-write exporter refuses the whole snapshot holding it (exporters/prom_names.py
-    ``unnamed``): every series of its host, at every window that emits it."""
-    return "a series of no name" if not name else clash(name, kind)
+def misnamed(name: str, labels: Sequence[tuple[str, str]], kind: str) -> str | None:
+    """Why exporters refuse a series of this name, labels and type (None: they do not):
+    one Prometheus gives another type's series (``clash``); or no name at all, for which
+    the remote-write exporter refuses the whole snapshot holding it (exporters/prom_names.py
+    ``unnamed``), or a name or a label value longer than a snapshot takes (a directory
+    label of a forged path, kernel code's name made ``_seconds``), for which every
+    exporter does: every series of its host, at every window that emits it."""
+    if not name:
+        return "a series of no name"
+    if len(name) > SERIES_NAME.max_len:
+        return f"a name of {len(name)} characters, past the {SERIES_NAME.max_len} a snapshot takes"
+    for label, value in labels:
+        if len(value) > LABEL_CHARS:
+            return (
+                f"a label {label!r:.60} of {len(value)} characters, past the {LABEL_CHARS} a snapshot takes"
+            )
+    return clash(name, kind)
 
 
 def _fits(value: Any, kind: str, buckets: int) -> bool:
@@ -636,7 +653,7 @@ def row_of(host_id: str, key: str, value: Any) -> list | None:
     state from before ``_place`` refused them holds."""
     name, pairs = parsed_key(key)
     typ = ("gauge" if "gauge" in value else "histogram") if isinstance(value, dict) else "counter"
-    if misnamed(name, typ) is not None:
+    if misnamed(name, pairs, typ) is not None:
         return None
     # (_kept again: a series kept before _labels dropped such a label)
     labels = {k: v for k, v in pairs if _kept(k, typ)}

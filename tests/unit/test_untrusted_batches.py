@@ -536,3 +536,32 @@ def test_kernel_code_metrics_of_no_name_or_with_a_label_of_no_name_make_no_serie
         ("queue_depth", {"host.id": "h", "q": "a"}),
     ]
     assert unnamed(snap.series) is None
+
+
+def test_a_series_name_or_label_longer_than_a_snapshot_takes_is_dropped_not_emitted():
+    """A snapshot takes names of at most 256 characters and label values of at most 4096,
+    and every exporter refuses a whole snapshot with one longer: a file_created path whose
+    directories passed 4096 characters (the wire takes paths of 16384), or kernel code's
+    histogram of a 256-character name ending in _ns (made _seconds), sent every series of
+    the host to ktel.dlq at each window that emitted it, refreshes included. Any client
+    writing ktel.raw could do so to any host. Such events are dropped and counted, and a
+    state from before holding such a series no longer emits it."""
+    from ktel.wire import decode_snapshot, encode_snapshot
+
+    c = chain(refresh_seconds=3600)
+    [aggregate] = c.timed()
+    old = aggregate_core.series_key(FILE_CREATED.metric.name, (("directory", "/" + "o" * 5000),))
+    value: dict = {"aggregate": {"series": {old: 2.0}}}
+    ev = [FILE_CREATED.id, 1, 2, 2, 0, "c", "/tmp/x", 0o101, False]
+    events = [
+        ev,
+        [*ev[:6], "/" + "d" * 5000 + "/f", *ev[7:]],
+        [*ev[:6], "r" * 5000 + "/f", *ev[7:]],
+        [KTEL_METRIC.id, 1, 2, "histogram", "a" * 253 + "_ns", {}, 5],
+    ]
+    result = c.on_batch(value, RawBatch("h", "b", 0, 1, events), NOW)
+    assert result.counts["series_dropped_name"] == 3
+    [(_, snap)] = c.on_window(aggregate, {"h": value}, NOW + 10_000, 1.0).snapshots  # (recovered: no zeros)
+    assert [(row[0], row[2], row[3]) for row in decode_snapshot(encode_snapshot(snap)).series] == [
+        (FILE_CREATED.metric.name, {"directory": "/tmp", "host.id": "h"}, 1.0)
+    ]
