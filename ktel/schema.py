@@ -456,7 +456,8 @@ TS_NS = Int(0, U63)  # wall clock, ns since the epoch
 PID = Int(0, U32)
 COMM = Str(64)  # the kernel's 16-byte comm, escapes included
 # An OpenTelemetry attribute value: a string, number or boolean, or an array of them.
-_PRIMITIVE = OneOf((Str(4096), Int(I64[0], U64), Float(), Bool()), "a string, number or boolean")
+ATTR_CHARS = 4096  # the longest string one may be
+_PRIMITIVE = OneOf((Str(ATTR_CHARS), Int(I64[0], U64), Float(), Bool()), "a string, number or boolean")
 ATTR_VALUE = OneOf(
     (_PRIMITIVE, ListOf(_PRIMITIVE, 128)), "a string, number or boolean, or an array of them (128 at most)"
 )

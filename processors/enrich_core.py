@@ -76,7 +76,9 @@ from opentelemetry.semconv._incubating.attributes.process_attributes import (
     PROCESS_REAL_USER_ID,
 )
 
+from ktel.schema import ATTR_CHARS
 from ktel.wire import PID_INDEXES, PROCESS_EXEC, PROCESS_EXIT, RawBatch
+from ktel.wire.signals import ATTRS
 from processors.dedupe_core import MAX_BOOTS
 from processors.stage import FromConfig, Result, Stage, State, Touched
 
@@ -90,6 +92,11 @@ Metadata = dict[str, dict[int, dict[str, str]]]
 
 # Attribute namespaces the metadata feed may set (OpenTelemetry semantic conventions).
 FEED_NAMESPACES = ("container.", "k8s.")
+# The attributes one feed line may set: what enrich sends on must be what the next reader
+# takes, and a span's or log's resource holds at most ATTRS.max_items (128), of which a
+# host's heartbeat (32), the process (6) and its container as the agent tells it (16) may
+# take 54.
+FEED_MAX_ATTRS = 64
 # Container and pod cgroups kept per host, over all boots.
 MAX_CONTAINERS = 1024
 # The share of process.max_state_bytes the section may take encoded: the aggregate's
@@ -572,7 +579,8 @@ def load_metadata(text: str) -> tuple[Metadata, list[str]]:
 
     cgroup ids (cgroup v2 directory inodes) are only unique within one host,
     hence ``host.id`` on every line. Attributes other than ``container.*`` and
-    ``k8s.*`` strings are refused. Blank lines and lines starting with ``#``
+    ``k8s.*`` strings are refused, and so is a line of more than ``FEED_MAX_ATTRS`` or
+    with a name or value longer than an attribute on the wire takes. Blank lines and lines starting with ``#``
     are skipped. Returns the mapping and one message per refused line (the
     other lines still apply).
     """
@@ -602,6 +610,17 @@ def load_metadata(text: str) -> tuple[Metadata, list[str]]:
         bad = [k for k, v in obj.items() if not (k.startswith(FEED_NAMESPACES) and isinstance(v, str))]
         if bad:
             errors.append(f"line {n}: {', '.join(bad)}: only container.* and k8s.* strings are taken")
+            continue
+        # (a pod's annotation, as k8s.pod.annotation.*, may be far longer than a batch takes)
+        long = [k for k, v in obj.items() if len(k) > ATTRS.key_len or len(v) > ATTR_CHARS]
+        if long:
+            errors.append(
+                f"line {n}: {', '.join(f'{k:.100}' for k in long)}: an attribute's name is at most "
+                f"{ATTRS.key_len} characters and its value at most {ATTR_CHARS}"
+            )
+            continue
+        if len(obj) > FEED_MAX_ATTRS:
+            errors.append(f"line {n}: {len(obj)} attributes, past the {FEED_MAX_ATTRS} a line may set")
             continue
         feed.setdefault(host, {})[cg] = obj
     return feed, errors

@@ -194,3 +194,39 @@ def test_a_batch_of_more_execs_than_the_next_stage_takes_passes_on_at_most_max_p
     assert len(out.processes) == 4096 == enrich_core.known_processes(state)
     assert set(out.processes) == {str(pid) for pid in range(4905, 9001)}  # the most recent kept
     assert len(decode_batch(encode_batch(out)).processes) == 4096
+
+
+def test_a_feed_line_setting_more_than_a_batch_takes_is_refused():
+    """The feed's attributes go into the batches enrich sends on, whose next reader takes
+    an attribute of a name up to 256 characters and a value up to 4096 (the wire's), and
+    into the resource of their spans and logs, 128 attributes at most. A line past either
+    (a pod's annotations or labels, as k8s.pod.annotation.*: kubectl's
+    last-applied-configuration is often longer) made every batch naming a process of its
+    cgroup one the next stage dead-letters whole: it is refused, with the reason."""
+    import json
+
+    from ktel.wire import KTEL_SPAN, decode_batch, decode_spans, encode_batch, encode_spans
+    from processors import aggregate_core
+
+    many = {f"k8s.pod.label.l{i}": "v" for i in range(enrich_core.FEED_MAX_ATTRS)}
+    lines = [
+        {"host.id": "h", "cgroup.id": 1, "k8s.pod.annotation.big": "x" * 4097},
+        {"host.id": "h", "cgroup.id": 2, "k8s.pod.label." + "k" * 300: "v"},
+        {"host.id": "h", "cgroup.id": 3, **many, "k8s.pod.name": "one-too-many"},
+        {"host.id": "h", "cgroup.id": 4, **many},
+    ]
+    feed, errors = enrich_core.load_metadata("\n".join(json.dumps(line) for line in lines))
+    assert [e.split(":")[0] for e in errors] == ["line 1", "line 2", "line 3"]
+    assert list(feed["h"]) == [4]
+    # The most a line may set still makes a batch and a span's resource the wire takes,
+    # with a host's and a container's attributes at their most.
+    state: dict = {}
+    host = {"host.id": "h", "boot.id": "b", **{f"host.a{i}": "v" * 1024 for i in range(30)}}
+    told = {f"container.a{i}": "v" for i in range(16)}
+    enrich_core.observe_heartbeat(state, {"ts": 1, "host": host, "containers": [[4, told]]})
+    exec_ = [PROCESS_EXEC.id, 1, 10, 10, 1, 0, 4, "sh", "/bin/sh"]
+    span = [KTEL_SPAN.id, 1, 10, 10, b"t" * 16, b"s" * 8, b"", "op", 1, 2, 0, {}]
+    out = enrich_core.enrich(state, RawBatch("h", "b", 1, 1, [exec_, span]), feed, enrich_core.Options())
+    batch = decode_batch(encode_batch(out.batch))
+    [spans] = aggregate_core.signals(batch)[0]
+    decode_spans(encode_spans(spans))
