@@ -6,7 +6,10 @@ Keep policies, in order (the first that applies decides):
 1. ``keep_kinds``: rare or error kinds (OOM kills, retransmits, drops) are
    always kept, with their weight unchanged.
 2. ``keep_slow``: an event whose field is at or above a threshold (a slow DNS
-   lookup, a long span) is kept, weight unchanged.
+   lookup, a long span) is kept, weight unchanged; so is kernel code's gauge reading
+   (a ``ktel_metric`` of type gauge): a gauge's value is its last reading, which no
+   weight stands in for, and one sampled out would leave its series at the reading
+   before, for good when it was the last.
 3. Everything else is kept with probability ``p = baseline``, lowered further
    for a kind whose rate in the last window exceeded its budget
    (``budget_per_s``, this worker's share of the fleet-wide budget:
@@ -47,7 +50,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ktel.probes import HISTOGRAM_DELTA, KINDS, PROBE_OF_KIND
-from ktel.wire import ControlCommand, RawBatch
+from ktel.wire import KTEL_METRIC, ControlCommand, RawBatch
 from ktel.wire.control import sample_command_id
 from ktel.wire.raw import MAX_WEIGHT
 from processors.stage import FromConfig, Result, Stage, State
@@ -117,6 +120,7 @@ class Sampler:
         rng: random.Random | None = None  # (seeded when first needed: most batches sample nothing out)
         weights_in = batch.weights or [1.0] * len(batch.events)
         keep_ids, slow = self.keep_ids, self.slow
+        metric_id, metric_type = KTEL_METRIC.id, KTEL_METRIC.index("type")
         events, weights = [], []
         for ev, w in zip(batch.events, weights_in, strict=True):
             kind = ev[0]
@@ -124,7 +128,12 @@ class Sampler:
             # handles, and one event claiming to stand for 2**53 (any client can write
             # the topics) would sample the kind down for every host of the worker.
             self.window_counts[kind] += 1
-            if keep_all or kind in keep_ids or (kind in slow and ev[slow[kind][0]] >= slow[kind][1]):
+            if (
+                keep_all
+                or kind in keep_ids
+                or (kind in slow and ev[slow[kind][0]] >= slow[kind][1])
+                or (kind == metric_id and ev[metric_type] == "gauge")
+            ):
                 p = 1.0
             else:
                 p = self.kind_p.get(kind, opts.baseline)

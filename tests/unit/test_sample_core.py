@@ -203,3 +203,18 @@ def test_a_window_closed_holding_no_partition_makes_no_batch_fail():
     out = s.sample(stream(1, 100, host="h2")[0])
     assert len(out.events) == 100 and out.weights is None
     decode_batch(encode_batch(out))
+
+
+def test_kernel_codes_gauge_readings_are_always_kept():
+    """A gauge's value is its last reading, which no weight stands in for: one sampled out
+    left its series at the reading before, for good when it was the last (a queue back to
+    0 after a burst). Its counters and histograms are sampled, their weights counting."""
+    from ktel.wire import KTEL_METRIC
+
+    gauges = [[KTEL_METRIC.id, 1, 2, "gauge", "queue_depth", {"q": str(i)}, i] for i in range(200)]
+    counters = [[KTEL_METRIC.id, 1, 2, "counter", "requests_total", {}, 1] for _ in range(200)]
+    s = Sampler(Options(baseline=0.1))
+    out = s.sample(RawBatch("h", "b", 0, 1, gauges + counters))
+    kept_gauges = [(ev, w) for ev, w in zip(out.events, out.weights, strict=True) if ev[3] == "gauge"]
+    assert [ev for ev, _ in kept_gauges] == gauges and all(w == 1.0 for _, w in kept_gauges)
+    assert 200 < len(out.events) < 300  # (the counters sampled)
