@@ -1555,6 +1555,15 @@ def load(path: str | Path | None = None) -> Config:
     sections = {name.upper() for name in Config.model_fields}
     for var in sorted(os.environ):
         head, delimiter, _ = var.upper().removeprefix("KTEL_").partition("__")
+        # Nor one joining its section and setting with one underscore
+        # (KTEL_AGGREGATE_WINDOW_SECONDS): it names no section, and so is never read.
+        section = next((s for s in sections if head.startswith(s + "_")), None)
+        if var.upper().startswith("KTEL_") and not delimiter and section is not None:
+            meant = f"KTEL_{section}__{head.removeprefix(section + '_')}"
+            raise ConfigError(
+                f"invalid ktel configuration ({source}):\n  {var}: not read, as a section and its "
+                f"setting are joined by two underscores: did you mean {meant}?"
+            )
         if var.upper().startswith("KTEL_") and delimiter and head not in sections:
             close = difflib.get_close_matches(head, sections, n=1)
             hint = f"did you mean KTEL_{close[0]}__...? " if close else ""

@@ -537,6 +537,14 @@ def test_every_text_and_path_refuses_empty(tmp_path, monkeypatch, section, name)
             "KTEL_AGGREGATES__WINDOW_SECONDS: aggregates is not a section of ktel's configuration: "
             "did you mean KTEL_AGGREGATE__...?",
         ),
+        # One underscore between section and setting: read by nothing, so the default held.
+        (
+            "KTEL_AGGREGATE_WINDOW_SECONDS",
+            "2",
+            "KTEL_AGGREGATE_WINDOW_SECONDS: not read, as a section and its setting are joined by two "
+            "underscores: did you mean KTEL_AGGREGATE__WINDOW_SECONDS?",
+        ),
+        ("KTEL_REMOTE_WRITE_URL", "http://x", "did you mean KTEL_REMOTE_WRITE__URL?"),
         # A whole section as one variable may carry the section's secrets.
         (
             "KTEL_REMOTE_WRITE",
