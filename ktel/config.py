@@ -1213,6 +1213,21 @@ class PullConfig(Section):
         "ktel_exporter_pull_series_bytes shows how near it is",
     )
 
+    @field_validator("host")
+    @classmethod
+    def _one_host(cls, v: str) -> str:
+        # A colon is an IPv6 address's alone: the endpoint takes any other for one, and
+        # stopped with a traceback (as `ktel up` did checking its port).
+        if ":" in v:
+            try:
+                ipaddress.IPv6Address(v)
+            except ValueError:
+                raise ValueError(
+                    "is not an address or a host name: give the address alone (e.g. 0.0.0.0, or :: "
+                    "without brackets), and the port as pull.port"
+                ) from None
+        return v
+
 
 class StackConfig(Section):
     data_dir: Dir = Field(

@@ -417,6 +417,13 @@ LONG_HOST = "h" * 300
         # Text: empty, too long, with a NUL.
         ("[kafka]\nssl_cafile = ''\n", "kafka.ssl_cafile = '': Value error, is empty: give a value"),
         ("[pull]\nhost = ''\n", "pull.host = '': Value error, is empty"),
+        # A port or brackets with the address: the endpoint took it for an IPv6 one.
+        (
+            "[pull]\nhost = '0.0.0.0:9464'\n",
+            "pull.host = '0.0.0.0:9464': Value error, is not an address or a host name: give the "
+            "address alone",
+        ),
+        ("[pull]\nhost = '[::]'\n", "pull.host = '[::]': Value error, is not an address"),
         (
             "[remote_write]\nheaders = {X-Scope-OrgID = ''}\n",
             "remote_write.headers: Value error, 'X-Scope-OrgID' is empty",
@@ -922,3 +929,8 @@ def test_deflate_over_grpc_is_refused_when_the_config_says_grpc(tmp_path):
         config.load(f)
     f.write_text("[otlp]\nprotocol = 'http/protobuf'\ncompression = 'deflate'\n")
     assert config.load(f).otlp.compression == "deflate"
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "::1", "fe80::1%lo", "localhost", "pull.example"])
+def test_a_pull_host_is_an_address_or_a_name(host):
+    assert config.PullConfig(host=host).host == host
