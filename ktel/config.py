@@ -364,6 +364,13 @@ class KafkaConfig(Section):
             host, _, port = hp.strip().rpartition(":")
             if not host or not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
                 raise ValueError(f"{hp!r} is not host:port (a port from 1 to 65535)")
+            if "/" in host:
+                # A listener's URL (PLAINTEXT://kafka:9092): the clients took its scheme for
+                # part of the host, and retried it for good.
+                raise ValueError(
+                    f"{hp!r} is not host:port: give it without a scheme (kafka.security_protocol "
+                    "says PLAINTEXT, SSL or SASL)"
+                )
         return v
 
     @field_validator("prefix")

@@ -410,6 +410,11 @@ LONG_HOST = "h" * 300
             "enrich.exit_grace_seconds = 1e+300: Input should be less",
         ),
         ("[kafka]\nbootstrap = 'k:70000'\n", "'k:70000' is not host:port (a port from 1 to 65535)"),
+        # A listener's URL: its scheme was taken for part of the host, retried for good.
+        (
+            "[kafka]\nbootstrap = 'k:9092,SASL_SSL://kafka:9093'\n",
+            "'SASL_SSL://kafka:9093' is not host:port: give it without a scheme",
+        ),
         (
             "[remote_write]\nurl = 'prometheus:9090'\n",
             "remote_write.url = 'prometheus:9090': Value error, give an http://",
