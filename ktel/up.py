@@ -27,7 +27,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from ktel import topics
-from ktel.config import Config
+from ktel.config import Config, RemoteWriteConfig
 from ktel.stack import proc
 from ktel.stack.kafka import LocalKafka, ensure_kafka
 from ktel.stack.otelcol import LocalCollector, ensure_collector
@@ -112,11 +112,17 @@ class Stack:
         env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_EXPORTER_OTLP_")}
         env["KTEL_KAFKA__BOOTSTRAP"] = self.kafka.bootstrap
         env["KTEL_REMOTE_WRITE__URL"] = self.prometheus.remote_write_url
+        # So does the remote-write exporter, to the local Prometheus: a production url's
+        # credentials are not for it, and its TLS settings refused the plain http:// url.
+        for name in (*RemoteWriteConfig.FILES, "basic_auth_username", "basic_auth_password"):
+            env[f"KTEL_REMOTE_WRITE__{name.upper()}"] = "null"
+        env["KTEL_REMOTE_WRITE__TLS_CHECK_HOSTNAME"] = "true"
         env["KTEL_OTLP__ENDPOINT"] = self.collector.grpc_endpoint
         env["KTEL_OTLP__PROTOCOL"] = "grpc"
         env["KTEL_OTLP__INSECURE"] = "true"
         env["KTEL_OTLP__COMPRESSION"] = "none"
-        env["KTEL_OTLP__HEADERS"] = "{}"
+        # (null: "{}" is merged into the file's headers, which it then leaves as they are.)
+        env["KTEL_OTLP__HEADERS"] = "null"
         env["KTEL_OTLP__BEARER_TOKEN_FILE"] = "null"  # (unset: ktel/config.py)
         # The worker's on-disk table copies belong with this stack's Kafka, whose
         # changelogs they copy: another stack's would not match them.

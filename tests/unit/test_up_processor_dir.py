@@ -27,3 +27,34 @@ def test_ktel_ups_otlp_exporter_sends_no_production_token_to_the_local_collector
     f = tmp_path / "k.toml"
     f.write_text(f"[otlp]\nbearer_token_file = '{token}'\n")
     assert config.load(f).otlp.bearer_token_file is None  # what the child loads
+
+
+def test_ktel_ups_remote_write_exporter_takes_no_production_credentials_or_tls(tmp_path, monkeypatch):
+    ca, password = tmp_path / "prod-ca.pem", tmp_path / "prod-password"
+    ca.write_text("ca\n")
+    password.write_text("prod\n")
+    f = tmp_path / "k.toml"
+    f.write_text(
+        "[remote_write]\nurl = 'https://prom.example/api/v1/write'\n"
+        f"tls_ca_file = '{ca}'\nbasic_auth_username = 'ktel'\nbasic_auth_password_file = '{password}'\n"
+    )
+    monkeypatch.setenv("KTEL_AGENT__HOST_ID", "h")
+    monkeypatch.setenv("KTEL_STACK__DATA_DIR", str(tmp_path))
+    env = Stack(config.load(f)).child_env()
+    for name, value in env.items():
+        if name.startswith("KTEL_"):
+            monkeypatch.setenv(name, value)
+    # What the child loads: the local Prometheus' plain http:// url held with the production
+    # TLS settings was refused, so the child stopped; and its credentials went to it.
+    rw = config.load(f).remote_write
+    assert rw.url.startswith("http://127.0.0.1:")
+    assert (rw.tls_ca_file, rw.basic_auth_username, rw.basic_auth_password_file) == (None, None, None)
+
+
+def test_ktel_ups_otlp_exporter_sends_no_production_headers_to_the_local_collector(tmp_path, monkeypatch):
+    f = tmp_path / "k.toml"
+    f.write_text("[otlp]\nheaders = {authorization = 'Bearer prod'}\n")
+    monkeypatch.setenv("KTEL_AGENT__HOST_ID", "h")
+    monkeypatch.setenv("KTEL_STACK__DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("KTEL_OTLP__HEADERS", Stack(config.load(f)).child_env()["KTEL_OTLP__HEADERS"])
+    assert not config.load(f).otlp.headers  # what the child loads
