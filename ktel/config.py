@@ -1158,8 +1158,14 @@ class OtlpConfig(Section):
         "this goes to ktel.dlq instead (a host clock that far ahead, or a broken timestamp)",
     )
 
-    # The files ``ktel export otlp`` reads itself (check_readable at its start).
-    FILES: ClassVar[tuple[str, ...]] = ("bearer_token_file",)
+    # The files ``ktel export otlp`` reads, itself or through the SDK (check_readable at
+    # its start: over grpc, one missing stopped it with a traceback).
+    FILES: ClassVar[tuple[str, ...]] = (
+        "bearer_token_file",
+        "certificate_file",
+        "client_key_file",
+        "client_certificate_file",
+    )
 
     @field_validator("endpoint")
     @classmethod

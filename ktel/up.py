@@ -27,7 +27,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from ktel import topics
-from ktel.config import Config, RemoteWriteConfig
+from ktel.config import Config, OtlpConfig, RemoteWriteConfig
 from ktel.stack import proc
 from ktel.stack.kafka import LocalKafka, ensure_kafka
 from ktel.stack.otelcol import LocalCollector, ensure_collector
@@ -123,7 +123,8 @@ class Stack:
         env["KTEL_OTLP__COMPRESSION"] = "none"
         # (null: "{}" is merged into the file's headers, which it then leaves as they are.)
         env["KTEL_OTLP__HEADERS"] = "null"
-        env["KTEL_OTLP__BEARER_TOKEN_FILE"] = "null"  # (unset: ktel/config.py)
+        for name in OtlpConfig.FILES:  # (null unsets: ktel/config.py)
+            env[f"KTEL_OTLP__{name.upper()}"] = "null"
         # The worker's on-disk table copies belong with this stack's Kafka, whose
         # changelogs they copy: another stack's would not match them.
         env["KTEL_PROCESS__DATA_DIR"] = str(self.cfg.stack.data_dir / "processor")

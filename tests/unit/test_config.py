@@ -284,6 +284,9 @@ HTTPS = "url = 'https://r/api/v1/write'\n"
         ("remote_write", "basic_auth_password_file", HTTPS + "basic_auth_username = 'u'\n"),
         ("remote_write", "tls_ca_file", HTTPS),
         ("otlp", "bearer_token_file", ""),
+        ("otlp", "certificate_file", ""),
+        ("otlp", "client_key_file", ""),
+        ("otlp", "client_certificate_file", ""),
     ],
 )
 def test_an_exporters_unreadable_file_is_refused_when_it_starts_not_when_any_process_loads(
