@@ -1474,6 +1474,15 @@ def _holds_secret(field: Any) -> bool:
     )
 
 
+def _variable(loc: tuple[int | str, ...]) -> str:
+    """Where the environment sets what is at ``loc``: its KTEL_* variable, or for what is
+    in a list's item (agent.redact's rules), the whole list's, as JSON: no variable
+    names an item (KTEL_AGENT__REDACT__0__PATTERN is refused as not a list)."""
+    names = [str(p) for p in loc[: next((i for i, p in enumerate(loc) if isinstance(p, int)), len(loc))]]
+    var = "KTEL_" + "__".join(n.upper() for n in names)
+    return var if len(names) == len(loc) else f"{var} (the whole list, as JSON)"
+
+
 def _unknown(loc: tuple[int | str, ...]) -> str:
     """What to say of a key the table it is in has no setting of."""
     model: Any = Config
@@ -1486,7 +1495,7 @@ def _unknown(loc: tuple[int | str, ...]) -> str:
     hint = f"did you mean {close[0]}? " if close else ""
     if len(loc) == 1:
         return f"not a section of ktel's configuration: {hint}the sections are {', '.join(names)}"
-    env = "KTEL_" + "__".join(str(p).upper() for p in loc)
+    env = _variable(loc)
     where = ".".join(str(p) for p in loc[:-1])
     return (
         f"not a setting of {where} (in the file, or {env} in the environment): {hint}`ktel config` lists them"
@@ -1507,7 +1516,7 @@ def _explain(err: ValidationError, source: str) -> str:
         if e["type"] == "extra_forbidden":
             lines.append(f"  {field}: {_unknown(e['loc'])}")
             continue
-        env = "KTEL_" + "__".join(str(p).upper() for p in e["loc"])
+        env = _variable(e["loc"])
         value = e.get("input")
         if isinstance(value, dict):
             # A whole section failed a check across fields: the message names them,

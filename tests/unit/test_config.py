@@ -325,7 +325,14 @@ LONG_HOST = "h" * 300
         ),
         (
             "[agent]\nredact = [{kind = 'file_created', field = 'path', pattern = 'x', replacment = 'y'}]\n",
-            "agent.redact.0.replacment: not a setting of agent.redact.0",
+            "agent.redact.0.replacment: not a setting of agent.redact.0 (in the file, or "
+            "KTEL_AGENT__REDACT (the whole list, as JSON) in the environment)",
+        ),
+        # No variable names a list's item: KTEL_AGENT__REDACT__0__PATTERN is refused as not a list.
+        (
+            "[agent]\nredact = [{kind = 'file_created', field = 'path', pattern = '('}]\n",
+            "not a valid regular expression: missing ), unterminated subpattern at position 0 (set it "
+            "in the file or with KTEL_AGENT__REDACT (the whole list, as JSON))",
         ),
         ("[kafka.principals]\nagnet = 'User:a'\n", "did you mean agent?"),
         (
