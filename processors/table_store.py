@@ -214,7 +214,11 @@ class DiskBackedStore(FoldingStore):
 
         def copy(meta: Any) -> None:
             partition, offset = meta.topic_partition.partition, meta.offset
-            if partition in self._dropped:
+            if partition in self._dropped or partition not in self._dbs:
+                # (Not in _dbs: revoked since the send, its copy closed and its last
+                # offset forgotten. Another worker may have written it since, which a
+                # copy taking this record would hide: the copy stays at its offset, and
+                # the next load reads the rest from the changelog.)
                 return
             last = self._copied.get(partition)
             if last is not None and offset != last + 1:

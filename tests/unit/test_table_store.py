@@ -170,3 +170,26 @@ def test_faust_recovery_folds_around_malformed_records_and_counts_them():
     table.apply_changelog_batch(events)
     assert dict(table.data.data) == {"h": {"v": 2}}
     assert refused() - before == len(events) - 2
+
+
+def test_a_record_acknowledged_once_its_partition_is_revoked_is_not_copied(tmp_path):
+    """A changelog record this worker sent before losing the partition, acknowledged
+    after: another worker may have written the partition in between (offsets 43 and 44
+    here), which this copy never sees. Taken, it would give the copy an offset past
+    them, and the worker, assigned the partition again, would read the changelog from
+    past them and recover without them."""
+    store = copy_alone(tmp_path)
+    store.table = SimpleNamespace(changelog_topic=SimpleNamespace(topics={"c"}))
+    db = store._db(3)
+    db[OFFSET_KEY], db[WRITTEN_KEY] = b"41", str(time.time()).encode()
+    store._load(3)
+
+    async def rebalance_then_late_ack() -> None:
+        store.acknowledged(b'"h"', b'{"v": 1}')(acked(3, 42))
+        await store.on_rebalance(set(), {TP("c", 3)}, set())
+        store.acknowledged(b'"h"', b'{"v": 2}')(acked(3, 45))
+        store._write_acked()
+
+    asyncio.run(rebalance_then_late_ack())
+    store._load(3)  # assigned again
+    assert store.persisted_offset(TP("c", 3)) == 42
