@@ -329,7 +329,7 @@ def fold(data: MutableMapping[Any, Any], key: Any, record: Any) -> tuple[Any, st
     (None: its key names none), and why it was left out (None: it was not; see the
     module doc)."""
     if isinstance(key, str):
-        if record is None:  # the host forgotten (its deltas were tombstoned too)
+        if record is None:  # the host forgotten (its deltas' tombstones follow)
             data.pop(key, None)
         elif (why := _snapshot_problem(record)) is not None:
             data.pop(key, None)  # (as if the host were new)

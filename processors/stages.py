@@ -428,14 +428,20 @@ def partition_of(key: str, partitions: int) -> int:
 
 
 async def forget(table: Any, key: str, partitions: int) -> None:
-    """Delete a host's table value outside a stream: a tombstone for each of its delta
-    keys and its snapshot, to its changelog partition, which ``persist`` cannot name
-    without the record being processed."""
+    """Delete a host's table value outside a stream: a tombstone for its snapshot and
+    each of its delta keys, to its changelog partition, which ``persist`` cannot name
+    without the record being processed.
+
+    The snapshot's first: a worker killed after it recovers no such host, whichever
+    of the rest Kafka has, the deltas left folded onto no value. (The deltas' first
+    left, once compacted, the snapshot with some of the deltas after it gone: the
+    host's value of before the first gap, the batches of the deltas after it lost
+    though committed.)"""
     table.data.pop(key, None)
     partition = partition_of(key, partitions)
+    await send(table, table.data._encode_key(key), None, partition)
     for slot in range(changelog.SLOTS):
         await send(table, changelog.delta_key(key, slot), None, partition)
-    await send(table, table.data._encode_key(key), None, partition)
 
 
 def make_app(cfg: Config, stage: str) -> faust.App:
@@ -830,7 +836,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         """Wait until ``host_id``'s tombstones are sent, if it is being forgotten. A record
         of it taken before then would start the host afresh, and be handled and committed
         with its changelog record sent, which tombstones sent after it (its snapshot key's
-        comes last) delete: a worker killed then recovers no such host, and the record's
+        or its delta keys') delete: a worker killed then recovers no such host, and the record's
         counts are lost for good. Taken after them, its record is the host's last."""
         while (gone := dropping.get(host_id)) is not None:
             await gone.wait()

@@ -437,7 +437,7 @@ async def test_a_batch_of_a_host_being_forgotten_is_handled_only_after_its_tombs
     """A forgotten host's tombstones may each wait for room in the producer. A batch of
     that host that comes meanwhile starts it afresh: handled (and so committed) before
     the tombstones are sent, its changelog record is deleted by them (its snapshot key's
-    comes last), and a worker killed before anything else of the host reaches the
+    among them), and a worker killed before anything else of the host reaches the
     changelog recovers no such host, the batch's counts lost for good. So the batch waits
     for the tombstones: whenever it is handled, the changelog as recovered has it."""
     aggregate = config.AggregateConfig(window_seconds=0.05, host_ttl_seconds=0.1)
@@ -457,7 +457,7 @@ async def test_a_batch_of_a_host_being_forgotten_is_handled_only_after_its_tombs
                 # What a worker killed now recovers of h1, and whether the batch was handled.
                 seen.append((taking.done(), dict(shell.states()).get("h1")))
             await send(table, key, value, *args)
-            if value is None and json.loads(key) == "h1":  # (the snapshot key's, the last)
+            if value is None and json.loads(key) == ["h1", changelog.SLOTS - 1]:  # (the last)
                 tombstoned.set()
 
         timer = next(t for t in app._app_tasks if t.__name__ == "forget_silent")
@@ -752,3 +752,31 @@ async def test_a_window_woken_late_closes_once_and_a_clock_stepped_back_does_not
     back = s - 600_000
     assert closes == [s + 5000, s + 6000, back + 8000, back + 10_000]
     assert delays == [1.0, 0.0, 0.0, 0.0]
+
+
+async def test_a_worker_killed_while_forgetting_a_host_recovers_it_whole_or_not_at_all(tmp_path):
+    """A host's tombstones leave one by one, and a worker may be killed after any of
+    them. Its deltas' first, the snapshot's last, left (once compacted) its snapshot
+    with deltas after a gap: recovered, the host's value of before the gap, the batches
+    of the deltas after it lost though committed, and counted on from there if the host
+    came back."""
+    async with Shell(tmp_path, "aggregate") as shell:
+        # (many series, so that a batch of one is a delta)
+        await shell.put(batch(0, [file_created(1, f"/data/{n}/f") for n in range(50)]))
+        await shell.put(*(batch(seq, [file_created(1, f"/data/{seq}/g")]) for seq in range(1, 5)))
+        before = len(shell.changelog)
+        assert [changelog.is_delta(key) for key, _ in shell.changelog] == [False, True, True, True, True]
+        whole = shell.states()[-1]
+        await stages.forget(shell.app.tables["host-state"], "h1", RESOLVED.raw_partitions)
+        records = copy.deepcopy(shell.changelog)
+        assert len(records) == before + changelog.SLOTS + 1
+        for cut in range(before, len(records) + 1):  # (the worker killed after records[:cut])
+            # Compacted, as Kafka may have them by then: each key's last record alone.
+            last = {json.dumps(key): at for at, (key, _value) in enumerate(records[:cut])}
+            data: dict[str, dict] = {}
+            for at in sorted(last.values()):
+                changelog.fold(data, *copy.deepcopy(records[at]))
+            assert (cut, ("h1", persisted(data["h1"])) if "h1" in data else None) in (
+                (cut, whole),
+                (cut, None),
+            )
