@@ -152,6 +152,7 @@ class DiskBackedStore(FoldingStore):
         if db is None:
             path = self._path(partition)
             path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(self._removed(partition), ignore_errors=True)  # (a kill's leftover)
             # Raw: keys and values are the changelog's bytes, as Kafka has them.
             db = self._dbs[partition] = Rdict(
                 str(path), Options(raw_mode=True), access_type=AccessType.read_write()
@@ -195,9 +196,23 @@ class DiskBackedStore(FoldingStore):
         )
         self._remove(partition)
 
+    def _removed(self, partition: int) -> Path:
+        """Where a partition's copy is being deleted (``_remove``)."""
+        return self._path(partition).with_name(f"{self._path(partition).name}.removed")
+
     def _remove(self, partition: int) -> None:
+        """Delete the partition's copy. Renamed first, which is atomic: a worker killed
+        midway through deleting its files left a directory RocksDB refuses to open (its
+        CURRENT file gone, or the MANIFEST it names, and the rest there), and failed on it
+        at every start. What a kill leaves of the renamed one goes at the next open."""
         self._close(partition)
-        shutil.rmtree(self._path(partition), ignore_errors=True)
+        removed = self._removed(partition)
+        shutil.rmtree(removed, ignore_errors=True)
+        try:
+            self._path(partition).rename(removed)
+        except FileNotFoundError:
+            return
+        shutil.rmtree(removed, ignore_errors=True)
 
     def _close(self, partition: int) -> None:
         db = self._dbs.pop(partition, None)

@@ -3,7 +3,9 @@
 import asyncio
 import json
 import time
+from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import faust
 import pytest
@@ -230,3 +232,33 @@ def test_a_snapshot_leaves_no_delta_of_before_it_in_the_copy(tmp_path, path):
     restarted = copy_alone(tmp_path)
     restarted._load(3)
     assert restarted.data == {"h": {"v": 1, "aggregate": {"last_ms": 9}}}
+
+
+class Killed(BaseException):
+    """The worker SIGKILLed (nothing after it runs)."""
+
+
+def test_a_worker_killed_while_dropping_its_copy_starts_again(tmp_path, monkeypatch):
+    """A copy too old is dropped at load, its files deleted one by one, and the worker
+    may be killed midway. With its CURRENT file gone (or the MANIFEST it names) and
+    the rest there, RocksDB refuses to open the directory ("Corruption: While creating
+    a new Db, wal_dir contains existing log file"), and the worker failed on it at every
+    start."""
+    store = copy_alone(tmp_path)
+    db = store._db(3)
+    db[OFFSET_KEY], db[WRITTEN_KEY] = b"41", str(time.time() - 30 * 3600).encode()
+    store._close(3)
+
+    def killed_midway(path: Any, ignore_errors: bool = False) -> None:
+        current = Path(path) / "CURRENT"
+        if current.exists():
+            current.unlink()
+            raise Killed
+
+    monkeypatch.setattr(table_store.shutil, "rmtree", killed_midway)
+    with pytest.raises(Killed):
+        copy_alone(tmp_path)._load(3)
+    monkeypatch.undo()
+    restarted = copy_alone(tmp_path)
+    restarted._load(3)
+    assert restarted.persisted_offset(TP("host-state-changelog", 3)) is None
