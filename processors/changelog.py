@@ -345,6 +345,15 @@ def fold(data: MutableMapping[Any, Any], key: Any, record: Any) -> tuple[Any, st
         return host_id, None
     if (why := _delta_problem(record)) is not None:
         return host_id, f"{why}, left out"
+    if key[1] != record[VERSION] % SLOTS or version(record["head"]) != record[VERSION]:
+        # (ktel writes neither. One under another key outlives the host's tombstones,
+        # which name its slots, to be folded onto a later incarnation of it; one whose
+        # head has another version leaves the value at that one, its next deltas out.)
+        v, its_head = record[VERSION], version(record["head"])
+        return (
+            host_id,
+            f"a delta of version {v!r:.40} under slot {key[1]!r:.40}, its head's {its_head!r:.40}, left out",
+        )
     value = data.get(host_id)
     if value is None or record[VERSION] != version(value) + 1:
         return host_id, None  # from before the host's snapshot

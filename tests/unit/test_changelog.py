@@ -138,7 +138,7 @@ def test_a_value_an_older_ktel_wrote_whole_is_a_snapshot_of_version_0():
     runner = Runner().run(traffic(4))
     older = persisted(runner.value)
     del older["v"]
-    delta = (["h1", 1], {"v": 1, "head": {"aggregate": {"seen": {}}}, "set": [], "del": []})
+    delta = (["h1", 1], {"v": 1, "head": {"v": 1, "aggregate": {"seen": {}}}, "set": [], "del": []})
     assert recover([("h1", older), delta])["h1"]["aggregate"]["seen"] == {}
 
 
@@ -288,3 +288,19 @@ def test_the_records_that_raised_or_left_a_value_no_stage_can_use_are_left_out()
         host_id, why = changelog.fold(data, key, record)
         assert why is not None
         assert data == ({} if key == "h" else {"h": {"v": 0}})
+
+
+def test_a_delta_under_a_key_or_with_a_head_ktel_does_not_write_is_left_out():
+    """A delta under another slot than its version's outlived the host's tombstones
+    (they name its slots) and was folded onto the host's next incarnation once its
+    versions came to it; one whose head has another version left the host's value at
+    that version, and the deltas after it out."""
+    head = {"v": 2, "aggregate": {"last_ms": 2}}
+    for key, record in [
+        (["h", 9], {"v": 2, "head": head, "set": [], "del": []}),
+        (["h", 2], {"v": 2, "head": {**head, "v": 7}, "set": [], "del": []}),
+    ]:
+        data = {"h": {"v": 1}}
+        host_id, why = changelog.fold(data, key, record)
+        assert host_id == "h" and why is not None
+        assert data == {"h": {"v": 1}}

@@ -355,7 +355,7 @@ def _recovered(section: dict, as_delta: bool) -> dict:
     data: dict = {}
     if as_delta:
         changelog.fold(data, "h", {"enrich": {}})
-        changelog.fold(data, ["h", 1], {"v": 1, "head": {"enrich": section}, "set": [], "del": []})
+        changelog.fold(data, ["h", 1], {"v": 1, "head": {"v": 1, "enrich": section}, "set": [], "del": []})
     else:
         changelog.fold(data, "h", {"enrich": section})
     return data["h"]["enrich"]
