@@ -289,19 +289,25 @@ class DiskBackedStore(FoldingStore):
     def _write_acked(self) -> None:
         acked, self._acked = self._acked, {}
         for partition, (batch, offset) in acked.items():
-            batch.put(OFFSET_KEY, str(offset).encode())
-            batch.put(WRITTEN_KEY, str(time.time()).encode())
-            try:
-                self._db(partition).write(batch)
-            except Exception as err:  # (rocksdict raises RocksDB's errors as plain Exception)
-                # Going on would leave a hole: these records missing, and the next write's
-                # offset past them. A restart reads the copy as it was and the changelog's
-                # tail from there.
-                end(
-                    f"ktel process: stopping: the on-disk copy of changelog partition {partition} "
-                    f"could not be written ({type(err).__name__}: {err}); restart the worker (its "
-                    "supervisor does): it reads the changelog from the copy's last complete offset"
-                )
+            self._write(partition, batch, offset)
+
+    def _write(self, partition: int, batch: WriteBatch, offset: int) -> None:
+        """Write ``batch``, the partition's records up to ``offset``, to its copy, with
+        that offset."""
+        batch.put(OFFSET_KEY, str(offset).encode())
+        batch.put(WRITTEN_KEY, str(time.time()).encode())
+        try:
+            self._db(partition).write(batch)
+        except Exception as err:  # (rocksdict raises RocksDB's errors as plain Exception)
+            # Going on would leave a hole: these records missing, and the next write's
+            # offset past them. A restart reads the copy as it was and the changelog's
+            # tail from there. (Raised in Faust's recovery, it would stop that for good:
+            # FoldingStore._fold.)
+            end(
+                f"ktel process: stopping: the on-disk copy of changelog partition {partition} "
+                f"could not be written ({type(err).__name__}: {err}); restart the worker (its "
+                "supervisor does): it reads the changelog from the copy's last complete offset"
+            )
 
     # ---------------------------------------------------------- Faust's store API
 
@@ -329,9 +335,7 @@ class DiskBackedStore(FoldingStore):
             last[msg.partition] = max(last.get(msg.partition, -1), msg.offset)
         for partition, wb in writes.items():
             self._copied[partition] = last[partition]
-            wb.put(OFFSET_KEY, str(last[partition]).encode())
-            wb.put(WRITTEN_KEY, str(time.time()).encode())
-            self._db(partition).write(wb)
+            self._write(partition, wb, last[partition])
 
     async def on_rebalance(
         self, assigned: set[TP], revoked: set[TP], newly_assigned: set[TP], generation_id: int = 0

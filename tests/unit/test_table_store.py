@@ -262,3 +262,24 @@ def test_a_worker_killed_while_dropping_its_copy_starts_again(tmp_path, monkeypa
     restarted = copy_alone(tmp_path)
     restarted._load(3)
     assert restarted.persisted_offset(TP("host-state-changelog", 3)) is None
+
+
+def test_a_copy_the_disk_refuses_during_recovery_ends_the_worker(tmp_path, monkeypatch):
+    """Raised in Faust's recovery, which logs it and applies the same records again with
+    every later one, the error left the worker recovering for good, never ready."""
+    Rdict(str(tmp_path / "p3"), Options(raw_mode=True)).close()
+    store = copy_alone(tmp_path)
+    store._dbs[3] = Rdict(str(tmp_path / "p3"), Options(raw_mode=True), access_type=AccessType.read_only())
+    ended: list[str] = []
+
+    def end(line: str):
+        ended.append(line)
+        raise SystemExit(1)
+
+    monkeypatch.setattr(table_store, "end", end)
+    message = SimpleNamespace(key=b'"h"', value=b'{"v": 1}', partition=3, offset=7)
+    with pytest.raises(SystemExit):
+        store.apply_changelog_batch(
+            [SimpleNamespace(message=message, key=message.key, value=message.value)], json.loads, json.loads
+        )
+    assert "changelog partition 3 could not be written" in ended[0]
