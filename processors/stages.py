@@ -591,8 +591,10 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         if record is None or len(record) >= len(head) + entries:  # (a delta no smaller than the value)
             key, record = hosts.data._encode_key(host_id), encoded(hosts, value)
             kept.snapshot = v
-        await persist(hosts, host_id, value, key, record, msg, acks.sent())
+        # Before the await: a record of the host refused meanwhile (a batch and a
+        # heartbeat are taken concurrently) puts back ``kept``, which must be this one.
         kept.head, kept.entries = head, entries
+        await persist(hosts, host_id, value, key, record, msg, acks.sent())
         return True
 
     async def dead_letter(msg: Any, err: WireError | str) -> None:

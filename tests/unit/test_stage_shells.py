@@ -780,3 +780,40 @@ async def test_a_worker_killed_while_forgetting_a_host_recovers_it_whole_or_not_
                 (cut, whole),
                 (cut, None),
             )
+
+
+async def test_a_record_refused_while_another_of_its_host_is_being_persisted_keeps_that_one(
+    tmp_path, monkeypatch
+):
+    """A host's heartbeat and its batch are taken concurrently. A batch refused while the
+    heartbeat's changelog record waited for the producer put back the host's value as
+    the changelog had it before the heartbeat: the heartbeat's part of it, on the
+    changelog, gone from memory, and its version written again by the next record."""
+    monkeypatch.setattr(enrich_core, "TABLE_SHARE", 10.0, raising=False)
+    process = config.ProcessConfig(data_dir=tmp_path / "data", metrics_port=0, max_state_bytes=65_536)
+    async with Shell(tmp_path, "enrich", process=process) as shell:
+        await shell.put(batch(0, [exec_event(1, "sh", "/bin/sh")]))
+        produce, room = stages.produce, asyncio.Event()
+
+        async def no_room_yet(app: Any, topic: str, *args: Any) -> None:
+            if topic == stages.changelog_topic(shell.names, "enrich"):
+                await room.wait()
+            await produce(app, topic, *args)
+
+        with mock.patch.object(stages, "produce", no_room_yet):
+            beat = asyncio.ensure_future(
+                shell.heartbeats.put(heartbeat("h1", "b1", 1000, "node-1"), key=b"h1")
+            )
+            for _ in range(100):  # (until its changelog record waits)
+                await asyncio.sleep(0)
+            huge = batch(
+                1, [exec_event(pid, "p", "/opt/" + "x" * 150 + str(pid)) for pid in range(1000, 2000)]
+            )
+            await shell.put(huge)  # (refused: past max_state_bytes)
+            assert len(shell.to(DLQ_TOPIC)) == 1
+            room.set()
+            await beat
+        await shell.put(batch(2, [exec_event(2, "ls", "/bin/ls")]))
+        host, recovered = shell.states()[-1]
+        assert host == "h1" and recovered == persisted(shell.table("h1"))
+        assert recovered["enrich"]["boots"]["b1"]["host"]["host.name"] == "node-1"
