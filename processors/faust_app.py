@@ -338,6 +338,10 @@ class Producer(faust_aiokafka.Producer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.in_flight: dict[asyncio.Future, str] = {}  # a record's future: its topic
+        # Held by the records waiting for the group membership, in the order they were
+        # sent, and how many wait (``send_checked``).
+        self._in_order = asyncio.Lock()
+        self._waiting = 0
 
     async def send_checked(
         self,
@@ -351,8 +355,18 @@ class Producer(faust_aiokafka.Producer):
         ``acked`` is called with its metadata once Kafka has it."""
         group = self.app.conf.id
         member = membership(group)
-        if not member.current():
-            await member.held(group)
+        if not member.current() or self._waiting:
+            # In line behind the records waiting for it: one sent meanwhile would go first.
+            # A host's batch and its heartbeat, taken concurrently, each write the next
+            # version of its changelog record, and recovery leaves out a version that comes
+            # before the one it follows on from. (Only the wait: a partition whose buffer is
+            # full holds up no other's records.)
+            self._waiting += 1
+            try:
+                async with self._in_order:
+                    await member.held(group)
+            finally:
+                self._waiting -= 1
         sent = cast(asyncio.Future, await self.send(topic, key, value, partition, None, None))
         self.in_flight[sent] = topic
         sent.add_done_callback(functools.partial(self.delivered, topic, acked))

@@ -413,3 +413,34 @@ def test_a_rebalance_while_the_fetch_loop_waits_for_room_drops_the_list_and_the_
         assert loop_task.cancelled()
 
     asyncio.run(run())
+
+
+def test_records_that_wait_for_the_membership_go_in_the_order_they_were_sent(monkeypatch):
+    """A host's batch and its heartbeat are taken concurrently, and each writes the next
+    version of the host's changelog record. One that waited for the membership went out
+    after one sent once the membership was back, before it was polled again: the
+    changelog had the host's version 6 before its 5, and recovery left out 6 and every
+    delta after it."""
+    from faust.transport.drivers import aiokafka as faust_aiokafka
+
+    from processors import faust_app
+
+    async def run():
+        producer, _sent, _stopped = checked_producer(monkeypatch)
+        order: list[bytes] = []
+
+        async def send(self, topic, key, value, *rest):
+            order.append(value)
+            return asyncio.get_running_loop().create_future()
+
+        monkeypatch.setattr(faust_aiokafka.Producer, "send", send)
+        member = faust_app.membership("ktel-test")
+        member.alive_at = time.monotonic() - member.session_s  # (lapsed)
+        first = asyncio.ensure_future(producer.send_checked("host-state-changelog", b"k", b"v5"))
+        await asyncio.sleep(0)
+        member.renewed(time.monotonic(), member.session_s)  # a heartbeat answered as a member's
+        await producer.send_checked("host-state-changelog", b"k", b"v6")
+        await first
+        assert order == [b"v5", b"v6"]
+
+    asyncio.run(run())
