@@ -177,6 +177,10 @@ def test_a_full_disk_drops_and_counts_then_the_backlog_drains(private_kafka, sma
         host_id=host,
         probes=ONLY_FILES,
         state_dir=str(small_disk / "state"),
+        # Uncompressed: the 200 files' events zstd-compressed take a few KB, which the
+        # last page of the segment being written (tmpfs gives whole pages) could hold
+        # whole on the full disk, the disk then never refusing a write.
+        compression="none",
     ).start()
     fill(small_disk)
     create_files(tmp_path / "full", 200, rate_per_s=2000)
