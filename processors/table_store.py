@@ -6,8 +6,7 @@ so a restarted worker reads only the changelog's tail instead of all of it.
 
 The copy holds, per changelog partition (one RocksDB under the stage's data
 directory), exactly the changelog records Kafka has acknowledged (those of the last
-``ACKED_WRITE_S`` excepted, and a host's deltas from before its last snapshot: ``_take``),
-and the offset of the last of them, written together.
+``ACKED_WRITE_S`` excepted), and the offset of the last of them, written together.
 Faust's own RocksDB store writes a value when the stage sets it, before Kafka has
 it; a worker killed in between would restart with state the changelog never got (the
 batch counted, its outputs never sent), and would drop the batch as already seen
@@ -43,7 +42,7 @@ from prometheus_client import Counter
 from rocksdict import AccessType, Options, Rdict, WriteBatch
 
 from ktel.logs import Once
-from processors.changelog import SLOTS, VERSION, delta_key, fold, is_delta
+from processors.changelog import VERSION, fold, is_delta
 from processors.stop import end
 
 log = logging.getLogger("ktel.process")
@@ -244,27 +243,13 @@ class DiskBackedStore(FoldingStore):
             if not self._acked:
                 asyncio.get_running_loop().call_later(ACKED_WRITE_S, self._write_acked)
             batch = self._acked[partition][0] if partition in self._acked else WriteBatch(raw_mode=True)
-            self._take(batch, key, value)
+            if value is None:
+                batch.delete(key)
+            else:
+                batch.put(key, value)
             self._acked[partition] = (batch, offset)  # (a partition's acks come in offset order)
 
         return copy
-
-    def _take(self, batch: WriteBatch, key: bytes, value: bytes | None) -> None:
-        """Put a changelog record (None: a tombstone) in a write of the copy. A host's
-        snapshot, or its tombstone, deletes the host's deltas: those before it in the
-        changelog, which folding in the changelog's order leaves out. The copy gives them
-        in key order, after the snapshot (``_load``), and one whose version follows on
-        from the snapshot's would be folded onto it: one of an earlier incarnation of the
-        host, forgotten by a worker killed before its deltas' tombstones."""
-        if not key.startswith(b"["):  # (not a delta: those are JSON lists, changelog.delta_key)
-            host_id = _decoded(self._decode_key, key)
-            if isinstance(host_id, str):
-                for slot in range(SLOTS):
-                    batch.delete(delta_key(host_id, slot))
-        if value is None:
-            batch.delete(key)
-        else:
-            batch.put(key, value)
 
     def _drop(self, partition: int, last: int, offset: int) -> None:
         """The worker's record at ``offset`` follows the copy's ``last``: the records
@@ -331,7 +316,11 @@ class DiskBackedStore(FoldingStore):
                 # written, those records would be a copy with a hole before them.
                 continue
             key = bytes(msg.key or b"")  # a table key is never None (Faust refuses it)
-            self._take(writes.setdefault(msg.partition, WriteBatch(raw_mode=True)), key, msg.value)
+            wb = writes.setdefault(msg.partition, WriteBatch(raw_mode=True))
+            if msg.value is None:
+                wb.delete(key)
+            else:
+                wb.put(key, msg.value)
             last[msg.partition] = max(last.get(msg.partition, -1), msg.offset)
         for partition, wb in writes.items():
             self._copied[partition] = last[partition]

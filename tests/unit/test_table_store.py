@@ -13,7 +13,7 @@ from faust.serializers import Registry
 from faust.types import TP
 from rocksdict import AccessType, Options, Rdict, WriteBatch
 
-from processors import changelog, table_store
+from processors import table_store
 from processors.table_store import OFFSET_KEY, REFUSED, WRITTEN_KEY, DiskBackedStore
 
 
@@ -195,43 +195,6 @@ def test_a_record_acknowledged_once_its_partition_is_revoked_is_not_copied(tmp_p
     asyncio.run(rebalance_then_late_ack())
     store._load(3)  # assigned again
     assert store.persisted_offset(TP("c", 3)) == 42
-
-
-@pytest.mark.parametrize("path", ["acknowledged", "recovered"])
-def test_a_snapshot_leaves_no_delta_of_before_it_in_the_copy(tmp_path, path):
-    """The copy gives a host's snapshot, then its deltas by version, not in the order
-    they came: a delta left from before the snapshot, whose version follows on from
-    it, was folded onto it. Here one of a host forgotten (its snapshot tombstoned, the
-    worker killed before its deltas' tombstones), which came back afresh at version 1."""
-    store = copy_alone(tmp_path)
-    db = store._db(3)
-    db[OFFSET_KEY], db[WRITTEN_KEY] = b"41", str(time.time()).encode()
-    store._load(3)
-    delta = {"v": 2, "head": {"v": 2, "aggregate": {"last_ms": 2}}, "set": [], "del": []}
-    records = [
-        (b'"h"', b'{"v": 1, "aggregate": {"last_ms": 1}}'),
-        (changelog.delta_key("h", 2), json.dumps(delta).encode()),
-        (b'"h"', None),
-        (b'"h"', b'{"v": 1, "aggregate": {"last_ms": 9}}'),
-    ]
-
-    async def acks() -> None:
-        for offset, (key, value) in enumerate(records, 42):
-            store.acknowledged(key, value)(acked(3, offset))
-        store._write_acked()
-
-    if path == "acknowledged":  # (the worker's own records)
-        asyncio.run(acks())
-    else:  # (the changelog's tail, read at a start)
-        events = []
-        for offset, (key, value) in enumerate(records, 42):
-            message = SimpleNamespace(key=key, value=value, partition=3, offset=offset)
-            events.append(SimpleNamespace(message=message, key=key, value=value))
-        store.apply_changelog_batch(events, json.loads, json.loads)
-    store._close(3)
-    restarted = copy_alone(tmp_path)
-    restarted._load(3)
-    assert restarted.data == {"h": {"v": 1, "aggregate": {"last_ms": 9}}}
 
 
 class Killed(BaseException):
