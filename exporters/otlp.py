@@ -213,7 +213,9 @@ def to_logs(rows: Sequence[tuple[Resource, Sequence[Any]]]) -> list[ReadableLogR
     out = []
     for resource, (ts, severity, severity_text, body, attrs, trace_id, span_id) in rows:
         context = None
-        if trace_id and span_id:
+        # A span id is only meaningful within its trace: with no trace id (empty or all
+        # zeros, OTLP's "none") the log goes out with neither.
+        if trace_id and span_id and trace_id != ZERO_TRACE_ID:
             sc = SpanContext(int.from_bytes(trace_id, "big"), int.from_bytes(span_id, "big"), False, SAMPLED)
             context = trace.set_span_in_context(trace.NonRecordingSpan(sc))
         record = LogRecord(

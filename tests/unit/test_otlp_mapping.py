@@ -290,6 +290,9 @@ def test_logs_keep_time_severity_body_attributes_trace_context_and_resource():
         [
             [10, 17, "ERROR", "oom-kill: killed process 42", {"process.pid": 42}, TRACE, CHILD],
             [20, 9, "INFO", "plain", {}, b"", b""],
+            # A span id means nothing without its trace: the log goes out with neither.
+            [30, 9, "INFO", "no trace", {}, bytes(16), CHILD],
+            [40, 9, "INFO", "trace only", {}, TRACE, bytes(8)],
         ],
     )
     batch = decode_logs(wire_logs(batch))
@@ -297,13 +300,15 @@ def test_logs_keep_time_severity_body_attributes_trace_context_and_resource():
     req = encode_logs(otlp.to_logs([(resource, row) for row in batch.logs]))
     [rl] = req.resource_logs
     assert attrs(rl.resource.attributes) == RESOURCE
-    oom, plain = rl.scope_logs[0].log_records
+    oom, plain, no_trace, trace_only = rl.scope_logs[0].log_records
     assert (oom.time_unix_nano, oom.observed_time_unix_nano) == (10, 10)
     assert (oom.severity_number, oom.severity_text) == (17, "ERROR")
     assert oom.body.string_value == "oom-kill: killed process 42"
     assert attrs(oom.attributes) == {"process.pid": 42}
     assert (oom.trace_id, oom.span_id) == (TRACE, CHILD)
     assert (plain.trace_id, plain.span_id) == (b"", b"")
+    assert (no_trace.trace_id, no_trace.span_id) == (b"", b"")
+    assert (trace_only.trace_id, trace_only.span_id) == (TRACE, b"")
 
 
 def test_metrics_become_sums_gauges_histograms_with_host_id_as_resource():
