@@ -21,6 +21,7 @@ VISIBLE_WITHIN_S = 30
 HOUR_MS = 3_600_000
 RAW, OUTPUT = "kafka.raw_partitions", "kafka.output_partitions"
 RAW_KEPT, OUTPUT_KEPT = "kafka.raw_retention_hours", "kafka.output_retention_hours"
+DLQ_KEPT = "kafka.dlq_retention_hours"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,52 +38,39 @@ class TopicSpec:
 
 def specs(cfg: Config) -> list[TopicSpec]:
     k, t = cfg.kafka, cfg.kafka.topics
+
+    def kept(name: str, partitions: int, retention_setting: str, setting: str = "fixed") -> TopicSpec:
+        # The hours are read by the setting's name, so the retention a topic gets and
+        # the setting named when an existing topic differs cannot disagree.
+        hours = getattr(k, retention_setting.removeprefix("kafka."))
+        return TopicSpec(
+            name,
+            partitions,
+            int(hours * HOUR_MS),
+            setting=setting,
+            retention_setting=retention_setting,
+        )
+
     return [
         # Raw batches are the forensic record: kept by time, compressed by the producer.
-        TopicSpec(
-            t.raw,
-            k.raw_partitions,
-            int(k.raw_retention_hours * HOUR_MS),
-            setting=RAW,
-            retention_setting=RAW_KEPT,
-        ),
+        kept(t.raw, k.raw_partitions, RAW_KEPT, setting=RAW),
         # Between stages in split mode: keyed and partitioned like ktel.raw, so
         # each stage's per-host table stays co-partitioned with its input.
         *(
-            TopicSpec(
-                name,
-                k.raw_partitions,
-                int(k.output_retention_hours * HOUR_MS),
-                setting=RAW,
-                retention_setting=OUTPUT_KEPT,
-            )
+            kept(name, k.raw_partitions, OUTPUT_KEPT, setting=RAW)
             for name in (t.deduped, t.enriched, t.sampled)
         ),
         *(
-            TopicSpec(
-                name,
-                k.output_partitions,
-                int(k.output_retention_hours * HOUR_MS),
-                setting=OUTPUT,
-                retention_setting=OUTPUT_KEPT,
-            )
+            kept(name, k.output_partitions, OUTPUT_KEPT, setting=OUTPUT)
             for name in (t.metrics, t.spans, t.logs)
         ),
-        TopicSpec(
-            t.dlq, 1, int(k.dlq_retention_hours * HOUR_MS), retention_setting="kafka.dlq_retention_hours"
-        ),
+        kept(t.dlq, 1, DLQ_KEPT),
         # Partitioned like ktel.raw: the enrich stage keeps a host's heartbeat in the
         # same table partition as its batches (Faust refuses a table write from a
         # topic whose partition count differs from the table's changelog).
-        TopicSpec(
-            t.heartbeats,
-            k.raw_partitions,
-            int(k.output_retention_hours * HOUR_MS),
-            setting=RAW,
-            retention_setting=OUTPUT_KEPT,
-        ),
+        kept(t.heartbeats, k.raw_partitions, OUTPUT_KEPT, setting=RAW),
         # One partition: every agent reads all commands, in the order they were given.
-        TopicSpec(t.control, 1, int(k.output_retention_hours * HOUR_MS), retention_setting=OUTPUT_KEPT),
+        kept(t.control, 1, OUTPUT_KEPT),
     ]
 
 
