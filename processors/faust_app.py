@@ -172,7 +172,10 @@ MEMBERSHIPS: dict[str, Membership] = {}
 
 
 def membership(group: str) -> Membership:
-    return MEMBERSHIPS.setdefault(group, Membership())
+    member = MEMBERSHIPS.get(group)
+    if member is None:
+        member = MEMBERSHIPS[group] = Membership()
+    return member
 
 
 def watch_group() -> None:
@@ -342,6 +345,9 @@ class Producer(faust_aiokafka.Producer):
         # sent, and how many wait (``send_checked``).
         self._in_order = asyncio.Lock()
         self._waiting = 0
+        # The app's group's, which watch_group notes too: MEMBERSHIPS never replaces one.
+        self.group = self.app.conf.id
+        self.member = membership(self.group)
 
     async def send_checked(
         self,
@@ -353,8 +359,7 @@ class Producer(faust_aiokafka.Producer):
     ) -> None:
         """Send a record, while the worker holds its group membership (``Membership``);
         ``acked`` is called with its metadata once Kafka has it."""
-        group = self.app.conf.id
-        member = membership(group)
+        member = self.member
         if not member.current() or self._waiting:
             # In line behind the records waiting for it: one sent meanwhile would go first.
             # A host's batch and its heartbeat, taken concurrently, each write the next
@@ -364,7 +369,7 @@ class Producer(faust_aiokafka.Producer):
             self._waiting += 1
             try:
                 async with self._in_order:
-                    await member.held(group)
+                    await member.held(self.group)
             finally:
                 self._waiting -= 1
         sent = cast(asyncio.Future, await self.send(topic, key, value, partition, None, None))
