@@ -101,6 +101,21 @@ def checked_producer(monkeypatch) -> tuple[Any, list, list]:
     return producer, sent, stopped
 
 
+class Ended(Exception):
+    """Raised, with its line, where the worker would have ended (``ending``)."""
+
+
+@pytest.fixture
+def ending(monkeypatch):
+    """processors.faust_app's ``end`` raising ``Ended`` instead of ending the process."""
+    from processors import faust_app
+
+    def end(line):
+        raise Ended(line)
+
+    monkeypatch.setattr(faust_app, "end", end)
+
+
 def test_a_record_the_producer_could_not_deliver_stops_the_worker_and_one_it_did_is_acked(monkeypatch):
     from aiokafka.errors import KafkaTimeoutError
 
@@ -121,22 +136,16 @@ def test_a_record_the_producer_could_not_deliver_stops_the_worker_and_one_it_did
     asyncio.run(run())
 
 
+@pytest.mark.usefixtures("ending")
 def test_a_worker_past_its_session_sends_nothing_until_a_heartbeat_answers_and_ends_if_removed(monkeypatch):
     """No heartbeat answered for the session timeout (the process was stopped): the group
     may have given the worker's partitions to another one, so what it sends waits for
     the next answer. As a member's, it goes; "unknown member", and the worker ends."""
 
-    class Ended(Exception):
-        pass
-
-    def end(line):
-        raise Ended(line)
-
     from processors import faust_app
 
     async def run():
         producer, sent, _stopped = checked_producer(monkeypatch)
-        monkeypatch.setattr(faust_app, "end", end)
         member = faust_app.membership("ktel-test")
         member.alive_at = time.monotonic() - member.session_s  # (lapsed)
         waiting = asyncio.ensure_future(producer.send_checked("ktel.metrics", b"k", b"v"))
@@ -181,6 +190,7 @@ class Coordinator:
             self._rejoin_needed_fut.set_result(None)
 
 
+@pytest.mark.usefixtures("ending")
 @pytest.mark.parametrize("told_by_heartbeat", [True, False])
 def test_a_worker_that_joined_its_group_anew_while_a_send_waited_ends(monkeypatch, told_by_heartbeat):
     """A send waiting past the session (the process was stopped) goes on after a SyncGroup
@@ -194,15 +204,8 @@ def test_a_worker_that_joined_its_group_anew_while_a_send_waited_ends(monkeypatc
 
     from processors import faust_app
 
-    class Ended(Exception):
-        pass
-
-    def end(line):
-        raise Ended(line)
-
     async def run():
         producer, sent, _stopped = checked_producer(monkeypatch)
-        monkeypatch.setattr(faust_app, "end", end)
         coordinator = Coordinator("member-1")
         rebalance = SimpleNamespace(_coordinator=coordinator, group_id="ktel-test")
         member = faust_app.membership("ktel-test")
