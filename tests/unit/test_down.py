@@ -6,33 +6,53 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from ktel import config, up
+from ktel import up
+from tests.unit.up_fake import fake_stack, run_up, stack_config
 
 
 @pytest.fixture
 def cfg(tmp_path):
-    return config.Config(agent=config.AgentConfig(host_id="h"), stack=config.StackConfig(data_dir=tmp_path))
+    return stack_config(tmp_path)
 
 
 @pytest.fixture
 def procs():
-    started: list[subprocess.Popen] = []
-    yield started
-    for p in started:
+    running: list[subprocess.Popen] = []
+    yield running
+    for p in running:
         with p:  # waits for it, and closes its pipes
             if p.poll() is None:
                 p.kill()
 
 
+READY = "import time\nprint('ready', flush=True)\ntime.sleep(600)\n"
+
+
+def started(procs: list[subprocess.Popen], *args: str) -> subprocess.Popen:
+    """Python run with ``args``, past its start: the program says so once it runs its code
+    (``READY``)."""
+    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE)
+    procs.append(proc)
+    assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+    return proc
+
+
+def ktel_script(tmp_path: Path) -> str:
+    """A stand-in for the `ktel` script, which SIGTERM ends."""
+    script = tmp_path / "bin" / "ktel"
+    script.parent.mkdir()
+    script.write_text(READY)
+    return str(script)
+
+
 def test_a_stale_pid_file_naming_another_process_signals_nothing(cfg, procs, capsys):
-    # Another Python program, past its start: it says so once it runs its code.
+    # Another Python program.
     code = "import time; print('ready', flush=True); time.sleep(600)"
-    other = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
-    procs.append(other)
-    assert other.stdout is not None and other.stdout.readline() == b"ready\n"
+    other = started(procs, "-c", code)
     up.pidfile(cfg).write_text(str(other.pid))
     assert up.down(cfg, timeout=5) == 1
     assert other.poll() is None  # not signalled
@@ -44,14 +64,7 @@ def test_a_stale_pid_file_naming_another_process_signals_nothing(cfg, procs, cap
 def test_a_ktel_up_is_stopped(cfg, procs, tmp_path):
     # A stand-in with the command line of the `ktel` script running `up` (python, the
     # script, then the arguments), which SIGTERM ends.
-    script = tmp_path / "bin" / "ktel"
-    script.parent.mkdir()
-    script.write_text("import time\nprint('ready', flush=True)\ntime.sleep(600)\n")
-    fake = subprocess.Popen(
-        [sys.executable, str(script), "--log-level", "info", "up"], stdout=subprocess.PIPE
-    )
-    procs.append(fake)
-    assert fake.stdout is not None and fake.stdout.readline() == b"ready\n"
+    fake = started(procs, ktel_script(tmp_path), "--log-level", "info", "up")
     up.pidfile(cfg).write_text(str(fake.pid))
     assert up.is_ktel_up(fake.pid)
     assert up.down(cfg, timeout=30) == 0
@@ -84,25 +97,14 @@ def test_a_pid_that_is_gone_is_a_stale_pid_file(cfg, procs):
 def test_a_second_ktel_up_of_a_data_dir_leaves_the_first_and_its_pid_file_alone(
     cfg, procs, tmp_path, monkeypatch, capsys
 ):
-    script = tmp_path / "bin" / "ktel"
-    script.parent.mkdir()
-    script.write_text("import time\nprint('ready', flush=True)\ntime.sleep(600)\n")
-    first = subprocess.Popen([sys.executable, str(script), "up"], stdout=subprocess.PIPE)
-    procs.append(first)
-    assert first.stdout is not None and first.stdout.readline() == b"ready\n"
+    first = started(procs, ktel_script(tmp_path), "up")
     up.pidfile(cfg).write_text(str(first.pid))
 
     def start(_stack):
         raise AssertionError("the second ktel up started a stack")
 
-    monkeypatch.setattr(up.Stack, "start", start)
-    monkeypatch.setattr(up.Stack, "stop", lambda _stack: None)
-    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    try:
-        assert up.run(cfg) == 1
-    finally:
-        signal.signal(signal.SIGINT, handlers[0])
-        signal.signal(signal.SIGTERM, handlers[1])
+    fake_stack(monkeypatch, start=start, stop=lambda _stack: None)
+    assert run_up(cfg) == 1
     assert up.pidfile(cfg).read_text() == str(first.pid)  # `ktel down` still finds it
     assert first.poll() is None
     assert f"ktel up (pid {first.pid}) is already running" in capsys.readouterr().out

@@ -10,7 +10,8 @@ import signal
 import sys
 import time
 
-from ktel import config, up
+from ktel import up
+from tests.unit.up_fake import fake_stack, run_up, stack_config
 
 
 def test_a_signal_while_starting_ends_the_wait_and_stops_the_stack(tmp_path, monkeypatch):
@@ -27,16 +28,9 @@ def test_a_signal_while_starting_ends_the_wait_and_stops_the_stack(tmp_path, mon
         events.append("waited")
         raise TimeoutError("not ready")
 
-    monkeypatch.setattr(up.Stack, "start", start)
-    monkeypatch.setattr(up.Stack, "wait_ready", wait_ready)
-    monkeypatch.setattr(up.Stack, "stop", lambda _stack: events.append("stop"))
-    cfg = config.Config(agent=config.AgentConfig(host_id="h"), stack=config.StackConfig(data_dir=tmp_path))
-    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    try:
-        assert up.run(cfg) == 0
-    finally:
-        signal.signal(signal.SIGINT, handlers[0])
-        signal.signal(signal.SIGTERM, handlers[1])
+    fake_stack(monkeypatch, start=start, wait_ready=wait_ready, stop=lambda _stack: events.append("stop"))
+    cfg = stack_config(tmp_path)
+    assert run_up(cfg) == 0
     assert events == ["start", "stop"]
     assert not up.pidfile(cfg).exists()
 
@@ -56,20 +50,15 @@ def test_a_closed_output_does_not_cut_the_stop_short(tmp_path, monkeypatch):
             up.say(f"stopping {name}")
             events.append(name)
 
-    monkeypatch.setattr(up.Stack, "start", lambda _stack: None)
-    monkeypatch.setattr(up.Stack, "wait_ready", wait_ready)
-    monkeypatch.setattr(up.Stack, "stop", stop)
+    fake_stack(monkeypatch, start=lambda _stack: None, wait_ready=wait_ready, stop=stop)
     read_end, write_end = os.pipe()
     os.close(read_end)
     out = io.TextIOWrapper(io.FileIO(write_end, "w"), encoding="utf-8")
     monkeypatch.setattr(sys, "stdout", out)
-    cfg = config.Config(agent=config.AgentConfig(host_id="h"), stack=config.StackConfig(data_dir=tmp_path))
-    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    cfg = stack_config(tmp_path)
     try:
-        assert up.run(cfg) == 0
+        assert run_up(cfg) == 0
     finally:
-        signal.signal(signal.SIGINT, handlers[0])
-        signal.signal(signal.SIGTERM, handlers[1])
         out.close()
     assert events == ["agent", "aggregate"]
     assert not up.pidfile(cfg).exists()
