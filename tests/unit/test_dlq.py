@@ -27,7 +27,7 @@ from ktel.wire import (
 )
 from ktel.wire.codec import MAX_RECORD_BYTES
 from ktel.wire.control import DEAD_LETTER_KEY_BYTES
-from tests.unit.topic_window_fake import read_through
+from tests.unit.topic_window_fake import IdleClient, read_through
 
 NOW = 1_750_000_000 * NS  # 2025-06-15T15:06:40Z
 CFG = config.Config(agent=config.AgentConfig(host_id="h"), kafka=config.KafkaConfig(bootstrap="k1:9092"))
@@ -155,18 +155,12 @@ async def test_a_redrive_cut_short_counts_what_kafka_took_and_refused(monkeypatc
             yield tp, SimpleNamespace(key=key, value=value, offset=offset, timestamp=NOW // 1_000_000)
         raise failure
 
-    class Client:
+    class Client(IdleClient):
         """A consumer, and a producer as far as --redrive uses it: the first record sent
         is acknowledged, the second refused."""
 
         def __init__(self, **kw):
             self.sent = 0
-
-        async def start(self):
-            pass
-
-        async def stop(self):
-            pass
 
         async def send(self, topic, value, key=None, headers=None):
             self.sent += 1

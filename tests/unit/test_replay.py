@@ -28,7 +28,7 @@ from ktel.wire import (
     encode_batch,
 )
 from ktel.wire.control import DEAD_LETTER_KEY_BYTES
-from tests.unit.topic_window_fake import read_through
+from tests.unit.topic_window_fake import IdleClient, read_through
 
 NOW = 1_750_000_000 * NS  # 2025-06-15T15:06:40Z
 
@@ -361,16 +361,7 @@ async def test_a_record_keyed_with_no_host_id_is_reported_once_not_on_each_line(
 async def test_a_record_keyed_with_no_host_id_is_dead_lettered_with_dlq(monkeypatch):
     sent = []
 
-    class Producer:
-        def __init__(self, **kw):
-            pass
-
-        async def start(self):
-            pass
-
-        async def stop(self):
-            pass
-
+    class Producer(IdleClient):
         async def send_and_wait(self, topic, value, key=None):
             sent.append((topic, key, decode_dead_letter(value)))
 
@@ -394,18 +385,12 @@ async def test_a_batch_too_large_to_re_publish_is_reported_and_the_others_re_pub
     (Here the limit is made small, not the batch large.)"""
     sent = []
 
-    class Producer:
+    class Producer(IdleClient):
         """aiokafka's producer as far as replay uses it, refusing as it does what is
         larger than max_request_size."""
 
         def __init__(self, **kw):
             self.max_request_size = kw["max_request_size"]
-
-        async def start(self):
-            pass
-
-        async def stop(self):
-            pass
 
         async def send(self, topic, value, key=None, timestamp_ms=None):
             if len(key or b"") + len(value) > self.max_request_size:
@@ -464,18 +449,9 @@ async def test_batches_re_published_before_a_read_fails_are_counted(monkeypatch)
         yield tp, SimpleNamespace(key=b"host-a", value=value, offset=0, timestamp=NOW // 1_000_000)
         raise topic_window.ReadError("partition 0 of ktel.raw: its end moved back")
 
-    class Client:
+    class Client(IdleClient):
         """aiokafka's consumer and producer as far as replay uses them: a send is
         acknowledged once awaited after the read."""
-
-        def __init__(self, **kw):
-            pass
-
-        async def start(self):
-            pass
-
-        async def stop(self):
-            pass
 
         async def send(self, topic, value, key=None, timestamp_ms=None):
             return asyncio.ensure_future(asyncio.sleep(0))
@@ -507,18 +483,9 @@ async def test_batches_re_published_before_kafka_fails_midway_are_counted(monkey
         for offset, v in enumerate(records):
             yield tp, SimpleNamespace(key=b"host-a", value=v, offset=offset, timestamp=NOW // 1_000_000)
 
-    class Client:
+    class Client(IdleClient):
         """aiokafka's consumer and producers as far as replay uses them: a batch sent is
         acknowledged once awaited; a dead letter's send, or re-publishing b"refused", fails."""
-
-        def __init__(self, **kw):
-            pass
-
-        async def start(self):
-            pass
-
-        async def stop(self):
-            pass
 
         async def send(self, topic, value, key=None, timestamp_ms=None):
             async def acknowledged():

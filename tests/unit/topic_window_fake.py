@@ -11,9 +11,13 @@ from aiokafka import TopicPartition
 from ktel import topic_window
 
 
-class IdleConsumer:
+class IdleClient:
     """The window's consumer, started and stopped, never fetched from: ``read`` stands
-    for its fetches."""
+    for its fetches. Made from its settings as aiokafka's clients are, so that a test's
+    subclass with a producer's sends stands for the producer too."""
+
+    def __init__(self, **settings: Any) -> None:
+        pass
 
     async def start(self) -> None:
         pass
@@ -30,11 +34,11 @@ def read_through(
 ) -> None:
     """Have topic_window give a topic of one partition, ``tp``, whose records are what
     ``read`` (``topic_window.records``' signature) yields, through ``consumer`` (an
-    IdleConsumer unless given)."""
+    IdleClient unless given)."""
 
     async def partitions(client, bootstrap, topic):
         return [tp]
 
     monkeypatch.setattr(topic_window, "partitions", partitions)
-    monkeypatch.setattr(topic_window, "consumer", lambda client, bootstrap: consumer or IdleConsumer())
+    monkeypatch.setattr(topic_window, "consumer", lambda client, bootstrap: consumer or IdleClient())
     monkeypatch.setattr(topic_window, "records", read)
