@@ -585,23 +585,28 @@ def test_a_metadata_file_from_both_content_and_a_config_map_is_refused() -> None
     assert "process.enrichMetadata: give either content" in res.stderr
 
 
-@pytest.mark.parametrize("source", ["content", "configMap"])
+# The metadata file given each way process.enrichMetadata takes it.
+METADATA_FROM = {
+    "content": "process.enrichMetadata.content=x",
+    "configMap": "process.enrichMetadata.configMap=pods",
+}
+
+
+def render_metadata_key(source: str, key: str) -> subprocess.CompletedProcess[str]:
+    """`helm template` of the chart with the metadata file from ``source`` (a key of
+    ``METADATA_FROM``) under ``key``, given as a string."""
+    given = METADATA_FROM[source]
+    return run_helm(
+        "template", "ktel", str(CHART), "--set", given, "--set-string", f"process.enrichMetadata.key={key}"
+    )
+
+
+@pytest.mark.parametrize("source", list(METADATA_FROM))
 def test_a_metadata_key_that_reads_as_a_number_is_still_a_string(source) -> None:
     """A key YAML would read as a number or a boolean, written unquoted, made a volume's
     item a number, which Kubernetes refuses."""
-    given = (
-        "process.enrichMetadata.content=x" if source == "content" else "process.enrichMetadata.configMap=pods"
-    )
     for key in ("2024", "on"):
-        res = run_helm(
-            "template",
-            "ktel",
-            str(CHART),
-            "--set",
-            given,
-            "--set-string",
-            f"process.enrichMetadata.key={key}",
-        )
+        res = render_metadata_key(source, key)
         assert res.returncode == 0, res.stderr
         objs = [d for d in yaml.safe_load_all(res.stdout) if d]
         mounts = enrich_metadata_mounts(objs)
@@ -618,16 +623,8 @@ def test_a_metadata_key_that_reads_as_a_number_is_still_a_string(source) -> None
 def test_a_metadata_key_no_config_map_may_hold_is_refused(key) -> None:
     """Kubernetes would refuse the chart's ConfigMap, or start no worker that runs enrich
     (its item naming a key no ConfigMap holds), with no word of process.enrichMetadata."""
-    for given in ("process.enrichMetadata.content=x", "process.enrichMetadata.configMap=pods"):
-        res = run_helm(
-            "template",
-            "ktel",
-            str(CHART),
-            "--set",
-            given,
-            "--set-string",
-            f"process.enrichMetadata.key={key}",
-        )
+    for source in METADATA_FROM:
+        res = render_metadata_key(source, key)
         assert res.returncode != 0
         assert "process.enrichMetadata.key" in res.stderr, res.stderr
 
