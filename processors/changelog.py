@@ -28,11 +28,14 @@ sample the batch read again otherwise, counting into some series one sampling of
 and into the others another.) In fused mode a batch read again is either dropped as
 counted or counted whole, of whichever sampling.
 
-Recovery (``fold``): a snapshot replaces the host's value; a delta one version past
-the value is applied to it, any other is one from before the snapshot, and left
-out. Faust's recovery reads a changelog in offset order; the on-disk copy gives its
-records in key order, so it folds snapshots first, then deltas by version
-(processors/table_store.py). Each value folded has the enrich stage's exits put in
+Recovery (``fold``) reads a changelog in offset order, Faust's from Kafka and the
+worker's from its on-disk copy alike (processors/table_store.py): a snapshot replaces
+the host's value; a delta one version past the value is applied to it, any other is
+one from before the snapshot, and left out. Offset order, not a host's snapshot then
+its deltas by version: a delta of an earlier incarnation of the host (forgotten by a
+worker killed between the tombstone of its snapshot and those of its deltas) comes
+before the new incarnation's snapshot, where it is left out, even when its version
+follows on from it. Each value folded has the enrich stage's exits put in
 time order (``enrich_core.order_exits``): an older ktel queued them as they came,
 and the stage's expiry relies on that order.
 
@@ -324,8 +327,8 @@ def _delta_problem(record: Any) -> str | None:
 
 
 def fold(data: MutableMapping[Any, Any], key: Any, record: Any) -> tuple[Any, str | None]:
-    """Apply one changelog record to the hosts' values ``data`` (recovery; each host's
-    snapshot before its deltas, and those in version order): the host id it concerns
+    """Apply one changelog record to the hosts' values ``data`` (recovery, in the
+    changelog's offset order): the host id it concerns
     (None: its key names none), and why it was left out (None: it was not; see the
     module doc)."""
     if isinstance(key, str):

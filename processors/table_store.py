@@ -6,12 +6,21 @@ so a restarted worker reads only the changelog's tail instead of all of it.
 
 The copy holds, per changelog partition (one RocksDB under the stage's data
 directory), exactly the changelog records Kafka has acknowledged (those of the last
-``ACKED_WRITE_S`` excepted), and the offset of the last of them, written together.
+``ACKED_WRITE_S`` excepted): each key's last record, its value with the record's
+offset (``framed``), and the offset of the partition's last record, written together.
 Faust's own RocksDB store writes a value when the stage sets it, before Kafka has
 it; a worker killed in between would restart with state the changelog never got (the
 batch counted, its outputs never sent), and would drop the batch as already seen
 when it reads it again. Here the disk never runs ahead of the changelog, so a
 restart from it is the same as a restart from the changelog alone (docs/design.md, "What a SIGKILL costs").
+
+A restart folds the copy's records in offset order, as Faust's recovery reads the
+changelog's, so the copy gives the hosts' values the changelog would. (Read in key
+order, a host's snapshot then its deltas by version, it did not: a host forgotten by
+a worker killed between the tombstone of its snapshot and those of its deltas, and
+back afresh, had a delta of its earlier incarnation whose version followed on from
+its new snapshot folded onto it, where the changelog has that delta before the
+snapshot and ``fold`` leaves it out.)
 
 The copy takes a partition's records only while their offsets follow on from its
 own: the worker's records, one after the other. A record it did not write in
@@ -42,7 +51,7 @@ from prometheus_client import Counter
 from rocksdict import AccessType, Options, Rdict, WriteBatch
 
 from ktel.logs import Once
-from processors.changelog import VERSION, fold, is_delta
+from processors.changelog import fold
 from processors.stop import end
 
 log = logging.getLogger("ktel.process")
@@ -62,7 +71,12 @@ STORES.aliases["ktel-memory"] = f"{__name__}:FoldingStore"
 URL = "ktel-rocksdict://"
 STORES.aliases["ktel-rocksdict"] = f"{__name__}:DiskBackedStore"
 
-OFFSET_KEY = b"\x00ktel:changelog-offset"  # never a table key: those are JSON
+# The offset of the copy's last record (never a table key: those are JSON). Its key
+# is not the one of an older ktel's copies, whose values were bare (BARE_OFFSET_KEY):
+# an older ktel finds no offset in a copy of framed values, and reads the changelog
+# from its start; a copy holding BARE_OFFSET_KEY is dropped (``_drop_if_untrusted``).
+OFFSET_KEY = b"\x00ktel:changelog-offset:framed"
+BARE_OFFSET_KEY = b"\x00ktel:changelog-offset"
 WRITTEN_KEY = b"\x00ktel:written-at"  # when the copy last took records (s since the epoch)
 # A copy older than this is dropped and the partition read from the changelog's start:
 # the changelog's tombstones (a host forgotten) stay readable for its topic's
@@ -81,18 +95,22 @@ def _age(written: bytes | None) -> float | None:
         return None
 
 
+def framed(offset: int, value: bytes) -> bytes:
+    """What the copy holds of a changelog record's value: its offset (8 bytes, big-endian),
+    then the value as Kafka has it."""
+    return offset.to_bytes(8, "big") + value
+
+
+def unframed(stored: bytes) -> tuple[int, bytes]:
+    """A record's offset and value from what the copy holds of it (``framed``)."""
+    return int.from_bytes(stored[:8], "big"), stored[8:]
+
+
 def _decoded(decode: Callable[[bytes], Any], data: bytes) -> Any:
     try:
         return decode(data)
     except Exception:  # (Faust's codecs raise what their decoder does)
         return data
-
-
-def _version(delta: tuple[Any, Any]) -> int:
-    """The version of a (key, delta) the copy holds; 0 for a delta of no version, which
-    ``fold`` leaves out."""
-    v = delta[1].get(VERSION) if isinstance(delta[1], dict) else None
-    return v if isinstance(v, int) else 0
 
 
 class FoldingStore(memory.Store):
@@ -159,38 +177,44 @@ class DiskBackedStore(FoldingStore):
         return db
 
     def _load(self, partition: int) -> None:
-        """Put a partition's copy into memory, before Faust reads the changelog's tail."""
-        self._drop_if_old(partition)
+        """Put a partition's copy into memory, before Faust reads the changelog's tail: its
+        records folded in offset order, as Faust's recovery reads them from the changelog."""
+        self._drop_if_untrusted(partition)
         self._dropped.discard(partition)
         self._copied.pop(partition, None)
         offset = self._db(partition).get(OFFSET_KEY)
         if offset is not None:
             self._copied[partition] = int(offset)
-        deltas = []
-        for key, value in self._db(partition).items():  # (in key order: the deltas are sorted)
-            if key not in (OFFSET_KEY, WRITTEN_KEY):
-                # (raw mode: bytes; one that does not decode stays bytes, which fold leaves out)
-                k, v = _decoded(self._decode_key, key), _decoded(self._decode_value, value)  # type: ignore[arg-type]
-                if is_delta(k):
-                    deltas.append((k, v))
-                else:
-                    self._fold(k, v, partition)
-        for k, v in sorted(deltas, key=_version):  # each host's in version order
+        records = [
+            (*unframed(stored), key)
+            for key, stored in self._db(partition).items()
+            if key not in (OFFSET_KEY, WRITTEN_KEY)
+        ]
+        records.sort(reverse=True)
+        while records:  # (popped as folded: the raw values go as the hosts' values come)
+            _, value, key = records.pop()
+            # (raw mode: bytes; one that does not decode stays bytes, which fold leaves out)
+            k, v = _decoded(self._decode_key, key), _decoded(self._decode_value, value)  # type: ignore[arg-type]
             self._fold(k, v, partition)
 
-    def _drop_if_old(self, partition: int) -> None:
-        """Drop the partition's copy if it took records too long ago (``MAX_COPY_AGE_S``;
-        one an older ktel wrote says nothing): recovery then reads all of the changelog."""
+    def _drop_if_untrusted(self, partition: int) -> None:
+        """Drop the partition's copy if it took records too long ago (``MAX_COPY_AGE_S``),
+        or when is unknown (damaged), or if an older ktel wrote any of it (its values
+        bare, their offsets unknown: ``BARE_OFFSET_KEY``): recovery then reads all of the
+        changelog."""
         db = self._db(partition)
-        if db.get(OFFSET_KEY) is None:
+        if db.get(BARE_OFFSET_KEY) is not None:
+            why = "one an older ktel wrote, its records without their offsets"
+        elif db.get(OFFSET_KEY) is None:
             return  # empty
-        age = _age(db.get(WRITTEN_KEY))
-        if age is not None and age <= MAX_COPY_AGE_S:
+        elif (age := _age(db.get(WRITTEN_KEY))) is not None and age <= MAX_COPY_AGE_S:
             return
+        else:
+            why = "of unknown age" if age is None else f"{age / 3600:.1f} h old"
         log.info(
             "table copy %s is %s: reading changelog partition %d from its start instead",
             self._path(partition),
-            "of unknown age" if age is None else f"{age / 3600:.1f} h old",
+            why,
             partition,
         )
         self._remove(partition)
@@ -246,7 +270,7 @@ class DiskBackedStore(FoldingStore):
             if value is None:
                 batch.delete(key)
             else:
-                batch.put(key, value)
+                batch.put(key, framed(offset, value))
             self._acked[partition] = (batch, offset)  # (a partition's acks come in offset order)
 
         return copy
@@ -320,7 +344,7 @@ class DiskBackedStore(FoldingStore):
             if msg.value is None:
                 wb.delete(key)
             else:
-                wb.put(key, msg.value)
+                wb.put(key, framed(msg.offset, msg.value))
             last[msg.partition] = max(last.get(msg.partition, -1), msg.offset)
         for partition, wb in writes.items():
             self._copied[partition] = last[partition]

@@ -51,7 +51,7 @@ from ktel.wire import (
 )
 from ktel.wire.codec import SEND_MAX_BYTES, ZSTD_MAGIC, compress
 from processors import changelog
-from processors.table_store import OFFSET_KEY, WRITTEN_KEY
+from processors.table_store import OFFSET_KEY, WRITTEN_KEY, unframed
 from tests.conftest import need_bpf
 from tests.integration.agent_harness import AgentProcess, committed_offsets, read_topic
 from tests.integration.probe_harness import cgroup2_child
@@ -359,8 +359,8 @@ def test_a_worker_paused_past_its_session_emits_and_writes_nothing_for_the_parti
 def test_the_on_disk_copy_holds_exactly_what_the_changelog_holds(private_kafka, tmp_path):
     """process.table_store = "rocksdict": the copy takes the changelog records Kafka
     acknowledged, several in one write (processors/table_store.py). Stopped, the worker
-    leaves in each partition's copy every key's last record and the offset of the
-    partition's last record: none missing, none ahead of Kafka."""
+    leaves in each partition's copy every key's last record, with its offset, and the
+    offset of the partition's last record: none missing, none ahead of Kafka."""
     hosts, per_host, events = 12, 30, 5
     w = Worker(tmp_path, private_kafka.bootstrap, "w", KTEL_PROCESS__TABLE_STORE="rocksdict").start()
     try:
@@ -370,14 +370,14 @@ def test_the_on_disk_copy_holds_exactly_what_the_changelog_holds(private_kafka, 
         assert wait_for_totals(private_kafka.bootstrap, expected) == expected
     finally:
         w.stop()
-    want: dict[int, dict[bytes, bytes]] = {}
+    want: dict[int, dict[bytes, tuple[int, bytes]]] = {}
     last: dict[int, int] = {}
     for r in changelog_records(private_kafka.bootstrap):
         part = want.setdefault(r.partition, {})
         if r.value is None:
             part.pop(r.key, None)
         else:
-            part[r.key] = r.value
+            part[r.key] = (r.offset, r.value)
         last[r.partition] = max(last.get(r.partition, -1), r.offset)
     assert len(last) > 1  # the hosts' records spread over several partitions
     for partition, records in want.items():
@@ -389,7 +389,7 @@ def test_the_on_disk_copy_holds_exactly_what_the_changelog_holds(private_kafka, 
             db.close()
         assert int(copy.pop(OFFSET_KEY)) == last[partition]
         assert 0 <= time.time() - float(copy.pop(WRITTEN_KEY)) < 3600
-        assert copy == records
+        assert {key: unframed(stored) for key, stored in copy.items()} == records
 
 
 def copy_offsets(data_dir) -> dict[int, int | None]:

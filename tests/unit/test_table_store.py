@@ -14,7 +14,8 @@ from faust.types import TP
 from rocksdict import AccessType, Options, Rdict, WriteBatch
 
 from processors import table_store
-from processors.table_store import OFFSET_KEY, REFUSED, WRITTEN_KEY, DiskBackedStore
+from processors.table_store import BARE_OFFSET_KEY, OFFSET_KEY, REFUSED, WRITTEN_KEY, DiskBackedStore, framed
+from tests.unit.test_changelog import Runner, recover, traffic
 
 
 def test_a_copy_the_disk_refuses_ends_the_worker_before_a_later_offset_covers_the_hole(tmp_path, monkeypatch):
@@ -134,6 +135,8 @@ MALFORMED = [  # (each key once: the copy holds a key's last record)
     (b'"g2"', b"5"),
     (b'"g3"', b'{"aggregate": 5}'),
 ]
+# (in offset order: bad delta keys before and after the good one)
+RECORDS = [GOOD[0], *MALFORMED[:5], GOOD[1], *MALFORMED[5:]]
 
 
 def refused() -> float:
@@ -144,10 +147,10 @@ def test_the_copys_malformed_records_are_left_out_and_counted_and_the_rest_loade
     store = copy_alone(tmp_path)
     db = store._db(3)
     db[OFFSET_KEY], db[WRITTEN_KEY] = b"41", str(time.time()).encode()
-    for key, value in GOOD + MALFORMED:
-        db[key] = value
+    for offset, (key, value) in enumerate(RECORDS):
+        db[key] = framed(offset, value)
     before = refused()
-    store._load(3)  # (in key order: the bad delta keys before and after the good one)
+    store._load(3)
     assert store.data == {"h": {"v": 2}}
     assert store._key_partition == {"h": 3}
     assert refused() - before == len(MALFORMED)
@@ -159,9 +162,8 @@ def test_faust_recovery_folds_around_malformed_records_and_counts_them():
     one failed too and recovery never ended."""
     app = faust.App("t", store=table_store.MEMORY_URL)
     table = app.Table("host-state", default=dict, partitions=4, options={"stage": "all"})
-    records = [GOOD[0], *MALFORMED[:5], GOOD[1], *MALFORMED[5:]]
     events = []
-    for offset, (key, value) in enumerate(records):
+    for offset, (key, value) in enumerate(RECORDS):
         message = SimpleNamespace(key=key, value=value, partition=1, offset=offset)
         # (decoded as Faust's changelog channel does; one that does not decode, it drops)
         try:
@@ -246,3 +248,89 @@ def test_a_copy_the_disk_refuses_during_recovery_ends_the_worker(tmp_path, monke
             [SimpleNamespace(message=message, key=message.key, value=message.value)], json.loads, json.loads
         )
     assert "changelog partition 3 could not be written" in ended[0]
+
+
+def recovered(store: DiskBackedStore, partition: int, records: list[tuple[bytes, bytes | None]]) -> None:
+    """Changelog records (key, value; None: a tombstone) of ``partition`` from its offset
+    0, as Faust's recovery gives them to the store (which copies them)."""
+    events: list[Any] = []  # (Faust's events, as far as the store reads them)
+    for offset, (key, value) in enumerate(records):
+        message = SimpleNamespace(key=key, value=value, partition=partition, offset=offset)
+        events.append(SimpleNamespace(message=message, key=key, value=value))
+    store.apply_changelog_batch(events, json.loads, json.loads)
+
+
+def encoded(log: list[tuple]) -> list[tuple[bytes, bytes | None]]:
+    """Changelog records as the table decodes them (key, value), as Kafka has them."""
+    return [(json.dumps(k).encode(), None if v is None else json.dumps(v).encode()) for k, v in log]
+
+
+# A host's changelog: its snapshot and a delta, its snapshot's tombstone (the worker
+# killed before its deltas'), and the host back afresh at version 1. The copy holds the
+# new snapshot and the old delta, whose version follows on from it.
+FORGOTTEN_AND_BACK = [
+    (b'"h"', b'{"v": 1, "aggregate": {"last_ms": 1}}'),
+    (b'["h", 2]', b'{"v": 2, "head": {"v": 2, "aggregate": {"last_ms": 2}}, "set": [], "del": []}'),
+    (b'"h"', None),
+    (b'"h"', b'{"v": 1, "aggregate": {"last_ms": 9}}'),
+]
+
+
+@pytest.mark.parametrize("written_by", ["recovery", "acknowledgements"])
+def test_a_delta_of_a_forgotten_hosts_earlier_incarnation_is_not_folded_onto_the_next_from_the_copy(
+    tmp_path, written_by
+):
+    """In the changelog the old delta comes before the new snapshot, and recovery from
+    Kafka leaves it out; the copy read back a host's snapshot then its deltas by
+    version, and folded it onto the new snapshot."""
+    store = copy_alone(tmp_path)
+    store._load(3)
+    if written_by == "recovery":
+        recovered(store, 3, FORGOTTEN_AND_BACK)
+    else:
+
+        async def acks() -> None:
+            for offset, (key, value) in enumerate(FORGOTTEN_AND_BACK):
+                store.acknowledged(key, value)(acked(3, offset))
+            store._write_acked()
+
+        asyncio.run(acks())
+    store._close(3)
+    restarted = copy_alone(tmp_path)
+    restarted._load(3)
+    assert restarted.data == {"h": {"v": 1, "aggregate": {"last_ms": 9}}}
+    assert restarted.persisted_offset(TP("host-state-changelog", 3)) == 3
+
+
+def test_the_copy_gives_back_what_folding_the_changelog_in_offset_order_gives(tmp_path):
+    """At every point of a host's changelog: snapshots and deltas over several
+    snapshots, the host forgotten (only its snapshot's tombstone written) and back
+    afresh, its new deltas in the slots of the old."""
+    old, new = Runner().run(traffic(20)), Runner().run(traffic(20))
+    log = old.log + [("h1", None)] + new.log
+    for n in range(1, len(log) + 1):
+        store = copy_alone(tmp_path / str(n))
+        store._load(0)
+        recovered(store, 0, encoded(log[:n]))
+        store._close(0)
+        restarted = copy_alone(tmp_path / str(n))
+        restarted._load(0)
+        assert restarted.data == recover(log[:n]), n
+
+
+@pytest.mark.parametrize("newer_too", [False, True])
+def test_a_copy_an_older_ktel_wrote_is_read_again_from_the_changelog(tmp_path, newer_too):
+    """Its values bare, without their offsets, its records cannot be folded in the
+    changelog's order. (``newer_too``: a copy this ktel wrote, then an older one: it
+    found no offset of its own, and wrote its records bare besides.)"""
+    store = copy_alone(tmp_path)
+    db = store._db(3)
+    if newer_too:
+        db[OFFSET_KEY] = b"2"
+        db[b'"h"'] = framed(2, b'{"v": 1}')
+    db[BARE_OFFSET_KEY], db[WRITTEN_KEY] = b"3", str(time.time()).encode()
+    db[b'"g"'] = b'{"v": 1}'
+    store._load(3)
+    assert store.data == {}
+    assert store.persisted_offset(TP("host-state-changelog", 3)) is None
+    assert not any(store._db(3).keys())
