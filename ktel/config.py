@@ -3,6 +3,10 @@
 Sources, later ones winning: the defaults below, a TOML file (``--config`` or
 ``KTEL_CONFIG``), then environment variables ``KTEL_<SECTION>__<FIELD>``, e.g.
 ``KTEL_KAFKA__BOOTSTRAP=10.0.0.5:9092`` or ``KTEL_AGGREGATE__WINDOW_SECONDS=2``.
+A variable replaces the value it names, a map too (JSON): ``KTEL_REMOTE_WRITE__HEADERS='{}'``
+sends no header whatever the file's ``remote_write.headers``. A section's or table's
+settings given each by its own variable are merged with the file's others, and so are a
+map's keys given so (``KTEL_AGENT__SAMPLE_EVERY__FILE_CREATED=2``).
 
 Every field says its default and meaning in its description; ``ktel config``
 prints the effective configuration. Validation runs at start and an error
@@ -1555,6 +1559,60 @@ def _explain_environment(err: SettingsError, source: str) -> str:
     return "\n".join(lines)
 
 
+def _maps(model: Any, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Where ``model`` holds a map (remote_write.headers, agent.sample_every, ...), through
+    its sections and tables: each such field's path."""
+    found = []
+    for name, field in model.model_fields.items():
+        members = _members(field.annotation)
+        if members is not None:
+            if members[0] is not None:  # (a list is replaced whole anyway)
+                found.append((*path, name))
+        elif (table := _model_of(field.annotation)) is not None:
+            found += _maps(table, (*path, name))
+    return found
+
+
+def _given_whole(path: tuple[str, ...], env: dict[str, str]) -> bool:
+    """Whether the environment (its names lowercased) gives the map at ``path`` whole: as
+    its own variable (KTEL_REMOTE_WRITE__HEADERS), or in a section's or table's given as
+    JSON (KTEL_REMOTE_WRITE), not only keys of it (KTEL_AGENT__SAMPLE_EVERY__FILE_CREATED)."""
+    for i in range(1, len(path) + 1):
+        var = "ktel_" + "__".join(path[:i])
+        if var not in env:
+            continue
+        if i == len(path):
+            return True
+        try:
+            value = json.loads(env[var])
+        except ValueError:
+            continue  # (pydantic-settings refuses it: _explain_environment)
+        for key in path[i:]:
+            if not isinstance(value, dict) or key not in value:
+                break
+            value = value[key]
+        else:
+            return True
+    return False
+
+
+def _without_maps_the_environment_gives(data: dict[str, Any]) -> dict[str, Any]:
+    """The file's ``data`` less each map the environment gives whole: pydantic-settings
+    merges a map of the environment into the file's, key by key, so that
+    KTEL_REMOTE_WRITE__HEADERS='{}' left the file's headers as they were, and no variable
+    could take one of them away; it replaces any other value."""
+    env = {k.lower(): v for k, v in os.environ.items()}
+    for path in _maps(Config):
+        if not _given_whole(path, env):
+            continue
+        table: Any = data
+        for key in path[:-1]:
+            table = table.get(key) if isinstance(table, dict) else None
+        if isinstance(table, dict):
+            table.pop(path[-1], None)
+    return data
+
+
 # The largest config file read: a mistaken path (a log, a device) is refused, not read whole.
 MAX_FILE_BYTES = 1 << 20
 
@@ -1609,7 +1667,7 @@ def load(path: str | Path | None = None) -> Config:
                 f"of ktel's configuration: {hint}the sections are {', '.join(Config.model_fields)}"
             )
     try:
-        return Config(**data)
+        return Config(**_without_maps_the_environment_gives(data))
     except ValidationError as err:
         raise ConfigError(_explain(err, source)) from None
     except SettingsError as err:

@@ -116,12 +116,16 @@ class Stack:
         # credentials are not for it, and its TLS settings refused the plain http:// url.
         for name in (*RemoteWriteConfig.FILES, "basic_auth_username", "basic_auth_password"):
             env[f"KTEL_REMOTE_WRITE__{name.upper()}"] = "null"
+        # Nor its headers (a tenant's X-Scope-OrgID, a token): a map, which cannot be
+        # null, replaced by none (a map in the environment replaces the file's: ktel/config.py).
+        env["KTEL_REMOTE_WRITE__HEADERS"] = "{}"
         env["KTEL_REMOTE_WRITE__TLS_CHECK_HOSTNAME"] = "true"
         env["KTEL_OTLP__ENDPOINT"] = self.collector.grpc_endpoint
         env["KTEL_OTLP__PROTOCOL"] = "grpc"
         env["KTEL_OTLP__INSECURE"] = "true"
         env["KTEL_OTLP__COMPRESSION"] = "none"
-        # (null: "{}" is merged into the file's headers, which it then leaves as they are.)
+        # (null: unset, so that the SDK's OTEL_EXPORTER_OTLP_HEADERS would apply, and
+        # those are left out above.)
         env["KTEL_OTLP__HEADERS"] = "null"
         for name in OtlpConfig.FILES:  # (null unsets: ktel/config.py)
             env[f"KTEL_OTLP__{name.upper()}"] = "null"

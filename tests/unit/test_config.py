@@ -949,3 +949,37 @@ def test_deflate_over_grpc_is_refused_when_the_config_says_grpc(tmp_path):
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "::1", "fe80::1%lo", "localhost", "pull.example"])
 def test_a_pull_host_is_an_address_or_a_name(host):
     assert config.PullConfig(host=host).host == host
+
+
+def test_a_map_in_the_environment_replaces_the_files(tmp_path, monkeypatch):
+    f = tmp_path / "k.toml"
+    f.write_text(
+        "[agent]\nhost_id = 'h'\nsample_every = {ktel_api = 5}\n"
+        "[remote_write]\nheaders = {X-Scope-OrgID = 'prod'}\n"
+        "[otlp]\nheaders = {authorization = 'Bearer prod'}\n"
+    )
+    # As for any other value: merged into the file's, {} could take no header away.
+    monkeypatch.setenv("KTEL_REMOTE_WRITE__HEADERS", "{}")
+    monkeypatch.setenv("KTEL_AGENT__SAMPLE_EVERY", '{"file_created": 2}')
+    # So too a map in a section given whole as JSON.
+    monkeypatch.setenv("KTEL_OTLP", '{"headers": {"x-tenant": "dev"}}')
+    cfg = config.load(f)
+    assert cfg.remote_write.headers == {}
+    assert cfg.agent.sample_every == {"file_created": 2}
+    assert cfg.otlp.headers == {"x-tenant": "dev"}
+
+
+def test_settings_and_map_keys_given_each_by_a_variable_merge_with_the_files(tmp_path, monkeypatch):
+    f = tmp_path / "k.toml"
+    f.write_text(
+        "[agent]\nhost_id = 'h'\nsample_every = {ktel_api = 5}\n"
+        "[kafka.principals]\noperator = 'User:ops'\n"
+        "[remote_write]\nheaders = {X-Scope-OrgID = 'prod'}\n"
+    )
+    monkeypatch.setenv("KTEL_AGENT__SAMPLE_EVERY__FILE_CREATED", "2")
+    monkeypatch.setenv("KTEL_KAFKA__PRINCIPALS__AGENT", "User:edge")
+    monkeypatch.setenv("KTEL_REMOTE_WRITE__URL", "http://prom:9090/api/v1/write")
+    cfg = config.load(f)
+    assert cfg.agent.sample_every == {"ktel_api": 5, "file_created": 2}
+    assert (cfg.kafka.principals.operator, cfg.kafka.principals.agent) == ("User:ops", "User:edge")
+    assert cfg.remote_write.headers == {"X-Scope-OrgID": "prod"}

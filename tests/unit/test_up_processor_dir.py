@@ -58,3 +58,15 @@ def test_ktel_ups_otlp_exporter_sends_no_production_headers_to_the_local_collect
     monkeypatch.setenv("KTEL_STACK__DATA_DIR", str(tmp_path))
     monkeypatch.setenv("KTEL_OTLP__HEADERS", Stack(config.load(f)).child_env()["KTEL_OTLP__HEADERS"])
     assert not config.load(f).otlp.headers  # what the child loads
+
+
+def test_ktel_ups_remote_write_exporter_sends_no_production_headers_to_the_local_prometheus(
+    tmp_path, monkeypatch
+):
+    f = tmp_path / "k.toml"
+    f.write_text("[remote_write]\nheaders = {X-Scope-OrgID = 'prod'}\n")
+    monkeypatch.setenv("KTEL_AGENT__HOST_ID", "h")
+    monkeypatch.setenv("KTEL_STACK__DATA_DIR", str(tmp_path))
+    env = Stack(config.load(f)).child_env()
+    monkeypatch.setenv("KTEL_REMOTE_WRITE__HEADERS", env["KTEL_REMOTE_WRITE__HEADERS"])
+    assert config.load(f).remote_write.headers == {}  # what the child loads
