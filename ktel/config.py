@@ -477,6 +477,12 @@ MAX_PERIOD_SECONDS = 3600
 MIN_HEARTBEAT_SECONDS = 1
 
 
+# What the agent's spool keeps of agent.spool_max_mb besides a batch's bytes: the batch's
+# record header and the room for its ack and dropped-in-flight files (edge_agent/spool.py,
+# HEADER and FILES_BYTES; tests/unit/test_spool.py holds the spool to it).
+SPOOL_OVERHEAD_BYTES = 128
+
+
 def _ms_within(v: int, most: int, advice: str) -> int:
     """``v`` milliseconds if from 1 to ``most``, else the range and ``advice``."""
     if not 1 <= v <= most:
@@ -560,7 +566,8 @@ class AgentConfig(Section):
         1024,
         ge=1,
         description="bound on the spool's bytes on disk (<state_dir>/spool: its files' sizes, "
-        "acknowledged batches not yet deleted too), MiB",
+        "acknowledged batches not yet deleted too), MiB; with a compression other than zstd, "
+        "which spool batches uncompressed, it must hold one of batch_max_bytes",
     )
     spool_full_policy: Literal["drop_oldest", "drop_newest"] = Field(
         "drop_oldest", description="what a full spool drops; either way the events are counted"
@@ -654,6 +661,23 @@ class AgentConfig(Section):
             raise ValueError(
                 f"agent.batch_min_events ({self.batch_min_events}) is above agent.batch_max_events "
                 f"({self.batch_max_events}), where a batch is sealed full: lower it"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _spool_holds_a_batch(self) -> AgentConfig:
+        # Spooled as encoded, a full batch larger than the spool's bound is dropped
+        # (counted) whatever the spool holds. zstd batches are spooled compressed, to
+        # about a tenth of their encoding.
+        most = (self.spool_max_mb << 20) - SPOOL_OVERHEAD_BYTES
+        if self.compression != "zstd" and self.batch_max_bytes > most:
+            least = (self.batch_max_bytes + SPOOL_OVERHEAD_BYTES + (1 << 20) - 1) >> 20
+            raise ValueError(
+                f"agent.spool_max_mb ({self.spool_max_mb}) cannot hold a batch of agent.batch_max_bytes "
+                f"({self.batch_max_bytes}), which agent.compression = {self.compression!r} spools "
+                "uncompressed: the spool would drop every batch that large, counted, however empty; "
+                f"raise agent.spool_max_mb to at least {least}, lower agent.batch_max_bytes to at "
+                f"most {most}, or set agent.compression = 'zstd'"
             )
         return self
 

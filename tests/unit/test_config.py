@@ -52,6 +52,14 @@ def test_env_overrides_file(tmp_path, monkeypatch):
             "agent.batch_min_events (6000) is above agent.batch_max_events (5000), where a batch is sealed",
         ),
         ("[agent]\nbatch_max_bytes = 16777216\n", "batch_max_bytes = 16777216: Input should be less than"),
+        (
+            "[agent]\ncompression = 'none'\nspool_max_mb = 1\n",
+            "agent.spool_max_mb (1) cannot hold a batch of agent.batch_max_bytes (1048576), which "
+            "agent.compression = 'none' spools uncompressed: the spool would drop every batch that large, "
+            "counted, however empty; raise agent.spool_max_mb to at least 2, lower agent.batch_max_bytes "
+            "to at most 1048448, or set agent.compression = 'zstd'",
+        ),
+        ("[agent]\ncompression = 'lz4'\nspool_max_mb = 4\nbatch_max_bytes = 8388608\n", "at least 9"),
         ("[kafka]\nbootstrap = 'nohost'\n", "kafka.bootstrap = 'nohost'"),
         ("[aggregate]\nwindow_seconds = 0\n", "KTEL_AGGREGATE__WINDOW_SECONDS"),
         (
@@ -983,3 +991,18 @@ def test_settings_and_map_keys_given_each_by_a_variable_merge_with_the_files(tmp
     assert cfg.agent.sample_every == {"ktel_api": 5, "file_created": 2}
     assert (cfg.kafka.principals.operator, cfg.kafka.principals.agent) == ("User:ops", "User:edge")
     assert cfg.remote_write.headers == {"X-Scope-OrgID": "prod"}
+
+
+@pytest.mark.parametrize(
+    "toml",
+    [
+        "[agent]\nspool_max_mb = 1\n",  # zstd: spooled compressed
+        "[agent]\ncompression = 'gzip'\nspool_max_mb = 2\n",
+        "[agent]\ncompression = 'none'\nspool_max_mb = 1\nbatch_max_bytes = 1048448\n",
+    ],
+)
+def test_a_spool_that_holds_a_whole_batch_is_accepted(tmp_path, toml, monkeypatch):
+    monkeypatch.setenv("KTEL_AGENT__HOST_ID", "h")
+    f = tmp_path / "k.toml"
+    f.write_text(toml)
+    config.load(f)

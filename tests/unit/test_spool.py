@@ -12,6 +12,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from edge_agent.spool import FILES_BYTES, HEADER, IN_FLIGHT_FILE, MAGIC, Spool
+from ktel import config
+from ktel.config import SPOOL_OVERHEAD_BYTES
 
 
 def payload(i: int, size: int = 100) -> bytes:
@@ -686,3 +688,19 @@ def test_a_spool_bound_below_two_batches_takes_the_next_once_the_last_is_acknowl
     assert (sp.dropped_batches, sp.dropped_events) == (0, 0)
     sp.close()
     assert read_back(tmp_path) == []
+
+
+def test_a_spool_takes_a_batch_of_the_most_the_config_lets_it_be(tmp_path):
+    """agent.spool_max_mb is held to hold a batch of agent.batch_max_bytes, spooled uncompressed
+    (ktel/config.py counts what the spool takes besides it): a spool that could not would drop
+    every such batch, however empty."""
+    agent = config.AgentConfig(
+        host_id="h", compression="none", spool_max_mb=1, batch_max_bytes=(1 << 20) - SPOOL_OVERHEAD_BYTES
+    )
+    sp = Spool(tmp_path, max_bytes=agent.spool_max_mb << 20)
+    assert sp.append(payload(0, agent.batch_max_bytes), n_events=1)
+    with pytest.raises(ValueError, match="cannot hold a batch"):
+        agent.model_validate({**agent.model_dump(), "batch_max_bytes": agent.batch_max_bytes + 1})
+    sp.ack(sp.end)
+    assert not sp.append(payload(1, agent.batch_max_bytes + 1), n_events=1)
+    sp.close()
