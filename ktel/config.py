@@ -1,8 +1,9 @@
 """ktel's one typed configuration.
 
 Sources, later ones winning: the defaults below, a TOML file (``--config`` or
-``KTEL_CONFIG``), then environment variables ``KTEL_<SECTION>__<FIELD>``, e.g.
-``KTEL_KAFKA__BOOTSTRAP=10.0.0.5:9092`` or ``KTEL_AGGREGATE__WINDOW_SECONDS=2``.
+``KTEL_CONFIG``; either given empty is refused), then environment variables
+``KTEL_<SECTION>__<FIELD>``, e.g. ``KTEL_KAFKA__BOOTSTRAP=10.0.0.5:9092`` or
+``KTEL_AGGREGATE__WINDOW_SECONDS=2``.
 A variable replaces the value it names, a map too (JSON): ``KTEL_REMOTE_WRITE__HEADERS='{}'``
 sends no header whatever the file's ``remote_write.headers``. A section's or table's
 settings given each by its own variable are merged with the file's others, and so are a
@@ -1643,7 +1644,17 @@ MAX_FILE_BYTES = 1 << 20
 
 def load(path: str | Path | None = None) -> Config:
     """Load and validate; raises ConfigError with one line per bad field."""
-    path = path or os.environ.get("KTEL_CONFIG")
+    # Empty, a file was meant and its name lost (an unset shell variable, an empty
+    # template value): running on the defaults instead would hide it.
+    if path == "":
+        raise ConfigError("the config file given (--config) is empty: name the TOML file, or leave it out")
+    if path is None:
+        path = os.environ.get("KTEL_CONFIG")
+        if path == "":
+            raise ConfigError(
+                "KTEL_CONFIG is set but empty: name the TOML config file in it, or unset it to run "
+                "on the defaults and the KTEL_* variables"
+            )
     data: dict[str, Any] = {}
     source = "defaults and KTEL_* environment"
     if path:

@@ -1006,3 +1006,14 @@ def test_a_spool_that_holds_a_whole_batch_is_accepted(tmp_path, toml, monkeypatc
     f = tmp_path / "k.toml"
     f.write_text(toml)
     config.load(f)
+
+
+def test_an_empty_config_file_name_is_refused_not_taken_for_none(monkeypatch):
+    monkeypatch.setenv("KTEL_AGENT__HOST_ID", "h")
+    monkeypatch.setenv("KTEL_CONFIG", "")
+    with pytest.raises(config.ConfigError, match="KTEL_CONFIG is set but empty: name the TOML config file"):
+        config.load()
+    monkeypatch.delenv("KTEL_CONFIG")
+    with pytest.raises(config.ConfigError, match=r"the config file given \(--config\) is empty"):
+        config.load("")
+    config.load()  # unset: the defaults and the KTEL_* variables
