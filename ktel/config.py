@@ -697,6 +697,13 @@ class AgentConfig(Section):
 
 # Prometheus takes a series without a sample for this long as ended (its lookback delta).
 PROMETHEUS_STALENESS_SECONDS = 300
+# The shortest aggregate.host_ttl_seconds. Every worker looks for its silent hosts every
+# quarter of it (at most every 30 s: processors/stages.py), each look a pass over every
+# host it holds, so a TTL of microseconds ran that timer without pause; and a host is then
+# forgotten between its batches, which come every agent.batch_max_ms (500 ms by default)
+# at most, its series ending and starting again from 0 at each. As the shortest
+# agent.heartbeat_seconds (MIN_HEARTBEAT_SECONDS), nothing sooner is told below a second.
+MIN_HOST_TTL_SECONDS = 1
 
 
 class AggregateConfig(Section):
@@ -720,11 +727,22 @@ class AggregateConfig(Section):
     )
     host_ttl_seconds: float = Field(
         3600,
-        gt=0,
         description="a host that sent no batch for this long has its series end: one last "
         "snapshot marks them stale (Prometheus stale markers; the pull endpoint drops them) "
-        "and its state is deleted; it starts afresh if it comes back",
+        "and its state is deleted; it starts afresh if it comes back. At least 1 s",
     )
+
+    @field_validator("host_ttl_seconds")
+    @classmethod
+    def _a_host_ttl(cls, v: float) -> float:
+        if v < MIN_HOST_TTL_SECONDS:
+            raise ValueError(
+                f"is below {MIN_HOST_TTL_SECONDS} s: the workers look for silent hosts every quarter of "
+                "it, over every host they hold, and would forget live hosts between their batches, "
+                "their series starting again from 0 at each; give the time after which a silent "
+                "host's series end (default 3600)"
+            )
+        return v
 
     @model_validator(mode="after")
     def _refreshed_before_stale(self) -> AggregateConfig:

@@ -63,6 +63,15 @@ def test_env_overrides_file(tmp_path, monkeypatch):
         ("[kafka]\nbootstrap = 'nohost'\n", "kafka.bootstrap = 'nohost'"),
         ("[aggregate]\nwindow_seconds = 0\n", "KTEL_AGGREGATE__WINDOW_SECONDS"),
         (
+            "[aggregate]\nhost_ttl_seconds = 0.0001\n",
+            "aggregate.host_ttl_seconds = 0.0001: Value error, is below 1 s: the workers look for silent "
+            "hosts every quarter of it",
+        ),
+        (
+            "[aggregate]\nhost_ttl_seconds = 0\n",
+            "(set it in the file or with KTEL_AGGREGATE__HOST_TTL_SECONDS)",
+        ),
+        (
             "[aggregate]\nrefresh_seconds = 290\nwindow_seconds = 10\n",
             "refresh_seconds (290) plus window_seconds (10) must be below 300",
         ),
@@ -1017,3 +1026,9 @@ def test_an_empty_config_file_name_is_refused_not_taken_for_none(monkeypatch):
     with pytest.raises(config.ConfigError, match=r"the config file given \(--config\) is empty"):
         config.load("")
     config.load()  # unset: the defaults and the KTEL_* variables
+
+
+def test_a_host_ttl_of_a_second_is_accepted(tmp_path, monkeypatch):
+    monkeypatch.setenv("KTEL_AGENT__HOST_ID", "h")
+    monkeypatch.setenv("KTEL_AGGREGATE__HOST_TTL_SECONDS", "1")
+    assert config.load().aggregate.host_ttl_seconds == config.MIN_HOST_TTL_SECONDS == 1

@@ -405,7 +405,8 @@ async def test_a_batch_taken_while_silent_hosts_are_forgotten_keeps_its_host(tmp
     with tombstones that may wait for room in the producer. A batch of a host further
     down that list, taken meanwhile, is counted and committed: its host is alive, and
     its value must stay."""
-    aggregate = config.AggregateConfig(window_seconds=0.05, host_ttl_seconds=0.1)
+    # (Below the TTL a config may set, MIN_HOST_TTL_SECONDS, so the test waits half a second.)
+    aggregate = config.AggregateConfig(window_seconds=0.05).model_copy(update={"host_ttl_seconds": 0.1})
     async with Shell(tmp_path, "aggregate", aggregate=aggregate) as shell:
         app = shell.ready()
         for host in ("h1", "h2"):
@@ -440,7 +441,8 @@ async def test_a_batch_of_a_host_being_forgotten_is_handled_only_after_its_tombs
     among them), and a worker killed before anything else of the host reaches the
     changelog recovers no such host, the batch's counts lost for good. So the batch waits
     for the tombstones: whenever it is handled, the changelog as recovered has it."""
-    aggregate = config.AggregateConfig(window_seconds=0.05, host_ttl_seconds=0.1)
+    # (Below the TTL a config may set, MIN_HOST_TTL_SECONDS, so the test waits half a second.)
+    aggregate = config.AggregateConfig(window_seconds=0.05).model_copy(update={"host_ttl_seconds": 0.1})
     async with Shell(tmp_path, "aggregate", aggregate=aggregate) as shell:
         app = shell.ready()
         await shell.put(batch(0, [file_created(1, "/data/x/f")]))
