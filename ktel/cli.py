@@ -362,7 +362,8 @@ def main(argv: list[str] | None = None) -> None:
         "--stale-after",
         type=_seconds,
         metavar="SECONDS",
-        help="a host with no heartbeat for this long is stale (default: 3 x agent.heartbeat_seconds)",
+        help="a host with no heartbeat for this long, or whose last is stamped more than this far ahead "
+        "of this clock, is stale (default: 3 x agent.heartbeat_seconds)",
     )
     p.add_argument(
         "--since",

@@ -7,7 +7,9 @@ and a host's stay in one partition, in order (until the topic gains partitions: 
 the partition of its latest record by timestamp is taken as its newest), so only the
 newest record of each key is decoded (an older one only where a newer one does not decode, or names another
 host than its key). A host whose newest heartbeat
-is older than ``--stale-after`` is stale: it is highlighted, and the command exits 1.
+is older than ``--stale-after`` is stale: it is highlighted, and the command exits 1. So
+is one whose newest heartbeat is stamped more than ``--stale-after`` ahead of this clock
+(``clock_ahead``).
 A host silent for longer than ``--since`` is not seen at all, so ``--since`` should
 be well above ``--stale-after``.
 
@@ -63,6 +65,7 @@ _HOST = {
         "last_heartbeat_ms",
         "age_s",
         "stale",
+        "clock_ahead",
         "probes_loaded",
         "probes_failed",
         "ringbuf_drops_per_s",
@@ -75,8 +78,15 @@ _HOST = {
         "kernel": {"type": "string", "description": "os.version: the kernel release"},
         "agent_version": {"type": "string"},
         "last_heartbeat_ms": {"type": "integer", "description": "the newest heartbeat's ts, ms since epoch"},
-        "age_s": {"type": "number", "description": "seconds since that heartbeat, by this clock"},
-        "stale": {"type": "boolean", "description": "age_s > stale_after_s"},
+        "age_s": {
+            "type": "number",
+            "description": "seconds since that heartbeat, by this clock (0 for one stamped ahead of it)",
+        },
+        "stale": {"type": "boolean", "description": "age_s > stale_after_s, or clock_ahead"},
+        "clock_ahead": {
+            "type": "boolean",
+            "description": "the heartbeat's ts is more than stale_after_s ahead of this clock",
+        },
         "probes_loaded": {"type": "array", "items": {"type": "string"}},
         "probes_failed": {
             "type": "object",
@@ -179,6 +189,12 @@ def host_row(hb: Heartbeat, now_ms: int, stale_after_s: float) -> dict[str, Any]
     host = hb["host"]
     probes = hb["probes"]
     age_s = max(0.0, (now_ms - hb["ts"]) / 1000)
+    # A heartbeat stamped ahead of this clock (the agent's clock ahead, or a record
+    # written with a forged time) has no age to tell, and was never stale: its host, dead
+    # or not, looked fresh until this clock caught up with the stamp, for good with one
+    # far ahead. Ahead by up to stale_after_s it counts as just sent (so a dead host is
+    # found stale at most that much late); further ahead, its host is stale.
+    clock_ahead = (hb["ts"] - now_ms) / 1000 > stale_after_s
     return {
         "host_id": host[HOST_ID],
         "host_name": host.get(HOST_NAME, ""),
@@ -186,7 +202,8 @@ def host_row(hb: Heartbeat, now_ms: int, stale_after_s: float) -> dict[str, Any]
         "agent_version": host.get("ktel.agent.version", ""),
         "last_heartbeat_ms": hb["ts"],
         "age_s": round(age_s, 3),
-        "stale": age_s > stale_after_s,
+        "stale": age_s > stale_after_s or clock_ahead,
+        "clock_ahead": clock_ahead,
         "probes_loaded": sorted(p for p, s in probes.items() if s["loaded"]),
         "probes_failed": {p: s.get("reason", "") for p, s in sorted(probes.items()) if not s["loaded"]},
         "ringbuf_drops_per_s": _finite(
@@ -418,14 +435,18 @@ def tables(status: dict[str, Any]) -> list[Table]:
     ):
         hosts.add_column(column, overflow="fold")
     for h in status["hosts"]:
-        age = _age(h["age_s"]) + " ago"
+        last = _age(h["age_s"]) + " ago"
+        if h["clock_ahead"]:
+            last = f"STALE: clock {_age((h['last_heartbeat_ms'] - status['now_ms']) / 1000)} ahead"
+        elif h["stale"]:
+            last = f"STALE {last}"
         hosts.add_row(
             *_plain(
                 h["host_name"],
                 h["host_id"],
                 h["kernel"],
                 h["agent_version"],
-                f"STALE {age}" if h["stale"] else age,
+                last,
                 ", ".join(h["probes_loaded"]),
                 "\n".join(f"{p}: {why}" for p, why in h["probes_failed"].items()),
                 f"{h['ringbuf_drops_per_s']:g}",

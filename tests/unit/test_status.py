@@ -80,6 +80,22 @@ def test_a_host_silent_longer_than_stale_after_is_stale():
     assert [h["stale"] for h in doc["hosts"]] == [True, False]
 
 
+def test_a_heartbeat_stamped_further_ahead_than_stale_after_makes_its_host_stale():
+    """An agent's clock ahead, or a record written with a forged time: such a heartbeat
+    has no age, and would look fresh until this clock caught up, the host dead or not.
+    One stamped less far ahead counts as just sent."""
+    read = status.Read({"far": hb("far", NOW + 31_000), "near": hb("near", NOW + 29_000)}, 0, [])
+    doc = status.summarize(read, NOW, since_s=900, stale_after_s=30)
+    jsonschema.validate(doc, status.SCHEMA)
+    assert doc["stale_hosts"] == ["far"]
+    far, near = doc["hosts"]
+    assert (far["stale"], far["clock_ahead"], far["age_s"]) == (True, True, 0.0)
+    assert (near["stale"], near["clock_ahead"], near["age_s"]) == (False, False, 0.0)
+    console = Console(width=250, record=True, file=io.StringIO())
+    console.print(*status.tables(doc))
+    assert "STALE: clock 31s ahead" in console.export_text()
+
+
 def test_group_lag_is_end_minus_committed_per_topic():
     offsets = {
         TopicPartition("ktel.metrics", 0): (10, 15),
