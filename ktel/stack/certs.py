@@ -1,12 +1,16 @@
 """Throwaway certificates for local TLS servers and their clients (the local secured
 Kafka, Prometheus, the Collector), made with openssl: a CA, and certificates it signs,
 for 127.0.0.1 and localhost, whose CN names a client's principal. Unencrypted keys,
-valid for a day: for tests and trying ktel out, never for production."""
+valid for a day: for tests and trying ktel out, never for production. Files holding a
+key or a password are written by ``write_private``, readable by their owner alone."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +24,25 @@ class Pair:
 
     def bundle(self, path: Path) -> Path:
         """Key and certificate in one PEM file (what Kafka's PEM key store takes)."""
-        path.write_text(self.key.read_text() + self.cert.read_text())
-        return path
+        return write_private(path, self.key.read_text() + self.cert.read_text())
+
+
+def write_private(path: Path, text: str) -> Path:
+    """Write ``text`` (a key, a password) to ``path``, readable and writable by its owner
+    alone from the moment it exists: a file created with the umask's mode (0644) then
+    chmod-ed could be opened by anyone in between, and kept open to read what follows."""
+    # A new file (mkstemp: O_EXCL, mode 0600) put in the place of any there: one there
+    # already (a directory used before) may be anyone's to read, or held open by someone.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with open(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
 
 
 def openssl(*args: str | Path) -> None:

@@ -66,9 +66,7 @@ def start(directory: Path, brokers: int = 3, stages: tuple[str, ...] = ()) -> Se
     s = SecuredCluster(cluster, directory, ca)
     principals = "[kafka.principals]\n" + "".join(f"{r} = {json.dumps(p)}\n" for r, p in PRINCIPALS.items())
     for user, password in passwords.items():
-        secret = directory / f"{user}.password"
-        secret.write_text(password + "\n")
-        secret.chmod(0o600)
+        secret = certs.write_private(directory / f"{user}.password", password + "\n")
         s.config_file(user).write_text(
             _kafka_table(
                 bootstrap=cluster.sasl_ssl_bootstrap,
