@@ -60,6 +60,22 @@ CHILDREN = [
 ]
 # Where each of them serves its own counters: the pull endpoint on a port of its own.
 SELF_METRICS = [port for _, _, port in CHILDREN if port != "pull.port"] + ["pull.metrics_port"]
+# What Stack.stop stops, in order, and the seconds each is given to stop before it is
+# killed: ktel's processes on SIGINT, the agent first (what it drained is flushed to
+# Kafka), then the worker and the exporters; then the servers on SIGTERM, Kafka last.
+STOP_ORDER: list[tuple[str, float]] = [
+    ("agent", 30),
+    ("aggregate", 30),
+    ("remote-write", 30),
+    ("pull", 30),
+    ("otlp", 30),
+    ("the OpenTelemetry Collector", 30),
+    ("Prometheus", 30),
+    ("Kafka", 30),
+]
+# Besides those: `ktel up` getting to its stop (a refresh of its counters under way, up
+# to 2 s per process), and waiting for each process it had to kill.
+STOP_SLACK_SECONDS = 30.0
 SERVER_PORTS = [
     "stack.kafka_port",
     "stack.kafka_controller_port",
@@ -247,14 +263,13 @@ class Stack:
                 time.sleep(0.5)
 
     def stop(self) -> None:
-        for name in ["agent", "aggregate", "remote-write", "pull", "otlp"]:
+        for name, timeout in STOP_ORDER:
             if name in self.children:
                 say(f"stopping {name}")
-                proc.stop(self.children[name], timeout=30, sig=signal.SIGINT)
-        for name, server in reversed(self.servers.items()):  # Kafka last
-            if server.running:
+                proc.stop(self.children[name], timeout=timeout, sig=signal.SIGINT)
+            elif name in self.servers and self.servers[name].running:
                 say(f"stopping {name}")
-                server.stop()
+                self.servers[name].stop(timeout)
 
     def dead(self) -> str | None:
         """What has exited, of all `ktel up` started, with the tail of its log; None if
@@ -309,8 +324,15 @@ def pidfile(cfg: Config) -> Path:
     return cfg.stack.data_dir / "ktel-up.pid"
 
 
-def down(cfg: Config, timeout: float = 180) -> int:
-    """Stop the `ktel up` of this data dir (from another terminal) and wait for it.
+def stop_seconds() -> float:
+    """The longest `ktel up` takes to stop once signalled: what `ktel down` waits."""
+    return sum(timeout for _, timeout in STOP_ORDER) + STOP_SLACK_SECONDS
+
+
+def down(cfg: Config, timeout: float | None = None) -> int:
+    """Stop the `ktel up` of this data dir (from another terminal) and wait for it, by
+    default as long as its stop can take (``stop_seconds``): given up on sooner, a stop
+    still under way was reported as one that failed.
 
     The pid file may be stale (a `ktel up` killed with SIGKILL, a reboot) and its pid
     reused by any other process: only a `ktel up` is signalled (``is_ktel_up``), through
@@ -343,6 +365,8 @@ def down(cfg: Config, timeout: float = 180) -> int:
         return 1
     finally:
         os.close(fd)
+    if timeout is None:
+        timeout = stop_seconds()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         # `ktel up` removes its pid file once everything it started has stopped.

@@ -3,6 +3,7 @@ reported and removed, and that process is left alone. Real processes throughout.
 
 from __future__ import annotations
 
+import inspect
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from ktel import up
+from ktel.stack import proc
 from tests.unit.up_fake import fake_stack, run_up, stack_config
 
 
@@ -41,11 +43,11 @@ def started(procs: list[subprocess.Popen], *args: str) -> subprocess.Popen:
     return proc
 
 
-def ktel_script(tmp_path: Path) -> str:
-    """A stand-in for the `ktel` script, which SIGTERM ends."""
+def ktel_script(tmp_path: Path, code: str = READY) -> str:
+    """A stand-in for the `ktel` script, which SIGTERM ends (with ``READY``)."""
     script = tmp_path / "bin" / "ktel"
     script.parent.mkdir()
-    script.write_text(READY)
+    script.write_text(code)
     return str(script)
 
 
@@ -108,3 +110,42 @@ def test_a_second_ktel_up_of_a_data_dir_leaves_the_first_and_its_pid_file_alone(
     assert up.pidfile(cfg).read_text() == str(first.pid)  # `ktel down` still finds it
     assert first.poll() is None
     assert f"ktel up (pid {first.pid}) is already running" in capsys.readouterr().out
+
+
+# What a server's stop waits when given no time of its own.
+_SERVER_STOP_DEFAULT = inspect.signature(proc.Server.stop).parameters["timeout"].default
+
+
+class _Stopped:
+    """A process or server of the stack: records the wait it is given to stop in."""
+
+    running = True
+
+    def __init__(self, name: str, waits: dict[str, float]):
+        self.name, self.waits = name, waits
+
+    def stop(self, timeout: float = _SERVER_STOP_DEFAULT) -> None:
+        self.waits[self.name] = timeout
+
+
+def test_ktel_down_waits_as_long_as_ktel_ups_stop_can_take(cfg, procs, tmp_path, monkeypatch):
+    """`ktel up`'s stop gives each process and server its own time before killing it;
+    `ktel down` waits at least all of them, or it reported a stop still under way, in
+    order, as failed."""
+    stack = up.Stack(cfg)
+    everything = [name for name, _, _ in up.CHILDREN] + list(stack.servers)
+    waits: dict[str, float] = {}
+    stack.children = {name: _Stopped(name, waits) for name, _, _ in up.CHILDREN}
+    stack.servers = {name: _Stopped(name, waits) for name in stack.servers}
+    monkeypatch.setattr(up.proc, "stop", lambda p, timeout, sig: p.stop(timeout))
+    stack.stop()
+    assert sorted(waits) == sorted(everything)
+    # A `ktel up` whose stop never ends: SIGTERM is ignored.
+    ignoring = "import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n" + READY
+    stuck = started(procs, ktel_script(tmp_path, ignoring), "up")
+    up.pidfile(cfg).write_text(str(stuck.pid))
+    clock = [0.0]
+    monkeypatch.setattr(up.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(up.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    assert up.down(cfg) == 1
+    assert clock[0] >= sum(waits.values())
