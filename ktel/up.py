@@ -207,12 +207,13 @@ class Stack:
         env = self.child_env()
         for name, argv, _ in CHILDREN:
             say(f"starting {name} (log: {self.logs / name}.log)")
-            self.children[name] = proc.spawn(
-                [sys.executable, "-m", "ktel.cli", *argv],
-                self.logs / f"{name}.log",
-                Path.cwd(),
-                env,
-            )
+            with proc.stop_signals_held():  # a stop meanwhile finds the child kept
+                self.children[name] = proc.spawn(
+                    [sys.executable, "-m", "ktel.cli", *argv],
+                    self.logs / f"{name}.log",
+                    Path.cwd(),
+                    env,
+                )
 
     def url(self, name: str, path: str) -> str:
         host, port = self.child_hosts[name], self.child_ports[name]

@@ -246,7 +246,8 @@ class LocalKafka(proc.Server):
             self._format([_java(), log4j, *classpath, "kafka.tools.StorageTool"], props)
         argv = [_java(), f"-Xmx{self.heap}", "-Djava.awt.headless=true", log4j, *classpath,
                 "kafka.Kafka", str(props)]  # fmt: skip
-        self._proc = proc.spawn(argv, self.log_path, self.data_dir)
+        with proc.stop_signals_held():
+            self._proc = proc.spawn(argv, self.log_path, self.data_dir)
 
     def kill(self) -> None:
         """SIGKILL: an unclean crash, for tests of recovery."""

@@ -152,7 +152,8 @@ class LocalCollector(proc.Server):
         config = self.data_dir / "otelcol.json"  # JSON is YAML, and needs no YAML library
         config.write_text(json.dumps(self._config(), indent=2))
         log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
-        self._proc = proc.spawn([str(binary), f"--config=file:{config}"], self.log_path, self.data_dir)
+        with proc.stop_signals_held():
+            self._proc = proc.spawn([str(binary), f"--config=file:{config}"], self.log_path, self.data_dir)
         try:
             self._wait_ready(timeout, log_start)
         except BaseException:

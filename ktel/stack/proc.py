@@ -4,6 +4,7 @@ their ports: free ones to give them, and who listens where."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import random
@@ -12,13 +13,15 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Self
 
 import psutil
 
 _PR_SET_PDEATHSIG = 1
+# What stops the local stack: Ctrl-C, and `ktel down`'s SIGTERM.
+STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
 
 
 class Server:
@@ -62,10 +65,34 @@ class Server:
             )
 
 
+@contextlib.contextmanager
+def stop_signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM arriving within the block take effect at its end: around a
+    process's ``spawn`` and the keeping of what it returns, so that a stop signal's
+    handler that raises (`ktel up`'s while it starts, Python's KeyboardInterrupt) finds
+    the process kept, to be stopped with the rest. Raised inside subprocess.Popen once
+    the child was forked, or before its caller kept it, the exception lost the child:
+    left running, never stopped, until its parent's exit killed it uncleanly.
+
+    Held in the main thread, where Python runs signal handlers; a signal that another
+    thread, not holding it, takes is not held (`ktel up` starts its stack in its main
+    thread with no other running)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        # A signal that arrived meanwhile is delivered here, its handler run.
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
 def spawn(
     argv: list[str], log_path: Path, cwd: Path, env: dict[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
-    """Start a server with stdout+stderr appended to log_path, in its own session."""
+    """Start a server with stdout+stderr appended to log_path, in its own session.
+    Called within ``stop_signals_held``, whose held signals the child does not inherit."""
     log = open(log_path, "ab")  # noqa: SIM115 - the child keeps writing after we return
     log.write(f"\n===== ktel: starting {argv[0]} at {time.ctime()} =====\n".encode())
     log.flush()
@@ -94,8 +121,17 @@ def _die_with_parent() -> Callable[[], None] | None:
         return None
     parent = os.getpid()
     libc = ctypes.CDLL(None, use_errno=True)
+    # The child inherits its parent's blocked signals, and exec keeps them: started
+    # within stop_signals_held it would never hear SIGINT or SIGTERM, what ktel's
+    # processes and the servers stop on. Unblocked through libc: Python's
+    # signal.pthread_sigmask runs the handlers due, the parent's, in the child.
+    unblock = ctypes.create_string_buffer(128)  # a sigset_t (glibc's: 1024 bits)
+    libc.sigemptyset(unblock)
+    for sig in STOP_SIGNALS:
+        libc.sigaddset(unblock, sig)
 
     def preexec() -> None:
+        libc.pthread_sigmask(signal.SIG_UNBLOCK, unblock, None)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent:  # the parent died before prctl took effect
             os._exit(1)

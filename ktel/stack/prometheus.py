@@ -133,7 +133,8 @@ class LocalPrometheus(proc.Server):
             argv.append(f"--web.config.file={web_config}")
         if self.native_histograms:
             argv.append("--enable-feature=native-histograms")
-        self._proc = proc.spawn(argv, self.log_path, self.data_dir)
+        with proc.stop_signals_held():
+            self._proc = proc.spawn(argv, self.log_path, self.data_dir)
         try:
             self._wait_ready(timeout)
         except BaseException:
