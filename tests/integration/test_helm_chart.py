@@ -792,8 +792,30 @@ def test_the_service_monitor_scrapes_the_fleets_series_only_when_asked(full) -> 
     assert cfg["pull"]["metrics_port"] != cfg["pull"]["port"]
     [sm] = of_kind(full, "ServiceMonitor")
     assert [e["port"] for e in sm["spec"]["endpoints"]] == ["metrics"]
-    [sm] = of_kind(render(FULL, sets=("serviceMonitor.scrapePullEndpoint=true",)), "ServiceMonitor")
+    sets = ("serviceMonitor.scrapePullEndpoint=true", "exporters.pull.replicas=1")
+    [sm] = of_kind(render(FULL, sets=sets), "ServiceMonitor")
     assert sm["spec"]["endpoints"] == [{"port": "metrics", **FULL_SCRAPE}, {"port": "pull", **FULL_SCRAPE}]
+
+
+def test_scraping_the_pull_endpoint_of_more_than_one_replica_is_refused(full) -> None:
+    """Each pull replica serves every series of the fleet, and Prometheus scrapes each pod
+    behind the Service: with full values' two, every kernel series was stored twice, apart
+    by their instance and pod labels, and every sum over them (the dashboards' files
+    created, KtelOomKills) counted it twice."""
+    [pull] = [d for d in of_kind(full, "Deployment") if d["metadata"]["name"] == "ktel-export-pull"]
+    assert pull["spec"]["replicas"] == 2
+    res = run_helm(
+        "template", "ktel", str(CHART), "-f", str(FULL), "--set", "serviceMonitor.scrapePullEndpoint=true"
+    )
+    assert res.returncode != 0
+    assert (
+        "serviceMonitor.scrapePullEndpoint with exporters.pull.replicas = 2: each pull endpoint" in res.stderr
+    )
+    assert "set exporters.pull.replicas to 1 with it" in res.stderr
+    # Without the pull endpoint's scrape, or without the pull endpoint, its replicas are the
+    # endpoint's users' (copies behind its Service).
+    render(FULL)
+    render(FULL, sets=("serviceMonitor.scrapePullEndpoint=true", "exporters.pull.enabled=false"))
 
 
 def test_the_service_monitor_leaves_what_is_unset_to_prometheus() -> None:
