@@ -711,18 +711,25 @@ class Agent:
 
     # ------------------------------------------------------------ heartbeats
 
-    def node_readings(self) -> dict[str, int]:
-        """The heartbeat's ``node`` map (edge_agent/node_stats.py); blocking, run in a thread."""
+    def node_readings(self) -> tuple[dict[str, int], int]:
+        """The heartbeat's ``node`` map (edge_agent/node_stats.py), and the number of disks
+        left out of it (node_stats.within_bound); blocking, run in a thread."""
         node = node_stats.read_proc()
         for p in list(self.loaded.values()):
             node.update(p.map_usage())
         return node_stats.within_bound(node)
 
     def heartbeat(
-        self, elapsed: float, previous: dict[str, int], containers: list[list], node: dict[str, int]
+        self,
+        elapsed: float,
+        previous: dict[str, int],
+        containers: list[list],
+        node: dict[str, int],
+        disks_left_out: int = 0,
     ) -> tuple[Heartbeat, dict[str, int]]:
         """The heartbeat record; ``rates`` are the counters' increase over the last
-        ``elapsed`` seconds (since start, in the first), per second.
+        ``elapsed`` seconds (since start, in the first), per second. ``disks_left_out``:
+        the node's disks ``node`` has no room for, which the workers count as left out.
 
         ``interval_s`` is agent.heartbeat_seconds, whatever ``elapsed`` is: the workers
         report the host down three of them after its last heartbeat
@@ -801,6 +808,8 @@ class Agent:
             "containers": containers,
             "node": node,
         }
+        if disks_left_out:
+            hb["node_left_out"] = {"disks": disks_left_out}
         self.redactor.apply_heartbeat(hb)
         return hb, counters
 
@@ -819,12 +828,14 @@ class Agent:
         last of an agent stopped on purpose (a signal), which the workers report as
         stopped, not down (processors/fleet_metrics.py)."""
         containers = await asyncio.to_thread(self.containers.scan)
-        node = await asyncio.to_thread(self.node_readings)
+        node, disks_left_out = await asyncio.to_thread(self.node_readings)
         CONTAINERS.set(len(containers))
         CONTAINERS_UNLISTED.set(self.containers.unlisted)
         now = time.monotonic()
         elapsed = max(now - self._beat_at, 1e-3)
-        hb, self._beat_counters = self.heartbeat(elapsed, self._beat_counters, containers, node)
+        hb, self._beat_counters = self.heartbeat(
+            elapsed, self._beat_counters, containers, node, disks_left_out
+        )
         self._beat_at = now
         if stopping:
             hb["stopping"] = True

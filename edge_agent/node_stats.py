@@ -76,18 +76,19 @@ def map_usage(probe: str, tables: Iterable[tuple[str, Any]]) -> dict[str, int]:
     return out
 
 
-def within_bound(readings: dict[str, int]) -> dict[str, int]:
-    """``readings`` cut to what a heartbeat takes (MAX_NODE_READINGS): a storage node's
-    disks (multipath LUNs, each seen on several paths) can be more, and a heartbeat with
-    more readings does not decode, so the workers would see no heartbeat of the node at
-    all. The disks go first, the last by name, so that the same ones stay from one
-    heartbeat to the next."""
+def within_bound(readings: dict[str, int]) -> tuple[dict[str, int], int]:
+    """``readings`` cut to what a heartbeat takes (MAX_NODE_READINGS), and how many disks
+    were left out: a storage node's disks (multipath LUNs, each seen on several paths)
+    can be more, and a heartbeat with more readings does not decode, so the workers
+    would see no heartbeat of the node at all. The disks go first, the last by name, so
+    that the same ones stay from one heartbeat to the next. The number left out goes in
+    the heartbeat (``node_left_out``), for the workers to count with those they leave out."""
     if len(readings) <= MAX_NODE_READINGS:
-        return readings
+        return readings, 0
     disks = sorted(k for k in readings if k.startswith(DISK_PREFIX))
     room = max(0, MAX_NODE_READINGS - (len(readings) - len(disks)))
     left_out = set(disks[room:])
-    return {k: v for k, v in readings.items() if k not in left_out}
+    return {k: v for k, v in readings.items() if k not in left_out}, len(left_out)
 
 
 def read_proc() -> dict[str, int]:

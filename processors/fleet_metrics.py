@@ -30,7 +30,8 @@ names over the time this worker holds the host (devices come and go, but a host
 renaming them every heartbeat would churn Prometheus's series without end), each
 name printable ASCII of at most ``MAX_NAME_CHARS``. What is left out is counted
 (``observe`` returns it, exported as ``ktel_processor_node_readings_left_out_total``)
-and logged when a host starts having readings left out. The bound is here and not in
+and logged when a host starts having readings left out, with the disks its agent had
+no room for in the heartbeat (its ``node_left_out``, past 1,024 readings). The bound is here and not in
 the decoder: the enrich stage takes the heartbeat's host attributes, which one disk
 too many should not cost the host.
 """
@@ -45,6 +46,7 @@ import threading
 import time
 
 from ktel.wire import Heartbeat
+from ktel.wire.control import MAX_NODE_READINGS
 
 # Heartbeats missed before a host counts as down.
 MISSED_HEARTBEATS = 3
@@ -203,8 +205,9 @@ class FleetMetrics:
         same boot: re-read after a rebalance, or re-driven from ktel.dlq (``ktel dlq``),
         it would otherwise set the host up again, its time and counters back.
 
-        Returns the readings of its ``node`` left out of the host's series (see the
-        module's docstring), per kind (``disks``, ``bpf_maps``)."""
+        Returns the readings of its node left out of the host's series (see the
+        module's docstring), per kind (``disks``, ``bpf_maps``): those of its ``node``
+        past the bounds and those its agent left out of ``node`` (``node_left_out``)."""
         ts_s = hb["ts"] / 1000
         boot_id = hb["host"].get("boot.id")
         now = time.monotonic()
@@ -231,6 +234,9 @@ class FleetMetrics:
                 names = held.names if held is not None else {kind: set() for kind in BOUNDS}
                 node, left_out = bounded(sent, names)
                 series = _series(label, node)
+            for kind, n in hb.get("node_left_out", {}).items():
+                if kind in BOUNDS and n:  # (another kind, a newer agent's: not counted, as in bounded)
+                    left_out[kind] = left_out.get(kind, 0) + n
             self._hosts[host_id] = _Seen(
                 now,
                 ts_s,
@@ -246,13 +252,15 @@ class FleetMetrics:
         if left_out and (held is None or not held.left_out):
             log.warning(
                 "host %.60r: node readings left out of its series (%s): at most %d disks and %d BPF maps "
-                "at once, %d times as many names while held, names of printable ASCII up to %d characters",
+                "at once, %d times as many names while held, names of printable ASCII up to %d characters, "
+                "and %d readings a heartbeat",
                 host_id,
                 ", ".join(f"{n} {kind}" for kind, n in sorted(left_out.items())),
                 MAX_DISKS,
                 MAX_BPF_MAPS,
                 NAMES_HELD_FACTOR,
                 MAX_NAME_CHARS,
+                MAX_NODE_READINGS,
             )
         return left_out
 

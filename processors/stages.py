@@ -133,7 +133,8 @@ EVICTED = Counter(
 NODE_READINGS_LEFT_OUT = Counter(
     "ktel_processor_node_readings_left_out",
     "readings of heartbeats' node maps not exported as per-host series: past what one host may "
-    "have (disks, BPF maps: processors/fleet_metrics.py) or with an illegible name",
+    "have (disks, BPF maps: processors/fleet_metrics.py), with an illegible name, or left out of "
+    "the heartbeat by its agent (past the 1,024 readings one takes)",
     ["stage", "reading"],
 )
 HOST_CONFLICTS = Counter(

@@ -17,6 +17,7 @@ Heartbeat (key = host id)::
      "refused_commands": [[command id, reason], ...],  # optional
      "containers": [[cgroup_id, {attr: str}], ...],   # optional
      "node": {name: int},         # optional: the node's SLI readings (edge_agent/node_stats.py)
+     "node_left_out": {"disks": int},  # optional: readings of the node ``node`` had no room for
      "stopping": true}            # optional: the last heartbeat of an agent stopped on purpose
 
 ``node`` holds what the agent read of its node: ``cpu_steal_ms`` and
@@ -24,8 +25,10 @@ Heartbeat (key = host id)::
 ``disk_in_flight.<device>``
 (I/Os in progress now, /proc/diskstats) and, per BPF hash map of a loaded probe,
 ``map_entries.<probe>.<map>`` and ``map_max_entries.<probe>.<map>``, at most
-``MAX_NODE_READINGS`` in all (a node with more disks sends the first by name). The
-processing workers export a bounded part of it per host (processors/fleet_metrics.py).
+``MAX_NODE_READINGS`` in all (a node with more disks sends the first by name, and
+the number of the others in ``node_left_out``). The processing workers export a
+bounded part of it per host and count what is left out, by the agent or by them
+(processors/fleet_metrics.py).
 ``containers`` lists the cgroups the agent knows to be a container's or a pod's
 (edge_agent/containers.py), each with its ``container.*`` and ``k8s.*``
 attributes. ``acked_commands`` names the commands the agent applied since its
@@ -110,6 +113,7 @@ class Heartbeat(TypedDict):
     refused_commands: NotRequired[list[list[str]]]
     containers: NotRequired[list[list[Any]]]
     node: NotRequired[dict[str, int]]
+    node_left_out: NotRequired[dict[str, int]]
     stopping: NotRequired[bool]
 
 
@@ -139,6 +143,8 @@ HEARTBEAT_SHAPE = Shape(
         ),
         Key("stopping", Bool(), required=False),
         Key("node", MapOf(Int(0, U64), MAX_NODE_READINGS, key_len=256), required=False),
+        # (a node's readings left out, per kind: never near 2**32)
+        Key("node_left_out", MapOf(Int(0, U32), 16, key_len=64), required=False),
         Key(
             "containers",
             ListOf(

@@ -391,8 +391,9 @@ async def test_a_host_is_up_from_its_agents_first_heartbeat_until_three_of_its_i
 def test_a_node_with_more_disks_than_a_heartbeat_takes_still_sends_heartbeats(tmp_path, monkeypatch):
     """A storage node's disks (multipath LUNs: a few hundred, each seen on four paths)
     can outnumber the node readings a heartbeat takes (ktel/wire/control.py): the agent
-    sends as many as fit, its CPU readings with them, and its heartbeats still decode,
-    where the workers count what they leave out (fleet_metrics.bounded)."""
+    sends as many as fit, its CPU readings with them, and its heartbeats still decode.
+    The workers count as left out every disk not exported, those the agent had no room
+    for as those past their own bound (fleet_metrics.bounded)."""
     names = [f"sd{i:05d}" for i in range(1500)]
     diskstats = "".join(f" 8 {i} {name} 1 2 3 4 5 6 7 8 1 10 11\n" for i, name in enumerate(names))
 
@@ -402,14 +403,29 @@ def test_a_node_with_more_disks_than_a_heartbeat_takes_still_sends_heartbeats(tm
     monkeypatch.setattr(node_stats, "read_proc", read_proc)
     agent = make_agent(tmp_path)
     try:
-        node = agent.node_readings()
-        hb, _ = agent.heartbeat(1.0, {}, [], node)
+        hb, _ = agent.heartbeat(1.0, {}, [], *agent.node_readings())
     finally:
         agent.spool.close()
         statelock.release(agent.state_lock)
-    sent = decode_heartbeat(encode_heartbeat(hb))["node"]
+    received = decode_heartbeat(encode_heartbeat(hb))
+    sent = received["node"]
     assert sent["cpus"] == 2 and sent["context_switches"] == 1990473
     disks = sorted(k for k in sent if k.startswith("disk_in_flight."))
     # the same disks from one heartbeat to the next: the first by name
     assert disks == [f"disk_in_flight.{name}" for name in names[: len(disks)]]
     assert len(disks) == MAX_NODE_READINGS - 3
+    assert received["node_left_out"] == {"disks": len(names) - len(disks)}
+    fleet = FleetMetrics(forget_after_s=3600)
+    assert fleet.observe("h", received) == {"disks": len(names) - fleet_metrics.MAX_DISKS}
+    exported = [k for k in samples(fleet) if k[0] == "ktel_node_disk_io_in_progress"]
+    assert len(exported) == fleet_metrics.MAX_DISKS
+
+
+def test_the_disks_an_agent_left_out_are_counted_also_when_the_worker_keeps_all_it_sent():
+    """A worker's bound may be above what the heartbeat kept (an agent whose other
+    readings took most of it): the disks the agent left out are counted all the same,
+    every heartbeat, as the worker's own are."""
+    fleet = FleetMetrics(forget_after_s=3600)
+    hb = {**heartbeat({"disk_in_flight.sda": 1}), "node_left_out": {"disks": 5, "tapes": 2}}
+    for ts in (1, 2):  # the second as the first: same readings, the worker's quick path
+        assert fleet.observe("h1", {**hb, "ts": hb["ts"] + ts}) == {"disks": 5}  # type: ignore[arg-type]

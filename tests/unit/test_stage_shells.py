@@ -268,7 +268,8 @@ async def test_a_heartbeat_naming_too_many_disks_is_taken_and_the_disks_past_the
     tmp_path, caplog
 ):
     """Its host attributes are the enrich stage's: one disk too many leaves out that disk's
-    series, counted and logged once, not the heartbeat."""
+    series, counted and logged once, not the heartbeat. The disks its agent said it left
+    out of the heartbeat are counted with them."""
     from processors import fleet_metrics
 
     def left_out() -> float:
@@ -278,12 +279,13 @@ async def test_a_heartbeat_naming_too_many_disks_is_taken_and_the_disks_past_the
     before = left_out()
     node = {f"disk_in_flight.sd{i:03}": 1 for i in range(fleet_metrics.MAX_DISKS + 1)}
     async with Shell(tmp_path, "enrich") as shell:
-        for ts in (1000, 2000):
+        for ts, agent_left_out in ((1000, {}), (2000, {"node_left_out": {"disks": 3}})):
             hb = decode_heartbeat(heartbeat("h-disks", "b1", ts, "node-1"))
-            await shell.heartbeats.put(encode_heartbeat({**hb, "node": node}), key=b"h-disks")
+            hb = {**hb, "node": node, **agent_left_out}  # type: ignore[typeddict-item]
+            await shell.heartbeats.put(encode_heartbeat(hb), key=b"h-disks")
         assert shell.to(DLQ_TOPIC) == []
         assert shell.table("h-disks")["enrich"]["boots"]["b1"]["host"]["host.name"] == "node-1"
-    assert left_out() == before + 2
+    assert left_out() == before + 2 + 3
     assert len([r for r in caplog.records if "'h-disks': node readings left out" in r.getMessage()]) == 1
 
 
