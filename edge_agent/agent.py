@@ -110,6 +110,11 @@ TOO_LARGE_DROPPED = Counter(
 )
 BATCHES_SPLIT = Counter("ktel_agent_batches_split", "batches Kafka refused as too large, sent in halves")
 HEARTBEATS = Counter("ktel_agent_heartbeats", "heartbeats acknowledged by Kafka")
+NODE_READ_ERRORS = Counter(
+    "ktel_agent_node_read_errors",
+    "heartbeats sent without a source's node readings: reading it failed",
+    ["source"],
+)
 # The counters each heartbeat reports (Agent.heartbeat).
 OWN_COUNTERS = (
     EVENTS_READ,
@@ -321,6 +326,7 @@ class Agent:
         self.latencies_ms: list[float] = []
         self.containers = Containers.of_host(acfg.cgroup_root)
         self.disk_failing = False  # the last spool write failed (spool_batch)
+        self.node_sources_failing: set[str] = set()  # (node_readings)
         # Kafka took the producer's connection and, since, the last heartbeat (/readyz).
         self.kafka_reached = False
 
@@ -714,9 +720,31 @@ class Agent:
     def node_readings(self) -> tuple[dict[str, int], int]:
         """The heartbeat's ``node`` map (edge_agent/node_stats.py), and the number of disks
         left out of it (node_stats.within_bound); blocking, run in a thread."""
-        node = node_stats.read_proc()
-        for p in list(self.loaded.values()):
-            node.update(p.map_usage())
+        sources = [
+            *node_stats.PROC_SOURCES.items(),
+            *((f"bpf_maps.{name}", p.map_usage) for name, p in list(self.loaded.items())),
+        ]
+        node: dict[str, int] = {}
+        for source, read in sources:
+            try:
+                node.update(read())
+            except Exception as err:
+                # Its readings are left out of this heartbeat, not the heartbeat: a reading
+                # missing for a while costs less than a host that looks down. One line
+                # per failing stretch; every heartbeat without them is counted.
+                NODE_READ_ERRORS.labels(source).inc()
+                if source not in self.node_sources_failing:
+                    self.node_sources_failing.add(source)
+                    log.warning(
+                        "node readings of %s left out of heartbeats until it can be read (%s: %s)",
+                        source,
+                        type(err).__name__,
+                        err,
+                    )
+                continue
+            if source in self.node_sources_failing:
+                self.node_sources_failing.discard(source)
+                log.warning("node readings of %s read again", source)
         return node_stats.within_bound(node)
 
     def heartbeat(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +91,17 @@ def within_bound(readings: dict[str, int]) -> tuple[dict[str, int], int]:
     return {k: v for k, v in readings.items() if k not in left_out}, len(left_out)
 
 
-def read_proc() -> dict[str, int]:
-    out = cpu_stat(Path("/proc/stat").read_text())
-    out.update(disks_in_flight(Path("/proc/diskstats").read_text(), set(os.listdir("/sys/block"))))
-    return out
+def read_stat() -> dict[str, int]:
+    return cpu_stat(Path("/proc/stat").read_text())
+
+
+def read_diskstats() -> dict[str, int]:
+    return disks_in_flight(Path("/proc/diskstats").read_text(), set(os.listdir("/sys/block")))
+
+
+# The node's readings in /proc, by source: each is read on its own (Agent.node_readings),
+# so that one failing leaves its readings out of the heartbeat, not the others.
+PROC_SOURCES: dict[str, Callable[[], dict[str, int]]] = {
+    "/proc/stat": read_stat,
+    "/proc/diskstats": read_diskstats,
+}

@@ -4,8 +4,11 @@ heartbeats (processors/fleet_metrics.py)."""
 from __future__ import annotations
 
 import asyncio
+import errno
+import pathlib
 import time
 
+from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from edge_agent import node_stats, statelock
@@ -397,10 +400,14 @@ def test_a_node_with_more_disks_than_a_heartbeat_takes_still_sends_heartbeats(tm
     names = [f"sd{i:05d}" for i in range(1500)]
     diskstats = "".join(f" 8 {i} {name} 1 2 3 4 5 6 7 8 1 10 11\n" for i, name in enumerate(names))
 
-    def read_proc() -> dict[str, int]:
-        return {**node_stats.cpu_stat(PROC_STAT), **node_stats.disks_in_flight(diskstats, set(names))}
-
-    monkeypatch.setattr(node_stats, "read_proc", read_proc)
+    monkeypatch.setattr(
+        node_stats,
+        "PROC_SOURCES",
+        {
+            "/proc/stat": lambda: node_stats.cpu_stat(PROC_STAT),
+            "/proc/diskstats": lambda: node_stats.disks_in_flight(diskstats, set(names)),
+        },
+    )
     agent = make_agent(tmp_path)
     try:
         hb, _ = agent.heartbeat(1.0, {}, [], *agent.node_readings())
@@ -429,3 +436,49 @@ def test_the_disks_an_agent_left_out_are_counted_also_when_the_worker_keeps_all_
     hb = {**heartbeat({"disk_in_flight.sda": 1}), "node_left_out": {"disks": 5, "tapes": 2}}
     for ts in (1, 2):  # the second as the first: same readings, the worker's quick path
         assert fleet.observe("h1", {**hb, "ts": hb["ts"] + ts}) == {"disks": 5}  # type: ignore[arg-type]
+
+
+async def test_a_source_of_node_readings_that_cannot_be_read_leaves_its_readings_out_not_the_heartbeat(
+    tmp_path, monkeypatch, caplog
+):
+    """/proc/diskstats failing to read (EIO) cost the heartbeat task, and so every later
+    heartbeat: its readings are left out, logged once while it fails, and counted each
+    heartbeat; the node's other readings go as ever."""
+    failing = {"/proc/diskstats"}
+    read_text = pathlib.Path.read_text
+
+    def flaky(path: pathlib.Path, *args, **kwargs) -> str:
+        if str(path) in failing:
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return read_text(path, *args, **kwargs)
+
+    def errors() -> float:
+        labels = {"source": "/proc/diskstats"}
+        return REGISTRY.get_sample_value("ktel_agent_node_read_errors_total", labels) or 0.0
+
+    monkeypatch.setattr(pathlib.Path, "read_text", flaky)
+    monkeypatch.setattr(node_stats, "disks_in_flight", lambda text, disks: {"disk_in_flight.vda": 3})
+    sent: list[bytes] = []
+
+    class Producer:  # Kafka, taking each heartbeat at once
+        async def send_and_wait(self, topic: str, payload: bytes, key: bytes) -> None:
+            sent.append(payload)
+
+    agent = make_agent(tmp_path)
+    agent.producer = Producer()  # type: ignore[assignment]
+    before = errors()
+    try:
+        for _ in range(2):
+            await agent.beat(1.0)
+        failing.clear()
+        await agent.beat(1.0)
+    finally:
+        agent.spool.close()
+        statelock.release(agent.state_lock)
+    nodes = [decode_heartbeat(payload)["node"] for payload in sent]
+    assert len(nodes) == 3
+    assert all("context_switches" in node for node in nodes)
+    assert ["disk_in_flight.vda" in node for node in nodes] == [False, False, True]
+    assert errors() == before + 2
+    said = [r.getMessage() for r in caplog.records if "/proc/diskstats" in r.getMessage()]
+    assert len(said) == 2 and "Input/output error" in said[0] and "read again" in said[1]
