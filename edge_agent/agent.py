@@ -50,6 +50,7 @@ from aiokafka.errors import (
     ClusterAuthorizationFailedError,
     MessageSizeTooLargeError,
     OutOfOrderSequenceNumber,
+    ProducerFenced,
     TopicAuthorizationFailedError,
     UnknownProducerId,
 )
@@ -93,7 +94,9 @@ BATCHES_PUBLISHED = Counter("ktel_agent_batches_published", "batch records ackno
 PUBLISH_RETRIES = Counter("ktel_agent_publish_retries", "failed publish attempts, retried")
 PRODUCER_RENEWALS = Counter("ktel_agent_producer_renewals", "Kafka producers replaced after a fatal error")
 # Errors after which aiokafka's idempotent producer fails every send (see _renew_producer).
-BROKEN_PRODUCER = (OutOfOrderSequenceNumber, UnknownProducerId)
+# ProducerFenced: the broker refuses the producer's epoch (InvalidProducerEpoch), which
+# the producer keeps for its life, so every retry of it is refused the same.
+BROKEN_PRODUCER = (OutOfOrderSequenceNumber, UnknownProducerId, ProducerFenced)
 # Errors after which resending the same bytes cannot succeed until someone changes Kafka's ACLs.
 UNAUTHORIZED = (TopicAuthorizationFailedError, ClusterAuthorizationFailedError)
 # How long a batch Kafka refuses this agent waits between tries, at most.
@@ -548,7 +551,9 @@ class Agent:
 
         After a broker restart, aiokafka's idempotent producer can fail every send
         with OutOfOrderSequenceNumber (or UnknownProducerId) and never recover
-        (aio-libs/aiokafka#1017). A new producer gets a new producer id; the
+        (aio-libs/aiokafka#1017); one whose epoch the broker refuses (ProducerFenced)
+        is refused at every send after, its epoch the same. A new producer gets a new
+        producer id and epoch; the
         batches it re-sends from the spool keep their ktel sequence numbers, so
         the processors drop any copy that had landed.
 
