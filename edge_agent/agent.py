@@ -13,7 +13,8 @@ batch whose delivery failed is re-sent with the shared retry helper under the
 same sequence number, so the processors drop the copy if the first attempt did
 land. While Kafka is away batches pile up in the spool (bounded; what a full
 spool drops is counted) and are sent in order when it returns. A batch Kafka
-refuses as too large is sent in halves (see _deliver); while Kafka refuses this
+refuses as too large is sent in halves (see _deliver), or set aside when it no
+longer decodes to be split (a spool kept across agent versions); while Kafka refuses this
 agent the write (authorization), batches wait in the spool. What a SIGKILL can
 lose: events still in the ring buffer or drained but not yet sealed (at most a
 read interval of them while the agent keeps up, edge_agent/ticks.py; at most
@@ -66,7 +67,7 @@ from edge_agent.containers import Containers
 from edge_agent.control import Control
 from edge_agent.identity import boot_id, host_arch
 from edge_agent.redact import Redactor
-from edge_agent.seqstore import SeqStore
+from edge_agent.seqstore import SeqStore, private_dir
 from edge_agent.spool import Record, Spool
 from edge_agent.ticks import HoldPolicy, SealClock
 from ktel import runtime, selfmetrics
@@ -82,7 +83,7 @@ from ktel.wire import (
     encode_batch,
     encode_heartbeat,
 )
-from ktel.wire.codec import compress
+from ktel.wire.codec import WireError, compress
 from ktel.wire.raw import encode_packed
 
 log = logging.getLogger("ktel.agent")
@@ -112,6 +113,15 @@ TOO_LARGE_DROPPED = Counter(
     "ktel_agent_too_large_dropped_events", "events Kafka refused as too large even alone, dropped"
 )
 BATCHES_SPLIT = Counter("ktel_agent_batches_split", "batches Kafka refused as too large, sent in halves")
+SET_ASIDE = Counter(
+    "ktel_agent_set_aside_events",
+    "events of spooled batches Kafka refused as too large that did not decode to be sent in halves, "
+    "moved out of the spool",
+)
+# Where such batches go, under agent.state_dir, each with its reason beside it; what they
+# may take there at most, past which one is counted and logged but not kept.
+SET_ASIDE_DIR = "set-aside"
+SET_ASIDE_MAX_BYTES = 64 << 20
 HEARTBEATS = Counter("ktel_agent_heartbeats", "heartbeats acknowledged by Kafka")
 NODE_READ_ERRORS = Counter(
     "ktel_agent_node_read_errors",
@@ -128,6 +138,7 @@ OWN_COUNTERS = (
     DISK_DROPPED,
     TOO_LARGE_DROPPED,
     BATCHES_SPLIT,
+    SET_ASIDE,
 )
 PROBES_LOADED = Gauge("ktel_agent_probe_loaded", "1 per loaded probe, 0 per skipped one", ["probe"])
 CONTAINERS = Gauge("ktel_agent_containers", "container and pod cgroups the last heartbeat listed")
@@ -588,9 +599,10 @@ class Agent:
             await self._renew_producer(producer, err)
             raise
 
-    async def _deliver(self, payload: bytes) -> int:
-        """Send one spooled batch, alone, until Kafka acknowledges it; the number of
-        its events dropped because Kafka refuses them as too large even alone.
+    async def _deliver(self, payload: bytes, n_events: int) -> int:
+        """Send one spooled batch of ``n_events``, alone, until Kafka acknowledges it; the
+        number of its events dropped because Kafka refuses them as too large even alone,
+        or set aside.
 
         Too large (above the topic's or broker's message limit): the batch is sent
         as two halves, each delivered the same way, down to single events. A half
@@ -599,7 +611,10 @@ class Agent:
         issued twice and dedupe (processors/dedupe_core.py) counts each event once,
         also when a re-sent batch is split again after a crash. A split batch is
         not pipelined: its parts go one at a time and are acknowledged before the
-        spool moves on.
+        spool moves on. A batch too large that does not decode (spooled by another
+        version of the agent whose batches this one's decoder refuses: a downgrade, a
+        bound made tighter) cannot be split: it is set aside (``_set_aside``), else it
+        would fail the publisher at every start, the spool stuck behind it.
 
         Unauthorized: resending cannot help until the ACLs change; the batch stays
         in the spool and is tried again after a wait that grows to a minute, with
@@ -635,13 +650,16 @@ class Agent:
                     refused = True
                 await asyncio.sleep(next(waits))
             except TooLarge as err:
-                return await self._split(payload, err)
+                return await self._split(payload, n_events, err)
         if refused:
             log.warning("Kafka accepts this agent's batches again")
         return 0
 
-    async def _split(self, payload: bytes, err: TooLarge) -> int:
-        batch = decode_batch(payload)  # the agent's own bytes, from its spool
+    async def _split(self, payload: bytes, n_events: int, err: TooLarge) -> int:
+        try:
+            batch = decode_batch(payload)  # the agent's own bytes, from its spool
+        except WireError as why:
+            return self._set_aside(payload, n_events, f"Kafka refuses it as too large ({err}); {why}")
         n = len(batch.events)
         first, total = batch.part or [0, n]
         if n == 1:
@@ -671,8 +689,43 @@ class Agent:
             half = dataclasses.replace(
                 batch, events=batch.events[lo:hi], weights=weights, part=[first + lo, total]
             )
-            dropped += await self._deliver(self.for_kafka(encode_batch(half)))
+            dropped += await self._deliver(self.for_kafka(encode_batch(half)), hi - lo)
         return dropped
+
+    def _set_aside(self, payload: bytes, n_events: int, reason: str) -> int:
+        """Move a spooled batch that cannot be sent out of the publisher's way: its bytes
+        into agent.state_dir/set-aside/<time>.batch, its reason into <time>.reason, for
+        an operator to look at (or a ktel that decodes it to send), unless those files
+        would pass SET_ASIDE_MAX_BYTES or the disk refuses them. Its events are counted
+        either way; returns their number, as dropped."""
+        SET_ASIDE.inc(n_events)
+        where = self.cfg.agent.state_dir / SET_ASIDE_DIR
+        name = where / str(time.time_ns())
+        files = ((name.with_suffix(".batch"), payload), (name.with_suffix(".reason"), f"{reason}\n".encode()))
+        try:
+            held = sum(p.stat().st_size for p in where.iterdir()) if where.is_dir() else 0
+            if held + len(payload) > SET_ASIDE_MAX_BYTES:
+                kept = f"not kept: {where} holds {held} bytes already"
+            else:
+                private_dir(where)
+                for path, data in files:
+                    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+                        f.write(data)
+                kept = f"moved to {files[0][0]}"
+        except OSError as err:
+            for path, _ in files:  # (no batch without its reason, nor a part of one)
+                with contextlib.suppress(OSError):
+                    path.unlink(missing_ok=True)
+            kept = f"not kept: {err}"
+        log.error(
+            "spooled batch of %d events (%d bytes) set aside, %s: %s; counted in "
+            "ktel_agent_set_aside_events_total",
+            n_events,
+            len(payload),
+            kept,
+            reason,
+        )
+        return n_events
 
     async def publish(self) -> None:
         """Send spooled records in order, pipelined; advance the spool on acknowledgement."""
@@ -691,7 +744,7 @@ class Agent:
                 log.warning("batch at %s not acknowledged (%s); re-sending it alone", rec.start, err)
                 if isinstance(err, BROKEN_PRODUCER):
                     await self._renew_producer(sent_by, err)
-                dropped = await self._deliver(rec.payload)
+                dropped = await self._deliver(rec.payload, rec.n_events)
             self.latencies_ms.append((time.monotonic() - sent_at) * 1000)
             self.spool.ack(rec.next)
             if dropped < rec.n_events:  # some of it reached Kafka
@@ -795,6 +848,7 @@ class Agent:
             "disk_dropped_events": value("disk_dropped_events"),
             "too_large_dropped_events": value("too_large_dropped_events"),
             "batches_split": value("batches_split"),
+            "set_aside_events": value("set_aside_events"),
             **self.control.counts,
         }
         probes: dict[str, dict] = {}

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 
+import msgpack
 import pytest
-from aiokafka.errors import ProducerFenced
+from aiokafka.errors import MessageSizeTooLargeError, ProducerFenced
 
 from edge_agent import agent as agent_mod
 from edge_agent import statelock
 from ktel import retry as retry_mod
+from ktel.wire import decode_batch
+from ktel.wire.codec import ZSTD_MAGIC, WireError, decompress
 from tests.unit.test_agent_batches import file_events, make_agent, packed
 
 
@@ -21,11 +24,15 @@ class StillRefused(BaseException):
 
 class Producer:
     """An aiokafka producer whose sends are acknowledged; with ``refusing``, answered
-    with it at every send (``tries`` of them)."""
+    with it at every send (``tries`` of them); those of ``too_large`` refused as too
+    large."""
 
-    def __init__(self, refusing: BaseException | None = None, tries: int = 4) -> None:
+    def __init__(
+        self, refusing: BaseException | None = None, tries: int = 4, too_large: tuple[bytes, ...] = ()
+    ) -> None:
         self.refusing = refusing
         self.tries = tries  # sends a refusing producer answers before StillRefused
+        self.too_large = too_large
         self.acknowledged: list[bytes] = []
         self.started = self.stopped = False
 
@@ -37,6 +44,9 @@ class Producer:
 
     async def send(self, topic: str, value: bytes, key: bytes) -> asyncio.Future:
         fut = asyncio.get_running_loop().create_future()
+        if value in self.too_large:
+            fut.set_exception(MessageSizeTooLargeError())
+            return fut
         if self.refusing is None:
             self.acknowledged.append(value)
             fut.set_result(None)
@@ -49,6 +59,29 @@ class Producer:
 
     async def send_and_wait(self, topic: str, value: bytes, key: bytes) -> None:
         await (await self.send(topic, value, key))
+
+
+async def published(agent: agent_mod.Agent, monkeypatch) -> None:
+    """Run the agent's publisher until its spool is empty (every batch acknowledged,
+    or moved out of it)."""
+    emptied = asyncio.Event()
+    ack = agent.spool.ack
+
+    def acknowledged(upto):
+        ack(upto)
+        if agent.spool.empty():
+            emptied.set()
+
+    monkeypatch.setattr(agent.spool, "ack", acknowledged)
+    agent.spooled.set()
+    publishing = asyncio.create_task(agent.publish())
+    waiting = asyncio.ensure_future(emptied.wait())
+    try:
+        await asyncio.wait({publishing, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        assert emptied.is_set(), publishing.exception()
+    finally:
+        waiting.cancel()
+        assert await agent_mod.cancelled([publishing], 1.0) == set()
 
 
 @pytest.fixture
@@ -74,27 +107,10 @@ async def test_a_fenced_producer_is_replaced_and_the_batch_delivered_by_the_new_
     monkeypatch.setattr(agent, "_new_producer", lambda: fresh)
     [(_, payload)] = agent.encoded(packed(file_events(3)), [1.0] * 3)
     assert agent.spool.append(payload, 3)
-    agent.spooled.set()
-    acked = asyncio.Event()
-    ack = agent.spool.ack
-
-    def acknowledged(upto):
-        ack(upto)
-        acked.set()
-
-    monkeypatch.setattr(agent.spool, "ack", acknowledged)
     renewals = agent_mod.PRODUCER_RENEWALS._value.get()
-    publishing = asyncio.create_task(agent.publish())
-    waiting = asyncio.ensure_future(acked.wait())
-    try:
-        await asyncio.wait({publishing, waiting}, return_when=asyncio.FIRST_COMPLETED)
-        assert acked.is_set(), publishing.exception()
-    finally:
-        waiting.cancel()
-        assert await agent_mod.cancelled([publishing], 1.0) == set()
+    await published(agent, monkeypatch)
     assert agent.producer is fresh and fresh.started and fenced.stopped
     assert fresh.acknowledged == [payload]
-    assert agent.spool.empty()
     assert agent_mod.PRODUCER_RENEWALS._value.get() == renewals + 1
 
 
@@ -106,6 +122,57 @@ async def test_a_fenced_producer_is_replaced_when_sending_a_batch_alone(agent, m
     agent.producer = fenced  # type: ignore[assignment]
     monkeypatch.setattr(agent, "_new_producer", lambda: fresh)
     [(_, payload)] = agent.encoded(packed(file_events(2)), [1.0] * 2)
-    assert await agent._deliver(payload) == 0
+    assert await agent._deliver(payload, 2) == 0
     assert agent.producer is fresh and fenced.stopped
     assert fresh.acknowledged == [payload]
+
+
+def undecodable(agent: agent_mod.Agent, n: int) -> bytes:
+    """A batch of ``n`` events this agent's decoder refuses, as one spooled by another
+    version of it may be: an event of a kind it does not know."""
+    [(_, spooled)] = agent.encoded(packed(file_events(n)), [1.0] * n)
+    raw = msgpack.unpackb(decompress(spooled, "batch") if spooled[:4] == ZSTD_MAGIC else spooled)
+    raw["events"][0][0] = 200
+    payload = msgpack.packb(raw)
+    with pytest.raises(WireError):
+        decode_batch(payload)
+    return payload
+
+
+def set_aside() -> float:
+    return agent_mod.SET_ASIDE._value.get()
+
+
+async def test_a_batch_too_large_that_does_not_decode_is_set_aside_with_its_reason(agent, monkeypatch):
+    """Kafka refusing it as too large, it was to be sent in halves, which took decoding
+    it: the publisher failed on it, and at every start after, the spool stuck behind
+    it. It is moved out of the spool with its reason, its events counted, and the next
+    batches go."""
+    bad = undecodable(agent, 3)
+    [(_, good)] = agent.encoded(packed(file_events(2)), [1.0] * 2)
+    producer = Producer(too_large=(bad,))
+    agent.producer = producer  # type: ignore[assignment]
+    assert agent.spool.append(bad, 3) and agent.spool.append(good, 2)
+    before = set_aside()
+    await published(agent, monkeypatch)
+    assert producer.acknowledged == [good]
+    assert set_aside() == before + 3
+    where = agent.cfg.agent.state_dir / agent_mod.SET_ASIDE_DIR
+    [kept] = where.glob("*.batch")
+    assert kept.read_bytes() == bad
+    reason = kept.with_suffix(".reason").read_text()
+    assert "too large" in reason and "kind" in reason
+    assert (where.stat().st_mode & 0o777, kept.stat().st_mode & 0o777) == (0o700, 0o600)
+
+
+async def test_set_aside_batches_past_their_bound_are_counted_not_kept(agent, monkeypatch):
+    first, second = undecodable(agent, 40), undecodable(agent, 50)
+    # room for the first (and its reason), not the second
+    monkeypatch.setattr(agent_mod, "SET_ASIDE_MAX_BYTES", len(first) + len(second) - 1)
+    agent.producer = Producer(too_large=(first, second))  # type: ignore[assignment]
+    assert agent.spool.append(first, 40) and agent.spool.append(second, 50)
+    before = set_aside()
+    await published(agent, monkeypatch)
+    assert set_aside() == before + 90
+    [kept] = (agent.cfg.agent.state_dir / agent_mod.SET_ASIDE_DIR).glob("*.batch")
+    assert kept.read_bytes() == first
