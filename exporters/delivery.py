@@ -147,7 +147,9 @@ def retry_after(value: str | None, now: float | None = None) -> float | None:
         return max(seconds, 0.0) if math.isfinite(seconds) else None
     try:
         when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
+        # (OverflowError: a year past what a C int holds. Raised here, it failed the
+        # attempt whatever the status, a 2xx too, and the request was sent for ever.)
         return None
     if when.tzinfo is None:  # (an HTTP-date is in GMT, which the "-0000" form leaves unsaid)
         when = when.replace(tzinfo=UTC)

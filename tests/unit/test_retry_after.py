@@ -90,6 +90,7 @@ async def test_a_wait_shorter_than_the_backoff_leaves_the_backoff(waits):
         (formatdate(NOW + 90, usegmt=True), 90.0),  # an HTTP-date
         (formatdate(NOW - 90, usegmt=True), 0.0),  # past: no wait
         ("soon", None),
+        ("Mon, 01 Jan 99999999999 00:00:00 GMT", None),  # a year no datetime holds
         ("nan", None),
         ("", None),
         (None, None),
@@ -164,6 +165,15 @@ async def test_remote_write_waits_what_a_429_retry_after_asks(waits):
     answers = [httpx.Response(429, headers={"Retry-After": "30"}), httpx.Response(204)]
     assert await deliver_remote_write(answers) == 2
     assert waits == [30.0]
+
+
+async def test_an_answer_whose_retry_after_is_no_date_is_taken_as_it_is(waits):
+    """A Retry-After of a year past any date (a broken proxy's) asks for nothing: the
+    2xx it came with is a success, the request not sent again."""
+    garbled = {"Retry-After": "Mon, 01 Jan 99999999999 00:00:00 GMT"}
+    answers = [httpx.Response(204, headers=garbled), httpx.Response(204)]
+    assert await deliver_remote_write(answers) == 1
+    assert waits == []
 
 
 async def test_remote_write_waits_at_most_the_bound_for_a_far_http_date(waits):
