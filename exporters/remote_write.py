@@ -512,7 +512,9 @@ async def _resend_by_snapshot(
             if not await _resend_by_series(receiver, rec, refused, producer, histograms, what):
                 untaken.add((rec.partition, rec.offset))
             return
-        n = sum(1 for key in series_keys(rec.item, histograms) if key in refused)
+        # The samples the request carried of it: two of its series alike once sanitised
+        # were one, the other counted in DUPLICATES when the request was made.
+        n = len({key for key in series_keys(rec.item, histograms) if key in refused})
         await consume.refuse(producer, STAGE, rec, reason, signal="samples", items=n)
         untaken.add((rec.partition, rec.offset))
 
@@ -585,8 +587,8 @@ async def _resend_by_series(
             why = next((other[key] for key in keys if key in other), None)
             if why is not None:
                 rows.append((row, why))
-        items = len(series_keys(dataclasses.replace(rec.item, series=[row for row, _ in rows]), histograms))
-        await consume.refuse_series(producer, STAGE, rec, rows, signal="samples", items=items)
+        # (one sample a Prometheus series refused, however many of its rows made it)
+        await consume.refuse_series(producer, STAGE, rec, rows, signal="samples", items=len(other))
     return taken
 
 

@@ -579,3 +579,54 @@ async def test_a_sample_left_out_for_a_later_snapshots_at_its_timestamp_stays_ou
     assert backend.stored == {"x": [(t0, 2.0)]}
     assert [wire.decode_dead_letter(v).offset for _t, v, _k in producer.sent] == [2]
     assert [count(*duplicates), count(*held)] == [before[0] + 1, before[1]]
+
+
+@pytest.mark.parametrize("held", [{}, {"a": 1}], ids=["refused", "held-then-refused"])
+async def test_a_sample_left_out_as_a_duplicate_is_not_also_counted_dead_lettered(held):
+    """Two wire series alike once sanitised (b.x, b_x) are one sample in the request,
+    the other counted in ktel_exporter_duplicate_samples_total. Refused alone (the
+    snapshot, or, once sent again series by series because the receiver holds a newer
+    sample of a, the series), the dead letter counts the one sample the receiver
+    refused: every sample read is counted once, as delivered, dead-lettered, held
+    already or left out."""
+    import httpx
+    from prometheus_client import REGISTRY
+
+    from exporters.consume import Record
+    from exporters.delivery import Window
+    from exporters.remote_write_client import Receiver
+    from ktel import wire
+    from ktel.config import RemoteWriteConfig
+
+    t0 = time.time_ns() // 1_000_000 - 60_000
+    host = {"host.id": "h"}
+    snap = MetricSnapshot(
+        t0, [["a", "gauge", host, 1.0], ["b.x", "gauge", host, 5.0], ["b_x", "gauge", host, 6.0]]
+    )
+    rec = Record(snap, wire.METRICS_TOPIC, 0, 0, b"h", wire.encode_snapshot(snap), wire.DLQ_TOPIC)
+    backend = RollingBack(held={name: (t0 + ms, 0.0) for name, ms in held.items()}, bad={"b_x"})
+
+    def counts() -> list[float]:
+        return [
+            REGISTRY.get_sample_value(name, labels) or 0.0
+            for name, labels in [
+                ("ktel_exporter_samples_total", {"exporter": "remote-write"}),
+                (
+                    "ktel_exporter_dead_lettered_items_total",
+                    {"exporter": "remote-write", "signal": "samples"},
+                ),
+                ("ktel_exporter_duplicate_samples_total", {}),
+                ("ktel_exporter_already_stored_samples_total", {"reason": "out_of_order"}),
+            ]
+        ]
+
+    before = counts()
+    producer = Producer()
+    async with Receiver(RemoteWriteConfig(url="http://receiver.test/api/v1/write")) as receiver:
+        receiver.client = httpx.AsyncClient(transport=httpx.MockTransport(backend.receive))
+        await remote_write.deliver(receiver, [rec], producer, Window(3600, 600, "remote_write"))
+
+    delivered, dead, duplicates, stored = (after - b for after, b in zip(counts(), before, strict=True))
+    assert [wire.decode_dead_letter(v).offset for _t, v, _k in producer.sent] == [0]
+    assert (delivered, dead, duplicates, stored) == ((0, 1, 1, 1) if held else (0, 2, 1, 0))
+    assert delivered + dead + duplicates + stored == len(snap.series)
