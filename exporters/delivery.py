@@ -173,7 +173,12 @@ def grpc_retry_after(err: grpc.RpcError) -> float | None:
         for detail in status.details:
             if detail.Is(RetryInfo.DESCRIPTOR):
                 info = RetryInfo()
-                detail.Unpack(info)
+                try:
+                    detail.Unpack(info)
+                except DecodeError:
+                    # (raised here, it failed the attempt whatever the status said, and a
+                    # refusal was sent again for ever instead of split and dead-lettered)
+                    return None
                 delay = info.retry_delay.seconds + info.retry_delay.nanos / 1e9
                 return max(delay, 0.0)
     return None

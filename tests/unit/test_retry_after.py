@@ -139,6 +139,14 @@ def test_grpc_retry_info_is_read_from_the_status_details():
     assert grpc_retry_after(bare) is None
     garbled = ("grpc-status-details-bin", b"\xff\xff")
     assert grpc_retry_after(RpcError(grpc.StatusCode.UNAVAILABLE, (garbled,))) is None
+    # A RetryInfo that does not parse (a broken proxy's) asks for nothing, and the answer
+    # is classified by its code: a refusal stays one, split and dead-lettered, not retried.
+    bad_info = AnyProto(type_url="type.googleapis.com/google.rpc.RetryInfo", value=b"\xff\xff\xff")
+    status = RpcStatus(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], details=[bad_info])
+    refused = RpcError(
+        grpc.StatusCode.INVALID_ARGUMENT, (("grpc-status-details-bin", status.SerializeToString()),)
+    )
+    assert grpc_retry_after(refused) is None
 
 
 async def deliver_remote_write(answers: list[httpx.Response]) -> int:
