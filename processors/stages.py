@@ -162,6 +162,12 @@ HOSTS_REFUSED = Counter(
 EXPIRED_HOSTS = Counter(
     "ktel_processor_expired_hosts", "hosts forgotten after aggregate.host_ttl_seconds of silence", ["stage"]
 )
+HOSTS_RESET = Counter(
+    "ktel_processor_hosts_reset",
+    "hosts forgotten, to start afresh, because their stored state was already past "
+    "process.max_state_bytes (recovered from a changelog written under a higher limit, or a hostile one)",
+    ["stage"],
+)
 UNCHANGED_SERIES = Counter(
     "ktel_processor_unchanged_series",
     "series left out of a window's snapshot: unchanged since last emitted (refreshed every "
@@ -458,6 +464,8 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         HOSTS,
         HOSTS_REFUSED,
     )
+    if chain.durable:
+        exported += (HOSTS_RESET,)
     if chain.heartbeats:
         exported += (HEARTBEATS, PROCESSES)
         for table in ("processes", "containers"):
@@ -578,12 +586,30 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         head = encoded(hosts, its_head)
         entries = changelog.entries_size(host_id, value, result.touched, kept.entries)
         if len(head) + entries > limit:
+            stored = len(kept.head) + kept.entries  # (the value as it was before the record)
             undo(host_id, value, result)  # (before any await: no other record has run since)
-            await dead_letter(
-                msg,
+            why = (
                 f"host {host_id!r:.60}: its state would take {len(head) + entries} bytes encoded, over "
-                f"process.max_state_bytes = {limit}",
+                f"process.max_state_bytes = {limit}"
             )
+            if stored <= limit:
+                await dead_letter(msg, why)
+                return False
+            # Past the limit before the record: recovered so (a snapshot written under a
+            # higher limit, or a hostile one). Every record that grows it would be refused,
+            # and its records keep it from being forgotten as silent: stuck for good. So it
+            # is forgotten now, and starts afresh with its next record (this one can be
+            # re-driven from ktel.dlq).
+            log.warning(
+                "host %.60r forgotten: its stored state takes %d bytes encoded, over process.max_state_bytes "
+                "= %d (counted in ktel_processor_hosts_reset_total)",
+                host_id,
+                stored,
+                limit,
+            )
+            await dead_letter(msg, f"{why}; its stored state already took {stored}: the host is forgotten")
+            child(HOSTS_RESET).inc()
+            await drop_host(host_id)
             return False
         key = changelog.delta_key(host_id, v)
         record = (

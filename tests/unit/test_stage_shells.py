@@ -654,6 +654,37 @@ async def test_a_new_hosts_first_batch_refused_by_the_state_bound_leaves_the_hos
         assert metric("ktel_processor_hosts", "all") == 1
 
 
+async def test_a_host_whose_stored_state_is_past_the_bound_is_forgotten_and_starts_afresh(
+    tmp_path, monkeypatch
+):
+    """A value already past process.max_state_bytes (recovered from a changelog written
+    under a higher limit, or a hostile one) had every record that grew it refused, and
+    its records kept it from being forgotten as silent: stuck for good. Its first such
+    record forgets it instead, and its next starts it afresh."""
+    monkeypatch.setattr(enrich_core, "TABLE_SHARE", 10.0, raising=False)
+    huge = batch(0, [exec_event(pid, "p", "/opt/" + "x" * 150 + str(pid)) for pid in range(1000)])
+    async with Shell(tmp_path, "all") as shell:  # (the default limit)
+        await shell.put(huge)
+        big = persisted(shell.table("h1"))
+    limit = 65_536
+    assert len(json.dumps(big, separators=(",", ":"))) > limit
+    reset = metric("ktel_processor_hosts_reset_total", "all")
+    process = config.ProcessConfig(data_dir=tmp_path / "lowered", metrics_port=0, max_state_bytes=limit)
+    async with Shell(tmp_path, "all", process=process) as shell:
+        shell.app.tables["host-state"].data["h1"] = big  # as recovery gives it
+        grows = batch(1, [exec_event(5000, "q", "/bin/q")])
+        await shell.put(grows)
+        [dl] = [decode_dead_letter(v) for v in shell.to(DLQ_TOPIC)]
+        assert dl.payload == encode_batch(grows)
+        assert "process.max_state_bytes = 65536" in dl.reason and "the host is forgotten" in dl.reason
+        assert "h1" not in shell.app.tables["host-state"]
+        assert ("h1", None) in shell.changelog  # (its snapshot's tombstone)
+        assert metric("ktel_processor_hosts_reset_total", "all") == reset + 1
+        await shell.put(batch(2, [file_created(1, "/a/x")]))
+        assert len(shell.to(DLQ_TOPIC)) == 1
+        assert shell.table("h1")["aggregate"]["seen"] == {"b1": [[2, 2]]}  # (afresh)
+
+
 async def test_past_max_hosts_a_new_hosts_batches_and_heartbeats_go_to_the_dlq_and_held_hosts_go_on(
     tmp_path,
 ):
