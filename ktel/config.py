@@ -846,8 +846,9 @@ class EnrichConfig(Section):
     )
     metadata_file: File | None = Field(
         None,
-        description="JSON-lines file mapping a host's cgroup.id to container.* and k8s.* attributes, "
-        "reloaded when it changes (format: processors/enrich_core.py load_metadata); unset: none",
+        description="JSON-lines file mapping a host's cgroup.id (of one boot: boot.id; none: its current "
+        "boot) to container.* and k8s.* attributes, reloaded when it changes "
+        "(format: processors/enrich_core.py load_metadata); unset: none",
     )
 
 

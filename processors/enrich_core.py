@@ -4,8 +4,8 @@ A batch leaves this stage with the wire's ``res`` and ``proc`` fields set
 (ktel/wire/raw.py): ``res`` is the host's resource from its agent's latest
 heartbeat, ``proc`` what is known of each process the batch's events name,
 from the process probe's exec and exit events, and of its cgroup's container
-and pod from the agent's latest heartbeat and from the metadata feed (which
-wins where both name an attribute: it is the operator's).
+and pod from the latest heartbeat of the batch's boot and from the metadata
+feed (which wins where both name an attribute: it is the operator's).
 What is not known is absent: nothing is guessed, and a pid never seen gets no
 entry at all.
 
@@ -26,10 +26,15 @@ State per host (JSON-able, one value of the stage's Faust table)::
 A record's changelog delta carries the processes and containers it changed
 (``touched``), not the others (processors/changelog.py).
 
-Host attributes and processes are kept per boot: pids start again at every
-boot and a reboot may change the kernel (``os.version``), so a batch an agent
-spooled before a reboot and sends after it must not get the new boot's
-attributes. A process entry's fields are each present only when known.
+Host attributes, processes and containers are kept per boot: pids and cgroup
+ids start again at every boot and a reboot may change the kernel (``os.version``),
+so a batch an agent spooled before a reboot and sends after it must not get the
+new boot's attributes; it gets its own boot's, and a batch of a boot no heartbeat
+told of gets no host, container or pod attributes of the agent's. The metadata
+feed's lines are per boot as well (``load_metadata``): a line naming a boot
+applies to that boot's batches alone, and a line naming none to the batches of
+the host's current boot, the boot of its latest heartbeat, alone. A process
+entry's fields are each present only when known.
 
 An exit does not remove its process at once: the agent drains each probe's
 ring buffer on its own, so a file created just before the exit can arrive in
@@ -87,8 +92,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ktel.process")
 
-# (host.id, cgroup.id) -> container and pod attributes; see load_metadata.
-Metadata = dict[str, dict[int, dict[str, str]]]
+# host.id -> boot.id (None: the line named none) -> cgroup.id -> container and pod
+# attributes; see load_metadata.
+Metadata = dict[str, dict[str | None, dict[int, dict[str, str]]]]
 
 # Attribute namespaces the metadata feed may set (OpenTelemetry semantic conventions).
 FEED_NAMESPACES = ("container.", "k8s.")
@@ -307,6 +313,11 @@ def enrich(state: dict[str, Any], batch: RawBatch, feed: Metadata, opts: Options
     if out.changed:  # (naming known processes only reorders them: nothing grows)
         out.evicted = bound(state, opts, grown, out.touched)
     host_feed = feed.get(batch.host_id, {})
+    # The feed's lines of this boot, then those naming no boot if it is the host's current
+    # one: a cgroup id of another boot may be another container's (see load_metadata).
+    boot_feeds = [host_feed.get(batch.boot_id, {})]
+    if None in host_feed and batch.boot_id == current_boot(state):
+        boot_feeds.append(host_feed[None])
     host_containers = boot.get("containers", {})
     processes: dict[str, dict[str, Any]] = {}
     for pid in sorted(p for p in named if isinstance(p, int)):
@@ -314,7 +325,7 @@ def enrich(state: dict[str, Any], batch: RawBatch, feed: Metadata, opts: Options
         if known is None:
             continue
         procs[str(pid)] = known  # re-inserted last: the most recently named
-        processes[str(pid)] = _attributes(pid, known, host_containers, host_feed)
+        processes[str(pid)] = _attributes(pid, known, host_containers, boot_feeds)
     resource = {**boot.get("host", {}), HOST_ID: batch.host_id}
     out.batch = dataclasses.replace(batch, resource=resource, processes=processes)
     out.processes = known_processes(state)
@@ -323,6 +334,24 @@ def enrich(state: dict[str, Any], batch: RawBatch, feed: Metadata, opts: Options
 
 def known_processes(state: dict[str, Any]) -> int:
     return sum(len(b.get("procs", {})) for b in state.get("boots", {}).values())
+
+
+def current_boot(state: dict[str, Any]) -> str | None:
+    """The boot of the host's latest heartbeat (by its ``ts``), the one its agent runs
+    now as far as this stage knows; None before any heartbeat. A boot only batches told
+    of (spooled before its first heartbeat was taken) has none, so is never current.
+
+    A worker that recovers the state may have an older ``hb`` for a boot than it had
+    (``observe_heartbeat``), never one older than that boot's first heartbeat, which
+    comes after every heartbeat of the boots before it (by the agent's clock: one set
+    back across the reboot keeps the boot before current until the new boot's
+    heartbeats pass its last)."""
+    current, latest = None, -1
+    for boot_id, boot in state.get("boots", {}).items():
+        hb = boot.get("hb")
+        if isinstance(hb, int) and hb >= latest:
+            current, latest = boot_id, hb
+    return current
 
 
 def _boot(state: dict[str, Any], boot_id: str, touched: Touched) -> dict[str, Any]:
@@ -357,9 +386,11 @@ def _attributes(
     pid: int,
     entry: dict[str, Any],
     host_containers: dict[str, dict[str, str]],
-    host_feed: dict[int, dict[str, str]],
+    boot_feeds: list[dict[int, dict[str, str]]],
 ) -> dict[str, Any]:
-    """A process entry as OpenTelemetry process attributes, with its container and pod."""
+    """A process entry as OpenTelemetry process attributes, with its container and pod:
+    ``host_containers`` the agent's of the batch's boot, ``boot_feeds`` the feed's lines
+    that apply to it, the first naming its cgroup taken."""
     attrs: dict[str, Any] = {PROCESS_PID: pid}
     for field, attr in (
         ("ppid", PROCESS_PARENT_PID),
@@ -374,7 +405,7 @@ def _attributes(
             attrs[attr] = entry[field]
     if "cg" in entry:
         told = host_containers.get(str(entry["cg"]), {})
-        fed = host_feed.get(entry["cg"], {})
+        fed = next((f[entry["cg"]] for f in boot_feeds if entry["cg"] in f), {})
         # The feed names another container or pod: nothing the agent told of its own holds.
         for key, namespace in ((CONTAINER_ID, "container."), (K8S_POD_UID, "k8s.")):
             if key in fed and fed[key] != told.get(key):
@@ -574,11 +605,23 @@ def encoded_size(value: Any) -> int:
 def load_metadata(text: str) -> tuple[Metadata, list[str]]:
     """Parse the feed: JSON lines, each one cgroup of one host::
 
-        {"host.id": "4c1f...", "cgroup.id": 12345, "container.id": "9f86d0...",
-         "k8s.pod.name": "web-0", "k8s.namespace.name": "shop", "k8s.pod.uid": "..."}
+        {"host.id": "4c1f...", "boot.id": "8d2e...", "cgroup.id": 12345,
+         "container.id": "9f86d0...", "k8s.pod.name": "web-0",
+         "k8s.namespace.name": "shop", "k8s.pod.uid": "..."}
 
-    cgroup ids (cgroup v2 directory inodes) are only unique within one host,
-    hence ``host.id`` on every line. Attributes other than ``container.*`` and
+    cgroup ids (cgroup v2 directory inodes) are only unique within one boot of one
+    host: they start again at every boot, where the same id may be another
+    container's. Hence ``host.id`` on every line, and ``boot.id``, the boot the
+    cgroup id is of, as the host's heartbeats and batches carry it
+    (/proc/sys/kernel/random/boot_id without its dashes): the line applies to
+    that boot's batches alone. A line without ``boot.id`` applies to the batches of
+    the host's current boot (``current_boot``) alone, as what its writer saw of
+    the host now: a batch its agent spooled before a reboot and sent after it
+    gets no attributes of it (nor of a line naming the new boot), and a feed
+    written before a reboot and not yet written again applies to the new boot
+    until it is. A writer that knows the boot (it reads the node's boot_id when
+    it reads its cgroups) names it, and may keep the lines of the boot before
+    for what its agent still has to send. Attributes other than ``container.*`` and
     ``k8s.*`` strings are refused, and so is a line of more than ``FEED_MAX_ATTRS`` or
     with a name or value longer than an attribute on the wire takes. Blank lines and lines starting with ``#``
     are skipped. Returns the mapping and one message per refused line (the
@@ -601,8 +644,16 @@ def load_metadata(text: str) -> tuple[Metadata, list[str]]:
             errors.append(f"line {n}: not a JSON object")
             continue
         host, cg = obj.pop(HOST_ID, None), obj.pop("cgroup.id", None)
+        boot = obj.pop("boot.id", None)
         if not isinstance(host, str) or not host:
             errors.append(f"line {n}: no host.id string")
+            continue
+        if boot is not None and not (isinstance(boot, str) and boot and "-" not in boot):
+            # A boot_id as the kernel gives it would match no batch, silently.
+            errors.append(
+                f"line {n}: boot.id is a boot's id as its heartbeats carry it: a non-empty "
+                "string, /proc/sys/kernel/random/boot_id without its dashes"
+            )
             continue
         if not isinstance(cg, int) or isinstance(cg, bool) or cg <= 0:
             errors.append(f"line {n}: no positive integer cgroup.id")
@@ -622,8 +673,13 @@ def load_metadata(text: str) -> tuple[Metadata, list[str]]:
         if len(obj) > FEED_MAX_ATTRS:
             errors.append(f"line {n}: {len(obj)} attributes, past the {FEED_MAX_ATTRS} a line may set")
             continue
-        feed.setdefault(host, {})[cg] = obj
+        feed.setdefault(host, {}).setdefault(boot, {})[cg] = obj
     return feed, errors
+
+
+def feed_entries(feed: Metadata) -> int:
+    """The lines the feed took (the last of several for one cgroup of one boot)."""
+    return sum(len(cgroups) for boots in feed.values() for cgroups in boots.values())
 
 
 class MetadataFile:
@@ -662,4 +718,4 @@ class MetadataFile:
 
     @property
     def entries(self) -> int:
-        return sum(len(h) for h in self.feed.values())
+        return feed_entries(self.feed)

@@ -70,13 +70,13 @@ def test_the_feed_file_is_reloaded_when_it_changes_and_emptied_when_it_goes(tmp_
     assert f.refresh() is None  # not written yet: nothing to say
     path.write_text('{"host.id": "h1", "cgroup.id": 7, "k8s.pod.name": "a"}\n')
     assert f.refresh() == []
-    assert f.feed == {"h1": {7: {"k8s.pod.name": "a"}}}
+    assert f.feed == {"h1": {None: {7: {"k8s.pod.name": "a"}}}}
     assert f.refresh() is None  # unchanged: not read again
     tmp = tmp_path / "pods.tmp"
     tmp.write_text('{"host.id": "h1", "cgroup.id": 7, "k8s.pod.name": "b"}\nbad\n')
     os.replace(tmp, path)  # how a writer should replace it
     assert f.refresh() == ["line 2: not JSON (Expecting value: line 1 column 1 (char 0))"]
-    assert f.feed == {"h1": {7: {"k8s.pod.name": "b"}}}
+    assert f.feed == {"h1": {None: {7: {"k8s.pod.name": "b"}}}}
     path.unlink()
     assert f.refresh() is not None
     assert f.feed == {} and f.entries == 0
@@ -97,10 +97,10 @@ def test_the_feed_file_is_reloaded_when_the_kubelet_updates_its_config_map(tmp_p
     (mount / "..data").symlink_to("..2026_12_06_16_00_00.1")
     (mount / "metadata.jsonl").symlink_to("..data/metadata.jsonl")
     f = enrich_core.MetadataFile(mount / "metadata.jsonl")
-    assert f.refresh() == [] and f.feed == {"h1": {7: {"k8s.pod.name": "a"}}}
+    assert f.refresh() == [] and f.feed == {"h1": {None: {7: {"k8s.pod.name": "a"}}}}
     (mount / "..data_tmp").symlink_to("..2026_12_06_16_05_00.2")
     os.replace(mount / "..data_tmp", mount / "..data")
-    assert f.refresh() == [] and f.feed == {"h1": {7: {"k8s.pod.name": "b"}}}
+    assert f.refresh() == [] and f.feed == {"h1": {None: {7: {"k8s.pod.name": "b"}}}}
 
 
 def test_a_feed_line_is_one_line_whatever_its_strings_hold():
@@ -109,7 +109,7 @@ def test_a_feed_line_is_one_line_whatever_its_strings_hold():
     ones, and the lines after it keep their numbers."""
     text = '{"host.id": "h1", "cgroup.id": 7, "k8s.pod.annotation.note": "a\u2028b\u2029c\x85d"}\nbad\n'
     feed, errors = enrich_core.load_metadata(text)
-    assert feed == {"h1": {7: {"k8s.pod.annotation.note": "a\u2028b\u2029c\x85d"}}}
+    assert feed == {"h1": {None: {7: {"k8s.pod.annotation.note": "a\u2028b\u2029c\x85d"}}}}
     assert errors == ["line 2: not JSON (Expecting value: line 1 column 1 (char 0))"]
 
 
@@ -217,7 +217,7 @@ def test_a_feed_line_setting_more_than_a_batch_takes_is_refused():
     ]
     feed, errors = enrich_core.load_metadata("\n".join(json.dumps(line) for line in lines))
     assert [e.split(":")[0] for e in errors] == ["line 1", "line 2", "line 3"]
-    assert list(feed["h"]) == [4]
+    assert list(feed["h"][None]) == [4]
     # The most a line may set still makes a batch and a span's resource the wire takes,
     # with a host's and a container's attributes at their most.
     state: dict = {}

@@ -58,13 +58,14 @@ def exec_event(pid: int, comm: str, exe: str, cg: int = 4242) -> list:
     return [PROCESS_EXEC.id, T, pid, pid, 1, 1000, cg, comm, exe]
 
 
-def heartbeat(host: str, boot: str, ts: int, name: str) -> bytes:
+def heartbeat(host: str, boot: str, ts: int, name: str, containers: list | None = None) -> bytes:
     return encode_heartbeat(
         {
             "ts": ts,
             "host": {"host.id": host, "host.name": name, "os.type": "linux", "boot.id": boot},
             "probes": {},
             "counters": {},
+            **({"containers": containers} if containers is not None else {}),
         }
     )
 
@@ -252,6 +253,33 @@ async def test_enrich_adds_host_and_process_attributes_and_the_feed_pod(tmp_path
     assert (
         metric("ktel_processor_heartbeats_total", "enrich") == before["ktel_processor_heartbeats_total"] + 1
     )
+
+
+async def test_enrich_gives_a_batch_spooled_before_a_reboot_its_own_boots_container_and_feed_lines(tmp_path):
+    """cgroup ids start again at every boot: the same id is another container's after a
+    reboot. A batch of the boot before, sent after the new boot's heartbeat, takes that
+    boot's container and the feed's line naming it, not the current boot's."""
+    old, new = "a" * 64, "b" * 64
+    feed = tmp_path / "pods.jsonl"
+    lines = [
+        {"host.id": "h1", "cgroup.id": 4242, "container.id": new, "k8s.pod.name": "web-new"},
+        {"host.id": "h1", "boot.id": "b1", "cgroup.id": 4242, "k8s.pod.name": "web-old"},
+    ]
+    feed.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    async with Shell(tmp_path, "enrich", enrich=config.EnrichConfig(metadata_file=feed)) as shell:
+        listed = [[4242, {"container.id": old}]]
+        await shell.heartbeats.put(heartbeat("h1", "b1", 1000, "node-1", listed), key=b"h1")
+        await shell.put(batch(0, [exec_event(10, "web", "/bin/web")]))
+        listed = [[4242, {"container.id": new}]]
+        await shell.heartbeats.put(heartbeat("h1", "b2", 2000, "node-1", listed), key=b"h1")
+        await shell.put(batch(0, [exec_event(10, "web", "/bin/web")], boot="b2"))
+        await shell.put(batch(1, [file_created(10, "/srv/a")]))  # spooled by b1, sent now
+
+        out = [decode_batch(v) for v in shell.to(ENRICHED_TOPIC)]
+        pods = [
+            (b.boot_id, b.processes["10"]["container.id"], b.processes["10"]["k8s.pod.name"]) for b in out
+        ]
+        assert pods == [("b1", old, "web-old"), ("b2", new, "web-new"), ("b1", old, "web-old")]
 
 
 async def test_enrich_counts_evictions_past_the_table_bound(tmp_path):
