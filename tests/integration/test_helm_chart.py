@@ -311,6 +311,28 @@ def test_a_nodes_agent_is_replaced_only_once_the_old_one_ended(rendered) -> None
         assert "leave maxSurge at 0" in res.stderr
 
 
+def test_the_agents_are_replaced_a_share_of_the_nodes_at_a_time_as_values_say() -> None:
+    """One node at a time, a rollout over 10,000 nodes takes days: the default is a share
+    of the nodes, and what values give is what the DaemonSet gets."""
+    default = the_agent(render())["spec"]["updateStrategy"]
+    assert default == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "10%"}}
+    for given, rendered in (("25%", "25%"), ("3", 3)):
+        sets = (f"agent.updateStrategy.rollingUpdate.maxUnavailable={given}",)
+        strategy = the_agent(render(sets=sets))["spec"]["updateStrategy"]
+        assert strategy["rollingUpdate"] == {"maxUnavailable": rendered}
+    for none in ("0", "0%"):
+        res = run_helm(
+            "template",
+            "ktel",
+            str(CHART),
+            "--set",
+            f"agent.updateStrategy.rollingUpdate.maxUnavailable={none}",
+        )
+        assert res.returncode != 0
+        assert f"agent.updateStrategy.rollingUpdate.maxUnavailable = {none}: with maxSurge 0" in res.stderr
+        assert "replaces no agent at all" in res.stderr
+
+
 # The sections of ktel's config the agent reads (edge_agent/), which alone roll its pods;
 # of kafka's, only some fields (agent_kafka_fields).
 AGENT_SECTIONS = ("kafka", "agent", "service")
@@ -340,8 +362,8 @@ def config_checksums(*sets: str) -> tuple[str, set[str]]:
     ],
 )
 def test_a_config_change_rolls_the_agents_only_when_they_read_it(change, agent_rolls) -> None:
-    """A node's agent restarted has a gap in its events while its probes load again, one
-    node at a time across the fleet: a change it does not read leaves it running."""
+    """A node's agent restarted has a gap in its events while its probes load again,
+    maxUnavailable nodes at a time across the fleet: a change it does not read leaves it running."""
     agent, deployments = config_checksums()
     agent_after, deployments_after = config_checksums(change)
     assert (agent_after != agent) is agent_rolls
