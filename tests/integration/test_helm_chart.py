@@ -906,6 +906,29 @@ def test_the_prometheus_rule_holds_ktels_rules_as_they_are(full) -> None:
     assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
 
 
+def test_the_agent_down_alert_finds_the_chart_s_agent_pod(full) -> None:
+    """KtelAgentDown names the agent's pod by the DaemonSet's selector labels (but the
+    release's, which the alert cannot know) on the node whose machine ID the host id is,
+    the one the chart mounts as the agent's /etc/machine-id: the way to look on
+    Kubernetes, next to the systemd unit's."""
+    [alert] = [
+        r
+        for g in yaml.safe_load(RULES.read_text())["groups"]
+        for r in g["rules"]
+        if r.get("alert") == "KtelAgentDown"
+    ]
+    description = " ".join(alert["annotations"]["description"].split())
+    labels = the_agent(full)["spec"]["selector"]["matchLabels"]
+    selector = ",".join(f"{k}={v}" for k, v in labels.items() if k != "app.kubernetes.io/instance")
+    assert f"kubectl get pods -A -l {selector} --field-selector spec.nodeName=" in description
+    assert ".status.nodeInfo.machineID | grep {{ $labels.host_id }}" in description
+    assert "systemctl status ktel-agent" in description
+    [volume] = [
+        v for v in the_agent(full)["spec"]["template"]["spec"]["volumes"] if v["name"] == "machine-id"
+    ]
+    assert volume["hostPath"]["path"] == "/etc/machine-id"
+
+
 def test_the_dashboards_config_map_holds_each_dashboard_as_it_is(full) -> None:
     """One key per dashboard of deploy/grafana/dashboards, its JSON unchanged, labelled
     for Grafana's dashboard sidecar and annotated as full-values.yaml asks."""
