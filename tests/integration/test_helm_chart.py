@@ -447,6 +447,29 @@ def test_probes_and_services_are_on_the_port_each_process_serves(rendered) -> No
     assert cfg["pull"]["host"] == "0.0.0.0"  # reachable through its Service
 
 
+def startup_probes(*sets: str) -> dict[str, dict[str, Any]]:
+    """Each workload's startup probe, by its name."""
+    return {
+        w["metadata"]["name"]: w["spec"]["template"]["spec"]["containers"][0]["startupProbe"]
+        for w in workloads(render(sets=sets))
+    }
+
+
+def test_the_agents_startup_budget_is_its_own_to_raise() -> None:
+    """The agent answers /healthz once BCC compiled every probe, and a pod past its
+    startup budget is restarted to compile again: agent.startupProbe raises the agent's
+    budget over probes.startup's, leaving the other pods' as they were."""
+    default = startup_probes()
+    assert {p["periodSeconds"] * p["failureThreshold"] for p in default.values()} == {300}
+    raised = startup_probes("agent.startupProbe.failureThreshold=90")
+    agent = next(name for name in raised if name.endswith("-agent"))
+    assert raised[agent] == {**default[agent], "failureThreshold": 90}
+    assert {n: p for n, p in raised.items() if n != agent} == {n: p for n, p in default.items() if n != agent}
+    # probes.startup still sets every pod's, the agent's with it unless it has its own.
+    shared = startup_probes("probes.startup.failureThreshold=45")
+    assert {p["failureThreshold"] for p in shared.values()} == {45}
+
+
 def test_the_servers_listen_on_every_ipv6_address_where_config_asks(tmp_path, monkeypatch) -> None:
     """An IPv6-only cluster probes and scrapes a pod at its IPv6 address alone: there
     config.service.metrics_bind and config.pull.host take ::, which every pod then
