@@ -1,12 +1,13 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
  * ktel probe dns_latency: log2 histograms of getaddrinfo() durations in ns
- * per process, from a uprobe and a uretprobe on libc's getaddrinfo (found
- * with BCC's library name resolution, "c"), and a slow-lookup event through
- * the ring buffer for every call of KTEL_DNS_SLOW_NS or more.
+ * per process, from a uprobe and a uretprobe on libc's getaddrinfo (the file
+ * agent.libc_path names, else BCC's library name resolution of "c"), and a
+ * slow-lookup event through the ring buffer for every call of KTEL_DNS_SLOW_NS
+ * or more.
  *
- * Only processes using that libc are seen (not static binaries, not a
- * container's own libc, not resolvers that bypass getaddrinfo such as Go's).
+ * Only processes mapping that very libc file are seen (not static binaries,
+ * not a container's own libc, not resolvers that bypass getaddrinfo such as Go's).
  */
 /* Compiled after bpf/ktel_common.bpf.h (prepended by the agent). */
 #include <uapi/linux/ptrace.h>

@@ -957,7 +957,10 @@ class Agent:
         acfg = self.cfg.agent
         runtime.tune_gc()
         self.loaded, self.skipped = probes_mod.load(
-            acfg.probes, acfg.ringbuf_pages, read_interval_s=acfg.read_interval_ms / 1000
+            acfg.probes,
+            acfg.ringbuf_pages,
+            read_interval_s=acfg.read_interval_ms / 1000,
+            libc_path=acfg.libc_path,
         )
         self.started = time.monotonic()  # counting starts now, not before BCC's compile
         # BCC compiled the probes in this process; its compiler is not needed again.

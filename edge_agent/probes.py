@@ -83,8 +83,55 @@ BEHIND_PAUSE_S = 0.002
 QUEUE_MAX_BYTES = 8 << 20
 
 
+# What container runtimes leave in each container: Docker's /.dockerenv, Podman's
+# /run/.containerenv; Kubernetes sets KUBERNETES_SERVICE_HOST in every container.
+CONTAINER_MARKERS = (Path("/.dockerenv"), Path("/run/.containerenv"))
+# The uprobes' library that agent.libc_path names (ktel.probes.Uprobe.library).
+LIBC = "c"
+
+
 class ProbeUnavailable(Exception):
     pass
+
+
+def in_container() -> bool:
+    """Whether this process runs in a container, as far as its runtime says so (one that
+    leaves none of these marks is not seen)."""
+    return "KUBERNETES_SERVICE_HOST" in os.environ or any(p.exists() for p in CONTAINER_MARKERS)
+
+
+def uprobe_library(library: str, libc_path: Path | None, find: Callable[[bytes], bytes | None]) -> bytes:
+    """The file a uprobe on ``library`` attaches to: agent.libc_path for libc where given,
+    else what ``find`` (BCC's find_library: ldconfig's cache) names. A uprobe is on the
+    file itself (its inode): only processes mapping that file are seen."""
+    if library == LIBC and libc_path is not None:
+        if not libc_path.is_file():
+            raise ProbeUnavailable(
+                f"agent.libc_path = '{libc_path}' is not a file here: give the host's libc as this "
+                "agent sees it (in a container, where the host's is mounted)"
+            )
+        return os.fsencode(libc_path)
+    path = find(library.encode())
+    if path is None:
+        raise ProbeUnavailable(f"library {library!r} not found (ldconfig -p)")
+    return path
+
+
+def own_libc_warning(names: Sequence[str], libc_path: Path | None) -> str | None:
+    """What to warn of when probes on libc attach to the agent's own in a container: the
+    image's libc, which the host's processes and other containers' do not map, so the
+    probes see only the processes of the agent's own container."""
+    if libc_path is not None or not in_container():
+        return None
+    on_libc = [n for n in names if any(u.library == LIBC for u in PROBES[n].uprobes)]
+    if not on_libc:
+        return None
+    return (
+        f"{', '.join(on_libc)}: the agent runs in a container and agent.libc_path is unset, so "
+        "its uprobe is on this container's own libc, which none of the host's processes and no "
+        "other container maps: it sees only this container's processes. Set agent.libc_path to "
+        "the host's libc as mounted in the container (the Helm chart: agent.libcHostPath)"
+    )
 
 
 def _has_tracepoint(tp: str) -> bool:
@@ -170,7 +217,8 @@ class LoadedProbe:
     the probe's uprobes to one process only (-1: every process); with
     ``drain=False`` no thread drains the ring buffer and the caller calls
     ``consume()`` (tests, benchmarks); ``read_interval_s``: how often the thread
-    reads it when no wake-up came sooner.
+    reads it when no wake-up came sooner; ``libc_path``: the libc its uprobes are on
+    (agent.libc_path; None: the one ldconfig names).
     """
 
     def __init__(
@@ -182,6 +230,7 @@ class LoadedProbe:
         uprobe_pid: int = -1,
         drain: bool = True,
         read_interval_s: float = READ_INTERVAL_S,
+        libc_path: Path | None = None,
     ):
         from bcc import BPF  # imported here: only the agent needs BCC, not its tests of logic
 
@@ -191,10 +240,7 @@ class LoadedProbe:
             spec.prepare()
         libs: dict[str, bytes] = {}
         for u in spec.uprobes:
-            path = BPF.find_library(u.library.encode())
-            if path is None:
-                raise ProbeUnavailable(f"library {u.library!r} not found (ldconfig -p)")
-            libs[u.library] = path
+            libs[u.library] = uprobe_library(u.library, libc_path, BPF.find_library)
         present = present_tracepoints(spec)
         cflags = cflags_for(spec, ringbuf_pages, defines, present)
         source = bpf_source(spec.name)
@@ -488,13 +534,17 @@ def load(
     ringbuf_pages: int,
     defines: Mapping[str, Mapping[str, int]] | None = None,
     read_interval_s: float = READ_INTERVAL_S,
+    libc_path: Path | None = None,
 ) -> tuple[dict[str, LoadedProbe], dict[str, str]]:
     """Load the named probes; returns (loaded, skipped name -> reason).
 
-    ``defines`` maps a probe name to extra -D flags for it.
+    ``defines`` maps a probe name to extra -D flags for it; ``libc_path``: agent.libc_path.
     """
     loaded: dict[str, LoadedProbe] = {}
     skipped: dict[str, str] = {}
+    warning = own_libc_warning(names, libc_path)
+    if warning is not None:
+        log.warning("%s", warning)
     for name in names:
         try:
             loaded[name] = LoadedProbe(
@@ -502,6 +552,7 @@ def load(
                 ringbuf_pages,
                 defines=(defines or {}).get(name),
                 read_interval_s=read_interval_s,
+                libc_path=libc_path,
             )
             log.info("probe %s loaded", name)
         except ProbeUnavailable as err:

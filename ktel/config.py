@@ -587,6 +587,13 @@ class AgentConfig(Section):
         description="the cgroup v2 mount whose container and pod cgroups each heartbeat lists "
         "(edge_agent/containers.py); unset: found in /proc/self/mountinfo",
     )
+    libc_path: File | None = Field(
+        None,
+        description="the libc whose getaddrinfo dns_latency's uprobe is on: it sees only the "
+        "processes that map this very file. Unset: the agent's own (ldconfig's), the host's where "
+        "the agent runs on it; in a container, that is the image's, so give the host's libc as "
+        "mounted there (the Helm chart's agent.libcHostPath sets it)",
+    )
     sample_every: dict[str, int] = Field(
         {},
         description="sampling per probe, 1 in N (default 1: keep all); control commands override it",

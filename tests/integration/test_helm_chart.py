@@ -229,6 +229,36 @@ def test_the_agent_needs_tracefs_alone_not_debugfs(rendered) -> None:
     assert mount["mountPath"] == str(TRACEFS) and not mount.get("readOnly")  # (uprobe_events)
 
 
+def test_dns_latency_attaches_to_the_nodes_libc_mounted_from_agent_libc_host_path() -> None:
+    """A uprobe is on a file, seen only by the processes mapping it: the agent's own libc
+    is its image's, which none of the node's processes map. The node's libc's directory
+    is mounted, and agent.libc_path names the file there."""
+    sets = ("agent.libcHostPath=/lib/x86_64-linux-gnu/libc.so.6", "config.agent.probes={dns_latency}")
+    objs = render(sets=sets)
+    pod = the_agent(objs)["spec"]["template"]["spec"]
+    [volume] = [v for v in pod["volumes"] if v["name"] == "libc"]
+    assert volume["hostPath"] == {"path": "/lib/x86_64-linux-gnu", "type": "Directory"}
+    [mount] = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "libc"]
+    assert mount["readOnly"] is True
+    assert toml_config(objs)["agent"]["libc_path"] == f"{mount['mountPath']}/libc.so.6"
+    for version in K8S_VERSIONS:
+        kubernetes_validate.validate(the_agent(objs), version, strict=True)
+
+
+@pytest.mark.parametrize(
+    "sets, hint",
+    [
+        (("config.agent.probes={file_created,dns_latency}",), "config.agent.probes has dns_latency"),
+        (("config.agent.libc_path=/lib/x86_64-linux-gnu/libc.so.6",), "config.agent.libc_path = /lib/"),
+    ],
+)
+def test_dns_latency_on_the_images_libc_is_refused_naming_agent_libc_host_path(sets, hint) -> None:
+    res = run_helm("template", "ktel", str(CHART), *(a for s in sets for a in ("--set", s)))
+    assert res.returncode != 0
+    assert hint in res.stderr
+    assert "set agent.libcHostPath to the node's libc" in res.stderr
+
+
 def test_every_pod_runs_on_linux_nodes_only() -> None:
     """ktel runs on Linux alone: every pod selects Linux nodes, those a nodeSelector value
     names among them. The agent tolerates every taint, so without it its pods landed on a

@@ -88,6 +88,7 @@ def test_env_overrides_file(tmp_path, monkeypatch):
         ("[nosuchsection]\nx = 1\n", "nosuchsection"),
         ("[enrich]\nmax_processes = 100000\n", "KTEL_ENRICH__MAX_PROCESSES"),
         ("[enrich]\nmetadata_file = '/tmp'\n", "enrich.metadata_file = '/tmp': Value error, is a directory"),
+        ("[agent]\nlibc_path = '/tmp'\n", "agent.libc_path = '/tmp': Value error, is a directory"),
         (
             "[stack]\ncollector_binary = '/no/otelcol'\n",
             "stack.collector_binary = '/no/otelcol': Value error, is not an executable file",

@@ -98,6 +98,19 @@ topicsJob off) needs no password. */ -}}
 {{- with include "ktel.enrichMetadata" . | fromJson -}}
 {{- $_ := set $forced "enrich" (dict "metadata_file" .file) -}}
 {{- end -}}
+{{- /* dns_latency's uprobe is on a file, and sees only the processes mapping it: the
+agent's own libc is the image's, which none of the node's processes map. The node's is
+mounted where agent.libcHostPath says (agent-daemonset.yaml), and named here. */ -}}
+{{- with dig "agent" "libc_path" nil $v.config -}}
+{{- fail (printf "config.agent.libc_path = %v names a file in the agent's container, whose own libc is the image's, not the node's: set agent.libcHostPath to the node's libc (its path on the node), which the chart mounts and names in agent.libc_path" .) -}}
+{{- end -}}
+{{- with $v.agent.libcHostPath -}}
+{{- $_ := set $forced.agent "libc_path" (printf "/host/libc/%s" (base .)) -}}
+{{- else -}}
+{{- if and $v.agent.enabled (has "dns_latency" (dig "agent" "probes" list $v.config)) -}}
+{{- fail "config.agent.probes has dns_latency, whose uprobe would be on the libc of the agent's image, which none of the node's processes map: set agent.libcHostPath to the node's libc (e.g. /lib/x86_64-linux-gnu/libc.so.6 on Debian and Ubuntu, /lib64/libc.so.6 on RHEL and Amazon Linux); it then sees the processes using that libc, not containers with their own" -}}
+{{- end -}}
+{{- end -}}
 {{- range $section, $fields := $v.config -}}
 {{- if not (kindIs "map" $fields) -}}
 {{- fail (printf "config.%s: every entry of config is a section of ktel's TOML (a map of fields), e.g. config.kafka.bootstrap" $section) -}}
