@@ -361,6 +361,10 @@ def test_the_agents_are_replaced_a_share_of_the_nodes_at_a_time_as_values_say() 
         assert res.returncode != 0
         assert f"agent.updateStrategy.rollingUpdate.maxUnavailable = {none}: with maxSurge 0" in res.stderr
         assert "replaces no agent at all" in res.stderr
+    # Agents replaced by hand: the default's rollingUpdate, which Kubernetes refuses with
+    # that type, is left out.
+    on_delete = render(sets=("agent.updateStrategy.type=OnDelete",))
+    assert the_agent(on_delete)["spec"]["updateStrategy"] == {"type": "OnDelete"}
 
 
 # The sections of ktel's config the agent reads (edge_agent/), which alone roll its pods;
