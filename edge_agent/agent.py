@@ -877,7 +877,8 @@ class Agent:
             "ts": time.time_ns() // 1_000_000,
             "host": {
                 HOST_ID: self.host_id,
-                HOST_NAME: socket.gethostname(),  # may be changed while the agent runs
+                # (read each time: it may be changed while the agent runs)
+                HOST_NAME: self.cfg.agent.host_name or socket.gethostname(),
                 **self.static_host,
                 "boot.id": self.boot_id,
             },

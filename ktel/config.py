@@ -496,6 +496,14 @@ class AgentConfig(Section):
         default_factory=lambda: _read_id("/etc/machine-id"),
         description="host.id; default /etc/machine-id",
     )
+    host_name: str | None = Field(
+        None,
+        min_length=1,
+        max_length=255,  # (the most a DNS name takes)
+        description="host.name in heartbeats; default the kernel's host name, read at each heartbeat. "
+        "In a pod that is the pod's own name (a new one at each rollout), so the Helm chart sets "
+        "it to the node's name",
+    )
     state_dir: Dir = Field(
         Path("/var/lib/ktel/agent"), description="where the agent keeps its sequence numbers"
     )

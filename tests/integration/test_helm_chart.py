@@ -212,6 +212,13 @@ def test_the_agent_mounts_the_kernel_interfaces_and_keeps_its_state_on_the_node(
     assert cfg["agent"]["cgroup_root"] == "/host/sys/fs/cgroup"
 
 
+def test_the_agent_names_its_host_by_the_node_not_by_its_pod(rendered) -> None:
+    """A pod's host name is its own (a new one at each rollout): host.name is the node's."""
+    [c] = the_agent(rendered)["spec"]["template"]["spec"]["containers"]
+    [name] = [e for e in c["env"] if e["name"] == "KTEL_AGENT__HOST_NAME"]
+    assert name["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+
+
 def test_the_agent_needs_tracefs_alone_not_debugfs(rendered) -> None:
     """A node without debugfs (booted with debugfs=off, or a kernel without CONFIG_DEBUG_FS)
     has no /sys/kernel/debug: the agent mounted it (a hostPath of type Directory), so its
@@ -1112,7 +1119,9 @@ def test_secrets_come_from_secrets_never_the_config_map(full) -> None:
         [c] = pod["containers"]
         mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
         assert mounts[f"{SECRETS_DIR}/kafka"] == "kafka-sasl"
-        from_secrets = {e["name"]: e["valueFrom"] for e in c["env"] if "valueFrom" in e}
+        from_secrets = {
+            e["name"]: e["valueFrom"] for e in c["env"] if "secretKeyRef" in e.get("valueFrom", {})
+        }
         assert from_secrets == {
             "export-otlp": {"KTEL_OTLP__HEADERS": {"secretKeyRef": {"name": "ktel-otlp", "key": "headers"}}},
             "export-remote-write": {

@@ -5,6 +5,7 @@ import contextlib
 import errno
 import logging
 import os
+import socket
 import uuid
 
 import msgpack
@@ -113,6 +114,15 @@ def test_a_heartbeat_reports_the_agents_counters(agent):
     assert after["counters"]["events_published"] - before["counters"]["events_published"] == 7
     assert after["counters"]["disk_dropped_events"] - before["counters"]["disk_dropped_events"] == 3
     assert after["rates"]["events_published"] == 7.0
+
+
+def test_a_heartbeat_names_the_host_as_configured_else_by_its_kernel_host_name(tmp_path):
+    """In a pod the kernel's host name is the pod's (a new one at each rollout): the Helm
+    chart gives the node's name as agent.host_name."""
+    hb, _ = make_agent(tmp_path / "a").heartbeat(1.0, {}, [], {})
+    assert hb["host"]["host.name"] == socket.gethostname()
+    hb, _ = make_agent(tmp_path / "b", host_name="node-7").heartbeat(1.0, {}, [], {})
+    assert hb["host"]["host.name"] == "node-7"
 
 
 def test_a_flood_of_commands_leaves_heartbeats_that_kafka_takes(agent, caplog):
