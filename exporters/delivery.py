@@ -104,20 +104,26 @@ def otlp_http_retried(status: int) -> bool:
     return status in (429, 502, 503, 504)
 
 
+# What an answer's text keeps of the backend's (a dead letter's reason, a log line): an
+# error page can be any size.
+REFUSAL_CHARS = 500
+
+
 def http_answer(
     status: int,
     message: str,
     wait: float | None = None,
     *,
     retried: Callable[[int], bool] = remote_write_retried,
+    limit: int = REFUSAL_CHARS,
 ) -> None:
     """Classify an HTTP answer: returns on 2xx, else raises Transient or Permanent.
     ``wait``: what its Retry-After asked for (``retry_after``), honoured on a transient
     answer; ``retried``: which failed statuses the protocol retries (``remote_write_retried``,
-    ``otlp_http_retried``), after the configuration errors."""
+    ``otlp_http_retried``), after the configuration errors; ``limit``: as ``http_refusal``."""
     if 200 <= status < 300:
         return
-    answer = http_refusal(status, message)
+    answer = http_refusal(status, message, limit)
     if status in (401, 403):
         raise Unauthorized(answer)
     if status in (404, 405) or 300 <= status < 400:
@@ -127,9 +133,10 @@ def http_answer(
     raise Permanent(answer)
 
 
-def http_refusal(status: int, message: str) -> str:
-    """The text of a failed HTTP answer, as ``http_answer`` raises it and dead letters give it."""
-    return f"HTTP {status}: {message.strip()[:500]}"
+def http_refusal(status: int, message: str, limit: int = REFUSAL_CHARS) -> str:
+    """The text of a failed HTTP answer, as ``http_answer`` raises it and dead letters give
+    it: its first ``limit`` characters."""
+    return f"HTTP {status}: {message.strip()[:limit]}"
 
 
 def retry_after(value: str | None, now: float | None = None) -> float | None:

@@ -33,10 +33,12 @@ takes them, each time after at least the wait a Retry-After header asks for (up 
 whose samples made up the refused request are re-sent in halves (the same series
 only), down to single snapshots, and a snapshot refused alone goes to ``ktel.dlq``
 with the receiver's answer. Prometheus refuses a whole request for one bad sample, so
-the others still arrive. A refusal saying the receiver holds a newer sample of a series,
-or another value at its timestamp (``ALREADY_STORED``: records read again after the
-exporter was stopped before committing them), is not bad data: a snapshot refused so
-alone is sent again series by series, each series refused so alone counted in
+the others still arrive (Mimir, Cortex and Thanos Receive store them at once, and take
+them again without a word: the same timestamp and value). A refusal saying the receiver
+holds a newer sample of a series, or another value at its timestamp (``ALREADY_STORED``,
+in the words of Prometheus, Mimir, Cortex and Thanos Receive: records read again after
+the exporter was stopped before committing them), is not bad data: a snapshot refused
+so alone is sent again series by series, each series refused so alone counted in
 ``ALREADY_STORED_SAMPLES``, the others stored, nothing dead-lettered. 401 and 403
 refuse ktel's credentials, and 404, 405 and redirects say nothing at the URL takes
 remote-write (Prometheus without its receiver), not the samples: they are retried, the
@@ -57,6 +59,7 @@ import dataclasses
 import functools
 import logging
 import math
+import re
 import struct
 import time
 from collections import defaultdict
@@ -72,7 +75,7 @@ from prometheus_client.utils import floatToGoString
 
 from exporters import consume
 from exporters.consume import Record
-from exporters.delivery import Window, http_answer, http_refusal, retry_after, send_split
+from exporters.delivery import REFUSAL_CHARS, Window, http_answer, http_refusal, retry_after, send_split
 from exporters.log2 import ZERO_THRESHOLD, Exponential, exponential
 from exporters.prom_names import clash, metric_name, prom_labels, unnamed
 from exporters.remote_write_client import Receiver
@@ -106,16 +109,60 @@ ALREADY_STORED_SAMPLES = Counter(
     ["reason"],
 )
 
-# What Prometheus answers, HTTP 400 with the error's text as the body, to a sample of a
-# series it holds a newer sample of, or another value at its timestamp (its remote-write
-# 1.0 receiver, storage/remote/write_handler.go, 2.x and 3.x): the whole request is rolled
-# back, and the answer does not name the series. From 2.53 on the second goes on with
-# "<ms>; overrides not allowed: existing <v>, new value <v>". ALREADY_STORED_SAMPLES'
-# reason -> the refusal's start, as http_answer words it.
+
+# What a receiver answers to a sample of a series it holds a newer sample of (out_of_order),
+# or another value at its timestamp (duplicate_timestamp): ALREADY_STORED_SAMPLES' reason ->
+# the patterns of the refusal's text, as http_answer words it, one for each receiver's
+# wording (matched from the start: ``already_stored``). None of them names a sample older
+# than what the receiver takes at all (Prometheus' and Cortex's "out of bounds" and "too old
+# sample", Thanos Receive's the same under 409, Mimir's err-mimir-sample-timestamp-too-old):
+# that is said whether or not the receiver holds it. A receiver other than Prometheus
+# stores the rest of a request it refuses so; sent again, a sample it stored is taken
+# without a word (the same timestamp and value) or, if it stored a newer one of the
+# series with it, refused as held: each is still counted once, delivered or held.
+def _answer(status: int, pattern: str) -> str:
+    return re.escape(http_refusal(status, "")) + pattern
+
+
 ALREADY_STORED = {
-    "out_of_order": http_refusal(400, "out of order sample"),
-    "duplicate_timestamp": http_refusal(400, "duplicate sample for timestamp"),
+    reason: re.compile("|".join(f"(?:{_answer(status, words)})" for status, words in answers))
+    for reason, answers in {
+        "out_of_order": [
+            # Prometheus (storage/remote/write_handler.go, 2.x and 3.x), HTTP 400, the error's
+            # text alone: it rolls the whole request back, and does not name the series.
+            (400, "out of order sample"),
+            # Grafana Mimir, HTTP 400 (pkg/distributor/errors.go): "send data to ingesters: failed
+            # pushing to ingester <id>: user=<tenant>: the sample has been rejected because ...
+            # (err-mimir-sample-out-of-order). The affected sample has ..." (pkg/ingester/errors.go,
+            # the id from pkg/util/globalerror/errors.go; older: "failed pushing to ingester: ...").
+            (400, r".*?\(err-mimir-sample-out-of-order\)"),
+            # Cortex, HTTP 400: "user=<tenant>: err: out of order sample. timestamp=<RFC 3339>,
+            # series=<labels>" (pkg/ingester/ingester.go, wrappedTSDBIngestErr; pkg/ingester/errors.go,
+            # wrapWithUser). A tenant id holds no colon.
+            (400, r"user=[^:]*: err: out of order sample\."),
+            # Thanos Receive, HTTP 409 Conflict: "forwarding request to endpoint <e>: writing
+            # locally: add <n> samples: out of order sample" (pkg/receive/writer_errors.go,
+            # pkg/receive/handler.go), a peer's answer inside its own, several reasons in one
+            # ("2 errors: ...; ...") as its series differ.
+            (409, r".*?\badd \d+ samples: out of order sample"),
+        ],
+        "duplicate_timestamp": [
+            # Prometheus; from 2.53 on followed by "<ms>; overrides not allowed: existing <v>, new value <v>".
+            (400, "duplicate sample for timestamp"),
+            # Mimir: "... (err-mimir-sample-duplicate-timestamp). ..." (as above)
+            (400, r".*?\(err-mimir-sample-duplicate-timestamp\)"),
+            # Cortex: "user=<tenant>: err: duplicate sample for timestamp <ms>; overrides not allowed:
+            # ... series=<labels>" (as above; its TSDB's own wording after "err: ")
+            (400, r"user=[^:]*: err: duplicate sample for timestamp"),
+            # Thanos Receive: "... add <n> samples: duplicate sample for timestamp" (as above)
+            (409, r".*?\badd \d+ samples: duplicate sample for timestamp"),
+        ],
+    }.items()
 }
+
+# What a refusal keeps of an answer saying the receiver holds samples already: such a
+# refusal is never dead-lettered, and Thanos Receive's, a few endpoints named, is far less.
+HELD_ANSWER_CHARS = 4096
 
 # What Prometheus 2.x answers (HTTP 500) to native histograms when started without them.
 NATIVE_DISABLED = "native histograms are disabled"
@@ -132,10 +179,11 @@ STALE_NAN: float = struct.unpack("<d", STALE_NAN_BITS.to_bytes(8, "little"))[0]
 
 def already_stored(refusal: str) -> str | None:
     """ALREADY_STORED_SAMPLES' reason for a receiver's refusal (a ``Permanent``'s text),
-    or None when it refused the samples for anything else. "out of bounds" and "too old
-    sample" are not among them: Prometheus says so of a sample older than the window its
-    head block takes, whether or not it holds it, so such a sample may be lost."""
-    return next((reason for reason, start in ALREADY_STORED.items() if refusal.startswith(start)), None)
+    or None when it refused the samples for anything else (ALREADY_STORED has the
+    receivers' words). "out of bounds" and "too old sample" are not among them:
+    Prometheus says so of a sample older than the window its head block takes, whether
+    or not it holds it, so such a sample may be lost."""
+    return next((reason for reason, said in ALREADY_STORED.items() if said.match(refusal)), None)
 
 
 def encode(
@@ -402,7 +450,15 @@ async def post(receiver: Receiver, body: bytes) -> None:
             # Prometheus 2.x without the feature answers 500: retried (nothing is lost once
             # the receiver or the setting changes), with what to change.
             text += f" ({NATIVE_FIX})"
-        http_answer(resp.status_code, text, retry_after(resp.headers.get("retry-after")))
+        # Thanos Receive names each endpoint a sample went through before its words (a router's
+        # answer holds the ingester's), so one saying the receiver holds samples already can
+        # run past what a refusal keeps: kept to HELD_ANSWER_CHARS, it still says so.
+        held = (
+            not resp.is_success
+            and already_stored(http_refusal(resp.status_code, text, HELD_ANSWER_CHARS)) is not None
+        )
+        limit = HELD_ANSWER_CHARS if held else REFUSAL_CHARS
+        http_answer(resp.status_code, text, retry_after(resp.headers.get("retry-after")), limit=limit)
     except Exception as err:
         receiver.misconfigured.failed(err)  # a refused password or TLS handshake: one line
         raise
@@ -450,7 +506,7 @@ async def deliver(
                 else:
                     log.info(
                         "remote-write: the receiver holds some of %d samples already (as it does records "
-                        "read again after a restart) and took none of them (%s); sending them again by "
+                        "read again after a restart) and refused the request (%s); sending them again by "
                         "snapshot",
                         n,
                         err,

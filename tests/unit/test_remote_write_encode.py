@@ -449,6 +449,146 @@ def test_prometheus_refusals_of_samples_it_holds_already_are_told_from_the_other
     assert remote_write.already_stored(str(refused.value)) == reason
 
 
+# What receivers other than Prometheus answer, each HTTP body as their sources write it
+# (http.Error adds the newline). Mimir: pkg/distributor/distributor.go ("send data to
+# ingesters"), pkg/distributor/errors.go ("failed pushing to ingester <id>"),
+# pkg/ingester/errors.go (the sample's error), pkg/util/globalerror/errors.go (its id).
+# Cortex: pkg/ingester/ingester.go (wrappedTSDBIngestErr, errTSDBIngest*),
+# pkg/ingester/errors.go (wrapWithUser). Thanos Receive: pkg/receive/writer_errors.go
+# ("add <n> samples: ..."), pkg/receive/handler.go (409 Conflict, "forwarding request to
+# endpoint", "writing locally", the errorSet's "<n> errors: ...; ..."),
+# pkg/receive/config.go (an endpoint's words).
+_MIMIR = "send data to ingesters: failed pushing to ingester ingester-zone-a-1: user=anonymous: "
+_MIMIR_SERIES = (
+    ' The affected sample has timestamp 2024-05-01T10:00:00Z and is from series {__name__="node_load1"}\n'
+)
+_MIMIR_OUT_OF_ORDER = (
+    "the sample has been rejected because another sample with a more recent timestamp has already been "
+    "ingested and out-of-order samples are not allowed (err-mimir-sample-out-of-order)."
+)
+_MIMIR_DUPLICATE = (
+    "the sample has been rejected because another sample with the same timestamp, but a different value, "
+    "has already been ingested (err-mimir-sample-duplicate-timestamp)."
+)
+_THANOS_HOST = (
+    "thanos-receive-ingestor-default-2.thanos-receive-ingestor-default.monitoring.svc.cluster.local"
+)
+_THANOS_ENDPOINT = f"addr: {_THANOS_HOST}:10901, capnp_addr: {_THANOS_HOST}:19391, az: eu-west-1a"
+_THANOS_LOCAL = "forwarding request to endpoint addr: 127.0.0.1:10901, capnp_addr: , az: : writing locally: "
+# A router's answer holding the ingester's, past the 500 characters a refusal keeps.
+_THANOS_ROUTED = (
+    f"forwarding request to endpoint {_THANOS_ENDPOINT}: rpc error: code = AlreadyExists desc = "
+    f"forwarding request to endpoint {_THANOS_ENDPOINT}: writing locally: "
+)
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "reason"),
+    [
+        # Grafana Mimir, HTTP 400
+        (
+            400,
+            _MIMIR + _MIMIR_OUT_OF_ORDER + _MIMIR_SERIES,
+            "out_of_order",
+        ),
+        (  # older, the ingester unnamed
+            400,
+            "failed pushing to ingester: user=275106: " + _MIMIR_OUT_OF_ORDER + _MIMIR_SERIES,
+            "out_of_order",
+        ),
+        (
+            400,
+            _MIMIR + _MIMIR_DUPLICATE + _MIMIR_SERIES,
+            "duplicate_timestamp",
+        ),
+        (  # Prometheus' "out of bounds": held or not
+            400,
+            _MIMIR + "the sample has been rejected because its timestamp is too old "
+            "(err-mimir-sample-timestamp-too-old)." + _MIMIR_SERIES,
+            None,
+        ),
+        (  # Prometheus' "too old sample": held or not
+            400,
+            _MIMIR + "the sample has been rejected because another sample with a more recent timestamp has "
+            "already been ingested and this sample is beyond the out-of-order time window of 30m "
+            "(err-mimir-sample-timestamp-too-old)." + _MIMIR_SERIES,
+            None,
+        ),
+        (
+            400,
+            _MIMIR
+            + "per-user series limit of 150000 exceeded (err-mimir-max-series-per-user). To adjust the "
+            "related per-tenant limit, configure -ingester.max-global-series-per-user, or contact your "
+            "service administrator.\n",
+            None,
+        ),
+        # Cortex, HTTP 400
+        (
+            400,
+            "user=fake: err: out of order sample. timestamp=1970-01-01T00:00:00.009Z, "
+            'series={__name__="test"}\n',
+            "out_of_order",
+        ),
+        (
+            400,
+            "user=fake: err: duplicate sample for timestamp 1575043969; overrides not allowed: existing 2, "
+            'new value 1. series={__name__="test"}\n',
+            "duplicate_timestamp",
+        ),
+        (
+            400,
+            "user=fake: err: out of bounds. timestamp=1970-01-19T05:30:43.969Z, "
+            'tsdbHeadMaxTimestamp=1970-01-19T05:31:43.969Z, series={__name__="test"}\n',
+            None,
+        ),
+        (
+            400,
+            "user=fake: err: too old sample. timestamp=1970-01-19T05:30:43.969Z, "
+            'tsdbHeadMaxTimestamp=1970-01-19T05:31:43.969Z, series={__name__="test"}\n',
+            None,
+        ),
+        (
+            400,
+            "user=fake: err: out of order exemplar. timestamp=1970-01-01T00:00:00.009Z, "
+            'series={__name__="test"}, exemplar={trace_id="x"}\n',
+            None,
+        ),
+        # Thanos Receive, HTTP 409 Conflict
+        (409, _THANOS_LOCAL + "add 1 samples: out of order sample\n", "out_of_order"),
+        (409, _THANOS_ROUTED + "add 1 samples: out of order sample\n", "out_of_order"),
+        (409, _THANOS_LOCAL + "add 1 samples: duplicate sample for timestamp\n", "duplicate_timestamp"),
+        (409, _THANOS_ROUTED + "add 1 samples: duplicate sample for timestamp\n", "duplicate_timestamp"),
+        (  # a request whose series it refuses for both: sent again by series, each is told
+            409,
+            _THANOS_LOCAL + "2 errors: add 1 samples: out of bounds; add 2 samples: out of order sample\n",
+            "out_of_order",
+        ),
+        (409, _THANOS_LOCAL + "add 1 samples: out of bounds\n", None),
+        (409, _THANOS_LOCAL + "add 1 samples: too old sample\n", None),
+        # Each receiver's words under another's status are not its answer.
+        (409, "user=fake: err: out of order sample. timestamp=1970-01-01T00:00:00.009Z, series={}\n", None),
+        (400, _THANOS_LOCAL + "add 1 samples: out of order sample\n", None),
+        (409, _MIMIR + "... (err-mimir-sample-out-of-order)." + _MIMIR_SERIES, None),
+    ],
+)
+async def test_other_receivers_refusals_of_samples_they_hold_already_are_told_from_the_others(
+    status, body, reason
+):
+    import httpx
+
+    from exporters.remote_write_client import Receiver
+    from ktel.config import RemoteWriteConfig
+
+    assert len(_THANOS_ROUTED) > 500  # (what a refusal keeps of another answer)
+    async with Receiver(RemoteWriteConfig(url="http://receiver.test/api/v1/write")) as receiver:
+        receiver.client = httpx.AsyncClient(
+            transport=httpx.MockTransport(lambda _r: httpx.Response(status, text=body))
+        )
+        with pytest.raises(Permanent) as refused:
+            await remote_write.post(receiver, b"")
+    assert remote_write.already_stored(str(refused.value)) == reason
+
+
 class RollingBack:
     """A receiver that takes a request whole or not at all, as Prometheus' remote-write
     receiver does (tests/integration/test_remote_write_prometheus.py has the real one),
@@ -630,3 +770,116 @@ async def test_a_sample_left_out_as_a_duplicate_is_not_also_counted_dead_lettere
     assert [wire.decode_dead_letter(v).offset for _t, v, _k in producer.sent] == [0]
     assert (delivered, dead, duplicates, stored) == ((0, 1, 1, 1) if held else (0, 2, 1, 0))
     assert delivered + dead + duplicates + stored == len(snap.series)
+
+
+class StoringTheRest(RollingBack):
+    """A receiver that stores every sample of a request it can and answers for the
+    first it cannot, as Mimir, Cortex and Thanos Receive do (``status``, and ``said``:
+    its answer for each reason)."""
+
+    def __init__(self, held, bad, status, said) -> None:
+        super().__init__(held, bad)
+        self.status = status
+        self.said = said
+
+    def receive(self, request):
+        import httpx
+
+        refused = None
+        for ts in decode(request.content).timeseries:
+            [name] = [lb.value for lb in ts.labels if lb.name == "__name__"]
+            for sample in ts.samples:
+                held = self.newest.get(name)
+                if held is not None and sample.timestamp < held[0]:
+                    refused = refused or self.said["out_of_order"]
+                elif held == (sample.timestamp, sample.value):
+                    pass  # the same sample again: taken, without a word
+                elif held is not None and sample.timestamp == held[0]:
+                    refused = refused or self.said["duplicate_timestamp"]
+                else:
+                    self.newest[name] = (sample.timestamp, sample.value)
+                    self.stored.setdefault(name, []).append((sample.timestamp, sample.value))
+        return httpx.Response(self.status, text=refused) if refused else httpx.Response(204)
+
+
+_STORING_THE_REST = {  # receiver -> its status, and its answer for each reason
+    "mimir": (
+        400,
+        {
+            "out_of_order": _MIMIR + _MIMIR_OUT_OF_ORDER + _MIMIR_SERIES,
+            "duplicate_timestamp": _MIMIR + _MIMIR_DUPLICATE + _MIMIR_SERIES,
+        },
+    ),
+    "cortex": (
+        400,
+        {
+            "out_of_order": "user=fake: err: out of order sample. timestamp=1970-01-01T00:00:00.009Z, "
+            'series={__name__="a"}\n',
+            "duplicate_timestamp": "user=fake: err: duplicate sample for timestamp 9; overrides not allowed: "
+            'existing 1, new value 2. series={__name__="a"}\n',
+        },
+    ),
+    "thanos": (
+        409,
+        {
+            "out_of_order": _THANOS_ROUTED + "add 1 samples: out of order sample\n",
+            "duplicate_timestamp": _THANOS_ROUTED + "add 1 samples: duplicate sample for timestamp\n",
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("receiver_name", sorted(_STORING_THE_REST))
+async def test_samples_held_already_by_a_receiver_that_stores_the_rest_are_each_counted_once(receiver_name):
+    """Records read again after a restart, one of whose samples (a at t0) the receiver
+    holds a newer sample of, go to a receiver that stores the rest of a request it
+    refuses: nothing is dead-lettered, and every sample read is counted once, delivered
+    or held already. Sent again by snapshot, what it stored at the first attempt is taken
+    again without a word (the newest of each series), or refused as held (c at t0, whose
+    newer sample it stored with it), as a is."""
+    import httpx
+    from prometheus_client import REGISTRY
+
+    from exporters.consume import Record
+    from exporters.delivery import Window
+    from exporters.remote_write_client import Receiver
+    from ktel import wire
+    from ktel.config import RemoteWriteConfig
+
+    t0 = time.time_ns() // 1_000_000 - 60_000
+    host = {"host.id": "h"}
+
+    def snapshot(ts: int, **values: float) -> MetricSnapshot:
+        return MetricSnapshot(ts, [[name, "gauge", host, v] for name, v in values.items()])
+
+    snaps = [snapshot(t0, a=1, c=7), snapshot(t0 + 10_000, a=2, c=8)]
+    records = [
+        Record(snap, wire.METRICS_TOPIC, 0, i, b"h", wire.encode_snapshot(snap), wire.DLQ_TOPIC)
+        for i, snap in enumerate(snaps)
+    ]
+    status, said = _STORING_THE_REST[receiver_name]
+    backend = StoringTheRest(held={"a": (t0 + 10_000, 2.0)}, bad=set(), status=status, said=said)
+
+    def counts() -> list[float]:
+        return [
+            REGISTRY.get_sample_value(name, labels) or 0.0
+            for name, labels in [
+                ("ktel_exporter_samples_total", {"exporter": "remote-write"}),
+                (
+                    "ktel_exporter_dead_lettered_items_total",
+                    {"exporter": "remote-write", "signal": "samples"},
+                ),
+                ("ktel_exporter_already_stored_samples_total", {"reason": "out_of_order"}),
+            ]
+        ]
+
+    before = counts()
+    producer = Producer()
+    async with Receiver(RemoteWriteConfig(url="http://receiver.test/api/v1/write")) as receiver:
+        receiver.client = httpx.AsyncClient(transport=httpx.MockTransport(backend.receive))
+        await remote_write.deliver(receiver, records, producer, Window(3600, 600, "remote_write"))
+
+    assert backend.stored == {"c": [(t0, 7.0), (t0 + 10_000, 8.0)]}  # each once
+    assert producer.sent == []
+    delivered, dead, held = (after - b for after, b in zip(counts(), before, strict=True))
+    assert (delivered, dead, held) == (2, 0, 2)  # a and c at t0 + 10 s; a and c at t0
