@@ -744,7 +744,8 @@ class AggregateConfig(Section):
         3600,
         description="a host that sent no batch for this long has its series end: one last "
         "snapshot marks them stale (Prometheus stale markers; the pull endpoint drops them) "
-        "and its state is deleted; it starts afresh if it comes back. At least 1 s",
+        "and its aggregate state is deleted (all of it, unless its heartbeats still come); "
+        "it starts afresh if it comes back. At least 1 s",
     )
 
     @field_validator("host_ttl_seconds")

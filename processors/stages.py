@@ -44,7 +44,8 @@ it was too (``Result.undo``). Window
 work sees only the hosts of the partitions this worker holds now, and a host a
 stage is done with (aggregate.host_ttl_seconds) has its table value deleted: a
 tombstone on the changelog for its snapshot and each delta key, so a worker that
-recovers the table forgets it too.
+recovers the table forgets it too; unless, fused, its heartbeats still come: then
+only that stage's section goes (``drop_section``).
 The enrich stage keeps no counts and passes a redelivered batch on (the
 aggregate stage drops it); it takes heartbeats into the same table, which is
 why ``ktel.heartbeats`` is partitioned like ``ktel.raw``.
@@ -843,7 +844,11 @@ def make_app(cfg: Config, stage: str) -> faust.App:
                 result.counts["expired_hosts"] -= len(back)
         await emit(result)
         for host_id in result.forget:
-            if silent(host_id):  # (emit may have waited for room in the producer)
+            if not silent(host_id):  # (emit may have waited for room in the producer)
+                continue
+            if host_id in looked and heard(host_id, looked[host_id][0], timed):
+                await drop_section(host_id, timed)
+            else:
                 await drop_host(host_id)
         if not timed.durable:
             # The sample stage forgets hosts in its window work, the worker does not
@@ -870,20 +875,59 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         while (gone := dropping.get(host_id)) is not None:
             await gone.wait()
 
+    async def holding(host_id: str, work: Callable[[], Awaitable[None]]) -> None:
+        """``work`` on ``host_id``'s value outside the stream, its records waiting
+        meanwhile (``after_drop``)."""
+        dropping[host_id] = gone = asyncio.Event()
+        try:
+            await work()
+        finally:
+            if dropping.get(host_id) is gone:  # (not a later drop's of the same host)
+                del dropping[host_id]
+            gone.set()
+
     async def drop_host(host_id: str) -> None:
         """Forget ``host_id`` everywhere: this worker's memory, the chain's, the table
         (tombstones in its changelog). Its records wait meanwhile (``after_drop``)."""
-        dropping[host_id] = gone = asyncio.Event()
-        try:
+
+        async def work() -> None:
             persisted.pop(host_id, None)
             last_seen.pop(host_id, None)
             cap.drop(host_id)
             await emit(chain.forget(host_id))
             await forget(hosts, host_id, cfg.kafka.raw_partitions)
-        finally:
-            if dropping.get(host_id) is gone:  # (not a later drop's of the same host)
-                del dropping[host_id]
-            gone.set()
+
+        await holding(host_id, work)
+
+    async def drop_section(host_id: str, done: Stage) -> None:
+        """Forget what the stage ``done`` keeps of ``host_id`` (its section of the table
+        value, its memory) and keep the rest, the value without it written to the
+        changelog as a snapshot. Its records wait meanwhile (``after_drop``)."""
+
+        async def work() -> None:
+            value = hosts.data[host_id]
+            del value[done.section]
+            v = value[changelog.VERSION] = changelog.version(value) + 1
+            entries = changelog.sizes(host_id, changelog.entries(value))
+            head = encoded(hosts, changelog.head(value))
+            persisted[host_id] = Persisted(value, head, entries, snapshot=v)
+            await emit(done.forget(host_id))
+            record = encoded(hosts, value)
+            partition = partition_of(host_id, cfg.kafka.raw_partitions)
+            await send(hosts, hosts.data._encode_key(host_id), record, partition, acks.sent())
+
+        await holding(host_id, work)
+
+    def heard(host_id: str, value: dict[str, Any], done: Stage) -> bool:
+        """Whether ``host_id``, which the stage ``done`` is done with, is still alive to the
+        others of the chain: a record it does not take (a heartbeat, to the fused aggregate)
+        named the host within aggregate.host_ttl_seconds, and its value holds more than
+        ``done``'s section. Such a host keeps the rest of its value (``drop_section``): in
+        split mode too, the enrich stage keeps what a heartbeating host's heartbeats gave
+        when the aggregate forgets its series."""
+        now = time.monotonic()
+        others = value.keys() - {changelog.VERSION, done.section}
+        return bool(others) and now - last_seen.setdefault(host_id, now) <= ttl_s
 
     # Host id -> the worker's monotonic clock at the host's last record here, batch or
     # heartbeat (one the expiry finds missing is taken as seen then: after a restart

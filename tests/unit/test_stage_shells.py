@@ -880,3 +880,46 @@ async def test_a_record_refused_while_another_of_its_host_is_being_persisted_kee
         host, recovered = shell.states()[-1]
         assert host == "h1" and recovered == persisted(shell.table("h1"))
         assert recovered["enrich"]["boots"]["b1"]["host"]["host.name"] == "node-1"
+
+
+async def one_window(app: Any, shell: Shell, done: Any) -> None:
+    """Run the app's window tasks until ``done()``, then until the close under way ends."""
+    windows = [asyncio.ensure_future(t()) for t in app._app_tasks if t.__name__ == "window"]
+    try:
+        for _ in range(3000):  # (a guard against hanging, not a timing assertion)
+            if done():
+                break
+            await asyncio.sleep(0.01)
+        await app.on_before_shutdown.send()  # (returns once the closes under way are done)
+    finally:
+        for w in windows:
+            w.cancel()
+        await asyncio.gather(*windows, return_exceptions=True)
+
+
+async def test_in_fused_mode_a_host_that_heartbeats_keeps_its_state_when_its_series_end(tmp_path):
+    """A host that sent no batch for aggregate.host_ttl_seconds has its series end (a last,
+    stale snapshot) and the aggregate's state of it goes, in fused mode as in split mode.
+    Its heartbeats keep coming: it is alive, and what they gave (its enrich state) stays,
+    as the split enrich stage keeps it, on the changelog too."""
+    aggregate = config.AggregateConfig(window_seconds=0.05, host_ttl_seconds=60)
+    async with Shell(tmp_path, "all", aggregate=aggregate) as shell:
+        app = shell.ready()
+        await shell.heartbeats.put(heartbeat("h1", "b1", 1000, "node-1"), key=b"h1")
+        await shell.put(batch(0, [file_created(1, "/data/x/f")]))
+        shell.table("h1")["aggregate"]["last_ms"] = 0  # no batch for far longer than its TTL
+        await shell.heartbeats.put(heartbeat("h1", "b1", 2000, "node-1"), key=b"h1")  # alive
+        await one_window(app, shell, lambda: shell.to(METRICS_TOPIC))
+        [last] = [decode_snapshot(v) for v in shell.to(METRICS_TOPIC)]
+        assert last.stale and [row[3] for row in last.series] == [1.0]
+        value = app.tables["host-state"].data.get("h1")
+        assert value is not None and "aggregate" not in value
+        assert value["enrich"]["boots"]["b1"]["host"]["host.name"] == "node-1"
+        host, recovered = shell.states()[-1]  # (what a restarted worker has of it)
+        assert host == "h1" and recovered == persisted(value)
+        # A batch after: its series start afresh.
+        await shell.put(batch(1, [file_created(1, "/data/x/g")]))
+        assert shell.table("h1")["aggregate"]["series"] == {
+            '["file_created_total", [["directory", "/data/x"]]]': 1.0
+        }
+        assert shell.table("h1")["enrich"]["boots"]["b1"]["host"]["host.name"] == "node-1"
