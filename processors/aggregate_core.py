@@ -270,8 +270,6 @@ class Aggregate(Stage):
             if rows:
                 out.snapshots.append((host_id, MetricSnapshot(now_ms, rows)))
         self.counted.clear()
-        if out.forget:
-            out.counts["expired_hosts"] = len(out.forget)
         if unchanged:
             out.counts["unchanged_series"] = unchanged
         return out

@@ -93,7 +93,7 @@ class Result:
     commands: list[ControlCommand] = dataclasses.field(default_factory=list)
     # Increments of the worker's self-metrics, by the names processors/stages.py
     # maps to them: duplicates, host_conflicts, sequence_reanchors, events, overflowed,
-    # sampled_out, evicted_processes, evicted_containers, expired_hosts, unchanged_series, processes
+    # sampled_out, evicted_processes, evicted_containers, unchanged_series, processes
     # (a gauge: it may go down).
     counts: dict[str, float] = dataclasses.field(default_factory=dict)
     # The same per event kind: name -> {kind: increment} (sampler_emitted, sampler_kept).

@@ -224,7 +224,6 @@ COUNTED: dict[str, tuple[Counter | Gauge, tuple[str, ...]]] = {
     "duplicates": (DUPLICATES, ()),
     "host_conflicts": (HOST_CONFLICTS, ()),
     "sequence_reanchors": (SEQUENCE_REANCHORS, ()),
-    "expired_hosts": (EXPIRED_HOSTS, ()),
     "unchanged_series": (UNCHANGED_SERIES, ()),
     "events": (EVENTS, ()),
     "overflowed": (OVERFLOW, ()),
@@ -825,8 +824,11 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         result = chain.on_window(timed, mine, now_ms, len(assigned) / cfg.kafka.raw_partitions)
         # The hosts it forgets, as it found them: one with a record taken since (while
         # this close waits below) is alive, and that record's counts are committed with
-        # it, so its value must stay, and its series not be marked stale.
+        # it, so its value must stay, its series not be marked stale (the next window
+        # emits them, its memory of them gone), and it is not counted as forgotten. So
+        # each one's last, stale snapshot goes as it is forgotten, its records held.
         looked = {h: (mine[h], changelog.version(mine[h])) for h in result.forget if h in mine}
+        last = {h: Result() for h in result.forget}
 
         def silent(host_id: str) -> bool:
             if host_id not in looked:
@@ -836,20 +838,24 @@ def make_app(cfg: Config, stage: str) -> faust.App:
 
         if result.snapshots:
             count_series(result.snapshots, now_ms)
+            for host_id, snap in result.snapshots:
+                if host_id in last:
+                    last[host_id].snapshots.append((host_id, snap))
+            result.snapshots = [(h, snap) for h, snap in result.snapshots if h not in last]
+        if result.snapshots or result.forget:
             await acks.wait(acks.last)  # (what it emits, Kafka has: ChangelogAcks)
-            back = {h for h in result.forget if not silent(h)}
-            if back:
-                result.snapshots = [(h, snap) for h, snap in result.snapshots if h not in back]
-                result.forget = [h for h in result.forget if h not in back]
-                result.counts["expired_hosts"] -= len(back)
         await emit(result)
+        forgotten = 0
         for host_id in result.forget:
-            if not silent(host_id):  # (emit may have waited for room in the producer)
+            if not silent(host_id):  # (emit, or the forgetting of another, may have waited)
                 continue
             if host_id in looked and heard(host_id, looked[host_id][0], timed):
-                await drop_section(host_id, timed)
+                await drop_section(host_id, timed, last[host_id])
             else:
-                await drop_host(host_id)
+                await drop_host(host_id, last[host_id])
+                forgotten += 1
+        if forgotten:
+            child(EXPIRED_HOSTS).inc(forgotten)
         if not timed.durable:
             # The sample stage forgets hosts in its window work, the worker does not
             # see which (a durable stage's go through drop_host).
@@ -875,20 +881,24 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         while (gone := dropping.get(host_id)) is not None:
             await gone.wait()
 
-    async def holding(host_id: str, work: Callable[[], Awaitable[None]]) -> None:
-        """``work`` on ``host_id``'s value outside the stream, its records waiting
-        meanwhile (``after_drop``)."""
+    async def holding(host_id: str, work: Callable[[], Awaitable[None]], last: Result | None) -> None:
+        """``work`` on ``host_id``'s value outside the stream, after ``last`` (its last,
+        stale snapshot) is emitted, its records waiting meanwhile (``after_drop``): one
+        taken between the two would be counted into series that snapshot ends."""
         dropping[host_id] = gone = asyncio.Event()
         try:
+            if last is not None:
+                await emit(last)
             await work()
         finally:
             if dropping.get(host_id) is gone:  # (not a later drop's of the same host)
                 del dropping[host_id]
             gone.set()
 
-    async def drop_host(host_id: str) -> None:
+    async def drop_host(host_id: str, last: Result | None = None) -> None:
         """Forget ``host_id`` everywhere: this worker's memory, the chain's, the table
-        (tombstones in its changelog). Its records wait meanwhile (``after_drop``)."""
+        (tombstones in its changelog), after ``last`` is emitted. Its records wait
+        meanwhile (``after_drop``)."""
 
         async def work() -> None:
             persisted.pop(host_id, None)
@@ -897,12 +907,13 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             await emit(chain.forget(host_id))
             await forget(hosts, host_id, cfg.kafka.raw_partitions)
 
-        await holding(host_id, work)
+        await holding(host_id, work, last)
 
-    async def drop_section(host_id: str, done: Stage) -> None:
+    async def drop_section(host_id: str, done: Stage, last: Result | None = None) -> None:
         """Forget what the stage ``done`` keeps of ``host_id`` (its section of the table
         value, its memory) and keep the rest, the value without it written to the
-        changelog as a snapshot. Its records wait meanwhile (``after_drop``)."""
+        changelog as a snapshot, after ``last`` is emitted. Its records wait meanwhile
+        (``after_drop``)."""
 
         async def work() -> None:
             value = hosts.data[host_id]
@@ -916,7 +927,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             partition = partition_of(host_id, cfg.kafka.raw_partitions)
             await send(hosts, hosts.data._encode_key(host_id), record, partition, acks.sent())
 
-        await holding(host_id, work)
+        await holding(host_id, work, last)
 
     def heard(host_id: str, value: dict[str, Any], done: Stage) -> bool:
         """Whether ``host_id``, which the stage ``done`` is done with, is still alive to the

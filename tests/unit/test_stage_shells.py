@@ -923,3 +923,51 @@ async def test_in_fused_mode_a_host_that_heartbeats_keeps_its_state_when_its_ser
             '["file_created_total", [["directory", "/data/x"]]]': 1.0
         }
         assert shell.table("h1")["enrich"]["boots"]["b1"]["host"]["host.name"] == "node-1"
+
+
+async def test_a_host_whose_batch_comes_while_a_window_forgets_another_is_not_counted_nor_ended(
+    tmp_path,
+):
+    """A window sends the last, stale snapshot of each host it forgets, each send may
+    wait for room in the producer, and the stream takes records meanwhile. A host with a
+    batch taken then is alive and keeps its value: it is not counted as forgotten
+    (ktel_processor_expired_hosts_total), its series are not marked stale, and the next
+    window emits them."""
+    aggregate = config.AggregateConfig(window_seconds=0.05, host_ttl_seconds=60)
+    expired = "ktel_processor_expired_hosts_total"
+    before = metric(expired, "aggregate")
+    async with Shell(tmp_path, "aggregate", aggregate=aggregate) as shell:
+        app = shell.ready()
+        for host in ("h1", "h2"):
+            await shell.put(batch(0, [file_created(1, "/data/x/f")], host=host), key=host.encode())
+            shell.table(host)["aggregate"]["last_ms"] = 0  # silent far longer than its TTL
+        produce, room, held = stages.produce, asyncio.Event(), asyncio.Queue()
+
+        async def no_room_yet(app: Any, topic: str, key: bytes, *args: Any) -> None:
+            if topic == METRICS_TOPIC and not room.is_set():
+                held.put_nowait(key.decode())
+                await room.wait()
+            await produce(app, topic, key, *args)
+
+        with mock.patch.object(stages, "produce", no_room_yet):
+            windows = [asyncio.ensure_future(t()) for t in app._app_tasks if t.__name__ == "window"]
+            try:
+                first = await asyncio.wait_for(held.get(), 30)  # (a guard against hanging)
+                back = "h2" if first == "h1" else "h1"
+                await shell.put(batch(1, [file_created(1, "/data/x/g")], host=back), key=back.encode())
+                room.set()
+                for _ in range(3000):  # (until the next window emits the host kept)
+                    if any(k == back.encode() for t, k, _v in shell.sent if t == METRICS_TOPIC):
+                        break
+                    await asyncio.sleep(0.01)
+                await app.on_before_shutdown.send()  # (returns once the close under way is done)
+            finally:
+                for w in windows:
+                    w.cancel()
+                await asyncio.gather(*windows, return_exceptions=True)
+        data = app.tables["host-state"].data
+        assert first not in data and back in data
+        assert metric(expired, "aggregate") == before + 1
+        snapshots = [(k.decode(), decode_snapshot(v)) for t, k, v in shell.sent if t == METRICS_TOPIC]
+        assert [(h, s.stale) for h, s in snapshots] == [(first, True), (back, False)]
+        assert [row[3] for row in snapshots[1][1].series] == [2.0]
