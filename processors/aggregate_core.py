@@ -64,7 +64,9 @@ metric whose overflow series finds no room either are counted as dropped
 of one name and labels: see ``_fits``), kernel-code metric events with a value their
 type cannot take (``count_events``), and events of a series whose name Prometheus
 gives another type's series (a gauge ``x_count``: exporters/prom_names.py ``clash``),
-or that has no name, or a name or label longer than a snapshot takes (``misnamed``).
+or that has no name, or a name or label longer than a snapshot takes (``misnamed``), and
+events that would take a histogram's count past the 2^64 - 1 a snapshot carries
+(``_full``: it keeps the counts it had).
 A series' bytes are reckoned when it is created, for the largest its numbers can grow
 (``series_bytes``), so its counts growing never pushes the host past the bound.
 
@@ -156,6 +158,8 @@ DROPPED = {
     "or histogram observation)",
     "name": "a series named as Prometheus names another type's series (a gauge *_count or *_total), "
     "of no name, or of a name or label longer than a snapshot takes",
+    "full": "a histogram's events past the 2^64 - 1 its count holds (it keeps the counts it had, so "
+    "that no bucket's count falls)",
 }
 # Names whose events were dropped for their name, each logged once (up to a bound: a
 # writer of the raw topic may send ever new names).
@@ -487,15 +491,22 @@ def add(state: dict[str, Any], batch: RawBatch, opts: Options) -> Outcome:
             series[key] = series.get(key, 0) + n
             out.counted += n
     for key, delta in hists.items():
+        if _full(delta["buckets"]):  # (whatever it is added to: no series made for it)
+            out.dropped["full"] += delta["count"]
+            continue
         if not (key := _place(state, key, "histogram", len(delta["buckets"]), delta["count"], opts, out)):
             continue
         h = series.get(key)
         if h is None:
             series[key] = delta
         else:
+            buckets = [a + b for a, b in zip(h["buckets"], delta["buckets"], strict=True)]
+            if _full(buckets):
+                out.dropped["full"] += delta["count"]
+                continue
             h["count"] += delta["count"]
             h["sum"] += delta["sum"]
-            h["buckets"] = [a + b for a, b in zip(h["buckets"], delta["buckets"], strict=True)]
+            h["buckets"] = buckets
         out.counted += delta["count"]
     return out
 
@@ -619,11 +630,20 @@ def _admit(state: dict[str, Any], key: str, numbers: int, opts: Options, out: Ou
     return overflow
 
 
+def _full(buckets: list[float]) -> bool:
+    """Whether a histogram of these buckets is past the count a snapshot carries, 2^64 - 1,
+    its buckets rounded as ``_counts`` rounds them. ``add`` adds no delta that would make
+    it so: the buckets' counts are cumulative, and capped at emission (``_counts``) one
+    would fall as an earlier one grew into its share, which Prometheus and OTLP read as a
+    reset."""
+    return sum(round(c) for c in buckets) > U64
+
+
 def _counts(buckets: list[float]) -> list[int]:
     """A histogram's bucket counts as the wire carries them: each rounded (weights and
     in-kernel sampling scale counts up by fractions), and together, being its count, at
-    most 2^64 - 1: a (hostile) product past it stays there rather than making a snapshot
-    no one can encode."""
+    most 2^64 - 1: a (hostile) state past it (recovered, or kept by a ktel that added
+    past it, ``_full``) stays there rather than making a snapshot no one can encode."""
     counts, left = [], U64
     for c in buckets:
         n = min(round(c), left)

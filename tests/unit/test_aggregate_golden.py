@@ -276,6 +276,49 @@ def test_a_histograms_count_is_what_its_rounded_buckets_add_up_to():
         decode_snapshot(encode_snapshot(bad))
 
 
+def test_a_histogram_at_the_u64_limit_takes_no_more_and_no_buckets_count_falls():
+    """A histogram's count, what its buckets add up to, holds at most 2^64 - 1 (hostile
+    counts near the limit). Its buckets' counts are cumulative, and must never fall
+    (Prometheus and OTLP read a fall as a reset): a delta that would take it past the
+    limit is not added, its events counted in ktel_processor_series_dropped_total{reason=
+    "full"}, and the histogram stays as it was, taking later deltas that fit."""
+    from ktel.schema import U64
+    from ktel.wire import HISTOGRAM_DELTA
+
+    chain = Chain([aggregate_core.Aggregate(aggregate_core.Options(refresh_seconds=3600))])
+    [aggregate] = chain.timed()
+    table: dict[str, dict] = {}
+
+    def hist(buckets: list[int], name: str = "syscall_latency") -> list:
+        return [HISTOGRAM_DELTA.id, 1, 0, name, "ns", {}, sum(buckets), 100, buckets, 1]
+
+    emitted: list[list[int]] = []
+
+    def window(seq: int, events: list[list]) -> dict[str, float]:
+        now = NOW_MS + seq * 10_000
+        took = chain.on_batch(table.setdefault("h", {}), RawBatch("h", "b", seq, 0, events), now - 1)
+        values, _ = by_host(chain.on_window(aggregate, table, now, 1.0).snapshots, now)
+        for snap in values.values():
+            for row in snap.series:
+                assert row[3]["count"] == sum(row[3]["counts"]) <= U64
+                emitted.append(row[3]["counts"][:3])
+        return took.counts
+
+    assert window(0, [hist([2**63, 2**62, 0])])["events"] == 3 * 2**62
+    # 2^62 more would make it 2^64: capped, its second bucket's count would fall by 1.
+    assert window(1, [hist([2**62, 0, 0])])["series_dropped_full"] == 2**62
+    assert window(2, [hist([0, 0, 5])])["events"] == 5  # (what fits is still taken)
+    assert emitted == [[2**63, 2**62, 0], [2**63, 2**62, 5]]
+    # At the limit exactly (both buckets' counts exact as floats), then one past it.
+    emitted.clear()
+    window(3, [hist([2**64 - 2**11, 2**11 - 1], name="at_limit")])
+    assert window(4, [hist([0, 1], name="at_limit")])["series_dropped_full"] == 1
+    assert emitted == [[2**64 - 2**11, 2**11 - 1]]  # (then unchanged: not emitted again)
+    # A delta past the limit alone makes no series at all.
+    counts = window(5, [hist([U64, U64, 0], name="forged")])
+    assert counts["series_dropped_full"] == float(2 * U64) and len(table["h"]["aggregate"]["series"]) == 2
+
+
 def file_event(directory: str) -> list:
     return [1, 1, 2, 2, 0, "c", f"/{directory}/f", 0o101, False]
 
