@@ -916,8 +916,10 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         (``after_drop``)."""
 
         async def work() -> None:
-            value = hosts.data[host_id]
-            del value[done.section]
+            value = hosts.data.get(host_id)
+            if value is None:  # (its partition revoked while ``last`` waited for the producer)
+                return
+            value.pop(done.section, None)
             v = value[changelog.VERSION] = changelog.version(value) + 1
             entries = changelog.sizes(host_id, changelog.entries(value))
             head = encoded(hosts, changelog.head(value))
