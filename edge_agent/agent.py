@@ -294,6 +294,7 @@ class Agent:
         # The last heartbeat's counters and time (beat): its rates are over the interval since.
         self._beat_counters: dict[str, int] = {}
         self._beat_at = 0.0
+        self._beat_seq = 0  # the last heartbeat's seq (``heartbeat``)
         self.key = self.host_id.encode()
         self.state_lock: int | None = None  # held until run() ends (edge_agent/statelock.py)
         try:
@@ -873,8 +874,14 @@ class Agent:
                 "command": cmd.id if cmd else None,
             }
         lat, self.latencies_ms = self.latencies_ms, []
+        # The workers order a boot's heartbeats by seq, not by ts (ktel/wire/control.py):
+        # CLOCK_MONOTONIC counts from the boot and is never set, so the numbers go on
+        # increasing across the agent's restarts within the boot, with nothing to keep on
+        # disk, whatever is done to the wall clock. (+ 1: two heartbeats within one tick.)
+        self._beat_seq = max(self._beat_seq + 1, time.monotonic_ns())
         hb: Heartbeat = {
             "ts": time.time_ns() // 1_000_000,
+            "seq": self._beat_seq,
             "host": {
                 HOST_ID: self.host_id,
                 # (read each time: it may be changed while the agent runs)

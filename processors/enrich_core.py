@@ -12,8 +12,9 @@ entry at all.
 State per host (JSON-able, one value of the stage's Faust table)::
 
     {"boots": {boot_id: {                # at most dedupe_core.MAX_BOOTS, oldest first
-        "hb": int,                       # ts (ms) of the latest heartbeat taken
-        "host": {attr: value},           # that heartbeat's "host" map
+        "hb": int,                       # the highest ts (ms) of its heartbeats taken
+        "seq": int,                      # and the highest seq (absent: none carried one)
+        "host": {attr: value},           # the latest taken's "host" map
         "containers": {str(cgroup id): {attr: value}},   # what its heartbeats listed,
                                          # those no longer listed first
         "procs": {str(pid): {            # least recently named first
@@ -21,6 +22,7 @@ State per host (JSON-able, one value of the stage's Faust table)::
             "exit": int}}}},             # sent_ns of the batch that carried its exit
      "exits": [[boot_id, str(pid), sent_ns], ...],   # exits awaiting their grace, in sent_ns
                                          # order, one a process (see bound)
+     "current": boot_id,                 # the host's current boot (current_boot)
      "bytes": int}                       # at least what the rest takes encoded (see bound)
 
 A record's changelog delta carries the processes and containers it changed
@@ -83,6 +85,7 @@ from opentelemetry.semconv._incubating.attributes.process_attributes import (
 
 from ktel.schema import ATTR_CHARS
 from ktel.wire import PID_INDEXES, PROCESS_EXEC, PROCESS_EXIT, RawBatch
+from ktel.wire.control import heartbeat_newest, heartbeat_older
 from ktel.wire.signals import ATTRS
 from processors.dedupe_core import MAX_BOOTS
 from processors.stage import FromConfig, Result, Stage, State, Touched
@@ -219,8 +222,11 @@ def observe_heartbeat(
     """Take a decoded heartbeat's host, container and pod attributes; False if
     it changed nothing. The containers it changes are added to ``touched``.
 
-    A heartbeat older than the one already taken for its boot (redelivered, or
-    overtaken) is ignored, so the latest always wins. One without ``boot.id``
+    A heartbeat older than those already taken of its boot (redelivered) is ignored,
+    so the latest always wins: older by its ``seq``, or by its ``ts`` for an agent
+    that sends none (ktel.wire.control.heartbeat_older), so that a clock set back
+    freezes nothing. One of a boot not taken before is taken, and its boot is the
+    host's current one from then on (``current_boot``). One without ``boot.id``
     cannot be matched to batches, so it is ignored too.
     """
     host = heartbeat["host"]
@@ -229,8 +235,20 @@ def observe_heartbeat(
         return False
     touched = Touched() if touched is None else touched
     boot = _boot(state, boot_id, touched)
-    if boot.get("hb", -1) > heartbeat["ts"]:
+    if "hb" in boot and heartbeat_older(heartbeat, boot.get("seq"), boot["hb"]):
         return False
+    # The current boot (see current_boot) as changed here is a change to persist, and
+    # so is a boot's first seq, which ``bytes`` does not count yet.
+    current = current_boot(state)
+    if current != boot_id and (
+        "hb" not in boot or current is None or heartbeat["ts"] >= state["boots"][current]["hb"]
+    ):
+        current = boot_id
+    persist = state.get("current") != current or ("seq" in heartbeat and "seq" not in boot)
+    state["current"] = current
+    seq, boot["hb"] = heartbeat_newest(heartbeat, boot.get("seq"), boot.get("hb", -1))
+    if seq is not None:
+        boot["seq"] = seq
     attrs = {k: v for k, v in host.items() if isinstance(v, str | int | float | bool)}
     listed = {
         str(cg): {k: v for k, v in ca.items() if k.startswith(FEED_NAMESPACES)}
@@ -242,17 +260,15 @@ def observe_heartbeat(
     # hours), so it stays, first in line for the bound. A cgroup id is not
     # reused within a boot, so a kept entry cannot name another cgroup.
     merged = {cg: a for cg, a in kept.items() if cg not in listed} | listed
-    if (boot.get("host"), kept) == (attrs, merged):
+    if (boot.get("host"), kept) == (attrs, merged) and not persist:
         # Most heartbeats: the same attributes, later. Taken in memory (an older one
         # after it is still ignored) but no change: the host's table value reaches its
         # changelog with its next change, not at every heartbeat of every host (at
         # 10,000 hosts and the agents' 10 s, 1,000 changelog records a second). A worker
-        # that recovers the value has an older "hb" with the same attributes: "hb" only
-        # orders heartbeats, and none between the two said anything else.
-        if boot.get("hb", -1) < heartbeat["ts"]:
-            boot["hb"] = heartbeat["ts"]
+        # that recovers the value has an older "hb" and "seq" with the same attributes:
+        # they only order heartbeats, and none between the two said anything else.
         return False
-    boot["hb"], boot["host"] = heartbeat["ts"], attrs
+    boot["host"] = attrs
     for cg, container in listed.items():
         if kept.get(cg) != container:
             touched.touch(kept, ("boots", boot_id, "containers", cg))
@@ -337,15 +353,21 @@ def known_processes(state: dict[str, Any]) -> int:
 
 
 def current_boot(state: dict[str, Any]) -> str | None:
-    """The boot of the host's latest heartbeat (by its ``ts``), the one its agent runs
-    now as far as this stage knows; None before any heartbeat. A boot only batches told
-    of (spooled before its first heartbeat was taken) has none, so is never current.
+    """The boot of the host's latest heartbeat, the one its agent runs now as far as
+    this stage knows; None before any heartbeat. A boot only batches told of (spooled
+    before its first heartbeat was taken) has none, so is never current.
 
-    A worker that recovers the state may have an older ``hb`` for a boot than it had
-    (``observe_heartbeat``), never one older than that boot's first heartbeat, which
-    comes after every heartbeat of the boots before it (by the agent's clock: one set
-    back across the reboot keeps the boot before current until the new boot's
-    heartbeats pass its last)."""
+    A boot's first heartbeat taken makes it current whatever its ``ts``: ordered by
+    ``ts``, the agent's clock set back across a reboot kept the boot before current
+    until the new boot's heartbeats passed its last. A later heartbeat of another boot
+    held (one of the boot before, late or re-driven from ktel.dlq) makes its boot
+    current again only if stamped no earlier than the current boot's latest, so that
+    a boot's first heartbeat re-driven after its boot was forgotten gives way to the
+    next of the host's own (``observe_heartbeat``). A state an older ktel wrote has
+    no ``current``: its boot is the one of the highest ``hb``."""
+    current = state.get("current")
+    if isinstance(current, str) and "hb" in state.get("boots", {}).get(current, {}):
+        return current
     current, latest = None, -1
     for boot_id, boot in state.get("boots", {}).items():
         hb = boot.get("hb")

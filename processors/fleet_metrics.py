@@ -46,7 +46,7 @@ import threading
 import time
 
 from ktel.wire import Heartbeat
-from ktel.wire.control import MAX_NODE_READINGS
+from ktel.wire.control import MAX_NODE_READINGS, heartbeat_newest, heartbeat_older
 
 # Heartbeats missed before a host counts as down.
 MISSED_HEARTBEATS = 3
@@ -86,6 +86,10 @@ log = logging.getLogger("ktel.process")
 class _Seen:
     received: float  # time.monotonic() when the worker read it
     ts_s: float  # the heartbeat's own time, seconds since the epoch
+    # The highest seq (None: none carried one) and ts (ms) of the boot's heartbeats taken,
+    # which order the next (ktel.wire.control.heartbeat_older).
+    seq: int | None
+    newest_ms: int
     # The agent's heartbeat period. (Agents before it said so sent the time since their
     # previous heartbeat, and since their start in the first: such a host reads down
     # from a few seconds after its first heartbeat until its second.)
@@ -201,9 +205,12 @@ class FleetMetrics:
             del self._hosts[host_id]
 
     def observe(self, host_id: str, hb: Heartbeat) -> dict[str, int]:
-        """Take ``hb`` as the host's latest, unless it is older than the one held of the
-        same boot: re-read after a rebalance, or re-driven from ktel.dlq (``ktel dlq``),
-        it would otherwise set the host up again, its time and counters back.
+        """Take ``hb`` as the host's latest, unless it is older than those taken of the
+        same boot (by its ``seq``, or its ``ts`` from an agent that sends none:
+        ktel.wire.control.heartbeat_older): re-read after a rebalance, or re-driven from
+        ktel.dlq (``ktel dlq``), it would otherwise set the host up again, its time and
+        counters back. One of another boot is taken. Its ``ts`` is the time shown, even
+        below the one before (the agent's clock set back).
 
         Returns the readings of its node left out of the host's series (see the
         module's docstring), per kind (``disks``, ``bpf_maps``): those of its ``node``
@@ -218,8 +225,11 @@ class FleetMetrics:
             if now - self._forgotten_at > FORGET_EVERY_S:
                 self._forget(now)
             held = self._hosts.get(host_id)
-            if held is not None and held.boot_id == boot_id and held.ts_s > ts_s:
-                return {}
+            seq, newest_ms = hb.get("seq"), hb["ts"]
+            if held is not None and held.boot_id == boot_id:
+                if heartbeat_older(hb, held.seq, held.newest_ms):
+                    return {}
+                seq, newest_ms = heartbeat_newest(hb, held.seq, held.newest_ms)
             sent = hb.get("node", {})
             label = held.label if held is not None else f'host_id="{_escaped(host_id)}"'.encode()
             if held is not None and not held.left_out and sent.keys() == held.node.keys():
@@ -240,6 +250,8 @@ class FleetMetrics:
             self._hosts[host_id] = _Seen(
                 now,
                 ts_s,
+                seq,
+                newest_ms,
                 hb.get("interval_s", DEFAULT_INTERVAL_S),
                 node,
                 hb.get("stopping", False),

@@ -4,6 +4,7 @@
 Heartbeat (key = host id)::
 
     {"v": 1, "ts": int (ms),
+     "seq": int,                  # optional: orders the heartbeats of one boot (see below)
      "host": {"host.id", "host.name", "host.arch", "os.type", "os.version" (kernel
               release), "boot.id", "ktel.agent.version"},
      "interval_s": float,         # the agent's heartbeat period: the next is due that long after
@@ -37,6 +38,18 @@ with the reason (edge_agent/control.py), its id cut to the agent's
 ``agent.control_max_id_chars``. Only ``ts``, ``host`` (with ``host.id``),
 ``probes`` and ``counters`` must be there; what is there must have its type.
 
+``ts`` is the heartbeat's time by the agent's wall clock, which the workers show
+(``ktel_agent_last_heartbeat_timestamp_seconds``, ``ktel status``), but which steps
+back when the node's clock is set (NTP, a VM restored: see ``heartbeat_older``).
+``seq`` orders the heartbeats of one boot instead: strictly increasing within a boot,
+across agent restarts too (the agent numbers them from CLOCK_MONOTONIC,
+edge_agent/agent.py). The workers take a
+host's heartbeats in order and ignore one older than those taken of its boot, a
+re-delivery (``heartbeat_older``); ordered by ``ts`` alone, as older agents' without
+``seq`` are, a clock set back an hour had every heartbeat ignored for that hour, the
+host's attributes and readings frozen and the host reported down. A heartbeat of
+a boot not taken before is newer whatever its numbers.
+
 Control command (key = target)::
 
     {"v": 1, "id": str, "target": host id or "*" (the whole fleet),
@@ -65,6 +78,7 @@ Dead letter (key = the original key)::
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any, NotRequired, TypedDict
 
 from opentelemetry.semconv._incubating.attributes.host_attributes import HOST_ID
@@ -102,6 +116,7 @@ MAX_NODE_READINGS = 1024
 
 class Heartbeat(TypedDict):
     ts: int
+    seq: NotRequired[int]
     host: dict[str, str]
     probes: dict[str, dict[str, Any]]
     counters: dict[str, int]
@@ -128,6 +143,7 @@ PROBE_STATE = Shape(
 HEARTBEAT_SHAPE = Shape(
     (
         Key("ts", Int(0, U63)),
+        Key("seq", Int(0, U63), required=False),
         Key("host", Shape((Key(HOST_ID, ID),))),
         Key("probes", MapOf(PROBE_STATE, 256, key_len=64)),
         Key("counters", MapOf(Int(0, U64), 1024)),
@@ -157,6 +173,30 @@ HEARTBEAT_SHAPE = Shape(
 )
 # host's other attributes are strings too.
 HOST_ATTRS = MapOf(Str(1024), 32)
+
+
+def heartbeat_older(hb: Mapping[str, Any], seq: int | None, ts: int) -> bool:
+    """Whether ``hb`` is older than the heartbeats taken of its boot before it, of which
+    ``seq`` is the highest ``seq`` (None: none carried one) and ``ts`` the highest ``ts``:
+    a re-delivery (a partition read again after a rebalance, a record re-driven from
+    ktel.dlq), to be ignored. Two heartbeats that carry ``seq`` are ordered by it, so a
+    wall clock set back orders nothing, and one with a ``seq`` taken already is one
+    taken already. One older by ``seq`` but newer by ``ts`` is still taken, as after a
+    VM restored from a snapshot with its memory: the node's CLOCK_MONOTONIC, hence
+    ``seq``, goes back with it until the next boot, and only its wall clock, set right
+    again, moves on past the heartbeats before. An older agent's heartbeat (no ``seq``)
+    is ordered by ``ts`` as before."""
+    if seq is not None and "seq" in hb:
+        return bool(hb["seq"] <= seq and hb["ts"] <= ts)
+    return bool(hb["ts"] < ts)
+
+
+def heartbeat_newest(hb: Mapping[str, Any], seq: int | None, ts: int) -> tuple[int | None, int]:
+    """The highest ``seq`` and ``ts`` of a boot's heartbeats taken once ``hb`` is (see
+    ``heartbeat_older``)."""
+    if "seq" in hb:
+        seq = hb["seq"] if seq is None else max(seq, hb["seq"])
+    return seq, max(ts, hb["ts"])
 
 
 def encode_heartbeat(hb: Heartbeat) -> bytes:

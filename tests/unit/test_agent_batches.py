@@ -116,6 +116,21 @@ def test_a_heartbeat_reports_the_agents_counters(agent):
     assert after["rates"]["events_published"] == 7.0
 
 
+def test_heartbeats_are_numbered_upwards_within_the_boot_across_agent_restarts(tmp_path, monkeypatch):
+    """The workers order a boot's heartbeats by ``seq`` (ktel/wire/control.py): it goes
+    up whatever the wall clock does, and an agent started again in the same boot goes
+    on above the numbers of the one before."""
+    wall = [1_700_000_000_000_000_000]
+    monkeypatch.setattr(agent_mod.time, "time_ns", lambda: wall[0])
+    first = make_agent(tmp_path / "a")
+    one, _ = first.heartbeat(1.0, {}, [], {})
+    wall[0] -= 3600 * 10**9  # the node's clock set back an hour
+    two, _ = first.heartbeat(1.0, {}, [], {})
+    again, _ = make_agent(tmp_path / "b").heartbeat(1.0, {}, [], {})  # (its restart)
+    assert two["ts"] < one["ts"]
+    assert one["seq"] < two["seq"] < again["seq"]
+
+
 def test_a_heartbeat_names_the_host_as_configured_else_by_its_kernel_host_name(tmp_path):
     """In a pod the kernel's host name is the pod's (a new one at each rollout): the Helm
     chart gives the node's name as agent.host_name."""

@@ -109,6 +109,23 @@ def test_a_line_naming_no_boot_follows_the_hosts_latest_heartbeat():
     assert enrich_core.current_boot(state) == "b2"
 
 
+def test_a_new_boots_first_heartbeat_makes_it_current_whatever_its_clock_says():
+    """The agent's clock set back across the reboot (the boot before's ahead, set right
+    at boot): ordered by ``ts``, the boot before stayed current, the feed's lines
+    naming no boot applied to its batches, not the new boot's, until the new clock
+    passed its last heartbeat."""
+    metadata = feed({"host.id": "h", "cgroup.id": CG, "k8s.pod.name": "web"})
+    state: dict = {}
+    heartbeat(state, "b1", 5000)
+    heartbeat(state, "b2", 2000)
+    assert enrich_core.current_boot(state) == "b2"
+    processes = run(state, "b2", 0, [exec_(10, "p")], metadata).processes
+    assert processes is not None and processes["10"]["k8s.pod.name"] == "web"
+    heartbeat(state, "b2", 2010)
+    heartbeat(state, "b1", 4000)  # the boot before's, re-driven: older than its last
+    assert enrich_core.current_boot(state) == "b2"
+
+
 def test_a_feed_lines_boot_id_is_the_heartbeats():
     lines = [
         {"host.id": "h", "boot.id": "8d2e4f00-1111-2222-3333-444455556666", "cgroup.id": 1},

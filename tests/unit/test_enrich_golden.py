@@ -137,6 +137,55 @@ def test_a_heartbeat_repeating_what_the_state_holds_changes_nothing_persisted_bu
     assert (state["boots"]["b"]["hb"], state["boots"]["b"]["host"]["host.name"]) == (3000, "n2")
 
 
+def test_a_boots_heartbeats_are_ordered_by_their_number_not_by_a_clock_set_back():
+    """A node's clock set back an hour (NTP, a VM restored): its next heartbeats' host and
+    container attributes are taken, where ordered by ``ts`` they were ignored for the
+    hour; one re-read or re-driven from before is still ignored. An older agent's
+    heartbeats, without ``seq``, are ordered by ``ts`` as before."""
+    stage = enrich_core.Enrich(enrich_core.Options(), enrich_core.MetadataFile(None))
+    state: dict = {}
+    hour = 3_600_000
+
+    def hb(boot: str, ts: int, seq: int | None, name: str) -> dict:
+        containers = [[7, {"k8s.pod.name": f"pod of {name}"}]]
+        numbered = {} if seq is None else {"seq": seq}
+        return {
+            "ts": ts,
+            **numbered,
+            "host": {"host.id": "h", "boot.id": boot, "host.name": name},
+            "containers": containers,
+        }
+
+    def seen(boot: str) -> tuple[str, str]:
+        b = state["boots"][boot]
+        return b["host"]["host.name"], b["containers"]["7"]["k8s.pod.name"]
+
+    assert stage.on_heartbeat(state, hb("b", 10 * hour, 100, "n1")).changed
+    assert stage.on_heartbeat(state, hb("b", 9 * hour, 200, "n2")).changed  # the clock an hour back
+    assert seen("b") == ("n2", "pod of n2")
+    assert stage.on_heartbeat(state, hb("b", 9 * hour + 10_000, 300, "n3")).changed
+    assert seen("b") == ("n3", "pod of n3")
+    # Re-read: the heartbeats of before, and the last one again, change nothing.
+    for old in (
+        hb("b", 10 * hour, 100, "n1"),
+        hb("b", 9 * hour, 200, "n2"),
+        hb("b", 9 * hour + 10_000, 300, "n1"),
+    ):
+        assert not stage.on_heartbeat(state, old).changed
+    assert seen("b") == ("n3", "pod of n3")
+    # A VM restored from a snapshot with its memory: its numbers go back with it, its
+    # wall clock, set right, past every heartbeat's before.
+    assert stage.on_heartbeat(state, hb("b", 10 * hour + 60_000, 150, "n4")).changed
+    assert seen("b") == ("n4", "pod of n4")
+
+    # An older agent's: by ts, a clock set back ignored until it passes the last taken.
+    assert stage.on_heartbeat(state, hb("old", 10 * hour, None, "n1")).changed
+    assert not stage.on_heartbeat(state, hb("old", 9 * hour, None, "n2")).changed
+    assert seen("old") == ("n1", "pod of n1")
+    assert stage.on_heartbeat(state, hb("old", 10 * hour + 1, None, "n3")).changed
+    assert seen("old") == ("n3", "pod of n3")
+
+
 def test_a_hosts_containers_are_bounded_dropping_the_unlisted_and_old_boots_first(monkeypatch):
     monkeypatch.setattr(enrich_core, "MAX_CONTAINERS", 3)
     state: dict = {}

@@ -239,6 +239,47 @@ def test_an_older_heartbeat_of_the_same_boot_changes_nothing(monkeypatch):
     assert got[("ktel_node_context_switches_total", h)] == 5
 
 
+def test_a_boots_heartbeats_are_ordered_by_their_number_not_by_a_clock_set_back(monkeypatch):
+    """A node's clock set back an hour (NTP, a VM restored): its next heartbeats are
+    taken, the time shown theirs, where ordered by ``ts`` they kept the host down for
+    the hour; one re-read or re-driven from before is still ignored. An older agent's
+    heartbeats, without ``seq``, are ordered by ``ts`` as before."""
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    h = (("host_id", "h1"),)
+    before = {**heartbeat({"context_switches": 9}), "host": {"host.id": "h1", "boot.id": "b1"}}
+    hour_ago = before["ts"] - 3_600_000
+    for numbered in (True, False):
+        fleet = FleetMetrics(forget_after_s=7200)
+        fleet.observe("h1", {**before, **({"seq": 100} if numbered else {})})  # type: ignore[arg-type]
+        clock[0] += 31  # (three intervals: down, unless the next is taken)
+        after = {**before, "ts": hour_ago + 10_000, "node": {"context_switches": 12}}
+        fleet.observe("h1", {**after, **({"seq": 200} if numbered else {})})  # type: ignore[arg-type]
+        got = samples(fleet)
+        if not numbered:
+            assert got[("ktel_agent_up", h)] == 0.0  # (the hole: the hour ignored)
+            assert got[("ktel_node_context_switches_total", h)] == 9
+            continue
+        assert got[("ktel_agent_up", h)] == 1.0
+        assert got[("ktel_agent_last_heartbeat_timestamp_seconds", h)] == (hour_ago + 10_000) / 1000
+        assert got[("ktel_node_context_switches_total", h)] == 12
+        clock[0] += 31
+        fleet.observe("h1", {**after, "ts": hour_ago + 20_000, "seq": 300})  # type: ignore[arg-type]
+        assert samples(fleet)[("ktel_agent_up", h)] == 1.0
+        clock[0] += 31
+        # Re-read: the heartbeat of before the clock was set back, and the last one again.
+        fleet.observe("h1", {**before, "seq": 100})  # type: ignore[arg-type]
+        fleet.observe("h1", {**after, "ts": hour_ago + 20_000, "seq": 300})  # type: ignore[arg-type]
+        got = samples(fleet)
+        assert got[("ktel_agent_up", h)] == 0.0
+        assert got[("ktel_agent_last_heartbeat_timestamp_seconds", h)] == (hour_ago + 20_000) / 1000
+        assert got[("ktel_node_context_switches_total", h)] == 12
+        # A VM restored from a snapshot with its memory: its numbers go back with it,
+        # its wall clock, set right, past every heartbeat's before.
+        fleet.observe("h1", {**before, "ts": before["ts"] + 60_000, "seq": 150})  # type: ignore[arg-type]
+        assert samples(fleet)[("ktel_agent_up", h)] == 1.0
+
+
 def disks(got: dict[tuple[str, tuple], float]) -> list[str]:
     return sorted(dict(labels)["device"] for name, labels in got if name == "ktel_node_disk_io_in_progress")
 

@@ -290,6 +290,17 @@ def test_a_heartbeat_may_say_its_agent_is_stopping():
             wire.decode_heartbeat(wire.encode_heartbeat({**hb, "stopping": bad}))
 
 
+def test_a_heartbeat_may_carry_its_number_in_its_boot():
+    """Optional: an older agent's heartbeats carry none, and the workers order those by
+    ``ts`` (ktel.wire.control.heartbeat_older)."""
+    hb = {"ts": 1, "host": {"host.id": "h"}, "probes": {}, "counters": {}}
+    assert "seq" not in wire.decode_heartbeat(wire.encode_heartbeat(hb))
+    assert wire.decode_heartbeat(wire.encode_heartbeat({**hb, "seq": 2**63 - 1}))["seq"] == 2**63 - 1
+    for bad in (-1, 2**63, 1.5, "7", None):
+        with pytest.raises(wire.WireError, match="seq"):
+            wire.decode_heartbeat(wire.encode_heartbeat({**hb, "seq": bad}))
+
+
 def _wrong_values(t) -> list:
     """Values a field of type ``t`` must refuse: the wrong type, and out of range or too big."""
     from ktel import schema
