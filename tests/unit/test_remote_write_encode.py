@@ -1,4 +1,5 @@
 import time
+from typing import Any
 
 import pytest
 import snappy
@@ -721,6 +722,36 @@ async def test_a_sample_left_out_for_a_later_snapshots_at_its_timestamp_stays_ou
     assert [count(*duplicates), count(*held)] == [before[0] + 1, before[1]]
 
 
+# What remote-write counts of the samples it reads (``deliver_counting``).
+SAMPLE_COUNTERS = [
+    ("ktel_exporter_samples_total", {"exporter": "remote-write"}),
+    ("ktel_exporter_dead_lettered_items_total", {"exporter": "remote-write", "signal": "samples"}),
+    ("ktel_exporter_duplicate_samples_total", {}),
+    ("ktel_exporter_already_stored_samples_total", {"reason": "out_of_order"}),
+]
+
+
+async def deliver_counting(backend: Any, records: list[Any]) -> tuple[Producer, list[float]]:
+    """``records`` delivered to a fake receiver (``backend.receive``): the producer the
+    dead letters went to, and how much each of SAMPLE_COUNTERS grew meanwhile."""
+    import httpx
+    from prometheus_client import REGISTRY
+
+    from exporters.delivery import Window
+    from exporters.remote_write_client import Receiver
+    from ktel.config import RemoteWriteConfig
+
+    def counts() -> list[float]:
+        return [REGISTRY.get_sample_value(name, labels) or 0.0 for name, labels in SAMPLE_COUNTERS]
+
+    before = counts()
+    producer = Producer()
+    async with Receiver(RemoteWriteConfig(url="http://receiver.test/api/v1/write")) as receiver:
+        receiver.client = httpx.AsyncClient(transport=httpx.MockTransport(backend.receive))
+        await remote_write.deliver(receiver, records, producer, Window(3600, 600, "remote_write"))
+    return producer, [after - b for after, b in zip(counts(), before, strict=True)]
+
+
 @pytest.mark.parametrize("held", [{}, {"a": 1}], ids=["refused", "held-then-refused"])
 async def test_a_sample_left_out_as_a_duplicate_is_not_also_counted_dead_lettered(held):
     """Two wire series alike once sanitised (b.x, b_x) are one sample in the request,
@@ -729,14 +760,9 @@ async def test_a_sample_left_out_as_a_duplicate_is_not_also_counted_dead_lettere
     sample of a, the series), the dead letter counts the one sample the receiver
     refused: every sample read is counted once, as delivered, dead-lettered, held
     already or left out."""
-    import httpx
-    from prometheus_client import REGISTRY
 
     from exporters.consume import Record
-    from exporters.delivery import Window
-    from exporters.remote_write_client import Receiver
     from ktel import wire
-    from ktel.config import RemoteWriteConfig
 
     t0 = time.time_ns() // 1_000_000 - 60_000
     host = {"host.id": "h"}
@@ -746,27 +772,8 @@ async def test_a_sample_left_out_as_a_duplicate_is_not_also_counted_dead_lettere
     rec = Record(snap, wire.METRICS_TOPIC, 0, 0, b"h", wire.encode_snapshot(snap), wire.DLQ_TOPIC)
     backend = RollingBack(held={name: (t0 + ms, 0.0) for name, ms in held.items()}, bad={"b_x"})
 
-    def counts() -> list[float]:
-        return [
-            REGISTRY.get_sample_value(name, labels) or 0.0
-            for name, labels in [
-                ("ktel_exporter_samples_total", {"exporter": "remote-write"}),
-                (
-                    "ktel_exporter_dead_lettered_items_total",
-                    {"exporter": "remote-write", "signal": "samples"},
-                ),
-                ("ktel_exporter_duplicate_samples_total", {}),
-                ("ktel_exporter_already_stored_samples_total", {"reason": "out_of_order"}),
-            ]
-        ]
-
-    before = counts()
-    producer = Producer()
-    async with Receiver(RemoteWriteConfig(url="http://receiver.test/api/v1/write")) as receiver:
-        receiver.client = httpx.AsyncClient(transport=httpx.MockTransport(backend.receive))
-        await remote_write.deliver(receiver, [rec], producer, Window(3600, 600, "remote_write"))
-
-    delivered, dead, duplicates, stored = (after - b for after, b in zip(counts(), before, strict=True))
+    producer, grew = await deliver_counting(backend, [rec])
+    delivered, dead, duplicates, stored = grew
     assert [wire.decode_dead_letter(v).offset for _t, v, _k in producer.sent] == [0]
     assert (delivered, dead, duplicates, stored) == ((0, 1, 1, 1) if held else (0, 2, 1, 0))
     assert delivered + dead + duplicates + stored == len(snap.series)
@@ -837,14 +844,9 @@ async def test_samples_held_already_by_a_receiver_that_stores_the_rest_are_each_
     or held already. Sent again by snapshot, what it stored at the first attempt is taken
     again without a word (the newest of each series), or refused as held (c at t0, whose
     newer sample it stored with it), as a is."""
-    import httpx
-    from prometheus_client import REGISTRY
 
     from exporters.consume import Record
-    from exporters.delivery import Window
-    from exporters.remote_write_client import Receiver
     from ktel import wire
-    from ktel.config import RemoteWriteConfig
 
     t0 = time.time_ns() // 1_000_000 - 60_000
     host = {"host.id": "h"}
@@ -860,26 +862,8 @@ async def test_samples_held_already_by_a_receiver_that_stores_the_rest_are_each_
     status, said = _STORING_THE_REST[receiver_name]
     backend = StoringTheRest(held={"a": (t0 + 10_000, 2.0)}, bad=set(), status=status, said=said)
 
-    def counts() -> list[float]:
-        return [
-            REGISTRY.get_sample_value(name, labels) or 0.0
-            for name, labels in [
-                ("ktel_exporter_samples_total", {"exporter": "remote-write"}),
-                (
-                    "ktel_exporter_dead_lettered_items_total",
-                    {"exporter": "remote-write", "signal": "samples"},
-                ),
-                ("ktel_exporter_already_stored_samples_total", {"reason": "out_of_order"}),
-            ]
-        ]
-
-    before = counts()
-    producer = Producer()
-    async with Receiver(RemoteWriteConfig(url="http://receiver.test/api/v1/write")) as receiver:
-        receiver.client = httpx.AsyncClient(transport=httpx.MockTransport(backend.receive))
-        await remote_write.deliver(receiver, records, producer, Window(3600, 600, "remote_write"))
+    producer, (delivered, dead, duplicates, held) = await deliver_counting(backend, records)
 
     assert backend.stored == {"c": [(t0, 7.0), (t0 + 10_000, 8.0)]}  # each once
     assert producer.sent == []
-    delivered, dead, held = (after - b for after, b in zip(counts(), before, strict=True))
-    assert (delivered, dead, held) == (2, 0, 2)  # a and c at t0 + 10 s; a and c at t0
+    assert (delivered, dead, duplicates, held) == (2, 0, 0, 2)  # a and c at t0 + 10 s; a and c at t0
