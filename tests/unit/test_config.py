@@ -969,13 +969,19 @@ def test_a_pull_host_is_an_address_or_a_name(host):
     assert config.PullConfig(host=host).host == host
 
 
-def test_a_map_in_the_environment_replaces_the_files(tmp_path, monkeypatch):
+def _with_maps(tmp_path: Path, more: str) -> Path:
+    """A config file whose [agent] and [remote_write] each set a map, and ``more``: what
+    the environment's maps are given against."""
     f = tmp_path / "k.toml"
     f.write_text(
         "[agent]\nhost_id = 'h'\nsample_every = {ktel_api = 5}\n"
-        "[remote_write]\nheaders = {X-Scope-OrgID = 'prod'}\n"
-        "[otlp]\nheaders = {authorization = 'Bearer prod'}\n"
+        "[remote_write]\nheaders = {X-Scope-OrgID = 'prod'}\n" + more
     )
+    return f
+
+
+def test_a_map_in_the_environment_replaces_the_files(tmp_path, monkeypatch):
+    f = _with_maps(tmp_path, "[otlp]\nheaders = {authorization = 'Bearer prod'}\n")
     # As for any other value: merged into the file's, {} could take no header away.
     monkeypatch.setenv("KTEL_REMOTE_WRITE__HEADERS", "{}")
     monkeypatch.setenv("KTEL_AGENT__SAMPLE_EVERY", '{"file_created": 2}')
@@ -988,12 +994,7 @@ def test_a_map_in_the_environment_replaces_the_files(tmp_path, monkeypatch):
 
 
 def test_settings_and_map_keys_given_each_by_a_variable_merge_with_the_files(tmp_path, monkeypatch):
-    f = tmp_path / "k.toml"
-    f.write_text(
-        "[agent]\nhost_id = 'h'\nsample_every = {ktel_api = 5}\n"
-        "[kafka.principals]\noperator = 'User:ops'\n"
-        "[remote_write]\nheaders = {X-Scope-OrgID = 'prod'}\n"
-    )
+    f = _with_maps(tmp_path, "[kafka.principals]\noperator = 'User:ops'\n")
     monkeypatch.setenv("KTEL_AGENT__SAMPLE_EVERY__FILE_CREATED", "2")
     monkeypatch.setenv("KTEL_KAFKA__PRINCIPALS__AGENT", "User:edge")
     monkeypatch.setenv("KTEL_REMOTE_WRITE__URL", "http://prom:9090/api/v1/write")

@@ -15,7 +15,8 @@ import functools
 import inspect
 import json
 import time
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from types import SimpleNamespace
 from typing import Any
 from unittest import mock
@@ -882,19 +883,25 @@ async def test_a_record_refused_while_another_of_its_host_is_being_persisted_kee
         assert recovered["enrich"]["boots"]["b1"]["host"]["host.name"] == "node-1"
 
 
-async def one_window(app: Any, shell: Shell, done: Any) -> None:
-    """Run the app's window tasks until ``done()``, then until the close under way ends."""
+@asynccontextmanager
+async def windows_running(app: Any) -> AsyncIterator[None]:
+    """The app's window tasks running through the body, then until the closes under way end."""
     windows = [asyncio.ensure_future(t()) for t in app._app_tasks if t.__name__ == "window"]
     try:
-        for _ in range(3000):  # (a guard against hanging, not a timing assertion)
-            if done():
-                break
-            await asyncio.sleep(0.01)
+        yield
         await app.on_before_shutdown.send()  # (returns once the closes under way are done)
     finally:
         for w in windows:
             w.cancel()
         await asyncio.gather(*windows, return_exceptions=True)
+
+
+async def until(done: Callable[[], Any]) -> None:
+    """Let the event loop run until ``done()``."""
+    for _ in range(3000):  # (a guard against hanging, not a timing assertion)
+        if done():
+            break
+        await asyncio.sleep(0.01)
 
 
 async def test_in_fused_mode_a_host_that_heartbeats_keeps_its_state_when_its_series_end(tmp_path):
@@ -909,7 +916,8 @@ async def test_in_fused_mode_a_host_that_heartbeats_keeps_its_state_when_its_ser
         await shell.put(batch(0, [file_created(1, "/data/x/f")]))
         shell.table("h1")["aggregate"]["last_ms"] = 0  # no batch for far longer than its TTL
         await shell.heartbeats.put(heartbeat("h1", "b1", 2000, "node-1"), key=b"h1")  # alive
-        await one_window(app, shell, lambda: shell.to(METRICS_TOPIC))
+        async with windows_running(app):
+            await until(lambda: shell.to(METRICS_TOPIC))
         [last] = [decode_snapshot(v) for v in shell.to(METRICS_TOPIC)]
         assert last.stale and [row[3] for row in last.series] == [1.0]
         value = app.tables["host-state"].data.get("h1")
@@ -950,21 +958,13 @@ async def test_a_host_whose_batch_comes_while_a_window_forgets_another_is_not_co
             await produce(app, topic, key, *args)
 
         with mock.patch.object(stages, "produce", no_room_yet):
-            windows = [asyncio.ensure_future(t()) for t in app._app_tasks if t.__name__ == "window"]
-            try:
+            async with windows_running(app):
                 first = await asyncio.wait_for(held.get(), 30)  # (a guard against hanging)
                 back = "h2" if first == "h1" else "h1"
                 await shell.put(batch(1, [file_created(1, "/data/x/g")], host=back), key=back.encode())
                 room.set()
-                for _ in range(3000):  # (until the next window emits the host kept)
-                    if any(k == back.encode() for t, k, _v in shell.sent if t == METRICS_TOPIC):
-                        break
-                    await asyncio.sleep(0.01)
-                await app.on_before_shutdown.send()  # (returns once the close under way is done)
-            finally:
-                for w in windows:
-                    w.cancel()
-                await asyncio.gather(*windows, return_exceptions=True)
+                # (until the next window emits the host kept)
+                await until(lambda: any(k == back.encode() for t, k, _v in shell.sent if t == METRICS_TOPIC))
         data = app.tables["host-state"].data
         assert first not in data and back in data
         assert metric(expired, "aggregate") == before + 1
