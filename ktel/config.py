@@ -302,7 +302,8 @@ class KafkaConfig(Section):
         6,
         ge=1,
         le=KAFKA_MAX_PARTITIONS,
-        description="partitions of ktel.raw (the unit of processor scaling)",
+        description="partitions of ktel.raw and of the topics and table changelogs partitioned like it "
+        "(ktel.deduped, ktel.enriched, ktel.sampled, ktel.heartbeats): the unit of processor scaling",
     )
     raw_retention_hours: float = Field(
         168,
@@ -317,7 +318,11 @@ class KafkaConfig(Section):
         description="partitions of ktel.metrics, ktel.spans and ktel.logs (exporter scaling)",
     )
     output_retention_hours: float = Field(
-        24, gt=0, le=MAX_RETENTION_HOURS, description="retention of ktel.metrics, ktel.spans and ktel.logs"
+        24,
+        gt=0,
+        le=MAX_RETENTION_HOURS,
+        description="retention of every ktel topic but ktel.raw and ktel.dlq: ktel.metrics, ktel.spans, "
+        "ktel.logs, the stages' ktel.deduped, ktel.enriched and ktel.sampled, ktel.heartbeats, ktel.control",
     )
     dlq_retention_hours: float = Field(168, gt=0, le=MAX_RETENTION_HOURS, description="retention of ktel.dlq")
     replication_factor: int | Literal["auto"] = Field(
