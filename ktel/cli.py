@@ -185,7 +185,8 @@ def _relative_times(argv: list[str]) -> list[str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``ktel`` command line: its commands, each calling its ``fn``."""
     # Accepted before the command and after it (`ktel up --config x.toml`); SUPPRESS
     # keeps a subcommand's unset option from overwriting the one given before it.
     common = argparse.ArgumentParser(add_help=False)
@@ -382,8 +383,11 @@ def main(argv: list[str] | None = None) -> None:
         help="give up (exit 2) when Kafka has not answered in this long, retrying meanwhile (default 30)",
     )
     p.set_defaults(fn=cmd_status)
+    return parser
 
-    args = parser.parse_args(_relative_times(sys.argv[1:] if argv is None else argv))
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(_relative_times(sys.argv[1:] if argv is None else argv))
     try:
         cfg = config_mod.load(getattr(args, "config", None))
         args.log_level_in_force = _setup_logging(cfg, args)
