@@ -58,9 +58,16 @@ its record's timestamp plus the TTL, so it can end early if the sender's clock i
 behind, but never holds past a full TTL. An offset at or past the topic's end is
 from a topic deleted and made again, and is not taken (one made again that has
 already grown past it cannot be told apart: its records up to it are passed over).
-Made again while followed, the topic's offsets go back (the consumer, past the new
-topic's end, goes to that end): the offset is not taken from there either, and the
-records after are judged as sent then, not read back.
+Made again while followed, the follower's position is past the new topic's end, and
+Kafka finds it out of range: the offset is not taken from there either, and the new
+topic is read from the look-back, its records judged by their times, as at a start.
+The consumer resets nothing itself (``auto_offset_reset`` "none"): reset to the end,
+aiokafka's default, it passed over every command sent to the new topic before its
+next fetch (the agent cut off from Kafka meanwhile, or waiting on its metadata). So
+is a position whose records retention deleted before they were read (an agent cut
+off for longer than the topic keeps them) read from the look-back, the offset kept.
+A topic made again that reached the position before that fetch cannot be told apart
+here either: its records before the position are passed over.
 """
 
 from __future__ import annotations
@@ -77,6 +84,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import OffsetOutOfRangeError
 from aiokafka.structs import ConsumerRecord
 from prometheus_client import Counter
 
@@ -213,9 +221,8 @@ class Control:
         # Every record of ktel.control up to this offset was judged, and what it did
         # is in the state file (None: none known to be).
         self.judged_to: int | None = None
-        # Where the follower is (``begin``): the offset it reads next, and the topic's end
-        # at the start, before which a record is one read back.
-        self._next = 0
+        # The topic's end where the follower began reading (``begin``), before which a
+        # record is one read back.
         self._read_back_to = 0
         self._acks = Pending()
         self._refusals = Pending()
@@ -481,22 +488,34 @@ class Control:
 
     # ------------------------------------------------------------- follow
 
-    def begin(self, start: int, end: int) -> None:
-        """Reading ktel.control from offset ``start``, the topic ending at offset ``end``."""
-        self._next, self._read_back_to = start, end
-        if self.judged_to is not None and self.judged_to >= end:
+    def begin(self, start: int, end: int, lost_at: int | None = None) -> None:
+        """Reading ktel.control from offset ``start``, the topic ending at offset ``end``:
+        at the follower's start, or again when Kafka found the offset it was reading at,
+        ``lost_at``, out of the topic's range."""
+        self._read_back_to = end
+        if lost_at is not None and lost_at > end:
+            self._made_again(f"it ends at {end}, before offset {lost_at} where the agent was reading")
+        elif self.judged_to is not None and self.judged_to >= end:
             self._made_again(f"it ends at {end}")
+        elif lost_at is not None:
+            log.warning(
+                "ktel.control found offset %d, where the agent was reading, out of its range "
+                "(records deleted by retention before they were read): reading again from offset %d",
+                lost_at,
+                start,
+            )
 
     def _made_again(self, why: str) -> None:
         """ktel.control was deleted and made again: none of its records was judged. Also
         at the file's next write, so that a start after the new topic grew past the old
         offset does not pass over records no one judged."""
+        judged = (
+            f" (judged up to offset {self.judged_to} in {self.state_path})"
+            if self.judged_to is not None
+            else ""
+        )
         log.warning(
-            "%s: ktel.control judged up to offset %s, but %s: a topic made again, "
-            "whose records are judged by their times",
-            self.state_path,
-            self.judged_to,
-            why,
+            "ktel.control %s: a topic made again, whose records are judged by their times%s", why, judged
         )
         self.judged_to = None
         self._unsaved = True
@@ -504,12 +523,6 @@ class Control:
     def judge(self, records: Iterable[ConsumerRecord[Any, bytes]]) -> None:
         """Records of ktel.control in offset order, from where ``begin`` said."""
         for rec in records:
-            if rec.offset < self._next:
-                # Offsets went back: the topic made again while followed. Its records were
-                # sent since the consumer went to its end, so none is read back.
-                self._made_again(f"offset {rec.offset} comes after {self._next - 1}")
-                self._read_back_to = 0
-            self._next = rec.offset + 1
             if self.judged_to is not None and rec.offset <= self.judged_to:
                 continue  # judged before the last stop: the state file holds what it did
             try:
@@ -527,6 +540,11 @@ class Control:
             enable_auto_commit=False,
             fetch_max_wait_ms=FETCH_WAIT_MS,
             consumer_timeout_ms=FETCH_ROUTINE_MS,
+            # A position out of the topic's range raises OffsetOutOfRangeError, for the
+            # follower to read again from the look-back: aiokafka's default ("latest")
+            # went to the end, past every record sent to a topic made again before it
+            # was fetched from (module docstring).
+            auto_offset_reset="none",
         )
         # ktel.control has one partition (ktel/topics.py)
         tp = TopicPartition(settings(kafka).topics.control, 0)
@@ -543,17 +561,28 @@ class Control:
             # start must not leave it deaf to commands for good.
             start, end = await retry(start_position, what="find where to read ktel.control from")
             self.begin(start, end)
-            # Assigned only now: assigned earlier, the fetcher would read from the end with a
-            # long fetch in flight, and the seek would wait for it (up to FETCH_WAIT_MS)
-            # before the commands in force are read again.
+            # Assigned only now, and sought at once: without a position, the fetcher would
+            # fail it (NoOffsetForPartitionError, with no reset to go by).
             consumer.assign([tp])
             consumer.seek(tp, start)
             wait_s = FETCH_WAIT_MS / 1000
             try:
                 while True:
-                    # Returns as soon as records are fetched: the timeout bounds an idle
-                    # wait, and a write due comes no later than its time.
-                    for recs in (await consumer.getmany(timeout_ms=max(1, round(wait_s * 1000)))).values():
+                    try:
+                        # Returns as soon as records are fetched: the timeout bounds an idle
+                        # wait, and a write due comes no later than its time.
+                        fetched = await consumer.getmany(timeout_ms=max(1, round(wait_s * 1000)))
+                    except OffsetOutOfRangeError:
+                        # The topic made again (its end now before the position), or the
+                        # records ahead deleted by retention (an agent cut off from Kafka
+                        # for longer than the topic keeps them): the records there were
+                        # sent while this agent did not read, and are judged as at a start.
+                        at = await consumer.position(tp)
+                        start, end = await retry(start_position, what="find where to read ktel.control from")
+                        self.begin(start, end, lost_at=at)
+                        consumer.seek(tp, start)
+                        fetched = {}
+                    for recs in fetched.values():
                         self.judge(recs)
                     wait_s = self.save_due()
             finally:

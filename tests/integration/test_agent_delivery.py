@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import threading
 import time
 import uuid
 from pathlib import Path
 
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.record.default_records import DefaultRecordBatch
 from aiokafka.record.memory_records import MemoryRecords
 
+from edge_agent import control as control_mod
+from edge_agent.control import Bounds, Control
 from edge_agent.spool import HEADER, Spool
 from ktel import config, topics
-from ktel.topics import create_topics
+from ktel.probes import PROBES
+from ktel.stack.kafka import LocalKafka
+from ktel.topics import TopicSpec, create_topics, topic_partitions
 from ktel.wire import (
     CONTROL_TOPIC,
     FILE_CREATED,
@@ -371,3 +378,95 @@ def test_a_command_in_force_survives_agent_restarts(kafka, tmp_path):
     # Applied anew by the agent that had lost its state, and acknowledged.
     assert mine[-1]["counters"]["commands_applied"] == 1
     assert any(cmd.id in b["acked_commands"] for b in mine)
+
+
+async def remake_control_topic(bootstrap: str) -> None:
+    """ktel.control deleted and created again, empty."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_topics([CONTROL_TOPIC])
+    finally:
+        await admin.close()
+    deadline = time.monotonic() + 60
+    while await topic_partitions(bootstrap, CONTROL_TOPIC) is not None:  # (deleted asynchronously)
+        assert time.monotonic() < deadline, "ktel.control was not deleted"
+        await asyncio.sleep(0.2)
+    await create_topics(bootstrap, [TopicSpec(CONTROL_TOPIC, 1)])
+
+
+def test_commands_sent_to_a_control_topic_made_again_reach_the_running_agent(
+    private_kafka: LocalKafka, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ktel.control deleted and made again while the agent follows it, and commands sent
+    to the new topic before the agent's next fetch (it was cut off from Kafka meanwhile):
+    its position is past the new topic's end. Reset to that end, as aiokafka's default
+    does, the consumer passed over those commands; the agent reads the new topic from
+    its start."""
+    bootstrap = private_kafka.bootstrap
+    host = "made-again"
+    run = uuid.uuid4().hex[:6]
+    tp = TopicPartition(CONTROL_TOPIC, 0)
+    consumers: list[AIOKafkaConsumer] = []
+
+    class Held(AIOKafkaConsumer):
+        """The follower's consumer, for the test to hold its fetches off."""
+
+        def __init__(self, **settings) -> None:
+            super().__init__(**settings)
+            consumers.append(self)
+
+    monkeypatch.setattr(control_mod, "AIOKafkaConsumer", Held)
+    ctl = Control(host, {}, lambda probe, every: None, Bounds(1000, 3_600_000, 64), tmp_path)
+
+    def command(probe: str, target: str = host) -> ControlCommand:
+        return ControlCommand(f"{probe}-{target}-{run}", target, probe, 5, 0, 600_000)
+
+    async def until(done, what: str) -> None:
+        deadline = time.monotonic() + 60
+        while not await done():
+            assert time.monotonic() < deadline, what
+            await asyncio.sleep(0.1)
+
+    async def scenario() -> None:
+        follower = asyncio.create_task(ctl.follow(bootstrap))
+        try:
+            old = [command("file_created"), command("file_created", "h2"), command("process", "h2")]
+            await send_commands(bootstrap, old)
+
+            async def judged_old() -> bool:
+                return ctl.judged_to == len(old) - 1
+
+            await until(judged_old, "the old topic's commands judged")
+            [consumer] = consumers
+            # No fetch goes out from now on. The one that may be in flight is answered by
+            # the record sent next, of the old topic, which a paused partition drops.
+            consumer.pause(tp)
+            await send_commands(bootstrap, [command("oom_kill", "h2")])
+            await remake_control_topic(bootstrap)
+            await send_commands(bootstrap, [command("syscall_latency"), command("tcp_retransmit")])
+            consumer.resume(tp)
+
+            async def moved_off() -> bool:  # (to the new topic's end, or its start)
+                return await consumer.position(tp) < len(old) + 1
+
+            await until(moved_off, "the follower's position out of the new topic's range")
+            await send_commands(bootstrap, [command("runq_latency")])
+
+            async def judged_last() -> bool:
+                return ctl.command("runq_latency") is not None
+
+            await until(judged_last, "the command sent last applied")
+        finally:
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follower
+
+    asyncio.run(scenario())
+    applied = {p: c.id for p in PROBES if (c := ctl.command(p)) is not None}
+    assert applied == {
+        p: command(p).id for p in ("file_created", "syscall_latency", "tcp_retransmit", "runq_latency")
+    }
+    # The state file holds the new topic's offset: a start once the new topic grew past the
+    # old one's would otherwise pass over its records.
+    assert json.loads((tmp_path / "control.json").read_text())["judged_to"] == 2

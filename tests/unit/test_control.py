@@ -10,7 +10,8 @@ import json
 import logging
 
 import pytest
-from aiokafka.structs import ConsumerRecord
+from aiokafka.errors import OffsetOutOfRangeError
+from aiokafka.structs import ConsumerRecord, OffsetAndTimestamp
 from prometheus_client import REGISTRY
 
 from edge_agent import control as control_mod
@@ -405,27 +406,6 @@ def saved_after(tmp_path, *cmds: ControlCommand) -> None:
     ctl.save()
 
 
-@pytest.mark.parametrize("read_back", [True, False])
-def test_a_topic_made_again_while_followed_has_its_commands_judged(tmp_path, read_back):
-    """ktel.control deleted and made again while the agent follows it: the consumer, its
-    offset past the new topic's end, goes to that end, and the new topic's records come
-    at offsets up to the state file's judged_to; none was judged, and none is one read
-    back (sent since)."""
-    saved_after(tmp_path, *flood(3))
-    ctl, _ = make(tmp_path)
-    # (with the records before the start in the look-back read back first, or none)
-    ctl.begin(0 if read_back else 3, 3)
-    if read_back:
-        ctl.judge(records(*flood(3), sent_ms=now_ms() - 1000))
-    # Sent by a clock a minute behind: read back, it would hold a minute less.
-    ctl.judge(records(cmd(cmd_id="new", ttl_ms=600_000), sent_ms=now_ms() - 60_000))
-    now = now_ms()
-    assert ctl.command("file_created").id == "new" and ctl.take_acks() == ["new"]
-    assert ctl.command("file_created").deadline_ms > now + 590_000
-    ctl.save()
-    assert json.loads((tmp_path / control_mod.STATE_FILE).read_text())["judged_to"] == 0
-
-
 def test_a_topic_made_again_is_saved_as_not_judged_at_the_next_write(tmp_path):
     """Made again while the agent was down, and nothing for this host judged since: the
     file must not keep the old topic's offset, or a start once the new topic grew past
@@ -576,6 +556,83 @@ async def test_a_flood_between_two_writes_keeps_what_is_remembered_bounded(tmp_p
     follower.cancel()
     with pytest.raises(asyncio.CancelledError):
         await follower
+
+
+class OutOfReach:
+    """ktel.control as the follower's consumer sees it (no broker): ``before``, then, once
+    those were fetched, ``after`` instead, the follower's position out of its range (the
+    topic made again, or records deleted by retention ahead of it). Out of range, the
+    consumer goes to the end, as aiokafka's default does, unless auto_offset_reset is
+    "none": the fetch then raises OffsetOutOfRangeError."""
+
+    def __init__(self, before: list[ConsumerRecord[None, bytes]], after: list[ConsumerRecord[None, bytes]]):
+        self.topic, self.after = before, after
+        self.at = 0  # the consumer's position
+        self.reset = "latest"
+        self.fetched = asyncio.Event()
+
+    def __call__(self, **settings) -> OutOfReach:
+        self.reset = settings.get("auto_offset_reset", self.reset)
+        return self
+
+    async def end_offsets(self, tps):
+        return dict.fromkeys(tps, self.topic[-1].offset + 1)
+
+    async def offsets_for_times(self, times):
+        # (every record of these tests is within the look-back)
+        return dict.fromkeys(times, OffsetAndTimestamp(self.topic[0].offset, self.topic[0].timestamp))
+
+    async def position(self, tp) -> int:
+        return self.at
+
+    def assign(self, tps) -> None:
+        pass
+
+    def seek(self, tp, offset) -> None:
+        self.at = offset
+
+    async def getmany(self, timeout_ms: int):
+        first, end = self.topic[0].offset, self.topic[-1].offset + 1
+        if not first <= self.at <= end:
+            if self.reset == "none":
+                raise OffsetOutOfRangeError({"tp": self.at})
+            self.at = end
+        if fetch := [r for r in self.topic if r.offset >= self.at]:
+            self.at = fetch[-1].offset + 1
+            return {"tp": fetch}
+        if self.after:
+            self.topic, self.after = self.after, []
+            return {}
+        self.fetched.set()
+        await asyncio.sleep(timeout_ms / 1000)
+        return {}
+
+
+@pytest.mark.parametrize("first", [0, 5], ids=["made again", "deleted by retention"])
+async def test_records_out_of_the_followers_reach_are_read_from_the_look_back(tmp_path, monkeypatch, first):
+    """ktel.control made again while the agent follows it, with commands sent to it before
+    the agent's next fetch (the agent cut off from Kafka meanwhile), or the records ahead
+    of the agent deleted by retention (cut off for longer than the topic keeps them):
+    Kafka finds its position out of the topic's range. A consumer that went to the
+    topic's end passed over the commands sent meanwhile; they are read from the look-back
+    and judged by their times, as at a start, and the state file holds the offset of the
+    last one (the old topic's, a start once the new topic grew past it would pass over
+    records no one judged)."""
+    now = now_ms()
+    ctl, _ = make(tmp_path)
+    # Sent by a clock a minute behind: read back, a command holds a minute less.
+    sent = [cmd(cmd_id="a", probe="syscall_latency", ttl_ms=600_000), cmd(cmd_id="b", ttl_ms=600_000)]
+    consumer = OutOfReach(
+        records(*flood(3), sent_ms=now - 1000), records(*sent, sent_ms=now - 60_000, first=first)
+    )
+    follower = following(ctl, consumer, monkeypatch)
+    await consumer.fetched.wait()
+    assert [getattr(ctl.command(p), "id", None) for p in ("syscall_latency", "file_created")] == ["a", "b"]
+    assert ctl.command("file_created").deadline_ms <= now_ms() + 540_000
+    follower.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await follower
+    assert json.loads((tmp_path / control_mod.STATE_FILE).read_text())["judged_to"] == first + 1
 
 
 def test_a_clock_set_back_while_a_command_holds_stretches_it_no_longer_than_the_bound(tmp_path):
