@@ -9,10 +9,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from ktel.stack import proc
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ def write_private(path: Path, text: str) -> Path:
 def openssl(*args: str | Path) -> None:
     if shutil.which("openssl") is None:
         raise RuntimeError("cannot make certificates: `openssl` is not on PATH (run deploy/setup.sh)")
-    res = subprocess.run(["openssl", *map(str, args)], capture_output=True, text=True)
+    res = proc.run(["openssl", *map(str, args)])
     if res.returncode != 0:
         raise RuntimeError(f"openssl {' '.join(map(str, args[:2]))} failed: {res.stderr.strip()[-2000:]}")
 

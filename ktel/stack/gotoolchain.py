@@ -19,7 +19,6 @@ import platform
 import re
 import shutil
 import stat
-import subprocess
 import tempfile
 import zipfile
 from pathlib import Path
@@ -29,6 +28,7 @@ import httpx
 
 from ktel.paths import cache_dir
 from ktel.retry import Permanent, retry
+from ktel.stack import proc
 
 # The Collector's modules (v0.161.0) require Go 1.26.
 GO_VERSION = "1.26.8"
@@ -62,7 +62,7 @@ def find_go(root: Path | None = None) -> str:
 
 def _new_enough(go: str) -> bool:
     # Debian 12's golang is 1.19; with GOTOOLCHAIN=local it cannot build modules that need 1.26.
-    out = subprocess.run([go, "env", "GOVERSION"], capture_output=True, text=True).stdout.strip()
+    out = proc.run([go, "env", "GOVERSION"]).stdout.strip()
     found = re.fullmatch(r"go(\d+)\.(\d+)(?:\.\d+)?", out)
     need = tuple(int(x) for x in GO_VERSION.split(".")[:2])
     return found is not None and (int(found.group(1)), int(found.group(2))) >= need

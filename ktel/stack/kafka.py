@@ -71,7 +71,7 @@ def ensure_kafka(cache_dir: Path | None = None) -> Path:
             "dependency:copy-dependencies", f"-DoutputDirectory={libs}",
         ]  # fmt: skip
         try:
-            res = subprocess.run(argv, capture_output=True, text=True, timeout=900)
+            res = proc.run(argv, timeout=900)
         except subprocess.TimeoutExpired as e:
             raise RuntimeError(f"mvn timed out fetching Kafka {KAFKA_VERSION}") from e
         jars = sorted(p.name for p in libs.glob("*.jar")) if libs.is_dir() else []
@@ -266,10 +266,7 @@ class LocalKafka(proc.Server):
                 raise ValueError(f"not a kafka-acls.sh --bootstrap-server command line: {argv}")
 
         def run(argv: list[str]) -> None:
-            res = subprocess.run(
-                [*java, "--bootstrap-server", self.bootstrap, *argv[3:]],
-                capture_output=True, text=True, timeout=300,
-            )  # fmt: skip
+            res = proc.run([*java, "--bootstrap-server", self.bootstrap, *argv[3:]], timeout=300)
             if res.returncode != 0:
                 raise RuntimeError(f"kafka-acls {argv[3:]} failed:\n{(res.stdout + res.stderr)[-4000:]}")
 
@@ -366,10 +363,11 @@ auto.create.topics.enable=false
         for name, password in (self.security.users if self.security else {}).items():
             for mechanism in ("SCRAM-SHA-512", "SCRAM-SHA-256"):
                 scram += ["--add-scram", f"{mechanism}=[name={name},password={password}]"]
-        res = subprocess.run(
+        res = proc.run(
             [*storage_tool, "format", "-t", self.quorum.cluster_id, "-c", str(props), *scram],
-            capture_output=True, text=True, cwd=self.data_dir, timeout=120,
-        )  # fmt: skip
+            cwd=self.data_dir,
+            timeout=120,
+        )
         if res.returncode != 0:
             raise RuntimeError(
                 f"kafka StorageTool format failed (exit {res.returncode}):\n"

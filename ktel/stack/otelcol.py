@@ -75,7 +75,7 @@ def ensure_collector(cache_dir: Path | None = None) -> Path:
         ]
         for argv in steps:
             try:
-                res = subprocess.run(argv, cwd=home, env=env, capture_output=True, text=True, timeout=1800)
+                res = proc.run(argv, cwd=home, env=env, timeout=1800)
             except subprocess.TimeoutExpired as e:
                 raise RuntimeError(f"building the OpenTelemetry Collector timed out: {argv[:3]}") from e
             if res.returncode != 0:

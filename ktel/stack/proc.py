@@ -8,12 +8,13 @@ import contextlib
 import ctypes
 import os
 import random
+import select
 import signal
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Self
 
@@ -111,6 +112,78 @@ def spawn(
         )
     finally:
         log.close()  # the child has its own copy of the fd
+
+
+# How long a tool stopped early (run) has to end on SIGINT, with what it started,
+# before they are killed.
+TOOL_STOP_SECONDS = 5.0
+
+
+def run(
+    argv: Sequence[str],
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run a tool (a build, Kafka's storage format, openssl) to its end, its output
+    captured as text, in a session of its own. Stopped early, by an exception while it
+    runs (a stop signal's handler that raises, ``subprocess.TimeoutExpired`` past
+    ``timeout``), it is stopped with all it started before the exception goes on: its
+    process group is sent SIGINT (what Ctrl-C at a terminal sends), and what is left
+    of it after TOOL_STOP_SECONDS is killed. subprocess.run kills the tool alone: the
+    Collector's builder killed so left its `go build` compiling on for minutes after
+    `ktel up` had exited (`ktel down`'s SIGTERM reaches `ktel up` alone, not the
+    tool's children as a terminal's Ctrl-C does)."""
+    child: subprocess.Popen[str] | None = None
+    try:
+        with stop_signals_held():  # a stop signal meanwhile finds the child kept
+            child = subprocess.Popen(
+                list(argv),
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                # Its own process group, to be stopped whole; its own session, so that a
+                # tool that asks at the terminal (a password, say) fails rather than
+                # waits, stopped, as a background process group reading it would.
+                start_new_session=True,
+                preexec_fn=_die_with_parent(),
+            )
+        stdout, stderr = child.communicate(timeout=timeout)
+    except BaseException:
+        if child is not None:
+            # A second signal meanwhile is taken once the group is stopped.
+            with stop_signals_held():
+                _stop_group(child, TOOL_STOP_SECONDS)
+        raise
+    return subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr)
+
+
+def _stop_group(child: subprocess.Popen[str], grace: float) -> None:
+    """SIGINT to the process group ``child`` leads, SIGKILL to what is left of it
+    after ``grace`` seconds or once ``child`` has exited, whichever is first."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(child.pid, signal.SIGINT)
+    if child.returncode is None:
+        # Waited for without being reaped: until it is, its pid (the group's id) is
+        # nobody else's, and the group's stragglers are killed by it below.
+        exited = select.poll()
+        pidfd = os.pidfd_open(child.pid)
+        try:
+            exited.register(pidfd, select.POLLIN)
+            exited.poll(grace * 1000)
+        finally:
+            os.close(pidfd)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(child.pid, signal.SIGKILL)
+    # Its output is not read on: a process of its that left the group would hold the
+    # pipes open, and the wait with them.
+    for pipe in (child.stdout, child.stderr):
+        if pipe is not None:
+            pipe.close()
+    child.wait()
 
 
 def _die_with_parent() -> Callable[[], None] | None:

@@ -4,13 +4,16 @@ unheard, for every child to be ready (up to 300 s) or the start to fail."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import select
 import signal
 import sys
 import time
 
 from ktel import up
+from ktel.stack import proc
 from tests.unit.up_fake import fake_stack, run_up, stack_config
 
 
@@ -62,3 +65,44 @@ def test_a_closed_output_does_not_cut_the_stop_short(tmp_path, monkeypatch):
         out.close()
     assert events == ["agent", "aggregate"]
     assert not up.pidfile(cfg).exists()
+
+
+def test_a_signal_while_a_tool_of_the_start_runs_stops_all_it_started(tmp_path, monkeypatch):
+    """`ktel up` stopped (by `ktel down`'s SIGTERM, which reaches it alone) while a tool of
+    its start runs (the Collector's build, Kafka's storage format) stops the tool and all
+    the tool started: it killed the tool alone, and the Collector's builder's `go build`
+    compiled on for minutes after `ktel up` had exited."""
+    pid, heard = tmp_path / "pid", tmp_path / "heard"
+    # A tool that starts a process of its own and waits for it, as the builder does `go
+    # build`; that one deaf to SIGINT. Once it runs, `ktel down`'s SIGTERM.
+    script = f"""
+        trap 'echo INT > {heard}; exit 130' INT
+        (trap '' INT; exec sleep 300) &
+        echo $! > {pid}
+        kill -TERM $PPID
+        wait
+    """
+    # Time enough to end on SIGINT, whatever the load: the tool ends as soon as it hears it.
+    monkeypatch.setattr(proc, "TOOL_STOP_SECONDS", 300)
+    fake_stack(monkeypatch, start=lambda _stack: proc.run(["sh", "-c", script]), stop=lambda _stack: None)
+    assert run_up(stack_config(tmp_path)) == 0
+    gone = exited(int(pid.read_text()))
+    assert heard.read_text() == "INT\n"  # asked first, as Ctrl-C at a terminal asks
+    assert gone
+
+
+def exited(pid: int) -> bool:
+    """Whether process ``pid`` exits (if not already gone) within a minute: it was killed,
+    and a SIGKILL sent is not yet one taken."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        waiter = select.poll()
+        waiter.register(fd, select.POLLIN)
+        return bool(waiter.poll(60_000))
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # (a test that fails leaves nothing behind)
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+        os.close(fd)
