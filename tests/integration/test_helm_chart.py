@@ -1354,6 +1354,17 @@ def test_a_host_id_in_config_is_refused() -> None:
     assert "/etc/machine-id" in res.stderr
 
 
+def test_a_host_name_in_config_is_refused() -> None:
+    """The DaemonSet gives each agent its node's name (KTEL_AGENT__HOST_NAME from
+    spec.nodeName), over any agent.host_name in the one ConfigMap: one given there was
+    silently never used."""
+    res = run_helm("template", "ktel", str(CHART), "--set-string", "config.agent.host_name=node-7")
+    assert res.returncode != 0
+    assert "config.agent.host_name = node-7 would name every node alike" in res.stderr
+    assert "spec.nodeName" in res.stderr
+    assert "leave it unset" in res.stderr
+
+
 def test_a_malformed_section_in_config_is_refused_with_the_fix() -> None:
     res = run_helm("template", "ktel", str(CHART), "--set", "config.kafka=oops")
     assert res.returncode != 0

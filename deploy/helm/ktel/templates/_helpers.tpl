@@ -135,6 +135,11 @@ stopped at start on a config ktel refuses. */ -}}
 {{- with dig "agent" "host_id" nil $v.config -}}
 {{- fail (printf "config.agent.host_id = %v names one host, and every node's agent reads this config: leave it unset, and each agent takes its node's /etc/machine-id (mounted from the node)" .) -}}
 {{- end -}}
+{{- /* Each agent's host.name is its node's, given by the DaemonSet's env
+(KTEL_AGENT__HOST_NAME from spec.nodeName), which a value here would never override. */ -}}
+{{- with dig "agent" "host_name" nil $v.config -}}
+{{- fail (printf "config.agent.host_name = %v would name every node alike, as every node's agent reads this config, and the chart gives each agent its node's name instead (spec.nodeName, as KTEL_AGENT__HOST_NAME), over this value: leave it unset" .) -}}
+{{- end -}}
 {{- $config := mustMergeOverwrite (deepCopy $v.config) $forced -}}
 {{- include "ktel.wholeNumbers" $config -}}
 {{- toToml $config -}}
