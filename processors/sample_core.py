@@ -5,11 +5,14 @@ Keep policies, in order (the first that applies decides):
 
 1. ``keep_kinds``: rare or error kinds (OOM kills, retransmits, drops) are
    always kept, with their weight unchanged.
-2. ``keep_slow``: an event whose field is at or above a threshold (a slow DNS
-   lookup, a long span) is kept, weight unchanged; so is kernel code's gauge reading
-   (a ``ktel_metric`` of type gauge): a gauge's value is its last reading, which no
-   weight stands in for, and one sampled out would leave its series at the reading
-   before, for good when it was the last.
+2. ``keep_slow``: an event whose field is at or above its kind's threshold is
+   kept, weight unchanged. No setting configures it: its one rule keeps kernel
+   spans of status ERROR (``ktel_span`` with ``status`` 2), as tail samplers keep
+   errors, and no event is kept for being slow (a DNS lookup, a span's duration).
+   Kernel code's gauge readings (``ktel_metric`` of type gauge) are kept too: a
+   gauge's value is its last reading, which no weight stands in for, and one
+   sampled out would leave its series at the reading before, for good when it was
+   the last.
 3. Everything else is kept with probability ``p = baseline``, lowered further
    for a kind whose rate in the last window exceeded its budget
    (``budget_per_s``, this worker's share of the fleet-wide budget:
