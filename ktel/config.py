@@ -322,7 +322,8 @@ class KafkaConfig(Section):
         gt=0,
         le=MAX_RETENTION_HOURS,
         description="retention of every ktel topic but ktel.raw and ktel.dlq: ktel.metrics, ktel.spans, "
-        "ktel.logs, the stages' ktel.deduped, ktel.enriched and ktel.sampled, ktel.heartbeats, ktel.control",
+        "ktel.logs, the stages' ktel.deduped, ktel.enriched and ktel.sampled, ktel.heartbeats, "
+        "ktel.control (kept agent.control_max_ttl_seconds where that is longer)",
     )
     dlq_retention_hours: float = Field(168, gt=0, le=MAX_RETENTION_HOURS, description="retention of ktel.dlq")
     replication_factor: int | Literal["auto"] = Field(
@@ -627,7 +628,7 @@ class AgentConfig(Section):
         gt=0,
         le=CONTROL_TTL_CEILING,
         description="the longest a control command may hold; a restarted agent also reads "
-        "ktel.control back this far",
+        "ktel.control back this far, and ktel topics keeps ktel.control at least this long",
     )
     control_max_id_chars: int = Field(
         512, ge=16, le=512, description="the longest control command id the agent accepts"

@@ -22,6 +22,14 @@ HOUR_MS = 3_600_000
 RAW, OUTPUT = "kafka.raw_partitions", "kafka.output_partitions"
 RAW_KEPT, OUTPUT_KEPT = "kafka.raw_retention_hours", "kafka.output_retention_hours"
 DLQ_KEPT = "kafka.dlq_retention_hours"
+CONTROL_TTL = "agent.control_max_ttl_seconds"
+# A retention setting's unit, by the end of its name.
+UNIT_MS = {"hours": HOUR_MS, "seconds": 1000}
+
+
+def unit_ms(setting: str) -> int:
+    """How many ms one unit of the retention setting ``setting`` is."""
+    return UNIT_MS[setting.rsplit("_", 1)[1]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,24 +40,32 @@ class TopicSpec:
     extra_config: dict[str, str] = dataclasses.field(default_factory=dict)
     # The setting its partition count follows, named when an existing topic differs.
     setting: str = "fixed"
-    # The setting its retention follows (in hours), likewise.
+    # The setting its retention follows (in its unit: unit_ms), likewise.
     retention_setting: str = "fixed"
 
 
 def specs(cfg: Config) -> list[TopicSpec]:
     k, t = cfg.kafka, cfg.kafka.topics
 
+    def retention_ms(setting: str) -> int:
+        section, field = setting.split(".")
+        return int(getattr(getattr(cfg, section), field) * unit_ms(setting))
+
     def kept(name: str, partitions: int, retention_setting: str, setting: str = "fixed") -> TopicSpec:
-        # The hours are read by the setting's name, so the retention a topic gets and
+        # The retention is read by the setting's name, so the retention a topic gets and
         # the setting named when an existing topic differs cannot disagree.
-        hours = getattr(k, retention_setting.removeprefix("kafka."))
         return TopicSpec(
             name,
             partitions,
-            int(hours * HOUR_MS),
+            retention_ms(retention_setting),
             setting=setting,
             retention_setting=retention_setting,
         )
+
+    # A command may hold agent.control_max_ttl_seconds, and an agent that lost its
+    # <state_dir>/control.json reads ktel.control back that far for the commands in
+    # force (edge_agent/control.py): kept less long, one still holding would be gone.
+    control_kept = max(OUTPUT_KEPT, CONTROL_TTL, key=retention_ms)
 
     return [
         # Raw batches are the forensic record: kept by time, compressed by the producer.
@@ -70,7 +86,7 @@ def specs(cfg: Config) -> list[TopicSpec]:
         # topic whose partition count differs from the table's changelog).
         kept(t.heartbeats, k.raw_partitions, OUTPUT_KEPT, setting=RAW),
         # One partition: every agent reads all commands, in the order they were given.
-        kept(t.control, 1, OUTPUT_KEPT),
+        kept(t.control, 1, control_kept),
     ]
 
 
@@ -226,9 +242,11 @@ async def check_layout(kafka: Kafka, specs: list[TopicSpec]) -> list[str]:
         # What create_topics would give it, which an existing topic keeps otherwise.
         wanted = {"min.insync.replicas": (str(isr), f"kafka.min_insync_replicas = {wanted_isr}")}
         if s.retention_ms is not None:
-            kept = f"{s.retention_setting} = {s.retention_ms / HOUR_MS:g} ({s.retention_ms} ms)"
             if s.retention_setting == "fixed":
                 kept = f"ktel needs {s.retention_ms}"
+            else:
+                given = s.retention_ms / unit_ms(s.retention_setting)
+                kept = f"{s.retention_setting} = {given:g} ({s.retention_ms} ms)"
             wanted["retention.ms"] = (str(s.retention_ms), kept)
         for key, value in s.extra_config.items():
             wanted[key] = (str(value), f"ktel needs {value}")
