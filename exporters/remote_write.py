@@ -437,7 +437,10 @@ async def post(receiver: Receiver, body: bytes) -> None:
     exporters/delivery.py classifies the answer."""
     try:
         try:
-            resp = await receiver.client.post(receiver.url, content=body)
+            # Streamed: client.post reads the body as its Content-Encoding says, and raises
+            # for one that is not in it before the status can be seen.
+            async with receiver.client.stream("POST", receiver.url, content=body) as resp:
+                text = await _body_text(resp)
         except httpx.TransportError:
             # No answer (refused, reset, timed out): a failed request as a 503 is, and the
             # one a receiver that is down fails every time.
@@ -445,7 +448,6 @@ async def post(receiver: Receiver, body: bytes) -> None:
             raise
         if not resp.is_success:
             REQUESTS_FAILED.labels(STAGE, str(resp.status_code)).inc()
-        text = resp.text
         if NATIVE_DISABLED in text:
             # Prometheus 2.x without the feature answers 500: retried (nothing is lost once
             # the receiver or the setting changes), with what to change.
@@ -463,6 +465,20 @@ async def post(receiver: Receiver, body: bytes) -> None:
         receiver.misconfigured.failed(err)  # a refused password or TLS handshake: one line
         raise
     receiver.misconfigured.succeeded()
+
+
+async def _body_text(resp: httpx.Response) -> str:
+    """The text of a receiver's answer, whatever its body holds. The answer is classified
+    by its status alone (a 2xx is a success): raised here, a failure to make text of the
+    body failed the attempt, a 2xx's too, and the request was sent again for ever. The
+    body is read whole (a connection whose answer is left unread is not reused), and
+    decoded as UTF-8, the receivers' own text, not by the charset it declares: httpx's
+    codec for one may raise for a byte it cannot decode (``idna``) or make no text (``hex``)."""
+    try:
+        await resp.aread()
+    except httpx.DecodingError as err:
+        return f"(a body not in its Content-Encoding {resp.headers.get('content-encoding', '')!r:.50}: {err})"
+    return resp.content.decode("utf-8", "replace")
 
 
 async def deliver(

@@ -590,6 +590,46 @@ async def test_other_receivers_refusals_of_samples_they_hold_already_are_told_fr
     assert remote_write.already_stored(str(refused.value)) == reason
 
 
+# Answers whose body httpx cannot make text of: a Content-Encoding the body is not in (the
+# client reads the body as it says), a charset whose codec fails on any byte it cannot
+# decode, or makes no text at all.
+UNDECODABLE = {
+    "gzip": ({"Content-Encoding": "gzip"}, b"out of order sample\n"),
+    "idna": ({"Content-Type": "text/plain; charset=idna"}, b"out of order sample \xff\n"),
+    "hex": ({"Content-Type": "text/plain; charset=hex"}, b"out of order sample\n"),
+}
+
+
+@pytest.mark.parametrize("answer", sorted(UNDECODABLE))
+@pytest.mark.parametrize(
+    ("status", "outcome"), [(200, None), (204, None), (400, "HTTP 400: "), (503, "HTTP 503: ")]
+)
+async def test_an_answer_whose_body_does_not_decode_is_classified_by_its_status(answer, status, outcome):
+    """A 2xx is a success whatever its body holds (the receiver took the samples: were
+    the attempt failed, the request would be sent again for ever); any other answer is
+    what its status says, with what text the body gives."""
+    import httpx
+
+    from exporters.remote_write_client import Receiver
+    from ktel.config import RemoteWriteConfig
+    from ktel.retry import Transient
+
+    headers, body = UNDECODABLE[answer]
+
+    def receive(_request: httpx.Request) -> httpx.Response:
+        # (a stream, as a connection gives it: a Response made of content decodes it at once)
+        return httpx.Response(status, headers=headers, stream=httpx.ByteStream(body))
+
+    async with Receiver(RemoteWriteConfig(url="http://receiver.test/api/v1/write")) as receiver:
+        receiver.client = httpx.AsyncClient(transport=httpx.MockTransport(receive))
+        if outcome is None:
+            await remote_write.post(receiver, b"")
+            return
+        with pytest.raises(Permanent if status == 400 else Transient) as failed:
+            await remote_write.post(receiver, b"")
+    assert str(failed.value).startswith(outcome)
+
+
 class RollingBack:
     """A receiver that takes a request whole or not at all, as Prometheus' remote-write
     receiver does (tests/integration/test_remote_write_prometheus.py has the real one),
