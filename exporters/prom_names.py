@@ -66,18 +66,26 @@ def clash(name: str, typ: str) -> str | None:
 
 
 HOST_LABEL = label_name(HOST_ID)  # host_id, as Prometheus has it
+BUCKET_LABEL = "le"  # a classic histogram's bucket's upper bound, as Prometheus names it
+
+
+def bucket_label(label: str, typ: str) -> bool:
+    """Whether a label of this name (sanitised) on a series of type ``typ`` is the one
+    Prometheus gives a histogram's buckets, their bounds: ``le`` on a histogram. Its
+    buckets' own would replace it, and its ``_sum`` and ``_count`` keep it: two
+    histograms differing only in it are one in their buckets, one of them the same
+    histogram without it."""
+    return typ == "histogram" and label_name(label) == BUCKET_LABEL
 
 
 def reserved(label: str, typ: str) -> bool:
     """Whether Prometheus keeps a label of this name (sanitised) for itself on a series
     of type ``typ``: a name starting with ``__`` (reserved for Prometheus' internal use;
-    ``__name__`` is the metric's name) or ``le`` on a histogram (its buckets' bounds,
-    which would also be on its ``_sum`` and ``_count``). prometheus_client's OpenMetrics
-    parser refuses a whole scrape for one (``__x``, ``le`` on a histogram), and two
-    series differing only in ``__name__``, which the exporters replace with the
-    series' name, would be one."""
-    name = label_name(label)
-    return name.startswith("__") or (name == "le" and typ == "histogram")
+    ``__name__`` is the metric's name) or ``le`` on a histogram (``bucket_label``).
+    prometheus_client's OpenMetrics parser refuses a whole scrape for one (``__x``,
+    ``le`` on a histogram), and two series differing only in ``__name__``, which the
+    exporters replace with the series' name, would be one."""
+    return label_name(label).startswith("__") or bucket_label(label, typ)
 
 
 def unnamed(snap_series: Iterable[Sequence[Any]]) -> str | None:

@@ -25,11 +25,12 @@ field that protobuf may leave out).
 Delivery (exporters/delivery.py has the rules): a snapshot whose timestamp is
 outside ``remote_write.max_age_seconds`` / ``max_future_seconds`` of the exporter's
 clock goes to ``ktel.dlq`` as it is, never to the receiver; a series of a name
-Prometheus gives another type's series (``split``) goes there alone, as a snapshot of
-such series, and the rest of its snapshot to the receiver. 2xx is success; 408,
-429 and 5xx are retried with backoff (the shared retry helper) until the receiver
-takes them, each time after at least the wait a Retry-After header asks for (up to
-``ktel.retry.MAX_RETRY_AFTER_S``); any other 4xx will never succeed: the snapshots
+Prometheus gives another type's series, or a histogram with a label ``le`` (``split``),
+goes there alone, as a snapshot of such series, and the rest of its snapshot to the
+receiver. 2xx is success; 408, 429 and 5xx are retried with backoff (the shared retry
+helper) until the receiver takes them, each time after at least the wait a
+Retry-After header asks for (up to ``ktel.retry.MAX_RETRY_AFTER_S``); any other 4xx
+will never succeed: the snapshots
 whose samples made up the refused request are re-sent in halves (the same series
 only), down to single snapshots, and a snapshot refused alone goes to ``ktel.dlq``
 with the receiver's answer. Prometheus refuses a whole request for one bad sample, so
@@ -77,7 +78,7 @@ from exporters import consume
 from exporters.consume import Record
 from exporters.delivery import REFUSAL_CHARS, Window, http_answer, http_refusal, retry_after, send_split
 from exporters.log2 import ZERO_THRESHOLD, Exponential, exponential
-from exporters.prom_names import clash, metric_name, prom_labels, unnamed
+from exporters.prom_names import BUCKET_LABEL, bucket_label, clash, metric_name, prom_labels, unnamed
 from exporters.remote_write_client import Receiver
 from ktel import selfmetrics
 from ktel.config import Config, check_readable
@@ -409,7 +410,7 @@ def histogram_series(
     to ``le="+Inf"`` (= count), ``_sum`` and ``_count`` (the form every Prometheus
     and the text exposition format know)."""
     out = [
-        (tuple(prom_labels(f"{name}_bucket", {**labels, "le": le})), cumulative)
+        (tuple(prom_labels(f"{name}_bucket", {**labels, BUCKET_LABEL: le})), cumulative)
         for le, cumulative in classic_buckets(h)
     ]
     out.append((tuple(prom_labels(f"{name}_sum", labels)), float(h["sum"])))
@@ -420,15 +421,22 @@ def histogram_series(
 def split(snap: MetricSnapshot) -> tuple[list[Any], list[tuple[Any, str]]]:
     """The series of ``snap`` to send, and those not to, each with why: a name another
     type's series have in Prometheus (``clash``), which would write into that metric's
-    series (a gauge ``x_count`` into a histogram ``x``'s count). The aggregate writes
-    none; a snapshot written to ktel.metrics by something else may."""
+    series (a gauge ``x_count`` into a histogram ``x``'s count); a histogram with a label
+    ``le`` (``bucket_label``), which would write into the buckets of the one without it,
+    natively sent or not (the pull endpoint refuses it too). The aggregate writes none; a
+    snapshot written to ktel.metrics by something else may."""
     served, refused = [], []
     for row in snap.series:
-        why = clash(row[0], row[1])
+        name, typ, labels, _value = row
+        why = clash(name, typ)
+        if why is None and typ == "histogram":
+            le = next((label for label in labels if bucket_label(label, typ)), None)
+            if le is not None:
+                why = f"a histogram with a label {le!r:.100}, as Prometheus names its buckets' bounds"
         if why is None:
             served.append(row)
         else:
-            refused.append((row, f"series {row[0]!r:.100}: {why}"))
+            refused.append((row, f"series {name!r:.100}: {why}"))
     return served, refused
 
 

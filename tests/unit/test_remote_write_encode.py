@@ -286,6 +286,80 @@ async def test_a_series_named_as_another_types_series_are_is_dead_lettered_and_t
     assert after == (dead or 0.0) + 2
 
 
+@pytest.mark.parametrize("histograms", ["classic", "native"])
+async def test_a_histogram_with_a_label_le_is_dead_lettered_and_the_rest_sent(histograms):
+    """Prometheus names a classic histogram's buckets by their bound in label le: a
+    histogram's own le would be replaced in its buckets and kept on its _sum and _count,
+    and two histograms differing only in le would be one in their buckets (one of each
+    bucket left out as a duplicate). Such a series (which the aggregate never writes:
+    processors/aggregate_core.py ``_kept``) is refused, as the pull endpoint refuses it,
+    whatever form it would go in (a native histogram too), and dead-lettered alone with
+    the reason; the rest of its snapshot is sent."""
+    import httpx
+    from prometheus_client import REGISTRY
+
+    from exporters.consume import Record
+    from exporters.delivery import Window
+    from exporters.remote_write_client import Receiver
+    from ktel.config import RemoteWriteConfig
+    from ktel.wire import (
+        DLQ_TOPIC,
+        METRICS_TOPIC,
+        decode_dead_letter,
+        decode_snapshot,
+        encode_snapshot,
+        log2_bounds,
+    )
+
+    requests: list[WriteRequest] = []
+
+    def receive(request: httpx.Request) -> httpx.Response:
+        requests.append(decode(request.content))
+        return httpx.Response(204)
+
+    def hist(n: int, bounds: list[float]) -> dict[str, Any]:
+        return {"count": n, "sum": 1.5 * n, "bounds": bounds, "counts": [0] * len(bounds) + [n]}
+
+    host = {"host.id": "h"}
+    kept = [["h", "histogram", host, hist(3, [1.0])], ["g", "gauge", {**host, "le": "a"}, 4.0]]
+    with_le = [
+        ["h", "histogram", {**host, "le": "a"}, hist(5, [1.0])],
+        ["h", "histogram", {**host, "le": "b"}, hist(7, [1.0])],
+        ["n", "histogram", {**host, "le": "a"}, hist(2, log2_bounds(4))],  # native in native mode
+    ]
+    snap = MetricSnapshot(time.time_ns() // 1_000_000, [with_le[0], kept[0], *with_le[1:], kept[1]])
+    value = encode_snapshot(snap)
+    rec = Record(decode_snapshot(value), METRICS_TOPIC, 2, 40, b"h", value, DLQ_TOPIC)
+    producer = Producer()
+    duplicates = REGISTRY.get_sample_value("ktel_exporter_duplicate_samples_total") or 0.0
+    async with Receiver(RemoteWriteConfig(url="http://receiver.test/api/v1/write")) as receiver:
+        receiver.client = httpx.AsyncClient(transport=httpx.MockTransport(receive))
+        await remote_write.deliver(receiver, [rec], producer, Window(3600, 600, "remote_write"), histograms)
+
+    sent = {
+        (labels.pop("__name__"), tuple(sorted(labels.items()))): [s.value for s in ts.samples]
+        for req in requests
+        for ts in req.timeseries
+        for labels in [{lb.name: lb.value for lb in ts.labels}]
+    }
+    h = (("host_id", "h"),)
+    assert sent == {
+        ("h_bucket", (*h, ("le", "1.0"))): [0.0],
+        ("h_bucket", (*h, ("le", "+Inf"))): [3.0],
+        ("h_sum", h): [4.5],
+        ("h_count", h): [3.0],
+        ("g", (*h, ("le", "a"))): [4.0],  # (a gauge's le is its own)
+    }
+    assert (REGISTRY.get_sample_value("ktel_exporter_duplicate_samples_total") or 0.0) == duplicates
+    [(_topic, letter, _key)] = producer.sent
+    dl = decode_dead_letter(letter)
+    assert dl.reason == (
+        "series 'h': a histogram with a label 'le', as Prometheus names its buckets' bounds"
+        " (and 2 more series of this snapshot)"
+    )
+    assert decode_snapshot(dl.payload).series == with_le
+
+
 def test_the_series_cache_bound_counts_the_labels_it_keeps_not_only_their_serialised_form(monkeypatch):
     """The cache is keyed by the wire's name and labels. A label with an empty value is
     left out of the serialised form, and names alike once sanitised are one label
