@@ -206,6 +206,36 @@ def test_a_new_series_reaches_remote_write_at_zero_then_at_its_value(histograms)
         assert n == 2 + 1 + 2 * 2 * per_histogram
 
 
+@pytest.mark.parametrize("native_last", [False, True])
+def test_a_gauge_and_a_native_histogram_of_one_series_at_one_timestamp_send_one_sample(native_last):
+    """A gauge h and a log2 histogram h of the same labels are one Prometheus series
+    natively (and a gauge x_nanoseconds one with a histogram x_seconds), which would hold
+    a float and a histogram at one timestamp: Prometheus keeps one sample of a series at
+    a timestamp (one sent later is refused as another value at it). The request carries
+    one, the last given, as of two wire series whose
+    labels are alike once sanitised, and the other is counted a duplicate: every sample
+    read counted once. (In classic form the histogram is h_bucket, h_sum and h_count,
+    another series.)"""
+    from prometheus_client import REGISTRY
+
+    labels = {"host.id": "h"}
+    gauge = ["h", "gauge", labels, 5.0]
+    histogram = ["h", "histogram", labels, {**kernel_histogram([3]), "bounds": log2_bounds(HIST_SLOTS)}]
+    rows = [gauge, histogram] if native_last else [histogram, gauge]
+    duplicates = REGISTRY.get_sample_value("ktel_exporter_duplicate_samples_total") or 0.0
+    [(body, n, _)] = remote_write.encode([MetricSnapshot(1000, rows)])
+    req = _prompb()()
+    req.ParseFromString(snappy.uncompress(body))
+    [ts] = req.timeseries
+    assert [(lb.name, lb.value) for lb in ts.labels] == [("__name__", "h"), ("host_id", "h")]
+    if native_last:
+        assert not ts.samples and [(h.timestamp, h.count_int) for h in ts.histograms] == [(1000, 1)]
+    else:
+        assert not ts.histograms and [(s.timestamp, s.value) for s in ts.samples] == [(1000, 5.0)]
+    assert n == 1
+    assert REGISTRY.get_sample_value("ktel_exporter_duplicate_samples_total") == duplicates + 1
+
+
 async def test_a_receiver_without_native_histograms_is_retried_with_what_to_change():
     """Prometheus 2.x started without the feature answers 500: transient (retried, nothing
     lost), and the error says which flag or setting fixes it."""
