@@ -139,6 +139,16 @@ def http_refusal(status: int, message: str, limit: int = REFUSAL_CHARS) -> str:
     return f"HTTP {status}: {message.strip()[:limit]}"
 
 
+def undecodable(content_encoding: str | None, err: BaseException) -> str:
+    """The text of an answer whose body is not in the Content-Encoding it names (a plain
+    error page said to be gzip): the answer is classified by its status all the same, and
+    its text says why it holds nothing more. ``err``: the HTTP client's error, told by its
+    first cause (zlib's, say), in the same words whichever client read the body."""
+    while (cause := err.__cause__ or err.__context__) is not None:
+        err = cause
+    return f"(a body not in its Content-Encoding {content_encoding or ''!r:.50}: {err})"
+
+
 def retry_after(value: str | None, now: float | None = None) -> float | None:
     """The wait an HTTP Retry-After header asks for, in seconds (RFC 9110: a number of
     seconds, or an HTTP-date, ``now`` being the epoch's seconds), or None when there is

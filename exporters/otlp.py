@@ -137,6 +137,7 @@ from exporters.delivery import (
     otlp_http_retried,
     retry_after,
     send_split,
+    undecodable,
 )
 from exporters.log2 import ZERO_THRESHOLD, exponential
 from ktel import selfmetrics
@@ -437,7 +438,8 @@ class Session(requests.Session):
     ``verify`` from otlp.certificate_file or OTEL_EXPORTER_OTLP_CERTIFICATE) is used:
     requests lets REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE, set on many hosts, replace a
     session's own (psf/requests#3829), and the backend's certificate would then fail
-    verification. Each request carries the token of ``token_file`` as it is then."""
+    verification. Each request carries the token of ``token_file`` as it is then. An
+    answer whose body is not in its Content-Encoding is given with the error (``send``)."""
 
     def __init__(self, token_file: Path | None = None) -> None:
         super().__init__()
@@ -454,6 +456,22 @@ class Session(requests.Session):
         if isinstance(self.verify, str):
             settings["verify"] = self.verify
         return settings
+
+    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
+        # The body is read here, as requests' own send reads it, to keep the answer when
+        # it is not in its Content-Encoding: requests' error lost it, the SDK's transport
+        # took the attempt for one that got no answer, and a request the backend had
+        # taken, a 2xx, was sent again for ever. send_once classifies it by its status.
+        streamed = kwargs.pop("stream", self.stream)
+        response = super().send(request, stream=True, **kwargs)
+        if not streamed:
+            try:
+                response.content  # noqa: B018 -- read, as requests' send reads it
+            except requests.exceptions.ContentDecodingError as err:
+                response.close()  # its rest unread: the connection is not used again
+                err.response = response
+                raise
+        return response
 
 
 _GRPC_COMPRESSION = {"none": grpc.Compression.NoCompression, "gzip": grpc.Compression.Gzip}
@@ -493,10 +511,19 @@ def send_once(exporter: Any, request: Any, token_file: Path | None = None) -> tu
         return partial_success(response)
     client = exporter._client
     result = client._submit(client._compress(request.SerializePartialToString()), client._timeout)
+    error = result.error
+    if isinstance(error, requests.exceptions.ContentDecodingError) and error.response is not None:
+        # An answer whose body is not in its Content-Encoding (Session.send): what its
+        # status says, a 2xx a success that says nothing more.
+        answer = error.response
+        encoding = answer.headers.get("content-encoding")
+        wait = retry_after(answer.headers.get("retry-after"))
+        http_answer(answer.status_code, undecodable(encoding, error), wait, retried=otlp_http_retried)
+        return partial_success(None)
     if result.status_code is None:
-        if isinstance(result.error, Unauthorized):  # the token file, unreadable (Session)
-            raise result.error
-        raise Transient(f"no answer from {client._endpoint}: {result.error}")
+        if isinstance(error, Unauthorized):  # the token file, unreadable (Session)
+            raise error
+        raise Transient(f"no answer from {client._endpoint}: {error}")
     http_answer(result.status_code, _http_message(result), _retry_after(result), retried=otlp_http_retried)
     try:
         response = RESPONSES[type(request)].FromString(result.content())

@@ -76,7 +76,15 @@ from prometheus_client.utils import floatToGoString
 
 from exporters import consume
 from exporters.consume import Record
-from exporters.delivery import REFUSAL_CHARS, Window, http_answer, http_refusal, retry_after, send_split
+from exporters.delivery import (
+    REFUSAL_CHARS,
+    Window,
+    http_answer,
+    http_refusal,
+    retry_after,
+    send_split,
+    undecodable,
+)
 from exporters.log2 import ZERO_THRESHOLD, Exponential, exponential
 from exporters.prom_names import BUCKET_LABEL, bucket_label, clash, metric_name, prom_labels, unnamed
 from exporters.remote_write_client import Receiver
@@ -485,7 +493,7 @@ async def _body_text(resp: httpx.Response) -> str:
     try:
         await resp.aread()
     except httpx.DecodingError as err:
-        return f"(a body not in its Content-Encoding {resp.headers.get('content-encoding', '')!r:.50}: {err})"
+        return undecodable(resp.headers.get("content-encoding"), err)
     return resp.content.decode("utf-8", "replace")
 
 

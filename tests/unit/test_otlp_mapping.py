@@ -284,6 +284,93 @@ def test_send_once_sends_the_request_as_built_and_classifies_the_answer():
     assert [ExportTraceServiceRequest.FromString(b) for b in bodies] == [req] * 4
 
 
+# Answers whose body cannot be read as their headers say: a Content-Encoding the body is
+# not in (requests reads the body as it says), a charset whose codec fails on any byte it
+# cannot decode or makes no text (ktel reads an OTLP body as bytes, never by its charset).
+UNDECODABLE = {
+    "gzip": ({"Content-Encoding": "gzip"}, b"request refused\n"),
+    "deflate": ({"Content-Encoding": "deflate"}, b"request refused\n"),
+    "idna": ({"Content-Type": "text/plain; charset=idna"}, b"request refused \xff\n"),
+    "hex": ({"Content-Type": "text/plain; charset=hex"}, b"request refused\n"),
+}
+
+
+@pytest.fixture
+def receiver():
+    """A real HTTP server on loopback that gives, for each request, the next of
+    ``answers`` (status, headers, body) and keeps the request bodies it was sent; it keeps
+    connections open (HTTP/1.1), as a backend does, so one answer's body left unread
+    would garble the next."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    answers: list[tuple[int, dict[str, str], bytes]] = []
+    received: list[bytes] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):  # noqa: N802 -- http.server's name
+            received.append(self.rfile.read(int(self.headers["Content-Length"])))
+            status, headers, body = answers.pop(0)
+            self.send_response(status)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    # (polled often for a stop, so a test's end does not wait on it)
+    thread = threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}", answers, received
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+@pytest.mark.parametrize("answer", sorted(UNDECODABLE))
+@pytest.mark.parametrize(
+    ("status", "outcome"), [(200, None), (400, Permanent), (401, Unauthorized), (503, Transient)]
+)
+def test_an_answer_whose_body_does_not_decode_is_classified_by_its_status(receiver, answer, status, outcome):
+    """A 2xx is a success whatever its body holds: the backend took the request, which,
+    were the attempt failed, would be sent again for ever. Any other answer is what its
+    status says (a 400 split and dead-lettered, not retried), its Retry-After honoured,
+    with what its body says or that it is not in its Content-Encoding. The next answer,
+    on the same connection or another, is read whole, its partial success too."""
+    import gzip
+
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTracePartialSuccess,
+        ExportTraceServiceResponse,
+    )
+
+    url, answers, received = receiver
+    headers, body = UNDECODABLE[answer]
+    partial = ExportTracePartialSuccess(rejected_spans=2, error_message="x")
+    good = gzip.compress(ExportTraceServiceResponse(partial_success=partial).SerializeToString())
+    answers += [(status, {**headers, "Retry-After": "7"}, body), (200, {"Content-Encoding": "gzip"}, good)]
+    req = otlp_spans.span_request([(RESOURCE, [TRACE, ROOT, b"", "s", 1, 2, 1, "", {}])], otlp.SCOPE)
+    exporter, _, _ = otlp.make_exporters(OtlpConfig(protocol="http/protobuf", endpoint=url))
+
+    if outcome is None:
+        assert otlp.send_once(exporter, req) == (0, "")
+    else:
+        with pytest.raises(outcome) as failed:
+            otlp.send_once(exporter, req)
+        said = "(a body not in its Content-Encoding" if "Content-Encoding" in headers else "request refused"
+        assert str(failed.value).startswith(f"HTTP {status}: {said}")
+        if outcome is Transient:
+            assert failed.value.retry_after == 7
+    assert otlp.send_once(exporter, req) == (2, "x")
+    assert [ExportTraceServiceRequest.FromString(b) for b in received] == [req] * 2  # each sent once
+
+
 def test_logs_keep_time_severity_body_attributes_trace_context_and_resource():
     batch = LogBatch(
         RESOURCE,
