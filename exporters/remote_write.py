@@ -102,7 +102,8 @@ SAMPLES = Counter("ktel_exporter_samples", "samples acknowledged by the backend"
 DUPLICATES = Counter(
     "ktel_exporter_duplicate_samples",
     "samples left out of a remote-write request: another value of the same series at the same "
-    "timestamp (wire series whose labels are alike once sanitised)",
+    "timestamp (wire series that make one Prometheus series: labels alike once sanitised, a "
+    "counter's x and x_total, a gauge and a native histogram of one name)",
 )
 REQUESTS_FAILED = Counter(
     "ktel_exporter_failed_requests",
@@ -274,7 +275,8 @@ def _one_per_timestamp(
             shown = ",".join(f'{lb.name}="{lb.value}"' for lb in TimeSeries.FromString(labels).labels)
             log.warning(
                 "remote-write: %d values of the Prometheus series {%s} at one timestamp (wire series "
-                "whose labels are alike once sanitised): the last is sent",
+                "that make one Prometheus series: labels alike once sanitised, a counter's x and "
+                "x_total, a gauge and a native histogram of one name): the last is sent",
                 len(samples) - len(kept) + 1,
                 shown[:500],
             )
