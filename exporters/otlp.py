@@ -490,13 +490,13 @@ def authorization(token_file: Path) -> str:
 
 
 def send_once(exporter: Any, request: Any, token_file: Path | None = None) -> tuple[int, str]:
-    """One attempt to send an OTLP request through an SDK exporter's own gRPC stub or
+    """One attempt to send an OTLP request through an SDK exporter's own gRPC channel or
     HTTP client (opentelemetry-exporter-otlp-proto-* 1.45.2, pinned in pyproject.toml);
     raises Transient or Permanent as exporters/delivery.py classifies the answer, and
     returns what a success says it rejected (``partial_success``).
     ``token_file``: the bearer token sent over gRPC (the HTTP exporters' Session sends it)."""
     if isinstance(exporter, OTLPExporterMixin):
-        stub: Any = exporter._client  # set by the exporter's constructor
+        channel: Any = exporter._channel  # set by the exporter's constructor
         metadata: Any = exporter._headers  # pairs, once the constructor parsed them
         if token_file is not None:
             # The file's token replaces one from OTEL_EXPORTER_OTLP_HEADERS.
@@ -504,11 +504,19 @@ def send_once(exporter: Any, request: Any, token_file: Path | None = None) -> tu
                 *((k, v) for k, v in metadata if k.lower() != "authorization"),
                 ("authorization", authorization(token_file)),
             )
+        # The call of the exporter's stub (exporter._client), on its channel (set by its
+        # constructor: TLS, compression, options), but keeping the answer's message as
+        # bytes: the stub fails an OK whose message is not the response OTLP defines with an
+        # INTERNAL of its own, a refusal, and a request the backend took was split, sent
+        # again and dead-lettered. An OK is a success whatever its message holds.
+        export = channel.unary_unary(
+            _export_method(request), request_serializer=type(request).SerializeToString
+        )
         try:
-            response = stub.Export(request=request, metadata=metadata, timeout=exporter._timeout)
+            body = export(request, metadata=metadata, timeout=exporter._timeout)
         except grpc.RpcError as err:
             grpc_answer(err.code(), err.details(), grpc_retry_after(err))
-        return partial_success(response)
+        return partial_success(_response(request, body))
     client = exporter._client
     result = client._submit(client._compress(request.SerializePartialToString()), client._timeout)
     error = result.error
@@ -525,11 +533,23 @@ def send_once(exporter: Any, request: Any, token_file: Path | None = None) -> tu
             raise error
         raise Transient(f"no answer from {client._endpoint}: {error}")
     http_answer(result.status_code, _http_message(result), _retry_after(result), retried=otlp_http_retried)
+    return partial_success(_response(request, result.content()))
+
+
+def _export_method(request: Any) -> str:
+    """The gRPC method of a request, as its generated stub names it: its service's
+    Export (``/opentelemetry.proto.collector.trace.v1.TraceService/Export``)."""
+    [service] = request.DESCRIPTOR.file.services_by_name.values()
+    return f"/{service.full_name}/Export"
+
+
+def _response(request: Any, body: bytes) -> Any:
+    """The response a success to ``request`` holds in ``body`` (its HTTP body, its gRPC
+    message), or None: one that is not the response OTLP defines (a proxy's) says nothing."""
     try:
-        response = RESPONSES[type(request)].FromString(result.content())
+        return RESPONSES[type(request)].FromString(body)
     except Exception:  # noqa: BLE001 -- not the response OTLP defines (a proxy's body): nothing said
-        response = None
-    return partial_success(response)
+        return None
 
 
 # Each request's response, which a success may carry a partial success in.

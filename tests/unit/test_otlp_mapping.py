@@ -2,6 +2,7 @@
 encoder; logs and metrics through the SDK's encoders (what its exporters send)."""
 
 import asyncio
+import logging
 import math
 import time
 
@@ -36,6 +37,7 @@ from ktel.wire import HIST_SLOTS, LogBatch, MetricSnapshot, SpanBatch, decode_lo
 from ktel.wire import encode_logs as wire_logs
 from ktel.wire import encode_spans as wire_spans
 from tests.unit import new_host
+from tests.unit.otlp_grpc import Channel
 
 TRACE = bytes(range(16))
 ROOT, CHILD = b"\x01" * 8, b"\x02" * 8
@@ -245,7 +247,7 @@ def test_send_once_sends_the_request_as_built_and_classifies_the_answer():
             if answer is not None:
                 raise answer
 
-    grpc_exporter._client = Stub()
+    grpc_exporter._channel = Channel(Stub().Export)
     otlp.send_once(grpc_exporter, req)
     with pytest.raises(Transient, match="gRPC UNAVAILABLE: connection refused"):
         otlp.send_once(grpc_exporter, req)
@@ -369,6 +371,77 @@ def test_an_answer_whose_body_does_not_decode_is_classified_by_its_status(receiv
             assert failed.value.retry_after == 7
     assert otlp.send_once(exporter, req) == (2, "x")
     assert [ExportTraceServiceRequest.FromString(b) for b in received] == [req] * 2  # each sent once
+
+
+@pytest.fixture
+def grpc_receiver():
+    """A real gRPC server on loopback whose OTLP trace service answers each Export with
+    the next of ``answers`` (a status, and for OK the bytes of its message: any bytes, as
+    a server or a proxy may send) and keeps the requests' bytes."""
+    from concurrent import futures
+
+    answers: list[tuple[grpc.StatusCode, bytes]] = []
+    received: list[bytes] = []
+
+    def export(request: bytes, context: grpc.ServicerContext) -> bytes:
+        received.append(request)
+        code, message = answers.pop(0)
+        if code is not grpc.StatusCode.OK:
+            context.abort(code, message.decode())
+        return message
+
+    # No (de)serializers: the handler takes and gives bytes.
+    service = "opentelemetry.proto.collector.trace.v1.TraceService"
+    handler = grpc.method_handlers_generic_handler(
+        service, {"Export": grpc.unary_unary_rpc_method_handler(export)}
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(1))
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"http://127.0.0.1:{port}", answers, received
+    server.stop(None)
+
+
+async def test_a_grpc_ok_is_a_success_whatever_its_message_holds(grpc_receiver, caplog):
+    """An OK says the backend took the request: one whose message is not the response
+    OTLP defines is a success that rejects nothing, sent once and counted, with no
+    warning. grpc's stub fails it with an INTERNAL of its own, and the request was split,
+    sent again and dead-lettered. A response is read, its partial success too, and an
+    INTERNAL the server sends is a refusal."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTracePartialSuccess,
+        ExportTraceServiceResponse,
+    )
+
+    url, answers, received = grpc_receiver
+    spans, metrics, logs = otlp.make_exporters(OtlpConfig(protocol="grpc", endpoint=url, insecure=True))
+    sender = otlp.Sender(OtlpConfig(), (spans, metrics, logs))
+    now = time.time_ns()
+    rows = [[TRACE, bytes([i + 1]) * 8, b"", f"s{i}", now, now + 1, 0, "", {}] for i in range(2)]
+    value = wire_spans(SpanBatch(RESOURCE, rows))
+    rec = Record(decode_spans(value), "ktel.spans", 0, 9, b"h1", value, wire.DLQ_TOPIC)
+    producer = Producer()
+    acked = REGISTRY.get_sample_value("ktel_exporter_otlp_items_total", {"signal": "spans"}) or 0.0
+    answers.append((grpc.StatusCode.OK, b"\xff\xff\xff"))
+
+    with caplog.at_level(logging.WARNING):
+        await sender.deliver([rec], producer)
+
+    [sent] = received
+    assert producer.sent == [] and caplog.records == []  # nothing dead-lettered, nothing said
+    assert REGISTRY.get_sample_value("ktel_exporter_otlp_items_total", {"signal": "spans"}) == acked + 2
+    req = ExportTraceServiceRequest.FromString(sent)
+    partial = ExportTracePartialSuccess(rejected_spans=2, error_message="x")
+    answers += [
+        (grpc.StatusCode.OK, ExportTraceServiceResponse(partial_success=partial).SerializeToString()),
+        (grpc.StatusCode.INTERNAL, b"cannot take it"),
+    ]
+    assert otlp.send_once(spans, req) == (2, "x")
+    with pytest.raises(Permanent, match="^gRPC INTERNAL: cannot take it$"):
+        otlp.send_once(spans, req)
+    assert received == [sent] * 3
+    sender.shutdown()
 
 
 def test_logs_keep_time_severity_body_attributes_trace_context_and_resource():
@@ -636,7 +709,7 @@ async def test_a_partial_success_counts_what_the_backend_rejected_and_sends_noth
     }
     assert "OTLP backend took 3 of 4 spans, rejected 1: span too old" in caplog.text
 
-    # Over gRPC the same answer comes as the stub's return value.
+    # Over gRPC the same answer comes as Export's message.
     grpc_exporter, _, _ = otlp.make_exporters(OtlpConfig(protocol="grpc", endpoint="http://127.0.0.1:1"))
     partial = ExportTracePartialSuccess(rejected_spans=2, error_message="x")
 
@@ -644,7 +717,7 @@ async def test_a_partial_success_counts_what_the_backend_rejected_and_sends_noth
         def Export(self, request, **_kw):  # noqa: N802 -- the generated stub's name
             return ExportTraceServiceResponse(partial_success=partial)
 
-    grpc_exporter._client = Stub()
+    grpc_exporter._channel = Channel(Stub().Export)
     req = otlp_spans.span_request([(RESOURCE, rows[0])], otlp.SCOPE)
     assert otlp.send_once(grpc_exporter, req) == (2, "x")
 
@@ -745,7 +818,7 @@ async def test_an_answer_otlp_does_not_retry_is_dead_lettered_and_counted_not_se
                     raise RpcError(answer, "cannot take it")
                 return None
 
-        spans._client = Stub()
+        spans._channel = Channel(Stub().Export)
     else:
 
         def submit(data: bytes, _timeout: float):
@@ -974,7 +1047,7 @@ def test_the_bearer_token_file_is_read_for_every_request_over_grpc_and_http(tmp_
         def Export(self, request, metadata, **_kw):  # noqa: N802 -- the generated stub's name
             sent.append(dict(metadata))
 
-    grpc_exporter._client = Stub()
+    grpc_exporter._channel = Channel(Stub().Export)
     otlp.send_once(grpc_exporter, req, token)
     token.write_text("second\n")
     otlp.send_once(grpc_exporter, req, token)

@@ -28,6 +28,7 @@ from ktel import wire
 from ktel.config import OtlpConfig, RemoteWriteConfig
 from ktel.retry import MAX_RETRY_AFTER_S, Backoff, Transient, retry
 from ktel.wire import MetricSnapshot, SpanBatch, decode_snapshot, decode_spans, encode_snapshot, encode_spans
+from tests.unit.otlp_grpc import Channel
 
 NOW = 1_764_000_000.0
 TRACE = bytes(range(16))
@@ -245,7 +246,7 @@ async def test_otlp_grpc_waits_what_a_retry_info_asks(waits):
                 raise throttled.pop(0)
             return ExportTraceServiceResponse()
 
-    spans._client = Stub()
+    spans._channel = Channel(Stub().Export)
     sender = otlp.Sender(OtlpConfig(), (spans, metrics, logs))
     await asyncio.wait_for(sender.deliver([span_record()], Producer()), 30)
     assert throttled == []
