@@ -27,7 +27,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError, KafkaTimeoutError
@@ -89,11 +89,29 @@ class Record:
     dlq: str
 
 
+class DeadLetterSink(Protocol):
+    """Where an exporter's dead letters go: ``ktel.dlq``, through the exporter's Kafka
+    producer; or, when ``ktel dlq --redrive`` delivers a dead letter to its backend again,
+    what the backend refused of it once more, reported there and not dead-lettered a second
+    time (ktel/dlq.py)."""
+
+    async def send_and_wait(self, topic: str, value: bytes, key: bytes | None = None) -> Any: ...
+
+
 Decoder = Callable[[bytes], Any]
-Deliver = Callable[[list[Record], AIOKafkaProducer], Awaitable[None]]
+Deliver = Callable[[list[Record], DeadLetterSink], Awaitable[None]]
 
 
-async def dead_letter(producer: AIOKafkaProducer, dlq: str, dl: DeadLetter, key: bytes | None = None) -> None:
+@dataclass(frozen=True)
+class Delivery:
+    """An exporter's delivery to its configured backend (``deliver``), and where that is,
+    for a person (``backend``): used by the exporter's loop and by ``ktel dlq --redrive``."""
+
+    deliver: Deliver
+    backend: str
+
+
+async def dead_letter(producer: DeadLetterSink, dlq: str, dl: DeadLetter, key: bytes | None = None) -> None:
     """Send a dead letter, retried while Kafka is away (the producer gives a record up
     after its request timeout): giving up would end the exporter, and its restart
     would send the records since its last commit to the backend, and these dead
@@ -114,7 +132,7 @@ async def dead_letter(producer: AIOKafkaProducer, dlq: str, dl: DeadLetter, key:
 
 
 async def refuse(
-    producer: AIOKafkaProducer,
+    producer: DeadLetterSink,
     stage: str,
     rec: Record,
     reason: str,
@@ -136,7 +154,7 @@ async def refuse(
 
 
 async def refuse_series(
-    producer: AIOKafkaProducer,
+    producer: DeadLetterSink,
     stage: str,
     rec: Record,
     refused: list[tuple[Any, str]],

@@ -68,19 +68,19 @@ to the SDK, which reads the same environment variables as every OpenTelemetry SD
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import grpc
 import requests
-from aiokafka import AIOKafkaProducer
 from google.rpc.status_pb2 import Status as RpcStatus
 from opentelemetry import trace
 from opentelemetry._logs import LogRecord, SeverityNumber
@@ -124,7 +124,7 @@ from opentelemetry.trace import SpanContext, TraceFlags
 from prometheus_client import Counter
 
 from exporters import consume, otlp_spans
-from exporters.consume import Record
+from exporters.consume import DeadLetterSink, Decoder, Delivery, Record
 from exporters.delivery import (
     Misconfigured,
     Transient,
@@ -614,19 +614,20 @@ class Sender:
         self.spans, self.metrics, self.logs = exporters or make_exporters(cfg)
         self.token_file = cfg.bearer_token_file
         endpoint = cfg.endpoint or "the endpoint of OTEL_EXPORTER_OTLP_ENDPOINT"
+        self.backend = f"OTLP export to {endpoint}"
         credentials = "otlp.headers (or OTEL_EXPORTER_OTLP_HEADERS)"
         if cfg.bearer_token_file is not None:
             credentials = f"the token in otlp.bearer_token_file ({cfg.bearer_token_file})"
         self.misconfigured = Misconfigured(
             log,
-            f"OTLP export to {endpoint}",
+            self.backend,
             credentials=credentials,
             receiver="otlp.endpoint and otlp.protocol (or OTEL_EXPORTER_OTLP_ENDPOINT and _PROTOCOL)",
             tls="otlp.certificate_file, client_certificate_file, client_key_file and endpoint "
             "(or their OTEL_EXPORTER_OTLP_* variables)",
         )
 
-    async def deliver(self, records: list[Record], producer: AIOKafkaProducer) -> None:
+    async def deliver(self, records: list[Record], producer: DeadLetterSink) -> None:
         # Each item with the record it came from: (record, what its converter takes).
         spans: list[tuple[Record, tuple[dict[str, Any], Sequence[Any]]]] = []
         logs: list[tuple[Record, tuple[Resource, Sequence[Any]]]] = []
@@ -676,7 +677,7 @@ class Sender:
         await self._send("metrics", points, request, self.metrics, 1, producer)
 
     async def _refuse(
-        self, producer: AIOKafkaProducer, rec: Record, signal: str, reasons: list[str], payload: bytes | None
+        self, producer: DeadLetterSink, rec: Record, signal: str, reasons: list[str], payload: bytes | None
     ) -> None:
         reason = (
             reasons[0]
@@ -692,7 +693,7 @@ class Sender:
         convert: Callable[[list[Any]], Any],
         exporter: Any,
         in_flight: int,
-        producer: AIOKafkaProducer,
+        producer: DeadLetterSink,
     ) -> None:
         slots = asyncio.Semaphore(in_flight)
 
@@ -797,20 +798,33 @@ def _log_request(rows: list[tuple[Resource, Sequence[Any]]]) -> Any:
     return encode_log_request(to_logs(rows))
 
 
-async def run(cfg: Config, stop: asyncio.Event, *, group_id: str | None = None) -> None:
-    """``group_id``: the consumer group, if not ktel-export-otlp (under kafka.prefix)."""
-    check_readable("otlp", cfg.otlp, cfg.otlp.FILES)
-    selfmetrics.serve(cfg.otlp.metrics_port, cfg.service.metrics_bind, "otlp.metrics_port")
-    sender = Sender(cfg.otlp, service=service_attributes(cfg.service.name))
+def topics(cfg: Config) -> dict[str, Decoder]:
+    """The topics the exporter reads, each with its records' decoder."""
     names = cfg.kafka.topics
+    return {names.spans: decode_spans, names.logs: decode_logs, names.metrics: decode_snapshot}
+
+
+@contextlib.asynccontextmanager
+async def delivery(cfg: Config) -> AsyncIterator[Delivery]:
+    """``Sender.deliver`` to the configured backend: the exporter's, and ``ktel dlq
+    --redrive``'s for the exporter's dead letters."""
+    check_readable("otlp", cfg.otlp, cfg.otlp.FILES)
+    sender = Sender(cfg.otlp, service=service_attributes(cfg.service.name))
     try:
-        await consume.run(
-            kafka=cfg.kafka,
-            group_id=group_id or names.group(GROUP),
-            stage=STAGE,
-            topics={names.spans: decode_spans, names.logs: decode_logs, names.metrics: decode_snapshot},
-            deliver=sender.deliver,
-            stop=stop,
-        )
+        yield Delivery(sender.deliver, sender.backend)
     finally:
         sender.shutdown()
+
+
+async def run(cfg: Config, stop: asyncio.Event, *, group_id: str | None = None) -> None:
+    """``group_id``: the consumer group, if not ktel-export-otlp (under kafka.prefix)."""
+    async with delivery(cfg) as to_backend:
+        selfmetrics.serve(cfg.otlp.metrics_port, cfg.service.metrics_bind, "otlp.metrics_port")
+        await consume.run(
+            kafka=cfg.kafka,
+            group_id=group_id or cfg.kafka.topics.group(GROUP),
+            stage=STAGE,
+            topics=topics(cfg),
+            deliver=to_backend.deliver,
+            stop=stop,
+        )

@@ -46,13 +46,12 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from exporters import consume
-from exporters.consume import Record
+from exporters.consume import DeadLetterSink, Record
 from exporters.delivery import Window
 from exporters.prom_names import COUNTER_SUFFIX, clash, metric_name, prom_labels, reserved, unnamed
 from exporters.remote_write import classic_buckets
@@ -63,6 +62,7 @@ from ktel.wire.signals import samples
 
 log = logging.getLogger("ktel.export.pull")
 
+STAGE = "pull"  # the stage its dead letters name
 # More than one window, so a snapshot delayed by a slow worker or a rebalance is still read.
 LOOKBACK_WINDOWS = 3
 # How often, at most, the series are swept for those no snapshot named for long (expire).
@@ -437,7 +437,7 @@ class BucketLabels(SampleLabels):
 
 
 async def deliver(
-    latest: LatestValues, window: Window, records: list[Record], producer: AIOKafkaProducer
+    latest: LatestValues, window: Window, records: list[Record], producer: DeadLetterSink
 ) -> None:
     # Swept first: what expired gives its room to this batch's new series.
     sweep(latest)
@@ -446,14 +446,14 @@ async def deliver(
         snap = rec.item
         problem = window.problem(snap.ts_ms * 1_000_000, now)
         if problem is not None:
-            await consume.refuse(producer, "pull", rec, problem, signal="series", items=len(snap.series))
+            await consume.refuse(producer, STAGE, rec, problem, signal="series", items=len(snap.series))
             continue
         served, refused = latest.split(snap)
         if refused:
             snap = dataclasses.replace(snap, series=served)
         refused += latest.update(snap, rec.partition, rec.offset)
         if refused:
-            await consume.refuse_series(producer, "pull", rec, refused, signal="series", items=len(refused))
+            await consume.refuse_series(producer, STAGE, rec, refused, signal="series", items=len(refused))
     HELD_BYTES.set(latest.held_bytes)
 
 
@@ -493,7 +493,7 @@ async def run(cfg: Config, stop: asyncio.Event) -> None:
         await consume.run(
             kafka=cfg.kafka,
             group_id=None,
-            stage="pull",
+            stage=STAGE,
             topics={cfg.kafka.topics.metrics: decode_snapshot},
             deliver=lambda records, producer: deliver(latest, window, records, producer),
             stop=stop,

@@ -56,6 +56,7 @@ delivery encodes and sends its snapshots a run of at most that much at a time
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -64,18 +65,17 @@ import re
 import struct
 import time
 from collections import defaultdict
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Iterator, Sequence
 from typing import Any
 
 import httpx
 import snappy
-from aiokafka import AIOKafkaProducer
 from opentelemetry.exporter.prometheus_remote_write.gen.types_pb2 import Label, TimeSeries
 from prometheus_client import Counter
 from prometheus_client.utils import floatToGoString
 
 from exporters import consume
-from exporters.consume import Record
+from exporters.consume import DeadLetterSink, Decoder, Delivery, Record
 from exporters.delivery import (
     REFUSAL_CHARS,
     Window,
@@ -502,7 +502,7 @@ async def _body_text(resp: httpx.Response) -> str:
 async def deliver(
     receiver: Receiver,
     records: list[Record],
-    producer: AIOKafkaProducer,
+    producer: DeadLetterSink,
     window: Window,
     histograms: str = "native",
 ) -> None:
@@ -576,7 +576,7 @@ async def _resend_by_snapshot(
     receiver: Receiver,
     snaps: list[Record],
     refused: set[bytes],
-    producer: AIOKafkaProducer,
+    producer: DeadLetterSink,
     answer: str,
     histograms: str,
 ) -> set[tuple[int, int]]:
@@ -645,7 +645,7 @@ async def _resend_by_series(
     receiver: Receiver,
     rec: Record,
     refused: set[bytes],
-    producer: AIOKafkaProducer,
+    producer: DeadLetterSink,
     histograms: str,
     what: str,
 ) -> bool:
@@ -682,19 +682,36 @@ async def _resend_by_series(
     return taken
 
 
+def topics(cfg: Config) -> dict[str, Decoder]:
+    """The topics the exporter reads, each with its records' decoder."""
+    return {cfg.kafka.topics.metrics: decode_snapshot}
+
+
+@contextlib.asynccontextmanager
+async def delivery(cfg: Config) -> AsyncIterator[Delivery]:
+    """``deliver`` to the configured receiver, with its window and histograms: the
+    exporter's, and ``ktel dlq --redrive``'s for the exporter's dead letters."""
+    check_readable("remote_write", cfg.remote_write, cfg.remote_write.FILES)
+    rw = cfg.remote_write
+    window = Window(rw.max_age_seconds, rw.max_future_seconds, "remote_write")
+    async with Receiver(rw) as receiver:
+        yield Delivery(
+            lambda records, producer: deliver(receiver, records, producer, window, rw.histograms),
+            f"remote-write to {receiver.url}",
+        )
+
+
 async def run(cfg: Config, stop: asyncio.Event, *, group_id: str | None = None) -> None:
     """``group_id``: the consumer group, if not ktel-export-remote-write (under kafka.prefix)."""
-    check_readable("remote_write", cfg.remote_write, cfg.remote_write.FILES)
-    selfmetrics.serve(cfg.remote_write.metrics_port, cfg.service.metrics_bind, "remote_write.metrics_port")
-    window = Window(cfg.remote_write.max_age_seconds, cfg.remote_write.max_future_seconds, "remote_write")
-    async with Receiver(cfg.remote_write) as receiver:
+    async with delivery(cfg) as to_receiver:
+        selfmetrics.serve(
+            cfg.remote_write.metrics_port, cfg.service.metrics_bind, "remote_write.metrics_port"
+        )
         await consume.run(
             kafka=cfg.kafka,
             group_id=group_id or cfg.kafka.topics.group(GROUP),
             stage=STAGE,
-            topics={cfg.kafka.topics.metrics: decode_snapshot},
-            deliver=lambda records, producer: deliver(
-                receiver, records, producer, window, cfg.remote_write.histograms
-            ),
+            topics=topics(cfg),
+            deliver=to_receiver.deliver,
             stop=stop,
         )
