@@ -15,8 +15,9 @@ exporter   reads ktel.metrics, ktel.spans and ktel.logs in its groups
 operator   writes ktel.control (fidelity commands by hand).
 dlq        what `ktel dlq` needs: reads ktel.dlq (without a group), and, to re-drive,
            reads and writes the topics the stages read (ktel.raw, the intermediate
-           topics, ktel.heartbeats): it reads each dead letter's original back
-           before it writes it again. It writes neither ktel.dlq nor the output
+           topics, ktel.heartbeats), and reads the output topics: it reads each dead
+           letter's original back before it writes it again, or, an exporter's, sends
+           it to the exporter's backend. It writes neither ktel.dlq nor the output
            topics nor ktel.control.
 status     what `ktel status` reads, and nothing more: reads ktel.heartbeats (without a
            group); describes ktel's consumer groups (``ktel-*``) and the topics they
@@ -73,7 +74,7 @@ def grants(stages: Iterable[str], t: Topics) -> list[Grant]:
         Grant("exporter", ("Read",), "group", (t.group("export-"),), prefixed=True),
         Grant("exporter", ("Write",), "topic", (t.dlq,)),
         Grant("operator", ("Write",), "topic", (t.control,)),
-        Grant("dlq", ("Read",), "topic", (t.dlq, *stage_inputs)),
+        Grant("dlq", ("Read",), "topic", (t.dlq, *stage_inputs, *outputs)),
         Grant("dlq", ("Write",), "topic", stage_inputs),
         Grant("status", ("Read",), "topic", (t.heartbeats,)),
         Grant("status", ("Describe",), "topic", (t.raw, *intermediate, *outputs)),

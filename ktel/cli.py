@@ -312,12 +312,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "dlq",
         parents=[common],
-        help="list the dead letters of ktel.dlq, and re-publish them where they came from (--redrive)",
+        help="list the dead letters of ktel.dlq, and re-drive them (--redrive): back to their topics, or "
+        "to their exporter's backend",
         description="Read the dead letters written in a time window (when they were dead-lettered) with a "
         "group-less consumer and print the selected ones: when, the stage, where the record was, its key, "
-        "its size and the reason. With --redrive, re-publish each one's record to its topic. Exit "
-        "status: 0 done, 1 --redrive left some (each line says why), 2 a bad argument or Kafka could not "
-        "be read. What is re-driven, and why that is safe to repeat: ktel/dlq.py.",
+        "its size and the reason. With --redrive, re-publish each stage's dead letter's record to its "
+        "topic, and send each exporter's (remote-write, otlp) to that exporter's configured backend. Exit "
+        "status: 0 done, 1 --redrive left some or a backend refused some again (each line says why), 2 a "
+        "bad argument, Kafka could not be read or a backend did not answer. What is re-driven, and why "
+        "that is safe to repeat: ktel/dlq.py.",
     )
     p.add_argument(
         "--from",
@@ -338,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--redrive",
         action="store_true",
-        help="re-publish the selected records, with their keys, to the topics they were read from",
+        help="re-publish the selected stages' records, with their keys, to the topics they were read "
+        "from; send the selected exporters' to their backends",
     )
     p.set_defaults(fn=cmd_dlq)
     p = sub.add_parser(

@@ -1,4 +1,5 @@
-"""What ``ktel.dlq`` holds, and re-publishing it where it came from (``ktel dlq``).
+"""What ``ktel.dlq`` holds, and re-driving it: re-published where it came from, or sent to
+its exporter's backend (``ktel dlq``).
 
 Every record a stage, an exporter or ``ktel replay --dlq`` could not use goes to
 ``ktel.dlq`` as a dead letter (``ktel.wire.control.DeadLetter``): the stage, the
@@ -12,9 +13,10 @@ carries (any a writer of ``ktel.dlq`` gives it, before 1970 or past now).
 Re-driving
 ----------
 Once the cause is gone (``process.max_hosts`` raised for hosts it refused, a stage
-fixed for records it could not take), ``--redrive`` re-publishes each selected dead
-letter's record, with its key, to the topic it was read from, where the live stages
-take it as new. What it re-publishes is the record the dead letter names, read back
+fixed for records it could not take), ``--redrive`` re-publishes each selected stage's
+dead letter's record, with its key, to the topic it was read from, where the live stages
+take it as new, and sends each exporter's to that exporter's backend ("An exporter's dead
+letters", below). What it re-publishes is the record the dead letter names, read back
 from its topic at its partition and offset, and only if it is the one the dead letter
 carries (same key, same bytes, or the bytes starting with them where the dead letter's
 payload was cut): anyone who may write ``ktel.dlq`` (every stage and exporter) can
@@ -30,13 +32,15 @@ from batches older than its host's latest holds the older value until the next o
 A dead letter is left where it is, and the reason said, when:
 
 - its topic is not one a ktel stage reads (``ktel.raw``, the stages' intermediate
-  topics and ``ktel.heartbeats``, under ``kafka.prefix``). The output topics are read by
-  every exporter, so a record one exporter refused would reach the others twice, and
-  re-publishing is never sent outside ktel's topics;
+  topics and ``ktel.heartbeats``, under ``kafka.prefix``), nor, its stage an exporter that
+  sends to a backend (``remote-write``, ``otlp``), one that exporter reads. The output
+  topics are read by every exporter, so they are never re-published to: a record one
+  exporter refused would reach the others twice. Re-publishing is never sent outside
+  ktel's topics. The pull endpoint's dead letters are left: it sends nowhere;
 - it has no payload (the record was a tombstone), or its key is as long as a dead
   letter's key may be, so may have been cut;
 - its record does not decode as its topic's records do, or its key is not the host id
-  it carries: the stages would only dead-letter it again;
+  it carries: the stages (or the exporter) would only dead-letter it again;
 - (``--redrive``) its topic no longer holds the record (retention took it), or holds
   another one there. That is the answer of the partition's leader: a fetch that finds
   the offset out of range (a replica behind the leader answered) or brings nothing, or
@@ -45,6 +49,46 @@ A dead letter is left where it is, and the reason said, when:
 
 Each re-published record carries a ``ktel-redriven-from`` header naming the dead
 letter (``ktel.dlq[partition]@offset``), so that a record found twice can be traced.
+
+An exporter's dead letters
+--------------------------
+What a backend refused (a request too large for the Collector, a sample older than
+Prometheus' head takes, a tenant's series limit) or the exporter would not send (a
+timestamp outside its window) is in ``ktel.dlq`` under the exporter's stage, its payload
+the record, or a record of just the refused series, spans or log records. Once the cause
+is gone (the Collector's limit raised, Prometheus' out-of-order window, the exporter's
+``max_age_seconds``), ``--redrive`` sends it to that exporter's backend as configured here
+(``[remote_write]``, ``[otlp]``), through the exporter's own delivery
+(``remote_write.delivery``, ``otlp.delivery``): its encoding, its window and other checks,
+its retries and its reading of the backend's answers, as if the exporter read the record
+again. What it sends is the record the dead letter names, read back from its topic, when
+the dead letter carries it (as above), or, when it carries a record of some of its items,
+those items, when each is one of the record's, as the record holds it
+(``ktel.wire.not_part_of``): a writer of ``ktel.dlq`` cannot make ``--redrive`` send what
+was not on the exporter's topic. The record's other items, which the backend took, are not
+sent again.
+
+What the backend refuses again (or the exporter's checks: a timestamp still outside the
+window) is reported on the dead letter's line with the backend's new answer and counted
+as refused again in the summary (exit status 1), and not dead-lettered again: the dead
+letter stays on ``ktel.dlq`` as every dead letter does, and can be sent once more after the
+next fix; a second dead letter of the same items would have them sent twice then. So are
+samples a remote-write receiver answers it holds a newer sample of (or another value at
+their timestamp): the exporter counts them held, as it does records read again after a
+restart, but one sent from ``ktel.dlq`` was most likely never stored, and is only where the
+receiver takes samples older than its series' newest (Prometheus' out-of-order window).
+An OTLP backend's partial success (it took the request but rejected some items, naming
+none) is reported so too. Sending again is safe to repeat to a remote-write receiver,
+which takes a sample it holds again without a word; an OTLP backend stores twice what it
+is sent twice: select what to send (``--stage``, ``--from``, ``--reason``) rather than run
+``--redrive`` again over what was sent. The output topics are kept
+``kafka.output_retention_hours`` (a day by default), ``ktel.dlq`` longer: an exporter's dead
+letter whose record retention took is left, as any is. A backend that
+answers nothing (down, unreachable, refusing ktel's credentials: the exporter's retries,
+warned of on stderr) for ``BACKEND_WAIT_S`` ends ``--redrive`` with exit status 2, what was
+sent before counted. One dead letter is sent at a time, in its partition's order (a
+cumulative metric's points must reach an OTLP backend in order), each as one delivery of
+the exporter: a few requests each.
 """
 
 from __future__ import annotations
@@ -53,7 +97,9 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import functools
 import json
+import logging
 import os
 import re
 import sys
@@ -64,13 +110,24 @@ from typing import Any, TextIO
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError, OffsetOutOfRangeError
 from opentelemetry.semconv._incubating.attributes.host_attributes import HOST_ID
+from prometheus_client import Counter
 
+from exporters import otlp, pull, remote_write
+from exporters.consume import Decoder, Delivery, Record
 from ktel import topic_window
-from ktel.config import AgentConfig, Config, KafkaConfig
+from ktel.config import AgentConfig, Config, ConfigError, KafkaConfig
 from ktel.kafka_client import client_kwargs, compression_type
 from ktel.replay import ReplayError, format_ns, key_text, parse_time
 from ktel.retry import Permanent, Transient, retry
-from ktel.wire import DeadLetter, WireError, decode_batch, decode_dead_letter, decode_heartbeat
+from ktel.wire import (
+    DeadLetter,
+    WireError,
+    check_keyed,
+    decode_batch,
+    decode_dead_letter,
+    decode_heartbeat,
+    not_part_of,
+)
 from ktel.wire.codec import MAX_RECORD_BYTES
 from ktel.wire.control import DEAD_LETTER_KEY_BYTES, PAYLOAD_CUT
 
@@ -79,6 +136,11 @@ HEADER = "ktel-redriven-from"
 FAILURES_SHOWN = 20
 # Re-published records in flight before waiting for their acknowledgements.
 MAX_IN_FLIGHT = 1000
+# How long the delivery of an exporter's dead letter waits for its backend to answer, asking
+# again meanwhile as the exporter does (a backend down, a Retry-After): the exporter waits
+# for ever, as nothing it read is lost meanwhile; a command ends (exit status 2) rather
+# than hang, what it sent being sent, the rest left in ktel.dlq.
+BACKEND_WAIT_S = 120.0
 
 
 # How a stage topic's record names its host: its host id, or WireError.
@@ -116,19 +178,170 @@ class Selection:
         )
 
 
-def why_not_redrivable(dl: DeadLetter, key: bytes | None, stage_topics: Mapping[str, HostOf]) -> str | None:
-    """Why the dead letter's record cannot be re-published, as far as the dead letter
-    tells (module docstring), or None."""
+@dataclasses.dataclass(frozen=True)
+class Exporter:
+    """An exporter whose dead letters ``--redrive`` delivers to its backend."""
+
+    topics: Mapping[str, Decoder]  # the topics it reads, each with its records' decoder
+    delivery: Callable[[], contextlib.AbstractAsyncContextManager[Delivery]]  # to its backend
+    items: str  # what it sends: samples, items
+    acknowledged: Counter  # its count of the items the backend acknowledged
+    unstored: Counter  # of those the backend answered it did not store, though it refused none
+    unstored_are: str  # what those are, as a dead letter sent again tells
+
+
+def exporters(cfg: Config) -> dict[str, Exporter]:
+    """The exporters whose dead letters ``--redrive`` sends, by the stage their dead
+    letters name, each with its configured backend."""
+    return {
+        remote_write.STAGE: Exporter(
+            remote_write.topics(cfg),
+            functools.partial(remote_write.delivery, cfg),
+            "samples",
+            remote_write.SAMPLES,
+            remote_write.ALREADY_STORED_SAMPLES,
+            "samples the receiver answered it holds a newer sample of (or another value at their "
+            "timestamp): not stored unless an earlier --redrive stored them (Prometheus takes a sample "
+            "older than its series' newest within its out-of-order window alone)",
+        ),
+        otlp.STAGE: Exporter(
+            otlp.topics(cfg),
+            functools.partial(otlp.delivery, cfg),
+            "items",
+            otlp.ITEMS,
+            otlp.REJECTED,
+            "items the backend took but said it rejected (a partial success: OTLP forbids sending "
+            "them again)",
+        ),
+    }
+
+
+def why_not_redrivable(
+    dl: DeadLetter,
+    key: bytes | None,
+    stage_topics: Mapping[str, HostOf],
+    exporter_topics: Mapping[str, Mapping[str, Decoder]],
+) -> str | None:
+    """Why the dead letter cannot be re-driven, as far as it tells (module docstring), or
+    None: a stage's re-published to its topic, an exporter's (``exporter_topics``: the
+    topics each reads, by its stage's name) sent to its backend."""
     host_of = stage_topics.get(dl.topic)
-    if host_of is None:
-        return f"{dl.topic[:256]!r} is not a topic a ktel stage reads"  # (repr: escaped)
+    decode = None if host_of is not None else exporter_topics.get(dl.stage, {}).get(dl.topic)
+    if host_of is None and decode is None:
+        return nowhere_to_go(dl, exporter_topics)
     if not dl.payload:
         return "it has no payload (a tombstone)"
     if key is not None and len(key) >= DEAD_LETTER_KEY_BYTES:
         return f"its key is {len(key)} bytes, the most a dead letter keeps, so may have been cut"
     if PAYLOAD_CUT in dl.reason:
         return None  # (what its record is, only the record on its topic tells)
-    return not_for_the_stages(dl.payload, key, host_of)
+    if host_of is not None:
+        return not_for_the_stages(dl.payload, key, host_of)
+    assert decode is not None
+    return not_for_the_exporter(dl.payload, key, decode)
+
+
+def nowhere_to_go(dl: DeadLetter, exporter_topics: Mapping[str, Mapping[str, Decoder]]) -> str:
+    """Why a dead letter of a topic no stage reads is not re-driven. (reprs: escaped, and
+    cut: a dead letter's fields are whatever its writer put there)"""
+    topic, stage = f"{dl.topic[:256]!r}", f"{dl.stage[:64]!r}"
+    if dl.stage in exporter_topics:
+        return f"{topic} is not a topic the {stage} exporter reads"
+    if not any(dl.topic in topics for topics in exporter_topics.values()):
+        return f"{topic} is not a topic a ktel stage reads"
+    if dl.stage == pull.STAGE:
+        return (
+            "the pull endpoint sends nowhere: it serves the series it reads, and the next snapshots hold them"
+        )
+    names = ", ".join(sorted(exporter_topics))
+    return (
+        f"{topic} is not a topic a ktel stage reads (every exporter reads it), and {stage} not an exporter "
+        f"whose backend --redrive sends to ({names})"
+    )
+
+
+def not_for_the_exporter(value: bytes, key: bytes | None, decode: Decoder) -> str | None:
+    """Why the exporter would dead-letter the record again at once, or None."""
+    try:
+        item = decode(value)
+    except WireError as err:
+        return f"it does not decode ({err})"
+    try:
+        check_keyed(item, key)
+    except WireError as err:
+        return f"it speaks for a host its key does not name ({err})"
+    return None
+
+
+def to_send(
+    dl: DeadLetter, key: bytes | None, original: ConsumerRecord | None, decode: Decoder
+) -> tuple[Any, bytes] | str:
+    """What to send to its backend of an exporter's dead letter, given the record it
+    names as read back from its topic (None: there is none there): the items decoded and
+    their bytes, or why nothing. A dead letter carrying that record (its start, if its
+    payload was cut) sends the record; one carrying a record of some of its items (what
+    an exporter dead-letters of a record's series, spans or log records) sends those, if
+    each is one of the record's (``not_part_of``): a writer of ktel.dlq cannot make
+    ``--redrive`` send what was not on the exporter's topic."""
+    where = f"{dl.topic}[{dl.partition}]@{dl.offset}"
+    if original is None:
+        return f"no record is at {where} now (retention took it, or there never was one)"
+    payload, value = dl.payload or b"", original.value or b""
+    cut = PAYLOAD_CUT in dl.reason
+    whole = value == payload or (cut and value.startswith(payload))
+    if original.key != key or (cut and not whole):
+        return f"the record at {where} is not the one it carries (not an exporter's dead letter?)"
+    try:
+        record = decode(value)
+        check_keyed(record, key)
+    except WireError as err:  # (its exporter dead-lettered it whole: the dead letter did not say so)
+        return f"the record at {where} is not one its exporter sends ({err})"
+    if whole:
+        return record, value
+    try:
+        part = decode(payload)
+    except WireError as err:
+        return f"it does not decode ({err})"
+    why = not_part_of(part, record)
+    if why is not None:
+        return f"the record at {where} does not hold what it carries: {why} (not an exporter's dead letter?)"
+    return part, payload
+
+
+class Refused:
+    """What a backend refused again of a dead letter sent to it, as its exporter would
+    dead-letter it (``exporters.consume.DeadLetterSink``): its reasons, reported and not
+    dead-lettered again (module docstring)."""
+
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+
+    async def send_and_wait(self, topic: str, value: bytes, key: bytes | None = None) -> None:
+        self.reasons.append(decode_dead_letter(value).reason)
+
+
+def counted(counter: Counter) -> float:
+    """What ``counter`` holds, over all its labels."""
+    return sum(s.value for m in counter.collect() for s in m.samples if s.name.endswith("_total"))
+
+
+def outcome(
+    backend: str, refused: list[str], taken: float, unstored: float, exporter: Exporter
+) -> str | None:
+    """Why a dead letter sent to ``backend`` is not all there, or None: what it refused again
+    (``refused``, the reasons) or answered it did not store (``unstored`` items), and what
+    it took of it (``taken`` items)."""
+    if not refused and not unstored:
+        return None
+    said = []
+    if refused:
+        more = f" (and {len(refused) - 1} more refusals)" if len(refused) > 1 else ""
+        said.append(f"{backend} refused it again: {refused[0]}{more}")
+    if unstored:
+        said.append(f"{backend} answered for {unstored:g} {exporter.unstored_are}")
+    if taken:
+        said.append(f"it took {taken:g} other {exporter.items} of it")
+    return "; ".join(said)
 
 
 def not_for_the_stages(value: bytes, key: bytes | None, host_of: HostOf) -> str | None:
@@ -165,12 +378,19 @@ class Found:
     time_ms: int  # when it was dead-lettered (its record's time)
     key: bytes | None
     letter: DeadLetter
-    unusable: str | None  # why it cannot be re-driven, or None
+    unusable: str | None  # why it cannot be re-driven (or its backend refused it again), or None
+    sent_to: str | None = None  # the backend an exporter's dead letter was sent to
 
     def line(self) -> str:
         dl = self.letter
         key = "" if self.key is None else f" key={key_text(self.key)!r}"
-        state = f"left: {self.unusable}" if self.unusable else "can be re-driven"
+        state = (
+            f"left: {self.unusable}"
+            if self.unusable
+            else f"sent: {self.sent_to}"
+            if self.sent_to
+            else "can be re-driven"
+        )
         return (
             f"{record_time(self.time_ms)} {self.at} {printable(dl.stage)}: "
             f"{printable(dl.topic)}[{dl.partition}]@{dl.offset}{key} {len(dl.payload or b'')} B ({state}): "
@@ -193,6 +413,7 @@ class Found:
                 "payload": (dl.payload or b"").hex(),
                 "redrive": self.unusable is None,
                 "left_because": self.unusable,
+                "sent_to": self.sent_to,
             }
         )
 
@@ -204,6 +425,8 @@ class Summary:
     undecodable: int = 0
     selected: int = 0
     redriven: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    sent: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)  # by backend
+    refused: int = 0  # sent to its backend, which refused it (or some of it) again
     left: int = 0
     failed: int = 0  # re-published, but Kafka did not take it
     output_closed: bool = False  # stdout's reader went away; the listing was not read to its end
@@ -218,6 +441,10 @@ class Summary:
         if redrive:
             to = ", ".join(f"{n} to {t}" for t, n in sorted(self.redriven.items()))
             parts.append(f"re-published {sum(self.redriven.values())}{f' ({to})' if to else ''}")
+            if self.sent or self.refused:
+                by = ", ".join(f"{n} {b}" for b, n in sorted(self.sent.items()))
+                parts.append(f"sent {sum(self.sent.values())}{f' ({by})' if by else ''}")
+                parts.append(f"refused again {self.refused}")
             parts.append(f"left {self.left}")
             if self.failed:
                 parts.append(f"failed {self.failed}")
@@ -236,6 +463,7 @@ class Options:
     selection: Selection
     dlq_topic: str
     stage_topics: Mapping[str, HostOf]
+    exporters: Mapping[str, Exporter]
     redrive: bool = False
     json: bool = False
     client: KafkaConfig = dataclasses.field(default_factory=KafkaConfig)
@@ -362,6 +590,10 @@ async def run(
         else None
     )
     in_flight: list[tuple[asyncio.Future[Any], str, str]] = []  # (the send, its topic, its dead letter)
+    # The exporters' deliveries to their backends, each opened at its first dead letter.
+    backends = contextlib.AsyncExitStack()
+    deliveries: dict[str, Delivery] = {}
+    exporter_topics = {stage: exporter.topics for stage, exporter in opts.exporters.items()}
 
     def shown(what: str) -> None:
         """Report a record that is not a dead letter, or a send Kafka refused (the first few)."""
@@ -392,6 +624,42 @@ async def run(
         value = rec.value or b""
         return value, not_for_the_stages(value, key, opts.stage_topics[dl.topic]) if cut else None
 
+    async def delivery(stage: str) -> Delivery:
+        if stage not in deliveries:
+            try:
+                deliveries[stage] = await backends.enter_async_context(opts.exporters[stage].delivery())
+            except ConfigError as err:
+                raise DlqError(f"cannot send the {stage} exporter's dead letters: {err}") from None
+        return deliveries[stage]
+
+    async def sent(dl: DeadLetter, key: bytes | None, at: str) -> tuple[str | None, str | None]:
+        """Send an exporter's dead letter to its backend: (the backend, None) when it took
+        all of it, (the backend, why not) when it refused some of it again, (None, why)
+        when it was not sent."""
+        assert originals is not None
+        exporter = opts.exporters[dl.stage]
+        rec = await originals.record(dl.topic, dl.partition, dl.offset)
+        found = to_send(dl, key, rec, exporter.topics[dl.topic])
+        if isinstance(found, str):
+            return None, found
+        item, value = found
+        to = await delivery(dl.stage)
+        refused = Refused()
+        taken, unstored = counted(exporter.acknowledged), counted(exporter.unstored)
+        # As the exporter read it, from where the dead letter says; what it refuses again
+        # comes to ``refused``, not to ktel.dlq.
+        record = Record(item, dl.topic, dl.partition, dl.offset, key, value, opts.dlq_topic)
+        try:
+            async with asyncio.timeout(BACKEND_WAIT_S):
+                await to.deliver([record], refused)
+        except TimeoutError:
+            raise DlqError(
+                f"{to.backend} took nothing of {at} in {BACKEND_WAIT_S:g} s, asked again meanwhile: "
+                "stopped there (the dead letters before it are sent, the rest left)"
+            ) from None
+        taken, unstored = counted(exporter.acknowledged) - taken, counted(exporter.unstored) - unstored
+        return to.backend, outcome(to.backend, refused.reasons, taken, unstored, exporter)
+
     async def handle(tp: TopicPartition, rec: ConsumerRecord) -> None:
         summary.records += 1
         at = f"{tp.topic}[{tp.partition}]@{rec.offset}"
@@ -404,17 +672,27 @@ async def run(
         if not sel.takes(dl, rec.key):
             return
         summary.selected += 1
-        unusable = why_not_redrivable(dl, rec.key, opts.stage_topics)
+        unusable = why_not_redrivable(dl, rec.key, opts.stage_topics, exporter_topics)
         value = b""
+        backend = None
         if out is not None and unusable is None:
-            value, unusable = await redriven(dl, rec.key)
-        line = Found(at, rec.timestamp, rec.key, dl, unusable)
+            if dl.topic in opts.stage_topics:
+                value, unusable = await redriven(dl, rec.key)
+            else:
+                backend, unusable = await sent(dl, rec.key, at)
+        line = Found(at, rec.timestamp, rec.key, dl, unusable, backend)
         try:
             write(line.json() if opts.json else line.line())
         except OutputClosed:
             if out is None:
                 raise  # (a listing ends; a --redrive goes on without one)
         if out is None:
+            return
+        if backend is not None:
+            if unusable is None:
+                summary.sent[backend] += 1
+            else:
+                summary.refused += 1
             return
         if unusable is not None:
             summary.left += 1
@@ -458,8 +736,11 @@ async def run(
     finally:
         for f, _, _ in in_flight:
             f.cancel()
-        for client in reversed(clients):
-            await client.stop()
+        try:
+            await backends.aclose()
+        finally:
+            for client in reversed(clients):
+                await client.stop()
 
 
 def stage_topics(cfg: Config) -> dict[str, HostOf]:
@@ -508,6 +789,7 @@ def options(cfg: Config, args: Any, now_ns: int | None = None) -> Options:
         ),
         dlq_topic=cfg.kafka.topics.dlq,
         stage_topics=stage_topics(cfg),
+        exporters=exporters(cfg),
         redrive=args.redrive,
         json=args.json,
         client=cfg.kafka,
@@ -517,7 +799,8 @@ def options(cfg: Config, args: Any, now_ns: int | None = None) -> Options:
 
 def main(cfg: Config, args: Any, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
     """``ktel dlq``: 0 when every selected dead letter was listed (and, with --redrive,
-    re-published); 1 when --redrive left some; 2 on a bad argument or an unusable Kafka."""
+    re-published or sent); 1 when --redrive left some, or a backend refused some again; 2
+    on a bad argument, an unusable Kafka or a backend that did not answer."""
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
     topic_window.quiet_client_logs()
@@ -546,10 +829,20 @@ def main(cfg: Config, args: Any, stdout: TextIO | None = None, stderr: TextIO | 
         report(f"ktel dlq: {err}")
         return 2
     error = None
+    exporters_log = logging.getLogger("ktel.export")
+    level = exporters_log.level
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        # Below debug, the exporters' warnings of what they dead-letter (a dead letter sent
+        # again is not: its line says what its backend answered), and their notes of what
+        # a receiver holds already, stay off stderr; their errors (a backend refusing
+        # ktel's credentials) do not, nor the retries' warnings (a backend away).
+        exporters_log.setLevel(logging.ERROR)
     try:
         asyncio.run(run(opts, summary, write, report))
     except (DlqError, topic_window.ReadError) as err:
         error = str(err)
+    finally:
+        exporters_log.setLevel(level)
     try:
         stdout.flush()
     except BrokenPipeError:
@@ -566,4 +859,4 @@ def main(cfg: Config, args: Any, stdout: TextIO | None = None, stderr: TextIO | 
         report(f"ktel dlq: {error}")
         return 2
     report(f"ktel dlq: {summary.line(opts.dlq_topic, opts.redrive)}")
-    return 1 if summary.left or summary.failed else 0
+    return 1 if summary.left or summary.refused or summary.failed else 0

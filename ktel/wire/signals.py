@@ -44,6 +44,7 @@ Log batch::
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -351,3 +352,39 @@ def encoded_parts(signal: Signal, key: bytes | None) -> list[bytes]:
     mid = len(rows) // 2
     halves = (dataclasses.replace(signal, **{field: part}) for part in (rows[:mid], rows[mid:]))  # type: ignore[arg-type]
     return [data for half in halves for data in encoded_parts(half, key)]
+
+
+# What a signal's records and rows are called, in a reason.
+KIND_NAMES = {MetricSnapshot: "metric snapshot", SpanBatch: "span batch", LogBatch: "log batch"}
+ROW_NAMES = {MetricSnapshot: "series", SpanBatch: "span", LogBatch: "log record"}
+
+
+def not_part_of(part: Signal, whole: Signal) -> str | None:
+    """Why ``part`` is not a record of some of ``whole``'s rows, or None. It is when it is
+    of the same kind, with the same timestamp and staleness (a snapshot) or resource (a
+    batch), and each of its rows is one of ``whole``'s, no more often than ``whole``
+    holds it. Rows are compared as the wire writes them, so a value told apart only by
+    its type (1 and 1.0) is another value. What an exporter dead-letters of a record (a
+    snapshot of the series refused, a batch of the spans or log records refused) is
+    such a part; ``ktel dlq --redrive`` sends one to the exporter's backend only if it is
+    a part of the record its dead letter names."""
+    kind = type(whole)
+    if type(part) is not kind:
+        return f"it is a {KIND_NAMES[type(part)]}, the record a {KIND_NAMES[kind]}"
+    field = ROWS_FIELD[kind]
+
+    def alone(signal: Signal, rows: list[Any]) -> bytes:
+        return encode_signal(dataclasses.replace(signal, **{field: rows}))  # type: ignore[arg-type]
+
+    if alone(part, []) != alone(whole, []):
+        what = "timestamp or staleness" if kind is MetricSnapshot else "resource"
+        return f"its {what} is not the record's"
+    held = collections.Counter(alone(whole, [row]) for row in getattr(whole, field))
+    for i, row in enumerate(getattr(part, field)):
+        encoded = alone(whole, [row])
+        if not held[encoded]:
+            return f"its {ROW_NAMES[kind]} {i} is not in the record" + (
+                " as often" if encoded in held else ""
+            )
+        held[encoded] -= 1
+    return None

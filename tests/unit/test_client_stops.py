@@ -125,7 +125,7 @@ async def test_replay_stops_every_client_it_made_when_one_fails_to_start(made, n
 
 async def test_dlq_stops_every_client_it_made_when_one_fails_to_start(made, nowhere, monkeypatch):
     monkeypatch.setattr(topic_window, "partitions", partitions)
-    opts = dlq.Options(nowhere, dlq.Selection(), "ktel.dlq", {}, redrive=True)
+    opts = dlq.Options(nowhere, dlq.Selection(), "ktel.dlq", {}, {}, redrive=True)
     with pytest.raises(dlq.DlqError):
         await dlq.run(opts, dlq.Summary(), lambda line: None, lambda line: None)
     assert len(made) == 3  # the reader, the originals' reader and the re-driving producer

@@ -32,6 +32,7 @@ from tests.unit.topic_window_fake import IdleClient, read_through
 NOW = 1_750_000_000 * NS  # 2025-06-15T15:06:40Z
 CFG = config.Config(agent=config.AgentConfig(host_id="h"), kafka=config.KafkaConfig(bootstrap="k1:9092"))
 STAGE_TOPICS = dlq.stage_topics(CFG)
+EXPORTER_TOPICS = {stage: exporter.topics for stage, exporter in dlq.exporters(CFG).items()}
 REFUSED = "host 'b': not one of the 1 hosts this worker holds, and process.max_hosts = 1"
 
 
@@ -62,7 +63,12 @@ def test_the_stages_topics_are_the_only_ones_re_driven_to_and_follow_the_prefix(
         (letter(), b"b", None),
         (letter(topic="ktel.sampled"), b"b", None),
         (letter(topic="ktel.heartbeats", payload=BEAT), b"b", None),
-        (letter(topic="ktel.metrics"), b"b", "'ktel.metrics' is not a topic a ktel stage reads"),
+        (
+            letter(topic="ktel.metrics"),
+            b"b",
+            "'ktel.metrics' is not a topic a ktel stage reads (every exporter reads it), and 'aggregate' "
+            "not an exporter whose backend --redrive sends to (otlp, remote-write)",
+        ),
         (letter(topic="ktel.dlq"), b"b", "'ktel.dlq' is not a topic a ktel stage reads"),
         (letter(topic="payments"), b"b", "'payments' is not a topic a ktel stage reads"),
         (letter(payload=b""), b"b", "it has no payload (a tombstone)"),
@@ -85,7 +91,7 @@ def test_the_stages_topics_are_the_only_ones_re_driven_to_and_follow_the_prefix(
     ],
 )
 def test_what_can_be_re_driven(dl, key, why):
-    assert why_not_redrivable(dl, key, STAGE_TOPICS) == why
+    assert why_not_redrivable(dl, key, STAGE_TOPICS, EXPORTER_TOPICS) == why
 
 
 def test_a_dead_letter_whose_payload_was_cut_is_judged_by_its_record_on_its_topic():
@@ -93,7 +99,7 @@ def test_a_dead_letter_whose_payload_was_cut_is_judged_by_its_record_on_its_topi
     key, value = dead_letter_record(letter(payload=b"x" * MAX_RECORD_BYTES), b"b")
     cut = decode_dead_letter(value)
     assert 0 < len(cut.payload) < MAX_RECORD_BYTES
-    assert why_not_redrivable(cut, key, STAGE_TOPICS) is None
+    assert why_not_redrivable(cut, key, STAGE_TOPICS, EXPORTER_TOPICS) is None
 
 
 def test_what_a_dead_letters_writer_put_in_its_fields_cannot_fake_or_garble_a_line():
@@ -101,7 +107,10 @@ def test_what_a_dead_letters_writer_put_in_its_fields_cannot_fake_or_garble_a_li
     line = Found("ktel.dlq[0]@1", NOW // 1_000_000, None, forged, None).line()
     assert "\n" not in line and "\x1b" not in line and "\r" not in line
     assert "all\\n2025-06-15T15:06:40 fake: t\\r[0]@0" in line and line.endswith("r\\x1b[2J")
-    assert why_not_redrivable(forged, None, STAGE_TOPICS) == "'t\\r' is not a topic a ktel stage reads"
+    assert (
+        why_not_redrivable(forged, None, STAGE_TOPICS, EXPORTER_TOPICS)
+        == "'t\\r' is not a topic a ktel stage reads"
+    )
 
 
 @pytest.mark.parametrize("ms", [-(2**63), -1, 0, NOW // 1_000_000, 2**63 - 1])
@@ -231,6 +240,7 @@ def test_a_line_and_a_json_object_per_dead_letter():
         "payload": b"batch".hex(),
         "redrive": True,
         "left_because": None,
+        "sent_to": None,
     }
 
 

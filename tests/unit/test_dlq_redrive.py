@@ -1,0 +1,364 @@
+"""`ktel dlq --redrive` of an exporter's dead letters: which it sends, and what of them,
+to the exporter's backend (against the real Prometheus and Collector:
+tests/integration/test_dlq.py)."""
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import io
+from types import SimpleNamespace
+
+import pytest
+from aiokafka import TopicPartition
+from prometheus_client import CollectorRegistry, Counter
+
+from exporters import consume
+from exporters.consume import Delivery
+from ktel import config, dlq
+from ktel.dlq import DlqError, to_send, why_not_redrivable
+from ktel.replay import NS
+from ktel.wire import (
+    DeadLetter,
+    LogBatch,
+    MetricSnapshot,
+    SpanBatch,
+    dead_letter_record,
+    decode_dead_letter,
+    decode_snapshot,
+    encode_logs,
+    encode_snapshot,
+    encode_spans,
+    not_part_of,
+)
+from ktel.wire.codec import MAX_RECORD_BYTES
+from ktel.wire.control import DEAD_LETTER_KEY_BYTES
+from tests.unit.topic_window_fake import IdleClient, read_through
+
+NOW = 1_750_000_000 * NS
+TS = NOW // 1_000_000
+CFG = config.Config(agent=config.AgentConfig(host_id="h"), kafka=config.KafkaConfig(bootstrap="k1:9092"))
+STAGE_TOPICS = dlq.stage_topics(CFG)
+EXPORTER_TOPICS = {stage: exporter.topics for stage, exporter in dlq.exporters(CFG).items()}
+
+LABELS = {"host.id": "h"}
+A = ["a", "gauge", LABELS, 1]
+B = ["b", "counter", LABELS, 2]
+C = ["c", "histogram", LABELS, {"count": 3, "sum": 1.5, "bounds": [1.0], "counts": [1, 2]}]
+SNAPSHOT = MetricSnapshot(TS, [A, B, C])
+RESOURCE = {"host.id": "h"}
+SPAN = [b"t" * 16, b"s" * 8, b"", "one", NOW, NOW + 5, 0, "", {}]
+OTHER_SPAN = [b"t" * 16, b"o" * 8, b"", "two", NOW, NOW + 9, 0, "", {}]
+SPANS = SpanBatch(RESOURCE, [SPAN, OTHER_SPAN])
+LOG = [NOW, 9, "INFO", "hello", {}, b"", b""]
+
+
+def test_the_exporters_whose_dead_letters_are_sent_read_their_topics_under_the_prefix():
+    assert set(EXPORTER_TOPICS) == {"remote-write", "otlp"}
+    assert set(EXPORTER_TOPICS["remote-write"]) == {"ktel.metrics"}
+    assert set(EXPORTER_TOPICS["otlp"]) == {"ktel.metrics", "ktel.spans", "ktel.logs"}
+    prefixed = config.Config(
+        agent=config.AgentConfig(host_id="h"), kafka=config.KafkaConfig(bootstrap="k:1", prefix="eu.")
+    )
+    assert set(dlq.exporters(prefixed)["otlp"].topics) == {"eu.ktel.metrics", "eu.ktel.spans", "eu.ktel.logs"}
+
+
+@pytest.mark.parametrize(
+    ("part", "whole", "why"),
+    [
+        (SNAPSHOT, SNAPSHOT, None),
+        (MetricSnapshot(TS, [C, A]), SNAPSHOT, None),  # (in any order)
+        (MetricSnapshot(TS, []), SNAPSHOT, None),
+        (MetricSnapshot(TS, [["a", "gauge", LABELS, 5]]), SNAPSHOT, "its series 0 is not in the record"),
+        (MetricSnapshot(TS, [B, ["a", "gauge", {}, 1]]), SNAPSHOT, "its series 1 is not in the record"),
+        (MetricSnapshot(TS, [A, B, A]), SNAPSHOT, "its series 2 is not in the record as often"),
+        # The same number, of another type: another value (OTLP sends it as a double).
+        (MetricSnapshot(TS, [["a", "gauge", LABELS, 1.0]]), SNAPSHOT, "its series 0 is not in the record"),
+        (MetricSnapshot(TS + 1, [A]), SNAPSHOT, "its timestamp or staleness is not the record's"),
+        (MetricSnapshot(TS, [A], stale=True), SNAPSHOT, "its timestamp or staleness is not the record's"),
+        (SpanBatch(RESOURCE, [OTHER_SPAN]), SPANS, None),
+        (SpanBatch({"host.id": "h", "x": "y"}, [SPAN]), SPANS, "its resource is not the record's"),
+        (SpanBatch(RESOURCE, [[*SPAN[:3], "renamed", *SPAN[4:]]]), SPANS, "its span 0 is not in the record"),
+        (LogBatch(RESOURCE, [LOG]), LogBatch(RESOURCE, [LOG, LOG]), None),
+        (LogBatch(RESOURCE, [LOG]), SPANS, "it is a log batch, the record a span batch"),
+    ],
+)
+def test_a_part_of_a_record_is_some_of_its_rows_as_they_are(part, whole, why):
+    assert not_part_of(part, whole) == why
+
+
+def letter(stage="remote-write", topic="ktel.metrics", payload=None, reason="HTTP 400: out of bounds"):
+    return DeadLetter(stage, reason, topic, 2, 7, encode_snapshot(SNAPSHOT) if payload is None else payload)
+
+
+@pytest.mark.parametrize(
+    ("dl", "key", "why"),
+    [
+        (letter(), b"h", None),
+        (letter(payload=encode_snapshot(MetricSnapshot(TS, [B]))), b"h", None),
+        (letter(stage="otlp", topic="ktel.spans", payload=encode_spans(SPANS)), b"h", None),
+        (letter(stage="otlp", topic="ktel.logs", payload=encode_logs(LogBatch(RESOURCE, [LOG]))), b"h", None),
+        (letter(stage="otlp"), b"h", None),
+        (
+            letter(topic="ktel.spans", payload=encode_spans(SPANS)),
+            b"h",
+            "'ktel.spans' is not a topic the 'remote-write' exporter reads",
+        ),
+        (
+            letter(stage="pull"),
+            b"h",
+            "the pull endpoint sends nowhere: it serves the series it reads, and the next snapshots "
+            "hold them",
+        ),
+        (
+            letter(stage="export-otlp"),
+            b"h",
+            "'ktel.metrics' is not a topic a ktel stage reads (every exporter reads it), and 'export-otlp' "
+            "not an exporter whose backend --redrive sends to (otlp, remote-write)",
+        ),
+        (letter(stage="otlp", topic="payments"), b"h", "'payments' is not a topic the 'otlp' exporter reads"),
+        (letter(payload=b""), b"h", "it has no payload (a tombstone)"),
+        (
+            letter(),
+            b"k" * DEAD_LETTER_KEY_BYTES,
+            "its key is 1024 bytes, the most a dead letter keeps, so may have been cut",
+        ),
+        # What the exporter would only dead-letter again:
+        (
+            letter(payload=b"junk"),
+            b"h",
+            "it does not decode (metric snapshot: not msgpack (ExtraData: unpack(b) received extra data.))",
+        ),
+        (
+            letter(),
+            b"g",
+            "it speaks for a host its key does not name (metric snapshot: its series 'a' is of host 'h', but "
+            "the record's key is b'g')",
+        ),
+    ],
+)
+def test_which_exporters_dead_letters_can_be_sent_again(dl, key, why):
+    assert why_not_redrivable(dl, key, STAGE_TOPICS, EXPORTER_TOPICS) == why
+
+
+def original(value, key=b"h"):
+    return SimpleNamespace(key=key, value=value, offset=7)
+
+
+def test_what_is_sent_of_a_dead_letter_is_what_its_record_was():
+    whole = encode_snapshot(SNAPSHOT)
+    part = encode_snapshot(MetricSnapshot(TS, [C]))
+    # Whole: the record, as read.
+    assert to_send(letter(), b"h", original(whole), decode_snapshot) == (SNAPSHOT, whole)
+    # A part: those rows alone.
+    assert to_send(letter(payload=part), b"h", original(whole), decode_snapshot) == (
+        MetricSnapshot(TS, [C]),
+        part,
+    )
+    # Cut to fit ktel.dlq: the record whole, from its topic.
+    big = encode_snapshot(
+        MetricSnapshot(TS, [["g", "gauge", {"host.id": "h", "x": "v" * 4000}, i] for i in range(300)])
+    )
+    assert len(big) < MAX_RECORD_BYTES
+    key, value = dead_letter_record(letter(payload=big), b"h")
+    cut = decode_dead_letter(value)
+    assert 0 < len(cut.payload) < len(big)
+    assert to_send(cut, key, original(big), decode_snapshot) == (decode_snapshot(big), big)
+
+
+@pytest.mark.parametrize(
+    ("dl", "rec", "why"),
+    [
+        (letter(), None, "no record is at ktel.metrics[2]@7 now (retention took it, or there never was one)"),
+        (
+            letter(),
+            original(encode_snapshot(SNAPSHOT), key=b"g"),
+            "the record at ktel.metrics[2]@7 is not the one it carries (not an exporter's dead letter?)",
+        ),
+        (
+            letter(payload=encode_snapshot(MetricSnapshot(TS, [["a", "gauge", LABELS, 99]]))),
+            original(encode_snapshot(SNAPSHOT)),
+            "the record at ktel.metrics[2]@7 does not hold what it carries: its series 0 is not in the "
+            "record (not an exporter's dead letter?)",
+        ),
+        (
+            letter(payload=encode_snapshot(MetricSnapshot(TS, [A, A]))),
+            original(encode_snapshot(SNAPSHOT)),
+            "the record at ktel.metrics[2]@7 does not hold what it carries: its series 1 is not in the "
+            "record as often (not an exporter's dead letter?)",
+        ),
+        (
+            letter(reason="r [payload cut to fit ktel.dlq: ...]", payload=b"\x83\xa1x"),  # (not its start)
+            original(encode_snapshot(SNAPSHOT)),
+            "the record at ktel.metrics[2]@7 is not the one it carries (not an exporter's dead letter?)",
+        ),
+        (
+            letter(payload=encode_snapshot(MetricSnapshot(TS, [A]))),
+            original(encode_snapshot(MetricSnapshot(TS, [A, ["x", "gauge", {"host.id": "victim"}, 1]]))),
+            "the record at ktel.metrics[2]@7 is not one its exporter sends (metric snapshot: its series "
+            "'x' is of host 'victim', but the record's key is b'h')",
+        ),
+    ],
+)
+def test_a_dead_letter_its_record_does_not_bear_out_is_not_sent(dl, rec, why):
+    assert to_send(dl, b"h", rec, decode_snapshot) == why
+
+
+class Backend:
+    """An exporter's delivery, as ``ktel dlq`` uses it: what it was given, and what it
+    refuses (as the exporter does: consume.refuse) or answers it holds already."""
+
+    def __init__(self) -> None:
+        registry = CollectorRegistry()
+        self.acknowledged = Counter("acknowledged", "", registry=registry)
+        self.unstored = Counter("unstored", "", registry=registry)
+        self.given: list[consume.Record] = []
+        self.refuse: set[str] = set()  # series names refused
+        self.held: set[str] = set()  # series names the backend says it holds newer samples of
+        self.hang = False
+
+    async def deliver(self, records, producer):
+        if self.hang:
+            await asyncio.Event().wait()
+        for rec in records:
+            self.given.append(rec)
+            refused = [(row, f"HTTP 400: no {row[0]}") for row in rec.item.series if row[0] in self.refuse]
+            if refused:
+                await consume.refuse_series(producer, "remote-write", rec, refused, signal="samples", items=1)
+            for row in rec.item.series:
+                if row[0] in self.held:
+                    self.unstored.inc()
+                elif row[0] not in self.refuse:
+                    self.acknowledged.inc()
+
+    def exporter(self) -> dlq.Exporter:
+        @contextlib.asynccontextmanager
+        async def delivery():
+            yield Delivery(self.deliver, "remote-write to http://prom")
+
+        return dlq.Exporter(
+            {"ktel.metrics": decode_snapshot}, delivery, "samples", self.acknowledged, self.unstored, "held"
+        )
+
+
+def args(**kw):
+    base = dict(
+        from_=None, to=None, stage=None, source=None, host=None, reason=None, json=False, redrive=True
+    )
+    return argparse.Namespace(**{**base, **kw})
+
+
+async def redrive(monkeypatch, letters, backend, summary=None):
+    """``ktel dlq --redrive`` over ``letters`` (dead letter, key), each naming SNAPSHOT's
+    record: (the lines, the summary, what was re-published to Kafka)."""
+    tp = TopicPartition("ktel.dlq", 0)
+
+    async def read(consumer, parts, start_ms, bootstrap):
+        for offset, (dl, key) in enumerate(letters):
+            key, value = dead_letter_record(dl, key)
+            yield tp, SimpleNamespace(key=key, value=value, offset=offset, timestamp=TS)
+
+    published = []
+
+    class Producer(IdleClient):
+        async def send(self, topic, value, key=None, headers=None):
+            published.append((topic, value))
+            return asyncio.ensure_future(asyncio.sleep(0))
+
+    class Originals:
+        def __init__(self, opts):
+            self.reader = IdleClient()
+
+        async def record(self, topic, partition, offset):
+            return (
+                original(encode_snapshot(SNAPSHOT))
+                if (topic, partition, offset) == ("ktel.metrics", 2, 7)
+                else None
+            )
+
+    read_through(monkeypatch, tp, read)
+    monkeypatch.setattr(dlq, "Originals", Originals)
+    monkeypatch.setattr(dlq, "AIOKafkaProducer", Producer)
+    opts = dataclasses.replace(
+        dlq.options(CFG, args(), now_ns=NOW), exporters={"remote-write": backend.exporter()}
+    )
+    summary, lines = summary or dlq.Summary(), []
+    await dlq.run(opts, summary, lines.append, [].append)
+    return lines, summary, published
+
+
+async def test_an_exporters_dead_letters_go_to_its_backend_and_never_to_a_topic(monkeypatch):
+    backend = Backend()
+    backend.refuse = {"c"}
+    part = encode_snapshot(MetricSnapshot(TS, [B]))
+    forged = encode_snapshot(MetricSnapshot(TS, [["b", "counter", LABELS, 1000]]))
+    lines, summary, published = await redrive(
+        monkeypatch,
+        [
+            (letter(payload=part), b"h"),
+            (letter(payload=forged), b"h"),
+            (letter(), b"h"),  # whole: its c refused again
+            (letter(stage="pull"), b"h"),
+        ],
+        backend,
+    )
+    assert published == []  # (not to ktel.metrics: every exporter reads it)
+    # As the exporter read it, from where the dead letter says: just the part, or the whole.
+    assert [(r.topic, r.partition, r.offset, r.key, r.item) for r in backend.given] == [
+        ("ktel.metrics", 2, 7, b"h", MetricSnapshot(TS, [B])),
+        ("ktel.metrics", 2, 7, b"h", SNAPSHOT),
+    ]
+    assert lines[0].endswith("(sent: remote-write to http://prom): HTTP 400: out of bounds")
+    assert "(left: the record at ktel.metrics[2]@7 does not hold what it carries: " in lines[1]
+    assert (
+        "(left: remote-write to http://prom refused it again: HTTP 400: no c; it took 2 other samples of it)"
+        in lines[2]
+    )
+    assert "(left: the pull endpoint sends nowhere" in lines[3]
+    assert (dict(summary.sent), summary.refused, summary.left) == ({"remote-write to http://prom": 1}, 1, 2)
+    assert summary.line("ktel.dlq", True).endswith(
+        "selected 4; re-published 0; sent 1 (1 remote-write to http://prom); refused again 1; left 2"
+    )
+
+
+async def test_samples_the_receiver_says_it_holds_are_not_said_sent(monkeypatch):
+    backend = Backend()
+    backend.held = {"a"}
+    lines, summary, _ = await redrive(monkeypatch, [(letter(), b"h")], backend)
+    assert (
+        "(left: remote-write to http://prom answered for 1 held; it took 2 other samples of it)" in lines[0]
+    )
+    assert (dict(summary.sent), summary.refused) == ({}, 1)
+
+
+async def test_a_backend_that_does_not_answer_ends_the_redrive_with_what_was_sent_counted(monkeypatch):
+    backend = Backend()
+    calls = 0
+    deliver = backend.deliver
+
+    async def second_hangs(records, producer):
+        nonlocal calls
+        calls += 1
+        backend.hang = calls == 2
+        await deliver(records, producer)
+
+    backend.deliver = second_hangs
+    monkeypatch.setattr(dlq, "BACKEND_WAIT_S", 0.05)
+    summary = dlq.Summary()
+    with pytest.raises(
+        DlqError, match=r"^remote-write to http://prom took nothing of ktel.dlq\[0\]@1 in 0.05 s"
+    ):
+        await redrive(monkeypatch, [(letter(), b"h"), (letter(), b"h")], backend, summary)
+    assert (len(backend.given), dict(summary.sent)) == (1, {"remote-write to http://prom": 1})
+
+
+@pytest.mark.parametrize(("sent", "refused", "status"), [(1, 0, 0), (1, 1, 1), (0, 1, 1)])
+def test_a_dead_letter_its_backend_refused_again_is_told_by_the_exit_status(
+    monkeypatch, sent, refused, status
+):
+    async def run(opts, summary, write, report):
+        summary.sent["remote-write to http://prom"] += sent
+        summary.refused += refused
+
+    monkeypatch.setattr(dlq, "run", run)
+    assert dlq.main(CFG, args(), stdout=io.StringIO(), stderr=io.StringIO()) == status
