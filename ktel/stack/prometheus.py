@@ -74,7 +74,10 @@ class LocalPrometheus(proc.Server):
     of its clients (TLS, basic auth, client certificates). ``native_histograms``: accept
     native histograms (Prometheus 2.40 to 2.x keep them behind a feature flag), which
     ktel's remote-write sends by default. ``scrape`` (host:port of ktel's self-metrics
-    endpoints) adds a ``ktel`` scrape job and ktel's rules."""
+    endpoints) adds a ``ktel`` scrape job and ktel's rules. ``out_of_order_window`` (a
+    Prometheus duration, "3h"): how much older than a series' newest sample a sample it
+    stores may be (its ``storage.tsdb.out_of_order_time_window``; none by default, as in
+    Prometheus: a sample older than its head block takes is refused "out of bounds")."""
 
     def __init__(
         self,
@@ -83,22 +86,28 @@ class LocalPrometheus(proc.Server):
         web: Web | None = None,
         native_histograms: bool = True,
         scrape: Sequence[str] = (),
+        out_of_order_window: str | None = None,
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.port = port
         self.web = web
         self.native_histograms = native_histograms
         self.scrape = list(scrape)
+        self.out_of_order_window = out_of_order_window
         self.log_path = self.data_dir / "prometheus.log"
         self._http = _HTTP | (web.client_kwargs() if web else {})
 
     def config(self) -> str:
+        config = _CONFIG
+        if self.out_of_order_window is not None:
+            window = {"tsdb": {"out_of_order_time_window": self.out_of_order_window}}
+            config += f"storage: {json.dumps(window)}\n"  # (JSON is YAML)
         if not self.scrape:
-            return _CONFIG
+            return config
         # JSON is YAML: the paths and targets need no quoting rules of their own.
         job = {"job_name": "ktel", "scrape_interval": f"{SELF_METRICS_SCRAPE_S}s"}
         return (
-            _CONFIG
+            config
             + f"rule_files: [{json.dumps(str(RULES))}]\n"
             + f"scrape_configs: [{json.dumps({**job, 'static_configs': [{'targets': self.scrape}]})}]\n"
         )

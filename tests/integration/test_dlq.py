@@ -1,8 +1,10 @@
 """`ktel dlq` against a real broker: dead letters listed, and re-published to the topics
-they came from with their keys, except those it cannot re-drive, each said why.
+they came from with their keys, except those it cannot re-drive, each said why; and an
+exporter's dead letters, written by the real exporter, sent to the real Prometheus or
+OpenTelemetry Collector once it takes them.
 
-The dead letters are written here as stages write them (``dead_letter_record``); that a
-re-driven record is then counted, once however often it is re-driven:
+The stages' dead letters are written here as stages write them (``dead_letter_record``);
+that a re-driven record is then counted, once however often it is re-driven:
 tests/integration/test_processing_stages.py."""
 
 from __future__ import annotations
@@ -13,12 +15,18 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 
 import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
 
+from exporters import otlp, remote_write
+from ktel import config
 from ktel.replay import format_ns
+from ktel.stack.otelcol import LocalCollector, attributes
+from ktel.stack.proc import free_port
+from ktel.stack.prometheus import LocalPrometheus
 from ktel.topics import topic_partitions
 from ktel.wire import (
     DLQ_TOPIC,
@@ -26,14 +34,21 @@ from ktel.wire import (
     HEARTBEATS_TOPIC,
     METRICS_TOPIC,
     RAW_TOPIC,
+    SPANS_TOPIC,
     DeadLetter,
+    MetricSnapshot,
     RawBatch,
+    SpanBatch,
     dead_letter_record,
+    decode_spans,
     encode_batch,
     encode_heartbeat,
+    encode_snapshot,
+    encode_spans,
 )
 from ktel.wire.codec import MAX_RECORD_BYTES
-from tests.integration.agent_harness import read_topic
+from tests.integration.agent_harness import dead_letters_of, read_topic
+from tests.integration.test_otlp_collector import LimitedCollector, span, wait_for
 
 pytestmark = pytest.mark.kafka
 
@@ -111,7 +126,13 @@ def test_dead_letters_are_listed_and_re_driven_to_their_topics_except_those_that
     assert [(f["stage"], f["topic"], f["offset"], f["left_because"]) for f in found] == [
         ("all", RAW_TOPIC, bo, None),
         ("all", HEARTBEATS_TOPIC, ho, None),
-        ("export-otlp", METRICS_TOPIC, 12, "'ktel.metrics' is not a topic a ktel stage reads"),
+        (
+            "export-otlp",
+            METRICS_TOPIC,
+            12,
+            "'ktel.metrics' is not a topic a ktel stage reads (every exporter reads it), and 'export-otlp' "
+            "not an exporter whose backend --redrive sends to (otlp, remote-write)",
+        ),
         ("all", "payments", 13, "'payments' is not a topic a ktel stage reads"),
         ("all", RAW_TOPIC, go, None),
         ("dedupe", RAW_TOPIC, 15, "it has no payload (a tombstone)"),
@@ -279,3 +300,165 @@ def test_dead_letters_timed_before_1970_or_past_now_are_listed_by_default(privat
     # A window given is kept to.
     since = ktel_dlq(bootstrap, "--from", "-1h", "--to", "now")
     assert [line.split()[2] for line in since.stdout.splitlines()] == ["now:"], since.stderr
+
+
+async def export(run_exporter, cfg: config.Config, records: list[tuple[str, bytes, bytes]], arrived) -> None:
+    """Run an exporter (``run_exporter(cfg, stop, group_id=...)``) over ``records`` (topic,
+    key, value), each sent once ``await arrived(i)`` says what the one before it made of
+    the record before it is done (delivered, dead-lettered)."""
+    stop = asyncio.Event()
+    exporter = asyncio.create_task(run_exporter(cfg, stop, group_id=f"test-redrive-{uuid.uuid4().hex[:8]}"))
+    producer = AIOKafkaProducer(bootstrap_servers=cfg.kafka.bootstrap, acks="all")
+    await producer.start()
+    try:
+        for i, (topic, key, value) in enumerate(records):
+            await producer.send_and_wait(topic, value, key=key)
+            async with asyncio.timeout(60):  # a guard against hanging, not a timing assertion
+                while not await arrived(i):
+                    assert not exporter.done(), exporter
+                    await asyncio.sleep(0.2)
+    finally:
+        await producer.stop()
+        stop.set()
+        await asyncio.wait_for(exporter, 30)
+
+
+def test_a_sample_prometheus_refused_is_sent_to_it_once_its_out_of_order_window_takes_it(
+    private_kafka, tmp_path
+):
+    """Prometheus holds a host's gauge of now, and refuses its sample of 90 minutes ago,
+    older than its head block takes ("out of bounds"): the remote-write exporter
+    dead-letters that snapshot. `ktel dlq --redrive` sends it again through the
+    exporter's delivery: refused again, it says so and leaves it, not dead-lettered a
+    second time; once Prometheus' out-of-order window takes it, it sends it, and
+    Prometheus holds both samples. Nothing goes to ktel.metrics, which every exporter
+    reads."""
+    bootstrap = private_kafka.bootstrap
+    run = uuid.uuid4().hex[:12]
+    host = f"host-{run}"
+    now_ms = time.time_ns() // 1_000_000
+    old_ms = now_ms - 90 * 60_000
+    labels = {"host.id": host, "ktel.run": run}
+    fresh, old = (
+        encode_snapshot(MetricSnapshot(ts, [["ktel_redriven", "gauge", labels, value]]))
+        for ts, value in ((now_ms, 1), (old_ms, 2))
+    )
+    query = f'ktel_redriven{{ktel_run="{run}"}}[3h]'
+    prom = LocalPrometheus(tmp_path / "prometheus", free_port())
+    prom.start()
+    try:
+        # (The exporter's window takes a snapshot that old: Prometheus refuses it.)
+        cfg = config.Config(
+            kafka=config.KafkaConfig(bootstrap=bootstrap),
+            remote_write=config.RemoteWriteConfig(
+                url=prom.remote_write_url, metrics_port=0, max_age_seconds=10800
+            ),
+        )
+        letters: list[DeadLetter] = []
+
+        async def arrived(i: int) -> bool:
+            if i == 0:
+                return bool(await asyncio.to_thread(prom.query, query))
+            letters.extend(await dead_letters_of(bootstrap, run))
+            return True
+
+        records = [(METRICS_TOPIC, host.encode(), value) for value in (fresh, old)]
+        asyncio.run(export(remote_write.run, cfg, records, arrived))
+        [letter] = letters
+        assert (letter.stage, letter.topic, letter.payload) == ("remote-write", METRICS_TOPIC, old)
+        assert letter.reason == "HTTP 400: out of bounds"
+
+        env = {
+            "KTEL_REMOTE_WRITE__URL": prom.remote_write_url,
+            "KTEL_REMOTE_WRITE__MAX_AGE_SECONDS": "10800",
+        }
+        backend = f"remote-write to {prom.remote_write_url}"
+        where = f"remote-write: {METRICS_TOPIC}[{letter.partition}]@{letter.offset} key='{host}'"
+        again = ktel_dlq(bootstrap, "--redrive", env=env)
+        assert again.returncode == 1, again.stderr
+        [line] = again.stdout.splitlines()
+        assert where in line
+        assert line.endswith(
+            f"(left: {backend} refused it again: HTTP 400: out of bounds): HTTP 400: out of bounds"
+        )
+        assert again.stderr.splitlines()[-1].endswith(
+            "selected 1; re-published 0; sent 0; refused again 1; left 0"
+        )
+        assert len(asyncio.run(read_topic(bootstrap, DLQ_TOPIC, idle_s=0.5))) == 1  # not dead-lettered again
+
+        prom.stop()
+        prom.out_of_order_window = "3h"  # (the cause removed)
+        prom.start()
+        sent = ktel_dlq(bootstrap, "--redrive", env=env)
+        assert sent.returncode == 0, sent.stderr
+        [line] = sent.stdout.splitlines()
+        assert where in line and line.endswith(f"(sent: {backend}): HTTP 400: out of bounds")
+        assert sent.stderr.splitlines()[-1].endswith(
+            f"selected 1; re-published 0; sent 1 (1 {backend}); refused again 0; left 0"
+        )
+        [series] = prom.query(query)
+        assert [(round(float(t) * 1000), float(v)) for t, v in series["values"]] == [
+            (old_ms, 2.0),
+            (now_ms, 1.0),
+        ]
+    finally:
+        prom.stop()
+    assert [r.value for r in asyncio.run(read_topic(bootstrap, METRICS_TOPIC, idle_s=0.5))] == [fresh, old]
+
+
+def test_a_span_the_collector_refused_is_sent_alone_to_a_collector_that_takes_it(private_kafka, tmp_path):
+    """A batch of three spans, one of them larger than the Collector takes (its HTTP
+    request body limit): the OTLP exporter delivers the two others and dead-letters the
+    large one alone. `ktel dlq --redrive` sends it to the same Collector: refused again,
+    it says so and leaves it; to a Collector that takes it (the limit raised), it sends
+    that span, and only it: the two the first took are not sent again."""
+    bootstrap = private_kafka.bootstrap
+    run = uuid.uuid4().hex[:12]
+    host = f"host-{run}"
+    now = time.time_ns()
+    large = span(run, "large", now, {f"a{j}": "x" * 4000 for j in range(25)})  # ~100 KiB: over 64 KiB
+    batch = SpanBatch({"host.id": host}, [span(run, "small-0", now), large, span(run, "small-1", now + 1)])
+    refusal = "HTTP 400: http: request body too large"
+
+    def names(col: LocalCollector) -> list[str]:
+        return sorted(s["name"] for s in col.spans() if s["resource"].get("host.id") == host)
+
+    def env(col: LocalCollector) -> dict[str, str]:
+        return {"KTEL_OTLP__PROTOCOL": "http/protobuf", "KTEL_OTLP__ENDPOINT": col.http_endpoint}
+
+    with LimitedCollector(tmp_path / "limited", free_port(), free_port()) as limited:
+        cfg = config.Config(
+            kafka=config.KafkaConfig(bootstrap=bootstrap),
+            otlp=config.OtlpConfig(protocol="http/protobuf", endpoint=limited.http_endpoint, metrics_port=0),
+        )
+        letters: list[DeadLetter] = []
+
+        async def arrived(i: int) -> bool:
+            letters.extend(await dead_letters_of(bootstrap, run))
+            return True
+
+        asyncio.run(export(otlp.run, cfg, [(SPANS_TOPIC, host.encode(), encode_spans(batch))], arrived))
+        [letter] = letters
+        assert (letter.stage, letter.topic, letter.reason) == ("otlp", SPANS_TOPIC, refusal)
+        assert decode_spans(letter.payload) == SpanBatch(batch.resource, [large])  # (the others taken)
+        asyncio.run(wait_for(lambda: len(names(limited)) == 2, "the small spans at the Collector"))
+
+        again = ktel_dlq(bootstrap, "--redrive", env=env(limited))
+        assert again.returncode == 1, again.stderr
+        backend = f"OTLP export to {limited.http_endpoint}"
+        assert again.stdout.rstrip("\n").endswith(f"(left: {backend} refused it again: {refusal}): {refusal}")
+        assert again.stderr.splitlines()[-1].endswith("sent 0; refused again 1; left 0")
+        assert names(limited) == ["small-0", "small-1"]
+    assert len(asyncio.run(read_topic(bootstrap, DLQ_TOPIC, idle_s=0.5))) == 1  # not dead-lettered again
+
+    with LocalCollector(tmp_path / "raised", free_port(), free_port()) as raised:
+        sent = ktel_dlq(bootstrap, "--redrive", env=env(raised))
+        assert sent.returncode == 0, sent.stderr
+        [line] = sent.stdout.splitlines()
+        backend = f"OTLP export to {raised.http_endpoint}"
+        assert f"otlp: {SPANS_TOPIC}[{letter.partition}]@{letter.offset} key='{host}'" in line
+        assert line.endswith(f"(sent: {backend}): {refusal}")
+        assert sent.stderr.splitlines()[-1].endswith(f"sent 1 (1 {backend}); refused again 0; left 0")
+        asyncio.run(wait_for(lambda: names(raised), "the large span at the Collector"))
+        [got] = [s for s in raised.spans() if s["resource"].get("host.id") == host]
+        assert (got["name"], attributes(got["attributes"])) == ("large", large[8])
