@@ -654,8 +654,8 @@ async def run(
                 await to.deliver([record], refused)
         except TimeoutError:
             raise DlqError(
-                f"{to.backend} took nothing of {at} in {BACKEND_WAIT_S:g} s, asked again meanwhile: "
-                "stopped there (the dead letters before it are sent, the rest left)"
+                f"{to.backend} did not take {at} in {BACKEND_WAIT_S:g} s, asked again meanwhile (the "
+                "warnings above say what it answered): stopped there, the dead letters from it on left"
             ) from None
         taken, unstored = counted(exporter.acknowledged) - taken, counted(exporter.unstored) - unstored
         return to.backend, outcome(to.backend, refused.reasons, taken, unstored, exporter)

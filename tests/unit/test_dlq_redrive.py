@@ -346,7 +346,7 @@ async def test_a_backend_that_does_not_answer_ends_the_redrive_with_what_was_sen
     monkeypatch.setattr(dlq, "BACKEND_WAIT_S", 0.05)
     summary = dlq.Summary()
     with pytest.raises(
-        DlqError, match=r"^remote-write to http://prom took nothing of ktel.dlq\[0\]@1 in 0.05 s"
+        DlqError, match=r"^remote-write to http://prom did not take ktel.dlq\[0\]@1 in 0.05 s"
     ):
         await redrive(monkeypatch, [(letter(), b"h"), (letter(), b"h")], backend, summary)
     assert (len(backend.given), dict(summary.sent)) == (1, {"remote-write to http://prom": 1})
