@@ -273,6 +273,19 @@ def not_for_the_exporter(value: bytes, key: bytes | None, decode: Decoder) -> st
     return None
 
 
+def gone(where: str) -> str:
+    return f"no record is at {where} now (retention took it, or there never was one)"
+
+
+def carried(dl: DeadLetter, key: bytes | None, original: ConsumerRecord) -> bool:
+    """Whether ``original``, the record read back where ``dl`` says, is the one ``dl``
+    carries: the same key, and the same bytes, or bytes starting with them where its
+    payload was cut."""
+    payload, value = dl.payload or b"", original.value or b""
+    cut = PAYLOAD_CUT in dl.reason
+    return original.key == key and (value == payload or (cut and value.startswith(payload)))
+
+
 def to_send(
     dl: DeadLetter, key: bytes | None, original: ConsumerRecord | None, decode: Decoder
 ) -> tuple[Any, bytes] | str:
@@ -285,12 +298,11 @@ def to_send(
     ``--redrive`` send what was not on the exporter's topic."""
     where = f"{dl.topic}[{dl.partition}]@{dl.offset}"
     if original is None:
-        return f"no record is at {where} now (retention took it, or there never was one)"
-    payload, value = dl.payload or b"", original.value or b""
-    cut = PAYLOAD_CUT in dl.reason
-    whole = value == payload or (cut and value.startswith(payload))
-    if original.key != key or (cut and not whole):
+        return gone(where)
+    whole = carried(dl, key, original)
+    if not whole and (original.key != key or PAYLOAD_CUT in dl.reason):
         return f"the record at {where} is not the one it carries (not an exporter's dead letter?)"
+    value = original.value or b""
     try:
         record = decode(value)
         check_keyed(record, key)
@@ -299,13 +311,13 @@ def to_send(
     if whole:
         return record, value
     try:
-        part = decode(payload)
+        part = decode(dl.payload or b"")
     except WireError as err:
         return f"it does not decode ({err})"
     why = not_part_of(part, record)
     if why is not None:
         return f"the record at {where} does not hold what it carries: {why} (not an exporter's dead letter?)"
-    return part, payload
+    return part, dl.payload or b""
 
 
 class Refused:
@@ -616,12 +628,11 @@ async def run(
         rec = await originals.record(dl.topic, dl.partition, dl.offset)
         where = f"{dl.topic}[{dl.partition}]@{dl.offset}"
         if rec is None:
-            return b"", f"no record is at {where} now (retention took it, or there never was one)"
-        payload = dl.payload or b""
-        cut = PAYLOAD_CUT in dl.reason
-        if rec.key != key or not (rec.value == payload or (cut and (rec.value or b"").startswith(payload))):
+            return b"", gone(where)
+        if not carried(dl, key, rec):
             return b"", f"the record at {where} is not the one it carries (not a ktel stage's dead letter?)"
         value = rec.value or b""
+        cut = PAYLOAD_CUT in dl.reason
         return value, not_for_the_stages(value, key, opts.stage_topics[dl.topic]) if cut else None
 
     async def delivery(stage: str) -> Delivery:
