@@ -35,21 +35,36 @@ def listed() -> list[list[str]]:
     return lines
 
 
+def choices(parser: argparse.ArgumentParser) -> list[str] | None:
+    """What a command takes one of as its first argument (a stage, an exporter), or None."""
+    taken = [a.choices for a in parser._actions if a.choices and not a.option_strings]
+    return [str(c) for c in taken[0]] if taken else None
+
+
 def test_every_command_is_in_the_readmes_list():
     lines = listed()
     missing = []
     for name, parser in parsers()[1].items():
         # A command that takes one of some choices (a stage, an exporter): a line each.
-        choices = [a.choices for a in parser._actions if a.choices and not a.option_strings]
-        wanted = [[name, str(c)] for c in choices[0]] if choices else [[name]]
+        some = choices(parser)
+        wanted = [[name, c] for c in some] if some is not None else [[name]]
         missing += [" ".join(w) for w in wanted if not any(line[1 : 1 + len(w)] == w for line in lines)]
     assert not missing, f"commands the README's list lacks: {missing}"
 
 
 def test_every_command_the_readme_lists_exists():
     known = parsers()[1]
-    # (`ktel --version` names no command)
-    unknown = [" ".join(line) for line in listed() if not line[1].startswith("-") and line[1] not in known]
+
+    def exists(line: list[str]) -> bool:
+        if line[1].startswith("-"):
+            return True  # (`ktel --version` names no command)
+        if line[1] not in known:
+            return False
+        # A stage or exporter it names must be one the command takes.
+        some = choices(known[line[1]])
+        return some is None or (len(line) > 2 and line[2] in some)
+
+    unknown = [" ".join(line) for line in listed() if not exists(line)]
     assert not unknown, f"the README lists commands ktel does not have: {unknown}"
 
 
