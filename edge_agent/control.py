@@ -66,6 +66,9 @@ aiokafka's default, it passed over every command sent to the new topic before it
 next fetch (the agent cut off from Kafka meanwhile, or waiting on its metadata). So
 is a position whose records retention deleted before they were read (an agent cut
 off for longer than the topic keeps them) read from the look-back, the offset kept.
+The two are told apart by the topic's first offset, looked up after that fetch, which
+retention alone moves past the position: a new topic grown past the position since
+(commands sent while the agent looked it up) is still one made again.
 A topic made again that reached the position before that fetch cannot be told apart
 here either: its records before the position are passed over.
 """
@@ -488,13 +491,18 @@ class Control:
 
     # ------------------------------------------------------------- follow
 
-    def begin(self, start: int, end: int, lost_at: int | None = None) -> None:
+    def begin(self, start: int, end: int, lost_at: int | None = None, first: int = 0) -> None:
         """Reading ktel.control from offset ``start``, the topic ending at offset ``end``:
         at the follower's start, or again when Kafka found the offset it was reading at,
-        ``lost_at``, out of the topic's range."""
+        ``lost_at``, out of the topic's range, the topic's first offset being ``first``
+        (looked up after that fetch)."""
         self._read_back_to = end
-        if lost_at is not None and lost_at > end:
-            self._made_again(f"it ends at {end}, before offset {lost_at} where the agent was reading")
+        if lost_at is not None and lost_at >= first:
+            # Not before the first offset, which retention moves past it in the same topic
+            # alone: past the topic's end at that fetch, a topic made again, whatever end it
+            # has reached since (sent commands while the follower looked it up, the broker
+            # away meanwhile); its records up to lost_at were judged by no one.
+            self._made_again(f"ended before offset {lost_at}, where the agent was reading")
         elif self.judged_to is not None and self.judged_to >= end:
             self._made_again(f"it ends at {end}")
         elif lost_at is not None:
@@ -557,6 +565,9 @@ class Control:
                 found = await consumer.offsets_for_times({tp: max(0, now_ms() - self.bounds.max_ttl_ms)})
                 return (found[tp].offset if found.get(tp) is not None else end), end
 
+            async def first_offset() -> int:
+                return (await consumer.beginning_offsets([tp]))[tp]
+
             # Retried like the connection: a broker away for long at the agent's
             # start must not leave it deaf to commands for good.
             start, end = await retry(start_position, what="find where to read ktel.control from")
@@ -578,8 +589,9 @@ class Control:
                         # for longer than the topic keeps them): the records there were
                         # sent while this agent did not read, and are judged as at a start.
                         at = await consumer.position(tp)
+                        first = await retry(first_offset, what="find where ktel.control begins")
                         start, end = await retry(start_position, what="find where to read ktel.control from")
-                        self.begin(start, end, lost_at=at)
+                        self.begin(start, end, lost_at=at, first=first)
                         consumer.seek(tp, start)
                         fetched = {}
                     for recs in fetched.values():

@@ -563,10 +563,16 @@ class OutOfReach:
     those were fetched, ``after`` instead, the follower's position out of its range (the
     topic made again, or records deleted by retention ahead of it). Out of range, the
     consumer goes to the end, as aiokafka's default does, unless auto_offset_reset is
-    "none": the fetch then raises OffsetOutOfRangeError."""
+    "none": the fetch then raises OffsetOutOfRangeError, and ``grown`` are added to the
+    topic before the follower can look it up."""
 
-    def __init__(self, before: list[ConsumerRecord[None, bytes]], after: list[ConsumerRecord[None, bytes]]):
-        self.topic, self.after = before, after
+    def __init__(
+        self,
+        before: list[ConsumerRecord[None, bytes]],
+        after: list[ConsumerRecord[None, bytes]],
+        grown: list[ConsumerRecord[None, bytes]] | None = None,
+    ):
+        self.topic, self.after, self.grown = before, after, grown or []
         self.at = 0  # the consumer's position
         self.reset = "latest"
         self.fetched = asyncio.Event()
@@ -574,6 +580,9 @@ class OutOfReach:
     def __call__(self, **settings) -> OutOfReach:
         self.reset = settings.get("auto_offset_reset", self.reset)
         return self
+
+    async def beginning_offsets(self, tps):
+        return dict.fromkeys(tps, self.topic[0].offset)
 
     async def end_offsets(self, tps):
         return dict.fromkeys(tps, self.topic[-1].offset + 1)
@@ -595,6 +604,7 @@ class OutOfReach:
         first, end = self.topic[0].offset, self.topic[-1].offset + 1
         if not first <= self.at <= end:
             if self.reset == "none":
+                self.topic, self.grown = self.topic + self.grown, []
                 raise OffsetOutOfRangeError({"tp": self.at})
             self.at = end
         if fetch := [r for r in self.topic if r.offset >= self.at]:
@@ -633,6 +643,30 @@ async def test_records_out_of_the_followers_reach_are_read_from_the_look_back(tm
     with pytest.raises(asyncio.CancelledError):
         await follower
     assert json.loads((tmp_path / control_mod.STATE_FILE).read_text())["judged_to"] == first + 1
+
+
+async def test_a_topic_made_again_that_grows_past_the_followers_position_after_its_fetch_is_read_whole(
+    tmp_path, monkeypatch
+):
+    """ktel.control made again while the agent follows it, found out of range at a fetch
+    (the new topic ended before the agent's position), and grown past that position
+    before the agent looked it up (commands sent meanwhile, the broker away for the
+    agent). Taken, by its end, for a topic whose records retention deleted, its records
+    up to the old topic's last offset judged were passed over, unjudged: the agent tells
+    the two apart by the topic's first offset, which retention alone moves past it."""
+    now = now_ms()
+    ctl, _ = make(tmp_path)
+    probes = ["syscall_latency", "file_created", "runq_latency", "tcp_retransmit"]
+    sent = [cmd(cmd_id=p, probe=p, ttl_ms=600_000) for p in probes]
+    new = records(*sent, sent_ms=now - 1000)
+    consumer = OutOfReach(records(*flood(3), sent_ms=now - 1000), new[:1], grown=new[1:])
+    follower = following(ctl, consumer, monkeypatch)
+    await consumer.fetched.wait()
+    assert [getattr(ctl.command(p), "id", None) for p in probes] == probes
+    follower.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await follower
+    assert json.loads((tmp_path / control_mod.STATE_FILE).read_text())["judged_to"] == len(probes) - 1
 
 
 def test_a_clock_set_back_while_a_command_holds_stretches_it_no_longer_than_the_bound(tmp_path):
