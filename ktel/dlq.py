@@ -723,7 +723,7 @@ async def run(
     try:
         for client in clients:
             await client.start()
-        failure: topic_window.ReadError | KafkaError | None = None
+        failure: topic_window.ReadError | KafkaError | DlqError | None = None
         try:
             async with contextlib.aclosing(
                 topic_window.records(reader, parts, sel.from_ms, opts.bootstrap)
@@ -734,11 +734,12 @@ async def run(
                             await handle(tp, rec)
                         except OutputClosed:
                             return
-        except (topic_window.ReadError, KafkaError) as err:
+        except (topic_window.ReadError, KafkaError, DlqError) as err:
             failure = err
         # What was re-published is acknowledged before the summary counts it, also when
-        # the read failed midway, whose summary is printed: the records sent before it
-        # are written all the same, or refused.
+        # the read failed midway or an exporter's backend did not answer (or could not be
+        # set up), whose summary is printed: the records sent before it are written all
+        # the same, or refused.
         await settle()
         if failure is not None:
             raise failure

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 from aiokafka import TopicPartition
+from aiokafka.errors import KafkaConnectionError
 from prometheus_client import CollectorRegistry, Counter
 
 from exporters import consume
@@ -22,10 +23,12 @@ from ktel.wire import (
     DeadLetter,
     LogBatch,
     MetricSnapshot,
+    RawBatch,
     SpanBatch,
     dead_letter_record,
     decode_dead_letter,
     decode_snapshot,
+    encode_batch,
     encode_logs,
     encode_snapshot,
     encode_spans,
@@ -350,6 +353,54 @@ async def test_a_backend_that_does_not_answer_ends_the_redrive_with_what_was_sen
     ):
         await redrive(monkeypatch, [(letter(), b"h"), (letter(), b"h")], backend, summary)
     assert (len(backend.given), dict(summary.sent)) == (1, {"remote-write to http://prom": 1})
+
+
+async def test_a_backend_that_does_not_answer_ends_the_redrive_once_kafka_answered_what_it_re_published(
+    monkeypatch,
+):
+    """A stage's dead letter re-published, Kafka refusing it, then an exporter's whose
+    backend does not answer: the summary printed counts the first failed, not
+    re-published, as when the read fails midway."""
+    backend = Backend()
+    backend.hang = True
+    monkeypatch.setattr(dlq, "BACKEND_WAIT_S", 0.05)
+    tp = TopicPartition("ktel.dlq", 0)
+    batch = encode_batch(RawBatch("h", "boot", 0, 1, []))
+    letters = [
+        (DeadLetter("aggregate", "refused", "ktel.raw", 0, 3, batch), b"h"),
+        (letter(), b"h"),
+    ]
+
+    async def read(consumer, parts, start_ms, bootstrap):
+        for offset, (dl, key) in enumerate(letters):
+            key, value = dead_letter_record(dl, key)
+            yield tp, SimpleNamespace(key=key, value=value, offset=offset, timestamp=TS)
+
+    class Producer(IdleClient):
+        async def send(self, topic, value, key=None, headers=None):
+            async def refused():
+                await asyncio.sleep(0)
+                raise KafkaConnectionError("the leader went away")
+
+            return asyncio.ensure_future(refused())
+
+    class Originals:
+        def __init__(self, opts):
+            self.reader = IdleClient()
+
+        async def record(self, topic, partition, offset):
+            return original(batch if topic == "ktel.raw" else encode_snapshot(SNAPSHOT))
+
+    read_through(monkeypatch, tp, read)
+    monkeypatch.setattr(dlq, "Originals", Originals)
+    monkeypatch.setattr(dlq, "AIOKafkaProducer", Producer)
+    opts = dataclasses.replace(
+        dlq.options(CFG, args(), now_ns=NOW), exporters={"remote-write": backend.exporter()}
+    )
+    summary = dlq.Summary()
+    with pytest.raises(DlqError, match="did not take"):
+        await dlq.run(opts, summary, [].append, [].append)
+    assert (sum(summary.redriven.values()), summary.failed, dict(summary.sent)) == (0, 1, {})
 
 
 @pytest.mark.parametrize(("sent", "refused", "status"), [(1, 0, 0), (1, 1, 1), (0, 1, 1)])
