@@ -841,19 +841,29 @@ def main(cfg: Config, args: Any, stdout: TextIO | None = None, stderr: TextIO | 
         report(f"ktel dlq: {err}")
         return 2
     error = None
-    exporters_log = logging.getLogger("ktel.export")
+    exporters_log = logging.getLogger("ktel.export")  # (exporters.consume's; the parent of theirs)
     level = exporters_log.level
+
+    def errors_only(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
-        # Below debug, the exporters' warnings of what they dead-letter (a dead letter sent
-        # again is not: its line says what its backend answered), and their notes of what
-        # a receiver holds already, stay off stderr; their errors (a backend refusing
-        # ktel's credentials) do not, nor the retries' warnings (a backend away).
-        exporters_log.setLevel(logging.ERROR)
+        # Below debug, the exporters' warnings of what they dead-letter (exporters.consume's:
+        # a dead letter sent again is not, its line says what its backend answered), and
+        # their notes of what a receiver holds already (info), stay off stderr. Their other
+        # warnings do not: what an OTLP backend said of the items it rejected in a partial
+        # success (the line counts them, without its words), an attribute left out of what
+        # was sent; nor their errors (a backend refusing ktel's credentials), nor the
+        # retries' warnings (a backend away). (A logger's filter sees only what is logged on
+        # that logger, not on its children.)
+        exporters_log.setLevel(max(logging.WARNING, exporters_log.getEffectiveLevel()))
+        exporters_log.addFilter(errors_only)
     try:
         asyncio.run(run(opts, summary, write, report))
     except (DlqError, topic_window.ReadError) as err:
         error = str(err)
     finally:
+        exporters_log.removeFilter(errors_only)
         exporters_log.setLevel(level)
     try:
         stdout.flush()

@@ -7,6 +7,8 @@ import asyncio
 import contextlib
 import dataclasses
 import io
+import logging
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -28,6 +30,7 @@ from ktel.wire import (
     dead_letter_record,
     decode_dead_letter,
     decode_snapshot,
+    decode_spans,
     encode_batch,
     encode_logs,
     encode_snapshot,
@@ -36,6 +39,7 @@ from ktel.wire import (
 )
 from ktel.wire.codec import MAX_RECORD_BYTES
 from ktel.wire.control import DEAD_LETTER_KEY_BYTES
+from tests.unit.test_otlp_mapping import _answering
 from tests.unit.topic_window_fake import IdleClient, read_through
 
 NOW = 1_750_000_000 * NS
@@ -401,6 +405,32 @@ async def test_a_backend_that_does_not_answer_ends_the_redrive_once_kafka_answer
     with pytest.raises(DlqError, match="did not take"):
         await dlq.run(opts, summary, [].append, [].append)
     assert (sum(summary.redriven.values()), summary.failed, dict(summary.sent)) == (0, 1, {})
+
+
+def test_a_redrive_logs_the_exporters_warnings_but_those_of_what_they_would_dead_letter(monkeypatch, caplog):
+    """What an OTLP backend said of the items it rejected in a partial success is on
+    stderr (the dead letter's line counts them, without its words); the exporter's
+    warning of the dead letter it would write is not (the line says why)."""
+    sender, _ = _answering(1, "span too old")
+    now = time.time_ns()
+    rows = [[bytes([i + 1]) * 16, b"s" * 8, b"", f"s{i}", now, now + 1, 0, "", {}] for i in range(3)]
+    rows[2][0] = b"\0" * 16  # (a trace id OTLP does not allow: refused by the exporter)
+    value = encode_spans(SpanBatch(RESOURCE, rows))
+
+    async def run(opts, summary, write, report):
+        rec = consume.Record(decode_spans(value), "ktel.spans", 0, 7, b"h", value, "ktel.dlq")
+        refused = dlq.Refused()
+        await sender.deliver([rec], refused)
+        assert refused.reasons == ["a trace id of all zeros, which OTLP does not allow"]
+
+    monkeypatch.setattr(dlq, "run", run)
+    caplog.set_level(logging.INFO)
+    try:
+        dlq.main(CFG, args(), stdout=io.StringIO(), stderr=io.StringIO())
+    finally:
+        sender.shutdown()
+    assert "OTLP backend took 1 of 2 spans, rejected 1: span too old" in caplog.text
+    assert "dead letter" not in caplog.text
 
 
 @pytest.mark.parametrize(("sent", "refused", "status"), [(1, 0, 0), (1, 1, 1), (0, 1, 1)])
