@@ -272,7 +272,15 @@ class LocalKafka(proc.Server):
 
         # A few at a time: each is a JVM that takes seconds to start, and ACLs are independent.
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            list(pool.map(run, commands))
+            try:
+                list(pool.map(run, commands))
+            except BaseException:
+                # Stopped (Ctrl-C, a failed command): the pool would wait for each JVM
+                # in flight to its end (up to its timeout, the broker away), and they
+                # are out of a Ctrl-C's reach, each in a session of its own.
+                with proc.tools_stopped():
+                    pool.shutdown(cancel_futures=True)
+                raise
 
     def _write_config(self) -> Path:
         (self.data_dir / "log4j.properties").write_text(_LOG4J)

@@ -118,6 +118,16 @@ def spawn(
 # before they are killed.
 TOOL_STOP_SECONDS = 5.0
 
+# The tools run runs now, in any thread, for tools_stopped to stop; and how many
+# tools_stopped blocks are open, within which run starts none.
+_tools: set[subprocess.Popen[str]] = set()
+_tools_refused = 0
+_tools_lock = threading.Lock()
+
+
+class ToolsStopped(RuntimeError):
+    """A tool that ``run`` was asked to start while ``tools_stopped`` stops them."""
+
 
 def run(
     argv: Sequence[str],
@@ -126,17 +136,22 @@ def run(
     timeout: float | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run a tool (a build, Kafka's storage format, openssl) to its end, its output
-    captured as text, in a session of its own. Stopped early, by an exception while it
-    runs (a stop signal's handler that raises, ``subprocess.TimeoutExpired`` past
-    ``timeout``), it is stopped with all it started before the exception goes on: its
-    process group is sent SIGINT (what Ctrl-C at a terminal sends), and what is left
-    of it after TOOL_STOP_SECONDS is killed. subprocess.run kills the tool alone: the
+    captured as text, in a session of its own. Stopped early, by an exception in the
+    thread that runs it (a stop signal's handler that raises, in the main thread;
+    ``subprocess.TimeoutExpired`` past ``timeout``), or by ``tools_stopped`` from
+    another thread, it is stopped with all it started before going on: its process
+    group is sent SIGINT (what Ctrl-C at a terminal sends), and what is left of it
+    after TOOL_STOP_SECONDS is killed. subprocess.run kills the tool alone: the
     Collector's builder killed so left its `go build` compiling on for minutes after
     `ktel up` had exited (`ktel down`'s SIGTERM reaches `ktel up` alone, not the
     tool's children as a terminal's Ctrl-C does)."""
     child: subprocess.Popen[str] | None = None
     try:
-        with stop_signals_held():  # a stop signal meanwhile finds the child kept
+        # A stop signal meanwhile finds the child kept; tools_stopped, once the child is
+        # started, finds it among those to stop.
+        with stop_signals_held(), _tools_lock:
+            if _tools_refused:
+                raise ToolsStopped(f"{argv[0]} not started: ktel's tools are being stopped")
             child = subprocess.Popen(
                 list(argv),
                 cwd=cwd,
@@ -151,39 +166,73 @@ def run(
                 start_new_session=True,
                 preexec_fn=_die_with_parent(),
             )
+            _tools.add(child)
         stdout, stderr = child.communicate(timeout=timeout)
     except BaseException:
         if child is not None:
             # A second signal meanwhile is taken once the group is stopped.
             with stop_signals_held():
-                _stop_group(child, TOOL_STOP_SECONDS)
+                _stop_groups([child], TOOL_STOP_SECONDS)
+            # Its output is not read on: a process of its that left the group would
+            # hold the pipes open, and the wait with them.
+            for pipe in (child.stdout, child.stderr):
+                if pipe is not None:
+                    pipe.close()
+            child.wait()
         raise
+    finally:
+        if child is not None:
+            with _tools_lock:
+                _tools.discard(child)
     return subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr)
 
 
-def _stop_group(child: subprocess.Popen[str], grace: float) -> None:
-    """SIGINT to the process group ``child`` leads, SIGKILL to what is left of it
-    after ``grace`` seconds or once ``child`` has exited, whichever is first."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(child.pid, signal.SIGINT)
-    if child.returncode is None:
+@contextlib.contextmanager
+def tools_stopped() -> Iterator[None]:
+    """Stops the tools ``run`` runs now in other threads, as it stops its own on an
+    exception, and has it start none within the block (it raises ToolsStopped): for a
+    thread that others run tools for (a thread pool's), stopped, which would otherwise
+    wait for each to its end. run stops a tool on an exception in its own thread only:
+    a stop signal's handler raises in the main thread, and a terminal's Ctrl-C does
+    not reach a tool in a session of its own."""
+    global _tools_refused
+    with _tools_lock:
+        _tools_refused += 1
+        running = list(_tools)
+    try:
+        # A second signal meanwhile is taken once the groups are stopped. Their own
+        # threads read their output to its end and reap them.
+        with stop_signals_held():
+            _stop_groups(running, TOOL_STOP_SECONDS)
+        yield
+    finally:
+        with _tools_lock:
+            _tools_refused -= 1
+
+
+def _stop_groups(children: Sequence[subprocess.Popen[str]], grace: float) -> None:
+    """SIGINT to the process groups ``children`` lead, SIGKILL to what is left of
+    each after ``grace`` seconds or once its leader has exited, whichever is first."""
+    for child in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGINT)
+    deadline = time.monotonic() + grace
+    for child in children:
         # Waited for without being reaped: until it is, its pid (the group's id) is
-        # nobody else's, and the group's stragglers are killed by it below.
-        exited = select.poll()
-        pidfd = os.pidfd_open(child.pid)
-        try:
-            exited.register(pidfd, select.POLLIN)
-            exited.poll(grace * 1000)
-        finally:
-            os.close(pidfd)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(child.pid, signal.SIGKILL)
-    # Its output is not read on: a process of its that left the group would hold the
-    # pipes open, and the wait with them.
-    for pipe in (child.stdout, child.stderr):
-        if pipe is not None:
-            pipe.close()
-    child.wait()
+        # nobody else's, and the group's stragglers are killed by it below. One that
+        # run's communicate, in another thread, reaped meanwhile: what is left of its
+        # group keeps the group's id from being reused.
+        with contextlib.suppress(ProcessLookupError):
+            if child.returncode is None:
+                exited = select.poll()
+                pidfd = os.pidfd_open(child.pid)
+                try:
+                    exited.register(pidfd, select.POLLIN)
+                    exited.poll(max(0.0, deadline - time.monotonic()) * 1000)
+                finally:
+                    os.close(pidfd)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
 
 
 def _die_with_parent() -> Callable[[], None] | None:

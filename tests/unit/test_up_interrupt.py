@@ -4,16 +4,21 @@ unheard, for every child to be ready (up to 300 s) or the start to fail."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import io
 import os
 import select
 import signal
+import subprocess
 import sys
 import time
+from collections.abc import Sequence
+
+import pytest
 
 from ktel import up
-from ktel.stack import proc
+from ktel.stack import kafka, proc
 from tests.unit.up_fake import fake_stack, run_up, stack_config
 
 
@@ -106,3 +111,77 @@ def exited(pid: int) -> bool:
         with contextlib.suppress(ProcessLookupError):  # (a test that fails leaves nothing behind)
             signal.pidfd_send_signal(fd, signal.SIGKILL)
         os.close(fd)
+
+
+def test_a_stop_while_tools_run_in_a_pool_stops_them_and_starts_no_more(tmp_path, monkeypatch):
+    """`ktel cluster` stopped (Ctrl-C's KeyboardInterrupt in its main thread) while its
+    ACLs are set, kafka-acls JVMs run four at a time by a thread pool's threads, stops
+    the ones in flight and all they started, and starts none of the rest: the pool
+    waited for each to its end (up to its timeout, the broker away), out of a Ctrl-C's
+    reach in sessions of their own."""
+    started, heard = tmp_path / "started", tmp_path / "heard"
+    started.mkdir()
+    # Each kafka-acls: says it started, with the process it started (deaf to SIGINT, as
+    # in the test above), and waits for it; the last of the four in flight stops ktel.
+    java = tmp_path / "java"
+    java.write_text(f"""#!/bin/sh
+        trap 'echo INT >> {heard}; exit 130' INT
+        (trap '' INT; exec sleep 300) &
+        echo $! > {started}/$$
+        set -- {started}/*
+        [ $# -eq 4 ] && mkdir {tmp_path}/stopping 2>/dev/null && kill -TERM $PPID
+        wait
+    """)
+    java.chmod(0o755)
+    monkeypatch.setattr(kafka, "_java", lambda: str(java))
+    monkeypatch.setattr(kafka, "ensure_kafka", lambda: tmp_path)
+    # Their timeout well short of apply_acls' own: one that passed was not stopped by the
+    # stop, but waited for.
+    timed_out: list[Sequence[str]] = []
+    run = proc.run
+
+    def run_timed(argv: Sequence[str], timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+        try:
+            return run(argv, timeout=60)
+        except subprocess.TimeoutExpired:
+            timed_out.append(argv)
+            raise
+
+    monkeypatch.setattr(proc, "run", run_timed)
+    commands = [["kafka-acls.sh", "--bootstrap-server", "b:9092", "--add", str(n)] for n in range(8)]
+    broker = kafka.LocalKafka(tmp_path / "kafka")
+
+    class Stop(Exception):
+        pass
+
+    def stop(*_: object) -> None:
+        raise Stop
+
+    handler = signal.signal(signal.SIGTERM, stop)
+    try:
+        with pytest.raises(Stop):
+            broker.apply_acls(commands)
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    tools = {int(p.name): int(p.read_text()) for p in started.iterdir()}
+    gone = [exited(pid) for pid in (*tools, *tools.values())]
+    assert not timed_out
+    assert len(tools) == 4  # none of the rest started
+    assert heard.read_text() == "INT\n" * 4  # asked first, as Ctrl-C at a terminal asks
+    assert all(gone)
+
+
+def test_no_tool_starts_while_tools_are_stopped(tmp_path):
+    """A pool's thread that took its next command just as its caller was stopped, the
+    rest cancelled, starts no tool while the caller waits for the pool to end: that
+    one would run to its end."""
+    ran = tmp_path / "ran"
+    with (
+        proc.tools_stopped(),
+        concurrent.futures.ThreadPoolExecutor(1) as pool,
+        pytest.raises(proc.ToolsStopped),
+    ):
+        pool.submit(proc.run, ["sh", "-c", f"touch {ran}"]).result()
+    assert not ran.exists()
+    assert proc.run(["sh", "-c", f"touch {ran}"]).returncode == 0  # and once it is over, they start
+    assert ran.exists()
