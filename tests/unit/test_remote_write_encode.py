@@ -215,23 +215,12 @@ async def test_a_series_named_as_another_types_series_are_is_dead_lettered_and_t
     counter c's samples. Such a series (which the aggregate never writes) is refused
     by its name, whatever else the snapshot holds, and dead-lettered alone with the
     reason; the rest of its snapshot is sent, a counter under its _total name."""
-    import asyncio
     import dataclasses
 
-    import httpx
     from prometheus_client import REGISTRY
 
     from exporters.consume import Record
-    from exporters.delivery import Window
-    from exporters.remote_write_client import Receiver
-    from ktel.config import RemoteWriteConfig
     from ktel.wire import DLQ_TOPIC, METRICS_TOPIC, decode_dead_letter, decode_snapshot, encode_snapshot
-
-    requests: list[WriteRequest] = []
-
-    def receive(request: httpx.Request) -> httpx.Response:
-        requests.append(decode(request.content))
-        return httpx.Response(204)
 
     now_ms = time.time_ns() // 1_000_000
     hist = {"count": 3, "sum": 1.5, "bounds": [1.0], "counts": [1, 2]}
@@ -245,17 +234,7 @@ async def test_a_series_named_as_another_types_series_are_is_dead_lettered_and_t
     dead = REGISTRY.get_sample_value(
         "ktel_exporter_dead_lettered_items_total", {"exporter": "remote-write", "signal": "samples"}
     )
-    async with Receiver(RemoteWriteConfig(url="http://receiver.test/api/v1/write")) as receiver:
-        receiver.client = httpx.AsyncClient(transport=httpx.MockTransport(receive))
-        window = Window(3600, 600, "remote_write")
-        await asyncio.wait_for(remote_write.deliver(receiver, [rec], producer, window, "classic"), 30)
-
-    sent = {
-        (labels.pop("__name__"), tuple(sorted(labels.items()))): [s.value for s in ts.samples]
-        for req in requests
-        for ts in req.timeseries
-        for labels in [{lb.name: lb.value for lb in ts.labels}]
-    }
+    sent = await deliver_taken([rec], producer, "classic")
     h = (("host_id", "h"),)
     assert sent == {
         ("h_bucket", (*h, ("le", "1.0"))): [1.0],
@@ -295,13 +274,9 @@ async def test_a_histogram_with_a_label_le_is_dead_lettered_and_the_rest_sent(hi
     processors/aggregate_core.py ``_kept``) is refused, as the pull endpoint refuses it,
     whatever form it would go in (a native histogram too), and dead-lettered alone with
     the reason; the rest of its snapshot is sent."""
-    import httpx
     from prometheus_client import REGISTRY
 
     from exporters.consume import Record
-    from exporters.delivery import Window
-    from exporters.remote_write_client import Receiver
-    from ktel.config import RemoteWriteConfig
     from ktel.wire import (
         DLQ_TOPIC,
         METRICS_TOPIC,
@@ -310,12 +285,6 @@ async def test_a_histogram_with_a_label_le_is_dead_lettered_and_the_rest_sent(hi
         encode_snapshot,
         log2_bounds,
     )
-
-    requests: list[WriteRequest] = []
-
-    def receive(request: httpx.Request) -> httpx.Response:
-        requests.append(decode(request.content))
-        return httpx.Response(204)
 
     def hist(n: int, bounds: list[float]) -> dict[str, Any]:
         return {"count": n, "sum": 1.5 * n, "bounds": bounds, "counts": [0] * len(bounds) + [n]}
@@ -332,16 +301,7 @@ async def test_a_histogram_with_a_label_le_is_dead_lettered_and_the_rest_sent(hi
     rec = Record(decode_snapshot(value), METRICS_TOPIC, 2, 40, b"h", value, DLQ_TOPIC)
     producer = Producer()
     duplicates = REGISTRY.get_sample_value("ktel_exporter_duplicate_samples_total") or 0.0
-    async with Receiver(RemoteWriteConfig(url="http://receiver.test/api/v1/write")) as receiver:
-        receiver.client = httpx.AsyncClient(transport=httpx.MockTransport(receive))
-        await remote_write.deliver(receiver, [rec], producer, Window(3600, 600, "remote_write"), histograms)
-
-    sent = {
-        (labels.pop("__name__"), tuple(sorted(labels.items()))): [s.value for s in ts.samples]
-        for req in requests
-        for ts in req.timeseries
-        for labels in [{lb.name: lb.value for lb in ts.labels}]
-    }
+    sent = await deliver_taken([rec], producer, histograms)
     h = (("host_id", "h"),)
     assert sent == {
         ("h_bucket", (*h, ("le", "1.0"))): [0.0],
@@ -843,6 +803,37 @@ SAMPLE_COUNTERS = [
     ("ktel_exporter_duplicate_samples_total", {}),
     ("ktel_exporter_already_stored_samples_total", {"reason": "out_of_order"}),
 ]
+
+
+async def deliver_taken(
+    records: list[Any], producer: Producer, histograms: str
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], list[float]]:
+    """``records`` delivered, ``histograms`` as the setting says, to a receiver that takes
+    every request: the values sent, by series (its name, its other labels sorted)."""
+    import asyncio
+
+    import httpx
+
+    from exporters.delivery import Window
+    from exporters.remote_write_client import Receiver
+    from ktel.config import RemoteWriteConfig
+
+    requests: list[WriteRequest] = []
+
+    def receive(request: httpx.Request) -> httpx.Response:
+        requests.append(decode(request.content))
+        return httpx.Response(204)
+
+    async with Receiver(RemoteWriteConfig(url="http://receiver.test/api/v1/write")) as receiver:
+        receiver.client = httpx.AsyncClient(transport=httpx.MockTransport(receive))
+        window = Window(3600, 600, "remote_write")
+        await asyncio.wait_for(remote_write.deliver(receiver, records, producer, window, histograms), 30)
+    return {
+        (labels.pop("__name__"), tuple(sorted(labels.items()))): [s.value for s in ts.samples]
+        for req in requests
+        for ts in req.timeseries
+        for labels in [{lb.name: lb.value for lb in ts.labels}]
+    }
 
 
 async def deliver_counting(backend: Any, records: list[Any]) -> tuple[Producer, list[float]]:
