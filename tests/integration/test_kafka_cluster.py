@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections import Counter
 
@@ -44,9 +45,11 @@ from ktel.wire import (
     RAW_TOPIC,
     SPANS_TOPIC,
     DeadLetter,
+    MetricSnapshot,
     RawBatch,
     dead_letter_record,
     encode_batch,
+    encode_snapshot,
 )
 from processors.chain import PROCESSES
 from processors.stages import changelog_topic
@@ -195,11 +198,14 @@ async def refused_writes(kafka: config.KafkaConfig, names: list[str]) -> list[st
     return refused
 
 
-def ktel_as(secured: SecuredCluster, user: str, *args: str) -> subprocess.CompletedProcess:
-    """A ktel command run with ``user``'s config file alone (no KTEL_ settings of the tests)."""
+def ktel_as(
+    secured: SecuredCluster, user: str, *args: str, more: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """A ktel command run with ``user``'s config file alone (no KTEL_ settings of the
+    tests), and ``more`` settings given by variables."""
     return subprocess.run(
         [sys.executable, "-m", "ktel.cli", "--config", str(secured.config_file(user)), *args],
-        env={k: v for k, v in os.environ.items() if not k.startswith("KTEL_")},
+        env={k: v for k, v in os.environ.items() if not k.startswith("KTEL_")} | (more or {}),
         capture_output=True,
         text=True,
         timeout=300,
@@ -283,6 +289,40 @@ def test_the_dlq_principal_re_drives_a_dead_letter_and_can_write_no_other_topic(
     denied = [DLQ_TOPIC, CONTROL_TOPIC, METRICS_TOPIC, SPANS_TOPIC, LOGS_TOPIC]
     as_dlq = load(secured.config_file("dlq")).kafka
     assert sorted(asyncio.run(refused_writes(as_dlq, denied))) == sorted(denied)
+
+
+def test_the_dlq_principal_sends_an_exporters_dead_letter_to_its_backend(secured, secured_prometheus):
+    """`ktel dlq --redrive` on the dlq role's principal reads an exporter's dead letter's
+    record back from ktel.metrics, which only that role's read of the output topics
+    allows, and sends it to the TLS and password Prometheus, not to ktel.metrics."""
+    prometheus, remote_write_env = secured_prometheus
+    run = uuid.uuid4().hex[:12]
+    host = f"dlq-{run}"
+    snapshot = encode_snapshot(
+        MetricSnapshot(
+            time.time_ns() // 1_000_000, [["ktel_redriven", "gauge", {"host.id": host, "ktel.run": run}, 7]]
+        )
+    )
+    processor = load(secured.config_file("processor")).kafka
+    partition, offset = asyncio.run(send_one(processor, METRICS_TOPIC, host.encode(), snapshot))
+    letter = DeadLetter("remote-write", "refused for the test", METRICS_TOPIC, partition, offset, snapshot)
+    exporter = load(secured.config_file("exporter")).kafka
+    asyncio.run(send_one(exporter, DLQ_TOPIC, *dead_letter_record(letter, host.encode())))
+    res = ktel_as(
+        secured,
+        "dlq",
+        "dlq",
+        "--redrive",
+        "--host",
+        host,
+        more={"KTEL_REMOTE_WRITE__URL": prometheus.remote_write_url, **remote_write_env},
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"sent: remote-write to {prometheus.remote_write_url}" in res.stdout
+    [sample] = prometheus.query(f'ktel_redriven{{ktel_run="{run}"}}')
+    assert sample["value"][1] == "7"
+    admin = load(secured.config_file(ADMIN)).kafka
+    assert asyncio.run(records_after(admin, METRICS_TOPIC, partition, offset)) == []
 
 
 def test_an_mtls_client_gets_its_certificate_principals_acls(secured):
