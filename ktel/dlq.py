@@ -68,6 +68,15 @@ those items, when each is one of the record's, as the record holds it
 was not on the exporter's topic. The record's other items, which the backend took, are not
 sent again.
 
+Nor, within a run, are items it sent already: an exporter restarted after it wrote a dead
+letter but before it committed its record writes the same dead letter again, and anyone
+who may write ``ktel.dlq`` can copy one. What each dead letter sent of its record (by the
+exporter's stage, the topic, partition and offset), whatever the backend answered, is
+taken out of the later dead letters of that record, item by item as the record holds
+them (an item twice in it is two, as ``not_part_of`` counts them): one whose items were
+all sent is left, saying with which dead letter, and counted left; one of which some
+were sent sends the rest, its line saying so.
+
 What the backend refuses again (or the exporter's checks: a timestamp still outside the
 window) is reported on the dead letter's line with the backend's new answer and counted
 as refused again in the summary (exit status 1), and not dead-lettered again: the dead
@@ -80,8 +89,9 @@ receiver takes samples older than its series' newest (Prometheus' out-of-order w
 An OTLP backend's partial success (it took the request but rejected some items, naming
 none) is reported so too. Sending again is safe to repeat to a remote-write receiver,
 which takes a sample it holds again without a word; an OTLP backend stores twice what it
-is sent twice: select what to send (``--stage``, ``--from``, ``--reason``) rather than run
-``--redrive`` again over what was sent. The output topics are kept
+is sent twice, and a run knows nothing of what an earlier one sent: select what to send
+(``--stage``, ``--from``, ``--reason``) rather than run ``--redrive`` again over what was
+sent. The output topics are kept
 ``kafka.output_retention_hours`` (a day by default), ``ktel.dlq`` longer: an exporter's dead
 letter whose record retention took is left, as any is. A backend that
 answers nothing (down, unreachable, refusing ktel's credentials: the exporter's retries,
@@ -126,7 +136,11 @@ from ktel.wire import (
     decode_batch,
     decode_dead_letter,
     decode_heartbeat,
+    encode_signal,
     not_part_of,
+    row_bytes,
+    rows_of,
+    with_rows,
 )
 from ktel.wire.codec import MAX_RECORD_BYTES
 from ktel.wire.control import DEAD_LETTER_KEY_BYTES, PAYLOAD_CUT
@@ -320,6 +334,49 @@ def to_send(
     return part, dl.payload or b""
 
 
+@dataclasses.dataclass
+class SentBefore:
+    """What ``--redrive`` sent in this run of one exporter's record, and the dead letters
+    that carried it (``ktel.dlq[partition]@offset``): all of it, or some of its rows, each
+    as the wire writes it (``row_bytes``), as many times as sent (a multiset, as
+    ``not_part_of`` counts a record's rows). A record sent whole is not kept row by row:
+    a run may send thousands of snapshots of thousands of series."""
+
+    whole: bool = False
+    rows: collections.Counter[bytes] = dataclasses.field(default_factory=collections.Counter)
+    by: list[str] = dataclasses.field(default_factory=list)
+
+    def rest(self, item: Any) -> Any | None:
+        """``item`` (the record, or some of its rows) less the rows sent before: ``item``
+        itself when none was, None when it holds nothing else."""
+        if self.whole:
+            return None
+        if not self.rows:
+            return item
+        left = self.rows.copy()
+        rows = []
+        for row in rows_of(item):
+            encoded = row_bytes(item, row)
+            if left[encoded]:
+                left[encoded] -= 1
+            else:
+                rows.append(row)
+        return with_rows(item, rows) if rows else None
+
+    def add(self, item: Any, whole: bool, at: str) -> None:
+        """``item`` sent by the dead letter at ``at``; ``whole``: it carried the record, all
+        of whose rows are sent now."""
+        self.by.append(at)
+        if whole:
+            self.whole = True
+            self.rows.clear()
+        else:
+            self.rows.update(row_bytes(item, row) for row in rows_of(item))
+
+    def named(self) -> str:
+        return self.by[0] + (f" and {len(self.by) - 1} more" if len(self.by) > 1 else "")
+
+
 class Refused:
     """What a backend refused again of a dead letter sent to it, as its exporter would
     dead-letter it (``exporters.consume.DeadLetterSink``): its reasons, reported and not
@@ -392,6 +449,7 @@ class Found:
     letter: DeadLetter
     unusable: str | None  # why it cannot be re-driven (or its backend refused it again), or None
     sent_to: str | None = None  # the backend an exporter's dead letter was sent to
+    sent_already: str | None = None  # what of it was not sent, as sent already in this run
 
     def line(self) -> str:
         dl = self.letter
@@ -402,7 +460,7 @@ class Found:
             else f"sent: {self.sent_to}"
             if self.sent_to
             else "can be re-driven"
-        )
+        ) + (f"; {self.sent_already}" if self.sent_already else "")
         return (
             f"{record_time(self.time_ms)} {self.at} {printable(dl.stage)}: "
             f"{printable(dl.topic)}[{dl.partition}]@{dl.offset}{key} {len(dl.payload or b'')} B ({state}): "
@@ -426,6 +484,7 @@ class Found:
                 "redrive": self.unusable is None,
                 "left_because": self.unusable,
                 "sent_to": self.sent_to,
+                "sent_already": self.sent_already,
             }
         )
 
@@ -605,6 +664,12 @@ async def run(
     # The exporters' deliveries to their backends, each opened at its first dead letter.
     backends = contextlib.AsyncExitStack()
     deliveries: dict[str, Delivery] = {}
+    # What was sent of each exporter's record, by (stage, topic, partition, offset): two dead
+    # letters of the same items (an exporter restarted before it committed the record writes
+    # its dead letters again; anyone who may write ktel.dlq can copy one) send them once.
+    sent_before: collections.defaultdict[tuple[str, str, int, int], SentBefore] = collections.defaultdict(
+        SentBefore
+    )
     exporter_topics = {stage: exporter.topics for stage, exporter in opts.exporters.items()}
 
     def shown(what: str) -> None:
@@ -643,17 +708,32 @@ async def run(
                 raise DlqError(f"cannot send the {stage} exporter's dead letters: {err}") from None
         return deliveries[stage]
 
-    async def sent(dl: DeadLetter, key: bytes | None, at: str) -> tuple[str | None, str | None]:
-        """Send an exporter's dead letter to its backend: (the backend, None) when it took
-        all of it, (the backend, why not) when it refused some of it again, (None, why)
-        when it was not sent."""
+    async def sent(dl: DeadLetter, key: bytes | None, at: str) -> tuple[str | None, str | None, str | None]:
+        """Send an exporter's dead letter to its backend: (the backend, None, ...) when it
+        took all of it, (the backend, why not, ...) when it refused some of it again, (None,
+        why, None) when it was not sent; the last, what of it was left out as sent already
+        in this run, or None."""
         assert originals is not None
         exporter = opts.exporters[dl.stage]
         rec = await originals.record(dl.topic, dl.partition, dl.offset)
         found = to_send(dl, key, rec, exporter.topics[dl.topic])
         if isinstance(found, str):
-            return None, found
+            return None, found, None
         item, value = found
+        before = sent_before[(dl.stage, dl.topic, dl.partition, dl.offset)]
+        whole = rec is not None and carried(dl, key, rec)
+        rest = before.rest(item)
+        if rest is None:
+            return (
+                None,
+                f"all it carries was sent in this run already, with {before.named()} (its items "
+                "dead-lettered again, or a copy: an OTLP backend stores twice what it is sent twice)",
+                None,
+            )
+        less = None
+        if rest is not item:
+            item, value = rest, encode_signal(rest)
+            less = f"less what {before.named()} sent of its record in this run"
         to = await delivery(dl.stage)
         refused = Refused()
         taken, unstored = counted(exporter.acknowledged), counted(exporter.unstored)
@@ -668,8 +748,10 @@ async def run(
                 f"{to.backend} did not take {at} in {BACKEND_WAIT_S:g} s, asked again meanwhile (the "
                 "warnings above say what it answered): stopped there, the dead letters from it on left"
             ) from None
+        # Sent, whatever the backend answered: what it refused, it refuses again in this run.
+        before.add(item, whole, at)
         taken, unstored = counted(exporter.acknowledged) - taken, counted(exporter.unstored) - unstored
-        return to.backend, outcome(to.backend, refused.reasons, taken, unstored, exporter)
+        return to.backend, outcome(to.backend, refused.reasons, taken, unstored, exporter), less
 
     async def handle(tp: TopicPartition, rec: ConsumerRecord) -> None:
         summary.records += 1
@@ -685,13 +767,13 @@ async def run(
         summary.selected += 1
         unusable = why_not_redrivable(dl, rec.key, opts.stage_topics, exporter_topics)
         value = b""
-        backend = None
+        backend = less = None
         if out is not None and unusable is None:
             if dl.topic in opts.stage_topics:
                 value, unusable = await redriven(dl, rec.key)
             else:
-                backend, unusable = await sent(dl, rec.key, at)
-        line = Found(at, rec.timestamp, rec.key, dl, unusable, backend)
+                backend, unusable, less = await sent(dl, rec.key, at)
+        line = Found(at, rec.timestamp, rec.key, dl, unusable, backend, less)
         try:
             write(line.json() if opts.json else line.line())
         except OutputClosed:

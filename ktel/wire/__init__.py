@@ -67,8 +67,11 @@ from ktel.wire.signals import (
     log2_bounds,
     not_part_of,
     prometheus_size,
+    row_bytes,
+    rows_of,
     series_chars,
     series_size,
+    with_rows,
 )
 from ktel.wire.topics import (
     CONTROL_TOPIC,
@@ -143,6 +146,9 @@ __all__ = [
     "log2_bounds",
     "not_part_of",
     "prometheus_size",
+    "row_bytes",
+    "rows_of",
     "series_chars",
     "series_size",
+    "with_rows",
 ]

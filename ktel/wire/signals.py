@@ -345,13 +345,31 @@ def encoded_parts(signal: Signal, key: bytes | None) -> list[bytes]:
     mean the same as the whole. A single row too large alone stays one record, which
     the producer then refuses."""
     data = encode_signal(signal)
-    field = ROWS_FIELD[type(signal)]
-    rows = getattr(signal, field)
+    rows = rows_of(signal)
     if len(data) + len(key or b"") <= SEND_MAX_BYTES or len(rows) < 2:
         return [data]
     mid = len(rows) // 2
-    halves = (dataclasses.replace(signal, **{field: part}) for part in (rows[:mid], rows[mid:]))  # type: ignore[arg-type]
+    halves = (with_rows(signal, part) for part in (rows[:mid], rows[mid:]))
     return [data for half in halves for data in encoded_parts(half, key)]
+
+
+def rows_of(signal: Signal) -> Sequence[Sequence[Any]]:
+    """A snapshot's series, a batch's spans or log records."""
+    rows: Sequence[Sequence[Any]] = getattr(signal, ROWS_FIELD[type(signal)])
+    return rows
+
+
+def with_rows(signal: Signal, rows: Sequence[Sequence[Any]]) -> Signal:
+    """A record of ``signal``'s kind, timestamp and staleness (a snapshot) or resource (a
+    batch), holding ``rows``."""
+    return dataclasses.replace(signal, **{ROWS_FIELD[type(signal)]: rows})  # type: ignore[arg-type]
+
+
+def row_bytes(signal: Signal, row: Sequence[Any]) -> bytes:
+    """``row`` as the wire writes it, in a record of ``signal``'s with it alone: two rows
+    of records alike are one when these are (a value told apart only by its type, 1 and
+    1.0, is another)."""
+    return encode_signal(with_rows(signal, [row]))
 
 
 # What a signal's records and rows are called, in a reason.
@@ -371,17 +389,12 @@ def not_part_of(part: Signal, whole: Signal) -> str | None:
     kind = type(whole)
     if type(part) is not kind:
         return f"it is a {KIND_NAMES[type(part)]}, the record a {KIND_NAMES[kind]}"
-    field = ROWS_FIELD[kind]
-
-    def alone(signal: Signal, rows: list[Any]) -> bytes:
-        return encode_signal(dataclasses.replace(signal, **{field: rows}))  # type: ignore[arg-type]
-
-    if alone(part, []) != alone(whole, []):
+    if encode_signal(with_rows(part, [])) != encode_signal(with_rows(whole, [])):
         what = "timestamp or staleness" if kind is MetricSnapshot else "resource"
         return f"its {what} is not the record's"
-    held = collections.Counter(alone(whole, [row]) for row in getattr(whole, field))
-    for i, row in enumerate(getattr(part, field)):
-        encoded = alone(whole, [row])
+    held = collections.Counter(row_bytes(whole, row) for row in rows_of(whole))
+    for i, row in enumerate(rows_of(part)):
+        encoded = row_bytes(whole, row)
         if not held[encoded]:
             return f"its {ROW_NAMES[kind]} {i} is not in the record" + (
                 " as often" if encoded in held else ""

@@ -241,6 +241,7 @@ def test_a_line_and_a_json_object_per_dead_letter():
         "redrive": True,
         "left_because": None,
         "sent_to": None,
+        "sent_already": None,
     }
 
 

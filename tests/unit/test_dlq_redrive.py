@@ -94,8 +94,12 @@ def test_a_part_of_a_record_is_some_of_its_rows_as_they_are(part, whole, why):
     assert not_part_of(part, whole) == why
 
 
-def letter(stage="remote-write", topic="ktel.metrics", payload=None, reason="HTTP 400: out of bounds"):
-    return DeadLetter(stage, reason, topic, 2, 7, encode_snapshot(SNAPSHOT) if payload is None else payload)
+def letter(
+    stage="remote-write", topic="ktel.metrics", payload=None, reason="HTTP 400: out of bounds", offset=7
+):
+    return DeadLetter(
+        stage, reason, topic, 2, offset, encode_snapshot(SNAPSHOT) if payload is None else payload
+    )
 
 
 @pytest.mark.parametrize(
@@ -256,8 +260,9 @@ def args(**kw):
 
 
 async def redrive(monkeypatch, letters, backend, summary=None):
-    """``ktel dlq --redrive`` over ``letters`` (dead letter, key), each naming SNAPSHOT's
-    record: (the lines, the summary, what was re-published to Kafka)."""
+    """``ktel dlq --redrive`` over ``letters`` (dead letter, key), each naming a record that
+    is SNAPSHOT (at ktel.metrics[2], any offset): (the lines, the summary, what was
+    re-published to Kafka)."""
     tp = TopicPartition("ktel.dlq", 0)
 
     async def read(consumer, parts, start_ms, bootstrap):
@@ -277,11 +282,7 @@ async def redrive(monkeypatch, letters, backend, summary=None):
             self.reader = IdleClient()
 
         async def record(self, topic, partition, offset):
-            return (
-                original(encode_snapshot(SNAPSHOT))
-                if (topic, partition, offset) == ("ktel.metrics", 2, 7)
-                else None
-            )
+            return original(encode_snapshot(SNAPSHOT)) if (topic, partition) == ("ktel.metrics", 2) else None
 
     read_through(monkeypatch, tp, read)
     monkeypatch.setattr(dlq, "Originals", Originals)
@@ -304,7 +305,7 @@ async def test_an_exporters_dead_letters_go_to_its_backend_and_never_to_a_topic(
         [
             (letter(payload=part), b"h"),
             (letter(payload=forged), b"h"),
-            (letter(), b"h"),  # whole: its c refused again
+            (letter(offset=8), b"h"),  # whole: its c refused again
             (letter(stage="pull"), b"h"),
         ],
         backend,
@@ -313,7 +314,7 @@ async def test_an_exporters_dead_letters_go_to_its_backend_and_never_to_a_topic(
     # As the exporter read it, from where the dead letter says: just the part, or the whole.
     assert [(r.topic, r.partition, r.offset, r.key, r.item) for r in backend.given] == [
         ("ktel.metrics", 2, 7, b"h", MetricSnapshot(TS, [B])),
-        ("ktel.metrics", 2, 7, b"h", SNAPSHOT),
+        ("ktel.metrics", 2, 8, b"h", SNAPSHOT),
     ]
     assert lines[0].endswith("(sent: remote-write to http://prom): HTTP 400: out of bounds")
     assert "(left: the record at ktel.metrics[2]@7 does not hold what it carries: " in lines[1]
@@ -355,7 +356,7 @@ async def test_a_backend_that_does_not_answer_ends_the_redrive_with_what_was_sen
     with pytest.raises(
         DlqError, match=r"^remote-write to http://prom did not take ktel.dlq\[0\]@1 in 0.05 s"
     ):
-        await redrive(monkeypatch, [(letter(), b"h"), (letter(), b"h")], backend, summary)
+        await redrive(monkeypatch, [(letter(), b"h"), (letter(offset=8), b"h")], backend, summary)
     assert (len(backend.given), dict(summary.sent)) == (1, {"remote-write to http://prom": 1})
 
 
@@ -443,3 +444,55 @@ def test_a_dead_letter_its_backend_refused_again_is_told_by_the_exit_status(
 
     monkeypatch.setattr(dlq, "run", run)
     assert dlq.main(CFG, args(), stdout=io.StringIO(), stderr=io.StringIO()) == status
+
+
+async def test_items_two_dead_letters_carry_are_sent_once_in_a_run(monkeypatch):
+    """An exporter restarted before committing a record dead-letters its items again (and
+    anyone who may write ktel.dlq can copy a dead letter): within a run, each of a
+    record's items is sent once. A dead letter of items all sent already is left, saying
+    with which; one of some sent already sends the rest. What the backend refused again
+    was sent: it is not sent again either."""
+    backend = Backend()
+    backend.refuse = {"c"}
+    a, b, c = (encode_snapshot(MetricSnapshot(TS, rows)) for rows in ([A], [B], [C]))
+    lines, summary, _ = await redrive(
+        monkeypatch,
+        [
+            (letter(payload=b), b"h"),
+            (letter(payload=b), b"h"),  # (written again)
+            (letter(), b"h"),  # the record: a and c left to send
+            (letter(payload=a), b"h"),
+            (letter(payload=c), b"h"),  # (refused again above)
+            (letter(), b"h"),
+        ],
+        backend,
+    )
+    assert [r.item for r in backend.given] == [MetricSnapshot(TS, [B]), MetricSnapshot(TS, [A, C])]
+    # (what it is given is the items' own record, as a dead letter of some of them gives it)
+    assert decode_snapshot(backend.given[1].value) == MetricSnapshot(TS, [A, C])
+    assert "(sent: remote-write to http://prom)" in lines[0]
+    sent_already = "(left: all it carries was sent in this run already, with ktel.dlq[0]@0 (its items"
+    assert sent_already in lines[1]
+    assert lines[2].endswith(
+        "(left: remote-write to http://prom refused it again: HTTP 400: no c; it took 1 other samples of it; "
+        "less what ktel.dlq[0]@0 sent of its record in this run): HTTP 400: out of bounds"
+    )
+    for line in lines[3:]:
+        assert "(left: all it carries was sent in this run already, with ktel.dlq[0]@0 and 1 more (" in line
+    assert (dict(summary.sent), summary.refused, summary.left) == ({"remote-write to http://prom": 1}, 1, 4)
+
+
+def test_items_sent_before_are_counted_as_often_as_they_were_sent():
+    """Two log records alike are two items: one sent, the other is still to send."""
+    sent = dlq.SentBefore()
+    one, two = LogBatch(RESOURCE, [LOG]), LogBatch(RESOURCE, [LOG, LOG])
+    assert sent.rest(two) is two
+    sent.add(one, False, "ktel.dlq[0]@0")
+    assert (sent.rest(one), sent.rest(two)) == (None, one)
+    # The same values, told apart by type (1.0 for 1): another item.
+    sent.add(SNAPSHOT, False, "ktel.dlq[0]@1")
+    assert sent.rest(MetricSnapshot(TS, [A, ["a", "gauge", LABELS, 1.0]])) == MetricSnapshot(
+        TS, [["a", "gauge", LABELS, 1.0]]
+    )
+    sent.add(SPANS, True, "ktel.dlq[0]@2")
+    assert sent.rest(SpanBatch(RESOURCE, [SPAN])) is None
