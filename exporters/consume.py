@@ -25,7 +25,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -37,7 +37,15 @@ from ktel import consumer_lag, selfmetrics
 from ktel.kafka_client import Kafka, client_kwargs, settings, started
 from ktel.retry import Permanent, retry
 from ktel.runtime import tune_gc
-from ktel.wire import DeadLetter, WireError, check_keyed, dead_letter_record, encode_snapshot
+from ktel.wire import (
+    DeadLetter,
+    WireError,
+    check_keyed,
+    dead_letter_record,
+    encode_signal,
+    encode_snapshot,
+    with_rows,
+)
 
 log = logging.getLogger("ktel.export")
 
@@ -87,6 +95,15 @@ class Record:
     key: bytes | None
     value: bytes
     dlq: str
+    # Whether ``item`` holds every row of ``value`` (False: ``keeping`` some of them).
+    whole: bool = True
+
+
+def keeping(rec: Record, rows: Sequence[Any]) -> Record:
+    """``rec`` with only ``rows`` of its item's, the others gone another way (dead-lettered
+    apart, taken by the backend in another request): what is refused of it is a record of
+    just those (``refuse``), not the record it was read from, which holds the others."""
+    return dataclasses.replace(rec, item=with_rows(rec.item, rows), whole=False)
 
 
 class DeadLetterSink(Protocol):
@@ -142,13 +159,14 @@ async def refuse(
     payload: bytes | None = None,
 ) -> None:
     """Dead-letter ``items`` of ``signal`` from ``rec``: ``payload`` (a wire record of
-    just those items) or, by default, the record's own bytes."""
+    just those items) or, by default, what ``rec`` holds: the record's own bytes, or,
+    once ``keeping`` some of its rows, a record of just those."""
     log.warning(
         "dead letter %s[%d]@%d (%d %s): %s", rec.topic, rec.partition, rec.offset, items, signal, reason
     )
-    dl = DeadLetter(
-        stage, reason, rec.topic, rec.partition, rec.offset, rec.value if payload is None else payload
-    )
+    if payload is None:
+        payload = rec.value if rec.whole else encode_signal(rec.item)
+    dl = DeadLetter(stage, reason, rec.topic, rec.partition, rec.offset, payload)
     await dead_letter(producer, rec.dlq, dl, rec.key)
     DEAD_LETTERED_ITEMS.labels(stage, signal).inc(items)
 

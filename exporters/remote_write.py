@@ -33,9 +33,10 @@ Retry-After header asks for (up to ``ktel.retry.MAX_RETRY_AFTER_S``); any other 
 will never succeed: the snapshots
 whose samples made up the refused request are re-sent in halves (the same series
 only), down to single snapshots, and a snapshot refused alone goes to ``ktel.dlq``
-with the receiver's answer. Prometheus refuses a whole request for one bad sample, so
-the others still arrive (Mimir, Cortex and Thanos Receive store them at once, and take
-them again without a word: the same timestamp and value). A refusal saying the receiver
+with the receiver's answer, as a snapshot of the series the refused request carried of
+it (the record as read, when that is all of it). Prometheus refuses a whole request for
+one bad sample, so the others still arrive (Mimir, Cortex and Thanos Receive store them
+at once, and take them again without a word: the same timestamp and value). A refusal saying the receiver
 holds a newer sample of a series, or another value at its timestamp (``ALREADY_STORED``,
 in the words of Prometheus, Mimir, Cortex and Thanos Receive: records read again after
 the exporter was stopped before committing them), is not bad data: a snapshot refused
@@ -523,7 +524,7 @@ async def deliver(
             await consume.refuse_series(producer, STAGE, rec, refused, signal="samples", items=items)
             if not served:
                 continue
-            rec = dataclasses.replace(rec, item=dataclasses.replace(snap, series=served))
+            rec = consume.keeping(rec, served)
         snaps.append(rec)
     what = f"remote-write to {receiver.url}"
     for part in _parts(snaps):
@@ -584,8 +585,10 @@ async def _resend_by_snapshot(
     from (only the refused request's series, so nothing acknowledged is sent twice). A
     snapshot refused alone because the receiver holds some of its samples already is
     sent again series by series (``_resend_by_series``); one refused alone for anything
-    else goes to ``ktel.dlq`` as it was read. Returns the (partition, offset) of the
-    snapshots the receiver took none of these samples of."""
+    else goes to ``ktel.dlq``: the series the request carried of it, the record as it was
+    read when they are all of it (``_as_sent``, ``consume.keeping``), not those the
+    receiver took in another request or ``split`` dead-lettered apart. Returns the
+    (partition, offset) of the snapshots the receiver took none of these samples of."""
     owners = _as_sent(snaps, refused, histograms)
     what = f"remote-write to {receiver.url}"
 
@@ -614,12 +617,14 @@ async def _resend_by_snapshot(
 
 def _as_sent(snaps: list[Record], refused: set[bytes], histograms: str) -> list[Record]:
     """The snapshots of ``snaps`` that gave the refused request samples of ``refused``,
-    each without the rows whose samples it left out: of two values of one Prometheus
-    series at one timestamp, from two snapshots, the request carried the last given
-    (``_one_per_timestamp``) and counted the other in DUPLICATES. Sent again by
-    snapshot, the one left out would be stored first and take the timestamp, and the
-    one carried then be refused as another value at it: stored otherwise than when the
-    request is taken, and the one sample counted twice."""
+    each with only the rows that gave them (``consume.keeping``): not those whose samples
+    went in another request (a snapshot of more series than a request takes), nor those
+    whose samples it left out: of two values of one Prometheus series at one timestamp,
+    from two snapshots, the request carried the last given (``_one_per_timestamp``) and
+    counted the other in DUPLICATES. Sent again by snapshot, the one left out would be
+    stored first and take the timestamp, and the one carried then be refused as another
+    value at it: stored otherwise than when the request is taken, and the one sample
+    counted twice."""
     last: dict[tuple[bytes, int], int] = {}  # (series, timestamp) -> the last snapshot giving it
     rows_keys = []
     for i, rec in enumerate(snaps):
@@ -636,7 +641,7 @@ def _as_sent(snaps: list[Record], refused: set[bytes], histograms: str) -> list[
         if not rows:
             continue  # (none of its samples was in the request)
         if len(rows) < len(rec.item.series):
-            rec = dataclasses.replace(rec, item=dataclasses.replace(rec.item, series=rows))
+            rec = consume.keeping(rec, rows)
         owners.append(rec)
     return owners
 

@@ -884,6 +884,37 @@ async def test_a_sample_left_out_as_a_duplicate_is_not_also_counted_dead_lettere
     assert delivered + dead + duplicates + stored == len(snap.series)
 
 
+@pytest.mark.parametrize("after", ["a request taken", "a series dead-lettered apart"])
+async def test_a_snapshot_refused_alone_dead_letters_the_series_the_refused_request_carried(after):
+    """A snapshot of more series than a request takes, the receiver taking the first
+    request and refusing the second; or one whose series named as another type's went to
+    ktel.dlq apart (``split``) before the rest was refused: its dead letter holds the
+    refused request's series alone, not those the receiver took or the other dead letter
+    holds (a re-drive would send them again), and is a part of the record as
+    ``ktel dlq --redrive`` checks it. Every sample read is counted once."""
+
+    from exporters.consume import Record
+    from ktel import wire
+
+    t0 = time.time_ns() // 1_000_000 - 60_000
+    host = {"host.id": "h"}
+    if after == "a request taken":
+        rows = [[f"g{i}", "gauge", host, float(i)] for i in range(remote_write.MAX_SERIES_PER_REQUEST + 1)]
+        bad, apart, refused, counted = {rows[-1][0]}, [], rows[-1:], (len(rows) - 1, 1, 0, 0)
+    else:
+        rows = [["a", "gauge", host, 1.0], ["x_count", "gauge", host, 2.0], ["b", "gauge", host, 3.0]]
+        bad, apart, refused, counted = {"b"}, [rows[1:2]], [rows[0], rows[2]], (0, 3, 0, 0)
+    snap = MetricSnapshot(t0, rows)
+    rec = Record(snap, wire.METRICS_TOPIC, 0, 0, b"h", wire.encode_snapshot(snap), wire.DLQ_TOPIC)
+
+    producer, grew = await deliver_counting(RollingBack(held={}, bad=bad), [rec])
+    parts = [wire.decode_snapshot(wire.decode_dead_letter(v).payload) for _t, v, _k in producer.sent]
+    assert [part.series for part in parts] == [*apart, refused]
+    assert [wire.not_part_of(part, snap) for part in parts] == [None] * len(parts)
+    assert tuple(grew) == counted
+    assert sum(grew) == len(rows)
+
+
 class StoringTheRest(RollingBack):
     """A receiver that stores every sample of a request it can and answers for the
     first it cannot, as Mimir, Cortex and Thanos Receive do (``status``, and ``said``:
