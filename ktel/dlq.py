@@ -66,7 +66,8 @@ the dead letter carries it (as above), or, when it carries a record of some of i
 those items, when each is one of the record's, as the record holds it
 (``ktel.wire.not_part_of``): a writer of ``ktel.dlq`` cannot make ``--redrive`` send what
 was not on the exporter's topic. The record's other items, which the backend took, are not
-sent again.
+sent again. A dead letter of some items whose payload was cut to fit ``ktel.dlq`` is left:
+what it held cannot be checked item by item, nor sent.
 
 Nor, within a run, are items it sent already: an exporter restarted after it wrote a dead
 letter but before it committed its record writes the same dead letter again, and anyone
@@ -314,8 +315,13 @@ def to_send(
     if original is None:
         return gone(where)
     whole = carried(dl, key, original)
-    if not whole and (original.key != key or PAYLOAD_CUT in dl.reason):
+    if not whole and original.key != key:
         return f"the record at {where} is not the one it carries (not an exporter's dead letter?)"
+    if not whole and PAYLOAD_CUT in dl.reason:
+        return (
+            f"its payload, cut to fit ktel.dlq, is not the start of the record at {where}: "
+            "a record of some of its items, cut, cannot be checked against it item by item"
+        )
     value = original.value or b""
     try:
         record = decode(value)
