@@ -97,7 +97,8 @@ sent. The output topics are kept
 letter whose record retention took is left, as any is. A backend that
 answers nothing (down, unreachable, refusing ktel's credentials: the exporter's retries,
 warned of on stderr) for ``BACKEND_WAIT_S`` ends ``--redrive`` with exit status 2, what was
-sent before counted. One dead letter is sent at a time, in its partition's order (a
+sent before counted; so does an exporter's delivery that fails otherwise (what it sent of
+the dead letter is not known). One dead letter is sent at a time, in its partition's order (a
 cumulative metric's points must reach an OTLP backend in order), each as one delivery of
 the exporter: a few requests each.
 """
@@ -145,6 +146,8 @@ from ktel.wire import (
 )
 from ktel.wire.codec import MAX_RECORD_BYTES
 from ktel.wire.control import DEAD_LETTER_KEY_BYTES, PAYLOAD_CUT
+
+log = logging.getLogger("ktel.dlq")
 
 HEADER = "ktel-redriven-from"
 # Dead letters that do not decode, reported one by one on stderr; beyond that only counted.
@@ -746,14 +749,24 @@ async def run(
         # As the exporter read it, from where the dead letter says; what it refuses again
         # comes to ``refused``, not to ktel.dlq.
         record = Record(item, dl.topic, dl.partition, dl.offset, key, value, opts.dlq_topic)
+        waited = asyncio.timeout(BACKEND_WAIT_S)
         try:
-            async with asyncio.timeout(BACKEND_WAIT_S):
+            async with waited:
                 await to.deliver([record], refused)
-        except TimeoutError:
+        except Exception as err:
+            if isinstance(err, TimeoutError) and waited.expired():
+                raise DlqError(
+                    f"{to.backend} did not take {at} in {BACKEND_WAIT_S:g} s, asked again meanwhile (the "
+                    "warnings above say what it answered): stopped there, the dead letters from it on left"
+                ) from None
+            # Not the backend's answer (the exporter's delivery failed: a TimeoutError of its
+            # own among them): what it sent of the dead letter is not known, so the run ends
+            # there, its summary printed, as when Kafka fails or its read does.
+            log.debug("sending %s to %s failed", at, to.backend, exc_info=True)
             raise DlqError(
-                f"{to.backend} did not take {at} in {BACKEND_WAIT_S:g} s, asked again meanwhile (the "
-                "warnings above say what it answered): stopped there, the dead letters from it on left"
-            ) from None
+                f"sending {at} to {to.backend} failed: {type(err).__name__}: {printable(str(err))[:500]}: "
+                "stopped there, the dead letters from it on left"
+            ) from err
         # Sent, whatever the backend answered: what it refused, it refuses again in this run.
         before.add(item, whole, at)
         taken, unstored = counted(exporter.acknowledged) - taken, counted(exporter.unstored) - unstored
@@ -900,7 +913,8 @@ def options(cfg: Config, args: Any, now_ns: int | None = None) -> Options:
 def main(cfg: Config, args: Any, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
     """``ktel dlq``: 0 when every selected dead letter was listed (and, with --redrive,
     re-published or sent); 1 when --redrive left some, or a backend refused some again; 2
-    on a bad argument, an unusable Kafka or a backend that did not answer."""
+    on a bad argument, an unusable Kafka, or a backend that did not answer (or a delivery to
+    it that failed)."""
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
     topic_window.quiet_client_logs()

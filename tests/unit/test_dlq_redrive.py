@@ -416,6 +416,35 @@ async def test_a_backend_that_does_not_answer_ends_the_redrive_once_kafka_answer
     assert (sum(summary.redriven.values()), summary.failed, dict(summary.sent)) == (0, 1, {})
 
 
+@pytest.mark.parametrize("error", [TimeoutError("read timed out"), ValueError("not a sample")])
+async def test_a_delivery_that_fails_ends_the_redrive_saying_why_with_what_was_sent_counted(
+    monkeypatch, error
+):
+    """An exception from the exporter's delivery (a TimeoutError of its own among them,
+    well within BACKEND_WAIT_S) is not the backend not answering: the run ends there
+    naming it, what was sent before counted for the summary ``main`` prints."""
+    backend = Backend()
+    calls = 0
+    deliver = backend.deliver
+
+    async def second_fails(records, producer):
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise error
+        await deliver(records, producer)
+
+    backend.deliver = second_fails
+    summary = dlq.Summary()
+    with pytest.raises(DlqError) as raised:
+        await redrive(monkeypatch, [(letter(), b"h"), (letter(offset=8), b"h")], backend, summary)
+    assert str(raised.value) == (
+        f"sending ktel.dlq[0]@1 to remote-write to http://prom failed: {type(error).__name__}: {error}: "
+        "stopped there, the dead letters from it on left"
+    )
+    assert dict(summary.sent) == {"remote-write to http://prom": 1}
+
+
 def test_a_redrive_logs_the_exporters_warnings_but_those_of_what_they_would_dead_letter(monkeypatch, caplog):
     """What an OTLP backend said of the items it rejected in a partial success is on
     stderr (the dead letter's line counts them, without its words); the exporter's
