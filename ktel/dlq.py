@@ -370,6 +370,8 @@ class SentBefore:
                 left[encoded] -= 1
             else:
                 rows.append(row)
+        if len(rows) == len(rows_of(item)):
+            return item  # (none of its rows was sent: its line says nothing of the others)
         return with_rows(item, rows) if rows else None
 
     def add(self, item: Any, whole: bool, at: str) -> None:

@@ -519,6 +519,20 @@ async def test_items_two_dead_letters_carry_are_sent_once_in_a_run(monkeypatch):
     assert (dict(summary.sent), summary.refused, summary.left) == ({"remote-write to http://prom": 1}, 1, 4)
 
 
+async def test_a_dead_letter_of_other_items_of_a_record_sent_before_is_sent_as_it_is(monkeypatch):
+    """Two dead letters of one record's items, none in both (a series the exporter
+    dead-lettered apart, the rest its receiver refused): the second is sent whole, its
+    line not saying that some of it was sent before."""
+    backend = Backend()
+    b, ac = (encode_snapshot(MetricSnapshot(TS, rows)) for rows in ([B], [A, C]))
+    lines, summary, _ = await redrive(
+        monkeypatch, [(letter(payload=b), b"h"), (letter(payload=ac), b"h")], backend
+    )
+    assert [r.item for r in backend.given] == [MetricSnapshot(TS, [B]), MetricSnapshot(TS, [A, C])]
+    assert all("(sent: remote-write to http://prom)" in line for line in lines)
+    assert dict(summary.sent) == {"remote-write to http://prom": 2}
+
+
 def test_items_sent_before_are_counted_as_often_as_they_were_sent():
     """Two log records alike are two items: one sent, the other is still to send."""
     sent = dlq.SentBefore()
