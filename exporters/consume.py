@@ -41,6 +41,7 @@ from ktel.wire import (
     DeadLetter,
     WireError,
     check_keyed,
+    dead_letter_fits,
     dead_letter_record,
     encode_signal,
     encode_snapshot,
@@ -160,13 +161,21 @@ async def refuse(
 ) -> None:
     """Dead-letter ``items`` of ``signal`` from ``rec``: ``payload`` (a wire record of
     just those items) or, by default, what ``rec`` holds: the record's own bytes, or,
-    once ``keeping`` some of its rows, a record of just those."""
+    once ``keeping`` some of its rows, a record of just those (the record's own bytes
+    when that would not fit ktel.dlq whole)."""
     log.warning(
         "dead letter %s[%d]@%d (%d %s): %s", rec.topic, rec.partition, rec.offset, items, signal, reason
     )
-    if payload is None:
-        payload = rec.value if rec.whole else encode_signal(rec.item)
-    dl = DeadLetter(stage, reason, rec.topic, rec.partition, rec.offset, payload)
+    dl = DeadLetter(
+        stage, reason, rec.topic, rec.partition, rec.offset, rec.value if payload is None else payload
+    )
+    if payload is None and not rec.whole:
+        # A record of just its rows, unless ktel.dlq would take only the start of it: cut,
+        # it could not be checked row by row against its record, and `ktel dlq --redrive`
+        # would never send it; the record as read, cut, is sent whole from its topic.
+        rows = dataclasses.replace(dl, payload=encode_signal(rec.item))
+        if dead_letter_fits(rows, rec.key):
+            dl = rows
     await dead_letter(producer, rec.dlq, dl, rec.key)
     DEAD_LETTERED_ITEMS.labels(stage, signal).inc(items)
 

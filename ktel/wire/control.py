@@ -312,6 +312,11 @@ DEAD_LETTER_KEY_BYTES = 1024
 PAYLOAD_CUT = "[payload cut to fit ktel.dlq:"
 
 
+def dead_letter_fits(dl: DeadLetter, key: bytes | None) -> bool:
+    """Whether ``dead_letter_record`` keeps the whole of ``dl``'s payload."""
+    return len(encode_dead_letter(dl)) + len((key or b"")[:DEAD_LETTER_KEY_BYTES]) <= SEND_MAX_BYTES
+
+
 def dead_letter_record(dl: DeadLetter, key: bytes | None) -> tuple[bytes | None, bytes]:
     """A dead letter as it goes to ktel.dlq, keyed by its record's ``key``: (key, value),
     at most ``SEND_MAX_BYTES`` together, so that any record can be dead-lettered.
@@ -319,10 +324,9 @@ def dead_letter_record(dl: DeadLetter, key: bytes | None) -> tuple[bytes | None,
     the whole record is (its topic keeps it for its retention)."""
     if key is not None:
         key = key[:DEAD_LETTER_KEY_BYTES]
+    if dead_letter_fits(dl, key):
+        return key, encode_dead_letter(dl)
     room = SEND_MAX_BYTES - len(key or b"")
-    value = encode_dead_letter(dl)
-    if len(value) <= room:
-        return key, value
     payload = dl.payload or b""
     note = (
         f" {PAYLOAD_CUT} the record has {len(payload)} bytes, "

@@ -9,7 +9,8 @@ from aiokafka.errors import KafkaTimeoutError, MessageSizeTooLargeError, TopicAu
 
 from exporters import consume
 from ktel.retry import Permanent
-from ktel.wire import DeadLetter, decode_dead_letter
+from ktel.wire import DeadLetter, MetricSnapshot, decode_dead_letter, decode_snapshot, encode_snapshot
+from ktel.wire.control import PAYLOAD_CUT
 
 
 class Producer:
@@ -46,3 +47,24 @@ def test_a_dead_letter_kafka_refuses_for_good_ends_the_exporter_naming_the_topic
     with pytest.raises(Permanent, match=f"^ktel.dlq refused a dead letter: {type(err).__name__}"):
         asyncio.run(consume.dead_letter(producer, "ktel.dlq", letter()))
     assert producer.sent == []
+
+
+@pytest.mark.parametrize("series", [1, 3_000])
+def test_some_rows_of_a_record_are_dead_lettered_as_a_record_of_them_when_it_fits_else_the_record(series):
+    """A record the exporter kept some rows of (``consume.keeping``) is dead-lettered as a
+    record of just those, which `ktel dlq --redrive` checks row by row; one too large for
+    ktel.dlq as the record read, cut, which it sends whole from its topic (a record of
+    some rows, cut, it could never send)."""
+    rows = [[f"m{i}", "gauge", {"host.id": "h", "pad": "x" * 400}, i] for i in range(series + 1)]
+    value = encode_snapshot(MetricSnapshot(1, rows))
+    rec = consume.Record(decode_snapshot(value), "ktel.metrics", 0, 7, b"h", value, "ktel.dlq")
+    kept = consume.keeping(rec, rec.item.series[1:])
+    producer = Producer()
+    asyncio.run(consume.refuse(producer, "remote-write", kept, "HTTP 400", signal="samples", items=series))
+    [(_topic, sent, _key)] = producer.sent
+    dl = decode_dead_letter(sent)
+    if series == 1:
+        assert decode_snapshot(dl.payload).series == [rows[1]]
+    else:
+        assert PAYLOAD_CUT in dl.reason
+        assert value.startswith(dl.payload)
