@@ -110,6 +110,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -343,13 +344,19 @@ def to_send(
     return part, dl.payload or b""
 
 
+def row_digest(item: Any, row: Any) -> bytes:
+    """A row of ``item`` as ``SentBefore`` keeps it: 16 bytes of BLAKE2b of its wire form."""
+    return hashlib.blake2b(row_bytes(item, row), digest_size=16).digest()
+
+
 @dataclasses.dataclass
 class SentBefore:
     """What ``--redrive`` sent in this run of one exporter's record, and the dead letters
     that carried it (``ktel.dlq[partition]@offset``): all of it, or some of its rows, each
-    as the wire writes it (``row_bytes``), as many times as sent (a multiset, as
-    ``not_part_of`` counts a record's rows). A record sent whole is not kept row by row:
-    a run may send thousands of snapshots of thousands of series."""
+    by a digest of what the wire writes of it (``row_digest``), as many times as sent (a
+    multiset, as ``not_part_of`` counts a record's rows). A record sent whole is not kept
+    row by row, and a row by 16 bytes, not its own: a run may send thousands of snapshots
+    of thousands of series."""
 
     whole: bool = False
     rows: collections.Counter[bytes] = dataclasses.field(default_factory=collections.Counter)
@@ -365,9 +372,9 @@ class SentBefore:
         left = self.rows.copy()
         rows = []
         for row in rows_of(item):
-            encoded = row_bytes(item, row)
-            if left[encoded]:
-                left[encoded] -= 1
+            digest = row_digest(item, row)
+            if left[digest]:
+                left[digest] -= 1
             else:
                 rows.append(row)
         if len(rows) == len(rows_of(item)):
@@ -382,7 +389,7 @@ class SentBefore:
             self.whole = True
             self.rows.clear()
         else:
-            self.rows.update(row_bytes(item, row) for row in rows_of(item))
+            self.rows.update(row_digest(item, row) for row in rows_of(item))
 
     def named(self) -> str:
         return self.by[0] + (f" and {len(self.by) - 1} more" if len(self.by) > 1 else "")
