@@ -9,6 +9,7 @@ import dataclasses
 import io
 import logging
 import time
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import pytest
@@ -347,18 +348,24 @@ async def test_samples_the_receiver_says_it_holds_are_not_said_sent(monkeypatch)
     assert (dict(summary.sent), summary.refused) == ({}, 1)
 
 
-async def test_a_backend_that_does_not_answer_ends_the_redrive_with_what_was_sent_counted(monkeypatch):
-    backend = Backend()
+def on_the_second_delivery(backend: Backend, first: Callable[[], None]) -> None:
+    """The backend's delivery, calling ``first`` before its second one."""
     calls = 0
     deliver = backend.deliver
 
-    async def second_hangs(records, producer):
+    async def counted(records, producer):
         nonlocal calls
         calls += 1
-        backend.hang = calls == 2
+        if calls == 2:
+            first()
         await deliver(records, producer)
 
-    backend.deliver = second_hangs
+    backend.deliver = counted
+
+
+async def test_a_backend_that_does_not_answer_ends_the_redrive_with_what_was_sent_counted(monkeypatch):
+    backend = Backend()
+    on_the_second_delivery(backend, lambda: setattr(backend, "hang", True))
     monkeypatch.setattr(dlq, "BACKEND_WAIT_S", 0.05)
     summary = dlq.Summary()
     with pytest.raises(
@@ -424,17 +431,11 @@ async def test_a_delivery_that_fails_ends_the_redrive_saying_why_with_what_was_s
     well within BACKEND_WAIT_S) is not the backend not answering: the run ends there
     naming it, what was sent before counted for the summary ``main`` prints."""
     backend = Backend()
-    calls = 0
-    deliver = backend.deliver
 
-    async def second_fails(records, producer):
-        nonlocal calls
-        calls += 1
-        if calls == 2:
-            raise error
-        await deliver(records, producer)
+    def fail() -> None:
+        raise error
 
-    backend.deliver = second_fails
+    on_the_second_delivery(backend, fail)
     summary = dlq.Summary()
     with pytest.raises(DlqError) as raised:
         await redrive(monkeypatch, [(letter(), b"h"), (letter(offset=8), b"h")], backend, summary)
