@@ -763,7 +763,11 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             result = chain.on_heartbeat(value, host_id, cast(dict[str, Any], hb))  # (JSON to the stages)
         except Exception as err:
             raise StageFailed from err
-        if result.changed and not await save(msg, host_id, value, result):
+        if not result.changed and host_id not in hosts.data:
+            # (one without boot.id: no value of it kept, so no note of one either, which
+            # only a rebalance would clear, for every host id a writer could make up)
+            persisted.pop(host_id, None)
+        elif result.changed and not await save(msg, host_id, value, result):
             return
         cap.add(host_id)
         child(HEARTBEATS).inc()

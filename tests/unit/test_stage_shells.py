@@ -318,6 +318,25 @@ async def test_a_heartbeat_naming_too_many_disks_is_taken_and_the_disks_past_the
     assert len([r for r in caplog.records if "'h-disks': node readings left out" in r.getMessage()]) == 1
 
 
+async def test_heartbeats_that_change_nothing_of_hosts_without_state_leave_no_memory_of_them(tmp_path):
+    """A heartbeat without boot.id changes no table value, and of a host new to the worker
+    leaves none. The worker's note of what its value on the changelog takes
+    (``stages.Persisted``) was kept all the same, and only a rebalance let it go: a
+    writer of ktel.heartbeats naming ever new host ids grew it without bound."""
+    async with Shell(tmp_path, "enrich") as shell:
+        handle = shell.app.listed[HEARTBEATS_TOPIC].keywords["handle"]
+        as_persisted = inspect.getclosurevars(handle).nonlocals["as_persisted"]
+        persisted = inspect.getclosurevars(as_persisted).nonlocals["persisted"]
+        await shell.heartbeats.put(heartbeat("h1", "b1", 1000, "node-1"), key=b"h1")
+        for i in range(100):
+            host = f"no-boot-{i}"
+            hb = encode_heartbeat({"ts": 1000, "host": {"host.id": host}, "probes": {}, "counters": {}})
+            await shell.heartbeats.put(hb, key=host.encode())
+        assert shell.to(DLQ_TOPIC) == []
+        assert list(shell.app.tables["host-state"].data) == ["h1"]
+        assert list(persisted) == ["h1"]
+
+
 async def test_sample_reads_the_enriched_topic_and_keeps_the_attributes(tmp_path):
     sample = config.SampleConfig(baseline=0.5)
     attrs = {"res": {"host.id": "h1"}, "proc": {"1": {"process.pid": 1}}}
