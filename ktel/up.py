@@ -409,11 +409,6 @@ def _alive(pid: int) -> bool:
     return state != "Z"  # a zombie has exited; its parent has not collected it yet
 
 
-class Interrupted(BaseException):
-    """Ctrl-C or SIGTERM while the stack was starting; not an Exception, so that no wait
-    that retries on its failures takes it for one, as KeyboardInterrupt."""
-
-
 def running(cfg: Config) -> int | None:
     """The pid of the `ktel up` of this data dir that runs now, if one does."""
     try:
@@ -444,7 +439,7 @@ def run(cfg: Config) -> int:
             # all told) watch no flag: the signal ends the wait where it is (each server
             # stops itself if its wait is cut short), once.
             starting = False
-            raise Interrupted
+            raise proc.Interrupted
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
@@ -477,7 +472,7 @@ def run(cfg: Config) -> int:
                 time.sleep(1)
         if interactive:
             _out("")
-    except Interrupted:
+    except proc.Interrupted:
         say("interrupted while starting")
     except Exception as err:
         say(f"failed: {err}")

@@ -25,6 +25,13 @@ _PR_SET_PDEATHSIG = 1
 STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
 
 
+class Interrupted(BaseException):
+    """Ctrl-C or SIGTERM, raised by the handler of a command of the local stack (`ktel
+    up` while it starts, `ktel cluster`) to end the wait where it is (a download, a
+    server's readiness, a tool's run: minutes all told), once; not an Exception, so that
+    no wait that retries on its failures takes it for one, as KeyboardInterrupt."""
+
+
 class Server:
     """A server of the local stack (Kafka, Prometheus, the Collector): its process
     and its log, so `ktel up` can tell when one has died and show why."""
