@@ -7,10 +7,12 @@ and the manifest ``deploy/otelcol/builder-config.yaml``, once: the binary is
 cached in ``<cache>/otelcol-<version>-<manifest hash>/`` (``$KTEL_CACHE_DIR`` or
 ``~/.cache/ktel``), so a second call is instant and a changed manifest is built anew
 beside the old build (checkouts of different manifests sharing a cache do not rebuild
-each other's). The build needs Go; a host without it gets a
-toolchain from the Go module proxy (ktel/stack/gotoolchain.py). A prebuilt Collector
-(stack.collector_binary) needs neither. Its file exporter writes every request it
-received as one OTLP/JSON line, which :meth:`LocalCollector.received` reads back.
+each other's). Go's temporary files go to ``gotmp/`` there, emptied before each build,
+so that what a killed build left is removed by the next. The build needs Go; a host
+without it gets a toolchain from the Go module proxy (ktel/stack/gotoolchain.py). A
+prebuilt Collector (stack.collector_binary) needs neither. Its file exporter writes
+every request it received as one OTLP/JSON line, which :meth:`LocalCollector.received`
+reads back.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ def ensure_collector(cache_dir: Path | None = None) -> Path:
         raise RuntimeError(f"{MANIFEST} names no dist.version")
     version = found.group(1).decode()
     stamp = hashlib.sha256(manifest).hexdigest()
-    home = Path(root) / f"otelcol-{version}-{stamp[:12]}"
+    # Absolute: Go takes GOBIN and GOTMPDIR so alone, and the builder runs in home.
+    home = Path(root).absolute() / f"otelcol-{version}-{stamp[:12]}"
     binary = home / "build" / BINARY_NAME
     home.mkdir(parents=True, exist_ok=True)
     # A lock, so two test processes starting at once don't build into the same dir.
@@ -66,6 +69,7 @@ def ensure_collector(cache_dir: Path | None = None) -> Path:
             "PATH": f"{Path(go).parent}:{os.environ.get('PATH', '')}",  # the builder runs `go` itself
             "GOBIN": str(home / "bin"),
             "GOTOOLCHAIN": "local",  # never try to download another toolchain
+            "GOTMPDIR": str(_go_tmp(home)),
         }
         (home / "builder-config.yaml").write_bytes(manifest)
         steps = [
@@ -92,6 +96,17 @@ def ensure_collector(cache_dir: Path | None = None) -> Path:
             raise RuntimeError(f"the Collector builder succeeded but left no {binary}")
         marker.write_text(stamp + "\n")  # written last: its presence means the build is whole
         return binary
+
+
+def _go_tmp(home: Path) -> Path:
+    """The go command's temporary directory for a build in ``home`` (under its lock),
+    emptied: Go removes its ``go-build*`` work directory only on a clean exit, so a
+    build killed (`ktel down` or Ctrl-C during `ktel up`'s build) left it in $TMPDIR for
+    good; in here, the next build removes it."""
+    tmp = home / "gotmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(exist_ok=True)
+    return tmp
 
 
 class LocalCollector(proc.Server):
