@@ -263,7 +263,9 @@ def _to_metrics(
     # host.id -> (name, type, unit, stale) -> points
     hosts: dict[Any, dict[tuple[str, str, str, bool], list[Any]]] = {}
     for ts_ms, (name, typ, labels, value), *stale in rows:
-        attrs = dict(labels)
+        # (a label of an empty name, which the wire's maps take and OTLP does not as a key,
+        # left out and counted: the SDK's encoder sent it)
+        attrs = dict(otlp_spans.carried(labels))
         # A series without host.id is under the service's (OTEL_RESOURCE_ATTRIBUTES may
         # set one): grouped apart from that host's series, its resource was equal to
         # theirs, and the SDK's encoder, which keeps one group per resource, sent only one

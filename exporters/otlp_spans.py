@@ -67,7 +67,7 @@ _cache: dict[tuple[str, type, Any], KeyValue] = {}
 
 DROPPED_ATTRIBUTES = Counter(
     "ktel_exporter_otlp_dropped_attributes",
-    "attributes of spans, logs and their resources left out because OTLP cannot carry them "
+    "attributes of spans, logs, data points and their resources left out because OTLP cannot carry them "
     "(an int beyond int64, a non-string key)",
 )
 

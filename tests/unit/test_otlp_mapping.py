@@ -170,6 +170,19 @@ async def test_a_log_attribute_otlp_cannot_carry_is_left_out_and_counted(caplog)
     assert "invalid attribute key" not in caplog.text  # (the SDK's Resource, which counts nothing)
 
 
+def test_a_data_point_label_of_an_empty_name_is_left_out_and_counted():
+    """A snapshot's labels become its points' attributes, and the wire's maps take an
+    empty name, which OTLP does not allow as a key: the SDK's metrics encoder sent one.
+    Left out and counted, as of a span or a log record, once the request is built."""
+    dropped = REGISTRY.get_sample_value("ktel_exporter_otlp_dropped_attributes_total") or 0.0
+    rows = [(1000, ["x", "gauge", {"host.id": "h", "": "y", "comm": "touch"}, 1.0])]
+    request, left_out = otlp_spans.converted(otlp.metric_request, rows)
+    [point] = request.resource_metrics[0].scope_metrics[0].metrics[0].gauge.data_points
+    assert attrs(point.attributes) == {"comm": "touch"}
+    assert left_out == 1
+    assert REGISTRY.get_sample_value("ktel_exporter_otlp_dropped_attributes_total") == dropped
+
+
 def test_a_batch_full_of_attributes_otlp_cannot_carry_logs_a_line_per_key_and_type_not_per_attribute(
     caplog, monkeypatch
 ):
