@@ -47,7 +47,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from exporters import consume
@@ -384,7 +384,9 @@ class LatestValues(Collector):
                 yield fam
                 continue
             if family.type == "counter":
-                fam = CounterMetricFamily(fam_name, help_text)
+                # (not CounterMetricFamily, which cuts a name's _total: a family x_total, of
+                # samples x_total_total, was typed as x_total, its samples left untyped)
+                fam = Metric(fam_name, help_text, "counter")
             else:
                 fam = GaugeMetricFamily(fam_name, help_text)
             for (sample_name, key), (_p, _o, value, _r) in list(family.series.items()):

@@ -147,6 +147,20 @@ def test_a_counter_is_served_as_its_total_as_remote_write_sends_it():
     assert scrape(latest)["ops"][("ops_total", (("host_id", "a"),))] == 5.0
 
 
+def test_a_counter_named_total_total_is_typed_as_its_samples_are_named():
+    """A counter x_total_total: its samples are x_total_total (as remote-write sends it),
+    served under # TYPE x_total_total counter, not # TYPE x_total (prometheus_client's
+    counter family took a name ending in _total for its samples' and cut it), which
+    left them another, untyped metric, and OpenMetrics refused the scrape."""
+    latest = LatestValues()
+    latest.update(MetricSnapshot(1, [["ops_total_total", "counter", {"host.id": "a"}, 3.0]]), 0, 1)
+    assert remote_write.metric_name("ops_total_total", "counter") == "ops_total_total"
+    assert scrape(latest) == {"ops_total": {("ops_total_total", (("host_id", "a"),)): 3.0}}
+    registry = CollectorRegistry()
+    registry.register(latest)
+    assert "# TYPE ops_total_total counter\nops_total_total{" in generate_latest(registry).decode()
+
+
 def test_a_family_gone_frees_its_names():
     latest = LatestValues()
     latest.update(MetricSnapshot(1, [["h", "histogram", {}, HIST]]), 0, 1)
