@@ -314,7 +314,9 @@ class Spool:
         """Whether ``offset`` is where the spool could have put the cursor in ``seg``
         (``size`` bytes): its start, its end, or the start of an intact record (a cursor
         inside a record would skip it as damage, and one past the end would skip the
-        segment)."""
+        segment), or the start of a record the segment's end cuts short: a crash in the
+        write of the batch after the last one acknowledged (taken for damage, the
+        restart sent the whole segment again)."""
         if offset in (0, size):
             return True
         if offset > size:
@@ -323,10 +325,12 @@ class Spool:
             f.seek(offset)
             head = f.read(HEADER.size)
             if len(head) < HEADER.size:
-                return False
+                return head[:4] == _MAGIC_BYTES[: len(head)]  # (a header cut short)
             magic, length, n_events, crc = HEADER.unpack(head)
             if magic != MAGIC or length > MAX_RECORD:
                 return False
+            if offset + HEADER.size + length > size:
+                return True  # (cut short)
             body = f.read(length)
             return len(body) == length and _crc(length, n_events, body) == crc
 

@@ -704,3 +704,26 @@ def test_a_spool_takes_a_batch_of_the_most_the_config_lets_it_be(tmp_path):
     sp.ack(sp.end)
     assert not sp.append(payload(1, agent.batch_max_bytes + 1), n_events=1)
     sp.close()
+
+
+@pytest.mark.parametrize("torn", [5, HEADER.size + 40])  # cut in its header, in its payload
+def test_an_ack_cursor_at_a_record_torn_by_a_crash_is_kept(tmp_path, caplog, monkeypatch, torn):
+    """A SIGKILL in the write of the batch after the last one acknowledged leaves a torn
+    record where the cursor points: the cursor is the spool's, at the end of its last
+    whole record, and what it acknowledged is not sent again."""
+    monkeypatch.setattr("edge_agent.spool.ACK_WRITE_S", 0.0)
+    sp = Spool(tmp_path, segment_bytes=10_000)
+    for i in range(10):
+        sp.append(payload(i), 1)
+    sp.ack(read_records(sp)[-1].next)
+    killed(sp)
+    seg = sorted(tmp_path.glob("*.seg"))[-1]
+    whole = HEADER.pack(MAGIC, 100, 1, zlib.crc32(payload(10), zlib.crc32(struct.pack("<II", 100, 1))))
+    with seg.open("ab") as f:
+        f.write((whole + payload(10))[:torn])  # (the write cut short)
+    again = Spool(tmp_path, segment_bytes=10_000)
+    assert read_all(again) == []
+    assert "does not fit the segments" not in caplog.text
+    again.append(payload(11), 1)
+    assert read_all(again) == [payload(11)]
+    again.close()
