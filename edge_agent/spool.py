@@ -45,11 +45,11 @@ the same bytes are sent: those the spool wrote.
 
 Damage: a record whose magic, length or CRC is wrong is skipped by scanning
 forward for the next valid record; the skipped bytes are logged and counted
-(``corrupt_bytes``). A torn tail (a crash mid-write) is the same case at the
-end of a segment. The writer never appends to a segment it did not create, so
-a damaged segment is only ever read. A segment gone missing (removed by hand) is
-logged (at start, or when the spool next reads it) and skipped; what it held is
-lost, what follows it is sent. With
+(``corrupt_bytes``), also in a segment a full spool drops unread. A torn tail (a
+crash mid-write) is the same case at the end of a segment. The writer never appends
+to a segment it did not create, so a damaged segment is only ever read. A segment
+gone missing (removed by hand) is logged (at start, or when the spool next reads it)
+and skipped; what it held is lost, what follows it is sent. With
 every segment gone and the ack file left, new segments are numbered past the
 cursor it holds, so that it cannot cover them.
 
@@ -497,7 +497,8 @@ class Spool:
         if oldest == self._wseg:
             return False  # only the segment being written is left: nothing to evict
         events, batches, in_flight = 0, 0, 0
-        for rec in self._scan(oldest, self._ack.offset, count_damage=False):
+        # (damage there is counted as a read past it counts it: nothing reads it after)
+        for rec in self._scan(oldest, self._ack.offset):
             if rec.start < self._taken:
                 # Already read by the publisher, which sends it from memory: lost only
                 # if it is never acknowledged (module docstring).
@@ -535,7 +536,7 @@ class Spool:
             self._rfile = (seg, open(self._path(seg), "rb"))  # noqa: SIM115
         return self._rfile[1]
 
-    def _scan(self, seg: int, offset: int, count_damage: bool = True):
+    def _scan(self, seg: int, offset: int):
         """Valid records of one segment from offset, skipping (and counting) damage.
 
         Reads in chunks, so a long backlog costs one pass over the file. A segment
@@ -586,9 +587,8 @@ class Spool:
                     skipped += len(buf) - pos
                     pos = len(buf)
                     break
-            if count_damage:
-                self._damage(seg, start, skipped)
-        if count_damage and len(buf) - pos > 0:
+            self._damage(seg, start, skipped)
+        if len(buf) - pos > 0:
             self._damage(seg, base + pos, len(buf) - pos)
 
     def _damage(self, seg: int, at: int, nbytes: int) -> None:

@@ -727,3 +727,24 @@ def test_an_ack_cursor_at_a_record_torn_by_a_crash_is_kept(tmp_path, caplog, mon
     again.append(payload(11), 1)
     assert read_all(again) == [payload(11)]
     again.close()
+
+
+def test_damage_in_a_segment_a_full_spool_drops_unread_is_counted(tmp_path, caplog):
+    """A torn tail (a crash mid-write) in the backlog, dropped by drop_oldest before the
+    publisher read it (the broker still away): its bytes are lost like the batches
+    around them, and counted as damage, as a read past them counts them."""
+    rec = HEADER.size + 100
+    opts = {"max_bytes": 10 * rec + FILES_BYTES, "segment_bytes": 2 * rec}
+    sp = Spool(tmp_path, **opts)
+    for i in range(2):
+        sp.append(payload(i), n_events=1)
+    killed(sp)
+    seg = sorted(tmp_path.glob("*.seg"))[0]
+    with seg.open("ab") as f:
+        f.write(seg.read_bytes()[: rec - 30])  # (the write of a third batch cut short)
+    again = Spool(tmp_path, **opts)
+    for i in range(2, 30):
+        again.append(payload(i), n_events=1)
+    assert not seg.exists() and again.dropped_batches >= 2
+    assert again.corrupt_bytes == rec - 30
+    again.close()
