@@ -943,6 +943,10 @@ class Agent:
             self.kafka_reached = False
             self.control.unack(hb["acked_commands"], hb["refused_commands"])
             log.warning("heartbeat not sent: %s", err)
+        except asyncio.CancelledError:
+            # A stop cancels the periodic one in its send: the last heartbeat carries them.
+            self.control.unack(hb["acked_commands"], hb["refused_commands"])
+            raise
 
     def readiness(self) -> str | None:
         """Why the agent is not ready (/readyz), or None: probes loaded and Kafka reached."""

@@ -10,9 +10,10 @@ import pytest
 from aiokafka.errors import MessageSizeTooLargeError, ProducerFenced
 
 from edge_agent import agent as agent_mod
+from edge_agent import control as control_mod
 from edge_agent import statelock
 from ktel import retry as retry_mod
-from ktel.wire import decode_batch
+from ktel.wire import ControlCommand, decode_batch
 from ktel.wire.codec import ZSTD_MAGIC, WireError, decompress
 from tests.unit.test_agent_batches import file_events, make_agent, packed
 
@@ -176,3 +177,25 @@ async def test_set_aside_batches_past_their_bound_are_counted_not_kept(agent, mo
     assert set_aside() == before + 90
     [kept] = (agent.cfg.agent.state_dir / agent_mod.SET_ASIDE_DIR).glob("*.batch")
     assert kept.read_bytes() == first
+
+
+async def test_acknowledgements_of_a_heartbeat_cancelled_in_its_send_go_in_the_next(agent):
+    """A stop cancels the periodic heartbeat in its send (Kafka slow or away): the
+    command acknowledgements it carried go in the last heartbeat, as those of one that
+    timed out do, not lost uncounted."""
+
+    class Hanging(Producer):
+        async def send_and_wait(self, topic: str, value: bytes, key: bytes) -> None:
+            await asyncio.Event().wait()
+
+    agent.producer = Hanging()  # type: ignore[assignment]
+    t0 = control_mod.now_ms()
+    assert agent.control.handle(ControlCommand("raise-1", "*", "file_created", 10, 0, 60_000), t0, now=t0)
+    beating = asyncio.create_task(agent.beat(60.0))
+    for _ in range(500):  # until the heartbeat took them and waits on its send
+        await asyncio.sleep(0.01)
+        if not agent.control._acks._items:
+            break
+    assert not beating.done()
+    assert await agent_mod.cancelled([beating], 1.0) == set()
+    assert agent.control.take_acks() == ["raise-1"]
