@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
+from aiokafka.errors import BrokerResponseError, KafkaError, TopicAlreadyExistsError, for_code
 
 from ktel.config import Config, KafkaConfig
 from ktel.kafka_client import Kafka, client_kwargs, explain, settings
@@ -270,12 +270,17 @@ async def topic_partitions(kafka: Kafka, topic: str) -> int | None:
 async def ensure(cfg: Config, say: Callable[[str], None]) -> int:
     """``ktel topics``: refuse if an existing ktel topic is laid out otherwise than the
     configuration says (exit status 1), else create the missing ones and say what
-    each is (0). Nothing is changed on a refusal: Kafka cannot lower a partition
-    count, and a topic's replicas are an operator's to move."""
+    each is (0); exit status 1 also, saying why, when Kafka cannot be reached, cannot
+    give the replication configured, or refuses to create a topic. Nothing is changed
+    on a refusal: Kafka cannot lower a partition count, and a topic's replicas are an
+    operator's to move."""
     wanted = specs(cfg)
     k = cfg.kafka
     try:
         wrong = await check_layout(k, wanted)
+    except TopicMismatch as err:  # a replication this cluster cannot give
+        say(f"ktel topics: {err}")
+        return 1
     except (KafkaError, OSError) as err:
         say(f"ktel topics: {await explain(err, k)}")
         return 1
@@ -287,8 +292,17 @@ async def ensure(cfg: Config, say: Callable[[str], None]) -> int:
             "recreate, reassign or reconfigure (kafka-configs.sh) the topic to match the setting"
         )
         return 1
-    rf, isr = await replication(k)
-    await create_topics(resolved(k, (rf, isr)), wanted)
+    try:
+        rf, isr = await replication(k)
+        await create_topics(resolved(k, (rf, isr)), wanted)
+    except BrokerResponseError as err:
+        # Kafka's own answer (more replicas than brokers, a topic policy, no right to
+        # create topics), which says what is wrong: not a Kafka out of reach.
+        say(f"ktel topics: Kafka at {k.bootstrap} refused: {err}")
+        return 1
+    except (KafkaError, OSError) as err:
+        say(f"ktel topics: {await explain(err, k)}")
+        return 1
     for s in wanted:
         retention = "unlimited" if s.retention_ms is None else f"{s.retention_ms} ms"
         say(

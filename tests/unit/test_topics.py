@@ -64,3 +64,63 @@ def test_an_existing_control_topic_kept_less_long_is_named_with_the_ttl_in_secon
         f"{control.name} has retention.ms = 86400000 but "
         "agent.control_max_ttl_seconds = 172800 (172800000 ms)"
     ]
+
+
+class _OneBroker:
+    """An admin client of a cluster of one broker and no topics, whose CreateTopics
+    answers ``create_code`` for each topic."""
+
+    create_code = 0
+
+    def __init__(self, **_kwargs) -> None:
+        pass
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def describe_cluster(self):
+        return {"brokers": [{"node_id": 1}], "cluster_id": "c"}
+
+    async def describe_topics(self, names=None):
+        return []
+
+    async def describe_configs(self, resources):
+        return []
+
+    async def create_topics(self, new):
+        class Answer:
+            topic_errors = [(t.name, self.create_code, "no") for t in new]
+
+        return Answer()
+
+
+@pytest.mark.parametrize(
+    "kafka, create_code, said",
+    [
+        # "auto" replicas on one broker is 1, below the 2 in sync asked for: found against
+        # the cluster, so only `ktel topics` can tell.
+        (
+            {"min_insync_replicas": 2},
+            0,
+            "kafka.min_insync_replicas = 2 is above the replication factor 1",
+        ),
+        # Kafka refuses the topics it is asked to create (38: InvalidReplicationFactor,
+        # three replicas on one broker).
+        ({"replication_factor": 3}, 38, "creating topic"),
+    ],
+)
+def test_ktel_topics_names_what_is_wrong_and_exits_1_without_a_traceback(
+    monkeypatch, kafka, create_code, said
+) -> None:
+    """A replication the cluster cannot give, and topics Kafka refuses to create, end
+    `ktel topics` (and the chart's topics Job) with a line saying so and exit status 1,
+    as a topic laid out otherwise does: they raised out of ensure, a traceback."""
+    monkeypatch.setattr(_OneBroker, "create_code", create_code)
+    monkeypatch.setattr(topics, "AIOKafkaAdminClient", _OneBroker)
+    c = config.Config(kafka=config.KafkaConfig(**kafka), agent=config.AgentConfig(host_id="t"))
+    lines: list[str] = []
+    assert asyncio.run(topics.ensure(c, lines.append)) == 1
+    assert any(line.startswith("ktel topics: ") and said in line for line in lines), lines
