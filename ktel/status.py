@@ -30,6 +30,7 @@ import io
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -406,11 +407,17 @@ def _age(seconds: float) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
+# Control characters but the newline (which the cells' own lists use): C0, DEL and C1.
+_CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")
+
+
 def _plain(*cells: str) -> list[Text]:
     # Cells as they are: a string cell is rich markup, and what a heartbeat or a group id
     # holds is anyone's writing ("[/]" in a host name stopped every table with MarkupError,
-    # "[kprobe/x]" in a probe's failure vanished as a style).
-    return [Text(c) for c in cells]
+    # "[kprobe/x]" in a probe's failure vanished as a style). Its control characters are
+    # escaped (\x1b): rich passes an ESC through, so a terminal escape in a host name
+    # cleared the operator's screen or retitled the window.
+    return [Text(_CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}", c)) for c in cells]
 
 
 def tables(status: dict[str, Any]) -> list[Table]:

@@ -174,6 +174,26 @@ def test_tables_show_what_heartbeats_and_groups_hold_as_it_is():
     assert "ktel-[/bold]" in text
 
 
+def test_tables_show_control_characters_a_heartbeat_holds_escaped():
+    """A terminal escape in a host name, a kernel release or a probe's failure (anyone
+    who may write ktel.heartbeats writes them) reaches the terminal escaped: written as
+    it was, it cleared the operator's screen, retitled the window, or coloured what
+    followed."""
+    beat = hb("a", NOW)
+    beat["host"]["host.name"] = "evil\x1b[2J\x1b]0;pwned"
+    beat["host"]["os.version"] = "6.1\x9b31m"
+    beat["probes"]["ktel_api"]["reason"] = "gone\x1b[31m"
+    read = status.Read({"a": beat}, 0, [("ktel-\x1b[8m", "Stable", 1, {})])
+    out = io.StringIO()
+    terminal = Console(width=250, file=out, force_terminal=True)
+    terminal.print(*status.tables(status.summarize(read, NOW, 900, 30)))
+    shown = out.getvalue()
+    for raw in ("\x1b[2J", "\x1b]0;", "\x9b", "\x1b[31m", "\x1b[8m"):
+        assert raw not in shown
+    for escaped in ("evil\\x1b[2J\\x1b]0;pwned", "6.1\\x9b31m", "ktel_api: gone\\x1b[31m", "ktel-\\x1b[8m"):
+        assert escaped in shown
+
+
 def _shown(monkeypatch, docs):
     """status._once replaced by one returning each of ``docs`` in turn."""
     docs = iter(docs)
