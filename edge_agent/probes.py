@@ -40,7 +40,7 @@ from edge_agent import ringbuf as rb
 from edge_agent.ticks import until_tick
 from ktel.config import AgentConfig
 from ktel.paths import DATA_DIR, TRACEFS
-from ktel.probes import HIST_SLOTS, HISTOGRAM_DELTA, PROBES, Probe
+from ktel.probes import HIST_SLOTS, HISTOGRAM_DELTA, PROBES, Histogram, Probe
 from ktel.probes.decode import PackedEvents, Run, frame, pack_event, records
 
 log = logging.getLogger(__name__)
@@ -56,12 +56,18 @@ KNOB_SAMPLE_EVERY = 0
 
 # struct ktel_hist (bpf/ktel_hist.h): HIST_SLOTS u64 bucket counts then a u64 sum.
 HIST_WORDS = HIST_SLOTS + 1
+# A histogram key's values as read_histograms gives them: the buckets, then the sum.
+Values = tuple[int, ...]
 # How often the agent reads the histogram maps (maybe_snapshot's default).
 SNAPSHOT_SECONDS = 10.0
 # A histogram key unchanged for this many reads is deleted from the kernel's map
 # (and from the agent's memory), so keys of gone cgroups or processes do not fill
-# it. An increment landing between the last read and the delete is lost: the key
-# was idle for EVICT_IDLE_SNAPSHOTS * SNAPSHOT_SECONDS before, so it rarely is.
+# it. It is read and deleted in one step (BPF_MAP_LOOKUP_AND_DELETE_ELEM, kernels
+# 5.14 and later), so what was counted between the read that found it idle and the
+# delete is sent too. Still lost: an increment by a program that found the key
+# before the delete and adds after it (nanoseconds, on a key idle for
+# EVICT_IDLE_SNAPSHOTS * SNAPSHOT_SECONDS), and on older kernels, where a plain
+# delete is all there is, what came between the read and the delete.
 EVICT_IDLE_SNAPSHOTS = 30
 # The shared libraries of BCC's in-process compiler: resident after the probes
 # are compiled, not needed afterwards (ktel.runtime.release_memory).
@@ -422,13 +428,20 @@ class LoadedProbe:
         """A histogram map's cumulative values: key bytes -> HIST_SLOTS bucket
         counts then the sum, summed over the CPUs."""
         table = self.bpf[name.encode()]
-        out: dict[bytes, tuple[int, ...]] = {}
-        for k, v in table.items():
-            raw = bytes(v)
-            ncpu = len(raw) // (8 * HIST_WORDS)
-            words = struct.unpack(f"<{ncpu * HIST_WORDS}Q", raw)
-            out[bytes(k)] = tuple(sum(words[i::HIST_WORDS]) for i in range(HIST_WORDS))
-        return out
+        return {bytes(k): _summed(bytes(v)) for k, v in table.items()}
+
+    @staticmethod
+    def _take_histogram(table, key: bytes) -> Values | None:
+        """Delete a histogram map's key and return its values as it was deleted
+        (as read_histograms sums them), or None where the kernel cannot do both in
+        one step (before 5.14): then it is deleted alone."""
+        from bcc.libbcc import lib
+
+        k, leaf = table.Key.from_buffer_copy(key), table.Leaf()
+        if lib.bpf_lookup_and_delete(table.map_fd, ctypes.byref(k), ctypes.byref(leaf)) < 0:
+            del table[k]
+            return None
+        return _summed(bytes(leaf))
 
     def snapshot(self) -> list[list]:
         """HISTOGRAM_DELTA events for every histogram key that counted something
@@ -443,33 +456,44 @@ class LoadedProbe:
             prev, idle = self._prev[h.map], self._idle[h.map]
             table = self.bpf[h.map.encode()]
             for key, cur in self.read_histograms(h.map).items():
-                old = prev.get(key)
-                delta = cur if old is None else tuple(c - o for c, o in zip(cur, old, strict=True))
+                event = self._delta_event(h, key, cur, prev.get(key), start, now)
                 prev[key] = cur
-                buckets, total = list(delta[:HIST_SLOTS]), delta[HIST_SLOTS]
-                count = sum(buckets)
-                if count:
+                if event is not None:
                     idle.pop(key, None)
-                    events.append(
-                        [
-                            HISTOGRAM_DELTA.id,
-                            now,
-                            start,
-                            h.metric,
-                            h.unit,
-                            h.labels(key),
-                            count,
-                            total,
-                            buckets,
-                            self._sample_every,
-                        ]
-                    )
+                    events.append(event)
                 elif h.evict:
                     idle[key] = idle.get(key, 0) + 1
                     if idle[key] >= EVICT_IDLE_SNAPSHOTS:
-                        del table[table.Key.from_buffer_copy(key)]
+                        last = self._take_histogram(table, key)
                         del prev[key], idle[key]
+                        # Counted since the read above (see EVICT_IDLE_SNAPSHOTS).
+                        event = None if last is None else self._delta_event(h, key, last, cur, start, now)
+                        if event is not None:
+                            events.append(event)
         return events
+
+    def _delta_event(
+        self, h: Histogram, key: bytes, cur: Values, old: Values | None, start: int, now: int
+    ) -> list | None:
+        """The HISTOGRAM_DELTA event of a key's values ``cur`` since ``old`` (None: since
+        the key was made), or None when nothing was counted in between."""
+        delta = cur if old is None else tuple(c - o for c, o in zip(cur, old, strict=True))
+        buckets, total = list(delta[:HIST_SLOTS]), delta[HIST_SLOTS]
+        count = sum(buckets)
+        if not count:
+            return None
+        return [
+            HISTOGRAM_DELTA.id,
+            now,
+            start,
+            h.metric,
+            h.unit,
+            h.labels(key),
+            count,
+            total,
+            buckets,
+            self._sample_every,
+        ]
 
     def maybe_snapshot(self, interval_s: float | None = None) -> list[list]:
         """snapshot() once every interval_s (default SNAPSHOT_SECONDS; the agent
@@ -515,6 +539,14 @@ class LoadedProbe:
         self.bpf.cleanup()
         self._closed = True
         self._final = final
+
+
+def _summed(raw: bytes) -> Values:
+    """A per-CPU struct ktel_hist value (one per possible CPU, end to end): HIST_SLOTS
+    bucket counts then the sum, each summed over the CPUs."""
+    ncpu = len(raw) // (8 * HIST_WORDS)
+    words = struct.unpack(f"<{ncpu * HIST_WORDS}Q", raw)
+    return tuple(sum(words[i::HIST_WORDS]) for i in range(HIST_WORDS))
 
 
 def recursion_misses(fdinfo: str) -> int | None:

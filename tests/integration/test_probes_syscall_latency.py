@@ -133,6 +133,35 @@ def test_an_idle_key_is_evicted_from_the_kernel_map_and_counts_afresh(tmp_path, 
     assert histogram_total(again, "syscall_latency", **key)[0] == N
 
 
+
+def test_calls_counted_between_the_last_idle_read_and_the_eviction_are_not_lost(tmp_path, monkeypatch):
+    """A key is evicted after a read that found it idle: what the kernel counted between
+    that read and the delete is sent, not deleted with the key."""
+    monkeypatch.setattr(probes, "EVICT_IDLE_SNAPSHOTS", 1)
+    exe = build_c(tmp_path, "getppid", f"#define N {N}\n" + GETPPID)
+    with cgroup2_child() as cgroup, loaded("syscall_latency") as probe:
+        key = {"cgroup.id": cgroup.stat().st_ino}
+        w = Workload([str(exe)])
+        try:
+            key["syscall.id"] = int(w.hello)
+            (cgroup / "cgroup.procs").write_text(str(w.pid))
+            assert w.go() == "done"
+            snaps = [probe.snapshot()]
+            read = probe.read_histograms
+
+            def read_then_call(name: str) -> dict[bytes, tuple[int, ...]]:
+                values = read(name)
+                assert w.go() == "done"  # N calls after the read, before the delete
+                return values
+
+            monkeypatch.setattr(probe, "read_histograms", read_then_call)
+            snaps.append(probe.snapshot())  # idle as read: evicted
+            monkeypatch.setattr(probe, "read_histograms", read)
+            snaps.append(probe.snapshot())
+        finally:
+            w.finish()
+    assert sum(histogram_total(s, "syscall_latency", **key)[0] for s in snaps) == 2 * N
+
 # Start timestamps moved this far into the future (KTEL_START_SKEW_NS): as if each
 # were read on a CPU whose clock is ahead. Past the top bucket's 2^39 ns, and such
 # that a few wrapped differences overflow the u64 sum.
