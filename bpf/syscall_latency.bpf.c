@@ -68,3 +68,25 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 	start.delete(&tid);
 	return 0;
 }
+
+/*
+ * An execve by a thread other than the leader returns as the leader: de_thread()
+ * gives it the leader's pid. Its start moves with it, else its sys_exit finds
+ * none (the sample lost, uncounted) and the entry under its old tid stays.
+ */
+TRACEPOINT_PROBE(sched, sched_process_exec)
+{
+	u32 old = args->old_pid, tid = (u32)bpf_get_current_pid_tgid();
+	u64 *tsp, ts;
+
+	if (old == tid)
+		return 0;
+	tsp = start.lookup(&old);
+	if (!tsp)
+		return 0;
+	ts = *tsp;
+	start.delete(&old);
+	if (start.update(&tid, &ts))
+		ktel_count(KTEL_COUNTER_INFLIGHT_LOST);
+	return 0;
+}

@@ -24,7 +24,12 @@ def labels(key: bytes) -> dict[str, Any]:
 PROBE = Probe(
     name="syscall_latency",
     summary="histograms of syscall duration per cgroup and syscall, kept in the kernel",
-    tracepoints=("raw_syscalls/sys_enter", "raw_syscalls/sys_exit", "sched/sched_process_exit"),
+    tracepoints=(
+        "raw_syscalls/sys_enter",
+        "raw_syscalls/sys_exit",
+        "sched/sched_process_exit",
+        "sched/sched_process_exec",
+    ),
     histograms=(Histogram("hist", METRIC, labels),),
     layouts=(
         Layout("syscall_latency.h", "syscall_latency_key", KEY, ("cgroup_id", "syscall_id"), event=False),

@@ -133,7 +133,6 @@ def test_an_idle_key_is_evicted_from_the_kernel_map_and_counts_afresh(tmp_path, 
     assert histogram_total(again, "syscall_latency", **key)[0] == N
 
 
-
 def test_calls_counted_between_the_last_idle_read_and_the_eviction_are_not_lost(tmp_path, monkeypatch):
     """A key is evicted after a read that found it idle: what the kernel counted between
     that read and the delete is sent, not deleted with the key."""
@@ -161,6 +160,54 @@ def test_calls_counted_between_the_last_idle_read_and_the_eviction_are_not_lost(
         finally:
             w.finish()
     assert sum(histogram_total(s, "syscall_latency", **key)[0] for s in snaps) == 2 * N
+
+
+# Prints its SYS_execve and waits; at a line on stdin, a thread other than the main
+# one execs echo, which prints "done".
+EXEC_FROM_A_THREAD = r"""
+#include <pthread.h>
+#include <stdio.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+static void *exec_echo(void *arg)
+{
+	execl("/bin/echo", "echo", "done", (char *)NULL);
+	return arg;
+}
+
+int main(void)
+{
+	char line[64];
+	pthread_t t;
+
+	printf("%d\n", SYS_execve);
+	fflush(stdout);
+	if (fgets(line, sizeof(line), stdin)) {
+		pthread_create(&t, NULL, exec_echo, NULL);
+		pthread_join(t, NULL);
+	}
+	return 1;
+}
+"""
+
+
+def test_an_execve_by_a_thread_other_than_the_leader_is_counted(tmp_path):
+    """execve() from a thread that is not the leader returns with the leader's tid
+    (de_thread()): its start, stored under the thread's own tid, is found at its end."""
+    exe = build_c(tmp_path, "exec_from_a_thread", EXEC_FROM_A_THREAD)
+    with cgroup2_child() as cgroup, loaded("syscall_latency") as probe:
+        key = {"cgroup.id": cgroup.stat().st_ino}
+        w = Workload([str(exe)])
+        try:
+            key["syscall.id"] = int(w.hello)
+            (cgroup / "cgroup.procs").write_text(str(w.pid))
+            assert w.go() == "done"
+        finally:
+            assert w.finish() == 0
+        snap = probe.snapshot()
+    assert histogram_total(snap, "syscall_latency", **key)[0] == 1
+
 
 # Start timestamps moved this far into the future (KTEL_START_SKEW_NS): as if each
 # were read on a CPU whose clock is ahead. Past the top bucket's 2^39 ns, and such
