@@ -319,8 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
         "its size and the reason. With --redrive, re-publish each stage's dead letter's record to its "
         "topic, and send each exporter's (remote-write, otlp) to that exporter's configured backend. Exit "
         "status: 0 done, 1 --redrive left some or a backend refused some again (each line says why), 2 a "
-        "bad argument, Kafka could not be read or a backend did not answer. What is re-driven, and why "
-        "that is safe to repeat: ktel/dlq.py.",
+        "bad argument, Kafka could not be read, or a backend did not take a dead letter within "
+        "--backend-wait (or asked to be left alone past it). What is re-driven, and why that is safe to "
+        "repeat: ktel/dlq.py.",
     )
     p.add_argument(
         "--from",
@@ -343,6 +344,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="re-publish the selected stages' records, with their keys, to the topics they were read "
         "from; send the selected exporters' to their backends",
+    )
+    p.add_argument(
+        "--backend-wait",
+        type=_seconds,
+        metavar="SECONDS",
+        help="with --redrive, how long an exporter's dead letter waits for its backend to take it, "
+        "asking again meanwhile, before the run stops (exit 2); at once when the backend asks "
+        "(Retry-After) for a wait past it (default 120)",
     )
     p.set_defaults(fn=cmd_dlq)
     p = sub.add_parser(

@@ -95,12 +95,16 @@ is sent twice, and a run knows nothing of what an earlier one sent: select what 
 sent. The output topics are kept
 ``kafka.output_retention_hours`` (a day by default), ``ktel.dlq`` longer: an exporter's dead
 letter whose record retention took is left, as any is. A backend that
-answers nothing (down, unreachable, refusing ktel's credentials: the exporter's retries,
-warned of on stderr) for ``BACKEND_WAIT_S`` ends ``--redrive`` with exit status 2, what was
-sent before counted; so does an exporter's delivery that fails otherwise (what it sent of
-the dead letter is not known). One dead letter is sent at a time, in its partition's order (a
-cumulative metric's points must reach an OTLP backend in order), each as one delivery of
-the exporter: a few requests each.
+does not take a dead letter within ``--backend-wait`` seconds (``BACKEND_WAIT_S``, 120, by
+default), answering nothing or what is retried (down, unreachable, throttling, refusing
+ktel's credentials: the exporter's retries, warned of on stderr), ends ``--redrive`` with
+exit status 2, what was sent before counted. One that asks for a wait (HTTP Retry-After,
+gRPC RetryInfo) ending past that ends it at once, saying what it asked for and the
+``--backend-wait`` that waits for it, rather than after waiting for nothing
+(``ktel.retry.deadline``). An exporter's delivery that fails otherwise ends it too (what
+it sent of the dead letter is not known). One dead letter is sent at a time, in its
+partition's order (a cumulative metric's points must reach an OTLP backend in order), each
+as one delivery of the exporter: a few requests each.
 """
 
 from __future__ import annotations
@@ -113,6 +117,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -131,7 +136,8 @@ from ktel import topic_window
 from ktel.config import AgentConfig, Config, ConfigError, KafkaConfig
 from ktel.kafka_client import client_kwargs, compression_type
 from ktel.replay import ReplayError, format_ns, key_text, parse_time
-from ktel.retry import Permanent, Transient, retry
+from ktel.retry import AskedPastDeadline, Permanent, Transient, retry
+from ktel.retry import deadline as retry_deadline
 from ktel.wire import (
     DeadLetter,
     WireError,
@@ -155,10 +161,11 @@ HEADER = "ktel-redriven-from"
 FAILURES_SHOWN = 20
 # Re-published records in flight before waiting for their acknowledgements.
 MAX_IN_FLIGHT = 1000
-# How long the delivery of an exporter's dead letter waits for its backend to answer, asking
-# again meanwhile as the exporter does (a backend down, a Retry-After): the exporter waits
-# for ever, as nothing it read is lost meanwhile; a command ends (exit status 2) rather
-# than hang, what it sent being sent, the rest left in ktel.dlq.
+# How long the delivery of an exporter's dead letter waits for its backend to take it unless
+# --backend-wait says otherwise, asking again meanwhile as the exporter does (a backend down,
+# a Retry-After): the exporter waits for ever, as nothing it read is lost meanwhile; a
+# command ends (exit status 2) rather than hang, what it sent being sent, the rest left in
+# ktel.dlq.
 BACKEND_WAIT_S = 120.0
 
 
@@ -558,6 +565,8 @@ class Options:
     client: KafkaConfig = dataclasses.field(default_factory=KafkaConfig)
     # The codec of what --redrive writes: the agent's (agent.compression).
     compression: str = AgentConfig.model_fields["compression"].default
+    # How long an exporter's dead letter waits for its backend to take it (--backend-wait).
+    backend_wait: float = BACKEND_WAIT_S
 
 
 class Originals:
@@ -758,15 +767,30 @@ async def run(
         # As the exporter read it, from where the dead letter says; what it refuses again
         # comes to ``refused``, not to ktel.dlq.
         record = Record(item, dl.topic, dl.partition, dl.offset, key, value, opts.dlq_topic)
-        waited = asyncio.timeout(BACKEND_WAIT_S)
+        limit = opts.backend_wait
+        end = asyncio.get_running_loop().time() + limit
+        waited = asyncio.timeout_at(end)
         try:
             async with waited:
-                await to.deliver([record], refused)
+                # A wait the backend asks for past the limit is not waited for: the run would
+                # end before the next attempt (in every task the delivery starts, too).
+                with retry_deadline(end):
+                    await to.deliver([record], refused)
         except Exception as err:
             if isinstance(err, TimeoutError) and waited.expired():
                 raise DlqError(
-                    f"{to.backend} did not take {at} in {BACKEND_WAIT_S:g} s, asked again meanwhile (the "
-                    "warnings above say what it answered): stopped there, the dead letters from it on left"
+                    f"{to.backend} did not take {at} in {limit:g} s, asked again meanwhile (the warnings "
+                    "above say what it answered): stopped there, the dead letters from it on left; "
+                    "--backend-wait SECONDS waits longer"
+                ) from None
+            if isinstance(err, AskedPastDeadline):
+                # (what it waits for: the time this dead letter took so far, and the wait asked)
+                enough = math.ceil(limit - err.left + err.asked)
+                raise DlqError(
+                    f"{to.backend} asked to be sent {at} again in {round(err.asked, 3):g} s "
+                    f"({printable(str(err.failure))[:500]}), past the --backend-wait of {limit:g} s "
+                    f"({err.left:.0f} s of it left): stopped there without waiting, the dead letters "
+                    f"from it on left; --backend-wait {enough} or more waits for it"
                 ) from None
             # Not the backend's answer (the exporter's delivery failed: a TimeoutError of its
             # own among them): what it sent of the dead letter is not known, so the run ends
@@ -916,14 +940,15 @@ def options(cfg: Config, args: Any, now_ns: int | None = None) -> Options:
         json=args.json,
         client=cfg.kafka,
         compression=cfg.agent.compression,
+        backend_wait=BACKEND_WAIT_S if args.backend_wait is None else args.backend_wait,
     )
 
 
 def main(cfg: Config, args: Any, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
     """``ktel dlq``: 0 when every selected dead letter was listed (and, with --redrive,
     re-published or sent); 1 when --redrive left some, or a backend refused some again; 2
-    on a bad argument, an unusable Kafka, or a backend that did not answer (or a delivery to
-    it that failed)."""
+    on a bad argument, an unusable Kafka, or a backend that did not take a dead letter within
+    --backend-wait or asked for a wait past it (or a delivery to it that failed)."""
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
     topic_window.quiet_client_logs()

@@ -247,7 +247,15 @@ def test_a_line_and_a_json_object_per_dead_letter():
 
 def args(**kw):
     base = dict(
-        from_=None, to=None, stage=None, source=None, host=None, reason=None, json=False, redrive=False
+        from_=None,
+        to=None,
+        stage=None,
+        source=None,
+        host=None,
+        reason=None,
+        json=False,
+        redrive=False,
+        backend_wait=None,
     )
     return argparse.Namespace(**{**base, **kw})
 

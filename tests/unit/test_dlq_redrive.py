@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import io
 import logging
+import re
 import time
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -19,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from exporters import consume
 from exporters.consume import Delivery
-from ktel import config, dlq
+from ktel import cli, config, dlq
 from ktel.dlq import DlqError, to_send, why_not_redrivable
 from ktel.replay import NS
 from ktel.wire import (
@@ -40,7 +41,7 @@ from ktel.wire import (
 )
 from ktel.wire.codec import MAX_RECORD_BYTES
 from ktel.wire.control import DEAD_LETTER_KEY_BYTES
-from tests.unit.test_otlp_mapping import _answering
+from tests.unit.test_otlp_mapping import _answering, answering
 from tests.unit.topic_window_fake import IdleClient, read_through
 
 NOW = 1_750_000_000 * NS
@@ -263,16 +264,25 @@ class Backend:
 
 def args(**kw):
     base = dict(
-        from_=None, to=None, stage=None, source=None, host=None, reason=None, json=False, redrive=True
+        from_=None,
+        to=None,
+        stage=None,
+        source=None,
+        host=None,
+        reason=None,
+        json=False,
+        redrive=True,
+        backend_wait=None,
     )
     return argparse.Namespace(**{**base, **kw})
 
 
-async def redrive(monkeypatch, letters, backend, summary=None):
-    """``ktel dlq --redrive`` over ``letters`` (dead letter, key), each naming a record that
-    is SNAPSHOT (at ktel.metrics[2], any offset): (the lines, the summary, what was
-    re-published to Kafka)."""
+def kafka(monkeypatch, letters, record=None):
+    """A Kafka whose ktel.dlq holds ``letters`` (dead letter, key), each naming a record that
+    is ``record`` (SNAPSHOT's bytes unless given; at ktel.metrics[2], any offset); what is
+    re-published to it (topic, value)."""
     tp = TopicPartition("ktel.dlq", 0)
+    record = encode_snapshot(SNAPSHOT) if record is None else record
 
     async def read(consumer, parts, start_ms, bootstrap):
         for offset, (dl, key) in enumerate(letters):
@@ -291,13 +301,21 @@ async def redrive(monkeypatch, letters, backend, summary=None):
             self.reader = IdleClient()
 
         async def record(self, topic, partition, offset):
-            return original(encode_snapshot(SNAPSHOT)) if (topic, partition) == ("ktel.metrics", 2) else None
+            return original(record) if (topic, partition) == ("ktel.metrics", 2) else None
 
     read_through(monkeypatch, tp, read)
     monkeypatch.setattr(dlq, "Originals", Originals)
     monkeypatch.setattr(dlq, "AIOKafkaProducer", Producer)
+    return published
+
+
+async def redrive(monkeypatch, letters, backend, summary=None, **kw):
+    """``ktel dlq --redrive`` (and the arguments ``kw``) over ``letters`` (dead letter,
+    key), each naming a record that is SNAPSHOT (at ktel.metrics[2], any offset): (the
+    lines, the summary, what was re-published to Kafka)."""
+    published = kafka(monkeypatch, letters)
     opts = dataclasses.replace(
-        dlq.options(CFG, args(), now_ns=NOW), exporters={"remote-write": backend.exporter()}
+        dlq.options(CFG, args(**kw), now_ns=NOW), exporters={"remote-write": backend.exporter()}
     )
     summary, lines = summary or dlq.Summary(), []
     await dlq.run(opts, summary, lines.append, [].append)
@@ -366,12 +384,14 @@ def on_the_second_delivery(backend: Backend, first: Callable[[], None]) -> None:
 async def test_a_backend_that_does_not_answer_ends_the_redrive_with_what_was_sent_counted(monkeypatch):
     backend = Backend()
     on_the_second_delivery(backend, lambda: setattr(backend, "hang", True))
-    monkeypatch.setattr(dlq, "BACKEND_WAIT_S", 0.05)
     summary = dlq.Summary()
-    with pytest.raises(
-        DlqError, match=r"^remote-write to http://prom did not take ktel.dlq\[0\]@1 in 0.05 s"
-    ):
-        await redrive(monkeypatch, [(letter(), b"h"), (letter(offset=8), b"h")], backend, summary)
+    with pytest.raises(DlqError) as raised:
+        await redrive(
+            monkeypatch, [(letter(), b"h"), (letter(offset=8), b"h")], backend, summary, backend_wait=0.05
+        )
+    # (saying how to wait longer)
+    assert str(raised.value).startswith("remote-write to http://prom did not take ktel.dlq[0]@1 in 0.05 s")
+    assert str(raised.value).endswith("; --backend-wait SECONDS waits longer")
     assert (len(backend.given), dict(summary.sent)) == (1, {"remote-write to http://prom": 1})
 
 
@@ -383,7 +403,6 @@ async def test_a_backend_that_does_not_answer_ends_the_redrive_once_kafka_answer
     re-published, as when the read fails midway."""
     backend = Backend()
     backend.hang = True
-    monkeypatch.setattr(dlq, "BACKEND_WAIT_S", 0.05)
     tp = TopicPartition("ktel.dlq", 0)
     batch = encode_batch(RawBatch("h", "boot", 0, 1, []))
     letters = [
@@ -415,12 +434,103 @@ async def test_a_backend_that_does_not_answer_ends_the_redrive_once_kafka_answer
     monkeypatch.setattr(dlq, "Originals", Originals)
     monkeypatch.setattr(dlq, "AIOKafkaProducer", Producer)
     opts = dataclasses.replace(
-        dlq.options(CFG, args(), now_ns=NOW), exporters={"remote-write": backend.exporter()}
+        dlq.options(CFG, args(backend_wait=0.05), now_ns=NOW), exporters={"remote-write": backend.exporter()}
     )
     summary = dlq.Summary()
     with pytest.raises(DlqError, match="did not take"):
         await dlq.run(opts, summary, [].append, [].append)
     assert (sum(summary.redriven.values()), summary.failed, dict(summary.sent)) == (0, 1, {})
+
+
+def test_backend_wait_is_a_number_of_seconds_above_0(capsys):
+    parser = cli.build_parser()
+    given = parser.parse_args(["dlq", "--redrive", "--backend-wait", "600"]).backend_wait
+    assert given == 600.0
+    assert dlq.options(CFG, args(backend_wait=given), now_ns=NOW).backend_wait == 600.0
+    # Not given: BACKEND_WAIT_S, as the option's help says.
+    assert parser.parse_args(["dlq", "--redrive"]).backend_wait is None
+    assert dlq.options(CFG, args(), now_ns=NOW).backend_wait == dlq.BACKEND_WAIT_S == 120.0
+    [dlq_parser] = [a.choices["dlq"] for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    [option] = [a for a in dlq_parser._actions if "--backend-wait" in a.option_strings]
+    assert option.help.endswith(f"(default {dlq.BACKEND_WAIT_S:g})")
+    for bad in ("0", "-5", "nan", "inf", "two"):
+        with pytest.raises(SystemExit) as exited:
+            parser.parse_args(["dlq", "--redrive", "--backend-wait", bad])
+        assert exited.value.code == 2
+        assert "ktel dlq: error: argument --backend-wait: " in capsys.readouterr().err
+
+
+def fresh() -> bytes:
+    """SNAPSHOT's series at the exporters' clock's now, within their window."""
+    return encode_snapshot(MetricSnapshot(time.time_ns() // 1_000_000, [A, B, C]))
+
+
+def sent_to(stage: str, url: str) -> tuple[config.Config, str]:
+    """A configuration whose ``stage`` exporter sends to ``url`` (over HTTP), and the
+    backend as ktel dlq names it."""
+    if stage == "remote-write":
+        rw = config.RemoteWriteConfig(url=f"{url}/api/v1/write")
+        return CFG.model_copy(update={"remote_write": rw}), f"remote-write to {url}/api/v1/write"
+    to = config.OtlpConfig(protocol="http/protobuf", endpoint=url)
+    return CFG.model_copy(update={"otlp": to}), f"OTLP export to {url}"
+
+
+@pytest.mark.parametrize("stage", ["remote-write", "otlp"])
+@pytest.mark.parametrize(("asked", "backend_wait"), [(600, None), (3, 2.0)])
+def test_a_backend_asking_for_a_wait_past_backend_wait_stops_the_redrive_at_once(
+    monkeypatch, stage, asked, backend_wait
+):
+    """A real backend answering 503 with a Retry-After past what is left of --backend-wait
+    (120 s unless given): the run stops at once, exit status 2, saying what the backend
+    asked for and the --backend-wait that waits for it, rather than waiting for nothing
+    until the limit; the backend is not asked again."""
+    record = fresh()
+    kafka(monkeypatch, [(letter(stage=stage, payload=record), b"h")], record)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with answering() as (url, answers, received):
+        answers.append((503, {"Retry-After": str(asked)}, b"busy"))
+        cfg, backend = sent_to(stage, url)
+        start = time.monotonic()
+        status = dlq.main(cfg, args(backend_wait=backend_wait), stdout=stdout, stderr=stderr)
+        took = time.monotonic() - start
+    limit = backend_wait or dlq.BACKEND_WAIT_S
+    assert status == 2 and len(received) == 1
+    assert took < min(limit, 30)
+    summary, said = stderr.getvalue().splitlines()[-2:]
+    assert summary.endswith("selected 1; re-published 0; left 0")
+    stopped = re.fullmatch(
+        re.escape(
+            f"ktel dlq: {backend} asked to be sent ktel.dlq[0]@0 again in {asked} s (HTTP 503: busy), past "
+            f"the --backend-wait of {limit:g} s ("
+        )
+        + r"(\d+)"
+        + re.escape(
+            " s of it left): stopped there without waiting, the dead letters from it on left; --backend-wait "
+        )
+        + r"(\d+) or more waits for it",
+        said,
+    )
+    assert stopped, said
+    left, enough = map(int, stopped.groups())
+    assert limit - 1 - took <= left <= limit
+    assert asked < enough <= asked + 1 + took
+
+
+@pytest.mark.parametrize("stage", ["remote-write", "otlp"])
+def test_a_wait_a_backend_asks_for_within_backend_wait_is_waited(monkeypatch, stage):
+    record = fresh()
+    kafka(monkeypatch, [(letter(stage=stage, payload=record), b"h")], record)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with answering() as (url, answers, received):
+        answers += [(503, {"Retry-After": "1"}, b"busy"), (200, {}, b"")]
+        cfg, backend = sent_to(stage, url)
+        start = time.monotonic()
+        status = dlq.main(cfg, args(backend_wait=3.0), stdout=stdout, stderr=stderr)
+        took = time.monotonic() - start
+    assert status == 0, stderr.getvalue()
+    assert len(received) == 2 and took >= 1
+    assert f"(sent: {backend})" in stdout.getvalue()
+    assert stderr.getvalue().splitlines()[-1].endswith(f"sent 1 (1 {backend}); refused again 0; left 0")
 
 
 @pytest.mark.parametrize("error", [TimeoutError("read timed out"), ValueError("not a sample")])

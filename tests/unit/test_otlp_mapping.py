@@ -2,6 +2,7 @@
 encoder; logs and metrics through the SDK's encoders (what its exporters send)."""
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -312,10 +313,16 @@ UNDECODABLE = {
 
 @pytest.fixture
 def receiver():
+    with answering() as answered:
+        yield answered
+
+
+@contextlib.contextmanager
+def answering():
     """A real HTTP server on loopback that gives, for each request, the next of
     ``answers`` (status, headers, body) and keeps the request bodies it was sent; it keeps
     connections open (HTTP/1.1), as a backend does, so one answer's body left unread
-    would garble the next."""
+    would garble the next. (url, answers, received)"""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -342,10 +349,12 @@ def receiver():
     # (polled often for a stop, so a test's end does not wait on it)
     thread = threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_port}", answers, received
-    server.shutdown()
-    server.server_close()
-    thread.join()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", answers, received
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
 
 
 @pytest.mark.parametrize("answer", sorted(UNDECODABLE))

@@ -26,7 +26,7 @@ from exporters.remote_write_client import Receiver
 from ktel import retry as retry_mod
 from ktel import wire
 from ktel.config import OtlpConfig, RemoteWriteConfig
-from ktel.retry import MAX_RETRY_AFTER_S, Backoff, Transient, retry
+from ktel.retry import MAX_RETRY_AFTER_S, AskedPastDeadline, Backoff, Transient, retry
 from ktel.wire import MetricSnapshot, SpanBatch, decode_snapshot, decode_spans, encode_snapshot, encode_spans
 from tests.unit.otlp_grpc import Channel
 
@@ -73,6 +73,30 @@ def failing(*failures: Exception):
 async def test_the_retry_helper_waits_what_was_asked_up_to_its_bound(waits, asked, waited):
     assert await retry(failing(Transient("busy", retry_after=asked)), what="test") == "taken"
     assert waits == [waited]
+
+
+async def test_a_wait_asked_past_the_deadline_is_not_waited(waits):
+    """Within a deadline (ktel dlq --redrive's --backend-wait), a wait asked for that would
+    make the next attempt after it raises at once, saying what was asked, in the tasks
+    started within it too (the OTLP exporter sends spans and logs in tasks of their own);
+    a wait that ends before it, or a failure that asks for none, is waited as ever."""
+    loop = asyncio.get_running_loop()
+    with retry_mod.deadline(loop.time() + 10):
+        busy = Transient("HTTP 503: busy", retry_after=600.0)
+        with pytest.raises(AskedPastDeadline) as raised:
+            await asyncio.create_task(retry(failing(busy), what="remote-write to x"))
+        assert (
+            await retry(failing(Transient("busy", retry_after=5.0), Transient("down")), what="x") == "taken"
+        )
+        # (one within another: the earlier counts)
+        with retry_mod.deadline(loop.time() + 3600), pytest.raises(AskedPastDeadline):
+            await retry(failing(Transient("busy", retry_after=60.0)), what="x")
+    assert (raised.value.failure, raised.value.asked, raised.value.what) == (busy, 600.0, "remote-write to x")
+    assert 9 < raised.value.left <= 10
+    assert waits[0] == 5.0 and len(waits) == 2
+    # Out of it, no deadline.
+    assert await retry(failing(Transient("busy", retry_after=600.0)), what="x") == "taken"
+    assert waits[2:] == [MAX_RETRY_AFTER_S]
 
 
 async def test_a_wait_shorter_than_the_backoff_leaves_the_backoff(waits):
