@@ -146,7 +146,11 @@ static inline void ktel_span_begin(struct ktel_span *span, const char *name,
 	}
 }
 
-/* End @span with @status; @attrs are added to those given at begin (in this event only). */
+/*
+ * End @span with @status. The ktel_span_end event carries @attrs only, not the
+ * attributes given to ktel_span_begin() (those are in ktel_span_begin's event):
+ * a consumer of finished spans alone, as the agent is, sees just these.
+ */
 static inline void ktel_span_end(struct ktel_span *span, enum ktel_span_status status,
 				 const struct ktel_kv *attrs, unsigned int nr_attrs)
 {
