@@ -41,10 +41,20 @@ TRACEPOINT_PROBE(block, block_rq_issue)
 	struct start_val val = {};
 	char c0 = args->rwbs[0], c1 = args->rwbs[1];
 
-	if (ktel_sampled_out())
-		return 0;
 	key.dev = args->dev;
 	key.sector = args->sector;
+	if (ktel_sampled_out()) {
+		/*
+		 * Not kept, this issue must not leave an older start in its place: a
+		 * requeued request is issued again under the same key, and were this
+		 * second issue sampled out, its completion would be timed from the
+		 * first. Kept, this issue overwrites it. The lookup first: lockless,
+		 * where a delete takes the bucket's lock even for a key not there.
+		 */
+		if (start.lookup(&key))
+			start.delete(&key);
+		return 0;
+	}
 	val.ts = ktel_start_ts();
 	/* blk_fill_rwbs(): an 'F' for a preflush may come before the op letter. */
 	if (c0 == 'F' && (c1 == 'W' || c1 == 'R' || c1 == 'D' || c1 == 'F' || c1 == 'N'))

@@ -31,8 +31,19 @@ static __always_inline int enqueued(u32 pid)
 	if (pid != KTEL_FILTER_PID)
 		return 0;
 #endif
-	if (ktel_sampled_out())
+	if (ktel_sampled_out()) {
+		/*
+		 * Not kept, this start must not leave an older one in its place: a
+		 * wakeup that found the task still on its CPU stores one, and were
+		 * the task's next preemption sampled out, the switch-in after it
+		 * would count the task's own running time since that wakeup as wait.
+		 * Kept, this start overwrites it. The lookup first: lockless, where
+		 * a delete takes the bucket's lock even for a key that is not there.
+		 */
+		if (start.lookup(&pid))
+			start.delete(&pid);
 		return 0;
+	}
 	ts = ktel_start_ts();
 	if (start.update(&pid, &ts))
 		ktel_count(KTEL_COUNTER_INFLIGHT_LOST);

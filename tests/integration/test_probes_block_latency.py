@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -159,3 +160,35 @@ def test_a_start_read_after_its_end_is_skipped_and_counted_not_recorded(tmp_path
         counters = probe.counters()
     assert histogram_total(snap, "block_latency", op="write", **labels)[0] == 0
     assert counters["negative_latency"] >= N  # other disks' requests may add to it
+
+
+def test_a_request_issued_again_with_its_issue_sampled_out_is_not_timed_from_its_first_issue(tmp_path):
+    """A requeued request is issued again under the same key (disk, sector). Its first
+    issue's start, put in the map here as if 10 s ago, stands for one kept; its second
+    issue, a direct write to that sector, is sampled out: its completion must record
+    nothing, not a latency timed from the first issue, and leave no start behind."""
+    with (
+        loaded("block_latency") as probe,
+        loop_device(tmp_path / "backing") as dev,
+    ):
+        rdev = os.stat(dev).st_rdev
+        major, minor = os.major(rdev), os.minor(rdev)
+        offset = 128 * BLOCK  # mid-device: away from what a partition scan reads
+        starts = probe.bpf[b"start"]
+        key = starts.Key(dev=major << 20 | minor, sector=offset // 512)
+        starts[key] = starts.Leaf(ts=time.monotonic_ns() - 10 * 10**9, op=ord("W"))
+        probe.set_sample_every((1 << 32) - 1)  # keeps 1 in 2^32 - 1: none, in all likelihood
+        buf = mmap.mmap(-1, BLOCK)  # page-aligned, as O_DIRECT wants
+        buf.write(b"k" * BLOCK)
+        fd = os.open(dev, os.O_WRONLY | os.O_DIRECT)
+        try:
+            assert os.pwritev(fd, [buf], offset) == BLOCK
+        finally:
+            os.close(fd)
+        snap = probe.snapshot()
+        left = key in starts
+        counters = probe.counters()
+    assert counters["sampled_out"] >= 1
+    count, _ = histogram_total(snap, "block_latency", **{"device.major": major, "device.minor": minor})
+    assert count == 0
+    assert not left

@@ -110,3 +110,112 @@ def test_the_agent_exports_the_programs_recursion_misses():
     [sample] = [s for s in families["ktel_agent_kernel_dropped_events"].samples if s.name.endswith("_total")]
     assert sample.labels == {"probe": "runq_latency", "reason": "recursion"}
     assert sample.value >= 0
+
+
+# Given, on its go line, a descriptor of the test's own that is the probe's map of
+# starts, the thread takes a copy of it (pidfd_getfd), shares its CPU with a spinning
+# thread of its own, then, running, writes itself a start of now into that map: what
+# a wakeup that finds it still on its CPU stores. It then yields the CPU (a switch-out
+# with prev_state 0, a start event, as a preemption is) until it has been switched
+# out and back in at least once, and never sleeps in between.
+ON_CPU_START = r"""
+#define _GNU_SOURCE
+#include <linux/bpf.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+static volatile int stop;
+
+static void *spin(void *arg)
+{
+	while (!stop)
+		;
+	return NULL;
+}
+
+static long involuntary_switches(void)
+{
+	struct rusage ru;
+
+	getrusage(RUSAGE_THREAD, &ru);
+	return ru.ru_nivcsw;
+}
+
+int main(void)
+{
+	char line[64];
+	cpu_set_t cpu;
+	pthread_t t;
+	union bpf_attr attr;
+	struct timespec now;
+	uint32_t key = getpid();
+	uint64_t ts;
+	long before, switched;
+	int pidfd, map_fd;
+
+	printf("ready\n");
+	fflush(stdout);
+	if (!fgets(line, sizeof(line), stdin))
+		return 1;
+	pidfd = syscall(SYS_pidfd_open, getppid(), 0);
+	map_fd = syscall(SYS_pidfd_getfd, pidfd, atoi(line), 0);
+	if (pidfd < 0 || map_fd < 0) {
+		perror("pidfd_getfd");
+		return 1;
+	}
+	CPU_ZERO(&cpu);
+	CPU_SET(sched_getcpu(), &cpu);
+	if (sched_setaffinity(0, sizeof(cpu), &cpu) || pthread_create(&t, NULL, spin, NULL))
+		return 1; /* the spinner has this CPU alone too */
+	clock_gettime(CLOCK_MONOTONIC, &now);
+	ts = now.tv_sec * 1000000000ULL + now.tv_nsec;
+	memset(&attr, 0, sizeof(attr));
+	attr.map_fd = map_fd;
+	attr.key = (uintptr_t)&key;
+	attr.value = (uintptr_t)&ts;
+	attr.flags = BPF_ANY;
+	if (syscall(SYS_bpf, BPF_MAP_UPDATE_ELEM, &attr, sizeof(attr))) {
+		perror("bpf");
+		return 1;
+	}
+	before = involuntary_switches();
+	while (involuntary_switches() == before)
+		sched_yield();
+	switched = involuntary_switches() - before;
+	stop = 1;
+	pthread_join(t, NULL);
+	printf("%ld\n", switched);
+	fflush(stdout);
+	return 0;
+}
+"""
+
+
+def test_a_start_left_by_a_wakeup_on_cpu_is_not_timed_from_when_the_preemption_is_sampled_out(
+    tmp_path,
+):
+    """A wakeup that finds its task still on its CPU stores a start; the task's next
+    switch-out with prev_state 0 (preemption, yield) is a start event of its own. All
+    sampled out, no sample may come of it: the switch-in after it would otherwise
+    count the task's running time since that wakeup, and the switch, as a wait."""
+    exe = build_c(tmp_path, "on_cpu_start", ON_CPU_START)
+    w = Workload([str(exe)])
+    try:
+        with loaded("runq_latency", defines={"KTEL_FILTER_PID": w.pid}) as probe:
+            probe.set_sample_every((1 << 32) - 1)  # keeps 1 in 2^32 - 1: none, in all likelihood
+            switched = int(w.go(str(probe.bpf[b"start"].map_fd)))
+            snap = probe.snapshot()
+            counters = probe.counters()
+    finally:
+        w.finish()
+    assert switched >= 1
+    assert counters["sampled_out"] >= switched
+    assert histogram_total(snap, "runq_latency")[0] == 0
