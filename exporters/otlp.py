@@ -74,7 +74,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -671,7 +671,7 @@ class Sender:
         # Spans and logs carry their own times and ids, so their requests may be in flight
         # together (one converts while another waits for the backend). A cumulative
         # metric's points must reach the backend in order: one request at a time.
-        await asyncio.gather(
+        await _together(
             self._send("spans", spans, _span_request, self.spans, IN_FLIGHT, producer),
             self._send("logs", logs, _log_request, self.logs, IN_FLIGHT, producer),
         )
@@ -754,11 +754,38 @@ class Sender:
             for part in parts:
                 await one(part)
         else:
-            await asyncio.gather(*(one(part) for part in parts))
+            await _together(*(one(part) for part in parts))
 
     def shutdown(self) -> None:
         for exporter in (self.spans, self.metrics, self.logs):
             exporter.shutdown()
+
+
+async def _together(*sends: Awaitable[None]) -> None:
+    """Await ``sends`` concurrently. The first to fail fails the delivery: the others are
+    cancelled, and awaited, before its error is raised as it was (not in an
+    ExceptionGroup, as asyncio.TaskGroup would: ``ktel dlq --redrive`` tells an
+    AskedPastDeadline by its type). asyncio.gather left them running after it raised,
+    while the caller took the delivery for failed (the exporter ends, to read the records
+    again; ``--redrive`` ends, exit 2): they went on retrying, and dead-lettered what the
+    backend refused, which the records read again dead-letter a second time.
+
+    A send in a thread (``send_once``) cannot be cancelled: its task ends at once, but the
+    thread goes on until the backend answers or ``otlp.timeout_seconds`` passes, and the
+    request may reach the backend and be stored; nothing acts on its answer (no retry,
+    split, dead letter or count): a duplicate at most, as at-least-once allows of any
+    request whose answer was not seen. The process's exit still waits for that thread
+    (asyncio.run joins its executor). A dead letter whose send to Kafka is cancelled may
+    be written all the same."""
+    tasks = [asyncio.ensure_future(send) for send in sends]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        # (cancelled ourselves, gather cancelled them and waited: this finds them done)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def _span_problem(span: Sequence[Any]) -> str | None:

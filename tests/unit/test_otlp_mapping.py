@@ -5,6 +5,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import threading
 import time
 
 import grpc
@@ -33,7 +34,7 @@ from exporters.log2 import ZERO_THRESHOLD
 from ktel import retry as retry_mod
 from ktel import wire
 from ktel.config import OtlpConfig
-from ktel.retry import Permanent
+from ktel.retry import AskedPastDeadline, Permanent
 from ktel.wire import HIST_SLOTS, LogBatch, MetricSnapshot, SpanBatch, decode_logs, decode_spans, log2_bounds
 from ktel.wire import encode_logs as wire_logs
 from ktel.wire import encode_spans as wire_spans
@@ -758,6 +759,71 @@ async def test_a_partial_success_rejecting_a_negative_number_of_items_is_a_succe
 
     assert len(answers) == 1
     assert REGISTRY.get_sample_value("ktel_exporter_otlp_items_total", {"signal": "spans"}) == acked + 2
+
+
+@pytest.mark.parametrize("other", ["logs", "spans"])
+async def test_a_delivery_that_fails_leaves_no_send_running(other):
+    """A delivery fails with the error of its first send to fail, as it was raised (here
+    ``ktel dlq --redrive``'s: a backend asking for a wait past its deadline), once the
+    sends in flight beside it (the other signal's, or another request of the same one) are
+    ended: left running, they went on after the caller took the delivery for failed, and
+    dead-lettered what the backend refused. A send in a thread cannot be stopped: what
+    it answers after is not acted on."""
+    in_flight, release, answered = threading.Event(), threading.Event(), threading.Event()
+    sent: list[str] = []
+
+    def answer(status: int, headers: dict[str, str]):
+        body = RpcStatus(message="no").SerializeToString()
+        members = {
+            "status_code": status,
+            "error": None,
+            "content": lambda _s: body,
+            "headers": lambda _s: headers,
+        }
+        return type("Result", (), members)()
+
+    def blocking(_data: bytes, _timeout: float):
+        sent.append("slow")
+        in_flight.set()
+        release.wait(10)  # (a backend slow to answer: the SDK's timeout)
+        answered.set()
+        return answer(400, {})
+
+    def asking(_data: bytes, _timeout: float):
+        in_flight.wait(10)
+        return answer(503, {"retry-after": "600"})
+
+    def spans_submit(data: bytes, timeout: float):
+        req = ExportTraceServiceRequest.FromString(data)
+        names = [sp.name for rs in req.resource_spans for ss in rs.scope_spans for sp in ss.spans]
+        return blocking(data, timeout) if names == ["slow"] else asking(data, timeout)
+
+    spans, metrics, logs = otlp.make_exporters(
+        OtlpConfig(protocol="http/protobuf", endpoint="http://127.0.0.1:1")
+    )
+    spans._client._submit = spans_submit
+    logs._client._submit = asking
+    sender = otlp.Sender(OtlpConfig(max_export_batch_size=1), (spans, metrics, logs))
+    now = time.time_ns()
+    names = ["slow"] if other == "logs" else ["slow", "asking"]
+    rows = [[TRACE, bytes([i + 1]) * 8, b"", name, now, now + 1, 0, "", {}] for i, name in enumerate(names)]
+    value = wire_spans(SpanBatch(RESOURCE, rows))
+    records = [Record(decode_spans(value), "ktel.spans", 0, 1, b"h1", value, wire.DLQ_TOPIC)]
+    if other == "logs":
+        value = wire_logs(LogBatch(RESOURCE, [[now, 9, "INFO", "hello", {}, b"", b""]]))
+        records.append(Record(decode_logs(value), "ktel.logs", 0, 1, b"h1", value, wire.DLQ_TOPIC))
+    producer = Producer()
+    loop = asyncio.get_running_loop()
+    before = asyncio.all_tasks()
+    try:
+        with retry_mod.deadline(loop.time() + 60), pytest.raises(AskedPastDeadline):
+            await asyncio.wait_for(sender.deliver(records, producer), 30)
+        assert asyncio.all_tasks() - before == set()
+    finally:
+        release.set()
+    assert await asyncio.to_thread(answered.wait, 10)
+    await asyncio.sleep(0.2)  # (time for anything left to act on the answer)
+    assert sent == ["slow"] and producer.sent == []  # not split, not dead-lettered
 
 
 def test_a_counter_past_int64_goes_as_a_double():
