@@ -5,7 +5,8 @@
  * Writing N to /sys/kernel/debug/ktel_sample/fire runs the sample operation N
  * times. Each run emits, while the ktel:* events are enabled:
  *   ktel_span_begin x2, ktel_span_end x2  ("ktel_sample.operation" and its
- *                                          child "ktel_sample.checksum")
+ *                                          child "ktel_sample.checksum"; their
+ *                                          attributes on the ends alone)
  *   ktel_counter x1    ktel_sample_operations_total{result="ok"} += 1
  *   ktel_histogram x1  ktel_sample_operation_duration_ns <- the duration
  *   ktel_log x1        WARN in the operation's span, when the operation took
@@ -41,6 +42,12 @@ MODULE_PARM_DESC(warn_over_ns, "log a warning when an operation takes longer (ns
 static struct dentry *ktel_sample_dir;
 static u8 ktel_sample_buf[4096];
 
+/*
+ * The spans' attributes go to ktel_span_end(): its event is the finished span,
+ * the only one the agent attaches, and it carries just the attributes given to
+ * the end (<ktel/ktel.h>). Given to ktel_span_begin() they would reach only its
+ * event, which no exported span is made from.
+ */
 static const struct ktel_kv op_attrs[] = {
 	{ "code.namespace", "ktel_sample" },
 	{ "ktel_sample.trigger", "debugfs" },
@@ -58,10 +65,9 @@ static u32 ktel_sample_checksum(const struct ktel_span *parent, u32 seed)
 	struct ktel_span step;
 	u32 sum;
 
-	ktel_span_begin(&step, "ktel_sample.checksum", &parent->ctx, step_attrs,
-			ARRAY_SIZE(step_attrs));
+	ktel_span_begin(&step, "ktel_sample.checksum", &parent->ctx, NULL, 0);
 	sum = jhash(ktel_sample_buf, sizeof(ktel_sample_buf), seed);
-	ktel_span_end(&step, KTEL_SPAN_STATUS_OK, NULL, 0);
+	ktel_span_end(&step, KTEL_SPAN_STATUS_OK, step_attrs, ARRAY_SIZE(step_attrs));
 	return sum;
 }
 
@@ -72,7 +78,7 @@ static void ktel_sample_operation(unsigned int seq)
 	u32 sum;
 
 	t0 = ktime_get_ns();
-	ktel_span_begin(&op, "ktel_sample.operation", NULL, op_attrs, ARRAY_SIZE(op_attrs));
+	ktel_span_begin(&op, "ktel_sample.operation", NULL, NULL, 0);
 	sum = ktel_sample_checksum(&op, seq);
 	/* Feed the result back so the compiler cannot drop the work. */
 	ktel_sample_buf[seq % sizeof(ktel_sample_buf)] ^= (u8)sum;
@@ -83,7 +89,7 @@ static void ktel_sample_operation(unsigned int seq)
 	if (dur > warn_over_ns)
 		ktel_log(KTEL_SEV_WARN, &op.ctx, op_attrs, 1,
 			 "operation %u took %llu ns (warn_over_ns %lu)", seq, dur, warn_over_ns);
-	ktel_span_end(&op, KTEL_SPAN_STATUS_OK, NULL, 0);
+	ktel_span_end(&op, KTEL_SPAN_STATUS_OK, op_attrs, ARRAY_SIZE(op_attrs));
 }
 
 /*
