@@ -609,7 +609,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             )
             await dead_letter(msg, f"{why}; its stored state already took {stored}: the host is forgotten")
             child(HOSTS_RESET).inc()
-            await drop_host(host_id)
+            await drop_host(host_id, in_stream=True)
             return False
         key = changelog.delta_key(host_id, v)
         record = (
@@ -885,24 +885,38 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         while (gone := dropping.get(host_id)) is not None:
             await gone.wait()
 
-    async def holding(host_id: str, work: Callable[[], Awaitable[None]], last: Result | None) -> None:
+    async def holding(
+        host_id: str, work: Callable[[], Awaitable[None]], last: Result | None, in_stream: bool = False
+    ) -> None:
         """``work`` on ``host_id``'s value outside the stream, after ``last`` (its last,
         stale snapshot) is emitted, its records waiting meanwhile (``after_drop``): one
-        taken between the two would be counted into series that snapshot ends."""
+        taken between the two would be counted into series that snapshot ends.
+
+        Not done if, by then, a rebalance is under way or took the host's partition: the
+        window or timer that asked for it may have waited (for the changelog, for room in
+        the producer) across the revocation, and the worker now holding the partition,
+        recovered from the changelog, writes the host's records there; tombstones or a
+        snapshot written after them are what the next worker to recover it would find
+        (the host's counts since lost). A record's own handling (``in_stream``) is one a
+        revocation waits for, its partition still this worker's."""
         dropping[host_id] = gone = asyncio.Event()
         try:
             if last is not None:
                 await emit(last)
+            if not in_stream and (
+                app.rebalancing or partition_of(host_id, cfg.kafka.raw_partitions) not in my_partitions()
+            ):
+                return
             await work()
         finally:
             if dropping.get(host_id) is gone:  # (not a later drop's of the same host)
                 del dropping[host_id]
             gone.set()
 
-    async def drop_host(host_id: str, last: Result | None = None) -> None:
+    async def drop_host(host_id: str, last: Result | None = None, in_stream: bool = False) -> None:
         """Forget ``host_id`` everywhere: this worker's memory, the chain's, the table
         (tombstones in its changelog), after ``last`` is emitted. Its records wait
-        meanwhile (``after_drop``)."""
+        meanwhile (``after_drop``); ``in_stream``: asked by the record being handled."""
 
         async def work() -> None:
             persisted.pop(host_id, None)
@@ -911,7 +925,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             await emit(chain.forget(host_id))
             await forget(hosts, host_id, cfg.kafka.raw_partitions)
 
-        await holding(host_id, work, last)
+        await holding(host_id, work, last, in_stream)
 
     async def drop_section(host_id: str, done: Stage, last: Result | None = None) -> None:
         """Forget what the stage ``done`` keeps of ``host_id`` (its section of the table

@@ -21,6 +21,7 @@ from types import SimpleNamespace
 from typing import Any
 from unittest import mock
 
+import pytest
 from aiokafka.partitioner import murmur2
 from aiokafka.structs import TopicPartition
 from faust.types import TP, Message
@@ -1037,3 +1038,43 @@ async def test_a_host_whose_batch_comes_while_a_window_forgets_another_is_not_co
         snapshots = [(k.decode(), decode_snapshot(v)) for t, k, v in shell.sent if t == METRICS_TOPIC]
         assert [(h, s.stale) for h, s in snapshots] == [(first, True), (back, False)]
         assert [row[3] for row in snapshots[1][1].series] == [2.0]
+
+
+@pytest.mark.parametrize("stage", ["aggregate", "all"])
+async def test_a_window_writes_nothing_to_the_changelog_of_a_partition_revoked_while_its_last_snapshot_waits(
+    tmp_path, stage
+):
+    """A window's last, stale snapshot of a host it forgets may wait for room in the
+    producer, and the host's partition may be revoked meanwhile, before anything let its
+    value go here (forget_silent runs a few times a minute). Another worker holds the
+    partition now, recovered from the changelog, and counts its batches: this one must not
+    write the host's tombstones (nor, fused, its value without the aggregate's section)
+    after that worker's records, which a worker recovering the partition next would take
+    for the host's last state."""
+    aggregate = config.AggregateConfig(window_seconds=0.05, host_ttl_seconds=60)
+    async with Shell(tmp_path, stage, aggregate=aggregate) as shell:
+        app = shell.ready()
+        if stage == "all":
+            await heartbeating_past_its_ttl(shell)  # (its section dropped: drop_section)
+        else:
+            await shell.put(batch(0, [file_created(1, "/data/x/f")]))
+            shell.table("h1")["aggregate"]["last_ms"] = 0  # silent: the host dropped (drop_host)
+        produce, room, held = stages.produce, asyncio.Event(), asyncio.Event()
+
+        async def no_room_yet(app: Any, topic: str, *args: Any) -> None:
+            if topic == METRICS_TOPIC and not room.is_set():
+                held.set()
+                await room.wait()
+            await produce(app, topic, *args)
+
+        assigned = app.assignor.assigned_actives()
+        revoked = stages.partition_of("h1", RESOLVED.raw_partitions)
+        with mock.patch.object(stages, "produce", no_room_yet):
+            async with windows_running(app):
+                await asyncio.wait_for(held.wait(), 30)  # h1's last snapshot (a guard against hanging)
+                app.assignor.assigned_actives = lambda: {tp for tp in assigned if tp.partition != revoked}
+                written = len(shell.changelog)
+                room.set()
+        [last] = [decode_snapshot(v) for v in shell.to(METRICS_TOPIC)]
+        assert last.stale
+        assert shell.changelog[written:] == []
