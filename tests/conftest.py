@@ -2,6 +2,8 @@
 
 Under CI=true a skipped test is a failure: CI must not pass by skipping a
 capability (real Kafka, real BPF, real Prometheus) that the machine should have.
+So is a module skipped as it is collected, and an xfail, failing or passing: each
+passes a run without checking what it checks.
 """
 
 from __future__ import annotations
@@ -20,14 +22,37 @@ from ktel.stack.prometheus import LocalPrometheus
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+def _failed_under_ci(report, what: str) -> None:
+    if hasattr(report, "wasxfail"):
+        reason = report.wasxfail
+    else:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+    report.outcome = "failed"
+    report.longrepr = f"{what} under CI=true, which counts as a failure: {reason}"
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
-    if IN_CI and report.skipped and not hasattr(report, "wasxfail"):
-        report.outcome = "failed"
-        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
-        report.longrepr = f"skipped under CI=true, which counts as a failure: {reason}"
+    if not IN_CI:
+        return
+    # An xfail, failing (reported as skipped) or passing, did not check what the test
+    # checks: it fails as a skip does.
+    if hasattr(report, "wasxfail"):
+        _failed_under_ci(report, "xfail")
+    elif report.skipped:
+        _failed_under_ci(report, "skipped")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    # A module skipped as it is collected (pytest.skip(allow_module_level=True), a
+    # module-level importorskip) has no test report for the hook above to fail.
+    outcome = yield
+    report = outcome.get_result()
+    if IN_CI and report.skipped:
+        _failed_under_ci(report, "skipped")
 
 
 def need_bpf() -> None:
