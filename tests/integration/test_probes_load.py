@@ -106,10 +106,19 @@ def test_missing_uprobe_library_is_skipped_with_the_reason(monkeypatch):
 
 def test_a_closed_probe_reports_its_maps_as_they_were_when_it_closed():
     """The stopping agent's last heartbeat is made after its probes closed: read then,
-    their maps' closed descriptors counted no entry, and every map read empty."""
+    their maps' closed descriptors counted no entry, and every map read empty; and its
+    counters are those the kernel had counted, not none."""
     with loaded("syscall_latency") as p:
         for _ in range(100):
             os.getppid()  # syscalls: the latency histogram counts them under their keys
         p.consume()
+        p.set_sample_every(1 << 30)  # keeps 1 in 2^30: these 100, in all likelihood, sampled out
+        for _ in range(100):
+            os.getppid()
+        before = p.counters()
     after = p.map_usage()
     assert after["map_entries.syscall_latency.hist"] > 0, after
+    # (the node's other syscalls may be sampled out between the last read and the close)
+    counted = p.counters()
+    assert counted.keys() == before.keys(), counted
+    assert counted["sampled_out"] >= before["sampled_out"] >= 100, (before, counted)
