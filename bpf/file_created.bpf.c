@@ -12,6 +12,14 @@
 #include "file_created.h"
 #include "ktel_tracepoints.bpf.h"
 
+/* Every record leaves through here: one marked KTEL_PATH_TRUNCATED is counted. */
+static __always_inline void file_created_submit(struct file_created_event *ev)
+{
+	if (ev->dir_state & KTEL_PATH_TRUNCATED)
+		ktel_count(KTEL_COUNTER_PATH_TRUNCATED);
+	ktel_submit(ev);
+}
+
 /*
  * filewatcher:file_created (the ktel filewatcher module, kmod/filewatcher.c)
  * reports only files an open really created. Always compiled, so the verifier
@@ -26,7 +34,7 @@ int file_created_filewatcher(struct filewatcher_ctx *ctx)
 	if (!ev)
 		return 0;
 	ktel_tp_file_created(ev, ctx);
-	ktel_submit(ev);
+	file_created_submit(ev);
 	return 0;
 }
 
@@ -216,10 +224,16 @@ done:
 }
 #endif /* KTEL_OFF_TASK_FS */
 
-/* Everything but dir, which only a record for a relative path (or one opened in a root) has. */
-static __always_inline void open_fill(struct file_created_event *ev, const struct pending_open *p,
-				      u64 id)
+/*
+ * Everything but dir, which only a record for a relative path (or one opened in a root)
+ * has. Returns whether path holds only the start of the caller's string.
+ */
+static __always_inline int open_fill(struct file_created_event *ev, const struct pending_open *p,
+				     u64 id)
 {
+	char next = 0;
+	long n;
+
 	ev->ts_ns = bpf_ktime_get_ns();
 	ev->pid = id >> 32;
 	ev->tid = (u32)id;
@@ -230,8 +244,17 @@ static __always_inline void open_fill(struct file_created_event *ev, const struc
 	ev->dir_state = KTEL_DIR_NONE;
 	ev->dir_len = 0;
 	bpf_get_current_comm(ev->comm, sizeof(ev->comm));
-	if (bpf_probe_read_user_str(ev->path, sizeof(ev->path), p->filename) < 0)
+	n = bpf_probe_read_user_str(ev->path, sizeof(ev->path), p->filename);
+	if (n < 0) {
 		ev->path[0] = 0;
+		return 0;
+	}
+	/*
+	 * n counts the NUL it wrote, so a full field is a string of KTEL_PATH_LEN - 1
+	 * bytes or the start of a longer one: its next byte, NUL or not, tells which.
+	 */
+	return n == KTEL_PATH_LEN &&
+	       bpf_probe_read_user(&next, 1, p->filename + KTEL_PATH_LEN - 1) == 0 && next;
 }
 
 static __always_inline int open_exit(long ret)
@@ -241,6 +264,7 @@ static __always_inline int open_exit(long ret)
 	struct pending_open op;
 	struct file_created_event *ev;
 	char first = 0;
+	int cut;
 	u64 *mark = open_marks.task_storage_get(bpf_get_current_task_btf(), 0, 0);
 	int marked = mark && *mark;
 
@@ -266,14 +290,15 @@ static __always_inline int open_exit(long ret)
 		ev = ktel_reserve(KTEL_FILE_CREATED_ABS_SIZE);
 		if (!ev)
 			goto out;
-		open_fill(ev, &op, id);
-		ktel_submit(ev);
+		if (open_fill(ev, &op, id))
+			ev->dir_state |= KTEL_PATH_TRUNCATED;
+		file_created_submit(ev);
 		goto out;
 	}
 	ev = ktel_reserve(sizeof(*ev));
 	if (!ev)
 		goto out;
-	open_fill(ev, &op, id);
+	cut = open_fill(ev, &op, id);
 #ifdef KTEL_OFF_TASK_FS
 	/*
 	 * In a root, dir is the created file's whole path, walked from the fd the open
@@ -284,9 +309,12 @@ static __always_inline int open_exit(long ret)
 	if (ev->path[0] != '/' || op.in_root)
 		file_created_dir(ev, op.in_root ? (s32)ret : op.dirfd);
 #endif
+	/* After the walk, which sets dir_state. In a root, a whole walk names the file, not path. */
+	if (cut && !(op.in_root && ev->dir_state == KTEL_DIR_OK))
+		ev->dir_state |= KTEL_PATH_TRUNCATED;
 	if (op.in_root)
 		ev->dir_state |= KTEL_DIR_IN_ROOT;
-	ktel_submit(ev);
+	file_created_submit(ev);
 out:
 	pending.delete(&id);
 	return 0;

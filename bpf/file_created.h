@@ -22,6 +22,15 @@
  * KTEL_DIR_TRUNCATED) the agent resolves path inside dirfd from /proc.
  */
 #define KTEL_DIR_IN_ROOT 0x80
+/*
+ * Or'd in: the path the agent names the file by is only the start of its path, cut
+ * to fit path (KTEL_PATH_LEN - 1 bytes and the NUL): the caller's string was longer
+ * (the syscall fallback), or filewatcher's d_path() was (its tracepoint keeps up
+ * to 2047 bytes). Not set where path goes unused: a file opened in a root whose
+ * own path dir holds whole (KTEL_DIR_IN_ROOT with KTEL_DIR_OK). Each such record
+ * is counted in KTEL_COUNTER_PATH_TRUNCATED (bpf/ktel_common.h).
+ */
+#define KTEL_PATH_TRUNCATED 0x40
 
 /*
  * Layout (no implicit padding; the decoder in ktel/probes/file_created.py reads
@@ -34,10 +43,11 @@
  *                   (and, without dir, paths opened in a root)
  *  24 flags    u32  open flags
  *  28 certain  u8   1: the file was certainly created (O_EXCL); 0: O_CREAT alone
- *  29 dir_state u8  KTEL_DIR_*
+ *  29 dir_state u8  KTEL_DIR_*, with KTEL_DIR_IN_ROOT and KTEL_PATH_TRUNCATED or'd in
  *  30 dir_len  u16  bytes of dir used
  *  32 comm     char[16]
- *  48 path     char[256] as the caller passed it, NUL-terminated
+ *  48 path     char[256] as the caller passed it, NUL-terminated (its start, with
+ *                   KTEL_PATH_TRUNCATED, when it is longer)
  * 304 dir      char[512] for a relative path, the directory it is relative to (the
  *              cwd, or openat's dirfd), read from the kernel's dentries when the
  *              syscall returned: its components from the innermost up, each

@@ -15,7 +15,12 @@ enum ktel_counter {
 	 * could wrap the histogram's sum
 	 */
 	KTEL_COUNTER_NEGATIVE_LATENCY = 3,
-	KTEL_COUNTER_MAX = 4,
+	/*
+	 * an event sent with only the start of its path, the rest cut to fit the record
+	 * (file_created: KTEL_PATH_TRUNCATED, bpf/file_created.h)
+	 */
+	KTEL_COUNTER_PATH_TRUNCATED = 4,
+	KTEL_COUNTER_MAX = 5,
 };
 
 enum ktel_knob {

@@ -167,8 +167,11 @@ static __always_inline void ktel_tp_log(struct ktel_api_event *e, const struct k
 
 /*
  * filewatcher saw the create itself (kmod/README.md), so the event is certain;
- * its path is absolute (d_path) and longer ones are cut at KTEL_PATH_LEN, so e is
- * a record without dir (KTEL_FILE_CREATED_ABS_SIZE bytes).
+ * its path is absolute (d_path), so e is a record without dir
+ * (KTEL_FILE_CREATED_ABS_SIZE bytes). A longer path than path holds is cut, its
+ * start kept, and marked KTEL_PATH_TRUNCATED: the __data_loc length counts the
+ * NUL, so one above KTEL_PATH_LEN did not fit (a path the module cut at its 2047
+ * bytes is among them).
  */
 static __always_inline void ktel_tp_file_created(struct file_created_event *e,
 						 const struct filewatcher_ctx *ctx)
@@ -185,6 +188,8 @@ static __always_inline void ktel_tp_file_created(struct file_created_event *e,
 	e->certain = 1;
 	__builtin_memcpy(e->comm, ctx->comm, sizeof(e->comm));
 	ktel_tp_str(e->path, KTEL_PATH_LEN, ctx, ctx->path);
+	if ((ctx->path >> 16) > KTEL_PATH_LEN)
+		e->dir_state = KTEL_PATH_TRUNCATED;
 }
 
 #endif

@@ -233,6 +233,11 @@ class AgentCollector(Collector):
             "values an in-kernel histogram could not count (map full)",
             labels=["probe"],
         )
+        truncated = CounterMetricFamily(
+            "ktel_agent_truncated_paths",
+            "events sent with only the start of their path, the rest cut to fit the probe's record",
+            labels=["probe"],
+        )
         skipped = CounterMetricFamily(
             "ktel_agent_kernel_dropped_events",
             "events the kernel did not give the probe's programs: runs it skipped because another"
@@ -251,12 +256,15 @@ class AgentCollector(Collector):
             every.add_metric([name], a.control.sample_every(name))
             if "hist_lost" in c:
                 lost.add_metric([name], c["hist_lost"])
+            if "truncated_paths" in c:
+                truncated.add_metric([name], c["truncated_paths"])
         yield drops
         yield sampled
         yield inflight
         yield skipped
         yield every
         yield lost
+        yield truncated
         yield CounterMetricFamily(
             "ktel_agent_spool_dropped_events", "events a full spool dropped", a.spool.dropped_events
         )
@@ -866,6 +874,8 @@ class Agent:
                     counters[f"recursion_misses.{name}"] = c["recursion_misses"]
                 if "hist_lost" in c:
                     counters[f"histogram_lost.{name}"] = c["hist_lost"]
+                if "truncated_paths" in c:
+                    counters[f"truncated_paths.{name}"] = c["truncated_paths"]
             cmd = self.control.command(name)
             probes[name] = {
                 "loaded": p is not None,

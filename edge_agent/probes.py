@@ -52,6 +52,9 @@ COUNTER_RINGBUF_DROPS = 0
 COUNTER_SAMPLED_OUT = 1
 COUNTER_INFLIGHT_LOST = 2
 COUNTER_NEGATIVE_LATENCY = 3
+COUNTER_PATH_TRUNCATED = 4
+# Probe.kernel_counters' names -> their indices.
+KERNEL_COUNTERS = {"truncated_paths": COUNTER_PATH_TRUNCATED}
 KNOB_SAMPLE_EVERY = 0
 
 # struct ktel_hist (bpf/ktel_hist.h): HIST_SLOTS u64 bucket counts then a u64 sum.
@@ -393,6 +396,8 @@ class LoadedProbe:
             c["hist_lost"] = sum(self.bpf[b"hist_lost"][ctypes.c_int(0)])
             # Latencies skipped because their start was read after their end.
             c["negative_latency"] = sum(table[ctypes.c_int(COUNTER_NEGATIVE_LATENCY)])
+        for name in self.spec.kernel_counters:
+            c[name] = sum(table[ctypes.c_int(KERNEL_COUNTERS[name])])
         return c
 
     def _recursion_misses(self) -> int | None:

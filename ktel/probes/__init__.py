@@ -162,6 +162,10 @@ class Probe:
     kernel_defines: Callable[[], dict[str, int]] | None = None
     # Its C structs and the formats that read them (checked by a test).
     layouts: tuple[Layout, ...] = ()
+    # The counters of enum ktel_counter (bpf/ktel_common.h) only it counts, beyond those
+    # every probe has, by their names in edge_agent/probes.py's KERNEL_COUNTERS: the
+    # agent reads and exports them for it alone.
+    kernel_counters: tuple[str, ...] = ()
 
     @property
     def ringbuf(self) -> bool:

@@ -16,6 +16,12 @@ instead. That needs the running kernel's struct offsets (``kernel_defines``, fro
 its BTF); without BTF, or for a directory deeper than the record holds, the agent
 falls back to /proc/<pid>/cwd or /proc/<pid>/fd, which works only while the
 process lives.
+
+A path longer than the record's 255 bytes (the caller's string, or filewatcher's
+d_path) arrives cut, its start kept, and marked ``PATH_TRUNCATED``: the event names
+the file by that start, as the wire event has no field to say it was cut, and the
+kernel side counts each such record (``truncated_paths``, exported by the agent as
+``ktel_agent_truncated_paths_total``).
 """
 
 from __future__ import annotations
@@ -51,10 +57,12 @@ assert FRAMED_ABS.size == stride(ABS_SIZE)
 SIZES = (ABS_SIZE, LAYOUT.size)  # the sizes of its records
 DIR_OK = 1  # KTEL_DIR_OK (bpf/file_created.h)
 DIR_IN_ROOT = 0x80  # KTEL_DIR_IN_ROOT
-if _native is not None and (LAYOUT.size, ABS_SIZE, DIR_IN_ROOT) != (
+PATH_TRUNCATED = 0x40  # KTEL_PATH_TRUNCATED: path holds only the start of the file's path
+if _native is not None and (LAYOUT.size, ABS_SIZE, DIR_IN_ROOT, PATH_TRUNCATED) != (
     _native.RECORD_SIZE,
     getattr(_native, "ABS_SIZE", 0),
     getattr(_native, "DIR_IN_ROOT", 0),
+    getattr(_native, "PATH_TRUNCATED", 0),
 ):
     # Built from another bpf/file_created.h than LAYOUT describes: its bytes would be wrong.
     log.warning(
@@ -197,6 +205,8 @@ def decode_run(size: int, data: bytes, wall_offset_ns: int) -> list:
         c = comms.get(comm)
         if c is None:
             c = comms[comm] = c_string(comm)
+        # A cut path is named by its start, as any other: the mark is counted in the kernel.
+        dir_state &= ~PATH_TRUNCATED
         if dir_state & DIR_IN_ROOT:
             walked = dir_state == DIR_IN_ROOT | DIR_OK and has_dir
             at = i * step + DIR_AT
@@ -265,6 +275,7 @@ PROBE = Probe(
     },
     programs={"filewatcher/file_created": "file_created_filewatcher"},
     kernel_defines=kernel_defines,
+    kernel_counters=("truncated_paths",),
     layouts=(
         Layout(
             "file_created.h",

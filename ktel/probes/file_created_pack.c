@@ -197,6 +197,7 @@ static PyObject *pack(PyObject *self, PyObject *args)
 			break; /* relative (or empty): joined with dir or /proc in Python */
 		if (ev.dir_state & KTEL_DIR_IN_ROOT)
 			break; /* openat2's RESOLVE_IN_ROOT: the path is not what it says */
+		/* KTEL_PATH_TRUNCATED changes nothing here: a cut path is sent as its start. */
 		if (ev.ts_ns > INT64_MAX ||
 		    __builtin_add_overflow((int64_t)ev.ts_ns, (int64_t)offset, &ts))
 			break; /* not a clock reading: Python's integers say what it is */
@@ -267,7 +268,8 @@ PyMODINIT_FUNC PyInit__file_created_pack(void)
 	if (m != NULL &&
 	    (PyModule_AddIntConstant(m, "RECORD_SIZE", sizeof(struct file_created_event)) < 0 ||
 	     PyModule_AddIntConstant(m, "ABS_SIZE", KTEL_FILE_CREATED_ABS_SIZE) < 0 ||
-	     PyModule_AddIntConstant(m, "DIR_IN_ROOT", KTEL_DIR_IN_ROOT) < 0)) {
+	     PyModule_AddIntConstant(m, "DIR_IN_ROOT", KTEL_DIR_IN_ROOT) < 0 ||
+	     PyModule_AddIntConstant(m, "PATH_TRUNCATED", KTEL_PATH_TRUNCATED) < 0)) {
 		Py_DECREF(m);
 		return NULL;
 	}

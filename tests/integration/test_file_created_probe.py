@@ -7,7 +7,9 @@ import time
 
 import pytest
 
+from edge_agent import agent as agent_mod
 from edge_agent import probes, ringbuf
+from ktel.config import AgentConfig, Config
 from ktel.probes import file_created
 from ktel.wire import event_dict
 from tests.conftest import need_bpf
@@ -82,6 +84,7 @@ def test_23_files_give_exactly_23_events_with_paths_and_pids(probe, tmp_path):
         "sampled_out": 0,
         "inflight_lost": 0,
         "recursion_misses": 0,
+        "truncated_paths": 0,
     }
 
 
@@ -249,6 +252,64 @@ def test_files_opened_in_a_root_are_named_inside_it(probe, tmp_path, monkeypatch
     events = drain_until(probe, lambda evs: want <= {e["path"] for e in evs})
     names = ("in-root", "escaped", "via-link")
     assert {e["path"] for e in events if any(n in e["path"] for n in names)} == want
+
+
+def test_a_path_longer_than_the_record_is_sent_as_its_start_marked_and_counted(probe, tmp_path):
+    """bpf/file_created.h, KTEL_PATH_TRUNCATED: a path the record's 255 bytes cannot hold
+    (an absolute one, a relative one) keeps its start, its record says it was cut, and
+    the kernel's count of them reaches the agent's scrape and heartbeat; one of exactly
+    255 bytes fits whole, unmarked."""
+    # Two trees, so that neither's start is a start of the other's path.
+    deep = [tmp_path.joinpath(top, *(c * 60 for c in "abcde")) for top in ("abs", "rel")]
+    for d in deep:
+        d.mkdir(parents=True)
+    fits = tmp_path / "f"
+    fits = tmp_path / ("f" * (255 - len(str(fits)) + 1))  # 255 bytes, its NUL the record's last
+    long_abs = deep[0] / "long-absolute"
+    rel = os.path.relpath(deep[1] / "long-relative", tmp_path)  # relative, and past 255 bytes too
+    assert len(str(fits)) == 255 and len(str(long_abs)) > 255 and len(rel) > 255
+    code = "".join(f"open({p!r}, 'w').close()\n" for p in (str(fits), str(long_abs), rel))
+    subprocess.run(["python3", "-c", code], cwd=tmp_path, check=True)
+    whole = {str(fits), str(long_abs), str(tmp_path / rel)}
+
+    seen: list[tuple[str, int]] = []  # every record drained: (its event's path, dir_state)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for size, data in probe.take():
+            states = [rec[7] for rec in file_created._framed(size).iter_unpack(data)]
+            events = file_created.decode_run(size, data, 0)
+            seen += [(ev[6], state) for ev, state in zip(events, states, strict=True)]
+        trees = (f"{tmp_path}/abs/", f"{tmp_path}/rel/")
+        if sum(p == str(fits) or p.startswith(trees) for p, _ in seen) >= 3:
+            break
+        time.sleep(0.05)
+    ours = {p: state for p, state in seen if str(tmp_path) in p}
+    # Each event names a file by its start: a prefix of its whole path, and no more.
+    starts = {p: next(w for w in whole if w.startswith(p)) for p in ours}
+    assert sorted(starts.values()) == sorted(whole), ours
+    cut = {w for p, w in starts.items() if p != w}
+    assert cut == {str(long_abs), str(tmp_path / rel)}
+    assert {starts[p]: bool(s & file_created.PATH_TRUNCATED) for p, s in ours.items()} == {
+        str(fits): False,
+        str(long_abs): True,
+        str(tmp_path / rel): True,
+    }
+    # Counted once each; every record marked is counted (none other than these here).
+    marked = sum(bool(s & file_created.PATH_TRUNCATED) for _, s in seen)
+    assert probe.counters()["truncated_paths"] == marked == 2
+
+    # The agent exports the kernel's count on its scrape and in its heartbeat.
+    acfg = AgentConfig(host_id="h", state_dir=tmp_path / "state", cgroup_root=tmp_path)
+    agent = agent_mod.Agent(Config(agent=acfg))
+    try:
+        agent.loaded = {"file_created": probe}
+        families = {f.name: f for f in agent_mod.AgentCollector(agent).collect()}
+        [sample] = [s for s in families["ktel_agent_truncated_paths"].samples if s.name.endswith("_total")]
+        assert (sample.labels, sample.value) == ({"probe": "file_created"}, 2)
+        beat, _ = agent.heartbeat(1.0, {}, [], {})
+        assert beat["counters"]["truncated_paths.file_created"] == 2
+    finally:
+        agent.spool.close()
 
 
 M = 41  # opens in flight at once: a prime, against a map of KTEL_PENDING_MAX = 8

@@ -27,6 +27,8 @@ def test_the_compiled_packer_is_built_for_this_record_layout():
         pytest.skip("ktel.probes._file_created_pack is not built: pip install -e . (or make) builds it")
     assert file_created.LAYOUT.size == file_created._native.RECORD_SIZE
     assert file_created.ABS_SIZE == file_created._native.ABS_SIZE
+    assert file_created.DIR_IN_ROOT == file_created._native.DIR_IN_ROOT
+    assert file_created.PATH_TRUNCATED == file_created._native.PATH_TRUNCATED
 
 
 def packed_run(size: int, data: bytes, offset: int) -> list[bytes]:
@@ -66,7 +68,8 @@ records = st.builds(
     st.integers(0, 255),
     st.sampled_from([0, file_created.DIR_OK, 2]).flatmap(
         lambda d: st.sampled_from([d, d | file_created.DIR_IN_ROOT])  # opened in a root, or not
-    ),
+    )
+    | st.sampled_from([0, file_created.DIR_OK, 2]).map(lambda d: d | file_created.PATH_TRUNCATED),  # cut
     c_field(16),
     paths,
     st.binary(max_size=64).map(lambda b: b.replace(b"\0\0", b"\0").ljust(512, b"\0")),
@@ -144,6 +147,27 @@ def test_a_file_opened_in_a_root_is_named_by_the_kernels_walk_or_inside_dirfd(
     [event] = file_created.decode_run(size, data, 0)
     assert event[6] == want
     assert packed_run(size, data, 0) == [pack_event(event)]
+
+
+@pytest.mark.parametrize("size", file_created.SIZES)
+@pytest.mark.parametrize("dir_state", [0, file_created.DIR_OK, 2, IN_ROOT, IN_ROOT | 2])
+@pytest.mark.parametrize("path", [b"/" + b"p" * 255, b"r" * 256])
+def test_a_path_cut_to_fit_the_record_is_named_by_its_start_as_it_would_be_unmarked(
+    monkeypatch, size, dir_state, path
+):
+    """KTEL_PATH_TRUNCATED (bpf/file_created.h) says only that path is the start of a
+    longer one: the event is the one the same record unmarked gives (the start, joined
+    with dir or resolved as any other), whoever packs it."""
+    monkeypatch.setattr(file_created, "_resolve", lambda path, pid, dirfd: f"resolved:{path}")
+
+    def run(state: int) -> bytes:
+        rec = file_created.LAYOUT.pack(5, 1, 1, 0, -100, 0o100, 0, state, 4, b"sh", path, b"b\0a\0")
+        return frame(rec[:size])[1]
+
+    [plain] = file_created.decode_run(size, run(dir_state), 0)
+    [cut] = file_created.decode_run(size, run(dir_state | file_created.PATH_TRUNCATED), 0)
+    assert cut == plain
+    assert packed_run(size, run(dir_state | file_created.PATH_TRUNCATED), 0) == [pack_event(plain)]
 
 
 def test_a_path_opened_in_a_root_that_cannot_be_resolved_stays_as_passed(monkeypatch):

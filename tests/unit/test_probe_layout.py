@@ -58,6 +58,8 @@ def test_counter_and_knob_indices_match_header():
     assert f"KTEL_COUNTER_SAMPLED_OUT = {probes.COUNTER_SAMPLED_OUT}," in text
     assert f"KTEL_COUNTER_INFLIGHT_LOST = {probes.COUNTER_INFLIGHT_LOST}," in text
     assert f"KTEL_COUNTER_NEGATIVE_LATENCY = {probes.COUNTER_NEGATIVE_LATENCY}," in text
+    assert f"KTEL_COUNTER_PATH_TRUNCATED = {probes.COUNTER_PATH_TRUNCATED}," in text
+    assert f"KTEL_COUNTER_MAX = {max(probes.KERNEL_COUNTERS.values()) + 1}," in text
     assert f"KTEL_KNOB_SAMPLE_EVERY = {probes.KNOB_SAMPLE_EVERY}," in text
 
 
@@ -116,6 +118,17 @@ def test_file_created_records_without_dir_end_where_dir_begins(tmp_path):
     [layout] = PROBES["file_created"].layouts
     assert layout.offsets()["dir"] == file_created.ABS_SIZE == 304
     assert c_numbers(tmp_path, "file_created.h", ["KTEL_FILE_CREATED_ABS_SIZE"]) == [file_created.ABS_SIZE]
+
+
+def test_file_created_dir_state_values_are_the_headers(tmp_path):
+    names = ["KTEL_DIR_OK", "KTEL_DIR_IN_ROOT", "KTEL_PATH_TRUNCATED"]
+    want = [file_created.DIR_OK, file_created.DIR_IN_ROOT, file_created.PATH_TRUNCATED]
+    assert c_numbers(tmp_path, "file_created.h", names) == want
+
+
+def test_every_probes_own_kernel_counters_are_known_to_the_agent():
+    assert {c for p in PROBES.values() for c in p.kernel_counters} <= probes.KERNEL_COUNTERS.keys()
+    assert PROBES["file_created"].kernel_counters == ("truncated_paths",)
 
 
 def test_process_exit_records_are_the_head_of_an_exec_record():

@@ -111,6 +111,12 @@ while [ $i -le "$N" ]; do
 	: >$W/bpf/file-$i || failed=$((failed + 1))
 	i=$((i + 1))
 done
+# And one whose path is longer than the record's 255 bytes: kept as its start, marked.
+L=$W/bpf/long/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa
+L=$L/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb
+L=$L/cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc
+L=$L/dddddddddddddddddddddddddddddddddddddddddddddddddddddddddddd
+{ mkdir -p $L && : >$L/long-file; } || failed=$((failed + 1))
 rc bpf_create_files $failed
 kill -INT $bpf_pid
 wait $bpf_pid

@@ -414,13 +414,19 @@ def test_bpf_programs_deliver_every_event_to_the_agents_decoders(guest):
     assert "KTEL BPF DROPS 0" in body and body[-1] == "KTEL BPF STOP", "\n".join(body[-5:])
     records = _bpf_records(guest)
     # The module's records are of absolute paths: each without dir (bpf/file_created.h).
-    files = [file_created.decode(r, 0) for r in records if len(r) == file_created.ABS_SIZE]
+    short = [r for r in records if len(r) == file_created.ABS_SIZE]
+    # A path longer than a record holds (the guest's one) is its start, marked KTEL_PATH_TRUNCATED.
+    long_path = "/tmp/fw/bpf/long/" + "/".join(c * 60 for c in "abcd") + "/long-file"
+    marked = [file_created.decode(r, 0)[6] for r in short if r[29] & file_created.PATH_TRUNCATED]
+    assert marked == [long_path[:255]], marked
+    files = [file_created.decode(r, 0) for r in short if not r[29] & file_created.PATH_TRUNCATED]
     api = [r for r in records if len(r) == ktel_api.LAYOUT.size]
     begins = [ktel_api.LAYOUT.unpack_from(r) for r in api if r[56] == ktel_api.SPAN_BEGIN]
     events = [event_dict(ktel_api.decode(r, 0)) for r in api if r[56] != ktel_api.SPAN_BEGIN]
     kinds = Counter(e.get("type", e["kind"]) for e in events)
-    assert len(files) == N and len(begins) == 2 * N and len(records) == len(files) + len(api)
-    assert kinds == {"ktel_span": 2 * N, "counter": 2 * N, "histogram": N, "ktel_log": N}, kinds
+    assert len(files) == N and len(begins) == 2 * N and len(records) == len(files) + len(marked) + len(api)
+    # filewatcher counts each file it reports, the long one too.
+    assert kinds == {"ktel_span": 2 * N, "counter": 2 * N + 1, "histogram": N, "ktel_log": N}, kinds
 
     created = [event_dict(f) for f in files]
     assert sorted(f["path"] for f in created) == sorted(f"/tmp/fw/bpf/file-{i}" for i in range(1, N + 1))
@@ -429,7 +435,7 @@ def test_bpf_programs_deliver_every_event_to_the_agents_decoders(guest):
     counters = [e for e in events if e.get("type") == "counter"]
     assert {tuple(e["labels"].items()) for e in counters} == {(("result", "ok"),), (("fs", "tmpfs"),)}
     names = Counter(e["name"] for e in counters)
-    assert names == {"ktel_sample_operations_total": N, "filewatcher_files_created_total": N}, names
+    assert names == {"ktel_sample_operations_total": N, "filewatcher_files_created_total": N + 1}, names
     assert all(e["value"] == 1 for e in counters)
     hists = [e for e in events if e.get("type") == "histogram"]
     assert all(e["name"] == "ktel_sample_operation_duration_ns" and e["value"] > 0 for e in hists)
