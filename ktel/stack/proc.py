@@ -82,18 +82,35 @@ def stop_signals_held() -> Iterator[None]:
     the child was forked, or before its caller kept it, the exception lost the child:
     left running, never stopped, until its parent's exit killed it uncleanly.
 
-    Held in the main thread, where Python runs signal handlers; a signal that another
-    thread, not holding it, takes is not held (`ktel up` starts its stack in its main
-    thread with no other running)."""
+    Held in the main thread, where Python runs signal handlers, by two means: the
+    signals are blocked there, and their handlers, meanwhile, only note them (run again
+    at the end). Blocking alone let a signal sent to the process reach another thread,
+    not blocking it, and Python then ran its handler in the main thread within the block
+    all the same (a test runner's threads; a tool that signals its parent at once, as
+    the test of `ktel down` during a tool does, made that a race under load)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    arrived: list[int] = []
+
+    def note(sig: int, _frame: object) -> None:
+        arrived.append(sig)
+
+    # (a handler not installed from Python, None here, cannot be put back: left alone)
+    handlers = {sig: h for sig in STOP_SIGNALS if (h := signal.getsignal(sig)) is not None}
+    for sig in handlers:
+        signal.signal(sig, note)
     held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         yield
     finally:
-        # A signal that arrived meanwhile is delivered here, its handler run.
+        # What arrived blocked is delivered here, to ``note``; then the handlers are put
+        # back and run for what was noted, the first in the order they came.
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        for noted in dict.fromkeys(arrived):
+            signal.raise_signal(noted)
 
 
 def spawn(

@@ -5,10 +5,12 @@ exception lost the child, left running and never stopped."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -92,3 +94,30 @@ def test_a_process_started_while_stop_signals_are_held_hears_them(tmp_path):
     assert child.wait() == 0
     blocked = int(log.read_text().split("SigBlk:")[1].split()[0], 16)
     assert [s for s in proc.STOP_SIGNALS if blocked & (1 << (s - 1))] == []
+
+
+def test_a_stop_signal_another_thread_takes_is_held_too():
+    """Sent to the process, a stop signal goes to a thread that does not block it: with
+    the main thread's blocked, another's (a test runner's, a library's). Python then ran
+    the handler in the main thread within the block all the same; now it runs at its end."""
+    ran: list[str] = []
+
+    def stop(_sig, _frame):
+        ran.append("handler")
+        raise Stop
+
+    other = threading.Event()
+    idle = threading.Thread(target=other.wait)  # a thread that blocks no signal
+    idle.start()
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        with pytest.raises(Stop), proc.stop_signals_held():
+            os.kill(os.getpid(), signal.SIGTERM)  # the main thread blocks it: the other takes it
+            for _ in range(100):  # Python work, where it would run the handler
+                time.sleep(0.001)
+            ran.append("block's end")
+        assert ran == ["block's end", "handler"]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        other.set()
+        idle.join()
