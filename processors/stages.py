@@ -434,7 +434,7 @@ def partition_of(key: str, partitions: int) -> int:
     return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
 
 
-async def forget(table: Any, key: str, partitions: int) -> None:
+async def forget(table: Any, key: str, partitions: int, holds: Callable[[], bool] = lambda: True) -> None:
     """Delete a host's table value outside a stream: a tombstone for its snapshot and
     each of its delta keys, to its changelog partition, which ``persist`` cannot name
     without the record being processed.
@@ -443,11 +443,21 @@ async def forget(table: Any, key: str, partitions: int) -> None:
     of the rest Kafka has, the deltas left folded onto no value. (The deltas' first
     left, once compacted, the snapshot with some of the deltas after it gone: the
     host's value of before the first gap, the batches of the deltas after it lost
-    though committed.)"""
+    though committed.)
+
+    ``holds`` is asked before the value goes and before each tombstone: each send may
+    wait for room in the producer, and a revocation begun meanwhile gives the partition
+    to a worker whose records of the host the rest would delete. Once it says no, the
+    rest are not sent, as if the worker had been killed there (a value not gone yet is
+    forgotten again by the next window or silent-host check that finds it so)."""
+    if not holds():
+        return
     table.data.pop(key, None)
     partition = partition_of(key, partitions)
     await send(table, table.data._encode_key(key), None, partition)
     for slot in range(changelog.SLOTS):
+        if not holds():
+            return
         await send(table, changelog.delta_key(key, slot), None, partition)
 
 
@@ -885,8 +895,15 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         while (gone := dropping.get(host_id)) is not None:
             await gone.wait()
 
+    def still_mine(host_id: str) -> bool:
+        """Whether no rebalance is under way and ``host_id``'s partition is this worker's."""
+        return not app.rebalancing and partition_of(host_id, cfg.kafka.raw_partitions) in my_partitions()
+
     async def holding(
-        host_id: str, work: Callable[[], Awaitable[None]], last: Result | None, in_stream: bool = False
+        host_id: str,
+        work: Callable[[Callable[[], bool]], Awaitable[None]],
+        last: Result | None,
+        in_stream: bool = False,
     ) -> None:
         """``work`` on ``host_id``'s value outside the stream, after ``last`` (its last,
         stale snapshot) is emitted, its records waiting meanwhile (``after_drop``): one
@@ -897,17 +914,18 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         the producer) across the revocation, and the worker now holding the partition,
         recovered from the changelog, writes the host's records there; tombstones or a
         snapshot written after them are what the next worker to recover it would find
-        (the host's counts since lost). A record's own handling (``in_stream``) is one a
-        revocation waits for, its partition still this worker's."""
+        (the host's counts since lost). ``work`` is given that check to ask again before
+        each changelog record it sends, each of which may wait as long, and stops there
+        when it fails. A record's own handling (``in_stream``) is one a revocation waits
+        for, its partition still this worker's."""
+        holds = (lambda: True) if in_stream else functools.partial(still_mine, host_id)
         dropping[host_id] = gone = asyncio.Event()
         try:
             if last is not None:
                 await emit(last)
-            if not in_stream and (
-                app.rebalancing or partition_of(host_id, cfg.kafka.raw_partitions) not in my_partitions()
-            ):
+            if not holds():
                 return
-            await work()
+            await work(holds)
         finally:
             if dropping.get(host_id) is gone:  # (not a later drop's of the same host)
                 del dropping[host_id]
@@ -918,12 +936,12 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         (tombstones in its changelog), after ``last`` is emitted. Its records wait
         meanwhile (``after_drop``); ``in_stream``: asked by the record being handled."""
 
-        async def work() -> None:
+        async def work(holds: Callable[[], bool]) -> None:
             persisted.pop(host_id, None)
             last_seen.pop(host_id, None)
             cap.drop(host_id)
             await emit(chain.forget(host_id))
-            await forget(hosts, host_id, cfg.kafka.raw_partitions)
+            await forget(hosts, host_id, cfg.kafka.raw_partitions, holds)
 
         await holding(host_id, work, last, in_stream)
 
@@ -933,16 +951,20 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         changelog as a snapshot, after ``last`` is emitted. Its records wait meanwhile
         (``after_drop``)."""
 
-        async def work() -> None:
+        async def work(holds: Callable[[], bool]) -> None:
             value = hosts.data.get(host_id)
             if value is None:  # (its partition revoked while ``last`` waited for the producer)
+                return
+            await emit(done.forget(host_id))
+            # Asked again after that send, and the value changed only then: from here to the
+            # record's send there is no wait, so it is changed only if the record is sent.
+            if hosts.data.get(host_id) is not value or not holds():
                 return
             value.pop(done.section, None)
             v = value[changelog.VERSION] = changelog.version(value) + 1
             entries = changelog.sizes(host_id, changelog.entries(value))
             head = encoded(hosts, changelog.head(value))
             persisted[host_id] = Persisted(value, head, entries, snapshot=v)
-            await emit(done.forget(host_id))
             record = encoded(hosts, value)
             partition = partition_of(host_id, cfg.kafka.raw_partitions)
             await send(hosts, hosts.data._encode_key(host_id), record, partition, acks.sent())

@@ -465,12 +465,12 @@ async def test_a_batch_taken_while_silent_hosts_are_forgotten_keeps_its_host(tmp
         await asyncio.sleep(0.5)  # both silent past host_ttl_seconds (and its margin)
         forget, first, dropped = stages.forget, asyncio.Event(), []
 
-        async def room_awaited(table: Any, key: str, partitions: int) -> None:
+        async def room_awaited(table: Any, key: str, partitions: int, *args: Any) -> None:
             dropped.append(key)
             if not first.is_set():
                 first.set()
                 await asyncio.sleep(0.05)  # (the producer full: the stream takes a record)
-            await forget(table, key, partitions)
+            await forget(table, key, partitions, *args)
 
         timer = next(t for t in app._app_tasks if t.__name__ == "forget_silent")
         with mock.patch.object(stages, "forget", room_awaited):
@@ -1078,3 +1078,35 @@ async def test_a_window_writes_nothing_to_the_changelog_of_a_partition_revoked_w
         [last] = [decode_snapshot(v) for v in shell.to(METRICS_TOPIC)]
         assert last.stale
         assert shell.changelog[written:] == []
+
+
+@pytest.mark.parametrize("revocation", ["partition_revoked", "rebalance_begun"])
+async def test_a_revocation_between_a_forgotten_hosts_tombstones_stops_the_rest(tmp_path, revocation):
+    """A host a window forgets has its tombstones sent one by one, each of which may wait
+    for room in the producer, and a revocation may begin between two of them. Another
+    worker then holds the partition, recovered from the changelog, and counts the host's
+    batches: the tombstones after that must not be written after its records (a worker
+    recovering the partition next would find the host gone, its counts since lost)."""
+    aggregate = config.AggregateConfig(window_seconds=0.05, host_ttl_seconds=60)
+    async with Shell(tmp_path, "aggregate", aggregate=aggregate) as shell:
+        app = shell.ready()
+        await shell.put(batch(0, [file_created(1, "/data/x/f")]))
+        shell.table("h1")["aggregate"]["last_ms"] = 0  # silent: the host dropped (drop_host)
+        send = stages.send
+        assigned = app.assignor.assigned_actives()
+        revoked = stages.partition_of("h1", RESOLVED.raw_partitions)
+
+        async def revoked_after_the_first(table: Any, key: bytes, value: bytes | None, *args: Any) -> None:
+            await send(table, key, value, *args)
+            if value is None:  # (a tombstone sent: the revocation begins before the next)
+                if revocation == "partition_revoked":
+                    app.assignor.assigned_actives = lambda: {tp for tp in assigned if tp.partition != revoked}
+                else:
+                    app.rebalancing = True
+
+        with mock.patch.object(stages, "send", revoked_after_the_first):
+            async with windows_running(app):
+                await until(lambda: [k for k, v in shell.changelog if v is None])
+        [last] = [decode_snapshot(v) for v in shell.to(METRICS_TOPIC)]
+        assert last.stale
+        assert [key for key, value in shell.changelog if value is None] == ["h1"]  # (its snapshot key's)
