@@ -21,6 +21,11 @@ queries take ``max by (host_id)`` over the workers. The series:
 - ``ktel_node_disk_io_in_progress{device}`` (M8), the block devices' queue depth;
 - ``ktel_agent_bpf_map_entries{probe,map}`` and ``ktel_agent_bpf_map_max_entries`` (M10).
 
+The hosts held count against ``process.max_hosts`` with the worker's table's
+(``host_ids``; processors/stages.py refuses a heartbeat of a host past it), a
+heartbeat that gives its host no table value (no ``boot.id``) too: else a writer of
+ktel.heartbeats inventing host ids would grow this map, and the scrape, past the cap.
+
 The ``device``, ``probe`` and ``map`` labels are names from the heartbeat's ``node``
 keys, which whoever can write ``ktel.heartbeats`` chooses: the decoder takes up to
 1,024 keys of 256 characters (ktel/wire/control.py), and a heartbeat may name other
@@ -203,6 +208,19 @@ class FleetMetrics:
             > max(self.forget_after_s, MISSED_HEARTBEATS * min(s.interval_s, MAX_INTERVAL_S))
         ]:
             del self._hosts[host_id]
+
+    def clear(self) -> None:
+        """Forget every host: a worker's new app holds only the hosts it reads."""
+        with self._lock:
+            self._hosts.clear()
+
+    def host_ids(self) -> list[str]:
+        """The hosts held, those past ``forget_after_s`` let go first: what the worker counts
+        against process.max_hosts with its table's (processors/stages.py), as a heartbeat
+        that changes no table value (no ``boot.id``) still puts its host here."""
+        with self._lock:
+            self._forget(time.monotonic())
+            return list(self._hosts)
 
     def observe(self, host_id: str, hb: Heartbeat) -> dict[str, int]:
         """Take ``hb`` as the host's latest, unless it is older than those taken of the

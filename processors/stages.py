@@ -483,6 +483,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         for reading in BOUNDS:
             NODE_READINGS_LEFT_OUT.labels(stage, reading)
         FLEET.forget_after_s = cfg.aggregate.host_ttl_seconds
+        FLEET.clear()  # (one app a process: the hosts its cap counts are those it reads)
     for metric in exported:  # as 0 from the start
         metric.labels(stage)
     HOSTS_LIMIT.labels(stage).set(cfg.process.max_hosts)
@@ -544,10 +545,19 @@ def make_app(cfg: Config, stage: str) -> faust.App:
 
     def held_hosts() -> Any:
         """The hosts this worker holds: those of its partitions in the table, or, for a
-        chain without one (sample), those its stages keep in memory."""
-        if chain.durable:
-            return my_hosts(my_partitions()).keys()
-        return {h for states in chain.memory.values() for h in states}
+        chain without one (sample), those its stages keep in memory. A chain that reads
+        heartbeats also holds the hosts of its partitions in its per-host series (FLEET),
+        for aggregate.host_ttl_seconds after their last heartbeat, including those whose
+        heartbeats change no table value (no boot.id): counted only until the next
+        recount, ever new host ids in such heartbeats took max_hosts more places at each."""
+        if not chain.durable:
+            return {h for states in chain.memory.values() for h in states}
+        assigned = my_partitions()
+        held = set(my_hosts(assigned))
+        if chain.heartbeats:
+            n = cfg.kafka.raw_partitions
+            held.update(h for h in FLEET.host_ids() if partition_of(h, n) in assigned)
+        return held
 
     # What process.max_hosts counts: a record of a host not held past it is refused
     # before it touches any state (processors/host_cap.py).

@@ -768,6 +768,35 @@ async def test_past_max_hosts_a_new_hosts_batches_and_heartbeats_go_to_the_dlq_a
     assert metric("ktel_processor_hosts_refused_total", "all") == refused + 2
 
 
+async def test_hosts_whose_heartbeats_change_no_table_value_count_against_max_hosts(tmp_path):
+    """A heartbeat without boot.id leaves its host no table value, but puts it in the
+    worker's per-host series (/metrics) for aggregate.host_ttl_seconds. Counted against
+    process.max_hosts only until the worker counted its hosts again from its table (at
+    each silent-host check, a few times a minute), ever new host ids in such heartbeats
+    took max_hosts more places there at each: the worker's memory and its scrape grew
+    without the cap's bound."""
+    refused = metric("ktel_processor_hosts_refused_total", "enrich")
+    process = config.ProcessConfig(data_dir=tmp_path / "data", metrics_port=0, max_hosts=3)
+    async with Shell(tmp_path, "enrich", process=process) as shell:
+        app = shell.ready()
+        timer = next(t for t in app._app_tasks if t.__name__ == "forget_silent")
+        await shell.heartbeats.put(heartbeat("h1", "b1", 1000, "node-1"), key=b"h1")
+        for check in range(3):
+            for i in range(5):
+                host = f"invented-{check}-{i}"
+                hb = encode_heartbeat({"ts": 1000, "host": {"host.id": host}, "probes": {}, "counters": {}})
+                await shell.heartbeats.put(hb, key=host.encode())
+            await inspect.unwrap(timer)()  # (the silent-host check: the worker's hosts counted again)
+        scraped = stages.FLEET.exposition().decode()
+        up = {line.split('"')[1] for line in scraped.splitlines() if line.startswith("ktel_agent_up{")}
+        assert up == {"h1", "invented-0-0", "invented-0-1"}
+        assert set(stages.FLEET.host_ids()) == up
+        assert metric("ktel_processor_hosts", "enrich") == 3
+        dead = [decode_dead_letter(v) for v in shell.to(DLQ_TOPIC)]
+        assert len(dead) == 3 * 5 - 2 and all("process.max_hosts = 3" in d.reason for d in dead)
+    assert metric("ktel_processor_hosts_refused_total", "enrich") == refused + 3 * 5 - 2
+
+
 async def test_the_sample_stage_counts_the_hosts_it_keeps_in_memory_against_max_hosts(tmp_path):
     async with Shell(
         tmp_path,
