@@ -340,14 +340,22 @@ async def _heartbeats(
     # key -> partition -> (its last record's timestamp, its records in offset order)
     by_key: dict[bytes, dict[int, tuple[int, list[bytes]]]] = {}
     # Up to the end offsets at the start: a fleet's heartbeats never stop coming.
-    while [tp for tp in parts if await consumer.position(tp) < ends[tp]]:
-        for tp, records in (await consumer.getmany(timeout_ms=1000)).items():
+    progress = {tp: time.monotonic() for tp in parts}  # when each last brought records (or was checked)
+    while unread := [tp for tp in parts if await consumer.position(tp) < ends[tp]]:
+        fetched = await consumer.getmany(timeout_ms=1000)
+        now = time.monotonic()
+        for tp, records in fetched.items():
+            if records:
+                progress[tp] = now
             for rec in records:
                 if rec.offset < ends[tp]:  # a newer one waits for the next refresh
                     key = by_key.setdefault(rec.key or b"", {})
                     values = key[tp.partition][1] if tp.partition in key else []
                     values.append(rec.value or b"")
                     key[tp.partition] = (rec.timestamp, values)
+        if stalled := [tp for tp in unread if now - progress[tp] >= STALLED_S]:
+            await _ends_moved_back(consumer, topic, stalled, ends)
+            progress.update(dict.fromkeys(stalled, now))
     # A key's records are in two partitions once the topic has gained some (docs/
     # operating.md, "Adding partitions"), fetched in any order: the partition of its
     # latest record goes last, or a host's heartbeats of before the change, fetched
@@ -356,6 +364,33 @@ async def _heartbeats(
         key: [v for _ts, values in sorted(held.values(), key=lambda p: p[0]) for v in values]
         for key, held in by_key.items()
     }
+
+
+# How long a partition short of the end the read waits for may bring nothing before its
+# end is asked again (_ends_moved_back): a getmany's wait, so that a large backlog read in
+# many fetches is not slowed by a request at each.
+STALLED_S = 1.0
+
+
+async def _ends_moved_back(
+    consumer: AIOKafkaConsumer, topic: str, stalled: list[TopicPartition], ends: dict[TopicPartition, int]
+) -> None:
+    """Lower ``ends`` to the end a partition of ``stalled`` (one that brought nothing for
+    STALLED_S while short of its end) has now if that is below it: its log was cut back (an unclean leader
+    election: the new leader lacked its last records), so its position, fetched to the new
+    end (or reset there, out of range), never reached the end taken at the start, and the
+    read waited for records that were gone until --timeout, then said Kafka gave no status.
+    Such a partition is read to its end. (An end does not move back otherwise: asking
+    changes nothing.)"""
+    now = await consumer.end_offsets(stalled)
+    for tp in stalled:
+        if now[tp] < ends[tp]:
+            log.warning(
+                "%s[%d] ends at offset %d, below the %d it ended at when the read began (its "
+                "last records are gone from Kafka: an unclean leader election?): read to its end",
+                topic, tp.partition, now[tp], ends[tp],
+            )  # fmt: skip
+            ends[tp] = now[tp]
 
 
 async def _groups(consumer: AIOKafkaConsumer, admin: AIOKafkaAdminClient, prefix: str) -> list[Group]:

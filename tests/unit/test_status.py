@@ -11,6 +11,7 @@ import signal
 import sys
 
 import jsonschema
+import pytest
 from aiokafka import TopicPartition
 from rich.console import Console
 
@@ -410,3 +411,62 @@ def test_a_host_moved_to_another_partition_is_its_latest_heartbeat():
     by_key = asyncio.run(status._heartbeats(_MovedHostConsumer(), _Admin(), "ktel.raw", since_s=900))
     heartbeats, bad = status.newest(by_key)
     assert (heartbeats["a"]["ts"], bad) == (NOW - 1000, 0)
+
+
+class _CutBackConsumer(_HeartbeatsConsumer):
+    """ktel.raw whose partition 0 ended at offset 10 when the read began, then at 6: an
+    unclean leader election cut its log back (the new leader lacked its last 4 records).
+    Its fetch brings records up to offset 6 from ``start``, or, from past the new end,
+    resets the position to it (aiokafka's "latest", out of range). Partition 1 is a live
+    fleet's: every fetch brings a newer heartbeat than the end the read waits for; 2 is empty."""
+
+    def __init__(self, start: int):
+        super().__init__()
+        self.tp = [TopicPartition("ktel.raw", p) for p in range(3)]
+        self.pos = {self.tp[0]: start, self.tp[1]: 0, self.tp[2]: 0}
+        self.ends_asked = 0
+
+    def record(self, offset: int, host: str) -> _Record:
+        ts = NOW - 20_000 + offset * 1000
+        return _Record(offset, host.encode(), encode_heartbeat(hb(host, ts)), ts)
+
+    async def end_offsets(self, parts):
+        self.ends_asked += 1
+        first = {self.tp[0]: 10, self.tp[1]: 2, self.tp[2]: 0}
+        return {tp: first[tp] if self.ends_asked == 1 or tp != self.tp[0] else 6 for tp in parts}
+
+    async def offsets_for_times(self, timestamps):
+        return {tp: _Record(self.pos[tp], b"", b"", 0) for tp in timestamps}
+
+    async def position(self, tp):
+        return self.pos[tp]
+
+    async def getmany(self, timeout_ms):
+        await asyncio.sleep(0.001)
+        cut, live, _ = self.tp
+        fetched = {live: [self.record(self.pos[live], "b")]}
+        self.pos[live] += 1
+        if self.pos[cut] > 6:
+            self.pos[cut] = 6  # out of range: reset to the end
+        elif self.pos[cut] < 6:
+            fetched[cut] = [self.record(o, "a") for o in range(self.pos[cut], 6)]
+            self.pos[cut] = 6
+        return fetched
+
+
+@pytest.mark.parametrize("start", [0, 8], ids=["fetched-to-the-new-end", "reset-to-the-new-end"])
+def test_a_partition_whose_end_moved_back_is_read_to_its_end(start, caplog):
+    """Its position never reaches the end taken at the start: the read waited until
+    --timeout for records that were gone, and the status said Kafka gave none. The
+    partition is read to its end, with a line saying its end moved back."""
+    consumer = _CutBackConsumer(start)
+    read = status._heartbeats(consumer, _Admin(), "ktel.raw", since_s=900)
+    by_key = asyncio.run(asyncio.wait_for(read, 10.0))
+    heartbeats, bad = status.newest(by_key)
+    assert bad == 0
+    assert heartbeats["b"]["ts"] == NOW - 20_000 + 1000  # (offset 1: its end at the start was 2)
+    if start == 0:
+        assert heartbeats["a"]["ts"] == NOW - 20_000 + 5000
+    else:
+        assert "a" not in heartbeats
+    assert "ktel.raw[0] ends at offset 6, below the 10" in caplog.text
