@@ -68,7 +68,7 @@ from edge_agent.control import Control
 from edge_agent.identity import boot_id, host_arch
 from edge_agent.redact import Redactor
 from edge_agent.seqstore import SeqStore, private_dir
-from edge_agent.spool import Record, Spool
+from edge_agent.spool import Cursor, Record, SegmentUnreadable, Spool
 from edge_agent.ticks import HoldPolicy, SealClock
 from ktel import runtime, selfmetrics
 from ktel.config import Config, ConfigError
@@ -122,6 +122,12 @@ SET_ASIDE = Counter(
 # may take there at most, past which one is counted and logged but not kept.
 SET_ASIDE_DIR = "set-aside"
 SET_ASIDE_MAX_BYTES = 64 << 20
+# How often the publisher reads a spool segment the disk refuses (EIO) before it sets it
+# aside (Spool.set_aside), and how long it waits between: an error that passes (a path
+# failing over, a device reset) costs seconds, one that stays (a bad sector) failed the
+# publisher at every start, nothing after the segment sent.
+SPOOL_READ_TRIES = 5
+SPOOL_READ_BACKOFF = Backoff(initial=0.5, maximum=4.0)
 HEARTBEATS = Counter("ktel_agent_heartbeats", "heartbeats acknowledged by Kafka")
 NODE_READ_ERRORS = Counter(
     "ktel_agent_node_read_errors",
@@ -270,6 +276,11 @@ class AgentCollector(Collector):
         )
         yield CounterMetricFamily(
             "ktel_agent_spool_corrupt_bytes", "damaged spool bytes skipped", a.spool.corrupt_bytes
+        )
+        yield CounterMetricFamily(
+            "ktel_agent_spool_unreadable_bytes",
+            "spool bytes the disk would not read, set aside unsent",
+            a.spool.unreadable_bytes,
         )
         yield GaugeMetricFamily(
             "ktel_agent_spool_bytes", "spooled bytes not yet acknowledged", a.spool.depth_bytes()
@@ -736,6 +747,31 @@ class Agent:
         )
         return n_events
 
+    async def _read_spool(self, cursor: Cursor, limit: int) -> list[Record]:
+        """``Spool.read``, a segment the disk refuses to read (EIO) tried again with the
+        retry helper, up to ``SPOOL_READ_TRIES`` times, then set aside (``Spool.set_aside``)
+        and the read gone on past it."""
+        tries = 0
+
+        async def attempt() -> list[Record] | SegmentUnreadable:
+            nonlocal tries
+            tries += 1
+            try:
+                return self.spool.read(cursor, limit)
+            except SegmentUnreadable as err:
+                if tries < SPOOL_READ_TRIES:
+                    raise
+                return err  # (given up on)
+            except Exception as err:  # (not the disk's: fails the publisher, as before)
+                raise Permanent(f"reading the spool: {type(err).__name__}: {err}") from err
+
+        while True:
+            got = await retry(attempt, what="read the spool", backoff=SPOOL_READ_BACKOFF)
+            if not isinstance(got, SegmentUnreadable):
+                return got
+            self.spool.set_aside(got)
+            tries = 0
+
     async def publish(self) -> None:
         """Send spooled records in order, pipelined; advance the spool on acknowledgement."""
         in_flight: collections.deque[tuple[Record, float, asyncio.Future, AIOKafkaProducer]] = (
@@ -761,12 +797,12 @@ class Agent:
             EVENTS_PUBLISHED.inc(rec.n_events - dropped)
 
         while True:
-            records = self.spool.read(cursor, limit=MAX_IN_FLIGHT)
+            records = await self._read_spool(cursor, MAX_IN_FLIGHT)
             if not records:
                 while in_flight:
                     await settle_oldest()
                 self.spooled.clear()
-                if self.spool.read(cursor, limit=1):  # appended between read and clear
+                if await self._read_spool(cursor, 1):  # appended between read and clear
                     continue
                 await self.spooled.wait()
                 continue
@@ -854,6 +890,7 @@ class Agent:
             "decode_errors": sum(value("decode_errors", n) for n in self.loaded),
             "spool_dropped_events": self.spool.dropped_events,
             "spool_corrupt_bytes": self.spool.corrupt_bytes,
+            "spool_unreadable_bytes": self.spool.unreadable_bytes,
             "disk_dropped_events": value("disk_dropped_events"),
             "too_large_dropped_events": value("too_large_dropped_events"),
             "batches_split": value("batches_split"),

@@ -53,6 +53,15 @@ and skipped; what it held is lost, what follows it is sent. With
 every segment gone and the ack file left, new segments are numbered past the
 cursor it holds, so that it cannot cover them.
 
+A segment the disk refuses to read (EIO, or any error but its absence) raises
+``SegmentUnreadable`` from ``read``, after handing out the records read before the
+error; the publisher tries it again a few times (a transient error passes) and then
+calls ``set_aside``: the segment is renamed ``<n>.seg.unreadable`` in the spool
+directory, kept for an operator (nothing reads or deletes it after, a restart
+neither), the bytes it held past what was read counted (``unreadable_bytes``), and the
+reader goes on with the next segment. Read again and again, it failed the publisher at
+every start, and nothing after it was sent.
+
 Disk errors: a record the disk refuses (ENOSPC, EIO) is cut back off its
 segment and ``append`` raises, so the caller counts the batch as lost; the
 spool stays usable and takes records again once space returns. A disk with no
@@ -127,6 +136,8 @@ FILES_BYTES = ACK_BYTES + IN_FLIGHT_MAX_BYTES
 # the publisher has in flight (agent.MAX_IN_FLIGHT batches), seconds of a busy node.
 RECENT_MAX_BYTES = 8 << 20
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
+# The name a segment the disk refuses to read is given (Spool.set_aside): not a *.seg.
+UNREADABLE_SUFFIX = ".unreadable"
 
 FullPolicy = Literal["drop_newest", "drop_oldest"]
 FsyncPolicy = Literal["always", "interval", "never"]
@@ -144,6 +155,18 @@ class Record:
     next: Cursor
     n_events: int
     payload: bytes
+
+
+class SegmentUnreadable(Exception):
+    """The disk refuses to read a segment (EIO, ...): ``segment``, ``offset`` (where the
+    read failed: the records before it were handed out), ``error``, ``path``."""
+
+    def __init__(self, segment: int, offset: int, error: OSError, path: Path) -> None:
+        super().__init__(f"spool segment {path} unreadable at byte {offset}: {error.strerror or error}")
+        self.segment = segment
+        self.offset = offset
+        self.error = error
+        self.path = path
 
 
 def _crc(length: int, n_events: int, payload: bytes) -> int:
@@ -185,6 +208,7 @@ class Spool:
         self.dropped_events = 0
         self.dropped_batches = 0
         self.corrupt_bytes = 0
+        self.unreadable_bytes = 0  # of segments set aside (set_aside), past what was read of them
         self._damaged: set[tuple[int, int]] = set()
         self._undeleted: set[int] = set()  # acknowledged or dropped segments unlink failed on
         self._missing: set[int] = set()  # segments found gone while running (logged once)
@@ -321,18 +345,25 @@ class Spool:
             return True
         if offset > size:
             return False
-        with open(self._path(seg), "rb") as f:
-            f.seek(offset)
-            head = f.read(HEADER.size)
-            if len(head) < HEADER.size:
-                return head[:4] == _MAGIC_BYTES[: len(head)]  # (a header cut short)
-            magic, length, n_events, crc = HEADER.unpack(head)
-            if magic != MAGIC or length > MAX_RECORD:
-                return False
-            if offset + HEADER.size + length > size:
-                return True  # (cut short)
-            body = f.read(length)
-            return len(body) == length and _crc(length, n_events, body) == crc
+        try:
+            with open(self._path(seg), "rb") as f:
+                f.seek(offset)
+                head = f.read(HEADER.size)
+                if len(head) < HEADER.size:
+                    return head[:4] == _MAGIC_BYTES[: len(head)]  # (a header cut short)
+                magic, length, n_events, crc = HEADER.unpack(head)
+                if magic != MAGIC or length > MAX_RECORD:
+                    return False
+                if offset + HEADER.size + length > size:
+                    return True  # (cut short)
+                body = f.read(length)
+                return len(body) == length and _crc(length, n_events, body) == crc
+        except OSError as err:
+            # The disk refuses it (EIO): the cursor is taken as the spool wrote it, and the
+            # publisher's read meets the trouble, tries again and sets the segment aside.
+            # Raised here, it stopped the agent at every start.
+            log.warning("spool segment %s: ack cursor not checked (%s)", self._path(seg), err.strerror or err)
+            return True
 
     def _unlink(self, seg: int) -> None:
         """Delete an acknowledged or dropped segment; one that cannot be (a read-only or
@@ -536,6 +567,12 @@ class Spool:
             self._rfile = (seg, open(self._path(seg), "rb"))  # noqa: SIM115
         return self._rfile[1]
 
+    def _close_read(self) -> None:
+        if self._rfile is not None:
+            rfile, self._rfile = self._rfile[1], None
+            with contextlib.suppress(OSError):
+                rfile.close()  # type: ignore[attr-defined]
+
     def _scan(self, seg: int, offset: int):
         """Valid records of one segment from offset, skipping (and counting) damage.
 
@@ -622,16 +659,61 @@ class Spool:
         while len(out) < limit:
             if seg == self._wseg and off >= self._wsize:
                 break
-            for rec in self._scan(seg, off):
-                out.append(rec)
-                off = rec.next.offset
-                if len(out) == limit:
-                    return out
+            if seg not in self._sizes:  # set aside (set_aside) while it was being read
+                seg, off = min(s for s in self._sizes if s > seg), 0
+                continue
+            try:
+                for rec in self._scan(seg, off):
+                    out.append(rec)
+                    off = rec.next.offset
+                    if len(out) == limit:
+                        return out
+            except OSError as err:  # (a segment gone is not this: _scan skips it)
+                self._close_read()  # (the next try opens it again)
+                if out:
+                    return out  # what was read before the error goes; the next read meets it
+                raise SegmentUnreadable(seg, off, err, self._path(seg)) from err
             if seg == self._wseg:
                 break
             # The next segment there is (one gone missing is skipped; logged at start).
             seg, off = min(s for s in self._sizes if s > seg), 0
         return out
+
+    def set_aside(self, unreadable: SegmentUnreadable) -> None:
+        """Take the segment the disk keeps refusing to read out of the spool: renamed
+        ``<n>.seg.unreadable`` (kept, for an operator to look at or recover), its bytes
+        from where the read failed counted in ``unreadable_bytes``, one line naming it.
+        ``read`` goes on with the next segment. Raises OSError only if it is the segment
+        being written and the next one cannot be started."""
+        seg = unreadable.segment
+        if seg not in self._sizes:
+            return  # (already set aside, or acknowledged or dropped meanwhile)
+        if seg == self._wseg:
+            self._rotate()  # (no record goes after one the disk cannot read)
+        if self._rfile is not None and self._rfile[0] == seg:
+            self._close_read()
+        lost = max(0, self._sizes.pop(seg) - unreadable.offset)
+        self.unreadable_bytes += lost
+        path = self._path(seg)
+        aside = path.with_name(path.name + UNREADABLE_SUFFIX)
+        try:
+            os.rename(path, aside)
+            kept = f"kept as {aside}"
+        except OSError as err:
+            # Skipped all the same; a restart finds it again (and deletes it if the
+            # acknowledgements passed it meanwhile).
+            kept = f"left as it is, not renamed to {aside.name} ({err.strerror or err})"
+        log.error(
+            "spool segment %s cannot be read (%s): set aside, %s; its %d bytes from byte %d are not "
+            "sent (ktel_agent_spool_unreadable_bytes_total)",
+            path, unreadable.error.strerror or unreadable.error, kept, lost, unreadable.offset,
+        )  # fmt: skip
+        if self._ack.segment == seg:
+            # (records of it read before the error and still in flight are acknowledged
+            # past: a restart could not send them again, the segment being aside)
+            self._ack = Cursor(min(s for s in self._sizes if s > seg), 0)
+            self._forget_before(self._ack)
+            self._write_ack()
 
     # ------------------------------------------------------------------- ack
 

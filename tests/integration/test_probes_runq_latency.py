@@ -102,7 +102,9 @@ def test_a_start_read_after_its_end_is_skipped_and_counted_not_recorded(tmp_path
 def test_the_agent_exports_the_programs_recursion_misses():
     """The kernel shows each program's recursion_misses (5.12 and later); the agent's
     scrape has them per probe, with their reason."""
-    spool = types.SimpleNamespace(dropped_events=0, corrupt_bytes=0, depth_bytes=lambda: 0)
+    spool = types.SimpleNamespace(
+        dropped_events=0, corrupt_bytes=0, unreadable_bytes=0, depth_bytes=lambda: 0
+    )
     control = types.SimpleNamespace(sample_every=lambda name: 1)
     with loaded("runq_latency") as probe:
         agent = types.SimpleNamespace(loaded={"runq_latency": probe}, spool=spool, control=control)

@@ -4,6 +4,9 @@ at aiokafka's interface: what it does with the errors Kafka answers."""
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -11,6 +14,7 @@ from aiokafka.errors import MessageSizeTooLargeError, ProducerFenced
 
 from edge_agent import agent as agent_mod
 from edge_agent import control as control_mod
+from edge_agent import spool as spool_mod
 from edge_agent import statelock
 from ktel import retry as retry_mod
 from ktel.wire import ControlCommand, decode_batch
@@ -199,3 +203,114 @@ async def test_acknowledgements_of_a_heartbeat_cancelled_in_its_send_go_in_the_n
     assert not beating.done()
     assert await agent_mod.cancelled([beating], 1.0) == set()
     assert agent.control.take_acks() == ["raise-1"]
+
+
+class EIOReads:
+    """A spool segment file whose reads the disk refuses with EIO, ``fails`` of them in
+    all (counted down in ``left``, shared by every open of the file), then read as it is."""
+
+    def __init__(self, f, left: list[float]) -> None:
+        self.f, self.left = f, left
+
+    def read(self, n: int = -1) -> bytes:
+        if self.left[0] > 0:
+            self.left[0] -= 1
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return self.f.read(n)
+
+    def seek(self, *args) -> int:
+        return self.f.seek(*args)
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def restarted_with(tmp_path, monkeypatch, payloads: list[bytes], failing: int, fails: float):
+    """An agent started on a spool that holds ``payloads`` on disk, one segment each (a
+    restart after Kafka was away), whose segment ``failing`` the disk refuses to read
+    ``fails`` times; the number of refused reads left."""
+    sp = spool_mod.Spool(tmp_path / "spool", segment_bytes=1)
+    for p in payloads:
+        assert sp.append(p, 1)
+    sp.close()
+    bad = sp._path(failing).name
+    left = [fails]
+    real_open = open
+
+    def opened(path, *args, **kwargs):
+        f = real_open(path, *args, **kwargs)
+        return EIOReads(f, left) if not isinstance(path, int) and Path(path).name == bad else f
+
+    monkeypatch.setattr(spool_mod, "open", opened, raising=False)
+    return make_agent(tmp_path), left
+
+
+@pytest.fixture
+def no_backoff(monkeypatch):
+    async def no_wait(_s: float) -> None:
+        pass
+
+    monkeypatch.setattr(retry_mod, "_sleep", no_wait)
+
+
+def unreadable_scraped(agent: agent_mod.Agent) -> float:
+    [family] = [
+        f for f in agent_mod.AgentCollector(agent).collect() if f.name == "ktel_agent_spool_unreadable_bytes"
+    ]
+    [sample] = family.samples
+    return sample.value
+
+
+async def test_a_segment_the_disk_keeps_refusing_to_read_is_set_aside_and_the_next_ones_sent(
+    tmp_path, monkeypatch, no_backoff, caplog
+):
+    """Its read raised EIO out of the publisher, which failed the agent; restarted, it
+    read the segment first and failed again, for good, nothing after it sent. It is read
+    SPOOL_READ_TRIES times, then set aside: kept under its set-aside name, its bytes
+    counted on the scrape and the heartbeat, one line naming it; the next segments go."""
+    payloads = [f"batch {i}".encode() * 100 for i in range(4)]
+    agent, left = restarted_with(tmp_path, monkeypatch, payloads, failing=1, fails=float("inf"))
+    try:
+        producer = Producer()
+        agent.producer = producer  # type: ignore[assignment]
+        spool_dir = tmp_path / "spool"
+        bad = spool_dir / "0000000000000001.seg"
+        held = bad.read_bytes()
+        await published(agent, monkeypatch)
+        assert producer.acknowledged == [payloads[0], *payloads[2:]]
+        assert left == [float("inf")]  # (never read through)
+        aside = spool_dir / "0000000000000001.seg.unreadable"
+        assert not bad.exists() and aside.read_bytes() == held
+        lost = len(held)
+        assert agent.spool.unreadable_bytes == lost
+        assert unreadable_scraped(agent) == lost
+        assert agent.heartbeat(1.0, {}, [], {})[0]["counters"]["spool_unreadable_bytes"] == lost
+        [line] = [r.getMessage() for r in caplog.records if "set aside" in r.getMessage()]
+        assert str(bad) in line and str(aside) in line
+        tries = [r for r in caplog.records if "read the spool failed" in r.getMessage()]
+        assert len(tries) == agent_mod.SPOOL_READ_TRIES - 1
+    finally:
+        agent.spool.close()
+        statelock.release(agent.state_lock)
+    # Restarted again: the set-aside segment is neither read nor deleted.
+    again = spool_mod.Spool(spool_dir)
+    try:
+        assert again.read(again.ack_cursor) == [] and aside.read_bytes() == held
+    finally:
+        again.close()
+
+
+async def test_a_segment_the_disk_refuses_once_is_read_again_and_sent(tmp_path, monkeypatch, no_backoff):
+    payloads = [f"batch {i}".encode() * 100 for i in range(3)]
+    agent, left = restarted_with(tmp_path, monkeypatch, payloads, failing=1, fails=1)
+    try:
+        producer = Producer()
+        agent.producer = producer  # type: ignore[assignment]
+        await published(agent, monkeypatch)
+        assert producer.acknowledged == payloads
+        assert left == [0]
+        assert agent.spool.unreadable_bytes == 0
+        assert not list((tmp_path / "spool").glob("*.unreadable"))
+    finally:
+        agent.spool.close()
+        statelock.release(agent.state_lock)

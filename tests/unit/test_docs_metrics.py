@@ -53,7 +53,9 @@ def served() -> dict[str, str]:
     """Every ktel self-metric, as a scrape names it, and its type."""
     families: list[Metric] = [f for metric in module_metrics() for f in metric.describe()]
     # The agent's families made at scrape time, from an agent with no probe loaded.
-    spool = types.SimpleNamespace(dropped_events=0, corrupt_bytes=0, depth_bytes=lambda: 0)
+    spool = types.SimpleNamespace(
+        dropped_events=0, corrupt_bytes=0, unreadable_bytes=0, depth_bytes=lambda: 0
+    )
     families += AgentCollector(types.SimpleNamespace(loaded={}, spool=spool)).collect()  # type: ignore[arg-type]
     names = {_exposed(f.name, f.type): f.type for f in families if f.name.startswith("ktel_")}
     # The worker's per-host series, written as text (processors/fleet_metrics.py).

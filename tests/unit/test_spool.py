@@ -11,7 +11,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from edge_agent.spool import FILES_BYTES, HEADER, IN_FLIGHT_FILE, MAGIC, Spool
+from edge_agent import spool as spool_mod
+from edge_agent.spool import FILES_BYTES, HEADER, IN_FLIGHT_FILE, MAGIC, SegmentUnreadable, Spool
 from ktel import config
 from ktel.config import SPOOL_OVERHEAD_BYTES
 
@@ -748,3 +749,39 @@ def test_damage_in_a_segment_a_full_spool_drops_unread_is_counted(tmp_path, capl
     assert not seg.exists() and again.dropped_batches >= 2
     assert again.corrupt_bytes == rec - 30
     again.close()
+
+
+def test_a_segment_the_disk_refuses_to_read_is_raised_then_set_aside_and_kept(tmp_path, monkeypatch):
+    """The ack cursor's segment, which a start checks the cursor in, is refused (EIO):
+    the start raised it, and the agent stopped at every start. It starts; a read raises
+    SegmentUnreadable where the read is; set aside, the segment is kept under its
+    set-aside name, what it held past the cursor counted, and reads (a restart's too)
+    go on with the next segment."""
+    sp = Spool(tmp_path, segment_bytes=250)  # (2 records of 116 bytes a segment)
+    for i in range(6):
+        assert sp.append(payload(i), n_events=1)
+    [first] = sp.read(sp.ack_cursor, limit=1)
+    sp.ack(first.next)  # (a cursor inside segment 0, which a start checks)
+    sp.close()
+    bad = tmp_path / "0000000000000000.seg"
+    held = bad.read_bytes()
+    real_open = open
+
+    def opened(path, *args, **kwargs):
+        if not isinstance(path, int) and Path(path) == bad:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(spool_mod, "open", opened, raising=False)
+    again = Spool(tmp_path)
+    with pytest.raises(SegmentUnreadable) as refused:
+        again.read(again.ack_cursor)
+    assert (refused.value.segment, refused.value.offset) == (0, first.next.offset)
+    again.set_aside(refused.value)
+    assert again.unreadable_bytes == len(held) - first.next.offset
+    assert read_all(again) == [payload(i) for i in range(2, 6)]
+    again.close()
+    aside = tmp_path / "0000000000000000.seg.unreadable"
+    assert not bad.exists() and aside.read_bytes() == held
+    assert read_back(tmp_path) == [payload(i) for i in range(2, 6)]
+    assert aside.read_bytes() == held
