@@ -17,8 +17,9 @@ dlq        what `ktel dlq` needs: reads ktel.dlq (without a group), and, to re-d
            reads and writes the topics the stages read (ktel.raw, the intermediate
            topics, ktel.heartbeats), and reads the output topics: it reads each dead
            letter's original back before it writes it again, or, an exporter's, sends
-           it to the exporter's backend. It writes neither ktel.dlq nor the output
-           topics nor ktel.control.
+           it to the exporter's backend; and writes ktel.dlq, the marker of each dead
+           letter it delivered, which a later re-drive skips. It writes neither the
+           output topics nor ktel.control.
 status     what `ktel status` reads, and nothing more: reads ktel.heartbeats (without a
            group); describes ktel's consumer groups (``ktel-*``) and the topics they
            consume (ktel's own and the stages' ``ktel-<stage>-*``), for their members,
@@ -75,7 +76,7 @@ def grants(stages: Iterable[str], t: Topics) -> list[Grant]:
         Grant("exporter", ("Write",), "topic", (t.dlq,)),
         Grant("operator", ("Write",), "topic", (t.control,)),
         Grant("dlq", ("Read",), "topic", (t.dlq, *stage_inputs, *outputs)),
-        Grant("dlq", ("Write",), "topic", stage_inputs),
+        Grant("dlq", ("Write",), "topic", (*stage_inputs, t.dlq)),  # (ktel.dlq: the re-drive markers)
         Grant("status", ("Read",), "topic", (t.heartbeats,)),
         Grant("status", ("Describe",), "topic", (t.raw, *intermediate, *outputs)),
         Grant("status", ("Describe",), "topic", (t.group(""),), prefixed=True),

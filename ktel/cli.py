@@ -343,7 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--redrive",
         action="store_true",
         help="re-publish the selected stages' records, with their keys, to the topics they were read "
-        "from; send the selected exporters' to their backends",
+        "from; send the selected exporters' to their backends; each delivered one is marked on ktel.dlq, "
+        "and one marked by an earlier --redrive is skipped",
+    )
+    p.add_argument(
+        "--again",
+        action="store_true",
+        help="with --redrive, re-drive dead letters an earlier --redrive marked as delivered too",
     )
     p.add_argument(
         "--backend-wait",

@@ -22,7 +22,8 @@ carries (same key, same bytes, or the bytes starting with them where the dead le
 payload was cut): anyone who may write ``ktel.dlq`` (every stage and exporter) can
 write a dead letter, but not make ``--redrive`` write what its record was not.
 
-Running it again is safe while the workers hold the host: they drop a batch they have
+Running it again re-publishes only what an earlier run did not mark re-driven ("Re-driving
+once", below), and is safe while the workers hold the host: they drop a batch they have
 already counted (same host, boot and sequence; docs/design.md, "Delivery guarantees"),
 and a heartbeat older than the one they hold of its boot changes nothing. A host
 silent past ``aggregate.host_ttl_seconds`` is forgotten, and its batches re-driven
@@ -90,9 +91,8 @@ receiver takes samples older than its series' newest (Prometheus' out-of-order w
 An OTLP backend's partial success (it took the request but rejected some items, naming
 none) is reported so too. Sending again is safe to repeat to a remote-write receiver,
 which takes a sample it holds again without a word; an OTLP backend stores twice what it
-is sent twice, and a run knows nothing of what an earlier one sent: select what to send
-(``--stage``, ``--from``, ``--reason``) rather than run ``--redrive`` again over what was
-sent. The output topics are kept
+is sent twice: a run skips what an earlier one marked delivered (below), but sends again
+what it did not mark. The output topics are kept
 ``kafka.output_retention_hours`` (a day by default), ``ktel.dlq`` longer: an exporter's dead
 letter whose record retention took is left, as any is. A backend that
 does not take a dead letter within ``--backend-wait`` seconds (``BACKEND_WAIT_S``, 120, by
@@ -105,6 +105,27 @@ gRPC RetryInfo) ending past that ends it at once, saying what it asked for and t
 it sent of the dead letter is not known). One dead letter is sent at a time, in its
 partition's order (a cumulative metric's points must reach an OTLP backend in order), each
 as one delivery of the exporter: a few requests each.
+
+Re-driving once
+---------------
+Each dead letter a run delivered (re-published and acknowledged by Kafka; sent and taken
+whole by its backend, or all its items sent in the run by other dead letters so taken) is
+marked on ktel.dlq: a re-drive marker (``ktel.wire.control.Redriven``, a record of the
+dead letters' schema) keyed as the dead letter, in its partition, so after it, naming it
+(partition, offset), the time and what it went to. Before it re-drives anything, a run
+reads the markers of its window's partitions (``read_markers``; a marker follows its dead
+letter, so the window holds it) and skips each dead letter marked, saying so and counting
+it, unless ``--again``. A marker is never a dead letter: it is neither listed nor
+re-driven, and a listing only counts the markers it reads.
+
+Delivery and marker are two steps: a run killed between them (SIGKILL) delivers that dead
+letter again next time (at least once), and a marker Kafka does not take is reported and
+leaves the dead letter to the next run (exit status 1). Anyone who may write ktel.dlq can
+write a marker, so a marker is trusted only to skip, never to send: one that does not
+decode is a record that is not a dead letter; one that names no record before it in its
+own partition, or is keyed otherwise than the dead letter it names, is reported and
+ignored. One that passes keeps its dead letter from the run (as deleting it would), its
+line naming the marker, which ``--again`` overrides.
 """
 
 from __future__ import annotations
@@ -140,11 +161,14 @@ from ktel.retry import AskedPastDeadline, Permanent, Transient, retry
 from ktel.retry import deadline as retry_deadline
 from ktel.wire import (
     DeadLetter,
+    Redriven,
     WireError,
     check_keyed,
     decode_batch,
     decode_dead_letter,
+    decode_dlq_record,
     decode_heartbeat,
+    encode_redriven,
     encode_signal,
     not_part_of,
     row_bytes,
@@ -152,7 +176,7 @@ from ktel.wire import (
     with_rows,
 )
 from ktel.wire.codec import MAX_RECORD_BYTES
-from ktel.wire.control import DEAD_LETTER_KEY_BYTES, PAYLOAD_CUT
+from ktel.wire.control import DEAD_LETTER_KEY_BYTES, PAYLOAD_CUT, REDRIVEN
 
 log = logging.getLogger("ktel.dlq")
 
@@ -368,6 +392,11 @@ class SentBefore:
     whole: bool = False
     rows: collections.Counter[bytes] = dataclasses.field(default_factory=collections.Counter)
     by: list[str] = dataclasses.field(default_factory=list)
+    # The backend each delivery went to while its backend took all of them; None once one
+    # was refused (some of it) again: a dead letter all of whose items were sent is marked
+    # re-driven only then.
+    taken_by: str | None = None
+    refused: bool = False
 
     def rest(self, item: Any) -> Any | None:
         """``item`` (the record, or some of its rows) less the rows sent before: ``item``
@@ -388,10 +417,12 @@ class SentBefore:
             return item  # (none of its rows was sent: its line says nothing of the others)
         return with_rows(item, rows) if rows else None
 
-    def add(self, item: Any, whole: bool, at: str) -> None:
+    def add(self, item: Any, whole: bool, at: str, taken_by: str | None = None) -> None:
         """``item`` sent by the dead letter at ``at``; ``whole``: it carried the record, all
-        of whose rows are sent now."""
+        of whose rows are sent now; ``taken_by``: the backend that took all of it, or None."""
         self.by.append(at)
+        self.refused = self.refused or taken_by is None
+        self.taken_by = None if self.refused else taken_by
         if whole:
             self.whole = True
             self.rows.clear()
@@ -475,12 +506,15 @@ class Found:
     unusable: str | None  # why it cannot be re-driven (or its backend refused it again), or None
     sent_to: str | None = None  # the backend an exporter's dead letter was sent to
     sent_already: str | None = None  # what of it was not sent, as sent already in this run
+    redriven: Marked | None = None  # the marker of an earlier --redrive that delivered it, skipped
 
     def line(self) -> str:
         dl = self.letter
         key = "" if self.key is None else f" key={key_text(self.key)!r}"
         state = (
-            f"left: {self.unusable}"
+            f"skipped: {self.redriven.text()}; --again re-drives it again"
+            if self.redriven
+            else f"left: {self.unusable}"
             if self.unusable
             else f"sent: {self.sent_to}"
             if self.sent_to
@@ -506,12 +540,30 @@ class Found:
                 "reason": dl.reason,
                 "payload_bytes": len(dl.payload or b""),
                 "payload": (dl.payload or b"").hex(),
-                "redrive": self.unusable is None,
+                "redrive": self.unusable is None and self.redriven is None,
                 "left_because": self.unusable,
                 "sent_to": self.sent_to,
                 "sent_already": self.sent_already,
+                "redriven": None if self.redriven is None else self.redriven.json(),
             }
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class Marked:
+    """A re-drive marker read from ktel.dlq: ``marker`` at ``at`` (ktel.dlq[partition]@offset),
+    keyed ``key``."""
+
+    marker: Redriven
+    at: str
+    key: bytes | None
+
+    def text(self) -> str:
+        to = printable(self.marker.to)
+        return f"re-driven at {record_time(self.marker.at_ms)} to {to} (marked at {self.at})"
+
+    def json(self) -> dict[str, str]:
+        return {"at": record_time(self.marker.at_ms), "to": self.marker.to, "marker": self.at}
 
 
 @dataclasses.dataclass
@@ -525,16 +577,22 @@ class Summary:
     refused: int = 0  # sent to its backend, which refused it (or some of it) again
     left: int = 0
     failed: int = 0  # re-published, but Kafka did not take it
+    markers: int = 0  # re-drive markers read (not dead letters)
+    already: int = 0  # skipped: an earlier --redrive marked them delivered
+    unmarked: int = 0  # delivered, but Kafka did not take the marker saying so
     output_closed: bool = False  # stdout's reader went away; the listing was not read to its end
     failures: list[str] = dataclasses.field(default_factory=list)
 
     def line(self, topic: str, redrive: bool) -> str:
         parts = [
             f"read {self.records} dead letters from {self.partitions} partitions of {topic}",
+            *([f"{self.markers} re-drive markers"] if self.markers else []),
             *([f"{self.undecodable} not dead letters"] if self.undecodable else []),
             f"selected {self.selected}",
         ]
         if redrive:
+            if self.already:
+                parts.append(f"skipped {self.already} already re-driven (--again re-drives them)")
             to = ", ".join(f"{n} to {t}" for t, n in sorted(self.redriven.items()))
             parts.append(f"re-published {sum(self.redriven.values())}{f' ({to})' if to else ''}")
             if self.sent or self.refused:
@@ -544,6 +602,8 @@ class Summary:
             parts.append(f"left {self.left}")
             if self.failed:
                 parts.append(f"failed {self.failed}")
+            if self.unmarked:
+                parts.append(f"not marked re-driven {self.unmarked}")
         if self.output_closed:
             parts.append("stopped early: the reader of stdout went away")
         return "; ".join(parts)
@@ -561,6 +621,7 @@ class Options:
     stage_topics: Mapping[str, HostOf]
     exporters: Mapping[str, Exporter]
     redrive: bool = False
+    again: bool = False  # --again: re-drive also what an earlier --redrive marked delivered
     json: bool = False
     client: KafkaConfig = dataclasses.field(default_factory=KafkaConfig)
     # The codec of what --redrive writes: the agent's (agent.compression).
@@ -687,7 +748,14 @@ async def run(
         if opts.redrive
         else None
     )
-    in_flight: list[tuple[asyncio.Future[Any], str, str]] = []  # (the send, its topic, its dead letter)
+    # (the send, its topic, its dead letter: where it is, its partition, offset and key)
+    in_flight: list[tuple[asyncio.Future[Any], str, str, int, int, bytes | None]] = []
+    # The re-drive markers of the dead letters to skip, by the dead letter's (partition, offset):
+    # read before any is re-driven (``read_markers``), unless --again.
+    marks: dict[tuple[int, int], Marked] = {}
+    marks_reader = (
+        topic_window.consumer(opts.client, opts.bootstrap) if opts.redrive and not opts.again else None
+    )
     # The exporters' deliveries to their backends, each opened at its first dead letter.
     backends = contextlib.AsyncExitStack()
     deliveries: dict[str, Delivery] = {}
@@ -705,14 +773,45 @@ async def run(
             summary.failures.append(what)
             report(f"ktel dlq: {what}")
 
+    async def mark(partition: int, offset: int, key: bytes | None, to: str) -> asyncio.Future[Any]:
+        """Send the marker of the dead letter at ktel.dlq[partition]@offset, delivered to
+        ``to``: keyed as it is, in its partition, so after it."""
+        assert out is not None
+        marker = Redriven(partition, offset, time.time_ns() // 1_000_000, to)
+        return await out.send(opts.dlq_topic, encode_redriven(marker), key=key, partition=partition)
+
+    def unmarked(at: str, err: BaseException) -> None:
+        summary.unmarked += 1
+        shown(
+            f"{at}: delivered, but not marked re-driven on {opts.dlq_topic} ({err!r}): a later --redrive "
+            "delivers it again unless it is kept from it"
+        )
+
+    async def marked(partition: int, offset: int, key: bytes | None, to: str, at: str) -> None:
+        """Mark the dead letter at ``at`` delivered to ``to``, and wait for Kafka to take it."""
+        try:
+            await (await mark(partition, offset, key, to))
+        except Exception as err:
+            unmarked(at, err)
+
     async def settle() -> None:
-        results = await asyncio.gather(*(f for f, _, _ in in_flight), return_exceptions=True)
-        for (_, topic, at), result in zip(in_flight, results, strict=True):
+        results = await asyncio.gather(*(f for f, *_ in in_flight), return_exceptions=True)
+        marking: list[tuple[str, asyncio.Future[Any]]] = []
+        for (_, topic, at, partition, offset, key), result in zip(in_flight, results, strict=True):
             if isinstance(result, BaseException):
                 summary.redriven[topic] -= 1
                 summary.failed += 1
                 shown(f"{at}: not re-published to {topic}: {result!r}")
+                continue
+            try:
+                marking.append((at, await mark(partition, offset, key, topic)))
+            except Exception as err:
+                unmarked(at, err)
         in_flight.clear()
+        done = await asyncio.gather(*(f for _, f in marking), return_exceptions=True)
+        for (at, _), result in zip(marking, done, strict=True):
+            if isinstance(result, BaseException):
+                unmarked(at, result)
 
     async def redriven(dl: DeadLetter, key: bytes | None) -> tuple[bytes, str | None]:
         """The record to re-publish for ``dl``, or why there is none."""
@@ -735,17 +834,20 @@ async def run(
                 raise DlqError(f"cannot send the {stage} exporter's dead letters: {err}") from None
         return deliveries[stage]
 
-    async def sent(dl: DeadLetter, key: bytes | None, at: str) -> tuple[str | None, str | None, str | None]:
+    async def sent(
+        dl: DeadLetter, key: bytes | None, at: str
+    ) -> tuple[str | None, str | None, str | None, str | None]:
         """Send an exporter's dead letter to its backend: (the backend, None, ...) when it
         took all of it, (the backend, why not, ...) when it refused some of it again, (None,
-        why, None) when it was not sent; the last, what of it was left out as sent already
-        in this run, or None."""
+        why, None, ...) when it was not sent; the third, what of it was left out as sent
+        already in this run, or None; the last, the backend that took all it carries, to
+        mark it re-driven to, or None."""
         assert originals is not None
         exporter = opts.exporters[dl.stage]
         rec = await originals.record(dl.topic, dl.partition, dl.offset)
         found = to_send(dl, key, rec, exporter.topics[dl.topic])
         if isinstance(found, str):
-            return None, found, None
+            return None, found, None, None
         item, value = found
         before = sent_before[(dl.stage, dl.topic, dl.partition, dl.offset)]
         whole = rec is not None and carried(dl, key, rec)
@@ -756,6 +858,9 @@ async def run(
                 f"all it carries was sent in this run already, with {before.named()} (its items "
                 "dead-lettered again, or a copy: an OTLP backend stores twice what it is sent twice)",
                 None,
+                # (taken whole by the backend, it is marked as the ones that sent it are: a
+                # later --redrive would send it as the first of its items)
+                before.taken_by,
             )
         less = None
         if rest is not item:
@@ -800,38 +905,55 @@ async def run(
                 f"sending {at} to {to.backend} failed: {type(err).__name__}: {printable(str(err))[:500]}: "
                 "stopped there, the dead letters from it on left"
             ) from err
-        # Sent, whatever the backend answered: what it refused, it refuses again in this run.
-        before.add(item, whole, at)
         taken, unstored = counted(exporter.acknowledged) - taken, counted(exporter.unstored) - unstored
-        return to.backend, outcome(to.backend, refused.reasons, taken, unstored, exporter), less
+        why = outcome(to.backend, refused.reasons, taken, unstored, exporter)
+        # Sent, whatever the backend answered: what it refused, it refuses again in this run.
+        before.add(item, whole, at, to.backend if why is None else None)
+        return to.backend, why, less, to.backend if why is None else None
 
     async def handle(tp: TopicPartition, rec: ConsumerRecord) -> None:
-        summary.records += 1
         at = f"{tp.topic}[{tp.partition}]@{rec.offset}"
         try:
-            dl = decode_dead_letter(rec.value or b"")
+            dl = decode_dlq_record(rec.value or b"")
         except WireError as err:
+            summary.records += 1
             summary.undecodable += 1
             shown(f"{at}: {err}")
             return
+        if isinstance(dl, Redriven):
+            summary.markers += 1
+            why = marker_of(tp, rec, dl)
+            if isinstance(why, str):
+                shown(why)
+            return
+        summary.records += 1
         if not sel.takes(dl, rec.key):
             return
         summary.selected += 1
+        earlier = marks.get((tp.partition, rec.offset))
+        if earlier is not None and earlier.key != rec.key:
+            shown(f"{earlier.at}: a re-drive marker of {at}, keyed otherwise than it: ignored")
+            earlier = None
         unusable = why_not_redrivable(dl, rec.key, opts.stage_topics, exporter_topics)
         value = b""
         backend = less = None
-        if out is not None and unusable is None:
+        if out is not None and unusable is None and earlier is None:
             if dl.topic in opts.stage_topics:
                 value, unusable = await redriven(dl, rec.key)
             else:
-                backend, unusable, less = await sent(dl, rec.key, at)
-        line = Found(at, rec.timestamp, rec.key, dl, unusable, backend, less)
+                backend, unusable, less, mark_to = await sent(dl, rec.key, at)
+                if mark_to is not None:
+                    await marked(tp.partition, rec.offset, rec.key, mark_to, at)
+        line = Found(at, rec.timestamp, rec.key, dl, unusable, backend, less, earlier)
         try:
             write(line.json() if opts.json else line.line())
         except OutputClosed:
             if out is None:
                 raise  # (a listing ends; a --redrive goes on without one)
         if out is None:
+            return
+        if earlier is not None:
+            summary.already += 1
             return
         if backend is not None:
             if unusable is None:
@@ -843,7 +965,7 @@ async def run(
             summary.left += 1
             return
         fut = await out.send(dl.topic, value, key=rec.key, headers=[(HEADER, at.encode())])
-        in_flight.append((fut, dl.topic, at))
+        in_flight.append((fut, dl.topic, at, tp.partition, rec.offset, rec.key))
         summary.redriven[dl.topic] += 1
         if len(in_flight) >= MAX_IN_FLIGHT:
             await settle()
@@ -852,12 +974,14 @@ async def run(
     # warns of any left unstopped, and one whose start failed may have its metadata task
     # running (an idempotent producer refused a producer id).
     clients: list[AIOKafkaConsumer | AIOKafkaProducer] = [
-        c for c in (reader, originals.reader if originals else None, out) if c is not None
+        c for c in (reader, marks_reader, originals.reader if originals else None, out) if c is not None
     ]
     try:
         for client in clients:
             await client.start()
         failure: topic_window.ReadError | KafkaError | DlqError | None = None
+        if marks_reader is not None:
+            marks.update(await read_markers(marks_reader, parts, sel.from_ms, opts.bootstrap))
         try:
             async with contextlib.aclosing(
                 topic_window.records(reader, parts, sel.from_ms, opts.bootstrap)
@@ -880,13 +1004,52 @@ async def run(
     except KafkaError as err:
         raise DlqError(f"Kafka failed: {err}") from None
     finally:
-        for f, _, _ in in_flight:
+        for f, *_ in in_flight:
             f.cancel()
         try:
             await backends.aclose()
         finally:
             for client in reversed(clients):
                 await client.stop()
+
+
+def marker_of(tp: TopicPartition, rec: ConsumerRecord, marker: Redriven) -> Marked | str:
+    """``marker``, read at ``tp`` from ``rec``, as it marks a dead letter, or why it marks
+    none: one naming a place that is not before it in its own partition (where ``--redrive``
+    writes every marker) is ignored, as the dead letter it names is not one it can follow."""
+    at = f"{tp.topic}[{tp.partition}]@{rec.offset}"
+    if marker.partition != tp.partition or marker.offset >= rec.offset:
+        return (
+            f"{at}: a re-drive marker naming {tp.topic}[{marker.partition}]@{marker.offset}, not a record "
+            "before it in its partition: ignored"
+        )
+    return Marked(marker, at, rec.key)
+
+
+async def read_markers(
+    reader: AIOKafkaConsumer, parts: list[TopicPartition], start_ms: int | None, bootstrap: str
+) -> dict[tuple[int, int], Marked]:
+    """The re-drive markers of ``parts`` (ktel.dlq's) from ``start_ms`` on, the last of each
+    dead letter, by its (partition, offset): a marker follows its dead letter, so those of
+    the dead letters a window holds are in it. Any other record, a marker that does not
+    decode or marks no dead letter included, marks none (the read of the dead letters
+    reports it)."""
+    marks: dict[tuple[int, int], Marked] = {}
+    needle = REDRIVEN.encode()
+    async with contextlib.aclosing(topic_window.records(reader, parts, start_ms, bootstrap)) as window:
+        async for tp, rec in window:
+            value = rec.value or b""
+            if needle not in value:  # (a marker's map holds its key: no dead letter is decoded here)
+                continue
+            try:
+                record = decode_dlq_record(value)
+            except WireError:
+                continue
+            if isinstance(record, Redriven):
+                found = marker_of(tp, rec, record)
+                if isinstance(found, Marked):
+                    marks[(tp.partition, record.offset)] = found
+    return marks
 
 
 def stage_topics(cfg: Config) -> dict[str, HostOf]:
@@ -915,6 +1078,8 @@ def options(cfg: Config, args: Any, now_ns: int | None = None) -> Options:
         to_ms = None if args.to is None else parse_time(args.to, now_ns) // 1_000_000
     except ReplayError as err:
         raise DlqError(str(err)) from None
+    if args.again and not args.redrive:
+        raise DlqError("--again goes with --redrive: it re-drives what an earlier --redrive marked delivered")
     if from_ms is not None and to_ms is not None and from_ms >= to_ms:
         raise DlqError(
             f"--from ({format_ns(from_ms * 1_000_000)}) must be before --to ({format_ns(to_ms * 1_000_000)})"
@@ -937,6 +1102,7 @@ def options(cfg: Config, args: Any, now_ns: int | None = None) -> Options:
         stage_topics=stage_topics(cfg),
         exporters=exporters(cfg),
         redrive=args.redrive,
+        again=args.again,
         json=args.json,
         client=cfg.kafka,
         compression=cfg.agent.compression,
@@ -1017,4 +1183,4 @@ def main(cfg: Config, args: Any, stdout: TextIO | None = None, stderr: TextIO | 
         report(f"ktel dlq: {error}")
         return 2
     report(f"ktel dlq: {summary.line(opts.dlq_topic, opts.redrive)}")
-    return 1 if summary.left or summary.refused or summary.failed else 0
+    return 1 if summary.left or summary.refused or summary.failed or summary.unmarked else 0

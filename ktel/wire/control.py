@@ -73,6 +73,18 @@ Dead letter (key = the original key)::
 
     {"v": 1, "stage": str, "reason": str, "topic": str, "partition": int,
      "offset": int, "payload": bytes}
+
+Re-drive marker (key = the dead letter's key on ktel.dlq, in its partition, after it)::
+
+    {"v": 1, "redriven": {"partition": int, "offset": int, "at_ms": int, "to": str}}
+
+says that ``ktel dlq --redrive`` delivered the dead letter at
+``ktel.dlq[partition]@offset`` at ``at_ms`` (its wall clock) to ``to`` (the backend it
+was sent to, or the topic it was re-published to), so that a later re-drive skips it
+(ktel/dlq.py). The two are one family: ``decode_dlq_record`` reads either, and
+``decode_dead_letter`` refuses a marker. A record with a ``redriven`` key is a marker,
+whatever else it holds, and is never taken for a dead letter; readers that predate
+markers refuse one as not a dead letter (it has none of a dead letter's fields).
 """
 
 from __future__ import annotations
@@ -338,8 +350,65 @@ def dead_letter_record(dl: DeadLetter, key: bytes | None) -> tuple[bytes | None,
     return key, encode_dead_letter(dataclasses.replace(cut, payload=payload[:keep]))
 
 
-def decode_dead_letter(data: bytes) -> DeadLetter:
-    obj = unpack(data, "dead letter", DEAD_LETTER_SHAPE)
+@dataclasses.dataclass(frozen=True)
+class Redriven:
+    """A re-drive marker: the dead letter at ktel.dlq[partition]@offset was delivered."""
+
+    partition: int
+    offset: int
+    at_ms: int  # when, by the wall clock of ``ktel dlq --redrive``
+    to: str  # the backend it was sent to, or the topic it was re-published to
+
+
+REDRIVEN = "redriven"
+REDRIVEN_TO_CHARS = 512
+REDRIVEN_SHAPE = Shape(
+    (
+        Key(
+            REDRIVEN,
+            Shape(
+                (
+                    Key("partition", Int(0, U32)),
+                    Key("offset", Int(0, U63)),
+                    Key("at_ms", Int(0, U63)),
+                    Key("to", Str(REDRIVEN_TO_CHARS)),
+                )
+            ),
+        ),
+    )
+)
+# A map of the schema's version, of any keys: what a record of ktel.dlq is before it is
+# told a marker or a dead letter.
+_ANY_MAP = Shape(())
+
+
+def encode_redriven(marker: Redriven) -> bytes:
+    obj = dataclasses.asdict(marker)
+    obj["to"] = marker.to[:REDRIVEN_TO_CHARS]
+    return pack({REDRIVEN: obj})
+
+
+def decode_dlq_record(data: bytes) -> DeadLetter | Redriven:
+    """A record of ktel.dlq: a dead letter, or a re-drive marker (one with a ``redriven``
+    key, whatever else it holds); raises WireError naming what is wrong."""
+    obj = unpack(data, "dead letter", _ANY_MAP)
+    if REDRIVEN in obj:
+        problem = REDRIVEN_SHAPE.problem(obj)
+        if problem is not None:
+            raise WireError(f"re-drive marker: {problem}")
+        m = obj[REDRIVEN]
+        return Redriven(m["partition"], m["offset"], m["at_ms"], m["to"])
+    problem = DEAD_LETTER_SHAPE.problem(obj)
+    if problem is not None:
+        raise WireError(f"dead letter: {problem}")
     return DeadLetter(
         obj["stage"], obj["reason"], obj["topic"], obj["partition"], obj["offset"], obj["payload"]
     )
+
+
+def decode_dead_letter(data: bytes) -> DeadLetter:
+    """A dead letter; WireError for anything else, a re-drive marker included."""
+    record = decode_dlq_record(data)
+    if isinstance(record, Redriven):
+        raise WireError("dead letter: a re-drive marker, not a dead letter")
+    return record

@@ -180,6 +180,19 @@ def test_dead_letters_are_listed_and_re_driven_to_their_topics_except_those_that
     assert list(beats[0].headers) == [("ktel-redriven-from", b"ktel.dlq[0]@1")]
     assert asyncio.run(read_topic(bootstrap, METRICS_TOPIC, idle_s=0.5)) == []
 
+    # Each re-published one marked on ktel.dlq, after it: the next --redrive skips them.
+    once = ktel_dlq(bootstrap, "--redrive")
+    assert once.returncode == 1, once.stderr  # (the same 5 left)
+    assert once.stderr.splitlines()[-1].endswith(
+        "; 3 re-drive markers; 1 not dead letters; selected 8; skipped 3 already re-driven "
+        "(--again re-drives them); re-published 0; left 5"
+    )
+    skipped = [line for line in once.stdout.splitlines() if "(skipped: re-driven at " in line]
+    assert [line.split()[1] for line in skipped] == ["ktel.dlq[0]@0", "ktel.dlq[0]@1", "ktel.dlq[0]@4"]
+    assert f"to {HEARTBEATS_TOPIC} (marked at ktel.dlq[0]@" in skipped[1]
+    again = [r for r in asyncio.run(read_topic(bootstrap, RAW_TOPIC, idle_s=0.5)) if r.headers]
+    assert sorted((r.partition, r.offset) for r in again) == sorted((r.partition, r.offset) for r in copies)
+
 
 def test_a_batch_the_agent_sent_with_a_kafka_codec_is_re_driven_compressed_as_it_came(private_kafka):
     """With agent.compression a Kafka codec (lz4, gzip), the agent's producer compresses a
@@ -462,3 +475,61 @@ def test_a_span_the_collector_refused_is_sent_alone_to_a_collector_that_takes_it
         asyncio.run(wait_for(lambda: names(raised), "the large span at the Collector"))
         [got] = [s for s in raised.spans() if s["resource"].get("host.id") == host]
         assert (got["name"], attributes(got["attributes"])) == ("large", large[8])
+
+
+def test_a_second_redrive_sends_to_the_collector_nothing_the_first_sent_unless_again(private_kafka, tmp_path):
+    """An OTLP backend stores twice what it is sent twice: the first `ktel dlq --redrive`
+    marks the dead letter it sent on ktel.dlq, keyed as it, in its partition, after it; a
+    second over the same dead letters sends nothing, saying it skipped it; `--again` sends
+    it once more."""
+    bootstrap = private_kafka.bootstrap
+    run = uuid.uuid4().hex[:12]
+    host = f"host-{run}"
+    batch = encode_spans(SpanBatch({"host.id": host}, [span(run, "once", time.time_ns())]))
+    [(partition, offset)] = asyncio.run(send(bootstrap, SPANS_TOPIC, [(host.encode(), batch)]))
+    letter = DeadLetter("otlp", "HTTP 400: refused for the test", SPANS_TOPIC, partition, offset, batch)
+    [(dlq_partition, dlq_offset)] = asyncio.run(
+        send(bootstrap, DLQ_TOPIC, [dead_letter_record(letter, host.encode())])
+    )
+    at = f"ktel.dlq[{dlq_partition}]@{dlq_offset}"
+
+    with LocalCollector(tmp_path / "collector", free_port(), free_port()) as col:
+        env = {"KTEL_OTLP__PROTOCOL": "http/protobuf", "KTEL_OTLP__ENDPOINT": col.http_endpoint}
+        backend = f"OTLP export to {col.http_endpoint}"
+
+        def spans() -> int:
+            return sum(s["resource"].get("host.id") == host for s in col.spans())
+
+        first = ktel_dlq(bootstrap, "--redrive", "--host", host, env=env)
+        assert first.returncode == 0, first.stderr
+        assert first.stderr.splitlines()[-1].endswith(
+            f"selected 1; re-published 0; sent 1 (1 {backend}); refused again 0; left 0"
+        )
+        asyncio.run(wait_for(lambda: spans() == 1, "the span at the Collector"))
+        [dead, marker] = [r for r in asyncio.run(read_topic(bootstrap, DLQ_TOPIC, idle_s=0.5))]
+        assert (marker.key, marker.partition) == (dead.key, dead.partition) and marker.offset > dead.offset
+
+        second = ktel_dlq(bootstrap, "--redrive", "--host", host, env=env)
+        assert second.returncode == 0, second.stderr
+        [line] = second.stdout.splitlines()
+        assert line.startswith(f"{format_ns(dead.timestamp * 1_000_000)} {at} otlp: ")
+        assert (
+            "(skipped: re-driven at " in line
+            and f" to {backend} (marked at ktel.dlq[{dead.partition}]@{marker.offset}); "
+            "--again re-drives it again)"
+            in line
+        )
+        assert second.stderr.splitlines()[-1].endswith(
+            "1 re-drive markers; selected 1; skipped 1 already re-driven (--again re-drives them); "
+            "re-published 0; left 0"
+        )
+
+        again = ktel_dlq(bootstrap, "--redrive", "--again", "--host", host, env=env)
+        assert again.returncode == 0, again.stderr
+        assert again.stderr.splitlines()[-1].endswith(f"sent 1 (1 {backend}); refused again 0; left 0")
+        asyncio.run(wait_for(lambda: spans() == 2, "the span at the Collector a second time"))
+        # (the second run's sent nothing: the Collector has the span from the first and --again)
+        third = ktel_dlq(bootstrap, "--redrive", "--host", host, env=env)
+        assert third.returncode == 0 and "skipped 1 already re-driven" in third.stderr, third.stderr
+        assert spans() == 2
+    assert len(asyncio.run(read_topic(bootstrap, DLQ_TOPIC, idle_s=0.5))) == 3  # the dead letter, two markers

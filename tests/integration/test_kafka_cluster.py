@@ -267,8 +267,8 @@ async def records_after(kafka: config.KafkaConfig, topic: str, partition: int, o
 
 def test_the_dlq_principal_re_drives_a_dead_letter_and_can_write_no_other_topic(secured):
     """`ktel dlq --redrive` on the principal `ktel acls` gives the dlq role: a batch a
-    stage dead-lettered goes back to ktel.raw, read back from there first; ktel.dlq, the
-    output topics and ktel.control are refused to it."""
+    stage dead-lettered goes back to ktel.raw, read back from there first, and its marker
+    to ktel.dlq, after it; the output topics and ktel.control are refused to it."""
     host = f"dlq-{uuid.uuid4().hex[:8]}"
     event = [FILE_CREATED.id, 1, 2, 2, 0, "w", "/d/f", 0o101, False]
     batch = encode_batch(RawBatch(host, "boot", 0, 1, [event]))
@@ -285,8 +285,11 @@ def test_the_dlq_principal_re_drives_a_dead_letter_and_can_write_no_other_topic(
         r for r in asyncio.run(records_after(admin, RAW_TOPIC, partition, offset)) if r.key == host.encode()
     ]
     assert [(r.value, [name for name, _ in r.headers]) for r in copies] == [(batch, ["ktel-redriven-from"])]
+    again = ktel_as(secured, "dlq", "dlq", "--redrive", "--host", host)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "skipped 1 already re-driven" in again.stderr  # (its marker written, on ktel.dlq)
 
-    denied = [DLQ_TOPIC, CONTROL_TOPIC, METRICS_TOPIC, SPANS_TOPIC, LOGS_TOPIC]
+    denied = [CONTROL_TOPIC, METRICS_TOPIC, SPANS_TOPIC, LOGS_TOPIC]
     as_dlq = load(secured.config_file("dlq")).kafka
     assert sorted(asyncio.run(refused_writes(as_dlq, denied))) == sorted(denied)
 

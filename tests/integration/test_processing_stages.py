@@ -818,7 +818,7 @@ def test_records_refused_past_max_hosts_are_counted_once_when_re_driven_after_it
     private_kafka, tmp_path
 ):
     """`ktel dlq --redrive` puts a refused host's batches back on ktel.raw; a worker with
-    room counts them, and re-driving them again counts nothing twice."""
+    room counts them, and re-driving them again (--again) counts nothing twice."""
     bootstrap = private_kafka.bootstrap
     w = Worker(tmp_path, bootstrap, "w", KTEL_PROCESS__MAX_HOSTS="1").start()
     held = list(batches(1, 6, 5))  # host-00
@@ -845,7 +845,11 @@ def test_records_refused_past_max_hosts_are_counted_once_when_re_driven_after_it
         expected = {**batches_totals(1, 6, 5), ("new", "/new/x"): 6.0}
         assert wait_for_totals(bootstrap, expected) == expected
         assert w.metric("ktel_processor_duplicate_batches_total") == 0
-        again = subprocess.run(redrive, env=env, capture_output=True, text=True, timeout=120)
+        # The next --redrive skips what the first marked re-driven; --again re-publishes it.
+        skipped = subprocess.run(redrive, env=env, capture_output=True, text=True, timeout=120)
+        assert skipped.returncode == 0, skipped.stderr
+        assert "skipped 3 already re-driven" in skipped.stderr.splitlines()[-1]
+        again = subprocess.run([*redrive, "--again"], env=env, capture_output=True, text=True, timeout=120)
         assert again.returncode == 0, again.stderr
         deadline = time.monotonic() + 60
         while w.metric("ktel_processor_duplicate_batches_total") < 3 and time.monotonic() < deadline:

@@ -8,6 +8,7 @@ import json
 import re
 from types import SimpleNamespace
 
+import msgpack
 import pytest
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaConnectionError, OffsetOutOfRangeError
@@ -20,12 +21,15 @@ from ktel.wire import (
     FILE_CREATED,
     DeadLetter,
     RawBatch,
+    Redriven,
     dead_letter_record,
     decode_dead_letter,
+    decode_dlq_record,
     encode_batch,
     encode_heartbeat,
+    encode_redriven,
 )
-from ktel.wire.codec import MAX_RECORD_BYTES
+from ktel.wire.codec import MAX_RECORD_BYTES, pack
 from ktel.wire.control import DEAD_LETTER_KEY_BYTES
 from tests.unit.topic_window_fake import IdleClient, read_through
 
@@ -157,12 +161,15 @@ async def test_a_redrive_cut_short_counts_what_kafka_took_and_refused(monkeypatc
     re-published only the records Kafka acknowledged, and as failed those it refused: the
     sends in flight were counted re-published as sent, and never waited for."""
     tp = TopicPartition("ktel.dlq", 0)
+    reads = []
 
     async def read(consumer, parts, start_ms, bootstrap):
+        reads.append(start_ms)
         for offset in range(2):
             key, value = dead_letter_record(letter(), b"b")
             yield tp, SimpleNamespace(key=key, value=value, offset=offset, timestamp=NOW // 1_000_000)
-        raise failure
+        if len(reads) == 2:  # (the read of the dead letters, after that of the re-drive markers)
+            raise failure
 
     class Client(IdleClient):
         """A consumer, and a producer as far as --redrive uses it: the first record sent
@@ -171,7 +178,7 @@ async def test_a_redrive_cut_short_counts_what_kafka_took_and_refused(monkeypatc
         def __init__(self, **kw):
             self.sent = 0
 
-        async def send(self, topic, value, key=None, headers=None):
+        async def send(self, topic, value, key=None, headers=None, partition=None):
             self.sent += 1
             refused = self.sent == 2
 
@@ -242,6 +249,7 @@ def test_a_line_and_a_json_object_per_dead_letter():
         "left_because": None,
         "sent_to": None,
         "sent_already": None,
+        "redriven": None,  # (the marker of an earlier --redrive that delivered it, which skips it)
     }
 
 
@@ -255,6 +263,7 @@ def args(**kw):
         reason=None,
         json=False,
         redrive=False,
+        again=False,
         backend_wait=None,
     )
     return argparse.Namespace(**{**base, **kw})
@@ -489,3 +498,90 @@ async def test_a_record_the_leader_no_longer_holds_is_none_at_once(originals_of,
     part.answers = [answer]
     assert await originals.record("ktel.raw", 0, 5) is None
     assert part.fetches == 2
+
+
+@pytest.mark.parametrize("again", [False, True])
+async def test_a_redrive_skips_what_a_marker_says_it_delivered_and_ignores_markers_that_cannot_say_so(
+    monkeypatch, again
+):
+    """Anyone who may write ktel.dlq can write a re-drive marker: one that marks a dead
+    letter before it in its partition, keyed as it, skips that dead letter (unless
+    --again); one that does not decode, names no record before it in its partition, or is
+    keyed otherwise marks nothing, and is reported; none crashes the run or is re-driven.
+    Each dead letter re-published is marked, keyed as it, in its partition."""
+    tp = TopicPartition("ktel.dlq", 0)
+    _, dead = dead_letter_record(letter(), b"b")
+
+    def marker(partition, offset):
+        return encode_redriven(Redriven(partition, offset, NOW // 1_000_000, "ktel.raw"))
+
+    records = [
+        (b"b", dead),  # @0: marked below
+        (b"b", dead),  # @1: marked by a marker keyed otherwise
+        (b"b", dead),  # @2
+        (b"b", marker(0, 0)),
+        (b"b", pack({"redriven": {"partition": "0", "offset": 2}})),  # (does not decode)
+        (b"b", marker(0, 9)),  # (names a record after it)
+        (b"other", marker(0, 1)),
+        (b"b", marker(1, 2)),  # (another partition)
+        (b"b", b"\xc1 redriven"),
+        (b"b", pack({**msgpack.unpackb(dead), "redriven": 0})),  # (a dead letter's fields: still a marker)
+    ]
+
+    async def read(consumer, parts, start_ms, bootstrap):
+        for offset, (key, value) in enumerate(records):
+            yield tp, SimpleNamespace(key=key, value=value, offset=offset, timestamp=NOW // 1_000_000)
+
+    sent = []
+
+    class Client(IdleClient):
+        async def send(self, topic, value, key=None, headers=None, partition=None):
+            sent.append((topic, key, partition, value))
+            return asyncio.ensure_future(asyncio.sleep(0))
+
+    class Originals:
+        def __init__(self, opts):
+            self.reader = Client()
+
+        async def record(self, topic, partition, offset):
+            return SimpleNamespace(key=b"b", value=BATCH, offset=offset)
+
+    read_through(monkeypatch, tp, read, Client())
+    monkeypatch.setattr(dlq, "Originals", Originals)
+    monkeypatch.setattr(dlq, "AIOKafkaProducer", Client)
+    summary, lines, reported = dlq.Summary(), [], []
+    opts = dlq.options(CFG, args(redrive=True, again=again), now_ns=NOW)
+    await dlq.run(opts, summary, lines.append, reported.append)
+
+    redriven = [0, 1, 2] if again else [1, 2]
+    assert [(t, k, v) for t, k, _, v in sent if t == "ktel.raw"] == [("ktel.raw", b"b", BATCH)] * len(
+        redriven
+    )
+    markers = [(k, p, decode_dlq_record(v)) for t, k, p, v in sent if t == "ktel.dlq"]
+    assert [(k, p, m.partition, m.offset, m.to) for k, p, m in markers] == [
+        (b"b", 0, 0, offset, "ktel.raw") for offset in redriven
+    ]
+    assert (summary.records, summary.markers, summary.undecodable) == (6, 4, 3)
+    assert (summary.already, sum(summary.redriven.values())) == (0 if again else 1, len(redriven))
+    assert len(lines) == 3 and all(": ktel.raw[3]@41 key='b' " in line for line in lines)
+    said = "\n".join(reported)
+    if not again:
+        assert (
+            "(skipped: re-driven at 2025-06-15T15:06:40.000+00:00 to ktel.raw (marked at ktel.dlq[0]@3)"
+            in lines[0]
+        )
+        assert "ktel.dlq[0]@6: a re-drive marker of ktel.dlq[0]@1, keyed otherwise than it: ignored" in said
+    assert "ktel.dlq[0]@4: re-drive marker: field 'redriven' field 'partition' must be an integer" in said
+    assert "ktel.dlq[0]@9: re-drive marker: field 'redriven' must be a map" in said
+    assert "ktel.dlq[0]@8: dead letter: not msgpack" in said
+    for at, names in (("5", "ktel.dlq[0]@9"), ("7", "ktel.dlq[1]@2")):
+        assert (
+            f"ktel.dlq[0]@{at}: a re-drive marker naming {names}, not a record before it in its partition: "
+            "ignored" in said
+        )
+
+
+def test_again_goes_with_redrive():
+    with pytest.raises(DlqError, match="--again goes with --redrive"):
+        dlq.options(CFG, args(again=True), now_ns=NOW)
+    assert dlq.options(CFG, args(redrive=True, again=True), now_ns=NOW).again

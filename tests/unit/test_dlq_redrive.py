@@ -41,6 +41,7 @@ from ktel.wire import (
 )
 from ktel.wire.codec import MAX_RECORD_BYTES
 from ktel.wire.control import DEAD_LETTER_KEY_BYTES
+from tests.unit import test_dlq
 from tests.unit.test_otlp_mapping import _answering, answering
 from tests.unit.topic_window_fake import IdleClient, read_through
 
@@ -263,18 +264,7 @@ class Backend:
 
 
 def args(**kw):
-    base = dict(
-        from_=None,
-        to=None,
-        stage=None,
-        source=None,
-        host=None,
-        reason=None,
-        json=False,
-        redrive=True,
-        backend_wait=None,
-    )
-    return argparse.Namespace(**{**base, **kw})
+    return test_dlq.args(**{"redrive": True, **kw})
 
 
 def kafka(monkeypatch, letters, record=None):
@@ -292,8 +282,9 @@ def kafka(monkeypatch, letters, record=None):
     published = []
 
     class Producer(IdleClient):
-        async def send(self, topic, value, key=None, headers=None):
-            published.append((topic, value))
+        async def send(self, topic, value, key=None, headers=None, partition=None):
+            if topic != "ktel.dlq":  # (the re-drive markers: tests/integration/test_dlq.py)
+                published.append((topic, value))
             return asyncio.ensure_future(asyncio.sleep(0))
 
     class Originals:

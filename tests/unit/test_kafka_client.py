@@ -146,12 +146,13 @@ def test_the_status_role_reads_the_heartbeats_and_only_describes_the_rest():
     assert any(g.resource == "group" and g.names == ("s.ktel-",) and g.prefixed for g in mine)
 
 
-def test_the_dlq_role_reads_the_dead_letters_and_writes_only_the_topics_the_stages_read():
+def test_the_dlq_role_reads_the_dead_letters_and_writes_only_the_topics_the_stages_read_and_its_markers():
     t = config.KafkaConfig(prefix="s.").topics
     mine = [g for g in acls.grants(["all"], t) if g.role == "dlq"]
     stage_inputs = {t.raw, t.deduped, t.enriched, t.sampled, t.heartbeats}
     outputs = {t.metrics, t.spans, t.logs}  # (read back, for an exporter's dead letters: never written)
-    assert {n for g in mine if "Write" in g.operations for n in g.names} == stage_inputs
+    # (ktel.dlq: the marker of each dead letter a re-drive delivered)
+    assert {n for g in mine if "Write" in g.operations for n in g.names} == stage_inputs | {t.dlq}
     assert {n for g in mine if "Read" in g.operations for n in g.names} == stage_inputs | outputs | {t.dlq}
     assert {g.resource for g in mine} == {"topic"}  # no group: ktel dlq reads without one
     assert not any(g.prefixed for g in mine)

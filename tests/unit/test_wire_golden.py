@@ -166,6 +166,12 @@ RECORDS: dict[str, tuple[Callable[[Any], bytes], Callable[[bytes], Any], Any]] =
         wire.decode_dead_letter,
         wire.DeadLetter("aggregate", "raw batch: not msgpack", wire.RAW_TOPIC, 3, 42, b"\xc1junk"),
     ),
+    # A re-drive marker: a record of ktel.dlq that is not a dead letter (a later family member).
+    "dead_letter_redriven": (
+        wire.encode_redriven,
+        wire.decode_dlq_record,
+        wire.Redriven(3, 42, TS // 10**6, "OTLP export to http://otel-collector:4318"),
+    ),
 }
 
 
