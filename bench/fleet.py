@@ -103,7 +103,8 @@ INPUT_AGE = "ktel_processor_input_age_seconds"  # (processors/stages.py)
 PROBES = ("file_created", "ktel_api")
 HEARTBEAT_COUNTERS = (
     "events_read", "events_published", "batches_published", "publish_retries", "decode_errors",
-    "spool_dropped_events", "spool_corrupt_bytes", "disk_dropped_events", "too_large_dropped_events",
+    "spool_dropped_events", "spool_corrupt_bytes", "spool_unreadable_bytes", "disk_dropped_events",
+    "too_large_dropped_events",
     "batches_split", *(f"{c}.{p}" for p in PROBES for c in ("ringbuf_drops", "sampled_out", "inflight_lost")),
 )  # fmt: skip
 # A heartbeat's node readings (edge_agent/node_stats.py) as a one-disk node running every

@@ -39,7 +39,8 @@ from tests.integration.agent_harness import topic_partitions  # noqa: E402
 
 COUNTERS = [
     "events_read", "events_published", "batches_published", "publish_retries", "decode_errors",
-    "spool_dropped_events", "spool_corrupt_bytes", "disk_dropped_events", "too_large_dropped_events",
+    "spool_dropped_events", "spool_corrupt_bytes", "spool_unreadable_bytes", "disk_dropped_events",
+    "too_large_dropped_events",
     "batches_split", "ringbuf_drops.file_created", "sampled_out.file_created", "inflight_lost.file_created",
 ]  # fmt: skip
 
