@@ -278,6 +278,15 @@ class Aggregate(Stage):
             out.counts["unchanged_series"] = unchanged
         return out
 
+    def forget(self, host_id: str) -> Result:
+        """Its memory of what it emitted of the host goes (so does the host's, at the next
+        window, once its state is gone): also asked of a host still held whose window's
+        snapshot the worker did not send after all (a rebalance came first), so that its
+        next window emits it whole, as after a rebalance, rather than leave out as
+        unchanged the series that snapshot carried."""
+        self.emitted.pop(host_id, None)
+        return Result()
+
     def _changed(self, host_id: str, state: State, now_ms: int) -> tuple[list[list], list[list], int]:
         """The host's rows to emit now, those of the new series among them at zero, and
         how many series were left out as unchanged."""

@@ -1139,3 +1139,73 @@ async def test_a_revocation_between_a_forgotten_hosts_tombstones_stops_the_rest(
         [last] = [decode_snapshot(v) for v in shell.to(METRICS_TOPIC)]
         assert last.stale
         assert [key for key, value in shell.changelog if value is None] == ["h1"]  # (its snapshot key's)
+
+
+def revoke(app: Any, host: str, revocation: str) -> None:
+    """As Faust has it while a window waits: a rebalance under way, or one that began
+    (counted as it began) and ended since with ``host``'s partition another worker's."""
+    if revocation == "rebalance_begun":
+        app.rebalancing = True
+        return
+    gone = stages.partition_of(host, RESOLVED.raw_partitions)
+    assigned = app.assignor.assigned_actives()
+    app.rebalancing_count += 1
+    app.assignor.assigned_actives = lambda: {tp for tp in assigned if tp.partition != gone}
+
+
+@pytest.mark.parametrize("revocation", ["partition_revoked", "rebalance_begun"])
+async def test_a_window_sends_no_snapshot_of_a_host_once_a_revocation_begins_while_an_earlier_one_waits(
+    tmp_path, revocation
+):
+    """A window's snapshots are sent one after the other, each of which may wait for room
+    in the producer, and a revocation may begin meanwhile. The worker holding a host's
+    partition then sends its snapshots: one of this worker's written after them would be
+    a sample out of order (remote-write's receiver refuses it, the pull endpoint and
+    OTLP show a step back). So a snapshot is sent only while no rebalance is under way
+    and its host's partition is this worker's, the others counted. A host still held
+    after the rebalance is emitted whole by the next window."""
+    skipped = "ktel_processor_snapshots_skipped_total"
+    reason = "revoked" if revocation == "partition_revoked" else "rebalancing"
+
+    def skips() -> float:
+        return REGISTRY.get_sample_value(skipped, {"stage": "aggregate", "reason": reason}) or 0.0
+
+    before = skips()
+    aggregate = config.AggregateConfig(window_seconds=0.05, host_ttl_seconds=60)
+    async with Shell(tmp_path, "aggregate", aggregate=aggregate) as shell:
+        app = shell.ready()
+        for host in ("h1", "h2"):  # (on partitions 3 and 0)
+            await shell.put(batch(0, [file_created(1, "/data/x/f")], host=host), key=host.encode())
+        produce, room, held = stages.produce, asyncio.Event(), asyncio.Queue()
+
+        async def no_room_yet(app: Any, topic: str, key: bytes, *args: Any) -> None:
+            if topic == METRICS_TOPIC and not room.is_set():
+                held.put_nowait(key.decode())
+                await room.wait()
+            await produce(app, topic, key, *args)
+
+        def snapshots() -> list[tuple[str, Any]]:
+            return [(k.decode(), decode_snapshot(v)) for t, k, v in shell.sent if t == METRICS_TOPIC]
+
+        with mock.patch.object(stages, "produce", no_room_yet):
+            async with windows_running(app):
+                first = await asyncio.wait_for(held.get(), 30)  # its zeros (a guard against hanging)
+                other = "h2" if first == "h1" else "h1"
+                revoke(app, other, revocation)
+                room.set()
+                if revocation == "rebalance_begun":
+                    # The rest of the window: nothing more sent, each snapshot counted.
+                    await until(lambda: skips() == before + 3)
+                    assert [h for h, _s in snapshots()] == [first]
+                    app.rebalancing = False  # (both partitions still this worker's)
+                    await until(lambda: len(snapshots()) == 3)
+                else:
+                    await until(lambda: len(snapshots()) == 2)
+        sent = [(h, [row[3] for row in s.series]) for h, s in snapshots()]
+        if revocation == "rebalance_begun":
+            # First's values and the other's, at the next window, with no zeros first.
+            assert sent[0] == (first, [0.0]) and sorted(sent[1:]) == [("h1", [1.0]), ("h2", [1.0])]
+            assert skips() == before + 3
+        else:
+            assert sent == [(first, [0.0]), (first, [1.0])]  # none of the other's
+            assert skips() == before + 2
