@@ -909,8 +909,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
                 continue
             if host_id in looked and heard(host_id, looked[host_id][0], timed):
                 await drop_section(host_id, timed, last[host_id])
-            else:
-                await drop_host(host_id, last[host_id])
+            elif await drop_host(host_id, last[host_id]):  # (not if a revocation stopped it)
                 forgotten += 1
         if forgotten:
             child(EXPIRED_HOSTS).inc(forgotten)
@@ -968,10 +967,11 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         work: Callable[[Callable[[], bool]], Awaitable[None]],
         last: Result | None,
         in_stream: bool = False,
-    ) -> None:
+    ) -> bool:
         """``work`` on ``host_id``'s value outside the stream, after ``last`` (its last,
         stale snapshot) is emitted, its records waiting meanwhile (``after_drop``): one
-        taken between the two would be counted into series that snapshot ends.
+        taken between the two would be counted into series that snapshot ends. Whether
+        ``work`` ran.
 
         Not done if, by then, a rebalance is under way or took the host's partition: the
         window or timer that asked for it may have waited (for the changelog, for room in
@@ -988,17 +988,19 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             if last is not None:  # (a window's: not sent either, if no longer the host's to send)
                 await emit(last, held=lambda _host_id: holds())
             if not holds():
-                return
+                return False
             await work(holds)
+            return True
         finally:
             if dropping.get(host_id) is gone:  # (not a later drop's of the same host)
                 del dropping[host_id]
             gone.set()
 
-    async def drop_host(host_id: str, last: Result | None = None, in_stream: bool = False) -> None:
+    async def drop_host(host_id: str, last: Result | None = None, in_stream: bool = False) -> bool:
         """Forget ``host_id`` everywhere: this worker's memory, the chain's, the table
         (tombstones in its changelog), after ``last`` is emitted. Its records wait
-        meanwhile (``after_drop``); ``in_stream``: asked by the record being handled."""
+        meanwhile (``after_drop``); ``in_stream``: asked by the record being handled.
+        Whether it was forgotten (not, if a revocation came first: ``holding``)."""
 
         async def work(holds: Callable[[], bool]) -> None:
             persisted.pop(host_id, None)
@@ -1007,7 +1009,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             await emit(chain.forget(host_id))
             await forget(hosts, host_id, cfg.kafka.raw_partitions, holds)
 
-        await holding(host_id, work, last, in_stream)
+        return await holding(host_id, work, last, in_stream)
 
     async def drop_section(host_id: str, done: Stage, last: Result | None = None) -> None:
         """Forget what the stage ``done`` keeps of ``host_id`` (its section of the table
@@ -1080,9 +1082,10 @@ def make_app(cfg: Config, stage: str) -> faust.App:
                 # A record of it taken while an earlier host's tombstones waited for room
                 # in the producer: it is alive, and that record's counts are committed.
                 continue
-            log.info("host %.60r forgotten: no record for %.0f s", host_id, now - last_seen[host_id])
-            await drop_host(host_id)
-            forgotten += 1
+            silent_for = now - last_seen[host_id]
+            if await drop_host(host_id):  # (not if a revocation stopped it)
+                log.info("host %.60r forgotten: no record for %.0f s", host_id, silent_for)
+                forgotten += 1
         if forgotten:
             child(EXPIRED_HOSTS).inc(forgotten)
         cap.recount()

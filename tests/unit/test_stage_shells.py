@@ -1209,3 +1209,65 @@ async def test_a_window_sends_no_snapshot_of_a_host_once_a_revocation_begins_whi
         else:
             assert sent == [(first, [0.0]), (first, [1.0])]  # none of the other's
             assert skips() == before + 2
+
+
+@pytest.mark.parametrize("revocation", ["partition_revoked", "rebalance_begun"])
+async def test_a_host_a_window_leaves_to_a_revocation_is_not_counted_as_forgotten(tmp_path, revocation):
+    """A window's last, stale snapshot of a silent host may wait for room in the producer
+    across a revocation, and the host is then not forgotten here (its new owner forgets
+    it): nor is it counted in ktel_processor_expired_hosts_total."""
+    expired = "ktel_processor_expired_hosts_total"
+    before = metric(expired, "aggregate")
+    aggregate = config.AggregateConfig(window_seconds=0.05, host_ttl_seconds=60)
+    async with Shell(tmp_path, "aggregate", aggregate=aggregate) as shell:
+        app = shell.ready()
+        await shell.put(batch(0, [file_created(1, "/data/x/f")]))
+        shell.table("h1")["aggregate"]["last_ms"] = 0  # silent far longer than its TTL
+        produce, room, held = stages.produce, asyncio.Event(), asyncio.Event()
+
+        async def no_room_yet(app: Any, topic: str, *args: Any) -> None:
+            if topic == METRICS_TOPIC and not room.is_set():
+                held.set()
+                await room.wait()
+            await produce(app, topic, *args)
+
+        with mock.patch.object(stages, "produce", no_room_yet):
+            async with windows_running(app):
+                await asyncio.wait_for(held.wait(), 30)  # h1's last snapshot (a guard against hanging)
+                revoke(app, "h1", revocation)
+                room.set()
+        [last] = [decode_snapshot(v) for v in shell.to(METRICS_TOPIC)]
+        assert last.stale
+        assert not [k for k, v in shell.changelog if v is None]  # (not forgotten here)
+        assert metric(expired, "aggregate") == before
+
+
+async def test_a_silent_host_left_to_a_revocation_while_another_is_forgotten_is_not_counted(tmp_path):
+    """The silent hosts are forgotten one after the other, each one's tombstones may wait
+    for room in the producer, and a revocation begun meanwhile leaves the hosts of the
+    partitions it took to their new owner: those are not counted as forgotten here."""
+    expired = "ktel_processor_expired_hosts_total"
+    before = metric(expired, "aggregate")
+    # (Below the TTL a config may set, MIN_HOST_TTL_SECONDS, so the test waits half a second.)
+    aggregate = config.AggregateConfig(window_seconds=0.05).model_copy(update={"host_ttl_seconds": 0.1})
+    async with Shell(tmp_path, "aggregate", aggregate=aggregate) as shell:
+        app = shell.ready()
+        for host in ("h1", "h2"):  # (on partitions 3 and 0)
+            await shell.put(batch(0, [file_created(1, "/data/x/f")], host=host), key=host.encode())
+        await asyncio.sleep(0.5)  # both silent past host_ttl_seconds (and its margin)
+        send, dropped = stages.send, []
+
+        async def revoked_at_the_first(table: Any, key: bytes, value: bytes | None, *args: Any) -> None:
+            if value is None and not dropped:  # (the first host's first tombstone)
+                dropped.append(json.loads(key))
+                revoke(app, "h2" if dropped == ["h1"] else "h1", "partition_revoked")
+            await send(table, key, value, *args)
+
+        timer = next(t for t in app._app_tasks if t.__name__ == "forget_silent")
+        with mock.patch.object(stages, "send", revoked_at_the_first):
+            await inspect.unwrap(timer)()  # (the timer's one run)
+        [first] = dropped
+        # Its snapshot key's tombstone and each delta key's; none of the other's.
+        tombstoned = [k if isinstance(k, str) else k[0] for k, v in shell.changelog if v is None]
+        assert tombstoned == [first] * (1 + changelog.SLOTS)
+        assert metric(expired, "aggregate") == before + 1
