@@ -752,7 +752,7 @@ async def run(
     in_flight: list[tuple[asyncio.Future[Any], str, str, int, int, bytes | None]] = []
     # The re-drive markers of the dead letters to skip, by the dead letter's (partition, offset):
     # read before any is re-driven (``read_markers``), unless --again.
-    marks: dict[tuple[int, int], Marked] = {}
+    marks: dict[tuple[int, int], dict[bytes | None, Marked]] = {}
     marks_reader = (
         topic_window.consumer(opts.client, opts.bootstrap) if opts.redrive and not opts.again else None
     )
@@ -930,10 +930,10 @@ async def run(
         if not sel.takes(dl, rec.key):
             return
         summary.selected += 1
-        earlier = marks.get((tp.partition, rec.offset))
-        if earlier is not None and earlier.key != rec.key:
-            shown(f"{earlier.at}: a re-drive marker of {at}, keyed otherwise than it: ignored")
-            earlier = None
+        its = marks.get((tp.partition, rec.offset), {})
+        earlier = its.get(rec.key)  # (one keyed otherwise hides none keyed as it)
+        for other in (m for key, m in its.items() if key != rec.key):
+            shown(f"{other.at}: a re-drive marker of {at}, keyed otherwise than it: ignored")
         unusable = why_not_redrivable(dl, rec.key, opts.stage_topics, exporter_topics)
         value = b""
         backend = less = None
@@ -1028,13 +1028,13 @@ def marker_of(tp: TopicPartition, rec: ConsumerRecord, marker: Redriven) -> Mark
 
 async def read_markers(
     reader: AIOKafkaConsumer, parts: list[TopicPartition], start_ms: int | None, bootstrap: str
-) -> dict[tuple[int, int], Marked]:
+) -> dict[tuple[int, int], dict[bytes | None, Marked]]:
     """The re-drive markers of ``parts`` (ktel.dlq's) from ``start_ms`` on, the last of each
-    dead letter, by its (partition, offset): a marker follows its dead letter, so those of
-    the dead letters a window holds are in it. Any other record, a marker that does not
-    decode or marks no dead letter included, marks none (the read of the dead letters
-    reports it)."""
-    marks: dict[tuple[int, int], Marked] = {}
+    dead letter and key, by the dead letter's (partition, offset), then the marker's key: a
+    marker follows its dead letter, so those of the dead letters a window holds are in it.
+    Any other record, a marker that does not decode or marks no dead letter included,
+    marks none (the read of the dead letters reports it)."""
+    marks: dict[tuple[int, int], dict[bytes | None, Marked]] = {}
     needle = REDRIVEN.encode()
     async with contextlib.aclosing(topic_window.records(reader, parts, start_ms, bootstrap)) as window:
         async for tp, rec in window:
@@ -1048,7 +1048,9 @@ async def read_markers(
             if isinstance(record, Redriven):
                 found = marker_of(tp, rec, record)
                 if isinstance(found, Marked):
-                    marks[(tp.partition, record.offset)] = found
+                    # (by key too: one keyed otherwise, which handle ignores, must not
+                    # take the place of the dead letter's own)
+                    marks.setdefault((tp.partition, record.offset), {})[rec.key] = found
     return marks
 
 

@@ -585,3 +585,50 @@ def test_again_goes_with_redrive():
     with pytest.raises(DlqError, match="--again goes with --redrive"):
         dlq.options(CFG, args(again=True), now_ns=NOW)
     assert dlq.options(CFG, args(redrive=True, again=True), now_ns=NOW).again
+
+
+@pytest.mark.parametrize("forged_first", [False, True])
+async def test_a_marker_keyed_otherwise_does_not_undo_the_marker_of_its_dead_letter(
+    monkeypatch, forged_first
+):
+    """A marker keyed otherwise than the dead letter it names is ignored, and must not
+    hide that dead letter's own marker, before or after it: it would make --redrive send
+    again what an earlier one delivered (an OTLP backend stores it twice), which a marker,
+    forged or not, must never do."""
+    tp = TopicPartition("ktel.dlq", 0)
+    _, dead = dead_letter_record(letter(), b"b")
+    marker = encode_redriven(Redriven(0, 0, NOW // 1_000_000, "ktel.raw"))
+    markers = [(b"other", marker), (b"b", marker)]
+    records = [(b"b", dead), *(markers if forged_first else reversed(markers))]
+
+    async def read(consumer, parts, start_ms, bootstrap):
+        for offset, (key, value) in enumerate(records):
+            yield tp, SimpleNamespace(key=key, value=value, offset=offset, timestamp=NOW // 1_000_000)
+
+    sent = []
+
+    class Client(IdleClient):
+        async def send(self, topic, value, key=None, headers=None, partition=None):
+            sent.append(topic)
+            return asyncio.ensure_future(asyncio.sleep(0))
+
+    class Originals:
+        def __init__(self, opts):
+            self.reader = Client()
+
+        async def record(self, topic, partition, offset):
+            return SimpleNamespace(key=b"b", value=BATCH, offset=offset)
+
+    read_through(monkeypatch, tp, read, Client())
+    monkeypatch.setattr(dlq, "Originals", Originals)
+    monkeypatch.setattr(dlq, "AIOKafkaProducer", Client)
+    summary, lines, reported = dlq.Summary(), [], []
+    await dlq.run(dlq.options(CFG, args(redrive=True), now_ns=NOW), summary, lines.append, reported.append)
+    assert sent == []
+    assert (summary.already, sum(summary.redriven.values())) == (1, 0)
+    [line] = lines
+    assert "(skipped: re-driven at " in line and f"(marked at ktel.dlq[0]@{1 + forged_first})" in line
+    at = 1 + (not forged_first)
+    assert reported == [
+        f"ktel dlq: ktel.dlq[0]@{at}: a re-drive marker of ktel.dlq[0]@0, keyed otherwise than it: ignored"
+    ]
