@@ -725,6 +725,12 @@ class Spool:
             self._save_in_flight()
         if upto <= self._ack:
             return
+        if upto.segment not in self._sizes:
+            # A record of a segment set aside (set_aside) after it was read: acknowledged
+            # to the next segment, as set_aside does with a cursor in it. Left in it, the
+            # cursor counted the bytes before it off the segments left (depth_bytes below
+            # 0, which the workers refuse in a heartbeat) until one crossed into a later one.
+            upto = Cursor(min(s for s in self._sizes if s > upto.segment), 0)
         self._forget_before(upto)
         crossed = upto.segment > self._ack.segment
         if crossed:

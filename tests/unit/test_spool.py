@@ -785,3 +785,56 @@ def test_a_segment_the_disk_refuses_to_read_is_raised_then_set_aside_and_kept(tm
     assert not bad.exists() and aside.read_bytes() == held
     assert read_back(tmp_path) == [payload(i) for i in range(2, 6)]
     assert aside.read_bytes() == held
+
+
+def test_acknowledgements_of_a_segment_set_aside_leave_no_cursor_in_it(tmp_path, monkeypatch):
+    """The disk refuses a segment past its first record, which the publisher had read and
+    sent: set aside while the ack cursor was still in the segment before, the cursor then
+    went into it with that record's acknowledgement and stayed there until one crossed
+    into a later segment. Counted off the segments left, the bytes before it made
+    depth_bytes negative (ktel_agent_spool_bytes, and the heartbeat's spool depth, which
+    the workers refuse below 0) and the spool empty with a batch in it."""
+    sp = Spool(tmp_path, segment_bytes=250)  # (2 records of 116 bytes a segment)
+    for i in range(4):
+        assert sp.append(payload(i), n_events=1)
+    sp.close()
+    bad = tmp_path / "0000000000000001.seg"
+    monkeypatch.setattr(spool_mod, "READ_CHUNK", 116)  # (a record a read)
+    reads_left = [1]  # (its first record is read, then the disk refuses it)
+    real_open = open
+
+    class FailingAfterFirstRead:
+        def __init__(self, f):
+            self.f = f
+
+        def read(self, n=-1):
+            if reads_left[0] <= 0:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            reads_left[0] -= 1
+            return self.f.read(n)
+
+        def seek(self, *args):
+            return self.f.seek(*args)
+
+        def close(self):
+            self.f.close()
+
+    def opened(path, *args, **kwargs):
+        f = real_open(path, *args, **kwargs)
+        return FailingAfterFirstRead(f) if not isinstance(path, int) and Path(path) == bad else f
+
+    monkeypatch.setattr(spool_mod, "open", opened, raising=False)
+    again = Spool(tmp_path)
+    got = again.read(again.ack_cursor, limit=10)
+    assert [r.payload for r in got] == [payload(0), payload(1), payload(2)]
+    with pytest.raises(SegmentUnreadable) as refused:
+        again.read(got[-1].next)
+    again.set_aside(refused.value)
+    for rec in got:  # (acknowledged after: they were in flight)
+        again.ack(rec.next)
+    assert again.depth_bytes() == 0 and again.empty()
+    assert again.append(payload(4), n_events=1)
+    assert again.depth_bytes() == HEADER.size + len(payload(4)) and not again.empty()
+    assert [r.payload for r in again.read(got[-1].next)] == [payload(4)]
+    again.close()
+    assert read_back(tmp_path) == [payload(4)]
