@@ -53,9 +53,9 @@ and skipped; what it held is lost, what follows it is sent. With
 every segment gone and the ack file left, new segments are numbered past the
 cursor it holds, so that it cannot cover them.
 
-A segment the disk refuses to read (EIO, or any error but its absence) raises
-``SegmentUnreadable`` from ``read``, after handing out the records read before the
-error; the publisher tries it again a few times (a transient error passes) and then
+A segment the disk refuses to read (EIO, a corrupt file system, the device gone:
+``MEDIA_ERRORS``) raises ``SegmentUnreadable`` from ``read``, after handing out the
+records read before the error; the publisher tries it again a few times (a transient error passes) and then
 calls ``set_aside``: the segment is renamed ``<n>.seg.unreadable`` in the spool
 directory, kept for an operator (nothing reads or deletes it after, a restart
 neither), the bytes it held past what was read counted (``unreadable_bytes``), and the
@@ -99,6 +99,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import errno
 import io
 import itertools
 import logging
@@ -138,6 +139,13 @@ RECENT_MAX_BYTES = 8 << 20
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
 # The name a segment the disk refuses to read is given (Spool.set_aside): not a *.seg.
 UNREADABLE_SUFFIX = ".unreadable"
+# The errors of a read that say the segment's blocks cannot be had (the device's I/O
+# error, a file system that found them corrupt or failing their checksum, the device
+# gone): a segment that keeps raising one is set aside. Any other (out of file
+# descriptors or memory, a permission changed) is the agent's own state, not the
+# segment's, and raised as before: setting aside a sound segment for it would leave
+# its batches unsent for good, where the restart that follows sends them.
+MEDIA_ERRORS = frozenset((errno.EIO, errno.EUCLEAN, errno.EBADMSG, errno.ENXIO, errno.ENODEV))
 
 FullPolicy = Literal["drop_newest", "drop_oldest"]
 FsyncPolicy = Literal["always", "interval", "never"]
@@ -670,6 +678,8 @@ class Spool:
                         return out
             except OSError as err:  # (a segment gone is not this: _scan skips it)
                 self._close_read()  # (the next try opens it again)
+                if err.errno not in MEDIA_ERRORS:
+                    raise  # (the process's, not the segment's: a restart clears it)
                 if out:
                     return out  # what was read before the error goes; the next read meets it
                 raise SegmentUnreadable(seg, off, err, self._path(seg)) from err

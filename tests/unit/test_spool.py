@@ -838,3 +838,31 @@ def test_acknowledgements_of_a_segment_set_aside_leave_no_cursor_in_it(tmp_path,
     assert [r.payload for r in again.read(got[-1].next)] == [payload(4)]
     again.close()
     assert read_back(tmp_path) == [payload(4)]
+
+
+@pytest.mark.parametrize("code", [errno.EMFILE, errno.ENOMEM, errno.EACCES])
+def test_a_read_error_of_the_agent_not_the_disk_is_raised_and_sets_nothing_aside(tmp_path, monkeypatch, code):
+    """Out of file descriptors or memory, or a permission changed, is the agent's state, not
+    the segment's: taken as the disk refusing it, a sound segment was set aside after the
+    publisher's tries, its batches never sent; raised as it is, the agent stops and its
+    restart sends them."""
+    sp = Spool(tmp_path, segment_bytes=250)  # (2 records of 116 bytes a segment)
+    for i in range(4):
+        assert sp.append(payload(i), n_events=1)
+    sp.close()
+    seg = tmp_path / "0000000000000000.seg"
+    real_open = open
+
+    def opened(path, *args, **kwargs):
+        if not isinstance(path, int) and Path(path) == seg:
+            raise OSError(code, os.strerror(code), str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(spool_mod, "open", opened, raising=False)
+    again = Spool(tmp_path)
+    with pytest.raises(OSError) as raised:
+        again.read(again.ack_cursor)
+    assert not isinstance(raised.value, SegmentUnreadable) and raised.value.errno == code
+    again.close()
+    monkeypatch.undo()
+    assert read_back(tmp_path) == [payload(i) for i in range(4)]
