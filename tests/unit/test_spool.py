@@ -1,5 +1,6 @@
 import contextlib
 import errno
+import logging
 import os
 import stat
 import struct
@@ -866,3 +867,36 @@ def test_a_read_error_of_the_agent_not_the_disk_is_raised_and_sets_nothing_aside
     again.close()
     monkeypatch.undo()
     assert read_back(tmp_path) == [payload(i) for i in range(4)]
+
+
+def test_a_segment_set_aside_between_two_is_not_logged_missing_at_the_next_start(
+    tmp_path, monkeypatch, caplog
+):
+    """A segment set aside leaves a gap in the numbers of those a start finds, which it
+    logged as segments missing, their batches lost: it is on disk, under its set-aside
+    name, and was logged so when set aside."""
+    sp = Spool(tmp_path, segment_bytes=250)  # (2 records of 116 bytes a segment)
+    for i in range(6):
+        assert sp.append(payload(i), n_events=1)
+    sp.close()
+    bad = tmp_path / "0000000000000001.seg"
+    real_open = open
+
+    def opened(path, *args, **kwargs):
+        if not isinstance(path, int) and Path(path) == bad:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(spool_mod, "open", opened, raising=False)
+    sp = Spool(tmp_path)
+    assert [r.payload for r in sp.read(sp.ack_cursor)] == [payload(0), payload(1)]
+    with pytest.raises(SegmentUnreadable) as refused:
+        sp.read(sp.read(sp.ack_cursor)[-1].next)
+    sp.set_aside(refused.value)
+    sp.close()
+    monkeypatch.undo()
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        assert read_back(tmp_path) == [payload(i) for i in (0, 1, 4, 5)]
+    assert "missing" not in caplog.text
+    assert (tmp_path / "0000000000000001.seg.unreadable").exists()
