@@ -128,5 +128,7 @@ async def test_dlq_stops_every_client_it_made_when_one_fails_to_start(made, nowh
     opts = dlq.Options(nowhere, dlq.Selection(), "ktel.dlq", {}, {}, redrive=True)
     with pytest.raises(dlq.DlqError):
         await dlq.run(opts, dlq.Summary(), lambda line: None, lambda line: None)
-    assert len(made) == 3  # the reader, the originals' reader and the re-driving producer
+    # the reader, the originals' reader, the re-driving producer and the reader of the
+    # re-drive markers of earlier runs
+    assert len(made) == 4
     assert_all_stopped(made)
