@@ -2,7 +2,8 @@
 /*
  * ktel probe ktel_api: the metrics, finished spans and logs that kernel code emits
  * through ktel's telemetry API (kmod/include/ktel/ktel.h) as ktel:* tracepoints.
- * ktel:ktel_span_begin is not attached: ktel_span_end carries the whole span.
+ * ktel:ktel_span_begin is not attached: ktel_span_end carries the whole span, the
+ * attributes given to its begin too.
  *
  * The programs take the contexts of bpf/ktel_tracepoints.bpf.h rather than BCC's
  * TRACEPOINT_PROBE, which needs the tracepoints present when it compiles: so the

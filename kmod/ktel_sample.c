@@ -5,8 +5,9 @@
  * Writing N to /sys/kernel/debug/ktel_sample/fire runs the sample operation N
  * times. Each run emits, while the ktel:* events are enabled:
  *   ktel_span_begin x2, ktel_span_end x2  ("ktel_sample.operation" and its
- *                                          child "ktel_sample.checksum"; their
- *                                          attributes on the ends alone)
+ *                                          child "ktel_sample.checksum"; each
+ *                                          end carries its begin's attributes
+ *                                          and its own)
  *   ktel_counter x1    ktel_sample_operations_total{result="ok"} += 1
  *   ktel_histogram x1  ktel_sample_operation_duration_ns <- the duration
  *   ktel_log x1        WARN in the operation's span, when the operation took
@@ -19,6 +20,11 @@
  * that size with no NUL. The API reads no byte past them (<ktel/ktel.h>);
  * /sys/kernel/debug/ktel_sample/longest_overreads counts the accesses to the
  * byte after each.
+ *
+ * Writing N to /sys/kernel/debug/ktel_sample/fire_span_attrs emits N times the
+ * five root spans of ktel_sample_span_attrs(), each with attributes given in
+ * another way (at begin, at end, both, more than fit, from a buffer reused
+ * before the end), to show which the finished span carries.
  */
 
 #include <linux/debugfs.h>
@@ -43,14 +49,16 @@ static struct dentry *ktel_sample_dir;
 static u8 ktel_sample_buf[4096];
 
 /*
- * The spans' attributes go to ktel_span_end(): its event is the finished span,
- * the only one the agent attaches, and it carries just the attributes given to
- * the end (<ktel/ktel.h>). Given to ktel_span_begin() they would reach only its
- * event, which no exported span is made from.
+ * What is known when a span starts goes to ktel_span_begin(), what is known at
+ * its end (the result) to ktel_span_end(): the finished span, ktel_span_end's
+ * event and the one the agent exports, carries both (<ktel/ktel.h>).
  */
 static const struct ktel_kv op_attrs[] = {
 	{ "code.namespace", "ktel_sample" },
 	{ "ktel_sample.trigger", "debugfs" },
+};
+static const struct ktel_kv op_end_attrs[] = {
+	{ "ktel_sample.result", "ok" },
 };
 static const struct ktel_kv step_attrs[] = {
 	{ "ktel_sample.algorithm", "jhash" },
@@ -65,9 +73,10 @@ static u32 ktel_sample_checksum(const struct ktel_span *parent, u32 seed)
 	struct ktel_span step;
 	u32 sum;
 
-	ktel_span_begin(&step, "ktel_sample.checksum", &parent->ctx, NULL, 0);
+	ktel_span_begin(&step, "ktel_sample.checksum", &parent->ctx, step_attrs,
+			ARRAY_SIZE(step_attrs));
 	sum = jhash(ktel_sample_buf, sizeof(ktel_sample_buf), seed);
-	ktel_span_end(&step, KTEL_SPAN_STATUS_OK, step_attrs, ARRAY_SIZE(step_attrs));
+	ktel_span_end(&step, KTEL_SPAN_STATUS_OK, NULL, 0);
 	return sum;
 }
 
@@ -78,7 +87,7 @@ static void ktel_sample_operation(unsigned int seq)
 	u32 sum;
 
 	t0 = ktime_get_ns();
-	ktel_span_begin(&op, "ktel_sample.operation", NULL, NULL, 0);
+	ktel_span_begin(&op, "ktel_sample.operation", NULL, op_attrs, ARRAY_SIZE(op_attrs));
 	sum = ktel_sample_checksum(&op, seq);
 	/* Feed the result back so the compiler cannot drop the work. */
 	ktel_sample_buf[seq % sizeof(ktel_sample_buf)] ^= (u8)sum;
@@ -89,7 +98,46 @@ static void ktel_sample_operation(unsigned int seq)
 	if (dur > warn_over_ns)
 		ktel_log(KTEL_SEV_WARN, &op.ctx, op_attrs, 1,
 			 "operation %u took %llu ns (warn_over_ns %lu)", seq, dur, warn_over_ns);
-	ktel_span_end(&op, KTEL_SPAN_STATUS_OK, op_attrs, ARRAY_SIZE(op_attrs));
+	ktel_span_end(&op, KTEL_SPAN_STATUS_OK, op_end_attrs, ARRAY_SIZE(op_end_attrs));
+}
+
+/* One span named @name, @begin[@nb] given to its begin and @end[@ne] to its end. */
+static void ktel_sample_attr_span(const char *name, const struct ktel_kv *begin, unsigned int nb,
+				  const struct ktel_kv *end, unsigned int ne)
+{
+	struct ktel_span span;
+
+	ktel_span_begin(&span, name, NULL, begin, nb);
+	ktel_span_end(&span, KTEL_SPAN_STATUS_OK, end, ne);
+}
+
+static void ktel_sample_span_attrs(unsigned int seq)
+{
+	static const struct ktel_kv begin_only[] = { { "at", "begin" } };
+	static const struct ktel_kv end_only[] = { { "at", "end" } };
+	static const struct ktel_kv both_begin[] = { { "from", "begin" }, { "shared", "begin" } };
+	static const struct ktel_kv both_end[] = { { "shared", "end" }, { "to", "end" } };
+	static const struct ktel_kv full_begin[] = {
+		{ "k0", "begin" }, { "k1", "begin" }, { "k2", "begin" }, { "k3", "begin" }
+	};
+	static const struct ktel_kv full_end[] = { { "k4", "end" }, { "k1", "end" } };
+	struct ktel_span span;
+	char value[80];
+	struct ktel_kv reused = { "value", value };
+
+	ktel_sample_attr_span("ktel_sample.attrs.begin", begin_only, 1, NULL, 0);
+	ktel_sample_attr_span("ktel_sample.attrs.end", NULL, 0, end_only, 1);
+	ktel_sample_attr_span("ktel_sample.attrs.both", both_begin, 2, both_end, 2);
+	ktel_sample_attr_span("ktel_sample.attrs.full", full_begin, 4, full_end, 2);
+	/*
+	 * begin's value is longer than KTEL_KV_MAX_LEN, and its buffer is
+	 * overwritten before the end: the span emits the copy begin kept, cut.
+	 */
+	memset(value, 'b', sizeof(value) - 1);
+	value[sizeof(value) - 1] = '\0';
+	ktel_span_begin(&span, "ktel_sample.attrs.copied", NULL, &reused, 1);
+	strscpy(value, "overwritten", sizeof(value));
+	ktel_span_end(&span, KTEL_SPAN_STATUS_OK, NULL, 0);
 }
 
 /*
@@ -203,6 +251,19 @@ static ssize_t fire_longest_write(struct file *file, const char __user *ubuf, si
 	return fire_n(ubuf, len, ktel_sample_longest);
 }
 
+static ssize_t fire_span_attrs_write(struct file *file, const char __user *ubuf, size_t len,
+				     loff_t *ppos)
+{
+	return fire_n(ubuf, len, ktel_sample_span_attrs);
+}
+
+static const struct file_operations fire_span_attrs_fops = {
+	.owner = THIS_MODULE,
+	.open = simple_open,
+	.write = fire_span_attrs_write,
+	.llseek = noop_llseek,
+};
+
 static const struct file_operations fire_fops = {
 	.owner = THIS_MODULE,
 	.open = simple_open,
@@ -233,6 +294,7 @@ static int __init ktel_sample_init(void)
 	}
 	debugfs_create_file("fire", 0200, ktel_sample_dir, NULL, &fire_fops);
 	debugfs_create_file("fire_longest", 0200, ktel_sample_dir, NULL, &fire_longest_fops);
+	debugfs_create_file("fire_span_attrs", 0200, ktel_sample_dir, NULL, &fire_span_attrs_fops);
 	if (!watch_err)
 		debugfs_create_atomic_t("longest_overreads", 0400, ktel_sample_dir,
 					&longest_overreads);

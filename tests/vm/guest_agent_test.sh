@@ -55,6 +55,7 @@ stamp agent_ready
 step insmod_ktel_sample insmod $M/ktel_sample.ko
 mkdir -p $W/agent
 step agent_fire sh -c "echo $N >$DBG/ktel_sample/fire"
+step agent_fire_span_attrs sh -c "echo $N >$DBG/ktel_sample/fire_span_attrs"
 failed=0
 i=1
 while [ $i -le "$N" ]; do

@@ -93,6 +93,13 @@ step disable_longest sh -c "echo 0 >$T/events/ktel/ktel_counter/enable"
 dump trace_longest $T/trace
 dump longest_overreads $DBG/ktel_sample/longest_overreads
 
+# --- span attributes given to begin, to end, to both ------------------------------
+echo >$T/trace
+step enable_span_attrs sh -c "echo 1 >$T/events/ktel/ktel_span_begin/enable && echo 1 >$T/events/ktel/ktel_span_end/enable"
+step fire_span_attrs sh -c "echo $N >$DBG/ktel_sample/fire_span_attrs"
+step disable_span_attrs sh -c "echo 0 >$T/events/ktel/ktel_span_begin/enable && echo 0 >$T/events/ktel/ktel_span_end/enable"
+dump trace_span_attrs $T/trace
+
 # --- BPF programs on the same events (libbpf, ring buffer) --------------------
 # ftrace's events are off now: the BPF programs alone switch the tracepoints on.
 mkdir -p $W/bpf

@@ -43,11 +43,34 @@ EXPECTED_TAINT_LINES = (
         r"\] ktel: module verification failed: signature and/or required key missing - tainting kernel"
     ),
 )
-# ktel_sample's span attributes by span name (kmod/README.md, "ktel_sample"), given to
-# ktel_span_end so that the spans the agent exports carry them.
-SAMPLE_SPAN_ATTRS = {
+# ktel_sample's span attributes by span name (kmod/README.md, "ktel_sample"): those given
+# to ktel_span_begin, on the begins, and with those given to ktel_span_end, on the ends,
+# the finished spans the agent exports.
+SAMPLE_BEGIN_ATTRS = {
     "ktel_sample.operation": {"code.namespace": "ktel_sample", "ktel_sample.trigger": "debugfs"},
     "ktel_sample.checksum": {"ktel_sample.algorithm": "jhash"},
+}
+SAMPLE_SPAN_ATTRS = {
+    "ktel_sample.operation": {
+        "code.namespace": "ktel_sample",
+        "ktel_sample.trigger": "debugfs",
+        "ktel_sample.result": "ok",
+    },
+    "ktel_sample.checksum": {"ktel_sample.algorithm": "jhash"},
+}
+# ktel_sample's fire_span_attrs: span name -> (its begin's attributes, its end's), as
+# ftrace prints them, in slot order. The end carries begin's, then the end's set on them
+# (a key already there takes the end's value in its slot; a new one the next slot, none
+# past the 4th); begin's are a copy, cut at 63 bytes, of a buffer reused before the end.
+SPAN_ATTRS_CASES = {
+    "ktel_sample.attrs.begin": ("{at=begin}", "{at=begin}"),
+    "ktel_sample.attrs.end": ("{}", "{at=end}"),
+    "ktel_sample.attrs.both": ("{from=begin,shared=begin}", "{from=begin,shared=end,to=end}"),
+    "ktel_sample.attrs.full": (
+        "{k0=begin,k1=begin,k2=begin,k3=begin}",
+        "{k0=begin,k1=end,k2=begin,k3=begin}",
+    ),
+    "ktel_sample.attrs.copied": ("{value=" + "b" * 63 + "}", "{value=" + "b" * 63 + "}"),
 }
 BAD_LOG = (re.compile(r"BUG|WARNING|Oops|Call Trace|RIP:"), re.compile(r"leak|taint", re.IGNORECASE))
 
@@ -321,12 +344,12 @@ def test_sample_module_spans_metrics_and_logs(traced):
     for f in roots:
         assert f["parent_span_id"] == "0" * 16 and f["status"] == "OK"
         assert int(f["end_ns"]) >= int(f["start_ns"]) > 0
-    # The attributes are on the ends, the events the agent exports spans from.
+    # The ends, the events the agent exports spans from, carry the begins' attributes too.
     for f in ends:
         assert _kv(f["attrs"]) == SAMPLE_SPAN_ATTRS[f["name"]], f
     for f in begins:
         assert f["end_ns"] == "0" and f["status"] == "UNSET"
-        assert _kv(f["attrs"]) == {}, f
+        assert _kv(f["attrs"]) == SAMPLE_BEGIN_ATTRS[f["name"]], f
     seqs = set()
     for f in logs:
         root = by_trace[f["trace_id"]]
@@ -390,6 +413,21 @@ def test_the_longest_names_keys_and_values_are_read_no_further_than_their_bounds
     assert [s.strip() for s in guest.sections["longest_overreads"]] == ["0"], "a byte past a string was read"
 
 
+def test_a_span_ends_with_the_attributes_given_to_its_begin_and_to_its_end(guest):
+    """ktel_sample's fire_span_attrs: attributes at begin only, at end only, both (a key
+    given to both takes the end's value), more than the 4 a span holds, and from a buffer
+    the caller reused before the end: each span_end carries them merged, in slot order."""
+    rcs = _rcs(guest)
+    assert rcs.get("fire_span_attrs") == 0, f"fire_span_attrs: {rcs.get('fire_span_attrs')}\n{guest.why()}"
+    body = guest.sections["trace_span_attrs"]
+    in_buffer, written = _entries(body)
+    assert in_buffer == written == 2 * len(SPAN_ATTRS_CASES) * N, (in_buffer, written)
+    events = _events(body)
+    for kind, which in (("ktel_span_begin", 0), ("ktel_span_end", 1)):
+        got = Counter((e.fields["name"], e.fields["attrs"]) for e in events if e.event == kind)
+        assert got == {(name, attrs[which]): N for name, attrs in SPAN_ATTRS_CASES.items()}, (kind, got)
+
+
 BPF_REC = re.compile(r"^KTEL BPF REC (?P<size>\d+) (?P<hex>[0-9a-f]*)$")
 
 
@@ -449,13 +487,13 @@ def test_bpf_programs_deliver_every_event_to_the_agents_decoders(guest):
         assert s["attrs"] == SAMPLE_SPAN_ATTRS[s["name"]], s
         if s["name"] == "ktel_sample.checksum":
             assert s["parent_span_id"] == roots[s["trace_id"]]["span_id"]
-    # ktel_span_begin (not the agent's): ids match the ends; the attributes are on the ends.
+    # ktel_span_begin (not the agent's): ids match the ends, which carry its attributes too.
     ends = {s["span_id"]: s for s in spans}
     for b in begins:
         span_id, status, end_ns, nr_kv, name, kv = b[2].to_bytes(8, "big"), b[9], b[5], b[10], b[12], b[13]
         assert span_id in ends and status == 0 and end_ns == 0
         assert name.rstrip(b"\0").decode() == ends[span_id]["name"]
-        assert ktel_api._kv(kv, nr_kv) == {}
+        assert ktel_api._kv(kv, nr_kv) == SAMPLE_BEGIN_ATTRS[ends[span_id]["name"]]
     logs = [e for e in events if e["kind"] == "ktel_log"]
     assert all(lg["span_id"] == roots[lg["trace_id"]]["span_id"] and lg["severity"] == 13 for lg in logs)
     assert sorted(int(lg["message"].split()[1]) for lg in logs) == list(range(N))
@@ -472,6 +510,7 @@ def test_the_agent_in_the_guest_spools_exactly_the_modules_events(agent_guest):
     assert rcs.get("host_mount") == 0, agent_guest.why()
     assert "probes: ktel_api, file_created, module_load; skipped: none" in log, log
     assert rcs.get("insmod_ktel_sample") == 0 and rcs.get("agent_fire") == 0, rcs
+    assert rcs.get("agent_fire_span_attrs") == 0, rcs
     assert rcs.get("agent_create_files") == 0, rcs
     assert rcs.get("agent") == 0, f"the agent did not stop cleanly\n{log}"
     assert rcs.get("spool_dump") == 0, "\n".join(agent_guest.sections["spool_err"])
@@ -494,6 +533,13 @@ def test_the_agent_in_the_guest_spools_exactly_the_modules_events(agent_guest):
         ("counter", "filewatcher_files_created_total"): len(files),
     }, metrics
     spans = [r for r in rows if r["kind"] == "ktel_span"]
+    # fire_span_attrs' spans, exported with the attributes given to their begins and ends.
+    cases = [s for s in spans if s["name"] in SPAN_ATTRS_CASES]
+    got = Counter((s["name"], tuple(sorted(s["attrs"].items()))) for s in cases)
+    want = {(name, tuple(sorted(_kv(attrs[1]).items()))): N for name, attrs in SPAN_ATTRS_CASES.items()}
+    assert got == want, got
+    assert all(s["status"] == 1 and s["parent_span_id"] == "" for s in cases), cases[:1]
+    spans = [s for s in spans if s["name"] not in SPAN_ATTRS_CASES]
     roots = {s["trace_id"]: s for s in spans if s["name"] == "ktel_sample.operation"}
     assert len(spans) == 2 * N and len(roots) == N
     for s in spans:

@@ -49,12 +49,20 @@ struct ktel_span_context {
 	u64 span_id;
 };
 
-/* A span in flight; lives on the caller's stack between begin and end. */
+/*
+ * A span in flight; lives on the caller's stack between begin and end. It
+ * keeps a copy of the attributes given to ktel_span_begin(), cut as the
+ * event's are (at most KTEL_MAX_KV, KTEL_KV_MAX_LEN bytes each and a NUL),
+ * for ktel_span_end() to emit: the caller's strings need not outlive begin.
+ * That copy makes it about 560 bytes.
+ */
 struct ktel_span {
 	struct ktel_span_context ctx;
 	u64 parent_span_id; /* 0 for a root span */
 	const char *name;
 	u64 start_ns; /* ktime_get_ns(), CLOCK_MONOTONIC */
+	u8 nr_attrs; /* begin's attributes kept below */
+	char attrs[KTEL_MAX_KV][2][KTEL_KV_MAX_LEN + 1]; /* [i][0] key, [i][1] value */
 };
 
 /* Values are OpenTelemetry's (trace API: StatusCode). */
@@ -130,8 +138,10 @@ static inline bool ktel_span_context_valid(const struct ktel_span_context *ctx)
 /*
  * Start span @span named @name. With a valid @parent (another span's ctx, or a
  * context propagated from elsewhere) the span joins the parent's trace;
- * otherwise it starts a new trace. While no span or log event is enabled the
- * span gets an all-zero (invalid) context and ktel_span_end() emits nothing.
+ * otherwise it starts a new trace. @attrs go into the ktel_span_begin event
+ * and are kept in @span for ktel_span_end()'s. While no span or log event is
+ * enabled the span gets an all-zero (invalid) context and ktel_span_end()
+ * emits nothing.
  */
 static inline void ktel_span_begin(struct ktel_span *span, const char *name,
 				   const struct ktel_span_context *parent,
@@ -141,15 +151,21 @@ static inline void ktel_span_begin(struct ktel_span *span, const char *name,
 	    tracepoint_enabled(ktel_log)) {
 		__ktel_span_begin(span, name, parent, attrs, nr_attrs);
 	} else {
-		memset(span, 0, sizeof(*span));
+		/* Not the attribute copies: nothing reads them with an invalid context. */
+		memset(&span->ctx, 0, sizeof(span->ctx));
+		span->parent_span_id = 0;
 		span->name = name;
+		span->start_ns = 0;
+		span->nr_attrs = 0;
 	}
 }
 
 /*
- * End @span with @status. The ktel_span_end event carries @attrs only, not the
- * attributes given to ktel_span_begin() (those are in ktel_span_begin's event):
- * a consumer of finished spans alone, as the agent is, sees just these.
+ * End @span with @status. The ktel_span_end event, the finished span, carries
+ * the attributes given to ktel_span_begin() and @attrs, merged as
+ * OpenTelemetry's span attributes are set: begin's first, in their order; a
+ * key of @attrs already there replaces its value (the end knows the outcome);
+ * a new key takes the next slot, and is ignored once KTEL_MAX_KV are used.
  */
 static inline void ktel_span_end(struct ktel_span *span, enum ktel_span_status status,
 				 const struct ktel_kv *attrs, unsigned int nr_attrs)
