@@ -34,6 +34,13 @@ int file_created_filewatcher(struct filewatcher_ctx *ctx)
 	if (!ev)
 		return 0;
 	ktel_tp_file_created(ev, ctx);
+	/*
+	 * The module's path is d_path()'s, always absolute, or "(d_path failed)" when the
+	 * file's path did not fit its PATH_MAX buffer (kmod/README.md): sent as it is, and
+	 * counted, as nothing else says the event names no file.
+	 */
+	if (ev->path[0] != '/')
+		ktel_count(KTEL_COUNTER_PATH_UNRESOLVED);
 	file_created_submit(ev);
 	return 0;
 }

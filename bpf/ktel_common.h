@@ -20,7 +20,12 @@ enum ktel_counter {
 	 * (file_created: KTEL_PATH_TRUNCATED, bpf/file_created.h)
 	 */
 	KTEL_COUNTER_PATH_TRUNCATED = 4,
-	KTEL_COUNTER_MAX = 5,
+	/*
+	 * an event whose file the kernel could not name: filewatcher's d_path() failed
+	 * (a path past PATH_MAX), and its path is the module's "(d_path failed)"
+	 */
+	KTEL_COUNTER_PATH_UNRESOLVED = 5,
+	KTEL_COUNTER_MAX = 6,
 };
 
 enum ktel_knob {

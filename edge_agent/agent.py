@@ -244,6 +244,11 @@ class AgentCollector(Collector):
             "events sent with only the start of their path, the rest cut to fit the probe's record",
             labels=["probe"],
         )
+        unresolved = CounterMetricFamily(
+            "ktel_agent_unresolved_paths",
+            "events whose file the kernel could not name (filewatcher: d_path failed, a path past PATH_MAX)",
+            labels=["probe"],
+        )
         skipped = CounterMetricFamily(
             "ktel_agent_kernel_dropped_events",
             "events the kernel did not give the probe's programs: runs it skipped because another"
@@ -264,6 +269,8 @@ class AgentCollector(Collector):
                 lost.add_metric([name], c["hist_lost"])
             if "truncated_paths" in c:
                 truncated.add_metric([name], c["truncated_paths"])
+            if "unresolved_paths" in c:
+                unresolved.add_metric([name], c["unresolved_paths"])
         yield drops
         yield sampled
         yield inflight
@@ -271,6 +278,7 @@ class AgentCollector(Collector):
         yield every
         yield lost
         yield truncated
+        yield unresolved
         yield CounterMetricFamily(
             "ktel_agent_spool_dropped_events", "events a full spool dropped", a.spool.dropped_events
         )
@@ -913,6 +921,8 @@ class Agent:
                     counters[f"histogram_lost.{name}"] = c["hist_lost"]
                 if "truncated_paths" in c:
                     counters[f"truncated_paths.{name}"] = c["truncated_paths"]
+                if "unresolved_paths" in c:
+                    counters[f"unresolved_paths.{name}"] = c["unresolved_paths"]
             cmd = self.control.command(name)
             probes[name] = {
                 "loaded": p is not None,

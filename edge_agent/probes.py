@@ -53,8 +53,9 @@ COUNTER_SAMPLED_OUT = 1
 COUNTER_INFLIGHT_LOST = 2
 COUNTER_NEGATIVE_LATENCY = 3
 COUNTER_PATH_TRUNCATED = 4
+COUNTER_PATH_UNRESOLVED = 5
 # Probe.kernel_counters' names -> their indices.
-KERNEL_COUNTERS = {"truncated_paths": COUNTER_PATH_TRUNCATED}
+KERNEL_COUNTERS = {"truncated_paths": COUNTER_PATH_TRUNCATED, "unresolved_paths": COUNTER_PATH_UNRESOLVED}
 KNOB_SAMPLE_EVERY = 0
 
 # struct ktel_hist (bpf/ktel_hist.h): HIST_SLOTS u64 bucket counts then a u64 sum.

@@ -139,7 +139,11 @@ static int filewatcher_return(struct kretprobe_instance *ri, struct pt_regs *reg
 	buf = this_cpu_ptr(filewatcher_bufs)->buf;
 	path = d_path(&file->f_path, buf, PATH_MAX);
 	if (IS_ERR(path))
-		path = "(d_path failed)"; /* -ENAMETOOLONG: deeper than PATH_MAX */
+		/*
+		 * -ENAMETOOLONG: deeper than PATH_MAX. Not absolute, so a reader tells it
+		 * from a path; the agent's program counts it (bpf/file_created.bpf.c).
+		 */
+		path = "(d_path failed)";
 	trace_file_created(current->tgid, current->comm, call->flags, call->mode, path,
 			   strlen(path));
 	return 0;

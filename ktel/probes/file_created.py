@@ -21,7 +21,10 @@ A path longer than the record's 255 bytes (the caller's string, or filewatcher's
 d_path) arrives cut, its start kept, and marked ``PATH_TRUNCATED``: the event names
 the file by that start, as the wire event has no field to say it was cut, and the
 kernel side counts each such record (``truncated_paths``, exported by the agent as
-``ktel_agent_truncated_paths_total``).
+``ktel_agent_truncated_paths_total``). A file filewatcher could not name (its
+d_path failed: a path past PATH_MAX) arrives with the module's path
+``(d_path failed)``, counted by the kernel side (``unresolved_paths``, exported as
+``ktel_agent_unresolved_paths_total``).
 """
 
 from __future__ import annotations
@@ -275,7 +278,7 @@ PROBE = Probe(
     },
     programs={"filewatcher/file_created": "file_created_filewatcher"},
     kernel_defines=kernel_defines,
-    kernel_counters=("truncated_paths",),
+    kernel_counters=("truncated_paths", "unresolved_paths"),
     layouts=(
         Layout(
             "file_created.h",

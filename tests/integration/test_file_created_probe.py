@@ -85,6 +85,7 @@ def test_23_files_give_exactly_23_events_with_paths_and_pids(probe, tmp_path):
         "inflight_lost": 0,
         "recursion_misses": 0,
         "truncated_paths": 0,
+        "unresolved_paths": 0,
     }
 
 

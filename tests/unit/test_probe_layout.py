@@ -59,6 +59,7 @@ def test_counter_and_knob_indices_match_header():
     assert f"KTEL_COUNTER_INFLIGHT_LOST = {probes.COUNTER_INFLIGHT_LOST}," in text
     assert f"KTEL_COUNTER_NEGATIVE_LATENCY = {probes.COUNTER_NEGATIVE_LATENCY}," in text
     assert f"KTEL_COUNTER_PATH_TRUNCATED = {probes.COUNTER_PATH_TRUNCATED}," in text
+    assert f"KTEL_COUNTER_PATH_UNRESOLVED = {probes.COUNTER_PATH_UNRESOLVED}," in text
     assert f"KTEL_COUNTER_MAX = {max(probes.KERNEL_COUNTERS.values()) + 1}," in text
     assert f"KTEL_KNOB_SAMPLE_EVERY = {probes.KNOB_SAMPLE_EVERY}," in text
 
@@ -128,7 +129,7 @@ def test_file_created_dir_state_values_are_the_headers(tmp_path):
 
 def test_every_probes_own_kernel_counters_are_known_to_the_agent():
     assert {c for p in PROBES.values() for c in p.kernel_counters} <= probes.KERNEL_COUNTERS.keys()
-    assert PROBES["file_created"].kernel_counters == ("truncated_paths",)
+    assert PROBES["file_created"].kernel_counters == ("truncated_paths", "unresolved_paths")
 
 
 def test_process_exit_records_are_the_head_of_an_exec_record():

@@ -33,7 +33,7 @@ mount -t tmpfs tmpfs $H/run
 # exec all the way down: the backgrounded agent's $! is the agent itself, for kill -TERM.
 in_host() {
 	exec chroot $H /bin/sh -c "cd $REPO && exec env PYTHONDONTWRITEBYTECODE=1 KTEL_AGENT__HOST_ID=ktel-vm \
-		TMPDIR=/run KTEL_AGENT__STATE_DIR=/run/ktel-agent KTEL_AGENT__METRICS_PORT=0 KTEL_AGENT__PROBES='[\"ktel_api\", \"file_created\", \"module_load\"]' \
+		TMPDIR=/run KTEL_AGENT__STATE_DIR=/run/ktel-agent KTEL_AGENT__METRICS_PORT=${METRICS_PORT:-0} KTEL_AGENT__PROBES='[\"ktel_api\", \"file_created\", \"module_load\"]' \
 		KTEL_KAFKA__BOOTSTRAP=127.0.0.1:9 $PYTHON $*"
 }
 # Before filewatcher: file_created's syscall fallback on this kernel.
@@ -43,7 +43,9 @@ rc fallback $?
 dump fallback $H/run/fallback.jsonl
 dump fallback_err $H/run/fallback.err
 step insmod_filewatcher insmod $M/filewatcher.ko
-in_host -m ktel.cli agent >$H/run/agent.log 2>&1 &
+# Its /metrics on the guest's loopback, read before it stops.
+ifconfig lo 127.0.0.1 up
+METRICS_PORT=9465 in_host -m ktel.cli agent >$H/run/agent.log 2>&1 &
 agent_pid=$!
 n=0
 while ! grep -q "agent host.id=" $H/run/agent.log && kill -0 $agent_pid 2>/dev/null && [ $n -lt 3000 ]; do
@@ -63,7 +65,23 @@ while [ $i -le "$N" ]; do
 	i=$((i + 1))
 done
 rc agent_create_files $failed
+# A file whose absolute path is longer than PATH_MAX, created relative to a deep cwd:
+# filewatcher's d_path() fails on it.
+D=$(head -c 250 /dev/zero | tr '\0' d) # 18 of these: 4518 bytes
+(
+	mkdir -p $W/deep && cd $W/deep || exit 1
+	i=0
+	while [ $i -lt 18 ]; do
+		mkdir $D && cd -P $D || exit 1 # -P: chdir to $D itself, not to a path past PATH_MAX
+		i=$((i + 1))
+	done
+	: >deep-file
+)
+rc agent_create_deep $?
 sleep 1 # more than the agent's 50 ms batch window, so the events are read before the stop
+begin agent_metrics
+wget -q -O - http://127.0.0.1:9465/metrics
+end agent_metrics
 kill -TERM $agent_pid
 wait $agent_pid
 rc agent $?

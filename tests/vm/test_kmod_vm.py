@@ -524,6 +524,12 @@ def test_the_agent_in_the_guest_spools_exactly_the_modules_events(agent_guest):
     assert sorted(r["path"] for r in mine) == sorted(f"/tmp/fw/agent/file-{i}" for i in range(1, N + 1))
     assert all(r["certain"] and r["comm"] == "sh" and r["flags"] & O_CREAT for r in mine), mine[:3]
     assert all(r["ts_ns"] > 1_600_000_000 * 10**9 for r in rows), "timestamps are wall clock"
+    # One file past PATH_MAX, which filewatcher could not name: sent as the module's
+    # "(d_path failed)", and counted on the agent's /metrics (kmod/README.md).
+    assert rcs.get("agent_create_deep") == 0, rcs
+    assert [r["path"] for r in files if not r["path"].startswith("/")] == ["(d_path failed)"], files
+    scrape = "\n".join(agent_guest.sections["agent_metrics"])
+    assert 'ktel_agent_unresolved_paths_total{probe="file_created"} 1.0' in scrape.splitlines(), scrape
 
     metrics = Counter((r["type"], r["name"]) for r in rows if r["kind"] == "ktel_metric")
     # filewatcher counts every file it reports, the agent's own spool files too.
