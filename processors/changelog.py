@@ -163,10 +163,16 @@ def delete(value: dict[str, Any], path: Path) -> None:
 
 
 def graft(onto: dict[str, Any], source: dict[str, Any]) -> dict[str, Any]:
-    """``onto`` (a head) with the entry maps of ``source`` (the host's value as it was)."""
+    """``onto`` (a head) with the entry maps of ``source`` (the host's value as it was),
+    those whose map above the head still holds: one it lacks went with it (a boot the
+    enrich stage forgot for a newer one, or one a refused record had made). Put back,
+    it came back as a boot of empty tables, newest of the host's, and the next new boot
+    took the place of two of its boots where the worker that wrote the delta had one."""
     for pattern in ENTRY_MAPS:
         for path, table in maps(source, pattern):
-            put(onto, path, table)
+            above = get(onto, path[:-1])
+            if isinstance(above, dict):
+                above[path[-1]] = table
     return onto
 
 

@@ -167,6 +167,33 @@ def test_a_refused_record_puts_back_the_head_and_the_entries_it_changed():
     assert persisted(changelog.restored(head, value, result.touched)) == before
 
 
+def test_a_boot_forgotten_for_a_newer_one_stays_forgotten_when_folded_back_or_put_back():
+    """A host's fifth boot takes the place of its oldest (dedupe_core.MAX_BOOTS): the
+    delta's head has no such boot. Folded back, its processes' map was put back as a
+    boot of empty tables, the newest of the host's, and the next new boot then took the
+    place of two boots. A refused record of a new boot left one alike."""
+
+    def batch(boot: int, seq: int) -> RawBatch:
+        pids = range(100 + 20 * seq, 120 + 20 * seq)
+        events = [[PROCESS_EXEC.id, 1, p, p, 1, 0, 0, "p", f"/bin/p{p}"] for p in pids]
+        return RawBatch("h1", f"boot{boot}", seq, T + (boot * 3 + seq) * 10**9, events)
+
+    for process in ("enrich", "all"):
+        runner = Runner(process)
+        for boot in range(6):
+            for seq in range(3):
+                runner.run([batch(boot, seq)])
+                assert recover(runner.log)["h1"] == persisted(runner.value), (process, boot, seq)
+                assert recover(compacted(runner.log))["h1"] == persisted(runner.value), (process, boot, seq)
+        assert list(runner.value["enrich"]["boots"]) == ["boot2", "boot3", "boot4", "boot5"]
+        assert any(isinstance(k, list) for k, _v in runner.log[-6:])  # (deltas did it)
+
+        before = persisted(runner.value)
+        head = persisted(changelog.head(runner.value))
+        result = runner.chain.on_batch(runner.value, batch(6, 0), 0)
+        assert persisted(changelog.restored(head, runner.value, result.touched)) == before
+
+
 def test_what_the_entries_take_follows_each_record():
     def encoded(value: dict) -> int:  # each entry's path and value, one encode each
         return sum(len(json.dumps(["h1", *p])) + len(json.dumps(e)) for p, e in changelog.entries(value))
