@@ -77,7 +77,7 @@ STORES.aliases["ktel-rocksdict"] = f"{__name__}:DiskBackedStore"
 # from its start; a copy holding BARE_OFFSET_KEY is dropped (``_drop_if_untrusted``).
 OFFSET_KEY = b"\x00ktel:changelog-offset:framed"
 BARE_OFFSET_KEY = b"\x00ktel:changelog-offset"
-WRITTEN_KEY = b"\x00ktel:written-at"  # when the copy last took records (s since the epoch)
+WRITTEN_KEY = b"\x00ktel:written-at"  # when the copy's last record was written (s since the epoch)
 # A copy older than this is dropped and the partition read from the changelog's start:
 # the changelog's tombstones (a host forgotten) stay readable for its topic's
 # delete.retention.ms, Kafka's default 24 h, and a copy that missed one would bring
@@ -198,10 +198,10 @@ class DiskBackedStore(FoldingStore):
             self._fold(k, v, partition)
 
     def _drop_if_untrusted(self, partition: int) -> None:
-        """Drop the partition's copy if it took records too long ago (``MAX_COPY_AGE_S``),
-        or when is unknown (damaged), or if an older ktel wrote any of it (its values
-        bare, their offsets unknown: ``BARE_OFFSET_KEY``): recovery then reads all of the
-        changelog."""
+        """Drop the partition's copy if its last record was written too long ago
+        (``MAX_COPY_AGE_S``, ``_write``), or when is unknown (damaged), or if an older
+        ktel wrote any of it (its values bare, their offsets unknown: ``BARE_OFFSET_KEY``):
+        recovery then reads all of the changelog."""
         db = self._db(partition)
         if db.get(BARE_OFFSET_KEY) is not None:
             why = "one an older ktel wrote, its records without their offsets"
@@ -300,11 +300,20 @@ class DiskBackedStore(FoldingStore):
         for partition, (batch, offset) in acked.items():
             self._write(partition, batch, offset)
 
-    def _write(self, partition: int, batch: WriteBatch, offset: int) -> None:
+    def _write(self, partition: int, batch: WriteBatch, offset: int, written: float | None = None) -> None:
         """Write ``batch``, the partition's records up to ``offset``, to its copy, with
-        that offset."""
+        that offset, and when the record at ``offset`` was written (None: now, a record
+        this worker wrote; never later than now).
+
+        Not when it was copied: a copy recovery left midway (the worker killed, or the
+        partition revoked, while it read the changelog's tail) holds the records up to
+        where it read, and misses the tombstones after them, as old as those records.
+        Taken as new, a copy a worker restarting in recovery for a day kept writing was
+        never too old, and once Kafka had compacted those tombstones away it brought
+        back the hosts they forgot."""
+        now = time.time()
         batch.put(OFFSET_KEY, str(offset).encode())
-        batch.put(WRITTEN_KEY, str(time.time()).encode())
+        batch.put(WRITTEN_KEY, str(now if written is None else min(now, written)).encode())
         try:
             self._db(partition).write(batch)
         except Exception as err:  # (rocksdict raises RocksDB's errors as plain Exception)
@@ -333,6 +342,9 @@ class DiskBackedStore(FoldingStore):
         super().apply_changelog_batch(events, to_key, to_value)
         writes: dict[int, WriteBatch] = {}
         last: dict[int, int] = {}
+        # When the last record of each partition was written (Kafka's timestamp, in s):
+        # what the copy's age is counted from (``_write``).
+        written: dict[int, float] = {}
         for event in events:
             msg = event.message
             if msg.partition in self._dropped:
@@ -345,10 +357,12 @@ class DiskBackedStore(FoldingStore):
                 wb.delete(key)
             else:
                 wb.put(key, framed(msg.offset, msg.value))
-            last[msg.partition] = max(last.get(msg.partition, -1), msg.offset)
+            if msg.offset > last.get(msg.partition, -1):
+                # (one without a time, as at the epoch: the copy is dropped at its next load)
+                last[msg.partition], written[msg.partition] = msg.offset, msg.timestamp or 0.0
         for partition, wb in writes.items():
             self._copied[partition] = last[partition]
-            self._write(partition, wb, last[partition])
+            self._write(partition, wb, last[partition], written[partition])
 
     async def on_rebalance(
         self, assigned: set[TP], revoked: set[TP], newly_assigned: set[TP], generation_id: int = 0

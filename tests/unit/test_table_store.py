@@ -242,7 +242,7 @@ def test_a_copy_the_disk_refuses_during_recovery_ends_the_worker(tmp_path, monke
         raise SystemExit(1)
 
     monkeypatch.setattr(table_store, "end", end)
-    message = SimpleNamespace(key=b'"h"', value=b'{"v": 1}', partition=3, offset=7)
+    message = SimpleNamespace(key=b'"h"', value=b'{"v": 1}', partition=3, offset=7, timestamp=time.time())
     with pytest.raises(SystemExit):
         store.apply_changelog_batch(
             [SimpleNamespace(message=message, key=message.key, value=message.value)], json.loads, json.loads
@@ -250,12 +250,20 @@ def test_a_copy_the_disk_refuses_during_recovery_ends_the_worker(tmp_path, monke
     assert "changelog partition 3 could not be written" in ended[0]
 
 
-def recovered(store: DiskBackedStore, partition: int, records: list[tuple[bytes, bytes | None]]) -> None:
+def recovered(
+    store: DiskBackedStore,
+    partition: int,
+    records: list[tuple[bytes, bytes | None]],
+    written: float | None = None,
+    first: int = 0,
+) -> None:
     """Changelog records (key, value; None: a tombstone) of ``partition`` from its offset
-    0, as Faust's recovery gives them to the store (which copies them)."""
+    ``first``, written at ``written`` (s since the epoch; None: now), as Faust's recovery
+    gives them to the store (which copies them)."""
     events: list[Any] = []  # (Faust's events, as far as the store reads them)
-    for offset, (key, value) in enumerate(records):
-        message = SimpleNamespace(key=key, value=value, partition=partition, offset=offset)
+    at = time.time() if written is None else written
+    for offset, (key, value) in enumerate(records, first):
+        message = SimpleNamespace(key=key, value=value, partition=partition, offset=offset, timestamp=at)
         events.append(SimpleNamespace(message=message, key=key, value=value))
     store.apply_changelog_batch(events, json.loads, json.loads)
 
@@ -334,3 +342,31 @@ def test_a_copy_an_older_ktel_wrote_is_read_again_from_the_changelog(tmp_path, n
     assert store.data == {}
     assert store.persisted_offset(TP("host-state-changelog", 3)) is None
     assert not any(store._db(3).keys())
+
+
+@pytest.mark.parametrize(("written_h", "kept"), [(0, True), (19, False)])
+def test_a_copy_recovery_left_midway_is_as_old_as_the_records_it_read(tmp_path, monkeypatch, written_h, kept):
+    """A worker back after 19 h reads its partition's tail from its copy's offset, and is
+    killed (or loses the partition) midway: its copy has the records up to there, written
+    19 h ago, and not those after, among them the tombstone of host "h" written then
+    too. Loaded 6 h later, the copy was taken as 6 h old; the tombstone, 25 h old, past
+    the changelog's delete.retention.ms, may be compacted away, and "h" came back from
+    the copy. A copy of records written lately is kept as before."""
+    now = time.time()
+    store = copy_alone(tmp_path)
+    db = store._db(3)
+    db[OFFSET_KEY], db[WRITTEN_KEY] = b"0", str(now - 19 * 3600).encode()
+    db[b'"h"'] = framed(0, b'{"v": 1}')
+    store._load(3)
+    # (the tombstone, at offset 3, is where this recovery stopped)
+    recovered(store, 3, [(b'"g"', b'{"v": 1}'), (b'"g2"', b'{"v": 1}')], now - written_h * 3600, first=1)
+    store._close(3)
+    monkeypatch.setattr(table_store.time, "time", lambda: now + 6 * 3600)
+    restarted = copy_alone(tmp_path)
+    restarted._load(3)
+    if kept:
+        assert restarted.persisted_offset(TP("host-state-changelog", 3)) == 2
+        assert restarted.data.keys() == {"h", "g", "g2"}
+    else:  # (the changelog read from its start, where the tombstone is, if Kafka still has it)
+        assert restarted.persisted_offset(TP("host-state-changelog", 3)) is None
+        assert restarted.data == {}
