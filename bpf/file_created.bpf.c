@@ -36,8 +36,9 @@ int file_created_filewatcher(struct filewatcher_ctx *ctx)
 	ktel_tp_file_created(ev, ctx);
 	/*
 	 * The module's path is d_path()'s, always absolute, or "(d_path failed)" when the
-	 * file's path did not fit its PATH_MAX buffer (kmod/README.md): sent as it is, and
-	 * counted, as nothing else says the event names no file.
+	 * file's path did not fit its PATH_MAX buffer (kmod/README.md): sent as it is (the
+	 * record's dirfd is KTEL_DIRFD_NONE, so the agent never resolves it against the
+	 * process's cwd), and counted, as nothing else says the event names no file.
 	 */
 	if (ev->path[0] != '/')
 		ktel_count(KTEL_COUNTER_PATH_UNRESOLVED);

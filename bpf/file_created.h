@@ -33,6 +33,17 @@
 #define KTEL_PATH_TRUNCATED 0x40
 
 /*
+ * dirfd of a record from the filewatcher module (bpf/ktel_tracepoints.bpf.h): its path
+ * is the module's text, relative to no directory: d_path()'s absolute path, or
+ * "(d_path failed)" when d_path() failed (kmod/README.md). The agent sends such a path
+ * as it is, never resolved against the process's cwd, where it would name a file that
+ * is not the one created. Not a file descriptor, and not AT_FDCWD: the kernel resolves
+ * a relative path against no other negative dirfd, so no open the syscall fallback
+ * records was relative to it.
+ */
+#define KTEL_DIRFD_NONE -1
+
+/*
  * Layout (no implicit padding; the decoder in ktel/probes/file_created.py reads
  * it with struct format "<QIIIiIBBH16s256s512s", 816 bytes, checked by a test):
  *   0 ts_ns    u64  bpf_ktime_get_ns() at the syscall's return
@@ -40,7 +51,8 @@
  *  12 tid      u32
  *  16 uid      u32
  *  20 dirfd    s32  openat's dirfd (AT_FDCWD = -100), to resolve relative paths
- *                   (and, without dir, paths opened in a root)
+ *                   (and, without dir, paths opened in a root); KTEL_DIRFD_NONE
+ *                   from filewatcher
  *  24 flags    u32  open flags
  *  28 certain  u8   1: the file was certainly created (O_EXCL); 0: O_CREAT alone
  *  29 dir_state u8  KTEL_DIR_*, with KTEL_DIR_IN_ROOT and KTEL_PATH_TRUNCATED or'd in

@@ -183,7 +183,8 @@ static __always_inline void ktel_tp_file_created(struct file_created_event *e,
 	e->pid = ctx->pid;
 	e->tid = (__u32)id;
 	e->uid = (__u32)bpf_get_current_uid_gid();
-	e->dirfd = -100; /* AT_FDCWD: the path is absolute already */
+	/* The module's text, absolute or "(d_path failed)": never resolved (file_created.h). */
+	e->dirfd = KTEL_DIRFD_NONE;
 	e->flags = ctx->flags;
 	e->certain = 1;
 	__builtin_memcpy(e->comm, ctx->comm, sizeof(e->comm));

@@ -141,7 +141,8 @@ static int filewatcher_return(struct kretprobe_instance *ri, struct pt_regs *reg
 	if (IS_ERR(path))
 		/*
 		 * -ENAMETOOLONG: deeper than PATH_MAX. Not absolute, so a reader tells it
-		 * from a path; the agent's program counts it (bpf/file_created.bpf.c).
+		 * from a path; the agent's program counts it and sends it as it is, never
+		 * resolved against the process's cwd (bpf/file_created.bpf.c).
 		 */
 		path = "(d_path failed)";
 	trace_file_created(current->tgid, current->comm, call->flags, call->mode, path,

@@ -24,7 +24,10 @@ kernel side counts each such record (``truncated_paths``, exported by the agent 
 ``ktel_agent_truncated_paths_total``). A file filewatcher could not name (its
 d_path failed: a path past PATH_MAX) arrives with the module's path
 ``(d_path failed)``, counted by the kernel side (``unresolved_paths``, exported as
-``ktel_agent_unresolved_paths_total``).
+``ktel_agent_unresolved_paths_total``). The event's path is exactly that text:
+filewatcher's records say their path is relative to no directory (``DIRFD_NONE``),
+so it is never resolved against /proc/<pid>/cwd, which would make up a path such
+as ``/(d_path failed)`` while the process lives on in another directory.
 """
 
 from __future__ import annotations
@@ -82,6 +85,8 @@ def compiled() -> bool:
 
 
 AT_FDCWD = -100
+# KTEL_DIRFD_NONE (bpf/file_created.h): the filewatcher module's path, relative to nothing.
+DIRFD_NONE = -1
 SLASH = ord("/")
 FILE_CREATED = EventKind(
     1,
@@ -192,7 +197,9 @@ def decode_run(size: int, data: bytes, wall_offset_ns: int) -> list:
     """A run of ring-buffer records -> their wire events: ``decode`` in bulk.
 
     One struct.iter_unpack over the run; the comm's text comes from a cache. The
-    path is cut at its NUL (the kernel leaves what follows it uninitialised).
+    path is cut at its NUL (the kernel leaves what follows it uninitialised). A
+    record whose dirfd is ``DIRFD_NONE`` (the filewatcher module's) keeps its path
+    as it is.
     """
     framed = _framed(size)
     step, has_dir = framed.size, size == LAYOUT.size
@@ -218,6 +225,9 @@ def decode_run(size: int, data: bytes, wall_offset_ns: int) -> list:
             )
         elif path[0] == SLASH:  # the common case, c_string inlined
             p = path.partition(b"\0")[0].decode("utf-8", "backslashreplace")
+        elif dirfd == DIRFD_NONE:
+            # filewatcher's "(d_path failed)": the module's text, no path to resolve.
+            p = c_string(path)
         elif dir_state == DIR_OK and has_dir:
             at = i * step + DIR_AT
             p = _join(data[at : at + min(dir_len, DIR_LEN)], c_string(path))

@@ -177,6 +177,20 @@ def test_a_path_opened_in_a_root_that_cannot_be_resolved_stays_as_passed(monkeyp
     assert event[6] == "/etc/../x"
 
 
+@pytest.mark.parametrize("size", file_created.SIZES)
+def test_a_path_relative_to_no_directory_is_never_resolved(monkeypatch, size):
+    """dirfd KTEL_DIRFD_NONE (bpf/file_created.h), filewatcher's records: the path is
+    the module's text ("(d_path failed)"), sent as it is, whatever /proc would say."""
+    monkeypatch.setattr(file_created, "_resolve", lambda path, pid, dirfd: f"resolved:{path}")
+    rec = file_created.LAYOUT.pack(
+        5, os.getpid(), 1, 0, file_created.DIRFD_NONE, 0o100, 1, 0, 0, b"sh", b"(d_path failed)", b""
+    )
+    data = frame(rec[:size])[1]
+    [event] = file_created.decode_run(size, data, 0)
+    assert event[6] == "(d_path failed)"
+    assert packed_run(size, data, 0) == [pack_event(event)]
+
+
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     batches,

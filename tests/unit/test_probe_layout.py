@@ -5,6 +5,7 @@ Compiles a tiny program against the probe headers with the host's gcc and
 compares sizeof/offsetof with the decoder's struct layout.
 """
 
+import os
 import shutil
 import subprocess
 
@@ -26,7 +27,7 @@ from ktel.probes import (
     syscall_latency,
     tcp_retransmit,
 )
-from ktel.probes.decode import block_device_name, taint_letters
+from ktel.probes.decode import PackedEvents, block_device_name, frame, pack_event, taint_letters
 from ktel.wire import KINDS, event_dict
 
 
@@ -125,6 +126,89 @@ def test_file_created_dir_state_values_are_the_headers(tmp_path):
     names = ["KTEL_DIR_OK", "KTEL_DIR_IN_ROOT", "KTEL_PATH_TRUNCATED"]
     want = [file_created.DIR_OK, file_created.DIR_IN_ROOT, file_created.PATH_TRUNCATED]
     assert c_numbers(tmp_path, "file_created.h", names) == want
+
+
+def test_file_created_dirfd_of_no_directory_is_the_headers(tmp_path):
+    """KTEL_DIRFD_NONE, the filewatcher records' dirfd: negative, and not AT_FDCWD."""
+    assert c_numbers(tmp_path, "file_created.h", ["-(KTEL_DIRFD_NONE)"]) == [-file_created.DIRFD_NONE]
+    assert file_created.DIRFD_NONE < 0 and file_created.DIRFD_NONE != file_created.AT_FDCWD
+
+
+# The BPF helpers ktel_tracepoints.bpf.h calls, for a program compiled by gcc.
+TP_HELPERS = r"""
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <linux/types.h>
+#define __always_inline inline __attribute__((always_inline))
+static __u64 pid_tgid;
+static __u64 bpf_get_current_pid_tgid(void) { return pid_tgid; }
+static __u64 bpf_get_current_uid_gid(void) { return 0; }
+static __u64 bpf_ktime_get_ns(void) { return 5; }
+static long bpf_probe_read_kernel_str(void *dst, __u32 size, const void *src)
+{
+	size_t n = strnlen(src, size - 1);
+
+	memcpy(dst, src, n);
+	((char *)dst)[n] = 0;
+	return (long)n + 1;
+}
+#include "ktel_tracepoints.bpf.h"
+"""
+
+
+def filewatcher_record(tmp_path, pid: int, path: bytes) -> bytes:
+    """The record the agent's program makes of a filewatcher:file_created event of
+    ``pid`` creating ``path`` (kmod/README.md's layout), by ktel_tp_file_created."""
+    if not shutil.which("gcc"):
+        pytest.skip("gcc is not installed")
+    src = tmp_path / "filewatcher.c"
+    src.write_text(
+        TP_HELPERS
+        + r"""
+int main(int argc, char **argv)
+{
+	struct {
+		struct filewatcher_ctx ctx;
+		char data[256];
+	} tp = {0};
+	struct file_created_event ev;
+	size_t len = strlen(argv[2]) + 1;
+
+	tp.ctx.pid = atoi(argv[1]);
+	pid_tgid = (__u64)tp.ctx.pid << 32 | (__u32)tp.ctx.pid;
+	strcpy(tp.ctx.comm, "sh");
+	tp.ctx.flags = 0100;
+	memcpy(tp.data, argv[2], len);
+	tp.ctx.path = (__u32)(len << 16 | offsetof(typeof(tp), data));
+	memset(&ev, 0xaa, sizeof(ev));
+	ktel_tp_file_created(&ev, &tp.ctx);
+	fwrite(&ev, 1, KTEL_FILE_CREATED_ABS_SIZE, stdout);
+	return 0;
+}
+"""
+    )
+    exe = tmp_path / "filewatcher"
+    subprocess.run(["gcc", f"-I{probes.BPF_DIR}", "-o", exe, src], check=True)
+    return subprocess.run([exe, str(pid), path], capture_output=True, check=True).stdout
+
+
+def test_a_path_filewatcher_could_not_name_is_sent_as_the_module_gave_it(tmp_path):
+    """filewatcher's "(d_path failed)" (kmod/README.md), not absolute, in the record
+    ktel_tp_file_created makes of it, from a process that lives on with a readable cwd
+    (this one): the module's text, not a path made up from the cwd the process has
+    moved to since, whoever packs it."""
+    assert os.readlink(f"/proc/{os.getpid()}/cwd")  # what a resolve would join it with
+    for path in ("(d_path failed)", "/tmp/fw/file"):
+        rec = filewatcher_record(tmp_path, os.getpid(), path.encode())
+        assert len(rec) == file_created.ABS_SIZE
+        data = frame(rec)[1]
+        [event] = file_created.decode_run(file_created.ABS_SIZE, data, 0)
+        assert event[2] == os.getpid() and event[5:] == ["sh", path, 0o100, True]
+        packed = PackedEvents()
+        file_created.pack_run(file_created.ABS_SIZE, data, 0, packed)
+        assert list(packed) == [pack_event(event)]
 
 
 def test_every_probes_own_kernel_counters_are_known_to_the_agent():

@@ -66,7 +66,9 @@ while [ $i -le "$N" ]; do
 done
 rc agent_create_files $failed
 # A file whose absolute path is longer than PATH_MAX, created relative to a deep cwd:
-# filewatcher's d_path() fails on it.
+# filewatcher's d_path() fails on it. The creating shell (":" is its own builtin) then
+# moves to / and lives on past the agent's read of the event, so a /proc/<pid>/cwd the
+# agent resolved "(d_path failed)" against would be there to make up "/(d_path failed)".
 D=$(head -c 250 /dev/zero | tr '\0' d) # 18 of these: 4518 bytes
 (
 	mkdir -p $W/deep && cd $W/deep || exit 1
@@ -76,6 +78,7 @@ D=$(head -c 250 /dev/zero | tr '\0' d) # 18 of these: 4518 bytes
 		i=$((i + 1))
 	done
 	: >deep-file
+	cd / && sleep 1
 )
 rc agent_create_deep $?
 sleep 1 # more than the agent's 50 ms batch window, so the events are read before the stop

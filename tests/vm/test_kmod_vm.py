@@ -525,8 +525,10 @@ def test_the_agent_in_the_guest_spools_exactly_the_modules_events(agent_guest):
     assert all(r["certain"] and r["comm"] == "sh" and r["flags"] & O_CREAT for r in mine), mine[:3]
     assert all(r["ts_ns"] > 1_600_000_000 * 10**9 for r in rows), "timestamps are wall clock"
     # One file past PATH_MAX, which filewatcher could not name: sent as the module's
-    # "(d_path failed)", and counted on the agent's /metrics (kmod/README.md).
+    # "(d_path failed)", and counted on the agent's /metrics (kmod/README.md). Exactly
+    # that, though its shell had moved to / and lived on: never resolved against a cwd.
     assert rcs.get("agent_create_deep") == 0, rcs
+    assert [r["path"] for r in files if "d_path failed" in r["path"]] == ["(d_path failed)"], files
     assert [r["path"] for r in files if not r["path"].startswith("/")] == ["(d_path failed)"], files
     scrape = "\n".join(agent_guest.sections["agent_metrics"])
     assert 'ktel_agent_unresolved_paths_total{probe="file_created"} 1.0' in scrape.splitlines(), scrape
