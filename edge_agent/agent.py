@@ -771,10 +771,15 @@ class Agent:
                     raise
                 return err  # (given up on)
             except Exception as err:  # (not the disk's: fails the publisher, as before)
-                raise Permanent(f"reading the spool: {type(err).__name__}: {err}") from err
+                raise Permanent("reading the spool") from err
 
         while True:
-            got = await retry(attempt, what="read the spool", backoff=SPOOL_READ_BACKOFF)
+            try:
+                got = await retry(attempt, what="read the spool", backoff=SPOOL_READ_BACKOFF)
+            except Permanent as err:
+                # Raised as it was, so the publisher's last line names it (the OSError of
+                # a spool the agent cannot read at all), not the wrapper that ended the retries.
+                raise err.__cause__ or err from None
             if not isinstance(got, SegmentUnreadable):
                 return got
             self.spool.set_aside(got)
