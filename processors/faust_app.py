@@ -43,8 +43,9 @@ of the worker's cost per event. ``Consumer._drain_messages`` is Faust's fetch lo
 one change: the listed topics' records of each fetch go to ``App.lists`` as one list,
 with one wait. The worker takes each record as Faust's stream would
 (``take_listed``): it drops those of an older generation or fetched before flow was
-suspended, tracks the rest as it takes them, and acks each once handled, so Faust
-commits only handled records; the list queue is flow controlled and cleared with the
+suspended, tracks the rest as it takes them, and acks them once the list is handled
+and what they made handed to the producer (``App.before_acks``), so Faust commits only
+handled records; the list queue is flow controlled and cleared with the
 streams' queues on a rebalance (which drops a list the loop is waiting to put, not the
 loop: ``_put_list``), and Faust's sensors hear of each record as they would from a stream.
 """
@@ -362,10 +363,10 @@ class Producer(faust_aiokafka.Producer):
         member = self.member
         if not member.current() or self._waiting:
             # In line behind the records waiting for it: one sent meanwhile would go first.
-            # A host's batch and its heartbeat, taken concurrently, each write the next
-            # version of its changelog record, and recovery leaves out a version that comes
-            # before the one it follows on from. (Only the wait: a partition whose buffer is
-            # full holds up no other's records.)
+            # A host's changelog records (a list's, a window's) each write its next version,
+            # and recovery leaves out a version that comes before the one it follows on
+            # from. (Only the wait: a partition whose buffer is full holds up no other's
+            # records.)
             self._waiting += 1
             try:
                 async with self._in_order:
@@ -403,6 +404,10 @@ class App(faust.App):
     # handles one of its records, and the lists' queue.
     listed: dict[str, Callable[[Any], Awaitable[None]]]
     lists: Any = None
+    # What runs once the records of a list are handled, before they are acked: the
+    # stages send the changelog records they held back until then
+    # (processors/stages.py ``OutputsFirst``).
+    before_acks: Callable[[], Awaitable[None]] | None = None
 
     @cached_property
     def flow_control(self) -> FlowControlEvent:
@@ -445,19 +450,26 @@ class App(faust.App):
         # nothing takes is logged as an error), and that a record is done.
         inbound = self.monitor.stream_inbound_time
         message_out = self.sensors.on_message_out
+        handled = []
         for message in messages:
             if not flow.is_active() or message.generation_id != self.consumer_generation_id:
-                return
+                break  # (those handled are acked all the same: a revocation waits for them)
             consumer.track_message(message)
             inbound[message.tp] = time.monotonic()
             await handlers[message.topic](message)
-            consumer.ack(message)
-            message_out(message.tp, message.offset, message)
+            handled.append(message)
             if time.monotonic() - yielded > YIELD_S:
                 # The loop's other work (the windows, the producer's sender) between records
                 # of a long list; a stream would have let it run after each.
                 await asyncio.sleep(0)
                 yielded = time.monotonic()
+        # Acked (so committed) only once what they made is on its way, all of it: the
+        # stages' changelog records go last, one wait for the list's outputs before them.
+        if handled and self.before_acks is not None:
+            await self.before_acks()
+        for message in handled:
+            consumer.ack(message)
+            message_out(message.tp, message.offset, message)
 
     def _new_transport(self) -> Any:
         return Transport(self.conf.broker_consumer, self)

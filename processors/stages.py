@@ -243,18 +243,25 @@ COUNTED: dict[str, tuple[Counter | Gauge, tuple[str, ...]]] = {
 KIND_COUNTED: dict[str, Counter] = {"sampler_emitted": SAMPLER_EMITTED, "sampler_kept": SAMPLER_KEPT}
 
 
+def keep(table: Any, key: str, value: dict[str, Any], source: Any) -> None:
+    """``table[key] = value`` in the worker's memory, as Faust's own write
+    (``Table.on_key_set``) keeps it, minus the key TTL of windowed tables (which this one
+    is not) and minus the changelog record, which the stage sends itself (``persist``).
+    ``source``: the record (a Faust message) it came from, whose partition the changelog
+    record goes to: the table is co-partitioned with its topic, which Faust checks as its
+    own write does (PartitionsMismatch)."""
+    table._verify_source_topic_partitions(source.topic)
+    table.data[key] = value
+    table._sensor_on_set(table, key, value)
+
+
 async def persist(
-    table: Any,
-    key: str,
-    value: dict[str, Any],
-    record_key: bytes,
-    record: bytes,
-    source: Any,
-    acked: Callable[[Any], None] | None = None,
+    table: Any, key: bytes, record: bytes, partition: int, acked: Callable[[Any], None] | None = None
 ) -> None:
-    """``table[key] = value``, with its changelog record (a snapshot or a delta,
-    processors/changelog.py) handed to the Kafka producer before the source record is
-    acked, so before its offset can be committed.
+    """Hand a host's changelog record (a snapshot or a delta, processors/changelog.py,
+    encoded as the table encodes values) to the Kafka producer, once the outputs of the
+    record that made it are on Kafka (``OutputsFirst``) and before the source record is
+    acked, so before its offset can be committed. ``acked`` is called once Kafka has it.
 
     Faust's own ``table[key] = value`` queues the record in its ProducerBuffer,
     and the producer flush that precedes every offset commit can return while the
@@ -262,20 +269,8 @@ async def persist(
     ``ProducerBuffer.flush_atmost``). Seen here: a commit went through with a host's
     last changelog record unsent, and a worker SIGKILLed right then lost that
     batch's counts. Records sent by ``produce`` are in aiokafka's accumulator, whose
-    flush waits for the broker's acknowledgement (acks=all).
-
-    Otherwise this is Faust's own write (``Table.on_key_set``), minus the key TTL of
-    windowed tables, which this one is not. ``record`` is encoded as the table
-    encodes values (``encoded``), ``value`` already measured against
-    process.max_state_bytes; ``source``: the record (a Faust message) it came from,
-    whose partition the changelog record goes to: the table is co-partitioned with
-    its topic, which Faust checks as its own write does (PartitionsMismatch).
-    ``acked`` is called once Kafka has the record.
-    """
-    table._verify_source_topic_partitions(source.topic)
-    table.data[key] = value
-    await send(table, record_key, record, source.partition, acked)
-    table._sensor_on_set(table, key, value)
+    flush waits for the broker's acknowledgement (acks=all)."""
+    await send(table, key, record, partition, acked)
 
 
 async def send(
@@ -403,6 +398,51 @@ class ChangelogAcks:
         while self._unacked and min(self._unacked) <= last:
             self._acked.clear()
             await self._acked.wait()
+
+
+class OutputsFirst:
+    """A stage's changelog records, held back until Kafka has what the source records
+    that made them sent on.
+
+    A host's changelog record says its source record is counted: a worker that starts
+    from it takes that record, read again (its offset was not committed), for a duplicate,
+    and makes nothing of it. So Kafka must have what the record made (its spans and logs,
+    the batch passed on to the next stage, a fidelity command) first. Sent side by side,
+    to other partitions and other brokers in other requests, the changelog record can be
+    on Kafka and those not when the worker is SIGKILLed: they were lost for good.
+
+    So the records of a fetched list are handled in turn, each one's outputs handed to
+    the producer (numbered as they are: ``output``) and its changelog record ``hold``-ed
+    after them; once the list is handled, ``release`` waits for Kafka to have every output
+    sent so far, then sends the held changelog records in the order they were held, and
+    only then are the list's records acked (processors/faust_app.py ``App.before_acks``).
+    One wait a list, not one a record. Every other changelog write of the worker (a
+    window's, a forgotten host's tombstones) releases the held records first, so none
+    overtakes a record of its host held before it."""
+
+    def __init__(self) -> None:
+        self._outputs = ChangelogAcks()  # (numbered as the changelog records are)
+        self._held: list[Callable[[], Awaitable[None]]] = []
+        self._releasing = asyncio.Lock()  # (two releases at once would send out of order)
+
+    def output(self) -> Callable[[Any], None]:
+        """An output on its way: what to call once Kafka has it."""
+        return self._outputs.sent()
+
+    def hold(self, send: Callable[[], Awaitable[None]]) -> None:
+        """A changelog record to ``send`` once Kafka has the outputs sent before now."""
+        self._held.append(send)
+
+    async def release(self) -> None:
+        async with self._releasing:
+            if not self._held:
+                return
+            # Those held now came after their outputs were numbered: no later output is
+            # waited for, however many a window sends meanwhile.
+            held, self._held = self._held, []
+            await self._outputs.wait(self._outputs.last)
+            for send in held:
+                await send()
 
 
 @dataclasses.dataclass
@@ -542,6 +582,8 @@ def make_app(cfg: Config, stage: str) -> faust.App:
     # worker took over cost nothing here.
     persisted: dict[str, Persisted] = {}
     acks = ChangelogAcks()
+    outputs = OutputsFirst()
+    app.before_acks = outputs.release
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # (mode types handlers narrower than it calls them)
     def forget_persisted(_app: Any, *_revoked: Any, signal: Any, **_kwargs: Any) -> None:
@@ -606,9 +648,13 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             persisted[host_id] = dataclasses.replace(kept, value=restored)
         result.revert()
 
-    async def save(msg: Any, host_id: str, value: dict[str, Any], result: Result) -> bool:
-        """Persist what ``result`` changed of the host's value, or, past the limit, put
-        back what the record changed and dead-letter it (False)."""
+    async def save(
+        msg: Any, host_id: str, value: dict[str, Any], result: Result
+    ) -> Callable[[], Awaitable[None]] | None:
+        """Keep what ``result`` changed of the host's value, and return the send of its
+        changelog record, for the caller to hold after the record's outputs
+        (``OutputsFirst``); or, past the limit, put back what the record changed and
+        dead-letter it (None)."""
         kept = as_persisted(host_id, value)
         v = value[changelog.VERSION] = changelog.version(value) + 1
         its_head = changelog.head(value)
@@ -623,7 +669,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             )
             if stored <= limit:
                 await dead_letter(msg, why)
-                return False
+                return None
             # Past the limit before the record: recovered so (a snapshot written under a
             # higher limit, or a hostile one). Every record that grows it would be refused,
             # and its records keep it from being forgotten as silent: stuck for good. So it
@@ -639,7 +685,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             await dead_letter(msg, f"{why}; its stored state already took {stored}: the host is forgotten")
             child(HOSTS_RESET).inc()
             await drop_host(host_id, in_stream=True)
-            return False
+            return None
         key = changelog.delta_key(host_id, v)
         record = (
             None if kept.snapshot_due(v) else encoded(hosts, changelog.delta(value, result.touched, its_head))
@@ -647,11 +693,11 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         if record is None or len(record) >= len(head) + entries:  # (a delta no smaller than the value)
             key, record = hosts.data._encode_key(host_id), encoded(hosts, value)
             kept.snapshot = v
-        # Before the await: a record of the host refused meanwhile (a batch and a
-        # heartbeat are taken concurrently) puts back ``kept``, which must be this one.
+        # With the value: a later record of the host refused while this one's changelog
+        # record is held (until its list is handled) puts back ``kept``, which must be it.
         kept.head, kept.entries = head, entries
-        await persist(hosts, host_id, value, key, record, msg, acks.sent())
-        return True
+        keep(hosts, host_id, value, msg)
+        return functools.partial(persist, hosts, key, record, msg.partition, acks.sent())
 
     async def dead_letter(msg: Any, err: WireError | str) -> None:
         """Send the record ``msg`` (a Faust message) to ktel.dlq with the reason."""
@@ -680,9 +726,12 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         key: bytes | None = None,
         records: list[tuple[str, bytes]] | None = None,
         held: Callable[[str], bool] | None = None,
+        on_its_way: Callable[[], Callable[[Any], None] | None] = lambda: None,
     ) -> set[str]:
         """What a stage made; ``key``: that of the batch's record, and ``records`` what
-        ``records_of`` made of it (else its spans and logs are encoded here).
+        ``records_of`` made of it (else its spans and logs are encoded here);
+        ``on_its_way``: called as each record is sent, what to call once Kafka has it
+        (a source record's outputs: ``OutputsFirst.output``).
 
         ``held``: for a window's snapshots, whether their host is still this worker's
         (``window_holds``), asked before each is sent, as each send before it may wait for
@@ -699,7 +748,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             for kind, n in by_kind.items():
                 child(KIND_COUNTED[name], kind).inc(n)
         for topic, data in records_of(result, key) if records is None else records:
-            await produce(app, topic, key, data)
+            await produce(app, topic, key, data, acked=on_its_way())
         if result.spans:
             child(SPANS).inc(sum(len(sb.spans) for sb in result.spans))
         if result.logs:
@@ -710,19 +759,24 @@ def make_app(cfg: Config, stage: str) -> faust.App:
                 child(SNAPSHOTS_SKIPPED, "rebalancing" if app.rebalancing else "revoked").inc()
                 skipped.add(host_id)
                 continue
-            await send_signal(names.metrics, host_id.encode(), snap)
+            await send_signal(names.metrics, host_id.encode(), snap, on_its_way)
             child(SNAPSHOTS).inc()
         for cmd in result.commands:
             log.info(
                 "host %s: %s sampled 1 in %d (command %s)", cmd.target, cmd.probe, cmd.sample_every, cmd.id
             )
-            await produce(app, names.control, cmd.key, encode_command(cmd))
+            await produce(app, names.control, cmd.key, encode_command(cmd), acked=on_its_way())
             child(COMMANDS).inc()
         return skipped
 
-    async def send_signal(topic: str, key: bytes | None, signal: Signal) -> None:
+    async def send_signal(
+        topic: str,
+        key: bytes | None,
+        signal: Signal,
+        on_its_way: Callable[[], Callable[[Any], None] | None] = lambda: None,
+    ) -> None:
         for data in encoded_parts(signal, key):  # (one record, unless it is too large for one)
-            await produce(app, topic, key, data)
+            await produce(app, topic, key, data, acked=on_its_way())
 
     input_age = INPUT_AGE.labels(stage)
 
@@ -781,12 +835,15 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             await dead_letter(msg, f"host {batch.host_id!r:.60}: {why}")
             return
         # (only stages that keep state change it)
-        if result.changed and not await save(msg, batch.host_id, value, result):
+        saved = await save(msg, batch.host_id, value, result) if result.changed else None
+        if result.changed and saved is None:
             return
         cap.add(batch.host_id)
         if result.batch is not None:  # (not a duplicate)
             child(BATCHES).inc()
-        await emit(result, key=msg.key, records=records)
+        await emit(result, key=msg.key, records=records, on_its_way=outputs.output)
+        if saved is not None:
+            outputs.hold(saved)
 
     async def take_heartbeat(msg: Any) -> None:
         try:
@@ -810,17 +867,20 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             result = chain.on_heartbeat(value, host_id, cast(dict[str, Any], hb))  # (JSON to the stages)
         except Exception as err:
             raise StageFailed from err
+        saved = None
         if not result.changed and host_id not in hosts.data:
             # (one without boot.id: no value of it kept, so no note of one either, which
             # only a rebalance would clear, for every host id a writer could make up)
             persisted.pop(host_id, None)
-        elif result.changed and not await save(msg, host_id, value, result):
+        elif result.changed and (saved := await save(msg, host_id, value, result)) is None:
             return
         cap.add(host_id)
         child(HEARTBEATS).inc()
         for reading, n in FLEET.observe(host_id, hb).items():
             child(NODE_READINGS_LEFT_OUT, reading).inc(n)
-        await emit(result)
+        await emit(result, on_its_way=outputs.output)
+        if saved is not None:
+            outputs.hold(saved)
 
     poisoned = Poisoned(datadir / "poisoned.json")
 
@@ -1007,6 +1067,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             last_seen.pop(host_id, None)
             cap.drop(host_id)
             await emit(chain.forget(host_id))
+            await outputs.release()  # (a record of the host held would come after its tombstones)
             await forget(hosts, host_id, cfg.kafka.raw_partitions, holds)
 
         return await holding(host_id, work, last, in_stream)
@@ -1022,6 +1083,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             if value is None:  # (its partition revoked while ``last`` waited for the producer)
                 return
             await emit(done.forget(host_id))
+            await outputs.release()  # (a record of the host held would come after this one)
             # Asked again after that send, and the value changed only then: from here to the
             # record's send there is no wait, so it is changed only if the record is sent.
             if hosts.data.get(host_id) is not value or not holds():

@@ -1,7 +1,7 @@
 """``python -m tests.integration.stage_with_fault process <stage>``: the real worker,
 except that it SIGKILLs itself around its N-th changelog record (a host's snapshot or
-delta, processors/changelog.py), before the batch that made it is committed or has
-sent anything on:
+delta, processors/changelog.py), sent once Kafka has what the batch that made it sent
+on, before that batch is committed:
 
 - KTEL_TEST_KILL_AFTER_RECORD=N: once Kafka has that record;
 - KTEL_TEST_KILL_HOLDING_RECORD=N: without ever sending it, after holding it back for
@@ -27,16 +27,15 @@ persist = stages.persist
 written = 0
 
 
-async def persist_then_die(table, key, value, record_key, record, source, acked=None):
+async def persist_then_die(table, key, record, partition, acked=None):
     global written
     written += 1
     if written == STOP:
         os.kill(os.getpid(), signal.SIGSTOP)
     if written == HOLDING:
-        table.data[key] = value
         await asyncio.sleep(float(os.environ["KTEL_TEST_HOLD_SECONDS"]))
         os.kill(os.getpid(), signal.SIGKILL)
-    await persist(table, key, value, record_key, record, source, acked)
+    await persist(table, key, record, partition, acked)
     if written == AFTER:
         await table.app.producer.flush()  # acknowledged by Kafka (acks=all)
         os.kill(os.getpid(), signal.SIGKILL)

@@ -29,6 +29,7 @@ from ktel.stack.proc import stop as stop_process
 from ktel.topics import TopicSpec, create_topics, topic_partitions
 from ktel.wire import (
     CONTROL_TOPIC,
+    DEDUPED_TOPIC,
     DLQ_TOPIC,
     ENRICHED_TOPIC,
     FILE_CREATED,
@@ -558,10 +559,11 @@ def test_a_worker_stopped_while_closing_a_window_finishes_it_and_exits_0(private
     assert ("/data/h0/d0", 5.0) in sent
 
 
-def killed_by_its_fault(tmp_path, bootstrap: str, traffic: list[RawBatch], **fault) -> None:
-    """A worker "w" with a fault (tests.integration.stage_with_fault, set by ``fault``)
-    takes ``traffic`` and SIGKILLs itself."""
-    faulty = Worker(tmp_path, bootstrap, "w", module="tests.integration.stage_with_fault", **fault).start()
+def killed_by_its_fault(tmp_path, bootstrap: str, traffic: list[RawBatch], stage="all", **fault) -> None:
+    """A worker "w" of ``stage`` with a fault (tests.integration.stage_with_fault, set by
+    ``fault``) takes ``traffic`` and SIGKILLs itself."""
+    module = "tests.integration.stage_with_fault"
+    faulty = Worker(tmp_path, bootstrap, "w", stage=stage, module=module, **fault).start()
     asyncio.run(produce(bootstrap, [(b.key, encode_batch(b)) for b in traffic]))
     try:
         assert faulty.proc.wait(300) == -signal.SIGKILL, faulty.log.read_text()[-3000:]
@@ -602,6 +604,53 @@ def test_a_worker_killed_right_after_a_changelog_delta_counts_its_batch_once(pri
         }
         assert wait_for_totals(private_kafka.bootstrap, expected, timeout=300) == expected
         assert w.metric("ktel_processor_duplicate_batches_total") >= 1  # the batch read again
+    finally:
+        w.stop()
+
+
+@pytest.mark.parametrize("stage", ["all", "dedupe"])
+def test_a_worker_killed_right_after_a_changelog_record_has_sent_what_its_batch_made(
+    private_kafka, tmp_path, stage
+):
+    """SIGKILLed once Kafka has a batch's changelog record: what the batch made went to
+    Kafka before it (fused: its kernel log on ktel.logs; split, the dedupe stage: the
+    batch passed on to ktel.deduped, which the next stages count). Restarted, the worker
+    drops the batch, read again, as a duplicate and makes nothing of it: had its outputs
+    been behind the changelog record, they were lost for good."""
+    hosts, per_host, ts = 3, 20, time.time_ns()
+    traffic = [
+        RawBatch(
+            f"host-{h}",
+            "boot",
+            seq,
+            ts,
+            [[KTEL_LOG.id, ts, 7, 7, 9, f"h{h}-{seq}", {}, b"", b""], file_event(f"/data/h{h}/d/f")],
+        )
+        for seq in range(per_host)
+        for h in range(hosts)
+    ]
+    made = {f"h{h}-{seq}" for h in range(hosts) for seq in range(per_host)}
+    killed_by_its_fault(tmp_path, private_kafka.bootstrap, traffic, stage, KTEL_TEST_KILL_AFTER_RECORD="12")
+
+    def sent_on() -> set[str]:
+        if stage == "all":
+            recs = asyncio.run(read_topic(private_kafka.bootstrap, LOGS_TOPIC, idle_s=1))
+            return {row[3] for r in recs for row in decode_logs(r.value).logs}
+        recs = asyncio.run(read_topic(private_kafka.bootstrap, DEDUPED_TOPIC, idle_s=1))
+        return {ev[5] for r in recs for ev in decode_batch(r.value).events if ev[0] == KTEL_LOG.id}
+
+    w = Worker(tmp_path, private_kafka.bootstrap, "w", stage=stage).start()  # (on the same data directory)
+    try:
+        deadline = time.monotonic() + 120
+        # (until it has read the batch again, and everything sent on since is on Kafka)
+        while w.metric("ktel_processor_duplicate_batches_total") < 1 and time.monotonic() < deadline:
+            time.sleep(1)
+        assert w.metric("ktel_processor_duplicate_batches_total") >= 1, w.log.read_text()[-3000:]
+        got = sent_on()
+        while got != made and time.monotonic() < deadline:
+            time.sleep(1)
+            got = sent_on()
+        assert got == made, sorted(made - got)
     finally:
         w.stop()
 

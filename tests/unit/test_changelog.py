@@ -15,7 +15,7 @@ from ktel.wire import FILE_CREATED, HISTOGRAM_DELTA, KTEL_METRIC, PROCESS_EXEC, 
 from processors import changelog
 from processors.chain import build
 from processors.stage import MISSING
-from processors.stages import ChangelogAcks, Persisted
+from processors.stages import ChangelogAcks, OutputsFirst, Persisted
 
 CFG = config.Config(agent=config.AgentConfig(host_id="t"))
 T = 1_700_000_000_000_000_000
@@ -237,6 +237,38 @@ def test_a_window_waits_for_every_changelog_record_sent_before_it_and_no_later_o
         return seen
 
     assert asyncio.run(scenario()) == ["done after the second: False", "done after the first: True"]
+
+
+def test_held_changelog_records_go_once_kafka_has_the_outputs_before_them_and_in_order():
+    """``OutputsFirst.release`` sends the held changelog records only once Kafka has every
+    output sent before they were held, in the order they were held; an output sent after
+    the release began is not waited for."""
+
+    async def scenario() -> list[str]:
+        first = OutputsFirst()
+        seen: list[str] = []
+
+        def record(name: str):
+            async def send() -> None:
+                seen.append(name)
+
+            return send
+
+        spans, logs = first.output(), first.output()
+        first.hold(record("h1 v1"))
+        first.hold(record("h1 v2"))
+        releasing = asyncio.ensure_future(first.release())
+        await asyncio.sleep(0)  # (the release begins)
+        first.output()  # (another list's, never acknowledged here)
+        spans(None)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        seen.append(f"sent before the logs: {releasing.done()}")
+        logs(None)
+        await releasing
+        return seen
+
+    assert asyncio.run(scenario()) == ["sent before the logs: False", "h1 v1", "h1 v2"]
 
 
 # Records of the wrong shape (a processor bug, a mixed-version deployment, another

@@ -133,6 +133,8 @@ class Shell:
                         self.acks_held.append(functools.partial(acked, meta))
             else:
                 sent.append((topic, key, value))
+                if acked is not None:  # (an output Kafka has: stages.OutputsFirst)
+                    acked(None)
 
         self._stack.enter_context(mock.patch.object(stages, "produce", record))
         self.offset = 0
@@ -151,11 +153,18 @@ class Shell:
             value, k = (encode_batch(r), r.key) if isinstance(r, RawBatch) else (r, key)
             await self.take(self.names.topic(stages.SOURCE[self.stage]), k, value, partition)
 
-    async def take(self, topic: str, key: bytes, value: bytes | None, partition: int | None) -> None:
+    async def take(
+        self, topic: str, key: bytes, value: bytes | None, partition: int | None, ends_list: bool = True
+    ) -> None:
+        """``ends_list``: the record is the last of its fetched list (else the next one
+        taken is of the same list, and the changelog records the list made are sent only
+        once it ends: stages.OutputsFirst)."""
         self.offset += 1
         at = on_partition(key) if partition is None else partition
         message = Message(topic, at, self.offset, time.time(), 0, [], key, value, None)
         await self.app.listed[topic](message)
+        if ends_list:
+            await self.app.before_acks()
 
     def ready(self) -> Any:
         """The app, as a worker holding every partition of its source, its table
@@ -190,8 +199,10 @@ class Heartbeats:
     def __init__(self, shell: Shell):
         self.shell = shell
 
-    async def put(self, value: bytes, key: bytes, partition: int | None = None) -> None:
-        await self.shell.take(self.shell.names.heartbeats, key, value, partition)
+    async def put(
+        self, value: bytes, key: bytes, partition: int | None = None, ends_list: bool = True
+    ) -> None:
+        await self.shell.take(self.shell.names.heartbeats, key, value, partition, ends_list)
 
 
 def persisted(value: dict) -> dict:
@@ -898,34 +909,19 @@ async def test_a_worker_killed_while_forgetting_a_host_recovers_it_whole_or_not_
 async def test_a_record_refused_while_another_of_its_host_is_being_persisted_keeps_that_one(
     tmp_path, monkeypatch
 ):
-    """A host's heartbeat and its batch are taken concurrently. A batch refused while the
-    heartbeat's changelog record waited for the producer put back the host's value as
-    the changelog had it before the heartbeat: the heartbeat's part of it, on the
-    changelog, gone from memory, and its version written again by the next record."""
+    """A host's heartbeat and its batch in one fetched list. The batch, refused while the
+    heartbeat's changelog record is held back (sent once the list is handled), put back
+    the host's value as the changelog had it before the heartbeat: the heartbeat's part
+    of it, on the changelog, gone from memory, and its version written again by the
+    next record."""
     monkeypatch.setattr(enrich_core, "TABLE_SHARE", 10.0, raising=False)
     process = config.ProcessConfig(data_dir=tmp_path / "data", metrics_port=0, max_state_bytes=65_536)
     async with Shell(tmp_path, "enrich", process=process) as shell:
         await shell.put(batch(0, [exec_event(1, "sh", "/bin/sh")]))
-        produce, room = stages.produce, asyncio.Event()
-
-        async def no_room_yet(app: Any, topic: str, *args: Any) -> None:
-            if topic == stages.changelog_topic(shell.names, "enrich"):
-                await room.wait()
-            await produce(app, topic, *args)
-
-        with mock.patch.object(stages, "produce", no_room_yet):
-            beat = asyncio.ensure_future(
-                shell.heartbeats.put(heartbeat("h1", "b1", 1000, "node-1"), key=b"h1")
-            )
-            for _ in range(100):  # (until its changelog record waits)
-                await asyncio.sleep(0)
-            huge = batch(
-                1, [exec_event(pid, "p", "/opt/" + "x" * 150 + str(pid)) for pid in range(1000, 2000)]
-            )
-            await shell.put(huge)  # (refused: past max_state_bytes)
-            assert len(shell.to(DLQ_TOPIC)) == 1
-            room.set()
-            await beat
+        await shell.heartbeats.put(heartbeat("h1", "b1", 1000, "node-1"), key=b"h1", ends_list=False)
+        huge = batch(1, [exec_event(pid, "p", "/opt/" + "x" * 150 + str(pid)) for pid in range(1000, 2000)])
+        await shell.put(huge)  # (refused: past max_state_bytes)
+        assert len(shell.to(DLQ_TOPIC)) == 1
         await shell.put(batch(2, [exec_event(2, "ls", "/bin/ls")]))
         host, recovered = shell.states()[-1]
         assert host == "h1" and recovered == persisted(shell.table("h1"))
@@ -1006,11 +1002,11 @@ async def test_a_heartbeating_host_whose_partition_goes_while_its_last_snapshot_
         await heartbeating_past_its_ttl(shell)
         produce, room, held = stages.produce, asyncio.Event(), asyncio.Event()
 
-        async def no_room_yet(app: Any, topic: str, *args: Any) -> None:
+        async def no_room_yet(app: Any, topic: str, *args: Any, **kwargs: Any) -> None:
             if topic == METRICS_TOPIC and not room.is_set():
                 held.set()
                 await room.wait()
-            await produce(app, topic, *args)
+            await produce(app, topic, *args, **kwargs)
 
         data = app.tables["host-state"].data
         assigned = app.assignor.assigned_actives()
@@ -1047,11 +1043,11 @@ async def test_a_host_whose_batch_comes_while_a_window_forgets_another_is_not_co
             shell.table(host)["aggregate"]["last_ms"] = 0  # silent far longer than its TTL
         produce, room, held = stages.produce, asyncio.Event(), asyncio.Queue()
 
-        async def no_room_yet(app: Any, topic: str, key: bytes, *args: Any) -> None:
+        async def no_room_yet(app: Any, topic: str, key: bytes, *args: Any, **kwargs: Any) -> None:
             if topic == METRICS_TOPIC and not room.is_set():
                 held.put_nowait(key.decode())
                 await room.wait()
-            await produce(app, topic, key, *args)
+            await produce(app, topic, key, *args, **kwargs)
 
         with mock.patch.object(stages, "produce", no_room_yet):
             async with windows_running(app):
@@ -1090,11 +1086,11 @@ async def test_a_window_writes_nothing_to_the_changelog_of_a_partition_revoked_w
             shell.table("h1")["aggregate"]["last_ms"] = 0  # silent: the host dropped (drop_host)
         produce, room, held = stages.produce, asyncio.Event(), asyncio.Event()
 
-        async def no_room_yet(app: Any, topic: str, *args: Any) -> None:
+        async def no_room_yet(app: Any, topic: str, *args: Any, **kwargs: Any) -> None:
             if topic == METRICS_TOPIC and not room.is_set():
                 held.set()
                 await room.wait()
-            await produce(app, topic, *args)
+            await produce(app, topic, *args, **kwargs)
 
         assigned = app.assignor.assigned_actives()
         revoked = stages.partition_of("h1", RESOLVED.raw_partitions)
@@ -1178,11 +1174,11 @@ async def test_a_window_sends_no_snapshot_of_a_host_once_a_revocation_begins_whi
             await shell.put(batch(0, [file_created(1, "/data/x/f")], host=host), key=host.encode())
         produce, room, held = stages.produce, asyncio.Event(), asyncio.Queue()
 
-        async def no_room_yet(app: Any, topic: str, key: bytes, *args: Any) -> None:
+        async def no_room_yet(app: Any, topic: str, key: bytes, *args: Any, **kwargs: Any) -> None:
             if topic == METRICS_TOPIC and not room.is_set():
                 held.put_nowait(key.decode())
                 await room.wait()
-            await produce(app, topic, key, *args)
+            await produce(app, topic, key, *args, **kwargs)
 
         def snapshots() -> list[tuple[str, Any]]:
             return [(k.decode(), decode_snapshot(v)) for t, k, v in shell.sent if t == METRICS_TOPIC]
@@ -1225,11 +1221,11 @@ async def test_a_host_a_window_leaves_to_a_revocation_is_not_counted_as_forgotte
         shell.table("h1")["aggregate"]["last_ms"] = 0  # silent far longer than its TTL
         produce, room, held = stages.produce, asyncio.Event(), asyncio.Event()
 
-        async def no_room_yet(app: Any, topic: str, *args: Any) -> None:
+        async def no_room_yet(app: Any, topic: str, *args: Any, **kwargs: Any) -> None:
             if topic == METRICS_TOPIC and not room.is_set():
                 held.set()
                 await room.wait()
-            await produce(app, topic, *args)
+            await produce(app, topic, *args, **kwargs)
 
         with mock.patch.object(stages, "produce", no_room_yet):
             async with windows_running(app):
