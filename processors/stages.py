@@ -440,9 +440,16 @@ class OutputsFirst:
             # Those held now came after their outputs were numbered: no later output is
             # waited for, however many a window sends meanwhile.
             held, self._held = self._held, []
-            await self._outputs.wait(self._outputs.last)
-            for send in held:
-                await send()
+            sent = 0
+            try:
+                await self._outputs.wait(self._outputs.last)
+                for send in held:
+                    await send()
+                    sent += 1
+            finally:
+                # A release cut off (its task cancelled): the rest go with the next one,
+                # first, rather than never while the list they came from is acked.
+                self._held[:0] = held[sent:]
 
 
 @dataclasses.dataclass

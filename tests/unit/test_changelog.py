@@ -271,6 +271,34 @@ def test_held_changelog_records_go_once_kafka_has_the_outputs_before_them_and_in
     assert asyncio.run(scenario()) == ["sent before the logs: False", "h1 v1", "h1 v2"]
 
 
+def test_held_changelog_records_of_a_release_cut_off_go_with_the_next_one():
+    """A release whose task is cancelled (a window's, at a stop) while it waits leaves
+    what it held for the next release, in order, ahead of what was held since."""
+
+    async def scenario() -> list[str]:
+        first = OutputsFirst()
+        seen: list[str] = []
+
+        def record(name: str):
+            async def send() -> None:
+                seen.append(name)
+
+            return send
+
+        output = first.output()
+        first.hold(record("h1 v1"))
+        cut = asyncio.ensure_future(first.release())
+        await asyncio.sleep(0)
+        cut.cancel()
+        await asyncio.gather(cut, return_exceptions=True)
+        first.hold(record("h1 v2"))
+        output(None)
+        await first.release()
+        return seen
+
+    assert asyncio.run(scenario()) == ["h1 v1", "h1 v2"]
+
+
 # Records of the wrong shape (a processor bug, a mixed-version deployment, another
 # writer), as recovery decodes them: (key, record).
 MALFORMED_DELTAS = [
