@@ -3,7 +3,9 @@
 Every ktel client gets its connection settings here, and nowhere else: the agent's
 producer and control consumer, the processors' Faust app, the exporters, replay and
 the admin calls of ktel/topics.py. A client built elsewhere from ``bootstrap`` alone
-would reach a plaintext broker in development and fail in production.
+would reach a plaintext broker in development and fail in production. Importing this
+module also bounds what every ktel reader expands a compressed batch to
+(ktel/kafka_batches.py).
 
 Every long-running client connects through :func:`start`, which retries with backoff
 and says once, in one line naming the setting most likely wrong, why Kafka cannot be
@@ -29,8 +31,12 @@ from aiokafka.conn import create_conn
 from aiokafka.errors import KafkaConnectionError, KafkaError, SaslAuthenticationFailed
 from aiokafka.helpers import create_ssl_context
 
+from ktel import kafka_batches
 from ktel.config import KafkaConfig
 from ktel.retry import retry
+
+# Every reader ktel makes is made here: each expands compressed batches within a bound.
+kafka_batches.install()
 
 Kafka = KafkaConfig | str
 log = logging.getLogger("ktel.kafka")

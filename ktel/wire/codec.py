@@ -34,6 +34,19 @@ class WireError(ValueError):
     """A record that cannot be used; ``str(err)`` is the reason for the DLQ."""
 
 
+class Unreadable(bytes):
+    """The value of the record a reader gets in place of a Kafka record batch it did not
+    expand (ktel/kafka_batches.py): empty, so that any reader refuses it, and ``unpack``
+    refuses it with ``reason``. Made only by the reader itself: no value from Kafka is one."""
+
+    reason: str
+
+    def __new__(cls, reason: str) -> Unreadable:
+        value = super().__new__(cls, b"")
+        value.reason = reason
+        return value
+
+
 # A raw batch may come as one zstd frame holding its msgpack bytes: the agent
 # compresses its batches itself (agent.compression "zstd"), before they reach its
 # spool, so the spool holds a tenth of the bytes and Kafka takes them as they are.
@@ -108,6 +121,8 @@ def unpack(data: bytes | bytearray, what: str, shape: Shape) -> dict[str, Any]:
     """A record's map, checked against ``shape``; raises WireError naming what is wrong."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise WireError(f"{what}: expected bytes, got {type(data).__name__}")
+    if type(data) is Unreadable:
+        raise WireError(f"{what}: {data.reason}")
     if len(data) > MAX_RECORD_BYTES:
         raise WireError(f"{what}: {len(data)} bytes, more than {MAX_RECORD_BYTES}")
     try:

@@ -21,6 +21,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
+from aiokafka.partitioner import DefaultPartitioner
 from prometheus_client.parser import text_string_to_metric_families
 from rocksdict import AccessType, Options, Rdict
 
@@ -786,6 +787,49 @@ def test_garbage_and_wrong_versions_go_to_the_dlq_and_good_counts_stay_exact(pri
         assert reasons  # every dead letter carries a reason
         assert sorted(d.payload for d in dead) == sorted(v for _k, v in bad)
         assert w.proc.poll() is None  # the worker kept running
+    finally:
+        w.stop()
+
+
+async def produce_bomb(bootstrap: str, key: bytes, records: int) -> None:
+    """One zstd record batch of ``records`` records of 8 MiB of zeros, keyed ``key`` and
+    on its partition: a few KB in Kafka, ``records`` times 8 MiB expanded."""
+    room = (records + 1) * (8 << 20)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, compression_type="zstd", max_batch_size=room, max_request_size=room
+    )
+    await producer.start()
+    try:
+        partitions = sorted(await producer.partitions_for(RAW_TOPIC))
+        bomb = producer.create_batch()
+        for _ in range(records):
+            assert bomb.append(key=key, value=bytes(8 << 20), timestamp=None) is not None
+        partition = DefaultPartitioner()(key, partitions, partitions)
+        await (await producer.send_batch(bomb, RAW_TOPIC, partition=partition))
+    finally:
+        await producer.stop()
+
+
+def test_a_compression_bomb_is_one_dead_letter_and_its_hosts_counts_stay_exact(private_kafka, tmp_path):
+    """A record batch of a few KB that expands to 40 MiB is not expanded (the bound is
+    32 MiB, ktel/kafka_batches.py): the worker sends one dead letter naming it, in place
+    of its five records, and counts the host's batches before and after it exactly."""
+    bootstrap = private_kafka.bootstrap
+    w = Worker(tmp_path, bootstrap, "w").start()
+    try:
+        real = list(batches(1, 30, 10))
+        asyncio.run(produce(bootstrap, [(bt.key, encode_batch(bt)) for bt in real[:15]]))
+        asyncio.run(produce_bomb(bootstrap, b"host-00", 5))
+        asyncio.run(produce(bootstrap, [(bt.key, encode_batch(bt)) for bt in real[15:]]))
+        expected = batches_totals(1, 30, 10)
+        assert wait_for_totals(bootstrap, expected) == expected
+        [dl] = dead_letters(bootstrap)
+        assert (dl.topic, dl.offset, dl.payload) == (RAW_TOPIC, 19, b"")
+        assert dl.reason == (
+            "raw batch: a Kafka record batch (offsets 15 to 19) not read: "
+            "its zstd content expands past 32 MiB"
+        )
+        assert w.metric("ktel_processor_dead_letters_total") == 1
     finally:
         w.stop()
 

@@ -9,6 +9,7 @@ import asyncio
 import copy
 import json
 import random
+from collections.abc import Awaitable, Callable
 
 from ktel import config
 from ktel.wire import FILE_CREATED, HISTOGRAM_DELTA, KTEL_METRIC, PROCESS_EXEC, PROCESS_EXIT, RawBatch
@@ -239,6 +240,18 @@ def test_a_window_waits_for_every_changelog_record_sent_before_it_and_no_later_o
     assert asyncio.run(scenario()) == ["done after the second: False", "done after the first: True"]
 
 
+def recorder(seen: list[str]) -> Callable[[str], Callable[[], Awaitable[None]]]:
+    """A held changelog record's send named ``name``: it appends the name to ``seen``."""
+
+    def record(name: str) -> Callable[[], Awaitable[None]]:
+        async def send() -> None:
+            seen.append(name)
+
+        return send
+
+    return record
+
+
 def test_held_changelog_records_go_once_kafka_has_the_outputs_before_them_and_in_order():
     """``OutputsFirst.release`` sends the held changelog records only once Kafka has every
     output sent before they were held, in the order they were held; an output sent after
@@ -247,13 +260,7 @@ def test_held_changelog_records_go_once_kafka_has_the_outputs_before_them_and_in
     async def scenario() -> list[str]:
         first = OutputsFirst()
         seen: list[str] = []
-
-        def record(name: str):
-            async def send() -> None:
-                seen.append(name)
-
-            return send
-
+        record = recorder(seen)
         spans, logs = first.output(), first.output()
         first.hold(record("h1 v1"))
         first.hold(record("h1 v2"))
@@ -278,13 +285,7 @@ def test_held_changelog_records_of_a_release_cut_off_go_with_the_next_one():
     async def scenario() -> list[str]:
         first = OutputsFirst()
         seen: list[str] = []
-
-        def record(name: str):
-            async def send() -> None:
-                seen.append(name)
-
-            return send
-
+        record = recorder(seen)
         output = first.output()
         first.hold(record("h1 v1"))
         cut = asyncio.ensure_future(first.release())

@@ -358,9 +358,8 @@ def test_a_listed_record_is_tracked_while_handled_acked_after_and_dropped_after_
         seen.clear()
         flow.resume()
         await app._take_list(fetched(12, 13, generation=2), handlers, Consumer(), flow)
-        assert (
-            seen == []
-        )  # fetched before the rebalance: the new generation reads them again (none to release)
+        # Fetched before the rebalance: the new generation reads them again (none to release).
+        assert seen == []
         # Each listed topic's records go to its own handler, in the list's order.
         await app._take_list(fetched(14) + fetched(7, topic="beats"), handlers, Consumer(), flow)
         assert [s for s in seen if s[0] in ("handled", "beat")] == [("handled", 14), ("beat", 7)]

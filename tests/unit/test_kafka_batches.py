@@ -1,0 +1,135 @@
+"""Compressed Kafka record batches as every ktel reader takes them (ktel/kafka_batches.py):
+read as before up to EXPAND_MAX_BYTES, a batch past it replaced by one stand-in record
+that goes to the DLQ with its reason, and a fetch that stops taking batches once they
+expanded to the bound together. The batches are built and walked by aiokafka's own
+record code, as its fetcher builds and walks them."""
+
+from __future__ import annotations
+
+import struct
+
+import cramjam
+import pytest
+from aiokafka.consumer.fetcher import READ_UNCOMMITTED, PartitionRecords
+from aiokafka.record.default_records import DefaultRecordBatch, DefaultRecordBatchBuilder
+from aiokafka.record.memory_records import MemoryRecords
+from aiokafka.record.util import calc_crc32c
+from aiokafka.structs import TopicPartition
+
+from ktel import kafka_batches
+from ktel.kafka_batches import EXPAND_MAX_BYTES
+from ktel.wire import decode_batch
+from ktel.wire.codec import Unreadable, WireError
+
+kafka_batches.install()  # (what importing ktel.kafka_client does)
+
+CODECS = {
+    "gzip": DefaultRecordBatch.CODEC_GZIP,
+    "snappy": DefaultRecordBatch.CODEC_SNAPPY,
+    "lz4": DefaultRecordBatch.CODEC_LZ4,
+    "zstd": DefaultRecordBatch.CODEC_ZSTD,
+}
+TP = TopicPartition("ktel.raw", 3)
+
+
+def batch(base: int, values: list[bytes], codec: str = "zstd") -> bytes:
+    builder = DefaultRecordBatchBuilder(2, CODECS[codec], 0, -1, -1, -1, 1 << 40)
+    for delta, value in enumerate(values):
+        builder.append(delta, timestamp=1_000 + delta, key=b"host", value=value, headers=[])
+    data = bytearray(builder.build())
+    struct.pack_into(">q", data, 0, base)  # (the base offset; the CRC does not cover it)
+    return bytes(data)
+
+
+def fetch(*batches: bytes, fetch_offset: int = 0, tp: TopicPartition = TP) -> PartitionRecords:
+    """One fetch of ``batches``, as the client walks it."""
+    return PartitionRecords(
+        tp, MemoryRecords(b"".join(batches)), [], fetch_offset, None, None, True, READ_UNCOMMITTED
+    )
+
+
+def walk(*batches: bytes, fetch_offset: int = 0) -> tuple[list, int]:
+    """The records the client hands over from one fetch of ``batches``, and the
+    offset it fetches next."""
+    records = fetch(*batches, fetch_offset=fetch_offset)
+    return list(records), records.next_fetch_offset
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_a_compressed_batch_within_the_bound_is_read_as_it_was_written(codec):
+    values = [b"a" * 1000, b"", bytes(range(256)) * 40]
+    got, next_offset = walk(batch(10, values, codec), batch(13, [b"x"], codec))
+    assert [(r.offset, r.value) for r in got] == [(10, values[0]), (11, b""), (12, values[2]), (13, b"x")]
+    assert next_offset == 14
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_a_batch_expanding_past_the_bound_is_one_stand_in_and_the_next_batch_is_read(codec):
+    # Five records of 8 MiB of zeros: 40 MiB, past the 32 MiB bound.
+    bomb = batch(5, [bytes(8 << 20)] * 5, codec)
+    got, next_offset = walk(batch(0, [b"before"] * 5, codec), bomb, batch(10, [b"after"], codec))
+    assert [r.offset for r in got] == [0, 1, 2, 3, 4, 9, 10]
+    stand_in = got[5]
+    assert (stand_in.topic, stand_in.partition, stand_in.key) == ("ktel.raw", 3, None)
+    assert type(stand_in.value) is Unreadable and stand_in.value == b""
+    assert stand_in.value.reason == (
+        f"a Kafka record batch (offsets 5 to 9) not read: its {codec} content expands past 32 MiB"
+    )
+    assert got[6].value == b"after"
+    assert next_offset == 11
+
+
+def content_size(data: bytes) -> int:
+    """What a zstd batch's records section expands to (its records start at byte 61)."""
+    return len(cramjam.zstd.decompress(data[61:]))
+
+
+def test_content_of_exactly_the_bound_is_read_and_one_byte_more_is_not():
+    values = [bytes(8 << 20)] * 4
+    framing = content_size(batch(0, values)) - 4 * (8 << 20)
+    values[3] = bytes((8 << 20) - framing)
+    assert content_size(batch(0, values)) == EXPAND_MAX_BYTES
+    got, _ = walk(batch(0, values))
+    assert [len(r.value) for r in got] == [len(v) for v in values]
+    values[3] += b"\0"
+    [stand_in], _ = walk(batch(0, values))
+    assert "expands past 32 MiB" in stand_in.value.reason
+
+
+def test_a_batch_whose_compressed_content_is_broken_is_a_stand_in_naming_that():
+    broken = bytearray(batch(0, [b"y" * 5000] * 3))
+    broken[61:65] = b"\0\0\0\0"  # the zstd frame's magic, where the records begin
+    # (with the CRC made again: the broker checks it, not the content)
+    struct.pack_into(">I", broken, 17, calc_crc32c(bytes(broken[21:])))
+    got, next_offset = walk(bytes(broken), batch(3, [b"z"]))
+    assert [r.offset for r in got] == [2, 3] and next_offset == 4
+    assert got[0].value.reason.startswith(
+        "a Kafka record batch (offsets 0 to 2) not read: its content is not valid zstd ("
+    )
+
+
+def test_a_fetch_stops_taking_batches_once_they_expanded_to_the_bound_and_fetches_the_rest_again():
+    # Four batches of 12 MiB each: three reach the bound (36 MiB), the fourth waits.
+    big = [batch(i, [bytes(12 << 20)]) for i in range(4)]
+    got, next_offset = walk(*big)
+    assert [r.offset for r in got] == [0, 1, 2]
+    assert next_offset == 3
+    got, next_offset = walk(big[3], fetch_offset=3)
+    assert [r.offset for r in got] == [3] and next_offset == 4
+
+
+def test_each_fetch_is_charged_for_its_own_batches_only():
+    one = fetch(batch(0, [bytes(20 << 20)]), batch(1, [bytes(20 << 20)]))
+    other = fetch(batch(0, [bytes(20 << 20)]), tp=TopicPartition("ktel.raw", 4))
+    assert next(one).offset == 0
+    assert next(other).offset == 0  # (20 MiB more expanded in this thread, for another fetch)
+    assert next(one).offset == 1  # 40 MiB in all, but 20 of them this fetch's: it goes on
+
+
+def test_a_stand_in_is_refused_by_every_ktel_decoder_with_its_reason():
+    with pytest.raises(WireError) as refused:
+        decode_batch(Unreadable("a Kafka record batch (offsets 5 to 9) not read: why"))
+    assert str(refused.value) == "raw batch: a Kafka record batch (offsets 5 to 9) not read: why"
+    # Bytes from Kafka are never one, even empty ones.
+    with pytest.raises(WireError, match="not msgpack"):
+        decode_batch(b"")
