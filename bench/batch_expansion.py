@@ -77,7 +77,7 @@ def main() -> None:
                 best[bounded] = min(best[bounded], walk_us(data, opts.batches))
         print(
             f"{name:5} aiokafka {best[False]:6.2f} µs a batch, bounded {best[True]:6.2f} "
-            f"(+{best[True] - best[False]:.2f}, x{best[True] / best[False]:.2f})"
+            f"({best[True] - best[False]:+.2f}, x{best[True] / best[False]:.2f})"
         )
 
 
