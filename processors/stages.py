@@ -1280,7 +1280,7 @@ def readiness(app: Any, source: str) -> str | None:
 def data_dir(cfg: Config, stage: str) -> Path:
     """Where a stage keeps its tables' on-disk copies: named by the prefix too, since the
     copies are named by table, and two pipelines sharing process.data_dir must not read
-    each other's (Faust stops on the mismatch with a ConsistencyError)."""
+    each other's (a copy of another pipeline's changelog would be taken as this one's)."""
     return cfg.process.data_dir / f"{cfg.kafka.prefix}{stage}"
 
 

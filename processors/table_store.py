@@ -30,6 +30,8 @@ would hide that; the worker drops the partition's copy there and takes no more o
 it, so its next start reads that changelog partition from the start, as it holds.
 (Faust's producer is not idempotent, so a send Kafka took twice, its first
 acknowledgement lost, looks the same: rare, and it costs only that full read.)
+Nor is a copy kept whose last offset its changelog partition no longer holds (the
+topic made again, or truncated): it is dropped when the partition is assigned.
 
 The state stays in memory because the stages change each host's value in place,
 in the stream and in their window timers (processors/stages.py).
@@ -373,9 +375,39 @@ class DiskBackedStore(FoldingStore):
             if tp.topic in mine:
                 self._close(tp.partition)
                 self._copied.pop(tp.partition, None)
-        for tp in newly_assigned:
-            if tp.topic in mine:
-                self._load(tp.partition)
+        loading = [tp for tp in newly_assigned if tp.topic in mine]
+        if loading:
+            await self._drop_if_ahead(loading)
+        for tp in loading:
+            self._load(tp.partition)
+
+    async def _drop_if_ahead(self, tps: list[TP]) -> None:
+        """Drop the copy of each partition whose changelog ends before the copy's last
+        record: the topic was deleted and made again, or a broker that became leader
+        without the last records (unclean leader election) truncated it. Faust would stop
+        on it (ConsistencyError) at every start until the copy was deleted by hand; the
+        changelog is what Kafka holds, so the partition is read from its start instead,
+        and its hosts have what the changelog still has of them."""
+        try:
+            ends = await self.app.consumer.highwaters(*tps)
+        except Exception as err:  # (Faust's recovery asks the same next, and says why)
+            log.debug("changelog end offsets not read (%s): copies not checked against them", err)
+            return
+        for tp in tps:
+            offset, end = self._db(tp.partition).get(OFFSET_KEY), ends.get(tp)
+            if offset is None or end is None or int(offset) < end:
+                continue
+            log.warning(
+                "table copy %s holds changelog partition %d up to offset %d, but the changelog "
+                "holds only offsets below %d (the topic was made again, or a broker that became "
+                "leader without its last records truncated it): the copy is dropped and the "
+                "partition read from its start",
+                self._path(tp.partition),
+                tp.partition,
+                int(offset),
+                end,
+            )
+            self._remove(tp.partition)
 
     async def stop(self) -> None:
         self._write_acked()

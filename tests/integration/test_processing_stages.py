@@ -408,6 +408,61 @@ def copy_offsets(data_dir) -> dict[int, int | None]:
     return offsets
 
 
+async def delete_topic(bootstrap: str, topic: str) -> None:
+    """Delete ``topic`` and wait until the broker no longer lists it."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_topics([topic])
+        deadline = time.monotonic() + 60
+        while topic in await admin.list_topics() and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+    finally:
+        await admin.close()
+
+
+def test_a_copy_ahead_of_its_changelog_made_again_is_dropped_and_the_worker_counts_on(
+    private_kafka, tmp_path
+):
+    """The changelog deleted while its worker was stopped (made again empty when it
+    starts): each partition's on-disk copy now holds offsets the changelog does not.
+    The worker drops those copies, saying why, and counts on from what Kafka holds
+    (the hosts start afresh), where Faust stopped it at every start (ConsistencyError).
+    A restart with the changelog still there drops none."""
+    bootstrap = private_kafka.bootstrap
+    w = Worker(tmp_path, bootstrap, "w", KTEL_PROCESS__TABLE_STORE="rocksdict")
+    traffic = [(bt.key, encode_batch(bt)) for bt in batches(4, 12, 5)]
+    # (traffic is seq-major, 4 hosts a batch number; batch n counts 5 in directory d{n % 3})
+    totals = {k: v / 2 for k, v in batches_totals(4, 12, 5).items()}  # batches 0 to 5: 10 each
+
+    def run(sent: list, counted: dict) -> None:
+        """Start the worker, send ``sent``, wait for ``counted`` to be the totals, stop it."""
+        totals.update(counted)
+        w.start()
+        try:
+            asyncio.run(produce(bootstrap, sent))
+            assert wait_for_totals(bootstrap, totals) == totals
+            assert w.proc.poll() is None
+        finally:
+            w.stop()
+
+    run(traffic[:24], {})
+    run(traffic[24:28], {k: 15.0 for k in totals if k[1].endswith("/d0")})  # batch 6, copies kept
+    kept = w.log.read_text()
+    assert "is dropped" not in kept and "from its start" not in kept
+    ahead = {p: o for p, o in copy_offsets(tmp_path / "w-data").items() if o is not None}
+    assert ahead  # (copies holding records, which the made-again changelog will not)
+    asyncio.run(delete_topic(bootstrap, "ktel-all-host-state-changelog"))
+    run(traffic[28:36], {k: 5.0 for k in totals if not k[1].endswith("/d0")})  # 7 and 8, from 0
+    log = w.log.read_text()
+    assert "ConsistencyError" not in log
+    for partition, offset in ahead.items():
+        assert (
+            f"holds changelog partition {partition} up to offset {offset}, but the changelog holds "
+            "only offsets below 0" in log
+        )
+
+
 def test_a_record_another_worker_wrote_between_a_workers_own_drops_that_partitions_copy(
     private_kafka, tmp_path
 ):
