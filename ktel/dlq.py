@@ -155,6 +155,7 @@ from exporters import otlp, pull, remote_write
 from exporters.consume import Decoder, Delivery, Record
 from ktel import topic_window
 from ktel.config import AgentConfig, Config, ConfigError, KafkaConfig
+from ktel.kafka_batches import BATCH_NOT_READ
 from ktel.kafka_client import client_kwargs, compression_type
 from ktel.replay import ReplayError, format_ns, key_text, parse_time
 from ktel.retry import AskedPastDeadline, Permanent, Transient, retry
@@ -280,6 +281,8 @@ def why_not_redrivable(
     if host_of is None and decode is None:
         return nowhere_to_go(dl, exporter_topics)
     if not dl.payload:
+        if BATCH_NOT_READ in dl.reason:
+            return "its Kafka record batch was not read (see the reason): it carries none of its records"
         return "it has no payload (a tombstone)"
     if key is not None and len(key) >= DEAD_LETTER_KEY_BYTES:
         return f"its key is {len(key)} bytes, the most a dead letter keeps, so may have been cut"

@@ -45,6 +45,8 @@ from ktel.wire.codec import MAX_RECORD_BYTES, Unreadable
 # What one batch, and one partition's fetch, may expand to: four of the largest record.
 EXPAND_MAX_BYTES = 4 * MAX_RECORD_BYTES
 
+# How the reason of a batch's stand-in begins (ktel/dlq.py tells its dead letters by it).
+BATCH_NOT_READ = "a Kafka record batch not read"
 # cramjam's error when the output buffer is full before the content ends.
 _BUFFER_FULL = "failed to write whole buffer"
 # A snappy batch from a Java producer is xerial's framing of raw snappy blocks: this
@@ -145,7 +147,7 @@ class _Batches:
 def _stand_in(tp: Any, batch: Any, why: str) -> ConsumerRecord:
     last = batch.next_offset - 1
     first = getattr(batch, "base_offset", last)
-    value = Unreadable(f"a Kafka record batch (offsets {first} to {last}) not read: {why}")
+    value = Unreadable(f"{BATCH_NOT_READ} (offsets {first} to {last}): {why}")
     return ConsumerRecord(
         topic=tp.topic,
         partition=tp.partition,

@@ -97,7 +97,7 @@ from processors.fleet_metrics import BOUNDS, FleetMetrics
 from processors.host_cap import HostCap
 from processors.stage import Result, Stage
 from processors.stop import Poisoned, StageFailed, Worker, stop
-from processors.table_store import MEMORY_URL, REFUSED, DiskBackedStore
+from processors.table_store import MEMORY_URL, REFUSED, DiskBackedStore, HostTable
 from processors.table_store import URL as DISK_BACKED_URL
 
 log = logging.getLogger("ktel.process")
@@ -552,6 +552,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         names.group(stage),
         **faust_settings(cfg.kafka),
         store=STORES[cfg.process.table_store],
+        Table=HostTable,
         datadir=str(datadir),
         web_enabled=False,
         # Standbys would put other workers' hosts into this worker's timers.
@@ -578,7 +579,10 @@ def make_app(cfg: Config, stage: str) -> faust.App:
     if chain.durable:
         # (options: its store's, which counts the changelog records it leaves out by stage)
         hosts = app.Table(
-            "host-state", default=dict, partitions=cfg.kafka.raw_partitions, options={"stage": stage}
+            "host-state",
+            default=dict,
+            partitions=cfg.kafka.raw_partitions,
+            options={"stage": stage},
         )
         REFUSED.labels(stage)  # (as 0 from the start)
     limit = cfg.process.max_state_bytes

@@ -47,12 +47,15 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import faust
+from faust.serializers import codecs
 from faust.stores import STORES, memory
 from faust.types import TP, EventT
 from prometheus_client import Counter
 from rocksdict import AccessType, Options, Rdict, WriteBatch
 
 from ktel.logs import Once
+from ktel.wire.codec import Unreadable
 from processors.changelog import fold
 from processors.stop import end
 
@@ -72,6 +75,33 @@ MEMORY_URL = "ktel-memory://"
 STORES.aliases["ktel-memory"] = f"{__name__}:FoldingStore"
 URL = "ktel-rocksdict://"
 STORES.aliases["ktel-rocksdict"] = f"{__name__}:DiskBackedStore"
+
+
+class _TableJson(codecs.json):
+    """Faust's JSON codec, but a changelog key or value that is not JSON (a writer's
+    garbage, or the stand-in of a batch not expanded: ktel/kafka_batches.py) is given as
+    it came instead of raising. Faust's recovery logs a record it cannot decode and never
+    takes its offset, so one last on its partition kept recovery waiting for it for good;
+    given as it came, it reaches the store, whose ``fold`` leaves it out and counts it."""
+
+    def _loads(self, s: bytes) -> Any:
+        try:
+            return super()._loads(s)
+        except Exception:  # (JSON's and UTF-8's ValueError; RecursionError, nested deep)
+            return s
+
+
+TABLE_CODEC = "ktel-json"
+codecs.register(TABLE_CODEC, _TableJson())
+
+
+class HostTable(faust.Table):
+    """The stages' table (processors/stages.py): Faust's, with its changelog's keys and
+    values (JSON, as Faust's default) decoded by TABLE_CODEC."""
+
+    def _serializer_from_type(self, typ: Any) -> str:
+        return TABLE_CODEC
+
 
 # The offset of the copy's last record (never a table key: those are JSON). Its key
 # is not the one of an older ktel's copies, whose values were bare (BARE_OFFSET_KEY):
@@ -122,8 +152,23 @@ class FoldingStore(memory.Store):
         self, batch: Iterable[EventT], to_key: Callable[[Any], Any], to_value: Callable[[Any], Any]
     ) -> None:
         for event in batch:
-            value = None if event.message.value is None else to_value(event.value)
-            self._fold(to_key(event.key), value, event.message.partition)
+            message = event.message
+            if type(message.value) is Unreadable:  # (keyed None: no host to name)
+                self._left_out(None, message.value.reason, message.partition)
+                continue
+            value = None if message.value is None else to_value(event.value)
+            self._fold(to_key(event.key), value, message.partition)
+
+    def _left_out(self, host_id: Any, why: str, partition: int) -> None:
+        REFUSED.labels((self.options or {}).get("stage", "")).inc()
+        if _warned(why):
+            log.warning(
+                "changelog partition %d: a record of host %.60r left out of recovery (counted in "
+                "ktel_processor_changelog_records_refused_total): %s",
+                partition,
+                host_id,
+                why,
+            )
 
     def _fold(self, key: Any, value: Any, partition: int) -> None:
         """Fold one record of changelog partition ``partition`` into the hosts' values: one
@@ -131,15 +176,7 @@ class FoldingStore(memory.Store):
         an exception stops for good, as the load of the on-disk copy)."""
         host_id, why = fold(self.data, key, value)
         if why is not None:
-            REFUSED.labels((self.options or {}).get("stage", "")).inc()
-            if _warned(why):
-                log.warning(
-                    "changelog partition %d: a record of host %.60r left out of recovery (counted in "
-                    "ktel_processor_changelog_records_refused_total): %s",
-                    partition,
-                    host_id,
-                    why,
-                )
+            self._left_out(host_id, why, partition)
         if host_id is None:
             return
         if host_id in self.data:
@@ -353,12 +390,13 @@ class DiskBackedStore(FoldingStore):
                 # Kept through a rebalance, Faust reads it again from where it last did:
                 # written, those records would be a copy with a hole before them.
                 continue
-            key = bytes(msg.key or b"")  # a table key is never None (Faust refuses it)
             wb = writes.setdefault(msg.partition, WriteBatch(raw_mode=True))
-            if msg.value is None:
-                wb.delete(key)
+            if msg.key is None:
+                pass  # (no table key is None: left out above, the copy takes only its offset)
+            elif msg.value is None:
+                wb.delete(msg.key)
             else:
-                wb.put(key, framed(msg.offset, msg.value))
+                wb.put(msg.key, framed(msg.offset, msg.value))
             if msg.offset > last.get(msg.partition, -1):
                 # (one without a time, as at the epoch: the copy is dropped at its next load)
                 last[msg.partition], written[msg.partition] = msg.offset, msg.timestamp or 0.0
@@ -391,7 +429,12 @@ class DiskBackedStore(FoldingStore):
         try:
             ends = await self.app.consumer.highwaters(*tps)
         except Exception as err:  # (Faust's recovery asks the same next, and says why)
-            log.debug("changelog end offsets not read (%s): copies not checked against them", err)
+            log.warning(
+                "changelog end offsets not read (%s: %s): the on-disk copies are not checked "
+                "against them, and one ahead of its changelog stops recovery (ConsistencyError)",
+                type(err).__name__,
+                err,
+            )
             return
         for tp in tps:
             offset, end = self._db(tp.partition).get(OFFSET_KEY), ends.get(tp)

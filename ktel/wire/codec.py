@@ -46,6 +46,11 @@ class Unreadable(bytes):
         value.reason = reason
         return value
 
+    def __bool__(self) -> bool:
+        # True though empty: a reader's ``value or b""`` (a tombstone's None as empty
+        # bytes) keeps it, and with it its reason.
+        return True
+
 
 # A raw batch may come as one zstd frame holding its msgpack bytes: the agent
 # compresses its batches itself (agent.compression "zstd"), before they reach its

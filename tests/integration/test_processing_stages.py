@@ -8,6 +8,7 @@ import base64
 import json
 import os
 import random
+import re
 import secrets
 import signal
 import subprocess
@@ -846,21 +847,21 @@ def test_garbage_and_wrong_versions_go_to_the_dlq_and_good_counts_stay_exact(pri
         w.stop()
 
 
-async def produce_bomb(bootstrap: str, key: bytes, records: int) -> None:
+async def produce_bomb(bootstrap: str, key: bytes, records: int, topic: str = RAW_TOPIC) -> None:
     """One zstd record batch of ``records`` records of 8 MiB of zeros, keyed ``key`` and
-    on its partition: a few KB in Kafka, ``records`` times 8 MiB expanded."""
+    on its partition of ``topic``: a few KB in Kafka, ``records`` times 8 MiB expanded."""
     room = (records + 1) * (8 << 20)
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap, compression_type="zstd", max_batch_size=room, max_request_size=room
     )
     await producer.start()
     try:
-        partitions = sorted(await producer.partitions_for(RAW_TOPIC))
+        partitions = sorted(await producer.partitions_for(topic))
         bomb = producer.create_batch()
         for _ in range(records):
             assert bomb.append(key=key, value=bytes(8 << 20), timestamp=None) is not None
         partition = DefaultPartitioner()(key, partitions, partitions)
-        await (await producer.send_batch(bomb, RAW_TOPIC, partition=partition))
+        await (await producer.send_batch(bomb, topic, partition=partition))
     finally:
         await producer.stop()
 
@@ -881,12 +882,49 @@ def test_a_compression_bomb_is_one_dead_letter_and_its_hosts_counts_stay_exact(p
         [dl] = dead_letters(bootstrap)
         assert (dl.topic, dl.offset, dl.payload) == (RAW_TOPIC, 19, b"")
         assert dl.reason == (
-            "raw batch: a Kafka record batch (offsets 15 to 19) not read: "
+            "raw batch: a Kafka record batch not read (offsets 15 to 19): "
             "its zstd content expands past 32 MiB"
         )
         assert w.metric("ktel_processor_dead_letters_total") == 1
     finally:
         w.stop()
+
+
+@pytest.mark.parametrize("store", ["memory", "rocksdict"])
+def test_changelog_records_that_do_not_decode_are_left_out_counted_and_recovery_ends(
+    private_kafka, tmp_path, store
+):
+    """Records no ktel worker writes, last on a host's changelog partition: one that is
+    not JSON, and a batch past the expansion bound (its stand-in). The restarted worker
+    leaves both out of recovery, counts them, ends its recovery and counts the host on,
+    where Faust's recovery logged each, never took its offset, and waited for it for good."""
+    bootstrap = private_kafka.bootstrap
+    w = Worker(tmp_path, bootstrap, "w", KTEL_PROCESS__TABLE_STORE=store)
+    traffic = [(bt.key, encode_batch(bt)) for bt in batches(1, 6, 5)]
+    changelog = "ktel-all-host-state-changelog"
+    w.start()
+    try:
+        asyncio.run(produce(bootstrap, traffic[:3]))
+        first = {k: v / 2 for k, v in batches_totals(1, 6, 5).items()}
+        assert wait_for_totals(bootstrap, first) == first
+    finally:
+        w.stop()
+    asyncio.run(produce(bootstrap, [(b"host-00", b"\xff not JSON")], topic=changelog))
+    asyncio.run(produce_bomb(bootstrap, b"host-00", 5, topic=changelog))
+    w.start()
+    try:
+        asyncio.run(produce(bootstrap, traffic[3:]))
+        expected = batches_totals(1, 6, 5)
+        assert wait_for_totals(bootstrap, expected) == expected
+        assert w.metric("ktel_processor_changelog_records_refused_total") == 2
+    finally:
+        w.stop()
+    # (the bomb's five offsets follow the host's records and the one that is not JSON)
+    not_read = (
+        r"a Kafka record batch not read \(offsets (\d+) to (\d+)\): its zstd content expands past 32 MiB"
+    )
+    [(first, last)] = re.findall(not_read, w.log.read_text())
+    assert int(last) - int(first) == 4
 
 
 def dead_letters(bootstrap: str) -> list:

@@ -77,6 +77,11 @@ def test_the_stages_topics_are_the_only_ones_re_driven_to_and_follow_the_prefix(
         (letter(topic="payments"), b"b", "'payments' is not a topic a ktel stage reads"),
         (letter(payload=b""), b"b", "it has no payload (a tombstone)"),
         (letter(payload=None), None, "it has no payload (a tombstone)"),
+        (  # (a reader's stand-in for a batch it did not expand: ktel/kafka_batches.py)
+            letter(payload=b"", reason="raw batch: a Kafka record batch not read (offsets 3 to 7): why"),
+            None,
+            "its Kafka record batch was not read (see the reason): it carries none of its records",
+        ),
         # What the stages would only dead-letter again:
         (
             letter(payload=b"junk"),

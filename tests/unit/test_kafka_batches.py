@@ -73,7 +73,7 @@ def test_a_batch_expanding_past_the_bound_is_one_stand_in_and_the_next_batch_is_
     assert (stand_in.topic, stand_in.partition, stand_in.key) == ("ktel.raw", 3, None)
     assert type(stand_in.value) is Unreadable and stand_in.value == b""
     assert stand_in.value.reason == (
-        f"a Kafka record batch (offsets 5 to 9) not read: its {codec} content expands past 32 MiB"
+        f"a Kafka record batch not read (offsets 5 to 9): its {codec} content expands past 32 MiB"
     )
     assert got[6].value == b"after"
     assert next_offset == 11
@@ -104,7 +104,7 @@ def test_a_batch_whose_compressed_content_is_broken_is_a_stand_in_naming_that():
     got, next_offset = walk(bytes(broken), batch(3, [b"z"]))
     assert [r.offset for r in got] == [2, 3] and next_offset == 4
     assert got[0].value.reason.startswith(
-        "a Kafka record batch (offsets 0 to 2) not read: its content is not valid zstd ("
+        "a Kafka record batch not read (offsets 0 to 2): its content is not valid zstd ("
     )
 
 
@@ -128,8 +128,10 @@ def test_each_fetch_is_charged_for_its_own_batches_only():
 
 def test_a_stand_in_is_refused_by_every_ktel_decoder_with_its_reason():
     with pytest.raises(WireError) as refused:
-        decode_batch(Unreadable("a Kafka record batch (offsets 5 to 9) not read: why"))
-    assert str(refused.value) == "raw batch: a Kafka record batch (offsets 5 to 9) not read: why"
+        decode_batch(Unreadable("a Kafka record batch not read (offsets 5 to 9): why"))
+    assert str(refused.value) == "raw batch: a Kafka record batch not read (offsets 5 to 9): why"
+    # True though empty: a reader's `value or b""` keeps it, and its reason.
+    assert (Unreadable("why") or b"").reason == "why"
     # Bytes from Kafka are never one, even empty ones.
     with pytest.raises(WireError, match="not msgpack"):
         decode_batch(b"")
