@@ -82,13 +82,16 @@ class _TableJson(codecs.json):
     garbage, or the stand-in of a batch not expanded: ktel/kafka_batches.py) is given as
     it came instead of raising. Faust's recovery logs a record it cannot decode and never
     takes its offset, so one last on its partition kept recovery waiting for it for good;
-    given as it came, it reaches the store, whose ``fold`` leaves it out and counts it."""
+    given as it came, it reaches the store, whose ``fold`` leaves it out and counts it.
+    So is a map naming a Faust model (``__faust``), which ktel never writes: Faust would
+    try to make the model, and raise."""
 
     def _loads(self, s: bytes) -> Any:
         try:
-            return super()._loads(s)
-        except Exception:  # (JSON's and UTF-8's ValueError; RecursionError, nested deep)
+            obj = super()._loads(s)
+        except (ValueError, RecursionError):  # (not JSON, not UTF-8; nested too deep)
             return s
+        return s if isinstance(obj, dict) and "__faust" in obj else obj
 
 
 TABLE_CODEC = "ktel-json"
@@ -97,13 +100,15 @@ codecs.register(TABLE_CODEC, _TableJson())
 
 class HostTable(faust.Table):
     """The stages' table (processors/stages.py): Faust's, with its changelog's keys and
-    values (JSON, as Faust's default) decoded by TABLE_CODEC."""
+    values (JSON, Faust's default for them) decoded by TABLE_CODEC."""
 
-    def _serializer_from_type(self, typ: Any) -> str:
-        return TABLE_CODEC
+    def _serializer_from_type(self, typ: Any) -> Any:
+        serializer = super()._serializer_from_type(typ)
+        return TABLE_CODEC if serializer == "json" else serializer
 
 
-# The offset of the copy's last record (never a table key: those are JSON). Its key
+# The offset of the copy's last record (never a table key: the copy takes only keys
+# that are JSON, ``DiskBackedStore.apply_changelog_batch``). Its key
 # is not the one of an older ktel's copies, whose values were bare (BARE_OFFSET_KEY):
 # an older ktel finds no offset in a copy of framed values, and reads the changelog
 # from its start; a copy holding BARE_OFFSET_KEY is dropped (``_drop_if_untrusted``).
@@ -174,7 +179,10 @@ class FoldingStore(memory.Store):
         """Fold one record of changelog partition ``partition`` into the hosts' values: one
         that ``fold`` leaves out is counted and logged, and recovery goes on (Faust's, which
         an exception stops for good, as the load of the on-disk copy)."""
-        host_id, why = fold(self.data, key, value)
+        try:
+            host_id, why = fold(self.data, key, value)
+        except Exception as err:  # (one raised here would stop Faust's recovery for good)
+            host_id, why = None, f"fold failed on it ({type(err).__name__}: {err})"
         if why is not None:
             self._left_out(host_id, why, partition)
         if host_id is None:
@@ -391,8 +399,10 @@ class DiskBackedStore(FoldingStore):
                 # written, those records would be a copy with a hole before them.
                 continue
             wb = writes.setdefault(msg.partition, WriteBatch(raw_mode=True))
-            if msg.key is None:
-                pass  # (no table key is None: left out above, the copy takes only its offset)
+            if msg.key is None or isinstance(event.key, bytes):
+                # (a key that is not JSON, or none: ktel writes neither, and fold left it
+                # out above; the copy takes only its offset, never a key of its own)
+                pass
             elif msg.value is None:
                 wb.delete(msg.key)
             else:

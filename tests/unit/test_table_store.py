@@ -14,10 +14,20 @@ from faust.serializers import Registry, codecs
 from faust.types import TP
 from rocksdict import AccessType, Options, Rdict, WriteBatch
 
+from ktel import config
 from ktel.wire.codec import Unreadable
-from processors import table_store
-from processors.table_store import BARE_OFFSET_KEY, OFFSET_KEY, REFUSED, WRITTEN_KEY, DiskBackedStore, framed
+from processors import stages, table_store
+from processors.table_store import (
+    BARE_OFFSET_KEY,
+    OFFSET_KEY,
+    REFUSED,
+    TABLE_CODEC,
+    WRITTEN_KEY,
+    DiskBackedStore,
+    framed,
+)
 from tests.unit.test_changelog import Runner, recover, traffic
+from tests.unit.test_stage_shells import RESOLVED
 
 
 def test_a_copy_the_disk_refuses_ends_the_worker_before_a_later_offset_covers_the_hole(tmp_path, monkeypatch):
@@ -180,6 +190,37 @@ def test_faust_recovery_folds_around_malformed_records_and_counts_them():
     assert refused() - before == len(MALFORMED) + 1
 
 
+HOSTILE = [
+    b"\xff not JSON",
+    b'{"__faust": {"ns": "no.such.Model"}}',
+    b'{"__faust": {"ns": []}}',
+    b"[" * 100_000,  # (nested past Python's recursion limit)
+    Unreadable("a Kafka record batch not read (offsets 1 to 2): why"),
+]
+
+
+@pytest.mark.parametrize("data", HOSTILE)
+def test_a_changelog_record_ktel_never_writes_decodes_as_it_came_through_the_stages_table(tmp_path, data):
+    """Faust's recovery skips a changelog record it cannot decode without taking its
+    offset, and waits for it for good: the stages' table (HostTable) decodes every key
+    and value, giving what it cannot as it came, for ``fold`` to leave out and count."""
+    cfg = config.Config(
+        agent=config.AgentConfig(host_id="t"),
+        process=config.ProcessConfig(data_dir=tmp_path / "data"),
+        kafka=RESOLVED,
+    )
+    app = stages.make_app(cfg, "all")
+    table = app.tables["host-state"]
+    changelog = table.changelog_topic
+    assert (changelog.key_serializer, changelog.value_serializer) == (TABLE_CODEC, TABLE_CODEC)
+    assert app.serializers.loads_key(None, data, serializer=changelog.key_serializer) is data
+    assert app.serializers.loads_value(None, data, serializer=changelog.value_serializer) is data
+    # What ktel writes still decodes, and is written as Faust's JSON codec writes it.
+    value = {"aggregate": {"series": {"a": 1.0}}}
+    assert codecs.dumps(table.value_serializer, value) == codecs.dumps("json", value)
+    assert app.serializers.loads_key(None, b'"h1"', serializer=changelog.key_serializer) == "h1"
+
+
 def test_a_record_acknowledged_once_its_partition_is_revoked_is_not_copied(tmp_path):
     """A changelog record this worker sent before losing the partition, acknowledged
     after: another worker may have written the partition in between (offsets 43 and 44
@@ -266,10 +307,12 @@ def recovered(
     gives them to the store (which copies them)."""
     events: list[Any] = []  # (Faust's events, as far as the store reads them)
     at = time.time() if written is None else written
+    decode = functools.partial(codecs.loads, TABLE_CODEC)  # (as the table's changelog channel)
     for offset, (key, value) in enumerate(records, first):
         message = SimpleNamespace(key=key, value=value, partition=partition, offset=offset, timestamp=at)
-        events.append(SimpleNamespace(message=message, key=key, value=value))
-    store.apply_changelog_batch(events, json.loads, json.loads)
+        key_in, value_in = key and decode(key), value and decode(value)
+        events.append(SimpleNamespace(message=message, key=key_in, value=value_in))
+    store.apply_changelog_batch(events, lambda k: k, lambda v: v)  # (the table's: no key or value type)
 
 
 def encoded(log: list[tuple]) -> list[tuple[bytes, bytes | None]]:
@@ -346,6 +389,23 @@ def test_a_copy_an_older_ktel_wrote_is_read_again_from_the_changelog(tmp_path, n
     assert store.data == {}
     assert store.persisted_offset(TP("host-state-changelog", 3)) is None
     assert not any(store._db(3).keys())
+
+
+def test_the_copy_takes_only_the_offset_of_a_changelog_record_whose_key_is_not_json(tmp_path):
+    """A key that is not JSON is none ktel writes: left out, it is not copied either,
+    so none can stand for the copy's own keys (one equal to BARE_OFFSET_KEY would have
+    the copy dropped at every load)."""
+    store = copy_alone(tmp_path)
+    store._db(3)
+    records = [(b'"h"', b'{"v": 1}'), (BARE_OFFSET_KEY, b"{}"), (b"not json", b"{}"), (None, b"")]
+    recovered(store, 3, records)
+    assert set(store._db(3).keys()) == {b'"h"', OFFSET_KEY, WRITTEN_KEY}
+    assert store._db(3)[OFFSET_KEY] == b"3"
+    store._close(3)
+    store.data.clear()
+    store._load(3)
+    assert store.data == {"h": {"v": 1}}
+    assert store.persisted_offset(TP("host-state-changelog", 3)) == 3
 
 
 @pytest.mark.parametrize(("written_h", "kept"), [(0, True), (19, False)])
