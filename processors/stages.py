@@ -400,6 +400,11 @@ class ChangelogAcks:
             await self._acked.wait()
 
 
+# What ``emit`` calls as it sends each record: what Kafka's acknowledgement of it is to
+# call (``OutputsFirst.output``), or None.
+OnItsWay = Callable[[], Callable[[Any], None] | None]
+
+
 class OutputsFirst:
     """A stage's changelog records, held back until Kafka has what the source records
     that made them sent on.
@@ -737,7 +742,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         key: bytes | None = None,
         records: list[tuple[str, bytes]] | None = None,
         held: Callable[[str], bool] | None = None,
-        on_its_way: Callable[[], Callable[[Any], None] | None] = lambda: None,
+        on_its_way: OnItsWay = lambda: None,
     ) -> set[str]:
         """What a stage made; ``key``: that of the batch's record, and ``records`` what
         ``records_of`` made of it (else its spans and logs are encoded here);
@@ -784,7 +789,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         topic: str,
         key: bytes | None,
         signal: Signal,
-        on_its_way: Callable[[], Callable[[Any], None] | None] = lambda: None,
+        on_its_way: OnItsWay = lambda: None,
     ) -> None:
         for data in encoded_parts(signal, key):  # (one record, unless it is too large for one)
             await produce(app, topic, key, data, acked=on_its_way())
