@@ -21,6 +21,12 @@ fetched partition's batches:
 - The batches of one partition's fetch are taken until they have expanded to
   ``EXPAND_MAX_BYTES`` together; the rest is fetched again once those records were
   handed over, so many small bombs in one fetch do not add up either.
+- So are the batches of one poll (a ``getmany``, which walks every fetched partition):
+  once a poll has expanded ``EXPAND_MAX_BYTES`` and has records to hand over, it walks
+  no more batches, and the partitions it did not walk keep their fetched records for
+  the next poll. A poll hands over at most twice the bound (the batch that crossed it
+  included), however many partitions the reader has; each poll takes at least one
+  batch, so every partition is read in turn.
 
 A legitimate batch stays far below the bound: ktel's writers (aiokafka's producers)
 put at most 16 KiB of records in a batch, or one record alone, and a record is at most
@@ -31,11 +37,12 @@ from __future__ import annotations
 
 import mmap
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import cramjam
-from aiokafka.consumer.fetcher import PartitionRecords
+from aiokafka.consumer.fetcher import Fetcher, FetchResult, PartitionRecords
 from aiokafka.record import default_records as py_default_records
 from aiokafka.record import legacy_records as py_legacy_records
 from aiokafka.structs import ConsumerRecord
@@ -58,15 +65,35 @@ class _TooLarge(Exception):
     """A batch that is not expanded; ``str(err)`` says why."""
 
 
+class _Poll:
+    """One poll of one reader: what its walks have expanded, and whether it has
+    records to hand over yet."""
+
+    def __init__(self) -> None:
+        self.expanded = 0
+        self.gave = False
+
+    def spent(self) -> bool:
+        return self.gave and self.expanded >= EXPAND_MAX_BYTES
+
+
+# Each reader's poll in progress, by the reader's assignment (what the client's fetched
+# records name their reader by): a reader's poll may wait for a fetch, and another
+# reader on the same event loop poll meanwhile.
+_polls: weakref.WeakKeyDictionary[Any, _Poll] = weakref.WeakKeyDictionary()
+
+
 class _Expansion(threading.local):
     """Per thread (a reader's event loop): the buffer batches are expanded into, one
     byte longer than the bound so that content of exactly the bound still fits (an
     anonymous mapping takes memory only as far as the largest batch yet has written
-    into it), and the fetch whose batch is being expanded, which is charged for it."""
+    into it), and the fetch and the poll whose batch is being expanded, which are
+    charged for it."""
 
     def __init__(self) -> None:
         self.buffer = memoryview(mmap.mmap(-1, EXPAND_MAX_BYTES + 1))
         self.fetch: _Batches | None = None
+        self.poll: _Poll | None = None
 
 
 _expansion = _Expansion()
@@ -89,6 +116,8 @@ def _bounded(codec: str, into: Callable[[Any, memoryview], int]) -> Callable[[An
             raise _too_large(codec)
         if _expansion.fetch is not None:
             _expansion.fetch.expanded += size
+        if _expansion.poll is not None:
+            _expansion.poll.expanded += size
         return bytes(buffer[:size])
 
     return expand
@@ -126,7 +155,9 @@ _DECODERS = {
 
 class _Batches:
     """A fetched partition's batches as the client walks them, remembering the one it
-    is in, and ending (``has_next`` False) once they have expanded to the budget."""
+    is in, and ending (``has_next`` False) once they, or the poll walking them, have
+    expanded to the bound (a poll's, only past the walk's first batch or once the poll
+    has records: each poll takes at least one batch)."""
 
     def __init__(self, records: Any) -> None:
         self.records = records
@@ -134,7 +165,12 @@ class _Batches:
         self.expanded = 0
 
     def has_next(self) -> bool:
-        return self.expanded < EXPAND_MAX_BYTES and self.records.has_next()
+        if self.expanded >= EXPAND_MAX_BYTES:
+            return False
+        poll = _expansion.poll
+        if poll is not None and poll.expanded >= EXPAND_MAX_BYTES and (poll.gave or self.batch is not None):
+            return False
+        return self.records.has_next()
 
     def next_batch(self) -> Any:
         # The client expands a batch as soon as it is given (before any other fetch's
@@ -183,6 +219,41 @@ def _unpack_bounded(self: PartitionRecords) -> Iterator[ConsumerRecord]:
             _expansion.fetch = None  # (nothing keeps a walked fetch's bytes)
 
 
+_getall = FetchResult.getall
+
+
+def _getall_bounded(self: FetchResult, max_records: int | None = None) -> list[ConsumerRecord]:
+    """One partition's records in a poll: none once the poll is spent (the partition
+    keeps them for the next), else the client's walk, charged to the poll. (Records
+    fetched for an assignment since replaced go to the client, which drops them: kept,
+    they would keep their partition from being fetched again.)"""
+    poll = _polls.get(self._assignment)
+    if poll is not None and poll.spent() and self._assignment.active:
+        return []
+    _expansion.poll = poll
+    try:
+        records = _getall(self, max_records)
+    finally:
+        _expansion.poll = None
+    if records and poll is not None:
+        poll.gave = True
+    return records
+
+
+_fetched_records = Fetcher.fetched_records
+
+
+async def _fetched_records_bounded(
+    self: Fetcher, partitions: Any, timeout: float = 0, max_records: Any = None
+) -> Any:
+    """The client's poll (``getmany``), with a budget of its own."""
+    subscription = self._subscriptions.subscription
+    assignment = None if subscription is None else subscription.assignment
+    if assignment is not None:  # (None while the reader's group assigns partitions)
+        _polls[assignment] = _Poll()
+    return await _fetched_records(self, partitions, timeout, max_records)
+
+
 def install() -> None:
     """Bound every batch expansion of this process's Kafka clients (idempotent)."""
     if PartitionRecords._unpack_records is _unpack_bounded:
@@ -199,3 +270,5 @@ def install() -> None:
             if hasattr(module, name):
                 setattr(module, name, decoder)
     PartitionRecords._unpack_records = _unpack_bounded
+    FetchResult.getall = _getall_bounded
+    Fetcher.fetched_records = _fetched_records_bounded

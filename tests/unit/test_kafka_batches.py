@@ -7,10 +7,12 @@ record code, as its fetcher builds and walks them."""
 from __future__ import annotations
 
 import struct
+from collections.abc import Awaitable, Callable
 
 import cramjam
 import pytest
-from aiokafka.consumer.fetcher import READ_UNCOMMITTED, PartitionRecords
+from aiokafka.consumer.fetcher import READ_UNCOMMITTED, Fetcher, FetchResult, PartitionRecords
+from aiokafka.consumer.subscription_state import SubscriptionState
 from aiokafka.record.default_records import DefaultRecordBatch, DefaultRecordBatchBuilder
 from aiokafka.record.memory_records import MemoryRecords
 from aiokafka.record.util import calc_crc32c
@@ -33,7 +35,8 @@ TP = TopicPartition("ktel.raw", 3)
 
 
 def batch(base: int, values: list[bytes], codec: str = "zstd") -> bytes:
-    builder = DefaultRecordBatchBuilder(2, CODECS[codec], 0, -1, -1, -1, 1 << 40)
+    attributes = DefaultRecordBatch.CODEC_NONE if codec == "none" else CODECS[codec]
+    builder = DefaultRecordBatchBuilder(2, attributes, 0, -1, -1, -1, 1 << 40)
     for delta, value in enumerate(values):
         builder.append(delta, timestamp=1_000 + delta, key=b"host", value=value, headers=[])
     data = bytearray(builder.build())
@@ -135,3 +138,61 @@ def test_a_stand_in_is_refused_by_every_ktel_decoder_with_its_reason():
     # Bytes from Kafka are never one, even empty ones.
     with pytest.raises(WireError, match="not msgpack"):
         decode_batch(b"")
+
+
+def polling(
+    fetched: dict[TopicPartition, list[bytes]],
+) -> tuple[Fetcher, Callable[[], Awaitable[dict[int, list[int]]]]]:
+    """A reader that has fetched ``fetched`` (each partition's batches, from offset 0),
+    and its polls: aiokafka's own ``fetched_records``, the offsets each returns by
+    partition. Only the network half of the client is left out."""
+    subscriptions = SubscriptionState()
+    subscriptions.assign_from_user(set(fetched))
+    assignment = subscriptions.subscription.assignment
+    fetcher = object.__new__(Fetcher)
+    fetcher._subscriptions = subscriptions
+    fetcher._wait_consume_future = None
+    fetcher._records = {}
+    for tp, batches in fetched.items():
+        subscriptions.seek(tp, 0)
+        fetcher._records[tp] = FetchResult(
+            tp, assignment=assignment, partition_records=fetch(*batches, tp=tp), backoff=0
+        )
+
+    async def poll() -> dict[int, list[int]]:
+        drained = await fetcher.fetched_records(set(), timeout=0)
+        return {tp.partition: [r.offset for r in records] for tp, records in drained.items()}
+
+    return fetcher, poll
+
+
+async def test_a_poll_walks_no_more_partitions_once_it_expanded_the_bound_and_they_wait_for_the_next():
+    # Four partitions, each a batch of 28 MiB: a poll takes two (56 MiB), the others
+    # keep their fetched records for the next poll, which takes them.
+    tps = [TopicPartition("ktel.raw", p) for p in range(4)]
+    fetcher, poll = polling({tp: [batch(0, [bytes(7 << 20)] * 4)] for tp in tps})
+    assert await poll() == {0: [0, 1, 2, 3], 1: [0, 1, 2, 3]}
+    assert set(fetcher._records) == set(tps[2:])
+    assert await poll() == {2: [0, 1, 2, 3], 3: [0, 1, 2, 3]}
+    assert await poll() == {} and fetcher._records == {}
+    assert [fetcher._subscriptions.subscription.assignment.state_value(tp).position for tp in tps] == [4] * 4
+
+
+async def test_a_walk_that_crosses_a_polls_bound_ends_there_and_fetches_its_rest_again():
+    # 24 MiB in the first partition; the second's first batch takes the poll to 36 MiB,
+    # so its walk ends after it and its second batch is fetched again from offset 1.
+    first, second = TopicPartition("ktel.raw", 0), TopicPartition("ktel.raw", 1)
+    twelve = [bytes(12 << 20)]
+    fetcher, poll = polling(
+        {first: [batch(0, twelve), batch(1, twelve)], second: [batch(0, twelve), batch(1, twelve)]}
+    )
+    assert await poll() == {0: [0, 1], 1: [0]}
+    assert fetcher._records == {}
+    assert fetcher._subscriptions.subscription.assignment.state_value(second).position == 1
+
+
+async def test_uncompressed_batches_are_not_charged_to_a_poll():
+    tps = [TopicPartition("ktel.raw", p) for p in range(3)]
+    plain = batch(0, [bytes(1 << 20)] * 8, codec="none")  # 8 MiB, nothing expanded
+    fetcher, poll = polling({tps[0]: [batch(0, [bytes(7 << 20)] * 4)], tps[1]: [plain], tps[2]: [plain]})
+    assert await poll() == {0: [0, 1, 2, 3], 1: list(range(8)), 2: list(range(8))}
