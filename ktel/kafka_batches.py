@@ -22,11 +22,18 @@ fetched partition's batches:
   ``EXPAND_MAX_BYTES`` together; the rest is fetched again once those records were
   handed over, so many small bombs in one fetch do not add up either.
 - So are the batches of one poll (a ``getmany``, which walks every fetched partition):
-  once a poll has expanded ``EXPAND_MAX_BYTES`` and has records to hand over, it walks
+  once a poll has taken ``EXPAND_MAX_BYTES`` and has records to hand over, it walks
   no more batches, and the partitions it did not walk keep their fetched records for
-  the next poll. A poll hands over at most twice the bound (the batch that crossed it
-  included), however many partitions the reader has; each poll takes at least one
-  batch, so every partition is read in turn.
+  the next poll. Each poll takes at least one batch, so every partition is read in
+  turn.
+
+What a batch takes is what its content expands to (nothing for an uncompressed
+batch, whose bytes the fetch already holds) plus ``RECORD_BYTES`` for each of its
+records: a record handed over is an object of its own, and a batch of a million
+empty records expands to 11 MiB but takes 200 MiB as records. A batch of more records
+than ``EXPAND_MAX_BYTES`` allows at that rate (131,072) is not read either, as one
+past the bound. So a poll hands over at most twice the bound (the batch that crossed
+it included) of records, keys and values, however many partitions the reader has.
 
 A legitimate batch stays far below the bound: ktel's writers (aiokafka's producers)
 put at most 16 KiB of records in a batch, or one record alone, and a record is at most
@@ -37,8 +44,8 @@ from __future__ import annotations
 
 import mmap
 import threading
-import weakref
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from typing import Any
 
 import cramjam
@@ -51,6 +58,10 @@ from ktel.wire.codec import MAX_RECORD_BYTES, Unreadable
 
 # What one batch, and one partition's fetch, may expand to: four of the largest record.
 EXPAND_MAX_BYTES = 4 * MAX_RECORD_BYTES
+# What a record handed over takes besides its key's and value's bytes, counted as a
+# batch's: aiokafka's ConsumerRecord and the bytes objects' headers (208 bytes for an
+# empty record, measured with tracemalloc).
+RECORD_BYTES = 256
 
 # How the reason of a batch's stand-in begins (ktel/dlq.py tells its dead letters by it).
 BATCH_NOT_READ = "a Kafka record batch not read"
@@ -66,34 +77,31 @@ class _TooLarge(Exception):
 
 
 class _Poll:
-    """One poll of one reader: what its walks have expanded, and whether it has
-    records to hand over yet."""
+    """One poll of one reader: what its walks have taken, and whether it has records
+    to hand over yet."""
 
     def __init__(self) -> None:
-        self.expanded = 0
+        self.taken = 0
         self.gave = False
 
     def spent(self) -> bool:
-        return self.gave and self.expanded >= EXPAND_MAX_BYTES
+        return self.gave and self.taken >= EXPAND_MAX_BYTES
 
 
-# Each reader's poll in progress, by the reader's assignment (what the client's fetched
-# records name their reader by): a reader's poll may wait for a fetch, and another
-# reader on the same event loop poll meanwhile.
-_polls: weakref.WeakKeyDictionary[Any, _Poll] = weakref.WeakKeyDictionary()
+# The poll in progress, per task: a poll may wait for a fetch, or for the reader's
+# group to assign it partitions, while other tasks poll their own readers.
+_poll: ContextVar[_Poll | None] = ContextVar("ktel_kafka_poll", default=None)
 
 
 class _Expansion(threading.local):
     """Per thread (a reader's event loop): the buffer batches are expanded into, one
     byte longer than the bound so that content of exactly the bound still fits (an
     anonymous mapping takes memory only as far as the largest batch yet has written
-    into it), and the fetch and the poll whose batch is being expanded, which are
-    charged for it."""
+    into it), and the fetch whose batch is being expanded, which is charged for it."""
 
     def __init__(self) -> None:
         self.buffer = memoryview(mmap.mmap(-1, EXPAND_MAX_BYTES + 1))
         self.fetch: _Batches | None = None
-        self.poll: _Poll | None = None
 
 
 _expansion = _Expansion()
@@ -115,9 +123,7 @@ def _bounded(codec: str, into: Callable[[Any, memoryview], int]) -> Callable[[An
         if size > EXPAND_MAX_BYTES:
             raise _too_large(codec)
         if _expansion.fetch is not None:
-            _expansion.fetch.expanded += size
-        if _expansion.poll is not None:
-            _expansion.poll.expanded += size
+            _expansion.fetch.charge(size)
         return bytes(buffer[:size])
 
     return expand
@@ -155,29 +161,47 @@ _DECODERS = {
 
 class _Batches:
     """A fetched partition's batches as the client walks them, remembering the one it
-    is in, and ending (``has_next`` False) once they, or the poll walking them, have
-    expanded to the bound (a poll's, only past the walk's first batch or once the poll
-    has records: each poll takes at least one batch)."""
+    is in (``in_batch`` until its last record was given) and what it took, and ending
+    (``has_next`` False) once they, or the poll walking them, have taken the bound (a
+    poll's, only past the walk's first batch or once the poll has records: each poll
+    takes at least one batch)."""
 
     def __init__(self, records: Any) -> None:
         self.records = records
         self.batch: Any = None
-        self.expanded = 0
+        self.in_batch = False
+        self.batch_took = 0
+        self.taken = 0
+
+    def charge(self, size: int) -> None:
+        self.batch_took += size
+        self.taken += size
+        poll = _poll.get()
+        if poll is not None:
+            poll.taken += size
 
     def has_next(self) -> bool:
-        if self.expanded >= EXPAND_MAX_BYTES:
+        self.in_batch = False  # (asked once the batch's records were all given)
+        if self.taken >= EXPAND_MAX_BYTES:
             return False
-        poll = _expansion.poll
-        if poll is not None and poll.expanded >= EXPAND_MAX_BYTES and (poll.gave or self.batch is not None):
+        poll = _poll.get()
+        if poll is not None and poll.taken >= EXPAND_MAX_BYTES and (poll.gave or self.batch is not None):
             return False
         return self.records.has_next()
 
     def next_batch(self) -> Any:
         # The client expands a batch as soon as it is given (before any other fetch's
         # walk can run), so this fetch is the one to charge.
-        self.batch = self.records.next_batch()
+        batch = self.batch = self.records.next_batch()
+        self.in_batch, self.batch_took = True, 0
         _expansion.fetch = self
-        return self.batch
+        # (Kafka's broker numbers a batch's records one offset each, so its offsets count
+        # them; a legacy batch, which Kafka 3 brokers no longer serve, as one.)
+        records = batch.next_offset - getattr(batch, "base_offset", batch.next_offset - 1)
+        if records * RECORD_BYTES > EXPAND_MAX_BYTES:
+            raise _TooLarge(f"it holds {records} records, more than {EXPAND_MAX_BYTES // RECORD_BYTES}")
+        self.charge(records * RECORD_BYTES)
+        return batch
 
 
 def _stand_in(tp: Any, batch: Any, why: str) -> ConsumerRecord:
@@ -224,18 +248,20 @@ _getall = FetchResult.getall
 
 def _getall_bounded(self: FetchResult, max_records: int | None = None) -> list[ConsumerRecord]:
     """One partition's records in a poll: none once the poll is spent (the partition
-    keeps them for the next), else the client's walk, charged to the poll. (Records
-    fetched for an assignment since replaced go to the client, which drops them: kept,
-    they would keep their partition from being fetched again.)"""
-    poll = _polls.get(self._assignment)
-    if poll is not None and poll.spent() and self._assignment.active:
+    keeps them for the next; those of an assignment since replaced go to the client,
+    which drops them), else the client's walk, charged to the poll."""
+    poll = _poll.get()
+    if poll is None:
+        return _getall(self, max_records)
+    if poll.spent() and self._assignment.active:
         return []
-    _expansion.poll = poll
-    try:
-        records = _getall(self, max_records)
-    finally:
-        _expansion.poll = None
-    if records and poll is not None:
+    walk = getattr(self._partition_records, "_records", None)
+    if isinstance(walk, _Batches) and walk.in_batch:
+        # An earlier poll's max_records stopped the walk within a batch: what is left of
+        # it goes to this poll, charged as much as the whole.
+        poll.taken += walk.batch_took
+    records = _getall(self, max_records)
+    if records:
         poll.gave = True
     return records
 
@@ -247,11 +273,11 @@ async def _fetched_records_bounded(
     self: Fetcher, partitions: Any, timeout: float = 0, max_records: Any = None
 ) -> Any:
     """The client's poll (``getmany``), with a budget of its own."""
-    subscription = self._subscriptions.subscription
-    assignment = None if subscription is None else subscription.assignment
-    if assignment is not None:  # (None while the reader's group assigns partitions)
-        _polls[assignment] = _Poll()
-    return await _fetched_records(self, partitions, timeout, max_records)
+    started = _poll.set(_Poll())
+    try:
+        return await _fetched_records(self, partitions, timeout, max_records)
+    finally:
+        _poll.reset(started)
 
 
 def install() -> None:

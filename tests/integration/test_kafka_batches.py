@@ -6,12 +6,15 @@ lost or read twice."""
 import asyncio
 import uuid
 
+import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from ktel import config
 from ktel.kafka_batches import EXPAND_MAX_BYTES
 from ktel.kafka_client import client_kwargs
 from ktel.topics import TopicSpec, create_topics
+
+pytestmark = pytest.mark.kafka
 
 PARTITIONS = 4
 RECORD = 7 << 20  # four to a batch: 28 MiB expanded, within the bound

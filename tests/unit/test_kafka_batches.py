@@ -6,8 +6,8 @@ record code, as its fetcher builds and walks them."""
 
 from __future__ import annotations
 
+import asyncio
 import struct
-from collections.abc import Awaitable, Callable
 
 import cramjam
 import pytest
@@ -19,7 +19,7 @@ from aiokafka.record.util import calc_crc32c
 from aiokafka.structs import TopicPartition
 
 from ktel import kafka_batches
-from ktel.kafka_batches import EXPAND_MAX_BYTES
+from ktel.kafka_batches import EXPAND_MAX_BYTES, RECORD_BYTES
 from ktel.wire import decode_batch
 from ktel.wire.codec import Unreadable, WireError
 
@@ -140,59 +140,112 @@ def test_a_stand_in_is_refused_by_every_ktel_decoder_with_its_reason():
         decode_batch(b"")
 
 
-def polling(
-    fetched: dict[TopicPartition, list[bytes]],
-) -> tuple[Fetcher, Callable[[], Awaitable[dict[int, list[int]]]]]:
-    """A reader that has fetched ``fetched`` (each partition's batches, from offset 0),
-    and its polls: aiokafka's own ``fetched_records``, the offsets each returns by
-    partition. Only the network half of the client is left out."""
-    subscriptions = SubscriptionState()
-    subscriptions.assign_from_user(set(fetched))
-    assignment = subscriptions.subscription.assignment
-    fetcher = object.__new__(Fetcher)
-    fetcher._subscriptions = subscriptions
-    fetcher._wait_consume_future = None
-    fetcher._records = {}
-    for tp, batches in fetched.items():
-        subscriptions.seek(tp, 0)
-        fetcher._records[tp] = FetchResult(
-            tp, assignment=assignment, partition_records=fetch(*batches, tp=tp), backoff=0
+class Reader:
+    """A consumer of ``partitions`` partitions of ktel.raw whose fetches are given by
+    hand (``fetched``) and polled by aiokafka's own ``Fetcher.fetched_records``: only
+    the network half of the client is left out. ``group``: its partitions come from
+    its group (``assign``), else it assigned them itself."""
+
+    def __init__(self, partitions: int, group: bool = False) -> None:
+        self.tps = [TopicPartition("ktel.raw", p) for p in range(partitions)]
+        self.subscriptions = SubscriptionState()
+        if group:
+            self.subscriptions.subscribe({"ktel.raw"})
+        else:
+            self.subscriptions.assign_from_user(set(self.tps))
+        fetcher = self.fetcher = object.__new__(Fetcher)
+        fetcher._subscriptions, fetcher._records = self.subscriptions, {}
+        fetcher._wait_consume_future, fetcher._fetch_waiters = None, set()
+        fetcher._closed, fetcher._loop = False, asyncio.get_running_loop()
+
+    def assign(self) -> None:
+        self.subscriptions.assign_from_subscribed(set(self.tps))
+
+    def fetched(self, partition: int, *batches: bytes) -> None:
+        tp, assignment = self.tps[partition], self.subscriptions.subscription.assignment
+        assignment.state_value(tp).seek(0)
+        records = fetch(*batches, tp=tp)
+        self.fetcher._records[tp] = FetchResult(
+            tp, assignment=assignment, partition_records=records, backoff=0
         )
 
-    async def poll() -> dict[int, list[int]]:
-        drained = await fetcher.fetched_records(set(), timeout=0)
+    def kept(self) -> list[int]:
+        """The partitions whose fetched records wait for a poll."""
+        return sorted(tp.partition for tp in self.fetcher._records)
+
+    def position(self, partition: int) -> int:
+        return self.subscriptions.subscription.assignment.state_value(self.tps[partition]).position
+
+    async def poll(self, timeout: float = 0, max_records: int | None = None) -> dict[int, list[int]]:
+        """The offsets a poll hands over, by partition."""
+        drained = await self.fetcher.fetched_records(set(), timeout=timeout, max_records=max_records)
         return {tp.partition: [r.offset for r in records] for tp, records in drained.items()}
 
-    return fetcher, poll
 
-
-async def test_a_poll_walks_no_more_partitions_once_it_expanded_the_bound_and_they_wait_for_the_next():
+async def test_a_poll_walks_no_more_partitions_once_it_took_the_bound_and_they_wait_for_the_next():
     # Four partitions, each a batch of 28 MiB: a poll takes two (56 MiB), the others
     # keep their fetched records for the next poll, which takes them.
-    tps = [TopicPartition("ktel.raw", p) for p in range(4)]
-    fetcher, poll = polling({tp: [batch(0, [bytes(7 << 20)] * 4)] for tp in tps})
-    assert await poll() == {0: [0, 1, 2, 3], 1: [0, 1, 2, 3]}
-    assert set(fetcher._records) == set(tps[2:])
-    assert await poll() == {2: [0, 1, 2, 3], 3: [0, 1, 2, 3]}
-    assert await poll() == {} and fetcher._records == {}
-    assert [fetcher._subscriptions.subscription.assignment.state_value(tp).position for tp in tps] == [4] * 4
+    reader = Reader(4)
+    for p in range(4):
+        reader.fetched(p, batch(0, [bytes(7 << 20)] * 4))
+    assert await reader.poll() == {0: [0, 1, 2, 3], 1: [0, 1, 2, 3]}
+    assert reader.kept() == [2, 3]
+    assert await reader.poll() == {2: [0, 1, 2, 3], 3: [0, 1, 2, 3]}
+    assert await reader.poll() == {} and reader.kept() == []
+    assert [reader.position(p) for p in range(4)] == [4] * 4
 
 
 async def test_a_walk_that_crosses_a_polls_bound_ends_there_and_fetches_its_rest_again():
     # 24 MiB in the first partition; the second's first batch takes the poll to 36 MiB,
     # so its walk ends after it and its second batch is fetched again from offset 1.
-    first, second = TopicPartition("ktel.raw", 0), TopicPartition("ktel.raw", 1)
-    twelve = [bytes(12 << 20)]
-    fetcher, poll = polling(
-        {first: [batch(0, twelve), batch(1, twelve)], second: [batch(0, twelve), batch(1, twelve)]}
-    )
-    assert await poll() == {0: [0, 1], 1: [0]}
-    assert fetcher._records == {}
-    assert fetcher._subscriptions.subscription.assignment.state_value(second).position == 1
+    reader, twelve = Reader(2), [bytes(12 << 20)]
+    reader.fetched(0, batch(0, twelve), batch(1, twelve))
+    reader.fetched(1, batch(0, twelve), batch(1, twelve))
+    assert await reader.poll() == {0: [0, 1], 1: [0]}
+    assert reader.kept() == [] and reader.position(1) == 1
 
 
-async def test_uncompressed_batches_are_not_charged_to_a_poll():
-    tps = [TopicPartition("ktel.raw", p) for p in range(3)]
+async def test_an_uncompressed_batch_is_charged_for_its_records_only():
+    reader = Reader(3)
+    reader.fetched(0, batch(0, [bytes(7 << 20)] * 4))
     plain = batch(0, [bytes(1 << 20)] * 8, codec="none")  # 8 MiB, nothing expanded
-    fetcher, poll = polling({tps[0]: [batch(0, [bytes(7 << 20)] * 4)], tps[1]: [plain], tps[2]: [plain]})
-    assert await poll() == {0: [0, 1, 2, 3], 1: list(range(8)), 2: list(range(8))}
+    reader.fetched(1, plain)
+    reader.fetched(2, plain)
+    assert await reader.poll() == {0: [0, 1, 2, 3], 1: list(range(8)), 2: list(range(8))}
+
+
+async def test_a_poll_that_waits_for_its_groups_assignment_has_a_budget_all_the_same():
+    # The poll starts while the group reassigns partitions (a rebalance, or the first
+    # join), and the fetches come for the new assignment.
+    reader = Reader(4, group=True)
+    polled = asyncio.create_task(reader.poll(timeout=10))
+    await asyncio.sleep(0)
+    reader.assign()
+    for p in range(4):
+        reader.fetched(p, batch(0, [bytes(7 << 20)] * 4))
+    assert await polled == {0: [0, 1, 2, 3], 1: [0, 1, 2, 3]}
+    assert reader.kept() == [2, 3]
+
+
+async def test_the_rest_of_a_batch_an_earlier_poll_left_is_charged_to_the_poll_that_takes_it():
+    # max_records stops the first poll within the second partition's 31 MiB batch; the
+    # next poll takes the rest of it and the third partition's (62 MiB): the fourth waits.
+    reader = Reader(4)
+    reader.fetched(0, batch(0, [b"small"]))
+    reader.fetched(1, batch(0, [bytes(8 << 20), bytes(23 << 20)]))
+    reader.fetched(2, batch(0, [bytes(31 << 20)]))
+    reader.fetched(3, batch(0, [bytes(31 << 20)]))
+    assert await reader.poll(max_records=2) == {0: [0], 1: [0]}
+    assert await reader.poll(max_records=4) == {1: [1], 2: [0]}
+    assert await reader.poll(max_records=4) == {3: [0]}
+
+
+def test_a_batch_of_more_records_than_the_bound_allows_is_a_stand_in():
+    most = EXPAND_MAX_BYTES // RECORD_BYTES  # 131,072 records
+    got, _ = walk(batch(0, [b""] * most))
+    assert len(got) == most
+    [stand_in], next_offset = walk(batch(0, [b""] * (most + 1)))
+    assert next_offset == most + 1
+    assert stand_in.value.reason == (
+        f"a Kafka record batch not read (offsets 0 to {most}): it holds {most + 1} records, more than {most}"
+    )
