@@ -1068,8 +1068,15 @@ def test_the_split_sample_stage_which_keeps_no_table_refuses_hosts_past_max_host
         [dl] = dead
         assert (dl.stage, dl.topic, dl.payload) == ("sample", ENRICHED_TOPIC, encode_batch(new))
         assert dl.reason == "host 'b': not one of the 1 hosts this worker holds, and process.max_hosts = 1"
-        sampled = [decode_batch(r.value) for r in asyncio.run(read_topic(bootstrap, SAMPLED_TOPIC, idle_s=2))]
-        assert [(b.host_id, b.seq) for b in sampled] == [("a", 0), ("a", 1)]
+
+        # (b's dead letter may come before a's second batch: they are on two partitions)
+        def sampled() -> list[RawBatch]:
+            return [decode_batch(r.value) for r in asyncio.run(read_topic(bootstrap, SAMPLED_TOPIC))]
+
+        while len(got := sampled()) < 2:
+            assert time.monotonic() < deadline, got
+            time.sleep(1)
+        assert [(b.host_id, b.seq) for b in got] == [("a", 0), ("a", 1)]
         assert w.metric("ktel_processor_hosts_refused_total") == 1
         assert w.metric("ktel_processor_hosts") == 1
     finally:
@@ -1276,6 +1283,10 @@ def test_a_silent_host_ends_its_series_stale_and_stays_forgotten_after_a_restart
         while not any(s.stale for s in snapshots_of("host-00")):
             assert time.monotonic() < deadline, "no stale snapshot for the silent host"
             time.sleep(1)
+        # (counted once the host's changelog records are sent, just after its stale snapshot)
+        while w.metric("ktel_processor_expired_hosts_total") < 1:
+            assert time.monotonic() < deadline, "the silent host's expiry not counted"
+            time.sleep(0.2)
         assert w.metric("ktel_processor_expired_hosts_total") == 1
         w.stop()
         # A worker recovering the table from its changelog must not bring the host back.
@@ -1477,8 +1488,16 @@ def test_split_enrich_passes_on_a_batch_it_made_larger_than_a_kafka_record(priva
         else:
             pytest.fail("no enriched batch carried the host's resource")
         assert len(raw) < SEND_MAX_BYTES
-        time.sleep(2)  # (the rest of that batch's parts)
-        parts = [(b, n) for b, n in enriched() if b.seq == wide[0]]
+
+        def parts_of_first() -> list[tuple[RawBatch, int]]:
+            return [(b, n) for b, n in enriched() if b.seq == wide[0]]
+
+        # (until that batch's parts hold all its events: the first may be read before the rest)
+        parts = parts_of_first()
+        while sum(len(b.events) for b, _ in parts) < len(paths):
+            assert time.monotonic() < deadline + 60, [len(b.events) for b, _ in parts]
+            time.sleep(1)
+            parts = parts_of_first()
         assert len(parts) > 1 and all(n <= SEND_MAX_BYTES for _, n in parts)
         assert all(b.part is not None and b.part[1] == len(paths) for b, _ in parts)
         # Each part's events where its part says, and every event in one part.
@@ -1596,12 +1615,20 @@ def test_a_rate_spike_raises_the_hosts_fidelity_and_the_calm_restores_it(private
             await producer.stop()
 
         asyncio.run(traffic())
-        time.sleep(3)
-        cmds = [
-            decode_command(r.value)
-            for r in asyncio.run(read_topic(private_kafka.bootstrap, CONTROL_TOPIC, idle_s=2))
-        ]
-        assert cmds, w.log.read_text()[-3000:]
+
+        def commands() -> list:
+            return [
+                decode_command(r.value)
+                for r in asyncio.run(read_topic(private_kafka.bootstrap, CONTROL_TOPIC, idle_s=2))
+            ]
+
+        # The restore goes out with the first calm window the worker handles.
+        deadline = time.monotonic() + 120
+        cmds = commands()
+        while not any(c.sample_every == 10 for c in cmds):
+            assert time.monotonic() < deadline, (cmds, w.log.read_text()[-3000:])
+            time.sleep(1)
+            cmds = commands()
         assert {c.target for c in cmds} == {"host-01"}  # the steady host is left alone
         assert [(c.probe, c.sample_every) for c in cmds] == [("file_created", 1), ("file_created", 10)]
         assert cmds[0].until_ms > time.time_ns() // 1_000_000  # the raise is still in force when read
