@@ -30,10 +30,11 @@ fetched partition's batches:
 What a batch takes is what its content expands to (nothing for an uncompressed
 batch, whose bytes the fetch already holds) plus ``RECORD_BYTES`` for each of its
 records: a record handed over is an object of its own, and a batch of a million
-empty records expands to 11 MiB but takes 200 MiB as records. A batch of more records
-than ``EXPAND_MAX_BYTES`` allows at that rate (131,072) is not read either, as one
-past the bound. So a poll hands over at most twice the bound (the batch that crossed
-it included) of records, keys and values, however many partitions the reader has.
+empty records expands to 11 MiB but takes 200 MiB as records. A batch that would take
+more than ``EXPAND_MAX_BYTES`` (at most 131,072 records, less the room its content
+takes) is not read either, as one past the bound. So a poll hands over at most twice
+the bound (the batch that crossed it included) of records, keys and values, however
+many partitions the reader has.
 
 A legitimate batch stays far below the bound: ktel's writers (aiokafka's producers)
 put at most 16 KiB of records in a batch, or one record alone, and a record is at most
@@ -42,6 +43,7 @@ put at most 16 KiB of records in a batch, or one record alone, and a record is a
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import threading
 from collections.abc import Callable, Iterator
@@ -122,8 +124,16 @@ def _bounded(codec: str, into: Callable[[Any, memoryview], int]) -> Callable[[An
             raise _TooLarge(f"its content is not valid {codec} ({err})") from None
         if size > EXPAND_MAX_BYTES:
             raise _too_large(codec)
-        if _expansion.fetch is not None:
-            _expansion.fetch.charge(size)
+        fetch = _expansion.fetch
+        if fetch is not None:
+            # (what the batch's records were charged, next_batch, and its content: one
+            # batch takes at most the bound, so a poll at most twice it)
+            if fetch.batch_took + size > EXPAND_MAX_BYTES:
+                raise _TooLarge(
+                    f"its {codec} content ({size} bytes) and its records take more than "
+                    f"{EXPAND_MAX_BYTES >> 20} MiB"
+                )
+            fetch.charge(size)
         return bytes(buffer[:size])
 
     return expand
@@ -196,9 +206,11 @@ class _Batches:
         self.in_batch, self.batch_took = True, 0
         _expansion.fetch = self
         # (Kafka's broker numbers a batch's records one offset each, so its offsets count
-        # them; a legacy batch, which Kafka 3 brokers no longer serve, as one.)
+        # them; a legacy batch, v0 or v1, as one.)
         records = batch.next_offset - getattr(batch, "base_offset", batch.next_offset - 1)
-        if records * RECORD_BYTES > EXPAND_MAX_BYTES:
+        # (One whose CRC fails goes to the client, which fetches it again: its offsets may
+        # be what is corrupt, and a stand-in at a corrupt offset would skip real records.)
+        if records * RECORD_BYTES > EXPAND_MAX_BYTES and batch.validate_crc():
             raise _TooLarge(f"it holds {records} records, more than {EXPAND_MAX_BYTES // RECORD_BYTES}")
         self.charge(records * RECORD_BYTES)
         return batch
@@ -277,7 +289,10 @@ async def _fetched_records_bounded(
     try:
         return await _fetched_records(self, partitions, timeout, max_records)
     finally:
-        _poll.reset(started)
+        # (ValueError: a poll left pending at a stop, closed outside its task when
+        # collected; its context is gone with it)
+        with contextlib.suppress(ValueError):
+            _poll.reset(started)
 
 
 def install() -> None:

@@ -13,6 +13,7 @@ import cramjam
 import pytest
 from aiokafka.consumer.fetcher import READ_UNCOMMITTED, Fetcher, FetchResult, PartitionRecords
 from aiokafka.consumer.subscription_state import SubscriptionState
+from aiokafka.errors import CorruptRecordException
 from aiokafka.record.default_records import DefaultRecordBatch, DefaultRecordBatchBuilder
 from aiokafka.record.memory_records import MemoryRecords
 from aiokafka.record.util import calc_crc32c
@@ -87,16 +88,21 @@ def content_size(data: bytes) -> int:
     return len(cramjam.zstd.decompress(data[61:]))
 
 
-def test_content_of_exactly_the_bound_is_read_and_one_byte_more_is_not():
+def test_a_batch_taking_exactly_the_bound_is_read_and_one_byte_more_is_not():
+    # What a batch takes: its content and RECORD_BYTES for each of its four records.
+    room = EXPAND_MAX_BYTES - 4 * RECORD_BYTES
     values = [bytes(8 << 20)] * 4
     framing = content_size(batch(0, values)) - 4 * (8 << 20)
-    values[3] = bytes((8 << 20) - framing)
-    assert content_size(batch(0, values)) == EXPAND_MAX_BYTES
+    values[3] = bytes((8 << 20) - framing - 4 * RECORD_BYTES)
+    assert content_size(batch(0, values)) == room
     got, _ = walk(batch(0, values))
     assert [len(r.value) for r in got] == [len(v) for v in values]
     values[3] += b"\0"
     [stand_in], _ = walk(batch(0, values))
-    assert "expands past 32 MiB" in stand_in.value.reason
+    assert stand_in.value.reason == (
+        f"a Kafka record batch not read (offsets 0 to 3): its zstd content ({room + 1} bytes) "
+        "and its records take more than 32 MiB"
+    )
 
 
 def test_a_batch_whose_compressed_content_is_broken_is_a_stand_in_naming_that():
@@ -240,12 +246,22 @@ async def test_the_rest_of_a_batch_an_earlier_poll_left_is_charged_to_the_poll_t
     assert await reader.poll(max_records=4) == {3: [0]}
 
 
-def test_a_batch_of_more_records_than_the_bound_allows_is_a_stand_in():
-    most = EXPAND_MAX_BYTES // RECORD_BYTES  # 131,072 records
-    got, _ = walk(batch(0, [b""] * most))
+def test_a_batch_of_more_records_than_the_bound_allows_is_a_stand_in_and_the_next_is_read():
+    most = EXPAND_MAX_BYTES // RECORD_BYTES  # 131,072 records, uncompressed: nothing else taken
+    got, _ = walk(batch(0, [b""] * most, codec="none"))
     assert len(got) == most
-    [stand_in], next_offset = walk(batch(0, [b""] * (most + 1)))
-    assert next_offset == most + 1
-    assert stand_in.value.reason == (
+    got, next_offset = walk(batch(0, [b""] * (most + 1), codec="none"), batch(most + 1, [b"after"]))
+    assert [r.offset for r in got] == [most, most + 1] and next_offset == most + 2
+    assert got[0].value.reason == (
         f"a Kafka record batch not read (offsets 0 to {most}): it holds {most + 1} records, more than {most}"
     )
+    assert got[1].value == b"after"
+
+
+def test_a_batch_whose_offsets_are_corrupt_is_fetched_again_not_taken_for_many_records():
+    # Its last offset delta (covered by the CRC) made to claim a million records: the
+    # client refuses the batch as corrupt (and fetches it again), as it would without ktel.
+    corrupt = bytearray(batch(0, [b"x"] * 3))
+    struct.pack_into(">i", corrupt, 23, 1_000_000)
+    with pytest.raises(CorruptRecordException):
+        walk(bytes(corrupt))
