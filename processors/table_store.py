@@ -399,14 +399,13 @@ class DiskBackedStore(FoldingStore):
                 # written, those records would be a copy with a hole before them.
                 continue
             wb = writes.setdefault(msg.partition, WriteBatch(raw_mode=True))
-            if msg.key is None or isinstance(event.key, bytes):
-                # (a key that is not JSON, or none: ktel writes neither, and fold left it
-                # out above; the copy takes only its offset, never a key of its own)
-                pass
-            elif msg.value is None:
-                wb.delete(msg.key)
-            else:
-                wb.put(msg.key, framed(msg.offset, msg.value))
+            # (A key that is not JSON, or none: ktel writes neither, and fold left it out
+            # above; the copy takes only its offset, never a key of its own.)
+            if msg.key is not None and not isinstance(event.key, bytes):
+                if msg.value is None:
+                    wb.delete(msg.key)
+                else:
+                    wb.put(msg.key, framed(msg.offset, msg.value))
             if msg.offset > last.get(msg.partition, -1):
                 # (one without a time, as at the epoch: the copy is dropped at its next load)
                 last[msg.partition], written[msg.partition] = msg.offset, msg.timestamp or 0.0

@@ -120,7 +120,9 @@ def test_a_quiet_hosts_events_wait_for_more_in_one_batch(kafka, tmp_path):
         tmp_path, kafka.bootstrap, host_id=host, batch_min_events="5000", batch_hold_ms="4000"
     ).start()
     target = tmp_path / "quiet"
+    started = time.monotonic()
     create_files(target, 30, rate_per_s=5)
+    took = time.monotonic() - started  # 6 s, or longer on a stalled machine
     prefix = f"{target}/"
 
     def ours() -> dict[int, int]:
@@ -143,7 +145,9 @@ def test_a_quiet_hosts_events_wait_for_more_in_one_batch(kafka, tmp_path):
         time.sleep(1)
     assert agent.stop() == 0
     assert sum(per_batch.values()) == 30  # each once
-    assert len(per_batch) <= 3, per_batch
+    # Each batch held its first event 4 s: one batch per 4 s of creations, plus the
+    # last, plus one for another event of the host starting a hold early.
+    assert len(per_batch) <= took // 4 + 2, (took, per_batch)
 
 
 def test_damaged_spool_is_recovered_and_the_damage_counted(kafka, tmp_path):

@@ -469,10 +469,13 @@ def test_bad_records_on_every_topic_are_dead_lettered_and_the_good_ones_counted_
         wait_for("the good counts at the pull endpoint", lambda: pulled() == want_pull)
 
         def in_prometheus() -> dict:
-            rows = prometheus.query(f'{{host_id=~"hx-{run}-.*"}}')
+            # Every series of this run's hosts in the last hour, each its last sample: an
+            # instant query would miss the snapshots sent once, at the start, on a machine
+            # slow enough to reach this check 5 minutes later (Prometheus' look-back).
+            rows = prometheus.query(f'{{host_id=~"hx-{run}-.*"}}[1h]')
             return {
                 (r["metric"]["__name__"], r["metric"]["host_id"], r["metric"].get("directory", "")): float(
-                    r["value"][1]
+                    r["values"][-1][1]
                 )
                 for r in rows
             }

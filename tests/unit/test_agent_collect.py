@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import time
 
+import pytest
+
 from edge_agent import agent as agent_mod
 from edge_agent.ticks import SealClock
 from ktel.probes.decode import PackedEvents, frame
@@ -76,7 +78,11 @@ def collecting(tmp_path, monkeypatch, **settings):
     monkeypatch.setattr(
         agent,
         "spool_batch",
-        lambda events, weights: batches.append([int.from_bytes(e, "little") for e in events]),
+        lambda events, weights: (
+            batches.append([int.from_bytes(e, "little") for e in events])
+            if len(weights) == len(events)
+            else pytest.fail(f"{len(weights)} weights for {len(events)} events")
+        ),
     )
     probe = QueuedProbe()
     agent.loaded = {"file_created": probe}  # type: ignore[dict-item]
@@ -141,47 +147,61 @@ async def test_each_batch_below_batch_min_events_waits_the_hold_from_its_own_fir
     """batch_min_events 3, batch_max_events 4, a hold of 0.3 s. One event, held; more
     events 0.1 s later make a full batch of 4, sealed at once, and leave one, which waits
     the hold from its own take, not from the first event's; then one more after that
-    seal waits the hold again. A batch's hold counts from when the loop took its first
-    event, which is after the test queued it: so each batch that was not full, and not
-    sealed on stopping, went at least 0.3 s after its first event was queued. Weights
-    stay one per event."""
-    agent, probe, _ = collecting(
+    seal waits the hold again. The loop reads a clock the test moves, and each step
+    waits for a pass of the loop at that time: a stalled machine delays the steps but
+    cannot make a hold run out early. Weights stay one per event."""
+    agent, probe, batches = collecting(
         tmp_path, monkeypatch, batch_max_ms=50, batch_max_events=4, batch_min_events=3, batch_hold_ms=300
     )
-    queued: dict[int, float] = {}
-    sealed: list[tuple[list[int], float]] = []
+    clock = MovedClock(1000.0)
+    monkeypatch.setattr(agent_mod, "time", clock)
+    passes = 0
+    drain_once = agent.drain_once
 
-    def spool_batch(events, weights):
-        assert len(weights) == len(events)
-        sealed.append(([int.from_bytes(e, "little") for e in events], time.monotonic()))
+    def counted(pending, weights):
+        nonlocal passes
+        drain_once(pending, weights)
+        passes += 1
 
-    monkeypatch.setattr(agent, "spool_batch", spool_batch)
+    monkeypatch.setattr(agent, "drain_once", counted)
 
-    def queue(*ns: int) -> None:
+    async def at(t: float, *ns: int) -> list[list[int]]:
+        """Move the clock to ``t`` s from the start, queue ``ns`` (or only wake the loop),
+        and return the batches sealed once a pass of the loop has run after that."""
+        clock.now = 1000.0 + t
+        seen = passes
         for n in ns:
-            queued[n] = time.monotonic()
             probe.queue(n)
-
-    async def until(count: int) -> None:
-        for _ in range(500):  # (up to 5 s on a loaded machine)
-            if len(sealed) >= count:
-                return
-            await asyncio.sleep(0.01)
+        if not ns:
+            probe.on_queued()
+        while passes <= seen:
+            await asyncio.sleep(0.001)
+        return [list(b) for b in batches]
 
     stop = asyncio.Event()
     with contextlib.closing(agent.spool):
         running = asyncio.ensure_future(agent.collect(stop))
         await asyncio.sleep(0)
-        queue(0)
-        await asyncio.sleep(0.1)
-        queue(1, 2, 3, 4)
-        await until(2)
-        queue(5)
-        await until(3)
-        before_stop = len(sealed)
+        assert await at(0.0, 0) == []
+        assert await at(0.1, 1, 2, 3, 4) == [[0, 1, 2, 3]]  # full: at once
+        assert await at(0.35) == [[0, 1, 2, 3]]  # [4] held 0.25 s (0.35 from event 0)
+        assert await at(0.42) == [[0, 1, 2, 3], [4]]
+        assert await at(0.5, 5) == [[0, 1, 2, 3], [4]]
+        assert await at(0.75) == [[0, 1, 2, 3], [4]]
+        assert await at(0.82) == [[0, 1, 2, 3], [4], [5]]
         stop.set()
         await running
-    assert [b for b, _ in sealed] == [[0, 1, 2, 3], [4], [5]]
-    assert before_stop == 3  # none of them waited for the stop
-    for events, at in sealed[1:]:
-        assert at - queued[events[0]] >= 0.3, (events, at - queued[events[0]])
+    assert batches == [[0, 1, 2, 3], [4], [5]]  # nothing left for the stop
+
+
+class MovedClock:
+    """The time module as the collect loop sees it, its monotonic clock set by the test."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
