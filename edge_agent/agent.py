@@ -49,6 +49,7 @@ from importlib.metadata import version
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
     ClusterAuthorizationFailedError,
+    KafkaConnectionError,
     MessageSizeTooLargeError,
     OutOfOrderSequenceNumber,
     ProducerFenced,
@@ -191,15 +192,24 @@ async def close_producer(producer: AIOKafkaProducer) -> None:
     """Stop ``producer``, waiting at most PRODUCER_STOP_TIMEOUT_S for it to flush: what it
     holds is still in the spool. stop() would wait forever for a broker that is gone,
     and cut short it leaves the sender and the connections running, so those are
-    closed after it (else every producer renewal would leave one behind)."""
+    closed after it (else every producer renewal would leave one behind).
+
+    A sender closed so (cancelled) leaves the sends it had not finished unanswered:
+    aiokafka fails them only when its sender ends with an error. They are failed here,
+    so whoever waits on one (the publisher's oldest batch in flight) sends it again
+    through the producer that replaced this one, rather than waiting for ever."""
     try:
         await asyncio.wait_for(producer.stop(), PRODUCER_STOP_TIMEOUT_S)
     except Exception as err:
         log.warning("Kafka producer did not stop in %.0f s (%s): closing it", PRODUCER_STOP_TIMEOUT_S, err)
         with contextlib.suppress(Exception):
             if producer._sender is not None:
-                await producer._sender.close()
+                await asyncio.wait_for(producer._sender.close(), PRODUCER_STOP_TIMEOUT_S)
+        with contextlib.suppress(Exception):
             await producer.client.close()
+        producer._message_accumulator.fail_all(
+            KafkaConnectionError("its producer was closed before Kafka took it")
+        )
 
 
 class TooLarge(Permanent):

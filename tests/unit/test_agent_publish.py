@@ -10,7 +10,8 @@ from pathlib import Path
 
 import msgpack
 import pytest
-from aiokafka.errors import MessageSizeTooLargeError, ProducerFenced
+from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError, ProducerFenced
 
 from edge_agent import agent as agent_mod
 from edge_agent import control as control_mod
@@ -130,6 +131,25 @@ async def test_a_fenced_producer_is_replaced_when_sending_a_batch_alone(agent, m
     assert await agent._deliver(payload, 2) == 0
     assert agent.producer is fresh and fenced.stopped
     assert fresh.acknowledged == [payload]
+
+
+async def test_a_producer_that_does_not_stop_in_time_fails_the_sends_it_held(monkeypatch):
+    """A broken producer whose stop waits for a broker that is gone is closed: its
+    sender, cancelled, leaves the sends it had not finished unanswered (aiokafka fails
+    them only when its sender ends with an error), and the publisher, waiting on its
+    oldest batch in flight, would wait for ever while heartbeats went out through the
+    new producer. ``close_producer`` fails them: the publisher sends each again. A real
+    aiokafka producer, its broker an address nothing listens on."""
+    monkeypatch.setattr(agent_mod, "PRODUCER_STOP_TIMEOUT_S", 0.2)
+    producer = AIOKafkaProducer(bootstrap_servers="127.0.0.1:9")
+    await producer._sender.start()
+    sent = await producer._message_accumulator.add_message(
+        TopicPartition("ktel.raw", 0), None, b"a batch", timeout=60
+    )
+    await agent_mod.close_producer(producer)
+    assert sent.done()
+    with pytest.raises(KafkaConnectionError):
+        sent.result()
 
 
 def undecodable(agent: agent_mod.Agent, n: int) -> bytes:
