@@ -60,7 +60,11 @@ calls ``set_aside``: the segment is renamed ``<n>.seg.unreadable`` in the spool
 directory, kept for an operator (nothing reads or deletes it after, a restart
 neither), the bytes it held past what was read counted (``unreadable_bytes``), and the
 reader goes on with the next segment. Read again and again, it failed the publisher at
-every start, and nothing after it was sent.
+every start, and nothing after it was sent. Its batches read before the error and still
+being sent are lost if Kafka does not acknowledge them before the agent stops, as those
+of a segment a full spool drops are (below). A full spool drops its oldest segment even
+if the disk refuses to read the rest of it: counting what it reads, and the bytes past
+that as unreadable (refusing every new batch instead would lose far more).
 
 Disk errors: a record the disk refuses (ENOSPC, EIO) is cut back off its
 segment and ``append`` raises, so the caller counts the batch as lost; the
@@ -221,8 +225,10 @@ class Spool:
         self._undeleted: set[int] = set()  # acknowledged or dropped segments unlink failed on
         self._missing: set[int] = set()  # segments found gone while running (logged once)
         # How far read() has handed records out: the publisher sends what it read, from
-        # memory, whatever becomes of its segment (_drop_oldest_segment).
+        # memory, whatever becomes of its segment (_drop_oldest_segment, set_aside).
         self._taken = Cursor(0, 0)
+        # Those handed out and not yet acknowledged, in order: (end, events) each.
+        self._handed: collections.deque[tuple[Cursor, int]] = collections.deque()
         # Records a full spool dropped after the publisher took them: (end, events) each,
         # in order, delivered when acknowledged; on disk for the next start to count
         # (module docstring).
@@ -544,27 +550,46 @@ class Spool:
         oldest = self._ack.segment
         if oldest == self._wseg:
             return False  # only the segment being written is left: nothing to evict
-        events, batches, in_flight = 0, 0, 0
-        # (damage there is counted as a read past it counts it: nothing reads it after)
-        for rec in self._scan(oldest, self._ack.offset):
-            if rec.start < self._taken:
-                # Already read by the publisher, which sends it from memory: lost only
-                # if it is never acknowledged (module docstring).
-                self._dropped_in_flight.append((rec.next, rec.n_events))
-                in_flight += 1
-                continue
-            events += rec.n_events
-            batches += 1
+        # Those the publisher already read it sends from memory: lost only if they are
+        # never acknowledged (module docstring).
+        in_flight = [(end, n) for end, n in self._handed if end.segment == oldest]
+        events, batches = 0, 0
+        start = self._ack.offset
+        if self._taken.segment == oldest:
+            start = max(start, self._taken.offset)
+        elif self._taken.segment > oldest:
+            start = self._sizes.get(oldest, 0)
+        reached, unread = start, 0
+        try:
+            # (damage there is counted as a read past it counts it: nothing reads it after)
+            for rec in self._scan(oldest, start):
+                events += rec.n_events
+                batches += 1
+                reached = rec.next.offset
+        except OSError as err:
+            self._close_read()
+            if err.errno not in MEDIA_ERRORS:
+                raise
+            # The disk refuses to read the rest: dropped all the same, or every new batch
+            # would be dropped in its place while the outage lasts; its bytes past what was
+            # read are counted as a segment set aside counts them.
+            unread = max(0, self._sizes.get(oldest, 0) - reached)
+            self.unreadable_bytes += unread
+            log.error(
+                "spool segment %s cannot be read (%s): dropped, its %d bytes from byte %d counted in "
+                "ktel_agent_spool_unreadable_bytes_total",
+                self._path(oldest), err.strerror or err, unread, reached,
+            )  # fmt: skip
         self.dropped_events += events
         self.dropped_batches += batches
-        if batches or in_flight:  # (not a segment acknowledged to its end: nothing lost)
+        if batches or in_flight or unread:  # (not a segment acknowledged to its end: nothing lost)
             log.error(
                 "spool full (%d bytes): dropped its oldest %d batches (%d events), and %d being sent "
                 "(counted if Kafka does not acknowledge them)",
-                self.max_bytes, batches, events, in_flight,
+                self.max_bytes, batches, events, len(in_flight),
             )  # fmt: skip
         if in_flight:
-            self._save_in_flight()
+            self._lost_unless_acked(in_flight)
         self._delete_through(oldest)
         # The next segment there is: one may be missing (removed by hand, logged at start).
         self._ack = Cursor(min((s for s in self._sizes if s > oldest), default=self._wseg), 0)
@@ -661,8 +686,10 @@ class Spool:
         taken to be sent (the spool's one reader is the publisher), so a full spool
         that drops them counts them only if they are not acknowledged."""
         out = self._read(cursor, limit)
-        if out:
-            self._taken = max(self._taken, out[-1].next)
+        for rec in out:
+            if rec.next > self._taken:  # (one read again is handed out once)
+                self._handed.append((rec.next, rec.n_events))
+                self._taken = rec.next
         return out
 
     def _read(self, cursor: Cursor, limit: int) -> list[Record]:
@@ -727,9 +754,12 @@ class Spool:
             "sent (ktel_agent_spool_unreadable_bytes_total)",
             path, unreadable.error.strerror or unreadable.error, kept, lost, unreadable.offset,
         )  # fmt: skip
+        # Records of it read before the error are still being sent from memory; a restart
+        # could not send them again, the segment being aside: lost unless acknowledged.
+        in_flight = [(end, n) for end, n in self._handed if end.segment == seg]
+        if in_flight:
+            self._lost_unless_acked(in_flight)
         if self._ack.segment == seg:
-            # (records of it read before the error and still in flight are acknowledged
-            # past: a restart could not send them again, the segment being aside)
             self._ack = Cursor(min(s for s in self._sizes if s > seg), 0)
             self._forget_before(self._ack)
             self._write_ack()
@@ -738,6 +768,8 @@ class Spool:
 
     def ack(self, upto: Cursor) -> None:
         """Everything before ``upto`` is acknowledged."""
+        while self._handed and self._handed[0][0] <= upto:
+            self._handed.popleft()
         if self._dropped_in_flight and self._dropped_in_flight[0][0] <= upto:
             while self._dropped_in_flight and self._dropped_in_flight[0][0] <= upto:
                 self._dropped_in_flight.popleft()  # delivered: its segment's drop did not lose it
@@ -796,6 +828,15 @@ class Spool:
         if self._ack_fd is not None:
             os.close(self._ack_fd)
             self._ack_fd = None
+
+    def _lost_unless_acked(self, records: list[tuple[Cursor, int]]) -> None:
+        """``records`` (end, events), being sent, are on disk no more: counted at the next
+        start unless Kafka acknowledges them first (module docstring)."""
+        known = set(self._dropped_in_flight)
+        self._dropped_in_flight.extend(r for r in records if r not in known)
+        # (in order, for ``ack``: a segment set aside can come before an older one dropped)
+        self._dropped_in_flight = collections.deque(sorted(self._dropped_in_flight))
+        self._save_in_flight()
 
     def _save_in_flight(self) -> None:
         """Write how many batches (and events) dropped while being sent are still not

@@ -790,6 +790,36 @@ def test_a_segment_the_disk_refuses_to_read_is_raised_then_set_aside_and_kept(tm
     assert aside.read_bytes() == held
 
 
+def refuse_reads(monkeypatch, bad: Path, after: int) -> None:
+    """The disk refuses (EIO) every read of the segment ``bad`` after its first ``after``,
+    each read one record of ``payload``'s default size."""
+    monkeypatch.setattr(spool_mod, "READ_CHUNK", HEADER.size + 100)
+    left = [after]
+    real_open = open
+
+    class Refusing:
+        def __init__(self, f):
+            self.f = f
+
+        def read(self, n=-1):
+            if left[0] <= 0:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            left[0] -= 1
+            return self.f.read(n)
+
+        def seek(self, *args):
+            return self.f.seek(*args)
+
+        def close(self):
+            self.f.close()
+
+    def opened(path, *args, **kwargs):
+        f = real_open(path, *args, **kwargs)
+        return Refusing(f) if not isinstance(path, int) and Path(path) == bad else f
+
+    monkeypatch.setattr(spool_mod, "open", opened, raising=False)
+
+
 def test_acknowledgements_of_a_segment_set_aside_leave_no_cursor_in_it(tmp_path, monkeypatch):
     """The disk refuses a segment past its first record, which the publisher had read and
     sent: set aside while the ack cursor was still in the segment before, the cursor then
@@ -801,32 +831,7 @@ def test_acknowledgements_of_a_segment_set_aside_leave_no_cursor_in_it(tmp_path,
     for i in range(4):
         assert sp.append(payload(i), n_events=1)
     sp.close()
-    bad = tmp_path / "0000000000000001.seg"
-    monkeypatch.setattr(spool_mod, "READ_CHUNK", 116)  # (a record a read)
-    reads_left = [1]  # (its first record is read, then the disk refuses it)
-    real_open = open
-
-    class FailingAfterFirstRead:
-        def __init__(self, f):
-            self.f = f
-
-        def read(self, n=-1):
-            if reads_left[0] <= 0:
-                raise OSError(errno.EIO, os.strerror(errno.EIO))
-            reads_left[0] -= 1
-            return self.f.read(n)
-
-        def seek(self, *args):
-            return self.f.seek(*args)
-
-        def close(self):
-            self.f.close()
-
-    def opened(path, *args, **kwargs):
-        f = real_open(path, *args, **kwargs)
-        return FailingAfterFirstRead(f) if not isinstance(path, int) and Path(path) == bad else f
-
-    monkeypatch.setattr(spool_mod, "open", opened, raising=False)
+    refuse_reads(monkeypatch, tmp_path / "0000000000000001.seg", after=1)  # (its first record read)
     again = Spool(tmp_path)
     got = again.read(again.ack_cursor, limit=10)
     assert [r.payload for r in got] == [payload(0), payload(1), payload(2)]
@@ -841,6 +846,64 @@ def test_acknowledgements_of_a_segment_set_aside_leave_no_cursor_in_it(tmp_path,
     assert [r.payload for r in again.read(got[-1].next)] == [payload(4)]
     again.close()
     assert read_back(tmp_path) == [payload(4)]
+
+
+@pytest.mark.parametrize("acknowledged", [True, False])
+def test_batches_in_flight_when_their_segment_is_set_aside_are_counted_only_if_never_acknowledged(
+    tmp_path, monkeypatch, acknowledged
+):
+    """The publisher read a segment's first batch, then the disk refused the rest, and the
+    segment was set aside while that batch was still being sent (from memory). The
+    cursor moved past the segment, so a restart could not send it again: acknowledged,
+    it was delivered; not (the agent stopped first, Kafka away), it is lost, and the next
+    start counts it, as it does a batch a full spool dropped while it was being sent."""
+    sp = Spool(tmp_path, segment_bytes=250)  # (2 records of 116 bytes a segment)
+    for i in range(4):
+        assert sp.append(payload(i), n_events=5)
+    sp.close()
+    refuse_reads(monkeypatch, tmp_path / "0000000000000000.seg", after=1)
+    again = Spool(tmp_path)
+    [sent] = again.read(again.ack_cursor, limit=10)  # (the rest refused)
+    with pytest.raises(SegmentUnreadable) as refused:
+        again.read(sent.next)
+    again.set_aside(refused.value)
+    assert (tmp_path / IN_FLIGHT_FILE).read_text().split() == ["1", "5"]
+    if acknowledged:
+        again.ack(sent.next)
+        assert not (tmp_path / IN_FLIGHT_FILE).exists()
+    again.close()
+    with contextlib.closing(Spool(tmp_path)) as restarted:
+        assert (restarted.dropped_batches, restarted.dropped_events) == ((0, 0) if acknowledged else (1, 5))
+        assert read_all(restarted) == [payload(2), payload(3)]
+
+
+def test_a_full_spool_drops_its_oldest_segment_though_the_disk_refuses_to_read_it(tmp_path, monkeypatch):
+    """drop_oldest reads the oldest segment to count what it drops. The disk refused
+    the rest of it: the drop raised, so every new batch was dropped in its place (and
+    counted as a disk refusing writes) while the outage lasted, and each try noted the
+    batches in flight again. Now the segment is dropped all the same, what was read of
+    it counted as before and the bytes past that as unreadable."""
+    rec = HEADER.size + 100
+    opts = {"max_bytes": 16 * rec + FILES_BYTES, "segment_bytes": 2 * rec, "full_policy": "drop_oldest"}
+    sp = Spool(tmp_path, **opts)
+    assert all(sp.append(payload(i), n_events=7) for i in range(16))  # full: 8 segments of 2
+    sp.close()
+    refuse_reads(monkeypatch, tmp_path / "0000000000000000.seg", after=1)
+    again = Spool(tmp_path, **opts)
+    [sent] = again.read(again.ack_cursor, limit=1)  # batch 0, in flight
+    assert again.append(payload(16), n_events=7)  # drops segment 0: batch 1 refused
+    assert again.unreadable_bytes == rec
+    assert (again.dropped_batches, again.dropped_events) == (0, 0)
+    assert (tmp_path / IN_FLIGHT_FILE).read_text().split() == ["1", "7"]
+    assert again.append(payload(17), n_events=7) and again.append(payload(18), n_events=7)  # drops segment 1
+    assert (again.dropped_batches, again.dropped_events) == (2, 14)
+    assert (tmp_path / IN_FLIGHT_FILE).read_text().split() == ["1", "7"]  # (noted once)
+    again.ack(sent.next)
+    assert not (tmp_path / IN_FLIGHT_FILE).exists()
+    again.close()
+    with contextlib.closing(Spool(tmp_path, **opts)) as restarted:
+        assert restarted.dropped_batches == 0
+        assert read_all(restarted) == [payload(i) for i in range(4, 19)]
 
 
 @pytest.mark.parametrize("code", [errno.EMFILE, errno.ENOMEM, errno.EACCES])
