@@ -256,12 +256,14 @@ def _to_metrics(
     rows: Sequence[tuple[int, Sequence[Any]] | tuple[int, Sequence[Any], bool]],
     histograms: str,
     service: dict[str, Any] | None,
-) -> tuple[MetricsData, list[bool]]:
-    """``to_metrics``, rows of a stale snapshot (a third item, True) in metrics of their
-    own, and whether each metric is of such rows, in the order of the request the SDK's
-    encoder makes of them (resource by resource, metric by metric)."""
+) -> tuple[MetricsData, list[list[bool]]]:
+    """``to_metrics``, and for each metric whether each of its points is a stale
+    snapshot's (a third item, True), in the order of the request the SDK's encoder makes
+    of them (resource by resource, metric by metric, point by point). A series' points
+    stay in one metric in the order of the rows: a stale snapshot's end of a series
+    comes before a later snapshot's restart of it, as the series' points were sent."""
     # host.id -> (name, type, unit, stale) -> points
-    hosts: dict[Any, dict[tuple[str, str, str, bool], list[Any]]] = {}
+    hosts: dict[Any, dict[tuple[str, str, str], tuple[list[Any], list[bool]]]] = {}
     for ts_ms, (name, typ, labels, value), *stale in rows:
         # (a label of an empty name, which the wire's maps take and OTLP does not as a key,
         # left out and counted: the SDK's encoder sent it)
@@ -316,13 +318,14 @@ def _to_metrics(
                 t,
                 value if type(value) is float or INT64_MIN <= value <= INT64_MAX else float(value),
             )
-        ended = bool(stale and stale[0])
-        hosts.setdefault(host, {}).setdefault((name, typ, unit, ended), []).append(point)
+        points, flags = hosts.setdefault(host, {}).setdefault((name, typ, unit), ([], []))
+        points.append(point)
+        flags.append(bool(stale and stale[0]))
     resource_metrics = []
     ends = []
     for host, metrics in hosts.items():
         out = []
-        for (name, typ, unit, ended), points in metrics.items():
+        for (name, typ, unit), (points, flags) in metrics.items():
             data: Sum | Gauge | Histogram | ExponentialHistogram
             if typ == "counter":
                 data = Sum(points, AggregationTemporality.CUMULATIVE, is_monotonic=True)
@@ -333,7 +336,7 @@ def _to_metrics(
             else:
                 data = Histogram(points, AggregationTemporality.CUMULATIVE)
             out.append(Metric(name, "", unit, data))
-            ends.append(ended)
+            ends.append(flags)
         resource = KtelResource({**(service or {}), **({} if host is None else {HOST_ID: host})})
         resource_metrics.append(ResourceMetrics(resource, [ScopeMetrics(SCOPE, out, "")], ""))
     return MetricsData(resource_metrics), ends
@@ -360,8 +363,8 @@ def metric_request(
                 if kind == "exponential_histogram":
                     for p in metric.exponential_histogram.data_points:
                         p.zero_threshold = ZERO_THRESHOLD
-                if next(ended):
-                    for p in getattr(metric, kind).data_points:
+                for p, end in zip(getattr(metric, kind).data_points, next(ended), strict=True):
+                    if end:
                         p.flags = NO_RECORDED_VALUE
     return request
 

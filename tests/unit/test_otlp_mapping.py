@@ -1024,6 +1024,28 @@ async def test_a_stale_snapshot_ends_its_series_with_points_of_no_recorded_value
     }
 
 
+def test_a_series_ended_and_restarted_in_one_request_keeps_its_points_in_time_order():
+    """A host forgotten (its stale snapshot), then back (its series at 0, then its value),
+    all in one request (an exporter behind): the stale points went in a metric of their
+    own, after the series' later points, so its end reached the backend after its
+    restart. Now one metric a series, its points in the order sent, only the stale one
+    flagged as holding no recorded value."""
+    from opentelemetry.proto.metrics.v1.metrics_pb2 import DataPointFlags
+
+    def row(v):
+        return ["ops_total", "counter", {"host.id": "h"}, v]
+
+    rows = [(1_000, row(1), False), (2_000, row(1), True), (2_999, row(0), False), (3_000, row(2), False)]
+    [m] = otlp.metric_request(rows).resource_metrics[0].scope_metrics[0].metrics
+    no_value = DataPointFlags.DATA_POINT_FLAGS_NO_RECORDED_VALUE_MASK
+    assert [(p.time_unix_nano // 1_000_000, p.flags) for p in m.sum.data_points] == [
+        (1_000, 0),
+        (2_000, no_value),
+        (2_999, 0),
+        (3_000, 0),
+    ]
+
+
 def test_config_fields_reach_the_sdk_exporters_and_unset_ones_fall_back_to_otel_env(monkeypatch):
     cfg = OtlpConfig(
         protocol="http/protobuf",
