@@ -635,7 +635,7 @@ class Sender:
     async def deliver(self, records: list[Record], producer: DeadLetterSink) -> None:
         # Each item with the record it came from: (record, what its converter takes).
         spans: list[tuple[Record, tuple[dict[str, Any], Sequence[Any]]]] = []
-        logs: list[tuple[Record, tuple[Resource, Sequence[Any]]]] = []
+        logs: list[tuple[Record, tuple[dict[str, Any], Sequence[Any]]]] = []
         points: list[tuple[Record, tuple[int, Sequence[Any], bool]]] = []
         now = time.time_ns()
         problem = self.window.problem
@@ -654,7 +654,7 @@ class Sender:
                     payload = encode_spans(SpanBatch(item.resource, [row for row, _ in late]))
                     await self._refuse(producer, rec, "spans", [why for _, why in late], payload)
             elif isinstance(item, LogBatch):
-                resource = KtelResource(otlp_spans.carried({**self.service, **item.resource}))
+                resource = {**self.service, **item.resource}  # one object: one resource a request
                 late = []
                 for row in item.logs:
                     why = problem(row[0], now)
@@ -826,8 +826,18 @@ def _span_request(rows: list[tuple[dict[str, Any], Sequence[Any]]]) -> Any:
     return otlp_spans.span_request(rows, SCOPE)
 
 
-def _log_request(rows: list[tuple[Resource, Sequence[Any]]]) -> Any:
-    return encode_log_request(to_logs(rows))
+def _log_request(rows: list[tuple[dict[str, Any], Sequence[Any]]]) -> Any:
+    # A batch's resource is made here, inside ``converted``, once a request: what it leaves
+    # out is counted when the backend takes the request, not when the batch is read (it
+    # may be dead-lettered whole, or read again after a restart).
+    made: dict[int, KtelResource] = {}
+
+    def resource(attrs: dict[str, Any]) -> KtelResource:
+        if (r := made.get(id(attrs))) is None:
+            r = made[id(attrs)] = KtelResource(otlp_spans.carried(attrs))
+        return r
+
+    return encode_log_request(to_logs([(resource(attrs), row) for attrs, row in rows]))
 
 
 def topics(cfg: Config) -> dict[str, Decoder]:

@@ -172,6 +172,22 @@ async def test_a_log_attribute_otlp_cannot_carry_is_left_out_and_counted(caplog)
     assert "invalid attribute key" not in caplog.text  # (the SDK's Resource, which counts nothing)
 
 
+async def test_a_log_resource_attribute_left_out_is_not_counted_when_its_batch_is_not_sent():
+    """A log batch's resource is cleaned of what OTLP cannot carry when its request is
+    built, and what it left out counted once the backend takes it, as a log record's
+    attributes are: a batch too old to send, dead-lettered whole, was counted as soon as
+    it was read (and again at each read of it after a restart)."""
+    sender = otlp.Sender(OtlpConfig(), (object(), object(), object()))
+    old = time.time_ns() - 10 * 86_400 * 10**9  # (past otlp.max_age_seconds)
+    value = wire_logs(LogBatch({"host.id": "h", "": "z"}, [[old, 9, "INFO", "too old", {}, b"", b""]]))
+    rec = Record(decode_logs(value), "ktel.logs", 0, 7, b"h", value, wire.DLQ_TOPIC)
+    dropped = REGISTRY.get_sample_value("ktel_exporter_otlp_dropped_attributes_total") or 0.0
+    producer = Producer()
+    await asyncio.wait_for(sender.deliver([rec], producer), 30)
+    assert [topic for topic, _, _ in producer.sent] == [wire.DLQ_TOPIC]
+    assert REGISTRY.get_sample_value("ktel_exporter_otlp_dropped_attributes_total") == dropped
+
+
 def test_a_data_point_label_of_an_empty_name_is_left_out_and_counted():
     """A snapshot's labels become its points' attributes, and the wire's maps take an
     empty name, which OTLP does not allow as a key: the SDK's metrics encoder sent one.
