@@ -50,7 +50,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from ktel.probes import KIND_BY_NAME, KINDS, PROBES
 from ktel.schema import U32
-from ktel.wire.codec import MAX_RECORD_BYTES
+from ktel.wire.codec import MAX_RECORD_BYTES, SEND_MAX_BYTES
 from ktel.wire.control import sample_command_id
 from ktel.wire.raw import MAX_EVENTS, host_id_problem
 from ktel.wire.topics import Topics
@@ -816,9 +816,11 @@ class ProcessConfig(Section):
     max_state_bytes: int = Field(
         900_000,
         ge=65_536,
-        # Kafka's default max.message.bytes (1 MiB) bounds every changelog record, and
-        # aiokafka's default max_request_size the request carrying it.
-        le=1_000_000,
+        # A host's changelog record is its value and its key (a host id of at most 256
+        # characters, at most ~3 KB JSON-escaped): with the value at most SEND_MAX_BYTES,
+        # the record stays below Faust's producer's 1,000,000 bytes a request, which
+        # refuses one past it before Kafka sees it (and so the worker, at every restart).
+        le=SEND_MAX_BYTES,
         description="the most one host's state (its table value, JSON-encoded as its changelog "
         "record) may take: the aggregate's series get half of it, the enrich stage's process and "
         "container tables 3/8, and a record that would still grow the state past it is "

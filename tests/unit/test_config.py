@@ -79,6 +79,10 @@ def test_env_overrides_file(tmp_path, monkeypatch):
         ("[otlp]\nhistograms = 'native'\n", "otlp.histograms = 'native'"),
         ("[process]\nsession_timeout_seconds = 3\n", "process.session_timeout_seconds = 3"),
         (
+            "[process]\nmax_state_bytes = 1000000\n",
+            "process.max_state_bytes = 1000000: Input should be less than or equal to 990000",
+        ),
+        (
             "[process]\nmax_hosts = 0\n",
             "process.max_hosts = 0: Value error, must be from 1 to 1000000: the most hosts one worker "
             "holds; to serve more hosts, run more workers",

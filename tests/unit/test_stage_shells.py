@@ -23,6 +23,7 @@ from unittest import mock
 
 import pytest
 from aiokafka.partitioner import murmur2
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.structs import TopicPartition
 from faust.types import TP, Message
 from prometheus_client import REGISTRY
@@ -46,6 +47,8 @@ from ktel.wire import (
     encode_batch,
     encode_heartbeat,
 )
+from ktel.wire.codec import SEND_MAX_BYTES
+from ktel.wire.raw import HOST_CHARS
 from processors import aggregate_core, changelog, enrich_core, sample_core, stages
 
 T = 1_700_000_000_000_000_000
@@ -680,6 +683,24 @@ async def test_a_host_execing_more_processes_than_its_state_holds_is_persisted_a
     assert after["ktel_processor_dead_letters_total"] == before["ktel_processor_dead_letters_total"]
     assert after["ktel_processor_events_total"] == before["ktel_processor_events_total"] + 1003
     assert evicted("processes", "all") == before_evicted + 1000 - len(procs)
+
+
+def test_a_changelog_record_at_the_state_bound_is_one_the_workers_producer_sends(tmp_path):
+    """A host's state at process.max_state_bytes, its most, and its host id the longest
+    there is, every character escaped as a surrogate pair in its JSON key: its changelog
+    record, snapshot or delta, is still one the worker's producer sends. Past its
+    producer_max_request_size the producer refuses it before Kafka sees it, and the
+    worker stopped on it at every restart (the bound was 1,000,000 bytes of value)."""
+    shell = Shell(
+        tmp_path, "all", process=config.ProcessConfig(data_dir=tmp_path, max_state_bytes=SEND_MAX_BYTES)
+    )
+    with pytest.raises(ValueError):
+        config.ProcessConfig(max_state_bytes=SEND_MAX_BYTES + 1)
+    host = "\U0001f600" * HOST_CHARS
+    value = b"x" * SEND_MAX_BYTES
+    for key in (json.dumps(host).encode(), changelog.delta_key(host, changelog.SLOTS - 1)):
+        size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, [])
+        assert size <= shell.app.conf.producer_max_request_size
 
 
 async def test_a_batch_refused_by_the_state_bound_leaves_every_piece_of_state_as_it_was(
