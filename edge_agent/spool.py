@@ -64,7 +64,10 @@ every start, and nothing after it was sent. Its batches read before the error an
 being sent are lost if Kafka does not acknowledge them before the agent stops, as those
 of a segment a full spool drops are (below). A full spool drops its oldest segment even
 if the disk refuses to read the rest of it: counting what it reads, and the bytes past
-that as unreadable (refusing every new batch instead would lose far more).
+that as unreadable (refusing every new batch instead would lose far more). A start
+that the disk does not let look at a segment at all (its inode refused) sets it aside
+the same way, logged with its size unknown, and takes an ack file it refuses for none:
+raised, they stopped the agent at every start.
 
 Disk errors: a record the disk refuses (ENOSPC, EIO) is cut back off its
 segment and ``append`` raises, so the caller counts the batch as lost; the
@@ -204,7 +207,14 @@ class Spool:
         try:
             private_dir(directory)
             for p in directory.iterdir():
-                os.chmod(p, 0o600)
+                try:
+                    os.chmod(p, 0o600)
+                except OSError as err:
+                    if err.errno not in MEDIA_ERRORS:
+                        raise
+                    # (a file whose inode the disk refuses: a segment is set aside below,
+                    # one set aside before is only kept; raised, the agent never started)
+                    log.error("spool file %s cannot be reached (%s)", p, err.strerror or err)
         except OSError as err:
             if not no_space(err):
                 raise
@@ -241,7 +251,15 @@ class Spool:
         self._ack_written = 0.0
         self._ack_failing = False
         self._ack_fd: int | None = None  # opened at the first write (_write_ack)
-        sizes = {s: self._path(s).stat().st_size for s in self._segments()}
+        on_disk = self._segments()
+        sizes = {}
+        for seg in on_disk:
+            try:
+                sizes[seg] = self._path(seg).stat().st_size
+            except OSError as err:
+                if err.errno not in MEDIA_ERRORS:
+                    raise
+                self._set_aside_at_start(seg, err)
         self._ack = self._checked(self._ack, sizes)
         # Forget segments wholly before the acknowledged cursor (a crash between ack and delete).
         for s in list(sizes):
@@ -254,7 +272,10 @@ class Spool:
         # it named gone (deleted to free space, say): until the cursor is written again,
         # which takes an acknowledgement, a restart would take what it holds for
         # acknowledged and delete it.
-        self._wseg = max((segs[-1] + 1) if segs else 0, self._ack.segment + (1 if self._ack.offset else 0))
+        # (past one set aside at start too: its name may be left as it was)
+        self._wseg = max(
+            (on_disk[-1] + 1) if on_disk else 0, self._ack.segment + (1 if self._ack.offset else 0)
+        )
         if not segs or self._ack.segment < segs[0]:
             self._ack = Cursor(segs[0] if segs else self._wseg, 0)
         aside = self._set_aside_segments()
@@ -325,6 +346,28 @@ class Spool:
             return Cursor(int(seg), int(off))
         except (FileNotFoundError, ValueError):
             return Cursor(0, 0)
+        except OSError as err:
+            if err.errno not in MEDIA_ERRORS:
+                raise
+            # (none: the backlog is sent again, and the processors drop what they had)
+            log.error("spool %s cannot be read (%s): taken as none", self.dir / "ack", err.strerror or err)
+            return Cursor(0, 0)
+
+    def _set_aside_at_start(self, seg: int, err: OSError) -> None:
+        """A segment the disk does not let a start even look at (its inode refused): set
+        aside as ``set_aside`` does a segment it refuses to read, though how much it held
+        is not known (logged, not counted in unreadable_bytes)."""
+        path = self._path(seg)
+        aside = path.with_name(path.name + UNREADABLE_SUFFIX)
+        try:
+            os.rename(path, aside)
+            kept = f"kept as {aside}"
+        except OSError as rename_err:
+            kept = f"left as it is ({rename_err.strerror or rename_err})"
+        log.error(
+            "spool segment %s cannot be reached (%s): set aside, %s; its batches are not sent",
+            path, err.strerror or err, kept,
+        )  # fmt: skip
 
     def _checked(self, ack: Cursor, sizes: dict[int, int]) -> Cursor:
         """``ack`` if the segments on disk can follow from it, else none (Cursor(0, 0)):

@@ -906,6 +906,39 @@ def test_a_full_spool_drops_its_oldest_segment_though_the_disk_refuses_to_read_i
         assert read_all(restarted) == [payload(i) for i in range(4, 19)]
 
 
+def test_a_segment_whose_inode_the_disk_refuses_is_set_aside_at_start_and_the_rest_sent(
+    tmp_path, monkeypatch
+):
+    """The disk refuses even to look at one segment (a damaged inode: chmod and stat fail
+    with EIO), and the ack file: a start raised, and the agent stopped at every start.
+    It starts: the segment set aside (renamed, its size unknown), the cursor taken as
+    none, the other segments sent; and a later start, the disk refusing the file under
+    its set-aside name too, starts as well."""
+    sp = Spool(tmp_path, segment_bytes=250)  # (2 records of 116 bytes a segment)
+    for i in range(6):
+        assert sp.append(payload(i), n_events=1)
+    sp.close()
+    refused = {
+        tmp_path / "0000000000000001.seg",
+        tmp_path / "0000000000000001.seg.unreadable",
+        tmp_path / "ack",
+    }
+
+    def eio(path):
+        if Path(path) in refused:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+
+    chmod, stat, read_text = os.chmod, Path.stat, Path.read_text
+    monkeypatch.setattr(spool_mod.os, "chmod", lambda p, *a, **k: eio(p) or chmod(p, *a, **k))
+    monkeypatch.setattr(Path, "stat", lambda p, *a, **k: eio(p) or stat(p, *a, **k))
+    monkeypatch.setattr(Path, "read_text", lambda p, *a, **k: eio(p) or read_text(p, *a, **k))
+    with contextlib.closing(Spool(tmp_path)) as again:
+        assert read_all(again) == [payload(i) for i in (0, 1, 4, 5)]
+    assert os.path.exists(tmp_path / "0000000000000001.seg.unreadable")  # (not through Path.stat)
+    assert not os.path.exists(tmp_path / "0000000000000001.seg")
+    assert read_back(tmp_path) == [payload(i) for i in (0, 1, 4, 5)]
+
+
 @pytest.mark.parametrize("code", [errno.EMFILE, errno.ENOMEM, errno.EACCES])
 def test_a_read_error_of_the_agent_not_the_disk_is_raised_and_sets_nothing_aside(tmp_path, monkeypatch, code):
     """Out of file descriptors or memory, or a permission changed, is the agent's state, not
