@@ -606,9 +606,26 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         persisted.clear()  # the hosts still here are measured again at their next record
         cap.recount()  # (the hosts of the partitions gone are another worker's now)
 
+    # The source's partitions this worker was last assigned, and how many times each was
+    # assigned elsewhere since it started (``holding``): Kafka revokes every partition at
+    # each rebalance, so only an assignment tells one kept from one another worker had.
+    assigned_before: set[int] = set()
+    lost: collections.Counter[int] = collections.Counter()
+
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]
-    def count_hosts_again(_app: Any, *_assigned: Any, signal: Any, **_kwargs: Any) -> None:
+    def count_hosts_again(_app: Any, assigned: Any = (), *_: Any, signal: Any, **_kwargs: Any) -> None:
         cap.recount()  # (the new partitions' hosts, once recovered, are this worker's)
+        now = {tp.partition for tp in assigned if tp.topic == source_name}
+        gone = assigned_before - now
+        lost.update(gone)
+        assigned_before.clear()
+        assigned_before.update(now)
+        # A host of a partition another worker had may have been heard from there (a
+        # heartbeat that changes nothing writes no changelog record): if the partition
+        # comes back, the host has the whole delay again, as one found missing has.
+        n = cfg.kafka.raw_partitions
+        for host_id in [h for h in last_seen if partition_of(h, n) in gone]:
+            del last_seen[host_id]
 
     def held_hosts() -> Any:
         """The hosts this worker holds: those of its partitions in the table, or, for a
@@ -1056,9 +1073,13 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         snapshot written after them are what the next worker to recover it would find
         (the host's counts since lost). ``work`` is given that check to ask again before
         each changelog record it sends, each of which may wait as long, and stops there
-        when it fails. A record's own handling (``in_stream``) is one a revocation waits
-        for, its partition still this worker's."""
-        holds = (lambda: True) if in_stream else functools.partial(still_mine, host_id)
+        when it fails; also once the partition was another worker's meanwhile and came
+        back (two rebalances within one wait): that worker may have written the host's
+        records since, which the rest would delete. A record's own handling
+        (``in_stream``) is one a revocation waits for, its partition still this worker's."""
+        partition = partition_of(host_id, cfg.kafka.raw_partitions)
+        was_lost = lost[partition]
+        holds = (lambda: True) if in_stream else (lambda: lost[partition] == was_lost and still_mine(host_id))
         dropping[host_id] = gone = asyncio.Event()
         try:
             if last is not None:  # (a window's: not sent either, if no longer the host's to send)

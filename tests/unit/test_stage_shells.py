@@ -1169,13 +1169,15 @@ async def test_a_window_writes_nothing_to_the_changelog_of_a_partition_revoked_w
         assert shell.changelog[written:] == []
 
 
-@pytest.mark.parametrize("revocation", ["partition_revoked", "rebalance_begun"])
+@pytest.mark.parametrize("revocation", ["partition_revoked", "rebalance_begun", "taken_and_given_back"])
 async def test_a_revocation_between_a_forgotten_hosts_tombstones_stops_the_rest(tmp_path, revocation):
     """A host a window forgets has its tombstones sent one by one, each of which may wait
     for room in the producer, and a revocation may begin between two of them. Another
     worker then holds the partition, recovered from the changelog, and counts the host's
     batches: the tombstones after that must not be written after its records (a worker
-    recovering the partition next would find the host gone, its counts since lost)."""
+    recovering the partition next would find the host gone, its counts since lost). Nor
+    once the partition came back to this worker within the wait (two rebalances): the
+    other worker's records of the host are on the changelog all the same."""
     aggregate = config.AggregateConfig(window_seconds=0.05, host_ttl_seconds=60)
     async with Shell(tmp_path, "aggregate", aggregate=aggregate) as shell:
         app = shell.ready()
@@ -1190,8 +1192,10 @@ async def test_a_revocation_between_a_forgotten_hosts_tombstones_stops_the_rest(
             if value is None:  # (a tombstone sent: the revocation begins before the next)
                 if revocation == "partition_revoked":
                     app.assignor.assigned_actives = lambda: {tp for tp in assigned if tp.partition != revoked}
-                else:
+                elif revocation == "rebalance_begun":
                     app.rebalancing = True
+                else:
+                    await taken_and_given_back(app, revoked)
 
         with mock.patch.object(stages, "send", revoked_after_the_first):
             async with windows_running(app):
@@ -1199,6 +1203,35 @@ async def test_a_revocation_between_a_forgotten_hosts_tombstones_stops_the_rest(
         [last] = [decode_snapshot(v) for v in shell.to(METRICS_TOPIC)]
         assert last.stale
         assert [key for key, value in shell.changelog if value is None] == ["h1"]  # (its snapshot key's)
+
+
+async def taken_and_given_back(app: Any, partition: int) -> None:
+    """Two rebalances, as Faust signals them: ``partition`` assigned to another worker,
+    then to this one again (after the assignment the worker had, as at its start)."""
+    assigned = app.assignor.assigned_actives()
+    await app.on_partitions_assigned.send(set(assigned))
+    await app.on_partitions_assigned.send({tp for tp in assigned if tp.partition != partition})
+    await app.on_partitions_assigned.send(set(assigned))
+
+
+async def test_a_host_whose_partition_was_another_workers_meanwhile_has_the_whole_delay_again(tmp_path):
+    """A host heard from long ago by this worker, whose partition another worker then
+    held for a while (two rebalances between two silent-host checks), may have been
+    heard from there: a heartbeat that changes nothing writes no changelog record. It
+    has the whole delay again, as a host the worker has no memory of; the other host,
+    whose partition stayed, is forgotten as silent."""
+    aggregate = config.AggregateConfig(window_seconds=0.05).model_copy(update={"host_ttl_seconds": 0.1})
+    async with Shell(tmp_path, "aggregate", aggregate=aggregate) as shell:
+        app = shell.ready()
+        for host in ("h1", "h2"):  # (on partitions 3 and 0)
+            await shell.put(batch(0, [file_created(1, "/data/x/f")], host=host), key=host.encode())
+        await asyncio.sleep(0.5)  # both silent past host_ttl_seconds (and its margin)
+        await taken_and_given_back(app, stages.partition_of("h1", RESOLVED.raw_partitions))
+        timer = next(t for t in app._app_tasks if t.__name__ == "forget_silent")
+        await inspect.unwrap(timer)()  # (the timer's one run)
+        tombstoned = {k if isinstance(k, str) else k[0] for k, v in shell.changelog if v is None}
+        assert tombstoned == {"h2"}
+        assert "aggregate" in shell.table("h1")
 
 
 def revoke(app: Any, host: str, revocation: str) -> None:
