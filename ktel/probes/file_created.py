@@ -88,6 +88,10 @@ AT_FDCWD = -100
 # KTEL_DIRFD_NONE (bpf/file_created.h): the filewatcher module's path, relative to nothing.
 DIRFD_NONE = -1
 SLASH = ord("/")
+# What a path may take on the wire: PATH_MAX after resolving against the cwd, each byte
+# that is not UTF-8 escaped in 4 characters. A path resolved longer than that (a cwd
+# deep in such names) goes as the caller passed it.
+PATH_CHARS = 4 * 4096
 FILE_CREATED = EventKind(
     1,
     "file_created",
@@ -97,8 +101,7 @@ FILE_CREATED = EventKind(
         Field("tid", PID),
         Field("uid", Int(0, (1 << 32) - 1)),
         Field("comm", COMM, "process.executable.name as the kernel knows it"),
-        # PATH_MAX after resolving against the cwd, escapes included.
-        Field("path", Str(4 * 4096), "absolute when the agent could resolve it, else as passed"),
+        Field("path", Str(PATH_CHARS), "absolute when the agent could resolve it, else as passed"),
         Field("flags", Int(0, (1 << 32) - 1), "open flags"),
         Field(
             "certain",
@@ -128,7 +131,10 @@ def _resolve(path: str, pid: int, dirfd: int) -> str:
         return path
     # Read as bytes and escaped as the record's own strings are (c_string): a str
     # readlink turns bytes that are not UTF-8 into surrogates, which the wire cannot pack.
-    return os.path.normpath(os.path.join(target.decode("utf-8", "backslashreplace"), path))
+    resolved = os.path.normpath(os.path.join(target.decode("utf-8", "backslashreplace"), path))
+    # (past the field's bound the event would not be valid, and the processors would
+    # refuse its whole batch: any user can make such a cwd)
+    return resolved if len(resolved) <= PATH_CHARS else path
 
 
 def _join(dir_bytes: bytes, path: str) -> str:

@@ -28,7 +28,7 @@ from ktel.probes import (
     tcp_retransmit,
 )
 from ktel.probes.decode import PackedEvents, block_device_name, frame, pack_event, taint_letters
-from ktel.wire import KINDS, event_dict
+from ktel.wire import FILE_CREATED, KINDS, event_dict
 
 
 def c_numbers(tmp_path, header: str, exprs: list[str]) -> list[int]:
@@ -209,6 +209,22 @@ def test_a_path_filewatcher_could_not_name_is_sent_as_the_module_gave_it(tmp_pat
         packed = PackedEvents()
         file_created.pack_run(file_created.ABS_SIZE, data, 0, packed)
         assert list(packed) == [pack_event(event)]
+
+
+def test_a_path_resolved_past_its_bound_is_sent_as_the_caller_passed_it(monkeypatch):
+    """A relative path resolved against a cwd deep in names that are not UTF-8, each
+    byte escaped in 4 characters: past the path field's bound the event is not valid,
+    and the processors refused its whole batch, which any user of the node could make
+    happen at every batch. It goes as the caller passed it; a cwd within the bound
+    still resolves it."""
+    deep = b"/" + b"/".join([b"\xff" * 255] * 15) + b"/" + b"\xff" * 254  # (4,095 bytes)
+    passed = "\\xff" * 255
+    monkeypatch.setattr(file_created.os, "readlink", lambda _link: deep)
+    resolved = file_created._resolve(passed, 42, file_created.AT_FDCWD)
+    assert resolved == passed
+    assert FILE_CREATED.valid([FILE_CREATED.id, 1, 42, 42, 0, "sh", resolved, 0o100, False])
+    monkeypatch.setattr(file_created.os, "readlink", lambda _link: b"/home/u")
+    assert file_created._resolve("f", 42, file_created.AT_FDCWD) == "/home/u/f"
 
 
 def test_every_probes_own_kernel_counters_are_known_to_the_agent():
