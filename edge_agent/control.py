@@ -39,8 +39,10 @@ back while a command holds stretches it to at most ``agent.control_max_ttl_secon
 from then.
 
 Restarts. Every command this agent applied is kept in ``<state_dir>/control.json``
-with its deadline by this agent's clock (a command taken over by a later one for its
-probe, or ended by a restore, ends then; a restore is over when applied), for as long
+with its deadline by this agent's clock (one that expired, was taken over by a later
+one for its probe, or was ended by a restore is marked over, not stamped with when it
+ended, which a clock set back before a restart would make a deadline to come; a
+restore is over when applied), for as long
 as its record can be read back at a start (``MAX_REMEMBERED`` at most, and every one
 in force), with the offset of the last record judged when the file was written; a
 restarted agent re-applies those still in force at once (Kafka may be away) and
@@ -55,7 +57,8 @@ or all of them if the file was lost): a command it had applied stands as it was
 applied, whatever a record of its id says; one it had not (sent while it was
 down, or its state was lost) holds until the earlier of a full TTL from now and
 its record's timestamp plus the TTL, so it can end early if the sender's clock is
-behind, but never holds past a full TTL. An offset at or past the topic's end is
+behind, but never holds past a full TTL; one over already still ends the command
+before it for its probe, as it did when it was sent. An offset at or past the topic's end is
 from a topic deleted and made again, and is not taken (one made again that has
 already grown past it cannot be told apart: its records up to it are passed over).
 Made again while followed, the follower's position is past the new topic's end, and
@@ -124,6 +127,8 @@ MAX_PENDING_ACK_BYTES = 192 << 10
 # Applied commands remembered across restarts; a flood beyond it forgets the oldest,
 # which after a restart are judged by their record's timestamp instead.
 MAX_REMEMBERED = 1024
+# The deadline of a command that no longer holds (expired, taken over, a restore).
+OVER = 0
 STATE_FILE = "control.json"
 # How often, at most, the follower writes the state file (save_due). Each write takes
 # the whole file, up to MAX_REMEMBERED commands with ids of up to 2 KiB (6 MB of JSON,
@@ -191,9 +196,9 @@ class Bounds:
 
 @dataclasses.dataclass(frozen=True)
 class InForce:
-    """A command this agent applied: its deadline is by this agent's clock (ended early
-    when a later command for its probe took over); remembered until ``keep_ms``, as long
-    as its record may be read back at a start, so that it is never applied twice."""
+    """A command this agent applied: its deadline is by this agent's clock (``OVER`` once
+    it expired, or a later command for its probe took over); remembered until ``keep_ms``,
+    as long as its record may be read back at a start, so that it is never applied twice."""
 
     id: str
     probe: str
@@ -297,6 +302,11 @@ class Control:
         else:
             in_force = InForce(cmd.id, cmd.probe, cmd.sample_every, now + ttl_ms, 0)
         if in_force.deadline_ms <= now:
+            if known is None and cmd.probe in self.overrides:
+                # Read back at a start, over already: when it was sent it took over the
+                # probe's command before it in the topic, which must not hold again either.
+                self._end(cmd.probe, now)
+                self.apply(cmd.probe, self.sample_every(cmd.probe))
             return False  # over already (read back after a restart, or taken over)
         if known is None:
             # Read back at a start while its record is within the look-back (its sender's
@@ -327,7 +337,7 @@ class Control:
         self.apply(cmd.probe, rate)
         # Remembered as a command over as soon as applied, so that its record read back
         # at a start ends nothing applied after it.
-        self._applied(InForce(cmd.id, cmd.probe, rate, now, max(now, sent_ms + self.bounds.max_ttl_ms)))
+        self._applied(InForce(cmd.id, cmd.probe, rate, OVER, max(now, sent_ms + self.bounds.max_ttl_ms)))
         if self._told(("applied", cmd.id)):
             log.info("command %.120r: %s back to 1 in %d", cmd.id, cmd.probe, rate)
         return True
@@ -340,7 +350,13 @@ class Control:
         if before is None or before.id == unless:
             return
         del self.overrides[probe]
-        self.applied[before.id] = dataclasses.replace(before, deadline_ms=now)
+        self._over(before)
+
+    def _over(self, cmd: InForce) -> None:
+        """``cmd`` no longer holds, for a restart too: remembered with the deadline
+        ``OVER``, not the time it ended, which a clock set back before the restart would
+        put in the future again (and bring the command back for as long)."""
+        self.applied[cmd.id] = dataclasses.replace(cmd, deadline_ms=OVER)
         self._unsaved = True
 
     def _applied(self, cmd: InForce) -> None:
@@ -383,6 +399,7 @@ class Control:
                     self._unsaved = True
             if cmd.deadline_ms <= now:
                 del self.overrides[probe]
+                self._over(cmd)
                 self.apply(probe, self.sample_every(probe))
                 if self._told(("expired", cmd.id)):
                     log.info(

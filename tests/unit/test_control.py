@@ -236,6 +236,35 @@ def test_a_command_over_is_not_applied_again_by_a_restart_whatever_its_senders_c
     assert applied == [] and restarted.sample_every("file_created") == 2
 
 
+def test_a_command_read_back_over_at_a_start_still_ends_the_one_it_took_over(tmp_path):
+    """A (1 in 50 for 5 min), then B (1 in 10 for a minute) for the same probe; the agent
+    restarts 90 s after B with neither remembered (its state file lost, or a SIGKILL
+    before it was written): read back, A still holds by its record's time and B is over.
+    B had ended A when it was sent, so the configured rate comes back, not A's."""
+    ctl, applied = make(tmp_path)
+    now = now_ms()
+    assert ctl.handle(
+        cmd(cmd_id="A", every=50, ttl_ms=300_000), sent_ms=now - 100_000, now=now, replayed=True
+    )
+    assert not ctl.handle(
+        cmd(cmd_id="B", every=10, ttl_ms=60_000), sent_ms=now - 90_000, now=now, replayed=True
+    )
+    assert ctl.command("file_created") is None and ctl.sample_every("file_created") == 2
+    assert applied[-1] == ("file_created", 2)
+
+
+def test_a_command_over_stays_over_after_a_restart_with_the_clock_set_back(tmp_path):
+    """A command applied and expired while the node's clock ran 10 minutes ahead; NTP
+    steps it back, and the agent restarts: remembered with the time it expired, which is
+    in the future again, it held again for those 10 minutes."""
+    ctl, _ = make(tmp_path)
+    ahead = now_ms() + 600_000
+    assert ctl.handle(cmd(every=50, ttl_ms=60_000), sent_ms=ahead, now=ahead)
+    ctl.expire(now=ahead + 61_000)
+    ctl.save(now=ahead + 61_000)
+    assert make(tmp_path)[0].command("file_created") is None
+
+
 def test_a_known_id_sent_again_with_other_values_changes_nothing(tmp_path):
     ctl, applied = make(tmp_path)
     now = now_ms()
