@@ -425,7 +425,10 @@ class LoadedProbe:
         return node_stats.map_usage(self.spec.name, tables)
 
     def set_sample_every(self, n: int) -> None:
-        self.bpf[b"knobs"][ctypes.c_int(KNOB_SAMPLE_EVERY)] = ctypes.c_uint32(n)
+        if not self._closed:
+            # (closed, its maps are gone: a command expiring in the stopping agent's last
+            # pass, after the probes closed, failed that pass and lost what it drained)
+            self.bpf[b"knobs"][ctypes.c_int(KNOB_SAMPLE_EVERY)] = ctypes.c_uint32(n)
         self._sample_every = max(n, 1)
 
     # ------------------------------------------------------------ histograms

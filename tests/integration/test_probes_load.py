@@ -122,3 +122,12 @@ def test_a_closed_probe_reports_its_maps_as_they_were_when_it_closed():
     counted = p.counters()
     assert counted.keys() == before.keys(), counted
     assert counted["sampled_out"] >= before["sampled_out"] >= 100, (before, counted)
+
+
+def test_a_closed_probe_takes_a_new_rate_without_failing():
+    """A command expiring in the stopping agent's last pass sets the probe's rate after
+    the probe closed: its maps gone, the write raised (KeyError), and the pass failed
+    with the events it had drained. Now the kernel is left alone."""
+    with loaded("file_created") as p:
+        p.set_sample_every(10)
+    p.set_sample_every(1)
