@@ -28,7 +28,15 @@ from typing import Any, Protocol, TypeVar
 import faust
 from aiokafka import AIOKafkaProducer
 from aiokafka.conn import create_conn
-from aiokafka.errors import KafkaConnectionError, KafkaError, SaslAuthenticationFailed
+from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
+    GroupAuthorizationFailedError,
+    KafkaConnectionError,
+    KafkaError,
+    SaslAuthenticationFailed,
+    TopicAuthorizationFailedError,
+    TransactionalIdAuthorizationFailed,
+)
 from aiokafka.helpers import create_ssl_context
 
 from ktel import kafka_batches
@@ -182,6 +190,15 @@ async def reachable(kafka: Kafka, who: str) -> None:
         pass
 
 
+# What Kafka answers a client it let in but may not do what it asked (its ACLs).
+AUTHORIZATION_ERRORS = (
+    TopicAuthorizationFailedError,
+    GroupAuthorizationFailedError,
+    ClusterAuthorizationFailedError,
+    TransactionalIdAuthorizationFailed,
+)
+
+
 async def explain(err: BaseException, kafka: Kafka) -> str:
     """A client's failure to connect, with the setting most likely at fault.
 
@@ -192,8 +209,15 @@ async def explain(err: BaseException, kafka: Kafka) -> str:
     if isinstance(err, KafkaConnectionError):
         err = await _connect_once(k) or err
     text = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+    if isinstance(err, AUTHORIZATION_ERRORS):
+        # (let in, refused what it asked: its password is right, its ACLs are not)
+        who = f"SASL user {k.sasl_username!r}" if k.security_protocol.startswith("SASL_") else "this client"
+        return (
+            f"Kafka at {k.bootstrap} refused {who} what it asked ({text}): grant its role with "
+            "`ktel acls` (kafka.principals), or run this with the credentials of a role that may"
+        )
     if isinstance(err, SaslAuthenticationFailed) or (
-        k.security_protocol.startswith("SASL_") and "auth" in text.lower()
+        k.security_protocol.startswith("SASL_") and "authentication" in text.lower()
     ):
         return (
             f"Kafka at {k.bootstrap} refused SASL {k.sasl_mechanism} user {k.sasl_username!r} ({text}): "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 import subprocess
 
@@ -180,3 +181,24 @@ def test_every_kafka_client_gets_its_settings_from_kafka_client():
                     ):
                         bare.append(f"{path.relative_to(root)}:{node.lineno}")
     assert found >= 10 and not bare, bare
+
+
+@pytest.mark.parametrize("protocol", ["SASL_PLAINTEXT", "PLAINTEXT"])
+def test_a_refused_operation_names_the_acls_not_the_password_or_the_address(protocol, tmp_path):
+    """A client Kafka let in but refused what it asked (a role without the ACL, e.g.
+    `ktel status` run with the agent's credentials): "auth" in TopicAuthorizationFailed
+    made it a wrong SASL password, and without SASL an unreachable broker. It names
+    the ACLs and `ktel acls`."""
+    from aiokafka.errors import TopicAuthorizationFailedError
+
+    secret = tmp_path / "password"
+    secret.write_text("s3cret\n")
+    sasl = (
+        {"sasl_mechanism": "SCRAM-SHA-512", "sasl_username": "agent", "sasl_password_file": secret}
+        if protocol.startswith("SASL")
+        else {}
+    )
+    k = config.KafkaConfig(bootstrap="k1:9092", security_protocol=protocol, **sasl)
+    said = asyncio.run(kafka_client.explain(TopicAuthorizationFailedError("ktel.heartbeats"), k))
+    assert "`ktel acls`" in said and "TopicAuthorizationFailedError" in said
+    assert "sasl_password" not in said and "check kafka.bootstrap" not in said
