@@ -215,10 +215,6 @@ class Aggregate(Stage):
         self.emitted: dict[str, Emitted] = {}
         # Hosts with a batch counted since the last window: the series the batches changed.
         self.counted: dict[str, set[str]] = {}
-        # Host id -> when this worker first had the host (its batch, or a window of the
-        # host's recovered state): since a restart or a rebalance, a host has the whole of
-        # host_ttl_seconds again (``on_window``).
-        self.held_since: dict[str, int] = {}
 
     @classmethod
     def from_config(cls, section: AggregateConfig, max_state_bytes: int) -> Aggregate:
@@ -226,7 +222,6 @@ class Aggregate(Stage):
 
     def on_batch(self, state: State, batch: RawBatch, now_ms: int) -> Result:
         state["last_ms"] = now_ms  # the worker's clock, as the window's now_ms: see on_window
-        self.held_since.setdefault(batch.host_id, now_ms)
         fresh = not state.get("series")
         out = add(state, batch, self.opts)
         if fresh:
@@ -256,21 +251,14 @@ class Aggregate(Stage):
 
         A host silent for ``host_ttl_seconds`` (by the worker's clock, which also stamped
         its last batch) gets a last snapshot of all its series, marked stale, and is
-        forgotten, so dead and forged hosts stop costing anything. Silent since this
-        worker had it, too: a worker that takes hosts over (a restart, a rebalance) after
-        longer than that, their batches still to be read, would otherwise forget every
-        one of them, live hosts marked stale and the batches it read again, which their
-        state said were counted, counted twice."""
+        forgotten, so dead and forged hosts stop costing anything."""
         out = Result()
         ttl_ms = self.opts.host_ttl_seconds * 1000
         for gone in self.emitted.keys() - states.keys():  # forgotten, or another worker's now
             del self.emitted[gone]
-        for gone in self.held_since.keys() - states.keys():
-            del self.held_since[gone]
         unchanged = 0
         for host_id, state in states.items():
-            held_since = self.held_since.setdefault(host_id, now_ms)
-            if now_ms - max(state.get("last_ms", now_ms), held_since) > ttl_ms:
+            if now_ms - state.get("last_ms", now_ms) > ttl_ms:
                 rows = snapshot(host_id, state)
                 if rows:
                     out.snapshots.append((host_id, MetricSnapshot(now_ms, rows, stale=True)))

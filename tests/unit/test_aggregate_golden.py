@@ -545,25 +545,6 @@ def test_a_host_back_after_being_forgotten_starts_again_at_zero_after_its_stale_
     assert snap.ts_ms == NOW_MS + 70_000 and [r[3] for r in snap.series] == [1.0]
 
 
-def test_a_host_taken_over_after_its_ttl_has_the_whole_ttl_again_from_then():
-    """A worker that has a host's state from another (a rebalance) or from before its
-    restart, its last batch longer than host_ttl_seconds ago: its batches since may be
-    still to be read, so its first windows report it as usual, and it is forgotten only
-    host_ttl_seconds after the worker had it, no batch having come."""
-    opts = aggregate_core.Options(window_seconds=10, host_ttl_seconds=60)
-    before = Chain([aggregate_core.Aggregate(opts)])
-    table: dict[str, dict] = {}
-    before.on_batch(table.setdefault("h", {}), RawBatch("h", "b", 0, 0, [file_event("a")]), NOW_MS)
-    chain = Chain([aggregate_core.Aggregate(opts)])  # the worker that takes it over, 2 h later
-    [aggregate] = chain.timed()
-    taken = NOW_MS + 7_200_000
-    first = chain.on_window(aggregate, table, taken, 1.0)
-    assert first.forget == [] and first.snapshots and not any(s.stale for _, s in first.snapshots)
-    assert chain.on_window(aggregate, table, taken + 60_000, 1.0).forget == []
-    last = chain.on_window(aggregate, table, taken + 70_000, 1.0)
-    assert last.forget == ["h"] and [s.stale for _, s in last.snapshots] == [True]
-
-
 def test_kernel_metric_values_their_type_cannot_take_are_dropped_and_counted():
     """A counter only goes up and a histogram's buckets start at 0: a negative increment
     or observation (a bug in the kernel code, or any client writing the topic) would make

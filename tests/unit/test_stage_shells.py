@@ -49,7 +49,7 @@ from ktel.wire import (
 )
 from ktel.wire.codec import SEND_MAX_BYTES
 from ktel.wire.raw import HOST_CHARS
-from processors import aggregate_core, changelog, enrich_core, sample_core, stages
+from processors import changelog, enrich_core, sample_core, stages
 
 T = 1_700_000_000_000_000_000
 DUPLICATES = "ktel_processor_duplicate_batches_total"
@@ -108,11 +108,7 @@ class Shell:
         cfg = config.Config(agent=config.AgentConfig(host_id="t"), **sections)
         self.stage = stage
         self.names = cfg.kafka.topics
-        built = []
-        build = stages.build
-        with mock.patch.object(stages, "build", lambda *a: built.append(build(*a)) or built[-1]):
-            self.app = stages.make_app(cfg, stage)
-        [self.chain] = built
+        self.app = stages.make_app(cfg, stage)
         self.sent: list[tuple[str, bytes, bytes]] = []
         # The table's changelog records (key, value at the time of sending): a host's
         # snapshot keyed by its id, a delta by a list (processors/changelog.py).
@@ -189,12 +185,8 @@ class Shell:
         return self.app.tables["host-state"][host]
 
     def silent_long(self, host: str) -> None:
-        """``host`` sent its last batch far longer ago than its TTL, and the worker has
-        held it since then (a host the worker took over has the whole TTL again)."""
+        """``host`` sent its last batch far longer ago than its TTL."""
         self.table(host)["aggregate"]["last_ms"] = 0
-        for stage in self.chain.stages:
-            if isinstance(stage, aggregate_core.Aggregate):
-                stage.held_since[host] = 0
 
     def states(self) -> list[tuple[str, dict]]:
         """At each changelog record, its host's value as a worker would recover it
@@ -508,37 +500,6 @@ async def test_a_batch_taken_while_silent_hosts_are_forgotten_keeps_its_host(tmp
         assert dropped == ["h2" if back == "h1" else "h1"]
         assert shell.table(back)["aggregate"]["series"] == {
             '["file_created_total", [["directory", "/data/x"]]]': 2.0
-        }
-
-
-async def test_a_worker_taking_hosts_over_after_their_ttl_keeps_them_and_their_batches_read_again_duplicates(
-    tmp_path,
-):
-    """A worker takes a partition over (a restart, a rebalance) more than
-    host_ttl_seconds after the last batch its hosts' state counted, say after a long
-    outage, their batches since still to be read. Its first window forgot every such
-    host as silent: live hosts marked stale, and the state that said which batches were
-    counted gone, so the batches read again from the last committed offset were counted
-    twice. A host the worker takes over has the whole TTL again, from then."""
-    aggregate = config.AggregateConfig(window_seconds=0.05, host_ttl_seconds=60)
-    async with Shell(tmp_path, "aggregate", aggregate=aggregate) as shell:
-        app = shell.ready()
-        b0 = batch(0, [file_created(1, "/data/x/f")])
-        await shell.put(b0)  # counted; its offset not yet committed
-        shell.table("h1")["aggregate"]["last_ms"] -= 2 * 3600 * 1000  # counted 2 h ago
-        [stage] = [s for s in shell.chain.stages if isinstance(s, aggregate_core.Aggregate)]
-        stage.held_since.clear()  # (a worker that takes the host over has no memory of it)
-        stage.emitted.clear()
-        async with windows_running(app):
-            await until(lambda: shell.to(METRICS_TOPIC))
-        snaps = [decode_snapshot(v) for v in shell.to(METRICS_TOPIC)]
-        assert snaps and not any(s.stale for s in snaps)
-        assert "aggregate" in shell.table("h1")
-        duplicates = metric(DUPLICATES, "aggregate")
-        await shell.put(b0)  # read again from the last committed offset
-        assert metric(DUPLICATES, "aggregate") == duplicates + 1
-        assert shell.table("h1")["aggregate"]["series"] == {
-            '["file_created_total", [["directory", "/data/x"]]]': 1.0
         }
 
 
