@@ -253,19 +253,25 @@ class Spool:
         self._ack_fd: int | None = None  # opened at the first write (_write_ack)
         on_disk = self._segments()
         sizes = {}
+        unreachable: dict[int, OSError] = {}
         for seg in on_disk:
             try:
                 sizes[seg] = self._path(seg).stat().st_size
             except OSError as err:
                 if err.errno not in MEDIA_ERRORS:
                     raise
-                self._set_aside_at_start(seg, err)
+                unreachable[seg] = err
         self._ack = self._checked(self._ack, sizes)
         # Forget segments wholly before the acknowledged cursor (a crash between ack and delete).
         for s in list(sizes):
             if s < self._ack.segment:
                 self._unlink(s)
                 del sizes[s]
+        for seg, refused in unreachable.items():
+            if seg < self._ack.segment:
+                self._unlink(seg)  # (acknowledged whole: nothing in it is lost)
+            else:
+                self._set_aside_at_start(seg, refused)
         segs = list(sizes)
         # Always a fresh segment for writing: never append after a possibly torn tail.
         # And never one the cursor read from disk points into, even with the segments
@@ -920,8 +926,9 @@ class Spool:
             self.dropped_batches += batches
             self.dropped_events += events
             log.error(
-                "spool full before this start: %d batches (%d events) it dropped while they were "
-                "being sent were not acknowledged before the agent stopped: lost",
+                "before this start, %d batches (%d events) left the spool while they were being sent "
+                "(a full spool dropped them, or their segment was unreadable) and were not "
+                "acknowledged before the agent stopped: lost",
                 batches, events,
             )  # fmt: skip
         with contextlib.suppress(OSError):
@@ -930,8 +937,9 @@ class Spool:
     def close(self) -> None:
         if self._dropped_in_flight:
             log.error(
-                "spool full earlier: %d batches it dropped while they were being sent are not "
-                "acknowledged; the next start counts them as lost",
+                "%d batches that left the spool while they were being sent (a full spool dropped "
+                "them, or their segment was unreadable) are not acknowledged; the next start "
+                "counts them as lost",
                 len(self._dropped_in_flight),
             )
         if self._ack != self._ack_on_disk:

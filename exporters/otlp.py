@@ -262,7 +262,7 @@ def _to_metrics(
     of them (resource by resource, metric by metric, point by point). A series' points
     stay in one metric in the order of the rows: a stale snapshot's end of a series
     comes before a later snapshot's restart of it, as the series' points were sent."""
-    # host.id -> (name, type, unit, stale) -> points
+    # host.id -> (name, type, unit) -> (points, whether each is a stale snapshot's)
     hosts: dict[Any, dict[tuple[str, str, str], tuple[list[Any], list[bool]]]] = {}
     for ts_ms, (name, typ, labels, value), *stale in rows:
         # (a label of an empty name, which the wire's maps take and OTLP does not as a key,

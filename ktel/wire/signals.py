@@ -99,7 +99,7 @@ SAMPLE_BYTES = 32
 # count, so a record of 771 KB (3 histograms of 257 buckets, 64 labels of 4,000
 # characters) made 200 MB of series, 600 MB of an exporter's memory to encode or serve.
 # The aggregate's snapshot of a host holds at most the series' half of
-# process.max_state_bytes (at most 1,000,000) of names and labels, which a histogram's 40
+# process.max_state_bytes (at most 990,000) of names and labels, which a histogram's 40
 # buckets, sum and count repeat 42 times: with the record itself, at most about 22 MB
 # (tests/unit/test_untrusted_snapshots.py measures it at that bound, with the longest
 # labels a probe or kernel code gives). Receivers take requests of that order:

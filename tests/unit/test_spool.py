@@ -939,6 +939,29 @@ def test_a_segment_whose_inode_the_disk_refuses_is_set_aside_at_start_and_the_re
     assert read_back(tmp_path) == [payload(i) for i in (0, 1, 4, 5)]
 
 
+def test_an_acknowledged_segment_whose_inode_the_disk_refuses_is_deleted_not_set_aside(tmp_path, monkeypatch):
+    """The agent stopped after its cursor crossed into segment 2 and before it deleted the
+    segments before it; at the start the disk refuses segment 0's inode. Kafka has every
+    batch of it: it is deleted, not kept aside as a segment of batches not sent."""
+    sp = Spool(tmp_path, segment_bytes=250)  # (2 records of 116 bytes a segment)
+    for i in range(6):
+        assert sp.append(payload(i), n_events=1)
+    sp.close()
+    (tmp_path / "ack").write_text("2 0".ljust(spool_mod.ACK_BYTES - 1) + "\n")  # (0 and 1 acknowledged)
+    bad = tmp_path / "0000000000000000.seg"
+    stat = Path.stat
+
+    def refused(path, *args, **kwargs):
+        if path == bad:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+        return stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", refused)
+    with contextlib.closing(Spool(tmp_path)) as again:
+        assert read_all(again) == [payload(4), payload(5)]
+    assert not os.path.exists(bad) and not os.path.exists(str(bad) + ".unreadable")
+
+
 @pytest.mark.parametrize("code", [errno.EMFILE, errno.ENOMEM, errno.EACCES])
 def test_a_read_error_of_the_agent_not_the_disk_is_raised_and_sets_nothing_aside(tmp_path, monkeypatch, code):
     """Out of file descriptors or memory, or a permission changed, is the agent's state, not
