@@ -587,6 +587,11 @@ def options(cfg: Config, args: Any, now_ns: int | None = None) -> Options:
     margin_ns = parse_duration(args.margin)
     if args.to_topic is None and args.to_bootstrap is not None:
         raise ReplayError("--to-bootstrap needs --to-topic")
+    if args.to_bootstrap is not None:
+        try:
+            KafkaConfig._hostports(args.to_bootstrap)  # (kafka.bootstrap's own check)
+        except ValueError as err:
+            raise ReplayError(f"--to-bootstrap {args.to_bootstrap!r:.200}: {err}") from None
     to_bootstrap = args.to_bootstrap or cfg.kafka.bootstrap
     spec = None
     if args.to_topic is not None:

@@ -50,7 +50,7 @@ from rich.text import Text
 
 from ktel.config import Config
 from ktel.kafka_client import Kafka, client_kwargs, explain, settings
-from ktel.retry import retry
+from ktel.retry import Permanent, retry
 from ktel.wire import Heartbeat, WireError, decode_heartbeat
 
 log = logging.getLogger("ktel.status")
@@ -327,7 +327,11 @@ async def _heartbeats(
     order, those of the partition of its latest record (by timestamp) last."""
     parts = await _partitions(admin, [topic])
     if not parts:
-        return {}
+        # (reported as no hosts, every one fresh: a check of `ktel status` would never fire)
+        raise NoTopic(
+            f"topic {topic} is not on this Kafka, or this principal may not describe it: check "
+            "kafka.bootstrap and kafka.prefix, and grant the status role with `ktel acls`"
+        )
     consumer.assign(parts)
     ends = await consumer.end_offsets(parts)
     # A --since past the epoch (an operator's "all of it") reads from the first record:
@@ -523,6 +527,11 @@ class Unreadable(Exception):
     """Kafka gave no status within --timeout; ``args[0]``: the last failure, if any."""
 
 
+class NoTopic(Permanent):
+    """The heartbeats topic cannot be seen (a wrong cluster or prefix, or no Describe on
+    it): waiting would not change it."""
+
+
 async def _once(cfg: Config, args: argparse.Namespace, stale_after_s: float) -> dict[str, Any]:
     hosts = set(args.host) if args.host else None
     failures: list[BaseException] = []
@@ -537,6 +546,8 @@ async def _once(cfg: Config, args: argparse.Namespace, stale_after_s: float) -> 
             )
     except TimeoutError:
         raise Unreadable(failures[-1] if failures else None) from None
+    except NoTopic as err:
+        raise Unreadable(err) from None
     # Ages as of when the heartbeats were read, not as of the start of a read that may
     # have taken seconds (a fleet's 900 s of heartbeats, retries while a broker restarts),
     # which made them look that much younger.
@@ -619,6 +630,8 @@ def main(cfg: Config, args: argparse.Namespace) -> int:
         last = err.args[0]
         if last is None:
             why = f"Kafka at {cfg.kafka.bootstrap} gave no answer within {args.timeout:g}s (--timeout)"
+        elif isinstance(last, NoTopic):
+            why = f"Kafka at {cfg.kafka.bootstrap}: {last}"
         else:
             why = asyncio.run(explain(last, cfg.kafka))
         log.error("ktel status: %s", why)  # a log line: JSON too with service.log_format = "json"

@@ -574,6 +574,17 @@ def test_every_ktel_topic_and_the_source_are_protected_on_the_cluster_replay_rea
         replay.options(CFG, args(to_bootstrap="scratch:9092"), now_ns=NOW)
 
 
+@pytest.mark.parametrize(
+    ("bootstrap", "why"),
+    [("scratch:9o92", "is not host:port"), ("PLAINTEXT://scratch:9092", "without a scheme")],
+)
+def test_a_to_bootstrap_that_is_not_host_port_is_refused_before_any_client_is_made(bootstrap, why):
+    """As kafka.bootstrap is: a typo in the port was a traceback from the client, a
+    listener's URL a bootstrap that never connected."""
+    with pytest.raises(ReplayError, match=f"--to-bootstrap '{re.escape(bootstrap)}': .*{why}"):
+        replay.options(CFG, args(to_topic="incident-42", to_bootstrap=bootstrap), now_ns=NOW)
+
+
 def test_relative_times_on_the_command_line_are_values_not_options():
     assert cli._relative_times(["replay", "--from", "-15m", "--to", "-1.5h", "--host", "-x"]) == [
         "replay",

@@ -336,6 +336,25 @@ def test_a_since_reaching_past_the_epoch_reads_every_heartbeat():
     assert consumer.asked == [0, 0, 0]
 
 
+def test_a_heartbeats_topic_it_cannot_see_is_an_error_not_a_fleet_of_no_host(monkeypatch, caplog):
+    """A wrong kafka.prefix or cluster, or a principal that may not describe the topic:
+    `ktel status` said "hosts: 0", every host fresh, exit 0, and a check of it never
+    fired. It says why and exits 2, without waiting out --timeout."""
+    with pytest.raises(status.NoTopic, match="ktel.heartbeats is not on this Kafka"):
+        asyncio.run(status._heartbeats(_HeartbeatsConsumer(), _Admin(), "ktel.heartbeats", since_s=900))
+    tries = []
+
+    async def unseen(_kafka, _since_s, _hosts=None):
+        tries.append(1)
+        raise status.NoTopic("topic ktel.heartbeats is not on this Kafka")
+
+    monkeypatch.setattr(status, "read", unseen)
+    args = argparse.Namespace(watch=None, json=False, timeout=30.0, stale_after=60.0, since=900.0, host=None)
+    assert status.main(config.Config(), args) == status.EXIT_UNREADABLE
+    assert tries == [1]
+    assert "ktel.heartbeats is not on this Kafka" in caplog.text
+
+
 def test_a_duration_option_is_a_finite_number_above_0():
     from ktel import cli
 
