@@ -40,6 +40,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
 from opentelemetry.semconv._incubating.attributes.host_attributes import HOST_ID, HOST_NAME
 from opentelemetry.semconv._incubating.attributes.os_attributes import OS_VERSION
 from rich.console import Console
@@ -302,7 +303,7 @@ async def read(kafka: Kafka, since_s: float, hosts: set[str] | None = None) -> R
         names = settings(kafka).topics
         heartbeats, bad = newest(await _heartbeats(consumer, admin, names.heartbeats, since_s), hosts)
         # The groups of this pipeline: <prefix>ktel-<stage> and <prefix>ktel-export-<exporter>.
-        return Read(heartbeats, bad, await _groups(consumer, admin, names.group("")))
+        return Read(heartbeats, bad, await _groups(consumer, admin, names.group(""), names.topic("")))
     finally:
         await consumer.stop()
         await admin.close()
@@ -397,11 +398,16 @@ async def _ends_moved_back(
             ends[tp] = now[tp]
 
 
-async def _groups(consumer: AIOKafkaConsumer, admin: AIOKafkaAdminClient, prefix: str) -> list[Group]:
+async def _groups(
+    consumer: AIOKafkaConsumer, admin: AIOKafkaAdminClient, prefix: str, ours: str = "ktel."
+) -> list[Group]:
+    """The groups named ``prefix``..., each with its lag on the topics it has committed in
+    and the pipeline's topics (named ``ours``...) its members are assigned."""
     ids = sorted(g[0] for g in await admin.list_consumer_groups() if g[0].startswith(prefix))
     if not ids:
         return []
     described = {}
+    assigned: dict[str, set[str]] = {}
     for group in ids:
         # One group per request: aiokafka 0.14 decodes a DescribeGroups v3 answer with
         # the v2 layout, which lacks each group's authorized_operations, so every group
@@ -410,6 +416,7 @@ async def _groups(consumer: AIOKafkaConsumer, admin: AIOKafkaAdminClient, prefix
         for resp in await admin.describe_consumer_groups([group]):
             for g in resp.to_object()["groups"]:
                 described[g["group"]] = (g["state"], len(g["members"]))
+                assigned[g["group"]] = _assigned_topics(g["members"], ours)
     commits = {
         group: {
             tp: meta.offset
@@ -422,12 +429,17 @@ async def _groups(consumer: AIOKafkaConsumer, admin: AIOKafkaAdminClient, prefix
     # a partition they have not committed in from its beginning ("earliest"): one they
     # have committed in no record of yet (one the topic gained, one the group has not
     # reached a commit in) holds all its records as lag, not none.
-    consumed = sorted({tp.topic for committed in commits.values() for tp in committed})
+    # A group that has never committed (an exporter whose backend was down since it was
+    # deployed, a worker failing on its first record) has its whole backlog as lag: the
+    # topics its members are assigned say what it reads.
+    consumed = sorted(
+        {tp.topic for committed in commits.values() for tp in committed}.union(*assigned.values())
+    )
     partitions = await _partitions(admin, consumed) if consumed else []
     out: list[Group] = []
     for group in ids:
         committed = commits[group]
-        topics = {tp.topic for tp in committed}
+        topics = {tp.topic for tp in committed} | assigned.get(group, set())
         parts = sorted({*committed, *(tp for tp in partitions if tp.topic in topics)})
         uncommitted = [tp for tp in parts if tp not in committed]
         starts = await consumer.beginning_offsets(uncommitted) if uncommitted else {}
@@ -436,6 +448,20 @@ async def _groups(consumer: AIOKafkaConsumer, admin: AIOKafkaAdminClient, prefix
         offsets = {tp: (committed[tp] if tp in committed else starts[tp], ends[tp]) for tp in parts}
         out.append((group, state, members, offsets))
     return out
+
+
+def _assigned_topics(members: list[dict[str, Any]], ours: str) -> set[str]:
+    """The topics named ``ours``... a group's members are assigned (not a Faust worker's
+    changelogs, which its group never commits in). An assignment that does not decode (a
+    client of another protocol in the group) names none."""
+    topics: set[str] = set()
+    for member in members:
+        try:
+            assignment = ConsumerProtocolMemberAssignment.decode(member.get("member_assignment") or b"")
+        except Exception:  # noqa: BLE001  (any way a stranger's bytes fail to decode)
+            continue
+        topics.update(t for t, _ in assignment.assignment if isinstance(t, str) and t.startswith(ours))
+    return topics
 
 
 def _age(seconds: float) -> str:

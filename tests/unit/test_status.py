@@ -287,6 +287,37 @@ def test_a_partition_the_group_has_not_committed_in_lags_by_all_its_records():
     assert row["group"] == "ktel-all" and row["members"] == 1
 
 
+def test_a_group_that_never_committed_lags_by_the_backlog_of_the_topics_it_is_assigned():
+    """An exporter whose backend has been down since it was deployed commits nothing: its
+    lag came only from its commits, so it showed 0 while its backlog grew. Its members'
+    assignment names what it reads (a Faust worker's changelog, which its group never
+    commits in, is not its lag; a member whose assignment does not decode names none)."""
+    from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
+
+    assignment = ConsumerProtocolMemberAssignment(
+        0, [("ktel.metrics", [0, 1]), ("ktel-export-otlp-changelog", [0])], b""
+    ).encode()
+
+    class Described(_Described):
+        def to_object(self):
+            members = [{"member_assignment": assignment}, {"member_assignment": b"\xff"}]
+            return {"groups": [{"group": self.group, "state": "Stable", "members": members}]}
+
+    class Admin(_Admin):
+        async def list_consumer_groups(self):
+            return [("ktel-export-otlp", "consumer")]
+
+        async def describe_consumer_groups(self, groups):
+            return [Described(g) for g in groups]
+
+        async def list_consumer_group_offsets(self, group):
+            return {}
+
+    [group] = asyncio.run(status._groups(_Consumer(), Admin(), "ktel-"))
+    row = status.group_row(*group)
+    assert row["lag_by_topic"] == {"ktel.metrics": 12 + 12} and row["lag"] == 24
+
+
 def test_ages_are_as_of_when_the_heartbeats_were_read(monkeypatch):
     """A read that takes a while (retries while a broker restarts, a large fleet's
     heartbeats) does not make the hosts look younger by its duration."""
