@@ -76,7 +76,7 @@ from typing import Any, TextIO
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordListTooLargeError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from opentelemetry.semconv._incubating.attributes.host_attributes import HOST_ID
 from opentelemetry.semconv._incubating.attributes.messaging_attributes import MESSAGING_KAFKA_MESSAGE_KEY
 
@@ -407,8 +407,7 @@ async def replay(
         if opts.to_topic
         else None
     )
-    # Each batch re-published: its acknowledgement, and what names it if Kafka refuses it.
-    in_flight: list[tuple[asyncio.Future[Any], str]] = []
+    in_flight: list[asyncio.Future[Any]] = []
 
     def shown(what: str) -> None:
         """Report a record replay cannot use or a batch not re-published (the first few)."""
@@ -456,8 +455,6 @@ async def replay(
             # Same key (same host, same partitioning) and same timestamp, so the new
             # topic can itself be replayed by time.
             value = encode_batch(kept)
-            size = len(value) + len(rec.key or b"")
-            where = f"{tp.topic}[{tp.partition}]@{rec.offset}: not re-published to {opts.to_topic}"
             try:
                 fut = await out.send(opts.to_topic, value, key=rec.key, timestamp_ms=rec.timestamp)
             except MessageSizeTooLargeError:
@@ -466,14 +463,16 @@ async def replay(
                 # back larger than it came: numbers sent as 32-bit floats take 64 bits)
                 # must not end the replay of the window.
                 summary.not_republished += 1
+                size = len(value) + len(rec.key or b"")
                 shown(
-                    f"{where}: its key and batch take {size} bytes and Kafka's framing, more than "
-                    f"the {REPUBLISH_MAX_BYTES} a record replay writes may"
+                    f"{tp.topic}[{tp.partition}]@{rec.offset}: not re-published to {opts.to_topic}: "
+                    f"its key and batch take {size} bytes and Kafka's framing, more than the "
+                    f"{REPUBLISH_MAX_BYTES} a record replay writes may"
                 )
                 return
-            in_flight.append((fut, f"{where}: Kafka refused its {size} bytes as too large for the topic"))
+            in_flight.append(fut)
             if len(in_flight) >= MAX_IN_FLIGHT:
-                await _settle(in_flight, summary, shown)
+                await _settle(in_flight, summary)
 
     # Every client made is stopped, also one whose start failed or never came: aiokafka
     # warns of any left unstopped, and one whose start failed may have its metadata task
@@ -506,7 +505,7 @@ async def replay(
         # What was re-published is acknowledged before the summary counts it, also when
         # the read failed or Kafka midway (a dead letter's send, a batch re-published):
         # the batches sent before it are written all the same.
-        await _settle(in_flight, summary, shown)
+        await _settle(in_flight, summary)
         if read_error is not None:
             raise read_error
     except KafkaError as err:
@@ -514,7 +513,7 @@ async def replay(
     except topic_window.ReadError as err:
         raise ReplayError(str(err)) from None
     finally:
-        for f, _ in in_flight:
+        for f in in_flight:
             f.cancel()
         for client in reversed(clients):
             await client.stop()
@@ -561,31 +560,14 @@ async def _refuse_the_live_cluster(
         )
 
 
-# What the broker answers a record past the topic's max.message.bytes (1 MiB by
-# default, below what aiokafka lets replay send).
-TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError)
-
-
-async def _settle(
-    in_flight: list[tuple[asyncio.Future[Any], str]], summary: Summary, shown: Callable[[str], None]
-) -> None:
+async def _settle(in_flight: list[asyncio.Future[Any]], summary: Summary) -> None:
     """Wait for the re-published batches' acknowledgements and count those Kafka gave
-    (``summary.republished``) and those it refused as too large (``not_republished``,
-    each ``shown``: the replay goes on, as for one aiokafka refuses), then raise the
-    first other failure: the others are written all the same, and the summary printed
-    after the error counts them."""
-    results = await asyncio.gather(*(f for f, _ in in_flight), return_exceptions=True)
-    named = [why for _, why in in_flight]
+    (``summary.republished``), then raise the first failure: the others are written all
+    the same, and the summary printed after the error counts them."""
+    results = await asyncio.gather(*in_flight, return_exceptions=True)
     in_flight.clear()
-    failed = []
-    for result, why in zip(results, named, strict=True):
-        if isinstance(result, TOO_LARGE):
-            summary.not_republished += 1
-            shown(why)
-        elif isinstance(result, BaseException):
-            failed.append(result)
-        else:
-            summary.republished += 1
+    failed = [r for r in results if isinstance(r, BaseException)]
+    summary.republished += len(results) - len(failed)
     if failed:
         raise failed[0]
 

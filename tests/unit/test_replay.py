@@ -417,44 +417,6 @@ async def test_a_batch_too_large_to_re_publish_is_reported_and_the_others_re_pub
     assert "re-published 2 batches to incident-42; not re-published 1 too large" in summary.line(opts)
 
 
-async def test_a_batch_the_broker_refuses_as_too_large_is_reported_and_the_rest_re_published(monkeypatch):
-    """The broker's limit on the topic (max.message.bytes, 1 MiB by default) is below what
-    aiokafka lets replay send: a batch between the two is refused on its acknowledgement,
-    which ended the replay ("Kafka failed") and left the rest of the window unwritten.
-    It is counted and named as one aiokafka refuses, and the replay goes on."""
-    sent = []
-
-    class Producer(IdleClient):
-        """aiokafka's producer as far as replay uses it, on a broker that refuses the
-        large batch."""
-
-        def __init__(self, **kw):
-            pass
-
-        async def send(self, topic, value, key=None, timestamp_ms=None):
-            done = asyncio.get_running_loop().create_future()
-            if len(value) > len(small):
-                done.set_exception(MessageSizeTooLargeError())
-            else:
-                sent.append((topic, key))
-                done.set_result(None)
-            return done
-
-    monkeypatch.setattr(replay, "AIOKafkaProducer", Producer)
-    monkeypatch.setattr(replay, "MAX_IN_FLIGHT", 1)  # (settled after each send)
-    small = encode_batch(batch([created(NOW)]))
-    large = encode_batch(batch([created(NOW, f"/{i}") for i in range(100)]))
-    records = [(b"host-a", small), (b"host-a", large), (b"host-a", small)]
-    opts = dataclasses.replace(OPTS, to_topic="incident-42", jsonl=False)
-    _, reports, summary = await replay_of(records, monkeypatch, opts)
-    assert sent == [("incident-42", b"host-a")] * 2
-    assert (summary.batches, summary.republished, summary.not_republished) == (3, 2, 1)
-    assert reports == [
-        f"ktel replay: {RAW_TOPIC}[0]@1: not re-published to incident-42: Kafka refused its "
-        f"{len(large) + 6} bytes as too large for the topic"
-    ]
-
-
 def test_a_read_that_fails_midway_prints_the_summary_of_what_it_did_then_the_error(monkeypatch):
     """A partition whose end moved back, or a Kafka gone midway, ends the read once the
     rest is read: what was read and written before it is told, as at a window's end."""
