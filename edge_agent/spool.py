@@ -66,8 +66,9 @@ of a segment a full spool drops are (below). A full spool drops its oldest segme
 if the disk refuses to read the rest of it: counting what it reads, and the bytes past
 that as unreadable (refusing every new batch instead would lose far more). A start
 that the disk does not let look at a segment at all (its inode refused) sets it aside
-the same way, logged with its size unknown, and takes an ack file it refuses for none:
-raised, they stopped the agent at every start.
+the same way, logged with its size unknown (or deletes it, if the cursor, checked
+against the segments it can read, is past it), and takes an ack file it refuses for
+none: raised, they stopped the agent at every start.
 
 Disk errors: a record the disk refuses (ENOSPC, EIO) is cut back off its
 segment and ``append`` raises, so the caller counts the batch as lost; the
@@ -261,6 +262,8 @@ class Spool:
                 if err.errno not in MEDIA_ERRORS:
                     raise
                 unreachable[seg] = err
+        # (a cursor is checked against the segments it can be: none, it is taken as it is)
+        checked = bool(sizes)
         self._ack = self._checked(self._ack, sizes)
         # Forget segments wholly before the acknowledged cursor (a crash between ack and delete).
         for s in list(sizes):
@@ -268,7 +271,7 @@ class Spool:
                 self._unlink(s)
                 del sizes[s]
         for seg, refused in unreachable.items():
-            if seg < self._ack.segment:
+            if checked and seg < self._ack.segment:
                 self._unlink(seg)  # (acknowledged whole: nothing in it is lost)
             else:
                 self._set_aside_at_start(seg, refused)

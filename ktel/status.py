@@ -41,6 +41,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
+from aiokafka.errors import KafkaError
 from opentelemetry.semconv._incubating.attributes.host_attributes import HOST_ID, HOST_NAME
 from opentelemetry.semconv._incubating.attributes.os_attributes import OS_VERSION
 from rich.console import Console
@@ -328,7 +329,11 @@ async def _heartbeats(
     order, those of the partition of its latest record (by timestamp) last."""
     parts = await _partitions(admin, [topic])
     if not parts:
-        # (reported as no hosts, every one fresh: a check of `ktel status` would never fire)
+        if any(t["topic"] == topic for t in await admin.describe_topics()):
+            # (listed with an error: a leader moving, the topic being made; asked again)
+            raise KafkaError(f"topic {topic} has no partition to read yet")
+        # Not listed: reported as no hosts, every one fresh, a check of `ktel status`
+        # would never fire. (A principal sees only the topics it may describe.)
         raise NoTopic(
             f"topic {topic} is not on this Kafka, or this principal may not describe it: check "
             "kafka.bootstrap and kafka.prefix, and grant the status role with `ktel acls`"

@@ -615,17 +615,20 @@ def make_app(cfg: Config, stage: str) -> faust.App:
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     def count_hosts_again(_app: Any, assigned: Any = (), *_: Any, signal: Any, **_kwargs: Any) -> None:
         cap.recount()  # (the new partitions' hosts, once recovered, are this worker's)
-        now = {tp.partition for tp in assigned if tp.topic == source_name}
-        gone = assigned_before - now
+        held = {tp.partition for tp in assigned if tp.topic == source_name}
+        gone = assigned_before - held
         lost.update(gone)
         assigned_before.clear()
-        assigned_before.update(now)
-        # A host of a partition another worker had may have been heard from there (a
-        # heartbeat that changes nothing writes no changelog record): if the partition
-        # comes back, the host has the whole delay again, as one found missing has.
+        assigned_before.update(held)
+        # A host of a partition another worker has may be heard from there (a heartbeat
+        # that changes nothing writes no changelog record): if the partition comes back,
+        # the host has the whole delay again. (Timed anew, not taken out: the next check
+        # of silent hosts forgets what the chain keeps of the hosts no longer this
+        # worker's, by those it finds here.)
         n = cfg.kafka.raw_partitions
+        now = time.monotonic()
         for host_id in [h for h in last_seen if partition_of(h, n) in gone]:
-            del last_seen[host_id]
+            last_seen[host_id] = now
 
     def held_hosts() -> Any:
         """The hosts this worker holds: those of its partitions in the table, or, for a

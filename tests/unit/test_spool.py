@@ -962,6 +962,32 @@ def test_an_acknowledged_segment_whose_inode_the_disk_refuses_is_deleted_not_set
     assert not os.path.exists(bad) and not os.path.exists(str(bad) + ".unreadable")
 
 
+def test_segments_whose_inodes_the_disk_refuses_are_not_deleted_on_a_cursor_nothing_checked(
+    tmp_path, monkeypatch
+):
+    """Every segment's inode refused and the ack file damaged past them: with no segment
+    to check the cursor against, it says nothing about them, and they are set aside,
+    not deleted as acknowledged."""
+    sp = Spool(tmp_path, segment_bytes=250)  # (2 records of 116 bytes a segment)
+    for i in range(4):
+        assert sp.append(payload(i), n_events=1)
+    sp.close()
+    (tmp_path / "ack").write_text("999 0".ljust(spool_mod.ACK_BYTES - 1) + "\n")
+    stat = Path.stat
+
+    def refused(path, *args, **kwargs):
+        if path.suffix == ".seg":
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+        return stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", refused)
+    Spool(tmp_path).close()
+    assert sorted(p.name for p in tmp_path.glob("*.unreadable")) == [
+        "0000000000000000.seg.unreadable",
+        "0000000000000001.seg.unreadable",
+    ]
+
+
 @pytest.mark.parametrize("code", [errno.EMFILE, errno.ENOMEM, errno.EACCES])
 def test_a_read_error_of_the_agent_not_the_disk_is_raised_and_sets_nothing_aside(tmp_path, monkeypatch, code):
     """Out of file descriptors or memory, or a permission changed, is the agent's state, not

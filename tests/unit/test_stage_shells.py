@@ -1195,6 +1195,25 @@ async def test_a_host_whose_partition_was_another_workers_meanwhile_has_the_whol
         assert "aggregate" in shell.table("h1")
 
 
+async def test_what_the_chain_keeps_of_a_host_whose_partition_went_elsewhere_is_forgotten(tmp_path):
+    """A host's partition assigned to another worker: the next check of silent hosts
+    forgets what this worker's chain keeps of it (the processes the enrich stage knows),
+    whatever the assignment's signal did with its time."""
+    async with Shell(tmp_path, "all") as shell:
+        app = shell.ready()
+        await shell.put(batch(0, [exec_event(10, "web", "/bin/web")]))
+        known = metric("ktel_processor_processes_known", "all")
+        assigned = app.assignor.assigned_actives()
+        gone = stages.partition_of("h1", RESOLVED.raw_partitions)
+        await app.on_partitions_assigned.send(set(assigned))
+        elsewhere = {tp for tp in assigned if tp.partition != gone}
+        app.assignor.assigned_actives = lambda: elsewhere
+        await app.on_partitions_assigned.send(elsewhere)
+        timer = next(t for t in app._app_tasks if t.__name__ == "forget_silent")
+        await inspect.unwrap(timer)()  # (the timer's one run)
+        assert metric("ktel_processor_processes_known", "all") == known - 1
+
+
 def revoke(app: Any, host: str, revocation: str) -> None:
     """As Faust has it while a window waits: a rebalance under way, or one that began
     (counted as it began) and ended since with ``host``'s partition another worker's."""

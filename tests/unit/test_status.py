@@ -13,6 +13,7 @@ import sys
 import jsonschema
 import pytest
 from aiokafka import TopicPartition
+from aiokafka.errors import KafkaError
 from rich.console import Console
 
 from ktel import config, status
@@ -373,6 +374,14 @@ def test_a_heartbeats_topic_it_cannot_see_is_an_error_not_a_fleet_of_no_host(mon
     fired. It says why and exits 2, without waiting out --timeout."""
     with pytest.raises(status.NoTopic, match="ktel.heartbeats is not on this Kafka"):
         asyncio.run(status._heartbeats(_HeartbeatsConsumer(), _Admin(), "ktel.heartbeats", since_s=900))
+
+    class Leaderless(_Admin):
+        async def describe_topics(self):
+            return [{"topic": "ktel.heartbeats", "error_code": 5, "partitions": []}]  # (being made)
+
+    with pytest.raises(KafkaError) as listed:  # (asked again until --timeout)
+        asyncio.run(status._heartbeats(_HeartbeatsConsumer(), Leaderless(), "ktel.heartbeats", since_s=900))
+    assert not isinstance(listed.value, status.NoTopic)
     tries = []
 
     async def unseen(_kafka, _since_s, _hosts=None):
