@@ -366,17 +366,22 @@ class Spool:
         """A segment the disk does not let a start even look at (its inode refused): set
         aside as ``set_aside`` does a segment it refuses to read, though how much it held
         is not known (logged, not counted in unreadable_bytes)."""
+        log.error(
+            "spool segment %s cannot be reached (%s): set aside, %s; its batches are not sent",
+            self._path(seg), err.strerror or err, self._renamed_aside(seg),
+        )  # fmt: skip
+
+    def _renamed_aside(self, seg: int) -> str:
+        """Rename a segment set aside ``<n>.seg.unreadable``; what became of it, to log."""
         path = self._path(seg)
         aside = path.with_name(path.name + UNREADABLE_SUFFIX)
         try:
             os.rename(path, aside)
-            kept = f"kept as {aside}"
-        except OSError as rename_err:
-            kept = f"left as it is ({rename_err.strerror or rename_err})"
-        log.error(
-            "spool segment %s cannot be reached (%s): set aside, %s; its batches are not sent",
-            path, err.strerror or err, kept,
-        )  # fmt: skip
+        except OSError as err:
+            # Skipped all the same; a restart finds it again (and deletes it if the
+            # acknowledgements passed it meanwhile).
+            return f"left as it is, not renamed to {aside.name} ({err.strerror or err})"
+        return f"kept as {aside}"
 
     def _checked(self, ack: Cursor, sizes: dict[int, int]) -> Cursor:
         """``ack`` if the segments on disk can follow from it, else none (Cursor(0, 0)):
@@ -792,19 +797,11 @@ class Spool:
             self._close_read()
         lost = max(0, self._sizes.pop(seg) - unreadable.offset)
         self.unreadable_bytes += lost
-        path = self._path(seg)
-        aside = path.with_name(path.name + UNREADABLE_SUFFIX)
-        try:
-            os.rename(path, aside)
-            kept = f"kept as {aside}"
-        except OSError as err:
-            # Skipped all the same; a restart finds it again (and deletes it if the
-            # acknowledgements passed it meanwhile).
-            kept = f"left as it is, not renamed to {aside.name} ({err.strerror or err})"
         log.error(
             "spool segment %s cannot be read (%s): set aside, %s; its %d bytes from byte %d are not "
             "sent (ktel_agent_spool_unreadable_bytes_total)",
-            path, unreadable.error.strerror or unreadable.error, kept, lost, unreadable.offset,
+            self._path(seg), unreadable.error.strerror or unreadable.error, self._renamed_aside(seg),
+            lost, unreadable.offset,
         )  # fmt: skip
         # Records of it read before the error are still being sent from memory; a restart
         # could not send them again, the segment being aside: lost unless acknowledged.

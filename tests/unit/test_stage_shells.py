@@ -469,6 +469,15 @@ async def test_a_batch_taken_while_a_window_waits_for_the_changelog_keeps_its_ho
         assert not any(decode_snapshot(v).stale for v in shell.to(METRICS_TOPIC))
 
 
+async def two_hosts_gone_silent(shell: Shell) -> None:
+    """h1 and h2 (on partitions 3 and 0) each send a batch, then nothing for longer than
+    a host_ttl_seconds of 0.1 s and its margin (below the TTL a config may set,
+    MIN_HOST_TTL_SECONDS, so the test waits half a second)."""
+    for host in ("h1", "h2"):
+        await shell.put(batch(0, [file_created(1, "/data/x/f")], host=host), key=host.encode())
+    await asyncio.sleep(0.5)
+
+
 async def test_a_batch_taken_while_silent_hosts_are_forgotten_keeps_its_host(tmp_path):
     """The hosts no record named for a while are forgotten one after the other, each
     with tombstones that may wait for room in the producer. A batch of a host further
@@ -478,9 +487,7 @@ async def test_a_batch_taken_while_silent_hosts_are_forgotten_keeps_its_host(tmp
     aggregate = config.AggregateConfig(window_seconds=0.05).model_copy(update={"host_ttl_seconds": 0.1})
     async with Shell(tmp_path, "aggregate", aggregate=aggregate) as shell:
         app = shell.ready()
-        for host in ("h1", "h2"):
-            await shell.put(batch(0, [file_created(1, "/data/x/f")], host=host), key=host.encode())
-        await asyncio.sleep(0.5)  # both silent past host_ttl_seconds (and its margin)
+        await two_hosts_gone_silent(shell)
         forget, first, dropped = stages.forget, asyncio.Event(), []
 
         async def room_awaited(table: Any, key: str, partitions: int, *args: Any) -> None:
@@ -1184,9 +1191,7 @@ async def test_a_host_whose_partition_was_another_workers_meanwhile_has_the_whol
     aggregate = config.AggregateConfig(window_seconds=0.05).model_copy(update={"host_ttl_seconds": 0.1})
     async with Shell(tmp_path, "aggregate", aggregate=aggregate) as shell:
         app = shell.ready()
-        for host in ("h1", "h2"):  # (on partitions 3 and 0)
-            await shell.put(batch(0, [file_created(1, "/data/x/f")], host=host), key=host.encode())
-        await asyncio.sleep(0.5)  # both silent past host_ttl_seconds (and its margin)
+        await two_hosts_gone_silent(shell)
         await taken_and_given_back(app, stages.partition_of("h1", RESOLVED.raw_partitions))
         timer = next(t for t in app._app_tasks if t.__name__ == "forget_silent")
         await inspect.unwrap(timer)()  # (the timer's one run)
@@ -1325,9 +1330,7 @@ async def test_a_silent_host_left_to_a_revocation_while_another_is_forgotten_is_
     aggregate = config.AggregateConfig(window_seconds=0.05).model_copy(update={"host_ttl_seconds": 0.1})
     async with Shell(tmp_path, "aggregate", aggregate=aggregate) as shell:
         app = shell.ready()
-        for host in ("h1", "h2"):  # (on partitions 3 and 0)
-            await shell.put(batch(0, [file_created(1, "/data/x/f")], host=host), key=host.encode())
-        await asyncio.sleep(0.5)  # both silent past host_ttl_seconds (and its margin)
+        await two_hosts_gone_silent(shell)
         send, dropped = stages.send, []
 
         async def revoked_at_the_first(table: Any, key: bytes, value: bytes | None, *args: Any) -> None:
