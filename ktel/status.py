@@ -51,7 +51,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ktel.config import Config
-from ktel.kafka_client import Kafka, client_kwargs, explain, settings
+from ktel.kafka_client import AUTHORIZATION_ERRORS, Kafka, client_kwargs, explain, settings
 from ktel.retry import Permanent, retry
 from ktel.wire import Heartbeat, WireError, decode_heartbeat
 
@@ -563,6 +563,18 @@ class NoTopic(Permanent):
     it): waiting would not change it."""
 
 
+class Refused(Permanent):
+    """Kafka let the client in and refused it a read (its ACLs): waiting would not change
+    it, and the wait was the whole --timeout before saying so."""
+
+
+async def _read_or_refused(kafka: Kafka, since_s: float, hosts: set[str] | None) -> Read:
+    try:
+        return await read(kafka, since_s, hosts)
+    except AUTHORIZATION_ERRORS as err:
+        raise Refused() from err
+
+
 async def _once(cfg: Config, args: argparse.Namespace, stale_after_s: float) -> dict[str, Any]:
     hosts = set(args.host) if args.host else None
     failures: list[BaseException] = []
@@ -571,7 +583,7 @@ async def _once(cfg: Config, args: argparse.Namespace, stale_after_s: float) -> 
         # should not end a --watch, but a one-shot status must not hang.
         async with asyncio.timeout(args.timeout):
             got = await retry(
-                lambda: read(cfg.kafka, args.since, hosts),
+                lambda: _read_or_refused(cfg.kafka, args.since, hosts),
                 what=f"read the fleet's status from Kafka at {cfg.kafka.bootstrap}",
                 on_retry=failures.append,
             )
@@ -579,6 +591,8 @@ async def _once(cfg: Config, args: argparse.Namespace, stale_after_s: float) -> 
         raise Unreadable(failures[-1] if failures else None) from None
     except NoTopic as err:
         raise Unreadable(err) from None
+    except Refused as err:
+        raise Unreadable(err.__cause__) from None
     # Ages as of when the heartbeats were read, not as of the start of a read that may
     # have taken seconds (a fleet's 900 s of heartbeats, retries while a broker restarts),
     # which made them look that much younger.

@@ -395,6 +395,24 @@ def test_a_heartbeats_topic_it_cannot_see_is_an_error_not_a_fleet_of_no_host(mon
     assert "ktel.heartbeats is not on this Kafka" in caplog.text
 
 
+def test_a_read_its_acls_refuse_is_said_at_once_naming_them(monkeypatch, caplog):
+    """`ktel status` with a principal that may not read the heartbeats (the agent's): the
+    refusal was retried for the whole --timeout, then reported. Asked once, it says so."""
+    from aiokafka.errors import TopicAuthorizationFailedError
+
+    tries = []
+
+    async def refused(_kafka, _since_s, _hosts=None):
+        tries.append(1)
+        raise TopicAuthorizationFailedError("ktel.heartbeats")
+
+    monkeypatch.setattr(status, "read", refused)
+    args = argparse.Namespace(watch=None, json=False, timeout=30.0, stale_after=60.0, since=900.0, host=None)
+    assert status.main(config.Config(), args) == status.EXIT_UNREADABLE
+    assert tries == [1]
+    assert "`ktel acls`" in caplog.text
+
+
 def test_a_duration_option_is_a_finite_number_above_0():
     from ktel import cli
 
