@@ -213,8 +213,8 @@ async def explain(err: BaseException, kafka: Kafka) -> str:
         # (let in, refused what it asked: its password is right, its ACLs are not)
         who = f"SASL user {k.sasl_username!r}" if k.security_protocol.startswith("SASL_") else "this client"
         return (
-            f"Kafka at {k.bootstrap} refused {who} what it asked ({text}): grant its role with "
-            "`ktel acls` (kafka.principals), or run this with the credentials of a role that may"
+            f"Kafka at {k.bootstrap} refused {who} what it asked ({text}): grant its principal "
+            "the role with `ktel acls`, or run this with the credentials of a role that may"
         )
     if isinstance(err, SaslAuthenticationFailed) or (
         k.security_protocol.startswith("SASL_") and "authentication" in text.lower()
