@@ -102,7 +102,7 @@ import logging
 import math
 import zlib
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Sequence, Set
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry.semconv._incubating.attributes.host_attributes import HOST_ID
@@ -238,7 +238,9 @@ class Aggregate(Stage):
         counts.update((f"series_dropped_{why}", n) for why, n in out.dropped.items() if n)
         return Result(batch, changed=True, touched=out.touched, spans=spans, logs=logs, counts=counts)
 
-    def on_window(self, states: dict[str, State], now_ms: int, share: float) -> Result:
+    def on_window(
+        self, states: dict[str, State], now_ms: int, share: float, reading: Set[str] = frozenset()
+    ) -> Result:
         """Each host's snapshot of the series whose value changed since this worker last
         emitted them, and of those it last emitted ``refresh_seconds`` ago or more, so
         that Prometheus does not mark them stale (after 5 minutes without a sample).
@@ -251,14 +253,18 @@ class Aggregate(Stage):
 
         A host silent for ``host_ttl_seconds`` (by the worker's clock, which also stamped
         its last batch) gets a last snapshot of all its series, marked stale, and is
-        forgotten, so dead and forged hosts stop costing anything."""
+        forgotten, so dead and forged hosts stop costing anything; unless it is one of
+        ``reading``: a worker that took the host's partition after an outage longer than
+        the TTL finds every host's last batch older than that, the live ones' since
+        batches still unread, and forgetting them would also forget which batches were
+        counted, so those read again (from the last committed offset) would count twice."""
         out = Result()
         ttl_ms = self.opts.host_ttl_seconds * 1000
         for gone in self.emitted.keys() - states.keys():  # forgotten, or another worker's now
             del self.emitted[gone]
         unchanged = 0
         for host_id, state in states.items():
-            if now_ms - state.get("last_ms", now_ms) > ttl_ms:
+            if now_ms - state.get("last_ms", now_ms) > ttl_ms and host_id not in reading:
                 rows = snapshot(host_id, state)
                 if rows:
                     out.snapshots.append((host_id, MetricSnapshot(now_ms, rows, stale=True)))

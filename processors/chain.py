@@ -15,7 +15,7 @@ chains.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from typing import Any
 
 from ktel.config import Config
@@ -85,13 +85,21 @@ class Chain:
         """The stages with timer work."""
         return [s for s in self.stages if s.window_s is not None]
 
-    def on_window(self, stage: Stage, table: Mapping[str, State], now_ms: int, share: float) -> Result:
-        """``table``: every host's table value (read only: only a stream may write it)."""
+    def on_window(
+        self,
+        stage: Stage,
+        table: Mapping[str, State],
+        now_ms: int,
+        share: float,
+        reading: Set[str] = frozenset(),
+    ) -> Result:
+        """``table``: every host's table value (read only: only a stream may write it);
+        ``reading``: see ``Stage.on_window``."""
         if stage.durable:
             states = {host: value.get(stage.section, {}) for host, value in table.items()}
         else:
             states = self.memory[stage.section]
-        return stage.on_window(states, now_ms, share)
+        return stage.on_window(states, now_ms, share, reading)
 
     def _restorer(self, stage: Stage, host_id: str) -> Callable[[], None]:
         """How to put a non-durable stage's state of the host back as it is now."""

@@ -69,6 +69,7 @@ import bisect
 import dataclasses
 import json
 import logging
+from collections.abc import Set
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -176,7 +177,9 @@ class Enrich(Stage):
         self._known(batch.host_id, out.processes, result)
         return result
 
-    def on_window(self, states: dict[str, State], now_ms: int, share: float) -> Result:
+    def on_window(
+        self, states: dict[str, State], now_ms: int, share: float, reading: Set[str] = frozenset()
+    ) -> Result:
         self.reload_feed()
         return Result()
 

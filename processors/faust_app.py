@@ -48,18 +48,25 @@ and what they made handed to the producer (``App.before_acks``), so Faust commit
 handled records; the list queue is flow controlled and cleared with the
 streams' queues on a rebalance (which drops a list the loop is waiting to put, not the
 loop: ``_put_list``), and Faust's sensors hear of each record as they would from a stream.
+
+At each assignment the worker also notes where each partition of those topics ends
+(``App.backlog``), and so knows when it has read what was there when it took the
+partition: until then, a host of it that sent nothing for a while may have batches
+still unread (the stages' silent hosts, processors/stages.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, cast
 
 import faust
 from aiokafka.consumer import group_coordinator
+from aiokafka.errors import KafkaError
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
@@ -67,6 +74,8 @@ from mode.utils.objects import cached_property
 from mode.utils.queues import FlowControlEvent
 
 from processors.stop import end, undelivered
+
+log = logging.getLogger("ktel.process")
 
 # Fetched lists of the listed topics held before the fetch loop waits (App.take_in_lists).
 LISTS_HELD = 4
@@ -317,7 +326,25 @@ class Consumer(faust_aiokafka.Consumer):
         ]
         if fresh:
             await self._thread.seek_to_beginning(*fresh)
+        await self._note_backlog(committed, fresh)
         return committed
+
+    async def _note_backlog(self, committed: Mapping[TP, int], fresh: list[TP]) -> None:
+        """Note in ``App.backlog`` where each partition of the listed topics ends now,
+        if the worker is to read records before that end."""
+        app = cast(App, self.app)
+        tps = [tp for tp in committed if tp.topic in app.listed]
+        start = {tp: committed[tp] or 0 for tp in tps}
+        try:
+            if fresh_listed := [tp for tp in fresh if tp.topic in app.listed]:
+                start.update(await self.earliest_offsets(*fresh_listed))
+            ends = await self.highwaters(*tps) if tps else {}
+        except KafkaError as err:
+            # (the broker answered the seek a moment ago: rare, and what it costs is the
+            # silent-host check of one worker start, as before there was a backlog to note)
+            log.warning("the partitions' end offsets could not be read (%s): no backlog noted", err)
+            ends = {}
+        app.backlog = {tp: end for tp, end in ends.items() if end > start[tp]}
 
 
 def failed(in_flight: Mapping[asyncio.Future, str]) -> tuple[str, BaseException] | None:
@@ -404,6 +431,10 @@ class App(faust.App):
     # handles one of its records, and the lists' queue.
     listed: dict[str, Callable[[Any], Awaitable[None]]]
     lists: Any = None
+    # Where each partition of the listed topics ended when the worker was last sought to
+    # its committed offsets (at each assignment), for those it had not yet read to there:
+    # a partition leaves it once its record just before that end is handled (``reading``).
+    backlog: dict[TP, int]
     # What runs once the records of a list are handled, before they are acked: the
     # stages send the changelog records they held back until then
     # (processors/stages.py ``OutputsFirst``).
@@ -416,6 +447,7 @@ class App(faust.App):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.listed = {}
+        self.backlog = {}
 
     def take_in_lists(self, topic: Any, handle: Callable[[Any], Awaitable[None]]) -> None:
         """Subscribe to ``topic`` as an agent would (its records acked and committed), the
@@ -458,6 +490,9 @@ class App(faust.App):
             inbound[message.tp] = time.monotonic()
             await handlers[message.topic](message)
             handled.append(message)
+            end_at = self.backlog.get(message.tp) if self.backlog else None
+            if end_at is not None and message.offset + 1 >= end_at:
+                del self.backlog[message.tp]
             if time.monotonic() - yielded > YIELD_S:
                 # The loop's other work (the windows, the producer's sender) between records
                 # of a long list; a stream would have let it run after each.
@@ -470,6 +505,10 @@ class App(faust.App):
         for message in handled:
             consumer.ack(message)
             message_out(message.tp, message.offset, message)
+
+    def reading(self, topic: str) -> set[int]:
+        """The partitions of ``topic`` whose backlog (``backlog``) the worker is still reading."""
+        return {tp.partition for tp in self.backlog if tp.topic == topic}
 
     def _new_transport(self) -> Any:
         return Transport(self.conf.broker_consumer, self)

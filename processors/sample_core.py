@@ -49,7 +49,7 @@ import hashlib
 import operator
 import random
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Set
 from typing import TYPE_CHECKING, Any
 
 from ktel.probes import HISTOGRAM_DELTA, KINDS, PROBE_OF_KIND
@@ -235,7 +235,9 @@ class Sample(Stage):
             undo=[undo],
         )
 
-    def on_window(self, states: dict[str, State], now_ms: int, share: float) -> Result:
+    def on_window(
+        self, states: dict[str, State], now_ms: int, share: float, reading: Set[str] = frozenset()
+    ) -> Result:
         self.sampler.end_window(share=share)
         out = Result()
         opts = self.sampler.opts

@@ -9,12 +9,15 @@ per-host state in a JSON-able dict it is handed, and answers:
 - ``on_batch(state, batch, now_ms)``: one batch of a host, with that host's
   state (mutated in place). The ``Result`` holds the batch it passes on (None:
   dropped, e.g. a duplicate) and what it emits.
-- ``on_window(states, now_ms, share)``: timer work every ``window_s`` seconds,
+- ``on_window(states, now_ms, share, reading)``: timer work every ``window_s`` seconds,
   due on its multiples since the epoch (None: no timer), over every host's state:
   the sample stage closes its rate window and sends fidelity commands, the
   aggregate stage emits its snapshots.
   ``share`` is the fraction of ktel.raw's partitions the worker holds. A
   stage whose state is not durable forgets a host by deleting it from ``states``.
+  ``reading``: the hosts whose partition still holds records that were there when
+  the worker took it (its backlog after a restart or a rebalance): their silence
+  so far says nothing, so none of them is forgotten as silent.
 - ``on_heartbeat(state, heartbeat)``, for a stage with ``heartbeats`` set (enrich):
   a ``Result`` without a batch, ``changed`` if the heartbeat changed the host's state.
 - ``forget(host_id)``: the host left this worker; what the stage keeps of it in
@@ -39,7 +42,7 @@ enrich process count) adds to its ``Result.undo`` how to take its change back.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Set
 from typing import Any, ClassVar, Self
 
 from pydantic import BaseModel
@@ -156,7 +159,9 @@ class Stage:
     def on_batch(self, state: State, batch: RawBatch, now_ms: int) -> Result:
         raise NotImplementedError
 
-    def on_window(self, states: dict[str, State], now_ms: int, share: float) -> Result:
+    def on_window(
+        self, states: dict[str, State], now_ms: int, share: float, reading: Set[str] = frozenset()
+    ) -> Result:
         return Result()
 
     def on_heartbeat(self, state: State, heartbeat: dict[str, Any]) -> Result:

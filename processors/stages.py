@@ -970,7 +970,9 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         # stage without a table windows its own memory: the pass over every host held,
         # taken only if it forgets any.)
         mine = my_hosts(assigned) if timed.durable else {}
-        result = chain.on_window(timed, mine, now_ms, len(assigned) / cfg.kafka.raw_partitions)
+        result = chain.on_window(
+            timed, mine, now_ms, len(assigned) / cfg.kafka.raw_partitions, reading=backlog_hosts(mine)
+        )
         if result.forget and not timed.durable:
             mine = my_hosts(assigned)
         # The hosts it forgets, as it found them: one with a record taken since (while
@@ -1017,6 +1019,16 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             # worker each window (about 10 % of the fused worker at 10,000 hosts).
             cap.recount()
             cap.held()  # (and the gauge follows)
+
+    def backlog_hosts(mine: dict[str, Any]) -> set[str]:
+        """The hosts of ``mine`` whose partition the worker has not yet read up to where it
+        ended when the worker took it (``App.backlog``): silent here, they may have batches
+        in what is still unread."""
+        behind = app.reading(source_name)
+        if not behind:
+            return set()
+        n = cfg.kafka.raw_partitions
+        return {h for h in mine if partition_of(h, n) in behind}
 
     def my_partitions() -> set[int]:
         return {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == source_name}

@@ -26,6 +26,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from prometheus_client.parser import text_string_to_metric_families
 from rocksdict import AccessType, Options, Rdict
 
+from ktel.config import KafkaConfig
 from ktel.stack.proc import free_port
 from ktel.stack.proc import stop as stop_process
 from ktel.topics import TopicSpec, create_topics, topic_partitions
@@ -54,6 +55,7 @@ from ktel.wire import (
 )
 from ktel.wire.codec import SEND_MAX_BYTES, ZSTD_MAGIC, compress
 from processors import changelog
+from processors.stages import partition_of
 from processors.table_store import OFFSET_KEY, WRITTEN_KEY, unframed
 from tests.conftest import need_bpf
 from tests.integration.agent_harness import AgentProcess, committed_offsets, read_topic
@@ -1311,6 +1313,55 @@ def test_a_silent_host_ends_its_series_stale_and_stays_forgotten_after_a_restart
         w.stop()
         if w2:
             w2.stop()
+
+
+def test_a_worker_taking_hosts_over_after_an_outage_past_their_ttl_forgets_none_that_is_alive(
+    private_kafka, tmp_path
+):
+    """Processing down for longer than aggregate.host_ttl_seconds: the worker that takes
+    the partitions over finds every host's last batch older than that, and the batches
+    since still unread. It forgets none of them while it reads what the partition held
+    when it took it: a host that sent meanwhile keeps its series (no stale marker, no
+    restart from 0) and its record of what was counted, so a batch read again counts once."""
+    ttl = {"KTEL_AGGREGATE__HOST_TTL_SECONDS": "10"}
+    partitions = KafkaConfig().raw_partitions
+    counted, later = batches(1, 2, 7)
+    # Records of another host of the same partition before the live host's: re-sent
+    # batches, dropped as duplicates, enough for the worker's first windows to come
+    # before it reads the live host's.
+    same = partition_of("host-00", partitions)
+    other = next(h for h in (f"other-{i}" for i in range(1000)) if partition_of(h, partitions) == same)
+    filler = RawBatch(other, "boot", 0, 1, [])
+    w = Worker(tmp_path, private_kafka.bootstrap, "w", **ttl).start()
+    try:
+        asyncio.run(produce(private_kafka.bootstrap, [(b.key, encode_batch(b)) for b in (counted, filler)]))
+        deadline = time.monotonic() + 120
+        while w.batches_done() < 2:
+            assert time.monotonic() < deadline, "the first batches were not counted"
+            time.sleep(0.2)
+        counted_at = time.monotonic()
+    finally:
+        w.stop()  # (within the TTL: the host is held, with its record of what was counted)
+    backlog = [(filler.key, encode_batch(filler))] * 40_000
+    backlog += [(counted.key, encode_batch(counted)), (later.key, encode_batch(later))]
+    asyncio.run(produce(private_kafka.bootstrap, backlog))
+    time.sleep(max(0.0, counted_at + 11 - time.monotonic()))  # (the outage: past the TTL)
+    w = Worker(tmp_path, private_kafka.bootstrap, "w2", **ttl).start()
+    try:
+        both = {("host-00", "/data/h0/d0"): 7.0, ("host-00", "/data/h0/d1"): 7.0}
+        assert wait_for_totals(private_kafka.bootstrap, both, timeout=180) == both
+    finally:
+        w.stop()
+    recs = asyncio.run(read_topic(private_kafka.bootstrap, METRICS_TOPIC, idle_s=0.5, timeout=10))
+    snaps = [
+        s for s in map(decode_snapshot, (r.value for r in recs)) if s.series[0][2]["host.id"] == "host-00"
+    ]
+    # No stale marker but a last one (the host silent since, past its TTL), and its series
+    # only went up: the batch read again counted once, and nothing restarted at 0.
+    assert not any(s.stale for s in snaps[:-1]), "the live host was forgotten while its batches were unread"
+    for directory in {labels["directory"] for s in snaps for _n, _t, labels, _v in s.series}:
+        values = [v for s in snaps for _n, _t, labels, v in s.series if labels["directory"] == directory]
+        assert values == sorted(values), (directory, values)
 
 
 @pytest.mark.parametrize(

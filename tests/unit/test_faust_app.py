@@ -72,6 +72,66 @@ def test_partitions_without_a_committed_offset_are_sought_to_their_beginning():
     assert sought == [TopicPartition("ktel.raw", 1), TopicPartition("ktel.raw", 2)]
 
 
+def test_each_assignment_notes_where_the_listed_partitions_end_until_the_worker_reads_there():
+    """At each seek to the committed offsets (every assignment) the worker notes where
+    each partition of its listed topics ends, if it has records to read before there,
+    and forgets the note once it handled the record just before that end: until then a
+    host of the partition may have batches still unread (processors/stages.py)."""
+
+    async def run():
+        app = App("ktel-test", broker="kafka://127.0.0.1:1")
+        changelog = app.Table("state", default=dict).changelog_topic.get_topic_name()
+        app.take_in_lists(app.topic("src"), lambda msg: None)
+        await app.topics._update_indices()
+        consumer = unstarted_consumer(app)
+        behind, caught_up, empty, fresh = (TopicPartition("src", p) for p in range(4))
+        committed = {behind: 17, caught_up: 30, empty: None, fresh: None, TopicPartition(changelog, 0): 5}
+
+        class Thread:
+            async def seek_to_committed(self):
+                return committed
+
+            async def seek_to_beginning(self, *tps):
+                return True
+
+            async def earliest_offsets(self, *tps):
+                assert set(tps) == {empty, fresh}  # (where their reading starts)
+                return {empty: 40, fresh: 40}
+
+            async def highwaters(self, *tps):
+                assert set(tps) == {behind, caught_up, empty, fresh}  # (not the changelog's)
+                return {behind: 20, caught_up: 30, empty: 40, fresh: 41}
+
+        consumer._thread = Thread()
+        await consumer.seek_to_committed()
+        assert app.backlog == {behind: 20, fresh: 41}
+        assert app.reading("src") == {0, 3}
+        app.flow_control.resume()
+
+        class Tracking:
+            def track_message(self, msg):
+                pass
+
+            def ack(self, msg):
+                pass
+
+        def fetched(tp, *offsets):
+            return [SimpleNamespace(tp=tp, topic="src", offset=o, generation_id=0) for o in offsets]
+
+        async def handle(msg):
+            pass
+
+        handlers = {"src": handle}
+        await app._take_list(fetched(behind, 17, 18), handlers, Tracking(), app.flow_control)
+        assert app.reading("src") == {0, 3}  # (19 still unread)
+        await app._take_list(
+            fetched(behind, 19, 20) + fetched(fresh, 40), handlers, Tracking(), app.flow_control
+        )
+        assert app.reading("src") == set()
+
+    asyncio.run(run())
+
+
 def checked_producer(monkeypatch) -> tuple[Any, list, list]:
     """The app's producer as the stages send through it, over an aiokafka that queues
     nothing: it, each record's future as aiokafka would fail or resolve it, and what

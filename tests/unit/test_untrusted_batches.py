@@ -81,6 +81,20 @@ def test_a_host_silent_past_its_ttl_gets_a_last_stale_snapshot_and_is_forgotten(
     assert quiet_rows[0][0] == "file_created_total" and quiet_rows[0][3] == 2
 
 
+def test_a_host_whose_partition_the_worker_is_still_reading_is_not_forgotten_as_silent():
+    """After an outage longer than the TTL every host's last batch is older than that:
+    those of a partition whose backlog is still unread (``reading``) keep their series
+    and their record of what was counted, so their batches read again count once."""
+    c, table = chain(host_ttl_seconds=60), {"h": {}}
+    c.on_batch(table["h"], batch(0, host="h"), NOW)
+    [agg] = c.timed()
+    r = c.on_window(agg, table, NOW + 3_600_000, 1.0, reading={"h"})
+    assert not r.forget and r.snapshots and not any(s.stale for _h, s in r.snapshots)
+    assert c.on_batch(table["h"], batch(0, host="h"), NOW + 3_600_000).counts == {"duplicates": 1}
+    r = c.on_window(agg, table, NOW + 3_661_000, 1.0)  # read up to there: silent since
+    assert r.forget == ["h"]
+
+
 def _metric(name: str, i: int, mtype: str = "histogram") -> list:
     """A ktel_metric event of a series of its own (label ``i``)."""
     return [KTEL_METRIC.id, 1, 2, mtype, name, {"i": str(i)}, 5]
