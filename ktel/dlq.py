@@ -156,7 +156,7 @@ from exporters.consume import Decoder, Delivery, Record
 from ktel import topic_window
 from ktel.config import AgentConfig, Config, ConfigError, KafkaConfig
 from ktel.kafka_batches import BATCH_NOT_READ
-from ktel.kafka_client import client_kwargs, compression_type
+from ktel.kafka_client import client_kwargs, compression_type, refused
 from ktel.replay import ReplayError, format_ns, key_text, parse_time
 from ktel.retry import AskedPastDeadline, Permanent, Transient, retry
 from ktel.retry import deadline as retry_deadline
@@ -1005,7 +1005,7 @@ async def run(
         if failure is not None:
             raise failure
     except KafkaError as err:
-        raise DlqError(f"Kafka failed: {err}") from None
+        raise DlqError(f"Kafka failed: {refused(err)}") from None
     finally:
         for f, *_ in in_flight:
             f.cancel()

@@ -197,6 +197,15 @@ AUTHORIZATION_ERRORS = (
     ClusterAuthorizationFailedError,
     TransactionalIdAuthorizationFailed,
 )
+# The fix for one of them.
+GRANT = "grant its principal the role with `ktel acls`, or run this with the credentials of a role that may"
+
+
+def refused(err: BaseException) -> str:
+    """``err`` for the user, with the fix when it is Kafka's ACLs refusing the principal."""
+    if isinstance(err, AUTHORIZATION_ERRORS):
+        return f"{err} (Kafka's ACLs refuse this principal that: {GRANT})"
+    return str(err)
 
 
 async def explain(err: BaseException, kafka: Kafka) -> str:
@@ -212,10 +221,7 @@ async def explain(err: BaseException, kafka: Kafka) -> str:
     if isinstance(err, AUTHORIZATION_ERRORS):
         # (let in, refused what it asked: its password is right, its ACLs are not)
         who = f"SASL user {k.sasl_username!r}" if k.security_protocol.startswith("SASL_") else "this client"
-        return (
-            f"Kafka at {k.bootstrap} refused {who} what it asked ({text}): grant its principal "
-            "the role with `ktel acls`, or run this with the credentials of a role that may"
-        )
+        return f"Kafka at {k.bootstrap} refused {who} what it asked ({text}): {GRANT}"
     if isinstance(err, SaslAuthenticationFailed) or (
         k.security_protocol.startswith("SASL_") and "authentication" in text.lower()
     ):

@@ -83,7 +83,7 @@ from opentelemetry.semconv._incubating.attributes.messaging_attributes import ME
 from ktel import topic_window
 from ktel import topics as topics_mod
 from ktel.config import AgentConfig, Config, KafkaConfig
-from ktel.kafka_client import client_kwargs, compression_type, settings
+from ktel.kafka_client import client_kwargs, compression_type, refused, settings
 from ktel.topics import TopicSpec, create_topics
 from ktel.wire import (
     KINDS,
@@ -509,7 +509,7 @@ async def replay(
         if read_error is not None:
             raise read_error
     except KafkaError as err:
-        raise ReplayError(f"Kafka failed: {err}") from None
+        raise ReplayError(f"Kafka failed: {refused(err)}") from None
     except topic_window.ReadError as err:
         raise ReplayError(str(err)) from None
     finally:

@@ -77,7 +77,11 @@ async def partitions(client: KafkaConfig, bootstrap: str, topic: str) -> list[To
     except (KafkaError, OSError) as err:
         raise ReadError(await explain(err, kafka)) from None
     if not n:
-        raise ReadError(f"topic {topic} is not on {bootstrap}")
+        # (a principal is shown only the topics it may describe)
+        raise ReadError(
+            f"topic {topic} is not on {bootstrap}, or this principal may not describe it: check the "
+            "topic's name and kafka.prefix, or grant the role with `ktel acls`"
+        )
     return [TopicPartition(topic, p) for p in range(n)]
 
 

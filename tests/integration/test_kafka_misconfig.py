@@ -22,12 +22,12 @@ from ktel import config, topics
 from ktel.stack import certs
 from ktel.stack.kafka import LocalKafka, Security, _java, ensure_kafka
 from ktel.stack.proc import free_port
-from ktel.wire import CONTROL_TOPIC, HEARTBEATS_TOPIC, RAW_TOPIC
+from ktel.wire import CONTROL_TOPIC, DLQ_TOPIC, HEARTBEATS_TOPIC, RAW_TOPIC
 from tests.conftest import need_bpf
 from tests.integration.agent_harness import AgentProcess, kill_leftovers
 from tests.integration.test_agent_delivery import create_files
 from tests.integration.test_agent_faults import deduped_paths, expected
-from tests.integration.test_processing_stages import Worker
+from tests.integration.test_processing_stages import Worker, produce
 
 pytestmark = pytest.mark.kafka
 
@@ -208,3 +208,42 @@ def test_the_agent_refused_writes_keeps_its_batches_until_granted(secure, tmp_pa
     assert deduped_paths(secure.broker.bootstrap, host, f"{tmp_path / 'files'}/") == expected(
         tmp_path / "files", 100
     )
+
+
+def test_dlq_and_replay_name_the_acls_that_refuse_their_reads(secure):
+    """`ktel dlq` and `ktel replay` with a principal the ACLs refuse: each ends at once
+    (exit 2) saying so, and how to fix it, rather than that the topic is missing or
+    that Kafka failed."""
+    for topic in (DLQ_TOPIC, RAW_TOPIC):
+        asyncio.run(produce(secure.broker.bootstrap, [(b"h", b"a record to read")], topic=topic))
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("KTEL_")}, **secure.env("agent")}
+
+    def refused(*argv: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "ktel.cli", *argv],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=DEADLINE_S,
+        )
+        assert done.returncode == 2, done.stdout + done.stderr
+        return done.stderr
+
+    # Without Describe, Kafka does not show the principal the topic at all.
+    said = refused("dlq")
+    assert f"topic {DLQ_TOPIC} is not on {secure.listener}, or this principal may not describe it" in said
+    assert "`ktel acls`" in said
+    describe = ["--allow-principal", "User:agent", "--operation", "Describe"]
+    for topic in (DLQ_TOPIC, RAW_TOPIC):
+        secure.acl("--add", *describe, "--topic", topic)
+    try:
+        for argv in (["dlq"], ["replay", "--from", "-1h"]):
+            said = refused(*argv)
+            assert "TopicAuthorizationFailedError" in said, said
+            assert (
+                "Kafka's ACLs refuse this principal that: grant its principal the role with `ktel acls`"
+                in said
+            )
+    finally:
+        for topic in (DLQ_TOPIC, RAW_TOPIC):
+            secure.acl("--remove", "--force", *describe, "--topic", topic)
