@@ -49,36 +49,37 @@ handled records; the list queue is flow controlled and cleared with the
 streams' queues on a rebalance (which drops a list the loop is waiting to put, not the
 loop: ``_put_list``), and Faust's sensors hear of each record as they would from a stream.
 
-At each assignment the worker also notes where each partition of those topics ends
-(``App.backlog``), and so knows when it has read what was there when it took the
-partition: until then, a host of it that sent nothing for a while may have batches
-still unread (the stages' silent hosts, processors/stages.py).
+At each assignment (each seek to the committed offsets) the worker also notes where
+each partition of those topics ends (``App.note_backlog``), and so knows when it has
+read what was there when it took the partition: until then, a host of it that sent
+nothing for a while may have batches still unread (the stages' silent hosts,
+processors/stages.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, cast
 
 import faust
 from aiokafka.consumer import group_coordinator
-from aiokafka.errors import KafkaError
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 from mode.utils.objects import cached_property
 from mode.utils.queues import FlowControlEvent
 
+from ktel.retry import retry
 from processors.stop import end, undelivered
-
-log = logging.getLogger("ktel.process")
 
 # Fetched lists of the listed topics held before the fetch loop waits (App.take_in_lists).
 LISTS_HELD = 4
+# How long one ask of where the worker's partitions end may take before it is made again
+# (App.note_backlog): well under the request timeout aiokafka retries a leaderless one for.
+ASK_ENDS_S = 10.0
 # How long the worker handles records of a list before it lets the event loop run.
 YIELD_S = 0.02
 # How often a worker whose membership lapsed looks whether it is back (Membership.held).
@@ -326,25 +327,8 @@ class Consumer(faust_aiokafka.Consumer):
         ]
         if fresh:
             await self._thread.seek_to_beginning(*fresh)
-        await self._note_backlog(committed, fresh)
+        cast(App, self.app).note_backlog(committed)
         return committed
-
-    async def _note_backlog(self, committed: Mapping[TP, int], fresh: list[TP]) -> None:
-        """Note in ``App.backlog`` where each partition of the listed topics ends now,
-        if the worker is to read records before that end."""
-        app = cast(App, self.app)
-        tps = [tp for tp in committed if tp.topic in app.listed]
-        start = {tp: committed[tp] or 0 for tp in tps}
-        try:
-            if fresh_listed := [tp for tp in fresh if tp.topic in app.listed]:
-                start.update(await self.earliest_offsets(*fresh_listed))
-            ends = await self.highwaters(*tps) if tps else {}
-        except KafkaError as err:
-            # (the broker answered the seek a moment ago: rare, and what it costs is the
-            # silent-host check of one worker start, as before there was a backlog to note)
-            log.warning("the partitions' end offsets could not be read (%s): no backlog noted", err)
-            ends = {}
-        app.backlog = {tp: end for tp, end in ends.items() if end > start[tp]}
 
 
 def failed(in_flight: Mapping[asyncio.Future, str]) -> tuple[str, BaseException] | None:
@@ -431,10 +415,11 @@ class App(faust.App):
     # handles one of its records, and the lists' queue.
     listed: dict[str, Callable[[Any], Awaitable[None]]]
     lists: Any = None
-    # Where each partition of the listed topics ended when the worker was last sought to
-    # its committed offsets (at each assignment), for those it had not yet read to there:
-    # a partition leaves it once its record just before that end is handled (``reading``).
-    backlog: dict[TP, int]
+    # The partitions of the listed topics the worker has not yet read up to where they
+    # ended when it was last sought to its committed offsets (``note_backlog``), each with
+    # that end (None until Kafka told it); one leaves once its record just before that
+    # end is handled.
+    backlog: dict[TP, int | None]
     # What runs once the records of a list are handled, before they are acked: the
     # stages send the changelog records they held back until then
     # (processors/stages.py ``OutputsFirst``).
@@ -448,6 +433,11 @@ class App(faust.App):
         super().__init__(*args, **kwargs)
         self.listed = {}
         self.backlog = {}
+        self._noted = 0  # (how many times the backlog was noted: the last one's answer counts)
+        self._asking: asyncio.Task | None = None
+        self._handled: dict[
+            TP, int
+        ] = {}  # of a partition whose end is not known yet, its last record handled
 
     def take_in_lists(self, topic: Any, handle: Callable[[Any], Awaitable[None]]) -> None:
         """Subscribe to ``topic`` as an agent would (its records acked and committed), the
@@ -490,9 +480,12 @@ class App(faust.App):
             inbound[message.tp] = time.monotonic()
             await handlers[message.topic](message)
             handled.append(message)
-            end_at = self.backlog.get(message.tp) if self.backlog else None
-            if end_at is not None and message.offset + 1 >= end_at:
-                del self.backlog[message.tp]
+            if self.backlog and message.tp in self.backlog:
+                end_at = self.backlog[message.tp]
+                if end_at is None:
+                    self._handled[message.tp] = message.offset
+                elif message.offset + 1 >= end_at:
+                    del self.backlog[message.tp]
             if time.monotonic() - yielded > YIELD_S:
                 # The loop's other work (the windows, the producer's sender) between records
                 # of a long list; a stream would have let it run after each.
@@ -505,6 +498,45 @@ class App(faust.App):
         for message in handled:
             consumer.ack(message)
             message_out(message.tp, message.offset, message)
+
+    def note_backlog(self, committed: Mapping[TP, int]) -> None:
+        """Note the partitions of the listed topics (those ``committed`` names, where the
+        worker was just sought to) as being read, and ask Kafka where each ends, aside:
+        the seek runs under Faust's recovery timeout, which a partition without a leader
+        (aiokafka asks again until its own request timeout, as long) would outlast, and
+        that ends the recovery for good. Until Kafka answers, every one counts as being
+        read. Asked again until it answers, or until the next seek, whose answer counts."""
+        start = {tp: offset or 0 for tp, offset in committed.items() if tp.topic in self.listed}
+        self._noted += 1
+        self.backlog = dict.fromkeys(start)
+        self._handled = {}
+        if self._asking is not None:
+            self._asking.cancel()
+        self._asking = (
+            asyncio.get_running_loop().create_task(self._ask_ends(self._noted, start)) if start else None
+        )
+
+    async def _ask_ends(self, noted: int, start: dict[TP, int]) -> None:
+        async def ask() -> tuple[Mapping[TP, int], Mapping[TP, int]]:
+            async with asyncio.timeout(ASK_ENDS_S):
+                return await self.consumer.earliest_offsets(*start), await self.consumer.highwaters(*start)
+
+        first, ends = await retry(ask, what="asking Kafka where the worker's partitions end")
+        if noted != self._noted:
+            return  # (another seek since: its own answer counts)
+        handled = self._handled
+        # Left out: those read to there while Kafka was asked, or holding nothing past where
+        # the reading starts (retention may have deleted everything up to their end).
+        self.backlog = {
+            tp: end
+            for tp, end in ends.items()
+            if end > max(start[tp], first.get(tp, 0), handled.get(tp, -1) + 1)
+        }
+
+    async def on_stop(self) -> None:
+        if self._asking is not None:
+            self._asking.cancel()
+        await super().on_stop()
 
     def reading(self, topic: str) -> set[int]:
         """The partitions of ``topic`` whose backlog (``backlog``) the worker is still reading."""

@@ -1189,7 +1189,14 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             del last_seen[host_id]
             await emit(chain.forget(host_id))
         now = time.monotonic()
-        silent = [h for h in mine if now - last_seen.setdefault(h, now) > silent_s]
+        # (not one of a partition still being read: its records may be in what is unread)
+        behind = app.reading(source_name) | (app.reading(names.heartbeats) if chain.heartbeats else set())
+        silent = [
+            h
+            for h in mine
+            if now - last_seen.setdefault(h, now) > silent_s
+            and (not behind or partition_of(h, n) not in behind)
+        ]
         forgotten = 0
         for host_id in silent:
             if now - last_seen.get(host_id, now) <= silent_s:

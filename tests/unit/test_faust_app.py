@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from aiokafka import TopicPartition
+from aiokafka.errors import KafkaTimeoutError
 from faust.types import TP
 
 from processors.faust_app import LISTS_HELD, App, Consumer, FlowControl
@@ -72,20 +73,47 @@ def test_partitions_without_a_committed_offset_are_sought_to_their_beginning():
     assert sought == [TopicPartition("ktel.raw", 1), TopicPartition("ktel.raw", 2)]
 
 
+class Tracking:
+    """What ``App._take_list`` asks of Faust's consumer, doing nothing."""
+
+    def track_message(self, msg):
+        pass
+
+    def ack(self, msg):
+        pass
+
+
+async def handled(app: App, tp: TopicPartition, *offsets: int) -> None:
+    """Have the worker take and handle ``tp``'s records at ``offsets``."""
+
+    async def handle(msg):
+        pass
+
+    msgs = [SimpleNamespace(tp=tp, topic=tp.topic, offset=o, generation_id=0) for o in offsets]
+    await app._take_list(msgs, {tp.topic: handle}, Tracking(), app.flow_control)
+
+
+def backlog_app() -> tuple[App, Consumer]:
+    app = App("ktel-test", broker="kafka://127.0.0.1:1")
+    app.take_in_lists(app.topic("src"), lambda msg: None)
+    return app, app.consumer
+
+
 def test_each_assignment_notes_where_the_listed_partitions_end_until_the_worker_reads_there():
-    """At each seek to the committed offsets (every assignment) the worker notes where
-    each partition of its listed topics ends, if it has records to read before there,
-    and forgets the note once it handled the record just before that end: until then a
-    host of the partition may have batches still unread (processors/stages.py)."""
+    """At each seek to the committed offsets (every assignment) the worker notes the
+    partitions of its listed topics as being read, asks Kafka where each ends, and keeps
+    those with records before there until it has handled the one just before that end:
+    until then a host of the partition may have batches still unread (processors/stages.py)."""
 
     async def run():
-        app = App("ktel-test", broker="kafka://127.0.0.1:1")
+        app, _ = backlog_app()
         changelog = app.Table("state", default=dict).changelog_topic.get_topic_name()
-        app.take_in_lists(app.topic("src"), lambda msg: None)
         await app.topics._update_indices()
         consumer = unstarted_consumer(app)
-        behind, caught_up, empty, fresh = (TopicPartition("src", p) for p in range(4))
-        committed = {behind: 17, caught_up: 30, empty: None, fresh: None, TopicPartition(changelog, 0): 5}
+        app.flow_control.resume()
+        behind, caught_up, fresh, deleted = (TopicPartition("src", p) for p in range(4))
+        committed = {behind: 17, caught_up: 30, fresh: None, deleted: 3, TopicPartition(changelog, 0): 5}
+        answer = asyncio.Event()
 
         class Thread:
             async def seek_to_committed(self):
@@ -95,39 +123,97 @@ def test_each_assignment_notes_where_the_listed_partitions_end_until_the_worker_
                 return True
 
             async def earliest_offsets(self, *tps):
-                assert set(tps) == {empty, fresh}  # (where their reading starts)
-                return {empty: 40, fresh: 40}
+                assert set(tps) == {behind, caught_up, fresh, deleted}  # (not the changelog's)
+                return {behind: 0, caught_up: 0, fresh: 40, deleted: 50}  # (retention: 3..49 gone)
 
             async def highwaters(self, *tps):
-                assert set(tps) == {behind, caught_up, empty, fresh}  # (not the changelog's)
-                return {behind: 20, caught_up: 30, empty: 40, fresh: 41}
+                await answer.wait()
+                return {behind: 20, caught_up: 30, fresh: 41, deleted: 50}
 
         consumer._thread = Thread()
         await consumer.seek_to_committed()
-        assert app.backlog == {behind: 20, fresh: 41}
-        assert app.reading("src") == {0, 3}
-        app.flow_control.resume()
-
-        class Tracking:
-            def track_message(self, msg):
-                pass
-
-            def ack(self, msg):
-                pass
-
-        def fetched(tp, *offsets):
-            return [SimpleNamespace(tp=tp, topic="src", offset=o, generation_id=0) for o in offsets]
-
-        async def handle(msg):
-            pass
-
-        handlers = {"src": handle}
-        await app._take_list(fetched(behind, 17, 18), handlers, Tracking(), app.flow_control)
-        assert app.reading("src") == {0, 3}  # (19 still unread)
-        await app._take_list(
-            fetched(behind, 19, 20) + fetched(fresh, 40), handlers, Tracking(), app.flow_control
-        )
+        assert app.reading("src") == {0, 1, 2, 3}  # (until Kafka answers: every one)
+        await handled(app, fresh, 40)  # read to its end while Kafka was asked
+        answer.set()
+        await app._asking
+        assert app.backlog == {behind: 20}
+        await handled(app, behind, 17, 18)
+        assert app.reading("src") == {0}  # (19 still unread)
+        await handled(app, behind, 19, 20)
         assert app.reading("src") == set()
+
+    asyncio.run(run())
+
+
+def test_a_partition_without_a_leader_holds_up_no_seek_and_is_asked_again():
+    """Faust's recovery seeks under its request timeout and ends for good if that
+    passes; aiokafka asks for a leaderless partition's end for as long. The ask goes
+    aside, all the partitions count as being read meanwhile, and it is made again until
+    Kafka answers."""
+
+    async def run():
+        app, _ = backlog_app()
+        await app.topics._update_indices()
+        consumer = unstarted_consumer(app)
+        tp = TopicPartition("src", 0)
+        asks = []
+
+        class Thread:
+            async def seek_to_committed(self):
+                return {tp: 5}
+
+            async def earliest_offsets(self, *tps):
+                return {tp: 0}
+
+            async def highwaters(self, *tps):
+                asks.append(tps)
+                if len(asks) == 1:
+                    raise KafkaTimeoutError()  # (aiokafka's, after its request timeout)
+                return {tp: 9}
+
+        consumer._thread = Thread()
+        await asyncio.wait_for(consumer.perform_seek(), timeout=1)
+        assert app.reading("src") == {0}
+        await app._asking
+        assert len(asks) == 2 and app.backlog == {tp: 9}
+
+    asyncio.run(run())
+
+
+def test_the_answer_of_an_earlier_seek_does_not_replace_the_note_of_a_later_one():
+    """Faust also seeks when it fetches with flow stopped (a rebalance began); the
+    answer for that seek may come after the one for the seek that follows the assignment."""
+
+    async def run():
+        app, _ = backlog_app()
+        await app.topics._update_indices()
+        consumer = unstarted_consumer(app)
+        old, new = TopicPartition("src", 0), TopicPartition("src", 1)
+        seeks = iter([{old: 5}, {new: 5}])
+        slow, asked = asyncio.Event(), asyncio.Event()
+
+        class Thread:
+            async def seek_to_committed(self):
+                return next(seeks)
+
+            async def earliest_offsets(self, *tps):
+                return dict.fromkeys(tps, 0)
+
+            async def highwaters(self, *tps):
+                if old in tps:
+                    asked.set()
+                    await slow.wait()
+                return dict.fromkeys(tps, 9)
+
+        consumer._thread = Thread()
+        await consumer.perform_seek()
+        first = app._asking
+        await asked.wait()
+        await consumer.perform_seek()
+        slow.set()
+        await app._asking
+        await asyncio.gather(first, return_exceptions=True)
+        assert app.backlog == {new: 9}
 
     asyncio.run(run())
 

@@ -478,6 +478,20 @@ async def two_hosts_gone_silent(shell: Shell) -> None:
     await asyncio.sleep(0.5)
 
 
+async def test_no_host_of_a_partition_still_being_read_is_forgotten_as_silent(tmp_path):
+    """Its next record may be in what the worker has not read yet (App.backlog): h1's
+    partition is still being read, h2's is not."""
+    aggregate = config.AggregateConfig(window_seconds=0.05).model_copy(update={"host_ttl_seconds": 0.1})
+    async with Shell(tmp_path, "aggregate", aggregate=aggregate) as shell:
+        app = shell.ready()
+        source = shell.names.topic(stages.SOURCE["aggregate"])
+        app.backlog = {TopicPartition(source, 3): 10**9}  # (h1's)
+        await two_hosts_gone_silent(shell)
+        timer = next(t for t in app._app_tasks if t.__name__ == "forget_silent")
+        await inspect.unwrap(timer)()
+        assert {k if isinstance(k, str) else k[0] for k, v in shell.changelog if v is None} == {"h2"}
+
+
 async def test_a_batch_taken_while_silent_hosts_are_forgotten_keeps_its_host(tmp_path):
     """The hosts no record named for a while are forgotten one after the other, each
     with tombstones that may wait for room in the producer. A batch of a host further
