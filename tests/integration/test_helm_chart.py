@@ -286,6 +286,47 @@ def test_every_pod_runs_on_linux_nodes_only() -> None:
         kubernetes_validate.validate(w, kubernetes_validate.latest_version(), strict=True)
 
 
+def service_links(objs: list[dict[str, Any]]) -> dict[str, str]:
+    """The variables Kubernetes puts in a pod's environment for each Service of its
+    namespace with a cluster IP, unless the pod's enableServiceLinks is false."""
+    env: dict[str, str] = {}
+    for svc in of_kind(objs, "Service"):
+        if svc["spec"].get("clusterIP") == "None":
+            continue
+        name = svc["metadata"]["name"].upper().replace("-", "_")
+        env[f"{name}_SERVICE_HOST"] = "10.0.0.1"
+        for i, port in enumerate(svc["spec"]["ports"]):
+            number, url = port["port"], f"tcp://10.0.0.1:{port['port']}"
+            if i == 0:
+                env[f"{name}_SERVICE_PORT"], env[f"{name}_PORT"] = str(number), url
+            env[f"{name}_SERVICE_PORT_{port['name'].upper().replace('-', '_')}"] = str(number)
+            env[f"{name}_PORT_{number}_TCP"] = url
+            env[f"{name}_PORT_{number}_TCP_PROTO"] = "tcp"
+            env[f"{name}_PORT_{number}_TCP_PORT"] = str(number)
+            env[f"{name}_PORT_{number}_TCP_ADDR"] = "10.0.0.1"
+    return env
+
+
+def test_every_pod_loads_its_config_in_the_environment_kubernetes_gives_it(
+    rendered, tmp_path, monkeypatch
+) -> None:
+    """Kubernetes names a Service's address variables after it (KTEL_PROCESS_ALL_SERVICE_HOST
+    for ktel-process-all), and ktel's config refuses a KTEL_ variable it does not read:
+    every pod would exit at its start. No pod takes them."""
+    links = service_links(rendered)
+    assert any(name.startswith("KTEL_PROCESS_") for name in links)  # (what the chart's Services make)
+    for name in [n for n in os.environ if n.startswith("KTEL_")]:
+        monkeypatch.delenv(name)
+    path = config_file(rendered, tmp_path)
+    for pod in workloads(rendered) + of_kind(rendered, "Job"):
+        spec = pod["spec"]["template"]["spec"]
+        given = {} if spec.get("enableServiceLinks") is False else links
+        with monkeypatch.context() as env:
+            for name, value in given.items():
+                env.setenv(name, value)
+            config.load(path)  # (raises ConfigError naming the variable)
+
+
 def placed_by(w: dict[str, Any]) -> str:
     """The values that place a pod: its group's (agent, process, exporters, topicsJob)."""
     if w["kind"] != "Deployment":
