@@ -145,7 +145,11 @@ def test_every_object_is_valid_kubernetes_strictly(rendered, version) -> None:
     kinds = set()
     for obj in rendered:
         kinds.add(obj["kind"])
-        if obj["kind"] in ("ServiceMonitor", "PrometheusRule"):  # CRDs: no schema in Kubernetes itself
+        if obj["kind"] in (
+            "ServiceMonitor",
+            "PodMonitor",
+            "PrometheusRule",
+        ):  # CRDs: no schema in Kubernetes itself
             continue
         kubernetes_validate.validate(obj, version, strict=True)
     assert {"ConfigMap", "DaemonSet", "Deployment", "Service", "PodDisruptionBudget"} <= kinds
@@ -520,6 +524,8 @@ def test_probes_and_services_are_on_the_port_each_process_serves(rendered) -> No
         env = {e["name"]: e.get("value") for e in c["env"]}
         assert env["KTEL_SERVICE__METRICS_BIND"] == "0.0.0.0"
         assert env["KTEL_CONFIG"] == "/etc/ktel/ktel.toml"
+        if w["kind"] == "DaemonSet":
+            continue  # (the agents are scraped as pods: PodMonitor)
         svc = services[w["metadata"]["name"]]
         assert svc["spec"]["selector"] == w["spec"]["selector"]["matchLabels"]
         assert svc["spec"]["ports"] == [
@@ -896,17 +902,36 @@ def test_names_and_labels_stay_valid_with_the_longest_release_name(values) -> No
 FULL_SCRAPE = {"interval": "15s", "scrapeTimeout": "10s", "honorLabels": True}
 
 
-def test_the_service_monitor_scrapes_every_service(full) -> None:
+def test_the_service_monitor_scrapes_every_service_and_the_pod_monitor_every_agent(full) -> None:
+    """The agents are found as pods: a Service's endpoints hold at most 1,000 of them, and
+    the ServiceMonitor would have scraped no more of a larger fleet's agents."""
     [sm] = of_kind(full, "ServiceMonitor")
     assert sm["metadata"]["labels"]["release"] == "prometheus"
     assert sm["spec"]["endpoints"] == [{"port": "metrics", **FULL_SCRAPE}]
     # A worker holding thousands of hosts serves hundreds of thousands of samples
     # (docs/operating.md): the limit is the operator's to size.
     assert sm["spec"]["sampleLimit"] == 600000
-    for svc in of_kind(full, "Service"):
+    services = of_kind(full, "Service")
+    assert {s["metadata"]["name"] for s in services} == {
+        d["metadata"]["name"] for d in of_kind(full, "Deployment")
+    }
+    for svc in services:
         assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
         extra = ["pull"] if svc["metadata"]["name"] == "ktel-export-pull" else []
         assert [p["name"] for p in svc["spec"]["ports"]] == ["metrics", *extra]
+    [pm] = of_kind(full, "PodMonitor")
+    assert pm["metadata"]["labels"]["release"] == "prometheus"
+    assert pm["spec"]["podMetricsEndpoints"] == [{"port": "metrics", **FULL_SCRAPE}]
+    assert pm["spec"]["sampleLimit"] == 600000
+    agent = the_agent(full)["spec"]["template"]
+    assert pm["spec"]["selector"]["matchLabels"].items() <= agent["metadata"]["labels"].items()
+    assert [p["name"] for p in agent["spec"]["containers"][0]["ports"]] == ["metrics"]
+    for other in of_kind(full, "Deployment"):
+        assert (
+            not pm["spec"]["selector"]["matchLabels"].items()
+            <= other["spec"]["template"]["metadata"]["labels"].items()
+        )
+    assert not of_kind(render(FULL, sets=("agent.enabled=false",)), "PodMonitor")
 
 
 def test_the_service_monitor_scrapes_the_fleets_series_only_when_asked(full) -> None:
