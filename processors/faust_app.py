@@ -49,9 +49,9 @@ handled records; the list queue is flow controlled and cleared with the
 streams' queues on a rebalance (which drops a list the loop is waiting to put, not the
 loop: ``_put_list``), and Faust's sensors hear of each record as they would from a stream.
 
-At each assignment (each seek to the committed offsets) the worker also notes where
-each partition of those topics ends (``App.note_backlog``), and so knows when it has
-read what was there when it took the partition: until then, a host of it that sent
+At each assignment (each seek to the committed offsets) the worker also notes each
+partition of those topics as being read until it has read up to where the partition
+ended then (``App.note_backlog``): until then, a host of it that sent
 nothing for a while may have batches still unread (the stages' silent hosts,
 processors/stages.py).
 """
@@ -72,14 +72,10 @@ from faust.types import TP
 from mode.utils.objects import cached_property
 from mode.utils.queues import FlowControlEvent
 
-from ktel.retry import retry
 from processors.stop import end, undelivered
 
 # Fetched lists of the listed topics held before the fetch loop waits (App.take_in_lists).
 LISTS_HELD = 4
-# How long one ask of where the worker's partitions end may take before it is made again
-# (App.note_backlog): well under the request timeout aiokafka retries a leaderless one for.
-ASK_ENDS_S = 10.0
 # How long the worker handles records of a list before it lets the event loop run.
 YIELD_S = 0.02
 # How often a worker whose membership lapsed looks whether it is back (Membership.held).
@@ -416,10 +412,9 @@ class App(faust.App):
     listed: dict[str, Callable[[Any], Awaitable[None]]]
     lists: Any = None
     # The partitions of the listed topics the worker has not yet read up to where they
-    # ended when it was last sought to its committed offsets (``note_backlog``), each with
-    # that end (None until Kafka told it); one leaves once its record just before that
-    # end is handled.
-    backlog: dict[TP, int | None]
+    # ended when it took them (``note_backlog``), each with the offset its reading started
+    # at and that end (None until its first fetch told it).
+    backlog: dict[TP, tuple[int, int | None]]
     # What runs once the records of a list are handled, before they are acked: the
     # stages send the changelog records they held back until then
     # (processors/stages.py ``OutputsFirst``).
@@ -433,11 +428,6 @@ class App(faust.App):
         super().__init__(*args, **kwargs)
         self.listed = {}
         self.backlog = {}
-        self._noted = 0  # (how many times the backlog was noted: the last one's answer counts)
-        self._asking: asyncio.Task | None = None
-        self._handled: dict[
-            TP, int
-        ] = {}  # of a partition whose end is not known yet, its last record handled
 
     def take_in_lists(self, topic: Any, handle: Callable[[Any], Awaitable[None]]) -> None:
         """Subscribe to ``topic`` as an agent would (its records acked and committed), the
@@ -481,11 +471,7 @@ class App(faust.App):
             await handlers[message.topic](message)
             handled.append(message)
             if self.backlog and message.tp in self.backlog:
-                end_at = self.backlog[message.tp]
-                if end_at is None:
-                    self._handled[message.tp] = message.offset
-                elif message.offset + 1 >= end_at:
-                    del self.backlog[message.tp]
+                self._read(message.tp, message.offset)
             if time.monotonic() - yielded > YIELD_S:
                 # The loop's other work (the windows, the producer's sender) between records
                 # of a long list; a stream would have let it run after each.
@@ -501,45 +487,36 @@ class App(faust.App):
 
     def note_backlog(self, committed: Mapping[TP, int]) -> None:
         """Note the partitions of the listed topics (those ``committed`` names, where the
-        worker was just sought to) as being read, and ask Kafka where each ends, aside:
-        the seek runs under Faust's recovery timeout, which a partition without a leader
-        (aiokafka asks again until its own request timeout, as long) would outlast, and
-        that ends the recovery for good. Until Kafka answers, every one counts as being
-        read. Asked again until it answers, or until the next seek, whose answer counts."""
-        start = {tp: offset or 0 for tp, offset in committed.items() if tp.topic in self.listed}
-        self._noted += 1
-        self.backlog = dict.fromkeys(start)
-        self._handled = {}
-        if self._asking is not None:
-            self._asking.cancel()
-        self._asking = (
-            asyncio.get_running_loop().create_task(self._ask_ends(self._noted, start)) if start else None
-        )
-
-    async def _ask_ends(self, noted: int, start: dict[TP, int]) -> None:
-        async def ask() -> tuple[Mapping[TP, int], Mapping[TP, int]]:
-            async with asyncio.timeout(ASK_ENDS_S):
-                return await self.consumer.earliest_offsets(*start), await self.consumer.highwaters(*start)
-
-        first, ends = await retry(ask, what="asking Kafka where the worker's partitions end")
-        if noted != self._noted:
-            return  # (another seek since: its own answer counts)
-        handled = self._handled
-        # Left out: those read to there while Kafka was asked, or holding nothing past where
-        # the reading starts (retention may have deleted everything up to their end).
+        worker was just sought to) as being read. Where each ends is what the first fetch
+        of it after the seek tells (aiokafka keeps each partition's high watermark from
+        its fetches), so nothing is asked of Kafka here: the seek runs under Faust's
+        recovery timeout, and one partition without a leader holds up no other."""
         self.backlog = {
-            tp: end
-            for tp, end in ends.items()
-            if end > max(start[tp], first.get(tp, 0), handled.get(tp, -1) + 1)
+            tp: (offset or 0, None) for tp, offset in committed.items() if tp.topic in self.listed
         }
 
-    async def on_stop(self) -> None:
-        if self._asking is not None:
-            self._asking.cancel()
-        await super().on_stop()
+    def _read(self, tp: TP, offset: int | None) -> None:
+        """The worker handled ``tp``'s record at ``offset`` (None: none, the partition's
+        backlog is looked at): it leaves ``backlog`` once read up to its end."""
+        start, end = self.backlog[tp]
+        if end is None:
+            try:
+                end = self.consumer.highwater(tp)  # (None until its first fetch)
+            except AssertionError:  # (aiokafka's: no longer assigned; the next seek notes anew)
+                return
+            if end is None:
+                return
+            self.backlog[tp] = (start, end)
+            if offset is None and end <= start:
+                del self.backlog[tp]  # (nothing to read past where it started)
+                return
+        if offset is not None and offset + 1 >= end:
+            del self.backlog[tp]
 
     def reading(self, topic: str) -> set[int]:
         """The partitions of ``topic`` whose backlog (``backlog``) the worker is still reading."""
+        for tp in [tp for tp in self.backlog if tp.topic == topic]:
+            self._read(tp, None)
         return {tp.partition for tp in self.backlog if tp.topic == topic}
 
     def _new_transport(self) -> Any:

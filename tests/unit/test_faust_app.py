@@ -99,11 +99,13 @@ def backlog_app() -> tuple[App, Consumer]:
     return app, app.consumer
 
 
-def test_each_assignment_notes_where_the_listed_partitions_end_until_the_worker_reads_there():
+def test_each_assignment_notes_the_listed_partitions_as_being_read_until_read_to_their_end():
     """At each seek to the committed offsets (every assignment) the worker notes the
-    partitions of its listed topics as being read, asks Kafka where each ends, and keeps
-    those with records before there until it has handled the one just before that end:
-    until then a host of the partition may have batches still unread (processors/stages.py)."""
+    partitions of its listed topics as being read, until it has handled the record just
+    before where its first fetch of each said the partition ended (aiokafka's high
+    watermark): until then a host of the partition may have batches still unread
+    (processors/stages.py). Nothing is asked of Kafka: a partition not fetched yet (no
+    leader) stays being read, and holds up no other."""
 
     async def run():
         app, _ = backlog_app()
@@ -111,9 +113,9 @@ def test_each_assignment_notes_where_the_listed_partitions_end_until_the_worker_
         await app.topics._update_indices()
         consumer = unstarted_consumer(app)
         app.flow_control.resume()
-        behind, caught_up, fresh, deleted = (TopicPartition("src", p) for p in range(4))
-        committed = {behind: 17, caught_up: 30, fresh: None, deleted: 3, TopicPartition(changelog, 0): 5}
-        answer = asyncio.Event()
+        behind, caught_up, fresh, leaderless = (TopicPartition("src", p) for p in range(4))
+        committed = {behind: 17, caught_up: 30, fresh: None, leaderless: 5, TopicPartition(changelog, 0): 5}
+        highwater: dict[TopicPartition, int | None] = dict.fromkeys(committed)
 
         class Thread:
             async def seek_to_committed(self):
@@ -122,98 +124,21 @@ def test_each_assignment_notes_where_the_listed_partitions_end_until_the_worker_
             async def seek_to_beginning(self, *tps):
                 return True
 
-            async def earliest_offsets(self, *tps):
-                assert set(tps) == {behind, caught_up, fresh, deleted}  # (not the changelog's)
-                return {behind: 0, caught_up: 0, fresh: 40, deleted: 50}  # (retention: 3..49 gone)
-
-            async def highwaters(self, *tps):
-                await answer.wait()
-                return {behind: 20, caught_up: 30, fresh: 41, deleted: 50}
+            def highwater(self, tp):
+                return highwater[tp]
 
         consumer._thread = Thread()
         await consumer.seek_to_committed()
-        assert app.reading("src") == {0, 1, 2, 3}  # (until Kafka answers: every one)
-        await handled(app, fresh, 40)  # read to its end while Kafka was asked
-        answer.set()
-        await app._asking
-        assert app.backlog == {behind: 20}
+        assert set(app.backlog) == {behind, caught_up, fresh, leaderless}  # (not the changelog's)
+        assert app.reading("src") == {0, 1, 2, 3}  # (nothing fetched yet)
+        highwater.update({behind: 20, caught_up: 30, fresh: 41})  # (what the first fetches said)
+        assert app.reading("src") == {0, 2, 3}  # (30: nothing to read past the committed offset)
+        await handled(app, fresh, 40)
         await handled(app, behind, 17, 18)
-        assert app.reading("src") == {0}  # (19 still unread)
-        await handled(app, behind, 19, 20)
-        assert app.reading("src") == set()
-
-    asyncio.run(run())
-
-
-def test_a_partition_without_a_leader_holds_up_no_seek_and_is_asked_again():
-    """Faust's recovery seeks under its request timeout and ends for good if that
-    passes; aiokafka asks for a leaderless partition's end for as long. The ask goes
-    aside, all the partitions count as being read meanwhile, and it is made again until
-    Kafka answers."""
-
-    async def run():
-        app, _ = backlog_app()
-        await app.topics._update_indices()
-        consumer = unstarted_consumer(app)
-        tp = TopicPartition("src", 0)
-        asks = []
-
-        class Thread:
-            async def seek_to_committed(self):
-                return {tp: 5}
-
-            async def earliest_offsets(self, *tps):
-                return {tp: 0}
-
-            async def highwaters(self, *tps):
-                asks.append(tps)
-                if len(asks) == 1:
-                    raise KafkaTimeoutError()  # (aiokafka's, after its request timeout)
-                return {tp: 9}
-
-        consumer._thread = Thread()
-        await asyncio.wait_for(consumer.perform_seek(), timeout=1)
-        assert app.reading("src") == {0}
-        await app._asking
-        assert len(asks) == 2 and app.backlog == {tp: 9}
-
-    asyncio.run(run())
-
-
-def test_the_answer_of_an_earlier_seek_does_not_replace_the_note_of_a_later_one():
-    """Faust also seeks when it fetches with flow stopped (a rebalance began); the
-    answer for that seek may come after the one for the seek that follows the assignment."""
-
-    async def run():
-        app, _ = backlog_app()
-        await app.topics._update_indices()
-        consumer = unstarted_consumer(app)
-        old, new = TopicPartition("src", 0), TopicPartition("src", 1)
-        seeks = iter([{old: 5}, {new: 5}])
-        slow, asked = asyncio.Event(), asyncio.Event()
-
-        class Thread:
-            async def seek_to_committed(self):
-                return next(seeks)
-
-            async def earliest_offsets(self, *tps):
-                return dict.fromkeys(tps, 0)
-
-            async def highwaters(self, *tps):
-                if old in tps:
-                    asked.set()
-                    await slow.wait()
-                return dict.fromkeys(tps, 9)
-
-        consumer._thread = Thread()
-        await consumer.perform_seek()
-        first = app._asking
-        await asked.wait()
-        await consumer.perform_seek()
-        slow.set()
-        await app._asking
-        await asyncio.gather(first, return_exceptions=True)
-        assert app.backlog == {new: 9}
+        assert app.reading("src") == {0, 3}  # (19 still unread)
+        highwater[behind] = 25  # (records since: not of the backlog)
+        await handled(app, behind, 19)
+        assert app.reading("src") == {3}
 
     asyncio.run(run())
 
@@ -263,7 +188,6 @@ def ending(monkeypatch):
 
 
 def test_a_record_the_producer_could_not_deliver_stops_the_worker_and_one_it_did_is_acked(monkeypatch):
-    from aiokafka.errors import KafkaTimeoutError
 
     async def run():
         producer, sent, stopped = checked_producer(monkeypatch)

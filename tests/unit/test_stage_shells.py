@@ -485,7 +485,7 @@ async def test_no_host_of_a_partition_still_being_read_is_forgotten_as_silent(tm
     async with Shell(tmp_path, "aggregate", aggregate=aggregate) as shell:
         app = shell.ready()
         source = shell.names.topic(stages.SOURCE["aggregate"])
-        app.backlog = {TopicPartition(source, 3): 10**9}  # (h1's)
+        app.backlog = {TopicPartition(source, 3): (0, 10**9)}  # (h1's: read from 0 up to there)
         await two_hosts_gone_silent(shell)
         timer = next(t for t in app._app_tasks if t.__name__ == "forget_silent")
         await inspect.unwrap(timer)()
