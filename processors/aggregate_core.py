@@ -352,7 +352,10 @@ def directory_label(path: str, depth: int) -> str:
 
 # Series keys are made for every event and parsed for every series a window emits,
 # and a host's keys (and many a fleet's hosts share) recur: both ways are cached,
-# bounded (bench/RESULTS.md, "The chain's own work per batch").
+# bounded (bench/RESULTS.md, "The chain's own work per batch"). A key longer than this
+# is neither: its series is dropped anyway (a label past LABEL_CHARS: ``misnamed``), and
+# a writer naming ever new ones of up to 64 KB each would fill the caches with gigabytes.
+CACHED_KEY_CHARS = 2 * LABEL_CHARS
 
 
 @functools.lru_cache(maxsize=16384)
@@ -360,11 +363,26 @@ def series_key(name: str, labels: tuple[tuple[str, str], ...]) -> str:
     return json.dumps([name, labels])
 
 
-@functools.lru_cache(maxsize=16384)
+def series_key_unbounded(name: str, labels: tuple[tuple[str, str], ...]) -> str:
+    """``series_key`` of labels the wire does not bound to a label's length (a
+    file_created directory: a path, up to 16,384 characters): made without the cache
+    past ``CACHED_KEY_CHARS``."""
+    if len(name) + sum(len(v) for _, v in labels) > CACHED_KEY_CHARS:
+        return json.dumps([name, labels])
+    return series_key(name, labels)
+
+
 def parsed_key(key: str) -> tuple[str, tuple[tuple[str, str], ...]]:
     """A series key's name and labels."""
+    return _parsed_key(key) if len(key) <= CACHED_KEY_CHARS else _parse(key)
+
+
+def _parse(key: str) -> tuple[str, tuple[tuple[str, str], ...]]:
     name, labels = json.loads(key)
     return name, tuple((k, v) for k, v in labels)
+
+
+_parsed_key = functools.lru_cache(maxsize=16384)(_parse)
 
 
 def parse_key(key: str) -> tuple[str, dict[str, str]]:
@@ -485,7 +503,7 @@ def count_events(
         found = _counter_labels(ev, opts)
         if found is not None:
             pending[found] += w
-    counts = {series_key(name, labels): n for (name, labels), n in pending.items()}
+    counts = {series_key_unbounded(name, labels): n for (name, labels), n in pending.items()}
     return counts, hists, gauges, invalid
 
 

@@ -329,6 +329,11 @@ def passed_on(batch: RawBatch, key: bytes) -> list[bytes]:
         data = compress(data)
     if len(data) + len(key) <= SEND_MAX_BYTES or len(batch.events) < 2:
         return [data]
+    if len(compress(encode_batch(batch.keeping([], None)))) > SEND_MAX_BYTES // 2:
+        # What every part carries (its resource) takes half a record or more: halving
+        # would copy it into one part per event or so. It stays whole, and too_large
+        # names it.
+        return [data]
     first, total = batch.part or (0, len(batch.events))
     mid = len(batch.events) // 2
     weights = batch.weights
@@ -576,6 +581,7 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         return app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
 
     source_name = names.topic(SOURCE[stage])
+    from_agents = SOURCE[stage] == "raw"
     source = raw_topic(source_name)
     sink = names.topic(SINK[stage]) if stage in SINK else None
     # A chain whose stages all keep their state in the worker (sample) keeps no
@@ -842,6 +848,10 @@ def make_app(cfg: Config, stage: str) -> faust.App:
                 # Its key decides the partition, hence the worker and the table entry:
                 # a batch keyed otherwise could write another host's state.
                 raise WireError(f"raw batch: key {msg.key!r:.60} is not its host id {batch.host_id!r:.60}")
+            if from_agents and (batch.resource is not None or batch.processes is not None):
+                # (what enrich adds: carried from ktel.raw, a resource of megabytes was copied
+                # into every part of a batch the dedupe stage passed on, down to one event each)
+                raise WireError("raw batch: it carries res or proc, which enrich adds, not an agent")
             on_its_partition(msg, batch.host_id, "raw batch")
         except WireError as err:
             await dead_letter(msg, err)

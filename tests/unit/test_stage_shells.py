@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import functools
 import inspect
 import json
@@ -596,6 +597,24 @@ async def test_all_runs_the_four_cores_with_heartbeats_in_one_worker(tmp_path):
         assert boot["procs"]["10"]["exe"] == "/usr/bin/make"
     assert metric("ktel_processor_batches_total", "all") == before["ktel_processor_batches_total"] + 1
     assert metric(DUPLICATES, "all") == before[DUPLICATES] + 1
+
+
+@pytest.mark.parametrize("stage", ["dedupe", "all"])
+async def test_a_raw_batch_carrying_what_enrich_adds_goes_to_the_dlq(tmp_path, stage):
+    """No agent writes ``res`` or ``proc``: carried from ktel.raw, a resource of megabytes
+    was copied by the dedupe stage into every part of the batch it passed on."""
+    plain = batch(0, [file_created(1, "/a")])
+    given = [
+        dataclasses.replace(batch(1, [file_created(1, "/b")]), resource={"host.name": "forged"}),
+        dataclasses.replace(batch(2, [file_created(1, "/c")]), processes={"1": {"process.owner": "x"}}),
+    ]
+    async with Shell(tmp_path, stage) as shell:
+        await shell.put(plain, *given)
+        dead = [decode_dead_letter(v) for v in shell.to(DLQ_TOPIC)]
+        reason = "raw batch: it carries res or proc, which enrich adds, not an agent"
+        assert [(d.reason, d.payload) for d in dead] == [(reason, encode_batch(b)) for b in given]
+        if stage == "dedupe":
+            assert [decode_batch(v) for v in shell.to(DEDUPED_TOPIC)] == [plain]
 
 
 async def test_a_record_written_to_another_partition_than_its_keys_goes_to_the_dlq(tmp_path):
