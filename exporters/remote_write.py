@@ -188,6 +188,11 @@ STALE_NAN_BITS = 0x7FF0000000000002
 STALE_NAN: float = struct.unpack("<d", STALE_NAN_BITS.to_bytes(8, "little"))[0]
 
 
+# Prometheus' words for a sample older than what it takes at all: a refusal whatever the
+# status it comes with (``post``).
+TOO_OLD = re.compile(r"\b(?:too old sample|out of bounds)\b")
+
+
 def already_stored(refusal: str) -> str | None:
     """ALREADY_STORED_SAMPLES' reason for a receiver's refusal (a ``Permanent``'s text),
     or None when it refused the samples for anything else (ALREADY_STORED has the
@@ -479,6 +484,10 @@ async def post(receiver: Receiver, body: bytes) -> None:
             and already_stored(http_refusal(resp.status_code, text, HELD_ANSWER_CHARS)) is not None
         )
         limit = HELD_ANSWER_CHARS if held else REFUSAL_CHARS
+        if resp.status_code >= 500 and TOO_OLD.search(text):
+            # Prometheus 2.39 to 2.48 with an out-of-order window answer 500 for a sample
+            # older than it: what a 400 says elsewhere, and never taken however often sent.
+            raise Permanent(http_refusal(resp.status_code, text, limit))
         http_answer(resp.status_code, text, retry_after(resp.headers.get("retry-after")), limit=limit)
     except Exception as err:
         receiver.misconfigured.failed(err)  # a refused password or TLS handshake: one line

@@ -1003,3 +1003,49 @@ async def test_samples_held_already_by_a_receiver_that_stores_the_rest_are_each_
     assert backend.stored == {"c": [(t0, 7.0), (t0 + 10_000, 8.0)]}  # each once
     assert producer.sent == []
     assert (delivered, dead, duplicates, held) == (2, 0, 0, 2)  # a and c at t0 + 10 s; a and c at t0
+
+
+async def test_a_500_saying_too_old_sample_is_a_refusal_not_retried(monkeypatch):
+    """Prometheus 2.39 to 2.48 with an out-of-order window answer 500 "too old sample" for
+    a sample older than it: the same request never succeeds, and retried as a 500 it held
+    the exporter's every partition for good. A refusal, as a 400 saying so is; a 500
+    saying anything else is still retried."""
+    import httpx
+
+    import ktel.retry as retry_mod
+    from exporters.consume import Record
+    from exporters.delivery import Window
+    from exporters.remote_write_client import Receiver
+    from ktel import wire
+    from ktel.config import RemoteWriteConfig
+
+    waits: list[float] = []
+
+    async def sleep(delay: float) -> None:
+        waits.append(delay)
+        assert len(waits) < 50, "still sending the request again"
+
+    monkeypatch.setattr(retry_mod, "_sleep", sleep)
+    answers = {"old": ["too old sample\n"], "busy": ["busy", "ok"]}
+
+    def receive(request: httpx.Request) -> httpx.Response:
+        [ts] = decode(request.content).timeseries
+        name = {lb.name: lb.value for lb in ts.labels}["__name__"]
+        said = answers[name].pop(0) if len(answers[name]) > 1 else answers[name][0]
+        return httpx.Response(204) if said == "ok" else httpx.Response(500, text=said)
+
+    now_ms = time.time_ns() // 1_000_000
+    records = [
+        Record(snap, wire.METRICS_TOPIC, 0, i, b"a", wire.encode_snapshot(snap), wire.DLQ_TOPIC)
+        for i, snap in enumerate(
+            MetricSnapshot(now_ms, [[n, "gauge", {"host.id": "a"}, 1.0]]) for n in answers
+        )
+    ]
+    producer = Producer()
+    async with Receiver(RemoteWriteConfig(url="http://receiver.test/api/v1/write")) as receiver:
+        receiver.client = httpx.AsyncClient(transport=httpx.MockTransport(receive))
+        for rec in records:
+            await remote_write.deliver(receiver, [rec], producer, Window(3600, 600, "remote_write"))
+    [letter] = [wire.decode_dead_letter(v) for _t, v, _k in producer.sent]
+    assert (letter.offset, letter.reason) == (0, "HTTP 500: too old sample")
+    assert len(waits) == 1  # (the busy one's, sent again once)
