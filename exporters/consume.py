@@ -207,13 +207,15 @@ async def run(
     deliver: Deliver,
     stop: asyncio.Event,
     start_ms: int | None = None,
+    read_up: asyncio.Event | None = None,
 ) -> None:
     """Consume ``topics`` (topic -> wire decoder) and hand the decoded records to
     ``deliver`` chunk by chunk, in partition order.
 
     ``group_id=None`` reads every partition without a group (the pull endpoint: each
     instance needs the whole picture), from the first record at or after ``start_ms``
-    (ms since epoch), or from the beginning when it is None.
+    (ms since epoch), or from the beginning when it is None; ``read_up`` is set once
+    what the partitions held from there when the read began has been delivered.
     """
     tune_gc()
     dlq = settings(kafka).topics.dlq
@@ -249,13 +251,21 @@ async def run(
                 lambda: _partitions(producer, topics), what=f"find the partitions of {list(topics)}"
             )
             consumer.assign(parts)
-            await retry(
+            behind = await retry(
                 lambda: _seek(consumer, parts, start_ms), what=f"find where to start in {list(topics)}"
             )
         else:
             consumer.subscribe(list(topics))
+            behind = {}
         positioned = True
         while not stop.is_set():
+            if read_up is not None and not read_up.is_set():
+                # (by position: a partition's last records may be a transaction's markers,
+                # which move it without a record)
+                for tp in [tp for tp, end in behind.items() if await consumer.position(tp) >= end]:
+                    del behind[tp]
+                if not behind:
+                    read_up.set()
             fetched = await consumer.getmany(timeout_ms=500)
             if not fetched:
                 if group_id is not None:
@@ -352,18 +362,23 @@ async def _lags(consumer: AIOKafkaConsumer) -> dict[tuple[str, int], int]:
     return lags
 
 
-async def _seek(consumer: AIOKafkaConsumer, parts: list[TopicPartition], start_ms: int | None) -> None:
-    if start_ms is None:
-        await consumer.seek_to_beginning(*parts)
-        return
+async def _seek(
+    consumer: AIOKafkaConsumer, parts: list[TopicPartition], start_ms: int | None
+) -> dict[TopicPartition, int]:
+    """Seek each of ``parts`` to its first record at or after ``start_ms`` (None: its
+    first); returns where each partition with records to read from there ends now."""
     # The ends are looked up first: a partition with nothing at or after start_ms
     # starts at its end as it was before that lookup, so a record written meanwhile
     # is still read (seeking to the end afterwards would skip it).
     ends = await consumer.end_offsets(parts)
-    found = await consumer.offsets_for_times({tp: start_ms for tp in parts})
+    if start_ms is None:
+        starts = await consumer.beginning_offsets(parts)
+    else:
+        found = await consumer.offsets_for_times({tp: start_ms for tp in parts})
+        starts = {tp: ends[tp] if found.get(tp) is None else found[tp].offset for tp in parts}
     for tp in parts:
-        hit = found.get(tp)
-        consumer.seek(tp, ends[tp] if hit is None else hit.offset)
+        consumer.seek(tp, starts[tp])
+    return {tp: ends[tp] for tp in parts if starts[tp] < ends[tp]}
 
 
 async def _partitions(producer: AIOKafkaProducer, topics: Mapping[str, Decoder]) -> list[TopicPartition]:

@@ -481,15 +481,24 @@ async def run(cfg: Config, stop: asyncio.Event) -> None:
     # The fleet's series on pull.port, the endpoint's own counters on pull.metrics_port
     # like every ktel process's: a scrape of one never mixes in the other's. Both with
     # /healthz and /readyz.
-    selfmetrics.serve(cfg.pull.port, cfg.pull.host, "pull.port", registry, "pull.host")
+    agg = cfg.aggregate
+    lookback_s = agg.refresh_seconds + LOOKBACK_WINDOWS * agg.window_seconds
+    # The lookback comes oldest first: a scrape while it is read would serve a counter's
+    # older value after the newer one Prometheus scraped before a restart, which it reads
+    # as a reset (and rate() and increase() count again). Until it is read, a scrape fails
+    # (a gap in the series) rather than go back.
+    read_up = asyncio.Event()
+
+    def unserved() -> str | None:
+        if read_up.is_set():
+            return None
+        return f"reading the last {lookback_s:g} s of {cfg.kafka.topics.metrics}, every series' latest value"
+
+    selfmetrics.serve(cfg.pull.port, cfg.pull.host, "pull.port", registry, "pull.host", unserved=unserved)
     selfmetrics.serve(cfg.pull.metrics_port, cfg.service.metrics_bind, "pull.metrics_port")
 
     window = Window(math.inf, cfg.pull.max_future_seconds, "pull")
-
-    agg = cfg.aggregate
-    start_ms = time.time_ns() // 1_000_000 - int(
-        (agg.refresh_seconds + LOOKBACK_WINDOWS * agg.window_seconds) * 1000
-    )
+    start_ms = time.time_ns() // 1_000_000 - int(lookback_s * 1000)
     sweeper = asyncio.create_task(sweeping(latest))
     try:
         await consume.run(
@@ -500,6 +509,7 @@ async def run(cfg: Config, stop: asyncio.Event) -> None:
             deliver=lambda records, producer: deliver(latest, window, records, producer),
             stop=stop,
             start_ms=start_ms,
+            read_up=read_up,
         )
     finally:
         sweeper.cancel()

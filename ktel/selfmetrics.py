@@ -60,10 +60,13 @@ def _text(start_response: Callable[..., Any], status: str, body: str) -> Iterabl
 
 
 def app(
-    registry: CollectorRegistry = REGISTRY, extra: Callable[[], bytes] | None = None
+    registry: CollectorRegistry = REGISTRY,
+    extra: Callable[[], bytes] | None = None,
+    unserved: Callable[[], str | None] | None = None,
 ) -> Callable[..., Iterable[bytes]]:
     """The WSGI app: /healthz, /readyz, and ``registry`` everywhere else, followed by
-    what ``extra`` returns (series already in the text format) if given."""
+    what ``extra`` returns (series already in the text format) if given; while
+    ``unserved`` gives a reason, that instead, as a 503."""
     metrics = make_wsgi_app(registry) if extra is None else _with(registry, extra)
     # One scrape made at a time: each makes its whole text in memory (the pull endpoint's
     # up to pull.max_series_bytes with its series held), so two at once (two Prometheus
@@ -80,6 +83,8 @@ def app(
             if why is None:
                 return _text(start_response, "200 OK", "ready")
             return _text(start_response, "503 Service Unavailable", f"not ready: {why}")
+        if unserved is not None and (why := unserved()) is not None:
+            return _text(start_response, "503 Service Unavailable", f"not served yet: {why}")
         with scraping:
             return metrics(environ, start_response)
 
@@ -131,8 +136,9 @@ def serve(
     registry: CollectorRegistry = REGISTRY,
     host_setting: str = "service.metrics_bind",
     extra: Callable[[], bytes] | None = None,
+    unserved: Callable[[], str | None] | None = None,
 ) -> None:
-    """Serve /metrics (``registry``, then ``extra``'s series: ``app``), /healthz and
+    """Serve /metrics (``registry``, then ``extra``'s series, unless ``unserved``: ``app``), /healthz and
     /readyz on host:port from a daemon thread; port 0 turns them off. ``setting`` and
     ``host_setting`` name the port's and the host's settings, for the message when they
     cannot be served."""
@@ -141,7 +147,11 @@ def serve(
     v6 = ":" in host and ipaddress.ip_address(host).version == 6
     try:
         server = make_server(
-            host, port, app(registry, extra), _Server6 if v6 else ThreadingWSGIServer, handler_class=_Quiet
+            host,
+            port,
+            app(registry, extra, unserved),
+            _Server6 if v6 else ThreadingWSGIServer,
+            handler_class=_Quiet,
         )
     except OSError as err:
         raise SystemExit(

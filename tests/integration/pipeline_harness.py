@@ -149,9 +149,12 @@ class Pipeline:
 
     def pull_count(self, directory: Path) -> float | None:
         try:
-            text = httpx.get(f"http://127.0.0.1:{self.pull_port}/metrics", trust_env=False).text
+            resp = httpx.get(f"http://127.0.0.1:{self.pull_port}/metrics", trust_env=False)
         except httpx.TransportError:
             return None
+        if resp.status_code == 503:
+            return None  # (reading its lookback of ktel.metrics: nothing served yet)
+        text = resp.text
         values = [
             s.value
             for fam in text_string_to_metric_families(text)

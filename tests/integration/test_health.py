@@ -132,7 +132,12 @@ def test_exporters_and_pull_endpoint_become_ready(kafka, ktel_topics, tmp_path, 
     assert procs["pull"].listens_on(self_metrics) == {"0.0.0.0"}
     assert procs["pull"].get(self_metrics, "/readyz").status_code == 200
     assert "ktel_exporter_pull_expired_series_total" in procs["pull"].get(self_metrics, "/metrics").text
-    assert "ktel_exporter" not in procs["pull"].get(ports["pull"], "/metrics").text
+    # The fleet's series once it read its lookback of ktel.metrics (a 503 until then).
+    deadline = time.monotonic() + 60
+    while (fleet := procs["pull"].get(ports["pull"], "/metrics")).status_code == 503:
+        assert time.monotonic() < deadline, fleet.text
+        time.sleep(0.2)
+    assert fleet.status_code == 200 and "ktel_exporter" not in fleet.text
 
 
 def test_a_processing_worker_becomes_ready_once_assigned_and_recovered(kafka, ktel_topics, tmp_path, started):

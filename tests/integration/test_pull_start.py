@@ -40,8 +40,13 @@ async def produce(
 
 
 def served(port: int) -> set[str]:
-    """The directories of file_created_total the endpoint serves."""
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", trust_env=False).text
+    """The directories of file_created_total the endpoint serves (none while it reads its
+    lookback: a 503)."""
+    resp = httpx.get(f"http://127.0.0.1:{port}/metrics", trust_env=False)
+    if resp.status_code == 503:
+        assert resp.text.startswith("not served yet: reading the last"), resp.text
+        return set()
+    text = resp.text
     return {
         s.labels["directory"]
         for fam in text_string_to_metric_families(text)

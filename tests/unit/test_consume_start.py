@@ -39,19 +39,21 @@ class Broker:
         for tp in parts:
             self.positions[tp] = self.ends[tp]
 
-    async def seek_to_beginning(self, *parts):
-        for tp in parts:
-            self.positions[tp] = 0
+    async def beginning_offsets(self, parts):
+        return dict.fromkeys(parts, 0)
 
 
 async def test_a_partition_without_a_recent_record_starts_where_it_ended_before_the_lookup():
     broker = Broker()
-    await _seek(broker, [HAS_RECENT, EMPTY], start_ms=500)
+    behind = await _seek(broker, [HAS_RECENT, EMPTY], start_ms=500)
     # EMPTY's record written during the lookup (offset 4) is read, not skipped.
     assert broker.positions == {HAS_RECENT: 7, EMPTY: 4}
+    # What the read has to take before it holds what the partitions held as it began.
+    assert behind == {HAS_RECENT: 10}
 
 
 async def test_without_a_start_time_every_partition_is_read_from_its_beginning():
     broker = Broker()
-    await _seek(broker, [HAS_RECENT, EMPTY], start_ms=None)
+    behind = await _seek(broker, [HAS_RECENT, EMPTY], start_ms=None)
     assert broker.positions == {HAS_RECENT: 0, EMPTY: 0}
+    assert behind == {HAS_RECENT: 10, EMPTY: 4}
