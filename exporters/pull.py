@@ -208,6 +208,7 @@ class LatestValues(Collector):
         expire_s: float = PROMETHEUS_STALENESS_SECONDS,
         clock=time.monotonic,
         max_bytes: float = math.inf,
+        wall=time.time,
     ) -> None:
         # Served family name -> Family. Two names alike once sanitised (``a.b``, ``a_b``)
         # are one family, as they are one series in Prometheus (the remote-write exporter
@@ -216,7 +217,7 @@ class LatestValues(Collector):
         # Sample name -> the family whose samples may have it (``claims``).
         self.claimed: dict[str, str] = {}
         self.expire_s = expire_s
-        self.clock = clock
+        self.clock, self.wall = clock, wall
         self.swept = -math.inf
         # What the endpoint's memory takes for the series and families held
         # (``series_cost``, ``family_cost``): its bytes at most max_bytes (pull.max_series_bytes).
@@ -291,8 +292,10 @@ class LatestValues(Collector):
     def update(self, snap: MetricSnapshot, partition: int, offset: int) -> list[tuple[Any, str]]:
         """Take a snapshot read at ``offset`` of ``partition`` (see the module doc), of
         series the endpoint can serve (``split``). Returns the series not taken, each
-        with why: those that would take what the series held take past ``max_bytes``."""
-        now = self.clock()
+        with why: those that would take what the series held take past ``max_bytes``.
+        Its series expire ``expire_s`` after the snapshot was made, by its own time (one
+        read late, as the lookback after a restart, is not fresh for that long again)."""
+        now = self.clock() - max(0.0, self.wall() - snap.ts_ms / 1000)
         refused = []
         for row in snap.series:
             name, typ, labels, value = row

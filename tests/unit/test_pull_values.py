@@ -220,7 +220,7 @@ def test_names_alike_in_one_snapshot_are_served_at_the_value_remote_write_sends(
 
 def test_series_no_snapshot_named_for_5_minutes_are_no_longer_served():
     now = [1000.0]
-    latest = LatestValues(clock=lambda: now[0])
+    latest = LatestValues(clock=lambda: now[0], wall=lambda: 0.0)  # (each read as it is made)
     latest.update(MetricSnapshot(1, [["g", "gauge", {"host.id": "gone"}, 1.0]]), 0, 1)
     latest.update(MetricSnapshot(1, [["g", "gauge", {"host.id": "live"}, 1.0]]), 0, 2)
     latest.update(MetricSnapshot(1, [["h_seconds", "histogram", {"host.id": "gone"}, HIST]]), 0, 3)
@@ -233,10 +233,23 @@ def test_series_no_snapshot_named_for_5_minutes_are_no_longer_served():
     assert set(latest.families) == {"g"}
 
 
+def test_a_series_read_late_expires_5_minutes_after_its_snapshot_was_made():
+    """The workers down, the endpoint restarted: the last snapshot, 140 s old when its
+    lookback is read, is not served as fresh for 5 minutes more, but for 160 s."""
+    now = [1000.0]
+    made_s = 1_700_000_000.0
+    latest = LatestValues(clock=lambda: now[0], wall=lambda: made_s + 140 + (now[0] - 1000))
+    latest.update(MetricSnapshot(int(made_s * 1000), [["g", "gauge", {"host.id": "a"}, 1.0]]), 0, 1)
+    now[0] += 159
+    assert latest.expire() == 0
+    now[0] += SWEEP_S + 2  # (past 300 s after it was made)
+    assert latest.expire() == 1
+
+
 def test_the_series_are_swept_at_most_every_sweep_s():
     """(a sweep walks every series: not at each of the many fetches a second)"""
     now = [0.0]
-    latest = LatestValues(clock=lambda: now[0])
+    latest = LatestValues(clock=lambda: now[0], wall=lambda: 0.0)
     latest.update(MetricSnapshot(1, [["g", "gauge", {"host.id": "a"}, 1.0]]), 0, 1)
     now[0] = 296.0
     assert latest.expire() == 0  # (swept: not 5 minutes old yet)
