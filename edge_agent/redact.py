@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ktel.config import ConfigError, RedactRule
-from ktel.probes import KIND_BY_NAME
+from ktel.probes import HISTOGRAM_DELTA, KIND_BY_NAME
 from ktel.schema import Bool, Bytes, Int, IntList, Map, Str, Type
 from ktel.wire.control import HOST_ATTRS, Heartbeat
 
@@ -108,6 +108,13 @@ def masker(rule: RedactRule, t: Type, where: str) -> Mask:
     if not isinstance(t, Str | Bytes | Int | Map | IntList):
         raise ConfigError(
             f"{where}.field = {rule.field!r}: ktel cannot redact a {type(t).__name__} field yet"
+        )
+    if rule.kind == HISTOGRAM_DELTA.name and rule.field in ("count", "buckets"):
+        # (the wire holds a delta's count to the sum of its buckets: one masked apart from
+        # the other would have the processors refuse every batch carrying it)
+        raise ConfigError(
+            f"{where}.field = {rule.field!r}: a histogram_delta's count and buckets are numbers of "
+            "observations, which carry nothing to mask: remove the rule"
         )
     rx, repl = re.compile(rule.pattern), rule.replacement
     try:

@@ -47,7 +47,7 @@ from typing import Any
 
 import msgpack
 
-from ktel.probes import KINDS
+from ktel.probes import HISTOGRAM_DELTA, KINDS
 from ktel.schema import ATTR_VALUE, TS_NS, U63, Array, Int, IntList, Key, MapOf, Shape, Str, brief
 from ktel.wire.codec import SCHEMA_VERSION, ZSTD_MAGIC, WireError, decompress, pack, unpack
 from ktel.wire.control import EVERY_HOST
@@ -227,6 +227,15 @@ def decode_batch(data: bytes | bytearray) -> RawBatch:
         ok = False
     if not ok:
         raise _bad_event(events, what)
+    # A delta's count is what the aggregate counts of it (events, and drops of a full
+    # histogram), its buckets what it adds: one apart from the other would count
+    # observations that are not there, or add some uncounted.
+    hid, count, buckets = HISTOGRAM_DELTA.id, HISTOGRAM_DELTA.index("count"), HISTOGRAM_DELTA.index("buckets")
+    for ev in events:
+        if ev[0] == hid and ev[count] != sum(ev[buckets]):
+            raise WireError(
+                f"{what}: a histogram_delta of {ev[count]} values whose buckets hold {sum(ev[buckets])}"
+            )
     weights = obj.get("w")
     if weights is not None and (
         len(weights) != len(events)

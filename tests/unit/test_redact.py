@@ -87,7 +87,18 @@ def test_every_type_a_rule_names_is_masked_and_the_batch_stays_valid():
             0,
             {"k": "secret-42"},
         ],
-        [hist.id, T, T, "syscall_latency", "ns", {"user": "alice", "syscall.id": 110}, 3, 17, [0] * 40, 1],
+        [
+            hist.id,
+            T,
+            T,
+            "syscall_latency",
+            "ns",
+            {"user": "alice", "syscall.id": 110},
+            3,
+            17,
+            [3] + [0] * 39,
+            1,
+        ],
         ev("/" + "x" * 4000),
     ]
     r.apply(events)
@@ -151,6 +162,9 @@ def test_heartbeat_host_and_container_attributes_are_masked_and_its_identity_kep
         (rule("heartbeat", "boot.id", "x"), "host.id and boot.id identify the host"),
         (rule("file_created", "certain", "x"), "file_created's certain is true or false"),
         (rule("tcp_retransmit", "family", "x"), "is one of ipv4, ipv6, which carries nothing to mask"),
+        # (the wire holds a delta's count to the sum of its buckets)
+        (rule("histogram_delta", "count", "7"), "'count': a histogram_delta's count and buckets are numbers"),
+        (rule("histogram_delta", "buckets", "7"), "'buckets': a histogram_delta's count and buckets are"),
     ],
 )
 def test_rules_with_nothing_to_mask_or_an_identity_are_refused_by_name(bad, message):

@@ -8,6 +8,8 @@ import copy
 import json
 import random
 
+import pytest
+
 from ktel import config
 from ktel.config import AggregateConfig
 from ktel.wire import FILE_CREATED, KTEL_METRIC, PROCESS_EXEC, PROCESS_EXIT, RawBatch
@@ -616,3 +618,25 @@ def test_series_dropped_for_their_length_leave_nothing_in_the_worker_caches():
     assert result.counts["series_dropped_name"] == 50
     after = aggregate_core.series_key.cache_info().currsize, aggregate_core._parsed_key.cache_info().currsize
     assert after == before
+
+
+def test_a_histogram_delta_whose_count_is_not_the_sum_of_its_buckets_is_refused():
+    """The aggregate counts a delta's count (its events, and the drops of a full
+    histogram) and adds its buckets: a count of 0 with buckets of 2^64 - 1 made that
+    many observations dropped uncounted, and one of 5 with buckets of 0 counted five
+    that are not there."""
+    from ktel.probes import HIST_SLOTS, HISTOGRAM_DELTA
+    from ktel.schema import U64
+    from ktel.wire import WireError, decode_batch, encode_batch
+
+    def delta(count: int, buckets: list[int]) -> list:
+        return [HISTOGRAM_DELTA.id, NOW * 1_000_000, 0, "m", "ns", {}, count, 0, buckets, 1]
+
+    for count, first in ((0, U64), (5, 0)):
+        data = encode_batch(RawBatch("h", "b", 0, 1, [delta(count, [first] + [0] * (HIST_SLOTS - 1))]))
+        with pytest.raises(
+            WireError, match=f"a histogram_delta of {count} values whose buckets hold {first}"
+        ):
+            decode_batch(data)
+    fine = encode_batch(RawBatch("h", "b", 0, 1, [delta(U64, [U64] + [0] * (HIST_SLOTS - 1))]))
+    assert decode_batch(fine).events[0][6] == U64
