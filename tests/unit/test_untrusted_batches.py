@@ -640,3 +640,45 @@ def test_a_histogram_delta_whose_count_is_not_the_sum_of_its_buckets_is_refused(
             decode_batch(data)
     fine = encode_batch(RawBatch("h", "b", 0, 1, [delta(U64, [U64] + [0] * (HIST_SLOTS - 1))]))
     assert decode_batch(fine).events[0][6] == U64
+
+
+def test_logs_of_thousands_of_processes_take_a_record_each_for_the_first_256_only():
+    """One log or span record per process, each with the host's resource: a batch of logs
+    of 100,000 pids (363 KB of zstd) made 100,000 records of up to 32 KB of host
+    attributes each, 3.9 GB held at once. Past MAX_PROCESS_RECORDS processes, their rows
+    go in the host's record, each naming its process; every row is kept."""
+    from ktel.wire import (
+        KTEL_LOG,
+        KTEL_SPAN,
+        decode_batch,
+        decode_heartbeat,
+        encode_batch,
+        encode_heartbeat,
+        encoded_parts,
+    )
+    from processors.aggregate_core import MAX_PROCESS_RECORDS
+
+    chain, value = build("all", config.Config(agent=config.AgentConfig(host_id="t"))), {}
+    host = {"host.id": "h", "boot.id": "b"} | {f"a{i:02d}" + "k" * 250: "v" * 1024 for i in range(30)}
+    heartbeat = {"ts": 1, "host": host, "probes": {}, "counters": {}}
+    chain.on_heartbeat(value, "h", decode_heartbeat(encode_heartbeat(heartbeat)))
+    events = [[KTEL_LOG.id, NOW * 1_000_000, pid, pid, 9, f"m{pid}", {}, b"", b""] for pid in range(1, 2001)]
+    result = chain.on_batch(value, decode_batch(encode_batch(RawBatch("h", "b", 0, 1, events))), NOW)
+    assert len(result.logs) == MAX_PROCESS_RECORDS + 1
+    [folded] = [lb for lb in result.logs if "process.pid" not in lb.resource]
+    assert [row[4]["process.pid"] for row in folded.logs] == list(range(MAX_PROCESS_RECORDS + 1, 2001))
+    assert sorted(row[3] for lb in result.logs for row in lb.logs) == sorted(
+        f"m{pid}" for pid in range(1, 2001)
+    )
+    encoded = sum(len(d) for lb in result.logs for d in encoded_parts(lb, b"h"))
+    assert encoded < 16 << 20  # (2,000 records of the resource: 77 MB)
+    # Spans alike.
+    t = NOW * 1_000_000
+    spans = [
+        [KTEL_SPAN.id, t, pid, pid, b"\x01" * 16, pid.to_bytes(8, "big"), b"", "op", t, t + 1, 0, {}]
+        for pid in range(1, 301)
+    ]
+    result = chain.on_batch(value, decode_batch(encode_batch(RawBatch("h", "b", 1, 1, spans))), NOW)
+    assert len(result.spans) == MAX_PROCESS_RECORDS + 1
+    [folded] = [sb for sb in result.spans if "process.pid" not in sb.resource]
+    assert [row[8]["process.pid"] for row in folded.spans] == list(range(MAX_PROCESS_RECORDS + 1, 301))
