@@ -82,6 +82,10 @@ def observe_acknowledged(exporter: str, oldest_ts_ns: Iterable[int]) -> None:
 
 # How often a paused consumer calls getmany while a delivery is in flight.
 POLL_WHILE_PAUSED_S = 1.0
+# How long a group-less read waits for its partitions to be read up to where they ended
+# when it began before it says it is (``run``'s ``read_up``) all the same: one without a
+# leader would otherwise hold that up for as long as it has none.
+READ_UP_S = 120.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,14 +262,10 @@ async def run(
             consumer.subscribe(list(topics))
             behind = {}
         positioned = True
+        reading_since = time.monotonic()
         while not stop.is_set():
             if read_up is not None and not read_up.is_set():
-                # (by position: a partition's last records may be a transaction's markers,
-                # which move it without a record)
-                for tp in [tp for tp, end in behind.items() if await consumer.position(tp) >= end]:
-                    del behind[tp]
-                if not behind:
-                    read_up.set()
+                await _read_up(consumer, behind, read_up, time.monotonic() - reading_since)
             fetched = await consumer.getmany(timeout_ms=500)
             if not fetched:
                 if group_id is not None:
@@ -360,6 +360,30 @@ async def _lags(consumer: AIOKafkaConsumer) -> dict[tuple[str, int], int]:
             continue
         lags[(tp.topic, tp.partition)] = end - position
     return lags
+
+
+async def _read_up(
+    consumer: AIOKafkaConsumer, behind: dict[TopicPartition, int], read_up: asyncio.Event, reading_s: float
+) -> None:
+    """Take out of ``behind`` the partitions read up to their end there, and set ``read_up``
+    once none is left, or after ``READ_UP_S`` whatever is left, saying which."""
+    for tp, end in list(behind.items()):
+        # By position: a partition's last records may be a transaction's markers, which
+        # move it without a record. Up to the end as it is now if it moved back (records
+        # lost in an unclean leader election, the topic made again), which never grows
+        # back to where it was.
+        now_at = consumer.highwater(tp)
+        if await consumer.position(tp) >= (end if now_at is None else min(end, now_at)):
+            del behind[tp]
+    if behind and reading_s > READ_UP_S:
+        log.warning(
+            "partitions %s not read up to where they ended %.0f s ago (no leader?): taken as read",
+            ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(behind)),
+            reading_s,
+        )
+        behind.clear()
+    if not behind:
+        read_up.set()
 
 
 async def _seek(

@@ -293,9 +293,12 @@ class LatestValues(Collector):
         """Take a snapshot read at ``offset`` of ``partition`` (see the module doc), of
         series the endpoint can serve (``split``). Returns the series not taken, each
         with why: those that would take what the series held take past ``max_bytes``.
-        Its series expire ``expire_s`` after the snapshot was made, by its own time (one
-        read late, as the lookback after a restart, is not fresh for that long again)."""
-        now = self.clock() - max(0.0, self.wall() - snap.ts_ms / 1000)
+        Its series expire ``expire_s`` after the snapshot was made, by its own time, up
+        to half of it before it was read (one read late, as the lookback after a restart,
+        is not fresh for that long again)."""
+        # (at most half the expiry: a live series, sent again every refresh_seconds, read
+        # late or by a clock ahead of its worker's must not expire before its next is read)
+        now = self.clock() - min(max(0.0, self.wall() - snap.ts_ms / 1000), self.expire_s / 2)
         refused = []
         for row in snap.series:
             name, typ, labels, value = row

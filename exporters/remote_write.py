@@ -484,7 +484,7 @@ async def post(receiver: Receiver, body: bytes) -> None:
             and already_stored(http_refusal(resp.status_code, text, HELD_ANSWER_CHARS)) is not None
         )
         limit = HELD_ANSWER_CHARS if held else REFUSAL_CHARS
-        if resp.status_code >= 500 and TOO_OLD.search(text):
+        if resp.status_code == 500 and TOO_OLD.search(text):
             # Prometheus 2.39 to 2.48 with an out-of-order window answer 500 for a sample
             # older than it: what a 400 says elsewhere, and never taken however often sent.
             raise Permanent(http_refusal(resp.status_code, text, limit))

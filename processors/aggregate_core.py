@@ -354,24 +354,21 @@ def directory_label(path: str, depth: int) -> str:
 
 # Series keys are made for every event and parsed for every series a window emits,
 # and a host's keys (and many a fleet's hosts share) recur: both ways are cached,
-# bounded (bench/RESULTS.md, "The chain's own work per batch"). A key longer than this
-# is neither: its series is dropped anyway (a label past LABEL_CHARS: ``misnamed``), and
-# a writer naming ever new ones of up to 64 KB each would fill the caches with gigabytes.
-CACHED_KEY_CHARS = 2 * LABEL_CHARS
+# bounded (bench/RESULTS.md, "The chain's own work per batch"). A key of more characters
+# than this is neither (its series' are made and read each time): a writer naming ever
+# new ones of up to 64 KB each (directories of 16,384 characters, 4 bytes each) filled
+# the caches with gigabytes. Keys are far shorter (a directory three levels down).
+CACHED_KEY_CHARS = 512
 
 
-@functools.lru_cache(maxsize=16384)
 def series_key(name: str, labels: tuple[tuple[str, str], ...]) -> str:
-    return json.dumps([name, labels])
+    n = len(name)
+    for _label, value in labels:
+        n += len(value)
+    return _series_key(name, labels) if n <= CACHED_KEY_CHARS else json.dumps([name, labels])
 
 
-def series_key_unbounded(name: str, labels: tuple[tuple[str, str], ...]) -> str:
-    """``series_key`` of labels the wire does not bound to a label's length (a
-    file_created directory: a path, up to 16,384 characters): made without the cache
-    past ``CACHED_KEY_CHARS``."""
-    if len(name) + sum(len(v) for _, v in labels) > CACHED_KEY_CHARS:
-        return json.dumps([name, labels])
-    return series_key(name, labels)
+_series_key = functools.lru_cache(maxsize=16384)(lambda name, labels: json.dumps([name, labels]))
 
 
 def parsed_key(key: str) -> tuple[str, tuple[tuple[str, str], ...]]:
@@ -505,7 +502,7 @@ def count_events(
         found = _counter_labels(ev, opts)
         if found is not None:
             pending[found] += w
-    counts = {series_key_unbounded(name, labels): n for (name, labels), n in pending.items()}
+    counts = {series_key(name, labels): n for (name, labels), n in pending.items()}
     return counts, hists, gauges, invalid
 
 
@@ -849,8 +846,8 @@ def signals(batch: RawBatch) -> tuple[list[SpanBatch], list[LogBatch]]:
             # Values a kernel did not give (None) stay out: unknown is not zero.
             row_attrs = {k: v for k, v in attrs.items() if v is not None and v != ""}
             logs[None].append([ts, SEVERITY_ERROR, "ERROR", body, row_attrs, b"", b""])
-    _fold(spans, SPAN_ATTRS)
-    _fold(logs, LOG_ATTRS)
+    _fold(spans, SPAN_ATTRS, batch.processes or {})
+    _fold(logs, LOG_ATTRS, batch.processes or {})
     return (
         [SpanBatch(_resource(batch, pid), rows) for pid, rows in spans.items()],
         [LogBatch(_resource(batch, pid), rows) for pid, rows in logs.items()],
@@ -866,15 +863,16 @@ MAX_PROCESS_RECORDS = 256
 SPAN_ATTRS, LOG_ATTRS = 8, 4  # where a span's and a log row's attributes are
 
 
-def _fold(by_pid: dict[Any, list[list]], attrs_at: int) -> None:
+def _fold(by_pid: dict[Any, list[list]], attrs_at: int, processes: dict[str, dict[str, Any]]) -> None:
     """Fold the rows of the processes past the first ``MAX_PROCESS_RECORDS`` of
-    ``by_pid`` into its host record (None), each with ``process.pid`` among its
-    attributes."""
+    ``by_pid`` into its host record (None), each with ``process.pid`` and what is known
+    of its process (``processes``, from the enrich stage) among its attributes."""
     if len(by_pid) <= MAX_PROCESS_RECORDS:
         return
     own = set([pid for pid in by_pid if pid][:MAX_PROCESS_RECORDS])
     host = by_pid.setdefault(None, [])
     for pid in [pid for pid in by_pid if pid and pid not in own]:
+        known = {**processes.get(str(pid), {}), PROCESS_PID: pid}
         for row in by_pid.pop(pid):
-            row[attrs_at] = {**row[attrs_at], PROCESS_PID: pid}
+            row[attrs_at] = {**row[attrs_at], **known}
             host.append(row)

@@ -502,7 +502,9 @@ class App(faust.App):
         if end is None:
             try:
                 end = self.consumer.highwater(tp)  # (None until its first fetch)
-            except AssertionError:  # (aiokafka's: no longer assigned; the next seek notes anew)
+            except (AssertionError, AttributeError):
+                # (aiokafka's, for a partition no longer assigned, or whose assignment was
+                # replaced meanwhile: the next seek notes it anew)
                 return
             if end is None:
                 return

@@ -77,9 +77,12 @@ def prom_value(port, directory):
 
 def pull_value(port, directory):
     try:
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", trust_env=False).text
+        resp = httpx.get(f"http://127.0.0.1:{port}/metrics", trust_env=False)
     except httpx.HTTPError:
         return None
+    if resp.status_code == 503:
+        return None  # (reading its lookback of ktel.metrics: nothing served yet)
+    text = resp.text
     total = None
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:

@@ -58,6 +58,9 @@ class Consumer:
     async def position(self, tp) -> int:
         return self.at
 
+    def highwater(self, tp) -> int:
+        return 2
+
     def paused(self):
         return set(self.held)
 

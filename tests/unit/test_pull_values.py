@@ -246,6 +246,17 @@ def test_a_series_read_late_expires_5_minutes_after_its_snapshot_was_made():
     assert latest.expire() == 1
 
 
+def test_a_live_series_read_late_is_served_until_its_next_refresh_is_read():
+    """Read 200 s behind its worker (a lagging endpoint, or a clock ahead of the worker's),
+    a live series sent again every 120 s must not expire between two of its snapshots."""
+    now = [1000.0]
+    made_s = 1_700_000_000.0
+    latest = LatestValues(clock=lambda: now[0], wall=lambda: made_s + 200 + (now[0] - 1000))
+    latest.update(MetricSnapshot(int(made_s * 1000), [["g", "gauge", {"host.id": "a"}, 1.0]]), 0, 1)
+    now[0] += 119  # (its next snapshot, 120 s later, is read 200 s late too)
+    assert latest.expire() == 0 and latest.families
+
+
 def test_the_series_are_swept_at_most_every_sweep_s():
     """(a sweep walks every series: not at each of the many fetches a second)"""
     now = [0.0]

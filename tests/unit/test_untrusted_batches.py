@@ -5,6 +5,7 @@ a host's series, processes and containers kept within their shares of
 process.max_state_bytes."""
 
 import copy
+import dataclasses
 import json
 import random
 
@@ -605,18 +606,21 @@ def test_a_batch_whose_resource_alone_fills_half_a_record_is_passed_on_whole_not
 
 def test_series_dropped_for_their_length_leave_nothing_in_the_worker_caches():
     """The series-key caches (16,384 keys each, shared by every host of the worker) keep
-    no key of a series dropped for its length: a directory label of 16,300 astral
-    characters took about 340 KB in them, 5.5 GB at their bound, from about 140 records
-    of 1.2 KB of zstd."""
+    no long key: a directory label of 16,300 astral characters took about 340 KB in
+    them, 5.5 GB at their bound, from about 140 records of 1.2 KB of zstd; one of 5,000
+    (dropped too, past 4,096) about 100 KB."""
     chain = build("all", config.Config(agent=config.AgentConfig(host_id="t")))
     events = [
-        [FILE_CREATED.id, 1, 2, 2, 0, "c", "/" + "\U0001f600" * 16300 + f"{i}/f", 0o101, False]
+        [FILE_CREATED.id, 1, 2, 2, 0, "c", "/" + "\U0001f600" * 5000 + f"{i}/f", 0o101, False]
         for i in range(50)
     ]
-    before = aggregate_core.series_key.cache_info().currsize, aggregate_core._parsed_key.cache_info().currsize
+    before = (
+        aggregate_core._series_key.cache_info().currsize,
+        aggregate_core._parsed_key.cache_info().currsize,
+    )
     result = chain.on_batch({}, RawBatch("h", "b", 0, 1, events), NOW)
     assert result.counts["series_dropped_name"] == 50
-    after = aggregate_core.series_key.cache_info().currsize, aggregate_core._parsed_key.cache_info().currsize
+    after = aggregate_core._series_key.cache_info().currsize, aggregate_core._parsed_key.cache_info().currsize
     assert after == before
 
 
@@ -647,26 +651,21 @@ def test_logs_of_thousands_of_processes_take_a_record_each_for_the_first_256_onl
     of 100,000 pids (363 KB of zstd) made 100,000 records of up to 32 KB of host
     attributes each, 3.9 GB held at once. Past MAX_PROCESS_RECORDS processes, their rows
     go in the host's record, each naming its process; every row is kept."""
-    from ktel.wire import (
-        KTEL_LOG,
-        KTEL_SPAN,
-        decode_batch,
-        decode_heartbeat,
-        encode_batch,
-        encode_heartbeat,
-        encoded_parts,
-    )
+    from ktel.wire import KTEL_LOG, KTEL_SPAN, decode_batch, encode_batch, encoded_parts
     from processors.aggregate_core import MAX_PROCESS_RECORDS
 
-    chain, value = build("all", config.Config(agent=config.AgentConfig(host_id="t"))), {}
-    host = {"host.id": "h", "boot.id": "b"} | {f"a{i:02d}" + "k" * 250: "v" * 1024 for i in range(30)}
-    heartbeat = {"ts": 1, "host": host, "probes": {}, "counters": {}}
-    chain.on_heartbeat(value, "h", decode_heartbeat(encode_heartbeat(heartbeat)))
+    # The split aggregate stage, given the batch as enrich passes it on: the host's
+    # resource (30 attributes of 1 KB, as a heartbeat may give) and what it knew of a process.
+    chain, value = build("aggregate", config.Config(agent=config.AgentConfig(host_id="t"))), {}
+    host = {"host.id": "h"} | {f"a{i:02d}" + "k" * 250: "v" * 1024 for i in range(30)}
     events = [[KTEL_LOG.id, NOW * 1_000_000, pid, pid, 9, f"m{pid}", {}, b"", b""] for pid in range(1, 2001)]
-    result = chain.on_batch(value, decode_batch(encode_batch(RawBatch("h", "b", 0, 1, events))), NOW)
+    known = {"1999": {"container.id": "c1999"}}
+    batch = dataclasses.replace(RawBatch("h", "b", 0, 1, events), resource=host, processes=known)
+    result = chain.on_batch(value, decode_batch(encode_batch(batch)), NOW)
     assert len(result.logs) == MAX_PROCESS_RECORDS + 1
     [folded] = [lb for lb in result.logs if "process.pid" not in lb.resource]
     assert [row[4]["process.pid"] for row in folded.logs] == list(range(MAX_PROCESS_RECORDS + 1, 2001))
+    assert [row[4].get("container.id") for row in folded.logs if row[4]["process.pid"] == 1999] == ["c1999"]
     assert sorted(row[3] for lb in result.logs for row in lb.logs) == sorted(
         f"m{pid}" for pid in range(1, 2001)
     )
@@ -678,7 +677,8 @@ def test_logs_of_thousands_of_processes_take_a_record_each_for_the_first_256_onl
         [KTEL_SPAN.id, t, pid, pid, b"\x01" * 16, pid.to_bytes(8, "big"), b"", "op", t, t + 1, 0, {}]
         for pid in range(1, 301)
     ]
-    result = chain.on_batch(value, decode_batch(encode_batch(RawBatch("h", "b", 1, 1, spans))), NOW)
+    batch = dataclasses.replace(RawBatch("h", "b", 1, 1, spans), resource=host)
+    result = chain.on_batch(value, decode_batch(encode_batch(batch)), NOW)
     assert len(result.spans) == MAX_PROCESS_RECORDS + 1
     [folded] = [sb for sb in result.spans if "process.pid" not in sb.resource]
     assert [row[8]["process.pid"] for row in folded.spans] == list(range(MAX_PROCESS_RECORDS + 1, 301))
