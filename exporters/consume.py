@@ -17,6 +17,16 @@ and the calls keep the consumer in its group: aiokafka leaves the group when
 The process is ready (/readyz, ktel/selfmetrics.py) once the consumer is connected
 and holds partitions; without a group, once it also knows where in each partition
 it starts, so that a record written after /readyz said ready is read.
+
+Where to read from is never left to aiokafka (``auto_offset_reset`` "none"): its
+"earliest" went on silently past records Kafka's retention had deleted before they were
+delivered (a backend away for longer than the topic keeps records), which is data lost
+with nothing to show for it. A group's partition with no commit is read from its first
+record (``_FromFirst``); a position retention has passed is counted
+(``ktel_exporter_records_expired_total``) and logged, then read on from the partition's
+first record; a position past a partition's end (the topic deleted and made again,
+records lost in an unclean leader election) is read again from its first record, as a
+new group would (``_out_of_range``).
 """
 
 from __future__ import annotations
@@ -29,8 +39,15 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError, KafkaTimeoutError
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import (
+    CommitFailedError,
+    IllegalStateError,
+    KafkaError,
+    KafkaTimeoutError,
+    NoOffsetForPartitionError,
+    OffsetOutOfRangeError,
+)
 from prometheus_client import Counter, Histogram
 
 from ktel import consumer_lag, selfmetrics
@@ -55,6 +72,12 @@ DEAD_LETTERED_ITEMS = Counter(
     "ktel_exporter_dead_lettered_items",
     "samples, spans, log records or data points in the records sent to ktel.dlq",
     ["exporter", "signal"],
+)
+
+EXPIRED = Counter(
+    "ktel_exporter_records_expired",
+    "records Kafka's retention deleted before this exporter delivered them",
+    ["exporter", "topic"],
 )
 
 # End-to-end ingestion latency (SLI M2): from the time a record's data was made
@@ -227,7 +250,8 @@ async def run(
         **client_kwargs(kafka),
         group_id=group_id,
         enable_auto_commit=False,
-        auto_offset_reset="earliest",
+        # Raised to the loop instead (``_fetch``): see the module docstring.
+        auto_offset_reset="none",
         max_poll_records=500,
     )
     connected = positioned = False
@@ -259,14 +283,14 @@ async def run(
                 lambda: _seek(consumer, parts, start_ms), what=f"find where to start in {list(topics)}"
             )
         else:
-            consumer.subscribe(list(topics))
+            consumer.subscribe(list(topics), listener=_FromFirst(consumer))
             behind = {}
         positioned = True
         reading_since = time.monotonic()
         while not stop.is_set():
             if read_up is not None and not read_up.is_set():
                 await _read_up(consumer, behind, read_up, time.monotonic() - reading_since)
-            fetched = await consumer.getmany(timeout_ms=500)
+            fetched = await _fetch(consumer, stage, 500)
             if not fetched:
                 if group_id is not None:
                     consumer_lag.export(group_id, await _lags(consumer))
@@ -290,7 +314,9 @@ async def run(
                 # The dead letters go out within the paused delivery too: ktel.dlq may be
                 # away (its leader down) while the topics read are not, and the retries
                 # must not keep getmany from being called meanwhile.
-                await _deliver_paused(consumer, _dead_letters_then(producer, dlq, undecoded, deliver, items))
+                await _deliver_paused(
+                    consumer, stage, _dead_letters_then(producer, dlq, undecoded, deliver, items)
+                )
             if group_id is not None:
                 await _commit(consumer, {tp: recs[-1].offset + 1 for tp, recs in fetched.items()})
                 consumer_lag.export(group_id, await _lags(consumer))
@@ -310,7 +336,7 @@ async def _dead_letters_then(
         await deliver(items, producer)
 
 
-async def _deliver_paused(consumer: AIOKafkaConsumer, delivery: Awaitable[None]) -> None:
+async def _deliver_paused(consumer: AIOKafkaConsumer, stage: str, delivery: Awaitable[None]) -> None:
     """Await ``delivery`` with every assigned partition paused, still polling."""
     task = asyncio.ensure_future(delivery)
     try:
@@ -318,7 +344,7 @@ async def _deliver_paused(consumer: AIOKafkaConsumer, delivery: Awaitable[None])
             # Re-paused every turn: a rebalance meanwhile may have assigned new partitions.
             consumer.pause(*consumer.assignment())
             await asyncio.wait({task}, timeout=POLL_WHILE_PAUSED_S)
-            stray = await consumer.getmany(timeout_ms=0)
+            stray = await _fetch(consumer, stage, 0)
             for tp, recs in stray.items():  # not expected; re-read them later rather than lose them
                 consumer.seek(tp, recs[0].offset)
         task.result()
@@ -326,6 +352,89 @@ async def _deliver_paused(consumer: AIOKafkaConsumer, delivery: Awaitable[None])
         if not task.done():
             task.cancel()
         consumer.resume(*consumer.paused())
+
+
+class _FromFirst(ConsumerRebalanceListener):
+    """Seeks each partition assigned without a commit of the group to its first record:
+    a new group reads what its topics hold (aiokafka's "earliest", which is otherwise off).
+    Before the first fetch: ``_lags`` would wait on such a partition's position forever."""
+
+    def __init__(self, consumer: AIOKafkaConsumer) -> None:
+        self.consumer = consumer
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        pass
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        parts = list(assigned)
+        if not parts:
+            return
+        # Retried while the group's coordinator is away: a failed listener is only logged
+        # by aiokafka, and would leave the partitions without a position.
+        committed = await retry(
+            lambda: _committed(self.consumer, parts), what=f"look up the commits of {len(parts)} partitions"
+        )
+        new = [tp for tp in parts if committed[tp] is None and tp in self.consumer.assignment()]
+        if new:
+            await self.consumer.seek_to_beginning(*new)
+
+
+async def _committed(
+    consumer: AIOKafkaConsumer, parts: list[TopicPartition]
+) -> dict[TopicPartition, int | None]:
+    return {tp: await consumer.committed(tp) for tp in parts}
+
+
+async def _fetch(consumer: AIOKafkaConsumer, stage: str, timeout_ms: int) -> dict[TopicPartition, list[Any]]:
+    """``getmany``, with the positions Kafka refuses set right (module docstring): nothing
+    is returned then, and the next call reads from there."""
+    try:
+        return await consumer.getmany(timeout_ms=timeout_ms)
+    except NoOffsetForPartitionError as err:
+        # A partition assigned with no commit, fetched before ``_FromFirst`` sought it.
+        tp = err.args[0] if err.args else None
+        if isinstance(tp, TopicPartition) and tp in consumer.assignment():
+            await consumer.seek_to_beginning(tp)
+    except OffsetOutOfRangeError as err:
+        await _out_of_range(consumer, stage, err)
+    return {}
+
+
+async def _out_of_range(consumer: AIOKafkaConsumer, stage: str, err: OffsetOutOfRangeError) -> None:
+    at = err.args[0] if err.args and isinstance(err.args[0], dict) else {}
+    held = [tp for tp in at if tp in consumer.assignment()]
+    if not held:
+        return
+    firsts = await retry(lambda: consumer.beginning_offsets(held), what="find where the partitions begin")
+    lasts = await retry(lambda: consumer.end_offsets(held), what="find where the partitions end")
+    for tp in held:
+        name = f"{tp.topic}[{tp.partition}]"
+        if at[tp] < firsts[tp]:
+            gone = firsts[tp] - at[tp]
+            log.error(
+                "%s: %d records (offsets %d to %d) were deleted by Kafka's retention before they "
+                "were delivered (the backend away for longer than the topic keeps records?); "
+                "reading on from offset %d",
+                name,
+                gone,
+                at[tp],
+                firsts[tp] - 1,
+                firsts[tp],
+            )
+            EXPIRED.labels(stage, tp.topic).inc(gone)
+            consumer.seek(tp, firsts[tp])
+        elif at[tp] > lasts[tp]:
+            log.warning(
+                "%s ends at offset %d, before this exporter's position %d (the topic deleted and "
+                "made again, or records lost in an unclean leader election): reading it again "
+                "from its first record, offset %d",
+                name,
+                lasts[tp],
+                at[tp],
+                firsts[tp],
+            )
+            consumer.seek(tp, firsts[tp])
+        # Else in range as the leader tells (a replica behind it answered): fetched again.
 
 
 async def _commit(consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:

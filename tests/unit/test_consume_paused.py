@@ -46,7 +46,7 @@ class Consumer:
     async def stop(self) -> None:
         pass
 
-    def subscribe(self, topics) -> None:
+    def subscribe(self, topics, listener=None) -> None:
         pass
 
     def assignment(self):
