@@ -1574,6 +1574,11 @@ def _unknown(loc: tuple[int | str, ...]) -> str:
     )
 
 
+def _quoted(loc: tuple[int | str, ...], value: object) -> str:
+    """How a number given where a string is wanted is written as one."""
+    return f'{loc[-1]} = "{value}"' if isinstance(loc[-1], str) else f'"{value}"'
+
+
 def _explain(err: ValidationError, source: str) -> str:
     lines = [f"invalid ktel configuration ({source}):"]
     for e in err.errors():
@@ -1596,6 +1601,14 @@ def _explain(err: ValidationError, source: str) -> str:
             lines.append(f"  {field}: {e['msg']}")
             continue
         shown = MASK if _secret_at(e["loc"]) else _shown(value)
+        if e["type"] == "string_type" and isinstance(value, int | float) and not isinstance(value, bool):
+            # Digits unquoted: TOML and YAML read them as a number, and so does Helm's --set.
+            lines.append(
+                f"  {field} = {shown}: a string is wanted, and this is a number: write it in "
+                f"quotes in the file ({_quoted(e['loc'], value)}); in the Helm chart's values, "
+                "quote it too, or give it with --set-string instead of --set"
+            )
+            continue
         lines.append(f"  {field} = {shown}: {e['msg']} (set it in the file or with {env})")
     return "\n".join(lines)
 

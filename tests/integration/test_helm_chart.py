@@ -331,6 +331,26 @@ def test_every_pod_loads_its_config_in_the_environment_kubernetes_gives_it(
             config.load(path)  # (raises ConfigError naming the variable)
 
 
+def test_digits_set_for_a_string_are_refused_naming_set_string(tmp_path, monkeypatch) -> None:
+    """Helm's --set makes digits a number, which the ConfigMap's TOML keeps: ktel refuses it,
+    and says how to give it as the string it wants."""
+    for name in [n for n in os.environ if n.startswith("KTEL_")]:
+        monkeypatch.delenv(name)
+    with pytest.raises(config.ConfigError, match=r'service.name = 2024: .*name = "2024".*--set-string'):
+        config.load(config_file(render(sets=("config.service.name=2024",)), tmp_path))
+    res = run_helm("template", "ktel", str(CHART), "--set-string", "config.service.name=2024")
+    assert res.returncode == 0, res.stderr
+    [cm] = [
+        d
+        for d in yaml.safe_load_all(res.stdout)
+        if d
+        and d["kind"] == "ConfigMap"
+        and "ktel.toml" in d["data"]
+        and "helm.sh/hook" not in d["metadata"].get("annotations", {})
+    ]
+    assert config.load(config_file([cm], tmp_path)).service.name == "2024"
+
+
 def placed_by(w: dict[str, Any]) -> str:
     """The values that place a pod: its group's (agent, process, exporters, topicsJob)."""
     if w["kind"] != "Deployment":

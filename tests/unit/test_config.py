@@ -42,6 +42,17 @@ def test_env_overrides_file(tmp_path, monkeypatch):
             "agent.batch_max_ms = 100000000000: Value error, 100000000000 ms is out of range",
         ),
         ("[agent]\nbatch_max_ms = 'abc'\n", "KTEL_AGENT__BATCH_MAX_MS"),
+        (
+            "[service]\nname = 2024\n",
+            "service.name = 2024: a string is wanted, and this is a number: write it in quotes in the "
+            'file (name = "2024"); in the Helm chart\'s values, quote it too, or give it with '
+            "--set-string instead of --set",
+        ),
+        (
+            "[agent]\nprobes = ['file_created', 7]\n",
+            "agent.probes.1 = 7: a string is wanted, and this is a number: write it in quotes in the "
+            'file ("7")',
+        ),
         ("[agent]\nbatch_max_ms = 0\n", "from 1 to 60000"),
         (
             "[agent]\nbatch_hold_ms = 0\n",
