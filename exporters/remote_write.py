@@ -188,8 +188,8 @@ STALE_NAN_BITS = 0x7FF0000000000002
 STALE_NAN: float = struct.unpack("<d", STALE_NAN_BITS.to_bytes(8, "little"))[0]
 
 
-# Prometheus' words for a sample older than what it takes at all: a refusal whatever the
-# status it comes with (``post``).
+# Prometheus' words for a sample older than what it takes at all: a refusal under a 500 as
+# under a 400 (``post``).
 TOO_OLD = re.compile(r"\b(?:too old sample|out of bounds)\b")
 
 

@@ -60,7 +60,7 @@ import functools
 import gc
 import logging
 import time
-from collections.abc import Awaitable, Callable, Set
+from collections.abc import Awaitable, Callable, Iterable, Set
 from pathlib import Path
 from typing import Any, cast
 
@@ -1030,11 +1030,13 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             cap.recount()
             cap.held()  # (and the gauge follows)
 
-    def backlog_hosts(mine: dict[str, Any]) -> set[str]:
-        """The hosts of ``mine`` whose partition the worker has not yet read up to where it
-        ended when the worker took it (``App.backlog``): silent here, they may have batches
-        in what is still unread."""
-        behind = app.reading(source_name)
+    def backlog_hosts(mine: Iterable[str], *topics: str) -> set[str]:
+        """The hosts of ``mine`` whose partition of ``topics`` (the source's, by default) the
+        worker has not yet read up to where it ended when the worker took it
+        (``App.backlog``): silent here, they may have records in what is still unread."""
+        behind: set[int] = set()
+        for topic in topics or (source_name,):
+            behind |= app.reading(topic)
         if not behind:
             return set()
         n = cfg.kafka.raw_partitions
@@ -1200,13 +1202,8 @@ def make_app(cfg: Config, stage: str) -> faust.App:
             await emit(chain.forget(host_id))
         now = time.monotonic()
         # (not one of a partition still being read: its records may be in what is unread)
-        behind = app.reading(source_name) | (app.reading(names.heartbeats) if chain.heartbeats else set())
-        silent = [
-            h
-            for h in mine
-            if now - last_seen.setdefault(h, now) > silent_s
-            and (not behind or partition_of(h, n) not in behind)
-        ]
+        behind = backlog_hosts(mine, source_name, *([names.heartbeats] if chain.heartbeats else []))
+        silent = [h for h in mine if now - last_seen.setdefault(h, now) > silent_s and h not in behind]
         forgotten = 0
         for host_id in silent:
             if now - last_seen.get(host_id, now) <= silent_s:

@@ -79,6 +79,9 @@ SHAPE = Shape(
 
 # kind id -> the kind's validator (one lookup per event on the hot path).
 _VALID = {k.id: k.valid for k in KINDS.values()}
+# Where a histogram_delta holds its count and its buckets (``decode_batch`` checks one
+# against the other).
+_DELTA_COUNT, _DELTA_BUCKETS = HISTOGRAM_DELTA.index("count"), HISTOGRAM_DELTA.index("buckets")
 
 # Fields of an event that name a process (whose attributes enrich attaches).
 PID_FIELDS = ("pid", "trigger_pid")
@@ -230,7 +233,7 @@ def decode_batch(data: bytes | bytearray) -> RawBatch:
     # A delta's count is what the aggregate counts of it (events, and drops of a full
     # histogram), its buckets what it adds: one apart from the other would count
     # observations that are not there, or add some uncounted.
-    hid, count, buckets = HISTOGRAM_DELTA.id, HISTOGRAM_DELTA.index("count"), HISTOGRAM_DELTA.index("buckets")
+    hid, count, buckets = HISTOGRAM_DELTA.id, _DELTA_COUNT, _DELTA_BUCKETS
     for ev in events:
         if ev[0] == hid and ev[count] != sum(ev[buckets]):
             raise WireError(
