@@ -21,12 +21,12 @@ it starts, so that a record written after /readyz said ready is read.
 Where to read from is never left to aiokafka (``auto_offset_reset`` "none"): its
 "earliest" went on silently past records Kafka's retention had deleted before they were
 delivered (a backend away for longer than the topic keeps records), which is data lost
-with nothing to show for it. A group's partition with no commit is read from its first
-record (``_FromFirst``); a position retention has passed is counted
+with nothing to show for it. Instead (``_start_over``): a group's partition with no
+commit is read from its first record; a position retention has passed is counted
 (``ktel_exporter_records_expired_total``) and logged, then read on from the partition's
 first record; a position past a partition's end (the topic deleted and made again,
 records lost in an unclean leader election) is read again from its first record, as a
-new group would (``_out_of_range``).
+new group would. A group commits where it starts over.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import (
     CommitFailedError,
     IllegalStateError,
@@ -283,14 +283,14 @@ async def run(
                 lambda: _seek(consumer, parts, start_ms), what=f"find where to start in {list(topics)}"
             )
         else:
-            consumer.subscribe(list(topics), listener=_FromFirst(consumer))
+            consumer.subscribe(list(topics))
             behind = {}
         positioned = True
         reading_since = time.monotonic()
         while not stop.is_set():
             if read_up is not None and not read_up.is_set():
                 await _read_up(consumer, behind, read_up, time.monotonic() - reading_since)
-            fetched = await _fetch(consumer, stage, 500)
+            fetched = await _fetch(consumer, stage, 500, group_id is not None)
             if not fetched:
                 if group_id is not None:
                     consumer_lag.export(group_id, await _lags(consumer))
@@ -315,7 +315,10 @@ async def run(
                 # away (its leader down) while the topics read are not, and the retries
                 # must not keep getmany from being called meanwhile.
                 await _deliver_paused(
-                    consumer, stage, _dead_letters_then(producer, dlq, undecoded, deliver, items)
+                    consumer,
+                    stage,
+                    group_id is not None,
+                    _dead_letters_then(producer, dlq, undecoded, deliver, items),
                 )
             if group_id is not None:
                 await _commit(consumer, {tp: recs[-1].offset + 1 for tp, recs in fetched.items()})
@@ -336,7 +339,9 @@ async def _dead_letters_then(
         await deliver(items, producer)
 
 
-async def _deliver_paused(consumer: AIOKafkaConsumer, stage: str, delivery: Awaitable[None]) -> None:
+async def _deliver_paused(
+    consumer: AIOKafkaConsumer, stage: str, grouped: bool, delivery: Awaitable[None]
+) -> None:
     """Await ``delivery`` with every assigned partition paused, still polling."""
     task = asyncio.ensure_future(delivery)
     try:
@@ -344,7 +349,7 @@ async def _deliver_paused(consumer: AIOKafkaConsumer, stage: str, delivery: Awai
             # Re-paused every turn: a rebalance meanwhile may have assigned new partitions.
             consumer.pause(*consumer.assignment())
             await asyncio.wait({task}, timeout=POLL_WHILE_PAUSED_S)
-            stray = await _fetch(consumer, stage, 0)
+            stray = await _fetch(consumer, stage, 0, grouped)
             for tp, recs in stray.items():  # not expected; re-read them later rather than lose them
                 consumer.seek(tp, recs[0].offset)
         task.result()
@@ -354,87 +359,92 @@ async def _deliver_paused(consumer: AIOKafkaConsumer, stage: str, delivery: Awai
         consumer.resume(*consumer.paused())
 
 
-class _FromFirst(ConsumerRebalanceListener):
-    """Seeks each partition assigned without a commit of the group to its first record:
-    a new group reads what its topics hold (aiokafka's "earliest", which is otherwise off).
-    Before the first fetch: ``_lags`` would wait on such a partition's position forever."""
-
-    def __init__(self, consumer: AIOKafkaConsumer) -> None:
-        self.consumer = consumer
-
-    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        pass
-
-    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        parts = list(assigned)
-        if not parts:
-            return
-        # Retried while the group's coordinator is away: a failed listener is only logged
-        # by aiokafka, and would leave the partitions without a position.
-        committed = await retry(
-            lambda: _committed(self.consumer, parts), what=f"look up the commits of {len(parts)} partitions"
-        )
-        new = [tp for tp in parts if committed[tp] is None and tp in self.consumer.assignment()]
-        if new:
-            await self.consumer.seek_to_beginning(*new)
-
-
-async def _committed(
-    consumer: AIOKafkaConsumer, parts: list[TopicPartition]
-) -> dict[TopicPartition, int | None]:
-    return {tp: await consumer.committed(tp) for tp in parts}
-
-
-async def _fetch(consumer: AIOKafkaConsumer, stage: str, timeout_ms: int) -> dict[TopicPartition, list[Any]]:
+async def _fetch(
+    consumer: AIOKafkaConsumer, stage: str, timeout_ms: int, grouped: bool
+) -> dict[TopicPartition, list[Any]]:
     """``getmany``, with the positions Kafka refuses set right (module docstring): nothing
-    is returned then, and the next call reads from there."""
+    is returned then, and the next call reads from there. ``grouped``: the consumer is a
+    group's, which commits where such a partition now starts."""
     try:
         return await consumer.getmany(timeout_ms=timeout_ms)
     except NoOffsetForPartitionError as err:
-        # A partition assigned with no commit, fetched before ``_FromFirst`` sought it.
         tp = err.args[0] if err.args else None
-        if isinstance(tp, TopicPartition) and tp in consumer.assignment():
-            await consumer.seek_to_beginning(tp)
+        if isinstance(tp, TopicPartition):
+            await _start_over(consumer, {tp: -1}, stage, grouped)
     except OffsetOutOfRangeError as err:
-        await _out_of_range(consumer, stage, err)
+        at = err.args[0] if err.args and isinstance(err.args[0], dict) else {}
+        await _start_over(consumer, at, stage, grouped)
     return {}
 
 
-async def _out_of_range(consumer: AIOKafkaConsumer, stage: str, err: OffsetOutOfRangeError) -> None:
-    at = err.args[0] if err.args and isinstance(err.args[0], dict) else {}
+async def _start_over(
+    consumer: AIOKafkaConsumer, at: dict[TopicPartition, int], stage: str, grouped: bool
+) -> None:
+    """Seek each partition of ``at`` (where its fetch was refused; -1: a group's partition
+    with no commit) that is still held to its first record, counting what retention deleted
+    past the position, and commit there for a group: a restart before the next delivery
+    would count those again, and a partition with no commit would have what retention
+    deleted before it was read passed over uncounted.
+
+    A lookup that fails does nothing: the next fetch is refused again, and this runs again,
+    while ``getmany`` keeps being called (retrying here for longer than
+    ``max_poll_interval_ms`` would have the consumer leave its group)."""
     held = [tp for tp in at if tp in consumer.assignment()]
     if not held:
         return
-    firsts = await retry(lambda: consumer.beginning_offsets(held), what="find where the partitions begin")
-    lasts = await retry(lambda: consumer.end_offsets(held), what="find where the partitions end")
+    try:
+        firsts = await consumer.beginning_offsets(held)
+        lasts = await consumer.end_offsets(held)
+    except KafkaError as err:
+        log.warning("cannot look up where %s begin (%s): asked again at the next fetch", held, err)
+        return
+    sought: dict[TopicPartition, int] = {}
     for tp in held:
-        name = f"{tp.topic}[{tp.partition}]"
-        if at[tp] < firsts[tp]:
-            gone = firsts[tp] - at[tp]
+        if tp not in consumer.assignment():
+            continue  # (revoked meanwhile: its new member reads it from the group's commit)
+        name, was, first = f"{tp.topic}[{tp.partition}]", at[tp], firsts[tp]
+        if was < 0:
+            pass  # (a new group's partition: read from its first record, as "earliest")
+        elif was < first:
             log.error(
                 "%s: %d records (offsets %d to %d) were deleted by Kafka's retention before they "
                 "were delivered (the backend away for longer than the topic keeps records?); "
                 "reading on from offset %d",
                 name,
-                gone,
-                at[tp],
-                firsts[tp] - 1,
-                firsts[tp],
+                first - was,
+                was,
+                first - 1,
+                first,
             )
-            EXPIRED.labels(stage, tp.topic).inc(gone)
-            consumer.seek(tp, firsts[tp])
-        elif at[tp] > lasts[tp]:
+            EXPIRED.labels(stage, tp.topic).inc(first - was)
+        elif was > lasts[tp]:
             log.warning(
                 "%s ends at offset %d, before this exporter's position %d (the topic deleted and "
                 "made again, or records lost in an unclean leader election): reading it again "
                 "from its first record, offset %d",
                 name,
                 lasts[tp],
-                at[tp],
-                firsts[tp],
+                was,
+                first,
             )
-            consumer.seek(tp, firsts[tp])
-        # Else in range as the leader tells (a replica behind it answered): fetched again.
+        else:
+            # In range as the leader tells now: a replica behind it answered, and the fetch is
+            # made again; or the partition was cut back below the position and has grown past
+            # it since, and the records between its new end then and the position are passed
+            # over, which nothing here can tell from the former.
+            log.warning(
+                "%s: Kafka refused offset %d as out of range, and now has it (offsets %d to %d): "
+                "fetching it again",
+                name,
+                was,
+                first,
+                lasts[tp],
+            )
+            continue
+        consumer.seek(tp, first)
+        sought[tp] = first
+    if grouped and sought:
+        await _commit(consumer, sought)
 
 
 async def _commit(consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:

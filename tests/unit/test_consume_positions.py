@@ -1,12 +1,13 @@
 """Where an exporter reads on from when Kafka refuses its position (exporters/consume.py,
-``_fetch``, ``_FromFirst``): past records retention deleted, counted; past a partition's
-end, from its first record; with no commit, from its first record. A stub stands for
-aiokafka's consumer (tests/integration/test_exporter_retention.py: a real broker)."""
+``_fetch``, ``_start_over``): past records retention deleted, counted, and committed
+there; past a partition's end, from its first record; with no commit, from its first
+record. A stub stands for aiokafka's consumer (tests/integration/test_exporter_retention.py:
+a real broker)."""
 
 from __future__ import annotations
 
 from aiokafka import TopicPartition
-from aiokafka.errors import NoOffsetForPartitionError, OffsetOutOfRangeError
+from aiokafka.errors import KafkaConnectionError, NoOffsetForPartitionError, OffsetOutOfRangeError
 from prometheus_client import REGISTRY
 
 from exporters import consume
@@ -19,12 +20,14 @@ class Consumer:
     def __init__(self, error: Exception | None = None, first: int = 100, last: int = 200) -> None:
         self.error = error
         self.first, self.last = first, last
+        self.held = {TP, OTHER}
         self.seeks: dict[TopicPartition, int] = {}
-        self.to_beginning: list[TopicPartition] = []
-        self.commits: dict[TopicPartition, int | None] = {TP: 150, OTHER: None}
+        self.committed: dict[TopicPartition, int] = {}
+        self.lookups_fail = False
+        self.revoke_on_lookup: set[TopicPartition] = set()
 
     def assignment(self):
-        return {TP, OTHER}
+        return set(self.held)
 
     async def getmany(self, timeout_ms: int = 0):
         if self.error is not None:
@@ -32,19 +35,20 @@ class Consumer:
         return {}
 
     async def beginning_offsets(self, parts):
+        if self.lookups_fail:
+            raise KafkaConnectionError("no broker")
+        self.held -= self.revoke_on_lookup  # (a rebalance meanwhile)
         return {tp: self.first for tp in parts}
 
     async def end_offsets(self, parts):
         return {tp: self.last for tp in parts}
 
     def seek(self, tp, offset) -> None:
+        assert tp in self.held, "aiokafka raises IllegalStateError"
         self.seeks[tp] = offset
 
-    async def seek_to_beginning(self, *parts) -> None:
-        self.to_beginning += parts
-
-    async def committed(self, tp):
-        return self.commits[tp]
+    async def commit(self, offsets) -> None:
+        self.committed.update(offsets)
 
 
 def expired() -> float:
@@ -52,18 +56,26 @@ def expired() -> float:
     return REGISTRY.get_sample_value("ktel_exporter_records_expired_total", labels) or 0.0
 
 
-async def test_a_position_retention_passed_is_counted_and_read_on_from_the_first_record():
+async def test_a_position_retention_passed_is_counted_read_on_from_the_first_record_and_committed():
     consumer = Consumer(OffsetOutOfRangeError({TP: 40}))
     before = expired()
-    assert await consume._fetch(consumer, "test", 0) == {}
+    assert await consume._fetch(consumer, "test", 0, grouped=True) == {}
     assert consumer.seeks == {TP: 100}
     assert expired() - before == 60
+    # (committed there: a restart before the next delivery meets no gap to count again)
+    assert consumer.committed == {TP: 100}
+
+
+async def test_without_a_group_nothing_is_committed():
+    consumer = Consumer(OffsetOutOfRangeError({TP: 40}))
+    assert await consume._fetch(consumer, "test", 0, grouped=False) == {}
+    assert (consumer.seeks, consumer.committed) == ({TP: 100}, {})
 
 
 async def test_a_position_past_the_end_is_read_again_from_the_first_record_and_not_counted():
     consumer = Consumer(OffsetOutOfRangeError({TP: 250}))
     before = expired()
-    assert await consume._fetch(consumer, "test", 0) == {}
+    assert await consume._fetch(consumer, "test", 0, grouped=True) == {}
     assert consumer.seeks == {TP: 100}
     assert expired() == before
 
@@ -71,25 +83,40 @@ async def test_a_position_past_the_end_is_read_again_from_the_first_record_and_n
 async def test_a_position_in_range_as_the_leader_tells_is_fetched_again():
     consumer = Consumer(OffsetOutOfRangeError({TP: 150}))
     before = expired()
-    assert await consume._fetch(consumer, "test", 0) == {}
-    assert consumer.seeks == {}
+    assert await consume._fetch(consumer, "test", 0, grouped=True) == {}
+    assert (consumer.seeks, consumer.committed) == ({}, {})
     assert expired() == before
 
 
 async def test_a_partition_no_longer_held_is_left_alone():
     gone = TopicPartition("ktel.metrics", 9)
     consumer = Consumer(OffsetOutOfRangeError({gone: 40}))
-    assert await consume._fetch(consumer, "test", 0) == {}
+    assert await consume._fetch(consumer, "test", 0, grouped=True) == {}
     assert consumer.seeks == {}
 
 
-async def test_a_partition_without_a_commit_met_at_a_fetch_is_read_from_its_first_record():
+async def test_a_partition_revoked_while_its_range_is_looked_up_is_left_to_its_new_member():
+    consumer = Consumer(OffsetOutOfRangeError({TP: 40}))
+    consumer.revoke_on_lookup = {TP}
+    before = expired()
+    assert await consume._fetch(consumer, "test", 0, grouped=True) == {}
+    assert (consumer.seeks, consumer.committed) == ({}, {})
+    assert expired() == before  # (its new member counts it, once)
+
+
+async def test_a_lookup_that_fails_leaves_the_position_for_the_next_fetch():
+    consumer = Consumer(OffsetOutOfRangeError({TP: 40}))
+    consumer.lookups_fail = True
+    before = expired()
+    assert await consume._fetch(consumer, "test", 0, grouped=True) == {}
+    assert (consumer.seeks, consumer.committed) == ({}, {})
+    assert expired() == before
+
+
+async def test_a_groups_partition_without_a_commit_is_read_from_its_first_record_and_committed():
     consumer = Consumer(NoOffsetForPartitionError(OTHER))
-    assert await consume._fetch(consumer, "test", 0) == {}
-    assert consumer.to_beginning == [OTHER]
-
-
-async def test_a_new_groups_partitions_are_sought_to_their_first_record_when_assigned():
-    consumer = Consumer()
-    await consume._FromFirst(consumer).on_partitions_assigned({TP, OTHER})
-    assert consumer.to_beginning == [OTHER]  # TP has a commit: read from there
+    before = expired()
+    assert await consume._fetch(consumer, "test", 0, grouped=True) == {}
+    assert consumer.seeks == {OTHER: 100}
+    assert consumer.committed == {OTHER: 100}
+    assert expired() == before
