@@ -73,6 +73,7 @@ from mode.utils.objects import cached_property
 from mode.utils.queues import FlowControlEvent
 
 from processors.stop import end, undelivered
+from processors.upstream import Upstream
 
 # Fetched lists of the listed topics held before the fetch loop waits (App.take_in_lists).
 LISTS_HELD = 4
@@ -419,6 +420,9 @@ class App(faust.App):
     # stages send the changelog records they held back until then
     # (processors/stages.py ``OutputsFirst``).
     before_acks: Callable[[], Awaitable[None]] | None = None
+    # A split stage's view of the stages before it (processors/upstream.py; None for the
+    # first stage and the fused worker).
+    upstream: Upstream | None = None
 
     @cached_property
     def flow_control(self) -> FlowControlEvent:

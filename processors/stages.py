@@ -99,6 +99,7 @@ from processors.stage import Result, Stage
 from processors.stop import Poisoned, StageFailed, Worker, stop
 from processors.table_store import MEMORY_URL, REFUSED, DiskBackedStore, HostTable
 from processors.table_store import URL as DISK_BACKED_URL
+from processors.upstream import Upstream, check_every, inputs_up_to
 
 log = logging.getLogger("ktel.process")
 
@@ -106,6 +107,8 @@ log = logging.getLogger("ktel.process")
 # write only ktel.metrics, ktel.spans and ktel.logs.
 SOURCE = {"dedupe": "raw", "enrich": "deduped", "sample": "enriched", "aggregate": "sampled", "all": "raw"}
 SINK = {"dedupe": "deduped", "enrich": "enriched", "sample": "sampled"}
+# The split stages in the order records go through them.
+SPLIT_ORDER = ("dedupe", "enrich", "sample", "aggregate")
 
 BATCHES = Counter("ktel_processor_batches", "batches a stage processed", ["stage"])
 EVENTS = Counter("ktel_processor_events", "events counted into the aggregates (weighted)", ["stage"])
@@ -584,6 +587,17 @@ def make_app(cfg: Config, stage: str) -> faust.App:
     from_agents = SOURCE[stage] == "raw"
     source = raw_topic(source_name)
     sink = names.topic(SINK[stage]) if stage in SINK else None
+    # A split stage after the first: the stages before it may hold its hosts' records.
+    upstream = (
+        None
+        if from_agents
+        else Upstream(
+            inputs_up_to(stage, SPLIT_ORDER, names.group, lambda s: names.topic(SOURCE[s])),
+            cfg.kafka.raw_partitions,
+            check_every(cfg.aggregate.host_ttl_seconds),
+        )
+    )
+    app.upstream = upstream
     # A chain whose stages all keep their state in the worker (sample) keeps no
     # table: a table it never writes would still need its changelog topic at start.
     hosts: Any = {}
@@ -1033,10 +1047,13 @@ def make_app(cfg: Config, stage: str) -> faust.App:
     def backlog_hosts(mine: Iterable[str], *topics: str) -> set[str]:
         """The hosts of ``mine`` whose partition of ``topics`` (the source's, by default) the
         worker has not yet read up to where it ended when the worker took it
-        (``App.backlog``): silent here, they may have records in what is still unread."""
+        (``App.backlog``), or a stage before it has not passed on (``Upstream``): silent
+        here, they may have records in what is still unread."""
         behind: set[int] = set()
         for topic in topics or (source_name,):
             behind |= app.reading(topic)
+        if app.upstream is not None:  # (or in a stage before this one: processors/upstream.py)
+            behind |= app.upstream.held()
         if not behind:
             return set()
         n = cfg.kafka.raw_partitions
@@ -1256,6 +1273,13 @@ def make_app(cfg: Config, stage: str) -> faust.App:
         selfmetrics.serve(
             cfg.process.metrics_port, cfg.service.metrics_bind, "process.metrics_port", extra=FLEET.exposition
         )
+
+    if upstream is not None:
+        checker = upstream
+
+        @app.task
+        async def check_upstream() -> None:
+            await checker.follow(cfg.kafka, lambda: app.should_stop, app.sleep)
 
     @app.timer(LAG_INTERVAL_S, name="consumer_lag")
     async def export_lag() -> None:

@@ -1422,6 +1422,53 @@ def test_split_stages_chain_to_exact_counts(private_kafka, tmp_path):
             w.stop()
 
 
+def test_split_stages_forget_no_live_host_while_a_stage_before_them_is_down_past_the_ttl(
+    private_kafka, tmp_path
+):
+    """Split mode, the dedupe stage down for longer than aggregate.host_ttl_seconds while a
+    host keeps sending: the stages after it hear nothing of the host meanwhile, and forget
+    it only if the stages before them have passed on what they read (processors/upstream.py).
+    Once dedupe is back, the host's series go on from where they were: no stale marker, no
+    restart from 0, every batch counted once."""
+    ttl = {"KTEL_AGGREGATE__HOST_TTL_SECONDS": "12"}
+    names = ("dedupe", "enrich", "sample", "aggregate")
+    workers = {st: Worker(tmp_path, private_kafka.bootstrap, st, stage=st, **ttl).start() for st in names}
+    sent = list(batches(1, 30, 5))
+    try:
+        asyncio.run(produce(private_kafka.bootstrap, [(b.key, encode_batch(b)) for b in sent[:3]]))
+        first = batches_totals(1, 3, 5)
+        assert wait_for_totals(private_kafka.bootstrap, first) == first
+        workers["dedupe"].kill()
+        # The outage: past the TTL, a batch a second, none passed on.
+        asyncio.run(
+            produce(private_kafka.bootstrap, [(b.key, encode_batch(b)) for b in sent[3:]], pace_s=1.0)
+        )
+        assert latest_totals(private_kafka.bootstrap) == first
+        workers["dedupe"] = Worker(
+            tmp_path, private_kafka.bootstrap, "dedupe2", stage="dedupe", **ttl
+        ).start()
+        every = batches_totals(1, 30, 5)
+        assert wait_for_totals(private_kafka.bootstrap, every, timeout=180) == every
+        assert workers["aggregate"].metric("ktel_processor_expired_hosts_total") == 0
+    finally:
+        for w in workers.values():
+            w.stop()
+    snaps = [
+        s
+        for s in map(
+            decode_snapshot,
+            (
+                r.value
+                for r in asyncio.run(
+                    read_topic(private_kafka.bootstrap, METRICS_TOPIC, idle_s=0.5, timeout=10)
+                )
+            ),
+        )
+        if s.series and s.series[0][2].get("host.id") == "host-00"
+    ]
+    assert not any(s.stale for s in snaps), "the live host was forgotten while dedupe was down"
+
+
 def test_split_stages_enrich_batches_with_exactly_what_is_known(private_kafka, tmp_path):
     host = "host-enrich"
     feed = tmp_path / "pods.jsonl"

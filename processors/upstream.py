@@ -1,0 +1,146 @@
+"""Whether the stages before a split stage have passed on what their input held (split
+mode: enrich, sample and aggregate each in its own workers).
+
+A split stage sees a host only through the stages before it. When one of them stops
+(its workers crash-looping, its pods unscheduled) for longer than
+``aggregate.host_ttl_seconds``, every host of its partitions falls silent here, and this
+stage would forget them as it forgets a host that stopped sending: the aggregate would
+end their series with stale markers, and once the stage before came back, count their
+batches afresh from 0 (docs/guarantees.md). The worker's own backlog after it took a
+partition over is known in the worker (``App.backlog``); what waits in the stages
+before it is known only to Kafka.
+
+So a split stage asks Kafka, every ``check_every(ttl)``, for each stage up to and including
+itself, the group's committed offset on each partition of its input, and the input's
+end. A partition is *behind* while some group's commit on it is short of the end that
+partition had at the check before: a record that waited there for a whole check has not
+been passed on. The hosts of a partition behind are not forgotten (``held``). A
+partition's records that came within the last check are not counted as behind: a busy
+partition always has some, and its hosts would never be forgotten. So a host silent
+for its whole TTL whose next record reached a stage just before that stage stopped can
+still be forgotten, as it would have been a little earlier.
+
+Until two checks have answered, and while Kafka does not answer one, every partition
+is held: forgetting waits, it is never done on what is not known.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
+from aiokafka.structs import OffsetAndMetadata
+
+from ktel.kafka_client import Kafka, client_kwargs, started
+
+log = logging.getLogger("ktel.process")
+
+# How often the groups' commits and their inputs' ends are looked up: a quarter of the
+# hosts' TTL, so that a stage stopped is known to be behind (two checks after a record
+# waits in it) well before a host it holds up falls silent for that long; within 3 s, a
+# little more than a worker's commit interval (Faust's 2.8 s), so that a stage keeping up
+# has committed at each check what its input held at the check before (while it has not,
+# its hosts are held: forgetting waits), and 15 s.
+CHECK_MIN_S, CHECK_MAX_S = 3.0, 15.0
+
+
+def check_every(ttl_s: float) -> float:
+    return min(max(ttl_s / 4, CHECK_MIN_S), CHECK_MAX_S)
+
+
+Offsets = Mapping[TopicPartition, int]
+
+
+def behind(ends_before: Offsets, committed: Mapping[str, Offsets], inputs: Mapping[str, str]) -> set[int]:
+    """The partitions on which some group of ``inputs`` (group -> the topic it reads) has
+    not committed up to where its input ended at the check before (``ends_before``);
+    ``committed``: group -> its commits (a partition it never committed on: none)."""
+    out = set()
+    for group, topic in inputs.items():
+        mine = committed.get(group, {})
+        for tp, end in ends_before.items():
+            if tp.topic == topic and mine.get(tp, 0) < end:
+                out.add(tp.partition)
+    return out
+
+
+class Upstream:
+    """The partitions held back from forgetting (``held``), from the checks so far."""
+
+    def __init__(self, inputs: Mapping[str, str], partitions: int, every_s: float) -> None:
+        self.inputs = dict(inputs)  # group -> the topic it reads
+        self.every_s = every_s
+        self.all = set(range(partitions))
+        self.parts = [TopicPartition(t, p) for t in sorted(set(inputs.values())) for p in range(partitions)]
+        self.ends: dict[TopicPartition, int] | None = None
+        self.late: set[int] | None = None  # None: not known
+
+    def held(self) -> set[int]:
+        return self.all if self.late is None else self.late
+
+    def checked(self, committed: Mapping[str, Offsets], ends: Offsets) -> None:
+        """One check's answers: each group's commits, then the inputs' ends."""
+        if self.ends is not None:
+            self.late = behind(self.ends, committed, self.inputs)
+        self.ends = dict(ends)
+
+    def unknown(self) -> None:
+        """A check Kafka did not answer: nothing is known until two more have."""
+        self.ends = self.late = None
+
+    async def follow(
+        self, kafka: Kafka, stopping: Callable[[], bool], sleep: Callable[[float], Awaitable[Any]]
+    ) -> None:
+        """Check every ``every_s`` until ``stopping``."""
+        consumer = AIOKafkaConsumer(**client_kwargs(kafka), group_id=None, enable_auto_commit=False)
+        admin = AIOKafkaAdminClient(**client_kwargs(kafka))
+        failed: str | None = None
+        async with started(consumer, kafka, "ktel process (upstream check)"):
+            await admin.start()
+            try:
+                while not stopping():
+                    try:
+                        async with asyncio.timeout(self.every_s):
+                            committed = {
+                                group: _offsets(await admin.list_consumer_group_offsets(group))
+                                for group in self.inputs
+                            }
+                            ends = await consumer.end_offsets(self.parts)
+                        self.checked(committed, ends)
+                        if failed is not None:
+                            log.info("the stages before this one can be checked again")
+                            failed = None
+                    except (KafkaError, OSError, TimeoutError) as err:
+                        self.unknown()
+                        why = f"{type(err).__name__}: {err}"
+                        if why != failed:
+                            log.warning(
+                                "cannot tell whether the stages before this one (groups %s) have "
+                                "passed on what they read (%s): no host is forgotten as silent until "
+                                "they can be (the processor's principal needs Read on those groups: "
+                                "`ktel acls`)",
+                                ", ".join(self.inputs),
+                                why,
+                            )
+                            failed = why
+                    await sleep(self.every_s)
+            finally:
+                await admin.close()
+
+
+def _offsets(got: Mapping[TopicPartition, OffsetAndMetadata]) -> dict[TopicPartition, int]:
+    # (aiokafka gives an offset of -1 for a partition never committed on)
+    return {tp: meta.offset for tp, meta in got.items() if meta.offset >= 0}
+
+
+def inputs_up_to(
+    stage: str, order: Sequence[str], group: Callable[[str], str], topic: Callable[[str], str]
+) -> dict[str, str]:
+    """group -> input topic of each split stage up to and including ``stage``."""
+    upto = order[: order.index(stage) + 1]
+    return {group(s): topic(s) for s in upto}
