@@ -213,6 +213,12 @@ COMPRESS_ABOVE = 64 << 10
 # SILENT_CHECK_S (a quarter of the TTL at most).
 SILENT_TTL_MARGIN = 1.1
 SILENT_CHECK_S = 30.0
+# How far ahead of the worker's clock a heartbeat's time may be. A heartbeat is taken only
+# if it is newer than those its host's boot sent before (ktel.wire.control.heartbeat_older),
+# so one stamped far ahead, by a wrong clock or by any writer of ktel.heartbeats, would
+# have every later heartbeat of its host ignored until then: its host shown down, its
+# attributes frozen. Prometheus takes samples up to 10 minutes ahead, too.
+MAX_HEARTBEAT_AHEAD_S = 600.0
 # How often a worker exports its partitions' consumer lag.
 LAG_INTERVAL_S = 5.0
 # Per-host SLIs from the heartbeats this worker reads (its hosts are forgotten as make_app configures).
@@ -913,6 +919,13 @@ def make_app(cfg: Config, stage: str) -> faust.App:
                 # The table key must hash to the partition the record came from.
                 raise WireError(f"heartbeat: key {msg.key!r:.60} is not its host.id {host_id!r:.60}")
             on_its_partition(msg, host_id, "heartbeat")
+            ahead_s = hb["ts"] / 1000 - time.time()
+            if ahead_s > MAX_HEARTBEAT_AHEAD_S:
+                raise WireError(
+                    f"heartbeat: stamped {ahead_s:.0f} s ahead of this worker's clock (at most "
+                    f"{MAX_HEARTBEAT_AHEAD_S:.0f} s are taken): its agent's clock is wrong, or the time "
+                    "is forged; taken, it would have its host's heartbeats until then ignored as older"
+                )
         except WireError as err:
             await dead_letter(msg, err)
             return

@@ -340,6 +340,26 @@ async def test_a_heartbeat_naming_too_many_disks_is_taken_and_the_disks_past_the
     assert len([r for r in caplog.records if "'h-disks': node readings left out" in r.getMessage()]) == 1
 
 
+async def test_a_heartbeat_stamped_far_ahead_is_dead_lettered_and_its_hosts_next_are_taken(tmp_path):
+    """Taken, it would be the newest of its boot until its time came, and every heartbeat
+    its agent sent meanwhile would be ignored as older: the host down, its attributes
+    frozen."""
+    now_ms = time.time_ns() // 1_000_000
+    ahead_ms = round((stages.MAX_HEARTBEAT_AHEAD_S + 60) * 1000)
+    async with Shell(tmp_path, "enrich") as shell:
+        forged = heartbeat("h-ahead", "b1", now_ms + ahead_ms, "forged-name")
+        await shell.heartbeats.put(forged, key=b"h-ahead")
+        [letter] = [decode_dead_letter(v) for v in shell.to(DLQ_TOPIC)]
+        assert letter.payload == forged
+        assert "s ahead of this worker's clock" in letter.reason
+        await shell.heartbeats.put(heartbeat("h-ahead", "b1", now_ms, "node-1"), key=b"h-ahead")
+        assert shell.table("h-ahead")["enrich"]["boots"]["b1"]["host"]["host.name"] == "node-1"
+        # (within the bound: a clock a little ahead is taken)
+        await shell.heartbeats.put(heartbeat("h-ahead", "b1", now_ms + 60_000, "node-2"), key=b"h-ahead")
+        assert shell.table("h-ahead")["enrich"]["boots"]["b1"]["host"]["host.name"] == "node-2"
+        assert len(shell.to(DLQ_TOPIC)) == 1
+
+
 async def test_heartbeats_that_change_nothing_of_hosts_without_state_leave_no_memory_of_them(tmp_path):
     """A heartbeat without boot.id changes no table value, and of a host new to the worker
     leaves none. The worker's note of what its value on the changelog takes
