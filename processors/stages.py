@@ -593,11 +593,13 @@ def make_app(cfg: Config, stage: str) -> faust.App:
     from_agents = SOURCE[stage] == "raw"
     source = raw_topic(source_name)
     sink = names.topic(SINK[stage]) if stage in SINK else None
-    # A split stage after the first: the stages before it may hold its hosts' records.
+    # A split stage after the first that keeps hosts (not sample): the stages before it
+    # may hold its hosts' records.
     upstream = (
         None
-        if from_agents
+        if from_agents or not chain.durable
         else Upstream(
+            stage,
             inputs_up_to(stage, SPLIT_ORDER, names.group, lambda s: names.topic(SOURCE[s])),
             cfg.kafka.raw_partitions,
             check_every(cfg.aggregate.host_ttl_seconds),

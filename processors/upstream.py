@@ -14,11 +14,20 @@ So a split stage asks Kafka, every ``check_every(ttl)``, for each stage up to an
 itself, the group's committed offset on each partition of its input, and the input's
 end. A partition is *behind* while some group's commit on it is short of the end that
 partition had at the check before: a record that waited there for a whole check has not
-been passed on. The hosts of a partition behind are not forgotten (``held``). A
-partition's records that came within the last check are not counted as behind: a busy
-partition always has some, and its hosts would never be forgotten. So a host silent
-for its whole TTL whose next record reached a stage just before that stage stopped can
-still be forgotten, as it would have been a little earlier.
+been passed on. A partition's records that came within the last check are not counted:
+a busy partition always has some, and its hosts would never be forgotten.
+
+A record can go through several stages between two checks, each of which finds it in
+no stage's input at both: a stage that comes back passes its backlog on within one
+check, and the stages after it find it only at the check after. So a partition found
+behind stays held for as many checks after as there are stages asked: at each check a
+record in flight that none finds has moved on by a stage at least since the one before,
+so it is through them all by then. The hosts of a partition held are not forgotten
+(``held``).
+
+What this leaves: a record that reaches a stage just after a check holds its partition
+from the second check after it. During an outage, a host whose batches come further
+apart than its TTL less two checks can still be forgotten.
 
 Until two checks have answered, and while Kafka does not answer one, every partition
 is held: forgetting waits, it is never done on what is not known.
@@ -35,18 +44,27 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata
+from prometheus_client import Gauge
 
-from ktel.kafka_client import Kafka, client_kwargs, started
+from ktel.kafka_client import Kafka, client_kwargs, start, started
 
 log = logging.getLogger("ktel.process")
 
+HELD = Gauge(
+    "ktel_processor_partitions_held_upstream",
+    "partitions whose silent hosts this split stage does not forget, a stage before it not "
+    "having passed on what it held (all of them while Kafka does not say)",
+    ["stage"],
+)
+
 # How often the groups' commits and their inputs' ends are looked up: a quarter of the
 # hosts' TTL, so that a stage stopped is known to be behind (two checks after a record
-# waits in it) well before a host it holds up falls silent for that long; within 3 s, a
-# little more than a worker's commit interval (Faust's 2.8 s), so that a stage keeping up
-# has committed at each check what its input held at the check before (while it has not,
-# its hosts are held: forgetting waits), and 15 s.
-CHECK_MIN_S, CHECK_MAX_S = 3.0, 15.0
+# waits in it) well before a host it holds up falls silent for that long; within 5 s,
+# more than a worker's commit interval (Faust's 2.8 s) and the time to handle a record and
+# have Kafka take what it sent, so that a stage keeping up has committed at each check
+# what its input held at the check before (while it has not, its hosts are held:
+# forgetting waits), and 15 s.
+CHECK_MIN_S, CHECK_MAX_S = 5.0, 15.0
 
 
 def check_every(ttl_s: float) -> float:
@@ -72,26 +90,36 @@ def behind(ends_before: Offsets, committed: Mapping[str, Offsets], inputs: Mappi
 class Upstream:
     """The partitions held back from forgetting (``held``), from the checks so far."""
 
-    def __init__(self, inputs: Mapping[str, str], partitions: int, every_s: float) -> None:
+    def __init__(self, stage: str, inputs: Mapping[str, str], partitions: int, every_s: float) -> None:
+        self.gauge = HELD.labels(stage)
         self.inputs = dict(inputs)  # group -> the topic it reads
         self.every_s = every_s
         self.all = set(range(partitions))
         self.parts = [TopicPartition(t, p) for t in sorted(set(inputs.values())) for p in range(partitions)]
         self.ends: dict[TopicPartition, int] | None = None
         self.late: set[int] | None = None  # None: not known
+        self.checks = 0
+        self.until: dict[int, int] = {}  # partition -> the last check it is held at
+        self.gauge.set(len(self.all))
 
     def held(self) -> set[int]:
         return self.all if self.late is None else self.late
 
     def checked(self, committed: Mapping[str, Offsets], ends: Offsets) -> None:
         """One check's answers: each group's commits, then the inputs' ends."""
+        self.checks += 1
         if self.ends is not None:
-            self.late = behind(self.ends, committed, self.inputs)
+            for p in behind(self.ends, committed, self.inputs):
+                self.until[p] = self.checks + len(self.inputs)
+            self.until = {p: last for p, last in self.until.items() if last >= self.checks}
+            self.late = set(self.until)
         self.ends = dict(ends)
+        self.gauge.set(len(self.held()))
 
     def unknown(self) -> None:
         """A check Kafka did not answer: nothing is known until two more have."""
         self.ends = self.late = None
+        self.gauge.set(len(self.all))
 
     async def follow(
         self, kafka: Kafka, stopping: Callable[[], bool], sleep: Callable[[float], Awaitable[Any]]
@@ -100,9 +128,10 @@ class Upstream:
         consumer = AIOKafkaConsumer(**client_kwargs(kafka), group_id=None, enable_auto_commit=False)
         admin = AIOKafkaAdminClient(**client_kwargs(kafka))
         failed: str | None = None
-        async with started(consumer, kafka, "ktel process (upstream check)"):
-            await admin.start()
+        who = "ktel process (upstream check)"
+        async with started(consumer, kafka, who):
             try:
+                await start(admin, kafka, who)
                 while not stopping():
                     try:
                         async with asyncio.timeout(self.every_s):

@@ -1430,16 +1430,16 @@ def test_split_stages_forget_no_live_host_while_a_stage_before_them_is_down_past
     it only if the stages before them have passed on what they read (processors/upstream.py).
     Once dedupe is back, the host's series go on from where they were: no stale marker, no
     restart from 0, every batch counted once."""
-    ttl = {"KTEL_AGGREGATE__HOST_TTL_SECONDS": "12"}
+    ttl = {"KTEL_AGGREGATE__HOST_TTL_SECONDS": "30"}  # (checked every 7.5 s)
     names = ("dedupe", "enrich", "sample", "aggregate")
     workers = {st: Worker(tmp_path, private_kafka.bootstrap, st, stage=st, **ttl).start() for st in names}
-    sent = list(batches(1, 30, 5))
+    sent = list(batches(1, 48, 5))
     try:
         asyncio.run(produce(private_kafka.bootstrap, [(b.key, encode_batch(b)) for b in sent[:3]]))
         first = batches_totals(1, 3, 5)
         assert wait_for_totals(private_kafka.bootstrap, first) == first
         workers["dedupe"].kill()
-        # The outage: past the TTL, a batch a second, none passed on.
+        # The outage: 45 s, past the TTL, a batch a second, none passed on.
         asyncio.run(
             produce(private_kafka.bootstrap, [(b.key, encode_batch(b)) for b in sent[3:]], pace_s=1.0)
         )
@@ -1447,7 +1447,7 @@ def test_split_stages_forget_no_live_host_while_a_stage_before_them_is_down_past
         workers["dedupe"] = Worker(
             tmp_path, private_kafka.bootstrap, "dedupe2", stage="dedupe", **ttl
         ).start()
-        every = batches_totals(1, 30, 5)
+        every = batches_totals(1, 48, 5)
         assert wait_for_totals(private_kafka.bootstrap, every, timeout=180) == every
         assert workers["aggregate"].metric("ktel_processor_expired_hosts_total") == 0
     finally:

@@ -4,8 +4,15 @@ tests/integration/test_processing_stages.py runs the split stages with dedupe do
 
 from __future__ import annotations
 
-from aiokafka import TopicPartition
+import asyncio
+from unittest import mock
 
+import pytest
+from aiokafka import TopicPartition
+from aiokafka.errors import KafkaConnectionError
+from prometheus_client import REGISTRY
+
+from processors import upstream
 from processors.stages import SOURCE, SPLIT_ORDER
 from processors.upstream import Upstream, behind, check_every, inputs_up_to
 
@@ -39,7 +46,7 @@ def test_a_partition_a_group_never_committed_on_is_behind_if_it_held_records():
 
 def test_records_come_since_the_check_before_do_not_hold_a_partition():
     """A busy partition always has some: its hosts would never be forgotten."""
-    up = Upstream(INPUTS, 2, 3.0)
+    up = Upstream("enrich", INPUTS, 2, 3.0)
     committed = {"ktel-dedupe": {tp("ktel.raw", 0): 100}, "ktel-enrich": {tp("ktel.deduped", 0): 100}}
     up.checked(committed, ends([100, 0], [100, 0]))
     up.checked(committed, ends([180, 0], [140, 0]))  # (80 new records: not yet behind)
@@ -49,7 +56,7 @@ def test_records_come_since_the_check_before_do_not_hold_a_partition():
 
 
 def test_everything_is_held_until_two_checks_answered_and_after_one_that_did_not():
-    up = Upstream(INPUTS, 3, 3.0)
+    up = Upstream("enrich", INPUTS, 3, 3.0)
     committed = {"ktel-dedupe": {}, "ktel-enrich": {}}
     assert up.held() == {0, 1, 2}
     up.checked(committed, ends([0, 0, 0], [0, 0, 0]))
@@ -82,7 +89,89 @@ def test_each_split_stage_asks_about_the_stages_up_to_itself():
 
 
 def test_checks_come_a_quarter_of_the_ttl_apart_within_bounds():
-    assert check_every(12) == 3.0
+    assert check_every(12) == 5.0
     assert check_every(40) == 10.0
     assert check_every(600) == 15.0
-    assert check_every(2) == 3.0
+    assert check_every(2) == 5.0
+
+
+CHAIN = {
+    "ktel-dedupe": "ktel.raw",
+    "ktel-enrich": "ktel.deduped",
+    "ktel-sample": "ktel.enriched",
+    "ktel-aggregate": "ktel.sampled",
+}
+
+
+def offsets(*at: int) -> dict[TopicPartition, int]:
+    """Partition 0 of each of CHAIN's topics, at ``at``."""
+    return {tp(t, 0): o for t, o in zip(CHAIN.values(), at, strict=True)}
+
+
+def commits(*at: int) -> dict[str, dict[TopicPartition, int]]:
+    return {g: {tp(t, 0): o} for (g, t), o in zip(CHAIN.items(), at, strict=True)}
+
+
+def test_a_backlog_passed_on_between_two_checks_holds_its_partition_until_through_every_stage():
+    """dedupe back from an outage passes its backlog on within one check; none of the
+    checks after finds it waiting in one input at two checks in a row while it moves on a
+    stage a check, yet it is still on its way to this stage."""
+    up = Upstream("aggregate", CHAIN, 1, 5.0)
+    up.checked(commits(10, 10, 10, 10), offsets(10, 10, 10, 10))
+    up.checked(commits(10, 10, 10, 10), offsets(15, 10, 10, 10))  # (dedupe down)
+    up.checked(commits(10, 10, 10, 10), offsets(20, 10, 10, 10))
+    assert up.held() == {0}
+    up.checked(commits(20, 10, 10, 10), offsets(20, 20, 10, 10))  # dedupe back: through it
+    assert up.held() == {0}
+    up.checked(commits(20, 20, 10, 10), offsets(20, 20, 20, 10))  # through enrich
+    assert up.held() == {0}
+    up.checked(commits(20, 20, 20, 10), offsets(20, 20, 20, 20))  # through sample
+    assert up.held() == {0}
+    up.checked(commits(20, 20, 20, 20), offsets(20, 20, 20, 20))  # through this stage
+    assert up.held() == {0}  # (as many checks after the last found behind as stages asked)
+    assert held_gauge("aggregate") == 1
+    up.checked(commits(20, 20, 20, 20), offsets(20, 20, 20, 20))
+    assert up.held() == set()
+    assert held_gauge("aggregate") == 0
+
+
+def held_gauge(stage: str) -> float | None:
+    return REGISTRY.get_sample_value("ktel_processor_partitions_held_upstream", {"stage": stage})
+
+
+def clients(admin_start: object) -> tuple[mock.MagicMock, mock.MagicMock]:
+    admin, consumer = mock.MagicMock(), mock.MagicMock()
+    admin.start = mock.AsyncMock(side_effect=admin_start)
+    admin.close = mock.AsyncMock()
+    admin.list_consumer_group_offsets = mock.AsyncMock(return_value={})
+    consumer.start, consumer.stop = mock.AsyncMock(), mock.AsyncMock()
+    consumer.end_offsets = mock.AsyncMock(return_value={})
+    return admin, consumer
+
+
+async def test_an_admin_that_cannot_connect_at_first_is_retried_not_the_workers_end():
+    admin, consumer = clients([KafkaConnectionError("no broker"), None])
+    up = Upstream("enrich", INPUTS, 1, 0.01)
+    stops = iter([False, False, True])
+    with (
+        mock.patch.object(upstream, "AIOKafkaConsumer", return_value=consumer),
+        mock.patch.object(upstream, "AIOKafkaAdminClient", return_value=admin),
+        mock.patch("ktel.retry.Backoff.delays", lambda self: iter([0.0] * 10)),
+    ):
+        await up.follow("127.0.0.1:9", lambda: next(stops, True), asyncio.sleep)
+    assert admin.start.await_count == 2
+    assert up.held() == set()  # (two checks answered)
+    admin.close.assert_awaited()
+    consumer.stop.assert_awaited()
+
+
+async def test_a_worker_stopping_while_the_admin_starts_closes_both_clients():
+    admin, consumer = clients(asyncio.CancelledError())
+    with (
+        mock.patch.object(upstream, "AIOKafkaConsumer", return_value=consumer),
+        mock.patch.object(upstream, "AIOKafkaAdminClient", return_value=admin),
+        pytest.raises(asyncio.CancelledError),
+    ):
+        await Upstream("enrich", INPUTS, 1, 0.01).follow("127.0.0.1:9", lambda: False, asyncio.sleep)
+    admin.close.assert_awaited()
+    consumer.stop.assert_awaited()
