@@ -35,7 +35,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -318,6 +318,7 @@ async def run(
                     consumer,
                     stage,
                     group_id is not None,
+                    set(fetched),
                     _dead_letters_then(producer, dlq, undecoded, deliver, items),
                 )
             if group_id is not None:
@@ -340,16 +341,21 @@ async def _dead_letters_then(
 
 
 async def _deliver_paused(
-    consumer: AIOKafkaConsumer, stage: str, grouped: bool, delivery: Awaitable[None]
+    consumer: AIOKafkaConsumer,
+    stage: str,
+    grouped: bool,
+    busy: set[TopicPartition],
+    delivery: Awaitable[None],
 ) -> None:
-    """Await ``delivery`` with every assigned partition paused, still polling."""
+    """Await ``delivery`` (of records of the partitions ``busy``) with every assigned
+    partition paused, still polling."""
     task = asyncio.ensure_future(delivery)
     try:
         while not task.done():
             # Re-paused every turn: a rebalance meanwhile may have assigned new partitions.
             consumer.pause(*consumer.assignment())
             await asyncio.wait({task}, timeout=POLL_WHILE_PAUSED_S)
-            stray = await _fetch(consumer, stage, 0, grouped)
+            stray = await _fetch(consumer, stage, 0, grouped, busy)
             for tp, recs in stray.items():  # not expected; re-read them later rather than lose them
                 consumer.seek(tp, recs[0].offset)
         task.result()
@@ -360,25 +366,34 @@ async def _deliver_paused(
 
 
 async def _fetch(
-    consumer: AIOKafkaConsumer, stage: str, timeout_ms: int, grouped: bool
+    consumer: AIOKafkaConsumer,
+    stage: str,
+    timeout_ms: int,
+    grouped: bool,
+    busy: Set[TopicPartition] = frozenset(),
 ) -> dict[TopicPartition, list[Any]]:
     """``getmany``, with the positions Kafka refuses set right (module docstring): nothing
     is returned then, and the next call reads from there. ``grouped``: the consumer is a
-    group's, which commits where such a partition now starts."""
+    group's, which commits where such a partition now starts; ``busy``: partitions whose
+    records are being delivered, left as they are until that is done (``_start_over``)."""
     try:
         return await consumer.getmany(timeout_ms=timeout_ms)
     except NoOffsetForPartitionError as err:
         tp = err.args[0] if err.args else None
         if isinstance(tp, TopicPartition):
-            await _start_over(consumer, {tp: -1}, stage, grouped)
+            await _start_over(consumer, {tp: -1}, stage, grouped, busy)
     except OffsetOutOfRangeError as err:
         at = err.args[0] if err.args and isinstance(err.args[0], dict) else {}
-        await _start_over(consumer, at, stage, grouped)
+        await _start_over(consumer, at, stage, grouped, busy)
     return {}
 
 
 async def _start_over(
-    consumer: AIOKafkaConsumer, at: dict[TopicPartition, int], stage: str, grouped: bool
+    consumer: AIOKafkaConsumer,
+    at: dict[TopicPartition, int],
+    stage: str,
+    grouped: bool,
+    busy: Set[TopicPartition],
 ) -> None:
     """Seek each partition of ``at`` (where its fetch was refused; -1: a group's partition
     with no commit) that is still held to its first record, counting what retention deleted
@@ -389,12 +404,19 @@ async def _start_over(
     A lookup that fails does nothing: the next fetch is refused again, and this runs again,
     while ``getmany`` keeps being called (retrying here for longer than
     ``max_poll_interval_ms`` would have the consumer leave its group)."""
-    held = [tp for tp in at if tp in consumer.assignment()]
+    # A partition being delivered is left until that is done: a rebalance meanwhile took its
+    # position back to the group's commit, before the records being delivered, and their
+    # commit, once delivered, would go back past where it started over.
+    held = [tp for tp in at if tp in consumer.assignment() and tp not in busy]
     if not held:
         return
     try:
         firsts = await consumer.beginning_offsets(held)
         lasts = await consumer.end_offsets(held)
+        # What was delivered is up to the group's commit, which may be past the position
+        # refused (a rebalance takes the position back to it, and records delivered before
+        # may be read again): only what was not is counted as deleted undelivered.
+        done = {tp: await consumer.committed(tp) for tp in held if grouped and at[tp] >= 0}
     except KafkaError as err:
         log.warning("cannot look up where %s begin (%s): asked again at the next fetch", held, err)
         return
@@ -406,17 +428,21 @@ async def _start_over(
         if was < 0:
             pass  # (a new group's partition: read from its first record, as "earliest")
         elif was < first:
-            log.error(
-                "%s: %d records (offsets %d to %d) were deleted by Kafka's retention before they "
-                "were delivered (the backend away for longer than the topic keeps records?); "
-                "reading on from offset %d",
-                name,
-                first - was,
-                was,
-                first - 1,
-                first,
-            )
-            EXPIRED.labels(stage, tp.topic).inc(first - was)
+            # (delivered up to the group's commit: read on from it when it is past the first)
+            was = max(was, done.get(tp) or 0)
+            if was < first:
+                log.error(
+                    "%s: %d records (offsets %d to %d) were deleted by Kafka's retention before "
+                    "they were delivered (the backend away for longer than the topic keeps "
+                    "records?); reading on from offset %d",
+                    name,
+                    first - was,
+                    was,
+                    first - 1,
+                    first,
+                )
+                EXPIRED.labels(stage, tp.topic).inc(first - was)
+            first = min(max(first, was), lasts[tp])
         elif was > lasts[tp]:
             log.warning(
                 "%s ends at offset %d, before this exporter's position %d (the topic deleted and "

@@ -29,8 +29,9 @@ What this leaves: a record that reaches a stage just after a check holds its par
 from the second check after it. During an outage, a host whose batches come further
 apart than its TTL less two checks can still be forgotten.
 
-Until two checks have answered, and while Kafka does not answer one, every partition
-is held: forgetting waits, it is never done on what is not known.
+From a start, and after a check Kafka did not answer, every partition is held until two
+checks have answered and as many more as there are stages asked, as if found behind:
+forgetting waits, it is never done on what is not known.
 """
 
 from __future__ import annotations
@@ -108,13 +109,27 @@ class Upstream:
     def checked(self, committed: Mapping[str, Offsets], ends: Offsets) -> None:
         """One check's answers: each group's commits, then the inputs' ends."""
         self.checks += 1
-        if self.ends is not None:
+        if self.ends is None:
+            # (a start, or a check Kafka did not answer: where records were in the stages is
+            # not known, so every partition is held as one found behind would be)
+            self.until = dict.fromkeys(self.all, self.checks + len(self.inputs))
+        else:
             for p in behind(self.ends, committed, self.inputs):
                 self.until[p] = self.checks + len(self.inputs)
             self.until = {p: last for p, last in self.until.items() if last >= self.checks}
             self.late = set(self.until)
         self.ends = dict(ends)
         self.gauge.set(len(self.held()))
+
+    def silent_groups(self, committed: Mapping[str, Offsets], ends: Offsets) -> list[str]:
+        """The groups that have committed nothing on an input holding records: their stage
+        has not run yet, or Kafka did not say (aiokafka takes an OffsetFetch answer's error
+        for the group, a principal without Describe on it, as no commits)."""
+        return [
+            group
+            for group, topic in self.inputs.items()
+            if not committed.get(group) and any(end > 0 for tp, end in ends.items() if tp.topic == topic)
+        ]
 
     def unknown(self) -> None:
         """A check Kafka did not answer: nothing is known until two more have."""
@@ -128,6 +143,7 @@ class Upstream:
         consumer = AIOKafkaConsumer(**client_kwargs(kafka), group_id=None, enable_auto_commit=False)
         admin = AIOKafkaAdminClient(**client_kwargs(kafka))
         failed: str | None = None
+        told: set[str] = set()  # (the groups silent_groups named, each logged once while it is)
         who = "ktel process (upstream check)"
         async with started(consumer, kafka, who):
             try:
@@ -141,6 +157,17 @@ class Upstream:
                             }
                             ends = await consumer.end_offsets(self.parts)
                         self.checked(committed, ends)
+                        silent = set(self.silent_groups(committed, ends))
+                        for group in sorted(silent - told):
+                            log.warning(
+                                "group %s has committed nothing on %s, which holds records: its stage "
+                                "has not run yet, or this worker's principal may not read the group's "
+                                "offsets (Read on the group: `ktel acls`); the hosts of those "
+                                "partitions are not forgotten as silent meanwhile",
+                                group,
+                                self.inputs[group],
+                            )
+                        told = silent
                         if failed is not None:
                             log.info("the stages before this one can be checked again")
                             failed = None

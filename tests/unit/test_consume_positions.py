@@ -22,9 +22,10 @@ class Consumer:
         self.first, self.last = first, last
         self.held = {TP, OTHER}
         self.seeks: dict[TopicPartition, int] = {}
-        self.committed: dict[TopicPartition, int] = {}
+        self.new_commits: dict[TopicPartition, int] = {}
         self.lookups_fail = False
         self.revoke_on_lookup: set[TopicPartition] = set()
+        self.commits: dict[TopicPartition, int] = {}  # the group's, before this
 
     def assignment(self):
         return set(self.held)
@@ -48,7 +49,10 @@ class Consumer:
         self.seeks[tp] = offset
 
     async def commit(self, offsets) -> None:
-        self.committed.update(offsets)
+        self.new_commits.update(offsets)
+
+    async def committed(self, tp):
+        return self.commits.get(tp)
 
 
 def expired() -> float:
@@ -63,13 +67,13 @@ async def test_a_position_retention_passed_is_counted_read_on_from_the_first_rec
     assert consumer.seeks == {TP: 100}
     assert expired() - before == 60
     # (committed there: a restart before the next delivery meets no gap to count again)
-    assert consumer.committed == {TP: 100}
+    assert consumer.new_commits == {TP: 100}
 
 
 async def test_without_a_group_nothing_is_committed():
     consumer = Consumer(OffsetOutOfRangeError({TP: 40}))
     assert await consume._fetch(consumer, "test", 0, grouped=False) == {}
-    assert (consumer.seeks, consumer.committed) == ({TP: 100}, {})
+    assert (consumer.seeks, consumer.new_commits) == ({TP: 100}, {})
 
 
 async def test_a_position_past_the_end_is_read_again_from_the_first_record_and_not_counted():
@@ -84,7 +88,7 @@ async def test_a_position_in_range_as_the_leader_tells_is_fetched_again():
     consumer = Consumer(OffsetOutOfRangeError({TP: 150}))
     before = expired()
     assert await consume._fetch(consumer, "test", 0, grouped=True) == {}
-    assert (consumer.seeks, consumer.committed) == ({}, {})
+    assert (consumer.seeks, consumer.new_commits) == ({}, {})
     assert expired() == before
 
 
@@ -100,7 +104,7 @@ async def test_a_partition_revoked_while_its_range_is_looked_up_is_left_to_its_n
     consumer.revoke_on_lookup = {TP}
     before = expired()
     assert await consume._fetch(consumer, "test", 0, grouped=True) == {}
-    assert (consumer.seeks, consumer.committed) == ({}, {})
+    assert (consumer.seeks, consumer.new_commits) == ({}, {})
     assert expired() == before  # (its new member counts it, once)
 
 
@@ -109,7 +113,7 @@ async def test_a_lookup_that_fails_leaves_the_position_for_the_next_fetch():
     consumer.lookups_fail = True
     before = expired()
     assert await consume._fetch(consumer, "test", 0, grouped=True) == {}
-    assert (consumer.seeks, consumer.committed) == ({}, {})
+    assert (consumer.seeks, consumer.new_commits) == ({}, {})
     assert expired() == before
 
 
@@ -118,5 +122,35 @@ async def test_a_groups_partition_without_a_commit_is_read_from_its_first_record
     before = expired()
     assert await consume._fetch(consumer, "test", 0, grouped=True) == {}
     assert consumer.seeks == {OTHER: 100}
-    assert consumer.committed == {OTHER: 100}
+    assert consumer.new_commits == {OTHER: 100}
+    assert expired() == before
+
+
+async def test_what_the_group_delivered_before_is_not_counted_as_deleted():
+    """A rebalance took the position back to an older commit's, while the records after
+    it were delivered and committed: only those after the commit were lost."""
+    consumer = Consumer(OffsetOutOfRangeError({TP: 40}))
+    consumer.commits = {TP: 70}
+    before = expired()
+    assert await consume._fetch(consumer, "test", 0, grouped=True) == {}
+    assert expired() - before == 30
+    assert (consumer.seeks, consumer.new_commits) == ({TP: 100}, {TP: 100})
+
+
+async def test_a_commit_past_the_first_record_is_read_on_from_and_nothing_counted():
+    consumer = Consumer(OffsetOutOfRangeError({TP: 40}))
+    consumer.commits = {TP: 130}
+    before = expired()
+    assert await consume._fetch(consumer, "test", 0, grouped=True) == {}
+    assert expired() == before
+    assert consumer.seeks == {TP: 130}
+
+
+async def test_a_partition_being_delivered_is_left_until_that_is_done():
+    """Its records' commit, once delivered, would go back past where it started over,
+    and what they held would be counted as deleted."""
+    consumer = Consumer(OffsetOutOfRangeError({TP: 40}))
+    before = expired()
+    assert await consume._fetch(consumer, "test", 0, grouped=True, busy={TP}) == {}
+    assert (consumer.seeks, consumer.new_commits) == ({}, {})
     assert expired() == before
