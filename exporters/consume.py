@@ -291,6 +291,7 @@ async def run(
             if read_up is not None and not read_up.is_set():
                 await _read_up(consumer, behind, read_up, time.monotonic() - reading_since)
             fetched = await _fetch(consumer, stage, 500, group_id is not None)
+            _fetcher_alive(consumer)
             if not fetched:
                 if group_id is not None:
                     consumer_lag.export(group_id, await _lags(consumer))
@@ -386,6 +387,20 @@ async def _fetch(
         at = err.args[0] if err.args and isinstance(err.args[0], dict) else {}
         await _start_over(consumer, at, stage, grouped, busy)
     return {}
+
+
+def _fetcher_alive(consumer: AIOKafkaConsumer) -> None:
+    """End the exporter if aiokafka's fetch task has ended on an error: ``getmany`` would
+    return nothing for good while the consumer stays in its group and /readyz says ready.
+    With ``auto_offset_reset`` "none" an assert of its own can end it (``Fetcher._set_error``,
+    two refusals of one partition in flight during a leader move); nothing in aiokafka
+    looks at the task (its ``error_future``). Ended, the exporter is restarted and reads on
+    from its group's commit. (aiokafka 0.14's private ``_fetcher``: none is a stub's.)"""
+    task = getattr(getattr(consumer, "_fetcher", None), "error_future", None)
+    if isinstance(task, asyncio.Future) and task.done() and not task.cancelled():
+        err = task.exception()
+        if err is not None:
+            raise RuntimeError(f"aiokafka's fetcher stopped: {type(err).__name__}: {err}") from err
 
 
 async def _start_over(

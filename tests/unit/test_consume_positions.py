@@ -6,6 +6,9 @@ a real broker)."""
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaConnectionError, NoOffsetForPartitionError, OffsetOutOfRangeError
 from prometheus_client import REGISTRY
@@ -154,3 +157,22 @@ async def test_a_partition_being_delivered_is_left_until_that_is_done():
     assert await consume._fetch(consumer, "test", 0, grouped=True, busy={TP}) == {}
     assert (consumer.seeks, consumer.new_commits) == ({}, {})
     assert expired() == before
+
+
+async def test_an_exporter_whose_fetcher_ended_on_an_error_ends_not_stalls():
+    """aiokafka's fetch task, ended by an error it does not handle, leaves getmany returning
+    nothing for good; the exporter ends instead, to be restarted."""
+    from types import SimpleNamespace
+
+    from aiokafka.consumer.fetcher import Fetcher
+
+    assert isinstance(Fetcher.error_future, property)  # (the private API this relies on)
+    loop = asyncio.get_running_loop()
+    ended = loop.create_future()
+    ended.set_exception(AssertionError("tp in self._records"))
+    with pytest.raises(RuntimeError, match="aiokafka's fetcher stopped: AssertionError"):
+        consume._fetcher_alive(SimpleNamespace(_fetcher=SimpleNamespace(error_future=ended)))
+    running = loop.create_future()
+    consume._fetcher_alive(SimpleNamespace(_fetcher=SimpleNamespace(error_future=running)))
+    consume._fetcher_alive(Consumer())  # (a stub: no fetcher)
+    running.cancel()
