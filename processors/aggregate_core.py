@@ -365,10 +365,14 @@ def series_key(name: str, labels: tuple[tuple[str, str], ...]) -> str:
     n = len(name)
     for _label, value in labels:
         n += len(value)
-    return _series_key(name, labels) if n <= CACHED_KEY_CHARS else json.dumps([name, labels])
+    return _series_key(name, labels) if n <= CACHED_KEY_CHARS else _key(name, labels)
 
 
-_series_key = functools.lru_cache(maxsize=16384)(lambda name, labels: json.dumps([name, labels]))
+def _key(name: str, labels: tuple[tuple[str, str], ...]) -> str:
+    return json.dumps([name, labels])
+
+
+_series_key = functools.lru_cache(maxsize=16384)(_key)
 
 
 def parsed_key(key: str) -> tuple[str, tuple[tuple[str, str], ...]]:

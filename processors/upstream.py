@@ -97,14 +97,13 @@ class Upstream:
         self.every_s = every_s
         self.all = set(range(partitions))
         self.parts = [TopicPartition(t, p) for t in sorted(set(inputs.values())) for p in range(partitions)]
-        self.ends: dict[TopicPartition, int] | None = None
-        self.late: set[int] | None = None  # None: not known
+        self.ends: dict[TopicPartition, int] | None = None  # None: not known
         self.checks = 0
         self.until: dict[int, int] = {}  # partition -> the last check it is held at
         self.gauge.set(len(self.all))
 
     def held(self) -> set[int]:
-        return self.all if self.late is None else self.late
+        return self.all if self.ends is None else set(self.until)
 
     def checked(self, committed: Mapping[str, Offsets], ends: Offsets) -> None:
         """One check's answers: each group's commits, then the inputs' ends."""
@@ -117,7 +116,6 @@ class Upstream:
             for p in behind(self.ends, committed, self.inputs):
                 self.until[p] = self.checks + len(self.inputs)
             self.until = {p: last for p, last in self.until.items() if last >= self.checks}
-            self.late = set(self.until)
         self.ends = dict(ends)
         self.gauge.set(len(self.held()))
 
@@ -132,8 +130,9 @@ class Upstream:
         ]
 
     def unknown(self) -> None:
-        """A check Kafka did not answer: nothing is known until two more have."""
-        self.ends = self.late = None
+        """A check Kafka did not answer: nothing is known, and the next that is answered
+        holds every partition as one found behind (``checked``)."""
+        self.ends = None
         self.gauge.set(len(self.all))
 
     async def follow(

@@ -178,7 +178,7 @@ class Shell:
         self.app.assignor.assigned_actives = lambda: held
         self.app.tables.recovery.completed.set()
         if self.app.upstream is not None:  # (the stages before it have passed everything on)
-            self.app.upstream.late = set()
+            self.app.upstream.ends, self.app.upstream.until = {}, {}
         return self.app
 
     def to(self, topic: str) -> list[bytes]:
@@ -521,12 +521,12 @@ async def test_no_host_of_a_partition_a_stage_before_has_not_passed_on_is_forgot
     aggregate = config.AggregateConfig(window_seconds=0.05).model_copy(update={"host_ttl_seconds": 0.1})
     async with Shell(tmp_path, "aggregate", aggregate=aggregate) as shell:
         app = shell.ready()
-        app.upstream.late = {on_partition(b"h1")}
+        app.upstream.until = {on_partition(b"h1"): app.upstream.checks}
         await two_hosts_gone_silent(shell)
         timer = next(t for t in app._app_tasks if t.__name__ == "forget_silent")
         await inspect.unwrap(timer)()
         assert {k if isinstance(k, str) else k[0] for k, v in shell.changelog if v is None} == {"h2"}
-        app.upstream.late = None  # (Kafka did not answer: nothing is known)
+        app.upstream.unknown()  # (Kafka did not answer: nothing is known)
         shell.changelog.clear()
         await inspect.unwrap(timer)()
         assert [k for k, v in shell.changelog if v is None] == []
