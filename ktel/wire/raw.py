@@ -58,9 +58,18 @@ MAX_EVENTS = 100_000
 HOST_CHARS = 256
 # A weight stands for at most this many events: integers up to 2**53 are exact floats.
 MAX_WEIGHT = float(1 << 53)
-# What enrich adds: the host's resource, and the processes a batch names (enrich.max_processes).
-RESOURCE = MapOf(ATTR_VALUE, 256)
-PROCESSES = MapOf(MapOf(ATTR_VALUE, 256), 8192, key_len=10)
+# What enrich adds: the host's resource, and the processes a batch names
+# (enrich.max_processes), each of at most as many attributes as enrich gives
+# (processors/enrich_core.py). The aggregate makes a span's or log's resource of a
+# host's and its process's together (and process.pid), which its reader takes up to
+# ATTRS' 128 (ktel/wire/signals.py): a batch taken here makes no record refused there.
+# The host's: its heartbeat's (HOST_ATTRS, 32) and host.id.
+RESOURCE_ATTRS = 33
+# A process's: its own 6, its container's as its agent tells them (16) and a metadata
+# feed line's (enrich_core.FEED_MAX_ATTRS, 64).
+PROCESS_ATTRS = 86
+RESOURCE = MapOf(ATTR_VALUE, RESOURCE_ATTRS)
+PROCESSES = MapOf(MapOf(ATTR_VALUE, PROCESS_ATTRS), 8192, key_len=10)
 
 SHAPE = Shape(
     (

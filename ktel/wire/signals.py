@@ -88,6 +88,7 @@ HISTOGRAM = Shape(
         Key("counts", ListOf(COUNT, 257)),
     )
 )
+HISTOGRAM_KEYS = tuple(k.name for k in HISTOGRAM.keys)
 
 
 # What a sample adds to its series' name and labels wherever a Prometheus exporter
@@ -269,6 +270,11 @@ def decode_snapshot(data: bytes) -> MetricSnapshot:
     for i, (_name, typ, _labels, value) in enumerate(obj["series"]):
         if (typ == "histogram") != (type(value) is dict):
             raise WireError(f"metric snapshot: series {i} is a {typ} with a value {show(value)}")
+        if typ == "histogram" and len(value) != len(HISTOGRAM_KEYS):
+            # Only what is read is kept: entries a newer writer may add are ignored, and
+            # an exporter that holds the value (the pull endpoint, for minutes) would hold
+            # them, many times their bytes as Python objects, counted in no bound.
+            obj["series"][i][3] = {k: value[k] for k in HISTOGRAM_KEYS}
         if typ == "counter" and value < 0:
             # (cumulative: it only goes up from 0; a scrape refuses it, and Prometheus would
             # read a fall as a restart)

@@ -27,6 +27,7 @@ from ktel.wire import (
     decode_dead_letter,
     encode_batch,
 )
+from ktel.wire.codec import CONTAINER_BYTES
 from ktel.wire.control import DEAD_LETTER_KEY_BYTES
 from tests.unit.topic_window_fake import IdleClient, read_through
 
@@ -644,8 +645,10 @@ def test_an_unreachable_kafka_is_named_with_the_setting_to_fix(monkeypatch, caps
 
 def nested_too_deeply(depth: int = 1000) -> bytes:
     """A raw batch whose file_created path is an array ``depth`` deep (msgpack's packer
-    refuses such a value, so its bytes are spliced in)."""
-    batch = RawBatch("h", "b", 1, 1, [[FILE_CREATED.id, 1, 2, 2, 0, "c", "PATH", 0o101, True]])
+    refuses such a value, so its bytes are spliced in), with resource attributes enough
+    for its arrays' count (ktel.wire.codec.CONTAINER_BYTES)."""
+    pad = {f"pad{i}": "x" * 1000 for i in range(depth * CONTAINER_BYTES // 1000 + 1)}
+    batch = RawBatch("h", "b", 1, 1, [[FILE_CREATED.id, 1, 2, 2, 0, "c", "PATH", 0o101, True]], resource=pad)
     return encode_batch(batch).replace(b"\xa4PATH", b"\x91" * depth + b"\xa1x")
 
 

@@ -682,3 +682,43 @@ def test_logs_of_thousands_of_processes_take_a_record_each_for_the_first_256_onl
     assert len(result.spans) == MAX_PROCESS_RECORDS + 1
     [folded] = [sb for sb in result.spans if "process.pid" not in sb.resource]
     assert [row[8]["process.pid"] for row in folded.spans] == list(range(MAX_PROCESS_RECORDS + 1, 301))
+
+
+def test_a_batch_taken_between_stages_makes_span_and_log_records_their_reader_takes():
+    """Any client may write ktel.sampled: a batch whose resource or processes hold more
+    attributes than enrich gives (the wire took 256 each) made log and span resources of
+    up to 513, which the OTLP exporter refused (128 at most), after the batch was counted."""
+    from ktel import wire
+    from ktel.wire import KTEL_LOG, KTEL_SPAN, raw, signals
+    from ktel.wire.control import HEARTBEAT_SHAPE, HOST_ATTRS
+
+    # Enrich gives no more than the wire takes, and the two together fit a resource.
+    containers = next(k for k in HEARTBEAT_SHAPE.keys if k.name == "containers").type.item
+    told = containers.fields[1].type.max_items
+    assert HOST_ATTRS.max_items + 1 <= raw.RESOURCE_ATTRS
+    assert 6 + told + enrich_core.FEED_MAX_ATTRS <= raw.PROCESS_ATTRS
+    assert signals.ATTRS.max_items >= raw.RESOURCE_ATTRS + 1 + raw.PROCESS_ATTRS
+
+    t = 1_700_000_000_000_000_000
+    log = [KTEL_LOG.id, t, 10, 10, 9, "m", {}, b"", b""]
+    span = [KTEL_SPAN.id, t, 10, 10, b"t" * 16, b"s" * 8, b"", "n", t - 1, t, 0, {}]
+    full = RawBatch(
+        "h",
+        "b",
+        0,
+        t,
+        [log, span],
+        resource={f"r{i}": "x" for i in range(raw.RESOURCE_ATTRS)},
+        processes={"10": {f"p{i}": "x" for i in range(raw.PROCESS_ATTRS)}},
+    )
+    result = build("aggregate", config.Config(agent=config.AgentConfig(host_id="t"))).on_batch(
+        {}, wire.decode_batch(wire.encode_batch(full)), t // 10**6
+    )
+    assert [len(wire.decode_logs(wire.encode_logs(b)).logs) for b in result.logs] == [1]
+    assert [len(wire.decode_spans(wire.encode_spans(b)).spans) for b in result.spans] == [1]
+    for more in (
+        dataclasses.replace(full, resource={**full.resource, "one": "more"}),
+        dataclasses.replace(full, processes={"10": {**full.processes["10"], "one": "more"}}),
+    ):
+        with pytest.raises(wire.WireError, match="at most"):
+            wire.decode_batch(wire.encode_batch(more))

@@ -405,3 +405,33 @@ async def test_with_no_snapshot_coming_the_endpoint_still_lets_expired_series_go
         assert latest.families == {} and latest.held_bytes == 0
     finally:
         sweeper.cancel()
+
+
+def test_entries_a_histogram_value_carries_past_its_four_are_not_held_by_the_pull_endpoint():
+    import gc
+
+    import msgpack
+
+    def record(i: int) -> bytes:
+        # (three bytes of msgpack a two-character string, 59 of memory once decoded)
+        hist = {"count": 1, "sum": 1.0, "bounds": [1.0], "counts": [1, 0], "x": ["ab"] * 50_000}
+        series = [[f"h{i}", "histogram", {"host.id": "h"}, hist]]
+        return msgpack.packb({"v": 1, "ts": 1_700_000_000_000, "series": series})
+
+    latest = pull.LatestValues(max_bytes=10 << 20, wall=lambda: 1_700_000_000.0)
+    records = [record(i) for i in range(5)]
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for offset, data in enumerate(records):
+            snap = decode_snapshot(data)
+            assert snap.series[0][3] == {"count": 1, "sum": 1.0, "bounds": [1.0], "counts": [1, 0]}
+            assert latest.split(snap)[1] == [] and latest.update(snap, 0, offset) == []
+            del snap
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    # (kept whole: 5 x 50,000 x 59 bytes, about 15 MB)
+    assert held <= 2 * latest.held_bytes + (1 << 20)

@@ -500,3 +500,35 @@ def test_a_restore_reads_as_the_normal_rate_for_a_ttl_to_an_agent_that_predates_
     # A command that is no restore keeps the bytes it had before restores.
     plain = dataclasses.replace(restore, restore=False)
     assert "restore" not in msgpack.unpackb(wire.encode_command(plain))
+
+
+def _empty_maps(n: int) -> bytes:
+    """``{"v": [{}, {}, ...]}``: n empty maps, a byte each."""
+    return b"\x81\xa1v\xdd" + n.to_bytes(4, "big") + b"\x80" * n
+
+
+@pytest.mark.parametrize("decode", [wire.decode_batch, wire.decode_heartbeat, wire.decode_snapshot])
+def test_a_record_of_tiny_maps_is_refused_before_it_takes_hundreds_of_megabytes(decode):
+    import tracemalloc
+
+    from ktel.wire.codec import CONTAINER_BYTES, MAX_RECORD_BYTES, compress
+
+    data = _empty_maps(MAX_RECORD_BYTES - 8)  # (MAX_RECORD_BYTES in all)
+    record = compress(data) if decode is wire.decode_batch else data  # (an agent's zstd: 282 bytes)
+    tracemalloc.start()
+    try:
+        with pytest.raises(wire.WireError, match=f"arrays and maps in {len(data)} bytes"):
+            decode(record)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # (unbounded: about 600 MB; bounded: the maps one per CONTAINER_BYTES, 72 bytes each)
+    assert peak < 80 * len(data) // CONTAINER_BYTES + (16 << 20)
+
+
+def test_the_largest_batch_an_agent_sends_is_within_the_bound_on_arrays_and_maps():
+    ts = 1_700_000_000_000_000_000
+    hist = [wire.HISTOGRAM_DELTA.id, ts, ts - 1, "m", "ns", {}, 1, 1, [1] + [0] * 39, 1]
+    events = [[wire.FILE_CREATED.id, ts, 1, 1, 0, "c", "/", 0, False] for _ in range(50_000)]
+    raw = wire.RawBatch("h", "b", 0, ts, events + [list(hist) for _ in range(50_000)])
+    assert len(wire.decode_batch(wire.encode_batch(raw)).events) == 100_000
