@@ -105,6 +105,13 @@ def observe_acknowledged(exporter: str, oldest_ts_ns: Iterable[int]) -> None:
 
 # How often a paused consumer calls getmany while a delivery is in flight.
 POLL_WHILE_PAUSED_S = 1.0
+# How often a delivery that waits (its backend away, refusing, misconfigured) exports
+# the lag anew, from the ends Kafka has now: a paused partition is not fetched, so the
+# end its last fetch saw stays, and the lag would show none of what arrived since
+# (KtelConsumerLagHigh, for a backend that is away, reads it). And how long that lookup
+# may hold up the polls.
+LAG_WHILE_PAUSED_S = 10.0
+LAG_LOOKUP_S = 5.0
 # How long a group-less read waits for its partitions to be read up to where they ended
 # when it began before it says it is (``run``'s ``read_up``) all the same: one without a
 # leader would otherwise hold that up for as long as it has none.
@@ -246,6 +253,13 @@ async def run(
     """
     tune_gc()
     dlq = settings(kafka).topics.dlq
+    # As 0 from the start: Prometheus' increase() takes a series' first value as its
+    # start, so a count that appeared with its first increment would raise no alert.
+    DEAD_LETTERS.labels(stage)
+    if group_id is not None:
+        consumer_lag.up(group_id)
+        for topic in topics:
+            EXPIRED.labels(stage, topic)
     consumer = AIOKafkaConsumer(
         **client_kwargs(kafka),
         group_id=group_id,
@@ -318,8 +332,8 @@ async def run(
                 await _deliver_paused(
                     consumer,
                     stage,
-                    group_id is not None,
-                    set(fetched),
+                    group_id,
+                    {tp: recs[0].offset for tp, recs in fetched.items()},
                     _dead_letters_then(producer, dlq, undecoded, deliver, items),
                 )
             if group_id is not None:
@@ -344,21 +358,33 @@ async def _dead_letters_then(
 async def _deliver_paused(
     consumer: AIOKafkaConsumer,
     stage: str,
-    grouped: bool,
-    busy: set[TopicPartition],
+    group_id: str | None,
+    busy: Mapping[TopicPartition, int],
     delivery: Awaitable[None],
 ) -> None:
-    """Await ``delivery`` (of records of the partitions ``busy``) with every assigned
-    partition paused, still polling."""
+    """Await ``delivery`` (of records of the partitions ``busy``, each from the offset
+    given) with every assigned partition paused, still polling, and the group's lag
+    exported every LAG_WHILE_PAUSED_S."""
     task = asyncio.ensure_future(delivery)
+    lag_due = time.monotonic() + LAG_WHILE_PAUSED_S
     try:
         while not task.done():
             # Re-paused every turn: a rebalance meanwhile may have assigned new partitions.
             consumer.pause(*consumer.assignment())
             await asyncio.wait({task}, timeout=POLL_WHILE_PAUSED_S)
-            stray = await _fetch(consumer, stage, 0, grouped, busy)
+            stray = await _fetch(consumer, stage, 0, group_id is not None, busy.keys())
             for tp, recs in stray.items():  # not expected; re-read them later rather than lose them
                 consumer.seek(tp, recs[0].offset)
+            if group_id is not None and not task.done() and time.monotonic() >= lag_due:
+                lag_due = time.monotonic() + LAG_WHILE_PAUSED_S
+                try:
+                    ends = await asyncio.wait_for(
+                        consumer.end_offsets(list(consumer.assignment())), LAG_LOOKUP_S
+                    )
+                except (KafkaError, TimeoutError) as err:
+                    log.debug("no lag while delivering: Kafka did not give the ends (%r)", err)
+                else:
+                    consumer_lag.export(group_id, await _lags(consumer, ends, busy))
         task.result()
     finally:
         if not task.done():
@@ -500,9 +526,14 @@ async def _commit(consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]
         log.warning("offsets not committed (%s); those records will be delivered again", err)
 
 
-async def _lags(consumer: AIOKafkaConsumer) -> dict[tuple[str, int], int]:
-    """Each assigned partition's end (as of the last fetch) minus the position this
-    consumer commits up to once the records before it are delivered."""
+async def _lags(
+    consumer: AIOKafkaConsumer,
+    ends: Mapping[TopicPartition, int] | None = None,
+    delivering: Mapping[TopicPartition, int] | None = None,
+) -> dict[tuple[str, int], int]:
+    """Each assigned partition's end (``ends``, or as of the last fetch) minus where it is
+    delivered up to: the first offset of what is being delivered (``delivering``), or the
+    position this consumer commits up to once the records before it are delivered."""
     lags = {}
     for tp in consumer.assignment():
         # A rebalance may revoke partitions while a position is awaited (one waiting for
@@ -511,8 +542,11 @@ async def _lags(consumer: AIOKafkaConsumer) -> dict[tuple[str, int], int]:
         # and must not end it.
         if tp not in consumer.assignment():
             continue
-        end = consumer.highwater(tp)
+        end = consumer.highwater(tp) if ends is None else ends.get(tp)
         if end is None:
+            continue
+        if delivering is not None and tp in delivering:
+            lags[(tp.topic, tp.partition)] = end - delivering[tp]
             continue
         try:
             position = await consumer.position(tp)

@@ -860,6 +860,9 @@ async def delivery(cfg: Config) -> AsyncIterator[Delivery]:
 
 async def run(cfg: Config, stop: asyncio.Event, *, group_id: str | None = None) -> None:
     """``group_id``: the consumer group, if not ktel-export-otlp (under kafka.prefix)."""
+    for signal in ITEM_NAMES:  # as 0 from the start (exporters/consume.py: run)
+        for counter in (ITEMS, REJECTED, FAILED):
+            counter.labels(signal)
     async with delivery(cfg) as to_backend:
         selfmetrics.serve(cfg.otlp.metrics_port, cfg.service.metrics_bind, "otlp.metrics_port")
         await consume.run(

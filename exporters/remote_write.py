@@ -717,6 +717,7 @@ async def delivery(cfg: Config) -> AsyncIterator[Delivery]:
 
 async def run(cfg: Config, stop: asyncio.Event, *, group_id: str | None = None) -> None:
     """``group_id``: the consumer group, if not ktel-export-remote-write (under kafka.prefix)."""
+    SAMPLES.labels(STAGE)  # as 0 from the start (exporters/consume.py: run)
     async with delivery(cfg) as to_receiver:
         selfmetrics.serve(
             cfg.remote_write.metrics_port, cfg.service.metrics_bind, "remote_write.metrics_port"

@@ -14,7 +14,18 @@ LAG = Gauge(
     "records of the partition after the group's committed offset (this member's partitions)",
     ["group", "topic", "partition"],
 )
+UP = Gauge(
+    "ktel_consumer_group_up",
+    "1 while this process runs as one of the group's consumers, from its start (the lag comes "
+    "only once it has read); the alert KtelConsumerGroupGone fires when a group has none",
+    ["group"],
+)
 _held: dict[str, set[tuple[str, int]]] = {}
+
+
+def up(group: str) -> None:
+    """This process is one of ``group``'s consumers, from now until it ends."""
+    UP.labels(group).set(1)
 
 
 def export(group: str, lags: Mapping[tuple[str, int], int]) -> None:

@@ -559,9 +559,11 @@ def make_app(cfg: Config, stage: str) -> faust.App:
     for metric in exported:  # as 0 from the start
         metric.labels(stage)
     if any(isinstance(s, aggregate_core.Aggregate) for s in chain.stages):
+        OVERFLOW.labels(stage)
         for why in ("rebalancing", "revoked"):
             SNAPSHOTS_SKIPPED.labels(stage, why)
     HOSTS_LIMIT.labels(stage).set(cfg.process.max_hosts)
+    consumer_lag.up(cfg.kafka.topics.group(stage))
 
     session = cfg.process.session_timeout_seconds
     datadir = data_dir(cfg, stage)

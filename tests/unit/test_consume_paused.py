@@ -139,3 +139,42 @@ async def test_the_consumer_is_polled_while_the_dead_letter_of_an_undecodable_re
     assert delivered == [[(8, GOOD)]]
     assert consumer.committed == {TP: 9}  # once both were dead-lettered or delivered
     assert not consumer.paused_  # resumed for the next fetch
+
+
+async def test_the_lag_is_exported_from_kafkas_ends_while_a_delivery_waits(stubs, monkeypatch):
+    """A paused partition is not fetched: without asking Kafka for its end, the lag would
+    stay where the last fetch left it (or never appear, the first delivery waiting), and
+    no alert on it would fire while the backend is away."""
+    from prometheus_client import REGISTRY
+
+    stop, consumer, producer = stubs
+    monkeypatch.setattr(consume, "LAG_WHILE_PAUSED_S", 0)
+    consumer.fetches = [{TP: [record(7, encode_snapshot(GOOD)), record(8, encode_snapshot(GOOD))]}]
+    labels = {"group": "ktel-export-lag", "topic": TP.topic, "partition": str(TP.partition)}
+    seen: list[float | None] = []
+
+    async def end_offsets(parts):
+        return {tp: 20 + len(seen) for tp in parts}  # (records keep arriving)
+
+    consumer.end_offsets = end_offsets
+
+    async def deliver(items, producer) -> None:  # the backend away until the lag has grown
+        while len(seen) < 3 or seen[-1] is None or seen[-1] < 15:
+            await asyncio.sleep(0)
+            seen.append(REGISTRY.get_sample_value("ktel_consumer_lag_records", labels))
+
+    await asyncio.wait_for(
+        consume.run(
+            kafka="127.0.0.1:9",
+            group_id="ktel-export-lag",
+            stage="test",
+            topics={TP.topic: decode_snapshot},
+            deliver=deliver,
+            stop=stop,
+        ),
+        10,
+    )
+    # From the first record being delivered (7) to the end as Kafka has it now.
+    lags = [lag for lag in seen if lag is not None]
+    assert lags and lags[0] >= 13 and lags == sorted(lags) and lags[-1] >= 15
+    assert consumer.committed == {TP: 9}

@@ -7,6 +7,7 @@ a real broker)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 from aiokafka import TopicPartition
@@ -176,3 +177,45 @@ async def test_an_exporter_whose_fetcher_ended_on_an_error_ends_not_stalls():
     consume._fetcher_alive(SimpleNamespace(_fetcher=SimpleNamespace(error_future=running)))
     consume._fetcher_alive(Consumer())  # (a stub: no fetcher)
     running.cancel()
+
+
+@pytest.mark.parametrize("exporter", ["otlp", "remote-write"])
+async def test_an_exporters_series_alerts_read_are_there_from_its_start(exporter):
+    """Before Kafka answers: Prometheus' increase() takes a series' first value as its
+    start, so a count that first appeared at its first increment (records expired, once
+    a partition) would raise no alert; and KtelConsumerGroupGone reads that it is up."""
+    from exporters import otlp, remote_write
+    from ktel.config import Config, KafkaConfig, OtlpConfig, RemoteWriteConfig
+
+    names = {"otlp": ("exporter", "otlp"), "remote-write": ("exporter", "remote-write")}
+    cfg = Config(
+        kafka=KafkaConfig(bootstrap="127.0.0.1:1", prefix=f"zero-{exporter}."),
+        otlp=OtlpConfig(metrics_port=0),
+        remote_write=RemoteWriteConfig(metrics_port=0),
+    )
+    module = otlp if exporter == "otlp" else remote_write
+    run = asyncio.ensure_future(module.run(cfg, asyncio.Event()))
+    try:
+        await asyncio.sleep(0.5)
+        assert not run.done()
+        label = dict([names[exporter]])
+        for topic in module.topics(cfg):
+            assert (
+                REGISTRY.get_sample_value("ktel_exporter_records_expired_total", {**label, "topic": topic})
+                == 0
+            )
+        assert REGISTRY.get_sample_value("ktel_exporter_dead_letters_total", label) == 0
+        group = f"zero-{exporter}.ktel-export-{exporter}"
+        assert REGISTRY.get_sample_value("ktel_consumer_group_up", {"group": group}) == 1
+        if exporter == "otlp":
+            for signal in ("spans", "logs", "metrics"):
+                for name in ("items", "rejected_items", "failed_exports"):
+                    assert (
+                        REGISTRY.get_sample_value(f"ktel_exporter_otlp_{name}_total", {"signal": signal}) == 0
+                    )
+        else:
+            assert REGISTRY.get_sample_value("ktel_exporter_samples_total", label) == 0
+    finally:
+        run.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await run
