@@ -268,29 +268,47 @@ def summarize(
     }
 
 
+# A key's records of ktel.heartbeats: each partition's, in offset order, as (the time
+# Kafka stamped, the value). A key's records are in several partitions once the topic
+# has gained some (docs/operating.md, "Adding partitions").
+Partitions = list[list[tuple[int, bytes]]]
+
+
 def newest(
-    by_key: Mapping[bytes, list[bytes]], hosts: set[str] | None = None
+    by_key: Mapping[bytes, Partitions], hosts: set[str] | None = None
 ) -> tuple[dict[str, Heartbeat], int]:
-    """Each host's newest heartbeat, from each key's records in offset order (only of
-    ``hosts`` if given); and how many newer records did not decode or named another
-    host than their key (the processing stages refuse those too)."""
+    """Each host's newest heartbeat (only of ``hosts`` if given): of its key's records,
+    in each partition the last that decodes and names the host its key is, and of those
+    the one stamped latest. A record that is no heartbeat decides nothing: the partition
+    of a host's older heartbeats, its last record one such, would otherwise stand for
+    the host, stale. And how many records after a partition's last good one did not
+    decode or named another host than their key (the processing stages refuse those too:
+    a key must be its host id's bytes)."""
     out: dict[str, Heartbeat] = {}
     bad = 0
-    for key, values in by_key.items():
-        host_id = key.decode(errors="replace")
+    for key, partitions in by_key.items():
+        try:
+            host_id: str | None = key.decode()
+        except UnicodeDecodeError:
+            host_id = None  # (no heartbeat names it)
         if hosts is not None and host_id not in hosts:
             continue
-        for value in reversed(values):
-            try:
-                hb = decode_heartbeat(value)
-            except WireError:
-                bad += 1
-                continue
-            if hb["host"][HOST_ID] != host_id:
-                bad += 1
-                continue
-            out[host_id] = hb
-            break
+        latest: tuple[int, Heartbeat] | None = None
+        for records in partitions:
+            for ts, value in reversed(records):
+                try:
+                    hb = decode_heartbeat(value)
+                except WireError:
+                    bad += 1
+                    continue
+                if hb["host"][HOST_ID] != host_id:
+                    bad += 1
+                    continue
+                if latest is None or ts > latest[0]:
+                    latest = (ts, hb)
+                break
+        if host_id is not None and latest is not None:
+            out[host_id] = latest[1]
     return out, bad
 
 
@@ -324,9 +342,9 @@ async def _partitions(admin: AIOKafkaAdminClient, topics: list[str]) -> list[Top
 
 async def _heartbeats(
     consumer: AIOKafkaConsumer, admin: AIOKafkaAdminClient, topic: str, since_s: float
-) -> dict[bytes, list[bytes]]:
-    """The records of ``topic`` of the last ``since_s`` seconds by key, each key's in offset
-    order, those of the partition of its latest record (by timestamp) last."""
+) -> dict[bytes, Partitions]:
+    """The records of ``topic`` of the last ``since_s`` seconds by key, each key's by
+    partition (``Partitions``)."""
     parts = await _partitions(admin, [topic])
     if not parts:
         if any(t["topic"] == topic for t in await admin.describe_topics()):
@@ -347,8 +365,8 @@ async def _heartbeats(
     for tp in parts:
         hit = found.get(tp)
         consumer.seek(tp, hit.offset if hit is not None else ends[tp])
-    # key -> partition -> (its last record's timestamp, its records in offset order)
-    by_key: dict[bytes, dict[int, tuple[int, list[bytes]]]] = {}
+    # key -> partition -> its records in offset order
+    by_key: dict[bytes, dict[int, list[tuple[int, bytes]]]] = {}
     # Up to the end offsets at the start: a fleet's heartbeats never stop coming.
     progress = {tp: time.monotonic() for tp in parts}  # when each last brought records (or was checked)
     while unread := [tp for tp in parts if await consumer.position(tp) < ends[tp]]:
@@ -360,20 +378,11 @@ async def _heartbeats(
             for rec in records:
                 if rec.offset < ends[tp]:  # a newer one waits for the next refresh
                     key = by_key.setdefault(rec.key or b"", {})
-                    values = key[tp.partition][1] if tp.partition in key else []
-                    values.append(rec.value or b"")
-                    key[tp.partition] = (rec.timestamp, values)
+                    key.setdefault(tp.partition, []).append((rec.timestamp, rec.value or b""))
         if stalled := [tp for tp in unread if now - progress[tp] >= STALLED_S]:
             await _ends_moved_back(consumer, topic, stalled, ends)
             progress.update(dict.fromkeys(stalled, now))
-    # A key's records are in two partitions once the topic has gained some (docs/
-    # operating.md, "Adding partitions"), fetched in any order: the partition of its
-    # latest record goes last, or a host's heartbeats of before the change, fetched
-    # after its newer ones, stood for it, stale, until --since passed them.
-    return {
-        key: [v for _ts, values in sorted(held.values(), key=lambda p: p[0]) for v in values]
-        for key, held in by_key.items()
-    }
+    return {key: list(held.values()) for key, held in by_key.items()}
 
 
 # How long a partition short of the end the read waits for may bring nothing before its

@@ -47,13 +47,20 @@ def hb(host_id: str, ts: int, **extra) -> dict:
     }
 
 
+def one_partition(*values: bytes) -> list[list[tuple[int, bytes]]]:
+    """A key's records, all on one partition, stamped a millisecond apart."""
+    return [[(NOW + i, v) for i, v in enumerate(values)]]
+
+
 def test_each_keys_newest_good_heartbeat_stands_for_its_host():
     by_key = {
-        b"a": [encode_heartbeat(hb("a", NOW - 5000)), encode_heartbeat(hb("a", NOW - 1000))],
+        b"a": one_partition(encode_heartbeat(hb("a", NOW - 5000)), encode_heartbeat(hb("a", NOW - 1000))),
         # The newest does not decode and the one before names another host: both
         # counted, and the one before them stands.
-        b"b": [encode_heartbeat(hb("b", NOW - 9000)), encode_heartbeat(hb("a", NOW)), b"garbage"],
-        b"c": [b"garbage"],
+        b"b": one_partition(
+            encode_heartbeat(hb("b", NOW - 9000)), encode_heartbeat(hb("a", NOW)), b"garbage"
+        ),
+        b"c": one_partition(b"garbage"),
     }
     newest, bad = status.newest(by_key)
     assert {h: b["ts"] for h, b in newest.items()} == {"a": NOW - 1000, "b": NOW - 9000}
@@ -443,7 +450,7 @@ def test_a_host_asked_for_without_a_heartbeat_in_since_is_stale():
 def test_a_heartbeats_rates_adding_up_past_a_double_keep_the_document_json():
     beat = hb("a", NOW)
     beat["rates"] = {"ringbuf_drops.file_created": 1e308, "ringbuf_drops.tcp_retransmit": 1e308}
-    read = status.Read(status.newest({b"a": [encode_heartbeat(beat)]})[0], 0, [])
+    read = status.Read(status.newest({b"a": one_partition(encode_heartbeat(beat))})[0], 0, [])
     doc = status.summarize(read, NOW, 900, 30)
     assert json.loads(json.dumps(doc, allow_nan=False)) == doc
 
@@ -488,6 +495,28 @@ def test_a_host_moved_to_another_partition_is_its_latest_heartbeat():
     by_key = asyncio.run(status._heartbeats(_MovedHostConsumer(), _Admin(), "ktel.raw", since_s=900))
     heartbeats, bad = status.newest(by_key)
     assert (heartbeats["a"]["ts"], bad) == (NOW - 1000, 0)
+
+
+def test_a_record_that_is_no_heartbeat_on_a_hosts_old_partition_does_not_bring_back_its_old_heartbeat():
+    """Any client may write ktel.heartbeats: one record keyed as the host, no heartbeat,
+    stamped after its newest, on the partition of its heartbeats of before the topic
+    gained partitions, made that partition the host's, and its older heartbeat shown,
+    stale, for as long as the record was within --since."""
+    consumer = _MovedHostConsumer()
+    tp0 = TopicPartition("ktel.raw", 0)
+    consumer.fetches[1][tp0].append(_Record(3, b"a", b"x", NOW))
+    consumer.ends[tp0] = 4
+    by_key = asyncio.run(status._heartbeats(consumer, _Admin(), "ktel.raw", since_s=900))
+    heartbeats, bad = status.newest(by_key)
+    assert (heartbeats["a"]["ts"], bad) == (NOW - 1000, 1)
+
+
+def test_a_key_that_is_not_its_host_ids_bytes_is_no_host():
+    """The stages refuse a heartbeat whose key is not its host id's bytes: one keyed with
+    bytes that are not UTF-8 was shown as the host id its heartbeat names (the key read
+    with replacement characters), and two such keys as one host."""
+    forged = encode_heartbeat(hb("h\ufffd", NOW))
+    assert status.newest({b"h\xff": one_partition(forged), b"h\xfe": one_partition(forged)}) == ({}, 2)
 
 
 class _CutBackConsumer(_HeartbeatsConsumer):
