@@ -167,6 +167,39 @@ def make_batch(host: Host, n: int, rng: random.Random) -> tuple[RawBatch, int]:
     return batch, files
 
 
+def heartbeat(h: Host, events: int, interval_s: float) -> dict[str, Any]:
+    """A heartbeat of ``h`` shaped as the agent's (edge_agent/agent.py ``heartbeat``)."""
+    attrs = {
+        "host.id": h.id,
+        "host.name": h.id,
+        "host.arch": "x86_64",
+        "os.type": "linux",
+        "boot.id": h.boot,
+    }
+    counters = dict.fromkeys(HEARTBEAT_COUNTERS, 0) | {"events_read": events}
+    return {
+        "ts": time.time_ns() // 1_000_000,
+        "host": attrs,
+        "interval_s": interval_s,
+        "probes": {p: {"loaded": True, "reason": "", "sample_every": 1, "command": None} for p in PROBES},
+        "counters": counters,
+        "rates": dict.fromkeys(counters, 0.0),
+        "spool": {"depth_bytes": 0},
+        "send_latency_ms": {"p50": 2.0, "max": 5.0},
+        "acked_commands": [],
+        "refused_commands": [],
+        "containers": [],
+        "node": {
+            "cpu_steal_ms": 0,
+            "cpus": 2,
+            "context_switches": events,
+            "disk_in_flight.vda": 0,
+            **{f"map_entries.{m}": 1 for m in BPF_MAPS},
+            **{f"map_max_entries.{m}": 10240 for m in BPF_MAPS},
+        },
+    }
+
+
 class Traffic:
     """The fleet: each host sends a batch every ``period`` seconds, the hosts spread
     evenly over the period, ``rate`` events/s over all of them."""
@@ -195,37 +228,8 @@ class Traffic:
         await self.producer.flush()
 
     async def send_heartbeat(self, h: Host) -> asyncio.Future:
-        """A heartbeat of ``h`` shaped as the agent's (edge_agent/agent.py ``heartbeat``)."""
         assert self.producer is not None
-        attrs = {
-            "host.id": h.id,
-            "host.name": h.id,
-            "host.arch": "x86_64",
-            "os.type": "linux",
-            "boot.id": h.boot,
-        }
-        counters = dict.fromkeys(HEARTBEAT_COUNTERS, 0) | {"events_read": self.events}
-        hb = {
-            "ts": time.time_ns() // 1_000_000,
-            "host": attrs,
-            "interval_s": self.heartbeat_s or 0.0,
-            "probes": {p: {"loaded": True, "reason": "", "sample_every": 1, "command": None} for p in PROBES},
-            "counters": counters,
-            "rates": dict.fromkeys(counters, 0.0),
-            "spool": {"depth_bytes": 0},
-            "send_latency_ms": {"p50": 2.0, "max": 5.0},
-            "acked_commands": [],
-            "refused_commands": [],
-            "containers": [],
-            "node": {
-                "cpu_steal_ms": 0,
-                "cpus": 2,
-                "context_switches": self.events,
-                "disk_in_flight.vda": 0,
-                **{f"map_entries.{m}": 1 for m in BPF_MAPS},
-                **{f"map_max_entries.{m}": 10240 for m in BPF_MAPS},
-            },
-        }
+        hb = heartbeat(h, self.events, self.heartbeat_s or 0.0)
         return await self.producer.send(HEARTBEATS_TOPIC, encode_heartbeat(hb), key=h.id.encode())  # type: ignore[arg-type]
 
     async def run(self, seconds: float, stop: asyncio.Event | None = None) -> None:

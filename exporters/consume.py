@@ -378,13 +378,14 @@ async def _deliver_paused(
             if group_id is not None and not task.done() and time.monotonic() >= lag_due:
                 lag_due = time.monotonic() + LAG_WHILE_PAUSED_S
                 try:
-                    ends = await asyncio.wait_for(
-                        consumer.end_offsets(list(consumer.assignment())), LAG_LOOKUP_S
-                    )
+                    # (all of it bounded: a position may wait for what only getmany does)
+                    async with asyncio.timeout(LAG_LOOKUP_S):
+                        ends = await consumer.end_offsets(list(consumer.assignment()))
+                        lags = await _lags(consumer, ends, busy)
                 except (KafkaError, TimeoutError) as err:
                     log.debug("no lag while delivering: Kafka did not give the ends (%r)", err)
                 else:
-                    consumer_lag.export(group_id, await _lags(consumer, ends, busy))
+                    consumer_lag.export(group_id, lags)
         task.result()
     finally:
         if not task.done():
@@ -542,17 +543,21 @@ async def _lags(
         # and must not end it.
         if tp not in consumer.assignment():
             continue
-        end = consumer.highwater(tp) if ends is None else ends.get(tp)
-        if end is None:
-            continue
+        fetched = consumer.highwater(tp)  # (None: never fetched)
         if delivering is not None and tp in delivering:
-            lags[(tp.topic, tp.partition)] = end - delivering[tp]
+            start = delivering[tp]
+        elif fetched is None:
+            # No position to wait for: one with no commit gets it only once getmany has
+            # started it over (_start_over).
             continue
-        try:
-            position = await consumer.position(tp)
-        except IllegalStateError:
-            continue
-        lags[(tp.topic, tp.partition)] = end - position
+        else:
+            try:
+                start = await consumer.position(tp)
+            except IllegalStateError:
+                continue
+        end = fetched if ends is None else ends.get(tp)
+        if end is not None:
+            lags[(tp.topic, tp.partition)] = end - start
     return lags
 
 

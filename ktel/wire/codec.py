@@ -31,11 +31,14 @@ SEND_MAX_BYTES = 990_000
 # At most one array or map for this many bytes of a record. An empty map is one byte of
 # msgpack and 72 of memory (the dict and its slot in the list holding it), and msgpack
 # builds the whole record before any shape is checked: 8 MiB of them (282 bytes of zstd)
-# took 600 MB and 1.3 s to refuse, 75 MB at most now. What ktel writes is sparser: an
-# event is an array with a 9-byte timestamp (a histogram's, two timestamps, a labels map
-# and its buckets); a series a row with its name, type, labels and value; a map entry
-# has its key. Counting costs about 2-6 % of unpacking a batch of 100,000 events.
-CONTAINER_BYTES = 8
+# took 600 MB and 1.3 s to refuse, about 100 MB at most now. What ktel writes is sparser,
+# 9 bytes or more a container: a log row with no attributes, an event (an array with a
+# 9-byte timestamp; 7 bytes for a ktel_log event whose timestamp agent.redact made 0).
+# Counted only in records of COUNTED_FROM bytes or more (the count costs a call a
+# container, bench/RESULTS.md, "Decoding"): one smaller makes at most 300 KB of objects,
+# and a heartbeat or a quiet host's batch, most of a fleet's records, is smaller.
+CONTAINER_BYTES = 6
+COUNTED_FROM = 4 << 10
 
 
 class _TooManyContainers(Exception):
@@ -142,7 +145,7 @@ def unpack(data: bytes | bytearray, what: str, shape: Shape) -> dict[str, Any]:
         raise WireError(f"{what}: {data.reason}")
     if len(data) > MAX_RECORD_BYTES:
         raise WireError(f"{what}: {len(data)} bytes, more than {MAX_RECORD_BYTES}")
-    budget = len(data) // CONTAINER_BYTES + 16
+    budget = len(data) // CONTAINER_BYTES
     left = budget
 
     def counted(container: Any) -> Any:
@@ -153,7 +156,12 @@ def unpack(data: bytes | bytearray, what: str, shape: Shape) -> dict[str, Any]:
         return container
 
     try:
-        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, object_hook=counted, list_hook=counted)
+        if len(data) < COUNTED_FROM:
+            obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
+        else:
+            obj = msgpack.unpackb(
+                data, raw=False, strict_map_key=True, object_hook=counted, list_hook=counted
+            )
     except _TooManyContainers:
         raise WireError(
             f"{what}: more than {budget} arrays and maps in {len(data)} bytes (at most one per "

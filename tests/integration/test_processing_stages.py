@@ -54,6 +54,7 @@ from ktel.wire import (
     encode_heartbeat,
 )
 from ktel.wire.codec import SEND_MAX_BYTES, ZSTD_MAGIC, compress
+from ktel.wire.raw import PROCESS_ATTRS
 from processors import changelog
 from processors.stages import partition_of
 from processors.table_store import OFFSET_KEY, WRITTEN_KEY, unframed
@@ -1243,16 +1244,17 @@ def test_logs_past_what_a_kafka_record_takes_go_out_in_parts(private_kafka, tmp_
 
 
 def test_a_batch_whose_log_no_record_can_carry_goes_to_the_dlq_uncounted(private_kafka, tmp_path):
-    """A batch on ktel.sampled (any client can write it) naming a process with 256
-    attributes of 4 KB: the log row of that process alone is past what a Kafka record
-    takes, and no split helps. The worker sent its counts, then stopped on the log at
-    every restart. The batch now goes to ktel.dlq with the reason before anything of it
-    is counted, and the partition's next batch counts."""
+    """A batch on ktel.sampled (any client can write it) naming a process with as many
+    attributes as the wire takes, each an array of 4 KB strings: the log row of that
+    process alone is past what a Kafka record takes, and no split helps. The worker sent
+    its counts, then stopped on the log at every restart. The batch now goes to ktel.dlq
+    with the reason before anything of it is counted, and the partition's next batch
+    counts."""
     host = str(uuid.uuid4())
     ts = time.time_ns()
     log_ev = [KTEL_LOG.id, ts, 7, 7, 9, "hello", {}, b"", b""]
     files = [[FILE_CREATED.id, 1, 2, 2, 0, "w", "/data/h0/d0/f", 0o101, False]] * 5
-    wide = {f"a{i:03d}": "x" * 4096 for i in range(256)}
+    wide = {f"a{i:03d}": ["x" * 4096] * 3 for i in range(PROCESS_ATTRS)}
     big = compress(encode_batch(RawBatch(host, "boot", 0, ts, [log_ev, *files], processes={"7": wide})))
     after = encode_batch(RawBatch(host, "boot", 1, ts, files))
     w = Worker(tmp_path, private_kafka.bootstrap, "aggregate", stage="aggregate").start()

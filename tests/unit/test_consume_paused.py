@@ -178,3 +178,116 @@ async def test_the_lag_is_exported_from_kafkas_ends_while_a_delivery_waits(stubs
     lags = [lag for lag in seen if lag is not None]
     assert lags and lags[0] >= 13 and lags == sorted(lags) and lags[-1] >= 15
     assert consumer.committed == {TP: 9}
+
+
+class _NoCommitConsumer:
+    """Partition 0 has a commit and two records; 1 and 2 have none. As aiokafka's with
+    auto_offset_reset="none": a partition with no commit has a position only once getmany
+    raised its NoOffsetForPartitionError (one a call) and it was sought, and position()
+    waits until then."""
+
+    def __init__(self) -> None:
+        self.tps = [TopicPartition("ktel.metrics", p) for p in range(3)]
+        self.first = True
+        self.no_commit = self.tps[1:]
+        self.positions = {self.tps[0]: 0}
+        self.paused_: set[TopicPartition] = set()
+        self.getmany_calls = 0
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    def subscribe(self, topics, listener=None) -> None:
+        pass
+
+    def assignment(self):
+        return set(self.tps)
+
+    def pause(self, *parts) -> None:
+        self.paused_ |= set(parts)
+
+    def resume(self, *parts) -> None:
+        self.paused_ -= set(parts)
+
+    def paused(self):
+        return set(self.paused_)
+
+    def highwater(self, tp):
+        return 10 if tp == self.tps[0] else None
+
+    async def getmany(self, timeout_ms: int = 0):
+        from aiokafka.errors import NoOffsetForPartitionError
+
+        self.getmany_calls += 1
+        if self.first:
+            self.first = False
+            self.positions[self.tps[0]] = 2
+            good = encode_snapshot(GOOD)
+            tp = self.tps[0]
+            return {
+                tp: [ConsumerRecord(tp.topic, 0, o, 0, 0, b"h", good, None, 1, len(good), ()) for o in (0, 1)]
+            }
+        if self.no_commit:
+            raise NoOffsetForPartitionError(self.no_commit.pop(0))
+        await asyncio.sleep(timeout_ms / 1000)
+        return {}
+
+    async def beginning_offsets(self, tps):
+        return dict.fromkeys(tps, 0)
+
+    async def end_offsets(self, tps):
+        return dict.fromkeys(tps, 10)
+
+    async def committed(self, tp):
+        return None
+
+    def seek(self, tp, offset) -> None:
+        self.positions[tp] = offset
+
+    async def commit(self, offsets) -> None:
+        pass
+
+    async def position(self, tp):
+        while tp not in self.positions:
+            await asyncio.sleep(0.01)
+        return self.positions[tp]
+
+
+async def test_the_lag_while_a_delivery_waits_never_waits_for_a_position_only_getmany_gives(monkeypatch):
+    """Asking a partition with no commit (a group's first run, a topic's new partitions)
+    for its position waited for good: only getmany starts such a partition over, and the
+    loop no longer called it; aiokafka then left the group."""
+    consumer = _NoCommitConsumer()
+    monkeypatch.setattr(consume, "AIOKafkaConsumer", lambda **kw: consumer)
+    monkeypatch.setattr(consume, "AIOKafkaProducer", lambda **kw: Producer(consumer))
+    monkeypatch.setattr(consume, "tune_gc", lambda: None)
+    monkeypatch.setattr(consume.selfmetrics, "ready_when", lambda check: None)
+    monkeypatch.setattr(consume, "POLL_WHILE_PAUSED_S", 0.01)
+    monkeypatch.setattr(consume, "LAG_WHILE_PAUSED_S", 0)
+    stop = asyncio.Event()
+
+    async def deliver(items, producer) -> None:  # a slow backend
+        await asyncio.sleep(0.5)
+
+    run = asyncio.ensure_future(
+        consume.run(
+            kafka="127.0.0.1:9",
+            group_id="g",
+            stage="t",
+            topics={"ktel.metrics": decode_snapshot},
+            deliver=deliver,
+            stop=stop,
+        )
+    )
+    try:
+        await asyncio.sleep(1.5)
+        calls = consumer.getmany_calls
+        await asyncio.sleep(0.5)
+        assert consumer.getmany_calls > calls
+        assert consumer.positions.keys() == set(consumer.tps)  # (every partition started over)
+    finally:
+        stop.set()
+        await asyncio.wait_for(run, 5)

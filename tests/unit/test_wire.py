@@ -526,9 +526,39 @@ def test_a_record_of_tiny_maps_is_refused_before_it_takes_hundreds_of_megabytes(
     assert peak < 80 * len(data) // CONTAINER_BYTES + (16 << 20)
 
 
-def test_the_largest_batch_an_agent_sends_is_within_the_bound_on_arrays_and_maps():
+def test_the_densest_records_ktel_writes_are_within_the_bound_on_arrays_and_maps():
+    from edge_agent.redact import Redactor
+    from ktel.config import RedactRule
+
     ts = 1_700_000_000_000_000_000
     hist = [wire.HISTOGRAM_DELTA.id, ts, ts - 1, "m", "ns", {}, 1, 1, [1] + [0] * 39, 1]
     events = [[wire.FILE_CREATED.id, ts, 1, 1, 0, "c", "/", 0, False] for _ in range(50_000)]
     raw = wire.RawBatch("h", "b", 0, ts, events + [list(hist) for _ in range(50_000)])
     assert len(wire.decode_batch(wire.encode_batch(raw)).events) == 100_000
+    # Two containers in 14 bytes: a log event whose time agent.redact made 0.
+    logs = [[wire.KTEL_LOG.id, ts, 0, 0, 6, "", {}, b"", b""] for _ in range(100_000)]
+    Redactor([RedactRule(kind="ktel_log", field="ts_ns", pattern=".*")]).apply(logs)
+    assert logs[0][1] == 0
+    assert len(wire.decode_batch(wire.encode_batch(wire.RawBatch("h", "b", 0, ts, logs))).events) == 100_000
+    # A log row of no attributes, as the aggregate sends it.
+    rows = [[ts, 0, "", "", {}, b"", b""] for _ in range(100_000)]
+    assert len(wire.decode_logs(wire.encode_logs(wire.LogBatch({"host.id": "h"}, rows))).logs) == 100_000
+
+
+def test_records_from_the_size_counted_on_are_held_to_the_bound_and_smaller_ones_make_little():
+    import tracemalloc
+
+    from ktel.wire.codec import COUNTED_FROM
+
+    counted = _empty_maps(COUNTED_FROM - 8)  # (COUNTED_FROM bytes in all)
+    with pytest.raises(wire.WireError, match=f"arrays and maps in {COUNTED_FROM} bytes"):
+        wire.decode_heartbeat(counted)
+    smaller = _empty_maps(COUNTED_FROM - 9)
+    tracemalloc.start()
+    try:
+        with pytest.raises(wire.WireError, match="unknown schema version"):
+            wire.decode_heartbeat(smaller)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 80 * COUNTED_FROM
