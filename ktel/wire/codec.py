@@ -155,13 +155,9 @@ def unpack(data: bytes | bytearray, what: str, shape: Shape) -> dict[str, Any]:
             raise _TooManyContainers
         return container
 
+    hooks = {"object_hook": counted, "list_hook": counted} if len(data) >= COUNTED_FROM else {}
     try:
-        if len(data) < COUNTED_FROM:
-            obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
-        else:
-            obj = msgpack.unpackb(
-                data, raw=False, strict_map_key=True, object_hook=counted, list_hook=counted
-            )
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, **hooks)
     except _TooManyContainers:
         raise WireError(
             f"{what}: more than {budget} arrays and maps in {len(data)} bytes (at most one per "
