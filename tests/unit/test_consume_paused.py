@@ -180,28 +180,19 @@ async def test_the_lag_is_exported_from_kafkas_ends_while_a_delivery_waits(stubs
     assert consumer.committed == {TP: 9}
 
 
-class _NoCommitConsumer:
+class _NoCommitConsumer(Consumer):
     """Partition 0 has a commit and two records; 1 and 2 have none. As aiokafka's with
     auto_offset_reset="none": a partition with no commit has a position only once getmany
     raised its NoOffsetForPartitionError (one a call) and it was sought, and position()
     waits until then."""
 
-    def __init__(self) -> None:
+    def __init__(self) -> None:  # (Consumer's start, stop and subscribe)
         self.tps = [TopicPartition("ktel.metrics", p) for p in range(3)]
         self.first = True
         self.no_commit = self.tps[1:]
         self.positions = {self.tps[0]: 0}
-        self.paused_: set[TopicPartition] = set()
+        self.paused_: set[TopicPartition] = set()  # type: ignore[assignment]
         self.getmany_calls = 0
-
-    async def start(self) -> None:
-        pass
-
-    async def stop(self) -> None:
-        pass
-
-    def subscribe(self, topics, listener=None) -> None:
-        pass
 
     def assignment(self):
         return set(self.tps)
