@@ -693,18 +693,21 @@ def test_the_session_timeout_reaches_the_consumer_with_heartbeats_to_match(tmp_p
 def test_an_aggregates_series_alerts_read_are_there_from_its_start(tmp_path):
     """Prometheus' increase() takes a series' first value as its start: an overflow that
     happened once would raise no alert (KtelCardinalityOverflow) were its count made by it.
-    And KtelConsumerGroupGone reads that the worker is up before it has read anything."""
+    And KtelConsumerGroupGone reads that the worker is up before it has read anything.
+    (Earlier tests of this process may have counted them: they must be there.)"""
     cfg = config.Config(
         agent=config.AgentConfig(host_id="t"),
         process=config.ProcessConfig(data_dir=tmp_path / "data"),
         kafka=RESOLVED,
     )
     app = stages.make_app(cfg, "aggregate")
-    assert REGISTRY.get_sample_value("ktel_processor_series_overflow_total", {"stage": "aggregate"}) == 0
+    assert (
+        REGISTRY.get_sample_value("ktel_processor_series_overflow_total", {"stage": "aggregate"}) is not None
+    )
     assert REGISTRY.get_sample_value("ktel_consumer_group_up", {"group": app.conf.id}) == 1
     for why in ("rebalancing", "revoked"):
         labels = {"stage": "aggregate", "reason": why}
-        assert REGISTRY.get_sample_value("ktel_processor_snapshots_skipped_total", labels) == 0
+        assert REGISTRY.get_sample_value("ktel_processor_snapshots_skipped_total", labels) is not None
 
 
 async def test_a_host_execing_more_processes_than_its_state_holds_is_persisted_and_counted(tmp_path):
